@@ -1,0 +1,105 @@
+// Thin pybind11 layer: tensors arrive as data pointers plus dtype codes checked by the
+// Python wrapper (lvllm/lk), so the extension does not link against torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "lk/cpu_features.h"
+#include "lk/moe_engine.h"
+#include "lk/runtime.h"
+
+namespace py = pybind11;
+
+namespace {
+
+lk::DType to_dtype(int code, const char* what) {
+  if (code < 0 || code >= lk::kNumDTypes) {
+    throw std::invalid_argument(std::string(what) + ": unknown dtype code " + std::to_string(code));
+  }
+  return static_cast<lk::DType>(code);
+}
+
+lk::ThreadBinding to_binding(const std::string& name) {
+  if (name == "CPU_CORE") return lk::ThreadBinding::CpuCore;
+  if (name == "NUMA_NODE") return lk::ThreadBinding::NumaNode;
+  if (name == "NONE") return lk::ThreadBinding::None;
+  throw std::invalid_argument("thread binding '" + name + "': valid are CPU_CORE, NUMA_NODE, NONE");
+}
+
+const void* as_pointer(std::uintptr_t address) { return reinterpret_cast<const void*>(address); }
+
+}  // namespace
+
+PYBIND11_MODULE(_lk, m) {
+  m.doc() = "lk: routed MoE experts on the CPU";
+
+  m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
+        "Highest kernel ISA this CPU and OS support.");
+
+  py::class_<lk::Runtime, std::shared_ptr<lk::Runtime>>(m, "Runtime")
+      .def(py::init([](int threads, const std::string& binding, bool power_saving, const std::string& isa,
+                       int virtual_nodes) {
+             lk::RuntimeOptions options;
+             options.threads = threads;
+             options.binding = to_binding(binding);
+             options.power_saving = power_saving;
+             options.isa = isa;
+             options.virtual_nodes = virtual_nodes;
+             return std::make_shared<lk::Runtime>(options);
+           }),
+           py::arg("threads"), py::arg("binding"), py::arg("power_saving"), py::arg("isa"),
+           py::arg("virtual_nodes"))
+      .def_property_readonly("isa", [](const lk::Runtime& r) { return std::string(lk::isa_name(r.isa())); })
+      .def_property_readonly("threads", [](lk::Runtime& r) { return r.pool().num_threads(); })
+      .def_property_readonly("numa_nodes", [](const lk::Runtime& r) { return r.topology().num_nodes(); })
+      .def_property_readonly("virtual_nodes", [](const lk::Runtime& r) { return r.topology().virtual_nodes; })
+      .def("describe", &lk::Runtime::describe);
+
+  py::class_<lk::MoEEngine>(m, "Engine")
+      .def(py::init([](std::shared_ptr<lk::Runtime> runtime, std::uintptr_t w13, std::uintptr_t w2, int experts,
+                       int hidden, int intermediate, int weight_dtype, int activation, float swiglu_alpha,
+                       float swiglu_limit) {
+             if (activation < 0 || activation > 2) throw std::invalid_argument("unknown activation code");
+             lk::ExpertShape shape;
+             shape.experts = experts;
+             shape.hidden = hidden;
+             shape.intermediate = intermediate;
+             shape.weight_dtype = to_dtype(weight_dtype, "weights");
+             shape.activation = static_cast<lk::Activation>(activation);
+             shape.swiglu_alpha = swiglu_alpha;
+             shape.swiglu_limit = swiglu_limit;
+             py::gil_scoped_release release;
+             return std::make_unique<lk::MoEEngine>(std::move(runtime), as_pointer(w13), as_pointer(w2), shape);
+           }),
+           py::arg("runtime"), py::arg("w13"), py::arg("w2"), py::arg("experts"), py::arg("hidden"),
+           py::arg("intermediate"), py::arg("weight_dtype"), py::arg("activation"), py::arg("swiglu_alpha"),
+           py::arg("swiglu_limit"))
+      .def(
+          "submit",
+          [](lk::MoEEngine& engine, std::uintptr_t input, int input_dtype, int tokens, std::uintptr_t topk_ids,
+             bool ids_are_int64, int topk, std::uintptr_t topk_weights, int weights_dtype, std::uintptr_t output,
+             int output_dtype) {
+            lk::ForwardArgs args;
+            args.input = as_pointer(input);
+            args.input_dtype = to_dtype(input_dtype, "hidden states");
+            args.tokens = tokens;
+            args.topk_ids = as_pointer(topk_ids);
+            args.ids_are_int64 = ids_are_int64;
+            args.topk = topk;
+            args.topk_weights = as_pointer(topk_weights);
+            args.weights_dtype = to_dtype(weights_dtype, "topk_weights");
+            args.output = reinterpret_cast<void*>(output);
+            args.output_dtype = to_dtype(output_dtype, "output");
+            py::gil_scoped_release release;
+            return engine.submit(args);
+          },
+          py::arg("input"), py::arg("input_dtype"), py::arg("tokens"), py::arg("topk_ids"), py::arg("ids_are_int64"),
+          py::arg("topk"), py::arg("topk_weights"), py::arg("weights_dtype"), py::arg("output"),
+          py::arg("output_dtype"))
+      .def("wait", &lk::MoEEngine::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("weight_bytes", &lk::MoEEngine::weight_bytes);
+}

@@ -1,0 +1,41 @@
+// The kernel interface the engine calls. Every weight format is stored as panels of
+// kPanelWidth output columns (see common.h); a kernel multiplies fp32 activation rows by
+// one panel. Implementations live in one file per ISA x weight format and are picked at
+// run time from the CPU's abilities.
+#pragma once
+
+#include "lk/common.h"
+#include "lk/cpu_features.h"
+
+namespace lk::kernels {
+
+// For r < rows and j < kPanelWidth:
+//   c_rows[r][j] (+)= sum_{k < depth} a_rows[r][k] * panel[k * kPanelWidth + j]
+// The sum is added to c when `accumulate`, stored otherwise.
+using PanelGemm = void (*)(const float* const* a_rows, int rows, const void* panel, int depth,
+                           float* const* c_rows, bool accumulate);
+// Converts a depth x kPanelWidth panel to fp32, so prefill converts each weight once and
+// reuses it for every token of the expert.
+using PanelWiden = void (*)(const void* panel, int depth, float* out);
+
+struct FormatKernels {
+  PanelGemm gemm;
+  PanelWiden widen;
+};
+
+struct KernelSet {
+  Isa isa;
+  FormatKernels format[kNumDTypes];  // indexed by DType
+
+  const FormatKernels& operator[](DType type) const { return format[static_cast<int>(type)]; }
+};
+
+// The kernels for `isa`, which the caller has checked the CPU supports.
+const KernelSet& kernel_set(Isa isa);
+
+// Per ISA x format tables, each defined in its own file.
+extern const FormatKernels generic_f32, generic_f16, generic_bf16;
+extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16;
+extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16;
+
+}  // namespace lk::kernels

@@ -1,0 +1,26 @@
+// AVX2 + FMA: 8 fp32 lanes, 16 ymm registers (12 hold accumulators).
+#pragma once
+
+#include <immintrin.h>
+
+#include "lk/kernels/panel_gemm.h"
+
+namespace lk::kernels {
+namespace {
+
+struct Avx2Simd {
+  using Vec = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kAccumulators = 12;
+  static constexpr int kMainRows = 6;
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+  static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+};
+
+}  // namespace
+}  // namespace lk::kernels

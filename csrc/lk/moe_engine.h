@@ -1,0 +1,74 @@
+// One MoE layer's routed experts, in the engine's own layout, split across NUMA nodes:
+// node n holds rows [begin_n, end_n) of every expert's intermediate dimension (its gate,
+// up and the matching columns of down), so every node works on every expert and reads only
+// its own memory; the nodes' partial outputs are summed at the end.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "lk/common.h"
+#include "lk/host_buffer.h"
+#include "lk/runtime.h"
+
+namespace lk {
+
+struct ExpertShape {
+  int experts = 0;
+  int hidden = 0;        // H
+  int intermediate = 0;  // I
+  DType weight_dtype = DType::BF16;
+  Activation activation = Activation::Silu;
+  float swiglu_alpha = 1.702f;  // SwigluOai only
+  float swiglu_limit = 7.0f;    // SwigluOai only
+};
+
+// One forward's inputs and output. Everything must stay valid until the job is waited for.
+struct ForwardArgs {
+  const void* input = nullptr;  // [tokens, H]
+  DType input_dtype = DType::F32;
+  int tokens = 0;
+  const void* topk_ids = nullptr;  // [tokens, k], int32 or int64; -1 = skip
+  bool ids_are_int64 = false;
+  int topk = 0;
+  const void* topk_weights = nullptr;  // [tokens, k]
+  DType weights_dtype = DType::F32;
+  void* output = nullptr;  // [tokens, H]
+  DType output_dtype = DType::F32;
+};
+
+class MoEEngine {
+ public:
+  // w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; both row-major in
+  // shape.weight_dtype. They are copied; the caller may free them afterwards.
+  MoEEngine(std::shared_ptr<Runtime> runtime, const void* w13, const void* w2, const ExpertShape& shape);
+
+  // Checks the arguments (throws std::invalid_argument / std::out_of_range), waits for the
+  // runtime's previous job, prepares routing and starts the job. Returns its ticket.
+  uint32_t submit(const ForwardArgs& args);
+  void wait(uint32_t ticket) { runtime_->pool().wait(ticket); }
+
+  const ExpertShape& shape() const { return shape_; }
+  std::size_t weight_bytes() const;
+
+ private:
+  struct NodeSlice {
+    int begin = 0, length = 0, panels = 0;  // this node's rows of I, in panels of kPanelWidth
+    HostBuffer gate_up;  // [E][gate|up][panels][H][kPanelWidth]
+    HostBuffer down;     // [E][hidden_panels][length][kPanelWidth]
+  };
+
+  void pack(const void* w13, const void* w2);
+  void route(const ForwardArgs& args);
+  void gate_up_task(const ForwardArgs& args, int node, uint32_t task, int worker);
+  void down_task(const ForwardArgs& args, int node, uint32_t task, int worker);
+
+  std::shared_ptr<Runtime> runtime_;
+  ExpertShape shape_;
+  int hidden_panels_;
+  int hidden_stride_;  // hidden_panels_ * kPanelWidth
+  std::vector<NodeSlice> slices_;
+};
+
+}  // namespace lk

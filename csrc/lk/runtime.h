@@ -1,0 +1,60 @@
+// What all MoE engines of a process share: the topology, one worker pool, the kernels chosen
+// for this CPU, and the scratch memory of the job in flight (one job runs at a time).
+#pragma once
+
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "lk/cpu_features.h"
+#include "lk/host_buffer.h"
+#include "lk/kernels/kernels.h"
+#include "lk/thread_pool.h"
+#include "lk/topology.h"
+
+namespace lk {
+
+struct RuntimeOptions {
+  int threads = 1;
+  ThreadBinding binding = ThreadBinding::CpuCore;
+  bool power_saving = false;
+  std::string isa;       // "" = best the CPU supports; otherwise a level no higher than that
+  int virtual_nodes = 0;  // 0 = the machine's real NUMA nodes
+};
+
+class Runtime {
+ public:
+  explicit Runtime(const RuntimeOptions& options);
+
+  ThreadPool& pool() { return pool_; }
+  const Topology& topology() const { return topology_; }
+  const kernels::KernelSet& kernels() const { return kernels_; }
+  Isa isa() const { return kernels_.isa; }
+  std::string describe() const;
+
+  // Scratch of the running job. Only touched between pool().wait() and the next launch,
+  // or by the job itself.
+  struct Scratch {
+    HostBuffer input;               // fp32 copy of the hidden states
+    std::vector<HostBuffer> hidden;    // per node: activated intermediate rows, one per slot
+    std::vector<HostBuffer> partial;   // per node: partial outputs, one row per token
+    HostBuffer per_worker;             // widened panels and gate/up tiles, per worker
+    std::vector<int32_t> slot_token;
+    std::vector<float> slot_weight;
+    std::vector<int32_t> active_experts;  // experts with at least one token, ascending
+    std::vector<int32_t> expert_slots;    // slot range of active expert i: [i], [i + 1]
+  };
+  Scratch& scratch() { return scratch_; }
+  // Held while a job is prepared and launched, so callers on several threads do not
+  // overwrite each other's scratch.
+  std::mutex& submit_mutex() { return submit_mutex_; }
+
+ private:
+  std::mutex submit_mutex_;
+  Topology topology_;
+  const kernels::KernelSet& kernels_;
+  ThreadPool pool_;
+  Scratch scratch_;
+};
+
+}  // namespace lk

@@ -1,0 +1,184 @@
+"""Every LVLLM_* / LK_* environment variable lvllm reads, declared once.
+
+Each variable has a name, a parser (which is also its validator), a default and a doc
+string. Code reads values only through :func:`get`, so a bad value is reported with the
+variable's name and what would be valid, at the first read (start-up), never mid-request.
+README.md's table is generated from :data:`VARIABLES` (``python -m lvllm.envs --markdown``)
+and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class EnvError(ValueError):
+    """A variable has a value lvllm cannot use; the message names it and what is valid."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    valid: str  # what a valid value looks like, for errors and the README table
+    doc: str
+
+
+def _bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < minimum:
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _optional_int_at_least(minimum: int) -> Callable[[str], int | None]:
+    at_least = _int_at_least(minimum)
+
+    def parse(raw: str) -> int | None:
+        return None if raw.strip() == "" else at_least(raw)
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().upper()
+        if value not in choices:
+            raise ValueError
+        return value
+
+    return parse
+
+
+def _layer_spec(raw: str) -> frozenset[int]:
+    """'0-2,5,8-9' -> {0,1,2,5,8,9}; '' -> empty. Range checks need the model: see hybrid."""
+    layers: set[int] = set()
+    for part in raw.replace(" ", "").split(","):
+        if not part:
+            continue
+        first, sep, last = part.partition("-")
+        start = int(first)
+        end = int(last) if sep else start
+        if start < 0 or end < start:
+            raise ValueError
+        layers.update(range(start, end + 1))
+    return frozenset(layers)
+
+
+ISA_NAMES = ("GENERIC", "AVX2", "AVX512", "AVX512_BF16", "AMX")
+
+VARIABLES: dict[str, Variable] = {
+    v.name: v
+    for v in (
+        Variable(
+            "LVLLM_MOE_NUMA_ENABLED", "0", _bool, "0 or 1",
+            "Master switch. 1 puts the routed experts of every non-resident MoE layer on the "
+            "lk CPU engine; 0 leaves vLLM exactly as upstream.",
+        ),
+        Variable(
+            "LVLLM_GPU_RESIDENT_MOE_LAYERS", "", _layer_spec,
+            "layer indices and ranges, e.g. '0-2,5' or ''",
+            "MoE layers that keep vLLM's own path (all experts on the device).",
+        ),
+        Variable(
+            "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE", "0", _int_at_least(0), "integer >= 0",
+            "Stream non-resident experts to the GPU for forwards with at least this many "
+            "prefill tokens; 0 turns streaming off.",
+        ),
+        Variable(
+            "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_at_least(1), "integer >= 1",
+            "How many layers ahead expert weights are streamed to the GPU during prefill.",
+        ),
+        Variable(
+            "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice("TO_DTYPE", "KEEP", "INT8", "INT4"),
+            "TO_DTYPE, KEEP, INT8 or INT4",
+            "Format the lk engine keeps expert weights in. TO_DTYPE: the model dtype.",
+        ),
+        Variable(
+            "LK_THREADS", "", _optional_int_at_least(1), "integer >= 1, or empty for the default",
+            "Worker threads of the lk engine. Default: usable cores (sched_getaffinity) minus "
+            "one per 16 cores for vLLM's own threads, at least 1.",
+        ),
+        Variable(
+            "LK_THREAD_BINDING", "CPU_CORE", _choice("CPU_CORE", "NUMA_NODE", "NONE"),
+            "CPU_CORE, NUMA_NODE or NONE",
+            "Pin each worker to one core, to its NUMA node's cores (for VMs whose vCPUs "
+            "move), or not at all.",
+        ),
+        Variable(
+            "LK_POWER_SAVING", "0", _bool, "0 or 1",
+            "0: idle workers spin briefly before sleeping (lowest latency); 1: they sleep "
+            "at once (frees the cores for other work).",
+        ),
+        Variable(
+            "LK_ISA", "", _choice("", *ISA_NAMES), "empty or one of " + ", ".join(ISA_NAMES),
+            "Force a kernel ISA no higher than the CPU supports (tests, benchmarks). Empty: "
+            "the best the CPU supports.",
+        ),
+        Variable(
+            "LK_NUMA_NODES", "", _optional_int_at_least(1), "integer >= 1, or empty",
+            "Pretend the usable cores form this many NUMA nodes (splits experts across them "
+            "as on a real multi-socket machine). Empty: the machine's real nodes.",
+        ),
+    )
+}
+
+
+def get(name: str) -> Any:
+    """Parsed value of a declared variable; raises EnvError naming it when invalid."""
+    variable = VARIABLES[name]
+    raw = os.environ.get(name, variable.default)
+    try:
+        return variable.parse(raw)
+    except (ValueError, TypeError):
+        raise EnvError(
+            f"{name}={raw!r} is not valid: expected {variable.valid}. {variable.doc}"
+        ) from None
+
+
+def validate_all() -> None:
+    """Read every variable once so a bad value stops start-up, not a request."""
+    for name in VARIABLES:
+        get(name)
+    unknown = sorted(
+        key for key in os.environ
+        if key.startswith(("LVLLM_", "LK_")) and key not in VARIABLES
+    )
+    if unknown:
+        raise EnvError(
+            f"unknown lvllm variable(s) {', '.join(unknown)}: known ones are "
+            f"{', '.join(VARIABLES)}"
+        )
+
+
+def markdown_table() -> str:
+    rows = ["| Variable | Default | Valid values | Meaning |", "|---|---|---|---|"]
+    for v in VARIABLES.values():
+        default = f"`{v.default}`" if v.default else "(empty)"
+        rows.append(f"| `{v.name}` | {default} | {v.valid} | {v.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table())
+    else:
+        validate_all()
+        for name in VARIABLES:
+            print(f"{name}={get(name)!r}")

@@ -1,0 +1,248 @@
+"""Python face of the lk engine: routed MoE experts computed on the CPU.
+
+    from lvllm.lk import MoEEngine
+    engine = MoEEngine(w13, w2, activation="silu")   # w13 [E, 2I, H], w2 [E, H, I]
+    out = engine.forward(x, topk_ids, topk_weights)  # x [T, H] -> [T, H]
+    pending = engine.submit(x, topk_ids, topk_weights); ...; out = pending.wait()
+
+Tensors are checked here and handed to the C++ engine as data pointers. All engines of a
+process share one runtime (worker pool, kernels, scratch), configured from the LK_*
+variables through lvllm.envs. ``torch.ops.lvllm.lk_moe_forward`` wraps ``forward`` as a
+custom op with a fake implementation, so models traced by Dynamo call it without breaking
+the graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from lvllm import envs
+from lvllm import _lk
+
+__all__ = ["MoEEngine", "PendingForward", "default_runtime", "runtime_info", "ACTIVATIONS"]
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ID_DTYPES = (torch.int32, torch.int64)
+ACTIVATIONS = {"silu": 0, "gelu": 1, "swigluoai": 2}
+
+_runtime_lock = threading.Lock()
+_runtime: _lk.Runtime | None = None
+
+
+def default_threads() -> int:
+    """Usable cores minus one per 16 for the host's own threads, at least 1."""
+    usable = len(os.sched_getaffinity(0))
+    return max(1, usable - usable // 16)
+
+
+def default_runtime() -> _lk.Runtime:
+    """The process's runtime, created from the LK_* variables on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = make_runtime()
+        return _runtime
+
+
+def make_runtime(
+    threads: int | None = None,
+    binding: str | None = None,
+    power_saving: bool | None = None,
+    isa: str | None = None,
+    numa_nodes: int | None = None,
+) -> _lk.Runtime:
+    """A runtime; arguments left None come from the LK_* variables."""
+    if threads is None:
+        threads = envs.get("LK_THREADS") or default_threads()
+    if binding is None:
+        binding = envs.get("LK_THREAD_BINDING")
+    if power_saving is None:
+        power_saving = envs.get("LK_POWER_SAVING")
+    if isa is None:
+        isa = envs.get("LK_ISA")
+    if numa_nodes is None:
+        numa_nodes = envs.get("LK_NUMA_NODES") or 0
+    try:
+        return _lk.Runtime(threads, binding, power_saving, isa, numa_nodes)
+    except ValueError as error:
+        if "ISA" in str(error):
+            raise envs.EnvError(f"LK_ISA={isa!r}: {error}") from None
+        raise
+
+
+def runtime_info() -> dict[str, Any]:
+    runtime = default_runtime()
+    return {
+        "isa": runtime.isa,
+        "threads": runtime.threads,
+        "numa_nodes": runtime.numa_nodes,
+        "virtual_nodes": runtime.virtual_nodes,
+        "binding": envs.get("LK_THREAD_BINDING"),
+        "description": runtime.describe(),
+    }
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _check_cpu_contiguous(name: str, tensor: torch.Tensor) -> None:
+    _require(isinstance(tensor, torch.Tensor), f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    _require(tensor.device.type == "cpu", f"{name} must be on the CPU, got device {tensor.device}")
+    _require(tensor.is_contiguous(), f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _dtype_code(name: str, tensor: torch.Tensor) -> int:
+    code = _DTYPE_CODES.get(tensor.dtype)
+    _require(code is not None, f"{name} has dtype {tensor.dtype}; supported: float32, float16, bfloat16")
+    return code
+
+
+_engines: "weakref.WeakValueDictionary[int, MoEEngine]" = weakref.WeakValueDictionary()
+_engine_ids = itertools.count()
+
+
+class PendingForward:
+    """A submitted forward; keeps its tensors alive until ``wait`` returns the output."""
+
+    def __init__(self, engine: "MoEEngine", ticket: int, keep_alive: tuple, output: torch.Tensor):
+        self._engine = engine
+        self._ticket = ticket
+        self._keep_alive = keep_alive
+        self._output = output
+
+    def wait(self) -> torch.Tensor:
+        if self._keep_alive is not None:
+            self._engine._native.wait(self._ticket)
+            self._keep_alive = None
+        return self._output
+
+
+class MoEEngine:
+    """One MoE layer's routed experts held by the lk engine (weights copied at creation)."""
+
+    def __init__(
+        self,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        activation: str = "silu",
+        *,
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        runtime: _lk.Runtime | None = None,
+    ):
+        _check_cpu_contiguous("w13", w13)
+        _check_cpu_contiguous("w2", w2)
+        _require(w13.dim() == 3, f"w13 must be [E, 2I, H], got shape {tuple(w13.shape)}")
+        _require(w2.dim() == 3, f"w2 must be [E, H, I], got shape {tuple(w2.shape)}")
+        experts, double_intermediate, hidden = w13.shape
+        _require(
+            double_intermediate % 2 == 0 and double_intermediate > 0,
+            f"w13's second dimension is gate rows then up rows (2I), got {double_intermediate}",
+        )
+        intermediate = double_intermediate // 2
+        _require(
+            tuple(w2.shape) == (experts, hidden, intermediate),
+            f"w2 must be [E, H, I] = {(experts, hidden, intermediate)} to match w13 "
+            f"{tuple(w13.shape)}, got {tuple(w2.shape)}",
+        )
+        _require(w13.dtype == w2.dtype, f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must share a dtype")
+        _require(
+            activation in ACTIVATIONS,
+            f"activation {activation!r} is not supported; valid: {', '.join(ACTIVATIONS)}",
+        )
+        self.runtime = runtime if runtime is not None else default_runtime()
+        self.num_experts = experts
+        self.hidden_size = hidden
+        self.intermediate_size = intermediate
+        self.weight_dtype = w13.dtype
+        self.activation = activation
+        self._native = _lk.Engine(
+            self.runtime, w13.data_ptr(), w2.data_ptr(), experts, hidden, intermediate,
+            _dtype_code("w13", w13), ACTIVATIONS[activation], swiglu_alpha, swiglu_limit,
+        )
+        self.engine_id = next(_engine_ids)
+        _engines[self.engine_id] = self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of expert weights the engine holds (its own layout, padding included)."""
+        return self._native.weight_bytes
+
+    def submit(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> PendingForward:
+        """Starts the forward on the workers and returns at once."""
+        _check_cpu_contiguous("x", x)
+        _check_cpu_contiguous("topk_ids", topk_ids)
+        _check_cpu_contiguous("topk_weights", topk_weights)
+        _require(
+            x.dim() == 2 and x.shape[1] == self.hidden_size,
+            f"x must be [tokens, {self.hidden_size}], got shape {tuple(x.shape)}",
+        )
+        tokens = x.shape[0]
+        _require(
+            topk_ids.dim() == 2 and topk_ids.shape[0] == tokens and topk_ids.shape[1] >= 1,
+            f"topk_ids must be [{tokens}, k] with k >= 1, got shape {tuple(topk_ids.shape)}",
+        )
+        _require(
+            topk_ids.dtype in _ID_DTYPES, f"topk_ids has dtype {topk_ids.dtype}; supported: int32, int64"
+        )
+        _require(
+            tuple(topk_weights.shape) == tuple(topk_ids.shape),
+            f"topk_weights must have topk_ids' shape {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}",
+        )
+        if out is None:
+            out = torch.empty_like(x)
+        else:
+            _check_cpu_contiguous("out", out)
+            _require(tuple(out.shape) == tuple(x.shape), f"out must be {tuple(x.shape)}, got {tuple(out.shape)}")
+        ticket = self._native.submit(
+            x.data_ptr(), _dtype_code("x", x), tokens,
+            topk_ids.data_ptr(), topk_ids.dtype == torch.int64, topk_ids.shape[1],
+            topk_weights.data_ptr(), _dtype_code("topk_weights", topk_weights),
+            out.data_ptr(), _dtype_code("out", out),
+        )
+        return PendingForward(self, ticket, (x, topk_ids, topk_weights), out)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); ids of -1 skipped."""
+        return self.submit(x, topk_ids, topk_weights, out).wait()
+
+    __call__ = forward
+
+
+def engine_by_id(engine_id: int) -> MoEEngine:
+    engine = _engines.get(engine_id)
+    if engine is None:
+        raise ValueError(f"no live lk engine with id {engine_id}")
+    return engine
+
+
+@torch.library.custom_op("lvllm::lk_moe_forward", mutates_args=())
+def lk_moe_forward(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, engine_id: int
+) -> torch.Tensor:
+    return engine_by_id(engine_id).forward(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous())
+
+
+@lk_moe_forward.register_fake
+def _(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, engine_id: int) -> torch.Tensor:
+    return torch.empty_like(x)
