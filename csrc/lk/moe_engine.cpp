@@ -1,7 +1,6 @@
 #include "lk/moe_engine.h"
 
 #include <algorithm>
-#include <cmath>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -67,32 +66,6 @@ void pack_down(const Element* w2, Element* out, int begin, int length, int hidde
   }
 }
 
-float silu_and_mul(float gate, float up, const ExpertShape&) {
-  return gate / (1.0f + std::exp(-gate)) * up;
-}
-
-float gelu_and_mul(float gate, float up, const ExpertShape&) {
-  return 0.5f * gate * (1.0f + std::erf(gate * 0.70710678118654752f)) * up;
-}
-
-// gpt-oss: clamped gate and up, sigmoid with a slope, and up shifted by one.
-float swiglu_oai_and_mul(float gate, float up, const ExpertShape& shape) {
-  gate = std::min(gate, shape.swiglu_limit);
-  up = std::clamp(up, -shape.swiglu_limit, shape.swiglu_limit);
-  return gate / (1.0f + std::exp(-shape.swiglu_alpha * gate)) * (up + 1.0f);
-}
-
-using ActivationFn = float (*)(float, float, const ExpertShape&);
-
-ActivationFn activation_fn(Activation activation) {
-  switch (activation) {
-    case Activation::Silu: return silu_and_mul;
-    case Activation::Gelu: return gelu_and_mul;
-    case Activation::SwigluOai: return swiglu_oai_and_mul;
-  }
-  throw std::invalid_argument("unknown activation");
-}
-
 }  // namespace
 
 const char* dtype_name(DType t) {
@@ -114,7 +87,9 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const void* w13, const vo
                                 " I=" + std::to_string(shape.intermediate));
   }
   if (!w13 || !w2) throw std::invalid_argument("weight pointers are null");
-  activation_fn(shape.activation);  // rejects unknown values early
+  if (static_cast<unsigned>(shape.activation) > static_cast<unsigned>(Activation::SwigluOai)) {
+    throw std::invalid_argument("unknown activation");
+  }
   hidden_panels_ = static_cast<int>(round_up(shape.hidden, kPanelWidth) / kPanelWidth);
   hidden_stride_ = hidden_panels_ * kPanelWidth;
 
@@ -304,7 +279,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       up = reinterpret_cast<const char*>(wide_up);
       kernel = &kernels[DType::F32];
     }
-    const ActivationFn activate = activation_fn(shape_.activation);
+    const kernels::ActivationRows activate = kernels.activation.rows[static_cast<int>(shape_.activation)];
+    const kernels::ActivationParams params{shape_.swiglu_alpha, shape_.swiglu_limit};
     const int valid = std::min(kPanelWidth, slice.length - panel_index * kPanelWidth);
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     float* hidden_out = scratch.hidden[node].as<float>();
@@ -321,9 +297,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       kernel->gemm(rows, count, gate, static_cast<int>(hidden), gate_rows, false);
       kernel->gemm(rows, count, up, static_cast<int>(hidden), up_rows, false);
       for (int i = 0; i < count; ++i) {
-        const float weight = scratch.slot_weight[chunk + i];
-        float* out = hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth;
-        for (int j = 0; j < valid; ++j) out[j] = weight * activate(gate_rows[i][j], up_rows[i][j], shape_);
+        activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
+                 hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
       }
     }
   };

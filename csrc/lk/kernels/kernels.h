@@ -23,9 +23,24 @@ struct FormatKernels {
   PanelWiden widen;
 };
 
+struct ActivationParams {
+  float swiglu_alpha;
+  float swiglu_limit;
+};
+
+// out[j] = weight * act(gate[j]) * up[j] for j < count (the gated activation of one row,
+// scaled by the token's routing weight).
+using ActivationRows = void (*)(const float* gate, const float* up, int count, float weight,
+                                const ActivationParams& params, float* out);
+
+struct ActivationKernels {
+  ActivationRows rows[3];  // indexed by Activation
+};
+
 struct KernelSet {
   Isa isa;
   FormatKernels format[kNumDTypes];  // indexed by DType
+  ActivationKernels activation;
 
   const FormatKernels& operator[](DType type) const { return format[static_cast<int>(type)]; }
 };
@@ -33,9 +48,10 @@ struct KernelSet {
 // The kernels for `isa`, which the caller has checked the CPU supports.
 const KernelSet& kernel_set(Isa isa);
 
-// Per ISA x format tables, each defined in its own file.
+// Per ISA x format tables, each defined in its own file, and per ISA activations.
 extern const FormatKernels generic_f32, generic_f16, generic_bf16;
 extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16;
 extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16;
+extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;
 
 }  // namespace lk::kernels
