@@ -1,0 +1,67 @@
+"""lvllm.envs: parsing, errors that name the variable, and the README table."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from lvllm import envs
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_table_matches_the_declarations():
+    text = README.read_text(encoding="utf-8")
+    assert envs.README_BEGIN in text and envs.README_END in text, "README.md lacks the generated env table"
+    assert envs.readme_with_table(text) == text, "README.md's table is stale: run python -m lvllm.envs --update-readme README.md"
+
+
+def test_every_variable_read_in_the_package_is_declared():
+    package = Path(envs.__file__).parent
+    used = set()
+    for path in package.rglob("*.py"):
+        used.update(re.findall(r"""envs\.get\(\s*["']([A-Z0-9_]+)["']""", path.read_text(encoding="utf-8")))
+    assert used <= set(envs.VARIABLES), f"undeclared: {used - set(envs.VARIABLES)}"
+
+
+@pytest.mark.parametrize(
+    "name, raw, expected",
+    [
+        ("LVLLM_MOE_NUMA_ENABLED", "1", True),
+        ("LVLLM_MOE_NUMA_ENABLED", "off", False),
+        ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "0-2,5, 8-9", frozenset({0, 1, 2, 5, 8, 9})),
+        ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "", frozenset()),
+        ("LK_THREADS", "", None),
+        ("LK_THREADS", "3", 3),
+        ("LK_THREAD_BINDING", "numa_node", "NUMA_NODE"),
+        ("LVLLM_MOE_USE_WEIGHT", "to_dtype", "TO_DTYPE"),
+    ],
+)
+def test_parsing(monkeypatch, name, raw, expected):
+    monkeypatch.setenv(name, raw)
+    assert envs.get(name) == expected
+
+
+@pytest.mark.parametrize(
+    "name, raw",
+    [
+        ("LVLLM_MOE_NUMA_ENABLED", "2"),
+        ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "3-1"),
+        ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "a-b"),
+        ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "-1"),
+        ("LVLLM_GPU_PREFETCH_WINDOW", "0"),
+        ("LVLLM_MOE_USE_WEIGHT", "FP4"),
+    ],
+)
+def test_bad_values_name_variable_and_valid_form(monkeypatch, name, raw):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(envs.EnvError) as error:
+        envs.get(name)
+    assert name in str(error.value) and envs.VARIABLES[name].valid in str(error.value)
+
+
+def test_defaults_when_unset(monkeypatch):
+    for name in envs.VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    envs.validate_all()
+    assert envs.get("LVLLM_MOE_NUMA_ENABLED") is False
