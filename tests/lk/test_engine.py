@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 import torch
@@ -342,3 +343,27 @@ class TestEnvironment:
         monkeypatch.setenv("LK_THREDS", "2")
         with pytest.raises(envs.EnvError, match="unknown lvllm variable.*LK_THREDS"):
             envs.validate_all()
+
+
+def test_restricted_cpuset_is_respected():
+    # As in a container limited to one CPU: the default runtime uses only that CPU.
+    import subprocess
+    import sys
+
+    allowed = max(os.sched_getaffinity(0))
+    script = (
+        "import os, torch; os.sched_setaffinity(0, {%d});"
+        "from lvllm.lk import make_runtime, MoEEngine; r = make_runtime();"
+        "print(r.threads, r.numa_nodes, r.describe());"
+        "w13 = torch.randn(2, 8, 16); w2 = torch.randn(2, 16, 4);"
+        "e = MoEEngine(w13, w2, runtime=r);"
+        "print(float(e.forward(torch.randn(3, 16), torch.zeros(3, 1, dtype=torch.int32), torch.ones(3, 1)).abs().sum()) > 0)"
+        % allowed
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LK_")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    threads, nodes, *description = result.stdout.splitlines()[0].split(" ", 2)
+    assert (threads, nodes) == ("1", "1")
+    assert f"cpus [{allowed}]" in description[0]
+    assert result.stdout.splitlines()[1] == "True"
