@@ -79,6 +79,33 @@ def placement() -> Placement | None:
     return _placement
 
 
+def lk_report(model: torch.nn.Module) -> dict:
+    """Where each MoE layer of a loaded model runs, and what lk has computed so far.
+
+    Picklable by reference, so it can run inside vLLM's workers:
+    ``LLM.apply_model(lvllm.vllm_adapter.lk_report)`` (needs
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 with multiprocess workers).
+    """
+    lk_layers, device_layers = {}, {}
+    for name, module in model.named_modules():
+        if not isinstance(module, RoutedExperts):
+            continue
+        method = module.quant_method
+        params = {n: (tuple(p.shape), p.device.type) for n, p in module.named_parameters()}
+        if isinstance(method, LkMoEMethod) and method.experts is not None:
+            engine = method.experts.engine
+            lk_layers[name] = {
+                "engine_id": engine.engine_id,
+                "forward_calls": engine.forward_calls,
+                "nbytes": engine.nbytes,
+                "params": params,
+            }
+        else:
+            device_layers[name] = {"method": type(method).__name__, "params": params}
+    return {"lk_layers": lk_layers, "device_layers": device_layers,
+            "summary": _placement.summary if _placement else None}
+
+
 def _num_model_layers() -> int | None:
     model_config = get_current_vllm_config().model_config
     if model_config is None:
