@@ -110,23 +110,28 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
 class Weights:
     """Collects named random tensors; linear weights [out, in] get std 1/sqrt(in)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, dtype: torch.dtype = torch.float32):
         self.gen = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
         self.tensors: dict[str, torch.Tensor] = {}
+
+    def __setitem__(self, name: str, value: torch.Tensor):
+        # Stored in the checkpoint dtype at once: big layer shapes stay within memory.
+        self.tensors[name] = value.to(self.dtype).contiguous()
 
     def linear(self, name: str, out_features: int, in_features: int, gain: float = 1.0):
         std = gain / math.sqrt(in_features)
-        self.tensors[name] = torch.randn(out_features, in_features, generator=self.gen) * std
+        self[name] = torch.randn(out_features, in_features, generator=self.gen).mul_(std)
 
     def bias(self, name: str, size: int):
-        self.tensors[name] = torch.randn(size, generator=self.gen) * 0.02
+        self[name] = torch.randn(size, generator=self.gen) * 0.02
 
     def norm(self, name: str, size: int):
         # Near 1 but not exactly, so a mixed-up norm shows in the outputs.
-        self.tensors[name] = 1.0 + 0.05 * torch.randn(size, generator=self.gen)
+        self[name] = 1.0 + 0.05 * torch.randn(size, generator=self.gen)
 
     def embedding(self, name: str, vocab: int, hidden: int):
-        self.tensors[name] = torch.randn(vocab, hidden, generator=self.gen)
+        self[name] = torch.randn(vocab, hidden, generator=self.gen)
 
     def mlp(self, prefix: str, hidden: int, inter: int, names=("gate_proj", "up_proj",
                                                                 "down_proj")):
@@ -157,7 +162,9 @@ def _common_config(args, vocab: int) -> dict:
 
 def build_qwen_moe(args, vocab: int, w: Weights, shared: bool) -> dict:
     H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
-    heads, kv_heads, head_dim = 4, 2, 32
+    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+    if shared and heads * head_dim != H:
+        raise SystemExit("qwen2_moe needs --num-heads * --head-dim == --hidden-size")
     config = _common_config(args, vocab)
     config.update({
         "num_attention_heads": heads,
@@ -296,16 +303,14 @@ def build(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out, args.vocab_size)
-    weights = Weights(args.seed)
+    weights = Weights(args.seed, DTYPES[args.dtype])
     if args.family in ("qwen3_moe", "qwen2_moe"):
         config = build_qwen_moe(args, vocab, weights, shared=args.family == "qwen2_moe")
     elif args.family == "mixtral":
         config = build_mixtral(args, vocab, weights)
     else:
         config = build_deepseek_v2(args, vocab, weights)
-    dtype = DTYPES[args.dtype]
-    tensors = {k: v.to(dtype).contiguous() for k, v in weights.tensors.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights.tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]},
@@ -325,6 +330,9 @@ def parse_args(argv=None):
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--num-heads", type=int, default=4, help="qwen families")
+    parser.add_argument("--num-kv-heads", type=int, default=2, help="qwen families")
+    parser.add_argument("--head-dim", type=int, default=32, help="qwen families")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for name in ("hidden_size", "moe_intermediate_size"):

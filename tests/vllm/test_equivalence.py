@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import FAMILIES, PROMPTS
+from e2e_common import FAMILIES, PROMPTS
 
 F32_LOGPROB_TOL = 1e-3
 BF16_LOGPROB_TOL = 0.05
@@ -45,7 +45,7 @@ def assert_lk_computed(report, lk_layers: set[int], device_layers: set[int] = fr
             for name, (shape, device) in layer["params"].items():
                 assert device == "cpu", (index, name, device)
                 if name in ("w13_weight", "w2_weight"):
-                    assert shape == (0,), f"layer {index}: vLLM's {name} was not freed"
+                    assert tuple(shape) == (0,), f"layer {index}: vLLM's {name} was not freed"
         assert worker["summary"] and f"{len(lk_layers)} MoE layer(s) on lk" in worker["summary"]
 
 

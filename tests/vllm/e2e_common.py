@@ -1,0 +1,109 @@
+"""Shared helpers of the end-to-end tests on the real vLLM CPU engine with tiny random MoE models.
+
+vLLM instances are expensive (30-40 s each eager, ~2 min compiled, on 2 cores), so every
+(model, settings) combination is started at most once per session, its outputs and an lk
+report are kept, and the instance is shut down before the next one starts.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral")
+
+PROMPTS = [
+    "the model reads the weights",
+    "Question 3: what",
+    "each core splits two experts again.",
+    "Our server answers the request in host memory before the next step.",
+]
+MAX_TOKENS = 12
+
+
+# Settings every vLLM process of the tests shares (children inherit os.environ).
+BASE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    # apply_model() ships lvllm.vllm_adapter.lk_report to the worker.
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "VLLM_DISABLE_COMPILE_CACHE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind" if os.cpu_count() == 1 else f"0-{os.cpu_count() - 1}",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS")
+
+
+@contextmanager
+def environment(**overrides):
+    """Set variables for the vLLM instance about to start; restore afterwards."""
+    saved = {k: os.environ.get(k) for k in (*BASE_ENV, *LVLLM_VARS, *overrides)}
+    os.environ.update(BASE_ENV)
+    for key in LVLLM_VARS:
+        os.environ.pop(key, None)
+    os.environ.update({k: str(v) for k, v in overrides.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def build_model(out: Path, family: str) -> Path:
+    if not (out / "config.json").exists():
+        subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--family", family],
+                       check=True, capture_output=True)
+    return out
+
+
+class RunResult:
+    def __init__(self, tokens, prompt_logprobs, report):
+        self.tokens = tokens                      # per prompt: greedy output token ids
+        self.prompt_logprobs = prompt_logprobs    # per prompt: logprob of each prompt token
+        self.report = report                      # per worker: lvllm.vllm_adapter.lk_report
+
+
+def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True,
+            resident: str | None = None, tp: int = 1) -> RunResult:
+    overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
+    if resident is not None:
+        overrides["LVLLM_GPU_RESIDENT_MOE_LAYERS"] = resident
+    if tp > 1:
+        overrides["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            str(i % (os.cpu_count() or 1)) for i in range(tp))
+    with environment(**overrides):
+        from vllm import LLM, SamplingParams
+
+        from lvllm.vllm_adapter import lk_report
+
+        llm = LLM(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
+                  max_num_seqs=4, seed=0, enable_prefix_caching=False,
+                  tensor_parallel_size=tp, disable_log_stats=True)
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                    prompt_logprobs=0, ignore_eos=True)
+            outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+            tokens, logprobs = [], []
+            for out in outputs:
+                tokens.append(list(out.outputs[0].token_ids))
+                logprobs.append([entry[token].logprob
+                                 for entry, token in zip(out.prompt_logprobs[1:],
+                                                         out.prompt_token_ids[1:])])
+            report = llm.apply_model(lk_report)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+    return RunResult(tokens, logprobs, report)
+
+

@@ -1,0 +1,218 @@
+"""A real `vllm serve --config ...` with lk on: endpoints, streaming, concurrency, shutdown;
+and bad LVLLM_* / LK_* values refused at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from e2e_common import BASE_ENV, ROOT
+
+requests = pytest.importorskip("requests")
+psutil = pytest.importorskip("psutil")
+
+STARTUP_TIMEOUT = 300
+
+
+def vllm_command() -> list[str]:
+    """The `vllm` command lvllm installs, or the same entry point through -m."""
+    script = Path(sys.executable).parent / "vllm"
+    if script.exists() and "lvllm" in script.read_text(errors="replace"):
+        return [str(script)]
+    return [sys.executable, "-m", "lvllm._vllm_cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, model: Path, port: int) -> Path:
+    """examples/tiny/config.yaml with this test's model and port."""
+    lines = []
+    for line in (ROOT / "examples" / "tiny" / "config.yaml").read_text().splitlines():
+        if line.startswith("model:"):
+            line = f"model: {model}"
+        elif line.startswith("port:"):
+            line = f"port: {port}"
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def server_env(**overrides) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
+    env.update(BASE_ENV)
+    env.update(overrides)
+    return env
+
+
+def start_server(config: Path, log: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*vllm_command(), "serve", "--config", str(config)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
+        start_new_session=True,
+    )
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> list[int]:
+    """SIGTERM (what a service manager sends), wait; returns pids that survived."""
+    family = [proc.pid]
+    try:
+        family += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        pass
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    deadline = time.time() + 30
+    alive = family
+    while time.time() < deadline:
+        alive = [p for p in family if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            break
+        time.sleep(0.5)
+    for pid in alive:  # do not leave strays behind for the rest of the suite
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    config = write_config(tmp / "config.yaml", tiny_model("qwen3_moe"), port)
+    log = tmp / "server.log"
+    proc = start_server(config, log, server_env(LVLLM_MOE_NUMA_ENABLED="1"))
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + STARTUP_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if time.time() > deadline:
+            stop(proc)
+            pytest.fail(f"server not healthy in {STARTUP_TIMEOUT}s:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    info = {"base": base, "proc": proc, "log": log, "stopped": False}
+    yield info
+    if not info["stopped"]:
+        stop(proc)
+
+
+def test_health_and_models(server):
+    assert requests.get(f"{server['base']}/health", timeout=10).status_code == 200
+    models = requests.get(f"{server['base']}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-moe"]
+
+
+def test_lk_loaded_in_worker(server):
+    text = server["log"].read_text()
+    assert "lvllm: 4 MoE layer(s) on lk [0-3]" in text, text[-4000:]
+
+
+def completion(base: str, prompt: str, stream: bool = False, max_tokens: int = 8):
+    body = {"model": "tiny-moe", "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+    return requests.post(f"{base}/v1/completions", json=body, timeout=120, stream=stream)
+
+
+def read_stream(response) -> list[dict]:
+    chunks = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        data = line.decode().removeprefix("data: ")
+        if data == "[DONE]":
+            chunks.append({"done": True})
+            break
+        chunks.append(json.loads(data))
+    return chunks
+
+
+def test_completions(server):
+    out = completion(server["base"], "the model reads").json()
+    text = out["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] == 8 and text
+
+    chunks = read_stream(completion(server["base"], "the model reads", stream=True))
+    assert chunks[-1] == {"done": True}
+    streamed = "".join(c["choices"][0]["text"] for c in chunks[:-1] if c.get("choices"))
+    assert streamed == text
+
+
+def test_chat_completions(server):
+    body = {"model": "tiny-moe", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 6, "temperature": 0}
+    out = requests.post(f"{server['base']}/v1/chat/completions", json=body, timeout=120)
+    assert out.status_code == 200, out.text
+    message = out.json()["choices"][0]["message"]
+    assert message["role"] == "assistant"
+
+    body["stream"] = True
+    response = requests.post(f"{server['base']}/v1/chat/completions", json=body,
+                             timeout=120, stream=True)
+    chunks = read_stream(response)
+    assert chunks[-1] == {"done": True}
+    streamed = "".join(c["choices"][0]["delta"].get("content") or ""
+                       for c in chunks[:-1] if c.get("choices"))
+    assert streamed == (message["content"] or "")
+
+
+def test_eight_concurrent_clients(server):
+    prompts = [f"Question {i}: what reads the weights" for i in range(8)]
+    alone = [completion(server["base"], p).json()["choices"][0]["text"] for p in prompts[:2]]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: completion(server["base"], p).json(), prompts))
+    assert all(r["usage"]["completion_tokens"] == 8 for r in results)
+    # Batched with others, greedy answers are the ones given alone.
+    assert [r["choices"][0]["text"] for r in results[:2]] == alone
+
+
+def test_clean_shutdown(server):
+    """Runs last in this module: SIGTERM leaves no process behind."""
+    survivors = stop(server["proc"])
+    server["stopped"] = True
+    assert survivors == []
+    assert server["proc"].returncode is not None
+
+
+@pytest.mark.parametrize("name, value, needle", [
+    ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "3-1", "layer indices and ranges"),
+    ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "0,99", "valid indices 0-3"),
+    ("LK_THREADS", "zero", "integer >= 1"),
+])
+def test_bad_values_stop_startup(tiny_model, tmp_path, name, value, needle):
+    config = write_config(tmp_path / "config.yaml", tiny_model("qwen3_moe"), free_port())
+    log = tmp_path / "server.log"
+    proc = start_server(config, log, server_env(LVLLM_MOE_NUMA_ENABLED="1", **{name: value}))
+    try:
+        proc.wait(STARTUP_TIMEOUT)
+    finally:
+        survivors = stop(proc)
+    text = log.read_text()
+    assert proc.returncode != 0, text[-3000:]
+    assert f"{name}=" in text and needle in text, text[-3000:]
+    assert survivors == []
