@@ -1,9 +1,12 @@
 #include "lk/moe_engine.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace lk {
 namespace {
@@ -31,36 +34,120 @@ uint32_t spread_offset(uint32_t count, int nodes, int node) {
   return static_cast<uint32_t>(count * 1ull * node / nodes);
 }
 
-template <class Element>
-void pack_gate_up(const Element* w13, Element* out, int begin, int length, int panels, int hidden,
-                  int intermediate) {
-  for (int half = 0; half < 2; ++half) {
-    for (int p = 0; p < panels; ++p) {
-      Element* panel = out + (static_cast<std::size_t>(half) * panels + p) * hidden * kPanelWidth;
-      for (int j = 0; j < kPanelWidth; ++j) {
-        const int local_row = p * kPanelWidth + j;
-        if (local_row >= length) {
-          for (int k = 0; k < hidden; ++k) panel[static_cast<std::size_t>(k) * kPanelWidth + j] = Element{};
-          continue;
-        }
-        const Element* source =
-            w13 + (static_cast<std::size_t>(half) * intermediate + begin + local_row) * hidden;
-        for (int k = 0; k < hidden; ++k) panel[static_cast<std::size_t>(k) * kPanelWidth + j] = source[k];
-      }
-    }
-  }
+std::size_t lcm(std::size_t a, std::size_t b) {
+  std::size_t x = a, y = b;
+  while (y) x = std::exchange(y, x % y);
+  return a / x * b;
 }
 
-template <class Element>
-void pack_down(const Element* w2, Element* out, int begin, int length, int hidden_panels, int hidden,
-               int intermediate) {
-  for (int q = 0; q < hidden_panels; ++q) {
-    Element* panel = out + static_cast<std::size_t>(q) * length * kPanelWidth;
+// Reads one expert's source matrix as floats, dequantizing where needed.
+struct SourceMatrix {
+  const WeightSource& source;
+  std::size_t rows, cols;
+  std::size_t expert;
+
+  std::size_t groups() const { return (cols + source.group - 1) / source.group; }
+  std::size_t meta_index(std::size_t row, std::size_t col) const {
+    return (expert * rows + row) * groups() + col / source.group;
+  }
+  const uint8_t* bytes() const { return static_cast<const uint8_t*>(source.values); }
+  std::size_t value_index(std::size_t row, std::size_t col) const { return (expert * rows + row) * cols + col; }
+
+  float at(std::size_t row, std::size_t col) const {
+    const std::size_t index = value_index(row, col);
+    switch (source.format) {
+      case WeightFormat::F32:
+      case WeightFormat::F16:
+      case WeightFormat::BF16:
+        return load_as_float(source.values, index, static_cast<DType>(source.format));
+      case WeightFormat::Int8:
+        return static_cast<int8_t>(bytes()[index]) * source.scales[meta_index(row, col)];
+      case WeightFormat::Int4:
+        return bytes()[index] * source.scales[meta_index(row, col)] + source.offsets[meta_index(row, col)];
+      case WeightFormat::Fp8E4M3:
+        return fp8_e4m3_to_float(bytes()[index]) * source.scales[meta_index(row, col)];
+    }
+    return 0.0f;
+  }
+};
+
+// Writes one panel: columns j < kPanelWidth are source rows rows[j] (-1: zero padding),
+// inputs k are source columns first_col + k. Same formats (and groups) copy exactly;
+// otherwise values are read as floats and stored or quantized per group.
+void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
+                WeightFormat format, int group, uint8_t* panel) {
+  const std::size_t groups = is_grouped(format) ? panel_groups(depth, group) : 0;
+  float* scales = reinterpret_cast<float*>(panel + panel_value_bytes(format, depth));
+  float* offsets = scales + groups * kPanelWidth;
+  const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
+  if (same) {
+    const std::size_t element = format == WeightFormat::F32 ? 4 : (format == WeightFormat::F16 || format == WeightFormat::BF16) ? 2 : 1;
     for (int j = 0; j < kPanelWidth; ++j) {
-      const int h = q * kPanelWidth + j;
-      const Element* source = w2 + static_cast<std::size_t>(h) * intermediate + begin;
-      for (int k = 0; k < length; ++k) {
-        panel[static_cast<std::size_t>(k) * kPanelWidth + j] = h < hidden ? source[k] : Element{};
+      for (int k = 0; k < depth; ++k) {
+        const uint8_t* from = rows[j] < 0 ? nullptr : source.bytes() + source.value_index(rows[j], first_col + k) * element;
+        if (format == WeightFormat::Int4) {
+          const uint8_t nibble = from ? (*from & 0xf) : 0;
+          uint8_t& byte = panel[static_cast<std::size_t>(k) * kInt4BytesPerRow + j % kInt4BytesPerRow];
+          byte = j < kInt4BytesPerRow ? static_cast<uint8_t>((byte & 0xf0) | nibble)
+                                      : static_cast<uint8_t>((byte & 0x0f) | (nibble << 4));
+        } else {
+          uint8_t* to = panel + (static_cast<std::size_t>(k) * kPanelWidth + j) * element;
+          if (from) {
+            std::memcpy(to, from, element);
+          } else {
+            std::memset(to, 0, element);
+          }
+        }
+      }
+      for (std::size_t g = 0; g < groups; ++g) {
+        const bool real = rows[j] >= 0;
+        scales[g * kPanelWidth + j] = real ? source.source.scales[source.meta_index(rows[j], first_col + g * group)] : 0.0f;
+        if (has_offsets(format)) {
+          offsets[g * kPanelWidth + j] = real ? source.source.offsets[source.meta_index(rows[j], first_col + g * group)] : 0.0f;
+        }
+      }
+    }
+    return;
+  }
+  if (format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
+  std::vector<float> values(static_cast<std::size_t>(depth) * kPanelWidth, 0.0f);
+  for (int j = 0; j < kPanelWidth; ++j) {
+    if (rows[j] < 0) continue;
+    for (int k = 0; k < depth; ++k) values[static_cast<std::size_t>(k) * kPanelWidth + j] = source.at(rows[j], first_col + k);
+  }
+  if (!is_grouped(format)) {
+    for (std::size_t i = 0; i < values.size(); ++i) store_from_float(panel, i, static_cast<DType>(format), values[i]);
+    return;
+  }
+  for (std::size_t g = 0; g < groups; ++g) {
+    const int begin = static_cast<int>(g) * group, end = std::min(depth, begin + group);
+    for (int j = 0; j < kPanelWidth; ++j) {
+      float low = 0.0f, high = 0.0f;
+      for (int k = begin; k < end; ++k) {
+        const float value = values[static_cast<std::size_t>(k) * kPanelWidth + j];
+        low = k == begin ? value : std::min(low, value);
+        high = k == begin ? value : std::max(high, value);
+      }
+      float scale, offset = 0.0f;
+      if (format == WeightFormat::Int8) {  // symmetric: q in [-127, 127]
+        scale = std::max(std::fabs(low), std::fabs(high)) / 127.0f;
+      } else {  // INT4, asymmetric: q in [0, 15] spans [low, high]
+        scale = (high - low) / 15.0f;
+        offset = low;
+      }
+      scales[g * kPanelWidth + j] = scale;
+      if (has_offsets(format)) offsets[g * kPanelWidth + j] = offset;
+      const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+      for (int k = begin; k < end; ++k) {
+        const float value = values[static_cast<std::size_t>(k) * kPanelWidth + j];
+        if (format == WeightFormat::Int8) {
+          const float q = std::clamp(std::nearbyint(value * inverse), -127.0f, 127.0f);
+          panel[static_cast<std::size_t>(k) * kPanelWidth + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
+        } else {
+          const uint8_t q = static_cast<uint8_t>(std::clamp(std::nearbyint((value - offset) * inverse), 0.0f, 15.0f));
+          uint8_t& byte = panel[static_cast<std::size_t>(k) * kInt4BytesPerRow + j % kInt4BytesPerRow];
+          byte = j < kInt4BytesPerRow ? static_cast<uint8_t>((byte & 0xf0) | q) : static_cast<uint8_t>((byte & 0x0f) | (q << 4));
+        }
       }
     }
   }
@@ -77,7 +164,38 @@ const char* dtype_name(DType t) {
   return "?";
 }
 
-MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const void* w13, const void* w2,
+const char* format_name(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::F32: return "float32";
+    case WeightFormat::F16: return "float16";
+    case WeightFormat::BF16: return "bfloat16";
+    case WeightFormat::Int8: return "int8";
+    case WeightFormat::Int4: return "int4";
+    case WeightFormat::Fp8E4M3: return "fp8_e4m3";
+  }
+  return "?";
+}
+
+namespace {
+
+void check_source(const WeightSource& source, const char* name) {
+  if (!source.values) throw std::invalid_argument(std::string(name) + ": null values");
+  if (static_cast<unsigned>(source.format) >= kNumWeightFormats) throw std::invalid_argument(std::string(name) + ": unknown format");
+  if (is_grouped(source.format)) {
+    if (source.group < 16 || source.group % 16 != 0) {
+      throw std::invalid_argument(std::string(name) + ": group size " + std::to_string(source.group) +
+                                  " must be a positive multiple of 16");
+    }
+    if (!source.scales || (has_offsets(source.format) && !source.offsets)) {
+      throw std::invalid_argument(std::string(name) + ": " + format_name(source.format) + " weights need scales" +
+                                  (has_offsets(source.format) ? " and offsets" : ""));
+    }
+  }
+}
+
+}  // namespace
+
+MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, const WeightSource& w2,
                      const ExpertShape& shape)
     : runtime_(std::move(runtime)), shape_(shape) {
   if (!runtime_) throw std::invalid_argument("runtime is null");
@@ -86,31 +204,44 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const void* w13, const vo
                                 std::to_string(shape.experts) + " H=" + std::to_string(shape.hidden) +
                                 " I=" + std::to_string(shape.intermediate));
   }
-  if (!w13 || !w2) throw std::invalid_argument("weight pointers are null");
   if (static_cast<unsigned>(shape.activation) > static_cast<unsigned>(Activation::SwigluOai)) {
     throw std::invalid_argument("unknown activation");
   }
+  if (static_cast<unsigned>(shape.format) >= kNumWeightFormats) throw std::invalid_argument("unknown weight format");
+  if (is_grouped(shape.format) && (shape.group_size < 16 || shape.group_size % 16 != 0)) {
+    throw std::invalid_argument("group size " + std::to_string(shape.group_size) + " must be a positive multiple of 16");
+  }
+  check_source(w13, "w13");
+  check_source(w2, "w2");
   hidden_panels_ = static_cast<int>(round_up(shape.hidden, kPanelWidth) / kPanelWidth);
   hidden_stride_ = hidden_panels_ * kPanelWidth;
 
-  // Whole panels per node, so no panel straddles two nodes' memory.
+  // Nodes split I (the input of down) at whole panels and whole groups, so no panel
+  // straddles two nodes' memory and every group lies within one node.
+  std::size_t align = kPanelWidth;
+  if (is_grouped(shape.format)) align = lcm(align, shape.group_size);
+  if (is_grouped(w2.format)) align = lcm(align, w2.group);
   const int nodes = runtime_->topology().num_nodes();
-  const int total_panels = static_cast<int>(round_up(shape.intermediate, kPanelWidth) / kPanelWidth);
+  const int units = static_cast<int>(round_up(shape.intermediate, align) / align);
   slices_.resize(nodes);
   for (int n = 0; n < nodes; ++n) {
-    const int first_panel = static_cast<int>(total_panels * 1ll * n / nodes);
-    const int last_panel = static_cast<int>(total_panels * (n + 1ll) / nodes);
     NodeSlice& slice = slices_[n];
-    slice.begin = std::min(first_panel * kPanelWidth, shape.intermediate);
-    slice.length = std::min(last_panel * kPanelWidth, shape.intermediate) - slice.begin;
-    slice.panels = last_panel - first_panel;
-    const std::size_t element = dtype_size(shape.weight_dtype);
-    slice.gate_up = HostBuffer(static_cast<std::size_t>(shape.experts) * 2 * slice.panels *
-                               shape.hidden * kPanelWidth * element);
-    slice.down = HostBuffer(static_cast<std::size_t>(shape.experts) * hidden_panels_ * slice.length *
-                            kPanelWidth * element);
+    const int first = static_cast<int>(units * 1ll * n / nodes), last = static_cast<int>(units * (n + 1ll) / nodes);
+    slice.begin = static_cast<int>(std::min<std::size_t>(first * align, shape.intermediate));
+    slice.length = static_cast<int>(std::min<std::size_t>(last * align, shape.intermediate)) - slice.begin;
+    slice.panels = static_cast<int>(round_up(slice.length, kPanelWidth) / kPanelWidth);
+    slice.gate_up = HostBuffer(static_cast<std::size_t>(shape.experts) * 2 * slice.panels * gate_up_panel_bytes(slice));
+    slice.down = HostBuffer(static_cast<std::size_t>(shape.experts) * hidden_panels_ * down_panel_bytes(slice));
   }
   pack(w13, w2);
+}
+
+std::size_t MoEEngine::gate_up_panel_bytes(const NodeSlice&) const {
+  return panel_bytes(shape_.format, shape_.hidden, shape_.group_size);
+}
+
+std::size_t MoEEngine::down_panel_bytes(const NodeSlice& slice) const {
+  return panel_bytes(shape_.format, slice.length, shape_.group_size);
 }
 
 std::size_t MoEEngine::weight_bytes() const {
@@ -119,36 +250,49 @@ std::size_t MoEEngine::weight_bytes() const {
   return total;
 }
 
-void MoEEngine::pack(const void* w13, const void* w2) {
+void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
   // Each node's workers copy its slices, so first touch places the pages on that node.
   const int nodes = static_cast<int>(slices_.size());
+  std::vector<std::string> errors(runtime_->pool().num_threads());
   Phase phase;
   phase.tasks_per_node.assign(nodes, static_cast<uint32_t>(shape_.experts));
-  phase.run = [&](int node, uint32_t expert, int) {
+  phase.run = [&](int node, uint32_t expert, int worker) {
     const NodeSlice& slice = slices_[node];
-    const std::size_t w13_expert = static_cast<std::size_t>(2) * shape_.intermediate * shape_.hidden;
-    const std::size_t w2_expert = static_cast<std::size_t>(shape_.hidden) * shape_.intermediate;
-    const std::size_t gate_up_expert = static_cast<std::size_t>(2) * slice.panels * shape_.hidden * kPanelWidth;
-    const std::size_t down_expert = static_cast<std::size_t>(hidden_panels_) * slice.length * kPanelWidth;
-    auto copy = [&](auto element) {
-      using Element = decltype(element);
-      pack_gate_up(static_cast<const Element*>(w13) + expert * w13_expert,
-                   slice.gate_up.as<Element>() + expert * gate_up_expert, slice.begin, slice.length,
-                   slice.panels, shape_.hidden, shape_.intermediate);
-      pack_down(static_cast<const Element*>(w2) + expert * w2_expert,
-                slice.down.as<Element>() + expert * down_expert, slice.begin, slice.length,
-                hidden_panels_, shape_.hidden, shape_.intermediate);
-    };
-    if (shape_.weight_dtype == DType::F32) {
-      copy(float{});
-    } else {
-      copy(uint16_t{});
+    const SourceMatrix gate_up_source{w13, 2 * static_cast<std::size_t>(shape_.intermediate),
+                                      static_cast<std::size_t>(shape_.hidden), expert};
+    const SourceMatrix down_source{w2, static_cast<std::size_t>(shape_.hidden),
+                                   static_cast<std::size_t>(shape_.intermediate), expert};
+    const std::size_t gate_up_bytes = gate_up_panel_bytes(slice), down_bytes = down_panel_bytes(slice);
+    int rows[kPanelWidth];
+    try {
+      for (int half = 0; half < 2; ++half) {
+        for (int p = 0; p < slice.panels; ++p) {
+          for (int j = 0; j < kPanelWidth; ++j) {
+            const int local = p * kPanelWidth + j;
+            rows[j] = local < slice.length ? half * shape_.intermediate + slice.begin + local : -1;
+          }
+          uint8_t* panel = slice.gate_up.as<uint8_t>() + ((expert * 2 + half) * slice.panels + p) * gate_up_bytes;
+          pack_panel(gate_up_source, rows, 0, shape_.hidden, shape_.format, shape_.group_size, panel);
+        }
+      }
+      for (int q = 0; q < hidden_panels_ && slice.length > 0; ++q) {
+        for (int j = 0; j < kPanelWidth; ++j) rows[j] = q * kPanelWidth + j < shape_.hidden ? q * kPanelWidth + j : -1;
+        uint8_t* panel = slice.down.as<uint8_t>() + (static_cast<std::size_t>(expert) * hidden_panels_ + q) * down_bytes;
+        pack_panel(down_source, rows, slice.begin, slice.length, shape_.format, shape_.group_size, panel);
+      }
+    } catch (const std::exception& error) {
+      errors[worker] = error.what();
     }
   };
   std::vector<Phase> job;
   job.push_back(std::move(phase));
-  std::lock_guard<std::mutex> lock(runtime_->submit_mutex());
-  runtime_->pool().run(std::move(job));
+  {
+    std::lock_guard<std::mutex> lock(runtime_->submit_mutex());
+    runtime_->pool().run(std::move(job));
+  }
+  for (const std::string& error : errors) {
+    if (!error.empty()) throw std::invalid_argument(error);
+  }
 }
 
 void MoEEngine::route(const ForwardArgs& args) {
@@ -262,22 +406,23 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const int panel_index = static_cast<int>(task % slice.panels);
     const int expert = scratch.active_experts[expert_index];
     const int first = scratch.expert_slots[expert_index], last = scratch.expert_slots[expert_index + 1];
-    const std::size_t panel_bytes = hidden * kPanelWidth * dtype_size(shape_.weight_dtype);
+    const std::size_t panel_bytes = gate_up_panel_bytes(slice);
     const char* gate = slice.gate_up.as<char>() +
                        ((static_cast<std::size_t>(expert) * 2) * slice.panels + panel_index) * panel_bytes;
     const char* up = gate + static_cast<std::size_t>(slice.panels) * panel_bytes;
     float* workspace = scratch.per_worker.as<float>() + worker * worker_floats;
     float* gate_tile = workspace;
     float* up_tile = gate_tile + kChunkRows * kPanelWidth;
-    const kernels::FormatKernels* kernel = &kernels[shape_.weight_dtype];
-    if (last - first >= kWidenMinRows && shape_.weight_dtype != DType::F32) {
+    const int group = shape_.group_size;
+    const kernels::FormatKernels* kernel = &kernels[shape_.format];
+    if (last - first >= kWidenMinRows && shape_.format != WeightFormat::F32) {
       float* wide_gate = up_tile + kChunkRows * kPanelWidth;
       float* wide_up = wide_gate + hidden * kPanelWidth;
-      kernel->widen(gate, static_cast<int>(hidden), wide_gate);
-      kernel->widen(up, static_cast<int>(hidden), wide_up);
+      kernel->widen(gate, static_cast<int>(hidden), group, wide_gate);
+      kernel->widen(up, static_cast<int>(hidden), group, wide_up);
       gate = reinterpret_cast<const char*>(wide_gate);
       up = reinterpret_cast<const char*>(wide_up);
-      kernel = &kernels[DType::F32];
+      kernel = &kernels[WeightFormat::F32];
     }
     const kernels::ActivationRows activate = kernels.activation.rows[static_cast<int>(shape_.activation)];
     const kernels::ActivationParams params{shape_.swiglu_alpha, shape_.swiglu_limit};
@@ -294,8 +439,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
         gate_rows[i] = gate_tile + i * kPanelWidth;
         up_rows[i] = up_tile + i * kPanelWidth;
       }
-      kernel->gemm(rows, count, gate, static_cast<int>(hidden), gate_rows, false);
-      kernel->gemm(rows, count, up, static_cast<int>(hidden), up_rows, false);
+      kernel->gemm(rows, count, gate, static_cast<int>(hidden), group, gate_rows, false);
+      kernel->gemm(rows, count, up, static_cast<int>(hidden), group, up_rows, false);
       for (int i = 0; i < count; ++i) {
         activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
                  hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
@@ -313,7 +458,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     }
     if (slice.length == 0) return;
     const kernels::KernelSet& kernels = runtime_->kernels();
-    const std::size_t panel_bytes = static_cast<std::size_t>(slice.length) * kPanelWidth * dtype_size(shape_.weight_dtype);
+    const std::size_t panel_bytes = down_panel_bytes(slice);
+    const int group = shape_.group_size;
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     const float* hidden_in = scratch.hidden[node].as<float>();
     float* wide = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
@@ -324,11 +470,11 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       const int first = scratch.expert_slots[expert_index], last = scratch.expert_slots[expert_index + 1];
       const char* panel = slice.down.as<char>() +
                           (static_cast<std::size_t>(expert) * hidden_panels_ + panel_index) * panel_bytes;
-      const kernels::FormatKernels* kernel = &kernels[shape_.weight_dtype];
-      if (last - first >= kWidenMinRows && shape_.weight_dtype != DType::F32) {
-        kernel->widen(panel, slice.length, wide);
+      const kernels::FormatKernels* kernel = &kernels[shape_.format];
+      if (last - first >= kWidenMinRows && shape_.format != WeightFormat::F32) {
+        kernel->widen(panel, slice.length, group, wide);
         panel = reinterpret_cast<const char*>(wide);
-        kernel = &kernels[DType::F32];
+        kernel = &kernels[WeightFormat::F32];
       }
       for (int chunk = first; chunk < last; chunk += kChunkRows) {
         const int count = std::min(kChunkRows, last - chunk);
@@ -337,7 +483,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
           out_rows[i] = partial + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden_stride_ +
                         panel_index * kPanelWidth;
         }
-        kernel->gemm(rows, count, panel, slice.length, out_rows, true);
+        kernel->gemm(rows, count, panel, slice.length, group, out_rows, true);
       }
     }
   };

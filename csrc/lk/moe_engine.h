@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lk/common.h"
+#include "lk/formats.h"
 #include "lk/host_buffer.h"
 #include "lk/runtime.h"
 
@@ -18,10 +19,23 @@ struct ExpertShape {
   int experts = 0;
   int hidden = 0;        // H
   int intermediate = 0;  // I
-  DType weight_dtype = DType::BF16;
+  WeightFormat format = WeightFormat::BF16;  // how the engine stores the weights
+  int group_size = 128;  // quantization group along the input dimension (grouped formats)
   Activation activation = Activation::Silu;
   float swiglu_alpha = 1.702f;  // SwigluOai only
   float swiglu_limit = 7.0f;    // SwigluOai only
+};
+
+// Weights as the caller has them: [E, rows, cols] values, row-major. Float formats stand
+// alone; grouped formats come with fp32 scales (and INT4 offsets) of shape
+// [E, rows, ceil(cols / group)], value = q * scale (+ offset). INT4 values are one byte
+// each (0..15), INT8 values int8, FP8 values float8 e4m3fn bytes.
+struct WeightSource {
+  const void* values = nullptr;
+  WeightFormat format = WeightFormat::BF16;
+  const float* scales = nullptr;
+  const float* offsets = nullptr;
+  int group = 0;
 };
 
 // One forward's inputs and output. Everything must stay valid until the job is waited for.
@@ -40,9 +54,11 @@ struct ForwardArgs {
 
 class MoEEngine {
  public:
-  // w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; both row-major in
-  // shape.weight_dtype. They are copied; the caller may free them afterwards.
-  MoEEngine(std::shared_ptr<Runtime> runtime, const void* w13, const void* w2, const ExpertShape& shape);
+  // w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]. They are converted into
+  // shape.format (exactly when it is their own format) and copied; the caller may free them
+  // afterwards. Throws std::invalid_argument for a conversion the engine does not make.
+  MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, const WeightSource& w2,
+            const ExpertShape& shape);
 
   // Checks the arguments (throws std::invalid_argument / std::out_of_range), waits for the
   // runtime's previous job, prepares routing and starts the job. Returns its ticket.
@@ -55,11 +71,13 @@ class MoEEngine {
  private:
   struct NodeSlice {
     int begin = 0, length = 0, panels = 0;  // this node's rows of I, in panels of kPanelWidth
-    HostBuffer gate_up;  // [E][gate|up][panels][H][kPanelWidth]
-    HostBuffer down;     // [E][hidden_panels][length][kPanelWidth]
+    HostBuffer gate_up;  // [E][gate|up][panels] panels of depth H
+    HostBuffer down;     // [E][hidden_panels] panels of depth `length`
   };
 
-  void pack(const void* w13, const void* w2);
+  void pack(const WeightSource& w13, const WeightSource& w2);
+  std::size_t gate_up_panel_bytes(const NodeSlice& slice) const;
+  std::size_t down_panel_bytes(const NodeSlice& slice) const;
   void route(const ForwardArgs& args);
   void gate_up_task(const ForwardArgs& args, int node, uint32_t task, int worker);
   void down_task(const ForwardArgs& args, int node, uint32_t task, int worker);

@@ -5,6 +5,10 @@
     out = engine.forward(x, topk_ids, topk_weights)  # x [T, H] -> [T, H]
     pending = engine.submit(x, topk_ids, topk_weights); ...; out = pending.wait()
 
+Weights are bf16/fp16/fp32 tensors, or :class:`QuantizedWeights` (FP8 e4m3 with group
+scales, INT8, INT4 with scales and offsets); ``weight_format`` picks how the engine stores
+them ("int8"/"int4" quantize float weights at load, in groups of ``group_size`` inputs).
+
 Tensors are checked here and handed to the C++ engine as data pointers. All engines of a
 process share one runtime (worker pool, kernels, scratch), configured from the LK_*
 variables through lvllm.envs. ``torch.ops.lvllm.lk_moe_forward`` wraps ``forward`` as a
@@ -18,6 +22,7 @@ import itertools
 import os
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,9 +30,14 @@ import torch
 from lvllm import envs
 from lvllm import _lk
 
-__all__ = ["MoEEngine", "PendingForward", "default_runtime", "runtime_info", "ACTIVATIONS"]
+__all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "runtime_info", "ACTIVATIONS",
+           "WEIGHT_FORMATS"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Format names as the engine reports them, in its code order: float32, float16, bfloat16,
+# int8, int4, fp8_e4m3.
+WEIGHT_FORMATS = tuple(_lk.format_names())
+_QUANTIZED_FORMAT_OF_VALUES = {torch.int8: "int8", torch.uint8: "int4", torch.float8_e4m3fn: "fp8_e4m3"}
 _ID_DTYPES = (torch.int32, torch.int64)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "swigluoai": 2}
 
@@ -105,6 +115,65 @@ def _dtype_code(name: str, tensor: torch.Tensor) -> int:
     return code
 
 
+@dataclass
+class QuantizedWeights:
+    """Quantized [E, rows, cols] weights: value = q * scales[..., col // group_size] (+ offsets).
+
+    values: float8_e4m3fn (FP8), int8 (INT8) or uint8 holding one INT4 value 0..15 per byte;
+    scales (and, for INT4, offsets): float32 [E, rows, ceil(cols / group_size)].
+    """
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+    offsets: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def format(self) -> str:
+        return _QUANTIZED_FORMAT_OF_VALUES[self.values.dtype]
+
+    def native_args(self, name: str) -> tuple:
+        _check_cpu_contiguous(f"{name}.values", self.values)
+        _require(
+            self.values.dtype in _QUANTIZED_FORMAT_OF_VALUES,
+            f"{name}.values has dtype {self.values.dtype}; supported: float8_e4m3fn, int8, uint8 (int4)",
+        )
+        _require(self.values.dim() == 3, f"{name}.values must be [E, rows, cols], got {tuple(self.values.shape)}")
+        _require(
+            self.group_size >= 16 and self.group_size % 16 == 0,
+            f"{name}.group_size must be a positive multiple of 16, got {self.group_size}",
+        )
+        experts, rows, cols = self.values.shape
+        meta_shape = (experts, rows, -(-cols // self.group_size))
+        metas = [("scales", self.scales)]
+        if self.format == "int4":
+            _require(self.offsets is not None, f"{name}: int4 weights need offsets")
+            metas.append(("offsets", self.offsets))
+        for label, meta in metas:
+            _check_cpu_contiguous(f"{name}.{label}", meta)
+            _require(meta.dtype == torch.float32, f"{name}.{label} must be float32, got {meta.dtype}")
+            _require(
+                tuple(meta.shape) == meta_shape,
+                f"{name}.{label} must be {meta_shape} for group size {self.group_size}, got {tuple(meta.shape)}",
+            )
+        offsets = self.offsets.data_ptr() if self.format == "int4" else 0
+        return (self.values.data_ptr(), WEIGHT_FORMATS.index(self.format), self.scales.data_ptr(), offsets,
+                self.group_size)
+
+
+def _weight_args(name: str, weights: torch.Tensor | QuantizedWeights) -> tuple[tuple, str]:
+    """(native source args, the source's format name)."""
+    if isinstance(weights, QuantizedWeights):
+        return weights.native_args(name), weights.format
+    _check_cpu_contiguous(name, weights)
+    code = _dtype_code(name, weights)
+    return (weights.data_ptr(), code, 0, 0, 0), WEIGHT_FORMATS[code]
+
+
 _engines: "weakref.WeakValueDictionary[int, MoEEngine]" = weakref.WeakValueDictionary()
 _engine_ids = itertools.count()
 
@@ -130,18 +199,20 @@ class MoEEngine:
 
     def __init__(
         self,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        w13: torch.Tensor | QuantizedWeights,
+        w2: torch.Tensor | QuantizedWeights,
         activation: str = "silu",
         *,
+        weight_format: str | None = None,
+        group_size: int = 128,
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
         runtime: _lk.Runtime | None = None,
     ):
-        _check_cpu_contiguous("w13", w13)
-        _check_cpu_contiguous("w2", w2)
-        _require(w13.dim() == 3, f"w13 must be [E, 2I, H], got shape {tuple(w13.shape)}")
-        _require(w2.dim() == 3, f"w2 must be [E, H, I], got shape {tuple(w2.shape)}")
+        w13_args, w13_format = _weight_args("w13", w13)
+        w2_args, w2_format = _weight_args("w2", w2)
+        _require(len(w13.shape) == 3, f"w13 must be [E, 2I, H], got shape {tuple(w13.shape)}")
+        _require(len(w2.shape) == 3, f"w2 must be [E, H, I], got shape {tuple(w2.shape)}")
         experts, double_intermediate, hidden = w13.shape
         _require(
             double_intermediate % 2 == 0 and double_intermediate > 0,
@@ -153,7 +224,19 @@ class MoEEngine:
             f"w2 must be [E, H, I] = {(experts, hidden, intermediate)} to match w13 "
             f"{tuple(w13.shape)}, got {tuple(w2.shape)}",
         )
-        _require(w13.dtype == w2.dtype, f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must share a dtype")
+        _require(w13_format == w2_format, f"w13 ({w13_format}) and w2 ({w2_format}) must share a format")
+        weight_format = weight_format or w13_format
+        _require(
+            weight_format in WEIGHT_FORMATS,
+            f"weight_format {weight_format!r} is not supported; valid: {', '.join(WEIGHT_FORMATS)}",
+        )
+        _require(
+            weight_format != "fp8_e4m3" or w13_format == "fp8_e4m3",
+            "the engine keeps FP8 weights only from FP8 checkpoints",
+        )
+        _require(group_size >= 16 and group_size % 16 == 0, f"group_size must be a positive multiple of 16, got {group_size}")
+        if isinstance(w13, QuantizedWeights) and weight_format == w13_format:
+            group_size = w13.group_size  # kept exactly as the checkpoint groups them
         _require(
             activation in ACTIVATIONS,
             f"activation {activation!r} is not supported; valid: {', '.join(ACTIVATIONS)}",
@@ -162,11 +245,12 @@ class MoEEngine:
         self.num_experts = experts
         self.hidden_size = hidden
         self.intermediate_size = intermediate
-        self.weight_dtype = w13.dtype
+        self.weight_format = weight_format
+        self.group_size = group_size
         self.activation = activation
         self._native = _lk.Engine(
-            self.runtime, w13.data_ptr(), w2.data_ptr(), experts, hidden, intermediate,
-            _dtype_code("w13", w13), ACTIVATIONS[activation], swiglu_alpha, swiglu_limit,
+            self.runtime, w13_args, w2_args, experts, hidden, intermediate,
+            WEIGHT_FORMATS.index(weight_format), group_size, ACTIVATIONS[activation], swiglu_alpha, swiglu_limit,
         )
         self.engine_id = next(_engine_ids)
         # Forwards submitted so far (tests read it to prove lk computed a layer).

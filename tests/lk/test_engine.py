@@ -300,7 +300,7 @@ class TestBadInput:
         w13, w2 = random_experts(4, 32, 16, torch.float32, seed=15)
         with pytest.raises(ValueError, match=r"w2 must be \[E, H, I\]"):
             MoEEngine(w13, w2[:, :, :15].contiguous(), runtime=runtime)
-        with pytest.raises(ValueError, match="must share a dtype"):
+        with pytest.raises(ValueError, match="must share a format"):
             MoEEngine(w13, w2.bfloat16(), runtime=runtime)
         with pytest.raises(ValueError, match="activation 'relu'"):
             MoEEngine(w13, w2, activation="relu", runtime=runtime)

@@ -7,6 +7,8 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "lk/cpu_features.h"
 #include "lk/moe_engine.h"
@@ -32,10 +34,36 @@ lk::ThreadBinding to_binding(const std::string& name) {
 
 const void* as_pointer(std::uintptr_t address) { return reinterpret_cast<const void*>(address); }
 
+lk::WeightFormat to_format(int code) {
+  if (code < 0 || code >= lk::kNumWeightFormats) {
+    throw std::invalid_argument("unknown weight format code " + std::to_string(code));
+  }
+  return static_cast<lk::WeightFormat>(code);
+}
+
+// (values, format code, scales, offsets, group): a source matrix as data pointers.
+using WeightArgs = std::tuple<std::uintptr_t, int, std::uintptr_t, std::uintptr_t, int>;
+
+lk::WeightSource to_source(const WeightArgs& args) {
+  lk::WeightSource source;
+  source.values = as_pointer(std::get<0>(args));
+  source.format = to_format(std::get<1>(args));
+  source.scales = static_cast<const float*>(as_pointer(std::get<2>(args)));
+  source.offsets = static_cast<const float*>(as_pointer(std::get<3>(args)));
+  source.group = std::get<4>(args);
+  return source;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_lk, m) {
   m.doc() = "lk: routed MoE experts on the CPU";
+
+  m.def("format_names", [] {
+    std::vector<std::string> names;
+    for (int code = 0; code < lk::kNumWeightFormats; ++code) names.push_back(lk::format_name(static_cast<lk::WeightFormat>(code)));
+    return names;
+  }, "Weight format names, indexed by format code.");
 
   m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
         "Highest kernel ISA this CPU and OS support.");
@@ -60,24 +88,26 @@ PYBIND11_MODULE(_lk, m) {
       .def("describe", &lk::Runtime::describe);
 
   py::class_<lk::MoEEngine>(m, "Engine")
-      .def(py::init([](std::shared_ptr<lk::Runtime> runtime, std::uintptr_t w13, std::uintptr_t w2, int experts,
-                       int hidden, int intermediate, int weight_dtype, int activation, float swiglu_alpha,
+      .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& w13, const WeightArgs& w2, int experts,
+                       int hidden, int intermediate, int format, int group_size, int activation, float swiglu_alpha,
                        float swiglu_limit) {
              if (activation < 0 || activation > 2) throw std::invalid_argument("unknown activation code");
              lk::ExpertShape shape;
              shape.experts = experts;
              shape.hidden = hidden;
              shape.intermediate = intermediate;
-             shape.weight_dtype = to_dtype(weight_dtype, "weights");
+             shape.format = to_format(format);
+             shape.group_size = group_size;
              shape.activation = static_cast<lk::Activation>(activation);
              shape.swiglu_alpha = swiglu_alpha;
              shape.swiglu_limit = swiglu_limit;
+             const lk::WeightSource w13_source = to_source(w13), w2_source = to_source(w2);
              py::gil_scoped_release release;
-             return std::make_unique<lk::MoEEngine>(std::move(runtime), as_pointer(w13), as_pointer(w2), shape);
+             return std::make_unique<lk::MoEEngine>(std::move(runtime), w13_source, w2_source, shape);
            }),
            py::arg("runtime"), py::arg("w13"), py::arg("w2"), py::arg("experts"), py::arg("hidden"),
-           py::arg("intermediate"), py::arg("weight_dtype"), py::arg("activation"), py::arg("swiglu_alpha"),
-           py::arg("swiglu_limit"))
+           py::arg("intermediate"), py::arg("format"), py::arg("group_size"), py::arg("activation"),
+           py::arg("swiglu_alpha"), py::arg("swiglu_limit"))
       .def(
           "submit",
           [](lk::MoEEngine& engine, std::uintptr_t input, int input_dtype, int tokens, std::uintptr_t topk_ids,

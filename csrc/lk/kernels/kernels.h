@@ -1,22 +1,24 @@
-// The kernel interface the engine calls. Every weight format is stored as panels of
-// kPanelWidth output columns (see common.h); a kernel multiplies fp32 activation rows by
-// one panel. Implementations live in one file per ISA x weight format and are picked at
-// run time from the CPU's abilities.
+// The kernel interface the engine calls. Weights are stored as panels of kPanelWidth output
+// columns (formats.h); a kernel multiplies fp32 activation rows by one panel.
+// Implementations live in one file per ISA x weight format and are picked at run time from
+// the CPU's abilities.
 #pragma once
 
 #include "lk/common.h"
 #include "lk/cpu_features.h"
+#include "lk/formats.h"
 
 namespace lk::kernels {
 
 // For r < rows and j < kPanelWidth:
-//   c_rows[r][j] (+)= sum_{k < depth} a_rows[r][k] * panel[k * kPanelWidth + j]
-// The sum is added to c when `accumulate`, stored otherwise.
-using PanelGemm = void (*)(const float* const* a_rows, int rows, const void* panel, int depth,
+//   c_rows[r][j] (+)= sum_{k < depth} a_rows[r][k] * weight(panel)[k][j]
+// added to c when `accumulate`, stored otherwise. `group` is the quantization group of
+// grouped formats (a multiple of 16), ignored by the others.
+using PanelGemm = void (*)(const float* const* a_rows, int rows, const void* panel, int depth, int group,
                            float* const* c_rows, bool accumulate);
-// Converts a depth x kPanelWidth panel to fp32, so prefill converts each weight once and
+// Converts a panel to fp32 (depth x kPanelWidth), so prefill decodes each weight once and
 // reuses it for every token of the expert.
-using PanelWiden = void (*)(const void* panel, int depth, float* out);
+using PanelWiden = void (*)(const void* panel, int depth, int group, float* out);
 
 struct FormatKernels {
   PanelGemm gemm;
@@ -39,19 +41,19 @@ struct ActivationKernels {
 
 struct KernelSet {
   Isa isa;
-  FormatKernels format[kNumDTypes];  // indexed by DType
+  FormatKernels format[kNumWeightFormats];  // indexed by WeightFormat
   ActivationKernels activation;
 
-  const FormatKernels& operator[](DType type) const { return format[static_cast<int>(type)]; }
+  const FormatKernels& operator[](WeightFormat f) const { return format[static_cast<int>(f)]; }
 };
 
 // The kernels for `isa`, which the caller has checked the CPU supports.
 const KernelSet& kernel_set(Isa isa);
 
 // Per ISA x format tables, each defined in its own file, and per ISA activations.
-extern const FormatKernels generic_f32, generic_f16, generic_bf16;
-extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16;
-extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16;
+extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8;
+extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8;
+extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;
 
 }  // namespace lk::kernels

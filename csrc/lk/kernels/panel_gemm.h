@@ -1,17 +1,70 @@
-// The panel multiply shared by every ISA. `Simd` supplies the vector type and its few
-// operations; `Loader` turns kPanelWidth stored weights into fp32 vectors. Instantiate it
-// only inside an anonymous namespace of an ISA's own file: each file is compiled with its
-// own target flags, and the instantiations must not be merged across files.
+// The panel multiply shared by every ISA and format. `Simd` supplies the vector type and its
+// few operations; `Loader` turns one stored panel row into kPanelWidth fp32 weights, given
+// the scales of its group (grouped formats) loaded once per group. Instantiate it only inside
+// an anonymous namespace of an ISA's own file: each file is compiled with its own target
+// flags, and the instantiations must not be merged across files.
 #pragma once
+
+#include <cstdint>
 
 #include "lk/kernels/kernels.h"
 
 namespace lk::kernels {
+namespace {
+
+// A Decode (one per ISA x format file) turns a stored row into kPanelWidth floats:
+//   static constexpr int kRowBytes;
+//   static void values(const uint8_t* row, Simd::Vec (&w)[kPanelWidth / Simd::kLanes]);
+// The loaders below add the per-group scale and offset of grouped formats.
+
+template <class Simd, class Decode>
+struct PlainLoader {
+  static constexpr bool kGrouped = false;
+  static constexpr int kRowBytes = Decode::kRowBytes;
+  struct Group {};
+  static Group group(const uint8_t*, int, int, int) { return {}; }
+  template <int N>
+  static void load(const uint8_t* panel, int k, const Group&, typename Simd::Vec (&w)[N]) {
+    Decode::values(panel + static_cast<long>(k) * kRowBytes, w);
+  }
+};
+
+template <class Simd, WeightFormat kFormat, class Decode>
+struct ScaledLoader {
+  static constexpr bool kGrouped = true;
+  static constexpr int kRowBytes = Decode::kRowBytes;
+  static constexpr int kVecs = kPanelWidth / Simd::kLanes;
+  struct Group {
+    typename Simd::Vec scale[kVecs];
+    typename Simd::Vec offset[kVecs];
+  };
+  static Group group(const uint8_t* panel, int depth, int group_size, int index) {
+    Group group;
+    const float* scales = reinterpret_cast<const float*>(panel + panel_value_bytes(kFormat, depth)) +
+                          static_cast<long>(index) * kPanelWidth;
+    const float* offsets = scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
+    for (int v = 0; v < kVecs; ++v) {
+      group.scale[v] = Simd::load(scales + v * Simd::kLanes);
+      group.offset[v] = has_offsets(kFormat) ? Simd::load(offsets + v * Simd::kLanes) : Simd::zero();
+    }
+    return group;
+  }
+  static void load(const uint8_t* panel, int k, const Group& group, typename Simd::Vec (&w)[kVecs]) {
+    Decode::values(panel + static_cast<long>(k) * kRowBytes, w);
+#pragma GCC unroll 16
+    for (int v = 0; v < kVecs; ++v) {
+      w[v] = has_offsets(kFormat) ? Simd::fmadd(w[v], group.scale[v], group.offset[v])
+                                  : Simd::mul(w[v], group.scale[v]);
+    }
+  }
+};
+
+}  // namespace
 
 template <class Simd, class Loader>
 struct PanelKernels {
   using Vec = typename Simd::Vec;
-  using Weight = typename Loader::Weight;
+  using Group = typename Loader::Group;
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   // Rows ahead the hardware is asked to fetch while streaming a panel in decode.
   static constexpr int kPrefetchRows = 32;
@@ -25,10 +78,10 @@ struct PanelKernels {
   }
 
   template <int Rows>
-  static inline void step(Vec (&acc)[Rows][kVecs], const float* const* a, const Weight* panel,
-                          int k) {
+  static inline void step(Vec (&acc)[Rows][kVecs], const float* const* a, const uint8_t* panel, int k,
+                          const Group& group) {
     Vec w[kVecs];
-    Loader::load(panel + static_cast<long>(k) * kPanelWidth, w);
+    Loader::load(panel, k, group, w);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const Vec b = Simd::broadcast(a[r] + k);
@@ -38,7 +91,7 @@ struct PanelKernels {
   }
 
   template <int Rows>
-  static void tile(const float* const* a, const Weight* panel, int depth, float* const* c,
+  static void tile(const float* const* a, const uint8_t* panel, int depth, int group_size, float* const* c,
                    bool accumulate) {
     constexpr int kSets = k_unroll<Rows>();
     Vec acc[kSets][Rows][kVecs];
@@ -48,13 +101,18 @@ struct PanelKernels {
       for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
         for (int v = 0; v < kVecs; ++v) acc[s][r][v] = Simd::zero();
-    int k = 0;
-    for (; k + kSets <= depth; k += kSets) {
-      Simd::prefetch(panel + static_cast<long>(k + kPrefetchRows) * kPanelWidth);
+    const int span = Loader::kGrouped ? group_size : depth;
+    for (int first = 0, index = 0; first < depth; first += span, ++index) {
+      const Group group = Loader::group(panel, depth, group_size, index);
+      const int end = depth - first < span ? depth : first + span;
+      int k = first;
+      for (; k + kSets <= end; k += kSets) {
+        Simd::prefetch(panel + static_cast<long>(k + kPrefetchRows) * Loader::kRowBytes);
 #pragma GCC unroll 4
-      for (int s = 0; s < kSets; ++s) step<Rows>(acc[s], a, panel, k + s);
+        for (int s = 0; s < kSets; ++s) step<Rows>(acc[s], a, panel, k + s, group);
+      }
+      for (; k < end; ++k) step<Rows>(acc[0], a, panel, k, group);
     }
-    for (; k < depth; ++k) step<Rows>(acc[0], a, panel, k);
 #pragma GCC unroll 4
     for (int s = 1; s < kSets; ++s)
 #pragma GCC unroll 16
@@ -72,33 +130,38 @@ struct PanelKernels {
   }
 
   template <int Rows>
-  static void tail(const float* const* a, int rows, const Weight* panel, int depth,
-                   float* const* c, bool accumulate) {
+  static void tail(const float* const* a, int rows, const uint8_t* panel, int depth, int group, float* const* c,
+                   bool accumulate) {
     if constexpr (Rows > 0) {
       if (rows == Rows) {
-        tile<Rows>(a, panel, depth, c, accumulate);
+        tile<Rows>(a, panel, depth, group, c, accumulate);
       } else {
-        tail<Rows - 1>(a, rows, panel, depth, c, accumulate);
+        tail<Rows - 1>(a, rows, panel, depth, group, c, accumulate);
       }
     }
   }
 
-  static void gemm(const float* const* a, int rows, const void* panel_bytes, int depth,
-                   float* const* c, bool accumulate) {
-    const Weight* panel = static_cast<const Weight*>(panel_bytes);
+  static void gemm(const float* const* a, int rows, const void* panel_bytes, int depth, int group, float* const* c,
+                   bool accumulate) {
+    const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
     constexpr int kRows = Simd::kMainRows;
     int r = 0;
-    for (; r + kRows <= rows; r += kRows) tile<kRows>(a + r, panel, depth, c + r, accumulate);
-    tail<kRows - 1>(a + r, rows - r, panel, depth, c + r, accumulate);
+    for (; r + kRows <= rows; r += kRows) tile<kRows>(a + r, panel, depth, group, c + r, accumulate);
+    tail<kRows - 1>(a + r, rows - r, panel, depth, group, c + r, accumulate);
   }
 
-  static void widen(const void* panel_bytes, int depth, float* out) {
-    const Weight* panel = static_cast<const Weight*>(panel_bytes);
-    for (long k = 0; k < depth; ++k) {
-      Vec w[kVecs];
-      Loader::load(panel + k * kPanelWidth, w);
+  static void widen(const void* panel_bytes, int depth, int group_size, float* out) {
+    const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
+    const int span = Loader::kGrouped ? group_size : depth;
+    for (int first = 0, index = 0; first < depth; first += span, ++index) {
+      const Group group = Loader::group(panel, depth, group_size, index);
+      const int end = depth - first < span ? depth : first + span;
+      for (int k = first; k < end; ++k) {
+        Vec w[kVecs];
+        Loader::load(panel, k, group, w);
 #pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) Simd::store(out + k * kPanelWidth + v * Simd::kLanes, w[v]);
+        for (int v = 0; v < kVecs; ++v) Simd::store(out + static_cast<long>(k) * kPanelWidth + v * Simd::kLanes, w[v]);
+      }
     }
   }
 

@@ -1,8 +1,10 @@
 #include "lk/kernels/generic/scalar_simd.h"
 
 namespace lk::kernels {
+namespace {
+using Loader = PlainLoader<ScalarSimd, ScalarDecode<uint16_t, bf16_to_float>>;
+}  // namespace
 
-const FormatKernels generic_bf16 =
-    PanelKernels<ScalarSimd, ScalarLoader<uint16_t, bf16_to_float>>::table();
+const FormatKernels generic_bf16 = PanelKernels<ScalarSimd, Loader>::table();
 
 }  // namespace lk::kernels

@@ -2,15 +2,15 @@
 
 namespace lk::kernels {
 namespace {
-struct Loader {
-  using Weight = float;
-  static void load(const float* p, __m256 (&w)[2]) {
-    w[0] = _mm256_loadu_ps(p);
-    w[1] = _mm256_loadu_ps(p + 8);
+struct Decode {
+  static constexpr int kRowBytes = kPanelWidth * 4;
+  static void values(const uint8_t* row, __m256 (&w)[2]) {
+    w[0] = _mm256_loadu_ps(reinterpret_cast<const float*>(row));
+    w[1] = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8);
   }
 };
 }  // namespace
 
-const FormatKernels avx2_f32 = PanelKernels<Avx2Simd, Loader>::table();
+const FormatKernels avx2_f32 = PanelKernels<Avx2Simd, PlainLoader<Avx2Simd, Decode>>::table();
 
 }  // namespace lk::kernels

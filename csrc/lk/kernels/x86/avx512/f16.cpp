@@ -2,14 +2,14 @@
 
 namespace lk::kernels {
 namespace {
-struct Loader {
-  using Weight = uint16_t;
-  static void load(const uint16_t* p, __m512 (&w)[1]) {
-    w[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+struct Decode {
+  static constexpr int kRowBytes = kPanelWidth * 2;
+  static void values(const uint8_t* row, __m512 (&w)[1]) {
+    w[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
   }
 };
 }  // namespace
 
-const FormatKernels avx512_f16 = PanelKernels<Avx512Simd, Loader>::table();
+const FormatKernels avx512_f16 = PanelKernels<Avx512Simd, PlainLoader<Avx512Simd, Decode>>::table();
 
 }  // namespace lk::kernels

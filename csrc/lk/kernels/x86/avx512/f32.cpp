@@ -2,12 +2,12 @@
 
 namespace lk::kernels {
 namespace {
-struct Loader {
-  using Weight = float;
-  static void load(const float* p, __m512 (&w)[1]) { w[0] = _mm512_loadu_ps(p); }
+struct Decode {
+  static constexpr int kRowBytes = kPanelWidth * 4;
+  static void values(const uint8_t* row, __m512 (&w)[1]) { w[0] = _mm512_loadu_ps(row); }
 };
 }  // namespace
 
-const FormatKernels avx512_f32 = PanelKernels<Avx512Simd, Loader>::table();
+const FormatKernels avx512_f32 = PanelKernels<Avx512Simd, PlainLoader<Avx512Simd, Decode>>::table();
 
 }  // namespace lk::kernels

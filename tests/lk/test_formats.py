@@ -1,0 +1,199 @@
+"""Quantized expert formats (INT8, INT4, FP8) against float64 references.
+
+Each format is checked tightly against the reference computed from the weights it actually
+holds (dequantized here with torch, independently of the engine), and loosely against the
+original float weights, which bounds the quantization error itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lvllm import _lk
+from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime
+
+from .test_engine import SUPPORTED_ISAS, random_experts, random_routing, reference_moe
+
+# Engine output vs the float64 reference from its own dequantized weights (fp32 math).
+TIGHT = 2e-5
+# Output error caused by quantizing all three matrices (||out - original|| / ||original||),
+# worst seen with random Gaussian weights of these shapes over groups 32-128: INT8 0.02,
+# INT4 0.20 (gate, up and down errors compound). Bounds leave about 2x margin.
+LOOSE = {"int8": 0.04, "int4": 0.35}
+
+
+def group_view(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[E, rows, cols] -> [E, rows, groups, group], the last group zero-padded."""
+    experts, rows, cols = w.shape
+    groups = -(-cols // group)
+    padded = torch.zeros(experts, rows, groups * group, dtype=w.dtype)
+    padded[..., :cols] = w
+    return padded.view(experts, rows, groups, group)
+
+
+def reference_int8(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Symmetric per-group INT8 (q in [-127, 127]) as the engine rounds it, dequantized."""
+    cols = w.shape[2]
+    g = group_view(w.float(), group)
+    scale = g.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round(g * inverse).clamp(-127, 127)
+    return (q * scale).flatten(2)[..., :cols]
+
+
+def reference_int4(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Asymmetric per-group INT4 (q in [0, 15] spans [min, max]), dequantized."""
+    experts, rows, cols = w.shape
+    g = group_view(w.float(), group)
+    valid = group_view(torch.ones(experts, rows, cols), group) > 0
+    low = torch.where(valid, g, torch.full_like(g, float("inf"))).amin(-1, keepdim=True)
+    high = torch.where(valid, g, torch.full_like(g, float("-inf"))).amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round((g - low) * inverse).clamp(0, 15)
+    return (q * scale + low).flatten(2)[..., :cols]
+
+
+def random_int4(experts, rows, cols, group, seed):
+    """A checkpoint-style INT4 tensor: values 0..15, per-group scales and offsets."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 16, (experts, rows, cols), generator=generator, dtype=torch.uint8)
+    groups = -(-cols // group)
+    scales = (torch.rand(experts, rows, groups, generator=generator) + 0.5) / (8 * cols**0.5)
+    offsets = -8 * scales
+    dequantized = values.float() * scales.repeat_interleave(group, -1)[..., :cols] + \
+        offsets.repeat_interleave(group, -1)[..., :cols]
+    return QuantizedWeights(values, scales, group, offsets), dequantized
+
+
+def random_fp8(experts, rows, cols, group, seed):
+    """FP8 e4m3 values with per-group scales (block-quantized checkpoints expand to this)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = (torch.randn(experts, rows, cols, generator=generator) * 100).to(torch.float8_e4m3fn)
+    values.view(torch.uint8)[0, 0, :8] = torch.arange(8, dtype=torch.uint8)  # subnormals and zero
+    groups = -(-cols // group)
+    scales = (torch.rand(experts, rows, groups, generator=generator) + 0.5) / (100 * cols**0.5)
+    dequantized = values.float() * scales.repeat_interleave(group, -1)[..., :cols]
+    return QuantizedWeights(values, scales, group), dequantized
+
+
+def run_and_compare(engine, w13_ref, w2_ref, tokens, seed, originals=None, loose=None):
+    experts, hidden = engine.num_experts, engine.hidden_size
+    x = torch.randn(tokens, hidden)
+    ids, weights = random_routing(tokens, experts, min(4, experts), seed=seed)
+    out = engine.forward(x, ids, weights).double()
+    assert not torch.isnan(out).any()
+    ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
+    scale = ref.abs().max().item()
+    assert (out - ref).abs().max().item() <= TIGHT * scale
+    if originals is not None:
+        original = reference_moe(*originals, x, ids, weights)
+        assert (out - original).norm().item() <= loose * original.norm().item()
+
+
+@pytest.fixture(scope="module")
+def runtimes():
+    cache = {}
+
+    def get(isa="", numa_nodes=0, threads=2):
+        key = (isa, numa_nodes, threads)
+        if key not in cache:
+            cache[key] = make_runtime(threads=threads, binding="CPU_CORE", power_saving=False, isa=isa,
+                                      numa_nodes=numa_nodes)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("weight_format, group", [("int8", 32), ("int8", 128), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("source_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 5, 70])
+def test_run_time_quantization(runtimes, isa, weight_format, group, source_dtype, tokens):
+    # H = 200 and I = 72 leave a partial last group along both inputs.
+    experts, hidden, intermediate = 6, 200, 72
+    w13, w2 = random_experts(experts, hidden, intermediate, source_dtype, seed=group)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes(isa=isa))
+    assert engine.weight_format == weight_format
+    quantize = reference_int8 if weight_format == "int8" else reference_int4
+    run_and_compare(engine, quantize(w13, group), quantize(w2, group), tokens, seed=tokens,
+                    originals=(w13, w2), loose=LOOSE[weight_format])
+
+
+@pytest.mark.parametrize("numa_nodes", [2, 3])
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_quantized_virtual_nodes(runtimes, numa_nodes, weight_format):
+    # I = 160 with group 32: node slices fall on group boundaries (5 groups over 2 or 3 nodes).
+    experts, hidden, intermediate, group = 5, 96, 160, 32
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.bfloat16, seed=numa_nodes)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group,
+                       runtime=runtimes(numa_nodes=numa_nodes))
+    quantize = reference_int8 if weight_format == "int8" else reference_int4
+    run_and_compare(engine, quantize(w13, group), quantize(w2, group), 33, seed=numa_nodes)
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+@pytest.mark.parametrize("numa_nodes", [0, 2])
+def test_fp8_kept(runtimes, isa, tokens, numa_nodes):
+    experts, hidden, intermediate, group = 5, 256, 256, 128
+    w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=1)
+    w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=2)
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa, numa_nodes=numa_nodes))
+    assert engine.weight_format == "fp8_e4m3"
+    # 1 byte per weight plus one fp32 scale per 128: about a quarter of fp32
+    assert engine.nbytes <= 1.1 * (w13.values.numel() + w2.values.numel())
+    run_and_compare(engine, w13_ref, w2_ref, tokens, seed=tokens)
+
+
+@pytest.mark.parametrize("weight_format", ["bfloat16", "float32", "int4", "int8"])
+def test_fp8_converted(runtimes, weight_format):
+    experts, hidden, intermediate, group = 4, 128, 128, 128
+    w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=3)
+    w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=4)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=32, runtime=runtimes())
+    if weight_format == "bfloat16":
+        refs = w13_ref.bfloat16(), w2_ref.bfloat16()
+    elif weight_format == "int4":
+        refs = reference_int4(w13_ref, 32), reference_int4(w2_ref, 32)
+    elif weight_format == "int8":
+        refs = reference_int8(w13_ref, 32), reference_int8(w2_ref, 32)
+    else:
+        refs = w13_ref, w2_ref
+    run_and_compare(engine, *refs, 9, seed=5)
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("tokens", [2, 30])
+def test_int4_checkpoint_kept(runtimes, isa, group, tokens):
+    experts, hidden, intermediate = 4, 256, 128
+    w13, w13_ref = random_int4(experts, 2 * intermediate, hidden, group, seed=6)
+    w2, w2_ref = random_int4(experts, hidden, intermediate, group, seed=7)
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa, numa_nodes=2))
+    assert engine.weight_format == "int4" and engine.group_size == group
+    run_and_compare(engine, w13_ref, w2_ref, tokens, seed=tokens)
+
+
+def test_format_errors():
+    runtime = make_runtime(threads=1, binding="NONE", power_saving=True, isa="", numa_nodes=0)
+    w13, w2 = random_experts(2, 32, 16, torch.bfloat16, seed=8)
+    with pytest.raises(ValueError, match="weight_format 'int3'"):
+        MoEEngine(w13, w2, weight_format="int3", runtime=runtime)
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 16"):
+        MoEEngine(w13, w2, weight_format="int4", group_size=24, runtime=runtime)
+    with pytest.raises(ValueError, match="FP8 weights only from FP8"):
+        MoEEngine(w13, w2, weight_format="fp8_e4m3", runtime=runtime)
+    fp8, _ = random_fp8(2, 32, 32, 32, seed=9)
+    with pytest.raises(ValueError, match=r"w13.scales must be \(2, 32, 1\)"):
+        MoEEngine(QuantizedWeights(fp8.values, fp8.scales[..., :0].contiguous(), 32), w2, runtime=runtime)
+    int4, _ = random_int4(2, 32, 16, 16, seed=10)
+    with pytest.raises(ValueError, match="int4 weights need offsets"):
+        MoEEngine(w13, QuantizedWeights(int4.values, int4.scales, 16), runtime=runtime)
+    with pytest.raises(ValueError, match="must share a format"):
+        MoEEngine(w13, int4, runtime=runtime)
+
+
+def test_format_names_match_the_engine():
+    assert _lk.format_names() == ["float32", "float16", "bfloat16", "int8", "int4", "fp8_e4m3"]
