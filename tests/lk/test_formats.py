@@ -1,8 +1,8 @@
 """Quantized expert formats (INT8, INT4, FP8) against float64 references.
 
-Each format is checked tightly against the reference computed from the weights it actually
-holds (dequantized here with torch, independently of the engine), and loosely against the
-original float weights, which bounds the quantization error itself.
+Each format is checked tightly against the reference computed from the weights it holds
+(quantized and dequantized with torch by lvllm.lk.quant, independently of the C++ engine),
+and loosely against the original float weights, which bounds the quantization error.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lvllm import _lk
-from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime
+from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime, quant
 
 from .test_engine import SUPPORTED_ISAS, random_experts, random_routing, reference_moe
 
@@ -23,36 +23,12 @@ TIGHT = 2e-5
 LOOSE = {"int8": 0.04, "int4": 0.35}
 
 
-def group_view(w: torch.Tensor, group: int) -> torch.Tensor:
-    """[E, rows, cols] -> [E, rows, groups, group], the last group zero-padded."""
-    experts, rows, cols = w.shape
-    groups = -(-cols // group)
-    padded = torch.zeros(experts, rows, groups * group, dtype=w.dtype)
-    padded[..., :cols] = w
-    return padded.view(experts, rows, groups, group)
-
-
 def reference_int8(w: torch.Tensor, group: int) -> torch.Tensor:
-    """Symmetric per-group INT8 (q in [-127, 127]) as the engine rounds it, dequantized."""
-    cols = w.shape[2]
-    g = group_view(w.float(), group)
-    scale = g.abs().amax(-1, keepdim=True) / 127
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    q = torch.round(g * inverse).clamp(-127, 127)
-    return (q * scale).flatten(2)[..., :cols]
+    return quant.dequantize(quant.quantize(w, "int8", group))
 
 
 def reference_int4(w: torch.Tensor, group: int) -> torch.Tensor:
-    """Asymmetric per-group INT4 (q in [0, 15] spans [min, max]), dequantized."""
-    experts, rows, cols = w.shape
-    g = group_view(w.float(), group)
-    valid = group_view(torch.ones(experts, rows, cols), group) > 0
-    low = torch.where(valid, g, torch.full_like(g, float("inf"))).amin(-1, keepdim=True)
-    high = torch.where(valid, g, torch.full_like(g, float("-inf"))).amax(-1, keepdim=True)
-    scale = (high - low) / 15
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    q = torch.round((g - low) * inverse).clamp(0, 15)
-    return (q * scale + low).flatten(2)[..., :cols]
+    return quant.dequantize(quant.quantize(w, "int4", group))
 
 
 def random_int4(experts, rows, cols, group, seed):
@@ -61,10 +37,8 @@ def random_int4(experts, rows, cols, group, seed):
     values = torch.randint(0, 16, (experts, rows, cols), generator=generator, dtype=torch.uint8)
     groups = -(-cols // group)
     scales = (torch.rand(experts, rows, groups, generator=generator) + 0.5) / (8 * cols**0.5)
-    offsets = -8 * scales
-    dequantized = values.float() * scales.repeat_interleave(group, -1)[..., :cols] + \
-        offsets.repeat_interleave(group, -1)[..., :cols]
-    return QuantizedWeights(values, scales, group, offsets), dequantized
+    weights = QuantizedWeights(values, scales, group, -8 * scales)
+    return weights, quant.dequantize(weights)
 
 
 def random_fp8(experts, rows, cols, group, seed):
@@ -74,8 +48,8 @@ def random_fp8(experts, rows, cols, group, seed):
     values.view(torch.uint8)[0, 0, :8] = torch.arange(8, dtype=torch.uint8)  # subnormals and zero
     groups = -(-cols // group)
     scales = (torch.rand(experts, rows, groups, generator=generator) + 0.5) / (100 * cols**0.5)
-    dequantized = values.float() * scales.repeat_interleave(group, -1)[..., :cols]
-    return QuantizedWeights(values, scales, group), dequantized
+    weights = QuantizedWeights(values, scales, group)
+    return weights, quant.dequantize(weights)
 
 
 def run_and_compare(engine, w13_ref, w2_ref, tokens, seed, originals=None, loose=None):
@@ -174,6 +148,25 @@ def test_int4_checkpoint_kept(runtimes, isa, group, tokens):
     engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa, numa_nodes=2))
     assert engine.weight_format == "int4" and engine.group_size == group
     run_and_compare(engine, w13_ref, w2_ref, tokens, seed=tokens)
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_torch_quantization_is_bit_identical_to_the_engines(runtimes, weight_format):
+    # What LVLLM_MOE_QUANT_ON_GPU relies on: quantizing with torch (on any device) and
+    # handing the engine the result gives exactly the engine's own quantization.
+    experts, hidden, intermediate, group = 4, 200, 96, 32
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.bfloat16, seed=11)
+    own = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes())
+    prequantized = MoEEngine(quant.quantize(w13, weight_format, group), quant.quantize(w2, weight_format, group),
+                             runtime=runtimes())
+    x = torch.randn(40, hidden)
+    ids, weights = random_routing(40, experts, 2, seed=12)
+    assert torch.equal(own.forward(x, ids, weights), prequantized.forward(x, ids, weights))
+
+
+def test_expand_block_scales():
+    blocks = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    assert quant.expand_block_scales(blocks, rows=3, block_rows=2).tolist() == [[[1, 2], [1, 2], [3, 4]]]
 
 
 def test_format_errors():
