@@ -689,6 +689,43 @@ def print_model(plan, results, rows, roof) -> None:
               f"  {tgt}")
 
 
+def markdown_report(report: dict) -> str:
+    """BENCHMARKS.md tables of one run (also from a saved --json file: --render FILE)."""
+    meta = report["meta"]
+    lines = [f"Run {meta['date']}: `{meta['command']}`  ",
+             f"{meta['cpu']}, threads {meta['threads']} (CPUs {','.join(map(str, meta['cpus_used']))}), "
+             f"L3 {meta['l3_bytes'] >> 20} MiB, load average {meta['loadavg_start'][0]:.1f} at start, "
+             f"{meta.get('loadavg_end', [float('nan')])[0]:.1f} at end."]
+    for m in report["models"]:
+        plan, roof, backends = m["plan"], m["ceilings"], m["backends"]
+        lines += ["", f"**{plan['label']}**: E used {plan['E']} of {plan['E_model']}, "
+                      f"{plan['sets']} weight sets ({plan['total_bytes'] / 2**30:.2f} GiB, "
+                      f"{plan['total_over_l3']:.0f}x L3); ceilings: read "
+                      f"{roof.get('read_gbs', float('nan')):.1f} GB/s, fp32 FMA "
+                      f"{roof.get('fma_gflops', float('nan')):.0f} GFLOP/s."]
+        for name, res in backends.items():
+            if not res.get("ok"):
+                lines.append(f"{name}: not run ({res.get('error', '?')}).")
+        lines += ["", "| case | experts touched | lk ms | lk GB/s (% read BW) | "
+                      "lk GFLOP/s (% FMA peak) | vLLM ms | torch ms | lk vs vLLM | "
+                      "err lk / vLLM | targets |", "|" + "---|" * 10]
+        for r in m["rows"]:
+            lk, vl, tr = r.get("lk", {}), r.get("vllm", {}), r.get("torch", {})
+            ms = lambda b: f"{b['median_s'] * 1e3:.2f}" if b else "-"  # noqa: E731
+            pct = lambda b, v, p: (f"{b[v]:.1f} ({b[p]:.0f}%)" if b and p in b  # noqa: E731
+                                   else f"{b[v]:.1f}" if b else "-")
+            err = lambda b: f"{b['rel_err_vs_torch']:.0e}" if "rel_err_vs_torch" in b else "-"  # noqa: E731
+            sp = r.get("speedup_vs_vllm")
+            tg = ", ".join(f"{k} {'ok' if ok else 'MISS'}" for k, ok in r.get("targets", {}).items())
+            exp = (lk or vl or tr).get("experts_touched")
+            lines.append(
+                f"| {r['kind']} {r['tokens']}{'' if r['routing'] == 'uniform' else ' ' + r['routing']} "
+                f"| {'-' if exp is None else f'{exp:.1f}'} | {ms(lk)} | {pct(lk, 'gbs', 'pct_read_bw')} "
+                f"| {pct(lk, 'gflops', 'pct_fma_peak')} | {ms(vl)} | {ms(tr)} "
+                f"| {'-' if sp is None else f'{sp:.2f}x'} | {err(lk)} / {err(vl)} | {tg} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -708,6 +745,10 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=None,
                     help="seconds of timed calls per case and backend (default 2, quick 0.3)")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
+    ap.add_argument("--markdown", action="store_true",
+                    help="also print the results as BENCHMARKS.md tables")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="only print the BENCHMARKS.md tables of a saved --json run")
     ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
     ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
     ap.add_argument("--worker-result", help=argparse.SUPPRESS)
@@ -715,6 +756,9 @@ def main() -> None:
 
     if args.worker:
         worker(args)
+        return
+    if args.render:
+        print(markdown_report(json.loads(Path(args.render).read_text())))
         return
 
     if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
@@ -781,6 +825,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"\nwrote {args.json}")
+    if args.markdown:
+        print("\n" + markdown_report(report))
 
 
 if __name__ == "__main__":
