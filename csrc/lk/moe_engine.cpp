@@ -16,6 +16,10 @@ constexpr int kChunkRows = 64;
 // From this many tokens on one expert (prefill), each weight panel is widened to fp32 once
 // and reused by all of them; below it (decode) the kernel converts while streaming.
 constexpr int kWidenMinRows = 8;
+// Prefill widens and multiplies a panel this many inputs at a time: the widened block stays
+// in L1 while every token uses it, and reading the next block from memory overlaps the
+// arithmetic instead of preceding it.
+constexpr int kWidenBlock = 128;
 // Tokens per task when converting the input and combining the nodes' outputs.
 constexpr int kTokenBlock = 16;
 
@@ -150,6 +154,23 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
         }
       }
     }
+  }
+}
+
+// c_rows[r] (+)= a_rows[r] x panel for `count` rows (see kernels::PanelGemm), choosing the
+// decode or the prefill way by the number of rows. `wide` holds kWidenBlock panel rows.
+void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
+              const float* const* a_rows, int count, float* const* c_rows, bool accumulate, float* wide) {
+  if (count < kWidenMinRows || format == WeightFormat::F32) {
+    kernels[format].gemm(a_rows, count, panel, depth, group, c_rows, accumulate);
+    return;
+  }
+  const float* block_rows[kChunkRows];
+  for (int first = 0; first < depth; first += kWidenBlock) {
+    const int rows = std::min(kWidenBlock, depth - first);
+    kernels[format].widen(panel, depth, group, first, rows, wide);
+    for (int i = 0; i < count; ++i) block_rows[i] = a_rows[i] + first;
+    kernels[WeightFormat::F32].gemm(block_rows, count, wide, rows, group, c_rows, accumulate || first > 0);
   }
 }
 
@@ -370,14 +391,12 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   const std::size_t slots = scratch.slot_token.size();
   const bool convert_input = args.input_dtype != DType::F32;
   if (convert_input) scratch.input.ensure(tokens * hidden * sizeof(float));
-  int longest_slice = 0;
   for (int n = 0; n < nodes; ++n) {
     scratch.hidden[n].ensure(std::max<std::size_t>(1, slots * slices_[n].panels * kPanelWidth) * sizeof(float));
     scratch.partial[n].ensure(tokens * hidden_stride_ * sizeof(float));
-    longest_slice = std::max(longest_slice, slices_[n].length);
   }
-  const std::size_t worker_floats =
-      round_up(2 * std::max<std::size_t>(hidden, longest_slice) * kPanelWidth + 2 * kChunkRows * kPanelWidth, 16);
+  // Per worker: gate and up tiles, then one widened block.
+  const std::size_t worker_floats = round_up((2 * kChunkRows + kWidenBlock) * kPanelWidth, 16);
   scratch.per_worker.ensure(worker_floats * pool.num_threads() * sizeof(float));
 
   const float* input_rows = convert_input ? scratch.input.as<float>() : static_cast<const float*>(args.input);
@@ -414,16 +433,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     float* gate_tile = workspace;
     float* up_tile = gate_tile + kChunkRows * kPanelWidth;
     const int group = shape_.group_size;
-    const kernels::FormatKernels* kernel = &kernels[shape_.format];
-    if (last - first >= kWidenMinRows && shape_.format != WeightFormat::F32) {
-      float* wide_gate = up_tile + kChunkRows * kPanelWidth;
-      float* wide_up = wide_gate + hidden * kPanelWidth;
-      kernel->widen(gate, static_cast<int>(hidden), group, wide_gate);
-      kernel->widen(up, static_cast<int>(hidden), group, wide_up);
-      gate = reinterpret_cast<const char*>(wide_gate);
-      up = reinterpret_cast<const char*>(wide_up);
-      kernel = &kernels[WeightFormat::F32];
-    }
+    float* wide = up_tile + kChunkRows * kPanelWidth;
     const kernels::ActivationRows activate = kernels.activation.rows[static_cast<int>(shape_.activation)];
     const kernels::ActivationParams params{shape_.swiglu_alpha, shape_.swiglu_limit};
     const int valid = std::min(kPanelWidth, slice.length - panel_index * kPanelWidth);
@@ -439,8 +449,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
         gate_rows[i] = gate_tile + i * kPanelWidth;
         up_rows[i] = up_tile + i * kPanelWidth;
       }
-      kernel->gemm(rows, count, gate, static_cast<int>(hidden), group, gate_rows, false);
-      kernel->gemm(rows, count, up, static_cast<int>(hidden), group, up_rows, false);
+      multiply(kernels, shape_.format, gate, static_cast<int>(hidden), group, rows, count, gate_rows, false, wide);
+      multiply(kernels, shape_.format, up, static_cast<int>(hidden), group, rows, count, up_rows, false, wide);
       for (int i = 0; i < count; ++i) {
         activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
                  hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
@@ -470,12 +480,6 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       const int first = scratch.expert_slots[expert_index], last = scratch.expert_slots[expert_index + 1];
       const char* panel = slice.down.as<char>() +
                           (static_cast<std::size_t>(expert) * hidden_panels_ + panel_index) * panel_bytes;
-      const kernels::FormatKernels* kernel = &kernels[shape_.format];
-      if (last - first >= kWidenMinRows && shape_.format != WeightFormat::F32) {
-        kernel->widen(panel, slice.length, group, wide);
-        panel = reinterpret_cast<const char*>(wide);
-        kernel = &kernels[WeightFormat::F32];
-      }
       for (int chunk = first; chunk < last; chunk += kChunkRows) {
         const int count = std::min(kChunkRows, last - chunk);
         for (int i = 0; i < count; ++i) {
@@ -483,7 +487,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
           out_rows[i] = partial + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden_stride_ +
                         panel_index * kPanelWidth;
         }
-        kernel->gemm(rows, count, panel, slice.length, group, out_rows, true);
+        multiply(kernels, shape_.format, panel, slice.length, group, rows, count, out_rows, true, wide);
       }
     }
   };

@@ -16,9 +16,9 @@ namespace lk::kernels {
 // grouped formats (a multiple of 16), ignored by the others.
 using PanelGemm = void (*)(const float* const* a_rows, int rows, const void* panel, int depth, int group,
                            float* const* c_rows, bool accumulate);
-// Converts a panel to fp32 (depth x kPanelWidth), so prefill decodes each weight once and
-// reuses it for every token of the expert.
-using PanelWiden = void (*)(const void* panel, int depth, int group, float* out);
+// Converts rows [first, first + count) of a panel to fp32 (count x kPanelWidth), so prefill
+// decodes each weight once and reuses it for every token of the expert.
+using PanelWiden = void (*)(const void* panel, int depth, int group, int first, int count, float* out);
 
 struct FormatKernels {
   PanelGemm gemm;

@@ -150,17 +150,20 @@ struct PanelKernels {
     tail<kRows - 1>(a + r, rows - r, panel, depth, group, c + r, accumulate);
   }
 
-  static void widen(const void* panel_bytes, int depth, int group_size, float* out) {
+  static void widen(const void* panel_bytes, int depth, int group_size, int first, int count, float* out) {
     const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
     const int span = Loader::kGrouped ? group_size : depth;
-    for (int first = 0, index = 0; first < depth; first += span, ++index) {
+    const int end = first + count;
+    for (int k = first; k < end;) {
+      const int index = k / span;
       const Group group = Loader::group(panel, depth, group_size, index);
-      const int end = depth - first < span ? depth : first + span;
-      for (int k = first; k < end; ++k) {
+      const int group_end = (index + 1) * span < end ? (index + 1) * span : end;
+      for (; k < group_end; ++k) {
+        Simd::prefetch(panel + static_cast<long>(k + kPrefetchRows) * Loader::kRowBytes);
         Vec w[kVecs];
         Loader::load(panel, k, group, w);
 #pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) Simd::store(out + static_cast<long>(k) * kPanelWidth + v * Simd::kLanes, w[v]);
+        for (int v = 0; v < kVecs; ++v) Simd::store(out + static_cast<long>(k - first) * kPanelWidth + v * Simd::kLanes, w[v]);
       }
     }
   }
