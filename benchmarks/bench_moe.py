@@ -485,12 +485,13 @@ def worker(args) -> None:
     result: dict = dict(backend=args.worker, ok=False, cases={}, torch=torch.__version__)
     try:
         if args.worker == "lk":
+            # ceilings first: they stand even when the engine cannot be imported
+            result["roofline_before"] = measure_roofline(threads, plan["l3_bytes"])
             import lvllm.lk
 
             info = dict(lvllm.lk.runtime_info())
             result["runtime_info"] = {k: (v if isinstance(v, (int, float, str, bool, type(None)))
                                           else str(v)) for k, v in info.items()}
-            result["roofline_before"] = measure_roofline(threads, plan["l3_bytes"])
         t0 = time.perf_counter()
         backend = BACKENDS[args.worker](plan)
         result["setup_s"] = time.perf_counter() - t0
@@ -741,7 +742,8 @@ def main() -> None:
                     help="threads for every backend (default: LK_THREADS, else all allowed CPUs)")
     ap.add_argument("--budget-gib", type=float, default=6.0,
                     help="all weight sets of one model together (default 6; RAM is shared)")
-    ap.add_argument("--sets", type=int, default=4, help="weight sets rotated per model")
+    ap.add_argument("--sets", type=int, default=None,
+                    help="weight sets rotated per model (default 4; quick 8, its sets are small)")
     ap.add_argument("--min-time", type=float, default=None,
                     help="seconds of timed calls per case and backend (default 2, quick 0.3)")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
@@ -769,6 +771,8 @@ def main() -> None:
         if m not in MODELS:
             raise SystemExit(f"unknown model {m!r}; known: {', '.join(MODELS)}")
     cases = parse_cases(args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES))
+    if args.sets is None:
+        args.sets = 8 if args.quick else 4
     if args.min_time is None:
         args.min_time = 0.3 if args.quick else 2.0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
