@@ -4,6 +4,7 @@
 #
 #   make test       install, build, engine tests under ASan+UBSan, then the whole test suite
 #   make serve      install, build, then serve the tiny embedded MoE model with lk on
+#                   (more vllm serve flags: make serve SERVE_ARGS="--port 8001")
 #   make build      rebuild lvllm._lk after C++ changes (incremental)
 #   make install    only the install (venv, torch, lvllm + vLLM, pitfall fixes)
 #   make clean      remove build outputs (keeps the venv); make distclean removes the venv too
@@ -49,6 +50,7 @@ PYTEST_ARGS ?=
 # Serving the tiny model.
 TINY_MODEL := build/tiny-model
 TINY_CONFIG := examples/tiny/config.yaml
+SERVE_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
 .PHONY: help install build build-asan test test-asan serve clean distclean
@@ -106,7 +108,7 @@ $(TINY_MODEL)/config.json: examples/tiny/build_tiny_model.py | $(STAMP)-install
 	$(PY) examples/tiny/build_tiny_model.py --out $(TINY_MODEL)
 
 serve: build $(TINY_MODEL)/config.json
-	LVLLM_MOE_NUMA_ENABLED=1 $(VENV)/bin/vllm serve $(TINY_MODEL) --config $(TINY_CONFIG)
+	LVLLM_MOE_NUMA_ENABLED=1 $(VENV)/bin/vllm serve $(TINY_MODEL) --config $(TINY_CONFIG) $(SERVE_ARGS)
 
 clean:
 	rm -rf build lvllm/_lk*.so
