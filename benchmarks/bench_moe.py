@@ -586,7 +586,7 @@ def errors_against_reference(results: dict, cases) -> dict:
     return errs
 
 
-def summarize(plan, cases, results, errs) -> tuple[list[dict], dict]:
+def summarize(plan, cases, results, errs, stat: str = "median") -> tuple[list[dict], dict]:
     roof = {}
     lk = results.get("lk", {})
     for when in ("roofline_before", "roofline_after"):
@@ -603,10 +603,11 @@ def summarize(plan, cases, results, errs) -> tuple[list[dict], dict]:
             c = res.get("cases", {}).get(key) if res.get("ok") else None
             if not c or not c["times"]:
                 continue
-            t = statistics.median(c["times"])
+            t = statistics.median(c["times"]) if stat == "median" else min(c["times"])
             touched = statistics.mean(c["experts_touched"])
             nbytes = touched * plan["expert_bytes"]
-            b = dict(median_s=t, min_s=min(c["times"]), reps=len(c["times"]),
+            b = dict(time_s=t, median_s=statistics.median(c["times"]), min_s=min(c["times"]),
+                     reps=len(c["times"]),
                      experts_touched=touched, bytes=nbytes, gbs=nbytes / t / 1e9,
                      gflops=flops / t / 1e9)
             if roof.get("read_gbs"):
@@ -617,9 +618,9 @@ def summarize(plan, cases, results, errs) -> tuple[list[dict], dict]:
                 b["rel_err_vs_torch"] = errs[name][key]
             row[name] = b
         if "lk" in row and "vllm" in row:
-            row["speedup_vs_vllm"] = row["vllm"]["median_s"] / row["lk"]["median_s"]
+            row["speedup_vs_vllm"] = row["vllm"]["time_s"] / row["lk"]["time_s"]
         if "lk" in row and "torch" in row:
-            row["speedup_vs_torch"] = row["torch"]["median_s"] / row["lk"]["median_s"]
+            row["speedup_vs_torch"] = row["torch"]["time_s"] / row["lk"]["time_s"]
         if "lk" in row:
             lkr, checks = row["lk"], []
             if case["kind"] == "decode" and "pct_read_bw" in lkr:
@@ -672,7 +673,7 @@ def print_model(plan, results, rows, roof) -> None:
     print(f"   {'case':<20}{'exp':>6}{'lk ms':>9}{'GB/s':>7}{'%BW':>5}{'GFLOP/s':>9}{'%FMA':>6}"
           f"{'vLLM ms':>9}{'%BW':>5}{'%FMA':>6}{'torch ms':>10}{'xvLLM':>7}{'xtorch':>7}"
           f"{'err lk':>8}{'err vL':>8}  targets (lk)")
-    ms = lambda b: b["median_s"] * 1e3 if b else None  # noqa: E731
+    ms = lambda b: b["time_s"] * 1e3 if b else None  # noqa: E731
     for r in rows:
         lkr, vl, tr = r.get("lk", {}), r.get("vllm", {}), r.get("torch", {})
         exp = (lkr or vl or tr).get("experts_touched")
@@ -695,7 +696,8 @@ def markdown_report(report: dict) -> str:
     meta = report["meta"]
     lines = [f"Run {meta['date']}: `{meta['command']}`  ",
              f"{meta['cpu']}, threads {meta['threads']} (CPUs {','.join(map(str, meta['cpus_used']))}), "
-             f"L3 {meta['l3_bytes'] >> 20} MiB, load average {meta['loadavg_start'][0]:.1f} at start, "
+             f"L3 {meta['l3_bytes'] >> 20} MiB, time = {meta.get('stat', 'median')} of the timed calls, "
+             f"load average {meta['loadavg_start'][0]:.1f} at start, "
              f"{meta.get('loadavg_end', [float('nan')])[0]:.1f} at end."]
     for m in report["models"]:
         plan, roof, backends = m["plan"], m["ceilings"], m["backends"]
@@ -712,7 +714,7 @@ def markdown_report(report: dict) -> str:
                       "err lk / vLLM | targets |", "|" + "---|" * 10]
         for r in m["rows"]:
             lk, vl, tr = r.get("lk", {}), r.get("vllm", {}), r.get("torch", {})
-            ms = lambda b: f"{b['median_s'] * 1e3:.2f}" if b else "-"  # noqa: E731
+            ms = lambda b: f"{b.get('time_s', b.get('median_s')) * 1e3:.2f}" if b else "-"  # noqa: E731
             pct = lambda b, v, p: (f"{b[v]:.1f} ({b[p]:.0f}%)" if b and p in b  # noqa: E731
                                    else f"{b[v]:.1f}" if b else "-")
             err = lambda b: f"{b['rel_err_vs_torch']:.0e}" if "rel_err_vs_torch" in b else "-"  # noqa: E731
@@ -746,6 +748,9 @@ def main() -> None:
                     help="weight sets rotated per model (default 4; quick 8, its sets are small)")
     ap.add_argument("--min-time", type=float, default=None,
                     help="seconds of timed calls per case and backend (default 2, quick 0.3)")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="time per case: median of the timed calls (default) or the fastest "
+                         "(for a machine others load: preempted calls then do not count)")
     ap.add_argument("--json", default=None, help="write every figure to this JSON file")
     ap.add_argument("--markdown", action="store_true",
                     help="also print the results as BENCHMARKS.md tables")
@@ -793,14 +798,15 @@ def main() -> None:
         threads=threads, cpus_used=cpus, l3_bytes=l3, mem_total_gib=mem_total_gib(),
         isa_flags=sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx"))),
         python=platform.python_version(), min_time_s=args.min_time, budget_gib=args.budget_gib,
+        stat=args.stat,
         loadavg_start=os.getloadavg(),
     )
     print(f"bench_moe  {meta['date']}  {meta['command']}")
     print(f"machine: {meta['cpu']}, {meta['allowed_cpus']} CPUs allowed, threads {threads} "
           f"(CPUs {','.join(map(str, cpus))}), L3 {l3 >> 20} MiB, RAM {meta['mem_total_gib']:.0f} GiB, "
           f"load avg {meta['loadavg_start'][0]:.2f}")
-    print("decode: bytes = distinct experts touched x 3*H*I*2; "
-          "prefill: flops = 2*tokens*k*3*H*I; err = max|out-ref|/max|ref| vs torch fp32")
+    print(f"time = {args.stat} of the timed calls; decode: bytes = distinct experts touched x "
+          "3*H*I*2; prefill: flops = 2*tokens*k*3*H*I; err = max|out-ref|/max|ref| vs torch fp32")
 
     report = dict(meta=meta, models=[])
     with tempfile.TemporaryDirectory(prefix="bench_moe-") as tmpdir:
@@ -816,7 +822,7 @@ def main() -> None:
                           + (f"\n{tb}" if tb and os.environ.get("BENCH_MOE_DEBUG") else ""),
                           file=sys.stderr)
             errs = errors_against_reference(results, cases)
-            rows, roof = summarize(plan, cases, results, errs)
+            rows, roof = summarize(plan, cases, results, errs, args.stat)
             print_model(plan, results, rows, roof)
             for res in results.values():
                 res.pop("check_path", None)

@@ -15,8 +15,10 @@ namespace lk::bench {
 // `threads` <= 0 means one per CPU in this process's affinity mask. Thread i is pinned to the
 // i-th CPU of sched_getaffinity, taking one CPU per physical core before any SMT sibling
 // (round robin if there are more threads than CPUs; pinning failures are ignored). Each thread first-touches its own buffer of `bytes_per_thread`
-// (rounded down to 256 bytes, at least 4 KiB) and streams it with 256-bit loads into
-// independent accumulators. Choose bytes_per_thread x threads well above the L3 size.
+// (rounded down to 256 bytes, at least 4 KiB; 2 MiB huge pages requested) and reads it with
+// 256-bit loads into independent accumulators, alternately as one sequential stream and as 8
+// interleaved streams; the result is the best pass of either pattern. Choose
+// bytes_per_thread x threads well above the L3 size.
 double measure_read_bandwidth_gbs(int threads, std::size_t bytes_per_thread, int reps);
 
 // fp32 FMA peak in GFLOP/s (one 256-bit FMA = 16 flops), all threads together, best of a
