@@ -227,6 +227,7 @@ def test_submit_wait_overlaps_and_keeps_order(runtimes):
         assert_close(out, reference_moe(w13, w2, x, ids, weights), torch.float32)
     # wait() twice returns the same tensor
     assert pending[0].wait() is outputs[0]
+    assert [engine.forward_calls for engine in engines] == [1, 1, 1]
 
 
 def test_zero_tokens(runtimes):
