@@ -68,3 +68,43 @@ def expand_block_scales(block_scales: torch.Tensor, rows: int, block_rows: int) 
     """Block scales [E, ceil(rows / block_rows), groups] (as FP8 block checkpoints store
     `weight_scale_inv`) -> per-row group scales [E, rows, groups] in fp32."""
     return block_scales.float().repeat_interleave(block_rows, dim=1)[:, :rows].contiguous()
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [..., n] -> uint8 [..., n, 8]: nibble i (bits 4i..4i+3) of each word."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).to(torch.uint8)
+
+
+def from_compressed_tensors_int4(packed: torch.Tensor, scales: torch.Tensor, cols: int, group: int) -> QuantizedWeights:
+    """compressed-tensors pack-quantized symmetric W4A16: `weight_packed` int32
+    [E, rows, ceil(cols / 8)] (value j of a row in nibble j % 8 of word j // 8, stored as
+    q + 8), `weight_scale` [E, rows, cols / group]; weight = q * scale."""
+    values = _nibbles(packed).flatten(-2)[..., :cols].contiguous()
+    scales = scales.float().contiguous()
+    return QuantizedWeights(values, scales, group, (-8 * scales).contiguous())
+
+
+# AWQ packs 8 output columns per int32 in this order: nibble i holds column _AWQ_ORDER[i].
+_AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _awq_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ int32 [..., n] -> uint8 [..., 8 n] in column order."""
+    nibbles = _nibbles(packed)
+    columns = torch.empty_like(nibbles)
+    columns[..., list(_AWQ_ORDER)] = nibbles
+    return columns.flatten(-2)
+
+
+def from_awq_int4(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: torch.Tensor, group: int) -> QuantizedWeights:
+    """AWQ GEMM layout, input-major: `qweight` int32 [E, in, out / 8], `qzeros` int32
+    [E, in / group, out / 8] (None: symmetric, zero point 8), `scales` [E, in / group, out];
+    weight[out, in] = (q - zero) * scale. Returned as [E, out, in] rows."""
+    values = _awq_unpack(qweight).transpose(1, 2).contiguous()
+    scales = scales.float().transpose(1, 2).contiguous()
+    if qzeros is None:
+        zeros = torch.full_like(scales, 8.0)
+    else:
+        zeros = _awq_unpack(qzeros).float().transpose(1, 2)
+    return QuantizedWeights(values, scales, group, (-zeros * scales).contiguous())

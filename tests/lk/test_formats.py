@@ -190,3 +190,50 @@ def test_format_errors():
 
 def test_format_names_match_the_engine():
     assert _lk.format_names() == ["float32", "float16", "bfloat16", "int8", "int4", "fp8_e4m3"]
+
+
+def test_compressed_tensors_int4_checkpoint(runtimes):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    experts, hidden, intermediate, group = 3, 128, 64, 32
+    generator = torch.Generator().manual_seed(13)
+
+    def checkpoint(rows, cols):
+        q = torch.randint(-8, 8, (experts, rows, cols), generator=generator, dtype=torch.int8)
+        scale = (torch.rand(experts, rows, cols // group, generator=generator) + 0.5) / (8 * cols**0.5)
+        weight = q.float() * scale.repeat_interleave(group, -1)
+        return quant.from_compressed_tensors_int4(pack_to_int32(q, 4), scale.to(torch.bfloat16).float(), cols,
+                                                  group), weight, scale
+
+    w13, w13_float, _ = checkpoint(2 * intermediate, hidden)
+    w2, w2_float, _ = checkpoint(hidden, intermediate)
+    assert torch.allclose(quant.dequantize(w13), w13_float, rtol=1e-2)  # scales went through bf16
+    engine = MoEEngine(w13, w2, runtime=runtimes())
+    run_and_compare(engine, quant.dequantize(w13), quant.dequantize(w2), 7, seed=13)
+
+
+@pytest.mark.parametrize("zero_points", [True, False])
+def test_awq_int4_checkpoint(runtimes, zero_points):
+    experts, hidden, intermediate, group = 2, 64, 32, 32
+    generator = torch.Generator().manual_seed(14)
+    order = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ's column order within a packed word
+
+    def pack(columns):  # [..., n] values 0..15 -> int32 [..., n / 8], AWQ order
+        words = columns.to(torch.int32).unflatten(-1, (-1, 8))
+        return sum(words[..., order[i]] << (4 * i) for i in range(8)).to(torch.int32)
+
+    def checkpoint(in_features, out_features):
+        q = torch.randint(0, 16, (experts, in_features, out_features), generator=generator)
+        zeros = torch.randint(0, 16, (experts, in_features // group, out_features), generator=generator)
+        if not zero_points:
+            zeros.fill_(8)
+        scales = (torch.rand(experts, in_features // group, out_features, generator=generator) + 0.5) / 64
+        weight = (q - zeros.repeat_interleave(group, 1)).float() * scales.repeat_interleave(group, 1)
+        converted = quant.from_awq_int4(pack(q), pack(zeros) if zero_points else None, scales.half(), group)
+        return converted, weight.transpose(1, 2)
+
+    w13, w13_float = checkpoint(hidden, 2 * intermediate)
+    w2, w2_float = checkpoint(intermediate, hidden)
+    assert torch.allclose(quant.dequantize(w13), w13_float, rtol=2e-3, atol=1e-6)
+    engine = MoEEngine(w13, w2, runtime=runtimes())
+    run_and_compare(engine, quant.dequantize(w13), quant.dequantize(w2), 5, seed=14)
