@@ -66,8 +66,15 @@ _WEIGHT_FORMATS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16:
 def install() -> None:
     """Swap vLLM's MoE classes for lvllm's in this process (idempotent)."""
     global _placement
-    if "RoutedExperts" in op_registry_oot:
+    if op_registry_oot.get("RoutedExperts") is LkRoutedExperts:
         return
+    for name in ("RoutedExperts", "MoERunner"):
+        if name in op_registry_oot:
+            raise RuntimeError(
+                f"another vLLM plugin already replaced {name} ({op_registry_oot[name]}); "
+                "lvllm cannot put MoE experts on lk alongside it. Disable one of them "
+                "(VLLM_PLUGINS lists the plugins to load) or set LVLLM_MOE_NUMA_ENABLED=0."
+            )
     weight_mode = envs.get("LVLLM_MOE_USE_WEIGHT")
     if weight_mode not in ("TO_DTYPE", "KEEP"):
         raise envs.EnvError(

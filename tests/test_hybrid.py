@@ -141,3 +141,36 @@ def test_plugin_disabled_leaves_vllm_alone(monkeypatch):
     before = dict(op_registry_oot)
     plugin.register()
     assert op_registry_oot == before
+
+
+def test_install_registers_once_and_refuses_a_rival(monkeypatch):
+    pytest.importorskip("vllm")
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    from lvllm import vllm_adapter
+
+    monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", "1")
+    saved = dict(op_registry_oot)
+    try:
+        for name in ("RoutedExperts", "MoERunner"):
+            op_registry_oot.pop(name, None)
+        vllm_adapter.install()
+        vllm_adapter.install()  # idempotent: vLLM may load plugins more than once
+        assert op_registry_oot["RoutedExperts"] is vllm_adapter.LkRoutedExperts
+        assert op_registry_oot["MoERunner"] is vllm_adapter.LkMoERunner
+        op_registry_oot["RoutedExperts"] = object
+        with pytest.raises(RuntimeError, match="another vLLM plugin"):
+            vllm_adapter.install()
+    finally:
+        op_registry_oot.clear()
+        op_registry_oot.update(saved)
+
+
+def test_install_refuses_unimplemented_weight_format(monkeypatch):
+    pytest.importorskip("vllm")
+    from lvllm import vllm_adapter
+
+    monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", "INT4")
+    monkeypatch.setattr(vllm_adapter, "op_registry_oot", {})
+    with pytest.raises(envs.EnvError, match="LVLLM_MOE_USE_WEIGHT=INT4"):
+        vllm_adapter.install()
