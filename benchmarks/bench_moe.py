@@ -55,7 +55,7 @@ MODELS = {
     "qwen3-235b-a22b": dict(label="Qwen3-235B-A22B", H=4096, I=1536, E=128, k=8),
     "deepseek-v3": dict(label="DeepSeek-V3", H=7168, I=2048, E=256, k=8),
     # --quick: a shape small enough to run every backend in seconds
-    "quick": dict(label="quick (small shape)", H=1024, I=384, E=32, k=8),
+    "quick": dict(label="quick (small shape)", H=1024, I=384, E=64, k=8),
 }
 DEFAULT_MODELS = ["qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3"]
 DEFAULT_CASES = "1,4,16,256,1024,16:skewed,1024:skewed"
@@ -213,8 +213,11 @@ def roofline_functions():
 
 def measure_roofline(threads: int, l3: int) -> dict:
     read_bw, fma_peak, source = roofline_functions()
-    # each thread streams its own buffer; together well above the last-level cache
-    per_thread = min(1 << 30, max(128 << 20, 8 * l3 // max(1, threads)))
+    # each thread reads its own buffer; together far above the last-level cache: AMD's L3
+    # keeps part of a sweep 4x its size (128 MiB over a 32 MiB L3 read at ~37 GB/s against
+    # ~20 GB/s from DRAM here), so use >= 16x L3 and >= 512 MiB in all
+    total = max(16 * l3, 512 << 20)
+    per_thread = min(1 << 30, max(64 << 20, total // max(1, threads)))
     return dict(
         read_gbs=read_bw(threads, per_thread, 10),
         fma_gflops=fma_peak(threads),
@@ -745,7 +748,7 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=6.0,
                     help="all weight sets of one model together (default 6; RAM is shared)")
     ap.add_argument("--sets", type=int, default=None,
-                    help="weight sets rotated per model (default 4; quick 8, its sets are small)")
+                    help="weight sets rotated per model (default 4; quick 6, its sets are small)")
     ap.add_argument("--min-time", type=float, default=None,
                     help="seconds of timed calls per case and backend (default 2, quick 0.3)")
     ap.add_argument("--stat", choices=("median", "min"), default="median",
@@ -777,7 +780,7 @@ def main() -> None:
             raise SystemExit(f"unknown model {m!r}; known: {', '.join(MODELS)}")
     cases = parse_cases(args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES))
     if args.sets is None:
-        args.sets = 8 if args.quick else 4
+        args.sets = 6 if args.quick else 4
     if args.min_time is None:
         args.min_time = 0.3 if args.quick else 2.0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]

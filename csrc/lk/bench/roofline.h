@@ -21,8 +21,8 @@ namespace lk::bench {
 // bytes_per_thread x threads well above the L3 size.
 double measure_read_bandwidth_gbs(int threads, std::size_t bytes_per_thread, int reps);
 
-// fp32 FMA peak in GFLOP/s (one 256-bit FMA = 16 flops), all threads together, best of a
-// few runs. 12 independent ymm accumulator chains per thread: enough to cover FMA latency
+// fp32 FMA peak in GFLOP/s (one 256-bit FMA = 16 flops), all threads together, best of 25
+// runs of about 5 ms after a 20 ms warm-up. 12 independent ymm accumulator chains per thread: enough to cover FMA latency
 // x FMA ports on current AMD (Zen: 2 ports, latency 4-5) and Intel (2 ports, latency 4-5)
 // cores. Same threading and pinning rules as above.
 double measure_fma_peak_gflops(int threads);
