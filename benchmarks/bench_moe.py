@@ -6,8 +6,7 @@ For real model shapes (Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3; bf16 weights
 
 * lk: ``lvllm.lk.MoEEngine(w13, w2).forward(x, topk_ids, topk_weights)``;
 * the machine's read bandwidth and fp32 FMA peak with lk's thread count (the C++ probes of
-  csrc/lk/bench/roofline.cpp, through ``lvllm._lk`` or, before that exposes them, a copy
-  compiled on the fly with the system C++ compiler);
+  csrc/lk/bench/roofline.cpp, through ``lvllm._lk``);
 * vLLM's own CPU MoE op, ``torch.ops._C.cpu_fused_moe``, called the way vLLM 0.32's
   ``CPUUnquantizedExperts`` calls it (weights prepacked by ``torch.ops._C.prepack_moe_weight``),
   on the same cores (OMP environment as vLLM's worker sets for ``VLLM_CPU_OMP_THREADS_BIND``);
@@ -31,7 +30,6 @@ before and after its timings. Figures on a shared machine move between runs: quo
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import hashlib
 import json
@@ -47,7 +45,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROOFLINE_DIR = REPO / "csrc" / "lk" / "bench"
 
 # name -> hidden size H, expert intermediate size I, routed experts E, experts per token k
 MODELS = {
@@ -151,64 +148,11 @@ def rss_gib() -> float:
 # --------------------------------------------------------------------------- roofline probes
 
 
-_WRAPPER_CPP = r"""
-#include "roofline.h"
-extern "C" double lkb_read_bandwidth_gbs(int threads, unsigned long long bytes, int reps) {
-  try { return lk::bench::measure_read_bandwidth_gbs(threads, bytes, reps); } catch (...) { return -1.0; }
-}
-extern "C" double lkb_fma_peak_gflops(int threads) {
-  try { return lk::bench::measure_fma_peak_gflops(threads); } catch (...) { return -1.0; }
-}
-"""
-
-
-def _build_roofline_library() -> Path:
-    """Compile csrc/lk/bench/roofline.cpp into a small cached shared library."""
-    cxx = os.environ.get("CXX", "c++")
-    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", "-mavx2", "-mfma", "-mf16c"]
-    sources = [(ROOFLINE_DIR / n).read_text() for n in ("roofline.h", "roofline.cpp")]
-    key = hashlib.sha1("\0".join(sources + [_WRAPPER_CPP, cxx] + flags).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lvllm" / "bench"
-    lib = cache / f"roofline-{key}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        wrapper = Path(tmp) / "wrapper.cpp"
-        wrapper.write_text(_WRAPPER_CPP)
-        out = Path(tmp) / lib.name
-        cmd = [cxx, *flags, f"-I{ROOFLINE_DIR}", str(ROOFLINE_DIR / "roofline.cpp"), str(wrapper),
-               "-o", str(out)]
-        subprocess.run(cmd, check=True)
-        os.replace(out, lib)
-    return lib
-
-
 def roofline_functions():
     """(read_bandwidth(threads, bytes_per_thread, reps), fma_peak(threads), source)."""
-    try:
-        from lvllm import _lk  # type: ignore
+    from lvllm import _lk
 
-        if hasattr(_lk, "measure_read_bandwidth_gbs") and hasattr(_lk, "measure_fma_peak_gflops"):
-            return _lk.measure_read_bandwidth_gbs, _lk.measure_fma_peak_gflops, "lvllm._lk"
-    except ImportError:
-        pass
-    lib = ctypes.CDLL(str(_build_roofline_library()))
-    lib.lkb_read_bandwidth_gbs.restype = ctypes.c_double
-    lib.lkb_read_bandwidth_gbs.argtypes = [ctypes.c_int, ctypes.c_ulonglong, ctypes.c_int]
-    lib.lkb_fma_peak_gflops.restype = ctypes.c_double
-    lib.lkb_fma_peak_gflops.argtypes = [ctypes.c_int]
-
-    def checked(value: float, what: str) -> float:
-        if value < 0:
-            raise RuntimeError(f"{what} failed (CPU without AVX2/FMA, or out of memory)")
-        return value
-
-    return (
-        lambda t, b, r: checked(lib.lkb_read_bandwidth_gbs(t, b, r), "read bandwidth probe"),
-        lambda t: checked(lib.lkb_fma_peak_gflops(t), "FMA peak probe"),
-        "csrc/lk/bench/roofline.cpp (compiled by bench_moe.py)",
-    )
+    return _lk.measure_read_bandwidth_gbs, _lk.measure_fma_peak_gflops, "lvllm._lk"
 
 
 def measure_roofline(threads: int, l3: int) -> dict:

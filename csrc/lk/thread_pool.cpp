@@ -81,8 +81,16 @@ std::vector<std::pair<int, std::vector<int>>> place_workers(const Topology& topo
 
 }  // namespace
 
-ThreadPool::ThreadPool(const Topology& topology, int threads, ThreadBinding binding,
-                       bool power_saving)
+struct ThreadPool::Job {
+  uint32_t ticket = 0;
+  int nodes = 0;
+  std::vector<Phase> phases;
+  std::vector<uint32_t> totals;                        // tasks per phase, all nodes
+  std::unique_ptr<std::atomic<uint32_t>[]> next;       // [phase * nodes + node]: next unclaimed task
+  std::unique_ptr<std::atomic<uint32_t>[]> completed;  // [phase]: tasks done
+};
+
+ThreadPool::ThreadPool(const Topology& topology, int threads, ThreadBinding binding, bool power_saving)
     : num_nodes_(topology.num_nodes()), power_saving_(power_saving), binding_(binding) {
   if (threads < 1) throw std::invalid_argument("thread count must be >= 1");
   if (num_nodes_ < 1) throw std::invalid_argument("topology has no NUMA node");
@@ -106,38 +114,46 @@ ThreadPool::~ThreadPool() {
 
 uint32_t ThreadPool::launch(std::vector<Phase> phases) {
   wait_idle();
-  for (const Phase& phase : phases) {
+  auto job = std::make_shared<Job>();
+  job->nodes = num_nodes_;
+  for (Phase& phase : phases) {
     if (static_cast<int>(phase.tasks_per_node.size()) != num_nodes_) {
       throw std::logic_error("phase task counts do not match the node count");
     }
+    uint32_t total = 0;
+    for (uint32_t count : phase.tasks_per_node) total += count;
+    if (total == 0) continue;  // nothing to wait for
+    job->totals.push_back(total);
+    job->phases.push_back(std::move(phase));
   }
-  const std::size_t counters = phases.size() * num_nodes_;
-  if (counters > counters_capacity_ || phases.size() > counters_capacity_) {
-    counters_capacity_ = std::max(counters, phases.size());
-    next_task_ = std::make_unique<std::atomic<uint32_t>[]>(counters_capacity_);
-    arrived_ = std::make_unique<std::atomic<uint32_t>[]>(counters_capacity_);
+  job->ticket = ++launched_;
+  if (job->phases.empty()) {
+    finished_.store(job->ticket, std::memory_order_release);
+    return job->ticket;
   }
-  for (std::size_t i = 0; i < counters; ++i) next_task_[i].store(0, std::memory_order_relaxed);
-  for (std::size_t i = 0; i < phases.size(); ++i) arrived_[i].store(0, std::memory_order_relaxed);
-  phases_ = std::move(phases);
-  if (phases_.empty()) return generation_.load(std::memory_order_acquire);
-  const uint32_t ticket = generation_.fetch_add(1, std::memory_order_acq_rel) + 1;  // publishes the job
+  job->next = std::make_unique<std::atomic<uint32_t>[]>(job->phases.size() * num_nodes_);
+  job->completed = std::make_unique<std::atomic<uint32_t>[]>(job->phases.size());
+  {
+    std::lock_guard<std::mutex> lock(job_mutex_);
+    current_job_ = std::move(job);
+  }
+  generation_.fetch_add(1, std::memory_order_acq_rel);
   generation_.notify_all();
-  return ticket;
+  return launched_;
 }
 
 void ThreadPool::wait(uint32_t ticket) {
   // Tickets wrap around: compare by signed distance.
   auto pending = [&](uint32_t finished) { return static_cast<int32_t>(finished - ticket) < 0; };
-  uint32_t finished = finished_generation_.load(std::memory_order_acquire);
+  uint32_t finished = finished_.load(std::memory_order_acquire);
   // The caller usually shares its cores with the workers: poll briefly, then sleep.
   for (int i = 0; i < 64 && pending(finished); ++i) {
     cpu_relax();
-    finished = finished_generation_.load(std::memory_order_acquire);
+    finished = finished_.load(std::memory_order_acquire);
   }
   while (pending(finished)) {
-    finished_generation_.wait(finished, std::memory_order_acquire);
-    finished = finished_generation_.load(std::memory_order_acquire);
+    finished_.wait(finished, std::memory_order_acquire);
+    finished = finished_.load(std::memory_order_acquire);
   }
 }
 
@@ -150,52 +166,56 @@ void ThreadPool::worker_main(int worker, std::vector<int> allowed_cpus) {
     pthread_setaffinity_np(pthread_self(), sizeof mask, &mask);
   }
   uint32_t seen = 0;
-  const auto spin = power_saving_ ? std::chrono::nanoseconds(0)
-                                  : std::chrono::nanoseconds(kIdleSpin);
+  const auto spin = power_saving_ ? std::chrono::nanoseconds(0) : std::chrono::nanoseconds(kIdleSpin);
   while (true) {
     seen = wait_for_change(generation_, seen, spin);
     if (stopping_.load(std::memory_order_acquire)) return;
-    run_current_job(worker);
+    std::shared_ptr<Job> job;
+    {
+      std::lock_guard<std::mutex> lock(job_mutex_);
+      job = current_job_;
+    }
+    if (job) run_job(*job, worker);
   }
 }
 
-void ThreadPool::run_current_job(int worker) {
+void ThreadPool::run_job(Job& job, int worker) {
   const int home = worker_node_[worker];
-  const uint32_t threads = static_cast<uint32_t>(workers_.size());
-  for (std::size_t p = 0; p < phases_.size(); ++p) {
-    const Phase& phase = phases_[p];
-    for (int offset = 0; offset < num_nodes_; ++offset) {
-      const int node = (home + offset) % num_nodes_;
-      auto& next = next_task_[p * num_nodes_ + node];
+  for (std::size_t p = 0; p < job.phases.size(); ++p) {
+    if (p > 0) {  // the previous phase's results must all be there
+      auto& previous = job.completed[p - 1];
+      uint32_t done = previous.load(std::memory_order_acquire);
+      for (int spins = 0; done != job.totals[p - 1]; ++spins) {
+        if (spins < kBarrierSpins) {
+          cpu_relax();
+        } else {
+          previous.wait(done, std::memory_order_acquire);
+        }
+        done = previous.load(std::memory_order_acquire);
+      }
+    }
+    const Phase& phase = job.phases[p];
+    uint32_t mine = 0;
+    for (int offset = 0; offset < job.nodes; ++offset) {
+      const int node = (home + offset) % job.nodes;
+      auto& next = job.next[p * job.nodes + node];
       const uint32_t count = phase.tasks_per_node[node];
+      if (next.load(std::memory_order_relaxed) >= count) continue;
       for (uint32_t task = next.fetch_add(1, std::memory_order_relaxed); task < count;
            task = next.fetch_add(1, std::memory_order_relaxed)) {
         phase.run(node, task, worker);
+        ++mine;
       }
     }
-    auto& arrived = arrived_[p];
-    const uint32_t position = arrived.fetch_add(1, std::memory_order_acq_rel) + 1;
-    if (p + 1 == phases_.size()) {
-      if (position == threads) {
-        finished_generation_.store(generation_.load(std::memory_order_acquire),
-                                   std::memory_order_release);
-        finished_generation_.notify_all();
+    if (mine == 0) continue;
+    const uint32_t done = job.completed[p].fetch_add(mine, std::memory_order_acq_rel) + mine;
+    if (done == job.totals[p]) {
+      if (p + 1 == job.phases.size()) {
+        finished_.store(job.ticket, std::memory_order_release);
+        finished_.notify_all();
+        return;
       }
-      return;
-    }
-    if (position == threads) {
-      arrived.notify_all();
-      continue;
-    }
-    uint32_t seen = position;
-    for (int spins = 0; seen != threads; ++spins) {
-      if (spins < kBarrierSpins) {
-        cpu_relax();
-        seen = arrived.load(std::memory_order_acquire);
-      } else {
-        arrived.wait(seen, std::memory_order_acquire);
-        seen = arrived.load(std::memory_order_acquire);
-      }
+      job.completed[p].notify_all();
     }
   }
 }

@@ -1,13 +1,16 @@
-// Persistent worker threads that run one job at a time. A job is a sequence of phases
-// separated by barriers; each phase has a task count per NUMA node. Workers claim tasks of
-// their own node first (atomic counters, so uneven tasks still keep everyone busy) and then
-// help other nodes, which also covers nodes that have no worker at all.
+// Persistent worker threads that run one job at a time. A job is a sequence of phases; each
+// phase has a task count per NUMA node. Workers claim tasks of their own node first (atomic
+// counters, so uneven tasks still keep everyone busy) and then help other nodes, which also
+// covers nodes that have no worker at all. A phase starts once every task of the previous
+// one has completed: a worker that is late (preempted, still waking) delays nobody, the
+// others take its share.
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -36,30 +39,29 @@ class ThreadPool {
   // Blocks until the job with `ticket` (and so every earlier one) has finished.
   void wait(uint32_t ticket);
   // Blocks until no job is running.
-  void wait_idle() { wait(generation_.load(std::memory_order_acquire)); }
+  void wait_idle() { wait(launched_); }
   // Runs a job and waits for it.
   void run(std::vector<Phase> phases) { wait(launch(std::move(phases))); }
 
   int num_threads() const { return static_cast<int>(workers_.size()); }
   int num_nodes() const { return num_nodes_; }
-  int node_of(int worker) const { return worker_node_[worker]; }
   std::string describe() const;
 
  private:
+  struct Job;
   void worker_main(int worker, std::vector<int> allowed_cpus);
-  void run_current_job(int worker);
+  void run_job(Job& job, int worker);
 
   int num_nodes_;
   bool power_saving_;
   ThreadBinding binding_;
   std::vector<int> worker_node_;
 
-  std::vector<Phase> phases_;
-  std::unique_ptr<std::atomic<uint32_t>[]> next_task_;  // [phase * nodes + node]
-  std::unique_ptr<std::atomic<uint32_t>[]> arrived_;    // [phase]
-  std::size_t counters_capacity_ = 0;
-  std::atomic<uint32_t> generation_{0};
-  std::atomic<uint32_t> finished_generation_{0};
+  std::mutex job_mutex_;             // guards current_job_
+  std::shared_ptr<Job> current_job_;  // workers keep their own reference while they run it
+  uint32_t launched_ = 0;            // ticket of the last launched job (launching thread only)
+  std::atomic<uint32_t> generation_{0};  // bumped to wake the workers
+  std::atomic<uint32_t> finished_{0};    // ticket of the last finished job
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> workers_;
 };

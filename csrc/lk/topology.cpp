@@ -39,6 +39,29 @@ std::vector<int> parse_cpulist(const std::string& text) {
   return cpus;
 }
 
+// Position of `cpu` among its core's hardware threads (0 for the first), from /sys.
+int smt_rank(int cpu) {
+  std::ifstream file("/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/thread_siblings_list");
+  std::string text;
+  if (!file || !std::getline(file, text)) return 0;
+  try {
+    const std::vector<int> siblings = parse_cpulist(text);
+    const auto found = std::find(siblings.begin(), siblings.end(), cpu);
+    return found == siblings.end() ? 0 : static_cast<int>(found - siblings.begin());
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
+
+// First hardware thread of every core before any second one, so that N workers bound in
+// this order use N physical cores where there are that many.
+void order_by_core(std::vector<int>& cpus) {
+  std::vector<std::pair<int, int>> keyed;
+  for (int cpu : cpus) keyed.emplace_back(smt_rank(cpu), cpu);
+  std::sort(keyed.begin(), keyed.end());
+  for (std::size_t i = 0; i < cpus.size(); ++i) cpus[i] = keyed[i].second;
+}
+
 }  // namespace
 
 int Topology::num_cpus() const {
@@ -88,6 +111,7 @@ Topology detect_topology() {
     if (!assigned.count(cpu)) rest.push_back(cpu);
   }
   if (!rest.empty()) topology.node_cpus.push_back(std::move(rest));
+  for (auto& cpus : topology.node_cpus) order_by_core(cpus);
   return topology;
 }
 
@@ -102,6 +126,7 @@ Topology virtual_topology(int nodes) {
   for (int node = 0; node < nodes; ++node) {
     const std::size_t begin = count * node / nodes, end = count * (node + 1) / nodes;
     topology.node_cpus[node].assign(cpus.begin() + begin, cpus.begin() + end);
+    order_by_core(topology.node_cpus[node]);
   }
   return topology;
 }

@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "lk/bench/roofline.h"
 #include "lk/cpu_features.h"
 #include "lk/moe_engine.h"
 #include "lk/runtime.h"
@@ -64,6 +65,12 @@ PYBIND11_MODULE(_lk, m) {
     for (int code = 0; code < lk::kNumWeightFormats; ++code) names.push_back(lk::format_name(static_cast<lk::WeightFormat>(code)));
     return names;
   }, "Weight format names, indexed by format code.");
+
+  m.def("measure_read_bandwidth_gbs", &lk::bench::measure_read_bandwidth_gbs, py::arg("threads"),
+        py::arg("bytes_per_thread"), py::arg("reps") = 10, py::call_guard<py::gil_scoped_release>(),
+        "Read bandwidth of this machine in GB/s with `threads` pinned threads (benchmarks' ceiling).");
+  m.def("measure_fma_peak_gflops", &lk::bench::measure_fma_peak_gflops, py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>(), "fp32 FMA peak in GFLOP/s with `threads` threads.");
 
   m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
         "Highest kernel ISA this CPU and OS support.");
