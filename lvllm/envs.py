@@ -47,6 +47,16 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _multiple_of(step: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if value < step or value % step:
+            raise ValueError
+        return value
+
+    return parse
+
+
 def _optional_int_at_least(minimum: int) -> Callable[[str], int | None]:
     at_least = _int_at_least(minimum)
 
@@ -108,7 +118,19 @@ VARIABLES: dict[str, Variable] = {
         Variable(
             "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice("TO_DTYPE", "KEEP", "INT8", "INT4"),
             "TO_DTYPE, KEEP, INT8 or INT4",
-            "Format the lk engine keeps expert weights in. TO_DTYPE: the model dtype.",
+            "Format the lk engine keeps routed expert weights in. TO_DTYPE: the model dtype "
+            "(FP8/INT4 checkpoints dequantized to it); KEEP: the checkpoint's format (FP8 "
+            "stays FP8, INT4 stays INT4, float stays float); INT8 / INT4: quantized at load "
+            "from float or FP8 experts, in groups of LVLLM_MOE_QUANT_GROUP_SIZE inputs.",
+        ),
+        Variable(
+            "LVLLM_MOE_QUANT_GROUP_SIZE", "128", _multiple_of(16), "multiple of 16, >= 16",
+            "Inputs per scale when LVLLM_MOE_USE_WEIGHT=INT8/INT4 quantizes experts at load.",
+        ),
+        Variable(
+            "LVLLM_MOE_QUANT_ON_GPU", "0", _bool, "0 or 1",
+            "1: run-time INT8/INT4 quantization runs on the GPU (one layer at a time, "
+            "bit-identical result) when CUDA is available; otherwise on the CPU.",
         ),
         Variable(
             "LK_THREADS", "", _optional_int_at_least(1), "integer >= 1, or empty for the default",

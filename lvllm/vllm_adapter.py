@@ -36,7 +36,10 @@ from vllm.config import get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.model_executor.custom_op import op_registry_oot
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
-from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.routed_experts import (
+    FusedMoeWeightScaleSupported,
+    RoutedExperts,
+)
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
@@ -49,18 +52,22 @@ from vllm.platforms import current_platform
 
 from lvllm import envs
 from lvllm.hybrid import (
+    FLOAT_FORMATS,
     LK_ACTIVATIONS,
     RESIDENT_VAR,
     HybridExperts,
     Placement,
     UnsupportedLayer,
+    describe_format,
+    engine_weight_format,
+    quantize_on,
 )
 
 logger = init_logger("vllm.lvllm")
 
 _placement: Placement | None = None
 
-_WEIGHT_FORMATS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_gpu_fallback_logged = False
 
 
 def install() -> None:
@@ -75,12 +82,6 @@ def install() -> None:
                 "lvllm cannot put MoE experts on lk alongside it. Disable one of them "
                 "(VLLM_PLUGINS lists the plugins to load) or set LVLLM_MOE_NUMA_ENABLED=0."
             )
-    weight_mode = envs.get("LVLLM_MOE_USE_WEIGHT")
-    if weight_mode not in ("TO_DTYPE", "KEEP"):
-        raise envs.EnvError(
-            f"LVLLM_MOE_USE_WEIGHT={weight_mode} is not implemented by this lk build; "
-            "valid: TO_DTYPE or KEEP (experts kept in the model's float dtype)."
-        )
     _placement = Placement.from_env()
     RoutedExperts.register_oot(LkRoutedExperts)
     MoERunner.register_oot(LkMoERunner)
@@ -187,50 +188,130 @@ def _num_model_layers() -> int | None:
     return getattr(model_config.hf_text_config, "num_hidden_layers", None)
 
 
+# --------------------------------------------------------------------------------------
+# checkpoint formats: which params vLLM's loader fills, and how lk takes them
+# --------------------------------------------------------------------------------------
+
+class ExpertSource:
+    """Experts stored as float tensors (any float checkpoint; vLLM casts to params_dtype)."""
+
+    format = "float"   # engine format name, or "float" for the model dtype
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        """name -> (shape, dtype, extra weight attrs): what vLLM's method would create."""
+        return {
+            "w13_weight": ((num_experts, 2 * inter, hidden), params_dtype, {}),
+            "w2_weight": ((num_experts, hidden, inter), params_dtype, {}),
+        }
+
+    def engine_inputs(self, layer):
+        """(w13, w2) for lvllm.lk.MoEEngine: float tensors or QuantizedWeights."""
+        return layer.w13_weight.data, layer.w2_weight.data
+
+
+class Fp8BlockSource(ExpertSource):
+    """FP8 e4m3 weights with one float32 `weight_scale_inv` per block_n x block_k block,
+    as vLLM's Fp8MoEMethod (block quant) creates and loads them."""
+
+    format = "fp8_e4m3"
+
+    def __init__(self, block):
+        self.block_n, self.block_k = block
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        bn, bk = self.block_n, self.block_k
+        block = {"quant_method": FusedMoeWeightScaleSupported.BLOCK.value}
+        return {
+            "w13_weight": ((num_experts, 2 * inter, hidden), torch.float8_e4m3fn, {}),
+            "w2_weight": ((num_experts, hidden, inter), torch.float8_e4m3fn, {}),
+            "w13_weight_scale_inv": ((num_experts, 2 * _cdiv(inter, bn), _cdiv(hidden, bk)),
+                                     torch.float32, block),
+            "w2_weight_scale_inv": ((num_experts, _cdiv(hidden, bn), _cdiv(inter, bk)),
+                                    torch.float32, block),
+        }
+
+    def engine_inputs(self, layer):
+        from lvllm.lk import QuantizedWeights
+        from lvllm.lk.quant import expand_block_scales
+
+        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+        inter = w2.shape[2]
+        gate_scales, up_scales = layer.w13_weight_scale_inv.data.chunk(2, dim=1)
+        w13_scales = torch.cat([expand_block_scales(gate_scales, inter, self.block_n),
+                                expand_block_scales(up_scales, inter, self.block_n)], dim=1)
+        w2_scales = expand_block_scales(layer.w2_weight_scale_inv.data, w2.shape[1],
+                                        self.block_n)
+        return (QuantizedWeights(w13.contiguous(), w13_scales, self.block_k),
+                QuantizedWeights(w2.contiguous(), w2_scales, self.block_k))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 class LkMoEMethod(FusedMoEMethodBase):
     """Quant method of a MoE layer whose routed experts the lk engine computes."""
 
     # process_weights_after_loading reads the host copies where they are.
     requires_device_loading = False
 
-    def __init__(self, moe, layer_index: int):
+    def __init__(self, moe, layer_index: int, source: ExpertSource | None = None):
         super().__init__(moe)
         self.layer_index = layer_index
+        self.source = source or ExpertSource()
         self.experts: HybridExperts | None = None
+        self.params_dtype: torch.dtype | None = None
+        self.param_names: tuple[str, ...] = ()
 
     def create_weights(self, layer, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype,
                        **extra_weight_attrs):
-        shapes = {
-            "w13_weight": (num_experts, 2 * intermediate_size_per_partition, hidden_size),
-            "w2_weight": (num_experts, hidden_size, intermediate_size_per_partition),
-        }
-        for name, shape in shapes.items():
+        self.params_dtype = params_dtype
+        params = self.source.params(num_experts, hidden_size, intermediate_size_per_partition,
+                                    params_dtype)
+        for name, (shape, dtype, attrs) in params.items():
             weight = torch.nn.Parameter(
-                torch.empty(shape, dtype=params_dtype, device="cpu"), requires_grad=False
+                torch.ones(shape, dtype=dtype, device="cpu") if "scale" in name
+                else torch.empty(shape, dtype=dtype, device="cpu"), requires_grad=False
             )
             layer.register_parameter(name, weight)
-            set_weight_attrs(weight, extra_weight_attrs)
+            set_weight_attrs(weight, {**extra_weight_attrs, **attrs})
+        self.param_names = tuple(params)
 
     def get_fused_moe_quant_config(self, layer):
         return None
+
+    def weight_format(self) -> str:
+        """The lk format of this layer's experts (LVLLM_MOE_USE_WEIGHT)."""
+        source = self.source.format
+        if source == "float":
+            source = FLOAT_FORMATS[self.params_dtype]
+        return engine_weight_format(_placement.weight_mode, source, self.params_dtype)
 
     def process_weights_after_loading(self, layer) -> None:
         if self.experts is not None:
             raise RuntimeError(f"{layer.layer_name}: lk experts cannot be reloaded")
         runtime = _start_lk_runtime()
+        weight_format = self.weight_format()
+        group_size = _placement.group_size
+        _placement.loading(describe_format(weight_format, group_size)
+                           if weight_format in ("int8", "int4") else weight_format)
+        w13, w2 = self.source.engine_inputs(layer)
+        w13, w2 = _maybe_quantize_on_gpu(w13, w2, weight_format, group_size)
         self.experts = HybridExperts(
-            layer.w13_weight.data, layer.w2_weight.data,
-            activation=layer.activation.value, layer_name=layer.layer_name,
+            w13, w2, activation=layer.activation.value, layer_name=layer.layer_name,
+            weight_format=weight_format, group_size=group_size,
         )
-        weight_dtype = layer.w13_weight.dtype
+        del w13, w2
         # lk holds its own copy now: drop vLLM's.
-        for name in ("w13_weight", "w2_weight"):
+        for name in self.param_names:
+            dtype = getattr(layer, name).dtype
             setattr(layer, name, torch.nn.Parameter(
-                torch.empty(0, dtype=weight_dtype, device="cpu"), requires_grad=False))
+                torch.empty(0, dtype=dtype, device="cpu"), requires_grad=False))
+        engine = self.experts.engine
         summary = _placement.loaded(
-            self.layer_index, self.experts.nbytes,
-            _WEIGHT_FORMATS.get(weight_dtype, str(weight_dtype)), runtime,
+            self.layer_index, engine.nbytes,
+            describe_format(engine.weight_format, engine.group_size), runtime,
         )
         if summary is not None:
             logger.info(summary)
@@ -241,6 +322,27 @@ class LkMoEMethod(FusedMoEMethodBase):
         return self.experts.submit(x, topk_ids, topk_weights).wait()
 
 
+def _maybe_quantize_on_gpu(w13, w2, weight_format: str, group_size: int):
+    """LVLLM_MOE_QUANT_ON_GPU=1: run-time INT8/INT4 quantization on the GPU, one layer at
+    a time (the engine's own CPU quantization gives the same bits)."""
+    global _gpu_fallback_logged
+    from lvllm.lk import QuantizedWeights
+
+    if not _placement.quant_on_gpu or weight_format not in ("int8", "int4"):
+        return w13, w2
+    if isinstance(w13, QuantizedWeights) and w13.format == weight_format:
+        return w13, w2   # already in that format: kept as the checkpoint has it
+    if not torch.cuda.is_available():
+        if not _gpu_fallback_logged:
+            _gpu_fallback_logged = True
+            logger.info("lvllm: LVLLM_MOE_QUANT_ON_GPU=1 but CUDA is not available: "
+                        "experts are quantized on the CPU")
+        return w13, w2
+    device = torch.device("cuda", torch.cuda.current_device())
+    return (quantize_on(device, w13, weight_format, group_size),
+            quantize_on(device, w2, weight_format, group_size))
+
+
 class LkRoutedExperts(RoutedExperts):
     """vLLM's RoutedExperts; for lk layers the quant method is LkMoEMethod."""
 
@@ -248,16 +350,49 @@ class LkRoutedExperts(RoutedExperts):
         layer_index = extract_layer_index(prefix)
         if not _placement.place(layer_index, prefix, _num_model_layers()):
             return super()._get_quant_method(prefix, quant_config, moe_config)
-        self._check_lk_supports(prefix, quant_config, moe_config)
-        return LkMoEMethod(moe_config, layer_index)
-
-    def _check_lk_supports(self, prefix, quant_config, moe_config) -> None:
         problems = []
-        if quant_config is not None:
-            method = resolve_quant_method(quant_config, self, prefix)
-            if method is not None and not isinstance(method, UnquantizedFusedMoEMethod):
-                problems.append(f"{quant_config.get_name()} quantized experts "
-                                f"({type(method).__name__})")
+        source = self._expert_source(prefix, quant_config, problems)
+        self._check_lk_supports(prefix, moe_config, problems)
+        return LkMoEMethod(moe_config, layer_index, source)
+
+    def _expert_source(self, prefix, quant_config, problems) -> ExpertSource | None:
+        """How the checkpoint stores this layer's experts, as vLLM would load them."""
+        if quant_config is None:
+            return ExpertSource()
+        from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+        if type(quant_config) is Fp8Config:
+            # Decided from the config, as Fp8Config.get_quant_method does: building
+            # vLLM's Fp8MoEMethod would pick a device kernel backend this host may lack.
+            from vllm.model_executor.layers.quantization.utils.quant_utils import (
+                is_layer_skipped,
+            )
+
+            if is_layer_skipped(prefix=prefix, ignored_layers=quant_config.ignored_layers,
+                                fused_mapping=quant_config.packed_modules_mapping,
+                                match_mode=quant_config.ignored_layers_match_mode):
+                return ExpertSource()
+            block = quant_config.weight_block_size
+            if quant_config.store_dtype is None and block is not None:
+                bn, bk = block
+                inter = self.moe_config.intermediate_size_per_partition
+                if bk % 16 or inter % bn or inter % bk:
+                    problems.append(f"FP8 blocks {bn}x{bk} with an intermediate size per "
+                                    f"rank of {inter} (lk: block sizes that divide it, "
+                                    f"multiples of 16)")
+                return Fp8BlockSource(block)
+            problems.append("FP8 experts without 2-D block scales (lk takes FP8 "
+                            "checkpoints with weight_block_size, e.g. [128, 128])")
+            return None
+        method = resolve_quant_method(quant_config, self, prefix)
+        if method is None or isinstance(method, UnquantizedFusedMoEMethod):
+            return ExpertSource()
+        problems.append(f"{quant_config.get_name()} quantized experts "
+                        f"({type(method).__name__}); lk takes float, FP8 block-quantized, "
+                        "compressed-tensors W4A16 symmetric and AWQ INT4 experts")
+        return None
+
+    def _check_lk_supports(self, prefix, moe_config, problems) -> None:
         if not moe_config.is_act_and_mul or moe_config.activation.value not in LK_ACTIVATIONS:
             problems.append(f"activation {moe_config.activation.value!r} "
                             f"(lk: {', '.join(LK_ACTIVATIONS)}, gated)")

@@ -35,6 +35,9 @@ def test_every_variable_read_in_the_package_is_declared():
         ("LK_THREADS", "3", 3),
         ("LK_THREAD_BINDING", "numa_node", "NUMA_NODE"),
         ("LVLLM_MOE_USE_WEIGHT", "to_dtype", "TO_DTYPE"),
+        ("LVLLM_MOE_USE_WEIGHT", "int4", "INT4"),
+        ("LVLLM_MOE_QUANT_GROUP_SIZE", "32", 32),
+        ("LVLLM_MOE_QUANT_ON_GPU", "1", True),
     ],
 )
 def test_parsing(monkeypatch, name, raw, expected):
@@ -51,6 +54,8 @@ def test_parsing(monkeypatch, name, raw, expected):
         ("LVLLM_GPU_RESIDENT_MOE_LAYERS", "-1"),
         ("LVLLM_GPU_PREFETCH_WINDOW", "0"),
         ("LVLLM_MOE_USE_WEIGHT", "FP4"),
+        ("LVLLM_MOE_QUANT_GROUP_SIZE", "24"),
+        ("LVLLM_MOE_QUANT_GROUP_SIZE", "0"),
     ],
 )
 def test_bad_values_name_variable_and_valid_form(monkeypatch, name, raw):

@@ -166,11 +166,94 @@ def test_install_registers_once_and_refuses_a_rival(monkeypatch):
         op_registry_oot.update(saved)
 
 
-def test_install_refuses_unimplemented_weight_format(monkeypatch):
+def test_install_accepts_every_weight_mode(monkeypatch):
     pytest.importorskip("vllm")
+    from vllm.model_executor.custom_op import op_registry_oot
+
     from lvllm import vllm_adapter
 
-    monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", "INT4")
-    monkeypatch.setattr(vllm_adapter, "op_registry_oot", {})
-    with pytest.raises(envs.EnvError, match="LVLLM_MOE_USE_WEIGHT=INT4"):
-        vllm_adapter.install()
+    saved = dict(op_registry_oot)
+    try:
+        for mode, group in (("INT4", "32"), ("INT8", "128"), ("KEEP", "64")):
+            for name in ("RoutedExperts", "MoERunner"):
+                op_registry_oot.pop(name, None)
+            monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", mode)
+            monkeypatch.setenv("LVLLM_MOE_QUANT_GROUP_SIZE", group)
+            vllm_adapter.install()
+            placement = vllm_adapter.placement()
+            assert (placement.weight_mode, placement.group_size) == (mode, int(group))
+    finally:
+        op_registry_oot.clear()
+        op_registry_oot.update(saved)
+
+
+@pytest.mark.parametrize("mode, source, dtype, expected", [
+    ("TO_DTYPE", "bfloat16", torch.bfloat16, "bfloat16"),
+    ("TO_DTYPE", "fp8_e4m3", torch.bfloat16, "bfloat16"),
+    ("TO_DTYPE", "int4", torch.float16, "float16"),
+    ("KEEP", "fp8_e4m3", torch.bfloat16, "fp8_e4m3"),
+    ("KEEP", "int4", torch.bfloat16, "int4"),
+    ("KEEP", "float32", torch.float32, "float32"),
+    ("INT8", "bfloat16", torch.bfloat16, "int8"),
+    ("INT4", "fp8_e4m3", torch.bfloat16, "int4"),
+    ("INT8", "int4", torch.bfloat16, "int8"),
+])
+def test_engine_weight_format(mode, source, dtype, expected):
+    from lvllm.hybrid import engine_weight_format
+
+    assert engine_weight_format(mode, source, dtype) == expected
+
+
+def test_describe_format():
+    from lvllm.hybrid import describe_format
+
+    assert describe_format("bfloat16", 128) == "bf16"
+    assert describe_format("float32", 32) == "fp32"
+    assert describe_format("int4", 32) == "int4 g32"
+    assert describe_format("fp8_e4m3", 128) == "fp8 g128"
+
+
+def test_placement_progress_bar_over_lk_layers(monkeypatch):
+    placement = Placement(resident=frozenset(), progress_bar=True)
+    for index in range(3):
+        placement.place(index, f"model.layers.{index}.mlp.experts", 3)
+    runtime = {"threads": 2, "numa_nodes": 1, "isa": "AVX2"}
+    for index in range(3):
+        placement.loading("int8 g128")
+        assert placement._bar is not None and placement._bar.total == 3
+        assert placement._bar.n == index
+        summary = placement.loaded(index, 1024, "int8 g128", runtime)
+    assert placement._bar is None
+    assert "(int8 g128," in summary
+
+
+@needs_lk
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_quantize_on_device_matches_the_engine(weight_format):
+    """The LVLLM_MOE_QUANT_ON_GPU path (here with device cpu) builds the same engine as
+    the engine's own quantization: identical bytes in, identical outputs out."""
+    from lvllm.hybrid import HybridExperts, quantize_on
+    from lvllm.lk import QuantizedWeights
+
+    torch.manual_seed(1)
+    E, H, I, T = 4, 96, 64, 7
+    w13 = (torch.randn(E, 2 * I, H) / H**0.5).bfloat16()
+    w2 = (torch.randn(E, H, I) / I**0.5).bfloat16()
+    x = torch.randn(T, H)
+    ids = torch.randint(0, E, (T, 2), dtype=torch.int32)
+    weights = torch.rand(T, 2)
+    own = HybridExperts(w13, w2, "silu", weight_format=weight_format, group_size=32)
+    q13, q2 = (quantize_on("cpu", w, weight_format, 32) for w in (w13, w2))
+    assert isinstance(q13, QuantizedWeights) and q13.values.device.type == "cpu"
+    ours = HybridExperts(q13, q2, "silu", weight_format=weight_format, group_size=32)
+    assert ours.nbytes == own.nbytes
+    assert torch.equal(ours.submit(x, ids, weights).wait(), own.submit(x, ids, weights).wait())
+    # FP8 sources are dequantized on the device first, as the engine does.
+    f8 = QuantizedWeights(w13.float().to(torch.float8_e4m3fn),
+                          torch.full((E, 2 * I, 1), 0.5), 128)
+    f8_2 = QuantizedWeights(w2.float().to(torch.float8_e4m3fn), torch.full((E, H, 1), 0.5), 128)
+    own = HybridExperts(f8, f8_2, "silu", weight_format=weight_format, group_size=32)
+    ours = HybridExperts(quantize_on("cpu", f8, weight_format, 32),
+                         quantize_on("cpu", f8_2, weight_format, 32), "silu",
+                         weight_format=weight_format, group_size=32)
+    assert torch.equal(ours.submit(x, ids, weights).wait(), own.submit(x, ids, weights).wait())

@@ -299,6 +299,80 @@ def build_deepseek_v2(args, vocab: int, w: Weights) -> dict:
     return config
 
 
+# --------------------------------------------------------------------------------------
+# quantized checkpoints (--quantize)
+# --------------------------------------------------------------------------------------
+
+QUANTIZE = ("none", "fp8-block", "w4a16")
+
+
+def _quantized_name(name: str) -> bool:
+    """Linear weights of the decoder layers; router gates, norms, embeddings, lm_head stay."""
+    return (name.startswith("model.layers.") and name.endswith("_proj.weight")
+            or ".experts." in name and name.endswith(".weight"))
+
+
+def fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 e4m3 weight and its float32 `weight_scale_inv` per block x block tile
+    (w = q * scale), as DeepSeek-V3 / Qwen3-FP8 checkpoints store them."""
+    rows, cols = w.shape
+    r, c = -(-rows // block), -(-cols // block)
+    padded = torch.zeros(r * block, c * block)
+    padded[:rows, :cols] = w.float()
+    tiles = padded.view(r, block, c, block)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (tiles / scale[:, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q.view(r * block, c * block)[:rows, :cols].contiguous(), scale.float()
+
+
+def int4_symmetric(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT4 per group of inputs: q in [-8, 7] (int8), scale [rows, cols/group]."""
+    rows, cols = w.shape
+    grouped = w.float().view(rows, cols // group, group)
+    scale = grouped.abs().amax(-1).clamp(min=1e-12) / 7.0
+    q = torch.round(grouped / scale[..., None]).clamp(-8, 7).to(torch.int8)
+    return q.view(rows, cols), scale
+
+
+def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype) -> dict:
+    """Replace the decoder layers' linear weights by a quantized checkpoint's tensors and
+    add its quantization_config to config."""
+    out = {}
+    for name, w in tensors.items():
+        if not _quantized_name(name):
+            out[name] = w
+            continue
+        stem = name[: -len(".weight")]
+        if how == "fp8-block":
+            out[name], out[f"{stem}.weight_scale_inv"] = fp8_block(w)
+        else:
+            from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+            q, scale = int4_symmetric(w, group)
+            out[f"{stem}.weight_packed"] = pack_to_int32(q, 4)
+            out[f"{stem}.weight_scale"] = scale.to(dtype)
+            out[f"{stem}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+    if how == "fp8-block":
+        config["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        }
+    else:
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "ignore": ["lm_head", "re:.*mlp.gate$"],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "format": "pack-quantized",
+                "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                            "strategy": "group", "group_size": group, "dynamic": False,
+                            "actorder": None, "observer": "minmax"},
+                "input_activations": None, "output_activations": None,
+            }},
+        }
+    return out
+
+
 def build(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -310,7 +384,11 @@ def build(args) -> Path:
         config = build_mixtral(args, vocab, weights)
     else:
         config = build_deepseek_v2(args, vocab, weights)
-    save_file(weights.tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tensors = weights.tensors
+    if args.quantize != "none":
+        tensors = quantize_checkpoint(tensors, config, args.quantize, args.group_size,
+                                      DTYPES[args.dtype])
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]},
@@ -334,6 +412,12 @@ def parse_args(argv=None):
     parser.add_argument("--num-kv-heads", type=int, default=2, help="qwen families")
     parser.add_argument("--head-dim", type=int, default=32, help="qwen families")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="write a quantized checkpoint: fp8-block (FP8 e4m3, 128x128 "
+                             "weight_scale_inv, every dim of a quantized linear a multiple "
+                             "of 128 keeps vLLM's block checks happy) or w4a16 "
+                             "(compressed-tensors pack-quantized, symmetric INT4 groups)")
+    parser.add_argument("--group-size", type=int, default=32, help="w4a16 group size")
     args = parser.parse_args(argv)
     for name in ("hidden_size", "moe_intermediate_size"):
         if getattr(args, name) % 32:

@@ -41,7 +41,8 @@ BASE_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, CPUS)) if len(CPUS) > 1 else "nobind",
     "TOKENIZERS_PARALLELISM": "false",
 }
-LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS")
+LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS", "LVLLM_MOE_USE_WEIGHT",
+              "LVLLM_MOE_QUANT_GROUP_SIZE", "LVLLM_MOE_QUANT_ON_GPU")
 
 
 @contextmanager
@@ -77,8 +78,15 @@ class RunResult:
 
 
 def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True,
-            resident: str | None = None, tp: int = 1) -> RunResult:
+            resident: str | None = None, tp: int = 1, weight: str | None = None,
+            group: int | None = None, quant_on_gpu: bool = False) -> RunResult:
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
+    if weight is not None:
+        overrides["LVLLM_MOE_USE_WEIGHT"] = weight
+    if group is not None:
+        overrides["LVLLM_MOE_QUANT_GROUP_SIZE"] = str(group)
+    if quant_on_gpu:
+        overrides["LVLLM_MOE_QUANT_ON_GPU"] = "1"
     if resident is not None:
         overrides["LVLLM_GPU_RESIDENT_MOE_LAYERS"] = resident
     if tp > 1:
