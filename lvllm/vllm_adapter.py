@@ -245,6 +245,40 @@ class Fp8BlockSource(ExpertSource):
                 QuantizedWeights(w2.contiguous(), w2_scales, self.block_k))
 
 
+class CompressedTensorsInt4Source(ExpertSource):
+    """compressed-tensors pack-quantized symmetric W4A16 experts, laid out as vLLM's
+    CompressedTensorsWNA16MoEMethod creates them: N-first `weight_packed` int32
+    [E, N, K / 8], `weight_scale` [E, N, K / group] in the model dtype, `weight_shape`."""
+
+    format = "int4"
+
+    def __init__(self, group: int):
+        self.group = group
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        g = self.group
+        group = {"is_transposed": False, "quant_method": "group"}
+        return {
+            "w13_weight_packed": ((num_experts, 2 * inter, hidden // 8), torch.int32, group),
+            "w2_weight_packed": ((num_experts, hidden, inter // 8), torch.int32, group),
+            "w13_weight_scale": ((num_experts, 2 * inter, hidden // g), params_dtype, group),
+            "w2_weight_scale": ((num_experts, hidden, inter // g), params_dtype, group),
+            "w13_weight_shape": ((num_experts, 2), torch.float32, group),
+            "w2_weight_shape": ((num_experts, 2), torch.float32, group),
+        }
+
+    def engine_inputs(self, layer):
+        from lvllm.lk.quant import from_compressed_tensors_int4
+
+        w13 = from_compressed_tensors_int4(layer.w13_weight_packed.data,
+                                           layer.w13_weight_scale.data,
+                                           layer.w13_weight_packed.shape[2] * 8, self.group)
+        w2 = from_compressed_tensors_int4(layer.w2_weight_packed.data,
+                                          layer.w2_weight_scale.data,
+                                          layer.w2_weight_packed.shape[2] * 8, self.group)
+        return w13, w2
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -384,6 +418,8 @@ class LkRoutedExperts(RoutedExperts):
             problems.append("FP8 experts without 2-D block scales (lk takes FP8 "
                             "checkpoints with weight_block_size, e.g. [128, 128])")
             return None
+        if quant_config.get_name() == "compressed-tensors":
+            return self._compressed_tensors_source(prefix, quant_config, problems)
         method = resolve_quant_method(quant_config, self, prefix)
         if method is None or isinstance(method, UnquantizedFusedMoEMethod):
             return ExpertSource()
@@ -391,6 +427,32 @@ class LkRoutedExperts(RoutedExperts):
                         f"({type(method).__name__}); lk takes float, FP8 block-quantized, "
                         "compressed-tensors W4A16 symmetric and AWQ INT4 experts")
         return None
+
+    def _compressed_tensors_source(self, prefix, quant_config, problems):
+        """The scheme vLLM's CompressedTensorsMoEMethod.get_moe_method would read."""
+        quant_config._add_fused_moe_to_target_scheme_map()
+        scheme = quant_config.get_scheme_dict(self, f"{prefix}.0.{self.ckpt_gate_proj_name}")
+        if scheme is None:
+            return ExpertSource()
+        weights, inputs = scheme.get("weights"), scheme.get("input_activations")
+        inter = self.moe_config.intermediate_size_per_partition
+        group = getattr(weights, "group_size", None) or 0
+        ok = (weights is not None and inputs is None and weights.num_bits == 4
+              and str(getattr(weights.type, "value", weights.type)) == "int"
+              and str(getattr(weights.strategy, "value", weights.strategy)) == "group"
+              and weights.symmetric and scheme.get("format") == "pack-quantized"
+              and group % 16 == 0 and group > 0 and inter % group == 0
+              and self.moe_config.hidden_dim % group == 0
+              and getattr(weights, "actorder", None) in (None, "static"))
+        if not ok:
+            problems.append(
+                f"compressed-tensors experts {scheme.get('format')} "
+                f"{weights!r} with input activations {inputs!r} (lk takes pack-quantized "
+                "symmetric 4-bit int weights with group strategy, group a multiple of 16 "
+                "dividing the hidden and per-rank intermediate sizes, no activation "
+                "quantization)")
+            return None
+        return CompressedTensorsInt4Source(group)
 
     def _check_lk_supports(self, prefix, moe_config, problems) -> None:
         if not moe_config.is_act_and_mul or moe_config.activation.value not in LK_ACTIVATIONS:

