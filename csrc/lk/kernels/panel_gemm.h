@@ -66,8 +66,9 @@ struct PanelKernels {
   using Vec = typename Simd::Vec;
   using Group = typename Loader::Group;
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
-  // Rows ahead the hardware is asked to fetch while streaming a panel in decode.
-  static constexpr int kPrefetchRows = 32;
+  // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
+  // is used once, so the stream must be in flight well before it is needed.
+  static constexpr int kPrefetchBytes = 2048;
 
   // Few rows leave most accumulators idle; splitting k over several accumulator sets hides
   // the FMA latency that a single dependency chain per output vector would expose.
@@ -107,7 +108,9 @@ struct PanelKernels {
       const int end = depth - first < span ? depth : first + span;
       int k = first;
       for (; k + kSets <= end; k += kSets) {
-        Simd::prefetch(panel + static_cast<long>(k + kPrefetchRows) * Loader::kRowBytes);
+        const uint8_t* rows = panel + static_cast<long>(k) * Loader::kRowBytes + kPrefetchBytes;
+#pragma GCC unroll 8
+        for (int line = 0; line < kSets * Loader::kRowBytes; line += 64) Simd::prefetch(rows + line);
 #pragma GCC unroll 4
         for (int s = 0; s < kSets; ++s) step<Rows>(acc[s], a, panel, k + s, group);
       }
@@ -159,7 +162,7 @@ struct PanelKernels {
       const Group group = Loader::group(panel, depth, group_size, index);
       const int group_end = (index + 1) * span < end ? (index + 1) * span : end;
       for (; k < group_end; ++k) {
-        Simd::prefetch(panel + static_cast<long>(k + kPrefetchRows) * Loader::kRowBytes);
+        Simd::prefetch(panel + static_cast<long>(k) * Loader::kRowBytes + kPrefetchBytes);
         Vec w[kVecs];
         Loader::load(panel, k, group, w);
 #pragma GCC unroll 16
