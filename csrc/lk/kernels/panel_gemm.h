@@ -102,6 +102,11 @@ struct PanelKernels {
       for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
         for (int v = 0; v < kVecs; ++v) acc[s][r][v] = Simd::zero();
+    // The loop below fetches kPrefetchBytes ahead; the panel's head is asked for all at once
+    // here, so its misses overlap instead of stalling one by one.
+    const long head = static_cast<long>(depth) * Loader::kRowBytes < kPrefetchBytes
+                          ? static_cast<long>(depth) * Loader::kRowBytes : kPrefetchBytes;
+    for (long line = 0; line < head; line += 64) Simd::prefetch(panel + line);
     const int span = Loader::kGrouped ? group_size : depth;
     for (int first = 0, index = 0; first < depth; first += span, ++index) {
       const Group group = Loader::group(panel, depth, group_size, index);
