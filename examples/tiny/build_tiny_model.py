@@ -343,7 +343,9 @@ def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype
     out, kept = {}, []
     experts_only = how == "fp8-block-experts"
     for name, w in tensors.items():
-        if not _quantized_name(name, experts_only):
+        # compressed-tensors ignores the router gate (config "ignore" below).
+        if not _quantized_name(name, experts_only) or (
+                how == "w4a16" and name.endswith(".gate.weight")):
             out[name] = w
             if w.dim() == 2 and name.startswith("model.layers."):
                 kept.append(name[: -len(".weight")])
