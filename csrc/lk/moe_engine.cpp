@@ -166,9 +166,15 @@ void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void
     return;
   }
   const float* block_rows[kChunkRows];
+  const std::size_t block_bytes = panel_value_bytes(format, kWidenBlock);
   for (int first = 0; first < depth; first += kWidenBlock) {
     const int rows = std::min(kWidenBlock, depth - first);
     kernels[format].widen(panel, depth, group, first, rows, wide);
+    // The next block streams in while this one is multiplied.
+    if (first + kWidenBlock < depth) {
+      const char* next = static_cast<const char*>(panel) + (first / kWidenBlock + 1) * block_bytes;
+      for (std::size_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(next + line);
+    }
     for (int i = 0; i < count; ++i) block_rows[i] = a_rows[i] + first;
     kernels[WeightFormat::F32].gemm(block_rows, count, wide, rows, group, c_rows, accumulate || first > 0);
   }
