@@ -10,9 +10,6 @@ namespace lk {
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 constexpr int kNumDTypes = 3;
 
-inline std::size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
-const char* dtype_name(DType t);
-
 enum class Activation : int { Silu = 0, Gelu = 1, SwigluOai = 2 };
 
 // Every packed weight panel holds this many output columns, interleaved per k:

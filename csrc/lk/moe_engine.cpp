@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -13,9 +14,6 @@ namespace {
 
 // Rows handed to one kernel call; bounds the per-worker tile buffers.
 constexpr int kChunkRows = 64;
-// From this many tokens on one expert (prefill), each weight panel is widened to fp32 once
-// and reused by all of them; below it (decode) the kernel converts while streaming.
-constexpr int kWidenMinRows = 8;
 // Prefill widens and multiplies a panel this many inputs at a time: the widened block stays
 // in L1 while every token uses it, and reading the next block from memory overlaps the
 // arithmetic instead of preceding it.
@@ -36,12 +34,6 @@ std::vector<uint32_t> spread(uint32_t count, int nodes) {
 
 uint32_t spread_offset(uint32_t count, int nodes, int node) {
   return static_cast<uint32_t>(count * 1ull * node / nodes);
-}
-
-std::size_t lcm(std::size_t a, std::size_t b) {
-  std::size_t x = a, y = b;
-  while (y) x = std::exchange(y, x % y);
-  return a / x * b;
 }
 
 // Reads one expert's source matrix as floats, dequantizing where needed.
@@ -157,11 +149,13 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
   }
 }
 
-// c_rows[r] (+)= a_rows[r] x panel for `count` rows (see kernels::PanelGemm), choosing the
-// decode or the prefill way by the number of rows. `wide` holds kWidenBlock panel rows.
+// c_rows[r] (+)= a_rows[r] x panel for `count` rows (see kernels::PanelGemm). Rows that fit
+// one pass of the kernel (decode) convert the weights while streaming them; more rows
+// (prefill) would convert them once per pass, so the panel is widened to fp32 once instead.
+// `wide` holds kWidenBlock panel rows.
 void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
               const float* const* a_rows, int count, float* const* c_rows, bool accumulate, float* wide) {
-  if (count < kWidenMinRows || format == WeightFormat::F32) {
+  if (count <= kernels[format].rows_per_pass || format == WeightFormat::F32) {
     kernels[format].gemm(a_rows, count, panel, depth, group, c_rows, accumulate);
     return;
   }
@@ -181,15 +175,6 @@ void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void
 }
 
 }  // namespace
-
-const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::F32: return "float32";
-    case DType::F16: return "float16";
-    case DType::BF16: return "bfloat16";
-  }
-  return "?";
-}
 
 const char* format_name(WeightFormat format) {
   switch (format) {
@@ -246,8 +231,8 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, 
   // Nodes split I (the input of down) at whole panels and whole groups, so no panel
   // straddles two nodes' memory and every group lies within one node.
   std::size_t align = kPanelWidth;
-  if (is_grouped(shape.format)) align = lcm(align, shape.group_size);
-  if (is_grouped(w2.format)) align = lcm(align, w2.group);
+  if (is_grouped(shape.format)) align = std::lcm(align, shape.group_size);
+  if (is_grouped(w2.format)) align = std::lcm(align, w2.group);
   const int nodes = runtime_->topology().num_nodes();
   const int units = static_cast<int>(round_up(shape.intermediate, align) / align);
   slices_.resize(nodes);

@@ -44,7 +44,6 @@ class ThreadPool {
   void run(std::vector<Phase> phases) { wait(launch(std::move(phases))); }
 
   int num_threads() const { return static_cast<int>(workers_.size()); }
-  int num_nodes() const { return num_nodes_; }
   std::string describe() const;
 
  private:

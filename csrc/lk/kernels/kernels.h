@@ -23,6 +23,7 @@ using PanelWiden = void (*)(const void* panel, int depth, int group, int first, 
 struct FormatKernels {
   PanelGemm gemm;
   PanelWiden widen;
+  int rows_per_pass;  // rows gemm multiplies per pass over the panel (its register tile)
 };
 
 struct ActivationParams {

@@ -176,7 +176,7 @@ struct PanelKernels {
     }
   }
 
-  static constexpr FormatKernels table() { return FormatKernels{&gemm, &widen}; }
+  static constexpr FormatKernels table() { return FormatKernels{&gemm, &widen, Simd::kMainRows}; }
 };
 
 }  // namespace lk::kernels
