@@ -109,11 +109,13 @@ VARIABLES: dict[str, Variable] = {
         Variable(
             "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE", "0", _int_at_least(0), "integer >= 0",
             "Stream non-resident experts to the GPU for forwards with at least this many "
-            "prefill tokens; 0 turns streaming off.",
+            "prefill tokens; 0 turns streaming off. Not implemented yet: a value other than 0 "
+            "is logged at start-up and ignored.",
         ),
         Variable(
             "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_at_least(1), "integer >= 1",
-            "How many layers ahead expert weights are streamed to the GPU during prefill.",
+            "How many layers ahead expert weights are streamed to the GPU during prefill (with "
+            "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE; not implemented yet).",
         ),
         Variable(
             "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice("TO_DTYPE", "KEEP", "INT8", "INT4"),
