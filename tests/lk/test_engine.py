@@ -66,20 +66,6 @@ def assert_close(out, ref, dtype):
     assert error <= TOLERANCE[dtype] * max(scale, 1e-30), f"max error {error:.3g} vs scale {scale:.3g}"
 
 
-@pytest.fixture(scope="module")
-def runtimes():
-    cache = {}
-
-    def get(threads=2, isa="", numa_nodes=0):
-        key = (threads, isa, numa_nodes)
-        if key not in cache:
-            cache[key] = make_runtime(threads=threads, binding="CPU_CORE", power_saving=False, isa=isa,
-                                      numa_nodes=numa_nodes)
-        return cache[key]
-
-    return get
-
-
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 3, 7, 16, 61, 1024])

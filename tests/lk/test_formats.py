@@ -66,20 +66,6 @@ def run_and_compare(engine, w13_ref, w2_ref, tokens, seed, originals=None, loose
         assert (out - original).norm().item() <= loose * original.norm().item()
 
 
-@pytest.fixture(scope="module")
-def runtimes():
-    cache = {}
-
-    def get(isa="", numa_nodes=0, threads=2):
-        key = (isa, numa_nodes, threads)
-        if key not in cache:
-            cache[key] = make_runtime(threads=threads, binding="CPU_CORE", power_saving=False, isa=isa,
-                                      numa_nodes=numa_nodes)
-        return cache[key]
-
-    return get
-
-
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 @pytest.mark.parametrize("weight_format, group", [("int8", 32), ("int8", 128), ("int4", 32), ("int4", 64)])
 @pytest.mark.parametrize("source_dtype", [torch.bfloat16, torch.float32])
