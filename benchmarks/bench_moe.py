@@ -62,6 +62,13 @@ SKEW_EXPONENT = 1.0  # "skewed": expert popularity ~ 1 / rank**SKEW_EXPONENT (ho
 BYTES_BF16 = 2
 
 TARGET_DECODE_BW = 0.85  # decode: >= 85% of measured read bandwidth
+# --formats: lk's weight formats (name -> engine weight_format); decode targets per format
+# (fraction of read bandwidth, bytes = what the engine holds per expert, scales included);
+# prefill target of a quantized format: GFLOP/s no worse than bf16's in the same run
+FORMATS = {"bf16": "bfloat16", "int8": "int8", "int4": "int4", "fp8": "fp8_e4m3"}
+FORMAT_ALIASES = {"bfloat16": "bf16", "fp8_e4m3": "fp8"}
+TARGET_DECODE_BW_FORMAT = {"bf16": TARGET_DECODE_BW, "int8": 0.80, "int4": 0.65, "fp8": 0.65}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TARGET_PREFILL_FMA = 0.70  # prefill: >= 70% of measured fp32 FMA peak
 ERROR_LIMIT = 3e-2  # max |out - ref| / max |ref| beyond which an output is flagged
 
@@ -189,9 +196,30 @@ def parse_cases(text: str) -> list[dict]:
     return cases
 
 
-def plan_model(name: str, budget_bytes: int, sets: int, l3: int) -> dict:
+def format_bytes_per_weight(fmt: str, group: int) -> float:
+    """Bytes per weight the engine holds in a format (estimate for the budget; fp32 scales,
+    int4 also fp32 offsets, per group of `group` inputs; fp8 groups are always 128)."""
+    return {"bf16": 2.0, "int8": 1.0 + 4.0 / group, "int4": 0.5 + 8.0 / group,
+            "fp8": 1.0 + 4.0 / 128}[fmt]
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = []
+    for item in text.split(","):
+        item = FORMAT_ALIASES.get(item.strip().lower(), item.strip().lower())
+        if not item:
+            continue
+        if item not in FORMATS:
+            raise SystemExit(f"unknown format {item!r} (known: {', '.join(FORMATS)})")
+        if item not in formats:
+            formats.append(item)
+    return formats or ["bf16"]
+
+
+def plan_model(name: str, budget_bytes: int, sets: int, l3: int, fmt: str = "bf16",
+               group: int = 128) -> dict:
     m = dict(MODELS[name])
-    expert_bytes = 3 * m["H"] * m["I"] * BYTES_BF16
+    expert_bytes = int(3 * m["H"] * m["I"] * format_bytes_per_weight(fmt, group))
     e_used = min(m["E"], budget_bytes // (sets * expert_bytes))
     # keep routing meaningful (at least 2k experts per set) before keeping many sets
     while e_used < 2 * m["k"] and sets > 2:
@@ -203,7 +231,7 @@ def plan_model(name: str, budget_bytes: int, sets: int, l3: int) -> dict:
     return dict(
         model=name, label=m["label"], H=m["H"], I=m["I"], E_model=m["E"], E=e_used, k=m["k"],
         sets=sets, expert_bytes=expert_bytes, total_bytes=total, l3_bytes=l3,
-        total_over_l3=total / l3,
+        total_over_l3=total / l3, format=fmt, group_size=group,
     )
 
 
@@ -314,17 +342,49 @@ def load_vllm_cpu_ops() -> tuple[str, str]:
     return isa, names[0]
 
 
+def to_fp8(w, group: int = 128):
+    """bf16 [E, rows, cols] -> QuantizedWeights(float8_e4m3fn values, fp32 scales per
+    `group` inputs of a row): scale = amax / 448, values = w / scale (one expert at a time)."""
+    import torch
+    from lvllm.lk import QuantizedWeights
+
+    E, rows, cols = w.shape
+    groups = -(-cols // group)
+    values = torch.empty(E, rows, cols, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(E, rows, groups, dtype=torch.float32)
+    for e in range(E):
+        padded = torch.zeros(rows, groups * group, dtype=torch.float32)
+        padded[:, :cols] = w[e].float()
+        padded = padded.view(rows, groups, group)
+        scale = padded.abs().amax(-1, keepdim=True) / FP8_MAX
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        values[e] = (padded / scale).clamp_(-FP8_MAX, FP8_MAX).flatten(1)[:, :cols].to(
+            torch.float8_e4m3fn)
+        scales[e] = scale.squeeze(-1)
+    return QuantizedWeights(values, scales, group)
+
+
 class LkBackend:
     name = "lk"
 
     def __init__(self, plan):
         from lvllm.lk import MoEEngine
 
+        fmt = plan.get("format", "bf16")
         self.engines = []
         for s in range(plan["sets"]):
             w13, w2 = build_weight_set(plan, s)
-            self.engines.append(MoEEngine(w13, w2, activation="silu"))
+            if fmt == "fp8":
+                w13, w2 = to_fp8(w13), to_fp8(w2)
+                self.engines.append(MoEEngine(w13, w2, activation="silu"))
+            else:
+                self.engines.append(MoEEngine(w13, w2, activation="silu",
+                                              weight_format=FORMATS[fmt],
+                                              group_size=plan.get("group_size", 128)))
             del w13, w2
+        self.weight_format = self.engines[0].weight_format
+        # what one expert costs to read: the engine's bytes (scales, padding included) / E
+        self.bytes_per_expert = self.engines[0].nbytes / plan["E"]
 
     def __call__(self, s, x, ids, w):
         return self.engines[s].forward(x, ids, w)
@@ -443,6 +503,9 @@ def worker(args) -> None:
         backend = BACKENDS[args.worker](plan)
         result["setup_s"] = time.perf_counter() - t0
         result["rss_gib"] = rss_gib()
+        if args.worker == "lk":
+            result["weight_format"] = backend.weight_format
+            result["bytes_per_expert"] = backend.bytes_per_expert
         if args.worker == "vllm":
             result["isa"], result["library"] = backend.isa, backend.library
             import importlib.metadata as md
@@ -492,9 +555,10 @@ def child_env(backend: str, cpus: list[int]) -> dict:
 
 
 def run_child(backend, plan, cases, args, cpus, tmp: Path) -> dict:
-    spec_path = tmp / f"{plan['model']}-{backend}-spec.json"
-    result_path = tmp / f"{plan['model']}-{backend}-result.json"
-    check_path = tmp / f"{plan['model']}-{backend}-check.pt"
+    tag = f"{plan['model']}-{backend}-{plan.get('format', 'bf16')}"
+    spec_path = tmp / f"{tag}-spec.json"
+    result_path = tmp / f"{tag}-result.json"
+    check_path = tmp / f"{tag}-check.pt"
     spec_path.write_text(json.dumps(dict(
         plan=plan, cases=cases, threads=len(cpus), min_time=args.min_time,
         check_path=str(check_path))))
@@ -585,6 +649,101 @@ def summarize(plan, cases, results, errs, stat: str = "median") -> tuple[list[di
     return rows, roof
 
 
+def relative_errors(check_path: str, ref_path: str, cases) -> dict:
+    """max |out - ref| / max |ref| per case between two children's call-0 outputs."""
+    import torch
+
+    if not (Path(check_path).exists() and Path(ref_path).exists()):
+        return {}
+    outs, ref_out = torch.load(check_path), torch.load(ref_path)
+    errs = {}
+    for case in cases:
+        key = case["key"]
+        if key in outs and key in ref_out:
+            r = ref_out[key].float()
+            d = (outs[key].float() - r).abs().max().item()
+            errs[key] = d / max(r.abs().max().item(), 1e-30)
+    return errs
+
+
+def summarize_formats(plans: dict, cases, fresults: dict, errs: dict,
+                      stat: str = "median") -> tuple[list[dict], dict]:
+    """Rows of the formats table: per case, per format of lk (bf16 = the main lk child)."""
+    roof = {}
+    for res in fresults.values():
+        for when in ("roofline_before", "roofline_after"):
+            if when in res:
+                for key in ("read_gbs", "fma_gflops"):
+                    roof[key] = max(roof.get(key, 0.0), res[when][key])
+    rows = []
+    for case in cases:
+        key, T = case["key"], case["tokens"]
+        row = dict(case=key, kind=case["kind"], tokens=T, routing=case["routing"], formats={})
+        for fmt, res in fresults.items():
+            c = res.get("cases", {}).get(key) if res.get("ok") else None
+            if not c or not c["times"]:
+                continue
+            plan = plans[fmt]
+            flops = 2.0 * T * plan["k"] * 3 * plan["H"] * plan["I"]
+            t = statistics.median(c["times"]) if stat == "median" else min(c["times"])
+            touched = statistics.mean(c["experts_touched"])
+            per_expert = res.get("bytes_per_expert") or plan["expert_bytes"]
+            nbytes = touched * per_expert
+            b = dict(time_s=t, median_s=statistics.median(c["times"]), min_s=min(c["times"]),
+                     reps=len(c["times"]), experts_touched=touched, bytes_per_expert=per_expert,
+                     bytes=nbytes, gbs=nbytes / t / 1e9, gflops=flops / t / 1e9,
+                     weight_format=res.get("weight_format"))
+            if roof.get("read_gbs"):
+                b["pct_read_bw"] = 100.0 * b["gbs"] / roof["read_gbs"]
+            if roof.get("fma_gflops"):
+                b["pct_fma_peak"] = 100.0 * b["gflops"] / roof["fma_gflops"]
+            if key in errs.get(fmt, {}):
+                b["rel_err"] = errs[fmt][key]
+            row["formats"][fmt] = b
+        base = row["formats"].get("bf16")
+        for fmt, b in row["formats"].items():
+            checks = []
+            if base and fmt != "bf16":
+                b["speedup_vs_bf16"] = base["time_s"] / b["time_s"]
+            if case["kind"] == "decode" and "pct_read_bw" in b:
+                target = TARGET_DECODE_BW_FORMAT[fmt]
+                checks.append((f"BW>={target:.0%}", b["pct_read_bw"] >= 100 * target))
+            elif case["kind"] == "prefill":
+                if fmt == "bf16" and "pct_fma_peak" in b:
+                    checks.append((f"FMA>={TARGET_PREFILL_FMA:.0%}",
+                                   b["pct_fma_peak"] >= 100 * TARGET_PREFILL_FMA))
+                elif base:
+                    checks.append((">=bf16 GFLOP/s", b["gflops"] >= base["gflops"]))
+            if checks:
+                b["targets"] = {name: ok for name, ok in checks}
+                b["target_met"] = all(ok for _, ok in checks)
+        rows.append(row)
+    return rows, roof
+
+
+def print_formats(plans: dict, fresults: dict, rows, roof, err_ref: str) -> None:
+    print(f"\n   lk weight formats (ceilings: read {roof.get('read_gbs', 0):.1f} GB/s, fp32 FMA "
+          f"{roof.get('fma_gflops', 0):.0f} GFLOP/s, max over the formats' children; "
+          f"bytes = experts touched x engine.nbytes / E; err vs {err_ref})")
+    for fmt, res in fresults.items():
+        p = plans[fmt]
+        if not res.get("ok"):
+            print(f"   {fmt}: NOT RUN - {res.get('error', '?')}")
+            continue
+        print(f"   {fmt:<5} ({res.get('weight_format', '?')}): {res.get('bytes_per_expert', 0) / 2**20:.2f} MiB "
+              f"per expert, E used {p['E']}, {p['sets']} sets, set-up {res.get('setup_s', 0):.1f} s, "
+              f"RSS {res.get('rss_gib', 0):.2f} GiB")
+    print(f"   {'case':<20}{'format':>7}{'exp':>6}{'ms':>9}{'GB/s':>7}{'%BW':>5}{'GFLOP/s':>9}"
+          f"{'%FMA':>6}{'xbf16':>7}{'err':>8}  targets")
+    for r in rows:
+        for fmt, b in r["formats"].items():
+            tgt = "  ".join(f"{name} {'ok' if ok else 'MISS'}" for name, ok in b.get("targets", {}).items())
+            print(f"   {r['case']:<20}{fmt:>7}{col(b['experts_touched'], 6, 1)}{col(b['time_s'] * 1e3, 9, 2)}"
+                  f"{col(b.get('gbs'), 7, 1)}{col(b.get('pct_read_bw'), 5, 0, '%')}"
+                  f"{col(b.get('gflops'), 9, 1)}{col(b.get('pct_fma_peak'), 6, 0, '%')}"
+                  f"{col(b.get('speedup_vs_bf16'), 7, 2, 'x')}{col(b.get('rel_err'), 8, -1)}  {tgt}")
+
+
 def col(v, width: int, prec: int, suffix: str = "") -> str:
     """One right-aligned table cell; '-' where there is no figure."""
     text = "-" if v is None else f"{v:.{prec}f}{suffix}" if prec >= 0 else f"{v:.0e}{suffix}"
@@ -673,6 +832,31 @@ def markdown_report(report: dict) -> str:
                 f"| {'-' if exp is None else f'{exp:.1f}'} | {ms(lk)} | {pct(lk, 'gbs', 'pct_read_bw')} "
                 f"| {pct(lk, 'gflops', 'pct_fma_peak')} | {ms(vl)} | {ms(tr)} "
                 f"| {'-' if sp is None else f'{sp:.2f}x'} | {err(lk)} / {err(vl)} | {tg} |")
+        fm = m.get("formats")
+        if fm:
+            froof = fm["ceilings"]
+            per = ", ".join(f"{fmt} {res['bytes_per_expert'] / 2**20:.2f} MiB"
+                            for fmt, res in fm["backends"].items() if res.get("bytes_per_expert"))
+            lines += ["", f"lk weight formats, {plan['label']}: bytes per expert (engine.nbytes / E) "
+                          f"{per}; ceilings: read {froof.get('read_gbs', float('nan')):.1f} GB/s, "
+                          f"fp32 FMA {froof.get('fma_gflops', float('nan')):.0f} GFLOP/s; "
+                          f"err = max abs deviation / max abs of {fm.get('err_ref', '?')}."]
+            for fmt, res in fm["backends"].items():
+                if not res.get("ok"):
+                    lines.append(f"{fmt}: not run ({res.get('error', '?')}).")
+            lines += ["", "| case | format | experts touched | ms | GB/s (% read BW) | "
+                          "GFLOP/s (% FMA peak) | vs bf16 | err | targets |", "|" + "---|" * 9]
+            for r in fm["rows"]:
+                for fmt, b in r["formats"].items():
+                    sp = b.get("speedup_vs_bf16")
+                    tg = ", ".join(f"{k} {'ok' if ok else 'MISS'}" for k, ok in b.get("targets", {}).items())
+                    lines.append(
+                        f"| {r['kind']} {r['tokens']}{'' if r['routing'] == 'uniform' else ' ' + r['routing']} "
+                        f"| {fmt} | {b['experts_touched']:.1f} | {b['time_s'] * 1e3:.2f} "
+                        f"| {b['gbs']:.1f} ({b.get('pct_read_bw', float('nan')):.0f}%) "
+                        f"| {b['gflops']:.1f} ({b.get('pct_fma_peak', float('nan')):.0f}%) "
+                        f"| {'-' if sp is None else f'{sp:.2f}x'} "
+                        f"| {'-' if 'rel_err' not in b else format(b['rel_err'], '.0e')} | {tg} |")
     return "\n".join(lines)
 
 
@@ -687,6 +871,13 @@ def main() -> None:
                     help=f"comma list of TOKENS[:uniform|skewed] (default: {DEFAULT_CASES}); "
                          f"<= {DECODE_MAX_TOKENS} tokens is judged as decode, more as prefill")
     ap.add_argument("--backends", default="lk,vllm,torch", help="comma list of lk, vllm, torch")
+    ap.add_argument("--formats", default="bf16",
+                    help="comma list of lk weight formats: bf16, int8, int4, fp8 (default bf16); "
+                         "more than bf16 adds a formats table (lk only, same random weights "
+                         "quantized: int8/int4 by the engine at load, fp8 as e4m3 + amax/448 "
+                         "scales per 128 inputs)")
+    ap.add_argument("--group-size", type=int, default=128,
+                    help="int8/int4 quantization group (default 128; fp8 always 128)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every backend (default: LK_THREADS, else all allowed CPUs)")
     ap.add_argument("--budget-gib", type=float, default=6.0,
@@ -727,6 +918,7 @@ def main() -> None:
         args.sets = 6 if args.quick else 4
     if args.min_time is None:
         args.min_time = 0.3 if args.quick else 2.0
+    formats = parse_formats(args.formats)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
         if b not in BACKENDS:
@@ -745,7 +937,7 @@ def main() -> None:
         threads=threads, cpus_used=cpus, l3_bytes=l3, mem_total_gib=mem_total_gib(),
         isa_flags=sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx"))),
         python=platform.python_version(), min_time_s=args.min_time, budget_gib=args.budget_gib,
-        stat=args.stat,
+        stat=args.stat, formats=formats, group_size=args.group_size,
         loadavg_start=os.getloadavg(),
     )
     print(f"bench_moe  {meta['date']}  {meta['command']}")
@@ -768,16 +960,48 @@ def main() -> None:
                     print(f"[{m}/{b}] failed: {results[b].get('error')}"
                           + (f"\n{tb}" if tb and os.environ.get("BENCH_MOE_DEBUG") else ""),
                           file=sys.stderr)
+            formats_entry = None
+            if "lk" in backends and formats != ["bf16"]:
+                plans, fresults = {"bf16": plan}, {"bf16": results["lk"]}
+                for fmt in formats:
+                    if fmt == "bf16":
+                        continue
+                    plans[fmt] = plan_model(m, int(args.budget_gib * (1 << 30)), max(1, args.sets),
+                                            l3, fmt, args.group_size)
+                    fresults[fmt] = run_child("lk", plans[fmt], cases, args, cpus, tmp)
+                    if not fresults[fmt].get("ok"):
+                        print(f"[{m}/lk {fmt}] failed: {fresults[fmt].get('error')}", file=sys.stderr)
+                ref = results.get("torch") if results.get("torch", {}).get("ok") else None
+                err_ref = "torch fp32 (bf16 weights)" if ref else "lk bf16"
+                ref_path = (ref or results["lk"])["check_path"]
+                ferrs = {fmt: relative_errors(res["check_path"], ref_path, cases)
+                         for fmt, res in fresults.items()
+                         if res.get("ok") and (ref or fmt != "bf16")}
+                frows, froof = summarize_formats(plans, cases, fresults, ferrs, args.stat)
+                formats_entry = dict(plans=plans, ceilings=froof, rows=frows, err_ref=err_ref,
+                                     fresults=fresults)
             errs = errors_against_reference(results, cases)
             rows, roof = summarize(plan, cases, results, errs, args.stat)
             print_model(plan, results, rows, roof)
+            if formats_entry:
+                print_formats(formats_entry["plans"], formats_entry["fresults"],
+                              formats_entry["rows"], formats_entry["ceilings"],
+                              formats_entry["err_ref"])
+                fres = formats_entry.pop("fresults")
+                for res in fres.values():
+                    res.pop("check_path", None)
+                formats_entry["backends"] = {fmt: {k: v for k, v in res.items() if k != "cases"}
+                                             for fmt, res in fres.items()}
+                formats_entry["raw_times"] = {fmt: res.get("cases", {}) for fmt, res in fres.items()
+                                              if fmt != "bf16"}
             for res in results.values():
                 res.pop("check_path", None)
                 res.pop("traceback", None) if res.get("ok") else None
             report["models"].append(dict(plan=plan, ceilings=roof, rows=rows, backends={
                 name: {k: v for k, v in res.items() if k != "cases"}
                 for name, res in results.items()}, raw_times={
-                name: res.get("cases", {}) for name, res in results.items()}))
+                name: res.get("cases", {}) for name, res in results.items()},
+                **({"formats": formats_entry} if formats_entry else {})))
     meta["loadavg_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
