@@ -15,7 +15,10 @@ namespace {
 // A Decode (one per ISA x format file) turns a stored row into kPanelWidth floats:
 //   static constexpr int kRowBytes;
 //   static void values(const uint8_t* row, Simd::Vec (&w)[kPanelWidth / Simd::kLanes]);
-// The loaders below add the per-group scale and offset of grouped formats.
+// The loaders below add the per-group scale and offset of grouped formats. A grouped
+// Decode may produce its values times a constant (static constexpr float kValueScale: the
+// true value is what it produces divided by that) when that saves work per weight; the
+// loader folds the constant into the group's scales.
 
 template <class Simd, class Decode>
 struct PlainLoader {
@@ -44,10 +47,17 @@ struct ScaledLoader {
                           static_cast<long>(index) * kPanelWidth;
     const float* offsets = scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
     for (int v = 0; v < kVecs; ++v) {
-      group.scale[v] = Simd::load(scales + v * Simd::kLanes);
+      group.scale[v] = Simd::mul(Simd::load(scales + v * Simd::kLanes), Simd::set1(value_scale()));
       group.offset[v] = has_offsets(kFormat) ? Simd::load(offsets + v * Simd::kLanes) : Simd::zero();
     }
     return group;
+  }
+  static constexpr float value_scale() {
+    if constexpr (requires { Decode::kValueScale; }) {
+      return 1.0f / Decode::kValueScale;
+    } else {
+      return 1.0f;
+    }
   }
   static void load(const uint8_t* panel, int k, const Group& group, typename Simd::Vec (&w)[kVecs]) {
     Decode::values(panel + static_cast<long>(k) * kRowBytes, w);

@@ -12,6 +12,7 @@ struct ScalarSimd {
   static constexpr int kAccumulators = 32;
   static constexpr int kMainRows = 2;
   static Vec zero() { return 0.0f; }
+  static Vec set1(float value) { return value; }
   static Vec broadcast(const float* p) { return *p; }
   static Vec fmadd(Vec a, Vec b, Vec c) { return a * b + c; }
   static Vec mul(Vec a, Vec b) { return a * b; }

@@ -14,6 +14,7 @@ struct Avx2Simd {
   static constexpr int kAccumulators = 12;
   static constexpr int kMainRows = 6;
   static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float value) { return _mm256_set1_ps(value); }
   static Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }

@@ -14,6 +14,7 @@ struct Avx512Simd {
   static constexpr int kAccumulators = 24;
   static constexpr int kMainRows = 12;
   static Vec zero() { return _mm512_setzero_ps(); }
+  static Vec set1(float value) { return _mm512_set1_ps(value); }
   static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
