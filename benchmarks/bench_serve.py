@@ -143,7 +143,9 @@ def stream_one(base: str, prompt: str, max_tokens: int) -> dict:
             if not line or line == b"data: [DONE]":
                 continue
             chunk = json.loads(line.decode().removeprefix("data: "))
-            if chunk.get("choices") and chunk["choices"][0].get("text"):
+            # A token whose text is not complete yet (a partial UTF-8 byte sequence of a
+            # random model) still arrives as a chunk: count chunks, not text.
+            if chunk.get("choices"):
                 times.append(time.perf_counter())
     ttft = times[0] - start
     decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan")
