@@ -60,13 +60,15 @@ def test_int8_and_int4_at_load(llm_runs):
 # with lk on; the reference is the same random model unquantized, in bf16, on vLLM's MoE.
 FP8_DIMS = ("--dtype", "bfloat16", "--hidden-size", "256", "--moe-intermediate-size", "128",
             "--num-heads", "2", "--num-kv-heads", "2", "--head-dim", "64")
-# Measured: first prompt's logprobs KEEP -8.62/-4.51/-6.06, TO_DTYPE -8.22/-4.51/-5.96,
-# unquantized -8.22/-4.46/-6.06; max deviation from the unquantized model over all prompts
-# 1.49 (random Gaussian weights round coarsely to e4m3; vLLM's own bf16 vs f32 is 0.35 on
-# the smaller model); greedy tokens of KEEP and TO_DTYPE identical, one prompt's first
-# token differs from the unquantized model.
+# Measured: max prompt-logprob deviation from the unquantized model over all prompts 1.49
+# (KEEP) and 1.46 (TO_DTYPE): random Gaussian weights round coarsely to e4m3 (vLLM's own
+# bf16 vs f32 is 0.35 on the smaller model). KEEP and TO_DTYPE differ only by TO_DTYPE's
+# bf16 rounding of the dequantized weights: 0.45 between them, so they must stay much
+# closer to each other than to the unquantized model. Greedy tokens are not compared: on
+# this random model one prompt's first two candidates are close enough for that rounding
+# to swap them (seen: 3 of 4 prompts identical).
 FP8_LOGPROB_TOL = 2.0
-FP8_SAME_PREFIX = 4
+FP8_KEEP_VS_TO_DTYPE_SHARE = 0.5
 
 
 def test_fp8_block_checkpoint(tmp_path_factory):
@@ -87,7 +89,6 @@ def test_fp8_block_checkpoint(tmp_path_factory):
     assert "(bf16," in to_dtype.report[0]["summary"]
     # FP8 keeps half the bytes of bf16 (plus one float32 scale per 128 weights).
     assert lk_bytes(keep.report) < 0.6 * lk_bytes(to_dtype.report)
-    for run in (keep, to_dtype):
-        assert max_logprob_diff(run, reference) < FP8_LOGPROB_TOL
-    for a, b in zip(keep.tokens, to_dtype.tokens):
-        assert a[:FP8_SAME_PREFIX] == b[:FP8_SAME_PREFIX]
+    distances = [max_logprob_diff(run, reference) for run in (keep, to_dtype)]
+    assert max(distances) < FP8_LOGPROB_TOL
+    assert max_logprob_diff(keep, to_dtype) < FP8_KEEP_VS_TO_DTYPE_SHARE * min(distances)
