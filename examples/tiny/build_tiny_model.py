@@ -133,6 +133,15 @@ class Weights:
     def embedding(self, name: str, vocab: int, hidden: int):
         self[name] = torch.randn(vocab, hidden, generator=self.gen)
 
+    def attention(self, prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        """A decoder layer's two norms and its q/k/v/o projections (Llama-style names)."""
+        self.norm(f"{prefix}.input_layernorm.weight", hidden)
+        self.norm(f"{prefix}.post_attention_layernorm.weight", hidden)
+        self.linear(f"{prefix}.self_attn.q_proj.weight", heads * head_dim, hidden)
+        self.linear(f"{prefix}.self_attn.k_proj.weight", kv_heads * head_dim, hidden)
+        self.linear(f"{prefix}.self_attn.v_proj.weight", kv_heads * head_dim, hidden)
+        self.linear(f"{prefix}.self_attn.o_proj.weight", hidden, heads * head_dim)
+
     def mlp(self, prefix: str, hidden: int, inter: int, names=("gate_proj", "up_proj",
                                                                 "down_proj")):
         gate, up, down = names
@@ -194,12 +203,7 @@ def build_qwen_moe(args, vocab: int, w: Weights, shared: bool) -> dict:
     w.embedding("model.embed_tokens.weight", vocab, H)
     for layer in range(args.num_layers):
         p = f"model.layers.{layer}"
-        w.norm(f"{p}.input_layernorm.weight", H)
-        w.norm(f"{p}.post_attention_layernorm.weight", H)
-        w.linear(f"{p}.self_attn.q_proj.weight", heads * head_dim, H)
-        w.linear(f"{p}.self_attn.k_proj.weight", kv_heads * head_dim, H)
-        w.linear(f"{p}.self_attn.v_proj.weight", kv_heads * head_dim, H)
-        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * head_dim)
+        w.attention(p, H, heads, kv_heads, head_dim)
         if shared:
             w.bias(f"{p}.self_attn.q_proj.bias", heads * head_dim)
             w.bias(f"{p}.self_attn.k_proj.bias", kv_heads * head_dim)
@@ -234,12 +238,7 @@ def build_mixtral(args, vocab: int, w: Weights) -> dict:
     w.embedding("model.embed_tokens.weight", vocab, H)
     for layer in range(args.num_layers):
         p = f"model.layers.{layer}"
-        w.norm(f"{p}.input_layernorm.weight", H)
-        w.norm(f"{p}.post_attention_layernorm.weight", H)
-        w.linear(f"{p}.self_attn.q_proj.weight", heads * head_dim, H)
-        w.linear(f"{p}.self_attn.k_proj.weight", kv_heads * head_dim, H)
-        w.linear(f"{p}.self_attn.v_proj.weight", kv_heads * head_dim, H)
-        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * head_dim)
+        w.attention(p, H, heads, kv_heads, head_dim)
         w.linear(f"{p}.block_sparse_moe.gate.weight", E, H)
         for e in range(E):
             w.mlp(f"{p}.block_sparse_moe.experts.{e}", H, I, names=("w1", "w3", "w2"))
