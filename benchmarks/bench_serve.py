@@ -35,6 +35,8 @@ from pathlib import Path
 
 import requests
 
+from lvllm._vllm_cli import command_line
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
 
@@ -55,13 +57,6 @@ def build(models_dir: Path, name: str) -> Path:
         subprocess.run([sys.executable, str(BUILDER), "--out", str(out), *MODELS[name]],
                        check=True)
     return out
-
-
-def vllm_command() -> list[str]:
-    script = Path(sys.executable).parent / "vllm"
-    if script.exists() and "lvllm" in script.read_text(errors="replace"):
-        return [str(script)]
-    return [sys.executable, "-m", "lvllm._vllm_cli"]
 
 
 def free_port() -> int:
@@ -98,7 +93,7 @@ class Server:
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
             "VLLM_DISABLE_COMPILE_CACHE": "1",
         })
-        command = [*vllm_command(), "serve", str(model), "--host", "127.0.0.1",
+        command = [*command_line(), "serve", str(model), "--host", "127.0.0.1",
                    "--port", str(self.port), "--dtype", dtype, "--served-model-name", "bench",
                    "--max-model-len", str(args.prompt_tokens + args.decode_tokens + 64),
                    "--max-num-seqs", str(max(args.concurrency, 1)),

