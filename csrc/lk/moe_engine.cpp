@@ -262,6 +262,15 @@ std::size_t MoEEngine::weight_bytes() const {
   return total;
 }
 
+std::vector<MoEEngine::PackedSlice> MoEEngine::packed_slices() const {
+  std::vector<PackedSlice> slices;
+  for (const NodeSlice& slice : slices_) {
+    slices.push_back({slice.begin, slice.length, slice.panels, slice.gate_up, slice.down, gate_up_panel_bytes(slice),
+                      down_panel_bytes(slice)});
+  }
+  return slices;
+}
+
 void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
   // Each node's workers copy its slices, so first touch places the pages on that node.
   const int nodes = static_cast<int>(slices_.size());

@@ -68,6 +68,17 @@ class MoEEngine {
   const ExpertShape& shape() const { return shape_; }
   std::size_t weight_bytes() const;
 
+  // Where node n's packed weights lie, for copying them elsewhere as they are (the GPU
+  // prefill path streams these bytes and unpacks them on the device).
+  struct PackedSlice {
+    int begin, length, panels;  // rows [begin, begin + length) of I, in `panels` panels
+    const HostBuffer& gate_up;  // [E][gate|up][panels] panels of depth H
+    const HostBuffer& down;     // [E][hidden_panels] panels of depth `length`
+    std::size_t gate_up_panel_bytes, down_panel_bytes;
+  };
+  std::vector<PackedSlice> packed_slices() const;
+  int hidden_panels() const { return hidden_panels_; }
+
  private:
   struct NodeSlice {
     int begin = 0, length = 0, panels = 0;  // this node's rows of I, in panels of kPanelWidth

@@ -12,6 +12,8 @@
 
 #include "lk/bench/roofline.h"
 #include "lk/cpu_features.h"
+#include "lk/cuda/driver.h"
+#include "lk/cuda/stream_forward.h"
 #include "lk/moe_engine.h"
 #include "lk/runtime.h"
 
@@ -138,5 +140,85 @@ PYBIND11_MODULE(_lk, m) {
           py::arg("topk"), py::arg("topk_weights"), py::arg("weights_dtype"), py::arg("output"),
           py::arg("output_dtype"))
       .def("wait", &lk::MoEEngine::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("weight_bytes", &lk::MoEEngine::weight_bytes);
+      .def_property_readonly("weight_bytes", &lk::MoEEngine::weight_bytes)
+      .def_property_readonly("hidden_panels", &lk::MoEEngine::hidden_panels)
+      .def(
+          "packed_slices",
+          [](py::object self) {
+            // Writable views of the engine's own memory; each keeps the engine alive.
+            const auto& engine = self.cast<const lk::MoEEngine&>();
+            const auto view = [&self](const lk::HostBuffer& buffer) {
+              py::memoryview memory = py::memoryview::from_memory(buffer.data(), static_cast<py::ssize_t>(buffer.size()));
+              py::module_::import("weakref").attr("finalize")(memory, py::cpp_function([self] {}));
+              return memory;
+            };
+            py::list slices;
+            for (const auto& slice : engine.packed_slices()) {
+              py::dict entry;
+              entry["begin"] = slice.begin;
+              entry["length"] = slice.length;
+              entry["panels"] = slice.panels;
+              entry["gate_up"] = view(slice.gate_up);
+              entry["down"] = view(slice.down);
+              entry["gate_up_panel_bytes"] = slice.gate_up_panel_bytes;
+              entry["down_panel_bytes"] = slice.down_panel_bytes;
+              slices.append(entry);
+            }
+            return slices;
+          },
+          "Per NUMA node: the rows of I it holds and views of its packed weight memory.");
+
+  py::class_<lk::cuda::Driver, std::shared_ptr<lk::cuda::Driver>>(m, "CudaDriver")
+      .def(py::init<const std::string&>(), py::arg("library"))
+      .def_property_readonly("library", &lk::cuda::Driver::library);
+
+  py::class_<lk::cuda::HostStaging>(m, "HostStaging")
+      .def(py::init([](std::uintptr_t input, std::uintptr_t topk_ids, std::uintptr_t topk_weights, std::uintptr_t padding,
+                       std::uintptr_t output, std::size_t io_bytes, std::size_t topk_bytes, std::size_t padding_bytes) {
+             lk::cuda::HostStaging staging;
+             staging.input = reinterpret_cast<void*>(input);
+             staging.topk_ids = reinterpret_cast<int32_t*>(topk_ids);
+             staging.topk_weights = reinterpret_cast<float*>(topk_weights);
+             staging.padding = reinterpret_cast<uint8_t*>(padding);
+             staging.output = reinterpret_cast<void*>(output);
+             staging.input_bytes = staging.output_bytes = io_bytes;
+             staging.topk_bytes = topk_bytes;
+             staging.padding_bytes = padding_bytes;
+             return staging;
+           }),
+           py::arg("input"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("padding"), py::arg("output"),
+           py::arg("io_bytes"), py::arg("topk_bytes"), py::arg("padding_bytes"));
+
+  py::class_<lk::cuda::StreamedForwards>(m, "StreamedForwards")
+      .def(py::init([](std::shared_ptr<lk::cuda::Driver> driver) {
+             return std::make_unique<lk::cuda::StreamedForwards>(std::move(driver));
+           }),
+           py::arg("driver"))
+      .def(
+          "begin",
+          [](lk::cuda::StreamedForwards& self, std::uintptr_t stream, lk::MoEEngine& engine, std::uintptr_t input,
+             int input_dtype, int tokens, std::uintptr_t topk_ids, std::uintptr_t topk_weights, int topk,
+             std::uintptr_t padding, const lk::cuda::HostStaging& staging, bool replayable) {
+            lk::cuda::DeviceForward forward;
+            forward.input = input;
+            forward.input_dtype = to_dtype(input_dtype, "hidden states");
+            forward.tokens = tokens;
+            forward.topk_ids = topk_ids;
+            forward.topk_weights = topk_weights;
+            forward.topk = topk;
+            forward.padding = padding;
+            return self.begin(reinterpret_cast<lk::cuda::Stream>(stream), engine, forward, staging, replayable);
+          },
+          // The records point at the engine: it lives as long as this object.
+          py::keep_alive<1, 3>(), py::arg("stream"), py::arg("engine"), py::arg("input"), py::arg("input_dtype"),
+          py::arg("tokens"), py::arg("topk_ids"), py::arg("topk_weights"), py::arg("topk"), py::arg("padding"),
+          py::arg("staging"), py::arg("replayable"))
+      .def(
+          "finish",
+          [](lk::cuda::StreamedForwards& self, std::uintptr_t stream, std::uintptr_t handle, std::uintptr_t output) {
+            self.finish(reinterpret_cast<lk::cuda::Stream>(stream), handle, output);
+          },
+          py::arg("stream"), py::arg("handle"), py::arg("output"))
+      .def("take_error", &lk::cuda::StreamedForwards::take_error)
+      .def_property_readonly("records", &lk::cuda::StreamedForwards::records);
 }
