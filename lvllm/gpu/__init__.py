@@ -1,0 +1,3 @@
+"""lvllm's GPU path: routed experts queued on CUDA streams (lvllm.gpu.stream), experts
+streamed to the GPU for long prompts (lvllm.gpu.ring), and the decisions both take
+(lvllm.gpu.plan, plain Python). Only lvllm.hybrid and lvllm.vllm_adapter use it."""

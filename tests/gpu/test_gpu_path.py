@@ -1,0 +1,160 @@
+"""The hybrid layer on a CUDA device: lk queued on the stream, CUDA graphs, the prefetch ring,
+mixed batches. torch alone; the reference is the same experts in float32 torch on the GPU."""
+
+import pytest
+import torch
+
+from gpu_common import inputs, make_layer, torch_experts
+from lvllm.gpu.plan import BatchPlan
+from lvllm.gpu.ring import ExpertRing
+from lvllm.gpu.stream import StreamQueue
+from lvllm.hybrid import DeviceRoute
+
+E, H, I, K = 8, 256, 128, 2
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture(scope="module")
+def queue():
+    return StreamQueue(max_tokens=64)
+
+
+def shared_expert(x):
+    """A device-side stand-in for the shared experts, queued between submit and wait."""
+    return torch.nn.functional.silu(x.float() @ torch.ones(H, H, device=x.device) / H).to(x.dtype)
+
+
+def test_hybrid_layer_matches_the_reference_without_host_synchronization(queue):
+    layer, w13, w2 = make_layer(seed=1, experts=E, hidden=H, inter=I)
+    layer.attach_gpu(queue)
+    x, ids, weights = inputs(16, H, E, K, seed=1)
+    layer.forward(x, ids, weights, lambda: shared_expert(x))  # staging allocated here
+    torch.cuda.synchronize()
+    calls = layer.engine.forward_calls
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronization raises
+    try:
+        shared, routed = layer.forward(x, ids, weights, lambda: shared_expert(x))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = torch_experts(x, w13.cuda(), w2.cuda(), weights, ids)
+    torch.testing.assert_close(routed, expected, **BF16_TOL)
+    torch.testing.assert_close(shared, shared_expert(x))
+    assert layer.engine.forward_calls == calls + 1
+    assert queue.native.take_error() == ""
+
+
+def test_cpu_work_overlaps_device_work_queued_between_submit_and_wait(queue):
+    """The device runs the shared part while lk computes: a long device job queued in between
+    does not add its time to lk's."""
+    layer, _, _ = make_layer(seed=2, experts=E, hidden=2048, inter=1024)
+    layer.attach_gpu(queue)
+    x, ids, weights = inputs(32, 2048, E, K, seed=2)
+    big = torch.randn(4096, 4096, device="cuda")
+
+    def device_work(repeats):
+        for _ in range(repeats):
+            big.matmul(big)
+
+    def timed(run):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    layer.forward(x, ids, weights, lambda: None)
+    lk_alone = min(timed(lambda: layer.forward(x, ids, weights, lambda: None)) for _ in range(3))
+    repeats = 1
+    while timed(lambda: device_work(repeats)) < lk_alone and repeats < 4096:
+        repeats *= 2
+    device_alone = min(timed(lambda: device_work(repeats)) for _ in range(3))
+    both = min(timed(lambda: layer.forward(x, ids, weights, lambda: device_work(repeats))) for _ in range(3))
+    assert both < 0.8 * (lk_alone + device_alone), (lk_alone, device_alone, both)
+
+
+def test_graph_capture_replays_new_inputs_with_fewer_real_tokens(queue):
+    layer, w13, w2 = make_layer(seed=3, experts=E, hidden=H, inter=I)
+    layer.attach_gpu(queue)
+    captured = 8
+    x = torch.zeros(captured, H, dtype=torch.bfloat16, device="cuda")
+    ids = torch.zeros(captured, K, dtype=torch.int64, device="cuda")
+    weights = torch.zeros(captured, K, device="cuda")
+    padding = torch.zeros(captured, dtype=torch.bool, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up, as vLLM does before capturing
+        layer.forward(x, ids, weights, lambda: shared_expert(x), padding=padding)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        shared_out, routed_out = layer.forward(x, ids, weights, lambda: shared_expert(x), padding=padding)
+    records = queue.native.records
+    for real, seed in ((8, 30), (3, 31), (1, 32), (5, 33)):
+        new_x, new_ids, new_weights = inputs(real, H, E, K, seed)
+        x.normal_()
+        x[:real] = new_x
+        ids.fill_(10_000)  # garbage in padding rows: lk must never route them
+        ids[:real] = new_ids
+        weights[:real] = new_weights
+        padding.fill_(True)
+        padding[:real] = False
+        graph.replay()
+        torch.cuda.synchronize()
+        assert queue.native.take_error() == ""
+        expected = torch_experts(new_x, w13.cuda(), w2.cuda(), new_weights, new_ids)
+        torch.testing.assert_close(routed_out[:real], expected, **BF16_TOL)
+        assert not routed_out[real:].any()
+        torch.testing.assert_close(shared_out, shared_expert(x))
+    assert queue.native.records == records  # replays reuse the captured records
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_ring_streams_every_layer_with_its_own_weights(queue, window):
+    """>= 8 layers with distinct weights through a ring of window + 1 slots; the unpacked
+    buffer is poisoned after each layer, and heavy device work between layers lets the copy
+    stream run as far ahead as the events allow: a slot overwritten too early, or a layer
+    computed before its copy landed, gives the wrong layer's (or NaN) output."""
+    layers = [make_layer(seed=10 + i, experts=E, hidden=H, inter=I) for i in range(9)]
+    ring = ExpertRing(torch.device("cuda"), window)
+    for layer, _, _ in layers:
+        assert layer.attach_gpu(queue, ring, torch_experts)
+    ring.allocate()
+    big = torch.randn(2048, 2048, device="cuda")
+    x, ids, weights = inputs(64, H, E, K, seed=5)
+    route = DeviceRoute.of(BatchPlan(gpu_prefill=True), 64, "cuda")
+    for forward in range(2):
+        ring.start()
+        for index, (layer, w13, w2) in enumerate(layers):
+            calls = layer.engine.forward_calls
+            _, routed = layer.forward(x, ids, weights, lambda: None, route=route)
+            expected = torch_experts(x, w13.cuda(), w2.cuda(), weights, ids)
+            torch.testing.assert_close(routed, expected, **BF16_TOL, msg=f"forward {forward} layer {index}")
+            assert layer.engine.forward_calls == calls  # no lk work for a fully streamed batch
+            for unpacked in ring._unpacked.values():
+                unpacked.fill_(float("nan"))
+            for _ in range(1 + index % 3):
+                big.matmul(big)
+    ring.close()
+
+
+def test_mixed_batch_splits_decode_rows_to_lk_and_merges(queue):
+    layer, w13, w2 = make_layer(seed=40, experts=E, hidden=H, inter=I)
+    ring = ExpertRing(torch.device("cuda"), 1)
+    layer.attach_gpu(queue, ring, torch_experts)
+    ring.allocate()
+    tokens = 40
+    x, ids, weights = inputs(tokens, H, E, K, seed=40)
+    plan = BatchPlan(gpu_prefill=True, lk_rows=(0, 7, 8, 39))
+    route = DeviceRoute.of(plan, tokens, "cuda")
+    calls = layer.engine.forward_calls
+    ring.start()
+    _, routed = layer.forward(x, ids, weights, lambda: None, route=route)
+    assert layer.engine.forward_calls == calls + 1  # the decode rows went to lk
+    expected = torch_experts(x, w13.cuda(), w2.cuda(), weights, ids)
+    torch.testing.assert_close(routed, expected, **BF16_TOL)
+    # The lk rows are lk's own result, bit for bit.
+    lk_rows = torch.tensor(plan.lk_rows, device="cuda")
+    alone = layer.engine.forward(x[lk_rows].cpu(), ids[lk_rows].cpu(), weights[lk_rows].cpu())
+    assert torch.equal(routed[lk_rows].cpu(), alone)
+    ring.close()
