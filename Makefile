@@ -6,6 +6,7 @@
 #   make serve      install, build, then serve the tiny embedded MoE model with lk on
 #                   (more vllm serve flags: make serve SERVE_ARGS="--port 8001")
 #   make build      rebuild lvllm._lk after C++ changes (incremental)
+#   make gpu-wheelhouse  build tools for benchmarks/gpu_session.sh on a GPU machine without network
 #   make install    only the install (venv, torch, lvllm + vLLM, pitfall fixes)
 #   make clean      remove build outputs (keeps the venv); make distclean removes the venv too
 
@@ -53,7 +54,7 @@ TINY_CONFIG := examples/tiny/config.yaml
 SERVE_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: help install build build-asan test test-asan serve clean distclean
+.PHONY: help install build build-asan test test-asan serve gpu-wheelhouse clean distclean
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -109,6 +110,11 @@ $(TINY_MODEL)/config.json: examples/tiny/build_tiny_model.py | $(STAMP)-install
 
 serve: build $(TINY_MODEL)/config.json
 	LVLLM_MOE_NUMA_ENABLED=1 $(VENV)/bin/vllm serve $(TINY_MODEL) --config $(TINY_CONFIG) $(SERVE_ARGS)
+
+# Build tools for benchmarks/gpu_session.sh on a GPU machine without network (pure-Python
+# or py3-none wheels, so they fit whatever Python that machine has).
+gpu-wheelhouse: | $(STAMP)-install
+	$(PIP) download --quiet --only-binary :all: --dest build/wheelhouse -r requirements/build.txt pytest
 
 clean:
 	rm -rf build lvllm/_lk*.so

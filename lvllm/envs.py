@@ -108,14 +108,16 @@ VARIABLES: dict[str, Variable] = {
         ),
         Variable(
             "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE", "0", _int_at_least(0), "integer >= 0",
-            "Stream non-resident experts to the GPU for forwards with at least this many "
-            "prefill tokens; 0 turns streaming off. Not implemented yet: a value other than 0 "
-            "is logged at start-up and ignored.",
+            "CUDA only. Forwards with at least this many prefill tokens stream each "
+            "non-resident layer's experts (float formats) from host memory into a ring of GPU "
+            "buffers and compute those tokens with vLLM's fused-MoE kernel, while the batch's "
+            "decode tokens stay on lk; 0 turns streaming off. Batches that replay a CUDA graph "
+            "keep the lk path, so set it above the largest captured size.",
         ),
         Variable(
             "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_at_least(1), "integer >= 1",
-            "How many layers ahead expert weights are streamed to the GPU during prefill (with "
-            "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE; not implemented yet).",
+            "How many layers ahead experts are copied to the GPU while streaming (with "
+            "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE); the ring holds window + 1 layers of GPU memory.",
         ),
         Variable(
             "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice("TO_DTYPE", "KEEP", "INT8", "INT4"),

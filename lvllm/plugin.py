@@ -10,21 +10,13 @@ upstream; with 1 the MoE classes are swapped (lvllm.vllm_adapter).
 
 from __future__ import annotations
 
-import logging
-
 from lvllm import envs
-
-logger = logging.getLogger("vllm.lvllm")
 
 
 def register() -> None:
     envs.validate_all()
     if not envs.get("LVLLM_MOE_NUMA_ENABLED"):
         return
-    if envs.get("LVLLM_GPU_PREFILL_MIN_BATCH_SIZE"):
-        # Lvllm-style setups carry this variable; refusing it would break them.
-        logger.warning("lvllm: LVLLM_GPU_PREFILL_MIN_BATCH_SIZE is set, but GPU prefill streaming is "
-                       "not implemented yet: long prompts use the lk engine")
     from lvllm import vllm_adapter
 
     vllm_adapter.install()

@@ -1,0 +1,223 @@
+"""lvllm's GPU path on one CUDA device, with torch alone (no vLLM needed).
+
+    python benchmarks/bench_gpu.py [--hidden 2048 --inter 768 --experts 128 --topk 8]
+
+Measures in one run, for one MoE layer shape (default Qwen3-30B-A3B):
+
+1. the machine's pinned host-to-device bandwidth (the ceiling of streamed prefill);
+2. hybrid decode per layer at 1/4/16 tokens, split into copy (D2H + H2D through pinned
+   memory), CPU (lk alone), GPU (a shared-expert MLP alone) and wait (the stream idle
+   while lk finishes), eager and replayed from a CUDA graph, and the overlap gain:
+   (CPU + copy + GPU) / hybrid layer time;
+3. streamed prefill over --layers layers through the ring (--window): bytes streamed per
+   second against the pinned bandwidth (copy-bound target >= 85%), with the experts'
+   compute and without it; and the token count where streaming overtakes lk's CPU prefill.
+
+Every figure is measured in this run; ratios compare figures of this run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from lvllm.gpu.plan import BatchPlan
+from lvllm.gpu.ring import ExpertRing
+from lvllm.gpu.stream import StreamQueue
+from lvllm.hybrid import DeviceRoute, HybridExperts
+
+
+def gpu_ms(run, repeats: int) -> float:
+    """Median milliseconds of ``run`` on the current stream (CUDA events)."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def wall_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def grouped_experts(x, w13, w2, topk_weights, topk_ids):
+    """Routed experts on the GPU, tokens grouped by expert (a stand-in for vLLM's fused-MoE
+    kernel, which needs vLLM): three matmuls per active expert."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    flat = topk_ids.flatten()
+    order = flat.argsort()
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    rows = order // topk_ids.shape[1]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        picked = order[start:start + count]
+        token_rows = rows[start:start + count]
+        gate, up = (x[token_rows] @ w13[expert].T).chunk(2, dim=-1)
+        down = (torch.nn.functional.silu(gate) * up) @ w2[expert].T
+        out.index_add_(0, token_rows, down.float() * topk_weights.flatten()[picked, None])
+        start += count
+    return out.to(x.dtype)
+
+
+def make_layer(args, seed):
+    generator = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=generator)
+           / args.hidden**0.5).bfloat16()
+    w2 = (torch.randn(args.experts, args.hidden, args.inter, generator=generator)
+          / args.inter**0.5).bfloat16()
+    return HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}")
+
+
+def routing(args, tokens, seed, device="cuda"):
+    generator = torch.Generator().manual_seed(seed)
+    weights, ids = torch.topk(torch.softmax(torch.randn(tokens, args.experts, generator=generator), -1),
+                              args.topk)
+    x = torch.randn(tokens, args.hidden, generator=generator).bfloat16()
+    return x.to(device), ids.to(device), weights.to(device)
+
+
+def pinned_bandwidth_gbs(nbytes: int, repeats: int) -> float:
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    device.copy_(host, non_blocking=True)
+    return nbytes / gpu_ms(lambda: device.copy_(host, non_blocking=True), repeats) / 1e6
+
+
+def decode(args, queue, results):
+    layer = make_layer(args, seed=1)
+    layer.attach_gpu(queue)
+    shared_up = torch.randn(args.hidden, 2 * args.shared_inter, device="cuda").bfloat16() / args.hidden**0.5
+    shared_down = torch.randn(args.shared_inter, args.hidden, device="cuda").bfloat16() / args.shared_inter**0.5
+
+    def shared(x):
+        gate, up = (x @ shared_up).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up) @ shared_down
+
+    for tokens in args.decode_tokens:
+        x, ids, weights = routing(args, tokens, seed=tokens)
+        host = [t.cpu() for t in (x, ids, weights)]
+        pinned_in = torch.empty_like(host[0]).pin_memory()
+        pinned_out = torch.empty_like(host[0]).pin_memory()
+        out = torch.empty_like(x)
+
+        def copies():
+            pinned_in.copy_(x, non_blocking=True)
+            out.copy_(pinned_out, non_blocking=True)
+
+        def hybrid():
+            return layer.forward(x, ids, weights, lambda: shared(x))
+
+        hybrid()
+        copy = gpu_ms(copies, args.repeats)
+        cpu = wall_ms(lambda: layer.engine.forward(*host), args.repeats)
+        device = gpu_ms(lambda: shared(x), args.repeats)
+        eager = gpu_ms(hybrid, args.repeats)
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            hybrid()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            hybrid()
+        replay = gpu_ms(graph.replay, args.repeats)
+        row = dict(tokens=tokens, copy_ms=copy, cpu_ms=cpu, gpu_ms=device,
+                   wait_ms=max(eager - copy - device, 0.0), eager_ms=eager, graph_ms=replay,
+                   overlap_gain=(copy + cpu + device) / eager)
+        results["decode"].append(row)
+        print(f"decode {tokens:>3} tok: copy {copy:.3f} ms, CPU {cpu:.3f} ms, GPU {device:.3f} ms, "
+              f"wait {row['wait_ms']:.3f} ms | layer eager {eager:.3f} ms, graph {replay:.3f} ms | "
+              f"overlap gain {row['overlap_gain']:.2f}x")
+
+
+def prefill(args, queue, results, bandwidth):
+    layers = [make_layer(args, seed=100 + i) for i in range(args.layers)]
+    ring = ExpertRing(torch.device("cuda"), args.window)
+    compute = {"with compute": grouped_experts,
+               "copy only": lambda x, w13, w2, tw, ti: torch.zeros_like(x)}
+    for layer in layers:
+        layer.attach_gpu(queue, ring, grouped_experts)
+    ring.allocate()
+    streamed_bytes = sum(layer.engine.nbytes for layer in layers)
+    for tokens in args.prefill_tokens:
+        x, ids, weights = routing(args, tokens, seed=tokens)
+        route = DeviceRoute.of(BatchPlan(gpu_prefill=True), tokens, "cuda")
+        row = dict(tokens=tokens)
+        for label, function in compute.items():
+            for layer in layers:
+                layer.gpu_experts = function
+
+            def forward():
+                ring.start()
+                for layer in layers:
+                    layer.forward(x, ids, weights, lambda: None, route=route)
+
+            forward()
+            ms = gpu_ms(forward, max(3, args.repeats // 10))
+            row[label] = dict(ms_per_layer=ms / len(layers),
+                              gbs=streamed_bytes / ms / 1e6,
+                              of_pinned=streamed_bytes / ms / 1e6 / bandwidth)
+        host = [t.cpu() for t in (x, ids, weights)]
+        row["lk_cpu_ms_per_layer"] = wall_ms(lambda: layers[0].engine.forward(*host), 3)
+        results["prefill"].append(row)
+        streamed = row["with compute"]["ms_per_layer"]
+        print(f"prefill {tokens:>5} tok: streamed {streamed:.2f} ms/layer "
+              f"({row['copy only']['of_pinned']:.0%} of pinned H2D copy-only, "
+              f"{row['with compute']['of_pinned']:.0%} with compute) vs lk CPU "
+              f"{row['lk_cpu_ms_per_layer']:.2f} ms/layer")
+    faster = [r["tokens"] for r in results["prefill"]
+              if r["with compute"]["ms_per_layer"] < r["lk_cpu_ms_per_layer"]]
+    results["streaming_overtakes_cpu_at"] = min(faster) if faster else None
+    print(f"streaming overtakes lk's CPU prefill from {results['streaming_overtakes_cpu_at']} tokens "
+          f"(of those measured)")
+    ring.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=768)
+    parser.add_argument("--shared-inter", type=int, default=768)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1)
+    parser.add_argument("--decode-tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1, 4, 16])
+    parser.add_argument("--prefill-tokens", type=lambda s: [int(t) for t in s.split(",")],
+                        default=[256, 1024, 4096, 8192])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+
+    from lvllm import lk
+
+    results = dict(device=torch.cuda.get_device_name(), lk=lk.runtime_info(), args=vars(args),
+                   decode=[], prefill=[])
+    bandwidth = pinned_bandwidth_gbs(1 << 30, args.repeats)
+    results["pinned_h2d_gbs"] = bandwidth
+    print(f"{results['device']}; lk {results['lk']}; pinned host-to-device {bandwidth:.1f} GB/s")
+    queue = StreamQueue(max_tokens=max(args.prefill_tokens))
+    decode(args, queue, results)
+    prefill(args, queue, results, bandwidth)
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
