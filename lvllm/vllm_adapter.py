@@ -46,6 +46,7 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
     UnquantizedFusedMoEMethod,
 )
 from vllm.model_executor.layers.quantization.base_config import resolve_quant_method
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
@@ -248,7 +249,7 @@ class Fp8BlockSource(ExpertSource):
 class CompressedTensorsInt4Source(ExpertSource):
     """compressed-tensors pack-quantized symmetric W4A16 experts, laid out as vLLM's
     CompressedTensorsWNA16MoEMethod creates them: N-first `weight_packed` int32
-    [E, N, K / 8], `weight_scale` [E, N, K / group] in the model dtype, `weight_shape`."""
+    [E, N, K / 8], `weight_scale` [E, N, K / group], `weight_shape`."""
 
     format = "int4"
 
@@ -258,11 +259,13 @@ class CompressedTensorsInt4Source(ExpertSource):
     def params(self, num_experts, hidden, inter, params_dtype):
         g = self.group
         group = {"is_transposed": False, "quant_method": "group"}
+        # Scales in float32, not the model dtype vLLM uses: lk keeps float32 scales, so
+        # the checkpoint's are taken without a rounding step.
         return {
             "w13_weight_packed": ((num_experts, 2 * inter, hidden // 8), torch.int32, group),
             "w2_weight_packed": ((num_experts, hidden, inter // 8), torch.int32, group),
-            "w13_weight_scale": ((num_experts, 2 * inter, hidden // g), params_dtype, group),
-            "w2_weight_scale": ((num_experts, hidden, inter // g), params_dtype, group),
+            "w13_weight_scale": ((num_experts, 2 * inter, hidden // g), torch.float32, group),
+            "w2_weight_scale": ((num_experts, hidden, inter // g), torch.float32, group),
             "w13_weight_shape": ((num_experts, 2), torch.float32, group),
             "w2_weight_shape": ((num_experts, 2), torch.float32, group),
         }
@@ -270,13 +273,48 @@ class CompressedTensorsInt4Source(ExpertSource):
     def engine_inputs(self, layer):
         from lvllm.lk.quant import from_compressed_tensors_int4
 
-        w13 = from_compressed_tensors_int4(layer.w13_weight_packed.data,
-                                           layer.w13_weight_scale.data,
-                                           layer.w13_weight_packed.shape[2] * 8, self.group)
-        w2 = from_compressed_tensors_int4(layer.w2_weight_packed.data,
-                                          layer.w2_weight_scale.data,
-                                          layer.w2_weight_packed.shape[2] * 8, self.group)
-        return w13, w2
+        return tuple(
+            from_compressed_tensors_int4(getattr(layer, f"{w}_weight_packed").data,
+                                         getattr(layer, f"{w}_weight_scale").data,
+                                         getattr(layer, f"{w}_weight_packed").shape[2] * 8,
+                                         self.group)
+            for w in ("w13", "w2"))
+
+
+class AwqInt4Source(ExpertSource):
+    """AutoAWQ GEMM 4-bit experts, laid out as vLLM's AutoAWQMoEMethod creates them:
+    input-major (`is_transposed`) `qweight` int32 [E, K, N / 8] in AWQ's nibble order,
+    `scales` [E, K / group, N], `qzeros` int32 [E, K / group, N / 8]."""
+
+    format = "int4"
+
+    def __init__(self, group: int, zero_point: bool):
+        self.group = group
+        self.zero_point = zero_point
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        g = self.group
+        group = {"is_transposed": True, "quant_method": "group"}
+        # qzeros exist even for symmetric checkpoints (vLLM creates them too), so those
+        # that store them load; they are read only with zero_point. Scales in float32 as
+        # for compressed-tensors: AWQ stores float16 scales, which bf16 would round.
+        return {
+            "w13_qweight": ((num_experts, hidden, 2 * inter // 8), torch.int32, group),
+            "w2_qweight": ((num_experts, inter, hidden // 8), torch.int32, group),
+            "w13_scales": ((num_experts, hidden // g, 2 * inter), torch.float32, group),
+            "w2_scales": ((num_experts, inter // g, hidden), torch.float32, group),
+            "w13_qzeros": ((num_experts, hidden // g, 2 * inter // 8), torch.int32, group),
+            "w2_qzeros": ((num_experts, inter // g, hidden // 8), torch.int32, group),
+        }
+
+    def engine_inputs(self, layer):
+        from lvllm.lk.quant import from_awq_int4
+
+        return tuple(
+            from_awq_int4(getattr(layer, f"{w}_qweight").data,
+                          getattr(layer, f"{w}_qzeros").data if self.zero_point else None,
+                          getattr(layer, f"{w}_scales").data, self.group)
+            for w in ("w13", "w2"))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -398,10 +436,6 @@ class LkRoutedExperts(RoutedExperts):
         if type(quant_config) is Fp8Config:
             # Decided from the config, as Fp8Config.get_quant_method does: building
             # vLLM's Fp8MoEMethod would pick a device kernel backend this host may lack.
-            from vllm.model_executor.layers.quantization.utils.quant_utils import (
-                is_layer_skipped,
-            )
-
             if is_layer_skipped(prefix=prefix, ignored_layers=quant_config.ignored_layers,
                                 fused_mapping=quant_config.packed_modules_mapping,
                                 match_mode=quant_config.ignored_layers_match_mode):
@@ -420,6 +454,8 @@ class LkRoutedExperts(RoutedExperts):
             return None
         if quant_config.get_name() == "compressed-tensors":
             return self._compressed_tensors_source(prefix, quant_config, problems)
+        if quant_config.get_name() == "auto_awq":  # what vLLM makes of quant_method "awq"
+            return self._awq_source(prefix, quant_config, problems)
         method = resolve_quant_method(quant_config, self, prefix)
         if method is None or isinstance(method, UnquantizedFusedMoEMethod):
             return ExpertSource()
@@ -453,6 +489,25 @@ class LkRoutedExperts(RoutedExperts):
                 "quantization)")
             return None
         return CompressedTensorsInt4Source(group)
+
+    def _awq_source(self, prefix, quant_config, problems):
+        """As AutoAWQConfig.get_quant_method decides, without building vLLM's AWQ MoE
+        method (it picks a device kernel backend)."""
+        if is_layer_skipped(prefix, quant_config.modules_to_not_convert,
+                            match_mode="substring"):
+            return ExpertSource()
+        group, hidden = quant_config.group_size, self.moe_config.hidden_dim
+        inter = self.moe_config.intermediate_size_per_partition
+        version = str(quant_config.full_config.get("version", "gemm")).lower()
+        if (version != "gemm" or group <= 0 or group % 16 or hidden % group
+                or inter % group):
+            problems.append(
+                f"AWQ experts (version {version!r}, group_size {group}) with hidden size "
+                f"{hidden} and per-rank intermediate size {inter} (lk takes AWQ GEMM 4-bit "
+                "experts, symmetric or with zero points, group_size a multiple of 16 "
+                "dividing both sizes)")
+            return None
+        return AwqInt4Source(group, bool(quant_config.zero_point))
 
     def _check_lk_supports(self, prefix, moe_config, problems) -> None:
         if not moe_config.is_act_and_mul or moe_config.activation.value not in LK_ACTIVATIONS:
