@@ -1,9 +1,11 @@
 // How expert weights are stored: the format of a panel and where its parts lie. Shared by
 // the engine (which packs panels) and the kernels (which read them).
 //
-// A panel holds kPanelWidth output columns over `depth` inputs, row k at k * kPanelWidth.
-// Quantized formats follow the values with per-group fp32 scales (and, for INT4, offsets),
-// one row of kPanelWidth per group of `group` consecutive k:
+// A panel holds kPanelWidth output columns over `depth` inputs. Float formats and FP8 store
+// row k at k * kPanelWidth. INT8 and INT4 interleave consecutive rows (below), so a 16-bit
+// lane can hold one column's weights for two inputs, as integer multiply-add instructions
+// want them. Quantized formats follow the values with per-group fp32 scales (and, for INT4,
+// offsets), one row of kPanelWidth per group of `group` consecutive k:
 //   weight[k][j] = q[k][j] * scale[k / group][j] (+ offset[k / group][j])
 #pragma once
 
@@ -19,26 +21,65 @@ constexpr int kNumWeightFormats = 6;
 
 const char* format_name(WeightFormat format);
 
-static inline WeightFormat format_of(DType type) { return static_cast<WeightFormat>(static_cast<int>(type)); }
-
-static inline bool is_grouped(WeightFormat format) { return static_cast<int>(format) >= static_cast<int>(WeightFormat::Int8); }
-
-static inline bool has_offsets(WeightFormat format) { return format == WeightFormat::Int4; }
-
 // Helpers are static so each kernel file, compiled with its own ISA flags, keeps its own
 // copy instead of sharing one with baseline code.
 
+static inline WeightFormat format_of(DType type) { return static_cast<WeightFormat>(static_cast<int>(type)); }
+
+static constexpr bool is_grouped(WeightFormat format) { return static_cast<int>(format) >= static_cast<int>(WeightFormat::Int8); }
+
+static constexpr bool has_offsets(WeightFormat format) { return format == WeightFormat::Int4; }
+
+// INT8 stores rows in pairs (k even): byte 2j + (k & 1) of pair k / 2 is q[k][j].
+// INT4 stores rows in fours (k a multiple of 4) as kPanelWidth 16-bit words: nibble s of
+// word i is q[k + 2 * (s >> 1) + (i & 1)][(i >> 1) + 8 * (s & 1)] - 8 as a signed 4-bit
+// value, so two shifts of the words give pairs of rows for 8 columns, sign-extended; the
+// kernels add 8 * scale to the offset. Centred values keep the integer dot products (and
+// the rounding of the activations in them) small. A panel's depth is padded to whole pairs
+// or fours with zero values.
+constexpr int kInt8RowsPerBlock = 2;
+constexpr int kInt4RowsPerBlock = 4;
+constexpr int kInt4BytesPerBlock = kInt4RowsPerBlock * kPanelWidth / 2;
+
+static constexpr int rows_per_block(WeightFormat format) {
+  return format == WeightFormat::Int8 ? kInt8RowsPerBlock : format == WeightFormat::Int4 ? kInt4RowsPerBlock : 1;
+}
+
+static constexpr std::size_t padded_depth(WeightFormat format, std::size_t depth) {
+  const std::size_t block = rows_per_block(format);
+  return (depth + block - 1) / block * block;
+}
+
+// Bytes of one block of rows_per_block(format) rows.
+static constexpr int block_bytes(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::F32: return kPanelWidth * 4;
+    case WeightFormat::F16:
+    case WeightFormat::BF16: return kPanelWidth * 2;
+    case WeightFormat::Int8: return kInt8RowsPerBlock * kPanelWidth;
+    case WeightFormat::Int4: return kInt4BytesPerBlock;
+    case WeightFormat::Fp8E4M3: return kPanelWidth;
+  }
+  return 0;
+}
+
+// Where q[k][j] lies in an INT8 panel's values.
+static inline std::size_t int8_offset(std::size_t k, int j) {
+  return (k / kInt8RowsPerBlock) * kInt8RowsPerBlock * kPanelWidth + 2 * j + (k & 1);
+}
+
+// Where q[k][j] - 8 lies in an INT4 panel's values: its byte, and the shift of its nibble.
+static inline std::size_t int4_byte(std::size_t k, int j, int* shift) {
+  const int within = static_cast<int>(k % kInt4RowsPerBlock);
+  const int word = 2 * (j % 8) + (within & 1);
+  const int nibble = 2 * (within >> 1) + j / 8;
+  *shift = 4 * (nibble & 1);
+  return (k / kInt4RowsPerBlock) * kInt4BytesPerBlock + 2 * word + (nibble >> 1);
+}
+
 // Bytes of the quantized values of one panel, rounded so the scales stay 64-byte aligned.
 static inline std::size_t panel_value_bytes(WeightFormat format, std::size_t depth) {
-  std::size_t bytes = 0;
-  switch (format) {
-    case WeightFormat::F32: bytes = depth * kPanelWidth * 4; break;
-    case WeightFormat::F16:
-    case WeightFormat::BF16: bytes = depth * kPanelWidth * 2; break;
-    case WeightFormat::Int8:
-    case WeightFormat::Fp8E4M3: bytes = depth * kPanelWidth; break;
-    case WeightFormat::Int4: bytes = depth * kPanelWidth / 2; break;
-  }
+  const std::size_t bytes = padded_depth(format, depth) / rows_per_block(format) * block_bytes(format);
   return (bytes + 63) / 64 * 64;
 }
 
@@ -52,9 +93,5 @@ static inline std::size_t panel_bytes(WeightFormat format, std::size_t depth, st
   }
   return bytes;
 }
-
-// INT4 packs two columns per byte: byte j of row k holds column j (low nibble) and
-// column j + 8 (high nibble), so a vector of 8 bytes unpacks to columns 0-7 and 8-15.
-constexpr int kInt4BytesPerRow = kPanelWidth / 2;
 
 }  // namespace lk

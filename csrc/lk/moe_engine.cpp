@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <numeric>
 #include <stdexcept>
@@ -67,6 +68,13 @@ struct SourceMatrix {
   }
 };
 
+// Stores q (0..15) as the signed nibble q - 8 (formats.h).
+void store_int4(uint8_t* panel, int k, int j, uint8_t q) {
+  int shift;
+  uint8_t& byte = panel[int4_byte(k, j, &shift)];
+  byte = static_cast<uint8_t>((byte & ~(0xf << shift)) | ((q ^ 8) << shift));
+}
+
 // Writes one panel: columns j < kPanelWidth are source rows rows[j] (-1: zero padding),
 // inputs k are source columns first_col + k. Same formats (and groups) copy exactly;
 // otherwise values are read as floats and stored or quantized per group.
@@ -76,23 +84,20 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
   float* scales = reinterpret_cast<float*>(panel + panel_value_bytes(format, depth));
   float* offsets = scales + groups * kPanelWidth;
   const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
+  // Rows past `depth` that fill the last block of an integer format stay zero.
+  std::memset(panel, 0, panel_value_bytes(format, depth));
   if (same) {
     const std::size_t element = format == WeightFormat::F32 ? 4 : (format == WeightFormat::F16 || format == WeightFormat::BF16) ? 2 : 1;
     for (int j = 0; j < kPanelWidth; ++j) {
       for (int k = 0; k < depth; ++k) {
-        const uint8_t* from = rows[j] < 0 ? nullptr : source.bytes() + source.value_index(rows[j], first_col + k) * element;
+        if (rows[j] < 0) continue;
+        const uint8_t* from = source.bytes() + source.value_index(rows[j], first_col + k) * element;
         if (format == WeightFormat::Int4) {
-          const uint8_t nibble = from ? (*from & 0xf) : 0;
-          uint8_t& byte = panel[static_cast<std::size_t>(k) * kInt4BytesPerRow + j % kInt4BytesPerRow];
-          byte = j < kInt4BytesPerRow ? static_cast<uint8_t>((byte & 0xf0) | nibble)
-                                      : static_cast<uint8_t>((byte & 0x0f) | (nibble << 4));
+          store_int4(panel, k, j, *from & 0xf);
+        } else if (format == WeightFormat::Int8) {
+          panel[int8_offset(k, j)] = *from;
         } else {
-          uint8_t* to = panel + (static_cast<std::size_t>(k) * kPanelWidth + j) * element;
-          if (from) {
-            std::memcpy(to, from, element);
-          } else {
-            std::memset(to, 0, element);
-          }
+          std::memcpy(panel + (static_cast<std::size_t>(k) * kPanelWidth + j) * element, from, element);
         }
       }
       for (std::size_t g = 0; g < groups; ++g) {
@@ -138,28 +143,76 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
         const float value = values[static_cast<std::size_t>(k) * kPanelWidth + j];
         if (format == WeightFormat::Int8) {
           const float q = std::clamp(std::nearbyint(value * inverse), -127.0f, 127.0f);
-          panel[static_cast<std::size_t>(k) * kPanelWidth + j] = static_cast<uint8_t>(static_cast<int8_t>(q));
+          panel[int8_offset(k, j)] = static_cast<uint8_t>(static_cast<int8_t>(q));
         } else {
-          const uint8_t q = static_cast<uint8_t>(std::clamp(std::nearbyint((value - offset) * inverse), 0.0f, 15.0f));
-          uint8_t& byte = panel[static_cast<std::size_t>(k) * kInt4BytesPerRow + j % kInt4BytesPerRow];
-          byte = j < kInt4BytesPerRow ? static_cast<uint8_t>((byte & 0xf0) | q) : static_cast<uint8_t>((byte & 0x0f) | (q << 4));
+          store_int4(panel, k, j, static_cast<uint8_t>(std::clamp(std::nearbyint((value - offset) * inverse), 0.0f, 15.0f)));
         }
       }
     }
   }
 }
 
+// Activation rows quantized for the integer kernels (kernels::ActivationRow), one record
+// per row: int16 values, zero up to a multiple of 16, then per group its scale and its
+// exact fp32 sum. Every ISA reads the same records, so they all multiply the same integers.
+class QuantizedRows {
+ public:
+  QuantizedRows(int depth, int group)
+      : depth_(depth), group_(group), groups_(static_cast<int>(panel_groups(depth, group))),
+        stride_(static_cast<int>(round_up(depth, 16))) {}
+
+  std::size_t bytes(std::size_t rows) const { return rows * record_bytes(); }
+
+  void quantize(const float* x, void* records, std::size_t row) const {
+    int16_t* q = values(records, row);
+    float* scale = scales(records, row);
+    float* sum = scale + groups_;
+    for (int g = 0; g < groups_; ++g) {
+      const int begin = g * group_, end = std::min(depth_, begin + group_);
+      float largest = 0.0f, total = 0.0f;
+      for (int k = begin; k < end; ++k) {
+        largest = std::max(largest, std::fabs(x[k]));
+        total += x[k];
+      }
+      // A NaN or infinity makes the group's total non-finite; its scale then carries a NaN
+      // into the outputs, as the fp32 kernels would.
+      const bool finite = std::isfinite(total);
+      const float inverse = finite && largest > 0.0f ? kernels::kActivationMax / largest : 0.0f;
+      scale[g] = finite ? largest / kernels::kActivationMax : std::numeric_limits<float>::quiet_NaN();
+      sum[g] = total;
+      for (int k = begin; k < end; ++k) q[k] = finite ? static_cast<int16_t>(std::nearbyint(x[k] * inverse)) : 0;
+    }
+    std::fill(q + depth_, q + stride_, int16_t{0});
+  }
+
+  kernels::ActivationRow row(const float* x, const void* records, std::size_t row) const {
+    const float* scale = scales(records, row);
+    return {x, values(records, row), scale, scale + groups_};
+  }
+
+ private:
+  std::size_t record_bytes() const { return stride_ * sizeof(int16_t) + 2 * groups_ * sizeof(float); }
+  int16_t* values(const void* records, std::size_t row) const {
+    return reinterpret_cast<int16_t*>(static_cast<char*>(const_cast<void*>(records)) + row * record_bytes());
+  }
+  float* scales(const void* records, std::size_t row) const {
+    return reinterpret_cast<float*>(values(records, row) + stride_);
+  }
+
+  int depth_, group_, groups_, stride_;
+};
+
 // c_rows[r] (+)= a_rows[r] x panel for `count` rows (see kernels::PanelGemm). Rows that fit
 // one pass of the kernel (decode) convert the weights while streaming them; more rows
 // (prefill) would convert them once per pass, so the panel is widened to fp32 once instead.
 // `wide` holds kWidenBlock panel rows.
 void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
-              const float* const* a_rows, int count, float* const* c_rows, bool accumulate, float* wide) {
+              const kernels::ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, float* wide) {
   if (count <= kernels[format].rows_per_pass || format == WeightFormat::F32) {
     kernels[format].gemm(a_rows, count, panel, depth, group, c_rows, accumulate);
     return;
   }
-  const float* block_rows[kChunkRows];
+  kernels::ActivationRow block_rows[kChunkRows];
   const std::size_t block_bytes = panel_value_bytes(format, kWidenBlock);
   for (int first = 0; first < depth; first += kWidenBlock) {
     const int rows = std::min(kWidenBlock, depth - first);
@@ -169,7 +222,7 @@ void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void
       const char* next = static_cast<const char*>(panel) + (first / kWidenBlock + 1) * block_bytes;
       for (std::size_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(next + line);
     }
-    for (int i = 0; i < count; ++i) block_rows[i] = a_rows[i] + first;
+    for (int i = 0; i < count; ++i) block_rows[i] = {a_rows[i].values + first, nullptr, nullptr, nullptr};
     kernels[WeightFormat::F32].gemm(block_rows, count, wide, rows, group, c_rows, accumulate || first > 0);
   }
 }
@@ -391,9 +444,21 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   const std::size_t slots = scratch.slot_token.size();
   const bool convert_input = args.input_dtype != DType::F32;
   if (convert_input) scratch.input.ensure(tokens * hidden * sizeof(float));
+  // Integer kernels read activations quantized once per forward, when some expert has few
+  // enough rows for them (more rows widen the weights to fp32 instead).
+  const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
+  bool integer_rows = false;
+  for (std::size_t i = 0; i + 1 < scratch.expert_slots.size() && format_kernels.integer_rows; ++i) {
+    integer_rows = integer_rows || scratch.expert_slots[i + 1] - scratch.expert_slots[i] <= format_kernels.rows_per_pass;
+  }
+  const QuantizedRows input_q(static_cast<int>(hidden), shape_.group_size);
+  std::vector<QuantizedRows> hidden_q;
+  if (integer_rows) scratch.input_q.ensure(input_q.bytes(tokens));
   for (int n = 0; n < nodes; ++n) {
     scratch.hidden[n].ensure(std::max<std::size_t>(1, slots * slices_[n].panels * kPanelWidth) * sizeof(float));
     scratch.partial[n].ensure(tokens * hidden_stride_ * sizeof(float));
+    hidden_q.emplace_back(slices_[n].length, shape_.group_size);
+    if (integer_rows) scratch.hidden_q[n].ensure(std::max<std::size_t>(1, hidden_q[n].bytes(slots)));
   }
   // Per worker: gate and up tiles, then one widened block.
   const std::size_t worker_floats = round_up((2 * kChunkRows + kWidenBlock) * kPanelWidth, 16);
@@ -404,14 +469,18 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   const uint32_t active = static_cast<uint32_t>(scratch.active_experts.size());
   std::vector<Phase> job;
 
-  if (convert_input) {
+  if (convert_input || integer_rows) {
     Phase phase{spread(token_blocks, nodes), {}};
     phase.run = [=, &scratch](int node, uint32_t task, int) {
       const std::size_t block = spread_offset(token_blocks, nodes, node) + task;
-      const std::size_t begin = block * kTokenBlock * hidden;
-      const std::size_t end = std::min(tokens, (block + 1) * kTokenBlock) * hidden;
-      float* out = scratch.input.as<float>();
-      for (std::size_t i = begin; i < end; ++i) out[i] = load_as_float(args.input, i, args.input_dtype);
+      const std::size_t first = block * kTokenBlock, last = std::min(tokens, (block + 1) * kTokenBlock);
+      if (convert_input) {
+        float* out = scratch.input.as<float>();
+        for (std::size_t i = first * hidden; i < last * hidden; ++i) out[i] = load_as_float(args.input, i, args.input_dtype);
+      }
+      if (integer_rows) {
+        for (std::size_t t = first; t < last; ++t) input_q.quantize(input_rows + t * hidden, scratch.input_q.data(), t);
+      }
     };
     job.push_back(std::move(phase));
   }
@@ -439,13 +508,15 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const int valid = std::min(kPanelWidth, slice.length - panel_index * kPanelWidth);
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     float* hidden_out = scratch.hidden[node].as<float>();
-    const float* rows[kChunkRows];
+    kernels::ActivationRow rows[kChunkRows];
     float* gate_rows[kChunkRows];
     float* up_rows[kChunkRows];
     for (int chunk = first; chunk < last; chunk += kChunkRows) {
       const int count = std::min(kChunkRows, last - chunk);
       for (int i = 0; i < count; ++i) {
-        rows[i] = input_rows + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden;
+        const std::size_t token = scratch.slot_token[chunk + i];
+        rows[i] = integer_rows ? input_q.row(input_rows + token * hidden, scratch.input_q.data(), token)
+                               : kernels::ActivationRow{input_rows + token * hidden, nullptr, nullptr, nullptr};
         gate_rows[i] = gate_tile + i * kPanelWidth;
         up_rows[i] = up_tile + i * kPanelWidth;
       }
@@ -458,6 +529,19 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     }
   };
   job.push_back(std::move(gate_up));
+
+  const uint32_t slot_blocks = static_cast<uint32_t>((slots + kTokenBlock - 1) / kTokenBlock);
+  if (integer_rows) {
+    Phase quantize{std::vector<uint32_t>(nodes, slot_blocks), {}};
+    quantize.run = [=, this, &scratch](int node, uint32_t block, int) {
+      const std::size_t hidden_row = static_cast<std::size_t>(slices_[node].panels) * kPanelWidth;
+      const std::size_t last = std::min<std::size_t>(slots, (block + 1) * kTokenBlock);
+      for (std::size_t slot = block * kTokenBlock; slot < last; ++slot) {
+        hidden_q[node].quantize(scratch.hidden[node].as<float>() + slot * hidden_row, scratch.hidden_q[node].data(), slot);
+      }
+    };
+    job.push_back(std::move(quantize));
+  }
 
   Phase down{std::vector<uint32_t>(nodes, static_cast<uint32_t>(hidden_panels_)), {}};
   down.run = [=, this, &scratch](int node, uint32_t panel_index, int worker) {
@@ -473,7 +557,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     const float* hidden_in = scratch.hidden[node].as<float>();
     float* wide = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
-    const float* rows[kChunkRows];
+    kernels::ActivationRow rows[kChunkRows];
     float* out_rows[kChunkRows];
     for (uint32_t expert_index = 0; expert_index < active; ++expert_index) {
       const int expert = scratch.active_experts[expert_index];
@@ -483,7 +567,9 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       for (int chunk = first; chunk < last; chunk += kChunkRows) {
         const int count = std::min(kChunkRows, last - chunk);
         for (int i = 0; i < count; ++i) {
-          rows[i] = hidden_in + (chunk + i) * hidden_row;
+          const std::size_t slot = chunk + i;
+          rows[i] = integer_rows ? hidden_q[node].row(hidden_in + slot * hidden_row, scratch.hidden_q[node].data(), slot)
+                                 : kernels::ActivationRow{hidden_in + slot * hidden_row, nullptr, nullptr, nullptr};
           out_rows[i] = partial + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden_stride_ +
                         panel_index * kPanelWidth;
         }

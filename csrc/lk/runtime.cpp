@@ -29,6 +29,7 @@ Runtime::Runtime(const RuntimeOptions& options)
       kernels_(kernels::kernel_set(choose_isa(options.isa))),
       pool_(topology_, options.threads, options.binding, options.power_saving) {
   scratch_.hidden.resize(topology_.num_nodes());
+  scratch_.hidden_q.resize(topology_.num_nodes());
   scratch_.partial.resize(topology_.num_nodes());
 }
 

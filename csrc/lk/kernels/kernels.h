@@ -10,20 +10,37 @@
 
 namespace lk::kernels {
 
+// One activation row as the kernels read it. `values` (fp32) serves every kernel. Formats
+// whose decode multiplies in integers (FormatKernels::integer_rows) read instead the row
+// quantized per weight group, prepared once per forward: q[k] * scale[k / group]
+// approximates values[k] (int16, |q| <= kActivationMax, zero up to a multiple of 4 inputs),
+// and sum[k / group] is the group's exact fp32 sum, which INT4 offsets multiply.
+struct ActivationRow {
+  const float* values;
+  const int16_t* q;
+  const float* scale;
+  const float* sum;
+};
+// 16 bits keep the quantization error of an activation below 2^-16 of its group's largest
+// magnitude, far below that of any quantized weight format.
+constexpr int kActivationMax = 32767;
+
 // For r < rows and j < kPanelWidth:
 //   c_rows[r][j] (+)= sum_{k < depth} a_rows[r][k] * weight(panel)[k][j]
 // added to c when `accumulate`, stored otherwise. `group` is the quantization group of
 // grouped formats (a multiple of 16), ignored by the others.
-using PanelGemm = void (*)(const float* const* a_rows, int rows, const void* panel, int depth, int group,
+using PanelGemm = void (*)(const ActivationRow* a_rows, int rows, const void* panel, int depth, int group,
                            float* const* c_rows, bool accumulate);
 // Converts rows [first, first + count) of a panel to fp32 (count x kPanelWidth), so prefill
-// decodes each weight once and reuses it for every token of the expert.
+// decodes each weight once and reuses it for every token of the expert. `first` is a
+// multiple of 4.
 using PanelWiden = void (*)(const void* panel, int depth, int group, int first, int count, float* out);
 
 struct FormatKernels {
   PanelGemm gemm;
   PanelWiden widen;
   int rows_per_pass;  // rows gemm multiplies per pass over the panel (its register tile)
+  bool integer_rows;  // gemm reads the quantized ActivationRow fields
 };
 
 struct ActivationParams {

@@ -1,8 +1,19 @@
-// The panel multiply shared by every ISA and format. `Simd` supplies the vector type and its
-// few operations; `Loader` turns one stored panel row into kPanelWidth fp32 weights, given
-// the scales of its group (grouped formats) loaded once per group. Instantiate it only inside
-// an anonymous namespace of an ISA's own file: each file is compiled with its own target
-// flags, and the instantiations must not be merged across files.
+// The panel multiply shared by every ISA and format. `Simd` supplies the vector types and
+// their few operations; a Decode (one per ISA x format file) turns stored weights into
+// vectors. Instantiate it only inside an anonymous namespace of an ISA's own file: each file
+// is compiled with its own target flags, and the instantiations must not be merged across
+// files.
+//
+// Decode names its format (static constexpr WeightFormat kFormat) and, for float formats
+// (float, bf16, fp16, FP8), turns one stored row into kPanelWidth floats:
+//   static void values(const uint8_t* row, Vec (&w)[kPanelWidth / Simd::kLanes]);
+// FP8 may produce its values times a constant (static constexpr float kValueScale: the true
+// value is what it produces divided by that) when that saves work per weight; the group
+// scales absorb the constant.
+// For INT8 and INT4 it turns one block of rows_per_block rows (formats.h) into pairs of
+// rows, each column's two weights in the low and high 16 bits of one 32-bit lane:
+//   static void pairs(const uint8_t* block, IVec (&w)[rows_per_block / 2][kPanelWidth / Simd::kLanes]);
+// w[p][v] holds rows 2p and 2p + 1 of the block for columns v * kLanes onwards.
 #pragma once
 
 #include <cstdint>
@@ -12,46 +23,22 @@
 namespace lk::kernels {
 namespace {
 
-// A Decode (one per ISA x format file) turns a stored row into kPanelWidth floats:
-//   static constexpr int kRowBytes;
-//   static void values(const uint8_t* row, Simd::Vec (&w)[kPanelWidth / Simd::kLanes]);
-// The loaders below add the per-group scale and offset of grouped formats. A grouped
-// Decode may produce its values times a constant (static constexpr float kValueScale: the
-// true value is what it produces divided by that) when that saves work per weight; the
-// loader folds the constant into the group's scales.
-
 template <class Simd, class Decode>
-struct PlainLoader {
-  static constexpr bool kGrouped = false;
-  static constexpr int kRowBytes = Decode::kRowBytes;
-  struct Group {};
-  static Group group(const uint8_t*, int, int, int) { return {}; }
-  template <int N>
-  static void load(const uint8_t* panel, int k, const Group&, typename Simd::Vec (&w)[N]) {
-    Decode::values(panel + static_cast<long>(k) * kRowBytes, w);
-  }
-};
-
-template <class Simd, WeightFormat kFormat, class Decode>
-struct ScaledLoader {
-  static constexpr bool kGrouped = true;
-  static constexpr int kRowBytes = Decode::kRowBytes;
+struct PanelKernels {
+  using Vec = typename Simd::Vec;
+  static constexpr WeightFormat kFormat = Decode::kFormat;
+  static constexpr bool kGrouped = is_grouped(kFormat);
+  static constexpr bool kInteger = kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4;
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
-  struct Group {
-    typename Simd::Vec scale[kVecs];
-    typename Simd::Vec offset[kVecs];
-  };
-  static Group group(const uint8_t* panel, int depth, int group_size, int index) {
-    Group group;
-    const float* scales = reinterpret_cast<const float*>(panel + panel_value_bytes(kFormat, depth)) +
-                          static_cast<long>(index) * kPanelWidth;
-    const float* offsets = scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
-    for (int v = 0; v < kVecs; ++v) {
-      group.scale[v] = Simd::mul(Simd::load(scales + v * Simd::kLanes), Simd::set1(value_scale()));
-      group.offset[v] = has_offsets(kFormat) ? Simd::load(offsets + v * Simd::kLanes) : Simd::zero();
-    }
-    return group;
-  }
+  static constexpr int kBlockRows = rows_per_block(kFormat);
+  static constexpr int kBlockBytes = block_bytes(kFormat);
+  // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
+  // is used once, so the stream must be in flight well before it is needed.
+  static constexpr int kPrefetchBytes = 2048;
+  // Integer sums are moved to fp32 at least this often: 128 products of int8 weights and
+  // int16 activations per 32-bit lane stay below 2^31.
+  static constexpr int kFlushInputs = 256;
+
   static constexpr float value_scale() {
     if constexpr (requires { Decode::kValueScale; }) {
       return 1.0f / Decode::kValueScale;
@@ -59,26 +46,85 @@ struct ScaledLoader {
       return 1.0f;
     }
   }
-  static void load(const uint8_t* panel, int k, const Group& group, typename Simd::Vec (&w)[kVecs]) {
-    Decode::values(panel + static_cast<long>(k) * kRowBytes, w);
-#pragma GCC unroll 16
+
+  // The scales (and offsets) of group `index`, loaded once per group.
+  struct Group {
+    Vec scale[kVecs];
+    Vec offset[kVecs];
+  };
+  static Group group(const uint8_t* panel, int depth, int group_size, int index) {
+    Group group;
+    const float* scales = reinterpret_cast<const float*>(panel + panel_value_bytes(kFormat, depth)) +
+                          static_cast<long>(index) * kPanelWidth;
+    const float* offsets = scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
     for (int v = 0; v < kVecs; ++v) {
-      w[v] = has_offsets(kFormat) ? Simd::fmadd(w[v], group.scale[v], group.offset[v])
-                                  : Simd::mul(w[v], group.scale[v]);
+      const Vec scale = Simd::load(scales + v * Simd::kLanes);
+      group.scale[v] = Simd::mul(scale, Simd::set1(value_scale()));
+      // INT4 values are stored minus 8 (formats.h).
+      group.offset[v] = has_offsets(kFormat) ? Simd::fmadd(scale, Simd::set1(8.0f), Simd::load(offsets + v * Simd::kLanes))
+                                             : Simd::zero();
+    }
+    return group;
+  }
+
+  // Rows k .. k + kBlockRows - 1 (k a multiple of kBlockRows) as stored: unscaled.
+  static void block_rows(const uint8_t* panel, int k, Vec (&w)[kBlockRows][kVecs]) {
+    const uint8_t* block = panel + static_cast<long>(k / kBlockRows) * kBlockBytes;
+    if constexpr (kInteger) {
+      typename Simd::IVec pairs[kBlockRows / 2][kVecs];
+      Decode::pairs(block, pairs);
+#pragma GCC unroll 4
+      for (int p = 0; p < kBlockRows / 2; ++p) {
+#pragma GCC unroll 16
+        for (int v = 0; v < kVecs; ++v) {
+          w[2 * p][v] = Simd::low_half(pairs[p][v]);
+          w[2 * p + 1][v] = Simd::high_half(pairs[p][v]);
+        }
+      }
+    } else {
+      Decode::values(block, w[0]);
     }
   }
-};
 
-}  // namespace
+  // c[r] = the group's partial sums times its scales (and the sums' scales), added to c[r]
+  // where `add` says so.
+  template <int Rows>
+  static void flush(const Vec (&sums)[Rows][kVecs], const Vec (&scale)[Rows][kVecs], float* const* c, bool add) {
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+#pragma GCC unroll 16
+      for (int v = 0; v < kVecs; ++v) {
+        float* out = c[r] + v * Simd::kLanes;
+        Simd::store(out, Simd::fmadd(sums[r][v], scale[r][v], add ? Simd::load(out) : Simd::zero()));
+      }
+    }
+  }
 
-template <class Simd, class Loader>
-struct PanelKernels {
-  using Vec = typename Simd::Vec;
-  using Group = typename Loader::Group;
-  static constexpr int kVecs = kPanelWidth / Simd::kLanes;
-  // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
-  // is used once, so the stream must be in flight well before it is needed.
-  static constexpr int kPrefetchBytes = 2048;
+  // The scales (and offsets) follow all of a panel's values, away from the stream the loops
+  // prefetch: each group fetches those of the group as far ahead as kPrefetchBytes reaches.
+  static int groups_ahead(int group_size) {
+    return 1 + kPrefetchBytes / (group_size / kBlockRows * kBlockBytes);
+  }
+  static void prefetch_group(const uint8_t* panel, int depth, int group_size, int index) {
+    const int groups = static_cast<int>(panel_groups(depth, group_size));
+    if (index >= groups) return;
+    const uint8_t* scales = panel + panel_value_bytes(kFormat, depth) + static_cast<long>(index) * kPanelWidth * 4;
+    Simd::prefetch(scales);
+    if constexpr (has_offsets(kFormat)) Simd::prefetch(scales + static_cast<long>(groups) * kPanelWidth * 4);
+  }
+
+  // The loops fetch kPrefetchBytes ahead; a panel's head (and its first groups' scales) is
+  // asked for all at once, so its misses overlap instead of stalling one by one.
+  static void prefetch_start(const uint8_t* panel, int depth, int group_size) {
+    const long bytes = static_cast<long>(padded_depth(kFormat, depth)) / kBlockRows * kBlockBytes;
+    const long head = bytes < kPrefetchBytes ? bytes : kPrefetchBytes;
+    for (long line = 0; line < head; line += 64) Simd::prefetch(panel + line);
+    if constexpr (kGrouped) {
+      for (int index = 0, ahead = groups_ahead(group_size); index < ahead; ++index) {
+        prefetch_group(panel, depth, group_size, index);
+      }
+    }
+  }
 
   // Few rows leave most accumulators idle; splitting k over several accumulator sets hides
   // the FMA latency that a single dependency chain per output vector would expose.
@@ -89,66 +135,158 @@ struct PanelKernels {
   }
 
   template <int Rows>
-  static inline void step(Vec (&acc)[Rows][kVecs], const float* const* a, const uint8_t* panel, int k,
-                          const Group& group) {
-    Vec w[kVecs];
-    Loader::load(panel, k, group, w);
+  static inline void float_step(Vec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* panel, int k) {
+    Vec w[1][kVecs];
+    block_rows(panel, k, w);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
-      const Vec b = Simd::broadcast(a[r] + k);
+      const Vec b = Simd::broadcast(a[r].values + k);
 #pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::fmadd(b, w[v], acc[r][v]);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::fmadd(b, w[0][v], acc[r][v]);
     }
   }
 
+  // Float formats: a group's products are summed unscaled and scaled once at its end.
   template <int Rows>
-  static void tile(const float* const* a, const uint8_t* panel, int depth, int group_size, float* const* c,
-                   bool accumulate) {
+  static void float_tile(const ActivationRow* a, const uint8_t* panel, int depth, int group_size, float* const* c,
+                         bool accumulate) {
     constexpr int kSets = k_unroll<Rows>();
-    Vec acc[kSets][Rows][kVecs];
-#pragma GCC unroll 4
-    for (int s = 0; s < kSets; ++s)
-#pragma GCC unroll 16
-      for (int r = 0; r < Rows; ++r)
-#pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) acc[s][r][v] = Simd::zero();
-    // The loop below fetches kPrefetchBytes ahead; the panel's head is asked for all at once
-    // here, so its misses overlap instead of stalling one by one.
-    const long head = static_cast<long>(depth) * Loader::kRowBytes < kPrefetchBytes
-                          ? static_cast<long>(depth) * Loader::kRowBytes : kPrefetchBytes;
-    for (long line = 0; line < head; line += 64) Simd::prefetch(panel + line);
-    const int span = Loader::kGrouped ? group_size : depth;
+    prefetch_start(panel, depth, group_size);
+    const int span = kGrouped ? group_size : depth;
+    const int ahead = kGrouped ? groups_ahead(group_size) : 0;
+    bool add = accumulate;
     for (int first = 0, index = 0; first < depth; first += span, ++index) {
-      const Group group = Loader::group(panel, depth, group_size, index);
+      if constexpr (kGrouped) prefetch_group(panel, depth, group_size, index + ahead);
+      Vec acc[kSets][Rows][kVecs];
+#pragma GCC unroll 4
+      for (int s = 0; s < kSets; ++s)
+#pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 16
+          for (int v = 0; v < kVecs; ++v) acc[s][r][v] = Simd::zero();
       const int end = depth - first < span ? depth : first + span;
       int k = first;
       for (; k + kSets <= end; k += kSets) {
-        const uint8_t* rows = panel + static_cast<long>(k) * Loader::kRowBytes + kPrefetchBytes;
+        const uint8_t* rows = panel + static_cast<long>(k) * kBlockBytes + kPrefetchBytes;
 #pragma GCC unroll 8
-        for (int line = 0; line < kSets * Loader::kRowBytes; line += 64) Simd::prefetch(rows + line);
+        for (int line = 0; line < kSets * kBlockBytes; line += 64) Simd::prefetch(rows + line);
 #pragma GCC unroll 4
-        for (int s = 0; s < kSets; ++s) step<Rows>(acc[s], a, panel, k + s, group);
+        for (int s = 0; s < kSets; ++s) float_step<Rows>(acc[s], a, panel, k + s);
       }
-      for (; k < end; ++k) step<Rows>(acc[0], a, panel, k, group);
-    }
+      for (; k < end; ++k) float_step<Rows>(acc[0], a, panel, k);
 #pragma GCC unroll 4
-    for (int s = 1; s < kSets; ++s)
+      for (int s = 1; s < kSets; ++s)
 #pragma GCC unroll 16
-      for (int r = 0; r < Rows; ++r)
+        for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) acc[0][r][v] = Simd::add(acc[0][r][v], acc[s][r][v]);
+          for (int v = 0; v < kVecs; ++v) acc[0][r][v] = Simd::add(acc[0][r][v], acc[s][r][v]);
+      Vec scale[Rows][kVecs];
+      if constexpr (kGrouped) {
+        const Group g = group(panel, depth, group_size, index);
+        for (int r = 0; r < Rows; ++r)
+          for (int v = 0; v < kVecs; ++v) scale[r][v] = g.scale[v];
+      } else {
+        for (int r = 0; r < Rows; ++r)
+          for (int v = 0; v < kVecs; ++v) scale[r][v] = Simd::set1(1.0f);
+      }
+      flush<Rows>(acc[0], scale, c, add);
+      add = true;
+    }
+  }
+
+  // `block` holds rows k onwards.
+  template <int Rows>
+  static inline void integer_block(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a,
+                                   const uint8_t* block, int k) {
+    typename Simd::IVec w[kBlockRows / 2][kVecs];
+    Decode::pairs(block, w);
+#pragma GCC unroll 4
+    for (int p = 0; p < kBlockRows / 2; ++p) {
 #pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
+      for (int r = 0; r < Rows; ++r) {
+        const typename Simd::IVec x = Simd::broadcast_pair(a[r].q + k + 2 * p);
 #pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) {
-        float* out = c[r] + v * Simd::kLanes;
-        Simd::store(out, accumulate ? Simd::add(acc[0][r][v], Simd::load(out)) : acc[0][r][v]);
+        for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::dot_add(acc[r][v], w[p][v], x);
+      }
+    }
+  }
+
+  // INT8 / INT4: exact integer dot products of the stored values with the quantized
+  // activations, moved to fp32 once per group (or kFlushInputs) with both scales; INT4's
+  // offsets add offset * (sum of the group's activations) once per group.
+  template <int Rows>
+  static void integer_tile(const ActivationRow* a, const uint8_t* panel, int depth, int group_size, float* const* c,
+                           bool accumulate) {
+    using IVec = typename Simd::IVec;
+    // Two blocks make one 64-byte line.
+    constexpr int kStep = 2 * kBlockRows;
+    static_assert(2 * kBlockBytes == 64, "one prefetch per two blocks");
+    prefetch_start(panel, depth, group_size);
+    const int ahead = groups_ahead(group_size);
+    const int padded = static_cast<int>(padded_depth(kFormat, depth));
+    const uint8_t* block = panel;
+    bool add = accumulate;
+    for (int first = 0, index = 0; first < depth; first += group_size, ++index) {
+      prefetch_group(panel, depth, group_size, index + ahead);
+      // Loaded only once the group's products are summed, by when its line has arrived.
+      Group g;
+      const int end = padded - first < group_size ? padded : first + group_size;
+      for (int start = first; start < end; start += kFlushInputs) {
+        const int stop = end - start < kFlushInputs ? end : start + kFlushInputs;
+        IVec acc[Rows][kVecs];
+#pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 16
+          for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::izero();
+        int k = start;
+        for (; k + kStep <= stop; k += kStep, block += 2 * kBlockBytes) {
+          Simd::prefetch(block + kPrefetchBytes);
+          integer_block<Rows>(acc, a, block, k);
+          integer_block<Rows>(acc, a, block + kBlockBytes, k + kBlockRows);
+        }
+        if (k < stop) {
+          integer_block<Rows>(acc, a, block, k);
+          block += kBlockBytes;
+        }
+        g = group(panel, depth, group_size, index);
+        Vec sums[Rows][kVecs], scale[Rows][kVecs];
+#pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r) {
+          const Vec row_scale = Simd::set1(a[r].scale[index]);
+#pragma GCC unroll 16
+          for (int v = 0; v < kVecs; ++v) {
+            sums[r][v] = Simd::to_float(acc[r][v]);
+            scale[r][v] = Simd::mul(g.scale[v], row_scale);
+          }
+        }
+        flush<Rows>(sums, scale, c, add);
+        add = true;
+      }
+      if constexpr (has_offsets(kFormat)) {
+        Vec offsets[Rows][kVecs], row_sums[Rows][kVecs];
+        for (int r = 0; r < Rows; ++r) {
+          for (int v = 0; v < kVecs; ++v) {
+            offsets[r][v] = g.offset[v];
+            row_sums[r][v] = Simd::set1(a[r].sum[index]);
+          }
+        }
+        flush<Rows>(offsets, row_sums, c, true);
       }
     }
   }
 
   template <int Rows>
-  static void tail(const float* const* a, int rows, const uint8_t* panel, int depth, int group, float* const* c,
+  static void tile(const ActivationRow* a, const uint8_t* panel, int depth, int group, float* const* c,
+                   bool accumulate) {
+    if constexpr (kInteger) {
+      integer_tile<Rows>(a, panel, depth, group, c, accumulate);
+    } else {
+      float_tile<Rows>(a, panel, depth, group, c, accumulate);
+    }
+  }
+
+  template <int Rows>
+  static void tail(const ActivationRow* a, int rows, const uint8_t* panel, int depth, int group, float* const* c,
                    bool accumulate) {
     if constexpr (Rows > 0) {
       if (rows == Rows) {
@@ -159,7 +297,7 @@ struct PanelKernels {
     }
   }
 
-  static void gemm(const float* const* a, int rows, const void* panel_bytes, int depth, int group, float* const* c,
+  static void gemm(const ActivationRow* a, int rows, const void* panel_bytes, int depth, int group, float* const* c,
                    bool accumulate) {
     const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
     constexpr int kRows = Simd::kMainRows;
@@ -170,23 +308,36 @@ struct PanelKernels {
 
   static void widen(const void* panel_bytes, int depth, int group_size, int first, int count, float* out) {
     const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
-    const int span = Loader::kGrouped ? group_size : depth;
+    const int span = kGrouped ? group_size : depth;
     const int end = first + count;
-    for (int k = first; k < end;) {
-      const int index = k / span;
-      const Group group = Loader::group(panel, depth, group_size, index);
-      const int group_end = (index + 1) * span < end ? (index + 1) * span : end;
-      for (; k < group_end; ++k) {
-        Simd::prefetch(panel + static_cast<long>(k) * Loader::kRowBytes + kPrefetchBytes);
-        Vec w[kVecs];
-        Loader::load(panel, k, group, w);
+    Group g{};
+    int index = -1;
+    for (int k = first; k < end; k += kBlockRows) {
+      // Groups are multiples of 16 rows, so a block never straddles two.
+      if (kGrouped && k / span != index) {
+        index = k / span;
+        g = group(panel, depth, group_size, index);
+      }
+      Simd::prefetch(panel + static_cast<long>(k / kBlockRows) * kBlockBytes + kPrefetchBytes);
+      Vec w[kBlockRows][kVecs];
+      block_rows(panel, k, w);
+      for (int i = 0; i < kBlockRows && k + i < end; ++i) {
 #pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) Simd::store(out + static_cast<long>(k - first) * kPanelWidth + v * Simd::kLanes, w[v]);
+        for (int v = 0; v < kVecs; ++v) {
+          Vec value = w[i][v];
+          if constexpr (has_offsets(kFormat)) {
+            value = Simd::fmadd(value, g.scale[v], g.offset[v]);
+          } else if constexpr (kGrouped) {
+            value = Simd::mul(value, g.scale[v]);
+          }
+          Simd::store(out + static_cast<long>(k + i - first) * kPanelWidth + v * Simd::kLanes, value);
+        }
       }
     }
   }
 
-  static constexpr FormatKernels table() { return FormatKernels{&gemm, &widen, Simd::kMainRows}; }
+  static constexpr FormatKernels table() { return FormatKernels{&gemm, &widen, Simd::kMainRows, kInteger}; }
 };
 
+}  // namespace
 }  // namespace lk::kernels

@@ -2,9 +2,9 @@
 
 namespace lk::kernels {
 namespace {
-using Loader = PlainLoader<ScalarSimd, ScalarDecode<uint16_t, bf16_to_float>>;
+using Decode = ScalarDecode<WeightFormat::BF16, uint16_t, bf16_to_float>;
 }  // namespace
 
-const FormatKernels generic_bf16 = PanelKernels<ScalarSimd, Loader>::table();
+const FormatKernels generic_bf16 = PanelKernels<ScalarSimd, Decode>::table();
 
 }  // namespace lk::kernels

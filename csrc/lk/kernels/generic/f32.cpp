@@ -3,9 +3,9 @@
 namespace lk::kernels {
 namespace {
 float identity(float value) { return value; }
-using Loader = PlainLoader<ScalarSimd, ScalarDecode<float, identity>>;
+using Decode = ScalarDecode<WeightFormat::F32, float, identity>;
 }  // namespace
 
-const FormatKernels generic_f32 = PanelKernels<ScalarSimd, Loader>::table();
+const FormatKernels generic_f32 = PanelKernels<ScalarSimd, Decode>::table();
 
 }  // namespace lk::kernels

@@ -2,9 +2,9 @@
 
 namespace lk::kernels {
 namespace {
-using Loader = ScaledLoader<ScalarSimd, WeightFormat::Fp8E4M3, ScalarDecode<uint8_t, fp8_e4m3_to_float>>;
+using Decode = ScalarDecode<WeightFormat::Fp8E4M3, uint8_t, fp8_e4m3_to_float>;
 }  // namespace
 
-const FormatKernels generic_fp8 = PanelKernels<ScalarSimd, Loader>::table();
+const FormatKernels generic_fp8 = PanelKernels<ScalarSimd, Decode>::table();
 
 }  // namespace lk::kernels

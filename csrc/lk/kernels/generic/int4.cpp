@@ -2,18 +2,25 @@
 
 namespace lk::kernels {
 namespace {
-struct Int4Decode {
-  static constexpr int kRowBytes = kInt4BytesPerRow;
-  static void values(const uint8_t* row, float (&w)[kPanelWidth]) {
-    for (int j = 0; j < kInt4BytesPerRow; ++j) {
-      w[j] = static_cast<float>(row[j] & 0xf);
-      w[j + kInt4BytesPerRow] = static_cast<float>(row[j] >> 4);
+// The word order of formats.h: word 2c + q holds columns c and c + 8 of rows q and q + 2,
+// each as a signed nibble.
+struct Decode {
+  static constexpr WeightFormat kFormat = WeightFormat::Int4;
+  static int nibble(uint16_t word, int shift) { return (((word >> shift) & 0xf) ^ 8) - 8; }
+  static void pairs(const uint8_t* block, int32_t (&w)[2][kPanelWidth]) {
+    uint16_t words[kPanelWidth];
+    __builtin_memcpy(words, block, sizeof words);
+    for (int p = 0; p < 2; ++p) {
+      for (int j = 0; j < kPanelWidth; ++j) {
+        const int shift = 4 * (2 * p + j / 8);
+        const int word = 2 * (j % 8);
+        w[p][j] = ScalarSimd::pack(nibble(words[word], shift), nibble(words[word + 1], shift));
+      }
     }
   }
 };
-using Loader = ScaledLoader<ScalarSimd, WeightFormat::Int4, Int4Decode>;
 }  // namespace
 
-const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Loader>::table();
+const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Decode>::table();
 
 }  // namespace lk::kernels

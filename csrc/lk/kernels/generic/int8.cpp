@@ -2,10 +2,16 @@
 
 namespace lk::kernels {
 namespace {
-float int8_value(int8_t value) { return static_cast<float>(value); }
-using Loader = ScaledLoader<ScalarSimd, WeightFormat::Int8, ScalarDecode<int8_t, int8_value>>;
+struct Decode {
+  static constexpr WeightFormat kFormat = WeightFormat::Int8;
+  static void pairs(const uint8_t* block, int32_t (&w)[1][kPanelWidth]) {
+    for (int j = 0; j < kPanelWidth; ++j) {
+      w[0][j] = ScalarSimd::pack(static_cast<int8_t>(block[2 * j]), static_cast<int8_t>(block[2 * j + 1]));
+    }
+  }
+};
 }  // namespace
 
-const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Loader>::table();
+const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Decode>::table();
 
 }  // namespace lk::kernels

@@ -20,12 +20,27 @@ struct ScalarSimd {
   static Vec load(const float* p) { return *p; }
   static void store(float* p, Vec v) { *p = v; }
   static void prefetch(const void* p) { __builtin_prefetch(p); }
+
+  // Two 16-bit values in one 32-bit word, the first in the low half (integer formats), or
+  // their 32-bit sums.
+  using IVec = int32_t;
+  static IVec izero() { return 0; }
+  static IVec pack(int low, int high) {
+    return static_cast<IVec>(static_cast<uint16_t>(low) | static_cast<uint32_t>(static_cast<uint16_t>(high)) << 16);
+  }
+  static int low_int(IVec v) { return static_cast<int16_t>(v); }
+  static int high_int(IVec v) { return v >> 16; }
+  static IVec broadcast_pair(const int16_t* p) { return pack(p[0], p[1]); }
+  static IVec dot_add(IVec acc, IVec w, IVec x) { return acc + low_int(w) * low_int(x) + high_int(w) * high_int(x); }
+  static Vec to_float(IVec v) { return static_cast<float>(v); }
+  static Vec low_half(IVec v) { return static_cast<float>(low_int(v)); }
+  static Vec high_half(IVec v) { return static_cast<float>(high_int(v)); }
 };
 
 // Decodes rows whose kPanelWidth elements are each converted by `to_float`.
-template <class Stored, float (*to_float)(Stored)>
+template <WeightFormat kStoredFormat, class Stored, float (*to_float)(Stored)>
 struct ScalarDecode {
-  static constexpr int kRowBytes = kPanelWidth * sizeof(Stored);
+  static constexpr WeightFormat kFormat = kStoredFormat;
   static void values(const uint8_t* row, float (&w)[kPanelWidth]) {
     Stored stored[kPanelWidth];
     __builtin_memcpy(stored, row, sizeof stored);

@@ -4,7 +4,7 @@ namespace lk::kernels {
 namespace {
 // bf16 is the top half of an fp32: widen each lane and shift it into place.
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth * 2;
+  static constexpr WeightFormat kFormat = WeightFormat::BF16;
   static __m256 widen8(const uint8_t* p) {
     const __m256i lanes = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(lanes, 16));
@@ -16,6 +16,6 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels avx2_bf16 = PanelKernels<Avx2Simd, PlainLoader<Avx2Simd, Decode>>::table();
+const FormatKernels avx2_bf16 = PanelKernels<Avx2Simd, Decode>::table();
 
 }  // namespace lk::kernels

@@ -3,7 +3,7 @@
 namespace lk::kernels {
 namespace {
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth * 4;
+  static constexpr WeightFormat kFormat = WeightFormat::F32;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
     w[0] = _mm256_loadu_ps(reinterpret_cast<const float*>(row));
     w[1] = _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8);
@@ -11,6 +11,6 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels avx2_f32 = PanelKernels<Avx2Simd, PlainLoader<Avx2Simd, Decode>>::table();
+const FormatKernels avx2_f32 = PanelKernels<Avx2Simd, Decode>::table();
 
 }  // namespace lk::kernels

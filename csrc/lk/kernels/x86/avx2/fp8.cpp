@@ -6,7 +6,7 @@ namespace {
 // place) read as fp16 are the value times 2^-8, e4m3 subnormals included; F16C converts
 // them. Five integer ops and two conversions for 16 weights.
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth;
+  static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 1.0f / 256.0f;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
     const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
@@ -20,6 +20,6 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels avx2_fp8 = PanelKernels<Avx2Simd, ScaledLoader<Avx2Simd, WeightFormat::Fp8E4M3, Decode>>::table();
+const FormatKernels avx2_fp8 = PanelKernels<Avx2Simd, Decode>::table();
 
 }  // namespace lk::kernels

@@ -2,18 +2,20 @@
 
 namespace lk::kernels {
 namespace {
+// A pair of rows is stored column by column (formats.h): sign-extending its bytes to
+// 16 bits gives each column's two weights in one 32-bit lane.
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth;
-  static __m256 widen8(const uint8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  static constexpr WeightFormat kFormat = WeightFormat::Int8;
+  static __m256i widen8(const uint8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static void values(const uint8_t* row, __m256 (&w)[2]) {
-    w[0] = widen8(row);
-    w[1] = widen8(row + 8);
+  static void pairs(const uint8_t* block, __m256i (&w)[1][2]) {
+    w[0][0] = widen8(block);
+    w[0][1] = widen8(block + 16);
   }
 };
 }  // namespace
 
-const FormatKernels avx2_int8 = PanelKernels<Avx2Simd, ScaledLoader<Avx2Simd, WeightFormat::Int8, Decode>>::table();
+const FormatKernels avx2_int8 = PanelKernels<Avx2Simd, Decode>::table();
 
 }  // namespace lk::kernels

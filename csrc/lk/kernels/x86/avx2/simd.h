@@ -3,6 +3,8 @@
 
 #include <immintrin.h>
 
+#include <cstring>
+
 #include "lk/kernels/panel_gemm.h"
 
 namespace lk::kernels {
@@ -22,6 +24,19 @@ struct Avx2Simd {
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+  // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums.
+  using IVec = __m256i;
+  static IVec izero() { return _mm256_setzero_si256(); }
+  static IVec broadcast_pair(const int16_t* p) {
+    int pair;
+    std::memcpy(&pair, p, sizeof pair);
+    return _mm256_set1_epi32(pair);
+  }
+  static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+  static Vec to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
+  static Vec low_half(IVec v) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16)); }
+  static Vec high_half(IVec v) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 16)); }
 };
 
 }  // namespace

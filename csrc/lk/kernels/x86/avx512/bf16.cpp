@@ -4,7 +4,7 @@ namespace lk::kernels {
 namespace {
 // bf16 is the top half of an fp32: widen each lane and shift it into place.
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth * 2;
+  static constexpr WeightFormat kFormat = WeightFormat::BF16;
   static void values(const uint8_t* row, __m512 (&w)[1]) {
     const __m512i lanes = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
     w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lanes, 16));
@@ -12,6 +12,6 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels avx512_bf16 = PanelKernels<Avx512Simd, PlainLoader<Avx512Simd, Decode>>::table();
+const FormatKernels avx512_bf16 = PanelKernels<Avx512Simd, Decode>::table();
 
 }  // namespace lk::kernels

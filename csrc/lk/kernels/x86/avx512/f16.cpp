@@ -3,13 +3,13 @@
 namespace lk::kernels {
 namespace {
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth * 2;
+  static constexpr WeightFormat kFormat = WeightFormat::F16;
   static void values(const uint8_t* row, __m512 (&w)[1]) {
     w[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
   }
 };
 }  // namespace
 
-const FormatKernels avx512_f16 = PanelKernels<Avx512Simd, PlainLoader<Avx512Simd, Decode>>::table();
+const FormatKernels avx512_f16 = PanelKernels<Avx512Simd, Decode>::table();
 
 }  // namespace lk::kernels

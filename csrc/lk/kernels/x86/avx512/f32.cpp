@@ -3,11 +3,11 @@
 namespace lk::kernels {
 namespace {
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth * 4;
+  static constexpr WeightFormat kFormat = WeightFormat::F32;
   static void values(const uint8_t* row, __m512 (&w)[1]) { w[0] = _mm512_loadu_ps(row); }
 };
 }  // namespace
 
-const FormatKernels avx512_f32 = PanelKernels<Avx512Simd, PlainLoader<Avx512Simd, Decode>>::table();
+const FormatKernels avx512_f32 = PanelKernels<Avx512Simd, Decode>::table();
 
 }  // namespace lk::kernels

@@ -5,7 +5,7 @@ namespace {
 // e4m3fn bits moved into fp16 bit positions read as fp16 are the value times 2^-8 (see the
 // AVX2 version).
 struct Decode {
-  static constexpr int kRowBytes = kPanelWidth;
+  static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 1.0f / 256.0f;
   static void values(const uint8_t* row, __m512 (&w)[1]) {
     const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
@@ -16,6 +16,6 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, ScaledLoader<Avx512Simd, WeightFormat::Fp8E4M3, Decode>>::table();
+const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, Decode>::table();
 
 }  // namespace lk::kernels

@@ -2,19 +2,22 @@
 
 namespace lk::kernels {
 namespace {
-// Low nibbles are columns 0-7, high nibbles columns 8-15 (formats.h).
+// Nibbles 0 and 1 of the 16 words are columns 0-7 and 8-15 of rows 0 and 1, nibbles 2 and 3
+// those of rows 2 and 3 (formats.h): with the words in both halves of a register, a
+// variable shift to the top and an arithmetic one back give a pair of rows for all 16
+// columns, sign-extended.
 struct Decode {
-  static constexpr int kRowBytes = kInt4BytesPerRow;
-  static void values(const uint8_t* row, __m512 (&w)[1]) {
-    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
-    const __m128i nibble = _mm_set1_epi8(0x0f);
-    const __m128i low = _mm_and_si128(packed, nibble);
-    const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
-    w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi64(low, high)));
+  static constexpr WeightFormat kFormat = WeightFormat::Int4;
+  static void pairs(const uint8_t* block, __m512i (&w)[2][1]) {
+    const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+    const __m512i rows01 = _mm512_inserti64x4(_mm512_set1_epi16(12), _mm256_set1_epi16(8), 1);
+    const __m512i rows23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_setzero_si256(), 1);
+    w[0][0] = _mm512_srai_epi16(_mm512_sllv_epi16(words, rows01), 12);
+    w[1][0] = _mm512_srai_epi16(_mm512_sllv_epi16(words, rows23), 12);
   }
 };
 }  // namespace
 
-const FormatKernels avx512_int4 = PanelKernels<Avx512Simd, ScaledLoader<Avx512Simd, WeightFormat::Int4, Decode>>::table();
+const FormatKernels avx512_int4 = PanelKernels<Avx512Simd, Decode>::table();
 
 }  // namespace lk::kernels
