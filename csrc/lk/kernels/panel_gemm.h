@@ -8,8 +8,9 @@
 // (float, bf16, fp16, FP8), turns one stored row into kPanelWidth floats:
 //   static void values(const uint8_t* row, Vec (&w)[kPanelWidth / Simd::kLanes]);
 // FP8 may produce its values times a constant (static constexpr float kValueScale: the true
-// value is what it produces divided by that) when that saves work per weight; the group
-// scales absorb the constant.
+// value is what it produces divided by that) when that saves work per weight; a group's
+// sums are divided by it once (applied to the sums, not folded into the scales, so a
+// large scale cannot overflow).
 // For INT8 and INT4 it turns one block of rows_per_block rows (formats.h) into pairs of
 // rows, each column's two weights in the low and high 16 bits of one 32-bit lane:
 //   static void pairs(const uint8_t* block, IVec (&w)[rows_per_block / 2][kPanelWidth / Simd::kLanes]);
@@ -59,7 +60,7 @@ struct PanelKernels {
     const float* offsets = scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
     for (int v = 0; v < kVecs; ++v) {
       const Vec scale = Simd::load(scales + v * Simd::kLanes);
-      group.scale[v] = Simd::mul(scale, Simd::set1(value_scale()));
+      group.scale[v] = scale;
       // INT4 values are stored minus 8 (formats.h).
       group.offset[v] = has_offsets(kFormat) ? Simd::fmadd(scale, Simd::set1(8.0f), Simd::load(offsets + v * Simd::kLanes))
                                              : Simd::zero();
@@ -184,7 +185,10 @@ struct PanelKernels {
       if constexpr (kGrouped) {
         const Group g = group(panel, depth, group_size, index);
         for (int r = 0; r < Rows; ++r)
-          for (int v = 0; v < kVecs; ++v) scale[r][v] = g.scale[v];
+          for (int v = 0; v < kVecs; ++v) {
+            acc[0][r][v] = Simd::mul(acc[0][r][v], Simd::set1(value_scale()));
+            scale[r][v] = g.scale[v];
+          }
       } else {
         for (int r = 0; r < Rows; ++r)
           for (int v = 0; v < kVecs; ++v) scale[r][v] = Simd::set1(1.0f);
@@ -328,7 +332,7 @@ struct PanelKernels {
           if constexpr (has_offsets(kFormat)) {
             value = Simd::fmadd(value, g.scale[v], g.offset[v]);
           } else if constexpr (kGrouped) {
-            value = Simd::mul(value, g.scale[v]);
+            value = Simd::mul(Simd::mul(value, Simd::set1(value_scale())), g.scale[v]);
           }
           Simd::store(out + static_cast<long>(k + i - first) * kPanelWidth + v * Simd::kLanes, value);
         }
