@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import re
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -52,10 +53,13 @@ from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
 from lvllm import envs
+from lvllm.gpu.plan import capture_overlap_warning, plan_batch, rank_cpus
 from lvllm.hybrid import (
+    ALL_ON_LK,
     FLOAT_FORMATS,
     LK_ACTIVATIONS,
     RESIDENT_VAR,
+    DeviceRoute,
     HybridExperts,
     Placement,
     UnsupportedLayer,
@@ -177,9 +181,37 @@ def _start_lk_runtime() -> dict:
     """
     from lvllm import lk
 
-    with _thread_affinity(vllm_cpu_worker_cpus()):
+    with _thread_affinity(vllm_cpu_worker_cpus() or cuda_rank_cpus()):
         lk.default_runtime()
     return lk.runtime_info()
+
+
+def cuda_rank_cpus() -> set[int] | None:
+    """With several GPU ranks in this node: the CPUs this rank's lk pool takes, those of the
+    NUMA node its GPU hangs off, split among the ranks whose GPUs hang off the same node
+    (vLLM's worker of local rank r drives GPU r). None: one rank, or not CUDA."""
+    if not current_platform.is_cuda():
+        return None
+    ranks = min(get_current_vllm_config().parallel_config.world_size, torch.cuda.device_count())
+    if ranks < 2:
+        return None
+    nodes = {int(path.name[4:]): sorted(_cpulist((path / "cpulist").read_text()))
+             for path in Path("/sys/devices/system/node").glob("node[0-9]*")}
+    gpu_nodes = [_gpu_numa_node(device) for device in range(ranks)]
+    rank = torch.cuda.current_device()
+    sharing = [r for r in range(ranks) if gpu_nodes[r] == gpu_nodes[rank]]
+    return set(rank_cpus(nodes, gpu_nodes[rank], sharing, rank, sorted(os.sched_getaffinity(0))))
+
+
+def _gpu_numa_node(device: int) -> int | None:
+    """The NUMA node of a GPU's PCI device (None where sysfs does not say)."""
+    try:
+        props = torch.cuda.get_device_properties(device)
+        address = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        node = int(Path(f"/sys/bus/pci/devices/{address}/numa_node").read_text())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return node if node >= 0 else None
 
 
 def _num_model_layers() -> int | None:
@@ -380,6 +412,8 @@ class LkMoEMethod(FusedMoEMethodBase):
             dtype = getattr(layer, name).dtype
             setattr(layer, name, torch.nn.Parameter(
                 torch.empty(0, dtype=dtype, device="cpu"), requires_grad=False))
+        if current_platform.is_cuda():
+            _gpu_path().attach(self.experts, layer)
         engine = self.experts.engine
         summary = _placement.loaded(
             self.layer_index, engine.nbytes,
@@ -387,11 +421,14 @@ class LkMoEMethod(FusedMoEMethodBase):
         )
         if summary is not None:
             logger.info(summary)
+            if current_platform.is_cuda():
+                # Before vLLM measures free memory for the KV cache, so the ring counts.
+                _gpu_path().allocate()
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts,
               shared_experts_input):
         # Reached only if a runner other than LkMoERunner drives the layer.
-        return self.experts.submit(x, topk_ids, topk_weights).wait()
+        return self.experts.forward(x, topk_ids, topk_weights, run_shared=lambda: None)[1]
 
 
 def _maybe_quantize_on_gpu(w13, w2, weight_format: str, group_size: int):
@@ -535,7 +572,11 @@ class LkMoERunner(MoERunner):
     def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input,
                             input_ids=None, shared_experts_overlapping=False):
         quant_method = self.routed_experts.quant_method
+        gpu = _gpu_path() if hidden_states.device.type == "cuda" else None
+        route = gpu.route(hidden_states.shape[0]) if gpu is not None else ALL_ON_LK
         if not isinstance(quant_method, LkMoEMethod):
+            # A resident layer (computed by vLLM): deciding the route above already started
+            # a long prompt's first expert copies while the resident layers run.
             return super()._apply_quant_method(
                 hidden_states, router_logits, shared_experts_input, input_ids,
                 shared_experts_overlapping)
@@ -544,13 +585,120 @@ class LkMoERunner(MoERunner):
             hidden_states=hidden_states, router_logits=router_logits,
             topk_indices_dtype=None, input_ids=input_ids,
         )
-        # 1. The routed experts start on lk (host memory, CPU cores) and return at once.
-        pending = quant_method.experts.submit(hidden_states, topk_ids, topk_weights)
-        # 2. Meanwhile the device runs its part: the shared experts.
-        self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
-        if shared_experts_overlapping:
-            self._shared_experts.wait()
-        shared_output = self._shared_experts.output if self._shared_experts else None
-        # 3. Join. 4. MoERunner.forward adds shared + routed (after routed scaling, TP
-        #    all-reduce), exactly as for vLLM's own experts.
-        return shared_output, pending.wait()
+
+        def run_shared():
+            self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
+            if shared_experts_overlapping:
+                self._shared_experts.wait()
+            return self._shared_experts.output if self._shared_experts else None
+
+        # lvllm.hybrid.HybridExperts.forward: lk starts on the CPU, the device runs the
+        # shared experts (and, for a long prompt, the streamed experts) meanwhile, then the
+        # two are joined; MoERunner.forward adds shared + routed (after routed scaling, TP
+        # all-reduce), exactly as for vLLM's own experts.
+        padding = gpu.padding(hidden_states.shape[0]) if gpu is not None else None
+        return quant_method.experts.forward(hidden_states, topk_ids, topk_weights, run_shared,
+                                            route=route, padding=padding)
+
+
+# --------------------------------------------------------------------------------------
+# the GPU path (CUDA platforms)
+# --------------------------------------------------------------------------------------
+
+_gpu: "GpuPath | None" = None
+
+
+def _gpu_path() -> "GpuPath":
+    global _gpu
+    if _gpu is None:
+        _gpu = GpuPath()
+    return _gpu
+
+
+class GpuPath:
+    """This worker's GPU side: lk forwards queued on the CUDA stream (lvllm.gpu.stream) and,
+    with LVLLM_GPU_PREFILL_MIN_BATCH_SIZE, the ring that streams experts to the GPU for long
+    prompts (lvllm.gpu.ring), computed there by vLLM's fused-MoE kernel."""
+
+    def __init__(self):
+        from lvllm.gpu.ring import ExpertRing
+        from lvllm.gpu.stream import StreamQueue
+
+        config = get_current_vllm_config()
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.queue = StreamQueue(config.scheduler_config.max_num_batched_tokens)
+        self.min_batch = envs.get("LVLLM_GPU_PREFILL_MIN_BATCH_SIZE")
+        self.ring = (ExpertRing(self.device, envs.get("LVLLM_GPU_PREFETCH_WINDOW"))
+                     if self.min_batch else None)
+        speculative = config.speculative_config
+        self.decode_query_len = 1 + (speculative.num_speculative_tokens if speculative else 0)
+        self.not_streamed: list[str] = []
+        self._context = None
+        self._route = ALL_ON_LK
+        warning = capture_overlap_warning(
+            self.min_batch, config.compilation_config.max_cudagraph_capture_size or 0)
+        if warning:
+            logger.warning("lvllm: %s", warning)
+
+    def attach(self, experts: HybridExperts, layer) -> None:
+        activation = layer.activation
+
+        def gpu_experts(x, w13, w2, topk_weights, topk_ids):
+            from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+            return fused_experts(x, w13, w2, topk_weights, topk_ids, activation=activation)
+
+        if not experts.attach_gpu(self.queue, self.ring, gpu_experts) and self.ring is not None:
+            self.not_streamed.append(f"{layer.layer_name} ({experts.engine.weight_format})")
+
+    def allocate(self) -> None:
+        if self.ring is None:
+            return
+        self.ring.allocate()
+        logger.info(
+            "lvllm: GPU prefill from %d prefill tokens: %d layer(s) streamed %d ahead through "
+            "%.3f GiB of GPU buffers on %s%s", self.min_batch, self.ring.layers, self.ring.window,
+            self.ring.device_bytes() / 2**30, self.device,
+            f"; not streamed (quantized on lk: float formats stream): {', '.join(self.not_streamed)}"
+            if self.not_streamed else "")
+
+    def route(self, num_tokens: int) -> DeviceRoute:
+        """This forward's split between lk and the streamed experts (decided once per forward)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if (self.ring is None or self.ring.layers == 0 or num_tokens < self.min_batch
+                or not is_forward_context_available()):
+            return ALL_ON_LK
+        context = get_forward_context()
+        if context is not self._context:
+            plan = plan_batch(num_tokens, _query_lens(context), self.min_batch,
+                              torch.cuda.is_current_stream_capturing(), self.decode_query_len)
+            self._context, self._route = context, DeviceRoute.of(plan, num_tokens, self.device)
+            if plan.gpu_prefill:
+                self.ring.start()
+        return self._route
+
+    @staticmethod
+    def padding(num_tokens: int) -> torch.Tensor | None:
+        """vLLM's mask of padding rows (a persistent buffer, so captured graphs read each
+        replay's mask)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return None
+        mask = get_forward_context().is_padding
+        return mask if mask is not None and mask.shape[0] == num_tokens else None
+
+
+def _query_lens(context) -> list[int] | None:
+    """Tokens per request in row order, from the attention metadata (None: unknown). Reads a
+    device tensor, so only forwards long enough to stream get here."""
+    metadata = context.attn_metadata
+    if not isinstance(metadata, dict):
+        return None   # no metadata (profile run) or micro-batches
+    for entry in metadata.values():
+        starts = getattr(entry, "query_start_loc", None)
+        if isinstance(starts, torch.Tensor):
+            starts = starts.tolist()
+            return [end - begin for begin, end in zip(starts, starts[1:])]
+    return None
