@@ -312,15 +312,16 @@ struct PanelKernels {
 
   static void widen(const void* panel_bytes, int depth, int group_size, int first, int count, float* out) {
     const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
-    const int span = kGrouped ? group_size : depth;
     const int end = first + count;
+    // Groups are multiples of 16 rows, so a block never straddles two.
+    int index = kGrouped ? first / group_size : 0;
+    int group_end = kGrouped ? (index + 1) * group_size : end;
     Group g{};
-    int index = -1;
+    if constexpr (kGrouped) g = group(panel, depth, group_size, index);
     for (int k = first; k < end; k += kBlockRows) {
-      // Groups are multiples of 16 rows, so a block never straddles two.
-      if (kGrouped && k / span != index) {
-        index = k / span;
-        g = group(panel, depth, group_size, index);
+      if (kGrouped && k >= group_end) {
+        group_end += group_size;
+        g = group(panel, depth, group_size, ++index);
       }
       Simd::prefetch(panel + static_cast<long>(k / kBlockRows) * kBlockBytes + kPrefetchBytes);
       Vec w[kBlockRows][kVecs];
