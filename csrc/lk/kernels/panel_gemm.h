@@ -148,6 +148,7 @@ struct PanelKernels {
   }
 
   // Float formats: a group's products are summed unscaled and scaled once at its end.
+  // Ungrouped formats are one group over the whole depth, with scale 1.
   template <int Rows>
   static void float_tile(const ActivationRow* a, const uint8_t* panel, int depth, int group_size, float* const* c,
                          bool accumulate) {
