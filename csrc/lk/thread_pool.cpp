@@ -1,5 +1,7 @@
 #include "lk/thread_pool.h"
 
+#include <xmmintrin.h>
+
 #include <pthread.h>
 #include <sched.h>
 
@@ -165,6 +167,11 @@ void ThreadPool::worker_main(int worker, std::vector<int> allowed_cpus) {
     // A refused binding (e.g. a cpuset changed under us) only costs locality.
     pthread_setaffinity_np(pthread_self(), sizeof mask, &mask);
   }
+  // Kernels rely on IEEE denormals (the AVX2 FP8 decode builds weights as fp32 denormals),
+  // and a thread starts with the floating-point modes of the thread that created it, which
+  // may flush them (torch.set_flush_denormal): clear denormals-are-zero and flush-to-zero.
+  constexpr unsigned kDenormalsAreZero = 0x0040, kFlushToZero = 0x8000;
+  _mm_setcsr(_mm_getcsr() & ~(kDenormalsAreZero | kFlushToZero));
   uint32_t seen = 0;
   const auto spin = power_saving_ ? std::chrono::nanoseconds(0) : std::chrono::nanoseconds(kIdleSpin);
   while (true) {

@@ -264,3 +264,25 @@ def test_awq_int4_checkpoint(runtimes, zero_points):
     assert torch.allclose(quant.dequantize(w13), w13_float, rtol=2e-3, atol=1e-6)
     engine = MoEEngine(w13, w2, runtime=runtimes())
     run_and_compare(engine, quant.dequantize(w13), quant.dequantize(w2), 5, seed=14)
+
+
+def test_fp8_subnormals_survive_a_creator_thread_that_flushes_denormals():
+    """Decoding FP8 through fp32 denormals must not depend on the MXCSR of the thread that
+    happened to create the pool (torch.set_flush_denormal sets DAZ/FTZ, threads inherit it)."""
+    experts, hidden, intermediate, group = 2, 64, 32, 32
+    generator = torch.Generator().manual_seed(11)
+
+    def subnormal_fp8(rows, cols):
+        magnitude = torch.randint(1, 8, (experts, rows, cols), generator=generator, dtype=torch.uint8)
+        sign = torch.randint(0, 2, (experts, rows, cols), generator=generator, dtype=torch.uint8) << 7
+        values = (magnitude | sign).view(torch.float8_e4m3fn)
+        weights = QuantizedWeights(values, torch.full((experts, rows, cols // group), 2.0**12), group)
+        return weights, quant.dequantize(weights)
+
+    (w13, w13_ref), (w2, w2_ref) = subnormal_fp8(2 * intermediate, hidden), subnormal_fp8(hidden, intermediate)
+    assert torch.set_flush_denormal(True)
+    try:
+        runtime = make_runtime(threads=2)
+    finally:
+        torch.set_flush_denormal(False)
+    run_and_compare(MoEEngine(w13, w2, runtime=runtime), w13_ref, w2_ref, tokens=3, seed=3)
