@@ -572,7 +572,8 @@ class LkMoERunner(MoERunner):
     def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input,
                             input_ids=None, shared_experts_overlapping=False):
         quant_method = self.routed_experts.quant_method
-        gpu = _gpu_path() if hidden_states.device.type == "cuda" else None
+        # Set while loading when any layer went to lk on a CUDA worker.
+        gpu = _gpu if hidden_states.device.type == "cuda" else None
         route = gpu.route(hidden_states.shape[0]) if gpu is not None else ALL_ON_LK
         if not isinstance(quant_method, LkMoEMethod):
             # A resident layer (computed by vLLM): deciding the route above already started
@@ -631,7 +632,7 @@ class GpuPath:
         self.ring = (ExpertRing(self.device, envs.get("LVLLM_GPU_PREFETCH_WINDOW"))
                      if self.min_batch else None)
         speculative = config.speculative_config
-        self.decode_query_len = 1 + (speculative.num_speculative_tokens if speculative else 0)
+        self.decode_query_len = 1 + ((speculative.num_speculative_tokens or 0) if speculative else 0)
         self.not_streamed: list[str] = []
         self._context = None
         self._route = ALL_ON_LK
@@ -671,8 +672,10 @@ class GpuPath:
             return ALL_ON_LK
         context = get_forward_context()
         if context is not self._context:
-            plan = plan_batch(num_tokens, _query_lens(context), self.min_batch,
-                              torch.cuda.is_current_stream_capturing(), self.decode_query_len)
+            # No reading of device tensors while a graph is captured: it would fail there.
+            capturing = torch.cuda.is_current_stream_capturing()
+            plan = plan_batch(num_tokens, None if capturing else _query_lens(context),
+                              self.min_batch, capturing, self.decode_query_len)
             self._context, self._route = context, DeviceRoute.of(plan, num_tokens, self.device)
             if plan.gpu_prefill:
                 self.ring.start()
