@@ -37,7 +37,11 @@ uint32_t wait_for_change(const std::atomic<uint32_t>& value, uint32_t old,
       cpu_relax();
       now = value.load(std::memory_order_acquire);
       if (now != old) return now;
-      if (++polls % 64 == 0 && std::chrono::steady_clock::now() > deadline) break;
+      if (++polls % 64 != 0) continue;
+      if (std::chrono::steady_clock::now() > deadline) break;
+      // The thread that submits the next job (or the host's own threads) may be waiting
+      // for this core: a spinning worker must not hold it until the scheduler preempts it.
+      sched_yield();
     }
   }
   while ((now = value.load(std::memory_order_acquire)) == old) value.wait(old, std::memory_order_acquire);
