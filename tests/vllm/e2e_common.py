@@ -40,6 +40,13 @@ BASE_ENV = {
     # The same cores for vLLM's threads and lk's (vLLM's default "auto" would keep one back).
     "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, CPUS)) if len(CPUS) > 1 else "nobind",
     "TOKENIZERS_PARALLELISM": "false",
+    # The engine core in this process steps only inside generate(), after every prompt is
+    # queued: with its own process it starts on the first prompt while the others are still
+    # arriving, and the first batches take one, two or all prompts by timing. lk's integer
+    # formats quantize a token's activations only in small per-expert batches, so outputs
+    # would depend on that race (seen: INT4 prompt logprobs 0.017 apart between runs of one
+    # checkpoint). The worker keeps its own process (distributed_executor_backend "mp").
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS", "LVLLM_MOE_USE_WEIGHT",
               "LVLLM_MOE_QUANT_GROUP_SIZE", "LVLLM_MOE_QUANT_ON_GPU")
@@ -101,7 +108,8 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
 
         llm = LLM(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
                   max_num_seqs=4, seed=0, enable_prefix_caching=False,
-                  tensor_parallel_size=tp, disable_log_stats=True)
+                  tensor_parallel_size=tp, distributed_executor_backend="mp",
+                  disable_log_stats=True)
         try:
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                     prompt_logprobs=0, ignore_eos=True)
