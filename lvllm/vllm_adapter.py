@@ -229,6 +229,9 @@ class ExpertSource:
     """Experts stored as float tensors (any float checkpoint; vLLM casts to params_dtype)."""
 
     format = "float"   # engine format name, or "float" for the model dtype
+    # params a checkpoint of this format may lack (vLLM creates them all the same)
+    optional: frozenset[str] = frozenset()
+    label = "float experts"
 
     def params(self, num_experts, hidden, inter, params_dtype):
         """name -> (shape, dtype, extra weight attrs): what vLLM's method would create."""
@@ -247,6 +250,7 @@ class Fp8BlockSource(ExpertSource):
     as vLLM's Fp8MoEMethod (block quant) creates and loads them."""
 
     format = "fp8_e4m3"
+    label = "FP8 block-quantized experts"
 
     def __init__(self, block):
         self.block_n, self.block_k = block
@@ -284,6 +288,8 @@ class CompressedTensorsInt4Source(ExpertSource):
     [E, N, K / 8], `weight_scale` [E, N, K / group], `weight_shape`."""
 
     format = "int4"
+    optional = frozenset({"w13_weight_shape", "w2_weight_shape"})
+    label = "compressed-tensors W4A16 experts"
 
     def __init__(self, group: int):
         self.group = group
@@ -323,6 +329,11 @@ class AwqInt4Source(ExpertSource):
     def __init__(self, group: int, zero_point: bool):
         self.group = group
         self.zero_point = zero_point
+        if zero_point:
+            self.label = "AWQ INT4 experts with zero points (zero_point: true)"
+        else:
+            self.label = "symmetric AWQ INT4 experts"
+            self.optional = frozenset({"w13_qzeros", "w2_qzeros"})
 
     def params(self, num_experts, hidden, inter, params_dtype):
         g = self.group
@@ -349,6 +360,9 @@ class AwqInt4Source(ExpertSource):
             for w in ("w13", "w2"))
 
 
+_SHARD_NAMES = {"w1": "(gate_proj)", "w3": "(up_proj)", "w2": "(down_proj)"}
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -366,6 +380,8 @@ class LkMoEMethod(FusedMoEMethodBase):
         self.experts: HybridExperts | None = None
         self.params_dtype: torch.dtype | None = None
         self.param_names: tuple[str, ...] = ()
+        # param name -> (shard id, global expert id or None for all) vLLM's loader filled
+        self.loaded: dict[str, set[tuple[str, int | None]]] = {}
 
     def create_weights(self, layer, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype,
@@ -385,6 +401,39 @@ class LkMoEMethod(FusedMoEMethodBase):
     def get_fused_moe_quant_config(self, layer):
         return None
 
+    def record_load(self, layer, param, shard_id: str, expert_id: int, all_experts: bool):
+        for name in self.param_names:
+            if getattr(layer, name) is param:
+                self.loaded.setdefault(name, set()).add((shard_id, None if all_experts else expert_id))
+                return
+
+    def check_loaded(self, layer) -> None:
+        """Raises unless the checkpoint filled every expert of every param lk reads: vLLM
+        does not check quantized checkpoints, and a missing tensor (an AWQ checkpoint
+        without qzeros, say) would leave uninitialized memory as weights. Models whose
+        load_weights writes the params directly (no loader calls seen) are not checked."""
+        if not self.loaded:
+            return
+        gaps = []
+        for name in self.param_names:
+            if name in self.source.optional:
+                continue
+            experts = getattr(layer, name).shape[0]
+            loads = self.loaded.get(name, set())
+            for shard in (("w1", "w3") if name.startswith("w13") else ("w2",)):
+                ids = {expert for s, expert in loads if s == shard}
+                if None not in ids and len(ids) < experts:
+                    gaps.append(f"{name} {_SHARD_NAMES[shard]} for {experts - len(ids)} of "
+                                f"{experts} experts")
+        if gaps:
+            model_config = get_current_vllm_config().model_config
+            where = f" in {model_config.model}" if model_config is not None else ""
+            raise ValueError(
+                f"{layer.layer_name}: the checkpoint{where} has no {'; no '.join(gaps)}. Its "
+                f"quantization_config describes {self.source.label}: the checkpoint is "
+                "incomplete, or that description does not match its tensors."
+            )
+
     def weight_format(self) -> str:
         """The lk format of this layer's experts (LVLLM_MOE_USE_WEIGHT)."""
         source = self.source.format
@@ -395,6 +444,7 @@ class LkMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         if self.experts is not None:
             raise RuntimeError(f"{layer.layer_name}: lk experts cannot be reloaded")
+        self.check_loaded(layer)
         runtime = _start_lk_runtime()
         weight_format = self.weight_format()
         group_size = _placement.group_size
@@ -454,6 +504,18 @@ def _maybe_quantize_on_gpu(w13, w2, weight_format: str, group_size: int):
 
 class LkRoutedExperts(RoutedExperts):
     """vLLM's RoutedExperts; for lk layers the quant method is LkMoEMethod."""
+
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id,
+                      return_success=False):
+        loaded = super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
+                                       return_success=True)
+        if loaded and isinstance(self.quant_method, LkMoEMethod):
+            self.quant_method.record_load(self, param, shard_id, expert_id,
+                                          all_experts=loaded_weight.dim() == 3)
+        return loaded if return_success else None
+
+    # As on vLLM's loader: models such as Llama 4 pass expert ids only to loaders marked so.
+    weight_loader.supports_moe_loading = True
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
         layer_index = extract_layer_index(prefix)

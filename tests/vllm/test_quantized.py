@@ -189,6 +189,31 @@ def test_awq_and_compressed_tensors_agree(int4_runs):
     assert awq.tokens == w4a16.tokens
 
 
+def test_checkpoint_missing_expert_tensors_is_refused(checkpoints, capfd):
+    """vLLM does not check that a quantized checkpoint filled every param; lk does, at load:
+    an AWQ zero-point checkpoint without its qzeros would otherwise run on uninitialized
+    memory. The worker's error names the layer, the checkpoint, the missing tensors and the
+    format its config claims."""
+    from safetensors.torch import load_file, save_file
+
+    from e2e_common import run_llm
+
+    build, _ = checkpoints
+    model = build("awq-zp-no-qzeros", *INT4_CHECKPOINTS["awq-zp-g32"])
+    shard = model / "model.safetensors"
+    tensors = load_file(shard)
+    save_file({k: v for k, v in tensors.items()
+               if not (k.startswith("model.layers.1.") and k.endswith("down_proj.qzeros"))},
+              shard, metadata={"format": "pt"})
+    with pytest.raises(Exception):
+        run_llm(model, lk=True, dtype="bfloat16", weight="KEEP")
+    captured = capfd.readouterr()
+    errors = captured.out + captured.err  # vLLM logs to stdout
+    assert ("model.layers.1.mlp.experts: the checkpoint in " + str(model) +
+            " has no w2_qzeros (down_proj) for 8 of 8 experts. Its quantization_config "
+            "describes AWQ INT4 experts with zero points") in errors
+    assert "model.layers.0.mlp.experts: the checkpoint" not in errors
+
 
 def awq_source(**awq):
     """LkRoutedExperts' choice for an AWQ config (what would follow "quantization_config"
