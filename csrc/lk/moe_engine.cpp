@@ -204,11 +204,11 @@ class QuantizedRows {
 
 // c_rows[r] (+)= a_rows[r] x panel for `count` rows (see kernels::PanelGemm). Rows that fit
 // one pass of the kernel (decode) convert the weights while streaming them; more rows
-// (prefill) would convert them once per pass, so the panel is widened to fp32 once instead.
-// `wide` holds kWidenBlock panel rows.
+// (prefill) would convert them once per pass, so a float panel is widened to fp32 once
+// instead. `wide` holds kWidenBlock panel rows.
 void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
               const kernels::ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, float* wide) {
-  if (count <= kernels[format].rows_per_pass || format == WeightFormat::F32) {
+  if (count <= kernels[format].rows_per_pass || kernels[format].widen == nullptr) {
     kernels[format].gemm(a_rows, count, panel, depth, group, c_rows, accumulate);
     return;
   }
@@ -444,13 +444,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   const std::size_t slots = scratch.slot_token.size();
   const bool convert_input = args.input_dtype != DType::F32;
   if (convert_input) scratch.input.ensure(tokens * hidden * sizeof(float));
-  // Integer kernels read activations quantized once per forward, when some expert has few
-  // enough rows for them (more rows widen the weights to fp32 instead).
-  const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
-  bool integer_rows = false;
-  for (std::size_t i = 0; i + 1 < scratch.expert_slots.size() && format_kernels.integer_rows; ++i) {
-    integer_rows = integer_rows || scratch.expert_slots[i + 1] - scratch.expert_slots[i] <= format_kernels.rows_per_pass;
-  }
+  // Integer kernels read activations quantized once per forward.
+  const bool integer_rows = runtime_->kernels()[shape_.format].integer_rows;
   const QuantizedRows input_q(static_cast<int>(hidden), shape_.group_size);
   std::vector<QuantizedRows> hidden_q;
   if (integer_rows) scratch.input_q.ensure(input_q.bytes(tokens));

@@ -103,6 +103,39 @@ def test_integer_decode_edges(runtimes, isa, weight_format, tokens):
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("tokens, experts", [(66, 1), (200, 3)])
+def test_integer_formats_with_many_rows_per_expert(runtimes, isa, weight_format, tokens, experts):
+    """Every expert gets more rows than one kernel call takes (64), the last call of each
+    only a few: once crashed (a prefill-sized batch reached the integer kernels with no
+    quantized activations)."""
+    hidden, intermediate, group = 96, 64, 32
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=tokens)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes(isa=isa))
+    quantize = reference_int8 if weight_format == "int8" else reference_int4
+    run_and_compare(engine, quantize(w13, group), quantize(w2, group), tokens, seed=tokens)
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("numa_nodes", [0, 2])
+def test_integer_results_do_not_depend_on_the_batch(runtimes, isa, weight_format, numa_nodes):
+    """A token's output is the same bits whether its experts see it alone (decode) or among
+    a prefill's hundreds of rows: a request's result must not depend on what else the
+    server batches with it."""
+    experts, hidden, intermediate, group, tokens = 4, 160, 96, 32, 300
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=5)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group,
+                       runtime=runtimes(isa=isa, numa_nodes=numa_nodes))
+    x = torch.randn(tokens, hidden)
+    ids, weights = random_routing(tokens, experts, 2, seed=6)
+    batch = engine.forward(x, ids, weights)
+    for first, count in [(0, 1), (7, 1), (150, 3), (299, 1), (40, 70)]:
+        rows = slice(first, first + count)
+        assert torch.equal(engine.forward(x[rows], ids[rows], weights[rows]), batch[rows])
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 def test_integer_sums_at_their_largest(runtimes, isa):
     # Every weight -128 (a checkpoint may hold it) and every activation of one sign: the
     # integer dot products reach their largest magnitude over a 1024-input group.

@@ -32,13 +32,13 @@ constexpr int kActivationMax = 32767;
 using PanelGemm = void (*)(const ActivationRow* a_rows, int rows, const void* panel, int depth, int group,
                            float* const* c_rows, bool accumulate);
 // Converts rows [first, first + count) of a panel to fp32 (count x kPanelWidth), so prefill
-// decodes each weight once and reuses it for every token of the expert. `first` is a
-// multiple of 4.
+// decodes each weight once and reuses it for every token of the expert. Only bf16, fp16 and
+// FP8 have one; fp32 and the integer formats' gemm serves any number of rows.
 using PanelWiden = void (*)(const void* panel, int depth, int group, int first, int count, float* out);
 
 struct FormatKernels {
   PanelGemm gemm;
-  PanelWiden widen;
+  PanelWiden widen;   // null where gemm serves every row count
   int rows_per_pass;  // rows gemm multiplies per pass over the panel (its register tile)
   bool integer_rows;  // gemm reads the quantized ActivationRow fields
 };

@@ -68,23 +68,9 @@ struct PanelKernels {
     return group;
   }
 
-  // Rows k .. k + kBlockRows - 1 (k a multiple of kBlockRows) as stored: unscaled.
-  static void block_rows(const uint8_t* panel, int k, Vec (&w)[kBlockRows][kVecs]) {
-    const uint8_t* block = panel + static_cast<long>(k / kBlockRows) * kBlockBytes;
-    if constexpr (kInteger) {
-      typename Simd::IVec pairs[kBlockRows / 2][kVecs];
-      Decode::pairs(block, pairs);
-#pragma GCC unroll 4
-      for (int p = 0; p < kBlockRows / 2; ++p) {
-#pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) {
-          w[2 * p][v] = Simd::low_half(pairs[p][v]);
-          w[2 * p + 1][v] = Simd::high_half(pairs[p][v]);
-        }
-      }
-    } else {
-      Decode::values(block, w[0]);
-    }
+  // Row k of a float-format panel as stored: unscaled.
+  static void row_values(const uint8_t* panel, int k, Vec (&w)[kVecs]) {
+    Decode::values(panel + static_cast<long>(k) * kBlockBytes, w);
   }
 
   // c[r] = the group's partial sums times its scales (and the sums' scales), added to c[r]
@@ -137,13 +123,13 @@ struct PanelKernels {
 
   template <int Rows>
   static inline void float_step(Vec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* panel, int k) {
-    Vec w[1][kVecs];
-    block_rows(panel, k, w);
+    Vec w[kVecs];
+    row_values(panel, k, w);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const Vec b = Simd::broadcast(a[r].values + k);
 #pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::fmadd(b, w[0][v], acc[r][v]);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::fmadd(b, w[v], acc[r][v]);
     }
   }
 
@@ -314,35 +300,37 @@ struct PanelKernels {
   static void widen(const void* panel_bytes, int depth, int group_size, int first, int count, float* out) {
     const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
     const int end = first + count;
-    // Groups are multiples of 16 rows, so a block never straddles two.
     int index = kGrouped ? first / group_size : 0;
     int group_end = kGrouped ? (index + 1) * group_size : end;
     Group g{};
     if constexpr (kGrouped) g = group(panel, depth, group_size, index);
-    for (int k = first; k < end; k += kBlockRows) {
+    for (int k = first; k < end; ++k) {
       if (kGrouped && k >= group_end) {
         group_end += group_size;
         g = group(panel, depth, group_size, ++index);
       }
-      Simd::prefetch(panel + static_cast<long>(k / kBlockRows) * kBlockBytes + kPrefetchBytes);
-      Vec w[kBlockRows][kVecs];
-      block_rows(panel, k, w);
-      for (int i = 0; i < kBlockRows && k + i < end; ++i) {
+      Simd::prefetch(panel + static_cast<long>(k) * kBlockBytes + kPrefetchBytes);
+      Vec w[kVecs];
+      row_values(panel, k, w);
 #pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) {
-          Vec value = w[i][v];
-          if constexpr (has_offsets(kFormat)) {
-            value = Simd::fmadd(value, g.scale[v], g.offset[v]);
-          } else if constexpr (kGrouped) {
-            value = Simd::mul(Simd::mul(value, Simd::set1(value_scale())), g.scale[v]);
-          }
-          Simd::store(out + static_cast<long>(k + i - first) * kPanelWidth + v * Simd::kLanes, value);
-        }
+      for (int v = 0; v < kVecs; ++v) {
+        Vec value = w[v];
+        if constexpr (kGrouped) value = Simd::mul(Simd::mul(value, Simd::set1(value_scale())), g.scale[v]);
+        Simd::store(out + static_cast<long>(k - first) * kPanelWidth + v * Simd::kLanes, value);
       }
     }
   }
 
-  static constexpr FormatKernels table() { return FormatKernels{&gemm, &widen, Simd::kMainRows, kInteger}; }
+  // Integer formats have no widen: their gemm multiplies any number of rows in integers
+  // (twice the multiply-adds per instruction of fp32 FMA), so a token's result does not
+  // depend on how many others share its expert. fp32 panels need no widening.
+  static constexpr FormatKernels table() {
+    if constexpr (kInteger || kFormat == WeightFormat::F32) {
+      return FormatKernels{&gemm, nullptr, Simd::kMainRows, kInteger};
+    } else {
+      return FormatKernels{&gemm, &widen, Simd::kMainRows, kInteger};
+    }
+  }
 };
 
 }  // namespace

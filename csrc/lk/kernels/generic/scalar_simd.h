@@ -33,8 +33,6 @@ struct ScalarSimd {
   static IVec broadcast_pair(const int16_t* p) { return pack(p[0], p[1]); }
   static IVec dot_add(IVec acc, IVec w, IVec x) { return acc + low_int(w) * low_int(x) + high_int(w) * high_int(x); }
   static Vec to_float(IVec v) { return static_cast<float>(v); }
-  static Vec low_half(IVec v) { return static_cast<float>(low_int(v)); }
-  static Vec high_half(IVec v) { return static_cast<float>(high_int(v)); }
 };
 
 // Decodes rows whose kPanelWidth elements are each converted by `to_float`.

@@ -35,8 +35,6 @@ struct Avx2Simd {
   }
   static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
   static Vec to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
-  static Vec low_half(IVec v) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 16), 16)); }
-  static Vec high_half(IVec v) { return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 16)); }
 };
 
 }  // namespace

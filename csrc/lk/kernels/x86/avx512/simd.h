@@ -36,8 +36,6 @@ struct Avx512Simd {
   }
   static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
   static Vec to_float(IVec v) { return _mm512_cvtepi32_ps(v); }
-  static Vec low_half(IVec v) { return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16)); }
-  static Vec high_half(IVec v) { return _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16)); }
 };
 
 }  // namespace
