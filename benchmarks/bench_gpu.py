@@ -7,11 +7,13 @@ Measures in one run, for one MoE layer shape (default Qwen3-30B-A3B):
 1. the machine's pinned host-to-device bandwidth (the ceiling of streamed prefill);
 2. hybrid decode per layer at 1/4/16 tokens, split into copy (D2H + H2D through pinned
    memory), CPU (lk alone), GPU (a shared-expert MLP alone) and wait (the stream idle
-   while lk finishes), eager and replayed from a CUDA graph, and the overlap gain:
-   (CPU + copy + GPU) / hybrid layer time;
+   while lk finishes), eager and replayed from a CUDA graph, each from --chain layers
+   queued back to back; and the overlap gain: (CPU + copy + GPU) / hybrid layer time;
 3. streamed prefill over --layers layers through the ring (--window): bytes streamed per
    second against the pinned bandwidth (copy-bound target >= 85%), with the experts'
-   compute and without it; and the token count where streaming overtakes lk's CPU prefill.
+   compute and without it; the experts' compute alone (weights resident), so each case
+   says whether it is copy- or compute-bound and how close it comes to the slower of the
+   two; and the token count where streaming overtakes lk's CPU prefill.
 
 Every figure is measured in this run; ratios compare figures of this run only.
 """
@@ -54,33 +56,34 @@ def wall_ms(run, repeats: int) -> float:
 
 
 def grouped_experts(x, w13, w2, topk_weights, topk_ids):
-    """Routed experts on the GPU, tokens grouped by expert (a stand-in for vLLM's fused-MoE
-    kernel, which needs vLLM): three matmuls per active expert."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    """Routed experts on the GPU, tokens grouped by expert into one padded batch per expert
+    and two batched matmuls (a stand-in for vLLM's fused-MoE kernel, which needs vLLM). One
+    host synchronization (the largest group) per call."""
+    experts, topk = w13.shape[0], topk_ids.shape[1]
     flat = topk_ids.flatten()
-    order = flat.argsort()
-    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
-    rows = order // topk_ids.shape[1]
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        picked = order[start:start + count]
-        token_rows = rows[start:start + count]
-        gate, up = (x[token_rows] @ w13[expert].T).chunk(2, dim=-1)
-        down = (torch.nn.functional.silu(gate) * up) @ w2[expert].T
-        out.index_add_(0, token_rows, down.float() * topk_weights.flatten()[picked, None])
-        start += count
+    order = flat.argsort(stable=True)
+    sorted_ids = flat[order]
+    counts = torch.bincount(flat, minlength=experts)
+    first = counts.cumsum(0) - counts
+    slot = torch.arange(flat.numel(), device=x.device) - first[sorted_ids]
+    tokens = order // topk
+    grouped = x.new_zeros(experts, int(counts.max()), x.shape[1])
+    grouped[sorted_ids, slot] = x[tokens]
+    gate, up = torch.bmm(grouped, w13.transpose(1, 2)).chunk(2, dim=-1)
+    down = torch.bmm(torch.nn.functional.silu(gate) * up, w2.transpose(1, 2))
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, tokens, down[sorted_ids, slot].float() * topk_weights.flatten()[order, None])
     return out.to(x.dtype)
 
 
 def make_layer(args, seed):
+    """(HybridExperts, w13, w2): one layer of bf16 random experts, and its weights."""
     generator = torch.Generator().manual_seed(seed)
     w13 = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=generator)
            / args.hidden**0.5).bfloat16()
     w2 = (torch.randn(args.experts, args.hidden, args.inter, generator=generator)
           / args.inter**0.5).bfloat16()
-    return HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}")
+    return HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}"), w13, w2
 
 
 def routing(args, tokens, seed, device="cuda"):
@@ -99,7 +102,10 @@ def pinned_bandwidth_gbs(nbytes: int, repeats: int) -> float:
 
 
 def decode(args, queue, results):
-    layer = make_layer(args, seed=1)
+    """Per-layer figures from --chain hybrid layers queued back to back, as a model's layers
+    are: the host queues ahead while the stream waits for lk, so a lone layer's Python
+    overhead on an idle device is not counted as layer time."""
+    layer, _, _ = make_layer(args, seed=1)
     layer.attach_gpu(queue)
     shared_up = torch.randn(args.hidden, 2 * args.shared_inter, device="cuda").bfloat16() / args.hidden**0.5
     shared_down = torch.randn(args.shared_inter, args.hidden, device="cuda").bfloat16() / args.shared_inter**0.5
@@ -108,6 +114,7 @@ def decode(args, queue, results):
         gate, up = (x @ shared_up).chunk(2, dim=-1)
         return (torch.nn.functional.silu(gate) * up) @ shared_down
 
+    chain = args.chain
     for tokens in args.decode_tokens:
         x, ids, weights = routing(args, tokens, seed=tokens)
         host = [t.cpu() for t in (x, ids, weights)]
@@ -116,37 +123,46 @@ def decode(args, queue, results):
         out = torch.empty_like(x)
 
         def copies():
-            pinned_in.copy_(x, non_blocking=True)
-            out.copy_(pinned_out, non_blocking=True)
+            for _ in range(chain):
+                pinned_in.copy_(x, non_blocking=True)
+                out.copy_(pinned_out, non_blocking=True)
 
-        def hybrid():
-            return layer.forward(x, ids, weights, lambda: shared(x))
+        def hybrid_chain():
+            for _ in range(chain):
+                layer.forward(x, ids, weights, lambda: shared(x))
 
-        hybrid()
-        copy = gpu_ms(copies, args.repeats)
+        def shared_chain():
+            for _ in range(chain):
+                shared(x)
+
+        hybrid_chain()
+        copy = gpu_ms(copies, args.repeats) / chain
         cpu = wall_ms(lambda: layer.engine.forward(*host), args.repeats)
-        device = gpu_ms(lambda: shared(x), args.repeats)
-        eager = gpu_ms(hybrid, args.repeats)
+        device = gpu_ms(shared_chain, args.repeats) / chain
+        eager = gpu_ms(hybrid_chain, args.repeats) / chain
         graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            hybrid()
+            hybrid_chain()
         torch.cuda.current_stream().wait_stream(side)
         with torch.cuda.graph(graph):
-            hybrid()
-        replay = gpu_ms(graph.replay, args.repeats)
+            hybrid_chain()
+        replay = gpu_ms(graph.replay, args.repeats) / chain
         row = dict(tokens=tokens, copy_ms=copy, cpu_ms=cpu, gpu_ms=device,
-                   wait_ms=max(eager - copy - device, 0.0), eager_ms=eager, graph_ms=replay,
-                   overlap_gain=(copy + cpu + device) / eager)
+                   wait_ms=max(replay - copy - device, 0.0), eager_ms=eager, graph_ms=replay,
+                   overlap_gain=(copy + cpu + device) / replay)
         results["decode"].append(row)
         print(f"decode {tokens:>3} tok: copy {copy:.3f} ms, CPU {cpu:.3f} ms, GPU {device:.3f} ms, "
               f"wait {row['wait_ms']:.3f} ms | layer eager {eager:.3f} ms, graph {replay:.3f} ms | "
-              f"overlap gain {row['overlap_gain']:.2f}x")
+              f"overlap gain {row['overlap_gain']:.2f}x (graph)")
 
 
 def prefill(args, queue, results, bandwidth):
-    layers = [make_layer(args, seed=100 + i) for i in range(args.layers)]
+    built = [make_layer(args, seed=100 + i) for i in range(args.layers)]
+    layers = [layer for layer, _, _ in built]
+    resident = built[0][1].cuda(), built[0][2].cuda()  # layer 0's experts, for compute alone
+    del built
     ring = ExpertRing(torch.device("cuda"), args.window)
     compute = {"with compute": grouped_experts,
                "copy only": lambda x, w13, w2, tw, ti: torch.zeros_like(x)}
@@ -157,7 +173,13 @@ def prefill(args, queue, results, bandwidth):
     for tokens in args.prefill_tokens:
         x, ids, weights = routing(args, tokens, seed=tokens)
         route = DeviceRoute.of(BatchPlan(gpu_prefill=True), tokens, "cuda")
-        row = dict(tokens=tokens)
+        host = [t.cpu() for t in (x, ids, weights)]
+        lk_out = layers[0].engine.forward(*host)
+        gpu_out = grouped_experts(x, *resident, weights, ids).cpu()
+        # The stand-in must compute what lk computes, or its timings mean nothing.
+        torch.testing.assert_close(gpu_out.float(), lk_out.float(), rtol=3e-2, atol=3e-2)
+        row = dict(tokens=tokens,
+                   compute_alone_ms=gpu_ms(lambda: grouped_experts(x, *resident, weights, ids), 5))
         for label, function in compute.items():
             for layer in layers:
                 layer.gpu_experts = function
@@ -172,13 +194,17 @@ def prefill(args, queue, results, bandwidth):
             row[label] = dict(ms_per_layer=ms / len(layers),
                               gbs=streamed_bytes / ms / 1e6,
                               of_pinned=streamed_bytes / ms / 1e6 / bandwidth)
-        host = [t.cpu() for t in (x, ids, weights)]
         row["lk_cpu_ms_per_layer"] = wall_ms(lambda: layers[0].engine.forward(*host), 3)
-        results["prefill"].append(row)
+        copy_ms = streamed_bytes / len(layers) / bandwidth / 1e6
+        row["bound"] = "copy" if copy_ms >= row["compute_alone_ms"] else "compute"
         streamed = row["with compute"]["ms_per_layer"]
-        print(f"prefill {tokens:>5} tok: streamed {streamed:.2f} ms/layer "
-              f"({row['copy only']['of_pinned']:.0%} of pinned H2D copy-only, "
-              f"{row['with compute']['of_pinned']:.0%} with compute) vs lk CPU "
+        row["of_ideal"] = max(copy_ms, row["compute_alone_ms"]) / streamed
+        results["prefill"].append(row)
+        print(f"prefill {tokens:>5} tok: streamed {streamed:.2f} ms/layer ({row['bound']}-bound: copy "
+              f"{copy_ms:.2f} ms at pinned H2D, compute alone {row['compute_alone_ms']:.2f} ms; "
+              f"{row['of_ideal']:.0%} of the slower of the two) | "
+              f"{row['copy only']['of_pinned']:.0%} of pinned H2D copy-only, "
+              f"{row['with compute']['of_pinned']:.0%} with compute | lk CPU "
               f"{row['lk_cpu_ms_per_layer']:.2f} ms/layer")
     faster = [r["tokens"] for r in results["prefill"]
               if r["with compute"]["ms_per_layer"] < r["lk_cpu_ms_per_layer"]]
@@ -195,11 +221,12 @@ def main() -> None:
     parser.add_argument("--shared-inter", type=int, default=768)
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=8, help="streamed layers per prefill forward")
+    parser.add_argument("--chain", type=int, default=8, help="hybrid layers per timed decode forward")
     parser.add_argument("--window", type=int, default=1)
     parser.add_argument("--decode-tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--prefill-tokens", type=lambda s: [int(t) for t in s.split(",")],
-                        default=[256, 1024, 4096, 8192])
+                        default=[64, 256, 1024, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
