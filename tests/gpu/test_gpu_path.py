@@ -119,7 +119,12 @@ def test_ring_streams_every_layer_with_its_own_weights(queue, window):
     ring = ExpertRing(torch.device("cuda"), window)
     for layer, _, _ in layers:
         assert layer.attach_gpu(queue, ring, torch_experts)
+    before = torch.cuda.memory_allocated()
     ring.allocate()
+    # What the adapter reserves before vLLM sizes its KV cache is what the ring takes
+    # (up to the allocator's 512-byte rounding of each of its window + 2 buffers).
+    taken = torch.cuda.memory_allocated() - before
+    assert 0 <= taken - ring.device_bytes() < 512 * (window + 2), (taken, ring.device_bytes())
     big = torch.randn(2048, 2048, device="cuda")
     x, ids, weights = inputs(64, H, E, K, seed=5)
     route = DeviceRoute.of(BatchPlan(gpu_prefill=True), 64, "cuda")
