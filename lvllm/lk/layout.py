@@ -83,7 +83,10 @@ class PackedLayout:
 
     def unpack(self, blob: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """Fill w13 [E, 2I, H] and w2 [E, H, I] (this layout's dtype, blob's device) from
-        blob, the uint8 concatenation of the views ``of`` returned."""
+        blob, the uint8 concatenation of the views ``of`` returned.
+
+        Panels are copied straight into strided views of w13 and w2: no temporary as large
+        as the layer, so the ring's GPU memory is exactly what device_bytes() reports."""
         experts, hidden, inter = self.experts, self.hidden, self.intermediate
         element = torch.finfo(self.dtype).bits // 8
         gate_up_rows = w13.view(experts, 2, inter, hidden)
@@ -95,13 +98,22 @@ class PackedLayout:
                       .view(self.dtype)
                       .view(experts, 2, part.panels, part.gate_up_panel_bytes // element))
             panels = panels[..., :hidden * PANEL_WIDTH].unflatten(-1, (hidden, PANEL_WIDTH))
-            gate_up_rows[:, :, rows] = (panels.transpose(-1, -2)
-                                        .reshape(experts, 2, part.panels * PANEL_WIDTH, hidden)
-                                        [:, :, :part.length])
+            _copy_panels(panels, gate_up_rows[:, :, rows], part.length)
             panels = (blob[part.down_offset:part.down_offset + part.down_bytes]
                       .view(self.dtype)
                       .view(experts, self.hidden_panels, part.down_panel_bytes // element))
             panels = panels[..., :part.length * PANEL_WIDTH].unflatten(-1, (part.length, PANEL_WIDTH))
-            w2[:, :, rows] = (panels.transpose(-1, -2)
-                              .reshape(experts, self.hidden_panels * PANEL_WIDTH, part.length)
-                              [:, :hidden])
+            _copy_panels(panels, w2[:, :, rows], hidden)
+
+
+def _copy_panels(panels: torch.Tensor, target: torch.Tensor, rows: int) -> None:
+    """panels [..., P, depth, 16] (output row p * 16 + j, input k at [p, k, j]) into target
+    [..., rows, depth], rows <= P * 16: whole panels, then the last panel's first rows."""
+    whole, tail = divmod(rows, PANEL_WIDTH)
+    dim = target.dim() - 2
+    if whole:
+        target.narrow(dim, 0, whole * PANEL_WIDTH).unflatten(dim, (whole, PANEL_WIDTH)).copy_(
+            panels.narrow(dim, 0, whole).transpose(-1, -2))
+    if tail:
+        target.narrow(dim, whole * PANEL_WIDTH, tail).copy_(
+            panels.select(dim, whole)[..., :tail].transpose(-1, -2))
