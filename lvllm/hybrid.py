@@ -260,17 +260,14 @@ class HybridExperts:
     def nbytes(self) -> int:
         return self.engine.nbytes
 
-    def attach_gpu(self, queue, ring=None, gpu_experts=None) -> bool:
+    def attach_gpu(self, queue, ring=None, gpu_experts=None, dtype: torch.dtype | None = None) -> None:
         """Queue this layer's lk work on CUDA streams through ``queue``; with ``ring`` and
         ``gpu_experts(x, w13, w2, topk_weights, topk_ids)``, stream its experts to the GPU for
-        long prompts. Returns whether the layer streams (float formats only)."""
-        from lvllm.lk.layout import streamable
-
+        long prompts, unpacked into ``dtype`` (the model's; None: the engine's float format)."""
         self.queue = queue
-        if ring is not None and streamable(self.engine.weight_format):
+        if ring is not None:
             self.ring, self.gpu_experts = ring, gpu_experts
-            self.ring_position = ring.add(self.engine)
-        return self.ring_position is not None
+            self.ring_position = ring.add(self.engine, dtype)
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                padding: torch.Tensor | None = None):

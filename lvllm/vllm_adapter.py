@@ -695,7 +695,7 @@ class GpuPath:
                      if self.min_batch else None)
         speculative = config.speculative_config
         self.decode_query_len = 1 + ((speculative.num_speculative_tokens or 0) if speculative else 0)
-        self.not_streamed: list[str] = []
+        self.dtype = config.model_config.dtype  # streamed experts are unpacked into it
         self._context = None
         self._route = ALL_ON_LK
         warning = capture_overlap_warning(
@@ -711,8 +711,7 @@ class GpuPath:
 
             return fused_experts(x, w13, w2, topk_weights, topk_ids, activation=activation)
 
-        if not experts.attach_gpu(self.queue, self.ring, gpu_experts) and self.ring is not None:
-            self.not_streamed.append(f"{layer.layer_name} ({experts.engine.weight_format})")
+        experts.attach_gpu(self.queue, self.ring, gpu_experts, self.dtype)
 
     def allocate(self) -> None:
         if self.ring is None:
@@ -720,10 +719,8 @@ class GpuPath:
         self.ring.allocate()
         logger.info(
             "lvllm: GPU prefill from %d prefill tokens: %d layer(s) streamed %d ahead through "
-            "%.3f GiB of GPU buffers on %s%s", self.min_batch, self.ring.layers, self.ring.window,
-            self.ring.device_bytes() / 2**30, self.device,
-            f"; not streamed (quantized on lk: float formats stream): {', '.join(self.not_streamed)}"
-            if self.not_streamed else "")
+            "%.3f GiB of GPU buffers on %s, unpacked into %s", self.min_batch, self.ring.layers,
+            self.ring.window, self.ring.device_bytes() / 2**30, self.device, self.dtype)
 
     def route(self, num_tokens: int) -> DeviceRoute:
         """This forward's split between lk and the streamed experts (decided once per forward)."""

@@ -1,10 +1,11 @@
 """Experts streamed to the GPU for long prompts.
 
 Each streamed layer's lk engine memory (pinned in place with cudaHostRegister: no second
-copy in RAM) is copied as raw bytes into a ring of ``window + 1`` GPU buffers on a side
-stream, ``window`` layers ahead of the layer being computed, and unpacked on the compute
-stream into one [E, 2I, H] / [E, H, I] pair that vLLM's fused-MoE kernel (or any other
-``gpu_experts`` function) reads. Events order the two streams: an unpack waits for its
+copy in RAM, whatever the format) is copied as raw bytes into a ring of ``window + 1`` GPU
+buffers on a side stream, ``window`` layers ahead of the layer being computed, and unpacked
+(quantized formats: dequantized) on the compute stream into one [E, 2I, H] / [E, H, I] pair
+in the compute dtype that vLLM's fused-MoE kernel (or any other ``gpu_experts`` function)
+reads. Quantized layers copy fewer bytes, so they stream faster. Events order the two streams: an unpack waits for its
 slot's copy, a copy waits for the slot's previous unpack. The schedule is
 lvllm.gpu.plan.RingSchedule; this module only turns it into CUDA work.
 """
@@ -51,11 +52,12 @@ class ExpertRing:
         self._pinned: _Pinned | None = None
         self.schedule: RingSchedule | None = None
 
-    def add(self, engine: MoEEngine) -> int:
-        """Register a streamed layer (in forward order); returns its ring position."""
+    def add(self, engine: MoEEngine, dtype: torch.dtype | None = None) -> int:
+        """Register a streamed layer (in forward order), to be unpacked into ``dtype`` (None:
+        the engine's float format); returns its ring position."""
         if self.schedule is not None:
             raise RuntimeError("layers must be added to the ring before allocate()")
-        self._layers.append(PackedLayout.of(engine))
+        self._layers.append(PackedLayout.of(engine, dtype))
         return len(self._layers) - 1
 
     @property
@@ -63,17 +65,16 @@ class ExpertRing:
         return len(self._layers)
 
     def device_bytes(self) -> int:
-        """GPU memory allocate() takes: the ring slots plus one unpacked layer."""
+        """GPU memory streaming takes: the ring slots and one unpacked layer (allocate()),
+        and the scratch of dequantizing a quantized layer (during each unpack)."""
         if not self._layers:
             return 0
-        blob = max(layout.nbytes for layout, _ in self._layers)
-        unpacked = max(self._unpacked_elements(layout) * layout.dtype.itemsize
-                       for layout, _ in self._layers)
-        return min(self.window + 1, self.layers) * blob + unpacked
-
-    @staticmethod
-    def _unpacked_elements(layout: PackedLayout) -> int:
-        return 3 * layout.experts * layout.intermediate * layout.hidden
+        layouts = [layout for layout, _ in self._layers]
+        blob = max(layout.nbytes for layout in layouts)
+        unpacked = sum(max(layout.unpacked_bytes for layout in layouts if layout.dtype == dtype)
+                       for dtype in {layout.dtype for layout in layouts})
+        scratch = max(layout.scratch_bytes for layout in layouts)
+        return min(self.window + 1, self.layers) * blob + unpacked + scratch
 
     def allocate(self) -> None:
         """Pin the engines' memory and take the GPU buffers (call before vLLM measures free
@@ -86,8 +87,8 @@ class ExpertRing:
         self._slots = [torch.empty(blob, dtype=torch.uint8, device=self.device)
                        for _ in range(self.schedule.slots)]
         self._unpacked = {
-            dtype: torch.empty(max(self._unpacked_elements(layout) for layout, _ in self._layers
-                                   if layout.dtype == dtype), dtype=dtype, device=self.device)
+            dtype: torch.empty(max(layout.unpacked_bytes for layout, _ in self._layers
+                                   if layout.dtype == dtype) // dtype.itemsize, dtype=dtype, device=self.device)
             for dtype in {layout.dtype for layout, _ in self._layers}
         }
         self._copy_stream = torch.cuda.Stream(self.device)

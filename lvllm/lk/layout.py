@@ -6,8 +6,10 @@ the tests, against the weights the engine was built from.
 
 Layout (csrc/lk/moe_engine.h, csrc/lk/formats.h): node n holds rows [begin, begin + length)
 of every expert's intermediate dimension. Its gate/up memory is [E][gate|up][panels] panels,
-its down memory [E][hidden_panels] panels; a panel stores 16 output rows interleaved per
-input, [depth][16], padded to 64 bytes. Float formats only: quantized panels carry scales.
+its down memory [E][hidden_panels] panels; a panel stores 16 output rows per input,
+[depth][16], padded to 64 bytes. Quantized panels store their values (INT8 rows in pairs,
+INT4 rows in fours, formats.h) and then per group of inputs a row of 16 fp32 scales (and
+INT4 offsets); they are dequantized in fp32 into the compute dtype, a few experts at a time.
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ import torch
 
 PANEL_WIDTH = 16
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def streamable(weight_format: str) -> bool:
-    """Whether experts kept in ``weight_format`` can be unpacked on the device."""
-    return weight_format in _FLOAT_DTYPES
+# Input rows a quantized format stores together (formats.h rows_per_block) and bytes per row.
+_ROWS_PER_BLOCK = {"int8": 2, "int4": 4, "fp8_e4m3": 1}
+_BYTES_PER_ROW = {"int8": PANEL_WIDTH, "int4": PANEL_WIDTH // 2, "fp8_e4m3": PANEL_WIDTH}
+# Where output (row r of a block of four, column j) of an INT4 block lies among its 64
+# nibbles (low nibble first): word 2 * (j % 8) + (r & 1), nibble 2 * (r >> 1) + j // 8.
+_INT4_NIBBLE = [4 * (2 * (j % 8) + (r & 1)) + 2 * (r >> 1) + j // 8 for r in range(4) for j in range(PANEL_WIDTH)]
+# Dequantizing takes fp32 scratch; a layer is done in chunks of experts whose scratch stays
+# within this share of the unpacked layer.
+_SCRATCH_SHARE = 4
+_SCRATCH_BYTES_PER_WEIGHT = 8  # the fp32 values, plus INT4's nibble temporaries
 
 
 def _bytes(memory: memoryview) -> torch.Tensor:
@@ -52,18 +59,25 @@ class PackedLayout:
     experts: int
     hidden: int
     intermediate: int
-    dtype: torch.dtype
+    weight_format: str
+    group_size: int
+    dtype: torch.dtype  # what unpack() writes: the dtype the GPU computes in
     hidden_panels: int
     parts: tuple[NodePart, ...]
     nbytes: int
 
     @classmethod
-    def of(cls, engine) -> tuple["PackedLayout", list[torch.Tensor]]:
-        """The layout of a float-format lvllm.lk.MoEEngine and uint8 views of its memory,
-        in blob order (each view keeps the engine's memory alive)."""
-        if not streamable(engine.weight_format):
-            raise ValueError(f"experts kept as {engine.weight_format} cannot be unpacked on the "
-                             f"device (float formats only: {', '.join(_FLOAT_DTYPES)})")
+    def of(cls, engine, dtype: torch.dtype | None = None) -> tuple["PackedLayout", list[torch.Tensor]]:
+        """The layout of an lvllm.lk.MoEEngine and uint8 views of its memory, in blob order
+        (each view keeps the engine's memory alive). ``dtype``: what to unpack into (None:
+        the engine's own float format; quantized engines need one)."""
+        if dtype is None:
+            if engine.weight_format not in _FLOAT_DTYPES:
+                raise ValueError(f"experts kept as {engine.weight_format} are dequantized when "
+                                 "unpacked: name the dtype to unpack into")
+            dtype = _FLOAT_DTYPES[engine.weight_format]
+        if dtype not in _FLOAT_DTYPES.values():
+            raise ValueError(f"cannot unpack into {dtype}; valid: {', '.join(map(str, _FLOAT_DTYPES.values()))}")
         parts, views, offset = [], [], 0
         for piece in engine._native.packed_slices():
             gate_up, down = _bytes(piece["gate_up"]), _bytes(piece["down"])
@@ -77,33 +91,87 @@ class PackedLayout:
             views += [gate_up, down]
             offset += gate_up.numel() + down.numel()
         layout = cls(engine.num_experts, engine.hidden_size, engine.intermediate_size,
-                     _FLOAT_DTYPES[engine.weight_format], engine._native.hidden_panels,
+                     engine.weight_format, engine.group_size, dtype, engine._native.hidden_panels,
                      tuple(parts), offset)
         return layout, views
 
-    def unpack(self, blob: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        """Fill w13 [E, 2I, H] and w2 [E, H, I] (this layout's dtype, blob's device) from
-        blob, the uint8 concatenation of the views ``of`` returned.
+    @property
+    def quantized(self) -> bool:
+        return self.weight_format not in _FLOAT_DTYPES
 
-        Panels are copied straight into strided views of w13 and w2: no temporary as large
-        as the layer, so the ring's GPU memory is exactly what device_bytes() reports."""
+    @property
+    def unpacked_bytes(self) -> int:
+        return 3 * self.experts * self.intermediate * self.hidden * self.dtype.itemsize
+
+    @property
+    def experts_per_chunk(self) -> int:
+        """Experts dequantized together (all of them for float formats: no scratch)."""
+        if not self.quantized:
+            return self.experts
+        expert_scratch = 3 * self.intermediate * self.hidden * _SCRATCH_BYTES_PER_WEIGHT
+        return max(1, min(self.experts, self.unpacked_bytes // _SCRATCH_SHARE // expert_scratch))
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Transient device memory one unpack() takes besides blob, w13 and w2 (an upper bound)."""
+        if not self.quantized:
+            return 0
+        # One chunk of one projection at a time; gate/up (2I x H) is the larger.
+        return self.experts_per_chunk * 2 * self.intermediate * self.hidden * _SCRATCH_BYTES_PER_WEIGHT
+
+    def unpack(self, blob: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Fill w13 [E, 2I, H] and w2 [E, H, I] (``dtype``, blob's device) from blob, the uint8
+        concatenation of the views ``of`` returned.
+
+        Panels are written straight into strided views of w13 and w2: besides scratch_bytes,
+        no temporary as large as the layer, so the ring's GPU memory is what it reports."""
         experts, hidden, inter = self.experts, self.hidden, self.intermediate
-        element = torch.finfo(self.dtype).bits // 8
         gate_up_rows = w13.view(experts, 2, inter, hidden)
+        chunk = self.experts_per_chunk
         for part in self.parts:
             if part.length == 0:
                 continue
             rows = slice(part.begin, part.begin + part.length)
-            panels = (blob[part.gate_up_offset:part.gate_up_offset + part.gate_up_bytes]
-                      .view(self.dtype)
-                      .view(experts, 2, part.panels, part.gate_up_panel_bytes // element))
-            panels = panels[..., :hidden * PANEL_WIDTH].unflatten(-1, (hidden, PANEL_WIDTH))
-            _copy_panels(panels, gate_up_rows[:, :, rows], part.length)
-            panels = (blob[part.down_offset:part.down_offset + part.down_bytes]
-                      .view(self.dtype)
-                      .view(experts, self.hidden_panels, part.down_panel_bytes // element))
-            panels = panels[..., :part.length * PANEL_WIDTH].unflatten(-1, (part.length, PANEL_WIDTH))
-            _copy_panels(panels, w2[:, :, rows], hidden)
+            gate_up = (blob[part.gate_up_offset:part.gate_up_offset + part.gate_up_bytes]
+                       .view(experts, 2, part.panels, part.gate_up_panel_bytes))
+            down = (blob[part.down_offset:part.down_offset + part.down_bytes]
+                    .view(experts, self.hidden_panels, part.down_panel_bytes))
+            for first in range(0, experts, chunk):
+                some = slice(first, first + chunk)
+                _copy_panels(self._panel_weights(gate_up[some], hidden), gate_up_rows[some, :, rows], part.length)
+                _copy_panels(self._panel_weights(down[some], part.length), w2[some, :, rows], hidden)
+
+    def _panel_weights(self, panels: torch.Tensor, depth: int) -> torch.Tensor:
+        """uint8 panels [..., panel bytes] -> their weights [..., depth, 16]: the stored
+        values for float formats (a view), fp32 dequantized values for the others."""
+        if not self.quantized:
+            values = panels.view(_FLOAT_DTYPES[self.weight_format])
+            return values[..., :depth * PANEL_WIDTH].unflatten(-1, (depth, PANEL_WIDTH))
+        block = _ROWS_PER_BLOCK[self.weight_format]
+        padded = -(-depth // block) * block
+        value_bytes = -(-padded * _BYTES_PER_ROW[self.weight_format] // 64) * 64
+        values = panels[..., :padded * _BYTES_PER_ROW[self.weight_format]]
+        if self.weight_format == "fp8_e4m3":
+            q = values.view(torch.float8_e4m3fn).unflatten(-1, (padded, PANEL_WIDTH))
+        elif self.weight_format == "int8":
+            # Byte 2j + (k & 1) of pair k // 2 is q[k][j].
+            q = values.view(torch.int8).unflatten(-1, (padded // 2, PANEL_WIDTH, 2)).transpose(-1, -2)
+            q = q.flatten(-3, -2)
+        else:
+            nibbles = torch.stack((values & 0xF, values >> 4), dim=-1).flatten(-2)
+            order = torch.tensor(_INT4_NIBBLE, device=panels.device)
+            q = (nibbles.unflatten(-1, (padded // 4, 64)).index_select(-1, order) ^ 8)
+            q = q.unflatten(-1, (4, PANEL_WIDTH)).flatten(-3, -2)
+        groups = -(-depth // self.group_size)
+        weights = torch.zeros(*panels.shape[:-1], groups * self.group_size, PANEL_WIDTH,
+                              dtype=torch.float32, device=panels.device)
+        weights[..., :depth, :] = q[..., :depth, :]
+        metas = panels[..., value_bytes:].view(torch.float32).unflatten(-1, (-1, PANEL_WIDTH))
+        grouped = weights.unflatten(-2, (groups, self.group_size))
+        grouped.mul_(metas[..., :groups, None, :])
+        if self.weight_format == "int4":
+            grouped.add_(metas[..., groups:2 * groups, None, :])
+        return weights[..., :depth, :]
 
 
 def _copy_panels(panels: torch.Tensor, target: torch.Tensor, rows: int) -> None:

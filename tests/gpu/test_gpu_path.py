@@ -118,7 +118,7 @@ def test_ring_streams_every_layer_with_its_own_weights(queue, window):
     layers = [make_layer(seed=10 + i, experts=E, hidden=H, inter=I) for i in range(9)]
     ring = ExpertRing(torch.device("cuda"), window)
     for layer, _, _ in layers:
-        assert layer.attach_gpu(queue, ring, torch_experts)
+        layer.attach_gpu(queue, ring, torch_experts)
     before = torch.cuda.memory_allocated()
     ring.allocate()
     # What the adapter reserves before vLLM sizes its KV cache is what the ring takes
@@ -140,6 +140,46 @@ def test_ring_streams_every_layer_with_its_own_weights(queue, window):
                 unpacked.fill_(float("nan"))
             for _ in range(1 + index % 3):
                 big.matmul(big)
+    ring.close()
+
+
+def test_ring_streams_quantized_layers_dequantized_on_the_device(queue):
+    """INT8, INT4 and FP8 layers stream their engine's own bytes and are dequantized into
+    bf16 on the device, a few experts at a time; the reference is lvllm.lk.quant's
+    dequantized weights (the engine's own arithmetic) in float32 torch."""
+    from lvllm.hybrid import HybridExperts
+    from lvllm.lk import QuantizedWeights, quant
+
+    generator = torch.Generator().manual_seed(50)
+    ring = ExpertRing(torch.device("cuda"), 1)
+    layers = []
+    for index, weight_format in enumerate(["int8", "int4", "fp8_e4m3", "int4"]):
+        w13 = torch.randn(E, 2 * I, H, generator=generator) / H**0.5
+        w2 = torch.randn(E, H, I, generator=generator) / I**0.5
+        if weight_format == "fp8_e4m3":
+            def fp8(w):
+                scales = w.abs().amax(-1, keepdim=True) / 448
+                return QuantizedWeights((w / scales).to(torch.float8_e4m3fn), scales.contiguous(), w.shape[-1])
+            w13, w2 = fp8(w13), fp8(w2)
+            ref13, ref2 = quant.dequantize(w13), quant.dequantize(w2)
+            layer = HybridExperts(w13, w2, "silu", layer_name=f"fp8-{index}")
+        else:
+            ref13 = quant.dequantize(quant.quantize(w13, weight_format, 32))
+            ref2 = quant.dequantize(quant.quantize(w2, weight_format, 32))
+            layer = HybridExperts(w13, w2, "silu", layer_name=f"{weight_format}-{index}",
+                                  weight_format=weight_format, group_size=32)
+        layer.attach_gpu(queue, ring, torch_experts, torch.bfloat16)
+        layers.append((layer, ref13.bfloat16().cuda(), ref2.bfloat16().cuda()))
+    before = torch.cuda.memory_allocated()
+    ring.allocate()
+    assert torch.cuda.memory_allocated() - before <= ring.device_bytes()
+    x, ids, weights = inputs(48, H, E, K, seed=50)
+    route = DeviceRoute.of(BatchPlan(gpu_prefill=True), 48, "cuda")
+    ring.start()
+    for layer, ref13, ref2 in layers:
+        _, routed = layer.forward(x, ids, weights, lambda: None, route=route)
+        torch.testing.assert_close(routed, torch_experts(x, ref13, ref2, weights, ids), **BF16_TOL,
+                                   msg=layer.layer_name)
     ring.close()
 
 
