@@ -13,7 +13,8 @@ Measures in one run, for one MoE layer shape (default Qwen3-30B-A3B):
    second against the pinned bandwidth (copy-bound target >= 85%), with the experts'
    compute and without it; the experts' compute alone (weights resident), so each case
    says whether it is copy- or compute-bound and how close it comes to the slower of the
-   two; and the token count where streaming overtakes lk's CPU prefill.
+   two; and the token count where streaming overtakes lk's CPU prefill; for each of
+   --prefill-formats (quantized layers stream fewer bytes and are dequantized on the GPU).
 
 Every figure is measured in this run; ratios compare figures of this run only.
 """
@@ -31,6 +32,7 @@ from lvllm.gpu.plan import BatchPlan
 from lvllm.gpu.ring import ExpertRing
 from lvllm.gpu.stream import StreamQueue
 from lvllm.hybrid import DeviceRoute, HybridExperts
+from lvllm.lk import quant
 
 
 def gpu_ms(run, repeats: int) -> float:
@@ -76,14 +78,20 @@ def grouped_experts(x, w13, w2, topk_weights, topk_ids):
     return out.to(x.dtype)
 
 
-def make_layer(args, seed):
-    """(HybridExperts, w13, w2): one layer of bf16 random experts, and its weights."""
+def make_layer(args, seed, weight_format="bfloat16"):
+    """(HybridExperts, w13, w2): one layer of random experts kept by lk in ``weight_format``
+    (bfloat16, or int8/int4 quantized from bf16), and the bf16 weights it stands for."""
     generator = torch.Generator().manual_seed(seed)
     w13 = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=generator)
            / args.hidden**0.5).bfloat16()
     w2 = (torch.randn(args.experts, args.hidden, args.inter, generator=generator)
           / args.inter**0.5).bfloat16()
-    return HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}"), w13, w2
+    layer = HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}", weight_format=weight_format,
+                          group_size=args.group_size)
+    if weight_format in ("int8", "int4"):
+        w13, w2 = (quant.dequantize(quant.quantize(w, weight_format, args.group_size)).bfloat16()
+                   for w in (w13, w2))
+    return layer, w13, w2
 
 
 def routing(args, tokens, seed, device="cuda"):
@@ -158,8 +166,8 @@ def decode(args, queue, results):
               f"overlap gain {row['overlap_gain']:.2f}x (graph)")
 
 
-def prefill(args, queue, results, bandwidth):
-    built = [make_layer(args, seed=100 + i) for i in range(args.layers)]
+def prefill(args, queue, results, bandwidth, weight_format):
+    built = [make_layer(args, seed=100 + i, weight_format=weight_format) for i in range(args.layers)]
     layers = [layer for layer, _, _ in built]
     resident = built[0][1].cuda(), built[0][2].cuda()  # layer 0's experts, for compute alone
     del built
@@ -167,7 +175,7 @@ def prefill(args, queue, results, bandwidth):
     compute = {"with compute": grouped_experts,
                "copy only": lambda x, w13, w2, tw, ti: torch.zeros_like(x)}
     for layer in layers:
-        layer.attach_gpu(queue, ring, grouped_experts)
+        layer.attach_gpu(queue, ring, grouped_experts, torch.bfloat16)
     ring.allocate()
     streamed_bytes = sum(layer.engine.nbytes for layer in layers)
     for tokens in args.prefill_tokens:
@@ -178,7 +186,7 @@ def prefill(args, queue, results, bandwidth):
         gpu_out = grouped_experts(x, *resident, weights, ids).cpu()
         # The stand-in must compute what lk computes, or its timings mean nothing.
         torch.testing.assert_close(gpu_out.float(), lk_out.float(), rtol=3e-2, atol=3e-2)
-        row = dict(tokens=tokens,
+        row = dict(format=weight_format, tokens=tokens,
                    compute_alone_ms=gpu_ms(lambda: grouped_experts(x, *resident, weights, ids), 5))
         for label, function in compute.items():
             for layer in layers:
@@ -200,17 +208,17 @@ def prefill(args, queue, results, bandwidth):
         streamed = row["with compute"]["ms_per_layer"]
         row["of_ideal"] = max(copy_ms, row["compute_alone_ms"]) / streamed
         results["prefill"].append(row)
-        print(f"prefill {tokens:>5} tok: streamed {streamed:.2f} ms/layer ({row['bound']}-bound: copy "
+        print(f"prefill {weight_format} {tokens:>5} tok: streamed {streamed:.2f} ms/layer ({row['bound']}-bound: copy "
               f"{copy_ms:.2f} ms at pinned H2D, compute alone {row['compute_alone_ms']:.2f} ms; "
               f"{row['of_ideal']:.0%} of the slower of the two) | "
               f"{row['copy only']['of_pinned']:.0%} of pinned H2D copy-only, "
               f"{row['with compute']['of_pinned']:.0%} with compute | lk CPU "
               f"{row['lk_cpu_ms_per_layer']:.2f} ms/layer")
-    faster = [r["tokens"] for r in results["prefill"]
-              if r["with compute"]["ms_per_layer"] < r["lk_cpu_ms_per_layer"]]
-    results["streaming_overtakes_cpu_at"] = min(faster) if faster else None
-    print(f"streaming overtakes lk's CPU prefill from {results['streaming_overtakes_cpu_at']} tokens "
-          f"(of those measured)")
+    faster = [r["tokens"] for r in results["prefill"] if r["format"] == weight_format
+              and r["with compute"]["ms_per_layer"] < r["lk_cpu_ms_per_layer"]]
+    results["streaming_overtakes_cpu_at"][weight_format] = min(faster) if faster else None
+    print(f"{weight_format}: streaming overtakes lk's CPU prefill from "
+          f"{results['streaming_overtakes_cpu_at'][weight_format]} tokens (of those measured)")
     ring.close()
 
 
@@ -227,6 +235,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--prefill-tokens", type=lambda s: [int(t) for t in s.split(",")],
                         default=[64, 256, 1024, 4096, 8192])
+    parser.add_argument("--prefill-formats", type=lambda s: s.split(","), default=["bfloat16", "int4"],
+                        help="how lk keeps the streamed layers: bfloat16, int8, int4")
+    parser.add_argument("--group-size", type=int, default=128, help="int8/int4 quantization group")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -234,13 +245,14 @@ def main() -> None:
     from lvllm import lk
 
     results = dict(device=torch.cuda.get_device_name(), lk=lk.runtime_info(), args=vars(args),
-                   decode=[], prefill=[])
+                   decode=[], prefill=[], streaming_overtakes_cpu_at={})
     bandwidth = pinned_bandwidth_gbs(1 << 30, args.repeats)
     results["pinned_h2d_gbs"] = bandwidth
     print(f"{results['device']}; lk {results['lk']}; pinned host-to-device {bandwidth:.1f} GB/s")
     queue = StreamQueue(max_tokens=max(args.prefill_tokens))
     decode(args, queue, results)
-    prefill(args, queue, results, bandwidth)
+    for weight_format in args.prefill_formats:
+        prefill(args, queue, results, bandwidth, weight_format)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)
