@@ -23,9 +23,6 @@ _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 # Input rows a quantized format stores together (formats.h rows_per_block) and bytes per row.
 _ROWS_PER_BLOCK = {"int8": 2, "int4": 4, "fp8_e4m3": 1}
 _BYTES_PER_ROW = {"int8": PANEL_WIDTH, "int4": PANEL_WIDTH // 2, "fp8_e4m3": PANEL_WIDTH}
-# Where output (row r of a block of four, column j) of an INT4 block lies among its 64
-# nibbles (low nibble first): word 2 * (j % 8) + (r & 1), nibble 2 * (r >> 1) + j // 8.
-_INT4_NIBBLE = [4 * (2 * (j % 8) + (r & 1)) + 2 * (r >> 1) + j // 8 for r in range(4) for j in range(PANEL_WIDTH)]
 # Dequantizing takes fp32 scratch; a layer is done in chunks of experts whose scratch stays
 # within this share of the unpacked layer.
 _SCRATCH_SHARE = 4
@@ -158,10 +155,12 @@ class PackedLayout:
             q = values.view(torch.int8).unflatten(-1, (padded // 2, PANEL_WIDTH, 2)).transpose(-1, -2)
             q = q.flatten(-3, -2)
         else:
-            nibbles = torch.stack((values & 0xF, values >> 4), dim=-1).flatten(-2)
-            order = torch.tensor(_INT4_NIBBLE, device=panels.device)
-            q = (nibbles.unflatten(-1, (padded // 4, 64)).index_select(-1, order) ^ 8)
-            q = q.unflatten(-1, (4, PANEL_WIDTH)).flatten(-3, -2)
+            # Nibble 4 * word + n of a block of four rows (low nibble first) is q[r][j] - 8 for
+            # word 2 * (j % 8) + (r & 1), n = 2 * (r >> 1) + j // 8: as digits of the nibble
+            # index, (j % 8, r & 1, r >> 1, j // 8), which a reordering of axes makes (r, j).
+            nibbles = torch.stack((values & 0xF, values >> 4), dim=-1) ^ 8
+            q = nibbles.reshape(*values.shape[:-1], padded // 4, 8, 2, 2, 2)
+            q = q.movedim((-2, -3, -1, -4), (-4, -3, -2, -1)).flatten(-2).flatten(-3, -2).flatten(-3, -2)
         groups = -(-depth // self.group_size)
         weights = torch.zeros(*panels.shape[:-1], groups * self.group_size, PANEL_WIDTH,
                               dtype=torch.float32, device=panels.device)
