@@ -50,6 +50,18 @@ struct SourceMatrix {
   const uint8_t* bytes() const { return static_cast<const uint8_t*>(source.values); }
   std::size_t value_index(std::size_t row, std::size_t col) const { return (expert * rows + row) * cols + col; }
 
+  // e4m3fn has one NaN code (S.1111.111), which the kernels would decode as 480. Quantizers
+  // saturate to +-448, so it means a damaged checkpoint: refused here, where every weight
+  // byte passes once anyway.
+  uint8_t fp8_byte(std::size_t row, std::size_t col) const {
+    const uint8_t byte = bytes()[value_index(row, col)];
+    if ((byte & 0x7f) == 0x7f) {
+      throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) + ", input " +
+                                  std::to_string(col) + " holds a float8_e4m3fn NaN; lk needs finite weights");
+    }
+    return byte;
+  }
+
   float at(std::size_t row, std::size_t col) const {
     const std::size_t index = value_index(row, col);
     switch (source.format) {
@@ -62,7 +74,7 @@ struct SourceMatrix {
       case WeightFormat::Int4:
         return bytes()[index] * source.scales[meta_index(row, col)] + source.offsets[meta_index(row, col)];
       case WeightFormat::Fp8E4M3:
-        return fp8_e4m3_to_float(bytes()[index]) * source.scales[meta_index(row, col)];
+        return fp8_e4m3_to_float(fp8_byte(row, col)) * source.scales[meta_index(row, col)];
     }
     return 0.0f;
   }
@@ -96,6 +108,8 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
           store_int4(panel, k, j, *from & 0xf);
         } else if (format == WeightFormat::Int8) {
           panel[int8_offset(k, j)] = *from;
+        } else if (format == WeightFormat::Fp8E4M3) {
+          panel[static_cast<std::size_t>(k) * kPanelWidth + j] = source.fp8_byte(rows[j], first_col + k);
         } else {
           std::memcpy(panel + (static_cast<std::size_t>(k) * kPanelWidth + j) * element, from, element);
         }
@@ -338,6 +352,7 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
                                    static_cast<std::size_t>(shape_.intermediate), expert};
     const std::size_t gate_up_bytes = gate_up_panel_bytes(slice), down_bytes = down_panel_bytes(slice);
     int rows[kPanelWidth];
+    const char* tensor = "w13";
     try {
       for (int half = 0; half < 2; ++half) {
         for (int p = 0; p < slice.panels; ++p) {
@@ -349,13 +364,14 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
           pack_panel(gate_up_source, rows, 0, shape_.hidden, shape_.format, shape_.group_size, panel);
         }
       }
+      tensor = "w2";
       for (int q = 0; q < hidden_panels_ && slice.length > 0; ++q) {
         for (int j = 0; j < kPanelWidth; ++j) rows[j] = q * kPanelWidth + j < shape_.hidden ? q * kPanelWidth + j : -1;
         uint8_t* panel = slice.down.as<uint8_t>() + (static_cast<std::size_t>(expert) * hidden_panels_ + q) * down_bytes;
         pack_panel(down_source, rows, slice.begin, slice.length, shape_.format, shape_.group_size, panel);
       }
     } catch (const std::exception& error) {
-      errors[worker] = error.what();
+      errors[worker] = std::string(tensor) + ": " + error.what();
     }
   };
   std::vector<Phase> job;

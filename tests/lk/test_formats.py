@@ -182,12 +182,14 @@ def test_fp8_kept(runtimes, isa, tokens, numa_nodes):
     run_and_compare(engine, w13_ref, w2_ref, tokens, seed=tokens)
 
 
-def test_fp8_nan_weights_are_refused(runtimes):
+@pytest.mark.parametrize("weight_format", [None, "bfloat16", "int4"])
+def test_fp8_nan_weights_are_refused(runtimes, weight_format):
+    """Kept as FP8 or converted: the NaN code is refused at load, where it lies named."""
     w13, _ = random_fp8(2, 64, 32, 32, seed=6)
     w2, _ = random_fp8(2, 32, 32, 32, seed=7)
     w2.values.view(torch.uint8)[1, 3, 5] = 0xFF  # -NaN
-    with pytest.raises(ValueError, match=r"w2\.values holds 1 float8_e4m3fn NaN"):
-        MoEEngine(w13, w2, runtime=runtimes())
+    with pytest.raises(ValueError, match=r"w2: expert 1, row 3, input 5 holds a float8_e4m3fn NaN"):
+        MoEEngine(w13, w2, weight_format=weight_format, group_size=32, runtime=runtimes())
 
 
 @pytest.mark.parametrize("weight_format", ["bfloat16", "float32", "int4", "int8"])
