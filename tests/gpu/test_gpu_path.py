@@ -157,9 +157,10 @@ def test_ring_streams_quantized_layers_dequantized_on_the_device(queue):
         w13 = torch.randn(E, 2 * I, H, generator=generator) / H**0.5
         w2 = torch.randn(E, H, I, generator=generator) / I**0.5
         if weight_format == "fp8_e4m3":
-            def fp8(w):
-                scales = w.abs().amax(-1, keepdim=True) / 448
-                return QuantizedWeights((w / scales).to(torch.float8_e4m3fn), scales.contiguous(), w.shape[-1])
+            def fp8(w, group=128):  # w13 and w2 share the engine's group size
+                scales = w.unflatten(-1, (-1, group)).abs().amax(-1) / 448
+                values = (w / scales.repeat_interleave(group, -1)).to(torch.float8_e4m3fn)
+                return QuantizedWeights(values, scales.contiguous(), group)
             w13, w2 = fp8(w13), fp8(w2)
             ref13, ref2 = quant.dequantize(w13), quant.dequantize(w2)
             layer = HybridExperts(w13, w2, "silu", layer_name=f"fp8-{index}")
