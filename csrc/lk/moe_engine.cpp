@@ -15,7 +15,7 @@ namespace {
 
 // Rows handed to one kernel call; bounds the per-worker tile buffers.
 constexpr int kChunkRows = 64;
-// Prefill widens and multiplies a panel this many inputs at a time: the widened block stays
+// Prefill with a `widen` kernel widens and multiplies a panel this many inputs at a time: the widened block stays
 // in L1 while every token uses it, and reading the next block from memory overlaps the
 // arithmetic instead of preceding it.
 constexpr int kWidenBlock = 128;
@@ -218,8 +218,8 @@ class QuantizedRows {
 
 // c_rows[r] (+)= a_rows[r] x panel for `count` rows (see kernels::PanelGemm). Rows that fit
 // one pass of the kernel (decode) convert the weights while streaming them; more rows
-// (prefill) would convert them once per pass, so a float panel is widened to fp32 once
-// instead. `wide` holds kWidenBlock panel rows.
+// (prefill) would convert them once per pass, so where the ISA's kernels provide `widen` a
+// float panel is widened to fp32 once instead. `wide` holds kWidenBlock panel rows.
 void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
               const kernels::ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, float* wide) {
   if (count <= kernels[format].rows_per_pass || kernels[format].widen == nullptr) {

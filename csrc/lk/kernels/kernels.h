@@ -38,7 +38,7 @@ using PanelWiden = void (*)(const void* panel, int depth, int group, int first, 
 
 struct FormatKernels {
   PanelGemm gemm;
-  PanelWiden widen;   // null where gemm serves every row count
+  PanelWiden widen;   // null where gemm serves every row count best
   int rows_per_pass;  // rows gemm multiplies per pass over the panel (its register tile)
   bool integer_rows;  // gemm reads the quantized ActivationRow fields
 };

@@ -323,9 +323,10 @@ struct PanelKernels {
 
   // Integer formats have no widen: their gemm multiplies any number of rows in integers
   // (twice the multiply-adds per instruction of fp32 FMA), so a token's result does not
-  // depend on how many others share its expert. fp32 panels need no widening.
+  // depend on how many others share its expert. fp32 panels need no widening, and an ISA
+  // whose conversions are cheaper than a widening pass says so (Simd::kWidenFloatPanels).
   static constexpr FormatKernels table() {
-    if constexpr (kInteger || kFormat == WeightFormat::F32) {
+    if constexpr (kInteger || kFormat == WeightFormat::F32 || !Simd::kWidenFloatPanels) {
       return FormatKernels{&gemm, nullptr, Simd::kMainRows, kInteger};
     } else {
       return FormatKernels{&gemm, &widen, Simd::kMainRows, kInteger};
