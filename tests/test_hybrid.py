@@ -166,6 +166,51 @@ def test_install_registers_once_and_refuses_a_rival(monkeypatch):
         op_registry_oot.update(saved)
 
 
+@pytest.mark.parametrize("model_module, class_name", [("dbrx", "DbrxExperts"),
+                                                      ("gpt_oss", "GptOssRoutedExperts")])
+def test_a_model_own_experts_class_is_refused_on_lk(monkeypatch, model_module, class_name):
+    pytest.importorskip("vllm")
+    import importlib
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    from lvllm import vllm_adapter
+    from lvllm.hybrid import UnsupportedLayer
+
+    experts_class = getattr(importlib.import_module(f"vllm.model_executor.models.{model_module}"),
+                            class_name)
+
+    def built(layer_name):
+        # The instance as the model's constructor hands it to its parent; its own __init__
+        # needs a whole vLLM engine config and is vLLM's, not what is under test.
+        module = experts_class.__new__(experts_class)
+        torch.nn.Module.__init__(module)
+        module.layer_name = layer_name
+        return module
+
+    monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", "1")
+    monkeypatch.setenv(RESIDENT_VAR, "1")
+    saved = dict(op_registry_oot)
+    parent = torch.nn.Module()
+    try:
+        for name in ("RoutedExperts", "MoERunner"):
+            op_registry_oot.pop(name, None)
+        vllm_adapter.install()
+        with set_current_vllm_config(VllmConfig()):  # no model config: layer count unknown
+            parent.resident = built("model.layers.1.mlp.experts")  # on the device, as asked
+            with pytest.raises(UnsupportedLayer,
+                               match=rf"model\.layers\.2\.mlp\.experts: .*{class_name}.*{RESIDENT_VAR}"):
+                parent.on_lk = built("model.layers.2.mlp.experts")
+        assert vllm_adapter.placement().device_layers == {1: "model.layers.1.mlp.experts"}
+        parent.not_moe = torch.nn.Linear(2, 2)
+    finally:
+        op_registry_oot.clear()
+        op_registry_oot.update(saved)
+    # Without lvllm's classes registered (LVLLM_MOE_NUMA_ENABLED=0) every model is left alone.
+    parent.on_lk = built("model.layers.2.mlp.experts")
+
+
 def test_install_accepts_every_weight_mode(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.model_executor.custom_op import op_registry_oot
