@@ -130,6 +130,20 @@ def test_all_tokens_on_one_expert(runtimes, threads, tokens):
     assert_close(engine.forward(x, ids, weights), reference_moe(w13, w2, x, ids, weights), torch.bfloat16)
 
 
+@pytest.mark.parametrize("threads, numa_nodes", [(1, 0), (2, 0), (2, 3)])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 4, 70])
+def test_tasks_walking_runs_of_panels(runtimes, threads, numa_nodes, weight_dtype, tokens):
+    # Wide enough that a task walks a run of several panels of an expert in both phases
+    # (gate/up: 31 panels, down: 39), with a shorter last run ending in a partial panel.
+    experts, hidden, intermediate, k = 8, 16 * 38 + 5, 16 * 30 + 3, 4
+    w13, w2 = random_experts(experts, hidden, intermediate, weight_dtype, seed=tokens)
+    engine = MoEEngine(w13, w2, runtime=runtimes(threads=threads, numa_nodes=numa_nodes))
+    x = torch.randn(tokens, hidden).to(weight_dtype)
+    ids, weights = random_routing(tokens, experts, k, seed=tokens + 2)
+    assert_close(engine.forward(x, ids, weights), reference_moe(w13, w2, x, ids, weights), weight_dtype)
+
+
 def test_duplicate_expert_in_one_row_counts_twice(runtimes):
     experts, hidden, intermediate, tokens = 4, 32, 16, 12
     w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=8)
