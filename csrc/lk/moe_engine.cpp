@@ -15,9 +15,9 @@ namespace {
 
 // Rows handed to one kernel call; bounds the per-worker tile buffers.
 constexpr int kChunkRows = 64;
-// Prefill with a `widen` kernel widens and multiplies a panel this many inputs at a time: the widened block stays
-// in L1 while every token uses it, and reading the next block from memory overlaps the
-// arithmetic instead of preceding it.
+// Prefill with a `widen` kernel widens and multiplies a panel this many inputs at a time:
+// the widened block stays in L1 while every token uses it, and reading the next block from
+// memory overlaps the arithmetic instead of preceding it.
 constexpr int kWidenBlock = 128;
 // Tokens per task when converting the input and combining the nodes' outputs.
 constexpr int kTokenBlock = 16;
@@ -510,17 +510,18 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   }
 
   const int node_threads = (pool.num_threads() + nodes - 1) / nodes;
+  const auto gate_up_run = [=](int panels) {
+    return run_length(static_cast<std::size_t>(active) * panels, panels, node_threads);
+  };
   Phase gate_up{std::vector<uint32_t>(nodes), {}};
-  std::vector<int> gate_up_run(nodes);
   for (int n = 0; n < nodes; ++n) {
-    const int panels = slices_[n].panels;
-    gate_up_run[n] = run_length(static_cast<std::size_t>(active) * panels, panels, node_threads);
-    gate_up.tasks_per_node[n] = active * ((panels + gate_up_run[n] - 1) / gate_up_run[n]);
+    const int panels = slices_[n].panels, run = gate_up_run(panels);
+    gate_up.tasks_per_node[n] = active * ((panels + run - 1) / run);
   }
   gate_up.run = [=, this, &scratch](int node, uint32_t task, int worker) {
     const NodeSlice& slice = slices_[node];
     const kernels::KernelSet& kernels = runtime_->kernels();
-    const int run = gate_up_run[node], runs = (slice.panels + run - 1) / run;
+    const int run = gate_up_run(slice.panels), runs = (slice.panels + run - 1) / run;
     const uint32_t expert_index = task / runs;
     const int first_panel = static_cast<int>(task % runs) * run, end_panel = std::min(slice.panels, first_panel + run);
     const int expert = scratch.active_experts[expert_index];
