@@ -554,8 +554,13 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
           gate_rows[i] = gate_tile + i * kPanelWidth;
           up_rows[i] = up_tile + i * kPanelWidth;
         }
-        multiply(kernels, shape_.format, gate, static_cast<int>(hidden), group, rows, count, gate_rows, false, wide);
-        multiply(kernels, shape_.format, up, static_cast<int>(hidden), group, rows, count, up_rows, false, wide);
+        if (count <= kernels[shape_.format].pair_rows) {
+          kernels[shape_.format].gemm_pair(rows, count, gate, up, static_cast<int>(hidden), group, gate_rows, up_rows,
+                                           false);
+        } else {
+          multiply(kernels, shape_.format, gate, static_cast<int>(hidden), group, rows, count, gate_rows, false, wide);
+          multiply(kernels, shape_.format, up, static_cast<int>(hidden), group, rows, count, up_rows, false, wide);
+        }
         for (int i = 0; i < count; ++i) {
           activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
                    hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);

@@ -36,11 +36,18 @@ using PanelGemm = void (*)(const ActivationRow* a_rows, int rows, const void* pa
 // FP8 have one; fp32 and the integer formats' gemm serves any number of rows.
 using PanelWiden = void (*)(const void* panel, int depth, int group, int first, int count, float* out);
 
+// c_first as PanelGemm with `first`, and c_second with `second`, for rows up to
+// FormatKernels::pair_rows: the two panels are read side by side.
+using PanelPairGemm = void (*)(const ActivationRow* a_rows, int rows, const void* first, const void* second,
+                               int depth, int group, float* const* c_first, float* const* c_second, bool accumulate);
+
 struct FormatKernels {
   PanelGemm gemm;
   PanelWiden widen;   // null where gemm serves every row count best
   int rows_per_pass;  // rows gemm multiplies per pass over the panel (its register tile)
   bool integer_rows;  // gemm reads the quantized ActivationRow fields
+  PanelPairGemm gemm_pair;  // null where the ISA reads one panel at a time
+  int pair_rows;            // most rows gemm_pair takes (0 without it)
 };
 
 struct ActivationParams {

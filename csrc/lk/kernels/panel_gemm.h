@@ -134,53 +134,66 @@ struct PanelKernels {
   }
 
   // Float formats: a group's products are summed unscaled and scaled once at its end.
-  // Ungrouped formats are one group over the whole depth, with scale 1.
-  template <int Rows>
-  static void float_tile(const ActivationRow* a, const uint8_t* panel, int depth, int group_size, float* const* c,
-                         bool accumulate) {
-    constexpr int kSets = k_unroll<Rows>();
-    prefetch_start(panel, depth, group_size);
+  // Ungrouped formats are one group over the whole depth, with scale 1. `Panels` panels of
+  // the same depth multiply the same rows side by side, panel p into c[p].
+  template <int Rows, int Panels>
+  static void float_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
+                         float* const* const* c, bool accumulate) {
+    constexpr int kSets = k_unroll<Rows * Panels>();
+    for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
     const int span = kGrouped ? group_size : depth;
     const int ahead = kGrouped ? groups_ahead(group_size) : 0;
     bool add = accumulate;
     for (int first = 0, index = 0; first < depth; first += span, ++index) {
-      if constexpr (kGrouped) prefetch_group(panel, depth, group_size, index + ahead);
-      Vec acc[kSets][Rows][kVecs];
+      if constexpr (kGrouped)
+        for (int p = 0; p < Panels; ++p) prefetch_group(panels[p], depth, group_size, index + ahead);
+      Vec acc[kSets][Panels][Rows][kVecs];
 #pragma GCC unroll 4
       for (int s = 0; s < kSets; ++s)
+#pragma GCC unroll 2
+        for (int p = 0; p < Panels; ++p)
 #pragma GCC unroll 16
-        for (int r = 0; r < Rows; ++r)
+          for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
-          for (int v = 0; v < kVecs; ++v) acc[s][r][v] = Simd::zero();
+            for (int v = 0; v < kVecs; ++v) acc[s][p][r][v] = Simd::zero();
       const int end = depth - first < span ? depth : first + span;
       int k = first;
       for (; k + kSets <= end; k += kSets) {
-        const uint8_t* rows = panel + static_cast<long>(k) * kBlockBytes + kPrefetchBytes;
+#pragma GCC unroll 2
+        for (int p = 0; p < Panels; ++p) {
+          const uint8_t* rows = panels[p] + static_cast<long>(k) * kBlockBytes + kPrefetchBytes;
 #pragma GCC unroll 8
-        for (int line = 0; line < kSets * kBlockBytes; line += 64) Simd::prefetch(rows + line);
+          for (int line = 0; line < kSets * kBlockBytes; line += 64) Simd::prefetch(rows + line);
+        }
 #pragma GCC unroll 4
-        for (int s = 0; s < kSets; ++s) float_step<Rows>(acc[s], a, panel, k + s);
+        for (int s = 0; s < kSets; ++s)
+#pragma GCC unroll 2
+          for (int p = 0; p < Panels; ++p) float_step<Rows>(acc[s][p], a, panels[p], k + s);
       }
-      for (; k < end; ++k) float_step<Rows>(acc[0], a, panel, k);
+      for (; k < end; ++k)
+        for (int p = 0; p < Panels; ++p) float_step<Rows>(acc[0][p], a, panels[p], k);
+#pragma GCC unroll 2
+      for (int p = 0; p < Panels; ++p) {
 #pragma GCC unroll 4
-      for (int s = 1; s < kSets; ++s)
+        for (int s = 1; s < kSets; ++s)
 #pragma GCC unroll 16
-        for (int r = 0; r < Rows; ++r)
+          for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
-          for (int v = 0; v < kVecs; ++v) acc[0][r][v] = Simd::add(acc[0][r][v], acc[s][r][v]);
-      Vec scale[Rows][kVecs];
-      if constexpr (kGrouped) {
-        const Group g = group(panel, depth, group_size, index);
-        for (int r = 0; r < Rows; ++r)
-          for (int v = 0; v < kVecs; ++v) {
-            acc[0][r][v] = Simd::mul(acc[0][r][v], Simd::set1(value_scale()));
-            scale[r][v] = g.scale[v];
-          }
-      } else {
-        for (int r = 0; r < Rows; ++r)
-          for (int v = 0; v < kVecs; ++v) scale[r][v] = Simd::set1(1.0f);
+            for (int v = 0; v < kVecs; ++v) acc[0][p][r][v] = Simd::add(acc[0][p][r][v], acc[s][p][r][v]);
+        Vec scale[Rows][kVecs];
+        if constexpr (kGrouped) {
+          const Group g = group(panels[p], depth, group_size, index);
+          for (int r = 0; r < Rows; ++r)
+            for (int v = 0; v < kVecs; ++v) {
+              acc[0][p][r][v] = Simd::mul(acc[0][p][r][v], Simd::set1(value_scale()));
+              scale[r][v] = g.scale[v];
+            }
+        } else {
+          for (int r = 0; r < Rows; ++r)
+            for (int v = 0; v < kVecs; ++v) scale[r][v] = Simd::set1(1.0f);
+        }
+        flush<Rows>(acc[0][p], scale, c[p], add);
       }
-      flush<Rows>(acc[0], scale, c, add);
       add = true;
     }
   }
@@ -205,96 +218,131 @@ struct PanelKernels {
   // INT8 / INT4: exact integer dot products of the stored values with the quantized
   // activations, moved to fp32 once per group (or kFlushInputs) with both scales; INT4's
   // offsets add offset * (sum of the group's activations) once per group.
-  template <int Rows>
-  static void integer_tile(const ActivationRow* a, const uint8_t* panel, int depth, int group_size, float* const* c,
-                           bool accumulate) {
+  template <int Rows, int Panels>
+  static void integer_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
+                           float* const* const* c, bool accumulate) {
     using IVec = typename Simd::IVec;
     // Two blocks make one 64-byte line.
     constexpr int kStep = 2 * kBlockRows;
     static_assert(2 * kBlockBytes == 64, "one prefetch per two blocks");
-    prefetch_start(panel, depth, group_size);
+    for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
     const int ahead = groups_ahead(group_size);
     const int padded = static_cast<int>(padded_depth(kFormat, depth));
-    const uint8_t* block = panel;
+    long block = 0;  // offset of the next block, the same in every panel
     bool add = accumulate;
     for (int first = 0, index = 0; first < depth; first += group_size, ++index) {
-      prefetch_group(panel, depth, group_size, index + ahead);
+      for (int p = 0; p < Panels; ++p) prefetch_group(panels[p], depth, group_size, index + ahead);
       // Loaded only once the group's products are summed, by when its line has arrived.
-      Group g;
+      Group g[Panels]{};
       const int end = padded - first < group_size ? padded : first + group_size;
       for (int start = first; start < end; start += kFlushInputs) {
         const int stop = end - start < kFlushInputs ? end : start + kFlushInputs;
-        IVec acc[Rows][kVecs];
+        IVec acc[Panels][Rows][kVecs];
+#pragma GCC unroll 2
+        for (int p = 0; p < Panels; ++p)
 #pragma GCC unroll 16
-        for (int r = 0; r < Rows; ++r)
+          for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
-          for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::izero();
+            for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::izero();
         int k = start;
         for (; k + kStep <= stop; k += kStep, block += 2 * kBlockBytes) {
-          Simd::prefetch(block + kPrefetchBytes);
-          integer_block<Rows>(acc, a, block, k);
-          integer_block<Rows>(acc, a, block + kBlockBytes, k + kBlockRows);
-        }
-        if (k < stop) {
-          integer_block<Rows>(acc, a, block, k);
-          block += kBlockBytes;
-        }
-        g = group(panel, depth, group_size, index);
-        Vec sums[Rows][kVecs], scale[Rows][kVecs];
-#pragma GCC unroll 16
-        for (int r = 0; r < Rows; ++r) {
-          const Vec row_scale = Simd::set1(a[r].scale[index]);
-#pragma GCC unroll 16
-          for (int v = 0; v < kVecs; ++v) {
-            sums[r][v] = Simd::to_float(acc[r][v]);
-            scale[r][v] = Simd::mul(g.scale[v], row_scale);
+#pragma GCC unroll 2
+          for (int p = 0; p < Panels; ++p) {
+            Simd::prefetch(panels[p] + block + kPrefetchBytes);
+            integer_block<Rows>(acc[p], a, panels[p] + block, k);
+            integer_block<Rows>(acc[p], a, panels[p] + block + kBlockBytes, k + kBlockRows);
           }
         }
-        flush<Rows>(sums, scale, c, add);
+        if (k < stop) {
+          for (int p = 0; p < Panels; ++p) integer_block<Rows>(acc[p], a, panels[p] + block, k);
+          block += kBlockBytes;
+        }
+#pragma GCC unroll 2
+        for (int p = 0; p < Panels; ++p) {
+          g[p] = group(panels[p], depth, group_size, index);
+          Vec sums[Rows][kVecs], scale[Rows][kVecs];
+#pragma GCC unroll 16
+          for (int r = 0; r < Rows; ++r) {
+            const Vec row_scale = Simd::set1(a[r].scale[index]);
+#pragma GCC unroll 16
+            for (int v = 0; v < kVecs; ++v) {
+              sums[r][v] = Simd::to_float(acc[p][r][v]);
+              scale[r][v] = Simd::mul(g[p].scale[v], row_scale);
+            }
+          }
+          flush<Rows>(sums, scale, c[p], add);
+        }
         add = true;
       }
       if constexpr (has_offsets(kFormat)) {
-        Vec offsets[Rows][kVecs], row_sums[Rows][kVecs];
-        for (int r = 0; r < Rows; ++r) {
-          for (int v = 0; v < kVecs; ++v) {
-            offsets[r][v] = g.offset[v];
-            row_sums[r][v] = Simd::set1(a[r].sum[index]);
+        for (int p = 0; p < Panels; ++p) {
+          Vec offsets[Rows][kVecs], row_sums[Rows][kVecs];
+          for (int r = 0; r < Rows; ++r) {
+            for (int v = 0; v < kVecs; ++v) {
+              offsets[r][v] = g[p].offset[v];
+              row_sums[r][v] = Simd::set1(a[r].sum[index]);
+            }
           }
+          flush<Rows>(offsets, row_sums, c[p], true);
         }
-        flush<Rows>(offsets, row_sums, c, true);
       }
     }
   }
 
-  template <int Rows>
-  static void tile(const ActivationRow* a, const uint8_t* panel, int depth, int group, float* const* c,
+  template <int Rows, int Panels>
+  static void tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group, float* const* const* c,
                    bool accumulate) {
     if constexpr (kInteger) {
-      integer_tile<Rows>(a, panel, depth, group, c, accumulate);
+      integer_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
     } else {
-      float_tile<Rows>(a, panel, depth, group, c, accumulate);
+      float_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
     }
   }
 
-  template <int Rows>
-  static void tail(const ActivationRow* a, int rows, const uint8_t* panel, int depth, int group, float* const* c,
-                   bool accumulate) {
+  template <int Rows, int Panels>
+  static void tail(const ActivationRow* a, int rows, const uint8_t* const* panels, int depth, int group,
+                   float* const* const* c, bool accumulate) {
     if constexpr (Rows > 0) {
       if (rows == Rows) {
-        tile<Rows>(a, panel, depth, group, c, accumulate);
+        tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
       } else {
-        tail<Rows - 1>(a, rows, panel, depth, group, c, accumulate);
+        tail<Rows - 1, Panels>(a, rows, panels, depth, group, c, accumulate);
       }
     }
   }
 
   static void gemm(const ActivationRow* a, int rows, const void* panel_bytes, int depth, int group, float* const* c,
                    bool accumulate) {
-    const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
+    const uint8_t* const panels[1] = {static_cast<const uint8_t*>(panel_bytes)};
     constexpr int kRows = Simd::kMainRows;
     int r = 0;
-    for (; r + kRows <= rows; r += kRows) tile<kRows>(a + r, panel, depth, group, c + r, accumulate);
-    tail<kRows - 1>(a + r, rows - r, panel, depth, group, c + r, accumulate);
+    for (; r + kRows <= rows; r += kRows) {
+      float* const* const rows_c[1] = {c + r};
+      tile<kRows, 1>(a + r, panels, depth, group, rows_c, accumulate);
+    }
+    float* const* const rest_c[1] = {c + r};
+    tail<kRows - 1, 1>(a + r, rows - r, panels, depth, group, rest_c, accumulate);
+  }
+
+  // Rows gemm_pair takes: as many as leave both panels' accumulators (and, for the integer
+  // formats, both panels' decoded blocks) in registers.
+  static constexpr int pair_rows() {
+    if constexpr (!Simd::kPairPanels) {
+      return 0;
+    } else {
+      constexpr int decoded = kInteger ? 2 * (kBlockRows / 2) * kVecs : 0;
+      constexpr int rows = (Simd::kAccumulators - decoded) / (2 * kVecs);
+      return rows < Simd::kMainRows ? rows : Simd::kMainRows;
+    }
+  }
+
+  // Two panels of the same depth times the same rows (an expert's gate and up), read side by
+  // side: two weight streams in flight per thread instead of one after the other.
+  static void gemm_pair(const ActivationRow* a, int rows, const void* first, const void* second, int depth, int group,
+                        float* const* c_first, float* const* c_second, bool accumulate) {
+    const uint8_t* const panels[2] = {static_cast<const uint8_t*>(first), static_cast<const uint8_t*>(second)};
+    float* const* const c[2] = {c_first, c_second};
+    tail<pair_rows(), 2>(a, rows, panels, depth, group, c, accumulate);
   }
 
   static void widen(const void* panel_bytes, int depth, int group_size, int first, int count, float* out) {
@@ -326,10 +374,11 @@ struct PanelKernels {
   // depend on how many others share its expert. fp32 panels need no widening, and an ISA
   // whose conversions are cheaper than a widening pass says so (Simd::kWidenFloatPanels).
   static constexpr FormatKernels table() {
+    constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
     if constexpr (kInteger || kFormat == WeightFormat::F32 || !Simd::kWidenFloatPanels) {
-      return FormatKernels{&gemm, nullptr, Simd::kMainRows, kInteger};
+      return FormatKernels{&gemm, nullptr, Simd::kMainRows, kInteger, pair, pair_rows()};
     } else {
-      return FormatKernels{&gemm, &widen, Simd::kMainRows, kInteger};
+      return FormatKernels{&gemm, &widen, Simd::kMainRows, kInteger, pair, pair_rows()};
     }
   }
 };

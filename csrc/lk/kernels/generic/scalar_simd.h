@@ -12,6 +12,7 @@ struct ScalarSimd {
   static constexpr int kAccumulators = 32;
   static constexpr int kMainRows = 2;
   static constexpr bool kWidenFloatPanels = true;  // two rows per pass: conversions add up
+  static constexpr bool kPairPanels = false;
   static Vec zero() { return 0.0f; }
   static Vec set1(float value) { return value; }
   static Vec broadcast(const float* p) { return *p; }

@@ -18,6 +18,7 @@ struct Avx512Simd {
   // Prefill widens float panels to fp32 once: Intel cores run vpmovzxwd on an FMA port.
   // Converting in every pass, which wins on AVX2 (see there), is unmeasured here.
   static constexpr bool kWidenFloatPanels = true;
+  static constexpr bool kPairPanels = false;  // side by side is unmeasured here
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec set1(float value) { return _mm512_set1_ps(value); }
   static Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
