@@ -254,6 +254,19 @@ void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void
   }
 }
 
+// An expert's gate and up panels times the same rows into gate_rows and up_rows (stored):
+// side by side where the ISA's kernels read two panels at once for this many rows.
+void multiply_gate_up(const kernels::KernelSet& kernels, WeightFormat format, const void* gate, const void* up,
+                      int depth, int group, const kernels::ActivationRow* a_rows, int count, float* const* gate_rows,
+                      float* const* up_rows, float* wide) {
+  if (count <= kernels[format].pair_rows) {
+    kernels[format].gemm_pair(a_rows, count, gate, up, depth, group, gate_rows, up_rows, false);
+    return;
+  }
+  multiply(kernels, format, gate, depth, group, a_rows, count, gate_rows, false, wide);
+  multiply(kernels, format, up, depth, group, a_rows, count, up_rows, false, wide);
+}
+
 }  // namespace
 
 const char* format_name(WeightFormat format) {
@@ -554,13 +567,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
           gate_rows[i] = gate_tile + i * kPanelWidth;
           up_rows[i] = up_tile + i * kPanelWidth;
         }
-        if (count <= kernels[shape_.format].pair_rows) {
-          kernels[shape_.format].gemm_pair(rows, count, gate, up, static_cast<int>(hidden), group, gate_rows, up_rows,
-                                           false);
-        } else {
-          multiply(kernels, shape_.format, gate, static_cast<int>(hidden), group, rows, count, gate_rows, false, wide);
-          multiply(kernels, shape_.format, up, static_cast<int>(hidden), group, rows, count, up_rows, false, wide);
-        }
+        multiply_gate_up(kernels, shape_.format, gate, up, static_cast<int>(hidden), group, rows, count, gate_rows,
+                         up_rows, wide);
         for (int i = 0; i < count; ++i) {
           activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
                    hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
