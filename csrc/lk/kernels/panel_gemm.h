@@ -324,14 +324,16 @@ struct PanelKernels {
     tail<kRows - 1, 1>(a + r, rows - r, panels, depth, group, rest_c, accumulate);
   }
 
-  // Rows gemm_pair takes: as many as leave both panels' accumulators (and, for the integer
-  // formats, both panels' decoded blocks) in registers.
+  // Rows gemm_pair takes: as many as leave both panels' accumulators, both panels' decoded
+  // weights, a broadcast activation per row and one constant in registers. One more row
+  // spills an accumulator, whose chain then runs through memory: 3 float rows took twice
+  // as long per weight as 2 (measured).
   static constexpr int pair_rows() {
     if constexpr (!Simd::kPairPanels) {
       return 0;
     } else {
-      constexpr int decoded = kInteger ? 2 * (kBlockRows / 2) * kVecs : 0;
-      constexpr int rows = (Simd::kAccumulators - decoded) / (2 * kVecs);
+      constexpr int decoded = 2 * (kInteger ? kBlockRows / 2 : 1) * kVecs;
+      constexpr int rows = (Simd::kRegisters - 1 - decoded) / (2 * kVecs + 1);
       return rows < Simd::kMainRows ? rows : Simd::kMainRows;
     }
   }

@@ -13,6 +13,7 @@ namespace {
 struct Avx2Simd {
   using Vec = __m256;
   static constexpr int kLanes = 8;
+  static constexpr int kRegisters = 16;
   static constexpr int kAccumulators = 12;
   static constexpr int kMainRows = 6;
   // Prefill converts each weight again in every 6-row pass instead of widening a panel to
