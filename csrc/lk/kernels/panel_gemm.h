@@ -10,7 +10,11 @@
 // FP8 may produce its values times a constant (static constexpr float kValueScale: the true
 // value is what it produces divided by that) when that saves work per weight; a group's
 // sums are divided by it once (applied to the sums, not folded into the scales, so a
-// large scale cannot overflow).
+// large scale cannot overflow). A float Decode may also produce the row's columns in
+// another order when that saves work per weight, and then says how to put vectors of
+// that order back into column order:
+//   static void to_column_order(Vec (&w)[kPanelWidth / Simd::kLanes]);
+// which the kernels apply to the sums once per group, not to every row.
 // For INT8 and INT4 it turns one block of rows_per_block rows (formats.h) into pairs of
 // rows, each column's two weights in the low and high 16 bits of one 32-bit lane:
 //   static void pairs(const uint8_t* block, IVec (&w)[rows_per_block / 2][kPanelWidth / Simd::kLanes]);
@@ -68,9 +72,12 @@ struct PanelKernels {
     return group;
   }
 
-  // Row k of a float-format panel as stored: unscaled.
+  // Row k of a float-format panel as stored: unscaled, in the Decode's column order.
   static void row_values(const uint8_t* panel, int k, Vec (&w)[kVecs]) {
     Decode::values(panel + static_cast<long>(k) * kBlockBytes, w);
+  }
+  static void to_column_order(Vec (&w)[kVecs]) {
+    if constexpr (requires { Decode::to_column_order(w); }) Decode::to_column_order(w);
   }
 
   // c[r] = the group's partial sums times its scales (and the sums' scales), added to c[r]
@@ -180,6 +187,8 @@ struct PanelKernels {
           for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
             for (int v = 0; v < kVecs; ++v) acc[0][p][r][v] = Simd::add(acc[0][p][r][v], acc[s][p][r][v]);
+#pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r) to_column_order(acc[0][p][r]);
         Vec scale[Rows][kVecs];
         if constexpr (kGrouped) {
           const Group g = group(panels[p], depth, group_size, index);
@@ -362,6 +371,7 @@ struct PanelKernels {
       Simd::prefetch(panel + static_cast<long>(k) * kBlockBytes + kPrefetchBytes);
       Vec w[kVecs];
       row_values(panel, k, w);
+      to_column_order(w);
 #pragma GCC unroll 16
       for (int v = 0; v < kVecs; ++v) {
         Vec value = w[v];

@@ -45,5 +45,15 @@ struct Avx2Simd {
   static Vec to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
 };
 
+// Decodes that split a row's 16 columns by parity, w[0] holding columns 0, 2, ..., 14 and
+// w[1] columns 1, 3, ..., 15 (where one 32-bit lane holds two of the row's weights), use
+// this as their to_column_order (panel_gemm.h).
+inline void even_odd_to_column_order(__m256 (&w)[2]) {
+  const __m256 low = _mm256_unpacklo_ps(w[0], w[1]);   // columns 0-3 | 8-11
+  const __m256 high = _mm256_unpackhi_ps(w[0], w[1]);  // columns 4-7 | 12-15
+  w[0] = _mm256_permute2f128_ps(low, high, 0x20);
+  w[1] = _mm256_permute2f128_ps(low, high, 0x31);
+}
+
 }  // namespace
 }  // namespace lk::kernels
