@@ -35,6 +35,8 @@ struct PanelKernels {
   static constexpr bool kGrouped = is_grouped(kFormat);
   static constexpr bool kInteger = kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4;
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
+  // Rows of one pass of gemm over a panel (its register tile).
+  static constexpr int kMainRows = kInteger ? Simd::kIntegerMainRows : Simd::kMainRows;
   static constexpr int kBlockRows = rows_per_block(kFormat);
   static constexpr int kBlockBytes = block_bytes(kFormat);
   // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
@@ -323,7 +325,7 @@ struct PanelKernels {
   static void gemm(const ActivationRow* a, int rows, const void* panel_bytes, int depth, int group, float* const* c,
                    bool accumulate) {
     const uint8_t* const panels[1] = {static_cast<const uint8_t*>(panel_bytes)};
-    constexpr int kRows = Simd::kMainRows;
+    constexpr int kRows = kMainRows;
     int r = 0;
     for (; r + kRows <= rows; r += kRows) {
       float* const* const rows_c[1] = {c + r};
@@ -343,7 +345,7 @@ struct PanelKernels {
     } else {
       constexpr int decoded = 2 * (kInteger ? kBlockRows / 2 : 1) * kVecs;
       constexpr int rows = (Simd::kRegisters - 1 - decoded) / (2 * kVecs + 1);
-      return rows < Simd::kMainRows ? rows : Simd::kMainRows;
+      return rows < kMainRows ? rows : kMainRows;
     }
   }
 
@@ -388,9 +390,9 @@ struct PanelKernels {
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
     if constexpr (kInteger || kFormat == WeightFormat::F32 || !Simd::kWidenFloatPanels) {
-      return FormatKernels{&gemm, nullptr, Simd::kMainRows, kInteger, pair, pair_rows()};
+      return FormatKernels{&gemm, nullptr, kMainRows, kInteger, pair, pair_rows()};
     } else {
-      return FormatKernels{&gemm, &widen, Simd::kMainRows, kInteger, pair, pair_rows()};
+      return FormatKernels{&gemm, &widen, kMainRows, kInteger, pair, pair_rows()};
     }
   }
 };

@@ -11,6 +11,7 @@ struct ScalarSimd {
   static constexpr int kLanes = 1;
   static constexpr int kAccumulators = 32;
   static constexpr int kMainRows = 2;
+  static constexpr int kIntegerMainRows = 2;
   static constexpr bool kWidenFloatPanels = true;  // two rows per pass: conversions add up
   static constexpr bool kPairPanels = false;
   static Vec zero() { return 0.0f; }
