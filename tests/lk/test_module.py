@@ -3,6 +3,8 @@
 import shutil
 import subprocess
 
+import pytest
+
 import torch  # noqa: F401  loads the process's shared libstdc++ first, as in every real use
 
 import lvllm._lk
@@ -25,3 +27,25 @@ def test_runtime_description_formats_numbers_after_torch_is_loaded():
     info = lk.runtime_info()
     assert f"{info['threads']} thread(s)" in info["description"]
     assert f"{info['numa_nodes']} " in info["description"]
+
+
+def test_kernel_rate_probe_times_every_format_and_refuses_bad_requests():
+    """benchmarks/bench_kernels.py's probe: runs every kernel of the best ISA, single and
+    paired, on a panel whose depth is no multiple of the group, and names what it refuses."""
+    isa = lvllm._lk.best_isa()
+    for fmt in lvllm._lk.format_names():
+        ns = lvllm._lk.measure_kernel_ns_per_panel_row(isa, fmt, 3, 300, seconds=0.01)
+        assert 0 < ns < 1e5, (fmt, ns)
+        pair_rows = lvllm._lk.kernel_pair_rows(isa, fmt)
+        if pair_rows:
+            ns = lvllm._lk.measure_kernel_ns_per_panel_row(isa, fmt, pair_rows, 300, pair=True, seconds=0.01)
+            assert 0 < ns < 1e5, (fmt, ns)
+            with pytest.raises(ValueError, match=f"at most {pair_rows} rows"):
+                lvllm._lk.measure_kernel_ns_per_panel_row(isa, fmt, pair_rows + 1, 300, pair=True)
+    with pytest.raises(ValueError, match="unknown weight format 'bf16'"):
+        lvllm._lk.measure_kernel_ns_per_panel_row(isa, "bf16", 1, 256)
+    with pytest.raises(ValueError, match="rows must be 1..64"):
+        lvllm._lk.measure_kernel_ns_per_panel_row(isa, "int8", 0, 256)
+    if isa != "AMX":
+        with pytest.raises(ValueError, match="this CPU cannot run AMX kernels"):
+            lvllm._lk.measure_kernel_ns_per_panel_row("AMX", "int8", 1, 256)

@@ -10,6 +10,7 @@
 #include <tuple>
 #include <vector>
 
+#include "lk/bench/kernel_rate.h"
 #include "lk/bench/roofline.h"
 #include "lk/cpu_features.h"
 #include "lk/cuda/driver.h"
@@ -73,6 +74,13 @@ PYBIND11_MODULE(_lk, m) {
         "Read bandwidth of this machine in GB/s with `threads` pinned threads (benchmarks' ceiling).");
   m.def("measure_fma_peak_gflops", &lk::bench::measure_fma_peak_gflops, py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(), "fp32 FMA peak in GFLOP/s with `threads` threads.");
+
+  m.def("measure_kernel_ns_per_panel_row", &lk::bench::kernel_ns_per_panel_row, py::arg("isa"), py::arg("format"),
+        py::arg("rows"), py::arg("depth"), py::arg("pair") = false, py::arg("seconds") = 0.2,
+        py::call_guard<py::gil_scoped_release>(),
+        "ns per panel row of one panel kernel on the calling thread, panel in cache (benchmarks).");
+  m.def("kernel_pair_rows", &lk::bench::kernel_pair_rows, py::arg("isa"), py::arg("format"),
+        "Most rows the kernel reads two panels side by side for (0: none).");
 
   m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
         "Highest kernel ISA this CPU and OS support.");

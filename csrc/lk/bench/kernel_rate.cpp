@@ -1,0 +1,135 @@
+#include "kernel_rate.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "lk/cpu_features.h"
+#include "lk/formats.h"
+#include "lk/kernels/kernels.h"
+
+namespace lk::bench {
+namespace {
+
+constexpr int kGroup = 128;
+
+const kernels::FormatKernels& kernels_for(const std::string& isa_text, const std::string& format_text,
+                                          WeightFormat* format) {
+  const Isa isa = parse_isa(isa_text);
+  if (static_cast<int>(isa) > static_cast<int>(detect_best_isa())) {
+    throw std::invalid_argument("this CPU cannot run " + isa_text + " kernels (best: " +
+                                lk::isa_name(detect_best_isa()) + ")");
+  }
+  for (int code = 0; code < kNumWeightFormats; ++code) {
+    if (format_text == format_name(static_cast<WeightFormat>(code))) {
+      *format = static_cast<WeightFormat>(code);
+      return kernels::kernel_set(isa)[*format];
+    }
+  }
+  throw std::invalid_argument("unknown weight format '" + format_text + "'");
+}
+
+// A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
+// over their whole range, every scale (and INT4 offset) 1/64. The value bytes are a whole
+// number of 64-byte lines (formats.h), so they fill two bytes at a time.
+std::vector<uint8_t> random_panel(WeightFormat format, int depth, std::mt19937& rng) {
+  std::vector<uint8_t> panel(panel_bytes(format, depth, kGroup));
+  const std::size_t values = panel_value_bytes(format, depth);
+  for (std::size_t i = 0; i < values; i += 2) {
+    const uint32_t r = rng();
+    uint16_t word = static_cast<uint16_t>(r);
+    if (format == WeightFormat::BF16) word = static_cast<uint16_t>(0x3f00u | (r & 0x807fu));
+    if (format == WeightFormat::F16) word = static_cast<uint16_t>(0x3800u | (r & 0x87ffu));
+    if (format == WeightFormat::Fp8E4M3) word = static_cast<uint16_t>(0x3838u | (r & 0x8787u));
+    std::memcpy(&panel[i], &word, 2);
+  }
+  if (format == WeightFormat::F32) {
+    std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+    for (std::size_t i = 0; i + 4 <= values; i += 4) {
+      const float v = value(rng);
+      std::memcpy(&panel[i], &v, 4);
+    }
+  }
+  for (std::size_t i = values; i + 4 <= panel.size(); i += 4) {
+    const float scale = 1.0f / 64;
+    std::memcpy(&panel[i], &scale, 4);
+  }
+  return panel;
+}
+
+}  // namespace
+
+double kernel_ns_per_panel_row(const std::string& isa, const std::string& format_text, int rows, int depth, bool pair,
+                               double seconds) {
+  WeightFormat format;
+  const kernels::FormatKernels& kernel = kernels_for(isa, format_text, &format);
+  if (rows < 1 || rows > 64) throw std::invalid_argument("rows must be 1..64");
+  if (depth < 1) throw std::invalid_argument("depth must be positive");
+  if (pair && rows > kernel.pair_rows) {
+    throw std::invalid_argument(format_text + " on " + isa + " reads two panels for at most " +
+                                std::to_string(kernel.pair_rows) + " rows");
+  }
+  std::mt19937 rng(12345);
+  const std::vector<uint8_t> first = random_panel(format, depth, rng);
+  const std::vector<uint8_t> second = random_panel(format, depth, rng);
+
+  // Activation rows: fp32 values and their int16 form per group, zero past `depth` up to a
+  // multiple of 4 as the engine prepares them.
+  const int padded = (depth + 3) / 4 * 4;
+  const int groups = (depth + kGroup - 1) / kGroup;
+  std::vector<float> values(static_cast<std::size_t>(rows) * padded, 0.0f);
+  std::vector<int16_t> quantized(static_cast<std::size_t>(rows) * padded, 0);
+  std::vector<float> group_scales(static_cast<std::size_t>(rows) * groups, 1.0f / 4096);
+  std::vector<float> group_sums(static_cast<std::size_t>(rows) * groups, 0.0f);
+  std::uniform_real_distribution<float> activation(-1.0f, 1.0f);
+  std::vector<kernels::ActivationRow> a(rows);
+  std::vector<float> out(static_cast<std::size_t>(rows) * 2 * kPanelWidth);
+  std::vector<float*> c_first(rows), c_second(rows);
+  for (int r = 0; r < rows; ++r) {
+    for (int k = 0; k < depth; ++k) {
+      const float v = activation(rng);
+      values[static_cast<std::size_t>(r) * padded + k] = v;
+      quantized[static_cast<std::size_t>(r) * padded + k] = static_cast<int16_t>(v * 4096);
+    }
+    a[r] = {&values[static_cast<std::size_t>(r) * padded], &quantized[static_cast<std::size_t>(r) * padded],
+            &group_scales[static_cast<std::size_t>(r) * groups], &group_sums[static_cast<std::size_t>(r) * groups]};
+    c_first[r] = &out[static_cast<std::size_t>(r) * 2 * kPanelWidth];
+    c_second[r] = c_first[r] + kPanelWidth;
+  }
+
+  auto call = [&] {
+    if (pair) {
+      kernel.gemm_pair(a.data(), rows, first.data(), second.data(), depth, kGroup, c_first.data(), c_second.data(),
+                       false);
+    } else {
+      kernel.gemm(a.data(), rows, first.data(), depth, kGroup, c_first.data(), false);
+    }
+  };
+  using Clock = std::chrono::steady_clock;
+  // Calls per timing: as many as fill seconds / 7, from one call timed after a warm-up.
+  call();
+  const auto start = Clock::now();
+  call();
+  const double once = std::max(std::chrono::duration<double>(Clock::now() - start).count(), 1e-7);
+  const long calls = std::max(1L, static_cast<long>(seconds / 7 / once));
+  double best = std::numeric_limits<double>::infinity();
+  for (int timing = 0; timing < 7; ++timing) {
+    const auto t0 = Clock::now();
+    for (long i = 0; i < calls; ++i) call();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  const double panel_rows = static_cast<double>(calls) * depth * (pair ? 2 : 1);
+  return best / panel_rows * 1e9;
+}
+
+int kernel_pair_rows(const std::string& isa, const std::string& format_text) {
+  WeightFormat format;
+  return kernels_for(isa, format_text, &format).pair_rows;
+}
+
+}  // namespace lk::bench

@@ -1,0 +1,22 @@
+// What a panel kernel costs in arithmetic alone: one core multiplying activation rows by a
+// panel that stays in cache, so kernel changes can be compared without the memory noise
+// that dominates whole-layer timings on a shared machine.
+#pragma once
+
+#include <string>
+
+namespace lk::bench {
+
+// Nanoseconds the calling thread spends per panel row (kPanelWidth weights) in the panel
+// kernel of `isa` ("GENERIC", "AVX2", ...) for weight `format` (format_name: "bfloat16",
+// "int8", ...) multiplying `rows` activation rows by a random panel `depth` inputs deep
+// (quantization group 128). `pair`: through gemm_pair, two panels side by side, counted
+// per panel. Best of 7 timings of about `seconds` / 7 each. Throws std::invalid_argument for
+// an ISA the CPU lacks, an unknown format, rows outside 1..64 or above pair_rows with `pair`.
+double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,
+                               double seconds);
+
+// Most rows the kernel of `isa` for `format` reads two panels side by side for (0: none).
+int kernel_pair_rows(const std::string& isa, const std::string& format);
+
+}  // namespace lk::bench
