@@ -1,7 +1,7 @@
 """What lk's panel kernels cost in arithmetic alone: one core, panel in cache.
 
     python benchmarks/bench_kernels.py [--isa AVX2] [--formats bfloat16,fp8_e4m3,...]
-                                       [--rows 1,2,3,6] [--depth 2048] [--seconds 0.3]
+                                       [--rows 1,2,3,6] [--depth 2048] [--seconds 0.3] [--cpu N]
 
 Whole-layer timings (bench_moe.py) are bound by memory in decode and move 20-30% between
 runs on a shared machine; this isolates the part a kernel change can move. For each weight
@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--rows", default="1,2,3,6", help="comma list of activation row counts")
     parser.add_argument("--depth", type=int, default=2048, help="panel depth (inputs)")
     parser.add_argument("--seconds", type=float, default=0.3, help="timing per case")
+    parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
+                        help="CPU to pin to (default: the last allowed one)")
     args = parser.parse_args()
 
     formats = args.formats.split(",")
@@ -50,7 +52,9 @@ def main() -> int:
     if unknown:
         parser.error(f"--formats: unknown {unknown}; valid: {sorted(PANEL_ROW_BYTES)}")
     rows_list = [int(r) for r in args.rows.split(",")]
-    cpu = min(os.sched_getaffinity(0))
+    if args.cpu not in os.sched_getaffinity(0):
+        parser.error(f"--cpu {args.cpu}: not among the allowed CPUs {sorted(os.sched_getaffinity(0))}")
+    cpu = args.cpu
     os.sched_setaffinity(0, {cpu})
     peak = _lk.measure_fma_peak_gflops(1)
 

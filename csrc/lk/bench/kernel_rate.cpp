@@ -111,14 +111,16 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
     }
   };
   using Clock = std::chrono::steady_clock;
-  // Calls per timing: as many as fill seconds / 7, from one call timed after a warm-up.
+  // Calls per timing: as many as fill seconds / kTimings, from one call timed after a
+  // warm-up. Many short timings, of which the best counts: a preempted one is discarded.
   call();
   const auto start = Clock::now();
   call();
   const double once = std::max(std::chrono::duration<double>(Clock::now() - start).count(), 1e-7);
-  const long calls = std::max(1L, static_cast<long>(seconds / 7 / once));
+  constexpr int kTimings = 15;
+  const long calls = std::max(1L, static_cast<long>(seconds / kTimings / once));
   double best = std::numeric_limits<double>::infinity();
-  for (int timing = 0; timing < 7; ++timing) {
+  for (int timing = 0; timing < kTimings; ++timing) {
     const auto t0 = Clock::now();
     for (long i = 0; i < calls; ++i) call();
     best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());

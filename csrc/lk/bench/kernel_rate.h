@@ -11,7 +11,7 @@ namespace lk::bench {
 // kernel of `isa` ("GENERIC", "AVX2", ...) for weight `format` (format_name: "bfloat16",
 // "int8", ...) multiplying `rows` activation rows by a random panel `depth` inputs deep
 // (quantization group 128). `pair`: through gemm_pair, two panels side by side, counted
-// per panel. Best of 7 timings of about `seconds` / 7 each. Throws std::invalid_argument for
+// per panel. Best of 15 timings of about `seconds` / 15 each. Throws std::invalid_argument for
 // an ISA the CPU lacks, an unknown format, rows outside 1..64 or above pair_rows with `pair`.
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,
                                double seconds);
