@@ -24,17 +24,6 @@ import sys
 
 from lvllm import _lk
 
-# Bytes one panel row occupies, values plus the per-128-input scales (and INT4 offsets).
-PANEL_ROW_BYTES = {
-    "float32": 64.0,
-    "float16": 32.0,
-    "bfloat16": 32.0,
-    "fp8_e4m3": 16.0 + 64 / 128,
-    "int8": 16.0 + 64 / 128,
-    "int4": 8.0 + 128 / 128,
-}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--isa", default=_lk.best_isa(), help="kernel ISA (default: the best this CPU runs)")
@@ -48,9 +37,9 @@ def main() -> int:
     args = parser.parse_args()
 
     formats = args.formats.split(",")
-    unknown = [f for f in formats if f not in PANEL_ROW_BYTES]
+    unknown = [f for f in formats if f not in _lk.format_names()]
     if unknown:
-        parser.error(f"--formats: unknown {unknown}; valid: {sorted(PANEL_ROW_BYTES)}")
+        parser.error(f"--formats: unknown {unknown}; valid: {_lk.format_names()}")
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu}: not among the allowed CPUs {sorted(os.sched_getaffinity(0))}")
@@ -67,13 +56,14 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for fmt in formats:
         pair_rows = _lk.kernel_pair_rows(args.isa, fmt)
+        row_bytes = _lk.kernel_panel_bytes(fmt, args.depth) / args.depth
         shapes = [(rows, False) for rows in rows_list]
         shapes += [(rows, True) for rows in rows_list if rows <= pair_rows]
         for rows, pair in sorted(shapes):
             ns = _lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds)
             gflops = 2 * rows * 16 / ns
             print(f"| {fmt} | {rows} | {'2 side by side' if pair else '1'} | {ns:.3f} | "
-                  f"{PANEL_ROW_BYTES[fmt] / ns:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |", flush=True)
+                  f"{row_bytes / ns:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |", flush=True)
     return 0
 
 

@@ -42,6 +42,13 @@ def test_kernel_rate_probe_times_every_format_and_refuses_bad_requests():
             assert 0 < ns < 1e5, (fmt, ns)
             with pytest.raises(ValueError, match=f"at most {pair_rows} rows"):
                 lvllm._lk.measure_kernel_ns_per_panel_row(isa, fmt, pair_rows + 1, 300, pair=True)
+    # formats.h: values padded to 64 bytes, then one row of 16 fp32 scales per 128 inputs
+    # (INT4: offsets too); 300 inputs make 3 groups.
+    assert lvllm._lk.kernel_panel_bytes("bfloat16", 300) == 300 * 32
+    assert lvllm._lk.kernel_panel_bytes("int8", 300) == 300 * 16 + 3 * 64
+    assert lvllm._lk.kernel_panel_bytes("int4", 300) == (300 * 8 + 63) // 64 * 64 + 2 * 3 * 64
+    with pytest.raises(ValueError, match="depth must be positive"):
+        lvllm._lk.kernel_panel_bytes("int8", 0)
     with pytest.raises(ValueError, match="unknown weight format 'bf16'"):
         lvllm._lk.measure_kernel_ns_per_panel_row(isa, "bf16", 1, 256)
     with pytest.raises(ValueError, match="rows must be 1..64"):

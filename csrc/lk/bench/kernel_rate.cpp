@@ -18,6 +18,13 @@ namespace {
 
 constexpr int kGroup = 128;
 
+WeightFormat parse_format(const std::string& format_text) {
+  for (int code = 0; code < kNumWeightFormats; ++code) {
+    if (format_text == format_name(static_cast<WeightFormat>(code))) return static_cast<WeightFormat>(code);
+  }
+  throw std::invalid_argument("unknown weight format '" + format_text + "'");
+}
+
 const kernels::FormatKernels& kernels_for(const std::string& isa_text, const std::string& format_text,
                                           WeightFormat* format) {
   const Isa isa = parse_isa(isa_text);
@@ -25,13 +32,8 @@ const kernels::FormatKernels& kernels_for(const std::string& isa_text, const std
     throw std::invalid_argument("this CPU cannot run " + isa_text + " kernels (best: " +
                                 lk::isa_name(detect_best_isa()) + ")");
   }
-  for (int code = 0; code < kNumWeightFormats; ++code) {
-    if (format_text == format_name(static_cast<WeightFormat>(code))) {
-      *format = static_cast<WeightFormat>(code);
-      return kernels::kernel_set(isa)[*format];
-    }
-  }
-  throw std::invalid_argument("unknown weight format '" + format_text + "'");
+  *format = parse_format(format_text);
+  return kernels::kernel_set(isa)[*format];
 }
 
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
@@ -127,6 +129,11 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   }
   const double panel_rows = static_cast<double>(calls) * depth * (pair ? 2 : 1);
   return best / panel_rows * 1e9;
+}
+
+std::size_t kernel_panel_bytes(const std::string& format, int depth) {
+  if (depth < 1) throw std::invalid_argument("depth must be positive");
+  return panel_bytes(parse_format(format), depth, kGroup);
 }
 
 int kernel_pair_rows(const std::string& isa, const std::string& format_text) {

@@ -3,6 +3,7 @@
 // that dominates whole-layer timings on a shared machine.
 #pragma once
 
+#include <cstddef>
 #include <string>
 
 namespace lk::bench {
@@ -15,6 +16,9 @@ namespace lk::bench {
 // an ISA the CPU lacks, an unknown format, rows outside 1..64 or above pair_rows with `pair`.
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,
                                double seconds);
+
+// Bytes of one such panel, values plus scales (and INT4 offsets), as the engine stores it.
+std::size_t kernel_panel_bytes(const std::string& format, int depth);
 
 // Most rows the kernel of `isa` for `format` reads two panels side by side for (0: none).
 int kernel_pair_rows(const std::string& isa, const std::string& format);

@@ -79,6 +79,8 @@ PYBIND11_MODULE(_lk, m) {
         py::arg("rows"), py::arg("depth"), py::arg("pair") = false, py::arg("seconds") = 0.2,
         py::call_guard<py::gil_scoped_release>(),
         "ns per panel row of one panel kernel on the calling thread, panel in cache (benchmarks).");
+  m.def("kernel_panel_bytes", &lk::bench::kernel_panel_bytes, py::arg("format"), py::arg("depth"),
+        "Bytes of the panel measure_kernel_ns_per_panel_row multiplies (values, scales, offsets).");
   m.def("kernel_pair_rows", &lk::bench::kernel_pair_rows, py::arg("isa"), py::arg("format"),
         "Most rows the kernel reads two panels side by side for (0: none).");
 
