@@ -24,6 +24,7 @@ import sys
 
 from lvllm import _lk
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--isa", default=_lk.best_isa(), help="kernel ISA (default: the best this CPU runs)")

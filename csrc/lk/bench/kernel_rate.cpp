@@ -25,15 +25,13 @@ WeightFormat parse_format(const std::string& format_text) {
   throw std::invalid_argument("unknown weight format '" + format_text + "'");
 }
 
-const kernels::FormatKernels& kernels_for(const std::string& isa_text, const std::string& format_text,
-                                          WeightFormat* format) {
+const kernels::FormatKernels& kernels_for(const std::string& isa_text, WeightFormat format) {
   const Isa isa = parse_isa(isa_text);
   if (static_cast<int>(isa) > static_cast<int>(detect_best_isa())) {
     throw std::invalid_argument("this CPU cannot run " + isa_text + " kernels (best: " +
                                 lk::isa_name(detect_best_isa()) + ")");
   }
-  *format = parse_format(format_text);
-  return kernels::kernel_set(isa)[*format];
+  return kernels::kernel_set(isa)[format];
 }
 
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
@@ -68,8 +66,8 @@ std::vector<uint8_t> random_panel(WeightFormat format, int depth, std::mt19937& 
 
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format_text, int rows, int depth, bool pair,
                                double seconds) {
-  WeightFormat format;
-  const kernels::FormatKernels& kernel = kernels_for(isa, format_text, &format);
+  const WeightFormat format = parse_format(format_text);
+  const kernels::FormatKernels& kernel = kernels_for(isa, format);
   if (rows < 1 || rows > 64) throw std::invalid_argument("rows must be 1..64");
   if (depth < 1) throw std::invalid_argument("depth must be positive");
   if (pair && rows > kernel.pair_rows) {
@@ -137,8 +135,7 @@ std::size_t kernel_panel_bytes(const std::string& format, int depth) {
 }
 
 int kernel_pair_rows(const std::string& isa, const std::string& format_text) {
-  WeightFormat format;
-  return kernels_for(isa, format_text, &format).pair_rows;
+  return kernels_for(isa, parse_format(format_text)).pair_rows;
 }
 
 }  // namespace lk::bench
