@@ -5,9 +5,10 @@
 
 Whole-layer timings (bench_moe.py) are bound by memory in decode and move 20-30% between
 runs on a shared machine; this isolates the part a kernel change can move. For each weight
-format and row count it times the kernel multiplying that many activation rows by one
-random panel of 16 columns x depth inputs (and, where the ISA has it, the gate+up pair
-reading two panels side by side), pinned to one CPU, and prints:
+format and row count it times the engine's multiplication of that many activation rows by
+one random panel of 16 columns x depth inputs (widening the panel first where prefill
+does; and, where the ISA has it, the gate+up pair reading two panels side by side),
+pinned to one CPU, and prints:
 
 * ns per panel row (16 weights) and the weight bytes one core could consume at that rate
   (decode: compare with the machine's read bandwidth per core);
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
                         help="CPU to pin to (default: the last allowed one)")
     args = parser.parse_args()
+    args.isa = args.isa.upper()
 
     formats = args.formats.split(",")
     unknown = [f for f in formats if f not in _lk.format_names()]

@@ -14,11 +14,7 @@ namespace lk {
 namespace {
 
 // Rows handed to one kernel call; bounds the per-worker tile buffers.
-constexpr int kChunkRows = 64;
-// Prefill with a `widen` kernel widens and multiplies a panel this many inputs at a time:
-// the widened block stays in L1 while every token uses it, and reading the next block from
-// memory overlaps the arithmetic instead of preceding it.
-constexpr int kWidenBlock = 128;
+constexpr int kChunkRows = kernels::kMaxPanelRows;
 // Tokens per task when converting the input and combining the nodes' outputs.
 constexpr int kTokenBlock = 16;
 // A task walks up to this many consecutive panels of one expert, which lie next to each
@@ -229,42 +225,17 @@ class QuantizedRows {
   int depth_, group_, groups_, stride_;
 };
 
-// c_rows[r] (+)= a_rows[r] x panel for `count` rows (see kernels::PanelGemm). Rows that fit
-// one pass of the kernel (decode) convert the weights while streaming them; more rows
-// (prefill) would convert them once per pass, so where the ISA's kernels provide `widen` a
-// float panel is widened to fp32 once instead. `wide` holds kWidenBlock panel rows.
-void multiply(const kernels::KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
-              const kernels::ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, float* wide) {
-  if (count <= kernels[format].rows_per_pass || kernels[format].widen == nullptr) {
-    kernels[format].gemm(a_rows, count, panel, depth, group, c_rows, accumulate);
-    return;
-  }
-  kernels::ActivationRow block_rows[kChunkRows];
-  const std::size_t block_bytes = panel_value_bytes(format, kWidenBlock);
-  for (int first = 0; first < depth; first += kWidenBlock) {
-    const int rows = std::min(kWidenBlock, depth - first);
-    kernels[format].widen(panel, depth, group, first, rows, wide);
-    // The next block streams in while this one is multiplied.
-    if (first + kWidenBlock < depth) {
-      const char* next = static_cast<const char*>(panel) + (first / kWidenBlock + 1) * block_bytes;
-      for (std::size_t line = 0; line < block_bytes; line += 64) __builtin_prefetch(next + line);
-    }
-    for (int i = 0; i < count; ++i) block_rows[i] = {a_rows[i].values + first, nullptr, nullptr, nullptr};
-    kernels[WeightFormat::F32].gemm(block_rows, count, wide, rows, group, c_rows, accumulate || first > 0);
-  }
-}
-
 // An expert's gate and up panels times the same rows into gate_rows and up_rows (stored):
 // side by side where the ISA's kernels read two panels at once for this many rows.
 void multiply_gate_up(const kernels::KernelSet& kernels, WeightFormat format, const void* gate, const void* up,
                       int depth, int group, const kernels::ActivationRow* a_rows, int count, float* const* gate_rows,
-                      float* const* up_rows, float* wide) {
+                      float* const* up_rows, void* widened) {
   if (count <= kernels[format].pair_rows) {
     kernels[format].gemm_pair(a_rows, count, gate, up, depth, group, gate_rows, up_rows, false);
     return;
   }
-  multiply(kernels, format, gate, depth, group, a_rows, count, gate_rows, false, wide);
-  multiply(kernels, format, up, depth, group, a_rows, count, up_rows, false, wide);
+  kernels::multiply_panel(kernels, format, gate, depth, group, a_rows, count, gate_rows, false, widened);
+  kernels::multiply_panel(kernels, format, up, depth, group, a_rows, count, up_rows, false, widened);
 }
 
 }  // namespace
@@ -498,7 +469,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     if (integer_rows) scratch.hidden_q[n].ensure(std::max<std::size_t>(1, hidden_q[n].bytes(slots)));
   }
   // Per worker: gate and up tiles, then one widened block.
-  const std::size_t worker_floats = round_up((2 * kChunkRows + kWidenBlock) * kPanelWidth, 16);
+  const std::size_t worker_floats = round_up(2 * kChunkRows * kPanelWidth + kernels::kWidenedPanelBytes / sizeof(float), 16);
   scratch.per_worker.ensure(worker_floats * pool.num_threads() * sizeof(float));
 
   const float* input_rows = convert_input ? scratch.input.as<float>() : static_cast<const float*>(args.input);
@@ -546,7 +517,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     float* gate_tile = workspace;
     float* up_tile = gate_tile + kChunkRows * kPanelWidth;
     const int group = shape_.group_size;
-    float* wide = up_tile + kChunkRows * kPanelWidth;
+    float* widened = up_tile + kChunkRows * kPanelWidth;
     const kernels::ActivationRows activate = kernels.activation.rows[static_cast<int>(shape_.activation)];
     const kernels::ActivationParams params{shape_.swiglu_alpha, shape_.swiglu_limit};
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
@@ -568,7 +539,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
           up_rows[i] = up_tile + i * kPanelWidth;
         }
         multiply_gate_up(kernels, shape_.format, gate, up, static_cast<int>(hidden), group, rows, count, gate_rows,
-                         up_rows, wide);
+                         up_rows, widened);
         for (int i = 0; i < count; ++i) {
           activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
                    hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
@@ -608,7 +579,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const int group = shape_.group_size;
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     const float* hidden_in = scratch.hidden[node].as<float>();
-    float* wide = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
+    float* widened = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
     kernels::ActivationRow rows[kChunkRows];
     float* out_rows[kChunkRows];
     for (uint32_t expert_index = 0; expert_index < active; ++expert_index) {
@@ -627,7 +598,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
             out_rows[i] = partial + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden_stride_ +
                           panel_index * kPanelWidth;
           }
-          multiply(kernels, shape_.format, panel, slice.length, group, rows, count, out_rows, true, wide);
+          kernels::multiply_panel(kernels, shape_.format, panel, slice.length, group, rows, count, out_rows, true,
+                                  widened);
         }
       }
     }

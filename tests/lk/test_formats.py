@@ -137,6 +137,28 @@ def test_integer_results_do_not_depend_on_the_batch(runtimes, isa, weight_format
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("group", [96, 1040])
+def test_prefill_widening_over_deep_panels(runtimes, isa, weight_format, group):
+    """Prefill widens a panel block by block (whole groups of up to 16 KiB of widened
+    values: 1024 inputs of INT4 widened on AVX2); a panel 2200 deep with group 96 spans
+    three blocks, the last one partial, ending in a partial group and a partial block of
+    rows. A group of 1040 fits no block, so that panel is multiplied unwidened. Either way
+    a prefill's rows give the bits each row gives alone, and the float64 reference."""
+    experts, hidden, intermediate, tokens = 2, 2200, 48, 40
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=group)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes(isa=isa))
+    quantize = reference_int8 if weight_format == "int8" else reference_int4
+    x = torch.randn(tokens, hidden)
+    ids, weights = random_routing(tokens, experts, 2, seed=group)
+    batch = engine.forward(x, ids, weights)
+    for row in (0, 17, 39):
+        assert torch.equal(engine.forward(x[row:row + 1], ids[row:row + 1], weights[row:row + 1]), batch[row:row + 1])
+    ref = reference_moe(quantize(w13, group), quantize(w2, group), x, ids, weights)
+    assert (batch.double() - ref).abs().max().item() <= TIGHT_INTEGER * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 def test_integer_sums_at_their_largest(runtimes, isa):
     # Every weight -128 (a checkpoint may hold it) and every activation of one sign: the
     # integer dot products reach their largest magnitude over a 1024-input group.

@@ -25,13 +25,13 @@ WeightFormat parse_format(const std::string& format_text) {
   throw std::invalid_argument("unknown weight format '" + format_text + "'");
 }
 
-const kernels::FormatKernels& kernels_for(const std::string& isa_text, WeightFormat format) {
+const kernels::KernelSet& kernels_for(const std::string& isa_text) {
   const Isa isa = parse_isa(isa_text);
   if (static_cast<int>(isa) > static_cast<int>(detect_best_isa())) {
     throw std::invalid_argument("this CPU cannot run " + isa_text + " kernels (best: " +
                                 lk::isa_name(detect_best_isa()) + ")");
   }
-  return kernels::kernel_set(isa)[format];
+  return kernels::kernel_set(isa);
 }
 
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
@@ -67,8 +67,11 @@ std::vector<uint8_t> random_panel(WeightFormat format, int depth, std::mt19937& 
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format_text, int rows, int depth, bool pair,
                                double seconds) {
   const WeightFormat format = parse_format(format_text);
-  const kernels::FormatKernels& kernel = kernels_for(isa, format);
-  if (rows < 1 || rows > 64) throw std::invalid_argument("rows must be 1..64");
+  const kernels::KernelSet& kernel_set = kernels_for(isa);
+  const kernels::FormatKernels& kernel = kernel_set[format];
+  if (rows < 1 || rows > kernels::kMaxPanelRows) {
+    throw std::invalid_argument("rows must be 1.." + std::to_string(kernels::kMaxPanelRows));
+  }
   if (depth < 1) throw std::invalid_argument("depth must be positive");
   if (pair && rows > kernel.pair_rows) {
     throw std::invalid_argument(format_text + " on " + isa + " reads two panels for at most " +
@@ -90,6 +93,7 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   std::vector<kernels::ActivationRow> a(rows);
   std::vector<float> out(static_cast<std::size_t>(rows) * 2 * kPanelWidth);
   std::vector<float*> c_first(rows), c_second(rows);
+  std::vector<uint8_t> widened(kernels::kWidenedPanelBytes);
   for (int r = 0; r < rows; ++r) {
     for (int k = 0; k < depth; ++k) {
       const float v = activation(rng);
@@ -107,7 +111,8 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
       kernel.gemm_pair(a.data(), rows, first.data(), second.data(), depth, kGroup, c_first.data(), c_second.data(),
                        false);
     } else {
-      kernel.gemm(a.data(), rows, first.data(), depth, kGroup, c_first.data(), false);
+      kernels::multiply_panel(kernel_set, format, first.data(), depth, kGroup, a.data(), rows, c_first.data(), false,
+                              widened.data());
     }
   };
   using Clock = std::chrono::steady_clock;
@@ -135,7 +140,7 @@ std::size_t kernel_panel_bytes(const std::string& format, int depth) {
 }
 
 int kernel_pair_rows(const std::string& isa, const std::string& format_text) {
-  return kernels_for(isa, parse_format(format_text)).pair_rows;
+  return kernels_for(isa)[parse_format(format_text)].pair_rows;
 }
 
 }  // namespace lk::bench

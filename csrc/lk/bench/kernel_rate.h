@@ -9,9 +9,10 @@
 namespace lk::bench {
 
 // Nanoseconds the calling thread spends per panel row (kPanelWidth weights) in the panel
-// kernel of `isa` ("GENERIC", "AVX2", ...) for weight `format` (format_name: "bfloat16",
+// kernels of `isa` ("GENERIC", "AVX2", ...) for weight `format` (format_name: "bfloat16",
 // "int8", ...) multiplying `rows` activation rows by a random panel `depth` inputs deep
-// (quantization group 128). `pair`: through gemm_pair, two panels side by side, counted
+// (quantization group 128) as the engine does (kernels::multiply_panel: widening where
+// prefill does). `pair`: through gemm_pair, two panels side by side, counted
 // per panel. Best of 15 timings of about `seconds` / 15 each. Throws std::invalid_argument for
 // an ISA the CPU lacks, an unknown format, rows outside 1..64 or above pair_rows with `pair`.
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,

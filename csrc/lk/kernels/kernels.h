@@ -31,10 +31,19 @@ constexpr int kActivationMax = 32767;
 // grouped formats (a multiple of 16), ignored by the others.
 using PanelGemm = void (*)(const ActivationRow* a_rows, int rows, const void* panel, int depth, int group,
                            float* const* c_rows, bool accumulate);
-// Converts rows [first, first + count) of a panel to fp32 (count x kPanelWidth), so prefill
-// decodes each weight once and reuses it for every token of the expert. Only bf16, fp16 and
-// FP8 have one; fp32 and the integer formats' gemm serves any number of rows.
-using PanelWiden = void (*)(const void* panel, int depth, int group, int first, int count, float* out);
+// Writes rows [first, first + count) of a panel as a panel `count` deep in a layout that
+// costs less per pass (values, then the groups' scales and offsets where the format keeps
+// them), which FormatKernels::widened_gemm multiplies: prefill decodes each weight once
+// per block and reuses it for every token of the expert. Grouped formats widen whole
+// groups (`first` a multiple of `group`). `out` holds kWidenedPanelBytes.
+using PanelWiden = void (*)(const void* panel, int depth, int group, int first, int count, void* out);
+// Bytes of the values of one widened block: it stays in L1 while every token of the
+// expert uses it. Widened layouts take at least a byte per weight.
+constexpr int kWidenedValueBytes = 16384;
+// The most a widened block takes: its values, and a scale and an offset per group of 16 or
+// more inputs.
+constexpr std::size_t kWidenedPanelBytes =
+    kWidenedValueBytes + 2 * (kWidenedValueBytes / kPanelWidth / 16) * kPanelWidth * sizeof(float);
 
 // c_first as PanelGemm with `first`, and c_second with `second`, for rows up to
 // FormatKernels::pair_rows: the two panels are read side by side.
@@ -43,7 +52,10 @@ using PanelPairGemm = void (*)(const ActivationRow* a_rows, int rows, const void
 
 struct FormatKernels {
   PanelGemm gemm;
-  PanelWiden widen;   // null where gemm serves every row count best
+  PanelWiden widen;         // null where gemm serves every row count best
+  PanelGemm widened_gemm;   // multiplies what widen wrote
+  int widen_rows;           // fewest rows prefill widens for (measured per ISA and format)
+  int widen_block;          // inputs per widened block (kWidenedValueBytes of them)
   int rows_per_pass;  // rows gemm multiplies per pass over the panel (its register tile)
   bool integer_rows;  // gemm reads the quantized ActivationRow fields
   PanelPairGemm gemm_pair;  // null where the ISA reads one panel at a time
@@ -74,6 +86,16 @@ struct KernelSet {
 
 // The kernels for `isa`, which the caller has checked the CPU supports.
 const KernelSet& kernel_set(Isa isa);
+
+// Rows one multiply_panel call takes at most.
+constexpr int kMaxPanelRows = 64;
+
+// c_rows[r] (+)= a_rows[r] x panel for `count` <= kMaxPanelRows rows, as the engine
+// multiplies: rows that fit one pass (decode) convert the weights while streaming them;
+// more rows (prefill) would convert them once per pass, so where the kernels widen, the
+// panel is widened block by block into `widened` (kWidenedPanelBytes) and multiplied there.
+void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
+                    const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened);
 
 // Per ISA x format tables, each defined in its own file, and per ISA activations.
 extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8;

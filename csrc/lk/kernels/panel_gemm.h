@@ -19,16 +19,61 @@
 // rows, each column's two weights in the low and high 16 bits of one 32-bit lane:
 //   static void pairs(const uint8_t* block, IVec (&w)[rows_per_block / 2][kPanelWidth / Simd::kLanes]);
 // w[p][v] holds rows 2p and 2p + 1 of the block for columns v * kLanes onwards.
+//
+// Prefill may widen a panel block by block into a layout that costs less per pass (kernels.h,
+// PanelWiden) and multiply that with the kernels of a second Decode, the widened one. A
+// widened Decode reads panels that need not be a stored format's: it may give its own
+// kBlockRows and kBlockBytes, and it writes what it reads, a row (float formats) or a pair
+// of rows (integer formats) given as its values() or pairs() would produce them:
+//   static void pack(const Vec (&w)[kPanelWidth / Simd::kLanes], uint8_t* row);
+//   static void pack(const IVec (&w)[kPanelWidth / Simd::kLanes], uint8_t* pair);
+// Float formats widen to fp32 (F32Decode), their scales applied and in column order. Integer
+// formats keep their kFormat, values and scales (and offsets, which widen copies), so a
+// widened pass computes the same integer sums as an unwidened one.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "lk/kernels/kernels.h"
 
 namespace lk::kernels {
 namespace {
 
-template <class Simd, class Decode>
+// fp32 rows as stored: the F32 format, and the layout float formats widen to where a pass
+// converting each weight again costs more than widening a block once.
+template <class Simd>
+struct F32Decode {
+  static constexpr WeightFormat kFormat = WeightFormat::F32;
+  static constexpr int kVecs = kPanelWidth / Simd::kLanes;
+  static void values(const uint8_t* row, typename Simd::Vec (&w)[kVecs]) {
+    for (int v = 0; v < kVecs; ++v) w[v] = Simd::load(reinterpret_cast<const float*>(row) + v * Simd::kLanes);
+  }
+  static void pack(const typename Simd::Vec (&w)[kVecs], uint8_t* row) {
+    for (int v = 0; v < kVecs; ++v) Simd::store(reinterpret_cast<float*>(row) + v * Simd::kLanes, w[v]);
+  }
+};
+
+// INT8 or INT4 values widened to the row pairs the integer kernels multiply, stored as they
+// are in registers: a pass over the widened panel only loads them.
+template <class Simd, WeightFormat kStoredFormat>
+struct Int16PairDecode {
+  static constexpr WeightFormat kFormat = kStoredFormat;
+  static constexpr int kVecs = kPanelWidth / Simd::kLanes;
+  static constexpr int kBlockRows = 2;
+  static constexpr int kBlockBytes = 2 * kPanelWidth * 2;
+  static void pairs(const uint8_t* block, typename Simd::IVec (&w)[1][kVecs]) {
+    for (int v = 0; v < kVecs; ++v) w[0][v] = Simd::iload(block + v * Simd::kLanes * 4);
+  }
+  static void pack(const typename Simd::IVec (&w)[kVecs], uint8_t* pair) {
+    for (int v = 0; v < kVecs; ++v) Simd::istore(pair + v * Simd::kLanes * 4, w[v]);
+  }
+};
+
+// kWidened: the kernels multiply panels prefill has just widened, which sit in cache, so
+// they fetch nothing ahead (that would only take issue slots).
+template <class Simd, class Decode, bool kWidened = false>
 struct PanelKernels {
   using Vec = typename Simd::Vec;
   static constexpr WeightFormat kFormat = Decode::kFormat;
@@ -37,8 +82,14 @@ struct PanelKernels {
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   // Rows of one pass of gemm over a panel (its register tile).
   static constexpr int kMainRows = kInteger ? Simd::kIntegerMainRows : Simd::kMainRows;
-  static constexpr int kBlockRows = rows_per_block(kFormat);
-  static constexpr int kBlockBytes = block_bytes(kFormat);
+  static constexpr int kBlockRows = [] {
+    if constexpr (requires { Decode::kBlockRows; }) return Decode::kBlockRows;
+    return rows_per_block(kFormat);
+  }();
+  static constexpr int kBlockBytes = [] {
+    if constexpr (requires { Decode::kBlockBytes; }) return Decode::kBlockBytes;
+    return block_bytes(kFormat);
+  }();
   // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
   // is used once, so the stream must be in flight well before it is needed.
   static constexpr int kPrefetchBytes = 2048;
@@ -54,6 +105,16 @@ struct PanelKernels {
     }
   }
 
+  // A panel's depth padded to whole blocks, and the bytes of its values: formats.h's rule,
+  // applied to this Decode's blocks.
+  static int padded(int depth) { return (depth + kBlockRows - 1) / kBlockRows * kBlockRows; }
+  static long value_bytes(int depth) {
+    return (static_cast<long>(padded(depth)) / kBlockRows * kBlockBytes + 63) / 64 * 64;
+  }
+  static const float* scales(const uint8_t* panel, int depth) {
+    return reinterpret_cast<const float*>(panel + value_bytes(depth));
+  }
+
   // The scales (and offsets) of group `index`, loaded once per group.
   struct Group {
     Vec scale[kVecs];
@@ -61,11 +122,10 @@ struct PanelKernels {
   };
   static Group group(const uint8_t* panel, int depth, int group_size, int index) {
     Group group;
-    const float* scales = reinterpret_cast<const float*>(panel + panel_value_bytes(kFormat, depth)) +
-                          static_cast<long>(index) * kPanelWidth;
-    const float* offsets = scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
+    const float* group_scales = scales(panel, depth) + static_cast<long>(index) * kPanelWidth;
+    const float* offsets = group_scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
     for (int v = 0; v < kVecs; ++v) {
-      const Vec scale = Simd::load(scales + v * Simd::kLanes);
+      const Vec scale = Simd::load(group_scales + v * Simd::kLanes);
       group.scale[v] = scale;
       // INT4 values are stored minus 8 (formats.h).
       group.offset[v] = has_offsets(kFormat) ? Simd::fmadd(scale, Simd::set1(8.0f), Simd::load(offsets + v * Simd::kLanes))
@@ -96,6 +156,10 @@ struct PanelKernels {
     }
   }
 
+  static void fetch(const void* p) {
+    if constexpr (!kWidened) Simd::prefetch(p);
+  }
+
   // The scales (and offsets) follow all of a panel's values, away from the stream the loops
   // prefetch: each group fetches those of the group as far ahead as kPrefetchBytes reaches.
   static int groups_ahead(int group_size) {
@@ -104,17 +168,17 @@ struct PanelKernels {
   static void prefetch_group(const uint8_t* panel, int depth, int group_size, int index) {
     const int groups = static_cast<int>(panel_groups(depth, group_size));
     if (index >= groups) return;
-    const uint8_t* scales = panel + panel_value_bytes(kFormat, depth) + static_cast<long>(index) * kPanelWidth * 4;
-    Simd::prefetch(scales);
-    if constexpr (has_offsets(kFormat)) Simd::prefetch(scales + static_cast<long>(groups) * kPanelWidth * 4);
+    const float* group_scales = scales(panel, depth) + static_cast<long>(index) * kPanelWidth;
+    fetch(group_scales);
+    if constexpr (has_offsets(kFormat)) fetch(group_scales + static_cast<long>(groups) * kPanelWidth);
   }
 
   // The loops fetch kPrefetchBytes ahead; a panel's head (and its first groups' scales) is
   // asked for all at once, so its misses overlap instead of stalling one by one.
   static void prefetch_start(const uint8_t* panel, int depth, int group_size) {
-    const long bytes = static_cast<long>(padded_depth(kFormat, depth)) / kBlockRows * kBlockBytes;
+    const long bytes = static_cast<long>(padded(depth)) / kBlockRows * kBlockBytes;
     const long head = bytes < kPrefetchBytes ? bytes : kPrefetchBytes;
-    for (long line = 0; line < head; line += 64) Simd::prefetch(panel + line);
+    for (long line = 0; line < head; line += 64) fetch(panel + line);
     if constexpr (kGrouped) {
       for (int index = 0, ahead = groups_ahead(group_size); index < ahead; ++index) {
         prefetch_group(panel, depth, group_size, index);
@@ -172,7 +236,7 @@ struct PanelKernels {
         for (int p = 0; p < Panels; ++p) {
           const uint8_t* rows = panels[p] + static_cast<long>(k) * kBlockBytes + kPrefetchBytes;
 #pragma GCC unroll 8
-          for (int line = 0; line < kSets * kBlockBytes; line += 64) Simd::prefetch(rows + line);
+          for (int line = 0; line < kSets * kBlockBytes; line += 64) fetch(rows + line);
         }
 #pragma GCC unroll 4
         for (int s = 0; s < kSets; ++s)
@@ -233,19 +297,19 @@ struct PanelKernels {
   static void integer_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
                            float* const* const* c, bool accumulate) {
     using IVec = typename Simd::IVec;
-    // Two blocks make one 64-byte line.
-    constexpr int kStep = 2 * kBlockRows;
-    static_assert(2 * kBlockBytes == 64, "one prefetch per two blocks");
+    // A step covers one 64-byte line: one prefetch per step.
+    constexpr int kStepBlocks = kBlockBytes >= 64 ? 1 : 64 / kBlockBytes;
+    constexpr int kStep = kStepBlocks * kBlockRows;
     for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
     const int ahead = groups_ahead(group_size);
-    const int padded = static_cast<int>(padded_depth(kFormat, depth));
+    const int padded_end = padded(depth);
     long block = 0;  // offset of the next block, the same in every panel
     bool add = accumulate;
     for (int first = 0, index = 0; first < depth; first += group_size, ++index) {
       for (int p = 0; p < Panels; ++p) prefetch_group(panels[p], depth, group_size, index + ahead);
       // Loaded only once the group's products are summed, by when its line has arrived.
       Group g[Panels]{};
-      const int end = padded - first < group_size ? padded : first + group_size;
+      const int end = padded_end - first < group_size ? padded_end : first + group_size;
       for (int start = first; start < end; start += kFlushInputs) {
         const int stop = end - start < kFlushInputs ? end : start + kFlushInputs;
         IVec acc[Panels][Rows][kVecs];
@@ -256,17 +320,21 @@ struct PanelKernels {
 #pragma GCC unroll 16
             for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::izero();
         int k = start;
-        for (; k + kStep <= stop; k += kStep, block += 2 * kBlockBytes) {
+        for (; k + kStep <= stop; k += kStep, block += kStepBlocks * kBlockBytes) {
 #pragma GCC unroll 2
           for (int p = 0; p < Panels; ++p) {
-            Simd::prefetch(panels[p] + block + kPrefetchBytes);
-            integer_block<Rows>(acc[p], a, panels[p] + block, k);
-            integer_block<Rows>(acc[p], a, panels[p] + block + kBlockBytes, k + kBlockRows);
+#pragma GCC unroll 2
+            for (int line = 0; line < kStepBlocks * kBlockBytes; line += 64) {
+              fetch(panels[p] + block + kPrefetchBytes + line);
+            }
+#pragma GCC unroll 2
+            for (int b = 0; b < kStepBlocks; ++b) {
+              integer_block<Rows>(acc[p], a, panels[p] + block + b * kBlockBytes, k + b * kBlockRows);
+            }
           }
         }
-        if (k < stop) {
+        for (; k < stop; k += kBlockRows, block += kBlockBytes) {
           for (int p = 0; p < Panels; ++p) integer_block<Rows>(acc[p], a, panels[p] + block, k);
-          block += kBlockBytes;
         }
 #pragma GCC unroll 2
         for (int p = 0; p < Panels; ++p) {
@@ -358,42 +426,84 @@ struct PanelKernels {
     tail<pair_rows(), 2>(a, rows, panels, depth, group, c, accumulate);
   }
 
-  static void widen(const void* panel_bytes, int depth, int group_size, int first, int count, float* out) {
+  // Rows [first, first + count) of a panel as a panel `count` deep in Wide's layout
+  // (PanelWiden). While a block is widened the next one is fetched: it is multiplied
+  // after this one by every row of the expert, time enough for it to arrive.
+  template <class Wide>
+  static void widen(const void* panel_bytes, int depth, int group_size, int first, int count, void* out_bytes) {
+    using Widened = PanelKernels<Simd, Wide, true>;
+    static_assert(Widened::kInteger == kInteger, "a widened panel is multiplied as the stored one is");
+    // Integer formats keep their scales; float formats widen to fp32 with theirs applied.
+    static_assert(kInteger ? Widened::kFormat == kFormat : !Widened::kGrouped, "widened layouts");
     const uint8_t* panel = static_cast<const uint8_t*>(panel_bytes);
+    uint8_t* out = static_cast<uint8_t*>(out_bytes);
     const int end = first + count;
-    int index = kGrouped ? first / group_size : 0;
-    int group_end = kGrouped ? (index + 1) * group_size : end;
-    Group g{};
-    if constexpr (kGrouped) g = group(panel, depth, group_size, index);
-    for (int k = first; k < end; ++k) {
-      if (kGrouped && k >= group_end) {
-        group_end += group_size;
-        g = group(panel, depth, group_size, ++index);
+    const int next_end = end + count < depth ? end + count : depth;
+    if constexpr (kInteger) {
+      // Whole stored blocks; pairs past the widened panel's own padding are zero.
+      const int pairs = Widened::padded(count) / 2;
+      for (int k = first; k < end; k += kBlockRows) {
+        const uint8_t* block = panel + static_cast<long>(k / kBlockRows) * kBlockBytes;
+        if (k + count < next_end) Simd::prefetch(block + static_cast<long>(count / kBlockRows) * kBlockBytes);
+        typename Simd::IVec w[kBlockRows / 2][kVecs];
+        Decode::pairs(block, w);
+        for (int p = 0; p < kBlockRows / 2; ++p) {
+          const int pair = (k - first) / 2 + p;
+          if (pair < pairs) Wide::pack(w[p], out + static_cast<long>(pair) * Widened::kBlockBytes);
+        }
       }
-      Simd::prefetch(panel + static_cast<long>(k) * kBlockBytes + kPrefetchBytes);
-      Vec w[kVecs];
-      row_values(panel, k, w);
-      to_column_order(w);
+    } else {
+      int index = kGrouped ? first / group_size : 0;
+      int group_end = kGrouped ? (index + 1) * group_size : end;
+      Group g{};
+      if constexpr (kGrouped) g = group(panel, depth, group_size, index);
+      for (int k = first; k < end; ++k) {
+        if (kGrouped && k >= group_end) {
+          group_end += group_size;
+          g = group(panel, depth, group_size, ++index);
+        }
+        if (k + count < next_end) Simd::prefetch(panel + static_cast<long>(k + count) * kBlockBytes);
+        Vec w[kVecs];
+        row_values(panel, k, w);
+        to_column_order(w);
+        if constexpr (kGrouped) {
 #pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) {
-        Vec value = w[v];
-        if constexpr (kGrouped) value = Simd::mul(Simd::mul(value, Simd::set1(value_scale())), g.scale[v]);
-        Simd::store(out + static_cast<long>(k - first) * kPanelWidth + v * Simd::kLanes, value);
+          for (int v = 0; v < kVecs; ++v) w[v] = Simd::mul(Simd::mul(w[v], Simd::set1(value_scale())), g.scale[v]);
+        }
+        Wide::pack(w, out + static_cast<long>(k - first) * Widened::kBlockBytes);
+      }
+    }
+    if constexpr (Widened::kGrouped) {
+      // `first` is a multiple of the group: the widened panel's groups are whole ones.
+      const long groups = static_cast<long>(panel_groups(count, group_size)), source_groups = panel_groups(depth, group_size);
+      const float* source = scales(panel, depth) + static_cast<long>(first / group_size) * kPanelWidth;
+      float* target = reinterpret_cast<float*>(out + Widened::value_bytes(count));
+      std::memcpy(target, source, groups * kPanelWidth * sizeof(float));
+      if constexpr (has_offsets(kFormat)) {
+        std::memcpy(target + groups * kPanelWidth, source + source_groups * kPanelWidth, groups * kPanelWidth * sizeof(float));
       }
     }
   }
 
-  // Integer formats have no widen: their gemm multiplies any number of rows in integers
-  // (twice the multiply-adds per instruction of fp32 FMA), so a token's result does not
-  // depend on how many others share its expert. fp32 panels need no widening, and an ISA
-  // whose conversions are cheaper than a widening pass says so (Simd::kWidenFloatPanels).
+  // The kernels of this Decode.
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
-    if constexpr (kInteger || kFormat == WeightFormat::F32 || !Simd::kWidenFloatPanels) {
-      return FormatKernels{&gemm, nullptr, kMainRows, kInteger, pair, pair_rows()};
-    } else {
-      return FormatKernels{&gemm, &widen, kMainRows, kInteger, pair, pair_rows()};
-    }
+    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows()};
+  }
+  // The kernels of this Decode, where prefill widens panels to Wide's layout from
+  // `widen_rows` rows on (by default as soon as one pass does not take them) and multiplies
+  // them with Wide's gemm.
+  template <class Wide>
+  static constexpr FormatKernels table(int widen_rows = kMainRows + 1) {
+    using Widened = PanelKernels<Simd, Wide, true>;
+    constexpr int row_bytes = Widened::kBlockBytes / Widened::kBlockRows;
+    static_assert(row_bytes >= kPanelWidth, "kWidenedPanelBytes counts at least a byte per weight");
+    FormatKernels kernels = table();
+    kernels.widen = &widen<Wide>;
+    kernels.widened_gemm = &Widened::gemm;
+    kernels.widen_rows = widen_rows;
+    kernels.widen_block = kWidenedValueBytes / row_bytes;
+    return kernels;
   }
 };
 

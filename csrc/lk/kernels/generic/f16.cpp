@@ -5,6 +5,7 @@ namespace {
 using Decode = ScalarDecode<WeightFormat::F16, uint16_t, f16_to_float>;
 }  // namespace
 
-const FormatKernels generic_f16 = PanelKernels<ScalarSimd, Decode>::table();
+// Prefill widens to fp32 once, as bf16 does.
+const FormatKernels generic_f16 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd>>();
 
 }  // namespace lk::kernels

@@ -21,6 +21,7 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Decode>::table();
+// Prefill widens a block to its row pairs once.
+const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<ScalarSimd, WeightFormat::Int4>>();
 
 }  // namespace lk::kernels

@@ -12,6 +12,7 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Decode>::table();
+// Prefill widens a block to its row pairs once.
+const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<ScalarSimd, WeightFormat::Int8>>();
 
 }  // namespace lk::kernels

@@ -12,7 +12,6 @@ struct ScalarSimd {
   static constexpr int kAccumulators = 32;
   static constexpr int kMainRows = 2;
   static constexpr int kIntegerMainRows = 2;
-  static constexpr bool kWidenFloatPanels = true;  // two rows per pass: conversions add up
   static constexpr bool kPairPanels = false;
   static Vec zero() { return 0.0f; }
   static Vec set1(float value) { return value; }
@@ -28,6 +27,12 @@ struct ScalarSimd {
   // their 32-bit sums.
   using IVec = int32_t;
   static IVec izero() { return 0; }
+  static IVec iload(const void* p) {
+    IVec v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  }
+  static void istore(void* p, IVec v) { __builtin_memcpy(p, &v, sizeof v); }
   static IVec pack(int low, int high) {
     return static_cast<IVec>(static_cast<uint16_t>(low) | static_cast<uint32_t>(static_cast<uint16_t>(high)) << 16);
   }

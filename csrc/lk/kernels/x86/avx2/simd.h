@@ -21,10 +21,6 @@ struct Avx2Simd {
   // 1.67 ns per row of 16 weights per 6-row pass against 0.71 per 3-row pass (INT4 the same
   // either way).
   static constexpr int kIntegerMainRows = 3;
-  // Prefill converts each weight again in every 6-row pass instead of widening a panel to
-  // fp32 once: on Zen 3 the conversions issue beside the two FMA pipes, and the widening pass
-  // cost more than it saved (bf16 prefill 62-68% -> 81-82% of the FMA peak, measured).
-  static constexpr bool kWidenFloatPanels = false;
   // Decode reads an expert's gate and up panels side by side (FormatKernels::gemm_pair): two
   // streams in flight per thread. INT8 at 1 token measured 8-10% faster, bf16 unchanged.
   static constexpr bool kPairPanels = true;
@@ -41,6 +37,8 @@ struct Avx2Simd {
   // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums.
   using IVec = __m256i;
   static IVec izero() { return _mm256_setzero_si256(); }
+  static IVec iload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static void istore(void* p, IVec v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
   static IVec broadcast_pair(const int16_t* p) {
     int pair;
     std::memcpy(&pair, p, sizeof pair);
@@ -49,6 +47,13 @@ struct Avx2Simd {
   static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
   static Vec to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
 };
+
+// An INT8 block, a pair of rows stored column by column (formats.h): sign-extending its
+// bytes to 16 bits gives each column's two weights in one 32-bit lane.
+inline void int8_pairs(const uint8_t* block, __m256i (&w)[1][2]) {
+  w[0][0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+  w[0][1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)));
+}
 
 // Decodes that split a row's 16 columns by parity, w[0] holding columns 0, 2, ..., 14 and
 // w[1] columns 1, 3, ..., 15 (where one 32-bit lane holds two of the row's weights), use

@@ -16,6 +16,7 @@ struct Decode {
 };
 }  // namespace
 
-const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, Decode>::table();
+// Prefill widens to fp32 once, as bf16 does.
+const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, Decode>::table<F32Decode<Avx512Simd>>();
 
 }  // namespace lk::kernels

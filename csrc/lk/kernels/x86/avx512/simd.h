@@ -16,9 +16,6 @@ struct Avx512Simd {
   static constexpr int kAccumulators = 24;
   static constexpr int kMainRows = 12;
   static constexpr int kIntegerMainRows = 12;  // unmeasured here
-  // Prefill widens float panels to fp32 once: Intel cores run vpmovzxwd on an FMA port.
-  // Converting in every pass, which wins on AVX2 (see there), is unmeasured here.
-  static constexpr bool kWidenFloatPanels = true;
   static constexpr bool kPairPanels = false;  // side by side is unmeasured here
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec set1(float value) { return _mm512_set1_ps(value); }
@@ -34,6 +31,8 @@ struct Avx512Simd {
   // vpdpwssd would fuse dot_add, but this level does not require VNNI.
   using IVec = __m512i;
   static IVec izero() { return _mm512_setzero_si512(); }
+  static IVec iload(const void* p) { return _mm512_loadu_si512(p); }
+  static void istore(void* p, IVec v) { _mm512_storeu_si512(p, v); }
   static IVec broadcast_pair(const int16_t* p) {
     int pair;
     std::memcpy(&pair, p, sizeof pair);

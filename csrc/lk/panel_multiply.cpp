@@ -1,0 +1,30 @@
+#include <algorithm>
+
+#include "lk/kernels/kernels.h"
+
+namespace lk::kernels {
+
+void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
+                    const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened) {
+  const FormatKernels& kernel = kernels[format];
+  // Grouped formats widen whole groups; a group deeper than a block is multiplied unwidened.
+  const int block = !is_grouped(format) ? kernel.widen_block : kernel.widen_block / group * group;
+  if (kernel.widen == nullptr || count < kernel.widen_rows || block == 0) {
+    kernel.gemm(a_rows, count, panel, depth, group, c_rows, accumulate);
+    return;
+  }
+  ActivationRow block_rows[kMaxPanelRows];
+  for (int first = 0; first < depth; first += block) {
+    const int rows = std::min(block, depth - first);
+    kernel.widen(panel, depth, group, first, rows, widened);
+    const int first_group = is_grouped(format) ? first / group : 0;
+    for (int i = 0; i < count; ++i) {
+      const ActivationRow& a = a_rows[i];
+      block_rows[i] = {a.values + first, a.q ? a.q + first : nullptr, a.scale ? a.scale + first_group : nullptr,
+                       a.sum ? a.sum + first_group : nullptr};
+    }
+    kernel.widened_gemm(block_rows, count, widened, rows, group, c_rows, accumulate || first > 0);
+  }
+}
+
+}  // namespace lk::kernels
