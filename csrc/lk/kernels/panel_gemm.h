@@ -34,7 +34,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "lk/kernels/kernels.h"
 
@@ -52,22 +51,6 @@ struct F32Decode {
   }
   static void pack(const typename Simd::Vec (&w)[kVecs], uint8_t* row) {
     for (int v = 0; v < kVecs; ++v) Simd::store(reinterpret_cast<float*>(row) + v * Simd::kLanes, w[v]);
-  }
-};
-
-// INT8 or INT4 values widened to the row pairs the integer kernels multiply, stored as they
-// are in registers: a pass over the widened panel only loads them.
-template <class Simd, WeightFormat kStoredFormat>
-struct Int16PairDecode {
-  static constexpr WeightFormat kFormat = kStoredFormat;
-  static constexpr int kVecs = kPanelWidth / Simd::kLanes;
-  static constexpr int kBlockRows = 2;
-  static constexpr int kBlockBytes = 2 * kPanelWidth * 2;
-  static void pairs(const uint8_t* block, typename Simd::IVec (&w)[1][kVecs]) {
-    for (int v = 0; v < kVecs; ++v) w[0][v] = Simd::iload(block + v * Simd::kLanes * 4);
-  }
-  static void pack(const typename Simd::IVec (&w)[kVecs], uint8_t* pair) {
-    for (int v = 0; v < kVecs; ++v) Simd::istore(pair + v * Simd::kLanes * 4, w[v]);
   }
 };
 

@@ -22,6 +22,6 @@ struct Decode {
 }  // namespace
 
 // Prefill widens a block to its row pairs once.
-const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<ScalarSimd, WeightFormat::Int4>>();
+const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<WeightFormat::Int4>>();
 
 }  // namespace lk::kernels

@@ -13,6 +13,6 @@ struct Decode {
 }  // namespace
 
 // Prefill widens a block to its row pairs once.
-const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<ScalarSimd, WeightFormat::Int8>>();
+const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<WeightFormat::Int8>>();
 
 }  // namespace lk::kernels

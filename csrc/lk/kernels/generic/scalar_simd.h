@@ -27,12 +27,6 @@ struct ScalarSimd {
   // their 32-bit sums.
   using IVec = int32_t;
   static IVec izero() { return 0; }
-  static IVec iload(const void* p) {
-    IVec v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
-  }
-  static void istore(void* p, IVec v) { __builtin_memcpy(p, &v, sizeof v); }
   static IVec pack(int low, int high) {
     return static_cast<IVec>(static_cast<uint16_t>(low) | static_cast<uint32_t>(static_cast<uint16_t>(high)) << 16);
   }
@@ -52,6 +46,20 @@ struct ScalarDecode {
     __builtin_memcpy(stored, row, sizeof stored);
     for (int j = 0; j < kPanelWidth; ++j) w[j] = to_float(stored[j]);
   }
+};
+
+// What prefill widens INT8 and INT4 to: the row pairs the integer kernels multiply, one
+// word per column as in registers, so a pass only loads them (the generic pass unpacks
+// every weight again otherwise).
+template <WeightFormat kStoredFormat>
+struct Int16PairDecode {
+  static constexpr WeightFormat kFormat = kStoredFormat;
+  static constexpr int kBlockRows = 2;
+  static constexpr int kBlockBytes = kPanelWidth * sizeof(ScalarSimd::IVec);
+  static void pairs(const uint8_t* block, ScalarSimd::IVec (&w)[1][kPanelWidth]) {
+    __builtin_memcpy(w[0], block, kBlockBytes);
+  }
+  static void pack(const ScalarSimd::IVec (&w)[kPanelWidth], uint8_t* pair) { __builtin_memcpy(pair, w, kBlockBytes); }
 };
 
 }  // namespace

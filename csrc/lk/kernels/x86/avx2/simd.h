@@ -37,8 +37,6 @@ struct Avx2Simd {
   // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums.
   using IVec = __m256i;
   static IVec izero() { return _mm256_setzero_si256(); }
-  static IVec iload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
-  static void istore(void* p, IVec v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
   static IVec broadcast_pair(const int16_t* p) {
     int pair;
     std::memcpy(&pair, p, sizeof pair);

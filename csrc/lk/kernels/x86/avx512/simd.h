@@ -31,8 +31,6 @@ struct Avx512Simd {
   // vpdpwssd would fuse dot_add, but this level does not require VNNI.
   using IVec = __m512i;
   static IVec izero() { return _mm512_setzero_si512(); }
-  static IVec iload(const void* p) { return _mm512_loadu_si512(p); }
-  static void istore(void* p, IVec v) { _mm512_storeu_si512(p, v); }
   static IVec broadcast_pair(const int16_t* p) {
     int pair;
     std::memcpy(&pair, p, sizeof pair);
