@@ -52,14 +52,14 @@ using PanelPairGemm = void (*)(const ActivationRow* a_rows, int rows, const void
 
 struct FormatKernels {
   PanelGemm gemm;
-  PanelWiden widen;         // null where gemm serves every row count best
-  PanelGemm widened_gemm;   // multiplies what widen wrote
-  int widen_rows;           // fewest rows prefill widens for (measured per ISA and format)
-  int widen_block;          // inputs per widened block (kWidenedValueBytes of them)
-  int rows_per_pass;  // rows gemm multiplies per pass over the panel (its register tile)
-  bool integer_rows;  // gemm reads the quantized ActivationRow fields
-  PanelPairGemm gemm_pair;  // null where the ISA reads one panel at a time
-  int pair_rows;            // most rows gemm_pair takes (0 without it)
+  PanelWiden widen;           // null where gemm serves every row count best
+  PanelGemm widened_gemm;     // multiplies what widen wrote
+  int widen_rows;             // fewest rows prefill widens for
+  int widen_block;            // inputs per widened block (kWidenedValueBytes of values)
+  int rows_per_pass;          // rows gemm multiplies per pass over the panel (its register tile)
+  bool integer_rows;          // gemm reads the quantized ActivationRow fields
+  PanelPairGemm gemm_pair;    // null where the ISA reads one panel at a time
+  int pair_rows;              // most rows gemm_pair takes (0 without it)
 };
 
 struct ActivationParams {
