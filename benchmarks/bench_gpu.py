@@ -13,8 +13,9 @@ Measures in one run, for one MoE layer shape (default Qwen3-30B-A3B):
    second against the pinned bandwidth (copy-bound target >= 85%), with the experts'
    compute and without it; the experts' compute alone (weights resident), so each case
    says whether it is copy- or compute-bound and how close it comes to the slower of the
-   two; and the token count where streaming overtakes lk's CPU prefill; for each of
-   --prefill-formats (quantized layers stream fewer bytes and are dequantized on the GPU).
+   two; the unpack kernel alone (panels to [E, 2I, H] / [E, H, I], dequantized for
+   quantized layers); and the token count where streaming overtakes lk's CPU prefill; for
+   each of --prefill-formats (quantized layers stream fewer bytes).
 
 Every figure is measured in this run; ratios compare figures of this run only.
 """
@@ -33,6 +34,7 @@ from lvllm.gpu.ring import ExpertRing
 from lvllm.gpu.stream import StreamQueue
 from lvllm.hybrid import DeviceRoute, HybridExperts
 from lvllm.lk import quant
+from lvllm.lk.layout import PackedLayout
 
 
 def gpu_ms(run, repeats: int) -> float:
@@ -178,6 +180,17 @@ def prefill(args, queue, results, bandwidth, weight_format):
         layer.attach_gpu(queue, ring, grouped_experts, torch.bfloat16)
     ring.allocate()
     streamed_bytes = sum(layer.engine.nbytes for layer in layers)
+    # The unpack kernel alone (a layer's bytes already on the device): what streaming adds to
+    # the copy besides the experts' compute.
+    layout, views = PackedLayout.of(layers[0].engine, torch.bfloat16)
+    blob = torch.cat(views).cuda()
+    unpacked13, unpacked2 = torch.empty_like(resident[0]), torch.empty_like(resident[1])
+    unpack_ms = gpu_ms(lambda: layout.unpack(blob, unpacked13, unpacked2), 10)
+    assert torch.equal(unpacked13, resident[0]) and torch.equal(unpacked2, resident[1])  # the weights lk holds
+    del blob, unpacked13, unpacked2
+    print(f"unpack {weight_format}: {unpack_ms:.2f} ms/layer ({layout.nbytes / unpack_ms / 1e6:.0f} GB/s of "
+          f"{weight_format} read, {layout.unpacked_bytes / unpack_ms / 1e6:.0f} GB/s of bf16 written)")
+    results["unpack_ms_per_layer"][weight_format] = unpack_ms
     for tokens in args.prefill_tokens:
         x, ids, weights = routing(args, tokens, seed=tokens)
         route = DeviceRoute.of(BatchPlan(gpu_prefill=True), tokens, "cuda")
@@ -245,7 +258,7 @@ def main() -> None:
     from lvllm import lk
 
     results = dict(device=torch.cuda.get_device_name(), lk=lk.runtime_info(), args=vars(args),
-                   decode=[], prefill=[], streaming_overtakes_cpu_at={})
+                   decode=[], prefill=[], streaming_overtakes_cpu_at={}, unpack_ms_per_layer={})
     bandwidth = pinned_bandwidth_gbs(1 << 30, args.repeats)
     results["pinned_h2d_gbs"] = bandwidth
     print(f"{results['device']}; lk {results['lk']}; pinned host-to-device {bandwidth:.1f} GB/s")

@@ -114,7 +114,7 @@ VARIABLES: dict[str, Variable] = {
             "vLLM's fused-MoE kernel, while the batch's decode tokens stay on lk; 0 turns "
             "streaming off. Batches that replay a CUDA graph keep the lk path, so set it above "
             "the largest captured size. On an H100 with Qwen3-30B-A3B layers, streaming beat "
-            "lk's CPU prefill from 256 tokens (BENCHMARKS.md).",
+            "lk's CPU prefill from 256 tokens for bf16 experts and from 64 for INT4 (BENCHMARKS.md).",
         ),
         Variable(
             "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_at_least(1), "integer >= 1",

@@ -3,7 +3,7 @@
 Each streamed layer's lk engine memory (pinned in place with cudaHostRegister: no second
 copy in RAM, whatever the format) is copied as raw bytes into a ring of ``window + 1`` GPU
 buffers on a side stream, ``window`` layers ahead of the layer being computed, and unpacked
-(quantized formats: dequantized) on the compute stream into one [E, 2I, H] / [E, H, I] pair
+(quantized formats: dequantized) by one kernel on the compute stream into one [E, 2I, H] / [E, H, I] pair
 in the compute dtype that vLLM's fused-MoE kernel (or any other ``gpu_experts`` function)
 reads; quantized layers copy fewer bytes, so they stream faster. Events order the two
 streams: an unpack waits for its slot's copy, a copy waits for the slot's previous unpack.
@@ -65,16 +65,14 @@ class ExpertRing:
         return len(self._layers)
 
     def device_bytes(self) -> int:
-        """GPU memory streaming takes: the ring slots and one unpacked layer (allocate()),
-        and the scratch of dequantizing a quantized layer (during each unpack)."""
+        """GPU memory streaming takes: the ring slots and one unpacked layer per dtype."""
         if not self._layers:
             return 0
         layouts = [layout for layout, _ in self._layers]
         blob = max(layout.nbytes for layout in layouts)
         unpacked = sum(max(layout.unpacked_bytes for layout in layouts if layout.dtype == dtype)
                        for dtype in {layout.dtype for layout in layouts})
-        scratch = max(layout.scratch_bytes for layout in layouts)
-        return min(self.window + 1, self.layers) * blob + unpacked + scratch
+        return min(self.window + 1, self.layers) * blob + unpacked
 
     def allocate(self) -> None:
         """Pin the engines' memory and take the GPU buffers (call before vLLM measures free

@@ -1,32 +1,83 @@
 """The lk engine's packed weights, read back as [E, 2I, H] / [E, H, I] tensors.
 
 The GPU prefill path copies an engine's own memory to the device as raw bytes (no second
-copy in RAM) and unpacks it there with the torch ops below; the same ops run on the CPU in
-the tests, against the weights the engine was built from.
+copy in RAM) and unpacks it there with the Triton kernel below; the tests run the same
+kernel on the CPU (Triton's interpreter) against the weights the engine was built from.
 
 Layout (csrc/lk/moe_engine.h, csrc/lk/formats.h): node n holds rows [begin, begin + length)
 of every expert's intermediate dimension. Its gate/up memory is [E][gate|up][panels] panels,
 its down memory [E][hidden_panels] panels; a panel stores 16 output rows per input,
 [depth][16], padded to 64 bytes. Quantized panels store their values (INT8 rows in pairs,
 INT4 rows in fours, formats.h) and then per group of inputs a row of 16 fp32 scales (and
-INT4 offsets); they are dequantized in fp32 into the compute dtype, a few experts at a time.
+INT4 offsets); they are dequantized in fp32 and rounded once to the compute dtype.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 PANEL_WIDTH = 16
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Input rows a quantized format stores together (formats.h rows_per_block) and bytes per row.
 _ROWS_PER_BLOCK = {"int8": 2, "int4": 4, "fp8_e4m3": 1}
 _BYTES_PER_ROW = {"int8": PANEL_WIDTH, "int4": PANEL_WIDTH // 2, "fp8_e4m3": PANEL_WIDTH}
-# Dequantizing takes fp32 scratch; a layer is done in chunks of experts whose scratch stays
-# within this share of the unpacked layer.
-_SCRATCH_SHARE = 4
-_SCRATCH_BYTES_PER_WEIGHT = 8  # the fp32 values, plus INT4's nibble temporaries
+# How the kernel reads each format's stored values.
+_VALUE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn}
+_FORMAT_CODES = {"float": 0, "int8": 1, "int4": 2, "fp8_e4m3": 3}
+
+
+def _unpack_panels_kernel(values, metas, out, count, panels, depth, rows, panel_values, panel_metas,
+                          meta_start, groups, group_size, out_matrix_stride, out_row_stride,
+                          FORMAT: tl.constexpr, BLOCK_PANELS: tl.constexpr, BLOCK_INPUTS: tl.constexpr):
+    """Panels count = M x panels, each ``panel_values`` values (``panel_metas`` fp32 words, the
+    scales from word ``meta_start`` on) -> out [M, rows, depth] with the given strides."""
+    panel = (tl.program_id(0) * BLOCK_PANELS + tl.arange(0, BLOCK_PANELS)).to(tl.int64)[:, None, None]
+    k = (tl.program_id(1) * BLOCK_INPUTS + tl.arange(0, BLOCK_INPUTS))[None, :, None]
+    j = tl.arange(0, 16)[None, None, :]
+    row = (panel % panels) * 16 + j
+    mask = (panel < count) & (k < depth) & (row < rows)
+    panel_values_start = values + panel * panel_values
+    if FORMAT == 0:  # float: [depth][16]
+        w = tl.load(panel_values_start + k * 16 + j, mask=mask).to(tl.float32)
+    else:
+        if FORMAT == 1:  # int8, rows in pairs: byte 2j + (k & 1) of pair k // 2
+            q = tl.load(panel_values_start + (k // 2) * 32 + 2 * j + (k % 2), mask=mask)
+        elif FORMAT == 2:
+            # int4, rows in fours: nibble j // 8 of byte 4 (j % 8) + 2 (r & 1) + (r >> 1) of
+            # block k // 4, r = k % 4, stored as q ^ 8.
+            packed = tl.load(panel_values_start + (k // 4) * 32 + 4 * (j % 8) + 2 * (k % 2) + (k % 4) // 2,
+                             mask=mask)
+            q = ((packed >> (4 * (j // 8)).to(tl.uint8)) & 0xF) ^ 8
+        else:  # fp8: [depth][16]
+            q = tl.load(panel_values_start + k * 16 + j, mask=mask)
+        scale = metas + panel * panel_metas + meta_start + (k // group_size) * 16 + j
+        w = q.to(tl.float32) * tl.load(scale, mask=mask)
+        if FORMAT == 2:
+            w = w + tl.load(scale + groups * 16, mask=mask)
+    target = out + (panel // panels) * out_matrix_stride + row.to(tl.int64) * out_row_stride + k
+    if out.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the compiled cast does, but Triton's interpreter (the
+        # CPU tests) truncates.
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(target, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(target, w.to(out.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _kernel(device: torch.device):
+    """The compiled kernel for CUDA tensors; Triton's interpreter for CPU ones."""
+    if device.type == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(_unpack_panels_kernel)
+    return triton.jit(_unpack_panels_kernel)
 
 
 def _bytes(memory: memoryview) -> torch.Tensor:
@@ -100,87 +151,53 @@ class PackedLayout:
     def unpacked_bytes(self) -> int:
         return 3 * self.experts * self.intermediate * self.hidden * self.dtype.itemsize
 
-    @property
-    def experts_per_chunk(self) -> int:
-        """Experts dequantized together (all of them for float formats: no scratch)."""
-        if not self.quantized:
-            return self.experts
-        expert_scratch = 3 * self.intermediate * self.hidden * _SCRATCH_BYTES_PER_WEIGHT
-        return max(1, min(self.experts, self.unpacked_bytes // _SCRATCH_SHARE // expert_scratch))
-
-    @property
-    def scratch_bytes(self) -> int:
-        """Transient device memory one unpack() takes besides blob, w13 and w2 (an upper bound)."""
-        if not self.quantized:
-            return 0
-        # One chunk of one projection at a time; gate/up (2I x H) is the larger.
-        return self.experts_per_chunk * 2 * self.intermediate * self.hidden * _SCRATCH_BYTES_PER_WEIGHT
-
     def unpack(self, blob: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
         """Fill w13 [E, 2I, H] and w2 [E, H, I] (``dtype``, blob's device) from blob, the uint8
         concatenation of the views ``of`` returned.
 
-        Panels are written straight into strided views of w13 and w2: besides scratch_bytes,
-        no temporary as large as the layer, so the ring's GPU memory is what it reports."""
-        experts, hidden, inter = self.experts, self.hidden, self.intermediate
-        gate_up_rows = w13.view(experts, 2, inter, hidden)
-        chunk = self.experts_per_chunk
+        One kernel per node part and projection reads the panels once and writes the weights
+        straight into strided views of w13 and w2: no temporary, so the ring's GPU memory is
+        what it reports, and a quantized layer costs one read of its bytes and one write of
+        its weights, a small fraction of its host-to-device copy."""
+        experts, hidden = self.experts, self.hidden
+        matrices13 = w13.view(experts * 2, self.intermediate, hidden)
         for part in self.parts:
             if part.length == 0:
                 continue
             rows = slice(part.begin, part.begin + part.length)
-            gate_up = (blob[part.gate_up_offset:part.gate_up_offset + part.gate_up_bytes]
-                       .view(experts, 2, part.panels, part.gate_up_panel_bytes))
-            down = (blob[part.down_offset:part.down_offset + part.down_bytes]
-                    .view(experts, self.hidden_panels, part.down_panel_bytes))
-            for first in range(0, experts, chunk):
-                some = slice(first, first + chunk)
-                _copy_panels(self._panel_weights(gate_up[some], hidden), gate_up_rows[some, :, rows], part.length)
-                _copy_panels(self._panel_weights(down[some], part.length), w2[some, :, rows], hidden)
+            self._unpack_panels(blob[part.gate_up_offset:part.gate_up_offset + part.gate_up_bytes],
+                                part.gate_up_panel_bytes, part.panels, hidden, matrices13[:, rows])
+            self._unpack_panels(blob[part.down_offset:part.down_offset + part.down_bytes],
+                                part.down_panel_bytes, self.hidden_panels, part.length, w2[:, :, rows])
 
-    def _panel_weights(self, panels: torch.Tensor, depth: int) -> torch.Tensor:
-        """uint8 panels [..., panel bytes] -> their weights [..., depth, 16]: the stored
-        values for float formats (a view), fp32 dequantized values for the others."""
-        if not self.quantized:
-            values = panels.view(_FLOAT_DTYPES[self.weight_format])
-            return values[..., :depth * PANEL_WIDTH].unflatten(-1, (depth, PANEL_WIDTH))
-        block = _ROWS_PER_BLOCK[self.weight_format]
-        padded = -(-depth // block) * block
-        value_bytes = -(-padded * _BYTES_PER_ROW[self.weight_format] // 64) * 64
-        values = panels[..., :padded * _BYTES_PER_ROW[self.weight_format]]
-        if self.weight_format == "fp8_e4m3":
-            q = values.view(torch.float8_e4m3fn).unflatten(-1, (padded, PANEL_WIDTH))
-        elif self.weight_format == "int8":
-            # Byte 2j + (k & 1) of pair k // 2 is q[k][j].
-            q = values.view(torch.int8).unflatten(-1, (padded // 2, PANEL_WIDTH, 2)).transpose(-1, -2)
-            q = q.flatten(-3, -2)
+    def _unpack_panels(self, panel_bytes: torch.Tensor, bytes_per_panel: int, panels: int, depth: int,
+                       target: torch.Tensor) -> None:
+        """uint8 [M, panels, bytes_per_panel] panels of ``depth`` inputs -> target [M, rows, depth]
+        (output row p * 16 + j of matrix m is column j of its panel p)."""
+        matrices, rows, _ = target.shape
+        if self.quantized:
+            values = panel_bytes.view(_VALUE_DTYPES[self.weight_format])
+            block = _ROWS_PER_BLOCK[self.weight_format]
+            padded = -(-depth // block) * block
+            meta_start = -(-padded * _BYTES_PER_ROW[self.weight_format] // 64) * 64 // 4
+            metas, format_code = panel_bytes.view(torch.float32), _FORMAT_CODES[self.weight_format]
         else:
-            # Nibble 4 * word + n of a block of four rows (low nibble first) is q[r][j] - 8 for
-            # word 2 * (j % 8) + (r & 1), n = 2 * (r >> 1) + j // 8: as digits of the nibble
-            # index, (j % 8, r & 1, r >> 1, j // 8), which a reordering of axes makes (r, j).
-            nibbles = torch.stack((values & 0xF, values >> 4), dim=-1) ^ 8
-            q = nibbles.reshape(*values.shape[:-1], padded // 4, 8, 2, 2, 2)
-            q = q.movedim((-2, -3, -1, -4), (-4, -3, -2, -1)).flatten(-2).flatten(-3, -2).flatten(-3, -2)
-        groups = -(-depth // self.group_size)
-        weights = torch.zeros(*panels.shape[:-1], groups * self.group_size, PANEL_WIDTH,
-                              dtype=torch.float32, device=panels.device)
-        weights[..., :depth, :] = q[..., :depth, :]
-        metas = panels[..., value_bytes:].view(torch.float32).unflatten(-1, (-1, PANEL_WIDTH))
-        grouped = weights.unflatten(-2, (groups, self.group_size))
-        grouped.mul_(metas[..., :groups, None, :])
-        if self.weight_format == "int4":
-            grouped.add_(metas[..., groups:2 * groups, None, :])
-        return weights[..., :depth, :]
+            values = panel_bytes.view(_FLOAT_DTYPES[self.weight_format])
+            metas, meta_start, format_code = values, 0, _FORMAT_CODES["float"]
+        count = matrices * panels
+        # The interpreter (CPU tensors: the tests) runs a program at a time, so there a program
+        # takes the whole matrix; on the GPU a program writes 16 rows of 128 inputs.
+        on_cpu = target.device.type == "cpu"
+        block_panels = triton.next_power_of_2(count) if on_cpu else 1
+        block_inputs = triton.next_power_of_2(depth) if on_cpu else 128
+        grid = (triton.cdiv(count, block_panels), triton.cdiv(depth, block_inputs))
+        groups = -(-depth // self.group_size) if self.quantized else 0
+        _kernel(target.device)[grid](
+            values, metas, target, count, panels, depth, rows,
+            bytes_per_panel // values.element_size(), bytes_per_panel // 4, meta_start, groups,
+            max(self.group_size, 1), target.stride(0), target.stride(1),
+            FORMAT=format_code, BLOCK_PANELS=block_panels, BLOCK_INPUTS=block_inputs,
+            # Without fusion, w = q * scale + offset rounds as torch's (and the engine's) two steps.
+            enable_fp_fusion=False)
 
 
-def _copy_panels(panels: torch.Tensor, target: torch.Tensor, rows: int) -> None:
-    """panels [..., P, depth, 16] (output row p * 16 + j, input k at [p, k, j]) into target
-    [..., rows, depth], rows <= P * 16: whole panels, then the last panel's first rows."""
-    whole, tail = divmod(rows, PANEL_WIDTH)
-    dim = target.dim() - 2
-    if whole:
-        target.narrow(dim, 0, whole * PANEL_WIDTH).unflatten(dim, (whole, PANEL_WIDTH)).copy_(
-            panels.narrow(dim, 0, whole).transpose(-1, -2))
-    if tail:
-        target.narrow(dim, whole * PANEL_WIDTH, tail).copy_(
-            panels.select(dim, whole)[..., :tail].transpose(-1, -2))

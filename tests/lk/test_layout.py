@@ -50,8 +50,8 @@ def fp8_weights(experts, rows, cols, group, generator):
 def test_quantized_engine_memory_unpacks_to_its_dequantized_weights(runtimes, weight_format, nodes,
                                                                     hidden, inter, group):
     """The device dequantizes what the engine holds, exactly as lvllm.lk.quant does (the
-    engine's own arithmetic), a few experts at a time; hidden 40 leaves a partial group and
-    an INT4 block of four rows half empty, 16 experts make several chunks."""
+    engine's own arithmetic); hidden 40 leaves a partial group and an INT4 block of four
+    rows half empty."""
     experts = 16
     generator = torch.Generator().manual_seed(hidden + inter)
     if weight_format == "fp8_e4m3":
@@ -69,7 +69,6 @@ def test_quantized_engine_memory_unpacks_to_its_dequantized_weights(runtimes, we
     for dtype in (torch.float32, torch.bfloat16):
         layout, views = PackedLayout.of(engine, dtype)
         assert layout.nbytes == engine.nbytes
-        assert 1 <= layout.experts_per_chunk < experts
         got13 = torch.full((experts, 2 * inter, hidden), float("nan"), dtype=dtype)
         got2 = torch.full((experts, hidden, inter), float("nan"), dtype=dtype)
         layout.unpack(torch.cat(views), got13, got2)
@@ -81,7 +80,6 @@ def test_float_engines_unpack_into_another_dtype(runtimes):
     w13, w2 = torch.randn(2, 32, 16), torch.randn(2, 16, 16)
     engine = MoEEngine(w13, w2, "silu", runtime=runtimes(threads=1))
     layout, views = PackedLayout.of(engine, torch.bfloat16)
-    assert layout.scratch_bytes == 0
     got13, got2 = torch.empty_like(w13, dtype=torch.bfloat16), torch.empty_like(w2, dtype=torch.bfloat16)
     layout.unpack(torch.cat(views), got13, got2)
     assert torch.equal(got13, w13.bfloat16()) and torch.equal(got2, w2.bfloat16())
