@@ -35,7 +35,8 @@ def _unpack_panels_kernel(values, metas, out, count, panels, depth, rows, panel_
                           meta_start, groups, group_size, out_matrix_stride, out_row_stride,
                           FORMAT: tl.constexpr, BLOCK_PANELS: tl.constexpr, BLOCK_INPUTS: tl.constexpr):
     """Panels count = M x panels, each ``panel_values`` values (``panel_metas`` fp32 words, the
-    scales from word ``meta_start`` on) -> out [M, rows, depth] with the given strides."""
+    scales from word ``meta_start`` on) -> out [M, rows, depth], strided in M and rows,
+    contiguous along depth."""
     panel = (tl.program_id(0) * BLOCK_PANELS + tl.arange(0, BLOCK_PANELS)).to(tl.int64)[:, None, None]
     k = (tl.program_id(1) * BLOCK_INPUTS + tl.arange(0, BLOCK_INPUTS))[None, :, None]
     j = tl.arange(0, 16)[None, None, :]
@@ -185,11 +186,13 @@ class PackedLayout:
             values = panel_bytes.view(_FLOAT_DTYPES[self.weight_format])
             metas, meta_start, format_code = values, 0, _FORMAT_CODES["float"]
         count = matrices * panels
-        # The interpreter (CPU tensors: the tests) runs a program at a time, so there a program
-        # takes the whole matrix; on the GPU a program writes 16 rows of 128 inputs.
-        on_cpu = target.device.type == "cpu"
-        block_panels = triton.next_power_of_2(count) if on_cpu else 1
-        block_inputs = triton.next_power_of_2(depth) if on_cpu else 128
+        if target.device.type == "cpu":
+            # The interpreter (the tests) runs one program at a time in numpy, so a program
+            # takes as many panels as keep its arrays near a million weights.
+            block_inputs = min(triton.next_power_of_2(depth), 1 << 12)
+            block_panels = min(triton.next_power_of_2(count), max(1, (1 << 16) // block_inputs))
+        else:
+            block_panels, block_inputs = 1, 128  # a program writes 16 rows of 128 inputs
         grid = (triton.cdiv(count, block_panels), triton.cdiv(depth, block_inputs))
         groups = -(-depth // self.group_size) if self.quantized else 0
         _kernel(target.device)[grid](
