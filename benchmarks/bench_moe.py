@@ -20,8 +20,9 @@ experts touched, prefill cost on tokens x k, neither on E itself.
 Each backend runs in its own child process (one model at a time), so that no idle thread
 pool of one backend competes with another's; the ceilings are measured in the lk child right
 before and after its timings, and the read bandwidth also right before and after each of its
-decode cases, which are judged against that (a shared host's bandwidth drifts within a run). Figures on a shared machine move between runs: quote the ratios
-(% of bandwidth, % of peak, speed-up) of one run.
+decode cases, which are judged against that (a shared host's bandwidth drifts within a run).
+Figures on a shared machine move between runs: quote the ratios (% of bandwidth, % of peak,
+speed-up) of one run.
 
     python benchmarks/bench_moe.py                  # all models, full cases (minutes)
     python benchmarks/bench_moe.py --quick          # small shape, few cases (seconds)

@@ -3,11 +3,12 @@
 Each streamed layer's lk engine memory (pinned in place with cudaHostRegister: no second
 copy in RAM, whatever the format) is copied as raw bytes into a ring of ``window + 1`` GPU
 buffers on a side stream, ``window`` layers ahead of the layer being computed, and unpacked
-(quantized formats: dequantized) by one kernel on the compute stream into one [E, 2I, H] / [E, H, I] pair
-in the compute dtype that vLLM's fused-MoE kernel (or any other ``gpu_experts`` function)
-reads; quantized layers copy fewer bytes, so they stream faster. Events order the two
-streams: an unpack waits for its slot's copy, a copy waits for the slot's previous unpack.
-The schedule is lvllm.gpu.plan.RingSchedule; this module only turns it into CUDA work.
+(quantized formats: dequantized) by one kernel on the compute stream into one [E, 2I, H] /
+[E, H, I] pair in the compute dtype that vLLM's fused-MoE kernel (or any other
+``gpu_experts`` function) reads; quantized layers copy fewer bytes, so they stream
+faster. Events order the two streams: an unpack waits for its slot's copy, a copy waits for
+the slot's previous unpack. The schedule is lvllm.gpu.plan.RingSchedule; this module only
+turns it into CUDA work.
 """
 
 from __future__ import annotations
