@@ -74,8 +74,12 @@ struct PanelKernels {
     return block_bytes(kFormat);
   }();
   // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
-  // is used once, so the stream must be in flight well before it is needed.
-  static constexpr int kPrefetchBytes = 2048;
+  // is used once, so the stream must be in flight well before it is needed. A Decode may
+  // give its own (static constexpr int kPrefetchBytes).
+  static constexpr int kPrefetchBytes = [] {
+    if constexpr (requires { Decode::kPrefetchBytes; }) return Decode::kPrefetchBytes;
+    return 2048;
+  }();
   // Integer sums are moved to fp32 at least this often: 128 products of int8 weights and
   // int16 activations per 32-bit lane stay below 2^31.
   static constexpr int kFlushInputs = 256;
