@@ -1,6 +1,7 @@
 #include "lk/moe_engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -186,26 +187,31 @@ class QuantizedRows {
 
   std::size_t bytes(std::size_t rows) const { return rows * record_bytes(); }
 
+  int groups() const { return groups_; }
+
   void quantize(const float* x, void* records, std::size_t row) const {
+    for (int g = 0; g < groups_; ++g) quantize_group(x, records, row, g);
+  }
+
+  // Group g of the row; the last group also zeroes the padding after it.
+  void quantize_group(const float* x, void* records, std::size_t row, int g) const {
     int16_t* q = values(records, row);
     float* scale = scales(records, row);
     float* sum = scale + groups_;
-    for (int g = 0; g < groups_; ++g) {
-      const int begin = g * group_, end = std::min(depth_, begin + group_);
-      float largest = 0.0f, total = 0.0f;
-      for (int k = begin; k < end; ++k) {
-        largest = std::max(largest, std::fabs(x[k]));
-        total += x[k];
-      }
-      // A NaN or infinity makes the group's total non-finite; its scale then carries a NaN
-      // into the outputs, as the fp32 kernels would.
-      const bool finite = std::isfinite(total);
-      const float inverse = finite && largest > 0.0f ? kernels::kActivationMax / largest : 0.0f;
-      scale[g] = finite ? largest / kernels::kActivationMax : std::numeric_limits<float>::quiet_NaN();
-      sum[g] = total;
-      for (int k = begin; k < end; ++k) q[k] = finite ? static_cast<int16_t>(std::nearbyint(x[k] * inverse)) : 0;
+    const int begin = g * group_, end = std::min(depth_, begin + group_);
+    float largest = 0.0f, total = 0.0f;
+    for (int k = begin; k < end; ++k) {
+      largest = std::max(largest, std::fabs(x[k]));
+      total += x[k];
     }
-    std::fill(q + depth_, q + stride_, int16_t{0});
+    // A NaN or infinity makes the group's total non-finite; its scale then carries a NaN
+    // into the outputs, as the fp32 kernels would.
+    const bool finite = std::isfinite(total);
+    const float inverse = finite && largest > 0.0f ? kernels::kActivationMax / largest : 0.0f;
+    scale[g] = finite ? largest / kernels::kActivationMax : std::numeric_limits<float>::quiet_NaN();
+    sum[g] = total;
+    for (int k = begin; k < end; ++k) q[k] = finite ? static_cast<int16_t>(std::nearbyint(x[k] * inverse)) : 0;
+    if (g == groups_ - 1) std::fill(q + depth_, q + stride_, int16_t{0});
   }
 
   kernels::ActivationRow row(const float* x, const void* records, std::size_t row) const {
@@ -461,13 +467,20 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   const bool integer_rows = runtime_->kernels()[shape_.format].integer_rows;
   const QuantizedRows input_q(static_cast<int>(hidden), shape_.group_size);
   std::vector<QuantizedRows> hidden_q;
+  // Per node and active expert, the panels of each hidden group computed so far: the task
+  // that completes a group quantizes it, so down need not wait for a separate phase.
+  std::vector<std::size_t> groups_done_offset(nodes);
+  std::size_t groups_done_count = 0;
   if (integer_rows) scratch.input_q.ensure(input_q.bytes(tokens));
   for (int n = 0; n < nodes; ++n) {
     scratch.hidden[n].ensure(std::max<std::size_t>(1, slots * slices_[n].panels * kPanelWidth) * sizeof(float));
     scratch.partial[n].ensure(tokens * hidden_stride_ * sizeof(float));
     hidden_q.emplace_back(slices_[n].length, shape_.group_size);
     if (integer_rows) scratch.hidden_q[n].ensure(std::max<std::size_t>(1, hidden_q[n].bytes(slots)));
+    groups_done_offset[n] = groups_done_count;
+    if (integer_rows) groups_done_count += static_cast<std::size_t>(scratch.active_experts.size()) * hidden_q[n].groups();
   }
+  scratch.group_panels_done.assign(groups_done_count, 0);
   // Per worker: gate and up tiles, then one widened block.
   const std::size_t worker_floats = round_up(2 * kChunkRows * kPanelWidth + kernels::kWidenedPanelBytes / sizeof(float), 16);
   scratch.per_worker.ensure(worker_floats * pool.num_threads() * sizeof(float));
@@ -546,21 +559,22 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
         }
       }
     }
+    if (!integer_rows) return;
+    const int group_panels = group / kPanelWidth;
+    uint32_t* groups_done = scratch.group_panels_done.data() + groups_done_offset[node] +
+                            static_cast<std::size_t>(expert_index) * hidden_q[node].groups();
+    for (int g = first_panel / group_panels; g * group_panels < end_panel; ++g) {
+      const int group_begin = g * group_panels, group_end = std::min(slice.panels, group_begin + group_panels);
+      const uint32_t mine = std::min(end_panel, group_end) - std::max(first_panel, group_begin);
+      // acq_rel: the task that completes the group sees every other task's hidden values.
+      const uint32_t before = std::atomic_ref<uint32_t>(groups_done[g]).fetch_add(mine, std::memory_order_acq_rel);
+      if (before + mine != static_cast<uint32_t>(group_end - group_begin)) continue;
+      for (int slot = first; slot < last; ++slot) {
+        hidden_q[node].quantize_group(hidden_out + slot * hidden_row, scratch.hidden_q[node].data(), slot, g);
+      }
+    }
   };
   job.push_back(std::move(gate_up));
-
-  const uint32_t slot_blocks = static_cast<uint32_t>((slots + kTokenBlock - 1) / kTokenBlock);
-  if (integer_rows) {
-    Phase quantize{std::vector<uint32_t>(nodes, slot_blocks), {}};
-    quantize.run = [=, this, &scratch](int node, uint32_t block, int) {
-      const std::size_t hidden_row = static_cast<std::size_t>(slices_[node].panels) * kPanelWidth;
-      const std::size_t last = std::min<std::size_t>(slots, (block + 1) * kTokenBlock);
-      for (std::size_t slot = block * kTokenBlock; slot < last; ++slot) {
-        hidden_q[node].quantize(scratch.hidden[node].as<float>() + slot * hidden_row, scratch.hidden_q[node].data(), slot);
-      }
-    };
-    job.push_back(std::move(quantize));
-  }
 
   // A task owns a run of output panels, so it may walk them expert by expert.
   const int down_run = run_length(hidden_panels_, hidden_panels_, node_threads);

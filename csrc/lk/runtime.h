@@ -45,6 +45,7 @@ class Runtime {
     std::vector<float> slot_weight;
     std::vector<int32_t> active_experts;  // experts with at least one token, ascending
     std::vector<int32_t> expert_slots;    // slot range of active expert i: [i], [i + 1]
+    std::vector<uint32_t> group_panels_done;  // counted atomically by the job (MoEEngine::submit)
   };
   Scratch& scratch() { return scratch_; }
   // Held while a job is prepared and launched, so callers on several threads do not
