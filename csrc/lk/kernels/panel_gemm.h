@@ -75,9 +75,10 @@ struct PanelKernels {
   }();
   // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
   // is used once, so the stream must be in flight well before it is needed. A Decode may
-  // give its own (static constexpr int kPrefetchBytes).
+  // give its own (static constexpr int kPrefetchBytes), else the ISA's Simd may.
   static constexpr int kPrefetchBytes = [] {
     if constexpr (requires { Decode::kPrefetchBytes; }) return Decode::kPrefetchBytes;
+    if constexpr (requires { Simd::kPrefetchBytes; }) return Simd::kPrefetchBytes;
     return 2048;
   }();
   // Integer sums are moved to fp32 at least this often: 128 products of int8 weights and

@@ -19,6 +19,8 @@ namespace {
 struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 0x1p-120f;
+  // 2 KiB ahead, not the AVX2 default of 1 KiB: 1 KiB was 1-5% slower, 3 KiB level.
+  static constexpr int kPrefetchBytes = 2048;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
     const __m256i words = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
     const __m256i mask = _mm256_set1_epi32(static_cast<int>(0x87f00000u));

@@ -9,7 +9,8 @@ struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Int4;
   // Decode fetches INT4 panels 4 KiB ahead, not 2: whole-layer decode at Qwen3-30B's shape
   // took 8-14% more of the read bandwidth at 1 and 4 tokens and 5% at 16, in 13 of 13
-  // paired comparisons over two sessions (Zen 3). 8 KiB was no better at 1 and 4 tokens.
+  // paired comparisons over two sessions (Zen 3); 6-8% more against 2 KiB and 1 KiB
+  // switched between interleaved calls in one process. 8 KiB was level.
   static constexpr int kPrefetchBytes = 4096;
   static void pairs(const uint8_t* block, __m256i (&w)[2][2]) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
