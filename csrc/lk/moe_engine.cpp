@@ -231,19 +231,19 @@ class QuantizedRows {
   int depth_, group_, groups_, stride_;
 };
 
-// An expert's gate and up panels times the same rows into gate_rows and up_rows (stored):
-// side by side where the ISA's kernels read two panels at once for this many rows.
-void multiply_gate_up(const kernels::KernelSet& kernels, WeightFormat format, const void* gate, const void* up,
-                      int depth, int group, const kernels::ActivationRow* a_rows, int count, float* const* gate_rows,
-                      float* const* up_rows, void* widened) {
+// Two panels of the same depth times the same rows into first_rows and second_rows (an
+// expert's gate and up, or two neighbouring down panels): side by side where the ISA's
+// kernels read two panels at once for this many rows.
+void multiply_two_panels(const kernels::KernelSet& kernels, WeightFormat format, const void* first,
+                         const void* second, int depth, int group, const kernels::ActivationRow* a_rows, int count,
+                         float* const* first_rows, float* const* second_rows, bool accumulate, void* widened) {
   if (count <= kernels[format].pair_rows) {
-    kernels[format].gemm_pair(a_rows, count, gate, up, depth, group, gate_rows, up_rows, false);
+    kernels[format].gemm_pair(a_rows, count, first, second, depth, group, first_rows, second_rows, accumulate);
     return;
   }
-  kernels::multiply_panel(kernels, format, gate, depth, group, a_rows, count, gate_rows, false, widened);
-  kernels::multiply_panel(kernels, format, up, depth, group, a_rows, count, up_rows, false, widened);
+  kernels::multiply_panel(kernels, format, first, depth, group, a_rows, count, first_rows, accumulate, widened);
+  kernels::multiply_panel(kernels, format, second, depth, group, a_rows, count, second_rows, accumulate, widened);
 }
-
 }  // namespace
 
 const char* format_name(WeightFormat format) {
@@ -551,8 +551,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
           gate_rows[i] = gate_tile + i * kPanelWidth;
           up_rows[i] = up_tile + i * kPanelWidth;
         }
-        multiply_gate_up(kernels, shape_.format, gate, up, static_cast<int>(hidden), group, rows, count, gate_rows,
-                         up_rows, widened);
+        multiply_two_panels(kernels, shape_.format, gate, up, static_cast<int>(hidden), group, rows, count, gate_rows,
+                            up_rows, false, widened);
         for (int i = 0; i < count; ++i) {
           activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
                    hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
@@ -594,14 +594,17 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     const float* hidden_in = scratch.hidden[node].as<float>();
     float* widened = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
+    const int panels_per_step = kernels[shape_.format].pair_down ? 2 : 1;
     kernels::ActivationRow rows[kChunkRows];
     float* out_rows[kChunkRows];
+    float* next_out_rows[kChunkRows];
     for (uint32_t expert_index = 0; expert_index < active; ++expert_index) {
       const int expert = scratch.active_experts[expert_index];
       const int first = scratch.expert_slots[expert_index], last = scratch.expert_slots[expert_index + 1];
-      for (int panel_index = first_panel; panel_index < end_panel; ++panel_index) {
+      for (int panel_index = first_panel; panel_index < end_panel; panel_index += panels_per_step) {
         const char* panel = slice.down.as<char>() +
                             (static_cast<std::size_t>(expert) * hidden_panels_ + panel_index) * panel_bytes;
+        const bool with_next = panels_per_step == 2 && panel_index + 1 < end_panel;
         for (int chunk = first; chunk < last; chunk += kChunkRows) {
           const int count = std::min(kChunkRows, last - chunk);
           for (int i = 0; i < count; ++i) {
@@ -611,9 +614,15 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
                           : kernels::ActivationRow{hidden_in + slot * hidden_row, nullptr, nullptr, nullptr};
             out_rows[i] = partial + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden_stride_ +
                           panel_index * kPanelWidth;
+            next_out_rows[i] = out_rows[i] + kPanelWidth;
           }
-          kernels::multiply_panel(kernels, shape_.format, panel, slice.length, group, rows, count, out_rows, true,
-                                  widened);
+          if (with_next) {
+            multiply_two_panels(kernels, shape_.format, panel, panel + panel_bytes, slice.length, group, rows, count,
+                                out_rows, next_out_rows, true, widened);
+          } else {
+            kernels::multiply_panel(kernels, shape_.format, panel, slice.length, group, rows, count, out_rows, true,
+                                    widened);
+          }
         }
       }
     }
