@@ -245,6 +245,7 @@ void multiply_two_panels(const kernels::KernelSet& kernels, WeightFormat format,
   kernels::multiply_panel(kernels, format, first, depth, group, a_rows, count, first_rows, accumulate, widened);
   kernels::multiply_panel(kernels, format, second, depth, group, a_rows, count, second_rows, accumulate, widened);
 }
+
 }  // namespace
 
 const char* format_name(WeightFormat format) {
