@@ -60,7 +60,6 @@ struct FormatKernels {
   bool integer_rows;          // gemm reads the quantized ActivationRow fields
   PanelPairGemm gemm_pair;    // null where the ISA reads one panel at a time
   int pair_rows;              // most rows gemm_pair takes (0 without it)
-  bool pair_down;             // decode reads neighbouring down panels through gemm_pair too
 };
 
 struct ActivationParams {

@@ -473,16 +473,10 @@ struct PanelKernels {
     }
   }
 
-  // A Decode whose pair reads down panels slower than one at a time says so
-  // (static constexpr bool kPairDownPanels = false).
-  static constexpr bool pair_down() {
-    if constexpr (requires { Decode::kPairDownPanels; }) return pair_rows() > 0 && Decode::kPairDownPanels;
-    return pair_rows() > 0;
-  }
   // The kernels of this Decode.
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
-    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows(), pair_down()};
+    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows()};
   }
   // The kernels of this Decode, where prefill widens panels to Wide's layout from
   // `widen_rows` rows on (by default as soon as one pass does not take them) and multiplies

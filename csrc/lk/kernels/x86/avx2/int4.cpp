@@ -12,10 +12,6 @@ struct Decode {
   // paired comparisons over two sessions (Zen 3); 6-8% more against 2 KiB and 1 KiB
   // switched between interleaved calls in one process. 8 KiB was level.
   static constexpr int kPrefetchBytes = 4096;
-  // Down panels one at a time: reading two neighbours side by side, as gate and up are,
-  // was 2-6% slower at 1-16 tokens (with 2 KiB ahead as well); every other AVX2 format
-  // gained 1-5%.
-  static constexpr bool kPairDownPanels = false;
   static void pairs(const uint8_t* block, __m256i (&w)[2][2]) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     w[0][0] = _mm256_srai_epi16(_mm256_slli_epi16(words, 12), 12);

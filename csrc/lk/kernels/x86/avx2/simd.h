@@ -23,7 +23,7 @@ struct Avx2Simd {
   static constexpr int kIntegerMainRows = 3;
   // Decode reads an expert's gate and up panels side by side (FormatKernels::gemm_pair): two
   // streams in flight per thread. INT8 at 1 token measured 8-10% faster, bf16 unchanged.
-  // Neighbouring down panels are paired too (FormatKernels::pair_down).
+  // Down panels are paired too (MoEEngine::submit).
   static constexpr bool kPairPanels = true;
   // Decode fetches panels 1 KiB ahead. At Qwen3-30B's shape (Zen 3), with both distances
   // switched between interleaved calls on the same engines, 1 KiB beat 2 KiB by 3-8% for
