@@ -394,9 +394,13 @@ struct PanelKernels {
   // Rows gemm_pair takes: as many as leave both panels' accumulators, both panels' decoded
   // weights, a broadcast activation per row and one constant in registers. One more row
   // spills an accumulator, whose chain then runs through memory: 3 float rows took twice
-  // as long per weight as 2 (measured).
+  // as long per weight as 2 (measured). A Decode whose pair measured faster at more rows
+  // than that count gives its own (static constexpr int kPairRows).
   static constexpr int pair_rows() {
-    if constexpr (!Simd::kPairPanels) {
+    if constexpr (requires { Decode::kPairRows; }) {
+      static_assert(Simd::kPairPanels && Decode::kPairRows <= kMainRows, "a pair takes at most one pass of rows");
+      return Decode::kPairRows;
+    } else if constexpr (!Simd::kPairPanels) {
       return 0;
     } else {
       constexpr int decoded = 2 * (kInteger ? kBlockRows / 2 : 1) * kVecs;
@@ -405,8 +409,9 @@ struct PanelKernels {
     }
   }
 
-  // Two panels of the same depth times the same rows (an expert's gate and up), read side by
-  // side: two weight streams in flight per thread instead of one after the other.
+  // Two panels of the same depth times the same rows (an expert's gate and up, or two of its
+  // down panels), read side by side: two weight streams in flight per thread instead of one
+  // after the other.
   static void gemm_pair(const ActivationRow* a, int rows, const void* first, const void* second, int depth, int group,
                         float* const* c_first, float* const* c_second, bool accumulate) {
     const uint8_t* const panels[2] = {static_cast<const uint8_t*>(first), static_cast<const uint8_t*>(second)};
