@@ -15,7 +15,7 @@ struct Decode {
   // The pair takes 2 rows, though the register count allows 1: with both panels' unpacked
   // pairs live GCC does not spill an accumulator chain here. In cache 2 rows took 0.635 ns
   // per panel row as a pair against 0.68 one panel at a time, and whole-layer decode
-  // at Qwen3-30B's shape gained 3% at 16 tokens and 1-3% at 4 (switched in one process).
+  // at Qwen3-30B's shape gained 3-5% at 16 tokens and 0-3% at 4 (switched in one process).
   static constexpr int kPairRows = 2;
   static void pairs(const uint8_t* block, __m256i (&w)[2][2]) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
