@@ -14,8 +14,9 @@ For real model shapes (Qwen3-30B-A3B, Qwen3-235B-A22B, DeepSeek-V3; bf16 weights
 
 Several weight sets ("layers") are built per model and calls rotate over them, so that the
 weights one call reads were evicted by the calls in between (total >> L3). Where RAM is short
-the number of experts per set is reduced (printed as ``E used``); decode cost depends on the
-experts touched, prefill cost on tokens x k, neither on E itself.
+the sets are fewer, down to one, and then the experts per set (printed as ``E used``): decode
+cost depends on the experts a batch touches and the rows each gets, and fewer experts than
+the model has give each touched one more rows.
 
 Each backend runs in its own child process (one model at a time), so that no idle thread
 pool of one backend competes with another's; the ceilings are measured in the lk child right
@@ -231,13 +232,16 @@ def plan_model(name: str, budget_bytes: int, sets: int, l3: int, fmt: str = "bf1
                group: int = 128) -> dict:
     m = dict(MODELS[name])
     expert_bytes = int(3 * m["H"] * m["I"] * format_bytes_per_weight(fmt, group))
-    e_used = min(m["E"], budget_bytes // (sets * expert_bytes))
-    # keep routing meaningful (at least 2k experts per set) before keeping many sets
-    while e_used < 2 * m["k"] and sets > 2:
-        sets -= 1
-        e_used = min(m["E"], budget_bytes // (sets * expert_bytes))
+    # Every set is built from bf16 weights, one set at a time, before the engine takes it.
+    source_bytes = 3 * m["H"] * m["I"] * BYTES_BF16
+    # Experts come before sets: with fewer experts than the model, a batch gives each
+    # touched expert more rows (16 tokens x k 8 over DeepSeek-V3's 256 experts: about 1.3
+    # rows each; over 18: 7), which turns a bandwidth-bound decode case into a compute-bound
+    # one the model never sees. A single set of a few GiB is already far above any L3.
+    e_used = min(m["E"], budget_bytes // expert_bytes, budget_bytes // source_bytes)
     if e_used < m["k"]:
-        raise SystemExit(f"{name}: budget too small for {m['k']} experts x {sets} sets")
+        raise SystemExit(f"{name}: budget too small for {m['k']} experts")
+    sets = max(1, min(sets, budget_bytes // (e_used * expert_bytes)))
     total = sets * e_used * expert_bytes
     return dict(
         model=name, label=m["label"], H=m["H"], I=m["I"], E_model=m["E"], E=e_used, k=m["k"],
