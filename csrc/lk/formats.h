@@ -37,6 +37,10 @@ static constexpr bool has_offsets(WeightFormat format) { return format == Weight
 // kernels add 8 * scale to the offset. Centred values keep the integer dot products (and
 // the rounding of the activations in them) small. A panel's depth is padded to whole pairs
 // or fours with zero values.
+// Read as bytes, the 32-bit lane of columns j and j + 8 (words 2j and 2j + 1) holds
+// inputs k, k + 2, k + 1, k + 3 in that order, column j in the low nibbles and j + 8 in
+// the high ones: kInt4QuadOrder[i] is the byte of input k + i.
+constexpr int kInt4QuadOrder[4] = {0, 2, 1, 3};
 constexpr int kInt8RowsPerBlock = 2;
 constexpr int kInt4RowsPerBlock = 4;
 constexpr int kInt4BytesPerBlock = kInt4RowsPerBlock * kPanelWidth / 2;

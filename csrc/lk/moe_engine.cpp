@@ -178,12 +178,15 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
 }
 
 // Activation rows quantized for the integer kernels (kernels::ActivationRow), one record
-// per row: int16 values, zero up to a multiple of 16, then per group its scale and its
-// exact fp32 sum. Every ISA reads the same records, so they all multiply the same integers.
+// per row: int16 values, zero up to a multiple of 16; for 8-bit formats the same values as
+// bytes in quad order; per group its scale and its exact fp32 sum; for 8-bit formats the
+// sums of the values per span. Every ISA reads the same records, so they all multiply the
+// same integers.
 class QuantizedRows {
  public:
-  QuantizedRows(int depth, int group)
-      : depth_(depth), group_(group), groups_(static_cast<int>(panel_groups(depth, group))),
+  QuantizedRows(WeightFormat format, int depth, int group)
+      : largest_(kernels::activation_max(format)), bytes_(largest_ <= 127), depth_(depth), group_(group),
+        groups_(static_cast<int>(panel_groups(depth, group))), spans_(groups_ * kernels::spans_per_group(group)),
         stride_(static_cast<int>(round_up(depth, 16))) {}
 
   std::size_t bytes(std::size_t rows) const { return rows * record_bytes(); }
@@ -196,9 +199,7 @@ class QuantizedRows {
 
   // Group g of the row; the last group also zeroes the padding after it.
   void quantize_group(const float* x, void* records, std::size_t row, int g) const {
-    int16_t* q = values(records, row);
-    float* scale = scales(records, row);
-    float* sum = scale + groups_;
+    const Record record = at(records, row);
     const int begin = g * group_, end = std::min(depth_, begin + group_);
     float largest = 0.0f, total = 0.0f;
     for (int k = begin; k < end; ++k) {
@@ -208,28 +209,56 @@ class QuantizedRows {
     // A NaN or infinity makes the group's total non-finite; its scale then carries a NaN
     // into the outputs, as the fp32 kernels would.
     const bool finite = std::isfinite(total);
-    const float inverse = finite && largest > 0.0f ? kernels::kActivationMax / largest : 0.0f;
-    scale[g] = finite ? largest / kernels::kActivationMax : std::numeric_limits<float>::quiet_NaN();
-    sum[g] = total;
+    const float inverse = finite && largest > 0.0f ? largest_ / largest : 0.0f;
+    record.scale[g] = finite ? largest / largest_ : std::numeric_limits<float>::quiet_NaN();
+    record.sum[g] = total;
+    int16_t* q = record.q;
     for (int k = begin; k < end; ++k) q[k] = finite ? static_cast<int16_t>(std::nearbyint(x[k] * inverse)) : 0;
-    if (g == groups_ - 1) std::fill(q + depth_, q + stride_, int16_t{0});
+    const int padded_end = g == groups_ - 1 ? stride_ : end;
+    std::fill(q + end, q + padded_end, int16_t{0});
+    if (!bytes_) return;
+    // Groups are multiples of 16 inputs, so a group holds whole quads.
+    for (int k = begin; k < padded_end; ++k) record.quads[(k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(q[k]);
+    for (int first = begin; first < end; first += kernels::kIntegerSpan) {
+      const int last = std::min(end, first + kernels::kIntegerSpan);
+      record.span_sums[kernels::span_index(group_, g, first - begin)] = std::accumulate(q + first, q + last, int32_t{0});
+    }
   }
 
   kernels::ActivationRow row(const float* x, const void* records, std::size_t row) const {
-    const float* scale = scales(records, row);
-    return {x, values(records, row), scale, scale + groups_};
+    const Record record = at(records, row);
+    return {x, record.q, record.scale, record.sum, record.quads, record.span_sums};
   }
 
  private:
-  std::size_t record_bytes() const { return stride_ * sizeof(int16_t) + 2 * groups_ * sizeof(float); }
-  int16_t* values(const void* records, std::size_t row) const {
-    return reinterpret_cast<int16_t*>(static_cast<char*>(const_cast<void*>(records)) + row * record_bytes());
+  struct Record {
+    int16_t* q;
+    int8_t* quads;
+    float* scale;
+    float* sum;
+    int32_t* span_sums;
+  };
+
+  std::size_t record_bytes() const {
+    return stride_ * sizeof(int16_t) + 2 * groups_ * sizeof(float) +
+           (bytes_ ? stride_ * sizeof(int8_t) + spans_ * sizeof(int32_t) : 0);
   }
-  float* scales(const void* records, std::size_t row) const {
-    return reinterpret_cast<float*>(values(records, row) + stride_);
+  Record at(const void* records, std::size_t row) const {
+    char* base = static_cast<char*>(const_cast<void*>(records)) + row * record_bytes();
+    Record record{};
+    record.q = reinterpret_cast<int16_t*>(base);
+    record.scale = reinterpret_cast<float*>(base + stride_ * sizeof(int16_t));
+    record.sum = record.scale + groups_;
+    if (bytes_) {
+      record.span_sums = reinterpret_cast<int32_t*>(record.sum + groups_);
+      record.quads = reinterpret_cast<int8_t*>(record.span_sums + spans_);
+    }
+    return record;
   }
 
-  int depth_, group_, groups_, stride_;
+  int largest_;
+  bool bytes_;
+  int depth_, group_, groups_, spans_, stride_;
 };
 
 // Two panels of the same depth times the same rows into first_rows and second_rows (an
@@ -467,7 +496,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   if (convert_input) scratch.input.ensure(tokens * hidden * sizeof(float));
   // Integer kernels read activations quantized once per forward.
   const bool integer_rows = runtime_->kernels()[shape_.format].integer_rows;
-  const QuantizedRows input_q(static_cast<int>(hidden), shape_.group_size);
+  const QuantizedRows input_q(shape_.format, static_cast<int>(hidden), shape_.group_size);
   std::vector<QuantizedRows> hidden_q;
   // Per node and active expert, the panels of each hidden group computed so far: the task
   // that completes a group quantizes it, so down need not wait for a separate phase.
@@ -477,7 +506,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   for (int n = 0; n < nodes; ++n) {
     scratch.hidden[n].ensure(std::max<std::size_t>(1, slots * slices_[n].panels * kPanelWidth) * sizeof(float));
     scratch.partial[n].ensure(tokens * hidden_stride_ * sizeof(float));
-    hidden_q.emplace_back(slices_[n].length, shape_.group_size);
+    hidden_q.emplace_back(shape_.format, slices_[n].length, shape_.group_size);
     if (integer_rows) scratch.hidden_q[n].ensure(std::max<std::size_t>(1, hidden_q[n].bytes(slots)));
     groups_done_offset[n] = groups_done_count;
     if (integer_rows) groups_done_count += static_cast<std::size_t>(scratch.active_experts.size()) * hidden_q[n].groups();
@@ -549,7 +578,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
         for (int i = 0; i < count; ++i) {
           const std::size_t token = scratch.slot_token[chunk + i];
           rows[i] = integer_rows ? input_q.row(input_rows + token * hidden, scratch.input_q.data(), token)
-                                 : kernels::ActivationRow{input_rows + token * hidden, nullptr, nullptr, nullptr};
+                                 : kernels::ActivationRow{input_rows + token * hidden, nullptr, nullptr, nullptr, nullptr, nullptr};
           gate_rows[i] = gate_tile + i * kPanelWidth;
           up_rows[i] = up_tile + i * kPanelWidth;
         }
@@ -619,7 +648,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
             const std::size_t slot = chunk + i;
             rows[i] = integer_rows
                           ? hidden_q[node].row(hidden_in + slot * hidden_row, scratch.hidden_q[node].data(), slot)
-                          : kernels::ActivationRow{hidden_in + slot * hidden_row, nullptr, nullptr, nullptr};
+                          : kernels::ActivationRow{hidden_in + slot * hidden_row, nullptr, nullptr, nullptr, nullptr, nullptr};
             out_rows[i] = partial + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden_stride_ +
                           panel_index * kPanelWidth;
             partner_out_rows[i] = out_rows[i] + half * kPanelWidth;

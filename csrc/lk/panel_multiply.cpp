@@ -18,10 +18,15 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
     const int rows = std::min(block, depth - first);
     kernel.widen(panel, depth, group, first, rows, widened);
     const int first_group = is_grouped(format) ? first / group : 0;
+    const int first_span = is_grouped(format) ? span_index(group, first_group, 0) : 0;
     for (int i = 0; i < count; ++i) {
       const ActivationRow& a = a_rows[i];
-      block_rows[i] = {a.values + first, a.q ? a.q + first : nullptr, a.scale ? a.scale + first_group : nullptr,
-                       a.sum ? a.sum + first_group : nullptr};
+      block_rows[i] = {a.values + first,
+                       a.q ? a.q + first : nullptr,
+                       a.scale ? a.scale + first_group : nullptr,
+                       a.sum ? a.sum + first_group : nullptr,
+                       a.quads ? a.quads + first : nullptr,
+                       a.span_sums ? a.span_sums + first_span : nullptr};
     }
     kernel.widened_gemm(block_rows, count, widened, rows, group, c_rows, accumulate || first > 0);
   }

@@ -20,19 +20,35 @@ SUPPORTED_ISAS = ISA_ORDER[: ISA_ORDER.index(_lk.best_isa()) + 1]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1.702, limit=7.0):
-    """out[t] = sum_j w[t, j] * down_e(act(gate_e x_t) * up_e x_t), in float64."""
+def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1.702, limit=7.0,
+                  round_activations=None, exact13=None, exact2=None):
+    """out[t] = sum_j w[t, j] * down_e(act(gate_e x_t) * up_e x_t), in float64.
+
+    For an engine that quantizes activations: round_activations(rows) -> (rows, doubt)
+    rounds the inputs of gate/up and of down as it does, except that exact13 / exact2 (parts
+    of w13 / w2, as w13 / w2 are) multiply the unrounded inputs. doubt is the step by which
+    an engine computing in fp32 may round an input otherwise (0 where it cannot); the
+    reference then returns (out, slack): how far out may move by such steps in down."""
     w13, w2, x = w13.double(), w2.double(), x.double()
     weights = topk_weights.double()
     intermediate = w2.shape[2]
+
+    def project(rows, w, exact):
+        if round_activations is None:
+            return rows @ w.T, None
+        rounded, doubt = round_activations(rows)
+        rounding = w if exact is None else w - exact.double()
+        out = rounded @ rounding.T + (0 if exact is None else rows @ exact.double().T)
+        return out, doubt @ rounding.abs().T
+
     out = torch.zeros_like(x)
+    slack = torch.zeros_like(x)
     for expert in range(w13.shape[0]):
         token_idx, slot_idx = (topk_ids.long() == expert).nonzero(as_tuple=True)
         if token_idx.numel() == 0:
             continue
-        rows = x[token_idx]
-        gate = rows @ w13[expert, :intermediate].T
-        up = rows @ w13[expert, intermediate:].T
+        gate_up, _ = project(x[token_idx], w13[expert], None if exact13 is None else exact13[expert])
+        gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
         if activation == "silu":
             hidden = F.silu(gate) * up
         elif activation == "gelu":
@@ -41,8 +57,12 @@ def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1
             gate = gate.clamp(max=limit)
             up = up.clamp(-limit, limit)
             hidden = gate * torch.sigmoid(alpha * gate) * (up + 1)
-        out.index_add_(0, token_idx, (hidden @ w2[expert].T) * weights[token_idx, slot_idx, None])
-    return out
+        down, down_slack = project(hidden, w2[expert], None if exact2 is None else exact2[expert])
+        routing = weights[token_idx, slot_idx, None]
+        out.index_add_(0, token_idx, down * routing)
+        if down_slack is not None:
+            slack.index_add_(0, token_idx, down_slack * routing.abs())
+    return out if round_activations is None else (out, slack)
 
 
 def random_experts(experts, hidden, intermediate, dtype, seed):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lvllm import _lk
 from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime, quant
@@ -24,6 +25,15 @@ TIGHT = 2e-5
 # that magnitude. Worst seen over these tests: 9e-5 (both formats); the bound leaves about
 # 2x. It is 40x below what INT8 weights themselves cost (LOOSE).
 TIGHT_INTEGER = 2e-4
+# INT4 rounds activations to 8 bits per group (kernels.h, activation_max) and multiplies
+# each weight's offset from its group's midpoint (q - 8 steps) by them, the midpoint by the
+# group's exact fp32 sum. Against a float64 reference that does the same, what is left is
+# fp32 arithmetic, as for the float formats (worst seen over these tests: 6e-7), plus the
+# hidden activations that the engine's fp32 may round one step from where float64 does:
+# those within DOUBT_STEPS of a tie, each allowed its step (without it, seen: 5e-3). INT4
+# inputs are drawn on the 8-bit grid, so their rounding is never in doubt.
+TIGHT_INT4 = TIGHT
+DOUBT_STEPS = 1e-3
 # Output error caused by quantizing all three matrices (||out - original|| / ||original||),
 # worst seen with random Gaussian weights of these shapes over groups 32-128: INT8 0.02,
 # INT4 0.20 (gate, up and down errors compound). Bounds leave about 2x margin.
@@ -34,8 +44,34 @@ def reference_int8(w: torch.Tensor, group: int) -> torch.Tensor:
     return quant.dequantize(quant.quantize(w, "int8", group))
 
 
-def reference_int4(w: torch.Tensor, group: int) -> torch.Tensor:
-    return quant.dequantize(quant.quantize(w, "int4", group))
+def reference_int4(w: torch.Tensor, group: int) -> QuantizedWeights:
+    return quant.quantize(w, "int4", group)
+
+
+def activations_as_rounded(group: int):
+    """The engine's 8-bit activation rounding: per row, groups of `group` inputs scaled so
+    the largest magnitude is 127 steps, rounded half to even. -> (rounded, doubt)."""
+
+    def rounded(rows: torch.Tensor):
+        length = rows.shape[-1]
+        padded = F.pad(rows, (0, (-length) % group)).unflatten(-1, (-1, group))
+        step = padded.abs().amax(-1, keepdim=True) / 127
+        scaled = padded / torch.where(step > 0, step, 1)
+        tie = ((scaled - scaled.floor()) - 0.5).abs() < DOUBT_STEPS
+        doubt = torch.where(tie, step, 0)
+        return (torch.round(scaled) * step).flatten(-2)[..., :length], doubt.flatten(-2)[..., :length]
+
+    return rounded
+
+
+def group_midpoints(weights: QuantizedWeights) -> torch.Tensor:
+    """Per weight, the value of q = 8 in its group: the part the engine multiplies by the
+    activations' exact sums."""
+    cols = weights.values.shape[2]
+    mid = 8 * weights.scales.double()
+    if weights.offsets is not None:
+        mid = mid + weights.offsets.double()
+    return mid.repeat_interleave(weights.group_size, -1)[..., :cols]
 
 
 def random_int4(experts, rows, cols, group, seed):
@@ -60,16 +96,33 @@ def random_fp8(experts, rows, cols, group, seed):
     return weights, quant.dequantize(weights)
 
 
+def assert_tight(engine, out, w13_ref, w2_ref, x, ids, weights):
+    """out against the float64 reference from the engine's own weights: dequantized
+    tensors, or INT4's QuantizedWeights, whose activation rounding it then follows."""
+    if isinstance(w13_ref, QuantizedWeights):
+        assert engine.weight_format == "int4"
+        ref, slack = reference_moe(quant.dequantize(w13_ref), quant.dequantize(w2_ref), x, ids, weights,
+                                   round_activations=activations_as_rounded(engine.group_size),
+                                   exact13=group_midpoints(w13_ref), exact2=group_midpoints(w2_ref))
+        bound = TIGHT_INT4 * ref.abs().max().item() + slack
+    else:
+        ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
+        bound = (TIGHT_INTEGER if engine.weight_format == "int8" else TIGHT) * ref.abs().max().item()
+    assert ((out.double() - ref).abs() <= bound).all()
+
+
+def random_inputs(engine, tokens):
+    """Random inputs; on INT4's 8-bit grid for INT4 engines (see TIGHT_INT4)."""
+    x = torch.randn(tokens, engine.hidden_size)
+    return activations_as_rounded(engine.group_size)(x)[0].float().contiguous() if engine.weight_format == "int4" else x
+
+
 def run_and_compare(engine, w13_ref, w2_ref, tokens, seed, originals=None, loose=None):
-    experts, hidden = engine.num_experts, engine.hidden_size
-    x = torch.randn(tokens, hidden)
-    ids, weights = random_routing(tokens, experts, min(4, experts), seed=seed)
+    x = random_inputs(engine, tokens)
+    ids, weights = random_routing(tokens, engine.num_experts, min(4, engine.num_experts), seed=seed)
     out = engine.forward(x, ids, weights).double()
     assert not torch.isnan(out).any()
-    ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
-    scale = ref.abs().max().item()
-    tight = TIGHT_INTEGER if engine.weight_format in ("int8", "int4") else TIGHT
-    assert (out - ref).abs().max().item() <= tight * scale
+    assert_tight(engine, out, w13_ref, w2_ref, x, ids, weights)
     if originals is not None:
         original = reference_moe(*originals, x, ids, weights)
         assert (out - original).norm().item() <= loose * original.norm().item()
@@ -140,42 +193,49 @@ def test_integer_results_do_not_depend_on_the_batch(runtimes, isa, weight_format
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
 @pytest.mark.parametrize("group", [96, 1040])
 def test_prefill_widening_over_deep_panels(runtimes, isa, weight_format, group):
-    """Prefill widens a panel block by block (whole groups of up to 16 KiB of widened
-    values: 1024 inputs of INT4 widened on AVX2); a panel 2200 deep with group 96 spans
-    three blocks, the last one partial, ending in a partial group and a partial block of
-    rows. A group of 1040 fits no block, so that panel is multiplied unwidened. Either way
+    """Prefill widens a panel block by block where the kernels widen (the generic ones:
+    whole groups of up to 16 KiB of 16-bit pairs, 512 inputs); a panel 2200 deep with
+    group 96 spans five blocks, the last one partial, ending in a partial group and a
+    partial block of rows. A group of 1040 fits no block, so that panel is multiplied unwidened. Either way
     a prefill's rows give the bits each row gives alone, and the float64 reference."""
     experts, hidden, intermediate, tokens = 2, 2200, 48, 40
     w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=group)
     engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes(isa=isa))
     quantize = reference_int8 if weight_format == "int8" else reference_int4
-    x = torch.randn(tokens, hidden)
+    x = random_inputs(engine, tokens)
     ids, weights = random_routing(tokens, experts, 2, seed=group)
     batch = engine.forward(x, ids, weights)
     for row in (0, 17, 39):
         assert torch.equal(engine.forward(x[row:row + 1], ids[row:row + 1], weights[row:row + 1]), batch[row:row + 1])
-    ref = reference_moe(quantize(w13, group), quantize(w2, group), x, ids, weights)
-    assert (batch.double() - ref).abs().max().item() <= TIGHT_INTEGER * ref.abs().max().item()
+    assert_tight(engine, batch, quantize(w13, group), quantize(w2, group), x, ids, weights)
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
-def test_integer_sums_at_their_largest(runtimes, isa):
-    # Every weight -128 (a checkpoint may hold it) and every activation of one sign: the
+@pytest.mark.parametrize("weight_format, value", [("int8", -128), ("int4", 0), ("int4", 15)])
+def test_integer_sums_at_their_largest(runtimes, isa, weight_format, value):
+    # Every weight at an end of its range (INT8 -128, as a checkpoint may hold; INT4 0 and
+    # 15, which AVX2 multiplies as unsigned bytes) and every activation of one sign: the
     # integer dot products reach their largest magnitude over a 1024-input group.
     experts, hidden, intermediate, group = 2, 1024, 1024, 1024
 
     def extreme(rows, cols):
-        values = torch.full((experts, rows, cols), -128, dtype=torch.int8)
-        return QuantizedWeights(values, torch.full((experts, rows, 1), 1e-5), group)
+        if weight_format == "int8":
+            values = torch.full((experts, rows, cols), value, dtype=torch.int8)
+            return QuantizedWeights(values, torch.full((experts, rows, 1), 1e-5), group)
+        values = torch.full((experts, rows, cols), value, dtype=torch.uint8)
+        scales = torch.full((experts, rows, 1), 1e-4)
+        return QuantizedWeights(values, scales, group, -8 * scales)
 
     w13, w2 = extreme(2 * intermediate, hidden), extreme(hidden, intermediate)
     engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))
+    assert engine.weight_format == weight_format
     x = torch.rand(2, hidden) + 1
+    if weight_format == "int4":
+        x = activations_as_rounded(group)(x)[0].float()
     ids = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
     weights = torch.full((2, 2), 0.5)
-    out = engine.forward(x, ids, weights).double()
-    ref = reference_moe(quant.dequantize(w13), quant.dequantize(w2), x, ids, weights)
-    assert (out - ref).abs().max().item() <= TIGHT_INTEGER * ref.abs().max().item()
+    assert_tight(engine, engine.forward(x, ids, weights), *((w13, w2) if weight_format == "int4" else
+                 (quant.dequantize(w13), quant.dequantize(w2))), x, ids, weights)
 
 
 @pytest.mark.parametrize("numa_nodes", [2, 3])
@@ -240,7 +300,7 @@ def test_int4_checkpoint_kept(runtimes, isa, group, tokens):
     w2, w2_ref = random_int4(experts, hidden, intermediate, group, seed=7)
     engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa, numa_nodes=2))
     assert engine.weight_format == "int4" and engine.group_size == group
-    run_and_compare(engine, w13_ref, w2_ref, tokens, seed=tokens)
+    run_and_compare(engine, w13, w2, tokens, seed=tokens)
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
@@ -304,7 +364,7 @@ def test_compressed_tensors_int4_checkpoint(runtimes):
     w2, w2_float, _ = checkpoint(hidden, intermediate)
     assert torch.allclose(quant.dequantize(w13), w13_float, rtol=1e-2)  # scales went through bf16
     engine = MoEEngine(w13, w2, runtime=runtimes())
-    run_and_compare(engine, quant.dequantize(w13), quant.dequantize(w2), 7, seed=13)
+    run_and_compare(engine, w13, w2, 7, seed=13)
 
 
 @pytest.mark.parametrize("zero_points", [True, False])
@@ -331,7 +391,7 @@ def test_awq_int4_checkpoint(runtimes, zero_points):
     w2, w2_float = checkpoint(intermediate, hidden)
     assert torch.allclose(quant.dequantize(w13), w13_float, rtol=2e-3, atol=1e-6)
     engine = MoEEngine(w13, w2, runtime=runtimes())
-    run_and_compare(engine, quant.dequantize(w13), quant.dequantize(w2), 5, seed=14)
+    run_and_compare(engine, w13, w2, 5, seed=14)
 
 
 def test_fp8_subnormals_survive_a_creator_thread_that_flushes_denormals():

@@ -81,27 +81,34 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   const std::vector<uint8_t> first = random_panel(format, depth, rng);
   const std::vector<uint8_t> second = random_panel(format, depth, rng);
 
-  // Activation rows: fp32 values and their int16 form per group, zero past `depth` up to a
-  // multiple of 4 as the engine prepares them.
+  // Activation rows: fp32 values and their integer form per group (and, for 8-bit formats,
+  // as bytes in quad order with their sums per span), zero past `depth` up to a multiple of
+  // 4 as the engine prepares them.
   const int padded = (depth + 3) / 4 * 4;
   const int groups = (depth + kGroup - 1) / kGroup;
+  const int spans = groups * kernels::spans_per_group(kGroup);
+  const int largest = kernels::activation_max(format);
   std::vector<float> values(static_cast<std::size_t>(rows) * padded, 0.0f);
   std::vector<int16_t> quantized(static_cast<std::size_t>(rows) * padded, 0);
-  std::vector<float> group_scales(static_cast<std::size_t>(rows) * groups, 1.0f / 4096);
+  std::vector<int8_t> quads(static_cast<std::size_t>(rows) * padded, 0);
+  std::vector<float> group_scales(static_cast<std::size_t>(rows) * groups, 1.0f / static_cast<float>(largest));
   std::vector<float> group_sums(static_cast<std::size_t>(rows) * groups, 0.0f);
+  std::vector<int32_t> span_sums(static_cast<std::size_t>(rows) * spans, 0);
   std::uniform_real_distribution<float> activation(-1.0f, 1.0f);
   std::vector<kernels::ActivationRow> a(rows);
   std::vector<float> out(static_cast<std::size_t>(rows) * 2 * kPanelWidth);
   std::vector<float*> c_first(rows), c_second(rows);
   std::vector<uint8_t> widened(kernels::kWidenedPanelBytes);
   for (int r = 0; r < rows; ++r) {
+    const std::size_t row = static_cast<std::size_t>(r) * padded;
     for (int k = 0; k < depth; ++k) {
       const float v = activation(rng);
-      values[static_cast<std::size_t>(r) * padded + k] = v;
-      quantized[static_cast<std::size_t>(r) * padded + k] = static_cast<int16_t>(v * 4096);
+      values[row + k] = v;
+      quantized[row + k] = static_cast<int16_t>(v * static_cast<float>(largest));
+      quads[row + (k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(quantized[row + k]);
     }
-    a[r] = {&values[static_cast<std::size_t>(r) * padded], &quantized[static_cast<std::size_t>(r) * padded],
-            &group_scales[static_cast<std::size_t>(r) * groups], &group_sums[static_cast<std::size_t>(r) * groups]};
+    a[r] = {&values[row], &quantized[row], &group_scales[static_cast<std::size_t>(r) * groups],
+            &group_sums[static_cast<std::size_t>(r) * groups], &quads[row], &span_sums[static_cast<std::size_t>(r) * spans]};
     c_first[r] = &out[static_cast<std::size_t>(r) * 2 * kPanelWidth];
     c_second[r] = c_first[r] + kPanelWidth;
   }

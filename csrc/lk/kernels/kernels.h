@@ -13,17 +13,35 @@ namespace lk::kernels {
 // One activation row as the kernels read it. `values` (fp32) serves every kernel. Formats
 // whose decode multiplies in integers (FormatKernels::integer_rows) read instead the row
 // quantized per weight group, prepared once per forward: q[k] * scale[k / group]
-// approximates values[k] (int16, |q| <= kActivationMax, zero up to a multiple of 4 inputs),
-// and sum[k / group] is the group's exact fp32 sum, which INT4 offsets multiply.
+// approximates values[k] (int16, |q| <= activation_max(format), zero up to a multiple of 4
+// inputs), and sum[k / group] is the group's exact fp32 sum, which INT4 offsets multiply.
+// Formats quantized to 8 bits (INT4) also carry q as bytes, each four inputs from a
+// multiple of 4 on in the order an INT4 lane holds them (formats.h, kInt4QuadOrder), and
+// the sum of q over each span of inputs whose integer products a kernel sums before
+// moving them to fp32 (span_index), for kernels that multiply bytes.
 struct ActivationRow {
   const float* values;
   const int16_t* q;
   const float* scale;
   const float* sum;
+  const int8_t* quads;
+  const int32_t* span_sums;
 };
-// 16 bits keep the quantization error of an activation below 2^-16 of its group's largest
-// magnitude, far below that of any quantized weight format.
-constexpr int kActivationMax = 32767;
+// INT8: 16 bits keep the quantization error of an activation below 2^-16 of its group's
+// largest magnitude, far below that of the weights. INT4: 8 bits (2^-8), still far below
+// INT4's own error, let AVX2 multiply bytes (vpmaddubsw: 32 products per instruction where
+// vpmaddwd takes 16), which INT4 decode at 2 and more rows per expert is bound by. Every
+// ISA quantizes a format's activations alike, so all multiply the same integers.
+constexpr int activation_max(WeightFormat format) { return format == WeightFormat::Int4 ? 127 : 32767; }
+
+// Integer products are summed over at most this many inputs of one group before the sums
+// move to fp32 (128 products of int8 weights and int16 activations per 32-bit lane stay
+// below 2^31). Span s of group g covers inputs from g * group + s * kIntegerSpan.
+constexpr int kIntegerSpan = 256;
+static inline int spans_per_group(int group) { return (group + kIntegerSpan - 1) / kIntegerSpan; }
+static inline int span_index(int group, int group_index, int offset_in_group) {
+  return group_index * spans_per_group(group) + offset_in_group / kIntegerSpan;
+}
 
 // For r < rows and j < kPanelWidth:
 //   c_rows[r][j] (+)= sum_{k < depth} a_rows[r][k] * weight(panel)[k][j]

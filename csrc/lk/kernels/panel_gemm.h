@@ -19,6 +19,12 @@
 // rows, each column's two weights in the low and high 16 bits of one 32-bit lane:
 //   static void pairs(const uint8_t* block, IVec (&w)[rows_per_block / 2][kPanelWidth / Simd::kLanes]);
 // w[p][v] holds rows 2p and 2p + 1 of the block for columns v * kLanes onwards.
+// An 8-bit-activation format's Decode (INT4) may instead multiply bytes: it turns a block
+// into unsigned bytes, each 32-bit lane one column's four rows in kInt4QuadOrder, each
+// value plus a bias that makes it unsigned (static constexpr int kQuadBias), which the
+// kernels take off with the activations' span sums:
+//   static void quads(const uint8_t* block, IVec (&w)[kPanelWidth / Simd::kLanes]);
+// Simd then supplies broadcast_quad, dot4_add, iset1 and isub.
 //
 // Prefill may widen a panel block by block into a layout that costs less per pass (kernels.h,
 // PanelWiden) and multiply that with the kernels of a second Decode, the widened one. A
@@ -62,6 +68,7 @@ struct PanelKernels {
   static constexpr WeightFormat kFormat = Decode::kFormat;
   static constexpr bool kGrouped = is_grouped(kFormat);
   static constexpr bool kInteger = kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4;
+  static constexpr bool kQuads = requires { Decode::kQuadBias; };
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   // Rows of one pass of gemm over a panel (its register tile).
   static constexpr int kMainRows = kInteger ? Simd::kIntegerMainRows : Simd::kMainRows;
@@ -81,9 +88,6 @@ struct PanelKernels {
     if constexpr (requires { Simd::kPrefetchBytes; }) return Simd::kPrefetchBytes;
     return 2048;
   }();
-  // Integer sums are moved to fp32 at least this often: 128 products of int8 weights and
-  // int16 activations per 32-bit lane stay below 2^31.
-  static constexpr int kFlushInputs = 256;
 
   static constexpr float value_scale() {
     if constexpr (requires { Decode::kValueScale; }) {
@@ -265,15 +269,26 @@ struct PanelKernels {
   template <int Rows>
   static inline void integer_block(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a,
                                    const uint8_t* block, int k) {
-    typename Simd::IVec w[kBlockRows / 2][kVecs];
-    Decode::pairs(block, w);
-#pragma GCC unroll 4
-    for (int p = 0; p < kBlockRows / 2; ++p) {
+    if constexpr (kQuads) {
+      typename Simd::IVec w[kVecs];
+      Decode::quads(block, w);
 #pragma GCC unroll 16
       for (int r = 0; r < Rows; ++r) {
-        const typename Simd::IVec x = Simd::broadcast_pair(a[r].q + k + 2 * p);
+        const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k);
 #pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::dot_add(acc[r][v], w[p][v], x);
+        for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::dot4_add(acc[r][v], w[v], x);
+      }
+    } else {
+      typename Simd::IVec w[kBlockRows / 2][kVecs];
+      Decode::pairs(block, w);
+#pragma GCC unroll 4
+      for (int p = 0; p < kBlockRows / 2; ++p) {
+#pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r) {
+          const typename Simd::IVec x = Simd::broadcast_pair(a[r].q + k + 2 * p);
+#pragma GCC unroll 16
+          for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::dot_add(acc[r][v], w[p][v], x);
+        }
       }
     }
   }
@@ -298,8 +313,8 @@ struct PanelKernels {
       // Loaded only once the group's products are summed, by when its line has arrived.
       Group g[Panels]{};
       const int end = padded_end - first < group_size ? padded_end : first + group_size;
-      for (int start = first; start < end; start += kFlushInputs) {
-        const int stop = end - start < kFlushInputs ? end : start + kFlushInputs;
+      for (int start = first; start < end; start += kIntegerSpan) {
+        const int stop = end - start < kIntegerSpan ? end : start + kIntegerSpan;
         IVec acc[Panels][Rows][kVecs];
 #pragma GCC unroll 2
         for (int p = 0; p < Panels; ++p)
@@ -331,6 +346,11 @@ struct PanelKernels {
 #pragma GCC unroll 16
           for (int r = 0; r < Rows; ++r) {
             const Vec row_scale = Simd::set1(a[r].scale[index]);
+            if constexpr (kQuads) {
+              const int bias = Decode::kQuadBias * a[r].span_sums[span_index(group_size, index, start - first)];
+#pragma GCC unroll 16
+              for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::isub(acc[p][r][v], Simd::iset1(bias));
+            }
 #pragma GCC unroll 16
             for (int v = 0; v < kVecs; ++v) {
               sums[r][v] = Simd::to_float(acc[p][r][v]);
@@ -392,18 +412,15 @@ struct PanelKernels {
   }
 
   // Rows gemm_pair takes: as many as leave both panels' accumulators, both panels' decoded
-  // weights, a broadcast activation per row and one constant in registers. One more row
-  // spills an accumulator, whose chain then runs through memory: 3 float rows took twice
-  // as long per weight as 2 (measured). A Decode whose pair measured faster at more rows
-  // than that count gives its own (static constexpr int kPairRows).
+  // weights (pairs of rows per block for integers, a block's quads per panel when bytes
+  // are multiplied), a broadcast activation per row and one constant in registers. One
+  // more row spills an accumulator, whose chain then runs through memory: 3 float rows
+  // took twice as long per weight as 2 (measured).
   static constexpr int pair_rows() {
-    if constexpr (requires { Decode::kPairRows; }) {
-      static_assert(Simd::kPairPanels && Decode::kPairRows <= kMainRows, "a pair takes at most one pass of rows");
-      return Decode::kPairRows;
-    } else if constexpr (!Simd::kPairPanels) {
+    if constexpr (!Simd::kPairPanels) {
       return 0;
     } else {
-      constexpr int decoded = 2 * (kInteger ? kBlockRows / 2 : 1) * kVecs;
+      constexpr int decoded = 2 * (kInteger && !kQuads ? kBlockRows / 2 : 1) * kVecs;
       constexpr int rows = (Simd::kRegisters - 1 - decoded) / (2 * kVecs + 1);
       return rows < kMainRows ? rows : kMainRows;
     }
