@@ -52,17 +52,18 @@ struct Avx2Simd {
   static Vec to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
   static IVec iset1(int value) { return _mm256_set1_epi32(value); }
   static IVec isub(IVec a, IVec b) { return _mm256_sub_epi32(a, b); }
-  // Four activation bytes, and each lane's four unsigned weight bytes times them, summed:
-  // vpmaddubsw sums pairs in 16 bits (saturating, but 4-bit weights and 8-bit activations
-  // reach 2 * 15 * 127 at most), vpmaddwd by ones adds the pairs.
+  // Four activation bytes; each lane's four unsigned weight bytes times them, summed in
+  // pairs to 16 bits by vpmaddubsw (saturating, but 4-bit weights and 8-bit activations
+  // reach 2 * 15 * 127 at most); and such 16-bit sums added into 32-bit lanes (vpmaddwd
+  // by ones adds each pair).
   static IVec broadcast_quad(const int8_t* p) {
     int quad;
     std::memcpy(&quad, p, sizeof quad);
     return _mm256_set1_epi32(quad);
   }
-  static IVec dot4_add(IVec acc, IVec w, IVec x) {
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
-  }
+  static IVec quad_products(IVec w, IVec x) { return _mm256_maddubs_epi16(w, x); }
+  static IVec add_quad_products(IVec t, IVec w, IVec x) { return _mm256_add_epi16(t, _mm256_maddubs_epi16(w, x)); }
+  static IVec widen_add(IVec acc, IVec t) { return _mm256_add_epi32(acc, _mm256_madd_epi16(t, _mm256_set1_epi16(1))); }
 };
 
 // An INT8 block, a pair of rows stored column by column (formats.h): sign-extending its
