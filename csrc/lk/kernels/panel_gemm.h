@@ -318,7 +318,7 @@ struct PanelKernels {
   }
 
   // INT8 / INT4: exact integer dot products of the stored values with the quantized
-  // activations, moved to fp32 once per group (or kFlushInputs) with both scales; INT4's
+  // activations, moved to fp32 once per group (or kIntegerSpan) with both scales; INT4's
   // offsets add offset * (sum of the group's activations) once per group.
   template <int Rows, int Panels>
   static void integer_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
