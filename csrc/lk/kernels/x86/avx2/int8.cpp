@@ -2,9 +2,14 @@
 
 namespace lk::kernels {
 namespace {
+// An INT8 block, a pair of rows stored column by column (formats.h): sign-extending its
+// bytes to 16 bits gives each column's two weights in one 32-bit lane.
 struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
-  static void pairs(const uint8_t* block, __m256i (&w)[1][2]) { int8_pairs(block, w); }
+  static void pairs(const uint8_t* block, __m256i (&w)[1][2]) {
+    w[0][0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+    w[0][1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)));
+  }
 };
 }  // namespace
 

@@ -66,13 +66,6 @@ struct Avx2Simd {
   static IVec widen_add(IVec acc, IVec t) { return _mm256_add_epi32(acc, _mm256_madd_epi16(t, _mm256_set1_epi16(1))); }
 };
 
-// An INT8 block, a pair of rows stored column by column (formats.h): sign-extending its
-// bytes to 16 bits gives each column's two weights in one 32-bit lane.
-inline void int8_pairs(const uint8_t* block, __m256i (&w)[1][2]) {
-  w[0][0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
-  w[0][1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16)));
-}
-
 // Decodes that split a row's 16 columns by parity, w[0] holding columns 0, 2, ..., 14 and
 // w[1] columns 1, 3, ..., 15 (where one 32-bit lane holds two of the row's weights), use
 // this as their to_column_order (panel_gemm.h).
