@@ -214,8 +214,9 @@ def test_prefill_widening_over_deep_panels(runtimes, isa, weight_format, group):
 @pytest.mark.parametrize("weight_format, value", [("int8", -128), ("int4", 0), ("int4", 15)])
 def test_integer_sums_at_their_largest(runtimes, isa, weight_format, value):
     # Every weight at an end of its range (INT8 -128, as a checkpoint may hold; INT4 0 and
-    # 15, which AVX2 multiplies as unsigned bytes) and every activation of one sign: the
-    # integer dot products reach their largest magnitude over a 1024-input group.
+    # 15, which AVX2 multiplies as unsigned bytes) and every activation of one sign and
+    # near its largest (INT4's round to 126 or 127): the integer dot products, and AVX2
+    # INT4's 16-bit partial sums, reach their largest magnitude over a 1024-input group.
     experts, hidden, intermediate, group = 2, 1024, 1024, 1024
 
     def extreme(rows, cols):
@@ -229,7 +230,7 @@ def test_integer_sums_at_their_largest(runtimes, isa, weight_format, value):
     w13, w2 = extreme(2 * intermediate, hidden), extreme(hidden, intermediate)
     engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))
     assert engine.weight_format == weight_format
-    x = torch.rand(2, hidden) + 1
+    x = 2 - torch.rand(2, hidden) / 256
     if weight_format == "int4":
         x = activations_as_rounded(group)(x)[0].float()
     ids = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)

@@ -266,19 +266,52 @@ struct PanelKernels {
     }
   }
 
+  // Blocks of quads from rows k onwards (`block` holds them) whose 16-bit products are
+  // added before one widening to 32 bits: a vpmaddwd and a vpaddd per row and vector per
+  // run instead of per block.
+  template <int Rows, int Blocks>
+  static inline void quad_run(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* block,
+                              int k) {
+    typename Simd::IVec w[kVecs], t[Rows][kVecs];
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < kVecs; ++v) t[r][v] = Simd::izero();
+#pragma GCC unroll 2
+    for (int b = 0; b < Blocks; ++b) {
+      Decode::quads(block + b * kBlockBytes, w);
+#pragma GCC unroll 16
+      for (int r = 0; r < Rows; ++r) {
+        const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k + b * kBlockRows);
+#pragma GCC unroll 16
+        for (int v = 0; v < kVecs; ++v) t[r][v] = Simd::add_quad_products(t[r][v], w[v], x);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::widen_add(acc[r][v], t[r][v]);
+  }
+
+  // The longest run whose 16-bit sums cannot saturate: each block adds to a lane two
+  // products of an unsigned weight (below twice the bias) and an activation. 8 blocks
+  // for INT4: one widening per 32 inputs instead of per 8 was 3-8% faster in cache from
+  // 2 to 64 rows, level at 1 (Zen 3). Fully unrolled, the run spilled at 3 rows and was
+  // slower: the block loop unrolls by 2.
+  static constexpr int kQuadRunBlocks = [] {
+    if constexpr (kQuads) {
+      return 32767 / (2 * (2 * Decode::kQuadBias - 1) * activation_max(kFormat));
+    } else {
+      return 1;
+    }
+  }();
+
   // `block` holds rows k onwards.
   template <int Rows>
   static inline void integer_block(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a,
                                    const uint8_t* block, int k) {
     if constexpr (kQuads) {
-      typename Simd::IVec w[kVecs];
-      Decode::quads(block, w);
-#pragma GCC unroll 16
-      for (int r = 0; r < Rows; ++r) {
-        const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k);
-#pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::widen_add(acc[r][v], Simd::quad_products(w[v], x));
-      }
+      quad_run<Rows, 1>(acc, a, block, k);
     } else {
       typename Simd::IVec w[kBlockRows / 2][kVecs];
       Decode::pairs(block, w);
@@ -294,29 +327,6 @@ struct PanelKernels {
     }
   }
 
-  // Two blocks of quads: their 16-bit products are added before one widening to 32 bits
-  // (2 * 2 * 15 * 127 at most, no saturation), which saves a vpmaddwd and a vpaddd per
-  // row and vector every two blocks: in cache 3-9% faster from 1 to 64 rows.
-  template <int Rows>
-  static inline void quad_step(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a,
-                               const uint8_t* block, int k) {
-    typename Simd::IVec w[kVecs], t[Rows][kVecs];
-    Decode::quads(block, w);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k);
-#pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) t[r][v] = Simd::quad_products(w[v], x);
-    }
-    Decode::quads(block + kBlockBytes, w);
-#pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r) {
-      const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k + kBlockRows);
-#pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::widen_add(acc[r][v], Simd::add_quad_products(t[r][v], w[v], x));
-    }
-  }
-
   // INT8 / INT4: exact integer dot products of the stored values with the quantized
   // activations, moved to fp32 once per group (or kIntegerSpan) with both scales; INT4's
   // offsets add offset * (sum of the group's activations) once per group.
@@ -324,8 +334,8 @@ struct PanelKernels {
   static void integer_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
                            float* const* const* c, bool accumulate) {
     using IVec = typename Simd::IVec;
-    // A step covers one 64-byte line: one prefetch per step.
-    constexpr int kStepBlocks = kBlockBytes >= 64 ? 1 : 64 / kBlockBytes;
+    // A step covers one 64-byte line, or a run of quads.
+    constexpr int kStepBlocks = kQuads ? kQuadRunBlocks : (kBlockBytes >= 64 ? 1 : 64 / kBlockBytes);
     constexpr int kStep = kStepBlocks * kBlockRows;
     for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
     const int ahead = groups_ahead(group_size);
@@ -350,12 +360,12 @@ struct PanelKernels {
         for (; k + kStep <= stop; k += kStep, block += kStepBlocks * kBlockBytes) {
 #pragma GCC unroll 2
           for (int p = 0; p < Panels; ++p) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int line = 0; line < kStepBlocks * kBlockBytes; line += 64) {
               fetch(panels[p] + block + kPrefetchBytes + line);
             }
-            if constexpr (kQuads && kStepBlocks == 2) {
-              quad_step<Rows>(acc[p], a, panels[p] + block, k);
+            if constexpr (kQuads) {
+              quad_run<Rows, kStepBlocks>(acc[p], a, panels[p] + block, k);
             } else {
 #pragma GCC unroll 2
               for (int b = 0; b < kStepBlocks; ++b) {
