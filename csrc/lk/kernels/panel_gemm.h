@@ -273,12 +273,15 @@ struct PanelKernels {
   static inline void quad_run(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* block,
                               int k) {
     typename Simd::IVec w[kVecs], t[Rows][kVecs];
+    Decode::quads(block, w);
 #pragma GCC unroll 16
-    for (int r = 0; r < Rows; ++r)
+    for (int r = 0; r < Rows; ++r) {
+      const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k);
 #pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) t[r][v] = Simd::izero();
+      for (int v = 0; v < kVecs; ++v) t[r][v] = Simd::quad_products(w[v], x);
+    }
 #pragma GCC unroll 2
-    for (int b = 0; b < Blocks; ++b) {
+    for (int b = 1; b < Blocks; ++b) {
       Decode::quads(block + b * kBlockBytes, w);
 #pragma GCC unroll 16
       for (int r = 0; r < Rows; ++r) {
@@ -294,10 +297,10 @@ struct PanelKernels {
   }
 
   // The longest run whose 16-bit sums cannot saturate: each block adds to a lane two
-  // products of an unsigned weight (below twice the bias) and an activation. 8 blocks
-  // for INT4: one widening per 32 inputs instead of per 8 was 3-8% faster in cache from
-  // 2 to 64 rows, level at 1 (Zen 3). Fully unrolled, the run spilled at 3 rows and was
-  // slower: the block loop unrolls by 2.
+  // products of an unsigned weight (below twice the bias) and an activation: 8 blocks for
+  // INT4. Against runs of 2, 1-3% faster in cache from 2 to 64 rows and level at 1 (Zen 3,
+  // the two builds alternated by bench_kernels.py --against). Fully unrolled, a run of 8
+  // spilled at 3 rows and was slower: the block loop unrolls by 2.
   static constexpr int kQuadRunBlocks = [] {
     if constexpr (kQuads) {
       return 32767 / (2 * (2 * Decode::kQuadBias - 1) * activation_max(kFormat));
