@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py [--isa AVX2] [--formats bfloat16,fp8_e4m3,...]
                                        [--rows 1,2,3,6] [--depth 2048] [--seconds 0.3] [--cpu N]
+                                       [--against OTHER_LK_SO [--rounds 7]]
 
 Whole-layer timings (bench_moe.py) are bound by memory in decode and move 20-30% between
 runs on a shared machine; this isolates the part a kernel change can move. For each weight
@@ -13,17 +14,76 @@ pinned to one CPU, and prints:
 * ns per panel row (16 weights) and the weight bytes one core could consume at that rate
   (decode: compare with the machine's read bandwidth per core);
 * GFLOP/s and % of one core's fp32 FMA peak, measured in the same run (prefill passes).
+
+--against times a second build of the engine module (the lvllm/_lk*.so of another
+checkout, e.g. a `git worktree` of the commit before a kernel change) in the same run:
+each round times every case in a fresh process per build, the builds' order alternating
+from round to round, and the table gives each build's fastest round and their ratio,
+then every round's ratio. One process per build because the module cannot be loaded
+twice into one; the fastest round because on a shared machine a round that another
+tenant preempts only reads slower.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
+import json
 import os
 import platform
+import subprocess
 import sys
 
 from lvllm import _lk
+
+
+def load_engine_module(path: str):
+    """The lvllm._lk built at `path` instead of the installed one."""
+    spec = importlib.util.spec_from_file_location("lvllm._lk", path)
+    if spec is None or not os.path.isfile(path):
+        raise SystemExit(f"--against/--module {path}: not an lvllm._lk extension module file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cases(lk, isa: str, formats: list[str], rows_list: list[int]) -> list[tuple[str, int, bool]]:
+    """(format, rows, side by side) in table order: the gate+up pair where the ISA has it."""
+    out = []
+    for fmt in formats:
+        pair_rows = lk.kernel_pair_rows(isa, fmt)
+        shapes = [(rows, False) for rows in rows_list] + [(rows, True) for rows in rows_list if rows <= pair_rows]
+        out += [(fmt, rows, pair) for rows, pair in sorted(shapes)]
+    return out
+
+
+def compare(args, formats: list[str], rows_list: list[int]) -> int:
+    """Both builds, one fresh process per build and round (module docstring)."""
+    this = os.path.abspath(args.module or _lk.__file__)
+    other = os.path.abspath(args.against)
+    common = [sys.executable, os.path.abspath(__file__), "--emit-json", "--isa", args.isa, "--formats", args.formats,
+              "--rows", args.rows, "--depth", str(args.depth), "--seconds", str(args.seconds), "--cpu", str(args.cpu)]
+    timings: dict[str, list[dict]] = {this: [], other: []}
+    for round_index in range(args.rounds):
+        for module in ((this, other) if round_index % 2 == 0 else (other, this)):
+            result = subprocess.run(common + ["--module", module], check=True, capture_output=True, text=True)
+            timings[module].append(json.loads(result.stdout))
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    print(f"bench_kernels  {stamp}  {' '.join(sys.argv)}")
+    print(f"A: {this}\nB: {other}\n{args.rounds} rounds, ns per panel row, CPU {args.cpu}, ISA {args.isa}, "
+          f"panel depth {args.depth}")
+    print()
+    print("| format | rows | panels | A fastest | B fastest | B / A | B / A by round |")
+    print("|---|---|---|---|---|---|---|")
+    for key in timings[this][0]:
+        fmt, rows, pair = key.split(":")
+        a = [t[key] for t in timings[this]]
+        b = [t[key] for t in timings[other]]
+        by_round = " ".join(f"{y / x:.2f}" for x, y in zip(a, b))
+        print(f"| {fmt} | {rows} | {'2 side by side' if pair == 'pair' else '1'} | {min(a):.3f} | {min(b):.3f} | "
+              f"{min(b) / min(a):.3f} | {by_round} |")
+    return 0
 
 
 def main() -> int:
@@ -36,19 +96,33 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=0.3, help="timing per case")
     parser.add_argument("--cpu", type=int, default=max(os.sched_getaffinity(0)),
                         help="CPU to pin to (default: the last allowed one)")
+    parser.add_argument("--module", help="time the lvllm._lk built at this path instead of the installed one")
+    parser.add_argument("--against", help="also time the lvllm._lk built at this path, alternating (module docstring)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per build with --against")
+    parser.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.isa = args.isa.upper()
+    lk = load_engine_module(args.module) if args.module else _lk
 
     formats = args.formats.split(",")
-    unknown = [f for f in formats if f not in _lk.format_names()]
+    unknown = [f for f in formats if f not in lk.format_names()]
     if unknown:
-        parser.error(f"--formats: unknown {unknown}; valid: {_lk.format_names()}")
+        parser.error(f"--formats: unknown {unknown}; valid: {lk.format_names()}")
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu}: not among the allowed CPUs {sorted(os.sched_getaffinity(0))}")
+    if args.against:
+        if args.rounds < 1:
+            parser.error(f"--rounds {args.rounds}: give at least 1")
+        return compare(args, formats, rows_list)
     cpu = args.cpu
     os.sched_setaffinity(0, {cpu})
-    peak = _lk.measure_fma_peak_gflops(1)
+    if args.emit_json:
+        print(json.dumps({f"{fmt}:{rows}:{'pair' if pair else 'one'}": min(
+            lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds / 3) for _ in range(3))
+            for fmt, rows, pair in cases(lk, args.isa, formats, rows_list)}))
+        return 0
+    peak = lk.measure_fma_peak_gflops(1)
 
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"bench_kernels  {stamp}  {' '.join(sys.argv)}")
@@ -57,16 +131,12 @@ def main() -> int:
     print()
     print("| format | rows | panels | ns per panel row | weight GB/s per core | GFLOP/s | % FMA peak |")
     print("|---|---|---|---|---|---|---|")
-    for fmt in formats:
-        pair_rows = _lk.kernel_pair_rows(args.isa, fmt)
-        row_bytes = _lk.kernel_panel_bytes(fmt, args.depth) / args.depth
-        shapes = [(rows, False) for rows in rows_list]
-        shapes += [(rows, True) for rows in rows_list if rows <= pair_rows]
-        for rows, pair in sorted(shapes):
-            ns = _lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds)
-            gflops = 2 * rows * 16 / ns
-            print(f"| {fmt} | {rows} | {'2 side by side' if pair else '1'} | {ns:.3f} | "
-                  f"{row_bytes / ns:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |", flush=True)
+    for fmt, rows, pair in cases(lk, args.isa, formats, rows_list):
+        row_bytes = lk.kernel_panel_bytes(fmt, args.depth) / args.depth
+        ns = lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds)
+        gflops = 2 * rows * 16 / ns
+        print(f"| {fmt} | {rows} | {'2 side by side' if pair else '1'} | {ns:.3f} | "
+              f"{row_bytes / ns:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |", flush=True)
     return 0
 
 
