@@ -41,8 +41,6 @@ from lvllm import _lk
 def load_engine_module(path: str):
     """The lvllm._lk built at `path` instead of the installed one."""
     spec = importlib.util.spec_from_file_location("lvllm._lk", path)
-    if spec is None or not os.path.isfile(path):
-        raise SystemExit(f"--against/--module {path}: not an lvllm._lk extension module file")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -102,6 +100,9 @@ def main() -> int:
     parser.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.isa = args.isa.upper()
+    for option, path in (("--module", args.module), ("--against", args.against)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{option} {path}: no such file; give the lvllm/_lk*.so of a built checkout")
     lk = load_engine_module(args.module) if args.module else _lk
 
     formats = args.formats.split(",")
