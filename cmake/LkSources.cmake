@@ -11,11 +11,13 @@
 # fails the build when such a symbol is shared between an ISA file and the rest.
 
 set(LK_FLAGS_AVX2 -mavx2 -mfma -mf16c)
+# Each tier's flags are exactly what the run-time check of its level requires
+# (cpu_features.cpp): an extension allowed beyond it could reach the code through the
+# compiler and stop a CPU that passed the check with SIGILL.
 # GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (_mm512_setzero_ps and friends).
-set(LK_FLAGS_AVX512
-    -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512bf16 -mavx512vnni -mfma -mf16c
-    -Wno-maybe-uninitialized)
-set(LK_FLAGS_AMX ${LK_FLAGS_AVX512} -mamx-tile -mamx-bf16 -mamx-int8)
+set(LK_FLAGS_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -Wno-maybe-uninitialized)
+set(LK_FLAGS_AVX512_VNNI ${LK_FLAGS_AVX512} -mavx512vnni)
+set(LK_FLAGS_AMX ${LK_FLAGS_AVX512_VNNI} -mamx-tile -mamx-bf16)
 
 # lk_glob(<out-var> <dir relative to csrc/lk> [flags...])
 # Globs <dir>/*.cpp (re-globbed at every build, so new files are picked up), gives them the

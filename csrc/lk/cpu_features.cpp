@@ -15,16 +15,19 @@ const char* isa_name(Isa isa) {
     case Isa::Generic: return "GENERIC";
     case Isa::Avx2: return "AVX2";
     case Isa::Avx512: return "AVX512";
+    case Isa::Avx512Vnni: return "AVX512_VNNI";
     case Isa::Amx: return "AMX";
   }
   return "?";
 }
 
 Isa parse_isa(const std::string& name) {
-  for (Isa isa : {Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Amx}) {
+  std::string valid;
+  for (Isa isa : kIsaLevels) {
     if (name == isa_name(isa)) return isa;
+    valid += (valid.empty() ? "" : ", ") + std::string(isa_name(isa));
   }
-  throw std::invalid_argument("unknown ISA '" + name + "': valid are GENERIC, AVX2, AVX512, AMX");
+  throw std::invalid_argument("unknown ISA '" + name + "': valid are " + valid);
 }
 
 #if defined(__x86_64__)
@@ -58,9 +61,10 @@ Isa detect_best_isa() {
   const bool avx512 = (ebx & (1u << 16)) && (ebx & (1u << 17)) && (ebx & (1u << 30)) &&
                       (ebx & (1u << 31)) && (xcr0 & 0xe0) == 0xe0;  // F, DQ, BW, VL, ZMM state
   if (!avx512) return Isa::Avx2;
+  if (!(ecx & (1u << 11))) return Isa::Avx512;  // AVX512_VNNI
   const bool amx_bf16 = (edx & (1u << 22)) && (edx & (1u << 24));  // AMX-BF16, AMX-TILE
   if (amx_bf16 && (xcr0 & (3ull << 17)) == (3ull << 17) && request_amx_permission()) return Isa::Amx;
-  return Isa::Avx512;
+  return Isa::Avx512Vnni;
 }
 #else
 Isa detect_best_isa() { return Isa::Generic; }

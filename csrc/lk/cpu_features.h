@@ -6,10 +6,13 @@
 namespace lk {
 
 // Ordered: each level implies the ones before it.
-enum class Isa : int { Generic = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
+enum class Isa : int { Generic = 0, Avx2 = 1, Avx512 = 2, Avx512Vnni = 3, Amx = 4 };
+
+// Every level in order, for callers that list or parse them.
+inline constexpr Isa kIsaLevels[] = {Isa::Generic, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Amx};
 
 const char* isa_name(Isa isa);
-// Parses "GENERIC", "AVX2", "AVX512", "AMX"; throws std::invalid_argument otherwise.
+// Parses a level's isa_name; throws std::invalid_argument naming the valid ones otherwise.
 Isa parse_isa(const std::string& name);
 // Best level this CPU and OS support (AVX state enabled in XCR0, AMX tiles permitted).
 Isa detect_best_isa();

@@ -8,13 +8,15 @@ const KernelSet& kernel_set(Isa isa) {
   static const KernelSet generic{Isa::Generic, {generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8}, generic_activation};
 #if defined(__x86_64__)
   static const KernelSet avx2{Isa::Avx2, {avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8}, avx2_activation};
-  // AMX machines run the AVX-512 kernels: no tile kernel exists yet.
   static const KernelSet avx512{Isa::Avx512, {avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8}, avx512_activation};
+  // VNNI changes only the integer formats. AMX machines run these: no tile kernel exists yet.
+  static const KernelSet avx512_vnni{Isa::Avx512Vnni, {avx512_f32, avx512_f16, avx512_bf16, avx512_vnni_int8, avx512_vnni_int4, avx512_fp8}, avx512_activation};
   switch (isa) {
     case Isa::Generic: return generic;
     case Isa::Avx2: return avx2;
-    case Isa::Avx512:
-    case Isa::Amx: return avx512;
+    case Isa::Avx512: return avx512;
+    case Isa::Avx512Vnni:
+    case Isa::Amx: return avx512_vnni;
   }
 #endif
   if (isa == Isa::Generic) return generic;

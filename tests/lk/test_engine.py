@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lvllm import _lk, envs
 from lvllm.lk import MoEEngine, make_runtime
 
-ISA_ORDER = ["GENERIC", "AVX2", "AVX512", "AMX"]
+ISA_ORDER = _lk.isa_names()
 SUPPORTED_ISAS = ISA_ORDER[: ISA_ORDER.index(_lk.best_isa()) + 1]
 
 # Relative to the largest reference value. fp32 weights and outputs carry fp32 rounding
@@ -341,6 +341,10 @@ class TestEnvironment:
         monkeypatch.setenv(name, value)
         with pytest.raises(envs.EnvError, match=f"{name}={value!r} is not valid: expected"):
             make_runtime()
+
+    def test_lk_isa_takes_the_engine_levels(self):
+        # envs.py validates LK_ISA without loading the engine; the two lists must agree.
+        assert envs.ISA_NAMES == tuple(ISA_ORDER)
 
     def test_isa_above_the_cpu_is_refused(self, monkeypatch):
         above = ISA_ORDER[ISA_ORDER.index(_lk.best_isa()) + 1:]

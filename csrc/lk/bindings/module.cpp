@@ -86,6 +86,12 @@ PYBIND11_MODULE(_lk, m) {
 
   m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
         "Highest kernel ISA this CPU and OS support.");
+  m.def("isa_names", [] {
+        std::vector<std::string> names;
+        for (lk::Isa isa : lk::kIsaLevels) names.emplace_back(lk::isa_name(isa));
+        return names;
+      },
+      "Every kernel ISA level, lowest first: each implies the ones before it.");
 
   py::class_<lk::Runtime, std::shared_ptr<lk::Runtime>>(m, "Runtime")
       .def(py::init([](int threads, const std::string& binding, bool power_saving, const std::string& isa,

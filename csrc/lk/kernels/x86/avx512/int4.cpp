@@ -1,23 +1,8 @@
+#include "lk/kernels/x86/avx512/int4.h"
 #include "lk/kernels/x86/avx512/simd.h"
 
 namespace lk::kernels {
-namespace {
-// Nibbles 0 and 1 of the 16 words are columns 0-7 and 8-15 of rows 0 and 1, nibbles 2 and 3
-// those of rows 2 and 3 (formats.h): with the words in both halves of a register, a
-// variable shift to the top and an arithmetic one back give a pair of rows for all 16
-// columns, sign-extended.
-struct Decode {
-  static constexpr WeightFormat kFormat = WeightFormat::Int4;
-  static void pairs(const uint8_t* block, __m512i (&w)[2][1]) {
-    const __m512i words = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
-    const __m512i rows01 = _mm512_inserti64x4(_mm512_set1_epi16(12), _mm256_set1_epi16(8), 1);
-    const __m512i rows23 = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_setzero_si256(), 1);
-    w[0][0] = _mm512_srai_epi16(_mm512_sllv_epi16(words, rows01), 12);
-    w[1][0] = _mm512_srai_epi16(_mm512_sllv_epi16(words, rows23), 12);
-  }
-};
-}  // namespace
 
-const FormatKernels avx512_int4 = PanelKernels<Avx512Simd, Decode>::table();
+const FormatKernels avx512_int4 = PanelKernels<Avx512Simd, Int4Decode>::table();
 
 }  // namespace lk::kernels

@@ -27,8 +27,8 @@ struct Avx512Simd {
   static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
-  // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums. VNNI's
-  // vpdpwssd would fuse dot_add, but this level does not require VNNI.
+  // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums. The
+  // AVX512_VNNI level fuses dot_add (x86/avx512_vnni).
   using IVec = __m512i;
   static IVec izero() { return _mm512_setzero_si512(); }
   static IVec broadcast_pair(const int16_t* p) {

@@ -1,0 +1,8 @@
+#include "lk/kernels/x86/avx512/int4.h"
+#include "lk/kernels/x86/avx512_vnni/simd.h"
+
+namespace lk::kernels {
+
+const FormatKernels avx512_vnni_int4 = PanelKernels<Avx512VnniSimd, Int4Decode>::table();
+
+}  // namespace lk::kernels

@@ -1,0 +1,8 @@
+#include "lk/kernels/x86/avx512/int8.h"
+#include "lk/kernels/x86/avx512_vnni/simd.h"
+
+namespace lk::kernels {
+
+const FormatKernels avx512_vnni_int8 = PanelKernels<Avx512VnniSimd, Int8Decode>::table();
+
+}  // namespace lk::kernels
