@@ -9,7 +9,9 @@
 #   1. build lvllm._lk in place (the same CMake build as `make build`);
 #   2. tests/gpu (torch only);
 #   3. benchmarks/bench_gpu.py, results in OUT_DIR/bench_gpu.json;
-#   4. tests/lk on this host's CPU (every kernel ISA it has: often AVX-512/AMX here).
+#   4. tests/lk on this host's CPU (every kernel ISA it has: often AVX-512/AMX here);
+#   5. benchmarks/bench_kernels.py for the integer formats at each AVX-512 level the host
+#      has (AVX512 against AVX512_VNNI: what vpdpwssd gains), in OUT_DIR/kernels_<isa>.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-build/gpu-session}}
@@ -56,4 +58,11 @@ timeout "${GPU_BENCH_TIMEOUT:-300}" "$PY" benchmarks/bench_gpu.py --json "$OUT_D
 echo "== tests/lk"
 timeout "${LK_TESTS_TIMEOUT:-300}" "$PY" -m pytest tests/lk -q -p no:cacheprovider 2>&1 \
   | tail -40 | tee "$OUT_DIR/tests_lk.txt" || status=1
+echo "== bench_kernels"
+for isa in AVX512 AVX512_VNNI; do
+  "$PY" -c "from lvllm import _lk, envs; import sys; n = envs.ISA_NAMES; sys.exit(n.index('$isa') > n.index(_lk.best_isa()))" \
+    || continue
+  timeout "${KERNELS_BENCH_TIMEOUT:-120}" "$PY" benchmarks/bench_kernels.py --isa "$isa" --formats int8,int4 \
+    --rows 1,3,12 --seconds 0.2 2>&1 | tee "$OUT_DIR/kernels_$isa.txt" || status=1
+done
 exit $status
