@@ -2,11 +2,11 @@
 #
 # Run after linking lvllm._lk. Inline functions and template instantiations are emitted as
 # weak symbols in every object that uses them, and the linker keeps one copy for the module.
-# If an AVX-512/AMX object ("wide") and a baseline object both carry such a function, the
-# kept copy may be the wide one, and baseline code then runs AVX-512 instructions: an
-# illegal-instruction crash on an AVX2-only CPU, far from the kernel that caused it.
-# This fails the build when a weak function defined by a wide object is also defined or
-# called by a baseline object. Fix: move the helper into the ISA file's anonymous namespace
+# If an object of a higher ISA tier ("wide": AVX-512, VNNI, AMX) and one of a lower tier
+# ("base": the floor, or a lower wide tier) both carry such a function, the kept copy may be
+# the wide one, and the lower tier's code then runs its instructions: an illegal-instruction
+# crash on a CPU without them, far from the kernel that caused it. This fails the build
+# when a weak function defined by a wide object is also defined or called by a base object. Fix: move the helper into the ISA file's anonymous namespace
 # (or mark it static), or make sure baseline files do not use it.
 
 cmake_minimum_required(VERSION 3.20)
@@ -54,8 +54,9 @@ endforeach()
 if(shared)
   list(JOIN shared "\n  " shown)
   message(FATAL_ERROR
-    "AVX-512/AMX objects define weak functions that baseline code also uses; the linker may "
-    "keep the AVX-512 copy for everyone (SIGILL on AVX2 machines). Keep ISA-specific code in "
+    "Objects of a higher ISA tier define weak functions that a lower tier's code also uses; "
+    "the linker may keep the higher tier's copy for everyone (SIGILL on CPUs without that "
+    "level). Keep ISA-specific code in "
     "an anonymous namespace of its own file. Symbols (mangled, c++filt them):\n  ${shown}\n"
     "(configure with -DLK_ISA_CHECK=OFF to skip this check)")
 endif()
