@@ -1,4 +1,4 @@
-#include "lk/kernels/x86/avx512/int8.h"
+#include "lk/kernels/x86/avx512/integer_decode.h"
 #include "lk/kernels/x86/avx512_vnni/simd.h"
 
 namespace lk::kernels {
