@@ -35,11 +35,17 @@ import platform
 import subprocess
 import sys
 
-from lvllm import _lk
 
 
-def load_engine_module(path: str):
-    """The lvllm._lk built at `path` instead of the installed one."""
+def load_engine_module(path: str | None):
+    """The lvllm._lk built at `path`, or the installed one. Python keeps one extension module
+    per name and process: once the installed lvllm._lk is imported, loading another file
+    under that name gives the installed module back, so a process imports only the one
+    it times."""
+    if path is None:
+        from lvllm import _lk
+
+        return _lk
     spec = importlib.util.spec_from_file_location("lvllm._lk", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -58,7 +64,7 @@ def cases(lk, isa: str, formats: list[str], rows_list: list[int]) -> list[tuple[
 
 def compare(args, formats: list[str], rows_list: list[int]) -> int:
     """Both builds, one fresh process per build and round (module docstring)."""
-    this = os.path.abspath(args.module or _lk.__file__)
+    this = os.path.abspath(args.module or importlib.util.find_spec("lvllm._lk").origin)
     other = os.path.abspath(args.against)
     common = [sys.executable, os.path.abspath(__file__), "--emit-json", "--isa", args.isa, "--formats", args.formats,
               "--rows", args.rows, "--depth", str(args.depth), "--seconds", str(args.seconds), "--cpu", str(args.cpu)]
@@ -74,21 +80,26 @@ def compare(args, formats: list[str], rows_list: list[int]) -> int:
     print()
     print("| format | rows | panels | A fastest | B fastest | B / A | B / A by round |")
     print("|---|---|---|---|---|---|---|")
-    for key in timings[this][0]:
+    # A build may read panels side by side where the other does not: such cases get a "-".
+    keys = list(timings[this][0]) + [key for key in timings[other][0] if key not in timings[this][0]]
+    for key in keys:
         fmt, rows, pair = key.split(":")
-        a = [t[key] for t in timings[this]]
-        b = [t[key] for t in timings[other]]
+        a = [t[key] for t in timings[this] if key in t]
+        b = [t[key] for t in timings[other] if key in t]
+        shape = f"| {fmt} | {rows} | {'2 side by side' if pair == 'pair' else '1'} |"
+        if not (a and b):
+            print(f"{shape} {f'{min(a):.3f}' if a else '-'} | {f'{min(b):.3f}' if b else '-'} | - | - |")
+            continue
         by_round = " ".join(f"{y / x:.2f}" for x, y in zip(a, b))
-        print(f"| {fmt} | {rows} | {'2 side by side' if pair == 'pair' else '1'} | {min(a):.3f} | {min(b):.3f} | "
-              f"{min(b) / min(a):.3f} | {by_round} |")
+        print(f"{shape} {min(a):.3f} | {min(b):.3f} | {min(b) / min(a):.3f} | {by_round} |")
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--isa", default=_lk.best_isa(), help="kernel ISA (default: the best this CPU runs)")
+    parser.add_argument("--isa", help="kernel ISA (default: the best this CPU runs)")
     parser.add_argument("--formats", default="bfloat16,float16,fp8_e4m3,int8,int4",
-                        help="comma list of weight formats (" + ", ".join(_lk.format_names()) + ")")
+                        help="comma list of weight formats (float32, float16, bfloat16, int8, int4, fp8_e4m3)")
     parser.add_argument("--rows", default="1,2,3,6", help="comma list of activation row counts")
     parser.add_argument("--depth", type=int, default=2048, help="panel depth (inputs)")
     parser.add_argument("--seconds", type=float, default=0.3, help="timing per case")
@@ -99,11 +110,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="rounds per build with --against")
     parser.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.isa = args.isa.upper()
     for option, path in (("--module", args.module), ("--against", args.against)):
         if path is not None and not os.path.isfile(path):
             parser.error(f"{option} {path}: no such file; give the lvllm/_lk*.so of a built checkout")
-    lk = load_engine_module(args.module) if args.module else _lk
+    lk = load_engine_module(args.module)
+    args.isa = (args.isa or lk.best_isa()).upper()
 
     formats = args.formats.split(",")
     unknown = [f for f in formats if f not in lk.format_names()]
