@@ -24,8 +24,8 @@
 // value plus a bias that makes it unsigned (static constexpr int kQuadBias), which the
 // kernels take off with the activations' span sums:
 //   static void quads(const uint8_t* block, IVec (&w)[kPanelWidth / Simd::kLanes]);
-// Simd then supplies broadcast_quad, quad_products, add_quad_products, widen_add, iset1
-// and isub.
+// Simd then supplies broadcast_quad, iset1, isub, and either quad_dot_add (the products
+// added straight to 32-bit sums) or quad_products, add_quad_products and widen_add.
 //
 // Prefill may widen a panel block by block into a layout that costs less per pass (kernels.h,
 // PanelWiden) and multiply that with the kernels of a second Decode, the widened one. A
@@ -266,12 +266,30 @@ struct PanelKernels {
     }
   }
 
+  // Whether Simd adds a lane's four byte products straight to its 32-bit sum
+  // (quad_dot_add: VNNI's vpdpbusd) rather than summing them in 16 bits first.
+  static constexpr bool kQuadDot = requires(typename Simd::IVec v) { Simd::quad_dot_add(v, v, v); };
+
   // Blocks of quads from rows k onwards (`block` holds them) whose 16-bit products are
   // added before one widening to 32 bits: a vpmaddwd and a vpaddd per row and vector per
   // run instead of per block.
   template <int Rows, int Blocks>
   static inline void quad_run(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* block,
                               int k) {
+    if constexpr (kQuadDot) {
+#pragma GCC unroll 2
+      for (int b = 0; b < Blocks; ++b) {
+        typename Simd::IVec w[kVecs];
+        Decode::quads(block + b * kBlockBytes, w);
+#pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r) {
+          const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k + b * kBlockRows);
+#pragma GCC unroll 16
+          for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::quad_dot_add(acc[r][v], w[v], x);
+        }
+      }
+      return;
+    }
     typename Simd::IVec w[kVecs], t[Rows][kVecs];
     Decode::quads(block, w);
 #pragma GCC unroll 16

@@ -1,7 +1,7 @@
 // AVX-512 with VNNI: vpdpwssd adds a lane's two 16-bit products to its 32-bit sum in one
-// instruction, where AVX-512F spends vpmaddwd and vpaddd. The sums are the same bits (both
-// wrap modulo 2^32; the engine's spans keep them far from it), so VNNI changes only the
-// integer formats' speed.
+// instruction, where AVX-512F spends vpmaddwd and vpaddd (and vpdpbusd INT4's four byte
+// products). The sums are the same bits (both wrap modulo 2^32; the engine's spans keep
+// them far from it), so VNNI changes only the integer formats' speed.
 #pragma once
 
 #include <immintrin.h>
@@ -13,6 +13,7 @@ namespace {
 
 struct Avx512VnniSimd : Avx512Simd {
   static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm512_dpwssd_epi32(acc, w, x); }
+  static IVec quad_dot_add(IVec acc, IVec w, IVec x) { return _mm512_dpbusd_epi32(acc, w, x); }
 };
 
 }  // namespace
