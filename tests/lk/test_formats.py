@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lvllm import _lk
 from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime, quant
 
-from .test_engine import SUPPORTED_ISAS, random_experts, random_routing, reference_moe
+from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
 
 # Engine output vs the float64 reference from its own dequantized weights, relative to the
 # largest output. FP8 decodes to fp32 and multiplies in fp32: fp32 rounding only.
@@ -263,6 +263,37 @@ def test_fp8_kept(runtimes, isa, tokens, numa_nodes):
     # 1 byte per weight plus one fp32 scale per 128: about a quarter of fp32
     assert engine.nbytes <= 1.1 * (w13.values.numel() + w2.values.numel())
     run_and_compare(engine, w13_ref, w2_ref, tokens, seed=tokens)
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("weight_format", ["bfloat16", "int8", "int4", "fp8_e4m3"])
+def test_every_row_count_of_a_pass(runtimes, isa, weight_format):
+    """One expert gets 1, 2, ... 14 rows: every count that decode reads two panels side by
+    side for (gate and up, pairs of down panels), that one pass takes, and the first that
+    prefill widens or splits into passes, on every ISA (their passes and pairs differ)."""
+    experts, hidden, intermediate, group = 2, 160, 16 * 3 + 5, 32
+    if weight_format == "fp8_e4m3":
+        w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=11)
+        w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=12)
+        engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))
+    else:
+        w13_ref, w2_ref = random_experts(experts, hidden, intermediate, torch.float32, seed=13)
+        engine = MoEEngine(w13_ref, w2_ref, weight_format=weight_format, group_size=group, runtime=runtimes(isa=isa))
+        if weight_format == "int8":
+            w13_ref, w2_ref = reference_int8(w13_ref, group), reference_int8(w2_ref, group)
+        elif weight_format == "int4":
+            w13_ref, w2_ref = reference_int4(w13_ref, group), reference_int4(w2_ref, group)
+    for tokens in range(1, 15):
+        x = random_inputs(engine, tokens)
+        if weight_format == "bfloat16":
+            x = x.bfloat16()
+        ids = torch.ones(tokens, 1, dtype=torch.int32)
+        weights = torch.rand(tokens, 1)
+        out = engine.forward(x, ids, weights).double()
+        if weight_format == "bfloat16":
+            assert_close(out, reference_moe(w13_ref.bfloat16(), w2_ref.bfloat16(), x, ids, weights), torch.bfloat16)
+        else:
+            assert_tight(engine, out, w13_ref, w2_ref, x, ids, weights)
 
 
 @pytest.mark.parametrize("weight_format", [None, "bfloat16", "int4"])
