@@ -22,7 +22,7 @@ struct Avx512Simd {
   static constexpr int kIntegerMainRows = 8;
   // Decode reads two panels side by side (gemm_pair, up to pair_rows() = 8 rows). Whole
   // layer at Qwen3-30B's shape, 1-16 tokens, switched between interleaved calls in one
-  // process (Zen 4): INT8 1.09-1.15x, INT4 1.10-1.14x, bf16 1.05-1.10x, FP8 0.99-1.06x,
+  // process (Zen 4): INT8 1.11-1.13x, INT4 1.11-1.14x, bf16 1.05-1.10x, FP8 0.99-1.06x,
   // though in cache only INT8 and INT4 at 1-2 rows gain (bf16 and FP8 lose 10-20%).
   static constexpr bool kPairPanels = true;
   static Vec zero() { return _mm512_setzero_ps(); }
