@@ -270,44 +270,44 @@ struct PanelKernels {
   // (quad_dot_add: VNNI's vpdpbusd) rather than summing them in 16 bits first.
   static constexpr bool kQuadDot = requires(typename Simd::IVec v) { Simd::quad_dot_add(v, v, v); };
 
-  // Blocks of quads from rows k onwards (`block` holds them) whose 16-bit products are
-  // added before one widening to 32 bits: a vpmaddwd and a vpaddd per row and vector per
-  // run instead of per block.
-  template <int Rows, int Blocks>
-  static inline void quad_run(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* block,
-                              int k) {
-    if constexpr (kQuadDot) {
-#pragma GCC unroll 2
-      for (int b = 0; b < Blocks; ++b) {
-        typename Simd::IVec w[kVecs];
-        Decode::quads(block + b * kBlockBytes, w);
-#pragma GCC unroll 16
-        for (int r = 0; r < Rows; ++r) {
-          const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k + b * kBlockRows);
-#pragma GCC unroll 16
-          for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::quad_dot_add(acc[r][v], w[v], x);
-        }
-      }
-      return;
-    }
-    typename Simd::IVec w[kVecs], t[Rows][kVecs];
+  // The byte products of the block at `block` (rows k onwards) added to `sums`: straight
+  // into 32-bit sums (kQuadDot), or into 16-bit ones, which the run's first block assigns.
+  template <int Rows, bool kAssign>
+  static inline void add_quads(typename Simd::IVec (&sums)[Rows][kVecs], const ActivationRow* a, const uint8_t* block,
+                               int k) {
+    typename Simd::IVec w[kVecs];
     Decode::quads(block, w);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k);
 #pragma GCC unroll 16
-      for (int v = 0; v < kVecs; ++v) t[r][v] = Simd::quad_products(w[v], x);
-    }
-#pragma GCC unroll 2
-    for (int b = 1; b < Blocks; ++b) {
-      Decode::quads(block + b * kBlockBytes, w);
-#pragma GCC unroll 16
-      for (int r = 0; r < Rows; ++r) {
-        const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k + b * kBlockRows);
-#pragma GCC unroll 16
-        for (int v = 0; v < kVecs; ++v) t[r][v] = Simd::add_quad_products(t[r][v], w[v], x);
+      for (int v = 0; v < kVecs; ++v) {
+        if constexpr (kQuadDot) {
+          sums[r][v] = Simd::quad_dot_add(sums[r][v], w[v], x);
+        } else if constexpr (kAssign) {
+          sums[r][v] = Simd::quad_products(w[v], x);
+        } else {
+          sums[r][v] = Simd::add_quad_products(sums[r][v], w[v], x);
+        }
       }
     }
+  }
+
+  // Blocks of quads from rows k onwards (`block` holds them). Without kQuadDot, their
+  // 16-bit products are added before one widening to 32 bits: a vpmaddwd and a vpaddd per
+  // row and vector per run instead of per block.
+  template <int Rows, int Blocks>
+  static inline void quad_run(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* block,
+                              int k) {
+    if constexpr (kQuadDot) {
+#pragma GCC unroll 2
+      for (int b = 0; b < Blocks; ++b) add_quads<Rows, false>(acc, a, block + b * kBlockBytes, k + b * kBlockRows);
+      return;
+    }
+    typename Simd::IVec t[Rows][kVecs];
+    add_quads<Rows, true>(t, a, block, k);
+#pragma GCC unroll 2
+    for (int b = 1; b < Blocks; ++b) add_quads<Rows, false>(t, a, block + b * kBlockBytes, k + b * kBlockRows);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
