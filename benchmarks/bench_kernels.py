@@ -36,7 +36,6 @@ import subprocess
 import sys
 
 
-
 def load_engine_module(path: str | None):
     """The lvllm._lk built at `path`, or the installed one. Python keeps one extension module
     per name and process: once the installed lvllm._lk is imported, loading another file
