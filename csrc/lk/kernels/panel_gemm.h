@@ -316,9 +316,10 @@ struct PanelKernels {
 
   // The longest run whose 16-bit sums cannot saturate: each block adds to a lane two
   // products of an unsigned weight (below twice the bias) and an activation: 8 blocks for
-  // INT4. Against runs of 2, 1-3% faster in cache from 2 to 64 rows and level at 1 (Zen 3,
-  // the two builds alternated by bench_kernels.py --against). Fully unrolled, a run of 8
-  // spilled at 3 rows and was slower: the block loop unrolls by 2.
+  // INT4 (with kQuadDot the sums are 32 bits and the run only sets the step). Against
+  // runs of 1 on the AVX2 tier, in cache on Zen 4: 1.08-1.38x as fast from 2 to 64 rows,
+  // level at 1 (bench_kernels.py --against, as fixed in b7df917). Fully unrolled, a run
+  // of 8 spilled at 3 rows (431 stack references against 67): the block loop unrolls by 2.
   static constexpr int kQuadRunBlocks = [] {
     if constexpr (kQuads) {
       return 32767 / (2 * (2 * Decode::kQuadBias - 1) * activation_max(kFormat));
