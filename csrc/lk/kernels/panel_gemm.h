@@ -317,7 +317,7 @@ struct PanelKernels {
   // The longest run whose 16-bit sums cannot saturate: each block adds to a lane two
   // products of an unsigned weight (below twice the bias) and an activation: 8 blocks for
   // INT4 (with kQuadDot the sums are 32 bits and the run only sets the step). Against
-  // runs of 1 on the AVX2 tier, in cache on Zen 4: 1.08-1.38x as fast from 2 to 64 rows,
+  // runs of 2 on the AVX2 tier, in cache on Zen 4: 1.08-1.38x as fast from 2 to 64 rows,
   // level at 1 (bench_kernels.py --against, as fixed in b7df917). Fully unrolled, a run
   // of 8 spilled at 3 rows (431 stack references against 67): the block loop unrolls by 2.
   static constexpr int kQuadRunBlocks = [] {
