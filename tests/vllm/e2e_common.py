@@ -8,6 +8,7 @@ report are kept, and the instance is shut down before the next one starts.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,15 @@ class RunResult:
         self.report = report                      # per worker: lvllm.vllm_adapter.lk_report
 
 
+def attention_backend(model: Path, dtype: str) -> str | None:
+    """vLLM's pick, except for MLA models in float32: on CPUs with AMX tiles vLLM takes its
+    AMX MLA backend, which packs bf16/fp16 weights only and refuses float32 at load ("expect
+    weight to be bfloat16, float16, ..."), lk on or off; its reference CPU MLA backend
+    computes float32 (and is what vLLM picks without AMX)."""
+    config = json.loads((model / "config.json").read_text())
+    return "CPU_MLA" if dtype == "float32" and "kv_lora_rank" in config else None
+
+
 def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True,
             resident: str | None = None, tp: int = 1, weight: str | None = None,
             group: int | None = None, quant_on_gpu: bool = False) -> RunResult:
@@ -109,7 +119,7 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
         llm = LLM(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
                   max_num_seqs=4, seed=0, enable_prefix_caching=False,
                   tensor_parallel_size=tp, distributed_executor_backend="mp",
-                  disable_log_stats=True)
+                  disable_log_stats=True, attention_backend=attention_backend(model, dtype))
         try:
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                     prompt_logprobs=0, ignore_eos=True)
