@@ -354,6 +354,12 @@ def load_vllm_cpu_ops() -> tuple[str, str]:
     # else the portable CPUUnquantizedExperts (isa "vec"); zentorch is not used here.
     is_x86 = platform.machine().lower() in ("x86_64", "amd64")
     isa = "amx" if is_x86 and torch.cpu._is_amx_tile_supported() else "vec"
+    # Linux hands AMX tile state only to a process that asks for it, and the op does not ask:
+    # called first in a process it dies of SIGILL (seen on a Xeon with AMX). In vLLM's worker
+    # the model's bf16 matmuls have asked already (oneDNN does on first AMX use); this is
+    # the same request.
+    if isa == "amx" and not torch.cpu._init_amx():
+        raise RuntimeError("vLLM CPU MoE op: the kernel refused AMX tile state (arch_prctl)")
     return isa, names[0]
 
 
