@@ -89,6 +89,12 @@ struct PanelKernels {
     if constexpr (requires { Simd::kPrefetchBytes; }) return Simd::kPrefetchBytes;
     return 2048;
   }();
+  // A Decode may fetch into L2 only (static constexpr bool kPrefetchIntoL2 = true, with the
+  // ISA's Simd::prefetch_into_l2), leaving the L1's few outstanding misses to the loads.
+  static constexpr bool kPrefetchIntoL2 = [] {
+    if constexpr (requires { Decode::kPrefetchIntoL2; }) return Decode::kPrefetchIntoL2;
+    return false;
+  }();
 
   static constexpr float value_scale() {
     if constexpr (requires { Decode::kValueScale; }) {
@@ -150,7 +156,12 @@ struct PanelKernels {
   }
 
   static void fetch(const void* p) {
-    if constexpr (!kWidened) Simd::prefetch(p);
+    if constexpr (kWidened) return;
+    if constexpr (kPrefetchIntoL2) {
+      Simd::prefetch_into_l2(p);
+    } else {
+      Simd::prefetch(p);
+    }
   }
 
   // The scales (and offsets) follow all of a panel's values, away from the stream the loops

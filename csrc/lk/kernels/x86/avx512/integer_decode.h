@@ -14,11 +14,12 @@ namespace {
 // 16 bits gives each column's two weights in one 32-bit lane.
 struct Int8Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
-  // Decode fetches INT8 panels 1 KiB ahead, not 2: whole-layer decode at Qwen3-30B's shape
-  // (Zen 4, the two switched between interleaved calls in one process, 4 runs) was
-  // 0.96-1.08x as fast at 1, 4 and 16 tokens, median 1.03x, faster in 11 of 12. The other
-  // formats were level or slower at 1 KiB.
-  static constexpr int kPrefetchBytes = 1024;
+  // Fetched 4 KiB ahead into L2 only (prefetcht2), as Int4Decode explains. Against 1 KiB
+  // into L1, whole-layer decode at Qwen3-30B's shape on a Xeon with AMX (builds alternated
+  // process by process, 4 rounds): 1.03-1.04x at 1, 4 and 16 tokens (median; faster in 10
+  // of 12), level at 256.
+  static constexpr int kPrefetchBytes = 4096;
+  static constexpr bool kPrefetchIntoL2 = true;
   static void pairs(const uint8_t* block, __m512i (&w)[1][1]) {
     w[0][0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
   }
@@ -33,6 +34,14 @@ struct Int4Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Int4;
   // Stored values are q - 8 as 4-bit two's complement: flipping bit 3 of each nibble gives q.
   static constexpr int kQuadBias = 8;
+  // A fetch into L1 holds one of the L1's few miss buffers for a whole DRAM latency, which
+  // caps the bytes in flight; one fetched into L2 only (prefetcht2) does not. Fetched 6 KiB
+  // ahead into L2, whole-layer decode at Qwen3-30B's shape on a Xeon with AMX was level
+  // with 2 KiB into L1 (0.99-1.02x, builds alternated process by process, 4 rounds); the
+  // change was made for Zen 4, whose measurements were lost with the session that made
+  // it, and not repeated since (no Zen 4 at hand). bf16 and FP8 keep L1.
+  static constexpr int kPrefetchBytes = 6144;
+  static constexpr bool kPrefetchIntoL2 = true;
   static void quads(const uint8_t* block, __m512i (&w)[1]) {
     const __m256i words = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)),
                                            _mm256_set1_epi8(static_cast<char>(0x88)));

@@ -34,6 +34,7 @@ struct Avx512Simd {
   static Vec load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_into_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T2); }
 
   // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums. The
   // AVX512_VNNI level fuses dot_add (x86/avx512_vnni).
