@@ -52,11 +52,11 @@ def load_engine_module(path: str | None):
 
 
 def cases(lk, isa: str, formats: list[str], rows_list: list[int]) -> list[tuple[str, int, bool]]:
-    """(format, rows, side by side) in table order: the gate+up pair where the ISA has it."""
+    """(format, rows, side by side) in table order: the gate+up pair where the ISA reads one."""
     out = []
     for fmt in formats:
-        pair_rows = lk.kernel_pair_rows(isa, fmt)
-        shapes = [(rows, False) for rows in rows_list] + [(rows, True) for rows in rows_list if rows <= pair_rows]
+        shapes = [(rows, False) for rows in rows_list] + [
+            (rows, True) for rows in rows_list if lk.kernel_reads_two_panels(isa, fmt, rows)]
         out += [(fmt, rows, pair) for rows, pair in sorted(shapes)]
     return out
 

@@ -62,8 +62,13 @@ Isa detect_best_isa() {
                       (ebx & (1u << 31)) && (xcr0 & 0xe0) == 0xe0;  // F, DQ, BW, VL, ZMM state
   if (!avx512) return Isa::Avx2;
   if (!(ecx & (1u << 11))) return Isa::Avx512;  // AVX512_VNNI
-  const bool amx_bf16 = (edx & (1u << 22)) && (edx & (1u << 24));  // AMX-BF16, AMX-TILE
-  if (amx_bf16 && (xcr0 & (3ull << 17)) == (3ull << 17) && request_amx_permission()) return Isa::Amx;
+  // AMX-BF16, AMX-TILE, AMX-INT8, and AVX512_BF16 (leaf 7.1), which packs fp32 rows as bf16
+  // for the tiles. Every CPU with AMX has all four.
+  const bool amx = (edx & (1u << 22)) && (edx & (1u << 24)) && (edx & (1u << 25));
+  unsigned int sub_eax = 0, sub_ebx, sub_ecx, sub_edx;
+  if (eax >= 1) __cpuid_count(7, 1, sub_eax, sub_ebx, sub_ecx, sub_edx);
+  const bool avx512_bf16 = sub_eax & (1u << 5);
+  if (amx && avx512_bf16 && (xcr0 & (3ull << 17)) == (3ull << 17) && request_amx_permission()) return Isa::Amx;
   return Isa::Avx512Vnni;
 }
 #else

@@ -9,14 +9,16 @@ const KernelSet& kernel_set(Isa isa) {
 #if defined(__x86_64__)
   static const KernelSet avx2{Isa::Avx2, {avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8}, avx2_activation};
   static const KernelSet avx512{Isa::Avx512, {avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8}, avx512_activation};
-  // VNNI changes only the integer formats. AMX machines run these: no tile kernel exists yet.
+  // VNNI changes only the integer formats.
   static const KernelSet avx512_vnni{Isa::Avx512Vnni, {avx512_f32, avx512_f16, avx512_bf16, avx512_vnni_int8, avx512_vnni_int4, avx512_fp8}, avx512_activation};
+  // AMX adds tiles to prefill of bf16, INT8 and INT4 (decode as AVX512_VNNI).
+  static const KernelSet amx{Isa::Amx, {avx512_f32, avx512_f16, amx_bf16, amx_int8, amx_int4, avx512_fp8}, avx512_activation};
   switch (isa) {
     case Isa::Generic: return generic;
     case Isa::Avx2: return avx2;
     case Isa::Avx512: return avx512;
-    case Isa::Avx512Vnni:
-    case Isa::Amx: return avx512_vnni;
+    case Isa::Avx512Vnni: return avx512_vnni;
+    case Isa::Amx: return amx;
   }
 #endif
   if (isa == Isa::Generic) return generic;

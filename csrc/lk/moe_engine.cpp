@@ -261,20 +261,6 @@ class QuantizedRows {
   int depth_, group_, groups_, spans_, stride_;
 };
 
-// Two panels of the same depth times the same rows into first_rows and second_rows (an
-// expert's gate and up, or two of its down panels): side by side where the ISA's kernels
-// read two panels at once for this many rows.
-void multiply_two_panels(const kernels::KernelSet& kernels, WeightFormat format, const void* first,
-                         const void* second, int depth, int group, const kernels::ActivationRow* a_rows, int count,
-                         float* const* first_rows, float* const* second_rows, bool accumulate, void* widened) {
-  if (count <= kernels[format].pair_rows) {
-    kernels[format].gemm_pair(a_rows, count, first, second, depth, group, first_rows, second_rows, accumulate);
-    return;
-  }
-  kernels::multiply_panel(kernels, format, first, depth, group, a_rows, count, first_rows, accumulate, widened);
-  kernels::multiply_panel(kernels, format, second, depth, group, a_rows, count, second_rows, accumulate, widened);
-}
-
 }  // namespace
 
 const char* format_name(WeightFormat format) {
@@ -512,8 +498,16 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     if (integer_rows) groups_done_count += static_cast<std::size_t>(scratch.active_experts.size()) * hidden_q[n].groups();
   }
   scratch.group_panels_done.assign(groups_done_count, 0);
-  // Per worker: gate and up tiles, then one widened block.
-  const std::size_t worker_floats = round_up(2 * kChunkRows * kPanelWidth + kernels::kWidenedPanelBytes / sizeof(float), 16);
+  // Per worker: gate and up tiles, one widened block, and a chunk of rows packed for the tile
+  // kernels where the format has them.
+  const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
+  int deepest = static_cast<int>(hidden);
+  for (const NodeSlice& slice : slices_) deepest = std::max(deepest, slice.length);
+  const std::size_t packed_floats =
+      format_kernels.pack_rows ? round_up(kernels::packed_bytes(format_kernels, kChunkRows, deepest), 64) / sizeof(float)
+                               : 0;
+  const std::size_t widened_floats = kernels::kPanelWorkspaceBytes / sizeof(float);
+  const std::size_t worker_floats = round_up(2 * kChunkRows * kPanelWidth + widened_floats + packed_floats, 16);
   scratch.per_worker.ensure(worker_floats * pool.num_threads() * sizeof(float));
 
   const float* input_rows = convert_input ? scratch.input.as<float>() : static_cast<const float*>(args.input);
@@ -562,6 +556,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     float* up_tile = gate_tile + kChunkRows * kPanelWidth;
     const int group = shape_.group_size;
     float* widened = up_tile + kChunkRows * kPanelWidth;
+    float* packing = widened + widened_floats;
     const kernels::ActivationRows activate = kernels.activation.rows[static_cast<int>(shape_.activation)];
     const kernels::ActivationParams params{shape_.swiglu_alpha, shape_.swiglu_limit};
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
@@ -569,21 +564,24 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     kernels::ActivationRow rows[kChunkRows];
     float* gate_rows[kChunkRows];
     float* up_rows[kChunkRows];
-    for (int panel_index = first_panel; panel_index < end_panel; ++panel_index) {
-      const char* gate = gates + panel_index * panel_bytes;
-      const char* up = ups + panel_index * panel_bytes;
-      const int valid = std::min(kPanelWidth, slice.length - panel_index * kPanelWidth);
-      for (int chunk = first; chunk < last; chunk += kChunkRows) {
-        const int count = std::min(kChunkRows, last - chunk);
-        for (int i = 0; i < count; ++i) {
-          const std::size_t token = scratch.slot_token[chunk + i];
-          rows[i] = integer_rows ? input_q.row(input_rows + token * hidden, scratch.input_q.data(), token)
-                                 : kernels::ActivationRow{input_rows + token * hidden, nullptr, nullptr, nullptr, nullptr, nullptr};
-          gate_rows[i] = gate_tile + i * kPanelWidth;
-          up_rows[i] = up_tile + i * kPanelWidth;
-        }
-        multiply_two_panels(kernels, shape_.format, gate, up, static_cast<int>(hidden), group, rows, count, gate_rows,
-                            up_rows, false, widened);
+    // Chunk by chunk, so that rows packed for the tile kernels serve every panel of the run.
+    for (int chunk = first; chunk < last; chunk += kChunkRows) {
+      const int count = std::min(kChunkRows, last - chunk);
+      for (int i = 0; i < count; ++i) {
+        const std::size_t token = scratch.slot_token[chunk + i];
+        rows[i] = integer_rows ? input_q.row(input_rows + token * hidden, scratch.input_q.data(), token)
+                               : kernels::ActivationRow{input_rows + token * hidden, nullptr, nullptr, nullptr, nullptr, nullptr};
+        gate_rows[i] = gate_tile + i * kPanelWidth;
+        up_rows[i] = up_tile + i * kPanelWidth;
+      }
+      const void* packed =
+          kernels::pack_for_tiles(kernels[shape_.format], rows, count, static_cast<int>(hidden), packing);
+      for (int panel_index = first_panel; panel_index < end_panel; ++panel_index) {
+        const char* gate = gates + panel_index * panel_bytes;
+        const char* up = ups + panel_index * panel_bytes;
+        const int valid = std::min(kPanelWidth, slice.length - panel_index * kPanelWidth);
+        kernels::multiply_two_panels(kernels, shape_.format, gate, up, static_cast<int>(hidden), group, rows, count,
+                                     gate_rows, up_rows, false, widened, packed);
         for (int i = 0; i < count; ++i) {
           activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
                    hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
@@ -625,6 +623,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     const float* hidden_in = scratch.hidden[node].as<float>();
     float* widened = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
+    float* packing = widened + widened_floats;
     // Where the ISA reads two panels side by side, panel p goes with p + half of the run:
     // each of the two streams then walks consecutive panels, so its prefetch runs on into
     // the panel it reads next. (Neighbours paired, the first panel's stream ran into the
@@ -637,28 +636,31 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     for (uint32_t expert_index = 0; expert_index < active; ++expert_index) {
       const int expert = scratch.active_experts[expert_index];
       const int first = scratch.expert_slots[expert_index], last = scratch.expert_slots[expert_index + 1];
-      for (int step = 0; step < run - half; ++step) {
-        const bool paired = step < half;
-        const int panel_index = first_panel + (paired ? step : half + step);
-        const char* panel = slice.down.as<char>() +
-                            (static_cast<std::size_t>(expert) * hidden_panels_ + panel_index) * panel_bytes;
-        for (int chunk = first; chunk < last; chunk += kChunkRows) {
-          const int count = std::min(kChunkRows, last - chunk);
+      for (int chunk = first; chunk < last; chunk += kChunkRows) {
+        const int count = std::min(kChunkRows, last - chunk);
+        for (int i = 0; i < count; ++i) {
+          const std::size_t slot = chunk + i;
+          rows[i] = integer_rows
+                        ? hidden_q[node].row(hidden_in + slot * hidden_row, scratch.hidden_q[node].data(), slot)
+                        : kernels::ActivationRow{hidden_in + slot * hidden_row, nullptr, nullptr, nullptr, nullptr, nullptr};
+        }
+        const void* packed = kernels::pack_for_tiles(kernels[shape_.format], rows, count, slice.length, packing);
+        for (int step = 0; step < run - half; ++step) {
+          const bool paired = step < half;
+          const int panel_index = first_panel + (paired ? step : half + step);
+          const char* panel = slice.down.as<char>() +
+                              (static_cast<std::size_t>(expert) * hidden_panels_ + panel_index) * panel_bytes;
           for (int i = 0; i < count; ++i) {
-            const std::size_t slot = chunk + i;
-            rows[i] = integer_rows
-                          ? hidden_q[node].row(hidden_in + slot * hidden_row, scratch.hidden_q[node].data(), slot)
-                          : kernels::ActivationRow{hidden_in + slot * hidden_row, nullptr, nullptr, nullptr, nullptr, nullptr};
             out_rows[i] = partial + static_cast<std::size_t>(scratch.slot_token[chunk + i]) * hidden_stride_ +
                           panel_index * kPanelWidth;
             partner_out_rows[i] = out_rows[i] + half * kPanelWidth;
           }
           if (paired) {
-            multiply_two_panels(kernels, shape_.format, panel, panel + half * panel_bytes, slice.length, group, rows,
-                                count, out_rows, partner_out_rows, true, widened);
+            kernels::multiply_two_panels(kernels, shape_.format, panel, panel + half * panel_bytes, slice.length, group,
+                                         rows, count, out_rows, partner_out_rows, true, widened, packed);
           } else {
             kernels::multiply_panel(kernels, shape_.format, panel, slice.length, group, rows, count, out_rows, true,
-                                    widened);
+                                    widened, packed);
           }
         }
       }

@@ -5,8 +5,13 @@
 namespace lk::kernels {
 
 void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
-                    const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened) {
+                    const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened,
+                    const void* packed) {
   const FormatKernels& kernel = kernels[format];
+  if (packed != nullptr) {
+    kernel.packed_gemm(a_rows, packed, count, panel, depth, group, c_rows, accumulate, widened);
+    return;
+  }
   // Grouped formats widen whole groups; a group deeper than a block is multiplied unwidened.
   const int block = !is_grouped(format) ? kernel.widen_block : kernel.widen_block / group * group;
   if (kernel.widen == nullptr || count < kernel.widen_rows || block == 0) {
@@ -30,6 +35,30 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
     }
     kernel.widened_gemm(block_rows, count, widened, rows, group, c_rows, accumulate || first > 0);
   }
+}
+
+const void* pack_for_tiles(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
+                           void* buffer) {
+  if (kernels.pack_rows == nullptr || count < kernels.packed_rows) return nullptr;
+  kernels.pack_rows(a_rows, count, depth, buffer);
+  return buffer;
+}
+
+void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const void* first, const void* second,
+                         int depth, int group, const ActivationRow* a_rows, int count, float* const* first_rows,
+                         float* const* second_rows, bool accumulate, void* widened, const void* packed) {
+  const FormatKernels& kernel = kernels[format];
+  if (packed != nullptr) {
+    kernel.packed_gemm_pair(a_rows, packed, count, first, second, depth, group, first_rows, second_rows, accumulate,
+                            widened);
+    return;
+  }
+  if (count <= kernel.pair_rows) {
+    kernel.gemm_pair(a_rows, count, first, second, depth, group, first_rows, second_rows, accumulate);
+    return;
+  }
+  multiply_panel(kernels, format, first, depth, group, a_rows, count, first_rows, accumulate, widened);
+  multiply_panel(kernels, format, second, depth, group, a_rows, count, second_rows, accumulate, widened);
 }
 
 }  // namespace lk::kernels

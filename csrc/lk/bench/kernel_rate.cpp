@@ -11,6 +11,7 @@
 
 #include "lk/cpu_features.h"
 #include "lk/formats.h"
+#include "lk/host_buffer.h"
 #include "lk/kernels/kernels.h"
 
 namespace lk::bench {
@@ -36,9 +37,11 @@ const kernels::KernelSet& kernels_for(const std::string& isa_text) {
 
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
 // over their whole range, every scale (and INT4 offset) 1/64. The value bytes are a whole
-// number of 64-byte lines (formats.h), so they fill two bytes at a time.
-std::vector<uint8_t> random_panel(WeightFormat format, int depth, std::mt19937& rng) {
-  std::vector<uint8_t> panel(panel_bytes(format, depth, kGroup));
+// number of 64-byte lines (formats.h), so they fill two bytes at a time. Page-aligned, as
+// the engine's panels and buffers are (tile loads across lines took 2-3x as long).
+HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
+  HostBuffer buffer(panel_bytes(format, depth, kGroup));
+  uint8_t* panel = buffer.as<uint8_t>();
   const std::size_t values = panel_value_bytes(format, depth);
   for (std::size_t i = 0; i < values; i += 2) {
     const uint32_t r = rng();
@@ -55,11 +58,17 @@ std::vector<uint8_t> random_panel(WeightFormat format, int depth, std::mt19937& 
       std::memcpy(&panel[i], &v, 4);
     }
   }
-  for (std::size_t i = values; i + 4 <= panel.size(); i += 4) {
+  for (std::size_t i = values; i + 4 <= buffer.size(); i += 4) {
     const float scale = 1.0f / 64;
     std::memcpy(&panel[i], &scale, 4);
   }
-  return panel;
+  return buffer;
+}
+
+// Whether the engine multiplies an expert's gate and up panels side by side for `rows`
+// rows: by the tile kernels (kernels::multiply_two_panels), or the pair kernel.
+bool reads_two_panels(const kernels::FormatKernels& kernel, int rows) {
+  return (kernel.pack_rows != nullptr && rows >= kernel.packed_rows) || rows <= kernel.pair_rows;
 }
 
 }  // namespace
@@ -73,13 +82,13 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
     throw std::invalid_argument("rows must be 1.." + std::to_string(kernels::kMaxPanelRows));
   }
   if (depth < 1) throw std::invalid_argument("depth must be positive");
-  if (pair && rows > kernel.pair_rows) {
-    throw std::invalid_argument(format_text + " on " + isa + " reads two panels for at most " +
-                                std::to_string(kernel.pair_rows) + " rows");
+  if (pair && !reads_two_panels(kernel, rows)) {
+    throw std::invalid_argument(format_text + " on " + isa + " does not read two panels side by side for " +
+                                std::to_string(rows) + " rows");
   }
   std::mt19937 rng(12345);
-  const std::vector<uint8_t> first = random_panel(format, depth, rng);
-  const std::vector<uint8_t> second = random_panel(format, depth, rng);
+  const HostBuffer first = random_panel(format, depth, rng);
+  const HostBuffer second = random_panel(format, depth, rng);
 
   // Activation rows: fp32 values and their integer form per group (and, for 8-bit formats,
   // as bytes in quad order with their sums per span), zero past `depth` up to a multiple of
@@ -98,7 +107,7 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   std::vector<kernels::ActivationRow> a(rows);
   std::vector<float> out(static_cast<std::size_t>(rows) * 2 * kPanelWidth);
   std::vector<float*> c_first(rows), c_second(rows);
-  std::vector<uint8_t> widened(kernels::kWidenedPanelBytes);
+  HostBuffer widened(kernels::kPanelWorkspaceBytes);
   for (int r = 0; r < rows; ++r) {
     const std::size_t row = static_cast<std::size_t>(r) * padded;
     for (int k = 0; k < depth; ++k) {
@@ -113,13 +122,17 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
     c_second[r] = c_first[r] + kPanelWidth;
   }
 
+  // Where tile kernels take this many rows, the rows are packed once, as the engine packs a
+  // chunk once for all the panels of a task: the packing is not timed.
+  HostBuffer packing(kernel.pack_rows != nullptr ? kernels::packed_bytes(kernel, rows, depth) : 0);
+  const void* packed = kernels::pack_for_tiles(kernel, a.data(), rows, depth, packing.data());
   auto call = [&] {
     if (pair) {
-      kernel.gemm_pair(a.data(), rows, first.data(), second.data(), depth, kGroup, c_first.data(), c_second.data(),
-                       false);
+      kernels::multiply_two_panels(kernel_set, format, first.data(), second.data(), depth, kGroup, a.data(), rows,
+                                   c_first.data(), c_second.data(), false, widened.data(), packed);
     } else {
       kernels::multiply_panel(kernel_set, format, first.data(), depth, kGroup, a.data(), rows, c_first.data(), false,
-                              widened.data());
+                              widened.data(), packed);
     }
   };
   using Clock = std::chrono::steady_clock;
@@ -146,8 +159,8 @@ std::size_t kernel_panel_bytes(const std::string& format, int depth) {
   return panel_bytes(parse_format(format), depth, kGroup);
 }
 
-int kernel_pair_rows(const std::string& isa, const std::string& format_text) {
-  return kernels_for(isa)[parse_format(format_text)].pair_rows;
+bool kernel_reads_two_panels(const std::string& isa, const std::string& format_text, int rows) {
+  return reads_two_panels(kernels_for(isa)[parse_format(format_text)], rows);
 }
 
 }  // namespace lk::bench

@@ -12,16 +12,19 @@ namespace lk::bench {
 // kernels of `isa` ("GENERIC", "AVX2", ...) for weight `format` (format_name: "bfloat16",
 // "int8", ...) multiplying `rows` activation rows by a random panel `depth` inputs deep
 // (quantization group 128) as the engine does (kernels::multiply_panel: widening where
-// prefill does). `pair`: through gemm_pair, two panels side by side, counted
-// per panel. Best of 15 timings of about `seconds` / 15 each. Throws std::invalid_argument for
-// an ISA the CPU lacks, an unknown format, rows outside 1..64 or above pair_rows with `pair`.
+// prefill does, tile kernels where they take the rows, with the rows packed once and the
+// packing not timed). `pair`: two panels side by side (kernels::multiply_two_panels),
+// counted per panel. Best of 15 timings of about `seconds` / 15 each. Throws
+// std::invalid_argument for an ISA the CPU lacks, an unknown format, rows outside 1..64, or
+// `pair` for rows the kernels do not read two panels side by side for.
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,
                                double seconds);
 
 // Bytes of one such panel, values plus scales (and INT4 offsets), as the engine stores it.
 std::size_t kernel_panel_bytes(const std::string& format, int depth);
 
-// Most rows the kernel of `isa` for `format` reads two panels side by side for (0: none).
-int kernel_pair_rows(const std::string& isa, const std::string& format);
+// Whether the kernels of `isa` for `format` read two panels side by side for `rows` rows
+// (the pair kernel of decode, or the tile kernels).
+bool kernel_reads_two_panels(const std::string& isa, const std::string& format, int rows);
 
 }  // namespace lk::bench

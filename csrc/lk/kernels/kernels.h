@@ -63,10 +63,33 @@ constexpr int kWidenedValueBytes = 16384;
 constexpr std::size_t kWidenedPanelBytes =
     kWidenedValueBytes + 2 * (kWidenedValueBytes / kPanelWidth / 16) * kPanelWidth * sizeof(float);
 
+// A tile kernel's workspace: each panel's weights widened for the tiles and the tiles'
+// sums, both for two blocks of inputs (one being multiplied, the next being widened and the
+// last being finished meanwhile).
+constexpr std::size_t kTileWorkspaceBytes = 48 * 1024;
+// What a worker holds for either: the `widened` argument of multiply_panel and
+// multiply_two_panels.
+constexpr std::size_t kPanelWorkspaceBytes =
+    kWidenedPanelBytes > kTileWorkspaceBytes ? kWidenedPanelBytes : kTileWorkspaceBytes;
+
 // c_first as PanelGemm with `first`, and c_second with `second`, for rows up to
 // FormatKernels::pair_rows: the two panels are read side by side.
 using PanelPairGemm = void (*)(const ActivationRow* a_rows, int rows, const void* first, const void* second,
                                int depth, int group, float* const* c_first, float* const* c_second, bool accumulate);
+
+// Tile kernels (AMX) load activation rows from memory at a fixed stride, so they multiply
+// rows packed for them: the engine packs a chunk of rows once (pack_rows) and hands the
+// packing to every panel it multiplies by that chunk, as packing for each panel would cost
+// about as much as the multiply. `packed` holds packed_bytes(kernels, rows, depth) bytes.
+using PackRows = void (*)(const ActivationRow* a_rows, int rows, int depth, void* packed);
+// c_rows[r] (+)= a_rows[r] x panel as PanelGemm, the rows read from `packed` (and, for
+// their scales and sums, a_rows); `workspace` holds kTileWorkspaceBytes.
+using PackedGemm = void (*)(const ActivationRow* a_rows, const void* packed, int rows, const void* panel, int depth,
+                            int group, float* const* c_rows, bool accumulate, void* workspace);
+// Two panels of the same depth by the same packed rows, into c_first and c_second.
+using PackedPairGemm = void (*)(const ActivationRow* a_rows, const void* packed, int rows, const void* first,
+                                const void* second, int depth, int group, float* const* c_first,
+                                float* const* c_second, bool accumulate, void* workspace);
 
 struct FormatKernels {
   PanelGemm gemm;
@@ -78,7 +101,30 @@ struct FormatKernels {
   bool integer_rows;          // gemm reads the quantized ActivationRow fields
   PanelPairGemm gemm_pair;    // null where the ISA reads one panel at a time
   int pair_rows;              // most rows gemm_pair takes (0 without it)
+  PackRows pack_rows;         // null where no tile kernel exists
+  PackedGemm packed_gemm;     // multiplies rows pack_rows packed
+  PackedPairGemm packed_gemm_pair;
+  int packed_rows;            // fewest rows the engine packs for packed_gemm
+  int packed_input_bytes;     // bytes of one input of one packed row
 };
+
+// Packed rows: one 64-byte line that pack_rows fills for its kernels (what it found out
+// about the rows), then the rows: each packed_input_bytes bytes per input over depth
+// rounded up to 64 inputs, so that every row (and every plane of a row the kernels split
+// into planes) starts a line, as many rows as fill whole tiles of kTileRows, and one
+// line more, which a tile row may read past the end.
+constexpr int kTileRows = 16;
+constexpr int kTileRowBytes = 64;
+inline std::size_t packed_row_stride(int input_bytes, int depth) {
+  return (static_cast<std::size_t>(depth) + kTileRowBytes - 1) / kTileRowBytes * kTileRowBytes * input_bytes;
+}
+inline std::size_t packed_row_stride(const FormatKernels& kernels, int depth) {
+  return packed_row_stride(kernels.packed_input_bytes, depth);
+}
+inline std::size_t packed_bytes(const FormatKernels& kernels, int rows, int depth) {
+  const std::size_t tiles = (static_cast<std::size_t>(rows) + kTileRows - 1) / kTileRows;
+  return kTileRowBytes + tiles * kTileRows * packed_row_stride(kernels, depth) + kTileRowBytes;
+}
 
 struct ActivationParams {
   float swiglu_alpha;
@@ -111,15 +157,32 @@ constexpr int kMaxPanelRows = 64;
 // c_rows[r] (+)= a_rows[r] x panel for `count` <= kMaxPanelRows rows, as the engine
 // multiplies: rows that fit one pass (decode) convert the weights while streaming them;
 // more rows (prefill) would convert them once per pass, so where the kernels widen, the
-// panel is widened block by block into `widened` (kWidenedPanelBytes) and multiplied there.
+// panel is widened block by block into `widened` (kPanelWorkspaceBytes) and multiplied there.
+// `packed`: the rows as the format's pack_rows packed them, or null; where given, the tile
+// kernel multiplies them.
 void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
-                    const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened);
+                    const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened,
+                    const void* packed = nullptr);
+
+// The rows packed into `buffer` (packed_bytes) for the format's tile kernels where those
+// take `count` rows, else null: what multiply_panel and multiply_two_panels take as
+// `packed`.
+const void* pack_for_tiles(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
+                           void* buffer);
+
+// Two panels of the same depth times the same rows into first_rows and second_rows (an
+// expert's gate and up, or two of its down panels): side by side where the kernels read
+// two panels at once for this many rows, by the tile kernels where `packed`.
+void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const void* first, const void* second,
+                         int depth, int group, const ActivationRow* a_rows, int count, float* const* first_rows,
+                         float* const* second_rows, bool accumulate, void* widened, const void* packed = nullptr);
 
 // Per ISA x format tables, each defined in its own file, and per ISA activations.
 extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8;
 extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8;
 extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8;
 extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4;
+extern const FormatKernels amx_bf16, amx_int8, amx_int4;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;
 
 }  // namespace lk::kernels

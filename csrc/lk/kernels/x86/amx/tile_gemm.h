@@ -1,0 +1,602 @@
+// AMX prefill: one or two panels times up to kMaxPanelRows packed activation rows, in
+// tiles. One tile instruction multiplies 16 rows x 64 bytes of activations by 16 rows x 64
+// bytes of weights (a panel's 16 columns, several inputs per 32-bit lane) into 16 x 16
+// sums: 16K byte products or 8K bf16 ones, where an AVX-512 instruction makes 64 or 16.
+//
+// Decode (few rows) keeps the AVX-512 panel kernels: it streams each weight once, and a
+// tile would mostly multiply padding. The engine packs the rows of a chunk once
+// (kernels.h, PackRows) for all the panels it multiplies. A call walks its panels in
+// blocks of inputs (Tiles::kBlockInputs): a block's weights are widened into whole weight
+// tiles in `workspace` (zero past the block's last input, so whatever activations a tile
+// row reads there add nothing), and the tiles of rows run over them, two row tiles at a
+// time. While the tiles multiply block b, the core widens block b + 1 (and, for the
+// integer formats, finishes block b - 1), a share at every tile step: done one after the
+// other, the tiles stood idle most of the time. With two panels (an expert's gate and
+// up, or two of its down panels) four sum tiles take each tile of rows and of weights
+// twice, which halves what the activations cost to load (from L2: at one panel per load
+// they held a tile multiply to 7-10 ns against its 4.3).
+//
+// Integer formats compute the integer sums of the AVX-512 VNNI kernels exactly, a span at
+// a time, and finish them with the same fp32 operations (PanelKernels::group and ::flush,
+// per span and row), so a token's result is the same bits whether the tiles or the VNNI
+// kernels multiplied it. bf16 keeps its fp32 sums in the tiles over the whole depth and
+// adds them to the outputs at the end. Its fp32 activations are multiplied as the sum of
+// two bf16 values, the second their rounding error, which leaves each within 2^-18 of
+// its value where one bf16 (as vLLM's AMX MoE kernel rounds them) moves it by up to 2^-9;
+// the second plane is skipped for a chunk whose activations bf16 holds exactly (a bf16
+// model's inputs to gate and up).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+
+#include "lk/kernels/panel_gemm.h"
+#include "lk/kernels/x86/amx/tiles.h"
+
+namespace lk::kernels {
+namespace {
+
+// Sum tiles 0-3 (tile 2t + p: the pass's row tile t, panel p), activation tiles 4 and 5,
+// weight tiles 6 and 7.
+constexpr int kMaxRowTiles = kMaxPanelRows / kTileRows;
+constexpr int kWeightTileBytes = kTileRows * kTileRowBytes;
+constexpr int kSumRowBytes = kPanelWidth * 4;
+constexpr int kSumTileBytes = kTileRows * kSumRowBytes;
+// One panel's sums for every row a call takes.
+constexpr int kPanelSumBytes = kMaxRowTiles * kSumTileBytes;
+
+struct SignedUnsigned {
+  template <int C, int A, int B>
+  static void dot() { tile_dot_signed_unsigned<C, A, B>(); }
+};
+struct SignedSigned {
+  template <int C, int A, int B>
+  static void dot() { tile_dot_signed_signed<C, A, B>(); }
+};
+struct UnsignedSigned {
+  template <int C, int A, int B>
+  static void dot() { tile_dot_unsigned_signed<C, A, B>(); }
+};
+struct Bf16Pairs {
+  template <int C, int A, int B>
+  static void dot() { tile_dot_bf16<C, A, B>(); }
+};
+
+// The sum tiles of a pass of PassTiles row tiles over Panels panels: zeroed, or stored to
+// `sums` (per panel kPanelSumBytes), rows from `first_row`.
+template <int PassTiles, int Panels>
+inline void zero_pass() {
+  tile_zero<0>();
+  if constexpr (Panels > 1) tile_zero<1>();
+  if constexpr (PassTiles > 1) tile_zero<2>();
+  if constexpr (PassTiles > 1 && Panels > 1) tile_zero<3>();
+}
+template <int PassTiles, int Panels>
+inline void store_pass(uint8_t* sums, int first_row) {
+  uint8_t* rows = sums + static_cast<long>(first_row) * kSumRowBytes;
+  tile_store<0>(rows, kSumRowBytes);
+  if constexpr (Panels > 1) tile_store<1>(rows + kPanelSumBytes, kSumRowBytes);
+  if constexpr (PassTiles > 1) tile_store<2>(rows + kSumTileBytes, kSumRowBytes);
+  if constexpr (PassTiles > 1 && Panels > 1) tile_store<3>(rows + kPanelSumBytes + kSumTileBytes, kSumRowBytes);
+}
+
+// 64 bytes as two vectors of 16 words, interleaved into 16 32-bit lanes, each holding the
+// first's word in its low half and the second's in its high half: two rows of a panel
+// (bf16, or an INT8 pair of rows each) as tiles pair them.
+inline __m512i interleave_words(const uint8_t* first) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, _mm512_loadu_si512(first));
+}
+
+// What a format's tiles multiply. kBlockInputs: inputs of a block (whole spans, for the
+// integer formats); kInputBytes: bytes a packed row takes per input, in kPlanes planes of
+// equal size; kInputsPerTileRow: inputs one 64-byte tile row holds; kStoredBytes: bytes a
+// panel stores per input; pack() writes one packed row and returns how many of its planes
+// are not all zero; weight_rows() is how many weight-tile rows the panel's inputs [start,
+// stop) make and weight_row() one of them; Dot<plane> multiplies a plane.
+
+// INT4: the activations' quads (signed bytes, in kInt4QuadOrder) times the weights as
+// unsigned bytes q (Decode::quads, one weight-tile row per stored block of 4 inputs, the
+// same order): tdpbsud gives the integer sums vpdpbusd does, from which the kernels take
+// the bias off.
+template <class Decode>
+struct Int4Tiles {
+  static constexpr int kBlockInputs = kIntegerSpan;
+  static constexpr int kInputBytes = 1;
+  static constexpr int kPlanes = 1;
+  static constexpr int kInputsPerTileRow = 64;
+  static constexpr int kStoredBytes = kInt4BytesPerBlock / kInt4RowsPerBlock;
+  template <int Plane>
+  using Dot = SignedUnsigned;
+  static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
+    const int bytes = (depth + 3) / 4 * 4;  // ActivationRow: zero up to a multiple of 4
+    std::memcpy(row, a.quads, bytes);
+    std::memset(row + bytes, 0, stride - bytes);
+    return kPlanes;
+  }
+  // Inputs [start, stop) are multiples of 4 (a block each).
+  static int weight_rows(int start, int stop) { return (stop - start) / 4; }
+  static __m512i weight_row(const uint8_t* panel, int start, int i) {
+    __m512i quads[1];
+    Decode::quads(panel + static_cast<long>(start / 4 + i) * kInt4BytesPerBlock, quads);
+    return quads[0];
+  }
+  static __m512i sums(const uint8_t* plane_sums, long) { return _mm512_loadu_si512(plane_sums); }
+};
+
+// INT8: int16 activations times int8 weights, as tiles multiply bytes only: each
+// activation x = 256 h + l with h signed and l unsigned bytes, in two planes; the sums of
+// h (tdpbssd) times 256 plus those of l (tdpbusd) are the sums of x exactly (a span's
+// sums stay below 2^31, kernels.h). Weight-tile rows are four inputs per column, two
+// stored pairs of rows interleaved.
+struct Int8Tiles {
+  static constexpr int kBlockInputs = kIntegerSpan;
+  static constexpr int kInputBytes = 2;
+  static constexpr int kPlanes = 2;
+  static constexpr int kInputsPerTileRow = 64;
+  static constexpr int kStoredBytes = kPanelWidth;
+  template <int Plane>
+  using Dot = std::conditional_t<Plane == 0, SignedSigned, UnsignedSigned>;
+  static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
+    const long plane = stride / 2;
+    int8_t* high = reinterpret_cast<int8_t*>(row);
+    uint8_t* low = row + plane;
+    const int padded = (depth + 3) / 4 * 4;  // ActivationRow: zero up to a multiple of 4
+    int k = 0;
+    for (; k + 32 <= padded; k += 32) {
+      const __m512i q = _mm512_loadu_si512(a.q + k);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(high + k), _mm512_cvtepi16_epi8(_mm512_srai_epi16(q, 8)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(low + k), _mm512_cvtepi16_epi8(_mm512_and_si512(q, _mm512_set1_epi16(0xff))));
+    }
+    for (; k < padded; ++k) {
+      high[k] = static_cast<int8_t>(a.q[k] >> 8);
+      low[k] = static_cast<uint8_t>(a.q[k] & 0xff);
+    }
+    std::memset(high + padded, 0, plane - padded);
+    std::memset(low + padded, 0, plane - padded);
+    return kPlanes;
+  }
+  // Inputs [start, stop) are multiples of 4 but for the panel's last pair, whose partner
+  // pair lies in the zeroed padding of its values (formats.h).
+  static int weight_rows(int start, int stop) { return (stop - start + 3) / 4; }
+  static __m512i weight_row(const uint8_t* panel, int start, int i) {
+    return interleave_words(panel + static_cast<long>(start / 2 + 2 * i) * kInt8RowsPerBlock * kPanelWidth);
+  }
+  // A row's sums: the high plane's times 256 plus the low plane's (`plane` bytes on).
+  static __m512i sums(const uint8_t* plane_sums, long plane) {
+    return _mm512_add_epi32(_mm512_slli_epi32(_mm512_loadu_si512(plane_sums), 8),
+                            _mm512_loadu_si512(plane_sums + plane));
+  }
+};
+
+// bf16: each fp32 activation as bf16 (nearest even) in the first plane and the bf16 of
+// what that misses in the second, two inputs per 32-bit lane; weight-tile rows are two
+// panel rows interleaved. An odd depth's last row pairs with the zeroed padding of the
+// values (formats.h: whole 64-byte lines). Blocks of 128 inputs: with 256, the double-
+// buffered weights of two panels took 32 KiB of the L1, and 16 rows ran 1.3x as long.
+struct Bf16Tiles {
+  static constexpr int kBlockInputs = 128;
+  static constexpr int kInputBytes = 4;
+  static constexpr int kPlanes = 2;
+  static constexpr int kInputsPerTileRow = 32;
+  static constexpr int kStoredBytes = kPanelWidth * 2;
+  template <int Plane>
+  using Dot = Bf16Pairs;
+  static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
+    const long plane = stride / 2;
+    __m512i rests = _mm512_setzero_si512();
+    for (int k = 0; k < depth; k += 32) {
+      const int left = depth - k;
+      const __mmask16 low = left >= 16 ? 0xffff : (1u << left) - 1;
+      const __mmask16 high = left >= 32 ? 0xffff : left > 16 ? (1u << (left - 16)) - 1 : 0;
+      const __m512 x0 = _mm512_maskz_loadu_ps(low, a.values + k), x1 = _mm512_maskz_loadu_ps(high, a.values + k + 16);
+      const __m512bh pairs = _mm512_cvtne2ps_pbh(x1, x0);
+      const __m512i hi = (__m512i)pairs;
+      const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
+      const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+      const __m512bh rest = _mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+      _mm512_storeu_si512(row + 2 * k, hi);
+      _mm512_storeu_si512(row + plane + 2 * k, (__m512i)rest);
+      rests = _mm512_or_si512(rests, (__m512i)rest);
+    }
+    const long written = (depth + 31) / 32 * 64;
+    std::memset(row + written, 0, plane - written);
+    std::memset(row + plane + written, 0, plane - written);
+    return _mm512_test_epi32_mask(rests, rests) ? 2 : 1;
+  }
+  static int weight_rows(int start, int stop) { return (stop - start + 1) / 2; }
+  static __m512i weight_row(const uint8_t* panel, int start, int i) {
+    return interleave_words(panel + static_cast<long>(start + 2 * i) * kPanelWidth * 2);
+  }
+};
+
+// The blocks of a panel `depth` inputs deep: pieces of `block` inputs (an integer span at
+// most) of each quantization group in order (a float format is one group).
+struct BlockWalk {
+  int depth, group, end_of_values, block;
+  int first = 0, index = 0, start = 0;
+  int group_end() const { return end_of_values - first < group ? end_of_values : first + group; }
+  int stop() const { return group_end() - start < block ? group_end() : start + block; }
+  bool last_of_group() const { return stop() == group_end(); }
+  bool done() const { return first >= depth; }
+  void advance() {
+    start += block;
+    if (start < group_end()) return;
+    first += group;
+    ++index;
+    start = first;
+  }
+};
+
+template <class Simd, class Decode, class Tiles>
+struct TileKernels {
+  using Panel = PanelKernels<Simd, Decode>;
+  using Vec = typename Simd::Vec;
+  using IVec = typename Simd::IVec;
+  static_assert(Panel::kVecs == 1, "a panel row is one vector");
+  static constexpr long kWeightBytes = (Tiles::kBlockInputs / Tiles::kInputsPerTileRow) * kWeightTileBytes;
+  static constexpr long kSumBytes = Tiles::kPlanes * 2L * kPanelSumBytes;
+  // Two blocks' widened weights of two panels, then two blocks' sums.
+  static_assert(2 * 2 * kWeightBytes + 2 * kSumBytes <= static_cast<long>(kTileWorkspaceBytes),
+                "the tile workspace holds what the pipeline keeps");
+  // How many blocks on the panels' lines are fetched while a block is multiplied.
+  static constexpr int kFetchBlocks = 2;
+
+  static long row_stride(int depth) { return static_cast<long>(packed_row_stride(Tiles::kInputBytes, depth)); }
+
+  // What the packing found out, in the packed rows' first line (kernels.h).
+  struct Packing {
+    int planes;  // planes holding anything but zeros: the last ones may not
+  };
+
+  static void pack(const ActivationRow* a, int rows, int depth, void* out) {
+    uint8_t* packed = static_cast<uint8_t*>(out) + kTileRowBytes;
+    const long stride = row_stride(depth);
+    int planes = 1;
+    for (int r = 0; r < rows; ++r) {
+      const int used = Tiles::pack(a[r], depth, packed + r * stride, stride);
+      planes = used > planes ? used : planes;
+    }
+    const int padded_rows = (rows + kTileRows - 1) / kTileRows * kTileRows;
+    std::memset(packed + rows * stride, 0, (padded_rows - rows) * stride + kTileRowBytes);
+    const Packing packing{planes};
+    std::memcpy(out, &packing, sizeof packing);
+  }
+
+  // One call's panels, outputs and buffers.
+  template <int Panels>
+  struct Call {
+    const ActivationRow* a;
+    const uint8_t* packed;  // the rows, past the packing's first line
+    int planes;             // Packing::planes
+    int rows, depth, group;
+    const uint8_t* const* panels;
+    float* const* const* c;
+    uint8_t* weights[2];  // by block parity: Panels x kWeightBytes
+    uint8_t* sums[2];     // by block parity: kSumBytes
+  };
+
+  // What the core does while the tiles multiply a block: widen the next block (weight rows
+  // of each panel, then zero rows to a whole tile), finish the previous one (per output
+  // row and panel), and fetch the panels' lines further on, each a share per tile step.
+  template <int Panels>
+  struct Overlap {
+    const Call<Panels>* call;
+    // Widening: block `next` into call->weights[next_parity]: `widen_rows` rows per panel,
+    // `next_rows` of them real, the rest zero.
+    BlockWalk next;
+    bool widening = false;
+    int next_parity = 0, next_rows = 0, widen_rows = 0, widen_share = 0;
+    int widen_panel = 0, widen_row = 0;  // the next row to widen
+    // Finishing: block `last` from call->sums[last_parity], output rows in order.
+    BlockWalk last;
+    bool finishing = false, add = false;
+    int last_parity = 0, finish_share = 0;
+    int finish_panel = 0, finish_row = 0;  // the next output row to finish
+    typename Panel::Group groups[Panels];
+    // Fetching: each panel's lines from next_line up to end_line.
+    const uint8_t* next_line[Panels];
+    const uint8_t* end_line[Panels];
+    int fetch_share = 0;
+
+    void step() {
+      widen(widen_share);
+      finish(finish_share);
+      for (int p = 0; p < Panels; ++p) {
+        for (int line = 0; line < fetch_share && next_line[p] < end_line[p]; ++line, next_line[p] += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(next_line[p]), _MM_HINT_T0);
+        }
+      }
+    }
+    // Block `block` is next to widen, into weights[parity], over `work_steps` tile steps.
+    void widen_next(const BlockWalk& block, int parity, int work_steps) {
+      next = block;
+      widening = !block.done();
+      next_parity = parity;
+      next_rows = widening ? Tiles::weight_rows(block.start, block.stop()) : 0;
+      widen_rows = (next_rows + kTileRows - 1) / kTileRows * kTileRows;
+      widen_panel = widen_row = 0;
+      widen_share = (Panels * widen_rows + work_steps - 1) / work_steps;
+    }
+    // Block `block` is next to finish, from sums[parity], adding to the outputs where `add`.
+    void finish_next(const BlockWalk& block, int parity, bool add_to_outputs) {
+      last = block;
+      finishing = true;
+      add = add_to_outputs;
+      last_parity = parity;
+      finish_panel = finish_row = 0;
+      if constexpr (Panel::kInteger) {
+        for (int p = 0; p < Panels; ++p) groups[p] = Panel::group(call->panels[p], call->depth, call->group, block.index);
+      }
+    }
+    void complete() {
+      widen(Panels * widen_rows);
+      finish(call->rows * Panels);
+    }
+    // While `block` is multiplied over `work_steps` tile steps: widen the one after it into
+    // weights[parity ^ 1], finish the one before it, fetch lines kFetchBlocks blocks on.
+    void overlap_block(const BlockWalk& block, int parity, int work_steps) {
+      BlockWalk following = block;
+      following.advance();
+      widen_next(following, parity ^ 1, work_steps);
+      finish_share = (call->rows * Panels + work_steps - 1) / work_steps;
+      const long block_bytes = static_cast<long>(Tiles::kBlockInputs) * Tiles::kStoredBytes;
+      for (int p = 0; p < Panels; ++p) {
+        next_line[p] = call->panels[p] + static_cast<long>(block.start) * Tiles::kStoredBytes + kFetchBlocks * block_bytes;
+        end_line[p] = next_line[p] + block_bytes;
+      }
+      fetch_share = static_cast<int>((block_bytes / 64 + work_steps - 1) / work_steps);
+    }
+
+    // The loops keep their state in locals: stored through `this`, it would be reloaded
+    // after every 64-byte store (which might alias it), and a widened row took ~9 cycles.
+    void widen(int count) {
+      if (!widening) return;
+      int p = widen_panel, i = widen_row;
+      const int start = next.start, real = next_rows, rows = widen_rows;
+      uint8_t* const out = call->weights[next_parity];
+      while (count > 0 && p < Panels) {
+        const uint8_t* panel = call->panels[p];
+        uint8_t* panel_out = out + p * kWeightBytes;
+        const int end = i + count < rows ? i + count : rows;
+        count -= end - i;
+        for (; i < end; ++i) {
+          _mm512_storeu_si512(panel_out + static_cast<long>(i) * kTileRowBytes,
+                              i < real ? Tiles::weight_row(panel, start, i) : _mm512_setzero_si512());
+        }
+        if (i == rows) {
+          i = 0;
+          ++p;
+        }
+      }
+      widen_panel = p;
+      widen_row = i;
+    }
+
+    void finish(int count) {
+      if (!finishing) return;
+      int p = finish_panel, r = finish_row;
+      while (count > 0 && p < Panels) {
+        const int end = r + count < call->rows ? r + count : call->rows;
+        count -= end - r;
+        for (; r < end; ++r) finish_output_row(p, r);
+        if (r == call->rows) {
+          r = 0;
+          ++p;
+        }
+      }
+      finish_panel = p;
+      finish_row = r;
+    }
+
+    // Output row r of panel p += the finished span's integer sums, scaled (the integer
+    // formats; bf16 keeps its sums in the tiles).
+    void finish_output_row(int p, int r) const {
+      if constexpr (Panel::kInteger) {
+        const uint8_t* sums = call->sums[last_parity] + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
+        float* const* out = call->c[p] + r;
+        const ActivationRow& row = call->a[r];
+        IVec acc = Tiles::sums(sums, 2L * kPanelSumBytes);
+        if constexpr (Panel::kQuads) {
+          const int span = span_index(last.group, last.index, last.start - last.first);
+          acc = Simd::isub(acc, Simd::iset1(Decode::kQuadBias * row.span_sums[span]));
+        }
+        const Vec row_sums[1][1] = {{Simd::to_float(acc)}};
+        const Vec scale[1][1] = {{Simd::mul(groups[p].scale[0], Simd::set1(row.scale[last.index]))}};
+        Panel::template flush<1>(row_sums, scale, out, add);
+        if constexpr (has_offsets(Decode::kFormat)) {
+          if (last.last_of_group()) {
+            const Vec offsets[1][1] = {{groups[p].offset[0]}};
+            const Vec activation_sums[1][1] = {{Simd::set1(row.sum[last.index])}};
+            Panel::template flush<1>(offsets, activation_sums, out, true);
+          }
+        }
+      }
+    }
+  };
+
+  static BlockWalk first_block(int depth, int group) {
+    return BlockWalk{depth, Panel::kInteger ? group : depth, Panel::padded(depth), Tiles::kBlockInputs};
+  }
+  static int block_steps(const BlockWalk& block) {
+    return (Tiles::weight_rows(block.start, block.stop()) + kTileRows - 1) / kTileRows;
+  }
+
+  // Integer formats: block by block, every row tile and plane, the sums stored per span.
+  template <int RowTiles, int Panels>
+  static void multiply_integers(const Call<Panels>& call, bool accumulate) {
+    const TileShapes shapes;
+    const long stride = row_stride(call.depth);
+    Overlap<Panels> overlap{};
+    overlap.call = &call;
+    BlockWalk block = first_block(call.depth, call.group);
+    overlap.widen_next(block, 0, 1);
+    overlap.complete();
+    bool add = accumulate;
+    for (int parity = 0; !block.done(); block.advance(), parity ^= 1) {
+      const int steps = block_steps(block);
+      overlap.overlap_block(block, parity, steps * Tiles::kPlanes * ((RowTiles + 1) / 2));
+      multiply_block<RowTiles, Panels>(call, stride, block, steps, call.weights[parity], call.sums[parity], overlap);
+      overlap.complete();
+      overlap.finish_next(block, parity, add);
+      add = true;
+    }
+    overlap.widening = false;
+    overlap.complete();
+  }
+
+  // bf16: a pass of up to two row tiles runs over every block with its sums held in their
+  // tiles, and the outputs get them once, at the pass's end (stored and added per block,
+  // in cache, 32 and 64 rows took 1.3-1.4x as long).
+  template <int RowTiles, int Panels>
+  static void multiply_floats(const Call<Panels>& call, bool accumulate) {
+    const TileShapes shapes;
+    Overlap<Panels> overlap{};
+    overlap.call = &call;
+    float_pass<(RowTiles > 1 ? 2 : 1), Panels>(call, 0, accumulate, overlap);
+    if constexpr (RowTiles > 2) float_pass<RowTiles - 2, Panels>(call, 2, accumulate, overlap);
+  }
+
+  template <int PassTiles, int Panels>
+  static void float_pass(const Call<Panels>& call, int first_tile, bool accumulate, Overlap<Panels>& overlap) {
+    const long stride = row_stride(call.depth);
+    const uint8_t* rows = call.packed + static_cast<long>(first_tile) * kTileRows * stride;
+    BlockWalk block = first_block(call.depth, call.group);
+    overlap.widen_next(block, 0, 1);
+    overlap.complete();
+    zero_pass<PassTiles, Panels>();
+    for (int parity = 0; !block.done(); block.advance(), parity ^= 1) {
+      const int steps = block_steps(block);
+      overlap.overlap_block(block, parity, call.planes * steps);
+      const uint8_t* block_rows = rows + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
+      pass_steps<PassTiles, Panels, 0>(block_rows, stride, call.weights[parity], steps, overlap);
+      if (call.planes > 1) {
+        pass_steps<PassTiles, Panels, 1>(block_rows + stride / 2, stride, call.weights[parity], steps, overlap);
+      }
+      overlap.complete();
+    }
+    const int first_row = first_tile * kTileRows;
+    store_pass<PassTiles, Panels>(call.sums[0], first_row);
+    const int end_row = first_row + PassTiles * kTileRows < call.rows ? first_row + PassTiles * kTileRows : call.rows;
+    for (int p = 0; p < Panels; ++p) {
+      const float* sums = reinterpret_cast<const float*>(call.sums[0] + p * kPanelSumBytes);
+      for (int r = first_row; r < end_row; ++r) {
+        const Vec row_sums = Simd::load(sums + r * kPanelWidth);
+        Simd::store(call.c[p][r], accumulate ? Simd::add(Simd::load(call.c[p][r]), row_sums) : row_sums);
+      }
+    }
+  }
+
+  // Every row tile times the block's widened weights, two row tiles a pass, each plane,
+  // into `sums`.
+  template <int RowTiles, int Panels>
+  static void multiply_block(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
+                             const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
+    const long plane_bytes = stride / Tiles::kPlanes;
+    const uint8_t* rows = call.packed + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
+    [&]<int... Planes>(std::integer_sequence<int, Planes...>) {
+      (plane_passes<RowTiles, Panels, Planes>(rows + Planes * plane_bytes, stride, weights, steps,
+                                              sums + Planes * 2L * kPanelSumBytes, overlap),
+       ...);
+    }(std::make_integer_sequence<int, Tiles::kPlanes>{});
+  }
+
+  template <int RowTiles, int Panels, int Plane>
+  static void plane_passes(const uint8_t* rows, long stride, const uint8_t* weights, int steps, uint8_t* sums,
+                           Overlap<Panels>& overlap) {
+    pass<(RowTiles > 1 ? 2 : 1), Panels, Plane>(rows, stride, weights, steps, sums, 0, overlap);
+    if constexpr (RowTiles > 2) {
+      pass<RowTiles - 2, Panels, Plane>(rows + 2 * kTileRows * stride, stride, weights, steps, sums, 2 * kTileRows,
+                                        overlap);
+    }
+  }
+
+  // Sum tiles of the pass's row tiles (rows `stride` bytes apart from `rows`) x each
+  // panel's weight tiles, `steps` of them; each step reads the next 64 bytes of every row.
+  template <int PassTiles, int Panels, int Plane>
+  static void pass(const uint8_t* rows, long stride, const uint8_t* weights, int steps, uint8_t* sums, int first_row,
+                   Overlap<Panels>& overlap) {
+    zero_pass<PassTiles, Panels>();
+    pass_steps<PassTiles, Panels, Plane>(rows, stride, weights, steps, overlap);
+    store_pass<PassTiles, Panels>(sums, first_row);
+  }
+
+  template <int PassTiles, int Panels, int Plane>
+  static void pass_steps(const uint8_t* rows, long stride, const uint8_t* weights, int steps,
+                         Overlap<Panels>& overlap) {
+    using Dot = typename Tiles::template Dot<Plane>;
+    const long second = kTileRows * stride;
+    for (int s = 0; s < steps; ++s, rows += kTileRowBytes) {
+      const uint8_t* step_weights = weights + static_cast<long>(s) * kWeightTileBytes;
+      tile_load<4>(rows, stride);
+      if constexpr (PassTiles > 1) tile_load<5>(rows + second, stride);
+      tile_load<6>(step_weights, kTileRowBytes);
+      if constexpr (Panels > 1) tile_load<7>(step_weights + kWeightBytes, kTileRowBytes);
+      Dot::template dot<0, 4, 6>();
+      if constexpr (Panels > 1) Dot::template dot<1, 4, 7>();
+      if constexpr (PassTiles > 1) Dot::template dot<2, 5, 6>();
+      if constexpr (PassTiles > 1 && Panels > 1) Dot::template dot<3, 5, 7>();
+      overlap.step();
+    }
+  }
+
+  template <int Panels>
+  static void run(const ActivationRow* a, const void* packed, int rows, const uint8_t* const* panels, int depth,
+                  int group, float* const* const* c, bool accumulate, void* workspace) {
+    uint8_t* space = static_cast<uint8_t*>(workspace);
+    uint8_t* sums = space + 4 * kWeightBytes;
+    Packing packing;
+    std::memcpy(&packing, packed, sizeof packing);
+    const Call<Panels> call{a, static_cast<const uint8_t*>(packed) + kTileRowBytes, packing.planes, rows, depth,
+                            group, panels, c, {space, space + 2 * kWeightBytes}, {sums, sums + kSumBytes}};
+    switch ((rows + kTileRows - 1) / kTileRows) {
+      case 1: return multiply<1, Panels>(call, accumulate);
+      case 2: return multiply<2, Panels>(call, accumulate);
+      case 3: return multiply<3, Panels>(call, accumulate);
+      default: return multiply<4, Panels>(call, accumulate);
+    }
+  }
+
+  template <int RowTiles, int Panels>
+  static void multiply(const Call<Panels>& call, bool accumulate) {
+    if constexpr (Panel::kInteger) {
+      multiply_integers<RowTiles, Panels>(call, accumulate);
+    } else {
+      multiply_floats<RowTiles, Panels>(call, accumulate);
+    }
+  }
+
+  static void gemm(const ActivationRow* a, const void* packed, int rows, const void* panel, int depth, int group,
+                   float* const* c, bool accumulate, void* workspace) {
+    const uint8_t* const panels[1] = {static_cast<const uint8_t*>(panel)};
+    float* const* const outputs[1] = {c};
+    run<1>(a, packed, rows, panels, depth, group, outputs, accumulate, workspace);
+  }
+
+  static void gemm_pair(const ActivationRow* a, const void* packed, int rows, const void* first, const void* second,
+                        int depth, int group, float* const* c_first, float* const* c_second, bool accumulate,
+                        void* workspace) {
+    const uint8_t* const panels[2] = {static_cast<const uint8_t*>(first), static_cast<const uint8_t*>(second)};
+    float* const* const outputs[2] = {c_first, c_second};
+    run<2>(a, packed, rows, panels, depth, group, outputs, accumulate, workspace);
+  }
+
+  // `base`, the panel kernels of the same Decode, with the tiles taking `packed_rows` rows
+  // and more.
+  static constexpr FormatKernels table(FormatKernels base, int packed_rows) {
+    base.pack_rows = &pack;
+    base.packed_gemm = &gemm;
+    base.packed_gemm_pair = &gemm_pair;
+    base.packed_rows = packed_rows;
+    base.packed_input_bytes = Tiles::kInputBytes;
+    return base;
+  }
+};
+
+}  // namespace
+}  // namespace lk::kernels

@@ -1,0 +1,93 @@
+"""The AMX tile kernels of prefill (csrc/lk/kernels/x86/amx), on CPUs that have AMX.
+
+INT8 and INT4 must give the bits of the AVX512_VNNI kernels, which the rest of tests/lk
+holds to float64 references: the tiles compute the same integer sums and finish them with
+the same fp32 operations. bf16 multiplies each fp32 activation as the sum of two bf16
+values (the second skipped where it is zero for every row), which leaves it within 2^-18
+of the activation: held to the float64 reference as the fp32 formats are.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lvllm.lk import MoEEngine
+
+from .test_engine import SUPPORTED_ISAS, random_experts, reference_moe
+from .test_formats import TIGHT
+
+pytestmark = pytest.mark.skipif("AMX" not in SUPPORTED_ISAS, reason="this CPU has no AMX tiles")
+
+# Rows per expert around every edge of the tile kernels: the fewest they take (bf16 6, INT8
+# 9, INT4 12, csrc/lk/kernels/x86/amx/*.cpp), one tile of 16 rows and its neighbours, two
+# to four tiles (one or two passes), the engine's chunk of 64 rows, and a second chunk.
+ROW_COUNTS = [6, 9, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 70]
+
+
+def routing_with_row_counts(counts: list[int]):
+    """Expert e gets counts[e] tokens, each token one expert (k = 1)."""
+    ids = torch.cat([torch.full((n,), e, dtype=torch.int32) for e, n in enumerate(counts)])[:, None]
+    return ids, torch.rand(ids.shape[0], 1, generator=torch.Generator().manual_seed(sum(counts)))
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("hidden, intermediate, group", [(96, 64, 32), (1040, 200, 128), (300, 272, 272),
+                                                         (1027, 48, 1024)])
+@pytest.mark.parametrize("numa_nodes", [0, 2])
+def test_integer_tiles_give_the_vnni_bits(runtimes, weight_format, hidden, intermediate, group, numa_nodes):
+    # Depths with partial groups, groups of several integer spans (1040 = 4 spans of 256 +
+    # 16), one group a panel deep (272), and an INT8 panel ending in half a quad (1027).
+    experts = len(ROW_COUNTS)
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=hidden)
+    ids, weights = routing_with_row_counts(ROW_COUNTS)
+    x = torch.randn(ids.shape[0], hidden, generator=torch.Generator().manual_seed(group))
+    outputs = {}
+    for isa in ("AVX512_VNNI", "AMX"):
+        engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group,
+                           runtime=runtimes(isa=isa, numa_nodes=numa_nodes))
+        outputs[isa] = engine.forward(x, ids, weights)
+    assert torch.equal(outputs["AMX"], outputs["AVX512_VNNI"])
+
+
+@pytest.mark.parametrize("hidden, intermediate", [(79, 53), (300, 200), (2048, 96)])
+@pytest.mark.parametrize("numa_nodes", [0, 2])
+@pytest.mark.parametrize("on_bf16_grid", [False, True])
+def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, on_bf16_grid):
+    # Odd depths (the last row pairs with padding), partial blocks of 128 inputs, and a
+    # panel many blocks deep. Inputs that bf16 holds exactly (as a bf16 model's are) leave
+    # gate and up a zero second plane, which is skipped; down's inputs, computed in fp32,
+    # need both. (fp32 inputs keep the outputs fp32, free of a last rounding to bf16.)
+    # Rounded to bf16 once, as vLLM's AMX MoE kernel rounds them, the activations would
+    # miss this bound about 100-fold.
+    experts = len(ROW_COUNTS)
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.bfloat16, seed=hidden)
+    ids, weights = routing_with_row_counts(ROW_COUNTS)
+    x = torch.randn(ids.shape[0], hidden, generator=torch.Generator().manual_seed(intermediate))
+    if on_bf16_grid:
+        x = x.bfloat16().float()
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa="AMX", numa_nodes=numa_nodes))
+    ref = reference_moe(w13, w2, x, ids, weights)
+    out = engine.forward(x, ids, weights).double()
+    assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
+
+
+@pytest.mark.parametrize("weight_format", ["bfloat16", "int8", "int4"])
+def test_tiles_accumulate_into_partial_outputs(runtimes, weight_format):
+    """Down accumulates every expert of a token into one output row: two experts of 40
+    rows share every token, so each tile call adds to what the other wrote."""
+    experts, hidden, intermediate, group = 2, 256, 128, 64
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=3)
+    tokens = 40
+    ids = torch.tensor([[0, 1]] * tokens, dtype=torch.int32)
+    weights = torch.rand(tokens, 2, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(5))
+    if weight_format == "bfloat16":
+        w13, w2 = w13.bfloat16(), w2.bfloat16()
+        ref = reference_moe(w13, w2, x, ids, weights)
+        out = MoEEngine(w13, w2, runtime=runtimes(isa="AMX")).forward(x, ids, weights).double()
+        assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
+        return
+    outputs = [MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes(isa=isa))
+               .forward(x, ids, weights) for isa in ("AVX512_VNNI", "AMX")]
+    assert torch.equal(outputs[0], outputs[1])
