@@ -11,8 +11,8 @@ const KernelSet& kernel_set(Isa isa) {
   static const KernelSet avx512{Isa::Avx512, {avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8}, avx512_activation};
   // VNNI changes only the integer formats.
   static const KernelSet avx512_vnni{Isa::Avx512Vnni, {avx512_f32, avx512_f16, avx512_bf16, avx512_vnni_int8, avx512_vnni_int4, avx512_fp8}, avx512_activation};
-  // AMX adds tiles to prefill of bf16, INT8 and INT4 (decode as AVX512_VNNI).
-  static const KernelSet amx{Isa::Amx, {avx512_f32, avx512_f16, amx_bf16, amx_int8, amx_int4, avx512_fp8}, avx512_activation};
+  // AMX adds tiles to prefill of bf16, INT8, INT4 and FP8 (decode as AVX512_VNNI).
+  static const KernelSet amx{Isa::Amx, {avx512_f32, avx512_f16, amx_bf16, amx_int8, amx_int4, amx_fp8}, avx512_activation};
   switch (isa) {
     case Isa::Generic: return generic;
     case Isa::Avx2: return avx2;

@@ -2,9 +2,9 @@
 
 INT8 and INT4 must give the bits of the AVX512_VNNI kernels, which the rest of tests/lk
 holds to float64 references: the tiles compute the same integer sums and finish them with
-the same fp32 operations. bf16 multiplies each fp32 activation as the sum of two bf16
-values (the second skipped where it is zero for every row), which leaves it within 2^-18
-of the activation: held to the float64 reference as the fp32 formats are.
+the same fp32 operations. bf16 and FP8 multiply each fp32 activation as the sum of two
+bf16 values (the second skipped where it is zero for every row), which leaves it within
+2^-18 of the activation: held to the float64 reference as the fp32 formats are.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from lvllm.lk import MoEEngine
 
 from .test_engine import SUPPORTED_ISAS, random_experts, reference_moe
-from .test_formats import TIGHT
+from .test_formats import TIGHT, random_fp8
 
 pytestmark = pytest.mark.skipif("AMX" not in SUPPORTED_ISAS, reason="this CPU has no AMX tiles")
 
@@ -68,6 +68,23 @@ def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, 
         x = x.bfloat16().float()
     engine = MoEEngine(w13, w2, runtime=runtimes(isa="AMX", numa_nodes=numa_nodes))
     ref = reference_moe(w13, w2, x, ids, weights)
+    out = engine.forward(x, ids, weights).double()
+    assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
+
+
+@pytest.mark.parametrize("hidden, intermediate, group", [(384, 256, 128), (300, 208, 64), (2048, 96, 128)])
+@pytest.mark.parametrize("numa_nodes", [0, 2])
+def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_nodes):
+    # FP8 checkpoints' 128-input blocks, smaller groups over a partial last one, and a deep
+    # panel; random_fp8 puts subnormals and zero in every tensor.
+    experts = len(ROW_COUNTS)
+    w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=hidden)
+    w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=intermediate)
+    ids, weights = routing_with_row_counts(ROW_COUNTS)
+    x = torch.randn(ids.shape[0], hidden, generator=torch.Generator().manual_seed(group))
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa="AMX", numa_nodes=numa_nodes))
+    assert engine.weight_format == "fp8_e4m3"
+    ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
     out = engine.forward(x, ids, weights).double()
     assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
 

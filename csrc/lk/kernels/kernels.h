@@ -182,7 +182,7 @@ extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8,
 extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8;
 extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8;
 extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4;
-extern const FormatKernels amx_bf16, amx_int8, amx_int4;
+extern const FormatKernels amx_bf16, amx_int8, amx_int4, amx_fp8;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;
 
 }  // namespace lk::kernels

@@ -84,13 +84,13 @@ inline void store_pass(uint8_t* sums, int first_row) {
   if constexpr (PassTiles > 1 && Panels > 1) tile_store<3>(rows + kPanelSumBytes + kSumTileBytes, kSumRowBytes);
 }
 
-// 64 bytes as two vectors of 16 words, interleaved into 16 32-bit lanes, each holding the
-// first's word in its low half and the second's in its high half: two rows of a panel
-// (bf16, or an INT8 pair of rows each) as tiles pair them.
-inline __m512i interleave_words(const uint8_t* first) {
+// Two vectors of 16 words (the low and high halves of `words`), interleaved into 16 32-bit
+// lanes, each holding the first's word in its low half and the second's in its high half:
+// two rows of a panel (bf16 or FP8, or an INT8 pair of rows each) as tiles pair them.
+inline __m512i interleave_words(__m512i words) {
   const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                          21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(order, _mm512_loadu_si512(first));
+  return _mm512_permutexvar_epi16(order, words);
 }
 
 // What a format's tiles multiply. kBlockInputs: inputs of a block (whole spans, for the
@@ -165,7 +165,8 @@ struct Int8Tiles {
   // pair lies in the zeroed padding of its values (formats.h).
   static int weight_rows(int start, int stop) { return (stop - start + 3) / 4; }
   static __m512i weight_row(const uint8_t* panel, int start, int i) {
-    return interleave_words(panel + static_cast<long>(start / 2 + 2 * i) * kInt8RowsPerBlock * kPanelWidth);
+    return interleave_words(
+        _mm512_loadu_si512(panel + static_cast<long>(start / 2 + 2 * i) * kInt8RowsPerBlock * kPanelWidth));
   }
   // A row's sums: the high plane's times 256 plus the low plane's (`plane` bytes on).
   static __m512i sums(const uint8_t* plane_sums, long plane) {
@@ -174,17 +175,17 @@ struct Int8Tiles {
   }
 };
 
-// bf16: each fp32 activation as bf16 (nearest even) in the first plane and the bf16 of
-// what that misses in the second, two inputs per 32-bit lane; weight-tile rows are two
-// panel rows interleaved. An odd depth's last row pairs with the zeroed padding of the
-// values (formats.h: whole 64-byte lines). Blocks of 128 inputs: with 256, the double-
-// buffered weights of two panels took 32 KiB of the L1, and 16 rows ran 1.3x as long.
-struct Bf16Tiles {
+// Float formats: each fp32 activation as bf16 (nearest even) in the first plane and the
+// bf16 of what that misses in the second, two inputs per 32-bit lane, multiplied by bf16
+// weights (tdpbf16ps) into fp32 sums; weight-tile rows are two panel rows interleaved. An
+// odd depth's last row pairs with the zeroed padding of the values (formats.h: whole
+// 64-byte lines). Blocks of 128 inputs: with 256, the double-buffered weights of two
+// bf16 panels took 32 KiB of the L1, and 16 rows ran 1.3x as long.
+struct FloatTiles {
   static constexpr int kBlockInputs = 128;
   static constexpr int kInputBytes = 4;
   static constexpr int kPlanes = 2;
   static constexpr int kInputsPerTileRow = 32;
-  static constexpr int kStoredBytes = kPanelWidth * 2;
   template <int Plane>
   using Dot = Bf16Pairs;
   static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
@@ -195,14 +196,13 @@ struct Bf16Tiles {
       const __mmask16 low = left >= 16 ? 0xffff : (1u << left) - 1;
       const __mmask16 high = left >= 32 ? 0xffff : left > 16 ? (1u << (left - 16)) - 1 : 0;
       const __m512 x0 = _mm512_maskz_loadu_ps(low, a.values + k), x1 = _mm512_maskz_loadu_ps(high, a.values + k + 16);
-      const __m512bh pairs = _mm512_cvtne2ps_pbh(x1, x0);
-      const __m512i hi = (__m512i)pairs;
+      const __m512i hi = (__m512i)_mm512_cvtne2ps_pbh(x1, x0);
       const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
       const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
-      const __m512bh rest = _mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
+      const __m512i rest = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(x1, h1), _mm512_sub_ps(x0, h0));
       _mm512_storeu_si512(row + 2 * k, hi);
-      _mm512_storeu_si512(row + plane + 2 * k, (__m512i)rest);
-      rests = _mm512_or_si512(rests, (__m512i)rest);
+      _mm512_storeu_si512(row + plane + 2 * k, rest);
+      rests = _mm512_or_si512(rests, rest);
     }
     const long written = (depth + 31) / 32 * 64;
     std::memset(row + written, 0, plane - written);
@@ -210,8 +210,27 @@ struct Bf16Tiles {
     return _mm512_test_epi32_mask(rests, rests) ? 2 : 1;
   }
   static int weight_rows(int start, int stop) { return (stop - start + 1) / 2; }
+};
+
+struct Bf16Tiles : FloatTiles {
+  static constexpr int kStoredBytes = kPanelWidth * 2;
   static __m512i weight_row(const uint8_t* panel, int start, int i) {
-    return interleave_words(panel + static_cast<long>(start + 2 * i) * kPanelWidth * 2);
+    return interleave_words(_mm512_loadu_si512(panel + static_cast<long>(start + 2 * i) * kStoredBytes));
+  }
+};
+
+// FP8 (e4m3) weights: Decode::values gives a row as fp32 times 2^-8 (avx512/fp8_decode.h),
+// which bf16 holds exactly, subnormals included (four significant bits at most, 2^-17 the
+// least). A group's sums are multiplied by 2^8 (PanelKernels::value_scale) with its scales.
+template <class Decode>
+struct Fp8Tiles : FloatTiles {
+  static constexpr int kStoredBytes = kPanelWidth;
+  static __m512i weight_row(const uint8_t* panel, int start, int i) {
+    const uint8_t* first = panel + static_cast<long>(start + 2 * i) * kStoredBytes;
+    __m512 low[1], high[1];
+    Decode::values(first, low);
+    Decode::values(first + kStoredBytes, high);
+    return interleave_words((__m512i)_mm512_cvtne2ps_pbh(high[0], low[0]));
   }
 };
 
@@ -330,7 +349,7 @@ struct TileKernels {
       add = add_to_outputs;
       last_parity = parity;
       finish_panel = finish_row = 0;
-      if constexpr (Panel::kInteger) {
+      if constexpr (Panel::kGrouped) {
         for (int p = 0; p < Panels; ++p) groups[p] = Panel::group(call->panels[p], call->depth, call->group, block.index);
       }
     }
@@ -394,20 +413,27 @@ struct TileKernels {
       finish_row = r;
     }
 
-    // Output row r of panel p += the finished span's integer sums, scaled (the integer
-    // formats; bf16 keeps its sums in the tiles).
+    // Output row r of panel p += the finished block's sums, scaled (the grouped formats;
+    // bf16 keeps its sums in the tiles).
     void finish_output_row(int p, int r) const {
-      if constexpr (Panel::kInteger) {
+      if constexpr (Panel::kGrouped) {
         const uint8_t* sums = call->sums[last_parity] + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
         float* const* out = call->c[p] + r;
         const ActivationRow& row = call->a[r];
-        IVec acc = Tiles::sums(sums, 2L * kPanelSumBytes);
-        if constexpr (Panel::kQuads) {
-          const int span = span_index(last.group, last.index, last.start - last.first);
-          acc = Simd::isub(acc, Simd::iset1(Decode::kQuadBias * row.span_sums[span]));
+        Vec row_sums[1][1], scale[1][1];
+        if constexpr (Panel::kInteger) {
+          IVec acc = Tiles::sums(sums, 2L * kPanelSumBytes);
+          if constexpr (Panel::kQuads) {
+            const int span = span_index(last.group, last.index, last.start - last.first);
+            acc = Simd::isub(acc, Simd::iset1(Decode::kQuadBias * row.span_sums[span]));
+          }
+          row_sums[0][0] = Simd::to_float(acc);
+          scale[0][0] = Simd::mul(groups[p].scale[0], Simd::set1(row.scale[last.index]));
+        } else {
+          // As PanelKernels::float_tile scales a group's sums.
+          row_sums[0][0] = Simd::mul(Simd::load(reinterpret_cast<const float*>(sums)), Simd::set1(Panel::value_scale()));
+          scale[0][0] = groups[p].scale[0];
         }
-        const Vec row_sums[1][1] = {{Simd::to_float(acc)}};
-        const Vec scale[1][1] = {{Simd::mul(groups[p].scale[0], Simd::set1(row.scale[last.index]))}};
         Panel::template flush<1>(row_sums, scale, out, add);
         if constexpr (has_offsets(Decode::kFormat)) {
           if (last.last_of_group()) {
@@ -421,15 +447,17 @@ struct TileKernels {
   };
 
   static BlockWalk first_block(int depth, int group) {
-    return BlockWalk{depth, Panel::kInteger ? group : depth, Panel::padded(depth), Tiles::kBlockInputs};
+    return BlockWalk{depth, Panel::kGrouped ? group : depth, Panel::padded(depth), Tiles::kBlockInputs};
   }
   static int block_steps(const BlockWalk& block) {
     return (Tiles::weight_rows(block.start, block.stop()) + kTileRows - 1) / kTileRows;
   }
 
-  // Integer formats: block by block, every row tile and plane, the sums stored per span.
+  // Grouped formats: block by block (within a quantization group: for the integer formats,
+  // within an integer span), every row tile and plane, the sums stored and finished with
+  // their group's scales per block.
   template <int RowTiles, int Panels>
-  static void multiply_integers(const Call<Panels>& call, bool accumulate) {
+  static void multiply_grouped(const Call<Panels>& call, bool accumulate) {
     const TileShapes shapes;
     const long stride = row_stride(call.depth);
     Overlap<Panels> overlap{};
@@ -440,7 +468,7 @@ struct TileKernels {
     bool add = accumulate;
     for (int parity = 0; !block.done(); block.advance(), parity ^= 1) {
       const int steps = block_steps(block);
-      overlap.overlap_block(block, parity, steps * Tiles::kPlanes * ((RowTiles + 1) / 2));
+      overlap.overlap_block(block, parity, steps * call.planes * ((RowTiles + 1) / 2));
       multiply_block<RowTiles, Panels>(call, stride, block, steps, call.weights[parity], call.sums[parity], overlap);
       overlap.complete();
       overlap.finish_next(block, parity, add);
@@ -474,10 +502,7 @@ struct TileKernels {
       const int steps = block_steps(block);
       overlap.overlap_block(block, parity, call.planes * steps);
       const uint8_t* block_rows = rows + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
-      pass_steps<PassTiles, Panels, 0>(block_rows, stride, call.weights[parity], steps, overlap);
-      if (call.planes > 1) {
-        pass_steps<PassTiles, Panels, 1>(block_rows + stride / 2, stride, call.weights[parity], steps, overlap);
-      }
+      plane_steps<PassTiles, Panels>(block_rows, stride, call.weights[parity], steps, call.planes, overlap);
       overlap.complete();
     }
     const int first_row = first_tile * kTileRows;
@@ -499,31 +524,44 @@ struct TileKernels {
                              const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
     const long plane_bytes = stride / Tiles::kPlanes;
     const uint8_t* rows = call.packed + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
-    [&]<int... Planes>(std::integer_sequence<int, Planes...>) {
-      (plane_passes<RowTiles, Panels, Planes>(rows + Planes * plane_bytes, stride, weights, steps,
-                                              sums + Planes * 2L * kPanelSumBytes, overlap),
-       ...);
-    }(std::make_integer_sequence<int, Tiles::kPlanes>{});
-  }
-
-  template <int RowTiles, int Panels, int Plane>
-  static void plane_passes(const uint8_t* rows, long stride, const uint8_t* weights, int steps, uint8_t* sums,
-                           Overlap<Panels>& overlap) {
-    pass<(RowTiles > 1 ? 2 : 1), Panels, Plane>(rows, stride, weights, steps, sums, 0, overlap);
-    if constexpr (RowTiles > 2) {
-      pass<RowTiles - 2, Panels, Plane>(rows + 2 * kTileRows * stride, stride, weights, steps, sums, 2 * kTileRows,
-                                        overlap);
+    if constexpr (Panel::kInteger) {
+      // INT8's planes have sums of their own (Tiles::sums combines them).
+      [&]<int... Planes>(std::integer_sequence<int, Planes...>) {
+        (passes<RowTiles, Panels>(rows + Planes * plane_bytes, stride, weights, steps, sums + Planes * 2L * kPanelSumBytes,
+                                  overlap, [&]<int PassTiles>(const uint8_t* pass_rows) {
+                                    pass_steps<PassTiles, Panels, Planes>(pass_rows, stride, weights, steps, overlap);
+                                  }),
+         ...);
+      }(std::make_integer_sequence<int, Tiles::kPlanes>{});
+    } else {
+      passes<RowTiles, Panels>(rows, stride, weights, steps, sums, overlap, [&]<int PassTiles>(const uint8_t* pass_rows) {
+        plane_steps<PassTiles, Panels>(pass_rows, stride, weights, steps, call.planes, overlap);
+      });
     }
   }
 
-  // Sum tiles of the pass's row tiles (rows `stride` bytes apart from `rows`) x each
-  // panel's weight tiles, `steps` of them; each step reads the next 64 bytes of every row.
-  template <int PassTiles, int Panels, int Plane>
-  static void pass(const uint8_t* rows, long stride, const uint8_t* weights, int steps, uint8_t* sums, int first_row,
-                   Overlap<Panels>& overlap) {
-    zero_pass<PassTiles, Panels>();
-    pass_steps<PassTiles, Panels, Plane>(rows, stride, weights, steps, overlap);
-    store_pass<PassTiles, Panels>(sums, first_row);
+  // Each pass of up to two row tiles: its sum tiles zeroed, `multiply` (of those rows), and
+  // stored to `sums`.
+  template <int RowTiles, int Panels, class Multiply>
+  static void passes(const uint8_t* rows, long stride, const uint8_t*, int, uint8_t* sums, Overlap<Panels>&,
+                     Multiply multiply) {
+    constexpr int kFirst = RowTiles > 1 ? 2 : 1;
+    zero_pass<kFirst, Panels>();
+    multiply.template operator()<kFirst>(rows);
+    store_pass<kFirst, Panels>(sums, 0);
+    if constexpr (RowTiles > 2) {
+      zero_pass<RowTiles - 2, Panels>();
+      multiply.template operator()<RowTiles - 2>(rows + 2 * kTileRows * stride);
+      store_pass<RowTiles - 2, Panels>(sums, 2 * kTileRows);
+    }
+  }
+
+  // The float formats' planes into the same sums: the second where it holds anything.
+  template <int PassTiles, int Panels>
+  static void plane_steps(const uint8_t* rows, long stride, const uint8_t* weights, int steps, int planes,
+                          Overlap<Panels>& overlap) {
+    pass_steps<PassTiles, Panels, 0>(rows, stride, weights, steps, overlap);
+    if (planes > 1) pass_steps<PassTiles, Panels, 1>(rows + stride / 2, stride, weights, steps, overlap);
   }
 
   template <int PassTiles, int Panels, int Plane>
@@ -564,8 +602,8 @@ struct TileKernels {
 
   template <int RowTiles, int Panels>
   static void multiply(const Call<Panels>& call, bool accumulate) {
-    if constexpr (Panel::kInteger) {
-      multiply_integers<RowTiles, Panels>(call, accumulate);
+    if constexpr (Panel::kGrouped) {
+      multiply_grouped<RowTiles, Panels>(call, accumulate);
     } else {
       multiply_floats<RowTiles, Panels>(call, accumulate);
     }

@@ -1,24 +1,9 @@
+#include "lk/kernels/x86/avx512/fp8_decode.h"
 #include "lk/kernels/x86/avx512/simd.h"
 
 namespace lk::kernels {
-namespace {
-// e4m3fn bits moved into fp16 bit positions read as fp16 are the value times 2^-8: each
-// byte sign-extended to 16 bits and shifted left by 7 puts exponent and mantissa in place
-// and the sign in bit 15, and the mask clears the sign's copy in bit 14. Against zero
-// extension, a shift by 8 and an arithmetic one back (one op more), whole-layer FP8 decode
-// at Qwen3-30B's shape took 0.91-0.94x the time on Zen 4, the two switched in one process.
-struct Decode {
-  static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
-  static constexpr float kValueScale = 1.0f / 256.0f;
-  static void values(const uint8_t* row, __m512 (&w)[1]) {
-    const __m256i words = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
-    const __m256i half = _mm256_and_si256(_mm256_slli_epi16(words, 7), _mm256_set1_epi16(static_cast<short>(0xbfff)));
-    w[0] = _mm512_cvtph_ps(half);
-  }
-};
-}  // namespace
 
 // Prefill widens to fp32 once, as bf16 does.
-const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, Decode>::table<F32Decode<Avx512Simd>>();
+const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, Fp8Decode>::table<F32Decode<Avx512Simd>>();
 
 }  // namespace lk::kernels
