@@ -22,15 +22,19 @@ constexpr int kTokenBlock = 16;
 // other: each thread then reads runs of 96 KiB-1 MiB instead of single panels interleaved
 // with the other threads' claims (two threads streaming 24 KiB pieces: 28 GB/s claimed one
 // by one, 32 GB/s as runs, on the 2-core Zen 3; runs of 8 panels against 4 then gained
-// INT4 decode 3%, the other formats 0-1%). Runs shrink until every thread has at least
-// kTasksPerThread tasks, so dynamic claiming still evens out the end of a phase.
+// INT4 decode 3%, the other formats 0-1%). Where tile kernels take an expert's rows, a
+// task packs them for its whole run, and runs go up to all of the expert's panels (capped
+// at 8, a bf16 layer of 1024 tokens spent 17% of its time packing the same rows again).
+// Runs shrink until every thread has at least kTasksPerThread tasks, so dynamic claiming
+// still evens out the end of a phase.
 constexpr int kRunPanels = 8;
 constexpr std::size_t kTasksPerThread = 8;
 
-// Panels per task when `panels` are split into runs for `threads` threads.
-int run_length(std::size_t tasks_at_one_panel, int panels, int threads) {
+// Panels per task when `panels` are split into runs of at most `longest` for `threads`
+// threads.
+int run_length(std::size_t tasks_at_one_panel, int panels, int threads, int longest = kRunPanels) {
   const std::size_t fit = tasks_at_one_panel / (kTasksPerThread * static_cast<std::size_t>(threads));
-  return static_cast<int>(std::clamp<std::size_t>(fit, 1, std::max(1, std::min(kRunPanels, panels))));
+  return static_cast<int>(std::clamp<std::size_t>(fit, 1, std::max(1, std::min(longest, panels))));
 }
 
 std::size_t round_up(std::size_t value, std::size_t multiple) {
@@ -498,13 +502,28 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     if (integer_rows) groups_done_count += static_cast<std::size_t>(scratch.active_experts.size()) * hidden_q[n].groups();
   }
   scratch.group_panels_done.assign(groups_done_count, 0);
-  // Per worker: gate and up tiles, one widened block, and a chunk of rows packed for the tile
-  // kernels where the format has them.
+  // Where tile kernels take an expert's rows, gate and up pack them per task (in the worker's
+  // buffer), and down's are packed once per chunk of an expert's rows, in a phase of their
+  // own: every down task walks every expert (packed per task, a bf16 layer of 1024 tokens
+  // packed each expert's rows 16 times).
   const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
-  int deepest = static_cast<int>(hidden);
-  for (const NodeSlice& slice : slices_) deepest = std::max(deepest, slice.length);
+  const auto tiles_take = [&](int rows) { return format_kernels.pack_rows != nullptr && rows >= format_kernels.packed_rows; };
+  bool tiles_in_use = false;
+  std::vector<uint32_t> first_chunk(scratch.active_experts.size() + 1, 0);  // of each active expert
+  for (std::size_t e = 0; e < scratch.active_experts.size(); ++e) {
+    const int rows = scratch.expert_slots[e + 1] - scratch.expert_slots[e];
+    tiles_in_use = tiles_in_use || tiles_take(std::min(rows, kChunkRows));
+    first_chunk[e + 1] = first_chunk[e] + static_cast<uint32_t>((rows + kChunkRows - 1) / kChunkRows);
+  }
+  const uint32_t chunks = first_chunk.back();
+  std::vector<std::size_t> down_chunk_bytes(nodes, 0);
+  for (int n = 0; n < nodes && tiles_in_use; ++n) {
+    down_chunk_bytes[n] = round_up(kernels::packed_bytes(format_kernels, kChunkRows, slices_[n].length), 64);
+    scratch.packed_hidden[n].ensure(std::max<std::size_t>(1, chunks * down_chunk_bytes[n]));
+  }
   const std::size_t packed_floats =
-      format_kernels.pack_rows ? round_up(kernels::packed_bytes(format_kernels, kChunkRows, deepest), 64) / sizeof(float)
+      format_kernels.pack_rows ? round_up(kernels::packed_bytes(format_kernels, kChunkRows, static_cast<int>(hidden)), 64) /
+                                     sizeof(float)
                                : 0;
   const std::size_t widened_floats = kernels::kPanelWorkspaceBytes / sizeof(float);
   const std::size_t worker_floats = round_up(2 * kChunkRows * kPanelWidth + widened_floats + packed_floats, 16);
@@ -533,7 +552,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
 
   const int node_threads = (pool.num_threads() + nodes - 1) / nodes;
   const auto gate_up_run = [=](int panels) {
-    return run_length(static_cast<std::size_t>(active) * panels, panels, node_threads);
+    return run_length(static_cast<std::size_t>(active) * panels, panels, node_threads, tiles_in_use ? panels : kRunPanels);
   };
   Phase gate_up{std::vector<uint32_t>(nodes), {}};
   for (int n = 0; n < nodes; ++n) {
@@ -605,6 +624,30 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   };
   job.push_back(std::move(gate_up));
 
+  // The rows of each chunk of an expert's hidden rows that tile kernels take, packed once.
+  const auto down_rows = [=, this, &scratch](int node, std::size_t slot) {
+    const std::size_t hidden_row = static_cast<std::size_t>(slices_[node].panels) * kPanelWidth;
+    const float* values = scratch.hidden[node].as<float>() + slot * hidden_row;
+    return integer_rows ? hidden_q[node].row(values, scratch.hidden_q[node].data(), slot)
+                        : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
+  };
+  if (tiles_in_use) {
+    Phase pack_down{std::vector<uint32_t>(nodes, chunks), {}};
+    pack_down.run = [=, this, &scratch](int node, uint32_t chunk, int) {
+      if (slices_[node].length == 0) return;
+      const auto expert_index = static_cast<std::size_t>(
+          std::upper_bound(first_chunk.begin(), first_chunk.end(), chunk) - first_chunk.begin() - 1);
+      const int first = scratch.expert_slots[expert_index] + static_cast<int>(chunk - first_chunk[expert_index]) * kChunkRows;
+      const int count = std::min(kChunkRows, scratch.expert_slots[expert_index + 1] - first);
+      if (!tiles_take(count)) return;
+      kernels::ActivationRow rows[kChunkRows];
+      for (int i = 0; i < count; ++i) rows[i] = down_rows(node, first + i);
+      kernels::pack_for_tiles(format_kernels, rows, count, slices_[node].length,
+                              scratch.packed_hidden[node].as<uint8_t>() + chunk * down_chunk_bytes[node]);
+    };
+    job.push_back(std::move(pack_down));
+  }
+
   // A task owns a run of output panels, so it may walk them expert by expert.
   const int down_run = run_length(hidden_panels_, hidden_panels_, node_threads);
   Phase down{std::vector<uint32_t>(nodes, static_cast<uint32_t>((hidden_panels_ + down_run - 1) / down_run)), {}};
@@ -620,10 +663,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const kernels::KernelSet& kernels = runtime_->kernels();
     const std::size_t panel_bytes = down_panel_bytes(slice);
     const int group = shape_.group_size;
-    const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
-    const float* hidden_in = scratch.hidden[node].as<float>();
     float* widened = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
-    float* packing = widened + widened_floats;
     // Where the ISA reads two panels side by side, panel p goes with p + half of the run:
     // each of the two streams then walks consecutive panels, so its prefetch runs on into
     // the panel it reads next. (Neighbours paired, the first panel's stream ran into the
@@ -638,13 +678,10 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       const int first = scratch.expert_slots[expert_index], last = scratch.expert_slots[expert_index + 1];
       for (int chunk = first; chunk < last; chunk += kChunkRows) {
         const int count = std::min(kChunkRows, last - chunk);
-        for (int i = 0; i < count; ++i) {
-          const std::size_t slot = chunk + i;
-          rows[i] = integer_rows
-                        ? hidden_q[node].row(hidden_in + slot * hidden_row, scratch.hidden_q[node].data(), slot)
-                        : kernels::ActivationRow{hidden_in + slot * hidden_row, nullptr, nullptr, nullptr, nullptr, nullptr};
-        }
-        const void* packed = kernels::pack_for_tiles(kernels[shape_.format], rows, count, slice.length, packing);
+        for (int i = 0; i < count; ++i) rows[i] = down_rows(node, chunk + i);
+        const uint32_t packed_chunk = first_chunk[expert_index] + static_cast<uint32_t>((chunk - first) / kChunkRows);
+        const void* packed =
+            tiles_take(count) ? scratch.packed_hidden[node].as<uint8_t>() + packed_chunk * down_chunk_bytes[node] : nullptr;
         for (int step = 0; step < run - half; ++step) {
           const bool paired = step < half;
           const int panel_index = first_panel + (paired ? step : half + step);

@@ -30,6 +30,7 @@ Runtime::Runtime(const RuntimeOptions& options)
       pool_(topology_, options.threads, options.binding, options.power_saving) {
   scratch_.hidden.resize(topology_.num_nodes());
   scratch_.hidden_q.resize(topology_.num_nodes());
+  scratch_.packed_hidden.resize(topology_.num_nodes());
   scratch_.partial.resize(topology_.num_nodes());
 }
 

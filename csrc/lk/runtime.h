@@ -39,6 +39,7 @@ class Runtime {
     HostBuffer input_q;             // the hidden states quantized for integer kernels
     std::vector<HostBuffer> hidden;    // per node: activated intermediate rows, one per slot
     std::vector<HostBuffer> hidden_q;  // per node: the same rows quantized for integer kernels
+    std::vector<HostBuffer> packed_hidden;  // per node: chunks of those rows packed for tile kernels
     std::vector<HostBuffer> partial;   // per node: partial outputs, one row per token
     HostBuffer per_worker;             // widened panels and gate/up tiles, per worker
     std::vector<int32_t> slot_token;
