@@ -49,23 +49,6 @@ constexpr int kSumTileBytes = kTileRows * kSumRowBytes;
 // One panel's sums for every row a call takes.
 constexpr int kPanelSumBytes = kMaxRowTiles * kSumTileBytes;
 
-struct SignedUnsigned {
-  template <int C, int A, int B>
-  static void dot() { tile_dot_signed_unsigned<C, A, B>(); }
-};
-struct SignedSigned {
-  template <int C, int A, int B>
-  static void dot() { tile_dot_signed_signed<C, A, B>(); }
-};
-struct UnsignedSigned {
-  template <int C, int A, int B>
-  static void dot() { tile_dot_unsigned_signed<C, A, B>(); }
-};
-struct Bf16Pairs {
-  template <int C, int A, int B>
-  static void dot() { tile_dot_bf16<C, A, B>(); }
-};
-
 // The sum tiles of a pass of PassTiles row tiles over Panels panels: zeroed, or stored to
 // `sums` (per panel kPanelSumBytes), rows from `first_row`.
 template <int PassTiles, int Panels>

@@ -52,24 +52,33 @@ template <int Tile>
 inline void tile_zero() {
   asm volatile("tilezero %%tmm%c0" ::"n"(Tile));
 }
-// C += A x B, A's rows by B's columns: bytes signed x unsigned, signed x signed, unsigned
-// x signed (32-bit sums of four products), bf16 pairs (fp32 sums of two).
-template <int C, int A, int B>
-inline void tile_dot_signed_unsigned() {
-  asm volatile("tdpbsud %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
-}
-template <int C, int A, int B>
-inline void tile_dot_signed_signed() {
-  asm volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
-}
-template <int C, int A, int B>
-inline void tile_dot_unsigned_signed() {
-  asm volatile("tdpbusd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
-}
-template <int C, int A, int B>
-inline void tile_dot_bf16() {
-  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
-}
+// Tile C += tile A x tile B, A's rows by B's columns, by the products each names: bytes
+// signed x unsigned, signed x signed, unsigned x signed (32-bit sums of four products), bf16
+// pairs (fp32 sums of two). The kernels take one of these as their Dot.
+struct SignedUnsigned {
+  template <int C, int A, int B>
+  static void dot() {
+    asm volatile("tdpbsud %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+  }
+};
+struct SignedSigned {
+  template <int C, int A, int B>
+  static void dot() {
+    asm volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+  }
+};
+struct UnsignedSigned {
+  template <int C, int A, int B>
+  static void dot() {
+    asm volatile("tdpbusd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+  }
+};
+struct Bf16Pairs {
+  template <int C, int A, int B>
+  static void dot() {
+    asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"n"(C), "n"(A), "n"(B));
+  }
+};
 
 }  // namespace
 }  // namespace lk::kernels
