@@ -10,7 +10,7 @@
 // tiles in `workspace` (zero past the block's last input, so whatever activations a tile
 // row reads there add nothing), and the tiles of rows run over them, two row tiles at a
 // time. While the tiles multiply block b, the core widens block b + 1 (and, for the
-// integer formats, finishes block b - 1), a share at every tile step: done one after the
+// grouped formats, finishes block b - 1), a share at every tile step: done one after the
 // other, the tiles stood idle most of the time. With two panels (an expert's gate and
 // up, or two of its down panels) four sum tiles take each tile of rows and of weights
 // twice, which halves what the activations cost to load (from L2: at one panel per load
@@ -20,11 +20,12 @@
 // a time, and finish them with the same fp32 operations (PanelKernels::group and ::flush,
 // per span and row), so a token's result is the same bits whether the tiles or the VNNI
 // kernels multiplied it. bf16 keeps its fp32 sums in the tiles over the whole depth and
-// adds them to the outputs at the end. Its fp32 activations are multiplied as the sum of
-// two bf16 values, the second their rounding error, which leaves each within 2^-18 of
-// its value where one bf16 (as vLLM's AMX MoE kernel rounds them) moves it by up to 2^-9;
-// the second plane is skipped for a chunk whose activations bf16 holds exactly (a bf16
-// model's inputs to gate and up).
+// adds them to the outputs at the end; FP8, decoded to bf16 exactly, has its sums finished
+// with their group's scales block by block, as the integer formats do. For both, the fp32
+// activations are multiplied as the sum of two bf16 values, the second their rounding
+// error, which leaves each within 2^-18 of its value where one bf16 (as vLLM's AMX MoE
+// kernel rounds them) moves it by up to 2^-9; the second plane is skipped for a chunk
+// whose activations bf16 holds exactly (a bf16 model's inputs to gate and up).
 #pragma once
 
 #include <immintrin.h>
