@@ -507,12 +507,11 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   // own: every down task walks every expert (packed per task, a bf16 layer of 1024 tokens
   // packed each expert's rows 16 times).
   const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
-  const auto tiles_take = [&](int rows) { return format_kernels.pack_rows != nullptr && rows >= format_kernels.packed_rows; };
   bool tiles_in_use = false;
   std::vector<uint32_t> first_chunk(scratch.active_experts.size() + 1, 0);  // of each active expert
   for (std::size_t e = 0; e < scratch.active_experts.size(); ++e) {
     const int rows = scratch.expert_slots[e + 1] - scratch.expert_slots[e];
-    tiles_in_use = tiles_in_use || tiles_take(std::min(rows, kChunkRows));
+    tiles_in_use = tiles_in_use || kernels::tiles_take(format_kernels, std::min(rows, kChunkRows));
     first_chunk[e + 1] = first_chunk[e] + static_cast<uint32_t>((rows + kChunkRows - 1) / kChunkRows);
   }
   const uint32_t chunks = first_chunk.back();
@@ -639,7 +638,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
           std::upper_bound(first_chunk.begin(), first_chunk.end(), chunk) - first_chunk.begin() - 1);
       const int first = scratch.expert_slots[expert_index] + static_cast<int>(chunk - first_chunk[expert_index]) * kChunkRows;
       const int count = std::min(kChunkRows, scratch.expert_slots[expert_index + 1] - first);
-      if (!tiles_take(count)) return;
+      if (!kernels::tiles_take(format_kernels, count)) return;
       kernels::ActivationRow rows[kChunkRows];
       for (int i = 0; i < count; ++i) rows[i] = down_rows(node, first + i);
       kernels::pack_for_tiles(format_kernels, rows, count, slices_[node].length,
@@ -681,7 +680,9 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
         for (int i = 0; i < count; ++i) rows[i] = down_rows(node, chunk + i);
         const uint32_t packed_chunk = first_chunk[expert_index] + static_cast<uint32_t>((chunk - first) / kChunkRows);
         const void* packed =
-            tiles_take(count) ? scratch.packed_hidden[node].as<uint8_t>() + packed_chunk * down_chunk_bytes[node] : nullptr;
+            kernels::tiles_take(format_kernels, count)
+                ? scratch.packed_hidden[node].as<uint8_t>() + packed_chunk * down_chunk_bytes[node]
+                : nullptr;
         for (int step = 0; step < run - half; ++step) {
           const bool paired = step < half;
           const int panel_index = first_panel + (paired ? step : half + step);

@@ -39,7 +39,7 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
 
 const void* pack_for_tiles(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
                            void* buffer) {
-  if (kernels.pack_rows == nullptr || count < kernels.packed_rows) return nullptr;
+  if (!tiles_take(kernels, count)) return nullptr;
   kernels.pack_rows(a_rows, count, depth, buffer);
   return buffer;
 }

@@ -68,7 +68,7 @@ HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
 // Whether the engine multiplies an expert's gate and up panels side by side for `rows`
 // rows: by the tile kernels (kernels::multiply_two_panels), or the pair kernel.
 bool reads_two_panels(const kernels::FormatKernels& kernel, int rows) {
-  return (kernel.pack_rows != nullptr && rows >= kernel.packed_rows) || rows <= kernel.pair_rows;
+  return kernels::tiles_take(kernel, rows) || rows <= kernel.pair_rows;
 }
 
 }  // namespace

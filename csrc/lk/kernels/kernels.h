@@ -108,6 +108,11 @@ struct FormatKernels {
   int packed_input_bytes;     // bytes of one input of one packed row
 };
 
+// Whether the format's tile kernels take `rows` rows (so the engine packs them).
+inline bool tiles_take(const FormatKernels& kernels, int rows) {
+  return kernels.pack_rows != nullptr && rows >= kernels.packed_rows;
+}
+
 // Packed rows: one 64-byte line that pack_rows fills for its kernels (what it found out
 // about the rows), then the rows: each packed_input_bytes bytes per input over depth
 // rounded up to 64 inputs, so that every row (and every plane of a row the kernels split
