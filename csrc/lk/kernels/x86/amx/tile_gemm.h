@@ -511,14 +511,14 @@ struct TileKernels {
     if constexpr (Panel::kInteger) {
       // INT8's planes have sums of their own (Tiles::sums combines them).
       [&]<int... Planes>(std::integer_sequence<int, Planes...>) {
-        (passes<RowTiles, Panels>(rows + Planes * plane_bytes, stride, weights, steps, sums + Planes * 2L * kPanelSumBytes,
-                                  overlap, [&]<int PassTiles>(const uint8_t* pass_rows) {
+        (passes<RowTiles, Panels>(rows + Planes * plane_bytes, stride, sums + Planes * 2L * kPanelSumBytes,
+                                  [&]<int PassTiles>(const uint8_t* pass_rows) {
                                     pass_steps<PassTiles, Panels, Planes>(pass_rows, stride, weights, steps, overlap);
                                   }),
          ...);
       }(std::make_integer_sequence<int, Tiles::kPlanes>{});
     } else {
-      passes<RowTiles, Panels>(rows, stride, weights, steps, sums, overlap, [&]<int PassTiles>(const uint8_t* pass_rows) {
+      passes<RowTiles, Panels>(rows, stride, sums, [&]<int PassTiles>(const uint8_t* pass_rows) {
         plane_steps<PassTiles, Panels>(pass_rows, stride, weights, steps, call.planes, overlap);
       });
     }
@@ -527,8 +527,7 @@ struct TileKernels {
   // Each pass of up to two row tiles: its sum tiles zeroed, `multiply` (of those rows), and
   // stored to `sums`.
   template <int RowTiles, int Panels, class Multiply>
-  static void passes(const uint8_t* rows, long stride, const uint8_t*, int, uint8_t* sums, Overlap<Panels>&,
-                     Multiply multiply) {
+  static void passes(const uint8_t* rows, long stride, uint8_t* sums, Multiply multiply) {
     constexpr int kFirst = RowTiles > 1 ? 2 : 1;
     zero_pass<kFirst, Panels>();
     multiply.template operator()<kFirst>(rows);
