@@ -62,9 +62,10 @@ Isa detect_best_isa() {
                       (ebx & (1u << 31)) && (xcr0 & 0xe0) == 0xe0;  // F, DQ, BW, VL, ZMM state
   if (!avx512) return Isa::Avx2;
   if (!(ecx & (1u << 11))) return Isa::Avx512;  // AVX512_VNNI
-  // AMX-BF16, AMX-TILE, AMX-INT8, and AVX512_BF16 (leaf 7.1), which packs fp32 rows as bf16
-  // for the tiles. Every CPU with AMX has all four.
-  const bool amx = (edx & (1u << 22)) && (edx & (1u << 24)) && (edx & (1u << 25));
+  // AMX-BF16, AMX-TILE, AMX-INT8, AVX512_VBMI (byte permutes widen FP8 weights for the
+  // tiles), and AVX512_BF16 (leaf 7.1), which packs fp32 rows as bf16 for them. Every CPU
+  // with AMX has all five.
+  const bool amx = (edx & (1u << 22)) && (edx & (1u << 24)) && (edx & (1u << 25)) && (ecx & (1u << 1));
   unsigned int sub_eax = 0, sub_ebx, sub_ecx, sub_edx;
   if (eax >= 1) __cpuid_count(7, 1, sub_eax, sub_ebx, sub_ecx, sub_edx);
   const bool avx512_bf16 = sub_eax & (1u << 5);
