@@ -9,9 +9,9 @@
 // blocks of inputs (Tiles::kBlockInputs): a block's weights are widened into whole weight
 // tiles in `workspace` (zero past the block's last input, so whatever activations a tile
 // row reads there add nothing), and the tiles of rows run over them, two row tiles at a
-// time. While the tiles multiply block b, the core widens block b + 1 (and, for the
-// grouped formats, finishes block b - 1), a share at every tile step: done one after the
-// other, the tiles stood idle most of the time. With two panels (an expert's gate and
+// time. While the tiles multiply block b, the core widens block b + 1, a share at every
+// tile step (done one after the other, the tiles stood idle most of the time), and, for
+// the grouped formats, then finishes block b - 1. With two panels (an expert's gate and
 // up, or two of its down panels) four sum tiles take each tile of rows and of weights
 // twice, which halves what the activations cost to load (from L2: at one panel per load
 // they held a tile multiply to 7-10 ns against its 4.3).
@@ -277,8 +277,12 @@ struct TileKernels {
   static_assert(Panel::kVecs == 1, "a panel row is one vector");
   static constexpr long kWeightBytes = (Tiles::kBlockInputs / Tiles::kInputsPerTileRow) * kWeightTileBytes;
   static constexpr long kSumBytes = Tiles::kPlanes * 2L * kPanelSumBytes;
-  // Two blocks' widened weights of two panels, then two blocks' sums.
-  static_assert(2 * 2 * kWeightBytes + 2 * kSumBytes <= static_cast<long>(kTileWorkspaceBytes),
+  // Two blocks' widened weights of two panels, then two blocks' sums, the second block's
+  // of each kParityOffset further on than packed: the core writes one block's buffer while
+  // the tiles read the other's, in step, and at equal addresses modulo 4 KiB (all sizes
+  // here are multiples of it) every load would wait on the store it seems to alias.
+  static constexpr long kParityOffset = 2048;
+  static_assert(2 * 2 * kWeightBytes + 2 * kSumBytes + 2 * kParityOffset <= static_cast<long>(kTileWorkspaceBytes),
                 "the tile workspace holds what the pipeline keeps");
   // How many blocks on the panels' lines are fetched while a block is multiplied.
   static constexpr int kFetchBlocks = 2;
@@ -318,8 +322,8 @@ struct TileKernels {
   };
 
   // What the core does while the tiles multiply a block: widen the next block (weight rows
-  // of each panel, then zero rows to a whole tile), finish the previous one (per output
-  // row and panel), and fetch the panels' lines further on, each a share per tile step.
+  // of each panel, then zero rows to a whole tile) and fetch the panels' lines further on,
+  // a share per tile step.
   template <int Panels>
   struct Overlap {
     const Call<Panels>* call;
@@ -329,12 +333,6 @@ struct TileKernels {
     bool widening = false;
     int next_parity = 0, next_rows = 0, widen_rows = 0, widen_share = 0;
     int widen_panel = 0, widen_row = 0;  // the next row to widen
-    // Finishing: block `last` from call->sums[last_parity], output rows in order.
-    BlockWalk last;
-    bool finishing = false, add = false;
-    int last_parity = 0, finish_share = 0;
-    int finish_panel = 0, finish_row = 0;  // the next output row to finish
-    typename Panel::Group groups[Panels];
     // Fetching: each panel's lines from next_line up to end_line.
     const uint8_t* next_line[Panels];
     const uint8_t* end_line[Panels];
@@ -342,7 +340,6 @@ struct TileKernels {
 
     void step() {
       widen(widen_share);
-      finish(finish_share);
       for (int p = 0; p < Panels; ++p) {
         for (int line = 0; line < fetch_share && next_line[p] < end_line[p]; ++line, next_line[p] += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(next_line[p]), _MM_HINT_T0);
@@ -359,28 +356,13 @@ struct TileKernels {
       widen_panel = widen_row = 0;
       widen_share = (Panels * widen_rows + work_steps - 1) / work_steps;
     }
-    // Block `block` is next to finish, from sums[parity], adding to the outputs where `add`.
-    void finish_next(const BlockWalk& block, int parity, bool add_to_outputs) {
-      last = block;
-      finishing = true;
-      add = add_to_outputs;
-      last_parity = parity;
-      finish_panel = finish_row = 0;
-      if constexpr (Panel::kGrouped) {
-        for (int p = 0; p < Panels; ++p) groups[p] = Panel::group(call->panels[p], call->depth, call->group, block.index);
-      }
-    }
-    void complete() {
-      widen(Panels * widen_rows);
-      finish(call->rows * Panels);
-    }
+    void complete() { widen(Panels * widen_rows); }
     // While `block` is multiplied over `work_steps` tile steps: widen the one after it into
-    // weights[parity ^ 1], finish the one before it, fetch lines kFetchBlocks blocks on.
+    // weights[parity ^ 1], fetch lines kFetchBlocks blocks on.
     void overlap_block(const BlockWalk& block, int parity, int work_steps) {
       BlockWalk following = block;
       following.advance();
       widen_next(following, parity ^ 1, work_steps);
-      finish_share = (call->rows * Panels + work_steps - 1) / work_steps;
       const long block_bytes = static_cast<long>(Tiles::kBlockInputs) * Tiles::kStoredBytes;
       for (int p = 0; p < Panels; ++p) {
         next_line[p] = call->panels[p] + static_cast<long>(block.start) * Tiles::kStoredBytes + kFetchBlocks * block_bytes;
@@ -413,55 +395,47 @@ struct TileKernels {
       widen_panel = p;
       widen_row = i;
     }
+  };
 
-    void finish(int count) {
-      if (!finishing) return;
-      int p = finish_panel, r = finish_row;
-      while (count > 0 && p < Panels) {
-        const int end = r + count < call->rows ? r + count : call->rows;
-        count -= end - r;
-        for (; r < end; ++r) finish_output_row(p, r);
-        if (r == call->rows) {
-          r = 0;
-          ++p;
-        }
-      }
-      finish_panel = p;
-      finish_row = r;
-    }
-
-    // Output row r of panel p += the finished block's sums, scaled (the grouped formats;
-    // bf16 keeps its sums in the tiles).
-    void finish_output_row(int p, int r) const {
-      if constexpr (Panel::kGrouped) {
-        const uint8_t* sums = call->sums[last_parity] + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
-        float* const* out = call->c[p] + r;
-        const ActivationRow& row = call->a[r];
+  // The outputs += a finished block's sums (`sums`), scaled, for every row and panel, as
+  // PanelKernels::group and ::flush finish a group (the grouped formats; bf16 keeps its sums
+  // in the tiles). This runs after the next block's tiles are issued, all at once: a share
+  // at every tile step, as the widening is done, took FP8 and INT8 panels in cache up to
+  // 1.3x as long (BENCHMARKS.md).
+  template <int Panels>
+  static void finish_block(const Call<Panels>& call, const BlockWalk& block, const uint8_t* sums, bool add) {
+    for (int p = 0; p < Panels; ++p) {
+      const typename Panel::Group group = Panel::group(call.panels[p], call.depth, call.group, block.index);
+      for (int r = 0; r < call.rows; ++r) {
+        const uint8_t* row_sums_bytes = sums + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
+        float* const* out = call.c[p] + r;
+        const ActivationRow& row = call.a[r];
         Vec row_sums[1][1], scale[1][1];
         if constexpr (Panel::kInteger) {
-          IVec acc = Tiles::sums(sums, 2L * kPanelSumBytes);
+          IVec acc = Tiles::sums(row_sums_bytes, 2L * kPanelSumBytes);
           if constexpr (Panel::kQuads) {
-            const int span = span_index(last.group, last.index, last.start - last.first);
+            const int span = span_index(block.group, block.index, block.start - block.first);
             acc = Simd::isub(acc, Simd::iset1(Decode::kQuadBias * row.span_sums[span]));
           }
           row_sums[0][0] = Simd::to_float(acc);
-          scale[0][0] = Simd::mul(groups[p].scale[0], Simd::set1(row.scale[last.index]));
+          scale[0][0] = Simd::mul(group.scale[0], Simd::set1(row.scale[block.index]));
         } else {
           // As PanelKernels::float_tile scales a group's sums.
-          row_sums[0][0] = Simd::mul(Simd::load(reinterpret_cast<const float*>(sums)), Simd::set1(Panel::value_scale()));
-          scale[0][0] = groups[p].scale[0];
+          row_sums[0][0] =
+              Simd::mul(Simd::load(reinterpret_cast<const float*>(row_sums_bytes)), Simd::set1(Panel::value_scale()));
+          scale[0][0] = group.scale[0];
         }
         Panel::template flush<1>(row_sums, scale, out, add);
         if constexpr (has_offsets(Decode::kFormat)) {
-          if (last.last_of_group()) {
-            const Vec offsets[1][1] = {{groups[p].offset[0]}};
-            const Vec activation_sums[1][1] = {{Simd::set1(row.sum[last.index])}};
+          if (block.last_of_group()) {
+            const Vec offsets[1][1] = {{group.offset[0]}};
+            const Vec activation_sums[1][1] = {{Simd::set1(row.sum[block.index])}};
             Panel::template flush<1>(offsets, activation_sums, out, true);
           }
         }
       }
     }
-  };
+  }
 
   static BlockWalk first_block(int depth, int group) {
     return BlockWalk{depth, Panel::kGrouped ? group : depth, Panel::padded(depth), Tiles::kBlockInputs};
@@ -482,17 +456,18 @@ struct TileKernels {
     BlockWalk block = first_block(call.depth, call.group);
     overlap.widen_next(block, 0, 1);
     overlap.complete();
-    bool add = accumulate;
-    for (int parity = 0; !block.done(); block.advance(), parity ^= 1) {
+    // Block b - 1 is finished once block b's tiles are issued; the first block (start 0)
+    // adds to the outputs only where `accumulate`.
+    BlockWalk previous = block;
+    int parity = 0;
+    for (; !block.done(); previous = block, block.advance(), parity ^= 1) {
       const int steps = block_steps(block);
       overlap.overlap_block(block, parity, steps * call.planes * ((RowTiles + 1) / 2));
       multiply_block<RowTiles, Panels>(call, stride, block, steps, call.weights[parity], call.sums[parity], overlap);
       overlap.complete();
-      overlap.finish_next(block, parity, add);
-      add = true;
+      if (block.start > 0) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
     }
-    overlap.widening = false;
-    overlap.complete();
+    if (!previous.done()) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
   }
 
   // bf16: a pass of up to two row tiles runs over every block with its sums held in their
@@ -603,11 +578,11 @@ struct TileKernels {
   static void run(const ActivationRow* a, const void* packed, int rows, const uint8_t* const* panels, int depth,
                   int group, float* const* const* c, bool accumulate, void* workspace) {
     uint8_t* space = static_cast<uint8_t*>(workspace);
-    uint8_t* sums = space + 4 * kWeightBytes;
+    uint8_t* sums = space + 4 * kWeightBytes + kParityOffset;
     Packing packing;
     std::memcpy(&packing, packed, sizeof packing);
     const Call<Panels> call{a, static_cast<const uint8_t*>(packed) + kTileRowBytes, packing.planes, rows, depth,
-                            group, panels, c, {space, space + 2 * kWeightBytes}, {sums, sums + kSumBytes}};
+                            group, panels, c, {space, space + 2 * kWeightBytes + kParityOffset}, {sums, sums + kSumBytes + kParityOffset}};
     switch ((rows + kTileRows - 1) / kTileRows) {
       case 1: return multiply<1, Panels>(call, accumulate);
       case 2: return multiply<2, Panels>(call, accumulate);
