@@ -600,10 +600,8 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
         const int valid = std::min(kPanelWidth, slice.length - panel_index * kPanelWidth);
         kernels::multiply_two_panels(kernels, shape_.format, gate, up, static_cast<int>(hidden), group, rows, count,
                                      gate_rows, up_rows, false, widened, packed);
-        for (int i = 0; i < count; ++i) {
-          activate(gate_rows[i], up_rows[i], valid, scratch.slot_weight[chunk + i], params,
-                   hidden_out + (chunk + i) * hidden_row + panel_index * kPanelWidth);
-        }
+        activate(gate_tile, up_tile, count, valid, scratch.slot_weight.data() + chunk, params,
+                 hidden_out + chunk * hidden_row + panel_index * kPanelWidth, hidden_row);
       }
     }
     if (!integer_rows) return;

@@ -136,10 +136,11 @@ struct ActivationParams {
   float swiglu_limit;
 };
 
-// out[j] = weight * act(gate[j]) * up[j] for j < count (the gated activation of one row,
-// scaled by the token's routing weight).
-using ActivationRows = void (*)(const float* gate, const float* up, int count, float weight,
-                                const ActivationParams& params, float* out);
+// out[r * out_stride + j] = weights[r] * act(g[j]) * u[j] for r < rows and j < count, g
+// and u row r of `gate` and `up` (kPanelWidth apart): the gated activation of one panel's
+// rows, each scaled by its token's routing weight.
+using ActivationRows = void (*)(const float* gate, const float* up, int rows, int count, const float* weights,
+                                const ActivationParams& params, float* out, std::size_t out_stride);
 
 struct ActivationKernels {
   ActivationRows rows[3];  // indexed by Activation
