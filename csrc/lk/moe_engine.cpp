@@ -486,7 +486,8 @@ void MoEEngine::route(const ForwardArgs& args) {
       if (ids[index] < 0) continue;
       const int32_t slot = first_slot[ids[index]]++;
       scratch.slot_token[slot] = t;
-      scratch.slot_weight[slot] = weights[index];
+      // The gated activations are the down projection's input: scaled as the kernels read it.
+      scratch.slot_weight[slot] = weights[index] * runtime_->kernels()[shape_.format].activation_scale;
     }
   }
 }
@@ -507,10 +508,14 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   const int nodes = static_cast<int>(slices_.size());
   const std::size_t tokens = args.tokens, hidden = shape_.hidden;
   const std::size_t slots = scratch.slot_token.size();
-  const bool convert_input = args.input_dtype != DType::F32;
+  const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
+  // Where the kernels read activations scaled, the input is copied scaled (the hidden rows
+  // are, by their routing weights: route).
+  const float activation_scale = format_kernels.activation_scale;
+  const bool convert_input = args.input_dtype != DType::F32 || activation_scale != 1.0f;
   if (convert_input) scratch.input.ensure(tokens * hidden * sizeof(float));
   // Integer kernels read activations quantized once per forward.
-  const bool integer_rows = runtime_->kernels()[shape_.format].integer_rows;
+  const bool integer_rows = format_kernels.integer_rows;
   const QuantizedRows input_q(shape_.format, static_cast<int>(hidden), shape_.group_size);
   std::vector<QuantizedRows> hidden_q;
   // Per node and active expert, the panels of each hidden group computed so far: the task
@@ -531,7 +536,6 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   // buffer), and down's are packed once per chunk of an expert's rows, in a phase of their
   // own: every down task walks every expert (packed per task, a bf16 layer of 1024 tokens
   // packed each expert's rows 16 times).
-  const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
   bool tiles_in_use = false;
   std::vector<uint32_t> first_chunk(scratch.active_experts.size() + 1, 0);  // of each active expert
   for (std::size_t e = 0; e < scratch.active_experts.size(); ++e) {
@@ -565,7 +569,9 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       const std::size_t first = block * kTokenBlock, last = std::min(tokens, (block + 1) * kTokenBlock);
       if (convert_input) {
         float* out = scratch.input.as<float>();
-        for (std::size_t i = first * hidden; i < last * hidden; ++i) out[i] = load_as_float(args.input, i, args.input_dtype);
+        for (std::size_t i = first * hidden; i < last * hidden; ++i) {
+          out[i] = load_as_float(args.input, i, args.input_dtype) * activation_scale;
+        }
       }
       if (integer_rows) {
         for (std::size_t t = first; t < last; ++t) input_q.quantize(input_rows + t * hidden, scratch.input_q.data(), t);

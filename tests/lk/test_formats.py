@@ -266,6 +266,25 @@ def test_fp8_kept(runtimes, isa, tokens, numa_nodes):
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("magnitude", [2.0**-30, 2.0**20])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_fp8_keeps_fp32_precision_for_small_and_large_activations(runtimes, isa, magnitude, tokens):
+    """Decodes may produce FP8 weights times a tiny constant (AVX2: 2^-120); products with
+    small activations must not fall into fp32 denormals and lose bits (at 2^-30, gate's
+    products would fall below the smallest denormal), nor large ones overflow (down's
+    inputs here reach about magnitude^2)."""
+    experts, hidden, intermediate, group = 3, 256, 128, 128
+    w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=21)
+    w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=22)
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens)) * magnitude
+    ids, weights = random_routing(tokens, experts, 2, seed=tokens)
+    out = engine.forward(x, ids, weights).double()
+    assert torch.isfinite(out).all()
+    assert_tight(engine, out, w13_ref, w2_ref, x, ids, weights)
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 @pytest.mark.parametrize("weight_format", ["bfloat16", "int8", "int4", "fp8_e4m3"])
 def test_every_row_count_of_a_pass(runtimes, isa, weight_format):
     """One expert gets 1, 2, ... 14 rows: every count that decode reads two panels side by

@@ -90,9 +90,9 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   const HostBuffer first = random_panel(format, depth, rng);
   const HostBuffer second = random_panel(format, depth, rng);
 
-  // Activation rows: fp32 values and their integer form per group (and, for 8-bit formats,
-  // as bytes in quad order with their sums per span), zero past `depth` up to a multiple of
-  // 4 as the engine prepares them.
+  // Activation rows: fp32 values (scaled as the kernels read them) and their integer form
+  // per group (and, for 8-bit formats, as bytes in quad order with their sums per span),
+  // zero past `depth` up to a multiple of 4 as the engine prepares them.
   const int padded = (depth + 3) / 4 * 4;
   const int groups = (depth + kGroup - 1) / kGroup;
   const int spans = groups * kernels::spans_per_group(kGroup);
@@ -112,7 +112,7 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
     const std::size_t row = static_cast<std::size_t>(r) * padded;
     for (int k = 0; k < depth; ++k) {
       const float v = activation(rng);
-      values[row + k] = v;
+      values[row + k] = v * kernel.activation_scale;
       quantized[row + k] = static_cast<int16_t>(v * static_cast<float>(largest));
       quads[row + (k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(quantized[row + k]);
     }

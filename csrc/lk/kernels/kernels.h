@@ -106,6 +106,10 @@ struct FormatKernels {
   PackedPairGemm packed_gemm_pair;
   int packed_rows;            // fewest rows the engine packs for packed_gemm
   int packed_input_bytes;     // bytes of one input of one packed row
+  // Every kernel of the format reads ActivationRow::values multiplied by this power of two
+  // (1 for most), which the engine applies where it prepares them (panel_gemm.h, Decode's
+  // kActivationScale).
+  float activation_scale;
 };
 
 // Whether the format's tile kernels take `rows` rows (so the engine packs them).

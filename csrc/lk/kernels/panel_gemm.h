@@ -10,7 +10,12 @@
 // FP8 may produce its values times a constant (static constexpr float kValueScale: the true
 // value is what it produces divided by that) when that saves work per weight; a group's
 // sums are divided by it once (applied to the sums, not folded into the scales, so a
-// large scale cannot overflow). A float Decode may also produce the row's columns in
+// large scale cannot overflow). Such a constant can be tiny (AVX2 FP8: 2^-120), and then so
+// are the products, most of them fp32 denormals, on which some cores (Intel's) take a
+// microcode assist per instruction: a Decode may ask for activations times a power of two
+// (static constexpr float kActivationScale), which the engine applies where it prepares
+// them (FormatKernels::activation_scale), and the sums are divided by both. A float Decode
+// may also produce the row's columns in
 // another order when that saves work per weight, and then says how to put vectors of
 // that order back into column order:
 //   static void to_column_order(Vec (&w)[kPanelWidth / Simd::kLanes]);
@@ -96,6 +101,8 @@ struct PanelKernels {
     return false;
   }();
 
+  // Decoded values times value_scale() are the stored ones; sums of their products with
+  // the activations as the kernels read them, times sum_scale(), are the true sums.
   static constexpr float value_scale() {
     if constexpr (requires { Decode::kValueScale; }) {
       return 1.0f / Decode::kValueScale;
@@ -103,6 +110,15 @@ struct PanelKernels {
       return 1.0f;
     }
   }
+  static constexpr float activation_scale() {
+    if constexpr (requires { Decode::kActivationScale; }) {
+      return Decode::kActivationScale;
+    } else {
+      return 1.0f;
+    }
+  }
+  static_assert(!kInteger || activation_scale() == 1.0f, "integer kernels read the quantized rows, never scaled");
+  static constexpr float sum_scale() { return value_scale() / activation_scale(); }
 
   // A panel's depth padded to whole blocks, and the bytes of its values: formats.h's rule,
   // applied to this Decode's blocks.
@@ -264,12 +280,12 @@ struct PanelKernels {
           const Group g = group(panels[p], depth, group_size, index);
           for (int r = 0; r < Rows; ++r)
             for (int v = 0; v < kVecs; ++v) {
-              acc[0][p][r][v] = Simd::mul(acc[0][p][r][v], Simd::set1(value_scale()));
+              acc[0][p][r][v] = Simd::mul(acc[0][p][r][v], Simd::set1(sum_scale()));
               scale[r][v] = g.scale[v];
             }
         } else {
           for (int r = 0; r < Rows; ++r)
-            for (int v = 0; v < kVecs; ++v) scale[r][v] = Simd::set1(1.0f);
+            for (int v = 0; v < kVecs; ++v) scale[r][v] = Simd::set1(sum_scale());
         }
         flush<Rows>(acc[0][p], scale, c[p], add);
       }
@@ -569,7 +585,8 @@ struct PanelKernels {
   // The kernels of this Decode.
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
-    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr, 0, 0};
+    return FormatKernels{&gemm,   nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows(),
+                         nullptr, nullptr, nullptr, 0, 0, activation_scale()};
   }
   // The kernels of this Decode, where prefill widens panels to Wide's layout from
   // `widen_rows` rows on (by default as soon as one pass does not take them) and multiplies
@@ -577,6 +594,7 @@ struct PanelKernels {
   template <class Wide>
   static constexpr FormatKernels table(int widen_rows = kMainRows + 1) {
     using Widened = PanelKernels<Simd, Wide, true>;
+    static_assert(activation_scale() == Widened::activation_scale(), "both passes read the same activations");
     constexpr int row_bytes = Widened::kBlockBytes / Widened::kBlockRows;
     static_assert(row_bytes >= kPanelWidth, "kWidenedPanelBytes counts at least a byte per weight");
     FormatKernels kernels = table();

@@ -275,6 +275,7 @@ struct TileKernels {
   using Vec = typename Simd::Vec;
   using IVec = typename Simd::IVec;
   static_assert(Panel::kVecs == 1, "a panel row is one vector");
+  static_assert(Panel::activation_scale() == 1.0f, "rows are packed as the engine prepares them, unscaled");
   static constexpr long kWeightBytes = (Tiles::kBlockInputs / Tiles::kInputsPerTileRow) * kWeightTileBytes;
   static constexpr long kSumBytes = Tiles::kPlanes * 2L * kPanelSumBytes;
   // Two blocks' widened weights of two panels, then two blocks' sums, the second block's

@@ -6,11 +6,16 @@ namespace {
 // bits of the fp32 exponent and the top of its mantissa, with the sign's copies masked off,
 // reads as the value times 2^-120: e4m3 subnormals become fp32 denormals, exactly. No
 // conversion instruction: on this AVX2 floor (Zen 3, measured) that decodes 1.6x as fast as
-// through F16C. The price is fp32 denormals: products whose true magnitude is below 2^-6
-// (in e4m3 units, so against 448 at most) are denormal and keep fewer bits, still within
-// 2^-29 of them absolutely, and a thread with DAZ set would read subnormal weights as zero.
-// CPUs that take microcode assists on denormals (some Intel cores) run such rare products
-// slowly; the AVX-512 file keeps F16C.
+// through F16C.
+//
+// Such tiny weights times activations below 2^-6 or so are fp32 denormals too, and Intel
+// cores take a microcode assist on each instruction that makes or reads one: with
+// activations drawn from [-1, 1], a Xeon running this tier took 7-8x as long per panel row
+// at 1-64 rows. So the kernels read activations times 2^64 (kActivationScale; they must
+// stay below 2^64 in magnitude): a product is then the true one times 2^-56, denormal only
+// below 2^-70. What remains is e4m3 subnormal weights (below 2^-6, against 448 at most),
+// rare in quantized checkpoints: each is an fp32 denormal input, which such cores run
+// slowly and a thread with DAZ set would read as zero. The AVX-512 file keeps F16C.
 //
 // The row's 16 bytes are sign-extended to 16 bits at once; each 32-bit lane then holds two
 // columns, and one shift per parity puts either in place (the other's bits fall outside the
@@ -19,6 +24,7 @@ namespace {
 struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 0x1p-120f;
+  static constexpr float kActivationScale = 0x1p64f;
   // 2 KiB ahead, not the AVX2 default of 1 KiB: 1 KiB was 1-5% slower, 3 KiB level.
   static constexpr int kPrefetchBytes = 2048;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
