@@ -266,6 +266,24 @@ def test_fp8_kept(runtimes, isa, tokens, numa_nodes):
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("group", [32, 128])
+def test_fp8_prefill_widening_over_deep_panels(runtimes, isa, group):
+    """Prefill widens FP8 panels to fp32 block by block on most ISAs (scales applied, in the
+    decode's column order): 2200 inputs span several blocks and end in a partial group. 64
+    rows per expert reach every ISA's widening; each row alone is decoded in its passes."""
+    experts, hidden, intermediate, tokens = 2, 2200, 48, 64
+    w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=23)
+    w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=24)
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(group))
+    ids, weights = random_routing(tokens, experts, 2, seed=group)
+    assert_tight(engine, engine.forward(x, ids, weights).double(), w13_ref, w2_ref, x, ids, weights)
+    rows = slice(5, 6)
+    assert_tight(engine, engine.forward(x[rows], ids[rows], weights[rows]).double(), w13_ref, w2_ref, x[rows],
+                 ids[rows], weights[rows])
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 @pytest.mark.parametrize("magnitude", [2.0**-30, 2.0**20])
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_fp8_keeps_fp32_precision_for_small_and_large_activations(runtimes, isa, magnitude, tokens):

@@ -39,25 +39,35 @@
 // of rows (integer formats) given as its values() or pairs() would produce them:
 //   static void pack(const Vec (&w)[kPanelWidth / Simd::kLanes], uint8_t* row);
 //   static void pack(const IVec (&w)[kPanelWidth / Simd::kLanes], uint8_t* pair);
-// Float formats widen to fp32 (F32Decode), their scales applied and in column order. Integer
+// Float formats widen to fp32 (F32Decode<Simd, Decode>), their scales applied, in the
+// Decode's column order (the widened kernels reorder their sums, as the Decode's do). Integer
 // formats keep their kFormat, values and scales (and offsets, which widen copies), so a
 // widened pass computes the same integer sums as an unwidened one.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "lk/kernels/kernels.h"
 
 namespace lk::kernels {
 namespace {
 
-// fp32 rows as stored: the F32 format, and the layout float formats widen to where a pass
-// converting each weight again costs more than widening a block once.
-template <class Simd>
+// fp32 rows: as stored (Stored = void, the F32 format), or as a float Decode `Stored`
+// widens a panel where a pass converting each weight again costs more than widening a block
+// once: scales applied, in Stored's column order, read with Stored's activation scale.
+template <class Simd, class Stored = void>
 struct F32Decode {
   static constexpr WeightFormat kFormat = WeightFormat::F32;
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
+  static constexpr float kActivationScale = [] {
+    if constexpr (requires { Stored::kActivationScale; }) return Stored::kActivationScale;
+    return 1.0f;
+  }();
+  static void to_column_order(typename Simd::Vec (&w)[kVecs]) {
+    if constexpr (requires { Stored::to_column_order(w); }) Stored::to_column_order(w);
+  }
   static void values(const uint8_t* row, typename Simd::Vec (&w)[kVecs]) {
     for (int v = 0; v < kVecs; ++v) w[v] = Simd::load(reinterpret_cast<const float*>(row) + v * Simd::kLanes);
   }
@@ -523,6 +533,24 @@ struct PanelKernels {
     tail<pair_rows(), 2>(a, rows, panels, depth, group, c, accumulate);
   }
 
+  // The scales of group `index` (1 for ungrouped formats) in the Decode's column order, so
+  // that widening scales a row without moving its weights across lanes.
+  static void scales_in_decode_order(const uint8_t* panel, int depth, int group_size, int index, Vec (&out)[kVecs]) {
+    float lane[kPanelWidth], column_scale[kPanelWidth], ordered[kPanelWidth];
+    Vec position[kVecs];
+    for (int i = 0; i < kPanelWidth; ++i) lane[i] = static_cast<float>(i);
+    for (int v = 0; v < kVecs; ++v) position[v] = Simd::load(lane + v * Simd::kLanes);
+    to_column_order(position);  // lane c: the decoded lane that holds column c
+    Group g{};
+    if constexpr (kGrouped) g = group(panel, depth, group_size, index);
+    for (int v = 0; v < kVecs; ++v) {
+      Simd::store(lane + v * Simd::kLanes, position[v]);
+      Simd::store(column_scale + v * Simd::kLanes, kGrouped ? g.scale[v] : Simd::set1(1.0f));
+    }
+    for (int c = 0; c < kPanelWidth; ++c) ordered[static_cast<int>(lane[c])] = column_scale[c];
+    for (int v = 0; v < kVecs; ++v) out[v] = Simd::load(ordered + v * Simd::kLanes);
+  }
+
   // Rows [first, first + count) of a panel as a panel `count` deep in Wide's layout
   // (PanelWiden). While a block is widened the next one is fetched: it is multiplied
   // after this one by every row of the expert, time enough for it to arrive.
@@ -550,22 +578,27 @@ struct PanelKernels {
         }
       }
     } else {
+      static_assert(std::is_same_v<Wide, F32Decode<Simd, Decode>>, "float formats widen to fp32 in their own order");
       int index = kGrouped ? first / group_size : 0;
       int group_end = kGrouped ? (index + 1) * group_size : end;
-      Group g{};
-      if constexpr (kGrouped) g = group(panel, depth, group_size, index);
+      Vec scale[kVecs];
+      scales_in_decode_order(panel, depth, group_size, index, scale);
       for (int k = first; k < end; ++k) {
         if (kGrouped && k >= group_end) {
           group_end += group_size;
-          g = group(panel, depth, group_size, ++index);
+          scales_in_decode_order(panel, depth, group_size, ++index, scale);
         }
         if (k + count < next_end) Simd::prefetch(panel + static_cast<long>(k + count) * kBlockBytes);
         Vec w[kVecs];
         row_values(panel, k, w);
-        to_column_order(w);
+        // value_scale() first: folded into the scales it could overflow them (kValueScale).
+        if constexpr (value_scale() != 1.0f) {
+#pragma GCC unroll 16
+          for (int v = 0; v < kVecs; ++v) w[v] = Simd::mul(w[v], Simd::set1(value_scale()));
+        }
         if constexpr (kGrouped) {
 #pragma GCC unroll 16
-          for (int v = 0; v < kVecs; ++v) w[v] = Simd::mul(Simd::mul(w[v], Simd::set1(value_scale())), g.scale[v]);
+          for (int v = 0; v < kVecs; ++v) w[v] = Simd::mul(w[v], scale[v]);
         }
         Wide::pack(w, out + static_cast<long>(k - first) * Widened::kBlockBytes);
       }

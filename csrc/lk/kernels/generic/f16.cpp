@@ -6,6 +6,6 @@ using Decode = ScalarDecode<WeightFormat::F16, uint16_t, f16_to_float>;
 }  // namespace
 
 // Prefill widens to fp32 once, as bf16 does.
-const FormatKernels generic_f16 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd>>();
+const FormatKernels generic_f16 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd, Decode>>();
 
 }  // namespace lk::kernels

@@ -6,6 +6,6 @@ using Decode = ScalarDecode<WeightFormat::Fp8E4M3, uint8_t, fp8_e4m3_to_float>;
 }  // namespace
 
 // Prefill widens to fp32 once, as bf16 does.
-const FormatKernels generic_fp8 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd>>();
+const FormatKernels generic_fp8 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd, Decode>>();
 
 }  // namespace lk::kernels

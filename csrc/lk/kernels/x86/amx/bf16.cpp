@@ -7,6 +7,6 @@ namespace lk::kernels {
 // Tiles from 6 rows: in cache, one core, a pair of 2048-deep panels costs the tiles about
 // 0.96 ns per panel row up to 16 rows, the AVX-512 kernels 0.86 at 4 rows and 1.13 at 6.
 const FormatKernels amx_bf16 = TileKernels<Avx512Simd, Bf16Decode, Bf16Tiles>::table(
-    PanelKernels<Avx512Simd, Bf16Decode>::table<F32Decode<Avx512Simd>>(), 6);
+    PanelKernels<Avx512Simd, Bf16Decode>::table<F32Decode<Avx512Simd, Bf16Decode>>(), 6);
 
 }  // namespace lk::kernels

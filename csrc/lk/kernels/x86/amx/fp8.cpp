@@ -5,6 +5,6 @@
 namespace lk::kernels {
 
 const FormatKernels amx_fp8 = TileKernels<Avx512Simd, Fp8Decode, Fp8Tiles<Fp8Decode>>::table(
-    PanelKernels<Avx512Simd, Fp8Decode>::table<F32Decode<Avx512Simd>>(), 6);
+    PanelKernels<Avx512Simd, Fp8Decode>::table<F32Decode<Avx512Simd, Fp8Decode>>(), 6);
 
 }  // namespace lk::kernels

@@ -11,6 +11,6 @@ struct Decode {
 }  // namespace
 
 // Prefill widens to fp32 once, as bf16 does.
-const FormatKernels avx512_f16 = PanelKernels<Avx512Simd, Decode>::table<F32Decode<Avx512Simd>>();
+const FormatKernels avx512_f16 = PanelKernels<Avx512Simd, Decode>::table<F32Decode<Avx512Simd, Decode>>();
 
 }  // namespace lk::kernels

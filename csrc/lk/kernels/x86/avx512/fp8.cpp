@@ -4,6 +4,6 @@
 namespace lk::kernels {
 
 // Prefill widens to fp32 once, as bf16 does.
-const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, Fp8Decode>::table<F32Decode<Avx512Simd>>();
+const FormatKernels avx512_fp8 = PanelKernels<Avx512Simd, Fp8Decode>::table<F32Decode<Avx512Simd, Fp8Decode>>();
 
 }  // namespace lk::kernels
