@@ -39,6 +39,7 @@ struct Avx2Simd {
   static Vec load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
   static void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+  static void prefetch_into_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T2); }
 
   // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums.
   using IVec = __m256i;
