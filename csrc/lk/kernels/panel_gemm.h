@@ -15,9 +15,8 @@
 // microcode assist per instruction: a Decode may ask for activations times a power of two
 // (static constexpr float kActivationScale), which the engine applies where it prepares
 // them (FormatKernels::activation_scale), and the sums are divided by both. A float Decode
-// may also produce the row's columns in
-// another order when that saves work per weight, and then says how to put vectors of
-// that order back into column order:
+// may also produce the row's columns in another order when that saves work per weight,
+// and then says how to put vectors of that order back into column order:
 //   static void to_column_order(Vec (&w)[kPanelWidth / Simd::kLanes]);
 // which the kernels apply to the sums once per group, not to every row.
 // For INT8 and INT4 it turns one block of rows_per_block rows (formats.h) into pairs of
@@ -618,8 +617,8 @@ struct PanelKernels {
   // The kernels of this Decode.
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
-    return FormatKernels{&gemm,   nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows(),
-                         nullptr, nullptr, nullptr, 0, 0, activation_scale()};
+    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr,
+                         0, 0, activation_scale()};
   }
   // The kernels of this Decode, where prefill widens panels to Wide's layout from
   // `widen_rows` rows on (by default as soon as one pass does not take them) and multiplies

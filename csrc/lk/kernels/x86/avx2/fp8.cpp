@@ -39,10 +39,10 @@ struct Decode {
 
 // Prefill widens panels to fp32 from 40 rows per expert on: a pass then decodes nothing,
 // where an FP8 pass spends five ops per 16 weights beside 12 FMAs (bf16: two), on the FMA
-// ports of Intel cores. On a Xeon, in cache, against
-// decoding in every pass: 1.02x as long at 24 rows, 0.98x at 32, 0.95x at 40, 0.92x at 64
-// (then level with bf16). Widening with each row reordered took as long as not widening at
-// 64 rows on Zen 3, whose decode ops issue beside the FMAs.
+// ports of Intel cores. On a Xeon, in cache, against decoding in every pass: 1.02x as long
+// at 24 rows, 0.98x at 32, 0.95x at 40, 0.92x at 64 (then level with bf16). Widening with
+// each row reordered took as long as not widening at 64 rows on Zen 3, whose decode ops
+// issue beside the FMAs.
 const FormatKernels avx2_fp8 = PanelKernels<Avx2Simd, Decode>::table<F32Decode<Avx2Simd, Decode>>(40);
 
 }  // namespace lk::kernels
