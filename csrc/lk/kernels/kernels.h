@@ -97,7 +97,6 @@ struct FormatKernels {
   PanelGemm widened_gemm;     // multiplies what widen wrote
   int widen_rows;             // fewest rows prefill widens for
   int widen_block;            // inputs per widened block (kWidenedValueBytes of values)
-  int rows_per_pass;          // rows gemm multiplies per pass over the panel (its register tile)
   bool integer_rows;          // gemm reads the quantized ActivationRow fields
   PanelPairGemm gemm_pair;    // null where the ISA reads one panel at a time
   int pair_rows;              // most rows gemm_pair takes (0 without it)

@@ -617,8 +617,8 @@ struct PanelKernels {
   // The kernels of this Decode.
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
-    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kMainRows, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr,
-                         0, 0, activation_scale()};
+    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr, 0, 0,
+                         activation_scale()};
   }
   // The kernels of this Decode, where prefill widens panels to Wide's layout from
   // `widen_rows` rows on (by default as soon as one pass does not take them) and multiplies
