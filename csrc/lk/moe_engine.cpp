@@ -480,14 +480,15 @@ void MoEEngine::route(const ForwardArgs& args) {
   const std::size_t slots = static_cast<std::size_t>(scratch.expert_slots.back());
   scratch.slot_token.resize(slots);
   scratch.slot_weight.resize(slots);
+  // The gated activations are the down projection's input: scaled as the kernels read it.
+  const float activation_scale = runtime_->kernels()[shape_.format].activation_scale;
   for (int t = 0; t < args.tokens; ++t) {
     for (int j = 0; j < k; ++j) {
       const std::size_t index = static_cast<std::size_t>(t) * k + j;
       if (ids[index] < 0) continue;
       const int32_t slot = first_slot[ids[index]]++;
       scratch.slot_token[slot] = t;
-      // The gated activations are the down projection's input: scaled as the kernels read it.
-      scratch.slot_weight[slot] = weights[index] * runtime_->kernels()[shape_.format].activation_scale;
+      scratch.slot_weight[slot] = weights[index] * activation_scale;
     }
   }
 }

@@ -205,7 +205,7 @@ struct Bf16Tiles : FloatTiles {
 };
 
 // FP8 (e4m3) weights, as bf16 values times Decode::kValueScale (2^-8, the decode kernels'
-// scale: a group's sums are multiplied back by PanelKernels::value_scale), which bf16 holds
+// scale: a group's sums are multiplied back by PanelKernels::sum_scale), which bf16 holds
 // exactly, subnormals included (four significant bits at most, 2^-17 the least). A byte's
 // low 7 bits index two 128-byte tables, the bf16 bits' low and high bytes; the sign is the
 // byte's own top bit: a tile row takes 4 vector operations where widening through fp16 and
@@ -423,7 +423,7 @@ struct TileKernels {
         } else {
           // As PanelKernels::float_tile scales a group's sums.
           row_sums[0][0] =
-              Simd::mul(Simd::load(reinterpret_cast<const float*>(row_sums_bytes)), Simd::set1(Panel::value_scale()));
+              Simd::mul(Simd::load(reinterpret_cast<const float*>(row_sums_bytes)), Simd::set1(Panel::sum_scale()));
           scale[0][0] = group.scale[0];
         }
         Panel::template flush<1>(row_sums, scale, out, add);
