@@ -344,11 +344,12 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, 
   hidden_panels_ = static_cast<int>(round_up(shape.hidden, kPanelWidth) / kPanelWidth);
   hidden_stride_ = hidden_panels_ * kPanelWidth;
 
-  // Nodes split I (the input of down) at whole panels and whole groups, so no panel
-  // straddles two nodes' memory and every group lies within one node.
+  // Nodes split I (the input of down) at whole panels and whole stored groups, so no panel
+  // straddles two nodes' memory and every group lies within one node. The source's groups
+  // do not matter: a source in another format or group size is requantized value by value,
+  // so the split, and with it the order of the sums, depends on the stored format alone.
   std::size_t align = kPanelWidth;
   if (is_grouped(shape.format)) align = std::lcm(align, shape.group_size);
-  if (is_grouped(w2.format)) align = std::lcm(align, w2.group);
   const int nodes = runtime_->topology().num_nodes();
   const int units = static_cast<int>(round_up(shape.intermediate, align) / align);
   slices_.resize(nodes);
