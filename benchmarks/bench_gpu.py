@@ -15,7 +15,11 @@ Measures in one run, for one MoE layer shape (default Qwen3-30B-A3B):
    says whether it is copy- or compute-bound and how close it comes to the slower of the
    two; the unpack kernel alone (panels to [E, 2I, H] / [E, H, I], dequantized for
    quantized layers); and the token count where streaming overtakes lk's CPU prefill; for
-   each of --prefill-formats (quantized layers stream fewer bytes).
+   each of --prefill-formats (quantized layers stream fewer bytes);
+4. load-time quantization of one layer (LVLLM_MOE_USE_WEIGHT=INT8/INT4, from bf16 and
+   from FP8 blocks): the engine's own on lk's CPU threads against lvllm.lk.quant on the
+   GPU (LVLLM_MOE_QUANT_ON_GPU=1) plus the engine taking the result; equal engine
+   outputs checked.
 
 Every figure is measured in this run; ratios compare figures of this run only.
 """
@@ -33,7 +37,7 @@ from lvllm.gpu.plan import BatchPlan
 from lvllm.gpu.ring import ExpertRing
 from lvllm.gpu.stream import StreamQueue
 from lvllm.hybrid import DeviceRoute, HybridExperts
-from lvllm.lk import quant
+from lvllm.lk import MoEEngine, QuantizedWeights, quant
 from lvllm.lk.layout import PackedLayout
 
 
@@ -80,14 +84,20 @@ def grouped_experts(x, w13, w2, topk_weights, topk_ids):
     return out.to(x.dtype)
 
 
-def make_layer(args, seed, weight_format="bfloat16"):
-    """(HybridExperts, w13, w2): one layer of random experts kept by lk in ``weight_format``
-    (bfloat16, or int8/int4 quantized from bf16), and the bf16 weights it stands for."""
+def layer_weights(args, seed):
+    """bf16 w13 [E, 2I, H] and w2 [E, H, I] of one layer of random experts."""
     generator = torch.Generator().manual_seed(seed)
     w13 = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=generator)
            / args.hidden**0.5).bfloat16()
     w2 = (torch.randn(args.experts, args.hidden, args.inter, generator=generator)
           / args.inter**0.5).bfloat16()
+    return w13, w2
+
+
+def make_layer(args, seed, weight_format="bfloat16"):
+    """(HybridExperts, w13, w2): one layer of random experts kept by lk in ``weight_format``
+    (bfloat16, or int8/int4 quantized from bf16), and the bf16 weights it stands for."""
+    w13, w2 = layer_weights(args, seed)
     layer = HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}", weight_format=weight_format,
                           group_size=args.group_size)
     if weight_format in ("int8", "int4"):
@@ -235,6 +245,43 @@ def prefill(args, queue, results, bandwidth, weight_format):
     ring.close()
 
 
+def fp8_blocks(w: torch.Tensor, block: int = 128) -> QuantizedWeights:
+    """float8_e4m3fn with one scale per 128 x 128 block, expanded per row as the adapter
+    hands a block-quantized checkpoint to lk."""
+    experts, rows, cols = w.shape
+    blocks = w.float().unflatten(1, (-1, block)).unflatten(-1, (-1, block)).abs().amax((2, 4)) / 448
+    scales = quant.expand_block_scales(blocks, rows, block)
+    values = (w.float() / scales.repeat_interleave(block, -1)).to(torch.float8_e4m3fn)
+    return QuantizedWeights(values, scales.contiguous(), block)
+
+
+def load(args, results):
+    """Run-time quantization of one layer, both ways, from bf16 and from FP8 blocks."""
+    w13, w2 = layer_weights(args, seed=7)
+    sources = {"bfloat16": (w13, w2), "fp8_e4m3": (fp8_blocks(w13), fp8_blocks(w2))}
+    x, ids, weights = (t.cpu() for t in routing(args, 16, seed=7))
+    for source, (s13, s2) in sources.items():
+        for weight_format in ("int8", "int4"):
+            def own():
+                return MoEEngine(s13, s2, "silu", weight_format=weight_format, group_size=args.group_size)
+
+            def on_gpu():
+                return [quant.quantize(w, weight_format, args.group_size, "cuda") for w in (s13, s2)]
+
+            quantized = on_gpu()
+            given = MoEEngine(*quantized, "silu")
+            assert torch.equal(given.forward(x, ids, weights), own().forward(x, ids, weights)), (source, weight_format)
+            del given
+            cpu_ms = wall_ms(own, 3)
+            quantize_ms = wall_ms(on_gpu, 3)
+            take_ms = wall_ms(lambda: MoEEngine(*quantized, "silu"), 3)
+            row = dict(source=source, format=weight_format, engine_cpu_ms=cpu_ms, quantize_gpu_ms=quantize_ms,
+                       engine_takes_ms=take_ms, gain=cpu_ms / (quantize_ms + take_ms))
+            results["load"].append(row)
+            print(f"load {source} -> {weight_format}: engine on the CPU {cpu_ms:.0f} ms/layer | quantize on the "
+                  f"GPU {quantize_ms:.0f} ms + engine takes it {take_ms:.0f} ms | GPU path {row['gain']:.2f}x as fast")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -258,7 +305,7 @@ def main() -> None:
     from lvllm import lk
 
     results = dict(device=torch.cuda.get_device_name(), lk=lk.runtime_info(), args=vars(args),
-                   decode=[], prefill=[], streaming_overtakes_cpu_at={}, unpack_ms_per_layer={})
+                   decode=[], prefill=[], streaming_overtakes_cpu_at={}, unpack_ms_per_layer={}, load=[])
     bandwidth = pinned_bandwidth_gbs(1 << 30, args.repeats)
     results["pinned_h2d_gbs"] = bandwidth
     print(f"{results['device']}; lk {results['lk']}; pinned host-to-device {bandwidth:.1f} GB/s")
@@ -266,6 +313,7 @@ def main() -> None:
     decode(args, queue, results)
     for weight_format in args.prefill_formats:
         prefill(args, queue, results, bandwidth, weight_format)
+    load(args, results)
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=2)

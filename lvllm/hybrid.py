@@ -91,20 +91,6 @@ def describe_format(weight_format: str, group_size: int) -> str:
     return short if weight_format in FLOAT_FORMATS.values() else f"{short} g{group_size}"
 
 
-def quantize_on(device, w: torch.Tensor, weight_format: str, group_size: int):
-    """Quantize float [E, rows, cols] experts (or FP8 QuantizedWeights, dequantized there
-    first) on ``device`` with lvllm.lk.quant; the result comes back in host memory,
-    bit-identical to what the engine's own quantization gives."""
-    from lvllm.lk import QuantizedWeights
-    from lvllm.lk import quant
-
-    if isinstance(w, QuantizedWeights):
-        source = QuantizedWeights(w.values.to(device), w.scales.to(device), w.group_size,
-                                  None if w.offsets is None else w.offsets.to(device))
-        w = quant.dequantize(source)
-    return quant.quantize(w.to(device), weight_format, group_size)
-
-
 @dataclass
 class Placement:
     """Per-process record of where each MoE layer's routed experts run.

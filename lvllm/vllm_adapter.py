@@ -69,7 +69,6 @@ from lvllm.hybrid import (
     UnsupportedLayer,
     describe_format,
     engine_weight_format,
-    quantize_on,
 )
 
 logger = init_logger("vllm.lvllm")
@@ -517,7 +516,7 @@ def _maybe_quantize_on_gpu(w13, w2, weight_format: str, group_size: int):
     """LVLLM_MOE_QUANT_ON_GPU=1: run-time INT8/INT4 quantization on the GPU, one layer at
     a time (the engine's own CPU quantization gives the same bits)."""
     global _gpu_fallback_logged
-    from lvllm.lk import QuantizedWeights
+    from lvllm.lk import QuantizedWeights, quant
 
     if not _placement.quant_on_gpu or weight_format not in ("int8", "int4"):
         return w13, w2
@@ -530,8 +529,8 @@ def _maybe_quantize_on_gpu(w13, w2, weight_format: str, group_size: int):
                         "experts are quantized on the CPU")
         return w13, w2
     device = torch.device("cuda", torch.cuda.current_device())
-    return (quantize_on(device, w13, weight_format, group_size),
-            quantize_on(device, w2, weight_format, group_size))
+    return (quant.quantize(w13, weight_format, group_size, device),
+            quant.quantize(w2, weight_format, group_size, device))
 
 
 class LkRoutedExperts(RoutedExperts):

@@ -277,8 +277,8 @@ def test_placement_progress_bar_over_lk_layers(monkeypatch):
 def test_quantize_on_device_matches_the_engine(weight_format):
     """The LVLLM_MOE_QUANT_ON_GPU path (here with device cpu) builds the same engine as
     the engine's own quantization: identical bytes in, identical outputs out."""
-    from lvllm.hybrid import HybridExperts, quantize_on
-    from lvllm.lk import QuantizedWeights
+    from lvllm.hybrid import HybridExperts
+    from lvllm.lk import QuantizedWeights, quant
 
     torch.manual_seed(1)
     E, H, I, T = 4, 96, 64, 7
@@ -288,7 +288,7 @@ def test_quantize_on_device_matches_the_engine(weight_format):
     ids = torch.randint(0, E, (T, 2), dtype=torch.int32)
     weights = torch.rand(T, 2)
     own = HybridExperts(w13, w2, "silu", weight_format=weight_format, group_size=32)
-    q13, q2 = (quantize_on("cpu", w, weight_format, 32) for w in (w13, w2))
+    q13, q2 = (quant.quantize(w, weight_format, 32, "cpu") for w in (w13, w2))
     assert isinstance(q13, QuantizedWeights) and q13.values.device.type == "cpu"
     ours = HybridExperts(q13, q2, "silu", weight_format=weight_format, group_size=32)
     assert ours.nbytes == own.nbytes
@@ -298,7 +298,7 @@ def test_quantize_on_device_matches_the_engine(weight_format):
                           torch.full((E, 2 * I, 1), 0.5), 128)
     f8_2 = QuantizedWeights(w2.float().to(torch.float8_e4m3fn), torch.full((E, H, 1), 0.5), 128)
     own = HybridExperts(f8, f8_2, "silu", weight_format=weight_format, group_size=32)
-    ours = HybridExperts(quantize_on("cpu", f8, weight_format, 32),
-                         quantize_on("cpu", f8_2, weight_format, 32), "silu",
+    ours = HybridExperts(quant.quantize(f8, weight_format, 32, "cpu"),
+                         quant.quantize(f8_2, weight_format, 32, "cpu"), "silu",
                          weight_format=weight_format, group_size=32)
     assert torch.equal(ours.submit(x, ids, weights).wait(), own.submit(x, ids, weights).wait())

@@ -19,39 +19,63 @@ import torch
 from lvllm.lk import QuantizedWeights
 
 
-def _groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[E, rows, cols] -> fp32 [E, rows, groups, group] zero-padded, and its validity mask."""
-    experts, rows, cols = w.shape
-    groups = -(-cols // group)
-    padded = torch.zeros(experts, rows, groups * group, dtype=torch.float32, device=w.device)
-    padded[..., :cols] = w.float()
-    valid = torch.zeros(groups * group, dtype=torch.bool, device=w.device)
-    valid[:cols] = True
-    return padded.view(experts, rows, groups, group), valid.view(groups, group)
+# Experts quantized per step: enough for a whole layer of a small model, few enough that a
+# DeepSeek-V3 layer (30 GB as fp32) never sits on the device at once.
+CHUNK_FLOAT_BYTES = 256 << 20
 
 
-def quantize(w: torch.Tensor, weight_format: str, group: int) -> QuantizedWeights:
-    """Quantizes float [E, rows, cols] weights; the result lives on the CPU."""
+def _experts_on(device, w, start: int, end: int) -> torch.Tensor:
+    """Experts [start, end) on ``device``: float weights as they are, QuantizedWeights
+    dequantized to float32 there as the engine does."""
+    if not isinstance(w, QuantizedWeights):
+        return w[start:end].to(device)
+    part = QuantizedWeights(w.values[start:end].to(device), w.scales[start:end].to(device), w.group_size,
+                            None if w.offsets is None else w.offsets[start:end].to(device))
+    values = dequantize(part)
+    if w.values.dtype == torch.float8_e4m3fn and bool(values.isnan().any()):
+        expert, row, col = values.isnan().nonzero()[0].tolist()
+        raise ValueError(f"expert {start + expert}, row {row}, input {col} holds a float8_e4m3fn NaN; "
+                         "lk needs finite weights")
+    return values
+
+
+def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights:
+    """Quantizes [E, rows, cols] experts, float or QuantizedWeights (dequantized first, as
+    the engine does), on ``device`` (default: where they are), a few experts at a time so
+    the fp32 working set stays near CHUNK_FLOAT_BYTES; the result lives on the CPU."""
     if weight_format not in ("int8", "int4"):
         raise ValueError(f"quantize makes int8 or int4, not {weight_format!r}")
     if group < 16 or group % 16:
         raise ValueError(f"group must be a positive multiple of 16, got {group}")
-    cols = w.shape[2]
-    grouped, valid = _groups(w, group)
-    if weight_format == "int8":
-        scale = grouped.abs().amax(-1, keepdim=True) / 127
-        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-        q = torch.round(grouped * inverse).clamp_(-127, 127).to(torch.int8)
-        offsets = None
-    else:
-        low = torch.where(valid, grouped, torch.inf).amin(-1, keepdim=True)
-        high = torch.where(valid, grouped, -torch.inf).amax(-1, keepdim=True)
-        scale = (high - low) / 15
-        inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-        q = torch.round((grouped - low) * inverse).clamp_(0, 15).to(torch.uint8)
-        offsets = low.squeeze(-1).cpu().contiguous()
-    values = q.flatten(2)[..., :cols].cpu().contiguous()
-    return QuantizedWeights(values, scale.squeeze(-1).cpu().contiguous(), group, offsets)
+    if device is None:
+        device = w.values.device if isinstance(w, QuantizedWeights) else w.device
+    experts, rows, cols = w.shape
+    groups = -(-cols // group)
+    values = torch.empty(experts, rows, cols, dtype=torch.int8 if weight_format == "int8" else torch.uint8)
+    scales = torch.empty(experts, rows, groups)
+    offsets = torch.empty(experts, rows, groups) if weight_format == "int4" else None
+    step = max(1, CHUNK_FLOAT_BYTES // (rows * groups * group * 4))
+    for start in range(0, experts, step):
+        end = min(experts, start + step)
+        # A copy (the steps below work in place), its last group padded with its own last
+        # value, which keeps that group's min and max.
+        grouped = torch.empty(end - start, rows, groups * group, device=device)
+        grouped[..., :cols] = _experts_on(device, w, start, end)
+        grouped[..., cols:] = grouped[..., cols - 1:cols]
+        grouped = grouped.view(end - start, rows, groups, group)
+        low, high = torch.aminmax(grouped, dim=-1, keepdim=True)
+        if weight_format == "int8":  # symmetric: q in [-127, 127]
+            scale = torch.maximum(low.abs(), high.abs()) / 127
+            inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+            q = grouped.mul_(inverse).round_().clamp_(-127, 127).to(torch.int8)
+        else:  # asymmetric: q in [0, 15] spans [low, high]
+            scale = (high - low) / 15
+            inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+            q = grouped.sub_(low).mul_(inverse).round_().clamp_(0, 15).to(torch.uint8)
+            offsets[start:end] = low.squeeze(-1)
+        values[start:end] = q.flatten(2)[..., :cols]
+        scales[start:end] = scale.squeeze(-1)
+    return QuantizedWeights(values, scales, group, offsets)
 
 
 def dequantize(weights: QuantizedWeights) -> torch.Tensor:

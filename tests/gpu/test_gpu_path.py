@@ -226,6 +226,49 @@ def test_compiled_unpack_writes_the_engine_arithmetic_bit_for_bit(weight_format)
         assert torch.equal(got2.cpu(), expected2.to(dtype)), dtype
 
 
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("source", ["bfloat16", "float16", "float32", "fp8_e4m3"])
+def test_quantization_on_the_device_gives_the_engines_bits(monkeypatch, weight_format, source):
+    """LVLLM_MOE_QUANT_ON_GPU=1: lvllm.lk.quant run on the device, a few experts per step,
+    against the engine's own CPU quantization (an engine built from the result has the same
+    size and gives bit-equal outputs) and against the same function on the CPU (equal
+    tensors). A partial last group (hidden 200, group 32), a constant group (INT4 scale 0),
+    a zero group, magnitudes from 1e-20 to 1e20, and a short last step."""
+    from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime, quant
+
+    experts, hidden, inter, group = 5, 200, 96, 32
+    monkeypatch.setattr(quant, "CHUNK_FLOAT_BYTES", 2 * (2 * inter) * 224 * 4)  # two experts of w13
+    generator = torch.Generator().manual_seed(70)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=generator) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=generator) / inter**0.5
+    if source == "fp8_e4m3":
+        def fp8(w):
+            scales = torch.rand(experts, w.shape[1], -(-w.shape[2] // 128), generator=generator) + 0.5
+            return QuantizedWeights((w * 200).clamp(-448, 448).to(torch.float8_e4m3fn), scales, 128)
+        w13, w2 = fp8(w13), fp8(w2)
+    else:
+        w13[0, 0, :32] = 0.25
+        w13[1, 3, 32:64] = 0
+        w13[2, 5] *= 1e20 if source == "float32" else 1e4
+        w13[3, 7] *= 1e-20 if source == "float32" else 1e-4
+        w13, w2 = w13.to(getattr(torch, source)), w2.to(getattr(torch, source))
+    runtime = make_runtime(threads=2, binding="NONE", power_saving=False, numa_nodes=2)
+    on_device = [quant.quantize(w, weight_format, group, "cuda") for w in (w13, w2)]
+    on_cpu = [quant.quantize(w, weight_format, group, "cpu") for w in (w13, w2)]
+    for got, expected in zip(on_device, on_cpu):
+        assert got.values.device.type == "cpu"
+        assert torch.equal(got.values, expected.values) and torch.equal(got.scales, expected.scales)
+        assert (got.offsets is None) == (weight_format == "int8")
+        assert got.offsets is None or torch.equal(got.offsets, expected.offsets)
+    own = MoEEngine(w13, w2, "silu", weight_format=weight_format, group_size=group, runtime=runtime)
+    given = MoEEngine(*on_device, "silu", runtime=runtime)
+    assert given.nbytes == own.nbytes
+    x = torch.randn(40, hidden, generator=generator)
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:2] for _ in range(40)]).int()
+    weights = torch.rand(40, 2, generator=generator)
+    assert torch.equal(given.forward(x, ids, weights), own.forward(x, ids, weights))
+
+
 def test_mixed_batch_splits_decode_rows_to_lk_and_merges(queue):
     layer, w13, w2 = make_layer(seed=40, experts=E, hidden=H, inter=I)
     ring = ExpertRing(torch.device("cuda"), 1)

@@ -373,17 +373,40 @@ def test_int4_checkpoint_kept(runtimes, isa, group, tokens):
 
 
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
-def test_torch_quantization_is_bit_identical_to_the_engines(runtimes, weight_format):
-    # What LVLLM_MOE_QUANT_ON_GPU relies on: quantizing with torch (on any device) and
-    # handing the engine the result gives exactly the engine's own quantization.
+@pytest.mark.parametrize("source", ["bfloat16", "float32", "fp8_e4m3"])
+@pytest.mark.parametrize("experts_per_step", [3, None])
+def test_torch_quantization_is_bit_identical_to_the_engines(runtimes, monkeypatch, weight_format, source,
+                                                           experts_per_step):
+    # What LVLLM_MOE_QUANT_ON_GPU relies on: quantizing with torch (on any device, a few
+    # experts per step) and handing the engine the result gives exactly the engine's own
+    # quantization. A partial last group (200 inputs, group 32), a constant group (INT4
+    # scale 0) and a zero group; 3 experts per step leaves a short last step.
     experts, hidden, intermediate, group = 4, 200, 96, 32
-    w13, w2 = random_experts(experts, hidden, intermediate, torch.bfloat16, seed=11)
-    own = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes())
+    if experts_per_step:
+        monkeypatch.setattr(quant, "CHUNK_FLOAT_BYTES", experts_per_step * 2 * intermediate * 224 * 4)
+    if source == "fp8_e4m3":
+        w13, _ = random_fp8(experts, 2 * intermediate, hidden, 128, seed=11)
+        w2, _ = random_fp8(experts, hidden, intermediate, 128, seed=12)
+    else:
+        w13, w2 = random_experts(experts, hidden, intermediate, getattr(torch, source), seed=11)
+        w13[0, 0, :32] = 0.25
+        w13[1, 3, 32:64] = 0
+    # Two virtual nodes split I by the stored groups alone, whatever the source's groups.
+    runtime = runtimes(numa_nodes=2)
+    own = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtime)
     prequantized = MoEEngine(quant.quantize(w13, weight_format, group), quant.quantize(w2, weight_format, group),
-                             runtime=runtimes())
+                             runtime=runtime)
+    assert prequantized.nbytes == own.nbytes
     x = torch.randn(40, hidden)
     ids, weights = random_routing(40, experts, 2, seed=12)
     assert torch.equal(own.forward(x, ids, weights), prequantized.forward(x, ids, weights))
+
+
+def test_torch_quantization_refuses_fp8_nan():
+    w, _ = random_fp8(3, 8, 64, 32, seed=13)
+    w.values.view(torch.uint8)[2, 5, 40] = 0xFF
+    with pytest.raises(ValueError, match="expert 2, row 5, input 40 holds a float8_e4m3fn NaN"):
+        quant.quantize(w, "int4", 32)
 
 
 def test_expand_block_scales():
