@@ -61,7 +61,7 @@ uint32_t spread_offset(uint32_t count, int nodes, int node) {
   return static_cast<uint32_t>(count * 1ull * node / nodes);
 }
 
-// Reads one expert's source matrix as floats, dequantizing where needed.
+// One expert's source matrix, read a row segment at a time.
 struct SourceMatrix {
   const WeightSource& source;
   std::size_t rows, cols;
@@ -71,120 +71,183 @@ struct SourceMatrix {
   std::size_t meta_index(std::size_t row, std::size_t col) const {
     return (expert * rows + row) * groups() + col / source.group;
   }
-  const uint8_t* bytes() const { return static_cast<const uint8_t*>(source.values); }
-  std::size_t value_index(std::size_t row, std::size_t col) const { return (expert * rows + row) * cols + col; }
+  const uint8_t* row_bytes(std::size_t row, std::size_t element_bytes) const {
+    return static_cast<const uint8_t*>(source.values) + (expert * rows + row) * cols * element_bytes;
+  }
 
   // e4m3fn has one NaN code (S.1111.111), which the kernels would decode as 480. Quantizers
   // saturate to +-448, so it means a damaged checkpoint: refused here, where every weight
   // byte passes once anyway.
-  uint8_t fp8_byte(std::size_t row, std::size_t col) const {
-    const uint8_t byte = bytes()[value_index(row, col)];
-    if ((byte & 0x7f) == 0x7f) {
-      throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) + ", input " +
-                                  std::to_string(col) + " holds a float8_e4m3fn NaN; lk needs finite weights");
+  void check_fp8(std::size_t row, std::size_t first_col, int depth) const {
+    const uint8_t* bytes = row_bytes(row, 1) + first_col;
+    for (int k = 0; k < depth; ++k) {
+      if ((bytes[k] & 0x7f) == 0x7f) {
+        throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) + ", input " +
+                                    std::to_string(first_col + k) + " holds a float8_e4m3fn NaN; lk needs finite weights");
+      }
     }
-    return byte;
   }
 
-  float at(std::size_t row, std::size_t col) const {
-    const std::size_t index = value_index(row, col);
+  // Inputs [first_col, first_col + depth) of `row` as floats, dequantized where needed.
+  void read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const {
     switch (source.format) {
       case WeightFormat::F32:
-      case WeightFormat::F16:
-      case WeightFormat::BF16:
-        return load_as_float(source.values, index, static_cast<DType>(source.format));
-      case WeightFormat::Int8:
-        return static_cast<int8_t>(bytes()[index]) * source.scales[meta_index(row, col)];
-      case WeightFormat::Int4:
-        return bytes()[index] * source.scales[meta_index(row, col)] + source.offsets[meta_index(row, col)];
+        std::memcpy(out, reinterpret_cast<const float*>(row_bytes(row, 4)) + first_col, depth * sizeof(float));
+        return;
+      case WeightFormat::F16: {
+        const uint16_t* values = reinterpret_cast<const uint16_t*>(row_bytes(row, 2)) + first_col;
+        for (int k = 0; k < depth; ++k) out[k] = f16_to_float(values[k]);
+        return;
+      }
+      case WeightFormat::BF16: {  // one loop per type, so the compiler vectorizes it
+        const uint16_t* values = reinterpret_cast<const uint16_t*>(row_bytes(row, 2)) + first_col;
+        for (int k = 0; k < depth; ++k) out[k] = bf16_to_float(values[k]);
+        return;
+      }
       case WeightFormat::Fp8E4M3:
-        return fp8_e4m3_to_float(fp8_byte(row, col)) * source.scales[meta_index(row, col)];
+        check_fp8(row, first_col, depth);
+        break;
+      case WeightFormat::Int8:
+      case WeightFormat::Int4:
+        break;
     }
-    return 0.0f;
+    // Grouped sources: one scale (and offset) per run of inputs within a source group.
+    const uint8_t* bytes = row_bytes(row, 1);
+    for (int k = 0; k < depth;) {
+      const std::size_t col = first_col + k;
+      const int end = static_cast<int>(std::min<std::size_t>(depth, (col / source.group + 1) * source.group - first_col));
+      const float scale = source.scales[meta_index(row, col)];
+      if (source.format == WeightFormat::Int8) {
+        for (; k < end; ++k) out[k] = static_cast<int8_t>(bytes[first_col + k]) * scale;
+      } else if (source.format == WeightFormat::Int4) {
+        const float offset = source.offsets[meta_index(row, col)];
+        for (; k < end; ++k) out[k] = bytes[first_col + k] * scale + offset;
+      } else {
+        for (; k < end; ++k) out[k] = fp8_e4m3_to_float(bytes[first_col + k]) * scale;
+      }
+    }
   }
 };
 
-// Stores q (0..15) as the signed nibble q - 8 (formats.h).
-void store_int4(uint8_t* panel, int k, int j, uint8_t q) {
-  int shift;
-  uint8_t& byte = panel[int4_byte(k, j, &shift)];
-  byte = static_cast<uint8_t>((byte & ~(0xf << shift)) | ((q ^ 8) << shift));
+// What packing one panel needs besides the panel: a source row as floats, and the panel's
+// columns as stored integer codes, [kPanelWidth][depth rounded up to a block].
+struct PackScratch {
+  std::vector<float> floats;
+  std::vector<uint8_t> codes;
+};
+
+// Quantizes one row's `depth` floats per group of `group` into codes as the panel stores
+// them (INT8: q; INT4: q ^ 8) and its scales (and offsets) at stride kPanelWidth.
+void quantize_row(const float* values, int depth, WeightFormat format, int group, uint8_t* codes, float* scales,
+                  float* offsets) {
+  for (int begin = 0, g = 0; begin < depth; begin += group, ++g) {
+    const int end = std::min(depth, begin + group);
+    // Eight running minima and maxima side by side, which compilers vectorize (one chain
+    // was half of a bf16 -> INT8 load).
+    constexpr int kLanes = 8;
+    float lanes_low[kLanes], lanes_high[kLanes];
+    std::fill_n(lanes_low, kLanes, values[begin]);
+    std::fill_n(lanes_high, kLanes, values[begin]);
+    int k = begin;
+    for (; k + kLanes <= end; k += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        lanes_low[lane] = std::min(lanes_low[lane], values[k + lane]);
+        lanes_high[lane] = std::max(lanes_high[lane], values[k + lane]);
+      }
+    }
+    for (; k < end; ++k) {
+      lanes_low[0] = std::min(lanes_low[0], values[k]);
+      lanes_high[0] = std::max(lanes_high[0], values[k]);
+    }
+    const float low = *std::min_element(lanes_low, lanes_low + kLanes);
+    const float high = *std::max_element(lanes_high, lanes_high + kLanes);
+    if (format == WeightFormat::Int8) {  // symmetric: q in [-127, 127]
+      const float scale = std::max(std::fabs(low), std::fabs(high)) / 127.0f;
+      const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+      scales[g * kPanelWidth] = scale;
+      for (int k = begin; k < end; ++k) {
+        const float q = std::clamp(round_to_integer(values[k] * inverse), -127.0f, 127.0f);
+        codes[k] = static_cast<uint8_t>(static_cast<int8_t>(q));
+      }
+    } else {  // INT4, asymmetric: q in [0, 15] spans [low, high]
+      const float scale = (high - low) / 15.0f;
+      const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+      scales[g * kPanelWidth] = scale;
+      offsets[g * kPanelWidth] = low;
+      for (int k = begin; k < end; ++k) {
+        codes[k] = static_cast<uint8_t>(std::clamp(round_to_integer((values[k] - low) * inverse), 0.0f, 15.0f)) ^ 8;
+      }
+    }
+  }
 }
 
 // Writes one panel: columns j < kPanelWidth are source rows rows[j] (-1: zero padding),
 // inputs k are source columns first_col + k. Same formats (and groups) copy exactly;
 // otherwise values are read as floats and stored or quantized per group.
 void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
-                WeightFormat format, int group, uint8_t* panel) {
+                WeightFormat format, int group, PackScratch& scratch, uint8_t* panel) {
   const std::size_t groups = is_grouped(format) ? panel_groups(depth, group) : 0;
   float* scales = reinterpret_cast<float*>(panel + panel_value_bytes(format, depth));
   float* offsets = scales + groups * kPanelWidth;
   const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
-  // Rows past `depth` that fill the last block of an integer format stay zero.
-  std::memset(panel, 0, panel_value_bytes(format, depth));
-  if (same) {
-    const std::size_t element = format == WeightFormat::F32 ? 4 : (format == WeightFormat::F16 || format == WeightFormat::BF16) ? 2 : 1;
+  if (!same && format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
+  // Padding (columns without a row, inputs past `depth` up to a block) stays zero.
+  std::memset(panel, 0, panel_bytes(format, depth, group));
+  scratch.floats.resize(depth);
+  if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
+    const std::size_t stride = padded_depth(format, depth);
+    scratch.codes.assign(stride * kPanelWidth, 0);
     for (int j = 0; j < kPanelWidth; ++j) {
-      for (int k = 0; k < depth; ++k) {
-        if (rows[j] < 0) continue;
-        const uint8_t* from = source.bytes() + source.value_index(rows[j], first_col + k) * element;
-        if (format == WeightFormat::Int4) {
-          store_int4(panel, k, j, *from & 0xf);
-        } else if (format == WeightFormat::Int8) {
-          panel[int8_offset(k, j)] = *from;
-        } else if (format == WeightFormat::Fp8E4M3) {
-          panel[static_cast<std::size_t>(k) * kPanelWidth + j] = source.fp8_byte(rows[j], first_col + k);
-        } else {
-          std::memcpy(panel + (static_cast<std::size_t>(k) * kPanelWidth + j) * element, from, element);
+      if (rows[j] < 0) continue;
+      uint8_t* codes = scratch.codes.data() + j * stride;
+      if (same) {
+        const uint8_t* from = source.row_bytes(rows[j], 1) + first_col;
+        for (int k = 0; k < depth; ++k) codes[k] = format == WeightFormat::Int4 ? (from[k] & 0xf) ^ 8 : from[k];
+        for (std::size_t g = 0; g < groups; ++g) {
+          const std::size_t meta = source.meta_index(rows[j], first_col + g * group);
+          scales[g * kPanelWidth + j] = source.source.scales[meta];
+          if (has_offsets(format)) offsets[g * kPanelWidth + j] = source.source.offsets[meta];
         }
+      } else {
+        source.read_floats(rows[j], first_col, depth, scratch.floats.data());
+        quantize_row(scratch.floats.data(), depth, format, group, codes, scales + j, offsets + j);
       }
-      for (std::size_t g = 0; g < groups; ++g) {
-        const bool real = rows[j] >= 0;
-        scales[g * kPanelWidth + j] = real ? source.source.scales[source.meta_index(rows[j], first_col + g * group)] : 0.0f;
-        if (has_offsets(format)) {
-          offsets[g * kPanelWidth + j] = real ? source.source.offsets[source.meta_index(rows[j], first_col + g * group)] : 0.0f;
+    }
+    const uint8_t* codes = scratch.codes.data();
+    for (int k = 0; k < depth; ++k) {
+      if (format == WeightFormat::Int8) {
+        for (int j = 0; j < kPanelWidth; ++j) panel[int8_offset(k, j)] = codes[j * stride + k];
+      } else {  // a byte holds column j in its low nibble and j + 8 in its high one
+        for (int j = 0; j < kPanelWidth / 2; ++j) {
+          int shift;
+          panel[int4_byte(k, j, &shift)] =
+              static_cast<uint8_t>(codes[j * stride + k] | codes[(j + kPanelWidth / 2) * stride + k] << 4);
         }
       }
     }
     return;
   }
-  if (format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
-  std::vector<float> values(static_cast<std::size_t>(depth) * kPanelWidth, 0.0f);
+  // FP8 and float formats store row k of the panel at k * kPanelWidth.
   for (int j = 0; j < kPanelWidth; ++j) {
     if (rows[j] < 0) continue;
-    for (int k = 0; k < depth; ++k) values[static_cast<std::size_t>(k) * kPanelWidth + j] = source.at(rows[j], first_col + k);
-  }
-  if (!is_grouped(format)) {
-    for (std::size_t i = 0; i < values.size(); ++i) store_from_float(panel, i, static_cast<DType>(format), values[i]);
-    return;
-  }
-  for (std::size_t g = 0; g < groups; ++g) {
-    const int begin = static_cast<int>(g) * group, end = std::min(depth, begin + group);
-    for (int j = 0; j < kPanelWidth; ++j) {
-      float low = 0.0f, high = 0.0f;
-      for (int k = begin; k < end; ++k) {
-        const float value = values[static_cast<std::size_t>(k) * kPanelWidth + j];
-        low = k == begin ? value : std::min(low, value);
-        high = k == begin ? value : std::max(high, value);
+    if (format == WeightFormat::Fp8E4M3) {
+      source.check_fp8(rows[j], first_col, depth);
+      const uint8_t* from = source.row_bytes(rows[j], 1) + first_col;
+      for (int k = 0; k < depth; ++k) panel[static_cast<std::size_t>(k) * kPanelWidth + j] = from[k];
+      for (std::size_t g = 0; g < groups; ++g) {
+        scales[g * kPanelWidth + j] = source.source.scales[source.meta_index(rows[j], first_col + g * group)];
       }
-      float scale, offset = 0.0f;
-      if (format == WeightFormat::Int8) {  // symmetric: q in [-127, 127]
-        scale = std::max(std::fabs(low), std::fabs(high)) / 127.0f;
-      } else {  // INT4, asymmetric: q in [0, 15] spans [low, high]
-        scale = (high - low) / 15.0f;
-        offset = low;
+    } else if (same) {
+      const std::size_t element = format == WeightFormat::F32 ? 4 : 2;
+      const uint8_t* from = source.row_bytes(rows[j], element) + first_col * element;
+      for (int k = 0; k < depth; ++k) {
+        std::memcpy(panel + (static_cast<std::size_t>(k) * kPanelWidth + j) * element, from + k * element, element);
       }
-      scales[g * kPanelWidth + j] = scale;
-      if (has_offsets(format)) offsets[g * kPanelWidth + j] = offset;
-      const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-      for (int k = begin; k < end; ++k) {
-        const float value = values[static_cast<std::size_t>(k) * kPanelWidth + j];
-        if (format == WeightFormat::Int8) {
-          const float q = std::clamp(round_to_integer(value * inverse), -127.0f, 127.0f);
-          panel[int8_offset(k, j)] = static_cast<uint8_t>(static_cast<int8_t>(q));
-        } else {
-          store_int4(panel, k, j, static_cast<uint8_t>(std::clamp(round_to_integer((value - offset) * inverse), 0.0f, 15.0f)));
-        }
+    } else {
+      source.read_floats(rows[j], first_col, depth, scratch.floats.data());
+      const DType type = static_cast<DType>(format);
+      for (int k = 0; k < depth; ++k) {
+        store_from_float(panel, static_cast<std::size_t>(k) * kPanelWidth + j, type, scratch.floats[k]);
       }
     }
   }
@@ -402,6 +465,7 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
                                    static_cast<std::size_t>(shape_.intermediate), expert};
     const std::size_t gate_up_bytes = gate_up_panel_bytes(slice), down_bytes = down_panel_bytes(slice);
     int rows[kPanelWidth];
+    PackScratch scratch;
     const char* tensor = "w13";
     try {
       for (int half = 0; half < 2; ++half) {
@@ -411,14 +475,14 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
             rows[j] = local < slice.length ? half * shape_.intermediate + slice.begin + local : -1;
           }
           uint8_t* panel = slice.gate_up.as<uint8_t>() + ((expert * 2 + half) * slice.panels + p) * gate_up_bytes;
-          pack_panel(gate_up_source, rows, 0, shape_.hidden, shape_.format, shape_.group_size, panel);
+          pack_panel(gate_up_source, rows, 0, shape_.hidden, shape_.format, shape_.group_size, scratch, panel);
         }
       }
       tensor = "w2";
       for (int q = 0; q < hidden_panels_ && slice.length > 0; ++q) {
         for (int j = 0; j < kPanelWidth; ++j) rows[j] = q * kPanelWidth + j < shape_.hidden ? q * kPanelWidth + j : -1;
         uint8_t* panel = slice.down.as<uint8_t>() + (static_cast<std::size_t>(expert) * hidden_panels_ + q) * down_bytes;
-        pack_panel(down_source, rows, slice.begin, slice.length, shape_.format, shape_.group_size, panel);
+        pack_panel(down_source, rows, slice.begin, slice.length, shape_.format, shape_.group_size, scratch, panel);
       }
     } catch (const std::exception& error) {
       errors[worker] = std::string(tensor) + ": " + error.what();
