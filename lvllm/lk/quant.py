@@ -24,13 +24,29 @@ from lvllm.lk import QuantizedWeights
 CHUNK_FLOAT_BYTES = 256 << 20
 
 
-def _experts_on(device, w, start: int, end: int) -> torch.Tensor:
+def _upload(t: torch.Tensor, device: torch.device, staging: dict, name: str) -> torch.Tensor:
+    """t on ``device``. Host tensors go to a GPU through a pinned buffer kept in ``staging``
+    under ``name``: torch fills it with all its threads, where a pageable copy runs at the
+    driver's single-threaded pace (6.5 GB/s on the H100 host)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    buffer = staging.get(name)
+    if buffer is None or buffer.numel() < t.numel():
+        buffer = staging[name] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+    host = buffer[:t.numel()].view(t.shape)
+    host.copy_(t)
+    # The buffer is reused only after the caller's next synchronous copy back.
+    return host.to(device, non_blocking=True)
+
+
+def _experts_on(device, w, start: int, end: int, staging: dict) -> torch.Tensor:
     """Experts [start, end) on ``device``: float weights as they are, QuantizedWeights
     dequantized to float32 there as the engine does."""
     if not isinstance(w, QuantizedWeights):
-        return w[start:end].to(device)
-    part = QuantizedWeights(w.values[start:end].to(device), w.scales[start:end].to(device), w.group_size,
-                            None if w.offsets is None else w.offsets[start:end].to(device))
+        return _upload(w[start:end], device, staging, "values")
+    part = QuantizedWeights(_upload(w.values[start:end], device, staging, "values"),
+                            _upload(w.scales[start:end], device, staging, "scales"), w.group_size,
+                            None if w.offsets is None else _upload(w.offsets[start:end], device, staging, "offsets"))
     values = dequantize(part)
     if w.values.dtype == torch.float8_e4m3fn and bool(values.isnan().any()):
         expert, row, col = values.isnan().nonzero()[0].tolist()
@@ -49,28 +65,39 @@ def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights
         raise ValueError(f"group must be a positive multiple of 16, got {group}")
     if device is None:
         device = w.values.device if isinstance(w, QuantizedWeights) else w.device
+    device = torch.device(device)
     experts, rows, cols = w.shape
     groups = -(-cols // group)
-    values = torch.empty(experts, rows, cols, dtype=torch.int8 if weight_format == "int8" else torch.uint8)
-    scales = torch.empty(experts, rows, groups)
-    offsets = torch.empty(experts, rows, groups) if weight_format == "int4" else None
+    # From a GPU the results come back into pinned memory: pageable copies ran at a few GB/s
+    # on an H100 host, and torch's pinned cache hands the blocks to the next layer's call
+    # once the engine has taken these.
+    pinned = device.type == "cuda"
+    values = torch.empty(experts, rows, cols, dtype=torch.int8 if weight_format == "int8" else torch.uint8,
+                         pin_memory=pinned)
+    scales = torch.empty(experts, rows, groups, pin_memory=pinned)
+    offsets = torch.empty(experts, rows, groups, pin_memory=pinned) if weight_format == "int4" else None
     step = max(1, CHUNK_FLOAT_BYTES // (rows * groups * group * 4))
+    # CUDA divides by a Python number as a multiply by its reciprocal, one bit off the
+    # engine's division at times; dividing by tensors divides on every device.
+    levels = torch.tensor(127.0 if weight_format == "int8" else 15.0, device=device)
+    one = torch.tensor(1.0, device=device)
+    staging = {}
     for start in range(0, experts, step):
         end = min(experts, start + step)
         # A copy (the steps below work in place), its last group padded with its own last
         # value, which keeps that group's min and max.
         grouped = torch.empty(end - start, rows, groups * group, device=device)
-        grouped[..., :cols] = _experts_on(device, w, start, end)
+        grouped[..., :cols] = _experts_on(device, w, start, end, staging)
         grouped[..., cols:] = grouped[..., cols - 1:cols]
         grouped = grouped.view(end - start, rows, groups, group)
         low, high = torch.aminmax(grouped, dim=-1, keepdim=True)
         if weight_format == "int8":  # symmetric: q in [-127, 127]
-            scale = torch.maximum(low.abs(), high.abs()) / 127
-            inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+            scale = torch.maximum(low.abs(), high.abs()) / levels
+            inverse = torch.where(scale > 0, one / scale, 0.0)
             q = grouped.mul_(inverse).round_().clamp_(-127, 127).to(torch.int8)
         else:  # asymmetric: q in [0, 15] spans [low, high]
-            scale = (high - low) / 15
-            inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+            scale = (high - low) / levels
+            inverse = torch.where(scale > 0, one / scale, 0.0)
             q = grouped.sub_(low).mul_(inverse).round_().clamp_(0, 15).to(torch.uint8)
             offsets[start:end] = low.squeeze(-1)
         values[start:end] = q.flatten(2)[..., :cols]
