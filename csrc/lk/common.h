@@ -77,7 +77,7 @@ inline uint16_t float_to_f16(float value) {
 }
 
 // float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities.
-inline float fp8_e4m3_to_float(uint8_t bits) {
+constexpr float fp8_e4m3_to_float(uint8_t bits) {
   const int exponent = (bits >> 3) & 0xf, mantissa = bits & 0x7;
   const uint32_t widened = (static_cast<uint32_t>(exponent + 120) << 23) | (static_cast<uint32_t>(mantissa) << 20);
   const float magnitude = exponent == 0 ? mantissa * (1.0f / 512.0f) : __builtin_bit_cast(float, widened);

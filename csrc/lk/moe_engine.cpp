@@ -61,6 +61,19 @@ uint32_t spread_offset(uint32_t count, int nodes, int node) {
   return static_cast<uint32_t>(count * 1ull * node / nodes);
 }
 
+// Every float8_e4m3fn code decoded: a table load per weight is cheaper than decoding
+// each (a branch for subnormals, one for the sign), and FP8 checkpoints pass every weight
+// through here when converted at load.
+struct Fp8Values {
+  float of[256];
+};
+constexpr Fp8Values make_fp8_values() {
+  Fp8Values values{};
+  for (int code = 0; code < 256; ++code) values.of[code] = fp8_e4m3_to_float(static_cast<uint8_t>(code));
+  return values;
+}
+constexpr Fp8Values kFp8Values = make_fp8_values();
+
 // One expert's source matrix, read a row segment at a time.
 struct SourceMatrix {
   const WeightSource& source;
@@ -80,7 +93,9 @@ struct SourceMatrix {
   // byte passes once anyway.
   void check_fp8(std::size_t row, std::size_t first_col, int depth) const {
     const uint8_t* bytes = row_bytes(row, 1) + first_col;
-    for (int k = 0; k < depth; ++k) {
+    bool any_nan = false;  // a loop without an exit, which compilers vectorize
+    for (int k = 0; k < depth; ++k) any_nan |= (bytes[k] & 0x7f) == 0x7f;
+    for (int k = 0; any_nan && k < depth; ++k) {
       if ((bytes[k] & 0x7f) == 0x7f) {
         throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) + ", input " +
                                     std::to_string(first_col + k) + " holds a float8_e4m3fn NaN; lk needs finite weights");
@@ -123,7 +138,7 @@ struct SourceMatrix {
         const float offset = source.offsets[meta_index(row, col)];
         for (; k < end; ++k) out[k] = bytes[first_col + k] * scale + offset;
       } else {
-        for (; k < end; ++k) out[k] = fp8_e4m3_to_float(bytes[first_col + k]) * scale;
+        for (; k < end; ++k) out[k] = kFp8Values.of[bytes[first_col + k]] * scale;
       }
     }
   }
@@ -134,7 +149,21 @@ struct SourceMatrix {
 struct PackScratch {
   std::vector<float> floats;
   std::vector<uint8_t> codes;
+  std::vector<uint8_t> zeros;
 };
+
+// Fills a panel stored row by row ([depth][kPanelWidth]) from one run of `depth` Source
+// values per column, converted to Stored. k outermost: each of the panel's cache lines is
+// written once, where a column at a time went over the whole panel 16 times.
+template <typename Source, typename Stored, typename Convert>
+void store_columns(uint8_t* panel, int depth, const void* const (&columns)[kPanelWidth], Convert convert) {
+  const Source* from[kPanelWidth];
+  for (int j = 0; j < kPanelWidth; ++j) from[j] = static_cast<const Source*>(columns[j]);
+  Stored* out = reinterpret_cast<Stored*>(panel);
+  for (int k = 0; k < depth; ++k) {
+    for (int j = 0; j < kPanelWidth; ++j) out[static_cast<std::size_t>(k) * kPanelWidth + j] = convert(from[j][k]);
+  }
+}
 
 // Quantizes one row's `depth` floats per group of `group` into codes as the panel stores
 // them (INT8: q; INT4: q ^ 8) and its scales (and offsets) at stride kPanelWidth.
@@ -193,8 +222,8 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
   if (!same && format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
   // Padding (columns without a row, inputs past `depth` up to a block) stays zero.
   std::memset(panel, 0, panel_bytes(format, depth, group));
-  scratch.floats.resize(depth);
   if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
+    scratch.floats.resize(depth);
     const std::size_t stride = padded_depth(format, depth);
     scratch.codes.assign(stride * kPanelWidth, 0);
     for (int j = 0; j < kPanelWidth; ++j) {
@@ -227,29 +256,42 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
     }
     return;
   }
-  // FP8 and float formats store row k of the panel at k * kPanelWidth.
-  for (int j = 0; j < kPanelWidth; ++j) {
-    if (rows[j] < 0) continue;
-    if (format == WeightFormat::Fp8E4M3) {
-      source.check_fp8(rows[j], first_col, depth);
-      const uint8_t* from = source.row_bytes(rows[j], 1) + first_col;
-      for (int k = 0; k < depth; ++k) panel[static_cast<std::size_t>(k) * kPanelWidth + j] = from[k];
-      for (std::size_t g = 0; g < groups; ++g) {
-        scales[g * kPanelWidth + j] = source.source.scales[source.meta_index(rows[j], first_col + g * group)];
+  // FP8 and float formats store row k of the panel at k * kPanelWidth. Columns without a
+  // source row read zeros.
+  scratch.zeros.assign(static_cast<std::size_t>(depth) * sizeof(float), 0);
+  const void* columns[kPanelWidth];
+  const auto keep = [](auto value) { return value; };
+  if (same) {
+    const std::size_t element = format == WeightFormat::F32 ? 4 : format == WeightFormat::Fp8E4M3 ? 1 : 2;
+    for (int j = 0; j < kPanelWidth; ++j) {
+      if (rows[j] < 0) {
+        columns[j] = scratch.zeros.data();
+        continue;
       }
-    } else if (same) {
-      const std::size_t element = format == WeightFormat::F32 ? 4 : 2;
-      const uint8_t* from = source.row_bytes(rows[j], element) + first_col * element;
-      for (int k = 0; k < depth; ++k) {
-        std::memcpy(panel + (static_cast<std::size_t>(k) * kPanelWidth + j) * element, from + k * element, element);
-      }
-    } else {
-      source.read_floats(rows[j], first_col, depth, scratch.floats.data());
-      const DType type = static_cast<DType>(format);
-      for (int k = 0; k < depth; ++k) {
-        store_from_float(panel, static_cast<std::size_t>(k) * kPanelWidth + j, type, scratch.floats[k]);
+      columns[j] = source.row_bytes(rows[j], element) + first_col * element;
+      if (format == WeightFormat::Fp8E4M3) {
+        source.check_fp8(rows[j], first_col, depth);
+        for (std::size_t g = 0; g < groups; ++g) {
+          scales[g * kPanelWidth + j] = source.source.scales[source.meta_index(rows[j], first_col + g * group)];
+        }
       }
     }
+    if (element == 1) store_columns<uint8_t, uint8_t>(panel, depth, columns, keep);
+    if (element == 2) store_columns<uint16_t, uint16_t>(panel, depth, columns, keep);
+    if (element == 4) store_columns<float, float>(panel, depth, columns, keep);
+    return;
+  }
+  scratch.floats.resize(static_cast<std::size_t>(depth) * kPanelWidth);
+  for (int j = 0; j < kPanelWidth; ++j) {
+    float* column = scratch.floats.data() + static_cast<std::size_t>(j) * depth;
+    columns[j] = rows[j] < 0 ? static_cast<const void*>(scratch.zeros.data()) : column;
+    if (rows[j] >= 0) source.read_floats(rows[j], first_col, depth, column);
+  }
+  switch (format) {
+    case WeightFormat::F32: store_columns<float, float>(panel, depth, columns, keep); break;
+    case WeightFormat::F16: store_columns<float, uint16_t>(panel, depth, columns, float_to_f16); break;
+    case WeightFormat::BF16: store_columns<float, uint16_t>(panel, depth, columns, float_to_bf16); break;
+    default: break;
   }
 }
 
