@@ -113,8 +113,9 @@ VARIABLES: dict[str, Variable] = {
             "GPU) from lk's memory into a ring of GPU buffers and compute those tokens with "
             "vLLM's fused-MoE kernel, while the batch's decode tokens stay on lk; 0 turns "
             "streaming off. Batches that replay a CUDA graph keep the lk path, so set it above "
-            "the largest captured size. On an H100 with Qwen3-30B-A3B layers, streaming beat "
-            "lk's CPU prefill from 256 tokens for bf16 experts and from 64 for INT4 (BENCHMARKS.md).",
+            "the largest captured size. On an H100 whose 16-vCPU host runs lk on AMX, with "
+            "Qwen3-30B-A3B layers, streaming beat lk's CPU prefill from 1024 tokens for bf16 "
+            "experts and from 64-256 for INT4 (BENCHMARKS.md).",
         ),
         Variable(
             "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_at_least(1), "integer >= 1",
@@ -135,8 +136,10 @@ VARIABLES: dict[str, Variable] = {
         ),
         Variable(
             "LVLLM_MOE_QUANT_ON_GPU", "0", _bool, "0 or 1",
-            "1: run-time INT8/INT4 quantization runs on the GPU (one layer at a time, "
-            "bit-identical result) when CUDA is available; otherwise on the CPU.",
+            "1: run-time INT8/INT4 quantization runs on the GPU (a few experts at a time, "
+            "bit-identical result) when CUDA is available; otherwise on the CPU. Pays for FP8 "
+            "checkpoints (1.4-2.1x as fast as lk's own on a 16-vCPU H100 host); for bf16 ones "
+            "it was level there, and lk's own gains on hosts with more cores.",
         ),
         Variable(
             "LK_THREADS", "", _optional_int_at_least(1), "integer >= 1, or empty for the default",
