@@ -502,6 +502,10 @@ class LkMoEMethod(FusedMoEMethodBase):
         )
         if summary is not None:
             logger.info(summary)
+            if _placement.quant_on_gpu:
+                from lvllm.lk import quant
+
+                quant.release_pinned_memory()
             if current_platform.is_cuda():
                 # Before vLLM measures free memory for the KV cache, so the ring counts.
                 _gpu_path().allocate()
@@ -513,8 +517,8 @@ class LkMoEMethod(FusedMoEMethodBase):
 
 
 def _maybe_quantize_on_gpu(w13, w2, weight_format: str, group_size: int):
-    """LVLLM_MOE_QUANT_ON_GPU=1: run-time INT8/INT4 quantization on the GPU, one layer at
-    a time (the engine's own CPU quantization gives the same bits)."""
+    """LVLLM_MOE_QUANT_ON_GPU=1: run-time INT8/INT4 quantization on the GPU, a few experts
+    at a time (the engine's own CPU quantization gives the same bits)."""
     global _gpu_fallback_logged
     from lvllm.lk import QuantizedWeights, quant
 

@@ -177,16 +177,16 @@ void quantize_row(const float* values, int depth, WeightFormat format, int group
     float lanes_low[kLanes], lanes_high[kLanes];
     std::fill_n(lanes_low, kLanes, values[begin]);
     std::fill_n(lanes_high, kLanes, values[begin]);
-    int k = begin;
-    for (; k + kLanes <= end; k += kLanes) {
+    int next = begin;
+    for (; next + kLanes <= end; next += kLanes) {
       for (int lane = 0; lane < kLanes; ++lane) {
-        lanes_low[lane] = std::min(lanes_low[lane], values[k + lane]);
-        lanes_high[lane] = std::max(lanes_high[lane], values[k + lane]);
+        lanes_low[lane] = std::min(lanes_low[lane], values[next + lane]);
+        lanes_high[lane] = std::max(lanes_high[lane], values[next + lane]);
       }
     }
-    for (; k < end; ++k) {
-      lanes_low[0] = std::min(lanes_low[0], values[k]);
-      lanes_high[0] = std::max(lanes_high[0], values[k]);
+    for (; next < end; ++next) {
+      lanes_low[0] = std::min(lanes_low[0], values[next]);
+      lanes_high[0] = std::max(lanes_high[0], values[next]);
     }
     const float low = *std::min_element(lanes_low, lanes_low + kLanes);
     const float high = *std::max_element(lanes_high, lanes_high + kLanes);

@@ -269,6 +269,24 @@ def test_quantization_on_the_device_gives_the_engines_bits(monkeypatch, weight_f
     assert torch.equal(given.forward(x, ids, weights), own.forward(x, ids, weights))
 
 
+def test_pinned_results_are_released_after_the_load():
+    """quantize() hands its results back in pinned memory, which torch caches for the next
+    layer; release_pinned_memory() (called once the last lk layer is loaded) returns it."""
+    from lvllm.lk import quant
+
+    def pinned_bytes():
+        return torch.cuda.host_memory_stats()["allocated_bytes.current"]
+
+    quant.release_pinned_memory()
+    in_use = pinned_bytes()  # what other tests' live objects hold
+    result = quant.quantize(torch.randn(4, 256, 512).bfloat16(), "int4", 128, "cuda")
+    assert result.values.is_pinned()
+    del result
+    assert pinned_bytes() > in_use
+    quant.release_pinned_memory()
+    assert pinned_bytes() == in_use
+
+
 def test_mixed_batch_splits_decode_rows_to_lk_and_merges(queue):
     layer, w13, w2 = make_layer(seed=40, experts=E, hidden=H, inter=I)
     ring = ExpertRing(torch.device("cuda"), 1)
