@@ -26,7 +26,7 @@ CHUNK_FLOAT_BYTES = 256 << 20
 
 def _pinned(staging: dict, name: str, like: torch.Tensor) -> torch.Tensor:
     """A pinned host tensor shaped like ``like``, from the buffer kept in ``staging`` under
-    ``name`` (grown when too small): one chunk's worth, reused for every chunk."""
+    ``name`` (grown when too small): one chunk's worth, reused every other chunk."""
     buffer = staging.get(name)
     if buffer is None or buffer.numel() < like.numel():
         buffer = staging[name] = torch.empty(like.numel(), dtype=like.dtype, pin_memory=True)
@@ -41,7 +41,6 @@ def _upload(t: torch.Tensor, device: torch.device, staging: dict, name: str) -> 
         return t.to(device)
     host = _pinned(staging, name, t)
     host.copy_(t)
-    # The buffer is reused only after the caller's next synchronous copy back.
     return host.to(device, non_blocking=True)
 
 
@@ -53,12 +52,18 @@ def _experts_on(device, w, start: int, end: int, staging: dict) -> torch.Tensor:
     part = QuantizedWeights(_upload(w.values[start:end], device, staging, "values"),
                             _upload(w.scales[start:end], device, staging, "scales"), w.group_size,
                             None if w.offsets is None else _upload(w.offsets[start:end], device, staging, "offsets"))
-    values = dequantize(part)
-    if w.values.dtype == torch.float8_e4m3fn and bool(values.isnan().any()):
-        expert, row, col = values.isnan().nonzero()[0].tolist()
-        raise ValueError(f"expert {start + expert}, row {row}, input {col} holds a float8_e4m3fn NaN; "
-                         "lk needs finite weights")
-    return values
+    return dequantize(part)
+
+
+def _refuse_fp8_nan(w) -> None:
+    """Raises, naming the first one, if FP8 weights hold the e4m3fn NaN code (S.1111.111),
+    as the engine does: quantizers saturate to +-448, so it means a damaged checkpoint."""
+    for expert, codes in enumerate(w.values.view(torch.uint8)):
+        found = ((codes & 0x7F) == 0x7F).nonzero()
+        if len(found):
+            row, col = found[0].tolist()
+            raise ValueError(f"expert {expert}, row {row}, input {col} holds a float8_e4m3fn NaN; "
+                             "lk needs finite weights")
 
 
 def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights:
@@ -78,23 +83,35 @@ def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights
     # took most of a layer's 0.69 s on the H100 host, and through pinned staging plus a host
     # copy still doubled the GPU's time. torch's pinned cache hands these blocks to the next
     # layer's call once the engine has taken them; release_pinned_memory() ends that.
-    pinned = device.type == "cuda"
+    on_gpu = device.type == "cuda"
     values = torch.empty(experts, rows, cols, dtype=torch.int8 if weight_format == "int8" else torch.uint8,
-                         pin_memory=pinned)
-    scales = torch.empty(experts, rows, groups, pin_memory=pinned)
-    offsets = torch.empty(experts, rows, groups, pin_memory=pinned) if weight_format == "int4" else None
+                         pin_memory=on_gpu)
+    scales = torch.empty(experts, rows, groups, pin_memory=on_gpu)
+    offsets = torch.empty(experts, rows, groups, pin_memory=on_gpu) if weight_format == "int4" else None
     step = max(1, CHUNK_FLOAT_BYTES // (rows * groups * group * 4))
     # CUDA divides by a Python number as a multiply by its reciprocal, one bit off the
     # engine's division at times; dividing by tensors divides on every device.
     levels = torch.tensor(127.0 if weight_format == "int8" else 15.0, device=device)
     one = torch.tensor(1.0, device=device)
-    staging = {}
-    for start in range(0, experts, step):
-        end = min(experts, start + step)
+    # Two sets of staging buffers: the host fills one with the next chunk while the GPU
+    # copies up, quantizes and copies back the chunk in the other. A set is refilled once
+    # the upload that read it (its event) is done.
+    staging, uploaded = [{}, {}], [None, None]
+    # FP8 NaN codes decode to NaN: seen on the device without waiting, named at the end.
+    nan_seen = torch.zeros((), dtype=torch.bool, device=device)
+    for index, start in enumerate(range(0, experts, step)):
+        end, turn = min(experts, start + step), index % 2
+        if uploaded[turn] is not None:
+            uploaded[turn].synchronize()
         # A copy (the steps below work in place), its last group padded with its own last
         # value, which keeps that group's min and max.
         grouped = torch.empty(end - start, rows, groups * group, device=device)
-        grouped[..., :cols] = _experts_on(device, w, start, end, staging)
+        grouped[..., :cols] = _experts_on(device, w, start, end, staging[turn])
+        if on_gpu:
+            uploaded[turn] = torch.cuda.Event()
+            uploaded[turn].record()
+        if isinstance(w, QuantizedWeights) and w.values.dtype == torch.float8_e4m3fn:
+            nan_seen |= grouped[..., :cols].isnan().any()
         grouped[..., cols:] = grouped[..., cols - 1:cols]
         grouped = grouped.view(end - start, rows, groups, group)
         low, high = torch.aminmax(grouped, dim=-1, keepdim=True)
@@ -106,9 +123,13 @@ def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights
             scale = (high - low) / levels
             inverse = torch.where(scale > 0, one / scale, 0.0)
             q = grouped.sub_(low).mul_(inverse).round_().clamp_(0, 15).to(torch.uint8)
-            offsets[start:end] = low.squeeze(-1)
-        values[start:end] = q.flatten(2)[..., :cols]
-        scales[start:end] = scale.squeeze(-1)
+            offsets[start:end].copy_(low.squeeze(-1), non_blocking=on_gpu)
+        values[start:end].copy_(q.flatten(2)[..., :cols], non_blocking=on_gpu)
+        scales[start:end].copy_(scale.squeeze(-1), non_blocking=on_gpu)
+    if on_gpu:
+        torch.cuda.current_stream(device).synchronize()
+    if nan_seen:
+        _refuse_fp8_nan(w)
     return QuantizedWeights(values, scales, group, offsets)
 
 
