@@ -137,9 +137,9 @@ VARIABLES: dict[str, Variable] = {
         Variable(
             "LVLLM_MOE_QUANT_ON_GPU", "0", _bool, "0 or 1",
             "1: run-time INT8/INT4 quantization runs on the GPU (a few experts at a time, "
-            "bit-identical result) when CUDA is available; otherwise on the CPU. Pays for FP8 "
-            "checkpoints (1.4-2.1x as fast as lk's own on a 16-vCPU H100 host); for bf16 ones "
-            "it was level there, and lk's own gains on hosts with more cores.",
+            "bit-identical result) when CUDA is available; otherwise on the CPU. On a 16-vCPU H100 "
+            "host it was 1.8-2.1x as fast as lk's own for FP8 checkpoints and 1.0-1.3x for bf16 "
+            "ones; lk's own gains on hosts with more cores.",
         ),
         Variable(
             "LK_THREADS", "", _optional_int_at_least(1), "integer >= 1, or empty for the default",
