@@ -14,15 +14,6 @@
 namespace lk {
 namespace {
 
-// std::nearbyint (ties to even) for |v| < 2^22, without its libm call: this file is built
-// for any x86-64, where GCC has no instruction to inline it with, and quantizing the
-// activations called it per value (8% of a 1024-token INT8 layer). Adding and removing
-// 1.5 * 2^23 leaves v rounded to an integer in the default rounding mode.
-inline float round_to_integer(float v) {
-  constexpr float kRound = 12582912.0f;
-  return (v + kRound) - kRound;
-}
-
 // Rows handed to one kernel call; bounds the per-worker tile buffers.
 constexpr int kChunkRows = kernels::kMaxPanelRows;
 // Tokens per task when converting the input and combining the nodes' outputs.

@@ -26,9 +26,7 @@ inline float bits_to_float(int32_t bits) {
 inline float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 60.0f ? 60.0f : x;
-  // Adding and removing 1.5 * 2^23 rounds to the nearest integer without a libm call.
-  constexpr float kRound = 12582912.0f;
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  const float n = round_to_integer(x * 1.44269504088896341f);
   const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;  // ln 2 in two parts
   float p = 1.38888889e-3f;  // Taylor terms up to r^6 / 6!; |r| <= ln2 / 2
   p = p * r + 8.33333333e-3f;
