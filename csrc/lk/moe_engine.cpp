@@ -249,7 +249,9 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
   }
   // FP8 and float formats store row k of the panel at k * kPanelWidth. Columns without a
   // source row read zeros.
-  scratch.zeros.assign(static_cast<std::size_t>(depth) * sizeof(float), 0);
+  // Nothing writes to it, so it is zeroed only when it grows.
+  const std::size_t zero_bytes = static_cast<std::size_t>(depth) * sizeof(float);
+  if (scratch.zeros.size() < zero_bytes) scratch.zeros.assign(zero_bytes, 0);
   const void* columns[kPanelWidth];
   const auto keep = [](auto value) { return value; };
   if (same) {
