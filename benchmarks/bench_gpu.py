@@ -17,7 +17,7 @@ Measures in one run, for one MoE layer shape (default Qwen3-30B-A3B):
    quantized layers); and the token count where streaming overtakes lk's CPU prefill; for
    each of --prefill-formats (quantized layers stream fewer bytes);
 4. load-time quantization of one layer (LVLLM_MOE_USE_WEIGHT=INT8/INT4, from bf16 and
-   from FP8 blocks): the engine's own on lk's CPU threads against lvllm.lk.quant on the
+   from FP8 with a scale per 128 inputs of a row, as block checkpoints reach lk): the engine's own on lk's CPU threads against lvllm.lk.quant on the
    GPU (LVLLM_MOE_QUANT_ON_GPU=1) plus the engine taking the result; equal engine
    outputs checked.
 
@@ -37,8 +37,11 @@ from lvllm.gpu.plan import BatchPlan
 from lvllm.gpu.ring import ExpertRing
 from lvllm.gpu.stream import StreamQueue
 from lvllm.hybrid import DeviceRoute, HybridExperts
-from lvllm.lk import MoEEngine, QuantizedWeights, quant
+from lvllm.lk import MoEEngine, quant
 from lvllm.lk.layout import PackedLayout
+
+from bench_load import tensors_of
+from bench_moe import to_fp8
 
 
 def gpu_ms(run, repeats: int) -> float:
@@ -245,23 +248,13 @@ def prefill(args, queue, results, bandwidth, weight_format):
     ring.close()
 
 
-def fp8_blocks(w: torch.Tensor, block: int = 128) -> QuantizedWeights:
-    """float8_e4m3fn with one scale per 128 x 128 block, expanded per row as the adapter
-    hands a block-quantized checkpoint to lk."""
-    experts, rows, cols = w.shape
-    blocks = w.float().unflatten(1, (-1, block)).unflatten(-1, (-1, block)).abs().amax((2, 4)) / 448
-    scales = quant.expand_block_scales(blocks, rows, block)
-    values = (w.float() / scales.repeat_interleave(block, -1)).to(torch.float8_e4m3fn)
-    return QuantizedWeights(values, scales.contiguous(), block)
-
-
 def load(args, results):
     """Run-time quantization of one layer, both ways, from bf16 and from FP8 blocks."""
     w13, w2 = layer_weights(args, seed=7)
-    sources = {"bfloat16": (w13, w2), "fp8_e4m3": (fp8_blocks(w13), fp8_blocks(w2))}
+    sources = {"bfloat16": (w13, w2), "fp8_e4m3": (to_fp8(w13), to_fp8(w2))}
     x, ids, weights = (t.cpu() for t in routing(args, 16, seed=7))
     for source, (s13, s2) in sources.items():
-        tensors = [t for w in (s13, s2) for t in ((w.values, w.scales) if isinstance(w, QuantizedWeights) else (w,))]
+        tensors = tensors_of(s13) + tensors_of(s2)
         for weight_format in ("int8", "int4"):
             def own():
                 return MoEEngine(s13, s2, "silu", weight_format=weight_format, group_size=args.group_size)

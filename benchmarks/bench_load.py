@@ -24,7 +24,7 @@ import torch
 from lvllm.lk import MoEEngine, QuantizedWeights, default_runtime, quant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import fp8_blocks  # noqa: E402  (one definition of the FP8 block checkpoint)
+from bench_moe import to_fp8  # noqa: E402  (one definition of the benchmarks' FP8 experts)
 
 # (source, stored format): the conversions LVLLM_MOE_USE_WEIGHT makes, README's table.
 CASES = [
@@ -65,7 +65,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     w13 = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=generator) / args.hidden**0.5).bfloat16()
     w2 = (torch.randn(args.experts, args.hidden, args.inter, generator=generator) / args.inter**0.5).bfloat16()
-    sources = {"bfloat16": (w13, w2), "fp8_e4m3": (fp8_blocks(w13), fp8_blocks(w2)),
+    sources = {"bfloat16": (w13, w2), "fp8_e4m3": (to_fp8(w13), to_fp8(w2)),
                "int4": tuple(quant.quantize(w, "int4", args.group_size) for w in (w13, w2))}
     print(f"lk: {runtime.describe()}; layer E {args.experts}, H {args.hidden}, I {args.inter}; "
           f"torch threads {torch.get_num_threads()}")
