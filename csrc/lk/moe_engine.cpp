@@ -14,8 +14,9 @@
 namespace lk {
 namespace {
 
-// Rows handed to one kernel call; bounds the per-worker tile buffers.
-constexpr int kChunkRows = kernels::kMaxPanelRows;
+// Most rows handed to one kernel call (a format's kernels take chunk_rows); bounds the
+// per-worker tile buffers.
+constexpr int kMaxChunkRows = kernels::kMaxPanelRows;
 // Tokens per task when converting the input and combining the nodes' outputs.
 constexpr int kTokenBlock = 16;
 // A task walks up to this many consecutive panels of one expert, which lie next to each
@@ -610,6 +611,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   const std::size_t tokens = args.tokens, hidden = shape_.hidden;
   const std::size_t slots = scratch.slot_token.size();
   const kernels::FormatKernels& format_kernels = runtime_->kernels()[shape_.format];
+  const int chunk_rows = format_kernels.chunk_rows;
   // Where the kernels read activations scaled, the input is copied scaled (the hidden rows
   // are, by their routing weights: route).
   const float activation_scale = format_kernels.activation_scale;
@@ -641,21 +643,21 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
   std::vector<uint32_t> first_chunk(scratch.active_experts.size() + 1, 0);  // of each active expert
   for (std::size_t e = 0; e < scratch.active_experts.size(); ++e) {
     const int rows = scratch.expert_slots[e + 1] - scratch.expert_slots[e];
-    tiles_in_use = tiles_in_use || kernels::tiles_take(format_kernels, std::min(rows, kChunkRows));
-    first_chunk[e + 1] = first_chunk[e] + static_cast<uint32_t>((rows + kChunkRows - 1) / kChunkRows);
+    tiles_in_use = tiles_in_use || kernels::tiles_take(format_kernels, std::min(rows, chunk_rows));
+    first_chunk[e + 1] = first_chunk[e] + static_cast<uint32_t>((rows + chunk_rows - 1) / chunk_rows);
   }
   const uint32_t chunks = first_chunk.back();
   std::vector<std::size_t> down_chunk_bytes(nodes, 0);
   for (int n = 0; n < nodes && tiles_in_use; ++n) {
-    down_chunk_bytes[n] = round_up(kernels::packed_bytes(format_kernels, kChunkRows, slices_[n].length), 64);
+    down_chunk_bytes[n] = round_up(kernels::packed_bytes(format_kernels, chunk_rows, slices_[n].length), 64);
     scratch.packed_hidden[n].ensure(std::max<std::size_t>(1, chunks * down_chunk_bytes[n]));
   }
   const std::size_t packed_floats =
-      format_kernels.pack_rows ? round_up(kernels::packed_bytes(format_kernels, kChunkRows, static_cast<int>(hidden)), 64) /
+      format_kernels.pack_rows ? round_up(kernels::packed_bytes(format_kernels, chunk_rows, static_cast<int>(hidden)), 64) /
                                      sizeof(float)
                                : 0;
   const std::size_t widened_floats = kernels::kPanelWorkspaceBytes / sizeof(float);
-  const std::size_t worker_floats = round_up(2 * kChunkRows * kPanelWidth + widened_floats + packed_floats, 16);
+  const std::size_t worker_floats = round_up(2 * chunk_rows * kPanelWidth + widened_floats + packed_floats, 16);
   scratch.per_worker.ensure(worker_floats * pool.num_threads() * sizeof(float));
 
   const float* input_rows = convert_input ? scratch.input.as<float>() : static_cast<const float*>(args.input);
@@ -703,20 +705,20 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const char* ups = gates + static_cast<std::size_t>(slice.panels) * panel_bytes;
     float* workspace = scratch.per_worker.as<float>() + worker * worker_floats;
     float* gate_tile = workspace;
-    float* up_tile = gate_tile + kChunkRows * kPanelWidth;
+    float* up_tile = gate_tile + chunk_rows * kPanelWidth;
     const int group = shape_.group_size;
-    float* widened = up_tile + kChunkRows * kPanelWidth;
+    float* widened = up_tile + chunk_rows * kPanelWidth;
     float* packing = widened + widened_floats;
     const kernels::ActivationRows activate = kernels.activation.rows[static_cast<int>(shape_.activation)];
     const kernels::ActivationParams params{shape_.swiglu_alpha, shape_.swiglu_limit};
     const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
     float* hidden_out = scratch.hidden[node].as<float>();
-    kernels::ActivationRow rows[kChunkRows];
-    float* gate_rows[kChunkRows];
-    float* up_rows[kChunkRows];
+    kernels::ActivationRow rows[kMaxChunkRows];
+    float* gate_rows[kMaxChunkRows];
+    float* up_rows[kMaxChunkRows];
     // Chunk by chunk, so that rows packed for the tile kernels serve every panel of the run.
-    for (int chunk = first; chunk < last; chunk += kChunkRows) {
-      const int count = std::min(kChunkRows, last - chunk);
+    for (int chunk = first; chunk < last; chunk += chunk_rows) {
+      const int count = std::min(chunk_rows, last - chunk);
       for (int i = 0; i < count; ++i) {
         const std::size_t token = scratch.slot_token[chunk + i];
         rows[i] = integer_rows ? input_q.row(input_rows + token * hidden, scratch.input_q.data(), token)
@@ -766,10 +768,10 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
       if (slices_[node].length == 0) return;
       const auto expert_index = static_cast<std::size_t>(
           std::upper_bound(first_chunk.begin(), first_chunk.end(), chunk) - first_chunk.begin() - 1);
-      const int first = scratch.expert_slots[expert_index] + static_cast<int>(chunk - first_chunk[expert_index]) * kChunkRows;
-      const int count = std::min(kChunkRows, scratch.expert_slots[expert_index + 1] - first);
+      const int first = scratch.expert_slots[expert_index] + static_cast<int>(chunk - first_chunk[expert_index]) * chunk_rows;
+      const int count = std::min(chunk_rows, scratch.expert_slots[expert_index + 1] - first);
       if (!kernels::tiles_take(format_kernels, count)) return;
-      kernels::ActivationRow rows[kChunkRows];
+      kernels::ActivationRow rows[kMaxChunkRows];
       for (int i = 0; i < count; ++i) rows[i] = down_rows(node, first + i);
       kernels::pack_for_tiles(format_kernels, rows, count, slices_[node].length,
                               scratch.packed_hidden[node].as<uint8_t>() + chunk * down_chunk_bytes[node]);
@@ -792,23 +794,23 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     const kernels::KernelSet& kernels = runtime_->kernels();
     const std::size_t panel_bytes = down_panel_bytes(slice);
     const int group = shape_.group_size;
-    float* widened = scratch.per_worker.as<float>() + worker * worker_floats + 2 * kChunkRows * kPanelWidth;
+    float* widened = scratch.per_worker.as<float>() + worker * worker_floats + 2 * chunk_rows * kPanelWidth;
     // Where the ISA reads two panels side by side, panel p goes with p + half of the run:
     // each of the two streams then walks consecutive panels, so its prefetch runs on into
     // the panel it reads next. (Neighbours paired, the first panel's stream ran into the
     // second's, and INT4 decode was 2-6% slower than single panels.)
     const int run = end_panel - first_panel;
     const int half = kernels[shape_.format].gemm_pair != nullptr ? run / 2 : 0;
-    kernels::ActivationRow rows[kChunkRows];
-    float* out_rows[kChunkRows];
-    float* partner_out_rows[kChunkRows];
+    kernels::ActivationRow rows[kMaxChunkRows];
+    float* out_rows[kMaxChunkRows];
+    float* partner_out_rows[kMaxChunkRows];
     for (uint32_t expert_index = 0; expert_index < active; ++expert_index) {
       const int expert = scratch.active_experts[expert_index];
       const int first = scratch.expert_slots[expert_index], last = scratch.expert_slots[expert_index + 1];
-      for (int chunk = first; chunk < last; chunk += kChunkRows) {
-        const int count = std::min(kChunkRows, last - chunk);
+      for (int chunk = first; chunk < last; chunk += chunk_rows) {
+        const int count = std::min(chunk_rows, last - chunk);
         for (int i = 0; i < count; ++i) rows[i] = down_rows(node, chunk + i);
-        const uint32_t packed_chunk = first_chunk[expert_index] + static_cast<uint32_t>((chunk - first) / kChunkRows);
+        const uint32_t packed_chunk = first_chunk[expert_index] + static_cast<uint32_t>((chunk - first) / chunk_rows);
         const void* packed =
             kernels::tiles_take(format_kernels, count)
                 ? scratch.packed_hidden[node].as<uint8_t>() + packed_chunk * down_chunk_bytes[node]

@@ -53,7 +53,7 @@ def test_kernel_rate_probe_times_every_format_and_refuses_bad_requests():
         lvllm._lk.kernel_panel_bytes("int8", 0)
     with pytest.raises(ValueError, match="unknown weight format 'bf16'"):
         lvllm._lk.measure_kernel_ns_per_panel_row(isa, "bf16", 1, 256)
-    with pytest.raises(ValueError, match="rows must be 1..64"):
+    with pytest.raises(ValueError, match="rows must be 1..64 for int8"):
         lvllm._lk.measure_kernel_ns_per_panel_row(isa, "int8", 0, 256)
     if isa != "AMX":
         with pytest.raises(ValueError, match="this CPU cannot run AMX kernels"):

@@ -78,8 +78,9 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   const WeightFormat format = parse_format(format_text);
   const kernels::KernelSet& kernel_set = kernels_for(isa);
   const kernels::FormatKernels& kernel = kernel_set[format];
-  if (rows < 1 || rows > kernels::kMaxPanelRows) {
-    throw std::invalid_argument("rows must be 1.." + std::to_string(kernels::kMaxPanelRows));
+  if (rows < 1 || rows > kernel.chunk_rows) {
+    throw std::invalid_argument("rows must be 1.." + std::to_string(kernel.chunk_rows) + " for " + format_text + " on " +
+                                isa + " (the engine's chunk)");
   }
   if (depth < 1) throw std::invalid_argument("depth must be positive");
   if (pair && !reads_two_panels(kernel, rows)) {

@@ -105,6 +105,7 @@ struct FormatKernels {
   PackedPairGemm packed_gemm_pair;
   int packed_rows;            // fewest rows the engine packs for packed_gemm
   int packed_input_bytes;     // bytes of one input of one packed row
+  int chunk_rows;             // an expert's rows per call (at most kMaxPanelRows)
   // Every kernel of the format reads ActivationRow::values multiplied by this power of two
   // (1 for most), which the engine applies where it prepares them (panel_gemm.h, Decode's
   // kActivationScale).
@@ -160,8 +161,11 @@ struct KernelSet {
 // The kernels for `isa`, which the caller has checked the CPU supports.
 const KernelSet& kernel_set(Isa isa);
 
-// Rows one multiply_panel call takes at most.
-constexpr int kMaxPanelRows = 64;
+// Rows one multiply_panel call takes at most; the engine gives a format's kernels
+// chunk_rows at a time (kChunkRows, or more where the tiles reuse each widened block of
+// weights for more rows).
+constexpr int kMaxPanelRows = 128;
+constexpr int kChunkRows = 64;
 
 // c_rows[r] (+)= a_rows[r] x panel for `count` <= kMaxPanelRows rows, as the engine
 // multiplies: rows that fit one pass (decode) convert the weights while streaming them;

@@ -19,8 +19,9 @@
 // Integer formats compute the integer sums of the AVX-512 VNNI kernels exactly, a span at
 // a time, and finish them with the same fp32 operations (PanelKernels::group and ::flush,
 // per span and row), so a token's result is the same bits whether the tiles or the VNNI
-// kernels multiplied it. bf16 keeps its fp32 sums in the tiles over the whole depth and
-// adds them to the outputs at the end; FP8, decoded to bf16 exactly, has its sums finished
+// kernels multiplied it. bf16 keeps its fp32 sums over the whole depth (in the tiles, or
+// in the workspace between blocks where its rows take more than one pass) and adds them
+// to the outputs at the end; FP8, decoded to bf16 exactly, has its sums finished
 // with their group's scales block by block, as the integer formats do. For both, the fp32
 // activations are multiplied as the sum of two bf16 values, the second their rounding
 // error, which leaves each within 2^-18 of its value where one bf16 (as vLLM's AMX MoE
@@ -44,30 +45,9 @@ namespace {
 
 // Sum tiles 0-3 (tile 2t + p: the pass's row tile t, panel p), activation tiles 4 and 5,
 // weight tiles 6 and 7.
-constexpr int kMaxRowTiles = kMaxPanelRows / kTileRows;
 constexpr int kWeightTileBytes = kTileRows * kTileRowBytes;
 constexpr int kSumRowBytes = kPanelWidth * 4;
 constexpr int kSumTileBytes = kTileRows * kSumRowBytes;
-// One panel's sums for every row a call takes.
-constexpr int kPanelSumBytes = kMaxRowTiles * kSumTileBytes;
-
-// The sum tiles of a pass of PassTiles row tiles over Panels panels: zeroed, or stored to
-// `sums` (per panel kPanelSumBytes), rows from `first_row`.
-template <int PassTiles, int Panels>
-inline void zero_pass() {
-  tile_zero<0>();
-  if constexpr (Panels > 1) tile_zero<1>();
-  if constexpr (PassTiles > 1) tile_zero<2>();
-  if constexpr (PassTiles > 1 && Panels > 1) tile_zero<3>();
-}
-template <int PassTiles, int Panels>
-inline void store_pass(uint8_t* sums, int first_row) {
-  uint8_t* rows = sums + static_cast<long>(first_row) * kSumRowBytes;
-  tile_store<0>(rows, kSumRowBytes);
-  if constexpr (Panels > 1) tile_store<1>(rows + kPanelSumBytes, kSumRowBytes);
-  if constexpr (PassTiles > 1) tile_store<2>(rows + kSumTileBytes, kSumRowBytes);
-  if constexpr (PassTiles > 1 && Panels > 1) tile_store<3>(rows + kPanelSumBytes + kSumTileBytes, kSumRowBytes);
-}
 
 // Two vectors of 16 words (the low and high halves of `words`), interleaved into 16 32-bit
 // lanes, each holding the first's word in its low half and the second's in its high half:
@@ -277,7 +257,16 @@ struct TileKernels {
   static_assert(Panel::kVecs == 1, "a panel row is one vector");
   static_assert(Panel::activation_scale() == 1.0f, "rows are packed as the engine prepares them, unscaled");
   static constexpr long kWeightBytes = (Tiles::kBlockInputs / Tiles::kInputsPerTileRow) * kWeightTileBytes;
-  static constexpr long kSumBytes = Tiles::kPlanes * 2L * kPanelSumBytes;
+  // Row tiles one call takes. bf16 takes twice the engine's usual chunk: a block of weights,
+  // widened once, serves all of them (in cache no faster per row than at 64, but a layer at
+  // 1024 and 2048 tokens reads each expert's weights from memory about half as often, and
+  // ran 1.15-1.25x as fast). The grouped formats keep two blocks' sums of every row and
+  // plane; with 128 rows their layers were no faster.
+  static constexpr int kRowTiles = (Panel::kGrouped ? kChunkRows : kMaxPanelRows) / kTileRows;
+  // One panel's sums for every row of a multiply; the float formats add their planes into
+  // the same sums, the integer formats keep each plane's.
+  static constexpr long kPanelSumBytes = kRowTiles * kSumTileBytes;
+  static constexpr long kSumBytes = (Panel::kInteger ? Tiles::kPlanes : 1) * 2L * kPanelSumBytes;
   // Two blocks' widened weights of two panels, then two blocks' sums, the second block's
   // of each kParityOffset further on than packed: the core writes one block's buffer while
   // the tiles read the other's, in step, and at equal addresses modulo 4 KiB (all sizes
@@ -287,6 +276,32 @@ struct TileKernels {
                 "the tile workspace holds what the pipeline keeps");
   // How many blocks on the panels' lines are fetched while a block is multiplied.
   static constexpr int kFetchBlocks = 2;
+
+  // The sum tiles of a pass of PassTiles row tiles over Panels panels: zeroed, loaded from
+  // or stored to `sums` (per panel kPanelSumBytes), rows from `first_row`.
+  template <int PassTiles, int Panels>
+  static void zero_pass() {
+    tile_zero<0>();
+    if constexpr (Panels > 1) tile_zero<1>();
+    if constexpr (PassTiles > 1) tile_zero<2>();
+    if constexpr (PassTiles > 1 && Panels > 1) tile_zero<3>();
+  }
+  template <int PassTiles, int Panels>
+  static void store_pass(uint8_t* sums, int first_row) {
+    uint8_t* rows = sums + static_cast<long>(first_row) * kSumRowBytes;
+    tile_store<0>(rows, kSumRowBytes);
+    if constexpr (Panels > 1) tile_store<1>(rows + kPanelSumBytes, kSumRowBytes);
+    if constexpr (PassTiles > 1) tile_store<2>(rows + kSumTileBytes, kSumRowBytes);
+    if constexpr (PassTiles > 1 && Panels > 1) tile_store<3>(rows + kPanelSumBytes + kSumTileBytes, kSumRowBytes);
+  }
+  template <int PassTiles, int Panels>
+  static void load_pass(const uint8_t* sums, int first_row) {
+    const uint8_t* rows = sums + static_cast<long>(first_row) * kSumRowBytes;
+    tile_load<0>(rows, kSumRowBytes);
+    if constexpr (Panels > 1) tile_load<1>(rows + kPanelSumBytes, kSumRowBytes);
+    if constexpr (PassTiles > 1) tile_load<2>(rows + kSumTileBytes, kSumRowBytes);
+    if constexpr (PassTiles > 1 && Panels > 1) tile_load<3>(rows + kPanelSumBytes + kSumTileBytes, kSumRowBytes);
+  }
 
   static long row_stride(int depth) { return static_cast<long>(packed_row_stride(Tiles::kInputBytes, depth)); }
 
@@ -464,46 +479,49 @@ struct TileKernels {
     for (; !block.done(); previous = block, block.advance(), parity ^= 1) {
       const int steps = block_steps(block);
       overlap.overlap_block(block, parity, steps * call.planes * ((RowTiles + 1) / 2));
-      multiply_block<RowTiles, Panels>(call, stride, block, steps, call.weights[parity], call.sums[parity], overlap);
+      multiply_block<RowTiles, Panels, false>(call, stride, block, steps, call.weights[parity], call.sums[parity], overlap);
       overlap.complete();
       if (block.start > 0) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
     }
     if (!previous.done()) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
   }
 
-  // bf16: a pass of up to two row tiles runs over every block with its sums held in their
-  // tiles, and the outputs get them once, at the pass's end (stored and added per block,
-  // in cache, 32 and 64 rows took 1.3-1.4x as long).
+  // bf16: block by block too, every row tile of the block. One pass (up to two row tiles)
+  // keeps its sums in the tiles from the first block to the last; more passes carry theirs
+  // from block to block in the workspace. The outputs get the sums once, at the end.
+  // (Pass by pass over the whole depth, a panel's first pass waited on memory while the
+  // tiles stood idle, and the next passes ran from L2: Qwen3-30B's layer at 1024 and 2048
+  // tokens took 1.1-1.25x as long.)
   template <int RowTiles, int Panels>
   static void multiply_floats(const Call<Panels>& call, bool accumulate) {
+    constexpr bool kOnePass = RowTiles <= 2;
     const TileShapes shapes;
+    const long stride = row_stride(call.depth);
     Overlap<Panels> overlap{};
     overlap.call = &call;
-    float_pass<(RowTiles > 1 ? 2 : 1), Panels>(call, 0, accumulate, overlap);
-    if constexpr (RowTiles > 2) float_pass<RowTiles - 2, Panels>(call, 2, accumulate, overlap);
-  }
-
-  template <int PassTiles, int Panels>
-  static void float_pass(const Call<Panels>& call, int first_tile, bool accumulate, Overlap<Panels>& overlap) {
-    const long stride = row_stride(call.depth);
-    const uint8_t* rows = call.packed + static_cast<long>(first_tile) * kTileRows * stride;
     BlockWalk block = first_block(call.depth, call.group);
     overlap.widen_next(block, 0, 1);
     overlap.complete();
-    zero_pass<PassTiles, Panels>();
+    if constexpr (kOnePass) {
+      zero_pass<RowTiles, Panels>();
+    } else {
+      for (int p = 0; p < Panels; ++p) std::memset(call.sums[0] + p * kPanelSumBytes, 0, RowTiles * kSumTileBytes);
+    }
     for (int parity = 0; !block.done(); block.advance(), parity ^= 1) {
       const int steps = block_steps(block);
-      overlap.overlap_block(block, parity, call.planes * steps);
-      const uint8_t* block_rows = rows + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
-      plane_steps<PassTiles, Panels>(block_rows, stride, call.weights[parity], steps, call.planes, overlap);
+      overlap.overlap_block(block, parity, steps * call.planes * ((RowTiles + 1) / 2));
+      if constexpr (kOnePass) {
+        const uint8_t* block_rows = call.packed + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
+        plane_steps<RowTiles, Panels>(block_rows, stride, call.weights[parity], steps, call.planes, overlap);
+      } else {
+        multiply_block<RowTiles, Panels, true>(call, stride, block, steps, call.weights[parity], call.sums[0], overlap);
+      }
       overlap.complete();
     }
-    const int first_row = first_tile * kTileRows;
-    store_pass<PassTiles, Panels>(call.sums[0], first_row);
-    const int end_row = first_row + PassTiles * kTileRows < call.rows ? first_row + PassTiles * kTileRows : call.rows;
+    if constexpr (kOnePass) store_pass<RowTiles, Panels>(call.sums[0], 0);
     for (int p = 0; p < Panels; ++p) {
       const float* sums = reinterpret_cast<const float*>(call.sums[0] + p * kPanelSumBytes);
-      for (int r = first_row; r < end_row; ++r) {
+      for (int r = 0; r < call.rows; ++r) {
         const Vec row_sums = Simd::load(sums + r * kPanelWidth);
         Simd::store(call.c[p][r], accumulate ? Simd::add(Simd::load(call.c[p][r]), row_sums) : row_sums);
       }
@@ -512,7 +530,7 @@ struct TileKernels {
 
   // Every row tile times the block's widened weights, two row tiles a pass, each plane,
   // into `sums`.
-  template <int RowTiles, int Panels>
+  template <int RowTiles, int Panels, bool kCarry>
   static void multiply_block(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
                              const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
     const long plane_bytes = stride / Tiles::kPlanes;
@@ -520,31 +538,34 @@ struct TileKernels {
     if constexpr (Panel::kInteger) {
       // INT8's planes have sums of their own (Tiles::sums combines them).
       [&]<int... Planes>(std::integer_sequence<int, Planes...>) {
-        (passes<RowTiles, Panels>(rows + Planes * plane_bytes, stride, sums + Planes * 2L * kPanelSumBytes,
+        (passes<RowTiles, Panels, kCarry>(rows + Planes * plane_bytes, stride, sums + Planes * 2L * kPanelSumBytes,
                                   [&]<int PassTiles>(const uint8_t* pass_rows) {
                                     pass_steps<PassTiles, Panels, Planes>(pass_rows, stride, weights, steps, overlap);
                                   }),
          ...);
       }(std::make_integer_sequence<int, Tiles::kPlanes>{});
     } else {
-      passes<RowTiles, Panels>(rows, stride, sums, [&]<int PassTiles>(const uint8_t* pass_rows) {
+      passes<RowTiles, Panels, kCarry>(rows, stride, sums, [&]<int PassTiles>(const uint8_t* pass_rows) {
         plane_steps<PassTiles, Panels>(pass_rows, stride, weights, steps, call.planes, overlap);
       });
     }
   }
 
-  // Each pass of up to two row tiles: its sum tiles zeroed, `multiply` (of those rows), and
-  // stored to `sums`.
-  template <int RowTiles, int Panels, class Multiply>
+  // Each pass of up to two row tiles, from row tile FirstTile on: its sum tiles zeroed (or,
+  // kCarry, loaded from `sums`), `multiply` (of those rows), and stored to `sums`.
+  template <int RowTiles, int Panels, bool kCarry, int FirstTile = 0, class Multiply>
   static void passes(const uint8_t* rows, long stride, uint8_t* sums, Multiply multiply) {
-    constexpr int kFirst = RowTiles > 1 ? 2 : 1;
-    zero_pass<kFirst, Panels>();
-    multiply.template operator()<kFirst>(rows);
-    store_pass<kFirst, Panels>(sums, 0);
-    if constexpr (RowTiles > 2) {
-      zero_pass<RowTiles - 2, Panels>();
-      multiply.template operator()<RowTiles - 2>(rows + 2 * kTileRows * stride);
-      store_pass<RowTiles - 2, Panels>(sums, 2 * kTileRows);
+    constexpr int kTiles = RowTiles - FirstTile > 1 ? 2 : 1;
+    constexpr int kFirstRow = FirstTile * kTileRows;
+    if constexpr (kCarry) {
+      load_pass<kTiles, Panels>(sums, kFirstRow);
+    } else {
+      zero_pass<kTiles, Panels>();
+    }
+    multiply.template operator()<kTiles>(rows + kFirstRow * stride);
+    store_pass<kTiles, Panels>(sums, kFirstRow);
+    if constexpr (FirstTile + kTiles < RowTiles) {
+      passes<RowTiles, Panels, kCarry, FirstTile + kTiles>(rows, stride, sums, multiply);
     }
   }
 
@@ -583,13 +604,12 @@ struct TileKernels {
     Packing packing;
     std::memcpy(&packing, packed, sizeof packing);
     const Call<Panels> call{a, static_cast<const uint8_t*>(packed) + kTileRowBytes, packing.planes, rows, depth,
-                            group, panels, c, {space, space + 2 * kWeightBytes + kParityOffset}, {sums, sums + kSumBytes + kParityOffset}};
-    switch ((rows + kTileRows - 1) / kTileRows) {
-      case 1: return multiply<1, Panels>(call, accumulate);
-      case 2: return multiply<2, Panels>(call, accumulate);
-      case 3: return multiply<3, Panels>(call, accumulate);
-      default: return multiply<4, Panels>(call, accumulate);
-    }
+                            group, panels, c, {space, space + 2 * kWeightBytes + kParityOffset},
+                            {sums, sums + kSumBytes + kParityOffset}};
+    const int row_tiles = (rows + kTileRows - 1) / kTileRows;
+    [&]<int... Index>(std::integer_sequence<int, Index...>) {
+      ((row_tiles == Index + 1 && (multiply<Index + 1, Panels>(call, accumulate), true)) || ...);
+    }(std::make_integer_sequence<int, kRowTiles>{});
   }
 
   template <int RowTiles, int Panels>
@@ -624,6 +644,7 @@ struct TileKernels {
     base.packed_gemm_pair = &gemm_pair;
     base.packed_rows = packed_rows;
     base.packed_input_bytes = Tiles::kInputBytes;
+    base.chunk_rows = kRowTiles * kTileRows;
     return base;
   }
 };
