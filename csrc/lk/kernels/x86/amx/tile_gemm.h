@@ -260,8 +260,8 @@ struct TileKernels {
   // Row tiles one call takes. bf16 takes twice the engine's usual chunk: a block of weights,
   // widened once, serves all of them (in cache no faster per row than at 64, but a layer at
   // 1024 and 2048 tokens reads each expert's weights from memory about half as often, and
-  // ran 1.15-1.25x as fast). The grouped formats keep two blocks' sums of every row and
-  // plane; with 128 rows their layers were no faster.
+  // with the block-by-block walk ran 1.08-1.26x as fast). The grouped formats keep two
+  // blocks' sums of every row and plane; with 128 rows their layers were no faster.
   static constexpr int kRowTiles = (Panel::kGrouped ? kChunkRows : kMaxPanelRows) / kTileRows;
   // One panel's sums for every row of a multiply; the float formats add their planes into
   // the same sums, the integer formats keep each plane's.
@@ -486,12 +486,12 @@ struct TileKernels {
     if (!previous.done()) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
   }
 
-  // bf16: block by block too, every row tile of the block. One pass (up to two row tiles)
-  // keeps its sums in the tiles from the first block to the last; more passes carry theirs
-  // from block to block in the workspace. The outputs get the sums once, at the end.
-  // (Pass by pass over the whole depth, a panel's first pass waited on memory while the
-  // tiles stood idle, and the next passes ran from L2: Qwen3-30B's layer at 1024 and 2048
-  // tokens took 1.1-1.25x as long.)
+  // bf16: block by block too, every row tile of the block. More passes than one carry
+  // their sums from block to block in the workspace (zeroed first); one pass (up to two
+  // row tiles) keeps them in the tiles from the first block to the last, since loading and
+  // storing them per block made a layer at 256 tokens about 1.1x as slow. The outputs get
+  // the sums once, at the end. (Pass by pass over the whole depth, a panel's first pass
+  // waited on memory while the tiles stood idle, and the next passes ran from L2.)
   template <int RowTiles, int Panels>
   static void multiply_floats(const Call<Panels>& call, bool accumulate) {
     constexpr bool kOnePass = RowTiles <= 2;
