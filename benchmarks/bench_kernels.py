@@ -120,6 +120,14 @@ def main() -> int:
     if unknown:
         parser.error(f"--formats: unknown {unknown}; valid: {lk.format_names()}")
     rows_list = [int(r) for r in args.rows.split(",")]
+    for fmt in formats:
+        try:
+            most = lk.kernel_chunk_rows(args.isa, fmt)
+        except ValueError as error:
+            parser.error(f"--isa {args.isa}: {error}")
+        beyond = [rows for rows in rows_list if not 1 <= rows <= most]
+        if beyond:
+            parser.error(f"--rows {beyond}: {fmt} on {args.isa} takes 1..{most} rows (the engine's chunk)")
     if args.cpu not in os.sched_getaffinity(0):
         parser.error(f"--cpu {args.cpu}: not among the allowed CPUs {sorted(os.sched_getaffinity(0))}")
     if args.against:

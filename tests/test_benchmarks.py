@@ -31,3 +31,27 @@ def test_another_build_is_the_one_timed(tmp_path):
     shutil.copy(lvllm._lk.__file__, other)
     assert loaded_file(str(other)) == str(other)
     assert loaded_file(None) == str(Path(lvllm._lk.__file__).resolve())
+
+
+def run_bench_kernels(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_kernels.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_rows_beyond_the_chunk_are_refused_before_anything_is_timed():
+    isa = lvllm._lk.best_isa()
+    most = lvllm._lk.kernel_chunk_rows(isa, "int8")
+    done = run_bench_kernels("--isa", isa, "--formats", "int8", "--rows", f"1,{most + 1}", "--seconds", "0.01")
+    assert done.returncode == 2
+    assert f"--rows [{most + 1}]: int8 on {isa} takes 1..{most} rows" in done.stderr
+    assert "| int8 |" not in done.stdout
+    # The chunk itself is timed.
+    done = run_bench_kernels("--isa", isa, "--formats", "int8", "--rows", str(most), "--seconds", "0.01")
+    assert done.returncode == 0, done.stderr
+    assert f"| int8 | {most} | 1 |" in done.stdout
+
+
+def test_an_unknown_isa_is_named_at_start_up():
+    done = run_bench_kernels("--isa", "AVX9", "--rows", "1")
+    assert done.returncode == 2
+    assert "--isa AVX9: unknown ISA 'AVX9'" in done.stderr

@@ -160,6 +160,10 @@ std::size_t kernel_panel_bytes(const std::string& format, int depth) {
   return panel_bytes(parse_format(format), depth, kGroup);
 }
 
+int kernel_chunk_rows(const std::string& isa, const std::string& format_text) {
+  return kernels_for(isa)[parse_format(format_text)].chunk_rows;
+}
+
 bool kernel_reads_two_panels(const std::string& isa, const std::string& format_text, int rows) {
   return reads_two_panels(kernels_for(isa)[parse_format(format_text)], rows);
 }

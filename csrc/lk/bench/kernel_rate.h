@@ -15,13 +15,17 @@ namespace lk::bench {
 // prefill does, tile kernels where they take the rows, with the rows packed once and the
 // packing not timed). `pair`: two panels side by side (kernels::multiply_two_panels),
 // counted per panel. Best of 15 timings of about `seconds` / 15 each. Throws
-// std::invalid_argument for an ISA the CPU lacks, an unknown format, rows outside 1..64, or
+// std::invalid_argument for an ISA the CPU lacks, an unknown format, rows outside
+// 1..kernel_chunk_rows(isa, format), or
 // `pair` for rows the kernels do not read two panels side by side for.
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,
                                double seconds);
 
 // Bytes of one such panel, values plus scales (and INT4 offsets), as the engine stores it.
 std::size_t kernel_panel_bytes(const std::string& format, int depth);
+
+// Most rows the engine hands the kernels of `isa` for `format` in one call (its chunk).
+int kernel_chunk_rows(const std::string& isa, const std::string& format);
 
 // Whether the kernels of `isa` for `format` read two panels side by side for `rows` rows
 // (the pair kernel of decode, or the tile kernels).

@@ -81,6 +81,8 @@ PYBIND11_MODULE(_lk, m) {
         "ns per panel row of one panel kernel on the calling thread, panel in cache (benchmarks).");
   m.def("kernel_panel_bytes", &lk::bench::kernel_panel_bytes, py::arg("format"), py::arg("depth"),
         "Bytes of the panel measure_kernel_ns_per_panel_row multiplies (values, scales, offsets).");
+  m.def("kernel_chunk_rows", &lk::bench::kernel_chunk_rows, py::arg("isa"), py::arg("format"),
+        "Most rows measure_kernel_ns_per_panel_row takes for `format` on `isa` (the engine's chunk).");
   m.def("kernel_reads_two_panels", &lk::bench::kernel_reads_two_panels, py::arg("isa"), py::arg("format"),
         py::arg("rows"), "Whether the kernels read an expert's gate and up side by side for `rows` rows.");
 
