@@ -74,11 +74,13 @@ def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, 
     assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
 
 
-@pytest.mark.parametrize("hidden, intermediate, group", [(384, 256, 128), (300, 208, 64), (2048, 96, 128)])
+@pytest.mark.parametrize("hidden, intermediate, group",
+                         [(384, 256, 128), (300, 208, 64), (262, 90, 64), (2048, 96, 128)])
 @pytest.mark.parametrize("numa_nodes", [0, 2])
 def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_nodes):
-    # FP8 checkpoints' 128-input blocks, smaller groups over a partial last one, and a deep
-    # panel; random_fp8 puts subnormals and zero in every tensor.
+    # FP8 checkpoints' 128-input blocks, smaller groups over a partial last one (262 and 90
+    # inputs: an odd number of weight-tile rows, widened two at a time), and a deep panel;
+    # random_fp8 puts subnormals and zero in every tensor.
     experts = len(ROW_COUNTS)
     w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=hidden)
     w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=intermediate)
