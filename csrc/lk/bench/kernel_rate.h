@@ -16,8 +16,8 @@ namespace lk::bench {
 // packing not timed). `pair`: two panels side by side (kernels::multiply_two_panels),
 // counted per panel. Best of 15 timings of about `seconds` / 15 each. Throws
 // std::invalid_argument for an ISA the CPU lacks, an unknown format, rows outside
-// 1..kernel_chunk_rows(isa, format), or
-// `pair` for rows the kernels do not read two panels side by side for.
+// 1..kernel_chunk_rows(isa, format), or `pair` for rows the kernels do not read two panels
+// side by side for.
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,
                                double seconds);
 
