@@ -457,10 +457,9 @@ struct TileKernels {
   static void finish_block(const Call<Panels>& call, const BlockWalk& block, const uint8_t* sums, bool add) {
     for (int p = 0; p < Panels; ++p) {
       const typename Panel::Group group = Panel::group(call.panels[p], call.depth, call.group, block.index);
-      float* panel_finished = call.finished + p * (kPanelSumBytes / sizeof(float));
       for (int r = 0; r < call.rows; ++r) {
         const uint8_t* row_sums_bytes = sums + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
-        float* const out[1] = {panel_finished + r * kPanelWidth};
+        float* const out[1] = {row_of(call.finished, p, r)};
         const ActivationRow& row = call.a[r];
         Vec row_sums[1][1], scale[1][1];
         if constexpr (Panel::kInteger) {
@@ -508,7 +507,7 @@ struct TileKernels {
     BlockWalk block = first_block(call.depth, call.group);
     overlap.widen_next(block, 0, 1);
     overlap.complete();
-    if (accumulate) copy_outputs(call, false);
+    if (accumulate) read_outputs(call, call.finished);
     // Block b - 1 is finished once block b's tiles are issued; the first block (start 0)
     // adds to the outputs' copy only where `accumulate` (else assigns it).
     BlockWalk previous = block;
@@ -521,23 +520,33 @@ struct TileKernels {
       if (block.start > 0) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
     }
     if (!previous.done()) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
-    copy_outputs(call, true);
+    write_outputs(call, call.finished, false);
   }
 
-  // Each row's outputs into call.finished, or (`to_outputs`) back: the blocks are finished
-  // there, in the order and with the operations of the panel kernels, so that the
-  // integer formats' results keep their bits.
+  // Row r of panel p in fp32 rows laid out as the sum tiles store them (per panel
+  // kPanelSumBytes, rows kPanelWidth floats apart).
+  template <class Float>
+  static Float* row_of(Float* rows, int p, int r) {
+    return rows + p * (kPanelSumBytes / sizeof(float)) + r * kPanelWidth;
+  }
+  // Each row's outputs into `rows` (laid out as row_of says): the grouped formats finish
+  // their blocks there, in the order and with the operations of the panel kernels, so that
+  // the integer formats' results keep their bits.
   template <int Panels>
-  static void copy_outputs(const Call<Panels>& call, bool to_outputs) {
+  static void read_outputs(const Call<Panels>& call, float* rows) {
     for (int p = 0; p < Panels; ++p) {
-      float* panel_finished = call.finished + p * (kPanelSumBytes / sizeof(float));
       for (int r = 0; r < call.rows; ++r) {
-        float* finished = panel_finished + r * kPanelWidth;
-        if (to_outputs) {
-          Simd::store(call.c[p][r], Simd::load(finished));
-        } else {
-          Simd::store(finished, Simd::load(call.c[p][r]));
-        }
+        Simd::store(row_of(rows, p, r), Simd::load(call.c[p][r]));
+      }
+    }
+  }
+  // The outputs = (or, `add`, +=) each row's values in `rows` (laid out as row_of says).
+  template <int Panels>
+  static void write_outputs(const Call<Panels>& call, const float* rows, bool add) {
+    for (int p = 0; p < Panels; ++p) {
+      for (int r = 0; r < call.rows; ++r) {
+        const Vec row = Simd::load(row_of(rows, p, r));
+        Simd::store(call.c[p][r], add ? Simd::add(Simd::load(call.c[p][r]), row) : row);
       }
     }
   }
@@ -575,13 +584,7 @@ struct TileKernels {
       overlap.complete();
     }
     if constexpr (kOnePass) store_pass<RowTiles, Panels>(call.sums[0], 0);
-    for (int p = 0; p < Panels; ++p) {
-      const float* sums = reinterpret_cast<const float*>(call.sums[0] + p * kPanelSumBytes);
-      for (int r = 0; r < call.rows; ++r) {
-        const Vec row_sums = Simd::load(sums + r * kPanelWidth);
-        Simd::store(call.c[p][r], accumulate ? Simd::add(Simd::load(call.c[p][r]), row_sums) : row_sums);
-      }
-    }
+    write_outputs(call, reinterpret_cast<const float*>(call.sums[0]), accumulate);
   }
 
   // Every row tile times the block's widened weights, two row tiles a pass, each plane,
