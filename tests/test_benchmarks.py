@@ -55,3 +55,24 @@ def test_an_unknown_isa_is_named_at_start_up():
     done = run_bench_kernels("--isa", "AVX9", "--rows", "1")
     assert done.returncode == 2
     assert "--isa AVX9: unknown ISA 'AVX9'" in done.stderr
+
+
+def test_the_crossover_is_where_streaming_wins_from_then_on():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_gpu import streaming_wins_from
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def rows(*cases):
+        return [{"tokens": tokens, "with compute": {"ms_per_layer": streamed}, "lk_cpu_ms_per_layer": cpu}
+                for tokens, streamed, cpu in cases]
+
+    # The 2026-11-24 H100 run: lk's 128-token time was an outlier, lk won again at 256.
+    noisy = rows((64, 23.0, 15.1), (128, 23.1, 31.1), (256, 23.6, 21.6), (512, 23.5, 26.0), (1024, 22.7, 39.9))
+    assert streaming_wins_from(noisy) == 512
+    assert streaming_wins_from(list(reversed(noisy))) == 512
+    assert streaming_wins_from(rows((64, 6.4, 7.3), (256, 6.4, 19.4))) == 64
+    assert streaming_wins_from(rows((64, 6.4, 6.0), (256, 6.4, 19.4), (1024, 7.0, 6.9))) is None
+    assert streaming_wins_from(rows((64, 6.4, 6.4))) is None
+    assert streaming_wins_from([]) is None
