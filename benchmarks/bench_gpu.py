@@ -100,8 +100,13 @@ def layer_weights(args, seed):
 
 def make_layer(args, seed, weight_format="bfloat16"):
     """(HybridExperts, w13, w2): one layer of random experts kept by lk in ``weight_format``
-    (bfloat16, or int8/int4 quantized from bf16), and the bf16 weights it stands for."""
+    (bfloat16; int8/int4 quantized from bf16; fp8: FP8 experts with a scale per 128 inputs
+    of a row, kept as they come, LVLLM_MOE_USE_WEIGHT=KEEP), and the bf16 weights it stands for."""
     w13, w2 = layer_weights(args, seed)
+    if weight_format == "fp8":
+        sources = to_fp8(w13), to_fp8(w2)
+        layer = HybridExperts(*sources, "silu", layer_name=f"bench{seed}")
+        return layer, *(quant.dequantize(source).bfloat16() for source in sources)
     layer = HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}", weight_format=weight_format,
                           group_size=args.group_size)
     if weight_format in ("int8", "int4"):
@@ -303,8 +308,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=lambda s: [int(t) for t in s.split(",")], default=[1, 4, 16])
     parser.add_argument("--prefill-tokens", type=lambda s: [int(t) for t in s.split(",")],
                         default=[64, 256, 1024, 4096, 8192])
-    parser.add_argument("--prefill-formats", type=lambda s: s.split(","), default=["bfloat16", "int4"],
-                        help="how lk keeps the streamed layers: bfloat16, int8, int4")
+    parser.add_argument("--prefill-formats", type=lambda s: s.split(","), default=["bfloat16", "int4", "fp8"],
+                        help="how lk keeps the streamed layers: bfloat16, int8, int4, fp8")
     parser.add_argument("--group-size", type=int, default=128, help="int8/int4 quantization group")
     parser.add_argument("--sections", type=lambda s: s.split(","), default=["decode", "prefill", "load"],
                         help="which of decode, prefill, load to run")

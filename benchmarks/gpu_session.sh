@@ -53,7 +53,7 @@ echo "== tests/gpu"
 timeout "${GPU_TESTS_TIMEOUT:-240}" "$PY" -m pytest tests/gpu -v -p no:cacheprovider 2>&1 \
   | tee "$OUT_DIR/tests_gpu.txt" || status=1
 echo "== bench_gpu"
-timeout "${GPU_BENCH_TIMEOUT:-300}" "$PY" benchmarks/bench_gpu.py --json "$OUT_DIR/bench_gpu.json" 2>&1 \
+timeout "${GPU_BENCH_TIMEOUT:-400}" "$PY" benchmarks/bench_gpu.py --json "$OUT_DIR/bench_gpu.json" 2>&1 \
   | tee "$OUT_DIR/bench_gpu.txt" || status=1
 echo "== tests/lk"
 timeout "${LK_TESTS_TIMEOUT:-300}" "$PY" -m pytest tests/lk -q -p no:cacheprovider 2>&1 \
