@@ -114,8 +114,9 @@ VARIABLES: dict[str, Variable] = {
             "vLLM's fused-MoE kernel, while the batch's decode tokens stay on lk; 0 turns "
             "streaming off. Batches that replay a CUDA graph keep the lk path, so set it above "
             "the largest captured size. On an H100 whose 16-vCPU host runs lk on AMX, with "
-            "Qwen3-30B-A3B layers, streaming beat lk's CPU prefill from 1024 tokens for bf16 "
-            "experts and from 64-256 for INT4 (BENCHMARKS.md).",
+            "Qwen3-30B-A3B layers, streaming beat lk's CPU prefill at every size from 256-512 "
+            "tokens on for bf16 experts, 128-256 for INT8 and 128 for INT4 and FP8 (KEEP) "
+            "(BENCHMARKS.md).",
         ),
         Variable(
             "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_at_least(1), "integer >= 1",
