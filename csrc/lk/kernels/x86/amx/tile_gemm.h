@@ -455,32 +455,42 @@ struct TileKernels {
   // 1.3x as long (BENCHMARKS.md).
   template <int Panels>
   static void finish_block(const Call<Panels>& call, const BlockWalk& block, const uint8_t* sums, bool add) {
-    for (int p = 0; p < Panels; ++p) {
-      const typename Panel::Group group = Panel::group(call.panels[p], call.depth, call.group, block.index);
-      for (int r = 0; r < call.rows; ++r) {
+    typename Panel::Group groups[Panels];
+    for (int p = 0; p < Panels; ++p) groups[p] = Panel::group(call.panels[p], call.depth, call.group, block.index);
+    [[maybe_unused]] const int span = span_index(block.group, block.index, block.start - block.first);
+    // Row by row, each panel in turn: what a row brings (its scale, span sum and sum) is read
+    // once for the panels, and before the stores, which might alias it as far as the
+    // compiler knows (so are the call's fields). Panel by panel, each row reloaded them.
+    const int rows = call.rows;
+    const ActivationRow* const a = call.a;
+    float* const finished = call.finished;
+    for (int r = 0; r < rows; ++r) {
+      const ActivationRow& row = a[r];
+      Vec row_scale{}, activation_sum{};
+      [[maybe_unused]] IVec quad_bias{};
+      if constexpr (Panel::kInteger) row_scale = Simd::set1(row.scale[block.index]);
+      if constexpr (Panel::kQuads) quad_bias = Simd::iset1(Decode::kQuadBias * row.span_sums[span]);
+      if constexpr (has_offsets(Decode::kFormat)) activation_sum = Simd::set1(row.sum[block.index]);
+      for (int p = 0; p < Panels; ++p) {
         const uint8_t* row_sums_bytes = sums + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
-        float* const out[1] = {row_of(call.finished, p, r)};
-        const ActivationRow& row = call.a[r];
+        float* const out[1] = {row_of(finished, p, r)};
         Vec row_sums[1][1], scale[1][1];
         if constexpr (Panel::kInteger) {
           IVec acc = Tiles::sums(row_sums_bytes, 2L * kPanelSumBytes);
-          if constexpr (Panel::kQuads) {
-            const int span = span_index(block.group, block.index, block.start - block.first);
-            acc = Simd::isub(acc, Simd::iset1(Decode::kQuadBias * row.span_sums[span]));
-          }
+          if constexpr (Panel::kQuads) acc = Simd::isub(acc, quad_bias);
           row_sums[0][0] = Simd::to_float(acc);
-          scale[0][0] = Simd::mul(group.scale[0], Simd::set1(row.scale[block.index]));
+          scale[0][0] = Simd::mul(groups[p].scale[0], row_scale);
         } else {
           // As PanelKernels::float_tile scales a group's sums.
           row_sums[0][0] =
               Simd::mul(Simd::load(reinterpret_cast<const float*>(row_sums_bytes)), Simd::set1(Panel::sum_scale()));
-          scale[0][0] = group.scale[0];
+          scale[0][0] = groups[p].scale[0];
         }
         Panel::template flush<1>(row_sums, scale, out, add);
         if constexpr (has_offsets(Decode::kFormat)) {
           if (block.last_of_group()) {
-            const Vec offsets[1][1] = {{group.offset[0]}};
-            const Vec activation_sums[1][1] = {{Simd::set1(row.sum[block.index])}};
+            const Vec offsets[1][1] = {{groups[p].offset[0]}};
+            const Vec activation_sums[1][1] = {{activation_sum}};
             Panel::template flush<1>(offsets, activation_sums, out, true);
           }
         }
