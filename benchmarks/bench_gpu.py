@@ -189,7 +189,7 @@ def decode(args, queue, results):
 
 def streaming_wins_from(rows: list[dict]) -> int | None:
     """The smallest measured token count from which streaming beats lk's CPU prefill at that
-    size and at every larger one, or None. lk's time at small sizes moves by half from run to
+    size and at every larger one, or None. lk's time at small sizes moves by up to 2x from run to
     run on a shared host, so one lucky small size must not set the threshold."""
     threshold = None
     for row in sorted(rows, key=lambda r: r["tokens"], reverse=True):

@@ -1,4 +1,5 @@
-"""benchmarks/bench_kernels.py times the engine build it is given."""
+"""The benchmarks' own logic: bench_kernels times the engine build it is given and checks its
+arguments at start-up; bench_gpu reports the streaming crossover that users copy."""
 
 from __future__ import annotations
 
