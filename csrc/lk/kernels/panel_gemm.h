@@ -377,6 +377,24 @@ struct PanelKernels {
     }
   }();
 
+  // Where Simd fuses the multiply and the add (VNNI), each sum is one chain through that
+  // instruction's latency (4-5 cycles, one issued per cycle), and decode's usual call, one
+  // row of a pair of panels, ran on two chains and waited on them: with at most two sums per
+  // block, consecutive blocks take turns among up to 4 sets of sums, added at the end of
+  // each span (integers: the same bits). In cache (bench_kernels.py --against), a pair of
+  // panels at 1 row ran 1.27x as fast for INT8 and 1.04x for INT4, one panel at 1 and 2
+  // rows 1.60x and 1.48x (INT8), 1.09x and 1.08x (INT4). With more rows, INT8 gained less
+  // (1.14-1.47x at 3-6 sums) and INT4 nothing (0.85-1.01x), and decode's INT8 is bound by
+  // memory anyway, so they keep one set.
+  template <int Outputs, int StepBlocks>
+  static constexpr int integer_sets() {
+    constexpr bool fused = kQuads ? kQuadDot : requires { requires Simd::kFusedDotAdd; };
+    if (!fused || Outputs > 2) return 1;
+    int sets = 4;
+    while (StepBlocks % sets != 0) --sets;
+    return sets;
+  }
+
   // `block` holds rows k onwards.
   template <int Rows>
   static inline void integer_block(typename Simd::IVec (&acc)[Rows][kVecs], const ActivationRow* a,
@@ -408,6 +426,7 @@ struct PanelKernels {
     // A step covers one 64-byte line, or a run of quads.
     constexpr int kStepBlocks = kQuads ? kQuadRunBlocks : (kBlockBytes >= 64 ? 1 : 64 / kBlockBytes);
     constexpr int kStep = kStepBlocks * kBlockRows;
+    constexpr int kSets = integer_sets<Rows * Panels, kStepBlocks>();
     for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
     const int ahead = groups_ahead(group_size);
     const int padded_end = padded(depth);
@@ -420,31 +439,47 @@ struct PanelKernels {
       const int end = padded_end - first < group_size ? padded_end : first + group_size;
       for (int start = first; start < end; start += kIntegerSpan) {
         const int stop = end - start < kIntegerSpan ? end : start + kIntegerSpan;
-        IVec acc[Panels][Rows][kVecs];
+        IVec sets[kSets][Panels][Rows][kVecs];
+#pragma GCC unroll 4
+        for (int s = 0; s < kSets; ++s)
 #pragma GCC unroll 2
-        for (int p = 0; p < Panels; ++p)
+          for (int p = 0; p < Panels; ++p)
 #pragma GCC unroll 16
-          for (int r = 0; r < Rows; ++r)
+            for (int r = 0; r < Rows; ++r)
 #pragma GCC unroll 16
-            for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::izero();
+              for (int v = 0; v < kVecs; ++v) sets[s][p][r][v] = Simd::izero();
         int k = start;
         for (; k + kStep <= stop; k += kStep, block += kStepBlocks * kBlockBytes) {
 #pragma GCC unroll 2
           for (int p = 0; p < Panels; ++p) {
 #pragma GCC unroll 4
             for (int line = 0; line < kStepBlocks * kBlockBytes; line += 64) fetch_ahead_of(panels[p] + block + line);
-            if constexpr (kQuads) {
-              quad_run<Rows, kStepBlocks>(acc[p], a, panels[p] + block, k);
+            if constexpr (kQuads && (kSets == 1 || !kQuadDot)) {
+              quad_run<Rows, kStepBlocks>(sets[0][p], a, panels[p] + block, k);
             } else {
 #pragma GCC unroll 2
-              for (int b = 0; b < kStepBlocks; ++b) {
-                integer_block<Rows>(acc[p], a, panels[p] + block + b * kBlockBytes, k + b * kBlockRows);
+              for (int b = 0; b < kStepBlocks; b += kSets) {
+#pragma GCC unroll 4
+                for (int s = 0; s < kSets; ++s) {
+                  integer_block<Rows>(sets[s][p], a, panels[p] + block + (b + s) * kBlockBytes, k + (b + s) * kBlockRows);
+                }
               }
             }
           }
         }
         for (; k < stop; k += kBlockRows, block += kBlockBytes) {
-          for (int p = 0; p < Panels; ++p) integer_block<Rows>(acc[p], a, panels[p] + block, k);
+          for (int p = 0; p < Panels; ++p) integer_block<Rows>(sets[0][p], a, panels[p] + block, k);
+        }
+        IVec (&acc)[Panels][Rows][kVecs] = sets[0];
+        if constexpr (kSets > 1) {
+#pragma GCC unroll 4
+          for (int s = 1; s < kSets; ++s)
+#pragma GCC unroll 2
+            for (int p = 0; p < Panels; ++p)
+#pragma GCC unroll 16
+              for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 16
+                for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::iadd(acc[p][r][v], sets[s][p][r][v]);
         }
 #pragma GCC unroll 2
         for (int p = 0; p < Panels; ++p) {
