@@ -236,6 +236,20 @@ struct PanelKernels {
     return sets < 1 ? 1 : (sets > 4 ? 4 : sets);
   }
 
+  // Sums kept in several sets (k_unroll, integer_sets): the later sets added into the
+  // first, in set order.
+  template <class V, int Sets, int Panels, int Rows, class Add>
+  static inline void add_sets(V (&sets)[Sets][Panels][Rows][kVecs], Add add) {
+#pragma GCC unroll 4
+    for (int s = 1; s < Sets; ++s)
+#pragma GCC unroll 2
+      for (int p = 0; p < Panels; ++p)
+#pragma GCC unroll 16
+        for (int r = 0; r < Rows; ++r)
+#pragma GCC unroll 16
+          for (int v = 0; v < kVecs; ++v) sets[0][p][r][v] = add(sets[0][p][r][v], sets[s][p][r][v]);
+  }
+
   template <int Rows>
   static inline void float_step(Vec (&acc)[Rows][kVecs], const ActivationRow* a, const uint8_t* panel, int k) {
     Vec w[kVecs];
@@ -262,15 +276,7 @@ struct PanelKernels {
     for (int first = 0, index = 0; first < depth; first += span, ++index) {
       if constexpr (kGrouped)
         for (int p = 0; p < Panels; ++p) prefetch_group(panels[p], depth, group_size, index + ahead);
-      Vec acc[kSets][Panels][Rows][kVecs];
-#pragma GCC unroll 4
-      for (int s = 0; s < kSets; ++s)
-#pragma GCC unroll 2
-        for (int p = 0; p < Panels; ++p)
-#pragma GCC unroll 16
-          for (int r = 0; r < Rows; ++r)
-#pragma GCC unroll 16
-            for (int v = 0; v < kVecs; ++v) acc[s][p][r][v] = Simd::zero();
+      Vec acc[kSets][Panels][Rows][kVecs]{};  // zeros
       const int end = depth - first < span ? depth : first + span;
       int k = first;
       for (; k + kSets <= end; k += kSets) {
@@ -287,14 +293,9 @@ struct PanelKernels {
       }
       for (; k < end; ++k)
         for (int p = 0; p < Panels; ++p) float_step<Rows>(acc[0][p], a, panels[p], k);
+      add_sets(acc, Simd::add);
 #pragma GCC unroll 2
       for (int p = 0; p < Panels; ++p) {
-#pragma GCC unroll 4
-        for (int s = 1; s < kSets; ++s)
-#pragma GCC unroll 16
-          for (int r = 0; r < Rows; ++r)
-#pragma GCC unroll 16
-            for (int v = 0; v < kVecs; ++v) acc[0][p][r][v] = Simd::add(acc[0][p][r][v], acc[s][p][r][v]);
 #pragma GCC unroll 16
         for (int r = 0; r < Rows; ++r) to_column_order(acc[0][p][r]);
         Vec scale[Rows][kVecs];
@@ -439,15 +440,7 @@ struct PanelKernels {
       const int end = padded_end - first < group_size ? padded_end : first + group_size;
       for (int start = first; start < end; start += kIntegerSpan) {
         const int stop = end - start < kIntegerSpan ? end : start + kIntegerSpan;
-        IVec sets[kSets][Panels][Rows][kVecs];
-#pragma GCC unroll 4
-        for (int s = 0; s < kSets; ++s)
-#pragma GCC unroll 2
-          for (int p = 0; p < Panels; ++p)
-#pragma GCC unroll 16
-            for (int r = 0; r < Rows; ++r)
-#pragma GCC unroll 16
-              for (int v = 0; v < kVecs; ++v) sets[s][p][r][v] = Simd::izero();
+        IVec sets[kSets][Panels][Rows][kVecs]{};  // zeros
         int k = start;
         for (; k + kStep <= stop; k += kStep, block += kStepBlocks * kBlockBytes) {
 #pragma GCC unroll 2
@@ -470,17 +463,8 @@ struct PanelKernels {
         for (; k < stop; k += kBlockRows, block += kBlockBytes) {
           for (int p = 0; p < Panels; ++p) integer_block<Rows>(sets[0][p], a, panels[p] + block, k);
         }
+        if constexpr (kSets > 1) add_sets(sets, Simd::iadd);
         IVec (&acc)[Panels][Rows][kVecs] = sets[0];
-        if constexpr (kSets > 1) {
-#pragma GCC unroll 4
-          for (int s = 1; s < kSets; ++s)
-#pragma GCC unroll 2
-            for (int p = 0; p < Panels; ++p)
-#pragma GCC unroll 16
-              for (int r = 0; r < Rows; ++r)
-#pragma GCC unroll 16
-                for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::iadd(acc[p][r][v], sets[s][p][r][v]);
-        }
 #pragma GCC unroll 2
         for (int p = 0; p < Panels; ++p) {
           g[p] = group(panels[p], depth, group_size, index);

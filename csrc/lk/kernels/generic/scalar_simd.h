@@ -26,7 +26,6 @@ struct ScalarSimd {
   // Two 16-bit values in one 32-bit word, the first in the low half (integer formats), or
   // their 32-bit sums.
   using IVec = int32_t;
-  static IVec izero() { return 0; }
   static IVec pack(int low, int high) {
     return static_cast<IVec>(static_cast<uint16_t>(low) | static_cast<uint32_t>(static_cast<uint16_t>(high)) << 16);
   }

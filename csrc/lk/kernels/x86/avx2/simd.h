@@ -43,7 +43,6 @@ struct Avx2Simd {
 
   // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums.
   using IVec = __m256i;
-  static IVec izero() { return _mm256_setzero_si256(); }
   static IVec broadcast_pair(const int16_t* p) {
     int pair;
     std::memcpy(&pair, p, sizeof pair);

@@ -39,7 +39,6 @@ struct Avx512Simd {
   // 32-bit lanes holding two 16-bit values (integer formats) or their 32-bit sums. The
   // AVX512_VNNI level fuses dot_add (x86/avx512_vnni).
   using IVec = __m512i;
-  static IVec izero() { return _mm512_setzero_si512(); }
   static IVec broadcast_pair(const int16_t* p) {
     int pair;
     std::memcpy(&pair, p, sizeof pair);
