@@ -389,8 +389,7 @@ struct PanelKernels {
   // memory anyway, so they keep one set.
   template <int Outputs, int StepBlocks>
   static constexpr int integer_sets() {
-    constexpr bool fused = kQuads ? kQuadDot : requires { requires Simd::kFusedDotAdd; };
-    if (!fused || Outputs > 2) return 1;
+    if (!requires { requires Simd::kFusedDotAdd; } || Outputs > 2) return 1;
     int sets = 4;
     while (StepBlocks % sets != 0) --sets;
     return sets;
@@ -447,7 +446,7 @@ struct PanelKernels {
           for (int p = 0; p < Panels; ++p) {
 #pragma GCC unroll 4
             for (int line = 0; line < kStepBlocks * kBlockBytes; line += 64) fetch_ahead_of(panels[p] + block + line);
-            if constexpr (kQuads && (kSets == 1 || !kQuadDot)) {
+            if constexpr (kQuads && kSets == 1) {
               quad_run<Rows, kStepBlocks>(sets[0][p], a, panels[p] + block, k);
             } else {
 #pragma GCC unroll 2

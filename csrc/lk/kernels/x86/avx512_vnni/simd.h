@@ -12,8 +12,8 @@ namespace lk::kernels {
 namespace {
 
 struct Avx512VnniSimd : Avx512Simd {
-  // dot_add is one instruction, so a sum's chain runs at its latency (panel_gemm.h's
-  // integer_sets splits it).
+  // dot_add and quad_dot_add are one instruction each, so a sum's chain runs at its latency
+  // (panel_gemm.h's integer_sets splits it).
   static constexpr bool kFusedDotAdd = true;
   static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm512_dpwssd_epi32(acc, w, x); }
   static IVec quad_dot_add(IVec acc, IVec w, IVec x) { return _mm512_dpbusd_epi32(acc, w, x); }
