@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lvllm.lk import MoEEngine, QuantizedWeights, default_runtime, quant
+from lvllm.lk import MoEEngine, QuantizedWeights, default_runtime, quant, quant_group_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import to_fp8  # noqa: E402  (one definition of the benchmarks' FP8 experts)
@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=768)
-    parser.add_argument("--group-size", type=int, default=128, help="INT8/INT4 group (LVLLM_MOE_QUANT_GROUP_SIZE)")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="INT8/INT4 group (LVLLM_MOE_QUANT_GROUP_SIZE; default: the format's own)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
     w13 = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=generator) / args.hidden**0.5).bfloat16()
     w2 = (torch.randn(args.experts, args.hidden, args.inter, generator=generator) / args.inter**0.5).bfloat16()
     sources = {"bfloat16": (w13, w2), "fp8_e4m3": (to_fp8(w13), to_fp8(w2)),
-               "int4": tuple(quant.quantize(w, "int4", args.group_size) for w in (w13, w2))}
+               "int4": tuple(quant.quantize(w, "int4", quant_group_size("int4", args.group_size)) for w in (w13, w2))}
     print(f"lk: {runtime.describe()}; layer E {args.experts}, H {args.hidden}, I {args.inter}; "
           f"torch threads {torch.get_num_threads()}")
     print("\n| source | stored | ms/layer | source GB/s | copy ms | copy GB/s | vs copy |\n|---|---|---:|---:|---:|---:|---:|")

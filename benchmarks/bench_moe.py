@@ -208,11 +208,27 @@ def parse_cases(text: str) -> list[dict]:
     return cases
 
 
+def format_group(fmt: str, requested: int | None) -> int:
+    """The group a format is quantized in: fp8 always 128, int8/int4 `requested`, else the
+    engine's default for the format (lvllm.envs.QUANT_GROUP_SIZES)."""
+    if fmt == "fp8":
+        return 128
+    if requested is not None:
+        return requested
+    from lvllm.envs import QUANT_GROUP_SIZES
+
+    return QUANT_GROUP_SIZES.get(FORMATS[fmt], 128)
+
+
+def format_label(fmt: str, plan: dict) -> str:
+    """'bf16', 'int8 g256': a format as the reports name it, with its group."""
+    return fmt if fmt == "bf16" else f"{fmt} g{plan['group_size']}"
+
+
 def format_bytes_per_weight(fmt: str, group: int) -> float:
     """Bytes per weight the engine holds in a format (estimate for the budget; fp32 scales,
-    int4 also fp32 offsets, per group of `group` inputs; fp8 groups are always 128)."""
-    return {"bf16": 2.0, "int8": 1.0 + 4.0 / group, "int4": 0.5 + 8.0 / group,
-            "fp8": 1.0 + 4.0 / 128}[fmt]
+    int4 also fp32 offsets, per group of `group` inputs)."""
+    return {"bf16": 2.0, "int8": 1.0 + 4.0 / group, "int4": 0.5 + 8.0 / group, "fp8": 1.0 + 4.0 / group}[fmt]
 
 
 def parse_formats(text: str) -> list[str]:
@@ -229,8 +245,9 @@ def parse_formats(text: str) -> list[str]:
 
 
 def plan_model(name: str, budget_bytes: int, sets: int, l3: int, fmt: str = "bf16",
-               group: int = 128) -> dict:
+               requested_group: int | None = None) -> dict:
     m = dict(MODELS[name])
+    group = format_group(fmt, requested_group)
     expert_bytes = int(3 * m["H"] * m["I"] * format_bytes_per_weight(fmt, group))
     # Every set is built from bf16 weights, one set at a time, before the engine takes it.
     source_bytes = 3 * m["H"] * m["I"] * BYTES_BF16
@@ -401,7 +418,7 @@ class LkBackend:
             else:
                 self.engines.append(MoEEngine(w13, w2, activation="silu",
                                               weight_format=FORMATS[fmt],
-                                              group_size=plan.get("group_size", 128)))
+                                              group_size=plan["group_size"]))
             del w13, w2
         self.weight_format = self.engines[0].weight_format
         # what one expert costs to read: the engine's bytes (scales, padding included) / E
@@ -768,7 +785,7 @@ def print_formats(plans: dict, fresults: dict, rows, roof, err_ref: str) -> None
         if not res.get("ok"):
             print(f"   {fmt}: NOT RUN - {res.get('error', '?')}")
             continue
-        print(f"   {fmt:<5} ({res.get('weight_format', '?')}): {res.get('bytes_per_expert', 0) / 2**20:.2f} MiB "
+        print(f"   {format_label(fmt, p):<10} ({res.get('weight_format', '?')}): {res.get('bytes_per_expert', 0) / 2**20:.2f} MiB "
               f"per expert, E used {p['E']}, {p['sets']} sets, set-up {res.get('setup_s', 0):.1f} s, "
               f"RSS {res.get('rss_gib', 0):.2f} GiB")
     print(f"   {'case':<20}{'format':>7}{'exp':>6}{'ms':>9}{'GB/s':>7}{'%BW':>5}{'GFLOP/s':>9}"
@@ -884,7 +901,7 @@ def markdown_report(report: dict) -> str:
         fm = m.get("formats")
         if fm:
             froof = fm["ceilings"]
-            per = ", ".join(f"{fmt} {res['bytes_per_expert'] / 2**20:.2f} MiB"
+            per = ", ".join(f"{format_label(fmt, fm['plans'][fmt])} {res['bytes_per_expert'] / 2**20:.2f} MiB"
                             for fmt, res in fm["backends"].items() if res.get("bytes_per_expert"))
             lines += ["", f"lk weight formats, {plan['label']}: bytes per expert (engine.nbytes / E) "
                           f"{per}; ceilings: read {froof.get('read_gbs', float('nan')):.1f} GB/s, "
@@ -925,8 +942,9 @@ def main() -> None:
                          "more than bf16 adds a formats table (lk only, same random weights "
                          "quantized: int8/int4 by the engine at load, fp8 as e4m3 + amax/448 "
                          "scales per 128 inputs)")
-    ap.add_argument("--group-size", type=int, default=128,
-                    help="int8/int4 quantization group (default 128; fp8 always 128)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="int8/int4 quantization group (default: the engine's for the format, "
+                         "int8 256, int4 128; fp8 always 128)")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every backend (default: LK_THREADS, else all allowed CPUs)")
     ap.add_argument("--budget-gib", type=float, default=6.0,

@@ -15,6 +15,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
+# LVLLM_MOE_QUANT_GROUP_SIZE left empty: inputs per scale where lk quantizes experts.
+# INT8: 256, the span after which the integer kernels turn their sums to fp32 whatever the
+# group (kernels.h, kIntegerSpan), so smaller groups only add that work: in groups of 128
+# a Qwen3-30B layer's prefill at 1024 tokens took 1.17-1.28x as long on AMX, while 256
+# raises the error of the layer's output by 7-27%, still below FP8's (BENCHMARKS.md).
+# INT4: 128, as 4-bit checkpoints (GPTQ, AWQ) commonly group: its step is 16x INT8's.
+QUANT_GROUP_SIZES = {"int8": 256, "int4": 128}
+
+
 class EnvError(ValueError):
     """A variable has a value lvllm cannot use; the message names it and what is valid."""
 
@@ -57,11 +66,9 @@ def _multiple_of(step: int) -> Callable[[str], int]:
     return parse
 
 
-def _optional_int_at_least(minimum: int) -> Callable[[str], int | None]:
-    at_least = _int_at_least(minimum)
-
-    def parse(raw: str) -> int | None:
-        return None if raw.strip() == "" else at_least(raw)
+def _optional(parse_set: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        return None if raw.strip() == "" else parse_set(raw)
 
     return parse
 
@@ -132,8 +139,9 @@ VARIABLES: dict[str, Variable] = {
             "from float or FP8 experts, in groups of LVLLM_MOE_QUANT_GROUP_SIZE inputs.",
         ),
         Variable(
-            "LVLLM_MOE_QUANT_GROUP_SIZE", "128", _multiple_of(16), "multiple of 16, >= 16",
-            "Inputs per scale when LVLLM_MOE_USE_WEIGHT=INT8/INT4 quantizes experts at load.",
+            "LVLLM_MOE_QUANT_GROUP_SIZE", "", _optional(_multiple_of(16)), "multiple of 16, >= 16, or empty",
+            "Inputs per scale when LVLLM_MOE_USE_WEIGHT=INT8/INT4 quantizes experts at load. "
+            "Empty: 256 for INT8, 128 for INT4 (QUANT_GROUP_SIZES in lvllm/envs.py says why).",
         ),
         Variable(
             "LVLLM_MOE_QUANT_ON_GPU", "0", _bool, "0 or 1",
@@ -143,7 +151,7 @@ VARIABLES: dict[str, Variable] = {
             "ones; lk's own gains on hosts with more cores.",
         ),
         Variable(
-            "LK_THREADS", "", _optional_int_at_least(1), "integer >= 1, or empty for the default",
+            "LK_THREADS", "", _optional(_int_at_least(1)), "integer >= 1, or empty for the default",
             "Worker threads of the lk engine. Default: usable cores (sched_getaffinity) minus "
             "one per 16 cores for vLLM's own threads, at least 1.",
         ),
@@ -179,7 +187,7 @@ VARIABLES: dict[str, Variable] = {
             "build/lk-asan.",
         ),
         Variable(
-            "LK_NUMA_NODES", "", _optional_int_at_least(1), "integer >= 1, or empty",
+            "LK_NUMA_NODES", "", _optional(_int_at_least(1)), "integer >= 1, or empty",
             "Pretend the usable cores form this many NUMA nodes (splits experts across them "
             "as on a real multi-socket machine). Empty: the machine's real nodes.",
         ),

@@ -104,7 +104,7 @@ class Placement:
     device_layers: dict[int, str] = field(default_factory=dict)
     loaded_bytes: dict[int, int] = field(default_factory=dict)   # index -> engine bytes
     weight_mode: str = "TO_DTYPE"
-    group_size: int = 128
+    group_size: int | None = None   # None: the format's own (lvllm.lk.QUANT_GROUP_SIZES)
     quant_on_gpu: bool = False
     weight_format: str = ""
     progress_bar: bool | None = None   # None: tqdm shows it where stderr is a TTY
@@ -221,7 +221,7 @@ class HybridExperts:
     """
 
     def __init__(self, w13, w2, activation: str, layer_name: str = "",
-                 weight_format: str | None = None, group_size: int = 128):
+                 weight_format: str | None = None, group_size: int | None = None):
         """w13 [E, 2I, H] and w2 [E, H, I]: float tensors or lvllm.lk.QuantizedWeights;
         ``weight_format`` (None: the source's) and ``group_size`` as for MoEEngine."""
         from lvllm.lk import MoEEngine

@@ -37,6 +37,7 @@ def test_every_variable_read_in_the_package_is_declared():
         ("LVLLM_MOE_USE_WEIGHT", "to_dtype", "TO_DTYPE"),
         ("LVLLM_MOE_USE_WEIGHT", "int4", "INT4"),
         ("LVLLM_MOE_QUANT_GROUP_SIZE", "32", 32),
+        ("LVLLM_MOE_QUANT_GROUP_SIZE", "", None),
         ("LVLLM_MOE_QUANT_ON_GPU", "1", True),
     ],
 )

@@ -7,7 +7,8 @@
 
 Weights are bf16/fp16/fp32 tensors, or :class:`QuantizedWeights` (FP8 e4m3 with group
 scales, INT8, INT4 with scales and offsets); ``weight_format`` picks how the engine stores
-them ("int8"/"int4" quantize float weights at load, in groups of ``group_size`` inputs).
+them ("int8"/"int4" quantize float weights at load, in groups of ``group_size`` inputs,
+by default 256 for INT8 and 128 for INT4: lvllm.envs.QUANT_GROUP_SIZES).
 
 Tensors are checked here and handed to the C++ engine as data pointers. All engines of a
 process share one runtime (worker pool, kernels, scratch), configured from the LK_*
@@ -31,7 +32,7 @@ from lvllm import envs
 from lvllm import _lk
 
 __all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "runtime_info", "ACTIVATIONS",
-           "WEIGHT_FORMATS"]
+           "WEIGHT_FORMATS", "quant_group_size"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Format names as the engine reports them, in its code order: float32, float16, bfloat16,
@@ -96,6 +97,12 @@ def runtime_info() -> dict[str, Any]:
         "binding": envs.get("LK_THREAD_BINDING"),
         "description": runtime.describe(),
     }
+
+
+def quant_group_size(weight_format: str, requested: int | None = None) -> int:
+    """The group the engine quantizes ``weight_format`` in: ``requested``, else the format's
+    default (lvllm.envs.QUANT_GROUP_SIZES; formats the engine does not quantize ignore it)."""
+    return requested if requested is not None else envs.QUANT_GROUP_SIZES.get(weight_format, 128)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -209,7 +216,7 @@ class MoEEngine:
         activation: str = "silu",
         *,
         weight_format: str | None = None,
-        group_size: int = 128,
+        group_size: int | None = None,
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
         runtime: _lk.Runtime | None = None,
@@ -239,6 +246,7 @@ class MoEEngine:
             weight_format != "fp8_e4m3" or w13_format == "fp8_e4m3",
             "the engine keeps FP8 weights only from FP8 checkpoints",
         )
+        group_size = quant_group_size(weight_format, group_size)
         _require(group_size >= 16 and group_size % 16 == 0, f"group_size must be a positive multiple of 16, got {group_size}")
         if isinstance(w13, QuantizedWeights) and weight_format == w13_format:
             group_size = w13.group_size  # kept exactly as the checkpoint groups them

@@ -144,6 +144,22 @@ def test_run_time_quantization(runtimes, isa, weight_format, group, source_dtype
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("weight_format, group", [("int8", 256), ("int4", 128)])
+@pytest.mark.parametrize("tokens", [1, 70])
+def test_default_group_per_format(runtimes, isa, weight_format, group, tokens):
+    """Without group_size the engine quantizes in the format's own group: H = 600 and
+    I = 300 hold two and one whole INT8 groups of 256 and partial ones, so weights grouped
+    otherwise would miss the tight reference."""
+    experts, hidden, intermediate = 4, 600, 300
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.bfloat16, seed=tokens)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, runtime=runtimes(isa=isa))
+    assert engine.group_size == group
+    quantize = reference_int8 if weight_format == "int8" else reference_int4
+    run_and_compare(engine, quantize(w13, group), quantize(w2, group), tokens, seed=tokens,
+                    originals=(w13, w2), loose=LOOSE[weight_format])
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_integer_decode_edges(runtimes, isa, weight_format, tokens):

@@ -5,7 +5,7 @@ larger than on trained weights, where outliers are rarer), against the float32 r
 what was measured here (max prompt-logprob deviation from float32 / first greedy token
 where any prompt parts from the float32 run):
 
-    vLLM bf16   0.35 / never in 12      lk INT8 g128  0.35 / 3
+    vLLM bf16   0.35 / never in 12      lk INT8 g256  0.35 / 3
     lk INT4 g32 0.71 / 1                lk INT4 g128  0.42 / 1
 
 Bounds: INT8 within INT8_SLACK x vLLM's own bf16 deviation + 0.05 and the first
@@ -42,7 +42,7 @@ def test_int8_and_int4_at_load(llm_runs):
                     quant_on_gpu=True)  # no CUDA here: falls back to the CPU, same bits
     for run in (int8, int4):
         assert_lk_computed(run.report, {0, 1, 2, 3})
-    assert "(int8 g128," in int8.report[0]["summary"]
+    assert "(int8 g256," in int8.report[0]["summary"]  # LVLLM_MOE_QUANT_GROUP_SIZE unset
     assert "(int4 g32," in int4.report[0]["summary"]
 
     vllm_error = max_logprob_diff(bf16_vllm, f32)
@@ -54,7 +54,8 @@ def test_int8_and_int4_at_load(llm_runs):
         assert a[0] == b[0]
 
     # Host memory follows the format: H=128, I=64 -> bf16 2 bytes a weight, int8 1 + a
-    # float32 scale per 128, int4 half a byte + scale and offset per 32.
+    # float32 scale per row (its group of 256 is deeper than H and I), int4 half a byte +
+    # scale and offset per 32.
     weights = 4 * 8 * 3 * 128 * 64
     assert lk_bytes(int8.report) < 0.6 * 2 * weights
     assert lk_bytes(int4.report) < 0.4 * 2 * weights
@@ -173,8 +174,8 @@ def test_int4_checkpoint(checkpoints, int4_runs, name):
     run = int4_runs(name)
     assert_lk_computed(run.report, {0, 1, 2, 3})
     assert_experts_freed(run.report)
-    # INT4 with the checkpoint's group size, not LVLLM_MOE_QUANT_GROUP_SIZE's default of
-    # 128, so g32 proves lk took the stored values rather than re-quantizing...
+    # INT4 with the checkpoint's group size, not LVLLM_MOE_QUANT_GROUP_SIZE's INT4 default
+    # of 128, so g32 proves lk took the stored values rather than re-quantizing...
     assert f"(int4 g{group}," in run.report[0]["summary"]
     # ...and the bytes are INT4's: half a byte a weight plus a float32 scale and offset per
     # group (4 layers, 8 experts, H 256, I 128), not a bf16 copy's 2 bytes a weight.
