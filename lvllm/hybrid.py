@@ -104,7 +104,7 @@ class Placement:
     device_layers: dict[int, str] = field(default_factory=dict)
     loaded_bytes: dict[int, int] = field(default_factory=dict)   # index -> engine bytes
     weight_mode: str = "TO_DTYPE"
-    group_size: int | None = None   # None: the format's own (lvllm.lk.QUANT_GROUP_SIZES)
+    group_size: int | None = None   # None: the format's own (lvllm.envs.QUANT_GROUP_SIZES)
     quant_on_gpu: bool = False
     weight_format: str = ""
     progress_bar: bool | None = None   # None: tqdm shows it where stderr is a TTY
