@@ -38,7 +38,7 @@ from lvllm.gpu.plan import BatchPlan
 from lvllm.gpu.ring import ExpertRing
 from lvllm.gpu.stream import StreamQueue
 from lvllm.hybrid import DeviceRoute, HybridExperts
-from lvllm.lk import MoEEngine, quant
+from lvllm.lk import MoEEngine, quant, quant_group_size
 from lvllm.lk.layout import PackedLayout
 
 from bench_load import tensors_of
@@ -110,7 +110,8 @@ def make_layer(args, seed, weight_format="bfloat16"):
     layer = HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}", weight_format=weight_format,
                           group_size=args.group_size)
     if weight_format in ("int8", "int4"):
-        w13, w2 = (quant.dequantize(quant.quantize(w, weight_format, args.group_size)).bfloat16()
+        group = quant_group_size(weight_format, args.group_size)
+        w13, w2 = (quant.dequantize(quant.quantize(w, weight_format, group)).bfloat16()
                    for w in (w13, w2))
     return layer, w13, w2
 
@@ -277,7 +278,8 @@ def load(args, results):
                 return MoEEngine(s13, s2, "silu", weight_format=weight_format, group_size=args.group_size)
 
             def on_gpu():
-                return [quant.quantize(w, weight_format, args.group_size, "cuda") for w in (s13, s2)]
+                group = quant_group_size(weight_format, args.group_size)
+                return [quant.quantize(w, weight_format, group, "cuda") for w in (s13, s2)]
 
             quantized = on_gpu()
             given = MoEEngine(*quantized, "silu")
@@ -310,7 +312,8 @@ def main() -> None:
                         default=[64, 256, 1024, 4096, 8192])
     parser.add_argument("--prefill-formats", type=lambda s: s.split(","), default=["bfloat16", "int4", "fp8"],
                         help="how lk keeps the streamed layers: bfloat16, int8, int4, fp8")
-    parser.add_argument("--group-size", type=int, default=128, help="int8/int4 quantization group")
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="int8/int4 quantization group (default: the engine's for the format)")
     parser.add_argument("--sections", type=lambda s: s.split(","), default=["decode", "prefill", "load"],
                         help="which of decode, prefill, load to run")
     parser.add_argument("--repeats", type=int, default=30)
