@@ -38,7 +38,8 @@ from lvllm.gpu.plan import BatchPlan
 from lvllm.gpu.ring import ExpertRing
 from lvllm.gpu.stream import StreamQueue
 from lvllm.hybrid import DeviceRoute, HybridExperts
-from lvllm.lk import MoEEngine, quant, quant_group_size
+from lvllm.envs import quant_group_size
+from lvllm.lk import MoEEngine, quant
 from lvllm.lk.layout import PackedLayout
 
 from bench_load import tensors_of

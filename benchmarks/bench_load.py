@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from lvllm.lk import MoEEngine, QuantizedWeights, default_runtime, quant, quant_group_size
+from lvllm.envs import quant_group_size
+from lvllm.lk import MoEEngine, QuantizedWeights, default_runtime, quant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import to_fp8  # noqa: E402  (one definition of the benchmarks' FP8 experts)

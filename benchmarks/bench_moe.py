@@ -210,14 +210,12 @@ def parse_cases(text: str) -> list[dict]:
 
 def format_group(fmt: str, requested: int | None) -> int:
     """The group a format is quantized in: fp8 always 128, int8/int4 `requested`, else the
-    engine's default for the format (lvllm.envs.QUANT_GROUP_SIZES)."""
+    engine's default for the format."""
     if fmt == "fp8":
         return 128
-    if requested is not None:
-        return requested
-    from lvllm.envs import QUANT_GROUP_SIZES
+    from lvllm.envs import quant_group_size
 
-    return QUANT_GROUP_SIZES.get(FORMATS[fmt], 128)
+    return quant_group_size(FORMATS[fmt], requested)
 
 
 def format_label(fmt: str, plan: dict) -> str:

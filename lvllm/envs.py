@@ -24,6 +24,12 @@ from typing import Any, Callable
 QUANT_GROUP_SIZES = {"int8": 256, "int4": 128}
 
 
+def quant_group_size(weight_format: str, requested: int | None = None) -> int:
+    """The group lk quantizes ``weight_format`` (an engine format name) in: ``requested``,
+    else the format's default (formats lk does not quantize ignore it)."""
+    return requested if requested is not None else QUANT_GROUP_SIZES.get(weight_format, 128)
+
+
 class EnvError(ValueError):
     """A variable has a value lvllm cannot use; the message names it and what is valid."""
 

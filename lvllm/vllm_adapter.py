@@ -476,11 +476,9 @@ class LkMoEMethod(FusedMoEMethodBase):
         if self.experts is not None:
             raise RuntimeError(f"{layer.layer_name}: lk experts cannot be reloaded")
         self.check_loaded(layer)
-        from lvllm.lk import quant_group_size
-
         runtime = _start_lk_runtime()
         weight_format = self.weight_format()
-        group_size = quant_group_size(weight_format, _placement.group_size)
+        group_size = envs.quant_group_size(weight_format, _placement.group_size)
         _placement.loading(describe_format(weight_format, group_size)
                            if weight_format in ("int8", "int4") else weight_format)
         w13, w2 = self.source.engine_inputs(layer)

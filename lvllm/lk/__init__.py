@@ -32,7 +32,7 @@ from lvllm import envs
 from lvllm import _lk
 
 __all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "runtime_info", "ACTIVATIONS",
-           "WEIGHT_FORMATS", "quant_group_size"]
+           "WEIGHT_FORMATS"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Format names as the engine reports them, in its code order: float32, float16, bfloat16,
@@ -97,12 +97,6 @@ def runtime_info() -> dict[str, Any]:
         "binding": envs.get("LK_THREAD_BINDING"),
         "description": runtime.describe(),
     }
-
-
-def quant_group_size(weight_format: str, requested: int | None = None) -> int:
-    """The group the engine quantizes ``weight_format`` in: ``requested``, else the format's
-    default (lvllm.envs.QUANT_GROUP_SIZES; formats the engine does not quantize ignore it)."""
-    return requested if requested is not None else envs.QUANT_GROUP_SIZES.get(weight_format, 128)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -246,7 +240,7 @@ class MoEEngine:
             weight_format != "fp8_e4m3" or w13_format == "fp8_e4m3",
             "the engine keeps FP8 weights only from FP8 checkpoints",
         )
-        group_size = quant_group_size(weight_format, group_size)
+        group_size = envs.quant_group_size(weight_format, group_size)
         _require(group_size >= 16 and group_size % 16 == 0, f"group_size must be a positive multiple of 16, got {group_size}")
         if isinstance(w13, QuantizedWeights) and weight_format == w13_format:
             group_size = w13.group_size  # kept exactly as the checkpoint groups them
