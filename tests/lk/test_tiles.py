@@ -21,9 +21,9 @@ pytestmark = pytest.mark.skipif("AMX" not in SUPPORTED_ISAS, reason="this CPU ha
 
 # Rows per expert around every edge of the tile kernels: the fewest they take (bf16 6, INT8
 # 9, INT4 12, csrc/lk/kernels/x86/amx/*.cpp), one tile of 16 rows and its neighbours, two
-# to four tiles (one or two passes), the grouped formats' chunk of 64 rows and their second
-# chunk, bf16's five to eight tiles (three and four passes), its chunk of 128 rows, and its
-# second chunk.
+# to four tiles (one or two passes), the integer formats' chunk of 64 rows and their second
+# chunk, the float formats' five to eight tiles (three and four passes), their chunk of 128
+# rows, and their second chunk.
 ROW_COUNTS = [6, 9, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 70, 81, 97, 113, 127, 128, 135]
 
 

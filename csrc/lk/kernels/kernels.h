@@ -66,7 +66,7 @@ constexpr std::size_t kWidenedPanelBytes =
 // A tile kernel's workspace: each panel's weights widened for the tiles and the tiles'
 // sums, both for two blocks of inputs (one being multiplied, the next being widened and the
 // last being finished meanwhile), and the grouped formats' finished sums.
-constexpr std::size_t kTileWorkspaceBytes = 60 * 1024;
+constexpr std::size_t kTileWorkspaceBytes = 68 * 1024;
 // What a worker holds for either: the `widened` argument of multiply_panel and
 // multiply_two_panels.
 constexpr std::size_t kPanelWorkspaceBytes =
