@@ -473,15 +473,17 @@ class LkMoEMethod(FusedMoEMethodBase):
         return engine_weight_format(_placement.weight_mode, source, self.params_dtype)
 
     def process_weights_after_loading(self, layer) -> None:
+        from lvllm.lk import engine_group_size
+
         if self.experts is not None:
             raise RuntimeError(f"{layer.layer_name}: lk experts cannot be reloaded")
         self.check_loaded(layer)
         runtime = _start_lk_runtime()
         weight_format = self.weight_format()
-        group_size = envs.quant_group_size(weight_format, _placement.group_size)
+        w13, w2 = self.source.engine_inputs(layer)
+        group_size = engine_group_size(w13, weight_format, _placement.group_size)
         _placement.loading(describe_format(weight_format, group_size)
                            if weight_format in ("int8", "int4") else weight_format)
-        w13, w2 = self.source.engine_inputs(layer)
         w13, w2 = _maybe_quantize_on_gpu(w13, w2, weight_format, group_size)
         self.experts = HybridExperts(
             w13, w2, activation=layer.activation.value, layer_name=layer.layer_name,

@@ -31,8 +31,8 @@ import torch
 from lvllm import envs
 from lvllm import _lk
 
-__all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "runtime_info", "ACTIVATIONS",
-           "WEIGHT_FORMATS"]
+__all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "engine_group_size", "runtime_info",
+           "ACTIVATIONS", "WEIGHT_FORMATS"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Format names as the engine reports them, in its code order: float32, float16, bfloat16,
@@ -200,6 +200,15 @@ class PendingForward:
         return self._output
 
 
+def engine_group_size(w13: torch.Tensor | QuantizedWeights, weight_format: str, requested: int | None = None) -> int:
+    """The group an engine of ``weight_format`` built from ``w13`` quantizes in: the
+    checkpoint's own where w13 is already in that format (kept exactly as it is grouped),
+    else ``requested`` (None: the format's default, lvllm.envs.quant_group_size)."""
+    if isinstance(w13, QuantizedWeights) and w13.format == weight_format:
+        return w13.group_size
+    return envs.quant_group_size(weight_format, requested)
+
+
 class MoEEngine:
     """One MoE layer's routed experts held by the lk engine (weights copied at creation)."""
 
@@ -240,10 +249,9 @@ class MoEEngine:
             weight_format != "fp8_e4m3" or w13_format == "fp8_e4m3",
             "the engine keeps FP8 weights only from FP8 checkpoints",
         )
-        group_size = envs.quant_group_size(weight_format, group_size)
-        _require(group_size >= 16 and group_size % 16 == 0, f"group_size must be a positive multiple of 16, got {group_size}")
-        if isinstance(w13, QuantizedWeights) and weight_format == w13_format:
-            group_size = w13.group_size  # kept exactly as the checkpoint groups them
+        requested = envs.quant_group_size(weight_format, group_size)
+        _require(requested >= 16 and requested % 16 == 0, f"group_size must be a positive multiple of 16, got {requested}")
+        group_size = engine_group_size(w13, weight_format, requested)
         _require(
             activation in ACTIVATIONS,
             f"activation {activation!r} is not supported; valid: {', '.join(ACTIVATIONS)}",

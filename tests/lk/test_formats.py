@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lvllm import _lk
-from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime, quant
+from lvllm.lk import MoEEngine, QuantizedWeights, engine_group_size, make_runtime, quant
 
 from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
 
@@ -157,6 +157,19 @@ def test_default_group_per_format(runtimes, isa, weight_format, group, tokens):
     quantize = reference_int8 if weight_format == "int8" else reference_int4
     run_and_compare(engine, quantize(w13, group), quantize(w2, group), tokens, seed=tokens,
                     originals=(w13, w2), loose=LOOSE[weight_format])
+
+
+@pytest.mark.parametrize("weight_format, requested, group",
+                         [("int4", None, 32), ("int4", 64, 32), ("int8", None, 256), ("int8", 64, 64)])
+def test_engine_group_size_is_the_engines(runtimes, weight_format, requested, group):
+    """An INT4 checkpoint in groups of 32 keeps its groups as INT4 whatever the run-time
+    group says, and is regrouped when converted to INT8: engine_group_size, which the vLLM
+    adapter reports before the engine exists, says what the engine then uses."""
+    w13, w2 = random_experts(2, 96, 64, torch.float32, seed=5)
+    w13, w2 = (quant.quantize(w, "int4", 32) for w in (w13, w2))
+    assert engine_group_size(w13, weight_format, requested) == group
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=requested, runtime=runtimes())
+    assert engine.group_size == group
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
