@@ -249,9 +249,8 @@ class MoEEngine:
             weight_format != "fp8_e4m3" or w13_format == "fp8_e4m3",
             "the engine keeps FP8 weights only from FP8 checkpoints",
         )
-        requested = envs.quant_group_size(weight_format, group_size)
-        _require(requested >= 16 and requested % 16 == 0, f"group_size must be a positive multiple of 16, got {requested}")
-        group_size = engine_group_size(w13, weight_format, requested)
+        group_size = engine_group_size(w13, weight_format, group_size)
+        _require(group_size >= 16 and group_size % 16 == 0, f"group_size must be a positive multiple of 16, got {group_size}")
         _require(
             activation in ACTIVATIONS,
             f"activation {activation!r} is not supported; valid: {', '.join(ACTIVATIONS)}",
