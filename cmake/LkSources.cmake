@@ -17,7 +17,8 @@ set(LK_FLAGS_AVX2 -mavx2 -mfma -mf16c)
 # GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (_mm512_setzero_ps and friends).
 set(LK_FLAGS_AVX512 -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c -Wno-maybe-uninitialized)
 set(LK_FLAGS_AVX512_VNNI ${LK_FLAGS_AVX512} -mavx512vnni)
-set(LK_FLAGS_AMX ${LK_FLAGS_AVX512_VNNI} -mavx512bf16 -mavx512vbmi -mamx-tile -mamx-int8 -mamx-bf16)
+set(LK_FLAGS_AVX512_BF16 ${LK_FLAGS_AVX512_VNNI} -mavx512bf16 -mavx512vbmi)
+set(LK_FLAGS_AMX ${LK_FLAGS_AVX512_BF16} -mamx-tile -mamx-int8 -mamx-bf16)
 
 # lk_glob(<out-var> <dir relative to csrc/lk> [flags...])
 # Globs <dir>/*.cpp (re-globbed at every build, so new files are picked up), gives them the

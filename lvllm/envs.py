@@ -104,7 +104,7 @@ def _layer_spec(raw: str) -> frozenset[int]:
     return frozenset(layers)
 
 
-ISA_NAMES = ("GENERIC", "AVX2", "AVX512", "AVX512_VNNI", "AMX")
+ISA_NAMES = ("GENERIC", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX")
 
 VARIABLES: dict[str, Variable] = {
     v.name: v

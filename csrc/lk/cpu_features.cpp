@@ -16,6 +16,7 @@ const char* isa_name(Isa isa) {
     case Isa::Avx2: return "AVX2";
     case Isa::Avx512: return "AVX512";
     case Isa::Avx512Vnni: return "AVX512_VNNI";
+    case Isa::Avx512Bf16: return "AVX512_BF16";
     case Isa::Amx: return "AMX";
   }
   return "?";
@@ -62,15 +63,17 @@ Isa detect_best_isa() {
                       (ebx & (1u << 31)) && (xcr0 & 0xe0) == 0xe0;  // F, DQ, BW, VL, ZMM state
   if (!avx512) return Isa::Avx2;
   if (!(ecx & (1u << 11))) return Isa::Avx512;  // AVX512_VNNI
-  // AMX-BF16, AMX-TILE, AMX-INT8, AVX512_VBMI (byte permutes widen FP8 weights for the
-  // tiles), and AVX512_BF16 (leaf 7.1), which packs fp32 rows as bf16 for them. Every CPU
-  // with AMX has all five.
-  const bool amx = (edx & (1u << 22)) && (edx & (1u << 24)) && (edx & (1u << 25)) && (ecx & (1u << 1));
+  // AVX512_BF16 (leaf 7.1: packs fp32 rows as bf16 and multiplies bf16 pairs) and
+  // AVX512_VBMI (byte permutes widen FP8 weights to bf16): Zen 4 and later, and every CPU
+  // with AMX. Cooper Lake has AVX512_BF16 without VBMI and stays at AVX512_VNNI.
   unsigned int sub_eax = 0, sub_ebx, sub_ecx, sub_edx;
   if (eax >= 1) __cpuid_count(7, 1, sub_eax, sub_ebx, sub_ecx, sub_edx);
-  const bool avx512_bf16 = sub_eax & (1u << 5);
-  if (amx && avx512_bf16 && (xcr0 & (3ull << 17)) == (3ull << 17) && request_amx_permission()) return Isa::Amx;
-  return Isa::Avx512Vnni;
+  const bool avx512_bf16 = (sub_eax & (1u << 5)) && (ecx & (1u << 1));
+  if (!avx512_bf16) return Isa::Avx512Vnni;
+  // AMX-BF16, AMX-TILE, AMX-INT8, with the OS saving tile state and granting it.
+  const bool amx = (edx & (1u << 22)) && (edx & (1u << 24)) && (edx & (1u << 25));
+  if (amx && (xcr0 & (3ull << 17)) == (3ull << 17) && request_amx_permission()) return Isa::Amx;
+  return Isa::Avx512Bf16;
 }
 #else
 Isa detect_best_isa() { return Isa::Generic; }

@@ -11,6 +11,8 @@ const KernelSet& kernel_set(Isa isa) {
   static const KernelSet avx512{Isa::Avx512, {avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8}, avx512_activation};
   // VNNI changes only the integer formats.
   static const KernelSet avx512_vnni{Isa::Avx512Vnni, {avx512_f32, avx512_f16, avx512_bf16, avx512_vnni_int8, avx512_vnni_int4, avx512_fp8}, avx512_activation};
+  // AVX512_BF16 multiplies bf16 pairs in prefill of bf16 and FP8.
+  static const KernelSet avx512_bf16dot{Isa::Avx512Bf16, {avx512_f32, avx512_f16, avx512_bf16dot_bf16, avx512_vnni_int8, avx512_vnni_int4, avx512_bf16dot_fp8}, avx512_activation};
   // AMX adds tiles to prefill of bf16, INT8, INT4 and FP8 (decode as AVX512_VNNI).
   static const KernelSet amx{Isa::Amx, {avx512_f32, avx512_f16, amx_bf16, amx_int8, amx_int4, amx_fp8}, avx512_activation};
   switch (isa) {
@@ -18,6 +20,7 @@ const KernelSet& kernel_set(Isa isa) {
     case Isa::Avx2: return avx2;
     case Isa::Avx512: return avx512;
     case Isa::Avx512Vnni: return avx512_vnni;
+    case Isa::Avx512Bf16: return avx512_bf16dot;
     case Isa::Amx: return amx;
   }
 #endif

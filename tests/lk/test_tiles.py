@@ -1,10 +1,11 @@
-"""The AMX tile kernels of prefill (csrc/lk/kernels/x86/amx), on CPUs that have AMX.
+"""The packed kernels of prefill (csrc/lk/kernels/x86/packed_gemm.h), on every unit the
+CPU has: AMX tiles (x86/amx) and AVX512_BF16 pair products (x86/avx512_bf16).
 
-INT8 and INT4 must give the bits of the AVX512_VNNI kernels, which the rest of tests/lk
-holds to float64 references: the tiles compute the same integer sums and finish them with
-the same fp32 operations. bf16 and FP8 multiply each fp32 activation as the sum of two
-bf16 values (the second skipped where it is zero for every row), which leaves it within
-2^-18 of the activation: held to the float64 reference as the fp32 formats are.
+INT8 and INT4 (AMX only) must give the bits of the AVX512_VNNI kernels, which the rest of
+tests/lk holds to float64 references: the tiles compute the same integer sums and finish
+them with the same fp32 operations. bf16 and FP8 multiply each fp32 activation as the sum
+of two bf16 values (the second skipped where it is zero for every row), which leaves it
+within 2^-18 of the activation: held to the float64 reference as the fp32 formats are.
 """
 
 from __future__ import annotations
@@ -17,14 +18,18 @@ from lvllm.lk import MoEEngine
 from .test_engine import SUPPORTED_ISAS, random_experts, reference_moe
 from .test_formats import TIGHT, random_fp8
 
-pytestmark = pytest.mark.skipif("AMX" not in SUPPORTED_ISAS, reason="this CPU has no AMX tiles")
+needs_amx = pytest.mark.skipif("AMX" not in SUPPORTED_ISAS, reason="this CPU has no AMX tiles")
+# The ISAs whose float formats multiply packed rows.
+FLOAT_UNITS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in SUPPORTED_ISAS, reason=f"this CPU has no {isa}"))
+               for isa in ("AVX512_BF16", "AMX")]
 
-# Rows per expert around every edge of the tile kernels: the fewest they take (bf16 6, INT8
-# 9, INT4 12, csrc/lk/kernels/x86/amx/*.cpp), one tile of 16 rows and its neighbours, two
-# to four tiles (one or two passes), the integer formats' chunk of 64 rows and their second
+# Rows per expert around every edge of the packed kernels: the fewest they take (bf16 6,
+# INT8 9, INT4 12, csrc/lk/kernels/x86/{amx,avx512_bf16}/*.cpp), a pass of 8 rows of the
+# AVX512_BF16 unit, one tile of 16 rows and its neighbours, two to four tiles (one or two
+# AMX passes), the integer formats' chunk of 64 rows and their second
 # chunk, the float formats' five to eight tiles (three and four passes), their chunk of 128
 # rows, and their second chunk.
-ROW_COUNTS = [6, 9, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 70, 81, 97, 113, 127, 128, 135]
+ROW_COUNTS = [6, 8, 9, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 70, 81, 97, 113, 127, 128, 135]
 
 
 def routing_with_row_counts(counts: list[int]):
@@ -33,6 +38,7 @@ def routing_with_row_counts(counts: list[int]):
     return ids, torch.rand(ids.shape[0], 1, generator=torch.Generator().manual_seed(sum(counts)))
 
 
+@needs_amx
 @pytest.mark.parametrize("weight_format", ["int8", "int4"])
 @pytest.mark.parametrize("hidden, intermediate, group", [(96, 64, 32), (1040, 200, 128), (300, 272, 272),
                                                          (1027, 48, 1024)])
@@ -55,7 +61,8 @@ def test_integer_tiles_give_the_vnni_bits(runtimes, weight_format, hidden, inter
 @pytest.mark.parametrize("hidden, intermediate", [(79, 53), (300, 200), (2048, 96)])
 @pytest.mark.parametrize("numa_nodes", [0, 2])
 @pytest.mark.parametrize("on_bf16_grid", [False, True])
-def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, on_bf16_grid):
+@pytest.mark.parametrize("isa", FLOAT_UNITS)
+def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, on_bf16_grid, isa):
     # Odd depths (the last row pairs with padding), partial blocks of 128 inputs, and a
     # panel many blocks deep. Inputs that bf16 holds exactly (as a bf16 model's are) leave
     # gate and up a zero second plane, which is skipped; down's inputs, computed in fp32,
@@ -68,7 +75,7 @@ def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, 
     x = torch.randn(ids.shape[0], hidden, generator=torch.Generator().manual_seed(intermediate))
     if on_bf16_grid:
         x = x.bfloat16().float()
-    engine = MoEEngine(w13, w2, runtime=runtimes(isa="AMX", numa_nodes=numa_nodes))
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa, numa_nodes=numa_nodes))
     ref = reference_moe(w13, w2, x, ids, weights)
     out = engine.forward(x, ids, weights).double()
     assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
@@ -77,7 +84,8 @@ def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, 
 @pytest.mark.parametrize("hidden, intermediate, group",
                          [(384, 256, 128), (300, 208, 64), (262, 90, 64), (2048, 96, 128)])
 @pytest.mark.parametrize("numa_nodes", [0, 2])
-def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_nodes):
+@pytest.mark.parametrize("isa", FLOAT_UNITS)
+def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_nodes, isa):
     # FP8 checkpoints' 128-input blocks, smaller groups over a partial last one (262 and 90
     # inputs: an odd number of weight-tile rows, widened two at a time), and a deep panel;
     # random_fp8 puts subnormals and zero in every tensor.
@@ -86,29 +94,38 @@ def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_n
     w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=intermediate)
     ids, weights = routing_with_row_counts(ROW_COUNTS)
     x = torch.randn(ids.shape[0], hidden, generator=torch.Generator().manual_seed(group))
-    engine = MoEEngine(w13, w2, runtime=runtimes(isa="AMX", numa_nodes=numa_nodes))
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa, numa_nodes=numa_nodes))
     assert engine.weight_format == "fp8_e4m3"
     ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
     out = engine.forward(x, ids, weights).double()
     assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
 
 
-@pytest.mark.parametrize("weight_format", ["bfloat16", "int8", "int4"])
-def test_tiles_accumulate_into_partial_outputs(runtimes, weight_format):
+def two_experts_sharing_every_token():
     """Down accumulates every expert of a token into one output row: two experts of 40
-    rows share every token, so each tile call adds to what the other wrote."""
-    experts, hidden, intermediate, group = 2, 256, 128, 64
+    rows share every token, so each packed call adds to what the other wrote."""
+    experts, hidden, intermediate = 2, 256, 128
     w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=3)
     tokens = 40
     ids = torch.tensor([[0, 1]] * tokens, dtype=torch.int32)
     weights = torch.rand(tokens, 2, generator=torch.Generator().manual_seed(4))
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(5))
-    if weight_format == "bfloat16":
-        w13, w2 = w13.bfloat16(), w2.bfloat16()
-        ref = reference_moe(w13, w2, x, ids, weights)
-        out = MoEEngine(w13, w2, runtime=runtimes(isa="AMX")).forward(x, ids, weights).double()
-        assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
-        return
-    outputs = [MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes(isa=isa))
+    return w13, w2, x, ids, weights
+
+
+@pytest.mark.parametrize("isa", FLOAT_UNITS)
+def test_bf16_tiles_accumulate_into_partial_outputs(runtimes, isa):
+    w13, w2, x, ids, weights = two_experts_sharing_every_token()
+    w13, w2 = w13.bfloat16(), w2.bfloat16()
+    ref = reference_moe(w13, w2, x, ids, weights)
+    out = MoEEngine(w13, w2, runtime=runtimes(isa=isa)).forward(x, ids, weights).double()
+    assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+def test_integer_tiles_accumulate_into_partial_outputs(runtimes, weight_format):
+    w13, w2, x, ids, weights = two_experts_sharing_every_token()
+    outputs = [MoEEngine(w13, w2, weight_format=weight_format, group_size=64, runtime=runtimes(isa=isa))
                .forward(x, ids, weights) for isa in ("AVX512_VNNI", "AMX")]
     assert torch.equal(outputs[0], outputs[1])

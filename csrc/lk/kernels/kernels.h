@@ -77,10 +77,10 @@ constexpr std::size_t kPanelWorkspaceBytes =
 using PanelPairGemm = void (*)(const ActivationRow* a_rows, int rows, const void* first, const void* second,
                                int depth, int group, float* const* c_first, float* const* c_second, bool accumulate);
 
-// Tile kernels (AMX) load activation rows from memory at a fixed stride, so they multiply
-// rows packed for them: the engine packs a chunk of rows once (pack_rows) and hands the
-// packing to every panel it multiplies by that chunk, as packing for each panel would cost
-// about as much as the multiply. `packed` holds packed_bytes(kernels, rows, depth) bytes.
+// Packed kernels (AMX tiles, AVX512_BF16 pair products; x86/packed_gemm.h) load activation
+// rows from memory at a fixed stride, so they multiply rows packed for them: the engine
+// packs a chunk of rows once (pack_rows) and hands the packing to every panel it multiplies
+// by that chunk, as packing for each panel would cost about as much as the multiply. `packed` holds packed_bytes(kernels, rows, depth) bytes.
 using PackRows = void (*)(const ActivationRow* a_rows, int rows, int depth, void* packed);
 // c_rows[r] (+)= a_rows[r] x panel as PanelGemm, the rows read from `packed` (and, for
 // their scales and sums, a_rows); `workspace` holds kTileWorkspaceBytes.
@@ -198,6 +198,7 @@ extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8,
 extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8;
 extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8;
 extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4;
+extern const FormatKernels avx512_bf16dot_bf16, avx512_bf16dot_fp8;
 extern const FormatKernels amx_bf16, amx_int8, amx_int4, amx_fp8;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;
 

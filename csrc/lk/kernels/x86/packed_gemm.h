@@ -1,32 +1,38 @@
-// AMX prefill: one or two panels times up to kMaxPanelRows packed activation rows, in
-// tiles. One tile instruction multiplies 16 rows x 64 bytes of activations by 16 rows x 64
-// bytes of weights (a panel's 16 columns, several inputs per 32-bit lane) into 16 x 16
-// sums: 16K byte products or 8K bf16 ones, where an AVX-512 instruction makes 64 or 16.
+// Prefill on packed rows: one or two panels times up to kMaxPanelRows activation rows that
+// the engine packed once per chunk (kernels.h, PackRows) for all the panels it multiplies,
+// by a unit that multiplies 64-byte rows of activations by 64-byte rows of weights (a
+// panel's 16 columns, several inputs per 32-bit lane) into fp32 or 32-bit sums: AMX tiles
+// (amx/tile_unit.h: 16 x 16 sums per instruction) or AVX512_BF16's vdpbf16ps
+// (avx512_bf16/dot_unit.h: 16 sums of two bf16 products each, per instruction).
 //
 // Decode (few rows) keeps the AVX-512 panel kernels: it streams each weight once, and a
-// tile would mostly multiply padding. The engine packs the rows of a chunk once
-// (kernels.h, PackRows) for all the panels it multiplies. A call walks its panels in
-// blocks of inputs (Tiles::kBlockInputs): a block's weights are widened into whole weight
-// tiles in `workspace` (zero past the block's last input, so whatever activations a tile
-// row reads there add nothing), and the tiles of rows run over them, two row tiles at a
-// time. While the tiles multiply block b, the core widens block b + 1, a share at every
-// tile step (done one after the other, the tiles stood idle most of the time), and, for
-// the grouped formats, then finishes block b - 1. With two panels (an expert's gate and
-// up, or two of its down panels) four sum tiles take each tile of rows and of weights
-// twice, which halves what the activations cost to load (from L2: at one panel per load
-// they held a tile multiply to 7-10 ns against its 4.3).
+// unit would mostly multiply padding. A call walks its panels in blocks of inputs
+// (Tiles::kBlockInputs): a block's weights are widened into whole weight tiles in
+// `workspace` (zero past the block's last input, so whatever activations a tile row reads
+// there add nothing), and the unit runs the rows over them. While it multiplies block b,
+// the core widens block b + 1, a share at every unit step (done one after the other, the
+// AMX tiles stood idle most of the time), and, for the grouped formats, then finishes
+// block b - 1.
 //
-// Integer formats compute the integer sums of the AVX-512 VNNI kernels exactly, a span at
-// a time, and finish them with the same fp32 operations (PanelKernels::group and ::flush,
-// per span and row), so a token's result is the same bits whether the tiles or the VNNI
-// kernels multiplied it. bf16 keeps its fp32 sums over the whole depth (in the tiles, or
-// in the workspace between blocks where its rows take more than one pass) and adds them
-// to the outputs at the end; FP8, decoded to bf16 exactly, has its sums finished
-// with their group's scales block by block, as the integer formats do. For both, the fp32
+// Integer formats (AMX only) compute the integer sums of the AVX-512 VNNI kernels exactly,
+// a span at a time, and finish them with the same fp32 operations (PanelKernels::group and
+// ::flush, per span and row), so a token's result is the same bits whether the tiles or
+// the VNNI kernels multiplied it. bf16 keeps its fp32 sums over the whole depth and adds
+// them to the outputs at the end; FP8, decoded to bf16 exactly, has its sums finished with
+// their group's scales block by block, as the integer formats do. For both, the fp32
 // activations are multiplied as the sum of two bf16 values, the second their rounding
 // error, which leaves each within 2^-18 of its value where one bf16 (as vLLM's AMX MoE
 // kernel rounds them) moves it by up to 2^-9; the second plane is skipped for a chunk
 // whose activations bf16 holds exactly (a bf16 model's inputs to gate and up).
+//
+// A unit, Unit<PackedKernels<...>>, gives:
+//   Session                       RAII state for one call (AMX: the tiles' shapes)
+//   work_steps<RowTiles, Panels>(call, steps): how often it calls Overlap::step() for a
+//                                 block of `steps` weight tiles
+//   block_sums<RowTiles, Panels>(call, stride, block, steps, weights, sums, overlap): the
+//                                 block's sums alone into `sums` (grouped formats)
+//   begin_running_sums, add_to_running_sums (as block_sums), end_running_sums: sums over
+//                                 every block, in `sums` after the last (bf16)
 #pragma once
 
 #include <immintrin.h>
@@ -38,13 +44,12 @@
 #include <utility>
 
 #include "lk/kernels/panel_gemm.h"
-#include "lk/kernels/x86/amx/tiles.h"
 
 namespace lk::kernels {
 namespace {
 
-// Sum tiles 0-3 (tile 2t + p: the pass's row tile t, panel p), activation tiles 4 and 5,
-// weight tiles 6 and 7.
+// A block's weights are widened in tiles of 16 rows of 64 bytes, what an AMX tile holds;
+// the sums are kept as fp32 or 32-bit rows of a panel's 16 columns.
 constexpr int kWeightTileBytes = kTileRows * kTileRowBytes;
 constexpr int kSumRowBytes = kPanelWidth * 4;
 constexpr int kSumTileBytes = kTileRows * kSumRowBytes;
@@ -63,7 +68,7 @@ inline __m512i interleave_words(__m512i words) {
 // equal size; kInputsPerTileRow: inputs one 64-byte tile row holds; kStoredBytes: bytes a
 // panel stores per input; pack() writes one packed row and returns how many of its planes
 // are not all zero; weight_rows() is how many weight-tile rows the panel's inputs [start,
-// stop) make and weight_row() one of them; Dot<plane> multiplies a plane.
+// stop) make and weight_row() one of them.
 
 // INT4: the activations' quads (signed bytes, in kInt4QuadOrder) times the weights as
 // unsigned bytes q (Decode::quads, one weight-tile row per stored block of 4 inputs, the
@@ -76,8 +81,6 @@ struct Int4Tiles {
   static constexpr int kPlanes = 1;
   static constexpr int kInputsPerTileRow = 64;
   static constexpr int kStoredBytes = kInt4BytesPerBlock / kInt4RowsPerBlock;
-  template <int Plane>
-  using Dot = SignedUnsigned;
   static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
     const int bytes = (depth + 3) / 4 * 4;  // ActivationRow: zero up to a multiple of 4
     std::memcpy(row, a.quads, bytes);
@@ -105,8 +108,6 @@ struct Int8Tiles {
   static constexpr int kPlanes = 2;
   static constexpr int kInputsPerTileRow = 64;
   static constexpr int kStoredBytes = kPanelWidth;
-  template <int Plane>
-  using Dot = std::conditional_t<Plane == 0, SignedSigned, UnsignedSigned>;
   static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
     const long plane = stride / 2;
     int8_t* high = reinterpret_cast<int8_t*>(row);
@@ -151,8 +152,6 @@ struct FloatTiles {
   static constexpr int kInputBytes = 4;
   static constexpr int kPlanes = 2;
   static constexpr int kInputsPerTileRow = 32;
-  template <int Plane>
-  using Dot = Bf16Pairs;
   static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
     const long plane = stride / 2;
     __m512i rests = _mm512_setzero_si512();
@@ -254,9 +253,11 @@ struct BlockWalk {
   }
 };
 
-template <class Simd, class Decode, class Tiles>
-struct TileKernels {
+template <class Simd, class Decode, class FormatTiles, template <class> class Unit>
+struct PackedKernels {
   using Panel = PanelKernels<Simd, Decode>;
+  using Tiles = FormatTiles;
+  using Units = Unit<PackedKernels>;
   using Vec = typename Simd::Vec;
   using IVec = typename Simd::IVec;
   static_assert(Panel::kVecs == 1, "a panel row is one vector");
@@ -288,32 +289,6 @@ struct TileKernels {
                 "the tile workspace holds what the pipeline keeps");
   // How many blocks on the panels' lines are fetched while a block is multiplied.
   static constexpr int kFetchBlocks = 2;
-
-  // The sum tiles of a pass of PassTiles row tiles over Panels panels: zeroed, loaded from
-  // or stored to `sums` (per panel kPanelSumBytes), rows from `first_row`.
-  template <int PassTiles, int Panels>
-  static void zero_pass() {
-    tile_zero<0>();
-    if constexpr (Panels > 1) tile_zero<1>();
-    if constexpr (PassTiles > 1) tile_zero<2>();
-    if constexpr (PassTiles > 1 && Panels > 1) tile_zero<3>();
-  }
-  template <int PassTiles, int Panels>
-  static void store_pass(uint8_t* sums, int first_row) {
-    uint8_t* rows = sums + static_cast<long>(first_row) * kSumRowBytes;
-    tile_store<0>(rows, kSumRowBytes);
-    if constexpr (Panels > 1) tile_store<1>(rows + kPanelSumBytes, kSumRowBytes);
-    if constexpr (PassTiles > 1) tile_store<2>(rows + kSumTileBytes, kSumRowBytes);
-    if constexpr (PassTiles > 1 && Panels > 1) tile_store<3>(rows + kPanelSumBytes + kSumTileBytes, kSumRowBytes);
-  }
-  template <int PassTiles, int Panels>
-  static void load_pass(const uint8_t* sums, int first_row) {
-    const uint8_t* rows = sums + static_cast<long>(first_row) * kSumRowBytes;
-    tile_load<0>(rows, kSumRowBytes);
-    if constexpr (Panels > 1) tile_load<1>(rows + kPanelSumBytes, kSumRowBytes);
-    if constexpr (PassTiles > 1) tile_load<2>(rows + kSumTileBytes, kSumRowBytes);
-    if constexpr (PassTiles > 1 && Panels > 1) tile_load<3>(rows + kPanelSumBytes + kSumTileBytes, kSumRowBytes);
-  }
 
   static long row_stride(int depth) { return static_cast<long>(packed_row_stride(Tiles::kInputBytes, depth)); }
 
@@ -511,7 +486,7 @@ struct TileKernels {
   // their group's scales per block.
   template <int RowTiles, int Panels>
   static void multiply_grouped(const Call<Panels>& call, bool accumulate) {
-    const TileShapes shapes;
+    [[maybe_unused]] const typename Units::Session session;
     const long stride = row_stride(call.depth);
     Overlap<Panels> overlap{};
     overlap.call = &call;
@@ -519,14 +494,15 @@ struct TileKernels {
     overlap.widen_next(block, 0, 1);
     overlap.complete();
     if (accumulate) read_outputs(call, call.finished);
-    // Block b - 1 is finished once block b's tiles are issued; the first block (start 0)
-    // adds to the outputs' copy only where `accumulate` (else assigns it).
+    // Block b - 1 is finished once block b's products are issued; the first block (start
+    // 0) adds to the outputs' copy only where `accumulate` (else assigns it).
     BlockWalk previous = block;
     int parity = 0;
     for (; !block.done(); previous = block, block.advance(), parity ^= 1) {
       const int steps = block_steps(block);
-      overlap.overlap_block(block, parity, steps * call.planes * ((RowTiles + 1) / 2));
-      multiply_block<RowTiles, Panels, false>(call, stride, block, steps, call.weights[parity], call.sums[parity], overlap);
+      overlap.overlap_block(block, parity, Units::template work_steps<RowTiles, Panels>(call, steps));
+      Units::template block_sums<RowTiles, Panels>(call, stride, block, steps, call.weights[parity],
+                                                   call.sums[parity], overlap);
       overlap.complete();
       if (block.start > 0) finish_block(call, previous, call.sums[parity ^ 1], accumulate || previous.start > 0);
     }
@@ -562,108 +538,29 @@ struct TileKernels {
     }
   }
 
-  // bf16: block by block too, every row tile of the block. More passes than one carry
-  // their sums from block to block in the workspace (zeroed first); one pass (up to two
-  // row tiles) keeps them in the tiles from the first block to the last, since loading and
-  // storing them per block made a layer at 256 tokens about 1.1x as slow. The outputs get
-  // the sums once, at the end. (Pass by pass over the whole depth, a panel's first pass
+  // bf16: block by block too, every row of the block, its sums running from the first
+  // block to the last (where the unit keeps them: Unit::begin_running_sums); the outputs
+  // get them once, at the end. (Pass by pass over the whole depth, a panel's first pass
   // waited on memory while the tiles stood idle, and the next passes ran from L2.)
   template <int RowTiles, int Panels>
   static void multiply_floats(const Call<Panels>& call, bool accumulate) {
-    constexpr bool kOnePass = RowTiles <= 2;
-    const TileShapes shapes;
+    [[maybe_unused]] const typename Units::Session session;
     const long stride = row_stride(call.depth);
     Overlap<Panels> overlap{};
     overlap.call = &call;
     BlockWalk block = first_block(call.depth, call.group);
     overlap.widen_next(block, 0, 1);
     overlap.complete();
-    if constexpr (kOnePass) {
-      zero_pass<RowTiles, Panels>();
-    } else {
-      for (int p = 0; p < Panels; ++p) std::memset(call.sums[0] + p * kPanelSumBytes, 0, RowTiles * kSumTileBytes);
-    }
+    Units::template begin_running_sums<RowTiles, Panels>(call.sums[0]);
     for (int parity = 0; !block.done(); block.advance(), parity ^= 1) {
       const int steps = block_steps(block);
-      overlap.overlap_block(block, parity, steps * call.planes * ((RowTiles + 1) / 2));
-      if constexpr (kOnePass) {
-        const uint8_t* block_rows = call.packed + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
-        plane_steps<RowTiles, Panels>(block_rows, stride, call.weights[parity], steps, call.planes, overlap);
-      } else {
-        multiply_block<RowTiles, Panels, true>(call, stride, block, steps, call.weights[parity], call.sums[0], overlap);
-      }
+      overlap.overlap_block(block, parity, Units::template work_steps<RowTiles, Panels>(call, steps));
+      Units::template add_to_running_sums<RowTiles, Panels>(call, stride, block, steps, call.weights[parity],
+                                                            call.sums[0], overlap);
       overlap.complete();
     }
-    if constexpr (kOnePass) store_pass<RowTiles, Panels>(call.sums[0], 0);
+    Units::template end_running_sums<RowTiles, Panels>(call.sums[0]);
     write_outputs(call, reinterpret_cast<const float*>(call.sums[0]), accumulate);
-  }
-
-  // Every row tile times the block's widened weights, two row tiles a pass, each plane,
-  // into `sums`.
-  template <int RowTiles, int Panels, bool kCarry>
-  static void multiply_block(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
-                             const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
-    const long plane_bytes = stride / Tiles::kPlanes;
-    const uint8_t* rows = call.packed + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
-    if constexpr (Panel::kInteger) {
-      // INT8's planes have sums of their own (Tiles::sums combines them).
-      [&]<int... Planes>(std::integer_sequence<int, Planes...>) {
-        (passes<RowTiles, Panels, kCarry>(rows + Planes * plane_bytes, stride, sums + Planes * 2L * kPanelSumBytes,
-                                  [&]<int PassTiles>(const uint8_t* pass_rows) {
-                                    pass_steps<PassTiles, Panels, Planes>(pass_rows, stride, weights, steps, overlap);
-                                  }),
-         ...);
-      }(std::make_integer_sequence<int, Tiles::kPlanes>{});
-    } else {
-      passes<RowTiles, Panels, kCarry>(rows, stride, sums, [&]<int PassTiles>(const uint8_t* pass_rows) {
-        plane_steps<PassTiles, Panels>(pass_rows, stride, weights, steps, call.planes, overlap);
-      });
-    }
-  }
-
-  // Each pass of up to two row tiles, from row tile FirstTile on: its sum tiles zeroed (or,
-  // kCarry, loaded from `sums`), `multiply` (of those rows), and stored to `sums`.
-  template <int RowTiles, int Panels, bool kCarry, int FirstTile = 0, class Multiply>
-  static void passes(const uint8_t* rows, long stride, uint8_t* sums, Multiply multiply) {
-    constexpr int kTiles = RowTiles - FirstTile > 1 ? 2 : 1;
-    constexpr int kFirstRow = FirstTile * kTileRows;
-    if constexpr (kCarry) {
-      load_pass<kTiles, Panels>(sums, kFirstRow);
-    } else {
-      zero_pass<kTiles, Panels>();
-    }
-    multiply.template operator()<kTiles>(rows + kFirstRow * stride);
-    store_pass<kTiles, Panels>(sums, kFirstRow);
-    if constexpr (FirstTile + kTiles < RowTiles) {
-      passes<RowTiles, Panels, kCarry, FirstTile + kTiles>(rows, stride, sums, multiply);
-    }
-  }
-
-  // The float formats' planes into the same sums: the second where it holds anything.
-  template <int PassTiles, int Panels>
-  static void plane_steps(const uint8_t* rows, long stride, const uint8_t* weights, int steps, int planes,
-                          Overlap<Panels>& overlap) {
-    pass_steps<PassTiles, Panels, 0>(rows, stride, weights, steps, overlap);
-    if (planes > 1) pass_steps<PassTiles, Panels, 1>(rows + stride / 2, stride, weights, steps, overlap);
-  }
-
-  template <int PassTiles, int Panels, int Plane>
-  static void pass_steps(const uint8_t* rows, long stride, const uint8_t* weights, int steps,
-                         Overlap<Panels>& overlap) {
-    using Dot = typename Tiles::template Dot<Plane>;
-    const long second = kTileRows * stride;
-    for (int s = 0; s < steps; ++s, rows += kTileRowBytes) {
-      const uint8_t* step_weights = weights + static_cast<long>(s) * kWeightTileBytes;
-      tile_load<4>(rows, stride);
-      if constexpr (PassTiles > 1) tile_load<5>(rows + second, stride);
-      tile_load<6>(step_weights, kTileRowBytes);
-      if constexpr (Panels > 1) tile_load<7>(step_weights + kWeightBytes, kTileRowBytes);
-      Dot::template dot<0, 4, 6>();
-      if constexpr (Panels > 1) Dot::template dot<1, 4, 7>();
-      if constexpr (PassTiles > 1) Dot::template dot<2, 5, 6>();
-      if constexpr (PassTiles > 1 && Panels > 1) Dot::template dot<3, 5, 7>();
-      overlap.step();
-    }
   }
 
   template <int Panels>

@@ -1,0 +1,124 @@
+// The AVX512_BF16 unit of the packed kernels (x86/packed_gemm.h), for CPUs with bf16 dot
+// products but no AMX tiles (AMD Zen 4 and 5). A vdpbf16ps adds 16 columns' sums of two
+// bf16 products each: one weight-tile row (a panel's 16 columns, two inputs per 32-bit
+// lane) times one row's pair of inputs, broadcast from the packed rows. On a Zen 4 it
+// issues at the rate of a vfmadd231ps (one zmm per cycle), which makes 16 products: where
+// a row's inputs are exact in bf16 (a bf16 model's inputs to gate and up: one plane), a
+// pair of panels in cache at 32-128 rows ran at 1.8-1.9x the core's fp32 FMA peak; with
+// both planes, as fast as the AVX-512 kernels' widened fp32.
+//
+// A pass keeps kPassRows rows' sums of every panel in registers over a block's weights
+// (16 sums: with two panels each loaded weight row serves 8 rows, each broadcast two
+// panels), loading them from and storing them to `sums` once per block. The last pass is
+// completed by the packing's zero rows, so 9-15 rows cost as 16 (with both planes, more
+// than the AVX-512 kernels' fp32 passes). A shorter last pass, tried three ways (a pass
+// function per row count, a 4-row pass inlined beside the full one, or out of line), won
+// 1.24-1.50x at 9-12 rows in cache but changed GCC's registers in the full passes of
+// some row counts, which then ran up to 1.17x as long; a layer's prefill is mostly full
+// passes.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "lk/kernels/x86/packed_gemm.h"
+
+namespace lk::kernels {
+namespace {
+
+template <class K>
+struct Bf16DotUnit {
+  struct Session {};  // nothing to set up per call
+  using Panel = typename K::Panel;
+  using Tiles = typename K::Tiles;
+  static_assert(!Panel::kInteger, "the integer formats keep the VNNI kernels on this CPU");
+  template <int Panels>
+  using Call = typename K::template Call<Panels>;
+  template <int Panels>
+  using Overlap = typename K::template Overlap<Panels>;
+  static constexpr int kPassRows = 8;
+  // Weight-tile rows per unit step: one tile, as the AMX unit steps.
+  static constexpr int kStepRows = kWeightTileBytes / kTileRowBytes;
+  // Bytes of one input in one plane of a packed row.
+  static constexpr int kPlaneInputBytes = Tiles::kInputBytes / Tiles::kPlanes;
+  static_assert(kPlaneInputBytes == 2, "a plane holds bf16 activations");
+
+  template <int RowTiles, int Panels>
+  static int work_steps(const Call<Panels>& call, int steps) {
+    return steps * call.planes * ((call.rows + kPassRows - 1) / kPassRows);
+  }
+
+  template <int RowTiles, int Panels>
+  static void block_sums(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
+                         const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
+    multiply_block<Panels, false>(call, stride, block, steps, weights, sums, overlap);
+  }
+  template <int RowTiles, int Panels>
+  static void begin_running_sums(uint8_t* sums) {
+    for (int p = 0; p < Panels; ++p) std::memset(sums + p * K::kPanelSumBytes, 0, RowTiles * kSumTileBytes);
+  }
+  template <int RowTiles, int Panels>
+  static void add_to_running_sums(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
+                                  const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
+    multiply_block<Panels, true>(call, stride, block, steps, weights, sums, overlap);
+  }
+  template <int RowTiles, int Panels>
+  static void end_running_sums(uint8_t*) {}
+
+  // Every pass of kPassRows rows (the packing's zero rows complete the last) times the
+  // block's widened weights, each plane, into `sums` (or, kCarry, added to them).
+  template <int Panels, bool kCarry>
+  static void multiply_block(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
+                             const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
+    const uint8_t* rows = call.packed + static_cast<long>(block.start) * kPlaneInputBytes;
+    for (int first = 0; first < call.rows; first += kPassRows) {
+      __m512 acc[kPassRows][Panels];
+      uint8_t* pass_sums = sums + static_cast<long>(first) * kSumRowBytes;
+#pragma GCC unroll 8
+      for (int r = 0; r < kPassRows; ++r)
+#pragma GCC unroll 2
+        for (int p = 0; p < Panels; ++p)
+          acc[r][p] = kCarry ? _mm512_loadu_ps(pass_sums + p * K::kPanelSumBytes + r * kSumRowBytes) : _mm512_setzero_ps();
+      const uint8_t* pass_rows = rows + first * stride;
+      for (int plane = 0; plane < call.planes; ++plane) {
+        plane_steps<Panels>(acc, pass_rows + plane * (stride / Tiles::kPlanes), stride, weights, steps, overlap);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < kPassRows; ++r)
+#pragma GCC unroll 2
+        for (int p = 0; p < Panels; ++p) _mm512_storeu_ps(pass_sums + p * K::kPanelSumBytes + r * kSumRowBytes, acc[r][p]);
+    }
+  }
+
+  template <int Panels>
+  static void plane_steps(__m512 (&acc)[kPassRows][Panels], const uint8_t* rows, long stride, const uint8_t* weights,
+                          int steps, Overlap<Panels>& overlap) {
+    for (int s = 0; s < steps; ++s) {
+      const uint8_t* step_weights = weights + static_cast<long>(s) * kWeightTileBytes;
+      const uint8_t* step_rows = rows + static_cast<long>(s) * kStepRows * 2 * kPlaneInputBytes;
+#pragma GCC unroll 4
+      for (int i = 0; i < kStepRows; ++i) {
+        __m512bh w[Panels];
+#pragma GCC unroll 2
+        for (int p = 0; p < Panels; ++p) {
+          w[p] = (__m512bh)_mm512_loadu_si512(step_weights + p * K::kWeightBytes + i * kTileRowBytes);
+        }
+        const uint8_t* pair = step_rows + i * 2 * kPlaneInputBytes;
+#pragma GCC unroll 8
+        for (int r = 0; r < kPassRows; ++r) {
+          int32_t inputs;
+          std::memcpy(&inputs, pair + r * stride, sizeof inputs);
+          const __m512bh x = (__m512bh)_mm512_set1_epi32(inputs);
+#pragma GCC unroll 2
+          for (int p = 0; p < Panels; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], x, w[p]);
+        }
+      }
+      overlap.step();
+    }
+  }
+};
+
+}  // namespace
+}  // namespace lk::kernels
