@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kernels.py [--isa AVX2] [--formats bfloat16,fp8_e4m3,...]
                                        [--rows 1,2,3,6] [--depth 2048] [--seconds 0.3] [--cpu N]
-                                       [--against OTHER_LK_SO [--rounds 7]]
+                                       [--bf16-inputs] [--against OTHER_LK_SO [--rounds 7]]
 
 Whole-layer timings (bench_moe.py) are bound by memory in decode and move 20-30% between
 runs on a shared machine; this isolates the part a kernel change can move. For each weight
@@ -14,6 +14,10 @@ pinned to one CPU, and prints:
 * ns per panel row (16 weights) and the weight bytes one core could consume at that rate
   (decode: compare with the machine's read bandwidth per core);
 * GFLOP/s and % of one core's fp32 FMA peak, measured in the same run (prefill passes).
+
+The activations are random fp32 values; --bf16-inputs takes them on the bf16 grid, as a bf16
+model's inputs to gate and up are, which the packed float kernels (AVX512_BF16, AMX)
+multiply as one bf16 plane instead of two.
 
 --against times a second build of the engine module (the lvllm/_lk*.so of another
 checkout, e.g. a `git worktree` of the commit before a kernel change) in the same run:
@@ -67,6 +71,8 @@ def compare(args, formats: list[str], rows_list: list[int]) -> int:
     other = os.path.abspath(args.against)
     common = [sys.executable, os.path.abspath(__file__), "--emit-json", "--isa", args.isa, "--formats", args.formats,
               "--rows", args.rows, "--depth", str(args.depth), "--seconds", str(args.seconds), "--cpu", str(args.cpu)]
+    if args.bf16_inputs:
+        common.append("--bf16-inputs")
     timings: dict[str, list[dict]] = {this: [], other: []}
     for round_index in range(args.rounds):
         for module in ((this, other) if round_index % 2 == 0 else (other, this)):
@@ -107,6 +113,8 @@ def main() -> int:
     parser.add_argument("--module", help="time the lvllm._lk built at this path instead of the installed one")
     parser.add_argument("--against", help="also time the lvllm._lk built at this path, alternating (module docstring)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds per build with --against")
+    parser.add_argument("--bf16-inputs", action="store_true",
+                        help="activations on the bf16 grid (a bf16 model's inputs to gate and up)")
     parser.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     for option, path in (("--module", args.module), ("--against", args.against)):
@@ -136,9 +144,12 @@ def main() -> int:
         return compare(args, formats, rows_list)
     cpu = args.cpu
     os.sched_setaffinity(0, {cpu})
+    # Passed only when asked for, so that --against still times builds older than the option.
+    inputs = {"bf16_inputs": True} if args.bf16_inputs else {}
     if args.emit_json:
         print(json.dumps({f"{fmt}:{rows}:{'pair' if pair else 'one'}": min(
-            lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds / 3) for _ in range(3))
+            lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds / 3, **inputs)
+            for _ in range(3))
             for fmt, rows, pair in cases(lk, args.isa, formats, rows_list)}))
         return 0
     peak = lk.measure_fma_peak_gflops(1)
@@ -146,13 +157,14 @@ def main() -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(f"bench_kernels  {stamp}  {' '.join(sys.argv)}")
     print(f"machine: {platform.processor() or platform.machine()}, pinned to CPU {cpu}, ISA {args.isa}, "
-          f"panel depth {args.depth}, one core's fp32 FMA peak {peak:.1f} GFLOP/s")
+          f"panel depth {args.depth}, one core's fp32 FMA peak {peak:.1f} GFLOP/s"
+          f"{', activations on the bf16 grid' if args.bf16_inputs else ''}")
     print()
     print("| format | rows | panels | ns per panel row | weight GB/s per core | GFLOP/s | % FMA peak |")
     print("|---|---|---|---|---|---|---|")
     for fmt, rows, pair in cases(lk, args.isa, formats, rows_list):
         row_bytes = lk.kernel_panel_bytes(fmt, args.depth) / args.depth
-        ns = lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds)
+        ns = lk.measure_kernel_ns_per_panel_row(args.isa, fmt, rows, args.depth, pair, args.seconds, **inputs)
         gflops = 2 * rows * 16 / ns
         print(f"| {fmt} | {rows} | {'2 side by side' if pair else '1'} | {ns:.3f} | "
               f"{row_bytes / ns:.1f} | {gflops:.1f} | {100 * gflops / peak:.0f}% |", flush=True)

@@ -1,6 +1,7 @@
 #include "kernel_rate.h"
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -74,7 +75,7 @@ bool reads_two_panels(const kernels::FormatKernels& kernel, int rows) {
 }  // namespace
 
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format_text, int rows, int depth, bool pair,
-                               double seconds) {
+                               double seconds, bool bf16_inputs) {
   const WeightFormat format = parse_format(format_text);
   const kernels::KernelSet& kernel_set = kernels_for(isa);
   const kernels::FormatKernels& kernel = kernel_set[format];
@@ -112,7 +113,8 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   for (int r = 0; r < rows; ++r) {
     const std::size_t row = static_cast<std::size_t>(r) * padded;
     for (int k = 0; k < depth; ++k) {
-      const float v = activation(rng);
+      float v = activation(rng);
+      if (bf16_inputs) v = std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0xffff0000u);
       values[row + k] = v * kernel.activation_scale;
       quantized[row + k] = static_cast<int16_t>(v * static_cast<float>(largest));
       quads[row + (k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(quantized[row + k]);

@@ -17,9 +17,10 @@ namespace lk::bench {
 // counted per panel. Best of 15 timings of about `seconds` / 15 each. Throws
 // std::invalid_argument for an ISA the CPU lacks, an unknown format, rows outside
 // 1..kernel_chunk_rows(isa, format), or `pair` for rows the kernels do not read two panels
-// side by side for.
+// side by side for. `bf16_inputs`: activations that bf16 holds exactly, as a bf16 model's
+// inputs to gate and up are (the packed float kernels then multiply one bf16 plane, not two).
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format, int rows, int depth, bool pair,
-                               double seconds);
+                               double seconds, bool bf16_inputs);
 
 // Bytes of one such panel, values plus scales (and INT4 offsets), as the engine stores it.
 std::size_t kernel_panel_bytes(const std::string& format, int depth);

@@ -77,6 +77,7 @@ PYBIND11_MODULE(_lk, m) {
 
   m.def("measure_kernel_ns_per_panel_row", &lk::bench::kernel_ns_per_panel_row, py::arg("isa"), py::arg("format"),
         py::arg("rows"), py::arg("depth"), py::arg("pair") = false, py::arg("seconds") = 0.2,
+        py::arg("bf16_inputs") = false,
         py::call_guard<py::gil_scoped_release>(),
         "ns per panel row of one panel kernel on the calling thread, panel in cache (benchmarks).");
   m.def("kernel_panel_bytes", &lk::bench::kernel_panel_bytes, py::arg("format"), py::arg("depth"),
