@@ -480,6 +480,15 @@ struct PackedKernels {
   static int block_steps(const BlockWalk& block) {
     return (Tiles::weight_rows(block.start, block.stop()) + kTileRows - 1) / kTileRows;
   }
+  // The walk's overlap, with `first` (the first block) widened into call.weights[0].
+  template <int Panels>
+  static Overlap<Panels> first_block_widened(const Call<Panels>& call, const BlockWalk& first) {
+    Overlap<Panels> overlap{};
+    overlap.call = &call;
+    overlap.widen_next(first, 0, 1);
+    overlap.complete();
+    return overlap;
+  }
 
   // Grouped formats: block by block (within a quantization group: for the integer formats,
   // within an integer span), every row tile and plane, the sums stored and finished with
@@ -488,11 +497,8 @@ struct PackedKernels {
   static void multiply_grouped(const Call<Panels>& call, bool accumulate) {
     [[maybe_unused]] const typename Units::Session session;
     const long stride = row_stride(call.depth);
-    Overlap<Panels> overlap{};
-    overlap.call = &call;
     BlockWalk block = first_block(call.depth, call.group);
-    overlap.widen_next(block, 0, 1);
-    overlap.complete();
+    Overlap<Panels> overlap = first_block_widened(call, block);
     if (accumulate) read_outputs(call, call.finished);
     // Block b - 1 is finished once block b's products are issued; the first block (start
     // 0) adds to the outputs' copy only where `accumulate` (else assigns it).
@@ -546,11 +552,8 @@ struct PackedKernels {
   static void multiply_floats(const Call<Panels>& call, bool accumulate) {
     [[maybe_unused]] const typename Units::Session session;
     const long stride = row_stride(call.depth);
-    Overlap<Panels> overlap{};
-    overlap.call = &call;
     BlockWalk block = first_block(call.depth, call.group);
-    overlap.widen_next(block, 0, 1);
-    overlap.complete();
+    Overlap<Panels> overlap = first_block_widened(call, block);
     Units::template begin_running_sums<RowTiles, Panels>(call.sums[0]);
     for (int parity = 0; !block.done(); block.advance(), parity ^= 1) {
       const int steps = block_steps(block);
