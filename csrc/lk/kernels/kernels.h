@@ -104,6 +104,9 @@ struct FormatKernels {
   PackedGemm packed_gemm;     // multiplies rows pack_rows packed
   PackedPairGemm packed_gemm_pair;
   int packed_rows;            // fewest rows the engine packs for packed_gemm
+  // Fewest rows packed_gemm takes where the packing needed a second plane (PackedRowsHeader;
+  // float formats: inputs bf16 does not hold), fewer going to gemm or widened_gemm.
+  int packed_rows_both_planes;
   int packed_input_bytes;     // bytes of one input of one packed row
   int chunk_rows;             // an expert's rows per call (at most kMaxPanelRows)
   // Every kernel of the format reads ActivationRow::values multiplied by this power of two
@@ -117,8 +120,20 @@ inline bool tiles_take(const FormatKernels& kernels, int rows) {
   return kernels.pack_rows != nullptr && rows >= kernels.packed_rows;
 }
 
-// Packed rows: one 64-byte line that pack_rows fills for its kernels (what it found out
-// about the rows), then the rows: each packed_input_bytes bytes per input over depth
+// What pack_rows found out about the rows, at the start of the packing's first line.
+struct PackedRowsHeader {
+  int planes;  // planes holding anything but zeros (the float formats' second bf16 plane may not)
+};
+
+// Whether the packed kernels take `rows` rows packed as `packed` says.
+inline bool packing_taken(const FormatKernels& kernels, const void* packed, int rows) {
+  PackedRowsHeader header;
+  std::memcpy(&header, packed, sizeof header);
+  return header.planes < 2 || rows >= kernels.packed_rows_both_planes;
+}
+
+// Packed rows: one 64-byte line that pack_rows fills for its kernels (PackedRowsHeader),
+// then the rows: each packed_input_bytes bytes per input over depth
 // rounded up to 64 inputs, so that every row (and every plane of a row the kernels split
 // into planes, two at most) starts a line, plus a line per plane, as many rows as fill
 // whole tiles of kTileRows, and one line more, which a tile row may read past the end.

@@ -292,11 +292,6 @@ struct PackedKernels {
 
   static long row_stride(int depth) { return static_cast<long>(packed_row_stride(Tiles::kInputBytes, depth)); }
 
-  // What the packing found out, in the packed rows' first line (kernels.h).
-  struct Packing {
-    int planes;  // planes holding anything but zeros: the last ones may not
-  };
-
   static void pack(const ActivationRow* a, int rows, int depth, void* out) {
     uint8_t* packed = static_cast<uint8_t*>(out) + kTileRowBytes;
     const long stride = row_stride(depth);
@@ -307,7 +302,7 @@ struct PackedKernels {
     }
     const int padded_rows = (rows + kTileRows - 1) / kTileRows * kTileRows;
     std::memset(packed + rows * stride, 0, (padded_rows - rows) * stride + kTileRowBytes);
-    const Packing packing{planes};
+    const PackedRowsHeader packing{planes};
     std::memcpy(out, &packing, sizeof packing);
   }
 
@@ -316,7 +311,7 @@ struct PackedKernels {
   struct Call {
     const ActivationRow* a;
     const uint8_t* packed;  // the rows, past the packing's first line
-    int planes;             // Packing::planes
+    int planes;             // PackedRowsHeader::planes
     int rows, depth, group;
     const uint8_t* const* panels;
     float* const* const* c;
@@ -571,7 +566,7 @@ struct PackedKernels {
                   int group, float* const* const* c, bool accumulate, void* workspace) {
     uint8_t* space = static_cast<uint8_t*>(workspace);
     uint8_t* sums = space + 4 * kWeightBytes + kParityOffset;
-    Packing packing;
+    PackedRowsHeader packing;
     std::memcpy(&packing, packed, sizeof packing);
     const Call<Panels> call{a, static_cast<const uint8_t*>(packed) + kTileRowBytes, packing.planes, rows, depth,
                             group, panels, c, {space, space + 2 * kWeightBytes + kParityOffset},
@@ -610,13 +605,14 @@ struct PackedKernels {
     run<2>(a, packed, rows, panels, depth, group, outputs, accumulate, workspace);
   }
 
-  // `base`, the panel kernels of the same Decode, with the tiles taking `packed_rows` rows
-  // and more.
-  static constexpr FormatKernels table(FormatKernels base, int packed_rows) {
+  // `base`, the panel kernels of the same Decode, with the unit taking `packed_rows` rows
+  // and more, and at least `packed_rows_both_planes` where the rows need both planes.
+  static constexpr FormatKernels table(FormatKernels base, int packed_rows, int packed_rows_both_planes = 0) {
     base.pack_rows = &pack;
     base.packed_gemm = &gemm;
     base.packed_gemm_pair = &gemm_pair;
     base.packed_rows = packed_rows;
+    base.packed_rows_both_planes = packed_rows_both_planes > packed_rows ? packed_rows_both_planes : packed_rows;
     base.packed_input_bytes = Tiles::kInputBytes;
     base.chunk_rows = kRowTiles * kTileRows;
     return base;

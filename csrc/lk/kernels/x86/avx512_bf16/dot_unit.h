@@ -11,7 +11,8 @@
 // (16 sums: with two panels each loaded weight row serves 8 rows, each broadcast two
 // panels), loading them from and storing them to `sums` once per block. The last pass is
 // completed by the packing's zero rows, so 9-15 rows cost as 16 (with both planes, more
-// than the AVX-512 kernels' fp32 passes). A shorter last pass, tried three ways (a pass
+// than the AVX-512 kernels' fp32 passes, which take those rows: FormatKernels::
+// packed_rows_both_planes). A shorter last pass, tried three ways (a pass
 // function per row count, a 4-row pass inlined beside the full one, or out of line), won
 // 1.24-1.50x at 9-12 rows in cache but changed GCC's registers in the full passes of
 // some row counts, which then ran up to 1.17x as long; a layer's prefill is mostly full
