@@ -133,10 +133,10 @@ inline bool packing_taken(const FormatKernels& kernels, const void* packed, int 
 }
 
 // Packed rows: one 64-byte line that pack_rows fills for its kernels (PackedRowsHeader),
-// then the rows: each packed_input_bytes bytes per input over depth
-// rounded up to 64 inputs, so that every row (and every plane of a row the kernels split
-// into planes, two at most) starts a line, plus a line per plane, as many rows as fill
-// whole tiles of kTileRows, and one line more, which a tile row may read past the end.
+// then the rows: each packed_input_bytes bytes per input over depth rounded up to 64
+// inputs, so that every row (and every plane of a row the kernels split into planes, two
+// at most) starts a line, plus a line per plane, as many rows as fill whole tiles of
+// kTileRows, and one line more, which a tile row may read past the end.
 // The extra lines spread a tile's 16 rows over the L1's sets: 2048 inputs deep, bf16's
 // 8 KiB rows all fell on one set (of 12 ways) and INT4's 2 KiB rows on two. Qwen3-30B's
 // INT4 layer at 1024 tokens ran 1.07-1.15x as fast (four runs), the other formats level.
