@@ -197,7 +197,8 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
 
 // The rows packed into `buffer` (packed_bytes) for the format's tile kernels where those
 // take `count` rows, else null: what multiply_panel and multiply_two_panels take as
-// `packed`.
+// `packed` (which still give rows that need both planes to the panel kernels below
+// packed_rows_both_planes: packing_taken).
 const void* pack_for_tiles(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
                            void* buffer);
 
