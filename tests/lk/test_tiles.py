@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvllm.lk import MoEEngine
+from lvllm.lk import MoEEngine, QuantizedWeights, quant
 
 from .test_engine import SUPPORTED_ISAS, random_experts, reference_moe
 from .test_formats import TIGHT, random_fp8
@@ -97,6 +97,37 @@ def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_n
     x = torch.randn(ids.shape[0], hidden, generator=torch.Generator().manual_seed(group))
     engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa, numa_nodes=numa_nodes))
     assert engine.weight_format == "fp8_e4m3"
+    ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
+    out = engine.forward(x, ids, weights).double()
+    assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()
+
+
+def fp8_with_scales_of_group_1(rows, scale_of_group_1, seed):
+    """random_fp8 weights of `rows` rows, four groups of 128 deep, groups 0, 2 and 3 scaled by 2^20 (sums
+    far from zero), group 1's scales `scale_of_group_1` in its first column (the rest
+    keep theirs), with the dequantized tensor."""
+    weights, _ = random_fp8(len(ROW_COUNTS), rows, 512, 128, seed=seed)
+    scales = weights.scales.clone() * 2.0**20
+    scales[:, :, 1] = weights.scales[:, :, 1]
+    scales[:, 0, 1] = scale_of_group_1
+    weights = QuantizedWeights(weights.values, scales, weights.group_size)
+    return weights, quant.dequantize(weights)
+
+
+# The AVX512_BF16 unit runs an FP8 panel's sums over its whole depth in units of each
+# group's scales (csrc/lk/kernels/x86/packed_gemm.h, multiply_floats): a zero scale would
+# divide by zero, and the smallest normal one, 2^20 and more below the others, would
+# overflow the sums (each seen to give inf or NaN without the check that sends such panels
+# to the block-by-block walk). 2^-24 is within the range the sums run over, and keeps the
+# chain of scale ratios in the test.
+@pytest.mark.parametrize("scale_of_group_1", [0.0, torch.finfo(torch.float32).tiny, 2.0**-20])
+@pytest.mark.parametrize("isa", FLOAT_UNITS)
+def test_fp8_tiles_with_scales_far_apart(runtimes, scale_of_group_1, isa):
+    w13, w13_ref = fp8_with_scales_of_group_1(2 * 512, scale_of_group_1, seed=1)
+    w2, w2_ref = fp8_with_scales_of_group_1(512, scale_of_group_1, seed=2)
+    ids, weights = routing_with_row_counts(ROW_COUNTS)
+    x = torch.randn(ids.shape[0], 512, generator=torch.Generator().manual_seed(3))
+    engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))
     ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
     out = engine.forward(x, ids, weights).double()
     assert ((out - ref).abs() <= TIGHT * ref.abs().max().item()).all()

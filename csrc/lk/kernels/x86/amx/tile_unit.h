@@ -37,6 +37,10 @@ struct AmxUnit {
       Panel::kQuads, SignedUnsigned,
       std::conditional_t<Panel::kInteger, std::conditional_t<Plane == 0, SignedSigned, UnsignedSigned>, Bf16Pairs>>;
 
+  // The sums stay in the tiles, which nothing multiplies by a scale: FP8 finishes each
+  // block's sums (PackedKernels::multiply_grouped).
+  static constexpr bool kScalesRunningSums = false;
+
   // A pass takes up to two row tiles.
   template <int RowTiles, int Panels>
   static int work_steps(const Call<Panels>& call, int steps) {

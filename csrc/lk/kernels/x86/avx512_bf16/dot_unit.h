@@ -51,10 +51,16 @@ struct Bf16DotUnit {
     return steps * call.planes * ((call.rows + kPassRows - 1) / kPassRows);
   }
 
+  // A pass's sums start at zero (a block's sums alone), as `sums` holds them (running
+  // sums), or as those times a factor per panel (running sums in units of a group's
+  // scales: PackedKernels::multiply_floats).
+  enum class Start { kZero, kCarried, kScaled };
+  static constexpr bool kScalesRunningSums = true;
+
   template <int RowTiles, int Panels>
   static void block_sums(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
                          const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
-    multiply_block<Panels, false>(call, stride, block, steps, weights, sums, overlap);
+    multiply_block<Panels, Start::kZero>(call, stride, block, steps, weights, sums, overlap, nullptr);
   }
   template <int RowTiles, int Panels>
   static void begin_running_sums(uint8_t* sums) {
@@ -63,16 +69,24 @@ struct Bf16DotUnit {
   template <int RowTiles, int Panels>
   static void add_to_running_sums(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
                                   const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
-    multiply_block<Panels, true>(call, stride, block, steps, weights, sums, overlap);
+    multiply_block<Panels, Start::kCarried>(call, stride, block, steps, weights, sums, overlap, nullptr);
+  }
+  template <int RowTiles, int Panels>
+  static void add_to_scaled_running_sums(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
+                                         const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap,
+                                         const __m512 (&carry)[Panels]) {
+    multiply_block<Panels, Start::kScaled>(call, stride, block, steps, weights, sums, overlap, carry);
   }
   template <int RowTiles, int Panels>
   static void end_running_sums(uint8_t*) {}
 
   // Every pass of kPassRows rows (the packing's zero rows complete the last) times the
-  // block's widened weights, each plane, into `sums` (or, kCarry, added to them).
-  template <int Panels, bool kCarry>
+  // block's widened weights, each plane, into `sums`, the pass's sums starting as kStart
+  // says (kScaled: times carry[p]).
+  template <int Panels, Start kStart>
   static void multiply_block(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
-                             const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
+                             const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap,
+                             const __m512* carry) {
     const uint8_t* rows = call.packed + static_cast<long>(block.start) * kPlaneInputBytes;
     for (int first = 0; first < call.rows; first += kPassRows) {
       __m512 acc[kPassRows][Panels];
@@ -80,8 +94,12 @@ struct Bf16DotUnit {
 #pragma GCC unroll 8
       for (int r = 0; r < kPassRows; ++r)
 #pragma GCC unroll 2
-        for (int p = 0; p < Panels; ++p)
-          acc[r][p] = kCarry ? _mm512_loadu_ps(pass_sums + p * K::kPanelSumBytes + r * kSumRowBytes) : _mm512_setzero_ps();
+        for (int p = 0; p < Panels; ++p) {
+          const float* running = reinterpret_cast<const float*>(pass_sums + p * K::kPanelSumBytes + r * kSumRowBytes);
+          if constexpr (kStart == Start::kZero) acc[r][p] = _mm512_setzero_ps();
+          if constexpr (kStart == Start::kCarried) acc[r][p] = _mm512_loadu_ps(running);
+          if constexpr (kStart == Start::kScaled) acc[r][p] = _mm512_mul_ps(_mm512_loadu_ps(running), carry[p]);
+        }
       const uint8_t* pass_rows = rows + first * stride;
       for (int plane = 0; plane < call.planes; ++plane) {
         plane_steps<Panels>(acc, pass_rows + plane * (stride / Tiles::kPlanes), stride, weights, steps, overlap);
