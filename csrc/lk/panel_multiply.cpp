@@ -8,7 +8,7 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
                     const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened,
                     const void* packed) {
   const FormatKernels& kernel = kernels[format];
-  if (packed != nullptr && packing_taken(kernel, packed, count)) {
+  if (packed != nullptr) {
     kernel.packed_gemm(a_rows, packed, count, panel, depth, group, c_rows, accumulate, widened);
     return;
   }
@@ -48,7 +48,7 @@ void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const vo
                          int depth, int group, const ActivationRow* a_rows, int count, float* const* first_rows,
                          float* const* second_rows, bool accumulate, void* widened, const void* packed) {
   const FormatKernels& kernel = kernels[format];
-  if (packed != nullptr && packing_taken(kernel, packed, count)) {
+  if (packed != nullptr) {
     kernel.packed_gemm_pair(a_rows, packed, count, first, second, depth, group, first_rows, second_rows, accumulate,
                             widened);
     return;

@@ -25,11 +25,10 @@ FLOAT_UNITS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in SUPPORTED_I
 
 # Rows per expert around every edge of the packed kernels: the fewest they take (bf16 6,
 # INT8 9, INT4 12, csrc/lk/kernels/x86/{amx,avx512_bf16}/*.cpp), a pass of 8 rows of the
-# AVX512_BF16 unit (which takes rows that need both bf16 planes from 15 on, fewer going to
-# the AVX-512 kernels), one tile of 16 rows and its neighbours, two to four tiles (one or
-# two AMX passes), the integer formats' chunk of 64 rows and their second chunk, the float
-# formats' five to eight tiles (three and four passes), their chunk of 128 rows, and their
-# second chunk.
+# AVX512_BF16 unit and last passes of 1, 4 and 7 rows after one (9, 12 and 15), one tile
+# of 16 rows and its neighbours, two to four tiles (one or two AMX passes), the integer
+# formats' chunk of 64 rows and their second chunk, the float formats' five to eight tiles
+# (three and four passes), their chunk of 128 rows, and their second chunk.
 ROW_COUNTS = [6, 8, 9, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 70, 81, 97, 113, 127, 128, 135]
 
 

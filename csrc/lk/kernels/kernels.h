@@ -104,9 +104,6 @@ struct FormatKernels {
   PackedGemm packed_gemm;     // multiplies rows pack_rows packed
   PackedPairGemm packed_gemm_pair;
   int packed_rows;            // fewest rows the engine packs for packed_gemm
-  // Fewest rows packed_gemm takes where the packing needed a second plane (PackedRowsHeader;
-  // float formats: inputs bf16 does not hold), fewer going to gemm or widened_gemm.
-  int packed_rows_both_planes;
   int packed_input_bytes;     // bytes of one input of one packed row
   int chunk_rows;             // an expert's rows per call (at most kMaxPanelRows)
   // Every kernel of the format reads ActivationRow::values multiplied by this power of two
@@ -124,13 +121,6 @@ inline bool tiles_take(const FormatKernels& kernels, int rows) {
 struct PackedRowsHeader {
   int planes;  // planes holding anything but zeros (the float formats' second bf16 plane may not)
 };
-
-// Whether the packed kernels take `rows` rows packed as `packed` says.
-inline bool packing_taken(const FormatKernels& kernels, const void* packed, int rows) {
-  PackedRowsHeader header;
-  std::memcpy(&header, packed, sizeof header);
-  return header.planes < 2 || rows >= kernels.packed_rows_both_planes;
-}
 
 // Packed rows: one 64-byte line that pack_rows fills for its kernels (PackedRowsHeader),
 // then the rows: each packed_input_bytes bytes per input over depth rounded up to 64
@@ -197,8 +187,7 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
 
 // The rows packed into `buffer` (packed_bytes) for the format's tile kernels where those
 // take `count` rows, else null: what multiply_panel and multiply_two_panels take as
-// `packed` (which still give rows that need both planes to the panel kernels below
-// packed_rows_both_planes: packing_taken).
+// `packed`.
 const void* pack_for_tiles(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
                            void* buffer);
 

@@ -646,7 +646,7 @@ struct PanelKernels {
   // The kernels of this Decode.
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
-    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr, 0, 0, 0, kChunkRows,
+    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr, 0, 0, kChunkRows,
                          activation_scale()};
   }
   // The kernels of this Decode, where prefill widens panels to Wide's layout from

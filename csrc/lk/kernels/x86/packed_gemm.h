@@ -685,13 +685,12 @@ struct PackedKernels {
   }
 
   // `base`, the panel kernels of the same Decode, with the unit taking `packed_rows` rows
-  // and more, and at least `packed_rows_both_planes` where the rows need both planes.
-  static constexpr FormatKernels table(FormatKernels base, int packed_rows, int packed_rows_both_planes = 0) {
+  // and more.
+  static constexpr FormatKernels table(FormatKernels base, int packed_rows) {
     base.pack_rows = &pack;
     base.packed_gemm = &gemm;
     base.packed_gemm_pair = &gemm_pair;
     base.packed_rows = packed_rows;
-    base.packed_rows_both_planes = packed_rows_both_planes > packed_rows ? packed_rows_both_planes : packed_rows;
     base.packed_input_bytes = Tiles::kInputBytes;
     base.chunk_rows = kRowTiles * kTileRows;
     return base;

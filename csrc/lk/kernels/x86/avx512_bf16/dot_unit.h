@@ -9,14 +9,15 @@
 //
 // A pass keeps kPassRows rows' sums of every panel in registers over a block's weights
 // (16 sums: with two panels each loaded weight row serves 8 rows, each broadcast two
-// panels), loading them from and storing them to `sums` once per block. The last pass is
-// completed by the packing's zero rows, so 9-15 rows cost as 16 (with both planes, more
-// than the AVX-512 kernels' fp32 passes, which take those rows: FormatKernels::
-// packed_rows_both_planes). A shorter last pass, tried three ways (a pass
-// function per row count, a 4-row pass inlined beside the full one, or out of line), won
-// 1.24-1.50x at 9-12 rows in cache but changed GCC's registers in the full passes of
-// some row counts, which then ran up to 1.17x as long; a layer's prefill is mostly full
-// passes.
+// panels), loading them from and storing them to `sums` once per block. The last pass
+// stops at the last row, where it has fewer: a break in the same loop, so that GCC keeps
+// the full passes' registers. Completed by the packing's zero rows instead, 9-15 rows cost
+// as 16; a pass per row count, a 4-row pass beside the full one, or one out of line each
+// changed GCC's registers in the full passes of some row counts, which then ran up to
+// 1.17x as long (both passes out of line: every row count, up to 1.28x). With the break, in
+// cache, 9-12 and 20 rows ran 1.10-1.24x as fast and full passes as before, and a
+// Qwen3-30B layer at 128, 256 and 1024 tokens 1.05, 1.12 and 1.03-1.06x (4 alternated
+// rounds, bf16 and FP8).
 #pragma once
 
 #include <immintrin.h>
@@ -101,8 +102,10 @@ struct Bf16DotUnit {
           if constexpr (kStart == Start::kScaled) acc[r][p] = _mm512_mul_ps(_mm512_loadu_ps(running), carry[p]);
         }
       const uint8_t* pass_rows = rows + first * stride;
+      const int live_rows = call.rows - first;
       for (int plane = 0; plane < call.planes; ++plane) {
-        plane_steps<Panels>(acc, pass_rows + plane * (stride / Tiles::kPlanes), stride, weights, steps, overlap);
+        plane_steps<Panels>(acc, pass_rows + plane * (stride / Tiles::kPlanes), stride, weights, steps, overlap,
+                            live_rows);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < kPassRows; ++r)
@@ -113,7 +116,7 @@ struct Bf16DotUnit {
 
   template <int Panels>
   static void plane_steps(__m512 (&acc)[kPassRows][Panels], const uint8_t* rows, long stride, const uint8_t* weights,
-                          int steps, Overlap<Panels>& overlap) {
+                          int steps, Overlap<Panels>& overlap, int live_rows) {
     for (int s = 0; s < steps; ++s) {
       const uint8_t* step_weights = weights + static_cast<long>(s) * kWeightTileBytes;
       const uint8_t* step_rows = rows + static_cast<long>(s) * kStepRows * 2 * kPlaneInputBytes;
@@ -127,6 +130,7 @@ struct Bf16DotUnit {
         const uint8_t* pair = step_rows + i * 2 * kPlaneInputBytes;
 #pragma GCC unroll 8
         for (int r = 0; r < kPassRows; ++r) {
+          if (r >= live_rows) break;
           int32_t inputs;
           std::memcpy(&inputs, pair + r * stride, sizeof inputs);
           const __m512bh x = (__m512bh)_mm512_set1_epi32(inputs);
