@@ -102,9 +102,9 @@ def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_n
 
 
 def fp8_with_scales_of_group_1(rows, scale_of_group_1, seed):
-    """random_fp8 weights of `rows` rows, four groups of 128 deep, groups 0, 2 and 3 scaled by 2^20 (sums
-    far from zero), group 1's scales `scale_of_group_1` in its first column (the rest
-    keep theirs), with the dequantized tensor."""
+    """random_fp8 weights of `rows` rows, four groups of 128 deep: groups 0, 2 and 3 with
+    their scales times 2^20 (sums far from zero), group 1 with its own, but
+    `scale_of_group_1` in row 0. Returns them and the dequantized tensor."""
     weights, _ = random_fp8(len(ROW_COUNTS), rows, 512, 128, seed=seed)
     scales = weights.scales.clone() * 2.0**20
     scales[:, :, 1] = weights.scales[:, :, 1]
@@ -114,11 +114,11 @@ def fp8_with_scales_of_group_1(rows, scale_of_group_1, seed):
 
 
 # The AVX512_BF16 unit runs an FP8 panel's sums over its whole depth in units of each
-# group's scales (csrc/lk/kernels/x86/packed_gemm.h, multiply_floats): a zero scale would
-# divide by zero, and the smallest normal one, 2^20 and more below the others, would
-# overflow the sums (each seen to give inf or NaN without the check that sends such panels
-# to the block-by-block walk). 2^-24 is within the range the sums run over, and keeps the
-# chain of scale ratios in the test.
+# group's scales (csrc/lk/kernels/x86/packed_gemm.h, multiply_floats). A zero scale would
+# divide by zero, and the smallest normal one, far more than 2^32 below the others, would
+# overflow the sums: both fail without the check that sends such panels to the
+# block-by-block walk. 2^-20 (about 2^29 below the others) stays within the range the sums
+# run over, so it tests the chain of scale ratios itself; it fails if the ratio is left out.
 @pytest.mark.parametrize("scale_of_group_1", [0.0, torch.finfo(torch.float32).tiny, 2.0**-20])
 @pytest.mark.parametrize("isa", FLOAT_UNITS)
 def test_fp8_tiles_with_scales_far_apart(runtimes, scale_of_group_1, isa):
