@@ -80,7 +80,8 @@ using PanelPairGemm = void (*)(const ActivationRow* a_rows, int rows, const void
 // Packed kernels (AMX tiles, AVX512_BF16 pair products; x86/packed_gemm.h) load activation
 // rows from memory at a fixed stride, so they multiply rows packed for them: the engine
 // packs a chunk of rows once (pack_rows) and hands the packing to every panel it multiplies
-// by that chunk, as packing for each panel would cost about as much as the multiply. `packed` holds packed_bytes(kernels, rows, depth) bytes.
+// by that chunk, as packing for each panel would cost about as much as the multiply.
+// `packed` holds packed_bytes(kernels, rows, depth) bytes.
 using PackRows = void (*)(const ActivationRow* a_rows, int rows, int depth, void* packed);
 // c_rows[r] (+)= a_rows[r] x panel as PanelGemm, the rows read from `packed` (and, for
 // their scales and sums, a_rows); `workspace` holds kTileWorkspaceBytes.
@@ -117,16 +118,11 @@ inline bool tiles_take(const FormatKernels& kernels, int rows) {
   return kernels.pack_rows != nullptr && rows >= kernels.packed_rows;
 }
 
-// What pack_rows found out about the rows, at the start of the packing's first line.
-struct PackedRowsHeader {
-  int planes;  // planes holding anything but zeros (the float formats' second bf16 plane may not)
-};
-
-// Packed rows: one 64-byte line that pack_rows fills for its kernels (PackedRowsHeader),
-// then the rows: each packed_input_bytes bytes per input over depth rounded up to 64
-// inputs, so that every row (and every plane of a row the kernels split into planes, two
-// at most) starts a line, plus a line per plane, as many rows as fill whole tiles of
-// kTileRows, and one line more, which a tile row may read past the end.
+// Packed rows: one 64-byte line that pack_rows fills for its kernels (what it found out
+// about the rows), then the rows: each packed_input_bytes bytes per input over depth
+// rounded up to 64 inputs, so that every row (and every plane of a row the kernels split
+// into planes, two at most) starts a line, plus a line per plane, as many rows as fill
+// whole tiles of kTileRows, and one line more, which a tile row may read past the end.
 // The extra lines spread a tile's 16 rows over the L1's sets: 2048 inputs deep, bf16's
 // 8 KiB rows all fell on one set (of 12 ways) and INT4's 2 KiB rows on two. Qwen3-30B's
 // INT4 layer at 1024 tokens ran 1.07-1.15x as fast (four runs), the other formats level.

@@ -239,6 +239,11 @@ struct Fp8Tiles : FloatTiles {
   }
 };
 
+// What pack() found out about the rows, in the packed rows' first line (kernels.h).
+struct PackedRowsHeader {
+  int planes;  // planes holding anything but zeros (the float formats' second bf16 plane may not)
+};
+
 // The blocks of a panel `depth` inputs deep: pieces of `block` inputs (an integer span at
 // most) of each quantization group in order (a float format is one group).
 struct BlockWalk {

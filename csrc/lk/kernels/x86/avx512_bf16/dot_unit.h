@@ -81,7 +81,7 @@ struct Bf16DotUnit {
   template <int RowTiles, int Panels>
   static void end_running_sums(uint8_t*) {}
 
-  // Every pass of kPassRows rows (the packing's zero rows complete the last) times the
+  // Every pass of kPassRows rows (the last stopping at the call's last row) times the
   // block's widened weights, each plane, into `sums`, the pass's sums starting as kStart
   // says (kScaled: times carry[p]).
   template <int Panels, Start kStart>
