@@ -296,11 +296,14 @@ def test_fp8_kept(runtimes, isa, tokens, numa_nodes):
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
 @pytest.mark.parametrize("group", [32, 128])
-def test_fp8_prefill_widening_over_deep_panels(runtimes, isa, group):
+@pytest.mark.parametrize("tokens", [64, 130, 200])
+def test_fp8_prefill_widening_over_deep_panels(runtimes, isa, group, tokens):
     """Prefill widens FP8 panels to fp32 block by block on most ISAs (scales applied, in the
     decode's column order): 2200 inputs span several blocks and end in a partial group. 64
-    rows per expert reach every ISA's widening; each row alone is decoded in its passes."""
-    experts, hidden, intermediate, tokens = 2, 2200, 48, 64
+    rows per expert reach every ISA's widening; each row alone is decoded in its passes.
+    Each expert takes every token: widened chunks of an expert's rows are up to 128, so 130
+    leaves 2 rows to passes that decode, and 200 widens a second chunk of 72."""
+    experts, hidden, intermediate = 2, 2200, 48
     w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=23)
     w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=24)
     engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))

@@ -166,8 +166,8 @@ struct KernelSet {
 const KernelSet& kernel_set(Isa isa);
 
 // Rows one multiply_panel call takes at most; the engine gives a format's kernels
-// chunk_rows at a time (kChunkRows, or more where the tiles reuse each widened block of
-// weights for more rows).
+// chunk_rows at a time (kChunkRows, or more where the kernels widen blocks of weights,
+// which more rows then reuse).
 constexpr int kMaxPanelRows = 128;
 constexpr int kChunkRows = 64;
 

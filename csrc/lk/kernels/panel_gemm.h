@@ -663,6 +663,11 @@ struct PanelKernels {
     kernels.widened_gemm = &Widened::gemm;
     kernels.widen_rows = widen_rows;
     kernels.widen_block = kWidenedValueBytes / row_bytes;
+    // Each chunk of an expert's rows widens the panel again, and a chunk below widen_rows
+    // decodes in every pass: at 1024 tokens Qwen3-30B's experts get 64 rows on average,
+    // and 64-row chunks left half of them a second, short chunk. AVX2 FP8 prefill at 1024
+    // tokens on a Xeon, 3 alternated rounds: 1.02x as fast (medians), AVX-512's 1.04x.
+    kernels.chunk_rows = kMaxPanelRows;
     return kernels;
   }
 };
