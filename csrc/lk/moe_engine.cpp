@@ -490,7 +490,7 @@ std::vector<MoEEngine::PackedSlice> MoEEngine::packed_slices() const {
 void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
   // Each node's workers copy its slices, so first touch places the pages on that node.
   const int nodes = static_cast<int>(slices_.size());
-  std::vector<std::string> errors(runtime_->pool().num_threads());
+  std::vector<std::string> errors(runtime_->executor().num_threads());
   Phase phase;
   phase.tasks_per_node.assign(nodes, static_cast<uint32_t>(shape_.experts));
   phase.run = [&](int node, uint32_t expert, int worker) {
@@ -528,7 +528,7 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
   job.push_back(std::move(phase));
   {
     std::lock_guard<std::mutex> lock(runtime_->submit_mutex());
-    runtime_->pool().run(std::move(job));
+    runtime_->executor().run(std::move(job));
   }
   for (const std::string& error : errors) {
     if (!error.empty()) throw std::invalid_argument(error);
@@ -596,14 +596,14 @@ void MoEEngine::route(const ForwardArgs& args) {
 
 uint32_t MoEEngine::submit(const ForwardArgs& args) {
   if (args.tokens < 0) throw std::invalid_argument("token count must be >= 0");
-  if (args.tokens == 0) return runtime_->pool().launch({});
+  if (args.tokens == 0) return runtime_->executor().launch({});
   if (args.topk < 1) throw std::invalid_argument("top-k must be >= 1");
   if (!args.input || !args.topk_ids || !args.topk_weights || !args.output) {
     throw std::invalid_argument("forward got a null pointer");
   }
   std::lock_guard<std::mutex> lock(runtime_->submit_mutex());
-  ThreadPool& pool = runtime_->pool();
-  pool.wait_idle();  // the previous job may still use the scratch
+  Executor& executor = runtime_->executor();
+  executor.wait_idle();  // the previous job may still use the scratch
   route(args);
 
   Runtime::Scratch& scratch = runtime_->scratch();
@@ -658,7 +658,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
                                : 0;
   const std::size_t widened_floats = kernels::kPanelWorkspaceBytes / sizeof(float);
   const std::size_t worker_floats = round_up(2 * chunk_rows * kPanelWidth + widened_floats + packed_floats, 16);
-  scratch.per_worker.ensure(worker_floats * pool.num_threads() * sizeof(float));
+  scratch.per_worker.ensure(worker_floats * executor.num_threads() * sizeof(float));
 
   const float* input_rows = convert_input ? scratch.input.as<float>() : static_cast<const float*>(args.input);
   const uint32_t token_blocks = static_cast<uint32_t>((tokens + kTokenBlock - 1) / kTokenBlock);
@@ -683,7 +683,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     job.push_back(std::move(phase));
   }
 
-  const int node_threads = (pool.num_threads() + nodes - 1) / nodes;
+  const int node_threads = (executor.num_threads() + nodes - 1) / nodes;
   const auto gate_up_run = [=](int panels) {
     return run_length(static_cast<std::size_t>(active) * panels, panels, node_threads, tiles_in_use ? panels : kRunPanels);
   };
@@ -851,7 +851,7 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
     }
   };
   job.push_back(std::move(combine));
-  return pool.launch(std::move(job));
+  return executor.launch(std::move(job));
 }
 
 }  // namespace lk

@@ -63,7 +63,7 @@ class MoEEngine {
   // Checks the arguments (throws std::invalid_argument / std::out_of_range), waits for the
   // runtime's previous job, prepares routing and starts the job. Returns its ticket.
   uint32_t submit(const ForwardArgs& args);
-  void wait(uint32_t ticket) { runtime_->pool().wait(ticket); }
+  void wait(uint32_t ticket) { runtime_->executor().wait(ticket); }
 
   const ExpertShape& shape() const { return shape_; }
   std::size_t weight_bytes() const;
@@ -90,8 +90,6 @@ class MoEEngine {
   std::size_t gate_up_panel_bytes(const NodeSlice& slice) const;
   std::size_t down_panel_bytes(const NodeSlice& slice) const;
   void route(const ForwardArgs& args);
-  void gate_up_task(const ForwardArgs& args, int node, uint32_t task, int worker);
-  void down_task(const ForwardArgs& args, int node, uint32_t task, int worker);
 
   std::shared_ptr<Runtime> runtime_;
   ExpertShape shape_;

@@ -1,5 +1,7 @@
 #include "lk/runtime.h"
 
+#include "lk/openmp_team.h"
+
 #include <sstream>
 #include <stdexcept>
 
@@ -22,12 +24,18 @@ Isa choose_isa(const std::string& requested) {
   return isa;
 }
 
+std::unique_ptr<Executor> make_executor(const Topology& topology, const RuntimeOptions& options) {
+  if (options.workers == Workers::OpenMpTeam) return std::make_unique<OpenMpTeam>(topology, options.threads);
+  return std::make_unique<ThreadPool>(topology, options.threads, options.binding, options.power_saving);
+}
+
 }  // namespace
 
 Runtime::Runtime(const RuntimeOptions& options)
     : topology_(make_topology(options.virtual_nodes)),
+      workers_(options.workers),
       kernels_(kernels::kernel_set(choose_isa(options.isa))),
-      pool_(topology_, options.threads, options.binding, options.power_saving) {
+      executor_(make_executor(topology_, options)) {
   scratch_.hidden.resize(topology_.num_nodes());
   scratch_.hidden_q.resize(topology_.num_nodes());
   scratch_.packed_hidden.resize(topology_.num_nodes());
@@ -36,7 +44,7 @@ Runtime::Runtime(const RuntimeOptions& options)
 
 std::string Runtime::describe() const {
   std::ostringstream out;
-  out << "ISA " << isa_name(isa()) << ", " << pool_.describe() << "; " << topology_.describe();
+  out << "ISA " << isa_name(isa()) << ", " << executor_->describe() << "; " << topology_.describe();
   return out.str();
 }
 

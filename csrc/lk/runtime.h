@@ -1,7 +1,9 @@
-// What all MoE engines of a process share: the topology, one worker pool, the kernels chosen
-// for this CPU, and the scratch memory of the job in flight (one job runs at a time).
+// What all MoE engines of a process share: the topology, one executor (lk's own worker pool
+// or the caller's OpenMP team), the kernels chosen for this CPU, and the scratch memory of
+// the job in flight (one job runs at a time).
 #pragma once
 
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -9,13 +11,18 @@
 #include "lk/cpu_features.h"
 #include "lk/host_buffer.h"
 #include "lk/kernels/kernels.h"
+#include "lk/executor.h"
 #include "lk/thread_pool.h"
 #include "lk/topology.h"
 
 namespace lk {
 
+// Whose threads run the jobs: lk's own pool, or the OpenMP team of the submitting thread.
+enum class Workers : int { OwnPool = 0, OpenMpTeam = 1 };
+
 struct RuntimeOptions {
   int threads = 1;
+  Workers workers = Workers::OwnPool;
   ThreadBinding binding = ThreadBinding::CpuCore;
   bool power_saving = false;
   std::string isa;       // "" = best the CPU supports; otherwise a level no higher than that
@@ -26,13 +33,14 @@ class Runtime {
  public:
   explicit Runtime(const RuntimeOptions& options);
 
-  ThreadPool& pool() { return pool_; }
+  Executor& executor() { return *executor_; }
   const Topology& topology() const { return topology_; }
   const kernels::KernelSet& kernels() const { return kernels_; }
   Isa isa() const { return kernels_.isa; }
+  Workers workers() const { return workers_; }
   std::string describe() const;
 
-  // Scratch of the running job. Only touched between pool().wait() and the next launch,
+  // Scratch of the running job. Only touched between executor().wait() and the next launch,
   // or by the job itself.
   struct Scratch {
     HostBuffer input;               // fp32 copy of the hidden states
@@ -56,8 +64,9 @@ class Runtime {
  private:
   std::mutex submit_mutex_;
   Topology topology_;
+  Workers workers_;
   const kernels::KernelSet& kernels_;
-  ThreadPool pool_;
+  std::unique_ptr<Executor> executor_;
   Scratch scratch_;
 };
 

@@ -1,7 +1,5 @@
 #include "lk/thread_pool.h"
 
-#include <xmmintrin.h>
-
 #include <pthread.h>
 #include <sched.h>
 
@@ -12,18 +10,10 @@
 namespace lk {
 namespace {
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
 // How long an idle worker polls for the next job before sleeping when power saving is
 // off: long enough to cover the gap between two MoE layers of one forward, short enough
 // to give the cores back to the host's own threads soon after.
 constexpr auto kIdleSpin = std::chrono::microseconds(100);
-// Barrier waits inside a job are short; spin this many times before sleeping.
-constexpr int kBarrierSpins = 20000;
 
 // Waits until `value` differs from `old`, spinning up to `spin` first.
 uint32_t wait_for_change(const std::atomic<uint32_t>& value, uint32_t old,
@@ -87,15 +77,6 @@ std::vector<std::pair<int, std::vector<int>>> place_workers(const Topology& topo
 
 }  // namespace
 
-struct ThreadPool::Job {
-  uint32_t ticket = 0;
-  int nodes = 0;
-  std::vector<Phase> phases;
-  std::vector<uint32_t> totals;                        // tasks per phase, all nodes
-  std::unique_ptr<std::atomic<uint32_t>[]> next;       // [phase * nodes + node]: next unclaimed task
-  std::unique_ptr<std::atomic<uint32_t>[]> completed;  // [phase]: tasks done
-};
-
 ThreadPool::ThreadPool(const Topology& topology, int threads, ThreadBinding binding, bool power_saving)
     : num_nodes_(topology.num_nodes()), power_saving_(power_saving), binding_(binding) {
   if (threads < 1) throw std::invalid_argument("thread count must be >= 1");
@@ -104,41 +85,38 @@ ThreadPool::ThreadPool(const Topology& topology, int threads, ThreadBinding bind
   worker_node_.reserve(placement.size());
   for (const auto& [node, cpus] : placement) worker_node_.push_back(node);
   workers_.reserve(placement.size());
-  for (std::size_t worker = 0; worker < placement.size(); ++worker) {
-    workers_.emplace_back(&ThreadPool::worker_main, this, static_cast<int>(worker),
-                          std::move(placement[worker].second));
+  try {
+    for (std::size_t worker = 0; worker < placement.size(); ++worker) {
+      workers_.emplace_back(&ThreadPool::worker_main, this, static_cast<int>(worker),
+                            std::move(placement[worker].second));
+    }
+  } catch (...) {
+    stop_workers();
+    throw;
   }
 }
 
 ThreadPool::~ThreadPool() {
   wait_idle();
+  stop_workers();
+}
+
+void ThreadPool::stop_workers() {
   stopping_.store(true, std::memory_order_release);
   generation_.fetch_add(1, std::memory_order_acq_rel);
   generation_.notify_all();
   for (auto& thread : workers_) thread.join();
+  workers_.clear();
 }
 
 uint32_t ThreadPool::launch(std::vector<Phase> phases) {
   wait_idle();
-  auto job = std::make_shared<Job>();
-  job->nodes = num_nodes_;
-  for (Phase& phase : phases) {
-    if (static_cast<int>(phase.tasks_per_node.size()) != num_nodes_) {
-      throw std::logic_error("phase task counts do not match the node count");
-    }
-    uint32_t total = 0;
-    for (uint32_t count : phase.tasks_per_node) total += count;
-    if (total == 0) continue;  // nothing to wait for
-    job->totals.push_back(total);
-    job->phases.push_back(std::move(phase));
-  }
-  job->ticket = ++launched_;
-  if (job->phases.empty()) {
+  auto job = std::make_shared<Running>(Running{launched_ + 1, Job(std::move(phases), num_nodes_)});
+  launched_ = job->ticket;
+  if (job->job.empty()) {
     finished_.store(job->ticket, std::memory_order_release);
     return job->ticket;
   }
-  job->next = std::make_unique<std::atomic<uint32_t>[]>(job->phases.size() * num_nodes_);
-  job->completed = std::make_unique<std::atomic<uint32_t>[]>(job->phases.size());
   {
     std::lock_guard<std::mutex> lock(job_mutex_);
     current_job_ = std::move(job);
@@ -171,62 +149,21 @@ void ThreadPool::worker_main(int worker, std::vector<int> allowed_cpus) {
     // A refused binding (e.g. a cpuset changed under us) only costs locality.
     pthread_setaffinity_np(pthread_self(), sizeof mask, &mask);
   }
-  // Kernels rely on IEEE denormals (the AVX2 FP8 decode builds weights as fp32 denormals),
-  // and a thread starts with the floating-point modes of the thread that created it, which
-  // may flush them (torch.set_flush_denormal): clear denormals-are-zero and flush-to-zero.
-  constexpr unsigned kDenormalsAreZero = 0x0040, kFlushToZero = 0x8000;
-  _mm_setcsr(_mm_getcsr() & ~(kDenormalsAreZero | kFlushToZero));
+  const KernelFloatModes float_modes;
+  const int home = worker_node_[worker];
   uint32_t seen = 0;
   const auto spin = power_saving_ ? std::chrono::nanoseconds(0) : std::chrono::nanoseconds(kIdleSpin);
   while (true) {
     seen = wait_for_change(generation_, seen, spin);
     if (stopping_.load(std::memory_order_acquire)) return;
-    std::shared_ptr<Job> job;
+    std::shared_ptr<Running> running;
     {
       std::lock_guard<std::mutex> lock(job_mutex_);
-      job = current_job_;
+      running = current_job_;
     }
-    if (job) run_job(*job, worker);
-  }
-}
-
-void ThreadPool::run_job(Job& job, int worker) {
-  const int home = worker_node_[worker];
-  for (std::size_t p = 0; p < job.phases.size(); ++p) {
-    if (p > 0) {  // the previous phase's results must all be there
-      auto& previous = job.completed[p - 1];
-      uint32_t done = previous.load(std::memory_order_acquire);
-      for (int spins = 0; done != job.totals[p - 1]; ++spins) {
-        if (spins < kBarrierSpins) {
-          cpu_relax();
-        } else {
-          previous.wait(done, std::memory_order_acquire);
-        }
-        done = previous.load(std::memory_order_acquire);
-      }
-    }
-    const Phase& phase = job.phases[p];
-    uint32_t mine = 0;
-    for (int offset = 0; offset < job.nodes; ++offset) {
-      const int node = (home + offset) % job.nodes;
-      auto& next = job.next[p * job.nodes + node];
-      const uint32_t count = phase.tasks_per_node[node];
-      if (next.load(std::memory_order_relaxed) >= count) continue;
-      for (uint32_t task = next.fetch_add(1, std::memory_order_relaxed); task < count;
-           task = next.fetch_add(1, std::memory_order_relaxed)) {
-        phase.run(node, task, worker);
-        ++mine;
-      }
-    }
-    if (mine == 0) continue;
-    const uint32_t done = job.completed[p].fetch_add(mine, std::memory_order_acq_rel) + mine;
-    if (done == job.totals[p]) {
-      if (p + 1 == job.phases.size()) {
-        finished_.store(job.ticket, std::memory_order_release);
-        finished_.notify_all();
-        return;
-      }
-      job.completed[p].notify_all();
+    if (running && running->job.work(worker, home)) {
+      finished_.store(running->ticket, std::memory_order_release);
+      finished_.notify_all();
     }
   }
 }

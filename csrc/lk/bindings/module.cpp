@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
@@ -34,6 +35,12 @@ lk::ThreadBinding to_binding(const std::string& name) {
   if (name == "NUMA_NODE") return lk::ThreadBinding::NumaNode;
   if (name == "NONE") return lk::ThreadBinding::None;
   throw std::invalid_argument("thread binding '" + name + "': valid are CPU_CORE, NUMA_NODE, NONE");
+}
+
+lk::Workers to_workers(const std::string& name) {
+  if (name == "OWN") return lk::Workers::OwnPool;
+  if (name == "OPENMP") return lk::Workers::OpenMpTeam;
+  throw std::invalid_argument("workers '" + name + "': valid are OWN, OPENMP");
 }
 
 const void* as_pointer(std::uintptr_t address) { return reinterpret_cast<const void*>(address); }
@@ -98,9 +105,10 @@ PYBIND11_MODULE(_lk, m) {
 
   py::class_<lk::Runtime, std::shared_ptr<lk::Runtime>>(m, "Runtime")
       .def(py::init([](int threads, const std::string& binding, bool power_saving, const std::string& isa,
-                       int virtual_nodes) {
+                       int virtual_nodes, const std::string& workers) {
              lk::RuntimeOptions options;
              options.threads = threads;
+             options.workers = to_workers(workers);
              options.binding = to_binding(binding);
              options.power_saving = power_saving;
              options.isa = isa;
@@ -108,10 +116,19 @@ PYBIND11_MODULE(_lk, m) {
              return std::make_shared<lk::Runtime>(options);
            }),
            py::arg("threads"), py::arg("binding"), py::arg("power_saving"), py::arg("isa"),
-           py::arg("virtual_nodes"))
+           py::arg("virtual_nodes"), py::arg("workers") = "OWN")
       .def_property_readonly("isa", [](const lk::Runtime& r) { return std::string(lk::isa_name(r.isa())); })
-      .def_property_readonly("threads", [](lk::Runtime& r) { return r.pool().num_threads(); })
+      .def_property_readonly("threads", [](lk::Runtime& r) { return r.executor().num_threads(); })
+      .def_property_readonly("workers", [](const lk::Runtime& r) {
+        return std::string(r.workers() == lk::Workers::OpenMpTeam ? "OPENMP" : "OWN");
+      })
       .def_property_readonly("numa_nodes", [](const lk::Runtime& r) { return r.topology().num_nodes(); })
+      .def_property_readonly("cpus", [](const lk::Runtime& r) {
+        std::vector<int> cpus;
+        for (const auto& node : r.topology().node_cpus) cpus.insert(cpus.end(), node.begin(), node.end());
+        std::sort(cpus.begin(), cpus.end());
+        return cpus;
+      }, "The CPUs the runtime's topology holds, ascending.")
       .def_property_readonly("virtual_nodes", [](const lk::Runtime& r) { return r.topology().virtual_nodes; })
       .def("describe", &lk::Runtime::describe);
 
