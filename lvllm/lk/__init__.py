@@ -52,13 +52,20 @@ def default_threads() -> int:
     return max(1, usable - usable // 16)
 
 
-def default_runtime() -> _lk.Runtime:
-    """The process's runtime, created from the LK_* variables on first use."""
+def default_runtime(auto_workers: str = "OWN") -> _lk.Runtime:
+    """The process's runtime, created from the LK_* variables on first use;
+    ``auto_workers`` is what LK_WORKERS=AUTO means for the caller (OWN or OPENMP)."""
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = make_runtime()
+            _runtime = make_runtime(workers=resolve_workers(auto_workers))
         return _runtime
+
+
+def resolve_workers(auto: str) -> str:
+    """LK_WORKERS with AUTO replaced by ``auto``."""
+    workers = envs.get("LK_WORKERS")
+    return auto if workers == "AUTO" else workers
 
 
 def make_runtime(
@@ -67,10 +74,17 @@ def make_runtime(
     power_saving: bool | None = None,
     isa: str | None = None,
     numa_nodes: int | None = None,
+    workers: str | None = None,
 ) -> _lk.Runtime:
-    """A runtime; arguments left None come from the LK_* variables."""
+    """A runtime; arguments left None come from the LK_* variables (LK_WORKERS=AUTO: OWN).
+
+    ``workers="OPENMP"`` runs every job on the calling thread's OpenMP team (torch's
+    runtime), by default as many threads as torch uses."""
+    if workers is None:
+        workers = resolve_workers("OWN")
     if threads is None:
-        threads = envs.get("LK_THREADS") or default_threads()
+        threads = envs.get("LK_THREADS") or (
+            torch.get_num_threads() if workers == "OPENMP" else default_threads())
     if binding is None:
         binding = envs.get("LK_THREAD_BINDING")
     if power_saving is None:
@@ -80,7 +94,7 @@ def make_runtime(
     if numa_nodes is None:
         numa_nodes = envs.get("LK_NUMA_NODES") or 0
     try:
-        return _lk.Runtime(threads, binding, power_saving, isa, numa_nodes)
+        return _lk.Runtime(threads, binding, power_saving, isa, numa_nodes, workers)
     except ValueError as error:
         if "ISA" in str(error):
             raise envs.EnvError(f"LK_ISA={isa!r}: {error}") from None
@@ -92,7 +106,9 @@ def runtime_info() -> dict[str, Any]:
     return {
         "isa": runtime.isa,
         "threads": runtime.threads,
+        "workers": runtime.workers,
         "numa_nodes": runtime.numa_nodes,
+        "cpus": runtime.cpus,
         "virtual_nodes": runtime.virtual_nodes,
         "binding": envs.get("LK_THREAD_BINDING"),
         "description": runtime.describe(),

@@ -17,6 +17,8 @@ import pytest
 
 from e2e_common import CPUS, FAMILIES, PROMPTS
 
+from lvllm.hybrid import format_layers
+
 F32_LOGPROB_TOL = 1e-3
 BF16_LOGPROB_TOL = 0.75
 BF16_SLACK = 1.5
@@ -77,9 +79,9 @@ def test_float32_same_answers(llm_runs, family):
     # Random weights, but not degenerate: the greedy outputs are not one token repeated.
     assert any(len(set(t)) > 3 for t in off.tokens)
     assert len(on.tokens) == len(PROMPTS)
-    # lk's pool spans the worker's cores (vLLM pins the worker's main thread to one).
-    threads = max(1, len(CPUS) - len(CPUS) // 16)
-    assert f", {threads} threads," in on.report[0]["summary"]
+    # lk runs on the worker's OpenMP team, one thread per core vLLM bound the worker to.
+    cores = format_layers(CPUS)
+    assert f", {len(CPUS)} threads (the worker's OpenMP threads, cores {cores})," in on.report[0]["summary"]
 
 
 def test_bfloat16_close_answers(llm_runs):
@@ -112,10 +114,13 @@ def test_tensor_parallel_2(llm_runs):
     tp1 = llm_runs("qwen3_moe", lk=False)
     tp2 = llm_runs("qwen3_moe", lk=True, tp=2)
     assert len(tp2.report) == 2
-    # Threads split between ranks: each engine runs on its rank's share of the cores.
+    # Each rank's engine runs on its own worker's OpenMP team, on that rank's share of the
+    # cores (run_llm binds rank r to the r-th share).
     share = max(1, len(CPUS) // 2)
-    for worker in tp2.report:
-        assert f", {max(1, share - share // 16)} threads," in worker["summary"]
+    for rank, worker in enumerate(tp2.report):
+        cores = [CPUS[(rank * share + i) % len(CPUS)] for i in range(share)]
+        assert (f", {share} threads (the worker's OpenMP threads, cores {format_layers(cores)}),"
+                in worker["summary"])
     assert_lk_computed(tp2.report, {0, 1, 2, 3})
     assert tp2.tokens == tp1.tokens
     assert max_logprob_diff(tp2, tp1) < F32_LOGPROB_TOL
