@@ -53,6 +53,9 @@ TINY_MODEL := build/tiny-model
 TINY_CONFIG := examples/tiny/config.yaml
 SERVE_ARGS ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 2
+# vLLM's worker (and so lk, which runs on its threads) gets every core this shell may use;
+# vLLM's own default would keep one back for its scheduler process.
+SERVE_CORES = $(shell $(PYTHON) -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0)))))')
 
 .PHONY: help install build build-asan test test-asan serve gpu-wheelhouse clean distclean
 
@@ -109,7 +112,8 @@ $(TINY_MODEL)/config.json: examples/tiny/build_tiny_model.py | $(STAMP)-install
 	$(PY) examples/tiny/build_tiny_model.py --out $(TINY_MODEL)
 
 serve: build $(TINY_MODEL)/config.json
-	LVLLM_MOE_NUMA_ENABLED=1 $(VENV)/bin/vllm serve $(TINY_MODEL) --config $(TINY_CONFIG) $(SERVE_ARGS)
+	LVLLM_MOE_NUMA_ENABLED=1 VLLM_CPU_OMP_THREADS_BIND=$${VLLM_CPU_OMP_THREADS_BIND:-$(SERVE_CORES)} \
+		$(VENV)/bin/vllm serve $(TINY_MODEL) --config $(TINY_CONFIG) $(SERVE_ARGS)
 
 # Build tools for benchmarks/gpu_session.sh on a GPU machine without network (pure-Python
 # or py3-none wheels, so they fit whatever Python that machine has).

@@ -1,0 +1,555 @@
+#!/usr/bin/env python3
+"""Whole-model benchmark: what a user of vLLM sees, lk on against vLLM's own CPU MoE.
+
+Models: Qwen3-30B-A3B's layer shapes (H 2048, 128 experts of I 768, top-8, 32 query / 4 KV
+heads of 128) with --layers layers (default 4 and 8), bf16, a small vocabulary, random
+weights (examples/tiny/build_tiny_model.py, cached under --models-dir). Configurations, all
+on the same cores (VLLM_CPU_OMP_THREADS_BIND=--cores):
+
+  vllm         LVLLM_MOE_NUMA_ENABLED=0: vLLM's own CPU MoE, the reference of every ratio
+  lk-bf16      lk with the checkpoint's bf16 experts
+  lk-int8      lk with LVLLM_MOE_USE_WEIGHT=INT8 (vLLM's CPU MoE has no such format)
+  lk-int4      lk with LVLLM_MOE_USE_WEIGHT=INT4
+  lk-bf16-own  (on request) lk-bf16 on lk's own worker pool (LK_WORKERS=OWN) instead of the
+               worker's OpenMP threads
+
+A shared host's read bandwidth jumps between levels within seconds (seen here: 34 and
+60 GB/s), so the reference and each lk configuration are loaded side by side, two processes
+on the same cores, and measured in alternating rounds (one idles while the other runs). A
+ratio is the median over rounds of lk's figure against the reference's in the round before.
+Where RAM cannot hold both (the 8-layer bf16 model served: about 13 GB each), the two run
+one after the other, the table says so, and each of lk's rounds is compared with the
+reference's round of the closest steady read bandwidth (within 15%; '-' where none is).
+
+Offline (`LLM.generate`, worker in the process), one round:
+  decode     ms per token of one stream: (17 tokens - 1 token) / 16
+  TTFT       first token of a 128- and a 512-token prompt
+  split      per token, torch's profiler over a 9-token decode: the MoE op, vLLM's dense
+             kernels (onednn_mm, torch's mm), the rest (attention, norms, sampling, Python)
+  alone      lk only: the same engines called back to back with nothing between, one token
+             on k distinct experts: lk's call in the model against lk alone
+  bound      read bandwidth (lk's probe on the same cores, before and after the round) over
+             the bytes one token reads: k experts per MoE layer in the format held plus
+             vLLM's bf16 dense weights (attention, router, lm_head)
+
+Served (`vllm serve`, measured by vLLM's own client: `vllm bench serve`'s code called in this
+process, random prompts, ignore_eos, greedy), one round per scenario and server: TTFT at 128
+and 512 prompt tokens and decode tok/s (1 / TPOT) of one stream; aggregate output tok/s of
+4 and 8 streams started together (128 in, 64 out each, their prefills included).
+
+    python benchmarks/bench_model.py                        # everything (about an hour)
+    python benchmarks/bench_model.py --layers 8 --configs vllm,lk-bf16 --no-serve
+    python benchmarks/bench_model.py --eager --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
+
+K = 8
+BUILDER_ARGS = ["--family", "qwen3_moe", "--dtype", "bfloat16", "--hidden-size", "2048",
+                "--moe-intermediate-size", "768", "--num-experts", "128", "--top-k", str(K),
+                "--num-heads", "32", "--num-kv-heads", "4", "--head-dim", "128"]
+CONFIGS = {
+    "vllm": {"LVLLM_MOE_NUMA_ENABLED": "0"},
+    "lk-bf16": {"LVLLM_MOE_NUMA_ENABLED": "1"},
+    "lk-int8": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT8"},
+    "lk-int4": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4"},
+    "lk-bf16-own": {"LVLLM_MOE_NUMA_ENABLED": "1", "LK_WORKERS": "OWN"},
+}
+REFERENCE = "vllm"
+DEFAULT_CONFIGS = ("vllm", "lk-bf16", "lk-int8", "lk-int4")
+MOE_OPS = ("lvllm::lk_moe_forward", "_C::cpu_fused_moe")
+DENSE_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm")
+PROMPT_LENS = (128, 512)
+DECODE_TOKENS = 16
+PROFILED_TOKENS = 9
+ALONE_CALLS = 64
+MAX_MODEL_LEN = 1024
+# vllm bench serve: name -> (prompt tokens, output tokens, concurrency, prompts)
+SERVE_SCENARIOS = {
+    "1 stream, 128 in": (128, 64, 1, 2),
+    "1 stream, 512 in": (512, 8, 1, 2),
+    "4 streams": (128, 64, 4, 4),
+    "8 streams": (128, 64, 8, 8),
+}
+
+
+def model_env(config: str, cores: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
+    env.update(CONFIGS[config])
+    env.update({"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1",
+                "VLLM_DISABLE_COMPILE_CACHE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return env
+
+
+def build(models_dir: Path, layers: int) -> Path:
+    out = models_dir / f"qwen3-30b-a3b-{layers}l"
+    if not (out / "config.json").exists():
+        print(f"building the {layers}-layer model in {out} ...", flush=True)
+        subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--num-layers",
+                        str(layers), *BUILDER_ARGS], check=True)
+    return out
+
+
+def dense_bytes_per_token(model: Path) -> int:
+    """bf16 bytes of the weights outside the experts that one decode token reads."""
+    config = json.loads((model / "config.json").read_text())
+    hidden, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    attention = hidden * (heads + 2 * kv) * config["head_dim"] + heads * config["head_dim"] * hidden
+    router = hidden * config["num_experts"]
+    return 2 * (config["num_hidden_layers"] * (attention + router) + config["vocab_size"] * hidden)
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth of the calling process's cores, GB/s (lk's probe, a fraction of a second)."""
+    from lvllm import _lk
+
+    return _lk.measure_read_bandwidth_gbs(len(os.sched_getaffinity(0)), 128 << 20, 3)
+
+
+# --------------------------------------------------------------------------------------
+# offline: a child process per configuration, driven round by round over stdin/stdout
+# --------------------------------------------------------------------------------------
+
+class OfflineModel:
+    """The child's side: one LLM in this process, measured a round at a time."""
+
+    def __init__(self, model: str, eager: bool):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the worker in this process
+        import torch
+        from vllm import LLM, SamplingParams
+
+        self.torch, self.SamplingParams = torch, SamplingParams
+        self.llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN,
+                       max_num_seqs=8, seed=0, enable_prefix_caching=False, disable_log_stats=True)
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self.one_token = {"prompt_token_ids": [5]}
+        self.prompts = {n: {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(n)]}
+                        for n in PROMPT_LENS}
+        from lvllm import lk
+
+        self.engines = [engine for _, engine in sorted(lk._engines.items())]
+        self.runtime = lk.runtime_info()["description"] if self.engines else None
+        layers = self.llm.llm_engine.model_config.hf_config.num_hidden_layers
+        self.moe_bytes = (sum(e.nbytes // e.num_experts * K for e in self.engines) if self.engines
+                          else layers * K * 3 * 2048 * 768 * 2)
+        self.generate(self.one_token, 8)
+        for prompt in self.prompts.values():
+            self.generate(prompt, 1)
+
+    def generate(self, prompt, tokens: int) -> float:
+        params = self.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        self.llm.generate([prompt], params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    def round(self) -> dict:
+        from torch.profiler import ProfilerActivity, profile
+
+        result = {"bandwidth_gbs": [bandwidth_gbs()]}
+        first = self.generate(self.one_token, 1)
+        result["decode_ms"] = (self.generate(self.one_token, 1 + DECODE_TOKENS) - first) / DECODE_TOKENS * 1e3
+        for n, prompt in self.prompts.items():
+            result[f"ttft_{n}_s"] = self.generate(prompt, 1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = self.generate(self.one_token, PROFILED_TOKENS)
+        calls = moe = dense = 0.0
+        for event in prof.key_averages():
+            if event.key in MOE_OPS:
+                calls += event.count
+                moe += event.cpu_time_total
+            elif event.key in DENSE_OPS:
+                dense += event.self_cpu_time_total
+        step = wall / PROFILED_TOKENS * 1e3
+        moe, dense = moe / PROFILED_TOKENS / 1e3, dense / PROFILED_TOKENS / 1e3
+        result["split_ms"] = {"step": step, "moe": moe, "dense": dense, "rest": step - moe - dense}
+        result["moe_call_ms"] = moe * PROFILED_TOKENS / max(calls, 1)
+        if self.engines:
+            result["moe_alone_ms"] = self.moe_alone_ms()
+        result["bandwidth_gbs"].append(bandwidth_gbs())
+        return result
+
+    def moe_alone_ms(self) -> float:
+        """The custom op the model calls, back to back over the layers (each call reads
+        another layer's experts, as in the model), one token on k distinct experts."""
+        torch = self.torch
+        generator = torch.Generator().manual_seed(0)
+        hidden = self.engines[0].hidden_size
+        x = torch.randn(1, hidden, dtype=torch.bfloat16, generator=generator)
+        weights = torch.rand(1, K, generator=generator)
+        routes = [torch.randperm(self.engines[0].num_experts, generator=generator)[:K].view(1, -1)
+                  for _ in range(16)]
+        times = []
+        for call in range(ALONE_CALLS):
+            engine = self.engines[call % len(self.engines)]
+            start = time.perf_counter()
+            torch.ops.lvllm.lk_moe_forward(x, routes[call % len(routes)], weights, engine.engine_id)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+
+def offline_child(model: str, eager: bool) -> None:
+    measured = OfflineModel(model, eager)
+    print("READY " + json.dumps({"moe_bytes_per_token": measured.moe_bytes, "runtime": measured.runtime}),
+          flush=True)
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        print("RESULT " + json.dumps(measured.round()), flush=True)
+
+
+class OfflineChild:
+    """The parent's side of one configuration's child."""
+
+    def __init__(self, model: Path, config: str, args):
+        self.config = config
+        command = [sys.executable, __file__, "--offline-child", str(model), *(["--eager"] if args.eager else [])]
+        self.log = Path(tempfile.mkstemp(prefix=f"bench_model-{config}-", suffix=".log")[1])
+        self.proc = subprocess.Popen(command, env=model_env(config, args.cores), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
+        self.info = self._read("READY ")
+
+    def _read(self, tag: str) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return json.loads(line[len(tag):])
+        raise RuntimeError(f"{self.config}: the offline child ended:\n{self.log.read_text()[-4000:]}")
+
+    def round(self) -> dict:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return self._read("RESULT ")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(120)
+        self.log.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# served: vllm serve, measured by vllm bench serve
+# --------------------------------------------------------------------------------------
+
+def vllm_command() -> list[str]:
+    from lvllm._vllm_cli import command_line
+
+    return command_line()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, config: str, args, log: Path):
+        import requests
+
+        self.model, self.config, self.port, self.log, self.info = model, config, free_port(), log, {}
+        command = [*vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+                   "--dtype", "bfloat16", "--served-model-name", "bench", "--max-model-len", str(MAX_MODEL_LEN),
+                   "--max-num-seqs", "8", "--no-enable-prefix-caching", *(["--enforce-eager"] if args.eager else [])]
+        self.proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                     env=model_env(config, args.cores), start_new_session=True)
+        deadline = time.time() + args.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{config}: server exited:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            if time.time() > deadline:
+                self.close()
+                raise RuntimeError(f"{config}: server not up in time:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+
+    def bench(self, scenario: str) -> dict:
+        """One run of vLLM's own serving benchmark (`vllm bench serve`, called in this process)."""
+        from vllm.benchmarks.serve import add_cli_args, main as bench_serve
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        prompt, output, concurrency, prompts = SERVE_SCENARIOS[scenario]
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
+        bench_args = parser.parse_args([
+            "--backend", "vllm", "--base-url", f"http://127.0.0.1:{self.port}", "--model", "bench",
+            "--tokenizer", str(self.model), "--dataset-name", "random", "--random-input-len", str(prompt),
+            "--random-output-len", str(output), "--random-range-ratio", "0", "--num-prompts", str(prompts),
+            "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", "0",
+            "--num-warmups", "1", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"])
+        before = bandwidth_gbs()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            result = bench_serve(bench_args)
+        after = bandwidth_gbs()
+        if result.get("failed"):
+            raise RuntimeError(f"vllm bench serve ({self.config}, {scenario}): {result['failed']} request(s) "
+                               f"failed: {result['errors']}")
+        return {"ttft_ms": result["median_ttft_ms"], "tpot_ms": result["median_tpot_ms"],
+                "output_tok_s": result["output_throughput"], "bandwidth_gbs": [before, after]}
+
+    def close(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+# --------------------------------------------------------------------------------------
+# the runs: the reference stays up, each lk configuration comes up beside it in turn
+# --------------------------------------------------------------------------------------
+
+def fits_beside(model: Path) -> bool:
+    """Whether the reference can load while a candidate is up: vLLM holds the whole bf16
+    checkpoint while it loads, plus its runtime and KV cache."""
+    checkpoint = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 > checkpoint + (3 << 30)
+    return False
+
+
+def beside_reference(start, measure, config: str, model: Path, rounds: int) -> dict:
+    """`rounds` rounds of the reference and of `config`, alternating with both up at once
+    where RAM allows (the candidate starts first, so its own load peak passes alone),
+    else one configuration after the other (then host drift is not cancelled)."""
+    candidate = start(config)
+    try:
+        entry = {"info": candidate.info, "side_by_side": fits_beside(model), "rounds": [],
+                 "reference_rounds": []}
+        if entry["side_by_side"]:
+            reference = start(REFERENCE)
+            try:
+                entry["reference_info"] = reference.info
+                for _ in range(rounds):
+                    entry["reference_rounds"].append(measure(reference))
+                    entry["rounds"].append(measure(candidate))
+                return entry
+            finally:
+                reference.close()
+        rounds *= 2  # matched by bandwidth afterwards: more rounds, more matches
+        entry["rounds"] = [measure(candidate) for _ in range(rounds)]
+    finally:
+        candidate.close()
+    reference = start(REFERENCE)
+    try:
+        entry["reference_info"] = reference.info
+        entry["reference_rounds"] = [measure(reference) for _ in range(rounds)]
+    finally:
+        reference.close()
+    return entry
+
+
+def run_pairs(kind: str, start, measure, model: Path, configs: list[str], args) -> dict:
+    """Each lk configuration against the reference; the reference's row gathers its rounds."""
+    results = {}
+    for config in configs:
+        if config != REFERENCE:
+            print(f"  {kind}: {config} and {REFERENCE} ...", flush=True)
+            results[config] = beside_reference(start, measure, config, model, args.rounds)
+    if not results:   # the reference alone
+        reference = start(REFERENCE)
+        try:
+            return {REFERENCE: {"info": reference.info, "rounds": [measure(reference) for _ in range(args.rounds)]}}
+        finally:
+            reference.close()
+    reference_rounds = [r for entry in results.values() for r in entry["reference_rounds"]]
+    first = next(iter(results.values()))
+    return {REFERENCE: {"info": first["reference_info"], "rounds": reference_rounds}, **results}
+
+
+def run_offline(model: Path, configs: list[str], args) -> dict:
+    return run_pairs("offline", lambda config: OfflineChild(model, config, args), OfflineChild.round,
+                     model, configs, args)
+
+
+def run_served(model: Path, configs: list[str], args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        def start(config):
+            return Server(model, config, args, Path(tmp) / f"{config}.log")
+
+        def measure(server):
+            return {scenario: server.bench(scenario) for scenario in SERVE_SCENARIOS}
+
+        return run_pairs("served", start, measure, model, configs, args)
+
+
+# --------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------
+
+def median(values) -> float:
+    values = [v for v in values if v is not None and v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def steady_bandwidth(values: list[float]) -> float | None:
+    """Read bandwidth over a measurement whose probes (before, after) agree within 15%."""
+    return statistics.mean(values) if min(values) > 0.85 * max(values) else None
+
+
+def paired(entry: dict, value, higher_is_better=True, probes=lambda r: r["bandwidth_gbs"]) -> float:
+    """Median over rounds of the candidate's value against the reference's: side by side,
+    the reference's round before; otherwise the reference's round whose steady read
+    bandwidth (``probes(round)``) is closest, within 15% (nan where none is)."""
+    pairs = list(zip(entry["rounds"], entry["reference_rounds"]))
+    if not entry.get("side_by_side", True):
+        pairs = []
+        for candidate in entry["rounds"]:
+            level = steady_bandwidth(probes(candidate))
+            matches = [(abs(b / level - 1), r) for r in entry["reference_rounds"]
+                       if level and (b := steady_bandwidth(probes(r))) and abs(b / level - 1) < 0.15]
+            if matches:
+                pairs.append((candidate, min(matches, key=lambda m: m[0])[1]))
+    return median(value(c) / value(r) if higher_is_better else value(r) / value(c) for c, r in pairs)
+
+
+def as_ratio(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}x"
+
+
+def offline_table(results: dict, dense_bytes: int) -> list[str]:
+    lines = ["| MoE | decode tok/s | vs vllm | % of bound | TTFT 128 s | vs vllm | TTFT 512 s | vs vllm "
+             "| MoE op ms/call | alone ms | in model / alone | dense ms/token | vs vllm | rest ms/token | vs vllm |",
+             "|---" * 15 + "|"]
+
+    def decode_tok_s(r):
+        return 1e3 / r["decode_ms"]
+
+    for config, entry in results.items():
+        rounds = entry["rounds"]
+        ref = entry.get("reference_rounds")
+        bytes_per_token = entry["info"]["moe_bytes_per_token"] + dense_bytes
+        of_bound = median(decode_tok_s(r) / (max(r["bandwidth_gbs"]) * 1e9 / bytes_per_token) for r in rounds)
+
+        def vs(value, higher_is_better=True):
+            return as_ratio(paired(entry, value, higher_is_better)) if ref else "1.00x"
+
+        alone = median(r.get("moe_alone_ms") for r in rounds)
+        lines.append(" | ".join([
+            f"| {config}" + ("" if entry.get("side_by_side", True) else " (not side by side)"),
+            f"{median(map(decode_tok_s, rounds)):.1f}", vs(decode_tok_s), f"{of_bound:.0%}",
+            f"{median(r['ttft_128_s'] for r in rounds):.3f}", vs(lambda r: r["ttft_128_s"], False),
+            f"{median(r['ttft_512_s'] for r in rounds):.3f}", vs(lambda r: r["ttft_512_s"], False),
+            f"{median(r['moe_call_ms'] for r in rounds):.3f}",
+            f"{alone:.3f}" if alone == alone else "-",
+            f"{median(r['moe_call_ms'] / r['moe_alone_ms'] for r in rounds):.2f}" if alone == alone else "-",
+            f"{median(r['split_ms']['dense'] for r in rounds):.2f}", vs(lambda r: r["split_ms"]["dense"], False),
+            f"{median(r['split_ms']['rest'] for r in rounds):.2f}",
+            vs(lambda r: r["split_ms"]["rest"], False) + " |"]))
+    return lines
+
+
+def served_table(results: dict) -> list[str]:
+    lines = ["| MoE | TTFT 128 ms | vs vllm | TTFT 512 ms | vs vllm | decode tok/s (1 stream) | vs vllm "
+             "| 4 streams tok/s | vs vllm | 8 streams tok/s | vs vllm |", "|---" * 11 + "|"]
+    columns = [("1 stream, 128 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
+               ("1 stream, 512 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
+               ("1 stream, 128 in", lambda r: 1e3 / r["tpot_ms"], True, "{:.1f}"),
+               ("4 streams", lambda r: r["output_tok_s"], True, "{:.1f}"),
+               ("8 streams", lambda r: r["output_tok_s"], True, "{:.1f}")]
+    for config, entry in results.items():
+        cells = [config + ("" if entry.get("side_by_side", True) else " (not side by side)")]
+        for scenario, value, higher_is_better, form in columns:
+            cells.append(form.format(median(value(r[scenario]) for r in entry["rounds"])))
+            if entry.get("reference_rounds"):
+                cells.append(as_ratio(paired(entry, lambda r: value(r[scenario]), higher_is_better,
+                                             probes=lambda r: r[scenario]["bandwidth_gbs"])))
+            else:
+                cells.append("1.00x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def machine_line(cores: str) -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    from lvllm import _lk
+
+    return f"{model}, {os.cpu_count()} CPUs, cores {cores}, lk ISA {_lk.best_isa()}"
+
+
+def print_offline(layers: int, results: dict, dense: int, mode: str) -> None:
+    print(f"\n## {layers} layers, offline (LLM.generate, {mode}); bound = read bandwidth / (expert bytes + "
+          f"{dense / 1e6:.0f} MB of dense weights) per token")
+    print("\n".join(offline_table(results, dense)))
+    for config, entry in results.items():
+        rounds = entry["rounds"]
+        split = {key: median(r["split_ms"][key] for r in rounds) for key in ("step", "moe", "dense", "rest")}
+        bandwidths = sorted(b for r in rounds for b in r["bandwidth_gbs"])
+        print(f"  {config}: step {split['step']:.1f} ms = MoE {split['moe']:.1f} + dense {split['dense']:.1f} + rest "
+              f"{split['rest']:.1f}; read bandwidth {bandwidths[0]:.0f}-{bandwidths[-1]:.0f} GB/s over its rounds"
+              + (f"; {entry['info']['runtime']}" if entry["info"].get("runtime") else ""))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated, of {', '.join(CONFIGS)}; {REFERENCE} always runs")
+    parser.add_argument("--cores", default=f"0-{os.cpu_count() - 1}",
+                        help="VLLM_CPU_OMP_THREADS_BIND of every process (default: all cores)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
+    parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile, vLLM's default)")
+    parser.add_argument("--no-offline", action="store_true")
+    parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "lvllm-bench-models")
+    parser.add_argument("--startup-timeout", type=int, default=1200)
+    parser.add_argument("--json", type=Path, help="write every round's figures here too")
+    parser.add_argument("--offline-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.offline_child:
+        offline_child(args.offline_child, args.eager)
+        return
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}")
+    mode = "eager" if args.eager else "torch.compile"
+    print(f"bench_model {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine_line(args.cores)}; "
+          f"{mode}; {args.rounds} alternating rounds", flush=True)
+    results: dict = {}
+    args.models_dir.mkdir(parents=True, exist_ok=True)
+    for layers in args.layers:
+        model = build(args.models_dir, layers)
+        dense = dense_bytes_per_token(model)
+        entry = results[f"{layers} layers"] = {}
+        print(f"[{layers} layers]", flush=True)
+        if not args.no_offline:
+            entry["offline"] = run_offline(model, configs, args)
+            print_offline(layers, entry["offline"], dense, mode)
+        if not args.no_serve:
+            entry["served"] = run_served(model, configs, args)
+            print(f"\n## {layers} layers, vllm serve ({mode}) measured by vllm bench serve")
+            print("\n".join(served_table(entry["served"])))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
