@@ -442,26 +442,43 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, 
   check_source(w2, "w2");
   hidden_panels_ = static_cast<int>(round_up(shape.hidden, kPanelWidth) / kPanelWidth);
   hidden_stride_ = hidden_panels_ * kPanelWidth;
-
-  // Nodes split I (the input of down) at whole panels and whole stored groups, so no panel
-  // straddles two nodes' memory and every group lies within one node. The source's groups
-  // do not matter: a source in another format or group size is requantized value by value,
-  // so the split, and with it the order of the sums, depends on the stored format alone.
-  std::size_t align = kPanelWidth;
-  if (is_grouped(shape.format)) align = std::lcm(align, shape.group_size);
-  const int nodes = runtime_->topology().num_nodes();
-  const int units = static_cast<int>(round_up(shape.intermediate, align) / align);
-  slices_.resize(nodes);
-  for (int n = 0; n < nodes; ++n) {
+  const std::vector<IntermediateRows> rows = split_intermediate(shape, runtime_->topology().num_nodes());
+  slices_.resize(rows.size());
+  for (std::size_t n = 0; n < rows.size(); ++n) {
     NodeSlice& slice = slices_[n];
-    const int first = static_cast<int>(units * 1ll * n / nodes), last = static_cast<int>(units * (n + 1ll) / nodes);
-    slice.begin = static_cast<int>(std::min<std::size_t>(first * align, shape.intermediate));
-    slice.length = static_cast<int>(std::min<std::size_t>(last * align, shape.intermediate)) - slice.begin;
-    slice.panels = static_cast<int>(round_up(slice.length, kPanelWidth) / kPanelWidth);
+    static_cast<IntermediateRows&>(slice) = rows[n];
     slice.gate_up = HostBuffer(static_cast<std::size_t>(shape.experts) * 2 * slice.panels * gate_up_panel_bytes(slice));
     slice.down = HostBuffer(static_cast<std::size_t>(shape.experts) * hidden_panels_ * down_panel_bytes(slice));
   }
   pack(w13, w2);
+}
+
+std::vector<IntermediateRows> split_intermediate(const ExpertShape& shape, int nodes) {
+  // The source's groups do not matter: a source in another format or group size is
+  // requantized value by value, so the split, and with it the order of the sums, depends on
+  // the stored format alone.
+  std::size_t align = kPanelWidth;
+  if (is_grouped(shape.format)) align = std::lcm(align, shape.group_size);
+  const int units = static_cast<int>(round_up(shape.intermediate, align) / align);
+  std::vector<IntermediateRows> rows(nodes);
+  for (int n = 0; n < nodes; ++n) {
+    const int first = static_cast<int>(units * 1ll * n / nodes), last = static_cast<int>(units * (n + 1ll) / nodes);
+    rows[n].begin = static_cast<int>(std::min<std::size_t>(first * align, shape.intermediate));
+    rows[n].length = static_cast<int>(std::min<std::size_t>(last * align, shape.intermediate)) - rows[n].begin;
+    rows[n].panels = static_cast<int>(round_up(rows[n].length, kPanelWidth) / kPanelWidth);
+  }
+  return rows;
+}
+
+std::size_t planned_weight_bytes(const ExpertShape& shape, int nodes) {
+  const std::size_t hidden_panels = round_up(shape.hidden, kPanelWidth) / kPanelWidth;
+  std::size_t total = 0;
+  for (const IntermediateRows& rows : split_intermediate(shape, nodes)) {
+    total += static_cast<std::size_t>(shape.experts) *
+             (2 * rows.panels * panel_bytes(shape.format, shape.hidden, shape.group_size) +
+              hidden_panels * panel_bytes(shape.format, rows.length, shape.group_size));
+  }
+  return total;
 }
 
 std::size_t MoEEngine::gate_up_panel_bytes(const NodeSlice&) const {

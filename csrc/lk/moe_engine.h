@@ -52,6 +52,18 @@ struct ForwardArgs {
   DType output_dtype = DType::F32;
 };
 
+// Node n's rows [begin, begin + length) of every expert's intermediate dimension, in
+// `panels` panels: whole panels and whole stored groups, so no panel straddles two nodes'
+// memory and every group lies within one node.
+struct IntermediateRows {
+  int begin = 0, length = 0, panels = 0;
+};
+std::vector<IntermediateRows> split_intermediate(const ExpertShape& shape, int nodes);
+
+// Bytes an engine of `shape` over `nodes` NUMA nodes holds (its weight_bytes()), known
+// before any is allocated.
+std::size_t planned_weight_bytes(const ExpertShape& shape, int nodes);
+
 class MoEEngine {
  public:
   // w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]. They are converted into
@@ -80,8 +92,7 @@ class MoEEngine {
   int hidden_panels() const { return hidden_panels_; }
 
  private:
-  struct NodeSlice {
-    int begin = 0, length = 0, panels = 0;  // this node's rows of I, in panels of kPanelWidth
+  struct NodeSlice : IntermediateRows {
     HostBuffer gate_up;  // [E][gate|up][panels] panels of depth H
     HostBuffer down;     // [E][hidden_panels] panels of depth `length`
   };

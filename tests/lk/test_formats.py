@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lvllm import _lk
-from lvllm.lk import MoEEngine, QuantizedWeights, engine_group_size, make_runtime, quant
+from lvllm.lk import MoEEngine, QuantizedWeights, engine_group_size, make_runtime, planned_bytes, quant
 
 from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
 
@@ -538,3 +538,19 @@ def test_fp8_subnormals_survive_a_creator_thread_that_flushes_denormals():
     finally:
         torch.set_flush_denormal(False)
     run_and_compare(MoEEngine(w13, w2, runtime=runtime), w13_ref, w2_ref, tokens=3, seed=3)
+
+
+@pytest.mark.parametrize("weight_format, group", [("float32", 128), ("bfloat16", 128), ("int8", 256), ("int8", 48),
+                                                  ("int4", 128), ("int4", 32), ("fp8_e4m3", 64)])
+@pytest.mark.parametrize("numa_nodes", [0, 2, 3])
+def test_planned_bytes_are_what_the_engine_holds(runtimes, weight_format, group, numa_nodes):
+    # What lvllm's RAM budget adds up before loading: every format, uneven node slices.
+    experts, hidden, intermediate = 3, 16 * 12 + 8, 16 * 9 + 5
+    runtime = runtimes(numa_nodes=numa_nodes)
+    if weight_format == "fp8_e4m3":
+        w13, w2 = (random_fp8(experts, rows, cols, group, seed=1)[0]
+                   for rows, cols in ((2 * intermediate, hidden), (hidden, intermediate)))
+    else:
+        w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=1)
+    engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtime)
+    assert planned_bytes(experts, hidden, intermediate, weight_format, group, runtime) == engine.nbytes

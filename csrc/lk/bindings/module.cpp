@@ -94,6 +94,22 @@ PYBIND11_MODULE(_lk, m) {
   m.def("kernel_reads_two_panels", &lk::bench::kernel_reads_two_panels, py::arg("isa"), py::arg("format"),
         py::arg("rows"), "Whether the kernels read an expert's gate and up side by side for `rows` rows.");
 
+  m.def("planned_weight_bytes",
+        [](int experts, int hidden, int intermediate, int format, int group_size, int nodes) {
+          if (experts < 1 || hidden < 1 || intermediate < 1 || nodes < 1) {
+            throw std::invalid_argument("experts, hidden, intermediate and nodes must be >= 1");
+          }
+          lk::ExpertShape shape;
+          shape.experts = experts;
+          shape.hidden = hidden;
+          shape.intermediate = intermediate;
+          shape.format = to_format(format);
+          shape.group_size = group_size;
+          return lk::planned_weight_bytes(shape, nodes);
+        },
+        py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"), py::arg("group_size"),
+        py::arg("nodes"), "Bytes an engine of that shape holds over `nodes` NUMA nodes, before it exists.");
+
   m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
         "Highest kernel ISA this CPU and OS support.");
   m.def("isa_names", [] {
