@@ -108,30 +108,48 @@ def build_tokenizer(out: Path, vocab_size: int) -> int:
 # --------------------------------------------------------------------------------------
 
 class Weights:
-    """Collects named random tensors; linear weights [out, in] get std 1/sqrt(in)."""
+    """Makes named random tensors and hands each to ``sink(name, tensor)`` at once, in the
+    checkpoint dtype, so a model larger than RAM streams out; linear weights [out, in] get
+    std 1/sqrt(in). ``fast_random``: normal values sliced from one random pool at random
+    offsets instead of drawn anew (a 58 GB model in minutes, not hours)."""
 
-    def __init__(self, seed: int, dtype: torch.dtype = torch.float32):
+    POOL = 1 << 26
+
+    def __init__(self, seed: int, dtype: torch.dtype, sink, fast_random: bool = False):
         self.gen = torch.Generator().manual_seed(seed)
         self.dtype = dtype
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.sink = sink
+        self.pool = torch.randn(self.POOL, generator=self.gen) if fast_random else None
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        if self.pool is None:
+            return torch.randn(*shape, generator=self.gen)
+        count = math.prod(shape)
+        out = torch.empty(count)
+        done = 0
+        while done < count:
+            start = int(torch.randint(self.POOL, (1,), generator=self.gen))
+            take = min(count - done, self.POOL - start)
+            out[done:done + take] = self.pool[start:start + take]
+            done += take
+        return out.view(shape)
 
     def __setitem__(self, name: str, value: torch.Tensor):
-        # Stored in the checkpoint dtype at once: big layer shapes stay within memory.
-        self.tensors[name] = value.to(self.dtype).contiguous()
+        self.sink(name, value.to(self.dtype).contiguous())
 
     def linear(self, name: str, out_features: int, in_features: int, gain: float = 1.0):
         std = gain / math.sqrt(in_features)
-        self[name] = torch.randn(out_features, in_features, generator=self.gen).mul_(std)
+        self[name] = self.normal(out_features, in_features).mul_(std)
 
     def bias(self, name: str, size: int):
-        self[name] = torch.randn(size, generator=self.gen) * 0.02
+        self[name] = self.normal(size) * 0.02
 
     def norm(self, name: str, size: int):
         # Near 1 but not exactly, so a mixed-up norm shows in the outputs.
-        self[name] = 1.0 + 0.05 * torch.randn(size, generator=self.gen)
+        self[name] = 1.0 + 0.05 * self.normal(size)
 
     def embedding(self, name: str, vocab: int, hidden: int):
-        self[name] = torch.randn(vocab, hidden, generator=self.gen)
+        self[name] = self.normal(vocab, hidden)
 
     def attention(self, prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
         """A decoder layer's two norms and its q/k/v/o projections (Llama-style names)."""
@@ -380,78 +398,125 @@ def awq_int4(w: torch.Tensor, group: int, zero_point: bool, dtype) -> dict[str, 
     return tensors
 
 
-def quantize_checkpoint(tensors: dict, config: dict, how: str, group: int, dtype,
-                        zero_point: bool = False) -> dict:
-    """Replace the decoder layers' linear weights by a quantized checkpoint's tensors and
-    add its quantization_config to config; every linear layer left unquantized is listed
+class Quantizer:
+    """Turns the decoder layers' linear weights into a quantized checkpoint's tensors as
+    they come, passing them on to ``sink``; every linear layer left unquantized is listed
     in the config's exclusion list, as the real tools write it."""
-    out, kept = {}, []
-    fmt = how.removesuffix("-experts")
-    for name, w in tensors.items():
+
+    def __init__(self, how: str, group: int, dtype, zero_point: bool, sink):
+        self.how, self.fmt = how, how.removesuffix("-experts")
+        self.group, self.dtype, self.zero_point, self.sink = group, dtype, zero_point, sink
+        self.kept: list[str] = []
+
+    def __call__(self, name: str, w: torch.Tensor) -> None:
         # 4-bit formats leave the router gate unquantized, as real checkpoints do.
-        if not _quantized_name(name, how.endswith("-experts")) or (
-                fmt == "w4a16" and name.endswith(".gate.weight")):
-            out[name] = w
+        if not _quantized_name(name, self.how.endswith("-experts")) or (
+                self.fmt == "w4a16" and name.endswith(".gate.weight")):
+            self.sink(name, w)
             if w.dim() == 2 and name.startswith("model.layers."):
-                kept.append(name[: -len(".weight")])
-            continue
+                self.kept.append(name[: -len(".weight")])
+            return
         stem = name[: -len(".weight")]
-        if fmt == "fp8-block":
-            out[name], out[f"{stem}.weight_scale_inv"] = fp8_block(w)
-        elif fmt == "awq":
-            for suffix, tensor in awq_int4(w, group, zero_point, dtype).items():
-                out[f"{stem}.{suffix}"] = tensor
+        if self.fmt == "fp8-block":
+            q, scale = fp8_block(w)
+            self.sink(name, q)
+            self.sink(f"{stem}.weight_scale_inv", scale)
+        elif self.fmt == "awq":
+            for suffix, tensor in awq_int4(w, self.group, self.zero_point, self.dtype).items():
+                self.sink(f"{stem}.{suffix}", tensor)
         else:
             from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-            q, scale = int4_symmetric(w, group)
-            out[f"{stem}.weight_packed"] = pack_to_int32(q, 4)
-            out[f"{stem}.weight_scale"] = scale.to(dtype)
-            out[f"{stem}.weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
-    if fmt == "fp8-block":
-        config["quantization_config"] = {
-            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-            "weight_block_size": [128, 128],
-        }
-        if kept:
-            config["quantization_config"]["modules_to_not_convert"] = kept
-    elif fmt == "awq":
-        config["quantization_config"] = {
-            "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": group,
-            "zero_point": zero_point, "modules_to_not_convert": kept,
-        }
-    else:
-        config["quantization_config"] = {
+            q, scale = int4_symmetric(w, self.group)
+            self.sink(f"{stem}.weight_packed", pack_to_int32(q, 4))
+            self.sink(f"{stem}.weight_scale", scale.to(self.dtype))
+            self.sink(f"{stem}.weight_shape", torch.tensor(list(w.shape), dtype=torch.int64))
+
+    def config(self) -> dict:
+        """The checkpoint's quantization_config (complete once every tensor has passed)."""
+        if self.fmt == "fp8-block":
+            config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                      "weight_block_size": [128, 128]}
+            if self.kept:
+                config["modules_to_not_convert"] = self.kept
+            return config
+        if self.fmt == "awq":
+            return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": self.group,
+                    "zero_point": self.zero_point, "modules_to_not_convert": self.kept}
+        return {
             "quant_method": "compressed-tensors", "format": "pack-quantized",
             "quantization_status": "compressed",
-            "ignore": ["lm_head", *kept],
+            "ignore": ["lm_head", *self.kept],
             "config_groups": {"group_0": {
                 "targets": ["Linear"], "format": "pack-quantized",
                 "weights": {"num_bits": 4, "type": "int", "symmetric": True,
-                            "strategy": "group", "group_size": group, "dynamic": False,
+                            "strategy": "group", "group_size": self.group, "dynamic": False,
                             "actorder": None, "observer": "minmax"},
                 "input_activations": None, "output_activations": None,
             }},
         }
-    return out
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of about ``shard_bytes`` as they come: one
+    model.safetensors when everything fits one shard, else numbered shards and the
+    model.safetensors.index.json that Hugging Face loaders (and vLLM) read."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.shard_bytes = out, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, int]] = []   # per written shard: name -> bytes
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor
+        self.pending_bytes += tensor.nbytes
+        if self.pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.out / f"shard-{len(self.shards):05d}.safetensors"),
+                  metadata={"format": "pt"})
+        self.shards.append({name: t.nbytes for name, t in self.pending.items()})
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        if len(self.shards) == 1:
+            (self.out / "shard-00000.safetensors").rename(self.out / "model.safetensors")
+            return
+        count = len(self.shards)
+        weight_map = {}
+        for index, shard in enumerate(self.shards):
+            final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            (self.out / f"shard-{index:05d}.safetensors").rename(self.out / final)
+            weight_map.update(dict.fromkeys(shard, final))
+        total = sum(sum(shard.values()) for shard in self.shards)
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def build(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), *out.glob("model.safetensors.index.json")]:
+        stale.unlink()
     vocab = build_tokenizer(out, args.vocab_size)
-    weights = Weights(args.seed, DTYPES[args.dtype])
+    writer = ShardWriter(out, int(args.shard_size * 2**30))
+    quantizer = (Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, writer)
+                 if args.quantize != "none" else None)
+    weights = Weights(args.seed, DTYPES[args.dtype], quantizer or writer, args.fast_random)
     if args.family in ("qwen3_moe", "qwen2_moe"):
         config = build_qwen_moe(args, vocab, weights, shared=args.family == "qwen2_moe")
     elif args.family == "mixtral":
         config = build_mixtral(args, vocab, weights)
     else:
         config = build_deepseek_v2(args, vocab, weights)
-    tensors = weights.tensors
-    if args.quantize != "none":
-        tensors = quantize_checkpoint(tensors, config, args.quantize, args.group_size,
-                                      DTYPES[args.dtype], args.zero_point)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    writer.close()
+    if quantizer is not None:
+        config["quantization_config"] = quantizer.config()
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]},
@@ -475,6 +540,12 @@ def parse_args(argv=None):
     parser.add_argument("--num-kv-heads", type=int, default=2, help="qwen families")
     parser.add_argument("--head-dim", type=int, default=32, help="qwen families")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shard-size", type=float, default=4.0,
+                        help="GiB per safetensors shard: the builder holds one shard in RAM, so "
+                             "a model larger than RAM is written in shards")
+    parser.add_argument("--fast-random", action="store_true",
+                        help="take the normal values from one random pool at random offsets "
+                             "instead of drawing each anew (for models of tens of GB)")
     parser.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="write a quantized checkpoint: fp8-block (FP8 e4m3, 128x128 "
                              "weight_scale_inv, every dim of a quantized linear a multiple "
@@ -493,6 +564,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.group_size < 1:
         parser.error(f"--group-size must be positive, got {args.group_size}")
+    if not args.shard_size > 0:
+        parser.error(f"--shard-size must be a positive number of GiB, got {args.shard_size}")
     for name in ("hidden_size", "moe_intermediate_size"):
         if getattr(args, name) % 32:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of 32 "
