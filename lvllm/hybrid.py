@@ -26,6 +26,7 @@ RESIDENT_VAR = "LVLLM_GPU_RESIDENT_MOE_LAYERS"
 LK_ACTIVATIONS = ("silu", "gelu", "swigluoai")
 
 WEIGHT_VAR = "LVLLM_MOE_USE_WEIGHT"
+WEIGHT_MODES = ("TO_DTYPE", "KEEP", "INT8", "INT4")
 FLOAT_FORMATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Short names of the engine's formats in the start-up line.
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp8_e4m3": "fp8"}
@@ -110,6 +111,10 @@ class Placement:
     progress_bar: bool | None = None   # None: tqdm shows it where stderr is a TTY
     num_layers: int | None = None
     summary: str | None = None
+    # index -> lvllm.memory.LayerMemory, recorded as the lk layers are created
+    layer_memory: dict = field(default_factory=dict)
+    memory_checked: bool = False
+    convert_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bar: object = field(default=None, repr=False)
 
@@ -141,10 +146,12 @@ class Placement:
             return on_lk
 
     def loaded(self, layer_index: int, nbytes: int, weight_format: str,
-               runtime: dict) -> str | None:
-        """Record a layer handed to lk; returns the summary line when it was the last."""
+               runtime: dict, seconds: float = 0.0) -> str | None:
+        """Record a layer handed to lk (``seconds``: its conversion); returns the summary
+        line when it was the last."""
         with self._lock:
             self.loaded_bytes[layer_index] = nbytes
+            self.convert_seconds += seconds
             self.weight_format = weight_format
             if self._bar is not None:
                 self._bar.update(1)
@@ -161,7 +168,8 @@ class Placement:
         not_moe = sorted(self.resident - set(self.device_layers))
         line = (
             f"lvllm: {len(self.lk_layers)} MoE layer(s) on lk [{format_layers(self.lk_layers)}] "
-            f"({self.weight_format}, {gib:.3f} GiB in RAM, {_threads(runtime)}, "
+            f"({self.weight_format}, {gib:.3f} GiB in RAM, converted in {self.convert_seconds:.1f} s, "
+            f"{_threads(runtime)}, "
             f"{runtime.get('numa_nodes')} NUMA node(s), ISA {runtime.get('isa')}); "
             f"{len(self.device_layers)} on the device [{format_layers(self.device_layers)}]"
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,8 +59,10 @@ from vllm.platforms import current_platform
 
 from lvllm import envs
 from lvllm.gpu.plan import capture_overlap_warning, plan_batch, rank_cpus
+from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.hybrid import (
     ALL_ON_LK,
+    WEIGHT_MODES,
     FLOAT_FORMATS,
     LK_ACTIVATIONS,
     RESIDENT_VAR,
@@ -145,6 +148,7 @@ def lk_report(model: torch.nn.Module) -> dict:
             engine = method.experts.engine
             lk_layers[name] = {
                 "engine_id": engine.engine_id,
+                "converted_while_loading": method.converted_while_loading,
                 "forward_calls": engine.forward_calls,
                 "nbytes": engine.nbytes,
                 "params": params,
@@ -263,6 +267,7 @@ class ExpertSource:
     """Experts stored as float tensors (any float checkpoint; vLLM casts to params_dtype)."""
 
     format = "float"   # engine format name, or "float" for the model dtype
+    group: int | None = None   # inputs per scale of a quantized checkpoint
     # params a checkpoint of this format may lack (vLLM creates them all the same)
     optional: frozenset[str] = frozenset()
     label = "float experts"
@@ -288,6 +293,7 @@ class Fp8BlockSource(ExpertSource):
 
     def __init__(self, block):
         self.block_n, self.block_k = block
+        self.group = self.block_k
 
     def params(self, num_experts, hidden, inter, params_dtype):
         bn, bk = self.block_n, self.block_k
@@ -412,6 +418,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         self.layer_index = layer_index
         self.source = source or ExpertSource()
         self.experts: HybridExperts | None = None
+        self.converted_while_loading = False
         self.params_dtype: torch.dtype | None = None
         self.param_names: tuple[str, ...] = ()
         # param name -> (shard id, global expert id or None for all) vLLM's loader filled
@@ -424,30 +431,43 @@ class LkMoEMethod(FusedMoEMethodBase):
         params = self.source.params(num_experts, hidden_size, intermediate_size_per_partition,
                                     params_dtype)
         for name, (shape, dtype, attrs) in params.items():
-            weight = torch.nn.Parameter(
-                torch.ones(shape, dtype=dtype, device="cpu") if "scale" in name
-                else torch.empty(shape, dtype=dtype, device="cpu"), requires_grad=False
-            )
+            # Pages are taken as the loader fills them and returned when lk has converted
+            # the layer, so a layer costs its checkpoint size only while it loads.
+            tensor = returnable_empty(shape, dtype)
+            if "scale" in name:
+                tensor.fill_(1)
+            weight = torch.nn.Parameter(tensor, requires_grad=False)
             layer.register_parameter(name, weight)
             set_weight_attrs(weight, {**extra_weight_attrs, **attrs})
         self.param_names = tuple(params)
+        checkpoint_bytes = sum(getattr(layer, name).nbytes for name in params)
+        _placement.layer_memory[self.layer_index] = LayerMemory(
+            checkpoint_bytes, self.held_bytes(num_experts, hidden_size, intermediate_size_per_partition))
+
+    def held_bytes(self, experts: int, hidden: int, intermediate: int) -> dict[str, int]:
+        """What lk will hold of this layer under each LVLLM_MOE_USE_WEIGHT value it allows."""
+        from lvllm import lk
+
+        _start_lk_runtime()
+        held = {}
+        for mode in WEIGHT_MODES:
+            try:
+                weight_format = self.weight_format(mode)
+            except envs.EnvError:
+                continue
+            group = (self.source.group if weight_format == self.source.format
+                     else envs.quant_group_size(weight_format, _placement.group_size))
+            held[mode] = lk.planned_bytes(experts, hidden, intermediate, weight_format, group)
+        return held
 
     def get_fused_moe_quant_config(self, layer):
         return None
 
-    def record_load(self, layer, param, shard_id: str, expert_id: int, all_experts: bool):
-        for name in self.param_names:
-            if getattr(layer, name) is param:
-                self.loaded.setdefault(name, set()).add((shard_id, None if all_experts else expert_id))
-                return
+    def record_load(self, name: str, shard_id: str, expert_id: int, all_experts: bool):
+        self.loaded.setdefault(name, set()).add((shard_id, None if all_experts else expert_id))
 
-    def check_loaded(self, layer) -> None:
-        """Raises unless the checkpoint filled every expert of every param lk reads: vLLM
-        does not check quantized checkpoints, and a missing tensor (an AWQ checkpoint
-        without qzeros, say) would leave uninitialized memory as weights. Models whose
-        load_weights writes the params directly (no loader calls seen) are not checked."""
-        if not self.loaded:
-            return
+    def gaps(self, layer) -> list[str]:
+        """What the loader has not filled yet, of the params lk reads."""
         gaps = []
         for name in self.param_names:
             if name in self.source.optional:
@@ -459,6 +479,14 @@ class LkMoEMethod(FusedMoEMethodBase):
                 if None not in ids and len(ids) < experts:
                     gaps.append(f"{name} {_SHARD_NAMES[shard]} for {experts - len(ids)} of "
                                 f"{experts} experts")
+        return gaps
+
+    def check_loaded(self, layer) -> None:
+        """Raises unless the checkpoint filled every expert of every param lk reads: vLLM
+        does not check quantized checkpoints, and a missing tensor (an AWQ checkpoint
+        without qzeros, say) would leave uninitialized memory as weights. Models whose
+        load_weights writes the params directly (no loader calls seen) are not checked."""
+        gaps = self.gaps(layer) if self.loaded else []
         if gaps:
             model_config = get_current_vllm_config().model_config
             where = f" in {model_config.model}" if model_config is not None else ""
@@ -468,20 +496,30 @@ class LkMoEMethod(FusedMoEMethodBase):
                 "incomplete, or that description does not match its tensors."
             )
 
-    def weight_format(self) -> str:
-        """The lk format of this layer's experts (LVLLM_MOE_USE_WEIGHT)."""
+    def weight_format(self, mode: str | None = None) -> str:
+        """The lk format of this layer's experts under LVLLM_MOE_USE_WEIGHT=mode (None: the
+        one set)."""
         source = self.source.format
         if source == "float":
             source = FLOAT_FORMATS[self.params_dtype]
-        return engine_weight_format(_placement.weight_mode, source, self.params_dtype)
+        return engine_weight_format(mode or _placement.weight_mode, source, self.params_dtype)
 
     def process_weights_after_loading(self, layer) -> None:
+        if self.experts is not None:
+            return   # converted as soon as the loader had filled it
+        if not self.loaded:
+            _log_late_conversion(layer.layer_name)
+        self.check_loaded(layer)
+        self.convert(layer)
+
+    def convert(self, layer, while_loading: bool = False) -> None:
+        """Hand the loaded experts to lk and free vLLM's copy (``while_loading``: as soon
+        as the loader filled the layer, not after the whole model)."""
         from lvllm.lk import engine_group_size
 
-        if self.experts is not None:
-            raise RuntimeError(f"{layer.layer_name}: lk experts cannot be reloaded")
-        self.check_loaded(layer)
+        self.converted_while_loading = while_loading
         runtime = _start_lk_runtime()
+        start = time.perf_counter()
         weight_format = self.weight_format()
         w13, w2 = self.source.engine_inputs(layer)
         group_size = engine_group_size(w13, weight_format, _placement.group_size)
@@ -493,17 +531,18 @@ class LkMoEMethod(FusedMoEMethodBase):
             weight_format=weight_format, group_size=group_size,
         )
         del w13, w2
-        # lk holds its own copy now: drop vLLM's.
+        # lk holds its own copy now: drop vLLM's, in place, since vLLM's loader keeps the
+        # Parameter objects until the whole model has loaded.
         for name in self.param_names:
-            dtype = getattr(layer, name).dtype
-            setattr(layer, name, torch.nn.Parameter(
-                torch.empty(0, dtype=dtype, device="cpu"), requires_grad=False))
+            param = getattr(layer, name)
+            param.data = torch.empty(0, dtype=param.dtype, device="cpu")
         if current_platform.is_cuda():
             _gpu_path().attach(self.experts, layer)
         engine = self.experts.engine
         summary = _placement.loaded(
             self.layer_index, engine.nbytes,
             describe_format(engine.weight_format, engine.group_size), runtime,
+            time.perf_counter() - start,
         )
         if summary is not None:
             logger.info(summary)
@@ -542,16 +581,73 @@ def _maybe_quantize_on_gpu(w13, w2, weight_format: str, group_size: int):
             quant.quantize(w2, weight_format, group_size, device))
 
 
+def _check_memory_once() -> None:
+    """Before the first expert lands in host memory (every lk layer has been created by
+    then): refuse a load that would not fit, with the figures and the formats that would."""
+    if _placement.memory_checked:
+        return
+    _placement.memory_checked = True
+    config = get_current_vllm_config()
+    extra, labels = 0, []
+    if current_platform.is_cpu():
+        kv_cache = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        if kv_cache:
+            extra += int(float(kv_cache) * 2**30)
+            labels.append("for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+        others = _other_weights_bytes(config.model_config)
+        if others:
+            extra += others
+            labels.append("for the model's other weights")
+    ranks = config.parallel_config.local_world_size if current_platform.is_cpu() else 1
+    line = check_budget(list(_placement.layer_memory.values()), _placement.weight_mode,
+                        extra=extra, extra_label=" and ".join(labels), ranks=ranks)
+    logger.info(line)
+
+
+def _other_weights_bytes(model_config) -> int:
+    """Bytes of a local checkpoint outside the lk layers' experts (0 where unknown)."""
+    path = Path(model_config.model) if model_config is not None else None
+    if path is None or not path.is_dir():
+        return 0
+    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return max(0, total - sum(m.checkpoint_bytes for m in _placement.layer_memory.values()))
+
+
+_late_conversion_logged = False
+
+
+def _log_late_conversion(layer_name: str) -> None:
+    global _late_conversion_logged
+    if not _late_conversion_logged:
+        _late_conversion_logged = True
+        logger.info("lvllm: %s's experts were filled outside vLLM's weight_loader, so lk converts "
+                    "them after the whole model has loaded: host RAM peaks at the checkpoint's "
+                    "size for such layers", layer_name)
+
+
 class LkRoutedExperts(RoutedExperts):
     """vLLM's RoutedExperts; for lk layers the quant method is LkMoEMethod."""
 
     def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id,
                       return_success=False):
+        method = self.quant_method
+        if not isinstance(method, LkMoEMethod):
+            return super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
+                                         return_success=return_success)
+        name = next((n for n in method.param_names if getattr(self, n) is param), None)
+        if method.experts is not None and name is not None:
+            # Converted already: only tensors lk does not read may still arrive.
+            if name not in method.source.optional:
+                raise ValueError(f"{self.layer_name}: the checkpoint holds {weight_name} (expert "
+                                 f"{expert_id}) again after the layer's experts were complete")
+            return True if return_success else None
+        _check_memory_once()
         loaded = super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
                                        return_success=True)
-        if loaded and isinstance(self.quant_method, LkMoEMethod):
-            self.quant_method.record_load(self, param, shard_id, expert_id,
-                                          all_experts=loaded_weight.dim() == 3)
+        if loaded and name is not None:
+            method.record_load(name, shard_id, expert_id, all_experts=loaded_weight.dim() == 3)
+            if method.experts is None and not method.gaps(self):
+                method.convert(self, while_loading=True)
         return loaded if return_success else None
 
     # As on vLLM's loader: models such as Llama 4 pass expert ids only to loaders marked so.

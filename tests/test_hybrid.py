@@ -62,12 +62,12 @@ def test_placement_summary_after_last_lk_layer():
     assert set(placement.lk_layers) == {0, 2, 3}
     assert set(placement.device_layers) == {1}
     runtime = {"threads": 2, "workers": "OPENMP", "cpus": [0, 1], "numa_nodes": 1, "isa": "AVX2"}
-    assert placement.loaded(0, 2**29, "bf16", runtime) is None
-    assert placement.loaded(2, 2**29, "bf16", runtime) is None
-    line = placement.loaded(3, 2**30, "bf16", runtime)
+    assert placement.loaded(0, 2**29, "bf16", runtime, 1.25) is None
+    assert placement.loaded(2, 2**29, "bf16", runtime, 1.0) is None
+    line = placement.loaded(3, 2**30, "bf16", runtime, 0.5)
     assert line == (
-        "lvllm: 3 MoE layer(s) on lk [0,2-3] (bf16, 2.000 GiB in RAM, 2 threads (the worker's "
-        "OpenMP threads, cores 0-1), 1 NUMA node(s), ISA AVX2); 1 on the device [1]; "
+        "lvllm: 3 MoE layer(s) on lk [0,2-3] (bf16, 2.000 GiB in RAM, converted in 2.8 s, 2 threads "
+        "(the worker's OpenMP threads, cores 0-1), 1 NUMA node(s), ISA AVX2); 1 on the device [1]; "
         f"{RESIDENT_VAR} also names non-MoE layer(s) 6"
     )
     assert placement.loaded(3, 2**30, "bf16", runtime) is None  # logged once

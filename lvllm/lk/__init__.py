@@ -31,8 +31,8 @@ import torch
 from lvllm import envs
 from lvllm import _lk
 
-__all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "engine_group_size", "runtime_info",
-           "ACTIVATIONS", "WEIGHT_FORMATS"]
+__all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "engine_group_size", "planned_bytes",
+           "runtime_info", "ACTIVATIONS", "WEIGHT_FORMATS"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # Format names as the engine reports them, in its code order: float32, float16, bfloat16,
@@ -223,6 +223,15 @@ def engine_group_size(w13: torch.Tensor | QuantizedWeights, weight_format: str, 
     if isinstance(w13, QuantizedWeights) and w13.format == weight_format:
         return w13.group_size
     return envs.quant_group_size(weight_format, requested)
+
+
+def planned_bytes(experts: int, hidden: int, intermediate: int, weight_format: str, group_size: int,
+                  runtime: _lk.Runtime | None = None) -> int:
+    """Bytes of host RAM an engine of this shape and format will hold (``MoEEngine.nbytes``)
+    on ``runtime``'s NUMA nodes (None: the default runtime), known before any is allocated."""
+    nodes = (runtime or default_runtime()).numa_nodes
+    return _lk.planned_weight_bytes(experts, hidden, intermediate, WEIGHT_FORMATS.index(weight_format),
+                                    envs.quant_group_size(weight_format, group_size), nodes)
 
 
 class MoEEngine:

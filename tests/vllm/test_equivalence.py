@@ -47,6 +47,7 @@ def assert_lk_computed(report, lk_layers: set[int], device_layers: set[int] = fr
         for index, layer in on_lk.items():
             assert layer["forward_calls"] > 0, f"layer {index}: lk never ran"
             assert layer["nbytes"] > 0
+            assert layer["converted_while_loading"], f"layer {index}: converted after the whole model loaded"
             for name, (shape, device) in layer["params"].items():
                 assert device == "cpu", (index, name, device)
                 if name in ("w13_weight", "w2_weight"):

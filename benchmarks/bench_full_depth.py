@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""A full-depth model larger than this machine's RAM, served with INT4 experts.
+
+Writes a 48-layer Qwen3-30B-A3B-shaped random checkpoint (bf16: about 58 GB on disk; FP8
+block-quantized experts: about 30 GB) with examples/tiny/build_tiny_model.py streaming its
+shards, loads it with LVLLM_MOE_USE_WEIGHT=INT4 (each layer converted as soon as vLLM's
+loader has filled it), and reports, per checkpoint:
+
+  load       seconds to a ready LLM, and the phases vLLM logs (weights with lk's
+             conversions, engine set-up, torch.compile); lk's conversions alone
+  RSS        peak and final resident memory of the process (all of it, and anonymous
+             memory alone: the checkpoint's pages in the page cache are the kernel's to drop)
+  decode     tokens/s of one stream, against the bound the read bandwidth (lk's probe,
+             measured in the same rounds) sets for the bytes a token reads: 8 INT4 experts per
+             layer plus vLLM's bf16 dense weights
+  TTFT       first token of a 512-token prompt
+
+Each checkpoint is deleted after its run (--keep keeps them).
+
+    python benchmarks/bench_full_depth.py                   # bf16 and FP8 checkpoints
+    python benchmarks/bench_full_depth.py --checkpoints bf16 --eager --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model  # noqa: E402  (the offline child and the report helpers)
+
+CHECKPOINTS = {"bf16": [], "fp8": ["--quantize", "fp8-block-experts"]}
+GB = 1e9
+
+
+def build(directory: Path, layers: int, checkpoint: str) -> tuple[Path, float]:
+    out = directory / f"qwen3-30b-a3b-{layers}l-{checkpoint}"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(bench_model.BUILDER), "--out", str(out), "--num-layers", str(layers),
+                    *bench_model.BUILDER_ARGS, "--fast-random", *CHECKPOINTS[checkpoint]],
+                   check=True, stdout=subprocess.DEVNULL)
+    return out, time.perf_counter() - start
+
+
+def measure(model: Path, args) -> dict:
+    child = bench_model.OfflineChild(model, "lk-int4", args)
+    try:
+        rounds = [child.round() for _ in range(args.rounds)]
+    finally:
+        child.close()
+    return {"info": child.info, "rounds": rounds}
+
+
+def row(checkpoint: str, result: dict) -> str:
+    info, rounds = result["info"], result["rounds"]
+    median = bench_model.median
+    bytes_per_token = info["moe_bytes_per_token"] + result["dense_bytes"]
+    decode = median(1e3 / r["decode_ms"] for r in rounds)
+    bound = median(max(r["bandwidth_gbs"]) * GB / bytes_per_token for r in rounds)
+    peak, loaded = info["peak_rss"], info["loaded_rss"]
+    phases = ", ".join(f"{name} {seconds:.0f}" for name, seconds in info["phases_s"].items())
+    return " | ".join([
+        f"| {checkpoint}", f"{result['disk_bytes'] / GB:.1f}", f"{info['load_s']:.0f} ({phases})",
+        f"{info['lk_convert_s']:.0f}", f"{peak['VmRSS:'] / GB:.1f} / {peak['RssAnon:'] / GB:.1f}",
+        f"{loaded['VmRSS:'] / GB:.1f} / {loaded['RssAnon:'] / GB:.1f}", f"{decode:.1f}",
+        f"{bound:.1f} ({bytes_per_token / GB:.2f} GB/token)", f"{decode / bound:.0%}",
+        f"{median(r['ttft_512_s'] for r in rounds):.2f} |"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoints", default="bf16,fp8", help=f"comma-separated, of {', '.join(CHECKPOINTS)}")
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="where the checkpoints are written (needs about 60 GB free)")
+    parser.add_argument("--cores", default=bench_model.all_cores(), help="VLLM_CPU_OMP_THREADS_BIND")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    checkpoints = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
+    unknown = [c for c in checkpoints if c not in CHECKPOINTS]
+    if unknown:
+        parser.error(f"--checkpoints: unknown {', '.join(unknown)}; valid: {', '.join(CHECKPOINTS)}")
+
+    mode = "eager" if args.eager else "torch.compile"
+    print(f"bench_full_depth {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+          f"{bench_model.machine_line(args.cores)}; {args.layers} layers, INT4 experts, {mode}", flush=True)
+    results = {}
+    for checkpoint in checkpoints:
+        print(f"[{checkpoint}] writing the checkpoint ...", flush=True)
+        model, build_s = build(args.dir, args.layers, checkpoint)
+        try:
+            disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+            print(f"[{checkpoint}] {disk / GB:.1f} GB written in {build_s:.0f} s; loading ...", flush=True)
+            results[checkpoint] = {**measure(model, args), "disk_bytes": disk, "build_s": build_s,
+                                   "dense_bytes": bench_model.dense_bytes_per_token(model)}
+        finally:
+            if not args.keep:
+                shutil.rmtree(model)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
+    print("\n| checkpoint | on disk GB | load s (phases) | lk conversions s | peak RSS GB (all / anon) "
+          "| final RSS GB (all / anon) | decode tok/s | bound tok/s | of bound | TTFT 512 s |")
+    print("|---" * 10 + "|")
+    for checkpoint, result in results.items():
+        print(row(checkpoint, result))
+
+
+if __name__ == "__main__":
+    main()
