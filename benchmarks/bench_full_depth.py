@@ -24,7 +24,6 @@ Each checkpoint is deleted after its run (--keep keeps them).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import subprocess
@@ -86,14 +85,10 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    checkpoints = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
-    unknown = [c for c in checkpoints if c not in CHECKPOINTS]
-    if unknown:
-        parser.error(f"--checkpoints: unknown {', '.join(unknown)}; valid: {', '.join(CHECKPOINTS)}")
-
+    checkpoints = bench_model.choices(parser, "--checkpoints", args.checkpoints, CHECKPOINTS)
     mode = "eager" if args.eager else "torch.compile"
-    print(f"bench_full_depth {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-          f"{bench_model.machine_line(args.cores)}; {args.layers} layers, INT4 experts, {mode}", flush=True)
+    print(f"{bench_model.header('bench_full_depth', args.cores)}; {args.layers} layers, INT4 experts, {mode}",
+          flush=True)
     results = {}
     for checkpoint in checkpoints:
         print(f"[{checkpoint}] writing the checkpoint ...", flush=True)

@@ -269,8 +269,9 @@ class OfflineChild:
         self.config = config
         command = [sys.executable, __file__, "--offline-child", str(model), *(["--eager"] if args.eager else [])]
         self.log = Path(tempfile.mkstemp(prefix=f"bench_model-{config}-", suffix=".log")[1])
+        self.log_file = self.log.open("w")
         self.proc = subprocess.Popen(command, env=model_env(config, args.cores), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
+                                     stdout=subprocess.PIPE, stderr=self.log_file, text=True)
         self.peak = {"VmRSS:": 0, "RssAnon:": 0}   # the child's, sampled while it loads
         sampler = threading.Thread(target=self._sample_until_ready, daemon=True)
         self.ready = False
@@ -280,6 +281,7 @@ class OfflineChild:
         sampler.join()
         drop_cached_pages(model)
         self.info["peak_rss"] = dict(self.peak)
+        self.log_file.flush()
         self.info["phases_s"] = load_phases(self.log.read_text())
 
     def _sample_until_ready(self) -> None:
@@ -289,9 +291,13 @@ class OfflineChild:
             time.sleep(0.05)
 
     def _read(self, tag: str) -> dict:
+        """The next ``tag`` line's JSON; what else the child prints (vLLM logs to stdout)
+        goes to its log."""
         for line in self.proc.stdout:
             if line.startswith(tag):
                 return json.loads(line[len(tag):])
+            self.log_file.write(line)
+        self.log_file.flush()
         raise RuntimeError(f"{self.config}: the offline child ended:\n{self.log.read_text()[-4000:]}")
 
     def round(self) -> dict:
@@ -303,6 +309,7 @@ class OfflineChild:
         if self.proc.poll() is None:
             self.proc.stdin.close()
             self.proc.wait(120)
+        self.log_file.close()
         self.log.unlink(missing_ok=True)
 
 
@@ -546,6 +553,20 @@ def served_table(results: dict) -> list[str]:
     return lines
 
 
+def choices(parser, option: str, text: str, valid) -> list[str]:
+    """A comma-separated option's values, each one of ``valid`` (else the parser's error)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in valid]
+    if unknown:
+        parser.error(f"{option}: unknown {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return values
+
+
+def header(name: str, cores: str) -> str:
+    """The first line of a benchmark's report: what ran, when, where."""
+    return f"{name} {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine_line(cores)}"
+
+
 def machine_line(cores: str) -> str:
     model = "unknown CPU"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -589,13 +610,9 @@ def main(argv=None):
     if args.offline_child:
         offline_child(args.offline_child, args.eager)
         return
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in configs if c not in CONFIGS]
-    if unknown:
-        parser.error(f"--configs: unknown {', '.join(unknown)}; valid: {', '.join(CONFIGS)}")
+    configs = choices(parser, "--configs", args.configs, CONFIGS)
     mode = "eager" if args.eager else "torch.compile"
-    print(f"bench_model {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine_line(args.cores)}; "
-          f"{mode}; {args.rounds} alternating rounds", flush=True)
+    print(f"{header('bench_model', args.cores)}; {mode}; {args.rounds} alternating rounds", flush=True)
     results: dict = {}
     args.models_dir.mkdir(parents=True, exist_ok=True)
     for layers in args.layers:

@@ -55,6 +55,16 @@ lk::WeightFormat to_format(int code) {
 // (values, format code, scales, offsets, group): a source matrix as data pointers.
 using WeightArgs = std::tuple<std::uintptr_t, int, std::uintptr_t, std::uintptr_t, int>;
 
+lk::ExpertShape to_shape(int experts, int hidden, int intermediate, int format, int group_size) {
+  lk::ExpertShape shape;
+  shape.experts = experts;
+  shape.hidden = hidden;
+  shape.intermediate = intermediate;
+  shape.format = to_format(format);
+  shape.group_size = group_size;
+  return shape;
+}
+
 lk::WeightSource to_source(const WeightArgs& args) {
   lk::WeightSource source;
   source.values = as_pointer(std::get<0>(args));
@@ -99,13 +109,7 @@ PYBIND11_MODULE(_lk, m) {
           if (experts < 1 || hidden < 1 || intermediate < 1 || nodes < 1) {
             throw std::invalid_argument("experts, hidden, intermediate and nodes must be >= 1");
           }
-          lk::ExpertShape shape;
-          shape.experts = experts;
-          shape.hidden = hidden;
-          shape.intermediate = intermediate;
-          shape.format = to_format(format);
-          shape.group_size = group_size;
-          return lk::planned_weight_bytes(shape, nodes);
+          return lk::planned_weight_bytes(to_shape(experts, hidden, intermediate, format, group_size), nodes);
         },
         py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"), py::arg("group_size"),
         py::arg("nodes"), "Bytes an engine of that shape holds over `nodes` NUMA nodes, before it exists.");
@@ -153,12 +157,7 @@ PYBIND11_MODULE(_lk, m) {
                        int hidden, int intermediate, int format, int group_size, int activation, float swiglu_alpha,
                        float swiglu_limit) {
              if (activation < 0 || activation > 2) throw std::invalid_argument("unknown activation code");
-             lk::ExpertShape shape;
-             shape.experts = experts;
-             shape.hidden = hidden;
-             shape.intermediate = intermediate;
-             shape.format = to_format(format);
-             shape.group_size = group_size;
+             lk::ExpertShape shape = to_shape(experts, hidden, intermediate, format, group_size);
              shape.activation = static_cast<lk::Activation>(activation);
              shape.swiglu_alpha = swiglu_alpha;
              shape.swiglu_limit = swiglu_limit;
