@@ -52,24 +52,56 @@ def _bool(raw: str) -> bool:
     raise ValueError
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+class OutOfRange(ValueError):
+    """A value of the right kind beyond its bound; the message says which bound and why."""
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _int_between(minimum: int, maximum: Callable[[], tuple[int, str]] | None = None) -> Callable[[str], int]:
+    """An integer >= minimum and, where ``maximum()`` gives (bound, why), <= bound."""
     def parse(raw: str) -> int:
         value = int(raw.strip())
         if value < minimum:
             raise ValueError
+        if maximum is not None:
+            bound, why = maximum()
+            if value > bound:
+                raise OutOfRange(f"{value} is above {bound} ({why})")
         return value
 
     return parse
 
 
-def _multiple_of(step: int) -> Callable[[str], int]:
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    return _int_between(minimum)
+
+
+def _multiple_of(step: int, maximum: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
-        value = int(raw.strip())
-        if value < step or value % step:
+        value = _int_between(step, lambda: (maximum, "the largest accepted"))(raw)
+        if value % step:
             raise ValueError
         return value
 
     return parse
+
+
+def _thread_bound() -> tuple[int, str]:
+    cpus = usable_cpus()
+    return THREADS_PER_CPU * cpus, f"{THREADS_PER_CPU} x the {cpus} CPU(s) this process may use"
+
+
+def _node_bound() -> tuple[int, str]:
+    cpus = usable_cpus()
+    return max(cpus, 8), f"the {cpus} CPU(s) this process may use, or 8 where that is more"
+
+
+# LK_THREADS above the usable CPUs only oversubscribes them (a warning); this far above is
+# a mistake (1000 threads on 2 cores ran 9x slower) and stops start-up.
+THREADS_PER_CPU = 4
 
 
 def _positive_float(raw: str) -> float:
@@ -139,7 +171,8 @@ VARIABLES: dict[str, Variable] = {
             "(BENCHMARKS.md).",
         ),
         Variable(
-            "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_at_least(1), "integer >= 1",
+            "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_between(1, lambda: (64, "the largest accepted")),
+            "integer 1 to 64",
             "How many layers ahead experts are copied to the GPU while streaming (with "
             "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE); the ring holds window + 1 layers of GPU memory.",
         ),
@@ -152,7 +185,8 @@ VARIABLES: dict[str, Variable] = {
             "from float or FP8 experts, in groups of LVLLM_MOE_QUANT_GROUP_SIZE inputs.",
         ),
         Variable(
-            "LVLLM_MOE_QUANT_GROUP_SIZE", "", _optional(_multiple_of(16)), "multiple of 16, >= 16, or empty",
+            "LVLLM_MOE_QUANT_GROUP_SIZE", "", _optional(_multiple_of(16, 8192)),
+            "multiple of 16 from 16 to 8192, or empty",
             "Inputs per scale when LVLLM_MOE_USE_WEIGHT=INT8/INT4 quantizes experts at load. "
             "Empty: 256 for INT8, 128 for INT4 (QUANT_GROUP_SIZES in lvllm/envs.py says why).",
         ),
@@ -174,7 +208,8 @@ VARIABLES: dict[str, Variable] = {
             "only lowers that.",
         ),
         Variable(
-            "LK_THREADS", "", _optional(_int_at_least(1)), "integer >= 1, or empty for the default",
+            "LK_THREADS", "", _optional(_int_between(1, _thread_bound)),
+            f"integer from 1 to {THREADS_PER_CPU} x the usable CPUs, or empty for the default",
             "Worker threads of the lk engine. Default: with LK_WORKERS=OWN, usable cores "
             "(sched_getaffinity) minus one per 16 cores for vLLM's own threads, at least 1; "
             "with OPENMP, the caller's OpenMP team (in vLLM's CPU worker, its cores).",
@@ -219,7 +254,8 @@ VARIABLES: dict[str, Variable] = {
             "build/lk-asan.",
         ),
         Variable(
-            "LK_NUMA_NODES", "", _optional(_int_at_least(1)), "integer >= 1, or empty",
+            "LK_NUMA_NODES", "", _optional(_int_between(1, _node_bound)),
+            "integer from 1 to the usable CPUs (at least 8), or empty",
             "Pretend the usable cores form this many NUMA nodes (splits experts across them "
             "as on a real multi-socket machine). Empty: the machine's real nodes.",
         ),
@@ -233,6 +269,9 @@ def get(name: str) -> Any:
     raw = os.environ.get(name, variable.default)
     try:
         return variable.parse(raw)
+    except OutOfRange as error:
+        raise EnvError(f"{name}={raw!r} is not valid: {error}; expected {variable.valid}. "
+                       f"{variable.doc}") from None
     except (ValueError, TypeError):
         raise EnvError(
             f"{name}={raw!r} is not valid: expected {variable.valid}. {variable.doc}"
@@ -243,15 +282,48 @@ def validate_all() -> None:
     """Read every variable once so a bad value stops start-up, not a request."""
     for name in VARIABLES:
         get(name)
-    unknown = sorted(
-        key for key in os.environ
-        if key.startswith(("LVLLM_", "LK_")) and key not in VARIABLES
-    )
+    theirs = _vllm_variables()
+    unknown = sorted(key for key in os.environ
+                     if key not in VARIABLES and key not in theirs and _looks_like_ours(key))
     if unknown:
+        hints = [f"{key} (did you mean {near}?)" if (near := nearest(key)) else key for key in unknown]
         raise EnvError(
-            f"unknown lvllm variable(s) {', '.join(unknown)}: known ones are "
+            f"unknown lvllm variable(s) {', '.join(hints)}: known ones are "
             f"{', '.join(VARIABLES)}"
         )
+
+
+def _edit_distance(a: str, b: str) -> int:
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def nearest(key: str) -> str | None:
+    """The declared variable ``key`` most likely misspells: within 2 edits of it whatever the
+    case (1 for names shorter than 8 characters), else None."""
+    upper = key.upper()
+    best = min(VARIABLES, key=lambda name: _edit_distance(upper, name))
+    distance = _edit_distance(upper, best)
+    return best if 0 < distance <= (2 if len(best) >= 8 else 1) or (distance == 0 and key != best) else None
+
+
+def _vllm_variables() -> frozenset[str]:
+    """vLLM's own variables (VLLM_TARGET_DEVICE is one edit from ours), where vLLM is here."""
+    try:
+        from vllm.envs import environment_variables
+    except ImportError:
+        return frozenset()
+    return frozenset(environment_variables)
+
+
+def _looks_like_ours(key: str) -> bool:
+    """Our prefixes (LVLLM_, LK_) in any case, or a near miss of one of our names."""
+    return key.upper().startswith(("LVLLM_", "LK_")) or nearest(key) is not None
 
 
 def markdown_table() -> str:

@@ -71,3 +71,42 @@ def test_defaults_when_unset(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     envs.validate_all()
     assert envs.get("LVLLM_MOE_NUMA_ENABLED") is False
+
+
+@pytest.mark.parametrize(
+    "name, raw, bound",
+    [
+        ("LK_THREADS", "100000", f"is above {4 * envs.usable_cpus()} (4 x the {envs.usable_cpus()} CPU(s)"),
+        ("LK_NUMA_NODES", "1000", f"is above {max(8, envs.usable_cpus())}"),
+        ("LVLLM_GPU_PREFETCH_WINDOW", "65", "is above 64"),
+        ("LVLLM_MOE_QUANT_GROUP_SIZE", "16384", "is above 8192"),
+    ],
+)
+def test_counts_have_a_bound_the_message_states(monkeypatch, name, raw, bound):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(envs.EnvError, match=re.escape(f"{name}={raw!r} is not valid: {raw} {bound}")):
+        envs.get(name)
+
+
+def test_the_largest_accepted_thread_count(monkeypatch):
+    monkeypatch.setenv("LK_THREADS", str(4 * envs.usable_cpus()))
+    assert envs.get("LK_THREADS") == 4 * envs.usable_cpus()
+
+
+@pytest.mark.parametrize(
+    "typed, meant",
+    [("LVLM_MOE_NUMA_ENABLED", "LVLLM_MOE_NUMA_ENABLED"), ("lvllm_moe_numa_enabled", "LVLLM_MOE_NUMA_ENABLED"),
+     ("LVLLM_MOE_USE_WEIGTH", "LVLLM_MOE_USE_WEIGHT"), ("LK_THREAD", "LK_THREADS"), ("Lk_Isa", "LK_ISA"),
+     ("LKISA", "LK_ISA")],
+)
+def test_near_misses_are_refused_with_the_name_meant(monkeypatch, typed, meant):
+    monkeypatch.setenv(typed, "1")
+    with pytest.raises(envs.EnvError, match=re.escape(f"{typed} (did you mean {meant}?)")):
+        envs.validate_all()
+
+
+def test_other_programs_variables_are_left_alone(monkeypatch):
+    # VLLM_TARGET_DEVICE is vLLM's own, one edit from LVLLM_TARGET_DEVICE.
+    for name in ("VLLM_TARGET_DEVICE", "LC_ALL", "LANG", "OMP_NUM_THREADS", "KMP_AFFINITY", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.setenv(name, "1")
+    envs.validate_all()

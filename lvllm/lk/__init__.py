@@ -20,6 +20,7 @@ the graph.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 import weakref
@@ -42,6 +43,8 @@ _QUANTIZED_FORMAT_OF_VALUES = {torch.int8: "int8", torch.uint8: "int4", torch.fl
 _ID_DTYPES = (torch.int32, torch.int64)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "swigluoai": 2}
 
+logger = logging.getLogger("lvllm")
+_oversubscription_warned: set[tuple[int, int]] = set()
 _runtime_lock = threading.Lock()
 _runtime: _lk.Runtime | None = None
 
@@ -93,12 +96,21 @@ def make_runtime(
         isa = envs.get("LK_ISA")
     if numa_nodes is None:
         numa_nodes = envs.get("LK_NUMA_NODES") or 0
+    cpus = envs.usable_cpus()
+    if threads > cpus and (threads, cpus) not in _oversubscription_warned:
+        _oversubscription_warned.add((threads, cpus))
+        logger.warning("lk: %d threads on the %d CPU(s) this process may use (LK_THREADS): the extra "
+                       "threads only take turns on the same cores", threads, cpus)
     try:
         return _lk.Runtime(threads, binding, power_saving, isa, numa_nodes, workers)
     except ValueError as error:
         if "ISA" in str(error):
             raise envs.EnvError(f"LK_ISA={isa!r}: {error}") from None
         raise
+    except RuntimeError as error:   # a worker thread could not be created (std::system_error)
+        raise envs.EnvError(f"lk could not start {threads} worker threads ({error}); lower LK_THREADS "
+                            f"(now {os.environ.get('LK_THREADS', 'unset')}; valid: "
+                            f"{envs.VARIABLES['LK_THREADS'].valid})") from None
 
 
 def runtime_info() -> dict[str, Any]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -363,6 +367,34 @@ class TestEnvironment:
         runtime = make_runtime()
         assert (runtime.threads, runtime.numa_nodes, runtime.isa) == (1, 2, "GENERIC")
         assert "power saving" in runtime.describe() and "NUMA_NODE" in runtime.describe()
+
+    def test_more_threads_than_cpus_are_warned_about_once(self, caplog):
+        threads = len(os.sched_getaffinity(0)) + 1
+        with caplog.at_level(logging.WARNING, logger="lvllm"):
+            runtimes = [make_runtime(threads=threads, workers="OPENMP") for _ in range(2)]
+        warnings = [r.message for r in caplog.records if "LK_THREADS" in r.message]
+        assert len(warnings) == 1 and f"{threads} threads on the {threads - 1} CPU(s)" in warnings[0]
+        assert all(r.threads == threads for r in runtimes)
+
+    def test_threads_that_cannot_start_are_named_and_joined(self):
+        # A thread stack is 8 MiB of address space: with the process's address space capped
+        # just above what it uses, the pool's 40th thread or so cannot be created.
+        script = textwrap.dedent("""
+            import resource
+            from lvllm import envs
+            from lvllm.lk import make_runtime
+            used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+            resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20),) * 2)
+            try:
+                make_runtime(threads=200, workers="OWN", power_saving=True)
+            except envs.EnvError as error:
+                print("REFUSED", error)
+        """)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "LK_THREADS": "200"})
+        assert done.returncode == 0, done.stderr[-2000:]   # no std::terminate, no crash
+        assert "REFUSED lk could not start 200 worker threads (" in done.stdout
+        assert "lower LK_THREADS (now 200; valid: integer from 1 to 4 x the usable CPUs" in done.stdout
 
     def test_unknown_variable_is_reported(self, monkeypatch):
         monkeypatch.setenv("LK_THREDS", "2")
