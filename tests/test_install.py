@@ -116,3 +116,23 @@ def test_use_existing_torch_drops_only_torch(tmp_path):
     assert "torch" not in (tmp_path / "pyproject.toml").read_text()
     again = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
     assert again.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_torch_pin_tries_pytorchs_cpu_index_then_says_what_to_add(tmp_path):
+    # pip that finds nothing anywhere (as on a machine whose indexes lack the CPU wheel and
+    # cannot reach PyTorch's): both tries fail and the message names the argument to add.
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    tries = tmp_path / "tries"
+    fake_pip = tmp_path / "pip"
+    fake_pip.write_text(f'#!/bin/sh\necho "$@" >> {tries}\nexit 1\n')
+    fake_pip.chmod(0o755)
+    done = subprocess.run(["make", "-s", f"{venv}/.lvllm-torch", f"VENV={venv}", f"PIP={fake_pip}",
+                           "LVLLM_TARGET_DEVICE=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    attempts = tries.read_text().splitlines()
+    assert len(attempts) == 2 and "--extra-index-url https://download.pytorch.org/whl/cpu" in attempts[1]
+    assert 'make install PIP_TORCH_ARGS="--find-links DIRECTORY_OF_THE_WHEEL"' in done.stderr
+    assert not (venv / ".lvllm-torch").exists()
