@@ -48,3 +48,8 @@ def llm_runs(tiny_model):
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def sigterms(request) -> int:
+    return request.config.getoption("--sigterms")

@@ -1,0 +1,94 @@
+"""lvllm's `vllm` command: a served model that is a path to nothing is refused before vLLM
+would take it for a Hugging Face repo id."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from lvllm._vllm_cli import command_line, looks_like_path, refuse_missing_model, served_model
+
+
+@pytest.mark.parametrize(
+    "argv, model",
+    [
+        (["vllm", "serve", "Qwen/Qwen3-30B-A3B", "--port", "8001"], "Qwen/Qwen3-30B-A3B"),
+        (["vllm", "serve", "--port", "8001", "--model", "/data/m"], "/data/m"),
+        (["vllm", "serve", "--model=/data/m"], "/data/m"),
+        (["vllm", "serve", "/data/a", "--model", "/data/b"], "/data/a"),
+        (["vllm", "bench", "serve", "--model", "x"], None),
+        (["vllm", "serve"], None),
+    ],
+)
+def test_the_served_model_from_the_command_line(argv, model):
+    assert served_model(argv) == model
+
+
+def test_the_served_model_from_the_config_file(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("model: /data/from-file\nport: 8000\n")
+    assert served_model(["vllm", "serve", "--config", str(config)]) == "/data/from-file"
+    assert served_model(["vllm", "serve", "/data/cli", "--config", str(config)]) == "/data/cli"
+
+
+def test_paths_and_repo_ids(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "build").mkdir()
+    for path in ("/abs/model", "./model", "../model", "~/model", "model/", "a/b/c", "build/tiny-model"):
+        assert looks_like_path(path), path
+    for repo in ("Qwen/Qwen3-30B-A3B", "gpt2", "org/name"):
+        assert not looks_like_path(repo), repo
+
+
+def test_a_missing_directory_is_named_and_an_existing_one_passes(tmp_path):
+    missing = tmp_path / "no-such-model"
+    message = refuse_missing_model(["vllm", "serve", str(missing)])
+    assert f"the model '{missing}' looks like a path, and {missing} does not exist" in message
+    missing.mkdir()
+    assert refuse_missing_model(["vllm", "serve", str(missing)]) is None
+    assert refuse_missing_model(["vllm", "serve", "Qwen/Qwen3-30B-A3B"]) is None
+
+
+def test_the_command_stops_with_the_message(tmp_path):
+    done = subprocess.run([*command_line(), "serve", str(tmp_path / "absent")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "looks like a path" in done.stderr and "Repo id" not in done.stderr
+
+
+def test_triton_messages_become_one_explanation(capsys):
+    """vLLM's three messages about Triton's missing CPU backend are dropped wherever they are
+    logged; the command's own process explains once. The e2e server tests check the log."""
+    import logging
+
+    from lvllm import _vllm_cli
+
+    _vllm_cli.quiet_triton_messages()   # idempotent: one filter per logger
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    for name, start in _vllm_cli.TRITON_WITHOUT_CPU_BACKEND:
+        logger = logging.getLogger(name)
+        assert sum(isinstance(f, _vllm_cli._TritonMessages) for f in logger.filters) == 1
+        logger.addHandler(handler)
+    try:
+        _vllm_cli._TritonMessages.explain = True
+        for name, start in _vllm_cli.TRITON_WITHOUT_CPU_BACKEND * 2:
+            logging.getLogger(name).warning(start + " and the rest of vLLM's sentence.")
+        logging.getLogger("vllm.platforms.cpu").warning("an unrelated warning")
+    finally:
+        for name, _ in _vllm_cli.TRITON_WITHOUT_CPU_BACKEND:
+            logging.getLogger(name).removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["an unrelated warning"]
+    assert capsys.readouterr().err.count(_vllm_cli.TRITON_EXPLANATION) == 1
+
+
+def test_warnings_quieted_for_vllms_processes(monkeypatch):
+    from lvllm._vllm_cli import QUIET_WARNINGS, quiet_warnings
+
+    monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
+    quiet_warnings()
+    quiet_warnings()
+    assert os.environ["PYTHONWARNINGS"].split(",") == ["error::DeprecationWarning", *QUIET_WARNINGS]
