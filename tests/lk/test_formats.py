@@ -102,11 +102,12 @@ def assert_tight(engine, out, w13_ref, w2_ref, x, ids, weights):
     if isinstance(w13_ref, QuantizedWeights):
         assert engine.weight_format == "int4"
         ref, slack = reference_moe(quant.dequantize(w13_ref), quant.dequantize(w2_ref), x, ids, weights,
+                                   engine.activation,
                                    round_activations=activations_as_rounded(engine.group_size),
                                    exact13=group_midpoints(w13_ref), exact2=group_midpoints(w2_ref))
         bound = TIGHT_INT4 * ref.abs().max().item() + slack
     else:
-        ref = reference_moe(w13_ref, w2_ref, x, ids, weights)
+        ref = reference_moe(w13_ref, w2_ref, x, ids, weights, engine.activation)
         bound = (TIGHT_INTEGER if engine.weight_format == "int8" else TIGHT) * ref.abs().max().item()
     assert ((out.double() - ref).abs() <= bound).all()
 
