@@ -165,7 +165,6 @@ class ServerShutdown(Exception):
 class _Shutdown:
     started = False
     engine_died = False
-    ended_streams = 0
 
 
 def install_shutdown_repairs() -> None:
@@ -204,7 +203,6 @@ def _end_requests_in_flight(llm, asyncio, threading) -> None:
     loop, done = handler.get_loop(), threading.Event()
 
     def end() -> None:
-        _Shutdown.ended_streams += len(processor.request_states)
         processor.propagate_error(ServerShutdown("the server is shutting down"))
         done.set()
 
