@@ -568,14 +568,17 @@ def header(name: str, cores: str) -> str:
 
 
 def machine_line(cores: str) -> str:
-    model = "unknown CPU"
+    """The CPU by name and, since virtual machines often say only "AMD EPYC", by family/model."""
+    fields = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+        if not line.strip():
             break
     from lvllm import _lk
 
-    return f"{model}, {os.cpu_count()} CPUs, cores {cores}, lk ISA {_lk.best_isa()}"
+    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}), {os.cpu_count()} CPUs, cores {cores}, lk ISA {_lk.best_isa()}")
 
 
 def print_offline(layers: int, results: dict, dense: int, mode: str) -> None:

@@ -77,3 +77,27 @@ def test_the_crossover_is_where_streaming_wins_from_then_on():
     assert streaming_wins_from(rows((64, 6.4, 6.0), (256, 6.4, 19.4), (1024, 7.0, 6.9))) is None
     assert streaming_wins_from(rows((64, 6.4, 6.4))) is None
     assert streaming_wins_from([]) is None
+
+
+def test_the_soak_verdict_fails_on_errors_memory_growth_or_a_slow_exit(capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_soak
+
+    gib = 2**30
+    steady = [(t, 3 * gib) for t in range(0, 600, 10)]
+    growing = [(t, int((3 + t / 600) * gib)) for t in range(0, 600, 10)]
+    clean = {"exit_s": 0.4, "status": 0, "stream_endings": ["[DONE]"] * 4}
+
+    def verdict(errors=(), samples=steady, shutdown=clean):
+        tally = bench_soak.Tally()
+        tally.add(completed=10, tokens=500, latency=1.0)
+        for error in errors:
+            tally.add(error=error)
+        return bench_soak.report(tally, samples, 600.0, shutdown)["pass"]
+
+    assert verdict()
+    assert not verdict(errors=["client 3: status 500"])
+    assert not verdict(samples=growing)
+    assert not verdict(shutdown={**clean, "exit_s": 30.0})
+    assert not verdict(shutdown={**clean, "stream_endings": ["[DONE]", "closed without [DONE]"]})
+    assert "verdict: FAIL" in capsys.readouterr().out
