@@ -120,3 +120,19 @@ def test_a_pip_list_that_is_not_one_is_refused(tmp_path):
     listing.write_text("Package    Version\n---------- -------\n")
     done = wheelhouse("build", "--target-pip-list", str(listing), "--python", "3.12", check=False)
     assert done.returncode == 1 and "expected `pip list --format=freeze` lines" in done.stderr
+
+
+def test_older_manylinux_levels_and_what_the_host_provides():
+    sys.path.insert(0, str(WHEELHOUSE.parent))
+    import wheelhouse as w
+
+    levels = w.compatible_platforms("manylinux_2_28_x86_64")
+    assert levels[:2] == ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64"]
+    assert "manylinux2014_x86_64" in levels and levels[-1] == "manylinux1_x86_64"
+    assert w.compatible_platforms("macosx_14_0_arm64") == ["macosx_14_0_arm64"]
+    resolved = {"nvidia-cublas": "13.1.0", "nvidia-nccl-cu13": "2.28", "nvidia-ml-py": "13.580",
+                "cuda-bindings": "13.0", "torch": "2.13.0", "numpy": "2.3.0"}
+    host = {"numpy": "2.3.0", "torch": "2.11.0+cu130"}
+    assert sorted(w.left_out(resolved, host, with_cuda_libraries=False)) == ["numpy", "nvidia-cublas",
+                                                                            "nvidia-nccl-cu13"]
+    assert sorted(w.left_out(resolved, host, with_cuda_libraries=True)) == ["numpy"]

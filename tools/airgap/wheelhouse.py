@@ -49,9 +49,12 @@ TAR = "wheelhouse.tar"
 DEFAULT_REQUIREMENTS = ("-r", str(ROOT / "requirements" / "cuda.txt"), "-r", str(ROOT / "requirements" / "build.txt"),
                         "pytest", "requests", "psutil")
 DEFAULT_PART_MIB = 60
-# Packages of CUDA's own libraries (cuBLAS, cuDNN, NCCL, ...): hundreds of MB each, and what a
-# CUDA host already has in its system or in its torch's environment.
-CUDA_LIBRARY_PACKAGE = re.compile(r"^(nvidia-|cuda-)", re.IGNORECASE)
+# Packages that hold CUDA's own shared libraries (cuBLAS, cuDNN, NCCL, ...): hundreds of MB
+# each, and what a CUDA host already has in its system or beside its torch. Python packages
+# of NVIDIA's (nvidia-ml-py, cuda-bindings, the CUTLASS DSL) are not among them.
+CUDA_LIBRARY_PACKAGE = re.compile(
+    r"^(cuda-toolkit|nvidia-(cublas|cuda-(runtime|nvrtc|cupti|cccl|crt|nvcc)|cudnn-cu\d+|cufft|cufile|curand"
+    r"|cusolver|cusparse|cusparselt-cu\d+|nccl-cu\d+|nvjitlink|nvshmem-cu\d+|nvtx|nvvm))$")
 CHUNK = 1 << 20
 
 
@@ -101,10 +104,29 @@ def left_out(packages: dict[str, str], host: dict[str, str], with_cuda_libraries
 # build (a machine with network)
 # ----------------------------------------------------------------------------------------
 
+LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+
+
+def compatible_platforms(platform: str) -> list[str]:
+    """``platform`` and every older manylinux level a machine of that glibc runs: pip takes
+    only the platforms it is given, and most wheels name an older level."""
+    match = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if match is None:
+        return [platform]
+    glibc, arch = int(match.group(1)), match.group(2)
+    platforms = []
+    for minor in range(glibc, 4, -1):
+        platforms.append(f"manylinux_2_{minor}_{arch}")
+        if minor in LEGACY_MANYLINUX:
+            platforms.append(f"{LEGACY_MANYLINUX[minor]}_{arch}")
+    return platforms
+
+
 def platform_args(python: str, platform: str) -> list[str]:
-    """pip's arguments for wheels of another machine; pip also takes older manylinux levels."""
+    """pip's arguments for wheels of another machine."""
     digits = python.replace(".", "")
-    return ["--only-binary", ":all:", "--platform", platform, "--python-version", python,
+    platforms = [arg for p in compatible_platforms(platform) for arg in ("--platform", p)]
+    return ["--only-binary", ":all:", *platforms, "--python-version", python,
             "--implementation", "cp", "--abi", f"cp{digits}", "--abi", "abi3", "--abi", "none"]
 
 
