@@ -4,7 +4,7 @@ SIGTERM (a service manager) or SIGINT to the process group (Ctrl-C in a terminal
 streams open: the server ends every stream with a terminal event the client sees (an error
 event, then [DONE]), exits with status 0 within SHUTDOWN_BOUND seconds, leaving no process
 behind, and its log holds no traceback and none of the noise lvllm quiets; `--sigterms N`
-sets how many servers are stopped so (CI: 6). A worker or the engine process killed with
+sets how many servers are stopped so (CI: 4). A worker or the engine process killed with
 SIGKILL: the server exits with a failing status.
 """
 
