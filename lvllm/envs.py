@@ -75,10 +75,6 @@ def _int_between(minimum: int, maximum: Callable[[], tuple[int, str]] | None = N
     return parse
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    return _int_between(minimum)
-
-
 def _multiple_of(step: int, maximum: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         value = _int_between(step, lambda: (maximum, "the largest accepted"))(raw)
@@ -159,7 +155,7 @@ VARIABLES: dict[str, Variable] = {
             "MoE layers that keep vLLM's own path (all experts on the device).",
         ),
         Variable(
-            "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE", "0", _int_at_least(0), "integer >= 0",
+            "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE", "0", _int_between(0), "integer >= 0",
             "CUDA only. Forwards with at least this many prefill tokens stream each "
             "non-resident layer's experts (any format; quantized ones are dequantized on the "
             "GPU) from lk's memory into a ring of GPU buffers and compute those tokens with "
