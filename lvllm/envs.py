@@ -107,6 +107,10 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+# LVLLM_MOE_USE_WEIGHT's values.
+WEIGHT_MODES = ("TO_DTYPE", "KEEP", "INT8", "INT4")
+
+
 def _optional(parse_set: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
         return None if raw.strip() == "" else parse_set(raw)
@@ -173,7 +177,7 @@ VARIABLES: dict[str, Variable] = {
             "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE); the ring holds window + 1 layers of GPU memory.",
         ),
         Variable(
-            "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice("TO_DTYPE", "KEEP", "INT8", "INT4"),
+            "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice(*WEIGHT_MODES),
             "TO_DTYPE, KEEP, INT8 or INT4",
             "Format the lk engine keeps routed expert weights in. TO_DTYPE: the model dtype "
             "(FP8/INT4 checkpoints dequantized to it); KEEP: the checkpoint's format (FP8 "

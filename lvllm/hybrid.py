@@ -26,7 +26,6 @@ RESIDENT_VAR = "LVLLM_GPU_RESIDENT_MOE_LAYERS"
 LK_ACTIVATIONS = ("silu", "gelu", "swigluoai")
 
 WEIGHT_VAR = "LVLLM_MOE_USE_WEIGHT"
-WEIGHT_MODES = ("TO_DTYPE", "KEEP", "INT8", "INT4")
 FLOAT_FORMATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Short names of the engine's formats in the start-up line.
 _SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp8_e4m3": "fp8"}

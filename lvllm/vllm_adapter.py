@@ -62,7 +62,6 @@ from lvllm.gpu.plan import capture_overlap_warning, plan_batch, rank_cpus
 from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.hybrid import (
     ALL_ON_LK,
-    WEIGHT_MODES,
     FLOAT_FORMATS,
     LK_ACTIVATIONS,
     RESIDENT_VAR,
@@ -450,7 +449,7 @@ class LkMoEMethod(FusedMoEMethodBase):
 
         _start_lk_runtime()
         held = {}
-        for mode in WEIGHT_MODES:
+        for mode in envs.WEIGHT_MODES:
             try:
                 weight_format = self.weight_format(mode)
             except envs.EnvError:
