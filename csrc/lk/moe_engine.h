@@ -12,6 +12,7 @@
 #include "lk/formats.h"
 #include "lk/host_buffer.h"
 #include "lk/runtime.h"
+#include "lk/weight_packing.h"
 
 namespace lk {
 
@@ -24,18 +25,6 @@ struct ExpertShape {
   Activation activation = Activation::Silu;
   float swiglu_alpha = 1.702f;  // SwigluOai only
   float swiglu_limit = 7.0f;    // SwigluOai only
-};
-
-// Weights as the caller has them: [E, rows, cols] values, row-major. Float formats stand
-// alone; grouped formats come with fp32 scales (and INT4 offsets) of shape
-// [E, rows, ceil(cols / group)], value = q * scale (+ offset). INT4 values are one byte
-// each (0..15), INT8 values int8, FP8 values float8 e4m3fn bytes.
-struct WeightSource {
-  const void* values = nullptr;
-  WeightFormat format = WeightFormat::BF16;
-  const float* scales = nullptr;
-  const float* offsets = nullptr;
-  int group = 0;
 };
 
 // One forward's inputs and output. Everything must stay valid until the job is waited for.

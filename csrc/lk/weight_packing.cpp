@@ -1,0 +1,256 @@
+#include "lk/weight_packing.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "lk/common.h"
+
+namespace lk {
+namespace {
+
+// Every float8_e4m3fn code decoded: a table load per weight is cheaper than decoding
+// each (a branch for subnormals, one for the sign), and FP8 checkpoints pass every weight
+// through here when converted at load.
+struct Fp8Values {
+  float of[256];
+};
+constexpr Fp8Values make_fp8_values() {
+  Fp8Values values{};
+  for (int code = 0; code < 256; ++code) values.of[code] = fp8_e4m3_to_float(static_cast<uint8_t>(code));
+  return values;
+}
+constexpr Fp8Values kFp8Values = make_fp8_values();
+
+// Fills a panel stored row by row ([depth][kPanelWidth]) from one run of `depth` Source
+// values per column, converted to Stored. k outermost: each of the panel's cache lines is
+// written once, where a column at a time went over the whole panel 16 times.
+template <typename Source, typename Stored, typename Convert>
+void store_columns(uint8_t* panel, int depth, const void* const (&columns)[kPanelWidth], Convert convert) {
+  const Source* from[kPanelWidth];
+  for (int j = 0; j < kPanelWidth; ++j) from[j] = static_cast<const Source*>(columns[j]);
+  Stored* out = reinterpret_cast<Stored*>(panel);
+  for (int k = 0; k < depth; ++k) {
+    for (int j = 0; j < kPanelWidth; ++j) out[static_cast<std::size_t>(k) * kPanelWidth + j] = convert(from[j][k]);
+  }
+}
+
+// Quantizes one row's `depth` floats per group of `group` into codes as the panel stores
+// them (INT8: q; INT4: q ^ 8) and its scales (and offsets) at stride kPanelWidth.
+void quantize_row(const float* values, int depth, WeightFormat format, int group, uint8_t* codes, float* scales,
+                  float* offsets) {
+  for (int begin = 0, g = 0; begin < depth; begin += group, ++g) {
+    const int end = std::min(depth, begin + group);
+    // Eight running minima and maxima side by side, which compilers vectorize (one chain
+    // was half of a bf16 -> INT8 load).
+    constexpr int kLanes = 8;
+    float lanes_low[kLanes], lanes_high[kLanes];
+    std::fill_n(lanes_low, kLanes, values[begin]);
+    std::fill_n(lanes_high, kLanes, values[begin]);
+    int next = begin;
+    for (; next + kLanes <= end; next += kLanes) {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        lanes_low[lane] = std::min(lanes_low[lane], values[next + lane]);
+        lanes_high[lane] = std::max(lanes_high[lane], values[next + lane]);
+      }
+    }
+    for (; next < end; ++next) {
+      lanes_low[0] = std::min(lanes_low[0], values[next]);
+      lanes_high[0] = std::max(lanes_high[0], values[next]);
+    }
+    const float low = *std::min_element(lanes_low, lanes_low + kLanes);
+    const float high = *std::max_element(lanes_high, lanes_high + kLanes);
+    if (format == WeightFormat::Int8) {  // symmetric: q in [-127, 127]
+      const float scale = std::max(std::fabs(low), std::fabs(high)) / 127.0f;
+      const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+      scales[g * kPanelWidth] = scale;
+      for (int k = begin; k < end; ++k) {
+        const float q = std::clamp(round_to_integer(values[k] * inverse), -127.0f, 127.0f);
+        codes[k] = static_cast<uint8_t>(static_cast<int8_t>(q));
+      }
+    } else {  // INT4, asymmetric: q in [0, 15] spans [low, high]
+      const float scale = (high - low) / 15.0f;
+      const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+      scales[g * kPanelWidth] = scale;
+      offsets[g * kPanelWidth] = low;
+      for (int k = begin; k < end; ++k) {
+        codes[k] = static_cast<uint8_t>(std::clamp(round_to_integer((values[k] - low) * inverse), 0.0f, 15.0f)) ^ 8;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+const char* format_name(WeightFormat format) {
+  switch (format) {
+    case WeightFormat::F32: return "float32";
+    case WeightFormat::F16: return "float16";
+    case WeightFormat::BF16: return "bfloat16";
+    case WeightFormat::Int8: return "int8";
+    case WeightFormat::Int4: return "int4";
+    case WeightFormat::Fp8E4M3: return "fp8_e4m3";
+  }
+  return "?";
+}
+
+void check_source(const WeightSource& source, const char* name) {
+  if (!source.values) throw std::invalid_argument(std::string(name) + ": null values");
+  if (static_cast<unsigned>(source.format) >= kNumWeightFormats) throw std::invalid_argument(std::string(name) + ": unknown format");
+  if (is_grouped(source.format)) {
+    if (source.group < 16 || source.group % 16 != 0) {
+      throw std::invalid_argument(std::string(name) + ": group size " + std::to_string(source.group) +
+                                  " must be a positive multiple of 16");
+    }
+    if (!source.scales || (has_offsets(source.format) && !source.offsets)) {
+      throw std::invalid_argument(std::string(name) + ": " + format_name(source.format) + " weights need scales" +
+                                  (has_offsets(source.format) ? " and offsets" : ""));
+    }
+  }
+}
+
+// e4m3fn has one NaN code (S.1111.111), which the kernels would decode as 480. Quantizers
+// saturate to +-448, so it means a damaged checkpoint: refused here, where every weight
+// byte passes once anyway.
+void SourceMatrix::check_fp8(std::size_t row, std::size_t first_col, int depth) const {
+  const uint8_t* bytes = row_bytes(row, 1) + first_col;
+  bool any_nan = false;  // a loop without an exit, which compilers vectorize
+  for (int k = 0; k < depth; ++k) any_nan |= (bytes[k] & 0x7f) == 0x7f;
+  for (int k = 0; any_nan && k < depth; ++k) {
+    if ((bytes[k] & 0x7f) == 0x7f) {
+      throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) + ", input " +
+                                  std::to_string(first_col + k) + " holds a float8_e4m3fn NaN; lk needs finite weights");
+    }
+  }
+}
+
+// Inputs [first_col, first_col + depth) of `row` as floats, dequantized where needed.
+void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const {
+  switch (source.format) {
+    case WeightFormat::F32:
+      std::memcpy(out, reinterpret_cast<const float*>(row_bytes(row, 4)) + first_col, depth * sizeof(float));
+      return;
+    case WeightFormat::F16: {
+      const uint16_t* values = reinterpret_cast<const uint16_t*>(row_bytes(row, 2)) + first_col;
+      for (int k = 0; k < depth; ++k) out[k] = f16_to_float(values[k]);
+      return;
+    }
+    case WeightFormat::BF16: {  // one loop per type, so the compiler vectorizes it
+      const uint16_t* values = reinterpret_cast<const uint16_t*>(row_bytes(row, 2)) + first_col;
+      for (int k = 0; k < depth; ++k) out[k] = bf16_to_float(values[k]);
+      return;
+    }
+    case WeightFormat::Fp8E4M3:
+      check_fp8(row, first_col, depth);
+      break;
+    case WeightFormat::Int8:
+    case WeightFormat::Int4:
+      break;
+  }
+  // Grouped sources: one scale (and offset) per run of inputs within a source group.
+  const uint8_t* bytes = row_bytes(row, 1);
+  for (int k = 0; k < depth;) {
+    const std::size_t col = first_col + k;
+    const int end = static_cast<int>(std::min<std::size_t>(depth, (col / source.group + 1) * source.group - first_col));
+    const float scale = source.scales[meta_index(row, col)];
+    if (source.format == WeightFormat::Int8) {
+      for (; k < end; ++k) out[k] = static_cast<int8_t>(bytes[first_col + k]) * scale;
+    } else if (source.format == WeightFormat::Int4) {
+      const float offset = source.offsets[meta_index(row, col)];
+      for (; k < end; ++k) out[k] = bytes[first_col + k] * scale + offset;
+    } else {
+      for (; k < end; ++k) out[k] = kFp8Values.of[bytes[first_col + k]] * scale;
+    }
+  }
+}
+
+// Writes one panel: columns j < kPanelWidth are source rows rows[j] (-1: zero padding),
+// inputs k are source columns first_col + k. Same formats (and groups) copy exactly;
+// otherwise values are read as floats and stored or quantized per group.
+void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
+                WeightFormat format, int group, PackScratch& scratch, uint8_t* panel) {
+  const std::size_t groups = is_grouped(format) ? panel_groups(depth, group) : 0;
+  float* scales = reinterpret_cast<float*>(panel + panel_value_bytes(format, depth));
+  float* offsets = scales + groups * kPanelWidth;
+  const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
+  if (!same && format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
+  // Padding (columns without a row, inputs past `depth` up to a block) stays zero.
+  std::memset(panel, 0, panel_bytes(format, depth, group));
+  if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
+    scratch.floats.resize(depth);
+    const std::size_t stride = padded_depth(format, depth);
+    scratch.codes.assign(stride * kPanelWidth, 0);
+    for (int j = 0; j < kPanelWidth; ++j) {
+      if (rows[j] < 0) continue;
+      uint8_t* codes = scratch.codes.data() + j * stride;
+      if (same) {
+        const uint8_t* from = source.row_bytes(rows[j], 1) + first_col;
+        for (int k = 0; k < depth; ++k) codes[k] = format == WeightFormat::Int4 ? (from[k] & 0xf) ^ 8 : from[k];
+        for (std::size_t g = 0; g < groups; ++g) {
+          const std::size_t meta = source.meta_index(rows[j], first_col + g * group);
+          scales[g * kPanelWidth + j] = source.source.scales[meta];
+          if (has_offsets(format)) offsets[g * kPanelWidth + j] = source.source.offsets[meta];
+        }
+      } else {
+        source.read_floats(rows[j], first_col, depth, scratch.floats.data());
+        quantize_row(scratch.floats.data(), depth, format, group, codes, scales + j, offsets + j);
+      }
+    }
+    const uint8_t* codes = scratch.codes.data();
+    for (int k = 0; k < depth; ++k) {
+      if (format == WeightFormat::Int8) {
+        for (int j = 0; j < kPanelWidth; ++j) panel[int8_offset(k, j)] = codes[j * stride + k];
+      } else {  // a byte holds column j in its low nibble and j + 8 in its high one
+        for (int j = 0; j < kPanelWidth / 2; ++j) {
+          int shift;
+          panel[int4_byte(k, j, &shift)] =
+              static_cast<uint8_t>(codes[j * stride + k] | codes[(j + kPanelWidth / 2) * stride + k] << 4);
+        }
+      }
+    }
+    return;
+  }
+  // FP8 and float formats store row k of the panel at k * kPanelWidth. Columns without a
+  // source row read zeros.
+  // Nothing writes to it, so it is zeroed only when it grows.
+  const std::size_t zero_bytes = static_cast<std::size_t>(depth) * sizeof(float);
+  if (scratch.zeros.size() < zero_bytes) scratch.zeros.assign(zero_bytes, 0);
+  const void* columns[kPanelWidth];
+  const auto keep = [](auto value) { return value; };
+  if (same) {
+    const std::size_t element = format == WeightFormat::F32 ? 4 : format == WeightFormat::Fp8E4M3 ? 1 : 2;
+    for (int j = 0; j < kPanelWidth; ++j) {
+      if (rows[j] < 0) {
+        columns[j] = scratch.zeros.data();
+        continue;
+      }
+      columns[j] = source.row_bytes(rows[j], element) + first_col * element;
+      if (format == WeightFormat::Fp8E4M3) {
+        source.check_fp8(rows[j], first_col, depth);
+        for (std::size_t g = 0; g < groups; ++g) {
+          scales[g * kPanelWidth + j] = source.source.scales[source.meta_index(rows[j], first_col + g * group)];
+        }
+      }
+    }
+    if (element == 1) store_columns<uint8_t, uint8_t>(panel, depth, columns, keep);
+    if (element == 2) store_columns<uint16_t, uint16_t>(panel, depth, columns, keep);
+    if (element == 4) store_columns<float, float>(panel, depth, columns, keep);
+    return;
+  }
+  scratch.floats.resize(static_cast<std::size_t>(depth) * kPanelWidth);
+  for (int j = 0; j < kPanelWidth; ++j) {
+    float* column = scratch.floats.data() + static_cast<std::size_t>(j) * depth;
+    columns[j] = rows[j] < 0 ? static_cast<const void*>(scratch.zeros.data()) : column;
+    if (rows[j] >= 0) source.read_floats(rows[j], first_col, depth, column);
+  }
+  switch (format) {
+    case WeightFormat::F32: store_columns<float, float>(panel, depth, columns, keep); break;
+    case WeightFormat::F16: store_columns<float, uint16_t>(panel, depth, columns, float_to_f16); break;
+    case WeightFormat::BF16: store_columns<float, uint16_t>(panel, depth, columns, float_to_bf16); break;
+    default: break;
+  }
+}
+
+}  // namespace lk

@@ -1,0 +1,63 @@
+// Caller weights into the engine's panels (formats.h): shared by the MoE and linear
+// engines.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "lk/formats.h"
+
+namespace lk {
+
+// Weights as the caller has them: [E, rows, cols] values, row-major. Float formats stand
+// alone; grouped formats come with fp32 scales (and INT4 offsets) of shape
+// [E, rows, ceil(cols / group)], value = q * scale (+ offset). INT4 values are one byte
+// each (0..15), INT8 values int8, FP8 values float8 e4m3fn bytes.
+struct WeightSource {
+  const void* values = nullptr;
+  WeightFormat format = WeightFormat::BF16;
+  const float* scales = nullptr;
+  const float* offsets = nullptr;
+  int group = 0;
+};
+
+// Throws std::invalid_argument, naming `name`, where `source` cannot be read.
+void check_source(const WeightSource& source, const char* name);
+
+// One expert's source matrix, read a row segment at a time.
+struct SourceMatrix {
+  const WeightSource& source;
+  std::size_t rows, cols;
+  std::size_t expert;
+
+  std::size_t groups() const { return (cols + source.group - 1) / source.group; }
+  std::size_t meta_index(std::size_t row, std::size_t col) const {
+    return (expert * rows + row) * groups() + col / source.group;
+  }
+  const uint8_t* row_bytes(std::size_t row, std::size_t element_bytes) const {
+    return static_cast<const uint8_t*>(source.values) + (expert * rows + row) * cols * element_bytes;
+  }
+
+  // Throws std::invalid_argument where inputs [first_col, first_col + depth) of `row` hold
+  // an e4m3fn NaN, which means a damaged checkpoint.
+  void check_fp8(std::size_t row, std::size_t first_col, int depth) const;
+  // Inputs [first_col, first_col + depth) of `row` as floats, dequantized where needed.
+  void read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const;
+};
+
+// What packing one panel needs besides the panel: a source row as floats, and the panel's
+// columns as stored integer codes, [kPanelWidth][depth rounded up to a block].
+struct PackScratch {
+  std::vector<float> floats;
+  std::vector<uint8_t> codes;
+  std::vector<uint8_t> zeros;
+};
+
+// Writes one panel: columns j < kPanelWidth are source rows rows[j] (-1: zero padding),
+// inputs k are source columns first_col + k. Same formats (and groups) copy exactly;
+// otherwise values are read as floats and stored or quantized per group.
+void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
+                WeightFormat format, int group, PackScratch& scratch, uint8_t* panel);
+
+}  // namespace lk
