@@ -177,6 +177,13 @@ VARIABLES: dict[str, Variable] = {
             "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE); the ring holds window + 1 layers of GPU memory.",
         ),
         Variable(
+            "LVLLM_DENSE_ON_LK", "AUTO", _choice("AUTO", "ON", "OFF"), "AUTO, ON or OFF",
+            "CPU build only. Which of vLLM's unquantized dense linear layers (attention "
+            "projections, dense MLPs) lk's kernels compute. AUTO: those vLLM's CPU build has no "
+            "kernel of its own for and hands to torch's F.linear (bf16 and fp16 on CPUs without "
+            "AVX-512 BF16); ON: every float32/float16/bfloat16 one; OFF: none.",
+        ),
+        Variable(
             "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice(*WEIGHT_MODES),
             "TO_DTYPE, KEEP, INT8 or INT4",
             "Format the lk engine keeps routed expert weights in. TO_DTYPE: the model dtype "

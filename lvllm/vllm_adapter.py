@@ -57,7 +57,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from lvllm import envs
+from lvllm import envs, vllm_dense
 from lvllm.gpu.plan import capture_overlap_warning, plan_batch, rank_cpus
 from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.hybrid import (
@@ -96,6 +96,7 @@ def install() -> None:
     _placement = Placement.from_env()
     RoutedExperts.register_oot(LkRoutedExperts)
     MoERunner.register_oot(LkMoERunner)
+    vllm_dense.install()
     global _foreign_experts_hook
     if _foreign_experts_hook is None:
         _foreign_experts_hook = torch.nn.modules.module.register_module_module_registration_hook(
@@ -154,7 +155,7 @@ def lk_report(model: torch.nn.Module) -> dict:
             }
         else:
             device_layers[name] = {"method": type(method).__name__, "params": params}
-    return {"lk_layers": lk_layers, "device_layers": device_layers,
+    return {"lk_layers": lk_layers, "device_layers": device_layers, "dense_layers": vllm_dense.dense_report(model),
             "summary": _placement.summary if _placement else None}
 
 
@@ -206,7 +207,7 @@ def _thread_affinity(cpus: set[int] | None):
         os.sched_setaffinity(0, saved)
 
 
-def _start_lk_runtime() -> dict:
+def start_lk_runtime() -> dict:
     """Create this process's lk runtime on the worker's cores; returns runtime_info().
 
     On the CPU build lk runs on the worker's own OpenMP threads (LK_WORKERS=AUTO), which
@@ -447,7 +448,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         """What lk will hold of this layer under each LVLLM_MOE_USE_WEIGHT value it allows."""
         from lvllm import lk
 
-        _start_lk_runtime()
+        start_lk_runtime()
         held = {}
         for mode in envs.WEIGHT_MODES:
             try:
@@ -517,7 +518,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         from lvllm.lk import engine_group_size
 
         self.converted_while_loading = while_loading
-        runtime = _start_lk_runtime()
+        runtime = start_lk_runtime()
         start = time.perf_counter()
         weight_format = self.weight_format()
         w13, w2 = self.source.engine_inputs(layer)

@@ -50,7 +50,7 @@ BASE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS", "LVLLM_MOE_USE_WEIGHT",
-              "LVLLM_MOE_QUANT_GROUP_SIZE", "LVLLM_MOE_QUANT_ON_GPU")
+              "LVLLM_MOE_QUANT_GROUP_SIZE", "LVLLM_MOE_QUANT_ON_GPU", "LVLLM_DENSE_ON_LK")
 
 
 @contextmanager
@@ -96,8 +96,10 @@ def attention_backend(model: Path, dtype: str) -> str | None:
 
 def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True,
             resident: str | None = None, tp: int = 1, weight: str | None = None,
-            group: int | None = None, quant_on_gpu: bool = False) -> RunResult:
+            group: int | None = None, quant_on_gpu: bool = False, dense: str | None = None) -> RunResult:
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
+    if dense is not None:
+        overrides["LVLLM_DENSE_ON_LK"] = dense
     if weight is not None:
         overrides["LVLLM_MOE_USE_WEIGHT"] = weight
     if group is not None:

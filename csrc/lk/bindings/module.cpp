@@ -16,6 +16,7 @@
 #include "lk/cpu_features.h"
 #include "lk/cuda/driver.h"
 #include "lk/cuda/stream_forward.h"
+#include "lk/linear_engine.h"
 #include "lk/moe_engine.h"
 #include "lk/runtime.h"
 
@@ -218,6 +219,33 @@ PYBIND11_MODULE(_lk, m) {
             return slices;
           },
           "Per NUMA node: the rows of I it holds and views of its packed weight memory.");
+
+  py::class_<lk::LinearEngine>(m, "LinearEngine")
+      .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& weight, int outputs, int inputs) {
+             const lk::WeightSource source = to_source(weight);
+             py::gil_scoped_release release;
+             return std::make_unique<lk::LinearEngine>(std::move(runtime), source, outputs, inputs);
+           }),
+           py::arg("runtime"), py::arg("weight"), py::arg("outputs"), py::arg("inputs"))
+      .def(
+          "submit",
+          [](lk::LinearEngine& engine, std::uintptr_t input, int input_dtype, int rows, std::uintptr_t bias,
+             int bias_dtype, std::uintptr_t output, int output_dtype) {
+            lk::LinearArgs args;
+            args.input = as_pointer(input);
+            args.input_dtype = to_dtype(input_dtype, "input");
+            args.rows = rows;
+            args.bias = as_pointer(bias);
+            args.bias_dtype = to_dtype(bias_dtype, "bias");
+            args.output = reinterpret_cast<void*>(output);
+            args.output_dtype = to_dtype(output_dtype, "output");
+            py::gil_scoped_release release;
+            return engine.submit(args);
+          },
+          py::arg("input"), py::arg("input_dtype"), py::arg("rows"), py::arg("bias"), py::arg("bias_dtype"),
+          py::arg("output"), py::arg("output_dtype"))
+      .def("wait", &lk::LinearEngine::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("weight_bytes", &lk::LinearEngine::weight_bytes);
 
   py::class_<lk::cuda::Driver, std::shared_ptr<lk::cuda::Driver>>(m, "CudaDriver")
       .def(py::init<const std::string&>(), py::arg("library"))

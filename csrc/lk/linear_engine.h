@@ -1,0 +1,61 @@
+// One dense linear layer, out = x · Wᵀ (+ bias), on the engine's kernels and executor: the
+// host's own dense kernels are slow where it has none for the weights' type (vLLM's CPU
+// build on AVX2 falls back to torch's bf16 matmul). Node n holds a contiguous range of the
+// output panels, so each node reads only its own memory and writes its own columns.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "lk/common.h"
+#include "lk/formats.h"
+#include "lk/host_buffer.h"
+#include "lk/runtime.h"
+#include "lk/weight_packing.h"
+
+namespace lk {
+
+// One forward's inputs and output. Everything must stay valid until the job is waited for.
+struct LinearArgs {
+  const void* input = nullptr;  // [rows, inputs]
+  DType input_dtype = DType::F32;
+  int rows = 0;
+  const void* bias = nullptr;  // [outputs] or null
+  DType bias_dtype = DType::F32;
+  void* output = nullptr;  // [rows, outputs]
+  DType output_dtype = DType::F32;
+};
+
+class LinearEngine {
+ public:
+  // weight: [outputs, inputs] in a float format (float32, float16, bfloat16), stored as it
+  // is and copied; the caller may free it afterwards.
+  LinearEngine(std::shared_ptr<Runtime> runtime, const WeightSource& weight, int outputs, int inputs);
+
+  // Checks the arguments (throws std::invalid_argument), waits for the runtime's previous
+  // job and starts this one. Returns its ticket.
+  uint32_t submit(const LinearArgs& args);
+  void wait(uint32_t ticket) { runtime_->executor().wait(ticket); }
+
+  int outputs() const { return outputs_; }
+  int inputs() const { return inputs_; }
+  WeightFormat format() const { return format_; }
+  std::size_t weight_bytes() const;
+
+ private:
+  struct NodePanels {
+    int first = 0, count = 0;  // output panels [first, first + count)
+    HostBuffer panels;
+  };
+
+  void pack(const WeightSource& weight);
+
+  std::shared_ptr<Runtime> runtime_;
+  int outputs_, inputs_;
+  WeightFormat format_;
+  std::size_t panel_bytes_;
+  std::vector<NodePanels> nodes_;
+};
+
+}  // namespace lk

@@ -1,0 +1,92 @@
+"""Dense linear layers on lk's kernels: ``out = x @ weight.T (+ bias)``.
+
+    from lvllm.lk.linear import LinearEngine
+    engine = LinearEngine(weight)          # weight [N, K]: float32, float16 or bfloat16
+    out = engine.forward(x, bias)          # x [..., K] -> [..., N] in x's dtype
+
+The weight is copied into the engine's panels as it is (no conversion); sums are fp32.
+``torch.ops.lvllm.lk_linear`` wraps ``forward`` as a custom op with a fake implementation,
+so graphs traced by Dynamo call it without breaking.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+
+import torch
+
+from lvllm import _lk
+from lvllm.lk import _check_cpu_contiguous, _dtype_code, _weight_args, default_runtime
+
+__all__ = ["LinearEngine"]
+
+
+class LinearEngine:
+    """One dense linear layer's weight held by the lk engine (copied at creation)."""
+
+    def __init__(self, weight: torch.Tensor, *, runtime: _lk.Runtime | None = None):
+        args, _ = _weight_args("weight", weight)
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [outputs, inputs], got shape {tuple(weight.shape)}")
+        self.runtime = runtime if runtime is not None else default_runtime()
+        self.outputs, self.inputs = weight.shape
+        self.dtype = weight.dtype
+        self._native = _lk.LinearEngine(self.runtime, args, self.outputs, self.inputs)
+        self.engine_id = next(_engine_ids)
+        # Forwards run so far (tests read it to prove lk computed a layer).
+        self.forward_calls = 0
+        _engines[self.engine_id] = self
+
+    @property
+    def nbytes(self) -> int:
+        return self._native.weight_bytes
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape[-1] != self.inputs:
+            raise ValueError(f"x must be [..., {self.inputs}], got shape {tuple(x.shape)}")
+        rows = x.reshape(-1, self.inputs).contiguous()
+        _check_cpu_contiguous("x", rows)
+        if bias is not None:
+            bias = bias.contiguous()
+            _check_cpu_contiguous("bias", bias)
+            if tuple(bias.shape) != (self.outputs,):
+                raise ValueError(f"bias must be [{self.outputs}], got shape {tuple(bias.shape)}")
+        out = torch.empty(rows.shape[0], self.outputs, dtype=x.dtype)
+        self.forward_calls += 1
+        ticket = self._native.submit(
+            rows.data_ptr(), _dtype_code("x", rows), rows.shape[0],
+            0 if bias is None else bias.data_ptr(), 0 if bias is None else _dtype_code("bias", bias),
+            out.data_ptr(), _dtype_code("out", out),
+        )
+        self._native.wait(ticket)
+        return out.view(*x.shape[:-1], self.outputs)
+
+    __call__ = forward
+
+
+_engines: "weakref.WeakValueDictionary[int, LinearEngine]" = weakref.WeakValueDictionary()
+_engine_ids = itertools.count()
+
+
+def engine_by_id(engine_id: int) -> LinearEngine:
+    engine = _engines.get(engine_id)
+    if engine is None:
+        raise ValueError(f"no live lk linear engine with id {engine_id}")
+    return engine
+
+
+_LIBRARY = torch.library.Library("lvllm", "FRAGMENT")
+_LIBRARY.define("lk_linear(Tensor x, Tensor? bias, int engine_id, int outputs) -> Tensor")
+
+
+def _lk_linear(x: torch.Tensor, bias: torch.Tensor | None, engine_id: int, outputs: int) -> torch.Tensor:
+    return engine_by_id(engine_id).forward(x, bias)
+
+
+def _lk_linear_fake(x: torch.Tensor, bias: torch.Tensor | None, engine_id: int, outputs: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], outputs)
+
+
+_LIBRARY.impl("lk_linear", _lk_linear, "CPU")
+torch.library.register_fake("lvllm::lk_linear", _lk_linear_fake, lib=_LIBRARY)

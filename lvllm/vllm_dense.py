@@ -1,0 +1,130 @@
+"""vLLM's unquantized dense linear layers on lk's kernels, in vLLM's CPU build.
+
+vLLM 0.32's CPU build multiplies a dense layer with oneDNN (or its small-GEMM kernel) where it
+can build one for the weight's dtype; where it cannot, as for bf16 on CPUs without AVX-512
+BF16, it keeps the weight and calls torch's ``F.linear``, which is several times slower than
+lk's kernels (BENCHMARKS.md, "Dense layers"). ``LVLLM_DENSE_ON_LK`` decides which layers lk
+takes: AUTO those vLLM left to ``F.linear``, ON every unquantized float layer, OFF none.
+
+The hook wraps the ``process_weights_after_loading`` of ``UnquantizedLinearMethod`` and of
+``UnquantizedEmbeddingMethod`` (LM heads not tied to the input embedding): vLLM's decision
+runs first (AUTO), then lk copies the weight into a ``LinearEngine``, points the layer's
+``cpu_linear`` (what vLLM's CPU ``apply`` calls) at ``torch.ops.lvllm.lk_linear`` and frees
+vLLM's weight, as vLLM's own packed paths do.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
+                                                                   VocabParallelEmbedding)
+from vllm.platforms import current_platform
+
+from lvllm import envs
+
+logger = logging.getLogger("lvllm")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_vllm_process_linear = None
+_vllm_process_embedding = None
+# Input embeddings' weights, so that an LM head tied to one keeps it.
+_embedding_weights: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+_announced = False
+
+
+def install() -> None:
+    """Wrap vLLM's dense-layer and LM-head weight processing (idempotent; CPU build only)."""
+    global _vllm_process_linear, _vllm_process_embedding
+    if _vllm_process_linear is not None or not current_platform.is_cpu():
+        return
+    if envs.get("LVLLM_DENSE_ON_LK") == "OFF":
+        return
+    _vllm_process_linear = UnquantizedLinearMethod.process_weights_after_loading
+    _vllm_process_embedding = UnquantizedEmbeddingMethod.process_weights_after_loading
+    UnquantizedLinearMethod.process_weights_after_loading = _process_linear
+    UnquantizedEmbeddingMethod.process_weights_after_loading = _process_embedding
+
+
+def _process_linear(self, layer: torch.nn.Module) -> None:
+    _process(_vllm_process_linear, self, layer)
+
+
+def _process_embedding(self, layer: torch.nn.Module) -> None:
+    # Only an LM head whose weight is its own: an input embedding (or a head tied to one)
+    # keeps reading its weight for lookups. vLLM processes the embedding before the head.
+    if not isinstance(layer, ParallelLMHead):
+        _embedding_weights[id(layer.weight)] = layer.weight
+        _vllm_process_embedding(self, layer)
+    elif _embedding_weights.get(id(layer.weight)) is layer.weight:
+        _vllm_process_embedding(self, layer)
+    else:
+        _process(_vllm_process_embedding, self, layer)
+
+
+def _process(vllm_process, method, layer: torch.nn.Module) -> None:
+    mode = envs.get("LVLLM_DENSE_ON_LK")
+    if mode == "ON" and _lk_can_take(layer):
+        _move_to_lk(layer, "LVLLM_DENSE_ON_LK=ON")
+        return
+    vllm_process(method, layer)
+    if mode == "AUTO" and _lk_can_take(layer) and _vllm_calls_torch_linear(layer):
+        _move_to_lk(layer, "LVLLM_DENSE_ON_LK=AUTO: vLLM's CPU build has no kernel of its own for them here")
+
+
+def _vllm_calls_torch_linear(layer: torch.nn.Module) -> bool:
+    """Whether vLLM's CPU dispatch left the layer to torch's F.linear (its fallback where it
+    could build no kernel of its own for the weight)."""
+    call = getattr(layer, "cpu_linear", None)
+    if call is torch.nn.functional.linear:
+        return True
+    names = getattr(getattr(call, "__code__", None), "co_names", ())
+    return "functional" in names and "linear" in names
+
+
+def _lk_can_take(layer: torch.nn.Module) -> bool:
+    weight = getattr(layer, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.numel() > 0
+            and weight.device.type == "cpu" and weight.dtype in _FLOAT_DTYPES
+            # MLA's kv_b_proj: vLLM reads its weight elsewhere and keeps F.linear on purpose.
+            and not getattr(layer, "_cpu_skip_gemm_dispatch", False))
+
+
+def _move_to_lk(layer: torch.nn.Module, why: str) -> None:
+    from lvllm import vllm_adapter
+    from lvllm.lk.linear import LinearEngine
+
+    vllm_adapter.start_lk_runtime()
+    weight = layer.weight
+    engine = LinearEngine(weight.data.contiguous())
+    layer.lk_linear = engine
+    engine_id, outputs = engine.engine_id, engine.outputs
+    layer.cpu_linear = lambda x, _weight, bias: torch.ops.lvllm.lk_linear(x, bias, engine_id, outputs)
+    layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+    global _announced
+    if not _announced:
+        _announced = True
+        logger.info("lvllm: vLLM's unquantized dense layers in %s run on lk (%s)",
+                    str(weight.dtype).removeprefix("torch."), why)
+
+
+def dense_report(model: torch.nn.Module) -> dict:
+    """The model's dense layers (and LM head) by who multiplies them: ``lk`` (per layer
+    name, forwards run and bytes held) and ``torch_linear`` (names of those lk could take
+    that vLLM left to torch's F.linear)."""
+    embeddings = {id(m.weight) for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
+    lk, torch_linear = {}, []
+    for name, module in model.named_modules():
+        if hasattr(module, "lk_linear"):
+            lk[name] = {"forward_calls": module.lk_linear.forward_calls, "nbytes": module.lk_linear.nbytes}
+            continue
+        method = getattr(module, "quant_method", None)
+        takeable = (isinstance(method, UnquantizedLinearMethod)
+                    or (isinstance(module, ParallelLMHead) and id(module.weight) not in embeddings))
+        if takeable and _lk_can_take(module) and _vllm_calls_torch_linear(module):
+            torch_linear.append(name)
+    return {"lk": lk, "torch_linear": torch_linear}
