@@ -12,6 +12,9 @@ on the same cores (VLLM_CPU_OMP_THREADS_BIND=--cores):
   lk-int4      lk with LVLLM_MOE_USE_WEIGHT=INT4
   lk-bf16-own  (on request) lk-bf16 on lk's own worker pool (LK_WORKERS=OWN) instead of the
                worker's OpenMP threads
+  lk-bf16-vllm-dense  (on request) lk-bf16 with vLLM's dense kernels kept (LVLLM_DENSE_ON_LK=OFF;
+               the lk configurations above leave it at AUTO: lk takes the dense layers vLLM
+               would hand to torch's F.linear, as on AVX2-only CPUs)
 
 A shared host's read bandwidth jumps between levels within seconds (seen here: 34 and
 60 GB/s), so the reference and each lk configuration are loaded side by side, two processes
@@ -24,8 +27,9 @@ reference's round of the closest steady read bandwidth (within 15%; '-' where no
 Offline (`LLM.generate`, worker in the process), one round:
   decode     ms per token of one stream: (17 tokens - 1 token) / 16
   TTFT       first token of a 128- and a 512-token prompt
-  split      per token, torch's profiler over a 9-token decode: the MoE op, vLLM's dense
-             kernels (onednn_mm, torch's mm), the rest (attention, norms, sampling, Python)
+  split      per token, torch's profiler over a 9-token decode: the MoE op, the dense
+             layers' kernels (vLLM's onednn_mm or torch's mm, or lk's lk_linear where lk took
+             them), the rest (attention, norms, sampling, Python)
   alone      lk only: the same engines called back to back with nothing between, one token
              on k distinct experts: lk's call in the model against lk alone
   bound      read bandwidth (lk's probe on the same cores, before and after the round) over
@@ -73,11 +77,12 @@ CONFIGS = {
     "lk-int8": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT8"},
     "lk-int4": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4"},
     "lk-bf16-own": {"LVLLM_MOE_NUMA_ENABLED": "1", "LK_WORKERS": "OWN"},
+    "lk-bf16-vllm-dense": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_DENSE_ON_LK": "OFF"},
 }
 REFERENCE = "vllm"
 DEFAULT_CONFIGS = ("vllm", "lk-bf16", "lk-int8", "lk-int4")
 MOE_OPS = ("lvllm::lk_moe_forward", "_C::cpu_fused_moe")
-DENSE_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm")
+DENSE_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm", "lvllm::lk_linear")
 PROMPT_LENS = (128, 512)
 DECODE_TOKENS = 16
 PROFILED_TOKENS = 9
