@@ -172,7 +172,7 @@ class OfflineModel:
         from lvllm.vllm_adapter import placement
 
         self.convert_s = placement().convert_seconds if placement() else None
-        self.engines = [engine for _, engine in sorted(lk._engines.items())]
+        self.engines = lk._engines.live()
         self.runtime = lk.runtime_info()["description"] if self.engines else None
         layers = self.llm.llm_engine.model_config.hf_config.num_hidden_layers
         self.moe_bytes = (sum(e.nbytes // e.num_experts * K for e in self.engines) if self.engines

@@ -15,10 +15,10 @@ vLLM's weight, as vLLM's own packed paths do.
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
                                                                    VocabParallelEmbedding)
@@ -26,7 +26,7 @@ from vllm.platforms import current_platform
 
 from lvllm import envs
 
-logger = logging.getLogger("lvllm")
+logger = init_logger("vllm.lvllm")
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _vllm_process_linear = None

@@ -51,37 +51,22 @@ std::size_t LinearEngine::weight_bytes() const {
 }
 
 void LinearEngine::pack(const WeightSource& weight) {
-  // Each node's workers write its panels, so first touch places the pages on that node.
-  std::vector<std::string> errors(runtime_->executor().num_threads());
-  Phase phase;
-  for (const NodePanels& node : nodes_) phase.tasks_per_node.push_back((node.count + kPackPanels - 1) / kPackPanels);
-  phase.run = [&](int node, uint32_t task, int worker) {
+  std::vector<uint32_t> tasks;
+  for (const NodePanels& node : nodes_) tasks.push_back((node.count + kPackPanels - 1) / kPackPanels);
+  pack_on_workers(*runtime_, tasks, [&](int node, uint32_t task) {
     const NodePanels& mine = nodes_[node];
     const SourceMatrix source{weight, static_cast<std::size_t>(outputs_), static_cast<std::size_t>(inputs_), 0};
     PackScratch scratch;
     int rows[kPanelWidth];
     const int first = static_cast<int>(task) * kPackPanels, last = std::min(mine.count, first + kPackPanels);
-    try {
-      for (int p = first; p < last; ++p) {
-        for (int j = 0; j < kPanelWidth; ++j) {
-          const int row = (mine.first + p) * kPanelWidth + j;
-          rows[j] = row < outputs_ ? row : -1;
-        }
-        pack_panel(source, rows, 0, inputs_, format_, 0, scratch, mine.panels.as<uint8_t>() + p * panel_bytes_);
+    for (int p = first; p < last; ++p) {
+      for (int j = 0; j < kPanelWidth; ++j) {
+        const int row = (mine.first + p) * kPanelWidth + j;
+        rows[j] = row < outputs_ ? row : -1;
       }
-    } catch (const std::exception& error) {
-      errors[worker] = std::string("weight: ") + error.what();
+      pack_panel(source, rows, 0, inputs_, format_, 0, scratch, mine.panels.as<uint8_t>() + p * panel_bytes_);
     }
-  };
-  std::vector<Phase> job;
-  job.push_back(std::move(phase));
-  {
-    std::lock_guard<std::mutex> lock(runtime_->submit_mutex());
-    runtime_->executor().run(std::move(job));
-  }
-  for (const std::string& error : errors) {
-    if (!error.empty()) throw std::invalid_argument(error);
-  }
+  });
 }
 
 uint32_t LinearEngine::submit(const LinearArgs& args) {

@@ -99,12 +99,8 @@ std::vector<MoEEngine::PackedSlice> MoEEngine::packed_slices() const {
 }
 
 void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
-  // Each node's workers copy its slices, so first touch places the pages on that node.
-  const int nodes = static_cast<int>(slices_.size());
-  std::vector<std::string> errors(runtime_->executor().num_threads());
-  Phase phase;
-  phase.tasks_per_node.assign(nodes, static_cast<uint32_t>(shape_.experts));
-  phase.run = [&](int node, uint32_t expert, int worker) {
+  const std::vector<uint32_t> tasks(slices_.size(), static_cast<uint32_t>(shape_.experts));
+  pack_on_workers(*runtime_, tasks, [&](int node, uint32_t expert) {
     const NodeSlice& slice = slices_[node];
     const SourceMatrix gate_up_source{w13, 2 * static_cast<std::size_t>(shape_.intermediate),
                                       static_cast<std::size_t>(shape_.hidden), expert};
@@ -132,18 +128,9 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
         pack_panel(down_source, rows, slice.begin, slice.length, shape_.format, shape_.group_size, scratch, panel);
       }
     } catch (const std::exception& error) {
-      errors[worker] = std::string(tensor) + ": " + error.what();
+      throw std::invalid_argument(std::string(tensor) + ": " + error.what());
     }
-  };
-  std::vector<Phase> job;
-  job.push_back(std::move(phase));
-  {
-    std::lock_guard<std::mutex> lock(runtime_->submit_mutex());
-    runtime_->executor().run(std::move(job));
-  }
-  for (const std::string& error : errors) {
-    if (!error.empty()) throw std::invalid_argument(error);
-  }
+  });
 }
 
 void MoEEngine::route(const ForwardArgs& args) {

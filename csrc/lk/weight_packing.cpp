@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -250,6 +251,27 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
     case WeightFormat::F16: store_columns<float, uint16_t>(panel, depth, columns, float_to_f16); break;
     case WeightFormat::BF16: store_columns<float, uint16_t>(panel, depth, columns, float_to_bf16); break;
     default: break;
+  }
+}
+
+void pack_on_workers(Runtime& runtime, std::vector<uint32_t> tasks_per_node,
+                     const std::function<void(int node, uint32_t task)>& pack) {
+  std::vector<std::string> errors(runtime.executor().num_threads());
+  Phase phase{std::move(tasks_per_node), [&](int node, uint32_t task, int worker) {
+                try {
+                  pack(node, task);
+                } catch (const std::exception& error) {
+                  errors[worker] = error.what();
+                }
+              }};
+  std::vector<Phase> job;
+  job.push_back(std::move(phase));
+  {
+    std::lock_guard<std::mutex> lock(runtime.submit_mutex());
+    runtime.executor().run(std::move(job));
+  }
+  for (const std::string& error : errors) {
+    if (!error.empty()) throw std::invalid_argument(error);
   }
 }
 

@@ -4,9 +4,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "lk/formats.h"
+#include "lk/runtime.h"
 
 namespace lk {
 
@@ -59,5 +61,11 @@ struct PackScratch {
 // otherwise values are read as floats and stored or quantized per group.
 void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
                 WeightFormat format, int group, PackScratch& scratch, uint8_t* panel);
+
+// Runs pack(node, task) for every task as one job on the runtime's workers, each node's
+// tasks first on that node's workers so that first touch places their pages there.
+// Rethrows the first exception a task threw as std::invalid_argument.
+void pack_on_workers(Runtime& runtime, std::vector<uint32_t> tasks_per_node,
+                     const std::function<void(int node, uint32_t task)>& pack);
 
 }  // namespace lk

@@ -208,8 +208,31 @@ def _weight_args(name: str, weights: torch.Tensor | QuantizedWeights) -> tuple[t
     return (weights.data_ptr(), code, 0, 0, 0), WEIGHT_FORMATS[code]
 
 
-_engines: "weakref.WeakValueDictionary[int, MoEEngine]" = weakref.WeakValueDictionary()
-_engine_ids = itertools.count()
+class EngineRegistry:
+    """Live engines of one kind by id: custom ops name the engine they call by its id."""
+
+    def __init__(self, kind: str):
+        self._kind = kind
+        self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self._ids = itertools.count()
+
+    def add(self, engine) -> int:
+        engine_id = next(self._ids)
+        self._live[engine_id] = engine
+        return engine_id
+
+    def get(self, engine_id: int):
+        engine = self._live.get(engine_id)
+        if engine is None:
+            raise ValueError(f"no live {self._kind} with id {engine_id}")
+        return engine
+
+    def live(self) -> list:
+        """The live engines, oldest first."""
+        return [engine for _, engine in sorted(self._live.items())]
+
+
+_engines = EngineRegistry("lk engine")
 
 
 class PendingForward:
@@ -303,10 +326,9 @@ class MoEEngine:
             self.runtime, w13_args, w2_args, experts, hidden, intermediate,
             WEIGHT_FORMATS.index(weight_format), group_size, ACTIVATIONS[activation], swiglu_alpha, swiglu_limit,
         )
-        self.engine_id = next(_engine_ids)
+        self.engine_id = _engines.add(self)
         # Forwards submitted so far (tests read it to prove lk computed a layer).
         self.forward_calls = 0
-        _engines[self.engine_id] = self
 
     @property
     def nbytes(self) -> int:
@@ -363,13 +385,6 @@ class MoEEngine:
     __call__ = forward
 
 
-def engine_by_id(engine_id: int) -> MoEEngine:
-    engine = _engines.get(engine_id)
-    if engine is None:
-        raise ValueError(f"no live lk engine with id {engine_id}")
-    return engine
-
-
 # Defined through torch.library.Library rather than the custom_op decorator: the
 # decorator's Python wrapping cost about 20 us per call here, paid by every MoE layer of
 # every decode step on the CPU build.
@@ -380,7 +395,7 @@ _LIBRARY.define("lk_moe_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, 
 def _lk_moe_forward(
     x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, engine_id: int
 ) -> torch.Tensor:
-    return engine_by_id(engine_id).forward(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous())
+    return _engines.get(engine_id).forward(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous())
 
 
 def _lk_moe_forward_fake(

@@ -11,13 +11,10 @@ so graphs traced by Dynamo call it without breaking.
 
 from __future__ import annotations
 
-import itertools
-import weakref
-
 import torch
 
 from lvllm import _lk
-from lvllm.lk import _check_cpu_contiguous, _dtype_code, _weight_args, default_runtime
+from lvllm.lk import EngineRegistry, _check_cpu_contiguous, _dtype_code, _weight_args, default_runtime
 
 __all__ = ["LinearEngine"]
 
@@ -33,10 +30,9 @@ class LinearEngine:
         self.outputs, self.inputs = weight.shape
         self.dtype = weight.dtype
         self._native = _lk.LinearEngine(self.runtime, args, self.outputs, self.inputs)
-        self.engine_id = next(_engine_ids)
+        self.engine_id = _engines.add(self)
         # Forwards run so far (tests read it to prove lk computed a layer).
         self.forward_calls = 0
-        _engines[self.engine_id] = self
 
     @property
     def nbytes(self) -> int:
@@ -65,15 +61,7 @@ class LinearEngine:
     __call__ = forward
 
 
-_engines: "weakref.WeakValueDictionary[int, LinearEngine]" = weakref.WeakValueDictionary()
-_engine_ids = itertools.count()
-
-
-def engine_by_id(engine_id: int) -> LinearEngine:
-    engine = _engines.get(engine_id)
-    if engine is None:
-        raise ValueError(f"no live lk linear engine with id {engine_id}")
-    return engine
+_engines = EngineRegistry("lk linear engine")
 
 
 _LIBRARY = torch.library.Library("lvllm", "FRAGMENT")
@@ -81,7 +69,7 @@ _LIBRARY.define("lk_linear(Tensor x, Tensor? bias, int engine_id, int outputs) -
 
 
 def _lk_linear(x: torch.Tensor, bias: torch.Tensor | None, engine_id: int, outputs: int) -> torch.Tensor:
-    return engine_by_id(engine_id).forward(x, bias)
+    return _engines.get(engine_id).forward(x, bias)
 
 
 def _lk_linear_fake(x: torch.Tensor, bias: torch.Tensor | None, engine_id: int, outputs: int) -> torch.Tensor:
