@@ -7,7 +7,7 @@ lk's kernels (BENCHMARKS.md, "Dense layers"). ``LVLLM_DENSE_ON_LK`` decides whic
 takes: AUTO those vLLM left to ``F.linear``, ON every unquantized float layer, OFF none.
 
 The hook wraps the ``process_weights_after_loading`` of ``UnquantizedLinearMethod`` and of
-``UnquantizedEmbeddingMethod`` (LM heads not tied to the input embedding): vLLM's decision
+``UnquantizedEmbeddingMethod`` (LM heads): vLLM's decision
 runs first (AUTO), then lk copies the weight into a ``LinearEngine``, points the layer's
 ``cpu_linear`` (what vLLM's CPU ``apply`` calls) at ``torch.ops.lvllm.lk_linear`` and frees
 vLLM's weight, as vLLM's own packed paths do.
@@ -15,13 +15,10 @@ vLLM's weight, as vLLM's own packed paths do.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-from vllm.model_executor.layers.vocab_parallel_embedding import (ParallelLMHead, UnquantizedEmbeddingMethod,
-                                                                   VocabParallelEmbedding)
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
 
 from lvllm import envs
@@ -31,8 +28,6 @@ logger = init_logger("vllm.lvllm")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _vllm_process_linear = None
 _vllm_process_embedding = None
-# Input embeddings' weights, so that an LM head tied to one keeps it.
-_embedding_weights: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 _announced = False
 
 
@@ -54,15 +49,12 @@ def _process_linear(self, layer: torch.nn.Module) -> None:
 
 
 def _process_embedding(self, layer: torch.nn.Module) -> None:
-    # Only an LM head whose weight is its own: an input embedding (or a head tied to one)
-    # keeps reading its weight for lookups. vLLM processes the embedding before the head.
-    if not isinstance(layer, ParallelLMHead):
-        _embedding_weights[id(layer.weight)] = layer.weight
-        _vllm_process_embedding(self, layer)
-    elif _embedding_weights.get(id(layer.weight)) is layer.weight:
-        _vllm_process_embedding(self, layer)
-    else:
+    # An LM head only: an input embedding is read by lookups, not multiplied. A head tied to
+    # the embedding that lk takes leaves the embedding's own reference to the weight alone.
+    if isinstance(layer, ParallelLMHead):
         _process(_vllm_process_embedding, self, layer)
+    else:
+        _vllm_process_embedding(self, layer)
 
 
 def _process(vllm_process, method, layer: torch.nn.Module) -> None:
@@ -115,16 +107,13 @@ def dense_report(model: torch.nn.Module) -> dict:
     """The model's dense layers (and LM head) by who multiplies them: ``lk`` (per layer
     name, forwards run and bytes held) and ``torch_linear`` (names of those lk could take
     that vLLM left to torch's F.linear)."""
-    embeddings = {id(m.weight) for m in model.modules()
-                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)}
     lk, torch_linear = {}, []
     for name, module in model.named_modules():
         if hasattr(module, "lk_linear"):
             lk[name] = {"forward_calls": module.lk_linear.forward_calls, "nbytes": module.lk_linear.nbytes}
             continue
         method = getattr(module, "quant_method", None)
-        takeable = (isinstance(method, UnquantizedLinearMethod)
-                    or (isinstance(module, ParallelLMHead) and id(module.weight) not in embeddings))
+        takeable = isinstance(method, UnquantizedLinearMethod) or isinstance(module, ParallelLMHead)
         if takeable and _lk_can_take(module) and _vllm_calls_torch_linear(module):
             torch_linear.append(name)
     return {"lk": lk, "torch_linear": torch_linear}

@@ -177,7 +177,7 @@ def _common_config(args, vocab: int) -> dict:
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": args.tie_word_embeddings,
         "initializer_range": 0.02,
         "use_cache": True,
         "torch_dtype": args.dtype,
@@ -540,6 +540,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-kv-heads", type=int, default=2, help="qwen families")
     parser.add_argument("--head-dim", type=int, default=32, help="qwen families")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tie-word-embeddings", action="store_true",
+                        help="the LM head reads the input embedding's weight (lm_head.weight is still written)")
     parser.add_argument("--shard-size", type=float, default=4.0,
                         help="GiB per safetensors shard: the builder holds one shard in RAM, so "
                              "a model larger than RAM is written in shards")

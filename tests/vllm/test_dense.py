@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from e2e_common import build_model, run_llm
 from test_equivalence import F32_LOGPROB_TOL, max_logprob_diff
 
 
@@ -48,5 +49,16 @@ def test_on_compiled_same_answers(llm_runs):
                  "model.layers.0.mlp.shared_expert.gate_up_proj", "model.layers.0.mlp.shared_expert.down_proj",
                  "model.layers.0.mlp.shared_expert_gate"):
         assert dense[name]["forward_calls"] > 0, name
+    assert on.tokens == off.tokens
+    assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
+
+
+def test_a_head_tied_to_the_embedding_leaves_lookups_intact(tmp_path_factory):
+    """lk takes the LM head of a model whose config ties it to the input embedding; the
+    embedding keeps its weight for lookups, and the answers are vLLM's."""
+    model = build_model(tmp_path_factory.mktemp("tied") / "model", "qwen3_moe", "--tie-word-embeddings")
+    off = run_llm(model, lk=False)
+    on = run_llm(model, lk=True, dense="ON")
+    assert lk_dense(on)["lm_head"]["forward_calls"] > 0
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
