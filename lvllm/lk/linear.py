@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from lvllm import _lk
-from lvllm.lk import EngineRegistry, _check_cpu_contiguous, _dtype_code, _weight_args, default_runtime
+from lvllm.lk import _DTYPE_CODES, EngineRegistry, _check_cpu_contiguous, _dtype_code, _weight_args, default_runtime
 
 __all__ = ["LinearEngine"]
 
@@ -39,24 +39,28 @@ class LinearEngine:
         return self._native.weight_bytes
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        # Called per layer per step: the common case (CPU, contiguous, known dtype) costs
+        # only attribute reads; anything else is checked and named before the engine runs.
+        rows = x.reshape(-1, self.inputs) if x.dim() != 2 else x
         if x.shape[-1] != self.inputs:
             raise ValueError(f"x must be [..., {self.inputs}], got shape {tuple(x.shape)}")
-        rows = x.reshape(-1, self.inputs).contiguous()
-        _check_cpu_contiguous("x", rows)
+        if not rows.is_contiguous() or rows.device.type != "cpu":
+            rows = rows.contiguous()
+            _check_cpu_contiguous("x", rows)
+        code = _DTYPE_CODES.get(rows.dtype)
+        if code is None:
+            code = _dtype_code("x", rows)
+        bias_address = bias_code = 0
         if bias is not None:
             bias = bias.contiguous()
             _check_cpu_contiguous("bias", bias)
-            if tuple(bias.shape) != (self.outputs,):
+            if bias.shape != (self.outputs,):
                 raise ValueError(f"bias must be [{self.outputs}], got shape {tuple(bias.shape)}")
-        out = torch.empty(rows.shape[0], self.outputs, dtype=x.dtype)
+            bias_address, bias_code = bias.data_ptr(), _dtype_code("bias", bias)
+        out = torch.empty((rows.shape[0], self.outputs), dtype=rows.dtype)
         self.forward_calls += 1
-        ticket = self._native.submit(
-            rows.data_ptr(), _dtype_code("x", rows), rows.shape[0],
-            0 if bias is None else bias.data_ptr(), 0 if bias is None else _dtype_code("bias", bias),
-            out.data_ptr(), _dtype_code("out", out),
-        )
-        self._native.wait(ticket)
-        return out.view(*x.shape[:-1], self.outputs)
+        self._native.forward(rows.data_ptr(), code, rows.shape[0], bias_address, bias_code, out.data_ptr(), code)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.outputs)
 
     __call__ = forward
 

@@ -228,7 +228,7 @@ PYBIND11_MODULE(_lk, m) {
            }),
            py::arg("runtime"), py::arg("weight"), py::arg("outputs"), py::arg("inputs"))
       .def(
-          "submit",
+          "forward",
           [](lk::LinearEngine& engine, std::uintptr_t input, int input_dtype, int rows, std::uintptr_t bias,
              int bias_dtype, std::uintptr_t output, int output_dtype) {
             lk::LinearArgs args;
@@ -240,11 +240,10 @@ PYBIND11_MODULE(_lk, m) {
             args.output = reinterpret_cast<void*>(output);
             args.output_dtype = to_dtype(output_dtype, "output");
             py::gil_scoped_release release;
-            return engine.submit(args);
+            engine.wait(engine.submit(args));
           },
-          py::arg("input"), py::arg("input_dtype"), py::arg("rows"), py::arg("bias"), py::arg("bias_dtype"),
-          py::arg("output"), py::arg("output_dtype"))
-      .def("wait", &lk::LinearEngine::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
+          "Runs the layer and waits for it.", py::arg("input"), py::arg("input_dtype"), py::arg("rows"),
+          py::arg("bias"), py::arg("bias_dtype"), py::arg("output"), py::arg("output_dtype"))
       .def_property_readonly("weight_bytes", &lk::LinearEngine::weight_bytes);
 
   py::class_<lk::cuda::Driver, std::shared_ptr<lk::cuda::Driver>>(m, "CudaDriver")
