@@ -38,7 +38,7 @@ from lvllm.gpu.plan import BatchPlan
 from lvllm.gpu.ring import ExpertRing
 from lvllm.gpu.stream import StreamQueue
 from lvllm.hybrid import DeviceRoute, HybridExperts
-from lvllm.envs import quant_group_size
+from lvllm.formats import group_size
 from lvllm.lk import MoEEngine, quant
 from lvllm.lk.layout import PackedLayout
 
@@ -111,7 +111,7 @@ def make_layer(args, seed, weight_format="bfloat16"):
     layer = HybridExperts(w13, w2, "silu", layer_name=f"bench{seed}", weight_format=weight_format,
                           group_size=args.group_size)
     if weight_format in ("int8", "int4"):
-        group = quant_group_size(weight_format, args.group_size)
+        group = group_size(weight_format, args.group_size)
         w13, w2 = (quant.dequantize(quant.quantize(w, weight_format, group)).bfloat16()
                    for w in (w13, w2))
     return layer, w13, w2
@@ -279,7 +279,7 @@ def load(args, results):
                 return MoEEngine(s13, s2, "silu", weight_format=weight_format, group_size=args.group_size)
 
             def on_gpu():
-                group = quant_group_size(weight_format, args.group_size)
+                group = group_size(weight_format, args.group_size)
                 return [quant.quantize(w, weight_format, group, "cuda") for w in (s13, s2)]
 
             quantized = on_gpu()

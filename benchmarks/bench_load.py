@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lvllm.envs import quant_group_size
+from lvllm.formats import group_size
 from lvllm.lk import MoEEngine, QuantizedWeights, default_runtime, quant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +68,7 @@ def main() -> None:
     w13 = (torch.randn(args.experts, 2 * args.inter, args.hidden, generator=generator) / args.hidden**0.5).bfloat16()
     w2 = (torch.randn(args.experts, args.hidden, args.inter, generator=generator) / args.inter**0.5).bfloat16()
     sources = {"bfloat16": (w13, w2), "fp8_e4m3": (to_fp8(w13), to_fp8(w2)),
-               "int4": tuple(quant.quantize(w, "int4", quant_group_size("int4", args.group_size)) for w in (w13, w2))}
+               "int4": tuple(quant.quantize(w, "int4", group_size("int4", args.group_size)) for w in (w13, w2))}
     print(f"lk: {runtime.describe()}; layer E {args.experts}, H {args.hidden}, I {args.inter}; "
           f"torch threads {torch.get_num_threads()}")
     print("\n| source | stored | ms/layer | source GB/s | copy ms | copy GB/s | vs copy |\n|---|---|---:|---:|---:|---:|---:|")

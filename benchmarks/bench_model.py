@@ -169,7 +169,7 @@ class OfflineModel:
         self.prompts = {n: {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(n)]}
                         for n in PROMPT_LENS}
         from lvllm import lk
-        from lvllm.vllm_adapter import placement
+        from lvllm.vllm import placement
 
         self.convert_s = placement().convert_seconds if placement() else None
         self.engines = lk._engines.live()

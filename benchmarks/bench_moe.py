@@ -213,9 +213,9 @@ def format_group(fmt: str, requested: int | None) -> int:
     engine's default for the format."""
     if fmt == "fp8":
         return 128
-    from lvllm.envs import quant_group_size
+    from lvllm.formats import group_size
 
-    return quant_group_size(FORMATS[fmt], requested)
+    return group_size(FORMATS[fmt], requested)
 
 
 def format_label(fmt: str, plan: dict) -> str:

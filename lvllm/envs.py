@@ -15,21 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 
-# LVLLM_MOE_QUANT_GROUP_SIZE left empty: inputs per scale where lk quantizes experts.
-# INT8: 256, the span after which the integer kernels turn their sums to fp32 whatever the
-# group (kernels.h, kIntegerSpan), so smaller groups only add that work: in groups of 128
-# a Qwen3-30B layer's prefill at 1024 tokens took 1.17-1.28x as long on AMX, while 256
-# raises the error of the layer's output by 7-27%, still below FP8's (BENCHMARKS.md).
-# INT4: 128, as 4-bit checkpoints (GPTQ, AWQ) commonly group: its step is 16x INT8's.
-QUANT_GROUP_SIZES = {"int8": 256, "int4": 128}
-
-
-def quant_group_size(weight_format: str, requested: int | None = None) -> int:
-    """The group lk quantizes ``weight_format`` (an engine format name) in: ``requested``,
-    else the format's default (formats lk does not quantize ignore it)."""
-    return requested if requested is not None else QUANT_GROUP_SIZES.get(weight_format, 128)
-
-
 class EnvError(ValueError):
     """A variable has a value lvllm cannot use; the message names it and what is valid."""
 
@@ -96,7 +81,7 @@ def _node_bound() -> tuple[int, str]:
 
 
 # LK_THREADS above the usable CPUs only oversubscribes them (a warning); this far above is
-# a mistake (1000 threads on 2 cores ran 9x slower) and stops start-up.
+# surely a mistake and stops start-up.
 THREADS_PER_CPU = 4
 
 
@@ -107,7 +92,7 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-# LVLLM_MOE_USE_WEIGHT's values.
+# LVLLM_MOE_USE_WEIGHT's values (lvllm.formats.resolve_format maps them onto formats).
 WEIGHT_MODES = ("TO_DTYPE", "KEEP", "INT8", "INT4")
 
 
@@ -129,7 +114,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
 
 
 def _layer_spec(raw: str) -> frozenset[int]:
-    """'0-2,5,8-9' -> {0,1,2,5,8,9}; '' -> empty. Range checks need the model: see hybrid."""
+    """'0-2,5,8-9' -> {0,1,2,5,8,9}; '' -> empty. Range checks need the model: lvllm.placement."""
     layers: set[int] = set()
     for part in raw.replace(" ", "").split(","):
         if not part:
@@ -142,6 +127,23 @@ def _layer_spec(raw: str) -> frozenset[int]:
         layers.update(range(start, end + 1))
     return frozenset(layers)
 
+
+
+def format_ranges(values) -> str:
+    """[0, 1, 2, 5, 8, 9] -> '0-2,5,8-9', the syntax _layer_spec reads (also for CPU lists);
+    empty -> 'none'."""
+    ordered = sorted(set(values))
+    if not ordered:
+        return "none"
+    parts, start, prev = [], ordered[0], ordered[0]
+    for index in ordered[1:] + [None]:
+        if index is not None and index == prev + 1:
+            prev = index
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if index is not None:
+            start = prev = index
+    return ",".join(parts)
 
 ISA_NAMES = ("GENERIC", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX")
 
@@ -165,10 +167,8 @@ VARIABLES: dict[str, Variable] = {
             "GPU) from lk's memory into a ring of GPU buffers and compute those tokens with "
             "vLLM's fused-MoE kernel, while the batch's decode tokens stay on lk; 0 turns "
             "streaming off. Batches that replay a CUDA graph keep the lk path, so set it above "
-            "the largest captured size. On an H100 whose 16-vCPU host runs lk on AMX, with "
-            "Qwen3-30B-A3B layers, streaming beat lk's CPU prefill at every size from 256-512 "
-            "tokens on for bf16 experts, 128-256 for INT8 and 128 for INT4 and FP8 (KEEP) "
-            "(BENCHMARKS.md).",
+            "the largest captured size. Where streaming starts to pay off depends on the format "
+            "and the host (BENCHMARKS.md, \"GPU prefill streaming\").",
         ),
         Variable(
             "LVLLM_GPU_PREFETCH_WINDOW", "1", _int_between(1, lambda: (64, "the largest accepted")),
@@ -195,14 +195,13 @@ VARIABLES: dict[str, Variable] = {
             "LVLLM_MOE_QUANT_GROUP_SIZE", "", _optional(_multiple_of(16, 8192)),
             "multiple of 16 from 16 to 8192, or empty",
             "Inputs per scale when LVLLM_MOE_USE_WEIGHT=INT8/INT4 quantizes experts at load. "
-            "Empty: 256 for INT8, 128 for INT4 (QUANT_GROUP_SIZES in lvllm/envs.py says why).",
+            "Empty: 256 for INT8, 128 for INT4 (lvllm/formats.py says why).",
         ),
         Variable(
             "LVLLM_MOE_QUANT_ON_GPU", "0", _bool, "0 or 1",
             "1: run-time INT8/INT4 quantization runs on the GPU (a few experts at a time, "
-            "bit-identical result) when CUDA is available; otherwise on the CPU. On a 16-vCPU H100 "
-            "host it was 1.8-2.1x as fast as lk's own for FP8 checkpoints and 1.0-1.3x for bf16 "
-            "ones; lk's own gains on hosts with more cores.",
+            "bit-identical result) when CUDA is available; otherwise on the CPU. Shortens loading "
+            "on hosts with few cores (BENCHMARKS.md, \"Load\").",
         ),
         Variable(
             "LVLLM_MOE_RAM_BUDGET", "", _optional(_positive_float), "a number of GiB > 0, or empty",

@@ -1,192 +1,19 @@
-"""Hybrid MoE layer logic, independent of vLLM.
+"""One hybrid MoE layer, independent of vLLM.
 
-Which MoE layers run their routed experts on the lk engine, and how one such layer's
-forward is split: the routed experts are submitted to lk (CPU, host memory), the device
-keeps computing what stays on it (shared experts), then the two are joined.
-lvllm.vllm_adapter is the only caller that knows vLLM; everything here takes plain ints,
-strings and tensors.
+The layer's routed experts are submitted to lk (CPU, host memory), the device keeps
+computing what stays on it (shared experts, and for long prompts the experts streamed to
+it), then the two are joined. lvllm.vllm is the only caller that knows vLLM; everything here
+takes plain strings and tensors.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from lvllm import envs
+from lvllm.placement import LK_ACTIVATIONS, RESIDENT_VAR, UnsupportedLayer
 
-logger = logging.getLogger("lvllm")
-
-RESIDENT_VAR = "LVLLM_GPU_RESIDENT_MOE_LAYERS"
-
-# What lk computes: gated activations (gate rows then up rows in w13).
-LK_ACTIVATIONS = ("silu", "gelu", "swigluoai")
-
-WEIGHT_VAR = "LVLLM_MOE_USE_WEIGHT"
-FLOAT_FORMATS = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# Short names of the engine's formats in the start-up line.
-_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "fp8_e4m3": "fp8"}
-
-
-class UnsupportedLayer(envs.EnvError):
-    """A layer lvllm was asked to put on lk but cannot; says what to do instead."""
-
-
-# --------------------------------------------------------------------------------------
-# which layers go where
-# --------------------------------------------------------------------------------------
-
-def check_resident_layers(resident: frozenset[int], num_layers: int) -> None:
-    """Refuse resident layer indices the model does not have."""
-    beyond = sorted(i for i in resident if i >= num_layers)
-    if beyond:
-        raise envs.EnvError(
-            f"{RESIDENT_VAR}={os.environ.get(RESIDENT_VAR, '')!r} names layer(s) "
-            f"{', '.join(map(str, beyond))}, but the model has {num_layers} layers "
-            f"(valid indices 0-{num_layers - 1})."
-        )
-
-
-def format_layers(layers) -> str:
-    """[0, 1, 2, 5, 8, 9] -> '0-2,5,8-9' (the spec syntax, also for CPU lists); empty -> 'none'."""
-    ordered = sorted(set(layers))
-    if not ordered:
-        return "none"
-    parts, start, prev = [], ordered[0], ordered[0]
-    for index in ordered[1:] + [None]:
-        if index is not None and index == prev + 1:
-            prev = index
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if index is not None:
-            start = prev = index
-    return ",".join(parts)
-
-
-# --------------------------------------------------------------------------------------
-# which format the experts are kept in
-# --------------------------------------------------------------------------------------
-
-def engine_weight_format(mode: str, source_format: str, model_dtype: torch.dtype) -> str:
-    """The lk format for experts stored as ``source_format`` (an engine format name:
-    float32/float16/bfloat16/fp8_e4m3/int4) under ``LVLLM_MOE_USE_WEIGHT=mode``."""
-    if mode == "KEEP":
-        return source_format
-    if mode in ("INT8", "INT4"):
-        return mode.lower()
-    if mode == "TO_DTYPE":
-        if model_dtype not in FLOAT_FORMATS:
-            raise envs.EnvError(f"{WEIGHT_VAR}=TO_DTYPE: lk cannot keep experts in {model_dtype}; "
-                                "valid model dtypes: float32, float16, bfloat16")
-        return FLOAT_FORMATS[model_dtype]
-    raise envs.EnvError(f"{WEIGHT_VAR}={mode!r} is not valid")
-
-
-def describe_format(weight_format: str, group_size: int) -> str:
-    """'bf16', 'fp8 g128', 'int4 g32': the format as the start-up line reports it."""
-    short = _SHORT.get(weight_format, weight_format)
-    return short if weight_format in FLOAT_FORMATS.values() else f"{short} g{group_size}"
-
-
-@dataclass
-class Placement:
-    """Per-process record of where each MoE layer's routed experts run.
-
-    Built while the model is constructed (``place``), filled in as weights are handed
-    to lk (``loaded``), summarised in one log line once every lk layer is loaded.
-    """
-
-    resident: frozenset[int]
-    lk_layers: dict[int, str] = field(default_factory=dict)      # index -> layer name
-    device_layers: dict[int, str] = field(default_factory=dict)
-    loaded_bytes: dict[int, int] = field(default_factory=dict)   # index -> engine bytes
-    weight_mode: str = "TO_DTYPE"
-    group_size: int | None = None   # None: the format's own (lvllm.envs.QUANT_GROUP_SIZES)
-    quant_on_gpu: bool = False
-    weight_format: str = ""
-    progress_bar: bool | None = None   # None: tqdm shows it where stderr is a TTY
-    num_layers: int | None = None
-    summary: str | None = None
-    # index -> lvllm.memory.LayerMemory, recorded as the lk layers are created
-    layer_memory: dict = field(default_factory=dict)
-    memory_checked: bool = False
-    convert_seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _bar: object = field(default=None, repr=False)
-
-    @classmethod
-    def from_env(cls) -> "Placement":
-        return cls(resident=envs.get(RESIDENT_VAR), weight_mode=envs.get(WEIGHT_VAR),
-                   group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
-                   quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"))
-
-    def loading(self, what: str) -> None:
-        """A layer's experts are about to be converted for lk: show the progress bar
-        (one per process, over its lk layers; tqdm stays quiet where stderr is no TTY)."""
-        with self._lock:
-            if self._bar is None and self.progress_bar is not False and self.summary is None:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=len(self.lk_layers), unit="layer",
-                                 disable=None if self.progress_bar is None else False,
-                                 desc=f"lvllm: MoE experts to lk ({what})", leave=False)
-
-    def place(self, layer_index: int, layer_name: str, num_layers: int | None) -> bool:
-        """Record a MoE layer; True if its routed experts go to lk."""
-        with self._lock:
-            if num_layers is not None and self.num_layers is None:
-                check_resident_layers(self.resident, num_layers)
-                self.num_layers = num_layers
-            on_lk = layer_index not in self.resident
-            (self.lk_layers if on_lk else self.device_layers)[layer_index] = layer_name
-            return on_lk
-
-    def loaded(self, layer_index: int, nbytes: int, weight_format: str,
-               runtime: dict, seconds: float = 0.0) -> str | None:
-        """Record a layer handed to lk (``seconds``: its conversion); returns the summary
-        line when it was the last."""
-        with self._lock:
-            self.loaded_bytes[layer_index] = nbytes
-            self.convert_seconds += seconds
-            self.weight_format = weight_format
-            if self._bar is not None:
-                self._bar.update(1)
-            if len(self.loaded_bytes) < len(self.lk_layers) or self.summary is not None:
-                return None
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-            self.summary = self._summarise(runtime)
-            return self.summary
-
-    def _summarise(self, runtime: dict) -> str:
-        gib = sum(self.loaded_bytes.values()) / 2**30
-        not_moe = sorted(self.resident - set(self.device_layers))
-        line = (
-            f"lvllm: {len(self.lk_layers)} MoE layer(s) on lk [{format_layers(self.lk_layers)}] "
-            f"({self.weight_format}, {gib:.3f} GiB in RAM, converted in {self.convert_seconds:.1f} s, "
-            f"{_threads(runtime)}, "
-            f"{runtime.get('numa_nodes')} NUMA node(s), ISA {runtime.get('isa')}); "
-            f"{len(self.device_layers)} on the device [{format_layers(self.device_layers)}]"
-        )
-        if not_moe:
-            line += f"; {RESIDENT_VAR} also names non-MoE layer(s) {format_layers(not_moe)}"
-        return line
-
-
-def _threads(runtime: dict) -> str:
-    """'2 threads (the worker's OpenMP threads, cores 0-1)' or '62 threads (lk's own, ...)'."""
-    whose = "the worker's OpenMP threads" if runtime.get("workers") == "OPENMP" else "lk's own"
-    cores = f", cores {format_layers(runtime['cpus'])}" if runtime.get("cpus") else ""
-    return f"{runtime.get('threads')} threads ({whose}{cores})"
-
-
-# --------------------------------------------------------------------------------------
-# one layer's routed experts on lk
-# --------------------------------------------------------------------------------------
 
 class Done:
     """A routed-expert output already computed (lk's custom op on the CPU build)."""
@@ -218,7 +45,8 @@ class DeviceRoute:
                    rows[~on_lk].to(device, non_blocking=True))
 
 
-ALL_ON_LK = DeviceRoute()
+# Every row of the forward on lk: the route of every forward without streaming.
+ALL_ROWS_ON_LK = DeviceRoute()
 
 
 def _rows(tensors, rows):
@@ -282,7 +110,7 @@ class HybridExperts:
         return self.queue.submit(self.engine, x, topk_ids, topk_weights, padding)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                run_shared, route: DeviceRoute = ALL_ON_LK,
+                run_shared, route: DeviceRoute = ALL_ROWS_ON_LK,
                 padding: torch.Tensor | None = None):
         """The hybrid MoE layer; returns (shared experts' output, routed experts' output).
 

@@ -1,7 +1,7 @@
 """Host memory for the experts: what the process may still use, what the experts will take,
 and buffers that go back to the kernel as soon as they are dropped.
 
-Independent of vLLM: lvllm.vllm_adapter gathers the layers' sizes and calls in.
+Independent of vLLM: lvllm.vllm gathers the layers' sizes and calls in.
 """
 
 from __future__ import annotations
@@ -122,25 +122,18 @@ class LayerMemory:
     held_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def budget_bytes() -> int | None:
-    """LVLLM_MOE_RAM_BUDGET in bytes (None: not set)."""
-    gib = envs.get(BUDGET_VAR)
-    return None if gib is None else int(gib * GIB)
-
-
-def check_budget(layers: list[LayerMemory], mode: str, extra: int = 0, extra_label: str = "",
-                 ranks: int = 1, room: Available | None = None) -> str:
+def check_budget(layers: list[LayerMemory], mode: str, budget_gib: float | None = None, extra: int = 0,
+                 extra_label: str = "", ranks: int = 1, room: Available | None = None) -> str:
     """Refuse (envs.EnvError) a load that would not fit; returns the line to log otherwise.
 
     Needed, per rank: what lk will hold in ``mode`` plus, while loading, two layers in the
     checkpoint's format (vLLM fills a layer, lk converts it, vLLM's copy is freed), plus
     ``extra`` (what else the process will still allocate, e.g. vLLM's CPU KV cache); times
-    ``ranks`` processes of this machine doing the same."""
+    ``ranks`` processes of this machine doing the same; ``budget_gib``: LVLLM_MOE_RAM_BUDGET."""
     room = room or available()
-    budget = budget_bytes()
     limit, where = room.bytes, room.where
-    if budget is not None and budget < limit:
-        limit, where = budget, f"{BUDGET_VAR}={envs.get(BUDGET_VAR):g}"
+    if budget_gib is not None and budget_gib * GIB < limit:
+        limit, where = int(budget_gib * GIB), f"{BUDGET_VAR}={budget_gib:g}"
     transient = 2 * max((layer.checkpoint_bytes for layer in layers), default=0)
 
     def need(candidate: str) -> int:

@@ -10,8 +10,8 @@ from lvllm.gpu.plan import (
     Unpack,
     capture_overlap_warning,
     plan_batch,
-    rank_cpus,
 )
+from lvllm.lk.host_cpus import openmp_team_cpus, parse_cpulist, rank_cpus
 
 
 # --------------------------------------------------------------------------------------
@@ -196,3 +196,13 @@ def test_rank_cpus_respect_the_allowed_set_and_unknown_topology():
     assert rank_cpus(NODES, -1, [0], 0, [5, 1]) == [1, 5]
     # The GPU's node has no allowed CPU (a restricted cpuset): use what is allowed.
     assert rank_cpus(NODES, 1, [0], 0, [1, 2]) == [1, 2]
+
+
+def test_openmp_team_cpus_as_vllm_exports_them():
+    assert parse_cpulist("0-3,8 10") == {0, 1, 2, 3, 8, 10}
+    assert openmp_team_cpus({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[4-5,7]"}) == {4, 5, 7}
+    assert openmp_team_cpus({"GOMP_CPU_AFFINITY": "2,3"}) == {2, 3}
+    assert openmp_team_cpus({"OMP_PLACES": "{0-1}"}) == {0, 1}
+    assert openmp_team_cpus({"OMP_PLACES": "cores"}) is None
+    assert openmp_team_cpus({}) is None
+    assert openmp_team_cpus({"GOMP_CPU_AFFINITY": "x"}) is None

@@ -1,4 +1,5 @@
-"""lvllm.hybrid (vLLM-agnostic layer logic) and lvllm.plugin, without starting vLLM."""
+"""lvllm.placement, lvllm.formats and lvllm.hybrid (vLLM-agnostic layer logic) and
+lvllm.plugin / lvllm.vllm.install, without starting vLLM."""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ import importlib.util
 import pytest
 import torch
 
-from lvllm import envs
-from lvllm.hybrid import (
-    RESIDENT_VAR,
-    Placement,
-    check_resident_layers,
-    format_layers,
-)
+from lvllm import envs, formats
+from lvllm.envs import format_ranges as format_layers
+from lvllm.placement import RESIDENT_VAR, LayerPath, Placement, check_resident_layers
+from lvllm.settings import Settings
 
 HAVE_LK = importlib.util.find_spec("lvllm._lk") is not None
 needs_lk = pytest.mark.skipif(not HAVE_LK, reason="lk engine not built")
@@ -28,7 +26,7 @@ needs_lk = pytest.mark.skipif(not HAVE_LK, reason="lk engine not built")
 def test_resident_spec_parses(monkeypatch, spec, layers):
     monkeypatch.setenv(RESIDENT_VAR, spec)
     assert envs.get(RESIDENT_VAR) == layers
-    assert Placement.from_env().resident == layers
+    assert Placement.from_settings(Settings.from_env()).resident == layers
 
 
 @pytest.mark.parametrize("spec", ["a", "3-1", "-1", "1-", "1,,x", "0-2-4", "1.5"])
@@ -114,7 +112,8 @@ def test_hybrid_experts_cpu_path_uses_custom_op():
 
 @needs_lk
 def test_unsupported_activation_is_refused():
-    from lvllm.hybrid import HybridExperts, UnsupportedLayer
+    from lvllm.hybrid import HybridExperts
+    from lvllm.placement import UnsupportedLayer
 
     with pytest.raises(UnsupportedLayer, match=RESIDENT_VAR):
         HybridExperts(torch.zeros(1, 64, 32), torch.zeros(1, 32, 32), "relu2", "x")
@@ -147,20 +146,23 @@ def test_install_registers_once_and_refuses_a_rival(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.model_executor.custom_op import op_registry_oot
 
-    from lvllm import vllm_adapter
+    from lvllm import plugin, vllm
+    from lvllm.vllm.moe_layer import LkMoERunner, LkRoutedExperts
 
     monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", "1")
     saved = dict(op_registry_oot)
     try:
         for name in ("RoutedExperts", "MoERunner"):
             op_registry_oot.pop(name, None)
-        vllm_adapter.install()
-        vllm_adapter.install()  # idempotent: vLLM may load plugins more than once
-        assert op_registry_oot["RoutedExperts"] is vllm_adapter.LkRoutedExperts
-        assert op_registry_oot["MoERunner"] is vllm_adapter.LkMoERunner
+        plugin.register()
+        first = vllm.installation()
+        plugin.register()  # idempotent: vLLM may load plugins more than once
+        assert vllm.installation() is first
+        assert op_registry_oot["RoutedExperts"] is LkRoutedExperts
+        assert op_registry_oot["MoERunner"] is LkMoERunner
         op_registry_oot["RoutedExperts"] = object
         with pytest.raises(RuntimeError, match="another vLLM plugin"):
-            vllm_adapter.install()
+            plugin.register()
     finally:
         op_registry_oot.clear()
         op_registry_oot.update(saved)
@@ -175,8 +177,8 @@ def test_a_model_own_experts_class_is_refused_on_lk(monkeypatch, model_module, c
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.custom_op import op_registry_oot
 
-    from lvllm import vllm_adapter
-    from lvllm.hybrid import UnsupportedLayer
+    from lvllm import vllm
+    from lvllm.placement import UnsupportedLayer
 
     experts_class = getattr(importlib.import_module(f"vllm.model_executor.models.{model_module}"),
                             class_name)
@@ -196,13 +198,13 @@ def test_a_model_own_experts_class_is_refused_on_lk(monkeypatch, model_module, c
     try:
         for name in ("RoutedExperts", "MoERunner"):
             op_registry_oot.pop(name, None)
-        vllm_adapter.install()
+        vllm.install(Settings.from_env())
         with set_current_vllm_config(VllmConfig()):  # no model config: layer count unknown
             parent.resident = built("model.layers.1.mlp.experts")  # on the device, as asked
             with pytest.raises(UnsupportedLayer,
                                match=rf"model\.layers\.2\.mlp\.experts: .*{class_name}.*{RESIDENT_VAR}"):
                 parent.on_lk = built("model.layers.2.mlp.experts")
-        assert vllm_adapter.placement().device_layers == {1: "model.layers.1.mlp.experts"}
+        assert vllm.placement().device_layers == {1: "model.layers.1.mlp.experts"}
         parent.not_moe = torch.nn.Linear(2, 2)
     finally:
         op_registry_oot.clear()
@@ -215,7 +217,7 @@ def test_install_accepts_every_weight_mode(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.model_executor.custom_op import op_registry_oot
 
-    from lvllm import vllm_adapter
+    from lvllm import vllm
 
     saved = dict(op_registry_oot)
     try:
@@ -224,9 +226,8 @@ def test_install_accepts_every_weight_mode(monkeypatch):
                 op_registry_oot.pop(name, None)
             monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", mode)
             monkeypatch.setenv("LVLLM_MOE_QUANT_GROUP_SIZE", group)
-            vllm_adapter.install()
-            placement = vllm_adapter.placement()
-            assert (placement.weight_mode, placement.group_size) == (mode, int(group))
+            settings = vllm.install(Settings.from_env()).settings
+            assert (settings.weight_mode, settings.quant_group_size) == (mode, int(group))
     finally:
         op_registry_oot.clear()
         op_registry_oot.update(saved)
@@ -243,19 +244,47 @@ def test_install_accepts_every_weight_mode(monkeypatch):
     ("INT4", "fp8_e4m3", torch.bfloat16, "int4"),
     ("INT8", "int4", torch.bfloat16, "int8"),
 ])
-def test_engine_weight_format(mode, source, dtype, expected):
-    from lvllm.hybrid import engine_weight_format
-
-    assert engine_weight_format(mode, source, dtype) == expected
+def test_resolve_format(mode, source, dtype, expected):
+    assert formats.resolve_format(mode, source, dtype).name == expected
 
 
 def test_describe_format():
-    from lvllm.hybrid import describe_format
+    assert formats.describe("bfloat16", 128) == "bf16"
+    assert formats.describe("float32", 32) == "fp32"
+    assert formats.describe("int4", 32) == "int4 g32"
+    assert formats.describe("fp8_e4m3", 128) == "fp8 g128"
 
-    assert describe_format("bfloat16", 128) == "bf16"
-    assert describe_format("float32", 32) == "fp32"
-    assert describe_format("int4", 32) == "int4 g32"
-    assert describe_format("fp8_e4m3", 128) == "fp8 g128"
+
+@pytest.mark.parametrize("mode, source, source_group, requested, expected", [
+    ("KEEP", "int4", 32, None, ("int4", 32)),        # kept as the checkpoint groups it
+    ("KEEP", "int4", 32, 64, ("int4", 32)),
+    ("INT4", "int4", 32, 64, ("int4", 32)),
+    ("INT8", "int4", 32, None, ("int8", 256)),       # regrouped: the format's default
+    ("INT8", "bfloat16", None, 64, ("int8", 64)),
+    ("INT4", "fp8_e4m3", 128, None, ("int4", 128)),
+    ("TO_DTYPE", "fp8_e4m3", 128, None, ("bfloat16", 128)),
+])
+def test_resolve_format_settles_the_group(mode, source, source_group, requested, expected):
+    resolved = formats.resolve_format(mode, source, torch.bfloat16, source_group, requested)
+    assert (resolved.name, resolved.group_size) == expected
+
+
+def test_resolve_format_refusals_name_the_variable():
+    with pytest.raises(envs.EnvError, match="LVLLM_MOE_USE_WEIGHT=TO_DTYPE.*float8"):
+        formats.resolve_format("TO_DTYPE", "int4", torch.float8_e4m3fn)
+    with pytest.raises(envs.EnvError, match="LVLLM_MOE_USE_WEIGHT='INT2'.*TO_DTYPE, KEEP, INT8, INT4"):
+        formats.resolve_format("INT2", "int4", torch.bfloat16)
+
+
+def test_placement_decides_each_layer_path():
+    on_cpu = Placement(resident=frozenset({1}))
+    on_gpu = Placement.from_settings(Settings(resident_layers=frozenset({1}), gpu_prefill_min_batch=512),
+                                     on_cuda=True)
+    assert [on_cpu.place(i, f"l{i}", 3) for i in range(3)] == [LayerPath.LK, LayerPath.DEVICE, LayerPath.LK]
+    assert [on_gpu.place(i, f"l{i}", 3) for i in range(3)] == [
+        LayerPath.LK_STREAMED, LayerPath.DEVICE, LayerPath.LK_STREAMED]
+    assert on_gpu.path_of(1) is LayerPath.DEVICE and not LayerPath.DEVICE.on_lk
+    assert Placement.from_settings(Settings(gpu_prefill_min_batch=512)).place(0, "l0", 1) is LayerPath.LK
 
 
 def test_placement_progress_bar_over_lk_layers(monkeypatch):

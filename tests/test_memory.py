@@ -11,6 +11,7 @@ import torch
 
 from lvllm import envs, memory
 from lvllm.memory import GIB, Available, LayerMemory, check_budget
+from lvllm.settings import Settings
 
 MIB = 2**20
 
@@ -97,12 +98,13 @@ def test_the_budget_variable_only_lowers(monkeypatch):
     room = Available(10 * GIB, "MemAvailable")
     monkeypatch.setenv("LVLLM_MOE_RAM_BUDGET", "2.5")
     with pytest.raises(envs.EnvError, match=r"2.50 GiB is available \(LVLLM_MOE_RAM_BUDGET=2.5\).*INT4"):
-        check_budget(experts, "TO_DTYPE", room=room)   # 3 GiB > 2.5
+        check_budget(experts, "TO_DTYPE", Settings.from_env().ram_budget_gib, room=room)   # 3 GiB > 2.5
     monkeypatch.setenv("LVLLM_MOE_RAM_BUDGET", "100")
-    assert "10.00 GiB available (MemAvailable)" in check_budget(experts, "TO_DTYPE", room=room)
+    assert "10.00 GiB available (MemAvailable)" in check_budget(
+        experts, "TO_DTYPE", Settings.from_env().ram_budget_gib, room=room)
     monkeypatch.setenv("LVLLM_MOE_RAM_BUDGET", "-1")
     with pytest.raises(envs.EnvError, match="LVLLM_MOE_RAM_BUDGET='-1' is not valid"):
-        check_budget(experts, "TO_DTYPE", room=room)
+        Settings.from_env()
 
 
 def anon_rss() -> int:

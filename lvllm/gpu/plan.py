@@ -2,8 +2,7 @@
 
 - ``plan_batch``: which tokens of a forward the lk engine computes and which the streamed
   GPU experts compute;
-- ``RingSchedule``: the order of copies and unpacks of the prefetch ring;
-- ``rank_cpus``: which CPUs a tensor-parallel rank's lk engine uses.
+- ``RingSchedule``: the order of copies and unpacks of the prefetch ring.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ class BatchPlan:
     lk_rows: tuple[int, ...] = ()
     reason: str = ""
 
-
-ALL_ON_LK = BatchPlan(reason="default")
 
 
 def plan_batch(num_tokens: int, query_lens: Sequence[int] | None, min_batch: int,
@@ -134,28 +131,3 @@ class RingSchedule:
         copies = [Copy(q, self.slot(q)) for q in range(self._issued + 1, last + 1)]
         self._issued = max(self._issued, last)
         return copies
-
-
-# --------------------------------------------------------------------------------------
-# CPUs of a tensor-parallel rank
-# --------------------------------------------------------------------------------------
-
-def rank_cpus(node_cpus: dict[int, Sequence[int]], gpu_node: int | None,
-              ranks_on_node: Sequence[int], rank: int, usable: Sequence[int]) -> list[int]:
-    """The CPUs rank ``rank``'s lk pool uses.
-
-    node_cpus: NUMA node -> its CPUs; gpu_node: the node the rank's GPU hangs off (None or -1:
-    unknown); ranks_on_node: the local ranks whose GPUs share that node, this one included;
-    usable: the process's allowed CPUs. Ranks sharing a node split its CPUs into contiguous,
-    disjoint shares; without topology knowledge every usable CPU is returned.
-    """
-    allowed = list(usable)
-    if gpu_node is None or gpu_node < 0 or gpu_node not in node_cpus:
-        return sorted(allowed)
-    local = sorted(set(node_cpus[gpu_node]) & set(allowed))
-    if not local:
-        return sorted(allowed)
-    sharers = sorted(set(ranks_on_node) | {rank})
-    index, count = sharers.index(rank), len(sharers)
-    share = local[len(local) * index // count: len(local) * (index + 1) // count]
-    return share or local

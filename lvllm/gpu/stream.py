@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from lvllm import _lk
+from lvllm import _lk, formats
 from lvllm.lk import MoEEngine
 
 DRIVER_LIBRARY = "libcuda.so.1"
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 class _Staging:
@@ -86,7 +85,7 @@ class StreamQueue:
         error = self.native.take_error()
         if error:
             raise RuntimeError(f"lk failed in a forward queued on a CUDA stream: {error}")
-        if x.dtype not in _DTYPE_CODES or x.dim() != 2 or x.shape[1] != engine.hidden_size:
+        if x.dtype not in formats.DTYPE_CODES or x.dim() != 2 or x.shape[1] != engine.hidden_size:
             raise ValueError(f"x must be [tokens, {engine.hidden_size}] float32/float16/bfloat16, "
                              f"got {tuple(x.shape)} {x.dtype}")
         tokens, topk = x.shape[0], topk_ids.shape[-1]
@@ -104,7 +103,7 @@ class StreamQueue:
         output = torch.empty_like(x)
         stream = torch.cuda.current_stream(x.device).cuda_stream
         handle = self.native.begin(
-            stream, engine._native, x.data_ptr(), _DTYPE_CODES[x.dtype], tokens,
+            stream, engine._native, x.data_ptr(), formats.DTYPE_CODES[x.dtype], tokens,
             ids.data_ptr(), weights.data_ptr(), topk,
             padding.data_ptr() if padding is not None else 0, staging.native, capturing,
         )

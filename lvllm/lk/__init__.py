@@ -8,11 +8,11 @@
 Weights are bf16/fp16/fp32 tensors, or :class:`QuantizedWeights` (FP8 e4m3 with group
 scales, INT8, INT4 with scales and offsets); ``weight_format`` picks how the engine stores
 them ("int8"/"int4" quantize float weights at load, in groups of ``group_size`` inputs,
-by default 256 for INT8 and 128 for INT4: lvllm.envs.QUANT_GROUP_SIZES).
+by default the format's own: lvllm.formats).
 
 Tensors are checked here and handed to the C++ engine as data pointers. All engines of a
-process share one runtime (worker pool, kernels, scratch), configured from the LK_*
-variables through lvllm.envs. ``torch.ops.lvllm.lk_moe_forward`` wraps ``forward`` as a
+process share one runtime (worker pool, kernels, scratch; lvllm.lk.runtime), configured
+from the LK_* variables. ``torch.ops.lvllm.lk_moe_forward`` wraps ``forward`` as a
 custom op with a fake implementation, so models traced by Dynamo call it without breaking
 the graph.
 """
@@ -20,111 +20,24 @@ the graph.
 from __future__ import annotations
 
 import itertools
-import logging
-import os
-import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from lvllm import envs
-from lvllm import _lk
+from lvllm import _lk, formats
+from lvllm.lk.runtime import default_runtime, default_threads, make_runtime, runtime_info
 
-__all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "engine_group_size", "planned_bytes",
-           "runtime_info", "ACTIVATIONS", "WEIGHT_FORMATS"]
+__all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "default_threads",
+           "engine_group_size", "make_runtime", "planned_bytes", "runtime_info", "ACTIVATIONS",
+           "WEIGHT_FORMATS"]
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-# Format names as the engine reports them, in its code order: float32, float16, bfloat16,
-# int8, int4, fp8_e4m3.
-WEIGHT_FORMATS = tuple(_lk.format_names())
-_QUANTIZED_FORMAT_OF_VALUES = {torch.int8: "int8", torch.uint8: "int4", torch.float8_e4m3fn: "fp8_e4m3"}
+WEIGHT_FORMATS = formats.NAMES
+if tuple(_lk.format_names()) != WEIGHT_FORMATS:
+    raise ImportError(f"lvllm._lk's formats {_lk.format_names()} differ from lvllm.formats "
+                      f"{WEIGHT_FORMATS}: rebuild the engine (make build)")
 _ID_DTYPES = (torch.int32, torch.int64)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "swigluoai": 2}
-
-logger = logging.getLogger("lvllm")
-_oversubscription_warned: set[tuple[int, int]] = set()
-_runtime_lock = threading.Lock()
-_runtime: _lk.Runtime | None = None
-
-
-def default_threads() -> int:
-    """Usable cores minus one per 16 for the host's own threads, at least 1."""
-    usable = len(os.sched_getaffinity(0))
-    return max(1, usable - usable // 16)
-
-
-def default_runtime(auto_workers: str = "OWN") -> _lk.Runtime:
-    """The process's runtime, created from the LK_* variables on first use;
-    ``auto_workers`` is what LK_WORKERS=AUTO means for the caller (OWN or OPENMP)."""
-    global _runtime
-    with _runtime_lock:
-        if _runtime is None:
-            _runtime = make_runtime(workers=resolve_workers(auto_workers))
-        return _runtime
-
-
-def resolve_workers(auto: str) -> str:
-    """LK_WORKERS with AUTO replaced by ``auto``."""
-    workers = envs.get("LK_WORKERS")
-    return auto if workers == "AUTO" else workers
-
-
-def make_runtime(
-    threads: int | None = None,
-    binding: str | None = None,
-    power_saving: bool | None = None,
-    isa: str | None = None,
-    numa_nodes: int | None = None,
-    workers: str | None = None,
-) -> _lk.Runtime:
-    """A runtime; arguments left None come from the LK_* variables (LK_WORKERS=AUTO: OWN).
-
-    ``workers="OPENMP"`` runs every job on the calling thread's OpenMP team (torch's
-    runtime), by default as many threads as torch uses."""
-    if workers is None:
-        workers = resolve_workers("OWN")
-    if threads is None:
-        threads = envs.get("LK_THREADS") or (
-            torch.get_num_threads() if workers == "OPENMP" else default_threads())
-    if binding is None:
-        binding = envs.get("LK_THREAD_BINDING")
-    if power_saving is None:
-        power_saving = envs.get("LK_POWER_SAVING")
-    if isa is None:
-        isa = envs.get("LK_ISA")
-    if numa_nodes is None:
-        numa_nodes = envs.get("LK_NUMA_NODES") or 0
-    cpus = envs.usable_cpus()
-    if threads > cpus and (threads, cpus) not in _oversubscription_warned:
-        _oversubscription_warned.add((threads, cpus))
-        logger.warning("lk: %d threads on the %d CPU(s) this process may use (LK_THREADS): the extra "
-                       "threads only take turns on the same cores", threads, cpus)
-    try:
-        return _lk.Runtime(threads, binding, power_saving, isa, numa_nodes, workers)
-    except ValueError as error:
-        if "ISA" in str(error):
-            raise envs.EnvError(f"LK_ISA={isa!r}: {error}") from None
-        raise
-    except RuntimeError as error:   # a worker thread could not be created (std::system_error)
-        raise envs.EnvError(f"lk could not start {threads} worker threads ({error}); lower LK_THREADS "
-                            f"(now {os.environ.get('LK_THREADS', 'unset')}; valid: "
-                            f"{envs.VARIABLES['LK_THREADS'].valid})") from None
-
-
-def runtime_info() -> dict[str, Any]:
-    runtime = default_runtime()
-    return {
-        "isa": runtime.isa,
-        "threads": runtime.threads,
-        "workers": runtime.workers,
-        "numa_nodes": runtime.numa_nodes,
-        "cpus": runtime.cpus,
-        "virtual_nodes": runtime.virtual_nodes,
-        "binding": envs.get("LK_THREAD_BINDING"),
-        "description": runtime.describe(),
-    }
 
 
 def _require(condition: bool, message: str) -> None:
@@ -143,7 +56,7 @@ def _check_cpu_contiguous(name: str, tensor: torch.Tensor) -> None:
 
 
 def _dtype_code(name: str, tensor: torch.Tensor) -> int:
-    code = _DTYPE_CODES.get(tensor.dtype)
+    code = formats.DTYPE_CODES.get(tensor.dtype)
     if code is None:
         raise ValueError(f"{name} has dtype {tensor.dtype}; supported: float32, float16, bfloat16")
     return code
@@ -168,12 +81,12 @@ class QuantizedWeights:
 
     @property
     def format(self) -> str:
-        return _QUANTIZED_FORMAT_OF_VALUES[self.values.dtype]
+        return formats.QUANTIZED_FORMAT_OF_VALUES[self.values.dtype]
 
     def native_args(self, name: str) -> tuple:
         _check_cpu_contiguous(f"{name}.values", self.values)
         _require(
-            self.values.dtype in _QUANTIZED_FORMAT_OF_VALUES,
+            self.values.dtype in formats.QUANTIZED_FORMAT_OF_VALUES,
             f"{name}.values has dtype {self.values.dtype}; supported: float8_e4m3fn, int8, uint8 (int4)",
         )
         _require(self.values.dim() == 3, f"{name}.values must be [E, rows, cols], got {tuple(self.values.shape)}")
@@ -195,7 +108,7 @@ class QuantizedWeights:
                 f"{name}.{label} must be {meta_shape} for group size {self.group_size}, got {tuple(meta.shape)}",
             )
         offsets = self.offsets.data_ptr() if self.format == "int4" else 0
-        return (self.values.data_ptr(), WEIGHT_FORMATS.index(self.format), self.scales.data_ptr(), offsets,
+        return (self.values.data_ptr(), formats.code(self.format), self.scales.data_ptr(), offsets,
                 self.group_size)
 
 
@@ -252,12 +165,11 @@ class PendingForward:
 
 
 def engine_group_size(w13: torch.Tensor | QuantizedWeights, weight_format: str, requested: int | None = None) -> int:
-    """The group an engine of ``weight_format`` built from ``w13`` quantizes in: the
-    checkpoint's own where w13 is already in that format (kept exactly as it is grouped),
-    else ``requested`` (None: the format's default, lvllm.envs.quant_group_size)."""
-    if isinstance(w13, QuantizedWeights) and w13.format == weight_format:
-        return w13.group_size
-    return envs.quant_group_size(weight_format, requested)
+    """The group an engine of ``weight_format`` built from ``w13`` quantizes in
+    (lvllm.formats.engine_group: w13's own where it is kept as it is)."""
+    if isinstance(w13, QuantizedWeights):
+        return formats.engine_group(weight_format, w13.format, w13.group_size, requested)
+    return formats.group_size(weight_format, requested)
 
 
 def planned_bytes(experts: int, hidden: int, intermediate: int, weight_format: str, group_size: int,
@@ -265,8 +177,8 @@ def planned_bytes(experts: int, hidden: int, intermediate: int, weight_format: s
     """Bytes of host RAM an engine of this shape and format will hold (``MoEEngine.nbytes``)
     on ``runtime``'s NUMA nodes (None: the default runtime), known before any is allocated."""
     nodes = (runtime or default_runtime()).numa_nodes
-    return _lk.planned_weight_bytes(experts, hidden, intermediate, WEIGHT_FORMATS.index(weight_format),
-                                    envs.quant_group_size(weight_format, group_size), nodes)
+    return _lk.planned_weight_bytes(experts, hidden, intermediate, formats.code(weight_format),
+                                    group_size, nodes)
 
 
 class MoEEngine:
@@ -324,7 +236,7 @@ class MoEEngine:
         self.activation = activation
         self._native = _lk.Engine(
             self.runtime, w13_args, w2_args, experts, hidden, intermediate,
-            WEIGHT_FORMATS.index(weight_format), group_size, ACTIVATIONS[activation], swiglu_alpha, swiglu_limit,
+            formats.code(weight_format), group_size, ACTIVATIONS[activation], swiglu_alpha, swiglu_limit,
         )
         self.engine_id = _engines.add(self)
         # Forwards submitted so far (tests read it to prove lk computed a layer).
@@ -385,9 +297,8 @@ class MoEEngine:
     __call__ = forward
 
 
-# Defined through torch.library.Library rather than the custom_op decorator: the
-# decorator's Python wrapping cost about 20 us per call here, paid by every MoE layer of
-# every decode step on the CPU build.
+# Defined through torch.library.Library rather than the custom_op decorator, whose Python
+# wrapping every MoE layer of every decode step would pay (BENCHMARKS.md, "Call overhead").
 _LIBRARY = torch.library.Library("lvllm", "DEF")
 _LIBRARY.define("lk_moe_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, int engine_id) -> Tensor")
 

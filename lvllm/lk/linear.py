@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from lvllm import _lk
-from lvllm.lk import _DTYPE_CODES, EngineRegistry, _check_cpu_contiguous, _dtype_code, _weight_args, default_runtime
+from lvllm import _lk, formats
+from lvllm.lk import EngineRegistry, _check_cpu_contiguous, _dtype_code, _weight_args, default_runtime
 
 __all__ = ["LinearEngine"]
 
@@ -47,7 +47,7 @@ class LinearEngine:
         if not rows.is_contiguous() or rows.device.type != "cpu":
             rows = rows.contiguous()
             _check_cpu_contiguous("x", rows)
-        code = _DTYPE_CODES.get(rows.dtype)
+        code = formats.DTYPE_CODES.get(rows.dtype)
         if code is None:
             code = _dtype_code("x", rows)
         bias_address = bias_code = 0

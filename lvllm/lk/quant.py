@@ -35,8 +35,7 @@ def _pinned(staging: dict, name: str, like: torch.Tensor) -> torch.Tensor:
 
 def _upload(t: torch.Tensor, device: torch.device, staging: dict, name: str) -> torch.Tensor:
     """t on ``device``. Host tensors go to a GPU through pinned memory that torch fills
-    with all its threads: a pageable copy runs at the driver's single-threaded pace (5-7
-    GB/s on the H100 host)."""
+    with all its threads: a pageable copy runs at the driver's single-threaded pace."""
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     host = _pinned(staging, name, t)
@@ -79,10 +78,9 @@ def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights
     device = torch.device(device)
     experts, rows, cols = w.shape
     groups = -(-cols // group)
-    # From a GPU the results come back into pinned memory: into fresh pageable memory that
-    # took most of a layer's 0.69 s on the H100 host, and through pinned staging plus a host
-    # copy still doubled the GPU's time. torch's pinned cache hands these blocks to the next
-    # layer's call once the engine has taken them; release_pinned_memory() ends that.
+    # Results come back from a GPU straight into pinned memory: pageable memory, or pinned
+    # staging plus a host copy, costs more than the quantization. torch's pinned cache hands
+    # these blocks to the next layer's call; release_pinned_memory() ends that.
     on_gpu = device.type == "cuda"
     values = torch.empty(experts, rows, cols, dtype=torch.int8 if weight_format == "int8" else torch.uint8,
                          pin_memory=on_gpu)

@@ -35,7 +35,7 @@ CPUS = sorted(os.sched_getaffinity(0))
 # Settings every vLLM process of the tests shares (children inherit os.environ).
 BASE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    # apply_model() ships lvllm.vllm_adapter.lk_report to the worker.
+    # apply_model() ships lvllm.vllm.lk_report to the worker.
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
     "VLLM_DISABLE_COMPILE_CACHE": "1",
     # The same cores for vLLM's threads and lk's (vLLM's default "auto" would keep one back).
@@ -82,7 +82,7 @@ class RunResult:
     def __init__(self, tokens, prompt_logprobs, report):
         self.tokens = tokens                      # per prompt: greedy output token ids
         self.prompt_logprobs = prompt_logprobs    # per prompt: logprob of each prompt token
-        self.report = report                      # per worker: lvllm.vllm_adapter.lk_report
+        self.report = report                      # per worker: lvllm.vllm.lk_report
 
 
 def attention_backend(model: Path, dtype: str) -> str | None:
@@ -116,7 +116,7 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
     with environment(**overrides):
         from vllm import LLM, SamplingParams
 
-        from lvllm.vllm_adapter import lk_report
+        from lvllm.vllm import lk_report
 
         llm = LLM(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
                   max_num_seqs=4, seed=0, enable_prefix_caching=False,

@@ -17,7 +17,7 @@ import pytest
 
 from e2e_common import CPUS, FAMILIES, PROMPTS
 
-from lvllm.hybrid import format_layers
+from lvllm.envs import format_ranges as format_layers
 
 F32_LOGPROB_TOL = 1e-3
 BF16_LOGPROB_TOL = 0.75

@@ -223,14 +223,14 @@ def awq_source(**awq):
 
     from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
 
-    from lvllm.vllm_adapter import LkRoutedExperts
+    from lvllm.vllm import checkpoint_sources
 
     experts = SimpleNamespace(moe_config=SimpleNamespace(
         hidden_dim=256, intermediate_size_per_partition=96))
     problems = []
     quant_config = AutoAWQConfig.from_config({"bits": 4, "zero_point": False, **awq})
-    found = LkRoutedExperts._awq_source(experts, "model.layers.0.mlp.experts", quant_config,
-                                        problems)
+    found = checkpoint_sources._awq_source(experts, "model.layers.0.mlp.experts", quant_config,
+                                           problems)
     return found, problems
 
 
@@ -240,14 +240,14 @@ def awq_source(**awq):
 ])
 def test_awq_checkpoint_lk_cannot_take_is_refused(config, problem):
     """Decided from the config at start-up, naming the checkpoint's values and what lk
-    takes (_check_lk_supports adds the layer and the way out to every problem)."""
+    takes (check_lk_supports adds the layer and the way out to every problem)."""
     found, problems = awq_source(**config)
     assert found is None and len(problems) == 1
     assert problem in problems[0] and "lk takes AWQ GEMM 4-bit experts" in problems[0]
 
 
 def test_awq_checkpoint_sources():
-    from lvllm.vllm_adapter import AwqInt4Source, ExpertSource
+    from lvllm.vllm.checkpoint_sources import AwqInt4Source, ExpertSource
 
     found, _ = awq_source(group_size=32, zero_point=True)
     assert isinstance(found, AwqInt4Source) and found.zero_point and found.group == 32

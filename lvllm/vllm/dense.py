@@ -16,55 +16,55 @@ vLLM's weight, as vLLM's own packed paths do.
 from __future__ import annotations
 
 import torch
-from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
 
-from lvllm import envs
-
-logger = init_logger("vllm.lvllm")
+from lvllm.vllm.installation import Installation, start_lk_runtime
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_vllm_process_linear = None
-_vllm_process_embedding = None
-_announced = False
 
 
-def install() -> None:
-    """Wrap vLLM's dense-layer and LM-head weight processing (idempotent; CPU build only)."""
-    global _vllm_process_linear, _vllm_process_embedding
-    if _vllm_process_linear is not None or not current_platform.is_cpu():
+def install(installation: Installation) -> None:
+    """Wrap vLLM's dense-layer and LM-head weight processing (CPU build only); the newest
+    installation's settings decide, and OFF leaves vLLM's own in place."""
+    vllm_linear = _unwrapped(UnquantizedLinearMethod.process_weights_after_loading)
+    vllm_embedding = _unwrapped(UnquantizedEmbeddingMethod.process_weights_after_loading)
+    UnquantizedLinearMethod.process_weights_after_loading = vllm_linear
+    UnquantizedEmbeddingMethod.process_weights_after_loading = vllm_embedding
+    if installation.settings.dense_on_lk == "OFF" or not current_platform.is_cpu():
         return
-    if envs.get("LVLLM_DENSE_ON_LK") == "OFF":
-        return
-    _vllm_process_linear = UnquantizedLinearMethod.process_weights_after_loading
-    _vllm_process_embedding = UnquantizedEmbeddingMethod.process_weights_after_loading
-    UnquantizedLinearMethod.process_weights_after_loading = _process_linear
-    UnquantizedEmbeddingMethod.process_weights_after_loading = _process_embedding
+
+    def process_linear(method, layer: torch.nn.Module) -> None:
+        _process(installation, vllm_linear, method, layer)
+
+    def process_embedding(method, layer: torch.nn.Module) -> None:
+        # An LM head only: an input embedding is read by lookups, not multiplied. A head tied
+        # to the embedding that lk takes leaves the embedding's own reference to the weight alone.
+        if isinstance(layer, ParallelLMHead):
+            _process(installation, vllm_embedding, method, layer)
+        else:
+            vllm_embedding(method, layer)
+
+    process_linear.lvllm_wraps = vllm_linear
+    process_embedding.lvllm_wraps = vllm_embedding
+    UnquantizedLinearMethod.process_weights_after_loading = process_linear
+    UnquantizedEmbeddingMethod.process_weights_after_loading = process_embedding
 
 
-def _process_linear(self, layer: torch.nn.Module) -> None:
-    _process(_vllm_process_linear, self, layer)
+def _unwrapped(method):
+    return getattr(method, "lvllm_wraps", method)
 
 
-def _process_embedding(self, layer: torch.nn.Module) -> None:
-    # An LM head only: an input embedding is read by lookups, not multiplied. A head tied to
-    # the embedding that lk takes leaves the embedding's own reference to the weight alone.
-    if isinstance(layer, ParallelLMHead):
-        _process(_vllm_process_embedding, self, layer)
-    else:
-        _vllm_process_embedding(self, layer)
-
-
-def _process(vllm_process, method, layer: torch.nn.Module) -> None:
-    mode = envs.get("LVLLM_DENSE_ON_LK")
+def _process(installation: Installation, vllm_process, method, layer: torch.nn.Module) -> None:
+    mode = installation.settings.dense_on_lk
     if mode == "ON" and _lk_can_take(layer):
-        _move_to_lk(layer, "LVLLM_DENSE_ON_LK=ON")
+        _move_to_lk(installation, layer, "LVLLM_DENSE_ON_LK=ON")
         return
     vllm_process(method, layer)
     if mode == "AUTO" and _lk_can_take(layer) and _vllm_calls_torch_linear(layer):
-        _move_to_lk(layer, "LVLLM_DENSE_ON_LK=AUTO: vLLM's CPU build has no kernel of its own for them here")
+        _move_to_lk(installation, layer,
+                    "LVLLM_DENSE_ON_LK=AUTO: vLLM's CPU build has no kernel of its own for them here")
 
 
 def _vllm_calls_torch_linear(layer: torch.nn.Module) -> bool:
@@ -85,22 +85,18 @@ def _lk_can_take(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "_cpu_skip_gemm_dispatch", False))
 
 
-def _move_to_lk(layer: torch.nn.Module, why: str) -> None:
-    from lvllm import vllm_adapter
+def _move_to_lk(installation: Installation, layer: torch.nn.Module, why: str) -> None:
     from lvllm.lk.linear import LinearEngine
 
-    vllm_adapter.start_lk_runtime()
+    start_lk_runtime(installation.settings)
     weight = layer.weight
     engine = LinearEngine(weight.data.contiguous())
     layer.lk_linear = engine
     engine_id, outputs = engine.engine_id, engine.outputs
     layer.cpu_linear = lambda x, _weight, bias: torch.ops.lvllm.lk_linear(x, bias, engine_id, outputs)
     layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
-    global _announced
-    if not _announced:
-        _announced = True
-        logger.info("lvllm: vLLM's unquantized dense layers in %s run on lk (%s)",
-                    str(weight.dtype).removeprefix("torch."), why)
+    installation.log_once("dense", "lvllm: vLLM's unquantized dense layers in %s run on lk (%s)",
+                          str(weight.dtype).removeprefix("torch."), why)
 
 
 def dense_report(model: torch.nn.Module) -> dict:

@@ -1,0 +1,97 @@
+"""The weight formats lk keeps weights in: one vocabulary for every part of lvllm.
+
+A format's ``name`` is the engine's (``lvllm._lk.format_names()``), its ``code`` the position
+in that list (csrc/lk/formats.h), ``short`` what log lines show. ``LVLLM_MOE_USE_WEIGHT``
+modes map onto names through :func:`resolve_format`, the one place that also settles the
+quantization group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lvllm.envs import EnvError, WEIGHT_MODES
+
+MODE_VAR = "LVLLM_MOE_USE_WEIGHT"
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    code: int
+    short: str
+    dtype: torch.dtype           # float formats: the tensor dtype; quantized: the stored values'
+    quantized: bool
+    default_group: int = 128     # inputs per scale when lk quantizes into this format itself
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("float32", 0, "fp32", torch.float32, False),
+    Format("float16", 1, "fp16", torch.float16, False),
+    Format("bfloat16", 2, "bf16", torch.bfloat16, False),
+    # 256: the integer kernels turn their sums to fp32 every 256 inputs whatever the group
+    # (kernels.h, kIntegerSpan), so smaller groups only add work (BENCHMARKS.md, "MoE layer").
+    Format("int8", 3, "int8", torch.int8, True, 256),
+    # 128: how 4-bit checkpoints (GPTQ, AWQ) commonly group.
+    Format("int4", 4, "int4", torch.uint8, True, 128),
+    Format("fp8_e4m3", 5, "fp8", torch.float8_e4m3fn, True),
+)}
+NAMES = tuple(FORMATS)
+FLOAT_FORMAT_OF_DTYPE = {f.dtype: f.name for f in FORMATS.values() if not f.quantized}
+QUANTIZED_FORMAT_OF_VALUES = {f.dtype: f.name for f in FORMATS.values() if f.quantized}
+# Activations and outputs: the float formats' codes.
+DTYPE_CODES = {f.dtype: f.code for f in FORMATS.values() if not f.quantized}
+
+
+def code(name: str) -> int:
+    return FORMATS[name].code
+
+
+def describe(name: str, group_size: int) -> str:
+    """'bf16', 'fp8 g128', 'int4 g32': the format as log lines show it."""
+    entry = FORMATS[name]
+    return f"{entry.short} g{group_size}" if entry.quantized else entry.short
+
+
+def group_size(name: str, requested: int | None = None) -> int:
+    """Inputs per scale lk quantizes into ``name`` with: ``requested``, else the format's default."""
+    return requested if requested is not None else FORMATS[name].default_group
+
+
+def engine_group(name: str, source_name: str, source_group: int | None,
+                 requested: int | None) -> int:
+    """Inputs per scale of weights kept as ``name`` from a source in ``source_name`` grouped
+    by ``source_group``: the source's own grouping when kept as it is, else group_size."""
+    if name == source_name and source_group is not None:
+        return source_group
+    return group_size(name, requested)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    name: str
+    group_size: int
+
+    def describe(self) -> str:
+        return describe(self.name, self.group_size)
+
+
+def resolve_format(mode: str, source_name: str, model_dtype: torch.dtype,
+                   source_group: int | None = None, requested_group: int | None = None) -> Resolved:
+    """The format and group lk keeps experts stored as ``source_name`` (grouped by
+    ``source_group``) in under ``LVLLM_MOE_USE_WEIGHT=mode`` and
+    ``LVLLM_MOE_QUANT_GROUP_SIZE=requested_group``."""
+    if mode == "KEEP":
+        name = source_name
+    elif mode in ("INT8", "INT4"):
+        name = mode.lower()
+    elif mode == "TO_DTYPE":
+        if model_dtype not in FLOAT_FORMAT_OF_DTYPE:
+            raise EnvError(f"{MODE_VAR}=TO_DTYPE: lk cannot keep experts in {model_dtype}; "
+                           "valid model dtypes: float32, float16, bfloat16")
+        name = FLOAT_FORMAT_OF_DTYPE[model_dtype]
+    else:
+        raise EnvError(f"{MODE_VAR}={mode!r} is not valid: expected {', '.join(WEIGHT_MODES)}")
+    return Resolved(name, engine_group(name, source_name, source_group, requested_group))

@@ -1,0 +1,58 @@
+"""lvllm's settings: every variable of lvllm.envs read once into one object, passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lvllm import envs
+
+
+@dataclass(frozen=True)
+class LkSettings:
+    """How the lk engine's runtime runs (the LK_* variables)."""
+
+    threads: int | None = None        # None: the default for the workers (lvllm.lk.runtime)
+    workers: str = "AUTO"             # AUTO, OPENMP or OWN
+    binding: str = "CPU_CORE"
+    power_saving: bool = False
+    isa: str = ""                     # empty: the best the CPU supports
+    numa_nodes: int | None = None     # None: the machine's real nodes
+
+    @classmethod
+    def from_env(cls) -> "LkSettings":
+        return cls(threads=envs.get("LK_THREADS"), workers=envs.get("LK_WORKERS"),
+                   binding=envs.get("LK_THREAD_BINDING"), power_saving=envs.get("LK_POWER_SAVING"),
+                   isa=envs.get("LK_ISA"), numa_nodes=envs.get("LK_NUMA_NODES"))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The run-time LVLLM_* variables (build-time ones are setup.py's)."""
+
+    enabled: bool = False
+    resident_layers: frozenset[int] = frozenset()
+    gpu_prefill_min_batch: int = 0
+    gpu_prefetch_window: int = 1
+    dense_on_lk: str = "AUTO"
+    weight_mode: str = "TO_DTYPE"
+    quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
+    quant_on_gpu: bool = False
+    ram_budget_gib: float | None = None
+    lk: LkSettings = LkSettings()
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Every variable checked (unknown LVLLM_*/LK_* names included), then read."""
+        envs.validate_all()
+        return cls(
+            enabled=envs.get("LVLLM_MOE_NUMA_ENABLED"),
+            resident_layers=envs.get("LVLLM_GPU_RESIDENT_MOE_LAYERS"),
+            gpu_prefill_min_batch=envs.get("LVLLM_GPU_PREFILL_MIN_BATCH_SIZE"),
+            gpu_prefetch_window=envs.get("LVLLM_GPU_PREFETCH_WINDOW"),
+            dense_on_lk=envs.get("LVLLM_DENSE_ON_LK"),
+            weight_mode=envs.get("LVLLM_MOE_USE_WEIGHT"),
+            quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
+            quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"),
+            ram_budget_gib=envs.get("LVLLM_MOE_RAM_BUDGET"),
+            lk=LkSettings.from_env(),
+        )

@@ -1,0 +1,267 @@
+"""How a checkpoint stores a MoE layer's routed experts, and how lk takes them.
+
+An ``ExpertSource`` says which params vLLM's loader fills for the layer (the same names,
+shapes and attributes vLLM's own quant method would create, so vLLM's weight loading runs
+unchanged) and turns them into the engine's inputs. ``expert_source`` picks the source from
+the layer's quantization config, as vLLM would pick its quant method.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+    UnquantizedFusedMoEMethod,
+)
+from vllm.model_executor.layers.quantization.base_config import resolve_quant_method
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+from lvllm.placement import LK_ACTIVATIONS, RESIDENT_VAR, UnsupportedLayer
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ExpertSource:
+    """Experts stored as float tensors (any float checkpoint; vLLM casts to params_dtype)."""
+
+    format = "float"   # engine format name, or "float" for the model dtype
+    group: int | None = None   # inputs per scale of a quantized checkpoint
+    # params a checkpoint of this format may lack (vLLM creates them all the same)
+    optional: frozenset[str] = frozenset()
+    label = "float experts"
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        """name -> (shape, dtype, extra weight attrs): what vLLM's method would create."""
+        return {
+            "w13_weight": ((num_experts, 2 * inter, hidden), params_dtype, {}),
+            "w2_weight": ((num_experts, hidden, inter), params_dtype, {}),
+        }
+
+    def engine_inputs(self, layer):
+        """(w13, w2) for lvllm.lk.MoEEngine: float tensors or QuantizedWeights."""
+        return layer.w13_weight.data, layer.w2_weight.data
+
+
+class Fp8BlockSource(ExpertSource):
+    """FP8 e4m3 weights with one float32 `weight_scale_inv` per block_n x block_k block,
+    as vLLM's Fp8MoEMethod (block quant) creates and loads them."""
+
+    format = "fp8_e4m3"
+    label = "FP8 block-quantized experts"
+
+    def __init__(self, block):
+        self.block_n, self.block_k = block
+        self.group = self.block_k
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        bn, bk = self.block_n, self.block_k
+        block = {"quant_method": FusedMoeWeightScaleSupported.BLOCK.value}
+        return {
+            "w13_weight": ((num_experts, 2 * inter, hidden), torch.float8_e4m3fn, {}),
+            "w2_weight": ((num_experts, hidden, inter), torch.float8_e4m3fn, {}),
+            "w13_weight_scale_inv": ((num_experts, 2 * _cdiv(inter, bn), _cdiv(hidden, bk)),
+                                     torch.float32, block),
+            "w2_weight_scale_inv": ((num_experts, _cdiv(hidden, bn), _cdiv(inter, bk)),
+                                    torch.float32, block),
+        }
+
+    def engine_inputs(self, layer):
+        from lvllm.lk import QuantizedWeights
+        from lvllm.lk.quant import expand_block_scales
+
+        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+        inter = w2.shape[2]
+        gate_scales, up_scales = layer.w13_weight_scale_inv.data.chunk(2, dim=1)
+        w13_scales = torch.cat([expand_block_scales(gate_scales, inter, self.block_n),
+                                expand_block_scales(up_scales, inter, self.block_n)], dim=1)
+        w2_scales = expand_block_scales(layer.w2_weight_scale_inv.data, w2.shape[1],
+                                        self.block_n)
+        return (QuantizedWeights(w13.contiguous(), w13_scales, self.block_k),
+                QuantizedWeights(w2.contiguous(), w2_scales, self.block_k))
+
+
+class CompressedTensorsInt4Source(ExpertSource):
+    """compressed-tensors pack-quantized symmetric W4A16 experts, laid out as vLLM's
+    CompressedTensorsWNA16MoEMethod creates them: N-first `weight_packed` int32
+    [E, N, K / 8], `weight_scale` [E, N, K / group], `weight_shape`."""
+
+    format = "int4"
+    optional = frozenset({"w13_weight_shape", "w2_weight_shape"})
+    label = "compressed-tensors W4A16 experts"
+
+    def __init__(self, group: int):
+        self.group = group
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        g = self.group
+        group = {"is_transposed": False, "quant_method": "group"}
+        # Scales in float32, not the model dtype vLLM uses: lk keeps float32 scales, so
+        # the checkpoint's are taken without a rounding step.
+        return {
+            "w13_weight_packed": ((num_experts, 2 * inter, hidden // 8), torch.int32, group),
+            "w2_weight_packed": ((num_experts, hidden, inter // 8), torch.int32, group),
+            "w13_weight_scale": ((num_experts, 2 * inter, hidden // g), torch.float32, group),
+            "w2_weight_scale": ((num_experts, hidden, inter // g), torch.float32, group),
+            "w13_weight_shape": ((num_experts, 2), torch.float32, group),
+            "w2_weight_shape": ((num_experts, 2), torch.float32, group),
+        }
+
+    def engine_inputs(self, layer):
+        from lvllm.lk.quant import from_compressed_tensors_int4
+
+        return tuple(
+            from_compressed_tensors_int4(getattr(layer, f"{w}_weight_packed").data,
+                                         getattr(layer, f"{w}_weight_scale").data,
+                                         getattr(layer, f"{w}_weight_packed").shape[2] * 8,
+                                         self.group)
+            for w in ("w13", "w2"))
+
+
+class AwqInt4Source(ExpertSource):
+    """AutoAWQ GEMM 4-bit experts, laid out as vLLM's AutoAWQMoEMethod creates them:
+    input-major (`is_transposed`) `qweight` int32 [E, K, N / 8] in AWQ's nibble order,
+    `scales` [E, K / group, N], `qzeros` int32 [E, K / group, N / 8]."""
+
+    format = "int4"
+
+    def __init__(self, group: int, zero_point: bool):
+        self.group = group
+        self.zero_point = zero_point
+        if zero_point:
+            self.label = "AWQ INT4 experts with zero points (zero_point: true)"
+        else:
+            self.label = "symmetric AWQ INT4 experts"
+            self.optional = frozenset({"w13_qzeros", "w2_qzeros"})
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        g = self.group
+        group = {"is_transposed": True, "quant_method": "group"}
+        # qzeros exist even for symmetric checkpoints (vLLM creates them too), so those
+        # that store them load; they are read only with zero_point. Scales in float32 as
+        # for compressed-tensors: AWQ stores float16 scales, which bf16 would round.
+        return {
+            "w13_qweight": ((num_experts, hidden, 2 * inter // 8), torch.int32, group),
+            "w2_qweight": ((num_experts, inter, hidden // 8), torch.int32, group),
+            "w13_scales": ((num_experts, hidden // g, 2 * inter), torch.float32, group),
+            "w2_scales": ((num_experts, inter // g, hidden), torch.float32, group),
+            "w13_qzeros": ((num_experts, hidden // g, 2 * inter // 8), torch.int32, group),
+            "w2_qzeros": ((num_experts, inter // g, hidden // 8), torch.int32, group),
+        }
+
+    def engine_inputs(self, layer):
+        from lvllm.lk.quant import from_awq_int4
+
+        return tuple(
+            from_awq_int4(getattr(layer, f"{w}_qweight").data,
+                          getattr(layer, f"{w}_qzeros").data if self.zero_point else None,
+                          getattr(layer, f"{w}_scales").data, self.group)
+            for w in ("w13", "w2"))
+
+
+def expert_source(layer, prefix, quant_config, problems: list[str]) -> ExpertSource | None:
+    """How the checkpoint stores ``layer``'s experts, as vLLM would load them; what lk cannot
+    take is added to ``problems`` (and None returned)."""
+    if quant_config is None:
+        return ExpertSource()
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    if type(quant_config) is Fp8Config:
+        # Decided from the config, as Fp8Config.get_quant_method does: building
+        # vLLM's Fp8MoEMethod would pick a device kernel backend this host may lack.
+        if is_layer_skipped(prefix=prefix, ignored_layers=quant_config.ignored_layers,
+                            fused_mapping=quant_config.packed_modules_mapping,
+                            match_mode=quant_config.ignored_layers_match_mode):
+            return ExpertSource()
+        block = quant_config.weight_block_size
+        if quant_config.store_dtype is None and block is not None:
+            bn, bk = block
+            inter = layer.moe_config.intermediate_size_per_partition
+            if bk % 16 or inter % bn or inter % bk:
+                problems.append(f"FP8 blocks {bn}x{bk} with an intermediate size per "
+                                f"rank of {inter} (lk: block sizes that divide it, "
+                                f"multiples of 16)")
+            return Fp8BlockSource(block)
+        problems.append("FP8 experts without 2-D block scales (lk takes FP8 "
+                        "checkpoints with weight_block_size, e.g. [128, 128])")
+        return None
+    if quant_config.get_name() == "compressed-tensors":
+        return _compressed_tensors_source(layer, prefix, quant_config, problems)
+    if quant_config.get_name() == "auto_awq":  # what vLLM makes of quant_method "awq"
+        return _awq_source(layer, prefix, quant_config, problems)
+    method = resolve_quant_method(quant_config, layer, prefix)
+    if method is None or isinstance(method, UnquantizedFusedMoEMethod):
+        return ExpertSource()
+    problems.append(f"{quant_config.get_name()} quantized experts "
+                    f"({type(method).__name__}); lk takes float, FP8 block-quantized, "
+                    "compressed-tensors W4A16 symmetric and AWQ INT4 experts")
+    return None
+
+
+def _compressed_tensors_source(layer, prefix, quant_config, problems):
+    """The scheme vLLM's CompressedTensorsMoEMethod.get_moe_method would read."""
+    quant_config._add_fused_moe_to_target_scheme_map()
+    scheme = quant_config.get_scheme_dict(layer, f"{prefix}.0.{layer.ckpt_gate_proj_name}")
+    if scheme is None:
+        return ExpertSource()
+    weights, inputs = scheme.get("weights"), scheme.get("input_activations")
+    inter = layer.moe_config.intermediate_size_per_partition
+    group = getattr(weights, "group_size", None) or 0
+    ok = (weights is not None and inputs is None and weights.num_bits == 4
+          and str(getattr(weights.type, "value", weights.type)) == "int"
+          and str(getattr(weights.strategy, "value", weights.strategy)) == "group"
+          and weights.symmetric and scheme.get("format") == "pack-quantized"
+          and group % 16 == 0 and group > 0 and inter % group == 0
+          and layer.moe_config.hidden_dim % group == 0
+          and getattr(weights, "actorder", None) in (None, "static"))
+    if not ok:
+        problems.append(
+            f"compressed-tensors experts {scheme.get('format')} "
+            f"{weights!r} with input activations {inputs!r} (lk takes pack-quantized "
+            "symmetric 4-bit int weights with group strategy, group a multiple of 16 "
+            "dividing the hidden and per-rank intermediate sizes, no activation "
+            "quantization)")
+        return None
+    return CompressedTensorsInt4Source(group)
+
+
+def _awq_source(layer, prefix, quant_config, problems):
+    """As AutoAWQConfig.get_quant_method decides, without building vLLM's AWQ MoE
+    method (it picks a device kernel backend)."""
+    if is_layer_skipped(prefix, quant_config.modules_to_not_convert,
+                        match_mode="substring"):
+        return ExpertSource()
+    group, hidden = quant_config.group_size, layer.moe_config.hidden_dim
+    inter = layer.moe_config.intermediate_size_per_partition
+    version = str(quant_config.full_config.get("version", "gemm")).lower()
+    if (version != "gemm" or group <= 0 or group % 16 or hidden % group
+            or inter % group):
+        problems.append(
+            f"AWQ experts (version {version!r}, group_size {group}) with hidden size "
+            f"{hidden} and per-rank intermediate size {inter} (lk takes AWQ GEMM 4-bit "
+            "experts, symmetric or with zero points, group_size a multiple of 16 "
+            "dividing both sizes)")
+        return None
+    return AwqInt4Source(group, bool(quant_config.zero_point))
+
+
+def check_lk_supports(layer, prefix, moe_config, problems: list[str]) -> None:
+    """Raise UnsupportedLayer naming every reason lk cannot compute ``layer``'s experts."""
+    if not moe_config.is_act_and_mul or moe_config.activation.value not in LK_ACTIVATIONS:
+        problems.append(f"activation {moe_config.activation.value!r} "
+                        f"(lk: {', '.join(LK_ACTIVATIONS)}, gated)")
+    if moe_config.has_bias:
+        problems.append("expert biases")
+    if layer.apply_router_weight_on_input:
+        problems.append("router weight applied on the input")
+    if moe_config.moe_parallel_config.use_ep:
+        problems.append("expert parallelism")
+    if moe_config.is_lora_enabled:
+        problems.append("MoE LoRA")
+    if problems:
+        raise UnsupportedLayer(
+            f"{prefix}: lk cannot compute this layer's routed experts ("
+            f"{'; '.join(problems)}). Keep it on the device by listing its index in "
+            f"{RESIDENT_VAR}, or set LVLLM_MOE_NUMA_ENABLED=0."
+        )

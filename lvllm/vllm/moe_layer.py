@@ -1,0 +1,312 @@
+"""The MoE layer classes lvllm registers in vLLM: where a layer's experts go to lk, its
+quant method (``LkMoEMethod``), its ``RoutedExperts`` (``LkRoutedExperts``: loading) and its
+``MoERunner`` (``LkMoERunner``: the forward)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
+
+from lvllm import envs, formats
+from lvllm.hybrid import ALL_ROWS_ON_LK, HybridExperts
+from lvllm.memory import LayerMemory, check_budget, returnable_empty
+from lvllm.vllm.checkpoint_sources import ExpertSource, check_lk_supports, expert_source
+from lvllm.vllm.installation import Installation, logger, num_model_layers, start_lk_runtime
+
+_SHARD_NAMES = {"w1": "(gate_proj)", "w3": "(up_proj)", "w2": "(down_proj)"}
+
+
+class LkMoEMethod(FusedMoEMethodBase):
+    """Quant method of a MoE layer whose routed experts the lk engine computes."""
+
+    # process_weights_after_loading reads the host copies where they are.
+    requires_device_loading = False
+
+    def __init__(self, moe, layer_index: int, installation: Installation,
+                 source: ExpertSource | None = None):
+        super().__init__(moe)
+        self.layer_index = layer_index
+        self.installation = installation
+        self.source = source or ExpertSource()
+        self.experts: HybridExperts | None = None
+        self.converted_while_loading = False
+        self.params_dtype: torch.dtype | None = None
+        self.param_names: tuple[str, ...] = ()
+        # param name -> (shard id, global expert id or None for all) vLLM's loader filled
+        self.loaded: dict[str, set[tuple[str, int | None]]] = {}
+
+    def create_weights(self, layer, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra_weight_attrs):
+        self.params_dtype = params_dtype
+        params = self.source.params(num_experts, hidden_size, intermediate_size_per_partition,
+                                    params_dtype)
+        for name, (shape, dtype, attrs) in params.items():
+            # Pages are taken as the loader fills them and returned when lk has converted
+            # the layer, so a layer costs its checkpoint size only while it loads.
+            tensor = returnable_empty(shape, dtype)
+            if "scale" in name:
+                tensor.fill_(1)
+            weight = torch.nn.Parameter(tensor, requires_grad=False)
+            layer.register_parameter(name, weight)
+            set_weight_attrs(weight, {**extra_weight_attrs, **attrs})
+        self.param_names = tuple(params)
+        checkpoint_bytes = sum(getattr(layer, name).nbytes for name in params)
+        self.installation.layer_memory[self.layer_index] = LayerMemory(
+            checkpoint_bytes, self.held_bytes(num_experts, hidden_size, intermediate_size_per_partition))
+
+    def held_bytes(self, experts: int, hidden: int, intermediate: int) -> dict[str, int]:
+        """What lk will hold of this layer under each LVLLM_MOE_USE_WEIGHT value it allows."""
+        from lvllm import lk
+
+        start_lk_runtime(self.installation.settings)
+        held = {}
+        for mode in envs.WEIGHT_MODES:
+            try:
+                resolved = self.resolve_format(mode)
+            except envs.EnvError:
+                continue
+            held[mode] = lk.planned_bytes(experts, hidden, intermediate, resolved.name,
+                                          resolved.group_size)
+        return held
+
+    def resolve_format(self, mode: str | None = None) -> formats.Resolved:
+        """The lk format and group of this layer's experts under LVLLM_MOE_USE_WEIGHT=mode
+        (None: the one set)."""
+        settings = self.installation.settings
+        source = self.source.format
+        if source == "float":
+            source = formats.FLOAT_FORMAT_OF_DTYPE[self.params_dtype]
+        return formats.resolve_format(mode or settings.weight_mode, source, self.params_dtype,
+                                      self.source.group, settings.quant_group_size)
+
+    def get_fused_moe_quant_config(self, layer):
+        return None
+
+    def record_load(self, name: str, shard_id: str, expert_id: int, all_experts: bool):
+        self.loaded.setdefault(name, set()).add((shard_id, None if all_experts else expert_id))
+
+    def gaps(self, layer) -> list[str]:
+        """What the loader has not filled yet, of the params lk reads."""
+        gaps = []
+        for name in self.param_names:
+            if name in self.source.optional:
+                continue
+            experts = getattr(layer, name).shape[0]
+            loads = self.loaded.get(name, set())
+            for shard in (("w1", "w3") if name.startswith("w13") else ("w2",)):
+                ids = {expert for s, expert in loads if s == shard}
+                if None not in ids and len(ids) < experts:
+                    gaps.append(f"{name} {_SHARD_NAMES[shard]} for {experts - len(ids)} of "
+                                f"{experts} experts")
+        return gaps
+
+    def check_loaded(self, layer) -> None:
+        """Raises unless the checkpoint filled every expert of every param lk reads: vLLM
+        does not check quantized checkpoints, and a missing tensor (an AWQ checkpoint
+        without qzeros, say) would leave uninitialized memory as weights. Models whose
+        load_weights writes the params directly (no loader calls seen) are not checked."""
+        gaps = self.gaps(layer) if self.loaded else []
+        if gaps:
+            model_config = get_current_vllm_config().model_config
+            where = f" in {model_config.model}" if model_config is not None else ""
+            raise ValueError(
+                f"{layer.layer_name}: the checkpoint{where} has no {'; no '.join(gaps)}. Its "
+                f"quantization_config describes {self.source.label}: the checkpoint is "
+                "incomplete, or that description does not match its tensors."
+            )
+
+    def process_weights_after_loading(self, layer) -> None:
+        if self.experts is not None:
+            return   # converted as soon as the loader had filled it
+        if not self.loaded:
+            self.installation.log_once(
+                "late conversion", "lvllm: %s's experts were filled outside vLLM's weight_loader, "
+                "so lk converts them after the whole model has loaded: host RAM peaks at the "
+                "checkpoint's size for such layers", layer.layer_name)
+        self.check_loaded(layer)
+        self.convert(layer)
+
+    def convert(self, layer, while_loading: bool = False) -> None:
+        """Hand the loaded experts to lk and free vLLM's copy (``while_loading``: as soon
+        as the loader filled the layer, not after the whole model)."""
+        installation, placement = self.installation, self.installation.placement
+        self.converted_while_loading = while_loading
+        runtime = start_lk_runtime(installation.settings)
+        start = time.perf_counter()
+        resolved = self.resolve_format()
+        w13, w2 = self.source.engine_inputs(layer)
+        placement.loading(resolved.describe())
+        w13, w2 = _maybe_quantize_on_gpu(installation, w13, w2, resolved)
+        self.experts = HybridExperts(
+            w13, w2, activation=layer.activation.value, layer_name=layer.layer_name,
+            weight_format=resolved.name, group_size=resolved.group_size,
+        )
+        del w13, w2
+        # lk holds its own copy now: drop vLLM's, in place, since vLLM's loader keeps the
+        # Parameter objects until the whole model has loaded.
+        for name in self.param_names:
+            param = getattr(layer, name)
+            param.data = torch.empty(0, dtype=param.dtype, device="cpu")
+        if current_platform.is_cuda():
+            installation.gpu_path().attach(self.experts, layer, placement.path_of(self.layer_index))
+        engine = self.experts.engine
+        summary = placement.loaded(
+            self.layer_index, engine.nbytes, formats.describe(engine.weight_format, engine.group_size),
+            runtime, time.perf_counter() - start,
+        )
+        if summary is not None:
+            logger.info(summary)
+            if installation.settings.quant_on_gpu:
+                from lvllm.lk import quant
+
+                quant.release_pinned_memory()
+            if current_platform.is_cuda():
+                # Before vLLM measures free memory for the KV cache, so the ring counts.
+                installation.gpu_path().allocate()
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts,
+              shared_experts_input):
+        # Reached only if a runner other than LkMoERunner drives the layer.
+        return self.experts.forward(x, topk_ids, topk_weights, run_shared=lambda: None)[1]
+
+
+def _maybe_quantize_on_gpu(installation: Installation, w13, w2, resolved: formats.Resolved):
+    """LVLLM_MOE_QUANT_ON_GPU=1: run-time INT8/INT4 quantization on the GPU, a few experts
+    at a time (the engine's own CPU quantization gives the same bits)."""
+    from lvllm.lk import QuantizedWeights, quant
+
+    if not installation.settings.quant_on_gpu or resolved.name not in ("int8", "int4"):
+        return w13, w2
+    if isinstance(w13, QuantizedWeights) and w13.format == resolved.name:
+        return w13, w2   # already in that format: kept as the checkpoint has it
+    if not torch.cuda.is_available():
+        installation.log_once("no CUDA to quantize", "lvllm: LVLLM_MOE_QUANT_ON_GPU=1 but CUDA is "
+                              "not available: experts are quantized on the CPU")
+        return w13, w2
+    device = torch.device("cuda", torch.cuda.current_device())
+    return (quant.quantize(w13, resolved.name, resolved.group_size, device),
+            quant.quantize(w2, resolved.name, resolved.group_size, device))
+
+
+def _check_memory_once(installation: Installation) -> None:
+    """Before the first expert lands in host memory (every lk layer has been created by
+    then): refuse a load that would not fit, with the figures and the formats that would."""
+    if installation.memory_checked:
+        return
+    installation.memory_checked = True
+    config = get_current_vllm_config()
+    extra, labels = 0, []
+    if current_platform.is_cpu():
+        kv_cache = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        if kv_cache:
+            extra += int(float(kv_cache) * 2**30)
+            labels.append("for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+        others = _other_weights_bytes(installation, config.model_config)
+        if others:
+            extra += others
+            labels.append("for the model's other weights")
+    ranks = config.parallel_config.local_world_size if current_platform.is_cpu() else 1
+    settings = installation.settings
+    line = check_budget(list(installation.layer_memory.values()), settings.weight_mode,
+                        settings.ram_budget_gib, extra=extra, extra_label=" and ".join(labels),
+                        ranks=ranks)
+    logger.info(line)
+
+
+def _other_weights_bytes(installation: Installation, model_config) -> int:
+    """Bytes of a local checkpoint outside the lk layers' experts (0 where unknown)."""
+    path = Path(model_config.model) if model_config is not None else None
+    if path is None or not path.is_dir():
+        return 0
+    total = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return max(0, total - sum(m.checkpoint_bytes for m in installation.layer_memory.values()))
+
+
+class LkRoutedExperts(RoutedExperts):
+    """vLLM's RoutedExperts; for lk layers the quant method is LkMoEMethod."""
+
+    # Set by lvllm.vllm.hooks.install before any model is built.
+    installation: Installation | None = None
+
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id,
+                      return_success=False):
+        method = self.quant_method
+        if not isinstance(method, LkMoEMethod):
+            return super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
+                                         return_success=return_success)
+        name = next((n for n in method.param_names if getattr(self, n) is param), None)
+        if method.experts is not None and name is not None:
+            # Converted already: only tensors lk does not read may still arrive.
+            if name not in method.source.optional:
+                raise ValueError(f"{self.layer_name}: the checkpoint holds {weight_name} (expert "
+                                 f"{expert_id}) again after the layer's experts were complete")
+            return True if return_success else None
+        _check_memory_once(self.installation)
+        loaded = super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
+                                       return_success=True)
+        if loaded and name is not None:
+            method.record_load(name, shard_id, expert_id, all_experts=loaded_weight.dim() == 3)
+            if method.experts is None and not method.gaps(self):
+                method.convert(self, while_loading=True)
+        return loaded if return_success else None
+
+    # As on vLLM's loader: models such as Llama 4 pass expert ids only to loaders marked so.
+    weight_loader.supports_moe_loading = True
+
+    def _get_quant_method(self, prefix, quant_config, moe_config):
+        layer_index = extract_layer_index(prefix)
+        path = self.installation.placement.place(layer_index, prefix, num_model_layers())
+        if not path.on_lk:
+            return super()._get_quant_method(prefix, quant_config, moe_config)
+        problems: list[str] = []
+        source = expert_source(self, prefix, quant_config, problems)
+        check_lk_supports(self, prefix, moe_config, problems)
+        return LkMoEMethod(moe_config, layer_index, self.installation, source)
+
+
+class LkMoERunner(MoERunner):
+    """vLLM's MoERunner; lk layers take the hybrid path between routing and the add."""
+
+    def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input,
+                            input_ids=None, shared_experts_overlapping=False):
+        quant_method = self.routed_experts.quant_method
+        # Made while loading when any layer went to lk on a CUDA worker.
+        gpu = LkRoutedExperts.installation.gpu if hidden_states.device.type == "cuda" else None
+        route = gpu.route(hidden_states.shape[0]) if gpu is not None else ALL_ROWS_ON_LK
+        if not isinstance(quant_method, LkMoEMethod):
+            # A resident layer (computed by vLLM): deciding the route above already started
+            # a long prompt's first expert copies while the resident layers run.
+            return super()._apply_quant_method(
+                hidden_states, router_logits, shared_experts_input, input_ids,
+                shared_experts_overlapping)
+
+        topk_weights, topk_ids = self.router.select_experts(
+            hidden_states=hidden_states, router_logits=router_logits,
+            topk_indices_dtype=None, input_ids=input_ids,
+        )
+
+        def run_shared():
+            self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)
+            if shared_experts_overlapping:
+                self._shared_experts.wait()
+            return self._shared_experts.output if self._shared_experts else None
+
+        # lvllm.hybrid.HybridExperts.forward: lk starts on the CPU, the device runs the
+        # shared experts (and, for a long prompt, the streamed experts) meanwhile, then the
+        # two are joined; MoERunner.forward adds shared + routed (after routed scaling, TP
+        # all-reduce), exactly as for vLLM's own experts.
+        padding = gpu.padding(hidden_states.shape[0]) if gpu is not None else None
+        return quant_method.experts.forward(hidden_states, topk_ids, topk_weights, run_shared,
+                                            route=route, padding=padding)
