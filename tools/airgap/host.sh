@@ -3,7 +3,10 @@
 # wheelhouse is in build/airgap/parts (tools/airgap/wheelhouse.py receive after each transfer):
 # assemble it, install vLLM's CUDA build into build/airgap/venv over the host's python (whose
 # torch and CUDA libraries stay visible), install lvllm in it (building lk), and check that
-# vLLM, torch and lk load and that tests/gpu pass. Results go to OUT_DIR.
+# vLLM, torch and lk load and that tests/gpu pass, then run the end-to-end checks
+# (tools/airgap/e2e_checks.py: `vllm serve` lk on against lk off, summary in OUT_DIR/e2e).
+# Results go to OUT_DIR; a failure of tests/gpu or of a check still lets the checks write
+# their summary, and the script then exits non-zero.
 #
 #   bash tools/airgap/host.sh OUT_DIR [PYTHON]       # PYTHON: the host's, default python3
 set -euo pipefail
@@ -25,4 +28,7 @@ print("vllm", vllm.__version__, "| torch", torch.__version__, "| CUDA", torch.ve
       "| GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
       "| lk ISA", lk.best_isa())
 EOF
-"$VENV_PY" -m pytest -q tests/gpu 2>&1 | tee "$OUT/tests_gpu.txt"
+status=0
+"$VENV_PY" -m pytest -q tests/gpu 2>&1 | tee "$OUT/tests_gpu.txt" || status=1
+"$VENV_PY" tools/airgap/e2e_checks.py "$OUT/e2e" --device cuda 2>&1 | tee "$OUT/e2e.txt" || status=1
+exit $status
