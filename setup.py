@@ -16,21 +16,30 @@ Environment knobs for the extension build:
 * ``CMAKE_ARGS``: extra arguments for the CMake configure step (shell syntax).
 * ``LVLLM_BUILD_DIR``: use this build directory instead of build/lk-release | build/lk-asan.
 * ``MAX_JOBS``: parallel compile jobs (default: the number of CPUs).
+
+Both wheels (regular and editable) also carry lvllm/media_packages.py's start-up hook,
+``lvllm-media-packages.pth``, at the top of site-packages: it keeps CUDA builds of
+torchvision/torchaudio/torchcodec beside a CPU torch from breaking imports.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import importlib.util
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).resolve().parent
 REQUIREMENTS = ROOT / "requirements"
@@ -43,6 +52,17 @@ def _load_envs():
     spec = importlib.util.spec_from_file_location("_lvllm_envs", ROOT / "lvllm" / "envs.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def _load_media_packages():
+    """lvllm/media_packages.py (the .pth hook's name and line), loaded by path like envs.py."""
+    spec = importlib.util.spec_from_file_location(
+        "_lvllm_media_packages", ROOT / "lvllm" / "media_packages.py"
+    )
+    module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
@@ -171,11 +191,63 @@ class CMakeBuild(build_ext):
             raise SystemExit(f"lvllm build failed: {shlex.join(cmd)} (see the output above)")
 
 
+class BuildPy(build_py):
+    """build_py that also puts the start-up hook (.pth) at the top of the regular wheel."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # EditableWheel adds it: the editable wheel is not made from build_lib
+        hook = _load_media_packages()
+        self.mkpath(self.build_lib)
+        Path(self.build_lib, hook.PTH_NAME).write_text(hook.PTH_LINE)
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = super().get_outputs(include_bytecode)
+        if not getattr(self, "editable_mode", False):
+            outputs.append(os.path.join(self.build_lib, _load_media_packages().PTH_NAME))
+        return outputs
+
+
+class EditableWheel(editable_wheel):
+    """PEP 660 editable wheel plus the start-up hook (.pth), recorded in RECORD so that
+    `pip uninstall lvllm` removes it."""
+
+    def run(self) -> None:
+        super().run()
+        hook = _load_media_packages()
+        for wheel in Path(self.dist_dir).glob("lvllm-*.whl"):
+            _add_to_wheel(wheel, hook.PTH_NAME, hook.PTH_LINE.encode())
+
+
+def _add_to_wheel(wheel: Path, name: str, data: bytes) -> None:
+    """Add top-level file ``name`` to ``wheel`` and to its RECORD (no-op if it is there)."""
+    with zipfile.ZipFile(wheel) as old:
+        entries = [(info, old.read(info)) for info in old.infolist()]
+    if any(info.filename == name for info, _ in entries):
+        return
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    record_line = f"{name},sha256={digest},{len(data)}\n".encode()
+    tmp = wheel.with_name(wheel.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as new:
+        added = False
+        for info, content in entries:
+            if not added and ".dist-info/" in info.filename:
+                new.writestr(name, data)  # before the metadata, which comes last in a wheel
+                added = True
+            if info.filename.endswith(".dist-info/RECORD"):
+                content = content.rstrip(b"\n") + b"\n" + record_line
+            new.writestr(info, content)
+        if not added:
+            new.writestr(name, data)
+    os.replace(tmp, wheel)
+
+
 _DEVICE = target_device()
 
 setup(
     install_requires=read_requirements(f"{_DEVICE}.txt"),
     extras_require={"test": read_requirements("test.txt")},
     ext_modules=[CMakeExtension("lvllm._lk")],
-    cmdclass={"build_ext": CMakeBuild},
+    cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy, "editable_wheel": EditableWheel},
 )
