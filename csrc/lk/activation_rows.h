@@ -22,6 +22,7 @@ namespace lk {
 // same integers.
 class QuantizedRows {
  public:
+  QuantizedRows() = default;  // no rows: for formats whose kernels read fp32 rows
   QuantizedRows(WeightFormat format, int depth, int group)
       : largest_(kernels::activation_max(format)), bytes_(largest_ <= 127), depth_(depth), group_(group),
         groups_(static_cast<int>(panel_groups(depth, group))), spans_(groups_ * kernels::spans_per_group(group)),
@@ -40,8 +41,7 @@ class QuantizedRows {
     const Record record = at(records, row);
     const int begin = g * group_, end = std::min(depth_, begin + group_);
     // Eight lanes of maxima and sums, then the lanes in order (the same total on every
-    // machine): a single running sum and maximum were chains of dependent operations, 4
-    // cycles a value, 5% of a 1024-token INT8 layer.
+    // machine), so that no single chain of dependent operations bounds the loop.
     constexpr int kLanes = 8;
     float lane_largest[kLanes] = {}, lane_total[kLanes] = {};
     int k = begin;
@@ -110,9 +110,9 @@ class QuantizedRows {
     return record;
   }
 
-  int largest_;
-  bool bytes_;
-  int depth_, group_, groups_, spans_, stride_;
+  int largest_ = 0;
+  bool bytes_ = false;
+  int depth_ = 0, group_ = 0, groups_ = 0, spans_ = 0, stride_ = 0;
 };
 
 }  // namespace lk

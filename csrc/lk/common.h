@@ -17,10 +17,10 @@ enum class Activation : int { Silu = 0, Gelu = 1, SwigluOai = 2 };
 constexpr int kPanelWidth = 16;
 
 // std::nearbyint (ties to even) for |v| < 2^22, without its libm call: code built for any
-// x86-64 has no instruction to inline it with, and quantizing the activations called it per
-// value (8% of a 1024-token INT8 layer). Adding and removing 1.5 * 2^23 leaves v rounded to
-// an integer in the default rounding mode. Static, as formats.h's helpers are, so each
-// kernel file compiled with its own ISA flags keeps its own copy.
+// x86-64 has no instruction to inline it with, and quantization rounds every value. Adding
+// and removing 1.5 * 2^23 leaves v rounded to an integer in the default rounding mode.
+// Static, as formats.h's helpers are, so each kernel file compiled with its own ISA flags
+// keeps its own copy.
 static inline float round_to_integer(float v) {
   constexpr float kRound = 12582912.0f;
   return (v + kRound) - kRound;

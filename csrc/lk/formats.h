@@ -24,8 +24,6 @@ const char* format_name(WeightFormat format);
 // Helpers are static so each kernel file, compiled with its own ISA flags, keeps its own
 // copy instead of sharing one with baseline code.
 
-static inline WeightFormat format_of(DType type) { return static_cast<WeightFormat>(static_cast<int>(type)); }
-
 static constexpr bool is_grouped(WeightFormat format) { return static_cast<int>(format) >= static_cast<int>(WeightFormat::Int8); }
 
 static constexpr bool has_offsets(WeightFormat format) { return format == WeightFormat::Int4; }

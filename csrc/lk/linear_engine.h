@@ -49,13 +49,32 @@ class LinearEngine {
     HostBuffer panels;
   };
 
+  // One forward's layout, worked out before the job starts and read by its tasks; kept from
+  // call to call, so a forward allocates only where it outgrows the last.
+  struct ForwardPlan {
+    LinearArgs args;
+    const float* input_rows = nullptr;  // fp32 rows as the kernels read them
+    bool convert_input = false;         // input_rows is Runtime::Scratch::input
+    uint32_t row_blocks = 0;            // kTokenBlock rows per conversion task
+    uint32_t row_chunks = 0;            // chunk_rows rows per multiply task
+    std::size_t tile_floats = 0;        // one tile of chunk_rows x kPanelWidth sums
+    std::size_t worker_floats = 0;      // each worker's share of Scratch::per_worker
+    std::vector<int> run;               // per node: panels per multiply task
+    std::vector<uint32_t> multiply_tasks;  // per node
+  };
+
   void pack(const WeightSource& weight);
+  void plan_forward(const LinearArgs& args);
+  // The job's phases, one task each.
+  void convert_input(int node, uint32_t task);
+  void multiply(int node, uint32_t task, int worker);
 
   std::shared_ptr<Runtime> runtime_;
   int outputs_, inputs_;
   WeightFormat format_;
   std::size_t panel_bytes_;
   std::vector<NodePanels> nodes_;
+  ForwardPlan plan_;
 };
 
 }  // namespace lk

@@ -8,6 +8,7 @@
 #include <memory>
 #include <vector>
 
+#include "lk/activation_rows.h"
 #include "lk/common.h"
 #include "lk/formats.h"
 #include "lk/host_buffer.h"
@@ -86,16 +87,63 @@ class MoEEngine {
     HostBuffer down;     // [E][hidden_panels] panels of depth `length`
   };
 
+  // One forward's routing and task layout, worked out before the job starts and read by its
+  // tasks. Kept from call to call, so a forward allocates only where it outgrows the last.
+  struct ForwardPlan {
+    ForwardArgs args;
+    const kernels::FormatKernels* kernels = nullptr;  // shape.format's
+    const float* input_rows = nullptr;  // fp32 rows as the kernels read them
+    bool convert_input = false;         // input_rows is Runtime::Scratch::input
+    bool integer_rows = false;          // the kernels read quantized rows
+    bool tiles_in_use = false;          // some chunk goes to the tile kernels
+    uint32_t token_blocks = 0;          // of kTokenBlock tokens: input and combine tasks
+    int node_threads = 0;
+    std::size_t worker_floats = 0;  // each worker's share of Scratch::per_worker
+    // Slot s is one (token, expert) pair; slots are grouped by expert, tokens ascending.
+    std::vector<int32_t> active_experts;  // experts with at least one token, ascending
+    std::vector<int32_t> expert_slots;    // slot range of active expert i: [i], [i + 1]
+    std::vector<int32_t> slot_token;
+    std::vector<float> slot_weight;       // routing weight times the activation scale
+    std::vector<uint32_t> first_chunk;    // active expert i's first chunk of chunk_rows slots
+    std::vector<std::size_t> down_chunk_bytes;    // per node: one chunk of hidden rows packed
+    std::vector<std::size_t> groups_done_offset;  // per node: where its counters start
+    std::vector<uint32_t> group_panels_done;      // per node, active expert, hidden group
+    std::vector<uint32_t> gate_up_tasks;          // per node
+    int down_run = 0;         // output panels per down task
+    uint32_t down_tasks = 0;  // per node
+    // Routing's working space: ids and weights per (token, k), repeats merged; per expert.
+    std::vector<int32_t> ids, expert_tokens, next_slot;
+    std::vector<float> weights;
+  };
+
   void pack(const WeightSource& w13, const WeightSource& w2);
   std::size_t gate_up_panel_bytes(const NodeSlice& slice) const;
   std::size_t down_panel_bytes(const NodeSlice& slice) const;
-  void route(const ForwardArgs& args);
+
+  // Before the job (moe_forward.cpp): routing, then the plan and the scratch it needs.
+  void read_routing(const ForwardArgs& args);
+  void assign_slots(int tokens, int topk);
+  void plan_forward(const ForwardArgs& args);
+  void plan_node_scratch();
+  int gate_up_run(int panels) const;
+  // The job's phases, one task each: input rows, gate/up with activation, down rows packed
+  // for tiles, down, and the nodes' outputs summed.
+  void prepare_input(int node, uint32_t task);
+  void gate_up(int node, uint32_t task, int worker);
+  void quantize_finished_groups(int node, uint32_t expert_index, int first_panel, int end_panel);
+  void pack_down(int node, uint32_t chunk);
+  void down(int node, uint32_t task, int worker);
+  void combine(int node, uint32_t task);
+  kernels::ActivationRow down_row(int node, std::size_t slot) const;
 
   std::shared_ptr<Runtime> runtime_;
   ExpertShape shape_;
   int hidden_panels_;
   int hidden_stride_;  // hidden_panels_ * kPanelWidth
   std::vector<NodeSlice> slices_;
+  QuantizedRows input_q_;               // the input's records for integer kernels
+  std::vector<QuantizedRows> hidden_q_;  // per node: the hidden rows' records
+  ForwardPlan plan_;
 };
 
 }  // namespace lk

@@ -40,7 +40,8 @@ class Runtime {
   Workers workers() const { return workers_; }
   std::string describe() const;
 
-  // Scratch of the running job. Only touched between executor().wait() and the next launch,
+  // Scratch of the running job, shared by every engine of the runtime so that it does not
+  // grow with the layer count. Only touched between executor().wait() and the next launch,
   // or by the job itself.
   struct Scratch {
     HostBuffer input;               // fp32 copy of the hidden states
@@ -50,11 +51,6 @@ class Runtime {
     std::vector<HostBuffer> packed_hidden;  // per node: chunks of those rows packed for tile kernels
     std::vector<HostBuffer> partial;   // per node: partial outputs, one row per token
     HostBuffer per_worker;             // widened panels and gate/up tiles, per worker
-    std::vector<int32_t> slot_token;
-    std::vector<float> slot_weight;
-    std::vector<int32_t> active_experts;  // experts with at least one token, ascending
-    std::vector<int32_t> expert_slots;    // slot range of active expert i: [i], [i + 1]
-    std::vector<uint32_t> group_panels_done;  // counted atomically by the job (MoEEngine::submit)
   };
   Scratch& scratch() { return scratch_; }
   // Held while a job is prepared and launched, so callers on several threads do not

@@ -127,7 +127,6 @@ void SourceMatrix::check_fp8(std::size_t row, std::size_t first_col, int depth) 
   }
 }
 
-// Inputs [first_col, first_col + depth) of `row` as floats, dequantized where needed.
 void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const {
   switch (source.format) {
     case WeightFormat::F32:
@@ -167,60 +166,60 @@ void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth
   }
 }
 
-// Writes one panel: columns j < kPanelWidth are source rows rows[j] (-1: zero padding),
-// inputs k are source columns first_col + k. Same formats (and groups) copy exactly;
-// otherwise values are read as floats and stored or quantized per group.
-void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
-                WeightFormat format, int group, PackScratch& scratch, uint8_t* panel) {
-  const std::size_t groups = is_grouped(format) ? panel_groups(depth, group) : 0;
+namespace {
+
+// INT8 and INT4: each column's codes and group scales (copied, or quantized from floats),
+// then the codes interleaved as the format stores them.
+void pack_integer_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
+                        WeightFormat format, int group, bool same, PackScratch& scratch, uint8_t* panel) {
+  const std::size_t groups = panel_groups(depth, group);
   float* scales = reinterpret_cast<float*>(panel + panel_value_bytes(format, depth));
   float* offsets = scales + groups * kPanelWidth;
-  const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
-  if (!same && format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
-  // Padding (columns without a row, inputs past `depth` up to a block) stays zero.
-  std::memset(panel, 0, panel_bytes(format, depth, group));
-  if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
-    scratch.floats.resize(depth);
-    const std::size_t stride = padded_depth(format, depth);
-    scratch.codes.assign(stride * kPanelWidth, 0);
-    for (int j = 0; j < kPanelWidth; ++j) {
-      if (rows[j] < 0) continue;
-      uint8_t* codes = scratch.codes.data() + j * stride;
-      if (same) {
-        const uint8_t* from = source.row_bytes(rows[j], 1) + first_col;
-        for (int k = 0; k < depth; ++k) codes[k] = format == WeightFormat::Int4 ? (from[k] & 0xf) ^ 8 : from[k];
-        for (std::size_t g = 0; g < groups; ++g) {
-          const std::size_t meta = source.meta_index(rows[j], first_col + g * group);
-          scales[g * kPanelWidth + j] = source.source.scales[meta];
-          if (has_offsets(format)) offsets[g * kPanelWidth + j] = source.source.offsets[meta];
-        }
-      } else {
-        source.read_floats(rows[j], first_col, depth, scratch.floats.data());
-        quantize_row(scratch.floats.data(), depth, format, group, codes, scales + j, offsets + j);
+  scratch.floats.resize(depth);
+  const std::size_t stride = padded_depth(format, depth);
+  scratch.codes.assign(stride * kPanelWidth, 0);
+  for (int j = 0; j < kPanelWidth; ++j) {
+    if (rows[j] < 0) continue;
+    uint8_t* codes = scratch.codes.data() + j * stride;
+    if (same) {
+      const uint8_t* from = source.row_bytes(rows[j], 1) + first_col;
+      for (int k = 0; k < depth; ++k) codes[k] = format == WeightFormat::Int4 ? (from[k] & 0xf) ^ 8 : from[k];
+      for (std::size_t g = 0; g < groups; ++g) {
+        const std::size_t meta = source.meta_index(rows[j], first_col + g * group);
+        scales[g * kPanelWidth + j] = source.source.scales[meta];
+        if (has_offsets(format)) offsets[g * kPanelWidth + j] = source.source.offsets[meta];
       }
+    } else {
+      source.read_floats(rows[j], first_col, depth, scratch.floats.data());
+      quantize_row(scratch.floats.data(), depth, format, group, codes, scales + j, offsets + j);
     }
-    const uint8_t* codes = scratch.codes.data();
-    for (int k = 0; k < depth; ++k) {
-      if (format == WeightFormat::Int8) {
-        for (int j = 0; j < kPanelWidth; ++j) panel[int8_offset(k, j)] = codes[j * stride + k];
-      } else {  // a byte holds column j in its low nibble and j + 8 in its high one
-        for (int j = 0; j < kPanelWidth / 2; ++j) {
-          int shift;
-          panel[int4_byte(k, j, &shift)] =
-              static_cast<uint8_t>(codes[j * stride + k] | codes[(j + kPanelWidth / 2) * stride + k] << 4);
-        }
-      }
-    }
-    return;
   }
-  // FP8 and float formats store row k of the panel at k * kPanelWidth. Columns without a
-  // source row read zeros.
+  const uint8_t* codes = scratch.codes.data();
+  for (int k = 0; k < depth; ++k) {
+    if (format == WeightFormat::Int8) {
+      for (int j = 0; j < kPanelWidth; ++j) panel[int8_offset(k, j)] = codes[j * stride + k];
+    } else {  // a byte holds column j in its low nibble and j + 8 in its high one
+      for (int j = 0; j < kPanelWidth / 2; ++j) {
+        int shift;
+        panel[int4_byte(k, j, &shift)] =
+            static_cast<uint8_t>(codes[j * stride + k] | codes[(j + kPanelWidth / 2) * stride + k] << 4);
+      }
+    }
+  }
+}
+
+// FP8 and the float formats: row k of the panel at k * kPanelWidth, copied, or converted
+// from floats. Columns without a source row read zeros.
+void pack_row_major_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col,
+                          int depth, WeightFormat format, int group, bool same, PackScratch& scratch, uint8_t* panel) {
   // Nothing writes to it, so it is zeroed only when it grows.
   const std::size_t zero_bytes = static_cast<std::size_t>(depth) * sizeof(float);
   if (scratch.zeros.size() < zero_bytes) scratch.zeros.assign(zero_bytes, 0);
   const void* columns[kPanelWidth];
   const auto keep = [](auto value) { return value; };
   if (same) {
+    const std::size_t groups = is_grouped(format) ? panel_groups(depth, group) : 0;
+    float* scales = reinterpret_cast<float*>(panel + panel_value_bytes(format, depth));
     const std::size_t element = format == WeightFormat::F32 ? 4 : format == WeightFormat::Fp8E4M3 ? 1 : 2;
     for (int j = 0; j < kPanelWidth; ++j) {
       if (rows[j] < 0) {
@@ -251,6 +250,21 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
     case WeightFormat::F16: store_columns<float, uint16_t>(panel, depth, columns, float_to_f16); break;
     case WeightFormat::BF16: store_columns<float, uint16_t>(panel, depth, columns, float_to_bf16); break;
     default: break;
+  }
+}
+
+}  // namespace
+
+void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
+                WeightFormat format, int group, PackScratch& scratch, uint8_t* panel) {
+  const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
+  if (!same && format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
+  // Padding (columns without a row, inputs past `depth` up to a block) stays zero.
+  std::memset(panel, 0, panel_bytes(format, depth, group));
+  if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
+    pack_integer_panel(source, rows, first_col, depth, format, group, same, scratch, panel);
+  } else {
+    pack_row_major_panel(source, rows, first_col, depth, format, group, same, scratch, panel);
   }
 }
 

@@ -39,7 +39,7 @@ const kernels::KernelSet& kernels_for(const std::string& isa_text) {
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
 // over their whole range, every scale (and INT4 offset) 1/64. The value bytes are a whole
 // number of 64-byte lines (formats.h), so they fill two bytes at a time. Page-aligned, as
-// the engine's panels and buffers are (tile loads across lines took 2-3x as long).
+// the engine's panels and buffers are (tile loads across lines are slow).
 HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
   HostBuffer buffer(panel_bytes(format, depth, kGroup));
   uint8_t* panel = buffer.as<uint8_t>();
@@ -72,6 +72,70 @@ bool reads_two_panels(const kernels::FormatKernels& kernel, int rows) {
   return kernels::tiles_take(kernel, rows) || rows <= kernel.pair_rows;
 }
 
+// Activation rows: fp32 values (scaled as the kernels read them) and their integer form
+// per group (and, for 8-bit formats, as bytes in quad order with their sums per span),
+// zero past `depth` up to a multiple of 4 as the engine prepares them.
+struct RandomRows {
+  std::vector<float> values;
+  std::vector<int16_t> quantized;
+  std::vector<int8_t> quads;
+  std::vector<float> group_scales, group_sums;
+  std::vector<int32_t> span_sums;
+  std::vector<kernels::ActivationRow> rows;
+};
+
+RandomRows random_rows(const kernels::FormatKernels& kernel, WeightFormat format, int rows, int depth,
+                       bool bf16_inputs, std::mt19937& rng) {
+  const int padded = (depth + 3) / 4 * 4;
+  const int groups = (depth + kGroup - 1) / kGroup;
+  const int spans = groups * kernels::spans_per_group(kGroup);
+  const int largest = kernels::activation_max(format);
+  RandomRows a;
+  a.values.assign(static_cast<std::size_t>(rows) * padded, 0.0f);
+  a.quantized.assign(static_cast<std::size_t>(rows) * padded, 0);
+  a.quads.assign(static_cast<std::size_t>(rows) * padded, 0);
+  a.group_scales.assign(static_cast<std::size_t>(rows) * groups, 1.0f / static_cast<float>(largest));
+  a.group_sums.assign(static_cast<std::size_t>(rows) * groups, 0.0f);
+  a.span_sums.assign(static_cast<std::size_t>(rows) * spans, 0);
+  a.rows.resize(rows);
+  std::uniform_real_distribution<float> activation(-1.0f, 1.0f);
+  for (int r = 0; r < rows; ++r) {
+    const std::size_t row = static_cast<std::size_t>(r) * padded;
+    for (int k = 0; k < depth; ++k) {
+      float v = activation(rng);
+      if (bf16_inputs) v = std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0xffff0000u);
+      a.values[row + k] = v * kernel.activation_scale;
+      a.quantized[row + k] = static_cast<int16_t>(v * static_cast<float>(largest));
+      a.quads[row + (k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(a.quantized[row + k]);
+    }
+    a.rows[r] = {&a.values[row], &a.quantized[row], &a.group_scales[static_cast<std::size_t>(r) * groups],
+                 &a.group_sums[static_cast<std::size_t>(r) * groups], &a.quads[row],
+                 &a.span_sums[static_cast<std::size_t>(r) * spans]};
+  }
+  return a;
+}
+
+// Seconds per call of `call`, the best of many short timings (a preempted one is
+// discarded), each as many calls as fill seconds / kTimings, from one call timed after a
+// warm-up.
+template <typename Call>
+double best_seconds_per_call(const Call& call, double seconds) {
+  using Clock = std::chrono::steady_clock;
+  call();
+  const auto start = Clock::now();
+  call();
+  const double once = std::max(std::chrono::duration<double>(Clock::now() - start).count(), 1e-7);
+  constexpr int kTimings = 15;
+  const long calls = std::max(1L, static_cast<long>(seconds / kTimings / once));
+  double best = std::numeric_limits<double>::infinity();
+  for (int timing = 0; timing < kTimings; ++timing) {
+    const auto t0 = Clock::now();
+    for (long i = 0; i < calls; ++i) call();
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return best / static_cast<double>(calls);
+}
+
 }  // namespace
 
 double kernel_ns_per_panel_row(const std::string& isa, const std::string& format_text, int rows, int depth, bool pair,
@@ -91,70 +155,28 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   std::mt19937 rng(12345);
   const HostBuffer first = random_panel(format, depth, rng);
   const HostBuffer second = random_panel(format, depth, rng);
-
-  // Activation rows: fp32 values (scaled as the kernels read them) and their integer form
-  // per group (and, for 8-bit formats, as bytes in quad order with their sums per span),
-  // zero past `depth` up to a multiple of 4 as the engine prepares them.
-  const int padded = (depth + 3) / 4 * 4;
-  const int groups = (depth + kGroup - 1) / kGroup;
-  const int spans = groups * kernels::spans_per_group(kGroup);
-  const int largest = kernels::activation_max(format);
-  std::vector<float> values(static_cast<std::size_t>(rows) * padded, 0.0f);
-  std::vector<int16_t> quantized(static_cast<std::size_t>(rows) * padded, 0);
-  std::vector<int8_t> quads(static_cast<std::size_t>(rows) * padded, 0);
-  std::vector<float> group_scales(static_cast<std::size_t>(rows) * groups, 1.0f / static_cast<float>(largest));
-  std::vector<float> group_sums(static_cast<std::size_t>(rows) * groups, 0.0f);
-  std::vector<int32_t> span_sums(static_cast<std::size_t>(rows) * spans, 0);
-  std::uniform_real_distribution<float> activation(-1.0f, 1.0f);
-  std::vector<kernels::ActivationRow> a(rows);
+  const RandomRows a = random_rows(kernel, format, rows, depth, bf16_inputs, rng);
   std::vector<float> out(static_cast<std::size_t>(rows) * 2 * kPanelWidth);
   std::vector<float*> c_first(rows), c_second(rows);
-  HostBuffer widened(kernels::kPanelWorkspaceBytes);
   for (int r = 0; r < rows; ++r) {
-    const std::size_t row = static_cast<std::size_t>(r) * padded;
-    for (int k = 0; k < depth; ++k) {
-      float v = activation(rng);
-      if (bf16_inputs) v = std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0xffff0000u);
-      values[row + k] = v * kernel.activation_scale;
-      quantized[row + k] = static_cast<int16_t>(v * static_cast<float>(largest));
-      quads[row + (k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(quantized[row + k]);
-    }
-    a[r] = {&values[row], &quantized[row], &group_scales[static_cast<std::size_t>(r) * groups],
-            &group_sums[static_cast<std::size_t>(r) * groups], &quads[row], &span_sums[static_cast<std::size_t>(r) * spans]};
     c_first[r] = &out[static_cast<std::size_t>(r) * 2 * kPanelWidth];
     c_second[r] = c_first[r] + kPanelWidth;
   }
-
+  HostBuffer widened(kernels::kPanelWorkspaceBytes);
   // Where tile kernels take this many rows, the rows are packed once, as the engine packs a
   // chunk once for all the panels of a task: the packing is not timed.
   HostBuffer packing(kernel.pack_rows != nullptr ? kernels::packed_bytes(kernel, rows, depth) : 0);
-  const void* packed = kernels::pack_for_tiles(kernel, a.data(), rows, depth, packing.data());
-  auto call = [&] {
+  const void* packed = kernels::pack_for_tiles(kernel, a.rows.data(), rows, depth, packing.data());
+  const auto call = [&] {
     if (pair) {
-      kernels::multiply_two_panels(kernel_set, format, first.data(), second.data(), depth, kGroup, a.data(), rows,
+      kernels::multiply_two_panels(kernel_set, format, first.data(), second.data(), depth, kGroup, a.rows.data(), rows,
                                    c_first.data(), c_second.data(), false, widened.data(), packed);
     } else {
-      kernels::multiply_panel(kernel_set, format, first.data(), depth, kGroup, a.data(), rows, c_first.data(), false,
-                              widened.data(), packed);
+      kernels::multiply_panel(kernel_set, format, first.data(), depth, kGroup, a.rows.data(), rows, c_first.data(),
+                              false, widened.data(), packed);
     }
   };
-  using Clock = std::chrono::steady_clock;
-  // Calls per timing: as many as fill seconds / kTimings, from one call timed after a
-  // warm-up. Many short timings, of which the best counts: a preempted one is discarded.
-  call();
-  const auto start = Clock::now();
-  call();
-  const double once = std::max(std::chrono::duration<double>(Clock::now() - start).count(), 1e-7);
-  constexpr int kTimings = 15;
-  const long calls = std::max(1L, static_cast<long>(seconds / kTimings / once));
-  double best = std::numeric_limits<double>::infinity();
-  for (int timing = 0; timing < kTimings; ++timing) {
-    const auto t0 = Clock::now();
-    for (long i = 0; i < calls; ++i) call();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  const double panel_rows = static_cast<double>(calls) * depth * (pair ? 2 : 1);
-  return best / panel_rows * 1e9;
+  return best_seconds_per_call(call, seconds) / (static_cast<double>(depth) * (pair ? 2 : 1)) * 1e9;
 }
 
 std::size_t kernel_panel_bytes(const std::string& format, int depth) {

@@ -146,7 +146,7 @@ std::atomic<std::uint64_t> g_sink{0};  // keeps results alive
 
 // Start and end of every thread's work in every rep. A rep lasts from the first thread's
 // start to the last thread's end: timing one thread between barriers would miss work the
-// others did while it was descheduled (on a loaded machine that overstated bandwidth 2x).
+// others did while it was descheduled, and overstate bandwidth on a loaded machine.
 class RepTimes {
  public:
   RepTimes(int reps, int threads)
@@ -176,9 +176,9 @@ class RepTimes {
 
 // Reads [p, p + bytes) with 256-bit loads into 8 independent xor chains, as kStreams
 // interleaved sequential streams (part s = [s * bytes / kStreams, (s + 1) * bytes / kStreams)).
-// Several concurrent streams keep more DRAM pages and prefetchers busy than one does (on the
-// 2-core Zen 3 guest this was measured 10-20% faster), and kernels that read a panel of rows
-// at once do the same; the probe reports the better of 1 and 8 streams.
+// Several concurrent streams keep more DRAM pages and prefetchers busy than one does, and
+// kernels that read a panel of rows at once do the same; the probe reports the better of 1
+// and 8 streams.
 template <int kStreams>
 __attribute__((noinline)) std::uint64_t read_sweep(const std::uint8_t* p, std::size_t bytes) {
   static_assert(kStreams == 1 || kStreams == 2 || kStreams == 4 || kStreams == 8, "");

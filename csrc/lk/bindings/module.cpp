@@ -76,34 +76,12 @@ lk::WeightSource to_source(const WeightArgs& args) {
   return source;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(_lk, m) {
-  m.doc() = "lk: routed MoE experts on the CPU";
-
+void bind_formats(py::module_& m) {
   m.def("format_names", [] {
     std::vector<std::string> names;
     for (int code = 0; code < lk::kNumWeightFormats; ++code) names.push_back(lk::format_name(static_cast<lk::WeightFormat>(code)));
     return names;
   }, "Weight format names, indexed by format code.");
-
-  m.def("measure_read_bandwidth_gbs", &lk::bench::measure_read_bandwidth_gbs, py::arg("threads"),
-        py::arg("bytes_per_thread"), py::arg("reps") = 10, py::call_guard<py::gil_scoped_release>(),
-        "Read bandwidth of this machine in GB/s with `threads` pinned threads (benchmarks' ceiling).");
-  m.def("measure_fma_peak_gflops", &lk::bench::measure_fma_peak_gflops, py::arg("threads"),
-        py::call_guard<py::gil_scoped_release>(), "fp32 FMA peak in GFLOP/s with `threads` threads.");
-
-  m.def("measure_kernel_ns_per_panel_row", &lk::bench::kernel_ns_per_panel_row, py::arg("isa"), py::arg("format"),
-        py::arg("rows"), py::arg("depth"), py::arg("pair") = false, py::arg("seconds") = 0.2,
-        py::arg("bf16_inputs") = false,
-        py::call_guard<py::gil_scoped_release>(),
-        "ns per panel row of one panel kernel on the calling thread, panel in cache (benchmarks).");
-  m.def("kernel_panel_bytes", &lk::bench::kernel_panel_bytes, py::arg("format"), py::arg("depth"),
-        "Bytes of the panel measure_kernel_ns_per_panel_row multiplies (values, scales, offsets).");
-  m.def("kernel_chunk_rows", &lk::bench::kernel_chunk_rows, py::arg("isa"), py::arg("format"),
-        "Most rows measure_kernel_ns_per_panel_row takes for `format` on `isa` (the engine's chunk).");
-  m.def("kernel_reads_two_panels", &lk::bench::kernel_reads_two_panels, py::arg("isa"), py::arg("format"),
-        py::arg("rows"), "Whether the kernels read an expert's gate and up side by side for `rows` rows.");
 
   m.def("planned_weight_bytes",
         [](int experts, int hidden, int intermediate, int format, int group_size, int nodes) {
@@ -123,7 +101,30 @@ PYBIND11_MODULE(_lk, m) {
         return names;
       },
       "Every kernel ISA level, lowest first: each implies the ones before it.");
+}
 
+// Measurements for the benchmarks: the machine's ceilings and single kernels' rates.
+void bind_benchmarks(py::module_& m) {
+  m.def("measure_read_bandwidth_gbs", &lk::bench::measure_read_bandwidth_gbs, py::arg("threads"),
+        py::arg("bytes_per_thread"), py::arg("reps") = 10, py::call_guard<py::gil_scoped_release>(),
+        "Read bandwidth of this machine in GB/s with `threads` pinned threads (benchmarks' ceiling).");
+  m.def("measure_fma_peak_gflops", &lk::bench::measure_fma_peak_gflops, py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>(), "fp32 FMA peak in GFLOP/s with `threads` threads.");
+
+  m.def("measure_kernel_ns_per_panel_row", &lk::bench::kernel_ns_per_panel_row, py::arg("isa"), py::arg("format"),
+        py::arg("rows"), py::arg("depth"), py::arg("pair") = false, py::arg("seconds") = 0.2,
+        py::arg("bf16_inputs") = false,
+        py::call_guard<py::gil_scoped_release>(),
+        "ns per panel row of one panel kernel on the calling thread, panel in cache (benchmarks).");
+  m.def("kernel_panel_bytes", &lk::bench::kernel_panel_bytes, py::arg("format"), py::arg("depth"),
+        "Bytes of the panel measure_kernel_ns_per_panel_row multiplies (values, scales, offsets).");
+  m.def("kernel_chunk_rows", &lk::bench::kernel_chunk_rows, py::arg("isa"), py::arg("format"),
+        "Most rows measure_kernel_ns_per_panel_row takes for `format` on `isa` (the engine's chunk).");
+  m.def("kernel_reads_two_panels", &lk::bench::kernel_reads_two_panels, py::arg("isa"), py::arg("format"),
+        py::arg("rows"), "Whether the kernels read an expert's gate and up side by side for `rows` rows.");
+}
+
+void bind_runtime(py::module_& m) {
   py::class_<lk::Runtime, std::shared_ptr<lk::Runtime>>(m, "Runtime")
       .def(py::init([](int threads, const std::string& binding, bool power_saving, const std::string& isa,
                        int virtual_nodes, const std::string& workers) {
@@ -152,7 +153,9 @@ PYBIND11_MODULE(_lk, m) {
       }, "The CPUs the runtime's topology holds, ascending.")
       .def_property_readonly("virtual_nodes", [](const lk::Runtime& r) { return r.topology().virtual_nodes; })
       .def("describe", &lk::Runtime::describe);
+}
 
+void bind_moe_engine(py::module_& m) {
   py::class_<lk::MoEEngine>(m, "Engine")
       .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& w13, const WeightArgs& w2, int experts,
                        int hidden, int intermediate, int format, int group_size, int activation, float swiglu_alpha,
@@ -219,7 +222,9 @@ PYBIND11_MODULE(_lk, m) {
             return slices;
           },
           "Per NUMA node: the rows of I it holds and views of its packed weight memory.");
+}
 
+void bind_linear_engine(py::module_& m) {
   py::class_<lk::LinearEngine>(m, "LinearEngine")
       .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& weight, int outputs, int inputs) {
              const lk::WeightSource source = to_source(weight);
@@ -245,7 +250,9 @@ PYBIND11_MODULE(_lk, m) {
           "Runs the layer and waits for it.", py::arg("input"), py::arg("input_dtype"), py::arg("rows"),
           py::arg("bias"), py::arg("bias_dtype"), py::arg("output"), py::arg("output_dtype"))
       .def_property_readonly("weight_bytes", &lk::LinearEngine::weight_bytes);
+}
 
+void bind_cuda(py::module_& m) {
   py::class_<lk::cuda::Driver, std::shared_ptr<lk::cuda::Driver>>(m, "CudaDriver")
       .def(py::init<const std::string&>(), py::arg("library"))
       .def_property_readonly("library", &lk::cuda::Driver::library);
@@ -299,4 +306,16 @@ PYBIND11_MODULE(_lk, m) {
           py::arg("stream"), py::arg("handle"), py::arg("output"))
       .def("take_error", &lk::cuda::StreamedForwards::take_error)
       .def_property_readonly("records", &lk::cuda::StreamedForwards::records);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_lk, m) {
+  m.doc() = "lk: routed MoE experts on the CPU";
+  bind_formats(m);
+  bind_benchmarks(m);
+  bind_runtime(m);
+  bind_moe_engine(m);
+  bind_linear_engine(m);
+  bind_cuda(m);
 }

@@ -21,8 +21,8 @@ inline float bits_to_float(int32_t bits) {
 // e^x to about 2 ulp for x in [-87, 60]; inputs outside are clamped. The callers divide by
 // 1 + e^x, so above 60 only a quotient below 1e-26 of its dividend changes. The bound is
 // not 88 (where fp32 ends) because GCC's branch-free code computes the clamped case in
-// every lane: g / (1 + e^88) is an fp32 subnormal for any |g| < 2, each one a ~150-cycle
-// microcode assist, and a row of 16 SiLU values took 47 ns instead of 5.5.
+// every lane: g / (1 + e^88) is an fp32 subnormal for any |g| < 2, each one a slow
+// microcode assist.
 inline float fast_exp(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 60.0f ? 60.0f : x;
@@ -51,8 +51,8 @@ inline float fast_erf(float x) {
   return sign * (1.0f - poly * t * fast_exp(-a * a));
 }
 
-// One panel's rows of a chunk in one call (ActivationRows): called once per row, the
-// activations took 1.1-1.4x as long, each call loading its constants again.
+// One panel's rows of a chunk in one call (ActivationRows), so that the constants are
+// loaded once per chunk, not once per row.
 template <class Gated>
 inline void panel_rows(const float* gate, const float* up, int rows, int count, const float* weights, float* out,
                        std::size_t out_stride, Gated gated) {

@@ -29,8 +29,7 @@ struct ActivationRow {
 };
 // INT8: 16 bits keep the quantization error of an activation below 2^-16 of its group's
 // largest magnitude, far below that of the weights. INT4: 8 bits (2^-8), still far below
-// INT4's own error, let AVX2 multiply bytes (vpmaddubsw: 32 products per instruction where
-// vpmaddwd takes 16), which INT4 decode at 2 and more rows per expert is bound by. Every
+// INT4's own error, let the kernels multiply bytes, twice as many per instruction. Every
 // ISA quantizes a format's activations alike, so all multiply the same integers.
 constexpr int activation_max(WeightFormat format) { return format == WeightFormat::Int4 ? 127 : 32767; }
 
@@ -123,9 +122,8 @@ inline bool tiles_take(const FormatKernels& kernels, int rows) {
 // rounded up to 64 inputs, so that every row (and every plane of a row the kernels split
 // into planes, two at most) starts a line, plus a line per plane, as many rows as fill
 // whole tiles of kTileRows, and one line more, which a tile row may read past the end.
-// The extra lines spread a tile's 16 rows over the L1's sets: 2048 inputs deep, bf16's
-// 8 KiB rows all fell on one set (of 12 ways) and INT4's 2 KiB rows on two. Qwen3-30B's
-// INT4 layer at 1024 tokens ran 1.07-1.15x as fast (four runs), the other formats level.
+// The extra lines spread a tile's 16 rows over the L1's sets: rows a power of two apart
+// (bf16 or INT4 at 2048 inputs) would all fall on one or two sets.
 constexpr int kTileRows = 16;
 constexpr int kTileRowBytes = 64;
 inline std::size_t packed_row_stride(int input_bytes, int depth) {

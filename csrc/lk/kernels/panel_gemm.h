@@ -111,10 +111,8 @@ struct PanelKernels {
     return false;
   }();
   // Such a stream is also moved from L2 into L1 this far ahead, so that the loads do not
-  // wait on L2 either. Qwen3-30B's layer on a Xeon, builds alternated process by process,
-  // 3 rounds: AVX2 INT8 decode 1.06x at 1 token and 1.02x at 16 (both medians), AVX2 INT4
-  // 1.03x and 1.025x, the AVX-512 integer decodes level to 1.02x; 768 and 1024 bytes were
-  // level with 512, 256 gained less.
+  // wait on L2 either: nearer leaves them waiting, farther gains nothing (see BENCHMARKS.md,
+  // "Kernels").
   static constexpr int kL1FetchBytes = 512;
 
   // Decoded values times value_scale() are the stored ones; sums of their products with
@@ -364,12 +362,10 @@ struct PanelKernels {
       for (int v = 0; v < kVecs; ++v) acc[r][v] = Simd::widen_add(acc[r][v], t[r][v]);
   }
 
-  // The longest run whose 16-bit sums cannot saturate: each block adds to a lane two
-  // products of an unsigned weight (below twice the bias) and an activation: 8 blocks for
-  // INT4 (with kQuadDot the sums are 32 bits and the run only sets the step). Against
-  // runs of 2 on the AVX2 tier, in cache on Zen 4: 1.08-1.38x as fast from 2 to 64 rows,
-  // level at 1 (bench_kernels.py --against, as fixed in b7df917). Fully unrolled, a run
-  // of 8 spilled at 3 rows (431 stack references against 67): the block loop unrolls by 2.
+  // The longest run whose 16-bit sums cannot saturate, so that they are widened as seldom as
+  // possible: each block adds to a lane two products of an unsigned weight (below twice the
+  // bias) and an activation, 8 blocks for INT4 (with kQuadDot the sums are 32 bits and the
+  // run only sets the step). The block loop unrolls by 2: fully unrolled, a run spills.
   static constexpr int kQuadRunBlocks = [] {
     if constexpr (kQuads) {
       return 32767 / (2 * (2 * Decode::kQuadBias - 1) * activation_max(kFormat));
@@ -379,14 +375,10 @@ struct PanelKernels {
   }();
 
   // Where Simd fuses the multiply and the add (VNNI), each sum is one chain through that
-  // instruction's latency (4-5 cycles, one issued per cycle), and decode's usual call, one
-  // row of a pair of panels, ran on two chains and waited on them: with at most two sums per
-  // block, consecutive blocks take turns among up to 4 sets of sums, added at the end of
-  // each span (integers: the same bits). In cache (bench_kernels.py --against), a pair of
-  // panels at 1 row ran 1.27x as fast for INT8 and 1.04x for INT4, one panel at 1 and 2
-  // rows 1.60x and 1.48x (INT8), 1.09x and 1.08x (INT4). With more rows, INT8 gained less
-  // (1.14-1.47x at 3-6 sums) and INT4 nothing (0.85-1.01x), and decode's INT8 is bound by
-  // memory anyway, so they keep one set.
+  // instruction's latency, which one or two sums per block (decode) would wait on: their
+  // consecutive blocks take turns among up to 4 sets of sums, added at the end of each span
+  // (integers: the same bits). More sums already hide the latency and keep one set (see
+  // BENCHMARKS.md, "Kernels").
   template <int Outputs, int StepBlocks>
   static constexpr int integer_sets() {
     if (!requires { requires Simd::kFusedDotAdd; } || Outputs > 2) return 1;
@@ -539,8 +531,7 @@ struct PanelKernels {
   // Rows gemm_pair takes: as many as leave both panels' accumulators, both panels' decoded
   // weights (pairs of rows per block for integers, a block's quads per panel when bytes
   // are multiplied), a broadcast activation per row and one constant in registers. One
-  // more row spills an accumulator, whose chain then runs through memory: 3 float rows
-  // took twice as long per weight as 2 (measured).
+  // more row spills an accumulator, whose chain then runs through memory.
   static constexpr int pair_rows() {
     if constexpr (!Simd::kPairPanels) {
       return 0;
@@ -664,10 +655,7 @@ struct PanelKernels {
     kernels.widen_rows = widen_rows;
     kernels.widen_block = kWidenedValueBytes / row_bytes;
     // Each chunk of an expert's rows widens the panel again, and a chunk below widen_rows
-    // decodes in every pass: at 1024 tokens Qwen3-30B's experts get 64 rows on average,
-    // and 64-row chunks left half of them a second, short chunk. AVX2 FP8 prefill at 1024
-    // tokens on a Xeon: 1.02x as fast (medians of 3 alternated rounds), AVX-512 about 1.04x
-    // (2 rounds).
+    // decodes in every pass: the largest chunks leave the fewest experts a second, short one.
     kernels.chunk_rows = kMaxPanelRows;
     return kernels;
   }

@@ -10,9 +10,8 @@
 // (Tiles::kBlockInputs): a block's weights are widened into whole weight tiles in
 // `workspace` (zero past the block's last input, so whatever activations a tile row reads
 // there add nothing), and the unit runs the rows over them. While it multiplies block b,
-// the core widens block b + 1, a share at every unit step (done one after the other, the
-// AMX tiles stood idle most of the time), and, for the grouped formats, then finishes
-// block b - 1.
+// the core widens block b + 1, a share at every unit step so that the unit never waits
+// for it, and, for the grouped formats, then finishes block b - 1.
 //
 // Integer formats (AMX only) compute the integer sums of the AVX-512 VNNI kernels exactly,
 // a span at a time, and finish them with the same fp32 operations (PanelKernels::group and
@@ -22,8 +21,8 @@
 // scale its sums (AVX512_BF16: kept in units of the current group's scales), else has its
 // sums finished with their group's scales block by block, as the integer formats do. For
 // both, the fp32 activations are multiplied as the sum of two bf16 values, the second
-// their rounding error, which leaves each within 2^-18 of its value where one bf16 (as
-// vLLM's AMX MoE kernel rounds them) moves it by up to 2^-9; the second plane is skipped
+// their rounding error, which leaves each within 2^-18 of its value where one bf16 moves
+// it by up to 2^-9; the second plane is skipped
 // for a chunk whose activations bf16 holds exactly (a bf16 model's inputs to gate and up).
 //
 // A unit, Unit<PackedKernels<...>>, gives:
@@ -149,8 +148,8 @@ struct Int8Tiles {
 // bf16 of what that misses in the second, two inputs per 32-bit lane, multiplied by bf16
 // weights (tdpbf16ps) into fp32 sums; weight-tile rows are two panel rows interleaved. An
 // odd depth's last row pairs with the zeroed padding of the values (formats.h: whole
-// 64-byte lines). Blocks of 128 inputs: with 256, the double-buffered weights of two
-// bf16 panels took 32 KiB of the L1, and 16 rows ran 1.3x as long.
+// 64-byte lines). Blocks of 128 inputs, so that the double-buffered weights of two bf16
+// panels take half of a 32 KiB L1, not all of it.
 struct FloatTiles {
   static constexpr int kBlockInputs = 128;
   static constexpr int kInputBytes = 4;
@@ -191,11 +190,9 @@ struct Bf16Tiles : FloatTiles {
 // scale: a group's sums are multiplied back by PanelKernels::sum_scale), which bf16 holds
 // exactly, subnormals included (four significant bits at most, 2^-17 the least). A byte's
 // low 7 bits index two 128-byte tables, the bf16 bits' low and high bytes; the sign is the
-// byte's own top bit: a tile row took 4 vector operations where widening through fp16 and
-// fp32 (Decode::values, as the decode kernels do, two roundings to bf16 and an interleave)
-// took 10. Two tile rows at a time (one 64-byte line) take 5, 3 of them byte permutes: with
-// a block's tiles busy, the core's widening and finishing had bounded FP8 prefill, and a
-// layer at 256-2048 tokens ran 1.02-1.14x as fast as a row at a time.
+// byte's own top bit: fewer vector operations than widening through fp16 and fp32 as the
+// decode kernels do, since the core's widening bounds FP8 prefill while the unit is busy.
+// Two tile rows at a time (one 64-byte line), so that the lookups use every lane.
 template <class Decode>
 struct Fp8Tiles : FloatTiles {
   static constexpr int kStoredBytes = kPanelWidth;
@@ -273,20 +270,17 @@ struct PackedKernels {
   static_assert(Panel::activation_scale() == 1.0f, "rows are packed as the engine prepares them, unscaled");
   static constexpr long kWeightBytes = (Tiles::kBlockInputs / Tiles::kInputsPerTileRow) * kWeightTileBytes;
   // Row tiles one call takes. The float formats take twice the engine's usual chunk: a
-  // block of weights, widened once, serves all of them (bf16 in cache no faster per row than
-  // at 64, but a layer at 1024 and 2048 tokens reads each expert's weights from memory about
-  // half as often, and with the block-by-block walk ran 1.08-1.26x as fast). The integer
-  // formats keep two blocks' sums of every row and plane; with 128 rows their layers were
-  // no faster.
+  // block of weights, widened once, serves all of them, so a layer reads each expert's
+  // weights from memory half as often. The integer formats, which keep two blocks' sums of
+  // every row and plane, gain nothing from more (see BENCHMARKS.md, "MoE layer").
   static constexpr int kRowTiles = (Panel::kInteger ? kChunkRows : kMaxPanelRows) / kTileRows;
   // One panel's sums for every row of a multiply; the float formats add their planes into
   // the same sums, the integer formats keep each plane's.
   static constexpr long kPanelSumBytes = kRowTiles * kSumTileBytes;
   static constexpr long kSumBytes = (Panel::kInteger ? Tiles::kPlanes : 1) * 2L * kPanelSumBytes;
   // The grouped formats finish each block into a copy of the outputs here and store it
-  // once, at the end: finished straight into the outputs, whose rows lie far apart for the
-  // down projection, a layer's INT8 prefill at 1024 tokens spent about 30% of its tile
-  // kernel in the finishing loop.
+  // once, at the end: the down projection's output rows lie far apart, and finishing
+  // straight into them took a large share of the kernel.
   static constexpr long kFinishedBytes = Panel::kGrouped ? 2 * kPanelSumBytes : 0;
   // Two blocks' widened weights of two panels, then two blocks' sums, the second block's
   // of each kParityOffset further on than packed: the core writes one block's buffer while
@@ -400,7 +394,7 @@ struct PackedKernels {
     }
 
     // The loops keep their state in locals: stored through `this`, it would be reloaded
-    // after every 64-byte store (which might alias it), and a widened row took ~9 cycles.
+    // after every 64-byte store (which might alias it).
     void widen(int count) {
       if (!widening) return;
       int p = widen_panel, i = widen_row;
@@ -430,9 +424,8 @@ struct PackedKernels {
 
   // call.finished += a finished block's sums (`sums`), scaled, for every row and panel, as
   // PanelKernels::group and ::flush finish a group (the grouped formats; bf16 keeps its sums
-  // in the tiles). This runs after the next block's tiles are issued, all at once: a share
-  // at every tile step, as the widening is done, took FP8 and INT8 panels in cache up to
-  // 1.3x as long (BENCHMARKS.md).
+  // in the tiles). This runs after the next block's tiles are issued, all at once: spread
+  // over the tile steps, as the widening is, it was slower (see BENCHMARKS.md, "Kernels").
   template <int Panels>
   static void finish_block(const Call<Panels>& call, const BlockWalk& block, const uint8_t* sums, bool add) {
     typename Panel::Group groups[Panels];
@@ -440,7 +433,7 @@ struct PackedKernels {
     [[maybe_unused]] const int span = span_index(block.group, block.index, block.start - block.first);
     // Row by row, each panel in turn: what a row brings (its scale, span sum and sum) is read
     // once for the panels, and before the stores, which might alias it as far as the
-    // compiler knows (so are the call's fields). Panel by panel, each row reloaded them.
+    // compiler knows (so are the call's fields).
     const int rows = call.rows;
     const ActivationRow* const a = call.a;
     float* const finished = call.finished;
@@ -557,16 +550,14 @@ struct PackedKernels {
 
   // bf16: block by block too, every row of the block, its sums running from the first
   // block to the last (where the unit keeps them: Unit::begin_running_sums); the outputs
-  // get them once, at the end. (Pass by pass over the whole depth, a panel's first pass
-  // waited on memory while the tiles stood idle, and the next passes ran from L2.)
+  // get them once, at the end, so that every block's weights are read from memory once
+  // while the tiles work on the one before.
   //
   // kScaled (FP8, on a unit that can scale its running sums): the same walk, the sums kept
   // in units of the current group's scales. A group's first block multiplies the sums so
   // far by the previous group's scales over its own, and the outputs get the sums times
   // the last group's. Against finishing every block's sums into the outputs
-  // (multiply_grouped), that saves a pass over every row's sums and outputs per block: on
-  // a Zen 4, pairs of panels in cache ran 1.05-1.11x as fast, and a Qwen3-30B layer's FP8
-  // prefill at 256 and 1024 tokens 1.07x (medians of 7 alternated runs).
+  // (multiply_grouped), that saves a pass over every row's sums and outputs per block.
   template <int RowTiles, int Panels, bool kScaled>
   static void multiply_floats(const Call<Panels>& call, bool accumulate) {
     [[maybe_unused]] const typename Units::Session session;
@@ -653,12 +644,9 @@ struct PackedKernels {
     }(std::make_integer_sequence<int, kRowTiles>{});
   }
 
-  // Flattened, so that each of the (up to 16) instantiations has the overlap's widening
-  // inlined in its tile loop: with FP8 at eight row-tile counts, GCC had stopped inlining
-  // it, for bf16 too, and a call per tile step took them 1.1-1.35x as long in cache. And
-  // inlined into run(): once FP8's scaled walk was added, GCC made each a function of its
-  // own, and bf16's pairs of panels in cache took 1.13-1.15x as long at 64-128 rows (the
-  // same tile loop, registers aside).
+  // Flattened and inlined into run(), so that each of the (up to 16) instantiations has
+  // the overlap's widening inlined in its tile loop: GCC's own limits stop inlining it at
+  // that many instantiations, and a call per tile step is slow.
   template <int RowTiles, int Panels>
   [[gnu::flatten, gnu::always_inline]] static inline void multiply(const Call<Panels>& call, bool accumulate) {
     if constexpr (!Panel::kGrouped) {

@@ -4,8 +4,7 @@
 
 namespace lk::kernels {
 
-// Tiles from 6 rows: in cache, one core, a pair of 2048-deep panels costs the tiles about
-// 0.96 ns per panel row up to 16 rows, the AVX-512 kernels 0.86 at 4 rows and 1.13 at 6.
+// Tiles from 6 rows, where they overtake the AVX-512 kernels (see BENCHMARKS.md, "Kernels").
 const FormatKernels amx_bf16 = PackedKernels<Avx512Simd, Bf16Decode, Bf16Tiles, AmxUnit>::table(
     PanelKernels<Avx512Simd, Bf16Decode>::table<F32Decode<Avx512Simd, Bf16Decode>>(), 6);
 

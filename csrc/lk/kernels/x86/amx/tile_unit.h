@@ -5,8 +5,8 @@
 // Sum tiles 0-3 (tile 2t + p: the pass's row tile t, panel p), activation tiles 4 and 5,
 // weight tiles 6 and 7: the rows run two row tiles at a time. With two panels (an expert's
 // gate and up, or two of its down panels) four sum tiles take each tile of rows and of
-// weights twice, which halves what the activations cost to load (from L2: at one panel
-// per load they held a tile multiply to 7-10 ns against its 4.3).
+// weights twice, which halves what the activations cost to load (from L2, they would
+// otherwise hold the tile multiplies back).
 #pragma once
 
 #include <type_traits>
@@ -54,8 +54,8 @@ struct AmxUnit {
   }
 
   // bf16's running sums: one pass (up to two row tiles) keeps them in the tiles from the
-  // first block to the last, since loading and storing them per block made a layer at 256
-  // tokens about 1.1x as slow; more passes carry them from block to block in `sums`.
+  // first block to the last, sparing a load and a store per block; more passes carry them
+  // from block to block in `sums`.
   template <int RowTiles>
   static constexpr bool kOnePass = RowTiles <= 2;
 

@@ -6,7 +6,7 @@ namespace {
 // 32-bit lane: masking off the low half leaves the odd columns as fp32, shifting it up
 // gives the even ones. One shift and one AND per 16 weights, where widening each half
 // with vpmovzxwd and shifting it takes four shuffle-port ops; in decode those ports, not
-// the FMAs, bound the rate at which a core consumes weights (Zen 3, measured).
+// the FMAs, bound the rate at which a core consumes weights.
 struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::BF16;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
@@ -19,8 +19,8 @@ struct Decode {
 }  // namespace
 
 // Prefill converts each weight again in every 6-row pass instead of widening a panel to
-// fp32 once: on Zen 3 the conversions issue beside the two FMA pipes, and the widening pass
-// cost more than it saved (bf16 prefill 62-68% -> 81-82% of the FMA peak, measured).
+// fp32 once: the conversions issue beside the FMA pipes, so widening would cost more than
+// it saves (see BENCHMARKS.md, "Kernels").
 const FormatKernels avx2_bf16 = PanelKernels<Avx2Simd, Decode>::table();
 
 }  // namespace lk::kernels

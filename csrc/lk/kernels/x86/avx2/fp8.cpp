@@ -5,13 +5,11 @@ namespace {
 // e4m3fn sign-extended to 32 bits and shifted so its exponent and mantissa land in the low
 // bits of the fp32 exponent and the top of its mantissa, with the sign's copies masked off,
 // reads as the value times 2^-120: e4m3 subnormals become fp32 denormals, exactly. No
-// conversion instruction: on this AVX2 floor (Zen 3, measured) that decodes 1.6x as fast as
-// through F16C.
+// conversion instruction, which makes it cheaper than a decode through F16C on this tier.
 //
 // Such tiny weights times activations below 2^-6 or so are fp32 denormals too, and Intel
-// cores take a microcode assist on each instruction that makes or reads one: with
-// activations drawn from [-1, 1], a Xeon running this tier took 7-8x as long per panel row
-// at 1-64 rows. So the kernels read activations times 2^64 (kActivationScale; they must
+// cores take a slow microcode assist on each instruction that makes or reads one. So the
+// kernels read activations times 2^64 (kActivationScale; they must
 // stay below 2^64 in magnitude): a product is then the true one times 2^-56, denormal only
 // below 2^-70. What remains is e4m3 subnormal weights (below 2^-6, against 448 at most),
 // rare in quantized checkpoints: each is an fp32 denormal input, which such cores run
@@ -25,7 +23,7 @@ struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 0x1p-120f;
   static constexpr float kActivationScale = 0x1p64f;
-  // 2 KiB ahead, not the AVX2 default of 1 KiB: 1 KiB was 1-5% slower, 3 KiB level.
+  // Farther ahead than the AVX2 default: FP8 rows are short (see BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 2048;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
     const __m256i words = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
@@ -38,11 +36,8 @@ struct Decode {
 }  // namespace
 
 // Prefill widens panels to fp32 from 40 rows per expert on: a pass then decodes nothing,
-// where an FP8 pass spends five ops per 16 weights beside 12 FMAs (bf16: two), on the FMA
-// ports of Intel cores. On a Xeon, in cache, against decoding in every pass: 1.02x as long
-// at 24 rows, 0.98x at 32, 0.95x at 40, 0.92x at 64 (then level with bf16). Widening with
-// each row reordered took as long as not widening at 64 rows on Zen 3, whose decode ops
-// issue beside the FMAs.
+// where an FP8 pass spends five ops per 16 weights beside 12 FMAs, on the FMA ports of
+// Intel cores. Fewer rows do not repay the widening (see BENCHMARKS.md, "Kernels").
 const FormatKernels avx2_fp8 = PanelKernels<Avx2Simd, Decode>::table<F32Decode<Avx2Simd, Decode>>(40);
 
 }  // namespace lk::kernels

@@ -6,11 +6,8 @@ namespace {
 // bytes to 16 bits gives each column's two weights in one 32-bit lane.
 struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
-  // Fetched 4 KiB ahead into L2 only, as the AVX-512 INT8 decode is (a fetch into L1
-  // holds one of its few miss buffers for a whole DRAM latency). Against 1 KiB into L1,
-  // Qwen3-30B's layer on a Xeon forced to this tier, builds alternated process by process,
-  // 4 rounds: decode 1.03-1.07x at 1, 4 and 16 tokens (faster in 12 of 12); 6 KiB was
-  // level with 4. Not measured on an AVX2-only CPU (Zen 3 chose 1 KiB among L1 distances).
+  // Fetched ahead into L2 only, as the AVX-512 INT8 decode is: a fetch into L1 holds one of
+  // its few miss buffers for a whole DRAM latency (see BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 4096;
   static constexpr bool kPrefetchIntoL2 = true;
   static void pairs(const uint8_t* block, __m256i (&w)[1][2]) {

@@ -17,18 +17,13 @@ struct Avx2Simd {
   static constexpr int kAccumulators = 12;
   static constexpr int kMainRows = 6;
   // INT8/INT4 prefill passes take 3 rows: at 6, GCC keeps two blocks' decoded weights and
-  // broadcasts live beside the 12 accumulators and spills; in cache an INT8 panel took
-  // 1.67 ns per row of 16 weights per 6-row pass against 0.71 per 3-row pass (INT4 the same
-  // either way).
+  // broadcasts live beside the 12 accumulators and spills.
   static constexpr int kIntegerMainRows = 3;
   // Decode reads an expert's gate and up panels side by side (FormatKernels::gemm_pair): two
-  // streams in flight per thread. INT8 at 1 token measured 8-10% faster, bf16 unchanged.
-  // Down panels are paired too (MoEEngine::submit).
+  // streams in flight per thread. Down panels are paired too (MoEEngine::down).
   static constexpr bool kPairPanels = true;
-  // Decode fetches panels 1 KiB ahead. At Qwen3-30B's shape (Zen 3), with both distances
-  // switched between interleaved calls on the same engines, 1 KiB beat 2 KiB by 3-8% for
-  // bf16, 2-5% for INT8, fp16 and fp32, and beat 512 bytes and 1.5 KiB by 2-4%. FP8 and
-  // INT4 decode set their own distance.
+  // How far ahead decode fetches panels: nearer, the stream stalls; farther, fetches evict
+  // lines still to be read (see BENCHMARKS.md, "Kernels"). FP8 and INT4 set their own.
   static constexpr int kPrefetchBytes = 1024;
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec set1(float value) { return _mm256_set1_ps(value); }

@@ -4,7 +4,6 @@
 namespace lk::kernels {
 
 // Prefill widens float panels to fp32 once: Intel cores run vpmovzxwd on an FMA port.
-// Converting in every pass, which wins on AVX2 (see there), is unmeasured here.
 const FormatKernels avx512_bf16 = PanelKernels<Avx512Simd, Bf16Decode>::table<F32Decode<Avx512Simd, Bf16Decode>>();
 
 }  // namespace lk::kernels

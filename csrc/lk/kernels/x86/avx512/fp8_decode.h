@@ -12,9 +12,8 @@ namespace lk::kernels {
 namespace {
 // e4m3fn bits moved into fp16 bit positions read as fp16 are the value times 2^-8: each
 // byte sign-extended to 16 bits and shifted left by 7 puts exponent and mantissa in place
-// and the sign in bit 15, and the mask clears the sign's copy in bit 14. Against zero
-// extension, a shift by 8 and an arithmetic one back (one op more), whole-layer FP8 decode
-// at Qwen3-30B's shape took 0.91-0.94x the time on Zen 4, the two switched in one process.
+// and the sign in bit 15, and the mask clears the sign's copy in bit 14: one op fewer per
+// row than zero extension, a shift by 8 and an arithmetic one back.
 struct Fp8Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 1.0f / 256.0f;

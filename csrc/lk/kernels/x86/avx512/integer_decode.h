@@ -14,10 +14,7 @@ namespace {
 // 16 bits gives each column's two weights in one 32-bit lane.
 struct Int8Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
-  // Fetched 4 KiB ahead into L2 only (prefetcht2), as Int4Decode explains. Against 1 KiB
-  // into L1, whole-layer decode at Qwen3-30B's shape on a Xeon with AMX (builds alternated
-  // process by process, 4 rounds): 1.03-1.04x at 1, 4 and 16 tokens (median; faster in 10
-  // of 12), level at 256.
+  // Fetched ahead into L2 only (prefetcht2), as Int4Decode explains.
   static constexpr int kPrefetchBytes = 4096;
   static constexpr bool kPrefetchIntoL2 = true;
   static void pairs(const uint8_t* block, __m512i (&w)[1][1]) {
@@ -35,11 +32,8 @@ struct Int4Decode {
   // Stored values are q - 8 as 4-bit two's complement: flipping bit 3 of each nibble gives q.
   static constexpr int kQuadBias = 8;
   // A fetch into L1 holds one of the L1's few miss buffers for a whole DRAM latency, which
-  // caps the bytes in flight; one fetched into L2 only (prefetcht2) does not. Fetched 6 KiB
-  // ahead into L2, whole-layer decode at Qwen3-30B's shape on a Xeon with AMX was level
-  // with 2 KiB into L1 (0.99-1.02x, builds alternated process by process, 4 rounds); the
-  // change was made for Zen 4, whose measurements were lost with the session that made
-  // it, and not repeated since (no Zen 4 at hand). bf16 and FP8 keep L1.
+  // caps the bytes in flight; one fetched into L2 only (prefetcht2) does not. bf16 and FP8
+  // keep L1 (see BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 6144;
   static constexpr bool kPrefetchIntoL2 = true;
   static void quads(const uint8_t* block, __m512i (&w)[1]) {

@@ -15,15 +15,12 @@ struct Avx512Simd {
   static constexpr int kLanes = 16;
   static constexpr int kRegisters = 32;
   static constexpr int kAccumulators = 24;
-  // Passes of 8 rows, not 12: on Zen 4 (one zmm FMA or integer multiply-add per cycle), in
-  // cache, 64 rows took 0.74x the time of 12-row passes for bf16 and FP8 (widened), 0.71x
-  // for INT8 and 0.73x for INT4; passes of 6 made 8-row batches 1.5x slower (they widen).
+  // Passes of 8 rows: more leave too few registers for the decoded weights, fewer re-read
+  // the weights more often (see BENCHMARKS.md, "Kernels").
   static constexpr int kMainRows = 8;
   static constexpr int kIntegerMainRows = 8;
-  // Decode reads two panels side by side (gemm_pair, up to pair_rows() = 8 rows). Whole
-  // layer at Qwen3-30B's shape, 1-16 tokens, switched between interleaved calls in one
-  // process (Zen 4): INT8 1.11-1.13x, INT4 1.11-1.14x, bf16 1.05-1.10x, FP8 0.99-1.06x,
-  // though in cache only INT8 and INT4 at 1-2 rows gain (bf16 and FP8 lose 10-20%).
+  // Decode reads two panels side by side (gemm_pair, up to pair_rows() = 8 rows): two
+  // streams in flight per thread, which whole layers gain from (see BENCHMARKS.md, "MoE layer").
   static constexpr bool kPairPanels = true;
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec set1(float value) { return _mm512_set1_ps(value); }

@@ -1,23 +1,16 @@
 // The AVX512_BF16 unit of the packed kernels (x86/packed_gemm.h), for CPUs with bf16 dot
 // products but no AMX tiles (AMD Zen 4 and 5). A vdpbf16ps adds 16 columns' sums of two
 // bf16 products each: one weight-tile row (a panel's 16 columns, two inputs per 32-bit
-// lane) times one row's pair of inputs, broadcast from the packed rows. On a Zen 4 it
-// issues at the rate of a vfmadd231ps (one zmm per cycle), which makes 16 products: where
-// a row's inputs are exact in bf16 (a bf16 model's inputs to gate and up: one plane), a
-// pair of panels in cache at 32-128 rows ran at 1.8-1.9x the core's fp32 FMA peak; with
-// both planes, as fast as the AVX-512 kernels' widened fp32.
+// lane) times one row's pair of inputs, broadcast from the packed rows. It issues at the
+// rate of a vfmadd231ps, which makes half as many products, so rows exact in bf16 (one
+// plane) multiply faster than fp32 can.
 //
 // A pass keeps kPassRows rows' sums of every panel in registers over a block's weights
 // (16 sums: with two panels each loaded weight row serves 8 rows, each broadcast two
 // panels), loading them from and storing them to `sums` once per block. The last pass
 // stops at the last row, where it has fewer: a break in the same loop, so that GCC keeps
-// the full passes' registers. Completed by the packing's zero rows instead, 9-15 rows cost
-// as 16; a pass per row count, a 4-row pass beside the full one, or one out of line each
-// changed GCC's registers in the full passes of some row counts, which then ran up to
-// 1.17x as long (both passes out of line: every row count, up to 1.28x). With the break, in
-// cache, 9-12 and 20 rows ran 1.10-1.24x as fast and full passes as before, and a
-// Qwen3-30B layer at 128, 256 and 1024 tokens 1.05, 1.12 and 1.03-1.06x (4 alternated
-// rounds, bf16 and FP8).
+// the full passes' registers (a pass of its own per row count changes them, and the full
+// passes slow down), and rows past the last cost nothing.
 #pragma once
 
 #include <immintrin.h>

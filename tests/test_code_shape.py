@@ -1,0 +1,90 @@
+"""The code's shape rules (developers' brief): no lvllm module over about 400 lines, no C++
+function over about 80, and only lvllm/vllm/ imports vLLM's internals."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+# Kernels whose body is one unrolled register-blocked loop nest: splitting it would hide
+# the register allocation the kernel is written for.
+UNROLLED_KERNEL_DIRS = ("csrc/lk/kernels/",)
+_CONTROL = re.compile(r"\b(if|for|while|switch|catch|do|else)\s*(\(|$)")
+_SIGNATURE_END = re.compile(r"\)\s*(const\s*)?(noexcept\s*)?(override\s*)?(->\s*[\w:<>,\s*&]+)?$")
+
+
+def _strip_comments_and_strings(text: str) -> str:
+    """The source with comments and string/char literals blanked (newlines kept)."""
+    pattern = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+    return pattern.sub(lambda m: re.sub(r"[^\n]", " ", m.group(0)), text)
+
+
+def cpp_functions(path: Path) -> list[tuple[str, int, int]]:
+    """(signature head, first line, lines) of every function body in a C++ file, found by
+    matching braces: a '{' that follows a ')' (not a control statement) opens one."""
+    text = _strip_comments_and_strings(path.read_text(encoding="utf-8"))
+    found, stack, statement_start = [], [], 0
+    for index, char in enumerate(text):
+        if char == "{":
+            head = text[statement_start:index].strip()
+            is_function = bool(_SIGNATURE_END.search(head)) and not _CONTROL.search(head.split("\n")[-1])
+            stack.append((is_function, head, text.count("\n", 0, index) + 1))
+            statement_start = index + 1
+        elif char == "}":
+            if stack:
+                is_function, head, line = stack.pop()
+                if is_function:
+                    last = text.count("\n", 0, index) + 1
+                    found.append((" ".join(head.split())[-90:], line, last - line + 1))
+            statement_start = index + 1
+        elif char == ";":
+            statement_start = index + 1
+    return found
+
+
+def test_no_lvllm_module_is_too_long():
+    long = {str(path.relative_to(ROOT)): lines for path in sorted((ROOT / "lvllm").rglob("*.py"))
+            if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
+def test_no_cpp_function_is_too_long():
+    long = []
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        relative = str(path.relative_to(ROOT))
+        if path.suffix not in (".cpp", ".h") or relative.startswith(UNROLLED_KERNEL_DIRS):
+            continue
+        long += [f"{relative}:{line} ({lines} lines) {head}"
+                 for head, line, lines in cpp_functions(path) if lines > MAX_FUNCTION_LINES]
+    assert not long, "C++ functions over %d lines:\n%s" % (MAX_FUNCTION_LINES, "\n".join(long))
+
+
+def test_the_scanner_finds_functions_and_skips_control_blocks(tmp_path):
+    source = tmp_path / "a.cpp"
+    body = "\n".join("  x += 1;" for _ in range(5))
+    source.write_text(f"namespace n {{\nstruct S {{ int f() const {{\n{body}\n  return 1; }} }};\n"
+                      f"void g(int x) {{\n  if (x) {{\n{body}\n  }}\n  auto h = [&](int y) {{ return y; }};\n}}\n}}\n")
+    found = {head.split("(")[0].split()[-1]: lines for head, _, lines in cpp_functions(source)}
+    assert found["f"] == 7 and found["g"] == 10 and "if" not in found
+
+
+def test_only_lvllm_vllm_imports_vllm_internals():
+    """One folder knows vLLM: elsewhere only its command line (lvllm/_vllm_cli.py) and the
+    names of its environment variables (vllm.envs, so lvllm.envs does not take them for
+    misspellings of its own)."""
+    public = {"vllm.envs"}
+    outside = []
+    for path in sorted((ROOT / "lvllm").rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        if relative.parts[:2] == ("lvllm", "vllm") or relative.name == "_vllm_cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     else [])
+            outside += [f"{relative}: {name}" for name in names if name.split(".")[0] == "vllm" and name not in public]
+    assert not outside, outside
