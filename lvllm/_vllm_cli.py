@@ -1,7 +1,7 @@
 """The ``vllm`` command installed by lvllm (also installed as ``lvllm``).
 
-It is vLLM's own command line (``vllm.entrypoints.cli.main:main``), plus a check, three
-repairs and quieter logs. The check: ``vllm serve`` of a model that looks like a path
+It is vLLM's own command line (``vllm.entrypoints.cli.main:main``), plus lvllm's own
+subcommands (LVLLM_COMMANDS: ``plan``, ``doctor``), a check, three repairs and quieter logs. The check: ``vllm serve`` of a model that looks like a path
 (``./model``, ``/data/x``, ``build/tiny-model`` where ``build`` exists) that does not exist
 stops at once and says so, where vLLM would take it for a Hugging Face repo id.
 
@@ -284,7 +284,35 @@ def quiet_warnings() -> None:
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [present, *added]))
 
 
+# lvllm's subcommands, run before vLLM's parser: name -> (module with main(argv) -> status, usage).
+LVLLM_COMMANDS = {
+    "plan": ("lvllm.plan", "plan --model PATH [--gpu-memory GiB] [--ram GiB] [--max-model-len N]: "
+                           "the settings to serve a checkpoint on this machine"),
+    "doctor": ("lvllm.doctor", "doctor --model PATH [--layers N,M]: lk's output on a few of the checkpoint's "
+                               "MoE layers against a float64 reference, and lk's speed on this machine"),
+}
+
+
+def lvllm_command(argv: list[str]) -> int | None:
+    """Run ``argv[1]`` when it is one of lvllm's subcommands (its exit status), else None;
+    vLLM's help is preceded by theirs."""
+    command = argv[1] if len(argv) > 1 else None
+    if command in LVLLM_COMMANDS:
+        import importlib
+
+        return importlib.import_module(LVLLM_COMMANDS[command][0]).main(argv[2:])
+    if command in (None, "-h", "--help"):
+        print("lvllm commands (beside vLLM's, below):")
+        for _, usage in LVLLM_COMMANDS.values():
+            print(f"  {Path(argv[0]).name} {usage}")
+        print()
+    return None
+
+
 def main() -> None:
+    status = lvllm_command(sys.argv)
+    if status is not None:
+        sys.exit(status)
     refusal = refuse_missing_model(sys.argv)
     if refusal:
         print(refusal, file=sys.stderr)

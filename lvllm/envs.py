@@ -113,7 +113,16 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _layer_spec(raw: str) -> frozenset[int]:
+# LVLLM_GPU_RESIDENT_MOE_LAYERS=auto: the layers lvllm.plan fits on the GPU, chosen at start-up.
+AUTO = "auto"
+
+
+def _resident_spec(raw: str) -> frozenset[int] | str:
+    """'auto' (any case) -> AUTO, else a layer spec."""
+    return AUTO if raw.strip().lower() == AUTO else layer_spec(raw)
+
+
+def layer_spec(raw: str) -> frozenset[int]:
     """'0-2,5,8-9' -> {0,1,2,5,8,9}; '' -> empty. Range checks need the model: lvllm.placement."""
     layers: set[int] = set()
     for part in raw.replace(" ", "").split(","):
@@ -130,7 +139,7 @@ def _layer_spec(raw: str) -> frozenset[int]:
 
 
 def format_ranges(values) -> str:
-    """[0, 1, 2, 5, 8, 9] -> '0-2,5,8-9', the syntax _layer_spec reads (also for CPU lists);
+    """[0, 1, 2, 5, 8, 9] -> '0-2,5,8-9', the syntax layer_spec reads (also for CPU lists);
     empty -> 'none'."""
     ordered = sorted(set(values))
     if not ordered:
@@ -156,9 +165,12 @@ VARIABLES: dict[str, Variable] = {
             "lk CPU engine; 0 leaves vLLM exactly as upstream.",
         ),
         Variable(
-            "LVLLM_GPU_RESIDENT_MOE_LAYERS", "", _layer_spec,
-            "layer indices and ranges, e.g. '0-2,5' or ''",
-            "MoE layers that keep vLLM's own path (all experts on the device).",
+            "LVLLM_GPU_RESIDENT_MOE_LAYERS", "", _resident_spec,
+            "layer indices and ranges, e.g. '0-2,5', '' or auto",
+            "MoE layers that keep vLLM's own path (all experts on the device). auto: the first "
+            "MoE layers that fit the GPU after the other weights, the KV cache for max-model-len "
+            "and the prefill ring, as `lvllm plan` computes them (none without a GPU); the "
+            "start-up log names them.",
         ),
         Variable(
             "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE", "0", _int_between(0), "integer >= 0",

@@ -1,6 +1,7 @@
 """Where each MoE layer's routed experts run: the one place that decides it.
 
-A layer listed in LVLLM_GPU_RESIDENT_MOE_LAYERS keeps vLLM's own experts on the device;
+A layer listed in LVLLM_GPU_RESIDENT_MOE_LAYERS (or, with ``auto``, one that lvllm.plan fits on
+the GPU, asked once the model is known) keeps vLLM's own experts on the device;
 every other one goes to lk, and on a GPU with LVLLM_GPU_PREFILL_MIN_BATCH_SIZE set it also
 joins the ring that streams its experts to the GPU for long prompts. Which *tokens* of a
 forward take the streamed experts is lvllm.gpu.plan's per-forward decision.
@@ -12,6 +13,7 @@ import enum
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from lvllm import envs
 from lvllm.envs import format_ranges
@@ -56,7 +58,7 @@ class Placement:
     to lk (``loaded``), summarised in one log line once every lk layer is loaded.
     """
 
-    resident: frozenset[int]
+    resident: frozenset[int] | str   # envs.AUTO until the first layer is placed
     streams: bool = False   # lk layers also stream their experts to the GPU for long prompts
     lk_layers: dict[int, str] = field(default_factory=dict)      # index -> layer name
     device_layers: dict[int, str] = field(default_factory=dict)
@@ -66,6 +68,8 @@ class Placement:
     num_layers: int | None = None
     summary: str | None = None
     convert_seconds: float = 0.0
+    # With resident AUTO: gives the resident layers of the model being built (lvllm.vllm).
+    auto_resident: Callable[[], frozenset[int]] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bar: object = field(default=None, repr=False)
 
@@ -77,6 +81,10 @@ class Placement:
     def place(self, layer_index: int, layer_name: str, num_layers: int | None) -> LayerPath:
         """Record a MoE layer and decide its path."""
         with self._lock:
+            if self.resident == envs.AUTO:
+                if self.auto_resident is None:
+                    raise RuntimeError(f"{RESIDENT_VAR}=auto needs the model's plan (Placement.auto_resident)")
+                self.resident = frozenset(self.auto_resident())
             if num_layers is not None and self.num_layers is None:
                 check_resident_layers(self.resident, num_layers)
                 self.num_layers = num_layers

@@ -30,7 +30,7 @@ class Settings:
     """The run-time LVLLM_* variables (build-time ones are setup.py's)."""
 
     enabled: bool = False
-    resident_layers: frozenset[int] = frozenset()
+    resident_layers: frozenset[int] | str = frozenset()   # or envs.AUTO
     gpu_prefill_min_batch: int = 0
     gpu_prefetch_window: int = 1
     dense_on_lk: str = "AUTO"

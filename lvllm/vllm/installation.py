@@ -8,9 +8,10 @@ from vllm.config import get_current_vllm_config
 from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
+from lvllm import envs
 from lvllm.lk.host_cpus import gpu_rank_cpus, openmp_team_cpus, thread_affinity
 from lvllm.memory import LayerMemory
-from lvllm.placement import Placement
+from lvllm.placement import RESIDENT_VAR, Placement
 from lvllm.settings import Settings
 
 logger = init_logger("vllm.lvllm")
@@ -23,6 +24,7 @@ class Installation:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.placement = Placement.from_settings(settings, on_cuda=current_platform.is_cuda())
+        self.placement.auto_resident = lambda: auto_resident_layers(settings)
         self.layer_memory: dict[int, LayerMemory] = {}   # lk layer index -> its sizes
         self.memory_checked = False
         self.gpu = None   # lvllm.vllm.gpu_path.GpuPath, made with the first lk layer on CUDA
@@ -77,3 +79,31 @@ def num_model_layers() -> int | None:
     if model_config is None:
         return None
     return getattr(model_config.hf_text_config, "num_hidden_layers", None)
+
+
+def auto_resident_layers(settings: Settings) -> frozenset[int]:
+    """LVLLM_GPU_RESIDENT_MOE_LAYERS=auto: the layers lvllm.plan fits on this rank's GPU for
+    the model being built, with these settings; logged with the figures behind them."""
+    from lvllm import plan
+    from lvllm.model_shape import ConfigError, model_shape
+
+    if not current_platform.is_cuda():
+        logger.info("lvllm: %s=auto: no resident MoE layers (no GPU: every MoE layer's routed "
+                    "experts go to lk)", RESIDENT_VAR)
+        return frozenset()
+    config = get_current_vllm_config()
+    model_config = config.model_config
+    try:
+        shape = model_shape(model_config.hf_config.to_dict(), model_config.model,
+                            str(model_config.dtype).removeprefix("torch."))
+        resolved = plan.resolve(shape, settings.weight_mode, settings.quant_group_size)
+    except ConfigError as error:
+        raise envs.EnvError(f"{RESIDENT_VAR}=auto: {error}; list the resident layers instead") from None
+    device = torch.cuda.current_device()
+    fit = plan.gpu_fit(shape, torch.cuda.get_device_properties(device).total_memory,
+                       config.parallel_config.tensor_parallel_size, model_config.max_model_len, resolved,
+                       settings.gpu_prefetch_window if settings.gpu_prefill_min_batch else None,
+                       config.cache_config.gpu_memory_utilization, plan.numa_nodes())
+    logger.info("lvllm: %s=auto: MoE layers [%s] resident on cuda:%d, as `lvllm plan` fits them: %s",
+                RESIDENT_VAR, envs.format_ranges(fit.resident), device, fit.describe())
+    return frozenset(fit.resident)

@@ -1,0 +1,209 @@
+"""A MoE checkpoint's shape as its config.json states it: layers, expert shapes, attention,
+the experts' stored format. Read without vLLM, for ``lvllm plan`` and ``lvllm doctor``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class ConfigError(ValueError):
+    """A checkpoint directory or config lvllm cannot plan for; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ExpertStorage:
+    """How the checkpoint stores the routed experts: lk's format name ("float" for the model
+    dtype) and the inputs per scale of a quantized one."""
+
+    format: str
+    group: int | None = None
+    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq
+    block: tuple[int, int] | None = None   # FP8 block: (rows, inputs) per scale
+    zero_point: bool = False
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    architecture: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    hidden: int
+    intermediate: int           # per routed expert
+    experts: int
+    top_k: int
+    dtype: str                  # the model dtype vLLM computes in
+    storage: ExpertStorage
+    vocab: int
+    tied_embeddings: bool
+    dense_intermediate: int     # MLP of the layers that are not MoE
+    shared_intermediate: int    # shared experts of a MoE layer (0: none)
+    shared_gate: bool           # Qwen2-MoE's sigmoid gate on the shared expert
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mla: dict | None            # kv_lora_rank, q_lora_rank, qk_nope/rope_head_dim, v_head_dim
+    max_positions: int
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+
+def _first(config: dict, *names: str, default=None):
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    return default
+
+
+def moe_layer_indices(config: dict, num_layers: int) -> tuple[int, ...]:
+    """Decoder layers whose MLP is a MoE block, by each family's config keys."""
+    if "first_k_dense_replace" in config or "moe_layer_freq" in config:   # DeepSeek
+        first, every = config.get("first_k_dense_replace", 0), config.get("moe_layer_freq", 1)
+        return tuple(i for i in range(num_layers) if i >= first and i % every == 0)
+    if "decoder_sparse_step" in config or "mlp_only_layers" in config:   # Qwen-MoE
+        step, dense = config.get("decoder_sparse_step", 1) or 1, set(config.get("mlp_only_layers") or ())
+        return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    return tuple(range(num_layers))
+
+
+def expert_storage(quant: dict | None, where: str) -> ExpertStorage:
+    """The experts' stored format from a quantization_config, refusing what lk cannot take."""
+    if not quant:
+        return ExpertStorage("float")
+    method = str(quant.get("quant_method", "")).lower()
+    if method == "fp8" and quant.get("weight_block_size"):
+        rows, inputs = quant["weight_block_size"]
+        return ExpertStorage("fp8_e4m3", int(inputs), "fp8-block", (int(rows), int(inputs)))
+    if method == "compressed-tensors":
+        for group in (quant.get("config_groups") or {}).values():
+            weights = group.get("weights") or {}
+            if weights.get("num_bits") == 4 and weights.get("group_size"):
+                return ExpertStorage("int4", int(weights["group_size"]), "compressed-tensors")
+    if method == "awq" and quant.get("bits", 4) == 4 and quant.get("group_size"):
+        return ExpertStorage("int4", int(quant["group_size"]), "awq",
+                             zero_point=bool(quant.get("zero_point")))
+    raise ConfigError(f"{where}: quantization_config {json.dumps(quant)[:200]} is not a format lk "
+                      "takes (float, FP8 with weight_block_size, compressed-tensors pack-quantized "
+                      "4-bit groups, AWQ 4-bit)")
+
+
+def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
+    """The shape of a MoE model from its Hugging Face config (``where`` names it in errors)."""
+    text = config.get("text_config") or config
+    experts = _first(text, "num_experts", "n_routed_experts", "num_local_experts")
+    if not experts:
+        raise ConfigError(f"{where} describes no routed experts (no num_experts, n_routed_experts or "
+                          "num_local_experts): lvllm plans only Mixture-of-Experts models")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_experts_per_tok", "vocab_size")
+               if text.get(k) is None]
+    if missing:
+        raise ConfigError(f"{where} lacks {', '.join(missing)}")
+    hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
+    mixtral_like = "moe_intermediate_size" not in text
+    intermediate = int(text["intermediate_size"] if mixtral_like else text["moe_intermediate_size"])
+    dtype = dtype or str(_first(text, "torch_dtype", "dtype", default=_first(config, "torch_dtype", "dtype",
+                                                                              default="bfloat16")))
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"{where}: model dtype {dtype!r} is not one vLLM computes MoE in here "
+                          f"(valid: {', '.join(DTYPE_BYTES)})")
+    shared = int(text.get("n_shared_experts") or 0) * intermediate or int(
+        text.get("shared_expert_intermediate_size") or 0)
+    heads = int(text.get("num_attention_heads") or 1)
+    mla = None
+    if text.get("kv_lora_rank"):
+        mla = {k: int(text.get(k) or 0) for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
+                                                   "qk_rope_head_dim", "v_head_dim")}
+    return ModelShape(
+        architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
+        num_layers=layers, moe_layers=moe_layer_indices(text, layers), hidden=hidden,
+        intermediate=intermediate, experts=int(experts), top_k=int(text["num_experts_per_tok"]),
+        dtype=dtype, storage=expert_storage(config.get("quantization_config")
+                                            or text.get("quantization_config"), where),
+        vocab=int(text["vocab_size"]), tied_embeddings=bool(_first(text, "tie_word_embeddings",
+                                                                    default=False)),
+        dense_intermediate=0 if mixtral_like else int(text.get("intermediate_size") or 0),
+        shared_intermediate=shared, shared_gate="shared_expert_intermediate_size" in text,
+        heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or hidden // heads), mla=mla,
+        max_positions=int(text.get("max_position_embeddings") or 4096),
+    )
+
+
+def read_config(model: str | Path) -> tuple[dict, Path]:
+    """(config.json's content, its path) of a checkpoint directory given as ``--model``."""
+    path = Path(model).expanduser()
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise ConfigError(f"--model {model}: no {config} (give a local checkpoint directory holding "
+                          "config.json; Hugging Face repo ids are not fetched)")
+    try:
+        return json.loads(config.read_text()), config
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{config} is not readable JSON: {error}") from None
+
+
+# --------------------------------------------------------------------------------------
+# bytes
+# --------------------------------------------------------------------------------------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: int = 1) -> int:
+    """One MoE layer's routed experts as vLLM holds them before lk converts them (and as a
+    device-resident layer keeps them): lvllm.vllm.checkpoint_sources' params."""
+    e = shape.experts if experts is None else experts
+    h, i = shape.hidden, shape.intermediate // tp
+    weights = 3 * h * i
+    storage = shape.storage
+    if storage.scheme == "float":
+        return e * weights * shape.dtype_bytes
+    if storage.scheme == "fp8-block":
+        bn, bk = storage.block
+        blocks = 2 * _cdiv(i, bn) * _cdiv(h, bk) + _cdiv(h, bn) * _cdiv(i, bk)
+        return e * (weights + 4 * blocks)
+    groups = weights // storage.group
+    if storage.scheme == "compressed-tensors":   # int32 words of 8 values, float32 scales, shapes
+        return e * (weights // 2 + 4 * groups + 2 * 2 * 4)
+    return e * (weights // 2 + 4 * groups + groups // 2)   # AWQ: + int32 qzeros, 8 per word
+
+
+def dense_weight_bytes(shape: ModelShape, tp: int = 1) -> int:
+    """Weights outside the routed experts that sit on the GPU (norms and biases left out):
+    embeddings and LM head, attention, dense MLPs, routers and shared experts. Decoder-layer
+    projections take the experts' stored bytes per weight (FP8: 1, 4-bit: 0.5), the rest the
+    model dtype."""
+    h, d = shape.hidden, shape.dtype_bytes
+    per_weight = {"float": d, "fp8-block": 1}.get(shape.storage.scheme, 0.5)
+    if shape.mla:
+        m = shape.mla
+        qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
+        q = (h * m["q_lora_rank"] + m["q_lora_rank"] * shape.heads * qk if m["q_lora_rank"]
+             else h * shape.heads * qk)
+        attention = (q + h * (m["kv_lora_rank"] + m["qk_rope_head_dim"])
+                     + m["kv_lora_rank"] * shape.heads * (m["qk_nope_head_dim"] + m["v_head_dim"])
+                     + shape.heads * m["v_head_dim"] * h)
+    else:
+        attention = 2 * h * shape.heads * shape.head_dim + 2 * h * shape.kv_heads * shape.head_dim
+    moe = len(shape.moe_layers)
+    projections = (shape.num_layers * attention + (shape.num_layers - moe) * 3 * h * shape.dense_intermediate
+                   + moe * 3 * h * shape.shared_intermediate)
+    in_dtype = (1 if shape.tied_embeddings else 2) * shape.vocab * h + moe * h * (
+        shape.experts + shape.shared_gate)
+    return int(projections * per_weight + in_dtype * d) // tp
+
+
+def kv_bytes_per_token(shape: ModelShape, tp: int = 1) -> int:
+    """KV cache per token in the model dtype, per rank: MLA keeps one latent (kv_lora_rank +
+    rope dims) per layer on every rank; other attention K and V per KV head, heads split over
+    the ranks."""
+    if shape.mla:
+        return shape.num_layers * (shape.mla["kv_lora_rank"] + shape.mla["qk_rope_head_dim"]) * shape.dtype_bytes
+    heads = _cdiv(shape.kv_heads, tp)
+    return shape.num_layers * 2 * heads * shape.head_dim * shape.dtype_bytes

@@ -1,0 +1,379 @@
+"""``lvllm plan``: the settings to serve a MoE checkpoint on this machine (or on the sizes
+given), from the model's config and plain arithmetic; and what
+``LVLLM_GPU_RESIDENT_MOE_LAYERS=auto`` resolves to at start-up (``gpu_fit``).
+
+    lvllm plan --model PATH [--gpu-memory GiB] [--gpus N] [--ram GiB] [--max-model-len N]
+
+GPU: per rank, vLLM's share of the GPU (``gpu-memory-utilization``) less the weights outside
+the routed experts, the KV cache of one sequence of ``--max-model-len`` tokens, a margin and,
+where long prompts stream experts, the prefetch ring; what is left holds whole MoE layers in
+the checkpoint's format, the first ones. Host RAM: per LVLLM_MOE_USE_WEIGHT value, what lk
+holds for the other layers plus two layers in the checkpoint's format while loading (as the
+start-up check, lvllm.memory.check_budget, counts it). Decode bound: read bandwidth over the
+bytes of the routed experts one token reads on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from lvllm import formats
+from lvllm.envs import EnvError, format_ranges
+from lvllm.memory import GIB, available
+from lvllm.model_shape import (ConfigError, ModelShape, checkpoint_layer_bytes, dense_weight_bytes,
+                               kv_bytes_per_token, model_shape, read_config)
+
+# vLLM's share of each GPU that the plan hands it (gpu-memory-utilization).
+GPU_UTILIZATION = 0.90
+# GPU memory kept back for activations, CUDA graphs and the CUDA context: a margin, not a
+# measurement (vLLM measures the real peak at start-up and gives the rest to the KV cache).
+GPU_MARGIN = 2 * GIB
+# Prompt tokens from which streaming a layer's experts to the GPU beat lk's CPU prefill, per
+# lk format: BENCHMARKS.md, "GPU prefill streaming" (H100 + 16-vCPU Xeon with AMX; INT8's
+# 128-256 taken at 256). float16 copies bf16's bytes; float32, not measured, twice them.
+GPU_PREFILL_FROM = {"bfloat16": 512, "float16": 512, "float32": 1024, "int8": 256, "int4": 128,
+                    "fp8_e4m3": 128}
+# vLLM captures decode CUDA graphs up to 512 tokens by default; batches that replay one keep lk.
+MAX_GRAPH_TOKENS = 512
+# Preference among the formats that fit, by the checkpoint's: README, "Which format should I pick?".
+PREFERENCE = {"float": ("TO_DTYPE", "INT8", "INT4"), "fp8_e4m3": ("KEEP", "INT8", "INT4", "TO_DTYPE"),
+              "int4": ("KEEP", "TO_DTYPE")}
+
+
+@dataclass(frozen=True)
+class Machine:
+    ram: int            # bytes lvllm may take
+    cores: int
+    numa_nodes: int
+    gpus: int
+    gpu_memory: int     # bytes per GPU (0: none)
+    bandwidth_gbs: float
+    notes: dict = field(default_factory=dict)   # where each figure came from
+
+
+@dataclass(frozen=True)
+class GpuFit:
+    """Per-rank GPU memory and the MoE layers that stay there."""
+
+    resident: tuple[int, ...]
+    gpu_memory: int
+    utilization: float
+    tokens: int         # the KV cache's
+    weights: int
+    kv_cache: int
+    layer: int          # one resident layer's experts
+    ring: int = 0
+    reason: str = ""
+
+    @property
+    def usable(self) -> int:
+        return int(self.gpu_memory * self.utilization)
+
+    @property
+    def left(self) -> int:
+        """Bytes for resident layers (the ring taken off)."""
+        return self.usable - self.weights - self.kv_cache - GPU_MARGIN - self.ring
+
+    @property
+    def ring_fits(self) -> bool:
+        return self.ring == 0 or self.left >= 0
+
+    def describe(self) -> str:
+        ring = f" - {_gb(self.ring)} prefill ring" if self.ring else ""
+        return (f"{_gb(self.usable)} ({self.utilization:.2f} of {_gb(self.gpu_memory)}) - {_gb(self.weights)} "
+                f"weights - {_gb(self.kv_cache)} KV cache for {self.tokens} tokens - {_gb(GPU_MARGIN)} "
+                f"margin{ring}: {self.reason}; resident [{format_ranges(self.resident)}]")
+
+
+def lk_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1, tp: int = 1) -> int:
+    """What lk holds of one MoE layer over all ranks (lvllm._lk.planned_weight_bytes)."""
+    from lvllm import _lk
+
+    return tp * _lk.planned_weight_bytes(shape.experts, shape.hidden, shape.intermediate // tp,
+                                         formats.code(resolved.name), resolved.group_size, nodes)
+
+
+def resolve(shape: ModelShape, mode: str, group: int | None = None) -> formats.Resolved:
+    """lvllm.formats.resolve_format for this checkpoint, as LkMoEMethod.resolve_format asks it."""
+    dtype = getattr(torch, shape.dtype)
+    source = shape.storage.format
+    if source == "float":
+        source = formats.FLOAT_FORMAT_OF_DTYPE[dtype]
+    return formats.resolve_format(mode, source, dtype, shape.storage.group, group)
+
+
+def _gb(value: int) -> str:
+    return f"{value / GIB:.1f} GiB"
+
+
+def gpu_fit(shape: ModelShape, gpu_memory: int, tp: int, max_model_len: int, lk_format: formats.Resolved,
+            prefill_window: int | None, utilization: float = GPU_UTILIZATION, nodes: int = 1) -> GpuFit:
+    """The first MoE layers whose routed experts fit each of ``tp`` GPUs of ``gpu_memory``
+    bytes; ``prefill_window``: the ring's window when long prompts stream the other layers'
+    experts (None: no streaming)."""
+    moe = shape.moe_layers
+    fit = GpuFit((), gpu_memory, utilization, max_model_len, dense_weight_bytes(shape, tp),
+                 kv_bytes_per_token(shape, tp) * max_model_len, checkpoint_layer_bytes(shape, tp=tp))
+    if fit.left >= len(moe) * fit.layer:   # every layer resident: nothing left to stream
+        return replace(fit, resident=moe, reason="every MoE layer fits")
+    if fit.left < 0:
+        return replace(fit, reason="the GPU does not hold even the weights outside the experts and the "
+                                   f"KV cache ({_gb(fit.weights + fit.kv_cache + GPU_MARGIN)} of {_gb(fit.usable)})")
+    if prefill_window is not None:
+        unpacked = shape.experts * 3 * shape.hidden * (shape.intermediate // tp) * shape.dtype_bytes
+        ring = (prefill_window + 1) * lk_layer_bytes(shape, lk_format, nodes, tp) // tp + unpacked
+        fit = replace(fit, ring=ring)
+        if fit.left < 0:
+            return replace(fit, reason=f"the prefill ring ({_gb(ring)}) does not fit")
+    count = fit.left // fit.layer
+    return replace(fit, resident=moe[:count],
+                   reason=f"{count} of {len(moe)} MoE layers of {_gb(fit.layer)} in {_gb(fit.left)}")
+
+
+@dataclass(frozen=True)
+class FormatRow:
+    modes: tuple[str, ...]
+    resolved: formats.Resolved
+    held: int       # lk's bytes for every lk layer
+    need: int       # with the load's transient and what else the host holds
+    tok_s: float    # decode bound
+
+    def fits(self, ram: int) -> bool:
+        return self.need <= ram
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: ModelShape
+    machine: Machine
+    max_model_len: int
+    gpu: GpuFit | None
+    lk_layers: tuple[int, ...]
+    rows: tuple[FormatRow, ...]
+    choice: FormatRow | None
+    host_extra: int             # CPU only: KV cache and the other weights, in RAM
+    kv_space_gib: int           # CPU only: VLLM_CPU_KVCACHE_SPACE
+    threads: int                # LK_THREADS per rank
+    prefill_from: int           # LVLLM_GPU_PREFILL_MIN_BATCH_SIZE (0: off)
+
+    @property
+    def feasible(self) -> bool:
+        return (self.gpu is None or self.gpu.left >= 0) and (not self.lk_layers or self.choice is not None)
+
+
+def host_row(shape: ModelShape, resolved: formats.Resolved, modes: tuple[str, ...], lk_layers: int,
+             machine: Machine, extra: int) -> FormatRow:
+    tp = max(1, machine.gpus)
+    transient = 2 * checkpoint_layer_bytes(shape) if lk_layers else 0
+    layer = lk_layer_bytes(shape, resolved, machine.numa_nodes, tp)
+    per_token = lk_layers * shape.top_k * layer / shape.experts
+    tok_s = machine.bandwidth_gbs * 1e9 / per_token if per_token else float("inf")
+    return FormatRow(modes, resolved, lk_layers * layer, lk_layers * layer + transient + extra, tok_s)
+
+
+def candidate_formats(shape: ModelShape) -> dict[formats.Resolved, tuple[str, ...]]:
+    """The lk formats this checkpoint can be kept in, in order of preference, with the
+    LVLLM_MOE_USE_WEIGHT values that give each."""
+    found: dict[formats.Resolved, tuple[str, ...]] = {}
+    for mode in PREFERENCE[shape.storage.format]:
+        try:
+            resolved = resolve(shape, mode)
+        except EnvError:
+            continue
+        found[resolved] = found.get(resolved, ()) + (mode,)
+    return found
+
+
+def _fit_gpu(shape: ModelShape, machine: Machine, max_model_len: int, resolved: formats.Resolved) -> GpuFit:
+    """Resident layers with the prefill ring where it fits, else without it."""
+    tp = max(1, machine.gpus)
+    fit = gpu_fit(shape, machine.gpu_memory, tp, max_model_len, resolved, 1, nodes=machine.numa_nodes)
+    if fit.ring_fits:
+        return fit
+    bare = gpu_fit(shape, machine.gpu_memory, tp, max_model_len, resolved, None)
+    return replace(bare, reason=f"{bare.reason}; no GPU prefill: {fit.reason}")
+
+
+def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = None) -> Plan:
+    """The first lk format (in order of preference) whose layers fit the RAM, with the GPU's
+    resident layers and prefill ring for that format."""
+    max_model_len = max_model_len or shape.max_positions
+    gpu, extra, kv_space = None, 0, 0
+    if not machine.gpus:
+        kv_space = max(1, -(-kv_bytes_per_token(shape) * max_model_len // GIB))
+        extra = kv_space * GIB + dense_weight_bytes(shape)
+    for resolved, modes in candidate_formats(shape).items():
+        if machine.gpus:
+            gpu = _fit_gpu(shape, machine, max_model_len, resolved)
+        lk_layers = tuple(i for i in shape.moe_layers if gpu is None or i not in gpu.resident)
+        rows = tuple(host_row(shape, r, m, len(lk_layers), machine, extra)
+                     for r, m in candidate_formats(shape).items())
+        choice = next(row for row in rows if row.resolved == resolved)
+        if not lk_layers or choice.fits(machine.ram):
+            break
+    else:
+        choice = None
+    tp = max(1, machine.gpus)
+    per_rank = max(1, machine.cores // tp)
+    prefill = GPU_PREFILL_FROM[choice.resolved.name] if choice and gpu and gpu.ring else 0
+    return Plan(shape, machine, max_model_len, gpu, lk_layers, rows, choice if lk_layers else None, extra,
+                kv_space, max(1, per_rank - per_rank // 16), prefill)
+
+
+# --------------------------------------------------------------------------------------
+# the machine
+# --------------------------------------------------------------------------------------
+
+def numa_nodes(root: Path = Path("/sys/devices/system/node")) -> int:
+    """NUMA nodes holding CPUs this process may use (1 where sysfs says nothing)."""
+    from lvllm.lk.host_cpus import parse_cpulist
+
+    usable = os.sched_getaffinity(0)
+    nodes = [p for p in root.glob("node[0-9]*") if parse_cpulist((p / "cpulist").read_text()) & usable]
+    return max(1, len(nodes))
+
+
+def probe_machine(ram_gib: float | None = None, cores: int | None = None, nodes: int | None = None,
+                  gpus: int | None = None, gpu_memory_gib: float | None = None,
+                  bandwidth_gbs: float | None = None) -> Machine:
+    """This machine's figures, each replaced by the value given where one is."""
+    notes = {}
+    if ram_gib is None:
+        room = available()
+        ram, notes["ram"] = room.bytes, room.where
+    else:
+        ram, notes["ram"] = int(ram_gib * GIB), "given"
+    cores = cores or len(os.sched_getaffinity(0))
+    nodes = nodes or numa_nodes()
+    if gpu_memory_gib is None and torch.cuda.is_available():
+        gpus = gpus or torch.cuda.device_count()
+        memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+        notes["gpu"] = torch.cuda.get_device_name(0)
+    elif gpu_memory_gib is None:
+        if gpus:
+            raise ConfigError("--gpus needs --gpu-memory on a machine without a visible GPU")
+        gpus, memory, notes["gpu"] = 0, 0, "none found"
+    else:
+        gpus, memory, notes["gpu"] = gpus or 1, int(gpu_memory_gib * GIB), "given"
+    if bandwidth_gbs is None:
+        from lvllm import _lk
+
+        bandwidth_gbs = _lk.measure_read_bandwidth_gbs(cores, 128 << 20, 3)
+        notes["bandwidth"] = f"lk's probe, {cores} threads"
+    else:
+        notes["bandwidth"] = "given"
+    return Machine(ram, cores, nodes, gpus, memory, bandwidth_gbs, notes)
+
+
+# --------------------------------------------------------------------------------------
+# what it prints
+# --------------------------------------------------------------------------------------
+
+def _storage(shape: ModelShape) -> str:
+    storage = shape.storage
+    if storage.format == "float":
+        return f"{shape.dtype} experts"
+    return f"{formats.describe(storage.format, storage.group)} experts ({storage.scheme})"
+
+
+def render(plan: Plan, model: str) -> str:
+    shape, machine, gpu = plan.shape, plan.machine, plan.gpu
+    tp = max(1, machine.gpus)
+    lines = [
+        f"lvllm plan: {model} ({shape.architecture}, {_storage(shape)})",
+        f"  model: {shape.num_layers} layers, {len(shape.moe_layers)} MoE: {shape.experts} experts of "
+        f"{shape.hidden} x {shape.intermediate}, {shape.top_k} per token, {shape.dtype}; "
+        f"{_gb(dense_weight_bytes(shape))} outside the routed experts; KV cache "
+        f"{kv_bytes_per_token(shape) / 1024:.1f} KiB per token",
+        f"  machine: {_gb(machine.ram)} RAM ({machine.notes.get('ram', 'given')}), {machine.cores} cores, "
+        f"{machine.numa_nodes} NUMA node(s), "
+        + (f"{machine.gpus} GPU(s) of {_gb(machine.gpu_memory)} ({machine.notes.get('gpu', 'given')})"
+           if machine.gpus else "no GPU")
+        + f", read bandwidth {machine.bandwidth_gbs:.1f} GB/s ({machine.notes.get('bandwidth', 'given')})",
+        "",
+    ]
+    if gpu is not None:
+        lines.append(f"GPU, per rank of {tp}: {gpu.describe()}")
+    if plan.host_extra:
+        lines.append(f"Host RAM also holds {_gb(plan.host_extra)}: the KV cache "
+                     f"(VLLM_CPU_KVCACHE_SPACE={plan.kv_space_gib}) and the weights outside the experts")
+    if plan.lk_layers:
+        lines += [f"Host RAM for the {len(plan.lk_layers)} lk layer(s) [{format_ranges(plan.lk_layers)}], "
+                  f"{_gb(machine.ram)} available:",
+                  f"  {'LVLLM_MOE_USE_WEIGHT':<22}{'format':<11}{'lk holds':>11}{'needs':>11}  fits  "
+                  "decode bound"]
+        lines += [f"  {' / '.join(r.modes):<22}{r.resolved.describe():<11}{_gb(r.held):>11}{_gb(r.need):>11}  "
+                  f"{'yes ' if r.fits(machine.ram) else 'no  '}  {r.tok_s:.1f} tok/s" for r in plan.rows]
+    lines.append("")
+    return "\n".join(lines + settings_lines(plan, model))
+
+
+def settings_lines(plan: Plan, model: str) -> list[str]:
+    shape, machine, gpu = plan.shape, plan.machine, plan.gpu
+    if gpu is not None and gpu.left < 0:
+        return [f"No plan: {gpu.reason}. More GPU memory, more GPUs or a smaller --max-model-len."]
+    if plan.lk_layers and plan.choice is None:
+        least = min(plan.rows, key=lambda row: row.need)
+        return [f"No plan: no LVLLM_MOE_USE_WEIGHT value fits {_gb(machine.ram)} of RAM (the smallest, "
+                f"{least.modes[0]}, needs {_gb(least.need)}). More RAM, more GPU memory or a smaller "
+                "--max-model-len."]
+    env = [f"export LVLLM_MOE_NUMA_ENABLED={1 if plan.lk_layers else 0}"]
+    if plan.lk_layers:
+        env.append(f"export LVLLM_MOE_USE_WEIGHT={plan.choice.modes[0]}")
+        if gpu is not None:
+            layers = format_ranges(gpu.resident).replace("none", "")
+            env += [f"export LVLLM_GPU_RESIDENT_MOE_LAYERS={layers}   # what =auto picks with these settings",
+                    f"export LK_THREADS={plan.threads}   # per rank: its cores less one per 16 for vLLM"]
+        if plan.prefill_from:
+            env.append(f"export LVLLM_GPU_PREFILL_MIN_BATCH_SIZE={plan.prefill_from}")
+    if gpu is None:
+        env += [f"export VLLM_CPU_KVCACHE_SPACE={plan.kv_space_gib}",
+                f"export VLLM_CPU_OMP_THREADS_BIND=0-{machine.cores - 1}   # lk runs on these {machine.cores} "
+                "threads of vLLM's worker"]
+    config = [f"model: {model}", f"dtype: {shape.dtype}", f"max-model-len: {plan.max_model_len}"]
+    if gpu is not None:
+        config += [f"tensor-parallel-size: {max(1, machine.gpus)}", f"gpu-memory-utilization: {GPU_UTILIZATION:.2f}"]
+    if plan.prefill_from:
+        config.append("compilation_config.max_cudagraph_capture_size: "
+                      f"{min(MAX_GRAPH_TOKENS, plan.prefill_from - 16)}")
+    return ["# environment", *env, "", "# config.yaml", *config]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lvllm plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="local checkpoint directory (config.json)")
+    for name, kind, text in (("--gpu-memory", float, "GiB per GPU (default: the GPUs found)"),
+                             ("--gpus", int, "GPUs, one tensor-parallel rank each"),
+                             ("--ram", float, "GiB of host RAM for lvllm (default: available now)"),
+                             ("--cores", int, "CPU cores (default: this process's)"),
+                             ("--numa-nodes", int, "NUMA nodes (default: sysfs)"),
+                             ("--bandwidth", float, "read bandwidth, GB/s (default: lk's probe)"),
+                             ("--max-model-len", int, "tokens per sequence (default: the config's)")):
+        parser.add_argument(name, type=kind, help=text)
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="model dtype (default: the config's)")
+    args = parser.parse_args(argv)
+    for name in ("gpu_memory", "gpus", "ram", "cores", "numa_nodes", "bandwidth", "max_model_len"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be above 0, got {value}")
+    try:
+        config, where = read_config(args.model)
+        shape = model_shape(config, str(where), args.dtype)
+        machine = probe_machine(args.ram, args.cores, args.numa_nodes, args.gpus, args.gpu_memory,
+                                args.bandwidth)
+    except ConfigError as error:
+        parser.error(str(error))
+    plan = make_plan(shape, machine, args.max_model_len)
+    print(render(plan, args.model))
+    return 0 if plan.feasible else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,139 @@
+"""The float64 reference ``lvllm doctor`` holds lk to: a checkpoint's expert tensors read
+straight from its safetensors files and dequantized here, by each format's published
+layout, independently of lk and of vLLM's loader."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# model.layers.7.mlp.experts.12.gate_proj.weight_scale_inv -> prefix, layer, expert, projection, tensor
+EXPERT_TENSOR = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\.(?P<expert>\d+)\."
+                           r"(?P<projection>[^.]+)\.(?P<tensor>[^.]+)$")
+# (gate, up, down) projection names: Llama-style and Mixtral's.
+PROJECTION_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# AutoAWQ's GEMM packing: nibble i (bits 4i..4i+3) of a word holds column AWQ_ORDER[i] of its 8.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+class CheckpointTensors:
+    """The tensors of a checkpoint directory's safetensors files, read one at a time."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            self.file_of = {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            self.file_of = {}
+            for file in sorted(path.glob("*.safetensors")):
+                with safe_open(str(file), "pt") as handle:
+                    self.file_of.update(dict.fromkeys(handle.keys(), file))
+        if not self.file_of:
+            raise FileNotFoundError(f"{path} holds no *.safetensors files")
+        self._open = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.file_of[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), "pt")
+        return self._open[file].get_tensor(name)
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    index: int
+    prefix: str                      # model.layers.N.mlp.experts
+    names: tuple[str, str, str]      # the checkpoint's gate, up, down projection names
+    experts: int
+
+    def stem(self, expert: int, which: int) -> str:
+        return f"{self.prefix}.{expert}.{self.names[which]}"
+
+
+def expert_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
+    """The layers whose routed experts the checkpoint stores one tensor per expert."""
+    found: dict[int, tuple[str, set[int], set[str]]] = {}
+    for name in tensors.file_of:
+        match = EXPERT_TENSOR.match(name)
+        if match:
+            prefix, experts, projections = found.setdefault(int(match["layer"]), (match["prefix"], set(), set()))
+            experts.add(int(match["expert"]))
+            projections.add(match["projection"])
+    layers = {}
+    for index, (prefix, experts, projections) in found.items():
+        names = next((n for n in PROJECTION_NAMES if set(n) <= projections), None)
+        if names is not None:
+            layers[index] = ExpertLayer(index, prefix, names, max(experts) + 1)
+    return layers
+
+
+def _nibbles(words: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
+    """int32 [..., n] -> int64 [..., 8n] values 0..15; nibble i of word j is column 8j + order[i]."""
+    values = torch.stack([(words.long() >> (4 * i)) & 15 for i in range(8)], dim=-1)
+    placed = torch.empty_like(values)
+    placed[..., list(order)] = values
+    return placed.flatten(-2)
+
+
+def _per_group(scales: torch.Tensor, group_rows: int, group_cols: int, rows: int, cols: int) -> torch.Tensor:
+    return scales.double().repeat_interleave(group_rows, 0)[:rows].repeat_interleave(group_cols, 1)[:, :cols]
+
+
+def dequantize(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
+    """One projection [out, in] in float64, by the tensors the checkpoint holds for it."""
+    if f"{stem}.qweight" in tensors:   # AutoAWQ GEMM: input-major, (q - zero) * scale per group of inputs
+        q = _nibbles(tensors.get(f"{stem}.qweight"), AWQ_ORDER)
+        scales = tensors.get(f"{stem}.scales").double()
+        group = q.shape[0] // scales.shape[0]
+        zeros = (_nibbles(tensors.get(f"{stem}.qzeros"), AWQ_ORDER) if f"{stem}.qzeros" in tensors
+                 else torch.full_like(scales, 8, dtype=torch.long))
+        w = (q - zeros.repeat_interleave(group, 0)) * scales.repeat_interleave(group, 0)
+        return w.T.contiguous()
+    if f"{stem}.weight_packed" in tensors:   # compressed-tensors pack-quantized: offset-binary nibbles
+        q = _nibbles(tensors.get(f"{stem}.weight_packed")) - 8
+        scales = tensors.get(f"{stem}.weight_scale")
+        rows, cols = q.shape
+        if f"{stem}.weight_shape" in tensors:
+            rows, cols = (int(v) for v in tensors.get(f"{stem}.weight_shape"))
+        q = q[:rows, :cols]
+        return q * _per_group(scales, 1, -(-cols // scales.shape[1]), rows, cols)
+    w = tensors.get(f"{stem}.weight")
+    if w.dtype == torch.float8_e4m3fn:   # FP8 with weight_scale_inv per block: w = q * scale
+        scales = tensors.get(f"{stem}.weight_scale_inv")
+        rows, cols = w.shape
+        return w.double() * _per_group(scales, -(-rows // scales.shape[0]), -(-cols // scales.shape[1]), rows, cols)
+    return w.double()
+
+
+def stored_format(tensors: CheckpointTensors, stem: str) -> str:
+    """How the checkpoint stores a projection, as an lk format name (floats by their dtype)."""
+    if f"{stem}.qweight" in tensors or f"{stem}.weight_packed" in tensors:
+        return "int4"
+    dtype = tensors.get(f"{stem}.weight").dtype
+    return "fp8_e4m3" if dtype == torch.float8_e4m3fn else str(dtype).removeprefix("torch.")
+
+
+def expert_weights(tensors: CheckpointTensors, layer: ExpertLayer, expert: int) -> tuple[torch.Tensor, ...]:
+    """(gate [I, H], up [I, H], down [H, I]) in float64."""
+    return tuple(dequantize(tensors, layer.stem(expert, which)) for which in range(3))
+
+
+def expert_output(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor,
+                  activation: str = "silu") -> torch.Tensor:
+    """down(act(gate x) * up x) for float64 rows x [T, H]."""
+    h = x @ gate.T
+    h = F.silu(h) if activation == "silu" else F.gelu(h)
+    return (h * (x @ up.T)) @ down.T

@@ -1,0 +1,74 @@
+"""One MoE layer of a checkpoint built and loaded as ``vllm serve`` would, without a server:
+vLLM's config of the model (its quantization config included), vLLM's FusedMoE with lvllm's
+classes installed, vLLM's own weight loading, and lvllm's conversion to lk. ``lvllm doctor``
+checks what comes out."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
+
+from lvllm.settings import Settings
+
+
+@contextmanager
+def model_context(model: str, dtype: str, settings: Settings):
+    """vLLM's config of ``model`` made current in a one-rank process, with lvllm installed under
+    ``settings``; yields (vllm_config, installation)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    from lvllm.vllm.hooks import install
+    from lvllm.vllm.installation import Installation
+    from lvllm.vllm.moe_layer import LkRoutedExperts
+
+    settings = replace(settings, enabled=True)
+    install(settings)
+    # A fresh record per call: a process that checks several times (tests) keeps its settings apart.
+    installation = Installation(settings)
+    installation.refusal_hook = LkRoutedExperts.installation.refusal_hook
+    LkRoutedExperts.installation = installation
+    vllm_config = VllmConfig(model_config=ModelConfig(model=model, dtype=dtype))
+    with set_current_vllm_config(vllm_config), set_default_torch_dtype(vllm_config.model_config.dtype):
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.init_distributed_environment(
+                world_size=1, rank=0, local_rank=0, backend="gloo",
+                distributed_init_method=f"file://{tempfile.mkdtemp()}/rendezvous")
+            parallel_state.initialize_model_parallel(1, 1)
+        yield vllm_config, installation
+
+
+def load_layer(vllm_config, layer, tensors):
+    """Build ``layer`` (lvllm.reference.ExpertLayer) with vLLM's FusedMoE and fill it from the
+    checkpoint's ``tensors`` through vLLM's loader; returns its lk method (LkMoEMethod, whose
+    ``experts`` lk now holds)."""
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from lvllm.vllm.moe_layer import LkMoEMethod
+
+    config = vllm_config.model_config.hf_text_config
+    gate, up, down = layer.names
+    runner = FusedMoEFactory(
+        num_experts=layer.experts, top_k=config.num_experts_per_tok, hidden_size=config.hidden_size,
+        intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+        quant_config=vllm_config.quant_config, prefix=layer.prefix, ckpt_names=(gate, down, up),
+        activation=getattr(config, "hidden_act", "silu"))
+    routed = next(m for m in runner.modules() if isinstance(m, RoutedExperts))
+    method = routed.quant_method
+    if not isinstance(method, LkMoEMethod):
+        raise RuntimeError(f"{layer.prefix}: vLLM kept its own {type(method).__name__}; lk did not take the layer")
+    start = len(layer.prefix) + 1
+    names = [name for name in tensors.file_of if name.startswith(f"{layer.prefix}.")
+             and name[start:].split(".")[0].isdigit()]
+    for _ in routed.load_weights((name[start:], tensors.get(name)) for name in names):
+        pass
+    if method.experts is None:
+        method.process_weights_after_loading(routed)
+    # vLLM's forward context would keep every layer built so far, and its memory, alive.
+    vllm_config.compilation_config.static_forward_context.pop(layer.prefix, None)
+    return method

@@ -1,0 +1,267 @@
+"""lvllm plan and LVLLM_GPU_RESIDENT_MOE_LAYERS=auto: the arithmetic against cases computed by
+hand from the published configs of Qwen3-30B-A3B and DeepSeek-V3, on given machine sizes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lvllm import envs, plan
+from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape, read_config
+from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
+from lvllm.settings import Settings
+
+GIB = 2**30
+
+# config.json of Qwen/Qwen3-30B-A3B and deepseek-ai/DeepSeek-V3 (the keys the plan reads).
+QWEN3_30B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "decoder_sparse_step": 1,
+    "head_dim": 128, "hidden_size": 2048, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "mlp_only_layers": [], "moe_intermediate_size": 768, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 151936,
+}
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "first_k_dense_replace": 3,
+    "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+    "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_routed_experts": 256, "n_shared_experts": 1,
+    "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+    "num_key_value_heads": 128, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+    "v_head_dim": 128, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 129280,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+}
+
+
+def machine(ram, cores, bandwidth, gpus=0, gpu_gib=0, nodes=1):
+    return plan.Machine(ram * GIB, cores, nodes, gpus, gpu_gib * GIB, bandwidth)
+
+
+def row(result, mode):
+    return next(r for r in result.rows if mode in r.modes)
+
+
+# Qwen3-30B-A3B by hand. One expert: 3 x 2048 x 768 = 4,718,592 weights.
+#   bf16: 2 bytes each = 9,437,184; layer (128 experts) 1,207,959,552.
+#   int8 g256: + float32 scales, w13 1536 rows x 8 groups + w2 2048 x 3 = 18,432 -> 4,792,320.
+#   int4 g128: half a byte + scale and offset (8 bytes) per group, 1536 x 16 + 2048 x 6 = 36,864
+#              groups -> 2,359,296 + 294,912 = 2,654,208.
+# Outside the experts: attention 2 x 2048 x 32 x 128 + 2 x 2048 x 4 x 128 = 18,874,368 a layer,
+#   x 48 = 905,969,664 weights; embedding + LM head 2 x 151,936 x 2048 = 622,329,856; routers
+#   48 x 2048 x 128 = 12,582,912; all bf16: 3,081,764,864 bytes.
+# KV cache: 48 layers x K and V x 4 heads x 128 x 2 bytes = 98,304 bytes a token.
+Q_EXPERT = {"bf16": 9_437_184, "int8": 4_792_320, "int4": 2_654_208}
+Q_LAYER_BF16 = 128 * 9_437_184
+Q_WEIGHTS = 3_081_764_864
+Q_KV_TOKEN = 98_304
+
+
+def test_qwen3_30b_on_a_24_gib_gpu():
+    shape = model_shape(QWEN3_30B)
+    assert shape.moe_layers == tuple(range(48))
+    result = plan.make_plan(shape, machine(ram=64, cores=16, bandwidth=100, gpus=1, gpu_gib=24), 32768)
+    gpu = result.gpu
+    assert gpu.usable == int(24 * GIB * 0.9) == 23_192_823_398
+    assert (gpu.weights, gpu.kv_cache) == (Q_WEIGHTS, 32768 * Q_KV_TOKEN)
+    # Prefill ring, bf16 lk layers: two slots of lk's layer + one unpacked layer in bf16.
+    assert gpu.ring == 3 * Q_LAYER_BF16
+    # 23,192,823,398 - 3,081,764,864 - 3,221,225,472 - 2 GiB margin - 3,623,878,656
+    # = 11,118,470,758 -> 9 layers of 1,207,959,552.
+    assert gpu.left == 11_118_470_758 and gpu.resident == tuple(range(9))
+    assert result.lk_layers == tuple(range(9, 48)) and result.choice.modes == ("TO_DTYPE",)
+    bf16 = row(result, "TO_DTYPE")
+    assert bf16.held == 39 * Q_LAYER_BF16
+    assert bf16.need == 41 * Q_LAYER_BF16   # + two layers in the checkpoint's format while loading
+    assert bf16.tok_s == pytest.approx(100e9 / (39 * 8 * Q_EXPERT["bf16"]))   # 33.96 tok/s
+    assert row(result, "INT8").tok_s == pytest.approx(100e9 / (39 * 8 * Q_EXPERT["int8"]))
+    assert row(result, "INT4").held == 39 * 128 * Q_EXPERT["int4"]
+    assert (result.threads, result.prefill_from) == (15, 512)
+    text = plan.render(result, "/models/qwen3")
+    for line in ("export LVLLM_MOE_USE_WEIGHT=TO_DTYPE", "export LVLLM_GPU_RESIDENT_MOE_LAYERS=0-8 ",
+                 "export LK_THREADS=15 ", "export LVLLM_GPU_PREFILL_MIN_BATCH_SIZE=512",
+                 "max-model-len: 32768", "compilation_config.max_cudagraph_capture_size: 496"):
+        assert line in text
+
+
+def test_qwen3_30b_on_cpu_only():
+    shape = model_shape(QWEN3_30B)
+    result = plan.make_plan(shape, machine(ram=40, cores=2, bandwidth=35), 4096)
+    # 4096 x 98,304 = 384 MiB of KV cache -> VLLM_CPU_KVCACHE_SPACE=1 GiB, held in RAM with the
+    # other weights; bf16 needs 48 layers + 2 loading + 1 GiB + 3,081,764,864 = 57.1 GiB > 40.
+    extra = GIB + Q_WEIGHTS
+    assert result.gpu is None and result.kv_space_gib == 1 and result.host_extra == extra
+    assert row(result, "TO_DTYPE").need == 50 * Q_LAYER_BF16 + extra
+    assert result.choice.modes == ("INT8",)
+    assert row(result, "INT8").need == 48 * 128 * Q_EXPERT["int8"] + 2 * Q_LAYER_BF16 + extra  # 29.7 GiB
+    assert row(result, "INT8").tok_s == pytest.approx(35e9 / (48 * 8 * Q_EXPERT["int8"]))
+    text = plan.render(result, "m")
+    assert "VLLM_CPU_KVCACHE_SPACE=1" in text and "VLLM_CPU_OMP_THREADS_BIND=0-1" in text
+    assert "RESIDENT" not in text
+
+    # INT4: 48 x 128 x 2,654,208 + 2 bf16 layers + extra = 21.3 GiB: 20 GiB fits nothing.
+    short = plan.make_plan(shape, machine(ram=20, cores=2, bandwidth=35), 4096)
+    assert short.choice is None and not short.feasible
+    assert "the smallest, INT4, needs 21.3 GiB" in plan.render(short, "m")
+
+
+# DeepSeek-V3 by hand (FP8 128x128 blocks; bf16 model dtype). One expert: 3 x 7168 x 2048 =
+#   44,040,192 weights. Checkpoint layer: 256 x (44,040,192 + 4 x (32 x 56 + 56 x 16) block
+#   scales) = 11,277,041,664. lk's fp8 g128: scales per 128 inputs of a row, 4096 x 56 +
+#   7168 x 16 = 344,064 -> 45,416,448 an expert, 11,626,610,688 a layer.
+# Outside the experts: MLA per layer q 7168 x 1536 + 1536 x 128 x 192, kv_a 7168 x 576, kv_b
+#   512 x 128 x 256, o 128 x 128 x 7168 = 187,105,280 x 61 layers = 11,413,422,080; 3 dense
+#   MLPs 3 x 3 x 7168 x 18432 = 1,189,085,184; 58 shared experts x 44,040,192 = 2,554,331,136:
+#   15,156,838,400 FP8 bytes; embedding + LM head 2 x 129,280 x 7168 and routers 58 x 7168 x
+#   256 = 1,959,788,544 bf16 weights: 3,919,577,088 bytes. Total 19,076,415,488.
+# KV cache (MLA latent 512 + rope 64, bf16): 61 x 576 x 2 = 70,272 bytes a token.
+D_CKPT_LAYER = 11_277_041_664
+D_FP8_LAYER = 256 * 45_416_448
+D_WEIGHTS = 19_076_415_488
+D_KV_TOKEN = 70_272
+
+
+def test_deepseek_v3_on_one_80_gib_gpu():
+    shape = model_shape(DEEPSEEK_V3)
+    assert shape.moe_layers == tuple(range(3, 61)) and shape.storage.format == "fp8_e4m3"
+    assert checkpoint_layer_bytes(shape) == D_CKPT_LAYER
+    result = plan.make_plan(shape, machine(ram=768, cores=64, bandwidth=200, gpus=1, gpu_gib=80, nodes=2), 32768)
+    gpu = result.gpu
+    assert (gpu.weights, gpu.kv_cache) == (D_WEIGHTS, 32768 * D_KV_TOKEN)
+    # Ring for KEEP (fp8): 2 x 11,626,610,688 + unpacked bf16 256 x 44,040,192 x 2 = 45,801,799,680;
+    # 77,309,411,328 - 19,076,415,488 - 2,302,672,896 - 2 GiB - ring = 7,981,039,616 < one layer.
+    assert gpu.ring == 2 * D_FP8_LAYER + 256 * 44_040_192 * 2
+    assert gpu.left == 7_981_039_616 and gpu.resident == ()
+    keep = result.choice
+    assert keep.modes == ("KEEP",) and keep.resolved.describe() == "fp8 g128"
+    assert keep.held == 58 * D_FP8_LAYER and keep.need == 58 * D_FP8_LAYER + 2 * D_CKPT_LAYER  # 649.0 GiB
+    assert keep.tok_s == pytest.approx(200e9 / (58 * 8 * 45_416_448))   # 9.49 tok/s
+    assert row(result, "TO_DTYPE").held == 58 * 256 * 44_040_192 * 2   # 1218 GiB: does not fit
+    assert not row(result, "TO_DTYPE").fits(768 * GIB)
+    assert (result.threads, result.prefill_from) == (60, 128)
+
+
+def test_deepseek_v3_on_eight_gpus():
+    shape = model_shape(DEEPSEEK_V3)
+    result = plan.make_plan(shape, machine(ram=512, cores=64, bandwidth=200, gpus=8, gpu_gib=80, nodes=2), 32768)
+    gpu = result.gpu
+    # Per rank: intermediate 2048 / 8 = 256; checkpoint layer 256 x (3 x 7168 x 256 + 4 x
+    # (2 x 2 x 56 + 56 x 2)) = 1,409,630,208; weights / 8 = 2,384,551,936; MLA's KV cache is
+    # not split; ring 2 x lk's fp8 layer / 8 + unpacked 256 x 3 x 7168 x 256 x 2 = 5,725,224,960.
+    assert gpu.layer == 1_409_630_208 and gpu.weights == D_WEIGHTS // 8
+    assert gpu.kv_cache == 32768 * D_KV_TOKEN and gpu.ring == 5_725_224_960
+    # 77,309,411,328 - 2,384,551,936 - 2,302,672,896 - 2 GiB - 5,725,224,960 = 64,749,477,888
+    # -> 45 layers: 3-47 resident, 13 on lk.
+    assert gpu.left == 64_749_477_888 and gpu.resident == tuple(range(3, 48))
+    assert result.lk_layers == tuple(range(48, 61)) and result.threads == 8
+    assert result.choice.need == 13 * D_FP8_LAYER + 2 * D_CKPT_LAYER
+
+
+def test_every_layer_on_the_gpu_needs_no_lk():
+    result = plan.make_plan(model_shape(QWEN3_30B), machine(ram=8, cores=2, bandwidth=35, gpus=1, gpu_gib=80), 4096)
+    assert result.gpu.resident == tuple(range(48)) and result.lk_layers == () and result.feasible
+    assert "export LVLLM_MOE_NUMA_ENABLED=0" in plan.render(result, "m")
+
+
+def test_a_gpu_too_small_for_the_rest_of_the_model_is_no_plan():
+    result = plan.make_plan(model_shape(QWEN3_30B), machine(ram=64, cores=2, bandwidth=35, gpus=1, gpu_gib=4), 4096)
+    assert not result.feasible and "No plan: the GPU does not hold" in plan.render(result, "m")
+
+
+def test_the_checkpoint_layer_bytes_are_what_vllm_creates():
+    """model_shape's byte count against the params lvllm.vllm.checkpoint_sources creates."""
+    pytest.importorskip("vllm")
+    from lvllm.vllm.checkpoint_sources import AwqInt4Source, CompressedTensorsInt4Source, ExpertSource, Fp8BlockSource
+
+    cases = [({}, ExpertSource()), (DEEPSEEK_V3["quantization_config"], Fp8BlockSource((128, 128))),
+             ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 32}}}},
+              CompressedTensorsInt4Source(32)),
+             ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True}, AwqInt4Source(64, True))]
+    for quant, source in cases:
+        shape = model_shape({**QWEN3_30B, "quantization_config": quant})
+        params = source.params(128, 2048, 768, torch.bfloat16)
+        expected = sum(torch.Size(s).numel() * d.itemsize for s, d, _ in params.values())
+        assert checkpoint_layer_bytes(shape) == expected, quant
+
+
+def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):
+    with pytest.raises(ConfigError, match="no experts|describes no routed experts"):
+        model_shape({"hidden_size": 8, "num_hidden_layers": 2}, "x/config.json")
+    with pytest.raises(ConfigError, match="x/config.json: quantization_config .*gptq.* not a format lk takes"):
+        model_shape({**QWEN3_30B, "quantization_config": {"quant_method": "gptq", "bits": 4}}, "x/config.json")
+    with pytest.raises(ConfigError, match="--model .*missing.*config.json"):
+        read_config(tmp_path / "missing")
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B))
+    done = subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "plan", "--model", str(tmp_path), "--ram", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--ram must be above 0" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "plan", "--model", str(tmp_path), "--ram", "20",
+                           "--bandwidth", "35", "--cores", "2", "--max-model-len", "4096"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "No plan: no LVLLM_MOE_USE_WEIGHT value fits 20.0 GiB" in done.stdout
+
+
+# --------------------------------------------------------------------------------------
+# LVLLM_GPU_RESIDENT_MOE_LAYERS=auto
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", ["auto", "AUTO", " Auto "])
+def test_auto_parses(monkeypatch, raw):
+    monkeypatch.setenv(RESIDENT_VAR, raw)
+    assert Settings.from_env().resident_layers == envs.AUTO
+
+
+def test_placement_asks_for_the_auto_layers_once():
+    asked = []
+    placement = Placement(resident=envs.AUTO, auto_resident=lambda: asked.append(1) or frozenset({0, 1}))
+    paths = [placement.place(i, f"model.layers.{i}.mlp.experts", 4) for i in range(4)]
+    assert paths == [LayerPath.DEVICE, LayerPath.DEVICE, LayerPath.LK, LayerPath.LK] and asked == [1]
+
+
+def _vllm_process(monkeypatch, config: dict, cuda: bool, gpu_gib: float = 24):
+    """lvllm.vllm.installation as a vLLM worker sees it: the model's config, the platform, the GPU."""
+    pytest.importorskip("vllm")
+    installation = importlib.import_module("lvllm.vllm.installation")   # lvllm.vllm.installation is also a function
+
+    hf = SimpleNamespace(to_dict=lambda: dict(config))
+    vllm_config = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf, model="/models/m", dtype=torch.bfloat16, max_model_len=32768),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
+        cache_config=SimpleNamespace(gpu_memory_utilization=0.9))
+    monkeypatch.setattr(installation, "get_current_vllm_config", lambda: vllm_config)
+    monkeypatch.setattr(installation.current_platform, "is_cuda", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=int(gpu_gib * GIB)))
+    return installation
+
+
+def test_auto_resolves_to_the_plans_layers(monkeypatch, caplog):
+    installation = _vllm_process(monkeypatch, QWEN3_30B, cuda=True)
+    settings = Settings(resident_layers=envs.AUTO, gpu_prefill_min_batch=512)   # the plan's settings
+    expected = plan.make_plan(model_shape(QWEN3_30B), machine(64, 16, 100, gpus=1, gpu_gib=24), 32768).gpu.resident
+    with caplog.at_level(logging.INFO, logger="vllm.lvllm"):
+        assert installation.auto_resident_layers(settings) == frozenset(expected) == frozenset(range(9))
+    assert "=auto: MoE layers [0-8] resident on cuda:0" in caplog.text and "prefill ring" in caplog.text
+    # Without streaming, the ring's 3.6 GB hold 3 more layers (14,742,349,414 / 1,207,959,552).
+    assert installation.auto_resident_layers(Settings(resident_layers=envs.AUTO)) == frozenset(range(12))
+
+
+def test_auto_on_cpu_means_no_resident_layers(monkeypatch, caplog):
+    installation = _vllm_process(monkeypatch, QWEN3_30B, cuda=False)
+    with caplog.at_level(logging.INFO, logger="vllm.lvllm"):
+        assert installation.auto_resident_layers(Settings(resident_layers=envs.AUTO)) == frozenset()
+    assert "=auto: no resident MoE layers (no GPU" in caplog.text
+
+
+def test_the_command_lists_lvllms_subcommands_before_vllms_help(capsys):
+    from lvllm._vllm_cli import LVLLM_COMMANDS, lvllm_command
+
+    assert lvllm_command(["lvllm", "--help"]) is None   # vLLM's parser prints its own help next
+    listed = capsys.readouterr().out
+    assert all(f"lvllm {name} --model PATH" in listed for name in LVLLM_COMMANDS) and set(LVLLM_COMMANDS) == {"plan", "doctor"}

@@ -1,0 +1,93 @@
+"""lvllm.reference: checkpoint tensors dequantized by hand-computed cases of each layout, and
+lvllm.doctor's verdicts and error budget (no vLLM needed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lvllm import doctor
+from lvllm.reference import CheckpointTensors, dequantize, expert_layers, stored_format
+
+# One int32 word with nibbles 0..7 from the lowest bits up.
+WORD = 0x76543210
+
+
+def checkpoint(tmp_path, tensors: dict) -> CheckpointTensors:
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return CheckpointTensors(tmp_path)
+
+
+def test_compressed_tensors_nibbles_in_order_offset_by_8(tmp_path):
+    # weight_packed [2 rows, 1 word]: row 0 holds 0..7 -> -8..-1; row 1 all 15 -> 7; scales per
+    # group of 4 inputs: row 0 (1, 2), row 1 (0.5, 0.5).
+    tensors = checkpoint(tmp_path, {
+        "p.weight_packed": torch.tensor([[WORD], [-1]], dtype=torch.int32),
+        "p.weight_scale": torch.tensor([[1.0, 2.0], [0.5, 0.5]], dtype=torch.bfloat16),
+        "p.weight_shape": torch.tensor([2, 8]),
+    })
+    expected = [[-8, -7, -6, -5, -8, -6, -4, -2], [3.5] * 8]
+    assert dequantize(tensors, "p").tolist() == expected
+    assert stored_format(tensors, "p") == "int4"
+
+
+def test_awq_nibbles_in_awq_order_input_major(tmp_path):
+    # qweight [2 inputs, 1 word of 8 outputs]: nibble i -> output column (0, 2, 4, 6, 1, 3, 5, 7)[i],
+    # so input 0 reads outputs 0..7 as 0, 4, 1, 5, 2, 6, 3, 7; input 1 is all 9. One group of
+    # both inputs: zeros from qzeros (all 8 but output 1: 0), scales 1 (output 7: 3).
+    zeros = 0x88808888 - (1 << 32)   # as int32; nibble 4 (output 1) is 0
+    scales = torch.ones(1, 8, dtype=torch.float16)
+    scales[0, 7] = 3
+    tensors = checkpoint(tmp_path, {"p.qweight": torch.tensor([[WORD], [-0x66666667]], dtype=torch.int32),
+                                    "p.qzeros": torch.tensor([[zeros]], dtype=torch.int32), "p.scales": scales})
+    assert torch.tensor(-0x66666667, dtype=torch.int32).item() & 0xFFFFFFFF == 0x99999999
+    w = dequantize(tensors, "p")   # [outputs, inputs]
+    assert w[:, 0].tolist() == [-8, 4, -7, -3, -6, -2, -5, -3]
+    assert w[:, 1].tolist() == [1, 9, 1, 1, 1, 1, 1, 3]
+    symmetric = checkpoint(tmp_path, {"p.qweight": torch.tensor([[WORD]], dtype=torch.int32),
+                                      "p.scales": torch.ones(1, 8, dtype=torch.float16)})
+    assert dequantize(symmetric, "p")[:, 0].tolist() == [-8, -4, -7, -3, -6, -2, -5, -1]
+
+
+def test_fp8_blocks_scale_their_tile(tmp_path):
+    q = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 448.0], [4.0, 4.0, 4.0]]).to(torch.float8_e4m3fn)
+    # 2x2 blocks: rows 0-1 / 2, columns 0-1 / 2.
+    scales = torch.tensor([[1.0, 10.0], [0.25, 0.5]])
+    tensors = checkpoint(tmp_path, {"p.weight": q, "p.weight_scale_inv": scales})
+    assert dequantize(tensors, "p").tolist() == [[1, 2, 30], [-1, 0.5, 4480], [1, 1, 2]]
+    assert stored_format(tensors, "p") == "fp8_e4m3"
+
+
+def test_expert_layers_from_tensor_names(tmp_path):
+    w = torch.zeros(2, 2, dtype=torch.bfloat16)
+    names = {f"model.layers.{layer}.block_sparse_moe.experts.{e}.{p}.weight": w.clone()
+             for layer in (1, 3) for e in range(4) for p in ("w1", "w2", "w3")}
+    names["model.layers.0.mlp.down_proj.weight"] = w.clone()
+    layers = expert_layers(checkpoint(tmp_path, names))
+    assert sorted(layers) == [1, 3]
+    assert layers[3].prefix == "model.layers.3.block_sparse_moe.experts" and layers[3].experts == 4
+    assert layers[3].stem(2, 1) == "model.layers.3.block_sparse_moe.experts.2.w3"
+
+
+@pytest.mark.parametrize("lk_format, source, dtype, expected", [
+    ("bfloat16", "bfloat16", torch.bfloat16, 2**-8 + 2e-5),              # kept: output rounding
+    ("bfloat16", "float32", torch.bfloat16, 2**-8 + 3 * 2**-8 + 2e-5),   # each matrix rounded to bf16
+    ("float32", "float32", torch.float32, 2**-24 + 2e-5),
+    ("fp8_e4m3", "fp8_e4m3", torch.bfloat16, 2**-8 + 2e-5),
+    ("int8", "bfloat16", torch.bfloat16, 2**-8 + 0.04),
+    ("int4", "fp8_e4m3", torch.bfloat16, 2**-8 + 0.35),
+    ("int4", "int4", torch.float16, 2**-11 + 0.03),                     # activations on 8 bits
+])
+def test_expected_error_adds_its_parts(lk_format, source, dtype, expected):
+    assert doctor.expected_error(lk_format, source, dtype) == pytest.approx(expected)
+
+
+def test_verdicts():
+    assert [doctor.verdict(e, 0.01) for e in (0.005, 0.01, 0.015, 0.02, 0.021, float("nan"))] == [
+        "pass", "pass", "warn", "warn", "fail", "fail"]
+
+
+def test_sampled_layers_span_the_depth():
+    assert doctor.sample(list(range(3, 61))) == [3, 31, 60]
+    assert doctor.sample([1, 2]) == [1, 2]

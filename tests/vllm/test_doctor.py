@@ -1,0 +1,122 @@
+"""lvllm doctor on the tiny checkpoints: every format passes through serving's own loading path,
+and a conversion that corrupts one layer's experts (a flipped sign, a zeroed scale, gate and up
+swapped) fails, naming that layer. Runs in this process (one vLLM import for all cases)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from e2e_common import build_model
+from test_quantized import CHECKPOINT_DIMS
+
+CORRUPTED = "model.layers.2.mlp.experts"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("doctor")
+    builds = {"bf16": (), "fp8": ("--quantize", "fp8-block-experts"), "w4a16": ("--quantize", "w4a16-experts"),
+              "awq": ("--quantize", "awq-experts"), "awq-zero": ("--quantize", "awq-experts", "--zero-point")}
+    yield {name: build_model(root / name, "qwen3_moe", *CHECKPOINT_DIMS, *args) for name, args in builds.items()}
+    from vllm.distributed import parallel_state
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    for name in ("RoutedExperts", "MoERunner"):   # doctor installed lvllm in this process
+        op_registry_oot.pop(name, None)
+    parallel_state.destroy_model_parallel()
+    parallel_state.destroy_distributed_environment()
+
+
+def doctor(monkeypatch, model, weight: str = "TO_DTYPE") -> tuple[int, str]:
+    from lvllm import doctor
+    from lvllm.settings import Settings
+
+    monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", weight)
+    out = io.StringIO()
+    status = doctor.run(str(model), Settings.from_env(), out=out)
+    return status, out.getvalue()
+
+
+@pytest.mark.parametrize("name, weight, lk_format", [
+    ("bf16", "TO_DTYPE", "bf16"), ("bf16", "INT8", "int8 g256"), ("bf16", "INT4", "int4 g128"),
+    ("fp8", "KEEP", "fp8 g128"), ("fp8", "TO_DTYPE", "bf16"), ("w4a16", "KEEP", "int4 g32"),
+    ("awq", "KEEP", "int4 g32"), ("awq-zero", "KEEP", "int4 g32"), ("awq-zero", "TO_DTYPE", "bf16"),
+])
+def test_every_format_passes(monkeypatch, checkpoints, name, weight, lk_format):
+    status, report = doctor(monkeypatch, checkpoints[name], weight)
+    assert status == 0, report
+    rows = [line for line in report.splitlines() if line.startswith("  model.")]
+    # Layers 0, 2 and 3 of 4, each on random rows and on the model's embeddings.
+    assert len(rows) == 6 and all(f" {lk_format} " in row for row in rows), report
+    assert all(row.endswith("pass") for row in rows), report
+    assert "result: pass (3 layers)" in report and "read bandwidth" in report and "ISA " in report
+
+
+def _corrupt(monkeypatch, source_class, damage):
+    """Serving's conversion of CORRUPTED's experts, damaged by ``damage(w13, w2)``."""
+    original = source_class.engine_inputs
+
+    def engine_inputs(self, layer):
+        w13, w2 = original(self, layer)
+        if layer.layer_name == CORRUPTED:
+            w13, w2 = damage(w13, w2)
+        return w13, w2
+
+    monkeypatch.setattr(source_class, "engine_inputs", engine_inputs)
+
+
+def _flip_expert_5(w13, w2):
+    w2 = w2.clone()
+    w2[5] = -w2[5]
+    return w13, w2
+
+
+def _zero_expert_5_scales(w13, w2):
+    w13.scales[5] = 0
+    return w13, w2
+
+
+def _swap_gate_and_up(w13, w2):
+    from lvllm.lk import QuantizedWeights
+
+    def swap(t):
+        gate, up = t.chunk(2, dim=1)
+        return torch.cat([up, gate], dim=1).contiguous()
+
+    return QuantizedWeights(swap(w13.values), swap(w13.scales), w13.group_size, swap(w13.offsets)), w2
+
+
+@pytest.mark.parametrize("name, weight, source, damage, worst_expert", [
+    ("bf16", "TO_DTYPE", "ExpertSource", _flip_expert_5, 5),
+    ("fp8", "KEEP", "Fp8BlockSource", _zero_expert_5_scales, 5),
+    ("awq", "KEEP", "AwqInt4Source", _swap_gate_and_up, None),
+])
+def test_a_corrupted_layer_fails_by_name(monkeypatch, checkpoints, name, weight, source, damage, worst_expert):
+    from lvllm.vllm import checkpoint_sources
+
+    _corrupt(monkeypatch, getattr(checkpoint_sources, source), damage)
+    status, report = doctor(monkeypatch, checkpoints[name], weight)
+    assert status == 1 and f"result: FAIL in {CORRUPTED}" in report, report
+    for line in report.splitlines():
+        if line.startswith("  model."):
+            assert line.endswith("fail" if CORRUPTED in line else "pass"), report
+            if CORRUPTED in line and worst_expert is not None:
+                assert f"({worst_expert:>3})" in line
+
+
+def test_bad_input_is_refused(checkpoints, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "doctor", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    done = run("--model", str(tmp_path / "absent"))
+    assert done.returncode == 2 and "no " in done.stderr and "config.json" in done.stderr
+    done = run("--model", str(checkpoints["bf16"]), "--layers", "1,9")
+    assert done.returncode == 2 and "--layers 9: not MoE layers" in done.stderr and "(those are 0-3)" in done.stderr
+    done = run("--model", str(checkpoints["bf16"]), "--layers", "x")
+    assert done.returncode == 2 and "--layers 'x'" in done.stderr
