@@ -16,6 +16,7 @@ that layer, the ISA tier, threads and NUMA nodes. Exit status 1 when a layer fai
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -210,6 +211,9 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
 
 
 def main(argv: list[str]) -> int:
+    # vLLM's INFO lines about building a layer are noise in doctor's report; set before vLLM
+    # is imported (it reads the level once), in this command's process only.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     parser = argparse.ArgumentParser(prog="lvllm doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local checkpoint directory")
     parser.add_argument("--layers", help="MoE layers to check, e.g. '0,24,47' (default: first, middle, last)")

@@ -5,7 +5,6 @@ checks what comes out."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
@@ -17,7 +16,6 @@ from lvllm.settings import Settings
 def model_context(model: str, dtype: str, settings: Settings):
     """vLLM's config of ``model`` made current in a one-rank process, with lvllm installed under
     ``settings``; yields (vllm_config, installation)."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
     from vllm.utils.torch_utils import set_default_torch_dtype

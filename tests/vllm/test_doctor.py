@@ -5,6 +5,7 @@ swapped) fails, naming that layer. Runs in this process (one vLLM import for all
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,11 @@ def test_bad_input_is_refused(checkpoints, tmp_path):
     assert done.returncode == 2 and "--layers 9: not MoE layers" in done.stderr and "(those are 0-3)" in done.stderr
     done = run("--model", str(checkpoints["bf16"]), "--layers", "x")
     assert done.returncode == 2 and "--layers 'x'" in done.stderr
+
+
+def test_keeps_vllm_log_level_of_the_process(monkeypatch, checkpoints):
+    """doctor.run runs inside other programs' processes (these tests): a quieter vLLM log level
+    set for itself would reach every vLLM started after it (servers whose INFO lines tests read)."""
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
+    status, _ = doctor(monkeypatch, checkpoints["bf16"])
+    assert status == 0 and "VLLM_LOGGING_LEVEL" not in os.environ
