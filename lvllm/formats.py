@@ -81,8 +81,10 @@ class Resolved:
 def resolve_format(mode: str, source_name: str, model_dtype: torch.dtype,
                    source_group: int | None = None, requested_group: int | None = None) -> Resolved:
     """The format and group lk keeps experts stored as ``source_name`` (grouped by
-    ``source_group``) in under ``LVLLM_MOE_USE_WEIGHT=mode`` and
-    ``LVLLM_MOE_QUANT_GROUP_SIZE=requested_group``."""
+    ``source_group``; "float": float tensors in the model dtype) in under
+    ``LVLLM_MOE_USE_WEIGHT=mode`` and ``LVLLM_MOE_QUANT_GROUP_SIZE=requested_group``."""
+    if source_name == "float":
+        source_name = FLOAT_FORMAT_OF_DTYPE.get(model_dtype, source_name)
     if mode == "KEEP":
         name = source_name
     elif mode in ("INT8", "INT4"):

@@ -19,13 +19,13 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
 from lvllm import formats
 from lvllm.envs import EnvError, format_ranges
 from lvllm.memory import GIB, available
+from lvllm.lk.host_cpus import usable_numa_nodes
 from lvllm.model_shape import (ConfigError, ModelShape, checkpoint_layer_bytes, dense_weight_bytes,
                                kv_bytes_per_token, model_shape, read_config)
 
@@ -101,11 +101,8 @@ def lk_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1
 
 def resolve(shape: ModelShape, mode: str, group: int | None = None) -> formats.Resolved:
     """lvllm.formats.resolve_format for this checkpoint, as LkMoEMethod.resolve_format asks it."""
-    dtype = getattr(torch, shape.dtype)
-    source = shape.storage.format
-    if source == "float":
-        source = formats.FLOAT_FORMAT_OF_DTYPE[dtype]
-    return formats.resolve_format(mode, source, dtype, shape.storage.group, group)
+    return formats.resolve_format(mode, shape.storage.format, getattr(torch, shape.dtype),
+                                  shape.storage.group, group)
 
 
 def _gb(value: int) -> str:
@@ -230,15 +227,6 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
 # the machine
 # --------------------------------------------------------------------------------------
 
-def numa_nodes(root: Path = Path("/sys/devices/system/node")) -> int:
-    """NUMA nodes holding CPUs this process may use (1 where sysfs says nothing)."""
-    from lvllm.lk.host_cpus import parse_cpulist
-
-    usable = os.sched_getaffinity(0)
-    nodes = [p for p in root.glob("node[0-9]*") if parse_cpulist((p / "cpulist").read_text()) & usable]
-    return max(1, len(nodes))
-
-
 def probe_machine(ram_gib: float | None = None, cores: int | None = None, nodes: int | None = None,
                   gpus: int | None = None, gpu_memory_gib: float | None = None,
                   bandwidth_gbs: float | None = None) -> Machine:
@@ -250,7 +238,7 @@ def probe_machine(ram_gib: float | None = None, cores: int | None = None, nodes:
     else:
         ram, notes["ram"] = int(ram_gib * GIB), "given"
     cores = cores or len(os.sched_getaffinity(0))
-    nodes = nodes or numa_nodes()
+    nodes = nodes or usable_numa_nodes()
     if gpu_memory_gib is None and torch.cuda.is_available():
         gpus = gpus or torch.cuda.device_count()
         memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))

@@ -11,7 +11,7 @@ from lvllm.gpu.plan import (
     capture_overlap_warning,
     plan_batch,
 )
-from lvllm.lk.host_cpus import openmp_team_cpus, parse_cpulist, rank_cpus
+from lvllm.lk.host_cpus import node_cpus, openmp_team_cpus, parse_cpulist, rank_cpus, usable_numa_nodes
 
 
 # --------------------------------------------------------------------------------------
@@ -206,3 +206,15 @@ def test_openmp_team_cpus_as_vllm_exports_them():
     assert openmp_team_cpus({"OMP_PLACES": "cores"}) is None
     assert openmp_team_cpus({}) is None
     assert openmp_team_cpus({"GOMP_CPU_AFFINITY": "x"}) is None
+
+
+def test_numa_nodes_from_sysfs(tmp_path):
+    import os
+
+    usable = sorted(os.sched_getaffinity(0))
+    for node, cpus in ((0, f"{usable[0]}"), (1, "4096-4097")):
+        (tmp_path / f"node{node}").mkdir()
+        (tmp_path / f"node{node}" / "cpulist").write_text(cpus + "\n")
+    assert node_cpus(tmp_path) == {0: [usable[0]], 1: [4096, 4097]}
+    assert usable_numa_nodes(tmp_path) == 1          # node 1 holds none of this process's CPUs
+    assert usable_numa_nodes(tmp_path / "absent") == 1

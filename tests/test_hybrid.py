@@ -263,6 +263,7 @@ def test_describe_format():
     ("INT8", "bfloat16", None, 64, ("int8", 64)),
     ("INT4", "fp8_e4m3", 128, None, ("int4", 128)),
     ("TO_DTYPE", "fp8_e4m3", 128, None, ("bfloat16", 128)),
+    ("KEEP", "float", None, None, ("bfloat16", 128)),   # float checkpoints: the model dtype
 ])
 def test_resolve_format_settles_the_group(mode, source, source_group, requested, expected):
     resolved = formats.resolve_format(mode, source, torch.bfloat16, source_group, requested)

@@ -79,11 +79,22 @@ def rank_cpus(node_cpus: dict[int, Sequence[int]], gpu_node: int | None,
     return share or local
 
 
+def node_cpus(root: Path = NODES) -> dict[int, list[int]]:
+    """NUMA node -> its CPUs, from sysfs (empty where sysfs says nothing)."""
+    return {int(path.name[4:]): sorted(parse_cpulist((path / "cpulist").read_text()))
+            for path in root.glob("node[0-9]*")}
+
+
+def usable_numa_nodes(root: Path = NODES) -> int:
+    """NUMA nodes holding CPUs this process may use (1 where sysfs says nothing)."""
+    usable = os.sched_getaffinity(0)
+    return max(1, sum(1 for cpus in node_cpus(root).values() if usable.intersection(cpus)))
+
+
 def gpu_rank_cpus(ranks: int) -> set[int]:
     """This process's share of the CPUs of its GPU's NUMA node, split among the ``ranks``
     local GPU ranks whose GPUs hang off the same node (local rank r drives GPU r)."""
-    nodes = {int(path.name[4:]): sorted(parse_cpulist((path / "cpulist").read_text()))
-             for path in NODES.glob("node[0-9]*")}
+    nodes = node_cpus()
     gpu_nodes = [gpu_numa_node(device) for device in range(ranks)]
     rank = torch.cuda.current_device()
     sharing = [r for r in range(ranks) if gpu_nodes[r] == gpu_nodes[rank]]

@@ -20,7 +20,7 @@ from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
 
-from lvllm.vllm.installation import Installation, start_lk_runtime
+from lvllm.vllm.installation import Installation
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -88,7 +88,7 @@ def _lk_can_take(layer: torch.nn.Module) -> bool:
 def _move_to_lk(installation: Installation, layer: torch.nn.Module, why: str) -> None:
     from lvllm.lk.linear import LinearEngine
 
-    start_lk_runtime(installation.settings)
+    installation.lk_runtime()
     weight = layer.weight
     engine = LinearEngine(weight.data.contiguous())
     layer.lk_linear = engine

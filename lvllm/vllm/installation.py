@@ -9,7 +9,7 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
 from lvllm import envs
-from lvllm.lk.host_cpus import gpu_rank_cpus, openmp_team_cpus, thread_affinity
+from lvllm.lk.host_cpus import gpu_rank_cpus, openmp_team_cpus, thread_affinity, usable_numa_nodes
 from lvllm.memory import LayerMemory
 from lvllm.placement import RESIDENT_VAR, Placement
 from lvllm.settings import Settings
@@ -29,6 +29,7 @@ class Installation:
         self.memory_checked = False
         self.gpu = None   # lvllm.vllm.gpu_path.GpuPath, made with the first lk layer on CUDA
         self.refusal_hook = None   # torch's handle of lvllm.vllm.hooks.refuse_model_own_experts
+        self._runtime_info: dict | None = None
         self._logged: set[str] = set()
 
     def gpu_path(self):
@@ -37,6 +38,13 @@ class Installation:
 
             self.gpu = GpuPath(self.settings)
         return self.gpu
+
+    def lk_runtime(self) -> dict:
+        """The lk runtime's runtime_info(), the runtime started on the first call (every lk
+        layer and dense layer asks; the worker's cores are looked up once)."""
+        if self._runtime_info is None:
+            self._runtime_info = start_lk_runtime(self.settings)
+        return self._runtime_info
 
     def log_once(self, key: str, message: str, *args) -> None:
         if key not in self._logged:
@@ -103,7 +111,7 @@ def auto_resident_layers(settings: Settings) -> frozenset[int]:
     fit = plan.gpu_fit(shape, torch.cuda.get_device_properties(device).total_memory,
                        config.parallel_config.tensor_parallel_size, model_config.max_model_len, resolved,
                        settings.gpu_prefetch_window if settings.gpu_prefill_min_batch else None,
-                       config.cache_config.gpu_memory_utilization, plan.numa_nodes())
+                       config.cache_config.gpu_memory_utilization, usable_numa_nodes())
     logger.info("lvllm: %s=auto: MoE layers [%s] resident on cuda:%d, as `lvllm plan` fits them: %s",
                 RESIDENT_VAR, envs.format_ranges(fit.resident), device, fit.describe())
     return frozenset(fit.resident)

@@ -22,7 +22,7 @@ from lvllm import envs, formats
 from lvllm.hybrid import ALL_ROWS_ON_LK, HybridExperts
 from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.vllm.checkpoint_sources import ExpertSource, check_lk_supports, expert_source
-from lvllm.vllm.installation import Installation, logger, num_model_layers, start_lk_runtime
+from lvllm.vllm.installation import Installation, logger, num_model_layers
 
 _SHARD_NAMES = {"w1": "(gate_proj)", "w3": "(up_proj)", "w2": "(down_proj)"}
 
@@ -70,7 +70,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         """What lk will hold of this layer under each LVLLM_MOE_USE_WEIGHT value it allows."""
         from lvllm import lk
 
-        start_lk_runtime(self.installation.settings)
+        self.installation.lk_runtime()
         held = {}
         for mode in envs.WEIGHT_MODES:
             try:
@@ -85,10 +85,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         """The lk format and group of this layer's experts under LVLLM_MOE_USE_WEIGHT=mode
         (None: the one set)."""
         settings = self.installation.settings
-        source = self.source.format
-        if source == "float":
-            source = formats.FLOAT_FORMAT_OF_DTYPE[self.params_dtype]
-        return formats.resolve_format(mode or settings.weight_mode, source, self.params_dtype,
+        return formats.resolve_format(mode or settings.weight_mode, self.source.format, self.params_dtype,
                                       self.source.group, settings.quant_group_size)
 
     def get_fused_moe_quant_config(self, layer):
@@ -143,7 +140,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         as the loader filled the layer, not after the whole model)."""
         installation, placement = self.installation, self.installation.placement
         self.converted_while_loading = while_loading
-        runtime = start_lk_runtime(installation.settings)
+        runtime = installation.lk_runtime()
         start = time.perf_counter()
         resolved = self.resolve_format()
         w13, w2 = self.source.engine_inputs(layer)
