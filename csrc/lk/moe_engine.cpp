@@ -11,7 +11,7 @@
 namespace lk {
 
 MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, const WeightSource& w2,
-                     const ExpertShape& shape)
+                     const ExpertShape& shape, const ExpertBiases& biases)
     : runtime_(std::move(runtime)), shape_(shape) {
   if (!runtime_) throw std::invalid_argument("runtime is null");
   if (shape.experts < 1 || shape.hidden < 1 || shape.intermediate < 1) {
@@ -43,6 +43,9 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, 
     for (const NodeSlice& slice : slices_) hidden_q_.emplace_back(shape.format, slice.length, shape.group_size);
   }
   pack(w13, w2);
+  const std::size_t experts = shape.experts;
+  if (biases.gate_up) gate_up_bias_.assign(biases.gate_up, biases.gate_up + experts * 2 * shape.intermediate);
+  if (biases.down) down_bias_.assign(biases.down, biases.down + experts * shape.hidden);
 }
 
 std::vector<IntermediateRows> split_intermediate(const ExpertShape& shape, int nodes) {

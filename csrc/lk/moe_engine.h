@@ -42,6 +42,13 @@ struct ForwardArgs {
   DType output_dtype = DType::F32;
 };
 
+// Per-expert biases (gpt-oss): gate and up sums get gate_up's before the activation, and each
+// expert's output gets down's before it is weighted. fp32, either may be null.
+struct ExpertBiases {
+  const float* gate_up = nullptr;  // [E, 2I]: gate's I values, then up's
+  const float* down = nullptr;     // [E, H]
+};
+
 // Node n's rows [begin, begin + length) of every expert's intermediate dimension, in
 // `panels` panels: whole panels and whole stored groups, so no panel straddles two nodes'
 // memory and every group lies within one node.
@@ -60,7 +67,7 @@ class MoEEngine {
   // shape.format (exactly when it is their own format) and copied; the caller may free them
   // afterwards. Throws std::invalid_argument for a conversion the engine does not make.
   MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, const WeightSource& w2,
-            const ExpertShape& shape);
+            const ExpertShape& shape, const ExpertBiases& biases = {});
 
   // Checks the arguments (throws std::invalid_argument / std::out_of_range), waits for the
   // runtime's previous job, prepares routing and starts the job. Returns its ticket.
@@ -133,7 +140,9 @@ class MoEEngine {
   void quantize_finished_groups(int node, uint32_t expert_index, int first_panel, int end_panel);
   void pack_down(int node, uint32_t chunk);
   void down(int node, uint32_t task, int worker);
+  void add_gate_up_bias(int expert, int first_row, int valid, int count, float* gate_tile, float* up_tile) const;
   void combine(int node, uint32_t task);
+  float down_bias(std::size_t token, std::size_t h) const;
   kernels::ActivationRow down_row(int node, std::size_t slot) const;
 
   std::shared_ptr<Runtime> runtime_;
@@ -144,6 +153,7 @@ class MoEEngine {
   QuantizedRows input_q_;               // the input's records for integer kernels
   std::vector<QuantizedRows> hidden_q_;  // per node: the hidden rows' records
   ForwardPlan plan_;
+  std::vector<float> gate_up_bias_, down_bias_;  // ExpertBiases' copies; empty where none
 };
 
 }  // namespace lk

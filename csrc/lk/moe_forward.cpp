@@ -260,6 +260,9 @@ void MoEEngine::gate_up(int node, uint32_t task, int worker) {
       kernels::multiply_two_panels(kernels, shape_.format, gates + panel_index * panel_bytes,
                                    ups + panel_index * panel_bytes, hidden, group, rows, count, gate_rows, up_rows,
                                    false, widened, packed);
+      if (!gate_up_bias_.empty()) {
+        add_gate_up_bias(expert, slice.begin + panel_index * kPanelWidth, valid, count, gate_tile, up_tile);
+      }
       activate(gate_tile, up_tile, count, valid, plan.slot_weight.data() + chunk, params,
                hidden_out + chunk * hidden_row + panel_index * kPanelWidth, hidden_row);
     }
@@ -390,9 +393,36 @@ void MoEEngine::combine(int node, uint32_t task) {
     for (std::size_t h = 0; h < hidden; ++h) {
       float sum = 0.0f;
       for (int n = 0; n < nodes; ++n) sum += scratch.partial[n].as<float>()[t * hidden_stride_ + h];
+      if (!down_bias_.empty()) sum += down_bias(t, h);
       store_from_float(output, t * hidden + h, dtype, sum);
     }
   }
+}
+
+// The expert's gate and up biases of intermediate rows [first_row, first_row + valid), added
+// to a chunk's sums before the activation.
+void MoEEngine::add_gate_up_bias(int expert, int first_row, int valid, int count, float* gate_tile,
+                                 float* up_tile) const {
+  const float* gate_bias = gate_up_bias_.data() + static_cast<std::size_t>(expert) * 2 * shape_.intermediate + first_row;
+  const float* up_bias = gate_bias + shape_.intermediate;
+  for (int i = 0; i < count; ++i) {
+    for (int j = 0; j < valid; ++j) {
+      gate_tile[i * kPanelWidth + j] += gate_bias[j];
+      up_tile[i * kPanelWidth + j] += up_bias[j];
+    }
+  }
+}
+
+// The token's experts' down biases at output column h, each times its routing weight
+// (repeats merged: read_routing).
+float MoEEngine::down_bias(std::size_t token, std::size_t h) const {
+  const int topk = plan_.args.topk;
+  float sum = 0.0f;
+  for (int j = 0; j < topk; ++j) {
+    const int32_t expert = plan_.ids[token * topk + j];
+    if (expert >= 0) sum += plan_.weights[token * topk + j] * down_bias_[static_cast<std::size_t>(expert) * shape_.hidden + h];
+  }
+  return sum;
 }
 
 }  // namespace lk

@@ -181,6 +181,13 @@ def planned_bytes(experts: int, hidden: int, intermediate: int, weight_format: s
                                     group_size, nodes)
 
 
+def _bias(name: str, bias: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    _require(tuple(bias.shape) == shape, f"{name} must be {list(shape)}, got {list(bias.shape)}")
+    _require(bias.device.type == "cpu" and bias.is_floating_point(),
+             f"{name} must be a floating-point CPU tensor, got {bias.dtype} on {bias.device}")
+    return bias.detach().to(torch.float32).contiguous()
+
+
 class MoEEngine:
     """One MoE layer's routed experts held by the lk engine (weights copied at creation)."""
 
@@ -194,6 +201,8 @@ class MoEEngine:
         group_size: int | None = None,
         swiglu_alpha: float = 1.702,
         swiglu_limit: float = 7.0,
+        w13_bias: torch.Tensor | None = None,
+        w2_bias: torch.Tensor | None = None,
         runtime: _lk.Runtime | None = None,
     ):
         w13_args, w13_format = _weight_args("w13", w13)
@@ -234,9 +243,15 @@ class MoEEngine:
         self.weight_format = weight_format
         self.group_size = group_size
         self.activation = activation
+        # Copied by the engine; float32 so the sums get them unrounded.
+        biases = [None if b is None else _bias(name, b, shape)
+                  for name, b, shape in (("w13_bias", w13_bias, (experts, 2 * intermediate)),
+                                         ("w2_bias", w2_bias, (experts, hidden)))]
+        self.has_biases = any(b is not None for b in biases)
         self._native = _lk.Engine(
             self.runtime, w13_args, w2_args, experts, hidden, intermediate,
             formats.code(weight_format), group_size, ACTIVATIONS[activation], swiglu_alpha, swiglu_limit,
+            *(0 if b is None else b.data_ptr() for b in biases),
         )
         self.engine_id = _engines.add(self)
         # Forwards submitted so far (tests read it to prove lk computed a layer).

@@ -25,8 +25,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1.702, limit=7.0,
-                  round_activations=None, exact13=None, exact2=None):
-    """out[t] = sum_j w[t, j] * down_e(act(gate_e x_t) * up_e x_t), in float64.
+                  round_activations=None, exact13=None, exact2=None, w13_bias=None, w2_bias=None):
+    """out[t] = sum_j w[t, j] * (down_e(act(gate_e x_t + b) * (up_e x_t + b)) + b2_e), in float64.
 
     For an engine that quantizes activations: round_activations(rows) -> (rows, doubt)
     rounds the inputs of gate/up and of down as it does, except that exact13 / exact2 (parts
@@ -52,6 +52,8 @@ def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1
         if token_idx.numel() == 0:
             continue
         gate_up, _ = project(x[token_idx], w13[expert], None if exact13 is None else exact13[expert])
+        if w13_bias is not None:
+            gate_up = gate_up + w13_bias[expert].double()
         gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
         if activation == "silu":
             hidden = F.silu(gate) * up
@@ -62,6 +64,8 @@ def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1
             up = up.clamp(-limit, limit)
             hidden = gate * torch.sigmoid(alpha * gate) * (up + 1)
         down, down_slack = project(hidden, w2[expert], None if exact2 is None else exact2[expert])
+        if w2_bias is not None:
+            down = down + w2_bias[expert].double()
         routing = weights[token_idx, slot_idx, None]
         out.index_add_(0, token_idx, down * routing)
         if down_slack is not None:
@@ -116,6 +120,34 @@ def test_activations(runtimes, activation, tokens):
     ids, weights = random_routing(tokens, experts, k, seed=4)
     ref = reference_moe(w13, w2, x, ids, weights, activation, alpha=1.5, limit=3.0)
     assert_close(engine.forward(x, ids, weights), ref, torch.float32)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 70])
+@pytest.mark.parametrize("numa_nodes", [1, 2])
+def test_expert_biases(runtimes, weight_dtype, tokens, numa_nodes):
+    """gpt-oss's biases: gate/up's before the clamped activation, down's weighted by routing;
+    sizes off the panel width, two nodes so a node's slice of the biases starts past row 0."""
+    experts, hidden, intermediate, k = 7, 72 + 5, 64 + 16, 3
+    w13, w2 = random_experts(experts, hidden, intermediate, weight_dtype, seed=tokens)
+    generator = torch.Generator().manual_seed(tokens + 7)
+    w13_bias = torch.randn(experts, 2 * intermediate, generator=generator)
+    w2_bias = torch.randn(experts, hidden, generator=generator).to(torch.bfloat16)
+    engine = MoEEngine(w13, w2, activation="swigluoai", w13_bias=w13_bias, w2_bias=w2_bias,
+                       runtime=runtimes(numa_nodes=numa_nodes))
+    x = torch.randn(tokens, hidden).to(weight_dtype)
+    ids, weights = random_routing(tokens, experts, k, seed=tokens + 2)
+    ids[0, 1] = ids[0, 0]   # a repeated expert: its bias counts with both weights
+    ref = reference_moe(w13, w2, x, ids, weights, "swigluoai", w13_bias=w13_bias, w2_bias=w2_bias)
+    assert_close(engine.forward(x, ids, weights), ref, weight_dtype)
+
+
+def test_expert_bias_shapes_are_checked(runtimes):
+    w13, w2 = random_experts(3, 32, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match=r"w13_bias must be \[3, 32\]"):
+        MoEEngine(w13, w2, w13_bias=torch.zeros(3, 16), runtime=runtimes())
+    with pytest.raises(ValueError, match=r"w2_bias must be \[3, 32\]"):
+        MoEEngine(w13, w2, w2_bias=torch.zeros(3, 16), runtime=runtimes())
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 8])

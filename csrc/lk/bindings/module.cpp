@@ -159,19 +159,21 @@ void bind_moe_engine(py::module_& m) {
   py::class_<lk::MoEEngine>(m, "Engine")
       .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& w13, const WeightArgs& w2, int experts,
                        int hidden, int intermediate, int format, int group_size, int activation, float swiglu_alpha,
-                       float swiglu_limit) {
+                       float swiglu_limit, std::uintptr_t w13_bias, std::uintptr_t w2_bias) {
              if (activation < 0 || activation > 2) throw std::invalid_argument("unknown activation code");
              lk::ExpertShape shape = to_shape(experts, hidden, intermediate, format, group_size);
              shape.activation = static_cast<lk::Activation>(activation);
              shape.swiglu_alpha = swiglu_alpha;
              shape.swiglu_limit = swiglu_limit;
              const lk::WeightSource w13_source = to_source(w13), w2_source = to_source(w2);
+             const lk::ExpertBiases biases{reinterpret_cast<const float*>(w13_bias),
+                                           reinterpret_cast<const float*>(w2_bias)};
              py::gil_scoped_release release;
-             return std::make_unique<lk::MoEEngine>(std::move(runtime), w13_source, w2_source, shape);
+             return std::make_unique<lk::MoEEngine>(std::move(runtime), w13_source, w2_source, shape, biases);
            }),
            py::arg("runtime"), py::arg("w13"), py::arg("w2"), py::arg("experts"), py::arg("hidden"),
            py::arg("intermediate"), py::arg("format"), py::arg("group_size"), py::arg("activation"),
-           py::arg("swiglu_alpha"), py::arg("swiglu_limit"))
+           py::arg("swiglu_alpha"), py::arg("swiglu_limit"), py::arg("w13_bias") = 0, py::arg("w2_bias") = 0)
       .def(
           "submit",
           [](lk::MoEEngine& engine, std::uintptr_t input, int input_dtype, int tokens, std::uintptr_t topk_ids,
