@@ -67,10 +67,11 @@ BYTES_BF16 = 2
 TARGET_DECODE_BW = 0.85  # decode: >= 85% of measured read bandwidth
 # --formats: lk's weight formats (name -> engine weight_format); decode targets per format
 # (fraction of read bandwidth, bytes = what the engine holds per expert, scales included);
-# prefill target of a quantized format: GFLOP/s no worse than bf16's in the same run
-FORMATS = {"bf16": "bfloat16", "int8": "int8", "int4": "int4", "fp8": "fp8_e4m3"}
+# prefill target of a quantized format: GFLOP/s no worse than bf16's in the same run (mxfp4:
+# also no worse than int4's, where int4 runs too)
+FORMATS = {"bf16": "bfloat16", "int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "mxfp4": "mxfp4"}
 FORMAT_ALIASES = {"bfloat16": "bf16", "fp8_e4m3": "fp8"}
-TARGET_DECODE_BW_FORMAT = {"bf16": TARGET_DECODE_BW, "int8": 0.80, "int4": 0.65, "fp8": 0.65}
+TARGET_DECODE_BW_FORMAT = {"bf16": TARGET_DECODE_BW, "int8": 0.80, "int4": 0.65, "fp8": 0.65, "mxfp4": 0.65}
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TARGET_PREFILL_FMA = 0.70  # prefill: >= 70% of measured fp32 FMA peak
 ERROR_LIMIT = 3e-2  # max |out - ref| / max |ref| beyond which an output is flagged
@@ -209,10 +210,12 @@ def parse_cases(text: str) -> list[dict]:
 
 
 def format_group(fmt: str, requested: int | None) -> int:
-    """The group a format is quantized in: fp8 always 128, int8/int4 `requested`, else the
-    engine's default for the format."""
+    """The group a format is quantized in: fp8 always 128, mxfp4 always 32, int8/int4
+    `requested`, else the engine's default for the format."""
     if fmt == "fp8":
         return 128
+    if fmt == "mxfp4":
+        return 32
     from lvllm.formats import group_size
 
     return group_size(FORMATS[fmt], requested)
@@ -225,8 +228,9 @@ def format_label(fmt: str, plan: dict) -> str:
 
 def format_bytes_per_weight(fmt: str, group: int) -> float:
     """Bytes per weight the engine holds in a format (estimate for the budget; fp32 scales,
-    int4 also fp32 offsets, per group of `group` inputs)."""
-    return {"bf16": 2.0, "int8": 1.0 + 4.0 / group, "int4": 0.5 + 8.0 / group, "fp8": 1.0 + 4.0 / group}[fmt]
+    int4 also fp32 offsets, per group of `group` inputs; mxfp4 an e8m0 byte per 32)."""
+    return {"bf16": 2.0, "int8": 1.0 + 4.0 / group, "int4": 0.5 + 8.0 / group, "fp8": 1.0 + 4.0 / group,
+            "mxfp4": 0.5 + 1.0 / group}[fmt]
 
 
 def parse_formats(text: str) -> list[str]:
@@ -400,6 +404,17 @@ def to_fp8(w, group: int = 128):
     return QuantizedWeights(values, scales, group)
 
 
+def to_mxfp4(w):
+    """bf16 [E, rows, cols] -> MXFP4 QuantizedWeights as OCP quantizers make them
+    (lvllm.lk.mxfp4.quantize: shared exponent per 32 inputs, nearest e2m1), one expert at a
+    time."""
+    import torch
+    from lvllm.lk import QuantizedWeights, mxfp4
+
+    parts = [mxfp4.quantize(w[e:e + 1]) for e in range(w.shape[0])]
+    return QuantizedWeights(torch.cat([b for b, _ in parts]), torch.cat([s for _, s in parts]), mxfp4.GROUP)
+
+
 class LkBackend:
     name = "lk"
 
@@ -410,8 +425,9 @@ class LkBackend:
         self.engines = []
         for s in range(plan["sets"]):
             w13, w2 = build_weight_set(plan, s)
-            if fmt == "fp8":
-                w13, w2 = to_fp8(w13), to_fp8(w2)
+            if fmt in ("fp8", "mxfp4"):
+                convert = to_fp8 if fmt == "fp8" else to_mxfp4
+                w13, w2 = convert(w13), convert(w2)
                 self.engines.append(MoEEngine(w13, w2, activation="silu"))
             else:
                 self.engines.append(MoEEngine(w13, w2, activation="silu",
@@ -767,6 +783,9 @@ def summarize_formats(plans: dict, cases, fresults: dict, errs: dict,
                                    b["pct_fma_peak"] >= 100 * TARGET_PREFILL_FMA))
                 elif base:
                     checks.append((">=bf16 GFLOP/s", b["gflops"] >= base["gflops"]))
+                    int4 = row["formats"].get("int4")
+                    if fmt == "mxfp4" and int4:
+                        checks.append((">=int4 GFLOP/s", b["gflops"] >= int4["gflops"]))
             if checks:
                 b["targets"] = {name: ok for name, ok in checks}
                 b["target_met"] = all(ok for _, ok in checks)
@@ -936,9 +955,10 @@ def main() -> None:
                          f"<= {DECODE_MAX_TOKENS} tokens is judged as decode, more as prefill")
     ap.add_argument("--backends", default="lk,vllm,torch", help="comma list of lk, vllm, torch")
     ap.add_argument("--formats", default="bf16",
-                    help="comma list of lk weight formats: bf16, int8, int4, fp8 (default bf16); "
+                    help="comma list of lk weight formats: bf16, int8, int4, fp8, mxfp4 (default bf16); "
                          "more than bf16 adds a formats table (lk only, same random weights "
-                         "quantized: int8/int4 by the engine at load, fp8 as e4m3 + amax/448 "
+                         "quantized: int8/int4 by the engine at load, mxfp4 by OCP's rule (e8m0 "
+                         "per 32 inputs), fp8 as e4m3 + amax/448 "
                          "scales per 128 inputs)")
     ap.add_argument("--group-size", type=int, default=None,
                     help="int8/int4 quantization group (default: the engine's for the format, "

@@ -37,10 +37,15 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     # 128: how 4-bit checkpoints (GPTQ, AWQ) commonly group.
     Format("int4", 4, "int4", torch.uint8, True, 128),
     Format("fp8_e4m3", 5, "fp8", torch.float8_e4m3fn, True),
+    # OCP MXFP4 as gpt-oss ships it: e2m1 codes, two per byte, an e8m0 scale per 32 inputs;
+    # kept as it comes, never quantized into (csrc/lk/formats.h).
+    Format("mxfp4", 6, "mxfp4", torch.uint8, True, 32),
 )}
 NAMES = tuple(FORMATS)
 FLOAT_FORMAT_OF_DTYPE = {f.dtype: f.name for f in FORMATS.values() if not f.quantized}
-QUANTIZED_FORMAT_OF_VALUES = {f.dtype: f.name for f in FORMATS.values() if f.quantized}
+# MXFP4's values are uint8 as INT4's are: its uint8 (e8m0) scales tell it apart
+# (lvllm.lk.QuantizedWeights.format), so INT4 keeps the dtype here.
+QUANTIZED_FORMAT_OF_VALUES = {f.dtype: f.name for f in reversed(FORMATS.values()) if f.quantized}
 # Activations and outputs: the float formats' codes.
 DTYPE_CODES = {f.dtype: f.code for f in FORMATS.values() if not f.quantized}
 

@@ -118,6 +118,22 @@ def dequantize(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
     return w.double()
 
 
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """OCP MXFP4 as gpt-oss stores a projection W [out, in] (and HF transformers'
+    convert_moe_packed_tensors reads it): ``blocks`` uint8 [..., out, in / 32, 16], two e2m1
+    codes per byte, the even input's in the low nibble; ``scales`` uint8 [..., out, in / 32],
+    e8m0: 2^(byte - 127), 255 NaN. -> float64 [..., out, in]."""
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).flatten(-2).long()  # [..., in / 32, 32]
+    sign = torch.where(codes >= 8, -1.0, 1.0).double()
+    exponent, mantissa = (codes >> 1) & 3, codes & 1
+    # e2m1: exponent bias 1; exponent 0 is subnormal, mantissa * 0.5.
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa.double(),
+                            (1.0 + 0.5 * mantissa.double()) * torch.pow(2.0, (exponent - 1).double()))
+    scale = torch.pow(2.0, scales.double() - 127)
+    scale = torch.where(scales == 255, torch.nan, scale)
+    return (sign * magnitude * scale.unsqueeze(-1)).flatten(-2)
+
+
 def stored_format(tensors: CheckpointTensors, stem: str) -> str:
     """How the checkpoint stores a projection, as an lk format name (floats by their dtype)."""
     if f"{stem}.qweight" in tensors or f"{stem}.weight_packed" in tensors:

@@ -7,17 +7,19 @@
 // want them. Quantized formats follow the values with per-group fp32 scales (and, for INT4,
 // offsets), one row of kPanelWidth per group of `group` consecutive k:
 //   weight[k][j] = q[k][j] * scale[k / group][j] (+ offset[k / group][j])
+// MXFP4 stores its e8m0 scales as they come, one byte per column and group (below).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "lk/common.h"
 
 namespace lk {
 
-enum class WeightFormat : int { F32 = 0, F16 = 1, BF16 = 2, Int8 = 3, Int4 = 4, Fp8E4M3 = 5 };
-constexpr int kNumWeightFormats = 6;
+enum class WeightFormat : int { F32 = 0, F16 = 1, BF16 = 2, Int8 = 3, Int4 = 4, Fp8E4M3 = 5, Mxfp4 = 6 };
+constexpr int kNumWeightFormats = 7;
 
 const char* format_name(WeightFormat format);
 
@@ -43,8 +45,37 @@ constexpr int kInt8RowsPerBlock = 2;
 constexpr int kInt4RowsPerBlock = 4;
 constexpr int kInt4BytesPerBlock = kInt4RowsPerBlock * kPanelWidth / 2;
 
+// MXFP4 (OCP microscaling, as gpt-oss ships it): each weight an e2m1 code (sign bit 3, then
+// two exponent bits and one mantissa bit: +-{0, 0.5, 1, 1.5, 2, 3, 4, 6}), each group of
+// kMxfp4Group inputs sharing an e8m0 scale byte e (2^(e - 127); 255 is NaN, refused at
+// load). The codes lie where INT4's nibbles do (int4_byte), as they are (no XOR), so a
+// block of four rows is read as INT4's is; a 16-entry byte lookup (vpshufb) turns them into
+// twice their value, small integers (kMxfp4Doubled) that the integer kernels multiply as
+// INT4's. The scale rows after the values are the e8m0 bytes, kPanelWidth per group (a
+// sixteenth of fp32 scales' bytes: 4.25 bits per weight, as in the checkpoint); a kernel
+// turns a row into fp32 halves of the scales, 2^(e - 128), with one shift per lane (e = 0,
+// 2^-127, then reads as 0: such weights are below 2^-124).
+constexpr int kMxfp4Group = 32;
+constexpr int8_t kMxfp4Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
 static constexpr int rows_per_block(WeightFormat format) {
-  return format == WeightFormat::Int8 ? kInt8RowsPerBlock : format == WeightFormat::Int4 ? kInt4RowsPerBlock : 1;
+  return format == WeightFormat::Int8                                     ? kInt8RowsPerBlock
+         : format == WeightFormat::Int4 || format == WeightFormat::Mxfp4 ? kInt4RowsPerBlock
+                                                                          : 1;
+}
+
+// Bytes of a panel's row of scales for one group: fp32, or MXFP4's e8m0 bytes.
+static constexpr int group_row_bytes(WeightFormat format) {
+  return format == WeightFormat::Mxfp4 ? kPanelWidth : kPanelWidth * static_cast<int>(sizeof(float));
+}
+
+// The scale an MXFP4 group's doubled values (kMxfp4Doubled) are multiplied by, 2^(e - 128),
+// as the kernels compute it (e = 0 gives 0).
+static inline float mxfp4_half_scale(uint8_t e8m0) {
+  const uint32_t bits = static_cast<uint32_t>(e8m0) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale * 0.5f;
 }
 
 static constexpr std::size_t padded_depth(WeightFormat format, std::size_t depth) {
@@ -59,7 +90,8 @@ static constexpr int block_bytes(WeightFormat format) {
     case WeightFormat::F16:
     case WeightFormat::BF16: return kPanelWidth * 2;
     case WeightFormat::Int8: return kInt8RowsPerBlock * kPanelWidth;
-    case WeightFormat::Int4: return kInt4BytesPerBlock;
+    case WeightFormat::Int4:
+    case WeightFormat::Mxfp4: return kInt4BytesPerBlock;
     case WeightFormat::Fp8E4M3: return kPanelWidth;
   }
   return 0;
@@ -87,13 +119,15 @@ static inline std::size_t panel_value_bytes(WeightFormat format, std::size_t dep
 
 static inline std::size_t panel_groups(std::size_t depth, std::size_t group) { return (depth + group - 1) / group; }
 
+// Whole 64-byte lines, so that every panel of a run starts one (MXFP4's scale rows are
+// a quarter line each).
 static inline std::size_t panel_bytes(WeightFormat format, std::size_t depth, std::size_t group) {
   std::size_t bytes = panel_value_bytes(format, depth);
   if (is_grouped(format)) {
     const std::size_t rows = panel_groups(depth, group) * (has_offsets(format) ? 2 : 1);
-    bytes += rows * kPanelWidth * sizeof(float);
+    bytes += rows * group_row_bytes(format);
   }
-  return bytes;
+  return (bytes + 63) / 64 * 64;
 }
 
 }  // namespace lk

@@ -93,6 +93,7 @@ const char* format_name(WeightFormat format) {
     case WeightFormat::Int8: return "int8";
     case WeightFormat::Int4: return "int4";
     case WeightFormat::Fp8E4M3: return "fp8_e4m3";
+    case WeightFormat::Mxfp4: return "mxfp4";
   }
   return "?";
 }
@@ -100,7 +101,13 @@ const char* format_name(WeightFormat format) {
 void check_source(const WeightSource& source, const char* name) {
   if (!source.values) throw std::invalid_argument(std::string(name) + ": null values");
   if (static_cast<unsigned>(source.format) >= kNumWeightFormats) throw std::invalid_argument(std::string(name) + ": unknown format");
-  if (is_grouped(source.format)) {
+  if (source.format == WeightFormat::Mxfp4) {
+    if (source.group != kMxfp4Group) {
+      throw std::invalid_argument(std::string(name) + ": MXFP4 groups are " + std::to_string(kMxfp4Group) +
+                                  " inputs, got group size " + std::to_string(source.group));
+    }
+    if (!source.e8m0) throw std::invalid_argument(std::string(name) + ": mxfp4 weights need e8m0 scales");
+  } else if (is_grouped(source.format)) {
     if (source.group < 16 || source.group % 16 != 0) {
       throw std::invalid_argument(std::string(name) + ": group size " + std::to_string(source.group) +
                                   " must be a positive multiple of 16");
@@ -127,6 +134,21 @@ void SourceMatrix::check_fp8(std::size_t row, std::size_t first_col, int depth) 
   }
 }
 
+uint8_t SourceMatrix::e8m0(std::size_t row, std::size_t col) const {
+  if (cols % kMxfp4Group != 0) {
+    throw std::invalid_argument("MXFP4 weights come in whole groups of " + std::to_string(kMxfp4Group) +
+                                " inputs; got rows of " + std::to_string(cols));
+  }
+  const uint8_t scale = source.e8m0[meta_index(row, col)];
+  if (scale == 0xff) {
+    const std::size_t first = col / kMxfp4Group * kMxfp4Group;
+    throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) + ", inputs " +
+                                std::to_string(first) + "-" + std::to_string(first + kMxfp4Group - 1) +
+                                " have the e8m0 NaN scale (255); lk needs finite weights");
+  }
+  return scale;
+}
+
 void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const {
   switch (source.format) {
     case WeightFormat::F32:
@@ -145,6 +167,19 @@ void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth
     case WeightFormat::Fp8E4M3:
       check_fp8(row, first_col, depth);
       break;
+    case WeightFormat::Mxfp4: {  // twice each code's value times 2^(e - 128), exact
+      const uint8_t* codes = code_bytes(row);
+      for (int k = 0; k < depth;) {
+        const std::size_t col = first_col + k;
+        const int end = static_cast<int>(std::min<std::size_t>(depth, (col / kMxfp4Group + 1) * kMxfp4Group - first_col));
+        const float scale = std::ldexp(1.0f, e8m0(row, col) - 128);
+        for (; k < end; ++k) {
+          const std::size_t at = first_col + k;
+          out[k] = kMxfp4Doubled[(codes[at / 2] >> (4 * (at & 1))) & 0xf] * scale;
+        }
+      }
+      return;
+    }
     case WeightFormat::Int8:
     case WeightFormat::Int4:
       break;
@@ -167,6 +202,18 @@ void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth
 }
 
 namespace {
+
+// INT4 and MXFP4 codes, [kPanelWidth][stride], into a panel's values: a byte holds column j
+// in its low nibble and j + 8 in its high one (formats.h, int4_byte).
+void interleave_nibbles(const uint8_t* codes, std::size_t stride, int depth, uint8_t* panel) {
+  for (int k = 0; k < depth; ++k) {
+    for (int j = 0; j < kPanelWidth / 2; ++j) {
+      int shift;
+      panel[int4_byte(k, j, &shift)] =
+          static_cast<uint8_t>(codes[j * stride + k] | codes[(j + kPanelWidth / 2) * stride + k] << 4);
+    }
+  }
+}
 
 // INT8 and INT4: each column's codes and group scales (copied, or quantized from floats),
 // then the codes interleaved as the format stores them.
@@ -195,17 +242,37 @@ void pack_integer_panel(const SourceMatrix& source, const int (&rows)[kPanelWidt
     }
   }
   const uint8_t* codes = scratch.codes.data();
+  if (format == WeightFormat::Int4) {
+    interleave_nibbles(codes, stride, depth, panel);
+    return;
+  }
   for (int k = 0; k < depth; ++k) {
-    if (format == WeightFormat::Int8) {
-      for (int j = 0; j < kPanelWidth; ++j) panel[int8_offset(k, j)] = codes[j * stride + k];
-    } else {  // a byte holds column j in its low nibble and j + 8 in its high one
-      for (int j = 0; j < kPanelWidth / 2; ++j) {
-        int shift;
-        panel[int4_byte(k, j, &shift)] =
-            static_cast<uint8_t>(codes[j * stride + k] | codes[(j + kPanelWidth / 2) * stride + k] << 4);
-      }
+    for (int j = 0; j < kPanelWidth; ++j) panel[int8_offset(k, j)] = codes[j * stride + k];
+  }
+}
+
+// MXFP4 from MXFP4 (the engine converts it to other formats, never others to it): each
+// column's codes out of their bytes, its e8m0 scales as they are (NaN refused), then the
+// codes where INT4's nibbles lie.
+void pack_mxfp4_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
+                      PackScratch& scratch, uint8_t* panel) {
+  const std::size_t groups = panel_groups(depth, kMxfp4Group);
+  uint8_t* scales = panel + panel_value_bytes(WeightFormat::Mxfp4, depth);
+  const std::size_t stride = padded_depth(WeightFormat::Mxfp4, depth);
+  scratch.codes.assign(stride * kPanelWidth, 0);
+  for (int j = 0; j < kPanelWidth; ++j) {
+    if (rows[j] < 0) continue;
+    for (std::size_t g = 0; g < groups; ++g) {
+      scales[g * kPanelWidth + j] = source.e8m0(rows[j], first_col + g * kMxfp4Group);
+    }
+    const uint8_t* from = source.code_bytes(rows[j]);
+    uint8_t* codes = scratch.codes.data() + j * stride;
+    for (int k = 0; k < depth; ++k) {
+      const std::size_t at = first_col + k;
+      codes[k] = (from[at / 2] >> (4 * (at & 1))) & 0xf;
     }
   }
+  interleave_nibbles(scratch.codes.data(), stride, depth, panel);
 }
 
 // FP8 and the float formats: row k of the panel at k * kPanelWidth, copied, or converted
@@ -259,9 +326,18 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
                 WeightFormat format, int group, PackScratch& scratch, uint8_t* panel) {
   const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
   if (!same && format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
+  if (format == WeightFormat::Mxfp4 && group != kMxfp4Group) {
+    throw std::invalid_argument("MXFP4 groups are " + std::to_string(kMxfp4Group) + " inputs, got group size " +
+                                std::to_string(group));
+  }
+  if (!same && format == WeightFormat::Mxfp4) {
+    throw std::invalid_argument("the engine stores MXFP4 only from MXFP4 weights");
+  }
   // Padding (columns without a row, inputs past `depth` up to a block) stays zero.
   std::memset(panel, 0, panel_bytes(format, depth, group));
-  if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
+  if (format == WeightFormat::Mxfp4) {
+    pack_mxfp4_panel(source, rows, first_col, depth, scratch, panel);
+  } else if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
     pack_integer_panel(source, rows, first_col, depth, format, group, same, scratch, panel);
   } else {
     pack_row_major_panel(source, rows, first_col, depth, format, group, same, scratch, panel);

@@ -15,13 +15,17 @@ namespace lk {
 // Weights as the caller has them: [E, rows, cols] values, row-major. Float formats stand
 // alone; grouped formats come with fp32 scales (and INT4 offsets) of shape
 // [E, rows, ceil(cols / group)], value = q * scale (+ offset). INT4 values are one byte
-// each (0..15), INT8 values int8, FP8 values float8 e4m3fn bytes.
+// each (0..15), INT8 values int8, FP8 values float8 e4m3fn bytes. MXFP4 comes as its
+// checkpoints hold it (formats.h): two e2m1 codes per byte, the even input's in the low
+// nibble, [E, rows, cols / 2] bytes, and e8m0 scale bytes [E, rows, cols / 32] in `e8m0`
+// (cols a multiple of 32, group 32).
 struct WeightSource {
   const void* values = nullptr;
   WeightFormat format = WeightFormat::BF16;
   const float* scales = nullptr;
   const float* offsets = nullptr;
   int group = 0;
+  const uint8_t* e8m0 = nullptr;
 };
 
 // Throws std::invalid_argument, naming `name`, where `source` cannot be read.
@@ -41,9 +45,17 @@ struct SourceMatrix {
     return static_cast<const uint8_t*>(source.values) + (expert * rows + row) * cols * element_bytes;
   }
 
+  // MXFP4: the bytes holding `row`'s codes, two per byte.
+  const uint8_t* code_bytes(std::size_t row) const {
+    return static_cast<const uint8_t*>(source.values) + (expert * rows + row) * (cols / 2);
+  }
+
   // Throws std::invalid_argument where inputs [first_col, first_col + depth) of `row` hold
   // an e4m3fn NaN, which means a damaged checkpoint.
   void check_fp8(std::size_t row, std::size_t first_col, int depth) const;
+  // MXFP4's e8m0 scale of `row`'s group holding input `col`; throws std::invalid_argument
+  // for the NaN byte (255), as check_fp8 does, and for inputs not in whole groups of 32.
+  uint8_t e8m0(std::size_t row, std::size_t col) const;
   // Inputs [first_col, first_col + depth) of `row` as floats, dequantized where needed.
   void read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const;
 };

@@ -6,9 +6,9 @@
     pending = engine.submit(x, topk_ids, topk_weights); ...; out = pending.wait()
 
 Weights are bf16/fp16/fp32 tensors, or :class:`QuantizedWeights` (FP8 e4m3 with group
-scales, INT8, INT4 with scales and offsets); ``weight_format`` picks how the engine stores
-them ("int8"/"int4" quantize float weights at load, in groups of ``group_size`` inputs,
-by default the format's own: lvllm.formats).
+scales, INT8, INT4 with scales and offsets, MXFP4 blocks with e8m0 scales); ``weight_format``
+picks how the engine stores them ("int8"/"int4" quantize float weights at load, in groups
+of ``group_size`` inputs, by default the format's own: lvllm.formats).
 
 Tensors are checked here and handed to the C++ engine as data pointers. All engines of a
 process share one runtime (worker pool, kernels, scratch; lvllm.lk.runtime), configured
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lvllm import _lk, formats
+from lvllm.lk import mxfp4
 from lvllm.lk.runtime import default_runtime, default_threads, make_runtime, runtime_info
 
 __all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "default_threads",
@@ -68,6 +69,8 @@ class QuantizedWeights:
 
     values: float8_e4m3fn (FP8), int8 (INT8) or uint8 holding one INT4 value 0..15 per byte;
     scales (and, for INT4, offsets): float32 [E, rows, ceil(cols / group_size)].
+    MXFP4 (uint8 scales): values are the checkpoint's blocks and scales its e8m0 bytes,
+    group_size 32 (lvllm.lk.mxfp4).
     """
 
     values: torch.Tensor
@@ -77,13 +80,18 @@ class QuantizedWeights:
 
     @property
     def shape(self) -> torch.Size:
-        return self.values.shape
+        return mxfp4.logical_shape(self.values) if self.format == "mxfp4" else self.values.shape
 
     @property
     def format(self) -> str:
+        if self.scales.dtype == torch.uint8:  # e8m0 exponents
+            return "mxfp4"
         return formats.QUANTIZED_FORMAT_OF_VALUES[self.values.dtype]
 
     def native_args(self, name: str) -> tuple:
+        if self.format == "mxfp4":
+            mxfp4.check(self.values, self.scales, self.group_size, name)
+            return (self.values.data_ptr(), formats.code("mxfp4"), self.scales.data_ptr(), 0, self.group_size)
         _check_cpu_contiguous(f"{name}.values", self.values)
         _require(
             self.values.dtype in formats.QUANTIZED_FORMAT_OF_VALUES,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lvllm.lk import QuantizedWeights
+from lvllm.lk import QuantizedWeights, mxfp4
 
 
 # Experts quantized per step: enough for a whole layer of a small model, few enough that a
@@ -76,6 +76,8 @@ def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights
     if device is None:
         device = w.values.device if isinstance(w, QuantizedWeights) else w.device
     device = torch.device(device)
+    if isinstance(w, QuantizedWeights) and w.format == "mxfp4":
+        mxfp4.refuse_nan(w.scales)
     experts, rows, cols = w.shape
     groups = -(-cols // group)
     # Results come back from a GPU straight into pinned memory: pageable memory, or pinned
@@ -141,6 +143,8 @@ def release_pinned_memory() -> None:
 
 def dequantize(weights: QuantizedWeights) -> torch.Tensor:
     """The float32 values quantized weights stand for."""
+    if weights.format == "mxfp4":
+        return mxfp4.dequantize(weights.values, weights.scales)
     cols = weights.values.shape[2]
     scales = weights.scales.repeat_interleave(weights.group_size, -1)[..., :cols]
     values = weights.values.float() * scales

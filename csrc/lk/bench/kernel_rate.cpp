@@ -19,6 +19,8 @@ namespace lk::bench {
 namespace {
 
 constexpr int kGroup = 128;
+// The group a format's panel is multiplied in: kGroup, MXFP4's own 32.
+int group_of(WeightFormat format) { return format == WeightFormat::Mxfp4 ? kMxfp4Group : kGroup; }
 
 WeightFormat parse_format(const std::string& format_text) {
   for (int code = 0; code < kNumWeightFormats; ++code) {
@@ -37,11 +39,11 @@ const kernels::KernelSet& kernels_for(const std::string& isa_text) {
 }
 
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
-// over their whole range, every scale (and INT4 offset) 1/64. The value bytes are a whole
+// over their whole range, every scale (and INT4 offset) 1/64 (MXFP4's e8m0 2^-6). The value bytes are a whole
 // number of 64-byte lines (formats.h), so they fill two bytes at a time. Page-aligned, as
 // the engine's panels and buffers are (tile loads across lines are slow).
 HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
-  HostBuffer buffer(panel_bytes(format, depth, kGroup));
+  HostBuffer buffer(panel_bytes(format, depth, group_of(format)));
   uint8_t* panel = buffer.as<uint8_t>();
   const std::size_t values = panel_value_bytes(format, depth);
   for (std::size_t i = 0; i < values; i += 2) {
@@ -62,6 +64,7 @@ HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
   for (std::size_t i = values; i + 4 <= buffer.size(); i += 4) {
     const float scale = 1.0f / 64;
     std::memcpy(&panel[i], &scale, 4);
+    if (format == WeightFormat::Mxfp4) std::memset(&panel[i], 127 - 6, 4);
   }
   return buffer;
 }
@@ -87,8 +90,9 @@ struct RandomRows {
 RandomRows random_rows(const kernels::FormatKernels& kernel, WeightFormat format, int rows, int depth,
                        bool bf16_inputs, std::mt19937& rng) {
   const int padded = (depth + 3) / 4 * 4;
-  const int groups = (depth + kGroup - 1) / kGroup;
-  const int spans = groups * kernels::spans_per_group(kGroup);
+  const int group = group_of(format);
+  const int groups = (depth + group - 1) / group;
+  const int spans = groups * kernels::spans_per_group(group);
   const int largest = kernels::activation_max(format);
   RandomRows a;
   a.values.assign(static_cast<std::size_t>(rows) * padded, 0.0f);
@@ -169,10 +173,10 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
   const void* packed = kernels::pack_for_tiles(kernel, a.rows.data(), rows, depth, packing.data());
   const auto call = [&] {
     if (pair) {
-      kernels::multiply_two_panels(kernel_set, format, first.data(), second.data(), depth, kGroup, a.rows.data(), rows,
+      kernels::multiply_two_panels(kernel_set, format, first.data(), second.data(), depth, group_of(format), a.rows.data(), rows,
                                    c_first.data(), c_second.data(), false, widened.data(), packed);
     } else {
-      kernels::multiply_panel(kernel_set, format, first.data(), depth, kGroup, a.rows.data(), rows, c_first.data(),
+      kernels::multiply_panel(kernel_set, format, first.data(), depth, group_of(format), a.rows.data(), rows, c_first.data(),
                               false, widened.data(), packed);
     }
   };
@@ -181,7 +185,8 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
 
 std::size_t kernel_panel_bytes(const std::string& format, int depth) {
   if (depth < 1) throw std::invalid_argument("depth must be positive");
-  return panel_bytes(parse_format(format), depth, kGroup);
+  const WeightFormat parsed = parse_format(format);
+  return panel_bytes(parsed, depth, group_of(parsed));
 }
 
 int kernel_chunk_rows(const std::string& isa, const std::string& format_text) {

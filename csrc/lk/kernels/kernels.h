@@ -31,7 +31,10 @@ struct ActivationRow {
 // largest magnitude, far below that of the weights. INT4: 8 bits (2^-8), still far below
 // INT4's own error, let the kernels multiply bytes, twice as many per instruction. Every
 // ISA quantizes a format's activations alike, so all multiply the same integers.
-constexpr int activation_max(WeightFormat format) { return format == WeightFormat::Int4 ? 127 : 32767; }
+// MXFP4 multiplies as INT4 does.
+constexpr int activation_max(WeightFormat format) {
+  return format == WeightFormat::Int4 || format == WeightFormat::Mxfp4 ? 127 : 32767;
+}
 
 // Integer products are summed over at most this many inputs of one group before the sums
 // move to fp32 (128 products of int8 weights and int16 activations per 32-bit lane stay
@@ -193,10 +196,11 @@ void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const vo
                          float* const* second_rows, bool accumulate, void* widened, const void* packed = nullptr);
 
 // Per ISA x format tables, each defined in its own file, and per ISA activations.
-extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8;
-extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8;
-extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8;
-extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4;
+extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8,
+    generic_mxfp4;
+extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8, avx2_mxfp4;
+extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8, avx512_mxfp4;
+extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4, avx512_vnni_mxfp4;
 extern const FormatKernels avx512_bf16dot_bf16, avx512_bf16dot_fp8;
 extern const FormatKernels amx_bf16, amx_int8, amx_int4, amx_fp8;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;

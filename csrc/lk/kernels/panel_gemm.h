@@ -29,7 +29,13 @@
 // kernels take off with the activations' span sums:
 //   static void quads(const uint8_t* block, IVec (&w)[kPanelWidth / Simd::kLanes]);
 // Simd then supplies broadcast_quad, iset1, isub, and either quad_dot_add (the products
-// added straight to 32-bit sums) or quad_products, add_quad_products and widen_add.
+// added straight to 32-bit sums) or quad_products, add_quad_products and widen_add. Where
+// the unsigned bytes reach past 2 * kQuadBias - 1 (MXFP4: 0..24 for bias 12), the Decode
+// names their largest (static constexpr int kQuadMax).
+// MXFP4 (formats.h) is multiplied as INT4 is, its values doubled; its scale rows are e8m0
+// bytes, which a Decode may turn into fp32 scales for a group's kPanelWidth columns:
+//   static void group_scales(const uint8_t* e8m0_row, Vec (&scale)[kPanelWidth / Simd::kLanes]);
+// (else they are converted one by one, as mxfp4_half_scale does).
 //
 // Prefill may widen a panel block by block into a layout that costs less per pass (kernels.h,
 // PanelWiden) and multiply that with the kernels of a second Decode, the widened one. A
@@ -38,6 +44,7 @@
 // of rows (integer formats) given as its values() or pairs() would produce them:
 //   static void pack(const Vec (&w)[kPanelWidth / Simd::kLanes], uint8_t* row);
 //   static void pack(const IVec (&w)[kPanelWidth / Simd::kLanes], uint8_t* pair);
+// (a format whose Decode makes quads widens them, block for block, the same way).
 // Float formats widen to fp32 (F32Decode<Simd, Decode>), their scales applied, in the
 // Decode's column order (the widened kernels reorder their sums, as the Decode's do). Integer
 // formats keep their kFormat, values and scales (and offsets, which widen copies), so a
@@ -82,7 +89,8 @@ struct PanelKernels {
   using Vec = typename Simd::Vec;
   static constexpr WeightFormat kFormat = Decode::kFormat;
   static constexpr bool kGrouped = is_grouped(kFormat);
-  static constexpr bool kInteger = kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4;
+  static constexpr bool kInteger =
+      kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4 || kFormat == WeightFormat::Mxfp4;
   static constexpr bool kQuads = requires { Decode::kQuadBias; };
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   // Rows of one pass of gemm over a panel (its register tile).
@@ -143,6 +151,22 @@ struct PanelKernels {
   static const float* scales(const uint8_t* panel, int depth) {
     return reinterpret_cast<const float*>(panel + value_bytes(depth));
   }
+  // The rows of scales (and offsets) after the values, group_row_bytes each.
+  static constexpr int kGroupRowBytes = group_row_bytes(kFormat);
+  static const uint8_t* group_row(const uint8_t* panel, int depth, long row) {
+    return panel + value_bytes(depth) + row * kGroupRowBytes;
+  }
+
+  // MXFP4's fp32 scales of a group from its row of e8m0 bytes.
+  static void e8m0_scales(const uint8_t* row, Vec (&scale)[kVecs]) {
+    if constexpr (requires { Decode::group_scales(row, scale); }) {
+      Decode::group_scales(row, scale);
+    } else {
+      float lanes[kPanelWidth];
+      for (int j = 0; j < kPanelWidth; ++j) lanes[j] = mxfp4_half_scale(row[j]);
+      for (int v = 0; v < kVecs; ++v) scale[v] = Simd::load(lanes + v * Simd::kLanes);
+    }
+  }
 
   // The scales (and offsets) of group `index`, loaded once per group.
   struct Group {
@@ -151,14 +175,20 @@ struct PanelKernels {
   };
   static Group group(const uint8_t* panel, int depth, int group_size, int index) {
     Group group;
-    const float* group_scales = scales(panel, depth) + static_cast<long>(index) * kPanelWidth;
-    const float* offsets = group_scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
-    for (int v = 0; v < kVecs; ++v) {
-      const Vec scale = Simd::load(group_scales + v * Simd::kLanes);
-      group.scale[v] = scale;
-      // INT4 values are stored minus 8 (formats.h).
-      group.offset[v] = has_offsets(kFormat) ? Simd::fmadd(scale, Simd::set1(8.0f), Simd::load(offsets + v * Simd::kLanes))
-                                             : Simd::zero();
+    if constexpr (kFormat == WeightFormat::Mxfp4) {
+      e8m0_scales(group_row(panel, depth, index), group.scale);
+      for (int v = 0; v < kVecs; ++v) group.offset[v] = Simd::zero();
+    } else {
+      const float* group_scales = scales(panel, depth) + static_cast<long>(index) * kPanelWidth;
+      const float* offsets = group_scales + static_cast<long>(panel_groups(depth, group_size)) * kPanelWidth;
+      for (int v = 0; v < kVecs; ++v) {
+        const Vec scale = Simd::load(group_scales + v * Simd::kLanes);
+        group.scale[v] = scale;
+        // INT4 values are stored minus 8 (formats.h).
+        group.offset[v] = has_offsets(kFormat)
+                              ? Simd::fmadd(scale, Simd::set1(8.0f), Simd::load(offsets + v * Simd::kLanes))
+                              : Simd::zero();
+      }
     }
     return group;
   }
@@ -208,9 +238,8 @@ struct PanelKernels {
   static void prefetch_group(const uint8_t* panel, int depth, int group_size, int index) {
     const int groups = static_cast<int>(panel_groups(depth, group_size));
     if (index >= groups) return;
-    const float* group_scales = scales(panel, depth) + static_cast<long>(index) * kPanelWidth;
-    fetch(group_scales);
-    if constexpr (has_offsets(kFormat)) fetch(group_scales + static_cast<long>(groups) * kPanelWidth);
+    fetch(group_row(panel, depth, index));
+    if constexpr (has_offsets(kFormat)) fetch(group_row(panel, depth, static_cast<long>(groups) + index));
   }
 
   // The loops fetch kPrefetchBytes ahead; a panel's head (and its first groups' scales) is
@@ -366,13 +395,28 @@ struct PanelKernels {
   // possible: each block adds to a lane two products of an unsigned weight (below twice the
   // bias) and an activation, 8 blocks for INT4 (with kQuadDot the sums are 32 bits and the
   // run only sets the step). The block loop unrolls by 2: fully unrolled, a run spills.
-  static constexpr int kQuadRunBlocks = [] {
+  // Rounded down to a power of two, so that a run divides the blocks of every group of a
+  // power-of-two size it fits in (MXFP4's 8 blocks take two runs of 4, not 5 and 3 single
+  // blocks). A Decode may ask for shorter runs (static constexpr int kQuadRunBlocks), whose
+  // 16-bit sums are live for less long (AVX2 MXFP4).
+  static constexpr int kLongestQuadRun = [] {
     if constexpr (kQuads) {
-      return 32767 / (2 * (2 * Decode::kQuadBias - 1) * activation_max(kFormat));
+      constexpr int largest = [] {
+        if constexpr (requires { Decode::kQuadMax; }) return Decode::kQuadMax;
+        return 2 * Decode::kQuadBias - 1;
+      }();
+      int run = 1;
+      while (2 * run <= 32767 / (2 * largest * activation_max(kFormat))) run *= 2;
+      return run;
     } else {
       return 1;
     }
   }();
+  static constexpr int kQuadRunBlocks = [] {
+    if constexpr (requires { Decode::kQuadRunBlocks; }) return Decode::kQuadRunBlocks;
+    return kLongestQuadRun;
+  }();
+  static_assert(kQuadRunBlocks <= kLongestQuadRun, "a run's 16-bit sums must not saturate");
 
   // Where Simd fuses the multiply and the add (VNNI), each sum is one chain through that
   // instruction's latency, which one or two sums per block (decode) would wait on: their
@@ -583,7 +627,18 @@ struct PanelKernels {
     uint8_t* out = static_cast<uint8_t*>(out_bytes);
     const int end = first + count;
     const int next_end = end + count < depth ? end + count : depth;
-    if constexpr (kInteger) {
+    if constexpr (kQuads) {
+      // Whole blocks of quads, decoded once (each panel's depth is padded to whole blocks).
+      static_assert(Widened::kBlockRows == kBlockRows, "quads widen block for block");
+      const int blocks = Widened::padded(count) / kBlockRows;
+      for (int b = 0; b < blocks; ++b) {
+        const uint8_t* block = panel + static_cast<long>(first / kBlockRows + b) * kBlockBytes;
+        if (first + b * kBlockRows + count < next_end) Simd::prefetch(block + static_cast<long>(count / kBlockRows) * kBlockBytes);
+        typename Simd::IVec w[kVecs];
+        Decode::quads(block, w);
+        Wide::pack(w, out + static_cast<long>(b) * Widened::kBlockBytes);
+      }
+    } else if constexpr (kInteger) {
       // Whole stored blocks; pairs past the widened panel's own padding are zero.
       const int pairs = Widened::padded(count) / 2;
       for (int k = first; k < end; k += kBlockRows) {
@@ -625,11 +680,11 @@ struct PanelKernels {
     if constexpr (Widened::kGrouped) {
       // `first` is a multiple of the group: the widened panel's groups are whole ones.
       const long groups = static_cast<long>(panel_groups(count, group_size)), source_groups = panel_groups(depth, group_size);
-      const float* source = scales(panel, depth) + static_cast<long>(first / group_size) * kPanelWidth;
-      float* target = reinterpret_cast<float*>(out + Widened::value_bytes(count));
-      std::memcpy(target, source, groups * kPanelWidth * sizeof(float));
+      const uint8_t* source = group_row(panel, depth, first / group_size);
+      uint8_t* target = out + Widened::value_bytes(count);
+      std::memcpy(target, source, groups * kGroupRowBytes);
       if constexpr (has_offsets(kFormat)) {
-        std::memcpy(target + groups * kPanelWidth, source + source_groups * kPanelWidth, groups * kPanelWidth * sizeof(float));
+        std::memcpy(target + groups * kGroupRowBytes, source + source_groups * kGroupRowBytes, groups * kGroupRowBytes);
       }
     }
   }

@@ -1,4 +1,4 @@
-// AVX-512 INT8 and INT4 decodes, shared by the AVX-512 and AVX-512 VNNI kernel files
+// AVX-512 INT8, INT4 and MXFP4 decodes, shared by the AVX-512 and AVX-512 VNNI kernel files
 // (each compiles them with its own flags, inside its own anonymous namespace).
 #pragma once
 
@@ -41,6 +41,31 @@ struct Int4Decode {
                                            _mm256_set1_epi8(static_cast<char>(0x88)));
     const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(words), _mm256_srli_epi16(words, 4), 1);
     w[0] = _mm512_and_si512(halves, _mm512_set1_epi8(0x0f));
+  }
+};
+
+// MXFP4 blocks lie as INT4's (formats.h): the same halves, then one vpshufb looks each code
+// up as twice its value plus 12, an unsigned byte 0..24 (x86/avx2/mxfp4.cpp), multiplied as
+// INT4's bytes are (vpmaddubsw, in runs of 4 blocks that cannot saturate; vpdpbusd).
+struct Mxfp4Decode {
+  static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
+  static constexpr int kQuadBias = 12;
+  static constexpr int kQuadMax = 24;
+  // Fetched as INT4's panels are.
+  static constexpr int kPrefetchBytes = 6144;
+  static constexpr bool kPrefetchIntoL2 = true;
+  static void quads(const uint8_t* block, __m512i (&w)[1]) {
+    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
+    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(codes), _mm256_srli_epi16(codes, 4), 1);
+    const __m512i table =
+        _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+    w[0] = _mm512_shuffle_epi8(table, _mm512_and_si512(halves, _mm512_set1_epi8(0x0f)));
+  }
+  // A row of e8m0 bytes, one per column: each shifted into an fp32 exponent is
+  // 2^(e - 127), halved for the doubled values.
+  static void group_scales(const uint8_t* row, __m512 (&scale)[1]) {
+    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))), 23);
+    scale[0] = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
   }
 };
 }  // namespace
