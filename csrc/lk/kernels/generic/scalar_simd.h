@@ -47,6 +47,23 @@ struct ScalarDecode {
   }
 };
 
+// A block of four rows in INT4's word order (formats.h) as its two row pairs, each nibble
+// turned into a small integer by `value_of` (INT4: signed value; MXFP4: doubled e2m1 code).
+template <int (*value_of)(int nibble)>
+struct NibbleBlockDecode {
+  static void pairs(const uint8_t* block, int32_t (&w)[2][kPanelWidth]) {
+    uint16_t words[kPanelWidth];
+    __builtin_memcpy(words, block, sizeof words);
+    for (int p = 0; p < 2; ++p) {
+      for (int j = 0; j < kPanelWidth; ++j) {
+        const int shift = 4 * (2 * p + j / 8);
+        const int word = 2 * (j % 8);
+        w[p][j] = ScalarSimd::pack(value_of((words[word] >> shift) & 0xf), value_of((words[word + 1] >> shift) & 0xf));
+      }
+    }
+  }
+};
+
 // What prefill widens INT8 and INT4 to: the row pairs the integer kernels multiply, one
 // word per column as in registers, so a pass only loads them (the generic pass unpacks
 // every weight again otherwise).
