@@ -196,12 +196,21 @@ VARIABLES: dict[str, Variable] = {
             "AVX-512 BF16); ON: every float32/float16/bfloat16 one; OFF: none.",
         ),
         Variable(
+            "LVLLM_DRAFT_MOE", "LK", _choice("LK", "DEVICE"), "LK or DEVICE",
+            "Where the MoE layers of a speculative draft model run (MTP modules of DeepSeek, "
+            "GLM, Qwen3-Next; a separate draft model), decided for the draft as a whole: "
+            "LVLLM_GPU_RESIDENT_MOE_LAYERS names the main model's layers only. LK: routed "
+            "experts in host RAM, on lk; DEVICE: vLLM's own path (on the GPU; on the CPU "
+            "build, vLLM's CPU kernels).",
+        ),
+        Variable(
             "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice(*WEIGHT_MODES),
             "TO_DTYPE, KEEP, INT8 or INT4",
             "Format the lk engine keeps routed expert weights in. TO_DTYPE: the model dtype "
-            "(FP8/INT4 checkpoints dequantized to it); KEEP: the checkpoint's format (FP8 "
-            "stays FP8, INT4 stays INT4, float stays float); INT8 / INT4: quantized at load "
-            "from float or FP8 experts, in groups of LVLLM_MOE_QUANT_GROUP_SIZE inputs.",
+            "(FP8/INT4/MXFP4 checkpoints dequantized to it); KEEP: the checkpoint's format (FP8 "
+            "stays FP8, INT4 stays INT4, MXFP4 stays MXFP4, float stays float); INT8 / INT4: "
+            "quantized at load from float, FP8 or MXFP4 experts, in groups of "
+            "LVLLM_MOE_QUANT_GROUP_SIZE inputs.",
         ),
         Variable(
             "LVLLM_MOE_QUANT_GROUP_SIZE", "", _optional(_multiple_of(16, 8192)),

@@ -63,9 +63,12 @@ class HybridExperts:
     """
 
     def __init__(self, w13, w2, activation: str, layer_name: str = "",
-                 weight_format: str | None = None, group_size: int | None = None):
+                 weight_format: str | None = None, group_size: int | None = None,
+                 w13_bias=None, w2_bias=None, swiglu_alpha: float | None = None,
+                 swiglu_limit: float | None = None):
         """w13 [E, 2I, H] and w2 [E, H, I]: float tensors or lvllm.lk.QuantizedWeights;
-        ``weight_format`` (None: the source's) and ``group_size`` as for MoEEngine."""
+        ``weight_format`` (None: the source's), ``group_size``, the biases and swigluoai's
+        constants (None: gpt-oss's) as for MoEEngine."""
         from lvllm.lk import MoEEngine
 
         if activation not in LK_ACTIVATIONS:
@@ -76,8 +79,10 @@ class HybridExperts:
         self.layer_name = layer_name
         if isinstance(w13, torch.Tensor):
             w13, w2 = w13.contiguous(), w2.contiguous()
+        swiglu = {name: value for name, value in (("swiglu_alpha", swiglu_alpha),
+                                                  ("swiglu_limit", swiglu_limit)) if value is not None}
         self.engine = MoEEngine(w13, w2, activation=activation, weight_format=weight_format,
-                                group_size=group_size)
+                                group_size=group_size, w13_bias=w13_bias, w2_bias=w2_bias, **swiglu)
         self.engine_id = self.engine.engine_id
         self.queue = None
         self.ring = None

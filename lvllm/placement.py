@@ -70,6 +70,12 @@ class Placement:
     convert_seconds: float = 0.0
     # With resident AUTO: gives the resident layers of the model being built (lvllm.vllm).
     auto_resident: Callable[[], frozenset[int]] | None = None
+    # Under pipeline parallelism: (this stage, stages, the model layers it builds).
+    stage: tuple[int, int, range] | None = None
+    # A speculative draft model's record: its layers all on the device or all on lk
+    # (LVLLM_DRAFT_MOE), named in the log line; indices are the draft's own.
+    draft: str | None = None
+    all_resident: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bar: object = field(default=None, repr=False)
 
@@ -77,6 +83,11 @@ class Placement:
     def from_settings(cls, settings: Settings, on_cuda: bool = False) -> "Placement":
         return cls(resident=settings.resident_layers,
                    streams=on_cuda and settings.gpu_prefill_min_batch > 0)
+
+    @classmethod
+    def for_draft(cls, settings: Settings, on_cuda: bool = False) -> "Placement":
+        return cls(resident=frozenset(), streams=on_cuda and settings.gpu_prefill_min_batch > 0,
+                   draft=settings.draft_moe, all_resident=settings.draft_moe == "DEVICE")
 
     def place(self, layer_index: int, layer_name: str, num_layers: int | None) -> LayerPath:
         """Record a MoE layer and decide its path."""
@@ -88,7 +99,7 @@ class Placement:
             if num_layers is not None and self.num_layers is None:
                 check_resident_layers(self.resident, num_layers)
                 self.num_layers = num_layers
-            on_device = layer_index in self.resident
+            on_device = self.all_resident or layer_index in self.resident
             (self.device_layers if on_device else self.lk_layers)[layer_index] = layer_name
             return self.path_of(layer_index)
 
@@ -129,9 +140,15 @@ class Placement:
 
     def _summarise(self, runtime: dict) -> str:
         gib = sum(self.loaded_bytes.values()) / 2**30
-        not_moe = sorted(self.resident - set(self.device_layers))
+        not_moe = sorted(i for i in self.resident - set(self.device_layers)
+                         if self.stage is None or i in self.stage[2])
+        where = f"draft model (LVLLM_DRAFT_MOE={self.draft}): " if self.draft else ""
+        if self.stage is not None:
+            rank, ranks, layers = self.stage
+            where += (f"pipeline stage {rank} of {ranks} (model layers "
+                      f"{format_ranges(layers)}): ")
         line = (
-            f"lvllm: {len(self.lk_layers)} MoE layer(s) on lk [{format_ranges(self.lk_layers)}] "
+            f"lvllm: {where}{len(self.lk_layers)} MoE layer(s) on lk [{format_ranges(self.lk_layers)}] "
             f"({self.weight_format}, {gib:.3f} GiB in RAM, converted in {self.convert_seconds:.1f} s, "
             f"{_threads(runtime)}, "
             f"{runtime.get('numa_nodes')} NUMA node(s), ISA {runtime.get('isa')}); "

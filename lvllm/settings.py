@@ -34,6 +34,7 @@ class Settings:
     gpu_prefill_min_batch: int = 0
     gpu_prefetch_window: int = 1
     dense_on_lk: str = "AUTO"
+    draft_moe: str = "LK"
     weight_mode: str = "TO_DTYPE"
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
     quant_on_gpu: bool = False
@@ -50,6 +51,7 @@ class Settings:
             gpu_prefill_min_batch=envs.get("LVLLM_GPU_PREFILL_MIN_BATCH_SIZE"),
             gpu_prefetch_window=envs.get("LVLLM_GPU_PREFETCH_WINDOW"),
             dense_on_lk=envs.get("LVLLM_DENSE_ON_LK"),
+            draft_moe=envs.get("LVLLM_DRAFT_MOE"),
             weight_mode=envs.get("LVLLM_MOE_USE_WEIGHT"),
             quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
             quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"),

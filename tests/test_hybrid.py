@@ -71,6 +71,32 @@ def test_placement_summary_after_last_lk_layer():
     assert placement.loaded(3, 2**30, "bf16", runtime) is None  # logged once
 
 
+RUNTIME = {"threads": 2, "workers": "OPENMP", "cpus": [0, 1], "numa_nodes": 1, "isa": "AVX2"}
+
+
+def test_pipeline_stage_names_its_layers_and_only_its_missing_ones():
+    placement = Placement(resident=frozenset({1, 3}), stage=(1, 2, range(2, 4)))
+    placement.place(2, "model.layers.2.mlp.experts", 4)
+    assert placement.loaded(2, 2**30, "bf16", RUNTIME) == (
+        "lvllm: pipeline stage 1 of 2 (model layers 2-3): 1 MoE layer(s) on lk [2] (bf16, 1.000 GiB "
+        "in RAM, converted in 0.0 s, 2 threads (the worker's OpenMP threads, cores 0-1), 1 NUMA "
+        f"node(s), ISA AVX2); 0 on the device [none]; {RESIDENT_VAR} also names non-MoE layer(s) 3")
+
+
+@pytest.mark.parametrize("where", ["LK", "DEVICE"])
+def test_draft_model_placed_as_a_whole_whatever_the_resident_spec(where):
+    """An MTP module's layer (Qwen3-Next's is "mtp.layers.0", index 0 like the main model's
+    first) goes where LVLLM_DRAFT_MOE says, not where the main model's spec puts layer 0."""
+    main = Placement.from_settings(Settings(resident_layers=frozenset({0})))
+    draft = Placement.for_draft(Settings(resident_layers=frozenset({0}), draft_moe=where))
+    assert main.place(0, "model.layers.0.mlp.experts", 4) is LayerPath.DEVICE
+    path = draft.place(0, "mtp.layers.0.mlp.experts", 4)
+    assert path is (LayerPath.LK if where == "LK" else LayerPath.DEVICE)
+    if where == "LK":
+        assert draft.loaded(0, 2**20, "bf16", RUNTIME).startswith(
+            "lvllm: draft model (LVLLM_DRAFT_MOE=LK): 1 MoE layer(s) on lk [0] (bf16, 0.001 GiB")
+
+
 def reference_moe(x, w13, w2, ids, weights):
     out = torch.zeros_like(x, dtype=torch.float64)
     inter = w2.shape[2]
@@ -145,72 +171,93 @@ def test_plugin_disabled_leaves_vllm_alone(monkeypatch):
 def test_install_registers_once_and_refuses_a_rival(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
     from lvllm import plugin, vllm
-    from lvllm.vllm.moe_layer import LkMoERunner, LkRoutedExperts
+    from lvllm.vllm.moe_layer import LkExperts, LkRunner
 
     monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", "1")
     saved = dict(op_registry_oot)
     try:
-        for name in ("RoutedExperts", "MoERunner"):
-            op_registry_oot.pop(name, None)
+        vllm.uninstall()
         plugin.register()
         first = vllm.installation()
         plugin.register()  # idempotent: vLLM may load plugins more than once
         assert vllm.installation() is first
-        assert op_registry_oot["RoutedExperts"] is LkRoutedExperts
-        assert op_registry_oot["MoERunner"] is LkMoERunner
+        assert op_registry_oot["RoutedExperts"].__bases__ == (LkExperts, RoutedExperts)
+        assert op_registry_oot["MoERunner"].__bases__ == (LkRunner, MoERunner)
+        vllm.uninstall()
         op_registry_oot["RoutedExperts"] = object
-        with pytest.raises(RuntimeError, match="another vLLM plugin"):
+        with pytest.raises(RuntimeError, match="another vLLM plugin already replaced RoutedExperts"):
             plugin.register()
     finally:
+        vllm.uninstall()
         op_registry_oot.clear()
         op_registry_oot.update(saved)
 
 
-@pytest.mark.parametrize("model_module, class_name", [("dbrx", "DbrxExperts"),
-                                                      ("gpt_oss", "GptOssRoutedExperts")])
-def test_a_model_own_experts_class_is_refused_on_lk(monkeypatch, model_module, class_name):
-    pytest.importorskip("vllm")
-    import importlib
+def _built(experts_class, layer_name):
+    """An experts module as the model's constructor hands it to its parent (vLLM picks the
+    class to build by name); its own __init__ needs a whole engine config and is vLLM's."""
+    from vllm.model_executor.custom_op import op_registry_oot
 
+    cls = op_registry_oot.get(experts_class.__name__, experts_class)
+    module = cls.__new__(cls)
+    torch.nn.Module.__init__(module)
+    module.layer_name = layer_name
+    return module
+
+
+def test_every_routed_experts_class_gets_lk_in_front(monkeypatch):
+    """By what the class is (a RoutedExperts), not its name: vLLM's subclasses, one defined
+    after lvllm was installed, and a refusal for two classes sharing a name."""
+    pytest.importorskip("vllm")
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.models.dbrx import DbrxExperts
+    from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
+    from vllm.model_executor.models.transformers.moe import TransformersMoERunner, TransformersRoutedExperts
 
     from lvllm import vllm
     from lvllm.placement import UnsupportedLayer
-
-    experts_class = getattr(importlib.import_module(f"vllm.model_executor.models.{model_module}"),
-                            class_name)
-
-    def built(layer_name):
-        # The instance as the model's constructor hands it to its parent; its own __init__
-        # needs a whole vLLM engine config and is vLLM's, not what is under test.
-        module = experts_class.__new__(experts_class)
-        torch.nn.Module.__init__(module)
-        module.layer_name = layer_name
-        return module
+    from lvllm.vllm.moe_layer import LkExperts, LkRunner
 
     monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", "1")
     monkeypatch.setenv(RESIDENT_VAR, "1")
     saved = dict(op_registry_oot)
     parent = torch.nn.Module()
     try:
-        for name in ("RoutedExperts", "MoERunner"):
-            op_registry_oot.pop(name, None)
         vllm.install(Settings.from_env())
+        for cls in (DbrxExperts, GptOssRoutedExperts, TransformersRoutedExperts):
+            assert op_registry_oot[cls.__name__].__bases__ == (LkExperts, cls)
+        assert op_registry_oot["TransformersMoERunner"].__bases__ == (LkRunner, TransformersMoERunner)
+
+        class LaterExperts(RoutedExperts):   # as a model module imported after start-up
+            pass
+
+        def twin():
+            class TwinExperts(RoutedExperts):
+                pass
+            return TwinExperts
+
+        first_twin, second_twin = twin(), twin()
         with set_current_vllm_config(VllmConfig()):  # no model config: layer count unknown
-            parent.resident = built("model.layers.1.mlp.experts")  # on the device, as asked
+            parent.first = torch.nn.Linear(2, 2)   # the model's first submodule: classes looked up
+            assert isinstance(_built(LaterExperts, "model.layers.3.mlp.experts"), LkExperts)
+            assert "TwinExperts" not in op_registry_oot
+            parent.resident = _built(first_twin, "model.layers.1.mlp.experts")  # on the device, as asked
             with pytest.raises(UnsupportedLayer,
-                               match=rf"model\.layers\.2\.mlp\.experts: .*{class_name}.*{RESIDENT_VAR}"):
-                parent.on_lk = built("model.layers.2.mlp.experts")
+                               match=rf"model\.layers\.2\.mlp\.experts: .*TwinExperts.*{RESIDENT_VAR}"):
+                parent.on_lk = _built(second_twin, "model.layers.2.mlp.experts")
         assert vllm.placement().device_layers == {1: "model.layers.1.mlp.experts"}
-        parent.not_moe = torch.nn.Linear(2, 2)
     finally:
+        vllm.uninstall()
         op_registry_oot.clear()
         op_registry_oot.update(saved)
-    # Without lvllm's classes registered (LVLLM_MOE_NUMA_ENABLED=0) every model is left alone.
-    parent.on_lk = built("model.layers.2.mlp.experts")
+    # Uninstalled (LVLLM_MOE_NUMA_ENABLED=0): every class is vLLM's again.
+    assert type(_built(GptOssRoutedExperts, "model.layers.2.mlp.experts")) is GptOssRoutedExperts
 
 
 def test_install_accepts_every_weight_mode(monkeypatch):
@@ -222,13 +269,13 @@ def test_install_accepts_every_weight_mode(monkeypatch):
     saved = dict(op_registry_oot)
     try:
         for mode, group in (("INT4", "32"), ("INT8", "128"), ("KEEP", "64")):
-            for name in ("RoutedExperts", "MoERunner"):
-                op_registry_oot.pop(name, None)
+            vllm.uninstall()
             monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", mode)
             monkeypatch.setenv("LVLLM_MOE_QUANT_GROUP_SIZE", group)
             settings = vllm.install(Settings.from_env()).settings
             assert (settings.weight_mode, settings.quant_group_size) == (mode, int(group))
     finally:
+        vllm.uninstall()
         op_registry_oot.clear()
         op_registry_oot.update(saved)
 
@@ -332,3 +379,29 @@ def test_quantize_on_device_matches_the_engine(weight_format):
                          quant.quantize(f8_2, weight_format, 32, "cpu"), "silu",
                          weight_format=weight_format, group_size=32)
     assert torch.equal(ours.submit(x, ids, weights).wait(), own.submit(x, ids, weights).wait())
+
+
+def test_sigmoid_routing_the_cpu_router_lacks():
+    """MiniMax-M2's routing: the bias picks the experts, the plain sigmoid scores weight them."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.4, 0.3, 0.2]])
+    bias = torch.tensor([-5.0, 0.0, 3.0, 0.0])
+    router = CPURouter(top_k=2, global_num_experts=4, renormalize=True, scoring_func="sigmoid",
+                       routed_scaling_factor=2.0, e_score_correction_bias=bias)
+    assert lacks_scheme(router)
+    assert not lacks_scheme(CPURouter(top_k=2, global_num_experts=4, scoring_func="softmax"))
+    with pytest.raises(AssertionError):   # what vLLM's CPU build does with it
+        router.select_experts(torch.zeros(2, 8), logits)
+    SigmoidTopkRouter.take_over(router)
+    weights, ids = router.select_experts(torch.zeros(2, 8), logits)
+    # Row 0: scores + bias = [-4.12, 0.73, 3.5, 0.27] picks experts 2 and 1.
+    scores = torch.sigmoid(logits.double())
+    for row, chosen in ((0, [2, 1]), (1, [2, 1])):
+        assert sorted(ids[row].tolist()) == sorted(chosen)
+        expected = {e: 2.0 * scores[row, e] / scores[row, chosen].sum() for e in chosen}
+        for e, w in zip(ids[row].tolist(), weights[row].tolist()):
+            assert w == pytest.approx(expected[e].item(), rel=1e-6)

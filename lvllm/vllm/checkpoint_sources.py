@@ -8,6 +8,8 @@ the layer's quantization config, as vLLM would pick its quant method.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
 from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
@@ -21,6 +23,25 @@ from lvllm.placement import LK_ACTIVATIONS, RESIDENT_VAR, UnsupportedLayer
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def bias_params(num_experts, hidden, inter):
+    """Expert biases (gpt-oss), as vLLM creates them for ``has_bias`` layers; float32, which
+    lk keeps them in, so a bf16 checkpoint's are taken unrounded."""
+    return {"w13_bias": ((num_experts, 2 * inter), torch.float32, {}),
+            "w2_bias": ((num_experts, hidden), torch.float32, {})}
+
+
+def gate_up_halves(w):
+    """w13 (or its bias) with gate and up rows interleaved, as vLLM's swigluoai reads them,
+    reordered into lk's gate rows then up rows: a tensor, or every row-indexed tensor of an
+    lvllm.lk.QuantizedWeights."""
+    if isinstance(w, torch.Tensor):
+        return torch.cat([w[:, 0::2], w[:, 1::2]], dim=1)
+    rows = w.values.shape[:2]
+    return dataclasses.replace(w, **{
+        field.name: gate_up_halves(value) for field in dataclasses.fields(w)
+        if isinstance(value := getattr(w, field.name), torch.Tensor) and value.shape[:2] == rows})
 
 
 class ExpertSource:
@@ -160,6 +181,32 @@ class AwqInt4Source(ExpertSource):
             for w in ("w13", "w2"))
 
 
+class Mxfp4Source(ExpertSource):
+    """OCP MXFP4 experts as gpt-oss ships them and vLLM's GptOssMxfp4MoEMethod creates them:
+    `weight` uint8 [E, N, K / 2] (two e2m1 codes a byte), `weight_scale` uint8 e8m0
+    [E, N, K / 32]; the model's loader copies whole layers into them."""
+
+    format = "mxfp4"
+    group = 32
+    label = "MXFP4 experts (gpt-oss)"
+
+    def params(self, num_experts, hidden, inter, params_dtype):
+        g = self.group
+        return {
+            "w13_weight": ((num_experts, 2 * inter, hidden // 2), torch.uint8, {}),
+            "w2_weight": ((num_experts, hidden, inter // 2), torch.uint8, {}),
+            "w13_weight_scale": ((num_experts, 2 * inter, hidden // g), torch.uint8, {}),
+            "w2_weight_scale": ((num_experts, hidden, inter // g), torch.uint8, {}),
+        }
+
+    def engine_inputs(self, layer):
+        from lvllm.lk import QuantizedWeights
+
+        return tuple(QuantizedWeights(getattr(layer, f"{w}_weight").data,
+                                      getattr(layer, f"{w}_weight_scale").data, self.group)
+                     for w in ("w13", "w2"))
+
+
 def expert_source(layer, prefix, quant_config, problems: list[str]) -> ExpertSource | None:
     """How the checkpoint stores ``layer``'s experts, as vLLM would load them; what lk cannot
     take is added to ``problems`` (and None returned)."""
@@ -190,12 +237,14 @@ def expert_source(layer, prefix, quant_config, problems: list[str]) -> ExpertSou
         return _compressed_tensors_source(layer, prefix, quant_config, problems)
     if quant_config.get_name() == "auto_awq":  # what vLLM makes of quant_method "awq"
         return _awq_source(layer, prefix, quant_config, problems)
+    if quant_config.get_name() == "gpt_oss_mxfp4":   # vLLM's name for gpt-oss's "mxfp4"
+        return _mxfp4_source(layer, prefix, quant_config, problems)
     method = resolve_quant_method(quant_config, layer, prefix)
     if method is None or isinstance(method, UnquantizedFusedMoEMethod):
         return ExpertSource()
     problems.append(f"{quant_config.get_name()} quantized experts "
                     f"({type(method).__name__}); lk takes float, FP8 block-quantized, "
-                    "compressed-tensors W4A16 symmetric and AWQ INT4 experts")
+                    "compressed-tensors W4A16 symmetric, AWQ INT4 and gpt-oss MXFP4 experts")
     return None
 
 
@@ -226,6 +275,17 @@ def _compressed_tensors_source(layer, prefix, quant_config, problems):
     return CompressedTensorsInt4Source(group)
 
 
+def _mxfp4_source(layer, prefix, quant_config, problems):
+    # As vLLM's Mxfp4Config, whose ignored_layers apply to linear layers only.
+    hidden = layer.moe_config.hidden_dim
+    inter = layer.moe_config.intermediate_size_per_partition
+    if hidden % Mxfp4Source.group or inter % Mxfp4Source.group:
+        problems.append(f"MXFP4 experts with hidden size {hidden} and per-rank intermediate size "
+                        f"{inter} (lk: both multiples of {Mxfp4Source.group})")
+        return None
+    return Mxfp4Source()
+
+
 def _awq_source(layer, prefix, quant_config, problems):
     """As AutoAWQConfig.get_quant_method decides, without building vLLM's AWQ MoE
     method (it picks a device kernel backend)."""
@@ -251,8 +311,14 @@ def check_lk_supports(layer, prefix, moe_config, problems: list[str]) -> None:
     if not moe_config.is_act_and_mul or moe_config.activation.value not in LK_ACTIVATIONS:
         problems.append(f"activation {moe_config.activation.value!r} "
                         f"(lk: {', '.join(LK_ACTIVATIONS)}, gated)")
-    if moe_config.has_bias:
-        problems.append("expert biases")
+    clamped = {name: getattr(moe_config, name, None)
+               for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")}
+    if moe_config.activation.value == "swigluoai":
+        clamped.pop("swiglu_limit")   # lk's swigluoai takes these two
+        clamped.pop("swiglu_alpha")
+    if any(value not in (None, 0) for value in clamped.values()):
+        problems.append(f"activation {moe_config.activation.value!r} with "
+                        f"{', '.join(f'{k}={v}' for k, v in clamped.items() if v not in (None, 0))}")
     if layer.apply_router_weight_on_input:
         problems.append("router weight applied on the input")
     if moe_config.moe_parallel_config.use_ep:

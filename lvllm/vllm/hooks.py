@@ -1,8 +1,12 @@
 """Installing lvllm into a vLLM process, and what it reports back.
 
-``install`` registers ``LkRoutedExperts`` and ``LkMoERunner`` in place of vLLM's classes
-(``register_oot``: instantiated for every model), wraps dense-layer weight processing on the
-CPU build (lvllm.vllm.dense) and watches for models that bring their own experts class.
+``install`` puts lvllm's mixins (moe_layer.py) in front of vLLM's MoE layer classes:
+``LkExperts`` before ``RoutedExperts`` and every subclass of it (gpt-oss's, DBRX's, the
+Transformers backend's, any a later vLLM adds), ``LkRunner`` before ``MoERunner`` and its
+subclasses. vLLM's ``register_oot`` looks classes up by name, so each class gets a variant
+of its own under its own name; classes imported later (a model's module is imported when
+the model is built) are found when the model's first submodule is assigned, before any MoE
+layer exists. It also wraps dense-layer weight processing on the CPU build (dense.py).
 """
 
 from __future__ import annotations
@@ -17,38 +21,88 @@ from lvllm.placement import RESIDENT_VAR, Placement, UnsupportedLayer
 from lvllm.settings import Settings
 from lvllm.vllm import dense
 from lvllm.vllm.installation import Installation, num_model_layers
-from lvllm.vllm.moe_layer import LkMoEMethod, LkMoERunner, LkRoutedExperts
+from lvllm.vllm.moe_layer import LkExperts, LkMoEMethod, LkRunner
 
-_CLASSES = {"RoutedExperts": (RoutedExperts, LkRoutedExperts), "MoERunner": (MoERunner, LkMoERunner)}
+_MIXINS = ((RoutedExperts, LkExperts), (MoERunner, LkRunner))
+
+
+class Variants:
+    """lk's variant of each RoutedExperts / MoERunner class, registered under its name."""
+
+    def __init__(self):
+        self.variants: dict[type, type] = {}   # vLLM's class -> its variant
+        self.ambiguous: set[str] = set()       # names two classes share: left unregistered
+        self._seen = 0
+
+    def register_new(self) -> None:
+        classes = [cls for base, mixin in _MIXINS for cls in (base, *_subclasses(base))
+                   if not issubclass(cls, mixin)]
+        if len(classes) == self._seen:
+            return
+        self._seen = len(classes)
+        for cls in classes:
+            if cls in self.variants or cls.__name__ in self.ambiguous:
+                continue
+            mixin = next(m for base, m in _MIXINS if issubclass(cls, base))
+            taken = op_registry_oot.get(cls.__name__)
+            if taken is not None and taken.__bases__ == (mixin, cls):
+                self.variants[cls] = taken   # made by an earlier installation in this process
+                continue
+            if taken is not None:
+                if not issubclass(taken, mixin):
+                    raise RuntimeError(
+                        f"another vLLM plugin already replaced {cls.__name__} ({taken}); lvllm "
+                        "cannot put MoE experts on lk alongside it. Disable one of them "
+                        "(VLLM_PLUGINS lists the plugins to load) or set LVLLM_MOE_NUMA_ENABLED=0.")
+                # Two classes of one name: vLLM would build either as the other's variant.
+                del op_registry_oot[cls.__name__]
+                self.ambiguous.add(cls.__name__)
+                continue
+            variant = type(cls.__name__, (mixin, cls), {"__module__": __name__,
+                                                        "__qualname__": f"Lk[{cls.__qualname__}]"})
+            cls.register_oot(variant)
+            self.variants[cls] = variant
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
 
 
 def install(settings: Settings) -> Installation:
-    """Swap vLLM's MoE classes for lvllm's in this process (once: a second call keeps the
-    first installation, as vLLM may load plugins more than once)."""
-    if op_registry_oot.get("RoutedExperts") is LkRoutedExperts:
-        return LkRoutedExperts.installation
-    for name in _CLASSES:
-        if name in op_registry_oot:
-            raise RuntimeError(
-                f"another vLLM plugin already replaced {name} ({op_registry_oot[name]}); "
-                "lvllm cannot put MoE experts on lk alongside it. Disable one of them "
-                "(VLLM_PLUGINS lists the plugins to load) or set LVLLM_MOE_NUMA_ENABLED=0."
-            )
-    installation = Installation(settings)
-    if LkRoutedExperts.installation is not None:   # one unregistered since (tests do)
-        LkRoutedExperts.installation.refusal_hook.remove()
-    LkRoutedExperts.installation = installation
-    for vllm_class, ours in _CLASSES.values():
-        vllm_class.register_oot(ours)
-    dense.install(installation)
-    installation.refusal_hook = torch.nn.modules.module.register_module_module_registration_hook(
-        refuse_model_own_experts)
-    return installation
+    """Put lvllm's mixins in front of vLLM's MoE classes in this process (once: a second
+    call keeps the first installation, as vLLM may load plugins more than once)."""
+    current = installation()
+    if current is not None:
+        return current
+    installation_ = Installation(settings)
+    if LkExperts.installation is not None:   # one unregistered since (tests do)
+        uninstall()
+    LkExperts.installation = installation_
+    installation_.variants = Variants()
+    installation_.variants.register_new()
+    dense.install(installation_)
+    installation_.refusal_hook = torch.nn.modules.module.register_module_module_registration_hook(
+        watch_model_modules)
+    return installation_
+
+
+def uninstall() -> None:
+    """Undo install in this process (tests): vLLM builds its own classes again."""
+    for name, cls in list(op_registry_oot.items()):
+        if isinstance(cls, type) and issubclass(cls, (LkExperts, LkRunner)):
+            del op_registry_oot[name]
+    if LkExperts.installation is not None and LkExperts.installation.refusal_hook is not None:
+        LkExperts.installation.refusal_hook.remove()
+    LkExperts.installation = None
 
 
 def installation() -> Installation | None:
     """This process's installation (None when lvllm is not installed)."""
-    return LkRoutedExperts.installation if op_registry_oot.get("RoutedExperts") is LkRoutedExperts else None
+    registered = op_registry_oot.get("RoutedExperts")
+    return LkExperts.installation if registered is not None and issubclass(registered, LkExperts) else None
 
 
 def placement() -> Placement | None:
@@ -57,25 +111,26 @@ def placement() -> Placement | None:
     return current.placement if current is not None else None
 
 
-def refuse_model_own_experts(parent: torch.nn.Module, name: str, module: torch.nn.Module):
-    """Refuse, as the model is built, an lk layer whose experts are a model's own class.
-
-    ``register_oot`` swaps ``RoutedExperts`` by class name, so a model that brings its own
-    subclass (gpt-oss, DBRX, vLLM's Transformers backend) keeps vLLM's experts, which would
-    quietly fill the device with weights the user asked to keep in host memory. Called by
-    torch for every submodule assigned while lvllm is installed.
-    """
+def watch_model_modules(parent: torch.nn.Module, name: str, module: torch.nn.Module):
+    """Called by torch for every submodule assigned while lvllm is installed: registers the
+    variants of MoE classes imported since, and refuses an lk layer whose experts escaped
+    them (a class of an ambiguous name, or one imported while the model was being built)."""
     current = installation()
-    if current is None or not isinstance(module, RoutedExperts) or isinstance(module, LkRoutedExperts):
+    if current is None:
+        return None
+    current.variants.register_new()
+    if not isinstance(module, RoutedExperts) or isinstance(module, LkExperts):
         return None
     layer_name = module.layer_name
-    if current.placement.place(extract_layer_index(layer_name), layer_name, num_model_layers()).on_lk:
+    placement_ = current.placement_for_model_being_built()
+    if placement_.place(extract_layer_index(layer_name), layer_name, num_model_layers()).on_lk:
         cls = type(module)
         raise UnsupportedLayer(
-            f"{layer_name}: this model builds its routed experts with its own class "
-            f"{cls.__module__}.{cls.__qualname__}, which lvllm does not replace, so lk cannot "
-            f"take them. Keep the layer on the device by listing its index in {RESIDENT_VAR}, "
-            "or set LVLLM_MOE_NUMA_ENABLED=0."
+            f"{layer_name}: this model builds its routed experts with "
+            f"{cls.__module__}.{cls.__qualname__}, which lvllm could not take over (its name "
+            "is shared by another class, or it was defined after the model started building), "
+            f"so lk cannot take them. Keep the layer on the device by listing its index in "
+            f"{RESIDENT_VAR}, or set LVLLM_MOE_NUMA_ENABLED=0."
         )
     return None
 
@@ -104,7 +159,11 @@ def lk_report(model: torch.nn.Module) -> dict:
             }
         else:
             device_layers[name] = {"method": type(method).__name__, "params": params}
-    current = placement()
+    current = installation()
+    draft = current.draft_placement if current else None
     return {"lk_layers": lk_layers, "device_layers": device_layers,
             "dense_layers": dense.dense_report(model),
-            "summary": current.summary if current else None}
+            "summary": current.placement.summary if current else None,
+            "draft": None if draft is None else {"lk_layers": dict(draft.lk_layers),
+                                                 "device_layers": dict(draft.device_layers),
+                                                 "summary": draft.summary}}

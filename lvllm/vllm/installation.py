@@ -25,12 +25,22 @@ class Installation:
         self.settings = settings
         self.placement = Placement.from_settings(settings, on_cuda=current_platform.is_cuda())
         self.placement.auto_resident = lambda: auto_resident_layers(settings)
-        self.layer_memory: dict[int, LayerMemory] = {}   # lk layer index -> its sizes
+        self.draft_placement: Placement | None = None   # a speculative draft model's
+        self.layer_memory: dict[str, LayerMemory] = {}   # lk layer name -> its sizes
         self.memory_checked = False
         self.gpu = None   # lvllm.vllm.gpu_path.GpuPath, made with the first lk layer on CUDA
-        self.refusal_hook = None   # torch's handle of lvllm.vllm.hooks.refuse_model_own_experts
+        self.refusal_hook = None   # torch's handle of lvllm.vllm.hooks.watch_model_modules
+        self.variants = None   # lvllm.vllm.hooks.Variants
         self._runtime_info: dict | None = None
         self._logged: set[str] = set()
+
+    def placement_for_model_being_built(self) -> Placement:
+        """The main model's placement, or the draft model's while vLLM builds a draft."""
+        if not building_draft_model():
+            return self.placement
+        if self.draft_placement is None:
+            self.draft_placement = Placement.for_draft(self.settings, on_cuda=current_platform.is_cuda())
+        return self.draft_placement
 
     def gpu_path(self):
         if self.gpu is None:
@@ -87,6 +97,28 @@ def num_model_layers() -> int | None:
     if model_config is None:
         return None
     return getattr(model_config.hf_text_config, "num_hidden_layers", None)
+
+
+def building_draft_model() -> bool:
+    """Whether vLLM is building a speculative draft model (MTP modules, EAGLE heads, a
+    separate draft model): its proposers build them under a compilation tag of their own."""
+    from vllm.compilation import backends
+
+    return backends.model_tag != "backbone"
+
+
+def pipeline_stage(num_layers: int | None) -> tuple[int, int, range] | None:
+    """(this stage, stages, the model layers it builds) under pipeline parallelism."""
+    from vllm.distributed import get_pp_group, model_parallel_is_initialized
+    from vllm.distributed.utils import get_pp_indices
+
+    if num_layers is None or not model_parallel_is_initialized():
+        return None
+    group = get_pp_group()
+    if group.world_size == 1:
+        return None
+    start, end = get_pp_indices(num_layers, group.rank_in_group, group.world_size)
+    return group.rank_in_group, group.world_size, range(start, end)
 
 
 def auto_resident_layers(settings: Settings) -> frozenset[int]:

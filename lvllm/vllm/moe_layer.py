@@ -1,6 +1,7 @@
-"""The MoE layer classes lvllm registers in vLLM: where a layer's experts go to lk, its
-quant method (``LkMoEMethod``), its ``RoutedExperts`` (``LkRoutedExperts``: loading) and its
-``MoERunner`` (``LkMoERunner``: the forward)."""
+"""What lvllm adds to vLLM's MoE layer: the quant method of an lk layer (``LkMoEMethod``)
+and two mixins, ``LkExperts`` (the quant method's choice and weight loading) and
+``LkRunner`` (the forward), that hooks.py puts in front of every ``RoutedExperts`` and
+``MoERunner`` class, vLLM's own and the models' subclasses alike."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from pathlib import Path
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
-from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExpertsOrder
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
@@ -21,10 +20,21 @@ from vllm.platforms import current_platform
 from lvllm import envs, formats
 from lvllm.hybrid import ALL_ROWS_ON_LK, HybridExperts
 from lvllm.memory import LayerMemory, check_budget, returnable_empty
-from lvllm.vllm.checkpoint_sources import ExpertSource, check_lk_supports, expert_source
-from lvllm.vllm.installation import Installation, logger, num_model_layers
+from lvllm.placement import Placement
+from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, check_lk_supports,
+                                           expert_source, gate_up_halves)
+from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
+from lvllm.vllm.installation import Installation, logger, num_model_layers, pipeline_stage
 
-_SHARD_NAMES = {"w1": "(gate_proj)", "w3": "(up_proj)", "w2": "(down_proj)"}
+_PART_NAMES = {"gate": "(gate_proj)", "up": "(up_proj)", "down": "(down_proj)"}
+# The parts of a layer's params one weight_loader call fills, by the shard id the model's
+# loader passes (None: the whole param). Other shard ids: the layer converts after loading.
+_SHARD_PARTS = {"w1": ("gate",), "w3": ("up",), "w2": ("down",),
+                "gpt_oss_w13": ("gate", "up"), "gpt_oss_w2": ("down",), None: None}
+
+
+def _param_parts(name: str) -> tuple[str, ...]:
+    return ("gate", "up") if name.startswith("w13") else ("down",)
 
 
 class LkMoEMethod(FusedMoEMethodBase):
@@ -33,18 +43,20 @@ class LkMoEMethod(FusedMoEMethodBase):
     # process_weights_after_loading reads the host copies where they are.
     requires_device_loading = False
 
-    def __init__(self, moe, layer_index: int, installation: Installation,
+    def __init__(self, moe, layer_index: int, installation: Installation, placement: Placement,
                  source: ExpertSource | None = None):
         super().__init__(moe)
         self.layer_index = layer_index
         self.installation = installation
+        self.placement = placement   # the main model's or a draft model's
         self.source = source or ExpertSource()
         self.experts: HybridExperts | None = None
         self.converted_while_loading = False
         self.params_dtype: torch.dtype | None = None
         self.param_names: tuple[str, ...] = ()
-        # param name -> (shard id, global expert id or None for all) vLLM's loader filled
-        self.loaded: dict[str, set[tuple[str, int | None]]] = {}
+        # param name -> (part, global expert id or None for all) the loader filled; None
+        # once a call came that cannot be told apart (the layer converts after loading)
+        self.loaded: dict[str, set[tuple[str, int | None]]] | None = {}
 
     def create_weights(self, layer, num_experts: int, hidden_size: int,
                        intermediate_size_per_partition: int, params_dtype: torch.dtype,
@@ -52,6 +64,8 @@ class LkMoEMethod(FusedMoEMethodBase):
         self.params_dtype = params_dtype
         params = self.source.params(num_experts, hidden_size, intermediate_size_per_partition,
                                     params_dtype)
+        if self.moe.has_bias:
+            params.update(bias_params(num_experts, hidden_size, intermediate_size_per_partition))
         for name, (shape, dtype, attrs) in params.items():
             # Pages are taken as the loader fills them and returned when lk has converted
             # the layer, so a layer costs its checkpoint size only while it loads.
@@ -63,7 +77,7 @@ class LkMoEMethod(FusedMoEMethodBase):
             set_weight_attrs(weight, {**extra_weight_attrs, **attrs})
         self.param_names = tuple(params)
         checkpoint_bytes = sum(getattr(layer, name).nbytes for name in params)
-        self.installation.layer_memory[self.layer_index] = LayerMemory(
+        self.installation.layer_memory[layer.layer_name] = LayerMemory(
             checkpoint_bytes, self.held_bytes(num_experts, hidden_size, intermediate_size_per_partition))
 
     def held_bytes(self, experts: int, hidden: int, intermediate: int) -> dict[str, int]:
@@ -91,8 +105,15 @@ class LkMoEMethod(FusedMoEMethodBase):
     def get_fused_moe_quant_config(self, layer):
         return None
 
-    def record_load(self, name: str, shard_id: str, expert_id: int, all_experts: bool):
-        self.loaded.setdefault(name, set()).add((shard_id, None if all_experts else expert_id))
+    def record_load(self, name: str, shard_id: str | None, expert_id: int | None, all_experts: bool):
+        if self.loaded is None:
+            return
+        if shard_id not in _SHARD_PARTS:
+            self.loaded = None   # a model's own shard ids: complete only once the model is
+            return
+        parts = _SHARD_PARTS[shard_id] or _param_parts(name)
+        expert = None if all_experts or expert_id is None else expert_id
+        self.loaded.setdefault(name, set()).update((part, expert) for part in parts)
 
     def gaps(self, layer) -> list[str]:
         """What the loader has not filled yet, of the params lk reads."""
@@ -102,10 +123,10 @@ class LkMoEMethod(FusedMoEMethodBase):
                 continue
             experts = getattr(layer, name).shape[0]
             loads = self.loaded.get(name, set())
-            for shard in (("w1", "w3") if name.startswith("w13") else ("w2",)):
-                ids = {expert for s, expert in loads if s == shard}
+            for part in _param_parts(name):
+                ids = {expert for p, expert in loads if p == part}
                 if None not in ids and len(ids) < experts:
-                    gaps.append(f"{name} {_SHARD_NAMES[shard]} for {experts - len(ids)} of "
+                    gaps.append(f"{name} {_PART_NAMES[part]} for {experts - len(ids)} of "
                                 f"{experts} experts")
         return gaps
 
@@ -114,7 +135,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         does not check quantized checkpoints, and a missing tensor (an AWQ checkpoint
         without qzeros, say) would leave uninitialized memory as weights. Models whose
         load_weights writes the params directly (no loader calls seen) are not checked."""
-        gaps = self.gaps(layer) if self.loaded else []
+        gaps = self.gaps(layer) if self.loaded else []   # empty or None: nothing to check
         if gaps:
             model_config = get_current_vllm_config().model_config
             where = f" in {model_config.model}" if model_config is not None else ""
@@ -129,28 +150,36 @@ class LkMoEMethod(FusedMoEMethodBase):
             return   # converted as soon as the loader had filled it
         if not self.loaded:
             self.installation.log_once(
-                "late conversion", "lvllm: %s's experts were filled outside vLLM's weight_loader, "
-                "so lk converts them after the whole model has loaded: host RAM peaks at the "
-                "checkpoint's size for such layers", layer.layer_name)
+                "late conversion", "lvllm: %s's experts were filled outside vLLM's weight_loader "
+                "or by the model's own loader, so lk converts them after the whole model has "
+                "loaded: host RAM peaks at the checkpoint's size for such layers", layer.layer_name)
         self.check_loaded(layer)
         self.convert(layer)
 
     def convert(self, layer, while_loading: bool = False) -> None:
         """Hand the loaded experts to lk and free vLLM's copy (``while_loading``: as soon
         as the loader filled the layer, not after the whole model)."""
-        installation, placement = self.installation, self.installation.placement
+        installation, placement = self.installation, self.placement
         self.converted_while_loading = while_loading
         runtime = installation.lk_runtime()
         start = time.perf_counter()
         resolved = self.resolve_format()
         w13, w2 = self.source.engine_inputs(layer)
+        w13_bias, w2_bias = ((layer.w13_bias.data, layer.w2_bias.data) if self.moe.has_bias
+                             else (None, None))
+        activation = layer.activation.value
+        if activation == "swigluoai":   # vLLM's reads gate and up interleaved, lk's in halves
+            w13 = gate_up_halves(w13)
+            w13_bias = None if w13_bias is None else gate_up_halves(w13_bias)
         placement.loading(resolved.describe())
         w13, w2 = _maybe_quantize_on_gpu(installation, w13, w2, resolved)
         self.experts = HybridExperts(
-            w13, w2, activation=layer.activation.value, layer_name=layer.layer_name,
+            w13, w2, activation=activation, layer_name=layer.layer_name,
             weight_format=resolved.name, group_size=resolved.group_size,
+            w13_bias=w13_bias, w2_bias=w2_bias, swiglu_alpha=self.moe.swiglu_alpha,
+            swiglu_limit=self.moe.swiglu_limit,
         )
-        del w13, w2
+        del w13, w2, w13_bias, w2_bias
         # lk holds its own copy now: drop vLLM's, in place, since vLLM's loader keeps the
         # Parameter objects until the whole model has loaded.
         for name in self.param_names:
@@ -175,7 +204,7 @@ class LkMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts,
               shared_experts_input):
-        # Reached only if a runner other than LkMoERunner drives the layer.
+        # Reached only if a runner without LkRunner drives the layer.
         return self.experts.forward(x, topk_ids, topk_weights, run_shared=lambda: None)[1]
 
 
@@ -231,13 +260,14 @@ def _other_weights_bytes(installation: Installation, model_config) -> int:
     return max(0, total - sum(m.checkpoint_bytes for m in installation.layer_memory.values()))
 
 
-class LkRoutedExperts(RoutedExperts):
-    """vLLM's RoutedExperts; for lk layers the quant method is LkMoEMethod."""
+class LkExperts:
+    """Put before a ``RoutedExperts`` class (hooks.py): for lk layers the quant method is
+    LkMoEMethod, and the class's own weight_loader fills its params."""
 
     # Set by lvllm.vllm.hooks.install before any model is built.
     installation: Installation | None = None
 
-    def weight_loader(self, param, loaded_weight, weight_name, shard_id, expert_id,
+    def weight_loader(self, param, loaded_weight, weight_name, shard_id=None, expert_id=None,
                       return_success=False):
         method = self.quant_method
         if not isinstance(method, LkMoEMethod):
@@ -253,9 +283,10 @@ class LkRoutedExperts(RoutedExperts):
         _check_memory_once(self.installation)
         loaded = super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
                                        return_success=True)
-        if loaded and name is not None:
-            method.record_load(name, shard_id, expert_id, all_experts=loaded_weight.dim() == 3)
-            if method.experts is None and not method.gaps(self):
+        if loaded is not False and name is not None:
+            method.record_load(name, shard_id, expert_id,
+                               all_experts=loaded_weight.dim() == param.dim())
+            if method.experts is None and method.loaded and not method.gaps(self):
                 method.convert(self, while_loading=True)
         return loaded if return_success else None
 
@@ -263,24 +294,38 @@ class LkRoutedExperts(RoutedExperts):
     weight_loader.supports_moe_loading = True
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
+        if self.installation is None:   # uninstalled since the class was made (tests)
+            return super()._get_quant_method(prefix, quant_config, moe_config)
         layer_index = extract_layer_index(prefix)
-        path = self.installation.placement.place(layer_index, prefix, num_model_layers())
+        placement = self.installation.placement_for_model_being_built()
+        if placement.stage is None and placement.draft is None:
+            placement.stage = pipeline_stage(num_model_layers())
+        path = placement.place(layer_index, prefix, num_model_layers())
         if not path.on_lk:
+            if placement.draft is not None:
+                self.installation.log_once("draft on device", "lvllm: the draft model's MoE layers "
+                                           "keep vLLM's own path (LVLLM_DRAFT_MOE=DEVICE)")
             return super()._get_quant_method(prefix, quant_config, moe_config)
         problems: list[str] = []
         source = expert_source(self, prefix, quant_config, problems)
         check_lk_supports(self, prefix, moe_config, problems)
-        return LkMoEMethod(moe_config, layer_index, self.installation, source)
+        return LkMoEMethod(moe_config, layer_index, self.installation, placement, source)
 
 
-class LkMoERunner(MoERunner):
-    """vLLM's MoERunner; lk layers take the hybrid path between routing and the add."""
+class LkRunner:
+    """Put before a ``MoERunner`` class (hooks.py): lk layers take the hybrid path between
+    routing and the add, with routing the CPU build lacks (cpu_routing.py)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.routed_experts.quant_method, LkMoEMethod) and lacks_scheme(self.router):
+            SigmoidTopkRouter.take_over(self.router)
 
     def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input,
                             input_ids=None, shared_experts_overlapping=False):
         quant_method = self.routed_experts.quant_method
         # Made while loading when any layer went to lk on a CUDA worker.
-        gpu = LkRoutedExperts.installation.gpu if hidden_states.device.type == "cuda" else None
+        gpu = LkExperts.installation.gpu if hidden_states.device.type == "cuda" else None
         route = gpu.route(hidden_states.shape[0]) if gpu is not None else ALL_ROWS_ON_LK
         if not isinstance(quant_method, LkMoEMethod):
             # A resident layer (computed by vLLM): deciding the route above already started

@@ -50,7 +50,8 @@ BASE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
 LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS", "LVLLM_MOE_USE_WEIGHT",
-              "LVLLM_MOE_QUANT_GROUP_SIZE", "LVLLM_MOE_QUANT_ON_GPU", "LVLLM_DENSE_ON_LK")
+              "LVLLM_MOE_QUANT_GROUP_SIZE", "LVLLM_MOE_QUANT_ON_GPU", "LVLLM_DENSE_ON_LK",
+              "LVLLM_DRAFT_MOE")
 
 
 @contextmanager
@@ -79,10 +80,12 @@ def build_model(out: Path, family: str, *builder_args: str) -> Path:
 
 
 class RunResult:
-    def __init__(self, tokens, prompt_logprobs, report):
+    def __init__(self, tokens, prompt_logprobs, report, prompt_token_ids=None, inspected=None):
         self.tokens = tokens                      # per prompt: greedy output token ids
         self.prompt_logprobs = prompt_logprobs    # per prompt: logprob of each prompt token
         self.report = report                      # per worker: lvllm.vllm.lk_report
+        self.prompt_token_ids = prompt_token_ids  # per prompt: the ids vLLM tokenized it to
+        self.inspected = inspected                # run_llm's inspect(llm), if given
 
 
 def attention_backend(model: Path, dtype: str) -> str | None:
@@ -96,7 +99,13 @@ def attention_backend(model: Path, dtype: str) -> str | None:
 
 def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True,
             resident: str | None = None, tp: int = 1, weight: str | None = None,
-            group: int | None = None, quant_on_gpu: bool = False, dense: str | None = None) -> RunResult:
+            group: int | None = None, quant_on_gpu: bool = False, dense: str | None = None,
+            llm_kwargs: dict | None = None, prompt_logprobs: bool = True,
+            inspect=None) -> RunResult:
+    """One vLLM instance: greedy tokens, prompt logprobs and lk_report of PROMPTS.
+    ``llm_kwargs``: extra (or overriding) arguments of vllm.LLM; ``prompt_logprobs=False``
+    leaves them out (empty lists); ``inspect(llm)``: called before shutdown, its result kept
+    as ``RunResult.inspected``."""
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
@@ -108,35 +117,51 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
         overrides["LVLLM_MOE_QUANT_ON_GPU"] = "1"
     if resident is not None:
         overrides["LVLLM_GPU_RESIDENT_MOE_LAYERS"] = resident
-    if tp > 1:
-        share = max(1, len(CPUS) // tp)  # each rank its own cores when there are enough
+    ranks = tp * (llm_kwargs or {}).get("pipeline_parallel_size", 1)
+    if ranks > 1:
+        share = max(1, len(CPUS) // ranks)  # each rank its own cores when there are enough
         overrides["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             ",".join(str(CPUS[(r * share + i) % len(CPUS)]) for i in range(share))
-            for r in range(tp))
+            for r in range(ranks))
     with environment(**overrides):
         from vllm import LLM, SamplingParams
 
         from lvllm.vllm import lk_report
 
-        llm = LLM(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
-                  max_num_seqs=4, seed=0, enable_prefix_caching=False,
-                  tensor_parallel_size=tp, distributed_executor_backend="mp",
-                  disable_log_stats=True, attention_backend=attention_backend(model, dtype))
+        kwargs = dict(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
+                      max_num_seqs=4, seed=0, enable_prefix_caching=False,
+                      tensor_parallel_size=tp, distributed_executor_backend="mp",
+                      disable_log_stats=True, attention_backend=attention_backend(model, dtype))
+        llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         try:
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
-                                    prompt_logprobs=0, ignore_eos=True)
+                                    prompt_logprobs=0 if prompt_logprobs else None,
+                                    ignore_eos=True)
             outputs = llm.generate(PROMPTS, params, use_tqdm=False)
-            tokens, logprobs = [], []
+            tokens, logprobs, prompt_ids = [], [], []
             for out in outputs:
                 tokens.append(list(out.outputs[0].token_ids))
+                prompt_ids.append(list(out.prompt_token_ids))
                 logprobs.append([entry[token].logprob
                                  for entry, token in zip(out.prompt_logprobs[1:],
-                                                         out.prompt_token_ids[1:])])
+                                                         out.prompt_token_ids[1:])]
+                                if prompt_logprobs else [])
             report = llm.apply_model(lk_report)
+            inspected = inspect(llm) if inspect is not None else None
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
-    return RunResult(tokens, logprobs, report)
+    return RunResult(tokens, logprobs, report, prompt_ids, inspected)
 
 
+
+
+def draft_lk_report(worker) -> dict | None:
+    """lvllm.vllm.lk_report of a worker's speculative-decoding draft model (None without
+    one), for ``llm.collective_rpc``: ``LLM.apply_model`` reaches the target model only."""
+    from lvllm.vllm import lk_report
+
+    drafter = getattr(worker.model_runner, "drafter", None)
+    model = getattr(drafter, "model", None)
+    return lk_report(model) if model is not None else None

@@ -25,10 +25,9 @@ def checkpoints(tmp_path_factory):
               "awq": ("--quantize", "awq-experts"), "awq-zero": ("--quantize", "awq-experts", "--zero-point")}
     yield {name: build_model(root / name, "qwen3_moe", *CHECKPOINT_DIMS, *args) for name, args in builds.items()}
     from vllm.distributed import parallel_state
-    from vllm.model_executor.custom_op import op_registry_oot
+    from lvllm.vllm import uninstall
 
-    for name in ("RoutedExperts", "MoERunner"):   # doctor installed lvllm in this process
-        op_registry_oot.pop(name, None)
+    uninstall()   # doctor installed lvllm in this process
     parallel_state.destroy_model_parallel()
     parallel_state.destroy_distributed_environment()
 

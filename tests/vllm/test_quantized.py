@@ -217,7 +217,7 @@ def test_checkpoint_missing_expert_tensors_is_refused(checkpoints, capfd):
 
 
 def awq_source(**awq):
-    """LkRoutedExperts' choice for an AWQ config (what would follow "quantization_config"
+    """LkExperts' choice for an AWQ config (what would follow "quantization_config"
     in config.json) on a layer with H 256 and a per-rank intermediate size of 96."""
     from types import SimpleNamespace
 

@@ -30,9 +30,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, model: Path, port: int) -> Path:
-    """examples/tiny/config.yaml with this test's model and port."""
-    lines = []
+def write_config(path: Path, model: Path, port: int, extra: tuple[str, ...] = ()) -> Path:
+    """examples/tiny/config.yaml with this test's model and port (and ``extra`` lines)."""
+    lines = list(extra)
     for line in (ROOT / "examples" / "tiny" / "config.yaml").read_text().splitlines():
         if line.startswith("model:"):
             line = f"model: {model}"
@@ -200,6 +200,20 @@ def test_clean_shutdown(server):
         assert noise not in log, log[-4000:]
 
 
+def failed_startup(config: Path, log: Path, env: dict) -> str:
+    """Start a server that must stop by itself: its log, once it exited non-zero and left
+    no process behind."""
+    proc = start_server(config, log, env)
+    try:
+        proc.wait(STARTUP_TIMEOUT)
+    finally:
+        survivors = stop(proc)
+    text = log.read_text()
+    assert proc.returncode != 0, text[-3000:]
+    assert survivors == []
+    return text
+
+
 # traceback: whether vLLM's processes print tracebacks around the message. The variables are
 # checked in the API server before vLLM starts, with the message alone; layer indices only
 # where the model is built, in the worker, whose failure vLLM reports with tracebacks.
@@ -212,14 +226,18 @@ def test_clean_shutdown(server):
 ])
 def test_bad_values_stop_startup(tiny_model, tmp_path, name, value, needle, traceback):
     config = write_config(tmp_path / "config.yaml", tiny_model("qwen3_moe"), free_port())
-    log = tmp_path / "server.log"
-    proc = start_server(config, log, server_env(LVLLM_MOE_NUMA_ENABLED="1", **{name: value}))
-    try:
-        proc.wait(STARTUP_TIMEOUT)
-    finally:
-        survivors = stop(proc)
-    text = log.read_text()
-    assert proc.returncode != 0, text[-3000:]
+    text = failed_startup(config, tmp_path / "server.log",
+                          server_env(LVLLM_MOE_NUMA_ENABLED="1", **{name: value}))
     assert name in text and needle in text, text[-3000:]
     assert traceback or "Traceback" not in text, text[-3000:]
-    assert survivors == []
+
+
+def test_expert_parallel_is_refused_with_its_reason(tiny_model, tmp_path):
+    """lk holds every expert of a layer on each rank: --enable-expert-parallel with lk on
+    stops at start-up, saying why and what to do, instead of computing a partial layer."""
+    config = write_config(tmp_path / "config.yaml", tiny_model("qwen3_moe"), free_port(),
+                          ("tensor-parallel-size: 2", "enable-expert-parallel: true"))
+    text = failed_startup(config, tmp_path / "server.log",
+                          server_env(LVLLM_MOE_NUMA_ENABLED="1", VLLM_CPU_OMP_THREADS_BIND="0|1"))
+    assert "lk cannot compute this layer's routed experts (expert parallelism)" in text, text[-3000:]
+    assert "LVLLM_MOE_NUMA_ENABLED=0" in text, text[-3000:]
