@@ -21,7 +21,7 @@ class ExpertStorage:
 
     format: str
     group: int | None = None
-    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq
+    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq, mxfp4
     block: tuple[int, int] | None = None   # FP8 block: (rows, inputs) per scale
     zero_point: bool = False
 
@@ -71,11 +71,13 @@ def moe_layer_indices(config: dict, num_layers: int) -> tuple[int, ...]:
     return tuple(range(num_layers))
 
 
-def expert_storage(quant: dict | None, where: str) -> ExpertStorage:
+def expert_storage(quant: dict | None, where: str, model_type: str = "") -> ExpertStorage:
     """The experts' stored format from a quantization_config, refusing what lk cannot take."""
     if not quant:
         return ExpertStorage("float")
     method = str(quant.get("quant_method", "")).lower()
+    if method == "mxfp4" and model_type == "gpt_oss":   # the MXFP4 layout vLLM loads for lk
+        return ExpertStorage("mxfp4", 32, "mxfp4")
     if method == "fp8" and quant.get("weight_block_size"):
         rows, inputs = quant["weight_block_size"]
         return ExpertStorage("fp8_e4m3", int(inputs), "fp8-block", (int(rows), int(inputs)))
@@ -89,7 +91,7 @@ def expert_storage(quant: dict | None, where: str) -> ExpertStorage:
                              zero_point=bool(quant.get("zero_point")))
     raise ConfigError(f"{where}: quantization_config {json.dumps(quant)[:200]} is not a format lk "
                       "takes (float, FP8 with weight_block_size, compressed-tensors pack-quantized "
-                      "4-bit groups, AWQ 4-bit)")
+                      "4-bit groups, AWQ 4-bit, gpt-oss MXFP4)")
 
 
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
@@ -123,7 +125,8 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
         num_layers=layers, moe_layers=moe_layer_indices(text, layers), hidden=hidden,
         intermediate=intermediate, experts=int(experts), top_k=int(text["num_experts_per_tok"]),
         dtype=dtype, storage=expert_storage(config.get("quantization_config")
-                                            or text.get("quantization_config"), where),
+                                            or text.get("quantization_config"), where,
+                                            str(text.get("model_type", config.get("model_type", "")))),
         vocab=int(text["vocab_size"]), tied_embeddings=bool(_first(text, "tie_word_embeddings",
                                                                     default=False)),
         dense_intermediate=0 if mixtral_like else int(text.get("intermediate_size") or 0),
@@ -169,6 +172,8 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
         blocks = 2 * _cdiv(i, bn) * _cdiv(h, bk) + _cdiv(h, bn) * _cdiv(i, bk)
         return e * (weights + 4 * blocks)
     groups = weights // storage.group
+    if storage.scheme == "mxfp4":   # two e2m1 codes a byte, one e8m0 byte a group (biases left out)
+        return e * (weights // 2 + groups)
     if storage.scheme == "compressed-tensors":   # int32 words of 8 values, float32 scales, shapes
         return e * (weights // 2 + 4 * groups + 2 * 2 * 4)
     return e * (weights // 2 + 4 * groups + groups // 2)   # AWQ: + int32 qzeros, 8 per word
@@ -177,10 +182,11 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
 def dense_weight_bytes(shape: ModelShape, tp: int = 1) -> int:
     """Weights outside the routed experts that sit on the GPU (norms and biases left out):
     embeddings and LM head, attention, dense MLPs, routers and shared experts. Decoder-layer
-    projections take the experts' stored bytes per weight (FP8: 1, 4-bit: 0.5), the rest the
+    projections take the experts' stored bytes per weight (FP8: 1, 4-bit integers: 0.5; MXFP4
+    checkpoints quantize the experts only), the rest the
     model dtype."""
     h, d = shape.hidden, shape.dtype_bytes
-    per_weight = {"float": d, "fp8-block": 1}.get(shape.storage.scheme, 0.5)
+    per_weight = {"float": d, "fp8-block": 1, "mxfp4": d}.get(shape.storage.scheme, 0.5)
     if shape.mla:
         m = shape.mla
         qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]

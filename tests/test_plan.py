@@ -177,17 +177,44 @@ def test_a_gpu_too_small_for_the_rest_of_the_model_is_no_plan():
 def test_the_checkpoint_layer_bytes_are_what_vllm_creates():
     """model_shape's byte count against the params lvllm.vllm.checkpoint_sources creates."""
     pytest.importorskip("vllm")
-    from lvllm.vllm.checkpoint_sources import AwqInt4Source, CompressedTensorsInt4Source, ExpertSource, Fp8BlockSource
+    from lvllm.vllm.checkpoint_sources import (AwqInt4Source, CompressedTensorsInt4Source, ExpertSource,
+                                               Fp8BlockSource, Mxfp4Source)
 
     cases = [({}, ExpertSource()), (DEEPSEEK_V3["quantization_config"], Fp8BlockSource((128, 128))),
+             ({"quant_method": "mxfp4"}, Mxfp4Source()),
              ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 32}}}},
               CompressedTensorsInt4Source(32)),
              ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True}, AwqInt4Source(64, True))]
     for quant, source in cases:
-        shape = model_shape({**QWEN3_30B, "quantization_config": quant})
+        model_type = "gpt_oss" if quant.get("quant_method") == "mxfp4" else "qwen3_moe"
+        shape = model_shape({**QWEN3_30B, "model_type": model_type, "quantization_config": quant})
         params = source.params(128, 2048, 768, torch.bfloat16)
         expected = sum(torch.Size(s).numel() * d.itemsize for s, d, _ in params.values())
         assert checkpoint_layer_bytes(shape) == expected, quant
+
+
+GPT_OSS_120B = {
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+    "intermediate_size": 2880, "num_local_experts": 128, "num_experts_per_tok": 4,
+    "num_hidden_layers": 36, "vocab_size": 201088, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
+    "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "mxfp4"},
+}
+
+
+def test_gpt_oss_mxfp4_keeps_its_experts_as_stored():
+    """One expert: 3 x 2880 x 2880 = 24,883,200 weights, 12,441,600 code bytes + 777,600 e8m0
+    scales as the checkpoint holds them; KEEP holds the same values as TO_DTYPE in about a
+    quarter of the RAM, so the plan takes it."""
+    shape = model_shape(GPT_OSS_120B)
+    assert (shape.storage.format, shape.storage.group, shape.moe_layers) == ("mxfp4", 32, tuple(range(36)))
+    assert checkpoint_layer_bytes(shape) == 128 * (12_441_600 + 777_600)
+    result = plan.make_plan(shape, machine(ram=96, cores=2, bandwidth=35), 4096)
+    assert result.choice.modes[0] == "KEEP" and result.choice.resolved.name == "mxfp4"
+    # 4.25 bits a weight (4-bit codes, an 8-bit scale per 32) against bf16's 16.
+    assert row(result, "KEEP").held / row(result, "TO_DTYPE").held == pytest.approx(4.25 / 16, rel=0.01)
+    with pytest.raises(ConfigError, match="not a format lk takes"):   # MXFP4 vLLM loads otherwise
+        model_shape({**GPT_OSS_120B, "model_type": "other", "architectures": ["X"]})
 
 
 def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):
