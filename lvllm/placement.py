@@ -72,10 +72,9 @@ class Placement:
     auto_resident: Callable[[], frozenset[int]] | None = None
     # Under pipeline parallelism: (this stage, stages, the model layers it builds).
     stage: tuple[int, int, range] | None = None
-    # A speculative draft model's record: its layers all on the device or all on lk
-    # (LVLLM_DRAFT_MOE), named in the log line; indices are the draft's own.
+    # A speculative draft model's record: LVLLM_DRAFT_MOE puts all its layers on the device
+    # (DEVICE) or on lk (LK), named in the log line; indices are the draft's own.
     draft: str | None = None
-    all_resident: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bar: object = field(default=None, repr=False)
 
@@ -87,7 +86,7 @@ class Placement:
     @classmethod
     def for_draft(cls, settings: Settings, on_cuda: bool = False) -> "Placement":
         return cls(resident=frozenset(), streams=on_cuda and settings.gpu_prefill_min_batch > 0,
-                   draft=settings.draft_moe, all_resident=settings.draft_moe == "DEVICE")
+                   draft=settings.draft_moe)
 
     def place(self, layer_index: int, layer_name: str, num_layers: int | None) -> LayerPath:
         """Record a MoE layer and decide its path."""
@@ -99,7 +98,7 @@ class Placement:
             if num_layers is not None and self.num_layers is None:
                 check_resident_layers(self.resident, num_layers)
                 self.num_layers = num_layers
-            on_device = self.all_resident or layer_index in self.resident
+            on_device = self.draft == "DEVICE" or layer_index in self.resident
             (self.device_layers if on_device else self.lk_layers)[layer_index] = layer_name
             return self.path_of(layer_index)
 
