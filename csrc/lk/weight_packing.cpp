@@ -256,6 +256,8 @@ void pack_integer_panel(const SourceMatrix& source, const int (&rows)[kPanelWidt
 // codes where INT4's nibbles lie.
 void pack_mxfp4_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
                       PackScratch& scratch, uint8_t* panel) {
+  // The kernels multiply whole groups; rows split between nodes split on group ends.
+  if (depth % kMxfp4Group != 0) throw std::logic_error("an MXFP4 panel must hold whole groups of inputs");
   const std::size_t groups = panel_groups(depth, kMxfp4Group);
   uint8_t* scales = panel + panel_value_bytes(WeightFormat::Mxfp4, depth);
   const std::size_t stride = padded_depth(WeightFormat::Mxfp4, depth);

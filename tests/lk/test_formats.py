@@ -48,14 +48,14 @@ def reference_int4(w: torch.Tensor, group: int) -> QuantizedWeights:
     return quant.quantize(w, "int4", group)
 
 
-def activations_as_rounded(group: int):
+def activations_as_rounded(group: int, steps: int = 127):
     """The engine's 8-bit activation rounding: per row, groups of `group` inputs scaled so
-    the largest magnitude is 127 steps, rounded half to even. -> (rounded, doubt)."""
+    the largest magnitude is `steps` steps, rounded half to even. -> (rounded, doubt)."""
 
     def rounded(rows: torch.Tensor):
         length = rows.shape[-1]
         padded = F.pad(rows, (0, (-length) % group)).unflatten(-1, (-1, group))
-        step = padded.abs().amax(-1, keepdim=True) / 127
+        step = padded.abs().amax(-1, keepdim=True) / steps
         scaled = padded / torch.where(step > 0, step, 1)
         tie = ((scaled - scaled.floor()) - 0.5).abs() < DOUBT_STEPS
         doubt = torch.where(tie, step, 0)

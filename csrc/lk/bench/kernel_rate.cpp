@@ -152,6 +152,10 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
                                 isa + " (the engine's chunk)");
   }
   if (depth < 1) throw std::invalid_argument("depth must be positive");
+  if (format == WeightFormat::Mxfp4 && depth % kMxfp4Group != 0) {
+    throw std::invalid_argument("mxfp4 depth must be a multiple of " + std::to_string(kMxfp4Group) +
+                                " (its panels hold whole groups)");
+  }
   if (pair && !reads_two_panels(kernel, rows)) {
     throw std::invalid_argument(format_text + " on " + isa + " does not read two panels side by side for " +
                                 std::to_string(rows) + " rows");

@@ -396,10 +396,8 @@ struct PanelKernels {
   // bias) and an activation, 8 blocks for INT4 (with kQuadDot the sums are 32 bits and the
   // run only sets the step). The block loop unrolls by 2: fully unrolled, a run spills.
   // Rounded down to a power of two, so that a run divides the blocks of every group of a
-  // power-of-two size it fits in (MXFP4's 8 blocks take two runs of 4, not 5 and 3 single
-  // blocks). A Decode may ask for shorter runs (static constexpr int kQuadRunBlocks), whose
-  // 16-bit sums are live for less long (AVX2 MXFP4).
-  static constexpr int kLongestQuadRun = [] {
+  // power-of-two size it fits in (MXFP4: one run of 8 per group of 32).
+  static constexpr int kQuadRunBlocks = [] {
     if constexpr (kQuads) {
       constexpr int largest = [] {
         if constexpr (requires { Decode::kQuadMax; }) return Decode::kQuadMax;
@@ -412,11 +410,6 @@ struct PanelKernels {
       return 1;
     }
   }();
-  static constexpr int kQuadRunBlocks = [] {
-    if constexpr (requires { Decode::kQuadRunBlocks; }) return Decode::kQuadRunBlocks;
-    return kLongestQuadRun;
-  }();
-  static_assert(kQuadRunBlocks <= kLongestQuadRun, "a run's 16-bit sums must not saturate");
 
   // Where Simd fuses the multiply and the add (VNNI), each sum is one chain through that
   // instruction's latency, which one or two sums per block (decode) would wait on: their
@@ -537,10 +530,75 @@ struct PanelKernels {
     }
   }
 
+  // MXFP4 on byte products: a group is 32 inputs (kMxfp4Group) with a power-of-two scale
+  // per column, so its integer sums turn into fp32 once per group and row, four times as
+  // often as INT4's. That step is made cheap: the group's byte products sum whole in 16 bits
+  // (activation_max), and its scaled sums add to fp32 sums held in registers across the
+  // depth, stored once per pass instead of read and written per group.
+  static constexpr bool kScaledQuadGroups = kQuads && kFormat == WeightFormat::Mxfp4;
+  static constexpr int kGroupBlocks = kMxfp4Group / kBlockRows;
+
+  template <int Rows>
+  static inline void add_scaled_group(Vec (&acc)[Rows][kVecs], const typename Simd::IVec (&sums)[Rows][kVecs],
+                                      const ActivationRow* a, const uint8_t* scale_row, int index) {
+    Vec scale[kVecs];
+    e8m0_scales(scale_row, scale);
+#pragma GCC unroll 16
+    for (int r = 0; r < Rows; ++r) {
+      const Vec row_scale = Simd::set1(a[r].scale[index]);
+      const typename Simd::IVec bias = Simd::iset1(Decode::kQuadBias * a[r].span_sums[index]);
+#pragma GCC unroll 16
+      for (int v = 0; v < kVecs; ++v) {
+        const Vec sum = Simd::to_float(Simd::isub(sums[r][v], bias));
+        acc[r][v] = Simd::fmadd(sum, Simd::mul(scale[v], row_scale), acc[r][v]);
+      }
+    }
+  }
+
+  template <int Rows, int Panels>
+  static void scaled_quad_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
+                               float* const* const* c, bool accumulate) {
+    using IVec = typename Simd::IVec;
+    static_assert(kGroupBlocks % kQuadRunBlocks == 0, "runs divide a group");
+    for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
+    const int ahead = groups_ahead(group_size);
+    const int blocks = depth / kBlockRows;  // whole groups (pack_mxfp4_panel)
+    Vec acc[Panels][Rows][kVecs];
+    for (int p = 0; p < Panels; ++p)
+      for (int r = 0; r < Rows; ++r)
+        for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::zero();
+    for (int index = 0, first = 0; first < blocks; ++index, first += kGroupBlocks) {
+      const long block = static_cast<long>(first) * kBlockBytes;
+      const int k = first * kBlockRows;
+#pragma GCC unroll 2
+      for (int p = 0; p < Panels; ++p) {
+        prefetch_group(panels[p], depth, group_size, index + ahead);
+        IVec sums[Rows][kVecs]{};  // zeros
+#pragma GCC unroll 4
+        for (int line = 0; line < kGroupBlocks * kBlockBytes; line += 64) fetch_ahead_of(panels[p] + block + line);
+#pragma GCC unroll 8
+        for (int b = 0; b < kGroupBlocks; b += kQuadRunBlocks) {
+          quad_run<Rows, kQuadRunBlocks>(sums, a, panels[p] + block + b * kBlockBytes, k + b * kBlockRows);
+        }
+        add_scaled_group<Rows>(acc[p], sums, a, group_row(panels[p], depth, index), index);
+      }
+    }
+    for (int p = 0; p < Panels; ++p) {
+      for (int r = 0; r < Rows; ++r) {
+        for (int v = 0; v < kVecs; ++v) {
+          float* out = c[p][r] + v * Simd::kLanes;
+          Simd::store(out, accumulate ? Simd::add(Simd::load(out), acc[p][r][v]) : acc[p][r][v]);
+        }
+      }
+    }
+  }
+
   template <int Rows, int Panels>
   static void tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group, float* const* const* c,
                    bool accumulate) {
-    if constexpr (kInteger) {
+    if constexpr (kScaledQuadGroups) {
+      scaled_quad_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
+    } else if constexpr (kInteger) {
       integer_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
     } else {
       float_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
@@ -581,7 +639,9 @@ struct PanelKernels {
       return 0;
     } else {
       constexpr int decoded = 2 * (kInteger && !kQuads ? kBlockRows / 2 : 1) * kVecs;
-      constexpr int rows = (Simd::kRegisters - 1 - decoded) / (2 * kVecs + 1);
+      // scaled_quad_tile also holds a group's integer sums beside each fp32 sum.
+      constexpr int per_row = 2 * kVecs * (kScaledQuadGroups ? 2 : 1) + 1;
+      constexpr int rows = (Simd::kRegisters - 1 - decoded) / per_row;
       return rows < kMainRows ? rows : kMainRows;
     }
   }

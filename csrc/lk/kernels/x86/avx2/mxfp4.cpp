@@ -17,8 +17,7 @@ inline void e8m0_group_scales(const uint8_t* row, __m256 (&scale)[2]) {
 // lane one column's four codes, and one vpshufb per half looks each code up as twice its
 // value plus 12, an unsigned byte 0..24 that vpmaddubsw multiplies by the 8-bit
 // activations as INT4's bytes are. The kernels take the 12 off with the activations' span
-// sums. Five blocks could saturate a 16-bit sum; runs of two keep the 16-bit sums' live
-// range short, which the decode's constants leave few registers for (runs of four spill).
+// sums, once per group, whose 8 blocks sum whole in 16 bits (kernels.h, activation_max).
 struct Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
   // Short rows, fetched far ahead into L2 as INT4's are.
@@ -26,7 +25,6 @@ struct Decode {
   static constexpr bool kPrefetchIntoL2 = true;
   static constexpr int kQuadBias = 12;
   static constexpr int kQuadMax = 24;
-  static constexpr int kQuadRunBlocks = 2;
   static void quads(const uint8_t* block, __m256i (&w)[2]) {
     const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
@@ -40,16 +38,12 @@ struct Decode {
 
 // What prefill widens MXFP4 to: each block's looked-up bytes, 64 per block, so that a pass
 // only loads them (in-cache, 64 rows: about 0.85x the time of decoding in every pass).
-// Passes of 3 rows in runs of two blocks measured best (4 rows, or runs of 1 or 4, were
-// 4-20% slower). What bounds MXFP4 prefill is its groups of 32: per group and row a
-// conversion of the sums to fp32 and their scaling (INT4 at 128 does it a quarter as often).
 struct WideDecode {
   static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
   static constexpr int kBlockRows = kInt4RowsPerBlock;
   static constexpr int kBlockBytes = 64;
   static constexpr int kQuadBias = Decode::kQuadBias;
   static constexpr int kQuadMax = Decode::kQuadMax;
-  static constexpr int kQuadRunBlocks = 2;
   static void quads(const uint8_t* block, __m256i (&w)[2]) {
     w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     w[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32));

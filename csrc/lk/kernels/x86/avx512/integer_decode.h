@@ -46,7 +46,7 @@ struct Int4Decode {
 
 // MXFP4 blocks lie as INT4's (formats.h): the same halves, then one vpshufb looks each code
 // up as twice its value plus 12, an unsigned byte 0..24 (x86/avx2/mxfp4.cpp), multiplied as
-// INT4's bytes are (vpmaddubsw, in runs of 4 blocks that cannot saturate; vpdpbusd).
+// INT4's bytes are (vpmaddubsw, a group's 8 blocks in one run; vpdpbusd).
 struct Mxfp4Decode {
   static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
   static constexpr int kQuadBias = 12;
