@@ -47,6 +47,7 @@ class ModelShape:
     head_dim: int
     mla: dict | None            # kv_lora_rank, q_lora_rank, qk_nope/rope_head_dim, v_head_dim
     max_positions: int
+    streamed_prefill: bool = True   # False: expert biases and a clamped activation (gpt-oss), which lk computes
 
     @property
     def dtype_bytes(self) -> int:
@@ -120,13 +121,13 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     if text.get("kv_lora_rank"):
         mla = {k: int(text.get(k) or 0) for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
                                                    "qk_rope_head_dim", "v_head_dim")}
+    model_type = str(text.get("model_type", config.get("model_type", "")))
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
         num_layers=layers, moe_layers=moe_layer_indices(text, layers), hidden=hidden,
         intermediate=intermediate, experts=int(experts), top_k=int(text["num_experts_per_tok"]),
         dtype=dtype, storage=expert_storage(config.get("quantization_config")
-                                            or text.get("quantization_config"), where,
-                                            str(text.get("model_type", config.get("model_type", "")))),
+                                            or text.get("quantization_config"), where, model_type),
         vocab=int(text["vocab_size"]), tied_embeddings=bool(_first(text, "tie_word_embeddings",
                                                                     default=False)),
         dense_intermediate=0 if mixtral_like else int(text.get("intermediate_size") or 0),
@@ -134,6 +135,7 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
         heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
         head_dim=int(text.get("head_dim") or hidden // heads), mla=mla,
         max_positions=int(text.get("max_position_embeddings") or 4096),
+        streamed_prefill=model_type != "gpt_oss",
     )
 
 

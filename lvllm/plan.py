@@ -191,12 +191,15 @@ def candidate_formats(shape: ModelShape) -> dict[formats.Resolved, tuple[str, ..
 
 
 def _fit_gpu(shape: ModelShape, machine: Machine, max_model_len: int, resolved: formats.Resolved) -> GpuFit:
-    """Resident layers with the prefill ring where it fits, else without it."""
+    """Resident layers with the prefill ring where it fits and the layers stream, else without it."""
     tp = max(1, machine.gpus)
+    bare = gpu_fit(shape, machine.gpu_memory, tp, max_model_len, resolved, None)
+    if not shape.streamed_prefill:
+        return replace(bare, reason=f"{bare.reason}; no GPU prefill: the streamed prefill does not compute "
+                                    "expert biases or gpt-oss's activation (lk computes long prompts)")
     fit = gpu_fit(shape, machine.gpu_memory, tp, max_model_len, resolved, 1, nodes=machine.numa_nodes)
     if fit.ring_fits:
         return fit
-    bare = gpu_fit(shape, machine.gpu_memory, tp, max_model_len, resolved, None)
     return replace(bare, reason=f"{bare.reason}; no GPU prefill: {fit.reason}")
 
 

@@ -217,6 +217,20 @@ def test_gpt_oss_mxfp4_keeps_its_experts_as_stored():
         model_shape({**GPT_OSS_120B, "model_type": "other", "architectures": ["X"]})
 
 
+def test_gpt_oss_reserves_no_prefill_ring():
+    """gpt-oss's layers never stream (the streamed prefill lacks its expert biases and clamped
+    activation), so a 48 GB GPU holds layers where the ring would have been."""
+    shape = model_shape(GPT_OSS_120B)
+    assert not shape.streamed_prefill and model_shape(QWEN3_30B).streamed_prefill
+    result = plan.make_plan(shape, machine(ram=96, cores=16, bandwidth=35, gpus=1, gpu_gib=48), 32768)
+    assert result.gpu.ring == 0 and result.prefill_from == 0 and result.lk_layers
+    assert "no GPU prefill: the streamed prefill does not compute expert biases" in result.gpu.reason
+    keep = plan.resolve(shape, "KEEP")
+    assert result.gpu.resident == plan.gpu_fit(shape, 48 * GIB, 1, 32768, keep, None).resident
+    ringed = plan.gpu_fit(shape, 48 * GIB, 1, 32768, keep, 1)
+    assert ringed.ring > 0 and len(ringed.resident) < len(result.gpu.resident)
+
+
 def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):
     with pytest.raises(ConfigError, match="no experts|describes no routed experts"):
         model_shape({"hidden_size": 8, "num_hidden_layers": 2}, "x/config.json")

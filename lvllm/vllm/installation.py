@@ -142,7 +142,8 @@ def auto_resident_layers(settings: Settings) -> frozenset[int]:
     device = torch.cuda.current_device()
     fit = plan.gpu_fit(shape, torch.cuda.get_device_properties(device).total_memory,
                        config.parallel_config.tensor_parallel_size, model_config.max_model_len, resolved,
-                       settings.gpu_prefetch_window if settings.gpu_prefill_min_batch else None,
+                       settings.gpu_prefetch_window if settings.gpu_prefill_min_batch and shape.streamed_prefill
+                       else None,
                        config.cache_config.gpu_memory_utilization, usable_numa_nodes())
     logger.info("lvllm: %s=auto: MoE layers [%s] resident on cuda:%d, as `lvllm plan` fits them: %s",
                 RESIDENT_VAR, envs.format_ranges(fit.resident), device, fit.describe())
