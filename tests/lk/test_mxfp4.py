@@ -111,9 +111,11 @@ def test_every_row_count_of_a_pass(runtimes, isa):
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)
-def test_results_do_not_depend_on_the_batch(runtimes, isa):
-    """Integer sums: a token's output is the same bits alone (decode) or among a prefill."""
-    experts, hidden, intermediate, tokens = 3, 192, 64, 260
+@pytest.mark.parametrize("hidden", [192, 2112])
+def test_results_do_not_depend_on_the_batch(runtimes, isa, hidden):
+    """Integer sums: a token's output is the same bits alone (decode) or among a prefill,
+    also where prefill widens a deep panel in several blocks (H = 2112: 66 groups)."""
+    experts, intermediate, tokens = 3, 64, 260
     w13, w2 = make(experts, hidden, intermediate, seed=9)
     engine = MoEEngine(w13, w2, runtime=runtimes(isa=isa))
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(9))

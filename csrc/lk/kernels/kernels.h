@@ -39,6 +39,11 @@ constexpr int activation_max(WeightFormat format) {
   return format == WeightFormat::Int4 ? 127 : 32767;
 }
 
+// MXFP4's scaled group sums add up in fp32 over this many inputs before joining the
+// output, in decode as in prefill's widened blocks (which start on its multiples), so that
+// a token's result keeps its bits whatever is batched with it.
+constexpr int kMxfp4SumSpan = 1024;
+
 // Integer products are summed over at most this many inputs of one group before the sums
 // move to fp32 (128 products of int8 weights and int16 activations per 32-bit lane stay
 // below 2^31). Span s of group g covers inputs from g * group + s * kIntegerSpan.

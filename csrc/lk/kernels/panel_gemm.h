@@ -533,8 +533,8 @@ struct PanelKernels {
   // MXFP4 on byte products: a group is 32 inputs (kMxfp4Group) with a power-of-two scale
   // per column, so its integer sums turn into fp32 once per group and row, four times as
   // often as INT4's. That step is made cheap: the group's byte products sum whole in 16 bits
-  // (activation_max), and its scaled sums add to fp32 sums held in registers across the
-  // depth, stored once per pass instead of read and written per group.
+  // (activation_max), and its scaled sums add to fp32 sums held in registers, added to c
+  // once per kMxfp4SumSpan inputs instead of read and written per group.
   static constexpr bool kScaledQuadGroups = kQuads && kFormat == WeightFormat::Mxfp4;
   static constexpr int kGroupBlocks = kMxfp4Group / kBlockRows;
 
@@ -560,34 +560,39 @@ struct PanelKernels {
                                float* const* const* c, bool accumulate) {
     using IVec = typename Simd::IVec;
     static_assert(kGroupBlocks % kQuadRunBlocks == 0, "runs divide a group");
+    constexpr int kSpanBlocks = kMxfp4SumSpan / kBlockRows;
     for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
     const int ahead = groups_ahead(group_size);
     const int blocks = depth / kBlockRows;  // whole groups (pack_mxfp4_panel)
-    Vec acc[Panels][Rows][kVecs];
-    for (int p = 0; p < Panels; ++p)
-      for (int r = 0; r < Rows; ++r)
-        for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::zero();
-    for (int index = 0, first = 0; first < blocks; ++index, first += kGroupBlocks) {
-      const long block = static_cast<long>(first) * kBlockBytes;
-      const int k = first * kBlockRows;
+    for (int span = 0; span < blocks; span += kSpanBlocks) {
+      Vec acc[Panels][Rows][kVecs];
+      for (int p = 0; p < Panels; ++p)
+        for (int r = 0; r < Rows; ++r)
+          for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::zero();
+      const int span_end = blocks - span < kSpanBlocks ? blocks : span + kSpanBlocks;
+      for (int first = span; first < span_end; first += kGroupBlocks) {
+        const int index = first / kGroupBlocks, k = first * kBlockRows;
+        const long block = static_cast<long>(first) * kBlockBytes;
 #pragma GCC unroll 2
-      for (int p = 0; p < Panels; ++p) {
-        prefetch_group(panels[p], depth, group_size, index + ahead);
-        IVec sums[Rows][kVecs]{};  // zeros
+        for (int p = 0; p < Panels; ++p) {
+          prefetch_group(panels[p], depth, group_size, index + ahead);
+          IVec sums[Rows][kVecs]{};  // zeros
 #pragma GCC unroll 4
-        for (int line = 0; line < kGroupBlocks * kBlockBytes; line += 64) fetch_ahead_of(panels[p] + block + line);
+          for (int line = 0; line < kGroupBlocks * kBlockBytes; line += 64) fetch_ahead_of(panels[p] + block + line);
 #pragma GCC unroll 8
-        for (int b = 0; b < kGroupBlocks; b += kQuadRunBlocks) {
-          quad_run<Rows, kQuadRunBlocks>(sums, a, panels[p] + block + b * kBlockBytes, k + b * kBlockRows);
+          for (int b = 0; b < kGroupBlocks; b += kQuadRunBlocks) {
+            quad_run<Rows, kQuadRunBlocks>(sums, a, panels[p] + block + b * kBlockBytes, k + b * kBlockRows);
+          }
+          add_scaled_group<Rows>(acc[p], sums, a, group_row(panels[p], depth, index), index);
         }
-        add_scaled_group<Rows>(acc[p], sums, a, group_row(panels[p], depth, index), index);
       }
-    }
-    for (int p = 0; p < Panels; ++p) {
-      for (int r = 0; r < Rows; ++r) {
-        for (int v = 0; v < kVecs; ++v) {
-          float* out = c[p][r] + v * Simd::kLanes;
-          Simd::store(out, accumulate ? Simd::add(Simd::load(out), acc[p][r][v]) : acc[p][r][v]);
+      const bool add = accumulate || span > 0;
+      for (int p = 0; p < Panels; ++p) {
+        for (int r = 0; r < Rows; ++r) {
+          for (int v = 0; v < kVecs; ++v) {
+            float* out = c[p][r] + v * Simd::kLanes;
+            Simd::store(out, add ? Simd::add(Simd::load(out), acc[p][r][v]) : acc[p][r][v]);
+          }
         }
       }
     }
@@ -691,9 +696,14 @@ struct PanelKernels {
       // Whole blocks of quads, decoded once (each panel's depth is padded to whole blocks).
       static_assert(Widened::kBlockRows == kBlockRows, "quads widen block for block");
       const int blocks = Widened::padded(count) / kBlockRows;
+      // Past a panel's last block, the head of the panel after it in memory, which the engine
+      // widens two panels on (a matrix's panels lie in order, gate's and up's side by side).
+      const uint8_t* next = end < depth ? panel + static_cast<long>(end / kBlockRows) * kBlockBytes
+                                        : panel + ::lk::panel_bytes(kFormat, depth, group_size);
+      const int next_blocks = end < depth ? (next_end - end) / kBlockRows : blocks;
       for (int b = 0; b < blocks; ++b) {
         const uint8_t* block = panel + static_cast<long>(first / kBlockRows + b) * kBlockBytes;
-        if (first + b * kBlockRows + count < next_end) Simd::prefetch(block + static_cast<long>(count / kBlockRows) * kBlockBytes);
+        if (b < next_blocks) Simd::prefetch(next + static_cast<long>(b) * kBlockBytes);
         typename Simd::IVec w[kVecs];
         Decode::quads(block, w);
         Wide::pack(w, out + static_cast<long>(b) * Widened::kBlockBytes);
@@ -769,6 +779,8 @@ struct PanelKernels {
     kernels.widened_gemm = &Widened::gemm;
     kernels.widen_rows = widen_rows;
     kernels.widen_block = kWidenedValueBytes / row_bytes;
+    static_assert(!kScaledQuadGroups || kWidenedValueBytes / row_bytes % kMxfp4SumSpan == 0,
+                  "widened blocks start where unwidened sums join c");
     // Each chunk of an expert's rows widens the panel again, and a chunk below widen_rows
     // decodes in every pass: the largest chunks leave the fewest experts a second, short one.
     kernels.chunk_rows = kMaxPanelRows;
