@@ -177,7 +177,9 @@ VARIABLES: dict[str, Variable] = {
             "CUDA only. Forwards with at least this many prefill tokens stream each "
             "non-resident layer's experts (any format; quantized ones are dequantized on the "
             "GPU) from lk's memory into a ring of GPU buffers and compute those tokens with "
-            "vLLM's fused-MoE kernel, while the batch's decode tokens stay on lk; 0 turns "
+            "vLLM's fused-MoE kernel, while the batch's decode tokens stay on lk (layers with "
+            "expert biases or gpt-oss's clamped activation are not streamed: lk computes "
+            "them); 0 turns "
             "streaming off. Batches that replay a CUDA graph keep the lk path, so set it above "
             "the largest captured size. Where streaming starts to pay off depends on the format "
             "and the host (BENCHMARKS.md, \"GPU prefill streaming\").",
