@@ -676,6 +676,9 @@ def mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., n] float -> (blocks uint8 [..., n / 32, 16], scales uint8 [..., n / 32]): each
     block's exponent makes its largest magnitude fit 6, every value rounds to the nearest
     e2m1 value."""
+    if w.dim() > 2:   # an expert at a time: the rounding holds eight doubles per weight
+        parts = [mxfp4(expert) for expert in w]
+        return torch.stack([b for b, _ in parts]), torch.stack([s for _, s in parts])
     *lead, n = w.shape
     blocks = w.double().reshape(*lead, n // 32, 32)
     amax = blocks.abs().amax(-1).clamp(min=2.0 ** -126)
