@@ -316,20 +316,36 @@ def build_deepseek_v2(args, vocab: int, w: Weights) -> dict:
         w.norm(f"{p}.input_layernorm.weight", H)
         w.norm(f"{p}.post_attention_layernorm.weight", H)
         w.linear(f"{p}.self_attn.q_proj.weight", heads * (nope_dim + rope_dim), H)
-        w.linear(f"{p}.self_attn.kv_a_proj_with_mqa.weight", kv_lora_rank + rope_dim, H)
-        w.norm(f"{p}.self_attn.kv_a_layernorm.weight", kv_lora_rank)
-        w.linear(f"{p}.self_attn.kv_b_proj.weight", heads * (nope_dim + v_dim), kv_lora_rank)
-        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * v_dim)
-        if layer < first_dense:
-            w.mlp(f"{p}.mlp", H, 2 * H)
-            continue
-        w.linear(f"{p}.mlp.gate.weight", E, H)
-        for e in range(E):
-            w.mlp(f"{p}.mlp.experts.{e}", H, I)
-        w.mlp(f"{p}.mlp.shared_experts", H, n_shared * I)
+        _mla_kv_and_output(w, p, H, heads, kv_lora_rank, nope_dim, rope_dim, v_dim)
+        _deepseek_mlp(w, p, layer < first_dense, H, E, I, n_shared * I, correction_bias=False)
     w.norm("model.norm.weight", H)
     w.linear("lm_head.weight", vocab, H, gain=2.0)
     return config
+
+
+def _mla_kv_and_output(w: Weights, p: str, H: int, heads: int, kv_lora_rank: int, nope_dim: int,
+                       rope_dim: int, v_dim: int) -> None:
+    """DeepSeek's MLA after its query projections: the compressed KV with its norm and
+    up-projection, then the output projection."""
+    w.linear(f"{p}.self_attn.kv_a_proj_with_mqa.weight", kv_lora_rank + rope_dim, H)
+    w.norm(f"{p}.self_attn.kv_a_layernorm.weight", kv_lora_rank)
+    w.linear(f"{p}.self_attn.kv_b_proj.weight", heads * (nope_dim + v_dim), kv_lora_rank)
+    w.linear(f"{p}.self_attn.o_proj.weight", H, heads * v_dim)
+
+
+def _deepseek_mlp(w: Weights, p: str, dense: bool, H: int, E: int, I: int, shared: int,
+                  correction_bias: bool) -> None:
+    """A leading dense layer's MLP, or the router (V3: with its score correction bias), the
+    routed experts and the shared expert of `shared` intermediate size."""
+    if dense:
+        w.mlp(f"{p}.mlp", H, 2 * H)
+        return
+    w.linear(f"{p}.mlp.gate.weight", E, H)
+    if correction_bias:
+        _extra_tensor(w, f"{p}.mlp.gate.e_score_correction_bias", E, std=0.1)
+    for e in range(E):
+        w.mlp(f"{p}.mlp.experts.{e}", H, I)
+    w.mlp(f"{p}.mlp.shared_experts", H, shared)
 
 
 # --------------------------------------------------------------------------------------
@@ -462,18 +478,8 @@ def build_deepseek_v3(args, vocab: int, w: Weights, kimi: bool) -> dict:
         w.linear(f"{p}.self_attn.q_a_proj.weight", q_lora_rank, H)
         w.norm(f"{p}.self_attn.q_a_layernorm.weight", q_lora_rank)
         w.linear(f"{p}.self_attn.q_b_proj.weight", heads * (nope_dim + rope_dim), q_lora_rank)
-        w.linear(f"{p}.self_attn.kv_a_proj_with_mqa.weight", kv_lora_rank + rope_dim, H)
-        w.norm(f"{p}.self_attn.kv_a_layernorm.weight", kv_lora_rank)
-        w.linear(f"{p}.self_attn.kv_b_proj.weight", heads * (nope_dim + v_dim), kv_lora_rank)
-        w.linear(f"{p}.self_attn.o_proj.weight", H, heads * v_dim)
-        if layer < first_dense:
-            w.mlp(f"{p}.mlp", H, 2 * H)
-            continue
-        w.linear(f"{p}.mlp.gate.weight", E, H)
-        _extra_tensor(w, f"{p}.mlp.gate.e_score_correction_bias", E, std=0.1)
-        for e in range(E):
-            w.mlp(f"{p}.mlp.experts.{e}", H, I)
-        w.mlp(f"{p}.mlp.shared_experts", H, I)
+        _mla_kv_and_output(w, p, H, heads, kv_lora_rank, nope_dim, rope_dim, v_dim)
+        _deepseek_mlp(w, p, layer < first_dense, H, E, I, I, correction_bias=True)
     w.norm("model.norm.weight", H)
     head = w.normal(vocab, H).mul_(2.0 / math.sqrt(H))
     w["lm_head.weight"] = head
