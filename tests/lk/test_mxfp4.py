@@ -16,11 +16,11 @@ import torch
 
 from lvllm import _lk
 from lvllm.lk import MoEEngine, QuantizedWeights, mxfp4, planned_bytes, quant
-from lvllm.lk.layout import PackedLayout
 from lvllm.reference import dequantize_mxfp4
 
 from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
 from .test_formats import TIGHT, activations_as_rounded, reference_int4, reference_int8
+from .test_layout import assert_unpacks_to
 
 GROUP = 32
 # The engine rounds MXFP4's activations to 85 steps each side per group of 32, so that a
@@ -163,14 +163,7 @@ def test_engine_memory_unpacks_to_the_checkpoint_weights(runtimes, nodes):
     experts, hidden, intermediate = 3, 96, 64
     w13, w2 = make(experts, hidden, intermediate, seed=nodes, exponents=(0, 140))
     engine = MoEEngine(w13, w2, runtime=runtimes(threads=1, numa_nodes=nodes))
-    for dtype in (torch.float32, torch.bfloat16):
-        layout, views = PackedLayout.of(engine, dtype)
-        assert layout.nbytes == engine.nbytes
-        got13 = torch.full((experts, 2 * intermediate, hidden), float("nan"), dtype=dtype)
-        got2 = torch.full((experts, hidden, intermediate), float("nan"), dtype=dtype)
-        layout.unpack(torch.cat(views), got13, got2)
-        assert torch.equal(got13, reference(w13).to(dtype))
-        assert torch.equal(got2, reference(w2).to(dtype))
+    assert_unpacks_to(engine, reference(w13), reference(w2))
 
 
 @pytest.mark.parametrize("weight_format", ["bfloat16", "float32", "int8", "int4"])
