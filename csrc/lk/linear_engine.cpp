@@ -20,8 +20,10 @@ bool is_float_format(WeightFormat format) {
 
 }  // namespace
 
-LinearEngine::LinearEngine(std::shared_ptr<Runtime> runtime, const WeightSource& weight, int outputs, int inputs)
-    : runtime_(std::move(runtime)), outputs_(outputs), inputs_(inputs), format_(weight.format) {
+LinearEngine::LinearEngine(std::shared_ptr<Runtime> runtime, const WeightSource& weight, int outputs, int inputs,
+                           WeightFormat format, int group)
+    : runtime_(std::move(runtime)), outputs_(outputs), inputs_(inputs), format_(format),
+      group_(is_grouped(format) ? group : 0) {
   if (!runtime_) throw std::invalid_argument("runtime is null");
   if (outputs < 1 || inputs < 1) {
     throw std::invalid_argument("a linear layer needs >= 1 outputs and inputs, got " + std::to_string(outputs) + " x " +
@@ -32,7 +34,14 @@ LinearEngine::LinearEngine(std::shared_ptr<Runtime> runtime, const WeightSource&
     throw std::invalid_argument(std::string("linear weights must be float32, float16 or bfloat16, got ") +
                                 format_name(weight.format));
   }
-  panel_bytes_ = panel_bytes(format_, inputs, 0);
+  if (format != weight.format && format != WeightFormat::Int8 && format != WeightFormat::Int4) {
+    throw std::invalid_argument(std::string("a linear layer keeps its weight as it is, in int8 or in int4, not in ") +
+                                format_name(format));
+  }
+  if (is_grouped(format) && (group < 16 || group % 16 != 0)) {
+    throw std::invalid_argument("group size " + std::to_string(group) + " must be a positive multiple of 16");
+  }
+  panel_bytes_ = panel_bytes(format_, inputs, group_);
   const int panels = static_cast<int>(round_up(outputs, kPanelWidth) / kPanelWidth);
   const int nodes = runtime_->topology().num_nodes();
   nodes_.resize(nodes);
@@ -41,6 +50,7 @@ LinearEngine::LinearEngine(std::shared_ptr<Runtime> runtime, const WeightSource&
     nodes_[n].count = static_cast<int>(spread_offset(panels, nodes, n + 1)) - nodes_[n].first;
     nodes_[n].panels = HostBuffer(std::max<std::size_t>(1, nodes_[n].count * panel_bytes_));
   }
+  if (runtime_->kernels()[format_].integer_rows) input_q_ = QuantizedRows(format_, inputs, group_);
   pack(weight);
 }
 
@@ -48,6 +58,11 @@ std::size_t LinearEngine::weight_bytes() const {
   std::size_t total = 0;
   for (const NodePanels& node : nodes_) total += node.count * panel_bytes_;
   return total;
+}
+
+std::size_t LinearEngine::planned_bytes(int outputs, int inputs, WeightFormat format, int group) {
+  const std::size_t panels = round_up(outputs, kPanelWidth) / kPanelWidth;
+  return panels * panel_bytes(format, inputs, is_grouped(format) ? group : 0);
 }
 
 void LinearEngine::pack(const WeightSource& weight) {
@@ -64,7 +79,7 @@ void LinearEngine::pack(const WeightSource& weight) {
         const int row = (mine.first + p) * kPanelWidth + j;
         rows[j] = row < outputs_ ? row : -1;
       }
-      pack_panel(source, rows, 0, inputs_, format_, 0, scratch, mine.panels.as<uint8_t>() + p * panel_bytes_);
+      pack_panel(source, rows, 0, inputs_, format_, group_, scratch, mine.panels.as<uint8_t>() + p * panel_bytes_);
     }
   });
 }
@@ -80,9 +95,9 @@ uint32_t LinearEngine::submit(const LinearArgs& args) {
 
   const int nodes = static_cast<int>(nodes_.size());
   std::vector<Phase> job;
-  if (plan_.convert_input) {
+  if (plan_.convert_input || plan_.integer_rows) {
     job.push_back({spread(plan_.row_blocks, nodes),
-                   [this](int node, uint32_t task, int) { convert_input(node, task); }});
+                   [this](int node, uint32_t task, int) { prepare_input(node, task); }});
   }
   job.push_back({plan_.multiply_tasks, [this](int node, uint32_t task, int worker) { multiply(node, task, worker); }});
   return executor.launch(std::move(job));
@@ -100,6 +115,9 @@ void LinearEngine::plan_forward(const LinearArgs& args) {
   plan.convert_input = args.input_dtype != DType::F32 || format_kernels.activation_scale != 1.0f;
   if (plan.convert_input) scratch.input.ensure(rows * inputs * sizeof(float));
   plan.input_rows = plan.convert_input ? scratch.input.as<float>() : static_cast<const float*>(args.input);
+  // Integer kernels read activations quantized once per forward.
+  plan.integer_rows = format_kernels.integer_rows;
+  if (plan.integer_rows) scratch.input_q.ensure(input_q_.bytes(rows));
   plan.row_blocks = static_cast<uint32_t>((rows + kTokenBlock - 1) / kTokenBlock);
 
   const std::size_t packed_floats =
@@ -124,16 +142,24 @@ void LinearEngine::plan_forward(const LinearArgs& args) {
   }
 }
 
-void LinearEngine::convert_input(int node, uint32_t task) {
+// A block of rows as the kernels read them: fp32 times the format's activation scale, and
+// quantized where the kernels multiply integers.
+void LinearEngine::prepare_input(int node, uint32_t task) {
   const ForwardPlan& plan = plan_;
+  Runtime::Scratch& scratch = runtime_->scratch();
   const std::size_t rows = plan.args.rows, inputs = inputs_;
-  const void* input = plan.args.input;
-  const DType dtype = plan.args.input_dtype;
-  const float scale = runtime_->kernels()[format_].activation_scale;
   const std::size_t block = spread_offset(plan.row_blocks, static_cast<int>(nodes_.size()), node) + task;
-  const std::size_t end = std::min(rows, (block + 1) * kTokenBlock) * inputs;
-  float* out = runtime_->scratch().input.as<float>();
-  for (std::size_t i = block * kTokenBlock * inputs; i < end; ++i) out[i] = load_as_float(input, i, dtype) * scale;
+  const std::size_t first = block * kTokenBlock, last = std::min(rows, (block + 1) * kTokenBlock);
+  if (plan.convert_input) {
+    const void* input = plan.args.input;
+    const DType dtype = plan.args.input_dtype;
+    const float scale = runtime_->kernels()[format_].activation_scale;
+    float* out = scratch.input.as<float>();
+    for (std::size_t i = first * inputs; i < last * inputs; ++i) out[i] = load_as_float(input, i, dtype) * scale;
+  }
+  if (plan.integer_rows) {
+    for (std::size_t r = first; r < last; ++r) input_q_.quantize(plan.input_rows + r * inputs, scratch.input_q.data(), r);
+  }
 }
 
 // One chunk of rows times a run of the node's panels, plus bias, into the output.
@@ -153,8 +179,11 @@ void LinearEngine::multiply(int node, uint32_t task, int worker) {
   kernels::ActivationRow a_rows[kMaxChunkRows];
   float* first_out[kMaxChunkRows];
   float* second_out[kMaxChunkRows];
+  const void* records = runtime_->scratch().input_q.data();
   for (int i = 0; i < count; ++i) {
-    a_rows[i] = {plan.input_rows + (first_row + i) * inputs, nullptr, nullptr, nullptr, nullptr, nullptr};
+    const float* values = plan.input_rows + (first_row + i) * inputs;
+    a_rows[i] = plan.integer_rows ? input_q_.row(values, records, first_row + i)
+                                  : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
     first_out[i] = tiles + i * kPanelWidth;
     second_out[i] = tiles + tile_floats + i * kPanelWidth;
   }
@@ -184,11 +213,11 @@ void LinearEngine::multiply(int node, uint32_t task, int worker) {
     const int p = first_panel + (paired ? step : half + step);
     if (paired) {
       kernels::multiply_two_panels(kernels, format_, base + p * panel_bytes_, base + (p + half) * panel_bytes_, inputs_,
-                                   0, a_rows, count, first_out, second_out, false, widened, packed);
+                                   group_, a_rows, count, first_out, second_out, false, widened, packed);
       store(p, tiles);
       store(p + half, tiles + tile_floats);
     } else {
-      kernels::multiply_panel(kernels, format_, base + p * panel_bytes_, inputs_, 0, a_rows, count, first_out, false,
+      kernels::multiply_panel(kernels, format_, base + p * panel_bytes_, inputs_, group_, a_rows, count, first_out, false,
                               widened, packed);
       store(p, tiles);
     }

@@ -1,6 +1,6 @@
 """lk's dense linear engine against float64 math: every ISA level this CPU runs, weight and
-activation dtypes, shapes that leave partial panels, bias, both kinds of workers, NUMA
-splits, and the custom op inside a compiled graph."""
+activation dtypes, INT8 and INT4 weights quantized at load, shapes that leave partial
+panels, bias, both kinds of workers, NUMA splits, and the custom op inside a compiled graph."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from lvllm import _lk
-from lvllm.lk.linear import LinearEngine
+from lvllm.lk import quant
+from lvllm.lk.linear import LinearEngine, planned_linear_bytes
+
+from .test_formats import LOOSE, TIGHT, TIGHT_INTEGER, activations_as_rounded
 
 ISA_ORDER = _lk.isa_names()
 SUPPORTED_ISAS = ISA_ORDER[: ISA_ORDER.index(_lk.best_isa()) + 1]
@@ -104,7 +107,62 @@ def test_custom_op_compiles_without_graph_breaks(runtimes):
     torch.library.opcheck(torch.ops.lvllm.lk_linear, (x, bias, engine.engine_id, engine.outputs))
 
 
+def quantized_reference(weight: torch.Tensor, weight_format: str, group: int) -> torch.Tensor:
+    """The weight as the engine holds it, quantized and dequantized by lvllm.lk.quant (torch,
+    independent of the C++ packer)."""
+    return quant.dequantize(quant.quantize(weight[None].float(), weight_format, group))[0]
+
+
+@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 5, 70])
+def test_quantized_weights_per_isa(runtimes, isa, weight_format, rows):
+    """Tight against float64 of the weights the engine holds; INT4's activations drawn on its
+    8-bit grid so the kernels' activation rounding is exact (test_formats.TIGHT_INT4)."""
+    group = 64
+    weight, bias = random_layer(200, 320, torch.bfloat16, seed=rows)
+    engine = LinearEngine(weight, weight_format, group, runtime=runtimes(isa=isa))
+    assert (engine.weight_format, engine.group_size, engine.describe()) == (weight_format, group, f"{weight_format} g64")
+    x = torch.randn(rows, 320)
+    if weight_format == "int4":
+        x = activations_as_rounded(group)(x)[0].float().contiguous()
+    out = engine.forward(x, bias.float())
+    ref = reference(x, quantized_reference(weight, weight_format, group), bias)
+    bound = TIGHT_INTEGER if weight_format == "int8" else TIGHT
+    assert ((out.double() - ref).abs() <= bound * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("weight_format", ["int8", "int4"])
+@pytest.mark.parametrize("shape, group", [((37, 100), 32), ((300, 2048), 128), ((64, 4096), 256)])
+def test_quantized_error_against_the_float_weights(runtimes, weight_format, shape, group):
+    """Partial panels and groups, real widths; the error against the original weights is the
+    quantization's own (below what it costs a whole MoE layer: test_formats.LOOSE)."""
+    weight, bias = random_layer(*shape, torch.bfloat16, seed=shape[0])
+    engine = LinearEngine(weight, weight_format, group, runtime=runtimes(numa_nodes=2))
+    x = torch.randn(9, shape[1], dtype=torch.bfloat16)
+    out = engine.forward(x, bias).double()
+    ref = reference(x, weight, bias)
+    assert (out - ref).norm() / ref.norm() < LOOSE[weight_format] / 2
+    assert engine.nbytes == planned_linear_bytes(*shape, weight_format, group)
+
+
+def test_default_groups_and_planned_bytes(runtimes):
+    weight, _ = random_layer(64, 512, torch.bfloat16, seed=6)
+    assert LinearEngine(weight, "int8", runtime=runtimes()).group_size == 256
+    assert LinearEngine(weight, "int4", runtime=runtimes()).group_size == 128
+    assert LinearEngine(weight, runtime=runtimes()).nbytes == planned_linear_bytes(64, 512, "bfloat16") == 64 * 512 * 2
+    # INT4: half a byte per weight plus an fp32 scale and offset per 16 columns and group.
+    assert planned_linear_bytes(64, 512, "int4", 128) == 4 * (512 * 8 + 4 * 2 * 64)
+
+
 class TestBadInput:
+    def test_formats_a_layer_cannot_be_kept_in(self, runtimes):
+        weight = torch.zeros(8, 32)
+        with pytest.raises(ValueError, match="'int8' or 'int4'"):
+            LinearEngine(weight, "fp8_e4m3", runtime=runtimes())
+        with pytest.raises(ValueError, match="multiple of 16"):
+            LinearEngine(weight, "int8", 24, runtime=runtimes())
+
     def test_quantized_or_integer_weights_are_refused(self, runtimes):
         with pytest.raises(ValueError, match="float32, float16, bfloat16"):
             LinearEngine(torch.zeros(8, 16, dtype=torch.int8), runtime=runtimes())

@@ -98,6 +98,14 @@ void bind_formats(py::module_& m) {
         py::arg("experts"), py::arg("hidden"), py::arg("intermediate"), py::arg("format"), py::arg("group_size"),
         py::arg("nodes"), "Bytes an engine of that shape holds over `nodes` NUMA nodes, before it exists.");
 
+  m.def("planned_linear_bytes",
+        [](int outputs, int inputs, int format, int group_size) {
+          if (outputs < 1 || inputs < 1) throw std::invalid_argument("outputs and inputs must be >= 1");
+          return lk::LinearEngine::planned_bytes(outputs, inputs, to_format(format), group_size);
+        },
+        py::arg("outputs"), py::arg("inputs"), py::arg("format"), py::arg("group_size"),
+        "Bytes a linear engine of that shape holds, before it exists.");
+
   m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
         "Highest kernel ISA this CPU and OS support.");
   m.def("isa_names", [] {
@@ -233,12 +241,15 @@ void bind_moe_engine(py::module_& m) {
 
 void bind_linear_engine(py::module_& m) {
   py::class_<lk::LinearEngine>(m, "LinearEngine")
-      .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& weight, int outputs, int inputs) {
+      .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& weight, int outputs, int inputs,
+                       int format, int group_size) {
              const lk::WeightSource source = to_source(weight);
+             const lk::WeightFormat stored = to_format(format);
              py::gil_scoped_release release;
-             return std::make_unique<lk::LinearEngine>(std::move(runtime), source, outputs, inputs);
+             return std::make_unique<lk::LinearEngine>(std::move(runtime), source, outputs, inputs, stored, group_size);
            }),
-           py::arg("runtime"), py::arg("weight"), py::arg("outputs"), py::arg("inputs"))
+           py::arg("runtime"), py::arg("weight"), py::arg("outputs"), py::arg("inputs"), py::arg("format"),
+           py::arg("group_size"))
       .def(
           "forward",
           [](lk::LinearEngine& engine, std::uintptr_t input, int input_dtype, int rows, std::uintptr_t bias,
