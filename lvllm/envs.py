@@ -92,8 +92,10 @@ def _positive_float(raw: str) -> float:
     return value
 
 
-# LVLLM_MOE_USE_WEIGHT's values (lvllm.formats.resolve_format maps them onto formats).
+# LVLLM_MOE_USE_WEIGHT's values (lvllm.formats.resolve_format maps them onto formats), and
+# LVLLM_DENSE_USE_WEIGHT's (dense layers come as float: KEEP would be TO_DTYPE).
 WEIGHT_MODES = ("TO_DTYPE", "KEEP", "INT8", "INT4")
+DENSE_WEIGHT_MODES = ("TO_DTYPE", "INT8", "INT4")
 
 
 def _optional(parse_set: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -135,7 +137,6 @@ def layer_spec(raw: str) -> frozenset[int]:
             raise ValueError
         layers.update(range(start, end + 1))
     return frozenset(layers)
-
 
 
 def format_ranges(values) -> str:
@@ -196,6 +197,18 @@ VARIABLES: dict[str, Variable] = {
             "projections, dense MLPs) lk's kernels compute. AUTO: those vLLM's CPU build has no "
             "kernel of its own for and hands to torch's F.linear (bf16 and fp16 on CPUs without "
             "AVX-512 BF16); ON: every float32/float16/bfloat16 one; OFF: none.",
+        ),
+        Variable(
+            "LVLLM_DENSE_USE_WEIGHT", "TO_DTYPE", _choice(*DENSE_WEIGHT_MODES), "TO_DTYPE, INT8 or INT4",
+            "CPU build only. Format lk keeps vLLM's unquantized dense layers in (attention projections, dense "
+            "MLPs, shared experts, the LM head; embedding and MoE routers stay as they are). TO_DTYPE: the model "
+            "dtype, on the layers LVLLM_DENSE_ON_LK gives lk; INT8 / INT4: every such layer goes to lk, quantized "
+            "at load in groups of LVLLM_DENSE_QUANT_GROUP_SIZE inputs (needs LVLLM_DENSE_ON_LK other than OFF).",
+        ),
+        Variable(
+            "LVLLM_DENSE_QUANT_GROUP_SIZE", "", _optional(_multiple_of(16, 8192)), "multiple of 16 from 16 to 8192, or empty",
+            "Inputs per scale when LVLLM_DENSE_USE_WEIGHT=INT8/INT4 quantizes dense layers at load. "
+            "Empty: 256 for INT8 (8.125 bits a weight with its scales), 128 for INT4 (4.5).",
         ),
         Variable(
             "LVLLM_DRAFT_MOE", "LK", _choice("LK", "DEVICE"), "LK or DEVICE",

@@ -34,6 +34,8 @@ class Settings:
     gpu_prefill_min_batch: int = 0
     gpu_prefetch_window: int = 1
     dense_on_lk: str = "AUTO"
+    dense_weight_mode: str = "TO_DTYPE"
+    dense_group_size: int | None = None   # None: the format's default (lvllm.formats)
     draft_moe: str = "LK"
     weight_mode: str = "TO_DTYPE"
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
@@ -45,12 +47,19 @@ class Settings:
     def from_env(cls) -> "Settings":
         """Every variable checked (unknown LVLLM_*/LK_* names included), then read."""
         envs.validate_all()
+        if envs.get("LVLLM_DENSE_ON_LK") == "OFF" and envs.get("LVLLM_DENSE_USE_WEIGHT") != "TO_DTYPE":
+            raise envs.EnvError(
+                f"LVLLM_DENSE_USE_WEIGHT={envs.get('LVLLM_DENSE_USE_WEIGHT')} quantizes dense layers on lk, "
+                "but LVLLM_DENSE_ON_LK=OFF keeps them off lk: set LVLLM_DENSE_ON_LK to AUTO or ON, "
+                "or LVLLM_DENSE_USE_WEIGHT to TO_DTYPE")
         return cls(
             enabled=envs.get("LVLLM_MOE_NUMA_ENABLED"),
             resident_layers=envs.get("LVLLM_GPU_RESIDENT_MOE_LAYERS"),
             gpu_prefill_min_batch=envs.get("LVLLM_GPU_PREFILL_MIN_BATCH_SIZE"),
             gpu_prefetch_window=envs.get("LVLLM_GPU_PREFETCH_WINDOW"),
             dense_on_lk=envs.get("LVLLM_DENSE_ON_LK"),
+            dense_weight_mode=envs.get("LVLLM_DENSE_USE_WEIGHT"),
+            dense_group_size=envs.get("LVLLM_DENSE_QUANT_GROUP_SIZE"),
             draft_moe=envs.get("LVLLM_DRAFT_MOE"),
             weight_mode=envs.get("LVLLM_MOE_USE_WEIGHT"),
             quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),

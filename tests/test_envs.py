@@ -39,6 +39,8 @@ def test_every_variable_read_in_the_package_is_declared():
         ("LVLLM_MOE_QUANT_GROUP_SIZE", "32", 32),
         ("LVLLM_MOE_QUANT_GROUP_SIZE", "", None),
         ("LVLLM_MOE_QUANT_ON_GPU", "1", True),
+        ("LVLLM_DENSE_USE_WEIGHT", "int8", "INT8"),
+        ("LVLLM_DENSE_QUANT_GROUP_SIZE", "64", 64),
     ],
 )
 def test_parsing(monkeypatch, name, raw, expected):
@@ -57,6 +59,8 @@ def test_parsing(monkeypatch, name, raw, expected):
         ("LVLLM_MOE_USE_WEIGHT", "FP4"),
         ("LVLLM_MOE_QUANT_GROUP_SIZE", "24"),
         ("LVLLM_MOE_QUANT_GROUP_SIZE", "0"),
+        ("LVLLM_DENSE_USE_WEIGHT", "KEEP"),
+        ("LVLLM_DENSE_QUANT_GROUP_SIZE", "100"),
     ],
 )
 def test_bad_values_name_variable_and_valid_form(monkeypatch, name, raw):
@@ -64,6 +68,16 @@ def test_bad_values_name_variable_and_valid_form(monkeypatch, name, raw):
     with pytest.raises(envs.EnvError) as error:
         envs.get(name)
     assert name in str(error.value) and envs.VARIABLES[name].valid in str(error.value)
+
+
+def test_quantized_dense_layers_need_lk_to_hold_them(monkeypatch):
+    from lvllm.settings import Settings
+
+    monkeypatch.setenv("LVLLM_DENSE_USE_WEIGHT", "INT4")
+    assert Settings.from_env().dense_weight_mode == "INT4"
+    monkeypatch.setenv("LVLLM_DENSE_ON_LK", "OFF")
+    with pytest.raises(envs.EnvError, match="LVLLM_DENSE_USE_WEIGHT=INT4.*LVLLM_DENSE_ON_LK=OFF"):
+        Settings.from_env()
 
 
 def test_defaults_when_unset(monkeypatch):

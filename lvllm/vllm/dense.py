@@ -16,10 +16,12 @@ vLLM's weight, as vLLM's own packed paths do.
 from __future__ import annotations
 
 import torch
+from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 from vllm.platforms import current_platform
 
+from lvllm import formats
 from lvllm.vllm.installation import Installation
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -57,13 +59,18 @@ def _unwrapped(method):
 
 
 def _process(installation: Installation, vllm_process, method, layer: torch.nn.Module) -> None:
-    mode = installation.settings.dense_on_lk
-    if mode == "ON" and _lk_can_take(layer):
-        _move_to_lk(installation, layer, "LVLLM_DENSE_ON_LK=ON")
+    settings = installation.settings
+    quantized = settings.dense_weight_mode != "TO_DTYPE" and not isinstance(layer, GateLinear)
+    if quantized and _lk_can_take(layer):
+        _move_to_lk(installation, layer, settings.dense_weight_mode.lower(),
+                    f"LVLLM_DENSE_USE_WEIGHT={settings.dense_weight_mode}")
+        return
+    if settings.dense_on_lk == "ON" and _lk_can_take(layer):
+        _move_to_lk(installation, layer, None, "LVLLM_DENSE_ON_LK=ON")
         return
     vllm_process(method, layer)
-    if mode == "AUTO" and _lk_can_take(layer) and _vllm_calls_torch_linear(layer):
-        _move_to_lk(installation, layer,
+    if settings.dense_on_lk == "AUTO" and _lk_can_take(layer) and _vllm_calls_torch_linear(layer):
+        _move_to_lk(installation, layer, None,
                     "LVLLM_DENSE_ON_LK=AUTO: vLLM's CPU build has no kernel of its own for them here")
 
 
@@ -85,28 +92,33 @@ def _lk_can_take(layer: torch.nn.Module) -> bool:
             and not getattr(layer, "_cpu_skip_gemm_dispatch", False))
 
 
-def _move_to_lk(installation: Installation, layer: torch.nn.Module, why: str) -> None:
+def _move_to_lk(installation: Installation, layer: torch.nn.Module, weight_format: str | None, why: str) -> None:
+    """Hands the layer's weight to an lk engine in ``weight_format`` (None: as it is)."""
     from lvllm.lk.linear import LinearEngine
 
     installation.lk_runtime()
     weight = layer.weight
-    engine = LinearEngine(weight.data.contiguous())
+    engine = LinearEngine(weight.data.contiguous(), weight_format, installation.settings.dense_group_size)
     layer.lk_linear = engine
     engine_id, outputs = engine.engine_id, engine.outputs
     layer.cpu_linear = lambda x, _weight, bias: torch.ops.lvllm.lk_linear(x, bias, engine_id, outputs)
     layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
-    installation.log_once("dense", "lvllm: vLLM's unquantized dense layers in %s run on lk (%s)",
-                          str(weight.dtype).removeprefix("torch."), why)
+    dtype = formats.FLOAT_FORMAT_OF_DTYPE[weight.dtype]
+    held = "as they are" if weight_format is None else f"as {engine.describe()}"
+    installation.log_once(f"dense {held}", "lvllm: vLLM's unquantized dense layers in %s run on lk %s (%s)",
+                          formats.describe(dtype, 0), held, why)
 
 
 def dense_report(model: torch.nn.Module) -> dict:
     """The model's dense layers (and LM head) by who multiplies them: ``lk`` (per layer
-    name, forwards run and bytes held) and ``torch_linear`` (names of those lk could take
+    name, forwards run, bytes, format and number of weights held) and ``torch_linear`` (names of those lk could take
     that vLLM left to torch's F.linear)."""
     lk, torch_linear = {}, []
     for name, module in model.named_modules():
         if hasattr(module, "lk_linear"):
-            lk[name] = {"forward_calls": module.lk_linear.forward_calls, "nbytes": module.lk_linear.nbytes}
+            engine = module.lk_linear
+            lk[name] = {"forward_calls": engine.forward_calls, "nbytes": engine.nbytes, "format": engine.describe(),
+                        "weights": engine.outputs * engine.inputs}
             continue
         method = getattr(module, "quant_method", None)
         takeable = isinstance(method, UnquantizedLinearMethod) or isinstance(module, ParallelLMHead)

@@ -100,7 +100,7 @@ def attention_backend(model: Path, dtype: str) -> str | None:
 def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True,
             resident: str | None = None, tp: int = 1, weight: str | None = None,
             group: int | None = None, quant_on_gpu: bool = False, dense: str | None = None,
-            llm_kwargs: dict | None = None, prompt_logprobs: bool = True,
+            dense_weight: str | None = None, dense_group: int | None = None, llm_kwargs: dict | None = None, prompt_logprobs: bool = True,
             inspect=None) -> RunResult:
     """One vLLM instance: greedy tokens, prompt logprobs and lk_report of PROMPTS.
     ``llm_kwargs``: extra (or overriding) arguments of vllm.LLM; ``prompt_logprobs=False``
@@ -109,6 +109,10 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
+    if dense_weight is not None:
+        overrides["LVLLM_DENSE_USE_WEIGHT"] = dense_weight
+    if dense_group is not None:
+        overrides["LVLLM_DENSE_QUANT_GROUP_SIZE"] = str(dense_group)
     if weight is not None:
         overrides["LVLLM_MOE_USE_WEIGHT"] = weight
     if group is not None:

@@ -1,17 +1,24 @@
-"""vLLM's dense layers on lk (LVLLM_DENSE_ON_LK), on the real vLLM CPU engine.
+"""vLLM's dense layers on lk (LVLLM_DENSE_ON_LK, LVLLM_DENSE_USE_WEIGHT), on the real vLLM
+CPU engine.
 
 AUTO must take exactly the layers upstream vLLM leaves to torch's F.linear on this CPU
 (read from an lk-off run), and every one it takes must have run on lk. ON takes every
 unquantized layer: in float32 and compiled, answers match vLLM's own path (oneDNN) as
-closely as lk's MoE does.
+closely as lk's MoE does. INT8 / INT4 everywhere (experts and dense layers) is checked
+against transformers' float64 forward of the same checkpoint, beside lk with bf16 dense
+layers and the same experts, which bounds what quantizing the dense layers adds.
 """
 
 from __future__ import annotations
 
+import statistics
+
+import pytest
 import torch
 
 from e2e_common import build_model, run_llm
 from test_equivalence import F32_LOGPROB_TOL, max_logprob_diff
+from test_families import CachedReference, TransformersReference, deviations
 
 
 def lk_dense(run) -> dict:
@@ -62,3 +69,47 @@ def test_a_head_tied_to_the_embedding_leaves_lookups_intact(tmp_path_factory):
     assert lk_dense(on)["lm_head"]["forward_calls"] > 0
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
+
+
+# Prompt-logprob deviation from float64 on qwen2_moe (bf16, random weights), median / max, as
+# measured: lk bf16 0.017 / 0.054; INT8 experts 0.015 / 0.12, INT8 everywhere 0.018 / 0.12;
+# INT4 experts 0.085 / 0.30, INT4 everywhere 0.42 / 1.07 (random weights spread every group
+# evenly, so INT4's 16 levels cost each matrix ~10%, compounding over the layers). Bounds:
+# about 2x the worst seen, and INT8 dense layers may add little to INT8 experts' median.
+QUANTIZED_DENSE = {"INT8": (0.05, 0.3), "INT4": (0.8, 2.2)}
+INT8_DENSE_MEDIAN_GROWTH = 0.02
+
+
+@pytest.fixture(scope="module")
+def qwen2_reference(tiny_model):
+    return CachedReference(TransformersReference(tiny_model("qwen2_moe")))
+
+
+@pytest.mark.parametrize("weight", ["INT8", "INT4"])
+def test_quantized_dense_layers_against_float64(llm_runs, qwen2_reference, weight):
+    """Every float dense layer (attention with bias, the shared expert and its gate, the LM
+    head) on lk in the asked format, the router left to vLLM; answers within the format's
+    cost of float64."""
+    everywhere = llm_runs("qwen2_moe", lk=True, dtype="bfloat16", weight=weight, dense_weight=weight)
+    dense = lk_dense(everywhere)
+    expected = f"{weight.lower()} g{256 if weight == 'INT8' else 128}"
+    for name in ("lm_head", "model.layers.0.self_attn.qkv_proj", "model.layers.3.self_attn.o_proj",
+                 "model.layers.0.mlp.shared_expert.gate_up_proj", "model.layers.0.mlp.shared_expert.down_proj",
+                 "model.layers.0.mlp.shared_expert_gate"):
+        assert dense[name]["format"] == expected and dense[name]["forward_calls"] > 0, (name, dense[name])
+    # Routers stay as they are: vLLM's, or lk's in bf16 where AUTO takes them (AVX2 CPUs).
+    assert all(layer["format"] == "bf16" for name, layer in dense.items() if name.endswith("mlp.gate")), dense
+    # Held bytes follow the format: INT4 a quarter of bf16's plus scales, INT8 a half.
+    qkv = dense["model.layers.0.self_attn.qkv_proj"]
+    assert qkv["nbytes"] < (0.3 if weight == "INT4" else 0.55) * 2 * qkv["weights"]
+
+    median_bound, max_bound = QUANTIZED_DENSE[weight]
+    prompt, _ = deviations(everywhere, qwen2_reference)
+    described = f"{weight} everywhere: median {statistics.median(prompt):.3g}, max {max(prompt):.3g}"
+    assert statistics.median(prompt) < median_bound, described
+    assert max(prompt) < max_bound, described
+    if weight == "INT8":  # against the same INT8 experts with bf16 dense layers
+        baseline, _ = deviations(llm_runs("qwen2_moe", lk=True, dtype="bfloat16", weight=weight), qwen2_reference)
+        assert statistics.median(prompt) <= statistics.median(baseline) + INT8_DENSE_MEDIAN_GROWTH, (
+            described, statistics.median(baseline))
+
