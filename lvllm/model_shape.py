@@ -1,11 +1,14 @@
 """A MoE checkpoint's shape as its config.json states it: layers, expert shapes, attention,
-the experts' stored format. Read without vLLM, for ``lvllm plan`` and ``lvllm doctor``."""
+the experts' stored format, the dense matrices. Read without vLLM, for ``lvllm plan`` and
+``lvllm doctor``."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from lvllm import formats
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -181,30 +184,90 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
     return e * (weights // 2 + 4 * groups + groups // 2)   # AWQ: + int32 qzeros, 8 per word
 
 
-def dense_weight_bytes(shape: ModelShape, tp: int = 1) -> int:
-    """Weights outside the routed experts that sit on the GPU (norms and biases left out):
-    embeddings and LM head, attention, dense MLPs, routers and shared experts. Decoder-layer
-    projections take the experts' stored bytes per weight (FP8: 1, 4-bit integers: 0.5; MXFP4
-    checkpoints quantize the experts only), the rest the
-    model dtype."""
-    h, d = shape.hidden, shape.dtype_bytes
-    per_weight = {"float": d, "fp8-block": 1, "mxfp4": d}.get(shape.storage.scheme, 0.5)
-    if shape.mla:
-        m = shape.mla
-        qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
-        q = (h * m["q_lora_rank"] + m["q_lora_rank"] * shape.heads * qk if m["q_lora_rank"]
-             else h * shape.heads * qk)
-        attention = (q + h * (m["kv_lora_rank"] + m["qk_rope_head_dim"])
-                     + m["kv_lora_rank"] * shape.heads * (m["qk_nope_head_dim"] + m["v_head_dim"])
-                     + shape.heads * m["v_head_dim"] * h)
+# Decoder-layer projections: a quantized checkpoint stores them as it stores the experts.
+PROJECTIONS = ("attention", "dense MLP", "shared expert")
+# Checkpoint schemes whose projections stay float (MXFP4 checkpoints quantize the experts only).
+FLOAT_PROJECTIONS = ("float", "mxfp4")
+
+
+@dataclass(frozen=True)
+class DenseMatrix:
+    """A weight matrix outside the routed experts as vLLM builds it: [outputs, inputs], ``count``
+    of them (one a layer that has it)."""
+
+    name: str
+    outputs: int
+    inputs: int
+    count: int
+    kind: str               # PROJECTIONS, "router", "LM head" or "embedding"
+    on_lk: bool = True      # whether lk's dense path may take it (lvllm.vllm.dense)
+
+    @property
+    def weights(self) -> int:
+        return self.outputs * self.inputs * self.count
+
+
+def _attention_matrices(shape: ModelShape) -> list[DenseMatrix]:
+    """q/k/v and o as vLLM fuses them (qkv_proj; MLA's fused_qkv_a_proj where q_lora_rank is set)."""
+    h, heads, n = shape.hidden, shape.heads, shape.num_layers
+    if not shape.mla:
+        return [DenseMatrix("qkv_proj", (heads + 2 * shape.kv_heads) * shape.head_dim, h, n, "attention"),
+                DenseMatrix("o_proj", h, heads * shape.head_dim, n, "attention")]
+    m = shape.mla
+    qk, latent = m["qk_nope_head_dim"] + m["qk_rope_head_dim"], m["kv_lora_rank"] + m["qk_rope_head_dim"]
+    if m["q_lora_rank"]:
+        q = [DenseMatrix("fused_qkv_a_proj", m["q_lora_rank"] + latent, h, n, "attention"),
+             DenseMatrix("q_b_proj", heads * qk, m["q_lora_rank"], n, "attention")]
     else:
-        attention = 2 * h * shape.heads * shape.head_dim + 2 * h * shape.kv_heads * shape.head_dim
-    moe = len(shape.moe_layers)
-    projections = (shape.num_layers * attention + (shape.num_layers - moe) * 3 * h * shape.dense_intermediate
-                   + moe * 3 * h * shape.shared_intermediate)
-    in_dtype = (1 if shape.tied_embeddings else 2) * shape.vocab * h + moe * h * (
-        shape.experts + shape.shared_gate)
-    return int(projections * per_weight + in_dtype * d) // tp
+        q = [DenseMatrix("q_proj", heads * qk, h, n, "attention"),
+             DenseMatrix("kv_a_proj_with_mqa", latent, h, n, "attention")]
+    # kv_b_proj: vLLM's CPU MLA reads its weight itself, so lk leaves it in the model dtype.
+    return q + [DenseMatrix("kv_b_proj", heads * (m["qk_nope_head_dim"] + m["v_head_dim"]), m["kv_lora_rank"], n,
+                            "attention", on_lk=False),
+                DenseMatrix("o_proj", h, heads * m["v_head_dim"], n, "attention")]
+
+
+def dense_matrices(shape: ModelShape) -> tuple[DenseMatrix, ...]:
+    """Every weight matrix outside the routed experts (norms and biases left out): attention,
+    dense MLPs of the layers that are not MoE, shared experts, routers, LM head, embedding."""
+    h, moe = shape.hidden, len(shape.moe_layers)
+    dense, shared = shape.dense_intermediate, shape.shared_intermediate
+    matrices = [
+        *_attention_matrices(shape),
+        DenseMatrix("gate_up_proj", 2 * dense, h, shape.num_layers - moe, "dense MLP"),
+        DenseMatrix("down_proj", h, dense, shape.num_layers - moe, "dense MLP"),
+        DenseMatrix("shared_expert.gate_up_proj", 2 * shared, h, moe, "shared expert"),
+        DenseMatrix("shared_expert.down_proj", h, shared, moe, "shared expert"),
+        DenseMatrix("gate", shape.experts, h, moe, "router", on_lk=False),   # a GateLinear: lk leaves it
+        # Qwen2-MoE's sigmoid gate: a ReplicatedLinear, which lk takes.
+        DenseMatrix("shared_expert_gate", 1, h, moe if shape.shared_gate else 0, "router"),
+        DenseMatrix("lm_head", shape.vocab, h, 1, "LM head"),
+        DenseMatrix("embed_tokens", shape.vocab, h, 1, "embedding", on_lk=False),
+    ]
+    return tuple(m for m in matrices if m.weights)
+
+
+def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
+    """A matrix's bytes as the checkpoint loads it: projections take the experts' stored bytes
+    per weight (FP8: 1, 4-bit integers: 0.5), the rest the model dtype."""
+    if matrix.kind in PROJECTIONS and shape.storage.scheme not in FLOAT_PROJECTIONS:
+        return int(matrix.weights * {"fp8-block": 1}.get(shape.storage.scheme, 0.5))
+    return matrix.weights * shape.dtype_bytes
+
+
+def float_on_lk(shape: ModelShape, matrix: DenseMatrix) -> bool:
+    """Whether LVLLM_DENSE_USE_WEIGHT's INT8 / INT4 quantize it: float in the checkpoint and lk takes it."""
+    return matrix.on_lk and (matrix.kind not in PROJECTIONS or shape.storage.scheme in FLOAT_PROJECTIONS)
+
+
+def tied_head(shape: ModelShape, matrix: DenseMatrix) -> bool:
+    """An LM head tied to the embedding: vLLM holds one tensor for both."""
+    return matrix.kind == "LM head" and shape.tied_embeddings
+
+
+def dense_weight_bytes(shape: ModelShape, tp: int = 1) -> int:
+    """Weights outside the routed experts as the checkpoint loads them (as they sit on the GPU), per rank."""
+    return sum(stored_bytes(shape, m) for m in dense_matrices(shape) if not tied_head(shape, m)) // tp
 
 
 def kv_bytes_per_token(shape: ModelShape, tp: int = 1) -> int:
@@ -215,3 +278,25 @@ def kv_bytes_per_token(shape: ModelShape, tp: int = 1) -> int:
         return shape.num_layers * (shape.mla["kv_lora_rank"] + shape.mla["qk_rope_head_dim"]) * shape.dtype_bytes
     heads = _cdiv(shape.kv_heads, tp)
     return shape.num_layers * 2 * heads * shape.head_dim * shape.dtype_bytes
+
+
+def _lk_dense_bytes(matrix: DenseMatrix, mode: str) -> int:
+    """What lk holds of a matrix quantized by LVLLM_DENSE_USE_WEIGHT=mode (INT8 or INT4)."""
+    from lvllm.lk.linear import planned_linear_bytes
+
+    name = mode.lower()
+    return matrix.count * planned_linear_bytes(matrix.outputs, matrix.inputs, name, formats.group_size(name))
+
+
+def dense_bytes(shape: ModelShape, mode: str, per_token: bool = False) -> int:
+    """The host's bytes of the weights outside the routed experts under LVLLM_DENSE_USE_WEIGHT=mode
+    (no GPU); ``per_token``: those a decode token reads (all but the embedding, of which one row)."""
+    total = 0
+    for matrix in dense_matrices(shape):
+        quantized = mode != "TO_DTYPE" and float_on_lk(shape, matrix)
+        if per_token and matrix.kind == "embedding":
+            continue
+        if not per_token and tied_head(shape, matrix) and not quantized:   # the embedding's tensor
+            continue
+        total += _lk_dense_bytes(matrix, mode) if quantized else stored_bytes(shape, matrix)
+    return total

@@ -9,8 +9,9 @@ the routed experts, the KV cache of one sequence of ``--max-model-len`` tokens, 
 where long prompts stream experts, the prefetch ring; what is left holds whole MoE layers in
 the checkpoint's format, the first ones. Host RAM: per LVLLM_MOE_USE_WEIGHT value, what lk
 holds for the other layers plus two layers in the checkpoint's format while loading (as the
-start-up check, lvllm.memory.check_budget, counts it). Decode bound: read bandwidth over the
-bytes of the routed experts one token reads on the CPU.
+start-up check, lvllm.memory.check_budget, counts it); without a GPU also the KV cache and the
+dense layers, per LVLLM_DENSE_USE_WEIGHT value. Decode bound: read bandwidth over the bytes
+one token reads on the CPU: the routed experts', and without a GPU the dense layers'.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from lvllm import formats
-from lvllm.envs import EnvError, format_ranges
-from lvllm.memory import GIB, available
-from lvllm.lk.host_cpus import usable_numa_nodes
-from lvllm.model_shape import (ConfigError, ModelShape, checkpoint_layer_bytes, dense_weight_bytes,
+from lvllm import envs, formats
+from lvllm.envs import DENSE_WEIGHT_MODES, EnvError, format_ranges
+from lvllm.machine import Machine, probe_machine
+from lvllm.memory import GIB
+from lvllm.model_shape import (ConfigError, ModelShape, checkpoint_layer_bytes, dense_bytes, dense_weight_bytes,
                                kv_bytes_per_token, model_shape, read_config)
 
 # vLLM's share of each GPU that the plan hands it (gpu-memory-utilization).
@@ -47,17 +48,6 @@ PREFERENCE = {"float": ("TO_DTYPE", "INT8", "INT4"), "fp8_e4m3": ("KEEP", "INT8"
               "int4": ("KEEP", "TO_DTYPE"),
               # KEEP: the same values as TO_DTYPE in a quarter of the RAM, faster both ways.
               "mxfp4": ("KEEP", "TO_DTYPE")}
-
-
-@dataclass(frozen=True)
-class Machine:
-    ram: int            # bytes lvllm may take
-    cores: int
-    numa_nodes: int
-    gpus: int
-    gpu_memory: int     # bytes per GPU (0: none)
-    bandwidth_gbs: float
-    notes: dict = field(default_factory=dict)   # where each figure came from
 
 
 @dataclass(frozen=True)
@@ -102,6 +92,23 @@ def lk_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1
                                          formats.code(resolved.name), resolved.group_size, nodes)
 
 
+def dense_modes(resolved: formats.Resolved, users: str | None) -> tuple[str, ...]:
+    """LVLLM_DENSE_USE_WEIGHT values to weigh with experts kept in ``resolved``, the one to pick
+    last: the user's, else TO_DTYPE and, for INT8 / INT4 experts, the same bits (llama.cpp's Q8_0 / Q4_0)."""
+    if users:
+        return (users,)
+    same = resolved.name.upper()
+    return ("TO_DTYPE", same) if same in ("INT8", "INT4") else ("TO_DTYPE",)
+
+
+def users_dense_mode() -> str | None:
+    """This shell's LVLLM_DENSE_USE_WEIGHT, TO_DTYPE under LVLLM_DENSE_ON_LK=OFF (which allows no
+    other), else None: the plan picks."""
+    if "LVLLM_DENSE_USE_WEIGHT" in os.environ:
+        return envs.get("LVLLM_DENSE_USE_WEIGHT")
+    return "TO_DTYPE" if envs.get("LVLLM_DENSE_ON_LK") == "OFF" else None
+
+
 def resolve(shape: ModelShape, mode: str, group: int | None = None) -> formats.Resolved:
     """lvllm.formats.resolve_format for this checkpoint, as LkMoEMethod.resolve_format asks it."""
     return formats.resolve_format(mode, shape.storage.format, getattr(torch, shape.dtype),
@@ -143,6 +150,7 @@ class FormatRow:
     held: int       # lk's bytes for every lk layer
     need: int       # with the load's transient and what else the host holds
     tok_s: float    # decode bound
+    dense_mode: str | None = None   # LVLLM_DENSE_USE_WEIGHT (None: the dense layers are on the GPU)
 
     def fits(self, ram: int) -> bool:
         return self.need <= ram
@@ -157,7 +165,6 @@ class Plan:
     lk_layers: tuple[int, ...]
     rows: tuple[FormatRow, ...]
     choice: FormatRow | None
-    host_extra: int             # CPU only: KV cache and the other weights, in RAM
     kv_space_gib: int           # CPU only: VLLM_CPU_KVCACHE_SPACE
     threads: int                # LK_THREADS per rank
     prefill_from: int           # LVLLM_GPU_PREFILL_MIN_BATCH_SIZE (0: off)
@@ -168,13 +175,24 @@ class Plan:
 
 
 def host_row(shape: ModelShape, resolved: formats.Resolved, modes: tuple[str, ...], lk_layers: int,
-             machine: Machine, extra: int) -> FormatRow:
+             machine: Machine, kv_cache: int, dense_mode: str | None = None) -> FormatRow:
     tp = max(1, machine.gpus)
     transient = 2 * checkpoint_layer_bytes(shape) if lk_layers else 0
     layer = lk_layer_bytes(shape, resolved, machine.numa_nodes, tp)
-    per_token = lk_layers * shape.top_k * layer / shape.experts
+    dense = dense_bytes(shape, dense_mode) if dense_mode else 0
+    dense_read = dense_bytes(shape, dense_mode, per_token=True) if dense_mode else 0
+    per_token = lk_layers * shape.top_k * layer / shape.experts + dense_read
     tok_s = machine.bandwidth_gbs * 1e9 / per_token if per_token else float("inf")
-    return FormatRow(modes, resolved, lk_layers * layer, lk_layers * layer + transient + extra, tok_s)
+    return FormatRow(modes, resolved, lk_layers * layer, lk_layers * layer + transient + kv_cache + dense, tok_s,
+                     dense_mode)
+
+
+def host_rows(shape: ModelShape, lk_layers: int, machine: Machine, kv_cache: int,
+              users_dense: str | None) -> tuple[FormatRow, ...]:
+    """A row per lk format and, without a GPU, per LVLLM_DENSE_USE_WEIGHT value to weigh with it."""
+    return tuple(host_row(shape, resolved, modes, lk_layers, machine, kv_cache, dense)
+                 for resolved, modes in candidate_formats(shape).items()
+                 for dense in ((None,) if machine.gpus else dense_modes(resolved, users_dense)))
 
 
 def candidate_formats(shape: ModelShape) -> dict[formats.Resolved, tuple[str, ...]]:
@@ -203,21 +221,21 @@ def _fit_gpu(shape: ModelShape, machine: Machine, max_model_len: int, resolved: 
     return replace(bare, reason=f"{bare.reason}; no GPU prefill: {fit.reason}")
 
 
-def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = None) -> Plan:
+def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = None,
+              users_dense: str | None = None) -> Plan:
     """The first lk format (in order of preference) whose layers fit the RAM, with the GPU's
-    resident layers and prefill ring for that format."""
+    resident layers and prefill ring for that format; without a GPU, with the dense layers in
+    ``users_dense`` (LVLLM_DENSE_USE_WEIGHT; None: dense_modes' pick)."""
     max_model_len = max_model_len or shape.max_positions
-    gpu, extra, kv_space = None, 0, 0
+    gpu, kv_space = None, 0
     if not machine.gpus:
         kv_space = max(1, -(-kv_bytes_per_token(shape) * max_model_len // GIB))
-        extra = kv_space * GIB + dense_weight_bytes(shape)
-    for resolved, modes in candidate_formats(shape).items():
+    for resolved in candidate_formats(shape):
         if machine.gpus:
             gpu = _fit_gpu(shape, machine, max_model_len, resolved)
         lk_layers = tuple(i for i in shape.moe_layers if gpu is None or i not in gpu.resident)
-        rows = tuple(host_row(shape, r, m, len(lk_layers), machine, extra)
-                     for r, m in candidate_formats(shape).items())
-        choice = next(row for row in rows if row.resolved == resolved)
+        rows = host_rows(shape, len(lk_layers), machine, kv_space * GIB, users_dense)
+        choice = [row for row in rows if row.resolved == resolved][-1]   # dense_modes' pick comes last
         if not lk_layers or choice.fits(machine.ram):
             break
     else:
@@ -225,45 +243,13 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
     tp = max(1, machine.gpus)
     per_rank = max(1, machine.cores // tp)
     prefill = GPU_PREFILL_FROM[choice.resolved.name] if choice and gpu and gpu.ring else 0
-    return Plan(shape, machine, max_model_len, gpu, lk_layers, rows, choice if lk_layers else None, extra,
-                kv_space, max(1, per_rank - per_rank // 16), prefill)
+    return Plan(shape, machine, max_model_len, gpu, lk_layers, rows, choice if lk_layers else None, kv_space,
+                max(1, per_rank - per_rank // 16), prefill)
 
 
 # --------------------------------------------------------------------------------------
 # the machine
 # --------------------------------------------------------------------------------------
-
-def probe_machine(ram_gib: float | None = None, cores: int | None = None, nodes: int | None = None,
-                  gpus: int | None = None, gpu_memory_gib: float | None = None,
-                  bandwidth_gbs: float | None = None) -> Machine:
-    """This machine's figures, each replaced by the value given where one is."""
-    notes = {}
-    if ram_gib is None:
-        room = available()
-        ram, notes["ram"] = room.bytes, room.where
-    else:
-        ram, notes["ram"] = int(ram_gib * GIB), "given"
-    cores = cores or len(os.sched_getaffinity(0))
-    nodes = nodes or usable_numa_nodes()
-    if gpu_memory_gib is None and torch.cuda.is_available():
-        gpus = gpus or torch.cuda.device_count()
-        memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
-        notes["gpu"] = torch.cuda.get_device_name(0)
-    elif gpu_memory_gib is None:
-        if gpus:
-            raise ConfigError("--gpus needs --gpu-memory on a machine without a visible GPU")
-        gpus, memory, notes["gpu"] = 0, 0, "none found"
-    else:
-        gpus, memory, notes["gpu"] = gpus or 1, int(gpu_memory_gib * GIB), "given"
-    if bandwidth_gbs is None:
-        from lvllm import _lk
-
-        bandwidth_gbs = _lk.measure_read_bandwidth_gbs(cores, 128 << 20, 3)
-        notes["bandwidth"] = f"lk's probe, {cores} threads"
-    else:
-        notes["bandwidth"] = "given"
-    return Machine(ram, cores, nodes, gpus, memory, bandwidth_gbs, notes)
-
 
 # --------------------------------------------------------------------------------------
 # what it prints
@@ -294,16 +280,21 @@ def render(plan: Plan, model: str) -> str:
     ]
     if gpu is not None:
         lines.append(f"GPU, per rank of {tp}: {gpu.describe()}")
-    if plan.host_extra:
-        lines.append(f"Host RAM also holds {_gb(plan.host_extra)}: the KV cache "
-                     f"(VLLM_CPU_KVCACHE_SPACE={plan.kv_space_gib}) and the weights outside the experts")
+    if gpu is None:
+        lines += [f"Host RAM also holds {plan.kv_space_gib} GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) and the weights "
+                  f"outside the experts, by LVLLM_DENSE_USE_WEIGHT (embedding and routers stay {shape.dtype}):",
+                  "  " + ", ".join(f"{mode} {_gb(dense_bytes(shape, mode))} ({_gb(dense_bytes(shape, mode, True))} "
+                                   "a token)" for mode in DENSE_WEIGHT_MODES)]
     if plan.lk_layers:
+        dense = f"  {'LVLLM_DENSE_USE_WEIGHT':<22}" if gpu is None else ""
         lines += [f"Host RAM for the {len(plan.lk_layers)} lk layer(s) [{format_ranges(plan.lk_layers)}], "
                   f"{_gb(machine.ram)} available:",
-                  f"  {'LVLLM_MOE_USE_WEIGHT':<22}{'format':<11}{'lk holds':>11}{'needs':>11}  fits  "
+                  f"  {'LVLLM_MOE_USE_WEIGHT':<22}{'format':<11}{'lk holds':>11}{dense}{'needs':>11}  fits  "
                   "decode bound"]
-        lines += [f"  {' / '.join(r.modes):<22}{r.resolved.describe():<11}{_gb(r.held):>11}{_gb(r.need):>11}  "
-                  f"{'yes ' if r.fits(machine.ram) else 'no  '}  {r.tok_s:.1f} tok/s" for r in plan.rows]
+        lines += [f"  {' / '.join(r.modes):<22}{r.resolved.describe():<11}{_gb(r.held):>11}"
+                  + (f"  {r.dense_mode:<22}" if r.dense_mode else "")
+                  + f"{_gb(r.need):>11}  {'yes ' if r.fits(machine.ram) else 'no  '}  {r.tok_s:.1f} tok/s"
+                  for r in plan.rows]
     lines.append("")
     return "\n".join(lines + settings_lines(plan, model))
 
@@ -314,12 +305,15 @@ def settings_lines(plan: Plan, model: str) -> list[str]:
         return [f"No plan: {gpu.reason}. More GPU memory, more GPUs or a smaller --max-model-len."]
     if plan.lk_layers and plan.choice is None:
         least = min(plan.rows, key=lambda row: row.need)
+        dense = f" with LVLLM_DENSE_USE_WEIGHT={least.dense_mode}" if least.dense_mode else ""
         return [f"No plan: no LVLLM_MOE_USE_WEIGHT value fits {_gb(machine.ram)} of RAM (the smallest, "
-                f"{least.modes[0]}, needs {_gb(least.need)}). More RAM, more GPU memory or a smaller "
+                f"{least.modes[0]}{dense}, needs {_gb(least.need)}). More RAM, more GPU memory or a smaller "
                 "--max-model-len."]
     env = [f"export LVLLM_MOE_NUMA_ENABLED={1 if plan.lk_layers else 0}"]
     if plan.lk_layers:
         env.append(f"export LVLLM_MOE_USE_WEIGHT={plan.choice.modes[0]}")
+        if plan.choice.dense_mode:
+            env.append(f"export LVLLM_DENSE_USE_WEIGHT={plan.choice.dense_mode}")
         if gpu is not None:
             layers = format_ranges(gpu.resident).replace("none", "")
             env += [f"export LVLLM_GPU_RESIDENT_MOE_LAYERS={layers}   # what =auto picks with these settings",
@@ -362,9 +356,10 @@ def main(argv: list[str]) -> int:
         shape = model_shape(config, str(where), args.dtype)
         machine = probe_machine(args.ram, args.cores, args.numa_nodes, args.gpus, args.gpu_memory,
                                 args.bandwidth)
-    except ConfigError as error:
+        users_dense = users_dense_mode()
+    except (ConfigError, EnvError) as error:
         parser.error(str(error))
-    plan = make_plan(shape, machine, args.max_model_len)
+    plan = make_plan(shape, machine, args.max_model_len, users_dense)
     print(render(plan, args.model))
     return 0 if plan.feasible else 1
 

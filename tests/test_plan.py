@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lvllm import envs, plan
-from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape, read_config
+from lvllm import envs, formats, plan
+from lvllm.lk.linear import planned_linear_bytes
+from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, model_shape, read_config
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
 from lvllm.settings import Settings
 
@@ -61,6 +62,9 @@ Q_EXPERT = {"bf16": 9_437_184, "int8": 4_792_320, "int4": 2_654_208}
 Q_LAYER_BF16 = 128 * 9_437_184
 Q_WEIGHTS = 3_081_764_864
 Q_KV_TOKEN = 98_304
+# Without a GPU, by LVLLM_DENSE_USE_WEIGHT (test_qwen3_30b_dense_bytes): (host RAM, a token reads).
+Q_DENSE = {"TO_DTYPE": (Q_WEIGHTS, 2_459_435_008), "INT8": (1_883_648_000, 1_261_318_144),
+           "INT4": (1_332_133_888, 709_804_032)}
 
 
 def test_qwen3_30b_on_a_24_gib_gpu():
@@ -88,27 +92,103 @@ def test_qwen3_30b_on_a_24_gib_gpu():
                  "export LK_THREADS=15 ", "export LVLLM_GPU_PREFILL_MIN_BATCH_SIZE=512",
                  "max-model-len: 32768", "compilation_config.max_cudagraph_capture_size: 496"):
         assert line in text
+    assert "LVLLM_DENSE_USE_WEIGHT" not in text   # dense layers on the GPU: the variable is the CPU build's
 
 
 def test_qwen3_30b_on_cpu_only():
     shape = model_shape(QWEN3_30B)
     result = plan.make_plan(shape, machine(ram=40, cores=2, bandwidth=35), 4096)
     # 4096 x 98,304 = 384 MiB of KV cache -> VLLM_CPU_KVCACHE_SPACE=1 GiB, held in RAM with the
-    # other weights; bf16 needs 48 layers + 2 loading + 1 GiB + 3,081,764,864 = 57.1 GiB > 40.
-    extra = GIB + Q_WEIGHTS
-    assert result.gpu is None and result.kv_space_gib == 1 and result.host_extra == extra
-    assert row(result, "TO_DTYPE").need == 50 * Q_LAYER_BF16 + extra
-    assert result.choice.modes == ("INT8",)
-    assert row(result, "INT8").need == 48 * 128 * Q_EXPERT["int8"] + 2 * Q_LAYER_BF16 + extra  # 29.7 GiB
-    assert row(result, "INT8").tok_s == pytest.approx(35e9 / (48 * 8 * Q_EXPERT["int8"]))
+    # dense layers; bf16 needs 48 layers + 2 loading + 1 GiB + 3,081,764,864 = 57.1 GiB > 40.
+    assert result.gpu is None and result.kv_space_gib == 1
+    assert [(r.modes[0], r.dense_mode) for r in result.rows] == [
+        ("TO_DTYPE", "TO_DTYPE"), ("INT8", "TO_DTYPE"), ("INT8", "INT8"), ("INT4", "TO_DTYPE"), ("INT4", "INT4")]
+    assert row(result, "TO_DTYPE").need == 50 * Q_LAYER_BF16 + GIB + Q_WEIGHTS
+    # INT8 experts with INT8 dense layers, the experts' bits: 27.4 + 2.25 + 1 + 1.75 = 32.4 GiB.
+    int8_experts = 48 * 128 * Q_EXPERT["int8"]
+    assert (result.choice.modes, result.choice.dense_mode) == (("INT8",), "INT8")
+    assert result.choice.need == int8_experts + 2 * Q_LAYER_BF16 + GIB + Q_DENSE["INT8"][0]
+    # Decode bound: the experts 8 of 128 a layer read, and the dense layers but the embedding.
+    assert result.choice.tok_s == pytest.approx(35e9 / (48 * 8 * Q_EXPERT["int8"] + Q_DENSE["INT8"][1]))  # 11.3
+    bf16_dense = result.rows[1]
+    assert bf16_dense.need == int8_experts + 2 * Q_LAYER_BF16 + GIB + Q_WEIGHTS
+    assert bf16_dense.tok_s == pytest.approx(35e9 / (48 * 8 * Q_EXPERT["int8"] + Q_DENSE["TO_DTYPE"][1]))  # 8.1
     text = plan.render(result, "m")
     assert "VLLM_CPU_KVCACHE_SPACE=1" in text and "VLLM_CPU_OMP_THREADS_BIND=0-1" in text
-    assert "RESIDENT" not in text
+    assert "export LVLLM_DENSE_USE_WEIGHT=INT8" in text and "RESIDENT" not in text
+    assert "TO_DTYPE 2.9 GiB (2.3 GiB a token), INT8 1.8 GiB (1.2 GiB a token), INT4 1.2 GiB (0.7 GiB a token)" in text
 
-    # INT4: 48 x 128 x 2,654,208 + 2 bf16 layers + extra = 21.3 GiB: 20 GiB fits nothing.
-    short = plan.make_plan(shape, machine(ram=20, cores=2, bandwidth=35), 4096)
+    # INT4 with INT4 dense: 48 x 128 x 2,654,208 + 2 bf16 layers + 1 GiB + 1,332,133,888 = 19.7 GiB.
+    short = plan.make_plan(shape, machine(ram=19, cores=2, bandwidth=35), 4096)
     assert short.choice is None and not short.feasible
-    assert "the smallest, INT4, needs 21.3 GiB" in plan.render(short, "m")
+    assert "the smallest, INT4 with LVLLM_DENSE_USE_WEIGHT=INT4, needs 19.7 GiB" in plan.render(short, "m")
+
+
+def test_qwen3_30b_dense_bytes():
+    """The weights outside the experts by hand, as the model names them: per layer q [4096, 2048],
+    k and v [512, 2048], o [2048, 4096] = 18,874,368 weights and the router [128, 2048] (kept
+    bf16); the LM head [151936, 2048]; the embedding as large, in RAM but not read per token."""
+    shape = model_shape(QWEN3_30B)
+    assert [(m.name, m.outputs, m.inputs, m.count) for m in dense_matrices(shape)] == [
+        ("qkv_proj", 5120, 2048, 48), ("o_proj", 2048, 4096, 48), ("gate", 128, 2048, 48),
+        ("lm_head", 151936, 2048, 1), ("embed_tokens", 151936, 2048, 1)]
+    attention, router, head = [(4096, 2048), (512, 2048), (512, 2048), (2048, 4096)], 128 * 2048, 151936 * 2048
+    assert sum(n * k for n, k in attention) == 18_874_368
+    assert plan.dense_bytes(shape, "TO_DTYPE", per_token=True) == 2 * (48 * 18_874_368 + 48 * router + head)
+    # INT8 g256: a byte a weight and a float32 scale per 256 inputs; INT4 g128: half a byte and a
+    # float32 scale and offset per 128 inputs.
+    for mode, size in (("INT8", lambda n, k: n * (k + 4 * k // 256)),
+                       ("INT4", lambda n, k: n * (k // 2 + 8 * k // 128))):
+        lk = [planned_linear_bytes(n, k, mode.lower(), formats.group_size(mode.lower())) for n, k in attention]
+        assert lk == [size(n, k) for n, k in attention]
+        read = 48 * sum(lk) + size(151936, 2048) + 48 * 2 * router
+        assert (plan.dense_bytes(shape, mode), plan.dense_bytes(shape, mode, per_token=True)) == (read + 2 * head, read)
+    assert {mode: (plan.dense_bytes(shape, mode), plan.dense_bytes(shape, mode, True)) for mode in Q_DENSE} == Q_DENSE
+    # Tied: vLLM's head is the embedding's tensor, read per token all the same; lk's INT4 head is a copy.
+    tied = model_shape({**QWEN3_30B, "tie_word_embeddings": True})
+    assert plan.dense_bytes(tied, "TO_DTYPE") == Q_WEIGHTS - 2 * head
+    assert plan.dense_bytes(tied, "TO_DTYPE", per_token=True) == Q_DENSE["TO_DTYPE"][1]
+    assert plan.dense_bytes(tied, "INT4") == Q_DENSE["INT4"][0]
+
+
+def test_deepseek_like_dense_bytes():
+    """DeepSeek-V3's shape in bf16 (MLA, 3 dense layers, a shared expert): per layer
+    fused_qkv_a [1536 + 576, 7168], q_b [128 x 192, 1536], kv_b [128 x 256, 512] (vLLM's CPU MLA
+    reads it itself: bf16), o [7168, 128 x 128]; dense MLP [2 x 18432, 7168] + [7168, 18432];
+    shared expert [2 x 2048, 7168] + [7168, 2048]; router [256, 7168]; LM head [129280, 7168]."""
+    shape = model_shape({**DEEPSEEK_V3, "quantization_config": None})
+    kinds = {m.name: (m.outputs, m.inputs, m.count, m.on_lk) for m in dense_matrices(shape)}
+    assert kinds["fused_qkv_a_proj"] == (2112, 7168, 61, True) and kinds["kv_b_proj"] == (32768, 512, 61, False)
+    assert kinds["gate_up_proj"] == (36864, 7168, 3, True)
+    assert kinds["shared_expert.down_proj"] == (7168, 2048, 58, True)
+    int4 = lambda n, k: n * k * 9 // 16   # half a byte + 8 bytes per 128 inputs
+    layer = int4(2112, 7168) + int4(24576, 1536) + 2 * 32768 * 512 + int4(7168, 16384)
+    assert layer == 129_363_968
+    read = (61 * layer + 3 * (int4(36864, 7168) + int4(7168, 18432)) + 58 * (int4(4096, 7168) + int4(7168, 2048))
+            + 58 * 2 * 256 * 7168 + int4(129280, 7168))
+    assert plan.dense_bytes(shape, "INT4", per_token=True) == read == 10_730_991_616
+    assert plan.dense_bytes(shape, "INT4") == read + 2 * 129280 * 7168
+    # The FP8 checkpoint's projections stay FP8: INT4 takes only its bf16 LM head.
+    fp8 = model_shape(DEEPSEEK_V3)
+    assert plan.dense_bytes(fp8, "TO_DTYPE") == D_WEIGHTS
+    assert plan.dense_bytes(fp8, "INT4") == D_WEIGHTS - 2 * 129280 * 7168 + int4(129280, 7168)
+
+
+def test_the_users_dense_format_is_kept(monkeypatch):
+    monkeypatch.delenv("LVLLM_DENSE_USE_WEIGHT", raising=False)
+    monkeypatch.delenv("LVLLM_DENSE_ON_LK", raising=False)
+    assert plan.users_dense_mode() is None
+    monkeypatch.setenv("LVLLM_DENSE_ON_LK", "OFF")   # allows TO_DTYPE only
+    assert plan.users_dense_mode() == "TO_DTYPE"
+    monkeypatch.setenv("LVLLM_DENSE_USE_WEIGHT", "int4")
+    assert plan.users_dense_mode() == "INT4"
+    monkeypatch.setenv("LVLLM_DENSE_USE_WEIGHT", "Q4")
+    with pytest.raises(envs.EnvError, match="LVLLM_DENSE_USE_WEIGHT"):
+        plan.users_dense_mode()
+    result = plan.make_plan(model_shape(QWEN3_30B), machine(ram=40, cores=2, bandwidth=35), 4096, "TO_DTYPE")
+    assert [r.dense_mode for r in result.rows] == ["TO_DTYPE"] * 3 and result.choice.modes == ("INT8",)
+    assert result.choice.need == 48 * 128 * Q_EXPERT["int8"] + 2 * Q_LAYER_BF16 + GIB + Q_WEIGHTS
+    assert "export LVLLM_DENSE_USE_WEIGHT=TO_DTYPE" in plan.render(result, "m")
 
 
 # DeepSeek-V3 by hand (FP8 128x128 blocks; bf16 model dtype). One expert: 3 x 7168 x 2048 =
@@ -242,10 +322,10 @@ def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "plan", "--model", str(tmp_path), "--ram", "0"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--ram must be above 0" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "plan", "--model", str(tmp_path), "--ram", "20",
+    done = subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "plan", "--model", str(tmp_path), "--ram", "19",
                            "--bandwidth", "35", "--cores", "2", "--max-model-len", "4096"],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "No plan: no LVLLM_MOE_USE_WEIGHT value fits 20.0 GiB" in done.stdout
+    assert done.returncode == 1 and "No plan: no LVLLM_MOE_USE_WEIGHT value fits 19.0 GiB" in done.stdout
 
 
 # --------------------------------------------------------------------------------------
