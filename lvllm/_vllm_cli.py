@@ -289,7 +289,8 @@ LVLLM_COMMANDS = {
     "plan": ("lvllm.plan", "plan --model PATH [--gpu-memory GiB] [--ram GiB] [--max-model-len N]: "
                            "the settings to serve a checkpoint on this machine"),
     "doctor": ("lvllm.doctor", "doctor --model PATH [--layers N,M]: lk's output on a few of the checkpoint's "
-                               "MoE layers against a float64 reference, and lk's speed on this machine"),
+                               "MoE layers and their dense matrices against a float64 reference, and "
+                               "lk's speed on this machine"),
 }
 
 

@@ -9,8 +9,12 @@ hidden states like the model's (RMS-normed random rows and, where the checkpoint
 RMS-normed rows of its embedding, times the layer's post-attention norm), in one prefill batch
 and in one-token decode calls, against a float64 reference computed from the checkpoint's own
 tensors (lvllm.reference). Each layer's worst relative error ||lk - ref|| / ||ref|| is judged
-against what its format should cost; then the machine's read bandwidth, lk's decode rate on
-that layer, the ISA tier, threads and NUMA nodes. Exit status 1 when a layer fails.
+against what its format should cost. Where lk takes the dense layers (lvllm.vllm.dense), each float
+matrix the checkpoint holds for those decoder layers (attention projections, shared experts, a
+dense MLP; not the routers) and the LM head runs the same way in lk's ``LinearEngine``, in the
+format serving holds it in (LVLLM_DENSE_USE_WEIGHT), against x @ W.T (+ bias) in float64. Then the
+machine's read bandwidth, lk's decode rate on the last layer, the ISA tier, threads and NUMA
+nodes. Exit status 1 when a layer or a dense matrix fails.
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ QUANTIZED = {"int8": 0.04, "int4": 0.35}
 # INT4 kept: lk rounds activations to 8 bits per group (kernels.h, activation_max), each by at most
 # 1/254 of its group's largest, about 1% of a Gaussian row; inputs and hidden rows both: 3x that.
 INT4_ACTIVATIONS = 0.03
+# Dense matrices quantized at load, each alone (QUANTIZED's bounds are a whole MoE layer's three):
+# about twice the worst relative error measured with random Gaussian weights at real widths (2048 to
+# 7168 inputs) on RMS-normed bf16 rows, one and eight at a time: INT8 0.0081 (groups 64 to 1024),
+# INT4 0.12 (groups 32 to 512; about 0.10 with the default 128).
+DENSE_QUANTIZED = {"int8": 0.016, "int4": 0.24}
+# Decoder-layer matrices lk's dense path leaves alone (lvllm.vllm.dense, lvllm.model_shape.dense_matrices):
+# the MoE routers (Qwen2-MoE's shared_expert_gate counted with them) and MLA's kv_b_proj.
+NOT_ON_LK = ("gate", "router", "shared_expert_gate", "kv_b_proj")
+# A block's output projection takes the attention's or MLP's inner rows, not a layer norm's.
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "w2")
 WARN_FACTOR = 2.0    # between 1x and 2x the expected error: warn; beyond: fail
 
 
@@ -60,6 +74,12 @@ def expected_error(lk_format: str, source: str, model_dtype: torch.dtype) -> flo
     return error + KEPT
 
 
+def expected_dense_error(lk_format: str, stored: torch.dtype, model_dtype: torch.dtype) -> float:
+    """One dense matrix stored in ``stored``, held by lk in ``lk_format`` (a float format: as vLLM holds it)."""
+    error = UNIT_ROUNDOFF[model_dtype] * (1 if stored == model_dtype else 2)   # + the weights rounded to the model dtype
+    return error + DENSE_QUANTIZED.get(lk_format, KEPT)
+
+
 def verdict(error: float, expected: float) -> str:
     if not error <= WARN_FACTOR * expected:   # NaN fails too
         return "fail"
@@ -71,7 +91,7 @@ class Check:
     layer: str
     inputs: str
     error: float
-    worst_expert: int
+    worst_expert: int | None   # None: a dense matrix
     decode_error: float
     expected: float
     lk_format: str
@@ -134,6 +154,100 @@ def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, t
     return checks
 
 
+def dense_inputs(tensors: CheckpointTensors, layer) -> list[tuple[str, str | None]]:
+    """(matrix, the layer norm before it or None) for the float dense matrices lk may hold of
+    ``layer``'s decoder layer, by checkpoint name (NAME.weight); which are float shows when read."""
+    decoder = layer.prefix.rsplit(".", 2)[0]
+    found = []
+    for name in sorted(tensors.file_of):
+        stem = name.removesuffix(".weight")
+        last = stem.rsplit(".", 1)[-1]
+        if (stem == name or not stem.startswith(f"{decoder}.") or stem.startswith(f"{layer.prefix}.")
+                or last in NOT_ON_LK or "norm" in last):
+            continue
+        norm = "input_layernorm" if "attn" in stem.removeprefix(decoder) else "post_attention_layernorm"
+        found.append((stem, None if last in OUTPUT_PROJECTIONS else f"{decoder}.{norm}.weight"))
+    return found
+
+
+def head_input(tensors: CheckpointTensors, layer) -> tuple[str, str] | None:
+    """(the LM head, the final norm): lm_head, else the embedding a tied head shares."""
+    names = sorted(tensors.file_of)
+    head = (next((n for n in names if n.endswith("lm_head.weight")), None)
+            or next((n for n in names if n.endswith("embed_tokens.weight")), None))
+    root = layer.prefix.rsplit(".layers.", 1)[0]
+    return (head.removesuffix(".weight"), f"{root}.norm.weight") if head else None
+
+
+def dense_row_name(stem: str) -> str:
+    return f"{stem} (tied LM head)" if stem.endswith("embed_tokens") else stem
+
+
+def lk_dense_weight(stem: str, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What serving hands lk of the dense matrix ``stem``: the checkpoint's tensor as vLLM's
+    loader casts it (tests damage one here, as a broken conversion would)."""
+    return stored.to(dtype).contiguous()
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) in float64, a slice of the weight's rows at a time (an LM head whole
+    in float64 would take GBs)."""
+    step = max(1, (1 << 24) // weight.shape[1])
+    out = torch.cat([x.double() @ weight[i:i + step].double().T for i in range(0, weight.shape[0], step)], dim=1)
+    return out + bias.double() if bias is not None else out
+
+
+def check_dense(tensors: CheckpointTensors, stem: str, norm_name: str | None, dtype: torch.dtype,
+                settings: Settings, seed: int) -> Check | None:
+    """lk's output of one dense matrix against the float64 reference; None where the checkpoint
+    does not hold it as a float matrix (a quantized projection is vLLM's, not lk's)."""
+    from lvllm.lk.linear import LinearEngine
+
+    stored = tensors.get(f"{stem}.weight")
+    if stored.dim() != 2 or stored.dtype not in UNIT_ROUNDOFF:
+        return None
+    bias = tensors.get(f"{stem}.bias") if f"{stem}.bias" in tensors else None
+    norm = tensors.get(norm_name) if norm_name in tensors else None
+    norm = norm if norm is not None and norm.shape == (stored.shape[1],) else None
+    quantized = settings.dense_weight_mode != "TO_DTYPE"
+    engine = LinearEngine(lk_dense_weight(stem, stored, dtype), settings.dense_weight_mode.lower() if quantized
+                          else None, settings.dense_group_size if quantized else None)
+    generator = torch.Generator().manual_seed(seed)
+    x = rms_normed(torch.randn(TOKENS, stored.shape[1], generator=generator), norm).to(dtype)
+    ref = linear_reference(x, stored, bias)
+    lk_bias = bias.to(dtype) if bias is not None else None
+    out = engine.forward(x, lk_bias).double()
+    decode = torch.cat([engine.forward(x[t:t + 1], lk_bias) for t in range(DECODE_CALLS)]).double()
+    error = float((out - ref).norm() / ref.norm())
+    decode_error = float((decode - ref[:DECODE_CALLS]).norm() / ref[:DECODE_CALLS].norm())
+    return Check(dense_row_name(stem), "rms-normed random", error, None, decode_error,
+                 expected_dense_error(engine.weight_format, stored.dtype, dtype), engine.describe())
+
+
+def dense_plan(settings: Settings, model_dtype: torch.dtype, device_type: str) -> tuple[str, bool]:
+    """(doctor's line about the dense matrices, whether lk holds them to be checked); ``device_type``:
+    vLLM's (lk takes dense layers in its CPU build only)."""
+    mode, dtype = settings.dense_weight_mode, str(model_dtype).removeprefix("torch.")
+    if device_type != "cpu":
+        return "dense matrices: on the GPU (vLLM's GPU build), not lk's: not checked", False
+    if settings.dense_on_lk == "OFF":
+        return "dense matrices: LVLLM_DENSE_ON_LK=OFF keeps them off lk: not checked", False
+    if mode != "TO_DTYPE":
+        held = formats.describe(mode.lower(), formats.group_size(mode.lower(), settings.dense_group_size))
+        return (f"dense matrices: LVLLM_DENSE_USE_WEIGHT={mode}: the float ones of these layers and the LM head, "
+                f"quantized at load to {held} as serving does; routers and embedding stay in {dtype}"), True
+    if settings.dense_on_lk == "ON":
+        return f"dense matrices: LVLLM_DENSE_ON_LK=ON: lk holds the float ones as stored (not quantized), in {dtype}", True
+    return (f"dense matrices: LVLLM_DENSE_ON_LK=AUTO: checked as stored (not quantized), in {dtype}, as lk holds "
+            "those vLLM's CPU build leaves to torch's F.linear (which ones, vllm serve's log says)"), True
+
+
+def print_check(check: Check, width: int, out) -> None:
+    expert = f" ({check.worst_expert:>3})" if check.worst_expert is not None else " " * 6
+    print(f"  {check.layer:<{width}}{check.lk_format:<11}{check.inputs:<19}{check.error:>10.2e}{expert}"
+          f"{check.decode_error:>10.2e}{check.expected:>10.1e}  {check.verdict}", file=out)
+
+
 def decode_rate(engine, top_k: int, dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, int]:
     """(GB/s, calls): one-token forwards of ``top_k`` random experts, bytes read over the median call."""
     x = torch.randn(1, engine.hidden_size).to(dtype)
@@ -176,25 +290,35 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
                           f"(those are {format_ranges(layers)})")
     picked = sorted(chosen) if chosen else sample(sorted(layers))
     settings = replace(settings, resident_layers=frozenset(), gpu_prefill_min_batch=0)
+    dense = {index: dense_inputs(tensors, layers[index]) for index in picked}
+    head = head_input(tensors, layers[picked[-1]])
+    width = max([34] + [len(dense_row_name(stem)) + 2 for inputs in [*dense.values(), [head] if head else []]
+                        for stem, _ in inputs])
     checks, method = [], None
-    with model_context(str(path), dtype, settings) as (vllm_config, _):
+    with model_context(str(path), dtype, settings) as (vllm_config, installation):
         model_dtype = vllm_config.model_config.dtype
         top_k = vllm_config.model_config.hf_text_config.num_experts_per_tok
         stored = stored_format(tensors, layers[picked[0]].stem(0, 0))
+        dense_line, dense_on_lk = dense_plan(settings, model_dtype, vllm_config.device_config.device_type)
         print(f"lvllm doctor: {path} ({', '.join(vllm_config.model_config.architectures)}, "
               f"{str(model_dtype).removeprefix('torch.')}, experts stored as {stored}), "
               f"LVLLM_MOE_USE_WEIGHT={settings.weight_mode}; MoE layers {format_ranges(picked)} of "
               f"{format_ranges(layers)}", file=out)
-        print(f"  {'layer':<34}{'lk format':<11}{'inputs':<19}{'error (expert)':>16}{'decode':>10}"
+        print(dense_line, file=out)
+        print(f"  {'layer':<{width}}{'lk format':<11}{'inputs':<19}{'error (expert)':>16}{'decode':>10}"
               f"{'expected':>10}  verdict", file=out)
         for index in picked:
             method = None   # one layer in lk at a time
             method = load_layer(vllm_config, layers[index], tensors)
-            for check in check_layer(method, layers[index], tensors, model_dtype, top_k, seed=index):
+            layer_checks = check_layer(method, layers[index], tensors, model_dtype, top_k, seed=index)
+            if dense_on_lk:
+                installation.lk_runtime()   # the runtime serving's dense layers run on
+                inputs = dense[index] + ([head] if head and index == picked[-1] else [])
+                layer_checks += [c for i, (stem, norm) in enumerate(inputs)
+                                 if (c := check_dense(tensors, stem, norm, model_dtype, settings, index * 100 + i))]
+            for check in layer_checks:
                 checks.append(check)
-                print(f"  {check.layer:<34}{check.lk_format:<11}{check.inputs:<19}"
-                      f"{check.error:>10.2e} ({check.worst_expert:>3}){check.decode_error:>10.2e}"
-                      f"{check.expected:>10.1e}  {check.verdict}", file=out)
+                print_check(check, width, out)
         engine, info = method.experts.engine, runtime_info()
         bandwidth = _lk.measure_read_bandwidth_gbs(info["threads"], 128 << 20, 3)
         rate, calls = decode_rate(engine, top_k, model_dtype)
@@ -205,8 +329,10 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
               f"({info['workers']}), {info['numa_nodes']} NUMA node(s)", file=out)
     failed = sorted({c.layer for c in checks if c.verdict == "fail"})
     warned = sorted({c.layer for c in checks if c.verdict == "warn"})
+    matrices = len({c.layer for c in checks if c.worst_expert is None})
     print("result: " + (f"FAIL in {', '.join(failed)}" if failed else "warn in " + ", ".join(warned) if warned
-                        else f"pass ({len(picked)} layers)"), file=out)
+                        else f"pass ({len(picked)} MoE layer{'s' * (len(picked) != 1)}, {matrices} dense "
+                             f"matri{'ces' if matrices != 1 else 'x'})"), file=out)
     return 1 if failed else 0
 
 

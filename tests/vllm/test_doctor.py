@@ -1,6 +1,7 @@
 """lvllm doctor on the tiny checkpoints: every format passes through serving's own loading path,
 and a conversion that corrupts one layer's experts (a flipped sign, a zeroed scale, gate and up
-swapped) fails, naming that layer. Runs in this process (one vLLM import for all cases)."""
+swapped) fails, naming that layer; the dense matrices likewise, in the model dtype and quantized
+by LVLLM_DENSE_USE_WEIGHT. Runs in this process (one vLLM import for all cases)."""
 
 from __future__ import annotations
 
@@ -32,29 +33,41 @@ def checkpoints(tmp_path_factory):
     parallel_state.destroy_distributed_environment()
 
 
-def doctor(monkeypatch, model, weight: str = "TO_DTYPE") -> tuple[int, str]:
+def doctor(monkeypatch, model, weight: str = "TO_DTYPE", dense: str = "TO_DTYPE", dense_group: str = "",
+           layers: frozenset[int] | None = None) -> tuple[int, str]:
     from lvllm import doctor
     from lvllm.settings import Settings
 
     monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", weight)
+    monkeypatch.setenv("LVLLM_DENSE_USE_WEIGHT", dense)
+    monkeypatch.setenv("LVLLM_DENSE_QUANT_GROUP_SIZE", dense_group)
     out = io.StringIO()
-    status = doctor.run(str(model), Settings.from_env(), out=out)
+    status = doctor.run(str(model), Settings.from_env(), layers, out=out)
     return status, out.getvalue()
 
 
-@pytest.mark.parametrize("name, weight, lk_format", [
-    ("bf16", "TO_DTYPE", "bf16"), ("bf16", "INT8", "int8 g256"), ("bf16", "INT4", "int4 g128"),
-    ("fp8", "KEEP", "fp8 g128"), ("fp8", "TO_DTYPE", "bf16"), ("w4a16", "KEEP", "int4 g32"),
-    ("awq", "KEEP", "int4 g32"), ("awq-zero", "KEEP", "int4 g32"), ("awq-zero", "TO_DTYPE", "bf16"),
+@pytest.mark.parametrize("name, weight, lk_format, dense, dense_format", [
+    ("bf16", "TO_DTYPE", "bf16", ("TO_DTYPE", ""), "bf16"), ("bf16", "INT8", "int8 g256", ("INT8", ""), "int8 g256"),
+    ("bf16", "INT4", "int4 g128", ("INT4", "64"), "int4 g64"), ("fp8", "KEEP", "fp8 g128", ("INT4", ""), "int4 g128"),
+    ("fp8", "TO_DTYPE", "bf16", ("TO_DTYPE", ""), "bf16"), ("w4a16", "KEEP", "int4 g32", ("TO_DTYPE", ""), "bf16"),
+    ("awq", "KEEP", "int4 g32", ("INT8", ""), "int8 g256"), ("awq-zero", "KEEP", "int4 g32", ("TO_DTYPE", ""), "bf16"),
+    ("awq-zero", "TO_DTYPE", "bf16", ("TO_DTYPE", ""), "bf16"),
 ])
-def test_every_format_passes(monkeypatch, checkpoints, name, weight, lk_format):
-    status, report = doctor(monkeypatch, checkpoints[name], weight)
+def test_every_format_passes(monkeypatch, checkpoints, name, weight, lk_format, dense, dense_format):
+    status, report = doctor(monkeypatch, checkpoints[name], weight, *dense)
     assert status == 0, report
-    rows = [line for line in report.splitlines() if line.startswith("  model.")]
+    rows = [line for line in report.splitlines() if line.startswith(("  model.", "  lm_head "))]
+    experts = [row for row in rows if ".mlp.experts " in row]
     # Layers 0, 2 and 3 of 4, each on random rows and on the model's embeddings.
-    assert len(rows) == 6 and all(f" {lk_format} " in row for row in rows), report
+    assert len(experts) == 6 and all(f" {lk_format} " in row for row in experts), report
+    # Their q, k, v and o projections (the tiny checkpoints store them float) and the LM head;
+    # not the routers (mlp.gate) nor the norms.
+    dense_rows = [row for row in rows if row not in experts]
+    assert len(dense_rows) == 13 and all(f" {dense_format} " in row for row in dense_rows), report
+    assert sum(".self_attn.q_proj " in row for row in dense_rows) == 3 and dense_rows[-1].startswith("  lm_head ")
     assert all(row.endswith("pass") for row in rows), report
-    assert "result: pass (3 layers)" in report and "read bandwidth" in report and "ISA " in report
+    assert "result: pass (3 MoE layers, 13 dense matrices)" in report
+    assert "read bandwidth" in report and "ISA " in report
 
 
 def _corrupt(monkeypatch, source_class, damage):
@@ -107,6 +120,27 @@ def test_a_corrupted_layer_fails_by_name(monkeypatch, checkpoints, name, weight,
             assert line.endswith("fail" if CORRUPTED in line else "pass"), report
             if CORRUPTED in line and worst_expert is not None:
                 assert f"({worst_expert:>3})" in line
+
+
+def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
+    """lk handed a q_proj with one output's sign flipped (of 128: about 0.18 relative error,
+    INT8 allows 0.02), as a broken dense conversion would."""
+    from lvllm import doctor as lvllm_doctor
+
+    damaged = "model.layers.2.self_attn.q_proj"
+    original = lvllm_doctor.lk_dense_weight
+
+    def lk_dense_weight(stem, stored, dtype):
+        weight = original(stem, stored, dtype).clone()
+        if stem == damaged:
+            weight[5] = -weight[5]
+        return weight
+
+    monkeypatch.setattr(lvllm_doctor, "lk_dense_weight", lk_dense_weight)
+    status, report = doctor(monkeypatch, checkpoints["bf16"], dense="INT8", layers=frozenset({2}))
+    assert status == 1 and f"result: FAIL in {damaged}" in report, report
+    rows = [line for line in report.splitlines() if line.startswith(("  model.", "  lm_head "))]
+    assert len(rows) == 7 and all(row.endswith("fail" if damaged in row else "pass") for row in rows), report
 
 
 def test_bad_input_is_refused(checkpoints, tmp_path):
