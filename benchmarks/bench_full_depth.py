@@ -12,13 +12,19 @@ loader has filled it), and reports, per checkpoint:
              memory alone: the checkpoint's pages in the page cache are the kernel's to drop)
   decode     tokens/s of one stream, against the bound the read bandwidth (lk's probe,
              measured in the same rounds) sets for the bytes a token reads: 8 INT4 experts per
-             layer plus vLLM's bf16 dense weights
+             layer plus the dense weights, in bf16 or as lk holds them
   TTFT       first token of a 512-token prompt
 
-Each checkpoint is deleted after its run (--keep keeps them).
+--config lk-int4-all quantizes the dense layers to INT4 as well (LVLLM_DENSE_USE_WEIGHT), and
+--llama-cpp adds llama.cpp beside it on the same cores (benchmarks/llama_cpp_anchor.py): the
+checkpoint converted to GGUF Q8_0 and requantized to Q4_0 (a bf16 GGUF would not fit the disk
+beside the checkpoint), timed by llama-bench; prefill tok/s is 512 / TTFT 512 on our side.
+
+Each checkpoint (and its GGUFs) is deleted after its run (--keep keeps them).
 
     python benchmarks/bench_full_depth.py                   # bf16 and FP8 checkpoints
     python benchmarks/bench_full_depth.py --checkpoints bf16 --eager --json out.json
+    python benchmarks/bench_full_depth.py --checkpoints fp8 --config lk-int4-all --llama-cpp
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model  # noqa: E402  (the offline child and the report helpers)
+import llama_cpp_anchor  # noqa: E402
 
 CHECKPOINTS = {"bf16": [], "fp8": ["--quantize", "fp8-block-experts"]}
 GB = 1e9
@@ -49,7 +56,7 @@ def build(directory: Path, layers: int, checkpoint: str) -> tuple[Path, float]:
 
 
 def measure(model: Path, args) -> dict:
-    child = bench_model.OfflineChild(model, "lk-int4", args)
+    child = bench_model.OfflineChild(model, args.config, args)
     try:
         rounds = [child.round() for _ in range(args.rounds)]
     finally:
@@ -60,7 +67,7 @@ def measure(model: Path, args) -> dict:
 def row(checkpoint: str, result: dict) -> str:
     info, rounds = result["info"], result["rounds"]
     median = bench_model.median
-    bytes_per_token = info["moe_bytes_per_token"] + result["dense_bytes"]
+    bytes_per_token = info["moe_bytes_per_token"] + result["dense_bytes"] - info.get("dense_bytes_saved", 0)
     decode = median(1e3 / r["decode_ms"] for r in rounds)
     bound = median(max(r["bandwidth_gbs"]) * GB / bytes_per_token for r in rounds)
     peak, loaded = info["peak_rss"], info["loaded_rss"]
@@ -71,6 +78,29 @@ def row(checkpoint: str, result: dict) -> str:
         f"{loaded['VmRSS:'] / GB:.1f} / {loaded['RssAnon:'] / GB:.1f}", f"{decode:.1f}",
         f"{bound:.1f} ({bytes_per_token / GB:.2f} GB/token)", f"{decode / bound:.0%}",
         f"{median(r['ttft_512_s'] for r in rounds):.2f} |"])
+
+
+def llama_cpp_q4_0(model: Path, args) -> dict:
+    """llama-bench on ``model`` as Q4_0 (from Q8_0), on --cores; the GGUFs are deleted after."""
+    llama = llama_cpp_anchor.LlamaCpp(args.llama_cpp_dir)
+    llama.setup()
+    try:
+        gguf = llama.gguf(model, "q4_0", len(llama_cpp_anchor.cpu_list(args.cores)))
+        llama.drop_intermediates(model, ["q4_0"])
+        return llama.bench(gguf, args.cores, args.rounds)
+    finally:
+        if not args.keep:
+            for fmt in llama_cpp_anchor.FORMATS:
+                llama.gguf_path(model, fmt).unlink(missing_ok=True)
+
+
+def llama_cpp_row(checkpoint: str, result: dict) -> str:
+    theirs, rounds = result["llama.cpp"], result["rounds"]
+    decode = bench_model.median(1e3 / r["decode_ms"] for r in rounds)
+    prefill = bench_model.median(512 / r["ttft_512_s"] for r in rounds)
+    return (f"| {checkpoint} | {decode:.1f} | {theirs['decode_tok_s']:.1f} | {decode / theirs['decode_tok_s']:.2f}x "
+            f"| {prefill:.0f} | {theirs['prefill_tok_s']:.0f} | {prefill / theirs['prefill_tok_s']:.2f}x "
+            f"| {theirs['gguf_bytes'] / GB:.1f} |")
 
 
 def main(argv=None):
@@ -84,10 +114,14 @@ def main(argv=None):
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--config", default="lk-int4", choices=("lk-int4", "lk-int4-all"),
+                        help="lk-int4-all: dense layers in INT4 too")
+    parser.add_argument("--llama-cpp", action="store_true", help="llama.cpp's Q4_0 beside us, same cores")
+    parser.add_argument("--llama-cpp-dir", type=Path, default=llama_cpp_anchor.DEFAULT_DIR)
     args = parser.parse_args(argv)
     checkpoints = bench_model.choices(parser, "--checkpoints", args.checkpoints, CHECKPOINTS)
     mode = "eager" if args.eager else "torch.compile"
-    print(f"{bench_model.header('bench_full_depth', args.cores)}; {args.layers} layers, INT4 experts, {mode}",
+    print(f"{bench_model.header('bench_full_depth', args.cores)}; {args.layers} layers, {args.config}, {mode}",
           flush=True)
     results = {}
     for checkpoint in checkpoints:
@@ -98,6 +132,8 @@ def main(argv=None):
             print(f"[{checkpoint}] {disk / GB:.1f} GB written in {build_s:.0f} s; loading ...", flush=True)
             results[checkpoint] = {**measure(model, args), "disk_bytes": disk, "build_s": build_s,
                                    "dense_bytes": bench_model.dense_bytes_per_token(model)}
+            if args.llama_cpp:
+                results[checkpoint]["llama.cpp"] = llama_cpp_q4_0(model, args)
         finally:
             if not args.keep:
                 shutil.rmtree(model)
@@ -109,6 +145,12 @@ def main(argv=None):
     print("|---" * 10 + "|")
     for checkpoint, result in results.items():
         print(row(checkpoint, result))
+    if args.llama_cpp:
+        print(f"\n{args.config} against llama.cpp Q4_0 (llama-bench -p 512 -n 128), same cores\n"
+              "\n| checkpoint | decode tok/s | llama.cpp | ratio | prefill tok/s (512) | llama.cpp | ratio | GGUF GB |")
+        print("|---" * 8 + "|")
+        for checkpoint, result in results.items():
+            print(llama_cpp_row(checkpoint, result))
 
 
 if __name__ == "__main__":
