@@ -176,8 +176,9 @@ class LlamaCpp:
 
     def quantize_source(self, model: Path) -> str:
         """bf16 where its GGUF is there or the disk can hold it beside the 4-bit ones, else q8_0."""
-        if self.gguf_path(model, "bf16").exists():
-            return "bf16"
+        for fmt in ("bf16", "q8_0"):
+            if self.gguf_path(model, fmt).exists():
+                return fmt
         need = sum(estimated_bytes(model, fmt) for fmt in ("bf16", "q4_0", "q4_k_m"))
         return "bf16" if shutil.disk_usage(self.folder).free > need * 1.1 + (4 << 30) else "q8_0"
 
