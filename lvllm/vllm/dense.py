@@ -111,8 +111,8 @@ def _move_to_lk(installation: Installation, layer: torch.nn.Module, weight_forma
 
 def dense_report(model: torch.nn.Module) -> dict:
     """The model's dense layers (and LM head) by who multiplies them: ``lk`` (per layer
-    name, forwards run, bytes, format and number of weights held) and ``torch_linear`` (names of those lk could take
-    that vLLM left to torch's F.linear)."""
+    name, forwards run, bytes, format and number of weights held) and ``torch_linear``
+    (names of those lk could take that vLLM left to torch's F.linear)."""
     lk, torch_linear = {}, []
     for name, module in model.named_modules():
         if hasattr(module, "lk_linear"):
