@@ -55,8 +55,10 @@ INT4_ACTIVATIONS = 0.03
 # INT4 0.12 (groups 32 to 512; about 0.10 with the default 128).
 DENSE_QUANTIZED = {"int8": 0.016, "int4": 0.24}
 # Decoder-layer matrices lk's dense path leaves alone (lvllm.vllm.dense, lvllm.model_shape.dense_matrices):
-# the MoE routers (Qwen2-MoE's shared_expert_gate counted with them) and MLA's kv_b_proj.
-NOT_ON_LK = ("gate", "router", "shared_expert_gate", "kv_b_proj")
+# the MoE routers (vLLM's GateLinear) and MLA's kv_b_proj. Qwen2-MoE's shared_expert_gate is
+# quantized by serving but not checked: one output over a few rows gives no stable relative error
+# (seen: a correct INT4 one at 0.29 in 4 one-token calls, 0.02-0.14 elsewhere).
+UNCHECKED = ("gate", "router", "kv_b_proj", "shared_expert_gate")
 # A block's output projection takes the attention's or MLP's inner rows, not a layer norm's.
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "w2")
 WARN_FACTOR = 2.0    # between 1x and 2x the expected error: warn; beyond: fail
@@ -163,7 +165,7 @@ def dense_inputs(tensors: CheckpointTensors, layer) -> list[tuple[str, str | Non
         stem = name.removesuffix(".weight")
         last = stem.rsplit(".", 1)[-1]
         if (stem == name or not stem.startswith(f"{decoder}.") or stem.startswith(f"{layer.prefix}.")
-                or last in NOT_ON_LK or "norm" in last):
+                or last in UNCHECKED or "norm" in last):
             continue
         norm = "input_layernorm" if "attn" in stem.removeprefix(decoder) else "post_attention_layernorm"
         found.append((stem, None if last in OUTPUT_PROJECTIONS else f"{decoder}.{norm}.weight"))
