@@ -492,17 +492,21 @@ def run_offline(model: Path, configs: list[str], args, paired_ggufs: dict | None
     return run_pairs("offline", lambda config: OfflineChild(model, config, args), measure, model, configs, args)
 
 
-def paired_llama_ggufs(model: Path, formats: list[str], configs: list[str], args) -> dict:
-    """The GGUFs of the formats whose equal-bits configuration runs offline, made before it."""
+def llama_ggufs(model: Path, formats: list[str], args) -> dict:
+    """``model``'s GGUF per llama.cpp format, made where missing: its path, or the error that kept
+    it from being made (the disk too small, say)."""
     llama = llama_cpp.LlamaCpp(args.llama_cpp_dir)
     llama.setup()
     threads = len(llama_cpp.cpu_list(args.cores))
-    paired: dict = {}
+    ggufs = {}
     for fmt in formats:
-        if EQUAL_BITS[fmt] in configs:
-            paired.setdefault(EQUAL_BITS[fmt], []).append((fmt, llama.gguf(model, fmt, threads)))
+        try:
+            ggufs[fmt] = llama.gguf(model, fmt, threads)
+        except RuntimeError as error:
+            print(f"  llama.cpp {fmt}: {error}", flush=True)
+            ggufs[fmt] = {"error": str(error)}
     llama.drop_intermediates(model, formats)
-    return paired
+    return ggufs
 
 
 def run_served(model: Path, configs: list[str], args) -> dict:
@@ -516,21 +520,13 @@ def run_served(model: Path, configs: list[str], args) -> dict:
         return run_pairs("served", start, measure, model, configs, args)
 
 
-def run_llama_cpp(model: Path, formats: list[str], args) -> dict:
-    """llama-bench on ``model``'s GGUF in each format, on --cores; a format that could not be
-    made or run (the disk too small, say) gets its error instead."""
+def run_llama_cpp(ggufs: dict, args) -> dict:
+    """llama-bench on each GGUF (--rounds repetitions, on --cores); a format with no GGUF keeps its error."""
     llama = llama_cpp.LlamaCpp(args.llama_cpp_dir)
-    llama.setup()
-    threads = len(llama_cpp.cpu_list(args.cores))
     results = {}
-    for fmt in formats:
+    for fmt, gguf in ggufs.items():
         print(f"  llama.cpp: {fmt} ...", flush=True)
-        try:
-            results[fmt] = llama.bench(llama.gguf(model, fmt, threads), args.cores, args.rounds)
-        except RuntimeError as error:
-            print(f"  llama.cpp {fmt}: {error}", flush=True)
-            results[fmt] = {"error": str(error)}
-    llama.drop_intermediates(model, formats)
+        results[fmt] = llama.bench(gguf, args.cores, args.rounds) if isinstance(gguf, Path) else gguf
     return results
 
 
@@ -765,15 +761,19 @@ def main(argv=None):
         dense = dense_bytes_per_token(model)
         entry = results[f"{layers} layers"] = {}
         print(f"[{layers} layers]", flush=True)
-        paired = {}
+        ggufs = llama_ggufs(model, llama_formats, args) if llama_formats else {}
+        # Timed after each round of their equal-bits configuration where it runs offline.
+        paired = {} if args.no_offline else {
+            fmt: gguf for fmt, gguf in ggufs.items() if isinstance(gguf, Path) and EQUAL_BITS[fmt] in configs}
         if not args.no_offline:
-            paired = paired_llama_ggufs(model, llama_formats, configs, args)
-            entry["offline"] = run_offline(model, configs, args, paired)
+            by_config: dict = {}
+            for fmt, gguf in paired.items():
+                by_config.setdefault(EQUAL_BITS[fmt], []).append((fmt, gguf))
+            entry["offline"] = run_offline(model, configs, args, by_config)
             print_offline(layers, entry["offline"], dense, mode)
         if llama_formats:
-            alone = [fmt for fmt in llama_formats if EQUAL_BITS[fmt] not in paired]
-            entry["llama.cpp"] = equal_bits_rows(run_llama_cpp(model, alone, args) if alone else {},
-                                                 entry.get("offline"), llama_formats)
+            alone = run_llama_cpp({fmt: gguf for fmt, gguf in ggufs.items() if fmt not in paired}, args)
+            entry["llama.cpp"] = equal_bits_rows(alone, entry.get("offline"), llama_formats)
             print_llama_cpp(layers, entry["llama.cpp"])
         if not args.no_serve:
             entry["served"] = run_served(model, configs, args)
