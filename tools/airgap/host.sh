@@ -1,34 +1,96 @@
 #!/usr/bin/env bash
-# On a GPU host without network, in a copy of this repository, once every part of the
-# wheelhouse is in build/airgap/parts (tools/airgap/wheelhouse.py receive after each transfer):
-# assemble it, install vLLM's CUDA build into build/airgap/venv over the host's python (whose
-# torch and CUDA libraries stay visible), install lvllm in it (building lk), and check that
-# vLLM, torch and lk load and that tests/gpu pass, then run the end-to-end checks
-# (tools/airgap/e2e_checks.py: `vllm serve` lk on against lk off, summary in OUT_DIR/e2e).
-# Results go to OUT_DIR; a failure of tests/gpu or of a check still lets the checks write
-# their summary, and the script then exits non-zero.
+# The GPU host's side of tools/airgap, in a copy of this repository, with the host's python
+# (the one with torch; PYTHON, default python3). The lease plan `wheelhouse.py build` prints
+# gives the calls in order:
 #
-#   bash tools/airgap/host.sh OUT_DIR [PYTHON]       # PYTHON: the host's, default python3
-set -euo pipefail
+#   bash tools/airgap/host.sh receive FOLDER   # each transfer: check its part and set it aside;
+#                                              # the first also starts, in the background, the
+#                                              # unpacking and installing of the parts as they
+#                                              # arrive, the build of lk and tests/gpu
+#   bash tools/airgap/host.sh finish OUT_DIR   # last: wait for those, install lvllm into the
+#                                              # venv, run the e2e checks (--lean)
+#
+# finish writes into OUT_DIR whatever happens: finish.txt (its console), summary.md (the e2e
+# checks') and results.tar.gz (every log); it exits non-zero when a step failed.
+set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${1:?usage: tools/airgap/host.sh OUT_DIR [PYTHON]}
-PYTHON=${2:-python3}
-mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+AIRGAP=build/airgap
 WHEELHOUSE=tools/airgap/wheelhouse.py
-VENV_PY=build/airgap/venv/bin/python
+mkdir -p "$AIRGAP"
 
-"$PYTHON" "$WHEELHOUSE" receive | tee "$OUT/receive.txt"
-"$PYTHON" "$WHEELHOUSE" assemble | tee "$OUT/assemble.txt"
-"$PYTHON" "$WHEELHOUSE" install --python "$PYTHON" | tee "$OUT/install.txt"
-LVLLM_TARGET_DEVICE=cuda "$VENV_PY" -m pip install --quiet --no-deps --no-index --no-build-isolation -e . \
-  2>&1 | tee "$OUT/lvllm_install.txt"
-"$VENV_PY" - <<'EOF' | tee "$OUT/versions.txt"
+background() {  # NAME COMMAND...: a new session, so it outlives this call
+  local name=$1; shift
+  setsid nohup "$@" >"$AIRGAP/$name.log" 2>&1 </dev/null &
+}
+
+start_background_work() {
+  [ -e "$AIRGAP/started" ] && return
+  date +%s >"$AIRGAP/started"
+  "$PYTHON" -m pip list --format=freeze >"$AIRGAP/host-pip-list.txt" 2>/dev/null
+  background follow "$PYTHON" "$WHEELHOUSE" follow --python "$PYTHON"
+  # lk needs no vLLM: it builds and tests/gpu run with the host's own torch meanwhile.
+  background lk_and_tests_gpu bash -c "'$PYTHON' setup.py build_ext --inplace && \
+    PYTHONPATH=\$PWD timeout \${GPU_TESTS_TIMEOUT:-300} '$PYTHON' -m pytest tests/gpu -q -p no:cacheprovider \
+    >'$AIRGAP/tests_gpu.txt' 2>&1; echo \$? >'$AIRGAP/tests_gpu.rc'"
+}
+
+receive() {
+  local folder=${1:?usage: host.sh receive FOLDER}
+  echo "$(date +%T) receive $folder"
+  "$PYTHON" "$WHEELHOUSE" receive "$folder" || exit 1
+  start_background_work
+  [ -e "$AIRGAP/follow.json" ] && "$PYTHON" -c "import json; s = json.load(open('$AIRGAP/follow.json')); \
+print('unpacking:', s['status'], len(s['wheels']), 'wheels so far,', s['seconds'], 's', s.get('error', ''))"
+}
+
+step() {  # NAME COMMAND...: run, log, remember a failure
+  echo "== $1 ($(date +%T))"
+  local name=$1; shift
+  "$@" 2>&1 | tee "$RESULTS/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || { echo "!! $name failed ($rc)"; FAILED="$FAILED $name"; }
+  return "$rc"
+}
+
+wait_for_tests_gpu() {
+  for _ in $(seq "${1:-300}"); do [ -e "$AIRGAP/tests_gpu.rc" ] && break; sleep 1; done
+  cat "$AIRGAP/lk_and_tests_gpu.log" "$AIRGAP/tests_gpu.txt" 2>/dev/null | tail -40
+  [ "$(cat "$AIRGAP/tests_gpu.rc" 2>/dev/null)" = 0 ]
+}
+
+versions() {
+  "$VENV_PY" - <<'EOF'
 import torch, vllm, lvllm._lk as lk
 print("vllm", vllm.__version__, "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| GPU", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
       "| lk ISA", lk.best_isa())
 EOF
-status=0
-"$VENV_PY" -m pytest -q tests/gpu 2>&1 | tee "$OUT/tests_gpu.txt" || status=1
-"$VENV_PY" tools/airgap/e2e_checks.py "$OUT/e2e" --device cuda 2>&1 | tee "$OUT/e2e.txt" || status=1
-exit $status
+}
+
+finish() {
+  OUT=${1:?usage: host.sh finish OUT_DIR}
+  RESULTS=$AIRGAP/results
+  VENV_PY=$AIRGAP/venv/bin/python
+  FAILED=""
+  mkdir -p "$OUT" "$RESULTS"
+  {
+    step unpacked "$PYTHON" "$WHEELHOUSE" wait --wait "${UNPACK_WAIT:-300}"
+    step tests_gpu wait_for_tests_gpu "${GPU_TESTS_WAIT:-300}"
+    step lvllm_install env LVLLM_TARGET_DEVICE=cuda "$VENV_PY" -m pip install --quiet --no-deps --no-index \
+      --no-build-isolation -e . \
+      && step versions versions \
+      && step e2e timeout "${E2E_TIMEOUT:-420}" "$VENV_PY" tools/airgap/e2e_checks.py "$RESULTS/e2e" --device cuda --lean
+    echo "failed:${FAILED:- nothing}"
+  } 2>&1 | tee "$OUT/finish.txt"
+  cp "$RESULTS/e2e/summary.md" "$OUT/summary.md" 2>/dev/null
+  tar -czf "$OUT/results.tar.gz" -C "$AIRGAP" results follow.json follow.log lk_and_tests_gpu.log \
+    host-pip-list.txt started 2>/dev/null
+  grep -q "^failed: nothing" "$OUT/finish.txt"
+}
+
+case "${1:-}" in
+  receive) receive "${2:-}" ;;
+  finish) finish "${2:-}" ;;
+  *) echo "usage: tools/airgap/host.sh receive FOLDER | finish OUT_DIR" >&2; exit 2 ;;
+esac
