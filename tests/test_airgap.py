@@ -86,6 +86,9 @@ def outgoing(tmp_path_factory) -> Path:
 
 
 def test_parts_one_per_transfer_and_the_lease_plan(outgoing):
+    sys.path.insert(0, str(WHEELHOUSE.parent))
+    import wheelhouse as w
+
     manifest = json.loads((outgoing / "transfer-01" / "manifest.json").read_text())
     folders = sorted(outgoing.iterdir())
     assert [f.name for f in folders] == [f"transfer-{i + 1:02d}" for i in range(len(manifest["parts"]))]
@@ -101,7 +104,7 @@ def test_parts_one_per_transfer_and_the_lease_plan(outgoing):
     assert len(calls) == len(folders) + 1
     assert f"carry {folders[0]}  run: bash tools/airgap/host.sh receive {folders[0]}" in calls[0]
     assert "host.sh finish $OUT" in calls[-1]
-    expected = (90 + 20 * len(folders) + 370) / 60
+    expected = (w.MACHINE_START_S + w.LK_BUILD_S + 20 * len(folders) + sum(w.FINISH_S.values())) / 60
     assert f"{len(folders)} parts, {len(folders) + 1} device calls" in plan
     assert f"Expected in all: {expected:.1f} min" in plan
 
@@ -174,6 +177,11 @@ def test_what_is_left_out_and_why():
     assert sorted(w.left_out(resolved, host, 13, True, needs, keep={"opencv-python-headless"})) == [
         "cmake", "numpy", "nvidia-cutlass-dsl-libs-cu12", "transformers"]
     assert not w.satisfies("5.21.0", [">=5.16.1,<5.20"]) and w.satisfies("2.11.0+cu130", [">=2.11"])
+    # A CUDA library the host lists serves at the same major.minor only (NCCL 2.28 lacks 2.29's calls).
+    libraries = {"nvidia-cublas": "13.1.1.3", "nvidia-nccl-cu13": "2.29.7"}
+    listed = {"nvidia-cublas": "13.1.0.3", "nvidia-nccl-cu13": "2.28.9"}
+    pins = {"nvidia-cublas": ["==13.1.1.3"], "nvidia-nccl-cu13": ["==2.29.7"]}
+    assert sorted(w.left_out(libraries, listed, 13, False, pins)) == ["nvidia-cublas"]
 
 
 PART_BUDGET = 18
