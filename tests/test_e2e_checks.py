@@ -59,6 +59,27 @@ def test_exact_comparison():
     assert not ok and "prompt token ids" in why
 
 
+def test_float64_comparison():
+    f64 = sys.modules["float64_reference"]   # imported by e2e_checks, from beside it
+    ref = {"prompt_token_ids": [1, 2, 3, 4], "prompt_logprobs": [-1.0, None, -2.0],
+           "token_ids": [5, 6, 7, 8], "ties": [False, False, True, False]}
+    vllm = {"prompt_token_ids": [1, 2, 3, 4], "prompt_logprobs": [-1.002, -9.0, -2.001], "token_ids": [5, 6, 7, 8]}
+    assert f64.deviation(vllm, ref) == pytest.approx(0.002)       # the tied position left out
+    close = dict(vllm, prompt_logprobs=[-1.005, -3.0, -2.0], token_ids=[5, 6, 9, 9])
+    assert f64.same_until_tie(close, ref)                           # parted at the tie: allowed
+    ok, why = e2e.compare_float64([close], [vllm], [ref])
+    assert ok and "0.005" in why
+    early = dict(close, token_ids=[5, 9, 7, 8])
+    ok, why = e2e.compare_float64([early], [vllm], [ref])
+    assert not ok and "tokens differ from float64 before a tie for prompt(s) [0]" in why
+    far = dict(close, prompt_logprobs=[-1.0 - 2 * e2e.CUDA_F32_FLOOR, -3.0, -2.0])
+    ok, why = e2e.compare_float64([far], [vllm], [ref])
+    assert not ok and "further from float64 than vllm-eager for prompt(s) [0]" in why
+    # vLLM's own deviation, when larger than the floor, is the bound.
+    loose = dict(vllm, prompt_logprobs=[-1.5, -9.0, -2.0])
+    assert e2e.compare_float64([far], [loose], [ref])[0]
+
+
 def test_bf16_comparison():
     ref = [answer([1, 2, 3, 4, 5, 6])]
     ok, why = e2e.compare_outputs([answer([1, 2, 3, 4, 9, 9], (-1.5, -2.0, -2.4))], ref, "bf16")
@@ -320,7 +341,7 @@ def test_cpu_quick_run(tmp_path):
     assert summary["passed"] and summary["device"]["kind"] == "cpu" and summary["run"] == "quick"
     assert re.fullmatch(r"[0-9a-f]{40}", summary["commit"])
     # lk on against off, float32 greedy: identical token ids (and the check said so).
-    outputs = checks["tiny/lk-eager: outputs vs vllm-eager (exact)"]
+    outputs = checks["tiny/lk-eager: outputs (exact)"]
     assert outputs["status"] == "pass" and "greedy tokens identical" in outputs["reason"]
     on = json.loads((out / "outputs" / "tiny-lk-eager.json").read_text())
     off = json.loads((out / "outputs" / "tiny-vllm-eager.json").read_text())
@@ -328,6 +349,21 @@ def test_cpu_quick_run(tmp_path):
     assert len(on) == 5 and all(len(a["token_ids"]) == e2e.QUICK.output_tokens for a in on)
     assert checks["tiny/lk-eager: lk placement"]["status"] == "pass"
     assert checks["tiny/lk-eager: mixed batch"]["status"] == "pass"
+
+    # The CUDA criterion on the same answers: transformers' float64 forward (greedy steps
+    # checked against its own generate(), with a KV cache), lk's answers within the floor.
+    model = tmp_path / "models" / "tiny-qwen3_moe"
+    reference = e2e.float64_answers(model, off)
+    import torch
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float64, experts_implementation="eager")
+    for answer in reference:
+        ids = torch.tensor([answer["prompt_token_ids"]])
+        greedy = hf.generate(ids, max_new_tokens=len(answer["token_ids"]), do_sample=False)[0, ids.shape[1]:]
+        first = answer["ties"].index(True) if True in answer["ties"] else len(answer["ties"])
+        assert greedy.tolist()[:first] == answer["token_ids"][:first]
+    ok, why = e2e.compare_float64(on, off, reference)
+    assert ok, why
     # The CUDA-only configurations are reported as skipped, never passed.
     for name in ("vllm-graphs", "lk-full-decode-only", "lk-piecewise", "lk-resident-0-1",
                  "lk-prefill-w1", "lk-prefill-w2"):

