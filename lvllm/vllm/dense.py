@@ -22,6 +22,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, 
 from vllm.platforms import current_platform
 
 from lvllm import formats
+from lvllm.envs import EnvError
 from lvllm.vllm.installation import Installation
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,7 +35,13 @@ def install(installation: Installation) -> None:
     vllm_embedding = _unwrapped(UnquantizedEmbeddingMethod.process_weights_after_loading)
     UnquantizedLinearMethod.process_weights_after_loading = vllm_linear
     UnquantizedEmbeddingMethod.process_weights_after_loading = vllm_embedding
-    if installation.settings.dense_on_lk == "OFF" or not current_platform.is_cpu():
+    if not current_platform.is_cpu():
+        if installation.settings.dense_weight_mode != "TO_DTYPE":
+            raise EnvError(f"LVLLM_DENSE_USE_WEIGHT={installation.settings.dense_weight_mode} quantizes dense "
+                           "layers for lk on vLLM's CPU build; with a GPU vLLM keeps them on the device: "
+                           "unset it or set TO_DTYPE")
+        return
+    if installation.settings.dense_on_lk == "OFF":
         return
 
     def process_linear(method, layer: torch.nn.Module) -> None:

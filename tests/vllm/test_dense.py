@@ -21,6 +21,24 @@ from test_equivalence import F32_LOGPROB_TOL, max_logprob_diff
 from test_families import CachedReference, TransformersReference, deviations
 
 
+def test_quantized_dense_layers_are_refused_with_a_gpu(monkeypatch):
+    """INT8/INT4 dense layers are lk's on the CPU build only: with a GPU start-up stops and
+    names the variable, rather than serving unquantized layers silently."""
+    import types
+
+    from lvllm.envs import EnvError
+    from lvllm.settings import Settings
+    from lvllm.vllm import dense
+
+    monkeypatch.setattr(dense, "current_platform", types.SimpleNamespace(is_cpu=lambda: False))
+    for method in (dense.UnquantizedLinearMethod, dense.UnquantizedEmbeddingMethod):   # restored after
+        monkeypatch.setattr(method, "process_weights_after_loading", method.process_weights_after_loading)
+    with pytest.raises(EnvError, match="LVLLM_DENSE_USE_WEIGHT=INT4 .* with a GPU .* TO_DTYPE"):
+        dense.install(types.SimpleNamespace(settings=Settings(dense_weight_mode="INT4")))
+    dense.install(types.SimpleNamespace(settings=Settings()))   # the default: vLLM's own, untouched
+    assert not hasattr(dense.UnquantizedLinearMethod.process_weights_after_loading, "lvllm_wraps")
+
+
 def lk_dense(run) -> dict:
     return run.report[0]["dense_layers"]["lk"]
 
