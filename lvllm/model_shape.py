@@ -280,17 +280,19 @@ def kv_bytes_per_token(shape: ModelShape, tp: int = 1) -> int:
     return shape.num_layers * 2 * heads * shape.head_dim * shape.dtype_bytes
 
 
-def _lk_dense_bytes(matrix: DenseMatrix, mode: str) -> int:
-    """What lk holds of a matrix quantized by LVLLM_DENSE_USE_WEIGHT=mode (INT8 or INT4)."""
+def _lk_dense_bytes(matrix: DenseMatrix, mode: str, group: int | None) -> int:
+    """What lk holds of a matrix quantized by LVLLM_DENSE_USE_WEIGHT=mode (INT8 or INT4) in groups
+    of ``group`` inputs (None: the format's default)."""
     from lvllm.lk.linear import planned_linear_bytes
 
     name = mode.lower()
-    return matrix.count * planned_linear_bytes(matrix.outputs, matrix.inputs, name, formats.group_size(name))
+    return matrix.count * planned_linear_bytes(matrix.outputs, matrix.inputs, name, formats.group_size(name, group))
 
 
-def dense_bytes(shape: ModelShape, mode: str, per_token: bool = False) -> int:
+def dense_bytes(shape: ModelShape, mode: str, per_token: bool = False, group: int | None = None) -> int:
     """The host's bytes of the weights outside the routed experts under LVLLM_DENSE_USE_WEIGHT=mode
-    (no GPU); ``per_token``: those a decode token reads (all but the embedding, of which one row)."""
+    (no GPU) and LVLLM_DENSE_QUANT_GROUP_SIZE=group; ``per_token``: those a decode token reads
+    (all but the embedding, of which one row)."""
     total = 0
     for matrix in dense_matrices(shape):
         quantized = mode != "TO_DTYPE" and float_on_lk(shape, matrix)
@@ -298,5 +300,5 @@ def dense_bytes(shape: ModelShape, mode: str, per_token: bool = False) -> int:
             continue
         if not per_token and tied_head(shape, matrix) and not quantized:   # the embedding's tensor
             continue
-        total += _lk_dense_bytes(matrix, mode) if quantized else stored_bytes(shape, matrix)
+        total += _lk_dense_bytes(matrix, mode, group) if quantized else stored_bytes(shape, matrix)
     return total

@@ -168,6 +168,7 @@ class Plan:
     kv_space_gib: int           # CPU only: VLLM_CPU_KVCACHE_SPACE
     threads: int                # LK_THREADS per rank
     prefill_from: int           # LVLLM_GPU_PREFILL_MIN_BATCH_SIZE (0: off)
+    dense_group: int | None = None   # LVLLM_DENSE_QUANT_GROUP_SIZE (None: each format's default)
 
     @property
     def feasible(self) -> bool:
@@ -175,12 +176,13 @@ class Plan:
 
 
 def host_row(shape: ModelShape, resolved: formats.Resolved, modes: tuple[str, ...], lk_layers: int,
-             machine: Machine, kv_cache: int, dense_mode: str | None = None) -> FormatRow:
+             machine: Machine, kv_cache: int, dense_mode: str | None = None,
+             dense_group: int | None = None) -> FormatRow:
     tp = max(1, machine.gpus)
     transient = 2 * checkpoint_layer_bytes(shape) if lk_layers else 0
     layer = lk_layer_bytes(shape, resolved, machine.numa_nodes, tp)
-    dense = dense_bytes(shape, dense_mode) if dense_mode else 0
-    dense_read = dense_bytes(shape, dense_mode, per_token=True) if dense_mode else 0
+    dense = dense_bytes(shape, dense_mode, group=dense_group) if dense_mode else 0
+    dense_read = dense_bytes(shape, dense_mode, per_token=True, group=dense_group) if dense_mode else 0
     per_token = lk_layers * shape.top_k * layer / shape.experts + dense_read
     tok_s = machine.bandwidth_gbs * 1e9 / per_token if per_token else float("inf")
     return FormatRow(modes, resolved, lk_layers * layer, lk_layers * layer + transient + kv_cache + dense, tok_s,
@@ -188,9 +190,9 @@ def host_row(shape: ModelShape, resolved: formats.Resolved, modes: tuple[str, ..
 
 
 def host_rows(shape: ModelShape, lk_layers: int, machine: Machine, kv_cache: int,
-              users_dense: str | None) -> tuple[FormatRow, ...]:
+              users_dense: str | None, dense_group: int | None = None) -> tuple[FormatRow, ...]:
     """A row per lk format and, without a GPU, per LVLLM_DENSE_USE_WEIGHT value to weigh with it."""
-    return tuple(host_row(shape, resolved, modes, lk_layers, machine, kv_cache, dense)
+    return tuple(host_row(shape, resolved, modes, lk_layers, machine, kv_cache, dense, dense_group)
                  for resolved, modes in candidate_formats(shape).items()
                  for dense in ((None,) if machine.gpus else dense_modes(resolved, users_dense)))
 
@@ -222,10 +224,11 @@ def _fit_gpu(shape: ModelShape, machine: Machine, max_model_len: int, resolved: 
 
 
 def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = None,
-              users_dense: str | None = None) -> Plan:
+              users_dense: str | None = None, dense_group: int | None = None) -> Plan:
     """The first lk format (in order of preference) whose layers fit the RAM, with the GPU's
     resident layers and prefill ring for that format; without a GPU, with the dense layers in
-    ``users_dense`` (LVLLM_DENSE_USE_WEIGHT; None: dense_modes' pick)."""
+    ``users_dense`` (LVLLM_DENSE_USE_WEIGHT; None: dense_modes' pick), quantized in groups of
+    ``dense_group`` inputs (LVLLM_DENSE_QUANT_GROUP_SIZE)."""
     max_model_len = max_model_len or shape.max_positions
     gpu, kv_space = None, 0
     if not machine.gpus:
@@ -234,7 +237,7 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
         if machine.gpus:
             gpu = _fit_gpu(shape, machine, max_model_len, resolved)
         lk_layers = tuple(i for i in shape.moe_layers if gpu is None or i not in gpu.resident)
-        rows = host_rows(shape, len(lk_layers), machine, kv_space * GIB, users_dense)
+        rows = host_rows(shape, len(lk_layers), machine, kv_space * GIB, users_dense, dense_group)
         choice = [row for row in rows if row.resolved == resolved][-1]   # dense_modes' pick comes last
         if not lk_layers or choice.fits(machine.ram):
             break
@@ -244,7 +247,7 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
     per_rank = max(1, machine.cores // tp)
     prefill = GPU_PREFILL_FROM[choice.resolved.name] if choice and gpu and gpu.ring else 0
     return Plan(shape, machine, max_model_len, gpu, lk_layers, rows, choice if lk_layers else None, kv_space,
-                max(1, per_rank - per_rank // 16), prefill)
+                max(1, per_rank - per_rank // 16), prefill, dense_group)
 
 
 # --------------------------------------------------------------------------------------
@@ -279,7 +282,8 @@ def render(plan: Plan, model: str) -> str:
     if gpu is None:
         lines += [f"Host RAM also holds {plan.kv_space_gib} GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) and the weights "
                   f"outside the experts, by LVLLM_DENSE_USE_WEIGHT (embedding and routers stay {shape.dtype}):",
-                  "  " + ", ".join(f"{mode} {_gb(dense_bytes(shape, mode))} ({_gb(dense_bytes(shape, mode, True))} "
+                  "  " + ", ".join(f"{mode} {_gb(dense_bytes(shape, mode, group=plan.dense_group))} "
+                                   f"({_gb(dense_bytes(shape, mode, True, plan.dense_group))} "
                                    "a token)" for mode in DENSE_WEIGHT_MODES)]
     if plan.lk_layers:
         dense = f"  {'LVLLM_DENSE_USE_WEIGHT':<22}" if gpu is None else ""
@@ -353,9 +357,10 @@ def main(argv: list[str]) -> int:
         machine = probe_machine(args.ram, args.cores, args.numa_nodes, args.gpus, args.gpu_memory,
                                 args.bandwidth)
         users_dense = users_dense_mode()
+        dense_group = envs.get("LVLLM_DENSE_QUANT_GROUP_SIZE")
     except (ConfigError, EnvError) as error:
         parser.error(str(error))
-    plan = make_plan(shape, machine, args.max_model_len, users_dense)
+    plan = make_plan(shape, machine, args.max_model_len, users_dense, dense_group)
     print(render(plan, args.model))
     return 0 if plan.feasible else 1
 

@@ -15,7 +15,7 @@ import torch
 
 from lvllm import envs, formats, plan
 from lvllm.lk.linear import planned_linear_bytes
-from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, model_shape, read_config
+from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, float_on_lk, model_shape, read_config
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
 from lvllm.settings import Settings
 
@@ -189,6 +189,20 @@ def test_the_users_dense_format_is_kept(monkeypatch):
     assert [r.dense_mode for r in result.rows] == ["TO_DTYPE"] * 3 and result.choice.modes == ("INT8",)
     assert result.choice.need == 48 * 128 * Q_EXPERT["int8"] + 2 * Q_LAYER_BF16 + GIB + Q_WEIGHTS
     assert "export LVLLM_DENSE_USE_WEIGHT=TO_DTYPE" in plan.render(result, "m")
+
+
+def test_the_users_dense_group_is_counted():
+    """LVLLM_DENSE_QUANT_GROUP_SIZE=32: INT4's float32 scale and offset come every 32 inputs, not
+    128, a quarter byte a weight more in RAM and in what a token reads."""
+    shape = model_shape(QWEN3_30B)
+    weights = sum(m.count * m.outputs * m.inputs for m in dense_matrices(shape) if float_on_lk(shape, m))
+    for per_token in (False, True):
+        extra = plan.dense_bytes(shape, "INT4", per_token, 32) - plan.dense_bytes(shape, "INT4", per_token)
+        assert extra == weights * 8 // 32 - weights * 8 // 128
+    ram = machine(ram=40, cores=2, bandwidth=35)
+    default, grouped = (plan.make_plan(shape, ram, 4096, "INT4", group) for group in (None, 32))
+    assert grouped.choice.need - default.choice.need == weights * 8 // 32 - weights * 8 // 128
+    assert grouped.dense_group == 32 and grouped.choice.tok_s < default.choice.tok_s
 
 
 # DeepSeek-V3 by hand (FP8 128x128 blocks; bf16 model dtype). One expert: 3 x 7168 x 2048 =
