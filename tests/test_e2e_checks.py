@@ -80,6 +80,29 @@ def test_float64_comparison():
     assert e2e.compare_float64([far], [loose], [ref])[0]
 
 
+def test_float64_answer_masks_the_position_that_routes():
+    """Token i's logprob comes from position i - 1: a routing tie there leaves it out; greedy
+    steps are ties where the routing at the last position or the top two logprobs are close."""
+    import torch
+
+    f64 = sys.modules["float64_reference"]
+    reference = object.__new__(f64.Float64Reference)
+    reference.torch = torch
+    vocab = 6
+
+    def forward(ids):
+        logprobs = torch.log_softmax(torch.arange(len(ids) * vocab, dtype=torch.float64).reshape(len(ids), vocab)
+                                     % 5, dim=-1)
+        tied = torch.tensor([i == 1 for i in range(len(ids))])   # a routing tie at position 1 only
+        return logprobs, tied
+    reference._forward = forward
+    answer = reference.answer([0, 1, 2, 3], steps=2)
+    expected = forward([0, 1, 2, 3])[0]
+    assert answer["prompt_logprobs"] == [expected[0, 1].item(), None, expected[2, 3].item()]
+    # Step 0 reads row 3 (3, 4, 0, 1, 2, 3: one maximum); step 1 row 4 (4, 0, 1, 2, 3, 4: two).
+    assert answer["ties"] == [False, True] and answer["token_ids"][0] == 1
+
+
 def test_bf16_comparison():
     ref = [answer([1, 2, 3, 4, 5, 6])]
     ok, why = e2e.compare_outputs([answer([1, 2, 3, 4, 9, 9], (-1.5, -2.0, -2.4))], ref, "bf16")

@@ -50,7 +50,8 @@ class Float64Reference:
         """Prompt-token logprobs (None at routing ties), the greedy continuation, and per step
         whether it was a tie."""
         logprobs, tied = self._forward(prompt_ids)
-        prompt = [None if tied[i] else logprobs[i - 1, prompt_ids[i]].item() for i in range(1, len(prompt_ids))]
+        # Token i's logprob comes from position i - 1's logits: that position's routing decides.
+        prompt = [None if tied[i - 1] else logprobs[i - 1, prompt_ids[i]].item() for i in range(1, len(prompt_ids))]
         sequence, ties = list(prompt_ids), []
         for _ in range(steps):
             top = logprobs[-1].topk(2)
