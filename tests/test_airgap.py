@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import math
 import os
@@ -140,6 +141,35 @@ def test_the_host_unpacks_while_parts_arrive(outgoing, tmp_path):
              "os.access(os.path.join(os.path.dirname(alpha.__file__), 'tool'), os.X_OK))")
     assert subprocess.run([str(venv_python), "-c", probe], capture_output=True, text=True,
                           check=True).stdout.split() == ["1.0", "0.1", "True"]   # this Python's packages stay visible
+
+
+def test_without_xz_python_compresses_the_same_stream(tmp_path, monkeypatch):
+    """Where no xz is installed lzma writes the stream: other bytes, the same wheels' files."""
+    import lzma
+    import tarfile
+
+    sys.path.insert(0, str(WHEELHOUSE.parent))
+    import wheelhouse as w
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    add_executable(make_wheel(wheels, "alpha", "1.0", payload=50_000), "alpha/tool", b"#!/bin/sh\n")
+    make_wheel(wheels, "beta", "2.0")
+
+    def members(out: Path, manifest: dict) -> list[tuple[str, int, bytes]]:
+        data = b"".join((w.transfer_folder(out, i) / p["name"]).read_bytes() for i, p in enumerate(manifest["parts"]))
+        with tarfile.open(fileobj=io.BytesIO(lzma.decompress(data))) as tar:
+            return [(m.name, m.mode, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+    streams = {}
+    for name, which in (("xz", shutil.which), ("lzma", lambda program: None)):
+        monkeypatch.setattr(w.shutil, "which", which)
+        out = tmp_path / name
+        manifest = w.pack(wheels, out, 4096, 1, {})
+        assert all(p["bytes"] <= 4096 for p in manifest["parts"]) and len(manifest["parts"]) >= 2
+        streams[name] = members(out, manifest)
+    assert streams["lzma"] == streams["xz"]
+    assert ("alpha-1.0-py3-none-any.whl/alpha/tool", 0o755, b"#!/bin/sh\n") in streams["xz"]
 
 
 def test_waiting_on_a_follower_that_failed(tmp_path):

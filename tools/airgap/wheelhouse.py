@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_side  # noqa: E402  (standard library only: the host runs it too)
-from host_side import MANIFEST, AirgapError  # noqa: E402
+from host_side import CHUNK, MANIFEST, AirgapError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 AIRGAP = ROOT / "build" / "airgap"
@@ -242,34 +242,54 @@ def write_stream(wheels: list[Path], sink) -> None:
                         tar.addfile(info, source)
 
 
-def compressed_chunks(wheels: list[Path], preset: int):
-    """The xz-compressed stream in chunks: xz on every core where it is installed, else lzma."""
-    xz = shutil.which("xz")
-    if xz is None:
-        compressor = lzma.LZMACompressor(preset=preset)
-
-        class Sink:
-            chunks: list[bytes] = []
-
-            def write(self, data):
-                self.chunks.append(compressor.compress(data))
-        sink = Sink()
-        write_stream(wheels, sink)
-        yield from sink.chunks
-        yield compressor.flush()
-        return
-    process = subprocess.Popen([xz, f"-{preset}", "-T0", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    writer = threading.Thread(target=lambda: (write_stream(wheels, process.stdin), process.stdin.close()))
-    writer.start()
-    while chunk := process.stdout.read(1 << 20):
-        yield chunk
-    writer.join()
-    if process.wait() != 0:
-        raise AirgapError(f"xz exited with {process.returncode}")
-
-
 def transfer_folder(out: Path, index: int) -> Path:
     return out / f"transfer-{index + 1:02d}"
+
+
+class PartWriter:
+    """A file to write the compressed stream to: cut into parts of ``part_bytes``, each in its
+    own transfer folder under ``out``."""
+
+    def __init__(self, out: Path, part_bytes: int):
+        self.out, self.part_bytes, self.parts, self.pending = out, part_bytes, [], bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.pending += data
+        while len(self.pending) >= self.part_bytes:
+            self._part(bytes(self.pending[:self.part_bytes]))
+            del self.pending[:self.part_bytes]
+        return len(data)
+
+    def close(self) -> None:
+        if self.pending:
+            self._part(bytes(self.pending))
+            self.pending.clear()
+
+    def _part(self, block: bytes) -> None:
+        name = f"part-{len(self.parts):04d}"
+        folder = transfer_folder(self.out, len(self.parts))
+        folder.mkdir()
+        (folder / name).write_bytes(block)
+        self.parts.append({"name": name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+
+
+def compress(wheels: list[Path], preset: int, sink: PartWriter) -> None:
+    """The wheels' stream, xz-compressed into ``sink``: by xz on every core where it is
+    installed, else by Python's lzma on one."""
+    xz = shutil.which("xz")
+    if xz is None:
+        with lzma.LZMAFile(sink, "w", preset=preset) as compressed:
+            write_stream(wheels, compressed)
+    else:
+        process = subprocess.Popen([xz, f"-{preset}", "-T0", "-c"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        writer = threading.Thread(target=lambda: (write_stream(wheels, process.stdin), process.stdin.close()))
+        writer.start()
+        while chunk := process.stdout.read(CHUNK):
+            sink.write(chunk)
+        writer.join()
+        if process.wait() != 0:
+            raise AirgapError(f"xz exited with {process.returncode}")
+    sink.close()
 
 
 def pack(wheels_dir: Path, out: Path, part_bytes: int, preset: int, extra: dict) -> dict:
@@ -281,23 +301,9 @@ def pack(wheels_dir: Path, out: Path, part_bytes: int, preset: int, extra: dict)
     wheels = sorted(wheels_dir.glob("*.whl"), key=lambda w: (-w.stat().st_size, w.name))
     if not wheels:
         raise AirgapError(f"no wheels in {wheels_dir}")
-    parts, pending = [], bytearray()
-
-    def flush(block: bytes) -> None:
-        name = f"part-{len(parts):04d}"
-        folder = transfer_folder(out, len(parts))
-        folder.mkdir()
-        (folder / name).write_bytes(block)
-        parts.append({"name": name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
-
-    for chunk in compressed_chunks(wheels, preset):
-        pending += chunk
-        while len(pending) >= part_bytes:
-            flush(bytes(pending[:part_bytes]))
-            del pending[:part_bytes]
-    if pending:
-        flush(bytes(pending))
-    manifest = {"format": f"tar.xz -{preset}", "parts": parts,
+    sink = PartWriter(out, part_bytes)
+    compress(wheels, preset, sink)
+    manifest = {"format": f"tar.xz -{preset}", "parts": sink.parts,
                 "wheels": [{"name": w.name, "bytes": w.stat().st_size} for w in wheels], **extra}
     (transfer_folder(out, 0) / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
