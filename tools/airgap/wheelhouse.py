@@ -87,7 +87,7 @@ LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
 MACHINE_START_S = 30
 LK_BUILD_S = 40
 FINISH_S = {"the unpacking's rest": 45, "lvllm installed": 10, "versions": 15, "tests/gpu": 20,
-            "e2e checks (--lean)": 300}
+            "e2e checks (--lean)": 400}
 
 
 def normalized(name: str) -> str:
