@@ -1,5 +1,6 @@
 """The benchmarks' own logic: bench_kernels times the engine build it is given and checks its
-arguments at start-up; bench_gpu reports the streaming crossover that users copy."""
+arguments at start-up; bench_gpu reports the streaming crossover that users copy; bench_panel_stream's
+probe builds without warnings and times every layout."""
 
 from __future__ import annotations
 
@@ -169,3 +170,18 @@ def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
     assert row["equal_bits"]["decode_ratio"] == 0.5 and row["equal_bits"]["prefill_ratio"] == 2.0
     assert bench_model.llama_cpp_table([row])[2].startswith("| q4_0 (paired) | 0.70 |")
     assert bench_model.llama_cpp_table(bench_model.equal_bits_rows({}, None, ["q8_0"]))[2].startswith("| q8_0 (not run) |")
+
+
+def test_the_panel_stream_probe_builds_clean_and_times_every_layout(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_panel_stream
+
+    monkeypatch.setattr(bench_panel_stream, "BINARY", tmp_path / "panel_stream")
+    binary = bench_panel_stream.build()   # -Werror: a warning fails the build
+    done = subprocess.run([str(binary), "--rounds", "2", "--calls", "3", "--panels-per-call", "4", "--buffer-mb", "8",
+                           "--threads", "1"], check=True, capture_output=True, text=True)
+    header, *rounds = done.stdout.splitlines()
+    assert header.split()[1:4] == ["stored", "inline", "sequential"]
+    assert len(rounds) == 2 and all(float(v) > 0 for row in rounds for v in row.split()[1:]), done.stdout
+    refused = subprocess.run([str(binary), "--panels", "4"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "unknown option --panels" in refused.stderr
