@@ -17,6 +17,7 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
 )
 from vllm.model_executor.layers.quantization.base_config import resolve_quant_method
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+from vllm.platforms import current_platform
 
 from lvllm.placement import LK_ACTIVATIONS, RESIDENT_VAR, UnsupportedLayer
 
@@ -321,8 +322,8 @@ def check_lk_supports(layer, prefix, moe_config, problems: list[str]) -> None:
                         f"{', '.join(f'{k}={v}' for k, v in clamped.items() if v not in (None, 0))}")
     if layer.apply_router_weight_on_input:
         problems.append("router weight applied on the input")
-    if moe_config.moe_parallel_config.use_ep:
-        problems.append("expert parallelism")
+    if moe_config.moe_parallel_config.use_ep and not current_platform.is_cpu():
+        problems.append("expert parallelism on the CUDA build (run with lk only on vLLM's CPU build so far)")
     if moe_config.is_lora_enabled:
         problems.append("MoE LoRA")
     if problems:

@@ -155,6 +155,7 @@ def lk_report(model: torch.nn.Module) -> dict:
                 "converted_while_loading": method.converted_while_loading,
                 "forward_calls": engine.forward_calls,
                 "nbytes": engine.nbytes,
+                "num_experts": engine.num_experts,
                 "params": params,
             }
         else:

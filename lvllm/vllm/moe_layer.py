@@ -273,6 +273,11 @@ class LkExperts:
         if not isinstance(method, LkMoEMethod):
             return super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
                                          return_success=return_success)
+        local_id = expert_id
+        if expert_id is not None and self.expert_map is not None:
+            local_id = self._map_global_expert_id_to_local_expert_id(expert_id)
+            if local_id == -1:   # expert parallelism: another rank's expert, as vLLM skips it
+                return False if return_success else None
         name = next((n for n in method.param_names if getattr(self, n) is param), None)
         if method.experts is not None and name is not None:
             # Converted already: only tensors lk does not read may still arrive.
@@ -284,7 +289,7 @@ class LkExperts:
         loaded = super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
                                        return_success=True)
         if loaded is not False and name is not None:
-            method.record_load(name, shard_id, expert_id,
+            method.record_load(name, shard_id, local_id,
                                all_experts=loaded_weight.dim() == param.dim())
             if method.experts is None and method.loaded and not method.gaps(self):
                 method.convert(self, while_loading=True)
@@ -338,6 +343,10 @@ class LkRunner:
             hidden_states=hidden_states, router_logits=router_logits,
             topk_indices_dtype=None, input_ids=input_ids,
         )
+        if self.expert_map is not None:
+            # Expert parallelism: this rank's lk holds its own experts; the others' ids
+            # become -1, which lk skips, and the TP all-reduce sums the ranks.
+            topk_ids = self.expert_map[topk_ids.long()]
 
         def run_shared():
             self._maybe_apply_shared_experts(shared_experts_input, SharedExpertsOrder.NO_OVERLAP)

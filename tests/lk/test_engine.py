@@ -174,6 +174,25 @@ def test_negative_ids_are_skipped(runtimes):
     assert torch.count_nonzero(out[3]) == 0
 
 
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_expert_parallel_ranks_sum_to_the_whole_layer(runtimes, ranks):
+    """As vLLM's expert parallelism places them: rank r holds a contiguous block of the
+    experts, routes other ranks' ids to -1, and the ranks' outputs summed (its all-reduce)
+    are the whole layer's."""
+    experts, hidden, intermediate, tokens, k = 16, 64, 48, 37, 4
+    w13, w2 = random_experts(experts, hidden, intermediate, torch.bfloat16, seed=ranks)
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16)
+    ids, weights = random_routing(tokens, experts, k, seed=ranks + 1)
+    per_rank = experts // ranks
+    total = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for rank in range(ranks):
+        first = rank * per_rank
+        engine = MoEEngine(w13[first:first + per_rank], w2[first:first + per_rank], runtime=runtimes())
+        local = torch.where((ids >= first) & (ids < first + per_rank), ids - first, torch.full_like(ids, -1))
+        total += engine.forward(x, local, weights).double()
+    assert_close(total, reference_moe(w13, w2, x, ids, weights), torch.bfloat16)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 300])
 def test_all_tokens_on_one_expert(runtimes, threads, tokens):

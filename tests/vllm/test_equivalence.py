@@ -127,6 +127,24 @@ def test_tensor_parallel_2(llm_runs):
     assert max_logprob_diff(tp2, tp1) < F32_LOGPROB_TOL
 
 
+def test_expert_parallel_2(llm_runs, tiny_model):
+    """EP=2 (TP=2 with enable_expert_parallel): each rank's lk holds only the experts vLLM's
+    expert map gives it, half of them; answers match lk off at TP=2 without EP (vLLM's CPU
+    MoE kernels take no expert map, so lk off cannot run EP here)."""
+    tp2_off = llm_runs("qwen3_moe", lk=False, tp=2)
+    one_rank = llm_runs("qwen3_moe", lk=True)
+    ep2 = run_llm(tiny_model("qwen3_moe"), lk=True, tp=2, llm_kwargs={"enable_expert_parallel": True})
+    assert len(ep2.report) == 2
+    assert_lk_computed(ep2.report, {0, 1, 2, 3})
+    whole = {layer_index(n): v for n, v in one_rank.report[0]["lk_layers"].items()}
+    for worker in ep2.report:
+        for name, layer in worker["lk_layers"].items():
+            assert 2 * layer["num_experts"] == whole[layer_index(name)]["num_experts"], (name, layer)
+            assert 2 * layer["nbytes"] == whole[layer_index(name)]["nbytes"], (name, layer)
+    assert ep2.tokens == tp2_off.tokens
+    assert max_logprob_diff(ep2, tp2_off) < F32_LOGPROB_TOL
+
+
 def test_pipeline_parallel_2(llm_runs, tiny_model):
     """PP=2: each stage's lk holds only its own layers, LVLLM_GPU_RESIDENT_MOE_LAYERS keeps
     naming the model's layer indices, each stage logs its placement, answers match PP=1.

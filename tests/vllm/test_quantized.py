@@ -254,3 +254,23 @@ def test_awq_checkpoint_sources():
     # Experts listed in modules_to_not_convert are float, as vLLM's AWQ config decides.
     found, _ = awq_source(group_size=32, modules_to_not_convert=["mlp.experts"])
     assert type(found) is ExpertSource
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_expert_parallelism_is_taken_on_the_cpu_build_only(monkeypatch, on_cpu):
+    """EP with lk ran on vLLM's CPU build (test_equivalence); the CUDA build refuses it at
+    start-up, naming the layer and the way out, until it has run there."""
+    from types import SimpleNamespace
+
+    from lvllm.placement import UnsupportedLayer
+    from lvllm.vllm import checkpoint_sources
+
+    monkeypatch.setattr(checkpoint_sources, "current_platform", SimpleNamespace(is_cpu=lambda: on_cpu))
+    layer = SimpleNamespace(apply_router_weight_on_input=False)
+    moe_config = SimpleNamespace(is_act_and_mul=True, activation=SimpleNamespace(value="silu"),
+                                 moe_parallel_config=SimpleNamespace(use_ep=True), is_lora_enabled=False)
+    if on_cpu:
+        checkpoint_sources.check_lk_supports(layer, "model.layers.0.mlp.experts", moe_config, [])
+        return
+    with pytest.raises(UnsupportedLayer, match=r"model.layers.0.mlp.experts: .*expert parallelism on the CUDA build"):
+        checkpoint_sources.check_lk_supports(layer, "model.layers.0.mlp.experts", moe_config, [])

@@ -88,11 +88,11 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> list[int]:
     return alive
 
 
-def start_healthy(model: Path, tmp: Path, **env) -> dict:
-    """`vllm serve` of ``model`` with lk on (and ``env``), once /health answers:
-    {"base", "proc", "log"}."""
+def start_healthy(model: Path, tmp: Path, extra: tuple[str, ...] = (), **env) -> dict:
+    """`vllm serve` of ``model`` with lk on (``extra`` config lines, ``env``), once /health
+    answers: {"base", "proc", "log"}."""
     port = free_port()
-    config = write_config(tmp / "config.yaml", model, port)
+    config = write_config(tmp / "config.yaml", model, port, extra)
     log = tmp / "server.log"
     proc = start_server(config, log, server_env(LVLLM_MOE_NUMA_ENABLED="1", **env))
     base = f"http://127.0.0.1:{port}"
@@ -232,12 +232,17 @@ def test_bad_values_stop_startup(tiny_model, tmp_path, name, value, needle, trac
     assert traceback or "Traceback" not in text, text[-3000:]
 
 
-def test_expert_parallel_is_refused_with_its_reason(tiny_model, tmp_path):
-    """lk holds every expert of a layer on each rank: --enable-expert-parallel with lk on
-    stops at start-up, saying why and what to do, instead of computing a partial layer."""
-    config = write_config(tmp_path / "config.yaml", tiny_model("qwen3_moe"), free_port(),
-                          ("tensor-parallel-size: 2", "enable-expert-parallel: true"))
-    text = failed_startup(config, tmp_path / "server.log",
-                          server_env(LVLLM_MOE_NUMA_ENABLED="1", VLLM_CPU_OMP_THREADS_BIND="0|1"))
-    assert "lk cannot compute this layer's routed experts (expert parallelism)" in text, text[-3000:]
-    assert "LVLLM_MOE_NUMA_ENABLED=0" in text, text[-3000:]
+def test_expert_parallel_is_served(tiny_model, tmp_path):
+    """--enable-expert-parallel with lk on, as a user serves it: each of the two ranks logs
+    its lk layers, a completion answers in full, SIGTERM ends every process."""
+    info = start_healthy(tiny_model("qwen3_moe"), tmp_path,
+                         ("tensor-parallel-size: 2", "enable-expert-parallel: true"),
+                         VLLM_CPU_OMP_THREADS_BIND="0|1")
+    try:
+        answer = completion(info["base"], "Hello", max_tokens=8).json()
+        assert answer["usage"]["completion_tokens"] == 8, answer
+    finally:
+        survivors = stop(info["proc"])
+    text = info["log"].read_text()
+    assert text.count("lvllm: 4 MoE layer(s) on lk [0-3]") == 2, text[-4000:]
+    assert survivors == [] and info["proc"].returncode == 0, text[-3000:]
