@@ -28,7 +28,7 @@ constexpr long kGroupValueBytes = kGroup * kPanelWidth / 2;  // 4 bits a weight
 constexpr long kGroupRowBytes = kPanelWidth * 4;             // fp32 scales (and offsets)
 constexpr long kGroups = kDepth / kGroup;
 constexpr long kPanelBytes = kGroups * (kGroupValueBytes + 2 * kGroupRowBytes);
-constexpr long kPrefetchBytes = 16384, kL1FetchBytes = 512;  // as Int4Decode's
+constexpr long kPrefetchBytes = 16384, kL1FetchBytes = 512;  // as Int4Unpack's
 
 enum class Layout { Stored, Inline, Sequential };
 

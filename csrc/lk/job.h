@@ -42,7 +42,7 @@ class Job {
 };
 
 // Floating-point modes the kernels need on the thread that runs them, restored afterwards.
-// The kernels rely on IEEE denormals (the AVX2 FP8 decode builds weights as fp32
+// The kernels rely on IEEE denormals (the AVX2 FP8 unpack builds weights as fp32
 // denormals), and a thread may flush them (torch.set_flush_denormal sets DAZ and FTZ).
 class KernelFloatModes {
  public:

@@ -12,7 +12,7 @@
 namespace lk {
 namespace {
 
-// Every float8_e4m3fn code decoded: a table load per weight is cheaper than decoding
+// Every float8_e4m3fn code converted: a table load per weight is cheaper than converting
 // each (a branch for subnormals, one for the sign), and FP8 checkpoints pass every weight
 // through here when converted at load.
 struct Fp8Values {
@@ -119,7 +119,7 @@ void check_source(const WeightSource& source, const char* name) {
   }
 }
 
-// e4m3fn has one NaN code (S.1111.111), which the kernels would decode as 480. Quantizers
+// e4m3fn has one NaN code (S.1111.111), which the kernels would unpack as 480. Quantizers
 // saturate to +-448, so it means a damaged checkpoint: refused here, where every weight
 // byte passes once anyway.
 void SourceMatrix::check_fp8(std::size_t row, std::size_t first_col, int depth) const {

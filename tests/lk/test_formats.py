@@ -17,9 +17,9 @@ from lvllm.lk import MoEEngine, QuantizedWeights, engine_group_size, make_runtim
 from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
 
 # Engine output vs the float64 reference from its own dequantized weights, relative to the
-# largest output. FP8 decodes to fp32 and multiplies in fp32: fp32 rounding only.
+# largest output. FP8 unpacks to fp32 and multiplies in fp32: fp32 rounding only.
 TIGHT = 2e-5
-# INT8 and INT4 decode multiplies the weights in integers with the activations rounded to
+# INT8 and INT4 kernels multiply the weights in integers with the activations rounded to
 # int16 per weight group (once per forward): each activation moves by at most 2^-16 of its
 # group's largest magnitude, finer than the bf16 rounding of any activation within 1/128 of
 # that magnitude. Worst seen over these tests: 9e-5 (both formats); the bound leaves about
@@ -300,10 +300,10 @@ def test_fp8_kept(runtimes, isa, tokens, numa_nodes):
 @pytest.mark.parametrize("tokens", [64, 130, 200])
 def test_fp8_prefill_widening_over_deep_panels(runtimes, isa, group, tokens):
     """Prefill widens FP8 panels to fp32 block by block on most ISAs (scales applied, in the
-    decode's column order): 2200 inputs span several blocks and end in a partial group. 64
-    rows per expert reach every ISA's widening; each row alone is decoded in its passes.
+    Unpack's column order): 2200 inputs span several blocks and end in a partial group. 64
+    rows per expert reach every ISA's widening; each row alone is unpacked in its passes.
     Each expert takes every token: widened chunks of an expert's rows are up to 128, so 130
-    leaves 2 rows to passes that decode, and 200 widens a second chunk of 72."""
+    leaves 2 rows to passes that unpack, and 200 widens a second chunk of 72."""
     experts, hidden, intermediate = 2, 2200, 48
     w13, w13_ref = random_fp8(experts, 2 * intermediate, hidden, group, seed=23)
     w2, w2_ref = random_fp8(experts, hidden, intermediate, group, seed=24)
@@ -320,7 +320,7 @@ def test_fp8_prefill_widening_over_deep_panels(runtimes, isa, group, tokens):
 @pytest.mark.parametrize("magnitude", [2.0**-30, 2.0**20])
 @pytest.mark.parametrize("tokens", [1, 40])
 def test_fp8_keeps_fp32_precision_for_small_and_large_activations(runtimes, isa, magnitude, tokens):
-    """Decodes may produce FP8 weights times a tiny constant (AVX2: 2^-120); products with
+    """Unpacks may produce FP8 weights times a tiny constant (AVX2: 2^-120); products with
     small activations must not fall into fp32 denormals and lose bits (at 2^-30, gate's
     products would fall below the smallest denormal), nor large ones overflow (down's
     inputs here reach about magnitude^2)."""
@@ -520,7 +520,7 @@ def test_awq_int4_checkpoint(runtimes, zero_points):
 
 
 def test_fp8_subnormals_survive_a_creator_thread_that_flushes_denormals():
-    """Decoding FP8 through fp32 denormals must not depend on the MXCSR of the thread that
+    """Unpacking FP8 through fp32 denormals must not depend on the MXCSR of the thread that
     happened to create the pool (torch.set_flush_denormal sets DAZ/FTZ, threads inherit it)."""
     experts, hidden, intermediate, group = 2, 64, 32, 32
     generator = torch.Generator().manual_seed(11)

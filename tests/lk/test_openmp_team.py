@@ -87,7 +87,7 @@ def test_from_another_python_thread(runtimes):
 
 
 def test_caller_float_modes_are_kept_and_not_used():
-    """FP8 subnormal weights decode through fp32 denormals: right on a team whose caller
+    """FP8 subnormal weights unpack through fp32 denormals: right on a team whose caller
     flushes denormals, and the caller's flushing is back in force afterwards."""
     experts, hidden, intermediate, group = 2, 64, 32, 32
     generator = torch.Generator().manual_seed(11)

@@ -11,7 +11,7 @@
 namespace lk::kernels {
 
 // One activation row as the kernels read it. `values` (fp32) serves every kernel. Formats
-// whose decode multiplies in integers (FormatKernels::integer_rows) read instead the row
+// whose kernels multiply in integers (FormatKernels::integer_rows) read instead the row
 // quantized per weight group, prepared once per forward: q[k] * scale[k / group]
 // approximates values[k] (int16, |q| <= activation_max(format), zero up to a multiple of 4
 // inputs), and sum[k / group] is the group's exact fp32 sum, which INT4 offsets multiply.
@@ -61,7 +61,7 @@ using PanelGemm = void (*)(const ActivationRow* a_rows, int rows, const void* pa
                            float* const* c_rows, bool accumulate);
 // Writes rows [first, first + count) of a panel as a panel `count` deep in a layout that
 // costs less per pass (values, then the groups' scales and offsets where the format keeps
-// them), which FormatKernels::widened_gemm multiplies: prefill decodes each weight once
+// them), which FormatKernels::widened_gemm multiplies: prefill unpacks each weight once
 // per block and reuses it for every token of the expert. Grouped formats widen whole
 // groups (`first` a multiple of `group`). `out` holds kWidenedPanelBytes.
 using PanelWiden = void (*)(const void* panel, int depth, int group, int first, int count, void* out);
@@ -118,7 +118,7 @@ struct FormatKernels {
   int packed_input_bytes;     // bytes of one input of one packed row
   int chunk_rows;             // an expert's rows per call (at most kMaxPanelRows)
   // Every kernel of the format reads ActivationRow::values multiplied by this power of two
-  // (1 for most), which the engine applies where it prepares them (panel_gemm.h, Decode's
+  // (1 for most), which the engine applies where it prepares them (panel_gemm.h, Unpack's
   // kActivationScale).
   float activation_scale;
 };

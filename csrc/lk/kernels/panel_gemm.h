@@ -1,10 +1,10 @@
 // The panel multiply shared by every ISA and format. `Simd` supplies the vector types and
-// their few operations; a Decode (one per ISA x format file) turns stored weights into
+// their few operations; an Unpack (one per ISA x format file) turns stored weights into
 // vectors. Instantiate it only inside an anonymous namespace of an ISA's own file: each file
 // is compiled with its own target flags, and the instantiations must not be merged across
 // files.
 //
-// Decode names its format (static constexpr WeightFormat kFormat) and, for float formats
+// An Unpack names its format (static constexpr WeightFormat kFormat) and, for float formats
 // (float, bf16, fp16, FP8), turns one stored row into kPanelWidth floats:
 //   static void values(const uint8_t* row, Vec (&w)[kPanelWidth / Simd::kLanes]);
 // FP8 may produce its values times a constant (static constexpr float kValueScale: the true
@@ -12,9 +12,9 @@
 // sums are divided by it once (applied to the sums, not folded into the scales, so a
 // large scale cannot overflow). Such a constant can be tiny (AVX2 FP8: 2^-120), and then so
 // are the products, most of them fp32 denormals, on which some cores (Intel's) take a
-// microcode assist per instruction: a Decode may ask for activations times a power of two
+// microcode assist per instruction: an Unpack may ask for activations times a power of two
 // (static constexpr float kActivationScale), which the engine applies where it prepares
-// them (FormatKernels::activation_scale), and the sums are divided by both. A float Decode
+// them (FormatKernels::activation_scale), and the sums are divided by both. A float Unpack
 // may also produce the row's columns in another order when that saves work per weight,
 // and then says how to put vectors of that order back into column order:
 //   static void to_column_order(Vec (&w)[kPanelWidth / Simd::kLanes]);
@@ -23,30 +23,30 @@
 // rows, each column's two weights in the low and high 16 bits of one 32-bit lane:
 //   static void pairs(const uint8_t* block, IVec (&w)[rows_per_block / 2][kPanelWidth / Simd::kLanes]);
 // w[p][v] holds rows 2p and 2p + 1 of the block for columns v * kLanes onwards.
-// An 8-bit-activation format's Decode (INT4) may instead multiply bytes: it turns a block
+// An 8-bit-activation format's Unpack (INT4) may instead multiply bytes: it turns a block
 // into unsigned bytes, each 32-bit lane one column's four rows in kInt4QuadOrder, each
 // value plus a bias that makes it unsigned (static constexpr int kQuadBias), which the
 // kernels take off with the activations' span sums:
 //   static void quads(const uint8_t* block, IVec (&w)[kPanelWidth / Simd::kLanes]);
 // Simd then supplies broadcast_quad, iset1, isub, and either quad_dot_add (the products
 // added straight to 32-bit sums) or quad_products, add_quad_products and widen_add. Where
-// the unsigned bytes reach past 2 * kQuadBias - 1 (MXFP4: 0..24 for bias 12), the Decode
+// the unsigned bytes reach past 2 * kQuadBias - 1 (MXFP4: 0..24 for bias 12), the Unpack
 // names their largest (static constexpr int kQuadMax).
 // MXFP4 (formats.h) is multiplied as INT4 is, its values doubled; its scale rows are e8m0
-// bytes, which a Decode may turn into fp32 scales for a group's kPanelWidth columns:
+// bytes, which an Unpack may turn into fp32 scales for a group's kPanelWidth columns:
 //   static void group_scales(const uint8_t* e8m0_row, Vec (&scale)[kPanelWidth / Simd::kLanes]);
 // (else they are converted one by one, as mxfp4_half_scale does).
 //
 // Prefill may widen a panel block by block into a layout that costs less per pass (kernels.h,
-// PanelWiden) and multiply that with the kernels of a second Decode, the widened one. A
-// widened Decode reads panels that need not be a stored format's: it may give its own
+// PanelWiden) and multiply that with the kernels of a second Unpack, the widened one. A
+// widened Unpack reads panels that need not be a stored format's: it may give its own
 // kBlockRows and kBlockBytes, and it writes what it reads, a row (float formats) or a pair
 // of rows (integer formats) given as its values() or pairs() would produce them:
 //   static void pack(const Vec (&w)[kPanelWidth / Simd::kLanes], uint8_t* row);
 //   static void pack(const IVec (&w)[kPanelWidth / Simd::kLanes], uint8_t* pair);
-// (a format whose Decode makes quads widens them, block for block, the same way).
-// Float formats widen to fp32 (F32Decode<Simd, Decode>), their scales applied, in the
-// Decode's column order (the widened kernels reorder their sums, as the Decode's do). Integer
+// (a format whose Unpack makes quads widens them, block for block, the same way).
+// Float formats widen to fp32 (F32Unpack<Simd, Unpack>), their scales applied, in the
+// Unpack's column order (the widened kernels reorder their sums, as the Unpack's do). Integer
 // formats keep their kFormat, values and scales (and offsets, which widen copies), so a
 // widened pass computes the same integer sums as an unwidened one.
 #pragma once
@@ -60,11 +60,11 @@
 namespace lk::kernels {
 namespace {
 
-// fp32 rows: as stored (Stored = void, the F32 format), or as a float Decode `Stored`
+// fp32 rows: as stored (Stored = void, the F32 format), or as a float Unpack `Stored`
 // widens a panel where a pass converting each weight again costs more than widening a block
 // once: scales applied, in Stored's column order, read with Stored's activation scale.
 template <class Simd, class Stored = void>
-struct F32Decode {
+struct F32Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::F32;
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   static constexpr float kActivationScale = [] {
@@ -84,38 +84,38 @@ struct F32Decode {
 
 // kWidened: the kernels multiply panels prefill has just widened, which sit in cache, so
 // they fetch nothing ahead (that would only take issue slots).
-template <class Simd, class Decode, bool kWidened = false>
+template <class Simd, class Unpack, bool kWidened = false>
 struct PanelKernels {
   using Vec = typename Simd::Vec;
-  static constexpr WeightFormat kFormat = Decode::kFormat;
+  static constexpr WeightFormat kFormat = Unpack::kFormat;
   static constexpr bool kGrouped = is_grouped(kFormat);
   static constexpr bool kInteger =
       kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4 || kFormat == WeightFormat::Mxfp4;
-  static constexpr bool kQuads = requires { Decode::kQuadBias; };
+  static constexpr bool kQuads = requires { Unpack::kQuadBias; };
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   // Rows of one pass of gemm over a panel (its register tile).
   static constexpr int kMainRows = kInteger ? Simd::kIntegerMainRows : Simd::kMainRows;
   static constexpr int kBlockRows = [] {
-    if constexpr (requires { Decode::kBlockRows; }) return Decode::kBlockRows;
+    if constexpr (requires { Unpack::kBlockRows; }) return Unpack::kBlockRows;
     return rows_per_block(kFormat);
   }();
   static constexpr int kBlockBytes = [] {
-    if constexpr (requires { Decode::kBlockBytes; }) return Decode::kBlockBytes;
+    if constexpr (requires { Unpack::kBlockBytes; }) return Unpack::kBlockBytes;
     return block_bytes(kFormat);
   }();
   // How far ahead of the rows being multiplied the panel is fetched: in decode each weight
-  // is used once, so the stream must be in flight well before it is needed. A Decode may
+  // is used once, so the stream must be in flight well before it is needed. An Unpack may
   // give its own (static constexpr int kPrefetchBytes), else the ISA's Simd may.
   static constexpr int kPrefetchBytes = [] {
-    if constexpr (requires { Decode::kPrefetchBytes; }) return Decode::kPrefetchBytes;
+    if constexpr (requires { Unpack::kPrefetchBytes; }) return Unpack::kPrefetchBytes;
     if constexpr (requires { Simd::kPrefetchBytes; }) return Simd::kPrefetchBytes;
     return 2048;
   }();
-  // A Decode may fetch from memory into L2 only (static constexpr bool kPrefetchIntoL2 =
+  // An Unpack may fetch from memory into L2 only (static constexpr bool kPrefetchIntoL2 =
   // true, with the ISA's Simd::prefetch_into_l2), leaving the L1's few outstanding misses
   // to the loads.
   static constexpr bool kPrefetchIntoL2 = [] {
-    if constexpr (requires { Decode::kPrefetchIntoL2; }) return Decode::kPrefetchIntoL2;
+    if constexpr (requires { Unpack::kPrefetchIntoL2; }) return Unpack::kPrefetchIntoL2;
     return false;
   }();
   // Such a stream is also moved from L2 into L1 this far ahead, so that the loads do not
@@ -123,18 +123,18 @@ struct PanelKernels {
   // "Kernels").
   static constexpr int kL1FetchBytes = 512;
 
-  // Decoded values times value_scale() are the stored ones; sums of their products with
+  // Unpacked values times value_scale() are the stored ones; sums of their products with
   // the activations as the kernels read them, times sum_scale(), are the true sums.
   static constexpr float value_scale() {
-    if constexpr (requires { Decode::kValueScale; }) {
-      return 1.0f / Decode::kValueScale;
+    if constexpr (requires { Unpack::kValueScale; }) {
+      return 1.0f / Unpack::kValueScale;
     } else {
       return 1.0f;
     }
   }
   static constexpr float activation_scale() {
-    if constexpr (requires { Decode::kActivationScale; }) {
-      return Decode::kActivationScale;
+    if constexpr (requires { Unpack::kActivationScale; }) {
+      return Unpack::kActivationScale;
     } else {
       return 1.0f;
     }
@@ -143,7 +143,7 @@ struct PanelKernels {
   static constexpr float sum_scale() { return value_scale() / activation_scale(); }
 
   // A panel's depth padded to whole blocks, and the bytes of its values: formats.h's rule,
-  // applied to this Decode's blocks.
+  // applied to this Unpack's blocks.
   static int padded(int depth) { return (depth + kBlockRows - 1) / kBlockRows * kBlockRows; }
   static long value_bytes(int depth) {
     return (static_cast<long>(padded(depth)) / kBlockRows * kBlockBytes + 63) / 64 * 64;
@@ -159,8 +159,8 @@ struct PanelKernels {
 
   // MXFP4's fp32 scales of a group from its row of e8m0 bytes.
   static void e8m0_scales(const uint8_t* row, Vec (&scale)[kVecs]) {
-    if constexpr (requires { Decode::group_scales(row, scale); }) {
-      Decode::group_scales(row, scale);
+    if constexpr (requires { Unpack::group_scales(row, scale); }) {
+      Unpack::group_scales(row, scale);
     } else {
       float lanes[kPanelWidth];
       for (int j = 0; j < kPanelWidth; ++j) lanes[j] = mxfp4_half_scale(row[j]);
@@ -193,12 +193,12 @@ struct PanelKernels {
     return group;
   }
 
-  // Row k of a float-format panel as stored: unscaled, in the Decode's column order.
+  // Row k of a float-format panel as stored: unscaled, in the Unpack's column order.
   static void row_values(const uint8_t* panel, int k, Vec (&w)[kVecs]) {
-    Decode::values(panel + static_cast<long>(k) * kBlockBytes, w);
+    Unpack::values(panel + static_cast<long>(k) * kBlockBytes, w);
   }
   static void to_column_order(Vec (&w)[kVecs]) {
-    if constexpr (requires { Decode::to_column_order(w); }) Decode::to_column_order(w);
+    if constexpr (requires { Unpack::to_column_order(w); }) Unpack::to_column_order(w);
   }
 
   // c[r] = the group's partial sums times its scales (and the sums' scales), added to c[r]
@@ -353,7 +353,7 @@ struct PanelKernels {
   static inline void add_quads(typename Simd::IVec (&sums)[Rows][kVecs], const ActivationRow* a, const uint8_t* block,
                                int k) {
     typename Simd::IVec w[kVecs];
-    Decode::quads(block, w);
+    Unpack::quads(block, w);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const typename Simd::IVec x = Simd::broadcast_quad(a[r].quads + k);
@@ -400,8 +400,8 @@ struct PanelKernels {
   static constexpr int kQuadRunBlocks = [] {
     if constexpr (kQuads) {
       constexpr int largest = [] {
-        if constexpr (requires { Decode::kQuadMax; }) return Decode::kQuadMax;
-        return 2 * Decode::kQuadBias - 1;
+        if constexpr (requires { Unpack::kQuadMax; }) return Unpack::kQuadMax;
+        return 2 * Unpack::kQuadBias - 1;
       }();
       int run = 1;
       while (2 * run <= 32767 / (2 * largest * activation_max(kFormat))) run *= 2;
@@ -432,7 +432,7 @@ struct PanelKernels {
       quad_run<Rows, 1>(acc, a, block, k);
     } else {
       typename Simd::IVec w[kBlockRows / 2][kVecs];
-      Decode::pairs(block, w);
+      Unpack::pairs(block, w);
 #pragma GCC unroll 4
       for (int p = 0; p < kBlockRows / 2; ++p) {
 #pragma GCC unroll 16
@@ -501,7 +501,7 @@ struct PanelKernels {
           for (int r = 0; r < Rows; ++r) {
             const Vec row_scale = Simd::set1(a[r].scale[index]);
             if constexpr (kQuads) {
-              const int bias = Decode::kQuadBias * a[r].span_sums[span_index(group_size, index, start - first)];
+              const int bias = Unpack::kQuadBias * a[r].span_sums[span_index(group_size, index, start - first)];
 #pragma GCC unroll 16
               for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::isub(acc[p][r][v], Simd::iset1(bias));
             }
@@ -546,7 +546,7 @@ struct PanelKernels {
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const Vec row_scale = Simd::set1(a[r].scale[index]);
-      const typename Simd::IVec bias = Simd::iset1(Decode::kQuadBias * a[r].span_sums[index]);
+      const typename Simd::IVec bias = Simd::iset1(Unpack::kQuadBias * a[r].span_sums[index]);
 #pragma GCC unroll 16
       for (int v = 0; v < kVecs; ++v) {
         const Vec sum = Simd::to_float(Simd::isub(sums[r][v], bias));
@@ -635,7 +635,7 @@ struct PanelKernels {
     tail<kRows - 1, 1>(a + r, rows - r, panels, depth, group, rest_c, accumulate);
   }
 
-  // Rows gemm_pair takes: as many as leave both panels' accumulators, both panels' decoded
+  // Rows gemm_pair takes: as many as leave both panels' accumulators, both panels' unpacked
   // weights (pairs of rows per block for integers, a block's quads per panel when bytes
   // are multiplied), a broadcast activation per row and one constant in registers. One
   // more row spills an accumulator, whose chain then runs through memory.
@@ -643,10 +643,10 @@ struct PanelKernels {
     if constexpr (!Simd::kPairPanels) {
       return 0;
     } else {
-      constexpr int decoded = 2 * (kInteger && !kQuads ? kBlockRows / 2 : 1) * kVecs;
+      constexpr int unpacked = 2 * (kInteger && !kQuads ? kBlockRows / 2 : 1) * kVecs;
       // scaled_quad_tile also holds a group's integer sums beside each fp32 sum.
       constexpr int per_row = 2 * kVecs * (kScaledQuadGroups ? 2 : 1) + 1;
-      constexpr int rows = (Simd::kRegisters - 1 - decoded) / per_row;
+      constexpr int rows = (Simd::kRegisters - 1 - unpacked) / per_row;
       return rows < kMainRows ? rows : kMainRows;
     }
   }
@@ -661,14 +661,14 @@ struct PanelKernels {
     tail<pair_rows(), 2>(a, rows, panels, depth, group, c, accumulate);
   }
 
-  // The scales of group `index` (1 for ungrouped formats) in the Decode's column order, so
+  // The scales of group `index` (1 for ungrouped formats) in the Unpack's column order, so
   // that widening scales a row without moving its weights across lanes.
-  static void scales_in_decode_order(const uint8_t* panel, int depth, int group_size, int index, Vec (&out)[kVecs]) {
+  static void scales_in_unpack_order(const uint8_t* panel, int depth, int group_size, int index, Vec (&out)[kVecs]) {
     float lane[kPanelWidth], column_scale[kPanelWidth], ordered[kPanelWidth];
     Vec position[kVecs];
     for (int i = 0; i < kPanelWidth; ++i) lane[i] = static_cast<float>(i);
     for (int v = 0; v < kVecs; ++v) position[v] = Simd::load(lane + v * Simd::kLanes);
-    to_column_order(position);  // lane c: the decoded lane that holds column c
+    to_column_order(position);  // lane c: the unpacked lane that holds column c
     Group g{};
     if constexpr (kGrouped) g = group(panel, depth, group_size, index);
     for (int v = 0; v < kVecs; ++v) {
@@ -693,7 +693,7 @@ struct PanelKernels {
     const int end = first + count;
     const int next_end = end + count < depth ? end + count : depth;
     if constexpr (kQuads) {
-      // Whole blocks of quads, decoded once (each panel's depth is padded to whole blocks).
+      // Whole blocks of quads, unpacked once (each panel's depth is padded to whole blocks).
       static_assert(Widened::kBlockRows == kBlockRows, "quads widen block for block");
       const int blocks = Widened::padded(count) / kBlockRows;
       // Past a panel's last block, the head of the panel after it in memory, which the engine
@@ -705,7 +705,7 @@ struct PanelKernels {
         const uint8_t* block = panel + static_cast<long>(first / kBlockRows + b) * kBlockBytes;
         if (b < next_blocks) Simd::prefetch(next + static_cast<long>(b) * kBlockBytes);
         typename Simd::IVec w[kVecs];
-        Decode::quads(block, w);
+        Unpack::quads(block, w);
         Wide::pack(w, out + static_cast<long>(b) * Widened::kBlockBytes);
       }
     } else if constexpr (kInteger) {
@@ -715,22 +715,22 @@ struct PanelKernels {
         const uint8_t* block = panel + static_cast<long>(k / kBlockRows) * kBlockBytes;
         if (k + count < next_end) Simd::prefetch(block + static_cast<long>(count / kBlockRows) * kBlockBytes);
         typename Simd::IVec w[kBlockRows / 2][kVecs];
-        Decode::pairs(block, w);
+        Unpack::pairs(block, w);
         for (int p = 0; p < kBlockRows / 2; ++p) {
           const int pair = (k - first) / 2 + p;
           if (pair < pairs) Wide::pack(w[p], out + static_cast<long>(pair) * Widened::kBlockBytes);
         }
       }
     } else {
-      static_assert(std::is_same_v<Wide, F32Decode<Simd, Decode>>, "float formats widen to fp32 in their own order");
+      static_assert(std::is_same_v<Wide, F32Unpack<Simd, Unpack>>, "float formats widen to fp32 in their own order");
       int index = kGrouped ? first / group_size : 0;
       int group_end = kGrouped ? (index + 1) * group_size : end;
       Vec scale[kVecs];
-      scales_in_decode_order(panel, depth, group_size, index, scale);
+      scales_in_unpack_order(panel, depth, group_size, index, scale);
       for (int k = first; k < end; ++k) {
         if (kGrouped && k >= group_end) {
           group_end += group_size;
-          scales_in_decode_order(panel, depth, group_size, ++index, scale);
+          scales_in_unpack_order(panel, depth, group_size, ++index, scale);
         }
         if (k + count < next_end) Simd::prefetch(panel + static_cast<long>(k + count) * kBlockBytes);
         Vec w[kVecs];
@@ -759,13 +759,13 @@ struct PanelKernels {
     }
   }
 
-  // The kernels of this Decode.
+  // The kernels of this Unpack.
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
     return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr, 0, 0, kChunkRows,
                          activation_scale()};
   }
-  // The kernels of this Decode, where prefill widens panels to Wide's layout from
+  // The kernels of this Unpack, where prefill widens panels to Wide's layout from
   // `widen_rows` rows on (by default as soon as one pass does not take them) and multiplies
   // them with Wide's gemm.
   template <class Wide>
@@ -782,7 +782,7 @@ struct PanelKernels {
     static_assert(!kScaledQuadGroups || kWidenedValueBytes / row_bytes % kMxfp4SumSpan == 0,
                   "widened blocks start where unwidened sums join c");
     // Each chunk of an expert's rows widens the panel again, and a chunk below widen_rows
-    // decodes in every pass: the largest chunks leave the fewest experts a second, short one.
+    // unpacks in every pass: the largest chunks leave the fewest experts a second, short one.
     kernels.chunk_rows = kMaxPanelRows;
     return kernels;
   }

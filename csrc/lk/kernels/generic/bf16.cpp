@@ -2,10 +2,10 @@
 
 namespace lk::kernels {
 namespace {
-using Decode = ScalarDecode<WeightFormat::BF16, uint16_t, bf16_to_float>;
+using Unpack = ScalarUnpack<WeightFormat::BF16, uint16_t, bf16_to_float>;
 }  // namespace
 
 // Two rows per pass: converting in every pass adds up, so prefill widens to fp32 once.
-const FormatKernels generic_bf16 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd, Decode>>();
+const FormatKernels generic_bf16 = PanelKernels<ScalarSimd, Unpack>::table<F32Unpack<ScalarSimd, Unpack>>();
 
 }  // namespace lk::kernels

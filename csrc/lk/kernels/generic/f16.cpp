@@ -2,10 +2,10 @@
 
 namespace lk::kernels {
 namespace {
-using Decode = ScalarDecode<WeightFormat::F16, uint16_t, f16_to_float>;
+using Unpack = ScalarUnpack<WeightFormat::F16, uint16_t, f16_to_float>;
 }  // namespace
 
 // Prefill widens to fp32 once, as bf16 does.
-const FormatKernels generic_f16 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd, Decode>>();
+const FormatKernels generic_f16 = PanelKernels<ScalarSimd, Unpack>::table<F32Unpack<ScalarSimd, Unpack>>();
 
 }  // namespace lk::kernels

@@ -2,6 +2,6 @@
 
 namespace lk::kernels {
 
-const FormatKernels generic_f32 = PanelKernels<ScalarSimd, F32Decode<ScalarSimd>>::table();
+const FormatKernels generic_f32 = PanelKernels<ScalarSimd, F32Unpack<ScalarSimd>>::table();
 
 }  // namespace lk::kernels

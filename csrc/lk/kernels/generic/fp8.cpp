@@ -2,10 +2,10 @@
 
 namespace lk::kernels {
 namespace {
-using Decode = ScalarDecode<WeightFormat::Fp8E4M3, uint8_t, fp8_e4m3_to_float>;
+using Unpack = ScalarUnpack<WeightFormat::Fp8E4M3, uint8_t, fp8_e4m3_to_float>;
 }  // namespace
 
 // Prefill widens to fp32 once, as bf16 does.
-const FormatKernels generic_fp8 = PanelKernels<ScalarSimd, Decode>::table<F32Decode<ScalarSimd, Decode>>();
+const FormatKernels generic_fp8 = PanelKernels<ScalarSimd, Unpack>::table<F32Unpack<ScalarSimd, Unpack>>();
 
 }  // namespace lk::kernels

@@ -6,12 +6,12 @@ namespace {
 // each as a signed nibble.
 int signed_nibble(int nibble) { return (nibble ^ 8) - 8; }
 
-struct Decode : NibbleBlockDecode<signed_nibble> {
+struct Unpack : NibbleBlockUnpack<signed_nibble> {
   static constexpr WeightFormat kFormat = WeightFormat::Int4;
 };
 }  // namespace
 
 // Prefill widens a block to its row pairs once.
-const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<WeightFormat::Int4>>();
+const FormatKernels generic_int4 = PanelKernels<ScalarSimd, Unpack>::table<Int16PairUnpack<WeightFormat::Int4>>();
 
 }  // namespace lk::kernels

@@ -2,7 +2,7 @@
 
 namespace lk::kernels {
 namespace {
-struct Decode {
+struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
   static void pairs(const uint8_t* block, int32_t (&w)[1][kPanelWidth]) {
     for (int j = 0; j < kPanelWidth; ++j) {
@@ -13,6 +13,6 @@ struct Decode {
 }  // namespace
 
 // Prefill widens a block to its row pairs once.
-const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<WeightFormat::Int8>>();
+const FormatKernels generic_int8 = PanelKernels<ScalarSimd, Unpack>::table<Int16PairUnpack<WeightFormat::Int8>>();
 
 }  // namespace lk::kernels

@@ -2,15 +2,15 @@
 
 namespace lk::kernels {
 namespace {
-// Each nibble an e2m1 code: twice its value, signed (INT4's generic decode, without its offset).
+// Each nibble an e2m1 code: twice its value, signed (INT4's generic unpacking, without its offset).
 int doubled(int code) { return kMxfp4Doubled[code]; }
 
-struct Decode : NibbleBlockDecode<doubled> {
+struct Unpack : NibbleBlockUnpack<doubled> {
   static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
 };
 }  // namespace
 
 // Prefill widens a block to its row pairs once, as INT4 does.
-const FormatKernels generic_mxfp4 = PanelKernels<ScalarSimd, Decode>::table<Int16PairDecode<WeightFormat::Mxfp4>>();
+const FormatKernels generic_mxfp4 = PanelKernels<ScalarSimd, Unpack>::table<Int16PairUnpack<WeightFormat::Mxfp4>>();
 
 }  // namespace lk::kernels

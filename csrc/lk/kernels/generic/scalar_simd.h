@@ -36,9 +36,9 @@ struct ScalarSimd {
   static Vec to_float(IVec v) { return static_cast<float>(v); }
 };
 
-// Decodes rows whose kPanelWidth elements are each converted by `to_float`.
+// Unpacks rows whose kPanelWidth elements are each converted by `to_float`.
 template <WeightFormat kStoredFormat, class Stored, float (*to_float)(Stored)>
-struct ScalarDecode {
+struct ScalarUnpack {
   static constexpr WeightFormat kFormat = kStoredFormat;
   static void values(const uint8_t* row, float (&w)[kPanelWidth]) {
     Stored stored[kPanelWidth];
@@ -50,7 +50,7 @@ struct ScalarDecode {
 // A block of four rows in INT4's word order (formats.h) as its two row pairs, each nibble
 // turned into a small integer by `value_of` (INT4: signed value; MXFP4: doubled e2m1 code).
 template <int (*value_of)(int nibble)>
-struct NibbleBlockDecode {
+struct NibbleBlockUnpack {
   static void pairs(const uint8_t* block, int32_t (&w)[2][kPanelWidth]) {
     uint16_t words[kPanelWidth];
     __builtin_memcpy(words, block, sizeof words);
@@ -68,7 +68,7 @@ struct NibbleBlockDecode {
 // word per column as in registers, so a pass only loads them (the generic pass unpacks
 // every weight again otherwise).
 template <WeightFormat kStoredFormat>
-struct Int16PairDecode {
+struct Int16PairUnpack {
   static constexpr WeightFormat kFormat = kStoredFormat;
   static constexpr int kBlockRows = 2;
   static constexpr int kBlockBytes = kPanelWidth * sizeof(ScalarSimd::IVec);

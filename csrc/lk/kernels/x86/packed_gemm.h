@@ -5,7 +5,7 @@
 // (amx/tile_unit.h: 16 x 16 sums per instruction) or AVX512_BF16's vdpbf16ps
 // (avx512_bf16/dot_unit.h: 16 sums of two bf16 products each, per instruction).
 //
-// Decode (few rows) keeps the AVX-512 panel kernels: it streams each weight once, and a
+// Decode (few rows) stays on the AVX-512 panel kernels: it streams each weight once, and a
 // unit would mostly multiply padding. A call walks its panels in blocks of inputs
 // (Tiles::kBlockInputs): a block's weights are widened into whole weight tiles in
 // `workspace` (zero past the block's last input, so whatever activations a tile row reads
@@ -17,7 +17,7 @@
 // a span at a time, and finish them with the same fp32 operations (PanelKernels::group and
 // ::flush, per span and row), so a token's result is the same bits whether the tiles or
 // the VNNI kernels multiplied it. bf16 keeps its fp32 sums over the whole depth and adds
-// them to the outputs at the end; FP8, decoded to bf16 exactly, does too where the unit can
+// them to the outputs at the end; FP8, unpacked to bf16 exactly, does too where the unit can
 // scale its sums (AVX512_BF16: kept in units of the current group's scales), else has its
 // sums finished with their group's scales block by block, as the integer formats do. For
 // both, the fp32 activations are multiplied as the sum of two bf16 values, the second
@@ -74,10 +74,10 @@ inline __m512i interleave_words(__m512i words) {
 // stop) make and weight_row() one of them.
 
 // INT4: the activations' quads (signed bytes, in kInt4QuadOrder) times the weights as
-// unsigned bytes q (Decode::quads, one weight-tile row per stored block of 4 inputs, the
+// unsigned bytes q (Unpack::quads, one weight-tile row per stored block of 4 inputs, the
 // same order): tdpbsud gives the integer sums vpdpbusd does, from which the kernels take
 // the bias off.
-template <class Decode>
+template <class Unpack>
 struct Int4Tiles {
   static constexpr int kBlockInputs = kIntegerSpan;
   static constexpr int kInputBytes = 1;
@@ -94,7 +94,7 @@ struct Int4Tiles {
   static int weight_rows(int start, int stop) { return (stop - start) / 4; }
   static __m512i weight_row(const uint8_t* panel, int start, int i) {
     __m512i quads[1];
-    Decode::quads(panel + static_cast<long>(start / 4 + i) * kInt4BytesPerBlock, quads);
+    Unpack::quads(panel + static_cast<long>(start / 4 + i) * kInt4BytesPerBlock, quads);
     return quads[0];
   }
   static __m512i sums(const uint8_t* plane_sums, long) { return _mm512_loadu_si512(plane_sums); }
@@ -186,14 +186,14 @@ struct Bf16Tiles : FloatTiles {
   }
 };
 
-// FP8 (e4m3) weights, as bf16 values times Decode::kValueScale (2^-8, the decode kernels'
+// FP8 (e4m3) weights, as bf16 values times Unpack::kValueScale (2^-8, the panel kernels'
 // scale: a group's sums are multiplied back by PanelKernels::sum_scale), which bf16 holds
 // exactly, subnormals included (four significant bits at most, 2^-17 the least). A byte's
 // low 7 bits index two 128-byte tables, the bf16 bits' low and high bytes; the sign is the
 // byte's own top bit: fewer vector operations than widening through fp16 and fp32 as the
-// decode kernels do, since the core's widening bounds FP8 prefill while the unit is busy.
+// panel kernels do, since the core's widening bounds FP8 prefill while the unit is busy.
 // Two tile rows at a time (one 64-byte line), so that the lookups use every lane.
-template <class Decode>
+template <class Unpack>
 struct Fp8Tiles : FloatTiles {
   static constexpr int kStoredBytes = kPanelWidth;
   struct alignas(64) ByteTables {
@@ -205,7 +205,7 @@ struct Fp8Tiles : FloatTiles {
     for (int magnitude = 0; magnitude < 128; ++magnitude) {
       const int exponent = magnitude >> 3, mantissa = magnitude & 7;
       // (8 + mantissa) 2^(exponent - 10), or mantissa 2^-9 for exponent 0.
-      float value = static_cast<float>(exponent ? 8 + mantissa : mantissa) * Decode::kValueScale;
+      float value = static_cast<float>(exponent ? 8 + mantissa : mantissa) * Unpack::kValueScale;
       for (int e = exponent ? exponent : 1; e < 10; ++e) value *= 0.5f;
       for (int e = 10; e < exponent; ++e) value *= 2.0f;
       const uint32_t bits = std::bit_cast<uint32_t>(value) >> 16;
@@ -259,9 +259,9 @@ struct BlockWalk {
   }
 };
 
-template <class Simd, class Decode, class FormatTiles, template <class> class Unit>
+template <class Simd, class Unpack, class FormatTiles, template <class> class Unit>
 struct PackedKernels {
-  using Panel = PanelKernels<Simd, Decode>;
+  using Panel = PanelKernels<Simd, Unpack>;
   using Tiles = FormatTiles;
   using Units = Unit<PackedKernels>;
   using Vec = typename Simd::Vec;
@@ -442,8 +442,8 @@ struct PackedKernels {
       Vec row_scale{}, activation_sum{};
       [[maybe_unused]] IVec quad_bias{};
       if constexpr (Panel::kInteger) row_scale = Simd::set1(row.scale[block.index]);
-      if constexpr (Panel::kQuads) quad_bias = Simd::iset1(Decode::kQuadBias * row.span_sums[span]);
-      if constexpr (has_offsets(Decode::kFormat)) activation_sum = Simd::set1(row.sum[block.index]);
+      if constexpr (Panel::kQuads) quad_bias = Simd::iset1(Unpack::kQuadBias * row.span_sums[span]);
+      if constexpr (has_offsets(Unpack::kFormat)) activation_sum = Simd::set1(row.sum[block.index]);
       for (int p = 0; p < Panels; ++p) {
         const uint8_t* row_sums_bytes = sums + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
         float* const out[1] = {row_of(finished, p, r)};
@@ -460,7 +460,7 @@ struct PackedKernels {
           scale[0][0] = groups[p].scale[0];
         }
         Panel::template flush<1>(row_sums, scale, out, add);
-        if constexpr (has_offsets(Decode::kFormat)) {
+        if constexpr (has_offsets(Unpack::kFormat)) {
           if (block.last_of_group()) {
             const Vec offsets[1][1] = {{groups[p].offset[0]}};
             const Vec activation_sums[1][1] = {{activation_sum}};
@@ -677,7 +677,7 @@ struct PackedKernels {
     run<2>(a, packed, rows, panels, depth, group, outputs, accumulate, workspace);
   }
 
-  // `base`, the panel kernels of the same Decode, with the unit taking `packed_rows` rows
+  // `base`, the panel kernels of the same Unpack, with the unit taking `packed_rows` rows
   // and more.
   static constexpr FormatKernels table(FormatKernels base, int packed_rows) {
     base.pack_rows = &pack;

@@ -1,10 +1,10 @@
 #include "lk/kernels/x86/amx/tile_unit.h"
-#include "lk/kernels/x86/avx512/fp8_decode.h"
+#include "lk/kernels/x86/avx512/fp8_unpack.h"
 #include "lk/kernels/x86/avx512/simd.h"
 
 namespace lk::kernels {
 
-const FormatKernels amx_fp8 = PackedKernels<Avx512Simd, Fp8Decode, Fp8Tiles<Fp8Decode>, AmxUnit>::table(
-    PanelKernels<Avx512Simd, Fp8Decode>::table<F32Decode<Avx512Simd, Fp8Decode>>(), 6);
+const FormatKernels amx_fp8 = PackedKernels<Avx512Simd, Fp8Unpack, Fp8Tiles<Fp8Unpack>, AmxUnit>::table(
+    PanelKernels<Avx512Simd, Fp8Unpack>::table<F32Unpack<Avx512Simd, Fp8Unpack>>(), 6);
 
 }  // namespace lk::kernels

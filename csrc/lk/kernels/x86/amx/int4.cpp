@@ -1,12 +1,12 @@
 #include "lk/kernels/x86/amx/tile_unit.h"
-#include "lk/kernels/x86/avx512/integer_decode.h"
+#include "lk/kernels/x86/avx512/integer_unpack.h"
 #include "lk/kernels/x86/avx512_vnni/simd.h"
 
 namespace lk::kernels {
 
 // Tiles from 12 rows: the VNNI kernels multiply bytes fast enough to stay ahead below that
 // (see BENCHMARKS.md, "Kernels").
-const FormatKernels amx_int4 = PackedKernels<Avx512VnniSimd, Int4Decode, Int4Tiles<Int4Decode>, AmxUnit>::table(
-    PanelKernels<Avx512VnniSimd, Int4Decode>::table(), 12);
+const FormatKernels amx_int4 = PackedKernels<Avx512VnniSimd, Int4Unpack, Int4Tiles<Int4Unpack>, AmxUnit>::table(
+    PanelKernels<Avx512VnniSimd, Int4Unpack>::table(), 12);
 
 }  // namespace lk::kernels

@@ -1,5 +1,5 @@
 #include "lk/kernels/x86/amx/tile_unit.h"
-#include "lk/kernels/x86/avx512/integer_decode.h"
+#include "lk/kernels/x86/avx512/integer_unpack.h"
 #include "lk/kernels/x86/avx512_vnni/simd.h"
 
 namespace lk::kernels {
@@ -7,6 +7,6 @@ namespace lk::kernels {
 // Tiles from 9 rows, beyond one pass of the VNNI kernels, where they overtake them (see
 // BENCHMARKS.md, "Kernels").
 const FormatKernels amx_int8 =
-    PackedKernels<Avx512VnniSimd, Int8Decode, Int8Tiles, AmxUnit>::table(PanelKernels<Avx512VnniSimd, Int8Decode>::table(), 9);
+    PackedKernels<Avx512VnniSimd, Int8Unpack, Int8Tiles, AmxUnit>::table(PanelKernels<Avx512VnniSimd, Int8Unpack>::table(), 9);
 
 }  // namespace lk::kernels

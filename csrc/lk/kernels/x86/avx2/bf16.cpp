@@ -7,7 +7,7 @@ namespace {
 // gives the even ones. One shift and one AND per 16 weights, where widening each half
 // with vpmovzxwd and shifting it takes four shuffle-port ops; in decode those ports, not
 // the FMAs, bound the rate at which a core consumes weights.
-struct Decode {
+struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::BF16;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
     const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
@@ -21,6 +21,6 @@ struct Decode {
 // Prefill converts each weight again in every 6-row pass instead of widening a panel to
 // fp32 once: the conversions issue beside the FMA pipes, so widening would cost more than
 // it saves (see BENCHMARKS.md, "Kernels").
-const FormatKernels avx2_bf16 = PanelKernels<Avx2Simd, Decode>::table();
+const FormatKernels avx2_bf16 = PanelKernels<Avx2Simd, Unpack>::table();
 
 }  // namespace lk::kernels

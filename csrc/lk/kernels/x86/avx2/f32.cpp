@@ -2,6 +2,6 @@
 
 namespace lk::kernels {
 
-const FormatKernels avx2_f32 = PanelKernels<Avx2Simd, F32Decode<Avx2Simd>>::table();
+const FormatKernels avx2_f32 = PanelKernels<Avx2Simd, F32Unpack<Avx2Simd>>::table();
 
 }  // namespace lk::kernels

@@ -5,7 +5,7 @@ namespace {
 // e4m3fn sign-extended to 32 bits and shifted so its exponent and mantissa land in the low
 // bits of the fp32 exponent and the top of its mantissa, with the sign's copies masked off,
 // reads as the value times 2^-120: e4m3 subnormals become fp32 denormals, exactly. No
-// conversion instruction, which makes it cheaper than a decode through F16C on this tier.
+// conversion instruction, which makes it cheaper than unpacking through F16C on this tier.
 //
 // Such tiny weights times activations below 2^-6 or so are fp32 denormals too, and Intel
 // cores take a slow microcode assist on each instruction that makes or reads one. So the
@@ -19,7 +19,7 @@ namespace {
 // columns, and one shift per parity puts either in place (the other's bits fall outside the
 // mask). Three shuffle-port ops per 16 weights instead of four: in decode those ports bound
 // the rate at which a core consumes weights.
-struct Decode {
+struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 0x1p-120f;
   static constexpr float kActivationScale = 0x1p64f;
@@ -35,9 +35,9 @@ struct Decode {
 };
 }  // namespace
 
-// Prefill widens panels to fp32 from 40 rows per expert on: a pass then decodes nothing,
+// Prefill widens panels to fp32 from 40 rows per expert on: a pass then unpacks nothing,
 // where an FP8 pass spends five ops per 16 weights beside 12 FMAs, on the FMA ports of
 // Intel cores. Fewer rows do not repay the widening (see BENCHMARKS.md, "Kernels").
-const FormatKernels avx2_fp8 = PanelKernels<Avx2Simd, Decode>::table<F32Decode<Avx2Simd, Decode>>(40);
+const FormatKernels avx2_fp8 = PanelKernels<Avx2Simd, Unpack>::table<F32Unpack<Avx2Simd, Unpack>>(40);
 
 }  // namespace lk::kernels

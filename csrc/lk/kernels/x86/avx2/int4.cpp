@@ -6,10 +6,10 @@ namespace {
 // nibbles) and j + 8 (high nibbles): an XOR, a shift and two masks give them as unsigned bytes,
 // which vpmaddubsw multiplies by 8-bit activations, 32 products per instruction: twice
 // vpmaddwd's 16 on sign-extended pairs, which bounds INT4 decode at several rows.
-struct Decode {
+struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int4;
   // INT4 panels are short per row, so decode fetches them farther ahead than the AVX2
-  // default, into L2 only as the AVX-512 INT4 decode does, leaving L1's few outstanding
+  // default, into L2 only as the AVX-512 Int4Unpack does, leaving L1's few outstanding
   // misses to the loads (see BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 6144;
   static constexpr bool kPrefetchIntoL2 = true;
@@ -26,6 +26,6 @@ struct Decode {
 
 }  // namespace
 
-const FormatKernels avx2_int4 = PanelKernels<Avx2Simd, Decode>::table();
+const FormatKernels avx2_int4 = PanelKernels<Avx2Simd, Unpack>::table();
 
 }  // namespace lk::kernels

@@ -4,9 +4,9 @@ namespace lk::kernels {
 namespace {
 // An INT8 block, a pair of rows stored column by column (formats.h): sign-extending its
 // bytes to 16 bits gives each column's two weights in one 32-bit lane.
-struct Decode {
+struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
-  // Fetched ahead into L2 only, as the AVX-512 INT8 decode is: a fetch into L1 holds one of
+  // Fetched ahead into L2 only, as the AVX-512 Int8Unpack's are: a fetch into L1 holds one of
   // its few miss buffers for a whole DRAM latency (see BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 4096;
   static constexpr bool kPrefetchIntoL2 = true;
@@ -18,6 +18,6 @@ struct Decode {
 }  // namespace
 
 // Prefill does not widen: a pass's sign extensions issue beside its vpmaddwd, which bound it.
-const FormatKernels avx2_int8 = PanelKernels<Avx2Simd, Decode>::table();
+const FormatKernels avx2_int8 = PanelKernels<Avx2Simd, Unpack>::table();
 
 }  // namespace lk::kernels

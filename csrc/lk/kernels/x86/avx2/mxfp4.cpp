@@ -18,7 +18,7 @@ inline void e8m0_group_scales(const uint8_t* row, __m256 (&scale)[2]) {
 // value plus 12, an unsigned byte 0..24 that vpmaddubsw multiplies by the 8-bit
 // activations as INT4's bytes are. The kernels take the 12 off with the activations' span
 // sums, once per group, whose 8 blocks sum whole in 16 bits (kernels.h, activation_max).
-struct Decode {
+struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
   // Short rows, fetched far ahead into L2 as INT4's are.
   static constexpr int kPrefetchBytes = 6144;
@@ -37,13 +37,13 @@ struct Decode {
 };
 
 // What prefill widens MXFP4 to: each block's looked-up bytes, 64 per block, so that a pass
-// only loads them (in-cache, 64 rows: about 0.85x the time of decoding in every pass).
-struct WideDecode {
+// only loads them (in-cache, 64 rows: about 0.85x the time of unpacking in every pass).
+struct WideUnpack {
   static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
   static constexpr int kBlockRows = kInt4RowsPerBlock;
   static constexpr int kBlockBytes = 64;
-  static constexpr int kQuadBias = Decode::kQuadBias;
-  static constexpr int kQuadMax = Decode::kQuadMax;
+  static constexpr int kQuadBias = Unpack::kQuadBias;
+  static constexpr int kQuadMax = Unpack::kQuadMax;
   static void quads(const uint8_t* block, __m256i (&w)[2]) {
     w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     w[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32));
@@ -56,7 +56,7 @@ struct WideDecode {
 };
 }  // namespace
 
-// Up to two passes (6 rows) decode in each pass: widening first measured 4-6% slower there.
-const FormatKernels avx2_mxfp4 = PanelKernels<Avx2Simd, Decode>::table<WideDecode>(7);
+// Up to two passes (6 rows) unpack in each pass: widening first measured 4-6% slower there.
+const FormatKernels avx2_mxfp4 = PanelKernels<Avx2Simd, Unpack>::table<WideUnpack>(7);
 
 }  // namespace lk::kernels

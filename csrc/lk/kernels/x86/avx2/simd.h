@@ -16,7 +16,7 @@ struct Avx2Simd {
   static constexpr int kRegisters = 16;
   static constexpr int kAccumulators = 12;
   static constexpr int kMainRows = 6;
-  // INT8/INT4 prefill passes take 3 rows: at 6, GCC keeps two blocks' decoded weights and
+  // INT8/INT4 prefill passes take 3 rows: at 6, GCC keeps two blocks' unpacked weights and
   // broadcasts live beside the 12 accumulators and spills.
   static constexpr int kIntegerMainRows = 3;
   // Decode reads an expert's gate and up panels side by side (FormatKernels::gemm_pair): two
@@ -61,7 +61,7 @@ struct Avx2Simd {
   static IVec widen_add(IVec acc, IVec t) { return _mm256_add_epi32(acc, _mm256_madd_epi16(t, _mm256_set1_epi16(1))); }
 };
 
-// Decodes that split a row's 16 columns by parity, w[0] holding columns 0, 2, ..., 14 and
+// Unpacks that split a row's 16 columns by parity, w[0] holding columns 0, 2, ..., 14 and
 // w[1] columns 1, 3, ..., 15 (where one 32-bit lane holds two of the row's weights), use
 // this as their to_column_order (panel_gemm.h).
 inline void even_odd_to_column_order(__m256 (&w)[2]) {

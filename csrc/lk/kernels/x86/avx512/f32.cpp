@@ -2,6 +2,6 @@
 
 namespace lk::kernels {
 
-const FormatKernels avx512_f32 = PanelKernels<Avx512Simd, F32Decode<Avx512Simd>>::table();
+const FormatKernels avx512_f32 = PanelKernels<Avx512Simd, F32Unpack<Avx512Simd>>::table();
 
 }  // namespace lk::kernels

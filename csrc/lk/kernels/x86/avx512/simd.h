@@ -15,7 +15,7 @@ struct Avx512Simd {
   static constexpr int kLanes = 16;
   static constexpr int kRegisters = 32;
   static constexpr int kAccumulators = 24;
-  // Passes of 8 rows: more leave too few registers for the decoded weights, fewer re-read
+  // Passes of 8 rows: more leave too few registers for the unpacked weights, fewer re-read
   // the weights more often (see BENCHMARKS.md, "Kernels").
   static constexpr int kMainRows = 8;
   static constexpr int kIntegerMainRows = 8;

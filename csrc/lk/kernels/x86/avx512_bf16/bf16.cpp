@@ -1,4 +1,4 @@
-#include "lk/kernels/x86/avx512/bf16_decode.h"
+#include "lk/kernels/x86/avx512/bf16_unpack.h"
 #include "lk/kernels/x86/avx512/simd.h"
 #include "lk/kernels/x86/avx512_bf16/dot_unit.h"
 
@@ -6,7 +6,7 @@ namespace lk::kernels {
 
 // Packed from 6 rows, as on AMX, both bf16 planes included (down's inputs): from there
 // the unit's pair products beat the fp32 kernels (see BENCHMARKS.md, "Kernels").
-const FormatKernels avx512_bf16dot_bf16 = PackedKernels<Avx512Simd, Bf16Decode, Bf16Tiles, Bf16DotUnit>::table(
-    PanelKernels<Avx512Simd, Bf16Decode>::table<F32Decode<Avx512Simd, Bf16Decode>>(), 6);
+const FormatKernels avx512_bf16dot_bf16 = PackedKernels<Avx512Simd, Bf16Unpack, Bf16Tiles, Bf16DotUnit>::table(
+    PanelKernels<Avx512Simd, Bf16Unpack>::table<F32Unpack<Avx512Simd, Bf16Unpack>>(), 6);
 
 }  // namespace lk::kernels

@@ -1,10 +1,10 @@
-#include "lk/kernels/x86/avx512/integer_decode.h"
+#include "lk/kernels/x86/avx512/integer_unpack.h"
 #include "lk/kernels/x86/avx512_vnni/simd.h"
 
 namespace lk::kernels {
 
 // vpdpbusd multiplies the looked-up bytes as INT4's, into 32-bit sums. AVX512_BF16 and AMX
 // keep these kernels for MXFP4 (no tile kernel takes it).
-const FormatKernels avx512_vnni_mxfp4 = PanelKernels<Avx512VnniSimd, Mxfp4Decode>::table();
+const FormatKernels avx512_vnni_mxfp4 = PanelKernels<Avx512VnniSimd, Mxfp4Unpack>::table();
 
 }  // namespace lk::kernels

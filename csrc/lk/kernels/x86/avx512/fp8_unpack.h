@@ -1,4 +1,4 @@
-// The AVX-512 FP8 decode, shared by the AVX-512 and AMX kernel files (each compiles it with
+// The AVX-512 FP8 unpack, shared by the AVX-512, AVX512_BF16 and AMX kernel files (each compiles it with
 // its own flags, inside its own anonymous namespace).
 #pragma once
 
@@ -14,7 +14,7 @@ namespace {
 // byte sign-extended to 16 bits and shifted left by 7 puts exponent and mantissa in place
 // and the sign in bit 15, and the mask clears the sign's copy in bit 14: one op fewer per
 // row than zero extension, a shift by 8 and an arithmetic one back.
-struct Fp8Decode {
+struct Fp8Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 1.0f / 256.0f;
   static void values(const uint8_t* row, __m512 (&w)[1]) {

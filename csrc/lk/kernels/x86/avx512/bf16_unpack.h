@@ -1,4 +1,4 @@
-// The AVX-512 bf16 decode, shared by the AVX-512 and AMX kernel files (each compiles it with
+// The AVX-512 bf16 unpack, shared by the AVX-512, AVX512_BF16 and AMX kernel files (each compiles it with
 // its own flags, inside its own anonymous namespace).
 #pragma once
 
@@ -11,7 +11,7 @@
 namespace lk::kernels {
 namespace {
 // bf16 is the top half of an fp32: widen each lane and shift it into place.
-struct Bf16Decode {
+struct Bf16Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::BF16;
   static void values(const uint8_t* row, __m512 (&w)[1]) {
     const __m512i lanes = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));

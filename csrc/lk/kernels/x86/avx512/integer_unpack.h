@@ -1,4 +1,4 @@
-// AVX-512 INT8, INT4 and MXFP4 decodes, shared by the AVX-512 and AVX-512 VNNI kernel files
+// AVX-512 INT8, INT4 and MXFP4 unpacks, shared by the AVX-512 and AVX-512 VNNI kernel files
 // (each compiles them with its own flags, inside its own anonymous namespace).
 #pragma once
 
@@ -12,9 +12,9 @@ namespace lk::kernels {
 namespace {
 // A pair of rows is stored column by column (formats.h): sign-extending its bytes to
 // 16 bits gives each column's two weights in one 32-bit lane.
-struct Int8Decode {
+struct Int8Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
-  // Fetched ahead into L2 only (prefetcht2), as far as Int4Decode explains.
+  // Fetched ahead into L2 only (prefetcht2), as far as Int4Unpack explains.
   static constexpr int kPrefetchBytes = 16384;
   static constexpr bool kPrefetchIntoL2 = true;
   static void pairs(const uint8_t* block, __m512i (&w)[1][1]) {
@@ -27,7 +27,7 @@ struct Int8Decode {
 // the high ones in the upper half give every column's four rows as unsigned bytes, which
 // the kernels multiply by 8-bit activations (vpmaddubsw; vpdpbusd with VNNI), 64 products
 // per instruction where sign-extended 16-bit pairs took 32.
-struct Int4Decode {
+struct Int4Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int4;
   // Stored values are q - 8 as 4-bit two's complement: flipping bit 3 of each nibble gives q.
   static constexpr int kQuadBias = 8;
@@ -48,12 +48,12 @@ struct Int4Decode {
 // MXFP4 blocks lie as INT4's (formats.h): the same halves, then one vpshufb looks each code
 // up as twice its value plus 12, an unsigned byte 0..24 (x86/avx2/mxfp4.cpp), multiplied as
 // INT4's bytes are (vpmaddubsw, a group's 8 blocks in one run; vpdpbusd).
-struct Mxfp4Decode {
+struct Mxfp4Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
   static constexpr int kQuadBias = 12;
   static constexpr int kQuadMax = 24;
   // Fetched as INT4's panels are.
-  static constexpr int kPrefetchBytes = Int4Decode::kPrefetchBytes;
+  static constexpr int kPrefetchBytes = Int4Unpack::kPrefetchBytes;
   static constexpr bool kPrefetchIntoL2 = true;
   static void quads(const uint8_t* block, __m512i (&w)[1]) {
     const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
