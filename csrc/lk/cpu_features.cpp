@@ -63,7 +63,7 @@ Isa detect_best_isa() {
                       (ebx & (1u << 31)) && (xcr0 & 0xe0) == 0xe0;  // F, DQ, BW, VL, ZMM state
   if (!avx512) return Isa::Avx2;
   if (!(ecx & (1u << 11))) return Isa::Avx512;  // AVX512_VNNI
-  // AVX512_BF16 (leaf 7.1: packs fp32 rows as bf16 and multiplies bf16 pairs) and
+  // AVX512_BF16 (leaf 7.1: converts fp32 to bf16 and multiplies bf16 pairs) and
   // AVX512_VBMI (byte permutes widen FP8 weights to bf16): Zen 4 and later, and every CPU
   // with AMX. Cooper Lake has AVX512_BF16 without VBMI and stays at AVX512_VNNI.
   unsigned int sub_eax = 0, sub_ebx, sub_ecx, sub_edx;

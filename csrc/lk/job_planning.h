@@ -12,7 +12,7 @@
 namespace lk {
 
 // Most rows handed to one kernel call (a format's kernels take chunk_rows); bounds the
-// per-worker tile buffers.
+// per-worker sum and staging buffers.
 constexpr int kMaxChunkRows = kernels::kMaxPanelRows;
 // Tokens per task when converting the input and combining the nodes' outputs.
 constexpr int kTokenBlock = 16;

@@ -120,13 +120,13 @@ void LinearEngine::plan_forward(const LinearArgs& args) {
   if (plan.integer_rows) scratch.input_q.ensure(input_q_.bytes(rows));
   plan.row_blocks = static_cast<uint32_t>((rows + kTokenBlock - 1) / kTokenBlock);
 
-  const std::size_t packed_floats =
-      format_kernels.pack_rows
-          ? round_up(kernels::packed_bytes(format_kernels, chunk_rows, inputs_), 64) / sizeof(float)
+  const std::size_t staged_floats =
+      format_kernels.stage_rows
+          ? round_up(kernels::staged_bytes(format_kernels, chunk_rows, inputs_), 64) / sizeof(float)
           : 0;
   const std::size_t widened_floats = kernels::kPanelWorkspaceBytes / sizeof(float);
-  plan.tile_floats = static_cast<std::size_t>(chunk_rows) * kPanelWidth;
-  plan.worker_floats = round_up(2 * plan.tile_floats + widened_floats + packed_floats, 16);
+  plan.sum_floats = static_cast<std::size_t>(chunk_rows) * kPanelWidth;
+  plan.worker_floats = round_up(2 * plan.sum_floats + widened_floats + staged_floats, 16);
   scratch.per_worker.ensure(plan.worker_floats * executor.num_threads() * sizeof(float));
 
   // A task multiplies one chunk of rows by a run of its node's panels.
@@ -168,14 +168,14 @@ void LinearEngine::multiply(int node, uint32_t task, int worker) {
   const NodePanels& mine = nodes_[node];
   const kernels::KernelSet& kernels = runtime_->kernels();
   const int chunk_rows = kernels[format_].chunk_rows;
-  const std::size_t inputs = inputs_, outputs = outputs_, tile_floats = plan.tile_floats;
+  const std::size_t inputs = inputs_, outputs = outputs_, sum_floats = plan.sum_floats;
   const int first_panel = static_cast<int>(task / plan.row_chunks) * plan.run[node];
   const int end_panel = std::min(mine.count, first_panel + plan.run[node]);
   const std::size_t first_row = static_cast<std::size_t>(task % plan.row_chunks) * chunk_rows;
   const int count = static_cast<int>(std::min<std::size_t>(chunk_rows, plan.args.rows - first_row));
-  float* tiles = runtime_->scratch().per_worker.as<float>() + worker * plan.worker_floats;
-  float* widened = tiles + 2 * tile_floats;
-  float* packing = widened + kernels::kPanelWorkspaceBytes / sizeof(float);
+  float* sums = runtime_->scratch().per_worker.as<float>() + worker * plan.worker_floats;
+  float* widened = sums + 2 * sum_floats;
+  float* staging = widened + kernels::kPanelWorkspaceBytes / sizeof(float);
   kernels::ActivationRow a_rows[kMaxChunkRows];
   float* first_out[kMaxChunkRows];
   float* second_out[kMaxChunkRows];
@@ -184,22 +184,22 @@ void LinearEngine::multiply(int node, uint32_t task, int worker) {
     const float* values = plan.input_rows + (first_row + i) * inputs;
     a_rows[i] = plan.integer_rows ? input_q_.row(values, records, first_row + i)
                                   : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
-    first_out[i] = tiles + i * kPanelWidth;
-    second_out[i] = tiles + tile_floats + i * kPanelWidth;
+    first_out[i] = sums + i * kPanelWidth;
+    second_out[i] = sums + sum_floats + i * kPanelWidth;
   }
-  const void* packed = kernels::pack_for_tiles(kernels[format_], a_rows, count, inputs_, packing);
+  const void* staged = kernels::stage_for_unit(kernels[format_], a_rows, count, inputs_, staging);
   const void* bias = plan.args.bias;
   void* output = plan.args.output;
   const DType bias_dtype = plan.args.bias_dtype, output_dtype = plan.args.output_dtype;
   // The sums of panel p (local), plus bias, into the output's rows and columns.
-  const auto store = [&](int p, const float* tile) {
+  const auto store = [&](int p, const float* panel_sums) {
     const std::size_t first_col = static_cast<std::size_t>(mine.first + p) * kPanelWidth;
     const int valid = static_cast<int>(std::min<std::size_t>(kPanelWidth, outputs - first_col));
     for (int i = 0; i < count; ++i) {
       const std::size_t out_row = (first_row + i) * outputs + first_col;
       for (int j = 0; j < valid; ++j) {
         const float added = bias ? load_as_float(bias, first_col + j, bias_dtype) : 0.0f;
-        store_from_float(output, out_row + j, output_dtype, tile[i * kPanelWidth + j] + added);
+        store_from_float(output, out_row + j, output_dtype, panel_sums[i * kPanelWidth + j] + added);
       }
     }
   };
@@ -213,13 +213,13 @@ void LinearEngine::multiply(int node, uint32_t task, int worker) {
     const int p = first_panel + (paired ? step : half + step);
     if (paired) {
       kernels::multiply_two_panels(kernels, format_, base + p * panel_bytes_, base + (p + half) * panel_bytes_, inputs_,
-                                   group_, a_rows, count, first_out, second_out, false, widened, packed);
-      store(p, tiles);
-      store(p + half, tiles + tile_floats);
+                                   group_, a_rows, count, first_out, second_out, false, widened, staged);
+      store(p, sums);
+      store(p + half, sums + sum_floats);
     } else {
       kernels::multiply_panel(kernels, format_, base + p * panel_bytes_, inputs_, group_, a_rows, count, first_out, false,
-                              widened, packed);
-      store(p, tiles);
+                              widened, staged);
+      store(p, sums);
     }
   }
 }

@@ -66,7 +66,7 @@ class LinearEngine {
     bool integer_rows = false;          // the kernels also read Runtime::Scratch::input_q
     uint32_t row_blocks = 0;            // kTokenBlock rows per conversion task
     uint32_t row_chunks = 0;            // chunk_rows rows per multiply task
-    std::size_t tile_floats = 0;        // one tile of chunk_rows x kPanelWidth sums
+    std::size_t sum_floats = 0;         // one panel's sums for chunk_rows rows
     std::size_t worker_floats = 0;      // each worker's share of Scratch::per_worker
     std::vector<int> run;               // per node: panels per multiply task
     std::vector<uint32_t> multiply_tasks;  // per node

@@ -102,7 +102,7 @@ class MoEEngine {
     const float* input_rows = nullptr;  // fp32 rows as the kernels read them
     bool convert_input = false;         // input_rows is Runtime::Scratch::input
     bool integer_rows = false;          // the kernels read quantized rows
-    bool tiles_in_use = false;          // some chunk goes to the tile kernels
+    bool unit_in_use = false;           // some chunk goes to the unit kernels
     uint32_t token_blocks = 0;          // of kTokenBlock tokens: input and combine tasks
     int node_threads = 0;
     std::size_t worker_floats = 0;  // each worker's share of Scratch::per_worker
@@ -112,7 +112,7 @@ class MoEEngine {
     std::vector<int32_t> slot_token;
     std::vector<float> slot_weight;       // routing weight times the activation scale
     std::vector<uint32_t> first_chunk;    // active expert i's first chunk of chunk_rows slots
-    std::vector<std::size_t> down_chunk_bytes;    // per node: one chunk of hidden rows packed
+    std::vector<std::size_t> down_chunk_bytes;    // per node: one chunk of hidden rows staged
     std::vector<std::size_t> groups_done_offset;  // per node: where its counters start
     std::vector<uint32_t> group_panels_done;      // per node, active expert, hidden group
     std::vector<uint32_t> gate_up_tasks;          // per node
@@ -133,14 +133,14 @@ class MoEEngine {
   void plan_forward(const ForwardArgs& args);
   void plan_node_scratch();
   int gate_up_run(int panels) const;
-  // The job's phases, one task each: input rows, gate/up with activation, down rows packed
-  // for tiles, down, and the nodes' outputs summed.
+  // The job's phases, one task each: input rows, gate/up with activation, down rows staged
+  // for the unit, down, and the nodes' outputs summed.
   void prepare_input(int node, uint32_t task);
   void gate_up(int node, uint32_t task, int worker);
   void quantize_finished_groups(int node, uint32_t expert_index, int first_panel, int end_panel);
-  void pack_down(int node, uint32_t chunk);
+  void stage_down(int node, uint32_t chunk);
   void down(int node, uint32_t task, int worker);
-  void add_gate_up_bias(int expert, int first_row, int valid, int count, float* gate_tile, float* up_tile) const;
+  void add_gate_up_bias(int expert, int first_row, int valid, int count, float* gate_sums, float* up_sums) const;
   void combine(int node, uint32_t task);
   float down_bias(std::size_t token, std::size_t h) const;
   kernels::ActivationRow down_row(int node, std::size_t slot) const;

@@ -33,9 +33,9 @@ uint32_t MoEEngine::submit(const ForwardArgs& args) {
                    [this](int node, uint32_t task, int) { prepare_input(node, task); }});
   }
   job.push_back({plan_.gate_up_tasks, [this](int node, uint32_t task, int worker) { gate_up(node, task, worker); }});
-  if (plan_.tiles_in_use) {
+  if (plan_.unit_in_use) {
     job.push_back({std::vector<uint32_t>(nodes, plan_.first_chunk.back()),
-                   [this](int node, uint32_t chunk, int) { pack_down(node, chunk); }});
+                   [this](int node, uint32_t chunk, int) { stage_down(node, chunk); }});
   }
   job.push_back({std::vector<uint32_t>(nodes, plan_.down_tasks),
                  [this](int node, uint32_t task, int worker) { down(node, task, worker); }});
@@ -126,25 +126,25 @@ void MoEEngine::plan_forward(const ForwardArgs& args) {
   if (plan.integer_rows) scratch.input_q.ensure(input_q_.bytes(tokens));
   plan.token_blocks = static_cast<uint32_t>((tokens + kTokenBlock - 1) / kTokenBlock);
 
-  // Where tile kernels take an expert's rows, gate and up pack them per task (in the
-  // worker's buffer), and down's are packed once per chunk, in a phase of their own: every
-  // down task walks every expert, so packing per task would repeat the work per task.
+  // Where unit kernels take an expert's rows, gate and up stage them per task (in the
+  // worker's buffer), and down's are staged once per chunk, in a phase of their own: every
+  // down task walks every expert, so staging per task would repeat the work per task.
   const std::size_t active = plan.active_experts.size();
-  plan.tiles_in_use = false;
+  plan.unit_in_use = false;
   plan.first_chunk.assign(active + 1, 0);
   for (std::size_t e = 0; e < active; ++e) {
     const int rows = plan.expert_slots[e + 1] - plan.expert_slots[e];
-    plan.tiles_in_use = plan.tiles_in_use || kernels::tiles_take(format_kernels, std::min(rows, chunk_rows));
+    plan.unit_in_use = plan.unit_in_use || kernels::unit_takes(format_kernels, std::min(rows, chunk_rows));
     plan.first_chunk[e + 1] = plan.first_chunk[e] + static_cast<uint32_t>((rows + chunk_rows - 1) / chunk_rows);
   }
   plan_node_scratch();
 
-  const std::size_t packed_floats =
-      format_kernels.pack_rows
-          ? round_up(kernels::packed_bytes(format_kernels, chunk_rows, static_cast<int>(hidden)), 64) / sizeof(float)
+  const std::size_t staged_floats =
+      format_kernels.stage_rows
+          ? round_up(kernels::staged_bytes(format_kernels, chunk_rows, static_cast<int>(hidden)), 64) / sizeof(float)
           : 0;
   const std::size_t widened_floats = kernels::kPanelWorkspaceBytes / sizeof(float);
-  plan.worker_floats = round_up(2 * chunk_rows * kPanelWidth + widened_floats + packed_floats, 16);
+  plan.worker_floats = round_up(2 * chunk_rows * kPanelWidth + widened_floats + staged_floats, 16);
   Executor& executor = runtime_->executor();
   scratch.per_worker.ensure(plan.worker_floats * executor.num_threads() * sizeof(float));
 
@@ -160,7 +160,7 @@ void MoEEngine::plan_forward(const ForwardArgs& args) {
   plan.down_tasks = static_cast<uint32_t>((hidden_panels_ + plan.down_run - 1) / plan.down_run);
 }
 
-// Each node's hidden rows (fp32, quantized, packed for tiles), partial outputs, and the
+// Each node's hidden rows (fp32, quantized, staged for the unit), partial outputs, and the
 // counters by which gate/up finds the hidden groups it completes.
 void MoEEngine::plan_node_scratch() {
   ForwardPlan& plan = plan_;
@@ -181,19 +181,19 @@ void MoEEngine::plan_node_scratch() {
       scratch.hidden_q[n].ensure(std::max<std::size_t>(1, hidden_q_[n].bytes(slots)));
       groups_done_count += plan.active_experts.size() * hidden_q_[n].groups();
     }
-    if (plan.tiles_in_use) {
-      plan.down_chunk_bytes[n] = round_up(kernels::packed_bytes(*plan.kernels, chunk_rows, slice.length), 64);
-      scratch.packed_hidden[n].ensure(std::max<std::size_t>(1, chunks * plan.down_chunk_bytes[n]));
+    if (plan.unit_in_use) {
+      plan.down_chunk_bytes[n] = round_up(kernels::staged_bytes(*plan.kernels, chunk_rows, slice.length), 64);
+      scratch.staged_hidden[n].ensure(std::max<std::size_t>(1, chunks * plan.down_chunk_bytes[n]));
     }
   }
   plan.group_panels_done.assign(groups_done_count, 0);
 }
 
-// Gate/up panels per task: a whole node's share where tiles take the rows (the packed rows
+// Gate/up panels per task: a whole node's share where the unit takes the rows (the staged rows
 // then serve every panel), else runs of kRunPanels at most.
 int MoEEngine::gate_up_run(int panels) const {
   return run_length(plan_.active_experts.size() * panels, panels, plan_.node_threads,
-                    plan_.tiles_in_use ? panels : kRunPanels);
+                    plan_.unit_in_use ? panels : kRunPanels);
 }
 
 void MoEEngine::prepare_input(int node, uint32_t task) {
@@ -232,10 +232,10 @@ void MoEEngine::gate_up(int node, uint32_t task, int worker) {
   const std::size_t panel_bytes = gate_up_panel_bytes(slice);
   const char* gates = slice.gate_up.as<char>() + static_cast<std::size_t>(expert) * 2 * slice.panels * panel_bytes;
   const char* ups = gates + static_cast<std::size_t>(slice.panels) * panel_bytes;
-  float* gate_tile = scratch.per_worker.as<float>() + worker * plan.worker_floats;
-  float* up_tile = gate_tile + chunk_rows * kPanelWidth;
-  float* widened = up_tile + chunk_rows * kPanelWidth;
-  float* packing = widened + kernels::kPanelWorkspaceBytes / sizeof(float);
+  float* gate_sums = scratch.per_worker.as<float>() + worker * plan.worker_floats;
+  float* up_sums = gate_sums + chunk_rows * kPanelWidth;
+  float* widened = up_sums + chunk_rows * kPanelWidth;
+  float* staging = widened + kernels::kPanelWorkspaceBytes / sizeof(float);
   const kernels::ActivationRows activate = kernels.activation.rows[static_cast<int>(shape_.activation)];
   const kernels::ActivationParams params{shape_.swiglu_alpha, shape_.swiglu_limit};
   const std::size_t hidden_row = static_cast<std::size_t>(slice.panels) * kPanelWidth;
@@ -243,7 +243,7 @@ void MoEEngine::gate_up(int node, uint32_t task, int worker) {
   kernels::ActivationRow rows[kMaxChunkRows];
   float* gate_rows[kMaxChunkRows];
   float* up_rows[kMaxChunkRows];
-  // Chunk by chunk, so that rows packed for the tile kernels serve every panel of the run.
+  // Chunk by chunk, so that rows staged for the unit kernels serve every panel of the run.
   for (int chunk = first; chunk < last; chunk += chunk_rows) {
     const int count = std::min(chunk_rows, last - chunk);
     for (int i = 0; i < count; ++i) {
@@ -251,19 +251,19 @@ void MoEEngine::gate_up(int node, uint32_t task, int worker) {
       const float* values = plan.input_rows + token * hidden;
       rows[i] = plan.integer_rows ? input_q_.row(values, scratch.input_q.data(), token)
                                   : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
-      gate_rows[i] = gate_tile + i * kPanelWidth;
-      up_rows[i] = up_tile + i * kPanelWidth;
+      gate_rows[i] = gate_sums + i * kPanelWidth;
+      up_rows[i] = up_sums + i * kPanelWidth;
     }
-    const void* packed = kernels::pack_for_tiles(*plan.kernels, rows, count, hidden, packing);
+    const void* staged = kernels::stage_for_unit(*plan.kernels, rows, count, hidden, staging);
     for (int panel_index = first_panel; panel_index < end_panel; ++panel_index) {
       const int valid = std::min(kPanelWidth, slice.length - panel_index * kPanelWidth);
       kernels::multiply_two_panels(kernels, shape_.format, gates + panel_index * panel_bytes,
                                    ups + panel_index * panel_bytes, hidden, group, rows, count, gate_rows, up_rows,
-                                   false, widened, packed);
+                                   false, widened, staged);
       if (!gate_up_bias_.empty()) {
-        add_gate_up_bias(expert, slice.begin + panel_index * kPanelWidth, valid, count, gate_tile, up_tile);
+        add_gate_up_bias(expert, slice.begin + panel_index * kPanelWidth, valid, count, gate_sums, up_sums);
       }
-      activate(gate_tile, up_tile, count, valid, plan.slot_weight.data() + chunk, params,
+      activate(gate_sums, up_sums, count, valid, plan.slot_weight.data() + chunk, params,
                hidden_out + chunk * hidden_row + panel_index * kPanelWidth, hidden_row);
     }
   }
@@ -302,8 +302,8 @@ kernels::ActivationRow MoEEngine::down_row(int node, std::size_t slot) const {
                             : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
 }
 
-// One chunk of an expert's hidden rows, packed once for the tile kernels where they take it.
-void MoEEngine::pack_down(int node, uint32_t chunk) {
+// One chunk of an expert's hidden rows, staged once for the unit kernels where they take it.
+void MoEEngine::stage_down(int node, uint32_t chunk) {
   const ForwardPlan& plan = plan_;
   if (slices_[node].length == 0) return;
   const int chunk_rows = plan.kernels->chunk_rows;
@@ -312,11 +312,11 @@ void MoEEngine::pack_down(int node, uint32_t chunk) {
   const int first =
       plan.expert_slots[expert_index] + static_cast<int>(chunk - plan.first_chunk[expert_index]) * chunk_rows;
   const int count = std::min(chunk_rows, plan.expert_slots[expert_index + 1] - first);
-  if (!kernels::tiles_take(*plan.kernels, count)) return;
+  if (!kernels::unit_takes(*plan.kernels, count)) return;
   kernels::ActivationRow rows[kMaxChunkRows];
   for (int i = 0; i < count; ++i) rows[i] = down_row(node, first + i);
-  kernels::pack_for_tiles(*plan.kernels, rows, count, slices_[node].length,
-                          runtime_->scratch().packed_hidden[node].as<uint8_t>() + chunk * plan.down_chunk_bytes[node]);
+  kernels::stage_for_unit(*plan.kernels, rows, count, slices_[node].length,
+                          runtime_->scratch().staged_hidden[node].as<uint8_t>() + chunk * plan.down_chunk_bytes[node]);
 }
 
 // A run of the node's output panels over every active expert's hidden rows, into the
@@ -352,10 +352,10 @@ void MoEEngine::down(int node, uint32_t task, int worker) {
     for (int chunk = first; chunk < last; chunk += chunk_rows) {
       const int count = std::min(chunk_rows, last - chunk);
       for (int i = 0; i < count; ++i) rows[i] = down_row(node, chunk + i);
-      const uint32_t packed_chunk =
+      const uint32_t staged_chunk =
           plan.first_chunk[expert_index] + static_cast<uint32_t>((chunk - first) / chunk_rows);
-      const void* packed = kernels::tiles_take(*plan.kernels, count)
-                               ? scratch.packed_hidden[node].as<uint8_t>() + packed_chunk * plan.down_chunk_bytes[node]
+      const void* staged = kernels::unit_takes(*plan.kernels, count)
+                               ? scratch.staged_hidden[node].as<uint8_t>() + staged_chunk * plan.down_chunk_bytes[node]
                                : nullptr;
       for (int step = 0; step < run - half; ++step) {
         const bool paired = step < half;
@@ -369,10 +369,10 @@ void MoEEngine::down(int node, uint32_t task, int worker) {
         }
         if (paired) {
           kernels::multiply_two_panels(kernels, shape_.format, panel, panel + half * panel_bytes, slice.length, group,
-                                       rows, count, out_rows, partner_out_rows, true, widened, packed);
+                                       rows, count, out_rows, partner_out_rows, true, widened, staged);
         } else {
           kernels::multiply_panel(kernels, shape_.format, panel, slice.length, group, rows, count, out_rows, true,
-                                  widened, packed);
+                                  widened, staged);
         }
       }
     }
@@ -401,14 +401,14 @@ void MoEEngine::combine(int node, uint32_t task) {
 
 // The expert's gate and up biases of intermediate rows [first_row, first_row + valid), added
 // to a chunk's sums before the activation.
-void MoEEngine::add_gate_up_bias(int expert, int first_row, int valid, int count, float* gate_tile,
-                                 float* up_tile) const {
+void MoEEngine::add_gate_up_bias(int expert, int first_row, int valid, int count, float* gate_sums,
+                                 float* up_sums) const {
   const float* gate_bias = gate_up_bias_.data() + static_cast<std::size_t>(expert) * 2 * shape_.intermediate + first_row;
   const float* up_bias = gate_bias + shape_.intermediate;
   for (int i = 0; i < count; ++i) {
     for (int j = 0; j < valid; ++j) {
-      gate_tile[i * kPanelWidth + j] += gate_bias[j];
-      up_tile[i * kPanelWidth + j] += up_bias[j];
+      gate_sums[i * kPanelWidth + j] += gate_bias[j];
+      up_sums[i * kPanelWidth + j] += up_bias[j];
     }
   }
 }

@@ -6,10 +6,10 @@ namespace lk::kernels {
 
 void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
                     const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened,
-                    const void* packed) {
+                    const void* staged) {
   const FormatKernels& kernel = kernels[format];
-  if (packed != nullptr) {
-    kernel.packed_gemm(a_rows, packed, count, panel, depth, group, c_rows, accumulate, widened);
+  if (staged != nullptr) {
+    kernel.unit_gemm(a_rows, staged, count, panel, depth, group, c_rows, accumulate, widened);
     return;
   }
   // Grouped formats widen whole groups; a group deeper than a block is multiplied unwidened.
@@ -37,19 +37,19 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
   }
 }
 
-const void* pack_for_tiles(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
+const void* stage_for_unit(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
                            void* buffer) {
-  if (!tiles_take(kernels, count)) return nullptr;
-  kernels.pack_rows(a_rows, count, depth, buffer);
+  if (!unit_takes(kernels, count)) return nullptr;
+  kernels.stage_rows(a_rows, count, depth, buffer);
   return buffer;
 }
 
 void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const void* first, const void* second,
                          int depth, int group, const ActivationRow* a_rows, int count, float* const* first_rows,
-                         float* const* second_rows, bool accumulate, void* widened, const void* packed) {
+                         float* const* second_rows, bool accumulate, void* widened, const void* staged) {
   const FormatKernels& kernel = kernels[format];
-  if (packed != nullptr) {
-    kernel.packed_gemm_pair(a_rows, packed, count, first, second, depth, group, first_rows, second_rows, accumulate,
+  if (staged != nullptr) {
+    kernel.unit_gemm_pair(a_rows, staged, count, first, second, depth, group, first_rows, second_rows, accumulate,
                             widened);
     return;
   }

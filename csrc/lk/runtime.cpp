@@ -38,7 +38,7 @@ Runtime::Runtime(const RuntimeOptions& options)
       executor_(make_executor(topology_, options)) {
   scratch_.hidden.resize(topology_.num_nodes());
   scratch_.hidden_q.resize(topology_.num_nodes());
-  scratch_.packed_hidden.resize(topology_.num_nodes());
+  scratch_.staged_hidden.resize(topology_.num_nodes());
   scratch_.partial.resize(topology_.num_nodes());
 }
 

@@ -48,9 +48,9 @@ class Runtime {
     HostBuffer input_q;             // the hidden states quantized for integer kernels
     std::vector<HostBuffer> hidden;    // per node: activated intermediate rows, one per slot
     std::vector<HostBuffer> hidden_q;  // per node: the same rows quantized for integer kernels
-    std::vector<HostBuffer> packed_hidden;  // per node: chunks of those rows packed for tile kernels
+    std::vector<HostBuffer> staged_hidden;  // per node: chunks of those rows staged for unit kernels
     std::vector<HostBuffer> partial;   // per node: partial outputs, one row per token
-    HostBuffer per_worker;             // widened panels and gate/up tiles, per worker
+    HostBuffer per_worker;             // widened panels, gate/up sums and staged rows, per worker
   };
   Scratch& scratch() { return scratch_; }
   // Held while a job is prepared and launched, so callers on several threads do not

@@ -31,7 +31,7 @@ def test_runtime_description_formats_numbers_after_torch_is_loaded():
 
 def test_kernel_rate_probe_times_every_format_and_refuses_bad_requests():
     """benchmarks/bench_kernels.py's probe: runs every kernel of the best ISA, single and
-    paired (decode's pairs, and the tile kernels where the ISA has them), on a panel whose
+    paired (decode's pairs, and the unit kernels where the ISA has them), on a panel whose
     depth is no multiple of the group (MXFP4: of 128; its groups of 32 are always whole),
     and names what it refuses."""
     isa = lvllm._lk.best_isa()

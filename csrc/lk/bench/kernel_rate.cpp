@@ -70,9 +70,9 @@ HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
 }
 
 // Whether the engine multiplies an expert's gate and up panels side by side for `rows`
-// rows: by the tile kernels (kernels::multiply_two_panels), or the pair kernel.
+// rows: by the unit kernels (kernels::multiply_two_panels), or the pair kernel.
 bool reads_two_panels(const kernels::FormatKernels& kernel, int rows) {
-  return kernels::tiles_take(kernel, rows) || rows <= kernel.pair_rows;
+  return kernels::unit_takes(kernel, rows) || rows <= kernel.pair_rows;
 }
 
 // Activation rows: fp32 values (scaled as the kernels read them) and their integer form
@@ -171,17 +171,17 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
     c_second[r] = c_first[r] + kPanelWidth;
   }
   HostBuffer widened(kernels::kPanelWorkspaceBytes);
-  // Where tile kernels take this many rows, the rows are packed once, as the engine packs a
-  // chunk once for all the panels of a task: the packing is not timed.
-  HostBuffer packing(kernel.pack_rows != nullptr ? kernels::packed_bytes(kernel, rows, depth) : 0);
-  const void* packed = kernels::pack_for_tiles(kernel, a.rows.data(), rows, depth, packing.data());
+  // Where unit kernels take this many rows, the rows are staged once, as the engine stages
+  // a chunk once for all the panels of a task: the staging is not timed.
+  HostBuffer staging(kernel.stage_rows != nullptr ? kernels::staged_bytes(kernel, rows, depth) : 0);
+  const void* staged = kernels::stage_for_unit(kernel, a.rows.data(), rows, depth, staging.data());
   const auto call = [&] {
     if (pair) {
       kernels::multiply_two_panels(kernel_set, format, first.data(), second.data(), depth, group_of(format), a.rows.data(), rows,
-                                   c_first.data(), c_second.data(), false, widened.data(), packed);
+                                   c_first.data(), c_second.data(), false, widened.data(), staged);
     } else {
       kernels::multiply_panel(kernel_set, format, first.data(), depth, group_of(format), a.rows.data(), rows, c_first.data(),
-                              false, widened.data(), packed);
+                              false, widened.data(), staged);
     }
   };
   return best_seconds_per_call(call, seconds) / (static_cast<double>(depth) * (pair ? 2 : 1)) * 1e9;

@@ -73,34 +73,35 @@ constexpr int kWidenedValueBytes = 16384;
 constexpr std::size_t kWidenedPanelBytes =
     kWidenedValueBytes + 2 * (kWidenedValueBytes / kPanelWidth / 16) * kPanelWidth * sizeof(float);
 
-// A tile kernel's workspace: each panel's weights widened for the tiles and the tiles'
+// A unit kernel's workspace: each panel's weights widened into tiles and the unit's
 // sums, both for two blocks of inputs (one being multiplied, the next being widened and the
 // last being finished meanwhile), and the grouped formats' finished sums.
-constexpr std::size_t kTileWorkspaceBytes = 68 * 1024;
+constexpr std::size_t kUnitWorkspaceBytes = 68 * 1024;
 // What a worker holds for either: the `widened` argument of multiply_panel and
 // multiply_two_panels.
 constexpr std::size_t kPanelWorkspaceBytes =
-    kWidenedPanelBytes > kTileWorkspaceBytes ? kWidenedPanelBytes : kTileWorkspaceBytes;
+    kWidenedPanelBytes > kUnitWorkspaceBytes ? kWidenedPanelBytes : kUnitWorkspaceBytes;
 
 // c_first as PanelGemm with `first`, and c_second with `second`, for rows up to
 // FormatKernels::pair_rows: the two panels are read side by side.
 using PanelPairGemm = void (*)(const ActivationRow* a_rows, int rows, const void* first, const void* second,
                                int depth, int group, float* const* c_first, float* const* c_second, bool accumulate);
 
-// Packed kernels (AMX tiles, AVX512_BF16 pair products; x86/packed_gemm.h) load activation
-// rows from memory at a fixed stride, so they multiply rows packed for them: the engine
-// packs a chunk of rows once (pack_rows) and hands the packing to every panel it multiplies
-// by that chunk, as packing for each panel would cost about as much as the multiply.
-// `packed` holds packed_bytes(kernels, rows, depth) bytes.
-using PackRows = void (*)(const ActivationRow* a_rows, int rows, int depth, void* packed);
-// c_rows[r] (+)= a_rows[r] x panel as PanelGemm, the rows read from `packed` (and, for
-// their scales and sums, a_rows); `workspace` holds kTileWorkspaceBytes.
-using PackedGemm = void (*)(const ActivationRow* a_rows, const void* packed, int rows, const void* panel, int depth,
-                            int group, float* const* c_rows, bool accumulate, void* workspace);
-// Two panels of the same depth by the same packed rows, into c_first and c_second.
-using PackedPairGemm = void (*)(const ActivationRow* a_rows, const void* packed, int rows, const void* first,
-                                const void* second, int depth, int group, float* const* c_first,
-                                float* const* c_second, bool accumulate, void* workspace);
+// Unit kernels (prefill on a matrix unit: AMX tiles, AVX512_BF16 pair products;
+// x86/unit_gemm.h) load activation rows from memory at a fixed stride, so they multiply
+// rows staged for them: the engine stages a chunk of rows once (stage_rows) and hands the
+// staged rows to every panel it multiplies by that chunk, as staging them for each panel
+// would cost about as much as the multiply. `staged` holds staged_bytes(kernels, rows,
+// depth) bytes.
+using StageRows = void (*)(const ActivationRow* a_rows, int rows, int depth, void* staged);
+// c_rows[r] (+)= a_rows[r] x panel as PanelGemm, the rows read from `staged` (and, for
+// their scales and sums, a_rows); `workspace` holds kUnitWorkspaceBytes.
+using UnitGemm = void (*)(const ActivationRow* a_rows, const void* staged, int rows, const void* panel, int depth,
+                          int group, float* const* c_rows, bool accumulate, void* workspace);
+// Two panels of the same depth by the same staged rows, into c_first and c_second.
+using UnitPairGemm = void (*)(const ActivationRow* a_rows, const void* staged, int rows, const void* first,
+                              const void* second, int depth, int group, float* const* c_first,
+                              float* const* c_second, bool accumulate, void* workspace);
 
 struct FormatKernels {
   PanelGemm gemm;
@@ -111,11 +112,11 @@ struct FormatKernels {
   bool integer_rows;          // gemm reads the quantized ActivationRow fields
   PanelPairGemm gemm_pair;    // null where the ISA reads one panel at a time
   int pair_rows;              // most rows gemm_pair takes (0 without it)
-  PackRows pack_rows;         // null where no tile kernel exists
-  PackedGemm packed_gemm;     // multiplies rows pack_rows packed
-  PackedPairGemm packed_gemm_pair;
-  int packed_rows;            // fewest rows the engine packs for packed_gemm
-  int packed_input_bytes;     // bytes of one input of one packed row
+  StageRows stage_rows;       // null where no unit kernel exists
+  UnitGemm unit_gemm;         // multiplies rows stage_rows staged
+  UnitPairGemm unit_gemm_pair;
+  int unit_rows;              // fewest rows the engine stages for unit_gemm
+  int staged_input_bytes;     // bytes of one input of one staged row
   int chunk_rows;             // an expert's rows per call (at most kMaxPanelRows)
   // Every kernel of the format reads ActivationRow::values multiplied by this power of two
   // (1 for most), which the engine applies where it prepares them (panel_gemm.h, Unpack's
@@ -123,13 +124,13 @@ struct FormatKernels {
   float activation_scale;
 };
 
-// Whether the format's tile kernels take `rows` rows (so the engine packs them).
-inline bool tiles_take(const FormatKernels& kernels, int rows) {
-  return kernels.pack_rows != nullptr && rows >= kernels.packed_rows;
+// Whether the format's unit kernels take `rows` rows (so the engine stages them).
+inline bool unit_takes(const FormatKernels& kernels, int rows) {
+  return kernels.stage_rows != nullptr && rows >= kernels.unit_rows;
 }
 
-// Packed rows: one 64-byte line that pack_rows fills for its kernels (what it found out
-// about the rows), then the rows: each packed_input_bytes bytes per input over depth
+// Staged rows: one 64-byte line that stage_rows fills for its kernels (what it found out
+// about the rows), then the rows: each staged_input_bytes bytes per input over depth
 // rounded up to 64 inputs, so that every row (and every plane of a row the kernels split
 // into planes, two at most) starts a line, plus a line per plane, as many rows as fill
 // whole tiles of kTileRows, and one line more, which a tile row may read past the end.
@@ -137,15 +138,15 @@ inline bool tiles_take(const FormatKernels& kernels, int rows) {
 // (bf16 or INT4 at 2048 inputs) would all fall on one or two sets.
 constexpr int kTileRows = 16;
 constexpr int kTileRowBytes = 64;
-inline std::size_t packed_row_stride(int input_bytes, int depth) {
+inline std::size_t staged_row_stride(int input_bytes, int depth) {
   return ((static_cast<std::size_t>(depth) + kTileRowBytes - 1) / kTileRowBytes * input_bytes + 2) * kTileRowBytes;
 }
-inline std::size_t packed_row_stride(const FormatKernels& kernels, int depth) {
-  return packed_row_stride(kernels.packed_input_bytes, depth);
+inline std::size_t staged_row_stride(const FormatKernels& kernels, int depth) {
+  return staged_row_stride(kernels.staged_input_bytes, depth);
 }
-inline std::size_t packed_bytes(const FormatKernels& kernels, int rows, int depth) {
+inline std::size_t staged_bytes(const FormatKernels& kernels, int rows, int depth) {
   const std::size_t tiles = (static_cast<std::size_t>(rows) + kTileRows - 1) / kTileRows;
-  return kTileRowBytes + tiles * kTileRows * packed_row_stride(kernels, depth) + kTileRowBytes;
+  return kTileRowBytes + tiles * kTileRows * staged_row_stride(kernels, depth) + kTileRowBytes;
 }
 
 struct ActivationParams {
@@ -184,24 +185,24 @@ constexpr int kChunkRows = 64;
 // multiplies: rows that fit one pass (decode) convert the weights while streaming them;
 // more rows (prefill) would convert them once per pass, so where the kernels widen, the
 // panel is widened block by block into `widened` (kPanelWorkspaceBytes) and multiplied there.
-// `packed`: the rows as the format's pack_rows packed them, or null; where given, the tile
+// `staged`: the rows as the format's stage_rows staged them, or null; where given, the unit
 // kernel multiplies them.
 void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* panel, int depth, int group,
                     const ActivationRow* a_rows, int count, float* const* c_rows, bool accumulate, void* widened,
-                    const void* packed = nullptr);
+                    const void* staged = nullptr);
 
-// The rows packed into `buffer` (packed_bytes) for the format's tile kernels where those
+// The rows staged into `buffer` (staged_bytes) for the format's unit kernels where those
 // take `count` rows, else null: what multiply_panel and multiply_two_panels take as
-// `packed`.
-const void* pack_for_tiles(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
+// `staged`.
+const void* stage_for_unit(const FormatKernels& kernels, const ActivationRow* a_rows, int count, int depth,
                            void* buffer);
 
 // Two panels of the same depth times the same rows into first_rows and second_rows (an
 // expert's gate and up, or two of its down panels): side by side where the kernels read
-// two panels at once for this many rows, by the tile kernels where `packed`.
+// two panels at once for this many rows, by the unit kernels where `staged`.
 void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const void* first, const void* second,
                          int depth, int group, const ActivationRow* a_rows, int count, float* const* first_rows,
-                         float* const* second_rows, bool accumulate, void* widened, const void* packed = nullptr);
+                         float* const* second_rows, bool accumulate, void* widened, const void* staged = nullptr);
 
 // Per ISA x format tables, each defined in its own file, and per ISA activations.
 extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8,

@@ -93,7 +93,7 @@ struct PanelKernels {
       kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4 || kFormat == WeightFormat::Mxfp4;
   static constexpr bool kQuads = requires { Unpack::kQuadBias; };
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
-  // Rows of one pass of gemm over a panel (its register tile).
+  // Rows of one pass of gemm over a panel (the rows whose sums it keeps in registers).
   static constexpr int kMainRows = kInteger ? Simd::kIntegerMainRows : Simd::kMainRows;
   static constexpr int kBlockRows = [] {
     if constexpr (requires { Unpack::kBlockRows; }) return Unpack::kBlockRows;
@@ -293,7 +293,7 @@ struct PanelKernels {
   // Ungrouped formats are one group over the whole depth, with scale 1. `Panels` panels of
   // the same depth multiply the same rows side by side, panel p into c[p].
   template <int Rows, int Panels>
-  static void float_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
+  static void float_pass(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
                          float* const* const* c, bool accumulate) {
     constexpr int kSets = k_unroll<Rows * Panels>();
     for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
@@ -449,7 +449,7 @@ struct PanelKernels {
   // activations, moved to fp32 once per group (or kIntegerSpan) with both scales; INT4's
   // offsets add offset * (sum of the group's activations) once per group.
   template <int Rows, int Panels>
-  static void integer_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
+  static void integer_pass(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
                            float* const* const* c, bool accumulate) {
     using IVec = typename Simd::IVec;
     // A step covers one 64-byte line, or a run of quads.
@@ -556,7 +556,7 @@ struct PanelKernels {
   }
 
   template <int Rows, int Panels>
-  static void scaled_quad_tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
+  static void scaled_quad_pass(const ActivationRow* a, const uint8_t* const* panels, int depth, int group_size,
                                float* const* const* c, bool accumulate) {
     using IVec = typename Simd::IVec;
     static_assert(kGroupBlocks % kQuadRunBlocks == 0, "runs divide a group");
@@ -599,14 +599,14 @@ struct PanelKernels {
   }
 
   template <int Rows, int Panels>
-  static void tile(const ActivationRow* a, const uint8_t* const* panels, int depth, int group, float* const* const* c,
+  static void pass(const ActivationRow* a, const uint8_t* const* panels, int depth, int group, float* const* const* c,
                    bool accumulate) {
     if constexpr (kScaledQuadGroups) {
-      scaled_quad_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
+      scaled_quad_pass<Rows, Panels>(a, panels, depth, group, c, accumulate);
     } else if constexpr (kInteger) {
-      integer_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
+      integer_pass<Rows, Panels>(a, panels, depth, group, c, accumulate);
     } else {
-      float_tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
+      float_pass<Rows, Panels>(a, panels, depth, group, c, accumulate);
     }
   }
 
@@ -615,7 +615,7 @@ struct PanelKernels {
                    float* const* const* c, bool accumulate) {
     if constexpr (Rows > 0) {
       if (rows == Rows) {
-        tile<Rows, Panels>(a, panels, depth, group, c, accumulate);
+        pass<Rows, Panels>(a, panels, depth, group, c, accumulate);
       } else {
         tail<Rows - 1, Panels>(a, rows, panels, depth, group, c, accumulate);
       }
@@ -629,7 +629,7 @@ struct PanelKernels {
     int r = 0;
     for (; r + kRows <= rows; r += kRows) {
       float* const* const rows_c[1] = {c + r};
-      tile<kRows, 1>(a + r, panels, depth, group, rows_c, accumulate);
+      pass<kRows, 1>(a + r, panels, depth, group, rows_c, accumulate);
     }
     float* const* const rest_c[1] = {c + r};
     tail<kRows - 1, 1>(a + r, rows - r, panels, depth, group, rest_c, accumulate);
@@ -644,7 +644,7 @@ struct PanelKernels {
       return 0;
     } else {
       constexpr int unpacked = 2 * (kInteger && !kQuads ? kBlockRows / 2 : 1) * kVecs;
-      // scaled_quad_tile also holds a group's integer sums beside each fp32 sum.
+      // scaled_quad_pass also holds a group's integer sums beside each fp32 sum.
       constexpr int per_row = 2 * kVecs * (kScaledQuadGroups ? 2 : 1) + 1;
       constexpr int rows = (Simd::kRegisters - 1 - unpacked) / per_row;
       return rows < kMainRows ? rows : kMainRows;

@@ -4,7 +4,7 @@
 
 namespace lk::kernels {
 
-const FormatKernels amx_fp8 = PackedKernels<Avx512Simd, Fp8Unpack, Fp8Tiles<Fp8Unpack>, AmxUnit>::table(
+const FormatKernels amx_fp8 = UnitKernels<Avx512Simd, Fp8Unpack, Fp8Tiles<Fp8Unpack>, AmxUnit>::table(
     PanelKernels<Avx512Simd, Fp8Unpack>::table<F32Unpack<Avx512Simd, Fp8Unpack>>(), 6);
 
 }  // namespace lk::kernels

@@ -1,4 +1,4 @@
-// The AMX unit of the packed kernels (x86/packed_gemm.h): one tile instruction multiplies
+// The AMX unit that x86/unit_gemm.h drives: one tile instruction multiplies
 // 16 rows x 64 bytes of activations by 16 rows x 64 bytes of weights into 16 x 16 sums,
 // 16K byte products or 8K bf16 ones, where an AVX-512 instruction makes 64 or 16.
 //
@@ -13,7 +13,7 @@
 #include <utility>
 
 #include "lk/kernels/x86/amx/tiles.h"
-#include "lk/kernels/x86/packed_gemm.h"
+#include "lk/kernels/x86/unit_gemm.h"
 
 namespace lk::kernels {
 namespace {
@@ -38,7 +38,7 @@ struct AmxUnit {
       std::conditional_t<Panel::kInteger, std::conditional_t<Plane == 0, SignedSigned, UnsignedSigned>, Bf16Pairs>>;
 
   // The sums stay in the tiles, which nothing multiplies by a scale: FP8 finishes each
-  // block's sums (PackedKernels::multiply_grouped).
+  // block's sums (UnitKernels::multiply_grouped).
   static constexpr bool kScalesRunningSums = false;
 
   // A pass takes up to two row tiles.
@@ -71,7 +71,7 @@ struct AmxUnit {
   static void add_to_running_sums(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
                                   const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
     if constexpr (kOnePass<RowTiles>) {
-      const uint8_t* block_rows = call.packed + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
+      const uint8_t* block_rows = call.staged + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
       plane_steps<RowTiles, Panels>(block_rows, stride, weights, steps, call.planes, overlap);
     } else {
       multiply_block<RowTiles, Panels, true>(call, stride, block, steps, weights, sums, overlap);
@@ -114,7 +114,7 @@ struct AmxUnit {
   static void multiply_block(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
                              const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap) {
     const long plane_bytes = stride / Tiles::kPlanes;
-    const uint8_t* rows = call.packed + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
+    const uint8_t* rows = call.staged + static_cast<long>(block.start) * Tiles::kInputBytes / Tiles::kPlanes;
     if constexpr (Panel::kInteger) {
       // INT8's planes have sums of their own (Tiles::sums combines them).
       [&]<int... Planes>(std::integer_sequence<int, Planes...>) {

@@ -1,7 +1,7 @@
-// The AVX512_BF16 unit of the packed kernels (x86/packed_gemm.h), for CPUs with bf16 dot
+// The AVX512_BF16 unit that x86/unit_gemm.h drives, for CPUs with bf16 dot
 // products but no AMX tiles (AMD Zen 4 and 5). A vdpbf16ps adds 16 columns' sums of two
 // bf16 products each: one weight-tile row (a panel's 16 columns, two inputs per 32-bit
-// lane) times one row's pair of inputs, broadcast from the packed rows. It issues at the
+// lane) times one row's pair of inputs, broadcast from the staged rows. It issues at the
 // rate of a vfmadd231ps, which makes half as many products, so rows exact in bf16 (one
 // plane) multiply faster than fp32 can.
 //
@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "lk/kernels/x86/packed_gemm.h"
+#include "lk/kernels/x86/unit_gemm.h"
 
 namespace lk::kernels {
 namespace {
@@ -36,7 +36,7 @@ struct Bf16DotUnit {
   static constexpr int kPassRows = 8;
   // Weight-tile rows per unit step: one tile, as the AMX unit steps.
   static constexpr int kStepRows = kWeightTileBytes / kTileRowBytes;
-  // Bytes of one input in one plane of a packed row.
+  // Bytes of one input in one plane of a staged row.
   static constexpr int kPlaneInputBytes = Tiles::kInputBytes / Tiles::kPlanes;
   static_assert(kPlaneInputBytes == 2, "a plane holds bf16 activations");
 
@@ -47,7 +47,7 @@ struct Bf16DotUnit {
 
   // A pass's sums start at zero (a block's sums alone), as `sums` holds them (running
   // sums), or as those times a factor per panel (running sums in units of a group's
-  // scales: PackedKernels::multiply_floats).
+  // scales: UnitKernels::multiply_floats).
   enum class Start { kZero, kCarried, kScaled };
   static constexpr bool kScalesRunningSums = true;
 
@@ -81,7 +81,7 @@ struct Bf16DotUnit {
   static void multiply_block(const Call<Panels>& call, long stride, const BlockWalk& block, int steps,
                              const uint8_t* weights, uint8_t* sums, Overlap<Panels>& overlap,
                              const __m512* carry) {
-    const uint8_t* rows = call.packed + static_cast<long>(block.start) * kPlaneInputBytes;
+    const uint8_t* rows = call.staged + static_cast<long>(block.start) * kPlaneInputBytes;
     for (int first = 0; first < call.rows; first += kPassRows) {
       __m512 acc[kPassRows][Panels];
       uint8_t* pass_sums = sums + static_cast<long>(first) * kSumRowBytes;

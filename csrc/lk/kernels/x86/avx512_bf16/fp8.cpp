@@ -4,9 +4,9 @@
 
 namespace lk::kernels {
 
-// Packed from 6 rows, as on AMX, both bf16 planes included (down's inputs): from there
-// the unit's pair products beat the fp32 kernels (see BENCHMARKS.md, "Kernels").
-const FormatKernels avx512_bf16dot_fp8 = PackedKernels<Avx512Simd, Fp8Unpack, Fp8Tiles<Fp8Unpack>, Bf16DotUnit>::table(
+// The unit takes 6 rows and more, as on AMX, both bf16 planes included (down's inputs):
+// from there its pair products beat the fp32 kernels (see BENCHMARKS.md, "Kernels").
+const FormatKernels avx512_bf16dot_fp8 = UnitKernels<Avx512Simd, Fp8Unpack, Fp8Tiles<Fp8Unpack>, Bf16DotUnit>::table(
     PanelKernels<Avx512Simd, Fp8Unpack>::table<F32Unpack<Avx512Simd, Fp8Unpack>>(), 6);
 
 }  // namespace lk::kernels

@@ -1,5 +1,5 @@
-// Prefill on packed rows: one or two panels times up to kMaxPanelRows activation rows that
-// the engine packed once per chunk (kernels.h, PackRows) for all the panels it multiplies,
+// Prefill on staged rows: one or two panels times up to kMaxPanelRows activation rows that
+// the engine staged once per chunk (kernels.h, StageRows) for all the panels it multiplies,
 // by a unit that multiplies 64-byte rows of activations by 64-byte rows of weights (a
 // panel's 16 columns, several inputs per 32-bit lane) into fp32 or 32-bit sums: AMX tiles
 // (amx/tile_unit.h: 16 x 16 sums per instruction) or AVX512_BF16's vdpbf16ps
@@ -25,7 +25,7 @@
 // it by up to 2^-9; the second plane is skipped
 // for a chunk whose activations bf16 holds exactly (a bf16 model's inputs to gate and up).
 //
-// A unit, Unit<PackedKernels<...>>, gives:
+// A unit, Unit<UnitKernels<...>>, gives:
 //   Session                       RAII state for one call (AMX: the tiles' shapes)
 //   work_steps<RowTiles, Panels>(call, steps): how often it calls Overlap::step() for a
 //                                 block of `steps` weight tiles
@@ -67,9 +67,9 @@ inline __m512i interleave_words(__m512i words) {
 }
 
 // What a format's tiles multiply. kBlockInputs: inputs of a block (whole spans, for the
-// integer formats); kInputBytes: bytes a packed row takes per input, in kPlanes planes of
+// integer formats); kInputBytes: bytes a staged row takes per input, in kPlanes planes of
 // equal size; kInputsPerTileRow: inputs one 64-byte tile row holds; kStoredBytes: bytes a
-// panel stores per input; pack() writes one packed row and returns how many of its planes
+// panel stores per input; stage() writes one staged row and returns how many of its planes
 // are not all zero; weight_rows() is how many weight-tile rows the panel's inputs [start,
 // stop) make and weight_row() one of them.
 
@@ -84,7 +84,7 @@ struct Int4Tiles {
   static constexpr int kPlanes = 1;
   static constexpr int kInputsPerTileRow = 64;
   static constexpr int kStoredBytes = kInt4BytesPerBlock / kInt4RowsPerBlock;
-  static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
+  static int stage(const ActivationRow& a, int depth, uint8_t* row, long stride) {
     const int bytes = (depth + 3) / 4 * 4;  // ActivationRow: zero up to a multiple of 4
     std::memcpy(row, a.quads, bytes);
     std::memset(row + bytes, 0, stride - bytes);
@@ -111,7 +111,7 @@ struct Int8Tiles {
   static constexpr int kPlanes = 2;
   static constexpr int kInputsPerTileRow = 64;
   static constexpr int kStoredBytes = kPanelWidth;
-  static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
+  static int stage(const ActivationRow& a, int depth, uint8_t* row, long stride) {
     const long plane = stride / 2;
     int8_t* high = reinterpret_cast<int8_t*>(row);
     uint8_t* low = row + plane;
@@ -155,7 +155,7 @@ struct FloatTiles {
   static constexpr int kInputBytes = 4;
   static constexpr int kPlanes = 2;
   static constexpr int kInputsPerTileRow = 32;
-  static int pack(const ActivationRow& a, int depth, uint8_t* row, long stride) {
+  static int stage(const ActivationRow& a, int depth, uint8_t* row, long stride) {
     const long plane = stride / 2;
     __m512i rests = _mm512_setzero_si512();
     for (int k = 0; k < depth; k += 32) {
@@ -236,8 +236,8 @@ struct Fp8Tiles : FloatTiles {
   }
 };
 
-// What pack() found out about the rows, in the packed rows' first line (kernels.h).
-struct PackedRowsHeader {
+// What stage() found out about the rows, in the staged rows' first line (kernels.h).
+struct StagedRowsHeader {
   int planes;  // planes holding anything but zeros (the float formats' second bf16 plane may not)
 };
 
@@ -260,14 +260,14 @@ struct BlockWalk {
 };
 
 template <class Simd, class Unpack, class FormatTiles, template <class> class Unit>
-struct PackedKernels {
+struct UnitKernels {
   using Panel = PanelKernels<Simd, Unpack>;
   using Tiles = FormatTiles;
-  using Units = Unit<PackedKernels>;
+  using Units = Unit<UnitKernels>;
   using Vec = typename Simd::Vec;
   using IVec = typename Simd::IVec;
   static_assert(Panel::kVecs == 1, "a panel row is one vector");
-  static_assert(Panel::activation_scale() == 1.0f, "rows are packed as the engine prepares them, unscaled");
+  static_assert(Panel::activation_scale() == 1.0f, "rows are staged as the engine prepares them, unscaled");
   static constexpr long kWeightBytes = (Tiles::kBlockInputs / Tiles::kInputsPerTileRow) * kWeightTileBytes;
   // Row tiles one call takes. The float formats take twice the engine's usual chunk: a
   // block of weights, widened once, serves all of them, so a layer reads each expert's
@@ -283,38 +283,38 @@ struct PackedKernels {
   // straight into them took a large share of the kernel.
   static constexpr long kFinishedBytes = Panel::kGrouped ? 2 * kPanelSumBytes : 0;
   // Two blocks' widened weights of two panels, then two blocks' sums, the second block's
-  // of each kParityOffset further on than packed: the core writes one block's buffer while
+  // of each kParityOffset further on than back to back would put it: the core writes one block's buffer while
   // the tiles read the other's, in step, and at equal addresses modulo 4 KiB (all sizes
   // here are multiples of it) every load would wait on the store it seems to alias.
   static constexpr long kParityOffset = 2048;
   static_assert(2 * 2 * kWeightBytes + 2 * kSumBytes + 2 * kParityOffset + kFinishedBytes <=
-                    static_cast<long>(kTileWorkspaceBytes),
+                    static_cast<long>(kUnitWorkspaceBytes),
                 "the tile workspace holds what the pipeline keeps");
   // How many blocks on the panels' lines are fetched while a block is multiplied.
   static constexpr int kFetchBlocks = 2;
 
-  static long row_stride(int depth) { return static_cast<long>(packed_row_stride(Tiles::kInputBytes, depth)); }
+  static long row_stride(int depth) { return static_cast<long>(staged_row_stride(Tiles::kInputBytes, depth)); }
 
-  static void pack(const ActivationRow* a, int rows, int depth, void* out) {
-    uint8_t* packed = static_cast<uint8_t*>(out) + kTileRowBytes;
+  static void stage(const ActivationRow* a, int rows, int depth, void* out) {
+    uint8_t* staged = static_cast<uint8_t*>(out) + kTileRowBytes;
     const long stride = row_stride(depth);
     int planes = 1;
     for (int r = 0; r < rows; ++r) {
-      const int used = Tiles::pack(a[r], depth, packed + r * stride, stride);
+      const int used = Tiles::stage(a[r], depth, staged + r * stride, stride);
       planes = used > planes ? used : planes;
     }
     const int padded_rows = (rows + kTileRows - 1) / kTileRows * kTileRows;
-    std::memset(packed + rows * stride, 0, (padded_rows - rows) * stride + kTileRowBytes);
-    const PackedRowsHeader packing{planes};
-    std::memcpy(out, &packing, sizeof packing);
+    std::memset(staged + rows * stride, 0, (padded_rows - rows) * stride + kTileRowBytes);
+    const StagedRowsHeader header{planes};
+    std::memcpy(out, &header, sizeof header);
   }
 
   // One call's panels, outputs and buffers.
   template <int Panels>
   struct Call {
     const ActivationRow* a;
-    const uint8_t* packed;  // the rows, past the packing's first line
-    int planes;             // PackedRowsHeader::planes
+    const uint8_t* staged;  // the rows, past the header's line
+    int planes;             // StagedRowsHeader::planes
     int rows, depth, group;
     const uint8_t* const* panels;
     float* const* const* c;
@@ -454,7 +454,7 @@ struct PackedKernels {
           row_sums[0][0] = Simd::to_float(acc);
           scale[0][0] = Simd::mul(groups[p].scale[0], row_scale);
         } else {
-          // As PanelKernels::float_tile scales a group's sums.
+          // As PanelKernels::float_pass scales a group's sums.
           row_sums[0][0] =
               Simd::mul(Simd::load(reinterpret_cast<const float*>(row_sums_bytes)), Simd::set1(Panel::sum_scale()));
           scale[0][0] = groups[p].scale[0];
@@ -628,13 +628,13 @@ struct PackedKernels {
   }
 
   template <int Panels>
-  static void run(const ActivationRow* a, const void* packed, int rows, const uint8_t* const* panels, int depth,
+  static void run(const ActivationRow* a, const void* staged, int rows, const uint8_t* const* panels, int depth,
                   int group, float* const* const* c, bool accumulate, void* workspace) {
     uint8_t* space = static_cast<uint8_t*>(workspace);
     uint8_t* sums = space + 4 * kWeightBytes + kParityOffset;
-    PackedRowsHeader packing;
-    std::memcpy(&packing, packed, sizeof packing);
-    const Call<Panels> call{a, static_cast<const uint8_t*>(packed) + kTileRowBytes, packing.planes, rows, depth,
+    StagedRowsHeader header;
+    std::memcpy(&header, staged, sizeof header);
+    const Call<Panels> call{a, static_cast<const uint8_t*>(staged) + kTileRowBytes, header.planes, rows, depth,
                             group, panels, c, {space, space + 2 * kWeightBytes + kParityOffset},
                             {sums, sums + kSumBytes + kParityOffset},
                             reinterpret_cast<float*>(sums + 2 * kSumBytes + kParityOffset)};
@@ -662,29 +662,29 @@ struct PackedKernels {
     }
   }
 
-  static void gemm(const ActivationRow* a, const void* packed, int rows, const void* panel, int depth, int group,
+  static void gemm(const ActivationRow* a, const void* staged, int rows, const void* panel, int depth, int group,
                    float* const* c, bool accumulate, void* workspace) {
     const uint8_t* const panels[1] = {static_cast<const uint8_t*>(panel)};
     float* const* const outputs[1] = {c};
-    run<1>(a, packed, rows, panels, depth, group, outputs, accumulate, workspace);
+    run<1>(a, staged, rows, panels, depth, group, outputs, accumulate, workspace);
   }
 
-  static void gemm_pair(const ActivationRow* a, const void* packed, int rows, const void* first, const void* second,
+  static void gemm_pair(const ActivationRow* a, const void* staged, int rows, const void* first, const void* second,
                         int depth, int group, float* const* c_first, float* const* c_second, bool accumulate,
                         void* workspace) {
     const uint8_t* const panels[2] = {static_cast<const uint8_t*>(first), static_cast<const uint8_t*>(second)};
     float* const* const outputs[2] = {c_first, c_second};
-    run<2>(a, packed, rows, panels, depth, group, outputs, accumulate, workspace);
+    run<2>(a, staged, rows, panels, depth, group, outputs, accumulate, workspace);
   }
 
-  // `base`, the panel kernels of the same Unpack, with the unit taking `packed_rows` rows
+  // `base`, the panel kernels of the same Unpack, with the unit taking `unit_rows` rows
   // and more.
-  static constexpr FormatKernels table(FormatKernels base, int packed_rows) {
-    base.pack_rows = &pack;
-    base.packed_gemm = &gemm;
-    base.packed_gemm_pair = &gemm_pair;
-    base.packed_rows = packed_rows;
-    base.packed_input_bytes = Tiles::kInputBytes;
+  static constexpr FormatKernels table(FormatKernels base, int unit_rows) {
+    base.stage_rows = &stage;
+    base.unit_gemm = &gemm;
+    base.unit_gemm_pair = &gemm_pair;
+    base.unit_rows = unit_rows;
+    base.staged_input_bytes = Tiles::kInputBytes;
     base.chunk_rows = kRowTiles * kTileRows;
     return base;
   }

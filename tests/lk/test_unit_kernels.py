@@ -1,4 +1,4 @@
-"""The packed kernels of prefill (csrc/lk/kernels/x86/packed_gemm.h), on every unit the
+"""The unit kernels of prefill (csrc/lk/kernels/x86/unit_gemm.h), on every unit the
 CPU has: AMX tiles (x86/amx) and AVX512_BF16 pair products (x86/avx512_bf16).
 
 INT8 and INT4 (AMX only) must give the bits of the AVX512_VNNI kernels, which the rest of
@@ -19,11 +19,11 @@ from .test_engine import SUPPORTED_ISAS, random_experts, reference_moe
 from .test_formats import TIGHT, random_fp8
 
 needs_amx = pytest.mark.skipif("AMX" not in SUPPORTED_ISAS, reason="this CPU has no AMX tiles")
-# The ISAs whose float formats multiply packed rows.
+# The ISAs whose float formats multiply staged rows on a unit.
 FLOAT_UNITS = [pytest.param(isa, marks=pytest.mark.skipif(isa not in SUPPORTED_ISAS, reason=f"this CPU has no {isa}"))
                for isa in ("AVX512_BF16", "AMX")]
 
-# Rows per expert around every edge of the packed kernels: the fewest they take (bf16 6,
+# Rows per expert around every edge of the unit kernels: the fewest they take (bf16 6,
 # INT8 9, INT4 12, csrc/lk/kernels/x86/{amx,avx512_bf16}/*.cpp), a pass of 8 rows of the
 # AVX512_BF16 unit and last passes of 1, 4 and 7 rows after one (9, 12 and 15), one tile
 # of 16 rows and its neighbours, two to four tiles (one or two AMX passes), the integer
@@ -62,7 +62,7 @@ def test_integer_tiles_give_the_vnni_bits(runtimes, weight_format, hidden, inter
 @pytest.mark.parametrize("numa_nodes", [0, 2])
 @pytest.mark.parametrize("on_bf16_grid", [False, True])
 @pytest.mark.parametrize("isa", FLOAT_UNITS)
-def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, on_bf16_grid, isa):
+def test_bf16_unit_against_float64(runtimes, hidden, intermediate, numa_nodes, on_bf16_grid, isa):
     # Odd depths (the last row pairs with padding), partial blocks of 128 inputs, and a
     # panel many blocks deep. Inputs that bf16 holds exactly (as a bf16 model's are) leave
     # gate and up a zero second plane, which is skipped; down's inputs, computed in fp32,
@@ -85,7 +85,7 @@ def test_bf16_tiles_against_float64(runtimes, hidden, intermediate, numa_nodes, 
                          [(384, 256, 128), (300, 208, 64), (262, 90, 64), (2048, 96, 128)])
 @pytest.mark.parametrize("numa_nodes", [0, 2])
 @pytest.mark.parametrize("isa", FLOAT_UNITS)
-def test_fp8_tiles_against_float64(runtimes, hidden, intermediate, group, numa_nodes, isa):
+def test_fp8_unit_against_float64(runtimes, hidden, intermediate, group, numa_nodes, isa):
     # FP8 checkpoints' 128-input blocks, smaller groups over a partial last one (262 and 90
     # inputs: an odd number of weight-tile rows, widened two at a time), and a deep panel;
     # random_fp8 puts subnormals and zero in every tensor.
@@ -114,14 +114,14 @@ def fp8_with_scales_of_group_1(rows, scale_of_group_1, seed):
 
 
 # The AVX512_BF16 unit runs an FP8 panel's sums over its whole depth in units of each
-# group's scales (csrc/lk/kernels/x86/packed_gemm.h, multiply_floats). A zero scale would
+# group's scales (csrc/lk/kernels/x86/unit_gemm.h, multiply_floats). A zero scale would
 # divide by zero, and the smallest normal one, far more than 2^32 below the others, would
 # overflow the sums: both fail without the check that sends such panels to the
 # block-by-block walk. 2^-20 (about 2^29 below the others) stays within the range the sums
 # run over, so it tests the chain of scale ratios itself; it fails if the ratio is left out.
 @pytest.mark.parametrize("scale_of_group_1", [0.0, torch.finfo(torch.float32).tiny, 2.0**-20])
 @pytest.mark.parametrize("isa", FLOAT_UNITS)
-def test_fp8_tiles_with_scales_far_apart(runtimes, scale_of_group_1, isa):
+def test_fp8_unit_with_scales_far_apart(runtimes, scale_of_group_1, isa):
     w13, w13_ref = fp8_with_scales_of_group_1(2 * 512, scale_of_group_1, seed=1)
     w2, w2_ref = fp8_with_scales_of_group_1(512, scale_of_group_1, seed=2)
     ids, weights = routing_with_row_counts(ROW_COUNTS)
@@ -134,7 +134,7 @@ def test_fp8_tiles_with_scales_far_apart(runtimes, scale_of_group_1, isa):
 
 def two_experts_sharing_every_token():
     """Down accumulates every expert of a token into one output row: two experts of 40
-    rows share every token, so each packed call adds to what the other wrote."""
+    rows share every token, so each unit call adds to what the other wrote."""
     experts, hidden, intermediate = 2, 256, 128
     w13, w2 = random_experts(experts, hidden, intermediate, torch.float32, seed=3)
     tokens = 40
@@ -145,7 +145,7 @@ def two_experts_sharing_every_token():
 
 
 @pytest.mark.parametrize("isa", FLOAT_UNITS)
-def test_bf16_tiles_accumulate_into_partial_outputs(runtimes, isa):
+def test_bf16_unit_accumulates_into_partial_outputs(runtimes, isa):
     w13, w2, x, ids, weights = two_experts_sharing_every_token()
     w13, w2 = w13.bfloat16(), w2.bfloat16()
     ref = reference_moe(w13, w2, x, ids, weights)
