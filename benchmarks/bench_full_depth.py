@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_model  # noqa: E402  (the offline child and the report helpers)
+import bench_model  # noqa: E402  (the model builder and the offline child)
+import harness  # noqa: E402
 import llama_cpp_anchor  # noqa: E402
 
 CHECKPOINTS = {"bf16": [], "fp8": ["--quantize", "fp8-block-experts"]}
@@ -66,18 +67,18 @@ def measure(model: Path, args) -> dict:
 
 def row(checkpoint: str, result: dict) -> str:
     info, rounds = result["info"], result["rounds"]
-    median = bench_model.median
+    median = harness.median
     bytes_per_token = info["moe_bytes_per_token"] + result["dense_bytes"] - info.get("dense_bytes_saved", 0)
     decode = median(1e3 / r["decode_ms"] for r in rounds)
     bound = median(max(r["bandwidth_gbs"]) * GB / bytes_per_token for r in rounds)
     peak, loaded = info["peak_rss"], info["loaded_rss"]
     phases = ", ".join(f"{name} {seconds:.0f}" for name, seconds in info["phases_s"].items())
-    return " | ".join([
-        f"| {checkpoint}", f"{result['disk_bytes'] / GB:.1f}", f"{info['load_s']:.0f} ({phases})",
+    return harness.table_row([
+        checkpoint, f"{result['disk_bytes'] / GB:.1f}", f"{info['load_s']:.0f} ({phases})",
         f"{info['lk_convert_s']:.0f}", f"{peak['VmRSS:'] / GB:.1f} / {peak['RssAnon:'] / GB:.1f}",
         f"{loaded['VmRSS:'] / GB:.1f} / {loaded['RssAnon:'] / GB:.1f}", f"{decode:.1f}",
         f"{bound:.1f} ({bytes_per_token / GB:.2f} GB/token)", f"{decode / bound:.0%}",
-        f"{median(r['ttft_512_s'] for r in rounds):.2f} |"])
+        f"{median(r['ttft_512_s'] for r in rounds):.2f}"])
 
 
 def llama_cpp_q4_0(model: Path, args) -> dict:
@@ -86,7 +87,7 @@ def llama_cpp_q4_0(model: Path, args) -> dict:
     the GGUFs after the run."""
     llama = llama_cpp_anchor.LlamaCpp(args.llama_cpp_dir)
     llama.setup()
-    threads = len(llama_cpp_anchor.cpu_list(args.cores))
+    threads = len(harness.parse_cpus(args.cores))
     try:
         llama.gguf(model, "q8_0", threads)
         if not args.keep:
@@ -102,11 +103,13 @@ def llama_cpp_q4_0(model: Path, args) -> dict:
 
 def llama_cpp_row(checkpoint: str, result: dict) -> str:
     theirs, rounds = result["llama.cpp"], result["rounds"]
-    decode = bench_model.median(1e3 / r["decode_ms"] for r in rounds)
-    prefill = bench_model.median(512 / r["ttft_512_s"] for r in rounds)
-    return (f"| {checkpoint} | {decode:.1f} | {theirs['decode_tok_s']:.1f} | {decode / theirs['decode_tok_s']:.2f}x "
-            f"| {prefill:.0f} | {theirs['prefill_tok_s']:.0f} | {prefill / theirs['prefill_tok_s']:.2f}x "
-            f"| {theirs['gguf_bytes'] / GB:.1f} |")
+    decode = harness.median(1e3 / r["decode_ms"] for r in rounds)
+    prefill = harness.median(llama_cpp_anchor.PROMPT_TOKENS / r["ttft_512_s"] for r in rounds)
+    return harness.table_row([
+        checkpoint, f"{decode:.1f}", f"{theirs['decode_tok_s']:.1f}",
+        harness.ratio_cell(harness.ratio(decode, theirs["decode_tok_s"])), f"{prefill:.0f}",
+        f"{theirs['prefill_tok_s']:.0f}", harness.ratio_cell(harness.ratio(prefill, theirs["prefill_tok_s"])),
+        f"{theirs['gguf_bytes'] / GB:.1f}"])
 
 
 def main(argv=None):
@@ -115,7 +118,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the checkpoints are written (needs about 60 GB free)")
-    parser.add_argument("--cores", default=bench_model.all_cores(), help="VLLM_CPU_OMP_THREADS_BIND")
+    parser.add_argument("--cores", default=harness.cpus_text(harness.allowed_cpus()), help="VLLM_CPU_OMP_THREADS_BIND")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
@@ -125,10 +128,10 @@ def main(argv=None):
     parser.add_argument("--llama-cpp", action="store_true", help="llama.cpp's Q4_0 beside us, same cores")
     parser.add_argument("--llama-cpp-dir", type=Path, default=llama_cpp_anchor.DEFAULT_DIR)
     args = parser.parse_args(argv)
-    checkpoints = bench_model.choices(parser, "--checkpoints", args.checkpoints, CHECKPOINTS)
+    checkpoints = harness.choices(parser, "--checkpoints", args.checkpoints, CHECKPOINTS)
     mode = "eager" if args.eager else "torch.compile"
-    print(f"{bench_model.header('bench_full_depth', args.cores)}; {args.layers} layers, {args.config}, {mode}",
-          flush=True)
+    print(harness.header("bench_full_depth", harness.machine(harness.parse_cpus(args.cores))), flush=True)
+    print(f"{args.layers} layers, {args.config}, {mode}", flush=True)
     results = {}
     for checkpoint in checkpoints:
         print(f"[{checkpoint}] writing the checkpoint ...", flush=True)
@@ -146,15 +149,16 @@ def main(argv=None):
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
 
-    print("\n| checkpoint | on disk GB | load s (phases) | lk conversions s | peak RSS GB (all / anon) "
-          "| final RSS GB (all / anon) | decode tok/s | bound tok/s | of bound | TTFT 512 s |")
-    print("|---" * 10 + "|")
+    print()
+    print("\n".join(harness.table_head(["checkpoint", "on disk GB", "load s (phases)", "lk conversions s",
+                                        "peak RSS GB (all / anon)", "final RSS GB (all / anon)", "decode tok/s",
+                                        "bound tok/s", "of bound", "TTFT 512 s"])))
     for checkpoint, result in results.items():
         print(row(checkpoint, result))
     if args.llama_cpp:
-        print(f"\n{args.config} against llama.cpp Q4_0 (llama-bench -p 512 -n 128), same cores\n"
-              "\n| checkpoint | decode tok/s | llama.cpp | ratio | prefill tok/s (512) | llama.cpp | ratio | GGUF GB |")
-        print("|---" * 8 + "|")
+        print(f"\n{args.config} against llama.cpp Q4_0 (llama-bench -p 512 -n 128), same cores\n")
+        print("\n".join(harness.table_head(["checkpoint", "decode tok/s", "llama.cpp", "ratio", "prefill tok/s (512)",
+                                            "llama.cpp", "ratio", "GGUF GB"])))
         for checkpoint, result in results.items():
             print(llama_cpp_row(checkpoint, result))
 

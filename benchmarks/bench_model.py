@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import re
@@ -78,7 +77,9 @@ import threading
 import time
 from pathlib import Path
 
-import llama_cpp_anchor as llama_cpp
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # also when loaded by path (tools/airgap)
+import harness  # noqa: E402
+import llama_cpp_anchor as llama_cpp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
@@ -117,11 +118,6 @@ SERVE_SCENARIOS = {
 }
 
 
-def all_cores() -> str:
-    """This process's CPUs, as VLLM_CPU_OMP_THREADS_BIND takes them."""
-    return ",".join(map(str, sorted(os.sched_getaffinity(0))))
-
-
 def model_env(config: str, cores: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
     env.update(CONFIGS[config])
@@ -148,22 +144,10 @@ def dense_bytes_per_token(model: Path) -> int:
     return 2 * (config["num_hidden_layers"] * (attention + router) + config["vocab_size"] * hidden)
 
 
-def proc_status(key: str, pid: int | str = "self") -> int:
-    """A byte count of /proc/<pid>/status (VmRSS:, RssAnon:, ...); 0 once the process is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def bandwidth_gbs() -> float:
-    """Read bandwidth of the calling process's cores, GB/s (lk's probe, a fraction of a second)."""
-    from lvllm import _lk
-
-    return _lk.measure_read_bandwidth_gbs(len(os.sched_getaffinity(0)), 128 << 20, 3)
+    """Read bandwidth of the calling process's cores, GB/s (lk's probe, a fraction of a second:
+    128 MiB per thread, small beside the models these rounds hold)."""
+    return harness.read_bandwidth_gbs(bytes_per_thread=128 << 20, reps=3)
 
 
 # --------------------------------------------------------------------------------------
@@ -183,14 +167,14 @@ class OfflineModel:
         self.llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN,
                        max_num_seqs=8, seed=0, enable_prefix_caching=False, disable_log_stats=True)
         self.load_s = time.perf_counter() - start
-        self.loaded_rss = {key: proc_status(key) for key in ("VmRSS:", "RssAnon:")}
+        self.loaded_rss = {key: harness.proc_status(key) for key in ("VmRSS:", "RssAnon:")}
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.one_token = {"prompt_token_ids": [5]}
         self.prompts = {n: {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(n)]}
                         for n in PROMPT_LENS}
         from lvllm import lk
         from lvllm.lk.linear import _engines as linear_engines
-        from lvllm.vllm import placement
+        from lvllm.vllm.hooks import placement
 
         self.convert_s = placement().convert_seconds if placement() else None
         self.engines = lk._engines.live()
@@ -211,9 +195,14 @@ class OfflineModel:
         return time.perf_counter() - start
 
     def round(self) -> dict:
+        """One round's figures, with the read bandwidth probed before and after them."""
+        result, result["bandwidth_gbs"] = harness.bracketed(self.measure, bandwidth_gbs)
+        return result
+
+    def measure(self) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
-        result = {"bandwidth_gbs": [bandwidth_gbs()]}
+        result = {}
         # The median of three: one slow 1-token run made a round's decode look 3x as fast once.
         first = statistics.median(self.generate(self.one_token, 1) for _ in range(3))
         result["decode_ms"] = (self.generate(self.one_token, 1 + DECODE_TOKENS) - first) / DECODE_TOKENS * 1e3
@@ -234,7 +223,6 @@ class OfflineModel:
         result["moe_call_ms"] = moe * PROFILED_TOKENS / max(calls, 1)
         if self.engines:
             result["moe_alone_ms"] = self.moe_alone_ms()
-        result["bandwidth_gbs"].append(bandwidth_gbs())
         return result
 
     def moe_alone_ms(self) -> float:
@@ -247,13 +235,12 @@ class OfflineModel:
         weights = torch.rand(1, K, generator=generator)
         routes = [torch.randperm(self.engines[0].num_experts, generator=generator)[:K].view(1, -1)
                   for _ in range(16)]
-        times = []
-        for call in range(ALONE_CALLS):
-            engine = self.engines[call % len(self.engines)]
-            start = time.perf_counter()
-            torch.ops.lvllm.lk_moe_forward(x, routes[call % len(routes)], weights, engine.engine_id)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+
+        def call(i):
+            engine_id = self.engines[i % len(self.engines)].engine_id
+            torch.ops.lvllm.lk_moe_forward(x, routes[i % len(routes)], weights, engine_id)
+
+        return statistics.median(harness.time_calls(call, ALONE_CALLS)) * 1e3
 
 
 def offline_child(model: str, eager: bool) -> None:
@@ -317,7 +304,7 @@ class OfflineChild:
     def _sample_until_ready(self) -> None:
         while not self.ready and self.proc.poll() is None:
             for key in self.peak:
-                self.peak[key] = max(self.peak[key], proc_status(key, self.proc.pid))
+                self.peak[key] = max(self.peak[key], harness.proc_status(key, self.proc.pid))
             time.sleep(0.05)
 
     def _read(self, tag: str) -> dict:
@@ -397,15 +384,13 @@ class Server:
             "--random-output-len", str(output), "--random-range-ratio", "0", "--num-prompts", str(prompts),
             "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", "0",
             "--num-warmups", "1", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"])
-        before = bandwidth_gbs()
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            result = bench_serve(bench_args)
-        after = bandwidth_gbs()
+            result, probes = harness.bracketed(lambda: bench_serve(bench_args), bandwidth_gbs)
         if result.get("failed"):
             raise RuntimeError(f"vllm bench serve ({self.config}, {scenario}): {result['failed']} request(s) "
                                f"failed: {result['errors']}")
         return {"ttft_ms": result["median_ttft_ms"], "tpot_ms": result["median_tpot_ms"],
-                "output_tok_s": result["output_throughput"], "bandwidth_gbs": [before, after]}
+                "output_tok_s": result["output_throughput"], "bandwidth_gbs": probes}
 
     def close(self):
         if self.proc.poll() is None:
@@ -443,9 +428,9 @@ def beside_reference(start, measure, config: str, model: Path, rounds: int) -> d
             reference = start(REFERENCE)
             try:
                 entry["reference_info"] = reference.info
-                for _ in range(rounds):
-                    entry["reference_rounds"].append(measure(reference))
-                    entry["rounds"].append(measure(candidate))
+                both = harness.alternate({"reference": lambda: measure(reference),
+                                          "candidate": lambda: measure(candidate)}, rounds)
+                entry["reference_rounds"], entry["rounds"] = both["reference"], both["candidate"]
                 return entry
             finally:
                 reference.close()
@@ -499,7 +484,7 @@ def llama_ggufs(model: Path, formats: list[str], args) -> dict:
     it from being made (the disk too small, say)."""
     llama = llama_cpp.LlamaCpp(args.llama_cpp_dir)
     llama.setup()
-    threads = len(llama_cpp.cpu_list(args.cores))
+    threads = len(harness.parse_cpus(args.cores))
     ggufs = {}
     for fmt in formats:
         try:
@@ -536,40 +521,21 @@ def run_llama_cpp(ggufs: dict, args) -> dict:
 # report
 # --------------------------------------------------------------------------------------
 
-def median(values) -> float:
-    values = [v for v in values if v is not None and v == v]
-    return statistics.median(values) if values else float("nan")
-
-
-def steady_bandwidth(values: list[float]) -> float | None:
-    """Read bandwidth over a measurement whose probes (before, after) agree within 15%."""
-    return statistics.mean(values) if min(values) > 0.85 * max(values) else None
-
-
 def paired(entry: dict, value, higher_is_better=True, probes=lambda r: r["bandwidth_gbs"]) -> float:
     """Median over rounds of the candidate's value against the reference's: side by side,
     the reference's round before; otherwise the reference's round whose steady read
     bandwidth (``probes(round)``) is closest, within 15% (nan where none is)."""
-    pairs = list(zip(entry["rounds"], entry["reference_rounds"]))
-    if not entry.get("side_by_side", True):
-        pairs = []
-        for candidate in entry["rounds"]:
-            level = steady_bandwidth(probes(candidate))
-            matches = [(abs(b / level - 1), r) for r in entry["reference_rounds"]
-                       if level and (b := steady_bandwidth(probes(r))) and abs(b / level - 1) < 0.15]
-            if matches:
-                pairs.append((candidate, min(matches, key=lambda m: m[0])[1]))
-    return median(value(c) / value(r) if higher_is_better else value(r) / value(c) for c, r in pairs)
-
-
-def as_ratio(value: float) -> str:
-    return "-" if value != value else f"{value:.2f}x"
+    if entry.get("side_by_side", True):
+        pairs = list(zip(entry["rounds"], entry["reference_rounds"]))
+    else:
+        pairs = harness.pairs_by_bandwidth(entry["rounds"], entry["reference_rounds"], probes)
+    return harness.paired_ratio(pairs, value, higher_is_better)
 
 
 def offline_table(results: dict, dense_bytes: int) -> list[str]:
-    lines = ["| MoE | decode tok/s | vs vllm | % of bound | TTFT 128 s | vs vllm | TTFT 512 s | vs vllm "
-             "| MoE op ms/call | alone ms | in model / alone | dense ms/token | vs vllm | rest ms/token | vs vllm |",
-             "|---" * 15 + "|"]
+    lines = harness.table_head(["MoE", "decode tok/s", "vs vllm", "% of bound", "TTFT 128 s", "vs vllm", "TTFT 512 s",
+                                "vs vllm", "MoE op ms/call", "alone ms", "in model / alone", "dense ms/token",
+                                "vs vllm", "rest ms/token", "vs vllm"])
 
     def decode_tok_s(r):
         return 1e3 / r["decode_ms"]
@@ -579,29 +545,30 @@ def offline_table(results: dict, dense_bytes: int) -> list[str]:
         ref = entry.get("reference_rounds")
         info = entry["info"]
         bytes_per_token = info["moe_bytes_per_token"] + dense_bytes - info.get("dense_bytes_saved", 0)
-        of_bound = median(decode_tok_s(r) / (max(r["bandwidth_gbs"]) * 1e9 / bytes_per_token) for r in rounds)
+        of_bound = harness.median(decode_tok_s(r) / (max(r["bandwidth_gbs"]) * 1e9 / bytes_per_token) for r in rounds)
 
         def vs(value, higher_is_better=True):
-            return as_ratio(paired(entry, value, higher_is_better)) if ref else "1.00x"
+            return harness.ratio_cell(paired(entry, value, higher_is_better)) if ref else "1.00x"
 
-        alone = median(r.get("moe_alone_ms") for r in rounds)
-        lines.append(" | ".join([
-            f"| {config}" + ("" if entry.get("side_by_side", True) else " (not side by side)"),
-            f"{median(map(decode_tok_s, rounds)):.1f}", vs(decode_tok_s), f"{of_bound:.0%}",
-            f"{median(r['ttft_128_s'] for r in rounds):.3f}", vs(lambda r: r["ttft_128_s"], False),
-            f"{median(r['ttft_512_s'] for r in rounds):.3f}", vs(lambda r: r["ttft_512_s"], False),
-            f"{median(r['moe_call_ms'] for r in rounds):.3f}",
+        alone = harness.median(r.get("moe_alone_ms") for r in rounds)
+        lines.append(harness.table_row([
+            config + ("" if entry.get("side_by_side", True) else " (not side by side)"),
+            f"{harness.median(map(decode_tok_s, rounds)):.1f}", vs(decode_tok_s), f"{of_bound:.0%}",
+            f"{harness.median(r['ttft_128_s'] for r in rounds):.3f}", vs(lambda r: r["ttft_128_s"], False),
+            f"{harness.median(r['ttft_512_s'] for r in rounds):.3f}", vs(lambda r: r["ttft_512_s"], False),
+            f"{harness.median(r['moe_call_ms'] for r in rounds):.3f}",
             f"{alone:.3f}" if alone == alone else "-",
-            f"{median(r['moe_call_ms'] / r['moe_alone_ms'] for r in rounds):.2f}" if alone == alone else "-",
-            f"{median(r['split_ms']['dense'] for r in rounds):.2f}", vs(lambda r: r["split_ms"]["dense"], False),
-            f"{median(r['split_ms']['rest'] for r in rounds):.2f}",
-            vs(lambda r: r["split_ms"]["rest"], False) + " |"]))
+            f"{harness.median(r['moe_call_ms'] / r['moe_alone_ms'] for r in rounds):.2f}" if alone == alone else "-",
+            f"{harness.median(r['split_ms']['dense'] for r in rounds):.2f}",
+            vs(lambda r: r["split_ms"]["dense"], False),
+            f"{harness.median(r['split_ms']['rest'] for r in rounds):.2f}",
+            vs(lambda r: r["split_ms"]["rest"], False)]))
     return lines
 
 
 def served_table(results: dict) -> list[str]:
-    lines = ["| MoE | TTFT 128 ms | vs vllm | TTFT 512 ms | vs vllm | decode tok/s (1 stream) | vs vllm "
-             "| 4 streams tok/s | vs vllm | 8 streams tok/s | vs vllm |", "|---" * 11 + "|"]
+    lines = harness.table_head(["MoE", "TTFT 128 ms", "vs vllm", "TTFT 512 ms", "vs vllm", "decode tok/s (1 stream)",
+                                "vs vllm", "4 streams tok/s", "vs vllm", "8 streams tok/s", "vs vllm"])
     columns = [("1 stream, 128 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
                ("1 stream, 512 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
                ("1 stream, 128 in", lambda r: 1e3 / r["tpot_ms"], True, "{:.1f}"),
@@ -610,13 +577,13 @@ def served_table(results: dict) -> list[str]:
     for config, entry in results.items():
         cells = [config + ("" if entry.get("side_by_side", True) else " (not side by side)")]
         for scenario, value, higher_is_better, form in columns:
-            cells.append(form.format(median(value(r[scenario]) for r in entry["rounds"])))
+            cells.append(form.format(harness.median(value(r[scenario]) for r in entry["rounds"])))
             if entry.get("reference_rounds"):
-                cells.append(as_ratio(paired(entry, lambda r: value(r[scenario]), higher_is_better,
-                                             probes=lambda r: r[scenario]["bandwidth_gbs"])))
+                cells.append(harness.ratio_cell(paired(entry, lambda r: value(r[scenario]), higher_is_better,
+                                                       probes=lambda r: r[scenario]["bandwidth_gbs"])))
             else:
                 cells.append("1.00x")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(harness.table_row(cells))
     return lines
 
 
@@ -629,9 +596,9 @@ def paired_figures(rounds: list[dict], fmt: str) -> dict | None:
     theirs = {**pairs[0][1], "repetitions": len(pairs), "paired": True}
     for kind in ("decode", "prefill"):
         values = [t[f"{kind}_tok_s"] for _, t in pairs]
-        theirs[f"{kind}_tok_s"], theirs[f"{kind}_stddev"] = median(values), statistics.pstdev(values)
-    theirs["decode_ratio"] = median(1e3 / r["decode_ms"] / t["decode_tok_s"] for r, t in pairs)
-    theirs["prefill_ratio"] = median(lk_prefill_tok_s(r) / t["prefill_tok_s"] for r, t in pairs)
+        theirs[f"{kind}_tok_s"], theirs[f"{kind}_stddev"] = harness.median(values), statistics.pstdev(values)
+    theirs["decode_ratio"] = harness.median(1e3 / r["decode_ms"] / t["decode_tok_s"] for r, t in pairs)
+    theirs["prefill_ratio"] = harness.median(lk_prefill_tok_s(r) / t["prefill_tok_s"] for r, t in pairs)
     return theirs
 
 
@@ -650,8 +617,8 @@ def equal_bits_rows(alone: dict, offline: dict | None, formats: list[str]) -> li
         theirs = paired_figures(rounds, fmt) or alone.get(fmt, {"error": "not run"})
         row = {"format": fmt, **theirs}
         if "error" not in theirs and rounds:
-            decode = median(1e3 / r["decode_ms"] for r in rounds)
-            prefill = median(map(lk_prefill_tok_s, rounds))
+            decode = harness.median(1e3 / r["decode_ms"] for r in rounds)
+            prefill = harness.median(map(lk_prefill_tok_s, rounds))
             row["equal_bits"] = {"config": config, "decode_tok_s": decode, "prefill_tok_s": prefill,
                                  "decode_ratio": theirs.get("decode_ratio", decode / theirs["decode_tok_s"]),
                                  "prefill_ratio": theirs.get("prefill_ratio", prefill / theirs["prefill_tok_s"])}
@@ -660,22 +627,24 @@ def equal_bits_rows(alone: dict, offline: dict | None, formats: list[str]) -> li
 
 
 def llama_cpp_table(rows: list[dict]) -> list[str]:
-    lines = ["| llama.cpp | GGUF GB | bits/weight | decode tok/s | prefill tok/s (512) | lk, equal bits "
-             "| decode tok/s | vs llama.cpp | prefill tok/s (512) | vs llama.cpp |", "|---" * 10 + "|"]
+    lines = harness.table_head(["llama.cpp", "GGUF GB", "bits/weight", "decode tok/s", "prefill tok/s (512)",
+                                "lk, equal bits", "decode tok/s", "vs llama.cpp", "prefill tok/s (512)",
+                                "vs llama.cpp"])
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['format']} ({'not run' if row['error'] == 'not run' else 'failed'}) |" + " - |" * 9)
+            lines.append(harness.table_row([f"{row['format']} ({'not run' if row['error'] == 'not run' else 'failed'})",
+                                            *["-"] * 9]))
             continue
         cells = [row["format"] + (" (paired)" if row.get("paired") else ""), f"{row['gguf_bytes'] / 1e9:.2f}", f"{row['bits_per_weight']:.2f}",
                  f"{row['decode_tok_s']:.1f} ± {row['decode_stddev']:.1f}",
                  f"{row['prefill_tok_s']:.1f} ± {row['prefill_stddev']:.1f}"]
         ours = row.get("equal_bits")
         if ours:
-            cells += [ours["config"], f"{ours['decode_tok_s']:.1f}", as_ratio(ours["decode_ratio"]),
-                      f"{ours['prefill_tok_s']:.1f}", as_ratio(ours["prefill_ratio"])]
+            cells += [ours["config"], f"{ours['decode_tok_s']:.1f}", harness.ratio_cell(ours["decode_ratio"]),
+                      f"{ours['prefill_tok_s']:.1f}", harness.ratio_cell(ours["prefill_ratio"])]
         else:
             cells += [f"({EQUAL_BITS[row['format']]} not run)", "-", "-", "-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(harness.table_row(cells))
     return lines
 
 
@@ -687,41 +656,13 @@ def print_llama_cpp(layers: int, rows: list[dict]) -> None:
     print("\n".join(llama_cpp_table(rows)))
 
 
-def choices(parser, option: str, text: str, valid) -> list[str]:
-    """A comma-separated option's values, each one of ``valid`` (else the parser's error)."""
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [v for v in values if v not in valid]
-    if unknown:
-        parser.error(f"{option}: unknown {', '.join(unknown)}; valid: {', '.join(valid)}")
-    return values
-
-
-def header(name: str, cores: str) -> str:
-    """The first line of a benchmark's report: what ran, when, where."""
-    return f"{name} {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {machine_line(cores)}"
-
-
-def machine_line(cores: str) -> str:
-    """The CPU by name and, since virtual machines often say only "AMD EPYC", by family/model."""
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-        if not line.strip():
-            break
-    from lvllm import _lk
-
-    return (f"{fields.get('model name', 'unknown CPU')} (family {fields.get('cpu family', '?')} model "
-            f"{fields.get('model', '?')}), {os.cpu_count()} CPUs, cores {cores}, lk ISA {_lk.best_isa()}")
-
-
 def print_offline(layers: int, results: dict, dense: int, mode: str) -> None:
     print(f"\n## {layers} layers, offline (LLM.generate, {mode}); bound = read bandwidth / (expert bytes + "
           f"{dense / 1e6:.0f} MB of dense weights in bf16, less what lk's INT8/INT4 copies save) per token")
     print("\n".join(offline_table(results, dense)))
     for config, entry in results.items():
         rounds = entry["rounds"]
-        split = {key: median(r["split_ms"][key] for r in rounds) for key in ("step", "moe", "dense", "rest")}
+        split = {key: harness.median(r["split_ms"][key] for r in rounds) for key in ("step", "moe", "dense", "rest")}
         bandwidths = sorted(b for r in rounds for b in r["bandwidth_gbs"])
         print(f"  {config}: step {split['step']:.1f} ms = MoE {split['moe']:.1f} + dense {split['dense']:.1f} + rest "
               f"{split['rest']:.1f}; read bandwidth {bandwidths[0]:.0f}-{bandwidths[-1]:.0f} GB/s over its rounds"
@@ -733,7 +674,7 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated, of {', '.join(CONFIGS)}; {REFERENCE} always runs")
-    parser.add_argument("--cores", default=all_cores(),
+    parser.add_argument("--cores", default=harness.cpus_text(harness.allowed_cpus()),
                         help="VLLM_CPU_OMP_THREADS_BIND of every process (default: all cores)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per configuration")
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile, vLLM's default)")
@@ -752,10 +693,12 @@ def main(argv=None):
     if args.offline_child:
         offline_child(args.offline_child, args.eager)
         return
-    configs = choices(parser, "--configs", args.configs, CONFIGS)
-    llama_formats = [] if args.no_llama_cpp else choices(parser, "--llama-cpp", args.llama_cpp, llama_cpp.FORMATS)
+    configs = harness.choices(parser, "--configs", args.configs, CONFIGS)
+    llama_formats = ([] if args.no_llama_cpp
+                     else harness.choices(parser, "--llama-cpp", args.llama_cpp, llama_cpp.FORMATS))
     mode = "eager" if args.eager else "torch.compile"
-    print(f"{header('bench_model', args.cores)}; {mode}; {args.rounds} alternating rounds", flush=True)
+    print(harness.header("bench_model", harness.machine(harness.parse_cpus(args.cores))), flush=True)
+    print(f"{mode}; {args.rounds} alternating rounds", flush=True)
     results: dict = {}
     args.models_dir.mkdir(parents=True, exist_ok=True)
     for layers in args.layers:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import header  # noqa: E402
+import harness  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "benchmarks" / "panel_stream.cpp"
@@ -44,14 +44,13 @@ def main() -> None:
                         help="panels (16 columns x 2048 inputs, 18 KB) per thread per call; 128: a qkv share")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from lvllm import _lk
-
     binary = build()
-    print(header("bench_panel_stream", f"0-{args.threads - 1}"))
-    probe_before = _lk.measure_read_bandwidth_gbs(args.threads, 256 << 20, 5)
-    run = subprocess.run([str(binary), "--rounds", str(args.rounds), "--threads", str(args.threads),
-                          "--panels-per-call", str(args.panels_per_call)], check=True, capture_output=True, text=True)
-    probe_after = _lk.measure_read_bandwidth_gbs(args.threads, 256 << 20, 5)
+    print(harness.header("bench_panel_stream", harness.machine(range(args.threads))))
+    command = [str(binary), "--rounds", str(args.rounds), "--threads", str(args.threads),
+               "--panels-per-call", str(args.panels_per_call)]
+    run, (probe_before, probe_after) = harness.bracketed(
+        lambda: subprocess.run(command, check=True, capture_output=True, text=True),
+        lambda: harness.read_bandwidth_gbs(args.threads, 256 << 20, 5))
     print(run.stdout, end="")
     rows = [line.split()[1:] for line in run.stdout.splitlines()[1:]]
     stored, inline, sequential = (statistics.median(float(r[i]) for r in rows) for i in range(3))

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_model  # noqa: E402  (the server, the model builder and the report header)
+import bench_model  # noqa: E402  (the server and the model builder)
+import harness  # noqa: E402
 
 ABORT_EVERY = 10
 MALFORMED_EVERY = 25
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--config", default="lk-bf16", choices=list(bench_model.CONFIGS))
-    parser.add_argument("--cores", default=bench_model.all_cores())
+    parser.add_argument("--cores", default=harness.cpus_text(harness.allowed_cpus()))
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile)")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "lvllm-bench-models")
     parser.add_argument("--startup-timeout", type=int, default=1200)
@@ -239,8 +240,8 @@ def main(argv=None) -> int:
         parser.error("--clients must be >= 1 and --minutes > 0")
     args.models_dir.mkdir(parents=True, exist_ok=True)
     model = bench_model.build(args.models_dir, args.layers) if args.layers else tiny_model(args.models_dir)
-    print(f"{bench_model.header('bench_soak', args.cores)}; {model.name}, {args.config}, {args.clients} clients, "
-          f"{args.minutes:g} minutes", flush=True)
+    print(harness.header("bench_soak", harness.machine(harness.parse_cpus(args.cores))), flush=True)
+    print(f"{model.name}, {args.config}, {args.clients} clients, {args.minutes:g} minutes", flush=True)
     log = args.models_dir / "soak-server.log"
     server = bench_model.Server(model, args.config, args, log)
     base = f"http://127.0.0.1:{server.port}"

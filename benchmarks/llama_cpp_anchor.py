@@ -33,6 +33,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import harness
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "build" / "llama.cpp"
 VERSION = "11434.0.0"
@@ -78,15 +80,6 @@ def run_logged(command: list, log: Path) -> None:
     if done.returncode:
         raise RuntimeError(f"{' '.join(map(str, command[:3]))} ... failed ({done.returncode}); "
                            f"{log}:\n{log.read_text()[-3000:]}")
-
-
-def cpu_list(cores: str) -> list[int]:
-    """CPUs of a list such as VLLM_CPU_OMP_THREADS_BIND takes: "0,1,4-7"."""
-    cpus = []
-    for part in cores.split(","):
-        first, _, last = part.partition("-")
-        cpus += range(int(first), int(last or first) + 1)
-    return cpus
 
 
 class LlamaCpp:
@@ -198,7 +191,7 @@ class LlamaCpp:
         """llama-bench's prefill of PROMPT_TOKENS and decode of GENERATED_TOKENS, one thread
         per core of ``cores``, each pinned to its core (taskset for the process, the cpu
         mask with --cpu-strict for ggml's threads)."""
-        cpus = cpu_list(cores)
+        cpus = harness.parse_cpus(cores)
         mask = hex(sum(1 << cpu for cpu in cpus))
         command = ["taskset", "-c", cores, self.bin / "llama-bench", "-m", gguf, "-t", len(cpus),
                    "-C", mask, "--cpu-strict", "1", "-p", PROMPT_TOKENS, "-n", GENERATED_TOKENS,

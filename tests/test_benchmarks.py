@@ -1,13 +1,18 @@
 """The benchmarks' own logic: bench_kernels times the engine build it is given and checks its
 arguments at start-up; bench_gpu reports the streaming crossover that users copy; bench_panel_stream's
-probe builds without warnings and times every layout."""
+probe builds without warnings and times every layout; the harness the MoE, model and dense benchmarks
+share pairs rounds and writes ratios as computed by hand; each benchmark starts."""
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import lvllm._lk
 
@@ -123,8 +128,6 @@ LLAMA_BENCH_JSON = """[
 
 
 def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
-    import json
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_model
     import llama_cpp_anchor as llama_cpp
@@ -134,7 +137,6 @@ def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
     assert q4_0["decode_tok_s"] == 311.048107 and q4_0["decode_stddev"] == 11.379455
     assert (q4_0["threads"], q4_0["repetitions"], q4_0["build"]) == (2, 2, "build 11434, commit b11434")
     assert round(q4_0["bits_per_weight"], 2) == 4.51
-    assert llama_cpp.cpu_list("0,2-4") == [0, 2, 3, 4]
 
     bf16 = {**q4_0, "decode_tok_s": 100.0, "prefill_tok_s": 400.0, "bits_per_weight": 16.0,
             "gguf_bytes": 2_497_765_344}
@@ -185,3 +187,73 @@ def test_the_panel_stream_probe_builds_clean_and_times_every_layout(tmp_path, mo
     assert len(rounds) == 2 and all(float(v) > 0 for row in rounds for v in row.split()[1:]), done.stdout
     refused = subprocess.run([str(binary), "--panels", "4"], capture_output=True, text=True)
     assert refused.returncode == 2 and "unknown option --panels" in refused.stderr
+
+
+def benchmark_module(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_the_harness_ratios_pairs_and_tables_match_hand_computed_figures():
+    harness = benchmark_module("harness")
+
+    # Above 1 means the candidate is better, for a rate (higher is better) and a time alike.
+    assert harness.ratio(150.0, 100.0) == 1.5
+    assert harness.ratio(2.0, 3.0, higher_is_better=False) == 1.5
+    assert math.isnan(harness.ratio(1.0, 0.0)) and math.isnan(harness.ratio(None, 1.0))
+    assert harness.median([3.0, None, float("nan"), 1.0, 2.0]) == 2.0
+    assert math.isnan(harness.median([None]))
+
+    # Alternating rounds: reference, candidate, reference, candidate, ...
+    calls = []
+    times = {"vllm": [10.0, 20.0, 40.0], "lk": [5.0, 10.0, 10.0]}
+    rounds = harness.alternate({name: (lambda name=name: calls.append(name) or times[name][(len(calls) - 1) // 2])
+                                for name in ("vllm", "lk")}, 3)
+    assert calls == ["vllm", "lk"] * 3 and rounds == times
+    # times 10/5, 20/10, 40/10: ratios 2, 2, 4, median 2 (the ratio of the medians, 20/10, is 2 too;
+    # of the means 23.3/8.3 it would be 2.8)
+    assert harness.paired_ratio(zip(rounds["lk"], rounds["vllm"]), lambda t: t, higher_is_better=False) == 2.0
+
+    # Not side by side: each candidate round with the reference round of the closest steady
+    # bandwidth, within 15%. 30.5 GB/s: 30 is closest (29 and 33 further); probes 20 and 30
+    # disagree (not steady); 40 has no reference within 15% (33 is 17.5% off).
+    candidates = [{"bw": [30.0, 31.0], "tok_s": 12.0}, {"bw": [20.0, 30.0], "tok_s": 99.0},
+                  {"bw": [40.0, 40.0], "tok_s": 99.0}]
+    references = [{"bw": [29.0, 29.0], "tok_s": 10.0}, {"bw": [33.0, 33.0], "tok_s": 10.0},
+                  {"bw": [30.0, 30.0], "tok_s": 8.0}]
+    pairs = harness.pairs_by_bandwidth(candidates, references, lambda r: r["bw"])
+    assert pairs == [(candidates[0], references[2])]
+    assert harness.paired_ratio(pairs, lambda r: r["tok_s"]) == 1.5
+
+    assert harness.markdown_table(["config", "tok/s", "vs vllm"], [
+        ["vllm", "10.0", harness.ratio_cell(1.0)], ["lk", "15.0", harness.ratio_cell(1.5)],
+        ["lk-int4", "-", harness.ratio_cell(float("nan"))]]) == [
+        "| config | tok/s | vs vllm |", "|---|---|---|", "| vllm | 10.0 | 1.00x |", "| lk | 15.0 | 1.50x |",
+        "| lk-int4 | - | - |"]
+
+    probes = iter([20.0, 22.0])
+    assert harness.bracketed(lambda: "figures", lambda: next(probes)) == ("figures", [20.0, 22.0])
+    seen = []
+    assert len(harness.time_calls(seen.append, 3, warmups=1)) == 3 and seen == [0, 1, 2, 3]
+    assert harness.parse_cpus("0,2-4") == [0, 2, 3, 4] and harness.cpus_text([0, 2]) == "0,2"
+
+    facts = {"date": "2026-11-27 10:00 UTC", "commit": "abc1234", "command": "benchmarks/bench_x.py --rounds 2",
+             "cpu": "AMD EPYC (family 25 model 17)", "allowed_cpus": 4, "cpus_used": [0, 1], "mem_total_gib": 23.6,
+             "l3_bytes": 32 << 20, "lk_isa": "AVX2", "loadavg_start": (1.234, 0, 0)}
+    assert harness.header("bench_x", facts).splitlines() == [
+        "bench_x 2026-11-27 10:00 UTC, commit abc1234: benchmarks/bench_x.py --rounds 2",
+        "machine: AMD EPYC (family 25 model 17), 4 CPUs allowed, cores 0,1, RAM 24 GiB, L3 32 MiB, lk ISA AVX2, "
+        "load average 1.23"]
+    assert set(facts) <= set(harness.machine([0]))
+
+
+@pytest.mark.parametrize("script", ["bench_moe", "bench_model", "bench_dense", "bench_full_depth", "bench_soak",
+                                    "bench_panel_stream"])
+def test_each_benchmark_starts(script):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
