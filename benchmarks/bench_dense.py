@@ -8,8 +8,9 @@ kernel for the dtype, its small-GEMM kernel for small weights, else torch's F.li
 path taken is printed). Shapes: Qwen3-30B-A3B's attention (qkv 2048 -> 5120, o 4096 ->
 2048), router (2048 -> 128) and LM head (2048 -> 151936), bf16. Rows 1, 4, 16 (decode
 batches) and 128, 512 (prefill). Several copies of each weight rotate, so no call finds
-its weight in cache. Both run on the same OpenMP threads (torch's, on --threads cores);
-the read bandwidth is lk's probe, measured in the same run.
+its weight in cache. Both run on the same OpenMP threads (torch's, on --threads cores), in
+--rounds alternating rounds (vLLM's calls, then lk's); "lk vs vLLM" is the median over rounds
+of the two rounds' median times. The read bandwidth is lk's probe, measured in the same run.
 
     python benchmarks/bench_dense.py
     python benchmarks/bench_dense.py --rows 1,16 --shapes qkv,lm_head --dtype float16
@@ -20,7 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+
+import harness
 
 SHAPES = {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048), "lm_head": (151936, 2048)}
 COPIES_BYTES = 256 << 20   # at least this many bytes of weight copies per shape
@@ -40,15 +42,17 @@ def vllm_linear(weight):
     return layer, path
 
 
-def timed(call, calls: int, warmups: int) -> float:
-    for _ in range(warmups):
-        call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def alternating(reference, lk, calls: int, warmups: int, rounds: int) -> tuple[float, float, float]:
+    """(vLLM's median seconds, lk's, the median over rounds of vLLM's round median over lk's),
+    after ``warmups`` untimed calls of each."""
+    harness.time_calls(reference, 0, warmups)
+    harness.time_calls(lk, 0, warmups)
+    per_round = max(1, calls // rounds)
+    times = harness.alternate({"vllm": lambda: harness.time_calls(reference, per_round),
+                               "lk": lambda: harness.time_calls(lk, per_round)}, rounds)
+    ratio = harness.paired_ratio(zip(times["lk"], times["vllm"]), statistics.median, higher_is_better=False)
+    vllm_s, lk_s = (statistics.median(t for r in times[name] for t in r) for name in ("vllm", "lk"))
+    return vllm_s, lk_s, ratio
 
 
 def main() -> None:
@@ -56,10 +60,12 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--rows", default="1,4,16,128,512")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=len(harness.allowed_cpus()))
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of vLLM's calls and lk's")
     args = parser.parse_args()
-    cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[: args.threads]))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
+    cpus = harness.allowed_cpus()[: args.threads]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", harness.cpus_text(cpus))
+    print(harness.header("bench_dense", harness.machine(cpus)), flush=True)
 
     import torch
     from vllm.platforms import current_platform
@@ -72,11 +78,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     runtime = make_runtime(threads=args.threads, workers="OPENMP")
-    bandwidth = _lk.measure_read_bandwidth_gbs(args.threads, 256 << 20, 5)
+    bandwidth = harness.read_bandwidth_gbs(args.threads, 256 << 20, 5)
     print(f"{_lk.best_isa()} ({runtime.describe()}), torch {torch.__version__}, {args.dtype}, "
-          f"read bandwidth {bandwidth:.1f} GB/s")
-    print("| layer | N x K | rows | vLLM's path | vLLM ms | lk ms | lk vs vLLM | lk GB/s (% of read) | lk GFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"read bandwidth {bandwidth:.1f} GB/s, {args.rounds} alternating rounds")
+    print("\n".join(harness.table_head(["layer", "N x K", "rows", "vLLM's path", "vLLM ms", "lk ms", "lk vs vLLM",
+                                        "lk GB/s (% of read)", "lk GFLOP/s"])))
     generator = torch.Generator().manual_seed(0)
     for shape in args.shapes.split(","):
         outputs, inputs = SHAPES[shape]
@@ -88,26 +94,22 @@ def main() -> None:
         del weights
         for rows in map(int, args.rows.split(",")):
             x = torch.randn(rows, inputs, generator=generator).to(dtype)
-            turn = [0]
 
-            def next_index() -> int:
-                turn[0] = (turn[0] + 1) % copies
-                return turn[0]
-
-            def reference():
-                module = modules[next_index()]
+            def reference(i):
+                module = modules[i % copies]
                 module.cpu_linear(x, module.weight, None)
 
-            def lk():
-                engines[next_index()].forward(x)
+            def lk(i):
+                engines[i % copies].forward(x)
 
             large = rows * outputs * inputs > 1e11   # F.linear takes seconds per call
             calls, warmups = (2, 1) if large else (20, 3)
-            vllm_s, lk_s = timed(reference, calls, warmups), timed(lk, calls, warmups)
+            vllm_s, lk_s, lk_vs_vllm = alternating(reference, lk, calls, warmups, args.rounds)
             gbs = weight_bytes / lk_s / 1e9
-            print(f"| {shape} | {outputs} x {inputs} | {rows} | {path[0]} | {vllm_s * 1e3:.3f} | {lk_s * 1e3:.3f} | "
-                  f"{vllm_s / lk_s:.2f}x | {gbs:.1f} ({gbs / bandwidth:.0%}) | "
-                  f"{2 * rows * outputs * inputs / lk_s / 1e9:.0f} |", flush=True)
+            print(harness.table_row([
+                shape, f"{outputs} x {inputs}", rows, path[0], f"{vllm_s * 1e3:.3f}", f"{lk_s * 1e3:.3f}",
+                harness.ratio_cell(lk_vs_vllm), f"{gbs:.1f} ({gbs / bandwidth:.0%})",
+                f"{2 * rows * outputs * inputs / lk_s / 1e9:.0f}"]), flush=True)
         del engines, modules
 
 
