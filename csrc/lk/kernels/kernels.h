@@ -204,13 +204,15 @@ void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const vo
                          int depth, int group, const ActivationRow* a_rows, int count, float* const* first_rows,
                          float* const* second_rows, bool accumulate, void* widened, const void* staged = nullptr);
 
-// Per ISA x format tables, each defined in its own file, and per ISA activations.
+// Per ISA x format tables, each defined in its own file (generic/<format>.cpp,
+// x86/<isa>/<format>.cpp) and named <isa>_<format> after it: avx512_bf16 is the AVX512
+// kernels' bf16, avx512_bf16_bf16 the AVX512_BF16 kernels'. And per ISA activations.
 extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8,
     generic_mxfp4;
 extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8, avx2_mxfp4;
 extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8, avx512_mxfp4;
 extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4, avx512_vnni_mxfp4;
-extern const FormatKernels avx512_bf16dot_bf16, avx512_bf16dot_fp8;
+extern const FormatKernels avx512_bf16_bf16, avx512_bf16_fp8;
 extern const FormatKernels amx_bf16, amx_int8, amx_int4, amx_fp8;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;
 

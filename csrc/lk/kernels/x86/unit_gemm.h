@@ -5,7 +5,7 @@
 // (amx/tile_unit.h: 16 x 16 sums per instruction) or AVX512_BF16's vdpbf16ps
 // (avx512_bf16/dot_unit.h: 16 sums of two bf16 products each, per instruction).
 //
-// Decode (few rows) stays on the AVX-512 panel kernels: it streams each weight once, and a
+// Decode (few rows) stays on the AVX512 panel kernels: it streams each weight once, and a
 // unit would mostly multiply padding. A call walks its panels in blocks of inputs
 // (Tiles::kBlockInputs): a block's weights are widened into whole weight tiles in
 // `workspace` (zero past the block's last input, so whatever activations a tile row reads
@@ -13,10 +13,10 @@
 // the core widens block b + 1, a share at every unit step so that the unit never waits
 // for it, and, for the grouped formats, then finishes block b - 1.
 //
-// Integer formats (AMX only) compute the integer sums of the AVX-512 VNNI kernels exactly,
+// Integer formats (AMX only) compute the integer sums of the AVX512_VNNI kernels exactly,
 // a span at a time, and finish them with the same fp32 operations (PanelKernels::group and
 // ::flush, per span and row), so a token's result is the same bits whether the tiles or
-// the VNNI kernels multiplied it. bf16 keeps its fp32 sums over the whole depth and adds
+// the AVX512_VNNI kernels multiplied it. bf16 keeps its fp32 sums over the whole depth and adds
 // them to the outputs at the end; FP8, unpacked to bf16 exactly, does too where the unit can
 // scale its sums (AVX512_BF16: kept in units of the current group's scales), else has its
 // sums finished with their group's scales block by block, as the integer formats do. For

@@ -1,6 +1,6 @@
 // The AMX unit that x86/unit_gemm.h drives: one tile instruction multiplies
 // 16 rows x 64 bytes of activations by 16 rows x 64 bytes of weights into 16 x 16 sums,
-// 16K byte products or 8K bf16 ones, where an AVX-512 instruction makes 64 or 16.
+// 16K byte products or 8K bf16 ones, where an AVX512 instruction makes 64 or 16.
 //
 // Sum tiles 0-3 (tile 2t + p: the pass's row tile t, panel p), activation tiles 4 and 5,
 // weight tiles 6 and 7: the rows run two row tiles at a time. With two panels (an expert's

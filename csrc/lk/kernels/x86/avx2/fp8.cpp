@@ -13,7 +13,7 @@ namespace {
 // stay below 2^64 in magnitude): a product is then the true one times 2^-56, denormal only
 // below 2^-70. What remains is e4m3 subnormal weights (below 2^-6, against 448 at most),
 // rare in quantized checkpoints: each is an fp32 denormal input, which such cores run
-// slowly and a thread with DAZ set would read as zero. The AVX-512 file keeps F16C.
+// slowly and a thread with DAZ set would read as zero. The AVX512 file keeps F16C.
 //
 // The row's 16 bytes are sign-extended to 16 bits at once; each 32-bit lane then holds two
 // columns, and one shift per parity puts either in place (the other's bits fall outside the

@@ -9,7 +9,7 @@ namespace {
 struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int4;
   // INT4 panels are short per row, so decode fetches them farther ahead than the AVX2
-  // default, into L2 only as the AVX-512 Int4Unpack does, leaving L1's few outstanding
+  // default, into L2 only as the AVX512 Int4Unpack does, leaving L1's few outstanding
   // misses to the loads (see BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 6144;
   static constexpr bool kPrefetchIntoL2 = true;

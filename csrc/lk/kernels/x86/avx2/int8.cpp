@@ -6,7 +6,7 @@ namespace {
 // bytes to 16 bits gives each column's two weights in one 32-bit lane.
 struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
-  // Fetched ahead into L2 only, as the AVX-512 Int8Unpack's are: a fetch into L1 holds one of
+  // Fetched ahead into L2 only, as the AVX512 Int8Unpack's are: a fetch into L1 holds one of
   // its few miss buffers for a whole DRAM latency (see BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 4096;
   static constexpr bool kPrefetchIntoL2 = true;

@@ -1,5 +1,5 @@
-// The AVX-512 bf16 unpack, shared by the AVX-512, AVX512_BF16 and AMX kernel files (each compiles it with
-// its own flags, inside its own anonymous namespace).
+// The AVX512 bf16 unpack, shared by the AVX512, AVX512_BF16 and AMX kernel files (each
+// compiles it with its own flags, inside its own anonymous namespace).
 #pragma once
 
 #include <immintrin.h>

@@ -1,5 +1,5 @@
-// AVX-512 INT8, INT4 and MXFP4 unpacks, shared by the AVX-512 and AVX-512 VNNI kernel files
-// (each compiles them with its own flags, inside its own anonymous namespace).
+// AVX512 INT8, INT4 and MXFP4 unpacks, shared by the AVX512, AVX512_VNNI and AMX kernel
+// files (each compiles them with its own flags, inside its own anonymous namespace).
 #pragma once
 
 #include <immintrin.h>

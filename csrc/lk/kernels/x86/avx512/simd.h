@@ -1,4 +1,4 @@
-// AVX-512F: 16 fp32 lanes (one vector per panel row), 32 zmm registers (24 accumulators).
+// AVX512F: 16 fp32 lanes (one vector per panel row), 32 zmm registers (24 accumulators).
 #pragma once
 
 #include <immintrin.h>

@@ -24,11 +24,11 @@ namespace lk::kernels {
 namespace {
 
 template <class K>
-struct Bf16DotUnit {
+struct Avx512Bf16Unit {
   struct Session {};  // nothing to set up per call
   using Panel = typename K::Panel;
   using Tiles = typename K::Tiles;
-  static_assert(!Panel::kInteger, "the integer formats keep the VNNI kernels on this CPU");
+  static_assert(!Panel::kInteger, "the integer formats keep the AVX512_VNNI kernels on this CPU");
   template <int Panels>
   using Call = typename K::template Call<Panels>;
   template <int Panels>

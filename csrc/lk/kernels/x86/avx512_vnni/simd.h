@@ -1,5 +1,5 @@
-// AVX-512 with VNNI: vpdpwssd adds a lane's two 16-bit products to its 32-bit sum in one
-// instruction, where AVX-512F spends vpmaddwd and vpaddd (and vpdpbusd INT4's four byte
+// AVX512_VNNI: vpdpwssd adds a lane's two 16-bit products to its 32-bit sum in one
+// instruction, where AVX512F spends vpmaddwd and vpaddd (and vpdpbusd INT4's four byte
 // products). The sums are the same bits (both wrap modulo 2^32; the engine's spans keep
 // them far from it), so VNNI changes only the integer formats' speed.
 #pragma once
