@@ -17,6 +17,6 @@ def register() -> None:
     settings = Settings.from_env()
     if not settings.enabled:
         return
-    from lvllm.vllm import install
+    from lvllm.vllm.hooks import install
 
     install(settings)

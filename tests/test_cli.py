@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -58,35 +59,50 @@ def test_the_command_stops_with_the_message(tmp_path):
     assert "looks like a path" in done.stderr and "Repo id" not in done.stderr
 
 
+def test_importing_the_command_changes_nothing():
+    """The command's hooks are installed by its main(), not by importing it: a script that
+    imports it (for command_line) keeps vLLM, logging and importlib.metadata as they were."""
+    probe = ("import importlib.metadata, logging, sys\n"
+             "version = importlib.metadata.version\n"
+             "import lvllm._vllm_cli\n"
+             "from lvllm.vllm.command import TRITON_WITHOUT_CPU_BACKEND\n"
+             "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')),"
+             " importlib.metadata.version is version,"
+             " sum(len(logging.getLogger(n).filters) for n, _ in TRITON_WITHOUT_CPU_BACKEND))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True", "0"]
+
+
 def test_triton_messages_become_one_explanation(capsys):
     """vLLM's three messages about Triton's missing CPU backend are dropped wherever they are
     logged; the command's own process explains once. The e2e server tests check the log."""
     import logging
 
-    from lvllm import _vllm_cli
+    from lvllm.vllm import command
 
-    _vllm_cli.quiet_triton_messages()   # idempotent: one filter per logger
+    command.quiet_triton_messages(explain=False)
+    command.quiet_triton_messages(explain=True)   # idempotent: one filter per logger
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    for name, start in _vllm_cli.TRITON_WITHOUT_CPU_BACKEND:
+    for name, start in command.TRITON_WITHOUT_CPU_BACKEND:
         logger = logging.getLogger(name)
-        assert sum(isinstance(f, _vllm_cli._TritonMessages) for f in logger.filters) == 1
+        assert sum(isinstance(f, command.TritonMessageFilter) for f in logger.filters) == 1
         logger.addHandler(handler)
     try:
-        _vllm_cli._TritonMessages.explain = True
-        for name, start in _vllm_cli.TRITON_WITHOUT_CPU_BACKEND * 2:
+        for name, start in command.TRITON_WITHOUT_CPU_BACKEND * 2:
             logging.getLogger(name).warning(start + " and the rest of vLLM's sentence.")
         logging.getLogger("vllm.platforms.cpu").warning("an unrelated warning")
     finally:
-        for name, _ in _vllm_cli.TRITON_WITHOUT_CPU_BACKEND:
+        for name, _ in command.TRITON_WITHOUT_CPU_BACKEND:
             logging.getLogger(name).removeHandler(handler)
     assert [r.getMessage() for r in records] == ["an unrelated warning"]
-    assert capsys.readouterr().err.count(_vllm_cli.TRITON_EXPLANATION) == 1
+    assert capsys.readouterr().err.count(command.TRITON_EXPLANATION) == 1
 
 
 def test_warnings_quieted_for_vllms_processes(monkeypatch):
-    from lvllm._vllm_cli import QUIET_WARNINGS, quiet_warnings
+    from lvllm.vllm.command import QUIET_WARNINGS, quiet_warnings
 
     monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
     quiet_warnings()

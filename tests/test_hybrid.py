@@ -1,5 +1,5 @@
 """lvllm.placement, lvllm.formats and lvllm.hybrid (vLLM-agnostic layer logic) and
-lvllm.plugin / lvllm.vllm.install, without starting vLLM."""
+lvllm.plugin / lvllm.vllm.hooks.install, without starting vLLM."""
 
 from __future__ import annotations
 
@@ -174,25 +174,26 @@ def test_install_registers_once_and_refuses_a_rival(monkeypatch):
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
-    from lvllm import plugin, vllm
+    from lvllm import plugin
+    from lvllm.vllm import hooks
     from lvllm.vllm.moe_layer import LkExperts, LkRunner
 
     monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", "1")
     saved = dict(op_registry_oot)
     try:
-        vllm.uninstall()
+        hooks.uninstall()
         plugin.register()
-        first = vllm.installation()
+        first = hooks.installation()
         plugin.register()  # idempotent: vLLM may load plugins more than once
-        assert vllm.installation() is first
+        assert hooks.installation() is first
         assert op_registry_oot["RoutedExperts"].__bases__ == (LkExperts, RoutedExperts)
         assert op_registry_oot["MoERunner"].__bases__ == (LkRunner, MoERunner)
-        vllm.uninstall()
+        hooks.uninstall()
         op_registry_oot["RoutedExperts"] = object
         with pytest.raises(RuntimeError, match="another vLLM plugin already replaced RoutedExperts"):
             plugin.register()
     finally:
-        vllm.uninstall()
+        hooks.uninstall()
         op_registry_oot.clear()
         op_registry_oot.update(saved)
 
@@ -220,7 +221,7 @@ def test_every_routed_experts_class_gets_lk_in_front(monkeypatch):
     from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
     from vllm.model_executor.models.transformers.moe import TransformersMoERunner, TransformersRoutedExperts
 
-    from lvllm import vllm
+    from lvllm.vllm import hooks
     from lvllm.placement import UnsupportedLayer
     from lvllm.vllm.moe_layer import LkExperts, LkRunner
 
@@ -229,7 +230,7 @@ def test_every_routed_experts_class_gets_lk_in_front(monkeypatch):
     saved = dict(op_registry_oot)
     parent = torch.nn.Module()
     try:
-        vllm.install(Settings.from_env())
+        hooks.install(Settings.from_env())
         for cls in (DbrxExperts, GptOssRoutedExperts, TransformersRoutedExperts):
             assert op_registry_oot[cls.__name__].__bases__ == (LkExperts, cls)
         assert op_registry_oot["TransformersMoERunner"].__bases__ == (LkRunner, TransformersMoERunner)
@@ -251,9 +252,9 @@ def test_every_routed_experts_class_gets_lk_in_front(monkeypatch):
             with pytest.raises(UnsupportedLayer,
                                match=rf"model\.layers\.2\.mlp\.experts: .*TwinExperts.*{RESIDENT_VAR}"):
                 parent.on_lk = _built(second_twin, "model.layers.2.mlp.experts")
-        assert vllm.placement().device_layers == {1: "model.layers.1.mlp.experts"}
+        assert hooks.placement().device_layers == {1: "model.layers.1.mlp.experts"}
     finally:
-        vllm.uninstall()
+        hooks.uninstall()
         op_registry_oot.clear()
         op_registry_oot.update(saved)
     # Uninstalled (LVLLM_MOE_NUMA_ENABLED=0): every class is vLLM's again.
@@ -264,18 +265,18 @@ def test_install_accepts_every_weight_mode(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.model_executor.custom_op import op_registry_oot
 
-    from lvllm import vllm
+    from lvllm.vllm import hooks
 
     saved = dict(op_registry_oot)
     try:
         for mode, group in (("INT4", "32"), ("INT8", "128"), ("KEEP", "64")):
-            vllm.uninstall()
+            hooks.uninstall()
             monkeypatch.setenv("LVLLM_MOE_USE_WEIGHT", mode)
             monkeypatch.setenv("LVLLM_MOE_QUANT_GROUP_SIZE", group)
-            settings = vllm.install(Settings.from_env()).settings
+            settings = hooks.install(Settings.from_env()).settings
             assert (settings.weight_mode, settings.quant_group_size) == (mode, int(group))
     finally:
-        vllm.uninstall()
+        hooks.uninstall()
         op_registry_oot.clear()
         op_registry_oot.update(saved)
 

@@ -84,7 +84,7 @@ def test_vllm_selects_the_cpu_platform_with_and_without_the_version_fallback():
         "from vllm import LLM\n"
         "from vllm.platforms import current_platform, vllm_version_matches_substr\n"
         "before = current_platform.is_cpu()\n"
-        "from lvllm._vllm_cli import install_version_fallback\n"
+        "from lvllm.vllm.command import install_version_fallback\n"
         "install_version_fallback(); install_version_fallback()\n"
         "import importlib.metadata as m\n"
         "print(before, m.version('vllm'), m.metadata('vllm')['Name'],"

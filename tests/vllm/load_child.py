@@ -26,7 +26,7 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    from lvllm.vllm import placement
+    from lvllm.vllm.hooks import placement
 
     llm = LLM(model=sys.argv[1], dtype="bfloat16", enforce_eager=True, max_model_len=128,
               max_num_seqs=2, seed=0, enable_prefix_caching=False, disable_log_stats=True,

