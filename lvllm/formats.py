@@ -102,3 +102,11 @@ def resolve_format(mode: str, source_name: str, model_dtype: torch.dtype,
     else:
         raise EnvError(f"{MODE_VAR}={mode!r} is not valid: expected {', '.join(WEIGHT_MODES)}")
     return Resolved(name, engine_group(name, source_name, source_group, requested_group))
+
+
+def fp8_block_scale_shapes(hidden: int, inter: int, block: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """An FP8 block-quantized expert's scale grids, w13 [2I, H] then w2 [H, I], for blocks of
+    (rows, inputs); gate and up rows are blocked apart, partial blocks count whole."""
+    rows, inputs = block
+    blocks = lambda n, b: -(-n // b)   # noqa: E731
+    return (2 * blocks(inter, rows), blocks(hidden, inputs)), (blocks(hidden, rows), blocks(inter, inputs))

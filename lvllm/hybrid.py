@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lvllm.placement import LK_ACTIVATIONS, RESIDENT_VAR, UnsupportedLayer
+from lvllm.placement import activation_problems, refuse
 
 
 class Done:
@@ -71,11 +71,7 @@ class HybridExperts:
         constants (None: gpt-oss's) as for MoEEngine."""
         from lvllm.lk import MoEEngine
 
-        if activation not in LK_ACTIVATIONS:
-            raise UnsupportedLayer(
-                f"{layer_name}: activation {activation!r} is not computed by lk "
-                f"(valid: {', '.join(LK_ACTIVATIONS)}); list the layer in {RESIDENT_VAR}."
-            )
+        refuse(layer_name, activation_problems(activation))
         self.layer_name = layer_name
         if isinstance(w13, torch.Tensor):
             w13, w2 = w13.contiguous(), w2.contiguous()

@@ -3,11 +3,11 @@ bandwidth, each measured here or given."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 
+from lvllm import envs
 from lvllm.lk.host_cpus import usable_numa_nodes
 from lvllm.memory import GIB, available
 from lvllm.model_shape import ConfigError
@@ -35,7 +35,7 @@ def probe_machine(ram_gib: float | None = None, cores: int | None = None, nodes:
         ram, notes["ram"] = room.bytes, room.where
     else:
         ram, notes["ram"] = int(ram_gib * GIB), "given"
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or envs.usable_cpus()
     nodes = nodes or usable_numa_nodes()
     if gpu_memory_gib is None and torch.cuda.is_available():
         gpus = gpus or torch.cuda.device_count()

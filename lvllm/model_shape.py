@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvllm import formats
+from lvllm.placement import streams_in_gpu_prefill
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -50,11 +51,17 @@ class ModelShape:
     head_dim: int
     mla: dict | None            # kv_lora_rank, q_lora_rank, qk_nope/rope_head_dim, v_head_dim
     max_positions: int
-    streamed_prefill: bool = True   # False: expert biases and a clamped activation (gpt-oss), which lk computes
+    expert_activation: str = "silu"
+    expert_biases: bool = False
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def streamed_prefill(self) -> bool:
+        """Whether long prompts may stream this model's experts to the GPU."""
+        return streams_in_gpu_prefill(self.expert_activation, self.expert_biases)
 
 
 def _first(config: dict, *names: str, default=None):
@@ -138,7 +145,9 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
         heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
         head_dim=int(text.get("head_dim") or hidden // heads), mla=mla,
         max_positions=int(text.get("max_position_embeddings") or 4096),
-        streamed_prefill=model_type != "gpt_oss",
+        # gpt-oss's experts: biases and the clamped swiglu vLLM names swigluoai.
+        expert_activation="swigluoai" if model_type == "gpt_oss" else str(text.get("hidden_act") or "silu"),
+        expert_biases=model_type == "gpt_oss",
     )
 
 
@@ -159,10 +168,6 @@ def read_config(model: str | Path) -> tuple[dict, Path]:
 # bytes
 # --------------------------------------------------------------------------------------
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: int = 1) -> int:
     """One MoE layer's routed experts as vLLM holds them before lk converts them (and as a
     device-resident layer keeps them): lvllm.vllm.checkpoint_sources' params."""
@@ -173,9 +178,8 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
     if storage.scheme == "float":
         return e * weights * shape.dtype_bytes
     if storage.scheme == "fp8-block":
-        bn, bk = storage.block
-        blocks = 2 * _cdiv(i, bn) * _cdiv(h, bk) + _cdiv(h, bn) * _cdiv(i, bk)
-        return e * (weights + 4 * blocks)
+        (rows13, inputs13), (rows2, inputs2) = formats.fp8_block_scale_shapes(h, i, storage.block)
+        return e * (weights + 4 * (rows13 * inputs13 + rows2 * inputs2))
     groups = weights // storage.group
     if storage.scheme == "mxfp4":   # two e2m1 codes a byte, one e8m0 byte a group (biases left out)
         return e * (weights // 2 + groups)
@@ -276,7 +280,7 @@ def kv_bytes_per_token(shape: ModelShape, tp: int = 1) -> int:
     the ranks."""
     if shape.mla:
         return shape.num_layers * (shape.mla["kv_lora_rank"] + shape.mla["qk_rope_head_dim"]) * shape.dtype_bytes
-    heads = _cdiv(shape.kv_heads, tp)
+    heads = -(-shape.kv_heads // tp)   # a KV head split by fewer ranks is replicated
     return shape.num_layers * 2 * heads * shape.head_dim * shape.dtype_bytes
 
 

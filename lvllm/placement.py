@@ -1,10 +1,13 @@
-"""Where each MoE layer's routed experts run: the one place that decides it.
+"""Where each MoE layer's routed experts run, and which layers lk refuses: decided here.
 
 A layer listed in LVLLM_GPU_RESIDENT_MOE_LAYERS (or, with ``auto``, one that lvllm.plan fits on
 the GPU, asked once the model is known) keeps vLLM's own experts on the device;
-every other one goes to lk, and on a GPU with LVLLM_GPU_PREFILL_MIN_BATCH_SIZE set it also
-joins the ring that streams its experts to the GPU for long prompts. Which *tokens* of a
-forward take the streamed experts is lvllm.gpu.plan's per-forward decision.
+every other one goes to lk, or stops start-up when lk cannot compute it (``Placement.place``
+with the layer's problems, gathered by lvllm.vllm.checkpoint_sources). On a GPU with
+LVLLM_GPU_PREFILL_MIN_BATCH_SIZE set, an lk layer whose experts the GPU's fused kernel can
+compute (``streams_in_gpu_prefill``) also joins the ring that streams its experts to the GPU
+for long prompts. Which *tokens* of a forward take the streamed experts is lvllm.gpu.plan's
+per-forward decision.
 """
 
 from __future__ import annotations
@@ -27,6 +30,29 @@ LK_ACTIVATIONS = ("silu", "gelu", "swigluoai")
 
 class UnsupportedLayer(envs.EnvError):
     """A layer lvllm was asked to put on lk but cannot; says what to do instead."""
+
+
+def activation_problems(activation: str, gated: bool = True) -> list[str]:
+    """Why lk cannot compute experts of this activation (empty: it can)."""
+    if gated and activation in LK_ACTIVATIONS:
+        return []
+    return [f"activation {activation!r} (lk: {', '.join(LK_ACTIVATIONS)}, gated)"]
+
+
+def streams_in_gpu_prefill(activation: str, has_biases: bool) -> bool:
+    """Whether a layer's experts may be streamed to the GPU for long prompts: the streamed
+    experts run vLLM's fused kernel on lk's [gate; up] layout, without biases or gpt-oss's
+    clamped activation (such layers compute their long prompts on lk)."""
+    return not has_biases and activation != "swigluoai"
+
+
+def refuse(layer_name: str, problems: list[str]) -> None:
+    """Stop start-up for an lk layer with problems, naming each and the way out."""
+    if problems:
+        raise UnsupportedLayer(
+            f"{layer_name}: lk cannot compute this layer's routed experts ({'; '.join(problems)}). "
+            f"Keep it on the device by listing its index in {RESIDENT_VAR}, or set "
+            "LVLLM_MOE_NUMA_ENABLED=0.")
 
 
 class LayerPath(enum.Enum):
@@ -62,6 +88,7 @@ class Placement:
     streams: bool = False   # lk layers also stream their experts to the GPU for long prompts
     lk_layers: dict[int, str] = field(default_factory=dict)      # index -> layer name
     device_layers: dict[int, str] = field(default_factory=dict)
+    unstreamed: set[int] = field(default_factory=set)   # lk layers streams_in_gpu_prefill keeps on lk
     loaded_bytes: dict[int, int] = field(default_factory=dict)   # index -> engine bytes
     weight_format: str = ""
     progress_bar: bool | None = None   # None: tqdm shows it where stderr is a TTY
@@ -88,8 +115,17 @@ class Placement:
         return cls(resident=frozenset(), streams=on_cuda and settings.gpu_prefill_min_batch > 0,
                    draft=settings.draft_moe)
 
-    def place(self, layer_index: int, layer_name: str, num_layers: int | None) -> LayerPath:
-        """Record a MoE layer and decide its path."""
+    def place(self, layer_index: int, layer_name: str, num_layers: int | None,
+              lk_problems: Callable[[], list[str]] = list, streamable: bool = True) -> LayerPath:
+        """Record a MoE layer and decide its path; a layer bound for lk with ``lk_problems()``
+        (asked only then) stops start-up. ``streamable``: streams_in_gpu_prefill's answer."""
+        path = self._record(layer_index, layer_name, num_layers, streamable)
+        if path.on_lk:
+            refuse(layer_name, lk_problems())
+        return path
+
+    def _record(self, layer_index: int, layer_name: str, num_layers: int | None,
+                streamable: bool) -> LayerPath:
         with self._lock:
             if self.resident == envs.AUTO:
                 if self.auto_resident is None:
@@ -100,13 +136,16 @@ class Placement:
                 self.num_layers = num_layers
             on_device = self.draft == "DEVICE" or layer_index in self.resident
             (self.device_layers if on_device else self.lk_layers)[layer_index] = layer_name
+            if not streamable:
+                self.unstreamed.add(layer_index)
             return self.path_of(layer_index)
 
     def path_of(self, layer_index: int) -> LayerPath:
         """The path ``place`` decided for a layer."""
         if layer_index in self.device_layers:
             return LayerPath.DEVICE
-        return LayerPath.LK_STREAMED if self.streams else LayerPath.LK
+        streamed = self.streams and layer_index not in self.unstreamed
+        return LayerPath.LK_STREAMED if streamed else LayerPath.LK
 
     def loading(self, what: str) -> None:
         """A layer's experts are about to be converted for lk: show the progress bar

@@ -27,6 +27,7 @@ from lvllm import envs, formats
 from lvllm.envs import DENSE_WEIGHT_MODES, EnvError, format_ranges
 from lvllm.machine import Machine, probe_machine
 from lvllm.memory import GIB
+from lvllm.settings import default_threads
 from lvllm.model_shape import (ConfigError, ModelShape, checkpoint_layer_bytes, dense_bytes, dense_weight_bytes,
                                kv_bytes_per_token, model_shape, read_config)
 
@@ -247,7 +248,7 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
     per_rank = max(1, machine.cores // tp)
     prefill = GPU_PREFILL_FROM[choice.resolved.name] if choice and gpu and gpu.ring else 0
     return Plan(shape, machine, max_model_len, gpu, lk_layers, rows, choice if lk_layers else None, kv_space,
-                max(1, per_rank - per_rank // 16), prefill, dense_group)
+                default_threads(per_rank), prefill, dense_group)
 
 
 # --------------------------------------------------------------------------------------

@@ -7,11 +7,18 @@ from dataclasses import dataclass
 from lvllm import envs
 
 
+def default_threads(cores: int | None = None) -> int:
+    """lk's threads when LK_THREADS is unset: the usable cores (or ``cores``) minus one per 16
+    for the host's own threads, at least 1."""
+    cores = envs.usable_cpus() if cores is None else cores
+    return max(1, cores - cores // 16)
+
+
 @dataclass(frozen=True)
 class LkSettings:
     """How the lk engine's runtime runs (the LK_* variables)."""
 
-    threads: int | None = None        # None: the default for the workers (lvllm.lk.runtime)
+    threads: int | None = None        # None: default_threads(), or torch's for OPENMP workers
     workers: str = "AUTO"             # AUTO, OPENMP or OWN
     binding: str = "CPU_CORE"
     power_saving: bool = False

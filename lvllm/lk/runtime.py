@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lvllm import _lk, envs
-from lvllm.settings import LkSettings
+from lvllm.settings import LkSettings, default_threads
 
 logger = logging.getLogger("lvllm")
 _oversubscription_warned: set[tuple[int, int]] = set()
@@ -18,21 +18,19 @@ _lock = threading.Lock()
 _default: tuple[_lk.Runtime, LkSettings] | None = None
 
 
-def default_threads() -> int:
-    """Usable cores minus one per 16 for the host's own threads, at least 1."""
-    usable = len(os.sched_getaffinity(0))
-    return max(1, usable - usable // 16)
-
-
 def default_runtime(auto_workers: str = "OWN", settings: LkSettings | None = None) -> _lk.Runtime:
     """The process's runtime, created from ``settings`` (None: the LK_* variables) on first
-    use; ``auto_workers`` is what LK_WORKERS=AUTO means for the caller (OWN or OPENMP)."""
+    use; ``auto_workers`` is what LK_WORKERS=AUTO means for the caller (OWN or OPENMP). A
+    later call that gives other settings is refused: the runtime cannot change under engines."""
     global _default
     with _lock:
         if _default is None:
             settings = settings or LkSettings.from_env()
             _default = make_runtime(workers=resolve_workers(auto_workers, settings),
                                     settings=settings), settings
+        elif settings is not None and settings != _default[1]:
+            raise RuntimeError(f"lk's runtime of this process was made from {_default[1]}; "
+                               f"it cannot be made again from {settings}")
         return _default[0]
 
 

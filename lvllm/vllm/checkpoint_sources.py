@@ -19,11 +19,8 @@ from vllm.model_executor.layers.quantization.base_config import resolve_quant_me
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 from vllm.platforms import current_platform
 
-from lvllm.placement import LK_ACTIVATIONS, RESIDENT_VAR, UnsupportedLayer
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from lvllm import formats
+from lvllm.placement import activation_problems
 
 
 def bias_params(num_experts, hidden, inter):
@@ -78,15 +75,13 @@ class Fp8BlockSource(ExpertSource):
         self.group = self.block_k
 
     def params(self, num_experts, hidden, inter, params_dtype):
-        bn, bk = self.block_n, self.block_k
         block = {"quant_method": FusedMoeWeightScaleSupported.BLOCK.value}
+        w13_scales, w2_scales = formats.fp8_block_scale_shapes(hidden, inter, (self.block_n, self.block_k))
         return {
             "w13_weight": ((num_experts, 2 * inter, hidden), torch.float8_e4m3fn, {}),
             "w2_weight": ((num_experts, hidden, inter), torch.float8_e4m3fn, {}),
-            "w13_weight_scale_inv": ((num_experts, 2 * _cdiv(inter, bn), _cdiv(hidden, bk)),
-                                     torch.float32, block),
-            "w2_weight_scale_inv": ((num_experts, _cdiv(hidden, bn), _cdiv(inter, bk)),
-                                    torch.float32, block),
+            "w13_weight_scale_inv": ((num_experts, *w13_scales), torch.float32, block),
+            "w2_weight_scale_inv": ((num_experts, *w2_scales), torch.float32, block),
         }
 
     def engine_inputs(self, layer):
@@ -307,11 +302,10 @@ def _awq_source(layer, prefix, quant_config, problems):
     return AwqInt4Source(group, bool(quant_config.zero_point))
 
 
-def check_lk_supports(layer, prefix, moe_config, problems: list[str]) -> None:
-    """Raise UnsupportedLayer naming every reason lk cannot compute ``layer``'s experts."""
-    if not moe_config.is_act_and_mul or moe_config.activation.value not in LK_ACTIVATIONS:
-        problems.append(f"activation {moe_config.activation.value!r} "
-                        f"(lk: {', '.join(LK_ACTIVATIONS)}, gated)")
+def lk_problems(layer, moe_config) -> list[str]:
+    """Every reason beside the checkpoint's format (expert_source) that lk cannot compute
+    ``layer``'s experts; lvllm.placement refuses the layer with them."""
+    problems = activation_problems(moe_config.activation.value, moe_config.is_act_and_mul)
     clamped = {name: getattr(moe_config, name, None)
                for name in ("swiglu_limit", "swiglu_alpha", "swiglu_beta")}
     if moe_config.activation.value == "swigluoai":
@@ -326,9 +320,4 @@ def check_lk_supports(layer, prefix, moe_config, problems: list[str]) -> None:
         problems.append("expert parallelism on the CUDA build (run with lk only on vLLM's CPU build so far)")
     if moe_config.is_lora_enabled:
         problems.append("MoE LoRA")
-    if problems:
-        raise UnsupportedLayer(
-            f"{prefix}: lk cannot compute this layer's routed experts ("
-            f"{'; '.join(problems)}). Keep it on the device by listing its index in "
-            f"{RESIDENT_VAR}, or set LVLLM_MOE_NUMA_ENABLED=0."
-        )
+    return problems

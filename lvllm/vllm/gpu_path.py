@@ -47,12 +47,10 @@ class GpuPath:
             return fused_experts(x, w13, w2, topk_weights, topk_ids, activation=activation)
 
         streamed = path is LayerPath.LK_STREAMED and self.ring is not None
-        if streamed and (experts.engine.has_biases or activation.value == "swigluoai"):
-            # The streamed experts run vLLM's fused kernel on lk's layout: [gate; up], no biases.
+        if path is LayerPath.LK and self.ring is not None:   # lvllm.placement.streams_in_gpu_prefill
             logger.info("lvllm: %s has expert biases or gpt-oss's activation, which the streamed "
                         "GPU prefill does not compute: lk computes its long prompts too",
                         experts.layer_name)
-            streamed = False
         experts.attach_gpu(self.queue, self.ring if streamed else None, gpu_experts, self.dtype)
 
     def allocate(self) -> None:

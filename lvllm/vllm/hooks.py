@@ -17,7 +17,7 @@ from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.models.utils import extract_layer_index
 
-from lvllm.placement import RESIDENT_VAR, Placement, UnsupportedLayer
+from lvllm.placement import Placement
 from lvllm.settings import Settings
 from lvllm.vllm import dense
 from lvllm.vllm.installation import Installation, num_model_layers
@@ -121,17 +121,12 @@ def watch_model_modules(parent: torch.nn.Module, name: str, module: torch.nn.Mod
     current.variants.register_new()
     if not isinstance(module, RoutedExperts) or isinstance(module, LkExperts):
         return None
-    layer_name = module.layer_name
-    placement_ = current.placement_for_model_being_built()
-    if placement_.place(extract_layer_index(layer_name), layer_name, num_model_layers()).on_lk:
-        cls = type(module)
-        raise UnsupportedLayer(
-            f"{layer_name}: this model builds its routed experts with "
-            f"{cls.__module__}.{cls.__qualname__}, which lvllm could not take over (its name "
-            "is shared by another class, or it was defined after the model started building), "
-            f"so lk cannot take them. Keep the layer on the device by listing its index in "
-            f"{RESIDENT_VAR}, or set LVLLM_MOE_NUMA_ENABLED=0."
-        )
+    layer_name, cls = module.layer_name, type(module)
+    escaped = (f"the model builds them with {cls.__module__}.{cls.__qualname__}, which lvllm could "
+               "not take over: its name is shared by another class, or it was defined after the "
+               "model started building")
+    current.placement_for_model_being_built().place(extract_layer_index(layer_name), layer_name,
+                                                    num_model_layers(), lk_problems=lambda: [escaped])
     return None
 
 

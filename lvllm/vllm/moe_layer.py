@@ -20,9 +20,9 @@ from vllm.platforms import current_platform
 from lvllm import envs, formats
 from lvllm.hybrid import ALL_ROWS_ON_LK, HybridExperts
 from lvllm.memory import LayerMemory, check_budget, returnable_empty
-from lvllm.placement import Placement
-from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, check_lk_supports,
-                                           expert_source, gate_up_halves)
+from lvllm.placement import RESIDENT_VAR, Placement, streams_in_gpu_prefill
+from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_source, gate_up_halves,
+                                           lk_problems)
 from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
 from lvllm.vllm.installation import Installation, logger, num_model_layers, pipeline_stage
 
@@ -204,7 +204,13 @@ class LkMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts,
               shared_experts_input):
-        # Reached only if a runner without LkRunner drives the layer.
+        """vLLM's modular entry, reached only when a runner without LkRunner drives the layer:
+        the routed experts on lk. vLLM hands shared experts here only for a kernel that runs
+        them itself (overlapped with expert-parallel dispatch), which lk does not do."""
+        if shared_experts is not None:
+            raise NotImplementedError(
+                f"{self.experts.layer_name}: vLLM asked lk's method to run the shared experts "
+                f"inside the MoE kernel, which it does not; keep the layer on the device ({RESIDENT_VAR})")
         return self.experts.forward(x, topk_ids, topk_weights, run_shared=lambda: None)[1]
 
 
@@ -305,15 +311,21 @@ class LkExperts:
         placement = self.installation.placement_for_model_being_built()
         if placement.stage is None and placement.draft is None:
             placement.stage = pipeline_stage(num_model_layers())
-        path = placement.place(layer_index, prefix, num_model_layers())
+        source: ExpertSource | None = None
+
+        def problems_on_lk() -> list[str]:
+            nonlocal source
+            problems: list[str] = []
+            source = expert_source(self, prefix, quant_config, problems)
+            return problems + lk_problems(self, moe_config)
+
+        path = placement.place(layer_index, prefix, num_model_layers(), lk_problems=problems_on_lk,
+                               streamable=streams_in_gpu_prefill(moe_config.activation.value, moe_config.has_bias))
         if not path.on_lk:
             if placement.draft is not None:
                 self.installation.log_once("draft on device", "lvllm: the draft model's MoE layers "
                                            "keep vLLM's own path (LVLLM_DRAFT_MOE=DEVICE)")
             return super()._get_quant_method(prefix, quant_config, moe_config)
-        problems: list[str] = []
-        source = expert_source(self, prefix, quant_config, problems)
-        check_lk_supports(self, prefix, moe_config, problems)
         return LkMoEMethod(moe_config, layer_index, self.installation, placement, source)
 
 

@@ -26,7 +26,7 @@ def checkpoints(tmp_path_factory):
               "awq": ("--quantize", "awq-experts"), "awq-zero": ("--quantize", "awq-experts", "--zero-point")}
     yield {name: build_model(root / name, "qwen3_moe", *CHECKPOINT_DIMS, *args) for name, args in builds.items()}
     from vllm.distributed import parallel_state
-    from lvllm.vllm import uninstall
+    from lvllm.vllm.hooks import uninstall
 
     uninstall()   # doctor installed lvllm in this process
     parallel_state.destroy_model_parallel()
@@ -162,3 +162,30 @@ def test_keeps_vllm_log_level_of_the_process(monkeypatch, checkpoints):
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     status, _ = doctor(monkeypatch, checkpoints["bf16"])
     assert status == 0 and "VLLM_LOGGING_LEVEL" not in os.environ
+
+
+def test_the_fused_moe_method_entry_computes_the_routed_experts(checkpoints):
+    """LkMoEMethod.apply (vLLM's entry for a runner without LkRunner) against float64 routed
+    experts; shared experts it is asked to run inside the kernel are refused, not dropped."""
+    from lvllm.doctor import expected_error
+    from lvllm.reference import CheckpointTensors, expert_layers, expert_output, expert_weights
+    from lvllm.settings import Settings
+    from lvllm.vllm.single_layer import load_layer, model_context
+
+    tensors = CheckpointTensors(checkpoints["bf16"])
+    layer = expert_layers(tensors)[1]
+    with model_context(str(checkpoints["bf16"]), "bfloat16", Settings.from_env()) as (vllm_config, _):
+        method = load_layer(vllm_config, layer, tensors)
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, method.experts.engine.hidden_size, generator=generator, dtype=torch.float64)
+        ids = torch.stack([torch.randperm(layer.experts, generator=generator)[:2] for _ in range(3)])
+        gates = torch.rand(3, 2, generator=generator, dtype=torch.float64).softmax(1)
+        out = method.apply(None, x.bfloat16(), gates.float(), ids.int(), None, None)
+        with pytest.raises(NotImplementedError, match="shared experts"):
+            method.apply(None, x.bfloat16(), gates.float(), ids.int(), object(), x.bfloat16())
+    x = x.bfloat16().double()
+    ref = torch.stack([sum(gates[t, k] * expert_output(*expert_weights(tensors, layer, int(ids[t, k])), x[t:t + 1],
+                                                       method.experts.engine.activation)[0]
+                           for k in range(2)) for t in range(3)])
+    # The bound lvllm doctor derives for bf16 weights held as stored, in a bf16 model.
+    assert float((out.double() - ref).norm() / ref.norm()) < expected_error("bf16", "bf16", torch.bfloat16)

@@ -240,7 +240,7 @@ def awq_source(**awq):
 ])
 def test_awq_checkpoint_lk_cannot_take_is_refused(config, problem):
     """Decided from the config at start-up, naming the checkpoint's values and what lk
-    takes (check_lk_supports adds the layer and the way out to every problem)."""
+    takes (lvllm.placement.refuse adds the layer and the way out to every problem)."""
     found, problems = awq_source(**config)
     assert found is None and len(problems) == 1
     assert problem in problems[0] and "lk takes AWQ GEMM 4-bit experts" in problems[0]
@@ -262,15 +262,17 @@ def test_expert_parallelism_is_taken_on_the_cpu_build_only(monkeypatch, on_cpu):
     start-up, naming the layer and the way out, until it has run there."""
     from types import SimpleNamespace
 
-    from lvllm.placement import UnsupportedLayer
+    from lvllm.placement import RESIDENT_VAR, UnsupportedLayer, refuse
     from lvllm.vllm import checkpoint_sources
 
     monkeypatch.setattr(checkpoint_sources, "current_platform", SimpleNamespace(is_cpu=lambda: on_cpu))
     layer = SimpleNamespace(apply_router_weight_on_input=False)
     moe_config = SimpleNamespace(is_act_and_mul=True, activation=SimpleNamespace(value="silu"),
                                  moe_parallel_config=SimpleNamespace(use_ep=True), is_lora_enabled=False)
+    problems = checkpoint_sources.lk_problems(layer, moe_config)
     if on_cpu:
-        checkpoint_sources.check_lk_supports(layer, "model.layers.0.mlp.experts", moe_config, [])
+        assert problems == []
         return
-    with pytest.raises(UnsupportedLayer, match=r"model.layers.0.mlp.experts: .*expert parallelism on the CUDA build"):
-        checkpoint_sources.check_lk_supports(layer, "model.layers.0.mlp.experts", moe_config, [])
+    with pytest.raises(UnsupportedLayer, match=r"model.layers.0.mlp.experts: .*expert parallelism on the CUDA build"
+                                               rf".*{RESIDENT_VAR}"):
+        refuse("model.layers.0.mlp.experts", problems)
