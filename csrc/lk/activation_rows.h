@@ -81,7 +81,12 @@ class QuantizedRows {
 
   kernels::ActivationRow row(const float* x, const void* records, std::size_t row) const {
     const Record record = at(records, row);
-    return {x, record.q, record.scale, record.sum, record.quads, record.span_sums};
+    return {.values = x,
+            .q = record.q,
+            .scale = record.scale,
+            .sum = record.sum,
+            .quads = record.quads,
+            .span_sums = record.span_sums};
   }
 
  private:

@@ -70,7 +70,10 @@ void LinearEngine::pack(const WeightSource& weight) {
   for (const NodePanels& node : nodes_) tasks.push_back((node.count + kPackPanels - 1) / kPackPanels);
   pack_on_workers(*runtime_, tasks, [&](int node, uint32_t task) {
     const NodePanels& mine = nodes_[node];
-    const SourceMatrix source{weight, static_cast<std::size_t>(outputs_), static_cast<std::size_t>(inputs_), 0};
+    const SourceMatrix source{.source = weight,
+                              .rows = static_cast<std::size_t>(outputs_),
+                              .cols = static_cast<std::size_t>(inputs_),
+                              .expert = 0};
     PackScratch scratch;
     int rows[kPanelWidth];
     const int first = static_cast<int>(task) * kPackPanels, last = std::min(mine.count, first + kPackPanels);
@@ -183,7 +186,7 @@ void LinearEngine::multiply(int node, uint32_t task, int worker) {
   for (int i = 0; i < count; ++i) {
     const float* values = plan.input_rows + (first_row + i) * inputs;
     a_rows[i] = plan.integer_rows ? input_q_.row(values, records, first_row + i)
-                                  : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
+                                  : kernels::ActivationRow::of_values(values);
     first_out[i] = sums + i * kPanelWidth;
     second_out[i] = sums + sum_floats + i * kPanelWidth;
   }

@@ -93,8 +93,13 @@ std::size_t MoEEngine::weight_bytes() const {
 std::vector<MoEEngine::PackedSlice> MoEEngine::packed_slices() const {
   std::vector<PackedSlice> slices;
   for (const NodeSlice& slice : slices_) {
-    slices.push_back({slice.begin, slice.length, slice.panels, slice.gate_up, slice.down, gate_up_panel_bytes(slice),
-                      down_panel_bytes(slice)});
+    slices.push_back({.begin = slice.begin,
+                      .length = slice.length,
+                      .panels = slice.panels,
+                      .gate_up = slice.gate_up,
+                      .down = slice.down,
+                      .gate_up_panel_bytes = gate_up_panel_bytes(slice),
+                      .down_panel_bytes = down_panel_bytes(slice)});
   }
   return slices;
 }
@@ -103,10 +108,14 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
   const std::vector<uint32_t> tasks(slices_.size(), static_cast<uint32_t>(shape_.experts));
   pack_on_workers(*runtime_, tasks, [&](int node, uint32_t expert) {
     const NodeSlice& slice = slices_[node];
-    const SourceMatrix gate_up_source{w13, 2 * static_cast<std::size_t>(shape_.intermediate),
-                                      static_cast<std::size_t>(shape_.hidden), expert};
-    const SourceMatrix down_source{w2, static_cast<std::size_t>(shape_.hidden),
-                                   static_cast<std::size_t>(shape_.intermediate), expert};
+    const SourceMatrix gate_up_source{.source = w13,
+                                      .rows = 2 * static_cast<std::size_t>(shape_.intermediate),
+                                      .cols = static_cast<std::size_t>(shape_.hidden),
+                                      .expert = expert};
+    const SourceMatrix down_source{.source = w2,
+                                   .rows = static_cast<std::size_t>(shape_.hidden),
+                                   .cols = static_cast<std::size_t>(shape_.intermediate),
+                                   .expert = expert};
     const std::size_t gate_up_bytes = gate_up_panel_bytes(slice), down_bytes = down_panel_bytes(slice);
     int rows[kPanelWidth];
     PackScratch scratch;

@@ -250,7 +250,7 @@ void MoEEngine::gate_up(int node, uint32_t task, int worker) {
       const std::size_t token = plan.slot_token[chunk + i];
       const float* values = plan.input_rows + token * hidden;
       rows[i] = plan.integer_rows ? input_q_.row(values, scratch.input_q.data(), token)
-                                  : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
+                                  : kernels::ActivationRow::of_values(values);
       gate_rows[i] = gate_sums + i * kPanelWidth;
       up_rows[i] = up_sums + i * kPanelWidth;
     }
@@ -299,7 +299,7 @@ kernels::ActivationRow MoEEngine::down_row(int node, std::size_t slot) const {
   const std::size_t hidden_row = static_cast<std::size_t>(slices_[node].panels) * kPanelWidth;
   const float* values = scratch.hidden[node].as<float>() + slot * hidden_row;
   return plan_.integer_rows ? hidden_q_[node].row(values, scratch.hidden_q[node].data(), slot)
-                            : kernels::ActivationRow{values, nullptr, nullptr, nullptr, nullptr, nullptr};
+                            : kernels::ActivationRow::of_values(values);
 }
 
 // One chunk of an expert's hidden rows, staged once for the unit kernels where they take it.

@@ -26,12 +26,12 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
     const int first_span = is_grouped(format) ? span_index(group, first_group, 0) : 0;
     for (int i = 0; i < count; ++i) {
       const ActivationRow& a = a_rows[i];
-      block_rows[i] = {a.values + first,
-                       a.q ? a.q + first : nullptr,
-                       a.scale ? a.scale + first_group : nullptr,
-                       a.sum ? a.sum + first_group : nullptr,
-                       a.quads ? a.quads + first : nullptr,
-                       a.span_sums ? a.span_sums + first_span : nullptr};
+      block_rows[i] = {.values = a.values + first,
+                       .q = a.q ? a.q + first : nullptr,
+                       .scale = a.scale ? a.scale + first_group : nullptr,
+                       .sum = a.sum ? a.sum + first_group : nullptr,
+                       .quads = a.quads ? a.quads + first : nullptr,
+                       .span_sums = a.span_sums ? a.span_sums + first_span : nullptr};
     }
     kernel.widened_gemm(block_rows, count, widened, rows, group, c_rows, accumulate || first > 0);
   }

@@ -112,9 +112,12 @@ RandomRows random_rows(const kernels::FormatKernels& kernel, WeightFormat format
       a.quantized[row + k] = static_cast<int16_t>(v * static_cast<float>(largest));
       a.quads[row + (k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(a.quantized[row + k]);
     }
-    a.rows[r] = {&a.values[row], &a.quantized[row], &a.group_scales[static_cast<std::size_t>(r) * groups],
-                 &a.group_sums[static_cast<std::size_t>(r) * groups], &a.quads[row],
-                 &a.span_sums[static_cast<std::size_t>(r) * spans]};
+    a.rows[r] = {.values = &a.values[row],
+                 .q = &a.quantized[row],
+                 .scale = &a.group_scales[static_cast<std::size_t>(r) * groups],
+                 .sum = &a.group_sums[static_cast<std::size_t>(r) * groups],
+                 .quads = &a.quads[row],
+                 .span_sums = &a.span_sums[static_cast<std::size_t>(r) * spans]};
   }
   return a;
 }

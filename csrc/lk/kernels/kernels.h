@@ -26,6 +26,11 @@ struct ActivationRow {
   const float* sum;
   const int8_t* quads;
   const int32_t* span_sums;
+
+  // The row of fp32 values alone, for kernels that read nothing else.
+  static ActivationRow of_values(const float* values) {
+    return {.values = values, .q = nullptr, .scale = nullptr, .sum = nullptr, .quads = nullptr, .span_sums = nullptr};
+  }
 };
 // INT8: 16 bits keep the quantization error of an activation below 2^-16 of its group's
 // largest magnitude, far below that of the weights. INT4: 8 bits (2^-8), still far below
@@ -103,25 +108,27 @@ using UnitPairGemm = void (*)(const ActivationRow* a_rows, const void* staged, i
                               const void* second, int depth, int group, float* const* c_first,
                               float* const* c_second, bool accumulate, void* workspace);
 
+// Built with designated initializers (PanelKernels::table and the tables that extend it):
+// what a table leaves out is null or zero.
 struct FormatKernels {
-  PanelGemm gemm;
-  PanelWiden widen;           // null where gemm serves every row count best
-  PanelGemm widened_gemm;     // multiplies what widen wrote
-  int widen_rows;             // fewest rows prefill widens for
-  int widen_block;            // inputs per widened block (kWidenedValueBytes of values)
-  bool integer_rows;          // gemm reads the quantized ActivationRow fields
-  PanelPairGemm gemm_pair;    // null where the ISA reads one panel at a time
-  int pair_rows;              // most rows gemm_pair takes (0 without it)
-  StageRows stage_rows;       // null where no unit kernel exists
-  UnitGemm unit_gemm;         // multiplies rows stage_rows staged
-  UnitPairGemm unit_gemm_pair;
-  int unit_rows;              // fewest rows the engine stages for unit_gemm
-  int staged_input_bytes;     // bytes of one input of one staged row
-  int chunk_rows;             // an expert's rows per call (at most kMaxPanelRows)
+  PanelGemm gemm = nullptr;
+  PanelWiden widen = nullptr;              // null where gemm serves every row count best
+  PanelGemm widened_gemm = nullptr;        // multiplies what widen wrote
+  int widen_rows = 0;                      // fewest rows prefill widens for
+  int widen_block = 0;                     // inputs per widened block (kWidenedValueBytes of values)
+  bool integer_rows = false;               // gemm reads the quantized ActivationRow fields
+  PanelPairGemm gemm_pair = nullptr;       // null where the ISA reads one panel at a time
+  int pair_rows = 0;                       // most rows gemm_pair takes (0 without it)
+  StageRows stage_rows = nullptr;          // null where no unit kernel exists
+  UnitGemm unit_gemm = nullptr;            // multiplies rows stage_rows staged
+  UnitPairGemm unit_gemm_pair = nullptr;
+  int unit_rows = 0;                       // fewest rows the engine stages for unit_gemm
+  int staged_input_bytes = 0;              // bytes of one input of one staged row
+  int chunk_rows = 0;                      // an expert's rows per call (at most kMaxPanelRows)
   // Every kernel of the format reads ActivationRow::values multiplied by this power of two
   // (1 for most), which the engine applies where it prepares them (panel_gemm.h, Unpack's
   // kActivationScale).
-  float activation_scale;
+  float activation_scale = 0.0f;
 };
 
 // Whether the format's unit kernels take `rows` rows (so the engine stages them).

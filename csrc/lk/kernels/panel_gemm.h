@@ -759,11 +759,16 @@ struct PanelKernels {
     }
   }
 
-  // The kernels of this Unpack.
+  // The kernels of this Unpack, without widening (table<Wide> adds it) or unit kernels
+  // (UnitKernels::table adds them).
   static constexpr FormatKernels table() {
     constexpr PanelPairGemm pair = pair_rows() > 0 ? &gemm_pair : nullptr;
-    return FormatKernels{&gemm, nullptr, nullptr, 0, 0, kInteger, pair, pair_rows(), nullptr, nullptr, nullptr, 0, 0, kChunkRows,
-                         activation_scale()};
+    return FormatKernels{.gemm = &gemm,
+                         .integer_rows = kInteger,
+                         .gemm_pair = pair,
+                         .pair_rows = pair_rows(),
+                         .chunk_rows = kChunkRows,
+                         .activation_scale = activation_scale()};
   }
   // The kernels of this Unpack, where prefill widens panels to Wide's layout from
   // `widen_rows` rows on (by default as soon as one pass does not take them) and multiplies

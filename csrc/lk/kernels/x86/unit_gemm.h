@@ -472,7 +472,10 @@ struct UnitKernels {
   }
 
   static BlockWalk first_block(int depth, int group) {
-    return BlockWalk{depth, Panel::kGrouped ? group : depth, Panel::padded(depth), Tiles::kBlockInputs};
+    return BlockWalk{.depth = depth,
+                     .group = Panel::kGrouped ? group : depth,
+                     .end_of_values = Panel::padded(depth),
+                     .block = Tiles::kBlockInputs};
   }
   static int block_steps(const BlockWalk& block) {
     return (Tiles::weight_rows(block.start, block.stop()) + kTileRows - 1) / kTileRows;
@@ -634,10 +637,17 @@ struct UnitKernels {
     uint8_t* sums = space + 4 * kWeightBytes + kParityOffset;
     StagedRowsHeader header;
     std::memcpy(&header, staged, sizeof header);
-    const Call<Panels> call{a, static_cast<const uint8_t*>(staged) + kTileRowBytes, header.planes, rows, depth,
-                            group, panels, c, {space, space + 2 * kWeightBytes + kParityOffset},
-                            {sums, sums + kSumBytes + kParityOffset},
-                            reinterpret_cast<float*>(sums + 2 * kSumBytes + kParityOffset)};
+    const Call<Panels> call{.a = a,
+                            .staged = static_cast<const uint8_t*>(staged) + kTileRowBytes,
+                            .planes = header.planes,
+                            .rows = rows,
+                            .depth = depth,
+                            .group = group,
+                            .panels = panels,
+                            .c = c,
+                            .weights = {space, space + 2 * kWeightBytes + kParityOffset},
+                            .sums = {sums, sums + kSumBytes + kParityOffset},
+                            .finished = reinterpret_cast<float*>(sums + 2 * kSumBytes + kParityOffset)};
     const int row_tiles = (rows + kTileRows - 1) / kTileRows;
     [&]<int... Index>(std::integer_sequence<int, Index...>) {
       ((row_tiles == Index + 1 && (multiply<Index + 1, Panels>(call, accumulate), true)) || ...);
