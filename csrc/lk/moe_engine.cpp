@@ -35,7 +35,7 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, 
   for (std::size_t n = 0; n < rows.size(); ++n) {
     NodeSlice& slice = slices_[n];
     static_cast<IntermediateRows&>(slice) = rows[n];
-    slice.gate_up = HostBuffer(static_cast<std::size_t>(shape.experts) * 2 * slice.panels * gate_up_panel_bytes(slice));
+    slice.gate_up = HostBuffer(static_cast<std::size_t>(shape.experts) * 2 * slice.panels * gate_up_panel_bytes());
     slice.down = HostBuffer(static_cast<std::size_t>(shape.experts) * hidden_panels_ * down_panel_bytes(slice));
   }
   if (runtime_->kernels()[shape.format].integer_rows) {
@@ -76,7 +76,7 @@ std::size_t planned_weight_bytes(const ExpertShape& shape, int nodes) {
   return total;
 }
 
-std::size_t MoEEngine::gate_up_panel_bytes(const NodeSlice&) const {
+std::size_t MoEEngine::gate_up_panel_bytes() const {
   return panel_bytes(shape_.format, shape_.hidden, shape_.group_size);
 }
 
@@ -98,7 +98,7 @@ std::vector<MoEEngine::PackedSlice> MoEEngine::packed_slices() const {
                       .panels = slice.panels,
                       .gate_up = slice.gate_up,
                       .down = slice.down,
-                      .gate_up_panel_bytes = gate_up_panel_bytes(slice),
+                      .gate_up_panel_bytes = gate_up_panel_bytes(),
                       .down_panel_bytes = down_panel_bytes(slice)});
   }
   return slices;
@@ -116,7 +116,7 @@ void MoEEngine::pack(const WeightSource& w13, const WeightSource& w2) {
                                    .rows = static_cast<std::size_t>(shape_.hidden),
                                    .cols = static_cast<std::size_t>(shape_.intermediate),
                                    .expert = expert};
-    const std::size_t gate_up_bytes = gate_up_panel_bytes(slice), down_bytes = down_panel_bytes(slice);
+    const std::size_t gate_up_bytes = gate_up_panel_bytes(), down_bytes = down_panel_bytes(slice);
     int rows[kPanelWidth];
     PackScratch scratch;
     const char* tensor = "w13";

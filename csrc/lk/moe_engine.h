@@ -124,7 +124,7 @@ class MoEEngine {
   };
 
   void pack(const WeightSource& w13, const WeightSource& w2);
-  std::size_t gate_up_panel_bytes(const NodeSlice& slice) const;
+  std::size_t gate_up_panel_bytes() const;  // every node's: gate/up panels span the whole hidden depth
   std::size_t down_panel_bytes(const NodeSlice& slice) const;
 
   // Before the job (moe_forward.cpp): routing, then the plan and the scratch it needs.

@@ -229,7 +229,7 @@ void MoEEngine::gate_up(int node, uint32_t task, int worker) {
   const int first_panel = static_cast<int>(task % runs) * run, end_panel = std::min(slice.panels, first_panel + run);
   const int expert = plan.active_experts[expert_index];
   const int first = plan.expert_slots[expert_index], last = plan.expert_slots[expert_index + 1];
-  const std::size_t panel_bytes = gate_up_panel_bytes(slice);
+  const std::size_t panel_bytes = gate_up_panel_bytes();
   const char* gates = slice.gate_up.as<char>() + static_cast<std::size_t>(expert) * 2 * slice.panels * panel_bytes;
   const char* ups = gates + static_cast<std::size_t>(slice.panels) * panel_bytes;
   float* gate_sums = scratch.per_worker.as<float>() + worker * plan.worker_floats;
