@@ -11,87 +11,11 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lvllm import _lk, envs
 from lvllm.lk import MoEEngine, make_runtime
 
-ISA_ORDER = _lk.isa_names()
-SUPPORTED_ISAS = ISA_ORDER[: ISA_ORDER.index(_lk.best_isa()) + 1]
-
-# Relative to the largest reference value. fp32 weights and outputs carry fp32 rounding
-# only; 16-bit outputs are rounded once more at the end.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1.702, limit=7.0,
-                  round_activations=None, exact13=None, exact2=None, w13_bias=None, w2_bias=None):
-    """out[t] = sum_j w[t, j] * (down_e(act(gate_e x_t + b) * (up_e x_t + b)) + b2_e), in float64.
-
-    For an engine that quantizes activations: round_activations(rows) -> (rows, doubt)
-    rounds the inputs of gate/up and of down as it does, except that exact13 / exact2 (parts
-    of w13 / w2, as w13 / w2 are) multiply the unrounded inputs. doubt is the step by which
-    an engine computing in fp32 may round an input otherwise (0 where it cannot); the
-    reference then returns (out, slack): how far out may move by such steps in down."""
-    w13, w2, x = w13.double(), w2.double(), x.double()
-    weights = topk_weights.double()
-    intermediate = w2.shape[2]
-
-    def project(rows, w, exact):
-        if round_activations is None:
-            return rows @ w.T, None
-        rounded, doubt = round_activations(rows)
-        rounding = w if exact is None else w - exact.double()
-        out = rounded @ rounding.T + (0 if exact is None else rows @ exact.double().T)
-        return out, doubt @ rounding.abs().T
-
-    out = torch.zeros_like(x)
-    slack = torch.zeros_like(x)
-    for expert in range(w13.shape[0]):
-        token_idx, slot_idx = (topk_ids.long() == expert).nonzero(as_tuple=True)
-        if token_idx.numel() == 0:
-            continue
-        gate_up, _ = project(x[token_idx], w13[expert], None if exact13 is None else exact13[expert])
-        if w13_bias is not None:
-            gate_up = gate_up + w13_bias[expert].double()
-        gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
-        if activation == "silu":
-            hidden = F.silu(gate) * up
-        elif activation == "gelu":
-            hidden = F.gelu(gate) * up
-        else:
-            gate = gate.clamp(max=limit)
-            up = up.clamp(-limit, limit)
-            hidden = gate * torch.sigmoid(alpha * gate) * (up + 1)
-        down, down_slack = project(hidden, w2[expert], None if exact2 is None else exact2[expert])
-        if w2_bias is not None:
-            down = down + w2_bias[expert].double()
-        routing = weights[token_idx, slot_idx, None]
-        out.index_add_(0, token_idx, down * routing)
-        if down_slack is not None:
-            slack.index_add_(0, token_idx, down_slack * routing.abs())
-    return out if round_activations is None else (out, slack)
-
-
-def random_experts(experts, hidden, intermediate, dtype, seed):
-    generator = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
-    w2 = torch.randn(experts, hidden, intermediate, generator=generator) / intermediate**0.5
-    return w13.to(dtype), w2.to(dtype)
-
-
-def random_routing(tokens, experts, k, seed, id_dtype=torch.int32):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)])
-    weights = torch.rand(tokens, k, generator=generator)
-    return ids.to(id_dtype), weights
-
-
-def assert_close(out, ref, dtype):
-    assert not torch.isnan(out).any(), "engine produced NaN"
-    scale = ref.abs().max().item()
-    error = (out.double() - ref).abs().max().item()
-    assert error <= TOLERANCE[dtype] * max(scale, 1e-30), f"max error {error:.3g} vs scale {scale:.3g}"
+from .helpers import ISA_ORDER, SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)

@@ -2,131 +2,21 @@
 
 Each format is checked tightly against the reference computed from the weights it holds
 (quantized and dequantized with torch by lvllm.lk.quant, independently of the C++ engine),
-and loosely against the original float weights, which bounds the quantization error.
+and loosely against the original float weights, which bounds the quantization error (the
+tolerances and how they were derived: helpers.py, TIGHT* and LOOSE).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lvllm import _lk
 from lvllm.lk import MoEEngine, QuantizedWeights, engine_group_size, make_runtime, planned_bytes, quant
 
-from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
-
-# Engine output vs the float64 reference from its own dequantized weights, relative to the
-# largest output. FP8 unpacks to fp32 and multiplies in fp32: fp32 rounding only.
-TIGHT = 2e-5
-# INT8 and INT4 kernels multiply the weights in integers with the activations rounded to
-# int16 per weight group (once per forward): each activation moves by at most 2^-16 of its
-# group's largest magnitude, finer than the bf16 rounding of any activation within 1/128 of
-# that magnitude. Worst seen over these tests: 9e-5 (both formats); the bound leaves about
-# 2x. It is 40x below what INT8 weights themselves cost (LOOSE).
-TIGHT_INTEGER = 2e-4
-# INT4 rounds activations to 8 bits per group (kernels.h, activation_max) and multiplies
-# each weight's offset from its group's midpoint (q - 8 steps) by them, the midpoint by the
-# group's exact fp32 sum. Against a float64 reference that does the same, what is left is
-# fp32 arithmetic, as for the float formats (worst seen over these tests: 6e-7), plus the
-# hidden activations that the engine's fp32 may round one step from where float64 does:
-# those within DOUBT_STEPS of a tie, each allowed its step (without it, seen: 5e-3). INT4
-# inputs are drawn on the 8-bit grid, so their rounding is never in doubt.
-TIGHT_INT4 = TIGHT
-DOUBT_STEPS = 1e-3
-# Output error caused by quantizing all three matrices (||out - original|| / ||original||),
-# worst seen with random Gaussian weights of these shapes over groups 32-128: INT8 0.02,
-# INT4 0.20 (gate, up and down errors compound). Bounds leave about 2x margin.
-LOOSE = {"int8": 0.04, "int4": 0.35}
-
-
-def reference_int8(w: torch.Tensor, group: int) -> torch.Tensor:
-    return quant.dequantize(quant.quantize(w, "int8", group))
-
-
-def reference_int4(w: torch.Tensor, group: int) -> QuantizedWeights:
-    return quant.quantize(w, "int4", group)
-
-
-def activations_as_rounded(group: int, steps: int = 127):
-    """The engine's 8-bit activation rounding: per row, groups of `group` inputs scaled so
-    the largest magnitude is `steps` steps, rounded half to even. -> (rounded, doubt)."""
-
-    def rounded(rows: torch.Tensor):
-        length = rows.shape[-1]
-        padded = F.pad(rows, (0, (-length) % group)).unflatten(-1, (-1, group))
-        step = padded.abs().amax(-1, keepdim=True) / steps
-        scaled = padded / torch.where(step > 0, step, 1)
-        tie = ((scaled - scaled.floor()) - 0.5).abs() < DOUBT_STEPS
-        doubt = torch.where(tie, step, 0)
-        return (torch.round(scaled) * step).flatten(-2)[..., :length], doubt.flatten(-2)[..., :length]
-
-    return rounded
-
-
-def group_midpoints(weights: QuantizedWeights) -> torch.Tensor:
-    """Per weight, the value of q = 8 in its group: the part the engine multiplies by the
-    activations' exact sums."""
-    cols = weights.values.shape[2]
-    mid = 8 * weights.scales.double()
-    if weights.offsets is not None:
-        mid = mid + weights.offsets.double()
-    return mid.repeat_interleave(weights.group_size, -1)[..., :cols]
-
-
-def random_int4(experts, rows, cols, group, seed):
-    """A checkpoint-style INT4 tensor: values 0..15, per-group scales and offsets."""
-    generator = torch.Generator().manual_seed(seed)
-    values = torch.randint(0, 16, (experts, rows, cols), generator=generator, dtype=torch.uint8)
-    groups = -(-cols // group)
-    scales = (torch.rand(experts, rows, groups, generator=generator) + 0.5) / (8 * cols**0.5)
-    weights = QuantizedWeights(values, scales, group, -8 * scales)
-    return weights, quant.dequantize(weights)
-
-
-def random_fp8(experts, rows, cols, group, seed):
-    """FP8 e4m3 values with per-group scales (block-quantized checkpoints expand to this)."""
-    generator = torch.Generator().manual_seed(seed)
-    # Saturated to the format's range as quantizers do (torch < 2.13 turns overflow into NaN).
-    values = (torch.randn(experts, rows, cols, generator=generator) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    values.view(torch.uint8)[0, 0, :8] = torch.arange(8, dtype=torch.uint8)  # subnormals and zero
-    groups = -(-cols // group)
-    scales = (torch.rand(experts, rows, groups, generator=generator) + 0.5) / (100 * cols**0.5)
-    weights = QuantizedWeights(values, scales, group)
-    return weights, quant.dequantize(weights)
-
-
-def assert_tight(engine, out, w13_ref, w2_ref, x, ids, weights):
-    """out against the float64 reference from the engine's own weights: dequantized
-    tensors, or INT4's QuantizedWeights, whose activation rounding it then follows."""
-    if isinstance(w13_ref, QuantizedWeights):
-        assert engine.weight_format == "int4"
-        ref, slack = reference_moe(quant.dequantize(w13_ref), quant.dequantize(w2_ref), x, ids, weights,
-                                   engine.activation,
-                                   round_activations=activations_as_rounded(engine.group_size),
-                                   exact13=group_midpoints(w13_ref), exact2=group_midpoints(w2_ref))
-        bound = TIGHT_INT4 * ref.abs().max().item() + slack
-    else:
-        ref = reference_moe(w13_ref, w2_ref, x, ids, weights, engine.activation)
-        bound = (TIGHT_INTEGER if engine.weight_format == "int8" else TIGHT) * ref.abs().max().item()
-    assert ((out.double() - ref).abs() <= bound).all()
-
-
-def random_inputs(engine, tokens):
-    """Random inputs; on INT4's 8-bit grid for INT4 engines (see TIGHT_INT4)."""
-    x = torch.randn(tokens, engine.hidden_size)
-    return activations_as_rounded(engine.group_size)(x)[0].float().contiguous() if engine.weight_format == "int4" else x
-
-
-def run_and_compare(engine, w13_ref, w2_ref, tokens, seed, originals=None, loose=None):
-    x = random_inputs(engine, tokens)
-    ids, weights = random_routing(tokens, engine.num_experts, min(4, engine.num_experts), seed=seed)
-    out = engine.forward(x, ids, weights).double()
-    assert not torch.isnan(out).any()
-    assert_tight(engine, out, w13_ref, w2_ref, x, ids, weights)
-    if originals is not None:
-        original = reference_moe(*originals, x, ids, weights)
-        assert (out - original).norm().item() <= loose * original.norm().item()
+from .helpers import (LOOSE, SUPPORTED_ISAS, activations_as_rounded, assert_close, assert_tight, random_experts,
+                      random_fp8, random_inputs, random_int4, random_routing, reference_int4, reference_int8,
+                      reference_moe, run_and_compare)
 
 
 @pytest.mark.parametrize("isa", SUPPORTED_ISAS)

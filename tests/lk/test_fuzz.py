@@ -25,8 +25,7 @@ import torch
 
 from lvllm.lk import MoEEngine, QuantizedWeights, quant
 
-from .test_engine import TOLERANCE, assert_close, reference_moe
-from .test_formats import assert_tight, random_fp8, random_int4, random_inputs
+from .helpers import TOLERANCE, assert_close, assert_tight, random_fp8, random_inputs, random_int4, reference_moe
 
 ACTIVATIONS = ("silu", "gelu", "swigluoai")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -99,7 +98,7 @@ class Case:
         tokens = rng.choice((0, 1, 1, 2, 3, 5, 8, 17, 40, 70))
         ids, weights = self.routing(tokens)
         stored = STORED_DTYPES.get(self.engine.weight_format)
-        # Held to the tight bounds of test_formats: float32 x (INT4's on its 8-bit grid).
+        # Held to the tight bounds (helpers.assert_tight): float32 x (INT4's on its 8-bit grid).
         x = random_inputs(self.engine, tokens) if stored is None else torch.randn(tokens, self.hidden)
         if stored is not None:
             x = x.to(rng.choice(FLOAT_DTYPES))

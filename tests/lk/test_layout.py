@@ -7,6 +7,8 @@ import torch
 from lvllm.lk import MoEEngine, QuantizedWeights, quant
 from lvllm.lk.layout import PackedLayout
 
+from .helpers import assert_unpacks_to
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("nodes", [1, 2, 3])
@@ -67,18 +69,6 @@ def test_quantized_engine_memory_unpacks_to_its_dequantized_weights(runtimes, we
         engine = MoEEngine(w13, w2, "silu", weight_format=weight_format, group_size=group,
                            runtime=runtimes(threads=1, numa_nodes=nodes))
     assert_unpacks_to(engine, expected13, expected2)
-
-
-def assert_unpacks_to(engine, expected13, expected2):
-    """The engine's packed memory, unpacked in fp32 and in bf16, is exactly these weights."""
-    for dtype in (torch.float32, torch.bfloat16):
-        layout, views = PackedLayout.of(engine, dtype)
-        assert layout.nbytes == engine.nbytes
-        got13 = torch.full(expected13.shape, float("nan"), dtype=dtype)
-        got2 = torch.full(expected2.shape, float("nan"), dtype=dtype)
-        layout.unpack(torch.cat(views), got13, got2)
-        assert torch.equal(got13, expected13.to(dtype)), engine.weight_format
-        assert torch.equal(got2, expected2.to(dtype)), engine.weight_format
 
 
 def test_float_engines_unpack_into_another_dtype(runtimes):

@@ -7,14 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvllm import _lk
 from lvllm.lk import quant
 from lvllm.lk.linear import LinearEngine, planned_linear_bytes
 
-from .test_formats import LOOSE, TIGHT, TIGHT_INTEGER, activations_as_rounded
+from .helpers import LOOSE, SUPPORTED_ISAS, TIGHT, TIGHT_INTEGER, activations_as_rounded
 
-ISA_ORDER = _lk.isa_names()
-SUPPORTED_ISAS = ISA_ORDER[: ISA_ORDER.index(_lk.best_isa()) + 1]
 # Relative to the output's largest magnitude: fp32 sums over up to 2048 inputs, then the
 # output rounded to its dtype.
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -118,7 +115,7 @@ def quantized_reference(weight: torch.Tensor, weight_format: str, group: int) ->
 @pytest.mark.parametrize("rows", [1, 5, 70])
 def test_quantized_weights_per_isa(runtimes, isa, weight_format, rows):
     """Tight against float64 of the weights the engine holds; INT4's activations drawn on its
-    8-bit grid so the kernels' activation rounding is exact (test_formats.TIGHT_INT4)."""
+    8-bit grid so the kernels' activation rounding is exact (helpers.TIGHT_INT4)."""
     group = 64
     weight, bias = random_layer(200, 320, torch.bfloat16, seed=rows)
     engine = LinearEngine(weight, weight_format, group, runtime=runtimes(isa=isa))
@@ -136,7 +133,7 @@ def test_quantized_weights_per_isa(runtimes, isa, weight_format, rows):
 @pytest.mark.parametrize("shape, group", [((37, 100), 32), ((300, 2048), 128), ((64, 4096), 256)])
 def test_quantized_error_against_the_float_weights(runtimes, weight_format, shape, group):
     """Partial panels and groups, real widths; the error against the original weights is the
-    quantization's own (below what it costs a whole MoE layer: test_formats.LOOSE)."""
+    quantization's own (below what it costs a whole MoE layer: helpers.LOOSE)."""
     weight, bias = random_layer(*shape, torch.bfloat16, seed=shape[0])
     engine = LinearEngine(weight, weight_format, group, runtime=runtimes(numa_nodes=2))
     x = torch.randn(9, shape[1], dtype=torch.bfloat16)

@@ -18,9 +18,8 @@ from lvllm import _lk
 from lvllm.lk import MoEEngine, QuantizedWeights, mxfp4, planned_bytes, quant
 from lvllm.reference import dequantize_mxfp4
 
-from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
-from .test_formats import TIGHT, activations_as_rounded, reference_int4, reference_int8
-from .test_layout import assert_unpacks_to
+from .helpers import (SUPPORTED_ISAS, TIGHT, activations_as_rounded, assert_close, assert_unpacks_to, random_experts,
+                      random_routing, reference_int4, reference_int8, reference_moe)
 
 GROUP = 32
 # The engine rounds MXFP4's activations to 85 steps each side per group of 32, so that a

@@ -13,8 +13,7 @@ import torch
 
 from lvllm.lk import MoEEngine, QuantizedWeights, make_runtime, quant
 
-from .test_engine import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe
-from .test_formats import run_and_compare
+from .helpers import SUPPORTED_ISAS, assert_close, random_experts, random_routing, reference_moe, run_and_compare
 
 
 def thread_ids() -> set[int]:

@@ -15,8 +15,7 @@ import torch
 
 from lvllm.lk import MoEEngine, QuantizedWeights, quant
 
-from .test_engine import SUPPORTED_ISAS, random_experts, reference_moe
-from .test_formats import TIGHT, random_fp8
+from .helpers import SUPPORTED_ISAS, TIGHT, random_experts, random_fp8, reference_moe
 
 needs_amx = pytest.mark.skipif("AMX" not in SUPPORTED_ISAS, reason="this CPU has no AMX tiles")
 # The ISAs whose float formats multiply staged rows on a unit.
