@@ -121,7 +121,8 @@ def test_qwen3_30b_on_cpu_only():
     # INT4 with INT4 dense: 48 x 128 x 2,654,208 + 2 bf16 layers + 1 GiB + 1,332,133,888 = 19.7 GiB.
     short = plan.make_plan(shape, machine(ram=19, cores=2, bandwidth=35), 4096)
     assert short.choice is None and not short.feasible
-    assert "the smallest, INT4 with LVLLM_DENSE_USE_WEIGHT=INT4, needs 19.7 GiB" in plan.render(short, "m")
+    smallest = plan.render(short, "m")
+    assert "INT4 with LVLLM_DENSE_USE_WEIGHT=INT4" in smallest and "needs 19.7 GiB" in smallest, smallest
 
 
 def test_qwen3_30b_dense_bytes():
@@ -339,7 +340,8 @@ def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):
     done = subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "plan", "--model", str(tmp_path), "--ram", "19",
                            "--bandwidth", "35", "--cores", "2", "--max-model-len", "4096"],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1 and "No plan: no LVLLM_MOE_USE_WEIGHT value fits 19.0 GiB" in done.stdout
+    assert done.returncode == 1 and "No plan" in done.stdout, done.stdout
+    assert "LVLLM_MOE_USE_WEIGHT" in done.stdout and "fits 19.0 GiB" in done.stdout, done.stdout
 
 
 # --------------------------------------------------------------------------------------
