@@ -1,4 +1,7 @@
-"""Shared helpers of the end-to-end tests on the real vLLM CPU engine with tiny random MoE models.
+"""Shared helpers of the end-to-end tests on the real vLLM CPU engine with tiny random MoE models:
+building the models and running them in vLLM, the bounds lk's answers are held to and the
+checks of lk's report, and float64 references of a checkpoint computed without vLLM.
+(Serving with `vllm serve`: server_common.py.)
 
 vLLM instances are expensive (30-40 s each eager, ~2 min compiled, on 2 cores), so every
 (model, settings) combination is started at most once per session, its outputs and an lk
@@ -14,6 +17,8 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +82,14 @@ def build_model(out: Path, family: str, *builder_args: str) -> Path:
         subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--family", family,
                         *builder_args], check=True, capture_output=True)
     return out
+
+
+# Dimensions of the quantized tiny checkpoints (build_model's builder arguments): multiples of
+# 128 (vLLM's FP8 block checks; INT4 group 128), H 256 so each FP8 expert matrix holds several
+# 128x128 blocks.
+CHECKPOINT_DIMS = ("--dtype", "bfloat16", "--hidden-size", "256",
+                   "--moe-intermediate-size", "128", "--num-heads", "2", "--num-kv-heads", "2",
+                   "--head-dim", "64")
 
 
 class RunResult:
@@ -169,3 +182,120 @@ def draft_lk_report(worker) -> dict | None:
     drafter = getattr(worker.model_runner, "drafter", None)
     model = getattr(drafter, "model", None)
     return lk_report(model) if model is not None else None
+
+
+# --------------------------------------------------------------------------------------
+# what a run is held to: lk's answers against vLLM's own, and what lk_report must show
+# --------------------------------------------------------------------------------------
+
+# float32: greedy tokens identical and prompt logprobs within F32_LOGPROB_TOL (measured:
+# ~3e-6). bfloat16: both sides round to bf16 at different points (vLLM's CPU kernel vs lk),
+# so the yardstick is the float32 run: lk in bf16 must stay as close to it as vLLM's own bf16
+# MoE does (within BF16_SLACK x vLLM's deviation + 0.05; measured on the tiny Qwen3-MoE: vLLM
+# bf16 0.35, lk bf16 0.15 max prompt-logprob deviation), lk vs vLLM in bf16 within
+# BF16_LOGPROB_TOL, and the first BF16_SAME_PREFIX greedy tokens identical (tokens may part
+# after a near tie). tools/airgap/e2e_checks.py applies the same bounds on CUDA
+# (tests/test_e2e_checks.py keeps them equal).
+F32_LOGPROB_TOL = 1e-3
+BF16_LOGPROB_TOL = 0.75
+BF16_SLACK = 1.5
+BF16_SAME_PREFIX = 4
+
+
+def layer_index(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def assert_lk_computed(report, lk_layers: set[int], device_layers: set[int] = frozenset()):
+    """Each worker put exactly ``lk_layers`` on lk and ``device_layers`` on the device; every lk
+    layer's engine counted forwards and was converted while loading, vLLM's own copies of its
+    expert weights are gone (zero-size host tensors), and the start-up line counts the layers."""
+    for worker in report:
+        on_lk = {layer_index(n): v for n, v in worker["lk_layers"].items()}
+        on_device = {layer_index(n) for n in worker["device_layers"]}
+        assert set(on_lk) == lk_layers, worker
+        assert on_device == set(device_layers), worker
+        for index, layer in on_lk.items():
+            assert layer["forward_calls"] > 0, f"layer {index}: lk never ran"
+            assert layer["nbytes"] > 0
+            assert layer["converted_while_loading"], f"layer {index}: converted after the whole model loaded"
+            for name, (shape, device) in layer["params"].items():
+                assert device == "cpu", (index, name, device)
+                if name in ("w13_weight", "w2_weight"):
+                    assert tuple(shape) == (0,), f"layer {index}: vLLM's {name} was not freed"
+        assert worker["summary"] and f"{len(lk_layers)} MoE layer(s) on lk" in worker["summary"]
+
+
+def assert_upstream(report):
+    """lk took no layer: vLLM's own MoE path ran everything, and lvllm logged no start-up line."""
+    for worker in report:
+        assert worker["lk_layers"] == {}
+        assert worker["summary"] is None
+        assert all(v["method"] != "LkMoEMethod" for v in worker["device_layers"].values())
+
+
+def max_logprob_diff(a, b) -> float:
+    return max(abs(x - y) for pa, pb in zip(a.prompt_logprobs, b.prompt_logprobs)
+               for x, y in zip(pa, pb))
+
+
+# --------------------------------------------------------------------------------------
+# float64 references: the same checkpoint's forward without vLLM
+# --------------------------------------------------------------------------------------
+
+
+class TransformersReference:
+    """The checkpoint in transformers, float64, eager attention and experts (MXFP4 experts
+    dequantized by transformers' own gpt-oss integration)."""
+
+    def __init__(self, model: Path):
+        from transformers import AutoModelForCausalLM
+
+        config = json.loads((model / "config.json").read_text())
+        extra = {}
+        if config.get("quantization_config", {}).get("quant_method") == "mxfp4":
+            from transformers import Mxfp4Config
+
+            extra["quantization_config"] = Mxfp4Config(dequantize=True)
+        self.model, info = AutoModelForCausalLM.from_pretrained(
+            model, dtype=torch.float64, attn_implementation="eager",
+            experts_implementation="eager", output_loading_info=True, **extra)
+        # Every tensor the model reads came from the checkpoint (none left at its init);
+        # only layers after the decoder's (MTP) may go unused.
+        assert not info["missing_keys"] and not info["mismatched_keys"], info
+        beyond = f"model.layers.{config.get('num_hidden_layers')}."
+        assert all(k.startswith(beyond) for k in info["unexpected_keys"]), info
+        # transformers dequantizes MXFP4 into bf16 (exact: e2m1 times a power of two).
+        self.model.double().eval()
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(torch.tensor([ids]), use_cache=False).logits[0]
+        return torch.log_softmax(logits.double(), dim=-1)
+
+
+class CachedReference:
+    """A reference's log-probabilities, computed once per token sequence."""
+
+    def __init__(self, reference):
+        self.reference, self.cache = reference, {}
+
+    def logprobs(self, ids: list[int]) -> torch.Tensor:
+        key = tuple(ids)
+        if key not in self.cache:
+            self.cache[key] = self.reference.logprobs(list(ids))
+        return self.cache[key]
+
+
+def deviations(run, reference) -> tuple[list[float], list[list[float]]]:
+    """Per prompt token: |prompt logprob - the reference's|; per prompt, per generated
+    token: how far below the reference's best token (after the same prefix) it is."""
+    prompt, shortfalls = [], []
+    for ids, logprobs, generated in zip(run.prompt_token_ids, run.prompt_logprobs, run.tokens):
+        sequence = ids + generated
+        reference_logprobs = reference.logprobs(sequence)
+        prompt += [abs(value - float(reference_logprobs[i, sequence[i + 1]]))
+                   for i, value in enumerate(logprobs)]
+        rows = reference_logprobs[len(ids) - 1:len(ids) - 1 + len(generated)]
+        shortfalls.append([float(row.max() - row[token]) for row, token in zip(rows, generated)])
+    return prompt, shortfalls

@@ -16,9 +16,8 @@ import statistics
 import pytest
 import torch
 
-from e2e_common import build_model, run_llm
-from test_equivalence import F32_LOGPROB_TOL, max_logprob_diff
-from test_families import CachedReference, TransformersReference, deviations
+from e2e_common import (F32_LOGPROB_TOL, CachedReference, TransformersReference, build_model, deviations,
+                        max_logprob_diff, run_llm)
 
 
 def test_quantized_dense_layers_are_refused_with_a_gpu(monkeypatch):

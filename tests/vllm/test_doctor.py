@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 
-from e2e_common import build_model
-from test_quantized import CHECKPOINT_DIMS
+from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
 

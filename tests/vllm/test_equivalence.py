@@ -6,6 +6,7 @@ yardstick is the float32 run: lk in bf16 must stay as close to it as vLLM's own 
 does (within BF16_SLACK x vLLM's deviation + 0.05; measured on the tiny Qwen3-MoE: vLLM bf16
 0.35, lk bf16 0.15 max prompt-logprob deviation), lk vs vLLM in bf16 within BF16_LOGPROB_TOL,
 and the first BF16_SAME_PREFIX greedy tokens identical (tokens may part after a near tie).
+The bounds are e2e_common's, which test_families and test_dense hold their runs to as well.
 
 Every lk run also proves lk computed: each lk layer's engine counted forwards, and vLLM's
 own copies of its expert weights are gone (zero-size host tensors).
@@ -15,14 +16,10 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_common import CPUS, FAMILIES, PROMPTS, run_llm
+from e2e_common import (BF16_LOGPROB_TOL, BF16_SAME_PREFIX, BF16_SLACK, CPUS, F32_LOGPROB_TOL, FAMILIES, PROMPTS,
+                        assert_lk_computed, assert_upstream, layer_index, max_logprob_diff, run_llm)
 
 from lvllm.envs import format_ranges as format_layers
-
-F32_LOGPROB_TOL = 1e-3
-BF16_LOGPROB_TOL = 0.75
-BF16_SLACK = 1.5
-BF16_SAME_PREFIX = 4
 
 # Layers whose routed experts go to lk in the lk-on runs; deepseek_v2 also checks a resident
 # spec: layer 0 is dense, layer 1 stays on vLLM's path, 2-3 run on lk.
@@ -32,39 +29,6 @@ LK_RUN = {
     "deepseek_v2": dict(resident="1", lk_layers={2, 3}),
     "mixtral": dict(resident=None, lk_layers={0, 1, 2, 3}),
 }
-
-
-def layer_index(name: str) -> int:
-    return int(name.split(".layers.")[1].split(".")[0])
-
-
-def assert_lk_computed(report, lk_layers: set[int], device_layers: set[int] = frozenset()):
-    for worker in report:
-        on_lk = {layer_index(n): v for n, v in worker["lk_layers"].items()}
-        on_device = {layer_index(n) for n in worker["device_layers"]}
-        assert set(on_lk) == lk_layers, worker
-        assert on_device == set(device_layers), worker
-        for index, layer in on_lk.items():
-            assert layer["forward_calls"] > 0, f"layer {index}: lk never ran"
-            assert layer["nbytes"] > 0
-            assert layer["converted_while_loading"], f"layer {index}: converted after the whole model loaded"
-            for name, (shape, device) in layer["params"].items():
-                assert device == "cpu", (index, name, device)
-                if name in ("w13_weight", "w2_weight"):
-                    assert tuple(shape) == (0,), f"layer {index}: vLLM's {name} was not freed"
-        assert worker["summary"] and f"{len(lk_layers)} MoE layer(s) on lk" in worker["summary"]
-
-
-def assert_upstream(report):
-    for worker in report:
-        assert worker["lk_layers"] == {}
-        assert worker["summary"] is None
-        assert all(v["method"] != "LkMoEMethod" for v in worker["device_layers"].values())
-
-
-def max_logprob_diff(a, b) -> float:
-    return max(abs(x - y) for pa, pb in zip(a.prompt_logprobs, b.prompt_logprobs)
-               for x, y in zip(pa, pb))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -13,7 +13,7 @@ Tolerances follow the arithmetic of the run:
 
 - Float checkpoints in float32: float32 rounding (2^-24 relative) over a few layers of dot
   products up to 512 long moves unit-scale logits by ~1e-5; F32_LOGPROB_TOL (1e-3,
-  test_equivalence's) bounds every prompt logprob and each greedy token's shortfall below
+  e2e_common's) bounds every prompt logprob and each greedy token's shortfall below
   the reference's best. Measured: 3e-6 (GLM, MiniMax, Step-3.5, DeepSeek-V3) to 4e-5
   (gpt-oss), lk on and off alike; the Kimi checkpoint with LVLLM_MOE_USE_WEIGHT=TO_DTYPE
   (INT4 dequantized to float32) 4e-6.
@@ -24,7 +24,7 @@ Tolerances follow the arithmetic of the run:
   the tiny Kimi model) moves that token's logprobs by up to a few units, as vLLM's own
   bfloat16 run does (seen: 1.8 on gpt-oss); so the largest deviation is bounded only by
   LOSSY_MAX_TOL, and where vLLM's own path runs the family in the same dtype, lk must stay
-  as close to the reference as vLLM does (test_equivalence's BF16_SLACK rule, on the median
+  as close to the reference as vLLM does (e2e_common's BF16_SLACK rule, on the median
   and the maximum). Greedy tokens: the first LOSSY_SAME_PREFIX must be the reference's best
   within BF16_LOGPROB_TOL.
 
@@ -52,9 +52,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2e_common import MAX_TOKENS, PROMPTS, build_model, draft_lk_report, run_llm
-from test_equivalence import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, assert_upstream,
-                              layer_index)
+from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, MAX_TOKENS, PROMPTS, CachedReference,
+                        TransformersReference, assert_upstream, build_model, deviations, draft_lk_report,
+                        layer_index, run_llm)
 
 # Measured (median / max prompt-logprob deviation): Kimi INT4 KEEP 0.017 / 0.15, Qwen3-Next
 # bf16 lk 0.016 / 0.061 (vLLM's own 0.017 / 0.058), gpt-oss MXFP4 KEEP 0.038 / 0.71 (gpt-oss
@@ -221,36 +221,6 @@ def dequantized_twin(model: Path, out: Path) -> Path:
     return out
 
 
-class TransformersReference:
-    """The checkpoint in transformers, float64, eager attention and experts (MXFP4 experts
-    dequantized by transformers' own gpt-oss integration)."""
-
-    def __init__(self, model: Path):
-        from transformers import AutoModelForCausalLM
-
-        config = json.loads((model / "config.json").read_text())
-        extra = {}
-        if config.get("quantization_config", {}).get("quant_method") == "mxfp4":
-            from transformers import Mxfp4Config
-
-            extra["quantization_config"] = Mxfp4Config(dequantize=True)
-        self.model, info = AutoModelForCausalLM.from_pretrained(
-            model, dtype=torch.float64, attn_implementation="eager",
-            experts_implementation="eager", output_loading_info=True, **extra)
-        # Every tensor the model reads came from the checkpoint (none left at its init);
-        # only layers after the decoder's (MTP) may go unused.
-        assert not info["missing_keys"] and not info["mismatched_keys"], info
-        beyond = f"model.layers.{config.get('num_hidden_layers')}."
-        assert all(k.startswith(beyond) for k in info["unexpected_keys"]), info
-        # transformers dequantizes MXFP4 into bf16 (exact: e2m1 times a power of two).
-        self.model.double().eval()
-
-    def logprobs(self, ids: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            logits = self.model(torch.tensor([ids]), use_cache=False).logits[0]
-        return torch.log_softmax(logits.double(), dim=-1)
-
-
 class Step3p5Reference:
     """Step-3.5 in float64, written here from the architecture's definition (transformers
     5.19 has no Step-3.5): zero-centred (Gemma) RMS norms; GQA attention whose sliding
@@ -342,19 +312,6 @@ class Step3p5Reference:
         return torch.log_softmax(logits, dim=-1)
 
 
-class CachedReference:
-    """A reference's log-probabilities, computed once per token sequence."""
-
-    def __init__(self, reference):
-        self.reference, self.cache = reference, {}
-
-    def logprobs(self, ids: list[int]) -> torch.Tensor:
-        key = tuple(ids)
-        if key not in self.cache:
-            self.cache[key] = self.reference.logprobs(list(ids))
-        return self.cache[key]
-
-
 # --------------------------------------------------------------------------------------
 # the limitations of vLLM's own CPU path the table records, checked without vLLM instances
 # --------------------------------------------------------------------------------------
@@ -407,22 +364,8 @@ LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
 # comparing a run with its reference
 # --------------------------------------------------------------------------------------
 
-def deviations(run, reference) -> tuple[list[float], list[list[float]]]:
-    """Per prompt token: |prompt logprob - the reference's|; per prompt, per generated
-    token: how far below the reference's best token (after the same prefix) it is."""
-    prompt, shortfalls = [], []
-    for ids, logprobs, generated in zip(run.prompt_token_ids, run.prompt_logprobs, run.tokens):
-        sequence = ids + generated
-        reference_logprobs = reference.logprobs(sequence)
-        prompt += [abs(value - float(reference_logprobs[i, sequence[i + 1]]))
-                   for i, value in enumerate(logprobs)]
-        rows = reference_logprobs[len(ids) - 1:len(ids) - 1 + len(generated)]
-        shortfalls.append([float(row.max() - row[token]) for row, token in zip(rows, generated)])
-    return prompt, shortfalls
-
-
 def assert_lk_ran(report, lk_layers: set[int]):
-    """test_equivalence.assert_lk_computed but for the conversion's timing, which
+    """e2e_common.assert_lk_computed but for the conversion's timing, which
     test_lk_converts_while_loading checks on its own."""
     for worker in report:
         on_lk = {layer_index(n): v for n, v in worker["lk_layers"].items()}

