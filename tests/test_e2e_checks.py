@@ -137,7 +137,10 @@ def test_expected_placement():
     assert e2e.expected_placement(eight, "0-1") == ("lvllm: 6 MoE layer(s) on lk [2-7]", "; 2 on the device [0-1]")
 
 
-def test_matrix_covers_the_issue():
+def test_server_matrix_covers_graph_modes_resident_layers_and_prefetch_windows():
+    """The full run's servers: lk eager and in both CUDA graph modes, with resident layers and
+    prefetch windows 1 and 2 (those on CUDA only), and each model's long prompt past GPU
+    prefill's smallest batch."""
     names = {s.name: s for s in e2e.SERVERS}
     assert {s.mode for s in e2e.SERVERS} >= {"eager", "FULL_DECODE_ONLY", "PIECEWISE"}
     assert names["lk-resident-0-1"].resident == "0-1"
@@ -200,7 +203,10 @@ def test_host_sh_runs_the_lean_checks_last():
 # the lean run: its plan, its schedule, its dry run
 # --------------------------------------------------------------------------------------
 
-def test_lean_plan_covers_the_issue():
+def test_lean_plan_covers_every_lk_mode_within_its_budget():
+    """The lean run starts each server once on the tiny model, the reference first, lk in
+    every graph mode and with GPU prefill compared with it; its seconds fit the budget and
+    what it leaves out of the full run is reported as skipped."""
     plan = e2e.make_plan("lean", "cuda", e2e.FULL_STARTUP_S)
     steps = {step.spec.name: step for step in plan.steps}
     assert len(steps) == len(plan.steps) <= 5   # one start per server
