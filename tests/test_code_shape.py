@@ -1,5 +1,6 @@
 """The code's shape rules (developers' brief): no lvllm module over about 400 lines, no C++
-function over about 80, and only lvllm/vllm/ imports vLLM's internals."""
+function over about 80, only lvllm/vllm/ imports vLLM's internals, and test modules share
+helpers through helpers modules, never by importing one another."""
 
 from __future__ import annotations
 
@@ -87,3 +88,17 @@ def test_only_lvllm_vllm_imports_vllm_internals():
                      else [])
             outside += [f"{relative}: {name}" for name in names if name.split(".")[0] == "vllm" and name not in public]
     assert not outside, outside
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in a helpers module (tests/helpers.py, tests/lk/helpers.py,
+    tests/vllm/e2e_common.py and server_common.py): running or changing one test module
+    never depends on another."""
+    found = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(ROOT)}: {name}" for name in names
+                      if name.split(".")[-1].startswith("test_")]
+    assert not found, found
