@@ -41,9 +41,9 @@ SAMPLED_LAYERS = 3   # first, middle and last MoE layer
 # What a correct path's relative error stays under, in parts that add (per expert, over its rows):
 # lk's output rounded to the model dtype once (unit roundoff), plus what lk's format costs.
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-# Kept as the checkpoint has it: fp32 arithmetic only (tests/lk/test_formats.py, TIGHT).
+# Kept as the checkpoint has it: fp32 arithmetic only (tests/lk/helpers.py, TIGHT).
 KEPT = 2e-5
-# Quantized by lk at load from float or FP8 (tests/lk/test_formats.py, LOOSE: twice the worst
+# Quantized by lk at load from float or FP8 (tests/lk/helpers.py, LOOSE: twice the worst
 # seen with random Gaussian weights when all three matrices are quantized).
 QUANTIZED = {"int8": 0.04, "int4": 0.35}
 # INT4 kept: lk rounds activations to 8 bits per group (kernels.h, activation_max), each by at most

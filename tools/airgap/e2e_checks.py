@@ -43,7 +43,7 @@ What each server is asked and what is checked:
              resident); lk off: no lk layer
   outputs    four short prompts and one long one, greedy (temperature 0, ignore_eos), with the
              prompt tokens' logprobs, compared with vllm-eager's answers by the model's
-             criterion (CRITERIA below, the bounds of tests/vllm/test_equivalence.py); on
+             criterion (CRITERIA below, the bounds of tests/vllm/e2e_common.py); on
              CUDA a float32 model is compared with transformers' float64 forward instead
              (float64_reference.py: vLLM's own CUDA path computes in TF32)
   mixed      lk servers: four streams decoding when a long prompt arrives; every stream ends
@@ -90,7 +90,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
 BENCH_MODEL = ROOT / "benchmarks" / "bench_model.py"
 
-# The bounds of tests/vllm/test_equivalence.py (its docstring says why; tests/test_e2e_checks.py
+# The bounds of tests/vllm/e2e_common.py (their comments say why; tests/test_e2e_checks.py
 # keeps these equal to its constants).
 F32_LOGPROB_TOL = 1e-3
 BF16_LOGPROB_TOL = 0.75
@@ -100,14 +100,14 @@ BF16_SAME_PREFIX = 4
 CUDA_F32_FLOOR = 0.01
 CRITERIA = {
     "exact": (f"float32: greedy token ids identical for every prompt, prompt-token logprobs "
-              f"within {F32_LOGPROB_TOL:g} (tests/vllm/test_equivalence.py F32_LOGPROB_TOL)"),
+              f"within {F32_LOGPROB_TOL:g} (tests/vllm/e2e_common.py F32_LOGPROB_TOL)"),
     "float64": (f"float32 on CUDA, against transformers' float64 forward (vLLM's CUDA path "
                 f"computes in TF32): greedy tokens identical up to the first routing or token "
                 f"tie, prompt-token logprobs (routing ties left out) at most max(vllm-eager's own "
                 f"deviation, {CUDA_F32_FLOOR:g}) from float64"),
     "bf16": (f"bfloat16: the first {BF16_SAME_PREFIX} greedy tokens identical for every prompt "
              f"(tokens may part after a near tie), prompt-token logprobs within "
-             f"{BF16_LOGPROB_TOL:g} (tests/vllm/test_equivalence.py BF16_SAME_PREFIX, "
+             f"{BF16_LOGPROB_TOL:g} (tests/vllm/e2e_common.py BF16_SAME_PREFIX, "
              f"BF16_LOGPROB_TOL)"),
 }
 
