@@ -32,7 +32,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("float16", 1, "fp16", torch.float16, False),
     Format("bfloat16", 2, "bf16", torch.bfloat16, False),
     # 256: the integer kernels turn their sums to fp32 every 256 inputs whatever the group
-    # (kernels.h, kIntegerSpan), so smaller groups only add work (BENCHMARKS.md, "MoE layer").
+    # (kernels.h, kIntegerSpan), so smaller groups only add work (git log -p BENCHMARKS.md, "MoE layer").
     Format("int8", 3, "int8", torch.int8, True, 256),
     # 128: how 4-bit checkpoints (GPTQ, AWQ) commonly group.
     Format("int4", 4, "int4", torch.uint8, True, 128),

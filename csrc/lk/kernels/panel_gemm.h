@@ -119,7 +119,7 @@ struct PanelKernels {
     return false;
   }();
   // Such a stream is also moved from L2 into L1 this far ahead, so that the loads do not
-  // wait on L2 either: nearer leaves them waiting, farther gains nothing (see BENCHMARKS.md,
+  // wait on L2 either: nearer leaves them waiting, farther gains nothing (see git log -p BENCHMARKS.md,
   // "Kernels").
   static constexpr int kL1FetchBytes = 512;
 
@@ -415,7 +415,7 @@ struct PanelKernels {
   // instruction's latency, which one or two sums per block (decode) would wait on: their
   // consecutive blocks take turns among up to 4 sets of sums, added at the end of each span
   // (integers: the same bits). More sums already hide the latency and keep one set (see
-  // BENCHMARKS.md, "Kernels").
+  // git log -p BENCHMARKS.md, "Kernels").
   template <int Outputs, int StepBlocks>
   static constexpr int integer_sets() {
     if (!requires { requires Simd::kFusedDotAdd; } || Outputs > 2) return 1;

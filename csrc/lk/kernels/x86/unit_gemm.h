@@ -425,7 +425,7 @@ struct UnitKernels {
   // call.finished += a finished block's sums (`sums`), scaled, for every row and panel, as
   // PanelKernels::group and ::flush finish a group (the grouped formats; bf16 keeps its sums
   // in the tiles). This runs after the next block's tiles are issued, all at once: spread
-  // over the tile steps, as the widening is, it was slower (see BENCHMARKS.md, "Kernels").
+  // over the tile steps, as the widening is, it was slower (see git log -p BENCHMARKS.md, "Kernels").
   template <int Panels>
   static void finish_block(const Call<Panels>& call, const BlockWalk& block, const uint8_t* sums, bool add) {
     typename Panel::Group groups[Panels];

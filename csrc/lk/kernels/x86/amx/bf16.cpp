@@ -4,7 +4,7 @@
 
 namespace lk::kernels {
 
-// Tiles from 6 rows, where they overtake the AVX512 kernels (see BENCHMARKS.md, "Kernels").
+// Tiles from 6 rows, where they overtake the AVX512 kernels (see git log -p BENCHMARKS.md, "Kernels").
 const FormatKernels amx_bf16 = UnitKernels<Avx512Simd, Bf16Unpack, Bf16Tiles, AmxUnit>::table(
     PanelKernels<Avx512Simd, Bf16Unpack>::table<F32Unpack<Avx512Simd, Bf16Unpack>>(), 6);
 

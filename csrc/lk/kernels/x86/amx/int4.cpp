@@ -5,7 +5,7 @@
 namespace lk::kernels {
 
 // Tiles from 12 rows: the AVX512_VNNI kernels multiply bytes fast enough to stay ahead below that
-// (see BENCHMARKS.md, "Kernels").
+// (see git log -p BENCHMARKS.md, "Kernels").
 const FormatKernels amx_int4 = UnitKernels<Avx512VnniSimd, Int4Unpack, Int4Tiles<Int4Unpack>, AmxUnit>::table(
     PanelKernels<Avx512VnniSimd, Int4Unpack>::table(), 12);
 

@@ -5,7 +5,7 @@
 namespace lk::kernels {
 
 // Tiles from 9 rows, beyond one pass of the AVX512_VNNI kernels, where they overtake them (see
-// BENCHMARKS.md, "Kernels").
+// git log -p BENCHMARKS.md, "Kernels").
 const FormatKernels amx_int8 =
     UnitKernels<Avx512VnniSimd, Int8Unpack, Int8Tiles, AmxUnit>::table(PanelKernels<Avx512VnniSimd, Int8Unpack>::table(), 9);
 

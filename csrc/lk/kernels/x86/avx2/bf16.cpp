@@ -20,7 +20,7 @@ struct Unpack {
 
 // Prefill converts each weight again in every 6-row pass instead of widening a panel to
 // fp32 once: the conversions issue beside the FMA pipes, so widening would cost more than
-// it saves (see BENCHMARKS.md, "Kernels").
+// it saves (see git log -p BENCHMARKS.md, "Kernels").
 const FormatKernels avx2_bf16 = PanelKernels<Avx2Simd, Unpack>::table();
 
 }  // namespace lk::kernels

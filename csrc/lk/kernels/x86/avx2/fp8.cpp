@@ -23,7 +23,7 @@ struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Fp8E4M3;
   static constexpr float kValueScale = 0x1p-120f;
   static constexpr float kActivationScale = 0x1p64f;
-  // Farther ahead than the AVX2 default: FP8 rows are short (see BENCHMARKS.md, "Kernels").
+  // Farther ahead than the AVX2 default: FP8 rows are short (see git log -p BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 2048;
   static void values(const uint8_t* row, __m256 (&w)[2]) {
     const __m256i words = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
@@ -37,7 +37,7 @@ struct Unpack {
 
 // Prefill widens panels to fp32 from 40 rows per expert on: a pass then unpacks nothing,
 // where an FP8 pass spends five ops per 16 weights beside 12 FMAs, on the FMA ports of
-// Intel cores. Fewer rows do not repay the widening (see BENCHMARKS.md, "Kernels").
+// Intel cores. Fewer rows do not repay the widening (see git log -p BENCHMARKS.md, "Kernels").
 const FormatKernels avx2_fp8 = PanelKernels<Avx2Simd, Unpack>::table<F32Unpack<Avx2Simd, Unpack>>(40);
 
 }  // namespace lk::kernels

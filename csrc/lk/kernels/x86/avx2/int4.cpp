@@ -10,7 +10,7 @@ struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int4;
   // INT4 panels are short per row, so decode fetches them farther ahead than the AVX2
   // default, into L2 only as the AVX512 Int4Unpack does, leaving L1's few outstanding
-  // misses to the loads (see BENCHMARKS.md, "Kernels").
+  // misses to the loads (see git log -p BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 6144;
   static constexpr bool kPrefetchIntoL2 = true;
   // Stored values are q - 8 as 4-bit two's complement: flipping bit 3 of each nibble gives q.

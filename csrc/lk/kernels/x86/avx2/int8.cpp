@@ -7,7 +7,7 @@ namespace {
 struct Unpack {
   static constexpr WeightFormat kFormat = WeightFormat::Int8;
   // Fetched ahead into L2 only, as the AVX512 Int8Unpack's are: a fetch into L1 holds one of
-  // its few miss buffers for a whole DRAM latency (see BENCHMARKS.md, "Kernels").
+  // its few miss buffers for a whole DRAM latency (see git log -p BENCHMARKS.md, "Kernels").
   static constexpr int kPrefetchBytes = 4096;
   static constexpr bool kPrefetchIntoL2 = true;
   static void pairs(const uint8_t* block, __m256i (&w)[1][2]) {

@@ -23,7 +23,7 @@ struct Avx2Simd {
   // streams in flight per thread. Down panels are paired too (MoEEngine::down).
   static constexpr bool kPairPanels = true;
   // How far ahead decode fetches panels: nearer, the stream stalls; farther, fetches evict
-  // lines still to be read (see BENCHMARKS.md, "Kernels"). FP8 and INT4 set their own.
+  // lines still to be read (see git log -p BENCHMARKS.md, "Kernels"). FP8 and INT4 set their own.
   static constexpr int kPrefetchBytes = 1024;
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec set1(float value) { return _mm256_set1_ps(value); }

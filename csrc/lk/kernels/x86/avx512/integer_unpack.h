@@ -33,7 +33,7 @@ struct Int4Unpack {
   static constexpr int kQuadBias = 8;
   // A fetch into L1 holds one of the L1's few miss buffers for a whole DRAM latency, which
   // caps the bytes in flight; one fetched into L2 only (prefetcht2) does not. bf16 and FP8
-  // keep L1 (see BENCHMARKS.md, "Kernels"). 16 KB ahead, about a 2048-deep panel per stream,
+  // keep L1 (see git log -p BENCHMARKS.md, "Kernels"). 16 KB ahead, about a 2048-deep panel per stream,
   // was the fastest distance out of cache (Zen 4).
   static constexpr int kPrefetchBytes = 16384;
   static constexpr bool kPrefetchIntoL2 = true;

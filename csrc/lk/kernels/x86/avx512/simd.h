@@ -16,7 +16,7 @@ struct Avx512Simd {
   static constexpr int kRegisters = 32;
   static constexpr int kAccumulators = 24;
   // Passes of 8 rows: more leave too few registers for the unpacked weights, fewer re-read
-  // the weights more often (see BENCHMARKS.md, "Kernels").
+  // the weights more often (see git log -p BENCHMARKS.md, "Kernels").
   static constexpr int kMainRows = 8;
   static constexpr int kIntegerMainRows = 8;
   // Decode reads two panels side by side (gemm_pair, up to pair_rows() = 8 rows): two

@@ -5,7 +5,7 @@
 namespace lk::kernels {
 
 // The unit takes 6 rows and more, as on AMX, both bf16 planes included (down's inputs):
-// from there its pair products beat the fp32 kernels (see BENCHMARKS.md, "Kernels").
+// from there its pair products beat the fp32 kernels (see git log -p BENCHMARKS.md, "Kernels").
 const FormatKernels avx512_bf16_bf16 = UnitKernels<Avx512Simd, Bf16Unpack, Bf16Tiles, Avx512Bf16Unit>::table(
     PanelKernels<Avx512Simd, Bf16Unpack>::table<F32Unpack<Avx512Simd, Bf16Unpack>>(), 6);
 
