@@ -3,6 +3,7 @@ given), from the model's config and plain arithmetic; and what
 ``LVLLM_GPU_RESIDENT_MOE_LAYERS=auto`` resolves to at start-up (``gpu_fit``).
 
     lvllm plan --model PATH [--gpu-memory GiB] [--gpus N] [--ram GiB] [--max-model-len N]
+               [--tensor-parallel-size N [--expert-parallel]]   (without a GPU)
 
 GPU: per rank, vLLM's share of the GPU (``gpu-memory-utilization``) less the weights outside
 the routed experts, the KV cache of one sequence of ``--max-model-len`` tokens, a margin and,
@@ -85,12 +86,35 @@ class GpuFit:
                 f"margin{ring}: {self.reason}; resident [{format_ranges(self.resident)}]")
 
 
-def lk_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1, tp: int = 1) -> int:
-    """What lk holds of one MoE layer over all ranks (lvllm._lk.planned_weight_bytes)."""
+@dataclass(frozen=True)
+class Ranks:
+    """vLLM's tensor-parallel ranks (one per GPU; on the CPU build --tensor-parallel-size, each
+    on its share of the cores), and whether they split the experts (--enable-expert-parallel)
+    rather than every expert's intermediate rows."""
+
+    size: int = 1
+    expert_parallel: bool = False
+
+
+def lk_rank_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1,
+                        ranks: Ranks = Ranks()) -> int:
+    """What the busiest rank's lk holds of one MoE layer (lvllm._lk.planned_weight_bytes):
+    with expert parallelism whole experts, E / ranks of them rounded up; else each expert's
+    1 / ranks of the intermediate rows."""
     from lvllm import _lk
 
-    return tp * _lk.planned_weight_bytes(shape.experts, shape.hidden, shape.intermediate // tp,
-                                         formats.code(resolved.name), resolved.group_size, nodes)
+    experts, inter = ((-(-shape.experts // ranks.size), shape.intermediate) if ranks.expert_parallel
+                      else (shape.experts, shape.intermediate // ranks.size))
+    return _lk.planned_weight_bytes(experts, shape.hidden, inter, formats.code(resolved.name),
+                                    resolved.group_size, nodes)
+
+
+def lk_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1, ranks: Ranks = Ranks()) -> int:
+    """What lk holds of one MoE layer over all ranks: the whole layer once when they split
+    the experts, else every rank's slice of each."""
+    if ranks.expert_parallel:
+        return lk_rank_layer_bytes(shape, resolved, nodes)
+    return ranks.size * lk_rank_layer_bytes(shape, resolved, nodes, ranks)
 
 
 def dense_modes(resolved: formats.Resolved, users: str | None) -> tuple[str, ...]:
@@ -135,7 +159,7 @@ def gpu_fit(shape: ModelShape, gpu_memory: int, tp: int, max_model_len: int, lk_
                                    f"KV cache ({_gb(fit.weights + fit.kv_cache + GPU_MARGIN)} of {_gb(fit.usable)})")
     if prefill_window is not None:
         unpacked = shape.experts * 3 * shape.hidden * (shape.intermediate // tp) * shape.dtype_bytes
-        ring = (prefill_window + 1) * lk_layer_bytes(shape, lk_format, nodes, tp) // tp + unpacked
+        ring = (prefill_window + 1) * lk_rank_layer_bytes(shape, lk_format, nodes, Ranks(tp)) + unpacked
         fit = replace(fit, ring=ring)
         if fit.left < 0:
             return replace(fit, reason=f"the prefill ring ({_gb(ring)}) does not fit")
@@ -170,6 +194,7 @@ class Plan:
     threads: int                # LK_THREADS per rank
     prefill_from: int           # LVLLM_GPU_PREFILL_MIN_BATCH_SIZE (0: off)
     dense_group: int | None = None   # LVLLM_DENSE_QUANT_GROUP_SIZE (None: each format's default)
+    ranks: Ranks = Ranks()
 
     @property
     def feasible(self) -> bool:
@@ -178,10 +203,9 @@ class Plan:
 
 def host_row(shape: ModelShape, resolved: formats.Resolved, modes: tuple[str, ...], lk_layers: int,
              machine: Machine, kv_cache: int, dense_mode: str | None = None,
-             dense_group: int | None = None) -> FormatRow:
-    tp = max(1, machine.gpus)
+             dense_group: int | None = None, ranks: Ranks = Ranks()) -> FormatRow:
     transient = 2 * checkpoint_layer_bytes(shape) if lk_layers else 0
-    layer = lk_layer_bytes(shape, resolved, machine.numa_nodes, tp)
+    layer = lk_layer_bytes(shape, resolved, machine.numa_nodes, ranks)
     dense = dense_bytes(shape, dense_mode, group=dense_group) if dense_mode else 0
     dense_read = dense_bytes(shape, dense_mode, per_token=True, group=dense_group) if dense_mode else 0
     per_token = lk_layers * shape.top_k * layer / shape.experts + dense_read
@@ -191,9 +215,10 @@ def host_row(shape: ModelShape, resolved: formats.Resolved, modes: tuple[str, ..
 
 
 def host_rows(shape: ModelShape, lk_layers: int, machine: Machine, kv_cache: int,
-              users_dense: str | None, dense_group: int | None = None) -> tuple[FormatRow, ...]:
+              users_dense: str | None, dense_group: int | None = None,
+              ranks: Ranks = Ranks()) -> tuple[FormatRow, ...]:
     """A row per lk format and, without a GPU, per LVLLM_DENSE_USE_WEIGHT value to weigh with it."""
-    return tuple(host_row(shape, resolved, modes, lk_layers, machine, kv_cache, dense, dense_group)
+    return tuple(host_row(shape, resolved, modes, lk_layers, machine, kv_cache, dense, dense_group, ranks)
                  for resolved, modes in candidate_formats(shape).items()
                  for dense in ((None,) if machine.gpus else dense_modes(resolved, users_dense)))
 
@@ -225,12 +250,15 @@ def _fit_gpu(shape: ModelShape, machine: Machine, max_model_len: int, resolved: 
 
 
 def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = None,
-              users_dense: str | None = None, dense_group: int | None = None) -> Plan:
+              users_dense: str | None = None, dense_group: int | None = None,
+              cpu_ranks: Ranks = Ranks()) -> Plan:
     """The first lk format (in order of preference) whose layers fit the RAM, with the GPU's
     resident layers and prefill ring for that format; without a GPU, with the dense layers in
     ``users_dense`` (LVLLM_DENSE_USE_WEIGHT; None: dense_modes' pick), quantized in groups of
-    ``dense_group`` inputs (LVLLM_DENSE_QUANT_GROUP_SIZE)."""
+    ``dense_group`` inputs (LVLLM_DENSE_QUANT_GROUP_SIZE), on ``cpu_ranks`` (with GPUs: one
+    rank per GPU)."""
     max_model_len = max_model_len or shape.max_positions
+    ranks = Ranks(machine.gpus) if machine.gpus else cpu_ranks
     gpu, kv_space = None, 0
     if not machine.gpus:
         kv_space = max(1, -(-kv_bytes_per_token(shape) * max_model_len // GIB))
@@ -238,17 +266,16 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
         if machine.gpus:
             gpu = _fit_gpu(shape, machine, max_model_len, resolved)
         lk_layers = tuple(i for i in shape.moe_layers if gpu is None or i not in gpu.resident)
-        rows = host_rows(shape, len(lk_layers), machine, kv_space * GIB, users_dense, dense_group)
+        rows = host_rows(shape, len(lk_layers), machine, kv_space * GIB, users_dense, dense_group, ranks)
         choice = [row for row in rows if row.resolved == resolved][-1]   # dense_modes' pick comes last
         if not lk_layers or choice.fits(machine.ram):
             break
     else:
         choice = None
-    tp = max(1, machine.gpus)
-    per_rank = max(1, machine.cores // tp)
+    per_rank = max(1, machine.cores // ranks.size)
     prefill = GPU_PREFILL_FROM[choice.resolved.name] if choice and gpu and gpu.ring else 0
     return Plan(shape, machine, max_model_len, gpu, lk_layers, rows, choice if lk_layers else None, kv_space,
-                default_threads(per_rank), prefill, dense_group)
+                default_threads(per_rank), prefill, dense_group, ranks)
 
 
 # --------------------------------------------------------------------------------------
@@ -296,6 +323,12 @@ def render(plan: Plan, model: str) -> str:
                   + (f"  {r.dense_mode:<22}" if r.dense_mode else "")
                   + f"{_gb(r.need):>11}  {'yes ' if r.fits(machine.ram) else 'no  '}  {r.tok_s:.1f} tok/s"
                   for r in plan.rows]
+    if plan.lk_layers and plan.choice and plan.ranks.size > 1:
+        rank = len(plan.lk_layers) * lk_rank_layer_bytes(shape, plan.choice.resolved, machine.numa_nodes, plan.ranks)
+        split = (f"{-(-shape.experts // plan.ranks.size)} of the {shape.experts} experts of every layer"
+                 if plan.ranks.expert_parallel else f"1/{plan.ranks.size} of every expert")
+        lines.append(f"Per rank of {plan.ranks.size}: lk holds {split}, {_gb(rank)} in "
+                     f"{plan.choice.resolved.describe()}, on {max(1, machine.cores // plan.ranks.size)} cores")
     lines.append("")
     return "\n".join(lines + settings_lines(plan, model))
 
@@ -322,12 +355,17 @@ def settings_lines(plan: Plan, model: str) -> list[str]:
         if plan.prefill_from:
             env.append(f"export LVLLM_GPU_PREFILL_MIN_BATCH_SIZE={plan.prefill_from}")
     if gpu is None:
+        share = max(1, machine.cores // plan.ranks.size)
+        bind = "|".join(f"{r * share}-{r * share + share - 1}" for r in range(plan.ranks.size))
         env += [f"export VLLM_CPU_KVCACHE_SPACE={plan.kv_space_gib}",
-                f"export VLLM_CPU_OMP_THREADS_BIND=0-{machine.cores - 1}   # lk runs on these {machine.cores} "
-                "threads of vLLM's worker"]
+                f"export VLLM_CPU_OMP_THREADS_BIND={bind}   # lk runs on each worker's {share} threads"]
     config = [f"model: {model}", f"dtype: {shape.dtype}", f"max-model-len: {plan.max_model_len}"]
+    if plan.ranks.size > 1 or gpu is not None:
+        config.append(f"tensor-parallel-size: {plan.ranks.size}")
+    if plan.ranks.expert_parallel:
+        config.append("enable-expert-parallel: true")
     if gpu is not None:
-        config += [f"tensor-parallel-size: {max(1, machine.gpus)}", f"gpu-memory-utilization: {GPU_UTILIZATION:.2f}"]
+        config.append(f"gpu-memory-utilization: {GPU_UTILIZATION:.2f}")
     if plan.prefill_from:
         config.append("compilation_config.max_cudagraph_capture_size: "
                       f"{min(MAX_GRAPH_TOKENS, plan.prefill_from - 16)}")
@@ -347,8 +385,13 @@ def main(argv: list[str]) -> int:
         parser.add_argument(name, type=kind, help=text)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="model dtype (default: the config's)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="without a GPU: vLLM CPU ranks on this host, each on its share of the cores")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="the ranks split the experts (vLLM's --enable-expert-parallel; CPU build only)")
     args = parser.parse_args(argv)
-    for name in ("gpu_memory", "gpus", "ram", "cores", "numa_nodes", "bandwidth", "max_model_len"):
+    for name in ("gpu_memory", "gpus", "ram", "cores", "numa_nodes", "bandwidth", "max_model_len",
+                 "tensor_parallel_size"):
         value = getattr(args, name)
         if value is not None and not value > 0:
             parser.error(f"--{name.replace('_', '-')} must be above 0, got {value}")
@@ -361,7 +404,11 @@ def main(argv: list[str]) -> int:
         dense_group = envs.get("LVLLM_DENSE_QUANT_GROUP_SIZE")
     except (ConfigError, EnvError) as error:
         parser.error(str(error))
-    plan = make_plan(shape, machine, args.max_model_len, users_dense, dense_group)
+    if machine.gpus and (args.expert_parallel or args.tensor_parallel_size > 1):
+        parser.error("--expert-parallel and --tensor-parallel-size are for hosts without a GPU: with GPUs "
+                     "each is one rank (--gpus), and lk takes expert parallelism on vLLM's CPU build only")
+    plan = make_plan(shape, machine, args.max_model_len, users_dense, dense_group,
+                     Ranks(args.tensor_parallel_size, args.expert_parallel))
     print(render(plan, args.model))
     return 0 if plan.feasible else 1
 

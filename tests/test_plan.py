@@ -125,6 +125,29 @@ def test_qwen3_30b_on_cpu_only():
     assert "INT4 with LVLLM_DENSE_USE_WEIGHT=INT4" in smallest and "needs 19.7 GiB" in smallest, smallest
 
 
+def test_expert_parallel_ranks_hold_their_share_of_the_experts(capsys, tmp_path):
+    """--tensor-parallel-size 2 --expert-parallel on a host without a GPU: each rank's lk holds
+    64 whole experts of every layer (Q_EXPERT by hand), the host the whole layer once, as
+    without ranks; the settings bind each rank to its half of the cores."""
+    shape = model_shape(QWEN3_30B)
+    alone = plan.make_plan(shape, machine(ram=40, cores=16, bandwidth=35), 4096)
+    ep = plan.make_plan(shape, machine(ram=40, cores=16, bandwidth=35), 4096, cpu_ranks=plan.Ranks(2, True))
+    assert ep.choice.resolved == alone.choice.resolved and ep.choice.held == alone.choice.held
+    int8 = formats.resolve_format("INT8", "float", torch.bfloat16)
+    assert plan.lk_rank_layer_bytes(shape, int8, 1, plan.Ranks(2, True)) == 64 * Q_EXPERT["int8"]
+    assert plan.lk_rank_layer_bytes(shape, int8, 1, plan.Ranks(3, True)) == 43 * Q_EXPERT["int8"]
+    text = plan.render(ep, "m")
+    assert f"Per rank of 2: lk holds 64 of the 128 experts of every layer, {48 * 64 * Q_EXPERT['int8'] / GIB:.1f} GiB" in text
+    assert "VLLM_CPU_OMP_THREADS_BIND=0-7|8-15" in text and "export LK_THREADS" not in text
+    assert "tensor-parallel-size: 2" in text and "enable-expert-parallel: true" in text
+    # With GPUs the ranks are the GPUs, and lk takes expert parallelism on the CPU build only.
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B))
+    with pytest.raises(SystemExit):
+        plan.main(["--model", str(tmp_path), "--gpus", "2", "--gpu-memory", "24", "--ram", "64", "--cores", "16",
+                   "--bandwidth", "35", "--expert-parallel"])
+    assert "CPU build only" in capsys.readouterr().err
+
+
 def test_qwen3_30b_dense_bytes():
     """The weights outside the experts by hand, as the model names them: per layer q [4096, 2048],
     k and v [512, 2048], o [2048, 4096] = 18,874,368 weights and the router [128, 2048] (kept
