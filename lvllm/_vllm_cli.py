@@ -79,7 +79,7 @@ def refuse_missing_model(argv: list[str]) -> str | None:
 
 # lvllm's subcommands, run before vLLM's parser: name -> (module with main(argv) -> status, usage).
 LVLLM_COMMANDS = {
-    "plan": ("lvllm.plan", "plan --model PATH [--gpu-memory GiB] [--ram GiB] [--max-model-len N]: "
+    "plan": ("lvllm.plan_command", "plan --model PATH [--gpu-memory GiB] [--ram GiB] [--max-model-len N]: "
                            "the settings to serve a checkpoint on this machine"),
     "doctor": ("lvllm.doctor", "doctor --model PATH [--layers N,M]: lk's output on a few of the checkpoint's "
                                "MoE layers and their dense matrices against a float64 reference, and "

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lvllm import envs, formats, plan
+from lvllm import envs, formats, plan, plan_command
 from lvllm.lk.linear import planned_linear_bytes
 from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, float_on_lk, model_shape, read_config
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
@@ -87,7 +87,7 @@ def test_qwen3_30b_on_a_24_gib_gpu():
     assert row(result, "INT8").tok_s == pytest.approx(100e9 / (39 * 8 * Q_EXPERT["int8"]))
     assert row(result, "INT4").held == 39 * 128 * Q_EXPERT["int4"]
     assert (result.threads, result.prefill_from) == (15, 512)
-    text = plan.render(result, "/models/qwen3")
+    text = plan_command.render(result, "/models/qwen3")
     for line in ("export LVLLM_MOE_USE_WEIGHT=TO_DTYPE", "export LVLLM_GPU_RESIDENT_MOE_LAYERS=0-8 ",
                  "export LK_THREADS=15 ", "export LVLLM_GPU_PREFILL_MIN_BATCH_SIZE=512",
                  "max-model-len: 32768", "compilation_config.max_cudagraph_capture_size: 496"):
@@ -113,7 +113,7 @@ def test_qwen3_30b_on_cpu_only():
     bf16_dense = result.rows[1]
     assert bf16_dense.need == int8_experts + 2 * Q_LAYER_BF16 + GIB + Q_WEIGHTS
     assert bf16_dense.tok_s == pytest.approx(35e9 / (48 * 8 * Q_EXPERT["int8"] + Q_DENSE["TO_DTYPE"][1]))  # 8.1
-    text = plan.render(result, "m")
+    text = plan_command.render(result, "m")
     assert "VLLM_CPU_KVCACHE_SPACE=1" in text and "VLLM_CPU_OMP_THREADS_BIND=0-1" in text
     assert "export LVLLM_DENSE_USE_WEIGHT=INT8" in text and "RESIDENT" not in text
     assert "TO_DTYPE 2.9 GiB (2.3 GiB a token), INT8 1.8 GiB (1.2 GiB a token), INT4 1.2 GiB (0.7 GiB a token)" in text
@@ -121,7 +121,7 @@ def test_qwen3_30b_on_cpu_only():
     # INT4 with INT4 dense: 48 x 128 x 2,654,208 + 2 bf16 layers + 1 GiB + 1,332,133,888 = 19.7 GiB.
     short = plan.make_plan(shape, machine(ram=19, cores=2, bandwidth=35), 4096)
     assert short.choice is None and not short.feasible
-    smallest = plan.render(short, "m")
+    smallest = plan_command.render(short, "m")
     assert "INT4 with LVLLM_DENSE_USE_WEIGHT=INT4" in smallest and "needs 19.7 GiB" in smallest, smallest
 
 
@@ -136,14 +136,14 @@ def test_expert_parallel_ranks_hold_their_share_of_the_experts(capsys, tmp_path)
     int8 = formats.resolve_format("INT8", "float", torch.bfloat16)
     assert plan.lk_rank_layer_bytes(shape, int8, 1, plan.Ranks(2, True)) == 64 * Q_EXPERT["int8"]
     assert plan.lk_rank_layer_bytes(shape, int8, 1, plan.Ranks(3, True)) == 43 * Q_EXPERT["int8"]
-    text = plan.render(ep, "m")
+    text = plan_command.render(ep, "m")
     assert f"Per rank of 2: lk holds 64 of the 128 experts of every layer, {48 * 64 * Q_EXPERT['int8'] / GIB:.1f} GiB" in text
     assert "VLLM_CPU_OMP_THREADS_BIND=0-7|8-15" in text and "export LK_THREADS" not in text
     assert "tensor-parallel-size: 2" in text and "enable-expert-parallel: true" in text
     # With GPUs the ranks are the GPUs, and lk takes expert parallelism on the CPU build only.
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B))
     with pytest.raises(SystemExit):
-        plan.main(["--model", str(tmp_path), "--gpus", "2", "--gpu-memory", "24", "--ram", "64", "--cores", "16",
+        plan_command.main(["--model", str(tmp_path), "--gpus", "2", "--gpu-memory", "24", "--ram", "64", "--cores", "16",
                    "--bandwidth", "35", "--expert-parallel"])
     assert "CPU build only" in capsys.readouterr().err
 
@@ -212,7 +212,7 @@ def test_the_users_dense_format_is_kept(monkeypatch):
     result = plan.make_plan(model_shape(QWEN3_30B), machine(ram=40, cores=2, bandwidth=35), 4096, "TO_DTYPE")
     assert [r.dense_mode for r in result.rows] == ["TO_DTYPE"] * 3 and result.choice.modes == ("INT8",)
     assert result.choice.need == 48 * 128 * Q_EXPERT["int8"] + 2 * Q_LAYER_BF16 + GIB + Q_WEIGHTS
-    assert "export LVLLM_DENSE_USE_WEIGHT=TO_DTYPE" in plan.render(result, "m")
+    assert "export LVLLM_DENSE_USE_WEIGHT=TO_DTYPE" in plan_command.render(result, "m")
 
 
 def test_the_users_dense_group_is_counted():
@@ -284,12 +284,12 @@ def test_deepseek_v3_on_eight_gpus():
 def test_every_layer_on_the_gpu_needs_no_lk():
     result = plan.make_plan(model_shape(QWEN3_30B), machine(ram=8, cores=2, bandwidth=35, gpus=1, gpu_gib=80), 4096)
     assert result.gpu.resident == tuple(range(48)) and result.lk_layers == () and result.feasible
-    assert "export LVLLM_MOE_NUMA_ENABLED=0" in plan.render(result, "m")
+    assert "export LVLLM_MOE_NUMA_ENABLED=0" in plan_command.render(result, "m")
 
 
 def test_a_gpu_too_small_for_the_rest_of_the_model_is_no_plan():
     result = plan.make_plan(model_shape(QWEN3_30B), machine(ram=64, cores=2, bandwidth=35, gpus=1, gpu_gib=4), 4096)
-    assert not result.feasible and "No plan: the GPU does not hold" in plan.render(result, "m")
+    assert not result.feasible and "No plan: the GPU does not hold" in plan_command.render(result, "m")
 
 
 def test_the_checkpoint_layer_bytes_are_what_vllm_creates():
