@@ -163,7 +163,7 @@ VARIABLES: dict[str, Variable] = {
         Variable(
             "LVLLM_MOE_NUMA_ENABLED", "0", _bool, "0 or 1",
             "Master switch. 1 puts the routed experts of every non-resident MoE layer on the "
-            "lk CPU engine; 0 leaves vLLM exactly as upstream.",
+            "lk CPU engine; 0 leaves every layer as upstream (README: With lk off).",
         ),
         Variable(
             "LVLLM_GPU_RESIDENT_MOE_LAYERS", "", _resident_spec,
