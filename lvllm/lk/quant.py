@@ -197,3 +197,29 @@ def from_awq_int4(qweight: torch.Tensor, qzeros: torch.Tensor | None, scales: to
     else:
         zeros = _awq_unpack(qzeros).float().transpose(1, 2)
     return QuantizedWeights(values, scales, group, (-zeros * scales).contiguous())
+
+
+def from_gptq(qweight: torch.Tensor, scales: torch.Tensor, bits: int, group: int) -> QuantizedWeights:
+    """GPTQ symmetric experts (vLLM 0.32's only GPTQ grid: the stored zero points are not
+    read, the zero point is 2^(bits - 1)), input-major: `qweight` int32
+    [E, in * bits / 32, out], input 32 / bits * r + i of word r in bits bits * i on;
+    `scales` [E, in / stored group, out]; weight[out, in] = (q - 2^(bits - 1)) * scale.
+    Returned as [E, out, in] rows in lk's INT4 (4 bits) or INT8 (8 bits) in groups of
+    ``group`` inputs, which must divide the stored group (per-channel scales repeat)."""
+    if bits not in (4, 8):
+        raise ValueError(f"GPTQ bits must be 4 or 8, got {bits}")
+    experts, _, outputs = qweight.shape
+    per_word, inputs = 32 // bits, qweight.shape[1] * (32 // bits)
+    stored_group = inputs // scales.shape[1]
+    if stored_group * scales.shape[1] != inputs or stored_group % group:
+        raise ValueError(f"GPTQ scales {tuple(scales.shape)} for {inputs} inputs: the group of "
+                         f"{group} inputs must divide the stored one")
+    values = torch.empty(experts, outputs, inputs, dtype=torch.uint8 if bits == 4 else torch.int8)
+    by_input = values.transpose(1, 2)   # [E, in, out] view of the rows' storage
+    mask, zero = (1 << bits) - 1, 1 << (bits - 1)
+    for i in range(per_word):   # one input of every word at a time: small temporaries
+        codes = (qweight >> (bits * i)) & mask
+        by_input[:, i::per_word] = codes if bits == 4 else codes - zero
+    scales = scales.float().repeat_interleave(stored_group // group, 1).transpose(1, 2).contiguous()
+    offsets = (-zero * scales).contiguous() if bits == 4 else None
+    return QuantizedWeights(values, scales, group, offsets)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvllm import _lk
+from lvllm import _lk, formats
 from lvllm.lk import MoEEngine, QuantizedWeights, engine_group_size, make_runtime, planned_bytes, quant
 
 from .helpers import (LOOSE, SUPPORTED_ISAS, activations_as_rounded, assert_close, assert_tight, random_experts,
@@ -407,6 +407,39 @@ def test_awq_int4_checkpoint(runtimes, zero_points):
     assert torch.allclose(quant.dequantize(w13), w13_float, rtol=2e-3, atol=1e-6)
     engine = MoEEngine(w13, w2, runtime=runtimes())
     run_and_compare(engine, w13, w2, 5, seed=14)
+
+
+@pytest.mark.parametrize("bits, stored_group", [(4, 32), (8, 64), (4, -1), (8, -1)])
+def test_gptq_checkpoint(runtimes, bits, stored_group):
+    # GPTQ's symmetric layout, input-major: input 32 / bits * r + i of a column in bits
+    # bits * i on of word r; scale per group of inputs (-1: one for all), zero point
+    # 2^(bits - 1). Per-channel scales repeat over lk's per_channel_group (64 here).
+    experts, hidden, intermediate = 2, 128, 64
+    lk_group = formats.per_channel_group(hidden, intermediate) if stored_group == -1 else stored_group
+    generator = torch.Generator().manual_seed(15 + bits)
+    per_word, top = 32 // bits, (1 << bits) - 1
+
+    def checkpoint(in_features, out_features):
+        q = torch.randint(0, top + 1, (experts, in_features, out_features), generator=generator)
+        q[:, 0, 0], q[:, 1, 0] = 0, top   # the grid's ends: -8 / -128 and 7 / 127
+        words = sum(q[:, i::per_word].long() << (bits * i) for i in range(per_word))
+        packed = (words - ((words >> 31) << 32)).to(torch.int32)
+        group = in_features if stored_group == -1 else stored_group
+        scales = ((torch.rand(experts, in_features // group, out_features, generator=generator) + 0.5)
+                  / (2**bits * in_features**0.5)).half()
+        weight = (q - (1 << (bits - 1))).double() * scales.double().repeat_interleave(group, 1)
+        converted = quant.from_gptq(packed, scales, bits, lk_group)
+        return converted, weight.transpose(1, 2)
+
+    w13, w13_float = checkpoint(hidden, 2 * intermediate)
+    w2, w2_float = checkpoint(intermediate, hidden)
+    for converted, expected in ((w13, w13_float), (w2, w2_float)):
+        assert converted.format == ("int4" if bits == 4 else "int8")
+        assert torch.equal(quant.dequantize(converted).double(), expected)   # exact: fp16 scales
+    engine = MoEEngine(w13, w2, runtime=runtimes())
+    assert engine.weight_format == w13.format and engine.group_size == w13.group_size
+    refs = (w13, w2) if bits == 4 else (quant.dequantize(w13), quant.dequantize(w2))
+    run_and_compare(engine, *refs, 5, seed=bits)
 
 
 def test_fp8_subnormals_survive_a_creator_thread_that_flushes_denormals():
