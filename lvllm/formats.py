@@ -8,6 +8,7 @@ quantization group.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,14 @@ def engine_group(name: str, source_name: str, source_group: int | None,
     if name == source_name and source_group is not None:
         return source_group
     return group_size(name, requested)
+
+
+def per_channel_group(hidden: int, intermediate: int) -> int:
+    """The group lk repeats per-channel scales over (GPTQ's group_size -1): the largest
+    multiple of 16 dividing both expert sizes, 0 where none does. One group serves both
+    matrices, whose depths are the hidden and the intermediate size."""
+    common = math.gcd(hidden, intermediate)
+    return common if common % 16 == 0 else 0
 
 
 @dataclass(frozen=True)

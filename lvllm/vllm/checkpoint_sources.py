@@ -235,12 +235,17 @@ def expert_source(layer, prefix, quant_config, problems: list[str]) -> ExpertSou
         return _awq_source(layer, prefix, quant_config, problems)
     if quant_config.get_name() == "gpt_oss_mxfp4":   # vLLM's name for gpt-oss's "mxfp4"
         return _mxfp4_source(layer, prefix, quant_config, problems)
+    if quant_config.get_name() == "auto_gptq":   # what vLLM makes of quant_method "gptq"
+        from lvllm.vllm.gptq_source import gptq_source
+
+        return gptq_source(layer, prefix, quant_config, problems)
     method = resolve_quant_method(quant_config, layer, prefix)
     if method is None or isinstance(method, UnquantizedFusedMoEMethod):
         return ExpertSource()
     problems.append(f"{quant_config.get_name()} quantized experts "
                     f"({type(method).__name__}); lk takes float, FP8 block-quantized, "
-                    "compressed-tensors W4A16 symmetric, AWQ INT4 and gpt-oss MXFP4 experts")
+                    "compressed-tensors W4A16 symmetric, AWQ INT4, GPTQ 4/8-bit symmetric and gpt-oss "
+                    "MXFP4 experts")
     return None
 
 

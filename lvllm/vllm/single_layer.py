@@ -64,7 +64,10 @@ def load_layer(vllm_config, layer, tensors):
     start = len(layer.prefix) + 1
     names = [name for name in tensors.file_of if name.startswith(f"{layer.prefix}.")
              and name[start:].split(".")[0].isdigit()]
-    for _ in routed.load_weights((name[start:], tensors.get(name)) for name in names):
+    weights = ((name[start:], tensors.get(name)) for name in names)
+    if vllm_config.quant_config is not None:   # as the model's loader maps them (GPTQ drops g_idx)
+        weights = vllm_config.quant_config.get_checkpoint_weight_mapper().apply(weights)
+    for _ in routed.load_weights(weights):
         pass
     if method.experts is None:
         method.process_weights_after_loading(routed)
