@@ -49,6 +49,9 @@ QUANTIZED = {"int8": 0.04, "int4": 0.35}
 # INT4 kept: lk rounds activations to 8 bits per group (kernels.h, activation_max), each by at most
 # 1/254 of its group's largest, about 1% of a Gaussian row; inputs and hidden rows both: 3x that.
 INT4_ACTIVATIONS = 0.03
+# INT8 kept (GPTQ 8-bit): activations rounded to int16 per group (activation_max 32767), each
+# by at most 1/65534 of its group's largest: INT4_ACTIVATIONS scaled by 254 / 65534.
+INT8_ACTIVATIONS = INT4_ACTIVATIONS * 254 / 65534
 # Dense matrices quantized at load, each alone (QUANTIZED's bounds are a whole MoE layer's three):
 # about twice the worst relative error measured with random Gaussian weights at real widths (2048 to
 # 7168 inputs) on RMS-normed bf16 rows, one and eight at a time: INT8 0.0081 (groups 64 to 1024),
@@ -71,6 +74,8 @@ def expected_error(lk_format: str, source: str, model_dtype: torch.dtype) -> flo
         return error + QUANTIZED[lk_format]
     if lk_format == "int4":
         return error + INT4_ACTIVATIONS
+    if lk_format == "int8":
+        return error + INT8_ACTIVATIONS
     if lk_format != source and not formats.FORMATS[lk_format].quantized:   # weights rounded to it, 3 matrices
         return error + 3 * UNIT_ROUNDOFF[formats.FORMATS[lk_format].dtype] + KEPT
     return error + KEPT

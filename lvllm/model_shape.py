@@ -25,9 +25,14 @@ class ExpertStorage:
 
     format: str
     group: int | None = None
-    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq, mxfp4
+    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq, gptq, mxfp4
     block: tuple[int, int] | None = None   # FP8 block: (rows, inputs) per scale
     zero_point: bool = False
+    per_channel: bool = False   # GPTQ group_size -1: one scale per output (group: lk's repeat)
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.format == "int8" else 4
 
 
 @dataclass(frozen=True)
@@ -82,11 +87,34 @@ def moe_layer_indices(config: dict, num_layers: int) -> tuple[int, ...]:
     return tuple(range(num_layers))
 
 
-def expert_storage(quant: dict | None, where: str, model_type: str = "") -> ExpertStorage:
+def _gptq_storage(quant: dict, where: str, hidden: int, intermediate: int) -> ExpertStorage:
+    """GPTQ as vLLM 0.32 reads it (lvllm.vllm.gptq_source): 4 or 8 bits, sym, no desc_act
+    with groups; group_size -1 per channel."""
+    bits, group = quant.get("bits"), quant.get("group_size")
+    if bits not in (4, 8) or quant.get("sym") is not True:
+        raise ConfigError(f"{where}: GPTQ with bits {bits}, sym {quant.get('sym')} (vLLM 0.32 and "
+                          "lk take bits 4 or 8 with sym: true)")
+    if quant.get("desc_act") and group != -1:
+        raise ConfigError(f"{where}: GPTQ with desc_act: true and group_size {group} (vLLM 0.32 "
+                          "takes desc_act: false, or group_size -1)")
+    name = "int8" if bits == 8 else "int4"
+    if group == -1 and formats.per_channel_group(hidden, intermediate):
+        return ExpertStorage(name, formats.per_channel_group(hidden, intermediate), "gptq", per_channel=True)
+    if not isinstance(group, int) or group <= 0 or group % 16 or hidden % group or intermediate % group:
+        raise ConfigError(f"{where}: GPTQ group_size {group} with hidden size {hidden} and expert "
+                          f"intermediate size {intermediate} (lk takes a multiple of 16 dividing "
+                          "both, or -1 where a multiple of 16 divides both)")
+    return ExpertStorage(name, group, "gptq")
+
+
+def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden: int = 0,
+                   intermediate: int = 0) -> ExpertStorage:
     """The experts' stored format from a quantization_config, refusing what lk cannot take."""
     if not quant:
         return ExpertStorage("float")
     method = str(quant.get("quant_method", "")).lower()
+    if method == "gptq":
+        return _gptq_storage(quant, where, hidden, intermediate)
     if method == "mxfp4" and model_type == "gpt_oss":   # the MXFP4 layout vLLM loads for lk
         return ExpertStorage("mxfp4", 32, "mxfp4")
     if method == "fp8" and quant.get("weight_block_size"):
@@ -102,7 +130,7 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "") -> Expe
                              zero_point=bool(quant.get("zero_point")))
     raise ConfigError(f"{where}: quantization_config {json.dumps(quant)[:200]} is not a format lk "
                       "takes (float, FP8 with weight_block_size, compressed-tensors pack-quantized "
-                      "4-bit groups, AWQ 4-bit, gpt-oss MXFP4)")
+                      "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, gpt-oss MXFP4)")
 
 
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
@@ -137,7 +165,8 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
         num_layers=layers, moe_layers=moe_layer_indices(text, layers), hidden=hidden,
         intermediate=intermediate, experts=int(experts), top_k=int(text["num_experts_per_tok"]),
         dtype=dtype, storage=expert_storage(config.get("quantization_config")
-                                            or text.get("quantization_config"), where, model_type),
+                                            or text.get("quantization_config"), where, model_type,
+                                            hidden, intermediate),
         vocab=int(text["vocab_size"]), tied_embeddings=bool(_first(text, "tie_word_embeddings",
                                                                     default=False)),
         dense_intermediate=0 if mixtral_like else int(text.get("intermediate_size") or 0),
@@ -185,6 +214,9 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
         return e * (weights // 2 + groups)
     if storage.scheme == "compressed-tensors":   # int32 words of 8 values, float32 scales, shapes
         return e * (weights // 2 + 4 * groups + 2 * 2 * 4)
+    if storage.scheme == "gptq":   # bits a weight, float32 scales, qzeros of as many bits a scale
+        scales = 2 * i + h if storage.per_channel else groups
+        return e * (weights * storage.bits // 8 + 4 * scales + scales * storage.bits // 8)
     return e * (weights // 2 + 4 * groups + groups // 2)   # AWQ: + int32 qzeros, 8 per word
 
 
@@ -253,9 +285,10 @@ def dense_matrices(shape: ModelShape) -> tuple[DenseMatrix, ...]:
 
 def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
     """A matrix's bytes as the checkpoint loads it: projections take the experts' stored bytes
-    per weight (FP8: 1, 4-bit integers: 0.5), the rest the model dtype."""
+    per weight (FP8 and 8-bit integers: 1, 4-bit integers: 0.5), the rest the model dtype."""
     if matrix.kind in PROJECTIONS and shape.storage.scheme not in FLOAT_PROJECTIONS:
-        return int(matrix.weights * {"fp8-block": 1}.get(shape.storage.scheme, 0.5))
+        eight_bits = shape.storage.scheme == "fp8-block" or shape.storage.format == "int8"
+        return int(matrix.weights * (1 if eight_bits else 0.5))
     return matrix.weights * shape.dtype_bytes
 
 

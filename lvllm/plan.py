@@ -45,6 +45,8 @@ MAX_GRAPH_TOKENS = 512
 # Preference among the formats that fit, by the checkpoint's: README, "Which format should I pick?".
 PREFERENCE = {"float": ("TO_DTYPE", "INT8", "INT4"), "fp8_e4m3": ("KEEP", "INT8", "INT4", "TO_DTYPE"),
               "int4": ("KEEP", "TO_DTYPE"),
+              # GPTQ 8-bit: KEEP is INT8 with the checkpoint's own integers and scales.
+              "int8": ("KEEP", "INT4", "TO_DTYPE"),
               # KEEP: the same values as TO_DTYPE in a quarter of the RAM, faster both ways.
               "mxfp4": ("KEEP", "TO_DTYPE")}
 

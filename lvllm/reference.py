@@ -39,6 +39,9 @@ class CheckpointTensors:
         if not self.file_of:
             raise FileNotFoundError(f"{path} holds no *.safetensors files")
         self._open = {}
+        config = path / "config.json"
+        self.quantization = (json.loads(config.read_text()).get("quantization_config") or {}
+                             if config.is_file() else {})
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -92,8 +95,48 @@ def _per_group(scales: torch.Tensor, group_rows: int, group_cols: int, rows: int
     return scales.double().repeat_interleave(group_rows, 0)[:rows].repeat_interleave(group_cols, 1)[:, :cols]
 
 
+def _is_gptq(tensors: CheckpointTensors, stem: str) -> bool:
+    """GPTQ packs `qweight` along the inputs (as many columns as `scales`), AWQ along the outputs."""
+    return (f"{stem}.qweight" in tensors
+            and tensors.get(f"{stem}.qweight").shape[1] == tensors.get(f"{stem}.scales").shape[1])
+
+
+def gptq_bits(tensors: CheckpointTensors, stem: str) -> int:
+    """Bits a weight of a GPTQ projection, from its tensors' shapes (`dynamic` may set them per
+    module): qzeros pack the outputs, g_idx counts the inputs; else the config's."""
+    outputs, words = tensors.get(f"{stem}.scales").shape[1], tensors.get(f"{stem}.qweight").shape[0]
+    if f"{stem}.qzeros" in tensors:
+        return 32 * tensors.get(f"{stem}.qzeros").shape[1] // outputs
+    if f"{stem}.g_idx" in tensors:
+        return 32 * words // tensors.get(f"{stem}.g_idx").shape[0]
+    return int(tensors.quantization.get("bits", 4))
+
+
+def _dequantize_gptq(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
+    """GPTQ: `qweight` [in * bits / 32, out], input 32 / bits * r + i in bits bits * i on of
+    word r; `scales` [groups, out]; input k in group g_idx[k] (act-order), k // group without
+    g_idx; zero point 2^(bits - 1) when sym, else `qzeros` (packed along the outputs) plus one,
+    as checkpoint_format "gptq" stores them ("gptq_v2": as stored). -> [out, in]."""
+    bits, words = gptq_bits(tensors, stem), tensors.get(f"{stem}.qweight").long() & 0xFFFFFFFF
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    q = torch.stack([(words >> (bits * i)) & mask for i in range(per_word)], dim=1).flatten(0, 1)
+    scales = tensors.get(f"{stem}.scales").double()
+    inputs = q.shape[0]
+    g_idx = (tensors.get(f"{stem}.g_idx").long() if f"{stem}.g_idx" in tensors
+             else torch.arange(inputs) // (inputs // scales.shape[0]))
+    if tensors.quantization.get("sym", True):
+        zeros = torch.full_like(scales, 1 << (bits - 1))
+    else:
+        packed = tensors.get(f"{stem}.qzeros").long() & 0xFFFFFFFF
+        zeros = torch.stack([(packed >> (bits * i)) & mask for i in range(per_word)], dim=-1).flatten(-2).double()
+        zeros += tensors.quantization.get("checkpoint_format", "gptq") != "gptq_v2"
+    return ((q - zeros[g_idx]) * scales[g_idx]).T.contiguous()
+
+
 def dequantize(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
     """One projection [out, in] in float64, by the tensors the checkpoint holds for it."""
+    if _is_gptq(tensors, stem):
+        return _dequantize_gptq(tensors, stem)
     if f"{stem}.qweight" in tensors:   # AutoAWQ GEMM: input-major, (q - zero) * scale per group of inputs
         q = _nibbles(tensors.get(f"{stem}.qweight"), AWQ_ORDER)
         scales = tensors.get(f"{stem}.scales").double()
@@ -136,6 +179,8 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 
 def stored_format(tensors: CheckpointTensors, stem: str) -> str:
     """How the checkpoint stores a projection, as an lk format name (floats by their dtype)."""
+    if _is_gptq(tensors, stem):
+        return "int8" if gptq_bits(tensors, stem) == 8 else "int4"
     if f"{stem}.qweight" in tensors or f"{stem}.weight_packed" in tensors:
         return "int4"
     dtype = tensors.get(f"{stem}.weight").dtype

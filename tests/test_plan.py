@@ -297,18 +297,51 @@ def test_the_checkpoint_layer_bytes_are_what_vllm_creates():
     pytest.importorskip("vllm")
     from lvllm.vllm.checkpoint_sources import (AwqInt4Source, CompressedTensorsInt4Source, ExpertSource,
                                                Fp8BlockSource, Mxfp4Source)
+    from lvllm.vllm.gptq_source import GptqSource
 
     cases = [({}, ExpertSource()), (DEEPSEEK_V3["quantization_config"], Fp8BlockSource((128, 128))),
              ({"quant_method": "mxfp4"}, Mxfp4Source()),
              ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "group_size": 32}}}},
               CompressedTensorsInt4Source(32)),
-             ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True}, AwqInt4Source(64, True))]
+             ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True}, AwqInt4Source(64, True)),
+             ({**QWEN3_GPTQ, "bits": 8, "group_size": 32}, GptqSource(8, 32, 32)),
+             ({**QWEN3_GPTQ, "group_size": -1}, GptqSource(4, -1, 256))]
     for quant, source in cases:
         model_type = "gpt_oss" if quant.get("quant_method") == "mxfp4" else "qwen3_moe"
         shape = model_shape({**QWEN3_30B, "model_type": model_type, "quantization_config": quant})
         params = source.params(128, 2048, 768, torch.bfloat16)
         expected = sum(torch.Size(s).numel() * d.itemsize for s, d, _ in params.values())
         assert checkpoint_layer_bytes(shape) == expected, quant
+
+
+# quantization_config as GPTQModel writes it for Qwen's GPTQ-Int4 releases.
+QWEN3_GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
+              "checkpoint_format": "gptq", "lm_head": False, "pack_dtype": "int32"}
+
+
+@pytest.mark.parametrize("quant, storage, per_weight", [
+    # 4 bits + a float32 scale and offset per 128 inputs as lk holds it.
+    ({}, ("int4", 128, False), 0.5 + 8 / 128),
+    # 8 bits + a float32 scale per 32 inputs (INT8 has no offsets).
+    ({"bits": 8, "group_size": 32}, ("int8", 32, False), 1 + 4 / 32),
+    # Per channel: the scale repeated over groups of gcd(2048, 768) = 256.
+    ({"group_size": -1}, ("int4", 256, True), 0.5 + 8 / 256),
+])
+def test_gptq_experts_are_kept_as_int4_or_int8(quant, storage, per_weight):
+    shape = model_shape({**QWEN3_30B, "quantization_config": {**QWEN3_GPTQ, **quant}})
+    assert (shape.storage.format, shape.storage.group, shape.storage.per_channel) == storage
+    assert shape.storage.scheme == "gptq"
+    keep = row(plan.make_plan(shape, machine(ram=96, cores=2, bandwidth=35), 4096), "KEEP")
+    assert keep.held == pytest.approx(48 * 128 * 3 * 2048 * 768 * per_weight, rel=1e-3)
+
+
+@pytest.mark.parametrize("quant, fact", [
+    ({"sym": False}, "sym False"), ({"bits": 3}, "bits 3"), ({"desc_act": True}, "desc_act: true and group_size 128"),
+    ({"group_size": 24}, "group_size 24"),
+])
+def test_gptq_configs_vllm_or_lk_refuse_name_the_field(quant, fact):
+    with pytest.raises(ConfigError, match=f"x/config.json: GPTQ .*{fact}"):
+        model_shape({**QWEN3_30B, "quantization_config": {**QWEN3_GPTQ, **quant}}, "x/config.json")
 
 
 GPT_OSS_120B = {
@@ -352,8 +385,8 @@ def test_gpt_oss_reserves_no_prefill_ring():
 def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):
     with pytest.raises(ConfigError, match="no experts|describes no routed experts"):
         model_shape({"hidden_size": 8, "num_hidden_layers": 2}, "x/config.json")
-    with pytest.raises(ConfigError, match="x/config.json: quantization_config .*gptq.* not a format lk takes"):
-        model_shape({**QWEN3_30B, "quantization_config": {"quant_method": "gptq", "bits": 4}}, "x/config.json")
+    with pytest.raises(ConfigError, match="x/config.json: quantization_config .*hqq.* not a format lk takes"):
+        model_shape({**QWEN3_30B, "quantization_config": {"quant_method": "hqq", "bits": 4}}, "x/config.json")
     with pytest.raises(ConfigError, match="--model .*missing.*config.json"):
         read_config(tmp_path / "missing")
     (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B))

@@ -3,6 +3,8 @@ lvllm.doctor's verdicts and error budget (no vLLM needed)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -50,6 +52,36 @@ def test_awq_nibbles_in_awq_order_input_major(tmp_path):
     assert dequantize(symmetric, "p")[:, 0].tolist() == [-8, -4, -7, -3, -6, -2, -5, -1]
 
 
+def test_gptq_inputs_packed_in_order_zero_point_from_bits(tmp_path):
+    # 4 bits (8 inputs in g_idx, one word): qweight [1 word, 2 outputs]; output 0 reads inputs
+    # 0..7 as 0..7, output 1 all 15; zero point 8 (sym). Two groups of 4 inputs: scales (1, 0.5)
+    # for output 0, (2, 2) for output 1.
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq",
+                                                                              "bits": 4, "sym": True}}))
+    tensors = checkpoint(tmp_path, {"p.qweight": torch.tensor([[WORD, -1]], dtype=torch.int32),
+                                    "p.scales": torch.tensor([[1.0, 2.0], [0.5, 2.0]], dtype=torch.float16),
+                                    "p.g_idx": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.int32)})
+    assert dequantize(tensors, "p").tolist() == [[-8, -7, -6, -5, -2, -1.5, -1, -0.5], [14] * 8]
+    assert stored_format(tensors, "p") == "int4"
+    # g_idx puts each input in its group (act-order): inputs 0 and 7 swap groups.
+    tensors = checkpoint(tmp_path, {"p.qweight": torch.tensor([[WORD, -1]], dtype=torch.int32),
+                                    "p.scales": torch.tensor([[1.0, 2.0], [0.5, 2.0]], dtype=torch.float16),
+                                    "p.g_idx": torch.tensor([1, 0, 0, 0, 1, 1, 1, 0], dtype=torch.int32)})
+    assert dequantize(tensors, "p")[0].tolist() == [-4, -7, -6, -5, -2, -1.5, -1, -1]
+    # 8 bits (4 inputs in g_idx): bytes 0x00, 0x80, 0xFF, 0x7F of one word are inputs 0..3:
+    # -128, 0, 127, -1.
+    tensors = checkpoint(tmp_path, {"p.qweight": torch.tensor([[0x7FFF8000]], dtype=torch.int32),
+                                    "p.scales": torch.tensor([[0.5]], dtype=torch.float16),
+                                    "p.g_idx": torch.zeros(4, dtype=torch.int32)})
+    assert dequantize(tensors, "p").tolist() == [[-64, 0, 63.5, -0.5]]
+    assert stored_format(tensors, "p") == "int8"
+    # Bits from qzeros (zero - 1 = 127 in each byte, 4 outputs a word; not read when sym).
+    tensors = checkpoint(tmp_path, {"p.qweight": torch.full((1, 8), 0x7FFF8000, dtype=torch.int32),
+                                    "p.scales": torch.ones(1, 8, dtype=torch.float16),
+                                    "p.qzeros": torch.full((1, 2), 0x7F7F7F7F, dtype=torch.int32)})
+    assert dequantize(tensors, "p")[:, 0].tolist() == [-128] * 8
+
+
 def test_fp8_blocks_scale_their_tile(tmp_path):
     q = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 448.0], [4.0, 4.0, 4.0]]).to(torch.float8_e4m3fn)
     # 2x2 blocks: rows 0-1 / 2, columns 0-1 / 2.
@@ -78,6 +110,7 @@ def test_expert_layers_from_tensor_names(tmp_path):
     ("int8", "bfloat16", torch.bfloat16, 2**-8 + 0.04),
     ("int4", "fp8_e4m3", torch.bfloat16, 2**-8 + 0.35),
     ("int4", "int4", torch.float16, 2**-11 + 0.03),                     # activations on 8 bits
+    ("int8", "int8", torch.float16, 2**-11 + 0.03 * 254 / 65534),       # activations on 16 bits
 ])
 def test_expected_error_adds_its_parts(lk_format, source, dtype, expected):
     assert doctor.expected_error(lk_format, source, dtype) == pytest.approx(expected)
