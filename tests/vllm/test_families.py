@@ -52,16 +52,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, MAX_TOKENS, PROMPTS, CachedReference,
-                        TransformersReference, assert_upstream, build_model, deviations, draft_lk_report,
-                        layer_index, run_llm)
+from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
+                        LOSSY_SAME_PREFIX, MAX_TOKENS, PROMPTS, CachedReference, TransformersReference,
+                        assert_upstream, build_model, deviations, draft_lk_report, layer_index, run_llm)
 
 # Measured (median / max prompt-logprob deviation): Kimi INT4 KEEP 0.017 / 0.15, Qwen3-Next
 # bf16 lk 0.016 / 0.061 (vLLM's own 0.017 / 0.058), gpt-oss MXFP4 KEEP 0.038 / 0.71 (gpt-oss
 # with float experts in bf16, vLLM's own path: 0.019 / 0.44, a greedy token 1.8 below).
-LOSSY_MEDIAN_TOL = 16 * 2.0 ** -8
-LOSSY_MAX_TOL = 2 * BF16_LOGPROB_TOL
-LOSSY_SAME_PREFIX = 4
+# LOSSY_MEDIAN_TOL, LOSSY_MAX_TOL, LOSSY_SAME_PREFIX: e2e_common's (GPTQ's tests share them).
 
 # --------------------------------------------------------------------------------------
 # the family table
