@@ -115,8 +115,8 @@ def gptq_bits(tensors: CheckpointTensors, stem: str) -> int:
 def _dequantize_gptq(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
     """GPTQ: `qweight` [in * bits / 32, out], input 32 / bits * r + i in bits bits * i on of
     word r; `scales` [groups, out]; input k in group g_idx[k] (act-order), k // group without
-    g_idx; zero point 2^(bits - 1) when sym, else `qzeros` (packed along the outputs) plus one,
-    as checkpoint_format "gptq" stores them ("gptq_v2": as stored). -> [out, in]."""
+    g_idx; zero point 2^(bits - 1): a symmetric grid, the only one vLLM 0.32 loads (its stored
+    qzeros, zero - 1 in checkpoint_format "gptq", are not read). -> [out, in]."""
     bits, words = gptq_bits(tensors, stem), tensors.get(f"{stem}.qweight").long() & 0xFFFFFFFF
     per_word, mask = 32 // bits, (1 << bits) - 1
     q = torch.stack([(words >> (bits * i)) & mask for i in range(per_word)], dim=1).flatten(0, 1)
@@ -124,13 +124,9 @@ def _dequantize_gptq(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
     inputs = q.shape[0]
     g_idx = (tensors.get(f"{stem}.g_idx").long() if f"{stem}.g_idx" in tensors
              else torch.arange(inputs) // (inputs // scales.shape[0]))
-    if tensors.quantization.get("sym", True):
-        zeros = torch.full_like(scales, 1 << (bits - 1))
-    else:
-        packed = tensors.get(f"{stem}.qzeros").long() & 0xFFFFFFFF
-        zeros = torch.stack([(packed >> (bits * i)) & mask for i in range(per_word)], dim=-1).flatten(-2).double()
-        zeros += tensors.quantization.get("checkpoint_format", "gptq") != "gptq_v2"
-    return ((q - zeros[g_idx]) * scales[g_idx]).T.contiguous()
+    if not tensors.quantization.get("sym", True):
+        raise ValueError(f"{stem}: GPTQ with sym: false, which vLLM 0.32 does not load")
+    return ((q - (1 << (bits - 1))) * scales[g_idx]).T.contiguous()
 
 
 def dequantize(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
