@@ -134,3 +134,4 @@ elif "__mp_main__" in sys.modules:
     # A process vLLM spawns from this command re-imports the command's script, and nothing
     # else of lvllm runs before vLLM logs there: its Triton messages are filtered here.
     command.quiet_triton_messages(explain=False)
+    command.SpawnedFromCommand.value = True

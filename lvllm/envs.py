@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from lvllm.env_names import unknown_names
+
 
 class EnvError(ValueError):
     """A variable has a value lvllm cannot use; the message names it and what is valid."""
@@ -96,6 +98,13 @@ def _positive_float(raw: str) -> float:
 # LVLLM_DENSE_USE_WEIGHT's (dense layers come as float: KEEP would be TO_DTYPE).
 WEIGHT_MODES = ("TO_DTYPE", "KEEP", "INT8", "INT4")
 DENSE_WEIGHT_MODES = ("TO_DTYPE", "INT8", "INT4")
+
+
+def _minutes(raw: str) -> float:
+    value = float(raw.strip())
+    if not 0 <= value < float("inf"):
+        raise ValueError
+    return value
 
 
 def _optional(parse_set: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -250,6 +259,18 @@ VARIABLES: dict[str, Variable] = {
             "only lowers that.",
         ),
         Variable(
+            "LVLLM_EXPERT_STATS", "", _optional(str.strip), "a file path, or empty",
+            "Count every MoE layer's router picks per expert (lk, resident and streamed layers; "
+            "from the end of start-up) into this JSON file, kept across restarts of the same "
+            "model: written every LVLLM_EXPERT_STATS_INTERVAL minutes and when `vllm serve` "
+            "stops, with one log line on the hottest experts' share (README: Routing "
+            "statistics). Empty: no counting.",
+        ),
+        Variable(
+            "LVLLM_EXPERT_STATS_INTERVAL", "10", _minutes, "minutes >= 0",
+            "How often LVLLM_EXPERT_STATS is written while serving; 0: only when it stops.",
+        ),
+        Variable(
             "LK_THREADS", "", _optional(_int_between(1, _thread_bound)),
             f"integer from 1 to {THREADS_PER_CPU} x the usable CPUs, or empty for the default",
             "Worker threads of the lk engine. Default: with LK_WORKERS=OWN, usable cores "
@@ -324,48 +345,12 @@ def validate_all() -> None:
     """Read every variable once so a bad value stops start-up, not a request."""
     for name in VARIABLES:
         get(name)
-    theirs = _vllm_variables()
-    unknown = sorted(key for key in os.environ
-                     if key not in VARIABLES and key not in theirs and _looks_like_ours(key))
-    if unknown:
-        hints = [f"{key} (did you mean {near}?)" if (near := nearest(key)) else key for key in unknown]
+    hints = unknown_names(os.environ, VARIABLES)
+    if hints:
         raise EnvError(
             f"unknown lvllm variable(s) {', '.join(hints)}: known ones are "
             f"{', '.join(VARIABLES)}"
         )
-
-
-def _edit_distance(a: str, b: str) -> int:
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
-
-
-def nearest(key: str) -> str | None:
-    """The declared variable ``key`` most likely misspells: within 2 edits of it whatever the
-    case (1 for names shorter than 8 characters), else None."""
-    upper = key.upper()
-    best = min(VARIABLES, key=lambda name: _edit_distance(upper, name))
-    distance = _edit_distance(upper, best)
-    return best if 0 < distance <= (2 if len(best) >= 8 else 1) or (distance == 0 and key != best) else None
-
-
-def _vllm_variables() -> frozenset[str]:
-    """vLLM's own variables (VLLM_TARGET_DEVICE is one edit from ours), where vLLM is here."""
-    try:
-        from vllm.envs import environment_variables
-    except ImportError:
-        return frozenset()
-    return frozenset(environment_variables)
-
-
-def _looks_like_ours(key: str) -> bool:
-    """Our prefixes (LVLLM_, LK_) in any case, or a near miss of one of our names."""
-    return key.upper().startswith(("LVLLM_", "LK_")) or nearest(key) is not None
 
 
 def markdown_table() -> str:

@@ -48,6 +48,8 @@ class Settings:
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
     quant_on_gpu: bool = False
     ram_budget_gib: float | None = None
+    expert_stats: str | None = None       # LVLLM_EXPERT_STATS' path
+    expert_stats_interval_min: float = 10.0
     lk: LkSettings = LkSettings()
 
     @classmethod
@@ -72,5 +74,7 @@ class Settings:
             quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
             quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"),
             ram_budget_gib=envs.get("LVLLM_MOE_RAM_BUDGET"),
+            expert_stats=envs.get("LVLLM_EXPERT_STATS"),
+            expert_stats_interval_min=envs.get("LVLLM_EXPERT_STATS_INTERVAL"),
             lk=LkSettings.from_env(),
         )

@@ -1,6 +1,6 @@
 """What lvllm's ``vllm`` command changes in vLLM's own command line, whether lk is on or off.
 
-Five hooks, each installed by ``install_command_hooks`` when the command starts (and the log
+Six hooks, each installed by ``install_command_hooks`` when the command starts (and the log
 filter also in the processes vLLM spawns from it, see lvllm/_vllm_cli.py), none by importing
 this module, which imports nothing of vLLM at its top so that it can run before vLLM logs:
 
@@ -27,6 +27,12 @@ this module, which imports nothing of vLLM at its top so that it can run before 
     The nodes of a multi-node launch stop together: SIGTERM on the head stops every node (status
     0), a node or head that vanished stops the others (status 1). vLLM leaves the other nodes
     running or waiting; lvllm/node_watch.py has the link.
+
+``ignore_interrupts_in_engine`` (the engine and workers spawned from the command)
+    Ctrl-C sends SIGINT to every process of the terminal's group: a worker stopped mid-step
+    (the engine logged that as a crash) and the engine stopped on its own, before the command
+    could end the requests or collect what the workers hold. They ignore it; the command's own
+    process stops them as it does on SIGTERM.
 
 ``quiet_triton_messages``
     On the CPU build, where the Triton that xgrammar brings has no CPU backend, each vLLM
@@ -155,6 +161,8 @@ def install_shutdown_repair() -> None:
             for handler in logging.getLogger("vllm").handlers:   # configured by now
                 handler.addFilter(_quiet_shutdown)
             _end_requests_in_flight(self)
+            if not _Shutdown.engine_died:
+                _write_expert_stats(self)
             if _Shutdown.head_link is not None and not _Shutdown.engine_died:
                 _Shutdown.head_link.stop_nodes()
         original(self, timeout)
@@ -227,6 +235,27 @@ def _end_requests_in_flight(llm) -> None:
         done.wait(10)
 
 
+def _write_expert_stats(llm) -> None:
+    """Have the workers write LVLLM_EXPERT_STATS before the engine stops (vLLM kills them
+    0.3 s into a shutdown), from the engine's event loop."""
+    from lvllm import envs
+
+    handler = getattr(llm, "output_handler", None)
+    if not envs.get("LVLLM_EXPERT_STATS") or handler is None or handler.done():
+        return
+    loop = handler.get_loop()
+    try:
+        if asyncio.get_running_loop() is loop:
+            return   # cannot wait here; the periodic writes stand
+    except RuntimeError:
+        pass
+    future = asyncio.run_coroutine_threadsafe(llm.collective_rpc("lvllm_write_expert_stats", timeout=5), loop)
+    try:
+        future.result(6)
+    except Exception as error:   # the shutdown goes on whatever the workers answer
+        logging.getLogger("vllm").warning("lvllm: LVLLM_EXPERT_STATS not written at shutdown: %s", error)
+
+
 def _quiet_shutdown(record: logging.LogRecord) -> bool:
     """Drop the tracebacks a requested shutdown causes: one per stream that ServerShutdown
     ended, and the engine's EngineDeadError once vLLM has stopped it."""
@@ -240,6 +269,22 @@ def _quiet_shutdown(record: logging.LogRecord) -> bool:
             return False
         error = error.__cause__
     return True
+
+
+class SpawnedFromCommand:
+    """Whether this process was spawned from the ``vllm`` command (set by lvllm/_vllm_cli.py)."""
+
+    value = False
+
+
+def ignore_interrupts_in_engine() -> None:
+    """In the command's engine process or one of its workers (as vLLM names their processes),
+    ignore SIGINT; called by lvllm's plugin, after vLLM has set the process's own handlers."""
+    import multiprocessing
+
+    name = multiprocessing.current_process().name
+    if SpawnedFromCommand.value and name.startswith(("VllmWorker", "EngineCore")):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # (logger, start of message): what vLLM's CPU build logs in each process when Triton has no

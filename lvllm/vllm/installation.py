@@ -33,6 +33,7 @@ class Installation:
         self.variants = None   # lvllm.vllm.hooks.Variants
         self._runtime_info: dict | None = None
         self._logged: set[str] = set()
+        self._routing_counter = None   # lvllm.vllm.routing_stats.RoutingCounter, with the first MoE layer
 
     def placement_for_model_being_built(self) -> Placement:
         """The main model's placement, or the draft model's while vLLM builds a draft."""
@@ -55,6 +56,23 @@ class Installation:
         if self._runtime_info is None:
             self._runtime_info = start_lk_runtime(self.settings)
         return self._runtime_info
+
+    def routing_counter(self):
+        """This worker's RoutingCounter (LVLLM_EXPERT_STATS; None without it), made once the
+        ranks are known: the first MoE layer asks."""
+        if self.settings.expert_stats is None:
+            return None
+        if self._routing_counter is None:
+            from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+            from lvllm.vllm.routing_stats import RoutingCounter
+
+            data_rank = get_current_vllm_config().parallel_config.data_parallel_rank
+            self._routing_counter = RoutingCounter(
+                self.settings.expert_stats, self.settings.expert_stats_interval_min,
+                writer=f"dp{data_rank}-pp{get_pp_group().rank_in_group}",
+                writes=get_tensor_model_parallel_rank() == 0)
+        return self._routing_counter
 
     def log_once(self, key: str, message: str, *args) -> None:
         if key not in self._logged:

@@ -24,7 +24,9 @@ from lvllm.placement import RESIDENT_VAR, Placement, streams_in_gpu_prefill
 from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_source, gate_up_halves,
                                            lk_problems)
 from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
-from lvllm.vllm.installation import Installation, logger, num_model_layers, pipeline_stage
+from lvllm.vllm.installation import (Installation, building_draft_model, logger, num_model_layers,
+                                     pipeline_stage)
+from lvllm.vllm.routing_stats import model_identity
 
 _PART_NAMES = {"gate": "(gate_proj)", "up": "(up_proj)", "down": "(down_proj)"}
 # The parts of a layer's params one weight_loader call fills, by the shard id the model's
@@ -337,6 +339,10 @@ class LkRunner:
         super().__init__(*args, **kwargs)
         if isinstance(self.routed_experts.quant_method, LkMoEMethod) and lacks_scheme(self.router):
             SigmoidTopkRouter.take_over(self.router)
+        installation = LkExperts.installation
+        counter = installation.routing_counter() if installation is not None else None
+        if counter is not None and not building_draft_model():
+            counter.attach(self, extract_layer_index(self.layer_name), model_identity(self.moe_config))
 
     def _apply_quant_method(self, hidden_states, router_logits, shared_experts_input,
                             input_ids=None, shared_experts_overlapping=False):

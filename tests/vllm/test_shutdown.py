@@ -3,7 +3,8 @@
 SIGTERM (a service manager) or SIGINT to the process group (Ctrl-C in a terminal) with 4 to 8
 streams open: the server ends every stream with a terminal event the client sees (an error
 event, then [DONE]), exits with status 0 within SHUTDOWN_BOUND seconds, leaving no process
-behind, and its log holds no traceback and none of the noise lvllm quiets; `--sigterms N`
+behind, and its log holds no traceback and none of the noise lvllm quiets; the routing
+statistics (LVLLM_EXPERT_STATS) it counted are in their file; `--sigterms N`
 sets how many servers are stopped so (CI: 4). A worker or the engine process killed with
 SIGKILL: the server exits with a failing status.
 """
@@ -21,10 +22,15 @@ import pytest
 
 from server_common import completion, start_healthy, stop
 
+from lvllm import expert_stats
+
 requests = pytest.importorskip("requests")
 psutil = pytest.importorskip("psutil")
 
 SHUTDOWN_BOUND = 10.0
+# Long enough to be running when the signal comes, within examples/tiny/config.yaml's
+# max-model-len (512) with the prompt.
+STREAM_TOKENS = 400
 # The process layout users get (the suite's default keeps the worker inside EngineCore).
 PROCESSES = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
 
@@ -38,7 +44,12 @@ class Stream:
 
     def run(self) -> None:
         try:
-            response = completion(self.base, "each core splits two experts again.", stream=True, max_tokens=4000)
+            response = completion(self.base, "each core splits two experts again.", stream=True,
+                                  max_tokens=STREAM_TOKENS)
+            if response.status_code != 200:   # refused: no stream to end
+                self.ending = f"HTTP {response.status_code}: {response.text[:300]}"
+                self.started.release()
+                return
             for line in response.iter_lines():
                 if not line:
                     continue
@@ -84,7 +95,9 @@ def test_sigterm_ends_every_open_stream_and_exits_in_time(tiny_model, tmp_path, 
     for attempt in range(sigterms):
         count = 4 + attempt % 5
         (tmp_path / f"run{attempt}").mkdir()
-        server = start_healthy(model, tmp_path / f"run{attempt}", **PROCESSES)
+        stats = tmp_path / f"run{attempt}" / "stats.json"
+        server = start_healthy(model, tmp_path / f"run{attempt}", **PROCESSES, LVLLM_EXPERT_STATS=str(stats),
+                               LVLLM_EXPERT_STATS_INTERVAL="0")
         proc, processes = server["proc"], family(server["proc"])
         started = threading.Semaphore(0)
         streams = [Stream(server["base"], started) for _ in range(count)]
@@ -112,6 +125,12 @@ def test_sigterm_ends_every_open_stream_and_exits_in_time(tiny_model, tmp_path, 
         _, left = psutil.wait_procs([p for p in processes if p.is_running()], timeout=5)   # the resource tracker takes a moment
         left = [p for p in left if p.is_running() and p.status() != "zombie"]
         assert survivors == [] and not left, (attempt, [(p.pid, p.cmdline()) for p in left])
+        # The routing statistics, written only at shutdown here, survived it: every token the
+        # streams ran went through each of the 4 layers, 2 picks a token.
+        totals = expert_stats.layer_totals(json.loads(stats.read_text()))
+        assert sorted(totals) == [0, 1, 2, 3] and len({sum(c) for c in totals.values()}) == 1, totals
+        assert sum(totals[0]) > 0 and sum(totals[0]) % 2 == 0, totals
+        assert "lvllm: routing statistics of 4 MoE layer(s)" in full_log
 
 
 @pytest.mark.parametrize("victim", ["VLLM::Worker", "VLLM::EngineCore"])
