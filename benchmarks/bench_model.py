@@ -17,6 +17,8 @@ on the same cores (VLLM_CPU_OMP_THREADS_BIND=--cores):
                would hand to torch's F.linear, as on AVX2-only CPUs)
   lk-int8-all, lk-int4-all  lk-int8 / lk-int4 with every dense layer but the routers on lk
                at the same bits (LVLLM_DENSE_USE_WEIGHT), as llama.cpp's Q8_0 / Q4_0 files
+  lk-int4-all-stats  (on request) lk-int4-all counting routing statistics (LVLLM_EXPERT_STATS,
+               a fresh file per model): what counting costs
 
 A shared host's read bandwidth jumps between levels within seconds (seen here: 34 and
 60 GB/s), so the reference and each lk configuration are loaded side by side, two processes
@@ -97,6 +99,8 @@ CONFIGS = {
     "lk-bf16-vllm-dense": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_DENSE_ON_LK": "OFF"},
     "lk-int8-all": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT8", "LVLLM_DENSE_USE_WEIGHT": "INT8"},
     "lk-int4-all": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4", "LVLLM_DENSE_USE_WEIGHT": "INT4"},
+    "lk-int4-all-stats": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4",
+                          "LVLLM_DENSE_USE_WEIGHT": "INT4", "LVLLM_EXPERT_STATS_INTERVAL": "0"},
 }
 REFERENCE = "vllm"
 # llama.cpp's GGUF format -> the lk configuration of about as many bits per expert weight
@@ -121,6 +125,8 @@ SERVE_SCENARIOS = {
 def model_env(config: str, cores: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
     env.update(CONFIGS[config])
+    if "LVLLM_EXPERT_STATS_INTERVAL" in env:   # a file of its own: each model refuses another's
+        env["LVLLM_EXPERT_STATS"] = str(Path(tempfile.mkdtemp(prefix="lvllm-bench-")) / "expert-stats.json")
     env.update({"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1",
                 "VLLM_DISABLE_COMPILE_CACHE": "1", "TOKENIZERS_PARALLELISM": "false"})
     return env
