@@ -266,7 +266,7 @@ def test_bench_moe_takes_its_formats_from_lvllm_formats():
 
 
 @pytest.mark.parametrize("script", ["bench_moe", "bench_model", "bench_dense", "bench_full_depth", "bench_soak",
-                                    "bench_panel_stream"])
+                                    "bench_panel_stream", "sim_hot_experts"])
 def test_each_benchmark_starts(script):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
                           capture_output=True, text=True, timeout=120)
