@@ -3,7 +3,8 @@ network namespaces joined by a veth pair (each with its own address), lk on in b
 
 The head (node rank 0) serves the API and pipeline stage 0; the headless node 1 holds stage 1.
 Checked: the answers equal one node's with lk off (tiny float32 model, greedy), each node's lk
-holds and logs only its own stage's layers, SIGTERM on the head ends both nodes within
+holds and logs only its own stage's layers, each stage writes its own routing statistics
+(LVLLM_EXPERT_STATS) into one file, SIGTERM on the head ends both nodes within
 SHUTDOWN_BOUND seconds with status 0, and killing node 1 makes the head exit with a failing
 status within NODE_LOST_BOUND seconds; no process outlives either. Needs root (namespaces);
 traffic stays inside the namespaces and their loopback; the namespaces go whatever happens.
@@ -24,6 +25,7 @@ import pytest
 from e2e_common import BASE_ENV, CPUS, MAX_TOKENS, PROMPTS
 from server_common import STARTUP_TIMEOUT, free_port
 
+from lvllm import expert_stats
 from lvllm._vllm_cli import command_line
 
 psutil = pytest.importorskip("psutil")
@@ -121,6 +123,8 @@ class Cluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
         env.update(BASE_ENV)
         env.update({"LVLLM_MOE_NUMA_ENABLED": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                    # one file, as on a shared disk: each stage writes its own entry
+                    "LVLLM_EXPERT_STATS": str(self.tmp / "stats.json"), "LVLLM_EXPERT_STATS_INTERVAL": "0",
                     "VLLM_CPU_OMP_THREADS_BIND": str(CPUS[node % len(CPUS)]),
                     # gloo and vLLM would take the address the hostname resolves to (loopback here)
                     "GLOO_SOCKET_IFNAME": self.spaces.links[node],
@@ -195,7 +199,7 @@ def cluster(namespaces, tiny_model, tmp_path):
 
 def test_two_nodes_answer_as_one_and_stop_together(cluster, llm_runs):
     """Same tokens as one node with lk off; each node's lk holds its own stage; SIGTERM on the
-    head stops both with status 0."""
+    head stops both with status 0, each stage's routing statistics written."""
     one_node = llm_runs("qwen3_moe", lk=False)
     status, answer = cluster.client("/v1/completions", {
         "model": "tiny-moe", "prompt": PROMPTS, "max_tokens": MAX_TOKENS, "temperature": 0,
@@ -215,6 +219,13 @@ def test_two_nodes_answer_as_one_and_stop_together(cluster, llm_runs):
     assert took < SHUTDOWN_BOUND
     assert cluster.settle() == []
     assert "Traceback" not in cluster.log(0) + cluster.log(1)
+    # Each stage's routing statistics, fetched from both nodes before the head stopped: the
+    # same tokens went through every layer, 2 picks a token.
+    data = json.loads((cluster.tmp / "stats.json").read_text())
+    assert {w: sorted(e["layers"]) for w, e in data["writers"].items()} == {"dp0-pp0": ["0", "1"],
+                                                                           "dp0-pp1": ["2", "3"]}
+    tokens = sum(len(p) + len(g) - 1 for p, g in zip(one_node.prompt_token_ids, one_node.tokens))
+    assert {sum(c) for c in expert_stats.layer_totals(data).values()} == {2 * tokens}, data
 
 
 def test_head_fails_when_node_1_dies(cluster):
