@@ -14,8 +14,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from lvllm.env_names import unknown_names
-
 
 class EnvError(ValueError):
     """A variable has a value lvllm cannot use; the message names it and what is valid."""
@@ -345,6 +343,8 @@ def validate_all() -> None:
     """Read every variable once so a bad value stops start-up, not a request."""
     for name in VARIABLES:
         get(name)
+    from lvllm.env_names import unknown_names   # here: setup.py loads this file by path, without the package
+
     hints = unknown_names(os.environ, VARIABLES)
     if hints:
         raise EnvError(

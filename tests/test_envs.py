@@ -1,6 +1,9 @@
 """lvllm.envs: parsing, errors that name the variable, and the README table."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,18 @@ def test_readme_table_matches_the_declarations():
     text = README.read_text(encoding="utf-8")
     assert envs.README_BEGIN in text and envs.README_END in text, "README.md lacks the generated env table"
     assert envs.readme_with_table(text) == text, "README.md's table is stale: run python -m lvllm.envs --update-readme README.md"
+
+
+def test_setup_py_can_load_it_by_path_before_the_package_exists(tmp_path):
+    """setup.py reads envs.py by path while lvllm is being built: no import of the package at
+    its top (a Python without site-packages, outside the source tree, stands for that)."""
+    loader = ("import importlib.util, sys\n"
+              f"spec = importlib.util.spec_from_file_location('_envs', {str(Path(envs.__file__))!r})\n"
+              "module = importlib.util.module_from_spec(spec); sys.modules['_envs'] = module\n"
+              "spec.loader.exec_module(module); print(module.get('LVLLM_MOE_NUMA_ENABLED'))")
+    done = subprocess.run([sys.executable, "-S", "-c", loader], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60, env={"PATH": os.environ.get("PATH", "")})
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
 
 def test_every_variable_read_in_the_package_is_declared():
