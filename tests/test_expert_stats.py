@@ -69,3 +69,26 @@ def test_the_hottest_share_by_hand(tmp_path):
     assert "2 MoE layer(s), 200 token-expert picks" in line
     assert "the hottest 10% of experts (2 of 20 per layer) took 30% of them" in line
     assert expert_stats.hot_share({}) == (0, 0.0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_count_op_skips_the_rows_a_graph_batch_is_padded_with(padded):
+    """A CUDA graph replays a captured size: the rows vLLM pads the batch with (its
+    ``is_padding`` mask) pass the router too, but are no tokens and must not count."""
+    torch = pytest.importorskip("torch")
+    from lvllm.vllm import routing_stats  # noqa: F401 - defines torch.ops.lvllm.count_routed
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 6, (9, 3), generator=generator, dtype=torch.int32)
+    mask = torch.zeros(9, dtype=torch.bool)
+    if padded:
+        mask[5:] = True
+    counts = torch.zeros(6, dtype=torch.int64)
+    torch.ops.lvllm.count_routed(counts, ids, mask if padded else None)
+    torch.ops.lvllm.count_routed(counts, ids, mask if padded else None)   # it accumulates
+    expected = [0] * 6
+    for row, picks in enumerate(ids.tolist()):
+        if not mask[row]:
+            for expert in picks:
+                expected[expert] += 2
+    assert counts.tolist() == expected

@@ -80,16 +80,15 @@ class GpuPath:
                 self.ring.start()
         return self._route
 
-    @staticmethod
-    def padding(num_tokens: int) -> torch.Tensor | None:
-        """vLLM's mask of padding rows (a persistent buffer, so captured graphs read each
-        replay's mask)."""
-        from vllm.forward_context import get_forward_context, is_forward_context_available
+def padding_rows(num_tokens: int) -> torch.Tensor | None:
+    """vLLM's mask of the rows it padded a batch with (a persistent buffer, so captured graphs
+    read each replay's mask); None where the forward has none of this size."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
 
-        if not is_forward_context_available():
-            return None
-        mask = get_forward_context().is_padding
-        return mask if mask is not None and mask.shape[0] == num_tokens else None
+    if not is_forward_context_available():
+        return None
+    mask = get_forward_context().is_padding
+    return mask if mask is not None and mask.shape[0] == num_tokens else None
 
 
 def _query_lens(context) -> list[int] | None:

@@ -24,6 +24,7 @@ from lvllm.placement import RESIDENT_VAR, Placement, streams_in_gpu_prefill
 from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_source, gate_up_halves,
                                            lk_problems)
 from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
+from lvllm.vllm.gpu_path import padding_rows
 from lvllm.vllm.installation import (Installation, building_draft_model, logger, num_model_layers,
                                      pipeline_stage)
 from lvllm.vllm.routing_stats import model_identity
@@ -376,6 +377,6 @@ class LkRunner:
         # shared experts (and, for a long prompt, the streamed experts) meanwhile, then the
         # two are joined; MoERunner.forward adds shared + routed (after routed scaling, TP
         # all-reduce), exactly as for vLLM's own experts.
-        padding = gpu.padding(hidden_states.shape[0]) if gpu is not None else None
+        padding = padding_rows(hidden_states.shape[0]) if gpu is not None else None
         return quant_method.experts.forward(hidden_states, topk_ids, topk_weights, run_shared,
                                             route=route, padding=padding)

@@ -16,20 +16,25 @@ from pathlib import Path
 import torch
 
 from lvllm import expert_stats
+from lvllm.vllm.gpu_path import padding_rows
 
 logger = logging.getLogger("vllm.lvllm")
 
 _LIBRARY = torch.library.Library("lvllm", "FRAGMENT")
-_LIBRARY.define("count_routed(Tensor(a!) counts, Tensor topk_ids) -> ()")
+_LIBRARY.define("count_routed(Tensor(a!) counts, Tensor topk_ids, Tensor? padding) -> ()")
 
 
-def _count_routed(counts: torch.Tensor, topk_ids: torch.Tensor) -> None:
+def _count_routed(counts: torch.Tensor, topk_ids: torch.Tensor, padding: torch.Tensor | None) -> None:
     ids = topk_ids.reshape(-1)   # int32 or int64 alike; no copy, no array of ones (~6 us a layer)
-    counts.index_add_(0, ids, counts.new_ones(()).expand(ids.numel()))
+    if padding is None:
+        ones = counts.new_ones(()).expand(ids.numel())
+    else:   # the rows a CUDA graph's batch is padded with are not tokens
+        ones = (~padding).to(counts.dtype).unsqueeze(1).expand(topk_ids.shape).reshape(-1)
+    counts.index_add_(0, ids, ones)
 
 
 _LIBRARY.impl("count_routed", _count_routed, "CompositeExplicitAutograd")
-torch.library.register_fake("lvllm::count_routed", lambda counts, topk_ids: None, lib=_LIBRARY)
+torch.library.register_fake("lvllm::count_routed", lambda counts, topk_ids, padding: None, lib=_LIBRARY)
 
 BUFFER = "lvllm_routed_counts"
 
@@ -72,7 +77,8 @@ class RoutingCounter:
 
         def select_and_count(*args, **kwargs):
             topk_weights, topk_ids = select(*args, **kwargs)
-            torch.ops.lvllm.count_routed(getattr(runner, BUFFER), topk_ids)
+            torch.ops.lvllm.count_routed(getattr(runner, BUFFER), topk_ids,
+                                         padding_rows(topk_ids.shape[0]))
             return topk_weights, topk_ids
 
         runner.router.select_experts = select_and_count
