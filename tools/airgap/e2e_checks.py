@@ -51,6 +51,10 @@ What each server is asked and what is checked:
   ring       lk-prefill*: the log line "lvllm: GPU prefill from" (the ring's allocation)
              comes before vLLM's KV cache sizing and streams every lk layer, and the first
              long prompt is answered
+  routing    lk servers (LVLLM_EXPERT_STATS, written at SIGTERM): every MoE layer counted
+             top_k picks for each token the model computed, i.e. top_k x (prompt + generated
+             - requests) from vLLM's own /metrics (prefix caching is off), in every mode:
+             rows a CUDA graph's batch is padded with are no tokens
   figures    one stream on the long prompt: TTFT and decode tok/s (median of the rounds),
              against vllm-eager (eager configurations) or vllm-graphs (graph modes; without
              it, as in --lean, they have no ratio)
@@ -327,6 +331,8 @@ def planned_checks(step: Step, servers: set[str], device: str) -> list[str]:
         found.append(f"outputs ({criterion(model, device)})")
     if spec.mixed:
         found.append("mixed batch")
+    if spec.lk:
+        found.append("routing statistics (top_k picks per computed token)")
     ref = spec.timing_reference
     found.append("figures (a reference)" if ref is None else f"figures vs {ref}" if ref in servers
                  else f"figures (no {ref} in this run: no ratio)")
@@ -607,7 +613,7 @@ def write_config(path: Path, model_path: Path, model: ModelSpec, spec: ServerSpe
     entries = {
         "model": str(model_path), "served-model-name": "e2e", "host": "127.0.0.1", "port": port,
         "dtype": model.dtype, "max-model-len": model.max_model_len, "max-num-seqs": 8,
-        "enable-prefix-caching": False, "seed": 0,
+        "no-enable-prefix-caching": True, "seed": 0,
     }
     if spec.mode == "eager":
         entries["enforce-eager"] = True
@@ -645,6 +651,11 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.lk_env = lk_env(spec, model)
+        self.stats = out / "servers" / f"{stem}.stats.json" if spec.lk else None
+        if self.stats is not None:
+            self.stats.unlink(missing_ok=True)
+            self.lk_env["LVLLM_EXPERT_STATS"] = str(self.stats)
+        self.computed_tokens: int | None = None   # from /metrics, just before SIGTERM
         write_config(self.config, model_path, model, spec, self.port)
         self.started = time.time()
         self.healthy_at = self.stopping_at = self.stopped_at = None
@@ -721,6 +732,20 @@ class Server:
         request = urllib.request.Request(f"{self.base}/v1/completions", data=data,
                                          headers={"Content-Type": "application/json"})
         return urllib.request.urlopen(request, timeout=left)
+
+    def read_computed_tokens(self) -> None:
+        """Tokens the model computed, as vLLM's own counters say: every prompt token (no prefix
+        cache) and every generated token but each request's last."""
+        with urllib.request.urlopen(f"{self.base}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        totals = {"vllm:prompt_tokens_total": 0.0, "vllm:generation_tokens_total": 0.0,
+                  "vllm:request_success_total": 0.0}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+        prompt, generated, requests = (int(v) for v in totals.values())
+        self.computed_tokens = prompt + generated - requests
 
     def complete(self, prompt: str, max_tokens: int) -> dict:
         """A greedy answer with the logprob of each prompt token (after the first)."""
@@ -852,6 +877,8 @@ def run_server(model_path: Path, step: Step, limits: Allowance, args, sizes: Siz
         run.checks.append(outputs_check(step, run, reference, model_path, args.device))
     if mixed is not None:
         run.checks.append(mixed)
+    if server.stats is not None:
+        run.checks.append(routing_check(step.name, server))
     return run
 
 
@@ -871,6 +898,8 @@ def ask(server: Server, step: Step, run: Run, sizes: Sizes, prompts: list[str],
             ok, why = mixed_batch(server, prompts[:4], prompts[-1], sizes.mixed_tokens)
             mixed = check(f"{step.name}: mixed batch", "pass" if ok else "fail", why)
         run.figures = timing(server, prompts[-1], sizes)
+        if server.stats is not None:
+            server.read_computed_tokens()
     except Exception as exc:  # noqa: BLE001 - every failure becomes a failed check
         return mixed, [f"{type(exc).__name__}: {exc}"]
     return mixed, []
@@ -908,6 +937,27 @@ def log_checks(step: Step, text: str, outputs: list[dict] | None) -> list[dict]:
     if spec.prefetch_window:
         found.append(ring_check(step, text, outputs))
     return found
+
+
+def routing_check(name: str, server: Server) -> dict:
+    """Each MoE layer's picks in the statistics file: top_k for every token computed."""
+    from lvllm.expert_stats import layer_totals
+
+    label = f"{name}: routing statistics"
+    if server.computed_tokens is None:
+        return check(label, "fail", "not asked: the server failed first (its serve check says why)")
+    try:
+        data = json.loads(server.stats.read_text())
+    except (OSError, ValueError) as exc:
+        return check(label, "fail", f"no statistics file at SIGTERM: {exc}")
+    top_k = data["model"]["top_k"]
+    expected = top_k * server.computed_tokens
+    totals = {layer: sum(counts) for layer, counts in sorted(layer_totals(data).items())}
+    ok = len(totals) == server.model.layers and set(totals.values()) == {expected}
+    return check(label, "pass" if ok else "fail",
+                 f"picks per layer {totals}; expected {expected} = top_k {top_k} x "
+                 f"{server.computed_tokens} tokens computed (vLLM's /metrics) in each of "
+                 f"{server.model.layers} layers")
 
 
 def ring_check(step: Step, text: str, outputs: list[dict] | None) -> dict:
