@@ -72,20 +72,21 @@ def test_the_hottest_share_by_hand(tmp_path):
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_the_count_op_skips_the_rows_a_graph_batch_is_padded_with(padded):
+def test_the_count_op_counts_real_rows_only(padded):
     """A CUDA graph replays a captured size: the rows vLLM pads the batch with (its
-    ``is_padding`` mask) pass the router too, but are no tokens and must not count."""
+    ``is_padding`` mask) pass the router too, with any ids, but are no tokens."""
     torch = pytest.importorskip("torch")
-    from lvllm.vllm import routing_stats  # noqa: F401 - defines torch.ops.lvllm.count_routed
+    from lvllm.routing_count import count_routed
 
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 6, (9, 3), generator=generator, dtype=torch.int32)
     mask = torch.zeros(9, dtype=torch.bool)
     if padded:
         mask[5:] = True
+        ids[5:] = torch.tensor([-1, 6, 1 << 30], dtype=torch.int32)   # what such rows may hold
     counts = torch.zeros(6, dtype=torch.int64)
-    torch.ops.lvllm.count_routed(counts, ids, mask if padded else None)
-    torch.ops.lvllm.count_routed(counts, ids, mask if padded else None)   # it accumulates
+    count_routed(counts, ids, mask if padded else None)
+    count_routed(counts, ids, mask if padded else None)   # it accumulates
     expected = [0] * 6
     for row, picks in enumerate(ids.tolist()):
         if not mask[row]:

@@ -1,10 +1,9 @@
 """Counting each MoE layer's router picks inside vLLM's workers (LVLLM_EXPERT_STATS).
 
 ``RoutingCounter.attach`` gives a MoE runner a counter buffer and wraps its router, so every
-path that asks the router (lk, resident layers, streamed prefill) counts; the count is a custom
-op (opaque to torch.compile, captured in CUDA graphs like any kernel) adding one per (token,
-expert) pick on the picks' device. Start-up's dummy batches are dropped when the worker is
-ready (``start``). Files, merging and the summary: lvllm/expert_stats.py.
+path that asks the router (lk, resident layers, streamed prefill) counts, with
+lvllm/routing_count.py's op, leaving out the rows vLLM padded the batch with. Start-up's
+dummy batches are dropped when the worker is ready (``start``). Files, merging and the summary: lvllm/expert_stats.py.
 """
 
 from __future__ import annotations
@@ -16,25 +15,10 @@ from pathlib import Path
 import torch
 
 from lvllm import expert_stats
+from lvllm.routing_count import count_routed
 from lvllm.vllm.gpu_path import padding_rows
 
 logger = logging.getLogger("vllm.lvllm")
-
-_LIBRARY = torch.library.Library("lvllm", "FRAGMENT")
-_LIBRARY.define("count_routed(Tensor(a!) counts, Tensor topk_ids, Tensor? padding) -> ()")
-
-
-def _count_routed(counts: torch.Tensor, topk_ids: torch.Tensor, padding: torch.Tensor | None) -> None:
-    ids = topk_ids.reshape(-1)   # int32 or int64 alike; no copy, no array of ones (~6 us a layer)
-    if padding is None:
-        ones = counts.new_ones(()).expand(ids.numel())
-    else:   # the rows a CUDA graph's batch is padded with are not tokens
-        ones = (~padding).to(counts.dtype).unsqueeze(1).expand(topk_ids.shape).reshape(-1)
-    counts.index_add_(0, ids, ones)
-
-
-_LIBRARY.impl("count_routed", _count_routed, "CompositeExplicitAutograd")
-torch.library.register_fake("lvllm::count_routed", lambda counts, topk_ids, padding: None, lib=_LIBRARY)
 
 BUFFER = "lvllm_routed_counts"
 
@@ -77,8 +61,7 @@ class RoutingCounter:
 
         def select_and_count(*args, **kwargs):
             topk_weights, topk_ids = select(*args, **kwargs)
-            torch.ops.lvllm.count_routed(getattr(runner, BUFFER), topk_ids,
-                                         padding_rows(topk_ids.shape[0]))
+            count_routed(getattr(runner, BUFFER), topk_ids, padding_rows(topk_ids.shape[0]))
             return topk_weights, topk_ids
 
         runner.router.select_experts = select_and_count

@@ -278,8 +278,9 @@ class Plan:
         return (self.setup_s or 0) + sum(step.allowance.total for step in self.steps)
 
 
-def make_plan(run: str, device: str, startup_timeout: float) -> Plan:
-    """The servers of a full, quick or lean run on ``device``, and what it leaves out."""
+def make_plan(run: str, device: str, startup_timeout: float, only: set[str] | None = None) -> Plan:
+    """The servers of a full, quick or lean run on ``device`` (of those named in ``only``, when
+    given), and what it leaves out."""
     if run == "lean":
         keys, sizes = ["tiny"], LEAN_SIZES
         steps = [Step(MODELS["tiny"], spec, allowance) for spec, allowance in LEAN]
@@ -290,6 +291,9 @@ def make_plan(run: str, device: str, startup_timeout: float) -> Plan:
         allowance = Allowance(startup_timeout, FULL_REQUESTS_S, FULL_STOP_S)
         steps = [Step(MODELS[key], spec, allowance) for key in keys for spec in SERVERS]
         skipped = [("8l: every configuration", "skipped: --quick (tiny model only)")] if run == "quick" else []
+    if only is not None:
+        skipped += [(step.name, "skipped: not in --only") for step in steps if step.spec.name not in only]
+        steps = [step for step in steps if step.spec.name in only]
     runs = [step for step in steps if device == "cuda" or not step.spec.cuda_only]
     skipped += [(step.name, NEEDS_CUDA) for step in steps if step.spec.cuda_only and device != "cuda"]
     lean = run == "lean"
@@ -1103,6 +1107,8 @@ def parse_args(argv=None):
     parser.add_argument("--startup-timeout", type=float,
                         help=f"seconds a server may take to answer /health (default "
                              f"{FULL_STARTUP_S:g}; --lean allots its own)")
+    parser.add_argument("--only", type=lambda names: set(names.split(",")),
+                        help="run only these servers (comma-separated names, as the plan prints them)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and exit: no model built, no server started")
     args = parser.parse_args(argv)
@@ -1191,7 +1197,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not gpu and not args.dry_run:
         print("--device cuda: torch sees no GPU", file=sys.stderr)
         return 2
-    plan = make_plan(args.run, args.device, args.startup_timeout)
+    plan = make_plan(args.run, args.device, args.startup_timeout, args.only)
     print(render_plan(plan, args.models_dir), flush=True)
     if args.dry_run:
         return 0

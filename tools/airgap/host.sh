@@ -77,7 +77,8 @@ finish() {
       && step versions versions
     # tests/gpu with vLLM's torch (the venv's), then the e2e checks even if some failed.
     step tests_gpu timeout "${GPU_TESTS_TIMEOUT:-180}" "$VENV_PY" -m pytest tests/gpu -q -p no:cacheprovider
-    step e2e timeout "${E2E_TIMEOUT:-450}" "$VENV_PY" tools/airgap/e2e_checks.py "$RESULTS/e2e" --device cuda --lean
+    step e2e timeout "${E2E_TIMEOUT:-450}" "$VENV_PY" tools/airgap/e2e_checks.py "$RESULTS/e2e" --device cuda --lean \
+      ${E2E_ONLY:+--only "$E2E_ONLY"}
     echo "failed:${FAILED:- nothing}"
   } 2>&1 | tee "$OUT/finish.txt"
   cp "$RESULTS/e2e/summary.md" "$OUT/summary.md" 2>/dev/null
