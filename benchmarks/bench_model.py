@@ -18,7 +18,9 @@ on the same cores (VLLM_CPU_OMP_THREADS_BIND=--cores):
   lk-int8-all, lk-int4-all  lk-int8 / lk-int4 with every dense layer but the routers on lk
                at the same bits (LVLLM_DENSE_USE_WEIGHT), as llama.cpp's Q8_0 / Q4_0 files
   lk-int4-all-stats  (on request) lk-int4-all counting routing statistics (LVLLM_EXPERT_STATS,
-               a fresh file per model): what counting costs
+               a fresh file per model): what counting costs, and the share of the picks each
+               layer's hottest 10% and 25% of experts took (--router-skew makes routing favour
+               some experts, as a trained model's does; the default model's router is unbiased)
 
 A shared host's read bandwidth jumps between levels within seconds (seen here: 34 and
 60 GB/s), so the reference and each lk configuration are loaded side by side, two processes
@@ -132,12 +134,12 @@ def model_env(config: str, cores: str) -> dict[str, str]:
     return env
 
 
-def build(models_dir: Path, layers: int) -> Path:
-    out = models_dir / f"qwen3-30b-a3b-{layers}l"
+def build(models_dir: Path, layers: int, router_skew: float) -> Path:
+    out = models_dir / (f"qwen3-30b-a3b-{layers}l" + (f"-skew{router_skew:g}" if router_skew else ""))
     if not (out / "config.json").exists():
         print(f"building the {layers}-layer model in {out} ...", flush=True)
         subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--num-layers",
-                        str(layers), *BUILDER_ARGS], check=True)
+                        str(layers), "--router-skew", str(router_skew), *BUILDER_ARGS], check=True)
     return out
 
 
@@ -293,7 +295,9 @@ class OfflineChild:
         command = [sys.executable, __file__, "--offline-child", str(model), *(["--eager"] if args.eager else [])]
         self.log = Path(tempfile.mkstemp(prefix=f"bench_model-{config}-", suffix=".log")[1])
         self.log_file = self.log.open("w")
-        self.proc = subprocess.Popen(command, env=model_env(config, args.cores), stdin=subprocess.PIPE,
+        env = model_env(config, args.cores)
+        self.stats = env.get("LVLLM_EXPERT_STATS")   # written when the child ends
+        self.proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log_file, text=True)
         self.peak = {"VmRSS:": 0, "RssAnon:": 0}   # the child's, sampled while it loads
         sampler = threading.Thread(target=self._sample_until_ready, daemon=True)
@@ -334,6 +338,23 @@ class OfflineChild:
             self.proc.wait(120)
         self.log_file.close()
         self.log.unlink(missing_ok=True)
+        if self.stats:
+            self.info["routing"] = routing_shares(Path(self.stats))
+
+
+def routing_shares(path: Path) -> dict | None:
+    """The share of the picks each layer's hottest 10% and 25% of experts took in the run."""
+    from lvllm import expert_stats
+
+    data = expert_stats.read(path)
+    if data is None:
+        return None
+    layers = expert_stats.layer_totals(data)
+    experts = data["model"]["num_experts"]
+    shares = {f"{fraction:.0%}": (max(1, round(fraction * experts)),
+                                  expert_stats.device_share(layers, max(1, round(fraction * experts))))
+              for fraction in (0.10, 0.25)}
+    return {"picks": sum(map(sum, layers.values())), "experts": experts, "hottest": shares}
 
 
 # --------------------------------------------------------------------------------------
@@ -673,6 +694,11 @@ def print_offline(layers: int, results: dict, dense: int, mode: str) -> None:
         print(f"  {config}: step {split['step']:.1f} ms = MoE {split['moe']:.1f} + dense {split['dense']:.1f} + rest "
               f"{split['rest']:.1f}; read bandwidth {bandwidths[0]:.0f}-{bandwidths[-1]:.0f} GB/s over its rounds"
               + (f"; {entry['info']['runtime']}" if entry["info"].get("runtime") else ""))
+        routing = entry["info"].get("routing")
+        if routing:
+            print(f"  {config}: routing over {routing['picks']} picks: " + ", ".join(
+                f"the hottest {share} ({slots} of {routing['experts']} per layer) took {taken:.0%}"
+                for share, (slots, taken) in routing["hottest"].items()))
 
 
 def main(argv=None):
@@ -686,6 +712,9 @@ def main(argv=None):
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile, vLLM's default)")
     parser.add_argument("--no-offline", action="store_true")
     parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--router-skew", type=float, default=0.0,
+                        help="the builder's --router-skew: routing favours some experts, as real models' does "
+                             "(lk-int4-all-stats then reports the share the hottest experts took)")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "lvllm-bench-models")
     parser.add_argument("--startup-timeout", type=int, default=1200)
     parser.add_argument("--json", type=Path, help="write every round's figures here too")
@@ -708,7 +737,7 @@ def main(argv=None):
     results: dict = {}
     args.models_dir.mkdir(parents=True, exist_ok=True)
     for layers in args.layers:
-        model = build(args.models_dir, layers)
+        model = build(args.models_dir, layers, args.router_skew)
         dense = dense_bytes_per_token(model)
         entry = results[f"{layers} layers"] = {}
         print(f"[{layers} layers]", flush=True)

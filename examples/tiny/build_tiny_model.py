@@ -131,8 +131,10 @@ class Weights:
 
     POOL = 1 << 26
 
-    def __init__(self, seed: int, dtype: torch.dtype, sink, fast_random: bool = False):
+    def __init__(self, seed: int, dtype: torch.dtype, sink, fast_random: bool = False,
+                 router_skew: float = 0.0):
         self.gen = torch.Generator().manual_seed(seed)
+        self.router_skew = router_skew
         self.dtype = dtype
         self.sink = sink
         self.pool = torch.randn(self.POOL, generator=self.gen) if fast_random else None
@@ -156,6 +158,15 @@ class Weights:
     def linear(self, name: str, out_features: int, in_features: int, gain: float = 1.0):
         std = gain / math.sqrt(in_features)
         self[name] = self.normal(out_features, in_features).mul_(std)
+
+    def router(self, name: str, experts: int, hidden: int):
+        """A router's weight [experts, hidden]; with ``router_skew`` s, expert e's row is scaled
+        by exp(-s e / experts): its logits spread wider, so the low experts win top-k more often
+        (expert 0 the most)."""
+        weight = self.normal(experts, hidden).mul_(1 / math.sqrt(hidden))
+        if self.router_skew:
+            weight.mul_(torch.exp(-self.router_skew * torch.arange(experts) / experts).unsqueeze(1))
+        self[name] = weight
 
     def bias(self, name: str, size: int):
         self[name] = self.normal(size) * 0.02
@@ -245,7 +256,7 @@ def build_qwen_moe(args, vocab: int, w: Weights, shared: bool) -> dict:
         else:
             w.norm(f"{p}.self_attn.q_norm.weight", head_dim)
             w.norm(f"{p}.self_attn.k_norm.weight", head_dim)
-        w.linear(f"{p}.mlp.gate.weight", E, H)
+        w.router(f"{p}.mlp.gate.weight", E, H)
         for e in range(E):
             w.mlp(f"{p}.mlp.experts.{e}", H, I)
         if shared:
@@ -273,7 +284,7 @@ def build_mixtral(args, vocab: int, w: Weights) -> dict:
     for layer in range(args.num_layers):
         p = f"model.layers.{layer}"
         w.attention(p, H, heads, kv_heads, head_dim)
-        w.linear(f"{p}.block_sparse_moe.gate.weight", E, H)
+        w.router(f"{p}.block_sparse_moe.gate.weight", E, H)
         for e in range(E):
             w.mlp(f"{p}.block_sparse_moe.experts.{e}", H, I, names=("w1", "w3", "w2"))
     w.norm("model.norm.weight", H)
@@ -340,7 +351,7 @@ def _deepseek_mlp(w: Weights, p: str, dense: bool, H: int, E: int, I: int, share
     if dense:
         w.mlp(f"{p}.mlp", H, 2 * H)
         return
-    w.linear(f"{p}.mlp.gate.weight", E, H)
+    w.router(f"{p}.mlp.gate.weight", E, H)
     if correction_bias:
         _extra_tensor(w, f"{p}.mlp.gate.e_score_correction_bias", E, std=0.1)
     for e in range(E):
@@ -393,7 +404,7 @@ def build_glm4_moe(args, vocab: int, w: Weights) -> dict:
         if layer < first_dense:
             w.mlp(f"{p}.mlp", H, 2 * H)
             continue
-        w.linear(f"{p}.mlp.gate.weight", E, H)
+        w.router(f"{p}.mlp.gate.weight", E, H)
         _extra_tensor(w, f"{p}.mlp.gate.e_score_correction_bias", E, std=0.1)
         for e in range(E):
             w.mlp(f"{p}.mlp.experts.{e}", H, I)
@@ -424,7 +435,7 @@ def build_minimax_m2(args, vocab: int, w: Weights) -> dict:
         w.attention(p, H, heads, kv_heads, head_dim)
         w.norm(f"{p}.self_attn.q_norm.weight", heads * head_dim)
         w.norm(f"{p}.self_attn.k_norm.weight", kv_heads * head_dim)
-        w.linear(f"{p}.block_sparse_moe.gate.weight", E, H)
+        w.router(f"{p}.block_sparse_moe.gate.weight", E, H)
         _extra_tensor(w, f"{p}.block_sparse_moe.e_score_correction_bias", E, std=0.1)
         for e in range(E):
             w.mlp(f"{p}.block_sparse_moe.experts.{e}", H, I, names=("w1", "w3", "w2"))
@@ -544,7 +555,7 @@ def build_step3p5(args, vocab: int, w: Weights) -> dict:
         if layer < first_moe:
             w.mlp(f"{p}.mlp", H, 2 * H)
             continue
-        w.linear(f"{p}.moe.gate.weight", E, H)
+        w.router(f"{p}.moe.gate.weight", E, H)
         _extra_tensor(w, f"{p}.moe.router_bias", E, std=0.1)
         w[f"{p}.moe.gate_proj.weight"] = _stacked(w, E, I, H)
         w[f"{p}.moe.up_proj.weight"] = _stacked(w, E, I, H)
@@ -629,7 +640,7 @@ def build_qwen_linear_attention(args, vocab: int, w: Weights, qwen35: bool) -> d
             w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
             _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
             _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
-        w.linear(f"{p}.mlp.gate.weight", E, H)
+        w.router(f"{p}.mlp.gate.weight", E, H)
         for e in range(E):
             w.mlp(f"{p}.mlp.experts.{e}", H, I)
         w.mlp(f"{p}.mlp.shared_expert", H, I)
@@ -664,7 +675,7 @@ def build_dbrx(args, vocab: int, w: Weights) -> dict:
         w.linear(f"{p}.norm_attn_norm.attn.Wqkv.weight", (heads + 2 * kv_heads) * head_dim, H)
         w.linear(f"{p}.norm_attn_norm.attn.out_proj.weight", H, H)
         w.norm(f"{p}.norm_attn_norm.norm_2.weight", H)
-        w.linear(f"{p}.ffn.router.layer.weight", E, H)
+        w.router(f"{p}.ffn.router.layer.weight", E, H)
         w[f"{p}.ffn.experts.mlp.w1"] = _stacked(w, E, I, H).view(E * I, H)
         w[f"{p}.ffn.experts.mlp.v1"] = _stacked(w, E, I, H).view(E * I, H)
         w[f"{p}.ffn.experts.mlp.w2"] = _stacked(w, E, H, I).transpose(1, 2).reshape(E * I, H)
@@ -733,7 +744,7 @@ def build_gpt_oss(args, vocab: int, w: Weights) -> dict:
                            ("v", kv_heads * head_dim), ("o", H)):
             w.bias(f"{p}.self_attn.{proj}_proj.bias", size)
         _extra_tensor(w, f"{p}.self_attn.sinks", heads, std=1.0)
-        w.linear(f"{p}.mlp.router.weight", E, H)
+        w.router(f"{p}.mlp.router.weight", E, H)
         _extra_tensor(w, f"{p}.mlp.router.bias", E, std=0.1)
         gate_up = _stacked(w, E, 2 * I, H)   # [E, 2I, H]: rows gate 0, up 0, gate 1, ...
         down = _stacked(w, E, H, I)          # [E, H, I]
@@ -1006,7 +1017,8 @@ def build(args) -> Path:
     quantizer = (Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, writer,
                            args.bits)
                  if args.quantize not in ("none", "mxfp4") else None)   # mxfp4: build_gpt_oss
-    weights = Weights(args.seed, DTYPES[args.dtype], quantizer or writer, args.fast_random)
+    weights = Weights(args.seed, DTYPES[args.dtype], quantizer or writer, args.fast_random,
+                      args.router_skew)
     if args.family in ("qwen3_moe", "qwen2_moe"):
         config = build_qwen_moe(args, vocab, weights, shared=args.family == "qwen2_moe")
     elif args.family == "mixtral":
@@ -1046,6 +1058,9 @@ def parse_args(argv=None):
                         help="deepseek_v3 / kimi_k25: multi-token-prediction layers after the "
                              "decoder layers (num_nextn_predict_layers)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--router-skew", type=float, default=0.0,
+                        help="favour low-numbered experts: router row e scaled by exp(-S e / experts) "
+                             "(0: unbiased; 3: expert 0 picked several times as often as the last)")
     parser.add_argument("--tie-word-embeddings", action="store_true",
                         help="the LM head reads the input embedding's weight (lm_head.weight is still written)")
     parser.add_argument("--shard-size", type=float, default=4.0,
@@ -1077,6 +1092,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.group_size < 1 and not (args.group_size == -1 and args.quantize == "gptq-experts"):
         parser.error(f"--group-size must be positive (or -1 with gptq-experts), got {args.group_size}")
+    if args.router_skew < 0:
+        parser.error(f"--router-skew must be 0 or more, got {args.router_skew}")
     if not args.shard_size > 0:
         parser.error(f"--shard-size must be a positive number of GiB, got {args.shard_size}")
     for name in ("hidden_size", "moe_intermediate_size"):
