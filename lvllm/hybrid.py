@@ -49,6 +49,33 @@ class DeviceRoute:
 ALL_ROWS_ON_LK = DeviceRoute()
 
 
+class HotSet:
+    """A layer's hot experts (LVLLM_HOT_EXPERTS), also held on the device: which ones, and
+    ``compute(x, topk_weights, slots)``, the device's kernel over their weights there (slot s
+    is ``experts[s]``). Each forward's (token, expert) pairs are split by a map tensor, with
+    no host synchronization: CUDA graphs capture the split like any kernel."""
+
+    def __init__(self, experts: list[int], num_experts: int, compute, device):
+        self.experts = experts
+        self.slot_of = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
+        self.slot_of[torch.tensor(experts, device=device)] = torch.arange(len(experts), device=device)
+        self.compute = compute
+
+    def split(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
+        """(lk's ids: the hot pairs -1, which lk skips; the device's slots and weights: the
+        other pairs weigh 0 on slot 0)."""
+        slots = self.slot_of[topk_ids.long()]
+        hot = slots >= 0
+        return (topk_ids.masked_fill(hot, -1), slots.clamp(min=0).to(topk_ids.dtype),
+                topk_weights * hot)
+
+
+def hottest(counts: list[int], n: int) -> list[int]:
+    """The ``n`` most picked experts (the lower index first among equals), in index order."""
+    ranked = sorted(range(len(counts)), key=lambda e: (-counts[e], e))
+    return sorted(ranked[:n])
+
+
 def _rows(tensors, rows):
     return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
 
@@ -84,6 +111,7 @@ class HybridExperts:
         self.ring = None
         self.ring_position: int | None = None
         self.gpu_experts = None
+        self.hot: HotSet | None = None
 
     @property
     def nbytes(self) -> int:
@@ -121,16 +149,23 @@ class HybridExperts:
         """
         streamed = route.gpu_prefill and self.ring_position is not None
         lk_rows = route.lk_rows if streamed else None
+        # 0. Hot experts: their pairs go to the device's copy, lk skips them (-1).
+        hot = self.hot is not None and not streamed
+        lk_ids, hot_slots, hot_weights = (self.hot.split(topk_ids, topk_weights) if hot
+                                          else (topk_ids, None, None))
         # 1. Queue the CPU's work: lk computes the routed experts of its rows (returns at once).
         pending = None
         if not streamed:
-            pending = self.submit(x, topk_ids, topk_weights, padding)
+            pending = self.submit(x, lk_ids, topk_weights, padding)
         elif lk_rows is not None:
             pending = self.submit(*_rows((x, topk_ids, topk_weights), lk_rows))
-        # 2. Meanwhile the device runs its part: the shared experts, then, for a long prompt,
-        #    the routed experts of the other rows with this layer's weights from the ring.
+        # 2. Meanwhile the device runs its part: the shared experts, then the hot experts'
+        #    pairs, or, for a long prompt, the routed experts of the other rows with this
+        #    layer's weights from the ring.
         shared = run_shared()
         gpu_out = None
+        if hot:
+            gpu_out = self.hot.compute(x, hot_weights, hot_slots)
         if streamed:
             w13, w2 = self.ring.weights(self.ring_position)
             gpu_x, gpu_ids, gpu_weights = _rows((x, topk_ids, topk_weights), route.gpu_rows)
@@ -140,6 +175,8 @@ class HybridExperts:
         # 4. Merge the two parts of the routed output.
         if gpu_out is None:
             return shared, lk_out
+        if hot:
+            return shared, lk_out + gpu_out
         if lk_out is None:
             return shared, gpu_out
         routed = torch.empty_like(x)

@@ -50,6 +50,7 @@ class Settings:
     ram_budget_gib: float | None = None
     expert_stats: str | None = None       # LVLLM_EXPERT_STATS' path
     expert_stats_interval_min: float = 10.0
+    hot_experts: int = 0                  # LVLLM_HOT_EXPERTS: per lk layer, from the stats file
     lk: LkSettings = LkSettings()
 
     @classmethod
@@ -61,6 +62,11 @@ class Settings:
                 f"LVLLM_DENSE_USE_WEIGHT={envs.get('LVLLM_DENSE_USE_WEIGHT')} quantizes dense layers on lk, "
                 "but LVLLM_DENSE_ON_LK=OFF keeps them off lk: set LVLLM_DENSE_ON_LK to AUTO or ON, "
                 "or LVLLM_DENSE_USE_WEIGHT to TO_DTYPE")
+        if envs.get("LVLLM_HOT_EXPERTS") and not envs.get("LVLLM_EXPERT_STATS"):
+            raise envs.EnvError(
+                f"LVLLM_HOT_EXPERTS={envs.get('LVLLM_HOT_EXPERTS')} picks each layer's hottest experts "
+                "from a routing statistics file: set LVLLM_EXPERT_STATS to one (a run with it set "
+                "writes it), or LVLLM_HOT_EXPERTS to 0")
         return cls(
             enabled=envs.get("LVLLM_MOE_NUMA_ENABLED"),
             resident_layers=envs.get("LVLLM_GPU_RESIDENT_MOE_LAYERS"),
@@ -76,5 +82,6 @@ class Settings:
             ram_budget_gib=envs.get("LVLLM_MOE_RAM_BUDGET"),
             expert_stats=envs.get("LVLLM_EXPERT_STATS"),
             expert_stats_interval_min=envs.get("LVLLM_EXPERT_STATS_INTERVAL"),
+            hot_experts=envs.get("LVLLM_HOT_EXPERTS"),
             lk=LkSettings.from_env(),
         )

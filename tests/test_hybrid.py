@@ -146,6 +146,38 @@ def test_hybrid_experts_cpu_path_uses_custom_op():
 
 
 @needs_lk
+def test_hot_experts_take_their_pairs_and_lk_the_rest():
+    """HotSet: the hot experts' (token, expert) pairs reach the device's compute as slots with
+    their weights, lk gets the others (hot ones -1), and the sum is the whole layer in float64."""
+    from lvllm.hybrid import HotSet, HybridExperts, hottest
+
+    torch.manual_seed(1)
+    E, H, I, T = 6, 64, 32, 7
+    w13 = torch.randn(E, 2 * I, H) / H**0.5
+    w2 = torch.randn(E, H, I) / I**0.5
+    assert hottest([5, 9, 9, 0, 7, 1], 3) == [1, 2, 4]
+    hot_ids = [1, 4]
+    seen = {}
+
+    def compute(x, weights, slots):   # the device's kernel over the hot experts' copies
+        seen["slots"], seen["weights"] = slots.clone(), weights.clone()
+        return reference_moe(x, w13[hot_ids], w2[hot_ids], slots, weights).float()
+
+    experts = HybridExperts(w13, w2, "silu", "model.layers.0.mlp.experts")
+    experts.hot = HotSet(hot_ids, E, compute, torch.device("cpu"))
+    x = torch.randn(T, H)
+    ids = torch.randint(0, E, (T, 2), dtype=torch.int32)
+    ids[0] = torch.tensor([1, 4], dtype=torch.int32)   # a token whose pairs are all hot
+    ids[1] = torch.tensor([0, 2], dtype=torch.int32)   # and one with none
+    weights = torch.rand(T, 2)
+    _, out = experts.forward(x, ids, weights, run_shared=lambda: None)
+    torch.testing.assert_close(out.double(), reference_moe(x, w13, w2, ids, weights), atol=1e-5, rtol=1e-5)
+    is_hot = (ids == 1) | (ids == 4)
+    assert torch.equal(seen["weights"], weights * is_hot)
+    assert torch.equal(seen["slots"][is_hot], (ids[is_hot] == 4).to(torch.int32))
+
+
+@needs_lk
 def test_unsupported_activation_is_refused():
     from lvllm.hybrid import HybridExperts
     from lvllm.placement import UnsupportedLayer

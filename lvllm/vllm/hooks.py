@@ -151,6 +151,7 @@ def lk_report(model: torch.nn.Module) -> dict:
                 "forward_calls": engine.forward_calls,
                 "nbytes": engine.nbytes,
                 "num_experts": engine.num_experts,
+                "hot_experts": method.experts.hot.experts if method.experts.hot else None,
                 "params": params,
             }
         else:

@@ -25,6 +25,7 @@ from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_sou
                                            lk_problems)
 from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
 from lvllm.vllm.gpu_path import padding_rows
+from lvllm.vllm.hot_device import hot_set
 from lvllm.vllm.installation import (Installation, building_draft_model, logger, num_model_layers,
                                      pipeline_stage)
 from lvllm.vllm.routing_stats import model_identity
@@ -182,6 +183,11 @@ class LkMoEMethod(FusedMoEMethodBase):
             w13_bias=w13_bias, w2_bias=w2_bias, swiglu_alpha=self.moe.swiglu_alpha,
             swiglu_limit=self.moe.swiglu_limit,
         )
+        if installation.settings.hot_experts:
+            device = (torch.device("cuda", torch.cuda.current_device()) if current_platform.is_cuda()
+                      else torch.device("cpu"))
+            self.experts.hot = hot_set(layer, self.layer_index, w13, w2, installation.settings.hot_experts,
+                                       installation.settings.expert_stats, self.moe, device)
         del w13, w2, w13_bias, w2_bias
         # lk holds its own copy now: drop vLLM's, in place, since vLLM's loader keeps the
         # Parameter objects until the whole model has loaded.

@@ -1,0 +1,54 @@
+"""Hot experts (LVLLM_HOT_EXPERTS) on the real vLLM CPU engine: each lk layer's most picked
+experts in the routing statistics file run on vLLM's own CPU MoE kernel (the stand-in for the
+GPU), lk the other pairs; the answers are those of lk off, in eager and compiled mode."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from e2e_common import F32_LOGPROB_TOL, max_logprob_diff, run_llm
+
+from lvllm import expert_stats
+
+HOT = 3
+
+
+def write_stats(path, model) -> dict[int, list[int]]:
+    """A statistics file for ``model`` whose hottest experts differ from layer to layer; the
+    expected hot set of each layer."""
+    config = json.loads((model / "config.json").read_text())
+    layers, experts = config["num_hidden_layers"], config["num_experts"]
+    counts = {layer: [100 * ((3 * e + layer) % experts) + e for e in range(experts)] for layer in range(layers)}
+    identity = {"name": str(model), "architectures": config["architectures"], "num_hidden_layers": layers,
+                "num_experts": experts, "top_k": config["num_experts_per_tok"]}
+    expert_stats.write(path, identity, "dp0-pp0", counts)
+    return {layer: sorted(sorted(range(experts), key=lambda e: -c[e])[:HOT]) for layer, c in counts.items()}
+
+
+@pytest.mark.parametrize("family, eager", [("qwen3_moe", True), ("qwen2_moe", False)])
+def test_hot_experts_answer_as_lk_off(llm_runs, tiny_model, tmp_path, monkeypatch, family, eager):
+    model = tiny_model(family)
+    stats = tmp_path / "stats.json"
+    expected = write_stats(stats, model)
+    monkeypatch.setenv("LVLLM_EXPERT_STATS", str(stats))
+    monkeypatch.setenv("LVLLM_EXPERT_STATS_INTERVAL", "0")
+    monkeypatch.setenv("LVLLM_HOT_EXPERTS", str(HOT))
+    hot = run_llm(model, lk=True, eager=eager)
+    off = llm_runs(family, lk=False, eager=eager) if not eager else llm_runs(family, lk=False)
+    layers = hot.report[0]["lk_layers"]
+    found = {int(name.split(".layers.")[1].split(".")[0]): entry["hot_experts"] for name, entry in layers.items()}
+    assert found == expected
+    assert hot.tokens == off.tokens
+    assert max_logprob_diff(hot, off) < F32_LOGPROB_TOL
+
+
+def test_hot_experts_need_a_statistics_file(monkeypatch):
+    from lvllm import envs
+    from lvllm.settings import Settings
+
+    monkeypatch.delenv("LVLLM_EXPERT_STATS", raising=False)
+    monkeypatch.setenv("LVLLM_HOT_EXPERTS", "4")
+    with pytest.raises(envs.EnvError, match="LVLLM_HOT_EXPERTS=4.*LVLLM_EXPERT_STATS"):
+        Settings.from_env()
