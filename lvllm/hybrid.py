@@ -50,24 +50,32 @@ ALL_ROWS_ON_LK = DeviceRoute()
 
 
 class HotSet:
-    """A layer's hot experts (LVLLM_HOT_EXPERTS), also held on the device: which ones, and
-    ``compute(x, topk_weights, slots)``, the device's kernel over their weights there (slot s
-    is ``experts[s]``). Each forward's (token, expert) pairs are split by a map tensor, with
-    no host synchronization: CUDA graphs capture the split like any kernel."""
+    """A layer's hot experts (LVLLM_HOT_EXPERTS), also held on the device, and
+    ``compute(x, topk_weights, topk_ids)``, the device's kernel over their copies there. Each
+    forward's (token, expert) pairs are split through ``slot_of`` (expert -> its copy's slot, -1
+    for the others) without host synchronization, so CUDA graphs capture the split. A kernel that
+    ``takes_expert_map`` (vLLM's, on CUDA) gets the pairs as they are and skips the others by
+    that map; one that takes none (vLLM's CPU kernel) gets slots, the other pairs weighing 0."""
 
-    def __init__(self, experts: list[int], num_experts: int, compute, device):
-        self.experts = experts
-        self.slot_of = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
-        self.slot_of[torch.tensor(experts, device=device)] = torch.arange(len(experts), device=device)
-        self.compute = compute
+    def __init__(self, experts: list[int], slot_of: torch.Tensor, compute, takes_expert_map: bool):
+        self.experts, self.slot_of = experts, slot_of
+        self.compute, self.takes_expert_map = compute, takes_expert_map
 
     def split(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """(lk's ids: the hot pairs -1, which lk skips; the device's slots and weights: the
-        other pairs weigh 0 on slot 0)."""
+        """(lk's ids, the hot pairs -1, which lk skips; the device's ids and weights)."""
         slots = self.slot_of[topk_ids.long()]
         hot = slots >= 0
-        return (topk_ids.masked_fill(hot, -1), slots.clamp(min=0).to(topk_ids.dtype),
-                topk_weights * hot)
+        lk_ids = topk_ids.masked_fill(hot, -1)
+        if self.takes_expert_map:
+            return lk_ids, topk_ids, topk_weights
+        return lk_ids, slots.clamp(min=0).to(topk_ids.dtype), topk_weights * hot
+
+
+def slot_map(experts: list[int], num_experts: int, device) -> torch.Tensor:
+    """int32 [num_experts]: each hot expert's slot (its place in ``experts``), -1 elsewhere."""
+    slot_of = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
+    slot_of[torch.tensor(experts, device=device)] = torch.arange(len(experts), dtype=torch.int32, device=device)
+    return slot_of
 
 
 def hottest(counts: list[int], n: int) -> list[int]:
@@ -151,8 +159,8 @@ class HybridExperts:
         lk_rows = route.lk_rows if streamed else None
         # 0. Hot experts: their pairs go to the device's copy, lk skips them (-1).
         hot = self.hot is not None and not streamed
-        lk_ids, hot_slots, hot_weights = (self.hot.split(topk_ids, topk_weights) if hot
-                                          else (topk_ids, None, None))
+        lk_ids, hot_ids, hot_weights = (self.hot.split(topk_ids, topk_weights) if hot
+                                        else (topk_ids, None, None))
         # 1. Queue the CPU's work: lk computes the routed experts of its rows (returns at once).
         pending = None
         if not streamed:
@@ -165,7 +173,7 @@ class HybridExperts:
         shared = run_shared()
         gpu_out = None
         if hot:
-            gpu_out = self.hot.compute(x, hot_weights, hot_slots)
+            gpu_out = self.hot.compute(x, hot_weights, hot_ids)
         if streamed:
             w13, w2 = self.ring.weights(self.ring_position)
             gpu_x, gpu_ids, gpu_weights = _rows((x, topk_ids, topk_weights), route.gpu_rows)

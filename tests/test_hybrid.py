@@ -146,10 +146,12 @@ def test_hybrid_experts_cpu_path_uses_custom_op():
 
 
 @needs_lk
-def test_hot_experts_take_their_pairs_and_lk_the_rest():
-    """HotSet: the hot experts' (token, expert) pairs reach the device's compute as slots with
-    their weights, lk gets the others (hot ones -1), and the sum is the whole layer in float64."""
-    from lvllm.hybrid import HotSet, HybridExperts, hottest
+@pytest.mark.parametrize("takes_expert_map", [False, True])
+def test_hot_experts_take_their_pairs_and_lk_the_rest(takes_expert_map):
+    """HotSet: the hot experts' (token, expert) pairs reach the device's kernel (as slots with
+    the others weighing 0, or as they are with the expert map), lk gets the others (hot ones
+    -1), and the sum is the whole layer in float64."""
+    from lvllm.hybrid import HotSet, HybridExperts, hottest, slot_map
 
     torch.manual_seed(1)
     E, H, I, T = 6, 64, 32, 7
@@ -157,14 +159,17 @@ def test_hot_experts_take_their_pairs_and_lk_the_rest():
     w2 = torch.randn(E, H, I) / I**0.5
     assert hottest([5, 9, 9, 0, 7, 1], 3) == [1, 2, 4]
     hot_ids = [1, 4]
+    slot_of = slot_map(hot_ids, E, "cpu")
+    assert slot_of.tolist() == [-1, 0, -1, -1, 1, -1]
     seen = {}
 
-    def compute(x, weights, slots):   # the device's kernel over the hot experts' copies
-        seen["slots"], seen["weights"] = slots.clone(), weights.clone()
+    def compute(x, weights, ids):   # the device's kernel over the hot experts' copies
+        seen["ids"], seen["weights"] = ids.clone(), weights.clone()
+        slots = slot_of[ids.long()] if takes_expert_map else ids   # what the map does inside
         return reference_moe(x, w13[hot_ids], w2[hot_ids], slots, weights).float()
 
     experts = HybridExperts(w13, w2, "silu", "model.layers.0.mlp.experts")
-    experts.hot = HotSet(hot_ids, E, compute, torch.device("cpu"))
+    experts.hot = HotSet(hot_ids, slot_of, compute, takes_expert_map)
     x = torch.randn(T, H)
     ids = torch.randint(0, E, (T, 2), dtype=torch.int32)
     ids[0] = torch.tensor([1, 4], dtype=torch.int32)   # a token whose pairs are all hot
@@ -173,8 +178,11 @@ def test_hot_experts_take_their_pairs_and_lk_the_rest():
     _, out = experts.forward(x, ids, weights, run_shared=lambda: None)
     torch.testing.assert_close(out.double(), reference_moe(x, w13, w2, ids, weights), atol=1e-5, rtol=1e-5)
     is_hot = (ids == 1) | (ids == 4)
-    assert torch.equal(seen["weights"], weights * is_hot)
-    assert torch.equal(seen["slots"][is_hot], (ids[is_hot] == 4).to(torch.int32))
+    if takes_expert_map:
+        assert torch.equal(seen["ids"], ids) and torch.equal(seen["weights"], weights)
+    else:
+        assert torch.equal(seen["weights"], weights * is_hot)
+        assert torch.equal(seen["ids"][is_hot], (ids[is_hot] == 4).to(torch.int32))
 
 
 @needs_lk

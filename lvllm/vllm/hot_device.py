@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lvllm import expert_stats
-from lvllm.hybrid import HotSet, hottest
+from lvllm.hybrid import HotSet, hottest, slot_map
 from lvllm.vllm.installation import logger
 from lvllm.vllm.routing_stats import model_identity
 
@@ -30,6 +30,8 @@ def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_c
         raise RuntimeError(f"{name}: {VAR} takes SiLU experts without biases; this layer's activation "
                            f"is {layer.activation.value}{' with biases' if moe_config.has_bias else ''}: "
                            f"set {VAR}=0")
+    if getattr(layer, "expert_map", None) is not None:
+        raise RuntimeError(f"{name}: {VAR} and expert parallelism do not go together yet: set {VAR}=0")
     path = Path(stats_path)
     data = expert_stats.read(path)
     if data is None:
@@ -42,18 +44,25 @@ def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_c
     experts = hottest(counts, min(count, len(counts)))
     index = torch.tensor(experts)
     hot_w13, hot_w2 = w13.index_select(0, index), w2.index_select(0, index)
-    compute = (_cuda_compute(hot_w13.to(device), hot_w2.to(device), layer.activation)
-               if device.type == "cuda" else _cpu_compute(hot_w13, hot_w2))
+    slot_of = slot_map(experts, len(counts), device)
+    if device.type == "cuda":
+        hot = HotSet(experts, slot_of, _cuda_compute(hot_w13.to(device), hot_w2.to(device),
+                                                     layer.activation, slot_of), takes_expert_map=True)
+    else:
+        hot = HotSet(experts, slot_of, _cpu_compute(hot_w13, hot_w2), takes_expert_map=False)
     logger.info("lvllm: layer %d: experts %s also on %s for %s (%.0f%% of the layer's picks in %s)",
                 layer_index, experts, device, VAR, 100 * sum(counts[e] for e in experts) / sum(counts), path)
-    return HotSet(experts, len(counts), compute, device)
+    return hot
 
 
-def _cuda_compute(w13: torch.Tensor, w2: torch.Tensor, activation):
+def _cuda_compute(w13: torch.Tensor, w2: torch.Tensor, activation, slot_of: torch.Tensor):
+    """vLLM's fused_experts over the copies, the other experts' pairs skipped by the same
+    expert map vLLM's expert parallelism gives it."""
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
 
-    def compute(x, topk_weights, slots):
-        return fused_experts(x, w13, w2, topk_weights, slots, activation=activation)
+    def compute(x, topk_weights, topk_ids):
+        return fused_experts(x, w13, w2, topk_weights, topk_ids, activation=activation,
+                             global_num_experts=slot_of.shape[0], expert_map=slot_of)
 
     return compute
 
