@@ -27,7 +27,8 @@ def write_stats(path, model) -> dict[int, list[int]]:
     return {layer: sorted(sorted(range(experts), key=lambda e: -c[e])[:HOT]) for layer, c in counts.items()}
 
 
-@pytest.mark.parametrize("family, eager", [("qwen3_moe", True), ("qwen2_moe", False)])
+# lk off eager is the reference of both (the suite's cached runs; compiled lk off answers the same).
+@pytest.mark.parametrize("family, eager", [("qwen3_moe", False), ("qwen2_moe", True)])
 def test_hot_experts_answer_as_lk_off(llm_runs, tiny_model, tmp_path, monkeypatch, family, eager):
     model = tiny_model(family)
     stats = tmp_path / "stats.json"
@@ -36,7 +37,7 @@ def test_hot_experts_answer_as_lk_off(llm_runs, tiny_model, tmp_path, monkeypatc
     monkeypatch.setenv("LVLLM_EXPERT_STATS_INTERVAL", "0")
     monkeypatch.setenv("LVLLM_HOT_EXPERTS", str(HOT))
     hot = run_llm(model, lk=True, eager=eager)
-    off = llm_runs(family, lk=False, eager=eager) if not eager else llm_runs(family, lk=False)
+    off = llm_runs(family, lk=False)
     layers = hot.report[0]["lk_layers"]
     found = {int(name.split(".layers.")[1].split(".")[0]): entry["hot_experts"] for name, entry in layers.items()}
     assert found == expected
