@@ -131,6 +131,18 @@ def test_log_checks():
     assert found[:2] == ["Traceback", "CUDA error"] and "1 ERROR line(s)" in found[2]
 
 
+def test_hot_check_wants_every_lk_layer_on_its_hottest_experts():
+    step = e2e.Step(e2e.MODELS["tiny"], e2e._SERVER["lk-piecewise"], e2e.Allowance(1, 1, 1))
+    base = {layer: [layer, 9, 1, 8, 0, 0, 0, 7] for layer in range(4)}   # 1 and 3 win, 7 next
+    lines = [f"(EngineCore) INFO lvllm: layer {layer}: experts [1, 3] also on cuda:0 for LVLLM_HOT_EXPERTS"
+             for layer in range(4)]
+    assert e2e.hot_check(step, "\n".join(lines), base, "cuda")["status"] == "pass"
+    assert e2e.hot_check(step, "\n".join(lines[:3]), base, "cuda")["status"] == "fail"
+    wrong = lines[:3] + [lines[3].replace("[1, 3]", "[1, 7]")]
+    assert e2e.hot_check(step, "\n".join(wrong), base, "cuda")["status"] == "fail"
+    assert e2e.hot_check(step, "\n".join(lines), {}, "cuda")["status"] == "fail"
+
+
 def test_expected_placement():
     tiny, eight = e2e.MODELS["tiny"], e2e.MODELS["8l"]
     assert e2e.expected_placement(tiny, None) == ("lvllm: 4 MoE layer(s) on lk [0-3]", "; 0 on the device [none]")

@@ -22,7 +22,8 @@ Configurations, per model (the reference of every comparison is vllm-eager):
                         timing reference of the graph modes below
   lk-eager              LVLLM_MOE_NUMA_ENABLED=1, eager
   lk-full-decode-only   CUDA: compilation_config.cudagraph_mode FULL_DECODE_ONLY
-  lk-piecewise          CUDA: compilation_config.cudagraph_mode PIECEWISE
+  lk-piecewise          CUDA: compilation_config.cudagraph_mode PIECEWISE, with
+                        LVLLM_HOT_EXPERTS=2 started from lk-eager's statistics file
   lk-resident-0-1       CUDA: LVLLM_GPU_RESIDENT_MOE_LAYERS=0-1, eager
   lk-prefill-w1, -w2    CUDA: LVLLM_GPU_PREFILL_MIN_BATCH_SIZE below the long prompt's length
                         and LVLLM_GPU_PREFETCH_WINDOW 1 and 2, eager
@@ -55,6 +56,8 @@ What each server is asked and what is checked:
              top_k picks for each token the model computed, i.e. top_k x (prompt + generated
              - requests) from vLLM's own /metrics (prefix caching is off), in every mode:
              rows a CUDA graph's batch is padded with are no tokens
+  hot        lk-piecewise: each lk layer logs the 2 experts most picked in lk-eager's file
+             as on the GPU (the outputs and routing checks then cover the split forward)
   figures    one stream on the long prompt: TTFT and decode tok/s (median of the rounds),
              against vllm-eager (eager configurations) or vllm-graphs (graph modes; without
              it, as in --lean, they have no ratio)
@@ -75,6 +78,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -174,9 +178,11 @@ class ServerSpec:
     compare: bool = True              # outputs against vllm-eager
     mixed: bool = False
     timing_reference: str | None = "vllm-eager"
+    hot_experts: int = 0              # LVLLM_HOT_EXPERTS, from lk-eager's statistics file
 
 
 REFERENCE = "vllm-eager"
+HOT_SOURCE = "lk-eager"   # whose statistics file a hot-experts server starts from
 SERVERS = [
     ServerSpec(REFERENCE, lk=False, compare=False, timing_reference=None),
     ServerSpec("vllm-graphs", lk=False, mode="vllm-default", cuda_only=True, compare=False,
@@ -185,7 +191,7 @@ SERVERS = [
     ServerSpec("lk-full-decode-only", lk=True, mode="FULL_DECODE_ONLY", cuda_only=True,
                mixed=True, timing_reference="vllm-graphs"),
     ServerSpec("lk-piecewise", lk=True, mode="PIECEWISE", cuda_only=True, mixed=True,
-               timing_reference="vllm-graphs"),
+               timing_reference="vllm-graphs", hot_experts=2),
     ServerSpec("lk-resident-0-1", lk=True, cuda_only=True, resident="0-1"),
     ServerSpec("lk-prefill-w1", lk=True, cuda_only=True, prefetch_window=1, mixed=True),
     ServerSpec("lk-prefill-w2", lk=True, cuda_only=True, prefetch_window=2, mixed=True),
@@ -337,6 +343,8 @@ def planned_checks(step: Step, servers: set[str], device: str) -> list[str]:
         found.append("mixed batch")
     if spec.lk:
         found.append("routing statistics (top_k picks per computed token)")
+    if spec.hot_experts:
+        found.append(f"hot experts ({spec.hot_experts} a layer, from {HOT_SOURCE}'s statistics)")
     ref = spec.timing_reference
     found.append("figures (a reference)" if ref is None else f"figures vs {ref}" if ref in servers
                  else f"figures (no {ref} in this run: no ratio)")
@@ -610,6 +618,8 @@ def lk_env(spec: ServerSpec, model: ModelSpec) -> dict[str, str]:
     if spec.prefetch_window:
         env["LVLLM_GPU_PREFILL_MIN_BATCH_SIZE"] = str(model.prefill_min_batch)
         env["LVLLM_GPU_PREFETCH_WINDOW"] = str(spec.prefetch_window)
+    if spec.hot_experts:
+        env["LVLLM_HOT_EXPERTS"] = str(spec.hot_experts)
     return env
 
 
@@ -656,9 +666,14 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.lk_env = lk_env(spec, model)
         self.stats = out / "servers" / f"{stem}.stats.json" if spec.lk else None
+        self.stats_base: dict[int, list[int]] = {}   # the counts the file held at start
         if self.stats is not None:
             self.stats.unlink(missing_ok=True)
             self.lk_env["LVLLM_EXPERT_STATS"] = str(self.stats)
+            source = out / "servers" / f"{model.key}-{HOT_SOURCE}.stats.json"
+            if spec.hot_experts and source.exists():   # else start-up stops, naming the file
+                shutil.copyfile(source, self.stats)
+                self.stats_base = _layer_totals(json.loads(source.read_text()))
         self.computed_tokens: int | None = None   # from /metrics, just before SIGTERM
         write_config(self.config, model_path, model, spec, self.port)
         self.started = time.time()
@@ -883,6 +898,8 @@ def run_server(model_path: Path, step: Step, limits: Allowance, args, sizes: Siz
         run.checks.append(mixed)
     if server.stats is not None:
         run.checks.append(routing_check(step.name, server))
+    if step.spec.hot_experts:
+        run.checks.append(hot_check(step, text, server.stats_base, args.device))
     return run
 
 
@@ -943,10 +960,14 @@ def log_checks(step: Step, text: str, outputs: list[dict] | None) -> list[dict]:
     return found
 
 
-def routing_check(name: str, server: Server) -> dict:
-    """Each MoE layer's picks in the statistics file: top_k for every token computed."""
+def _layer_totals(data: dict) -> dict[int, list[int]]:
     from lvllm.expert_stats import layer_totals
 
+    return layer_totals(data)
+
+
+def routing_check(name: str, server: Server) -> dict:
+    """Each MoE layer's picks in the statistics file: top_k for every token computed."""
     label = f"{name}: routing statistics"
     if server.computed_tokens is None:
         return check(label, "fail", "not asked: the server failed first (its serve check says why)")
@@ -955,13 +976,32 @@ def routing_check(name: str, server: Server) -> dict:
     except (OSError, ValueError) as exc:
         return check(label, "fail", f"no statistics file at SIGTERM: {exc}")
     top_k = data["model"]["top_k"]
-    expected = top_k * server.computed_tokens
-    totals = {layer: sum(counts) for layer, counts in sorted(layer_totals(data).items())}
-    ok = len(totals) == server.model.layers and set(totals.values()) == {expected}
-    return check(label, "pass" if ok else "fail",
-                 f"picks per layer {totals}; expected {expected} = top_k {top_k} x "
-                 f"{server.computed_tokens} tokens computed (vLLM's /metrics) in each of "
-                 f"{server.model.layers} layers")
+    added = top_k * server.computed_tokens
+    totals = {layer: sum(counts) for layer, counts in sorted(_layer_totals(data).items())}
+    expected = {layer: sum(server.stats_base.get(layer, [])) + added for layer in range(server.model.layers)}
+    base = f" on top of the {HOT_SOURCE} counts the file started with" if server.stats_base else ""
+    return check(label, "pass" if totals == expected else "fail",
+                 f"picks per layer {totals}; expected {expected}: top_k {top_k} x "
+                 f"{server.computed_tokens} tokens computed (vLLM's /metrics){base}")
+
+
+def hot_check(step: Step, text: str, base: dict[int, list[int]], device: str) -> dict:
+    """Each lk layer's hot experts, on the device: the most picked in the file it started with."""
+    from lvllm.hybrid import hottest
+
+    label = f"{step.name}: hot experts"
+    if not base:
+        return check(label, "fail", f"no statistics of {HOT_SOURCE} to start from (its checks say why)")
+    missing = []
+    for layer in lk_layers(step.model, step.spec.resident):
+        line = (f"lvllm: layer {layer}: experts {hottest(base[layer], step.spec.hot_experts)} "
+                f"also on {device}")
+        if line not in text:
+            missing.append(line)
+    if missing:
+        return check(label, "fail", f"not in the log: {missing}")
+    return check(label, "pass", f"every lk layer's {step.spec.hot_experts} most picked experts in "
+                                f"{HOT_SOURCE}'s statistics on {device}, as logged")
 
 
 def ring_check(step: Step, text: str, outputs: list[dict] | None) -> dict:
