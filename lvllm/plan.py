@@ -13,6 +13,9 @@ holds for the other layers plus two layers in the checkpoint's format while load
 start-up check, lvllm.memory.check_budget, counts it); without a GPU also the KV cache and the
 dense layers, per LVLLM_DENSE_USE_WEIGHT value. Decode bound: read bandwidth over the bytes
 one token reads on the CPU: the routed experts', and without a GPU the dense layers'.
+With a routing statistics file (``--stats``) and a GPU, the same GPU memory as hot experts
+(LVLLM_HOT_EXPERTS: copies in the checkpoint's dtype in every MoE layer) is set beside the
+resident layers: the share of the file's picks each puts on the GPU and the decode bound left.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lvllm import envs, formats
+from lvllm.expert_stats import device_share
 from lvllm.envs import EnvError, format_ranges
 from lvllm.machine import Machine
 from lvllm.memory import GIB
@@ -276,3 +280,40 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
     prefill = GPU_PREFILL_FROM[choice.resolved.name] if choice and gpu and gpu.ring else 0
     return Plan(shape, machine, max_model_len, gpu, lk_layers, rows, choice if lk_layers else None, kv_space,
                 default_threads(per_rank), prefill, dense_group, ranks)
+
+
+@dataclass(frozen=True)
+class HotAlternative:
+    """The GPU memory of the resident layers spent on hot experts in every MoE layer instead."""
+
+    slots: int            # experts per layer (LVLLM_HOT_EXPERTS)
+    gpu_bytes: int        # what they take, per rank
+    hot_share: float      # of the file's picks, on the GPU
+    layer_share: float    # of the file's picks, in the resident layers
+    hot_tok_s: float      # decode bound, every MoE layer on lk less the hot pairs
+    layer_tok_s: float    # decode bound, the resident layers' plan
+    ram_fits: bool        # lk holding every MoE layer
+
+
+def hot_alternative(plan: Plan, counts: dict[int, list[int]]) -> HotAlternative | None:
+    """None without a GPU, a fitting plan, float experts (what LVLLM_HOT_EXPERTS copies) or
+    room for a hot expert in each layer."""
+    shape, machine, gpu, choice = plan.shape, plan.machine, plan.gpu, plan.choice
+    if gpu is None or gpu.left < 0 or choice is None or shape.storage.format != "float":
+        return None
+    tp = max(1, machine.gpus)
+    moe = shape.moe_layers
+    expert = checkpoint_layer_bytes(shape, tp=tp) // shape.experts
+    slots = min(shape.experts, gpu.left // (len(moe) * expert))
+    if slots < 1:
+        return None
+    ordered = {layer: counts.get(layer, [0] * shape.experts) for layer in moe}
+    picks = sum(map(sum, ordered.values()))
+    layer_share = sum(sum(ordered[layer]) for layer in gpu.resident) / picks if picks else 0.0
+    hot_share = device_share(ordered, slots)
+    every_layer = host_row(shape, choice.resolved, choice.modes, len(moe), machine, 0, ranks=plan.ranks)
+    host_read = len(moe) * shape.top_k * lk_layer_bytes(shape, choice.resolved, machine.numa_nodes,
+                                                        plan.ranks) / shape.experts
+    hot_tok_s = machine.bandwidth_gbs * 1e9 / (host_read * (1 - hot_share)) if hot_share < 1 else float("inf")
+    return HotAlternative(slots, slots * len(moe) * expert, hot_share, layer_share, hot_tok_s, choice.tok_s,
+                          every_layer.fits(machine.ram))

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from lvllm import envs, formats
+from lvllm import envs, expert_stats, formats
 from lvllm import plan as plan_module
 from lvllm.envs import DENSE_WEIGHT_MODES, EnvError, format_ranges
 from lvllm.machine import probe_machine
 from lvllm.model_shape import (ConfigError, ModelShape, dense_bytes, dense_weight_bytes, kv_bytes_per_token,
                                model_shape, read_config)
-from lvllm.plan import (GPU_UTILIZATION, MAX_GRAPH_TOKENS, Plan, Ranks, gib_text, lk_rank_layer_bytes, make_plan,
-                        users_dense_mode)
+from lvllm.plan import (GPU_UTILIZATION, MAX_GRAPH_TOKENS, HotAlternative, Plan, Ranks, gib_text, hot_alternative,
+                        lk_rank_layer_bytes, make_plan, users_dense_mode)
 
 
 def _storage(shape: ModelShape) -> str:
@@ -22,7 +23,22 @@ def _storage(shape: ModelShape) -> str:
     return f"{formats.describe(storage.format, storage.group)} experts ({storage.scheme})"
 
 
-def render(plan: Plan, model: str) -> str:
+def hot_lines(hot: HotAlternative, plan: Plan, stats: Path) -> list[str]:
+    """The resident layers' GPU memory as hot experts instead, from the statistics file."""
+    layers = format_ranges(plan.gpu.resident)
+    lines = [f"Hot experts instead ({stats}): the same memory holds {hot.slots} of {plan.shape.experts} experts "
+             f"in each of the {len(plan.shape.moe_layers)} MoE layers ({gib_text(hot.gpu_bytes)}): the GPU serves "
+             f"{hot.hot_share:.0%} of the file's picks (resident layers [{layers}]: {hot.layer_share:.0%}); "
+             f"decode bound {hot.hot_tok_s:.1f} tok/s (resident layers: {hot.layer_tok_s:.1f} tok/s)"]
+    if not hot.ram_fits:
+        lines.append("  but lk would then hold every MoE layer, which this RAM does not")
+    elif hot.hot_tok_s > hot.layer_tok_s:
+        lines.append(f"  to serve it so (not run on a GPU yet): LVLLM_HOT_EXPERTS={hot.slots} "
+                     f"LVLLM_EXPERT_STATS={stats} LVLLM_GPU_RESIDENT_MOE_LAYERS=")
+    return lines
+
+
+def render(plan: Plan, model: str, stats: Path | None = None, counts: dict | None = None) -> str:
     shape, machine, gpu = plan.shape, plan.machine, plan.gpu
     tp = max(1, machine.gpus)
     lines = [
@@ -40,6 +56,12 @@ def render(plan: Plan, model: str) -> str:
     ]
     if gpu is not None:
         lines.append(f"GPU, per rank of {tp}: {gpu.describe()}")
+        hot = hot_alternative(plan, counts) if counts else None
+        if hot is not None:
+            lines += hot_lines(hot, plan, stats)
+        elif counts:
+            lines.append(f"Hot experts ({stats}): none fit beside the KV cache, or the checkpoint's experts are not "
+                         "float (LVLLM_HOT_EXPERTS copies float experts)")
     if gpu is None:
         lines += [f"Host RAM also holds {plan.kv_space_gib} GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) and the weights "
                   f"outside the experts, by LVLLM_DENSE_USE_WEIGHT (embedding and routers stay {shape.dtype}):",
@@ -120,6 +142,9 @@ def main(argv: list[str]) -> int:
                         help="model dtype (default: the config's)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="without a GPU: vLLM CPU ranks on this host, each on its share of the cores")
+    parser.add_argument("--stats", type=Path,
+                        help="a routing statistics file of this model (LVLLM_EXPERT_STATS): weigh hot experts "
+                             "(LVLLM_HOT_EXPERTS) against the resident layers")
     parser.add_argument("--expert-parallel", action="store_true",
                         help="the ranks split the experts (vLLM's --enable-expert-parallel; CPU build only)")
     args = parser.parse_args(argv)
@@ -140,10 +165,29 @@ def main(argv: list[str]) -> int:
     if machine.gpus and (args.expert_parallel or args.tensor_parallel_size > 1):
         parser.error("--expert-parallel and --tensor-parallel-size are for hosts without a GPU: with GPUs "
                      "each is one rank (--gpus), and lk takes expert parallelism on vLLM's CPU build only")
+    counts = read_stats(parser, args.stats, shape, machine.gpus) if args.stats else None
     plan = make_plan(shape, machine, args.max_model_len, users_dense, dense_group,
                      Ranks(args.tensor_parallel_size, args.expert_parallel))
-    print(render(plan, args.model))
+    print(render(plan, args.model, args.stats, counts))
     return 0 if plan.feasible else 1
+
+
+def read_stats(parser, path: Path, shape: ModelShape, gpus: int) -> dict[int, list[int]]:
+    """The per-layer counts of ``path``, refused when they are another model's or there is no GPU."""
+    if not gpus:
+        parser.error("--stats weighs hot experts on a GPU: give --gpus and --gpu-memory, or run it on the GPU host")
+    try:
+        data = expert_stats.read(path)
+    except expert_stats.StatsFileError as error:
+        parser.error(f"--stats: {error}")
+    if data is None:
+        parser.error(f"--stats {path}: no such file")
+    model = data["model"]
+    for field, value in (("num_experts", shape.experts), ("top_k", shape.top_k),
+                         ("num_hidden_layers", shape.num_layers)):
+        if model.get(field) != value:
+            parser.error(f"--stats {path}: its model has {field} {model.get(field)}, this one {value}")
+    return expert_stats.layer_totals(data)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lvllm import envs, formats, plan, plan_command
+from lvllm import envs, expert_stats, formats, plan, plan_command
 from lvllm.lk.linear import planned_linear_bytes
 from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, float_on_lk, model_shape, read_config
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
@@ -458,3 +458,38 @@ def test_the_command_lists_lvllms_subcommands_before_vllms_help(capsys):
     assert lvllm_command(["lvllm", "--help"]) is None   # vLLM's parser prints its own help next
     listed = capsys.readouterr().out
     assert all(f"lvllm {name} --model PATH" in listed for name in LVLLM_COMMANDS) and set(LVLLM_COMMANDS) == {"plan", "doctor"}
+
+
+def test_hot_experts_weighed_against_the_resident_layers(tmp_path, capsys):
+    """--stats: the resident layers' GPU memory as hot experts in all 48 layers, by hand: each
+    layer's 4 favoured experts took 10 picks of the 164 (10 x 4 + 124 x 1); the slots are what
+    the memory holds at 9,437,184 bytes a bf16 expert; host reads shrink by the GPU's share."""
+    shape = model_shape(QWEN3_30B)
+    result = plan.make_plan(shape, machine(ram=96, cores=16, bandwidth=100, gpus=1, gpu_gib=24), 32768)
+    counts = {layer: [10] * 4 + [1] * 124 for layer in range(48)}
+    hot = plan.hot_alternative(result, counts)
+    slots = result.gpu.left // (48 * Q_EXPERT["bf16"])
+    assert hot.slots == slots > 4
+    assert hot.hot_share == pytest.approx((40 + slots - 4) / 164)
+    assert hot.layer_share == pytest.approx(len(result.gpu.resident) / 48)
+    lk_expert = plan.lk_layer_bytes(shape, result.choice.resolved) / 128
+    assert hot.hot_tok_s == pytest.approx(100e9 / (48 * 8 * lk_expert * (1 - hot.hot_share)))
+    assert hot.layer_tok_s == result.choice.tok_s and hot.hot_tok_s > hot.layer_tok_s
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B))
+    identity = {"name": "x", "architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 48,
+                "num_experts": 128, "top_k": 8}
+    expert_stats.write(tmp_path / "stats.json", identity, "dp0-pp0", counts)
+    args = ["--model", str(tmp_path), "--ram", "96", "--cores", "16", "--bandwidth", "100", "--stats",
+            str(tmp_path / "stats.json")]
+    plan_command.main(args + ["--gpus", "1", "--gpu-memory", "24", "--max-model-len", "32768"])
+    text = capsys.readouterr().out
+    assert f"holds {slots} of 128 experts in each of the 48 MoE layers" in text
+    assert f"LVLLM_HOT_EXPERTS={slots} LVLLM_EXPERT_STATS={tmp_path / 'stats.json'}" in text
+    with pytest.raises(SystemExit):
+        plan_command.main(args)   # no GPU
+    assert "--stats weighs hot experts on a GPU" in capsys.readouterr().err
+    expert_stats.write(tmp_path / "other.json", {**identity, "num_experts": 64}, "dp0-pp0", {0: [1] * 64})
+    with pytest.raises(SystemExit):
+        plan_command.main(args[:-1] + [str(tmp_path / "other.json"), "--gpus", "1", "--gpu-memory", "24"])
+    assert "its model has num_experts 64, this one 128" in capsys.readouterr().err
