@@ -62,12 +62,15 @@ class HotSet:
         self.compute, self.takes_expert_map = compute, takes_expert_map
 
     def split(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
-        """(lk's ids, the hot pairs -1, which lk skips; the device's ids and weights)."""
-        slots = self.slot_of[topk_ids.long()]
+        """(lk's ids, the hot pairs -1, which lk skips; the device's ids and weights). Ids out
+        of range (the padding rows of a CUDA graph's batch may hold any) count as no expert."""
+        real = (topk_ids >= 0) & (topk_ids < self.slot_of.shape[0])
+        ids = torch.where(real, topk_ids, 0)
+        slots = torch.where(real, self.slot_of[ids.long()], -1)
         hot = slots >= 0
         lk_ids = topk_ids.masked_fill(hot, -1)
         if self.takes_expert_map:
-            return lk_ids, topk_ids, topk_weights
+            return lk_ids, ids, topk_weights
         return lk_ids, slots.clamp(min=0).to(topk_ids.dtype), topk_weights * hot
 
 

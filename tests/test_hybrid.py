@@ -177,6 +177,8 @@ def test_hot_experts_take_their_pairs_and_lk_the_rest(takes_expert_map):
     weights = torch.rand(T, 2)
     _, out = experts.forward(x, ids, weights, run_shared=lambda: None)
     torch.testing.assert_close(out.double(), reference_moe(x, w13, w2, ids, weights), atol=1e-5, rtol=1e-5)
+    lk_ids, device_ids, _ = experts.hot.split(torch.tensor([[7, 1 << 30], [-5, 4]]), torch.ones(2, 2))
+    assert lk_ids.tolist() == [[7, 1 << 30], [-5, -1]] and device_ids.min() >= 0   # a padding row's ids
     is_hot = (ids == 1) | (ids == 4)
     if takes_expert_map:
         assert torch.equal(seen["ids"], ids) and torch.equal(seen["weights"], weights)
