@@ -2,7 +2,8 @@
 """End-to-end checks of a `vllm serve` install, lk on against lk off; results in OUT_DIR.
 
     python tools/airgap/e2e_checks.py OUT_DIR [--device cuda|cpu] [--quick | --lean]
-                                      [--models-dir DIR] [--startup-timeout S] [--dry-run]
+                                      [--models-dir DIR] [--startup-timeout S] [--only NAMES]
+                                      [--dry-run]
 
 Run with the Python of the venv that holds vLLM and lvllm (tools/airgap/host.sh runs it last,
 on the offline GPU host). Each configuration below is one `vllm serve` process (the venv's

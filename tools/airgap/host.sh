@@ -11,7 +11,8 @@
 #                                              # venv, run tests/gpu and the e2e checks (--lean)
 #
 # finish writes into OUT_DIR whatever happens: finish.txt (its console), summary.md (the e2e
-# checks') and results.tar.gz (every log); it exits non-zero when a step failed.
+# checks') and results.tar.gz (every log); it exits non-zero when a step failed. E2E_ONLY=names
+# (comma-separated) runs only those servers of the lean checks, to rerun a failed one in a lease.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
