@@ -31,13 +31,13 @@ def write_stats(path, model) -> dict[int, list[int]]:
 @pytest.mark.parametrize("family, eager", [("qwen3_moe", False), ("qwen2_moe", True)])
 def test_hot_experts_answer_as_lk_off(llm_runs, tiny_model, tmp_path, monkeypatch, family, eager):
     model = tiny_model(family)
+    off = llm_runs(family, lk=False)
     stats = tmp_path / "stats.json"
     expected = write_stats(stats, model)
     monkeypatch.setenv("LVLLM_EXPERT_STATS", str(stats))
     monkeypatch.setenv("LVLLM_EXPERT_STATS_INTERVAL", "0")
     monkeypatch.setenv("LVLLM_HOT_EXPERTS", str(HOT))
     hot = run_llm(model, lk=True, eager=eager)
-    off = llm_runs(family, lk=False)
     layers = hot.report[0]["lk_layers"]
     found = {int(name.split(".layers.")[1].split(".")[0]): entry["hot_experts"] for name, entry in layers.items()}
     assert found == expected
