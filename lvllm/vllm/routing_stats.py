@@ -3,7 +3,8 @@
 ``RoutingCounter.attach`` gives a MoE runner a counter buffer and wraps its router, so every
 path that asks the router (lk, resident layers, streamed prefill) counts, with
 lvllm/routing_count.py's op, leaving out the rows vLLM padded the batch with. Start-up's
-dummy batches are dropped when the worker is ready (``start``). Files, merging and the summary: lvllm/expert_stats.py.
+dummy batches are dropped when the worker is ready (``start``). Files, merging and the
+summary: lvllm/expert_stats.py.
 """
 
 from __future__ import annotations
