@@ -351,9 +351,8 @@ def routing_shares(path: Path) -> dict | None:
         return None
     layers = expert_stats.layer_totals(data)
     experts = data["model"]["num_experts"]
-    shares = {f"{fraction:.0%}": (max(1, round(fraction * experts)),
-                                  expert_stats.device_share(layers, max(1, round(fraction * experts))))
-              for fraction in (0.10, 0.25)}
+    slots = {f"{fraction:.0%}": max(1, round(fraction * experts)) for fraction in (0.10, 0.25)}
+    shares = {share: (n, expert_stats.device_share(layers, n)) for share, n in slots.items()}
     return {"picks": sum(map(sum, layers.values())), "experts": experts, "hottest": shares}
 
 

@@ -101,9 +101,15 @@ def hot_share(layers: dict[int, list[int]], share: float = HOT_SHARE) -> tuple[i
     return per_layer, device_share(layers, per_layer)
 
 
+def hottest(counts: list[int], n: int) -> list[int]:
+    """The ``n`` most picked experts (the lower index first among equals), in index order."""
+    ranked = sorted(range(len(counts)), key=lambda e: (-counts[e], e))
+    return sorted(ranked[:n])
+
+
 def device_share(layers: dict[int, list[int]], slots: int) -> float:
     """The share of all picks that fall on each layer's ``slots`` most picked experts."""
-    hot = sum(sum(sorted(counts, reverse=True)[:slots]) for counts in layers.values())
+    hot = sum(sum(counts[e] for e in hottest(counts, slots)) for counts in layers.values())
     picks = sum(sum(counts) for counts in layers.values())
     return hot / picks if picks else 0.0
 

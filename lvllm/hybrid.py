@@ -81,12 +81,6 @@ def slot_map(experts: list[int], num_experts: int, device) -> torch.Tensor:
     return slot_of
 
 
-def hottest(counts: list[int], n: int) -> list[int]:
-    """The ``n`` most picked experts (the lower index first among equals), in index order."""
-    ranked = sorted(range(len(counts)), key=lambda e: (-counts[e], e))
-    return sorted(ranked[:n])
-
-
 def _rows(tensors, rows):
     return tensors if rows is None else tuple(t.index_select(0, rows) for t in tensors)
 

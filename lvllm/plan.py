@@ -312,8 +312,7 @@ def hot_alternative(plan: Plan, counts: dict[int, list[int]]) -> HotAlternative 
     layer_share = sum(sum(ordered[layer]) for layer in gpu.resident) / picks if picks else 0.0
     hot_share = device_share(ordered, slots)
     every_layer = host_row(shape, choice.resolved, choice.modes, len(moe), machine, 0, ranks=plan.ranks)
-    host_read = len(moe) * shape.top_k * lk_layer_bytes(shape, choice.resolved, machine.numa_nodes,
-                                                        plan.ranks) / shape.experts
-    hot_tok_s = machine.bandwidth_gbs * 1e9 / (host_read * (1 - hot_share)) if hot_share < 1 else float("inf")
+    # The host reads only the pairs the GPU does not serve.
+    hot_tok_s = every_layer.tok_s / (1 - hot_share) if hot_share < 1 else float("inf")
     return HotAlternative(slots, slots * len(moe) * expert, hot_share, layer_share, hot_tok_s, choice.tok_s,
                           every_layer.fits(machine.ram))

@@ -151,7 +151,8 @@ def test_hot_experts_take_their_pairs_and_lk_the_rest(takes_expert_map):
     """HotSet: the hot experts' (token, expert) pairs reach the device's kernel (as slots with
     the others weighing 0, or as they are with the expert map), lk gets the others (hot ones
     -1), and the sum is the whole layer in float64."""
-    from lvllm.hybrid import HotSet, HybridExperts, hottest, slot_map
+    from lvllm.expert_stats import hottest
+    from lvllm.hybrid import HotSet, HybridExperts, slot_map
 
     torch.manual_seed(1)
     E, H, I, T = 6, 64, 32, 7

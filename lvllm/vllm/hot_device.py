@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lvllm import expert_stats
-from lvllm.hybrid import HotSet, hottest, slot_map
+from lvllm.hybrid import HotSet, slot_map
 from lvllm.vllm.installation import logger
 from lvllm.vllm.routing_stats import model_identity
 
@@ -41,7 +41,7 @@ def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_c
     counts = expert_stats.layer_totals(data).get(layer_index)
     if counts is None or not sum(counts):
         raise RuntimeError(f"{path} has no routing counts of layer {layer_index} ({name}) for {VAR}")
-    experts = hottest(counts, min(count, len(counts)))
+    experts = expert_stats.hottest(counts, min(count, len(counts)))
     index = torch.tensor(experts)
     hot_w13, hot_w2 = w13.index_select(0, index), w2.index_select(0, index)
     slot_of = slot_map(experts, len(counts), device)

@@ -673,8 +673,10 @@ class Server:
             self.lk_env["LVLLM_EXPERT_STATS"] = str(self.stats)
             source = out / "servers" / f"{model.key}-{HOT_SOURCE}.stats.json"
             if spec.hot_experts and source.exists():   # else start-up stops, naming the file
+                from lvllm.expert_stats import layer_totals
+
                 shutil.copyfile(source, self.stats)
-                self.stats_base = _layer_totals(json.loads(source.read_text()))
+                self.stats_base = layer_totals(json.loads(source.read_text()))
         self.computed_tokens: int | None = None   # from /metrics, just before SIGTERM
         write_config(self.config, model_path, model, spec, self.port)
         self.started = time.time()
@@ -961,14 +963,10 @@ def log_checks(step: Step, text: str, outputs: list[dict] | None) -> list[dict]:
     return found
 
 
-def _layer_totals(data: dict) -> dict[int, list[int]]:
-    from lvllm.expert_stats import layer_totals
-
-    return layer_totals(data)
-
-
 def routing_check(name: str, server: Server) -> dict:
     """Each MoE layer's picks in the statistics file: top_k for every token computed."""
+    from lvllm.expert_stats import layer_totals
+
     label = f"{name}: routing statistics"
     if server.computed_tokens is None:
         return check(label, "fail", "not asked: the server failed first (its serve check says why)")
@@ -978,7 +976,7 @@ def routing_check(name: str, server: Server) -> dict:
         return check(label, "fail", f"no statistics file at SIGTERM: {exc}")
     top_k = data["model"]["top_k"]
     added = top_k * server.computed_tokens
-    totals = {layer: sum(counts) for layer, counts in sorted(_layer_totals(data).items())}
+    totals = {layer: sum(counts) for layer, counts in sorted(layer_totals(data).items())}
     expected = {layer: sum(server.stats_base.get(layer, [])) + added for layer in range(server.model.layers)}
     base = f" on top of the {HOT_SOURCE} counts the file started with" if server.stats_base else ""
     return check(label, "pass" if totals == expected else "fail",
@@ -988,7 +986,7 @@ def routing_check(name: str, server: Server) -> dict:
 
 def hot_check(step: Step, text: str, base: dict[int, list[int]], device: str) -> dict:
     """Each lk layer's hot experts, on the device: the most picked in the file it started with."""
-    from lvllm.hybrid import hottest
+    from lvllm.expert_stats import hottest
 
     label = f"{step.name}: hot experts"
     if not base:
