@@ -41,10 +41,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     # OCP MXFP4 as gpt-oss ships it: e2m1 codes, two per byte, an e8m0 scale per 32 inputs;
     # kept as it comes, never quantized into (csrc/lk/formats.h).
     Format("mxfp4", 6, "mxfp4", torch.uint8, True, 32),
+    # NVFP4 as NVIDIA ModelOpt ships it: the same codes, an e4m3 scale per 16 inputs and a
+    # float32 scale per tensor; kept as it comes, never quantized into.
+    Format("nvfp4", 7, "nvfp4", torch.uint8, True, 16),
 )}
 NAMES = tuple(FORMATS)
 FLOAT_FORMAT_OF_DTYPE = {f.dtype: f.name for f in FORMATS.values() if not f.quantized}
-# MXFP4's values are uint8 as INT4's are: its uint8 (e8m0) scales tell it apart
+# MXFP4's and NVFP4's values are uint8 as INT4's are: their byte scales tell them apart
 # (lvllm.lk.QuantizedWeights.format), so INT4 keeps the dtype here.
 QUANTIZED_FORMAT_OF_VALUES = {f.dtype: f.name for f in reversed(FORMATS.values()) if f.quantized}
 # Activations and outputs: the float formats' codes.

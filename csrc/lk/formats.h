@@ -7,7 +7,7 @@
 // want them. Quantized formats follow the values with per-group fp32 scales (and, for INT4,
 // offsets), one row of kPanelWidth per group of `group` consecutive k:
 //   weight[k][j] = q[k][j] * scale[k / group][j] (+ offset[k / group][j])
-// MXFP4 stores its e8m0 scales as they come, one byte per column and group (below).
+// MXFP4 and NVFP4 store their scales as they come, one byte per column and group (below).
 #pragma once
 
 #include <cstddef>
@@ -18,8 +18,8 @@
 
 namespace lk {
 
-enum class WeightFormat : int { F32 = 0, F16 = 1, BF16 = 2, Int8 = 3, Int4 = 4, Fp8E4M3 = 5, Mxfp4 = 6 };
-constexpr int kNumWeightFormats = 7;
+enum class WeightFormat : int { F32 = 0, F16 = 1, BF16 = 2, Int8 = 3, Int4 = 4, Fp8E4M3 = 5, Mxfp4 = 6, Nvfp4 = 7 };
+constexpr int kNumWeightFormats = 8;
 
 const char* format_name(WeightFormat format);
 
@@ -57,16 +57,30 @@ constexpr int kInt4BytesPerBlock = kInt4RowsPerBlock * kPanelWidth / 2;
 // 2^-127, then reads as 0: such weights are below 2^-124).
 constexpr int kMxfp4Group = 32;
 constexpr int8_t kMxfp4Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+// NVFP4 (NVIDIA ModelOpt): the same codes, lying as MXFP4's do, each group of kNvfp4Group
+// inputs sharing an FP8 e4m3fn scale byte, and each row (column of a panel) a float32
+// scale, the checkpoint's per-tensor weight_scale_2. The scale rows are the e4m3 bytes,
+// kPanelWidth per group, and the panel ends with a line of the columns' row scales halved
+// (fp32, for the doubled values): a group's scale is e4m3 x half row scale, rounded once.
+constexpr int kNvfp4Group = 16;
 
-static constexpr int rows_per_block(WeightFormat format) {
-  return format == WeightFormat::Int8                                     ? kInt8RowsPerBlock
-         : format == WeightFormat::Int4 || format == WeightFormat::Mxfp4 ? kInt4RowsPerBlock
-                                                                          : 1;
+// The formats whose values are e2m1 codes (multiplied as INT4's, doubled), and their group.
+static constexpr bool is_e2m1(WeightFormat format) {
+  return format == WeightFormat::Mxfp4 || format == WeightFormat::Nvfp4;
+}
+static constexpr int e2m1_group(WeightFormat format) {
+  return format == WeightFormat::Mxfp4 ? kMxfp4Group : kNvfp4Group;
 }
 
-// Bytes of a panel's row of scales for one group: fp32, or MXFP4's e8m0 bytes.
+static constexpr int rows_per_block(WeightFormat format) {
+  return format == WeightFormat::Int8                             ? kInt8RowsPerBlock
+         : format == WeightFormat::Int4 || is_e2m1(format) ? kInt4RowsPerBlock
+                                                                  : 1;
+}
+
+// Bytes of a panel's row of scales for one group: fp32, or the e2m1 formats' scale bytes.
 static constexpr int group_row_bytes(WeightFormat format) {
-  return format == WeightFormat::Mxfp4 ? kPanelWidth : kPanelWidth * static_cast<int>(sizeof(float));
+  return is_e2m1(format) ? kPanelWidth : kPanelWidth * static_cast<int>(sizeof(float));
 }
 
 // The scale an MXFP4 group's doubled values (kMxfp4Doubled) are multiplied by, 2^(e - 128),
@@ -91,7 +105,8 @@ static constexpr int block_bytes(WeightFormat format) {
     case WeightFormat::BF16: return kPanelWidth * 2;
     case WeightFormat::Int8: return kInt8RowsPerBlock * kPanelWidth;
     case WeightFormat::Int4:
-    case WeightFormat::Mxfp4: return kInt4BytesPerBlock;
+    case WeightFormat::Mxfp4:
+    case WeightFormat::Nvfp4: return kInt4BytesPerBlock;
     case WeightFormat::Fp8E4M3: return kPanelWidth;
   }
   return 0;
@@ -119,15 +134,22 @@ static inline std::size_t panel_value_bytes(WeightFormat format, std::size_t dep
 
 static inline std::size_t panel_groups(std::size_t depth, std::size_t group) { return (depth + group - 1) / group; }
 
-// Whole 64-byte lines, so that every panel of a run starts one (MXFP4's scale rows are
-// a quarter line each).
+// Where NVFP4's line of half row scales starts, `group_rows_bytes` after the values: the
+// next whole line.
+static inline std::size_t row_scale_line(std::size_t value_bytes, std::size_t group_rows_bytes) {
+  return value_bytes + (group_rows_bytes + 63) / 64 * 64;
+}
+
+// Whole 64-byte lines, so that every panel of a run starts one (the e2m1 formats' scale
+// rows are a quarter line each).
 static inline std::size_t panel_bytes(WeightFormat format, std::size_t depth, std::size_t group) {
   std::size_t bytes = panel_value_bytes(format, depth);
   if (is_grouped(format)) {
     const std::size_t rows = panel_groups(depth, group) * (has_offsets(format) ? 2 : 1);
     bytes += rows * group_row_bytes(format);
   }
-  return (bytes + 63) / 64 * 64;
+  bytes = (bytes + 63) / 64 * 64;
+  return format == WeightFormat::Nvfp4 ? bytes + 64 : bytes;
 }
 
 }  // namespace lk

@@ -12,6 +12,9 @@
 namespace lk {
 namespace {
 
+// The e2m1 formats as messages name them.
+const char* e2m1_label(WeightFormat format) { return format == WeightFormat::Mxfp4 ? "MXFP4" : "NVFP4"; }
+
 // Every float8_e4m3fn code converted: a table load per weight is cheaper than converting
 // each (a branch for subnormals, one for the sign), and FP8 checkpoints pass every weight
 // through here when converted at load.
@@ -94,6 +97,7 @@ const char* format_name(WeightFormat format) {
     case WeightFormat::Int4: return "int4";
     case WeightFormat::Fp8E4M3: return "fp8_e4m3";
     case WeightFormat::Mxfp4: return "mxfp4";
+    case WeightFormat::Nvfp4: return "nvfp4";
   }
   return "?";
 }
@@ -101,12 +105,18 @@ const char* format_name(WeightFormat format) {
 void check_source(const WeightSource& source, const char* name) {
   if (!source.values) throw std::invalid_argument(std::string(name) + ": null values");
   if (static_cast<unsigned>(source.format) >= kNumWeightFormats) throw std::invalid_argument(std::string(name) + ": unknown format");
-  if (source.format == WeightFormat::Mxfp4) {
-    if (source.group != kMxfp4Group) {
-      throw std::invalid_argument(std::string(name) + ": MXFP4 groups are " + std::to_string(kMxfp4Group) +
-                                  " inputs, got group size " + std::to_string(source.group));
+  if (is_e2m1(source.format)) {
+    const int group = e2m1_group(source.format);
+    if (source.group != group) {
+      throw std::invalid_argument(std::string(name) + ": " + e2m1_label(source.format) + " groups are " +
+                                  std::to_string(group) + " inputs, got group size " + std::to_string(source.group));
     }
-    if (!source.e8m0) throw std::invalid_argument(std::string(name) + ": mxfp4 weights need e8m0 scales");
+    if (!source.scale_bytes) {
+      throw std::invalid_argument(std::string(name) + ": " + format_name(source.format) + " weights need scale bytes");
+    }
+    if (source.format == WeightFormat::Nvfp4 && !source.row_scales) {
+      throw std::invalid_argument(std::string(name) + ": nvfp4 weights need row scales");
+    }
   } else if (is_grouped(source.format)) {
     if (source.group < 16 || source.group % 16 != 0) {
       throw std::invalid_argument(std::string(name) + ": group size " + std::to_string(source.group) +
@@ -134,17 +144,29 @@ void SourceMatrix::check_fp8(std::size_t row, std::size_t first_col, int depth) 
   }
 }
 
-uint8_t SourceMatrix::e8m0(std::size_t row, std::size_t col) const {
-  if (cols % kMxfp4Group != 0) {
-    throw std::invalid_argument("MXFP4 weights come in whole groups of " + std::to_string(kMxfp4Group) +
-                                " inputs; got rows of " + std::to_string(cols));
+uint8_t SourceMatrix::scale_byte(std::size_t row, std::size_t col) const {
+  const std::size_t group = e2m1_group(source.format);
+  if (cols % group != 0) {
+    throw std::invalid_argument(std::string(e2m1_label(source.format)) + " weights come in whole groups of " +
+                                std::to_string(group) + " inputs; got rows of " + std::to_string(cols));
   }
-  const uint8_t scale = source.e8m0[meta_index(row, col)];
-  if (scale == 0xff) {
-    const std::size_t first = col / kMxfp4Group * kMxfp4Group;
+  const uint8_t scale = source.scale_bytes[meta_index(row, col)];
+  const bool mxfp4 = source.format == WeightFormat::Mxfp4;
+  if (mxfp4 ? scale == 0xff : (scale & 0x7f) == 0x7f) {
+    const std::size_t first = col / group * group;
     throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) + ", inputs " +
-                                std::to_string(first) + "-" + std::to_string(first + kMxfp4Group - 1) +
-                                " have the e8m0 NaN scale (255); lk needs finite weights");
+                                std::to_string(first) + "-" + std::to_string(first + group - 1) + " have " +
+                                (mxfp4 ? "the e8m0 NaN scale (255)" : "a float8_e4m3fn NaN scale") +
+                                "; lk needs finite weights");
+  }
+  return scale;
+}
+
+float SourceMatrix::row_scale(std::size_t row) const {
+  const float scale = source.row_scales[expert * rows + row];
+  if (!std::isfinite(scale)) {
+    throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) +
+                                " has a weight_scale_2 of " + std::to_string(scale) + "; lk needs finite weights");
   }
   return scale;
 }
@@ -167,12 +189,17 @@ void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth
     case WeightFormat::Fp8E4M3:
       check_fp8(row, first_col, depth);
       break;
-    case WeightFormat::Mxfp4: {  // twice each code's value times 2^(e - 128), exact
+    case WeightFormat::Mxfp4:    // twice each code's value times 2^(e - 128), exact
+    case WeightFormat::Nvfp4: {  // times e4m3 x half row scale, rounded once as the kernels do
       const uint8_t* codes = code_bytes(row);
+      const std::size_t group = e2m1_group(source.format);
+      const float half_row = source.format == WeightFormat::Nvfp4 ? row_scale(row) * 0.5f : 0.0f;
       for (int k = 0; k < depth;) {
         const std::size_t col = first_col + k;
-        const int end = static_cast<int>(std::min<std::size_t>(depth, (col / kMxfp4Group + 1) * kMxfp4Group - first_col));
-        const float scale = std::ldexp(1.0f, e8m0(row, col) - 128);
+        const int end = static_cast<int>(std::min<std::size_t>(depth, (col / group + 1) * group - first_col));
+        const uint8_t byte = scale_byte(row, col);
+        const float scale = source.format == WeightFormat::Mxfp4 ? std::ldexp(1.0f, byte - 128)
+                                                                 : kFp8Values.of[byte] * half_row;
         for (; k < end; ++k) {
           const std::size_t at = first_col + k;
           out[k] = kMxfp4Doubled[(codes[at / 2] >> (4 * (at & 1))) & 0xf] * scale;
@@ -203,7 +230,7 @@ void SourceMatrix::read_floats(std::size_t row, std::size_t first_col, int depth
 
 namespace {
 
-// INT4 and MXFP4 codes, [kPanelWidth][stride], into a panel's values: a byte holds column j
+// INT4 and e2m1 codes, [kPanelWidth][stride], into a panel's values: a byte holds column j
 // in its low nibble and j + 8 in its high one (formats.h, int4_byte).
 void interleave_nibbles(const uint8_t* codes, std::size_t stride, int depth, uint8_t* panel) {
   for (int k = 0; k < depth; ++k) {
@@ -251,22 +278,27 @@ void pack_integer_panel(const SourceMatrix& source, const int (&rows)[kPanelWidt
   }
 }
 
-// MXFP4 from MXFP4 (the engine converts it to other formats, never others to it): each
-// column's codes out of their bytes, its e8m0 scales as they are (NaN refused), then the
-// codes where INT4's nibbles lie.
-void pack_mxfp4_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
-                      PackScratch& scratch, uint8_t* panel) {
+// MXFP4 or NVFP4 from the same (the engine converts them to other formats, never others to
+// them): each column's codes out of their bytes, its scale bytes as they are (NaN refused),
+// NVFP4's half row scale, then the codes where INT4's nibbles lie.
+void pack_e2m1_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
+                     PackScratch& scratch, uint8_t* panel) {
+  const WeightFormat format = source.source.format;
+  const int group = e2m1_group(format);
   // The kernels multiply whole groups; rows split between nodes split on group ends.
-  if (depth % kMxfp4Group != 0) throw std::logic_error("an MXFP4 panel must hold whole groups of inputs");
-  const std::size_t groups = panel_groups(depth, kMxfp4Group);
-  uint8_t* scales = panel + panel_value_bytes(WeightFormat::Mxfp4, depth);
-  const std::size_t stride = padded_depth(WeightFormat::Mxfp4, depth);
+  if (depth % group != 0) throw std::logic_error("an e2m1 panel must hold whole groups of inputs");
+  const std::size_t groups = panel_groups(depth, group);
+  const std::size_t value_bytes = panel_value_bytes(format, depth);
+  uint8_t* scales = panel + value_bytes;
+  float* half_row_scales = reinterpret_cast<float*>(panel + row_scale_line(value_bytes, groups * kPanelWidth));
+  const std::size_t stride = padded_depth(format, depth);
   scratch.codes.assign(stride * kPanelWidth, 0);
   for (int j = 0; j < kPanelWidth; ++j) {
     if (rows[j] < 0) continue;
     for (std::size_t g = 0; g < groups; ++g) {
-      scales[g * kPanelWidth + j] = source.e8m0(rows[j], first_col + g * kMxfp4Group);
+      scales[g * kPanelWidth + j] = source.scale_byte(rows[j], first_col + g * group);
     }
+    if (format == WeightFormat::Nvfp4) half_row_scales[j] = source.row_scale(rows[j]) * 0.5f;
     const uint8_t* from = source.code_bytes(rows[j]);
     uint8_t* codes = scratch.codes.data() + j * stride;
     for (int k = 0; k < depth; ++k) {
@@ -328,17 +360,18 @@ void pack_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std:
                 WeightFormat format, int group, PackScratch& scratch, uint8_t* panel) {
   const bool same = source.source.format == format && (!is_grouped(format) || source.source.group == group);
   if (!same && format == WeightFormat::Fp8E4M3) throw std::invalid_argument("the engine stores FP8 only from FP8 weights");
-  if (format == WeightFormat::Mxfp4 && group != kMxfp4Group) {
-    throw std::invalid_argument("MXFP4 groups are " + std::to_string(kMxfp4Group) + " inputs, got group size " +
-                                std::to_string(group));
+  if (is_e2m1(format) && group != e2m1_group(format)) {
+    throw std::invalid_argument(std::string(e2m1_label(format)) + " groups are " + std::to_string(e2m1_group(format)) +
+                                " inputs, got group size " + std::to_string(group));
   }
-  if (!same && format == WeightFormat::Mxfp4) {
-    throw std::invalid_argument("the engine stores MXFP4 only from MXFP4 weights");
+  if (!same && is_e2m1(format)) {
+    throw std::invalid_argument(std::string("the engine stores ") + e2m1_label(format) + " only from " +
+                                e2m1_label(format) + " weights");
   }
   // Padding (columns without a row, inputs past `depth` up to a block) stays zero.
   std::memset(panel, 0, panel_bytes(format, depth, group));
-  if (format == WeightFormat::Mxfp4) {
-    pack_mxfp4_panel(source, rows, first_col, depth, scratch, panel);
+  if (is_e2m1(format)) {
+    pack_e2m1_panel(source, rows, first_col, depth, scratch, panel);
   } else if (format == WeightFormat::Int8 || format == WeightFormat::Int4) {
     pack_integer_panel(source, rows, first_col, depth, format, group, same, scratch, panel);
   } else {

@@ -17,15 +17,17 @@ namespace lk {
 // [E, rows, ceil(cols / group)], value = q * scale (+ offset). INT4 values are one byte
 // each (0..15), INT8 values int8, FP8 values float8 e4m3fn bytes. MXFP4 comes as its
 // checkpoints hold it (formats.h): two e2m1 codes per byte, the even input's in the low
-// nibble, [E, rows, cols / 2] bytes, and e8m0 scale bytes [E, rows, cols / 32] in `e8m0`
-// (cols a multiple of 32, group 32).
+// nibble, [E, rows, cols / 2] bytes, and e8m0 scale bytes [E, rows, cols / 32] in
+// `scale_bytes` (cols a multiple of 32, group 32). NVFP4 likewise, with e4m3fn scale bytes
+// [E, rows, cols / 16] (group 16) and float32 `row_scales` [E, rows].
 struct WeightSource {
   const void* values = nullptr;
   WeightFormat format = WeightFormat::BF16;
   const float* scales = nullptr;
   const float* offsets = nullptr;
   int group = 0;
-  const uint8_t* e8m0 = nullptr;
+  const uint8_t* scale_bytes = nullptr;
+  const float* row_scales = nullptr;
 };
 
 // Throws std::invalid_argument, naming `name`, where `source` cannot be read.
@@ -45,7 +47,7 @@ struct SourceMatrix {
     return static_cast<const uint8_t*>(source.values) + (expert * rows + row) * cols * element_bytes;
   }
 
-  // MXFP4: the bytes holding `row`'s codes, two per byte.
+  // MXFP4 and NVFP4: the bytes holding `row`'s codes, two per byte.
   const uint8_t* code_bytes(std::size_t row) const {
     return static_cast<const uint8_t*>(source.values) + (expert * rows + row) * (cols / 2);
   }
@@ -53,9 +55,12 @@ struct SourceMatrix {
   // Throws std::invalid_argument where inputs [first_col, first_col + depth) of `row` hold
   // an e4m3fn NaN, which means a damaged checkpoint.
   void check_fp8(std::size_t row, std::size_t first_col, int depth) const;
-  // MXFP4's e8m0 scale of `row`'s group holding input `col`; throws std::invalid_argument
-  // for the NaN byte (255), as check_fp8 does, and for inputs not in whole groups of 32.
-  uint8_t e8m0(std::size_t row, std::size_t col) const;
+  // The scale byte (MXFP4's e8m0, NVFP4's e4m3) of `row`'s group holding input `col`;
+  // throws std::invalid_argument for a NaN scale, as check_fp8 does, and for inputs not in
+  // whole groups.
+  uint8_t scale_byte(std::size_t row, std::size_t col) const;
+  // NVFP4's row scale of `row`; throws std::invalid_argument where it is not finite.
+  float row_scale(std::size_t row) const;
   // Inputs [first_col, first_col + depth) of `row` as floats, dequantized where needed.
   void read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const;
 };

@@ -6,7 +6,8 @@
     pending = engine.submit(x, topk_ids, topk_weights); ...; out = pending.wait()
 
 Weights are bf16/fp16/fp32 tensors, or :class:`QuantizedWeights` (FP8 e4m3 with group
-scales, INT8, INT4 with scales and offsets, MXFP4 blocks with e8m0 scales); ``weight_format``
+scales, INT8, INT4 with scales and offsets, MXFP4 blocks with e8m0 scales, NVFP4 codes with
+e4m3 scales and row scales); ``weight_format``
 picks how the engine stores them ("int8"/"int4" quantize float weights at load, in groups
 of ``group_size`` inputs, by default the format's own: lvllm.formats).
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lvllm import _lk, formats
-from lvllm.lk import mxfp4
+from lvllm.lk import mxfp4, nvfp4
 from lvllm.lk.runtime import default_runtime, default_threads, make_runtime, runtime_info
 
 __all__ = ["MoEEngine", "PendingForward", "QuantizedWeights", "default_runtime", "default_threads",
@@ -70,28 +71,39 @@ class QuantizedWeights:
     values: float8_e4m3fn (FP8), int8 (INT8) or uint8 holding one INT4 value 0..15 per byte;
     scales (and, for INT4, offsets): float32 [E, rows, ceil(cols / group_size)].
     MXFP4 (uint8 scales): values are the checkpoint's blocks and scales its e8m0 bytes,
-    group_size 32 (lvllm.lk.mxfp4).
+    group_size 32 (lvllm.lk.mxfp4). NVFP4 (float8_e4m3fn scales of uint8 values): values
+    the checkpoint's codes, scales its e4m3 scales, group_size 16, and row_scales float32
+    [E, rows] the per-tensor scale of each row (lvllm.lk.nvfp4).
     """
 
     values: torch.Tensor
     scales: torch.Tensor
     group_size: int
     offsets: torch.Tensor | None = None
+    row_scales: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
-        return mxfp4.logical_shape(self.values) if self.format == "mxfp4" else self.values.shape
+        if self.format == "mxfp4":
+            return mxfp4.logical_shape(self.values)
+        return nvfp4.logical_shape(self.values) if self.format == "nvfp4" else self.values.shape
 
     @property
     def format(self) -> str:
         if self.scales.dtype == torch.uint8:  # e8m0 exponents
             return "mxfp4"
+        if self.scales.dtype == torch.float8_e4m3fn and self.values.dtype == torch.uint8:
+            return "nvfp4"
         return formats.QUANTIZED_FORMAT_OF_VALUES[self.values.dtype]
 
     def native_args(self, name: str) -> tuple:
         if self.format == "mxfp4":
             mxfp4.check(self.values, self.scales, self.group_size, name)
             return (self.values.data_ptr(), formats.code("mxfp4"), self.scales.data_ptr(), 0, self.group_size)
+        if self.format == "nvfp4":
+            nvfp4.check(self.values, self.scales, self.row_scales, self.group_size, name)
+            return (self.values.data_ptr(), formats.code("nvfp4"), self.scales.data_ptr(),
+                    self.row_scales.data_ptr(), self.group_size)
         _check_cpu_contiguous(f"{name}.values", self.values)
         _require(
             self.values.dtype in formats.QUANTIZED_FORMAT_OF_VALUES,

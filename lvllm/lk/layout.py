@@ -10,7 +10,8 @@ its down memory [E][hidden_panels] panels; a panel stores 16 output rows per inp
 [depth][16], padded to 64 bytes. Quantized panels store their values (INT8 rows in pairs,
 INT4 rows in fours, formats.h) and then per group of inputs a row of 16 fp32 scales (and
 INT4 offsets; MXFP4: its e2m1 codes where INT4's nibbles lie and a row of 16 e8m0 bytes per
-group); they are dequantized in fp32 and rounded once to the compute dtype.
+group; NVFP4: the codes, a row of 16 e4m3 bytes per group, then a line of 16 fp32 half row
+scales); they are dequantized in fp32 and rounded once to the compute dtype.
 """
 
 from __future__ import annotations
@@ -25,18 +26,22 @@ import triton.language as tl
 PANEL_WIDTH = 16
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Input rows a quantized format stores together (formats.h rows_per_block) and bytes per row.
-_ROWS_PER_BLOCK = {"int8": 2, "int4": 4, "fp8_e4m3": 1, "mxfp4": 4}
-_BYTES_PER_ROW = {"int8": PANEL_WIDTH, "int4": PANEL_WIDTH // 2, "fp8_e4m3": PANEL_WIDTH, "mxfp4": PANEL_WIDTH // 2}
+_ROWS_PER_BLOCK = {"int8": 2, "int4": 4, "fp8_e4m3": 1, "mxfp4": 4, "nvfp4": 4}
+_BYTES_PER_ROW = {"int8": PANEL_WIDTH, "int4": PANEL_WIDTH // 2, "fp8_e4m3": PANEL_WIDTH, "mxfp4": PANEL_WIDTH // 2,
+                  "nvfp4": PANEL_WIDTH // 2}
 # How the kernel reads each format's stored values.
-_VALUE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn, "mxfp4": torch.uint8}
-_FORMAT_CODES = {"float": 0, "int8": 1, "int4": 2, "fp8_e4m3": 3, "mxfp4": 4}
+_VALUE_DTYPES = {"int8": torch.int8, "int4": torch.uint8, "fp8_e4m3": torch.float8_e4m3fn, "mxfp4": torch.uint8,
+                 "nvfp4": torch.uint8}
+_FORMAT_CODES = {"float": 0, "int8": 1, "int4": 2, "fp8_e4m3": 3, "mxfp4": 4, "nvfp4": 5}
+_BYTE_SCALES = ("mxfp4", "nvfp4")
 
 
-def _unpack_panels_kernel(values, metas, out, count, panels, depth, rows, panel_values, panel_metas,
-                          meta_start, groups, group_size, out_matrix_stride, out_row_stride,
+def _unpack_panels_kernel(values, metas, row_scales, out, count, panels, depth, rows, panel_values, panel_metas,
+                          meta_start, row_scale_start, groups, group_size, out_matrix_stride, out_row_stride,
                           FORMAT: tl.constexpr, BLOCK_PANELS: tl.constexpr, BLOCK_INPUTS: tl.constexpr):
     """Panels count = M x panels, each ``panel_values`` values (``panel_metas`` fp32 words, the
-    scales from word ``meta_start`` on; MXFP4: bytes) -> out [M, rows, depth], strided in M
+    scales from word ``meta_start`` on; MXFP4, NVFP4: bytes; NVFP4's half row scales fp32
+    words of ``row_scales`` from ``row_scale_start`` on) -> out [M, rows, depth], strided in M
     and rows, contiguous along depth."""
     panel = (tl.program_id(0) * BLOCK_PANELS + tl.arange(0, BLOCK_PANELS)).to(tl.int64)[:, None, None]
     k = (tl.program_id(1) * BLOCK_INPUTS + tl.arange(0, BLOCK_INPUTS))[None, :, None]
@@ -49,7 +54,7 @@ def _unpack_panels_kernel(values, metas, out, count, panels, depth, rows, panel_
     else:
         if FORMAT == 1:  # int8, rows in pairs: byte 2j + (k & 1) of pair k // 2
             q = tl.load(panel_values_start + (k // 2) * 32 + 2 * j + (k % 2), mask=mask)
-        elif FORMAT == 2 or FORMAT == 4:
+        elif FORMAT == 2 or FORMAT == 4 or FORMAT == 5:
             # int4, rows in fours: nibble j // 8 of byte 4 (j % 8) + 2 (r & 1) + (r >> 1) of
             # block k // 4, r = k % 4, stored as q ^ 8 (mxfp4: its e2m1 code as it is).
             packed = tl.load(panel_values_start + (k // 4) * 32 + 4 * (j % 8) + 2 * (k % 2) + (k % 4) // 2,
@@ -60,15 +65,25 @@ def _unpack_panels_kernel(values, metas, out, count, panels, depth, rows, panel_
         else:  # fp8: [depth][16]
             q = tl.load(panel_values_start + k * 16 + j, mask=mask)
         scale = metas + panel * panel_metas + meta_start + (k // group_size) * 16 + j
-        if FORMAT == 4:
-            # e2m1: magnitude m = code & 7 is m / 2 below 2, else (2 + (m & 1)) 2^(m // 2 - 1) / 2;
-            # e8m0 e is 2^(e - 127), built from its bits (e = 0: the denormal 2^-127).
+        if FORMAT == 4 or FORMAT == 5:
+            # e2m1: magnitude m = code & 7 is m / 2 below 2, else (2 + (m & 1)) 2^(m // 2 - 1) / 2.
             code = q.to(tl.int32)
             m = code & 7
             doubled = tl.where(m < 2, m, (2 + (m & 1)) << tl.maximum((m >> 1) - 1, 0))
-            value = tl.where(code >= 8, -0.5, 0.5) * doubled.to(tl.float32)
-            e = tl.load(scale, mask=mask).to(tl.int32)
-            w = value * tl.where(e > 0, e << 23, 1 << 22).to(tl.float32, bitcast=True)
+            byte = tl.load(scale, mask=mask).to(tl.int32)
+            if FORMAT == 4:
+                # e8m0 e is 2^(e - 127), built from its bits (e = 0: the denormal 2^-127).
+                value = tl.where(code >= 8, -0.5, 0.5) * doubled.to(tl.float32)
+                w = value * tl.where(byte > 0, byte << 23, 1 << 22).to(tl.float32, bitcast=True)
+            else:
+                # e4m3 (exponent e, mantissa f): (8 + f) 2^(e - 10), or f 2^-9 for e = 0, times
+                # the half row scale, rounded once (as the engine), then the doubled value.
+                e, f = (byte >> 3) & 15, byte & 7
+                power = (tl.maximum(e, 1) + 117) << 23
+                magnitude = tl.where(e > 0, f + 8, f).to(tl.float32) * power.to(tl.float32, bitcast=True)
+                half_row = tl.load(row_scales + panel * (panel_metas // 4) + row_scale_start + j, mask=mask)
+                group_scale = tl.where(byte >= 128, -magnitude, magnitude) * half_row
+                w = tl.where(code >= 8, -1.0, 1.0) * doubled.to(tl.float32) * group_scale
         else:
             w = q.to(tl.float32) * tl.load(scale, mask=mask)
         if FORMAT == 2:
@@ -195,13 +210,16 @@ class PackedLayout:
             padded = -(-depth // block) * block
             value_bytes = -(-padded * _BYTES_PER_ROW[self.weight_format] // 64) * 64
             format_code = _FORMAT_CODES[self.weight_format]
-            if self.weight_format == "mxfp4":  # rows of e8m0 bytes
+            if self.weight_format in _BYTE_SCALES:  # rows of e8m0 / e4m3 bytes
                 metas, meta_start, meta_size = panel_bytes, value_bytes, 1
             else:
                 metas, meta_start, meta_size = panel_bytes.view(torch.float32), value_bytes // 4, 4
+            groups = -(-depth // self.group_size)
+            row_scale_start = (value_bytes + -(-groups * PANEL_WIDTH // 64) * 64) // 4
         else:
             values = panel_bytes.view(_FLOAT_DTYPES[self.weight_format])
             metas, meta_start, meta_size, format_code = values, 0, 4, _FORMAT_CODES["float"]
+            row_scale_start = 0
         count = matrices * panels
         if target.device.type == "cpu":
             # The interpreter (the tests) runs one program at a time in numpy, so a program
@@ -213,8 +231,8 @@ class PackedLayout:
         grid = (triton.cdiv(count, block_panels), triton.cdiv(depth, block_inputs))
         groups = -(-depth // self.group_size) if self.quantized else 0
         _kernel(target.device)[grid](
-            values, metas, target, count, panels, depth, rows,
-            bytes_per_panel // values.element_size(), bytes_per_panel // meta_size, meta_start, groups,
+            values, metas, panel_bytes.view(torch.float32), target, count, panels, depth, rows,
+            bytes_per_panel // values.element_size(), bytes_per_panel // meta_size, meta_start, row_scale_start, groups,
             max(self.group_size, 1), target.stride(0), target.stride(1),
             FORMAT=format_code, BLOCK_PANELS=block_panels, BLOCK_INPUTS=block_inputs,
             # Without fusion, w = q * scale + offset rounds as torch's (and the engine's) two steps.

@@ -88,13 +88,18 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = groups.abs().amax(-1, keepdim=True)
     exponent = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127))
     scales = (exponent.clamp(-127, 127) + 127).to(torch.uint8)
-    scaled = (groups / _powers(scales)).clamp(-6, 6)
-    # Nearest magnitude: midpoints between them, a tie going to the even code (mantissa 0).
+    blocks = packed_e2m1(groups / _powers(scales)).reshape(experts, rows, cols // GROUP, GROUP // 2)
+    return blocks.contiguous(), scales.squeeze(-1).contiguous()
+
+
+def packed_e2m1(scaled: torch.Tensor) -> torch.Tensor:
+    """Values already divided by their scale -> the nearest e2m1 codes (a tie to the even
+    code, saturated at 6), two a byte along the last dimension, the even input's low."""
+    scaled = scaled.clamp(-6, 6)
     midpoints = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
     magnitude = scaled.abs()
     codes = torch.bucketize(magnitude, midpoints)  # a tie goes to the lower code
     tie_to_odd = (codes % 2 == 1) & (magnitude == midpoints[codes.clamp(max=6)])
     codes = (codes + tie_to_odd.long()).to(torch.uint8) | ((scaled < 0).to(torch.uint8) << 3)
-    codes = codes.reshape(experts, rows, cols // GROUP, GROUP // 2, 2)
-    blocks = (codes[..., 0] | (codes[..., 1] << 4)).contiguous()
-    return blocks, scales.squeeze(-1).contiguous()
+    codes = codes.reshape(*codes.shape[:-1], -1, 2)
+    return codes[..., 0] | (codes[..., 1] << 4)

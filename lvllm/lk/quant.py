@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from lvllm.lk import QuantizedWeights, mxfp4
+import dataclasses
+
+from lvllm.lk import QuantizedWeights, mxfp4, nvfp4
 
 
 # Experts quantized per step: enough for a whole layer of a small model, few enough that a
@@ -48,9 +50,9 @@ def _experts_on(device, w, start: int, end: int, staging: dict) -> torch.Tensor:
     dequantized to float32 there as the engine does."""
     if not isinstance(w, QuantizedWeights):
         return _upload(w[start:end], device, staging, "values")
-    part = QuantizedWeights(_upload(w.values[start:end], device, staging, "values"),
-                            _upload(w.scales[start:end], device, staging, "scales"), w.group_size,
-                            None if w.offsets is None else _upload(w.offsets[start:end], device, staging, "offsets"))
+    part = dataclasses.replace(w, **{
+        field.name: _upload(tensor[start:end], device, staging, field.name) for field in dataclasses.fields(w)
+        if isinstance(tensor := getattr(w, field.name), torch.Tensor)})
     return dequantize(part)
 
 
@@ -78,6 +80,8 @@ def quantize(w, weight_format: str, group: int, device=None) -> QuantizedWeights
     device = torch.device(device)
     if isinstance(w, QuantizedWeights) and w.format == "mxfp4":
         mxfp4.refuse_nan(w.scales)
+    if isinstance(w, QuantizedWeights) and w.format == "nvfp4":
+        nvfp4.refuse_nonfinite(w.scales, w.row_scales)
     experts, rows, cols = w.shape
     groups = -(-cols // group)
     # Results come back from a GPU straight into pinned memory: pageable memory, or pinned
@@ -145,6 +149,8 @@ def dequantize(weights: QuantizedWeights) -> torch.Tensor:
     """The float32 values quantized weights stand for."""
     if weights.format == "mxfp4":
         return mxfp4.dequantize(weights.values, weights.scales)
+    if weights.format == "nvfp4":
+        return nvfp4.dequantize(weights.values, weights.scales, weights.row_scales)
     cols = weights.values.shape[2]
     scales = weights.scales.repeat_interleave(weights.group_size, -1)[..., :cols]
     values = weights.values.float() * scales

@@ -357,7 +357,7 @@ def test_format_errors():
 
 
 def test_format_names_match_the_engine():
-    assert _lk.format_names() == ["float32", "float16", "bfloat16", "int8", "int4", "fp8_e4m3", "mxfp4"]
+    assert _lk.format_names() == ["float32", "float16", "bfloat16", "int8", "int4", "fp8_e4m3", "mxfp4", "nvfp4"]
 
 
 def test_compressed_tensors_int4_checkpoint(runtimes):

@@ -32,11 +32,11 @@ def test_runtime_description_formats_numbers_after_torch_is_loaded():
 def test_kernel_rate_probe_times_every_format_and_refuses_bad_requests():
     """benchmarks/bench_kernels.py's probe: runs every kernel of the best ISA, single and
     paired (decode's pairs, and the unit kernels where the ISA has them), on a panel whose
-    depth is no multiple of the group (MXFP4: of 128; its groups of 32 are always whole),
-    and names what it refuses."""
+    depth is no multiple of the group (MXFP4, NVFP4: of 128; their groups of 32 and 16 are
+    always whole), and names what it refuses."""
     isa = lvllm._lk.best_isa()
     for fmt in lvllm._lk.format_names():
-        depth = 288 if fmt == "mxfp4" else 300
+        depth = 288 if fmt in ("mxfp4", "nvfp4") else 300
         for rows in (1, 3, 9, 16, 40):
             ns = lvllm._lk.measure_kernel_ns_per_panel_row(isa, fmt, rows, depth, seconds=0.01)
             assert 0 < ns < 1e5, (fmt, rows, ns)
@@ -48,6 +48,8 @@ def test_kernel_rate_probe_times_every_format_and_refuses_bad_requests():
                     lvllm._lk.measure_kernel_ns_per_panel_row(isa, fmt, rows, depth, pair=True)
     with pytest.raises(ValueError, match="mxfp4 depth must be a multiple of 32"):
         lvllm._lk.measure_kernel_ns_per_panel_row(isa, "mxfp4", 1, 300)
+    with pytest.raises(ValueError, match="nvfp4 depth must be a multiple of 16"):
+        lvllm._lk.measure_kernel_ns_per_panel_row(isa, "nvfp4", 1, 296)
     # formats.h: values padded to 64 bytes, then one row of 16 fp32 scales per 128 inputs
     # (INT4: offsets too); 300 inputs make 3 groups.
     assert lvllm._lk.kernel_panel_bytes("bfloat16", 300) == 300 * 32

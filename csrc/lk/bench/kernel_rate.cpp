@@ -19,8 +19,8 @@ namespace lk::bench {
 namespace {
 
 constexpr int kGroup = 128;
-// The group a format's panel is multiplied in: kGroup, MXFP4's own 32.
-int group_of(WeightFormat format) { return format == WeightFormat::Mxfp4 ? kMxfp4Group : kGroup; }
+// The group a format's panel is multiplied in: kGroup, the e2m1 formats' own.
+int group_of(WeightFormat format) { return is_e2m1(format) ? e2m1_group(format) : kGroup; }
 
 WeightFormat parse_format(const std::string& format_text) {
   for (int code = 0; code < kNumWeightFormats; ++code) {
@@ -39,7 +39,8 @@ const kernels::KernelSet& kernels_for(const std::string& isa_text) {
 }
 
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
-// over their whole range, every scale (and INT4 offset) 1/64 (MXFP4's e8m0 2^-6). The value bytes are a whole
+// over their whole range, every scale (and INT4 offset) 1/64 (MXFP4's e8m0 2^-6, NVFP4's e4m3
+// 1/64 with row scales 1/64 too). The value bytes are a whole
 // number of 64-byte lines (formats.h), so they fill two bytes at a time. Page-aligned, as
 // the engine's panels and buffers are (tile loads across lines are slow).
 HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
@@ -66,6 +67,7 @@ HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
     std::memcpy(&panel[i], &scale, 4);
     if (format == WeightFormat::Mxfp4) std::memset(&panel[i], 127 - 6, 4);
   }
+  if (format == WeightFormat::Nvfp4) std::memset(&panel[values], 0x08, panel_groups(depth, kNvfp4Group) * kPanelWidth);
   return buffer;
 }
 
@@ -155,8 +157,8 @@ double kernel_ns_per_panel_row(const std::string& isa, const std::string& format
                                 isa + " (the engine's chunk)");
   }
   if (depth < 1) throw std::invalid_argument("depth must be positive");
-  if (format == WeightFormat::Mxfp4 && depth % kMxfp4Group != 0) {
-    throw std::invalid_argument("mxfp4 depth must be a multiple of " + std::to_string(kMxfp4Group) +
+  if (is_e2m1(format) && depth % e2m1_group(format) != 0) {
+    throw std::invalid_argument(format_text + " depth must be a multiple of " + std::to_string(e2m1_group(format)) +
                                 " (its panels hold whole groups)");
   }
   if (pair && !reads_two_panels(kernel, rows)) {

@@ -70,13 +70,17 @@ lk::WeightSource to_source(const WeightArgs& args) {
   lk::WeightSource source;
   source.values = as_pointer(std::get<0>(args));
   source.format = to_format(std::get<1>(args));
-  // MXFP4's scales are e8m0 bytes.
-  if (source.format == lk::WeightFormat::Mxfp4) {
-    source.e8m0 = static_cast<const uint8_t*>(as_pointer(std::get<2>(args)));
+  // The e2m1 formats' scales are bytes; NVFP4's row scales come where offsets would.
+  if (lk::is_e2m1(source.format)) {
+    source.scale_bytes = static_cast<const uint8_t*>(as_pointer(std::get<2>(args)));
   } else {
     source.scales = static_cast<const float*>(as_pointer(std::get<2>(args)));
   }
-  source.offsets = static_cast<const float*>(as_pointer(std::get<3>(args)));
+  if (source.format == lk::WeightFormat::Nvfp4) {
+    source.row_scales = static_cast<const float*>(as_pointer(std::get<3>(args)));
+  } else {
+    source.offsets = static_cast<const float*>(as_pointer(std::get<3>(args)));
+  }
   source.group = std::get<4>(args);
   return source;
 }

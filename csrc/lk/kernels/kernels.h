@@ -39,15 +39,16 @@ struct ActivationRow {
 // MXFP4 multiplies bytes as INT4 does, at 85 steps: a group's 16 products per 16-bit lane
 // of weights biased to 0..24 then stay below 2^15 (16 * 24 * 85 = 32640), so its sums
 // widen once per group (per 32 inputs, finer than INT4's 127 steps per 128 in practice).
+// NVFP4's groups of 16 give 8 products a lane, below 2^15 at 127 steps.
 constexpr int activation_max(WeightFormat format) {
   if (format == WeightFormat::Mxfp4) return 85;
-  return format == WeightFormat::Int4 ? 127 : 32767;
+  return format == WeightFormat::Int4 || format == WeightFormat::Nvfp4 ? 127 : 32767;
 }
 
-// MXFP4's scaled group sums add up in fp32 over this many inputs before joining the
-// output, in decode as in prefill's widened blocks (which start on its multiples), so that
-// a token's result keeps its bits whatever is batched with it.
-constexpr int kMxfp4SumSpan = 1024;
+// The e2m1 formats' scaled group sums add up in fp32 over this many inputs before joining
+// the output, in decode as in prefill's widened blocks (which start on its multiples), so
+// that a token's result keeps its bits whatever is batched with it.
+constexpr int kE2m1SumSpan = 1024;
 
 // Integer products are summed over at most this many inputs of one group before the sums
 // move to fp32 (128 products of int8 weights and int16 activations per 32-bit lane stay
@@ -215,10 +216,11 @@ void multiply_two_panels(const KernelSet& kernels, WeightFormat format, const vo
 // x86/<isa>/<format>.cpp) and named <isa>_<format> after it: avx512_bf16 is the AVX512
 // kernels' bf16, avx512_bf16_bf16 the AVX512_BF16 kernels'. And per ISA activations.
 extern const FormatKernels generic_f32, generic_f16, generic_bf16, generic_int8, generic_int4, generic_fp8,
-    generic_mxfp4;
-extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8, avx2_mxfp4;
-extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8, avx512_mxfp4;
-extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4, avx512_vnni_mxfp4;
+    generic_mxfp4, generic_nvfp4;
+extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, avx2_fp8, avx2_mxfp4, avx2_nvfp4;
+extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8, avx512_mxfp4,
+    avx512_nvfp4;
+extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4, avx512_vnni_mxfp4, avx512_vnni_nvfp4;
 extern const FormatKernels avx512_bf16_bf16, avx512_bf16_fp8;
 extern const FormatKernels amx_bf16, amx_int8, amx_int4, amx_fp8;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;

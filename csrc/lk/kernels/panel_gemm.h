@@ -32,10 +32,11 @@
 // added straight to 32-bit sums) or quad_products, add_quad_products and widen_add. Where
 // the unsigned bytes reach past 2 * kQuadBias - 1 (MXFP4: 0..24 for bias 12), the Unpack
 // names their largest (static constexpr int kQuadMax).
-// MXFP4 (formats.h) is multiplied as INT4 is, its values doubled; its scale rows are e8m0
-// bytes, which an Unpack may turn into fp32 scales for a group's kPanelWidth columns:
-//   static void group_scales(const uint8_t* e8m0_row, Vec (&scale)[kPanelWidth / Simd::kLanes]);
-// (else they are converted one by one, as mxfp4_half_scale does).
+// MXFP4 and NVFP4 (formats.h) are multiplied as INT4 is, their values doubled; their scale
+// rows are bytes (e8m0; e4m3), which an Unpack may turn into fp32 scales for a group's
+// kPanelWidth columns (NVFP4's before its row scales: e4m3 values as they come):
+//   static void group_scales(const uint8_t* row, Vec (&scale)[kPanelWidth / Simd::kLanes]);
+// (else they are converted one by one, as mxfp4_half_scale and fp8_e4m3_to_float do).
 //
 // Prefill may widen a panel block by block into a layout that costs less per pass (kernels.h,
 // PanelWiden) and multiply that with the kernels of a second Unpack, the widened one. A
@@ -89,8 +90,7 @@ struct PanelKernels {
   using Vec = typename Simd::Vec;
   static constexpr WeightFormat kFormat = Unpack::kFormat;
   static constexpr bool kGrouped = is_grouped(kFormat);
-  static constexpr bool kInteger =
-      kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4 || kFormat == WeightFormat::Mxfp4;
+  static constexpr bool kInteger = kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4 || is_e2m1(kFormat);
   static constexpr bool kQuads = requires { Unpack::kQuadBias; };
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   // Rows of one pass of gemm over a panel (the rows whose sums it keeps in registers).
@@ -157,14 +157,27 @@ struct PanelKernels {
     return panel + value_bytes(depth) + row * kGroupRowBytes;
   }
 
-  // MXFP4's fp32 scales of a group from its row of e8m0 bytes.
-  static void e8m0_scales(const uint8_t* row, Vec (&scale)[kVecs]) {
+  // NVFP4's half row scales (formats.h), after a panel's scale rows.
+  static void row_scales(const uint8_t* panel, int depth, Vec (&scale)[kVecs]) {
+    const long group_rows = static_cast<long>(panel_groups(depth, kNvfp4Group)) * kGroupRowBytes;
+    const float* line = reinterpret_cast<const float*>(panel + row_scale_line(value_bytes(depth), group_rows));
+    for (int v = 0; v < kVecs; ++v) scale[v] = Simd::load(line + v * Simd::kLanes);
+  }
+
+  // The e2m1 formats' fp32 scales of a group from its row of scale bytes: MXFP4's halved,
+  // NVFP4's times `row_scale`, its panel's half row scales (row_scales).
+  static void byte_scales(const uint8_t* row, const Vec (&row_scale)[kVecs], Vec (&scale)[kVecs]) {
     if constexpr (requires { Unpack::group_scales(row, scale); }) {
       Unpack::group_scales(row, scale);
     } else {
       float lanes[kPanelWidth];
-      for (int j = 0; j < kPanelWidth; ++j) lanes[j] = mxfp4_half_scale(row[j]);
+      for (int j = 0; j < kPanelWidth; ++j) {
+        lanes[j] = kFormat == WeightFormat::Mxfp4 ? mxfp4_half_scale(row[j]) : fp8_e4m3_to_float(row[j]);
+      }
       for (int v = 0; v < kVecs; ++v) scale[v] = Simd::load(lanes + v * Simd::kLanes);
+    }
+    if constexpr (kFormat == WeightFormat::Nvfp4) {
+      for (int v = 0; v < kVecs; ++v) scale[v] = Simd::mul(scale[v], row_scale[v]);
     }
   }
 
@@ -175,8 +188,10 @@ struct PanelKernels {
   };
   static Group group(const uint8_t* panel, int depth, int group_size, int index) {
     Group group;
-    if constexpr (kFormat == WeightFormat::Mxfp4) {
-      e8m0_scales(group_row(panel, depth, index), group.scale);
+    if constexpr (is_e2m1(kFormat)) {
+      Vec row_scale[kVecs]{};
+      if constexpr (kFormat == WeightFormat::Nvfp4) row_scales(panel, depth, row_scale);
+      byte_scales(group_row(panel, depth, index), row_scale, group.scale);
       for (int v = 0; v < kVecs; ++v) group.offset[v] = Simd::zero();
     } else {
       const float* group_scales = scales(panel, depth) + static_cast<long>(index) * kPanelWidth;
@@ -530,19 +545,20 @@ struct PanelKernels {
     }
   }
 
-  // MXFP4 on byte products: a group is 32 inputs (kMxfp4Group) with a power-of-two scale
-  // per column, so its integer sums turn into fp32 once per group and row, four times as
-  // often as INT4's. That step is made cheap: the group's byte products sum whole in 16 bits
-  // (activation_max), and its scaled sums add to fp32 sums held in registers, added to c
-  // once per kMxfp4SumSpan inputs instead of read and written per group.
-  static constexpr bool kScaledQuadGroups = kQuads && kFormat == WeightFormat::Mxfp4;
-  static constexpr int kGroupBlocks = kMxfp4Group / kBlockRows;
+  // The e2m1 formats on byte products: a group is 32 inputs (MXFP4) or 16 (NVFP4) with a
+  // scale per column, so its integer sums turn into fp32 once per group and row, four or
+  // eight times as often as INT4's. That step is made cheap: the group's byte products sum
+  // whole in 16 bits (activation_max), and its scaled sums add to fp32 sums held in
+  // registers, added to c once per kE2m1SumSpan inputs instead of read and written per group.
+  static constexpr bool kScaledQuadGroups = kQuads && is_e2m1(kFormat);
+  static constexpr int kGroupBlocks = e2m1_group(kFormat) / kBlockRows;
 
   template <int Rows>
   static inline void add_scaled_group(Vec (&acc)[Rows][kVecs], const typename Simd::IVec (&sums)[Rows][kVecs],
-                                      const ActivationRow* a, const uint8_t* scale_row, int index) {
+                                      const ActivationRow* a, const uint8_t* scale_row, const Vec (&row_scale)[kVecs],
+                                      int index) {
     Vec scale[kVecs];
-    e8m0_scales(scale_row, scale);
+    byte_scales(scale_row, row_scale, scale);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const Vec row_scale = Simd::set1(a[r].scale[index]);
@@ -560,10 +576,14 @@ struct PanelKernels {
                                float* const* const* c, bool accumulate) {
     using IVec = typename Simd::IVec;
     static_assert(kGroupBlocks % kQuadRunBlocks == 0, "runs divide a group");
-    constexpr int kSpanBlocks = kMxfp4SumSpan / kBlockRows;
-    for (int p = 0; p < Panels; ++p) prefetch_start(panels[p], depth, group_size);
+    constexpr int kSpanBlocks = kE2m1SumSpan / kBlockRows;
+    Vec row_scale[Panels][kVecs]{};
+    for (int p = 0; p < Panels; ++p) {
+      prefetch_start(panels[p], depth, group_size);
+      if constexpr (kFormat == WeightFormat::Nvfp4) row_scales(panels[p], depth, row_scale[p]);
+    }
     const int ahead = groups_ahead(group_size);
-    const int blocks = depth / kBlockRows;  // whole groups (pack_mxfp4_panel)
+    const int blocks = depth / kBlockRows;  // whole groups (pack_e2m1_panel)
     for (int span = 0; span < blocks; span += kSpanBlocks) {
       Vec acc[Panels][Rows][kVecs];
       for (int p = 0; p < Panels; ++p)
@@ -583,7 +603,7 @@ struct PanelKernels {
           for (int b = 0; b < kGroupBlocks; b += kQuadRunBlocks) {
             quad_run<Rows, kQuadRunBlocks>(sums, a, panels[p] + block + b * kBlockBytes, k + b * kBlockRows);
           }
-          add_scaled_group<Rows>(acc[p], sums, a, group_row(panels[p], depth, index), index);
+          add_scaled_group<Rows>(acc[p], sums, a, group_row(panels[p], depth, index), row_scale[p], index);
         }
       }
       const bool add = accumulate || span > 0;
@@ -756,6 +776,10 @@ struct PanelKernels {
       if constexpr (has_offsets(kFormat)) {
         std::memcpy(target + groups * kGroupRowBytes, source + source_groups * kGroupRowBytes, groups * kGroupRowBytes);
       }
+      if constexpr (kFormat == WeightFormat::Nvfp4) {
+        std::memcpy(out + row_scale_line(Widened::value_bytes(count), groups * kGroupRowBytes),
+                    panel + row_scale_line(value_bytes(depth), source_groups * kGroupRowBytes), 64);
+      }
     }
   }
 
@@ -784,7 +808,7 @@ struct PanelKernels {
     kernels.widened_gemm = &Widened::gemm;
     kernels.widen_rows = widen_rows;
     kernels.widen_block = kWidenedValueBytes / row_bytes;
-    static_assert(!kScaledQuadGroups || kWidenedValueBytes / row_bytes % kMxfp4SumSpan == 0,
+    static_assert(!kScaledQuadGroups || kWidenedValueBytes / row_bytes % kE2m1SumSpan == 0,
                   "widened blocks start where unwidened sums join c");
     // Each chunk of an expert's rows widens the panel again, and a chunk below widen_rows
     // unpacks in every pass: the largest chunks leave the fewest experts a second, short one.

@@ -1,4 +1,4 @@
-// AVX512 INT8, INT4 and MXFP4 unpacks, shared by the AVX512, AVX512_VNNI and AMX kernel
+// AVX512 INT8, INT4, MXFP4 and NVFP4 unpacks, shared by the AVX512, AVX512_VNNI and AMX kernel
 // files (each compiles them with its own flags, inside its own anonymous namespace).
 #pragma once
 
@@ -45,11 +45,12 @@ struct Int4Unpack {
   }
 };
 
-// MXFP4 blocks lie as INT4's (formats.h): the same halves, then one vpshufb looks each code
-// up as twice its value plus 12, an unsigned byte 0..24 (x86/avx2/mxfp4.cpp), multiplied as
-// INT4's bytes are (vpmaddubsw, a group's 8 blocks in one run; vpdpbusd).
-struct Mxfp4Unpack {
-  static constexpr WeightFormat kFormat = WeightFormat::Mxfp4;
+// MXFP4 and NVFP4 blocks lie as INT4's (formats.h): the same halves, then one vpshufb looks
+// each code up as twice its value plus 12, an unsigned byte 0..24 (x86/avx2/e2m1_unpack.h),
+// multiplied as INT4's bytes are (vpmaddubsw, a group's blocks in one run; vpdpbusd).
+template <WeightFormat kE2m1Format>
+struct E2m1Unpack {
+  static constexpr WeightFormat kFormat = kE2m1Format;
   static constexpr int kQuadBias = 12;
   static constexpr int kQuadMax = 24;
   // Fetched as INT4's panels are.
@@ -62,12 +63,22 @@ struct Mxfp4Unpack {
         _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
     w[0] = _mm512_shuffle_epi8(table, _mm512_and_si512(halves, _mm512_set1_epi8(0x0f)));
   }
-  // A row of e8m0 bytes, one per column: each shifted into an fp32 exponent is
-  // 2^(e - 127), halved for the doubled values.
+  // A row of scale bytes, one per column. MXFP4's e8m0: each shifted into an fp32 exponent
+  // is 2^(e - 127), halved for the doubled values. NVFP4's e4m3: moved into fp16 bit
+  // positions as Fp8Unpack does (the value times 2^-8) and converted, times 2^8.
   static void group_scales(const uint8_t* row, __m512 (&scale)[1]) {
-    const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))), 23);
-    scale[0] = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+    if constexpr (kE2m1Format == WeightFormat::Mxfp4) {
+      const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu8_epi32(bytes), 23);
+      scale[0] = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
+    } else {
+      const __m256i halves = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
+                                              _mm256_set1_epi16(static_cast<short>(0xbfff)));
+      scale[0] = _mm512_mul_ps(_mm512_cvtph_ps(halves), _mm512_set1_ps(256.0f));
+    }
   }
 };
+using Mxfp4Unpack = E2m1Unpack<WeightFormat::Mxfp4>;
+using Nvfp4Unpack = E2m1Unpack<WeightFormat::Nvfp4>;
 }  // namespace
 }  // namespace lk::kernels
