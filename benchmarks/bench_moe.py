@@ -66,8 +66,11 @@ TARGET_DECODE_BW = 0.85  # decode: >= 85% of measured read bandwidth
 # --formats: lk's weight formats, by the short names of lvllm.formats (lk_formats). Decode
 # targets per format (fraction of read bandwidth, bytes = what the engine holds per expert,
 # scales included); prefill target of a quantized format: GFLOP/s no worse than bf16's in
-# the same run (mxfp4: also no worse than int4's, where int4 runs too)
-TARGET_DECODE_BW_FORMAT = {"bf16": TARGET_DECODE_BW, "int8": 0.80, "int4": 0.65, "fp8": 0.65, "mxfp4": 0.65}
+# the same run (mxfp4: also no worse than int4's, where int4 runs too). The checkpoint
+# formats kept as shipped (gptq, nvfp4) also decode within 10% of int4's GB/s, where it runs.
+TARGET_DECODE_BW_FORMAT = {"bf16": TARGET_DECODE_BW, "int8": 0.80, "int4": 0.65, "fp8": 0.65, "mxfp4": 0.65,
+                           "nvfp4": 0.65, "gptq": 0.65}
+TARGET_DECODE_VS_INT4 = {"gptq": 0.90, "nvfp4": 0.90}
 TARGET_PREFILL_FMA = 0.70  # prefill: >= 70% of measured fp32 FMA peak
 ERROR_LIMIT = 3e-2  # max |out - ref| / max |ref| beyond which an output is flagged
 
@@ -103,21 +106,26 @@ def parse_cases(text: str) -> list[dict]:
 
 def lk_formats() -> dict:
     """lvllm.formats' Format per short name ('bf16', 'int4', 'fp8', ...) for the formats timed
-    here: bf16, which every weight set is built in, and every quantized format. The engine
-    quantizes bf16 into int8 and int4 itself at load; the formats it keeps only as
+    here: bf16, which every weight set is built in, every quantized format, and 'gptq' (GPTQ
+    checkpoints as lk keeps them: int4 with the checkpoint's own integers and scales). The
+    engine quantizes bf16 into int8 and int4 itself at load; the formats it keeps only as
     checkpoints ship them are made here (CONVERTERS)."""
+    import dataclasses
+
     from lvllm import formats
 
-    return {f.short: f for f in formats.FORMATS.values() if f.quantized or f.name == "bfloat16"}
+    known = {f.short: f for f in formats.FORMATS.values() if f.quantized or f.name == "bfloat16"}
+    return known | {"gptq": dataclasses.replace(formats.FORMATS["int4"], short="gptq")}
 
 
 def parse_formats(text: str) -> list[str]:
     """--formats: short names, or the engine's (bfloat16, fp8_e4m3), each once; bf16 if none."""
     known = lk_formats()
-    short_of = {f.name: short for short, f in known.items()}
+    short_of = {f.name: short for short, f in known.items() if short != "gptq"}
     formats = []
     for item in text.split(","):
-        item = short_of.get(item.strip().lower(), item.strip().lower())
+        item = item.strip().lower()
+        item = item if item in known else short_of.get(item, item)
         if not item:
             continue
         if item not in known:
@@ -132,8 +140,7 @@ def format_group(fmt: str, requested: int | None) -> int:
     `requested`, else the engine's default; what is made here (fp8, mxfp4) at its own."""
     from lvllm import formats
 
-    name = lk_formats()[fmt].name
-    return formats.group_size(name, None if name in CONVERTERS else requested)
+    return formats.group_size(lk_formats()[fmt].name, None if fmt in CONVERTERS else requested)
 
 
 def format_label(fmt: str, plan: dict) -> str:
@@ -323,9 +330,41 @@ def to_mxfp4(w, group: int):
     return QuantizedWeights(torch.cat([b for b, _ in parts]), torch.cat([s for _, s in parts]), mxfp4.GROUP)
 
 
-# Engine format -> how bench_moe makes it from bf16 weights, for the formats the engine keeps
-# only as checkpoints ship them (it quantizes into int8 and int4 itself).
-CONVERTERS = {"fp8_e4m3": to_fp8, "mxfp4": to_mxfp4}
+def to_nvfp4(w, group: int):
+    """bf16 [E, rows, cols] -> NVFP4 QuantizedWeights as ModelOpt makes them
+    (lvllm.lk.nvfp4.quantize: e4m3 scale per 16 inputs, a float32 scale per tensor), one
+    expert at a time."""
+    import torch
+    from lvllm.lk import QuantizedWeights, nvfp4
+
+    assert group == nvfp4.GROUP, group
+    parts = [nvfp4.quantize(w[e:e + 1]) for e in range(w.shape[0])]
+    tensor_scales = torch.cat([t for _, _, t in parts])
+    return QuantizedWeights(torch.cat([c for c, _, _ in parts]), torch.cat([s for _, s, _ in parts]), nvfp4.GROUP,
+                            row_scales=nvfp4.row_scales_of(tensor_scales, w.shape[1]))
+
+
+def to_gptq(w, group: int):
+    """bf16 [E, rows, cols] -> what lk keeps of a symmetric 4-bit GPTQ checkpoint: each group's
+    scale amax / 7 on GPTQ's grid (q - 8) x scale, packed as GPTQ packs qweight (input-major,
+    8 inputs a word) and read back through lvllm.lk.quant.from_gptq, as serving does."""
+    import torch
+    from lvllm.lk import quant
+
+    experts, rows, cols = w.shape
+    grouped = w.float().view(experts, rows, cols // group, group)
+    scales = (grouped.abs().amax(-1, keepdim=True) / 7).clamp_(min=1e-12)
+    q = (torch.round(grouped / scales) + 8).clamp_(0, 15).to(torch.int32).view(experts, rows, cols)
+    by_input = q.transpose(1, 2).reshape(experts, cols // 8, 8, rows)
+    qweight = torch.zeros(experts, cols // 8, rows, dtype=torch.int32)
+    for i in range(8):
+        qweight |= by_input[:, :, i] << (4 * i)
+    return quant.from_gptq(qweight, scales.squeeze(-1).transpose(1, 2).contiguous(), 4, group)
+
+
+# Format (short name) -> how bench_moe makes it from bf16 weights, for the formats the engine
+# keeps only as checkpoints ship them (it quantizes into int8 and int4 itself).
+CONVERTERS = {"fp8": to_fp8, "mxfp4": to_mxfp4, "nvfp4": to_nvfp4, "gptq": to_gptq}
 
 
 class LkBackend:
@@ -334,12 +373,13 @@ class LkBackend:
     def __init__(self, plan):
         from lvllm.lk import MoEEngine
 
-        name, group = lk_formats()[plan.get("format", "bf16")].name, plan["group_size"]
+        fmt, group = plan.get("format", "bf16"), plan["group_size"]
+        name = lk_formats()[fmt].name
         self.engines = []
         for s in range(plan["sets"]):
             w13, w2 = build_weight_set(plan, s)
-            if name in CONVERTERS:
-                w13, w2 = CONVERTERS[name](w13, group), CONVERTERS[name](w2, group)
+            if fmt in CONVERTERS:
+                w13, w2 = CONVERTERS[fmt](w13, group), CONVERTERS[fmt](w2, group)
                 self.engines.append(MoEEngine(w13, w2, activation="silu"))
             else:
                 self.engines.append(MoEEngine(w13, w2, activation="silu", weight_format=name, group_size=group))
@@ -681,6 +721,10 @@ def summarize_formats(plans: dict, cases, fresults: dict, errs: dict,
             if case["kind"] == "decode" and "pct_read_bw" in b and fmt in TARGET_DECODE_BW_FORMAT:
                 target = TARGET_DECODE_BW_FORMAT[fmt]
                 checks.append((f"BW>={target:.0%}", b["pct_read_bw"] >= 100 * target))
+                int4 = row["formats"].get("int4")
+                if fmt in TARGET_DECODE_VS_INT4 and int4 and "gbs" in b and "gbs" in int4:
+                    share = TARGET_DECODE_VS_INT4[fmt]
+                    checks.append((f"GB/s>={share:.0%} int4", b["gbs"] >= share * int4["gbs"]))
             elif case["kind"] == "prefill":
                 if fmt == "bf16" and "pct_fma_peak" in b:
                     checks.append((f"FMA>={TARGET_PREFILL_FMA:.0%}",
@@ -877,12 +921,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma list of lk weight formats: {', '.join(lk_formats())} (default bf16); "
                          "more than bf16 adds a formats table (lk only, same random weights "
                          "quantized: int8/int4 by the engine at load, mxfp4 by OCP's rule (e8m0 "
-                         "per 32 inputs), fp8 as e4m3 + amax/448 scales per 128 inputs)")
+                         "per 32 inputs), nvfp4 by ModelOpt's (e4m3 per 16 inputs, a scale per "
+                         "tensor), gptq as a symmetric 4-bit GPTQ checkpoint kept as int4, fp8 as "
+                         "e4m3 + amax/448 scales per 128 inputs)")
     quantized = {short: f for short, f in lk_formats().items() if f.quantized}
     ap.add_argument("--group-size", type=int, default=None,
                     help="quantization group of the formats the engine quantizes (default: the "
                          "engine's for the format, " + ", ".join(
-                             f"{short} {'always ' if f.name in CONVERTERS else ''}{f.default_group}"
+                             f"{short} {'always ' if short in CONVERTERS else ''}{f.default_group}"
                              for short, f in quantized.items()) + ")")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for every backend (default: LK_THREADS, else lk's default)")

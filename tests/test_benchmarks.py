@@ -253,16 +253,34 @@ def test_the_harness_ratios_pairs_and_tables_match_hand_computed_figures():
 def test_bench_moe_takes_its_formats_from_lvllm_formats():
     bench_moe = benchmark_module("bench_moe")
 
-    assert list(bench_moe.lk_formats()) == ["bf16", "int8", "int4", "fp8", "mxfp4"]
-    assert bench_moe.parse_formats("bfloat16,FP8_E4M3,int4,bf16") == ["bf16", "fp8", "int4"]
-    # The engine quantizes int8/int4 in the group asked for; fp8 and mxfp4 are made here at their own.
-    assert [bench_moe.format_group(f, 64) for f in ("int8", "int4", "fp8", "mxfp4")] == [64, 64, 128, 32]
+    assert list(bench_moe.lk_formats()) == ["bf16", "int8", "int4", "fp8", "mxfp4", "nvfp4", "gptq"]
+    assert bench_moe.parse_formats("bfloat16,FP8_E4M3,int4,bf16,gptq") == ["bf16", "fp8", "int4", "gptq"]
+    # The engine quantizes int8/int4 in the group asked for; the checkpoint formats are made here at their own.
+    assert [bench_moe.format_group(f, 64) for f in ("int8", "int4", "fp8", "mxfp4", "nvfp4", "gptq")] == \
+        [64, 64, 128, 32, 16, 128]
     assert [bench_moe.format_group(f, None) for f in ("int8", "int4")] == [256, 128]
     plan = bench_moe.plan_model("quick", 1 << 30, 2, "int4")
     # 3 * H * I weights of half a byte, and per 128 inputs a fp32 scale and offset
     assert plan["expert_bytes"] == 3 * 1024 * 384 // 2 + 3 * 1024 * 384 // 128 * 8
     assert bench_moe.format_label("int4", plan) == "int4 g128"
     assert bench_moe.plan_model("quick", 1 << 30, 2)["expert_bytes"] == 3 * 1024 * 384 * 2
+
+
+def test_bench_moe_gptq_is_the_symmetric_grid_kept_as_int4():
+    """The 'gptq' rows time what lk keeps of a GPTQ checkpoint: its packing read back by
+    lvllm.lk.quant.from_gptq gives (q - 8) x (amax / 7) per 128 inputs, computed here."""
+    import torch
+
+    from lvllm.lk import quant
+
+    bench_moe = benchmark_module("bench_moe")
+    w = torch.randn(2, 24, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    kept = bench_moe.to_gptq(w, 128)
+    assert kept.format == "int4" and kept.group_size == 128
+    grouped = w.float().view(2, 24, 2, 128)
+    scale = grouped.abs().amax(-1, keepdim=True) / 7
+    expected = ((grouped / scale).round().clamp(-8, 7).double() * scale.double()).view(2, 24, 256)
+    assert torch.allclose(quant.dequantize(kept).double(), expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("script", ["bench_moe", "bench_model", "bench_dense", "bench_full_depth", "bench_soak",
