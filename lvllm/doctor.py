@@ -48,6 +48,7 @@ KEPT = 2e-5
 QUANTIZED = {"int8": 0.04, "int4": 0.35}
 # INT4 kept: lk rounds activations to 8 bits per group (kernels.h, activation_max), each by at most
 # 1/254 of its group's largest, about 1% of a Gaussian row; inputs and hidden rows both: 3x that.
+# NVFP4 kept: the same (its activation_max is INT4's).
 INT4_ACTIVATIONS = 0.03
 # INT8 kept (GPTQ 8-bit): activations rounded to int16 per group (activation_max 32767), each
 # by at most 1/65534 of its group's largest: INT4_ACTIVATIONS scaled by 254 / 65534.
@@ -72,7 +73,7 @@ def expected_error(lk_format: str, source: str, model_dtype: torch.dtype) -> flo
     error = UNIT_ROUNDOFF[model_dtype]
     if lk_format in QUANTIZED and lk_format != source:
         return error + QUANTIZED[lk_format]
-    if lk_format == "int4":
+    if lk_format in ("int4", "nvfp4"):   # NVFP4's e2m1 codes multiply 8-bit activations as INT4's do
         return error + INT4_ACTIVATIONS
     if lk_format == "int8":
         return error + INT8_ACTIVATIONS

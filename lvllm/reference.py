@@ -129,8 +129,40 @@ def _dequantize_gptq(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
     return ((q - (1 << (bits - 1))) * scales[g_idx]).T.contiguous()
 
 
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """FP4 e2m1 codes 0..15 -> float64: sign bit 3, exponent bits 2-1 (bias 1; 0: subnormal,
+    mantissa x 0.5), mantissa bit 0. Magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6."""
+    codes = codes.long()
+    sign = torch.where(codes >= 8, -1.0, 1.0).double()
+    exponent, mantissa = ((codes >> 1) & 3).double(), (codes & 1).double()
+    return sign * torch.where(exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * torch.pow(2.0, exponent - 1))
+
+
+def e4m3_values(scales: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn bytes -> float64, from the bits: sign bit 7, exponent bits 6-3 (bias 7;
+    0: subnormal, mantissa / 8 x 2^-6), mantissa bits 2-0; S.1111.111 is NaN (no infinities)."""
+    bits = scales.view(torch.uint8).long()
+    sign = torch.where(bits >= 128, -1.0, 1.0).double()
+    exponent, mantissa = ((bits >> 3) & 15).double(), (bits & 7).double()
+    value = torch.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * torch.pow(2.0, exponent - 7))
+    return torch.where((bits & 127) == 127, torch.nan, sign * value)
+
+
+def _dequantize_nvfp4(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
+    """NVIDIA ModelOpt NVFP4: `weight` uint8 [out, in / 2], two e2m1 codes a byte, the even
+    input's in the low nibble; `weight_scale` float8_e4m3fn [out, in / 16]; `weight_scale_2`
+    float32, the projection's own: w = e2m1 x scale x scale_2. -> [out, in]."""
+    packed = tensors.get(f"{stem}.weight")
+    codes = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+    scales = e4m3_values(tensors.get(f"{stem}.weight_scale"))
+    group = codes.shape[1] // scales.shape[1]
+    return e2m1_values(codes) * scales.repeat_interleave(group, 1) * tensors.get(f"{stem}.weight_scale_2").double()
+
+
 def dequantize(tensors: CheckpointTensors, stem: str) -> torch.Tensor:
     """One projection [out, in] in float64, by the tensors the checkpoint holds for it."""
+    if f"{stem}.weight_scale_2" in tensors:
+        return _dequantize_nvfp4(tensors, stem)
     if _is_gptq(tensors, stem):
         return _dequantize_gptq(tensors, stem)
     if f"{stem}.qweight" in tensors:   # AutoAWQ GEMM: input-major, (q - zero) * scale per group of inputs
@@ -162,19 +194,16 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     convert_moe_packed_tensors reads it): ``blocks`` uint8 [..., out, in / 32, 16], two e2m1
     codes per byte, the even input's in the low nibble; ``scales`` uint8 [..., out, in / 32],
     e8m0: 2^(byte - 127), 255 NaN. -> float64 [..., out, in]."""
-    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).flatten(-2).long()  # [..., in / 32, 32]
-    sign = torch.where(codes >= 8, -1.0, 1.0).double()
-    exponent, mantissa = (codes >> 1) & 3, codes & 1
-    # e2m1: exponent bias 1; exponent 0 is subnormal, mantissa * 0.5.
-    magnitude = torch.where(exponent == 0, 0.5 * mantissa.double(),
-                            (1.0 + 0.5 * mantissa.double()) * torch.pow(2.0, (exponent - 1).double()))
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).flatten(-2)  # [..., in / 32, 32]
     scale = torch.pow(2.0, scales.double() - 127)
     scale = torch.where(scales == 255, torch.nan, scale)
-    return (sign * magnitude * scale.unsqueeze(-1)).flatten(-2)
+    return (e2m1_values(codes) * scale.unsqueeze(-1)).flatten(-2)
 
 
 def stored_format(tensors: CheckpointTensors, stem: str) -> str:
     """How the checkpoint stores a projection, as an lk format name (floats by their dtype)."""
+    if f"{stem}.weight_scale_2" in tensors:
+        return "nvfp4"
     if _is_gptq(tensors, stem):
         return "int8" if gptq_bits(tensors, stem) == 8 else "int4"
     if f"{stem}.qweight" in tensors or f"{stem}.weight_packed" in tensors:

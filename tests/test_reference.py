@@ -91,6 +91,47 @@ def test_fp8_blocks_scale_their_tile(tmp_path):
     assert stored_format(tensors, "p") == "fp8_e4m3"
 
 
+def test_nvfp4_codes_low_nibble_first_e4m3_scales_times_the_tensor_scale(tmp_path):
+    # One row of 32 inputs, two groups of 16. Bytes 0x10, 0x32, ... 0xFE hold codes 0..15 in
+    # input order (the even input's low): magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6, then negated.
+    # Group scales (e4m3 bytes): 0x38 = 2^(7-7) = 1 and 0x01 = 1/8 x 2^-6 (the smallest
+    # subnormal); tensor scale 3.
+    packed = torch.tensor([[0x10, 0x32, 0x54, 0x76, 0x98, 0xBA, 0xDC, 0xFE] * 2], dtype=torch.uint8)
+    scales = torch.tensor([[0x38, 0x01]], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    tensors = checkpoint(tmp_path, {"p.weight": packed, "p.weight_scale": scales,
+                                    "p.weight_scale_2": torch.tensor(3.0), "p.input_scale": torch.tensor(0.5)})
+    magnitudes = [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+    codes = magnitudes + [-m for m in magnitudes]
+    assert dequantize(tensors, "p").tolist() == [[3 * v for v in codes] + [3 * 2**-9 * v for v in codes]]
+    assert stored_format(tensors, "p") == "nvfp4"
+
+
+def test_nvfp4_as_lk_reads_it(tmp_path):
+    """The reference's own decoding against lvllm.lk.nvfp4's, on what lvllm.lk.nvfp4.quantize
+    (ModelOpt's rounding) makes of random projections of magnitudes 1e-3 to 1e2, then with
+    every e4m3 byte but NaN's as a group scale."""
+    from lvllm.lk import nvfp4
+
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(2, 16, 128, generator=generator) * torch.logspace(-3, 2, 16).view(1, 16, 1)
+    codes, scales, tensor_scales = nvfp4.quantize(w)
+    every_byte = torch.arange(256, dtype=torch.uint8)
+    every_byte = every_byte[(every_byte & 127) != 127].view(torch.float8_e4m3fn)
+    for case, case_scales in (("rounded", scales), ("every byte", scales.clone())):
+        if case == "every byte":
+            case_scales.view(-1)[:every_byte.numel()] = every_byte
+        names = {}
+        for e in range(2):
+            names.update({f"x.{e}.weight": codes[e], f"x.{e}.weight_scale": case_scales[e],
+                          f"x.{e}.weight_scale_2": tensor_scales[e].clone()})
+        ours = torch.stack([dequantize(checkpoint(tmp_path, names), f"x.{e}") for e in range(2)])
+        lk = nvfp4.dequantize(codes, case_scales, nvfp4.row_scales_of(tensor_scales, 16))
+        # lk rounds each group scale times the tensor scale once to float32, then the product
+        # with the e2m1 value (exact: 4 bits more) once more: within 2 float32 roundings.
+        assert torch.allclose(ours, lk.double(), rtol=2 * 2**-24, atol=0), case
+        assert torch.isfinite(ours).all() and (ours != 0).any(), case
+
+
 def test_expert_layers_from_tensor_names(tmp_path):
     w = torch.zeros(2, 2, dtype=torch.bfloat16)
     names = {f"model.layers.{layer}.block_sparse_moe.experts.{e}.{p}.weight": w.clone()
@@ -110,6 +151,8 @@ def test_expert_layers_from_tensor_names(tmp_path):
     ("int8", "bfloat16", torch.bfloat16, 2**-8 + 0.04),
     ("int4", "fp8_e4m3", torch.bfloat16, 2**-8 + 0.35),
     ("int4", "int4", torch.float16, 2**-11 + 0.03),                     # activations on 8 bits
+    ("nvfp4", "nvfp4", torch.bfloat16, 2**-8 + 0.03),                   # likewise
+    ("bfloat16", "nvfp4", torch.bfloat16, 2**-8 + 3 * 2**-8 + 2e-5),    # dequantized to bf16
     ("int8", "int8", torch.float16, 2**-11 + 0.03 * 254 / 65534),       # activations on 16 bits
 ])
 def test_expected_error_adds_its_parts(lk_format, source, dtype, expected):
