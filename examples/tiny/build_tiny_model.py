@@ -785,7 +785,7 @@ PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4
 # --------------------------------------------------------------------------------------
 
 QUANTIZE = ("none", "fp8-block", "fp8-block-experts", "w4a16", "w4a16-experts", "awq-experts",
-            "gptq-experts", "mxfp4")
+            "gptq-experts", "nvfp4-experts", "mxfp4")
 
 
 def _quantized_name(name: str, experts_only: bool) -> bool:
@@ -892,6 +892,50 @@ def gptq(w: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
             "scales": scale.t().contiguous(), "g_idx": torch.arange(cols, dtype=torch.int32) // group}
 
 
+# ModelOpt NVFP4 (--quantize nvfp4-experts). The layout (per quantized linear X: `X.weight` uint8
+# [out, in / 2], two e2m1 codes a byte, the even input's low; `X.weight_scale` float8_e4m3fn
+# [out, in / 16]; `X.weight_scale_2` and `X.input_scale` float32 scalars) and both config files are
+# what NVIDIA's ModelOpt exports (modelopt/torch/export: unified_export_hf.py, quant_utils.py's
+# process_layer_quant_config, convert_hf_config.py) and nvidia/*-FP4 checkpoints carry.
+NVFP4_PRODUCER = {"name": "modelopt", "version": "0.37.0"}   # a stand-in: this builder is not ModelOpt
+# ModelOpt's input_scale is the calibrated activation amax / (6 x 448) (e2m1's largest times
+# e4m3's). The builder calibrates nothing: it writes that of a nominal amax, about what a
+# unit-RMS hidden state reaches here. Only W4A4 kernels (vLLM's GPU path) read it; lk does not.
+NVFP4_NOMINAL_INPUT_AMAX = 8.0
+
+
+def nvfp4(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """ModelOpt's tensors of one [out, in] weight, quantized alone (its own per-tensor scale),
+    by lvllm.lk.nvfp4.quantize, which follows ModelOpt's rounding."""
+    from lvllm.lk import nvfp4 as lk_nvfp4
+
+    codes, scales, tensor_scale = lk_nvfp4.quantize(w.float().unsqueeze(0))
+    input_scale = torch.tensor(NVFP4_NOMINAL_INPUT_AMAX / (lk_nvfp4.E2M1_MAX * lk_nvfp4.E4M3_MAX))
+    return {"weight": codes[0], "weight_scale": scales[0], "weight_scale_2": tensor_scale[0].clone(),
+            "input_scale": input_scale.float()}
+
+
+def modelopt_exclusions(unquantized: list[str], quantized: list[str]) -> list[str]:
+    """ModelOpt's exclude_modules: each unquantized module named by the shortest prefix
+    wildcard cut at a dot ("a.b*", else the pair "a.b" and "a.b.*") that names no quantized
+    module, else by its own name; names a chosen wildcard already covers are left out; sorted."""
+    def names_quantized(pattern: str) -> bool:
+        prefix = pattern.removesuffix("*")
+        return any(q == pattern or (pattern.endswith("*") and q.startswith(prefix)) for q in quantized)
+
+    chosen: set[str] = set()
+    for name in unquantized:
+        cuts = [i for i, char in enumerate(name) if char == "."]
+        candidates = [c for i in cuts for c in ([name[:i] + "*"], [name[:i], name[:i] + ".*"])] + [[name]]
+        for candidate in candidates:
+            if any(names_quantized(pattern) for pattern in candidate):
+                continue
+            if not all(pattern in chosen for pattern in candidate):
+                chosen.update(candidate)
+            break
+    return sorted(chosen)
+
+
 # GPTQModel's negative `dynamic` rule (regex on module names; vLLM matches it against its own
 # prefixes, fused qkv_proj included): every decoder-layer module but the routed experts.
 GPTQ_KEEP_FLOAT = r"-:model\.layers\.\d+\.(?!mlp\.experts(\.|$)).*"
@@ -907,6 +951,7 @@ class Quantizer:
         self.group, self.dtype, self.zero_point, self.sink = group, dtype, zero_point, sink
         self.bits = bits
         self.kept: list[str] = []
+        self.quantized: list[str] = []
 
     def __call__(self, name: str, w: torch.Tensor) -> None:
         # 4-bit formats leave the router gate unquantized, as real checkpoints do.
@@ -917,6 +962,7 @@ class Quantizer:
                 self.kept.append(name[: -len(".weight")])
             return
         stem = name[: -len(".weight")]
+        self.quantized.append(stem)
         if self.fmt == "fp8-block":
             q, scale = fp8_block(w)
             self.sink(name, q)
@@ -927,6 +973,9 @@ class Quantizer:
         elif self.fmt == "gptq":
             for suffix, tensor in gptq(w, self.bits, self.group).items():
                 self.sink(f"{stem}.{suffix}", tensor)
+        elif self.fmt == "nvfp4":
+            for suffix, tensor in nvfp4(w).items():
+                self.sink(f"{stem}.{suffix}", tensor)
         else:
             from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
@@ -935,8 +984,22 @@ class Quantizer:
             self.sink(f"{stem}.weight_scale", scale.to(self.dtype))
             self.sink(f"{stem}.weight_shape", torch.tensor(list(w.shape), dtype=torch.int64))
 
+    def modelopt_config(self) -> dict:
+        """ModelOpt's hf_quant_config.json: the modules left unquantized (the LM head among
+        them) as prefix wildcards."""
+        exclude = modelopt_exclusions([*self.kept, "lm_head"], self.quantized)
+        return {"producer": NVFP4_PRODUCER, "quantization": {
+            "quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16, "exclude_modules": exclude}}
+
     def config(self) -> dict:
         """The checkpoint's quantization_config (complete once every tensor has passed)."""
+        if self.fmt == "nvfp4":   # ModelOpt's config.json form of hf_quant_config.json (since 0.31)
+            quant = self.modelopt_config()["quantization"]
+            side = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": quant["group_size"]}
+            return {"config_groups": {"group_0": {"input_activations": side, "weights": dict(side),
+                                                  "targets": ["Linear"]}},
+                    "ignore": quant["exclude_modules"], "quant_algo": "NVFP4", "producer": NVFP4_PRODUCER,
+                    "quant_method": "modelopt"}
         if self.fmt == "fp8-block":
             config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                       "weight_block_size": [128, 128]}
@@ -1011,7 +1074,8 @@ class ShardWriter:
 def build(args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.safetensors"), *out.glob("model.safetensors.index.json")]:
+    for stale in [*out.glob("*.safetensors"), *out.glob("model.safetensors.index.json"),
+                  *out.glob("hf_quant_config.json")]:
         stale.unlink()
     vocab = build_tokenizer(out, args.vocab_size)
     writer = ShardWriter(out, int(args.shard_size * 2**30))
@@ -1031,6 +1095,8 @@ def build(args) -> Path:
     writer.close()
     if quantizer is not None:
         config["quantization_config"] = quantizer.config()
+        if quantizer.fmt == "nvfp4":   # ModelOpt writes both files
+            (out / "hf_quant_config.json").write_text(json.dumps(quantizer.modelopt_config(), indent=4))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]},
@@ -1082,8 +1148,11 @@ def parse_args(argv=None):
                              "W4A16/AWQ ones AVX-512); awq-experts writes AutoAWQ GEMM "
                              "experts (symmetric unless --zero-point); gptq-experts writes "
                              "symmetric GPTQ experts as GPTQModel does (--bits, --group-size; "
-                             "the rest excluded through its `dynamic` field); mxfp4 (gpt_oss "
-                             "only) writes MXFP4 experts as OpenAI ships gpt-oss")
+                             "the rest excluded through its `dynamic` field); nvfp4-experts "
+                             "writes NVIDIA ModelOpt NVFP4 experts (e2m1 codes, an e4m3 scale per "
+                             "16 inputs, a float32 scale per projection; hf_quant_config.json and "
+                             "config.json's quantization_config, the rest in exclude_modules); "
+                             "mxfp4 (gpt_oss only) writes MXFP4 experts as OpenAI ships gpt-oss")
     parser.add_argument("--group-size", type=int, default=32,
                         help="INT4 group size (w4a16, awq, gptq); must divide the hidden and "
                              "expert intermediate sizes; gptq also takes -1 (per channel)")
