@@ -25,7 +25,7 @@ class ExpertStorage:
 
     format: str
     group: int | None = None
-    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq, gptq, mxfp4
+    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq, gptq, mxfp4, nvfp4
     block: tuple[int, int] | None = None   # FP8 block: (rows, inputs) per scale
     zero_point: bool = False
     per_channel: bool = False   # GPTQ group_size -1: one scale per output (group: lk's repeat)
@@ -107,6 +107,20 @@ def _gptq_storage(quant: dict, where: str, hidden: int, intermediate: int) -> Ex
     return ExpertStorage(name, group, "gptq")
 
 
+def _modelopt_storage(quant: dict, where: str) -> ExpertStorage:
+    """NVIDIA ModelOpt as vLLM 0.32 reads it (lvllm.vllm.nvfp4_source): config.json's
+    quantization_config, or hf_quant_config.json's {"quantization": {...}}; NVFP4 only, in
+    groups of 16 (vLLM's default where the config names none)."""
+    inner = quant["quantization"] if isinstance(quant.get("quantization"), dict) else quant
+    algo, group = str(inner.get("quant_algo") or "").upper(), inner.get("group_size") or 16
+    if algo not in ("NVFP4", "W4A16_NVFP4"):
+        raise ConfigError(f"{where}: ModelOpt quant_algo {inner.get('quant_algo')!r} (lk takes NVFP4 and "
+                          "W4A16_NVFP4 experts)")
+    if group != 16:
+        raise ConfigError(f"{where}: ModelOpt NVFP4 with group_size {group} (lk takes 16)")
+    return ExpertStorage("nvfp4", 16, "nvfp4")
+
+
 def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden: int = 0,
                    intermediate: int = 0) -> ExpertStorage:
     """The experts' stored format from a quantization_config, refusing what lk cannot take."""
@@ -115,6 +129,8 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
     method = str(quant.get("quant_method", "")).lower()
     if method == "gptq":
         return _gptq_storage(quant, where, hidden, intermediate)
+    if method.startswith("modelopt") or (quant.get("producer") or {}).get("name") == "modelopt":
+        return _modelopt_storage(quant, where)
     if method == "mxfp4" and model_type == "gpt_oss":   # the MXFP4 layout vLLM loads for lk
         return ExpertStorage("mxfp4", 32, "mxfp4")
     if method == "fp8" and quant.get("weight_block_size"):
@@ -130,7 +146,7 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
                              zero_point=bool(quant.get("zero_point")))
     raise ConfigError(f"{where}: quantization_config {json.dumps(quant)[:200]} is not a format lk "
                       "takes (float, FP8 with weight_block_size, compressed-tensors pack-quantized "
-                      "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, gpt-oss MXFP4)")
+                      "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, ModelOpt NVFP4, gpt-oss MXFP4)")
 
 
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
@@ -188,7 +204,12 @@ def read_config(model: str | Path) -> tuple[dict, Path]:
         raise ConfigError(f"--model {model}: no {config} (give a local checkpoint directory holding "
                           "config.json; Hugging Face repo ids are not fetched)")
     try:
-        return json.loads(config.read_text()), config
+        content = json.loads(config.read_text())
+        # ModelOpt before 0.31 states its quantization in hf_quant_config.json only (vLLM reads it there).
+        side = config.parent / "hf_quant_config.json"
+        if "quantization_config" not in content and side.is_file():
+            content["quantization_config"] = json.loads(side.read_text())
+        return content, config
     except (OSError, json.JSONDecodeError) as error:
         raise ConfigError(f"{config} is not readable JSON: {error}") from None
 
@@ -212,6 +233,8 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
     groups = weights // storage.group
     if storage.scheme == "mxfp4":   # two e2m1 codes a byte, one e8m0 byte a group (biases left out)
         return e * (weights // 2 + groups)
+    if storage.scheme == "nvfp4":   # one e4m3 byte a group; weight_scale_2 and input_scale: 3 float32 each
+        return e * (weights // 2 + groups + 4 * 6)
     if storage.scheme == "compressed-tensors":   # int32 words of 8 values, float32 scales, shapes
         return e * (weights // 2 + 4 * groups + 2 * 2 * 4)
     if storage.scheme == "gptq":   # bits a weight, float32 scales, qzeros of as many bits a scale
@@ -222,8 +245,10 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
 
 # Decoder-layer projections: a quantized checkpoint stores them as it stores the experts.
 PROJECTIONS = ("attention", "dense MLP", "shared expert")
-# Checkpoint schemes whose projections stay float (MXFP4 checkpoints quantize the experts only).
-FLOAT_PROJECTIONS = ("float", "mxfp4")
+# Checkpoint schemes whose projections stay float (MXFP4 checkpoints quantize the experts only;
+# NVFP4 ones as vLLM's CPU build needs them, their projections in exclude_modules: one that
+# quantizes them is counted here at the model dtype's bytes).
+FLOAT_PROJECTIONS = ("float", "mxfp4", "nvfp4")
 
 
 @dataclass(frozen=True)

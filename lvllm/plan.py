@@ -41,9 +41,9 @@ GPU_MARGIN = 2 * GIB
 # Prompt tokens from which streaming a layer's experts to the GPU beat lk's CPU prefill, per
 # lk format: BENCHMARKS.md, "GPU prefill streaming" (H100 + 16-vCPU Xeon with AMX; INT8's
 # 128-256 taken at 256). float16 copies bf16's bytes; float32, not measured, twice them.
-# MXFP4 not measured: INT4's, which streams about as many bytes.
+# MXFP4 and NVFP4 not measured: INT4's, which streams about as many bytes.
 GPU_PREFILL_FROM = {"bfloat16": 512, "float16": 512, "float32": 1024, "int8": 256, "int4": 128,
-                    "fp8_e4m3": 128, "mxfp4": 128}
+                    "fp8_e4m3": 128, "mxfp4": 128, "nvfp4": 128}
 # vLLM captures decode CUDA graphs up to 512 tokens by default; batches that replay one keep lk.
 MAX_GRAPH_TOKENS = 512
 # Preference among the formats that fit, by the checkpoint's: README, "Which format should I pick?".
@@ -52,7 +52,9 @@ PREFERENCE = {"float": ("TO_DTYPE", "INT8", "INT4"), "fp8_e4m3": ("KEEP", "INT8"
               # GPTQ 8-bit: KEEP is INT8 with the checkpoint's own integers and scales.
               "int8": ("KEEP", "INT4", "TO_DTYPE"),
               # KEEP: the same values as TO_DTYPE in a quarter of the RAM, faster both ways.
-              "mxfp4": ("KEEP", "TO_DTYPE")}
+              "mxfp4": ("KEEP", "TO_DTYPE"),
+              # KEEP: the checkpoint's values in 4.5 bits a weight (NVFP4 not timed yet).
+              "nvfp4": ("KEEP", "TO_DTYPE")}
 
 
 @dataclass(frozen=True)

@@ -239,13 +239,17 @@ def expert_source(layer, prefix, quant_config, problems: list[str]) -> ExpertSou
         from lvllm.vllm.gptq_source import gptq_source
 
         return gptq_source(layer, prefix, quant_config, problems)
+    if quant_config.get_name() == "modelopt_fp4":   # ModelOpt's quant_algo "NVFP4" / "W4A16_NVFP4"
+        from lvllm.vllm.nvfp4_source import nvfp4_source
+
+        return nvfp4_source(layer, prefix, quant_config, problems)
     method = resolve_quant_method(quant_config, layer, prefix)
     if method is None or isinstance(method, UnquantizedFusedMoEMethod):
         return ExpertSource()
     problems.append(f"{quant_config.get_name()} quantized experts "
                     f"({type(method).__name__}); lk takes float, FP8 block-quantized, "
-                    "compressed-tensors W4A16 symmetric, AWQ INT4, GPTQ 4/8-bit symmetric and gpt-oss "
-                    "MXFP4 experts")
+                    "compressed-tensors W4A16 symmetric, AWQ INT4, GPTQ 4/8-bit symmetric, ModelOpt "
+                    "NVFP4 and gpt-oss MXFP4 experts")
     return None
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -280,6 +281,39 @@ class TransformersReference:
         with torch.no_grad():
             logits = self.model(torch.tensor([ids]), use_cache=False).logits[0]
         return torch.log_softmax(logits.double(), dim=-1)
+
+
+# Tensors of a quantized projection that dequantize() folds into its `weight` (GPTQ's, ModelOpt NVFP4's).
+_QUANTIZATION_TENSORS = ("qzeros", "scales", "g_idx", "weight_scale", "weight_scale_2", "input_scale")
+
+
+def dequantized_twin(model: Path, out: Path) -> Path:
+    """A float64 copy of a checkpoint whose projections are GPTQ or ModelOpt NVFP4: each one's
+    tensors turned into its `weight` (lvllm.reference.dequantize), the rest as stored, no
+    quantization config (for TransformersReference)."""
+    from safetensors.torch import save_file
+
+    from lvllm.reference import CheckpointTensors, dequantize
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True)
+    tensors = CheckpointTensors(model)
+    twin = {}
+    for name in tensors.file_of:
+        stem, _, suffix = name.rpartition(".")
+        if suffix == "qweight" or (suffix == "weight" and f"{stem}.weight_scale_2" in tensors):
+            twin[f"{stem}.weight"] = dequantize(tensors, stem)
+        elif suffix not in _QUANTIZATION_TENSORS:
+            twin[name] = tensors.get(name).double()
+    save_file(twin, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    config.pop("quantization_config")
+    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "float64"}, indent=2))
+    for other in model.iterdir():
+        if other.suffix != ".safetensors" and other.name not in ("config.json", "hf_quant_config.json"):
+            shutil.copy(other, out / other.name)
+    return out
 
 
 class CachedReference:

@@ -17,17 +17,13 @@ The per-layer float64 check of the same loading path (lvllm doctor) is in test_d
 
 from __future__ import annotations
 
-import json
-import shutil
 import statistics
-from pathlib import Path
 
 import pytest
-import torch
 
 from e2e_common import (BF16_LOGPROB_TOL, CHECKPOINT_DIMS, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL, LOSSY_SAME_PREFIX,
                         MAX_TOKENS, CachedReference, TransformersReference, assert_lk_computed, build_model,
-                        deviations)
+                        dequantized_twin, deviations)
 
 # name -> (builder arguments, lk's format in the start-up line, MoE layers, lk's bytes per weight)
 GPTQ_RUNS = {
@@ -44,34 +40,6 @@ GPTQ_RUNS = {
     "deepseek_v3-int4-channel": (("deepseek_v3", "--dtype", "bfloat16", "--quantize", "gptq-experts",
                                   "--group-size", "-1"), "int4 g64", {1, 2, 3}, 0.5 + 8 / 64),
 }
-
-
-def dequantized_twin(model: Path, out: Path) -> Path:
-    """A float64 copy of a GPTQ checkpoint: each projection's qweight/scales/qzeros/g_idx turned
-    into its `weight`, the rest as stored."""
-    from safetensors.torch import save_file
-
-    from lvllm.reference import CheckpointTensors, dequantize
-
-    if (out / "config.json").exists():
-        return out
-    out.mkdir(parents=True)
-    tensors = CheckpointTensors(model)
-    twin = {}
-    for name in tensors.file_of:
-        stem, _, suffix = name.rpartition(".")
-        if suffix == "qweight":
-            twin[f"{stem}.weight"] = dequantize(tensors, stem)
-        elif suffix not in ("qzeros", "scales", "g_idx"):
-            twin[name] = tensors.get(name).double()
-    save_file(twin, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((model / "config.json").read_text())
-    config.pop("quantization_config")
-    (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "float64"}, indent=2))
-    for other in model.iterdir():
-        if other.suffix != ".safetensors" and other.name != "config.json":
-            shutil.copy(other, out / other.name)
-    return out
 
 
 @pytest.fixture(scope="module")
