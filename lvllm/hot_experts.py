@@ -1,11 +1,12 @@
-"""What the GPU's memory buys when it holds each MoE layer's hottest experts instead of whole
-layers: the share of the router's picks the device would serve and the decode bound that leaves
-the host, from routing statistics (LVLLM_EXPERT_STATS) or a synthetic skew.
+"""Choosing each MoE layer's hot experts (LVLLM_HOT_EXPERTS), and what the GPU's memory buys
+when it holds them instead of whole layers.
 
-A model of a placement lvllm does not run yet (issue: experts, not layers), to size it: static
-(each layer's ``slots`` most picked experts), batch-1 decode, the host reading the experts the
-device does not hold at its read bandwidth; the device's own time is left out (it reads its
-slots an order of magnitude faster, and at the same time).
+``HotRanking`` re-ranks one layer's experts while serving (LVLLM_HOT_EXPERTS_UPDATE) from its
+running pick counts. ``splits`` models the static placement to size it: the share of the
+router's picks the device would serve and the decode bound that leaves the host, from routing
+statistics (LVLLM_EXPERT_STATS) or a synthetic skew; batch-1 decode, the host reading the
+experts the device does not hold at its read bandwidth; the device's own time is left out (it
+reads its slots an order of magnitude faster, and at the same time).
 """
 
 from __future__ import annotations
@@ -74,3 +75,32 @@ def splits(counts: dict[int, list[int]], top_k: int, expert_bytes: int, bandwidt
         hot = device_share(counts, slots)
         rows.append(Split(slots, gpu_bytes, hot, tok_s(1 - hot), whole, layer_share, tok_s(1 - layer_share)))
     return rows
+
+
+class HotRanking:
+    """One layer's experts ranked by decayed picks: at each re-ranking the earlier score is
+    multiplied by ``decay`` and the picks counted since the last one are added; the slots
+    should hold the ``slots`` best scored (ties to the lower id) of those picked at all."""
+
+    def __init__(self, num_experts: int, slots: int, decay: float, max_swaps: int):
+        self.slots, self.decay, self.max_swaps = slots, decay, max_swaps
+        self.score = torch.zeros(num_experts, dtype=torch.float64)
+        self.seen = torch.zeros(num_experts, dtype=torch.int64)
+
+    def swaps(self, counts: torch.Tensor, resident: list[int]) -> list[tuple[int, int]]:
+        """(slot, expert) moves, hottest incoming first, at most ``max_swaps``: ``counts`` the
+        layer's running totals (a restart from zero counts as new picks), ``resident`` each
+        slot's expert (-1: free). An incoming expert takes a free slot, else the slot of the
+        coldest resident that fell out of the best ``slots``."""
+        counts = counts.to(torch.int64)
+        new = counts if bool((counts < self.seen).any()) else counts - self.seen
+        self.seen = counts.clone()
+        self.score = self.score * self.decay + new.double()
+        order = sorted(range(len(self.score)), key=lambda e: (-self.score[e].item(), e))
+        wanted = [e for e in order[:self.slots] if self.score[e] > 0]
+        incoming = [e for e in wanted if e not in resident]
+        free = [slot for slot, e in enumerate(resident) if e < 0]
+        leaving = sorted((slot for slot, e in enumerate(resident) if e >= 0 and e not in wanted),
+                         key=lambda slot: (self.score[resident[slot]].item(), resident[slot]))
+        targets = free + leaving
+        return list(zip(targets, incoming[:self.max_swaps]))

@@ -55,11 +55,26 @@ class HotSet:
     forward's (token, expert) pairs are split through ``slot_of`` (expert -> its copy's slot, -1
     for the others) without host synchronization, so CUDA graphs capture the split. A kernel that
     ``takes_expert_map`` (vLLM's, on CUDA) gets the pairs as they are and skips the others by
-    that map; one that takes none (vLLM's CPU kernel) gets slots, the other pairs weighing 0."""
+    that map; one that takes none (vLLM's CPU kernel) gets slots, the other pairs weighing 0.
+    ``experts`` is each slot's expert (-1: a free slot); ``store(slot, expert)`` writes an
+    expert's weights into a slot, for swaps while serving (None: the set stays)."""
 
-    def __init__(self, experts: list[int], slot_of: torch.Tensor, compute, takes_expert_map: bool):
+    def __init__(self, experts: list[int], slot_of: torch.Tensor, compute, takes_expert_map: bool,
+                 store=None):
         self.experts, self.slot_of = experts, slot_of
         self.compute, self.takes_expert_map = compute, takes_expert_map
+        self.store = store
+
+    def swap(self, slot: int, expert: int) -> None:
+        """``expert`` into ``slot``, the slot's old expert back to lk alone: the map stops
+        sending pairs to the slot before its weights change and sends the new expert's once
+        they are in, all in the device's stream order between forwards."""
+        old = self.experts[slot]
+        if old >= 0:
+            self.slot_of[old] = -1
+        self.store(slot, expert)
+        self.slot_of[expert] = slot
+        self.experts[slot] = expert
 
     def split(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """(lk's ids, the hot pairs -1, which lk skips; the device's ids and weights). Ids out
@@ -75,9 +90,12 @@ class HotSet:
 
 
 def slot_map(experts: list[int], num_experts: int, device) -> torch.Tensor:
-    """int32 [num_experts]: each hot expert's slot (its place in ``experts``), -1 elsewhere."""
+    """int32 [num_experts]: each hot expert's slot (its place in ``experts``; -1 there: a free
+    slot), -1 elsewhere."""
     slot_of = torch.full((num_experts,), -1, dtype=torch.int32, device=device)
-    slot_of[torch.tensor(experts, device=device)] = torch.arange(len(experts), dtype=torch.int32, device=device)
+    for slot, expert in enumerate(experts):
+        if expert >= 0:
+            slot_of[expert] = slot
     return slot_of
 
 

@@ -51,6 +51,9 @@ class Settings:
     expert_stats: str | None = None       # LVLLM_EXPERT_STATS' path
     expert_stats_interval_min: float = 10.0
     hot_experts: int = 0                  # LVLLM_HOT_EXPERTS: per lk layer, from the stats file
+    hot_experts_update: int = 0           # steps between re-rankings; 0: static
+    hot_experts_swaps: int = 1            # per layer and re-ranking
+    hot_experts_decay: float = 0.9        # weight the earlier picks keep per re-ranking
     lk: LkSettings = LkSettings()
 
     @classmethod
@@ -67,6 +70,11 @@ class Settings:
                 f"LVLLM_HOT_EXPERTS={envs.get('LVLLM_HOT_EXPERTS')} picks each layer's hottest experts "
                 "from a routing statistics file: set LVLLM_EXPERT_STATS to one (a run with it set "
                 "writes it), or LVLLM_HOT_EXPERTS to 0")
+        if envs.get("LVLLM_HOT_EXPERTS_UPDATE") and not envs.get("LVLLM_HOT_EXPERTS"):
+            raise envs.EnvError(
+                f"LVLLM_HOT_EXPERTS_UPDATE={envs.get('LVLLM_HOT_EXPERTS_UPDATE')} re-ranks hot experts, "
+                "but LVLLM_HOT_EXPERTS=0 keeps none: set LVLLM_HOT_EXPERTS to the slots per layer, "
+                "or LVLLM_HOT_EXPERTS_UPDATE to 0")
         return cls(
             enabled=envs.get("LVLLM_MOE_NUMA_ENABLED"),
             resident_layers=envs.get("LVLLM_GPU_RESIDENT_MOE_LAYERS"),
@@ -83,5 +91,8 @@ class Settings:
             expert_stats=envs.get("LVLLM_EXPERT_STATS"),
             expert_stats_interval_min=envs.get("LVLLM_EXPERT_STATS_INTERVAL"),
             hot_experts=envs.get("LVLLM_HOT_EXPERTS"),
+            hot_experts_update=envs.get("LVLLM_HOT_EXPERTS_UPDATE"),
+            hot_experts_swaps=envs.get("LVLLM_HOT_EXPERTS_SWAPS"),
+            hot_experts_decay=envs.get("LVLLM_HOT_EXPERTS_DECAY"),
             lk=LkSettings.from_env(),
         )

@@ -189,6 +189,62 @@ def test_hot_experts_take_their_pairs_and_lk_the_rest(takes_expert_map):
 
 
 @needs_lk
+def test_hot_swaps_between_forwards_change_no_output():
+    """HotSet.swap: free slots filled, then a hot expert replaced, each expert's weights
+    unpacked from lk's own memory into the slot (PackedLayout.unpack_expert, as serving
+    does); after every swap the layer is still the whole layer in float64, and the map
+    sends exactly the resident experts' pairs to the slots."""
+    from lvllm.hybrid import HotSet, HybridExperts, slot_map
+    from lvllm.lk.layout import PackedLayout
+
+    torch.manual_seed(2)
+    E, H, I, T, slots = 6, 64, 32, 9, 2
+    w13 = torch.randn(E, 2 * I, H) / H**0.5
+    w2 = torch.randn(E, H, I) / I**0.5
+    experts = HybridExperts(w13, w2, "silu", "model.layers.0.mlp.experts")
+    slot13, slot2 = torch.zeros(slots, 2 * I, H), torch.zeros(slots, H, I)
+    layout, views = PackedLayout.of(experts.engine, torch.float32)
+
+    def store(slot, expert):
+        layout.unpack_expert(views, expert, slot13[slot:slot + 1], slot2[slot:slot + 1])
+
+    def compute(x, weights, slot_ids):   # vLLM's CPU kernel's contract: slots, others weighing 0
+        return reference_moe(x, slot13, slot2, slot_ids, weights).float()
+
+    experts.hot = HotSet([-1, -1], slot_map([-1, -1], E, "cpu"), compute, False, store)
+    x = torch.randn(T, H)
+    ids = torch.stack([torch.randperm(E)[:2] for _ in range(T)]).to(torch.int32)
+    weights = torch.rand(T, 2)
+    expected = reference_moe(x, w13, w2, ids, weights)
+    for slot, expert in [(None, None), (0, 3), (1, 5), (0, 1)]:
+        if slot is not None:
+            experts.hot.swap(slot, expert)
+        _, out = experts.forward(x, ids, weights, run_shared=lambda: None)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert experts.hot.experts == [1, 5]
+    assert experts.hot.slot_of.tolist() == [-1, 0, -1, -1, -1, 1]
+    assert torch.equal(slot13[0], w13[1]) and torch.equal(slot2[1], w2[5])
+
+
+def test_hot_ranking_fills_free_slots_then_swaps_the_coldest():
+    """HotRanking: decayed scores, free slots first, the coldest resident out, at most
+    max_swaps a re-ranking, nothing for experts never picked, a restart of the counts read
+    as new picks."""
+    from lvllm.hot_experts import HotRanking
+
+    ranking = HotRanking(num_experts=6, slots=3, decay=0.5, max_swaps=2)
+    assert ranking.swaps(torch.zeros(6), [-1, -1, -1]) == []
+    assert ranking.swaps(torch.tensor([0, 4, 0, 9, 1, 0]), [-1, -1, -1]) == [(0, 3), (1, 1)]
+    # Scores halved (0 2 0 4.5 0.5 0) plus 8 new picks of 5: 5 takes the free slot.
+    assert ranking.swaps(torch.tensor([0, 4, 0, 9, 1, 8]), [3, 1, -1]) == [(2, 5)]
+    # 20 new picks of 2: it takes the slot of 1, now the coldest of the residents (1 < 2.25 < 4).
+    assert ranking.swaps(torch.tensor([0, 4, 20, 9, 1, 8]), [3, 1, 5]) == [(1, 2)]
+    assert ranking.score.tolist() == [0.0, 1.0, 20.0, 2.25, 0.25, 4.0]
+    # Counts restarted from zero (a new start-up's warm-up dropped): taken as new picks.
+    assert ranking.swaps(torch.tensor([0, 30, 0, 0, 0, 0]), [3, 2, 5]) == [(0, 1)]
+
+
+@needs_lk
 def test_unsupported_activation_is_refused():
     from lvllm.hybrid import HybridExperts
     from lvllm.placement import UnsupportedLayer

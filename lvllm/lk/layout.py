@@ -199,6 +199,22 @@ class PackedLayout:
             self._unpack_panels(blob[part.down_offset:part.down_offset + part.down_bytes],
                                 part.down_panel_bytes, self.hidden_panels, part.length, w2[:, :, rows])
 
+    def unpack_expert(self, views: list[torch.Tensor], expert: int, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Fill w13 [1, 2I, H] and w2 [1, H, I] (``dtype``, any device) with expert ``expert``
+        from ``views`` (as ``of`` returned them): its panels, a slice of each node part,
+        copied to that device and unpacked there as ``unpack`` does (a hot expert's swap)."""
+        matrices13 = w13.view(2, self.intermediate, self.hidden)
+        for index, part in enumerate(self.parts):
+            if part.length == 0:
+                continue
+            gate_up_bytes = 2 * part.panels * part.gate_up_panel_bytes
+            down_bytes = self.hidden_panels * part.down_panel_bytes
+            gate_up = views[2 * index][expert * gate_up_bytes:(expert + 1) * gate_up_bytes].to(w13.device)
+            down = views[2 * index + 1][expert * down_bytes:(expert + 1) * down_bytes].to(w2.device)
+            rows = slice(part.begin, part.begin + part.length)
+            self._unpack_panels(gate_up, part.gate_up_panel_bytes, part.panels, self.hidden, matrices13[:, rows])
+            self._unpack_panels(down, part.down_panel_bytes, self.hidden_panels, part.length, w2[:, :, rows])
+
     def _unpack_panels(self, panel_bytes: torch.Tensor, bytes_per_panel: int, panels: int, depth: int,
                        target: torch.Tensor) -> None:
         """uint8 [M, panels, bytes_per_panel] panels of ``depth`` inputs -> target [M, rows, depth]

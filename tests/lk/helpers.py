@@ -221,7 +221,8 @@ def run_and_compare(engine, w13_ref, w2_ref, tokens, seed, originals=None, loose
 
 
 def assert_unpacks_to(engine, expected13, expected2):
-    """The engine's packed memory, unpacked in fp32 and in bf16, is exactly these weights."""
+    """The engine's packed memory, unpacked in fp32 and in bf16, is exactly these weights, the
+    whole layer (the GPU prefill ring) and each expert alone (a hot expert's swap)."""
     for dtype in (torch.float32, torch.bfloat16):
         layout, views = PackedLayout.of(engine, dtype)
         assert layout.nbytes == engine.nbytes
@@ -230,3 +231,9 @@ def assert_unpacks_to(engine, expected13, expected2):
         layout.unpack(torch.cat(views), got13, got2)
         assert torch.equal(got13, expected13.to(dtype)), engine.weight_format
         assert torch.equal(got2, expected2.to(dtype)), engine.weight_format
+        for expert in range(expected13.shape[0]):
+            one13 = torch.full((1, *expected13.shape[1:]), float("nan"), dtype=dtype)
+            one2 = torch.full((1, *expected2.shape[1:]), float("nan"), dtype=dtype)
+            layout.unpack_expert(views, expert, one13, one2)
+            assert torch.equal(one13[0], expected13[expert].to(dtype)), (engine.weight_format, expert)
+            assert torch.equal(one2[0], expected2[expert].to(dtype)), (engine.weight_format, expert)

@@ -1,0 +1,68 @@
+"""LVLLM_HOT_EXPERTS_UPDATE: each lk layer's hot experts re-ranked while serving.
+
+After every engine step of a vLLM worker (its ``execute_model``), ``HotUpdater.step`` counts;
+every ``every_steps`` steps each layer's HotRanking reads the layer's running pick counts (the
+routing statistics buffer, one host read per layer) and the layer's HotSet swaps in at most
+LVLLM_HOT_EXPERTS_SWAPS hotter experts. Swaps run between steps on the device's stream, into
+fixed slots through the map tensor the forwards read, so captured CUDA graphs stay valid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from lvllm.hot_experts import HotRanking
+from lvllm.hybrid import HotSet
+
+logger = logging.getLogger("vllm.lvllm")
+
+
+class HotUpdater:
+    """One worker's re-ranking of its layers' hot experts."""
+
+    def __init__(self, every_steps: int, max_swaps: int, decay: float):
+        self.every_steps, self.max_swaps, self.decay = every_steps, max_swaps, decay
+        self.layers: dict[int, tuple[HotSet, HotRanking, Callable[[], torch.Tensor]]] = {}
+        self.steps = self.swaps = 0
+
+    def add(self, layer_index: int, hot: HotSet, counts: Callable[[], torch.Tensor]) -> None:
+        """Re-rank ``hot`` from ``counts()``, the layer's running pick counts."""
+        if not self.layers:
+            install_worker_hook()
+        ranking = HotRanking(hot.slot_of.shape[0], len(hot.experts), self.decay, self.max_swaps)
+        self.layers[layer_index] = (hot, ranking, counts)
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps % self.every_steps:
+            return
+        for layer_index, (hot, ranking, counts) in sorted(self.layers.items()):
+            for slot, expert in ranking.swaps(counts().cpu(), hot.experts):
+                logger.debug("lvllm: layer %d: hot slot %d: expert %d in place of %d", layer_index, slot, expert,
+                             hot.experts[slot])
+                hot.swap(slot, expert)
+                self.swaps += 1
+
+
+def updater_of(worker) -> HotUpdater | None:
+    from lvllm.vllm.moe_layer import LkExperts
+
+    installation = LkExperts.installation
+    return installation.hot_updater() if installation is not None else None
+
+
+def install_worker_hook() -> None:
+    """After each ``execute_model`` of this process's workers: the updater's step."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    from lvllm.vllm.routing_stats import run_after_in_subclasses
+
+    def step(worker):
+        updater = updater_of(worker)
+        if updater is not None:
+            updater.step()
+
+    run_after_in_subclasses(WorkerBase, "execute_model", step)
