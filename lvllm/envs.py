@@ -227,9 +227,9 @@ VARIABLES: dict[str, Variable] = {
             "LVLLM_MOE_USE_WEIGHT", "TO_DTYPE", _choice(*WEIGHT_MODES),
             "TO_DTYPE, KEEP, INT8 or INT4",
             "Format the lk engine keeps routed expert weights in. TO_DTYPE: the model dtype "
-            "(FP8/INT4/MXFP4 checkpoints dequantized to it); KEEP: the checkpoint's format (FP8 "
-            "stays FP8, INT4 stays INT4, MXFP4 stays MXFP4, float stays float); INT8 / INT4: "
-            "quantized at load from float, FP8 or MXFP4 experts, in groups of "
+            "(FP8/INT4/GPTQ/MXFP4/NVFP4 checkpoints dequantized to it); KEEP: the checkpoint's format "
+            "(FP8, MXFP4, NVFP4 as they are, AWQ/GPTQ as INT4/INT8, float stays float); INT8 / INT4: "
+            "quantized at load from float, FP8, MXFP4 or NVFP4 experts, in groups of "
             "LVLLM_MOE_QUANT_GROUP_SIZE inputs.",
         ),
         Variable(
