@@ -143,6 +143,16 @@ def test_hot_check_wants_every_lk_layer_on_its_hottest_experts():
     assert e2e.hot_check(step, "\n".join(lines), {}, "cuda")["status"] == "fail"
 
 
+def test_hot_check_of_a_server_re_ranking_wants_a_swap_logged():
+    from lvllm.vllm.hot_updates import FIRST_SWAPS
+
+    step = e2e.Step(e2e.MODELS["tiny"], e2e._SERVER["lk-full-decode-only"], e2e.Allowance(1, 1, 1))
+    assert step.spec.hot_update and step.spec.compare   # its answers are checked against vllm-eager
+    line = f"(EngineCore) INFO 01-01 [x.py:1] {FIRST_SWAPS} 4: 8 swap(s) over 4 layer(s), every 4 steps"
+    assert e2e.hot_check(step, "start\n" + line, {}, "cuda")["status"] == "pass"
+    assert e2e.hot_check(step, "start", {}, "cuda")["status"] == "fail"
+
+
 def test_expected_placement():
     tiny, eight = e2e.MODELS["tiny"], e2e.MODELS["8l"]
     assert e2e.expected_placement(tiny, None) == ("lvllm: 4 MoE layer(s) on lk [0-3]", "; 0 on the device [none]")

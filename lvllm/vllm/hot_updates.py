@@ -18,6 +18,7 @@ from lvllm.hot_experts import HotRanking
 from lvllm.hybrid import HotSet
 
 logger = logging.getLogger("vllm.lvllm")
+FIRST_SWAPS = "lvllm: hot experts re-ranked, first swaps at step"
 
 
 class HotUpdater:
@@ -39,12 +40,16 @@ class HotUpdater:
         self.steps += 1
         if self.steps % self.every_steps:
             return
+        before = self.swaps
         for layer_index, (hot, ranking, counts) in sorted(self.layers.items()):
             for slot, expert in ranking.swaps(counts().cpu(), hot.experts):
                 logger.debug("lvllm: layer %d: hot slot %d: expert %d in place of %d", layer_index, slot, expert,
                              hot.experts[slot])
                 hot.swap(slot, expert)
                 self.swaps += 1
+        if before == 0 and self.swaps:
+            logger.info("%s %d: %d swap(s) over %d layer(s), every %d steps from now on (debug log: each)",
+                        FIRST_SWAPS, self.steps, self.swaps, len(self.layers), self.every_steps)
 
 
 def updater_of(worker) -> HotUpdater | None:

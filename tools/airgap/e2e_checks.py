@@ -22,7 +22,8 @@ Configurations, per model (the reference of every comparison is vllm-eager):
   vllm-graphs           CUDA: lk off with vLLM's default compilation and CUDA graphs, the
                         timing reference of the graph modes below
   lk-eager              LVLLM_MOE_NUMA_ENABLED=1, eager
-  lk-full-decode-only   CUDA: compilation_config.cudagraph_mode FULL_DECODE_ONLY
+  lk-full-decode-only   CUDA: compilation_config.cudagraph_mode FULL_DECODE_ONLY, with
+                        LVLLM_HOT_EXPERTS=2 swapped in from traffic (LVLLM_HOT_EXPERTS_UPDATE=4)
   lk-piecewise          CUDA: compilation_config.cudagraph_mode PIECEWISE, with
                         LVLLM_HOT_EXPERTS=2 started from lk-eager's statistics file
   lk-resident-0-1       CUDA: LVLLM_GPU_RESIDENT_MOE_LAYERS=0-1, eager
@@ -180,6 +181,7 @@ class ServerSpec:
     mixed: bool = False
     timing_reference: str | None = "vllm-eager"
     hot_experts: int = 0              # LVLLM_HOT_EXPERTS, from lk-eager's statistics file
+    hot_update: int = 0               # LVLLM_HOT_EXPERTS_UPDATE: re-ranked, slots filled from traffic
 
 
 REFERENCE = "vllm-eager"
@@ -190,7 +192,7 @@ SERVERS = [
                timing_reference=None),
     ServerSpec("lk-eager", lk=True, mixed=True),
     ServerSpec("lk-full-decode-only", lk=True, mode="FULL_DECODE_ONLY", cuda_only=True,
-               mixed=True, timing_reference="vllm-graphs"),
+               mixed=True, timing_reference="vllm-graphs", hot_experts=2, hot_update=4),
     ServerSpec("lk-piecewise", lk=True, mode="PIECEWISE", cuda_only=True, mixed=True,
                timing_reference="vllm-graphs", hot_experts=2),
     ServerSpec("lk-resident-0-1", lk=True, cuda_only=True, resident="0-1"),
@@ -344,7 +346,10 @@ def planned_checks(step: Step, servers: set[str], device: str) -> list[str]:
         found.append("mixed batch")
     if spec.lk:
         found.append("routing statistics (top_k picks per computed token)")
-    if spec.hot_experts:
+    if spec.hot_update:
+        found.append(f"hot experts ({spec.hot_experts} a layer, swapped in from traffic every "
+                     f"{spec.hot_update} steps)")
+    elif spec.hot_experts:
         found.append(f"hot experts ({spec.hot_experts} a layer, from {HOT_SOURCE}'s statistics)")
     ref = spec.timing_reference
     found.append("figures (a reference)" if ref is None else f"figures vs {ref}" if ref in servers
@@ -621,6 +626,8 @@ def lk_env(spec: ServerSpec, model: ModelSpec) -> dict[str, str]:
         env["LVLLM_GPU_PREFETCH_WINDOW"] = str(spec.prefetch_window)
     if spec.hot_experts:
         env["LVLLM_HOT_EXPERTS"] = str(spec.hot_experts)
+    if spec.hot_update:
+        env["LVLLM_HOT_EXPERTS_UPDATE"] = str(spec.hot_update)
     return env
 
 
@@ -672,7 +679,7 @@ class Server:
             self.stats.unlink(missing_ok=True)
             self.lk_env["LVLLM_EXPERT_STATS"] = str(self.stats)
             source = out / "servers" / f"{model.key}-{HOT_SOURCE}.stats.json"
-            if spec.hot_experts and source.exists():   # else start-up stops, naming the file
+            if spec.hot_experts and not spec.hot_update and source.exists():   # else start-up stops, naming it
                 from lvllm.expert_stats import layer_totals
 
                 shutil.copyfile(source, self.stats)
@@ -985,10 +992,17 @@ def routing_check(name: str, server: Server) -> dict:
 
 
 def hot_check(step: Step, text: str, base: dict[int, list[int]], device: str) -> dict:
-    """Each lk layer's hot experts, on the device: the most picked in the file it started with."""
+    """Each lk layer's hot experts, on the device: the most picked in the file it started with,
+    or, re-ranked while serving, swapped in from the traffic (the outputs check compares the
+    answers)."""
     from lvllm.expert_stats import hottest
+    from lvllm.vllm.hot_updates import FIRST_SWAPS
 
     label = f"{step.name}: hot experts"
+    if step.spec.hot_update:
+        swapped = [line for line in text.splitlines() if FIRST_SWAPS in line]
+        return (check(label, "pass", f"slots filled from traffic: {swapped[0].split('lvllm: ', 1)[1]}") if swapped
+                else check(label, "fail", f"no swap logged ({FIRST_SWAPS!r})"))
     if not base:
         return check(label, "fail", f"no statistics of {HOT_SOURCE} to start from (its checks say why)")
     missing = []
