@@ -345,16 +345,32 @@ def _mla_kv_and_output(w: Weights, p: str, H: int, heads: int, kv_lora_rank: int
     w.linear(f"{p}.self_attn.o_proj.weight", H, heads * v_dim)
 
 
+# What --favoured-experts adds to the favoured experts' correction bias: sigmoid scores are
+# below 1, so those experts and their group win every token's selection.
+FAVOUR_BIAS = 4.0
+FAVOURED_FILE = "favoured_experts.json"
+
+
+def favoured_experts(layer: int, experts: int, count: int, groups: int) -> list[int]:
+    """The experts --favoured-experts biases selection towards in ``layer``: ``count`` at the
+    start of expert group ``layer % groups``, so grouped top-k keeps them together."""
+    start = (layer % groups) * (experts // groups)
+    return list(range(start, start + count))
+
+
 def _deepseek_mlp(w: Weights, p: str, dense: bool, H: int, E: int, I: int, shared: int,
-                  correction_bias: bool) -> None:
-    """A leading dense layer's MLP, or the router (V3: with its score correction bias), the
-    routed experts and the shared expert of `shared` intermediate size."""
+                  correction_bias: bool, favoured: list[int] = ()) -> None:
+    """A leading dense layer's MLP, or the router (V3: with its score correction bias, raised
+    by FAVOUR_BIAS for the ``favoured`` experts), the routed experts and the shared expert of
+    `shared` intermediate size."""
     if dense:
         w.mlp(f"{p}.mlp", H, 2 * H)
         return
     w.router(f"{p}.mlp.gate.weight", E, H)
     if correction_bias:
-        _extra_tensor(w, f"{p}.mlp.gate.e_score_correction_bias", E, std=0.1)
+        bias = w.normal(E).mul_(0.1)   # as _extra_tensor draws it
+        bias[list(favoured)] += FAVOUR_BIAS
+        w[f"{p}.mlp.gate.e_score_correction_bias"] = bias
     for e in range(E):
         w.mlp(f"{p}.mlp.experts.{e}", H, I)
     w.mlp(f"{p}.mlp.shared_experts", H, shared)
@@ -478,6 +494,11 @@ def build_deepseek_v3(args, vocab: int, w: Weights, kimi: bool) -> dict:
     })
     embedding = w.normal(vocab, H)
     w["model.embed_tokens.weight"] = embedding
+    groups = config["n_group"]
+    favoured = {layer: favoured_experts(layer, E, args.favoured_experts, groups)
+                for layer in range(first_dense, args.num_layers)} if args.favoured_experts else {}
+    if favoured:
+        (Path(args.out) / FAVOURED_FILE).write_text(json.dumps(favoured))
     for layer in range(args.num_layers + args.mtp_layers):
         p = f"model.layers.{layer}"
         if layer >= args.num_layers:   # an MTP layer: its own norms and projection first
@@ -491,7 +512,8 @@ def build_deepseek_v3(args, vocab: int, w: Weights, kimi: bool) -> dict:
         w.norm(f"{p}.self_attn.q_a_layernorm.weight", q_lora_rank)
         w.linear(f"{p}.self_attn.q_b_proj.weight", heads * (nope_dim + rope_dim), q_lora_rank)
         _mla_kv_and_output(w, p, H, heads, kv_lora_rank, nope_dim, rope_dim, v_dim)
-        _deepseek_mlp(w, p, layer < first_dense, H, E, I, I, correction_bias=True)
+        _deepseek_mlp(w, p, layer < first_dense, H, E, I, I, correction_bias=True,
+                      favoured=favoured.get(layer, ()))
     w.norm("model.norm.weight", H)
     head = w.normal(vocab, H).mul_(2.0 / math.sqrt(H))
     w["lm_head.weight"] = head
@@ -1129,6 +1151,10 @@ def parse_args(argv=None):
                         help="skew routing: router row e scaled by exp(-S e / experts), so low-numbered "
                              "experts win more picks (0: unbiased; the random model's own hidden states "
                              "favour some experts too, more in later layers)")
+    parser.add_argument("--favoured-experts", type=int, default=0,
+                        help="deepseek_v3 / kimi_k25: raise the selection bias of this many experts of "
+                             "each MoE layer (one group's first, the group changing with the layer) so "
+                             "every token picks them; the sets are written to " + FAVOURED_FILE)
     parser.add_argument("--tie-word-embeddings", action="store_true",
                         help="the LM head reads the input embedding's weight (lm_head.weight is still written)")
     parser.add_argument("--shard-size", type=float, default=4.0,
@@ -1184,6 +1210,11 @@ def parse_args(argv=None):
     if args.quantize not in ("none", "mxfp4") and args.family not in PER_EXPERT_FAMILIES:
         parser.error(f"--quantize {args.quantize} needs per-expert checkpoint tensors; "
                      f"{args.family} stores its experts stacked")
+    if args.favoured_experts and args.family not in ("deepseek_v3", "kimi_k25"):
+        parser.error("--favoured-experts applies to deepseek_v3 and kimi_k25 only")
+    if args.favoured_experts and args.favoured_experts > min(args.top_k, args.num_experts // 4):
+        parser.error(f"--favoured-experts must be at most --top-k and a group's experts "
+                     f"({min(args.top_k, args.num_experts // 4)}), got {args.favoured_experts}")
     if args.mtp_layers and args.family not in ("deepseek_v3", "kimi_k25"):
         parser.error("--mtp-layers applies to deepseek_v3 and kimi_k25 only")
     return args

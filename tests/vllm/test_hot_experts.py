@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from e2e_common import F32_LOGPROB_TOL, max_logprob_diff, run_llm
+from e2e_common import F32_LOGPROB_TOL, build_model, max_logprob_diff, run_llm
 
 from lvllm import expert_stats
 
@@ -66,6 +66,31 @@ def test_hot_experts_swapped_while_serving_answer_as_lk_off(llm_runs, tiny_model
     assert report["hot_swaps"] > slots * len(layers)
     assert hot.tokens == off.tokens
     assert max_logprob_diff(hot, off) < F32_LOGPROB_TOL
+
+
+def test_hot_experts_found_from_traffic_are_the_favoured_ones(tmp_path, monkeypatch):
+    """A DeepSeek-V3 whose router favours two experts of each MoE layer (their selection bias
+    raised: every token picks them, and a third expert of top-k 3 elsewhere): re-ranked from traffic every 2 steps without a statistics
+    file, each layer's two slots end up holding exactly those, and the file written at the end
+    ranks them first, each picked once per computed token."""
+    model = build_model(tmp_path / "favoured", "deepseek_v3", "--favoured-experts", "2", "--top-k", "3")
+    favoured = {int(layer): experts for layer, experts in
+                json.loads((model / "favoured_experts.json").read_text()).items()}
+    stats = tmp_path / "stats.json"
+    monkeypatch.setenv("LVLLM_EXPERT_STATS", str(stats))
+    monkeypatch.setenv("LVLLM_EXPERT_STATS_INTERVAL", "0")
+    monkeypatch.setenv("LVLLM_HOT_EXPERTS", "2")
+    monkeypatch.setenv("LVLLM_HOT_EXPERTS_UPDATE", "2")
+    run = run_llm(model, lk=True, eager=True,
+                  inspect=lambda llm: llm.collective_rpc("lvllm_write_expert_stats"))
+    found = {int(name.split(".layers.")[1].split(".")[0]): sorted(entry["hot_experts"])
+             for name, entry in run.report[0]["lk_layers"].items()}
+    assert found == favoured
+    counts = expert_stats.layer_totals(expert_stats.read(stats))
+    tokens = sum(len(ids) + len(out) - 1 for ids, out in zip(run.prompt_token_ids, run.tokens))
+    for layer, experts in favoured.items():
+        assert sorted(expert_stats.hottest(counts[layer], 2)) == experts
+        assert [counts[layer][e] for e in experts] == [tokens, tokens]
 
 
 def test_hot_experts_need_a_statistics_file(monkeypatch):
