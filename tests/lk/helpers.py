@@ -237,3 +237,26 @@ def assert_unpacks_to(engine, expected13, expected2):
             layout.unpack_expert(views, expert, one13, one2)
             assert torch.equal(one13[0], expected13[expert].to(dtype)), (engine.weight_format, expert)
             assert torch.equal(one2[0], expected2[expert].to(dtype)), (engine.weight_format, expert)
+
+
+def assert_converted_as_torch_does(engine, runtime, w13, w2, x, ids, weights):
+    """An engine that converted quantized checkpoint experts at load (LVLLM_MOE_USE_WEIGHT=
+    TO_DTYPE / INT8 / INT4) computes the weights torch's conversion gives (lvllm.lk.quant,
+    LVLLM_MOE_QUANT_ON_GPU): float formats against float64 of those, INT8 / INT4 against their
+    float64 quantization and bit for bit against an engine given torch's quantized weights."""
+    from lvllm.lk import MoEEngine
+
+    weight_format, group = engine.weight_format, engine.group_size
+    w13_float, w2_float = quant.dequantize(w13), quant.dequantize(w2)
+    out = engine.forward(x, ids, weights)
+    if weight_format in ("bfloat16", "float32"):
+        dtype = getattr(torch, weight_format)
+        assert_close(out, reference_moe(w13_float.to(dtype), w2_float.to(dtype), x, ids, weights), dtype)
+        return
+    quantize = reference_int8 if weight_format == "int8" else reference_int4
+    if weight_format == "int8":
+        ref = reference_moe(quantize(w13_float, group), quantize(w2_float, group), x, ids, weights)
+        assert (out.double() - ref).abs().max().item() <= 2e-4 * ref.abs().max().item()
+    prequantized = MoEEngine(quant.quantize(w13, weight_format, group), quant.quantize(w2, weight_format, group),
+                             runtime=runtime)
+    assert torch.equal(prequantized.forward(x, ids, weights), out)

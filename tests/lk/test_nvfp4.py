@@ -16,8 +16,8 @@ import torch
 from lvllm import _lk
 from lvllm.lk import MoEEngine, QuantizedWeights, nvfp4, planned_bytes, quant
 
-from .helpers import (SUPPORTED_ISAS, TIGHT, activations_as_rounded, assert_close, assert_unpacks_to, random_experts,
-                      random_routing, reference_int4, reference_int8, reference_moe)
+from .helpers import (SUPPORTED_ISAS, TIGHT, activations_as_rounded, assert_converted_as_torch_does, assert_unpacks_to,
+                      random_experts, random_routing, reference_moe)
 
 GROUP = 16
 STEPS = 127
@@ -191,23 +191,10 @@ def test_converted_at_load(runtimes, weight_format):
     w13, w2 = make(experts, hidden, intermediate, seed=4)
     engine = MoEEngine(w13, w2, weight_format=weight_format, group_size=group, runtime=runtimes(numa_nodes=2))
     assert engine.weight_format == weight_format
-    w13_float, w2_float = quant.dequantize(w13), quant.dequantize(w2)
-    assert (w13_float.double() - reference(w13)).abs().max() <= 2 ** -23 * reference(w13).abs().max()
+    assert (quant.dequantize(w13).double() - reference(w13)).abs().max() <= 2 ** -23 * reference(w13).abs().max()
     x = torch.randn(9, hidden, generator=torch.Generator().manual_seed(4))
     ids, weights = random_routing(9, experts, 2, seed=4)
-    out = engine.forward(x, ids, weights)
-    if weight_format in ("bfloat16", "float32"):
-        dtype = getattr(torch, weight_format)
-        assert_close(out, reference_moe(w13_float.to(dtype), w2_float.to(dtype), x, ids, weights), dtype)
-        return
-    quantize = reference_int8 if weight_format == "int8" else reference_int4
-    ref13, ref2 = quantize(w13_float, group), quantize(w2_float, group)
-    if weight_format == "int8":
-        ref = reference_moe(ref13, ref2, x, ids, weights)
-        assert (out.double() - ref).abs().max().item() <= 2e-4 * ref.abs().max().item()
-    prequantized = MoEEngine(quant.quantize(w13, weight_format, group), quant.quantize(w2, weight_format, group),
-                             runtime=runtimes(numa_nodes=2))
-    assert torch.equal(prequantized.forward(x, ids, weights), out)
+    assert_converted_as_torch_does(engine, runtimes(numa_nodes=2), w13, w2, x, ids, weights)
 
 
 def test_planned_bytes_and_size(runtimes):

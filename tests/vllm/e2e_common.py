@@ -316,6 +316,11 @@ def dequantized_twin(model: Path, out: Path) -> Path:
     return out
 
 
+def dequantized_reference(model: Path, out: Path) -> "CachedReference":
+    """The float64 reference of a quantized checkpoint: its dequantized twin, written to ``out``."""
+    return CachedReference(TransformersReference(dequantized_twin(model, out)))
+
+
 class CachedReference:
     """A reference's log-probabilities, computed once per token sequence."""
 

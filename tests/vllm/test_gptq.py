@@ -22,8 +22,7 @@ import statistics
 import pytest
 
 from e2e_common import (BF16_LOGPROB_TOL, CHECKPOINT_DIMS, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL, LOSSY_SAME_PREFIX,
-                        MAX_TOKENS, CachedReference, TransformersReference, assert_lk_computed, build_model,
-                        dequantized_twin, deviations)
+                        MAX_TOKENS, assert_lk_computed, build_model, dequantized_reference, deviations)
 
 # name -> (builder arguments, lk's format in the start-up line, MoE layers, lk's bytes per weight)
 GPTQ_RUNS = {
@@ -55,7 +54,7 @@ def gptq_runs(tmp_path_factory):
             builder = GPTQ_RUNS[name][0]
             model = build_model(root / name, *builder)
             run = run_llm(model, lk=True, dtype="bfloat16", weight="KEEP")
-            reference = CachedReference(TransformersReference(dequantized_twin(model, root / f"{name}-f64")))
+            reference = dequantized_reference(model, root / f"{name}-f64")
             cache[name] = run, reference
         return cache[name]
 

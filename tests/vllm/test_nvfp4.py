@@ -34,8 +34,7 @@ import pytest
 import torch
 
 from e2e_common import (BF16_LOGPROB_TOL, CHECKPOINT_DIMS, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL, LOSSY_SAME_PREFIX,
-                        MAX_TOKENS, CachedReference, TransformersReference, assert_lk_computed, build_model,
-                        dequantized_twin, deviations)
+                        MAX_TOKENS, assert_lk_computed, build_model, dequantized_reference, deviations)
 
 BUILDS = {"qwen3_moe": CHECKPOINT_DIMS, "deepseek_v3": ("--dtype", "bfloat16")}   # H 256 / I 128, H 128 / I 64
 # name -> (family, LVLLM_MOE_USE_WEIGHT, lk's format and group, MoE layers)
@@ -61,7 +60,7 @@ def nvfp4_models(tmp_path_factory):
     def get(family):
         if family not in cache:
             model = build_model(root / family, family, *BUILDS[family], "--quantize", "nvfp4-experts")
-            cache[family] = model, CachedReference(TransformersReference(dequantized_twin(model, root / f"{family}-f64")))
+            cache[family] = model, dequantized_reference(model, root / f"{family}-f64")
         return cache[family]
 
     return get

@@ -64,6 +64,14 @@ struct NibbleBlockUnpack {
   }
 };
 
+// Each nibble an e2m1 code: twice its value, signed (MXFP4 and NVFP4 share the values, not the scales).
+inline int e2m1_doubled(int code) { return kMxfp4Doubled[code]; }
+
+template <WeightFormat kE2m1Format>
+struct E2m1BlockUnpack : NibbleBlockUnpack<e2m1_doubled> {
+  static constexpr WeightFormat kFormat = kE2m1Format;
+};
+
 // What prefill widens INT8 and INT4 to: the row pairs the integer kernels multiply, one
 // word per column as in registers, so a pass only loads them (the generic pass unpacks
 // every weight again otherwise).
