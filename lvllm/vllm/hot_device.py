@@ -38,20 +38,26 @@ def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_c
     counts = _file_counts(Path(stats_path), layer_index, name, moe_config, count, required=engine is None)
     experts = expert_stats.hottest(counts, slots) if counts else []
     experts += [-1] * (slots - len(experts))
-    # Free slots hold zeros: vLLM's CPU kernel reads slot 0 for the pairs that weigh 0.
+    # Free slots hold zeros: vLLM's CPU kernel reads slot 0 for the pairs that weigh 0. Slots
+    # swapped while serving are filled the way swaps fill them, from lk's memory, from the start.
+    initial = [-1] * slots if engine is not None else experts
     hot_w13 = w13.new_zeros((slots, *w13.shape[1:]))
     hot_w2 = w2.new_zeros((slots, *w2.shape[1:]))
-    for slot, expert in enumerate(experts):
+    for slot, expert in enumerate(initial):
         if expert >= 0:
             hot_w13[slot], hot_w2[slot] = w13[expert], w2[expert]
-    slot_of = slot_map(experts, num_experts, device)
+    slot_of = slot_map(initial, num_experts, device)
     if device.type == "cuda":
         hot_w13, hot_w2 = hot_w13.to(device), hot_w2.to(device)
-        hot = HotSet(experts, slot_of, _cuda_compute(hot_w13, hot_w2, layer.activation, slot_of),
+        hot = HotSet(list(initial), slot_of, _cuda_compute(hot_w13, hot_w2, layer.activation, slot_of),
                      takes_expert_map=True, store=_cuda_store(engine, hot_w13, hot_w2))
     else:
         compute, store = _cpu_compute(hot_w13, hot_w2, engine)
-        hot = HotSet(experts, slot_of, compute, takes_expert_map=False, store=store)
+        hot = HotSet(list(initial), slot_of, compute, takes_expert_map=False, store=store)
+    if engine is not None:
+        for slot, expert in enumerate(experts):
+            if expert >= 0:
+                hot.swap(slot, expert)
     share = f"{100 * sum(counts[e] for e in experts if e >= 0) / sum(counts):.0f}%" if counts else "none"
     logger.info("lvllm: layer %d: experts %s also on %s for %s (%s of the layer's picks in %s)",
                 layer_index, experts, device, VAR, share, stats_path)
@@ -123,7 +129,6 @@ def _cpu_compute(w13: torch.Tensor, w2: torch.Tensor, engine):
     if engine is None:
         return compute, None
     unpack = _unpacker(engine, w13.dtype)
-
     shape13, shape2, dtype = (1, *w13.shape[1:]), (1, *w2.shape[1:]), w13.dtype
 
     def store(slot: int, expert: int) -> None:
