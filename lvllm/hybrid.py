@@ -56,25 +56,39 @@ class HotSet:
     for the others) without host synchronization, so CUDA graphs capture the split. A kernel that
     ``takes_expert_map`` (vLLM's, on CUDA) gets the pairs as they are and skips the others by
     that map; one that takes none (vLLM's CPU kernel) gets slots, the other pairs weighing 0.
-    ``experts`` is each slot's expert (-1: a free slot); ``store(slot, expert)`` writes an
-    expert's weights into a slot, for swaps while serving (None: the set stays)."""
+    ``experts`` is each slot's expert (-1: a free slot, or one being written); ``store(slot,
+    expert)`` writes an expert's weights into a slot, for swaps while serving (None: the set
+    stays), and returns what to wait for before reading them (a CUDA event; None: written)."""
 
     def __init__(self, experts: list[int], slot_of: torch.Tensor, compute, takes_expert_map: bool,
                  store=None):
         self.experts, self.slot_of = experts, slot_of
         self.compute, self.takes_expert_map = compute, takes_expert_map
         self.store = store
+        self.writing: list[tuple[int, int, object]] = []   # (slot, expert, its store's event)
 
-    def swap(self, slot: int, expert: int) -> None:
-        """``expert`` into ``slot``, the slot's old expert back to lk alone: the map stops
-        sending pairs to the slot before its weights change and sends the new expert's once
-        they are in, all in the device's stream order between forwards."""
+    def begin_swap(self, slot: int, expert: int) -> None:
+        """Start writing ``expert`` into ``slot``: the map stops sending pairs to the slot at
+        once (its old expert's go back to lk alone), so forwards run on while it is written;
+        ``finish_swaps`` sends the new expert's pairs there."""
         old = self.experts[slot]
         if old >= 0:
             self.slot_of[old] = -1
-        self.store(slot, expert)
-        self.slot_of[expert] = slot
-        self.experts[slot] = expert
+        self.experts[slot] = -1
+        self.writing.append((slot, expert, self.store(slot, expert)))
+
+    def finish_swaps(self) -> None:
+        """Map the experts begun: the device's stream waits for their writes first."""
+        for slot, expert, written in self.writing:
+            if written is not None:
+                torch.cuda.current_stream().wait_event(written)
+            self.slot_of[expert] = slot
+            self.experts[slot] = expert
+        self.writing = []
+
+    def swap(self, slot: int, expert: int) -> None:
+        self.begin_swap(slot, expert)
+        self.finish_swaps()
 
     def split(self, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         """(lk's ids, the hot pairs -1, which lk skips; the device's ids and weights). Ids out

@@ -297,22 +297,59 @@ class HotAlternative:
     ram_fits: bool        # lk holding every MoE layer
 
 
+def hot_slots(shape: ModelShape, gpu_bytes: int, tp: int) -> int:
+    """Hot experts a MoE layer that ``gpu_bytes`` of each rank's GPU hold in every MoE layer
+    (LVLLM_HOT_EXPERTS copies the checkpoint's float experts); 0 for other experts."""
+    if shape.storage.format != "float" or gpu_bytes <= 0:
+        return 0
+    expert = checkpoint_layer_bytes(shape, tp=tp) // shape.experts
+    return min(shape.experts, gpu_bytes // (len(shape.moe_layers) * expert))
+
+
+def picks_shares(shape: ModelShape, counts: dict[int, list[int]], resident, slots: int) -> tuple[float, float]:
+    """(share of the file's picks in the ``resident`` layers, share on ``slots`` hot experts a layer)."""
+    ordered = {layer: counts.get(layer, [0] * shape.experts) for layer in shape.moe_layers}
+    picks = sum(map(sum, ordered.values()))
+    layer_share = sum(sum(ordered[layer]) for layer in resident) / picks if picks else 0.0
+    return layer_share, device_share(ordered, slots)
+
+
+def auto_split(shape: ModelShape, fit: GpuFit, tp: int, counts: dict[int, list[int]],
+               resident_auto: bool, resident: frozenset[int] = frozenset()) -> tuple[frozenset[int], int, str]:
+    """LVLLM_HOT_EXPERTS=auto: (resident layers, hot slots a layer, why). The GPU memory left for
+    resident layers (after ``resident`` when they are listed) goes to hot slots; with
+    LVLLM_GPU_RESIDENT_MOE_LAYERS=auto too, to whichever of the two puts more of the file's
+    picks (``counts``) on the GPU, whole layers where neither does (no file yet)."""
+    given = frozenset(fit.resident) if resident_auto else resident
+    left = fit.left if resident_auto else fit.left - len(resident) * fit.layer
+    slots = hot_slots(shape, left, tp)
+    if not slots:
+        return given, 0, (f"no hot experts: {gib_text(max(0, left))} left does not hold one a layer"
+                          if shape.storage.format == "float" else "no hot experts: the checkpoint's experts "
+                          f"are {shape.storage.format}, not float")
+    if not resident_auto:
+        return given, slots, f"{slots} hot experts a layer in the {gib_text(left)} left after resident layers"
+    layer_share, hot_share = picks_shares(shape, counts, fit.resident, slots)
+    if hot_share > layer_share:
+        return frozenset(), slots, (f"{slots} hot experts a layer hold {hot_share:.0%} of the file's picks, "
+                                    f"whole layers [{format_ranges(fit.resident)}] {layer_share:.0%}")
+    return given, 0, (f"whole layers [{format_ranges(fit.resident)}] hold {layer_share:.0%} of the file's picks, "
+                      f"{slots} hot experts a layer {hot_share:.0%}")
+
+
 def hot_alternative(plan: Plan, counts: dict[int, list[int]]) -> HotAlternative | None:
     """None without a GPU, a fitting plan, float experts (what LVLLM_HOT_EXPERTS copies) or
     room for a hot expert in each layer."""
     shape, machine, gpu, choice = plan.shape, plan.machine, plan.gpu, plan.choice
-    if gpu is None or gpu.left < 0 or choice is None or shape.storage.format != "float":
+    if gpu is None or gpu.left < 0 or choice is None:
         return None
     tp = max(1, machine.gpus)
     moe = shape.moe_layers
     expert = checkpoint_layer_bytes(shape, tp=tp) // shape.experts
-    slots = min(shape.experts, gpu.left // (len(moe) * expert))
+    slots = hot_slots(shape, gpu.left, tp)
     if slots < 1:
         return None
-    ordered = {layer: counts.get(layer, [0] * shape.experts) for layer in moe}
-    picks = sum(map(sum, ordered.values()))
-    layer_share = sum(sum(ordered[layer]) for layer in gpu.resident) / picks if picks else 0.0
-    hot_share = device_share(ordered, slots)
+    layer_share, hot_share = picks_shares(shape, counts, gpu.resident, slots)
     every_layer = host_row(shape, choice.resolved, choice.modes, len(moe), machine, 0, ranks=plan.ranks)
     # The host reads only the pairs the GPU does not serve.
     hot_tok_s = every_layer.tok_s / (1 - hot_share) if hot_share < 1 else float("inf")

@@ -50,7 +50,7 @@ class Settings:
     ram_budget_gib: float | None = None
     expert_stats: str | None = None       # LVLLM_EXPERT_STATS' path
     expert_stats_interval_min: float = 10.0
-    hot_experts: int = 0                  # LVLLM_HOT_EXPERTS: per lk layer, from the stats file
+    hot_experts: int | str = 0            # LVLLM_HOT_EXPERTS: per lk layer, or envs.AUTO
     hot_experts_update: int = 0           # steps between re-rankings; 0: static
     hot_experts_swaps: int = 1            # per layer and re-ranking
     hot_experts_decay: float = 0.9        # weight the earlier picks keep per re-ranking

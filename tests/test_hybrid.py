@@ -221,6 +221,14 @@ def test_hot_swaps_between_forwards_change_no_output():
             experts.hot.swap(slot, expert)
         _, out = experts.forward(x, ids, weights, run_shared=lambda: None)
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    # A swap begun: its slot leaves the map at once, forwards go on with lk computing both experts.
+    experts.hot.begin_swap(0, 2)
+    assert experts.hot.experts == [-1, 5] and experts.hot.slot_of.tolist() == [-1, -1, -1, -1, -1, 1]
+    _, out = experts.forward(x, ids, weights, run_shared=lambda: None)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    experts.hot.finish_swaps()
+    assert experts.hot.experts == [2, 5] and torch.equal(slot13[0], w13[2])
+    experts.hot.swap(0, 1)
     assert experts.hot.experts == [1, 5]
     assert experts.hot.slot_of.tolist() == [-1, 0, -1, -1, -1, 1]
     assert torch.equal(slot13[0], w13[1]) and torch.equal(slot2[1], w2[5])

@@ -439,17 +439,58 @@ def test_auto_resolves_to_the_plans_layers(monkeypatch, caplog):
     settings = Settings(resident_layers=envs.AUTO, gpu_prefill_min_batch=512)   # the plan's settings
     expected = plan.make_plan(model_shape(QWEN3_30B), machine(64, 16, 100, gpus=1, gpu_gib=24), 32768).gpu.resident
     with caplog.at_level(logging.INFO, logger="vllm.lvllm"):
-        assert installation.auto_resident_layers(settings) == frozenset(expected) == frozenset(range(9))
+        assert installation.auto_split(settings) == (frozenset(expected), 0) == (frozenset(range(9)), 0)
     assert "=auto: MoE layers [0-8] resident on cuda:0" in caplog.text and "prefill ring" in caplog.text
     # Without streaming, the ring's 3.6 GB hold 3 more layers (14,742,349,414 / 1,207,959,552).
-    assert installation.auto_resident_layers(Settings(resident_layers=envs.AUTO)) == frozenset(range(12))
+    assert installation.auto_split(Settings(resident_layers=envs.AUTO))[0] == frozenset(range(12))
 
 
 def test_auto_on_cpu_means_no_resident_layers(monkeypatch, caplog):
     installation = _vllm_process(monkeypatch, QWEN3_30B, cuda=False)
     with caplog.at_level(logging.INFO, logger="vllm.lvllm"):
-        assert installation.auto_resident_layers(Settings(resident_layers=envs.AUTO)) == frozenset()
-    assert "=auto: no resident MoE layers (no GPU" in caplog.text
+        assert installation.auto_split(Settings(resident_layers=envs.AUTO, hot_experts=envs.AUTO)) == (frozenset(), 0)
+    assert "=auto and LVLLM_HOT_EXPERTS=auto: no resident MoE layers, no hot experts (no GPU" in caplog.text
+
+
+def test_hot_experts_auto_takes_the_resident_layers_memory_where_it_serves_more_picks():
+    """lvllm.plan.auto_split: Qwen3-30B-A3B on 24 GiB without a prefill ring, 12 resident layers,
+    or their memory as 32 hot experts a layer. A skewed statistics file puts more picks on the hot
+    experts (Zipf 1: 70% where the 12 layers hold 25%); a uniform one does not: layers stay."""
+    from lvllm.hot_experts import synthetic_counts
+
+    shape = model_shape(QWEN3_30B)
+    fit = plan.gpu_fit(shape, 24 * GIB, 1, 32768, plan.resolve(shape, "TO_DTYPE", None), None)
+    slots = plan.hot_slots(shape, fit.left, 1)
+    assert slots == fit.left // (48 * (checkpoint_layer_bytes(shape) // 128)) and fit.resident == tuple(range(12))
+    skewed = synthetic_counts(48, 128, 8, skew=1.0, tokens=2000)
+    resident, hot, why = plan.auto_split(shape, fit, 1, skewed, resident_auto=True)
+    layer_share, hot_share = plan.picks_shares(shape, skewed, fit.resident, slots)
+    assert (resident, hot) == (frozenset(), slots) and hot_share > 0.6 > 0.3 > layer_share
+    assert f"hold {hot_share:.0%} of the file's picks, whole layers [0-11] {layer_share:.0%}" in why
+    uniform = {layer: [100] * 128 for layer in range(48)}
+    assert plan.auto_split(shape, fit, 1, uniform, resident_auto=True)[:2] == (frozenset(range(12)), 0)
+    # Resident layers listed: the hot slots take what is left after them.
+    resident, hot, _ = plan.auto_split(shape, fit, 1, uniform, resident_auto=False, resident=frozenset({0, 1}))
+    assert resident == {0, 1} and hot == plan.hot_slots(shape, fit.left - 2 * fit.layer, 1) < slots
+    fp8 = model_shape(QWEN3_30B | {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+    assert plan.auto_split(fp8, fit, 1, skewed, resident_auto=True)[1] == 0   # float experts only
+
+
+def test_hot_experts_auto_on_a_gpu_reads_the_statistics_file(monkeypatch, tmp_path, caplog):
+    from lvllm.hot_experts import synthetic_counts
+
+    installation = _vllm_process(monkeypatch, QWEN3_30B, cuda=True)
+    stats = tmp_path / "stats.json"
+    expert_stats.write(stats, {"name": "/models/m"}, "dp0-pp0", synthetic_counts(48, 128, 8, skew=1.0, tokens=2000))
+    settings = Settings(resident_layers=envs.AUTO, hot_experts=envs.AUTO, expert_stats=str(stats))
+    with caplog.at_level(logging.INFO, logger="vllm.lvllm"):
+        resident, hot = installation.auto_split(settings)
+    assert resident == frozenset() and hot > 8
+    assert f"MoE layers [none] resident, {hot} hot experts a layer on cuda:0" in caplog.text
+    assert installation.auto_split(Settings(hot_experts=envs.AUTO))[0] == frozenset()   # no file: slots anyway
+    monkeypatch.setenv("LVLLM_HOT_EXPERTS", "auto")
+    monkeypatch.setenv("LVLLM_EXPERT_STATS", str(stats))
+    assert Settings.from_env().hot_experts == envs.AUTO
 
 
 def test_the_command_lists_lvllms_subcommands_before_vllms_help(capsys):

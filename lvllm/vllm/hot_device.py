@@ -90,11 +90,19 @@ def _unpacker(engine, dtype: torch.dtype):
 
 
 def _cuda_store(engine, w13: torch.Tensor, w2: torch.Tensor):
-    """store(slot, expert): unpacked from lk's memory straight into the slot."""
+    """store(slot, expert): unpacked from lk's memory straight into the slot on a side stream,
+    once the forwards queued before it are done with the slot; returns the event to wait for."""
     if engine is None:
         return None
-    unpack = _unpacker(engine, w13.dtype)
-    return lambda slot, expert: unpack(expert, w13[slot:slot + 1], w2[slot:slot + 1])
+    unpack, side = _unpacker(engine, w13.dtype), torch.cuda.Stream(device=w13.device)
+
+    def store(slot: int, expert: int):
+        side.wait_stream(torch.cuda.current_stream(w13.device))
+        with torch.cuda.stream(side):
+            unpack(expert, w13[slot:slot + 1], w2[slot:slot + 1])
+            return side.record_event()
+
+    return store
 
 
 def _cuda_compute(w13: torch.Tensor, w2: torch.Tensor, activation, slot_of: torch.Tensor):

@@ -1,10 +1,12 @@
 """LVLLM_HOT_EXPERTS_UPDATE: each lk layer's hot experts re-ranked while serving.
 
-After every engine step of a vLLM worker (its ``execute_model``), ``HotUpdater.step`` counts;
-every ``every_steps`` steps each layer's HotRanking reads the layer's running pick counts (the
-routing statistics buffer, one host read per layer) and the layer's HotSet swaps in at most
-LVLLM_HOT_EXPERTS_SWAPS hotter experts. Swaps run between steps on the device's stream, into
-fixed slots through the map tensor the forwards read, so captured CUDA graphs stay valid.
+After every engine step of a vLLM worker (its ``execute_model``), ``HotUpdater.step`` maps the
+experts whose writes began a step earlier, and every ``every_steps`` steps each layer's
+HotRanking reads the layer's running pick counts (the routing statistics buffer, one host read
+per layer) and the layer's HotSet begins at most LVLLM_HOT_EXPERTS_SWAPS swaps: a slot leaves
+the map at once, its new expert is written meanwhile (on CUDA on a side stream, beside the next
+step's forward) and mapped at the next step. Slots and map are fixed tensors, so captured CUDA
+graphs stay valid.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class HotUpdater:
 
     def step(self) -> None:
         self.steps += 1
+        for hot, _, _ in self.layers.values():
+            hot.finish_swaps()
         if self.steps % self.every_steps:
             return
         before = self.swaps
@@ -45,7 +49,7 @@ class HotUpdater:
             for slot, expert in ranking.swaps(counts().cpu(), hot.experts):
                 logger.debug("lvllm: layer %d: hot slot %d: expert %d in place of %d", layer_index, slot, expert,
                              hot.experts[slot])
-                hot.swap(slot, expert)
+                hot.begin_swap(slot, expert)
                 self.swaps += 1
         if before == 0 and self.swaps:
             logger.info("%s %d: %d swap(s) over %d layer(s), every %d steps from now on (debug log: each)",

@@ -3,6 +3,8 @@ check's record and the GPU path; and the lk runtime, started on the worker's cor
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from vllm.config import get_current_vllm_config
 from vllm.logger import init_logger
@@ -24,7 +26,7 @@ class Installation:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.placement = Placement.from_settings(settings, on_cuda=current_platform.is_cuda())
-        self.placement.auto_resident = lambda: auto_resident_layers(settings)
+        self.placement.auto_resident = lambda: self.auto_split()[0]
         self.draft_placement: Placement | None = None   # a speculative draft model's
         self.layer_memory: dict[str, LayerMemory] = {}   # lk layer name -> its sizes
         self.memory_checked = False
@@ -35,6 +37,18 @@ class Installation:
         self._logged: set[str] = set()
         self._routing_counter = None   # lvllm.vllm.routing_stats.RoutingCounter, with the first MoE layer
         self._hot_updater = None       # lvllm.vllm.hot_updates.HotUpdater, with the first hot layer
+        self._auto_split: tuple[frozenset[int], int] | None = None
+
+    def auto_split(self) -> tuple[frozenset[int], int]:
+        """(resident layers, hot experts a layer) as LVLLM_GPU_RESIDENT_MOE_LAYERS and
+        LVLLM_HOT_EXPERTS give them, `auto` decided once for both."""
+        if self._auto_split is None:
+            self._auto_split = auto_split(self.settings)
+        return self._auto_split
+
+    def hot_experts(self) -> int:
+        hot = self.settings.hot_experts
+        return self.auto_split()[1] if hot == envs.AUTO else hot
 
     def placement_for_model_being_built(self) -> Placement:
         """The main model's placement, or the draft model's while vLLM builds a draft."""
@@ -152,16 +166,45 @@ def pipeline_stage(num_layers: int | None) -> tuple[int, int, range] | None:
     return group.rank_in_group, group.world_size, range(start, end)
 
 
-def auto_resident_layers(settings: Settings) -> frozenset[int]:
-    """LVLLM_GPU_RESIDENT_MOE_LAYERS=auto: the layers lvllm.plan fits on this rank's GPU for
-    the model being built, with these settings; logged with the figures behind them."""
+def auto_split(settings: Settings) -> tuple[frozenset[int], int]:
+    """(resident layers, hot experts a layer) where LVLLM_GPU_RESIDENT_MOE_LAYERS or
+    LVLLM_HOT_EXPERTS is auto: what lvllm.plan fits on this rank's GPU for the model being
+    built, with these settings (lvllm.plan.auto_split), logged with the figures behind it."""
+    resident_auto, hot_auto = settings.resident_layers == envs.AUTO, settings.hot_experts == envs.AUTO
+    resident = frozenset() if resident_auto else settings.resident_layers
+    hot = 0 if hot_auto else settings.hot_experts
+    if not resident_auto and not hot_auto:
+        return resident, hot
+    if not current_platform.is_cuda():
+        logger.info("lvllm: %s: no resident MoE layers, no hot experts (no GPU: every MoE layer's routed "
+                    "experts go to lk)", _auto_names(resident_auto, hot_auto))
+        return resident, hot
+    from lvllm import expert_stats, plan
+
+    shape, fit, tp = _gpu_fit(settings, _auto_names(resident_auto, hot_auto))
+    if not hot_auto:
+        logger.info("lvllm: %s=auto: MoE layers [%s] resident on cuda:%d, as `lvllm plan` fits them: %s",
+                    RESIDENT_VAR, envs.format_ranges(fit.resident), torch.cuda.current_device(), fit.describe())
+        return frozenset(fit.resident), hot
+    data = expert_stats.read(Path(settings.expert_stats)) if settings.expert_stats else None
+    counts = expert_stats.layer_totals(data) if data is not None else {}
+    resident, hot, why = plan.auto_split(shape, fit, tp, counts, resident_auto, resident)
+    logger.info("lvllm: %s: MoE layers [%s] resident, %d hot experts a layer on cuda:%d, as `lvllm plan "
+                "--stats` counts them: %s (%s)", _auto_names(resident_auto, hot_auto), envs.format_ranges(resident),
+                hot, torch.cuda.current_device(), why, fit.describe())
+    return resident, hot
+
+
+def _auto_names(resident_auto: bool, hot_auto: bool) -> str:
+    return " and ".join(f"{name}=auto" for name, auto in ((RESIDENT_VAR, resident_auto),
+                                                            ("LVLLM_HOT_EXPERTS", hot_auto)) if auto)
+
+
+def _gpu_fit(settings: Settings, names: str):
+    """(model shape, lvllm.plan.GpuFit, tensor-parallel size) of the model being built on this GPU."""
     from lvllm import plan
     from lvllm.model_shape import ConfigError, model_shape
 
-    if not current_platform.is_cuda():
-        logger.info("lvllm: %s=auto: no resident MoE layers (no GPU: every MoE layer's routed "
-                    "experts go to lk)", RESIDENT_VAR)
-        return frozenset()
     config = get_current_vllm_config()
     model_config = config.model_config
     try:
@@ -169,13 +212,11 @@ def auto_resident_layers(settings: Settings) -> frozenset[int]:
                             str(model_config.dtype).removeprefix("torch."))
         resolved = plan.resolve(shape, settings.weight_mode, settings.quant_group_size)
     except ConfigError as error:
-        raise envs.EnvError(f"{RESIDENT_VAR}=auto: {error}; list the resident layers instead") from None
-    device = torch.cuda.current_device()
-    fit = plan.gpu_fit(shape, torch.cuda.get_device_properties(device).total_memory,
-                       config.parallel_config.tensor_parallel_size, model_config.max_model_len, resolved,
+        raise envs.EnvError(f"{names}: {error}; give the layers and experts instead") from None
+    tp = config.parallel_config.tensor_parallel_size
+    fit = plan.gpu_fit(shape, torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory, tp,
+                       model_config.max_model_len, resolved,
                        settings.gpu_prefetch_window if settings.gpu_prefill_min_batch and shape.streamed_prefill
                        else None,
                        config.cache_config.gpu_memory_utilization, usable_numa_nodes())
-    logger.info("lvllm: %s=auto: MoE layers [%s] resident on cuda:%d, as `lvllm plan` fits them: %s",
-                RESIDENT_VAR, envs.format_ranges(fit.resident), device, fit.describe())
-    return frozenset(fit.resident)
+    return shape, fit, tp

