@@ -6,6 +6,7 @@ the slots are fixed and swaps write one from lk's memory (lvllm/vllm/hot_updates
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def _cuda_store(engine, w13: torch.Tensor, w2: torch.Tensor):
     once the forwards queued before it are done with the slot; returns the event to wait for."""
     if engine is None:
         return None
-    unpack, side = _unpacker(engine, w13.dtype), torch.cuda.Stream(device=w13.device)
+    unpack, side = _unpacker(engine, w13.dtype), _side_stream(w13.device)
 
     def store(slot: int, expert: int):
         side.wait_stream(torch.cuda.current_stream(w13.device))
@@ -103,6 +104,12 @@ def _cuda_store(engine, w13: torch.Tensor, w2: torch.Tensor):
             return side.record_event()
 
     return store
+
+
+@functools.cache
+def _side_stream(device: torch.device):
+    """One stream a device for every layer's swaps (they are begun one after another)."""
+    return torch.cuda.Stream(device=device)
 
 
 def _cuda_compute(w13: torch.Tensor, w2: torch.Tensor, activation, slot_of: torch.Tensor):
