@@ -17,16 +17,16 @@ namespace lk {
 
 // Activation rows quantized for the integer kernels (kernels::ActivationRow), one record
 // per row: int16 values, zero up to a multiple of 16; for 8-bit formats the same values as
-// bytes in quad order; per group its scale and its exact fp32 sum; for 8-bit formats the
-// sums of the values per span. Every ISA reads the same records, so they all multiply the
-// same integers.
+// bytes in quad order; per group its scale and its exact fp32 sum; for 8-bit formats each
+// span's sum of the values times the format's quad bias. Every ISA reads the same records,
+// so they all multiply the same integers.
 class QuantizedRows {
  public:
   QuantizedRows() = default;  // no rows: for formats whose kernels read fp32 rows
   QuantizedRows(WeightFormat format, int depth, int group)
-      : largest_(kernels::activation_max(format)), bytes_(largest_ <= 127), depth_(depth), group_(group),
-        groups_(static_cast<int>(panel_groups(depth, group))), spans_(groups_ * kernels::spans_per_group(group)),
-        stride_(static_cast<int>(round_up(depth, 16))) {}
+      : largest_(kernels::activation_max(format)), bias_(kernels::quad_bias(format)), bytes_(largest_ <= 127),
+        depth_(depth), group_(group), groups_(static_cast<int>(panel_groups(depth, group))),
+        spans_(groups_ * kernels::spans_per_group(group)), stride_(static_cast<int>(round_up(depth, 16))) {}
 
   std::size_t bytes(std::size_t rows) const { return rows * record_bytes(); }
 
@@ -75,7 +75,8 @@ class QuantizedRows {
     for (int k = begin; k < padded_end; ++k) record.quads[(k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(q[k]);
     for (int first = begin; first < end; first += kernels::kIntegerSpan) {
       const int last = std::min(end, first + kernels::kIntegerSpan);
-      record.span_sums[kernels::span_index(group_, g, first - begin)] = std::accumulate(q + first, q + last, int32_t{0});
+      record.span_biases[kernels::span_index(group_, g, first - begin)] =
+          bias_ * std::accumulate(q + first, q + last, int32_t{0});
     }
   }
 
@@ -86,7 +87,7 @@ class QuantizedRows {
             .scale = record.scale,
             .sum = record.sum,
             .quads = record.quads,
-            .span_sums = record.span_sums};
+            .span_biases = record.span_biases};
   }
 
  private:
@@ -95,7 +96,7 @@ class QuantizedRows {
     int8_t* quads;
     float* scale;
     float* sum;
-    int32_t* span_sums;
+    int32_t* span_biases;
   };
 
   std::size_t record_bytes() const {
@@ -109,13 +110,13 @@ class QuantizedRows {
     record.scale = reinterpret_cast<float*>(base + stride_ * sizeof(int16_t));
     record.sum = record.scale + groups_;
     if (bytes_) {
-      record.span_sums = reinterpret_cast<int32_t*>(record.sum + groups_);
-      record.quads = reinterpret_cast<int8_t*>(record.span_sums + spans_);
+      record.span_biases = reinterpret_cast<int32_t*>(record.sum + groups_);
+      record.quads = reinterpret_cast<int8_t*>(record.span_biases + spans_);
     }
     return record;
   }
 
-  int largest_ = 0;
+  int largest_ = 0, bias_ = 0;
   bool bytes_ = false;
   int depth_ = 0, group_ = 0, groups_ = 0, spans_ = 0, stride_ = 0;
 };

@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "lk/activation_rows.h"
 #include "lk/cpu_features.h"
 #include "lk/formats.h"
 #include "lk/host_buffer.h"
@@ -77,49 +78,39 @@ bool reads_two_panels(const kernels::FormatKernels& kernel, int rows) {
   return kernels::unit_takes(kernel, rows) || rows <= kernel.pair_rows;
 }
 
-// Activation rows: fp32 values (scaled as the kernels read them) and their integer form
-// per group (and, for 8-bit formats, as bytes in quad order with their sums per span),
-// zero past `depth` up to a multiple of 4 as the engine prepares them.
+// Activation rows: fp32 values (scaled as the kernels read them), zero past `depth` up to a
+// multiple of 4, and for the integer kernels their records as the engine quantizes them.
 struct RandomRows {
   std::vector<float> values;
-  std::vector<int16_t> quantized;
-  std::vector<int8_t> quads;
-  std::vector<float> group_scales, group_sums;
-  std::vector<int32_t> span_sums;
+  QuantizedRows quantized;
+  std::vector<std::byte> records;
   std::vector<kernels::ActivationRow> rows;
 };
 
 RandomRows random_rows(const kernels::FormatKernels& kernel, WeightFormat format, int rows, int depth,
                        bool bf16_inputs, std::mt19937& rng) {
   const int padded = (depth + 3) / 4 * 4;
-  const int group = group_of(format);
-  const int groups = (depth + group - 1) / group;
-  const int spans = groups * kernels::spans_per_group(group);
-  const int largest = kernels::activation_max(format);
   RandomRows a;
   a.values.assign(static_cast<std::size_t>(rows) * padded, 0.0f);
-  a.quantized.assign(static_cast<std::size_t>(rows) * padded, 0);
-  a.quads.assign(static_cast<std::size_t>(rows) * padded, 0);
-  a.group_scales.assign(static_cast<std::size_t>(rows) * groups, 1.0f / static_cast<float>(largest));
-  a.group_sums.assign(static_cast<std::size_t>(rows) * groups, 0.0f);
-  a.span_sums.assign(static_cast<std::size_t>(rows) * spans, 0);
+  if (kernel.integer_rows) {
+    a.quantized = QuantizedRows(format, depth, group_of(format));
+    a.records.resize(a.quantized.bytes(rows));
+  }
   a.rows.resize(rows);
   std::uniform_real_distribution<float> activation(-1.0f, 1.0f);
   for (int r = 0; r < rows; ++r) {
-    const std::size_t row = static_cast<std::size_t>(r) * padded;
+    float* row = &a.values[static_cast<std::size_t>(r) * padded];
     for (int k = 0; k < depth; ++k) {
       float v = activation(rng);
       if (bf16_inputs) v = std::bit_cast<float>(std::bit_cast<uint32_t>(v) & 0xffff0000u);
-      a.values[row + k] = v * kernel.activation_scale;
-      a.quantized[row + k] = static_cast<int16_t>(v * static_cast<float>(largest));
-      a.quads[row + (k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(a.quantized[row + k]);
+      row[k] = v * kernel.activation_scale;
     }
-    a.rows[r] = {.values = &a.values[row],
-                 .q = &a.quantized[row],
-                 .scale = &a.group_scales[static_cast<std::size_t>(r) * groups],
-                 .sum = &a.group_sums[static_cast<std::size_t>(r) * groups],
-                 .quads = &a.quads[row],
-                 .span_sums = &a.span_sums[static_cast<std::size_t>(r) * spans]};
+    if (!kernel.integer_rows) {
+      a.rows[r] = kernels::ActivationRow::of_values(row);
+      continue;
+    }
+    a.quantized.quantize(row, a.records.data(), r);
+    a.rows[r] = a.quantized.row(row, a.records.data(), r);
   }
   return a;
 }

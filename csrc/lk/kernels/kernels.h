@@ -15,34 +15,40 @@ namespace lk::kernels {
 // quantized per weight group, prepared once per forward: q[k] * scale[k / group]
 // approximates values[k] (int16, |q| <= activation_max(format), zero up to a multiple of 4
 // inputs), and sum[k / group] is the group's exact fp32 sum, which INT4 offsets multiply.
-// Formats quantized to 8 bits (INT4) also carry q as bytes, each four inputs from a
-// multiple of 4 on in the order an INT4 lane holds them (formats.h, kInt4QuadOrder), and
-// the sum of q over each span of inputs whose integer products a kernel sums before
-// moving them to fp32 (span_index), for kernels that multiply bytes.
+// Formats quantized to 8 bits (INT4, the e2m1 formats) also carry q as bytes, each four
+// inputs from a multiple of 4 on in the order an INT4 lane holds them (formats.h,
+// kInt4QuadOrder), and per span of inputs whose byte products a kernel sums before moving
+// them to fp32 (span_index) the span's sum of q times the format's quad_bias: what the
+// weights' bias adds to those products, which the kernels take off.
 struct ActivationRow {
   const float* values;
   const int16_t* q;
   const float* scale;
   const float* sum;
   const int8_t* quads;
-  const int32_t* span_sums;
+  const int32_t* span_biases;
 
   // The row of fp32 values alone, for kernels that read nothing else.
   static ActivationRow of_values(const float* values) {
-    return {.values = values, .q = nullptr, .scale = nullptr, .sum = nullptr, .quads = nullptr, .span_sums = nullptr};
+    return {.values = values, .q = nullptr, .scale = nullptr, .sum = nullptr, .quads = nullptr, .span_biases = nullptr};
   }
 };
 // INT8: 16 bits keep the quantization error of an activation below 2^-16 of its group's
 // largest magnitude, far below that of the weights. INT4: 8 bits (2^-8), still far below
 // INT4's own error, let the kernels multiply bytes, twice as many per instruction. Every
 // ISA quantizes a format's activations alike, so all multiply the same integers.
-// MXFP4 multiplies bytes as INT4 does, at 85 steps: a group's 16 products per 16-bit lane
-// of weights biased to 0..24 then stay below 2^15 (16 * 24 * 85 = 32640), so its sums
-// widen once per group (per 32 inputs, finer than INT4's 127 steps per 128 in practice).
-// NVFP4's groups of 16 give 8 products a lane, below 2^15 at 127 steps.
+// The e2m1 formats multiply bytes as INT4 does, at the same 127 steps, per group of 32
+// (MXFP4) or 16 (NVFP4) inputs: with weights biased to 0..24, 16-bit sums of 8 products a
+// lane stay below 2^15 (without VNNI, MXFP4's groups widen in two runs).
 constexpr int activation_max(WeightFormat format) {
-  if (format == WeightFormat::Mxfp4) return 85;
-  return format == WeightFormat::Int4 || format == WeightFormat::Nvfp4 ? 127 : 32767;
+  return format == WeightFormat::Int4 || is_e2m1(format) ? 127 : 32767;
+}
+
+// The unsigned bias a format's weight bytes carry where the kernels multiply bytes (INT4's
+// q - 8 stored as q; the e2m1 formats' doubled values plus 12), 0 for the others.
+constexpr int quad_bias(WeightFormat format) {
+  if (format == WeightFormat::Int4) return 8;
+  return is_e2m1(format) ? 12 : 0;
 }
 
 // The e2m1 formats' scaled group sums add up in fp32 over this many inputs before joining

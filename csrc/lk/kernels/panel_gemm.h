@@ -34,7 +34,9 @@
 // names their largest (static constexpr int kQuadMax).
 // MXFP4 and NVFP4 (formats.h) are multiplied as INT4 is, their values doubled; their scale
 // rows are bytes (e8m0; e4m3), which an Unpack may turn into fp32 scales for a group's
-// kPanelWidth columns (NVFP4's before its row scales: e4m3 values as they come):
+// kPanelWidth columns (NVFP4's before its row scales: e4m3 values as they come, or those
+// divided by a constant, static constexpr float kScaleByteUnit, which the kernels fold
+// into the row scales once per pass):
 //   static void group_scales(const uint8_t* row, Vec (&scale)[kPanelWidth / Simd::kLanes]);
 // (else they are converted one by one, as mxfp4_half_scale and fp8_e4m3_to_float do).
 //
@@ -92,6 +94,10 @@ struct PanelKernels {
   static constexpr bool kGrouped = is_grouped(kFormat);
   static constexpr bool kInteger = kFormat == WeightFormat::Int8 || kFormat == WeightFormat::Int4 || is_e2m1(kFormat);
   static constexpr bool kQuads = requires { Unpack::kQuadBias; };
+  static_assert([] {
+    if constexpr (kQuads) return Unpack::kQuadBias == quad_bias(kFormat);
+    return true;
+  }(), "the activations' span biases take the Unpack's bias off");
   static constexpr int kVecs = kPanelWidth / Simd::kLanes;
   // Rows of one pass of gemm over a panel (the rows whose sums it keeps in registers).
   static constexpr int kMainRows = kInteger ? Simd::kIntegerMainRows : Simd::kMainRows;
@@ -161,7 +167,12 @@ struct PanelKernels {
   static void row_scales(const uint8_t* panel, int depth, Vec (&scale)[kVecs]) {
     const long group_rows = static_cast<long>(panel_groups(depth, kNvfp4Group)) * kGroupRowBytes;
     const float* line = reinterpret_cast<const float*>(panel + row_scale_line(value_bytes(depth), group_rows));
-    for (int v = 0; v < kVecs; ++v) scale[v] = Simd::load(line + v * Simd::kLanes);
+    const Vec unit = Simd::set1(scale_byte_unit());
+    for (int v = 0; v < kVecs; ++v) scale[v] = Simd::mul(Simd::load(line + v * Simd::kLanes), unit);
+  }
+  static constexpr float scale_byte_unit() {
+    if constexpr (requires { Unpack::kScaleByteUnit; }) return Unpack::kScaleByteUnit;
+    return 1.0f;
   }
 
   // The e2m1 formats' fp32 scales of a group from its row of scale bytes: MXFP4's halved,
@@ -516,7 +527,7 @@ struct PanelKernels {
           for (int r = 0; r < Rows; ++r) {
             const Vec row_scale = Simd::set1(a[r].scale[index]);
             if constexpr (kQuads) {
-              const int bias = Unpack::kQuadBias * a[r].span_sums[span_index(group_size, index, start - first)];
+              const int bias = a[r].span_biases[span_index(group_size, index, start - first)];
 #pragma GCC unroll 16
               for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::isub(acc[p][r][v], Simd::iset1(bias));
             }
@@ -547,9 +558,11 @@ struct PanelKernels {
 
   // The e2m1 formats on byte products: a group is 32 inputs (MXFP4) or 16 (NVFP4) with a
   // scale per column, so its integer sums turn into fp32 once per group and row, four or
-  // eight times as often as INT4's. That step is made cheap: the group's byte products sum
-  // whole in 16 bits (activation_max), and its scaled sums add to fp32 sums held in
-  // registers, added to c once per kE2m1SumSpan inputs instead of read and written per group.
+  // eight times as often as INT4's. That step is kept to what it must do: the group's byte
+  // products sum in 16 bits (activation_max), the weights' bias comes off with one
+  // subtraction of the row's span bias, and the sum is converted and added times the group's
+  // and the row's scales to fp32 sums held in registers, added to c once per kE2m1SumSpan
+  // inputs instead of read and written per group.
   static constexpr bool kScaledQuadGroups = kQuads && is_e2m1(kFormat);
   static constexpr int kGroupBlocks = e2m1_group(kFormat) / kBlockRows;
 
@@ -561,12 +574,12 @@ struct PanelKernels {
     byte_scales(scale_row, row_scale, scale);
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
-      const Vec row_scale = Simd::set1(a[r].scale[index]);
-      const typename Simd::IVec bias = Simd::iset1(Unpack::kQuadBias * a[r].span_sums[index]);
+      const Vec activation_scale = Simd::set1(a[r].scale[index]);
+      const typename Simd::IVec bias = Simd::iset1(a[r].span_biases[index]);
 #pragma GCC unroll 16
       for (int v = 0; v < kVecs; ++v) {
         const Vec sum = Simd::to_float(Simd::isub(sums[r][v], bias));
-        acc[r][v] = Simd::fmadd(sum, Simd::mul(scale[v], row_scale), acc[r][v]);
+        acc[r][v] = Simd::fmadd(sum, Simd::mul(scale[v], activation_scale), acc[r][v]);
       }
     }
   }

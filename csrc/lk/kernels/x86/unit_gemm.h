@@ -442,7 +442,7 @@ struct UnitKernels {
       Vec row_scale{}, activation_sum{};
       [[maybe_unused]] IVec quad_bias{};
       if constexpr (Panel::kInteger) row_scale = Simd::set1(row.scale[block.index]);
-      if constexpr (Panel::kQuads) quad_bias = Simd::iset1(Unpack::kQuadBias * row.span_sums[span]);
+      if constexpr (Panel::kQuads) quad_bias = Simd::iset1(row.span_biases[span]);
       if constexpr (has_offsets(Unpack::kFormat)) activation_sum = Simd::set1(row.sum[block.index]);
       for (int p = 0; p < Panels; ++p) {
         const uint8_t* row_sums_bytes = sums + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;

@@ -8,8 +8,8 @@ namespace lk::kernels {
 namespace {
 // Columns 0-7 and 8-15 of a row of scale bytes as fp32 scales. MXFP4's e8m0: each byte
 // shifted into an fp32 exponent is 2^(e - 127), halved for the doubled values. NVFP4's
-// e4m3: each byte moved into fp16 bit positions (the value times 2^-8: sign-extended,
-// shifted left by 7, the sign's copy in bit 14 cleared) and converted, times 2^8.
+// e4m3: each byte moved into fp16 bit positions (sign-extended, shifted left by 7, the
+// sign's copy in bit 14 cleared) and converted, the value times 2^-8 (kScaleByteUnit).
 template <WeightFormat kFormat>
 inline void byte_group_scales(const uint8_t* row, __m256 (&scale)[2]) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
@@ -22,9 +22,8 @@ inline void byte_group_scales(const uint8_t* row, __m256 (&scale)[2]) {
   } else {
     const __m256i halves = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
                                             _mm256_set1_epi16(static_cast<short>(0xbfff)));
-    const __m256 unit = _mm256_set1_ps(256.0f);
-    scale[0] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(halves)), unit);
-    scale[1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1)), unit);
+    scale[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
+    scale[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
   }
 }
 
@@ -41,6 +40,7 @@ struct E2m1Unpack {
   static constexpr bool kPrefetchIntoL2 = true;
   static constexpr int kQuadBias = 12;
   static constexpr int kQuadMax = 24;
+  static constexpr float kScaleByteUnit = kE2m1Format == WeightFormat::Nvfp4 ? 256.0f : 1.0f;
   static void quads(const uint8_t* block, __m256i (&w)[2]) {
     const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
@@ -61,6 +61,7 @@ struct E2m1WideUnpack {
   static constexpr int kBlockBytes = 64;
   static constexpr int kQuadBias = E2m1Unpack<kFormat>::kQuadBias;
   static constexpr int kQuadMax = E2m1Unpack<kFormat>::kQuadMax;
+  static constexpr float kScaleByteUnit = E2m1Unpack<kFormat>::kScaleByteUnit;
   static void quads(const uint8_t* block, __m256i (&w)[2]) {
     w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     w[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32));

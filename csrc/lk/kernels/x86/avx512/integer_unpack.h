@@ -22,6 +22,14 @@ struct Int8Unpack {
   }
 };
 
+// A block's 32 bytes in both halves of a register (a broadcast load, no shuffle), the upper
+// half's 16-bit words shifted right by 4: each byte's low nibble in the lower half and its
+// high nibble in the upper half, in bits 0-3 (bits 4-7 are for the caller to mask).
+inline __m512i nibble_halves(const uint8_t* block) {
+  const __m512i both = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)));
+  return _mm512_mask_srli_epi16(both, static_cast<__mmask32>(0xffff0000u), both, 4);
+}
+
 // Read as bytes, 32-bit lane j < 8 of a block holds four rows of columns j (low nibbles)
 // and j + 8 (high nibbles) (formats.h): the low nibbles in the lower half of a register and
 // the high ones in the upper half give every column's four rows as unsigned bytes, which
@@ -38,10 +46,8 @@ struct Int4Unpack {
   static constexpr int kPrefetchBytes = 16384;
   static constexpr bool kPrefetchIntoL2 = true;
   static void quads(const uint8_t* block, __m512i (&w)[1]) {
-    const __m256i words = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block)),
-                                           _mm256_set1_epi8(static_cast<char>(0x88)));
-    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(words), _mm256_srli_epi16(words, 4), 1);
-    w[0] = _mm512_and_si512(halves, _mm512_set1_epi8(0x0f));
+    // (x & 0x0f) ^ 0x08 in one vpternlog (A & C) ^ B.
+    w[0] = _mm512_ternarylogic_epi32(nibble_halves(block), _mm512_set1_epi8(0x08), _mm512_set1_epi8(0x0f), 0x6c);
   }
 };
 
@@ -57,15 +63,14 @@ struct E2m1Unpack {
   static constexpr int kPrefetchBytes = Int4Unpack::kPrefetchBytes;
   static constexpr bool kPrefetchIntoL2 = true;
   static void quads(const uint8_t* block, __m512i (&w)[1]) {
-    const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
-    const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(codes), _mm256_srli_epi16(codes, 4), 1);
     const __m512i table =
         _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
-    w[0] = _mm512_shuffle_epi8(table, _mm512_and_si512(halves, _mm512_set1_epi8(0x0f)));
+    w[0] = _mm512_shuffle_epi8(table, _mm512_and_si512(nibble_halves(block), _mm512_set1_epi8(0x0f)));
   }
   // A row of scale bytes, one per column. MXFP4's e8m0: each shifted into an fp32 exponent
   // is 2^(e - 127), halved for the doubled values. NVFP4's e4m3: moved into fp16 bit
-  // positions as Fp8Unpack does (the value times 2^-8) and converted, times 2^8.
+  // positions as Fp8Unpack does and converted, the value times 2^-8.
+  static constexpr float kScaleByteUnit = kE2m1Format == WeightFormat::Nvfp4 ? 256.0f : 1.0f;
   static void group_scales(const uint8_t* row, __m512 (&scale)[1]) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
     if constexpr (kE2m1Format == WeightFormat::Mxfp4) {
@@ -74,7 +79,7 @@ struct E2m1Unpack {
     } else {
       const __m256i halves = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
                                               _mm256_set1_epi16(static_cast<short>(0xbfff)));
-      scale[0] = _mm512_mul_ps(_mm512_cvtph_ps(halves), _mm512_set1_ps(256.0f));
+      scale[0] = _mm512_cvtph_ps(halves);
     }
   }
 };
