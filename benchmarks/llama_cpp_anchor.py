@@ -48,6 +48,10 @@ CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHAR
                  "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                  "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON",
                  f"-DLLAMA_BUILD_NUMBER={BUILD_NUMBER}", f"-DLLAMA_BUILD_COMMIT=b{BUILD_NUMBER}"]
+# ggml's AMX path (taken with -march=native where the CPU has AMX tiles) segfaults in llama-bench
+# on the Xeon VMs here (ggml::cpu::amx::tensor_traits::compute_forward); without it ggml keeps
+# its AVX-512 VNNI kernels and its repacked Q4_0 (--repack 0 would drop those too).
+NO_AMX_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 CONVERTER_PACKAGES = ["transformers==4.57.6", "sentencepiece", "safetensors", "numpy"]
 CONVERTER_BOOTSTRAP = """
@@ -82,6 +86,11 @@ def run_logged(command: list, log: Path) -> None:
                            f"{log}:\n{log.read_text()[-3000:]}")
 
 
+def amx_free_options() -> list[str]:
+    """GCC's explicit -mno-* flags win over what -march=native implies, in either order."""
+    return [f"-DCMAKE_C_FLAGS={NO_AMX_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_FLAGS}"]
+
+
 class LlamaCpp:
     """llama.cpp's tools and converter, made under ``folder`` on first use."""
 
@@ -113,12 +122,13 @@ class LlamaCpp:
 
     def build_tools(self) -> None:
         build, stamp = self.bin.parent, self.bin.parent / ".built"
-        wanted = json.dumps(CMAKE_OPTIONS)
+        options = CMAKE_OPTIONS + (amx_free_options() if "amx_tile" in harness.cpu_flags() else [])
+        wanted = json.dumps(options)
         if stamp.exists() and stamp.read_text() == wanted:
             return
         print("llama.cpp: building llama-bench and llama-quantize (a few minutes) ...", flush=True)
         logs = self.folder / "logs"
-        run_logged(["cmake", "-S", self.source, "-B", build, *CMAKE_OPTIONS], logs / "configure.log")
+        run_logged(["cmake", "-S", self.source, "-B", build, *options], logs / "configure.log")
         run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "-j", "2"],
                    logs / "build.log")
         stamp.write_text(wanted)
