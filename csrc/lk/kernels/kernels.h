@@ -37,11 +37,13 @@ struct ActivationRow {
 // largest magnitude, far below that of the weights. INT4: 8 bits (2^-8), still far below
 // INT4's own error, let the kernels multiply bytes, twice as many per instruction. Every
 // ISA quantizes a format's activations alike, so all multiply the same integers.
-// The e2m1 formats multiply bytes as INT4 does, at the same 127 steps, per group of 32
-// (MXFP4) or 16 (NVFP4) inputs: with weights biased to 0..24, 16-bit sums of 8 products a
-// lane stay below 2^15 (without VNNI, MXFP4's groups widen in two runs).
+// MXFP4 multiplies bytes as INT4 does, at 85 steps: a group's 16 products per 16-bit lane
+// of weights biased to 0..24 then stay below 2^15 (16 * 24 * 85 = 32640), so its sums
+// widen once per group (per 32 inputs, finer than INT4's 127 steps per 128 in practice).
+// NVFP4's groups of 16 give 8 products a lane, below 2^15 at 127 steps.
 constexpr int activation_max(WeightFormat format) {
-  return format == WeightFormat::Int4 || is_e2m1(format) ? 127 : 32767;
+  if (format == WeightFormat::Mxfp4) return 85;
+  return format == WeightFormat::Int4 || format == WeightFormat::Nvfp4 ? 127 : 32767;
 }
 
 // The unsigned bias a format's weight bytes carry where the kernels multiply bytes (INT4's
