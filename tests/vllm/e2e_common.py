@@ -93,6 +93,13 @@ CHECKPOINT_DIMS = ("--dtype", "bfloat16", "--hidden-size", "256",
                    "--head-dim", "64")
 
 
+# The tiny DeepSeek-V3 of the lossy runs (bfloat16, lk's 8-bit activations), its routers skewed:
+# unskewed, its top-k margins fall to 7e-3, which any bf16 forward flips, vLLM's own included (on a
+# Xeon with AMX, vLLM's own bf16 forward of a dequantized NVFP4 checkpoint deviated 0.60 and lk's
+# 2.6; GPTQ per-channel greedy shortfalls 2.2 there).
+DEEPSEEK_LOSSY = ("deepseek_v3", "--dtype", "bfloat16", "--router-skew", "3")
+
+
 class RunResult:
     def __init__(self, tokens, prompt_logprobs, report, prompt_token_ids=None, inspected=None):
         self.tokens = tokens                      # per prompt: greedy output token ids

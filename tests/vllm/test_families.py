@@ -54,7 +54,8 @@ import torch
 
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
                         LOSSY_SAME_PREFIX, MAX_TOKENS, PROMPTS, CachedReference, TransformersReference,
-                        assert_upstream, build_model, deviations, draft_lk_report, layer_index, run_llm)
+                        assert_upstream, attention_backend, build_model, deviations, draft_lk_report,
+                        layer_index, run_llm)
 
 # Measured (median / max prompt-logprob deviation): Kimi INT4 KEEP 0.017 / 0.15, Qwen3-Next
 # bf16 lk 0.016 / 0.061 (vLLM's own 0.017 / 0.058), gpt-oss MXFP4 KEEP 0.038 / 0.71 (gpt-oss
@@ -323,18 +324,20 @@ def _sigmoid_router():
         router._compute_routing(torch.zeros(3, 16), torch.randn(3, 8), None)
 
 
+# vLLM's CPU W4A16 and MXFP4 MoE kernels take CPUs with AMX tiles only: the table's "cannot run"
+# is for CPUs without them, and on a CPU with them the kernels must take it.
 def _cpu_int4_moe():
     from vllm.model_executor.layers.fused_moe.config import RoutingMethodType
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsInt4
 
-    assert not CPUExpertsInt4._supports_current_device(), "this CPU has AMX: update the table"
+    assert CPUExpertsInt4._supports_current_device() == torch.cpu._is_amx_tile_supported()
     assert not CPUExpertsInt4._supports_routing_method(RoutingMethodType.DeepSeekV3, None, None)
 
 
 def _cpu_mxfp4_moe():
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUExpertsMxfp4
 
-    assert not CPUExpertsMxfp4._supports_current_device(), "this CPU has AMX: update the table"
+    assert CPUExpertsMxfp4._supports_current_device() == torch.cpu._is_amx_tile_supported()
 
 
 def _qwen3_5_import():
@@ -551,9 +554,10 @@ DRAFT_LAYER = 4
 
 @pytest.fixture(scope="module")
 def mtp_run(models):
-    return run_llm(models(MTP_KEY), lk=True, resident=MTP_RESIDENT,
-                   llm_kwargs={"speculative_config": {"method": "mtp",
-                                                      "num_speculative_tokens": 1}},
+    model = models(MTP_KEY)
+    # The draft model picks its own attention backend: the target's, for the same reason.
+    draft = {"method": "mtp", "num_speculative_tokens": 1, "attention_backend": attention_backend(model, "float32")}
+    return run_llm(model, lk=True, resident=MTP_RESIDENT, llm_kwargs={"speculative_config": draft},
                    inspect=lambda llm: llm.collective_rpc(draft_lk_report))
 
 
