@@ -556,7 +556,8 @@ DRAFT_LAYER = 4
 def mtp_run(models):
     model = models(MTP_KEY)
     # The draft model picks its own attention backend: the target's, for the same reason.
-    draft = {"method": "mtp", "num_speculative_tokens": 1, "attention_backend": attention_backend(model, "float32")}
+    draft = {"method": "mtp", "num_speculative_tokens": 1,
+             "attention_backend": attention_backend(model, "float32")}
     return run_llm(model, lk=True, resident=MTP_RESIDENT, llm_kwargs={"speculative_config": draft},
                    inspect=lambda llm: llm.collective_rpc(draft_lk_report))
 

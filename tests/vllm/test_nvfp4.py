@@ -33,11 +33,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from e2e_common import (BF16_LOGPROB_TOL, CHECKPOINT_DIMS, DEEPSEEK_LOSSY, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
-                        LOSSY_SAME_PREFIX, MAX_TOKENS, assert_lk_computed, build_model, dequantized_reference,
-                        deviations)
+from e2e_common import (BF16_LOGPROB_TOL, CHECKPOINT_DIMS, DEEPSEEK_LOSSY_DIMS, LOSSY_MAX_TOL,
+                        LOSSY_MEDIAN_TOL, LOSSY_SAME_PREFIX, MAX_TOKENS, assert_lk_computed, build_model,
+                        dequantized_reference, deviations)
 
-BUILDS = {"qwen3_moe": CHECKPOINT_DIMS, "deepseek_v3": DEEPSEEK_LOSSY[1:]}   # H 256 / I 128, H 128 / I 64
+BUILDS = {"qwen3_moe": CHECKPOINT_DIMS, "deepseek_v3": DEEPSEEK_LOSSY_DIMS}   # H 256 / I 128, H 128 / I 64
 # name -> (family, LVLLM_MOE_USE_WEIGHT, lk's format and group, MoE layers)
 NVFP4_RUNS = {
     # Measured: 0.013 / 0.21 (vLLM's own bf16 forward of the dequantized checkpoint: 0.0092 / 0.21).
