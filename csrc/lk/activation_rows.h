@@ -75,8 +75,8 @@ class QuantizedRows {
     for (int k = begin; k < padded_end; ++k) record.quads[(k & ~3) + kInt4QuadOrder[k & 3]] = static_cast<int8_t>(q[k]);
     for (int first = begin; first < end; first += kernels::kIntegerSpan) {
       const int last = std::min(end, first + kernels::kIntegerSpan);
-      record.span_biases[kernels::span_index(group_, g, first - begin)] =
-          bias_ * std::accumulate(q + first, q + last, int32_t{0});
+      record.span_corrections[kernels::span_index(group_, g, first - begin)] =
+          -bias_ * std::accumulate(q + first, q + last, int32_t{0});
     }
   }
 
@@ -87,7 +87,7 @@ class QuantizedRows {
             .scale = record.scale,
             .sum = record.sum,
             .quads = record.quads,
-            .span_biases = record.span_biases};
+            .span_corrections = record.span_corrections};
   }
 
  private:
@@ -96,7 +96,7 @@ class QuantizedRows {
     int8_t* quads;
     float* scale;
     float* sum;
-    int32_t* span_biases;
+    int32_t* span_corrections;
   };
 
   std::size_t record_bytes() const {
@@ -110,8 +110,8 @@ class QuantizedRows {
     record.scale = reinterpret_cast<float*>(base + stride_ * sizeof(int16_t));
     record.sum = record.scale + groups_;
     if (bytes_) {
-      record.span_biases = reinterpret_cast<int32_t*>(record.sum + groups_);
-      record.quads = reinterpret_cast<int8_t*>(record.span_biases + spans_);
+      record.span_corrections = reinterpret_cast<int32_t*>(record.sum + groups_);
+      record.quads = reinterpret_cast<int8_t*>(record.span_corrections + spans_);
     }
     return record;
   }

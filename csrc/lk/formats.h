@@ -7,7 +7,7 @@
 // want them. Quantized formats follow the values with per-group fp32 scales (and, for INT4,
 // offsets), one row of kPanelWidth per group of `group` consecutive k:
 //   weight[k][j] = q[k][j] * scale[k / group][j] (+ offset[k / group][j])
-// MXFP4 and NVFP4 store their scales as they come, one byte per column and group (below).
+// MXFP4 and NVFP4 store their scales as bytes, one per column and group (below).
 #pragma once
 
 #include <cstddef>
@@ -59,10 +59,18 @@ constexpr int kMxfp4Group = 32;
 constexpr int8_t kMxfp4Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 // NVFP4 (NVIDIA ModelOpt): the same codes, lying as MXFP4's do, each group of kNvfp4Group
 // inputs sharing an FP8 e4m3fn scale byte, and each row (column of a panel) a float32
-// scale, the checkpoint's per-tensor weight_scale_2. The scale rows are the e4m3 bytes,
-// kPanelWidth per group, and the panel ends with a line of the columns' row scales halved
-// (fp32, for the doubled values): a group's scale is e4m3 x half row scale, rounded once.
+// scale, the checkpoint's per-tensor weight_scale_2. The scale rows hold a byte per column
+// and group, the e4m3 scale's magnitude re-coded (nvfp4_scale_code) so that the code shifted
+// left by 20 is the fp32 bits of the scale times 2^-104, subnormal e4m3 included (a widening
+// and a shift in the kernels). A negative scale's group has its codes' signs flipped instead
+// (exact). The panel ends with a line of the columns' row scales halved (for
+// the doubled values) times 2^104 (kNvfp4ScaleCodeUnit): a group's scale is the code's fp32
+// x that row scale, rounded once, as e4m3 x half row scale is.
 constexpr int kNvfp4Group = 16;
+constexpr int kNvfp4ScaleCodeShift = 20;
+constexpr float kNvfp4ScaleCodeUnit = 0x1p104f;
+// Row scales whose half times kNvfp4ScaleCodeUnit stays finite, with room for the products.
+constexpr float kNvfp4RowScaleLimit = 0x1p20f;
 
 // The formats whose values are e2m1 codes (multiplied as INT4's, doubled), and their group.
 static constexpr bool is_e2m1(WeightFormat format) {
@@ -90,6 +98,24 @@ static inline float mxfp4_half_scale(uint8_t e8m0) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return scale * 0.5f;
+}
+
+// A non-negative e4m3 value (every one is a multiple of 2^-9 with at most 4 significant
+// bits) as its NVFP4 scale code: its fp32 exponent and top 3 mantissa bits, the exponent
+// lowered by 104 (codes 112..254 for 2^-9..448), or 0 for zero.
+static inline uint8_t nvfp4_scale_code(float magnitude) {
+  if (magnitude == 0.0f) return 0;
+  uint32_t bits;
+  std::memcpy(&bits, &magnitude, sizeof bits);
+  return static_cast<uint8_t>((bits >> kNvfp4ScaleCodeShift) - (104u << 3));
+}
+
+// An NVFP4 scale code's value times 2^-104, as the kernels compute it.
+static inline float nvfp4_code_scale(uint8_t code) {
+  const uint32_t bits = static_cast<uint32_t>(code) << kNvfp4ScaleCodeShift;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
 }
 
 static constexpr std::size_t padded_depth(WeightFormat format, std::size_t depth) {

@@ -27,17 +27,19 @@ const KernelSet& kernel_set(Isa isa) {
       .format = {avx512_f32, avx512_f16, avx512_bf16, avx512_vnni_int8, avx512_vnni_int4, avx512_fp8,
                  avx512_vnni_mxfp4, avx512_vnni_nvfp4},
       .activation = avx512_activation};
-  // AVX512_BF16 multiplies bf16 pairs in prefill of bf16 and FP8.
+  // AVX512_BF16 multiplies bf16 pairs in prefill of bf16 and FP8; its AVX512_VBMI looks
+  // MXFP4's and NVFP4's codes up with vpermb.
   static const KernelSet avx512_bf16_set{
       .isa = Isa::Avx512Bf16,
       .format = {avx512_f32, avx512_f16, avx512_bf16_bf16, avx512_vnni_int8, avx512_vnni_int4, avx512_bf16_fp8,
-                 avx512_vnni_mxfp4, avx512_vnni_nvfp4},
+                 avx512_bf16_mxfp4, avx512_bf16_nvfp4},
       .activation = avx512_activation};
-  // AMX adds tiles to prefill of bf16, INT8, INT4 and FP8 (decode, MXFP4 and NVFP4 as AVX512_VNNI).
+  // AMX adds tiles to prefill of bf16, INT8, INT4 and FP8 (decode as below; MXFP4 and NVFP4
+  // as AVX512_BF16).
   static const KernelSet amx_set{
       .isa = Isa::Amx,
-      .format = {avx512_f32, avx512_f16, amx_bf16, amx_int8, amx_int4, amx_fp8, avx512_vnni_mxfp4,
-                 avx512_vnni_nvfp4},
+      .format = {avx512_f32, avx512_f16, amx_bf16, amx_int8, amx_int4, amx_fp8, avx512_bf16_mxfp4,
+                 avx512_bf16_nvfp4},
       .activation = avx512_activation};
   switch (isa) {
     case Isa::Generic: return generic_set;

@@ -31,7 +31,7 @@ void multiply_panel(const KernelSet& kernels, WeightFormat format, const void* p
                        .scale = a.scale ? a.scale + first_group : nullptr,
                        .sum = a.sum ? a.sum + first_group : nullptr,
                        .quads = a.quads ? a.quads + first : nullptr,
-                       .span_biases = a.span_biases ? a.span_biases + first_span : nullptr};
+                       .span_corrections = a.span_corrections ? a.span_corrections + first_span : nullptr};
     }
     kernel.widened_gemm(block_rows, count, widened, rows, group, c_rows, accumulate || first > 0);
   }

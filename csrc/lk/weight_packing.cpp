@@ -164,9 +164,10 @@ uint8_t SourceMatrix::scale_byte(std::size_t row, std::size_t col) const {
 
 float SourceMatrix::row_scale(std::size_t row) const {
   const float scale = source.row_scales[expert * rows + row];
-  if (!std::isfinite(scale)) {
+  if (!(std::fabs(scale) < kNvfp4RowScaleLimit)) {
     throw std::invalid_argument("expert " + std::to_string(expert) + ", row " + std::to_string(row) +
-                                " has a weight_scale_2 of " + std::to_string(scale) + "; lk needs finite weights");
+                                " has a weight_scale_2 of " + std::to_string(scale) +
+                                "; lk takes finite ones below 2^20 in magnitude");
   }
   return scale;
 }
@@ -279,8 +280,9 @@ void pack_integer_panel(const SourceMatrix& source, const int (&rows)[kPanelWidt
 }
 
 // MXFP4 or NVFP4 from the same (the engine converts them to other formats, never others to
-// them): each column's codes out of their bytes, its scale bytes as they are (NaN refused),
-// NVFP4's half row scale, then the codes where INT4's nibbles lie.
+// them): each column's codes out of their bytes, its scale bytes (NaN refused; MXFP4's as
+// they are, NVFP4's magnitudes re-coded and a negative scale's group negated, formats.h),
+// NVFP4's half row scale times the codes' unit, then the codes where INT4's nibbles lie.
 void pack_e2m1_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth], std::size_t first_col, int depth,
                      PackScratch& scratch, uint8_t* panel) {
   const WeightFormat format = source.source.format;
@@ -295,15 +297,21 @@ void pack_e2m1_panel(const SourceMatrix& source, const int (&rows)[kPanelWidth],
   scratch.codes.assign(stride * kPanelWidth, 0);
   for (int j = 0; j < kPanelWidth; ++j) {
     if (rows[j] < 0) continue;
-    for (std::size_t g = 0; g < groups; ++g) {
-      scales[g * kPanelWidth + j] = source.scale_byte(rows[j], first_col + g * group);
-    }
-    if (format == WeightFormat::Nvfp4) half_row_scales[j] = source.row_scale(rows[j]) * 0.5f;
+    if (format == WeightFormat::Nvfp4) half_row_scales[j] = source.row_scale(rows[j]) * 0.5f * kNvfp4ScaleCodeUnit;
     const uint8_t* from = source.code_bytes(rows[j]);
     uint8_t* codes = scratch.codes.data() + j * stride;
-    for (int k = 0; k < depth; ++k) {
-      const std::size_t at = first_col + k;
-      codes[k] = (from[at / 2] >> (4 * (at & 1))) & 0xf;
+    for (std::size_t g = 0; g < groups; ++g) {
+      uint8_t scale = source.scale_byte(rows[j], first_col + g * group);
+      uint8_t sign_flip = 0;
+      if (format == WeightFormat::Nvfp4) {
+        sign_flip = (scale & 0x80) ? 0x8 : 0;  // e2m1's sign bit
+        scale = nvfp4_scale_code(kFp8Values.of[scale & 0x7f]);
+      }
+      scales[g * kPanelWidth + j] = scale;
+      for (int k = static_cast<int>(g) * group; k < static_cast<int>(g + 1) * group; ++k) {
+        const std::size_t at = first_col + k;
+        codes[k] = ((from[at / 2] >> (4 * (at & 1))) & 0xf) ^ sign_flip;
+      }
     }
   }
   interleave_nibbles(scratch.codes.data(), stride, depth, panel);

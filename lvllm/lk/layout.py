@@ -10,8 +10,8 @@ its down memory [E][hidden_panels] panels; a panel stores 16 output rows per inp
 [depth][16], padded to 64 bytes. Quantized panels store their values (INT8 rows in pairs,
 INT4 rows in fours, formats.h) and then per group of inputs a row of 16 fp32 scales (and
 INT4 offsets; MXFP4: its e2m1 codes where INT4's nibbles lie and a row of 16 e8m0 bytes per
-group; NVFP4: the codes, a row of 16 e4m3 bytes per group, then a line of 16 fp32 half row
-scales); they are dequantized in fp32 and rounded once to the compute dtype.
+group; NVFP4: the codes, a row of 16 scale codes per group, then a line of 16 fp32 half row
+scales, formats.h); they are dequantized in fp32 and rounded once to the compute dtype.
 """
 
 from __future__ import annotations
@@ -76,13 +76,11 @@ def _unpack_panels_kernel(values, metas, row_scales, out, count, panels, depth, 
                 value = tl.where(code >= 8, -0.5, 0.5) * doubled.to(tl.float32)
                 w = value * tl.where(byte > 0, byte << 23, 1 << 22).to(tl.float32, bitcast=True)
             else:
-                # e4m3 (exponent e, mantissa f): (8 + f) 2^(e - 10), or f 2^-9 for e = 0, times
-                # the half row scale, rounded once (as the engine), then the doubled value.
-                e, f = (byte >> 3) & 15, byte & 7
-                power = (tl.maximum(e, 1) + 117) << 23
-                magnitude = tl.where(e > 0, f + 8, f).to(tl.float32) * power.to(tl.float32, bitcast=True)
+                # A scale code shifted left by 20 is the scale's magnitude times 2^-104, the half
+                # row scale is stored times 2^104 (a negative scale's codes come negated): their
+                # product rounded once (as the engine), then the doubled value.
                 half_row = tl.load(row_scales + panel * (panel_metas // 4) + row_scale_start + j, mask=mask)
-                group_scale = tl.where(byte >= 128, -magnitude, magnitude) * half_row
+                group_scale = (byte << 20).to(tl.float32, bitcast=True) * half_row
                 w = tl.where(code >= 8, -1.0, 1.0) * doubled.to(tl.float32) * group_scale
         else:
             w = q.to(tl.float32) * tl.load(scale, mask=mask)

@@ -5,7 +5,7 @@ even input's in the low nibble (the codes of lvllm.lk.mxfp4); ``weight_scale``
 float8_e4m3fn [E, out, in / 16]: one scale per 16 inputs; and ``weight_scale_2``, one
 float32 per tensor, which lk takes per row (``row_scales`` float32 [E, out]) so that an
 expert's gate and up keep their own. A weight is e2m1(code) x scale x row_scale. The engine
-keeps them as they are (csrc/lk/formats.h) or converts them at load; :func:`dequantize`
+keeps them (scale bytes re-coded, csrc/lk/formats.h) or converts them at load; :func:`dequantize`
 is the same arithmetic in torch.
 """
 
@@ -18,6 +18,8 @@ from lvllm.lk.mxfp4 import E2M1_VALUES, packed_e2m1
 GROUP = 16
 E4M3_MAX = 448.0
 E2M1_MAX = 6.0
+# The engine folds a power of two into the row scales it keeps (csrc/lk/formats.h).
+ROW_SCALE_LIMIT = 2.0**20
 
 
 def logical_shape(codes: torch.Tensor) -> torch.Size:
@@ -49,18 +51,19 @@ def check(codes: torch.Tensor, scales: torch.Tensor, row_scales, group_size: int
 
 
 def refuse_nonfinite(scales: torch.Tensor, row_scales: torch.Tensor, name: str = "") -> None:
-    """Raises, naming the first one, where a scale is NaN or a row scale not finite, as the engine does."""
+    """Raises, naming the first one, where a scale is NaN or a row scale not below ROW_SCALE_LIMIT
+    in magnitude, as the engine does."""
     prefix = f"{name}: " if name else ""
     found = ((scales.view(torch.uint8) & 0x7F) == 0x7F).nonzero()
     if len(found):
         expert, row, group = found[0].tolist()
         raise ValueError(f"{prefix}expert {expert}, row {row}, inputs {group * GROUP}-{group * GROUP + GROUP - 1} "
                          "have a float8_e4m3fn NaN scale; lk needs finite weights")
-    found = (~torch.isfinite(row_scales)).nonzero()
+    found = (~(row_scales.abs() < ROW_SCALE_LIMIT)).nonzero()
     if len(found):
         expert, row = found[0].tolist()
         raise ValueError(f"{prefix}expert {expert}, row {row} has a weight_scale_2 of {row_scales[expert, row]}; "
-                         "lk needs finite weights")
+                         "lk takes finite ones below 2^20 in magnitude")
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:

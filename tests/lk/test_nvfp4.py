@@ -229,8 +229,9 @@ def test_errors(runtimes):
 
 @pytest.mark.parametrize("weight_format", [None, "bfloat16", "int4"])
 def test_nan_scales_are_refused(runtimes, weight_format):
-    """Kept or converted, an e4m3 NaN scale or an infinite row scale is refused at load,
-    where it lies named; torch's quantization (LVLLM_MOE_QUANT_ON_GPU) refuses them alike."""
+    """Kept or converted, an e4m3 NaN scale or a row scale that is infinite or 2^20 and above
+    (the engine keeps them times 2^104) is refused at load, where it lies named; torch's
+    quantization (LVLLM_MOE_QUANT_ON_GPU) refuses them alike."""
     w13, w2 = make(2, 64, 64, seed=6)
     w2.scales.view(torch.uint8)[1, 3, 1] = 0xFF
     message = "expert 1, row 3, inputs 16-31 have a float8_e4m3fn NaN scale"
@@ -238,9 +239,13 @@ def test_nan_scales_are_refused(runtimes, weight_format):
         MoEEngine(w13, w2, weight_format=weight_format, group_size=32, runtime=runtimes())
     with pytest.raises(ValueError, match=message):
         quant.quantize(w2, "int4", 32)
-    w13.row_scales[0, 5] = float("inf")
-    with pytest.raises(ValueError, match="w13: expert 0, row 5 has a weight_scale_2 of inf"):
-        MoEEngine(w13, make(2, 64, 64, seed=6)[1], weight_format=weight_format, group_size=32, runtime=runtimes())
+    for row_scale, shown in ((float("inf"), "inf"), (-2.0**20, "-1048576")):
+        w13.row_scales[0, 5] = row_scale
+        message = f"expert 0, row 5 has a weight_scale_2 of {shown}.*; lk takes finite ones below 2\\^20"
+        with pytest.raises(ValueError, match="w13: " + message):
+            MoEEngine(w13, make(2, 64, 64, seed=6)[1], weight_format=weight_format, group_size=32, runtime=runtimes())
+        with pytest.raises(ValueError, match=message):
+            quant.quantize(w13, "int4", 32)
 
 
 def test_torch_quantizer_round_trips():

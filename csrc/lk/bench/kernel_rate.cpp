@@ -40,8 +40,8 @@ const kernels::KernelSet& kernels_for(const std::string& isa_text) {
 }
 
 // A panel of plausible values: normal floats near 1 (no NaN, no denormal weights), integers
-// over their whole range, every scale (and INT4 offset) 1/64 (MXFP4's e8m0 2^-6, NVFP4's e4m3
-// 1/64 with row scales 1/64 too). The value bytes are a whole
+// over their whole range, every scale (and INT4 offset) 1/64 (MXFP4's e8m0 2^-6, NVFP4's
+// scale codes of 1/64 with row scales 1/64 too). The value bytes are a whole
 // number of 64-byte lines (formats.h), so they fill two bytes at a time. Page-aligned, as
 // the engine's panels and buffers are (tile loads across lines are slow).
 HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
@@ -68,7 +68,12 @@ HostBuffer random_panel(WeightFormat format, int depth, std::mt19937& rng) {
     std::memcpy(&panel[i], &scale, 4);
     if (format == WeightFormat::Mxfp4) std::memset(&panel[i], 127 - 6, 4);
   }
-  if (format == WeightFormat::Nvfp4) std::memset(&panel[values], 0x08, panel_groups(depth, kNvfp4Group) * kPanelWidth);
+  if (format == WeightFormat::Nvfp4) {  // as the engine packs them: scale codes, row scales times their unit
+    const std::size_t group_rows = panel_groups(depth, kNvfp4Group) * kPanelWidth;
+    std::memset(&panel[values], nvfp4_scale_code(1.0f / 64), group_rows);
+    const float row_scale = kNvfp4ScaleCodeUnit / 64;
+    for (int j = 0; j < kPanelWidth; ++j) std::memcpy(&panel[row_scale_line(values, group_rows) + 4 * j], &row_scale, 4);
+  }
   return buffer;
 }
 

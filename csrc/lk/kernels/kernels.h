@@ -18,19 +18,19 @@ namespace lk::kernels {
 // Formats quantized to 8 bits (INT4, the e2m1 formats) also carry q as bytes, each four
 // inputs from a multiple of 4 on in the order an INT4 lane holds them (formats.h,
 // kInt4QuadOrder), and per span of inputs whose byte products a kernel sums before moving
-// them to fp32 (span_index) the span's sum of q times the format's quad_bias: what the
-// weights' bias adds to those products, which the kernels take off.
+// them to fp32 (span_index) the span's sum of q times minus the format's quad_bias: what
+// takes the weights' bias off those products when added to their sum (or started from).
 struct ActivationRow {
   const float* values;
   const int16_t* q;
   const float* scale;
   const float* sum;
   const int8_t* quads;
-  const int32_t* span_biases;
+  const int32_t* span_corrections;
 
   // The row of fp32 values alone, for kernels that read nothing else.
   static ActivationRow of_values(const float* values) {
-    return {.values = values, .q = nullptr, .scale = nullptr, .sum = nullptr, .quads = nullptr, .span_biases = nullptr};
+    return {.values = values, .q = nullptr, .scale = nullptr, .sum = nullptr, .quads = nullptr, .span_corrections = nullptr};
   }
 };
 // INT8: 16 bits keep the quantization error of an activation below 2^-16 of its group's
@@ -229,7 +229,7 @@ extern const FormatKernels avx2_f32, avx2_f16, avx2_bf16, avx2_int8, avx2_int4, 
 extern const FormatKernels avx512_f32, avx512_f16, avx512_bf16, avx512_int8, avx512_int4, avx512_fp8, avx512_mxfp4,
     avx512_nvfp4;
 extern const FormatKernels avx512_vnni_int8, avx512_vnni_int4, avx512_vnni_mxfp4, avx512_vnni_nvfp4;
-extern const FormatKernels avx512_bf16_bf16, avx512_bf16_fp8;
+extern const FormatKernels avx512_bf16_bf16, avx512_bf16_fp8, avx512_bf16_mxfp4, avx512_bf16_nvfp4;
 extern const FormatKernels amx_bf16, amx_int8, amx_int4, amx_fp8;
 extern const ActivationKernels generic_activation, avx2_activation, avx512_activation;
 

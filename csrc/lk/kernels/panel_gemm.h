@@ -26,19 +26,17 @@
 // An 8-bit-activation format's Unpack (INT4) may instead multiply bytes: it turns a block
 // into unsigned bytes, each 32-bit lane one column's four rows in kInt4QuadOrder, each
 // value plus a bias that makes it unsigned (static constexpr int kQuadBias), which the
-// kernels take off with the activations' span sums:
+// kernels take off with the activations' span corrections:
 //   static void quads(const uint8_t* block, IVec (&w)[kPanelWidth / Simd::kLanes]);
-// Simd then supplies broadcast_quad, iset1, isub, and either quad_dot_add (the products
+// Simd then supplies broadcast_quad, iset1, iadd, and either quad_dot_add (the products
 // added straight to 32-bit sums) or quad_products, add_quad_products and widen_add. Where
 // the unsigned bytes reach past 2 * kQuadBias - 1 (MXFP4: 0..24 for bias 12), the Unpack
 // names their largest (static constexpr int kQuadMax).
 // MXFP4 and NVFP4 (formats.h) are multiplied as INT4 is, their values doubled; their scale
-// rows are bytes (e8m0; e4m3), which an Unpack may turn into fp32 scales for a group's
-// kPanelWidth columns (NVFP4's before its row scales: e4m3 values as they come, or those
-// divided by a constant, static constexpr float kScaleByteUnit, which the kernels fold
-// into the row scales once per pass):
+// rows are bytes (e8m0; NVFP4's scale codes), which an Unpack may turn into fp32 scales for
+// a group's kPanelWidth columns (NVFP4's before its row scales, as nvfp4_code_scale does):
 //   static void group_scales(const uint8_t* row, Vec (&scale)[kPanelWidth / Simd::kLanes]);
-// (else they are converted one by one, as mxfp4_half_scale and fp8_e4m3_to_float do).
+// (else they are converted one by one, as mxfp4_half_scale and nvfp4_code_scale do).
 //
 // Prefill may widen a panel block by block into a layout that costs less per pass (kernels.h,
 // PanelWiden) and multiply that with the kernels of a second Unpack, the widened one. A
@@ -167,12 +165,7 @@ struct PanelKernels {
   static void row_scales(const uint8_t* panel, int depth, Vec (&scale)[kVecs]) {
     const long group_rows = static_cast<long>(panel_groups(depth, kNvfp4Group)) * kGroupRowBytes;
     const float* line = reinterpret_cast<const float*>(panel + row_scale_line(value_bytes(depth), group_rows));
-    const Vec unit = Simd::set1(scale_byte_unit());
-    for (int v = 0; v < kVecs; ++v) scale[v] = Simd::mul(Simd::load(line + v * Simd::kLanes), unit);
-  }
-  static constexpr float scale_byte_unit() {
-    if constexpr (requires { Unpack::kScaleByteUnit; }) return Unpack::kScaleByteUnit;
-    return 1.0f;
+    for (int v = 0; v < kVecs; ++v) scale[v] = Simd::load(line + v * Simd::kLanes);
   }
 
   // The e2m1 formats' fp32 scales of a group from its row of scale bytes: MXFP4's halved,
@@ -183,7 +176,7 @@ struct PanelKernels {
     } else {
       float lanes[kPanelWidth];
       for (int j = 0; j < kPanelWidth; ++j) {
-        lanes[j] = kFormat == WeightFormat::Mxfp4 ? mxfp4_half_scale(row[j]) : fp8_e4m3_to_float(row[j]);
+        lanes[j] = kFormat == WeightFormat::Mxfp4 ? mxfp4_half_scale(row[j]) : nvfp4_code_scale(row[j]);
       }
       for (int v = 0; v < kVecs; ++v) scale[v] = Simd::load(lanes + v * Simd::kLanes);
     }
@@ -527,9 +520,9 @@ struct PanelKernels {
           for (int r = 0; r < Rows; ++r) {
             const Vec row_scale = Simd::set1(a[r].scale[index]);
             if constexpr (kQuads) {
-              const int bias = a[r].span_biases[span_index(group_size, index, start - first)];
+              const int correction = a[r].span_corrections[span_index(group_size, index, start - first)];
 #pragma GCC unroll 16
-              for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::isub(acc[p][r][v], Simd::iset1(bias));
+              for (int v = 0; v < kVecs; ++v) acc[p][r][v] = Simd::iadd(acc[p][r][v], Simd::iset1(correction));
             }
 #pragma GCC unroll 16
             for (int v = 0; v < kVecs; ++v) {
@@ -559,10 +552,10 @@ struct PanelKernels {
   // The e2m1 formats on byte products: a group is 32 inputs (MXFP4) or 16 (NVFP4) with a
   // scale per column, so its integer sums turn into fp32 once per group and row, four or
   // eight times as often as INT4's. That step is kept to what it must do: the group's byte
-  // products sum in 16 bits (activation_max), the weights' bias comes off with one
-  // subtraction of the row's span bias, and the sum is converted and added times the group's
-  // and the row's scales to fp32 sums held in registers, added to c once per kE2m1SumSpan
-  // inputs instead of read and written per group.
+  // products sum in 16 bits (activation_max) onto the row's span correction (which takes the
+  // weights' bias off), and the sum is converted and added times the group's and the row's
+  // scales to fp32 sums held in registers, added to c once per kE2m1SumSpan inputs instead
+  // of read and written per group.
   static constexpr bool kScaledQuadGroups = kQuads && is_e2m1(kFormat);
   static constexpr int kGroupBlocks = e2m1_group(kFormat) / kBlockRows;
 
@@ -575,11 +568,9 @@ struct PanelKernels {
 #pragma GCC unroll 16
     for (int r = 0; r < Rows; ++r) {
       const Vec activation_scale = Simd::set1(a[r].scale[index]);
-      const typename Simd::IVec bias = Simd::iset1(a[r].span_biases[index]);
 #pragma GCC unroll 16
       for (int v = 0; v < kVecs; ++v) {
-        const Vec sum = Simd::to_float(Simd::isub(sums[r][v], bias));
-        acc[r][v] = Simd::fmadd(sum, Simd::mul(scale[v], activation_scale), acc[r][v]);
+        acc[r][v] = Simd::fmadd(Simd::to_float(sums[r][v]), Simd::mul(scale[v], activation_scale), acc[r][v]);
       }
     }
   }
@@ -609,7 +600,10 @@ struct PanelKernels {
 #pragma GCC unroll 2
         for (int p = 0; p < Panels; ++p) {
           prefetch_group(panels[p], depth, group_size, index + ahead);
-          IVec sums[Rows][kVecs]{};  // zeros
+          IVec sums[Rows][kVecs];
+#pragma GCC unroll 16
+          for (int r = 0; r < Rows; ++r)
+            for (int v = 0; v < kVecs; ++v) sums[r][v] = Simd::iset1(a[r].span_corrections[index]);
 #pragma GCC unroll 4
           for (int line = 0; line < kGroupBlocks * kBlockBytes; line += 64) fetch_ahead_of(panels[p] + block + line);
 #pragma GCC unroll 8

@@ -440,9 +440,9 @@ struct UnitKernels {
     for (int r = 0; r < rows; ++r) {
       const ActivationRow& row = a[r];
       Vec row_scale{}, activation_sum{};
-      [[maybe_unused]] IVec quad_bias{};
+      [[maybe_unused]] IVec bias_correction{};
       if constexpr (Panel::kInteger) row_scale = Simd::set1(row.scale[block.index]);
-      if constexpr (Panel::kQuads) quad_bias = Simd::iset1(row.span_biases[span]);
+      if constexpr (Panel::kQuads) bias_correction = Simd::iset1(row.span_corrections[span]);
       if constexpr (has_offsets(Unpack::kFormat)) activation_sum = Simd::set1(row.sum[block.index]);
       for (int p = 0; p < Panels; ++p) {
         const uint8_t* row_sums_bytes = sums + p * kPanelSumBytes + static_cast<long>(r) * kSumRowBytes;
@@ -450,7 +450,7 @@ struct UnitKernels {
         Vec row_sums[1][1], scale[1][1];
         if constexpr (Panel::kInteger) {
           IVec acc = Tiles::sums(row_sums_bytes, 2L * kPanelSumBytes);
-          if constexpr (Panel::kQuads) acc = Simd::isub(acc, quad_bias);
+          if constexpr (Panel::kQuads) acc = Simd::iadd(acc, bias_correction);
           row_sums[0][0] = Simd::to_float(acc);
           scale[0][0] = Simd::mul(groups[p].scale[0], row_scale);
         } else {

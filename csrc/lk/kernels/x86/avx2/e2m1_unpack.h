@@ -6,24 +6,20 @@
 
 namespace lk::kernels {
 namespace {
-// Columns 0-7 and 8-15 of a row of scale bytes as fp32 scales. MXFP4's e8m0: each byte
-// shifted into an fp32 exponent is 2^(e - 127), halved for the doubled values. NVFP4's
-// e4m3: each byte moved into fp16 bit positions (sign-extended, shifted left by 7, the
-// sign's copy in bit 14 cleared) and converted, the value times 2^-8 (kScaleByteUnit).
+// Columns 0-7 and 8-15 of a row of scale bytes as fp32 scales, each byte shifted into fp32
+// bit positions. MXFP4's e8m0 into the exponent is 2^(e - 127), halved for the doubled
+// values; NVFP4's scale code (formats.h) is the scale times 2^-104.
 template <WeightFormat kFormat>
 inline void byte_group_scales(const uint8_t* row, __m256 (&scale)[2]) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+  const __m256i low = _mm256_cvtepu8_epi32(bytes), high = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
   if constexpr (kFormat == WeightFormat::Mxfp4) {
     const __m256 half = _mm256_set1_ps(0.5f);
-    const __m256i low = _mm256_slli_epi32(_mm256_cvtepu8_epi32(bytes), 23);
-    const __m256i high = _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)), 23);
-    scale[0] = _mm256_mul_ps(_mm256_castsi256_ps(low), half);
-    scale[1] = _mm256_mul_ps(_mm256_castsi256_ps(high), half);
+    scale[0] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(low, 23)), half);
+    scale[1] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(high, 23)), half);
   } else {
-    const __m256i halves = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
-                                            _mm256_set1_epi16(static_cast<short>(0xbfff)));
-    scale[0] = _mm256_cvtph_ps(_mm256_castsi256_si128(halves));
-    scale[1] = _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1));
+    scale[0] = _mm256_castsi256_ps(_mm256_slli_epi32(low, kNvfp4ScaleCodeShift));
+    scale[1] = _mm256_castsi256_ps(_mm256_slli_epi32(high, kNvfp4ScaleCodeShift));
   }
 }
 
@@ -40,7 +36,6 @@ struct E2m1Unpack {
   static constexpr bool kPrefetchIntoL2 = true;
   static constexpr int kQuadBias = 12;
   static constexpr int kQuadMax = 24;
-  static constexpr float kScaleByteUnit = kE2m1Format == WeightFormat::Nvfp4 ? 256.0f : 1.0f;
   static void quads(const uint8_t* block, __m256i (&w)[2]) {
     const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0,
@@ -61,7 +56,6 @@ struct E2m1WideUnpack {
   static constexpr int kBlockBytes = 64;
   static constexpr int kQuadBias = E2m1Unpack<kFormat>::kQuadBias;
   static constexpr int kQuadMax = E2m1Unpack<kFormat>::kQuadMax;
-  static constexpr float kScaleByteUnit = E2m1Unpack<kFormat>::kScaleByteUnit;
   static void quads(const uint8_t* block, __m256i (&w)[2]) {
     w[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
     w[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32));

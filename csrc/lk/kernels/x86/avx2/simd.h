@@ -46,7 +46,7 @@ struct Avx2Simd {
   static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
   static Vec to_float(IVec v) { return _mm256_cvtepi32_ps(v); }
   static IVec iset1(int value) { return _mm256_set1_epi32(value); }
-  static IVec isub(IVec a, IVec b) { return _mm256_sub_epi32(a, b); }
+  static IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
   // Four activation bytes; each lane's four unsigned weight bytes times them, summed in
   // pairs to 16 bits by vpmaddubsw (saturating, but 4-bit weights and 8-bit activations
   // reach 2 * 15 * 127 at most); and such 16-bit sums added into 32-bit lanes (vpmaddwd

@@ -51,9 +51,10 @@ struct Int4Unpack {
   }
 };
 
-// MXFP4 and NVFP4 blocks lie as INT4's (formats.h): the same halves, then one vpshufb looks
-// each code up as twice its value plus 12, an unsigned byte 0..24 (x86/avx2/e2m1_unpack.h),
-// multiplied as INT4's bytes are (vpmaddubsw, a group's blocks in one run; vpdpbusd).
+// MXFP4 and NVFP4 blocks lie as INT4's (formats.h): the same halves, then one vpshufb (vpermb
+// where the file is built for AVX512_VBMI) looks each code up as twice its value plus 12, an
+// unsigned byte 0..24 (x86/avx2/e2m1_unpack.h), multiplied as INT4's bytes are (vpmaddubsw, a
+// group's blocks in one run; vpdpbusd).
 template <WeightFormat kE2m1Format>
 struct E2m1Unpack {
   static constexpr WeightFormat kFormat = kE2m1Format;
@@ -65,21 +66,22 @@ struct E2m1Unpack {
   static void quads(const uint8_t* block, __m512i (&w)[1]) {
     const __m512i table =
         _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
+#if defined(__AVX512VBMI__)
+    // vpermb reads 6 bits of each index: with the table four times over, bits 4-5 need no mask.
+    w[0] = _mm512_permutexvar_epi8(nibble_halves(block), table);
+#else
     w[0] = _mm512_shuffle_epi8(table, _mm512_and_si512(nibble_halves(block), _mm512_set1_epi8(0x0f)));
+#endif
   }
-  // A row of scale bytes, one per column. MXFP4's e8m0: each shifted into an fp32 exponent
-  // is 2^(e - 127), halved for the doubled values. NVFP4's e4m3: moved into fp16 bit
-  // positions as Fp8Unpack does and converted, the value times 2^-8.
-  static constexpr float kScaleByteUnit = kE2m1Format == WeightFormat::Nvfp4 ? 256.0f : 1.0f;
+  // A row of scale bytes, one per column, each shifted into fp32 bit positions. MXFP4's e8m0
+  // into the exponent is 2^(e - 127), halved for the doubled values; NVFP4's scale code
+  // (formats.h) is the scale times 2^-104.
   static void group_scales(const uint8_t* row, __m512 (&scale)[1]) {
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row));
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
     if constexpr (kE2m1Format == WeightFormat::Mxfp4) {
-      const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu8_epi32(bytes), 23);
-      scale[0] = _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(0.5f));
+      scale[0] = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(bytes, 23)), _mm512_set1_ps(0.5f));
     } else {
-      const __m256i halves = _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(bytes), 7),
-                                              _mm256_set1_epi16(static_cast<short>(0xbfff)));
-      scale[0] = _mm512_cvtph_ps(halves);
+      scale[0] = _mm512_castsi512_ps(_mm512_slli_epi32(bytes, kNvfp4ScaleCodeShift));
     }
   }
 };

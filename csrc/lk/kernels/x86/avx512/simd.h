@@ -44,7 +44,6 @@ struct Avx512Simd {
   static IVec dot_add(IVec acc, IVec w, IVec x) { return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x)); }
   static Vec to_float(IVec v) { return _mm512_cvtepi32_ps(v); }
   static IVec iset1(int value) { return _mm512_set1_epi32(value); }
-  static IVec isub(IVec a, IVec b) { return _mm512_sub_epi32(a, b); }
   static IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
   // INT4's bytes, as AVX2 multiplies them (x86/avx2/simd.h); VNNI fuses the three.
   static IVec broadcast_quad(const int8_t* p) {

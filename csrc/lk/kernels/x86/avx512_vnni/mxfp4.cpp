@@ -3,8 +3,7 @@
 
 namespace lk::kernels {
 
-// vpdpbusd multiplies the looked-up bytes as INT4's, into 32-bit sums. AVX512_BF16 and AMX
-// keep these kernels for MXFP4 (no unit kernel takes it).
+// vpdpbusd multiplies the looked-up bytes as INT4's, into 32-bit sums.
 const FormatKernels avx512_vnni_mxfp4 = PanelKernels<Avx512VnniSimd, Mxfp4Unpack>::table();
 
 }  // namespace lk::kernels

@@ -3,7 +3,7 @@
 
 namespace lk::kernels {
 
-// vpdpbusd multiplies the looked-up bytes as MXFP4's. AVX512_BF16 and AMX keep these kernels.
+// vpdpbusd multiplies the looked-up bytes as MXFP4's.
 const FormatKernels avx512_vnni_nvfp4 = PanelKernels<Avx512VnniSimd, Nvfp4Unpack>::table();
 
 }  // namespace lk::kernels
