@@ -21,6 +21,10 @@ on the same cores (VLLM_CPU_OMP_THREADS_BIND=--cores):
                a fresh file per model): what counting costs, and the share of the picks each
                layer's hottest 10% and 25% of experts took (--router-skew makes routing favour
                some experts, as a trained model's does; the default model's router is unbiased)
+  lk-nvfp4     (on request) a checkpoint of its own: the same model with NVFP4 experts as NVIDIA
+               ModelOpt ships them (build_tiny_model.py --quantize nvfp4-experts), kept as they
+               are (LVLLM_MOE_USE_WEIGHT=KEEP); vLLM's CPU path serves no NVFP4 layer, so the
+               reference stays the bf16 model
 
 A shared host's read bandwidth jumps between levels within seconds (seen here: 34 and
 60 GB/s), so the reference and each lk configuration are loaded side by side, two processes
@@ -103,7 +107,10 @@ CONFIGS = {
     "lk-int4-all": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4", "LVLLM_DENSE_USE_WEIGHT": "INT4"},
     "lk-int4-all-stats": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "INT4",
                           "LVLLM_DENSE_USE_WEIGHT": "INT4", "LVLLM_EXPERT_STATS_INTERVAL": "0"},
+    "lk-nvfp4": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "KEEP"},
 }
+# Configurations that serve a checkpoint of their own: the builder's arguments that make it.
+CHECKPOINT_ARGS = {"lk-nvfp4": ("--quantize", "nvfp4-experts")}
 REFERENCE = "vllm"
 # llama.cpp's GGUF format -> the lk configuration of about as many bits per expert weight
 EQUAL_BITS = {"bf16": "lk-bf16", "q8_0": "lk-int8-all", "q4_0": "lk-int4-all", "q4_k_m": "lk-int4-all"}
@@ -134,13 +141,20 @@ def model_env(config: str, cores: str) -> dict[str, str]:
     return env
 
 
-def build(models_dir: Path, layers: int, router_skew: float) -> Path:
-    out = models_dir / (f"qwen3-30b-a3b-{layers}l" + (f"-skew{router_skew:g}" if router_skew else ""))
+def build(models_dir: Path, layers: int, router_skew: float = 0.0, extra: tuple[str, ...] = ()) -> Path:
+    out = models_dir / (f"qwen3-30b-a3b-{layers}l" + (f"-skew{router_skew:g}" if router_skew else "")
+                        + "".join(f"-{arg.lstrip('-')}" for arg in extra))
     if not (out / "config.json").exists():
         print(f"building the {layers}-layer model in {out} ...", flush=True)
         subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--num-layers",
-                        str(layers), "--router-skew", str(router_skew), *BUILDER_ARGS], check=True)
+                        str(layers), "--router-skew", str(router_skew), *BUILDER_ARGS, *extra], check=True)
     return out
+
+
+def models_of(models_dir: Path, layers: int, router_skew: float, configs: list[str]) -> dict[str, Path]:
+    """Each configuration's checkpoint (and the reference's), built where missing."""
+    return {config: build(models_dir, layers, router_skew, CHECKPOINT_ARGS.get(config, ()))
+            for config in [REFERENCE, *configs]}
 
 
 def dense_bytes_per_token(model: Path) -> int:
@@ -491,7 +505,7 @@ def run_pairs(kind: str, start, measure, model: Path, configs: list[str], args) 
     return {REFERENCE: {"info": first["reference_info"], "rounds": reference_rounds}, **results}
 
 
-def run_offline(model: Path, configs: list[str], args, paired_ggufs: dict | None = None) -> dict:
+def run_offline(models: dict[str, Path], configs: list[str], args, paired_ggufs: dict | None = None) -> dict:
     """``paired_ggufs``: per lk configuration, the llama.cpp GGUFs of equal bits, each timed by
     llama-bench right after every round of that configuration, so both meet the same host."""
     llama = llama_cpp.LlamaCpp(args.llama_cpp_dir) if paired_ggufs else None
@@ -502,7 +516,8 @@ def run_offline(model: Path, configs: list[str], args, paired_ggufs: dict | None
             result.setdefault("llama.cpp", {})[fmt] = llama.bench(gguf, args.cores, 1)
         return result
 
-    return run_pairs("offline", lambda config: OfflineChild(model, config, args), measure, model, configs, args)
+    return run_pairs("offline", lambda config: OfflineChild(models[config], config, args), measure,
+                     models[REFERENCE], configs, args)
 
 
 def llama_ggufs(model: Path, formats: list[str], args) -> dict:
@@ -522,15 +537,15 @@ def llama_ggufs(model: Path, formats: list[str], args) -> dict:
     return ggufs
 
 
-def run_served(model: Path, configs: list[str], args) -> dict:
+def run_served(models: dict[str, Path], configs: list[str], args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         def start(config):
-            return Server(model, config, args, Path(tmp) / f"{config}.log")
+            return Server(models[config], config, args, Path(tmp) / f"{config}.log")
 
         def measure(server):
             return {scenario: server.bench(scenario) for scenario in SERVE_SCENARIOS}
 
-        return run_pairs("served", start, measure, model, configs, args)
+        return run_pairs("served", start, measure, models[REFERENCE], configs, args)
 
 
 def run_llama_cpp(ggufs: dict, args) -> dict:
@@ -736,7 +751,8 @@ def main(argv=None):
     results: dict = {}
     args.models_dir.mkdir(parents=True, exist_ok=True)
     for layers in args.layers:
-        model = build(args.models_dir, layers, args.router_skew)
+        models = models_of(args.models_dir, layers, args.router_skew, configs)
+        model = models[REFERENCE]
         dense = dense_bytes_per_token(model)
         entry = results[f"{layers} layers"] = {}
         print(f"[{layers} layers]", flush=True)
@@ -748,14 +764,14 @@ def main(argv=None):
             by_config: dict = {}
             for fmt, gguf in paired.items():
                 by_config.setdefault(EQUAL_BITS[fmt], []).append((fmt, gguf))
-            entry["offline"] = run_offline(model, configs, args, by_config)
+            entry["offline"] = run_offline(models, configs, args, by_config)
             print_offline(layers, entry["offline"], dense, mode)
         if llama_formats:
             alone = run_llama_cpp({fmt: gguf for fmt, gguf in ggufs.items() if fmt not in paired}, args)
             entry["llama.cpp"] = equal_bits_rows(alone, entry.get("offline"), llama_formats)
             print_llama_cpp(layers, entry["llama.cpp"])
         if not args.no_serve:
-            entry["served"] = run_served(model, configs, args)
+            entry["served"] = run_served(models, configs, args)
             print(f"\n## {layers} layers, vllm serve ({mode}) measured by vllm bench serve")
             print("\n".join(served_table(entry["served"])))
         if args.json:

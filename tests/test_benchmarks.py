@@ -174,6 +174,23 @@ def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
     assert bench_model.llama_cpp_table(bench_model.equal_bits_rows({}, None, ["q8_0"]))[2].startswith("| q8_0 (not run) |")
 
 
+def test_each_configuration_serves_its_own_checkpoint(tmp_path):
+    """lk-nvfp4 gets the checkpoint the builder's NVFP4 arguments make, the other configurations
+    and the reference the bf16 model; callers that name only the layers (bench_soak, the GPU
+    route's e2e_checks) get the unskewed bf16 model."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+
+    bf16, nvfp4 = tmp_path / "qwen3-30b-a3b-8l", tmp_path / "qwen3-30b-a3b-8l-quantize-nvfp4-experts"
+    for model in (bf16, nvfp4):   # built already: nothing runs the builder
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+    models = bench_model.models_of(tmp_path, 8, 0.0, ["lk-int4", "lk-nvfp4"])
+    assert models == {"vllm": bf16, "lk-int4": bf16, "lk-nvfp4": nvfp4}
+    assert bench_model.CONFIGS["lk-nvfp4"]["LVLLM_MOE_USE_WEIGHT"] == "KEEP"
+    assert bench_model.build(tmp_path, 8) == bf16
+
+
 def test_the_panel_stream_probe_builds_clean_and_times_every_layout(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_panel_stream
