@@ -1,5 +1,6 @@
-// AVX512 INT8, INT4, MXFP4 and NVFP4 unpacks, shared by the AVX512, AVX512_VNNI and AMX kernel
-// files (each compiles them with its own flags, inside its own anonymous namespace).
+// AVX512 INT8, INT4, MXFP4 and NVFP4 unpacks, shared by the AVX512, AVX512_VNNI, AVX512_BF16
+// and AMX kernel files (each compiles them with its own flags, inside its own anonymous
+// namespace).
 #pragma once
 
 #include <immintrin.h>
