@@ -59,7 +59,8 @@ struct SourceMatrix {
   // throws std::invalid_argument for a NaN scale, as check_fp8 does, and for inputs not in
   // whole groups.
   uint8_t scale_byte(std::size_t row, std::size_t col) const;
-  // NVFP4's row scale of `row`; throws std::invalid_argument where it is not finite.
+  // NVFP4's row scale of `row`; throws std::invalid_argument where it is not finite or not below
+  // kNvfp4RowScaleLimit in magnitude (formats.h).
   float row_scale(std::size_t row) const;
   // Inputs [first_col, first_col + depth) of `row` as floats, dequantized where needed.
   void read_floats(std::size_t row, std::size_t first_col, int depth, float* out) const;
