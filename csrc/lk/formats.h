@@ -10,6 +10,7 @@
 // MXFP4 and NVFP4 store their scales as bytes, one per column and group (below).
 #pragma once
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -69,6 +70,7 @@ constexpr int8_t kMxfp4Doubled[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4
 constexpr int kNvfp4Group = 16;
 constexpr int kNvfp4ScaleCodeShift = 20;
 constexpr float kNvfp4ScaleCodeUnit = 0x1p104f;
+constexpr uint32_t kNvfp4ScaleCodeExponent = (std::bit_cast<uint32_t>(kNvfp4ScaleCodeUnit) >> 23) - 127;
 // Row scales whose half times kNvfp4ScaleCodeUnit stays finite, with room for the products.
 constexpr float kNvfp4RowScaleLimit = 0x1p20f;
 
@@ -102,12 +104,12 @@ static inline float mxfp4_half_scale(uint8_t e8m0) {
 
 // A non-negative e4m3 value (every one is a multiple of 2^-9 with at most 4 significant
 // bits) as its NVFP4 scale code: its fp32 exponent and top 3 mantissa bits, the exponent
-// lowered by 104 (codes 112..254 for 2^-9..448), or 0 for zero.
+// lowered by kNvfp4ScaleCodeExponent (codes 112..254 for 2^-9..448), or 0 for zero.
 static inline uint8_t nvfp4_scale_code(float magnitude) {
   if (magnitude == 0.0f) return 0;
   uint32_t bits;
   std::memcpy(&bits, &magnitude, sizeof bits);
-  return static_cast<uint8_t>((bits >> kNvfp4ScaleCodeShift) - (104u << 3));
+  return static_cast<uint8_t>((bits >> kNvfp4ScaleCodeShift) - (kNvfp4ScaleCodeExponent << 3));
 }
 
 // An NVFP4 scale code's value times 2^-104, as the kernels compute it.
