@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import random
 from pathlib import Path
 
@@ -132,30 +133,53 @@ class Weights:
     POOL = 1 << 26
 
     def __init__(self, seed: int, dtype: torch.dtype, sink, fast_random: bool = False,
-                 router_skew: float = 0.0):
+                 router_skew: float = 0.0, keep=None):
         self.gen = torch.Generator().manual_seed(seed)
         self.router_skew = router_skew
         self.dtype = dtype
         self.sink = sink
+        self.keep = keep   # keep(name): this part of a parallel build writes it (None: all)
         self.pool = torch.randn(self.POOL, generator=self.gen) if fast_random else None
 
-    def normal(self, *shape: int) -> torch.Tensor:
-        if self.pool is None:
-            return torch.randn(*shape, generator=self.gen)
-        count = math.prod(shape)
-        out = torch.empty(count)
+    def _pool_slices(self, count: int):
+        """(start, length) of the pool slices that make ``count`` values, drawing their offsets."""
         done = 0
         while done < count:
             start = int(torch.randint(self.POOL, (1,), generator=self.gen))
             take = min(count - done, self.POOL - start)
+            yield start, take
+            done += take
+
+    def normal(self, *shape: int) -> torch.Tensor:
+        if self.pool is None:
+            return torch.randn(*shape, generator=self.gen)
+        out = torch.empty(math.prod(shape))
+        done = 0
+        for start, take in self._pool_slices(out.numel()):
             out[done:done + take] = self.pool[start:start + take]
             done += take
         return out.view(shape)
 
+    def skipped(self, name: str, *shape: int) -> bool:
+        """Whether another part of a parallel build writes ``name``: then only the random
+        draws its values would take are made (cheap from the pool), so every part's generator
+        stays where a whole build's would be."""
+        if self.keep is None or self.keep(name):
+            return False
+        if self.pool is None:
+            torch.randn(*shape, generator=self.gen)
+        else:
+            for _ in self._pool_slices(math.prod(shape)):
+                pass
+        return True
+
     def __setitem__(self, name: str, value: torch.Tensor):
-        self.sink(name, value.to(self.dtype).contiguous())
+        if self.keep is None or self.keep(name):
+            self.sink(name, value.to(self.dtype).contiguous())
 
     def linear(self, name: str, out_features: int, in_features: int, gain: float = 1.0):
+        if self.skipped(name, out_features, in_features):
+            return
         std = gain / math.sqrt(in_features)
         self[name] = self.normal(out_features, in_features).mul_(std)
 
@@ -164,20 +188,25 @@ class Weights:
         by exp(-s e / experts): the low experts' logits spread wider, so they win top-k more often
         (seen with s = 3 on 8 experts: expert 0 six times the picks of expert 7 in the first layer,
         1.5 times in the fourth, where the hidden states' own direction favours others)."""
+        if self.skipped(name, experts, hidden):
+            return
         weight = self.normal(experts, hidden).mul_(1 / math.sqrt(hidden))
         if self.router_skew:
             weight.mul_(torch.exp(-self.router_skew * torch.arange(experts) / experts).unsqueeze(1))
         self[name] = weight
 
     def bias(self, name: str, size: int):
-        self[name] = self.normal(size) * 0.02
+        if not self.skipped(name, size):
+            self[name] = self.normal(size) * 0.02
 
     def norm(self, name: str, size: int):
         # Near 1 but not exactly, so a mixed-up norm shows in the outputs.
-        self[name] = 1.0 + 0.05 * self.normal(size)
+        if not self.skipped(name, size):
+            self[name] = 1.0 + 0.05 * self.normal(size)
 
     def embedding(self, name: str, vocab: int, hidden: int):
-        self[name] = self.normal(vocab, hidden)
+        if not self.skipped(name, vocab, hidden):
+            self[name] = self.normal(vocab, hidden)
 
     def attention(self, prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int) -> None:
         """A decoder layer's two norms and its q/k/v/o projections (Llama-style names)."""
@@ -202,7 +231,7 @@ def _common_config(args, vocab: int) -> dict:
         "hidden_size": args.hidden_size,
         "num_hidden_layers": args.num_layers,
         "hidden_act": "silu",
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": args.max_positions,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "tie_word_embeddings": args.tie_word_embeddings,
@@ -1053,44 +1082,83 @@ class Quantizer:
 
 
 class ShardWriter:
-    """Writes tensors into safetensors shards of about ``shard_bytes`` as they come: one
-    model.safetensors when everything fits one shard, else numbered shards and the
-    model.safetensors.index.json that Hugging Face loaders (and vLLM) read."""
+    """Writes tensors into safetensors shards of about ``shard_bytes`` as they come, named
+    ``prefix`` + a number; ``shards`` lists each written file with its tensors' sizes, for
+    :func:`write_index`."""
 
-    def __init__(self, out: Path, shard_bytes: int):
-        self.out, self.shard_bytes = out, shard_bytes
+    def __init__(self, out: Path, shard_bytes: int, prefix: str = "shard-"):
+        self.out, self.shard_bytes, self.prefix = out, shard_bytes, prefix
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[dict[str, int]] = []   # per written shard: name -> bytes
+        self.shards: list[tuple[str, dict[str, int]]] = []   # (file, name -> bytes)
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         self.pending[name] = tensor
         self.pending_bytes += tensor.nbytes
         if self.pending_bytes >= self.shard_bytes:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if not self.pending:
             return
-        save_file(self.pending, str(self.out / f"shard-{len(self.shards):05d}.safetensors"),
-                  metadata={"format": "pt"})
-        self.shards.append({name: t.nbytes for name, t in self.pending.items()})
+        file = f"{self.prefix}{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(self.out / file), metadata={"format": "pt"})
+        self.shards.append((file, {name: t.nbytes for name, t in self.pending.items()}))
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> None:
-        self._flush()
-        if len(self.shards) == 1:
-            (self.out / "shard-00000.safetensors").rename(self.out / "model.safetensors")
-            return
-        count = len(self.shards)
-        weight_map = {}
-        for index, shard in enumerate(self.shards):
-            final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
-            (self.out / f"shard-{index:05d}.safetensors").rename(self.out / final)
-            weight_map.update(dict.fromkeys(shard, final))
-        total = sum(sum(shard.values()) for shard in self.shards)
-        (self.out / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+def write_index(out: Path, shards: list[tuple[str, dict[str, int]]]) -> None:
+    """One model.safetensors when everything fits one shard, else model-000NN-of-000MM files
+    and the model.safetensors.index.json that Hugging Face loaders (and vLLM) read."""
+    if len(shards) == 1:
+        (out / shards[0][0]).rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for index, (file, sizes) in enumerate(shards):
+        final = f"model-{index + 1:05d}-of-{len(shards):05d}.safetensors"
+        (out / file).rename(out / final)
+        weight_map.update(dict.fromkeys(sizes, final))
+    total = sum(sum(sizes.values()) for _, sizes in shards)
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# --------------------------------------------------------------------------------------
+# the build, whole or in parallel parts (--jobs)
+# --------------------------------------------------------------------------------------
+
+def layer_part(name: str, layers: int, parts: int) -> int:
+    """Which of ``parts`` writes tensor ``name``: decoder layers (MTP layers with the last)
+    in equal runs, everything outside them with the first."""
+    if not name.startswith("model.layers."):
+        return 0
+    layer = min(int(name.split(".")[2]), layers - 1)
+    return layer * parts // layers
+
+
+def build_part(args, vocab: int, out: Path, part: int, parts: int):
+    """Part ``part`` of ``parts``: (config, the quantizer's kept and quantized lists, shards)."""
+    if parts > 1:
+        torch.set_num_threads(1)
+    prefix = f"part{part:03d}-" if parts > 1 else "shard-"
+    writer = ShardWriter(out, int(args.shard_size * 2**30 / parts), prefix)
+    quantizer = (Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, writer,
+                           args.bits)
+                 if args.quantize not in ("none", "mxfp4") else None)   # mxfp4: build_gpt_oss
+    keep = (lambda name: layer_part(name, args.num_layers, parts) == part) if parts > 1 else None
+    weights = Weights(args.seed, DTYPES[args.dtype], quantizer or writer, args.fast_random,
+                      args.router_skew, keep)
+    if args.family in ("qwen3_moe", "qwen2_moe"):
+        config = build_qwen_moe(args, vocab, weights, shared=args.family == "qwen2_moe")
+    elif args.family == "mixtral":
+        config = build_mixtral(args, vocab, weights)
+    elif args.family in FAMILY_BUILDERS:
+        config = FAMILY_BUILDERS[args.family](args, vocab, weights)
+    else:
+        config = build_deepseek_v2(args, vocab, weights)
+    writer.flush()
+    lists = (quantizer.kept, quantizer.quantized) if quantizer is not None else None
+    return config, lists, writer.shards
 
 
 def build(args) -> Path:
@@ -1100,22 +1168,18 @@ def build(args) -> Path:
                   *out.glob("hf_quant_config.json")]:
         stale.unlink()
     vocab = build_tokenizer(out, args.vocab_size)
-    writer = ShardWriter(out, int(args.shard_size * 2**30))
-    quantizer = (Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, writer,
-                           args.bits)
-                 if args.quantize not in ("none", "mxfp4") else None)   # mxfp4: build_gpt_oss
-    weights = Weights(args.seed, DTYPES[args.dtype], quantizer or writer, args.fast_random,
-                      args.router_skew)
-    if args.family in ("qwen3_moe", "qwen2_moe"):
-        config = build_qwen_moe(args, vocab, weights, shared=args.family == "qwen2_moe")
-    elif args.family == "mixtral":
-        config = build_mixtral(args, vocab, weights)
-    elif args.family in FAMILY_BUILDERS:
-        config = FAMILY_BUILDERS[args.family](args, vocab, weights)
+    parts = min(args.jobs, args.num_layers)
+    if parts > 1:
+        with multiprocessing.get_context("spawn").Pool(parts) as pool:
+            results = pool.starmap(build_part, [(args, vocab, out, part, parts) for part in range(parts)])
     else:
-        config = build_deepseek_v2(args, vocab, weights)
-    writer.close()
-    if quantizer is not None:
+        results = [build_part(args, vocab, out, 0, 1)]
+    config = results[0][0]
+    write_index(out, [shard for _, _, shards in results for shard in shards])
+    if results[0][1] is not None:
+        quantizer = Quantizer(args.quantize, args.group_size, DTYPES[args.dtype], args.zero_point, None, args.bits)
+        quantizer.kept = [name for _, (kept, _), _ in results for name in kept]
+        quantizer.quantized = [name for _, (_, quantized), _ in results for name in quantized]
         config["quantization_config"] = quantizer.config()
         if quantizer.fmt == "nvfp4":   # ModelOpt writes both files
             (out / "hf_quant_config.json").write_text(json.dumps(quantizer.modelopt_config(), indent=4))
@@ -1146,6 +1210,9 @@ def parse_args(argv=None):
     parser.add_argument("--mtp-layers", type=int, default=0,
                         help="deepseek_v3 / kimi_k25: multi-token-prediction layers after the "
                              "decoder layers (num_nextn_predict_layers)")
+    parser.add_argument("--max-positions", type=int, default=4096,
+                        help="max_position_embeddings of the families built on the common config "
+                             "(Qwen, Mixtral and most others; DeepSeek's and Step-3.5's keep 4096)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--router-skew", type=float, default=0.0,
                         help="skew routing: router row e scaled by exp(-S e / experts), so low-numbered "
@@ -1160,6 +1227,10 @@ def parse_args(argv=None):
     parser.add_argument("--shard-size", type=float, default=4.0,
                         help="GiB per safetensors shard: the builder holds one shard in RAM, so "
                              "a model larger than RAM is written in shards")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes that write the decoder layers in parallel parts (the same "
+                             "tensors as one process writes; with --fast-random each part skips the "
+                             "others' values cheaply)")
     parser.add_argument("--fast-random", action="store_true",
                         help="take the normal values from one random pool at random offsets "
                              "instead of drawing each anew (for models of tens of GB)")
@@ -1201,6 +1272,8 @@ def parse_args(argv=None):
                 and getattr(args, name) % args.group_size):
             parser.error(f"--group-size {args.group_size} must divide "
                          f"--{name.replace('_', '-')} ({getattr(args, name)})")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.zero_point and args.quantize != "awq-experts":
         parser.error("--zero-point applies to --quantize awq-experts only")
     if args.bits != 4 and args.quantize != "gptq-experts":
