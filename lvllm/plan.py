@@ -14,7 +14,7 @@ start-up check, lvllm.memory.check_budget, counts it); without a GPU also the KV
 dense layers, per LVLLM_DENSE_USE_WEIGHT value. Decode bound: read bandwidth over the bytes
 one token reads on the CPU: the routed experts', and without a GPU the dense layers'.
 With a routing statistics file (``--stats``) and a GPU, the same GPU memory as hot experts
-(LVLLM_HOT_EXPERTS: copies in the checkpoint's dtype in every MoE layer) is set beside the
+(LVLLM_HOT_EXPERTS: copies in the model's dtype in every MoE layer) is set beside the
 resident layers: the share of the file's picks each puts on the GPU and the decode bound left.
 """
 
@@ -298,13 +298,18 @@ class HotAlternative:
     ram_fits: bool        # lk holding every MoE layer
 
 
+def hot_expert_bytes(shape: ModelShape, tp: int) -> int:
+    """One hot expert's copy on a rank's GPU: in the model's dtype, whatever the checkpoint's
+    format (quantized experts are unpacked from lk's memory)."""
+    return 3 * shape.hidden * (shape.intermediate // tp) * shape.dtype_bytes
+
+
 def hot_slots(shape: ModelShape, gpu_bytes: int, tp: int) -> int:
-    """Hot experts a MoE layer that ``gpu_bytes`` of each rank's GPU hold in every MoE layer
-    (LVLLM_HOT_EXPERTS copies the checkpoint's float experts); 0 for other experts."""
-    if shape.storage.format != "float" or gpu_bytes <= 0:
+    """Hot experts a MoE layer that ``gpu_bytes`` of each rank's GPU hold in every MoE layer;
+    0 for experts LVLLM_HOT_EXPERTS does not take (other activations than SiLU, biases)."""
+    if shape.expert_activation != "silu" or shape.expert_biases or gpu_bytes <= 0:
         return 0
-    expert = checkpoint_layer_bytes(shape, tp=tp) // shape.experts
-    return min(shape.experts, gpu_bytes // (len(shape.moe_layers) * expert))
+    return min(shape.experts, gpu_bytes // (len(shape.moe_layers) * hot_expert_bytes(shape, tp)))
 
 
 def picks_shares(shape: ModelShape, counts: dict[int, list[int]], resident, slots: int) -> tuple[float, float]:
@@ -326,8 +331,8 @@ def auto_split(shape: ModelShape, fit: GpuFit, tp: int, counts: dict[int, list[i
     slots = hot_slots(shape, left, tp)
     if not slots:
         return given, 0, (f"no hot experts: {gib_text(max(0, left))} left does not hold one a layer"
-                          if shape.storage.format == "float" else "no hot experts: the checkpoint's experts "
-                          f"are {shape.storage.format}, not float")
+                          if shape.expert_activation == "silu" and not shape.expert_biases else
+                          "no hot experts: they take SiLU experts without biases")
     if not resident_auto:
         return given, slots, f"{slots} hot experts a layer in the {gib_text(left)} left after resident layers"
     layer_share, hot_share = picks_shares(shape, counts, fit.resident, slots)
@@ -339,14 +344,14 @@ def auto_split(shape: ModelShape, fit: GpuFit, tp: int, counts: dict[int, list[i
 
 
 def hot_alternative(plan: Plan, counts: dict[int, list[int]]) -> HotAlternative | None:
-    """None without a GPU, a fitting plan, float experts (what LVLLM_HOT_EXPERTS copies) or
-    room for a hot expert in each layer."""
+    """None without a GPU, a fitting plan, experts LVLLM_HOT_EXPERTS takes or room for a hot
+    expert in each layer."""
     shape, machine, gpu, choice = plan.shape, plan.machine, plan.gpu, plan.choice
     if gpu is None or gpu.left < 0 or choice is None:
         return None
     tp = max(1, machine.gpus)
     moe = shape.moe_layers
-    expert = checkpoint_layer_bytes(shape, tp=tp) // shape.experts
+    expert = hot_expert_bytes(shape, tp)
     slots = hot_slots(shape, gpu.left, tp)
     if slots < 1:
         return None

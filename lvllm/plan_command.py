@@ -60,8 +60,8 @@ def render(plan: Plan, model: str, stats: Path | None = None, counts: dict | Non
         if hot is not None:
             lines += hot_lines(hot, plan, stats)
         elif counts:
-            lines.append(f"Hot experts ({stats}): none fit beside the KV cache, or the checkpoint's experts are not "
-                         "float (LVLLM_HOT_EXPERTS copies float experts)")
+            lines.append(f"Hot experts ({stats}): none fit beside the KV cache, or the experts are not SiLU "
+                         "without biases (what LVLLM_HOT_EXPERTS takes)")
     if gpu is None:
         lines += [f"Host RAM also holds {plan.kv_space_gib} GiB of KV cache (VLLM_CPU_KVCACHE_SPACE) and the weights "
                   f"outside the experts, by LVLLM_DENSE_USE_WEIGHT (embedding and routers stay {shape.dtype}):",

@@ -472,8 +472,12 @@ def test_hot_experts_auto_takes_the_resident_layers_memory_where_it_serves_more_
     # Resident layers listed: the hot slots take what is left after them.
     resident, hot, _ = plan.auto_split(shape, fit, 1, uniform, resident_auto=False, resident=frozenset({0, 1}))
     assert resident == {0, 1} and hot == plan.hot_slots(shape, fit.left - 2 * fit.layer, 1) < slots
+    # An FP8 checkpoint's hot experts are bf16 copies unpacked from lk: as many slots as bf16's.
     fp8 = model_shape(QWEN3_30B | {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
-    assert plan.auto_split(fp8, fit, 1, skewed, resident_auto=True)[1] == 0   # float experts only
+    assert plan.hot_slots(fp8, fit.left, 1) == slots == fit.left // (48 * Q_EXPERT["bf16"])
+    assert plan.auto_split(fp8, fit, 1, skewed, resident_auto=True)[1] == slots
+    gelu = model_shape(QWEN3_30B | {"hidden_act": "gelu"})
+    assert gelu.expert_activation != "silu" and plan.hot_slots(gelu, fit.left, 1) == 0
 
 
 def test_hot_experts_auto_on_a_gpu_reads_the_statistics_file(monkeypatch, tmp_path, caplog):

