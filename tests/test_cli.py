@@ -11,6 +11,8 @@ import pytest
 
 from lvllm._vllm_cli import command_line, looks_like_path, refuse_missing_model, served_model
 
+from tests.helpers import serve_arguments
+
 
 @pytest.mark.parametrize(
     "argv, model",
@@ -109,20 +111,6 @@ def test_warnings_quieted_for_vllms_processes(monkeypatch):
     quiet_warnings()
     quiet_warnings()
     assert os.environ["PYTHONWARNINGS"].split(",") == ["error::DeprecationWarning", *QUIET_WARNINGS]
-
-
-def serve_arguments(config_text: str, tmp_path, *cli: str):
-    """What vLLM's own `vllm serve` parser makes of ``--config`` with ``config_text``."""
-    from vllm.entrypoints.cli.serve import cmd_init
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    config = tmp_path / "config.yaml"
-    config.write_text(config_text)
-    parser = FlexibleArgumentParser()
-    subparsers = parser.add_subparsers(dest="subparser")
-    for command in cmd_init():
-        command.subparser_init(subparsers)
-    return parser.parse_args(["serve", "--config", str(config), *cli])
 
 
 @pytest.mark.parametrize("text, cli, expected", [
