@@ -75,7 +75,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import statistics
 import subprocess
@@ -433,13 +432,7 @@ class Server:
                 "output_tok_s": result["output_throughput"], "bandwidth_gbs": probes}
 
     def close(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        harness.stop_group(self.proc)
 
 
 # --------------------------------------------------------------------------------------

