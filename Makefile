@@ -49,6 +49,8 @@ ASAN_ENV = LD_PRELOAD="$(ASAN_PRELOAD)" \
 	PYTHONPATH=$(CURDIR)/cmake$${PYTHONPATH:+:$$PYTHONPATH}
 
 PYTEST_ARGS ?=
+# pytest-xdist workers of the suite (0: one process); tests/conftest.py groups what shares a worker.
+TEST_WORKERS ?= 2
 
 # Serving the tiny model.
 TINY_MODEL := build/tiny-model
@@ -115,8 +117,13 @@ test-asan: build-asan
 	$(ASAN_ENV) ASAN_LK_MODULE="$(CURDIR)/$$module" \
 		$(PY) -m pytest -p lk_asan_loader $(LK_TESTS) $(PYTEST_ARGS)
 
-test: build test-asan
-	$(PY) -m pytest $(PYTEST_ARGS)
+# Each phase's seconds are printed before the suite, whose own last line gives its seconds;
+# --durations=30 lists the slowest tests (where the suite's time goes, every run).
+test:
+	@start=$$(date +%s); $(MAKE) --no-print-directory build; built=$$(date +%s); \
+	$(MAKE) --no-print-directory test-asan; checked=$$(date +%s); \
+	echo "seconds: install and build $$((built - start)), engine tests under ASan+UBSan $$((checked - built))"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 $(TINY_MODEL)/config.json: examples/tiny/build_tiny_model.py | $(STAMP)-install
 	$(PY) examples/tiny/build_tiny_model.py --out $(TINY_MODEL)

@@ -1,4 +1,15 @@
-"""Options of the whole suite."""
+"""Options of the whole suite, and how pytest-xdist splits it (make test: -n 2 --dist loadgroup)."""
+
+from pathlib import Path
+
+import pytest
+
+# The tests that start vLLM instances (tests/vllm) run one after another on one worker, with
+# the session's cached models and runs; everything else runs beside them on the other, with
+# test_families, whose models, references and runs are its own (module fixtures): without it
+# the other worker was done after a third of the suite.
+VLLM_TESTS = Path(__file__).parent / "vllm"
+BESIDE_VLLM = {VLLM_TESTS / "test_families.py"}
 
 
 def pytest_addoption(parser):
@@ -7,3 +18,10 @@ def pytest_addoption(parser):
     parser.addoption("--fuzz-seconds", type=float, default=20.0,
                      help="time budget of tests/lk/test_fuzz.py (it runs at least one case)")
     parser.addoption("--fuzz-seed", type=int, default=0, help="first seed of tests/lk/test_fuzz.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(item.path)
+        group = "vllm" if VLLM_TESTS in path.parents and path not in BESIDE_VLLM else "rest"
+        item.add_marker(pytest.mark.xdist_group(group))
