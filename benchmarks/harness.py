@@ -183,10 +183,12 @@ def header(name: str, facts: dict) -> str:
 
 
 def stop_group(proc: subprocess.Popen, wait_s: float = 60) -> int | None:
-    """SIGTERM to a server started in its own session (start_new_session=True), SIGKILL to
+    """SIGTERM to a server started in its own session (start_new_session=True), as systemd's
+    KillMode=mixed sends it: to the server alone, which stops its engine itself (lvllm writes
+    the routing statistics then; an engine sent SIGTERM too refuses that last call). SIGKILL to
     what of its process group is left after ``wait_s``; its exit status."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(wait_s)
         except subprocess.TimeoutExpired:

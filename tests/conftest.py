@@ -5,11 +5,9 @@ from pathlib import Path
 import pytest
 
 # The tests that start vLLM instances (tests/vllm) run one after another on one worker, with
-# the session's cached models and runs; everything else runs beside them on the other, with
-# test_families, whose models, references and runs are its own (module fixtures): without it
-# the other worker was done after a third of the suite.
+# the session's cached models and runs; everything else runs beside them on the other. (With
+# test_families beside them too, two vLLM instances at once on two cores: 1486 s against 1369.)
 VLLM_TESTS = Path(__file__).parent / "vllm"
-BESIDE_VLLM = {VLLM_TESTS / "test_families.py"}
 
 
 def pytest_addoption(parser):
@@ -22,6 +20,5 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path = Path(item.path)
-        group = "vllm" if VLLM_TESTS in path.parents and path not in BESIDE_VLLM else "rest"
+        group = "vllm" if VLLM_TESTS in Path(item.path).parents else "rest"
         item.add_marker(pytest.mark.xdist_group(group))
