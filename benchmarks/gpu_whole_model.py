@@ -186,20 +186,22 @@ def build_checkpoint(models_dir: Path, sizes: Sizes, tiny: bool) -> dict:
 # probes
 # --------------------------------------------------------------------------------------
 
-def moe_shape(checkpoint: dict) -> dict:
-    config = json.loads((Path(checkpoint["path"]) / "config.json").read_text())
-    return {"experts": config["num_experts"], "hidden": config["hidden_size"],
-            "inter": config["moe_intermediate_size"], "topk": config["num_experts_per_tok"]}
+def shape_of(checkpoint: dict):
+    """lvllm.model_shape's reading of the checkpoint (served in bfloat16)."""
+    from lvllm.model_shape import model_shape, read_config
+
+    config, where = read_config(checkpoint["path"])
+    return model_shape(config, str(where), "bfloat16")
 
 
-def lk_alone(shape: dict, rounds: int = 200) -> dict:
+def lk_alone(shape, rounds: int = 200) -> dict:
     """One INT4 lk layer of the model's shape at one token, cycling over two engines (each
     its own copy, far above a cache) and 64 routings so the experts come from memory: ms a
     layer and GB/s of the expert bytes read."""
     import torch
     from lvllm.hybrid import HybridExperts
 
-    experts, hidden, inter, topk = shape["experts"], shape["hidden"], shape["inter"], shape["topk"]
+    experts, hidden, inter, topk = shape.experts, shape.hidden, shape.intermediate, shape.top_k
     generator = torch.Generator().manual_seed(0)
     w13, w2 = (torch.randn(experts, rows, cols, generator=generator).mul_(cols ** -0.5).bfloat16()
                for rows, cols in ((2 * inter, hidden), (hidden, inter)))
@@ -227,7 +229,7 @@ def pinned_h2d_gbs() -> float:
     return float(done.stdout.split()[-1])
 
 
-def probes(shape: dict, cuda: bool) -> dict:
+def probes(shape, cuda: bool) -> dict:
     found = {"read_gbs": harness.read_bandwidth_gbs(len(harness.allowed_cpus())),
              "lk_int4_one_token": lk_alone(shape)}
     if cuda:
@@ -278,11 +280,8 @@ def offload_settings(contender: Contender, checkpoint: dict, budget_gib: float) 
 def prefill_threshold(lk_format: str, checkpoint: dict) -> int:
     """lvllm plan's LVLLM_GPU_PREFILL_MIN_BATCH_SIZE for the format lk holds."""
     from lvllm import plan
-    from lvllm.model_shape import model_shape, read_config
 
-    config, where = read_config(checkpoint["path"])
-    shape = model_shape(config, str(where), "bfloat16")
-    return plan.GPU_PREFILL_FROM[plan.resolve(shape, lk_format, None).name]
+    return plan.GPU_PREFILL_FROM[plan.resolve(shape_of(checkpoint), lk_format, None).name]
 
 
 def settings(contender: Contender, checkpoint: dict, sizes: Sizes, budget_gib: float, gpu: dict | None,
@@ -647,10 +646,11 @@ def main(argv=None) -> int:
     print(render_plan(sizes, args), flush=True)
     run.results["build"] = checkpoint = build_checkpoint(work / "models", sizes, args.tiny)
     print(f"checkpoint: {checkpoint}", flush=True)
+    shape = shape_of(checkpoint)
     if "probes" not in run.results:
-        run.results["probes"] = probes(moe_shape(checkpoint), run.cuda)
+        run.results["probes"] = probes(shape, run.cuda)
     run.save()
-    vocab = json.loads((Path(checkpoint["path"]) / "config.json").read_text())["vocab_size"]
+    vocab = shape.vocab
     only = set(args.only.split(",")) if args.only else None
     for contender in CONTENDERS:
         done = run.results["contenders"].get(contender.name, {}).get("status") in ("ran", "failed")

@@ -160,11 +160,14 @@ class Weights:
             done += take
         return out.view(shape)
 
+    def _writes(self, name: str) -> bool:
+        return self.keep is None or self.keep(name)
+
     def skipped(self, name: str, *shape: int) -> bool:
         """Whether another part of a parallel build writes ``name``: then only the random
         draws its values would take are made (cheap from the pool), so every part's generator
         stays where a whole build's would be."""
-        if self.keep is None or self.keep(name):
+        if self._writes(name):
             return False
         if self.pool is None:
             torch.randn(*shape, generator=self.gen)
@@ -174,7 +177,7 @@ class Weights:
         return True
 
     def __setitem__(self, name: str, value: torch.Tensor):
-        if self.keep is None or self.keep(name):
+        if self._writes(name):
             self.sink(name, value.to(self.dtype).contiguous())
 
     def linear(self, name: str, out_features: int, in_features: int, gain: float = 1.0):
