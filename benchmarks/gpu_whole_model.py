@@ -82,7 +82,7 @@ class Contender:
     offload: str | None = None       # vLLM's offload backend: uva or prefetch
     budget: bool = True              # at --budget-gib (False: the whole card)
     hot_from: str | None = None      # LVLLM_HOT_EXPERTS=auto from this contender's statistics
-    startup_s: float = 90            # expected seconds to /health on the GPU host
+    startup_s: float = 130           # expected seconds to /health on the GPU host
 
     @property
     def cuda_only(self) -> bool:
@@ -94,16 +94,16 @@ CONTENDERS = [
               "layers LVLLM_GPU_RESIDENT_MOE_LAYERS=auto picks, GPU prefill streaming from lvllm plan's "
               "threshold; writes the routing statistics lvllm-int4-hot starts from", lk_format="INT4"),
     Contender("vllm-gpu", "vLLM alone, the whole model on the GPU (no budget): the upper bound",
-              budget=False, startup_s=70),
+              budget=False, startup_s=80),
     Contender("vllm-uva", "vLLM alone at the budget: cpu_offload_gb (UVA, weights read over PCIe in "
               "every forward), the least offload that leaves room for the KV cache",
-              offload="uva", startup_s=80),
+              offload="uva", startup_s=90),
     Contender("lvllm-int4-hot", "lvllm-int4 with every MoE layer on lk and the resident layers' GPU memory as "
               "hot experts (LVLLM_HOT_EXPERTS=auto) from lvllm-int4's statistics file, re-ranked from traffic "
               "every 16 steps (LVLLM_HOT_EXPERTS_UPDATE)",
               lk_format="INT4", hot_from="lvllm-int4"),
     Contender("vllm-prefetch", "vLLM alone at the budget: offload_backend prefetch (the smallest share of "
-              "layers that fits offloaded, each copied in one layer ahead)", offload="prefetch", startup_s=80),
+              "layers that fits offloaded, each copied in one layer ahead)", offload="prefetch", startup_s=90),
     Contender("lvllm-fp8", "lvllm with the checkpoint's FP8 experts kept (LVLLM_MOE_USE_WEIGHT=KEEP), "
               "otherwise as lvllm-int4", lk_format="KEEP"),
 ]
@@ -163,6 +163,10 @@ def build_checkpoint(models_dir: Path, sizes: Sizes, tiny: bool) -> dict:
         out, layers, why = models_dir / "tiny-qwen3_moe", sizes.layers, "the tiny Qwen3-MoE of tests"
         args = ["--family", "qwen3_moe", "--dtype", "bfloat16", "--max-positions", str(sizes.max_model_len)]
     else:
+        # Once built, the checkpoint itself fills the disk that sized it: reuse the largest one.
+        built = [json.loads(r.read_text()) for r in models_dir.glob("qwen3-30b-a3b-*l-fp8.build.json")]
+        if built:
+            return max(built, key=lambda record: record["layers"])
         layers, why = layers_that_fit(sizes.layers, models_dir)
         if layers < 2:
             raise RuntimeError(f"no room for the checkpoint: {why}")
@@ -322,7 +326,11 @@ def server_env(env: dict[str, str], cuda: bool) -> dict[str, str]:
     merged = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
     merged.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
                   VLLM_DISABLE_COMPILE_CACHE="1")
-    if not cuda:
+    if cuda:
+        # DeepGEMM's first-start JIT warm-up took 80 s to over 200 s a server on the H200 host,
+        # more than the lease holds: every contender runs vLLM's other FP8 block kernels.
+        merged.update(VLLM_USE_DEEP_GEMM="0", VLLM_MOE_USE_DEEP_GEMM="0")
+    else:
         cpus = harness.allowed_cpus()
         merged.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         merged["VLLM_CPU_OMP_THREADS_BIND"] = harness.cpus_text(cpus) if len(cpus) > 1 else "nobind"

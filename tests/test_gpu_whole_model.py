@@ -188,3 +188,11 @@ def test_the_checkpoint_falls_back_to_the_layers_the_disk_holds(tmp_path, monkey
     assert layers == (free - 4 * 2**30) // wm.layer_bytes(1) < 48 and f"only {layers} of 48 layers" in why
     free = 64 * 2**30
     assert wm.layers_that_fit(48, tmp_path)[0] == 48
+
+
+def test_a_built_checkpoint_is_reused_though_it_fills_the_disk(tmp_path, monkeypatch):
+    record = {"path": str(tmp_path / "qwen3-30b-a3b-48l-fp8"), "layers": 48, "why": "48 layers", "seconds": 1.0}
+    (tmp_path / "qwen3-30b-a3b-48l-fp8.build.json").write_text(json.dumps(record))
+    monkeypatch.setattr(wm.shutil, "disk_usage", lambda _: type("U", (), {"free": 0})())
+    monkeypatch.setattr(wm.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt a built checkpoint"))
+    assert wm.build_checkpoint(tmp_path, wm.FULL, tiny=False) == record

@@ -83,7 +83,7 @@ install() {  # wait for the parts' wheels, install lvllm into the venv, print th
 prepare() {  # OUT_DIR
   OUT=$1
   RESULTS=$AIRGAP/results
-  VENV_PY=$AIRGAP/venv/bin/python
+  VENV_PY=$PWD/$AIRGAP/venv/bin/python
   FAILED=""
   # FlashInfer is not shipped: vLLM 0.32's sampler imports it unless told not to (seen failing).
   export VLLM_USE_FLASHINFER_SAMPLER=0
@@ -93,7 +93,8 @@ prepare() {  # OUT_DIR
 whole_model() {
   prepare "${1:?usage: host.sh whole-model OUT_DIR}"
   {
-    [ -x "$VENV_PY" ] && "$VENV_PY" -c "import vllm, lvllm" 2>/dev/null || install
+    # From /: in the repository's root, lvllm imports from the working tree, installed or not.
+    [ -x "$VENV_PY" ] && (cd / && "$VENV_PY" -c "import vllm, lvllm") 2>/dev/null || install
     step whole_model "$VENV_PY" "$WHOLE_MODEL_SCRIPT" "$WHOLE_MODEL_WORK" --out "$OUT" \
       --seconds "${WHOLE_MODEL_SECONDS:-480}"
     echo "failed:${FAILED:- nothing}"
