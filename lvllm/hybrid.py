@@ -129,14 +129,16 @@ class HybridExperts:
     def __init__(self, w13, w2, activation: str, layer_name: str = "",
                  weight_format: str | None = None, group_size: int | None = None,
                  w13_bias=None, w2_bias=None, swiglu_alpha: float | None = None,
-                 swiglu_limit: float | None = None):
+                 swiglu_limit: float | None = None, router_weight_on_input: bool = False):
         """w13 [E, 2I, H] and w2 [E, H, I]: float tensors or lvllm.lk.QuantizedWeights;
         ``weight_format`` (None: the source's), ``group_size``, the biases and swigluoai's
-        constants (None: gpt-oss's) as for MoEEngine."""
+        constants (None: gpt-oss's) as for MoEEngine. ``router_weight_on_input`` (top-1
+        routing only, Llama 4): the expert's weight scales its input, not its output."""
         from lvllm.lk import MoEEngine
 
         refuse(layer_name, activation_problems(activation))
         self.layer_name = layer_name
+        self.router_weight_on_input = router_weight_on_input
         if isinstance(w13, torch.Tensor):
             w13, w2 = w13.contiguous(), w2.contiguous()
         swiglu = {name: value for name, value in (("swiglu_alpha", swiglu_alpha),
@@ -184,6 +186,8 @@ class HybridExperts:
         returns its output. ``route`` splits the tokens of a long-prompt forward between lk
         and the experts streamed to the GPU; ``padding`` flags rows that are not tokens.
         """
+        if self.router_weight_on_input:
+            x, topk_weights = x * topk_weights.to(x.dtype), torch.ones_like(topk_weights)
         streamed = route.gpu_prefill and self.ring_position is not None
         lk_rows = route.lk_rows if streamed else None
         # 0. Hot experts: their pairs go to the device's copy, lk skips them (-1).

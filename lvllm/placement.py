@@ -25,7 +25,7 @@ from lvllm.settings import Settings
 RESIDENT_VAR = "LVLLM_GPU_RESIDENT_MOE_LAYERS"
 
 # What lk computes: gated activations (gate rows then up rows in w13).
-LK_ACTIVATIONS = ("silu", "gelu", "swigluoai")
+LK_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "swigluoai")
 
 
 class UnsupportedLayer(envs.EnvError):

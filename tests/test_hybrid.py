@@ -146,6 +146,26 @@ def test_hybrid_experts_cpu_path_uses_custom_op():
 
 
 @needs_lk
+def test_router_weight_applied_on_the_input():
+    """Llama 4's top-1 routing: the expert computes on its input times the router's weight,
+    and its output is not weighted again (not the same as weighting the output: SiLU)."""
+    from lvllm.hybrid import HybridExperts
+
+    torch.manual_seed(1)
+    E, H, I, T = 4, 64, 32, 6
+    w13 = torch.randn(E, 2 * I, H) / H**0.5
+    w2 = torch.randn(E, H, I) / I**0.5
+    experts = HybridExperts(w13, w2, "silu", "model.layers.0.feed_forward.experts", router_weight_on_input=True)
+    x = torch.randn(T, H)
+    ids = torch.randint(0, E, (T, 1), dtype=torch.int32)
+    weights = torch.rand(T, 1) + 0.5
+    _, out = experts.forward(x, ids, weights, run_shared=lambda: None)
+    expected = reference_moe(x.double() * weights.double(), w13, w2, ids, torch.ones(T, 1))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert (expected - reference_moe(x, w13, w2, ids, weights)).abs().max() > 1e-2
+
+
+@needs_lk
 @pytest.mark.parametrize("takes_expert_map", [False, True])
 def test_hot_experts_take_their_pairs_and_lk_the_rest(takes_expert_map):
     """HotSet: the hot experts' (token, expert) pairs reach the device's kernel (as slots with
@@ -503,7 +523,7 @@ def test_sigmoid_routing_the_cpu_router_lacks():
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
-    from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
+    from lvllm.vllm.cpu_routing import BiasedTopkRouter, lacks_scheme
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.4, 0.3, 0.2]])
     bias = torch.tensor([-5.0, 0.0, 3.0, 0.0])
@@ -511,9 +531,11 @@ def test_sigmoid_routing_the_cpu_router_lacks():
                        routed_scaling_factor=2.0, e_score_correction_bias=bias)
     assert lacks_scheme(router)
     assert not lacks_scheme(CPURouter(top_k=2, global_num_experts=4, scoring_func="softmax"))
+    assert not lacks_scheme(CPURouter(top_k=2, global_num_experts=4, scoring_func="sigmoid", use_grouped_topk=True,
+                                      num_expert_group=2, topk_group=1, e_score_correction_bias=bias))
     with pytest.raises(AssertionError):   # what vLLM's CPU build does with it
         router.select_experts(torch.zeros(2, 8), logits)
-    SigmoidTopkRouter.take_over(router)
+    BiasedTopkRouter.take_over(router)
     weights, ids = router.select_experts(torch.zeros(2, 8), logits)
     # Row 0: scores + bias = [-4.12, 0.73, 3.5, 0.27] picks experts 2 and 1.
     scores = torch.sigmoid(logits.double())
@@ -522,3 +544,28 @@ def test_sigmoid_routing_the_cpu_router_lacks():
         expected = {e: 2.0 * scores[row, e] / scores[row, chosen].sum() for e in chosen}
         for e, w in zip(ids[row].tolist(), weights[row].tolist()):
             assert w == pytest.approx(expected[e].item(), rel=1e-6)
+
+
+def test_softmax_routing_keeps_the_correction_bias():
+    """ERNIE 4.5's routing: softmax scores plus the bias pick the experts, the scores alone
+    weight them. vLLM's CPU router drops the bias and picks the plain top-k."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+
+    from lvllm.vllm.cpu_routing import BiasedTopkRouter, lacks_scheme
+
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 8, generator=generator)
+    bias = torch.rand(8, generator=generator)
+    router = CPURouter(top_k=2, global_num_experts=8, renormalize=True, scoring_func="softmax",
+                       e_score_correction_bias=bias)
+    assert lacks_scheme(router)
+    plain_ids = router.select_experts(torch.zeros(6, 8), logits)[1]
+    BiasedTopkRouter.take_over(router)
+    weights, ids = router.select_experts(torch.zeros(6, 8), logits)
+    scores = torch.softmax(logits.double(), dim=-1)
+    chosen = torch.topk(scores + bias.double(), 2, dim=-1).indices
+    assert torch.equal(ids.sort(dim=-1).values.long(), chosen.sort(dim=-1).values)
+    expected = scores.gather(1, ids.long()) / scores.gather(1, ids.long()).sum(-1, keepdim=True)
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)
+    assert not torch.equal(plain_ids.sort(dim=-1).values.long(), chosen.sort(dim=-1).values)

@@ -10,7 +10,8 @@ namespace lk {
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 constexpr int kNumDTypes = 3;
 
-enum class Activation : int { Silu = 0, Gelu = 1, SwigluOai = 2 };
+enum class Activation : int { Silu = 0, Gelu = 1, SwigluOai = 2, GeluTanh = 3 };
+constexpr int kNumActivations = 4;
 
 // Every packed weight panel holds this many output columns, interleaved per k:
 // panel[k * kPanelWidth + j] multiplies input k for output column j.

@@ -19,7 +19,7 @@ MoEEngine::MoEEngine(std::shared_ptr<Runtime> runtime, const WeightSource& w13, 
                                 std::to_string(shape.experts) + " H=" + std::to_string(shape.hidden) +
                                 " I=" + std::to_string(shape.intermediate));
   }
-  if (static_cast<unsigned>(shape.activation) > static_cast<unsigned>(Activation::SwigluOai)) {
+  if (static_cast<unsigned>(shape.activation) >= static_cast<unsigned>(kNumActivations)) {
     throw std::invalid_argument("unknown activation");
   }
   if (static_cast<unsigned>(shape.format) >= kNumWeightFormats) throw std::invalid_argument("unknown weight format");

@@ -39,7 +39,7 @@ if tuple(_lk.format_names()) != WEIGHT_FORMATS:
     raise ImportError(f"lvllm._lk's formats {_lk.format_names()} differ from lvllm.formats "
                       f"{WEIGHT_FORMATS}: rebuild the engine (make build)")
 _ID_DTYPES = (torch.int32, torch.int64)
-ACTIVATIONS = {"silu": 0, "gelu": 1, "swigluoai": 2}
+ACTIVATIONS = {"silu": 0, "gelu": 1, "swigluoai": 2, "gelu_tanh": 3}
 
 
 def _require(condition: bool, message: str) -> None:

@@ -323,8 +323,9 @@ def lk_problems(layer, moe_config) -> list[str]:
     if any(value not in (None, 0) for value in clamped.values()):
         problems.append(f"activation {moe_config.activation.value!r} with "
                         f"{', '.join(f'{k}={v}' for k, v in clamped.items() if v not in (None, 0))}")
-    if layer.apply_router_weight_on_input:
-        problems.append("router weight applied on the input")
+    if layer.apply_router_weight_on_input and moe_config.experts_per_token != 1:
+        problems.append(f"router weight applied on the input with top-{moe_config.experts_per_token} routing "
+                        "(top-1 only, as vLLM's own kernels)")
     if moe_config.moe_parallel_config.use_ep and not current_platform.is_cpu():
         problems.append("expert parallelism on the CUDA build (run with lk only on vLLM's CPU build so far)")
     if moe_config.is_lora_enabled:

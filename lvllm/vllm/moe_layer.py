@@ -23,7 +23,7 @@ from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.placement import RESIDENT_VAR, Placement, streams_in_gpu_prefill
 from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_source, gate_up_halves,
                                            lk_problems)
-from lvllm.vllm.cpu_routing import SigmoidTopkRouter, lacks_scheme
+from lvllm.vllm.cpu_routing import BiasedTopkRouter, lacks_scheme
 from lvllm.vllm.gpu_path import padding_rows
 from lvllm.vllm.hot_device import hot_set
 from lvllm.vllm.installation import (Installation, building_draft_model, logger, num_model_layers,
@@ -181,7 +181,7 @@ class LkMoEMethod(FusedMoEMethodBase):
             w13, w2, activation=activation, layer_name=layer.layer_name,
             weight_format=resolved.name, group_size=resolved.group_size,
             w13_bias=w13_bias, w2_bias=w2_bias, swiglu_alpha=self.moe.swiglu_alpha,
-            swiglu_limit=self.moe.swiglu_limit,
+            swiglu_limit=self.moe.swiglu_limit, router_weight_on_input=layer.apply_router_weight_on_input,
         )
         if hot_count := installation.hot_experts():
             device = installation.gpu_path().device if current_platform.is_cuda() else torch.device("cpu")
@@ -353,7 +353,7 @@ class LkRunner:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if isinstance(self.routed_experts.quant_method, LkMoEMethod) and lacks_scheme(self.router):
-            SigmoidTopkRouter.take_over(self.router)
+            BiasedTopkRouter.take_over(self.router)
         installation = LkExperts.installation
         counter = installation.routing_counter() if installation is not None else None
         if counter is not None and not building_draft_model():

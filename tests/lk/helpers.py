@@ -63,6 +63,8 @@ def reference_moe(w13, w2, x, topk_ids, topk_weights, activation="silu", alpha=1
             hidden = F.silu(gate) * up
         elif activation == "gelu":
             hidden = F.gelu(gate) * up
+        elif activation == "gelu_tanh":
+            hidden = F.gelu(gate, approximate="tanh") * up
         else:
             gate = gate.clamp(max=limit)
             up = up.clamp(-limit, limit)

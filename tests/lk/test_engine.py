@@ -34,7 +34,7 @@ def test_matches_reference_per_isa_and_dtype(runtimes, isa, weight_dtype, tokens
     assert_close(out, reference_moe(w13, w2, x, ids, weights), weight_dtype)
 
 
-@pytest.mark.parametrize("activation", ["silu", "gelu", "swigluoai"])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "swigluoai", "gelu_tanh"])
 @pytest.mark.parametrize("tokens", [2, 40])
 def test_activations(runtimes, activation, tokens):
     experts, hidden, intermediate, k = 6, 64, 48, 2

@@ -177,7 +177,7 @@ void bind_moe_engine(py::module_& m) {
       .def(py::init([](std::shared_ptr<lk::Runtime> runtime, const WeightArgs& w13, const WeightArgs& w2, int experts,
                        int hidden, int intermediate, int format, int group_size, int activation, float swiglu_alpha,
                        float swiglu_limit, std::uintptr_t w13_bias, std::uintptr_t w2_bias) {
-             if (activation < 0 || activation > 2) throw std::invalid_argument("unknown activation code");
+             if (activation < 0 || activation >= lk::kNumActivations) throw std::invalid_argument("unknown activation code");
              lk::ExpertShape shape = to_shape(experts, hidden, intermediate, format, group_size);
              shape.activation = static_cast<lk::Activation>(activation);
              shape.swiglu_alpha = swiglu_alpha;

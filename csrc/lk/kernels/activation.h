@@ -89,7 +89,18 @@ void swiglu_oai_rows(const float* gate, const float* up, int rows, int count, co
   });
 }
 
-constexpr ActivationKernels activation_table() { return ActivationKernels{&silu_rows, &gelu_rows, &swiglu_oai_rows}; }
+// GELU's tanh form (Gemma): 0.5 g (1 + tanh z) = g / (1 + e^-2z), z = sqrt(2/pi) (g + 0.044715 g^3).
+void gelu_tanh_rows(const float* gate, const float* up, int rows, int count, const float* weights,
+                    const ActivationParams&, float* out, std::size_t out_stride) {
+  panel_rows(gate, up, rows, count, weights, out, out_stride, [](float g, float u) {
+    const float z = 0.79788456080286536f * (g + 0.044715f * g * g * g);
+    return g / (1.0f + fast_exp(-2.0f * z)) * u;
+  });
+}
+
+constexpr ActivationKernels activation_table() {
+  return ActivationKernels{&silu_rows, &gelu_rows, &swiglu_oai_rows, &gelu_tanh_rows};
+}
 
 }  // namespace
 }  // namespace lk::kernels

@@ -177,7 +177,7 @@ using ActivationRows = void (*)(const float* gate, const float* up, int rows, in
                                 const ActivationParams& params, float* out, std::size_t out_stride);
 
 struct ActivationKernels {
-  ActivationRows rows[3];  // indexed by Activation
+  ActivationRows rows[kNumActivations];  // indexed by Activation
 };
 
 struct KernelSet {

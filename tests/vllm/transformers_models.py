@@ -1,0 +1,69 @@
+"""Tiny random checkpoints of any architecture transformers has, written by transformers itself.
+
+The architecture sweep (test_architectures.py) needs one checkpoint per MoE architecture vLLM
+registers; writing each layout by hand, as build_tiny_model.py does for the families, would
+repeat transformers. Here transformers' own config class (small sizes given per architecture)
+builds its own model, whose weights are drawn again so that the test can fail:
+
+- every matrix and embedding with std 1/sqrt(fan_in) (activations keep unit scale, the logits
+  spread and greedy decoding does not collapse onto one token);
+- every vector (norms, biases, routers' correction biases) as its initial value plus noise of
+  0.1 (1 + noise for norms): a bias or correction left at zero would hide a path that drops it.
+
+The tokenizer is build_tiny_model.py's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+BUILDER = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "build_tiny_model.py"
+VOCAB = 512
+# Sizes every sweep checkpoint shares; an architecture's own entries override them.
+COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 512,
+          "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+NOISE = 0.1
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("build_tiny_model", BUILDER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def redraw(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
+            if param.dim() >= 2:
+                param.copy_(noise / param.shape[-1] ** 0.5)
+            else:
+                param.copy_(param.double() + NOISE * noise)
+
+
+def build(out: Path, model_type: str, architecture: str, config: dict, seed: int = 0) -> Path:
+    """The checkpoint in ``out`` (kept when already there): ``model_type``'s config with
+    COMMON and ``config``, ``architecture`` as its architectures entry, float32."""
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = _builder().build_tokenizer(out, VOCAB)
+    settings = {**COMMON, **config, "vocab_size": vocab}
+    hf_config = AutoConfig.for_model(model_type, **settings)
+    hf_config.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    redraw(model, seed)
+    model.save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": settings["eos_token_id"], "pad_token_id": settings["pad_token_id"]}, indent=2))
+    return out
