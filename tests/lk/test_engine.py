@@ -344,7 +344,11 @@ class TestEnvironment:
         assert (runtime.threads, runtime.numa_nodes, runtime.isa) == (1, 2, "GENERIC")
         assert "power saving" in runtime.describe() and "NUMA_NODE" in runtime.describe()
 
-    def test_more_threads_than_cpus_are_warned_about_once(self, caplog):
+    def test_more_threads_than_cpus_are_warned_about_once(self, caplog, monkeypatch):
+        from lvllm.lk import runtime as lk_runtime
+
+        # Fresh, whatever ran before in this process (on one CPU, other tests oversubscribe too).
+        monkeypatch.setattr(lk_runtime, "_oversubscription_warned", set())
         threads = len(os.sched_getaffinity(0)) + 1
         with caplog.at_level(logging.WARNING, logger="lvllm"):
             runtimes = [make_runtime(threads=threads, workers="OPENMP") for _ in range(2)]

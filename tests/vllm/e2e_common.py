@@ -45,7 +45,7 @@ BASE_ENV = {
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
     "VLLM_DISABLE_COMPILE_CACHE": "1",
     # The same cores for vLLM's threads and lk's (vLLM's default "auto" would keep one back).
-    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, CPUS)) if len(CPUS) > 1 else "nobind",
+    "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, CPUS)),
     "TOKENIZERS_PARALLELISM": "false",
     # The engine core in this process steps only inside generate(), after every prompt is
     # queued: with its own process it starts on the first prompt while the others are still
