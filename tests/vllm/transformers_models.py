@@ -59,11 +59,13 @@ def build(out: Path, model_type: str, architecture: str, config: dict, seed: int
     vocab = _builder().build_tokenizer(out, VOCAB)
     settings = {**COMMON, **config, "vocab_size": vocab}
     hf_config = AutoConfig.for_model(model_type, **settings)
-    hf_config.architectures = [architecture]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     redraw(model, seed)
     model.save_pretrained(out)
+    # save_pretrained names transformers' class (PhimoeForCausalLM); checkpoints name vLLM's.
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**saved, "architectures": [architecture]}, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": settings["eos_token_id"], "pad_token_id": settings["pad_token_id"]}, indent=2))
     return out
