@@ -52,6 +52,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from architecture_table import BY_KEY, DIFFERING, FAMILY_TESTED, NOT_SWEPT, registered_moe_architectures
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
                         LOSSY_SAME_PREFIX, MAX_TOKENS, PROMPTS, CachedReference, TransformersReference,
                         assert_upstream, attention_backend, build_model, deviations, draft_lk_report,
@@ -617,3 +618,14 @@ def test_readme_model_table():
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert section(readme) == render(), (
         "README's model table is stale: python tests/vllm/family_table.py --update-readme README.md")
+
+
+def test_every_registered_moe_architecture_is_accounted_for():
+    """A vLLM that registers a new MoE architecture (or drops one) fails here until the
+    table says where it runs with lk."""
+    covered = {f.architecture for f in FAMILY_TABLE} | FAMILY_TESTED | set(BY_KEY)
+    pending = set(NOT_SWEPT) | set(DIFFERING)
+    registered = set(registered_moe_architectures())
+    assert not covered & pending and not set(NOT_SWEPT) & set(DIFFERING), covered & pending
+    assert registered - covered - pending == set(), "registered MoE architectures the table lacks"
+    assert (covered | pending) - registered == set(), "table entries vLLM does not register (as MoE)"

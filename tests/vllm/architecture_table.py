@@ -1,0 +1,233 @@
+"""What the architecture sweep runs (test_architectures.py) and where every MoE architecture vLLM
+registers stands: swept, differing from its reference (with what was seen), or not run yet.
+registered_moe_architectures() finds them from vLLM's own registry (test_families.py checks the
+table against it)."""
+
+from __future__ import annotations
+
+import ast
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str                        # vLLM's registered architecture (config.json "architectures")
+    model_type: str                  # transformers' config class
+    config: dict = field(default_factory=dict)   # beyond transformers_models.COMMON
+    moe_layers: frozenset[int] = frozenset({0, 1})
+    own_path_wrong: str = ""         # why vLLM's own CPU path computes it wrong (its run must differ)
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+
+SWEPT = (
+    Architecture("Ernie4_5_MoeForCausalLM", "ernie4_5_moe",
+                 {"moe_num_experts": 8, "moe_k": 2, "moe_intermediate_size": 64, "moe_num_shared_experts": 1,
+                  "moe_layer_start_index": 0, "moe_layer_end_index": 1},
+                 own_path_wrong="vLLM's CPU router drops the softmax router's e_score_correction_bias "
+                                "(vllm/model_executor/layers/fused_moe/router/cpu_router.py, _softmax_topk), "
+                                "so other experts are picked than the checkpoint's; lk routes with it"),
+    Architecture("Llama4ForCausalLM", "llama4_text",
+                 {"num_local_experts": 8, "num_experts_per_tok": 1, "intermediate_size": 64,
+                  "intermediate_size_mlp": 128, "interleave_moe_layer_step": 1, "moe_layers": [0, 1],
+                  "no_rope_layers": [1, 0], "layer_types": ["chunked_attention", "full_attention"],
+                  "attention_chunk_size": 128}),
+    Architecture("Gemma4ForCausalLM", "gemma4_text",
+                 {"enable_moe_block": True, "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 64,
+                  "hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 512,
+                  "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64}),
+    Architecture("OlmoeForCausalLM", "olmoe", EXPERTS),
+    Architecture("GraniteMoeForCausalLM", "granitemoe",
+                 {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64}),
+    Architecture("GraniteMoeSharedForCausalLM", "granitemoeshared",
+                 {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
+                  "shared_intermediate_size": 64}),
+    Architecture("ExaoneMoeForCausalLM", "exaone_moe",
+                 {**EXPERTS, "first_k_dense_replace": 1, "num_shared_experts": 1,
+                  "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
+                  "sliding_window": 64}, moe_layers=frozenset({1})),
+    Architecture("AfmoeForCausalLM", "afmoe",
+                 {**EXPERTS, "num_dense_layers": 1, "num_shared_experts": 1, "score_func": "sigmoid",
+                  "route_norm": True, "route_scale": 1.5, "n_group": 1, "topk_group": 1,
+                  "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 64},
+                 moe_layers=frozenset({1})),
+    Architecture("HYV3ForCausalLM", "hy_v3",
+                 {**EXPERTS, "num_shared_experts": 1, "mlp_layer_types": ["dense", "sparse"],
+                  "first_k_dense_replace": 1, "expert_hidden_dim": 64, "route_norm": True,
+                  "qk_norm": True},
+                 moe_layers=frozenset({1})),
+)
+# Run with lk on 2026-11-28 and not yet right, with what was seen (transformers' float64
+# forward as the reference); their checkpoints as built then, for the next sweep.
+DIFFERING = {
+    "PhiMoEForCausalLM": (Architecture("PhiMoEForCausalLM", "phimoe",
+                 {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
+                  "router_jitter_noise": 0.0}),
+        "lk's answers are NaN; vLLM's own path runs but is 3.3 from transformers (its sparsemixer routing?)"),
+    "Cohere2MoeForCausalLM": (Architecture("Cohere2MoeForCausalLM", "cohere2_moe",
+                 {**EXPERTS, "intermediate_size": 64, "num_shared_experts": 1,
+                  "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["sparse", "sparse"],
+                  "sliding_window": 64}),
+        "lk and vLLM's own path alike 0.19 from transformers: the model's code or the tiny config, not lk"),
+    "Lfm2MoeForCausalLM": (Architecture("Lfm2MoeForCausalLM", "lfm2_moe",
+                 {**EXPERTS, "num_dense_layers": 1, "layer_types": ["conv", "full_attention"]},
+                 moe_layers=frozenset({1})),
+        "lk and vLLM's own path alike 2.5 from transformers (its expert bias routing?)"),
+    "Glm4MoeLiteForCausalLM": (Architecture("Glm4MoeLiteForCausalLM", "glm4_moe_lite",
+                 {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "n_shared_experts": 1,
+                  "mlp_layer_types": ["dense", "sparse"], "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": 64,
+                  "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32, "num_key_value_heads": 2,
+                  "head_dim": 64},
+                 moe_layers=frozenset({1})),
+        "lk and vLLM's own path alike 0.86 from transformers"),
+    "LagunaForCausalLM": (Architecture("LagunaForCausalLM", "laguna",
+                 {**EXPERTS, "shared_expert_intermediate_size": 64, "num_attention_heads_per_layer": [2, 2],
+                  "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
+                  "sliding_window": 64}, moe_layers=frozenset({1})),
+        "lk and vLLM's own path alike: most tokens within 1e-6, some 0.33 from transformers (its sliding or dense layers?)"),
+}
+BY_KEY = {a.key: a for a in SWEPT}
+
+
+# --------------------------------------------------------------------------------------
+# every MoE architecture vLLM registers, found from vLLM itself
+# --------------------------------------------------------------------------------------
+
+MOE_LAYER_CALL = re.compile(r"\b(FusedMoEFactory|SharedFusedMoE|FusedMoE)\(")
+
+
+def registered_moe_architectures() -> dict[str, str]:
+    """Every architecture in vLLM's model registry whose module builds vLLM's MoE layer, itself
+    or through the model modules it imports (a multimodal model through its text model, a
+    draft model through its target's): architecture -> module."""
+    from vllm.model_executor.models import registry
+
+    models = Path(registry.__file__).parent
+    imported: dict[str, set[str]] = {}
+
+    def imports(module: str) -> set[str]:
+        if module not in imported:
+            path = models / f"{module}.py"
+            found = set()
+            if path.exists():
+                for node in ast.walk(ast.parse(path.read_text())):
+                    if isinstance(node, ast.ImportFrom) and node.module:
+                        if node.level == 1:
+                            found.add(node.module.split(".")[0])
+                        elif node.module.startswith("vllm.model_executor.models."):
+                            found.add(node.module.split(".")[3])
+            imported[module] = found
+        return imported[module]
+
+    @functools.cache
+    def builds_moe(module: str, seen: frozenset = frozenset()) -> bool:
+        path = models / f"{module}.py"
+        if path.exists() and MOE_LAYER_CALL.search(path.read_text()):
+            return True
+        return any(builds_moe(m, seen | {module}) for m in imports(module) - seen - {module})
+
+    return {arch: module for arch, (module, _) in sorted(registry._VLLM_MODELS.items()) if builds_moe(module)}
+
+
+# Covered by the family tests (test_families.FAMILY_TABLE, test_equivalence's families and the
+# DeepSeek-V3 MTP draft) or swept above.
+FAMILY_TESTED = {"Qwen2MoeForCausalLM", "DeepseekV2ForCausalLM", "MixtralForCausalLM", "DeepSeekMTPModel"}
+# Not run with lk yet (issue #70 goes on): a text architecture to sweep, a draft model to run as its
+# target's speculative decoding draft (LVLLM_DRAFT_MOE), or a multimodal, embedding or
+# classification model whose MoE layers are a text model's.
+TEXT = "text model, not swept yet"
+DRAFT = "draft model, not run as a draft yet"
+WRAPPER = "its MoE layers are a text model's; not run yet"
+NOT_SWEPT = {
+    "AXK1ForCausalLM": TEXT,
+    "AriaForConditionalGeneration": WRAPPER,
+    "BailingMoeForCausalLM": TEXT,
+    "BailingMoeV25MTPModel": DRAFT,
+    "BailingMoeV2ForCausalLM": TEXT,
+    "BailingMoeV2_5ForCausalLM": TEXT,
+    "BailingMoeV3ForCausalLM": TEXT,
+    "BailingMoeV3MTPModel": DRAFT,
+    "BailingMoeV3VLForConditionalGeneration": WRAPPER,
+    "ClefOmniForJointSchema": WRAPPER,
+    "ColQwen3_5": WRAPPER,
+    "Cosmos3EdgeForConditionalGeneration": WRAPPER,
+    "DFlashLagunaForCausalLM": DRAFT,
+    "DeepseekForCausalLM": TEXT,
+    "DeepseekV3BidirectionalModel": WRAPPER,
+    "DiffusionGemmaForBlockDiffusion": WRAPPER,
+    "Eagle3DeepseekV2ForCausalLM": DRAFT,
+    "Eagle3DeepseekV3ForCausalLM": DRAFT,
+    "EagleDeepSeekMTPModel": DRAFT,
+    "EagleLlama4ForCausalLM": DRAFT,
+    "EagleMistralLarge3ForCausalLM": DRAFT,
+    "EmbeddingGemma2Model": WRAPPER,
+    "Ernie4_5_VLMoeForConditionalGeneration": WRAPPER,
+    "Exaone4_5_MTP": DRAFT,
+    "ExaoneMoEForCausalLM": TEXT,
+    "ExaoneMoeMTP": DRAFT,
+    "Gemma4DSparkModel": DRAFT,
+    "Gemma4ForConditionalGeneration": WRAPPER,
+    "Gemma4MTPModel": DRAFT,
+    "Gemma4UnifiedForConditionalGeneration": WRAPPER,
+    "Glm4MoeLiteMTPModel": DRAFT,
+    "Glm4MoeMTPModel": DRAFT,
+    "GlmOcrMTPModel": DRAFT,
+    "GraniteMoeHybridForCausalLM": TEXT,
+    "GraniteMoeSWAForCausalLM": TEXT,
+    "HYV3MTPModel": DRAFT,
+    "InternS1ProForConditionalGeneration": WRAPPER,
+    "InternS2MobiusForConditionalGeneration": WRAPPER,
+    "InternS2MobiusMTP": DRAFT,
+    "InternS2PreviewForConditionalGeneration": WRAPPER,
+    "JambaForCausalLM": TEXT,
+    "JambaForSequenceClassification": WRAPPER,
+    "K2HorizonForCausalLM": TEXT,
+    "LiLiCorrDraftModel": DRAFT,
+    "Llama4ForConditionalGeneration": WRAPPER,
+    "LongCatFlashMTPModel": DRAFT,
+    "LongcatFlashForCausalLM": TEXT,
+    "LongcatFlashNgramForCausalLM": TEXT,
+    "MiMoV2FlashForCausalLM": TEXT,
+    "MiMoV2ForCausalLM": TEXT,
+    "MiMoV2MTPModel": DRAFT,
+    "MiMoV2OmniForCausalLM": WRAPPER,
+    "MiMoV2OmniMTPModel": DRAFT,
+    "MiniCPMV4_6ForConditionalGeneration": WRAPPER,
+    "MiniCPMV4_7ForConditionalGeneration": WRAPPER,
+    "MistralLarge3ForCausalLM": TEXT,
+    "NemotronHForCausalLM": TEXT,
+    "NemotronHMTPModel": DRAFT,
+    "NemotronHPuzzleForCausalLM": TEXT,
+    "NemotronH_Nano_Omni_Reasoning_V3": WRAPPER,
+    "NemotronH_Nano_VL_V2": WRAPPER,
+    "NemotronH_Omni_Reasoning_V3": WRAPPER,
+    "NemotronH_Super_Omni_Reasoning_V3": WRAPPER,
+    "OpenAIPrivacyFilterForTokenClassification": WRAPPER,
+    "OpenPanguMTPModel": DRAFT,
+    "PanguEmbeddedForCausalLM": TEXT,
+    "PanguProMoEV2ForCausalLM": TEXT,
+    "PanguUltraMoEForCausalLM": TEXT,
+    "Param2MoEForCausalLM": TEXT,
+    "Qwen3ASRForConditionalGeneration": WRAPPER,
+    "Qwen3ASRForcedAlignerForTokenClassification": WRAPPER,
+    "Qwen3ASRRealtimeGeneration": WRAPPER,
+    "Qwen3NextMTP": DRAFT,
+    "Qwen3OmniMoeForConditionalGeneration": WRAPPER,
+    "Qwen3VLMoeForConditionalGeneration": WRAPPER,
+    "Qwen3_5ForCausalLM": TEXT,
+    "Qwen3_5ForConditionalGeneration": WRAPPER,
+    "Qwen3_5MTP": DRAFT,
+    "Qwen3_5MoeForConditionalGeneration": WRAPPER,
+    "Qwen3_5MoeMTP": DRAFT,
+    "SarvamMLAForCausalLM": TEXT,
+    "SarvamMoEForCausalLM": TEXT,
+    "Step3TextForCausalLM": TEXT,
+    "Step3p5MTP": DRAFT,
+}
