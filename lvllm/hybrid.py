@@ -186,7 +186,7 @@ class HybridExperts:
         returns its output. ``route`` splits the tokens of a long-prompt forward between lk
         and the experts streamed to the GPU; ``padding`` flags rows that are not tokens.
         """
-        if self.router_weight_on_input:
+        if self.router_weight_on_input:   # Llama 4: the one expert's weight scales its input
             x, topk_weights = x * topk_weights.to(x.dtype), torch.ones_like(topk_weights)
         streamed = route.gpu_prefill and self.ring_position is not None
         lk_rows = route.lk_rows if streamed else None
