@@ -2,7 +2,7 @@
 # (default .venv in the repository root); every setup step is stamped, so a second run only
 # redoes what changed.
 #
-#   make test       install, build, engine tests under ASan+UBSan, then the whole test suite
+#   make test       install, build, then the whole test suite with the engine tests under ASan+UBSan beside it
 #   make serve      install, build, then serve the tiny embedded MoE model with lk on
 #                   (more vllm serve flags: make serve SERVE_ARGS="--port 8001")
 #   make build      rebuild lvllm._lk after C++ changes (incremental)
