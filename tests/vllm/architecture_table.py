@@ -6,7 +6,6 @@ table against it)."""
 from __future__ import annotations
 
 import ast
-import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +102,18 @@ BY_KEY = {a.key: a for a in SWEPT}
 MOE_LAYER_CALL = re.compile(r"\b(FusedMoEFactory|SharedFusedMoE|FusedMoE)\(")
 
 
+def _model_imports(source: str) -> set[str]:
+    """The vllm.model_executor.models modules a model module's source imports from."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.level == 1:
+                found.add(node.module.split(".")[0])
+            elif node.module.startswith("vllm.model_executor.models."):
+                found.add(node.module.split(".")[3])
+    return found
+
+
 def registered_moe_architectures() -> dict[str, str]:
     """Every architecture in vLLM's model registry whose module builds vLLM's MoE layer, itself
     or through the model modules it imports (a multimodal model through its text model, a
@@ -110,30 +121,13 @@ def registered_moe_architectures() -> dict[str, str]:
     from vllm.model_executor.models import registry
 
     models = Path(registry.__file__).parent
-    imported: dict[str, set[str]] = {}
-
-    def imports(module: str) -> set[str]:
-        if module not in imported:
-            path = models / f"{module}.py"
-            found = set()
-            if path.exists():
-                for node in ast.walk(ast.parse(path.read_text())):
-                    if isinstance(node, ast.ImportFrom) and node.module:
-                        if node.level == 1:
-                            found.add(node.module.split(".")[0])
-                        elif node.module.startswith("vllm.model_executor.models."):
-                            found.add(node.module.split(".")[3])
-            imported[module] = found
-        return imported[module]
-
-    @functools.cache
-    def builds_moe(module: str, seen: frozenset = frozenset()) -> bool:
-        path = models / f"{module}.py"
-        if path.exists() and MOE_LAYER_CALL.search(path.read_text()):
-            return True
-        return any(builds_moe(m, seen | {module}) for m in imports(module) - seen - {module})
-
-    return {arch: module for arch, (module, _) in sorted(registry._VLLM_MODELS.items()) if builds_moe(module)}
+    sources = {path.stem: path.read_text() for path in models.glob("*.py")}
+    imports = {name: _model_imports(text) for name, text in sources.items()}
+    # Builders first, then every module importing one, until nothing is added.
+    moe = {name for name, text in sources.items() if MOE_LAYER_CALL.search(text)}
+    while added := {name for name, found in imports.items() if name not in moe and found & moe}:
+        moe |= added
+    return {arch: module for arch, (module, _) in sorted(registry._VLLM_MODELS.items()) if module in moe}
 
 
 # Covered by the family tests (test_families.FAMILY_TABLE, test_equivalence's families and the
