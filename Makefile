@@ -109,13 +109,14 @@ build-asan: $(STAMP)-install
 	LVLLM_SANITIZE=1 $(PY) setup.py -q build_ext \
 		--build-lib $(ASAN_BUILD)/lib --build-temp $(ASAN_BUILD)/tmp
 
-# The engine tests against the ASan+UBSan build. Python leaks by design: leak detection off.
+# The engine tests against the ASan+UBSan build, on $(TEST_WORKERS) pytest-xdist workers (each
+# loads the sanitizer build through the plugin). Python leaks by design: leak detection off.
 test-asan: build-asan
 	@if ! compgen -G '$(LK_TESTS)/test_*.py' >/dev/null; then \
 		echo "no engine tests in $(LK_TESTS): sanitizer run skipped"; exit 0; fi; \
 	module=$$(ls $(ASAN_BUILD)/lib/lvllm/_lk*.so); \
 	$(ASAN_ENV) ASAN_LK_MODULE="$(CURDIR)/$$module" \
-		$(PY) -m pytest -p lk_asan_loader $(LK_TESTS) $(PYTEST_ARGS)
+		$(PY) -m pytest -p lk_asan_loader -n $(TEST_WORKERS) $(LK_TESTS) $(PYTEST_ARGS)
 
 # Each phase's seconds are printed before the suite, whose own last line gives its seconds;
 # --durations=30 lists the slowest tests (where the suite's time goes, every run).

@@ -15,7 +15,7 @@ Environment knobs for the extension build:
   build directory (build/lk-asan); loading it needs libasan preloaded, see the Makefile.
 * ``CMAKE_ARGS``: extra arguments for the CMake configure step (shell syntax).
 * ``LVLLM_BUILD_DIR``: use this build directory instead of build/lk-release | build/lk-asan.
-* ``MAX_JOBS``: parallel compile jobs (default: the number of CPUs).
+* ``MAX_JOBS``: parallel compile jobs (default: the CPUs this process may run on).
 
 Both wheels (regular and editable) also carry lvllm/media_packages.py's start-up hook,
 ``lvllm-media-packages.pth``, at the top of site-packages: it keeps CUDA builds of
@@ -170,7 +170,7 @@ class CMakeBuild(build_ext):
             self._run(configure)
             stamp.write_text(wanted)
 
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        jobs = os.environ.get("MAX_JOBS") or str(len(os.sched_getaffinity(0)))
         self._run([cmake, "--build", str(build_dir), "--parallel", jobs])
 
         built = sorted(out_dir.glob("_lk*.so"))
