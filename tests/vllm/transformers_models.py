@@ -7,8 +7,8 @@ builds its own model, whose weights are drawn again so that the test can fail:
 
 - every matrix and embedding with std 1/sqrt(fan_in) (activations keep unit scale, the logits
   spread and greedy decoding does not collapse onto one token);
-- every vector (norms, biases, routers' correction biases) as its initial value plus noise of
-  0.1 (1 + noise for norms): a bias or correction left at zero would hide a path that drops it.
+- every vector (norms, biases, routers' correction biases, parameter or buffer) as its initial
+  value plus noise of 0.1 (1 + noise for norms): a bias or correction left at zero would hide a path that drops it.
 
 The tokenizer is build_tiny_model.py's.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ COMMON = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num
           "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 512,
           "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 NOISE = 0.1
+TRANSFORMERS_COPY = "transformers"
 
 
 def _builder():
@@ -38,9 +40,14 @@ def _builder():
 
 
 def redraw(model: torch.nn.Module, seed: int) -> None:
+    """Every tensor the checkpoint saves: parameters and persistent buffers (some routers keep
+    their correction bias as a buffer)."""
     generator = torch.Generator().manual_seed(seed)
+    saved = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        for name, param in sorted(saved.items(), key=lambda item: item[0]):
+            if not param.is_floating_point():
+                continue
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float64)
             if param.dim() >= 2:
                 param.copy_(noise / param.shape[-1] ** 0.5)
@@ -48,9 +55,17 @@ def redraw(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(param.double() + NOISE * noise)
 
 
-def build(out: Path, model_type: str, architecture: str, config: dict, seed: int = 0) -> Path:
+def for_transformers(checkpoint: Path) -> Path:
+    """The checkpoint transformers' own model loads (build's, or its whole copy)."""
+    copy = checkpoint / TRANSFORMERS_COPY
+    return copy if copy.is_dir() else checkpoint
+
+
+def build(out: Path, model_type: str, architecture: str, config: dict, seed: int = 0,
+          unused_weights: str = "") -> Path:
     """The checkpoint in ``out`` (kept when already there): ``model_type``'s config with
-    COMMON and ``config``, ``architecture`` as its architectures entry, float32."""
+    COMMON and ``config``, ``architecture`` as its architectures entry, float32, without the
+    tensors whose names match ``unused_weights`` (ones transformers allocates but never uses)."""
     if (out / "config.json").exists():
         return out
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -63,6 +78,14 @@ def build(out: Path, model_type: str, architecture: str, config: dict, seed: int
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     redraw(model, seed)
     model.save_pretrained(out)
+    if unused_weights:
+        # transformers loads only what it wrote: its reference reads the whole checkpoint.
+        model.save_pretrained(out / TRANSFORMERS_COPY)
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(out / "model.safetensors")
+        save_file({name: t for name, t in tensors.items() if not re.search(unused_weights, name)},
+                  out / "model.safetensors", metadata={"format": "pt"})
     # save_pretrained names transformers' class (PhimoeForCausalLM); checkpoints name vLLM's.
     saved = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**saved, "architectures": [architecture]}, indent=2))
