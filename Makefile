@@ -49,7 +49,7 @@ ASAN_ENV = LD_PRELOAD="$(ASAN_PRELOAD)" \
 	PYTHONPATH=$(CURDIR)/cmake$${PYTHONPATH:+:$$PYTHONPATH}
 
 PYTEST_ARGS ?=
-# pytest-xdist workers of the suite (0: one process); tests/conftest.py groups what shares a worker.
+# pytest-xdist workers of the suite (0: one process); tests/conftest.py schedules what shares a worker.
 TEST_WORKERS ?= 2
 
 # Serving the tiny model.
@@ -124,7 +124,7 @@ test:
 	@start=$$(date +%s); $(MAKE) --no-print-directory build; built=$$(date +%s); \
 	$(MAKE) --no-print-directory test-asan; checked=$$(date +%s); \
 	echo "seconds: install and build $$((built - start)), engine tests under ASan+UBSan $$((checked - built))"
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS)
 
 $(TINY_MODEL)/config.json: examples/tiny/build_tiny_model.py | $(STAMP)-install
 	$(PY) examples/tiny/build_tiny_model.py --out $(TINY_MODEL)

@@ -1,4 +1,4 @@
-"""Options of the whole suite, and how pytest-xdist splits it (make test: -n 2 --dist loadgroup)."""
+"""Options of the whole suite, and how pytest-xdist splits it (make test: -n 2)."""
 
 import os
 from pathlib import Path
@@ -7,14 +7,36 @@ import pytest
 import torch
 
 TESTS = Path(__file__).parent
-# make test's two pytest-xdist workers each take one of two groups of about equal time, each
-# worker on its own share of the cores. The tiny models' vLLM instances run as fast on one
-# core as on two (test_architectures: 58 s against 60), while two instances on the same cores
-# slow each other (their OpenMP threads spin on them). Modules sharing llm_runs' cached
-# instances (tests/vllm/conftest.py) stay in one group, so each instance starts once.
-FIRST_GROUP = {f"vllm/test_{name}.py" for name in ("equivalence", "quantized", "dense", "hot_experts",
-                                                   "expert_stats", "load_memory")} | {
-    "test_pip_install.py", "test_airgap.py", "test_e2e_checks.py", "test_gpu_whole_model.py"}
+# Modules taking llm_runs' cached vLLM instances (tests/vllm/conftest.py) run as one unit on
+# one worker, so that each instance starts once; every other module is a unit of its own (its
+# module-scoped instances start once), handed to whichever worker is free; engine tests
+# (tests/lk) go one by one. Each worker runs on its own core: a tiny model's vLLM instance
+# runs as fast on one core as on two (test_architectures: 58 s against 60), while two
+# instances on the same cores slow each other (their OpenMP threads spin on them).
+SHARED_INSTANCES = "vllm/shared-instances"
+SHARING_LLM_RUNS = {f"vllm/test_{name}.py" for name in ("equivalence", "quantized", "dense", "hot_experts",
+                                                        "expert_stats", "two_nodes")}
+# Units started first, longest first, so that no long one starts last (seconds on one core).
+LONGEST_FIRST = [SHARED_INSTANCES, "vllm/test_families.py", "vllm/test_architectures.py",
+                 "test_pip_install.py", "vllm/test_server.py", "vllm/test_shutdown.py"]
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of scheduling a test belongs to (xdist's scope)."""
+    module = nodeid.split("::", 1)[0].removeprefix("tests/")
+    if module in SHARING_LLM_RUNS:
+        return SHARED_INSTANCES
+    return nodeid if module.startswith("lk/") else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnits(config, log)
 
 
 def pytest_addoption(parser):
@@ -35,9 +57,7 @@ def pytest_configure(config):
         torch.set_num_threads(len(cpus[index::workers]))
 
 
-# Before xdist's own hook, which reads the groups into the test ids.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "first" if Path(item.path).relative_to(TESTS).as_posix() in FIRST_GROUP else "second"
-        item.add_marker(pytest.mark.xdist_group(group))
+    """The longest units first (xdist queues units in the order of their first test)."""
+    rank = {unit: index for index, unit in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(rank)))
