@@ -111,7 +111,7 @@ class Cluster:
         for node in (1, 0):   # the headless node first: it waits for the head
             argv = [*command_line(), "serve", str(model), "--served-model-name", "tiny-moe",
                     "--dtype", "float32", "--max-model-len", "256", "--max-num-seqs", "4",
-                    "--seed", "0", "--no-enable-prefix-caching", "--disable-log-stats", "--enforce-eager",
+                    "--seed", "0", "--no-enable-prefix-caching", "--disable-log-stats",
                     "--pipeline-parallel-size", "2", "--nnodes", "2", "--node-rank", str(node),
                     "--master-addr", spaces.addresses[0], "--master-port", str(master_port)]
             argv += ["--headless"] if node else ["--host", "127.0.0.1", "--port", str(PORT)]
