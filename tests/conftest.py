@@ -1,11 +1,9 @@
 """Options of the whole suite, and how pytest-xdist splits it (make test: -n 2)."""
 
 import os
-from pathlib import Path
 
 import torch
 
-TESTS = Path(__file__).parent
 # Modules taking llm_runs' cached vLLM instances (tests/vllm/conftest.py) run as one unit on
 # one worker, so that each instance starts once; every other module is a unit of its own (its
 # module-scoped instances start once), handed to whichever worker is free; engine tests
@@ -15,7 +13,7 @@ TESTS = Path(__file__).parent
 SHARED_INSTANCES = "vllm/shared-instances"
 SHARING_LLM_RUNS = {f"vllm/test_{name}.py" for name in ("equivalence", "quantized", "dense", "hot_experts",
                                                         "expert_stats", "two_nodes")}
-# Units started first, longest first, so that no long one starts last (seconds on one core).
+# Units started first, longest first (as measured), so that no long one starts last.
 LONGEST_FIRST = [SHARED_INSTANCES, "vllm/test_families.py", "vllm/test_architectures.py",
                  "test_pip_install.py", "vllm/test_server.py", "vllm/test_shutdown.py"]
 

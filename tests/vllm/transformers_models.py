@@ -8,7 +8,8 @@ builds its own model, whose weights are drawn again so that the test can fail:
 - every matrix and embedding with std 1/sqrt(fan_in) (activations keep unit scale, the logits
   spread and greedy decoding does not collapse onto one token);
 - every vector (norms, biases, routers' correction biases, parameter or buffer) as its initial
-  value plus noise of 0.1 (1 + noise for norms): a bias or correction left at zero would hide a path that drops it.
+  value plus noise of 0.1 (1 + noise for norms): a bias or correction left at zero would hide
+  a path that drops it.
 
 The tokenizer is build_tiny_model.py's.
 """
