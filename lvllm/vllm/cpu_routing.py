@@ -50,9 +50,11 @@ def cpu_router_class(router) -> type | None:
 
 
 def take_over(router) -> None:
-    """Give ``router`` the class cpu_router_class names (the same state, one method more: the
-    instance vLLM built keeps every reference to it)."""
-    router.__class__ = cpu_router_class(router)
+    """Give ``router`` the class cpu_router_class names, if any (the same state, one method
+    more: the instance vLLM built keeps every reference to it)."""
+    routing = cpu_router_class(router)
+    if routing is not None:
+        router.__class__ = routing
 
 
 class BiasedTopkRouter(CPURouter):

@@ -23,7 +23,7 @@ from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.placement import RESIDENT_VAR, Placement, streams_in_gpu_prefill
 from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_source, gate_up_halves,
                                            lk_problems)
-from lvllm.vllm.cpu_routing import cpu_router_class, take_over
+from lvllm.vllm.cpu_routing import take_over
 from lvllm.vllm.gpu_path import padding_rows
 from lvllm.vllm.hot_device import hot_set
 from lvllm.vllm.installation import (Installation, building_draft_model, logger, num_model_layers,
@@ -352,7 +352,7 @@ class LkRunner:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if isinstance(self.routed_experts.quant_method, LkMoEMethod) and cpu_router_class(self.router):
+        if isinstance(self.routed_experts.quant_method, LkMoEMethod):
             take_over(self.router)
         installation = LkExperts.installation
         counter = installation.routing_counter() if installation is not None else None
