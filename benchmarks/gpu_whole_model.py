@@ -93,11 +93,11 @@ CONTENDERS = [
     Contender("lvllm-int4", "lvllm: routed experts on lk as INT4 (from the FP8 checkpoint), the resident "
               "layers LVLLM_GPU_RESIDENT_MOE_LAYERS=auto picks, GPU prefill streaming from lvllm plan's "
               "threshold; writes the routing statistics lvllm-int4-hot starts from", lk_format="INT4"),
-    Contender("vllm-gpu", "vLLM alone, the whole model on the GPU (no budget): the upper bound",
-              budget=False, startup_s=80),
     Contender("vllm-uva", "vLLM alone at the budget: cpu_offload_gb (UVA, weights read over PCIe in "
               "every forward), the least offload that leaves room for the KV cache",
               offload="uva", startup_s=90),
+    Contender("vllm-gpu", "vLLM alone, the whole model on the GPU (no budget): the upper bound",
+              budget=False, startup_s=80),
     Contender("lvllm-int4-hot", "lvllm-int4 with every MoE layer on lk and the resident layers' GPU memory as "
               "hot experts (LVLLM_HOT_EXPERTS=auto) from lvllm-int4's statistics file, re-ranked from traffic "
               "every 16 steps (LVLLM_HOT_EXPERTS_UPDATE)",
