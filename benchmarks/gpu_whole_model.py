@@ -82,7 +82,7 @@ class Contender:
     offload: str | None = None       # vLLM's offload backend: uva or prefetch
     budget: bool = True              # at --budget-gib (False: the whole card)
     hot_from: str | None = None      # LVLLM_HOT_EXPERTS=auto from this contender's statistics
-    startup_s: float = 130           # expected seconds to /health on the GPU host
+    startup_s: float = 95            # expected seconds to /health on the GPU host
 
     @property
     def cuda_only(self) -> bool:
@@ -95,15 +95,15 @@ CONTENDERS = [
               "threshold; writes the routing statistics lvllm-int4-hot starts from", lk_format="INT4"),
     Contender("vllm-uva", "vLLM alone at the budget: cpu_offload_gb (UVA, weights read over PCIe in "
               "every forward), the least offload that leaves room for the KV cache",
-              offload="uva", startup_s=90),
+              offload="uva", startup_s=65),
     Contender("vllm-gpu", "vLLM alone, the whole model on the GPU (no budget): the upper bound",
-              budget=False, startup_s=80),
+              budget=False, startup_s=50),
     Contender("lvllm-int4-hot", "lvllm-int4 with every MoE layer on lk and the resident layers' GPU memory as "
               "hot experts (LVLLM_HOT_EXPERTS=auto) from lvllm-int4's statistics file, re-ranked from traffic "
               "every 16 steps (LVLLM_HOT_EXPERTS_UPDATE)",
               lk_format="INT4", hot_from="lvllm-int4"),
     Contender("vllm-prefetch", "vLLM alone at the budget: offload_backend prefetch (the smallest share of "
-              "layers that fits offloaded, each copied in one layer ahead)", offload="prefetch", startup_s=90),
+              "layers that fits offloaded, each copied in one layer ahead)", offload="prefetch", startup_s=85),
     Contender("lvllm-fp8", "lvllm with the checkpoint's FP8 experts kept (LVLLM_MOE_USE_WEIGHT=KEEP), "
               "otherwise as lvllm-int4", lk_format="KEEP"),
 ]
@@ -128,7 +128,7 @@ class Sizes:
     measure_s: float          # expected seconds of the requests, stop included, per server
 
 
-FULL = Sizes(48, 9216, 8192, 128, 20.0, 8, 32, (512, 8192), 16, 512, 35.0)
+FULL = Sizes(48, 9216, 8192, 128, 20.0, 8, 32, (512, 8192), 16, 512, 20.0)
 TINY = Sizes(4, 1024, 512, 16, 10.0, 8, 8, (64, 256), 8, 1000, 30.0)
 SANITY_PROMPTS = 2
 

@@ -33,7 +33,8 @@ def hot_lines(hot: HotAlternative, plan: Plan, stats: Path) -> list[str]:
     if not hot.ram_fits:
         lines.append("  but lk would then hold every MoE layer, which this RAM does not")
     elif hot.hot_tok_s > hot.layer_tok_s:
-        lines.append(f"  to serve it so (not run on a GPU yet): LVLLM_HOT_EXPERTS={hot.slots} "
+        lines.append(f"  to serve it so (slower than resident layers on an H200 so far, docs/gpu-path.md): "
+                     f"LVLLM_HOT_EXPERTS={hot.slots} "
                      f"LVLLM_EXPERT_STATS={stats} LVLLM_GPU_RESIDENT_MOE_LAYERS= (or both auto)")
     return lines
 
