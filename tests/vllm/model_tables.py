@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, DIFFERING, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CPU_ROPE_3D, DIFFERING, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
                                 LK_AND_VLLM, LK_ONLY, NOT_SWEPT, THROUGH_TEXT_MODEL,
                                 registered_moe_architectures, same_class_as)
 
@@ -52,7 +52,8 @@ def _standing() -> dict[str, tuple[str, str, str]]:
         lk = "experts tested" if arch.attention_differs else "tested"
         own = ("cannot run" if arch.own_path_fails else "wrong" if arch.own_path_wrong else "not run")
         why = "; ".join(filter(None, ["test_architectures, against transformers in float64",
-                                      arch.own_path_fails, arch.own_path_wrong, arch.attention_differs]))
+                                      arch.own_path_fails, arch.own_path_wrong, arch.attention_differs,
+                                      CPU_ROPE_3D if arch.eager_rope_wrong else ""]))
         rows[arch.name] = (lk, own, why)
     for alias, target in same_class_as(set(rows)).items():
         rows[alias] = ("as " + target, "as " + target, f"vLLM registers it to {target}'s class")

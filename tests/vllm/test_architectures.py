@@ -15,6 +15,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 import transformers_models
 from architecture_table import BY_KEY
@@ -25,6 +26,26 @@ from e2e_common import CachedReference, TransformersReference, deviations, layer
 # logits by about 1e-6 (measured: 3e-7 to 3.2e-6); the families' looser F32_LOGPROB_TOL would
 # pass GELU's erf form for Gemma 4's tanh form (3.7e-4 apart).
 SWEEP_LOGPROB_TOL = 1e-4
+
+# vLLM's torch RoPE in an eager run, for the architectures its CPU RoPE op rotates wrong
+# (architecture_table.CPU_ROPE_3D).
+EAGER_TORCH_ROPE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+
+
+def assert_cpu_rope_still_wrong():
+    """vLLM's CPU RoPE op on a (tokens, heads, head_dim) query, against its torch RoPE: a
+    one-head key comes out right, the two-head query does not (CPU_ROPE_3D)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    with set_current_vllm_config(VllmConfig()):
+        rope = RotaryEmbedding(32, 32, 64, 10000.0, True, torch.float32)
+    positions = torch.arange(6)
+    query, key = torch.randn(6, 2, 32), torch.randn(6, 1, 32)
+    native_q, native_k = rope.forward_native(positions, query.clone(), key.clone())
+    cpu_q, cpu_k = rope.forward_cpu(positions, query.clone(), key.clone())
+    assert torch.allclose(cpu_k, native_k, atol=1e-5)
+    assert not torch.allclose(cpu_q, native_q, atol=1e-2), "vLLM's CPU RoPE op is right now: drop eager_rope_wrong"
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +76,10 @@ def assert_close_to_reference(run, reference) -> str:
 def test_lk_on_matches_transformers(checkpoints, key):
     arch = BY_KEY[key]
     model = checkpoints(key)
-    run = run_llm(model, lk=True)
+    if arch.eager_rope_wrong:
+        assert_cpu_rope_still_wrong()
+    llm_kwargs = EAGER_TORCH_ROPE if arch.eager_rope_wrong else None
+    run = run_llm(model, lk=True, llm_kwargs=llm_kwargs)
     for worker in run.report:
         assert {layer_index(n) for n in worker["lk_layers"]} == set(arch.moe_layers), worker
         assert worker["device_layers"] == {}, worker
@@ -71,5 +95,5 @@ def test_lk_on_matches_transformers(checkpoints, key):
     else:
         assert_close_to_reference(run, reference)
     if arch.own_path_wrong:
-        own, _ = deviations(run_llm(model, lk=False), reference)
+        own, _ = deviations(run_llm(model, lk=False, llm_kwargs=llm_kwargs), reference)
         assert max(own) > 100 * SWEEP_LOGPROB_TOL, f"vLLM's own path matches now ({max(own):.3g}): {arch.own_path_wrong}"
