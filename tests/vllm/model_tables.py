@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, CPU_ROPE_3D, DIFFERING, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
                                 LK_AND_VLLM, LK_ONLY, NOT_SWEPT, THROUGH_TEXT_MODEL,
                                 registered_moe_architectures, same_class_as)
 
@@ -62,6 +62,8 @@ def _standing() -> dict[str, tuple[str, str, str]]:
                       f"its MoE layers are {text_model}'s (its module builds none of its own)")
     for arch, (_, note) in DIFFERING.items():
         rows[arch] = ("differs", "-", note)
+    for arch, (_, reason, _) in CANNOT_RUN.items():
+        rows[arch] = ("cannot run", "cannot run", reason)
     for arch in CANNOT_IMPORT:
         rows[arch] = ("cannot run", "cannot run", "vLLM's module does not import: no torchvision (above)")
     for arch, why in NOT_SWEPT.items():

@@ -51,7 +51,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, DIFFERING, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM,
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, DIFFERING, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM,
                                 MOE_LAYER_CALL, NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, Family,
                                 model_imports, registered_moe_architectures, same_class_as)
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
@@ -257,9 +257,27 @@ def _dbrx_loader():
     assert "routed_experts" not in source and "params_dict[name]" in source
 
 
+def _mamba1_scan():
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's op library)
+
+    assert hasattr(torch.ops._C, "rms_norm"), "vLLM's op library did not load"
+    assert not hasattr(torch.ops._C, "selective_scan_fwd")
+
+
+def _non_gated_experts():
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
+    from vllm.platforms import current_platform
+
+    assert not (current_platform.is_cuda_alike() or current_platform.is_xpu())
+    source = inspect.getsource(FusedMoEConfig.__post_init__)
+    assert "if not self.is_act_and_mul and not (" in source
+    assert "is_act_and_mul=False is supported only for CUDA, XPU and ROCm" in source
+
+
 LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
-               "dbrx_loader": _dbrx_loader}
+               "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
+               "non_gated_experts": _non_gated_experts}
 
 
 # --------------------------------------------------------------------------------------
@@ -526,11 +544,18 @@ def test_every_registered_moe_architecture_is_accounted_for():
     table says where it runs with lk."""
     run = {f.architecture for f in FAMILY_TABLE} | set(FAMILY_TESTED) | set(BY_KEY)
     covered = run | set(same_class_as(run)) | set(THROUGH_TEXT_MODEL)
-    parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT))
+    parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT), set(CANNOT_RUN))
     registered = set(registered_moe_architectures())
     assert sum(map(len, parts)) == len(set().union(*parts)), "an architecture in two places"
     assert registered - set().union(*parts) == set(), "registered MoE architectures the table lacks"
     assert set().union(*parts) - registered == set(), "table entries vLLM does not register (as MoE)"
+
+
+@pytest.mark.parametrize("architecture", sorted(CANNOT_RUN))
+def test_recorded_reasons_vllm_cpu_cannot_run_still_hold(architecture):
+    spec, _, limitation = CANNOT_RUN[architecture]
+    assert spec.name == architecture
+    LIMITATIONS[limitation]()
 
 
 @pytest.mark.parametrize("architecture", sorted(CANNOT_IMPORT))
