@@ -115,6 +115,7 @@ def test_torch_pin_tries_pytorchs_cpu_index_then_says_what_to_add(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / ".lvllm-build-deps").touch()   # the build tools, which torch's pip waits for, are there
     tries = tmp_path / "tries"
     fake_pip = tmp_path / "pip"
     fake_pip.write_text(f'#!/bin/sh\necho "$@" >> {tries}\nexit 1\n')
