@@ -132,7 +132,6 @@ class Architecture:
     own_path_wrong: str = ""         # why vLLM's own CPU path computes it wrong (its run must differ)
     own_path_fails: str = ""         # why vLLM's own CPU path cannot run it (checked where it fails)
     unused_weights: str = ""         # tensors transformers writes that real checkpoints lack (regex)
-    attention_differs: str = ""      # what differs beyond the experts (only first positions compared)
     eager_rope_wrong: bool = False   # vLLM's eager CPU RoPE op rotates its queries wrong (CPU_ROPE_3D):
                                      # run with vLLM's torch RoPE, the bug checked to be still there
 
@@ -143,15 +142,8 @@ class Architecture:
 
 EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
 
-# vLLM's CPU RoPE op (RotaryEmbedding.forward_cpu -> ops.rotary_embedding) takes a query shaped
-# (tokens, heads, head_dim) as (tokens, head_dim) rows: it rotates the first `tokens` head-rows
-# by positions 0, 1, 2, ... and leaves the rest as they are (a (tokens, heads * head_dim) query,
-# or a one-head key, comes out right; forward_native is right either way). Models that rotate
-# an unflattened multi-head query (LFM2's q_layernorm path, every MLA q_pe under a plain
-# RotaryEmbedding: not yarn, whose class has no forward_cpu) attend wrongly from the second
-# position on, lk on or off; a prompt's first position attends to itself only and still matches.
-# Compiled runs (custom_ops "none") take forward_native and are right; the sweep runs eager with
-# the torch RoPE instead (EAGER_TORCH_ROPE) and checks that the op is still wrong.
+# How vLLM's eager CPU RoPE op gets the architectures marked eager_rope_wrong wrong (a
+# (tokens, heads * head_dim) query or a one-head key comes out right), and what the sweep does.
 CPU_ROPE_3D = ("vLLM's CPU RoPE op, which eager runs take (RotaryEmbedding.forward_cpu), rotates its "
                "(tokens, heads, head_dim) query as (tokens, head_dim) rows: from the second position on "
                "it attends wrongly, lk on or off (compiled runs take the torch RoPE and are right); "

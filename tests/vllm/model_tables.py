@@ -49,12 +49,11 @@ def _standing() -> dict[str, tuple[str, str, str]]:
     for arch, test in FAMILY_TESTED.items():
         rows.setdefault(arch, ("tested", "tested", test))
     for arch in BY_KEY.values():
-        lk = "experts tested" if arch.attention_differs else "tested"
         own = ("cannot run" if arch.own_path_fails else "wrong" if arch.own_path_wrong else "not run")
         why = "; ".join(filter(None, ["test_architectures, against transformers in float64",
-                                      arch.own_path_fails, arch.own_path_wrong, arch.attention_differs,
+                                      arch.own_path_fails, arch.own_path_wrong,
                                       CPU_ROPE_3D if arch.eager_rope_wrong else ""]))
-        rows[arch.name] = (lk, own, why)
+        rows[arch.name] = ("tested", own, why)
     for alias, target in same_class_as(set(rows)).items():
         rows[alias] = ("as " + target, "as " + target, f"vLLM registers it to {target}'s class")
     for arch, text_model in THROUGH_TEXT_MODEL.items():
