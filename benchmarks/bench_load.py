@@ -27,7 +27,7 @@ from lvllm.lk import MoEEngine, QuantizedWeights, default_runtime, quant
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import to_fp8  # noqa: E402  (one definition of the benchmarks' FP8 experts)
 
-# (source, stored format): the conversions LVLLM_MOE_USE_WEIGHT makes, README's table.
+# (source, stored format): the conversions LVLLM_MOE_USE_WEIGHT makes, docs/formats.md's table.
 CASES = [
     ("bfloat16", "bfloat16"), ("bfloat16", "int8"), ("bfloat16", "int4"),
     ("fp8_e4m3", "fp8_e4m3"), ("fp8_e4m3", "bfloat16"), ("fp8_e4m3", "int8"), ("fp8_e4m3", "int4"),

@@ -46,7 +46,7 @@ GPU_PREFILL_FROM = {"bfloat16": 512, "float16": 512, "float32": 1024, "int8": 25
                     "fp8_e4m3": 128, "mxfp4": 128, "nvfp4": 128}
 # vLLM captures decode CUDA graphs up to 512 tokens by default; batches that replay one keep lk.
 MAX_GRAPH_TOKENS = 512
-# Preference among the formats that fit, by the checkpoint's: README, "Which format should I pick?".
+# Preference among the formats that fit, by the checkpoint's: docs/formats.md.
 PREFERENCE = {"float": ("TO_DTYPE", "INT8", "INT4"), "fp8_e4m3": ("KEEP", "INT8", "INT4", "TO_DTYPE"),
               "int4": ("KEEP", "TO_DTYPE"),
               # GPTQ 8-bit: KEEP is INT8 with the checkpoint's own integers and scales.
@@ -54,7 +54,7 @@ PREFERENCE = {"float": ("TO_DTYPE", "INT8", "INT4"), "fp8_e4m3": ("KEEP", "INT8"
               # KEEP: the same values as TO_DTYPE in a quarter of the RAM, faster both ways.
               "mxfp4": ("KEEP", "TO_DTYPE"),
               # KEEP: the checkpoint's values in 4.5 bits a weight, faster decode (prefill below
-              # bf16's at long prompts on a CPU with AMX tiles: README).
+              # bf16's at long prompts on a CPU with AMX tiles: docs/formats.md).
               "nvfp4": ("KEEP", "TO_DTYPE")}
 
 

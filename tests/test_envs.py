@@ -1,4 +1,4 @@
-"""lvllm.envs: parsing, errors that name the variable, and the README table."""
+"""lvllm.envs: parsing, errors that name the variable, and the documented table."""
 
 import os
 import re
@@ -10,13 +10,13 @@ import pytest
 
 from lvllm import envs
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLE_DOC = Path(__file__).resolve().parents[1] / envs.TABLE_DOC
 
 
-def test_readme_table_matches_the_declarations():
-    text = README.read_text(encoding="utf-8")
-    assert envs.README_BEGIN in text and envs.README_END in text, "README.md lacks the generated env table"
-    assert envs.readme_with_table(text) == text, "README.md's table is stale: run python -m lvllm.envs --update-readme README.md"
+def test_documented_table_matches_the_declarations():
+    text = TABLE_DOC.read_text(encoding="utf-8")
+    assert envs.TABLE_BEGIN in text and envs.TABLE_END in text, f"{envs.TABLE_DOC} lacks the generated env table"
+    assert envs.with_table(text) == text, f"{envs.TABLE_DOC}'s table is stale: run python -m lvllm.envs --update {envs.TABLE_DOC}"
 
 
 def test_setup_py_can_load_it_by_path_before_the_package_exists(tmp_path):
