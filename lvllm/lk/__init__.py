@@ -333,7 +333,7 @@ class MoEEngine:
 
 
 # Defined through torch.library.Library rather than the custom_op decorator, whose Python
-# wrapping every MoE layer of every decode step would pay (BENCHMARKS.md, "Call overhead").
+# wrapping every MoE layer of every decode step would pay (benchmarks/bench_call_overhead.py).
 _LIBRARY = torch.library.Library("lvllm", "DEF")
 _LIBRARY.define("lk_moe_forward(Tensor x, Tensor topk_ids, Tensor topk_weights, int engine_id) -> Tensor")
 
