@@ -325,3 +325,23 @@ def test_bench_moe_runs_a_tiny_layer_end_to_end(tmp_path):
     rendered = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_moe.py"), "--render", str(report)],
                               capture_output=True, text=True, timeout=120, check=True)
     assert rendered.stdout.strip() in done.stdout
+
+
+def test_the_step_clock_gives_each_phase_its_own_time_and_ends_a_step_at_the_outermost():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    ticks = iter(range(100))
+    clock = bench_step.PhaseClock(now=lambda: next(ticks))
+
+    inner = clock.wrap("inner", lambda: None)
+
+    def middle():
+        inner()
+        inner()
+
+    outer = clock.wrap("outer", clock.wrap("middle", middle))
+    outer()   # ticks: outer 0, middle 1, inner 2-3, inner 4-5, middle ends 6, outer ends 7
+    outer()
+    assert clock.steps == [{"inner": 2, "middle": 3, "outer": 2}] * 2
+    assert clock.stack == [] and clock.own == {}

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Where one decode step goes on vLLM's CPU build at batch 1: lk's calls against vLLM's part
+(scheduling, input preparation, attention, the forward's other ops and Python, logits,
+sampling, output processing), the cost that more cores never shrink.
+
+The model: Qwen3-30B-A3B's layer shapes (H 2048, 32 query / 4 KV heads of 128, top-8 of
+--experts experts of I 768), --layers layers, bf16, random weights (build_tiny_model.py,
+cached under --models-dir). vLLM's part depends on the layer count, not on the experts' size,
+so --experts 16 measures a 48-layer model in a few GB.
+
+Each configuration runs in a child process with the engine in it
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), on --cores. perf_counter timers wrap, on their classes:
+LLMEngine.step (one token as the user gets it), EngineCore.step, the scheduler's schedule and
+update_from_output, the model runner's phases (execute_model, _update_states, _prepare_inputs,
+_build_attention_metadata, _preprocess, _model_forward, sample_tokens, _sample,
+_bookkeeping_sync), vLLM's CPU attention, the logits processor, and lk's engines' forward
+(experts and dense layers). Each phase's time is its own, the phases it calls taken out, so
+the parts add up to the token. The timers cost about 1 us each (about 30 a step at 8
+layers). A step: one of --tokens decode tokens of one stream after its prefill; figures are
+medians over the steps of --runs generations.
+
+vLLM's part = the token's time less lk's calls. Reference in the same run: the same model
+with lk off (`vllm`: LVLLM_MOE_NUMA_ENABLED=0, vLLM's own MoE and dense kernels), whose
+token time stands beside each configuration's.
+
+    python benchmarks/bench_step.py                                  # 8 layers, lk-int4-all and vllm
+    python benchmarks/bench_step.py --layers 48 --experts 16 --configs lk-int4-all
+    python benchmarks/bench_step.py --eager --json step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model  # noqa: E402
+import harness  # noqa: E402
+
+REFERENCE = "vllm"
+MAX_MODEL_LEN = 512
+
+# (label, module, class, method): the phases timed, outermost first.
+PHASES = (
+    ("output processing", "vllm.v1.engine.llm_engine", "LLMEngine", "step"),
+    ("engine core", "vllm.v1.engine.core", "EngineCore", "step"),
+    ("schedule", "vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
+    ("update from output", "vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
+    ("execute model", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"),
+    ("update states", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_update_states"),
+    ("prepare inputs", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs"),
+    ("attention metadata", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_build_attention_metadata"),
+    ("preprocess", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_preprocess"),
+    ("forward, other ops", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward"),
+    ("attention", "vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward"),
+    ("logits", "vllm.model_executor.layers.logits_processor", "LogitsProcessor", "forward"),
+    ("sample tokens", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens"),
+    ("sample", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_sample"),
+    ("bookkeeping", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync"),
+    ("lk experts", "lvllm.lk", "MoEEngine", "forward"),
+    ("lk dense", "lvllm.lk.linear", "LinearEngine", "forward"),
+)
+TOKEN = PHASES[0][0]
+LK_PARTS = ("lk experts", "lk dense")
+# vLLM's part inside the model's forward: what grows with the layers.
+FORWARD_PARTS = ("forward, other ops", "attention")
+
+
+class PhaseClock:
+    """Each phase's own time (its callees' taken out), summed per step."""
+
+    def __init__(self, now=time.perf_counter):
+        self.now = now
+        self.own: dict[str, float] = {}
+        self.stack: list[list] = []   # [label, start, time spent in callees]
+        self.steps: list[dict[str, float]] = []
+
+    def wrap(self, label: str, method):
+        @functools.wraps(method)
+        def timed(*args, **kwargs):
+            frame = [label, self.now(), 0.0]
+            self.stack.append(frame)
+            try:
+                return method(*args, **kwargs)
+            finally:
+                elapsed = self.now() - frame[1]
+                self.stack.pop()
+                self.own[label] = self.own.get(label, 0.0) + elapsed - frame[2]
+                if self.stack:
+                    self.stack[-1][2] += elapsed
+                else:   # a token's step ended
+                    self.steps.append(self.own)
+                    self.own = {}
+        return timed
+
+    def install(self) -> None:
+        import importlib
+
+        for label, module, cls, method in PHASES:
+            owner = getattr(importlib.import_module(module), cls)
+            setattr(owner, method, self.wrap(label, getattr(owner, method)))
+
+
+def child(model: str, tokens: int, runs: int, eager: bool) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # engine and worker in this process
+    clock = PhaseClock()
+    clock.install()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
+              seed=0, enable_prefix_caching=False, disable_log_stats=True)
+    params = SamplingParams(temperature=0, max_tokens=1 + tokens, ignore_eos=True)
+    prompt = {"prompt_token_ids": [5, 17, 29, 41]}
+    llm.generate([prompt], params, use_tqdm=False)   # warm-up
+    decode_steps = []
+    for _ in range(runs):
+        clock.steps = []
+        llm.generate([prompt], params, use_tqdm=False)
+        # The steps carrying a token: the first is the prefill; a last empty step may follow.
+        carrying = [s for s in clock.steps if "execute model" in s]
+        decode_steps += carrying[1:1 + tokens]
+    labels = sorted({label for step in decode_steps for label in step})
+
+    def median_ms(of) -> float:
+        return statistics.median(of(step) for step in decode_steps) * 1e3
+
+    print("RESULT " + json.dumps({
+        "steps": len(decode_steps),
+        "parts_ms": {label: median_ms(lambda step: step.get(label, 0.0)) for label in labels},
+        "token_ms": median_ms(lambda step: sum(step.values())),
+        "vllm_part_ms": median_ms(lambda step: sum(step.values()) - sum(step.get(p, 0.0) for p in LK_PARTS)),
+        "in_forward_ms": median_ms(lambda step: sum(step.get(p, 0.0) for p in FORWARD_PARTS)),
+    }), flush=True)
+
+
+def build(models_dir: Path, layers: int, experts: int) -> Path:
+    out = models_dir / f"qwen3-30b-a3b-shapes-{layers}l-{experts}e"
+    if not (out / "config.json").exists():
+        args = list(bench_model.BUILDER_ARGS)
+        args[args.index("--num-experts") + 1] = str(experts)
+        subprocess.run([sys.executable, str(bench_model.BUILDER), "--out", str(out), "--num-layers", str(layers),
+                        *args], check=True)
+    return out
+
+
+def measure(config: str, model: Path, args) -> dict:
+    env = bench_model.model_env(config, args.cores)
+    command = [sys.executable, __file__, "--child", str(model), "--tokens", str(args.tokens), "--runs", str(args.runs)]
+    done = subprocess.run(command + (["--eager"] if args.eager else []), env=env, capture_output=True, text=True,
+                          timeout=3600)
+    results = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not results:
+        raise SystemExit(f"{config} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(results[-1])
+
+
+def report(results: dict, layers: int) -> list[str]:
+    configs = list(results)
+    labels = [label for label, *_ in PHASES if any(label in r["parts_ms"] for r in results.values())]
+    lines = harness.markdown_table(["part of a decode step, ms", *configs],
+                                   [[label, *(f"{results[c]['parts_ms'].get(label, 0.0):.3f}" for c in configs)]
+                                    for label in labels])
+    reference = results.get(REFERENCE)
+    lines.append(harness.table_row(["**token**", *(f"**{results[c]['token_ms']:.2f}**" for c in configs)]))
+    lines.append(harness.table_row(["vLLM's part (token less lk's calls)",
+                                    *(f"{results[c]['vllm_part_ms']:.2f}" for c in configs)]))
+    if reference:
+        lines.append(harness.table_row(["token vs vllm", *(harness.ratio_cell(
+            harness.ratio(results[c]["token_ms"], reference["token_ms"], higher_is_better=False)) for c in configs)]))
+    for c in configs:
+        in_forward = results[c]["in_forward_ms"]
+        lines.append(f"\n{c}: vLLM's part {results[c]['vllm_part_ms']:.2f} ms = in the forward {in_forward:.2f} "
+                     f"({in_forward / layers:.3f} a layer of {layers}) + outside it "
+                     f"{results[c]['vllm_part_ms'] - in_forward:.2f}")
+    return lines
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--configs", default=f"lk-int4-all,{REFERENCE}")
+    parser.add_argument("--tokens", type=int, default=32, help="decode tokens a generation")
+    parser.add_argument("--runs", type=int, default=3, help="generations measured")
+    parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile)")
+    parser.add_argument("--cores", default=harness.cpus_text(harness.allowed_cpus()))
+    parser.add_argument("--models-dir", type=Path, default=harness.REPO / "build" / "bench-models")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.tokens, args.runs, args.eager)
+        return
+    configs = harness.choices(parser, "--configs", args.configs, bench_model.CONFIGS)
+    model = build(args.models_dir, args.layers, args.experts)
+    print(harness.header("bench_step", harness.machine(harness.parse_cpus(args.cores))))
+    results = {config: measure(config, model, args) for config in configs}
+    print("\n".join(report(results, args.layers)))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
