@@ -143,6 +143,12 @@ class CMakeBuild(build_ext):
 
         import pybind11  # a build requirement (pyproject / requirements/build.txt)
 
+        # pybind11 through a link in the build tree: pip's build environment has a new random
+        # path each time, and a compiler cache keyed on it would never hit on the bindings.
+        pybind11_link = build_dir / "pybind11"
+        pybind11_link.unlink(missing_ok=True)
+        pybind11_link.symlink_to(Path(pybind11.__file__).resolve().parent, target_is_directory=True)
+
         cmake = _tool("cmake", "cmake", "CMAKE_BIN_DIR")
         configure = [
             cmake,
@@ -155,7 +161,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={'Debug' if sanitize else 'Release'}",
             f"-DLK_SANITIZE={'ON' if sanitize else 'OFF'}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={pybind11_link / 'share' / 'cmake' / 'pybind11'}",
             f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'ninja', 'BIN_DIR')}",
             f"-DLK_MODULE_OUTPUT_DIR={out_dir}",
         ]
