@@ -265,6 +265,49 @@ CANNOT_RUN = {
 BY_KEY = {a.key: a for a in SWEPT}
 
 
+# Architectures transformers 5.19 does not have, swept against vLLM's own CPU path (lk off) on
+# the same checkpoint (test_architectures_vllm.py): vllm_models.py writes each checkpoint from
+# the tensor list named by ``tensors``, as the real checkpoints name them.
+@dataclass(frozen=True)
+class VllmArchitecture:
+    name: str                        # vLLM's registered architecture
+    model_type: str                  # config.json's model_type (the remote-code config's)
+    tensors: str                     # vllm_models' function listing the checkpoint's tensors
+    config: dict = field(default_factory=dict)   # beyond transformers_models.COMMON
+    moe_layers: frozenset[int] = frozenset({0, 1})
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+SWEPT_AGAINST_VLLM = (
+    # DeepSeek-MoE 16B's layout: MHA, a dense first layer, softmax top-k, shared experts.
+    VllmArchitecture("DeepseekForCausalLM", "deepseek", "deepseek_v1",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+                      "norm_topk_prob": False, "scoring_func": "softmax", "topk_method": "greedy"},
+                     moe_layers=frozenset({1})),
+    # Ling-lite's layout: softmax top-k, one shared expert, a dense first layer, qkv bias.
+    VllmArchitecture("BailingMoeForCausalLM", "bailing_moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_bias": False, "use_qkv_bias": True, "embedding_dropout": 0.0},
+                     moe_layers=frozenset({1})),
+    # Ling-2.0's layout: sigmoid scores with expert_bias in grouped top-k, routed scaling, q/k
+    # RMS norms, partial rotary, a dense first layer.
+    VllmArchitecture("BailingMoeV2ForCausalLM", "bailing_moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True, "use_rmsnorm": True,
+                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4,
+                      "topk_group": 2, "routed_scaling_factor": 2.5, "partial_rotary_factor": 0.5,
+                      "router_dtype": "fp32", "embedding_dropout": 0.0},
+                     moe_layers=frozenset({1})),
+)
+VLLM_BY_KEY = {a.key: a for a in SWEPT_AGAINST_VLLM}
+
+
 # --------------------------------------------------------------------------------------
 # every MoE architecture vLLM registers, found from vLLM itself
 # --------------------------------------------------------------------------------------
@@ -312,14 +355,11 @@ WRAPPER = "its MoE layers are a text model's; not run yet"
 NOT_SWEPT = {
     "AXK1ForCausalLM": TEXT,
     "AriaForConditionalGeneration": WRAPPER,
-    "BailingMoeForCausalLM": TEXT,
     "BailingMoeV25MTPModel": DRAFT,
-    "BailingMoeV2ForCausalLM": TEXT,
     "BailingMoeV2_5ForCausalLM": TEXT,
     "BailingMoeV3ForCausalLM": TEXT,
     "BailingMoeV3MTPModel": DRAFT,
     "DFlashLagunaForCausalLM": DRAFT,
-    "DeepseekForCausalLM": TEXT,
     "Eagle3DeepseekV2ForCausalLM": DRAFT,
     "Eagle3DeepseekV3ForCausalLM": DRAFT,
     "EagleDeepSeekMTPModel": DRAFT,
