@@ -140,6 +140,22 @@ class Architecture:
         return self.name
 
 
+# Architectures transformers 5.19 does not have, swept against vLLM's own CPU path (lk off) on
+# the same checkpoint (test_architectures_vllm.py): vllm_models.py writes each checkpoint from
+# the tensor list named by ``tensors``, as the real checkpoints name them.
+@dataclass(frozen=True)
+class VllmArchitecture:
+    name: str                        # vLLM's registered architecture
+    model_type: str                  # config.json's model_type (the remote-code config's)
+    tensors: str                     # vllm_models' function listing the checkpoint's tensors
+    config: dict = field(default_factory=dict)   # beyond transformers_models.COMMON
+    moe_layers: frozenset[int] = frozenset({0, 1})
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
 EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
 
 # How vLLM's eager CPU RoPE op gets the architectures marked eager_rope_wrong wrong (a
@@ -261,26 +277,46 @@ CANNOT_RUN = {
         "(`is_act_and_mul=False is supported only for CUDA, XPU and ROCm`, "
         "vllm/model_executor/layers/fused_moe/config.py) while the model is built, before a layer "
         "could go to lk, which computes gated experts only", "non_gated_experts"),
+    # The same vLLM class as NemotronHForCausalLM (per-layer block_configs): its experts are
+    # always non-gated (activation_without_mul(config.mlp_hidden_act), nemotron_h.py).
+    "NemotronHPuzzleForCausalLM": (Architecture("NemotronHPuzzleForCausalLM", "nemotron_h",
+                 {"layers_block_type": ["moe", "full_attention"], "n_routed_experts": 8, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64, "mamba_num_heads": 8,
+                  "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 16, "chunk_size": 64,
+                  "intermediate_size": 128}),
+        "vLLM registers it to NemotronHForCausalLM's class, whose experts are non-gated (relu2): "
+        "`is_act_and_mul=False is supported only for CUDA, XPU and ROCm` "
+        "(vllm/model_executor/layers/fused_moe/config.py) while the model is built", "non_gated_experts"),
+    # vllm_models' checkpoints (VllmArchitecture), for when vLLM can run them.
+    "SarvamMLAForCausalLM": (VllmArchitecture("SarvamMLAForCausalLM", "sarvam_mla", "sarvam_mla",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+                      "routed_scaling_factor": 2.5, "q_lora_rank": 64, "kv_lora_rank": 512,
+                      "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32},
+                     moe_layers=frozenset({1})),
+        "vLLM does not count model_type `sarvam_mla` among its MLA models (ModelArchConfigConvertorBase."
+        "is_deepseek_mla, vllm/transformers_utils/model_arch_config_convertor.py), so its model config "
+        "takes the config's head_dim for the KV cache while SarvamMLAAttention builds MLA layers, whose "
+        "metadata refuses it: `ValueError: Head dimension 32 is not supported by MLA.` "
+        "(vllm/model_executor/layers/attention/mla_attention.py, MLACommonMetadata, sizes 320/512/576 "
+        "only) in the first forward, on any platform, lk on or off", "sarvam_mla_not_mla"),
+    "PanguProMoEV2ForCausalLM": (VllmArchitecture("PanguProMoEV2ForCausalLM", "pangu_pro_moe_v2", "openpangu",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "routed_scaling_factor": 2.5, "router_enable_expert_bias": True, "sandwich_norm": True,
+                      "param_sink_number": 4, "param_sink_with_value": True, "qk_nope_dim": 16,
+                      "qk_rope_dim": 16, "v_channels": 32, "rope_theta": 10000.0},
+                     moe_layers=frozenset({1})),
+        "its sink attention (param_sink_number) takes a SinkFullAttentionSpec KV cache, whose "
+        "SinkFullAttentionManager lacks the `needs_kv_cache_zeroing` argument the KV cache coordinator "
+        "passes every manager: `TypeError: SinkFullAttentionManager.__init__() got an unexpected keyword "
+        "argument 'needs_kv_cache_zeroing'` (vllm/v1/core/single_type_kv_cache_manager.py) at start-up, "
+        "on any platform, lk on or off", "sink_kv_manager"),
 }
 BY_KEY = {a.key: a for a in SWEPT}
 
 
-# Architectures transformers 5.19 does not have, swept against vLLM's own CPU path (lk off) on
-# the same checkpoint (test_architectures_vllm.py): vllm_models.py writes each checkpoint from
-# the tensor list named by ``tensors``, as the real checkpoints name them.
-@dataclass(frozen=True)
-class VllmArchitecture:
-    name: str                        # vLLM's registered architecture
-    model_type: str                  # config.json's model_type (the remote-code config's)
-    tensors: str                     # vllm_models' function listing the checkpoint's tensors
-    config: dict = field(default_factory=dict)   # beyond transformers_models.COMMON
-    moe_layers: frozenset[int] = frozenset({0, 1})
-
-    @property
-    def key(self) -> str:
-        return self.name
-
-
+# The architectures without transformers' model swept so (test_architectures_vllm.py).
 SWEPT_AGAINST_VLLM = (
     # DeepSeek-MoE 16B's layout: MHA, a dense first layer, softmax top-k, shared experts.
     VllmArchitecture("DeepseekForCausalLM", "deepseek", "deepseek_v1",
@@ -303,6 +339,29 @@ SWEPT_AGAINST_VLLM = (
                       "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4,
                       "topk_group": 2, "routed_scaling_factor": 2.5, "partial_rotary_factor": 0.5,
                       "router_dtype": "fp32", "embedding_dropout": 0.0},
+                     moe_layers=frozenset({1})),
+    # Sarvam-MoE is vLLM's BailingMoe (zero-meaning the router bias first): Ling-2.0's layout.
+    VllmArchitecture("SarvamMoEForCausalLM", "sarvam_moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True, "use_rmsnorm": True,
+                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 1,
+                      "topk_group": 1, "routed_scaling_factor": 2.5, "router_dtype": "fp32",
+                      "embedding_dropout": 0.0},
+                     moe_layers=frozenset({1})),
+    # openPangu-Ultra-MoE: DeepSeek-V3's MLA, sigmoid router with correction bias, sandwich norms.
+    VllmArchitecture("PanguUltraMoEForCausalLM", "pangu_ultra_moe", "openpangu",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "routed_scaling_factor": 2.5, "router_enable_expert_bias": True, "sandwich_norm": True,
+                      "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32,
+                      "v_head_dim": 32},
+                     moe_layers=frozenset({1})),
+    VllmArchitecture("PanguEmbeddedForCausalLM", "PanguEmbedded", "openpangu",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "routed_scaling_factor": 2.5, "router_enable_expert_bias": True, "qkv_bias": True,
+                      "rope_theta": 10000.0},
                      moe_layers=frozenset({1})),
 )
 VLLM_BY_KEY = {a.key: a for a in SWEPT_AGAINST_VLLM}
@@ -385,15 +444,9 @@ NOT_SWEPT = {
     "MiMoV2OmniMTPModel": DRAFT,
     "MistralLarge3ForCausalLM": TEXT,
     "NemotronHMTPModel": DRAFT,
-    "NemotronHPuzzleForCausalLM": TEXT,
     "OpenPanguMTPModel": DRAFT,
-    "PanguEmbeddedForCausalLM": TEXT,
-    "PanguProMoEV2ForCausalLM": TEXT,
-    "PanguUltraMoEForCausalLM": TEXT,
     "Param2MoEForCausalLM": TEXT,
     "Qwen3NextMTP": DRAFT,
-    "SarvamMLAForCausalLM": TEXT,
-    "SarvamMoEForCausalLM": TEXT,
     "Step3TextForCausalLM": TEXT,
     "Step3p5MTP": DRAFT,
 }

@@ -275,7 +275,30 @@ def _non_gated_experts():
     assert "is_act_and_mul=False is supported only for CUDA, XPU and ROCm" in source
 
 
-LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
+def _sarvam_mla_not_mla():
+    from transformers import PretrainedConfig
+    from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend
+    from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
+
+    def is_mla(model_type: str) -> bool:
+        config = type("Config", (PretrainedConfig,), {"model_type": model_type})(
+            kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, head_dim=32)
+        return ModelArchConfigConvertorBase(config, config).is_deepseek_mla()
+
+    assert is_mla("deepseek_v3") and not is_mla("sarvam_mla")
+    assert not MLACommonBackend.supports_head_size(32)
+
+
+def _sink_kv_manager():
+    from vllm.v1.core import kv_cache_coordinator
+    from vllm.v1.core.single_type_kv_cache_manager import SinkFullAttentionManager
+
+    assert "needs_kv_cache_zeroing=" in inspect.getsource(kv_cache_coordinator)
+    assert "needs_kv_cache_zeroing" not in inspect.signature(SinkFullAttentionManager.__init__).parameters
+
+
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
+               "sink_kv_manager": _sink_kv_manager, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
                "non_gated_experts": _non_gated_experts}

@@ -202,3 +202,59 @@ def _ends(c: dict, shapes: dict, embed: str = "model.embed_tokens.weight") -> di
     if not c.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = (c["vocab_size"], h)
     return shapes
+
+
+def sarvam_mla(c: dict) -> dict:
+    """Sarvam's MLA model: DeepSeek-V3's layout (MLA, dense first layers, sigmoid router with
+    its correction bias, shared experts)."""
+    h, shapes = c["hidden_size"], {}
+    for i, moe in _moe_layers(c):
+        p = f"model.layers.{i}"
+        shapes.update(mla(f"{p}.self_attn", c))
+        shapes.update(norms(p, h, "input_layernorm", "post_attention_layernorm"))
+        if moe:
+            shapes[f"{p}.mlp.gate.weight"] = (c["num_experts"], h)
+            shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (c["num_experts"],)
+            shapes.update(experts(f"{p}.mlp.experts", h, c["moe_intermediate_size"], c["num_experts"]))
+            shared = c.get("moe_shared_expert_intermediate_size", c["moe_intermediate_size"])
+            shapes.update(mlp(f"{p}.mlp.shared_experts", h, shared * c["num_shared_experts"]))
+        else:
+            shapes.update(mlp(f"{p}.mlp", h, c["intermediate_size"]))
+    return _ends(c, shapes)
+
+
+def openpangu(c: dict) -> dict:
+    """openPangu: MLA (Ultra-MoE), sink attention (param_sink_number) or GQA attention;
+    dense first layers, sigmoid router with its correction bias (`mlp.e_score_correction_bias`,
+    as vLLM's loader maps it), shared experts, sandwich norms when set."""
+    h, shapes = c["hidden_size"], {}
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    for i, moe in _moe_layers(c):
+        p = f"model.layers.{i}"
+        if "kv_lora_rank" in c:
+            shapes.update(mla(f"{p}.self_attn", c))
+        elif c.get("param_sink_number"):
+            qk, v = c["qk_nope_dim"] + c["qk_rope_dim"], c["v_channels"]
+            # one qkv_proj: vLLM's loader maps q_proj/k_proj/v_proj to QKV shard ids "q"/"k"/"v",
+            # which the sink attention's qkv_proj (MergedColumnParallelLinear) refuses
+            shapes.update({f"{p}.self_attn.qkv_proj.weight": ((heads + kv) * qk + kv * v, h),
+                           f"{p}.self_attn.o_proj.weight": (h, heads * v),
+                           f"{p}.self_attn.k_layernorm.weight": (qk,),
+                           f"{p}.self_attn.param_sink_key": (c["param_sink_number"], kv, qk)})
+            if c.get("param_sink_with_value"):
+                shapes[f"{p}.self_attn.param_sink_value"] = (c["param_sink_number"], kv, v)
+        else:
+            shapes.update(attention(f"{p}.self_attn", h, heads, kv, c["head_dim"], qkv_bias=c.get("qkv_bias", False)))
+        shapes.update(norms(p, h, "input_layernorm", "post_attention_layernorm"))
+        if c.get("sandwich_norm"):
+            shapes.update(norms(p, h, "pre_mlp_layernorm", "post_mlp_layernorm"))
+        if moe:
+            shapes[f"{p}.mlp.gate.weight"] = (c["n_routed_experts"], h)
+            if c.get("router_enable_expert_bias"):
+                shapes[f"{p}.mlp.e_score_correction_bias"] = (c["n_routed_experts"],)
+            shapes.update(experts(f"{p}.mlp.experts", h, c["moe_intermediate_size"], c["n_routed_experts"]))
+            if c.get("n_shared_experts"):
+                shapes.update(mlp(f"{p}.mlp.shared_experts", h, c["moe_intermediate_size"] * c["n_shared_experts"]))
+        else:
+            shapes.update(mlp(f"{p}.mlp", h, c["intermediate_size"]))
+    return _ends(c, shapes)
