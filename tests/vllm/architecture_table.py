@@ -363,6 +363,20 @@ SWEPT_AGAINST_VLLM = (
                       "routed_scaling_factor": 2.5, "router_enable_expert_bias": True, "qkv_bias": True,
                       "rope_theta": 10000.0},
                      moe_layers=frozenset({1})),
+    # Param2-MoE: Ling's checkpoint layout (vLLM renames it), sigmoid router with expert_bias.
+    VllmArchitecture("Param2MoEForCausalLM", "param2moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_qkv_bias": True, "use_qk_norm": True, "score_function": "sigmoid",
+                      "moe_router_enable_expert_bias": True, "n_group": 4, "topk_group": 2,
+                      "routed_scaling_factor": 2.5, "rope_theta": 10000.0, "rope_scaling": None},
+                     moe_layers=frozenset({1})),
+    # Step-3's text model (vLLM's own Step3TextConfig): a dense first layer, then MoE.
+    VllmArchitecture("Step3TextForCausalLM", "step3_text", "step3_text",
+                     {"moe_num_experts": 8, "moe_top_k": 2, "moe_intermediate_size": 64, "share_expert_dim": 64,
+                      "share_q_dim": 64, "head_dim": 32, "num_attention_groups": 1, "moe_layers_enum": "1",
+                      "norm_expert_weight": True, "max_position_embedding": 512},
+                     moe_layers=frozenset({1})),
 )
 VLLM_BY_KEY = {a.key: a for a in SWEPT_AGAINST_VLLM}
 
@@ -445,9 +459,7 @@ NOT_SWEPT = {
     "MistralLarge3ForCausalLM": TEXT,
     "NemotronHMTPModel": DRAFT,
     "OpenPanguMTPModel": DRAFT,
-    "Param2MoEForCausalLM": TEXT,
     "Qwen3NextMTP": DRAFT,
-    "Step3TextForCausalLM": TEXT,
     "Step3p5MTP": DRAFT,
 }
 

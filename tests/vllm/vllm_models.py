@@ -258,3 +258,25 @@ def openpangu(c: dict) -> dict:
         else:
             shapes.update(mlp(f"{p}.mlp", h, c["intermediate_size"]))
     return _ends(c, shapes)
+
+
+def step3_text(c: dict) -> dict:
+    """Step-3's text model: one shared K/V head, queries through a low-rank share_q_dim and
+    inter_norm then wq; experts stacked as [E, ...] tensors under `moe.`, a shared expert."""
+    h, hd, q, shapes = c["hidden_size"], c["head_dim"], c["share_q_dim"], {}
+    moe_layers = {int(i) for i in c["moe_layers_enum"].split(",")}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.self_attn.q_proj.weight": (q, h), f"{p}.self_attn.k_proj.weight": (hd, h),
+                       f"{p}.self_attn.v_proj.weight": (hd, h), f"{p}.self_attn.inter_norm.weight": (q,),
+                       f"{p}.self_attn.wq.weight": (c["num_attention_heads"] * hd, q),
+                       f"{p}.self_attn.o_proj.weight": (h, c["num_attention_heads"] * hd)})
+        shapes.update(norms(p, h, "input_layernorm", "post_attention_layernorm"))
+        if i in moe_layers:
+            e, inner = c["moe_num_experts"], c["moe_intermediate_size"]
+            shapes.update({f"{p}.moe.gate.weight": (e, h), f"{p}.moe.gate_proj.weight": (e, inner, h),
+                           f"{p}.moe.up_proj.weight": (e, inner, h), f"{p}.moe.down_proj.weight": (e, h, inner)})
+            shapes.update(mlp(f"{p}.share_expert", h, c["share_expert_dim"]))
+        else:
+            shapes.update(mlp(f"{p}.mlp", h, c["intermediate_size"]))
+    return _ends(c, shapes)
