@@ -377,6 +377,16 @@ SWEPT_AGAINST_VLLM = (
                       "share_q_dim": 64, "head_dim": 32, "num_attention_groups": 1, "moe_layers_enum": "1",
                       "norm_expert_weight": True, "max_position_embedding": 512},
                      moe_layers=frozenset({1})),
+    # Mistral-Large-3 in Mistral's tensor names, with the DeepSeek-V3 config vLLM makes of its
+    # params.json (mistral.py: softmax top-k, llama_4_scaling of the queries past 8 positions).
+    VllmArchitecture("MistralLarge3ForCausalLM", "deepseek_v3", "mistral_large_3",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1,
+                      "topk_group": 1, "routed_scaling_factor": 1.5, "topk_method": None, "norm_topk_prob": True,
+                      "scoring_func": "softmax", "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                      "qk_nope_head_dim": 32, "v_head_dim": 32,
+                      "llama_4_scaling": {"original_max_position_embeddings": 8, "beta": 0.1}},
+                     moe_layers=frozenset({1})),
 )
 VLLM_BY_KEY = {a.key: a for a in SWEPT_AGAINST_VLLM}
 
@@ -456,7 +466,6 @@ NOT_SWEPT = {
     "MiMoV2ForCausalLM": TEXT,
     "MiMoV2MTPModel": DRAFT,
     "MiMoV2OmniMTPModel": DRAFT,
-    "MistralLarge3ForCausalLM": TEXT,
     "NemotronHMTPModel": DRAFT,
     "OpenPanguMTPModel": DRAFT,
     "Qwen3NextMTP": DRAFT,

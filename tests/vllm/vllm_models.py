@@ -125,9 +125,18 @@ def draw(shapes: dict, seed: int) -> dict:
     return tensors
 
 
+def has_config_class(model_type: str) -> bool:
+    """transformers or vLLM has the model type's config class (no remote code then)."""
+    from transformers import CONFIG_MAPPING
+    from vllm.transformers_utils.config import _CONFIG_REGISTRY
+
+    return model_type in CONFIG_MAPPING or model_type in _CONFIG_REGISTRY
+
+
 def write(out: Path, architecture: str, model_type: str, config: dict, shapes, seed: int = 0) -> Path:
     """The checkpoint in ``out`` (kept when already there): config.json (COMMON, then
-    ``config``; the real vocabulary size), configuration_tiny.py, the tokenizer, and
+    ``config``; the real vocabulary size), configuration_tiny.py where neither transformers nor
+    vLLM has the model type's config class, the tokenizer, and
     ``shapes(config)``'s tensors drawn from ``seed``."""
     if (out / "config.json").exists():
         return out
@@ -138,10 +147,11 @@ def write(out: Path, architecture: str, model_type: str, config: dict, shapes, s
     settings = {**COMMON, "rope_parameters": dict(ROPE), "rms_norm_eps": 1e-6, "hidden_act": "silu",
                 **config, "vocab_size": vocab}
     save_file(draw(shapes(settings), seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / CONFIG_FILE).write_text(CONFIG_SOURCE.format(model_type=model_type))
-    (out / "config.json").write_text(json.dumps(
-        {**settings, "architectures": [architecture], "model_type": model_type, "torch_dtype": "float32",
-         "auto_map": {"AutoConfig": f"{CONFIG_FILE.removesuffix('.py')}.TinyConfig"}}, indent=2))
+    config_json = {**settings, "architectures": [architecture], "model_type": model_type, "torch_dtype": "float32"}
+    if not has_config_class(model_type):
+        (out / CONFIG_FILE).write_text(CONFIG_SOURCE.format(model_type=model_type))
+        config_json["auto_map"] = {"AutoConfig": f"{CONFIG_FILE.removesuffix('.py')}.TinyConfig"}
+    (out / "config.json").write_text(json.dumps(config_json, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": settings["eos_token_id"], "pad_token_id": settings["pad_token_id"]}, indent=2))
     return out
@@ -280,3 +290,32 @@ def step3_text(c: dict) -> dict:
         else:
             shapes.update(mlp(f"{p}.mlp", h, c["intermediate_size"]))
     return _ends(c, shapes)
+
+
+def mistral_large_3(c: dict) -> dict:
+    """Mistral-Large-3 in Mistral's own tensor names (consolidated.safetensors: tok_embeddings,
+    layers.N.attention.wq_a ..., feed_forward.w1/w2/w3, experts.E.w1/w2/w3, output), which
+    vLLM's MistralLarge3ForCausalLM maps onto DeepSeek-V3's; MLA with q LoRA, a dense first
+    layer, softmax top-k, shared experts."""
+    h, heads, shapes = c["hidden_size"], c["num_attention_heads"], {}
+    nope, rope, v, rank = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"]
+    names = ("w1", "w3", "w2")
+    for i, moe in _moe_layers(c):
+        p = f"layers.{i}"
+        shapes.update({f"{p}.attention.wq_a.weight": (c["q_lora_rank"], h),
+                       f"{p}.attention.q_a_norm.weight": (c["q_lora_rank"],),
+                       f"{p}.attention.wq_b.weight": (heads * (nope + rope), c["q_lora_rank"]),
+                       f"{p}.attention.wkv_a_with_mqa.weight": (rank + rope, h),
+                       f"{p}.attention.kv_a_norm.weight": (rank,),
+                       f"{p}.attention.wkv_b.weight": (heads * (nope + v), rank),
+                       f"{p}.attention.wo.weight": (h, heads * v)})
+        shapes.update(norms(p, h, "attention_norm", "ffn_norm"))
+        if moe:
+            shapes[f"{p}.gate.weight"] = (c["n_routed_experts"], h)
+            shapes.update(experts(f"{p}.experts", h, c["moe_intermediate_size"], c["n_routed_experts"], names))
+            shapes.update(mlp(f"{p}.shared_experts", h, c["moe_intermediate_size"] * c["n_shared_experts"], names))
+        else:
+            shapes.update(mlp(f"{p}.feed_forward", h, c["intermediate_size"], names))
+    shapes.update({"tok_embeddings.weight": (c["vocab_size"], h), "norm.weight": (h,),
+                   "output.weight": (c["vocab_size"], h)})
+    return shapes
