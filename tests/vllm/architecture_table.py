@@ -387,6 +387,15 @@ SWEPT_AGAINST_VLLM = (
                       "qk_nope_head_dim": 32, "v_head_dim": 32,
                       "llama_4_scaling": {"original_max_position_embeddings": 8, "beta": 0.1}},
                      moe_layers=frozenset({1})),
+    # MiMo-V2: a sliding-window layer with attention sinks and its own head counts, then a
+    # full-attention MoE layer; sigmoid grouped top-k with correction bias.
+    VllmArchitecture("MiMoV2ForCausalLM", "mimo_v2", "mimo_v2",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_group": 4, "topk_group": 2, "norm_topk_prob": True, "moe_layer_freq": [0, 1],
+                      "hybrid_layer_pattern": [1, 0], "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
+                      "swa_head_dim": 32, "sliding_window_size": 4, "add_swa_attention_sink_bias": True,
+                      "attention_bias": True, "layernorm_epsilon": 1e-6, "rope_theta": 10000.0},
+                     moe_layers=frozenset({1})),
 )
 VLLM_BY_KEY = {a.key: a for a in SWEPT_AGAINST_VLLM}
 
@@ -463,7 +472,6 @@ NOT_SWEPT = {
     "LongCatFlashMTPModel": DRAFT,
     "LongcatFlashNgramForCausalLM": TEXT,
     "MiMoV2FlashForCausalLM": TEXT,
-    "MiMoV2ForCausalLM": TEXT,
     "MiMoV2MTPModel": DRAFT,
     "MiMoV2OmniMTPModel": DRAFT,
     "NemotronHMTPModel": DRAFT,

@@ -319,3 +319,25 @@ def mistral_large_3(c: dict) -> dict:
     shapes.update({"tok_embeddings.weight": (c["vocab_size"], h), "norm.weight": (h,),
                    "output.weight": (c["vocab_size"], h)})
     return shapes
+
+
+def mimo_v2(c: dict) -> dict:
+    """MiMo-V2: sliding-window layers (hybrid_layer_pattern 1) with their own head counts and
+    attention-sink biases, full-attention layers, MoE where moe_layer_freq says, sigmoid grouped
+    top-k with the gate's correction bias."""
+    h, shapes = c["hidden_size"], {}
+    for i in range(c["num_hidden_layers"]):
+        p, swa = f"model.layers.{i}", c["hybrid_layer_pattern"][i] == 1
+        heads, kv, hd = ((c["swa_num_attention_heads"], c["swa_num_key_value_heads"], c["swa_head_dim"]) if swa
+                         else (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]))
+        shapes.update(attention(f"{p}.self_attn", h, heads, kv, hd, qkv_bias=c["attention_bias"]))
+        if swa and c.get("add_swa_attention_sink_bias"):
+            shapes[f"{p}.self_attn.attention_sink_bias"] = (heads,)
+        shapes.update(norms(p, h, "input_layernorm", "post_attention_layernorm"))
+        if c["moe_layer_freq"][i]:
+            shapes[f"{p}.mlp.gate.weight"] = (c["n_routed_experts"], h)
+            shapes[f"{p}.mlp.gate.e_score_correction_bias"] = (c["n_routed_experts"],)
+            shapes.update(experts(f"{p}.mlp.experts", h, c["moe_intermediate_size"], c["n_routed_experts"]))
+        else:
+            shapes.update(mlp(f"{p}.mlp", h, c["intermediate_size"]))
+    return _ends(c, shapes)
