@@ -297,7 +297,20 @@ def _sink_kv_manager():
     assert "needs_kv_cache_zeroing" not in inspect.signature(SinkFullAttentionManager.__init__).parameters
 
 
-LIMITATIONS = {"sigmoid_router": _sigmoid_router, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
+def _hybrid_mla_block():
+    from vllm.model_executor.models.bailing_moe_linear import BailingMoeV25ForCausalLM
+    from vllm.model_executor.models.bailing_moe_v3 import BailingMoeV3ForCausalLM
+    from vllm.model_executor.models.interfaces import is_hybrid
+    from vllm.platforms.interface import Platform
+    from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend
+
+    assert is_hybrid(BailingMoeV25ForCausalLM) and is_hybrid(BailingMoeV3ForCausalLM)
+    assert CPUMLABackend.supports_block_size(16)
+    assert not any(CPUMLABackend.supports_block_size(size) for size in (32, 64, 128, 256))
+    assert "is not supported by" in inspect.getsource(Platform._check_aligned_block_size)
+
+
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "hybrid_mla_block": _hybrid_mla_block, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
                "sink_kv_manager": _sink_kv_manager, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
