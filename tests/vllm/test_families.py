@@ -310,7 +310,19 @@ def _hybrid_mla_block():
     assert "is not supported by" in inspect.getsource(Platform._check_aligned_block_size)
 
 
-LIMITATIONS = {"sigmoid_router": _sigmoid_router, "hybrid_mla_block": _hybrid_mla_block, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
+def _cpu_linear_weight_removed():
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.models import k2_horizon
+    from vllm.platforms import current_platform
+
+    assert current_platform.is_cpu()
+    assert "remove_weight=True" in inspect.getsource(UnquantizedLinearMethod.process_weights_after_loading)
+    assert "expert.weight for expert in self.v_experts" in inspect.getsource(
+        k2_horizon.K2HorizonMoVAAttention.compute_mova_v_sparse)
+    assert "dispatch_fused_moe_kernel(" in inspect.getsource(k2_horizon.fused_mova_impl)
+
+
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_linear_weight_removed": _cpu_linear_weight_removed, "hybrid_mla_block": _hybrid_mla_block, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
                "sink_kv_manager": _sink_kv_manager, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
