@@ -322,11 +322,12 @@ def _cpu_linear_weight_removed():
     assert "dispatch_fused_moe_kernel(" in inspect.getsource(k2_horizon.fused_mova_impl)
 
 
-LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_linear_weight_removed": _cpu_linear_weight_removed, "hybrid_mla_block": _hybrid_mla_block, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
-               "sink_kv_manager": _sink_kv_manager, "cpu_int4_moe": _cpu_int4_moe,
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
-               "non_gated_experts": _non_gated_experts}
+               "non_gated_experts": _non_gated_experts, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
+               "sink_kv_manager": _sink_kv_manager, "hybrid_mla_block": _hybrid_mla_block,
+               "cpu_linear_weight_removed": _cpu_linear_weight_removed}
 
 
 # --------------------------------------------------------------------------------------
