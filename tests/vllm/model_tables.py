@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
-                                LK_AND_VLLM, LK_ONLY, NOT_SWEPT, THROUGH_TEXT_MODEL,
+                                LK_AND_VLLM, LK_ONLY, NOT_SWEPT, THROUGH_TEXT_MODEL, VLLM_BY_KEY,
                                 registered_moe_architectures, same_class_as)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,9 @@ def _standing() -> dict[str, tuple[str, str, str]]:
                                       arch.own_path_fails, arch.own_path_wrong,
                                       CPU_ROPE_3D if arch.eager_rope_wrong else ""]))
         rows[arch.name] = ("tested", own, why)
+    for arch in VLLM_BY_KEY.values():
+        rows[arch.name] = ("tested", "tested", "test_architectures_vllm, against vLLM's own CPU path (lk off); "
+                                               "transformers 5.19 lacks the architecture")
     for alias, target in same_class_as(set(rows)).items():
         rows[alias] = ("as " + target, "as " + target, f"vLLM registers it to {target}'s class")
     for arch, text_model in THROUGH_TEXT_MODEL.items():

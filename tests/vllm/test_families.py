@@ -52,7 +52,8 @@ import pytest
 import torch
 
 from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, DIFFERING, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM,
-                                MOE_LAYER_CALL, NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, Family,
+                                MOE_LAYER_CALL, NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, VLLM_BY_KEY,
+                                Family,
                                 model_imports, registered_moe_architectures, same_class_as)
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
                         LOSSY_SAME_PREFIX, MAX_TOKENS, PROMPTS, CachedReference, TransformersReference,
@@ -274,10 +275,70 @@ def _non_gated_experts():
     assert "is_act_and_mul=False is supported only for CUDA, XPU and ROCm" in source
 
 
+def _sarvam_mla_not_mla():
+    from transformers import PretrainedConfig
+    from vllm.model_executor.layers.attention.mla_attention import MLACommonBackend
+    from vllm.transformers_utils.model_arch_config_convertor import ModelArchConfigConvertorBase
+
+    def is_mla(model_type: str) -> bool:
+        config = type("Config", (PretrainedConfig,), {"model_type": model_type})(
+            kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, head_dim=32)
+        return ModelArchConfigConvertorBase(config, config).is_deepseek_mla()
+
+    assert is_mla("deepseek_v3") and not is_mla("sarvam_mla")
+    assert not MLACommonBackend.supports_head_size(32)
+
+
+def _sink_kv_manager():
+    from vllm.v1.core import kv_cache_coordinator
+    from vllm.v1.core.single_type_kv_cache_manager import SinkFullAttentionManager
+
+    assert "needs_kv_cache_zeroing=" in inspect.getsource(kv_cache_coordinator)
+    assert "needs_kv_cache_zeroing" not in inspect.signature(SinkFullAttentionManager.__init__).parameters
+
+
+def _hybrid_mla_block():
+    from vllm.model_executor.models.bailing_moe_linear import BailingMoeV25ForCausalLM
+    from vllm.model_executor.models.bailing_moe_v3 import BailingMoeV3ForCausalLM
+    from vllm.model_executor.models.interfaces import is_hybrid
+    from vllm.platforms.interface import Platform
+    from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend
+
+    assert is_hybrid(BailingMoeV25ForCausalLM) and is_hybrid(BailingMoeV3ForCausalLM)
+    assert CPUMLABackend.supports_block_size(16)
+    assert not any(CPUMLABackend.supports_block_size(size) for size in (32, 64, 128, 256))
+    assert "is not supported by" in inspect.getsource(Platform._check_aligned_block_size)
+
+
+def _cpu_linear_weight_removed():
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.models import k2_horizon
+    from vllm.platforms import current_platform
+
+    assert current_platform.is_cpu()
+    assert "remove_weight=True" in inspect.getsource(UnquantizedLinearMethod.process_weights_after_loading)
+    assert "expert.weight for expert in self.v_experts" in inspect.getsource(
+        k2_horizon.K2HorizonMoVAAttention.compute_mova_v_sparse)
+    assert "dispatch_fused_moe_kernel(" in inspect.getsource(k2_horizon.fused_mova_impl)
+
+
+def _ngram_needs_v2_runner():
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's op library)
+    from vllm.model_executor.models.longcat_flash_ngram import LongcatFlashNgramForCausalLM
+    from vllm.triton_utils import HAS_TRITON
+
+    assert not HAS_TRITON
+    assert "if not vllm_config.use_v2_model_runner:" in inspect.getsource(LongcatFlashNgramForCausalLM.__init__)
+    assert hasattr(torch.ops._C, "rms_norm") and not hasattr(torch.ops._C, "ngram_compute_n_gram_ids")
+
+
 LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
-               "non_gated_experts": _non_gated_experts}
+               "non_gated_experts": _non_gated_experts, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
+               "sink_kv_manager": _sink_kv_manager, "hybrid_mla_block": _hybrid_mla_block,
+               "cpu_linear_weight_removed": _cpu_linear_weight_removed,
+               "ngram_needs_v2_runner": _ngram_needs_v2_runner}
 
 
 # --------------------------------------------------------------------------------------
@@ -542,7 +603,7 @@ def test_model_tables():
 def test_every_registered_moe_architecture_is_accounted_for():
     """A vLLM that registers a new MoE architecture (or drops one) fails here until the
     table says where it runs with lk."""
-    run = {f.architecture for f in FAMILY_TABLE} | set(FAMILY_TESTED) | set(BY_KEY)
+    run = {f.architecture for f in FAMILY_TABLE} | set(FAMILY_TESTED) | set(BY_KEY) | set(VLLM_BY_KEY)
     covered = run | set(same_class_as(run)) | set(THROUGH_TEXT_MODEL)
     parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT), set(CANNOT_RUN))
     registered = set(registered_moe_architectures())
