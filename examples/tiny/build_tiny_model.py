@@ -18,7 +18,7 @@ Families (the layouts lvllm's tests cover):
                512, qk_rope_head_dim 64) and YaRN rope, as the real model uses.
   mixtral      Mixtral: block_sparse_moe with w1/w2/w3 experts.
   glm4_moe     GLM-4.5: leading dense layer, sigmoid + correction bias grouped top-k, a
-               shared expert, routed scaling.
+               shared expert, routed scaling; --mtp-layers adds its MTP layers.
   minimax_m2   MiniMax-M2: sigmoid + correction bias top-k without groups, no shared expert.
   deepseek_v3  DeepSeek-V3: MLA with q LoRA, sigmoid + correction bias grouped top-k, a
                shared expert, leading dense layer; --mtp-layers adds its MTP layers.
@@ -440,11 +440,15 @@ def build_glm4_moe(args, vocab: int, w: Weights) -> dict:
         "attention_dropout": 0.0, "intermediate_size": 2 * H, "moe_intermediate_size": I,
         "n_routed_experts": E, "n_shared_experts": 1, "num_experts_per_tok": args.top_k,
         "first_k_dense_replace": first_dense, "n_group": 4, "topk_group": 2,
-        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": args.mtp_layers,
     })
-    w.embedding("model.embed_tokens.weight", vocab, H)
-    for layer in range(args.num_layers):
+    embedding = w.normal(vocab, H)
+    w["model.embed_tokens.weight"] = embedding
+    for layer in range(args.num_layers + args.mtp_layers):
         p = f"model.layers.{layer}"
+        if layer >= args.num_layers:   # an MTP layer (as in build_deepseek_v3)
+            _mtp_projection(w, p, H)
         w.attention(p, H, heads, kv_heads, head_dim)
         for proj, size in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
             w.bias(f"{p}.self_attn.{proj}_proj.bias", size * head_dim)
@@ -459,8 +463,25 @@ def build_glm4_moe(args, vocab: int, w: Weights) -> dict:
             w.mlp(f"{p}.mlp.experts.{e}", H, I)
         w.mlp(f"{p}.mlp.shared_experts", H, I)
     w.norm("model.norm.weight", H)
-    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    head = w.normal(vocab, H).mul_(2.0 / math.sqrt(H))
+    w["lm_head.weight"] = head
+    _mtp_shared_copies(w, range(args.num_layers, args.num_layers + args.mtp_layers), embedding, head)
     return config
+
+
+def _mtp_projection(w: Weights, p: str, H: int) -> None:
+    """An MTP layer's own norms and projection, before its decoder layer's tensors."""
+    w.norm(f"{p}.enorm.weight", H)
+    w.norm(f"{p}.hnorm.weight", H)
+    w.linear(f"{p}.eh_proj.weight", H, 2 * H)
+    w.norm(f"{p}.shared_head.norm.weight", H)
+
+
+def _mtp_shared_copies(w: Weights, layers, embedding: torch.Tensor, head: torch.Tensor) -> None:
+    """The MTP layers share the embedding and the output head; the checkpoints hold copies."""
+    for layer in layers:
+        w[f"model.layers.{layer}.embed_tokens.weight"] = embedding.clone()
+        w[f"model.layers.{layer}.shared_head.head.weight"] = head.clone()
 
 
 def build_minimax_m2(args, vocab: int, w: Weights) -> dict:
@@ -830,6 +851,7 @@ FAMILY_BUILDERS = {
 }
 # Families whose routed experts the checkpoint stores per expert as 2D `.experts.N.*.weight`
 # (what --quantize fp8/w4a16/awq rewrites); the others stack them per layer.
+MTP_FAMILIES = ("deepseek_v3", "kimi_k25", "glm4_moe")
 PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4_moe",
                        "minimax_m2", "deepseek_v3", "kimi_k25", "qwen3_next", "qwen3_5_moe")
 
@@ -1211,7 +1233,7 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, default=32,
                         help="as --num-heads (dbrx: --hidden-size / --num-heads)")
     parser.add_argument("--mtp-layers", type=int, default=0,
-                        help="deepseek_v3 / kimi_k25: multi-token-prediction layers after the "
+                        help="deepseek_v3 / kimi_k25 / glm4_moe: multi-token-prediction layers after the "
                              "decoder layers (num_nextn_predict_layers)")
     parser.add_argument("--max-positions", type=int, default=4096,
                         help="max_position_embeddings of the families built on the common config "
@@ -1291,8 +1313,8 @@ def parse_args(argv=None):
     if args.favoured_experts and args.favoured_experts > min(args.top_k, args.num_experts // 4):
         parser.error(f"--favoured-experts must be at most --top-k and a group's experts "
                      f"({min(args.top_k, args.num_experts // 4)}), got {args.favoured_experts}")
-    if args.mtp_layers and args.family not in ("deepseek_v3", "kimi_k25"):
-        parser.error("--mtp-layers applies to deepseek_v3 and kimi_k25 only")
+    if args.mtp_layers and args.family not in MTP_FAMILIES:
+        parser.error(f"--mtp-layers applies to {', '.join(MTP_FAMILIES)} only")
     return args
 
 

@@ -298,6 +298,32 @@ def registered_moe_architectures() -> dict[str, str]:
     return {arch: module for arch, (module, _) in sorted(registry._VLLM_MODELS.items()) if module in moe}
 
 
+# --------------------------------------------------------------------------------------
+# speculative decoding drafts (test_drafts.py)
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Draft:
+    name: str                        # vLLM's registered draft architecture
+    target: str                      # the target's FAMILY_TABLE key (its checkpoint carries the draft)
+    builder: tuple[str, ...]         # build_tiny_model.py: the target's family, then the draft's layers
+    method: str                      # speculative_config's method
+    draft_layers: frozenset[int]     # the draft model's MoE layers (their index in the checkpoint)
+    own_path: bool = True            # vLLM's own CPU path runs the draft's MoE (LVLLM_DRAFT_MOE=DEVICE)
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+# Run as their target's draft with lk on (test_drafts.py): greedy speculative decoding gives
+# the reference's tokens, and the draft's proposals with its MoE on lk are those of vLLM's
+# own CPU path (LVLLM_DRAFT_MOE=DEVICE).
+DRAFTS_RUN = (
+    Draft("Glm4MoeMTPModel", "glm4_moe", ("glm4_moe", "--mtp-layers", "1"), "mtp", frozenset({4})),
+)
+DRAFTS_BY_KEY = {d.key: d for d in DRAFTS_RUN}
+
 # Tested outside FAMILY_TABLE's rows: architecture -> the test.
 FAMILY_TESTED = {"Qwen2MoeForCausalLM": "test_equivalence (Qwen2-MoE)",
                  "DeepseekV2ForCausalLM": "test_equivalence (DeepSeek-V2)",
@@ -331,7 +357,6 @@ NOT_SWEPT = {
     "Gemma4DSparkModel": DRAFT,
     "Gemma4MTPModel": DRAFT,
     "Glm4MoeLiteMTPModel": DRAFT,
-    "Glm4MoeMTPModel": DRAFT,
     "GlmOcrMTPModel": DRAFT,
     "HYV3MTPModel": DRAFT,
     "JambaForSequenceClassification": WRAPPER,

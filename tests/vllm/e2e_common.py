@@ -120,11 +120,12 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
             resident: str | None = None, tp: int = 1, weight: str | None = None,
             group: int | None = None, quant_on_gpu: bool = False, dense: str | None = None,
             dense_weight: str | None = None, dense_group: int | None = None, llm_kwargs: dict | None = None, prompt_logprobs: bool = True,
-            inspect=None) -> RunResult:
+            inspect=None, prepare=None, env: dict | None = None) -> RunResult:
     """One vLLM instance: greedy tokens, prompt logprobs and lk_report of PROMPTS.
     ``llm_kwargs``: extra (or overriding) arguments of vllm.LLM; ``prompt_logprobs=False``
     leaves them out (empty lists); ``inspect(llm)``: called before shutdown, its result kept
-    as ``RunResult.inspected``."""
+    as ``RunResult.inspected``; ``prepare(llm)``: called before the prompts are generated;
+    ``env``: further variables for the instance."""
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
@@ -140,6 +141,7 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
         overrides["LVLLM_MOE_QUANT_ON_GPU"] = "1"
     if resident is not None:
         overrides["LVLLM_GPU_RESIDENT_MOE_LAYERS"] = resident
+    overrides.update(env or {})
     ranks = tp * (llm_kwargs or {}).get("pipeline_parallel_size", 1)
     if ranks > 1:
         share = max(1, len(CPUS) // ranks)  # each rank its own cores when there are enough
@@ -157,6 +159,8 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
                       disable_log_stats=True, attention_backend=attention_backend(model, dtype))
         llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         try:
+            if prepare is not None:
+                prepare(llm)
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                     prompt_logprobs=0 if prompt_logprobs else None,
                                     ignore_eos=True)
@@ -188,6 +192,27 @@ def draft_lk_report(worker) -> dict | None:
     drafter = getattr(worker.model_runner, "drafter", None)
     model = getattr(drafter, "model", None)
     return lk_report(model) if model is not None else None
+
+
+def record_proposals(worker) -> None:
+    """For ``llm.collective_rpc`` before generating: keep every draft the worker's drafter
+    proposes (``recorded_proposals`` reads them back)."""
+    runner = worker.model_runner
+    propose = runner.propose_draft_token_ids
+    runner.lvllm_proposals = []
+
+    def recording(*args, **kwargs):
+        drafts = propose(*args, **kwargs)
+        rows = drafts.tolist() if hasattr(drafts, "tolist") else [list(row) for row in drafts]
+        runner.lvllm_proposals.append(rows)
+        return drafts
+
+    runner.propose_draft_token_ids = recording
+
+
+def recorded_proposals(worker) -> list:
+    """The drafts record_proposals kept, step by step: per request, the proposed token ids."""
+    return worker.model_runner.lvllm_proposals
 
 
 # --------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, DRAFTS_RUN, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
                                 LK_AND_VLLM, LK_ONLY, NOT_SWEPT, THROUGH_TEXT_MODEL,
                                 registered_moe_architectures, same_class_as)
 
@@ -54,6 +54,12 @@ def _standing() -> dict[str, tuple[str, str, str]]:
                                       arch.own_path_fails, arch.own_path_wrong,
                                       CPU_ROPE_3D if arch.eager_rope_wrong else ""]))
         rows[arch.name] = ("tested", own, why)
+    families = {f.key: f for f in FAMILY_TABLE}
+    for draft in DRAFTS_RUN:
+        rows[draft.name] = ("tested", "tested" if draft.own_path else "cannot run",
+                            f"test_drafts: {families[draft.target].name}'s `{draft.method}` draft, greedy "
+                            "speculative decoding against transformers in float64, its proposals against "
+                            "vLLM's own CPU path's")
     for alias, target in same_class_as(set(rows)).items():
         rows[alias] = ("as " + target, "as " + target, f"vLLM registers it to {target}'s class")
     for arch, text_model in THROUGH_TEXT_MODEL.items():
