@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, DRAFTS_RUN, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, DRAFTS_CANNOT_RUN, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
                                 LK_AND_VLLM, LK_ONLY, NOT_SWEPT, THROUGH_TEXT_MODEL,
                                 registered_moe_architectures, same_class_as)
 
@@ -60,6 +60,11 @@ def _standing() -> dict[str, tuple[str, str, str]]:
                             f"test_drafts: {families[draft.target].name}'s `{draft.method}` draft, greedy "
                             "speculative decoding against transformers in float64, its proposals against "
                             "vLLM's own CPU path's")
+    for arch, (module, _, what) in DRAFTS_WITHOUT_MOE.items():
+        rows[arch] = ("no MoE of its own", "no MoE of its own",
+                      f"{what} (vllm/model_executor/models/{module}.py); test_drafts checks it")
+    for arch, (reason, _) in DRAFTS_CANNOT_RUN.items():
+        rows[arch] = ("cannot run", "cannot run", reason)
     for alias, target in same_class_as(set(rows)).items():
         rows[alias] = ("as " + target, "as " + target, f"vLLM registers it to {target}'s class")
     for arch, text_model in THROUGH_TEXT_MODEL.items():

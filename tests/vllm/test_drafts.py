@@ -25,10 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from architecture_table import DRAFTS_BY_KEY, DRAFTS_RUN, FAMILY_TABLE
+from architecture_table import (DRAFTS_BY_KEY, DRAFTS_CANNOT_RUN, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE,
+                                MOE_LAYER_CALL)
 from e2e_common import (CachedReference, TransformersReference, attention_backend, build_model, draft_lk_report,
                         layer_index, record_proposals, recorded_proposals, run_llm)
-from test_families import assert_lk_ran, assert_matches_reference
+from test_families import LIMITATIONS, assert_lk_ran, assert_matches_reference
 
 FAMILIES_BY_KEY = {f.key: f for f in FAMILY_TABLE}
 SPECULATIVE_TOKENS = 1
@@ -135,3 +136,21 @@ def test_draft_proposals_match_vllms_own_path(draft_runs, key):
     assert lk_steps == own_steps, "the draft proposes otherwise with its MoE on lk"
     # Not vacuous: the draft proposes more than one token over the run.
     assert len({t for step in lk_steps[0] for row in step for t in row}) > 3, lk_steps
+
+
+@pytest.mark.parametrize("architecture", sorted(DRAFTS_WITHOUT_MOE))
+def test_drafts_without_moe_layers_of_their_own(architecture):
+    """The drafts recorded as dense: vLLM's module still has the line that makes the draft's
+    layers dense and calls no MoE layer itself (cheap: source only)."""
+    from vllm.model_executor.models import registry
+
+    module, line, _ = DRAFTS_WITHOUT_MOE[architecture]
+    models = Path(registry.__file__).parent
+    assert line in (models / f"{module}.py").read_text(), (module, line)
+    draft_module = registry._VLLM_MODELS[architecture][0]
+    assert not MOE_LAYER_CALL.search((models / f"{draft_module}.py").read_text()), draft_module
+
+
+@pytest.mark.parametrize("architecture", sorted(DRAFTS_CANNOT_RUN))
+def test_recorded_reasons_drafts_cannot_run_still_hold(architecture):
+    LIMITATIONS[DRAFTS_CANNOT_RUN[architecture][1]]()

@@ -51,7 +51,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, DRAFTS_BY_KEY, CANNOT_RUN, DIFFERING, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM,
+from architecture_table import (BY_KEY, CANNOT_IMPORT, DRAFTS_BY_KEY, DRAFTS_CANNOT_RUN, DRAFTS_WITHOUT_MOE, CANNOT_RUN, DIFFERING, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM,
                                 MOE_LAYER_CALL, NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, Family,
                                 model_imports, registered_moe_architectures, same_class_as)
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
@@ -544,7 +544,8 @@ def test_every_registered_moe_architecture_is_accounted_for():
     table says where it runs with lk."""
     run = {f.architecture for f in FAMILY_TABLE} | set(FAMILY_TESTED) | set(BY_KEY) | set(DRAFTS_BY_KEY)
     covered = run | set(same_class_as(run)) | set(THROUGH_TEXT_MODEL)
-    parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT), set(CANNOT_RUN))
+    parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT), set(CANNOT_RUN),
+             set(DRAFTS_WITHOUT_MOE), set(DRAFTS_CANNOT_RUN))
     registered = set(registered_moe_architectures())
     assert sum(map(len, parts)) == len(set().union(*parts)), "an architecture in two places"
     assert registered - set().union(*parts) == set(), "registered MoE architectures the table lacks"
