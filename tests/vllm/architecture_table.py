@@ -305,10 +305,14 @@ def registered_moe_architectures() -> dict[str, str]:
 @dataclass(frozen=True)
 class Draft:
     name: str                        # vLLM's registered draft architecture
-    target: str                      # the target's FAMILY_TABLE key (its checkpoint carries the draft)
-    builder: tuple[str, ...]         # build_tiny_model.py: the target's family, then the draft's layers
+    target: str                      # the target's FAMILY_TABLE key, or its SWEPT key (BY_KEY)
     method: str                      # speculative_config's method
     draft_layers: frozenset[int]     # the draft model's MoE layers (their index in the checkpoint)
+    # A family target: build_tiny_model.py's arguments (the family, then the draft's layers).
+    builder: tuple[str, ...] = ()
+    # A swept target: its transformers checkpoint plus one MTP layer, a perturbed copy of its
+    # last decoder layer with these tensors of the MTP layer's own (test_drafts.with_mtp_layer).
+    mtp_tensors: tuple[str, ...] = ()
     own_path: bool = True            # vLLM's own CPU path runs the draft's MoE (LVLLM_DRAFT_MOE=DEVICE)
 
     @property
@@ -320,7 +324,11 @@ class Draft:
 # the reference's tokens, and the draft's proposals with its MoE on lk are those of vLLM's
 # own CPU path (LVLLM_DRAFT_MOE=DEVICE).
 DRAFTS_RUN = (
-    Draft("Glm4MoeMTPModel", "glm4_moe", ("glm4_moe", "--mtp-layers", "1"), "mtp", frozenset({4})),
+    Draft("Glm4MoeMTPModel", "glm4_moe", "mtp", frozenset({4}), builder=("glm4_moe", "--mtp-layers", "1")),
+    Draft("Glm4MoeLiteMTPModel", "Glm4MoeLiteForCausalLM", "mtp", frozenset({2}),
+          mtp_tensors=("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens")),
+    Draft("HYV3MTPModel", "HYV3ForCausalLM", "mtp", frozenset({2}),
+          mtp_tensors=("enorm", "hnorm", "eh_proj", "final_layernorm")),
 )
 DRAFTS_BY_KEY = {d.key: d for d in DRAFTS_RUN}
 
@@ -392,8 +400,6 @@ NOT_SWEPT = {
     "EagleDeepSeekMTPModel": DRAFT,
     "EagleMistralLarge3ForCausalLM": DRAFT,
     "Ernie4_5_VLMoeForConditionalGeneration": WRAPPER,
-    "Glm4MoeLiteMTPModel": DRAFT,
-    "HYV3MTPModel": DRAFT,
     "JambaForSequenceClassification": WRAPPER,
     "K2HorizonForCausalLM": TEXT,
     "LongcatFlashNgramForCausalLM": TEXT,

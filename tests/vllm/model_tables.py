@@ -57,7 +57,8 @@ def _standing() -> dict[str, tuple[str, str, str]]:
     families = {f.key: f for f in FAMILY_TABLE}
     for draft in DRAFTS_RUN:
         rows[draft.name] = ("tested", "tested" if draft.own_path else "cannot run",
-                            f"test_drafts: {families[draft.target].name}'s `{draft.method}` draft, greedy "
+                            f"test_drafts: {families[draft.target].name if draft.builder else draft.target}'s "
+                            f"`{draft.method}` draft, greedy "
                             "speculative decoding against transformers in float64, its proposals against "
                             "vLLM's own CPU path's")
     for arch, (module, _, what) in DRAFTS_WITHOUT_MOE.items():

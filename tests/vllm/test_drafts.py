@@ -20,19 +20,63 @@ One instance per draft and setting, started once per module.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from architecture_table import (DRAFTS_BY_KEY, DRAFTS_CANNOT_RUN, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE,
+import transformers_models
+
+from architecture_table import (BY_KEY, DRAFTS_BY_KEY, DRAFTS_CANNOT_RUN, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE,
                                 MOE_LAYER_CALL)
 from e2e_common import (CachedReference, TransformersReference, attention_backend, build_model, draft_lk_report,
                         layer_index, record_proposals, recorded_proposals, run_llm)
+from test_architectures import EAGER_TORCH_ROPE, assert_close_to_reference
 from test_families import LIMITATIONS, assert_lk_ran, assert_matches_reference
 
 FAMILIES_BY_KEY = {f.key: f for f in FAMILY_TABLE}
 SPECULATIVE_TOKENS = 1
+
+
+def with_mtp_layer(model: Path, out: Path, own_tensors: tuple[str, ...]) -> Path:
+    """``model`` (a transformers checkpoint) with one MTP layer after its decoder layers: a
+    copy of its last decoder layer, every tensor perturbed (so a mixed-up layer shows), and
+    the MTP layer's own tensors: norms near 1, eh_proj [H, 2H], copies of the embedding and
+    the output head (as real checkpoints carry them)."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "config.json").exists():
+        return out
+    shutil.copytree(model, out)
+    config = json.loads((out / "config.json").read_text())
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    tensors = load_file(out / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    last, mtp = f"model.layers.{layers - 1}.", f"model.layers.{layers}."
+    for name in [n for n in tensors if n.startswith(last)]:
+        source = tensors[name]
+        noise = torch.randn(source.shape, generator=generator) * 0.3 * (source.std() if source.numel() > 1 else 1)
+        tensors[mtp + name[len(last):]] = source + noise
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    for own in own_tensors:
+        if own == "eh_proj":
+            value = torch.randn(hidden, 2 * hidden, generator=generator) / (2 * hidden) ** 0.5
+        elif own == "embed_tokens":
+            value = tensors["model.embed_tokens.weight"].clone()
+        elif own == "shared_head.head":
+            value = head.clone()
+        else:   # a norm
+            value = 1.0 + 0.05 * torch.randn(hidden, generator=generator)
+        tensors[f"{mtp}{own}.weight"] = value.contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}, indent=2))
+    return out
+
+
+def target_architecture(draft) -> str:
+    return FAMILIES_BY_KEY[draft.target].architecture if draft.builder else BY_KEY[draft.target].name
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +85,15 @@ def checkpoints(tmp_path_factory):
 
     def get(key: str) -> Path:
         draft = DRAFTS_BY_KEY[key]
-        model = build_model(root / key, *draft.builder)
+        if draft.builder:
+            model = build_model(root / key, *draft.builder)
+        else:
+            arch = BY_KEY[draft.target]
+            target = transformers_models.build(root / f"{key}-target", arch.model_type, arch.name, arch.config,
+                                               unused_weights=arch.unused_weights)
+            model = with_mtp_layer(target, root / key, draft.mtp_tensors)
         config = json.loads((model / "config.json").read_text())
-        assert config["architectures"] == [FAMILIES_BY_KEY[draft.target].architecture]
+        assert config["architectures"] == [target_architecture(draft)]
         return model
 
     return get
@@ -58,13 +108,16 @@ def draft_runs(checkpoints):
     def get(key: str, draft_moe: str = "LK"):
         if (key, draft_moe) not in cache:
             draft, model = DRAFTS_BY_KEY[key], checkpoints(key)
-            family = FAMILIES_BY_KEY[draft.target]
+            dtype = FAMILIES_BY_KEY[draft.target].dtype if draft.builder else "float32"
             speculative = {"method": draft.method, "num_speculative_tokens": SPECULATIVE_TOKENS,
-                           "attention_backend": attention_backend(model, family.dtype)}
+                           "attention_backend": attention_backend(model, dtype)}
+            llm_kwargs = {"speculative_config": speculative}
+            if not draft.builder and BY_KEY[draft.target].eager_rope_wrong:
+                llm_kwargs.update(EAGER_TORCH_ROPE)
             start = time.monotonic()
             try:
-                run = run_llm(model, lk=True, dtype=family.dtype, env={"LVLLM_DRAFT_MOE": draft_moe},
-                              llm_kwargs={"speculative_config": speculative},
+                run = run_llm(model, lk=True, dtype=dtype, env={"LVLLM_DRAFT_MOE": draft_moe},
+                              llm_kwargs=llm_kwargs,
                               prepare=lambda llm: llm.collective_rpc(record_proposals),
                               inspect=lambda llm: (llm.collective_rpc(draft_lk_report),
                                                    llm.collective_rpc(recorded_proposals)))
@@ -84,7 +137,7 @@ def references(checkpoints):
 
     def get(key: str) -> CachedReference:
         if key not in cache:
-            cache[key] = CachedReference(TransformersReference(checkpoints(key)))
+            cache[key] = CachedReference(TransformersReference(transformers_models.for_transformers(checkpoints(key))))
         return cache[key]
 
     return get
@@ -97,11 +150,11 @@ def draft_layers(report) -> dict[int, dict]:
 @pytest.mark.parametrize("key", list(DRAFTS_BY_KEY))
 def test_draft_moe_on_lk_matches_reference(draft_runs, references, key):
     draft = DRAFTS_BY_KEY[key]
-    family = FAMILIES_BY_KEY[draft.target]
     run, seconds = draft_runs(key)
     print(f"{key}: {seconds:.0f} s")
-    # The target model's MoE layers on lk, as its family's run has them.
-    assert_lk_ran(run.report, set(family.moe_layers))
+    # The target model's MoE layers on lk, as its family's (or sweep's) run has them.
+    target_layers = FAMILIES_BY_KEY[draft.target].moe_layers if draft.builder else BY_KEY[draft.target].moe_layers
+    assert_lk_ran(run.report, set(target_layers))
     draft_reports, proposals = run.inspected
     for target, draft_model, steps in zip(run.report, draft_reports, proposals):
         placement = target.get("draft")
@@ -119,7 +172,10 @@ def test_draft_moe_on_lk_matches_reference(draft_runs, references, key):
             assert tuple(layer["params"]["w13_weight"][0]) == (0,), layer
         assert steps and all(len(row) == SPECULATIVE_TOKENS for step in steps for row in step), steps
     # Greedy speculative decoding is lossless: the tokens are the target model's.
-    assert_matches_reference(run, references(key), family)
+    if draft.builder:
+        assert_matches_reference(run, references(key), FAMILIES_BY_KEY[draft.target])
+    else:
+        assert_close_to_reference(run, references(key))
 
 
 @pytest.mark.parametrize("key", [d.key for d in DRAFTS_RUN if d.own_path])
