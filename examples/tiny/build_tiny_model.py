@@ -27,7 +27,7 @@ Families (the layouts lvllm's tests cover):
   step3p5      Step-3.5: MoE from layer 3 on (moe_layers_enum), sigmoid router with bias,
                shared expert, sliding/full attention with a head-wise gate, stacked experts.
   qwen3_next   Qwen3-Next: Gated DeltaNet layers mixed with gated full attention, shared
-               expert behind a sigmoid gate.
+               expert behind a sigmoid gate; --mtp-layers adds its MTP layers.
   qwen3_5_moe  Qwen3.5-MoE's text model: as Qwen3-Next, DeltaNet projections unfused.
   dbrx         DBRX: experts as [E * I, H] w1/v1/w2 matrices, clipped fused qkv.
   gpt_oss      gpt-oss: expert biases, interleaved gate_up [E, H, 2I], clamped SwiGLU,
@@ -716,14 +716,37 @@ def build_qwen_linear_attention(args, vocab: int, w: Weights, qwen35: bool) -> d
             w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
             _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
             _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
-        w.router(f"{p}.mlp.gate.weight", E, H)
-        for e in range(E):
-            w.mlp(f"{p}.mlp.experts.{e}", H, I)
-        w.mlp(f"{p}.mlp.shared_expert", H, I)
-        w.linear(f"{p}.mlp.shared_expert_gate.weight", 1, H)
+        _qwen_next_moe(w, p, H, I, E)
     _extra_tensor(w, "model.norm.weight", H, std=zero_centred)
     w.linear("lm_head.weight", vocab, H, gain=2.0)
+    # Qwen3-Next's MTP layers (``--mtp-layers``): mtp.fc over [embedding; hidden], its norms,
+    # and full-attention MoE decoder layers of their own (the embedding and head are shared).
+    if args.mtp_layers:
+        config["num_nextn_predict_layers"] = args.mtp_layers
+        w.linear("mtp.fc.weight", H, 2 * H)
+        for norm in ("pre_fc_norm_hidden", "pre_fc_norm_embedding", "norm"):
+            _extra_tensor(w, f"mtp.{norm}.weight", H, std=zero_centred)
+    for layer in range(args.mtp_layers):
+        p = f"mtp.layers.{layer}"
+        _extra_tensor(w, f"{p}.input_layernorm.weight", H, std=zero_centred)
+        _extra_tensor(w, f"{p}.post_attention_layernorm.weight", H, std=zero_centred)
+        a = f"{p}.self_attn"
+        w.linear(f"{a}.q_proj.weight", 2 * heads * head_dim, H)
+        w.linear(f"{a}.k_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{a}.v_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
+        _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
+        _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
+        _qwen_next_moe(w, p, H, I, E)
     return config
+
+
+def _qwen_next_moe(w: Weights, p: str, H: int, I: int, E: int) -> None:
+    w.router(f"{p}.mlp.gate.weight", E, H)
+    for e in range(E):
+        w.mlp(f"{p}.mlp.experts.{e}", H, I)
+    w.mlp(f"{p}.mlp.shared_expert", H, I)
+    w.linear(f"{p}.mlp.shared_expert_gate.weight", 1, H)
 
 
 def build_dbrx(args, vocab: int, w: Weights) -> dict:
@@ -851,7 +874,7 @@ FAMILY_BUILDERS = {
 }
 # Families whose routed experts the checkpoint stores per expert as 2D `.experts.N.*.weight`
 # (what --quantize fp8/w4a16/awq rewrites); the others stack them per layer.
-MTP_FAMILIES = ("deepseek_v3", "kimi_k25", "glm4_moe")
+MTP_FAMILIES = ("deepseek_v3", "kimi_k25", "glm4_moe", "qwen3_next")
 PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4_moe",
                        "minimax_m2", "deepseek_v3", "kimi_k25", "qwen3_next", "qwen3_5_moe")
 
@@ -1233,7 +1256,7 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, default=32,
                         help="as --num-heads (dbrx: --hidden-size / --num-heads)")
     parser.add_argument("--mtp-layers", type=int, default=0,
-                        help="deepseek_v3 / kimi_k25 / glm4_moe: multi-token-prediction layers after the "
+                        help="deepseek_v3 / kimi_k25 / glm4_moe / qwen3_next: multi-token-prediction layers after the "
                              "decoder layers (num_nextn_predict_layers)")
     parser.add_argument("--max-positions", type=int, default=4096,
                         help="max_position_embeddings of the families built on the common config "

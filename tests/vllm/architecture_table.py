@@ -325,6 +325,7 @@ class Draft:
 # own CPU path (LVLLM_DRAFT_MOE=DEVICE).
 DRAFTS_RUN = (
     Draft("Glm4MoeMTPModel", "glm4_moe", "mtp", frozenset({4}), builder=("glm4_moe", "--mtp-layers", "1")),
+    Draft("Qwen3NextMTP", "qwen3_next", "mtp", frozenset({0}), builder=("qwen3_next", "--mtp-layers", "1")),
     Draft("Glm4MoeLiteMTPModel", "Glm4MoeLiteForCausalLM", "mtp", frozenset({2}),
           mtp_tensors=("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens")),
     Draft("HYV3MTPModel", "HYV3ForCausalLM", "mtp", frozenset({2}),
@@ -412,7 +413,6 @@ NOT_SWEPT = {
     "PanguProMoEV2ForCausalLM": TEXT,
     "PanguUltraMoEForCausalLM": TEXT,
     "Param2MoEForCausalLM": TEXT,
-    "Qwen3NextMTP": DRAFT,
     "SarvamMLAForCausalLM": TEXT,
     "SarvamMoEForCausalLM": TEXT,
     "Step3TextForCausalLM": TEXT,
