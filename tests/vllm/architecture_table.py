@@ -307,13 +307,17 @@ class Draft:
     name: str                        # vLLM's registered draft architecture
     target: str                      # the target's FAMILY_TABLE key, or its SWEPT key (BY_KEY)
     method: str                      # speculative_config's method
-    draft_layers: frozenset[int]     # the draft model's MoE layers (their index in the checkpoint)
+    draft_layers: frozenset[int]     # the draft model's MoE layers (the index in vLLM's prefix of each)
     # A family target: build_tiny_model.py's arguments (the family, then the draft's layers).
     builder: tuple[str, ...] = ()
     # A swept target: its transformers checkpoint plus one MTP layer, a perturbed copy of its
     # last decoder layer with these tensors of the MTP layer's own (test_drafts.with_mtp_layer).
     mtp_tensors: tuple[str, ...] = ()
     own_path: bool = True            # vLLM's own CPU path runs the draft's MoE (LVLLM_DRAFT_MOE=DEVICE)
+    # A separate draft checkpoint (EAGLE): made from the target checkpoint's MTP layer
+    # (test_drafts.eagle_checkpoint), config.json naming this architecture.
+    separate: str = ""
+    module_layers: frozenset[int] | None = None   # where the module tree's names differ from draft_layers
 
     @property
     def key(self) -> str:
@@ -325,6 +329,12 @@ class Draft:
 # own CPU path (LVLLM_DRAFT_MOE=DEVICE).
 DRAFTS_RUN = (
     Draft("Glm4MoeMTPModel", "glm4_moe", "mtp", frozenset({4}), builder=("glm4_moe", "--mtp-layers", "1")),
+    # vLLM builds the EAGLE layer with prefix model.layers.4 (after the target's layers: an MoE
+    # layer), but it sits in the module tree at model.layers.0, its index in the draft's
+    # ModuleList: lk's placement names the prefix, the module tree the other.
+    Draft("EagleDeepSeekMTPModel", "deepseek_v3-mtp-layers-1", "eagle", frozenset({4}),
+          builder=("deepseek_v3", "--mtp-layers", "1"), separate="DeepSeekMTPModel",
+          module_layers=frozenset({0})),
     Draft("Qwen3NextMTP", "qwen3_next", "mtp", frozenset({0}), builder=("qwen3_next", "--mtp-layers", "1")),
     Draft("Glm4MoeLiteMTPModel", "Glm4MoeLiteForCausalLM", "mtp", frozenset({2}),
           mtp_tensors=("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens")),
@@ -398,7 +408,6 @@ NOT_SWEPT = {
     "BailingMoeV3MTPModel": DRAFT,
     "DFlashLagunaForCausalLM": DRAFT,
     "DeepseekForCausalLM": TEXT,
-    "EagleDeepSeekMTPModel": DRAFT,
     "EagleMistralLarge3ForCausalLM": DRAFT,
     "Ernie4_5_VLMoeForConditionalGeneration": WRAPPER,
     "JambaForSequenceClassification": WRAPPER,

@@ -75,6 +75,38 @@ def with_mtp_layer(model: Path, out: Path, own_tensors: tuple[str, ...]) -> Path
     return out
 
 
+def eagle_checkpoint(model: Path, out: Path, architecture: str) -> Path:
+    """An EAGLE draft checkpoint made of ``model``'s MTP layer (DeepSeek's layout): the layer's
+    decoder tensors under ``layers.0.`` (vLLM still names the draft's layer N, after the
+    target's), its enorm/hnorm, eh_proj as ``fc``, its head norm as
+    ``norm``, its embedding and head copies as the draft's own; config.json the target's with
+    one layer and ``architecture``."""
+    from safetensors.torch import load_file, save_file
+
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True)
+    config = json.loads((model / "config.json").read_text())
+    layer = f"model.layers.{config['num_hidden_layers']}."
+    renamed = {"enorm.": "enorm.", "hnorm.": "hnorm.", "eh_proj.": "fc.", "shared_head.norm.": "norm.",
+               "embed_tokens.": "embed_tokens.", "shared_head.head.": "lm_head."}
+    tensors = {}
+    for name, tensor in load_file(model / "model.safetensors").items():
+        if not name.startswith(layer):
+            continue
+        rest = name[len(layer):]
+        own = next((new + rest[len(old):] for old, new in renamed.items() if rest.startswith(old)), None)
+        tensors[own or f"layers.0.{rest}"] = tensor
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    draft_config = {**config, "architectures": [architecture], "num_hidden_layers": 1}
+    draft_config.pop("num_nextn_predict_layers")   # vLLM would take it as the draft's n_predict
+    (out / "config.json").write_text(json.dumps(draft_config, indent=2))
+    for other in model.iterdir():
+        if other.suffix != ".safetensors" and other.name != "config.json" and other.is_file():
+            shutil.copy(other, out / other.name)
+    return out
+
+
 def target_architecture(draft) -> str:
     return FAMILIES_BY_KEY[draft.target].architecture if draft.builder else BY_KEY[draft.target].name
 
@@ -111,6 +143,9 @@ def draft_runs(checkpoints):
             dtype = FAMILIES_BY_KEY[draft.target].dtype if draft.builder else "float32"
             speculative = {"method": draft.method, "num_speculative_tokens": SPECULATIVE_TOKENS,
                            "attention_backend": attention_backend(model, dtype)}
+            if draft.separate:
+                speculative["model"] = str(eagle_checkpoint(model, model.with_name(model.name + "-draft"),
+                                                            draft.separate))
             llm_kwargs = {"speculative_config": speculative}
             if not draft.builder and BY_KEY[draft.target].eager_rope_wrong:
                 llm_kwargs.update(EAGER_TORCH_ROPE)
@@ -166,7 +201,7 @@ def test_draft_moe_on_lk_matches_reference(draft_runs, references, key):
         assert draft_model is not None, "no draft model in the worker"
         assert draft_model["device_layers"] == {}, draft_model
         layers = draft_layers(draft_model)
-        assert set(layers) == set(draft.draft_layers), draft_model
+        assert set(layers) == set(draft.module_layers or draft.draft_layers), draft_model
         for layer in layers.values():
             assert layer["forward_calls"] > 0 and layer["converted_while_loading"], layer
             assert tuple(layer["params"]["w13_weight"][0]) == (0,), layer
@@ -186,7 +221,8 @@ def test_draft_proposals_match_vllms_own_path(draft_runs, key):
     print(f"{key} (draft MoE on vLLM's own path): {seconds:.0f} s")
     for draft_model in own.inspected[0]:
         assert draft_model["lk_layers"] == {}, draft_model
-        assert {layer_index(n) for n in draft_model["device_layers"]} == set(DRAFTS_BY_KEY[key].draft_layers)
+        draft = DRAFTS_BY_KEY[key]
+        assert {layer_index(n) for n in draft_model["device_layers"]} == set(draft.module_layers or draft.draft_layers)
     assert own.tokens == run.tokens
     lk_steps, own_steps = run.inspected[1], own.inspected[1]
     assert lk_steps == own_steps, "the draft proposes otherwise with its MoE on lk"
