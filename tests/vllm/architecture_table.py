@@ -313,11 +313,17 @@ class Draft:
     # A swept target: its transformers checkpoint plus one MTP layer, a perturbed copy of its
     # last decoder layer with these tensors of the MTP layer's own (test_drafts.with_mtp_layer).
     mtp_tensors: tuple[str, ...] = ()
-    own_path: bool = True            # vLLM's own CPU path runs the draft's MoE (LVLLM_DRAFT_MOE=DEVICE)
+    # Whether test_drafts also runs the draft's MoE on vLLM's own CPU path (LVLLM_DRAFT_MOE=DEVICE,
+    # a second instance) and compares the proposals: one draft per speculative method, for the CI
+    # budget (every draft's experts are checked against float64 in its one lk run). Passed for
+    # every draft below on 2026-11-28 (Qwen3-Next in bfloat16 too).
+    own_path: bool = False
     # A separate draft checkpoint (EAGLE): made from the target checkpoint's MTP layer
     # (test_drafts.eagle_checkpoint), config.json naming this architecture.
     separate: str = ""
     module_layers: frozenset[int] | None = None   # where the module tree's names differ from draft_layers
+    experts: str = ""                # the draft layer's experts in the (target) checkpoint: prefix of
+                                     # {e}.gate_proj/up_proj/down_proj (test_drafts' float64 check)
 
     @property
     def key(self) -> str:
@@ -325,21 +331,25 @@ class Draft:
 
 
 # Run as their target's draft with lk on (test_drafts.py): greedy speculative decoding gives
-# the reference's tokens, and the draft's proposals with its MoE on lk are those of vLLM's
-# own CPU path (LVLLM_DRAFT_MOE=DEVICE).
+# the reference's tokens, the draft's MoE layers computed on lk match the same experts in
+# float64, and (own_path) the draft's proposals are those of vLLM's own CPU path.
 DRAFTS_RUN = (
-    Draft("Glm4MoeMTPModel", "glm4_moe", "mtp", frozenset({4}), builder=("glm4_moe", "--mtp-layers", "1")),
+    Draft("Glm4MoeMTPModel", "glm4_moe", "mtp", frozenset({4}), builder=("glm4_moe", "--mtp-layers", "1"),
+          experts="model.layers.4.mlp.experts", own_path=True),
     # vLLM builds the EAGLE layer with prefix model.layers.4 (after the target's layers: an MoE
     # layer), but it sits in the module tree at model.layers.0, its index in the draft's
     # ModuleList: lk's placement names the prefix, the module tree the other.
     Draft("EagleDeepSeekMTPModel", "deepseek_v3-mtp-layers-1", "eagle", frozenset({4}),
           builder=("deepseek_v3", "--mtp-layers", "1"), separate="DeepSeekMTPModel",
-          module_layers=frozenset({0})),
-    Draft("Qwen3NextMTP", "qwen3_next", "mtp", frozenset({0}), builder=("qwen3_next", "--mtp-layers", "1")),
+          module_layers=frozenset({0}), experts="model.layers.4.mlp.experts", own_path=True),
+    Draft("Qwen3NextMTP", "qwen3_next", "mtp", frozenset({0}), builder=("qwen3_next", "--mtp-layers", "1"),
+          experts="mtp.layers.0.mlp.experts"),
     Draft("Glm4MoeLiteMTPModel", "Glm4MoeLiteForCausalLM", "mtp", frozenset({2}),
-          mtp_tensors=("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens")),
+          mtp_tensors=("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"),
+          experts="model.layers.2.mlp.experts"),
     Draft("HYV3MTPModel", "HYV3ForCausalLM", "mtp", frozenset({2}),
-          mtp_tensors=("enorm", "hnorm", "eh_proj", "final_layernorm")),
+          mtp_tensors=("enorm", "hnorm", "eh_proj", "final_layernorm"),
+          experts="model.layers.2.mlp.experts"),
 )
 DRAFTS_BY_KEY = {d.key: d for d in DRAFTS_RUN}
 

@@ -215,6 +215,38 @@ def recorded_proposals(worker) -> list:
     return worker.model_runner.lvllm_proposals
 
 
+DRAFT_EXPERT_CALLS = 6
+
+
+def record_draft_experts(worker) -> None:
+    """For ``llm.collective_rpc`` before generating: keep the first DRAFT_EXPERT_CALLS
+    forwards of each of the draft model's lk layers (input, routing, routed experts' output),
+    for a reference to recompute (``recorded_draft_experts`` reads them back)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from lvllm.vllm.moe_layer import LkMoEMethod
+
+    drafter = getattr(worker.model_runner, "drafter", None)
+    worker.model_runner.lvllm_draft_experts = calls = {}
+    for name, module in drafter.model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if not (isinstance(module, RoutedExperts) and isinstance(method, LkMoEMethod) and method.experts):
+            continue
+        experts, kept = method.experts, calls.setdefault(name, [])
+
+        def recording(x, topk_ids, topk_weights, *args, _forward=experts.forward, _kept=kept, **kwargs):
+            shared, routed = _forward(x, topk_ids, topk_weights, *args, **kwargs)
+            if len(_kept) < DRAFT_EXPERT_CALLS:
+                _kept.append(tuple(t.detach().float().cpu().clone() for t in (x, topk_ids, topk_weights, routed)))
+            return shared, routed
+
+        experts.forward = recording
+
+
+def recorded_draft_experts(worker) -> dict:
+    return worker.model_runner.lvllm_draft_experts
+
+
 # --------------------------------------------------------------------------------------
 # what a run is held to: lk's answers against vLLM's own, and what lk_report must show
 # --------------------------------------------------------------------------------------

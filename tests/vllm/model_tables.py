@@ -56,11 +56,11 @@ def _standing() -> dict[str, tuple[str, str, str]]:
         rows[arch.name] = ("tested", own, why)
     families = {f.key: f for f in FAMILY_TABLE}
     for draft in DRAFTS_RUN:
-        rows[draft.name] = ("tested", "tested" if draft.own_path else "cannot run",
+        rows[draft.name] = ("tested", "tested" if draft.own_path else "not run",
                             f"test_drafts: {families[draft.target].name if draft.builder else draft.target}'s "
-                            f"`{draft.method}` draft, greedy "
-                            "speculative decoding against transformers in float64, its proposals against "
-                            "vLLM's own CPU path's")
+                            f"`{draft.method}` draft, greedy speculative decoding against transformers "
+                            "in float64, the draft's experts against float64"
+                            + (", its proposals against vLLM's own CPU path's" if draft.own_path else ""))
     for arch, (module, _, what) in DRAFTS_WITHOUT_MOE.items():
         rows[arch] = ("no MoE of its own", "no MoE of its own",
                       f"{what} (vllm/model_executor/models/{module}.py); test_drafts checks it")

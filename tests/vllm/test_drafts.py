@@ -1,20 +1,25 @@
 """Speculative decoding drafts whose own MoE layers lk computes, run beside their target.
 
-Each draft in architecture_table.DRAFTS_RUN is a tiny checkpoint of its target family with the
-draft's layers in it (examples/tiny/build_tiny_model.py), served by one vLLM instance with lk
-on, greedy and eager, the draft proposing one token a step. What is checked, with no vLLM
-in the reference:
+Each draft in architecture_table.DRAFTS_RUN is a tiny checkpoint of its target with the
+draft's layers in it (a family's from examples/tiny/build_tiny_model.py --mtp-layers; a swept
+target's from transformers plus with_mtp_layer; an EAGLE draft's a checkpoint of its own made
+of the MTP layer), served by one vLLM instance with lk on, greedy and eager, the draft
+proposing one token a step. What is checked, with no vLLM in the references:
 
 - the draft model's MoE layers are on lk and computed there (the worker's draft model through
   collective_rpc, and lk's draft placement line), the target's layers on lk as usual;
 - greedy speculative decoding is lossless, so every generated token must be transformers'
   float64 best after the same prefix (the target alone), and the prompt logprobs its;
-- the draft's own computation: each step's proposals must be those of a second instance
-  where the draft's MoE runs on vLLM's own CPU path (LVLLM_DRAFT_MOE=DEVICE), the target
-  unchanged. Random tiny weights make the draft a poor guesser, so most proposals are
-  rejected: the target's tokens alone would not notice a wrong draft, the proposals do.
+- the draft's own computation: the first forwards of each draft MoE layer (input, vLLM's
+  routing, lk's output, recorded in the worker) against the same experts in float64 from the
+  checkpoint. Random tiny weights make the draft a poor guesser, so most proposals are
+  rejected: the target's tokens alone would not notice a wrong draft (seen: halving the draft
+  layer's router weights inside lk leaves them right), this check does (relative error 0.5);
+- for one draft per method (Draft.own_path), every proposal must equal that of a second
+  instance whose draft MoE runs on vLLM's own CPU path (LVLLM_DRAFT_MOE=DEVICE).
 
-One instance per draft and setting, started once per module.
+One instance per draft and setting, started once per module. Measured on 2 cores: 20-40 s per
+lk instance, 20-30 s per own-path instance.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import transformers_models
 from architecture_table import (BY_KEY, DRAFTS_BY_KEY, DRAFTS_CANNOT_RUN, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE,
                                 MOE_LAYER_CALL)
 from e2e_common import (CachedReference, TransformersReference, attention_backend, build_model, draft_lk_report,
-                        layer_index, record_proposals, recorded_proposals, run_llm)
+                        layer_index, record_draft_experts, record_proposals, recorded_draft_experts,
+                        recorded_proposals, run_llm)
 from test_architectures import EAGER_TORCH_ROPE, assert_close_to_reference
 from test_families import LIMITATIONS, assert_lk_ran, assert_matches_reference
 
@@ -153,9 +159,11 @@ def draft_runs(checkpoints):
             try:
                 run = run_llm(model, lk=True, dtype=dtype, env={"LVLLM_DRAFT_MOE": draft_moe},
                               llm_kwargs=llm_kwargs,
-                              prepare=lambda llm: llm.collective_rpc(record_proposals),
+                              prepare=lambda llm: (llm.collective_rpc(record_proposals),
+                                                   llm.collective_rpc(record_draft_experts)),
                               inspect=lambda llm: (llm.collective_rpc(draft_lk_report),
-                                                   llm.collective_rpc(recorded_proposals)))
+                                                   llm.collective_rpc(recorded_proposals),
+                                                   llm.collective_rpc(recorded_draft_experts)))
                 cache[key, draft_moe] = (run, time.monotonic() - start)
             except Exception as error:   # noqa: BLE001 - kept for the next test that asks
                 cache[key, draft_moe] = error
@@ -190,7 +198,7 @@ def test_draft_moe_on_lk_matches_reference(draft_runs, references, key):
     # The target model's MoE layers on lk, as its family's (or sweep's) run has them.
     target_layers = FAMILIES_BY_KEY[draft.target].moe_layers if draft.builder else BY_KEY[draft.target].moe_layers
     assert_lk_ran(run.report, set(target_layers))
-    draft_reports, proposals = run.inspected
+    draft_reports, proposals, _ = run.inspected
     for target, draft_model, steps in zip(run.report, draft_reports, proposals):
         placement = target.get("draft")
         assert placement is not None, "lk_report names no draft model placement"
@@ -211,6 +219,48 @@ def test_draft_moe_on_lk_matches_reference(draft_runs, references, key):
         assert_matches_reference(run, references(key), FAMILIES_BY_KEY[draft.target])
     else:
         assert_close_to_reference(run, references(key))
+
+
+# Relative error of the routed experts' output against float64: float32 rounding over dot
+# products 64 long (~1e-7, measured below 1e-6); bfloat16 runs round inputs, weights and
+# output to 8 bits (2^-8).
+EXPERTS_TOL = {"float32": 1e-5, "bfloat16": 2 ** -6}
+
+
+def experts_float64(tensors: dict, prefix: str, x, topk_ids, topk_weights):
+    """The routed experts' output in float64 from the checkpoint's tensors (SiLU, gated)."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    x = x.double()
+    for token in range(x.shape[0]):
+        for expert, weight in zip(topk_ids[token].long().tolist(), topk_weights[token].double()):
+            def proj(name):
+                return tensors[f"{prefix}.{expert}.{name}.weight"].double()
+            hidden = torch.nn.functional.silu(proj("gate_proj") @ x[token]) * (proj("up_proj") @ x[token])
+            out[token] += weight * (proj("down_proj") @ hidden)
+    return out
+
+
+@pytest.mark.parametrize("key", list(DRAFTS_BY_KEY))
+def test_draft_experts_match_float64(draft_runs, checkpoints, key):
+    """The draft's MoE layer as lk computed it in the run, forward by forward, against the
+    same routed experts in float64 from the checkpoint (vLLM's routing as given)."""
+    from safetensors.torch import load_file
+
+    draft = DRAFTS_BY_KEY[key]
+    run, _ = draft_runs(key)
+    dtype = FAMILIES_BY_KEY[draft.target].dtype if draft.builder else "float32"
+    tensors = load_file(checkpoints(key) / "model.safetensors")
+    errors = []
+    for worker in run.inspected[2]:
+        assert set(map(layer_index, worker)) == set(draft.module_layers or draft.draft_layers), list(worker)
+        for name, calls in worker.items():
+            assert calls, f"{name}: never ran"
+            for x, topk_ids, topk_weights, routed in calls:
+                expected = experts_float64(tensors, draft.experts, x, topk_ids, topk_weights)
+                error = float((routed.double() - expected).norm() / expected.norm())
+                assert error < EXPERTS_TOL[dtype], (name, x.shape, error)
+                errors.append(error)
+    print(f"{key}: {len(errors)} forwards of the draft's experts, relative error up to {max(errors):.2g}")
 
 
 @pytest.mark.parametrize("key", [d.key for d in DRAFTS_RUN if d.own_path])
