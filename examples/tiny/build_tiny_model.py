@@ -589,8 +589,11 @@ def build_step3p5(args, vocab: int, w: Weights) -> dict:
     first_moe = 3
     if args.num_layers <= first_moe:
         raise SystemExit(f"step3p5 has MoE from layer {first_moe} on: --num-layers > {first_moe}")
+    # --mtp-layers: MTP layers after the decoder layers, each an MoE decoder layer with its
+    # enorm/hnorm, eh_proj and shared head (shared_head.output, as Step's checkpoints name it);
+    # the per-layer config lists cover them too.
     layer_types = ["full_attention" if i % 2 == 0 else "sliding_attention"
-                   for i in range(args.num_layers)]
+                   for i in range(args.num_layers + args.mtp_layers)]
     config = {
         "architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5",
         "vocab_size": vocab, "hidden_size": H, "num_hidden_layers": args.num_layers,
@@ -599,7 +602,8 @@ def build_step3p5(args, vocab: int, w: Weights) -> dict:
         "max_position_embeddings": 4096, "torch_dtype": args.dtype,
         "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": 2,
         "pad_token_id": 0,
-        "use_moe": True, "moe_layers_enum": ",".join(map(str, range(first_moe, args.num_layers))),
+        "use_moe": True,
+        "moe_layers_enum": ",".join(map(str, range(first_moe, args.num_layers + args.mtp_layers))),
         "moe_num_experts": E, "moe_top_k": args.top_k, "moe_intermediate_size": I,
         "share_expert_dim": I, "norm_expert_weight": True,
         "moe_router_activation": "sigmoid", "moe_router_scaling_factor": 3.0,
@@ -612,12 +616,17 @@ def build_step3p5(args, vocab: int, w: Weights) -> dict:
                                     "head_dim": head_dim},
         "rope_theta": [10000.0 if t == "full_attention" else 5000.0 for t in layer_types],
         "partial_rotary_factors": [0.5 if t == "full_attention" else 1.0 for t in layer_types],
-        "rope_scaling": None, "num_nextn_predict_layers": 0,
+        "rope_scaling": None, "num_nextn_predict_layers": args.mtp_layers,
     }
     zero_centred = 0.05   # Gemma norms scale by 1 + weight
     w.embedding("model.embed_tokens.weight", vocab, H)
     for layer, kind in enumerate(layer_types):
         p = f"model.layers.{layer}"
+        if layer >= args.num_layers:
+            for norm in ("enorm", "hnorm", "shared_head.norm"):
+                _extra_tensor(w, f"{p}.{norm}.weight", H, std=zero_centred)
+            w.linear(f"{p}.eh_proj.weight", H, 2 * H)
+            w.linear(f"{p}.shared_head.output.weight", vocab, H, gain=2.0)
         n, kv = (swa_heads, swa_kv_heads) if kind == "sliding_attention" else (heads, kv_heads)
         _extra_tensor(w, f"{p}.input_layernorm.weight", H, std=zero_centred)
         _extra_tensor(w, f"{p}.post_attention_layernorm.weight", H, std=zero_centred)
@@ -874,7 +883,7 @@ FAMILY_BUILDERS = {
 }
 # Families whose routed experts the checkpoint stores per expert as 2D `.experts.N.*.weight`
 # (what --quantize fp8/w4a16/awq rewrites); the others stack them per layer.
-MTP_FAMILIES = ("deepseek_v3", "kimi_k25", "glm4_moe", "qwen3_next")
+MTP_FAMILIES = ("deepseek_v3", "kimi_k25", "glm4_moe", "qwen3_next", "step3p5")
 PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4_moe",
                        "minimax_m2", "deepseek_v3", "kimi_k25", "qwen3_next", "qwen3_5_moe")
 
@@ -1256,7 +1265,7 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, default=32,
                         help="as --num-heads (dbrx: --hidden-size / --num-heads)")
     parser.add_argument("--mtp-layers", type=int, default=0,
-                        help="deepseek_v3 / kimi_k25 / glm4_moe / qwen3_next: multi-token-prediction layers after the "
+                        help="deepseek_v3 / kimi_k25 / glm4_moe / qwen3_next / step3p5: multi-token-prediction layers after the "
                              "decoder layers (num_nextn_predict_layers)")
     parser.add_argument("--max-positions", type=int, default=4096,
                         help="max_position_embeddings of the families built on the common config "

@@ -234,7 +234,9 @@ def experts_float64(tensors: dict, prefix: str, x, topk_ids, topk_weights):
     for token in range(x.shape[0]):
         for expert, weight in zip(topk_ids[token].long().tolist(), topk_weights[token].double()):
             def proj(name):
-                return tensors[f"{prefix}.{expert}.{name}.weight"].double()
+                stacked = tensors.get(f"{prefix}.{name}.weight")   # [E, out, in] (Step-3.5)
+                return (stacked[expert] if stacked is not None
+                        else tensors[f"{prefix}.{expert}.{name}.weight"]).double()
             hidden = torch.nn.functional.silu(proj("gate_proj") @ x[token]) * (proj("up_proj") @ x[token])
             out[token] += weight * (proj("down_proj") @ hidden)
     return out

@@ -274,7 +274,20 @@ def _non_gated_experts():
     assert "is_act_and_mul=False is supported only for CUDA, XPU and ROCm" in source
 
 
-LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
+def _step3p5_mtp_layer_types():
+    from vllm.model_executor.models.step3p5 import Step3p5DecoderLayer
+    from vllm.transformers_utils.configs.step3p5 import Step3p5Config
+
+    # layer_types naming the MTP layer too (a 3rd entry for 2 decoder layers) is cut to 2...
+    config = Step3p5Config(num_hidden_layers=2, num_nextn_predict_layers=1,
+                           layer_types=["full_attention", "sliding_attention", "full_attention"])
+    assert len(config.layer_types) == 2, config.layer_types
+    # ...which the decoder layer indexes with its own index (num_hidden_layers for the MTP layer).
+    source = inspect.getsource(Step3p5DecoderLayer.__init__)
+    assert 'layer_types[layer_idx] == attention_other_setting["attention_type"]' in source
+
+
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "step3p5_mtp_layer_types": _step3p5_mtp_layer_types, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
                "non_gated_experts": _non_gated_experts}
