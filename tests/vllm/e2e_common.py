@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -408,3 +409,66 @@ def deviations(run, reference) -> tuple[list[float], list[list[float]]]:
         rows = reference_logprobs[len(ids) - 1:len(ids) - 1 + len(generated)]
         shortfalls.append([float(row.max() - row[token]) for row, token in zip(rows, generated)])
     return prompt, shortfalls
+
+
+# --------------------------------------------------------------------------------------
+# a run against its float64 reference (test_families, test_architectures, test_drafts)
+# --------------------------------------------------------------------------------------
+
+# float32 rounding (6e-8 relative) over 2 layers of dot products up to 128 long moves unit-scale
+# logits by about 1e-6 (measured: 3e-7 to 3.2e-6); the families' looser F32_LOGPROB_TOL would
+# pass GELU's erf form for Gemma 4's tanh form (3.7e-4 apart).
+SWEEP_LOGPROB_TOL = 1e-4
+
+# vLLM's torch RoPE in an eager run, for the architectures its CPU RoPE op rotates wrong
+# (architecture_table.CPU_ROPE_3D).
+EAGER_TORCH_ROPE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+
+
+def assert_close_to_reference(run, reference) -> str:
+    prompt, shortfalls = deviations(run, reference)
+    described = (f"prompt logprobs max {max(prompt):.3g}, median {statistics.median(prompt):.3g}; "
+                 f"greedy tokens' shortfalls {[round(max(s), 4) for s in shortfalls]}")
+    assert any(len(set(tokens)) > 3 for tokens in run.tokens), f"degenerate greedy output: {run.tokens}"
+    assert max(prompt) < SWEEP_LOGPROB_TOL, described
+    assert max(max(s) for s in shortfalls) <= SWEEP_LOGPROB_TOL, described
+    return described
+
+
+def assert_lk_ran(report, lk_layers: set[int]):
+    """e2e_common.assert_lk_computed but for the conversion's timing, which
+    test_lk_converts_while_loading checks on its own."""
+    for worker in report:
+        on_lk = {layer_index(n): v for n, v in worker["lk_layers"].items()}
+        assert set(on_lk) == lk_layers and worker["device_layers"] == {}, worker
+        for index, layer in on_lk.items():
+            assert layer["forward_calls"] > 0, f"layer {index}: lk never ran"
+            assert layer["nbytes"] > 0
+            for name, (shape, device) in layer["params"].items():
+                assert device == "cpu", (index, name, device)
+                if name in ("w13_weight", "w2_weight"):
+                    assert tuple(shape) == (0,), f"layer {index}: vLLM's {name} was not freed"
+        assert worker["summary"] and f"{len(lk_layers)} MoE layer(s) on lk" in worker["summary"]
+
+
+def assert_matches_reference(run, reference, family, baseline=None):
+    """``baseline``: vLLM's own run in the same lossy dtype, which lk must match in
+    closeness to the reference."""
+    assert len(run.tokens) == len(PROMPTS) and all(len(t) == MAX_TOKENS for t in run.tokens)
+    # Random weights, but not degenerate: the greedy outputs are not one token repeated.
+    assert any(len(set(t)) > 3 for t in run.tokens)
+    prompt, shortfalls = deviations(run, reference)
+    described = (f"prompt logprobs max {max(prompt):.3g}, median {statistics.median(prompt):.3g}"
+                 f"; greedy tokens' shortfalls {[round(max(s), 3) for s in shortfalls]}")
+    if not family.lossy:
+        assert max(prompt) < F32_LOGPROB_TOL, described
+        assert max(max(s) for s in shortfalls) <= F32_LOGPROB_TOL, described
+        return
+    assert statistics.median(prompt) < LOSSY_MEDIAN_TOL, described
+    assert max(prompt) < LOSSY_MAX_TOL, described
+    assert max(max(s[:LOSSY_SAME_PREFIX]) for s in shortfalls) <= BF16_LOGPROB_TOL, described
+    if baseline is not None:
+        own, _ = deviations(baseline, reference)
+        assert max(prompt) <= BF16_SLACK * max(own) + 0.05, (described, "vLLM's own", max(own))
+        assert (statistics.median(prompt) <= BF16_SLACK * statistics.median(own) + 2.0 ** -8), (
+            described, "vLLM's own median", statistics.median(own))

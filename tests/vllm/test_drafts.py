@@ -34,13 +34,11 @@ import torch
 
 import transformers_models
 
-from architecture_table import (BY_KEY, DRAFTS_BY_KEY, DRAFTS_CANNOT_RUN, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE,
-                                MOE_LAYER_CALL)
-from e2e_common import (CachedReference, TransformersReference, attention_backend, build_model, draft_lk_report,
+from architecture_table import BY_KEY, DRAFTS_BY_KEY, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE, MOE_LAYER_CALL
+from e2e_common import (EAGER_TORCH_ROPE, CachedReference, TransformersReference, assert_close_to_reference,
+                        assert_lk_ran, assert_matches_reference, attention_backend, build_model, draft_lk_report,
                         layer_index, record_draft_experts, record_proposals, recorded_draft_experts,
                         recorded_proposals, run_llm)
-from test_architectures import EAGER_TORCH_ROPE, assert_close_to_reference
-from test_families import LIMITATIONS, assert_lk_ran, assert_matches_reference
 
 FAMILIES_BY_KEY = {f.key: f for f in FAMILY_TABLE}
 SPECULATIVE_TOKENS = 1
@@ -294,7 +292,3 @@ def test_drafts_without_moe_layers_of_their_own(architecture):
     draft_module = registry._VLLM_MODELS[architecture][0]
     assert not MOE_LAYER_CALL.search((models / f"{draft_module}.py").read_text()), draft_module
 
-
-@pytest.mark.parametrize("architecture", sorted(DRAFTS_CANNOT_RUN))
-def test_recorded_reasons_drafts_cannot_run_still_hold(architecture):
-    LIMITATIONS[DRAFTS_CANNOT_RUN[architecture][1]]()
