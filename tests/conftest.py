@@ -15,7 +15,7 @@ SHARING_LLM_RUNS = {f"vllm/test_{name}.py" for name in ("equivalence", "quantize
                                                         "expert_stats", "two_nodes")}
 # Units started first, longest first (as measured), so that no long one starts last.
 LONGEST_FIRST = [SHARED_INSTANCES, "vllm/test_families.py", "vllm/test_architectures.py",
-                 "test_pip_install.py", "vllm/test_server.py", "vllm/test_shutdown.py"]
+                 "vllm/test_drafts.py", "test_pip_install.py", "vllm/test_server.py", "vllm/test_shutdown.py"]
 
 
 def work_unit(nodeid: str) -> str:

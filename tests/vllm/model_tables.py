@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, FAMILY_TABLE, FAMILY_TESTED,  # noqa: E402
-                                LK_AND_VLLM, LK_ONLY, NOT_SWEPT, THROUGH_TEXT_MODEL, VLLM_BY_KEY,
-                                registered_moe_architectures, same_class_as)
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, DRAFTS_CANNOT_RUN,  # noqa: E402
+                                DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM, LK_ONLY,
+                                NOT_SWEPT, THROUGH_TEXT_MODEL, VLLM_BY_KEY, registered_moe_architectures, same_class_as)
 
 ROOT = Path(__file__).resolve().parents[2]
 END = "<!-- end models table -->"
@@ -57,6 +57,18 @@ def _standing() -> dict[str, tuple[str, str, str]]:
     for arch in VLLM_BY_KEY.values():
         rows[arch.name] = ("tested", "tested", "test_architectures_vllm, against vLLM's own CPU path (lk off); "
                                                "transformers 5.19 lacks the architecture")
+    families = {f.key: f for f in FAMILY_TABLE}
+    for draft in DRAFTS_RUN:
+        rows[draft.name] = ("tested", "tested" if draft.own_path else "not run",
+                            f"test_drafts: {families[draft.target].name if draft.builder else draft.target}'s "
+                            f"`{draft.method}` draft, greedy speculative decoding against transformers "
+                            "in float64, the draft's experts against float64"
+                            + (", its proposals against vLLM's own CPU path's" if draft.own_path else ""))
+    for arch, (module, _, what) in DRAFTS_WITHOUT_MOE.items():
+        rows[arch] = ("no MoE of its own", "no MoE of its own",
+                      f"{what} (vllm/model_executor/models/{module}.py); test_drafts checks it")
+    for arch, (reason, _) in DRAFTS_CANNOT_RUN.items():
+        rows[arch] = ("cannot run", "cannot run", reason)
     for alias, target in same_class_as(set(rows)).items():
         rows[alias] = ("as " + target, "as " + target, f"vLLM registers it to {target}'s class")
     for arch, text_model in THROUGH_TEXT_MODEL.items():

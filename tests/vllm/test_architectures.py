@@ -12,24 +12,14 @@ wrong, so the claim cannot go stale.
 from __future__ import annotations
 
 import json
-import statistics
 
 import pytest
 import torch
 
 import transformers_models
 from architecture_table import BY_KEY
-from e2e_common import CachedReference, TransformersReference, deviations, layer_index, run_llm
-
-
-# float32 rounding (6e-8 relative) over 2 layers of dot products up to 128 long moves unit-scale
-# logits by about 1e-6 (measured: 3e-7 to 3.2e-6); the families' looser F32_LOGPROB_TOL would
-# pass GELU's erf form for Gemma 4's tanh form (3.7e-4 apart).
-SWEEP_LOGPROB_TOL = 1e-4
-
-# vLLM's torch RoPE in an eager run, for the architectures its CPU RoPE op rotates wrong
-# (architecture_table.CPU_ROPE_3D).
-EAGER_TORCH_ROPE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+from e2e_common import (EAGER_TORCH_ROPE, SWEEP_LOGPROB_TOL, CachedReference, TransformersReference,
+                        assert_close_to_reference, deviations, layer_index, run_llm)
 
 
 def assert_cpu_rope_still_wrong():
@@ -60,16 +50,6 @@ def checkpoints(tmp_path_factory):
         return model
 
     return get
-
-
-def assert_close_to_reference(run, reference) -> str:
-    prompt, shortfalls = deviations(run, reference)
-    described = (f"prompt logprobs max {max(prompt):.3g}, median {statistics.median(prompt):.3g}; "
-                 f"greedy tokens' shortfalls {[round(max(s), 4) for s in shortfalls]}")
-    assert any(len(set(tokens)) > 3 for tokens in run.tokens), f"degenerate greedy output: {run.tokens}"
-    assert max(prompt) < SWEEP_LOGPROB_TOL, described
-    assert max(max(s) for s in shortfalls) <= SWEEP_LOGPROB_TOL, described
-    return described
 
 
 @pytest.mark.parametrize("key", list(BY_KEY))

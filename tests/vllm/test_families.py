@@ -45,20 +45,18 @@ import importlib
 import inspect
 import json
 import shutil
-import statistics
 from pathlib import Path
 
 import pytest
 import torch
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, DIFFERING, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM,
-                                MOE_LAYER_CALL, NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, VLLM_BY_KEY,
-                                Family,
-                                model_imports, registered_moe_architectures, same_class_as)
-from e2e_common import (BF16_LOGPROB_TOL, BF16_SLACK, F32_LOGPROB_TOL, LOSSY_MAX_TOL, LOSSY_MEDIAN_TOL,
-                        LOSSY_SAME_PREFIX, MAX_TOKENS, PROMPTS, CachedReference, TransformersReference,
-                        assert_upstream, attention_backend, build_model, deviations, draft_lk_report,
-                        layer_index, run_llm)
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, DIFFERING, DRAFTS_BY_KEY, DRAFTS_CANNOT_RUN,
+                                DRAFTS_WITHOUT_MOE, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM, MOE_LAYER_CALL,
+                                NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, VLLM_BY_KEY, model_imports,
+                                registered_moe_architectures, same_class_as)
+from e2e_common import (CachedReference, TransformersReference, assert_lk_ran,
+                        assert_matches_reference, assert_upstream, attention_backend, build_model,
+                        draft_lk_report, layer_index, run_llm)
 
 # Measured (median / max prompt-logprob deviation): Kimi INT4 KEEP 0.017 / 0.15, Qwen3-Next
 # bf16 lk 0.016 / 0.061 (vLLM's own 0.017 / 0.058), gpt-oss MXFP4 KEEP 0.038 / 0.71 (gpt-oss
@@ -332,7 +330,46 @@ def _ngram_needs_v2_runner():
     assert hasattr(torch.ops._C, "rms_norm") and not hasattr(torch.ops._C, "ngram_compute_n_gram_ids")
 
 
-LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
+def _step3p5_mtp_layer_types():
+    from vllm.model_executor.models.step3p5 import Step3p5DecoderLayer
+    from vllm.transformers_utils.configs.step3p5 import Step3p5Config
+
+    # layer_types naming the MTP layer too (a 3rd entry for 2 decoder layers) is cut to 2...
+    config = Step3p5Config(num_hidden_layers=2, num_nextn_predict_layers=1,
+                           layer_types=["full_attention", "sliding_attention", "full_attention"])
+    assert len(config.layer_types) == 2, config.layer_types
+    # ...which the decoder layer indexes with its own index (num_hidden_layers for the MTP layer).
+    source = inspect.getsource(Step3p5DecoderLayer.__init__)
+    assert 'layer_types[layer_idx] == attention_other_setting["attention_type"]' in source
+
+
+def _no_triton_kernels():
+    from vllm.triton_utils import HAS_TRITON
+
+    assert not HAS_TRITON, "vLLM has Triton on this CPU build now"
+
+
+def _triton_lightning_attention():
+    from vllm.model_executor.layers.lightning_attn import lightning_attention
+
+    _no_triton_kernels()
+    q, k, v = (torch.randn(1, 2, 64, 64) for _ in range(3))
+    with pytest.raises(TypeError, match="not subscriptable"):
+        lightning_attention(q, k, v, torch.rand(2, 1, 1))
+
+
+def _triton_kda():
+    from vllm.third_party.flash_linear_attention.ops.kda import chunk_kda
+
+    _no_triton_kernels()
+    q, k, v = (torch.randn(1, 16, 2, 16) for _ in range(3))
+    with pytest.raises(TypeError, match="not subscriptable"):
+        chunk_kda(q, k, v, -torch.rand(1, 16, 2, 16), torch.rand(1, 16, 2),
+                  initial_state=torch.zeros(1, 2, 16, 16), output_final_state=True)
+
+
+LIMITATIONS = {"sigmoid_router": _sigmoid_router, "step3p5_mtp_layer_types": _step3p5_mtp_layer_types,
+               "triton_lightning_attention": _triton_lightning_attention, "triton_kda": _triton_kda, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
                "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
                "non_gated_experts": _non_gated_experts, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
@@ -344,44 +381,6 @@ LIMITATIONS = {"sigmoid_router": _sigmoid_router, "cpu_int4_moe": _cpu_int4_moe,
 # --------------------------------------------------------------------------------------
 # comparing a run with its reference
 # --------------------------------------------------------------------------------------
-
-def assert_lk_ran(report, lk_layers: set[int]):
-    """e2e_common.assert_lk_computed but for the conversion's timing, which
-    test_lk_converts_while_loading checks on its own."""
-    for worker in report:
-        on_lk = {layer_index(n): v for n, v in worker["lk_layers"].items()}
-        assert set(on_lk) == lk_layers and worker["device_layers"] == {}, worker
-        for index, layer in on_lk.items():
-            assert layer["forward_calls"] > 0, f"layer {index}: lk never ran"
-            assert layer["nbytes"] > 0
-            for name, (shape, device) in layer["params"].items():
-                assert device == "cpu", (index, name, device)
-                if name in ("w13_weight", "w2_weight"):
-                    assert tuple(shape) == (0,), f"layer {index}: vLLM's {name} was not freed"
-        assert worker["summary"] and f"{len(lk_layers)} MoE layer(s) on lk" in worker["summary"]
-
-
-def assert_matches_reference(run, reference, family: Family, baseline=None):
-    """``baseline``: vLLM's own run in the same lossy dtype, which lk must match in
-    closeness to the reference."""
-    assert len(run.tokens) == len(PROMPTS) and all(len(t) == MAX_TOKENS for t in run.tokens)
-    # Random weights, but not degenerate: the greedy outputs are not one token repeated.
-    assert any(len(set(t)) > 3 for t in run.tokens)
-    prompt, shortfalls = deviations(run, reference)
-    described = (f"prompt logprobs max {max(prompt):.3g}, median {statistics.median(prompt):.3g}"
-                 f"; greedy tokens' shortfalls {[round(max(s), 3) for s in shortfalls]}")
-    if not family.lossy:
-        assert max(prompt) < F32_LOGPROB_TOL, described
-        assert max(max(s) for s in shortfalls) <= F32_LOGPROB_TOL, described
-        return
-    assert statistics.median(prompt) < LOSSY_MEDIAN_TOL, described
-    assert max(prompt) < LOSSY_MAX_TOL, described
-    assert max(max(s[:LOSSY_SAME_PREFIX]) for s in shortfalls) <= BF16_LOGPROB_TOL, described
-    if baseline is not None:
-        own, _ = deviations(baseline, reference)
-        assert max(prompt) <= BF16_SLACK * max(own) + 0.05, (described, "vLLM's own", max(own))
-        assert (statistics.median(prompt) <= BF16_SLACK * statistics.median(own) + 2.0 ** -8), (
-            described, "vLLM's own median", statistics.median(own))
 
 
 # --------------------------------------------------------------------------------------
@@ -603,9 +602,10 @@ def test_model_tables():
 def test_every_registered_moe_architecture_is_accounted_for():
     """A vLLM that registers a new MoE architecture (or drops one) fails here until the
     table says where it runs with lk."""
-    run = {f.architecture for f in FAMILY_TABLE} | set(FAMILY_TESTED) | set(BY_KEY) | set(VLLM_BY_KEY)
+    run = {f.architecture for f in FAMILY_TABLE} | set(FAMILY_TESTED) | set(BY_KEY) | set(VLLM_BY_KEY) | set(DRAFTS_BY_KEY)
     covered = run | set(same_class_as(run)) | set(THROUGH_TEXT_MODEL)
-    parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT), set(CANNOT_RUN))
+    parts = (covered, set(NOT_SWEPT), set(DIFFERING), set(CANNOT_IMPORT), set(CANNOT_RUN),
+             set(DRAFTS_WITHOUT_MOE), set(DRAFTS_CANNOT_RUN))
     registered = set(registered_moe_architectures())
     assert sum(map(len, parts)) == len(set().union(*parts)), "an architecture in two places"
     assert registered - set().union(*parts) == set(), "registered MoE architectures the table lacks"
@@ -642,3 +642,9 @@ def test_models_counted_through_their_text_model_build_its_moe_layers(architectu
     source = (Path(registry.__file__).parent / f"{module}.py").read_text()
     assert not MOE_LAYER_CALL.search(source), f"{module}.py builds MoE layers of its own"
     assert text_module in model_imports(source), f"{module}.py does not import {text_module}.py"
+
+
+@pytest.mark.parametrize("architecture", sorted(DRAFTS_CANNOT_RUN))
+def test_recorded_reasons_drafts_cannot_run_still_hold(architecture):
+    """The reasons architecture_table.DRAFTS_CANNOT_RUN gives (test_drafts runs the others)."""
+    LIMITATIONS[DRAFTS_CANNOT_RUN[architecture][1]]()
