@@ -7,15 +7,17 @@ import torch
 # Modules taking llm_runs' cached vLLM instances (tests/vllm/conftest.py) run as one unit on
 # one worker, so that each instance starts once; every other module is a unit of its own (its
 # module-scoped instances start once), handed to whichever worker is free; engine tests
-# (tests/lk) go one by one. Each worker runs on its own core: a tiny model's vLLM instance
-# runs as fast on one core as on two (test_architectures: 58 s against 60), while two
-# instances on the same cores slow each other (their OpenMP threads spin on them).
+# (tests/lk) and the architecture sweeps, whose tests share no instance, go one by one: small
+# units that fill both workers at the end. Each worker runs on its own core: a tiny model's
+# vLLM instance runs as fast on one core as on two (test_architectures: 58 s against 60),
+# while two instances on the same cores slow each other (their OpenMP threads spin on them).
 SHARED_INSTANCES = "vllm/shared-instances"
 SHARING_LLM_RUNS = {f"vllm/test_{name}.py" for name in ("equivalence", "quantized", "dense", "hot_experts",
                                                         "expert_stats", "two_nodes")}
+ONE_TEST_UNITS = ("lk/", "vllm/test_architectures.py", "vllm/test_architectures_vllm.py")
 # Units started first, longest first (as measured), so that no long one starts last.
-LONGEST_FIRST = [SHARED_INSTANCES, "vllm/test_families.py", "vllm/test_architectures.py",
-                 "vllm/test_drafts.py", "test_pip_install.py", "vllm/test_server.py", "vllm/test_shutdown.py"]
+LONGEST_FIRST = [SHARED_INSTANCES, "vllm/test_families.py", "vllm/test_drafts.py", "test_pip_install.py",
+                 "vllm/test_server.py", "vllm/test_shutdown.py"]
 
 
 def work_unit(nodeid: str) -> str:
@@ -23,7 +25,7 @@ def work_unit(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0].removeprefix("tests/")
     if module in SHARING_LLM_RUNS:
         return SHARED_INSTANCES
-    return nodeid if module.startswith("lk/") else module
+    return nodeid if module.startswith(ONE_TEST_UNITS) else module
 
 
 def pytest_xdist_make_scheduler(config, log):
