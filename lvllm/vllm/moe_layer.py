@@ -21,9 +21,9 @@ from lvllm import envs, formats
 from lvllm.hybrid import ALL_ROWS_ON_LK, HybridExperts
 from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.placement import RESIDENT_VAR, Placement, streams_in_gpu_prefill
-from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_source, gate_up_halves,
-                                           lk_problems)
+from lvllm.vllm.checkpoint_sources import bias_params, expert_source, gate_up_halves, lk_problems
 from lvllm.vllm.cpu_routing import take_over
+from lvllm.vllm.expert_source_base import ExpertSource
 from lvllm.vllm.gpu_path import padding_rows
 from lvllm.vllm.hot_device import hot_set
 from lvllm.vllm.installation import (Installation, building_draft_model, logger, num_model_layers,
