@@ -1,6 +1,7 @@
 """The code's shape rules (developers' brief): no lvllm module over about 400 lines, no C++
-function over about 80, only lvllm/vllm/ imports vLLM's internals, and test modules share
-helpers through helpers modules, never by importing one another."""
+function over about 80, only lvllm/vllm/ imports vLLM's internals, no two lvllm modules import
+each other (directly or through others), and test modules share helpers through helpers
+modules, never by importing one another."""
 
 from __future__ import annotations
 
@@ -88,6 +89,89 @@ def test_only_lvllm_vllm_imports_vllm_internals():
                      else [])
             outside += [f"{relative}: {name}" for name in names if name.split(".")[0] == "vllm" and name not in public]
     assert not outside, outside
+
+
+def module_imports(package: Path) -> dict[str, set[str]]:
+    """Each module of ``package`` (dotted name) -> the package's modules it imports: ``import
+    x``, ``from x import y`` (y itself where it is a module), relative imports resolved,
+    imports inside functions included."""
+    paths = {".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__"): path
+             for path in sorted(package.rglob("*.py"))}
+    graph = {}
+    for name, path in paths.items():
+        own_package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:   # from . (level 1: this module's package), from .. (its parent)
+                    base = f"{own_package.rsplit('.', node.level - 1)[0]}.{base}".rstrip(".")
+                imported |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in paths else base
+                             for alias in node.names}
+        graph[name] = {module for module in imported if module in paths and module != name}
+    return graph
+
+
+def import_loops(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One loop (a, b, ..., a) for each group of modules that import one another, directly or
+    through others: the shortest through the group's first module."""
+    reachable = {module: _reachable(graph, module) for module in graph}
+    loops, seen = [], set()
+    for module in sorted(graph):
+        if module in reachable[module] and module not in seen:
+            group = {other for other in reachable[module] if module in reachable[other]}
+            seen |= group
+            loops.append(_shortest_loop(graph, module, group))
+    return loops
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    found, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - found:
+            found.add(target)
+            todo.append(target)
+    return found
+
+
+def _shortest_loop(graph: dict[str, set[str]], start: str, group: set[str]) -> list[str]:
+    previous, order = {start: None}, [start]
+    for module in order:   # breadth first: the list grows while it is read
+        for target in sorted(graph[module] & group):
+            if target not in previous:
+                previous[target] = module
+                order.append(target)
+    path = [next(module for module in order if start in graph[module])]   # the nearest back to start
+    while path[-1] != start:
+        path.append(previous[path[-1]])
+    return [*reversed(path), start]
+
+
+def test_no_lvllm_modules_import_one_another():
+    """Modules are layered: what many share (lvllm.vllm.installation, expert_source_base) sits
+    below what builds on it, and nothing below imports anything above, not even inside a
+    function."""
+    loops = import_loops(module_imports(ROOT / "lvllm"))
+    assert not loops, "modules that import one another:\n" + "\n".join(" -> ".join(loop) for loop in loops)
+
+
+def test_the_import_scanner_finds_a_loop(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    files = {"__init__.py": "", "base.py": "import os\n", "sub/__init__.py": "",
+             "a.py": "from pkg.sub import b\nfrom .base import NAME\n",
+             "sub/b.py": "def late():\n    from .. import c\n",
+             "c.py": "import pkg.a\nfrom pkg import base\n"}
+    for name, text in files.items():
+        (package / name).write_text(text)
+    graph = module_imports(package)
+    assert graph == {"pkg": set(), "pkg.base": set(), "pkg.sub": set(), "pkg.a": {"pkg.sub.b", "pkg.base"},
+                     "pkg.sub.b": {"pkg.c"}, "pkg.c": {"pkg.a", "pkg.base"}}
+    assert import_loops(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+    (package / "c.py").write_text("from pkg import base\n")
+    assert import_loops(module_imports(package)) == []
 
 
 def test_no_test_module_imports_another():
