@@ -174,15 +174,38 @@ def test_the_import_scanner_finds_a_loop(tmp_path):
     assert import_loops(module_imports(package)) == []
 
 
-def test_no_test_module_imports_another():
-    """What tests share lives in a helpers module (tests/helpers.py, tests/lk/helpers.py,
-    tests/vllm/e2e_common.py and server_common.py): running or changing one test module
-    never depends on another."""
+def imports_between_test_modules(tests: Path) -> list[str]:
+    """'path: name' for each import of a test module by another, in every folder under
+    ``tests``: by its name (``import test_x``, ``from .test_x import y``) or from its package
+    (``from . import test_x``, ``from tests.vllm import test_x``)."""
+    test_modules = {path.stem for path in tests.rglob("test_*.py")}
     found = []
-    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+    for path in sorted(tests.rglob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"{path.relative_to(ROOT)}: {name}" for name in names
+                     else [node.module or "", *(alias.name for alias in node.names if alias.name in test_modules)]
+                     if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.relative_to(tests.parent)}: {name}" for name in names
                       if name.split(".")[-1].startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in a helpers module (tests/helpers.py, tests/lk/helpers.py,
+    tests/vllm/e2e_common.py and server_common.py, architecture_table.py): running or changing
+    one test module never depends on another."""
+    found = imports_between_test_modules(ROOT / "tests")
     assert not found, found
+
+
+def test_the_test_import_scanner_looks_in_every_folder(tmp_path):
+    tests = tmp_path / "tests"
+    (tests / "vllm").mkdir(parents=True)
+    files = {"test_a.py": "from tests.vllm import test_b\n",
+             "vllm/architecture_table.py": "",
+             "vllm/test_b.py": "import architecture_table\n\n\ndef test_late():\n    from test_c import helper\n",
+             "vllm/test_c.py": "from . import test_b\nfrom architecture_table import BY_KEY\n"}
+    for name, text in files.items():
+        (tests / name).write_text(text)
+    assert imports_between_test_modules(tests) == ["tests/test_a.py: test_b", "tests/vllm/test_b.py: test_c",
+                                                   "tests/vllm/test_c.py: test_b"]
