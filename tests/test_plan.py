@@ -295,8 +295,8 @@ def test_a_gpu_too_small_for_the_rest_of_the_model_is_no_plan():
 def test_the_checkpoint_layer_bytes_are_what_vllm_creates():
     """model_shape's byte count against the params lvllm.vllm.checkpoint_sources creates."""
     pytest.importorskip("vllm")
-    from lvllm.vllm.checkpoint_sources import (AwqInt4Source, CompressedTensorsInt4Source, ExpertSource,
-                                               Fp8BlockSource, Mxfp4Source)
+    from lvllm.vllm.checkpoint_sources import AwqInt4Source, CompressedTensorsInt4Source, Fp8BlockSource, Mxfp4Source
+    from lvllm.vllm.expert_source_base import ExpertSource
     from lvllm.vllm.gptq_source import GptqSource
 
     cases = [({}, ExpertSource()), (DEEPSEEK_V3["quantization_config"], Fp8BlockSource((128, 128))),

@@ -1,9 +1,11 @@
 """How a checkpoint stores a MoE layer's routed experts, and how lk takes them.
 
-An ``ExpertSource`` says which params vLLM's loader fills for the layer (the same names,
-shapes and attributes vLLM's own quant method would create, so vLLM's weight loading runs
-unchanged) and turns them into the engine's inputs. ``expert_source`` picks the source from
-the layer's quantization config, as vLLM would pick its quant method.
+An ``ExpertSource`` (expert_source_base.py) says which params vLLM's loader fills for the
+layer (the same names, shapes and attributes vLLM's own quant method would create, so vLLM's
+weight loading runs unchanged) and turns them into the engine's inputs. Here: the FP8-block,
+compressed-tensors INT4, AWQ INT4 and MXFP4 sources, and ``expert_source``, which picks the
+source from the layer's quantization config (these, gptq_source.py's or nvfp4_source.py's),
+as vLLM would pick its quant method.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from vllm.platforms import current_platform
 
 from lvllm import formats
 from lvllm.placement import activation_problems
+from lvllm.vllm.expert_source_base import ExpertSource
+from lvllm.vllm.gptq_source import gptq_source
+from lvllm.vllm.nvfp4_source import nvfp4_source
 
 
 def bias_params(num_experts, hidden, inter):
@@ -40,27 +45,6 @@ def gate_up_halves(w):
     return dataclasses.replace(w, **{
         field.name: gate_up_halves(value) for field in dataclasses.fields(w)
         if isinstance(value := getattr(w, field.name), torch.Tensor) and value.shape[:2] == rows})
-
-
-class ExpertSource:
-    """Experts stored as float tensors (any float checkpoint; vLLM casts to params_dtype)."""
-
-    format = "float"   # engine format name, or "float" for the model dtype
-    group: int | None = None   # inputs per scale of a quantized checkpoint
-    # params a checkpoint of this format may lack (vLLM creates them all the same)
-    optional: frozenset[str] = frozenset()
-    label = "float experts"
-
-    def params(self, num_experts, hidden, inter, params_dtype):
-        """name -> (shape, dtype, extra weight attrs): what vLLM's method would create."""
-        return {
-            "w13_weight": ((num_experts, 2 * inter, hidden), params_dtype, {}),
-            "w2_weight": ((num_experts, hidden, inter), params_dtype, {}),
-        }
-
-    def engine_inputs(self, layer):
-        """(w13, w2) for lvllm.lk.MoEEngine: float tensors or QuantizedWeights."""
-        return layer.w13_weight.data, layer.w2_weight.data
 
 
 class Fp8BlockSource(ExpertSource):
@@ -236,12 +220,8 @@ def expert_source(layer, prefix, quant_config, problems: list[str]) -> ExpertSou
     if quant_config.get_name() == "gpt_oss_mxfp4":   # vLLM's name for gpt-oss's "mxfp4"
         return _mxfp4_source(layer, prefix, quant_config, problems)
     if quant_config.get_name() == "auto_gptq":   # what vLLM makes of quant_method "gptq"
-        from lvllm.vllm.gptq_source import gptq_source
-
         return gptq_source(layer, prefix, quant_config, problems)
     if quant_config.get_name() == "modelopt_fp4":   # ModelOpt's quant_algo "NVFP4" / "W4A16_NVFP4"
-        from lvllm.vllm.nvfp4_source import nvfp4_source
-
         return nvfp4_source(layer, prefix, quant_config, problems)
     method = resolve_quant_method(quant_config, layer, prefix)
     if method is None or isinstance(method, UnquantizedFusedMoEMethod):

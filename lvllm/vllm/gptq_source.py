@@ -23,7 +23,7 @@ import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
 
 from lvllm.formats import per_channel_group
-from lvllm.vllm.checkpoint_sources import ExpertSource
+from lvllm.vllm.expert_source_base import ExpertSource
 
 
 class GptqSource(ExpertSource):

@@ -11,7 +11,7 @@ from lvllm.gpu.plan import capture_overlap_warning, plan_batch
 from lvllm.hybrid import ALL_ROWS_ON_LK, DeviceRoute, HybridExperts
 from lvllm.placement import LayerPath
 from lvllm.settings import Settings
-from lvllm.vllm.installation import logger
+from lvllm.vllm.installation import Installation, logger
 
 
 class GpuPath:
@@ -36,6 +36,13 @@ class GpuPath:
             self.min_batch, config.compilation_config.max_cudagraph_capture_size or 0)
         if warning:
             logger.warning("lvllm: %s", warning)
+
+    @classmethod
+    def of(cls, installation: Installation) -> GpuPath:
+        """The installation's GpuPath, made on the first call (the first lk layer on CUDA)."""
+        if installation.gpu is None:
+            installation.gpu = cls(installation.settings)
+        return installation.gpu
 
     def attach(self, experts: HybridExperts, layer, path: LayerPath) -> None:
         """Queue the layer's lk work on CUDA streams; a streamed layer also joins the ring."""

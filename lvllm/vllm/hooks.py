@@ -20,6 +20,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from lvllm.placement import Placement
 from lvllm.settings import Settings
 from lvllm.vllm import dense
+from lvllm.vllm.hot_updates import HotUpdater
 from lvllm.vllm.installation import Installation, num_model_layers
 from lvllm.vllm.moe_layer import LkExperts, LkMoEMethod, LkRunner
 
@@ -78,9 +79,9 @@ def install(settings: Settings) -> Installation:
     if current is not None:
         return current
     installation_ = Installation(settings)
-    if LkExperts.installation is not None:   # one unregistered since (tests do)
+    if Installation.current is not None:   # one unregistered since (tests do)
         uninstall()
-    LkExperts.installation = installation_
+    Installation.current = installation_
     installation_.variants = Variants()
     installation_.variants.register_new()
     dense.install(installation_)
@@ -94,15 +95,15 @@ def uninstall() -> None:
     for name, cls in list(op_registry_oot.items()):
         if isinstance(cls, type) and issubclass(cls, (LkExperts, LkRunner)):
             del op_registry_oot[name]
-    if LkExperts.installation is not None and LkExperts.installation.refusal_hook is not None:
-        LkExperts.installation.refusal_hook.remove()
-    LkExperts.installation = None
+    if Installation.current is not None and Installation.current.refusal_hook is not None:
+        Installation.current.refusal_hook.remove()
+    Installation.current = None
 
 
 def installation() -> Installation | None:
     """This process's installation (None when lvllm is not installed)."""
     registered = op_registry_oot.get("RoutedExperts")
-    return LkExperts.installation if registered is not None and issubclass(registered, LkExperts) else None
+    return Installation.current if registered is not None and issubclass(registered, LkExperts) else None
 
 
 def placement() -> Placement | None:
@@ -158,7 +159,7 @@ def lk_report(model: torch.nn.Module) -> dict:
             device_layers[name] = {"method": type(method).__name__, "params": params}
     current = installation()
     draft = current.draft_placement if current else None
-    updater = current.hot_updater() if current else None
+    updater = HotUpdater.of(current) if current else None
     return {"lk_layers": lk_layers, "device_layers": device_layers,
             "hot_swaps": updater.swaps if updater is not None else None,
             "dense_layers": dense.dense_report(model),

@@ -15,8 +15,7 @@ import torch
 
 from lvllm import expert_stats
 from lvllm.hybrid import HotSet, slot_map
-from lvllm.vllm.installation import logger
-from lvllm.vllm.routing_stats import model_identity
+from lvllm.vllm.installation import logger, model_identity
 
 VAR = "LVLLM_HOT_EXPERTS"
 

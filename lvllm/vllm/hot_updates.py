@@ -31,6 +31,18 @@ class HotUpdater:
         self.layers: dict[int, tuple[HotSet, HotRanking, Callable[[], torch.Tensor]]] = {}
         self.steps = self.swaps = 0
 
+    @classmethod
+    def of(cls, installation) -> HotUpdater | None:
+        """This worker's HotUpdater (LVLLM_HOT_EXPERTS_UPDATE; None without it), made on the
+        first call; ``installation`` an lvllm.vllm.installation.Installation."""
+        settings = installation.settings
+        if not settings.hot_experts_update:
+            return None
+        if installation.hot_updater is None:
+            installation.hot_updater = cls(settings.hot_experts_update, settings.hot_experts_swaps,
+                                           settings.hot_experts_decay)
+        return installation.hot_updater
+
     def add(self, layer_index: int, hot: HotSet, counts: Callable[[], torch.Tensor]) -> None:
         """Re-rank ``hot`` from ``counts()``, the layer's running pick counts."""
         if not self.layers:
@@ -57,10 +69,11 @@ class HotUpdater:
 
 
 def updater_of(worker) -> HotUpdater | None:
-    from lvllm.vllm.moe_layer import LkExperts
+    # Deferred: importing this module (the e2e checks read FIRST_SWAPS) imports nothing of vLLM.
+    from lvllm.vllm.installation import Installation
 
-    installation = LkExperts.installation
-    return installation.hot_updater() if installation is not None else None
+    installation = Installation.current
+    return HotUpdater.of(installation) if installation is not None else None
 
 
 def install_worker_hook() -> None:

@@ -1,5 +1,8 @@
 """What lvllm set up in one vLLM process: its settings, the layers' placement, the memory
-check's record and the GPU path; and the lk runtime, started on the worker's cores."""
+check's record, the parts made for it (GpuPath.of, RoutingCounter.of, HotUpdater.of, in the
+modules above this one); the lk runtime, started on the worker's cores; what the statistics
+file records of the model being built; lvllm's logger. It imports no other lvllm.vllm module,
+so every one of them may import it."""
 
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ logger = init_logger("vllm.lvllm")
 
 
 class Installation:
-    """One per process, made by lvllm.vllm.hooks.install and held by the layer classes it
-    registers (vLLM instantiates them, so they cannot be handed it as an argument)."""
+    """One per process, made by lvllm.vllm.hooks.install and held in ``Installation.current``,
+    where the layer classes it registers find it (vLLM instantiates them, so they cannot be
+    handed it as an argument)."""
+
+    current: Installation | None = None   # None: lvllm is not installed in this process
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -30,13 +36,13 @@ class Installation:
         self.draft_placement: Placement | None = None   # a speculative draft model's
         self.layer_memory: dict[str, LayerMemory] = {}   # lk layer name -> its sizes
         self.memory_checked = False
-        self.gpu = None   # lvllm.vllm.gpu_path.GpuPath, made with the first lk layer on CUDA
+        self.gpu = None   # GpuPath.of makes it, with the first lk layer on CUDA
         self.refusal_hook = None   # torch's handle of lvllm.vllm.hooks.watch_model_modules
         self.variants = None   # lvllm.vllm.hooks.Variants
         self._runtime_info: dict | None = None
         self._logged: set[str] = set()
-        self._routing_counter = None   # lvllm.vllm.routing_stats.RoutingCounter, with the first MoE layer
-        self._hot_updater = None       # lvllm.vllm.hot_updates.HotUpdater, with the first hot layer
+        self.routing_counter = None   # RoutingCounter.of makes it, with the first MoE layer
+        self.hot_updater = None       # HotUpdater.of makes it, with the first hot layer
         self._auto_split: tuple[frozenset[int], int] | None = None
 
     def auto_split(self) -> tuple[frozenset[int], int]:
@@ -58,48 +64,12 @@ class Installation:
             self.draft_placement = Placement.for_draft(self.settings, on_cuda=current_platform.is_cuda())
         return self.draft_placement
 
-    def gpu_path(self):
-        if self.gpu is None:
-            from lvllm.vllm.gpu_path import GpuPath
-
-            self.gpu = GpuPath(self.settings)
-        return self.gpu
-
     def lk_runtime(self) -> dict:
         """The lk runtime's runtime_info(), the runtime started on the first call (every lk
         layer and dense layer asks; the worker's cores are looked up once)."""
         if self._runtime_info is None:
             self._runtime_info = start_lk_runtime(self.settings)
         return self._runtime_info
-
-    def routing_counter(self):
-        """This worker's RoutingCounter (LVLLM_EXPERT_STATS; None without it), made once the
-        ranks are known: the first MoE layer asks."""
-        if self.settings.expert_stats is None:
-            return None
-        if self._routing_counter is None:
-            from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
-
-            from lvllm.vllm.routing_stats import RoutingCounter
-
-            data_rank = get_current_vllm_config().parallel_config.data_parallel_rank
-            self._routing_counter = RoutingCounter(
-                self.settings.expert_stats, self.settings.expert_stats_interval_min,
-                writer=f"dp{data_rank}-pp{get_pp_group().rank_in_group}",
-                writes=get_tensor_model_parallel_rank() == 0,
-                counts=get_tensor_model_parallel_rank() == 0 or self.settings.hot_experts_update > 0)
-        return self._routing_counter
-
-    def hot_updater(self):
-        """This worker's HotUpdater (LVLLM_HOT_EXPERTS_UPDATE; None without it)."""
-        if not self.settings.hot_experts_update:
-            return None
-        if self._hot_updater is None:
-            from lvllm.vllm.hot_updates import HotUpdater
-
-            self._hot_updater = HotUpdater(self.settings.hot_experts_update, self.settings.hot_experts_swaps,
-                                           self.settings.hot_experts_decay)
-        return self._hot_updater
 
     def log_once(self, key: str, message: str, *args) -> None:
         if key not in self._logged:
@@ -135,6 +105,15 @@ def _worker_cpus() -> set[int] | None:
         return None
     ranks = min(get_current_vllm_config().parallel_config.world_size, torch.cuda.device_count())
     return gpu_rank_cpus(ranks) if ranks >= 2 else None
+
+
+def model_identity(moe_config) -> dict:
+    """What the statistics file records of the model being built (expert_stats.check_model)."""
+    model_config = get_current_vllm_config().model_config
+    return {"name": model_config.model,
+            "architectures": list(getattr(model_config.hf_config, "architectures", None) or []),
+            "num_hidden_layers": getattr(model_config.hf_text_config, "num_hidden_layers", None),
+            "num_experts": moe_config.num_experts, "top_k": moe_config.experts_per_token}
 
 
 def num_model_layers() -> int | None:

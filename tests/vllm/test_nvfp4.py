@@ -198,7 +198,7 @@ def source_of(quant_config, prefix="model.layers.1.mlp.experts", hidden=256, int
 
 @pytest.mark.parametrize("legacy, algo", [(True, "NVFP4"), (False, "NVFP4"), (True, "W4A16_NVFP4")])
 def test_modelopt_nvfp4_experts_go_to_lk(legacy, algo):
-    from lvllm.vllm.checkpoint_sources import ExpertSource
+    from lvllm.vllm.expert_source_base import ExpertSource
     from lvllm.vllm.nvfp4_source import Nvfp4Source
 
     quant_config = modelopt_config(legacy, algo)

@@ -241,7 +241,8 @@ def test_awq_checkpoint_lk_cannot_take_is_refused(config, problem):
 
 
 def test_awq_checkpoint_sources():
-    from lvllm.vllm.checkpoint_sources import AwqInt4Source, ExpertSource
+    from lvllm.vllm.checkpoint_sources import AwqInt4Source
+    from lvllm.vllm.expert_source_base import ExpertSource
 
     found, _ = awq_source(group_size=32, zero_point=True)
     assert isinstance(found, AwqInt4Source) and found.zero_point and found.group == 32
