@@ -219,9 +219,11 @@ def test_nvfp4_lk_cannot_take_is_refused(config, hidden, inter, facts):
     assert all(fact in problems[0] for fact in facts), problems[0]
 
 
-def test_params_are_vllms():
+def test_params_are_vllms(tmp_path, in_process):
     """Nvfp4Source creates the names, shapes and dtypes vLLM's ModelOptNvFp4FusedMoE does
     (its create_weights run without its __init__, which looks for a device kernel)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
     from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4FusedMoE
 
     from lvllm.vllm.nvfp4_source import Nvfp4Source
@@ -230,7 +232,13 @@ def test_params_are_vllms():
     method.quant_config, method.use_global_sf = modelopt_config(), False
     method.moe = SimpleNamespace(is_act_and_mul=True)
     layer = torch.nn.Module()
-    method.create_weights(layer, 8, 256, 128, torch.bfloat16, weight_loader=None, global_num_experts=8)
+    # create_weights reads the current config and the TP group: a one-rank process's, as lvllm doctor's.
+    with set_current_vllm_config(VllmConfig()):
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                                        distributed_init_method=f"file://{tmp_path}/rendezvous")
+            parallel_state.initialize_model_parallel(1, 1)
+        method.create_weights(layer, 8, 256, 128, torch.bfloat16, weight_loader=None, global_num_experts=8)
     vllms = {name: (tuple(p.shape), p.dtype) for name, p in layer.named_parameters()}
     ours = {name: (shape, dtype) for name, (shape, dtype, _) in Nvfp4Source().params(8, 256, 128, torch.bfloat16).items()}
     assert ours == vllms
