@@ -696,6 +696,15 @@ def build_qwen_linear_attention(args, vocab: int, w: Weights, qwen35: bool) -> d
     key_dim, value_dim = k_heads * config["linear_key_head_dim"], v_heads * linear_dim
     kernel = config["linear_conv_kernel_dim"]
     zero_centred = 0.05
+
+    def full_attention(a: str) -> None:   # gated queries (twice the heads), normed q and k
+        w.linear(f"{a}.q_proj.weight", 2 * heads * head_dim, H)
+        w.linear(f"{a}.k_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{a}.v_proj.weight", kv_heads * head_dim, H)
+        w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
+        _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
+        _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
+
     w.embedding("model.embed_tokens.weight", vocab, H)
     for layer, kind in enumerate(config["layer_types"]):
         p = f"model.layers.{layer}"
@@ -718,13 +727,7 @@ def build_qwen_linear_attention(args, vocab: int, w: Weights, qwen35: bool) -> d
             w.norm(f"{a}.norm.weight", linear_dim)
             w.linear(f"{a}.out_proj.weight", H, value_dim)
         else:
-            a = f"{p}.self_attn"
-            w.linear(f"{a}.q_proj.weight", 2 * heads * head_dim, H)
-            w.linear(f"{a}.k_proj.weight", kv_heads * head_dim, H)
-            w.linear(f"{a}.v_proj.weight", kv_heads * head_dim, H)
-            w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
-            _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
-            _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
+            full_attention(f"{p}.self_attn")
         _qwen_next_moe(w, p, H, I, E)
     _extra_tensor(w, "model.norm.weight", H, std=zero_centred)
     w.linear("lm_head.weight", vocab, H, gain=2.0)
@@ -739,13 +742,7 @@ def build_qwen_linear_attention(args, vocab: int, w: Weights, qwen35: bool) -> d
         p = f"mtp.layers.{layer}"
         _extra_tensor(w, f"{p}.input_layernorm.weight", H, std=zero_centred)
         _extra_tensor(w, f"{p}.post_attention_layernorm.weight", H, std=zero_centred)
-        a = f"{p}.self_attn"
-        w.linear(f"{a}.q_proj.weight", 2 * heads * head_dim, H)
-        w.linear(f"{a}.k_proj.weight", kv_heads * head_dim, H)
-        w.linear(f"{a}.v_proj.weight", kv_heads * head_dim, H)
-        w.linear(f"{a}.o_proj.weight", H, heads * head_dim)
-        _extra_tensor(w, f"{a}.q_norm.weight", head_dim, std=zero_centred)
-        _extra_tensor(w, f"{a}.k_norm.weight", head_dim, std=zero_centred)
+        full_attention(f"{p}.self_attn")
         _qwen_next_moe(w, p, H, I, E)
     return config
 
