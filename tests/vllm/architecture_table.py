@@ -159,6 +159,11 @@ class VllmArchitecture:
 
 
 EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64}
+# Ling's (vLLM's BailingMoe's) MoE keys, and Ling-2.0's router: sigmoid scores with expert_bias
+# in grouped top-k, routed scaling.
+LING_MOE = {**EXPERTS, "num_shared_experts": 1, "norm_topk_prob": True}
+LING2_ROUTER = {"score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4, "topk_group": 2,
+                "routed_scaling_factor": 2.5}
 
 # How vLLM's eager CPU RoPE op gets the architectures marked eager_rope_wrong wrong (a
 # (tokens, heads * head_dim) query or a one-head key comes out right), and what the sweep does.
@@ -324,19 +329,17 @@ CANNOT_RUN = {
     # Ling-2.5 / Ling-3 (model_type bailing_hybrid): linear-attention (KDA for v3) layers, then MLA
     # ones. vLLM stops before loading, so no tensor list is written for them yet (tensors "").
     "BailingMoeV2_5ForCausalLM": (VllmArchitecture("BailingMoeV2_5ForCausalLM", "bailing_hybrid", "",
-                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_shared_experts": 1,
-                      "moe_shared_expert_intermediate_size": 64, "first_k_dense_replace": 0, "layer_group_size": 2,
-                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4,
-                      "topk_group": 2, "routed_scaling_factor": 2.5, "q_lora_rank": 64, "kv_lora_rank": 512,
+                     {**LING_MOE, **LING2_ROUTER, "moe_shared_expert_intermediate_size": 64,
+                      "first_k_dense_replace": 0, "layer_group_size": 2, "q_lora_rank": 64, "kv_lora_rank": 512,
                       "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32, "use_qk_norm": True,
-                      "norm_topk_prob": True, "use_bias": False, "use_qkv_bias": False, "linear_silu": False,
+                      "use_bias": False, "use_qkv_bias": False, "linear_silu": False,
                       "use_linear_silu": False, "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
                       "group_norm_size": 1}),
         HYBRID_MLA, "hybrid_mla_block"),
     "BailingMoeV3ForCausalLM": (VllmArchitecture("BailingMoeV3ForCausalLM", "bailing_hybrid", "",
-                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "num_shared_experts": 1,
-                      "moe_shared_expert_intermediate_size": 64, "first_k_dense_replace": 0, "layer_group_size": 2,
-                      "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "q_lora_rank": 64,
+                     {**EXPERTS, "num_shared_experts": 1, "moe_shared_expert_intermediate_size": 64,
+                      "first_k_dense_replace": 0, "layer_group_size": 2, "n_group": 4, "topk_group": 2,
+                      "routed_scaling_factor": 2.5, "q_lora_rank": 64,
                       "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32,
                       "use_bias": False, "rope_theta": 10000.0, "short_conv_kernel_size": 4, "no_kda_lora": True}),
         HYBRID_MLA, "hybrid_mla_block"),
@@ -380,28 +383,21 @@ SWEPT_AGAINST_VLLM = (
                      moe_layers=frozenset({1})),
     # Ling-lite's layout: softmax top-k, one shared expert, a dense first layer, qkv bias.
     VllmArchitecture("BailingMoeForCausalLM", "bailing_moe", "bailing",
-                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
-                      "use_bias": False, "use_qkv_bias": True, "embedding_dropout": 0.0},
+                     {**LING_MOE, "first_k_dense_replace": 1, "use_bias": False, "use_qkv_bias": True,
+                      "embedding_dropout": 0.0},
                      moe_layers=frozenset({1})),
     # Ling-2.0's layout: sigmoid scores with expert_bias in grouped top-k, routed scaling, q/k
     # RMS norms, partial rotary, a dense first layer.
     VllmArchitecture("BailingMoeV2ForCausalLM", "bailing_moe", "bailing",
-                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
-                      "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True, "use_rmsnorm": True,
-                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4,
-                      "topk_group": 2, "routed_scaling_factor": 2.5, "partial_rotary_factor": 0.5,
+                     {**LING_MOE, **LING2_ROUTER, "first_k_dense_replace": 1, "use_bias": False,
+                      "use_qkv_bias": False, "use_qk_norm": True, "use_rmsnorm": True, "partial_rotary_factor": 0.5,
                       "router_dtype": "fp32", "embedding_dropout": 0.0},
                      moe_layers=frozenset({1})),
     # Sarvam-MoE is vLLM's BailingMoe (zero-meaning the router bias first): Ling-2.0's layout.
     VllmArchitecture("SarvamMoEForCausalLM", "sarvam_moe", "bailing",
-                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
+                     {**LING_MOE, **LING2_ROUTER, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
                       "use_bias": False, "use_qkv_bias": False, "use_qk_norm": True, "use_rmsnorm": True,
-                      "score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 1,
-                      "topk_group": 1, "routed_scaling_factor": 2.5, "router_dtype": "fp32",
-                      "embedding_dropout": 0.0},
+                      "router_dtype": "fp32", "embedding_dropout": 0.0},
                      moe_layers=frozenset({1})),
     # openPangu-Ultra-MoE: DeepSeek-V3's MLA, sigmoid router with correction bias, sandwich norms.
     VllmArchitecture("PanguUltraMoEForCausalLM", "pangu_ultra_moe", "openpangu",
@@ -419,11 +415,8 @@ SWEPT_AGAINST_VLLM = (
                      moe_layers=frozenset({1})),
     # Param2-MoE: Ling's checkpoint layout (vLLM renames it), sigmoid router with expert_bias.
     VllmArchitecture("Param2MoEForCausalLM", "param2moe", "bailing",
-                     {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                      "num_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
-                      "use_qkv_bias": True, "use_qk_norm": True, "score_function": "sigmoid",
-                      "moe_router_enable_expert_bias": True, "n_group": 4, "topk_group": 2,
-                      "routed_scaling_factor": 2.5, "rope_theta": 10000.0, "rope_scaling": None},
+                     {**LING_MOE, **LING2_ROUTER, "first_k_dense_replace": 1, "use_qkv_bias": True,
+                      "use_qk_norm": True, "rope_theta": 10000.0, "rope_scaling": None},
                      moe_layers=frozenset({1})),
     # Step-3's text model (vLLM's own Step3TextConfig): a dense first layer, then MoE.
     VllmArchitecture("Step3TextForCausalLM", "step3_text", "step3_text",
