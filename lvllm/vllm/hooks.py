@@ -149,6 +149,7 @@ def lk_report(model: torch.nn.Module) -> dict:
             lk_layers[name] = {
                 "engine_id": engine.engine_id,
                 "converted_while_loading": method.converted_while_loading,
+                "bias_from_checkpoint": method.bias_from_checkpoint,
                 "forward_calls": engine.forward_calls,
                 "nbytes": engine.nbytes,
                 "num_experts": engine.num_experts,

@@ -17,6 +17,7 @@ from lvllm import envs
 from lvllm.lk.host_cpus import gpu_rank_cpus, openmp_team_cpus, thread_affinity, usable_numa_nodes
 from lvllm.memory import LayerMemory
 from lvllm.placement import RESIDENT_VAR, Placement
+from lvllm.reference import CheckpointTensors
 from lvllm.settings import Settings
 
 logger = init_logger("vllm.lvllm")
@@ -44,6 +45,7 @@ class Installation:
         self.routing_counter = None   # RoutingCounter.of makes it, with the first MoE layer
         self.hot_updater = None       # HotUpdater.of makes it, with the first hot layer
         self._auto_split: tuple[frozenset[int], int] | None = None
+        self._checkpoint: CheckpointTensors | bool | None = None   # False: none found
 
     def auto_split(self) -> tuple[frozenset[int], int]:
         """(resident layers, hot experts a layer) as LVLLM_GPU_RESIDENT_MOE_LAYERS and
@@ -71,10 +73,36 @@ class Installation:
             self._runtime_info = start_lk_runtime(self.settings)
         return self._runtime_info
 
+    def checkpoint_tensors(self) -> CheckpointTensors | None:
+        """The served checkpoint's safetensors, opened on the first call (None where its files
+        are not on this host)."""
+        if self._checkpoint is None:
+            path = local_checkpoint(get_current_vllm_config().model_config)
+            self._checkpoint = CheckpointTensors(path) if path is not None else False
+        return self._checkpoint or None
+
     def log_once(self, key: str, message: str, *args) -> None:
         if key not in self._logged:
             self._logged.add(key)
             logger.info(message, *args)
+
+
+def local_checkpoint(model_config) -> Path | None:
+    """The checkpoint's directory: the model's path, or the Hugging Face cache's snapshot vLLM
+    downloaded it to; None without either."""
+    if model_config is None:
+        return None
+    path = Path(model_config.model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(model_config.model, revision=model_config.revision,
+                                      local_files_only=True))
+    except (OSError, ValueError):   # not in the cache (or not a repository id)
+        return None
+    return path if any(path.glob("*.safetensors")) else None
 
 
 def start_lk_runtime(settings: Settings) -> dict:

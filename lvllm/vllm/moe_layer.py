@@ -29,6 +29,7 @@ from lvllm.vllm.hot_device import hot_set
 from lvllm.vllm.hot_updates import HotUpdater
 from lvllm.vllm.installation import (Installation, building_draft_model, logger, model_identity,
                                      num_model_layers, pipeline_stage)
+from lvllm.vllm.router_bias import load_skipped_correction_bias
 from lvllm.vllm.routing_stats import RoutingCounter
 
 _PART_NAMES = {"gate": "(gate_proj)", "up": "(up_proj)", "down": "(down_proj)"}
@@ -57,6 +58,7 @@ class LkMoEMethod(FusedMoEMethodBase):
         self.source = source or ExpertSource()
         self.experts: HybridExperts | None = None
         self.converted_while_loading = False
+        self.bias_from_checkpoint = False   # the router's correction bias read by lvllm (below)
         self.params_dtype: torch.dtype | None = None
         self.param_names: tuple[str, ...] = ()
         # param name -> (part, global expert id or None for all) the loader filled; None
@@ -151,6 +153,7 @@ class LkMoEMethod(FusedMoEMethodBase):
             )
 
     def process_weights_after_loading(self, layer) -> None:
+        self.bias_from_checkpoint = load_skipped_correction_bias(layer, self.installation)
         if self.experts is not None:
             return   # converted as soon as the loader had filled it
         if not self.loaded:

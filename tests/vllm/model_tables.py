@@ -52,6 +52,8 @@ def _standing() -> dict[str, tuple[str, str, str]]:
         own = ("cannot run" if arch.own_path_fails else "wrong" if arch.own_path_wrong else "not run")
         why = "; ".join(filter(None, ["test_architectures, against transformers in float64",
                                       arch.own_path_fails, arch.own_path_wrong,
+                                      arch.skipped_bias and (arch.skipped_bias + "; lk reads it from the checkpoint"),
+                                      arch.note,
                                       CPU_ROPE_3D if arch.eager_rope_wrong else ""]))
         rows[arch.name] = ("tested", own, why)
     for arch in VLLM_BY_KEY.values():

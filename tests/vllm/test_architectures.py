@@ -64,6 +64,9 @@ def test_lk_on_matches_transformers(checkpoints, key):
         assert {layer_index(n) for n in worker["lk_layers"]} == set(arch.moe_layers), worker
         assert worker["device_layers"] == {}, worker
         assert all(layer["forward_calls"] > 0 for layer in worker["lk_layers"].values()), worker
+        # lk read the correction bias from the checkpoint exactly where vLLM's loader skips it.
+        assert all(layer["bias_from_checkpoint"] == bool(arch.skipped_bias)
+                   for layer in worker["lk_layers"].values()), worker
     reference = CachedReference(TransformersReference(transformers_models.for_transformers(model)))
     assert_close_to_reference(run, reference)
     if arch.own_path_wrong:

@@ -52,6 +52,7 @@ def test_lk_on_matches_lk_off(checkpoints, key):
         assert {layer_index(n) for n in worker["lk_layers"]} == set(arch.moe_layers), worker
         assert worker["device_layers"] == {}, worker
         assert all(layer["forward_calls"] > 0 for layer in worker["lk_layers"].values()), worker
+        assert not any(layer["bias_from_checkpoint"] for layer in worker["lk_layers"].values()), worker
     assert any(len(set(tokens)) > 3 for tokens in run.tokens), f"degenerate greedy output: {run.tokens}"
     own = run_llm(model, lk=False, llm_kwargs=REMOTE_CONFIG)
     assert_upstream(own.report)
