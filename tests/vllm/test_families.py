@@ -263,6 +263,13 @@ def _mamba1_scan():
     assert not hasattr(torch.ops._C, "selective_scan_fwd")
 
 
+def _jamba_classifier():
+    from vllm.model_executor.models.jamba import JambaForCausalLM, JambaForSequenceClassification
+
+    assert issubclass(JambaForSequenceClassification, JambaForCausalLM)
+    _mamba1_scan()
+
+
 def _non_gated_experts():
     from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig
     from vllm.platforms import current_platform
@@ -331,6 +338,18 @@ def _ngram_needs_v2_runner():
     assert hasattr(torch.ops._C, "rms_norm") and not hasattr(torch.ops._C, "ngram_compute_n_gram_ids")
 
 
+def _diffkv_attention_needs_triton():
+    from vllm.model_executor.models.mimo_v2 import MiMoV2Attention
+    from vllm.triton_utils import HAS_TRITON
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    source = inspect.getsource(MiMoV2Attention.__init__)
+    assert "if self.v_head_dim != self.head_dim:" in source and "TRITON_ATTN_DIFFKV" in source
+    flash = AttentionBackendEnum.FLASH_ATTN_DIFFKV.get_class()
+    assert not flash.is_supported_on_current_device(head_size=32, head_size_v=16, has_sinks=True)
+    assert not HAS_TRITON
+
+
 def _step3p5_mtp_layer_types():
     from vllm.model_executor.models.step3p5 import Step3p5DecoderLayer
     from vllm.transformers_utils.configs.step3p5 import Step3p5Config
@@ -372,11 +391,12 @@ def _triton_kda():
 LIMITATIONS = {"sigmoid_router": _sigmoid_router, "step3p5_mtp_layer_types": _step3p5_mtp_layer_types,
                "triton_lightning_attention": _triton_lightning_attention, "triton_kda": _triton_kda, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
-               "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan,
+               "dbrx_loader": _dbrx_loader, "mamba1_scan": _mamba1_scan, "jamba_classifier": _jamba_classifier,
                "non_gated_experts": _non_gated_experts, "sarvam_mla_not_mla": _sarvam_mla_not_mla,
                "sink_kv_manager": _sink_kv_manager, "hybrid_mla_block": _hybrid_mla_block,
                "cpu_linear_weight_removed": _cpu_linear_weight_removed,
-               "ngram_needs_v2_runner": _ngram_needs_v2_runner}
+               "ngram_needs_v2_runner": _ngram_needs_v2_runner,
+               "diffkv_attention_needs_triton": _diffkv_attention_needs_triton}
 
 
 # --------------------------------------------------------------------------------------

@@ -62,15 +62,17 @@ def experts(prefix: str, hidden: int, inner: int, count: int,
 
 
 def attention(prefix: str, hidden: int, heads: int, kv_heads: int, head_dim: int,
-              names=("q_proj", "k_proj", "v_proj", "o_proj"), qkv_bias: bool = False) -> dict:
+              names=("q_proj", "k_proj", "v_proj", "o_proj"), qkv_bias: bool = False,
+              v_head_dim: int | None = None) -> dict:
     q, k, v, o = names
+    v_dim = v_head_dim or head_dim
     shapes = {f"{prefix}.{q}.weight": (heads * head_dim, hidden),
               f"{prefix}.{k}.weight": (kv_heads * head_dim, hidden),
-              f"{prefix}.{v}.weight": (kv_heads * head_dim, hidden),
-              f"{prefix}.{o}.weight": (hidden, heads * head_dim)}
+              f"{prefix}.{v}.weight": (kv_heads * v_dim, hidden),
+              f"{prefix}.{o}.weight": (hidden, heads * v_dim)}
     if qkv_bias:
         shapes.update({f"{prefix}.{q}.bias": (heads * head_dim,), f"{prefix}.{k}.bias": (kv_heads * head_dim,),
-                       f"{prefix}.{v}.bias": (kv_heads * head_dim,)})
+                       f"{prefix}.{v}.bias": (kv_heads * v_dim,)})
     return shapes
 
 
@@ -328,9 +330,10 @@ def mimo_v2(c: dict) -> dict:
     h, shapes = c["hidden_size"], {}
     for i in range(c["num_hidden_layers"]):
         p, swa = f"model.layers.{i}", c["hybrid_layer_pattern"][i] == 1
-        heads, kv, hd = ((c["swa_num_attention_heads"], c["swa_num_key_value_heads"], c["swa_head_dim"]) if swa
-                         else (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]))
-        shapes.update(attention(f"{p}.self_attn", h, heads, kv, hd, qkv_bias=c["attention_bias"]))
+        heads, kv, hd, vd = ((c["swa_num_attention_heads"], c["swa_num_key_value_heads"], c["swa_head_dim"],
+                              c.get("swa_v_head_dim")) if swa
+                             else (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c.get("v_head_dim")))
+        shapes.update(attention(f"{p}.self_attn", h, heads, kv, hd, qkv_bias=c["attention_bias"], v_head_dim=vd))
         if swa and c.get("add_swa_attention_sink_bias"):
             shapes[f"{p}.self_attn.attention_sink_bias"] = (heads,)
         shapes.update(norms(p, h, "input_layernorm", "post_attention_layernorm"))
