@@ -280,7 +280,7 @@ def sample(layers: list[int], count: int = SAMPLED_LAYERS) -> list[int]:
 
 
 def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dtype: str = "auto",
-        out=sys.stdout) -> int:
+        out=sys.stdout, trust_remote_code: bool = False) -> int:
     from lvllm import _lk
     from lvllm.lk import runtime_info
     from lvllm.vllm.single_layer import load_layer, model_context
@@ -303,7 +303,7 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
     width = max([34] + [len(dense_row_name(stem)) + 2 for inputs in [*dense.values(), [head] if head else []]
                         for stem, _ in inputs])
     checks, method = [], None
-    with model_context(str(path), dtype, settings) as (vllm_config, installation):
+    with model_context(str(path), dtype, settings, trust_remote_code) as (vllm_config, installation):
         model_dtype = vllm_config.model_config.dtype
         top_k = vllm_config.model_config.hf_text_config.num_experts_per_tok
         stored = stored_format(tensors, layers[picked[0]].stem(0, 0))
@@ -353,12 +353,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--layers", help="MoE layers to check, e.g. '0,24,47' (default: first, middle, last)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                         help="model dtype, as vllm serve --dtype")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the checkpoint's own config code, as vllm serve --trust-remote-code")
     args = parser.parse_args(argv)
     try:
         chosen = layer_spec(args.layers) if args.layers else None
     except ValueError:
         parser.error(f"--layers {args.layers!r}: expected layer indices and ranges, e.g. '0,24,47' or '0-3'")
     try:
-        return run(args.model, Settings.from_env(), chosen, args.dtype)
+        return run(args.model, Settings.from_env(), chosen, args.dtype,
+                   trust_remote_code=args.trust_remote_code)
     except (ConfigError, EnvError, FileNotFoundError) as error:
         parser.error(str(error))

@@ -13,9 +13,9 @@ from lvllm.settings import Settings
 
 
 @contextmanager
-def model_context(model: str, dtype: str, settings: Settings):
+def model_context(model: str, dtype: str, settings: Settings, trust_remote_code: bool = False):
     """vLLM's config of ``model`` made current in a one-rank process, with lvllm installed under
-    ``settings``; yields (vllm_config, installation)."""
+    ``settings``; yields (vllm_config, installation). ``trust_remote_code``: as vllm serve's."""
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import parallel_state
     from vllm.utils.torch_utils import set_default_torch_dtype
@@ -30,7 +30,8 @@ def model_context(model: str, dtype: str, settings: Settings):
     installation.refusal_hook = Installation.current.refusal_hook
     installation.variants = Installation.current.variants
     Installation.current = installation
-    vllm_config = VllmConfig(model_config=ModelConfig(model=model, dtype=dtype))
+    vllm_config = VllmConfig(model_config=ModelConfig(model=model, dtype=dtype,
+                                                      trust_remote_code=trust_remote_code))
     with set_current_vllm_config(vllm_config), set_default_torch_dtype(vllm_config.model_config.dtype):
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.init_distributed_environment(

@@ -11,6 +11,9 @@ import os
 import pytest
 import torch
 
+import transformers_models
+import vllm_models
+from architecture_table import BY_KEY, DOCTOR_FUSED_EXPERTS, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
@@ -33,7 +36,7 @@ def checkpoints(tmp_path_factory):
 
 
 def doctor(monkeypatch, model, weight: str = "TO_DTYPE", dense: str = "TO_DTYPE", dense_group: str = "",
-           layers: frozenset[int] | None = None) -> tuple[int, str]:
+           layers: frozenset[int] | None = None, trust_remote_code: bool = False) -> tuple[int, str]:
     from lvllm import doctor
     from lvllm.settings import Settings
 
@@ -41,7 +44,7 @@ def doctor(monkeypatch, model, weight: str = "TO_DTYPE", dense: str = "TO_DTYPE"
     monkeypatch.setenv("LVLLM_DENSE_USE_WEIGHT", dense)
     monkeypatch.setenv("LVLLM_DENSE_QUANT_GROUP_SIZE", dense_group)
     out = io.StringIO()
-    status = doctor.run(str(model), Settings.from_env(), layers, out=out)
+    status = doctor.run(str(model), Settings.from_env(), layers, out=out, trust_remote_code=trust_remote_code)
     return status, out.getvalue()
 
 
@@ -144,6 +147,30 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
     assert status == 1 and f"result: FAIL in {damaged}" in report, report
     rows = [line for line in report.splitlines() if line.startswith(("  model.", "  lm_head "))]
     assert len(rows) == 7 and all(row.endswith("fail" if damaged in row else "pass") for row in rows), report
+
+
+@pytest.mark.parametrize("key", [*BY_KEY, *VLLM_BY_KEY])
+def test_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
+    """The sweeps' tiny checkpoints (test_architectures*.py) pass, or, where the experts are
+    stored fused (DOCTOR_FUSED_EXPERTS), are refused by name; the vLLM-only ones carry their
+    config as remote code (--trust-remote-code)."""
+    from lvllm.model_shape import ConfigError
+
+    if key in BY_KEY:
+        arch = BY_KEY[key]
+        model = transformers_models.build(tmp_path / key, arch.model_type, arch.name, arch.config,
+                                          unused_weights=arch.unused_weights)
+    else:
+        arch = VLLM_BY_KEY[key]
+        model = vllm_models.write(tmp_path / key, arch.name, arch.model_type, arch.config,
+                                  getattr(vllm_models, arch.tensors))
+    remote = key in VLLM_BY_KEY
+    if key in DOCTOR_FUSED_EXPERTS:
+        with pytest.raises(ConfigError, match="no per-expert tensors"):
+            doctor(monkeypatch, model, trust_remote_code=remote)
+        return
+    status, report = doctor(monkeypatch, model, trust_remote_code=remote)
+    assert status == 0 and "result: pass" in report, report
 
 
 def test_bad_input_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
