@@ -137,6 +137,8 @@ class Architecture:
     skipped_bias: str = ""           # why vLLM's loader leaves the router's correction bias at zero
                                      # (lk reads it from the checkpoint: its report must say so)
     unused_weights: str = ""         # tensors transformers writes that real checkpoints lack (regex)
+    extra_norms: tuple[str, ...] = ()  # norm weights real checkpoints carry that transformers' model
+                                     # lacks and vLLM's loader requires
     eager_rope_wrong: bool = False   # vLLM's eager CPU RoPE op rotates its queries wrong (CPU_ROPE_3D):
                                      # run with vLLM's torch RoPE, the bug checked to be still there
 
@@ -273,6 +275,18 @@ SWEPT = (
                   "qk_rope_head_dim": 64, "qk_nope_head_dim": 32, "v_head_dim": 32, "num_key_value_heads": 2,
                   "head_dim": 64},
                  moe_layers=frozenset({1}), eager_rope_wrong=True),
+    # A.X K1: DeepSeek-V3's layout (MLA with q LoRA, a dense first layer, sigmoid grouped top-k with
+    # the gate's correction bias, routed scaling, a shared expert) plus post_mlp_layernorm on the
+    # MoE block's output, which its checkpoints keep at the decoder layer, on the dense layers too:
+    # vLLM's AXK1DecoderLayer builds it on every layer (applying it on MoE layers only) and
+    # requires it; transformers' model has none on dense layers (an unexpected key it drops).
+    Architecture("AXK1ForCausalLM", "axk1",
+                 {"n_routed_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64, "n_shared_experts": 1,
+                  "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                  "norm_topk_prob": True, "q_lora_rank": 64, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+                  "qk_nope_head_dim": 32, "v_head_dim": 32, "num_key_value_heads": 2, "head_dim": 64},
+                 moe_layers=frozenset({1}), extra_norms=("model.layers.0.post_mlp_layernorm.weight",),
+                 eager_rope_wrong=True),
 )
 BY_KEY = {a.key: a for a in SWEPT}
 # Run with lk on and not yet right, with what was seen (transformers' float64 forward as the
@@ -639,7 +653,6 @@ TEXT = "text model, not swept yet"
 DRAFT = "draft model, not run as a draft yet"
 WRAPPER = "its MoE layers are a text model's; not run yet"
 NOT_SWEPT = {
-    "AXK1ForCausalLM": TEXT,
     "AriaForConditionalGeneration": WRAPPER,
     "DFlashLagunaForCausalLM": DRAFT,
     "EagleMistralLarge3ForCausalLM": DRAFT,

@@ -45,7 +45,7 @@ def checkpoints(tmp_path_factory):
     def get(key: str):
         arch = BY_KEY[key]
         model = transformers_models.build(root / key, arch.model_type, arch.name, arch.config,
-                                          unused_weights=arch.unused_weights)
+                                          unused_weights=arch.unused_weights, extra_norms=arch.extra_norms)
         assert json.loads((model / "config.json").read_text())["architectures"] == [arch.name]
         return model
 

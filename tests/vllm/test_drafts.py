@@ -126,7 +126,7 @@ def checkpoints(tmp_path_factory):
         else:
             arch = BY_KEY[draft.target]
             target = transformers_models.build(root / f"{key}-target", arch.model_type, arch.name, arch.config,
-                                               unused_weights=arch.unused_weights)
+                                               unused_weights=arch.unused_weights, extra_norms=arch.extra_norms)
             model = with_mtp_layer(target, root / key, draft.mtp_tensors)
         config = json.loads((model / "config.json").read_text())
         assert config["architectures"] == [target_architecture(draft)]

@@ -63,10 +63,12 @@ def for_transformers(checkpoint: Path) -> Path:
 
 
 def build(out: Path, model_type: str, architecture: str, config: dict, seed: int = 0,
-          unused_weights: str = "") -> Path:
+          unused_weights: str = "", extra_norms: tuple[str, ...] = ()) -> Path:
     """The checkpoint in ``out`` (kept when already there): ``model_type``'s config with
     COMMON and ``config``, ``architecture`` as its architectures entry, float32, without the
-    tensors whose names match ``unused_weights`` (ones transformers allocates but never uses)."""
+    tensors whose names match ``unused_weights`` (ones transformers allocates but never uses)
+    and with the hidden-size norm weights ``extra_norms`` (ones real checkpoints carry and
+    transformers' model lacks), drawn as redraw draws a norm."""
     if (out / "config.json").exists():
         return out
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -79,14 +81,19 @@ def build(out: Path, model_type: str, architecture: str, config: dict, seed: int
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     redraw(model, seed)
     model.save_pretrained(out)
-    if unused_weights:
-        # transformers loads only what it wrote: its reference reads the whole checkpoint.
+    if unused_weights or extra_norms:
+        # transformers loads only what it wrote: its reference reads the checkpoint as written.
         model.save_pretrained(out / TRANSFORMERS_COPY)
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(out / "model.safetensors")
-        save_file({name: t for name, t in tensors.items() if not re.search(unused_weights, name)},
-                  out / "model.safetensors", metadata={"format": "pt"})
+        if unused_weights:
+            tensors = {name: t for name, t in tensors.items() if not re.search(unused_weights, name)}
+        generator = torch.Generator().manual_seed(seed + 1)
+        for name in extra_norms:
+            noise = torch.randn(settings["hidden_size"], generator=generator, dtype=torch.float64)
+            tensors[name] = (1 + NOISE * noise).to(torch.float32)
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     # save_pretrained names transformers' class (PhimoeForCausalLM); checkpoints name vLLM's.
     saved = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**saved, "architectures": [architecture]}, indent=2))
