@@ -159,7 +159,7 @@ def test_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
     if key in BY_KEY:
         arch = BY_KEY[key]
         model = transformers_models.build(tmp_path / key, arch.model_type, arch.name, arch.config,
-                                          unused_weights=arch.unused_weights)
+                                          unused_weights=arch.unused_weights, extra_norms=arch.extra_norms)
     else:
         arch = VLLM_BY_KEY[key]
         model = vllm_models.write(tmp_path / key, arch.name, arch.model_type, arch.config,
