@@ -78,6 +78,12 @@ def _first(config: dict, *names: str, default=None):
 
 def moe_layer_indices(config: dict, num_layers: int) -> tuple[int, ...]:
     """Decoder layers whose MLP is a MoE block, by each family's config keys."""
+    if "mlp_layer_types" in config:   # Laguna, EXAONE-MoE, HY-V3, GLM-4.7-Flash: a kind per layer
+        return tuple(i for i, kind in enumerate(config["mlp_layer_types"][:num_layers]) if kind == "sparse")
+    if isinstance(config.get("moe_layer_freq"), list):   # MiMo-V2: a flag per layer
+        return tuple(i for i, moe in enumerate(config["moe_layer_freq"][:num_layers]) if moe)
+    if "num_dense_layers" in config:   # AFMoE, LFM2-MoE: dense first layers
+        return tuple(range(int(config["num_dense_layers"]), num_layers))
     if "first_k_dense_replace" in config or "moe_layer_freq" in config:   # DeepSeek
         first, every = config.get("first_k_dense_replace", 0), config.get("moe_layer_freq", 1)
         return tuple(i for i in range(num_layers) if i >= first and i % every == 0)

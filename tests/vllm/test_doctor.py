@@ -6,6 +6,7 @@ by LVLLM_DENSE_USE_WEIGHT. Runs in this process (one vLLM import for all cases).
 from __future__ import annotations
 
 import io
+import json
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import transformers_models
 import vllm_models
-from architecture_table import BY_KEY, DOCTOR_FUSED_EXPERTS, VLLM_BY_KEY
+from architecture_table import BY_KEY, DOCTOR_FUSED_EXPERTS, PLAN_CANNOT_READ, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
@@ -150,11 +151,14 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
 
 
 @pytest.mark.parametrize("key", [*BY_KEY, *VLLM_BY_KEY])
-def test_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
-    """The sweeps' tiny checkpoints (test_architectures*.py) pass, or, where the experts are
-    stored fused (DOCTOR_FUSED_EXPERTS), are refused by name; the vLLM-only ones carry their
+def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
+    """The sweeps' tiny checkpoints (test_architectures*.py): lvllm plan's reading of the config
+    names the MoE layers the sweep found and counts a layer's experts as the checkpoint stores
+    them, or refuses the config by name (PLAN_CANNOT_READ); doctor passes, or, where the experts
+    are stored fused (DOCTOR_FUSED_EXPERTS), refuses them by name. The vLLM-only ones carry their
     config as remote code (--trust-remote-code)."""
-    from lvllm.model_shape import ConfigError
+    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape
+    from lvllm.reference import CheckpointTensors, expert_layers
 
     if key in BY_KEY:
         arch = BY_KEY[key]
@@ -164,6 +168,18 @@ def test_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
         arch = VLLM_BY_KEY[key]
         model = vllm_models.write(tmp_path / key, arch.name, arch.model_type, arch.config,
                                   getattr(vllm_models, arch.tensors))
+    config = json.loads((model / "config.json").read_text())
+    if key in PLAN_CANNOT_READ:
+        with pytest.raises(ConfigError):
+            model_shape(config)
+    else:
+        shape = model_shape(config)
+        assert set(shape.moe_layers) == set(arch.moe_layers), shape
+        tensors = CheckpointTensors(model)
+        for layer in expert_layers(tensors).values():
+            stored = sum(tensors.get(f"{layer.stem(e, part)}.weight").nbytes
+                         for e in range(layer.experts) for part in range(3))
+            assert checkpoint_layer_bytes(shape) == stored, layer.prefix
     remote = key in VLLM_BY_KEY
     if key in DOCTOR_FUSED_EXPERTS:
         with pytest.raises(ConfigError, match="no per-expert tensors"):
