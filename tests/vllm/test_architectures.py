@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import transformers_models
+import vllm_models
 from architecture_table import BY_KEY
 from e2e_common import (EAGER_TORCH_ROPE, SWEEP_LOGPROB_TOL, CachedReference, TransformersReference,
                         assert_close_to_reference, deviations, layer_index, run_llm)
@@ -43,10 +44,8 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("architectures")
 
     def get(key: str):
-        arch = BY_KEY[key]
-        model = transformers_models.build(root / key, arch.model_type, arch.name, arch.config,
-                                          unused_weights=arch.unused_weights, extra_norms=arch.extra_norms)
-        assert json.loads((model / "config.json").read_text())["architectures"] == [arch.name]
+        model = vllm_models.swept_checkpoint(root, key)
+        assert json.loads((model / "config.json").read_text())["architectures"] == [BY_KEY[key].name]
         return model
 
     return get

@@ -30,12 +30,7 @@ REMOTE_CONFIG = {"trust_remote_code": True}
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_architectures")
 
-    def get(key: str):
-        arch = VLLM_BY_KEY[key]
-        return vllm_models.write(root / key, arch.name, arch.model_type, arch.config,
-                                 getattr(vllm_models, arch.tensors))
-
-    return get
+    return lambda key: vllm_models.swept_checkpoint(root, key)
 
 
 def lk_off_deviation(lk, own) -> float:

@@ -12,7 +12,6 @@ import os
 import pytest
 import torch
 
-import transformers_models
 import vllm_models
 from architecture_table import BY_KEY, DOCTOR_FUSED_EXPERTS, PLAN_CANNOT_READ, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
@@ -160,14 +159,8 @@ def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monke
     from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape
     from lvllm.reference import CheckpointTensors, expert_layers
 
-    if key in BY_KEY:
-        arch = BY_KEY[key]
-        model = transformers_models.build(tmp_path / key, arch.model_type, arch.name, arch.config,
-                                          unused_weights=arch.unused_weights, extra_norms=arch.extra_norms)
-    else:
-        arch = VLLM_BY_KEY[key]
-        model = vllm_models.write(tmp_path / key, arch.name, arch.model_type, arch.config,
-                                  getattr(vllm_models, arch.tensors))
+    arch = BY_KEY.get(key) or VLLM_BY_KEY[key]
+    model = vllm_models.swept_checkpoint(tmp_path, key)
     config = json.loads((model / "config.json").read_text())
     if key in PLAN_CANNOT_READ:
         with pytest.raises(ConfigError):

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+import transformers_models
+from architecture_table import BY_KEY, VLLM_BY_KEY
 from transformers_models import COMMON, NOISE, _builder
 
 CONFIG_FILE = "configuration_tiny.py"
@@ -133,6 +135,17 @@ def has_config_class(model_type: str) -> bool:
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
     return model_type in CONFIG_MAPPING or model_type in _CONFIG_REGISTRY
+
+
+def swept_checkpoint(root: Path, key: str) -> Path:
+    """The tiny checkpoint of a swept architecture in ``root / key`` (kept when already there):
+    transformers writes BY_KEY's, ``write`` VLLM_BY_KEY's from their tensor lists."""
+    if key in BY_KEY:
+        arch = BY_KEY[key]
+        return transformers_models.build(root / key, arch.model_type, arch.name, arch.config,
+                                         unused_weights=arch.unused_weights, extra_norms=arch.extra_norms)
+    arch = VLLM_BY_KEY[key]
+    return write(root / key, arch.name, arch.model_type, arch.config, globals()[arch.tensors])
 
 
 def write(out: Path, architecture: str, model_type: str, config: dict, shapes, seed: int = 0) -> Path:
