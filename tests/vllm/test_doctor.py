@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vllm_models
-from architecture_table import BY_KEY, DOCTOR_FUSED_EXPERTS, PLAN_CANNOT_READ, VLLM_BY_KEY
+from architecture_table import BY_KEY, DOCTOR_FUSED_EXPERTS, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
@@ -152,28 +152,30 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
 @pytest.mark.parametrize("key", [*BY_KEY, *VLLM_BY_KEY])
 def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
     """The sweeps' tiny checkpoints (test_architectures*.py): lvllm plan's reading of the config
-    names the MoE layers the sweep found and counts a layer's experts as the checkpoint stores
-    them, or refuses the config by name (PLAN_CANNOT_READ); doctor passes, or, where the experts
-    are stored fused (DOCTOR_FUSED_EXPERTS), refuses them by name. The vLLM-only ones carry their
-    config as remote code (--trust-remote-code)."""
+    names the MoE layers the sweep found, the experts' count and top-k as vLLM reads them, their
+    width as stored, and counts a layer's experts as the checkpoint stores them (a tensor per
+    expert); doctor passes, or, where the experts are stored fused (DOCTOR_FUSED_EXPERTS),
+    refuses them by name. The vLLM-only ones carry their config as remote code
+    (--trust-remote-code)."""
+    from vllm.config import ModelConfig
+
     from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape
-    from lvllm.reference import CheckpointTensors, expert_layers
+    from lvllm.reference import CheckpointTensors, expert_layers, expert_weights
 
     arch = BY_KEY.get(key) or VLLM_BY_KEY[key]
     model = vllm_models.swept_checkpoint(tmp_path, key)
-    config = json.loads((model / "config.json").read_text())
-    if key in PLAN_CANNOT_READ:
-        with pytest.raises(ConfigError):
-            model_shape(config)
-    else:
-        shape = model_shape(config)
-        assert set(shape.moe_layers) == set(arch.moe_layers), shape
-        tensors = CheckpointTensors(model)
-        for layer in expert_layers(tensors).values():
-            stored = sum(tensors.get(f"{layer.stem(e, part)}.weight").nbytes
-                         for e in range(layer.experts) for part in range(3))
-            assert checkpoint_layer_bytes(shape) == stored, layer.prefix
     remote = key in VLLM_BY_KEY
+    shape = model_shape(json.loads((model / "config.json").read_text()))
+    assert set(shape.moe_layers) == set(arch.moe_layers), shape
+    vllm_reading = ModelConfig(model=str(model), trust_remote_code=remote)
+    assert (shape.experts, shape.top_k) == (vllm_reading.get_num_experts(), vllm_reading.get_num_experts_per_tok())
+    tensors = CheckpointTensors(model)
+    for layer in expert_layers(tensors).values():
+        stored = sum(tensors.get(f"{layer.stem(e, part)}.weight").nbytes
+                     for e in range(layer.experts) for part in range(3))
+        assert checkpoint_layer_bytes(shape) == stored, layer.prefix
+        assert layer.experts == shape.experts and expert_weights(tensors, layer, 0)[0].shape == (
+            shape.intermediate, shape.hidden), layer.prefix
     if key in DOCTOR_FUSED_EXPERTS:
         with pytest.raises(ConfigError, match="no per-expert tensors"):
             doctor(monkeypatch, model, trust_remote_code=remote)
