@@ -195,6 +195,18 @@ def test_fused_experts_compute_what_transformers_forward_does(tmp_path, family):
             assert torch.allclose(ours, forward(module, x, expert), rtol=1e-12, atol=1e-12), (family, expert)
 
 
+def test_fused_experts_other_than_float_are_refused_by_doctor(tmp_path):
+    """Step-3's FP8 checkpoints stack their experts as float8 with block scales: doctor's fused
+    reading takes floats only, and says so rather than read the codes as values."""
+    from lvllm.model_shape import ConfigError
+
+    stack = torch.zeros(2, 4, 4).to(torch.float8_e4m3fn)
+    tensors = checkpoint(tmp_path, {f"model.layers.1.moe.{p}.weight": stack.clone()
+                                    for p in ("gate_proj", "up_proj", "down_proj")})
+    with pytest.raises(ConfigError, match="fused experts stored as float8_e4m3fn"):
+        doctor.readable_layers(tmp_path, tensors)
+
+
 @pytest.mark.parametrize("lk_format, source, dtype, expected", [
     ("bfloat16", "bfloat16", torch.bfloat16, 2**-8 + 2e-5),              # kept: output rounding
     ("bfloat16", "float32", torch.bfloat16, 2**-8 + 3 * 2**-8 + 2e-5),   # each matrix rounded to bf16
