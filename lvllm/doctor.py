@@ -31,7 +31,7 @@ import torch
 from lvllm import formats
 from lvllm.envs import EnvError, format_ranges, layer_spec
 from lvllm.model_shape import ConfigError, read_config
-from lvllm.reference import CheckpointTensors, expert_layers, expert_output, expert_weights, stored_format
+from lvllm.reference import CheckpointTensors, expert_layers, expert_output, expert_weights, layer_format
 from lvllm.settings import Settings
 
 TOKENS = 8           # rows per input kind, run through every expert
@@ -58,14 +58,16 @@ INT8_ACTIVATIONS = INT4_ACTIVATIONS * 254 / 65534
 # 7168 inputs) on RMS-normed bf16 rows, one and eight at a time: INT8 0.0081 (groups 64 to 1024),
 # INT4 0.12 (groups 32 to 512; about 0.10 with the default 128).
 DENSE_QUANTIZED = {"int8": 0.016, "int4": 0.24}
-# Decoder-layer matrices lk's dense path leaves alone (lvllm.vllm.dense, lvllm.model_shape.dense_matrices):
-# the MoE routers (vLLM's GateLinear) and MLA's kv_b_proj. Qwen2-MoE's shared_expert_gate is
+# Decoder-layer matrices lk's dense path leaves alone, by a part of their name (lvllm.vllm.dense,
+# lvllm.model_shape.dense_matrices): the MoE routers (vLLM's GateLinear: mlp.gate, Gemma 4's
+# router.proj, Granite's router.layer) and MLA's kv_b_proj. Qwen2-MoE's shared_expert_gate is
 # quantized by serving but not checked: one output over a few rows gives no stable relative error
 # (seen: a correct INT4 one at 0.29 in 4 one-token calls, 0.02-0.14 elsewhere).
-UNCHECKED = ("gate", "router", "kv_b_proj", "shared_expert_gate")
+UNCHECKED = frozenset({"gate", "router", "kv_b_proj", "shared_expert_gate"})
 # A block's output projection takes the attention's or MLP's inner rows, not a layer norm's.
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "w2")
 WARN_FACTOR = 2.0    # between 1x and 2x the expected error: warn; beyond: fail
+FLOAT_FORMATS = ("float32", "float16", "bfloat16")
 
 
 def expected_error(lk_format: str, source: str, model_dtype: torch.dtype) -> float:
@@ -118,7 +120,7 @@ def rms_normed(rows: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
 def input_sets(tensors: CheckpointTensors, layer, hidden: int, seed: int) -> dict[str, torch.Tensor]:
     """Hidden states like those reaching the layer's MoE, float64 [TOKENS, hidden] per kind."""
     generator = torch.Generator().manual_seed(seed)
-    norm_name = f"{layer.prefix.rsplit('.', 2)[0]}.post_attention_layernorm.weight"
+    norm_name = f"{layer.decoder}.post_attention_layernorm.weight"
     norm = tensors.get(norm_name) if norm_name in tensors else None
     sets = {"rms-normed random": rms_normed(torch.randn(TOKENS, hidden, generator=generator), norm)}
     embedding = next((n for n in tensors.file_of if n.endswith("embed_tokens.weight")), None)
@@ -132,7 +134,7 @@ def input_sets(tensors: CheckpointTensors, layer, hidden: int, seed: int) -> dic
 def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, top_k: int, seed: int) -> list[Check]:
     """lk's outputs of every expert of ``layer`` against the float64 reference."""
     experts, engine = method.experts, method.experts.engine
-    expected = expected_error(engine.weight_format, stored_format(tensors, layer.stem(0, 0)), dtype)
+    expected = expected_error(engine.weight_format, layer_format(tensors, layer), dtype)
     # What the model hands lk, in its dtype; the reference takes the same values.
     inputs = {kind: x.to(dtype) for kind, x in input_sets(tensors, layer, engine.hidden_size, seed).items()}
     refs = {kind: torch.empty(layer.experts, TOKENS, engine.hidden_size, dtype=torch.float64) for kind in inputs}
@@ -165,13 +167,13 @@ def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, t
 def dense_inputs(tensors: CheckpointTensors, layer) -> list[tuple[str, str | None]]:
     """(matrix, the layer norm before it or None) for the float dense matrices lk may hold of
     ``layer``'s decoder layer, by checkpoint name (NAME.weight); which are float shows when read."""
-    decoder = layer.prefix.rsplit(".", 2)[0]
+    decoder = layer.decoder
     found = []
     for name in sorted(tensors.file_of):
         stem = name.removesuffix(".weight")
         last = stem.rsplit(".", 1)[-1]
         if (stem == name or not stem.startswith(f"{decoder}.") or stem.startswith(f"{layer.prefix}.")
-                or last in UNCHECKED or "norm" in last):
+                or not UNCHECKED.isdisjoint(stem.split(".")) or "norm" in last):
             continue
         norm = "input_layernorm" if "attn" in stem.removeprefix(decoder) else "post_attention_layernorm"
         found.append((stem, None if last in OUTPUT_PROJECTIONS else f"{decoder}.{norm}.weight"))
@@ -183,7 +185,7 @@ def head_input(tensors: CheckpointTensors, layer) -> tuple[str, str] | None:
     names = sorted(tensors.file_of)
     head = (next((n for n in names if n.endswith("lm_head.weight")), None)
             or next((n for n in names if n.endswith("embed_tokens.weight")), None))
-    root = layer.prefix.rsplit(".layers.", 1)[0]
+    root = layer.decoder.rsplit(".layers.", 1)[0]
     return (head.removesuffix(".weight"), f"{root}.norm.weight") if head else None
 
 
@@ -279,6 +281,21 @@ def sample(layers: list[int], count: int = SAMPLED_LAYERS) -> list[int]:
     return sorted({layers[round(i * (len(layers) - 1) / (count - 1))] for i in range(count)})
 
 
+def readable_layers(path: Path, tensors: CheckpointTensors) -> dict:
+    """The checkpoint's MoE layers (lvllm.reference.ExpertLayer by index); ConfigError where
+    doctor reads none of them."""
+    layers = expert_layers(tensors)
+    if not layers:
+        raise ConfigError(f"{path}: no expert tensors doctor reads in its safetensors files (one per expert: "
+                          "layers.N....experts.E.gate_proj/w1...; fused as Llama 4, Gemma 4, Granite MoE or "
+                          "Step-3 store them)")
+    fused = next((layer for layer in layers.values() if layer.fused), None)
+    if fused and layer_format(tensors, fused) not in FLOAT_FORMATS:
+        raise ConfigError(f"{path}: fused experts stored as {layer_format(tensors, fused)} (doctor reads fused "
+                          f"experts in {', '.join(FLOAT_FORMATS)})")
+    return layers
+
+
 def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dtype: str = "auto",
         out=sys.stdout, trust_remote_code: bool = False) -> int:
     from lvllm import _lk
@@ -288,10 +305,7 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
     path = Path(model).expanduser()
     read_config(path)
     tensors = CheckpointTensors(path)
-    layers = expert_layers(tensors)
-    if not layers:
-        raise ConfigError(f"{path}: no per-expert tensors (layers.N....experts.E.gate_proj/w1...) in its "
-                          "safetensors files")
+    layers = readable_layers(path, tensors)
     missing = sorted((chosen or frozenset()) - set(layers))
     if missing:
         raise ConfigError(f"--layers {format_ranges(missing)}: not MoE layers of {path} "
@@ -305,8 +319,8 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
     checks, method = [], None
     with model_context(str(path), dtype, settings, trust_remote_code) as (vllm_config, installation):
         model_dtype = vllm_config.model_config.dtype
-        top_k = vllm_config.model_config.hf_text_config.num_experts_per_tok
-        stored = stored_format(tensors, layers[picked[0]].stem(0, 0))
+        top_k = vllm_config.model_config.get_num_experts_per_tok()
+        stored = layer_format(tensors, layers[picked[0]])
         dense_line, dense_on_lk = dense_plan(settings, model_dtype, vllm_config.device_config.device_type)
         print(f"lvllm doctor: {path} ({', '.join(vllm_config.model_config.architectures)}, "
               f"{str(model_dtype).removeprefix('torch.')}, experts stored as {stored}), "

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvllm import formats
+from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, TOP_K_KEYS, expert_activation,
+                               first_set, moe_layer_indices)
 from lvllm.placement import streams_in_gpu_prefill
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -67,30 +69,6 @@ class ModelShape:
     def streamed_prefill(self) -> bool:
         """Whether long prompts may stream this model's experts to the GPU."""
         return streams_in_gpu_prefill(self.expert_activation, self.expert_biases)
-
-
-def _first(config: dict, *names: str, default=None):
-    for name in names:
-        if config.get(name) is not None:
-            return config[name]
-    return default
-
-
-def moe_layer_indices(config: dict, num_layers: int) -> tuple[int, ...]:
-    """Decoder layers whose MLP is a MoE block, by each family's config keys."""
-    if "mlp_layer_types" in config:   # Laguna, EXAONE-MoE, HY-V3, GLM-4.7-Flash: a kind per layer
-        return tuple(i for i, kind in enumerate(config["mlp_layer_types"][:num_layers]) if kind == "sparse")
-    if isinstance(config.get("moe_layer_freq"), list):   # MiMo-V2: a flag per layer
-        return tuple(i for i, moe in enumerate(config["moe_layer_freq"][:num_layers]) if moe)
-    if "num_dense_layers" in config:   # AFMoE, LFM2-MoE: dense first layers
-        return tuple(range(int(config["num_dense_layers"]), num_layers))
-    if "first_k_dense_replace" in config or "moe_layer_freq" in config:   # DeepSeek
-        first, every = config.get("first_k_dense_replace", 0), config.get("moe_layer_freq", 1)
-        return tuple(i for i in range(num_layers) if i >= first and i % every == 0)
-    if "decoder_sparse_step" in config or "mlp_only_layers" in config:   # Qwen-MoE
-        step, dense = config.get("decoder_sparse_step", 1) or 1, set(config.get("mlp_only_layers") or ())
-        return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
-    return tuple(range(num_layers))
 
 
 def _gptq_storage(quant: dict, where: str, hidden: int, intermediate: int) -> ExpertStorage:
@@ -158,24 +136,26 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
     """The shape of a MoE model from its Hugging Face config (``where`` names it in errors)."""
     text = config.get("text_config") or config
-    experts = _first(text, "num_experts", "n_routed_experts", "num_local_experts")
+    experts = first_set(text, *EXPERT_COUNT_KEYS)
     if not experts:
-        raise ConfigError(f"{where} describes no routed experts (no num_experts, n_routed_experts or "
-                          "num_local_experts): lvllm plans only Mixture-of-Experts models")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_experts_per_tok", "vocab_size")
-               if text.get(k) is None]
+        raise ConfigError(f"{where} describes no routed experts (no {', '.join(EXPERT_COUNT_KEYS)}): "
+                          "lvllm plans only Mixture-of-Experts models")
+    mixtral_like = first_set(text, *EXPERT_WIDTH_KEYS) is None   # the experts are intermediate_size wide
+    needed = [("hidden_size",), LAYER_KEYS, TOP_K_KEYS, ("vocab_size",), (*EXPERT_WIDTH_KEYS, "intermediate_size")]
+    missing = [" or ".join(keys) for keys in needed if first_set(text, *keys) is None]
     if missing:
         raise ConfigError(f"{where} lacks {', '.join(missing)}")
-    hidden, layers = int(text["hidden_size"]), int(text["num_hidden_layers"])
-    mixtral_like = "moe_intermediate_size" not in text
-    intermediate = int(text["intermediate_size"] if mixtral_like else text["moe_intermediate_size"])
-    dtype = dtype or str(_first(text, "torch_dtype", "dtype", default=_first(config, "torch_dtype", "dtype",
-                                                                              default="bfloat16")))
+    hidden, layers = int(text["hidden_size"]), int(first_set(text, *LAYER_KEYS))
+    intermediate = int(first_set(text, *EXPERT_WIDTH_KEYS, "intermediate_size"))
+    dtype = dtype or str(first_set(text, "torch_dtype", "dtype",
+                                   default=first_set(config, "torch_dtype", "dtype", default="bfloat16")))
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"{where}: model dtype {dtype!r} is not one vLLM computes MoE in here "
                           f"(valid: {', '.join(DTYPE_BYTES)})")
-    shared = int(text.get("n_shared_experts") or 0) * intermediate or int(
-        text.get("shared_expert_intermediate_size") or 0)
+    # Shared experts: a count of experts' widths (ERNIE 4.5: moe_num_shared_experts), or a width
+    # (Step-3: share_expert_dim).
+    shared = int(first_set(text, "n_shared_experts", "moe_num_shared_experts", default=0)) * intermediate or int(
+        first_set(text, "shared_expert_intermediate_size", "share_expert_dim", default=0))
     heads = int(text.get("num_attention_heads") or 1)
     mla = None
     if text.get("kv_lora_rank"):
@@ -185,20 +165,19 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
         num_layers=layers, moe_layers=moe_layer_indices(text, layers), hidden=hidden,
-        intermediate=intermediate, experts=int(experts), top_k=int(text["num_experts_per_tok"]),
+        intermediate=intermediate, experts=int(experts), top_k=int(first_set(text, *TOP_K_KEYS)),
         dtype=dtype, storage=expert_storage(config.get("quantization_config")
                                             or text.get("quantization_config"), where, model_type,
                                             hidden, intermediate),
-        vocab=int(text["vocab_size"]), tied_embeddings=bool(_first(text, "tie_word_embeddings",
-                                                                    default=False)),
-        dense_intermediate=0 if mixtral_like else int(text.get("intermediate_size") or 0),
+        vocab=int(text["vocab_size"]), tied_embeddings=bool(first_set(text, "tie_word_embeddings", default=False)),
+        # Llama 4: experts intermediate_size wide, dense layers intermediate_size_mlp.
+        dense_intermediate=int(text.get("intermediate_size_mlp" if mixtral_like else "intermediate_size") or 0),
         shared_intermediate=shared, shared_gate="shared_expert_intermediate_size" in text,
         heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
         head_dim=int(text.get("head_dim") or hidden // heads), mla=mla,
         max_positions=int(text.get("max_position_embeddings") or 4096),
-        # gpt-oss's experts: biases and the clamped swiglu vLLM names swigluoai.
-        expert_activation="swigluoai" if model_type == "gpt_oss" else str(text.get("hidden_act") or "silu"),
-        expert_biases=model_type == "gpt_oss",
+        expert_activation=expert_activation({**text, "model_type": model_type}),
+        expert_biases=model_type == "gpt_oss",   # gpt-oss's experts: biases and the clamped swiglu
     )
 
 

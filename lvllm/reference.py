@@ -17,6 +17,8 @@ EXPERT_TENSOR = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\
                            r"(?P<projection>[^.]+)\.(?P<tensor>[^.]+)$")
 # (gate, up, down) projection names: Llama-style and Mixtral's.
 PROJECTION_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+# model.layers.7.feed_forward.experts.down_proj -> the decoder layer's name, its index, the rest
+DECODER_TENSOR = re.compile(r"^(?P<decoder>(?:.*\.)?layers\.(?P<layer>\d+))\.(?P<rest>.+)$")
 # AutoAWQ's GEMM packing: nibble i (bits 4i..4i+3) of a word holds column AWQ_ORDER[i] of its 8.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -46,28 +48,106 @@ class CheckpointTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         from safetensors import safe_open
 
         file = self.file_of[name]
         if file not in self._open:
             self._open[file] = safe_open(str(file), "pt")
-        return self._open[file].get_tensor(name)
+        return self._open[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def get_row(self, name: str, index: int) -> torch.Tensor:
+        """``name``[index] alone read from the file (one expert of a fused [E, ...] tensor)."""
+        return self._handle(name).get_slice(name)[index]
+
+    def shape(self, name: str) -> list[int]:
+        return self._handle(name).get_slice(name).get_shape()
+
+
+@dataclass(frozen=True)
+class FusedLayout:
+    """A layer's routed experts stacked [E, ...] in a few tensors, named after the decoder layer
+    (``layers.N.``), as the family's forward applies them: F.linear(x, W[e]), W[e] [outputs,
+    inputs], or with ``inputs_first`` x @ W[e], W[e] [inputs, outputs]."""
+
+    runner: str                   # vLLM's module of the layer's experts (after layers.N.)
+    down: str                     # [E, H, I]
+    gate_up: str | None = None    # [E, 2I, H]: gate's rows, then up's
+    gate: str | None = None       # or each in its own [E, I, H]
+    up: str | None = None
+    inputs_first: bool = False
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return tuple(name for name in (self.gate_up, self.gate, self.up, self.down) if name)
+
+
+# Read from each family's forward (transformers 5.19), which the checkpoint feeds as stored.
+FUSED_LAYOUTS = (
+    # Llama 4, Llama4TextExperts: bmm(x, gate_up_proj [E, H, 2I]).chunk(2, dim=-1) gives gate, up;
+    # bmm(h, down_proj [E, I, H]).
+    FusedLayout("feed_forward.experts", "feed_forward.experts.down_proj",
+                gate_up="feed_forward.experts.gate_up_proj", inputs_first=True),
+    # Gemma 4, Gemma4TextExperts: F.linear(x, gate_up_proj[e]).chunk(2, dim=-1) gives gate, up;
+    # F.linear(h, down_proj[e]).
+    FusedLayout("experts", "experts.down_proj", gate_up="experts.gate_up_proj"),
+    # Granite MoE (-Shared, -Hybrid): transformers loads input_linear.weight as
+    # experts.gate_up_proj, output_linear.weight as down_proj (conversion_mapping.py), applied as
+    # Gemma 4's (GraniteMoeExperts).
+    FusedLayout("block_sparse_moe.experts", "block_sparse_moe.output_linear.weight",
+                gate_up="block_sparse_moe.input_linear.weight"),
+    # Step-3 (no transformers model): a [E, outputs, inputs] stack per projection, W[e] expert e's
+    # Linear weight (vLLM's step3_text.py load_weights; Step-3.5's MoELinear: F.linear(x, weight[e])).
+    FusedLayout("moe.experts", "moe.down_proj.weight", gate="moe.gate_proj.weight", up="moe.up_proj.weight"),
+)
 
 
 @dataclass(frozen=True)
 class ExpertLayer:
     index: int
-    prefix: str                      # model.layers.N.mlp.experts
-    names: tuple[str, str, str]      # the checkpoint's gate, up, down projection names
+    prefix: str                        # vLLM's name of the layer's experts: model.layers.N.mlp.experts
     experts: int
+    names: tuple[str, ...] = ()        # a tensor per expert: the checkpoint's gate, up, down projection names
+    fused: FusedLayout | None = None   # else how its few fused tensors hold them
+
+    @property
+    def decoder(self) -> str:
+        """The decoder layer's name: model.layers.N."""
+        return self.prefix[:self.prefix.index(f"layers.{self.index}.")] + f"layers.{self.index}"
 
     def stem(self, expert: int, which: int) -> str:
+        """A tensor per expert: ``expert``'s gate (0), up (1) or down (2) projection."""
         return f"{self.prefix}.{expert}.{self.names[which]}"
+
+    def tensor_names(self, tensors: CheckpointTensors) -> list[str]:
+        """The checkpoint's tensors of the layer's routed experts (with their scales, where quantized)."""
+        if self.fused:
+            return [f"{self.decoder}.{name}" for name in self.fused.tensors]
+        start = len(self.prefix) + 1
+        return [name for name in tensors.file_of
+                if name.startswith(f"{self.prefix}.") and name[start:].split(".")[0].isdigit()]
+
+
+def fused_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
+    """The layers whose routed experts the checkpoint stacks in a FUSED_LAYOUTS layout."""
+    layers = {}
+    for name in tensors.file_of:
+        match = DECODER_TENSOR.match(name)
+        layout = next((f for f in FUSED_LAYOUTS if f.down == match["rest"]), None) if match else None
+        if layout is None or len(tensors.shape(name)) != 3:
+            continue
+        decoder, index = match["decoder"], int(match["layer"])
+        if all(f"{decoder}.{tensor}" in tensors for tensor in layout.tensors):
+            layers[index] = ExpertLayer(index, f"{decoder}.{layout.runner}", tensors.shape(name)[0], fused=layout)
+    return layers
 
 
 def expert_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
-    """The layers whose routed experts the checkpoint stores one tensor per expert."""
+    """The checkpoint's MoE layers: their routed experts one tensor per expert, or else stacked
+    as one of FUSED_LAYOUTS."""
     found: dict[int, tuple[str, set[int], set[str]]] = {}
     for name in tensors.file_of:
         match = EXPERT_TENSOR.match(name)
@@ -79,8 +159,8 @@ def expert_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
     for index, (prefix, experts, projections) in found.items():
         names = next((n for n in PROJECTION_NAMES if set(n) <= projections), None)
         if names is not None:
-            layers[index] = ExpertLayer(index, prefix, names, max(experts) + 1)
-    return layers
+            layers[index] = ExpertLayer(index, prefix, max(experts) + 1, names)
+    return layers or fused_layers(tensors)
 
 
 def _nibbles(words: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
@@ -212,14 +292,42 @@ def stored_format(tensors: CheckpointTensors, stem: str) -> str:
     return "fp8_e4m3" if dtype == torch.float8_e4m3fn else str(dtype).removeprefix("torch.")
 
 
+def layer_format(tensors: CheckpointTensors, layer: ExpertLayer) -> str:
+    """How the checkpoint stores the layer's experts, as stored_format names it."""
+    if layer.fused:
+        return str(tensors.get_row(f"{layer.decoder}.{layer.fused.down}", 0).dtype).removeprefix("torch.")
+    return stored_format(tensors, layer.stem(0, 0))
+
+
+def _fused_expert(tensors: CheckpointTensors, layer: ExpertLayer, expert: int) -> tuple[torch.Tensor, ...]:
+    """Expert ``expert``'s (gate, up, down) [outputs, inputs] sliced out of a fused layer's float tensors."""
+    layout = layer.fused
+
+    def matrix(name: str) -> torch.Tensor:
+        w = tensors.get_row(f"{layer.decoder}.{name}", expert).double()
+        return w.T if layout.inputs_first else w
+
+    gate, up = matrix(layout.gate_up).chunk(2, dim=0) if layout.gate_up else (matrix(layout.gate), matrix(layout.up))
+    return gate, up, matrix(layout.down)
+
+
 def expert_weights(tensors: CheckpointTensors, layer: ExpertLayer, expert: int) -> tuple[torch.Tensor, ...]:
     """(gate [I, H], up [I, H], down [H, I]) in float64."""
-    return tuple(dequantize(tensors, layer.stem(expert, which)) for which in range(3))
+    if layer.fused:
+        gate, up, down = _fused_expert(tensors, layer, expert)
+    else:
+        gate, up, down = (dequantize(tensors, layer.stem(expert, which)) for which in range(3))
+    if up.shape != gate.shape or down.shape != gate.T.shape:   # a layout misread
+        raise ValueError(f"{layer.prefix}: expert {expert}'s gate {tuple(gate.shape)}, up {tuple(up.shape)} and "
+                         f"down {tuple(down.shape)} do not make one expert")
+    return gate, up, down
+
+
+# The experts' activations as vLLM's MoE layer and lk name them (gelu_tanh: Gemma 4's).
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
 
 
 def expert_output(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor,
                   activation: str = "silu") -> torch.Tensor:
     """down(act(gate x) * up x) for float64 rows x [T, H]."""
-    h = x @ gate.T
-    h = F.silu(h) if activation == "silu" else F.gelu(h)
-    return (h * (x @ up.T)) @ down.T
+    return (ACTIVATIONS[activation](x @ gate.T) * (x @ up.T)) @ down.T

@@ -15,6 +15,7 @@ import torch
 
 from lvllm import envs, expert_stats, formats, plan, plan_command
 from lvllm.lk.linear import planned_linear_bytes
+from lvllm.config_keys import moe_layer_indices
 from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, float_on_lk, model_shape, read_config
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
 from lvllm.settings import Settings
@@ -380,6 +381,23 @@ def test_gpt_oss_reserves_no_prefill_ring():
     assert result.gpu.resident == plan.gpu_fit(shape, 48 * GIB, 1, 32768, keep, None).resident
     ringed = plan.gpu_fit(shape, 48 * GIB, 1, 32768, keep, 1)
     assert ringed.ring > 0 and len(ringed.resident) < len(result.gpu.resident)
+
+
+def test_moe_layers_by_the_rules_of_vllms_model_code():
+    """The rules the sweep's tiny checkpoints (every layer, or the first one dense) leave
+    untried: Llama 4's interleave step (vLLM's llama4.py: (i + 1) % step == 0), ERNIE 4.5's
+    start, end (-1: the last) and interval (ernie45_moe.py), Step-3's list (step3_text.py)."""
+    assert moe_layer_indices({"interleave_moe_layer_step": 2, "moe_layers": [0, 1, 2]}, 6) == (1, 3, 5)
+    ernie = {"moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1}
+    assert moe_layer_indices(ernie, 4) == (1, 2, 3)
+    assert moe_layer_indices({**ernie, "moe_layer_end_index": 5, "moe_layer_interval": 2}, 8) == (1, 3, 5)
+    assert moe_layer_indices({"moe_layers_enum": "4,5,6"}, 6) == (4, 5)
+    # LongCat-Flash: num_layers decoder layers, whatever transformers' num_hidden_layers says.
+    longcat = model_shape({**QWEN3_30B, "num_layers": 3, "num_hidden_layers": 6, "num_experts": None,
+                           "n_routed_experts": 4, "num_experts_per_tok": None, "moe_topk": 2,
+                           "moe_intermediate_size": None, "expert_ffn_hidden_size": 16})
+    assert (longcat.num_layers, longcat.moe_layers, longcat.experts, longcat.top_k, longcat.intermediate) == (
+        3, (0, 1, 2), 4, 2, 16)
 
 
 def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):

@@ -143,6 +143,70 @@ def test_expert_layers_from_tensor_names(tmp_path):
     assert layers[3].stem(2, 1) == "model.layers.3.block_sparse_moe.experts.2.w3"
 
 
+def _bmm_experts(module, x, expert):
+    """Llama 4's experts: every expert's batch at once (bmm), the rows given to each."""
+    experts = module.gate_up_proj.shape[0]
+    return module(x.repeat(experts, 1)).view(experts, len(x), -1)[expert]
+
+
+def _routed_experts(module, x, expert):
+    """Gemma 4's and Granite's experts: the rows routed to ``expert`` alone, weight 1."""
+    return module(x, torch.full((len(x), 1), expert), torch.ones(len(x), 1, dtype=x.dtype))
+
+
+# transformers' expert modules of the fused families, their config and checkpoint tensor names
+# (after model.layers.0.) for their gate_up_proj and down_proj parameters: H 8, I 6, 3 experts.
+FUSED_FAMILIES = {
+    "Llama 4": ("llama4", "Llama4TextExperts", "Llama4TextConfig", {"intermediate_size": 6, "num_local_experts": 3},
+                ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"), _bmm_experts),
+    "Gemma 4": ("gemma4", "Gemma4TextExperts", "Gemma4TextConfig", {"moe_intermediate_size": 6, "num_experts": 3},
+                ("experts.gate_up_proj", "experts.down_proj"), _routed_experts),
+    # transformers renames the checkpoint's input_linear and output_linear (conversion_mapping.py).
+    "Granite MoE": ("granitemoe", "GraniteMoeExperts", "GraniteMoeConfig",
+                    {"intermediate_size": 6, "num_local_experts": 3},
+                    ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"), _routed_experts),
+}
+
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_fused_experts_compute_what_transformers_forward_does(tmp_path, family):
+    """Each fused layout against transformers' own forward of the family's experts, fed the same
+    checkpoint tensors (hidden 8, experts 6 wide: a transposed reading cannot fit)."""
+    import importlib
+
+    from lvllm.config_keys import expert_activation
+    from lvllm.reference import expert_output, expert_weights
+
+    module_name, experts_class, config_class, sizes, names, forward = FUSED_FAMILIES[family]
+    modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    config = getattr(importlib.import_module("transformers"), config_class)(hidden_size=8, **sizes)
+    module = getattr(modeling, experts_class)(config).double()
+    generator = torch.Generator().manual_seed(0)
+    stored = {}
+    for name, parameter in zip(names, (module.gate_up_proj, module.down_proj)):
+        parameter.data = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+        stored[f"model.layers.0.{name}"] = parameter.data.clone()
+    tensors = checkpoint(tmp_path, stored)
+    layer = expert_layers(tensors)[0]
+    x = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    for expert in range(3):
+        ours = expert_output(*expert_weights(tensors, layer, expert), x, expert_activation(config.to_dict()))
+        with torch.no_grad():
+            assert torch.allclose(ours, forward(module, x, expert), rtol=1e-12, atol=1e-12), (family, expert)
+
+
+def test_fused_experts_other_than_float_are_refused_by_doctor(tmp_path):
+    """Step-3's FP8 checkpoints stack their experts as float8 with block scales: doctor's fused
+    reading takes floats only, and says so rather than read the codes as values."""
+    from lvllm.model_shape import ConfigError
+
+    stack = torch.zeros(2, 4, 4).to(torch.float8_e4m3fn)
+    tensors = checkpoint(tmp_path, {f"model.layers.1.moe.{p}.weight": stack.clone()
+                                    for p in ("gate_proj", "up_proj", "down_proj")})
+    with pytest.raises(ConfigError, match="fused experts stored as float8_e4m3fn"):
+        doctor.readable_layers(tmp_path, tensors)
+
+
 @pytest.mark.parametrize("lk_format, source, dtype, expected", [
     ("bfloat16", "bfloat16", torch.bfloat16, 2**-8 + 2e-5),              # kept: output rounding
     ("bfloat16", "float32", torch.bfloat16, 2**-8 + 3 * 2**-8 + 2e-5),   # each matrix rounded to bf16

@@ -41,6 +41,24 @@ def model_context(model: str, dtype: str, settings: Settings, trust_remote_code:
         yield vllm_config, installation
 
 
+def runner_weights(layer, tensors):
+    """(name under the runner, tensor) of ``layer``'s experts as the family's vLLM loader hands
+    them to the runner: a tensor per expert by its name; fused, vLLM's own reading: gate and up
+    as experts.gate_up_proj and down as experts.down_proj, which the runner splits and orients
+    (granitemoe.py's names; llama4.py's transpose is the runner's is_fused_checkpoint_transposed),
+    or a stack per projection expert by expert (step3_text.py)."""
+    fused = layer.fused
+    if fused is None:
+        start = len(layer.prefix) + 1
+        return ((name[start:], tensors.get(name)) for name in layer.tensor_names(tensors))
+    stored = {name: tensors.get(f"{layer.decoder}.{name}") for name in fused.tensors}
+    if fused.gate_up:
+        return [("gate_up_proj", stored[fused.gate_up]), ("down_proj", stored[fused.down])]
+    return ((f"{e}.{projection}.weight", stack[e]) for projection, stack in
+            (("gate_proj", stored[fused.gate]), ("up_proj", stored[fused.up]), ("down_proj", stored[fused.down]))
+            for e in range(layer.experts))
+
+
 def load_layer(vllm_config, layer, tensors):
     """Build ``layer`` (lvllm.reference.ExpertLayer) with vLLM's FusedMoE and fill it from the
     checkpoint's ``tensors`` through vLLM's loader; returns its lk method (LkMoEMethod, whose
@@ -48,23 +66,23 @@ def load_layer(vllm_config, layer, tensors):
     from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
+    from lvllm.config_keys import expert_activation
     from lvllm.vllm.moe_layer import LkMoEMethod
 
     config = vllm_config.model_config.hf_text_config
-    gate, up, down = layer.names
+    gate, up, down = layer.names or ("gate_proj", "up_proj", "down_proj")
     runner = FusedMoEFactory(
-        num_experts=layer.experts, top_k=config.num_experts_per_tok, hidden_size=config.hidden_size,
+        num_experts=layer.experts, top_k=vllm_config.model_config.get_num_experts_per_tok(),
+        hidden_size=config.hidden_size,
         intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
         quant_config=vllm_config.quant_config, prefix=layer.prefix, ckpt_names=(gate, down, up),
-        activation=getattr(config, "hidden_act", "silu"))
+        activation=expert_activation(config.to_dict()),
+        is_fused_checkpoint_transposed=bool(layer.fused and layer.fused.inputs_first))
     routed = next(m for m in runner.modules() if isinstance(m, RoutedExperts))
     method = routed.quant_method
     if not isinstance(method, LkMoEMethod):
         raise RuntimeError(f"{layer.prefix}: vLLM kept its own {type(method).__name__}; lk did not take the layer")
-    start = len(layer.prefix) + 1
-    names = [name for name in tensors.file_of if name.startswith(f"{layer.prefix}.")
-             and name[start:].split(".")[0].isdigit()]
-    weights = ((name[start:], tensors.get(name)) for name in names)
+    weights = runner_weights(layer, tensors)
     if vllm_config.quant_config is not None:   # as the model's loader maps them (GPTQ drops g_idx)
         weights = vllm_config.quant_config.get_checkpoint_weight_mapper().apply(weights)
     for _ in routed.load_weights(weights):

