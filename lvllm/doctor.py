@@ -30,7 +30,7 @@ import torch
 
 from lvllm import formats
 from lvllm.envs import EnvError, format_ranges, layer_spec
-from lvllm.model_shape import ConfigError, read_config
+from lvllm.model_shape import ConfigError, read_config, refuse_experts_per_modality
 from lvllm.reference import CheckpointTensors, expert_layers, expert_output, expert_weights, layer_format
 from lvllm.settings import Settings
 
@@ -287,8 +287,8 @@ def readable_layers(path: Path, tensors: CheckpointTensors) -> dict:
     layers = expert_layers(tensors)
     if not layers:
         raise ConfigError(f"{path}: no expert tensors doctor reads in its safetensors files (one per expert: "
-                          "layers.N....experts.E.gate_proj/w1...; fused as Llama 4, Gemma 4, Granite MoE or "
-                          "Step-3 store them)")
+                          "layers.N....experts.E.gate_proj/w1...; fused as Llama 4, Gemma 4, Granite MoE, "
+                          "Step-3 or Aria store them)")
     fused = next((layer for layer in layers.values() if layer.fused), None)
     if fused and layer_format(tensors, fused) not in FLOAT_FORMATS:
         raise ConfigError(f"{path}: fused experts stored as {layer_format(tensors, fused)} (doctor reads fused "
@@ -303,7 +303,7 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
     from lvllm.vllm.single_layer import load_layer, model_context
 
     path = Path(model).expanduser()
-    read_config(path)
+    refuse_experts_per_modality(*read_config(path))
     tensors = CheckpointTensors(path)
     layers = readable_layers(path, tensors)
     missing = sorted((chosen or frozenset()) - set(layers))

@@ -133,8 +133,21 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
                       "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, ModelOpt NVFP4, gpt-oss MXFP4)")
 
 
+def refuse_experts_per_modality(config: dict, where: str = "config.json") -> None:
+    """ConfigError where the config counts its experts per modality (ERNIE-4.5-VL: [text, vision],
+    which vLLM builds as two MoE layers per decoder layer, of different widths): plan and doctor
+    take one kind of expert per layer."""
+    text = config.get("text_config") or config
+    experts = first_set(text, *EXPERT_COUNT_KEYS)
+    if isinstance(experts, list):
+        raise ConfigError(f"{where}: experts per modality ({experts}: ERNIE-4.5-VL's text and vision experts, "
+                          "two MoE layers per decoder layer in vLLM), which lvllm plan and doctor do not "
+                          "split yet")
+
+
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
     """The shape of a MoE model from its Hugging Face config (``where`` names it in errors)."""
+    refuse_experts_per_modality(config, where)
     text = config.get("text_config") or config
     experts = first_set(text, *EXPERT_COUNT_KEYS)
     if not experts:

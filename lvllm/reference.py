@@ -102,6 +102,9 @@ FUSED_LAYOUTS = (
     # Step-3 (no transformers model): a [E, outputs, inputs] stack per projection, W[e] expert e's
     # Linear weight (vLLM's step3_text.py load_weights; Step-3.5's MoELinear: F.linear(x, weight[e])).
     FusedLayout("moe.experts", "moe.down_proj.weight", gate="moe.gate_proj.weight", up="moe.up_proj.weight"),
+    # Aria, AriaExperts: Llama 4's layout, which its checkpoints name experts.fc1.weight and
+    # fc2.weight (transformers renames them gate_up_proj and down_proj, conversion_mapping.py).
+    FusedLayout("mlp.experts", "mlp.experts.fc2.weight", gate_up="mlp.experts.fc1.weight", inputs_first=True),
 )
 
 

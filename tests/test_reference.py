@@ -150,7 +150,7 @@ def _bmm_experts(module, x, expert):
 
 
 def _routed_experts(module, x, expert):
-    """Gemma 4's and Granite's experts: the rows routed to ``expert`` alone, weight 1."""
+    """Gemma 4's, Granite's and Aria's experts: the rows routed to ``expert`` alone, weight 1."""
     return module(x, torch.full((len(x), 1), expert), torch.ones(len(x), 1, dtype=x.dtype))
 
 
@@ -165,6 +165,11 @@ FUSED_FAMILIES = {
     "Granite MoE": ("granitemoe", "GraniteMoeExperts", "GraniteMoeConfig",
                     {"intermediate_size": 6, "num_local_experts": 3},
                     ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"), _routed_experts),
+    # Aria's [E, H, 2I] and [E, I, H] as Llama 4's, under the checkpoint's fc1 and fc2 (transformers
+    # renames them, conversion_mapping.py); its config wants heads dividing the hidden size.
+    "Aria": ("aria", "AriaExperts", "AriaTextConfig", {"intermediate_size": 6, "moe_num_experts": 3,
+                                                       "num_attention_heads": 2},
+             ("mlp.experts.fc1.weight", "mlp.experts.fc2.weight"), _routed_experts),
 }
 
 
