@@ -263,6 +263,26 @@ def recorded_draft_experts(worker) -> dict:
     return worker.model_runner.lvllm_draft_experts
 
 
+def run_every_expert(worker, part: str) -> dict:
+    """For ``llm.collective_rpc``: each lk layer of the model whose name holds ``part``, run once by
+    lk on fixed rows, each row sent to every expert with equal weights: name -> (rows, expert ids,
+    weights, routed experts' output), as record_draft_experts keeps a forward."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from lvllm.vllm.moe_layer import LkMoEMethod
+
+    outputs = {}
+    for name, module in worker.model_runner.model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(module, RoutedExperts) and isinstance(method, LkMoEMethod) and part in name:
+            engine = method.experts.engine
+            x = torch.randn(4, engine.hidden_size, generator=torch.Generator().manual_seed(0))
+            ids = torch.arange(engine.num_experts, dtype=torch.int32).repeat(len(x), 1)
+            weights = torch.full(ids.shape, 1 / engine.num_experts)
+            outputs[name] = (x, ids, weights, method.experts.submit(x, ids, weights).wait().clone())
+    return outputs
+
+
 # --------------------------------------------------------------------------------------
 # what a run is held to: lk's answers against vLLM's own, and what lk_report must show
 # --------------------------------------------------------------------------------------
@@ -336,7 +356,7 @@ class TransformersReference:
     dequantized by transformers' own gpt-oss integration)."""
 
     def __init__(self, model: Path):
-        from transformers import AutoModelForCausalLM
+        from transformers_models import model_class
 
         config = json.loads((model / "config.json").read_text())
         extra = {}
@@ -344,7 +364,7 @@ class TransformersReference:
             from transformers import Mxfp4Config
 
             extra["quantization_config"] = Mxfp4Config(dequantize=True)
-        self.model, info = AutoModelForCausalLM.from_pretrained(
+        self.model, info = model_class(config["model_type"]).from_pretrained(
             model, dtype=torch.float64, attn_implementation="eager",
             experts_implementation="eager", output_loading_info=True, **extra)
         # Every tensor the model reads came from the checkpoint (none left at its init);
@@ -438,6 +458,27 @@ SWEEP_LOGPROB_TOL = 1e-4
 # vLLM's torch RoPE in an eager run, for the architectures its CPU RoPE op rotates wrong
 # (architecture_table.CPU_ROPE_3D).
 EAGER_TORCH_ROPE = {"compilation_config": {"custom_ops": ["all", "-rotary_embedding"]}}
+
+
+# Relative error of the routed experts' output against float64: float32 rounding over dot
+# products 64 long (~1e-7, measured below 1e-6); bfloat16 runs round inputs, weights and
+# output to 8 bits (2^-8).
+EXPERTS_TOL = {"float32": 1e-5, "bfloat16": 2 ** -6}
+
+
+def experts_float64(tensors: dict, prefix: str, x, topk_ids, topk_weights):
+    """The routed experts' output in float64 from the checkpoint's tensors (SiLU, gated)."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    x = x.double()
+    for token in range(x.shape[0]):
+        for expert, weight in zip(topk_ids[token].long().tolist(), topk_weights[token].double()):
+            def proj(name):
+                stacked = tensors.get(f"{prefix}.{name}.weight")   # [E, out, in] (Step-3.5)
+                return (stacked[expert] if stacked is not None
+                        else tensors[f"{prefix}.{expert}.{name}.weight"]).double()
+            hidden = torch.nn.functional.silu(proj("gate_proj") @ x[token]) * (proj("up_proj") @ x[token])
+            out[token] += weight * (proj("down_proj") @ hidden)
+    return out
 
 
 def assert_close_to_reference(run, reference) -> str:

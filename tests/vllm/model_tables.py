@@ -10,9 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_ROPE_3D, DIFFERING, DRAFTS_CANNOT_RUN,  # noqa: E402
-                                DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM, LK_ONLY,
-                                NOT_SWEPT, THROUGH_TEXT_MODEL, VLLM_BY_KEY, registered_moe_architectures, same_class_as)
+from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, CPU_MROPE_OFFSETS, CPU_ROPE_3D,  # noqa: E402
+                                DIFFERING, DRAFTS_CANNOT_RUN, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE,
+                                FAMILY_TESTED, LK_AND_VLLM, LK_ONLY, NOT_SWEPT, TEXT_ONLY, THROUGH_TEXT_MODEL,
+                                VLLM_BY_KEY, registered_moe_architectures, same_class_as)
 
 ROOT = Path(__file__).resolve().parents[2]
 END = "<!-- end models table -->"
@@ -54,7 +55,12 @@ def _standing() -> dict[str, tuple[str, str, str]]:
                                       arch.own_path_fails, arch.own_path_wrong,
                                       arch.skipped_bias and (arch.skipped_bias + "; lk reads it from the checkpoint"),
                                       arch.note,
-                                      CPU_ROPE_3D if arch.eager_rope_wrong else ""]))
+                                      CPU_ROPE_3D if arch.eager_rope_wrong else "",
+                                      CPU_MROPE_OFFSETS if arch.eager_mrope_fails else "",
+                                      TEXT_ONLY if arch.wrapper else "",
+                                      arch.vision_experts and (f"lk holds the {arch.vision_experts} layers too "
+                                                               "(image tokens' only: each expert checked against "
+                                                               "float64 alone)")]))
         rows[arch.name] = ("tested", own, why)
     for arch in VLLM_BY_KEY.values():
         rows[arch.name] = ("tested", "tested", "test_architectures_vllm, against vLLM's own CPU path (lk off); "

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vllm_models
-from architecture_table import BY_KEY, VLLM_BY_KEY
+from architecture_table import BY_KEY, PLAN_PER_MODALITY, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
@@ -155,14 +155,21 @@ def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monke
     plan's reading of the config names the MoE layers the sweep found and the checkpoint holds,
     the experts' count and top-k as vLLM reads them, their width as stored, and counts a layer's
     experts as the checkpoint stores them; doctor passes. The vLLM-only ones carry their config
-    as remote code (--trust-remote-code)."""
+    as remote code (--trust-remote-code). Both refuse experts counted per modality by name
+    (PLAN_PER_MODALITY)."""
     from vllm.config import ModelConfig
 
-    from lvllm.model_shape import checkpoint_layer_bytes, model_shape
+    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape
     from lvllm.reference import CheckpointTensors, expert_layers, expert_weights
 
     arch = BY_KEY.get(key) or VLLM_BY_KEY[key]
     model = vllm_models.swept_checkpoint(tmp_path, key)
+    if key in PLAN_PER_MODALITY:
+        for refused in (lambda: model_shape(json.loads((model / "config.json").read_text())),
+                        lambda: doctor(monkeypatch, model, trust_remote_code=True)):
+            with pytest.raises(ConfigError, match="experts per modality"):
+                refused()
+        return
     remote = key in VLLM_BY_KEY
     shape = model_shape(json.loads((model / "config.json").read_text()))
     tensors = CheckpointTensors(model)

@@ -35,10 +35,10 @@ import torch
 import transformers_models
 
 from architecture_table import BY_KEY, DRAFTS_BY_KEY, DRAFTS_RUN, DRAFTS_WITHOUT_MOE, FAMILY_TABLE, MOE_LAYER_CALL
-from e2e_common import (EAGER_TORCH_ROPE, CachedReference, TransformersReference, assert_close_to_reference,
-                        assert_lk_ran, assert_matches_reference, attention_backend, build_model, draft_lk_report,
-                        layer_index, record_draft_experts, record_proposals, recorded_draft_experts,
-                        recorded_proposals, run_llm)
+from e2e_common import (EAGER_TORCH_ROPE, EXPERTS_TOL, CachedReference, TransformersReference,
+                        assert_close_to_reference, assert_lk_ran, assert_matches_reference, attention_backend,
+                        build_model, draft_lk_report, experts_float64, layer_index, record_draft_experts,
+                        record_proposals, recorded_draft_experts, recorded_proposals, run_llm)
 
 FAMILIES_BY_KEY = {f.key: f for f in FAMILY_TABLE}
 SPECULATIVE_TOKENS = 1
@@ -217,27 +217,6 @@ def test_draft_moe_on_lk_matches_reference(draft_runs, references, key):
         assert_matches_reference(run, references(key), FAMILIES_BY_KEY[draft.target])
     else:
         assert_close_to_reference(run, references(key))
-
-
-# Relative error of the routed experts' output against float64: float32 rounding over dot
-# products 64 long (~1e-7, measured below 1e-6); bfloat16 runs round inputs, weights and
-# output to 8 bits (2^-8).
-EXPERTS_TOL = {"float32": 1e-5, "bfloat16": 2 ** -6}
-
-
-def experts_float64(tensors: dict, prefix: str, x, topk_ids, topk_weights):
-    """The routed experts' output in float64 from the checkpoint's tensors (SiLU, gated)."""
-    out = torch.zeros(x.shape, dtype=torch.float64)
-    x = x.double()
-    for token in range(x.shape[0]):
-        for expert, weight in zip(topk_ids[token].long().tolist(), topk_weights[token].double()):
-            def proj(name):
-                stacked = tensors.get(f"{prefix}.{name}.weight")   # [E, out, in] (Step-3.5)
-                return (stacked[expert] if stacked is not None
-                        else tensors[f"{prefix}.{expert}.{name}.weight"]).double()
-            hidden = torch.nn.functional.silu(proj("gate_proj") @ x[token]) * (proj("up_proj") @ x[token])
-            out[token] += weight * (proj("down_proj") @ hidden)
-    return out
 
 
 @pytest.mark.parametrize("key", list(DRAFTS_BY_KEY))

@@ -62,28 +62,46 @@ def for_transformers(checkpoint: Path) -> Path:
     return copy if copy.is_dir() else checkpoint
 
 
+def model_class(model_type: str):
+    """transformers' auto class that builds the whole model of a config's ``model_type``: the
+    causal LM, or a multimodal model's ForConditionalGeneration."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return AutoModelForCausalLM if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else AutoModelForImageTextToText
+
+
 def build(out: Path, model_type: str, architecture: str, config: dict, seed: int = 0,
-          unused_weights: str = "", extra_norms: tuple[str, ...] = ()) -> Path:
+          unused_weights: str = "", extra_norms: tuple[str, ...] = (), wrapper: dict | None = None,
+          keep_copy: bool = False) -> Path:
     """The checkpoint in ``out`` (kept when already there): ``model_type``'s config with
-    COMMON and ``config``, ``architecture`` as its architectures entry, float32, without the
+    COMMON and ``config`` (a multimodal model's: its text_config, with ``wrapper``'s keys
+    beside), ``architecture`` as its architectures entry, float32, without the
     tensors whose names match ``unused_weights`` (ones transformers allocates but never uses)
     and with the hidden-size norm weights ``extra_norms`` (ones real checkpoints carry and
-    transformers' model lacks), drawn as redraw draws a norm."""
+    transformers' model lacks), drawn as redraw draws a norm. ``keep_copy``: transformers'
+    own copy too, whatever the caller then makes of the checkpoint's config."""
     if (out / "config.json").exists():
         return out
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING
 
     out.mkdir(parents=True, exist_ok=True)
     vocab = _builder().build_tokenizer(out, VOCAB)
     settings = {**COMMON, **config, "vocab_size": vocab}
-    hf_config = AutoConfig.for_model(model_type, **settings)
+    config_class = CONFIG_MAPPING[model_type]
+    if wrapper:
+        text_config = config_class.sub_configs["text_config"](**settings)
+        hf_config = config_class(text_config=text_config, **wrapper)
+    else:
+        hf_config = config_class(**settings)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model = model_class(model_type).from_config(hf_config, dtype=torch.float32)
     redraw(model, seed)
     model.save_pretrained(out)
-    if unused_weights or extra_norms:
+    if keep_copy or unused_weights or extra_norms:
         # transformers loads only what it wrote: its reference reads the checkpoint as written.
         model.save_pretrained(out / TRANSFORMERS_COPY)
+    if unused_weights or extra_norms:
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(out / "model.safetensors")

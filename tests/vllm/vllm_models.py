@@ -13,8 +13,10 @@ names a family uses; weights are drawn as transformers_models.redraw draws them 
   noise of 0.1, so a path that drops one cannot hide.
 
 Real checkpoints of these families ship their config class as remote code; a tiny one carries
-configuration_tiny.py (a PretrainedConfig keeping every key of config.json) under auto_map and
-is loaded with trust_remote_code. The tokenizer is build_tiny_model.py's.
+configuration_tiny.py (a PretrainedConfig keeping every key of config.json, a vision tower's
+vision_config as a config of its own) under auto_map and is loaded with trust_remote_code. So
+does a swept checkpoint whose real ones ship such a config for vLLM (checkpoint_config: ERNIE-4.5-VL),
+its tensors written by transformers. The tokenizer is build_tiny_model.py's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ from transformers import PretrainedConfig
 
 class TinyConfig(PretrainedConfig):
     model_type = "{model_type}"
+
+    def __init__(self, vision_config=None, **kwargs):
+        super().__init__(**kwargs)
+        if vision_config is not None:   # vLLM reads a vision tower's settings as attributes
+            self.vision_config = PretrainedConfig(**vision_config)
 '''
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
@@ -139,13 +146,29 @@ def has_config_class(model_type: str) -> bool:
 
 def swept_checkpoint(root: Path, key: str) -> Path:
     """The tiny checkpoint of a swept architecture in ``root / key`` (kept when already there):
-    transformers writes BY_KEY's, ``write`` VLLM_BY_KEY's from their tensor lists."""
+    transformers writes BY_KEY's (with the config vLLM reads in the layout real checkpoints ship
+    where they differ: checkpoint_config), ``write`` VLLM_BY_KEY's from their tensor lists."""
     if key in BY_KEY:
         arch = BY_KEY[key]
-        return transformers_models.build(root / key, arch.model_type, arch.name, arch.config,
-                                         unused_weights=arch.unused_weights, extra_norms=arch.extra_norms)
+        out = transformers_models.build(root / key, arch.model_type, arch.name, arch.config,
+                                        unused_weights=arch.unused_weights, extra_norms=arch.extra_norms,
+                                        wrapper=arch.wrapper, keep_copy=bool(arch.checkpoint_config))
+        if arch.checkpoint_config:
+            saved = json.loads((transformers_models.for_transformers(out) / "config.json").read_text())
+            write_config(out, globals()[arch.checkpoint_config](saved))
+        return out
     arch = VLLM_BY_KEY[key]
     return write(root / key, arch.name, arch.model_type, arch.config, globals()[arch.tensors])
+
+
+def write_config(out: Path, config_json: dict) -> None:
+    """config.json, and configuration_tiny.py under auto_map where neither transformers nor vLLM
+    has the model type's config class."""
+    model_type = config_json["model_type"]
+    if not has_config_class(model_type):
+        (out / CONFIG_FILE).write_text(CONFIG_SOURCE.format(model_type=model_type))
+        config_json = {**config_json, "auto_map": {"AutoConfig": f"{CONFIG_FILE.removesuffix('.py')}.TinyConfig"}}
+    (out / "config.json").write_text(json.dumps(config_json, indent=2))
 
 
 def write(out: Path, architecture: str, model_type: str, config: dict, shapes, seed: int = 0) -> Path:
@@ -162,11 +185,7 @@ def write(out: Path, architecture: str, model_type: str, config: dict, shapes, s
     settings = {**COMMON, "rope_parameters": dict(ROPE), "rms_norm_eps": 1e-6, "hidden_act": "silu",
                 **config, "vocab_size": vocab}
     save_file(draw(shapes(settings), seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    config_json = {**settings, "architectures": [architecture], "model_type": model_type, "torch_dtype": "float32"}
-    if not has_config_class(model_type):
-        (out / CONFIG_FILE).write_text(CONFIG_SOURCE.format(model_type=model_type))
-        config_json["auto_map"] = {"AutoConfig": f"{CONFIG_FILE.removesuffix('.py')}.TinyConfig"}
-    (out / "config.json").write_text(json.dumps(config_json, indent=2))
+    write_config(out, {**settings, "architectures": [architecture], "model_type": model_type, "torch_dtype": "float32"})
     (out / "generation_config.json").write_text(json.dumps(
         {"eos_token_id": settings["eos_token_id"], "pad_token_id": settings["pad_token_id"]}, indent=2))
     return out
@@ -357,3 +376,40 @@ def mimo_v2(c: dict) -> dict:
         else:
             shapes.update(mlp(f"{p}.mlp", h, c["intermediate_size"]))
     return _ends(c, shapes)
+
+
+# --------------------------------------------------------------------------------------
+# configs as real checkpoints ship them for vLLM, from transformers' config of the same model
+# --------------------------------------------------------------------------------------
+
+ERNIE45_VL_TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                        "use_bias", "moe_k", "moe_intermediate_size", "moe_num_shared_experts", "bos_token_id",
+                        "eos_token_id", "pad_token_id")
+ERNIE45_VL_TOKEN_KEYS = ("image_start_token_id", "image_end_token_id", "video_start_token_id", "video_end_token_id")
+
+
+def ernie45_vl_remote_config(saved: dict) -> dict:
+    """ERNIE-4.5-VL as Baidu's checkpoints describe it (remote code, model_type ernie4_5_moe_vl),
+    the only layout vLLM reads: the text model's keys at the top, expert counts per modality (text,
+    vision), the MoE layers as an index range per modality, 3-D RoPE as the time axis's share of
+    the frequencies (freq_allocation; height and width split the rest), the vision tower's sizes
+    in its own names, and the resampler's (pixel_hidden_size, spatial/temporal_conv_size)."""
+    text, vision = saved["text_config"], saved["vision_config"]
+    sparse = [i for i, kind in enumerate(text["mlp_layer_types"]) if kind == "sparse"]
+    assert sparse == list(range(sparse[0], sparse[-1] + 1)), "vLLM takes one range of MoE layers"
+    height, width, time = text["rope_parameters"]["mrope_section"]
+    assert height == width == (text["head_dim"] // 2 - time) // 2, "vLLM splits the non-time frequencies evenly"
+    return {**{key: text[key] for key in ERNIE45_VL_TEXT_KEYS}, **{key: saved[key] for key in ERNIE45_VL_TOKEN_KEYS},
+            "architectures": saved["architectures"], "model_type": "ernie4_5_moe_vl", "torch_dtype": "float32",
+            "tie_word_embeddings": saved["tie_word_embeddings"], "rope_theta": text["rope_parameters"]["rope_theta"],
+            "freq_allocation": time, "moe_num_experts": [text["moe_num_experts"]] * 2,
+            "moe_layer_start_index": [sparse[0]] * 2, "moe_layer_end_index": [sparse[-1]] * 2,
+            "moe_layer_interval": 1, "im_patch_id": saved["image_token_id"],
+            "pixel_hidden_size": vision["hidden_size"], "spatial_conv_size": vision["spatial_merge_size"],
+            "temporal_conv_size": vision["temporal_merge_size"], "use_temporal_conv": True,
+            "vision_config": {"depth": vision["depth"], "embed_dim": vision["hidden_size"],
+                              "hidden_size": vision["hidden_size"], "hidden_act": vision["hidden_act"],
+                              "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"],
+                              "num_heads": vision["num_heads"], "in_channels": vision["in_channels"],
+                              "patch_size": vision["patch_size"], "spatial_merge_size": vision["spatial_merge_size"]}}
