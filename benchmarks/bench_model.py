@@ -130,9 +130,9 @@ SERVE_SCENARIOS = {
 }
 
 
-def model_env(config: str, cores: str) -> dict[str, str]:
+def model_env(config: str, cores: str, configs: dict[str, dict[str, str]] = CONFIGS) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
-    env.update(CONFIGS[config])
+    env.update(configs[config])
     if "LVLLM_EXPERT_STATS_INTERVAL" in env:   # a file of its own: each model refuses another's
         env["LVLLM_EXPERT_STATS"] = str(Path(tempfile.mkdtemp(prefix="lvllm-bench-")) / "expert-stats.json")
     env.update({"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1",

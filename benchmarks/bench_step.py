@@ -21,9 +21,11 @@ medians over the steps of --runs generations.
 
 vLLM's part = the token's time less lk's calls. Reference in the same run: the same model
 with lk off (`vllm`: LVLLM_MOE_NUMA_ENABLED=0, vLLM's own MoE and dense kernels), whose
-token time stands beside each configuration's.
+token time stands beside each configuration's; `lk-int4-all-python-wrapper` is lk-int4-all
+compiled with inductor's Python wrapper (LVLLM_CPU_CPP_WRAPPER=0), what the C++ one saves.
+Start-up: the LLM() call, compilation included (vLLM's and inductor's caches empty).
 
-    python benchmarks/bench_step.py                                  # 8 layers, lk-int4-all and vllm
+    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its Python wrapper, vllm
     python benchmarks/bench_step.py --layers 48 --experts 16 --configs lk-int4-all
     python benchmarks/bench_step.py --eager --json step.json
 """
@@ -37,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +49,9 @@ import harness  # noqa: E402
 
 REFERENCE = "vllm"
 MAX_MODEL_LEN = 512
+# bench_model's configurations, and lk-int4-all with inductor's Python wrapper (vLLM's own).
+CONFIGS = {**bench_model.CONFIGS,
+           "lk-int4-all-python-wrapper": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_CPU_CPP_WRAPPER": "0"}}
 
 # (label, module, class, method): the phases timed, outermost first.
 PHASES = (
@@ -112,12 +118,14 @@ def child(model: str, tokens: int, runs: int, eager: bool) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # engine and worker in this process
     clock = PhaseClock()
     clock.install()
+    started = time.perf_counter()
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
               seed=0, enable_prefix_caching=False, disable_log_stats=True)
     params = SamplingParams(temperature=0, max_tokens=1 + tokens, ignore_eos=True)
     prompt = {"prompt_token_ids": [5, 17, 29, 41]}
+    start_s = time.perf_counter() - started
     llm.generate([prompt], params, use_tqdm=False)   # warm-up
     decode_steps = []
     for _ in range(runs):
@@ -133,6 +141,7 @@ def child(model: str, tokens: int, runs: int, eager: bool) -> None:
 
     print("RESULT " + json.dumps({
         "steps": len(decode_steps),
+        "start_s": start_s,
         "parts_ms": {label: median_ms(lambda step: step.get(label, 0.0)) for label in labels},
         "token_ms": median_ms(lambda step: sum(step.values())),
         "vllm_part_ms": median_ms(lambda step: sum(step.values()) - sum(step.get(p, 0.0) for p in LK_PARTS)),
@@ -151,10 +160,17 @@ def build(models_dir: Path, layers: int, experts: int) -> Path:
 
 
 def measure(config: str, model: Path, args) -> dict:
-    env = bench_model.model_env(config, args.cores)
+    env = bench_model.model_env(config, args.cores, CONFIGS)
+    if env.get("LVLLM_MOE_NUMA_ENABLED") == "1":
+        # The engine runs in the child's own process, which imports vLLM before lvllm's plugin
+        # sets this for the engine processes it starts (lvllm.vllm.compile_options).
+        env.setdefault("VLLM_USE_LAYERNAME", "0")
     command = [sys.executable, __file__, "--child", str(model), "--tokens", str(args.tokens), "--runs", str(args.runs)]
-    done = subprocess.run(command + (["--eager"] if args.eager else []), env=env, capture_output=True, text=True,
-                          timeout=3600)
+    # A first start: inductor's own cache of compiled kernels and wrappers, empty for each child.
+    with tempfile.TemporaryDirectory(prefix="lvllm-bench-inductor-") as inductor_cache:
+        done = subprocess.run(command + (["--eager"] if args.eager else []),
+                              env={**env, "TORCHINDUCTOR_CACHE_DIR": inductor_cache}, capture_output=True,
+                              text=True, timeout=3600)
     results = [line[len("RESULT "):] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not results:
         raise SystemExit(f"{config} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -171,6 +187,8 @@ def report(results: dict, layers: int) -> list[str]:
     lines.append(harness.table_row(["**token**", *(f"**{results[c]['token_ms']:.2f}**" for c in configs)]))
     lines.append(harness.table_row(["vLLM's part (token less lk's calls)",
                                     *(f"{results[c]['vllm_part_ms']:.2f}" for c in configs)]))
+    lines.append(harness.table_row(["start-up s (LLM(), compile cache off)",
+                                    *(f"{results[c]['start_s']:.1f}" for c in configs)]))
     if reference:
         lines.append(harness.table_row(["token vs vllm", *(harness.ratio_cell(
             harness.ratio(results[c]["token_ms"], reference["token_ms"], higher_is_better=False)) for c in configs)]))
@@ -186,7 +204,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--configs", default=f"lk-int4-all,{REFERENCE}")
+    parser.add_argument("--configs", default=f"lk-int4-all,lk-int4-all-python-wrapper,{REFERENCE}")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens a generation")
     parser.add_argument("--runs", type=int, default=3, help="generations measured")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile)")
@@ -198,7 +216,7 @@ def main(argv=None) -> None:
     if args.child:
         child(args.child, args.tokens, args.runs, args.eager)
         return
-    configs = harness.choices(parser, "--configs", args.configs, bench_model.CONFIGS)
+    configs = harness.choices(parser, "--configs", args.configs, CONFIGS)
     model = build(args.models_dir, args.layers, args.experts)
     print(harness.header("bench_step", harness.machine(harness.parse_cpus(args.cores))))
     results = {config: measure(config, model, args) for config in configs}

@@ -8,15 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from lvllm import envs
+from lvllm import envs, envs_table
 
-TABLE_DOC = Path(__file__).resolve().parents[1] / envs.TABLE_DOC
+TABLE_DOC = Path(__file__).resolve().parents[1] / envs_table.TABLE_DOC
 
 
 def test_documented_table_matches_the_declarations():
     text = TABLE_DOC.read_text(encoding="utf-8")
-    assert envs.TABLE_BEGIN in text and envs.TABLE_END in text, f"{envs.TABLE_DOC} lacks the generated env table"
-    assert envs.with_table(text) == text, f"{envs.TABLE_DOC}'s table is stale: run python -m lvllm.envs --update {envs.TABLE_DOC}"
+    assert envs_table.TABLE_BEGIN in text and envs_table.TABLE_END in text, \
+        f"{envs_table.TABLE_DOC} lacks the generated env table"
+    assert envs_table.with_table(text) == text, \
+        f"{envs_table.TABLE_DOC}'s table is stale: run python -m lvllm.envs_table --update {envs_table.TABLE_DOC}"
 
 
 def test_setup_py_can_load_it_by_path_before_the_package_exists(tmp_path):

@@ -4,6 +4,7 @@ lvllm.plugin / lvllm.vllm.hooks.install, without starting vLLM."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 
 import pytest
@@ -302,6 +303,50 @@ def test_plugin_disabled_leaves_vllm_alone(monkeypatch):
     before = dict(op_registry_oot)
     plugin.register()
     assert op_registry_oot == before
+
+
+@pytest.mark.parametrize("users_value", [None, "1"])
+def test_cpp_wrapper_only_where_layer_names_are_strings(monkeypatch, users_value):
+    """lk on: the plugin sets VLLM_USE_LAYERNAME=0 for the processes started after it (keeping a
+    value the user set), and a compile in a process whose vLLM names layers with strings gets
+    inductor's C++ wrapper, one with opaque layer names vLLM's Python one; lk off, or
+    LVLLM_CPU_CPP_WRAPPER=0, touches neither."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
+    from vllm.utils import torch_utils
+
+    from lvllm import plugin
+    from lvllm.vllm import compile_options, hooks
+
+    vllm_init = TorchCompileWithNoGuardsWrapper.__init__
+    monkeypatch.setenv("VLLM_USE_LAYERNAME", "placeholder")   # restored afterwards, set or not
+    monkeypatch.delenv("VLLM_USE_LAYERNAME")
+    if users_value is not None:
+        monkeypatch.setenv("VLLM_USE_LAYERNAME", users_value)
+    for enabled, cpp_wrapper in [("0", "1"), ("1", "0")]:
+        monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", enabled)
+        monkeypatch.setenv("LVLLM_CPU_CPP_WRAPPER", cpp_wrapper)
+        hooks.uninstall()
+        plugin.register()
+        assert os.environ.get("VLLM_USE_LAYERNAME") == users_value
+        assert TorchCompileWithNoGuardsWrapper.__init__ is vllm_init
+    monkeypatch.setenv("LVLLM_CPU_CPP_WRAPPER", "1")
+    try:
+        hooks.uninstall()
+        plugin.register()
+        assert os.environ["VLLM_USE_LAYERNAME"] == (users_value or "0")
+        assert TorchCompileWithNoGuardsWrapper.__init__.lvllm_wraps is vllm_init
+        for layer_name_type, wrapper in [(str, "cpp"), (torch_utils.LayerName, "python")]:
+            monkeypatch.setattr(torch_utils, "LayerNameType", layer_name_type)
+            config = SimpleNamespace(backend="inductor", inductor_compile_config={})
+            compile_options.choose_wrapper(hooks.installation(), config)
+            assert hooks.installation().compile_wrapper == wrapper
+            assert config.inductor_compile_config.get("cpp_wrapper", False) == (wrapper == "cpp")
+    finally:
+        hooks.uninstall()
+    assert TorchCompileWithNoGuardsWrapper.__init__ is vllm_init
 
 
 def test_install_registers_once_and_refuses_a_rival(monkeypatch):

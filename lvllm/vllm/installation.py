@@ -46,6 +46,7 @@ class Installation:
         self.hot_updater = None       # HotUpdater.of makes it, with the first hot layer
         self._auto_split: tuple[frozenset[int], int] | None = None
         self._checkpoint: CheckpointTensors | bool | None = None   # False: none found
+        self.compile_wrapper: str | None = None   # inductor's "cpp" or "python" (compile_options)
 
     def auto_split(self) -> tuple[frozenset[int], int]:
         """(resident layers, hot experts a layer) as LVLLM_GPU_RESIDENT_MOE_LAYERS and

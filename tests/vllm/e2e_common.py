@@ -128,6 +128,10 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
     as ``RunResult.inspected``; ``prepare(llm)``: called before the prompts are generated;
     ``env``: further variables for the instance."""
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
+    if lk:
+        # What lvllm's plugin sets in the process that starts vLLM's workers (compile_options);
+        # plugins load once per process, so in this one only for its first instance.
+        overrides["VLLM_USE_LAYERNAME"] = "0"
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
     if dense_weight is not None:

@@ -72,10 +72,13 @@ def test_bfloat16_close_answers(llm_runs):
 
 def test_compiled_same_answers(llm_runs):
     """torch.compile (Dynamo + Inductor on CPU): lk sits in opaque custom ops, the dense
-    layers' too (the run test_dense checks them in)."""
+    layers' too (the run test_dense checks them in); with lk on inductor's C++ wrapper runs
+    the forward (LVLLM_CPU_CPP_WRAPPER), lk off vLLM's own Python one."""
     off = llm_runs("qwen2_moe", lk=False, eager=False)
     on = llm_runs("qwen2_moe", lk=True, eager=False, dense="ON")
     assert_lk_computed(on.report, {0, 1, 2, 3})
+    assert [w["compile_wrapper"] for w in on.report] == ["cpp"]
+    assert [w["compile_wrapper"] for w in off.report] == [None]
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
     # And compiled agrees with eager.
