@@ -121,17 +121,20 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
             resident: str | None = None, tp: int = 1, weight: str | None = None,
             group: int | None = None, quant_on_gpu: bool = False, dense: str | None = None,
             dense_weight: str | None = None, dense_group: int | None = None, llm_kwargs: dict | None = None, prompt_logprobs: bool = True,
-            inspect=None, prepare=None, env: dict | None = None) -> RunResult:
+            inspect=None, prepare=None, env: dict | None = None, cpp_wrapper: bool = False) -> RunResult:
     """One vLLM instance: greedy tokens, prompt logprobs and lk_report of PROMPTS.
     ``llm_kwargs``: extra (or overriding) arguments of vllm.LLM; ``prompt_logprobs=False``
     leaves them out (empty lists); ``inspect(llm)``: called before shutdown, its result kept
     as ``RunResult.inspected``; ``prepare(llm)``: called before the prompts are generated;
-    ``env``: further variables for the instance."""
+    ``env``: further variables for the instance; ``cpp_wrapper``: a compiled lk run with
+    inductor's C++ wrapper (LVLLM_CPU_CPP_WRAPPER), off unless asked: compiling it costs about
+    20 s an instance on 2 cores, and its outputs are test_compiled_same_answers' subject."""
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
     if lk:
         # What lvllm's plugin sets in the process that starts vLLM's workers (compile_options);
         # plugins load once per process, so in this one only for its first instance.
         overrides["VLLM_USE_LAYERNAME"] = "0"
+        overrides["LVLLM_CPU_CPP_WRAPPER"] = "1" if cpp_wrapper else "0"
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
     if dense_weight is not None:

@@ -72,11 +72,17 @@ def test_bfloat16_close_answers(llm_runs):
 
 def test_compiled_same_answers(llm_runs):
     """torch.compile (Dynamo + Inductor on CPU): lk sits in opaque custom ops, the dense
-    layers' too (the run test_dense checks them in); with lk on inductor's C++ wrapper runs
-    the forward (LVLLM_CPU_CPP_WRAPPER), lk off vLLM's own Python one."""
+    layers' too (qwen2_moe: attention with bias, a dense shared expert and its gate, all on
+    lk); with lk on inductor's C++ wrapper runs the forward (LVLLM_CPU_CPP_WRAPPER, the
+    default), lk off vLLM's own Python one."""
     off = llm_runs("qwen2_moe", lk=False, eager=False)
-    on = llm_runs("qwen2_moe", lk=True, eager=False, dense="ON")
+    on = llm_runs("qwen2_moe", lk=True, eager=False, dense="ON", cpp_wrapper=True)
     assert_lk_computed(on.report, {0, 1, 2, 3})
+    dense = on.report[0]["dense_layers"]["lk"]
+    for name in ("lm_head", "model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj",
+                 "model.layers.0.mlp.shared_expert.gate_up_proj", "model.layers.0.mlp.shared_expert.down_proj",
+                 "model.layers.0.mlp.shared_expert_gate"):
+        assert dense[name]["forward_calls"] > 0, name
     assert [w["compile_wrapper"] for w in on.report] == ["cpp"]
     assert [w["compile_wrapper"] for w in off.report] == [None]
     assert on.tokens == off.tokens
