@@ -5,6 +5,10 @@ vLLM's model code for each family reads them."""
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A checkpoint directory or config lvllm cannot plan for; the message names the file."""
+
+
 def first_set(config: dict, *names: str, default=None):
     """The value of the first of ``names`` the config sets (not None)."""
     for name in names:
@@ -15,10 +19,11 @@ def first_set(config: dict, *names: str, default=None):
 
 # A quantity's config keys, tried in order: the common name, then the families' own, as vLLM's
 # model code reads them (ERNIE 4.5 moe_num_experts and moe_k; Gemma 4 top_k_experts and
-# expert_intermediate_size; LongCat-Flash moe_topk and expert_ffn_hidden_size; Step-3 moe_top_k).
+# expert_intermediate_size; LongCat-Flash moe_topk and expert_ffn_hidden_size; Step-3 moe_top_k;
+# HY-V3 expert_hidden_dim, which vLLM reads where transformers reads moe_intermediate_size).
 EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_k", "top_k_experts", "moe_topk", "moe_top_k")
-EXPERT_WIDTH_KEYS = ("moe_intermediate_size", "expert_intermediate_size", "expert_ffn_hidden_size")
+EXPERT_WIDTH_KEYS = ("expert_hidden_dim", "moe_intermediate_size", "expert_intermediate_size", "expert_ffn_hidden_size")
 # LongCat-Flash: vLLM builds num_layers decoder layers (two attention blocks and one MoE each),
 # which transformers' num_hidden_layers counts twice.
 LAYER_KEYS = ("num_layers", "num_hidden_layers")

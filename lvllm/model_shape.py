@@ -9,15 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lvllm import formats
-from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, TOP_K_KEYS, expert_activation,
-                               first_set, moe_layer_indices)
+from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, TOP_K_KEYS, ConfigError,
+                               expert_activation, first_set, moe_layer_indices)
+from lvllm.dense_layout import DenseMatrix, dense_matrices_of, mla_dims
 from lvllm.placement import streams_in_gpu_prefill
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-class ConfigError(ValueError):
-    """A checkpoint directory or config lvllm cannot plan for; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -50,9 +47,7 @@ class ModelShape:
     storage: ExpertStorage
     vocab: int
     tied_embeddings: bool
-    dense_intermediate: int     # MLP of the layers that are not MoE
-    shared_intermediate: int    # shared experts of a MoE layer (0: none)
-    shared_gate: bool           # Qwen2-MoE's sigmoid gate on the shared expert
+    dense: tuple[DenseMatrix, ...]   # every weight matrix outside the routed experts (lvllm.dense_layout)
     heads: int
     kv_heads: int
     head_dim: int
@@ -153,7 +148,6 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     if not experts:
         raise ConfigError(f"{where} describes no routed experts (no {', '.join(EXPERT_COUNT_KEYS)}): "
                           "lvllm plans only Mixture-of-Experts models")
-    mixtral_like = first_set(text, *EXPERT_WIDTH_KEYS) is None   # the experts are intermediate_size wide
     needed = [("hidden_size",), LAYER_KEYS, TOP_K_KEYS, ("vocab_size",), (*EXPERT_WIDTH_KEYS, "intermediate_size")]
     missing = [" or ".join(keys) for keys in needed if first_set(text, *keys) is None]
     if missing:
@@ -165,29 +159,21 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"{where}: model dtype {dtype!r} is not one vLLM computes MoE in here "
                           f"(valid: {', '.join(DTYPE_BYTES)})")
-    # Shared experts: a count of experts' widths (ERNIE 4.5: moe_num_shared_experts), or a width
-    # (Step-3: share_expert_dim).
-    shared = int(first_set(text, "n_shared_experts", "moe_num_shared_experts", default=0)) * intermediate or int(
-        first_set(text, "shared_expert_intermediate_size", "share_expert_dim", default=0))
     heads = int(text.get("num_attention_heads") or 1)
-    mla = None
-    if text.get("kv_lora_rank"):
-        mla = {k: int(text.get(k) or 0) for k in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim",
-                                                   "qk_rope_head_dim", "v_head_dim")}
     model_type = str(text.get("model_type", config.get("model_type", "")))
+    moe_layers = moe_layer_indices(text, layers)
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
-        num_layers=layers, moe_layers=moe_layer_indices(text, layers), hidden=hidden,
+        num_layers=layers, moe_layers=moe_layers, hidden=hidden,
         intermediate=intermediate, experts=int(experts), top_k=int(first_set(text, *TOP_K_KEYS)),
         dtype=dtype, storage=expert_storage(config.get("quantization_config")
                                             or text.get("quantization_config"), where, model_type,
                                             hidden, intermediate),
         vocab=int(text["vocab_size"]), tied_embeddings=bool(first_set(text, "tie_word_embeddings", default=False)),
-        # Llama 4: experts intermediate_size wide, dense layers intermediate_size_mlp.
-        dense_intermediate=int(text.get("intermediate_size_mlp" if mixtral_like else "intermediate_size") or 0),
-        shared_intermediate=shared, shared_gate="shared_expert_intermediate_size" in text,
+        dense=dense_matrices_of({**text, "model_type": model_type}, where, layers, moe_layers, int(experts),
+                                intermediate),
         heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
-        head_dim=int(text.get("head_dim") or hidden // heads), mla=mla,
+        head_dim=int(text.get("head_dim") or hidden // heads), mla=mla_dims(text),
         max_positions=int(text.get("max_position_embeddings") or 4096),
         expert_activation=expert_activation({**text, "model_type": model_type}),
         expert_biases=model_type == "gpt_oss",   # gpt-oss's experts: biases and the clamped swiglu
@@ -241,7 +227,8 @@ def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: in
     return e * (weights // 2 + 4 * groups + groups // 2)   # AWQ: + int32 qzeros, 8 per word
 
 
-# Decoder-layer projections: a quantized checkpoint stores them as it stores the experts.
+# Decoder-layer projections (a token mixer's, "attention", or an MLP's): a quantized checkpoint
+# stores them as it stores the experts; lvllm.dense_layout's other kinds stay float.
 PROJECTIONS = ("attention", "dense MLP", "shared expert")
 # Checkpoint schemes whose projections stay float (MXFP4 checkpoints quantize the experts only;
 # NVFP4 ones as vLLM's CPU build needs them, their projections in exclude_modules: one that
@@ -249,61 +236,10 @@ PROJECTIONS = ("attention", "dense MLP", "shared expert")
 FLOAT_PROJECTIONS = ("float", "mxfp4", "nvfp4")
 
 
-@dataclass(frozen=True)
-class DenseMatrix:
-    """A weight matrix outside the routed experts as vLLM builds it: [outputs, inputs], ``count``
-    of them (one a layer that has it)."""
-
-    name: str
-    outputs: int
-    inputs: int
-    count: int
-    kind: str               # PROJECTIONS, "router", "LM head" or "embedding"
-    on_lk: bool = True      # whether lk's dense path may take it (lvllm.vllm.dense)
-
-    @property
-    def weights(self) -> int:
-        return self.outputs * self.inputs * self.count
-
-
-def _attention_matrices(shape: ModelShape) -> list[DenseMatrix]:
-    """q/k/v and o as vLLM fuses them (qkv_proj; MLA's fused_qkv_a_proj where q_lora_rank is set)."""
-    h, heads, n = shape.hidden, shape.heads, shape.num_layers
-    if not shape.mla:
-        return [DenseMatrix("qkv_proj", (heads + 2 * shape.kv_heads) * shape.head_dim, h, n, "attention"),
-                DenseMatrix("o_proj", h, heads * shape.head_dim, n, "attention")]
-    m = shape.mla
-    qk, latent = m["qk_nope_head_dim"] + m["qk_rope_head_dim"], m["kv_lora_rank"] + m["qk_rope_head_dim"]
-    if m["q_lora_rank"]:
-        q = [DenseMatrix("fused_qkv_a_proj", m["q_lora_rank"] + latent, h, n, "attention"),
-             DenseMatrix("q_b_proj", heads * qk, m["q_lora_rank"], n, "attention")]
-    else:
-        q = [DenseMatrix("q_proj", heads * qk, h, n, "attention"),
-             DenseMatrix("kv_a_proj_with_mqa", latent, h, n, "attention")]
-    # kv_b_proj: vLLM's CPU MLA reads its weight itself, so lk leaves it in the model dtype.
-    return q + [DenseMatrix("kv_b_proj", heads * (m["qk_nope_head_dim"] + m["v_head_dim"]), m["kv_lora_rank"], n,
-                            "attention", on_lk=False),
-                DenseMatrix("o_proj", h, heads * m["v_head_dim"], n, "attention")]
-
-
 def dense_matrices(shape: ModelShape) -> tuple[DenseMatrix, ...]:
-    """Every weight matrix outside the routed experts (norms and biases left out): attention,
-    dense MLPs of the layers that are not MoE, shared experts, routers, LM head, embedding."""
-    h, moe = shape.hidden, len(shape.moe_layers)
-    dense, shared = shape.dense_intermediate, shape.shared_intermediate
-    matrices = [
-        *_attention_matrices(shape),
-        DenseMatrix("gate_up_proj", 2 * dense, h, shape.num_layers - moe, "dense MLP"),
-        DenseMatrix("down_proj", h, dense, shape.num_layers - moe, "dense MLP"),
-        DenseMatrix("shared_expert.gate_up_proj", 2 * shared, h, moe, "shared expert"),
-        DenseMatrix("shared_expert.down_proj", h, shared, moe, "shared expert"),
-        DenseMatrix("gate", shape.experts, h, moe, "router", on_lk=False),   # a GateLinear: lk leaves it
-        # Qwen2-MoE's sigmoid gate: a ReplicatedLinear, which lk takes.
-        DenseMatrix("shared_expert_gate", 1, h, moe if shape.shared_gate else 0, "router"),
-        DenseMatrix("lm_head", shape.vocab, h, 1, "LM head"),
-        DenseMatrix("embed_tokens", shape.vocab, h, 1, "embedding", on_lk=False),
-    ]
-    return tuple(m for m in matrices if m.weights)
+    """Every weight matrix outside the routed experts (norms and biases left out): each layer's
+    attention or other token mixer, dense MLPs, shared experts, routers, LM head, embedding."""
+    return shape.dense
 
 
 def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:

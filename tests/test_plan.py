@@ -400,6 +400,25 @@ def test_moe_layers_by_the_rules_of_vllms_model_code():
         3, (0, 1, 2), 4, 2, 16)
 
 
+def test_gemma4_full_attention_read_as_transformers_config_sets_it():
+    """vLLM's Gemma 4 layers take their head size and K/V heads from per_layer_config
+    (gemma4.py:578-580), which transformers' Gemma4TextConfig derives from global_head_dim and,
+    with attention_k_eq_v, num_global_key_value_heads (512 and the common heads where unset): a
+    config.json without per_layer_config is planned as the config class's own dict of it."""
+    from transformers import Gemma4TextConfig
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "enable_moe_block": True,
+             "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32, "hidden_size_per_layer_input": 0,
+             "layer_types": ["sliding_attention", "full_attention", "full_attention"]}
+    for own in ({}, {"global_head_dim": 64}, {"global_head_dim": 16},   # as the common head size: no overrides
+                {"global_head_dim": 64, "num_global_key_value_heads": 1, "attention_k_eq_v": True}):
+        raw = {"model_type": "gemma4_text", **sizes, **own}
+        derived = Gemma4TextConfig(**sizes, **own).to_dict()
+        assert "per_layer_config" not in raw and "per_layer_config" in derived
+        assert dense_matrices(model_shape(raw)) == dense_matrices(model_shape(derived)), own
+
+
 def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):
     with pytest.raises(ConfigError, match="no experts|describes no routed experts"):
         model_shape({"hidden_size": 8, "num_hidden_layers": 2}, "x/config.json")

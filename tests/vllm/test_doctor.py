@@ -8,15 +8,22 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import pytest
 import torch
 
 import vllm_models
-from architecture_table import BY_KEY, PLAN_PER_MODALITY, VLLM_BY_KEY
+from architecture_table import BY_KEY, PLAN_PER_MODALITY, SWEPT, SWEPT_AGAINST_VLLM, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
+# Swept checkpoints' tensors outside the routed experts that lvllm plan does not count: a pattern
+# of their names, and why.
+NOT_PLANNED = {
+    "AriaForConditionalGeneration": (r"^(vision_tower|multi_modal_projector)\.",
+                                     "the vision tower and its projector: plan counts the language model"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -149,17 +156,51 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
     assert len(rows) == 7 and all(row.endswith("fail" if damaged in row else "pass") for row in rows), report
 
 
+def planned_tensor_bytes(tensors, layers, key: str) -> int:
+    """The checkpoint's bytes that lvllm plan counts outside the routed experts: every tensor but
+    the experts' (ExpertLayer.tensor_names), the vectors (at most one dimension above 1: norms,
+    biases, routers' scales and correction biases, which plan leaves out) and NOT_PLANNED's."""
+    experts = {name for layer in layers.values() for name in layer.tensor_names(tensors)}
+    unplanned = {name for name in tensors.file_of if key in NOT_PLANNED and re.search(NOT_PLANNED[key][0], name)}
+    assert bool(unplanned) == (key in NOT_PLANNED), f"NOT_PLANNED[{key!r}] matches none of the checkpoint's tensors"
+    return sum(tensors.get(name).nbytes for name in tensors.file_of
+               if name not in experts | unplanned and sum(size > 1 for size in tensors.shape(name)) >= 2)
+
+
+def refused_layouts(config: dict, where: str) -> None:
+    """lvllm plan refuses the config with each setting its family's layout does not model (LAYOUTS'
+    refused), naming the family and the setting."""
+    from lvllm.dense_layout import layout_of
+    from lvllm.model_shape import ConfigError, model_shape
+
+    text = config.get("text_config") or config
+    for setting, what in layout_of(text, where).refused:
+        changed = {**text, setting: 1}
+        with pytest.raises(ConfigError, match=re.escape(f"{text['model_type']} with {setting} 1: lvllm plan does not "
+                                                        f"model its {what}")):
+            model_shape({**config, "text_config": changed} if "text_config" in config else changed, where)
+
+
+def test_layouts_plan_refuses_are_swept_families():
+    """Each refusal in LAYOUTS is checked on a swept checkpoint of its family (refused_layouts)."""
+    from lvllm.dense_layout import LAYOUTS
+
+    swept = {arch.model_type for arch in (*SWEPT, *SWEPT_AGAINST_VLLM)}
+    assert {family for family, layout in LAYOUTS.items() if layout.refused} <= swept
+
+
 @pytest.mark.parametrize("key", [*BY_KEY, *VLLM_BY_KEY])
 def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
     """The sweeps' tiny checkpoints (test_architectures*.py), a tensor per expert or fused: lvllm
     plan's reading of the config names the MoE layers the sweep found and the checkpoint holds,
     the experts' count and top-k as vLLM reads them, their width as stored, and counts a layer's
-    experts as the checkpoint stores them; doctor passes. The vLLM-only ones carry their config
+    experts as the checkpoint stores them, and the weights outside them as the checkpoint's
+    tensors (planned_tensor_bytes); doctor passes. The vLLM-only ones carry their config
     as remote code (--trust-remote-code). Both refuse experts counted per modality by name
     (PLAN_PER_MODALITY)."""
     from vllm.config import ModelConfig
 
-    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, model_shape
+    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, dense_weight_bytes, model_shape
     from lvllm.reference import CheckpointTensors, expert_layers, expert_weights
 
     arch = BY_KEY.get(key) or VLLM_BY_KEY[key]
@@ -171,10 +212,13 @@ def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monke
                 refused()
         return
     remote = key in VLLM_BY_KEY
-    shape = model_shape(json.loads((model / "config.json").read_text()))
+    config = json.loads((model / "config.json").read_text())
+    shape = model_shape(config)
     tensors = CheckpointTensors(model)
     layers = expert_layers(tensors)
     assert set(shape.moe_layers) == set(arch.moe_layers) == set(layers), shape
+    assert dense_weight_bytes(shape) == planned_tensor_bytes(tensors, layers, key), dense_matrices(shape)
+    refused_layouts(config, str(model / "config.json"))
     vllm_reading = ModelConfig(model=str(model), trust_remote_code=remote)
     assert (shape.experts, shape.top_k) == (vllm_reading.get_num_experts(), vllm_reading.get_num_experts_per_tok())
     for layer in layers.values():
