@@ -62,7 +62,7 @@ process, random prompts, ignore_eos, greedy), one round per scenario and server:
 and 512 prompt tokens and decode tok/s (1 / TPOT) of one stream; aggregate output tok/s of
 4, 8 and 16 streams started together (128 in, 64 out each, their prefills included). Beside
 them, with llama.cpp: llama-server on the GGUF of each served lk configuration's bits (16
-slots, continuous batching, threads pinned as llama-bench's), measured by the same client
+slots, continuous batching, no prompt cache, threads pinned as llama-bench's), measured by the same client
 through its OpenAI completions endpoint, --rounds rounds after the vllm serve runs.
 
     python benchmarks/bench_model.py                        # everything (about an hour)
@@ -427,7 +427,7 @@ def bench_client(port: int, backend: str, tokenizer: Path, scenario: str, label:
         result, probes = harness.bracketed(lambda: bench_serve(bench_args), bandwidth_gbs)
     if result.get("failed"):
         raise RuntimeError(f"vllm bench serve ({label}, {scenario}): {result['failed']} request(s) "
-                           f"failed: {result['errors']}")
+                           f"failed: {result.get('errors', 'the server log says why')}")
     return {"ttft_ms": result["median_ttft_ms"], "tpot_ms": result["median_tpot_ms"],
             "output_tok_s": result["output_throughput"], "bandwidth_gbs": probes}
 
@@ -463,6 +463,8 @@ def run_llama_server(model: Path, ggufs: dict, args) -> dict:
                 results[fmt] = {"rounds": [{scenario: bench_client(port, "openai", model, scenario,
                                                                    f"llama-server {fmt}")
                                             for scenario in SERVE_SCENARIOS} for _ in range(args.rounds)]}
+            except RuntimeError as error:
+                raise RuntimeError(f"{error}\nllama-server's log:\n{log.read_text()[-3000:]}") from None
             finally:
                 harness.stop_group(proc)
     return results
@@ -820,6 +822,8 @@ def main(argv=None):
             entry["served"] = run_served(models, configs, args)
             print(f"\n## {layers} layers, vllm serve ({mode}) measured by vllm bench serve")
             print("\n".join(served_table(entry["served"])))
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
             served_ggufs = {fmt: gguf for fmt, gguf in ggufs.items()
                             if isinstance(gguf, Path) and EQUAL_BITS[fmt] in configs}
             if served_ggufs:

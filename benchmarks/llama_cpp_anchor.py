@@ -215,13 +215,14 @@ class LlamaCpp:
     def server(self, gguf: Path, cores: str, slots: int, context_per_slot: int, port: int, log: Path):
         """llama-server on ``gguf``: ``slots`` sequences decoded together (continuous batching),
         each with ``context_per_slot`` tokens of KV cache, one thread per core of ``cores``,
-        pinned as llama-bench's; served as the model "bench". The process, started in its own
-        session (harness.stop_group ends it)."""
+        pinned as llama-bench's, no prompt cache (vllm serve runs without prefix caching);
+        served as the model "bench". The process, started in its own session
+        (harness.stop_group ends it)."""
         cpus = harness.parse_cpus(cores)
         mask = hex(sum(1 << cpu for cpu in cpus))
         command = ["taskset", "-c", cores, self.bin / "llama-server", "-m", gguf, "--host", "127.0.0.1",
                    "--port", port, "-t", len(cpus), "-tb", len(cpus), "-C", mask, "--cpu-strict", "1",
-                   "-np", slots, "-c", slots * context_per_slot, "--alias", "bench"]
+                   "-np", slots, "-c", slots * context_per_slot, "--no-cache-prompt", "--alias", "bench"]
         return subprocess.Popen([str(c) for c in command], stdout=log.open("w"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
