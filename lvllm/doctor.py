@@ -59,7 +59,7 @@ INT8_ACTIVATIONS = INT4_ACTIVATIONS * 254 / 65534
 # INT4 0.12 (groups 32 to 512; about 0.10 with the default 128).
 DENSE_QUANTIZED = {"int8": 0.016, "int4": 0.24}
 # Decoder-layer matrices lk's dense path leaves alone, by a part of their name (lvllm.vllm.dense,
-# lvllm.model_shape.dense_matrices): the MoE routers (vLLM's GateLinear: mlp.gate, Gemma 4's
+# ModelShape.dense): the MoE routers (vLLM's GateLinear: mlp.gate, Gemma 4's
 # router.proj, Granite's router.layer) and MLA's kv_b_proj. Qwen2-MoE's shared_expert_gate is
 # quantized by serving but not checked: one output over a few rows gives no stable relative error
 # (seen: a correct INT4 one at 0.29 in 4 one-token calls, 0.02-0.14 elsewhere).

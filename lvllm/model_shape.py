@@ -236,12 +236,6 @@ PROJECTIONS = ("attention", "dense MLP", "shared expert")
 FLOAT_PROJECTIONS = ("float", "mxfp4", "nvfp4")
 
 
-def dense_matrices(shape: ModelShape) -> tuple[DenseMatrix, ...]:
-    """Every weight matrix outside the routed experts (norms and biases left out): each layer's
-    attention or other token mixer, dense MLPs, shared experts, routers, LM head, embedding."""
-    return shape.dense
-
-
 def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
     """A matrix's bytes as the checkpoint loads it: projections take the experts' stored bytes
     per weight (FP8 and 8-bit integers: 1, 4-bit integers: 0.5), the rest the model dtype."""
@@ -263,7 +257,7 @@ def tied_head(shape: ModelShape, matrix: DenseMatrix) -> bool:
 
 def dense_weight_bytes(shape: ModelShape, tp: int = 1) -> int:
     """Weights outside the routed experts as the checkpoint loads them (as they sit on the GPU), per rank."""
-    return sum(stored_bytes(shape, m) for m in dense_matrices(shape) if not tied_head(shape, m)) // tp
+    return sum(stored_bytes(shape, m) for m in shape.dense if not tied_head(shape, m)) // tp
 
 
 def kv_bytes_per_token(shape: ModelShape, tp: int = 1) -> int:
@@ -290,7 +284,7 @@ def dense_bytes(shape: ModelShape, mode: str, per_token: bool = False, group: in
     (no GPU) and LVLLM_DENSE_QUANT_GROUP_SIZE=group; ``per_token``: those a decode token reads
     (all but the embedding, of which one row)."""
     total = 0
-    for matrix in dense_matrices(shape):
+    for matrix in shape.dense:
         quantized = mode != "TO_DTYPE" and float_on_lk(shape, matrix)
         if per_token and matrix.kind == "embedding":
             continue

@@ -16,7 +16,7 @@ import torch
 from lvllm import envs, expert_stats, formats, plan, plan_command
 from lvllm.lk.linear import planned_linear_bytes
 from lvllm.config_keys import moe_layer_indices
-from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, float_on_lk, model_shape, read_config
+from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, float_on_lk, model_shape, read_config
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
 from lvllm.settings import Settings
 
@@ -154,7 +154,7 @@ def test_qwen3_30b_dense_bytes():
     k and v [512, 2048], o [2048, 4096] = 18,874,368 weights and the router [128, 2048] (kept
     bf16); the LM head [151936, 2048]; the embedding as large, in RAM but not read per token."""
     shape = model_shape(QWEN3_30B)
-    assert [(m.name, m.outputs, m.inputs, m.count) for m in dense_matrices(shape)] == [
+    assert [(m.name, m.outputs, m.inputs, m.count) for m in shape.dense] == [
         ("qkv_proj", 5120, 2048, 48), ("o_proj", 2048, 4096, 48), ("gate", 128, 2048, 48),
         ("lm_head", 151936, 2048, 1), ("embed_tokens", 151936, 2048, 1)]
     attention, router, head = [(4096, 2048), (512, 2048), (512, 2048), (2048, 4096)], 128 * 2048, 151936 * 2048
@@ -182,7 +182,7 @@ def test_deepseek_like_dense_bytes():
     reads it itself: bf16), o [7168, 128 x 128]; dense MLP [2 x 18432, 7168] + [7168, 18432];
     shared expert [2 x 2048, 7168] + [7168, 2048]; router [256, 7168]; LM head [129280, 7168]."""
     shape = model_shape({**DEEPSEEK_V3, "quantization_config": None})
-    kinds = {m.name: (m.outputs, m.inputs, m.count, m.on_lk) for m in dense_matrices(shape)}
+    kinds = {m.name: (m.outputs, m.inputs, m.count, m.on_lk) for m in shape.dense}
     assert kinds["fused_qkv_a_proj"] == (2112, 7168, 61, True) and kinds["kv_b_proj"] == (32768, 512, 61, False)
     assert kinds["gate_up_proj"] == (36864, 7168, 3, True)
     assert kinds["shared_expert.down_proj"] == (7168, 2048, 58, True)
@@ -220,7 +220,7 @@ def test_the_users_dense_group_is_counted():
     """LVLLM_DENSE_QUANT_GROUP_SIZE=32: INT4's float32 scale and offset come every 32 inputs, not
     128, a quarter byte a weight more in RAM and in what a token reads."""
     shape = model_shape(QWEN3_30B)
-    weights = sum(m.count * m.outputs * m.inputs for m in dense_matrices(shape) if float_on_lk(shape, m))
+    weights = sum(m.count * m.outputs * m.inputs for m in shape.dense if float_on_lk(shape, m))
     for per_token in (False, True):
         extra = plan.dense_bytes(shape, "INT4", per_token, 32) - plan.dense_bytes(shape, "INT4", per_token)
         assert extra == weights * 8 // 32 - weights * 8 // 128
@@ -416,7 +416,7 @@ def test_gemma4_full_attention_read_as_transformers_config_sets_it():
         raw = {"model_type": "gemma4_text", **sizes, **own}
         derived = Gemma4TextConfig(**sizes, **own).to_dict()
         assert "per_layer_config" not in raw and "per_layer_config" in derived
-        assert dense_matrices(model_shape(raw)) == dense_matrices(model_shape(derived)), own
+        assert model_shape(raw).dense == model_shape(derived).dense, own
 
 
 def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):

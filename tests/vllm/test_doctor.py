@@ -200,7 +200,7 @@ def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monke
     (PLAN_PER_MODALITY)."""
     from vllm.config import ModelConfig
 
-    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_matrices, dense_weight_bytes, model_shape
+    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_weight_bytes, model_shape
     from lvllm.reference import CheckpointTensors, expert_layers, expert_weights
 
     arch = BY_KEY.get(key) or VLLM_BY_KEY[key]
@@ -217,7 +217,7 @@ def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monke
     tensors = CheckpointTensors(model)
     layers = expert_layers(tensors)
     assert set(shape.moe_layers) == set(arch.moe_layers) == set(layers), shape
-    assert dense_weight_bytes(shape) == planned_tensor_bytes(tensors, layers, key), dense_matrices(shape)
+    assert dense_weight_bytes(shape) == planned_tensor_bytes(tensors, layers, key), shape.dense
     refused_layouts(config, str(model / "config.json"))
     vllm_reading = ModelConfig(model=str(model), trust_remote_code=remote)
     assert (shape.experts, shape.top_k) == (vllm_reading.get_num_experts(), vllm_reading.get_num_experts_per_tok())
