@@ -241,20 +241,25 @@ def recorded_proposals(worker) -> list:
 DRAFT_EXPERT_CALLS = 6
 
 
-def record_draft_experts(worker) -> None:
-    """For ``llm.collective_rpc`` before generating: keep the first DRAFT_EXPERT_CALLS
-    forwards of each of the draft model's lk layers (input, routing, routed experts' output),
-    for a reference to recompute (``recorded_draft_experts`` reads them back)."""
+def lk_layers(model):
+    """(name, lk's fused-MoE method) of each of ``model``'s MoE layers lk computes."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
     from lvllm.vllm.moe_layer import LkMoEMethod
 
+    for name, module in model.named_modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(module, RoutedExperts) and isinstance(method, LkMoEMethod) and method.experts:
+            yield name, method
+
+
+def record_draft_experts(worker) -> None:
+    """For ``llm.collective_rpc`` before generating: keep the first DRAFT_EXPERT_CALLS
+    forwards of each of the draft model's lk layers (input, routing, routed experts' output),
+    for a reference to recompute (``recorded_draft_experts`` reads them back)."""
     drafter = getattr(worker.model_runner, "drafter", None)
     worker.model_runner.lvllm_draft_experts = calls = {}
-    for name, module in drafter.model.named_modules():
-        method = getattr(module, "quant_method", None)
-        if not (isinstance(module, RoutedExperts) and isinstance(method, LkMoEMethod) and method.experts):
-            continue
+    for name, method in lk_layers(drafter.model):
         experts, kept = method.experts, calls.setdefault(name, [])
 
         def recording(x, topk_ids, topk_weights, *args, _forward=experts.forward, _kept=kept, **kwargs):
@@ -274,14 +279,9 @@ def run_every_expert(worker, part: str) -> dict:
     """For ``llm.collective_rpc``: each lk layer of the model whose name holds ``part``, run once by
     lk on fixed rows, each row sent to every expert with equal weights: name -> (rows, expert ids,
     weights, routed experts' output), as record_draft_experts keeps a forward."""
-    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
-
-    from lvllm.vllm.moe_layer import LkMoEMethod
-
     outputs = {}
-    for name, module in worker.model_runner.model.named_modules():
-        method = getattr(module, "quant_method", None)
-        if isinstance(module, RoutedExperts) and isinstance(method, LkMoEMethod) and part in name:
+    for name, method in lk_layers(worker.model_runner.model):
+        if part in name:
             engine = method.experts.engine
             x = torch.randn(4, engine.hidden_size, generator=torch.Generator().manual_seed(0))
             ids = torch.arange(engine.num_experts, dtype=torch.int32).repeat(len(x), 1)
