@@ -73,6 +73,21 @@ def mimo_v2_heads(text: dict, layer: int) -> Heads:
     return replace(common, v_head_dim=int(text.get("v_head_dim") or common.head_dim))
 
 
+def step3_heads(text: dict, layer: int) -> Heads:
+    """step3_text.py:162-164, 237: one K/V head."""
+    return replace(common_heads(text), kv_heads=1)
+
+
+def step3p5_heads(text: dict, layer: int) -> Heads:
+    """step3p5.py:412-436: num_attention_groups K/V heads; layers of attention_other_setting's
+    attention_type take its heads, groups and head size."""
+    other, kinds = text.get("attention_other_setting") or {}, text.get("layer_types") or ()
+    own = other if other and layer < len(kinds) and kinds[layer] == other.get("attention_type") else {}
+    heads = int(own.get("num_attention_heads") or text["num_attention_heads"])
+    head_dim = int(own.get("head_dim") or text.get("head_dim") or int(text["hidden_size"]) // heads)
+    return Heads(heads, int(own.get("num_attention_groups") or text["num_attention_groups"]), head_dim, head_dim)
+
+
 # transformers' Gemma4TextConfig: full-attention layers' head size where the config names none.
 GEMMA4_GLOBAL_HEAD_DIM = 512
 
@@ -152,6 +167,20 @@ def lfm2_short_conv(text: dict) -> list[DenseMatrix]:
             DenseMatrix("out_proj", h, h, 1, "attention")]
 
 
+def gated_delta_net(text: dict) -> list[DenseMatrix]:
+    """qwen3_next.py -> qwen_gdn_linear_attn.py:502-590: q, k, v and the output gate z in one projection,
+    the decay and beta gates (b, a) a value head each, the convolution over q, k and v (3-D, never
+    quantized) and the out projection."""
+    h = int(text["hidden_size"])
+    keys = int(text["linear_num_key_heads"]) * int(text["linear_key_head_dim"])
+    values = int(text["linear_num_value_heads"]) * int(text["linear_value_head_dim"])
+    return [DenseMatrix("in_proj_qkvz", 2 * keys + 2 * values, h, 1, "attention"),
+            DenseMatrix("in_proj_ba", 2 * int(text["linear_num_value_heads"]), h, 1, "attention"),
+            DenseMatrix("conv1d", 2 * keys + values, int(text["linear_conv_kernel_dim"]), 1, "convolution",
+                        on_lk=False),
+            DenseMatrix("out_proj", h, values, 1, "attention")]
+
+
 def no_gate(text: dict, heads: Heads) -> int:
     return 0
 
@@ -162,6 +191,10 @@ def laguna_gate(text: dict, heads: Heads) -> int:
     if not gating:
         return 0
     return heads.heads if gating is True or gating == "per-head" else heads.heads * heads.head_dim
+
+
+def qwen3_next_gate(text: dict, heads: Heads) -> int:
+    return heads.heads * heads.head_dim if text.get("attn_output_gate", True) else 0
 
 
 @dataclass(frozen=True)
@@ -195,7 +228,14 @@ LAYOUTS = {
                                  "gemma4.py:405-420, 596-607)"))),
     # longcat_flash.py:267-310: two MLA blocks and two ffn_hidden_size-wide MLPs beside each MoE block.
     "longcat_flash": Layout(blocks=2, dense_width=("ffn_hidden_size",), mlp_on_moe_layers=True),
-    "step3_text": Layout(attention=step3_attention),   # step3_text.py:161-193
+    "step3_text": Layout(heads=step3_heads, attention=step3_attention),   # step3_text.py:161-193
+    # step3p5.py:190-230: g_proj, a gate per head where use_head_wise_attn_gate.
+    "step3p5": Layout(heads=step3p5_heads,
+                      attention_gate=lambda text, heads: heads.heads if text.get("use_head_wise_attn_gate") else 0),
+    # qwen3_next.py:315-330: the queries' output gate (attn_output_gate, on unless false); linear_attention
+    # layers are Gated DeltaNet. Qwen3.5's text model (qwen3_5.py) builds the same layers.
+    "qwen3_next": Layout(attention_gate=qwen3_next_gate, mixers={"linear_attention": gated_delta_net}),
+    "qwen3_5_moe_text": Layout(attention_gate=qwen3_next_gate, mixers={"linear_attention": gated_delta_net}),
     # afmoe.py:216-221: gate_proj, a gate per attention output channel.
     "afmoe": Layout(attention_gate=lambda text, heads: heads.heads * heads.head_dim),
     # laguna.py:184-194: its shared expert has no sigmoid gate.

@@ -5,13 +5,14 @@ the experts' stored format, the dense matrices. Read without vLLM, for ``lvllm p
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lvllm import formats
 from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, TOP_K_KEYS, ConfigError,
                                expert_activation, first_set, moe_layer_indices)
-from lvllm.dense_layout import DenseMatrix, dense_matrices_of, mla_dims
+from lvllm.dense_layout import DenseMatrix, dense_matrices_of
+from lvllm.kv_layout import FULL, STATE, CacheLayer, cache_layers, sequence_bytes
 from lvllm.placement import streams_in_gpu_prefill
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -48,10 +49,7 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     dense: tuple[DenseMatrix, ...]   # every weight matrix outside the routed experts (lvllm.dense_layout)
-    heads: int
-    kv_heads: int
-    head_dim: int
-    mla: dict | None            # kv_lora_rank, q_lora_rank, qk_nope/rope_head_dim, v_head_dim
+    cache: tuple[CacheLayer, ...]    # what each layer keeps in the KV cache (lvllm.kv_layout)
     max_positions: int
     expert_activation: str = "silu"
     expert_biases: bool = False
@@ -140,6 +138,25 @@ def refuse_experts_per_modality(config: dict, where: str = "config.json") -> Non
                           "split yet")
 
 
+# What transformers' config classes fill in where config.json leaves it out (Qwen3-Next's layer_types
+# from full_attention_interval, gpt-oss's alternation and window), which vLLM reads so.
+COMPLETED_KEYS = ("layer_types", "sliding_window")
+
+
+def completed(text: dict, model_type: str) -> dict:
+    """The text config with COMPLETED_KEYS as transformers' config class for the model type sets
+    them; as it stands where transformers has no class for it or cannot build it."""
+    if all(text.get(key) is not None for key in COMPLETED_KEYS):
+        return text
+    from transformers import AutoConfig
+
+    try:
+        built = AutoConfig.for_model(model_type, **{k: v for k, v in text.items() if k != "model_type"})
+    except Exception:   # noqa: BLE001 - no class for the model type, or a partial config it refuses
+        return text
+    return {**text, **{key: getattr(built, key, None) for key in COMPLETED_KEYS}}
+
+
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
     """The shape of a MoE model from its Hugging Face config (``where`` names it in errors)."""
     refuse_experts_per_modality(config, where)
@@ -159,8 +176,8 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     if dtype not in DTYPE_BYTES:
         raise ConfigError(f"{where}: model dtype {dtype!r} is not one vLLM computes MoE in here "
                           f"(valid: {', '.join(DTYPE_BYTES)})")
-    heads = int(text.get("num_attention_heads") or 1)
     model_type = str(text.get("model_type", config.get("model_type", "")))
+    typed = {**completed(text, model_type), "model_type": model_type}
     moe_layers = moe_layer_indices(text, layers)
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
@@ -170,12 +187,10 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
                                             or text.get("quantization_config"), where, model_type,
                                             hidden, intermediate),
         vocab=int(text["vocab_size"]), tied_embeddings=bool(first_set(text, "tie_word_embeddings", default=False)),
-        dense=dense_matrices_of({**text, "model_type": model_type}, where, layers, moe_layers, int(experts),
-                                intermediate),
-        heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
-        head_dim=int(text.get("head_dim") or hidden // heads), mla=mla_dims(text),
+        dense=dense_matrices_of(typed, where, layers, moe_layers, int(experts), intermediate),
+        cache=cache_layers(typed, where, layers),
         max_positions=int(text.get("max_position_embeddings") or 4096),
-        expert_activation=expert_activation({**text, "model_type": model_type}),
+        expert_activation=expert_activation(typed),
         expert_biases=model_type == "gpt_oss",   # gpt-oss's experts: biases and the clamped swiglu
     )
 
@@ -260,14 +275,38 @@ def dense_weight_bytes(shape: ModelShape, tp: int = 1) -> int:
     return sum(stored_bytes(shape, m) for m in shape.dense if not tied_head(shape, m)) // tp
 
 
-def kv_bytes_per_token(shape: ModelShape, tp: int = 1) -> int:
-    """KV cache per token in the model dtype, per rank: MLA keeps one latent (kv_lora_rank +
-    rope dims) per layer on every rank; other attention K and V per KV head, heads split over
-    the ranks."""
-    if shape.mla:
-        return shape.num_layers * (shape.mla["kv_lora_rank"] + shape.mla["qk_rope_head_dim"]) * shape.dtype_bytes
-    heads = -(-shape.kv_heads // tp)   # a KV head split by fewer ranks is replicated
-    return shape.num_layers * 2 * heads * shape.head_dim * shape.dtype_bytes
+def state_bytes(shape: ModelShape, gpus: int) -> int:
+    """Bytes a value of a recurrent state: float32 on CPU-only hosts, where vLLM's CPU platform sets
+    mamba_ssm_cache_dtype to float32 (on CPUs with AVX-512 BF16; an upper bound on others), else
+    the model dtype."""
+    return shape.dtype_bytes if gpus else 4
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int, gpus: int = 0) -> int:
+    """The KV cache and states one sequence of ``tokens`` holds, per rank of ``gpus`` (0: CPU only)."""
+    return sequence_bytes(shape.cache, tokens, shape.dtype_bytes, state_bytes(shape, gpus), max(1, gpus))
+
+
+def kv_token_bytes(shape: ModelShape) -> int:
+    """K and V a token adds in the layers that keep the whole sequence."""
+    return sum(layer.count * layer.kv_heads * layer.head_elements * shape.dtype_bytes
+               for layer in shape.cache if layer.kind == FULL)
+
+
+def describe_cache(shape: ModelShape) -> str:
+    """The KV cache per token of the layers that keep every token, then what the windowed and
+    state layers keep, for plan's summary."""
+    full = sum(layer.count for layer in shape.cache if layer.kind == FULL)
+    parts = [f"KV cache {kv_token_bytes(shape) / 1024:.1f} KiB per token in {full} layer(s)"]
+    for layer in shape.cache:
+        if layer.kind == STATE:
+            size = kv_cache_bytes(replace(shape, cache=(replace(layer, count=1),)), 0)
+            parts.append(f"{layer.count} state layer(s) of {size / 1024:.1f} KiB per sequence")
+        elif layer.kind != FULL:
+            per_token = layer.kv_heads * layer.head_elements * shape.dtype_bytes
+            parts.append(f"{layer.count} {layer.kind} layer(s) of {per_token / 1024:.1f} KiB per token "
+                         f"over the last {layer.window} tokens")
+    return ", ".join(parts)
 
 
 def _lk_dense_bytes(matrix: DenseMatrix, mode: str, group: int | None) -> int:

@@ -30,7 +30,7 @@ from lvllm.expert_stats import device_share
 from lvllm.envs import EnvError, format_ranges
 from lvllm.machine import Machine
 from lvllm.memory import GIB
-from lvllm.model_shape import ModelShape, checkpoint_layer_bytes, dense_bytes, dense_weight_bytes, kv_bytes_per_token
+from lvllm.model_shape import ModelShape, checkpoint_layer_bytes, dense_bytes, dense_weight_bytes, kv_cache_bytes
 from lvllm.settings import default_threads
 
 # vLLM's share of each GPU that the plan hands it (gpu-memory-utilization).
@@ -157,7 +157,7 @@ def gpu_fit(shape: ModelShape, gpu_memory: int, tp: int, max_model_len: int, lk_
     experts (None: no streaming)."""
     moe = shape.moe_layers
     fit = GpuFit((), gpu_memory, utilization, max_model_len, dense_weight_bytes(shape, tp),
-                 kv_bytes_per_token(shape, tp) * max_model_len, checkpoint_layer_bytes(shape, tp=tp))
+                 kv_cache_bytes(shape, max_model_len, tp), checkpoint_layer_bytes(shape, tp=tp))
     if fit.left >= len(moe) * fit.layer:   # every layer resident: nothing left to stream
         return replace(fit, resident=moe, reason="every MoE layer fits")
     if fit.left < 0:
@@ -268,7 +268,7 @@ def make_plan(shape: ModelShape, machine: Machine, max_model_len: int | None = N
     ranks = Ranks(machine.gpus) if machine.gpus else cpu_ranks
     gpu, kv_space = None, 0
     if not machine.gpus:
-        kv_space = max(1, -(-kv_bytes_per_token(shape) * max_model_len // GIB))
+        kv_space = max(1, -(-kv_cache_bytes(shape, max_model_len) // GIB))
     for resolved in candidate_formats(shape):
         if machine.gpus:
             gpu = _fit_gpu(shape, machine, max_model_len, resolved)

@@ -10,7 +10,7 @@ from lvllm import envs, expert_stats, formats
 from lvllm import plan as plan_module
 from lvllm.envs import DENSE_WEIGHT_MODES, EnvError, format_ranges
 from lvllm.machine import probe_machine
-from lvllm.model_shape import (ConfigError, ModelShape, dense_bytes, dense_weight_bytes, kv_bytes_per_token,
+from lvllm.model_shape import (ConfigError, ModelShape, dense_bytes, dense_weight_bytes, describe_cache,
                                model_shape, read_config)
 from lvllm.plan import (GPU_UTILIZATION, MAX_GRAPH_TOKENS, HotAlternative, Plan, Ranks, gib_text, hot_alternative,
                         lk_rank_layer_bytes, make_plan, users_dense_mode)
@@ -46,8 +46,8 @@ def render(plan: Plan, model: str, stats: Path | None = None, counts: dict | Non
         f"lvllm plan: {model} ({shape.architecture}, {_storage(shape)})",
         f"  model: {shape.num_layers} layers, {len(shape.moe_layers)} MoE: {shape.experts} experts of "
         f"{shape.hidden} x {shape.intermediate}, {shape.top_k} per token, {shape.dtype}; "
-        f"{gib_text(dense_weight_bytes(shape))} outside the routed experts; KV cache "
-        f"{kv_bytes_per_token(shape) / 1024:.1f} KiB per token",
+        f"{gib_text(dense_weight_bytes(shape))} outside the routed experts; "
+        f"{describe_cache(shape)}",
         f"  machine: {gib_text(machine.ram)} RAM ({machine.notes.get('ram', 'given')}), {machine.cores} cores, "
         f"{machine.numa_nodes} NUMA node(s), "
         + (f"{machine.gpus} GPU(s) of {gib_text(machine.gpu_memory)} ({machine.notes.get('gpu', 'given')})"

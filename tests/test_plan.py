@@ -16,7 +16,8 @@ import torch
 from lvllm import envs, expert_stats, formats, plan, plan_command
 from lvllm.lk.linear import planned_linear_bytes
 from lvllm.config_keys import moe_layer_indices
-from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, float_on_lk, model_shape, read_config
+from lvllm.model_shape import (ConfigError, checkpoint_layer_bytes, float_on_lk, kv_cache_bytes, model_shape,
+                               read_config)
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
 from lvllm.settings import Settings
 
@@ -401,7 +402,7 @@ def test_moe_layers_by_the_rules_of_vllms_model_code():
 
 
 def test_gemma4_full_attention_read_as_transformers_config_sets_it():
-    """vLLM's Gemma 4 layers take their head size and K/V heads from per_layer_config
+    """vLLM's Gemma 4 layers take their head size and K/V heads (for the weights and the KV cache) from per_layer_config
     (gemma4.py:578-580), which transformers' Gemma4TextConfig derives from global_head_dim and,
     with attention_k_eq_v, num_global_key_value_heads (512 and the common heads where unset): a
     config.json without per_layer_config is planned as the config class's own dict of it."""
@@ -410,13 +411,51 @@ def test_gemma4_full_attention_read_as_transformers_config_sets_it():
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "enable_moe_block": True,
              "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 32, "hidden_size_per_layer_input": 0,
-             "layer_types": ["sliding_attention", "full_attention", "full_attention"]}
+             "layer_types": ["sliding_attention", "full_attention", "full_attention"], "sliding_window": 64}
     for own in ({}, {"global_head_dim": 64}, {"global_head_dim": 16},   # as the common head size: no overrides
                 {"global_head_dim": 64, "num_global_key_value_heads": 1, "attention_k_eq_v": True}):
         raw = {"model_type": "gemma4_text", **sizes, **own}
         derived = Gemma4TextConfig(**sizes, **own).to_dict()
         assert "per_layer_config" not in raw and "per_layer_config" in derived
         assert model_shape(raw).dense == model_shape(derived).dense, own
+        assert model_shape(raw).cache == model_shape(derived).cache, own
+
+
+# Qwen3-Next-80B-A3B's config.json: no layer_types (transformers' config class makes every
+# full_attention_interval-th layer full attention, the others Gated DeltaNet).
+QWEN3_NEXT_80B = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 2048,
+                  "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+                  "full_attention_interval": 4, "linear_num_key_heads": 16, "linear_num_value_heads": 32,
+                  "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+                  "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+                  "shared_expert_intermediate_size": 512, "intermediate_size": 5120, "vocab_size": 151936,
+                  "torch_dtype": "bfloat16"}
+# gpt-oss-120b's: no layer_types (every other layer, from the first, sees the last sliding_window tokens).
+GPT_OSS_120B = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
+                "num_hidden_layers": 36, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+                "sliding_window": 128, "num_local_experts": 128, "num_experts_per_tok": 4, "intermediate_size": 2880,
+                "vocab_size": 201088, "torch_dtype": "bfloat16"}
+
+
+def test_kv_cache_of_hybrid_and_windowed_models():
+    """A sequence's KV cache and states (test_architectures and test_families hold each layer's
+    reading to vLLM's own KV cache spec): Qwen3-Next's 12 attention layers keep K and V of every
+    token, its 36 Gated DeltaNet layers a fixed state; gpt-oss's sliding layers 128 tokens."""
+    qwen = model_shape(QWEN3_NEXT_80B)
+    # Attention: 12 layers x 2 K/V heads x (256 + 256) x 2 bytes = 24,576 bytes a token. A DeltaNet
+    # layer: convolution 3 x (2 x 16 x 128 + 32 x 128) x 2 bytes = 49,152; state 32 x 128 x 128 =
+    # 524,288 values, float32 on a CPU-only host (2,097,152), bf16 on a GPU (1,048,576).
+    assert kv_cache_bytes(qwen, 32768) == 32768 * 24_576 + 36 * (49_152 + 2_097_152) == 882_573_312
+    assert kv_cache_bytes(qwen, 32768, gpus=1) == 32768 * 24_576 + 36 * (49_152 + 1_048_576) == 844_824_576
+    # Two GPUs: one K/V head each, half of each state.
+    assert kv_cache_bytes(qwen, 32768, gpus=2) == 32768 * 12_288 + 36 * (49_152 + 1_048_576) // 2
+    oss = model_shape(GPT_OSS_120B)
+    # 18 full and 18 sliding layers of 8 K/V heads x (64 + 64) x 2 bytes = 2,048 bytes a token each.
+    assert kv_cache_bytes(oss, 4096) == 18 * 2_048 * 4096 + 18 * 2_048 * 128 == 155_713_536
+    assert kv_cache_bytes(oss, 100) == 36 * 2_048 * 100
+    assert "KV cache 36.0 KiB per token in 18 layer(s), 18 sliding window layer(s) of 2.0 KiB per token over " \
+           "the last 128 tokens" in plan_command.render(plan.make_plan(oss, machine(ram=512, cores=64, bandwidth=300),
+                                                                      4096), "/models/gpt-oss")
 
 
 def test_bad_input_is_refused_with_the_file_and_what_is_valid(tmp_path):

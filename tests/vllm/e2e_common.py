@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -100,12 +101,13 @@ DEEPSEEK_LOSSY_DIMS = ("--dtype", "bfloat16", "--router-skew", "3")
 
 
 class RunResult:
-    def __init__(self, tokens, prompt_logprobs, report, prompt_token_ids=None, inspected=None):
+    def __init__(self, tokens, prompt_logprobs, report, prompt_token_ids=None, inspected=None, kv_cache=None):
         self.tokens = tokens                      # per prompt: greedy output token ids
         self.prompt_logprobs = prompt_logprobs    # per prompt: logprob of each prompt token
         self.report = report                      # per worker: lvllm.vllm.hooks.lk_report
         self.prompt_token_ids = prompt_token_ids  # per prompt: the ids vLLM tokenized it to
         self.inspected = inspected                # run_llm's inspect(llm), if given
+        self.kv_cache = kv_cache                  # the first worker's kv_cache_layers
 
 
 def attention_backend(model: Path, dtype: str) -> str | None:
@@ -182,13 +184,29 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
                                                          out.prompt_token_ids[1:])]
                                 if prompt_logprobs else [])
             report = llm.apply_model(lk_report)
+            kv_cache = llm.collective_rpc(kv_cache_layers)[0]
             inspected = inspect(llm) if inspect is not None else None
             llm.collective_rpc(exit_without_teardown)
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()
-    return RunResult(tokens, logprobs, report, prompt_ids, inspected)
+    return RunResult(tokens, logprobs, report, prompt_ids, inspected, kv_cache)
+
+
+def kv_cache_layers(worker) -> dict:
+    """For ``llm.collective_rpc``: what each layer keeps in the KV cache, by the worker's own
+    KV cache spec: name -> (spec class, K/V heads, K and V elements a head, window,
+    the state's tensors as (elements, bytes a value))."""
+    layers = {}
+    for name, spec in worker.model_runner.get_kv_cache_spec().items():
+        states = tuple((math.prod(shape), dtype.itemsize) for shape, dtype in zip(getattr(spec, "shapes", ()),
+                                                                                  getattr(spec, "dtypes", ())))
+        heads = getattr(spec, "num_kv_heads", 0)
+        elements = getattr(spec, "head_size", 0) + getattr(spec, "head_size_v", 0)
+        window = getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None) or 0
+        layers[name] = (type(spec).__name__, heads, elements, window, states)
+    return layers
 
 
 
@@ -486,6 +504,37 @@ def experts_float64(tensors: dict, prefix: str, x, topk_ids, topk_weights):
             hidden = torch.nn.functional.silu(proj("gate_proj") @ x[token]) * (proj("up_proj") @ x[token])
             out[token] += weight * (proj("down_proj") @ hidden)
     return out
+
+
+# vLLM's KV cache spec classes, as lvllm.kv_layout names what a layer keeps.
+SPEC_KINDS = {"FullAttentionSpec": "full attention", "MLAAttentionSpec": "full attention",
+              "SlidingWindowSpec": "sliding window", "ChunkedLocalAttentionSpec": "chunked local attention",
+              "MambaSpec": "state"}
+
+
+def assert_plan_reads_kv_cache(model: Path, run) -> None:
+    """lvllm plan's reading of the checkpoint's config (lvllm.kv_layout) is, layer by layer, what
+    the run's worker keeps in its KV cache (kv_cache_layers): the kind, K/V heads and their
+    elements a token, the window; a state's convolution and recurrent elements. Where vLLM's CPU platform keeps recurrent states in float32 (CPUs with AVX-512 BF16), plan counts
+    that; elsewhere plan's float32 is an upper bound."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from lvllm.kv_layout import STATE, CacheLayer
+    from lvllm.model_shape import model_shape, state_bytes
+
+    shape = model_shape(json.loads((model / "config.json").read_text()))
+    kept = Counter()
+    for name, (spec, heads, elements, window, states) in run.kv_cache.items():
+        kind = SPEC_KINDS[spec]
+        if kind == STATE:
+            (conv, _), *recurrent = states
+            kept[CacheLayer(STATE, conv_elements=conv, ssm_elements=sum(n for n, _ in recurrent))] += 1
+            if torch.cpu._is_avx512_bf16_supported():
+                assert all(size == state_bytes(shape, gpus=0) for _, size in recurrent), (name, states)
+        else:
+            kept[CacheLayer(kind, heads, elements, window)] += 1
+    assert Counter({replace(layer, count=1): layer.count for layer in shape.cache}) == kept, (shape.cache, kept)
 
 
 def assert_close_to_reference(run, reference) -> str:

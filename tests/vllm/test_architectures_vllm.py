@@ -14,7 +14,7 @@ import pytest
 
 import vllm_models
 from architecture_table import VLLM_BY_KEY
-from e2e_common import assert_upstream, layer_index, run_llm
+from e2e_common import assert_plan_reads_kv_cache, assert_upstream, layer_index, run_llm
 
 # Both runs are float32 and differ only in how the routed experts are summed (lk's kernels vs
 # vLLM's CPU MoE kernel): float32 rounding (6e-8 relative) over 2 layers of dot products up to
@@ -49,6 +49,7 @@ def test_lk_on_matches_lk_off(checkpoints, key):
         assert all(layer["forward_calls"] > 0 for layer in worker["lk_layers"].values()), worker
         assert not any(layer["bias_from_checkpoint"] for layer in worker["lk_layers"].values()), worker
     assert any(len(set(tokens)) > 3 for tokens in run.tokens), f"degenerate greedy output: {run.tokens}"
+    assert_plan_reads_kv_cache(model, run)
     own = run_llm(model, lk=False, llm_kwargs=REMOTE_CONFIG)
     assert_upstream(own.report)
     deviation = lk_off_deviation(run, own)

@@ -164,7 +164,13 @@ def planned_tensor_bytes(tensors, layers, key: str) -> int:
     unplanned = {name for name in tensors.file_of if key in NOT_PLANNED and re.search(NOT_PLANNED[key][0], name)}
     assert bool(unplanned) == (key in NOT_PLANNED), f"NOT_PLANNED[{key!r}] matches none of the checkpoint's tensors"
     return sum(tensors.get(name).nbytes for name in tensors.file_of
-               if name not in experts | unplanned and sum(size > 1 for size in tensors.shape(name)) >= 2)
+               if name not in experts | unplanned and is_matrix(name, tensors.shape(name)))
+
+
+def is_matrix(name: str, shape) -> bool:
+    """Two dimensions above 1, or a linear layer's [1, inputs] weight (Qwen's shared_expert_gate); not
+    ERNIE's [1, experts] correction bias."""
+    return sum(size > 1 for size in shape) >= 2 or (len(shape) == 2 and name.endswith(".weight"))
 
 
 def refused_layouts(config: dict, where: str) -> None:

@@ -54,7 +54,7 @@ from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, DIFFERING, DR
                                 DRAFTS_WITHOUT_MOE, FAMILY_TABLE, FAMILY_TESTED, LK_AND_VLLM, MOE_LAYER_CALL,
                                 NOT_ON_VLLM_CPU, NOT_SWEPT, STATUSES, THROUGH_TEXT_MODEL, VLLM_BY_KEY, model_imports,
                                 registered_moe_architectures, same_class_as)
-from e2e_common import (CachedReference, TransformersReference, assert_lk_ran,
+from e2e_common import (CachedReference, TransformersReference, assert_lk_ran, assert_plan_reads_kv_cache,
                         assert_matches_reference, assert_upstream, attention_backend, build_model,
                         draft_lk_report, layer_index, run_llm)
 
@@ -531,10 +531,11 @@ def test_family_table():
 
 
 @pytest.mark.parametrize("key", LK_RUNS)
-def test_lk_on_matches_reference(runs, references, key):
+def test_lk_on_matches_reference(models, runs, references, key):
     family = FAMILIES_BY_KEY[key]
     run = runs(key, lk=True)
     assert_lk_ran(run.report, set(family.moe_layers))
+    assert_plan_reads_kv_cache(models(key), run)
     summary = run.report[0]["summary"]
     if "w4a16-experts" in family.builder:
         assert "(int4 g32," in summary, summary   # KEEP: the checkpoint's INT4 as stored
