@@ -430,17 +430,11 @@ QWEN3_NEXT_80B = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen
                   "num_experts": 512, "num_experts_per_tok": 10, "moe_intermediate_size": 512,
                   "shared_expert_intermediate_size": 512, "intermediate_size": 5120, "vocab_size": 151936,
                   "torch_dtype": "bfloat16"}
-# gpt-oss-120b's: no layer_types (every other layer, from the first, sees the last sliding_window tokens).
-GPT_OSS_120B = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "hidden_size": 2880,
-                "num_hidden_layers": 36, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
-                "sliding_window": 128, "num_local_experts": 128, "num_experts_per_tok": 4, "intermediate_size": 2880,
-                "vocab_size": 201088, "torch_dtype": "bfloat16"}
-
-
 def test_kv_cache_of_hybrid_and_windowed_models():
     """A sequence's KV cache and states (test_architectures and test_families hold each layer's
     reading to vLLM's own KV cache spec): Qwen3-Next's 12 attention layers keep K and V of every
-    token, its 36 Gated DeltaNet layers a fixed state; gpt-oss's sliding layers 128 tokens."""
+    token, its 36 Gated DeltaNet layers a fixed state; gpt-oss's sliding layers 128 tokens (GPT_OSS_120B
+    names neither layer_types nor sliding_window: transformers' config class sets both)."""
     qwen = model_shape(QWEN3_NEXT_80B)
     # Attention: 12 layers x 2 K/V heads x (256 + 256) x 2 bytes = 24,576 bytes a token. A DeltaNet
     # layer: convolution 3 x (2 x 16 x 128 + 32 x 128) x 2 bytes = 49,152; state 32 x 128 x 128 =
