@@ -314,8 +314,9 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
     settings = replace(settings, resident_layers=frozenset(), gpu_prefill_min_batch=0)
     dense = {index: dense_inputs(tensors, layers[index]) for index in picked}
     head = head_input(tensors, layers[picked[-1]])
-    width = max([34] + [len(dense_row_name(stem)) + 2 for inputs in [*dense.values(), [head] if head else []]
-                        for stem, _ in inputs])
+    width = max([34] + [len(layers[index].prefix) + 2 for index in picked]
+                + [len(dense_row_name(stem)) + 2 for inputs in [*dense.values(), [head] if head else []]
+                   for stem, _ in inputs])
     checks, method = [], None
     with model_context(str(path), dtype, settings, trust_remote_code) as (vllm_config, installation):
         model_dtype = vllm_config.model_config.dtype
