@@ -106,10 +106,11 @@ class Check:
     decode_error: float
     expected: float
     lk_format: str
+    mismatch: str = ""   # a shape lk holds otherwise than the checkpoint stores it: fails whatever the error
 
     @property
     def verdict(self) -> str:
-        return verdict(max(self.error, self.decode_error), self.expected)
+        return "fail" if self.mismatch else verdict(max(self.error, self.decode_error), self.expected)
 
 
 def rms_normed(rows: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
@@ -139,8 +140,13 @@ def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, t
     # What the model hands lk, in its dtype; the reference takes the same values.
     inputs = {kind: x.to(dtype) for kind, x in input_sets(tensors, layer, engine.hidden_size, seed).items()}
     refs = {kind: torch.empty(layer.experts, TOKENS, engine.hidden_size, dtype=torch.float64) for kind in inputs}
+    mismatch = ""
     for e in range(layer.experts):   # one expert's float64 weights at a time: a layer's would not fit
         weights = expert_weights(tensors, layer, e)
+        # vLLM's loader fills a wider MoE layer's first rows from narrower tensors without a word
+        # (routed_experts.py _load_w13, _load_w2): the same outputs from a layer built too wide.
+        if weights[0].shape[0] != engine.intermediate_size:
+            mismatch = f"lk holds experts {engine.intermediate_size} wide, the checkpoint's are {weights[0].shape[0]}"
         for kind, x in inputs.items():
             refs[kind][e] = expert_output(*weights, x.double(), engine.activation)
     checks = []
@@ -161,7 +167,7 @@ def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, t
             decode_ref.append((gates.double()[:, None] * ref[chosen, t]).sum(0))
         decode_error = float((torch.stack(decode_out) - torch.stack(decode_ref)).norm() / torch.stack(decode_ref).norm())
         checks.append(Check(layer.prefix, kind, float(per_expert[worst]), worst, decode_error, expected,
-                            formats.describe(engine.weight_format, engine.group_size)))
+                            formats.describe(engine.weight_format, engine.group_size), mismatch))
     return checks
 
 
@@ -256,7 +262,8 @@ def dense_plan(settings: Settings, model_dtype: torch.dtype, device_type: str) -
 def print_check(check: Check, width: int, out) -> None:
     expert = f" ({check.worst_expert:>3})" if check.worst_expert is not None else " " * 6
     print(f"  {check.layer:<{width}}{check.lk_format:<11}{check.inputs:<19}{check.error:>10.2e}{expert}"
-          f"{check.decode_error:>10.2e}{check.expected:>10.1e}  {check.verdict}", file=out)
+          f"{check.decode_error:>10.2e}{check.expected:>10.1e}  {check.verdict}"
+          + (f": {check.mismatch}" if check.mismatch else ""), file=out)
 
 
 def decode_rate(engine, top_k: int, dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, int]:

@@ -266,6 +266,25 @@ def test_a_misread_fused_layout_fails(checkpoints, swept, monkeypatch):
     assert "result: FAIL in model.layers.0.feed_forward.experts, model.layers.1.feed_forward.experts" in report
 
 
+def test_an_expert_set_built_wider_than_stored_fails(checkpoints, swept, monkeypatch):
+    """ERNIE-4.5-VL's vision experts built with its text experts' width: vLLM's loader fills the
+    wider layer's first rows from the checkpoint's without a word, and the outputs match, but lk
+    would hold twice the bytes of what the checkpoint stores; doctor fails that layer, saying so."""
+    from lvllm.vllm import single_layer
+
+    load_layer = single_layer.load_layer
+
+    def with_text_width(vllm_config, layer, tensors):
+        config = vllm_config.model_config.hf_text_config
+        monkeypatch.setattr(config, "moe_intermediate_size", [config.moe_intermediate_size[0]] * 2)
+        return load_layer(vllm_config, layer, tensors)
+
+    monkeypatch.setattr(single_layer, "load_layer", with_text_width)
+    status, report = doctor(monkeypatch, swept("Ernie4_5_VLMoeForConditionalGeneration"), trust_remote_code=True)
+    assert status == 1 and "result: FAIL in model.layers.1.mlp.vision_experts" in report, report
+    assert report.count("fail: lk holds experts 64 wide, the checkpoint's are 32") == 2, report
+
+
 def test_bad_input_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
     """`vllm doctor` as the command dispatches it, in this process: status 2 and what is wrong."""
     from lvllm._vllm_cli import lvllm_command
