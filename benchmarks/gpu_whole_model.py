@@ -205,7 +205,7 @@ def lk_alone(shape, rounds: int = 200) -> dict:
     import torch
     from lvllm.hybrid import HybridExperts
 
-    experts, hidden, inter, topk = shape.experts, shape.hidden, shape.intermediate, shape.top_k
+    experts, hidden, inter, topk = shape.text_experts.count, shape.hidden, shape.text_experts.width, shape.top_k
     generator = torch.Generator().manual_seed(0)
     w13, w2 = (torch.randn(experts, rows, cols, generator=generator).mul_(cols ** -0.5).bfloat16()
                for rows, cols in ((2 * inter, hidden), (hidden, inter)))

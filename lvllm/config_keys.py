@@ -30,6 +30,11 @@ LAYER_KEYS = ("num_layers", "num_hidden_layers")
 # Every step-th layer, counting from 1, is MoE: Qwen-MoE (but mlp_only_layers), ERNIE 4.5 (from
 # moe_layer_start_index to moe_layer_end_index, -1: the last), Llama 4.
 MOE_STEP_KEYS = ("decoder_sparse_step", "moe_layer_interval", "interleave_moe_layer_step")
+# ERNIE-4.5-VL counts its experts per modality: moe_num_experts, moe_intermediate_size and the
+# MODALITY_RANGE_KEYS are lists in this order (ernie45_vl_moe.py:207-310 builds text_experts from their
+# first values, vision_experts from their second).
+MODALITIES = ("text", "vision")
+MODALITY_RANGE_KEYS = ("moe_layer_start_index", "moe_layer_end_index")
 # transformers' activation names that vLLM's MoE layers (and lk) call otherwise.
 ACTIVATION_NAMES = {"gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -52,6 +57,8 @@ def moe_layer_indices(config: dict, num_layers: int) -> tuple[int, ...]:
     if any(k in config for k in (*MOE_STEP_KEYS, "mlp_only_layers", "moe_layer_start_index", "moe_layer_end_index")):
         step, dense = first_set(config, *MOE_STEP_KEYS) or 1, set(config.get("mlp_only_layers") or ())
         start, end = config.get("moe_layer_start_index", 0), config.get("moe_layer_end_index", -1)
+        # A range per modality: a layer in either has a MoE block (ernie45_vl_moe.py:418-440).
+        start, end = (min(start) if isinstance(start, list) else start), (max(end) if isinstance(end, list) else end)
         end = num_layers - 1 if end == -1 else min(end, num_layers - 1)
         return tuple(i for i in range(start, end + 1) if i not in dense and (i + 1) % step == 0)
     return tuple(range(num_layers))

@@ -279,9 +279,10 @@ def _mlp(prefix: str, width: int, hidden: int, count: int, kind: str) -> list[De
             DenseMatrix(f"{prefix}down_proj", hidden, width, count, kind)]
 
 
-def layer_matrices(text: dict, layout: Layout, layer: int, moe: bool, experts: int, expert_width: int,
+def layer_matrices(text: dict, layout: Layout, layer: int, moe: bool, routers: tuple[int, ...], expert_width: int,
                    mla: dict | None) -> list[DenseMatrix]:
-    """One decoder layer's matrices outside its routed experts."""
+    """One decoder layer's matrices outside its routed experts; ``routers``: each expert set's experts
+    (a router each), ``expert_width``: the first set's width."""
     h, blocks = int(text["hidden_size"]), layout.blocks
     kinds = text.get("layer_types") or ()
     kind = kinds[layer] if layer < len(kinds) else ""
@@ -299,24 +300,25 @@ def layer_matrices(text: dict, layout: Layout, layer: int, moe: bool, experts: i
         found += _mlp("", int(first_set(text, *layout.dense_width, default=0)), h, blocks, "dense MLP")
     if moe:
         width = shared_width(text, layout, expert_width)
-        # The router, a GateLinear (lk leaves it); longcat_flash.py:157: it also scores zero_expert_num
-        # zero experts.
+        # A router per expert set, a GateLinear (lk leaves it); longcat_flash.py:157: it also scores
+        # zero_expert_num zero experts.
         found += [*_mlp("shared_expert.", width, h, 1, "shared expert"),
-                  DenseMatrix("gate", experts + int(text.get("zero_expert_num") or 0), h, 1, "router", on_lk=False)]
+                  *(DenseMatrix("gate", experts + int(text.get("zero_expert_num") or 0), h, 1, "router", on_lk=False)
+                    for experts in routers)]
         # Qwen2-MoE's sigmoid gate on the shared expert: a ReplicatedLinear, which lk takes.
         gated = layout.shared_gate and "shared_expert_intermediate_size" in text
         found.append(DenseMatrix("shared_expert_gate", 1, h, 1 if gated and width else 0, "router"))
     return found
 
 
-def dense_matrices_of(text: dict, where: str, num_layers: int, moe_layers: tuple[int, ...], experts: int,
+def dense_matrices_of(text: dict, where: str, num_layers: int, moe_layers: tuple[int, ...], routers: tuple[int, ...],
                       expert_width: int) -> tuple[DenseMatrix, ...]:
     """Every weight matrix outside the routed experts, those of a shape counted together (in the
     order the layers first have them), then the LM head and the embedding."""
     layout, mla = layout_of(text, where), mla_dims(text)
     counts: dict[DenseMatrix, int] = {}
     for layer in range(num_layers):
-        for m in layer_matrices(text, layout, layer, layer in moe_layers, experts, expert_width, mla):
+        for m in layer_matrices(text, layout, layer, layer in moe_layers, routers, expert_width, mla):
             one = replace(m, count=1)
             counts[one] = counts.get(one, 0) + m.count
     vocab, h = int(text["vocab_size"]), int(text["hidden_size"])

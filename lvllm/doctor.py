@@ -2,9 +2,10 @@
 
     lvllm doctor --model PATH [--layers 0,24,47]      # with the LVLLM_* / LK_* variables of serving
 
-A few MoE layers across the depth are built and loaded as ``vllm serve`` would
-(lvllm.vllm.single_layer: vLLM's quantization config and loader, lvllm's checkpoint sources,
-resolve_format and LVLLM_MOE_USE_WEIGHT conversion, an lk engine). Every expert then runs on
+A few MoE layers across the depth (each of vLLM's MoE layers in them: ERNIE-4.5-VL's text and
+vision experts) are built and loaded as ``vllm serve`` would (lvllm.vllm.single_layer: vLLM's
+quantization config and loader, lvllm's checkpoint sources, resolve_format and
+LVLLM_MOE_USE_WEIGHT conversion, an lk engine). Every expert then runs on
 hidden states like the model's (RMS-normed random rows and, where the checkpoint has them,
 RMS-normed rows of its embedding, times the layer's post-attention norm), in one prefill batch
 and in one-token decode calls, against a float64 reference computed from the checkpoint's own
@@ -30,7 +31,7 @@ import torch
 
 from lvllm import formats
 from lvllm.envs import EnvError, format_ranges, layer_spec
-from lvllm.model_shape import ConfigError, read_config, refuse_experts_per_modality
+from lvllm.model_shape import ConfigError, read_config
 from lvllm.reference import CheckpointTensors, expert_layers, expert_output, expert_weights, layer_format
 from lvllm.settings import Settings
 
@@ -105,10 +106,11 @@ class Check:
     decode_error: float
     expected: float
     lk_format: str
+    mismatch: str = ""   # a shape lk holds otherwise than the checkpoint stores it: fails whatever the error
 
     @property
     def verdict(self) -> str:
-        return verdict(max(self.error, self.decode_error), self.expected)
+        return "fail" if self.mismatch else verdict(max(self.error, self.decode_error), self.expected)
 
 
 def rms_normed(rows: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
@@ -138,8 +140,13 @@ def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, t
     # What the model hands lk, in its dtype; the reference takes the same values.
     inputs = {kind: x.to(dtype) for kind, x in input_sets(tensors, layer, engine.hidden_size, seed).items()}
     refs = {kind: torch.empty(layer.experts, TOKENS, engine.hidden_size, dtype=torch.float64) for kind in inputs}
+    mismatch = ""
     for e in range(layer.experts):   # one expert's float64 weights at a time: a layer's would not fit
         weights = expert_weights(tensors, layer, e)
+        # vLLM's loader fills a wider MoE layer's first rows from narrower tensors without a word
+        # (routed_experts.py _load_w13, _load_w2): the same outputs from a layer built too wide.
+        if weights[0].shape[0] != engine.intermediate_size:
+            mismatch = f"lk holds experts {engine.intermediate_size} wide, the checkpoint's are {weights[0].shape[0]}"
         for kind, x in inputs.items():
             refs[kind][e] = expert_output(*weights, x.double(), engine.activation)
     checks = []
@@ -160,7 +167,7 @@ def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, t
             decode_ref.append((gates.double()[:, None] * ref[chosen, t]).sum(0))
         decode_error = float((torch.stack(decode_out) - torch.stack(decode_ref)).norm() / torch.stack(decode_ref).norm())
         checks.append(Check(layer.prefix, kind, float(per_expert[worst]), worst, decode_error, expected,
-                            formats.describe(engine.weight_format, engine.group_size)))
+                            formats.describe(engine.weight_format, engine.group_size), mismatch))
     return checks
 
 
@@ -172,7 +179,7 @@ def dense_inputs(tensors: CheckpointTensors, layer) -> list[tuple[str, str | Non
     for name in sorted(tensors.file_of):
         stem = name.removesuffix(".weight")
         last = stem.rsplit(".", 1)[-1]
-        if (stem == name or not stem.startswith(f"{decoder}.") or stem.startswith(f"{layer.prefix}.")
+        if (stem == name or not stem.startswith(f"{decoder}.") or stem.startswith(f"{layer.checkpoint_prefix}.")
                 or not UNCHECKED.isdisjoint(stem.split(".")) or "norm" in last):
             continue
         norm = "input_layernorm" if "attn" in stem.removeprefix(decoder) else "post_attention_layernorm"
@@ -255,7 +262,8 @@ def dense_plan(settings: Settings, model_dtype: torch.dtype, device_type: str) -
 def print_check(check: Check, width: int, out) -> None:
     expert = f" ({check.worst_expert:>3})" if check.worst_expert is not None else " " * 6
     print(f"  {check.layer:<{width}}{check.lk_format:<11}{check.inputs:<19}{check.error:>10.2e}{expert}"
-          f"{check.decode_error:>10.2e}{check.expected:>10.1e}  {check.verdict}", file=out)
+          f"{check.decode_error:>10.2e}{check.expected:>10.1e}  {check.verdict}"
+          + (f": {check.mismatch}" if check.mismatch else ""), file=out)
 
 
 def decode_rate(engine, top_k: int, dtype: torch.dtype, seconds: float = 0.5) -> tuple[float, int]:
@@ -282,14 +290,14 @@ def sample(layers: list[int], count: int = SAMPLED_LAYERS) -> list[int]:
 
 
 def readable_layers(path: Path, tensors: CheckpointTensors) -> dict:
-    """The checkpoint's MoE layers (lvllm.reference.ExpertLayer by index); ConfigError where
-    doctor reads none of them."""
+    """The checkpoint's MoE layers (by index, each its lvllm.reference.ExpertLayer per expert set);
+    ConfigError where doctor reads none of them."""
     layers = expert_layers(tensors)
     if not layers:
         raise ConfigError(f"{path}: no expert tensors doctor reads in its safetensors files (one per expert: "
                           "layers.N....experts.E.gate_proj/w1...; fused as Llama 4, Gemma 4, Granite MoE, "
                           "Step-3 or Aria store them)")
-    fused = next((layer for layer in layers.values() if layer.fused), None)
+    fused = next((layer for sets in layers.values() for layer in sets if layer.fused), None)
     if fused and layer_format(tensors, fused) not in FLOAT_FORMATS:
         raise ConfigError(f"{path}: fused experts stored as {layer_format(tensors, fused)} (doctor reads fused "
                           f"experts in {', '.join(FLOAT_FORMATS)})")
@@ -300,10 +308,10 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
         out=sys.stdout, trust_remote_code: bool = False) -> int:
     from lvllm import _lk
     from lvllm.lk import runtime_info
-    from lvllm.vllm.single_layer import load_layer, model_context
+    from lvllm.vllm.single_layer import experts_per_token, load_layer, model_context
 
     path = Path(model).expanduser()
-    refuse_experts_per_modality(*read_config(path))
+    read_config(path)
     tensors = CheckpointTensors(path)
     layers = readable_layers(path, tensors)
     missing = sorted((chosen or frozenset()) - set(layers))
@@ -312,15 +320,16 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
                           f"(those are {format_ranges(layers)})")
     picked = sorted(chosen) if chosen else sample(sorted(layers))
     settings = replace(settings, resident_layers=frozenset(), gpu_prefill_min_batch=0)
-    dense = {index: dense_inputs(tensors, layers[index]) for index in picked}
-    head = head_input(tensors, layers[picked[-1]])
-    width = max([34] + [len(dense_row_name(stem)) + 2 for inputs in [*dense.values(), [head] if head else []]
-                        for stem, _ in inputs])
+    dense = {index: dense_inputs(tensors, layers[index][0]) for index in picked}
+    head = head_input(tensors, layers[picked[-1]][0])
+    width = max([34] + [len(layer.prefix) + 2 for index in picked for layer in layers[index]]
+                + [len(dense_row_name(stem)) + 2 for inputs in [*dense.values(), [head] if head else []]
+                   for stem, _ in inputs])
     checks, method = [], None
     with model_context(str(path), dtype, settings, trust_remote_code) as (vllm_config, installation):
         model_dtype = vllm_config.model_config.dtype
-        top_k = vllm_config.model_config.get_num_experts_per_tok()
-        stored = layer_format(tensors, layers[picked[0]])
+        top_k = experts_per_token(vllm_config)
+        stored = layer_format(tensors, layers[picked[0]][0])
         dense_line, dense_on_lk = dense_plan(settings, model_dtype, vllm_config.device_config.device_type)
         print(f"lvllm doctor: {path} ({', '.join(vllm_config.model_config.architectures)}, "
               f"{str(model_dtype).removeprefix('torch.')}, experts stored as {stored}), "
@@ -330,9 +339,11 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
         print(f"  {'layer':<{width}}{'lk format':<11}{'inputs':<19}{'error (expert)':>16}{'decode':>10}"
               f"{'expected':>10}  verdict", file=out)
         for index in picked:
-            method = None   # one layer in lk at a time
-            method = load_layer(vllm_config, layers[index], tensors)
-            layer_checks = check_layer(method, layers[index], tensors, model_dtype, top_k, seed=index)
+            layer_checks = []
+            for layer in layers[index]:   # each of vLLM's MoE layers in it (ERNIE-4.5-VL: text, vision)
+                method = None   # one layer in lk at a time
+                method = load_layer(vllm_config, layer, tensors)
+                layer_checks += check_layer(method, layer, tensors, model_dtype, top_k, seed=index)
             if dense_on_lk:
                 installation.lk_runtime()   # the runtime serving's dense layers run on
                 inputs = dense[index] + ([head] if head and index == picked[-1] else [])
@@ -345,7 +356,7 @@ def run(model: str, settings: Settings, chosen: frozenset[int] | None = None, dt
         bandwidth = _lk.measure_read_bandwidth_gbs(info["threads"], 128 << 20, 3)
         rate, calls = decode_rate(engine, top_k, model_dtype)
         print(f"machine: read bandwidth {bandwidth:.1f} GB/s (lk's probe, {info['threads']} threads); lk decode "
-              f"{rate:.2g} GB/s on {layers[picked[-1]].prefix} ({formats.describe(engine.weight_format, engine.group_size)}, "
+              f"{rate:.2g} GB/s on {layer.prefix} ({formats.describe(engine.weight_format, engine.group_size)}, "
               f"{engine.nbytes / 2**20:.1f} MiB, 1 token x {top_k} experts, median of {calls} calls: "
               f"{rate / bandwidth:.0%} of the read bandwidth); ISA {info['isa']}, {info['threads']} threads "
               f"({info['workers']}), {info['numa_nodes']} NUMA node(s)", file=out)

@@ -9,8 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lvllm import formats
-from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, TOP_K_KEYS, ConfigError,
-                               expert_activation, first_set, moe_layer_indices)
+from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, MODALITIES, MODALITY_RANGE_KEYS,
+                               TOP_K_KEYS, ConfigError, expert_activation, first_set, moe_layer_indices)
 from lvllm.dense_layout import DenseMatrix, dense_matrices_of
 from lvllm.kv_layout import FULL, STATE, CacheLayer, cache_layers, sequence_bytes
 from lvllm.placement import streams_in_gpu_prefill
@@ -36,13 +36,31 @@ class ExpertStorage:
 
 
 @dataclass(frozen=True)
+class ExpertSet:
+    """One kind of routed expert every MoE layer holds, behind its own router: vLLM builds a MoE
+    layer (a FusedMoE, each its own lk engine) of each. Most models have one; ERNIE-4.5-VL, whose
+    config counts experts per modality, a text set and a vision set."""
+
+    modality: str   # "text" or "vision" where the config counts experts per modality, else ""
+    count: int
+    width: int      # each expert's intermediate size
+
+    @property
+    def counted(self) -> str:
+        """"128 experts", "8 vision experts"."""
+        return f"{self.count} {self.modality} experts" if self.modality else f"{self.count} experts"
+
+    def describe(self, hidden: int) -> str:
+        return f"{self.counted} of {hidden} x {self.width}"
+
+
+@dataclass(frozen=True)
 class ModelShape:
     architecture: str
     num_layers: int
     moe_layers: tuple[int, ...]
     hidden: int
-    intermediate: int           # per routed expert
-    experts: int
+    expert_sets: tuple[ExpertSet, ...]   # the first: the one text tokens route to
     top_k: int
     dtype: str                  # the model dtype vLLM computes in
     storage: ExpertStorage
@@ -57,6 +75,11 @@ class ModelShape:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def text_experts(self) -> ExpertSet:
+        """The set a text token's top-k picks from: what decode reads, what routing statistics count."""
+        return self.expert_sets[0]
 
     @property
     def streamed_prefill(self) -> bool:
@@ -126,16 +149,23 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
                       "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, ModelOpt NVFP4, gpt-oss MXFP4)")
 
 
-def refuse_experts_per_modality(config: dict, where: str = "config.json") -> None:
-    """ConfigError where the config counts its experts per modality (ERNIE-4.5-VL: [text, vision],
-    which vLLM builds as two MoE layers per decoder layer, of different widths): plan and doctor
-    take one kind of expert per layer."""
-    text = config.get("text_config") or config
-    experts = first_set(text, *EXPERT_COUNT_KEYS)
-    if isinstance(experts, list):
-        raise ConfigError(f"{where}: experts per modality ({experts}: ERNIE-4.5-VL's text and vision experts, "
-                          "two MoE layers per decoder layer in vLLM), which lvllm plan and doctor do not "
-                          "split yet")
+def expert_sets_of(text: dict, where: str, num_layers: int, moe_layers: tuple[int, ...]) -> tuple[ExpertSet, ...]:
+    """The routed experts' count and width: one set, or one per modality where the config lists
+    them so (ERNIE-4.5-VL, MODALITIES), each set in every MoE layer."""
+    counts, widths = first_set(text, *EXPERT_COUNT_KEYS), first_set(text, *EXPERT_WIDTH_KEYS, "intermediate_size")
+    if not isinstance(counts, list):
+        return (ExpertSet("", int(counts), int(widths)),)
+    if not (isinstance(widths, list) and len(counts) == len(widths) == len(MODALITIES)):
+        raise ConfigError(f"{where}: experts per modality {counts} of widths {widths} (lvllm reads a count and "
+                          f"a width for each of {', '.join(MODALITIES)}, as ERNIE-4.5-VL lists them)")
+    for i, modality in enumerate(MODALITIES):
+        ranges = {key: text[key][i] for key in MODALITY_RANGE_KEYS if isinstance(text.get(key), list)}
+        layers = moe_layer_indices({**text, **ranges}, num_layers)
+        if layers != moe_layers:
+            raise ConfigError(f"{where}: {modality} experts in layers {list(layers)} of the MoE layers "
+                              f"{list(moe_layers)} (lvllm plan takes every expert set in every MoE layer)")
+    return tuple(ExpertSet(modality, int(count), int(width))
+                 for modality, count, width in zip(MODALITIES, counts, widths))
 
 
 # What transformers' config classes fill in where config.json leaves it out (Qwen3-Next's layer_types
@@ -159,10 +189,8 @@ def completed(text: dict, model_type: str) -> dict:
 
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
     """The shape of a MoE model from its Hugging Face config (``where`` names it in errors)."""
-    refuse_experts_per_modality(config, where)
     text = config.get("text_config") or config
-    experts = first_set(text, *EXPERT_COUNT_KEYS)
-    if not experts:
+    if not first_set(text, *EXPERT_COUNT_KEYS):
         raise ConfigError(f"{where} describes no routed experts (no {', '.join(EXPERT_COUNT_KEYS)}): "
                           "lvllm plans only Mixture-of-Experts models")
     needed = [("hidden_size",), LAYER_KEYS, TOP_K_KEYS, ("vocab_size",), (*EXPERT_WIDTH_KEYS, "intermediate_size")]
@@ -170,7 +198,6 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     if missing:
         raise ConfigError(f"{where} lacks {', '.join(missing)}")
     hidden, layers = int(text["hidden_size"]), int(first_set(text, *LAYER_KEYS))
-    intermediate = int(first_set(text, *EXPERT_WIDTH_KEYS, "intermediate_size"))
     dtype = dtype or str(first_set(text, "torch_dtype", "dtype",
                                    default=first_set(config, "torch_dtype", "dtype", default="bfloat16")))
     if dtype not in DTYPE_BYTES:
@@ -179,15 +206,20 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     model_type = str(text.get("model_type", config.get("model_type", "")))
     typed = {**completed(text, model_type), "model_type": model_type}
     moe_layers = moe_layer_indices(text, layers)
+    sets = expert_sets_of(text, where, layers, moe_layers)
+    quant = config.get("quantization_config") or text.get("quantization_config")
+    storage = {expert_storage(quant, where, model_type, hidden, expert_set.width) for expert_set in sets}
+    if len(storage) > 1:
+        raise ConfigError(f"{where}: the expert sets' widths give them different formats ({storage}): lk "
+                          "takes one per model")
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
         num_layers=layers, moe_layers=moe_layers, hidden=hidden,
-        intermediate=intermediate, experts=int(experts), top_k=int(first_set(text, *TOP_K_KEYS)),
-        dtype=dtype, storage=expert_storage(config.get("quantization_config")
-                                            or text.get("quantization_config"), where, model_type,
-                                            hidden, intermediate),
+        expert_sets=sets, top_k=int(first_set(text, *TOP_K_KEYS)),
+        dtype=dtype, storage=storage.pop(),
         vocab=int(text["vocab_size"]), tied_embeddings=bool(first_set(text, "tie_word_embeddings", default=False)),
-        dense=dense_matrices_of(typed, where, layers, moe_layers, int(experts), intermediate),
+        dense=dense_matrices_of(typed, where, layers, moe_layers, tuple(expert_set.count for expert_set in sets),
+                                sets[0].width),
         cache=cache_layers(typed, where, layers),
         max_positions=int(text.get("max_position_embeddings") or 4096),
         expert_activation=expert_activation(typed),
@@ -217,11 +249,16 @@ def read_config(model: str | Path) -> tuple[dict, Path]:
 # bytes
 # --------------------------------------------------------------------------------------
 
-def checkpoint_layer_bytes(shape: ModelShape, experts: int | None = None, tp: int = 1) -> int:
-    """One MoE layer's routed experts as vLLM holds them before lk converts them (and as a
-    device-resident layer keeps them): lvllm.vllm.checkpoint_sources' params."""
-    e = shape.experts if experts is None else experts
-    h, i = shape.hidden, shape.intermediate // tp
+def checkpoint_layer_bytes(shape: ModelShape, tp: int = 1) -> int:
+    """One MoE layer's routed experts, every set's, as vLLM holds them before lk converts them (and
+    as a device-resident layer keeps them)."""
+    return sum(checkpoint_set_bytes(shape, expert_set, tp) for expert_set in shape.expert_sets)
+
+
+def checkpoint_set_bytes(shape: ModelShape, expert_set: ExpertSet, tp: int = 1) -> int:
+    """One expert set of a MoE layer as vLLM holds it before lk converts it: lvllm.vllm.checkpoint_sources'
+    params of its FusedMoE."""
+    e, h, i = expert_set.count, shape.hidden, expert_set.width // tp
     weights = 3 * h * i
     storage = shape.storage
     if storage.scheme == "float":

@@ -30,7 +30,8 @@ from lvllm.expert_stats import device_share
 from lvllm.envs import EnvError, format_ranges
 from lvllm.machine import Machine
 from lvllm.memory import GIB
-from lvllm.model_shape import ModelShape, checkpoint_layer_bytes, dense_bytes, dense_weight_bytes, kv_cache_bytes
+from lvllm.model_shape import (ExpertSet, ModelShape, checkpoint_layer_bytes, checkpoint_set_bytes, dense_bytes,
+                               dense_weight_bytes, kv_cache_bytes)
 from lvllm.settings import default_threads
 
 # vLLM's share of each GPU that the plan hands it (gpu-memory-utilization).
@@ -102,25 +103,37 @@ class Ranks:
     expert_parallel: bool = False
 
 
-def lk_rank_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1,
-                        ranks: Ranks = Ranks()) -> int:
-    """What the busiest rank's lk holds of one MoE layer (lvllm._lk.planned_weight_bytes):
-    with expert parallelism whole experts, E / ranks of them rounded up; else each expert's
-    1 / ranks of the intermediate rows."""
+def lk_rank_set_bytes(shape: ModelShape, expert_set: ExpertSet, resolved: formats.Resolved, nodes: int = 1,
+                      ranks: Ranks = Ranks()) -> int:
+    """What the busiest rank's lk engine holds of one expert set of a MoE layer
+    (lvllm._lk.planned_weight_bytes): with expert parallelism whole experts, E / ranks of them
+    rounded up; else each expert's 1 / ranks of the intermediate rows."""
     from lvllm import _lk
 
-    experts, inter = ((-(-shape.experts // ranks.size), shape.intermediate) if ranks.expert_parallel
-                      else (shape.experts, shape.intermediate // ranks.size))
+    experts, inter = ((-(-expert_set.count // ranks.size), expert_set.width) if ranks.expert_parallel
+                      else (expert_set.count, expert_set.width // ranks.size))
     return _lk.planned_weight_bytes(experts, shape.hidden, inter, formats.code(resolved.name),
                                     resolved.group_size, nodes)
 
 
-def lk_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1, ranks: Ranks = Ranks()) -> int:
-    """What lk holds of one MoE layer over all ranks: the whole layer once when they split
-    the experts, else every rank's slice of each."""
+def lk_set_bytes(shape: ModelShape, expert_set: ExpertSet, resolved: formats.Resolved, nodes: int = 1,
+                 ranks: Ranks = Ranks()) -> int:
+    """What lk holds of one expert set of a MoE layer over all ranks: the whole set once when they
+    split the experts, else every rank's slice of each."""
     if ranks.expert_parallel:
-        return lk_rank_layer_bytes(shape, resolved, nodes)
-    return ranks.size * lk_rank_layer_bytes(shape, resolved, nodes, ranks)
+        return lk_rank_set_bytes(shape, expert_set, resolved, nodes)
+    return ranks.size * lk_rank_set_bytes(shape, expert_set, resolved, nodes, ranks)
+
+
+def lk_rank_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1,
+                        ranks: Ranks = Ranks()) -> int:
+    """What the busiest rank's lk holds of one MoE layer: every expert set's engine."""
+    return sum(lk_rank_set_bytes(shape, expert_set, resolved, nodes, ranks) for expert_set in shape.expert_sets)
+
+
+def lk_layer_bytes(shape: ModelShape, resolved: formats.Resolved, nodes: int = 1, ranks: Ranks = Ranks()) -> int:
+    """What lk holds of one MoE layer over all ranks, every expert set's."""
+    return sum(lk_set_bytes(shape, expert_set, resolved, nodes, ranks) for expert_set in shape.expert_sets)
 
 
 def dense_modes(resolved: formats.Resolved, users: str | None) -> tuple[str, ...]:
@@ -165,8 +178,11 @@ def gpu_fit(shape: ModelShape, gpu_memory: int, tp: int, max_model_len: int, lk_
         return replace(fit, reason="the GPU does not hold even the weights outside the experts and the "
                                    f"KV cache ({held} of {gib_text(fit.usable)})")
     if prefill_window is not None:
-        unpacked = shape.experts * 3 * shape.hidden * (shape.intermediate // tp) * shape.dtype_bytes
-        ring = (prefill_window + 1) * lk_rank_layer_bytes(shape, lk_format, nodes, Ranks(tp)) + unpacked
+        # lvllm.gpu.ring.ExpertRing.device_bytes: each expert set streams as a layer of its own, into
+        # slots as large as the largest and one unpacked copy of the largest.
+        slot = max(lk_rank_set_bytes(shape, s, lk_format, nodes, Ranks(tp)) for s in shape.expert_sets)
+        unpacked = max(s.count * 3 * shape.hidden * (s.width // tp) * shape.dtype_bytes for s in shape.expert_sets)
+        ring = (prefill_window + 1) * slot + unpacked
         fit = replace(fit, ring=ring)
         if fit.left < 0:
             return replace(fit, reason=f"the prefill ring ({gib_text(ring)}) does not fit")
@@ -211,11 +227,14 @@ class Plan:
 def host_row(shape: ModelShape, resolved: formats.Resolved, modes: tuple[str, ...], lk_layers: int,
              machine: Machine, kv_cache: int, dense_mode: str | None = None,
              dense_group: int | None = None, ranks: Ranks = Ranks()) -> FormatRow:
-    transient = 2 * checkpoint_layer_bytes(shape) if lk_layers else 0
+    # As lvllm.memory.check_budget counts the load: two of vLLM's MoE layers, the largest expert set's.
+    transient = 2 * max(checkpoint_set_bytes(shape, s) for s in shape.expert_sets) if lk_layers else 0
     layer = lk_layer_bytes(shape, resolved, machine.numa_nodes, ranks)
     dense = dense_bytes(shape, dense_mode, group=dense_group) if dense_mode else 0
     dense_read = dense_bytes(shape, dense_mode, per_token=True, group=dense_group) if dense_mode else 0
-    per_token = lk_layers * shape.top_k * layer / shape.experts + dense_read
+    text = shape.text_experts   # a decode token reads top-k of the text experts in each lk layer
+    expert_read = lk_set_bytes(shape, text, resolved, machine.numa_nodes, ranks) / text.count
+    per_token = lk_layers * shape.top_k * expert_read + dense_read
     tok_s = machine.bandwidth_gbs * 1e9 / per_token if per_token else float("inf")
     return FormatRow(modes, resolved, lk_layers * layer, lk_layers * layer + transient + kv_cache + dense, tok_s,
                      dense_mode)
@@ -299,9 +318,10 @@ class HotAlternative:
 
 
 def hot_expert_bytes(shape: ModelShape, tp: int) -> int:
-    """One hot expert's copy on a rank's GPU: in the model's dtype, whatever the checkpoint's
-    format (quantized experts are unpacked from lk's memory)."""
-    return 3 * shape.hidden * (shape.intermediate // tp) * shape.dtype_bytes
+    """One hot slot of a MoE layer on a rank's GPU, an expert's copy in each expert set (each its
+    own FusedMoE and hot slots): in the model's dtype, whatever the checkpoint's format (quantized
+    experts are unpacked from lk's memory)."""
+    return sum(3 * shape.hidden * (s.width // tp) * shape.dtype_bytes for s in shape.expert_sets)
 
 
 def hot_slots(shape: ModelShape, gpu_bytes: int, tp: int) -> int:
@@ -309,12 +329,13 @@ def hot_slots(shape: ModelShape, gpu_bytes: int, tp: int) -> int:
     0 for experts LVLLM_HOT_EXPERTS does not take (other activations than SiLU, biases)."""
     if shape.expert_activation != "silu" or shape.expert_biases or gpu_bytes <= 0:
         return 0
-    return min(shape.experts, gpu_bytes // (len(shape.moe_layers) * hot_expert_bytes(shape, tp)))
+    fewest = min(expert_set.count for expert_set in shape.expert_sets)
+    return min(fewest, gpu_bytes // (len(shape.moe_layers) * hot_expert_bytes(shape, tp)))
 
 
 def picks_shares(shape: ModelShape, counts: dict[int, list[int]], resident, slots: int) -> tuple[float, float]:
     """(share of the file's picks in the ``resident`` layers, share on ``slots`` hot experts a layer)."""
-    ordered = {layer: counts.get(layer, [0] * shape.experts) for layer in shape.moe_layers}
+    ordered = {layer: counts.get(layer, [0] * shape.text_experts.count) for layer in shape.moe_layers}
     picks = sum(map(sum, ordered.values()))
     layer_share = sum(sum(ordered[layer]) for layer in resident) / picks if picks else 0.0
     return layer_share, device_share(ordered, slots)

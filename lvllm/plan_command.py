@@ -26,7 +26,8 @@ def _storage(shape: ModelShape) -> str:
 def hot_lines(hot: HotAlternative, plan: Plan, stats: Path) -> list[str]:
     """The resident layers' GPU memory as hot experts instead, from the statistics file."""
     layers = format_ranges(plan.gpu.resident)
-    lines = [f"Hot experts instead ({stats}): the same memory holds {hot.slots} of {plan.shape.experts} experts "
+    held = " and ".join(f"{hot.slots} of {expert_set.counted}" for expert_set in plan.shape.expert_sets)
+    lines = [f"Hot experts instead ({stats}): the same memory holds {held} "
              f"in each of the {len(plan.shape.moe_layers)} MoE layers ({gib_text(hot.gpu_bytes)}): the GPU serves "
              f"{hot.hot_share:.0%} of the file's picks (resident layers [{layers}]: {hot.layer_share:.0%}); "
              f"decode bound {hot.hot_tok_s:.1f} tok/s (resident layers: {hot.layer_tok_s:.1f} tok/s)"]
@@ -44,10 +45,10 @@ def render(plan: Plan, model: str, stats: Path | None = None, counts: dict | Non
     tp = max(1, machine.gpus)
     lines = [
         f"lvllm plan: {model} ({shape.architecture}, {_storage(shape)})",
-        f"  model: {shape.num_layers} layers, {len(shape.moe_layers)} MoE: {shape.experts} experts of "
-        f"{shape.hidden} x {shape.intermediate}, {shape.top_k} per token, {shape.dtype}; "
-        f"{gib_text(dense_weight_bytes(shape))} outside the routed experts; "
-        f"{describe_cache(shape)}",
+        f"  model: {shape.num_layers} layers, {len(shape.moe_layers)} MoE: "
+        f"{' and '.join(expert_set.describe(shape.hidden) for expert_set in shape.expert_sets)}, "
+        f"{shape.top_k} per token, {shape.dtype}; "
+        f"{gib_text(dense_weight_bytes(shape))} outside the routed experts; {describe_cache(shape)}",
         f"  machine: {gib_text(machine.ram)} RAM ({machine.notes.get('ram', 'given')}), {machine.cores} cores, "
         f"{machine.numa_nodes} NUMA node(s), "
         + (f"{machine.gpus} GPU(s) of {gib_text(machine.gpu_memory)} ({machine.notes.get('gpu', 'given')})"
@@ -81,7 +82,8 @@ def render(plan: Plan, model: str, stats: Path | None = None, counts: dict | Non
                   for r in plan.rows]
     if plan.lk_layers and plan.choice and plan.ranks.size > 1:
         rank = len(plan.lk_layers) * lk_rank_layer_bytes(shape, plan.choice.resolved, machine.numa_nodes, plan.ranks)
-        split = (f"{-(-shape.experts // plan.ranks.size)} of the {shape.experts} experts of every layer"
+        split = (" and ".join(f"{-(-s.count // plan.ranks.size)} of the {s.counted}" for s in shape.expert_sets)
+                 + " of every layer"
                  if plan.ranks.expert_parallel else f"1/{plan.ranks.size} of every expert")
         lines.append(f"Per rank of {plan.ranks.size}: lk holds {split}, {gib_text(rank)} in "
                      f"{plan.choice.resolved.describe()}, on {max(1, machine.cores // plan.ranks.size)} cores")
@@ -184,7 +186,7 @@ def read_stats(parser, path: Path, shape: ModelShape, gpus: int) -> dict[int, li
     if data is None:
         parser.error(f"--stats {path}: no such file")
     model = data["model"]
-    for field, value in (("num_experts", shape.experts), ("top_k", shape.top_k),
+    for field, value in (("num_experts", shape.text_experts.count), ("top_k", shape.top_k),
                          ("num_hidden_layers", shape.num_layers)):
         if model.get(field) != value:
             parser.error(f"--stats {path}: its model has {field} {model.get(field)}, this one {value}")

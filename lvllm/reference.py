@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from lvllm.config_keys import EXPERT_COUNT_KEYS, MODALITIES, ConfigError, first_set
 
 # model.layers.7.mlp.experts.12.gate_proj.weight_scale_inv -> prefix, layer, expert, projection, tensor
 EXPERT_TENSOR = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.(?:.*\.)?experts)\.(?P<expert>\d+)\."
@@ -42,8 +44,8 @@ class CheckpointTensors:
             raise FileNotFoundError(f"{path} holds no *.safetensors files")
         self._open = {}
         config = path / "config.json"
-        self.quantization = (json.loads(config.read_text()).get("quantization_config") or {}
-                             if config.is_file() else {})
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
+        self.quantization = self.config.get("quantization_config") or {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.file_of
@@ -110,28 +112,48 @@ FUSED_LAYOUTS = (
 
 @dataclass(frozen=True)
 class ExpertLayer:
+    """One MoE layer of vLLM's (a FusedMoE) in a decoder layer: its routed experts in the checkpoint."""
+
     index: int
     prefix: str                        # vLLM's name of the layer's experts: model.layers.N.mlp.experts
     experts: int
     names: tuple[str, ...] = ()        # a tensor per expert: the checkpoint's gate, up, down projection names
     fused: FusedLayout | None = None   # else how its few fused tensors hold them
+    # One of a decoder layer's expert sets per modality (MODALITIES: ERNIE-4.5-VL's), numbered on
+    # under one checkpoint prefix (vision experts after text ones): that prefix, the number of the
+    # set's expert 0 there.
+    modality: str = ""
+    stored_prefix: str | None = None
+    first: int = 0
 
     @property
     def decoder(self) -> str:
         """The decoder layer's name: model.layers.N."""
         return self.prefix[:self.prefix.index(f"layers.{self.index}.")] + f"layers.{self.index}"
 
+    @property
+    def checkpoint_prefix(self) -> str:
+        """Where the checkpoint keeps its tensors per expert: ``checkpoint_prefix``.E.gate_proj.weight..."""
+        return self.stored_prefix or self.prefix
+
     def stem(self, expert: int, which: int) -> str:
         """A tensor per expert: ``expert``'s gate (0), up (1) or down (2) projection."""
-        return f"{self.prefix}.{expert}.{self.names[which]}"
+        return f"{self.checkpoint_prefix}.{self.first + expert}.{self.names[which]}"
+
+    def stored_expert(self, name: str) -> int | None:
+        """The layer's number of the expert whose tensor ``name`` is (with its scales, where
+        quantized); None for any other tensor."""
+        head, _, rest = name.partition(f"{self.checkpoint_prefix}.")
+        number = rest.split(".")[0]
+        if head or not number.isdigit() or not 0 <= int(number) - self.first < self.experts:
+            return None
+        return int(number) - self.first
 
     def tensor_names(self, tensors: CheckpointTensors) -> list[str]:
         """The checkpoint's tensors of the layer's routed experts (with their scales, where quantized)."""
         if self.fused:
             return [f"{self.decoder}.{name}" for name in self.fused.tensors]
-        start = len(self.prefix) + 1
-        return [name for name in tensors.file_of
-                if name.startswith(f"{self.prefix}.") and name[start:].split(".")[0].isdigit()]
+        return [name for name in tensors.file_of if self.stored_expert(name) is not None]
 
 
 def fused_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
@@ -148,9 +170,24 @@ def fused_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
     return layers
 
 
-def expert_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
-    """The checkpoint's MoE layers: their routed experts one tensor per expert, or else stacked
-    as one of FUSED_LAYOUTS."""
+def modality_sets(layer: ExpertLayer, counts) -> tuple[ExpertLayer, ...]:
+    """The layer's experts as vLLM builds its MoE layers: one, or where the config counts them per
+    modality (ERNIE-4.5-VL: ``counts`` in MODALITIES' order, numbered on under one prefix), a MoE
+    layer of each, named as vLLM's ernie45_vl_moe.py names them (mlp.text_experts, mlp.vision_experts)."""
+    if not isinstance(counts, list):
+        return (layer,)
+    if sum(counts) != layer.experts or len(counts) != len(MODALITIES):
+        raise ConfigError(f"{layer.prefix}: {layer.experts} experts stored, which the config counts per modality "
+                          f"as {counts} ({', '.join(MODALITIES)})")
+    parent, starts = layer.prefix.rsplit(".", 1)[0], [sum(counts[:i]) for i in range(len(counts))]
+    return tuple(replace(layer, prefix=f"{parent}.{modality}_experts", experts=count, modality=modality,
+                         stored_prefix=layer.prefix, first=start)
+                 for modality, count, start in zip(MODALITIES, counts, starts))
+
+
+def expert_layers(tensors: CheckpointTensors) -> dict[int, tuple[ExpertLayer, ...]]:
+    """The checkpoint's MoE layers, each as vLLM's MoE layers in it (modality_sets): their routed
+    experts one tensor per expert, or else stacked as one of FUSED_LAYOUTS."""
     found: dict[int, tuple[str, set[int], set[str]]] = {}
     for name in tensors.file_of:
         match = EXPERT_TENSOR.match(name)
@@ -163,7 +200,8 @@ def expert_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
         names = next((n for n in PROJECTION_NAMES if set(n) <= projections), None)
         if names is not None:
             layers[index] = ExpertLayer(index, prefix, max(experts) + 1, names)
-    return layers or fused_layers(tensors)
+    counts = first_set(tensors.config.get("text_config") or tensors.config, *EXPERT_COUNT_KEYS)
+    return {index: modality_sets(layer, counts) for index, layer in (layers or fused_layers(tensors)).items()}
 
 
 def _nibbles(words: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:

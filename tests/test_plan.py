@@ -16,8 +16,8 @@ import torch
 from lvllm import envs, expert_stats, formats, plan, plan_command
 from lvllm.lk.linear import planned_linear_bytes
 from lvllm.config_keys import moe_layer_indices
-from lvllm.model_shape import (ConfigError, checkpoint_layer_bytes, float_on_lk, kv_cache_bytes, model_shape,
-                               read_config)
+from lvllm.model_shape import (ConfigError, ExpertSet, checkpoint_layer_bytes, float_on_lk, kv_cache_bytes,
+                               model_shape, read_config)
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement
 from lvllm.settings import Settings
 
@@ -283,6 +283,53 @@ def test_deepseek_v3_on_eight_gpus():
     assert result.choice.need == 13 * D_FP8_LAYER + 2 * D_CKPT_LAYER
 
 
+# An ERNIE-4.5-VL config in Baidu's layout: experts, widths and MoE layers per modality [text, vision]
+# (the layer ranges clipped to the 28 layers: 1-27 both).
+ERNIE_VL = {
+    "architectures": ["Ernie4_5_VLMoeForConditionalGeneration"], "model_type": "ernie4_5_moe_vl",
+    "hidden_size": 2560, "intermediate_size": 12288, "num_hidden_layers": 28, "num_attention_heads": 20,
+    "num_key_value_heads": 4, "head_dim": 128, "moe_num_experts": [64, 64], "moe_intermediate_size": [1536, 512],
+    "moe_k": 6, "moe_num_shared_experts": 2, "moe_layer_start_index": [1, 1], "moe_layer_end_index": [29, 28],
+    "moe_layer_interval": 1, "vocab_size": 103424, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "max_position_embeddings": 131072,
+}
+# A text expert 3 x 2560 x 1536 x 2 bytes = 23,592,960 in bf16, a vision expert 3 x 2560 x 512 x 2 =
+# 7,864,320; a MoE layer holds 64 of each: 1,509,949,440 + 503,316,480 = 2,013,265,920.
+E_TEXT_EXPERT, E_VISION_EXPERT = 23_592_960, 7_864_320
+E_LAYER = 64 * (E_TEXT_EXPERT + E_VISION_EXPERT)
+
+
+def test_ernie_vl_counts_its_text_and_vision_experts():
+    """Both expert sets in every byte count, each its own MoE layer in vLLM (and lk engine): the
+    layer's bytes are both sets'; a decode token reads top-k text experts; the prefill ring's slots and
+    the load's two layers are the text set's (the larger); two routers a layer; a hot slot in each set."""
+    from lvllm.dense_layout import DenseMatrix
+    from lvllm.model_shape import dense_bytes
+
+    shape = model_shape(ERNIE_VL)
+    assert shape.moe_layers == tuple(range(1, 28))
+    assert shape.expert_sets == (ExpertSet("text", 64, 1536), ExpertSet("vision", 64, 512))
+    assert checkpoint_layer_bytes(shape) == E_LAYER
+    assert DenseMatrix("gate", 64, 2560, 54, "router", on_lk=False) in shape.dense
+    assert plan.hot_expert_bytes(shape, 1) == E_TEXT_EXPERT + E_VISION_EXPERT
+
+    cpu = plan.make_plan(shape, machine(ram=256, cores=16, bandwidth=100), 8192)
+    bf16 = next(r for r in cpu.rows if r.modes == ("TO_DTYPE",) and r.dense_mode == "TO_DTYPE")
+    assert bf16.held == 27 * E_LAYER
+    assert bf16.need == 27 * E_LAYER + 2 * 64 * E_TEXT_EXPERT + cpu.kv_space_gib * GIB + dense_bytes(shape, "TO_DTYPE")
+    assert bf16.tok_s == pytest.approx(100e9 / (27 * 6 * E_TEXT_EXPERT + dense_bytes(shape, "TO_DTYPE", True)))
+
+    gpu = plan.make_plan(shape, machine(ram=256, cores=16, bandwidth=100, gpus=1, gpu_gib=24), 8192).gpu
+    assert gpu.layer == E_LAYER and gpu.ring == 3 * 64 * E_TEXT_EXPERT   # two bf16 slots + one unpacked
+
+    ep = plan.make_plan(shape, machine(ram=256, cores=16, bandwidth=100), 8192, cpu_ranks=plan.Ranks(2, True))
+    text = plan_command.render(ep, "m")
+    assert "27 MoE: 64 text experts of 2560 x 1536 and 64 vision experts of 2560 x 512, 6 per token" in text
+    assert "lk holds 32 of the 64 text experts and 32 of the 64 vision experts of every layer" in text
+    with pytest.raises(ConfigError, match=r"vision experts in layers \[1, 2, 3, 4, 5\] of the MoE layers \[1, "):
+        model_shape({**ERNIE_VL, "moe_layer_end_index": [29, 5]})
+
+
 def test_every_layer_on_the_gpu_needs_no_lk():
     result = plan.make_plan(model_shape(QWEN3_30B), machine(ram=8, cores=2, bandwidth=35, gpus=1, gpu_gib=80), 4096)
     assert result.gpu.resident == tuple(range(48)) and result.lk_layers == () and result.feasible
@@ -397,8 +444,8 @@ def test_moe_layers_by_the_rules_of_vllms_model_code():
     longcat = model_shape({**QWEN3_30B, "num_layers": 3, "num_hidden_layers": 6, "num_experts": None,
                            "n_routed_experts": 4, "num_experts_per_tok": None, "moe_topk": 2,
                            "moe_intermediate_size": None, "expert_ffn_hidden_size": 16})
-    assert (longcat.num_layers, longcat.moe_layers, longcat.experts, longcat.top_k, longcat.intermediate) == (
-        3, (0, 1, 2), 4, 2, 16)
+    assert (longcat.num_layers, longcat.moe_layers, longcat.expert_sets, longcat.top_k) == (
+        3, (0, 1, 2), (ExpertSet("", 4, 16),), 2)
 
 
 def test_gemma4_full_attention_read_as_transformers_config_sets_it():

@@ -138,9 +138,29 @@ def test_expert_layers_from_tensor_names(tmp_path):
              for layer in (1, 3) for e in range(4) for p in ("w1", "w2", "w3")}
     names["model.layers.0.mlp.down_proj.weight"] = w.clone()
     layers = expert_layers(checkpoint(tmp_path, names))
-    assert sorted(layers) == [1, 3]
-    assert layers[3].prefix == "model.layers.3.block_sparse_moe.experts" and layers[3].experts == 4
-    assert layers[3].stem(2, 1) == "model.layers.3.block_sparse_moe.experts.2.w3"
+    assert sorted(layers) == [1, 3] and len(layers[3]) == 1
+    layer = layers[3][0]
+    assert layer.prefix == "model.layers.3.block_sparse_moe.experts" and layer.experts == 4
+    assert layer.stem(2, 1) == "model.layers.3.block_sparse_moe.experts.2.w3"
+
+
+def test_experts_counted_per_modality_are_split_into_vllms_moe_layers(tmp_path):
+    """ERNIE-4.5-VL numbers a layer's vision experts after its text experts under one prefix; its
+    config counts them per modality: each set is one of vLLM's MoE layers, by vLLM's name."""
+    names = {f"model.layers.1.mlp.experts.{e}.{p}.weight": torch.full((4 if e < 3 else 2, 2), float(e))
+             for e in range(5) for p in ("gate_proj", "up_proj")}
+    names.update({f"model.layers.1.mlp.experts.{e}.down_proj.weight": torch.zeros(2, 4 if e < 3 else 2)
+                  for e in range(5)})
+    (tmp_path / "config.json").write_text(json.dumps({"moe_num_experts": [3, 2]}))
+    text, vision = expert_layers(checkpoint(tmp_path, names))[1]
+    assert (text.prefix, text.experts, text.first) == ("model.layers.1.mlp.text_experts", 3, 0)
+    assert (vision.prefix, vision.experts, vision.first) == ("model.layers.1.mlp.vision_experts", 2, 3)
+    tensors = CheckpointTensors(tmp_path)
+    assert vision.stem(1, 0) == "model.layers.1.mlp.experts.4.gate_proj"
+    assert sorted(vision.tensor_names(tensors)) == sorted(n for n in names if ".experts.3." in n or ".experts.4." in n)
+    (tmp_path / "config.json").write_text(json.dumps({"moe_num_experts": [4, 2]}))
+    with pytest.raises(ValueError, match=r"5 experts stored, which the config counts per modality as \[4, 2\]"):
+        expert_layers(CheckpointTensors(tmp_path))
 
 
 def _bmm_experts(module, x, expert):
@@ -192,7 +212,7 @@ def test_fused_experts_compute_what_transformers_forward_does(tmp_path, family):
         parameter.data = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
         stored[f"model.layers.0.{name}"] = parameter.data.clone()
     tensors = checkpoint(tmp_path, stored)
-    layer = expert_layers(tensors)[0]
+    (layer,) = expert_layers(tensors)[0]
     x = torch.randn(5, 8, generator=generator, dtype=torch.float64)
     for expert in range(3):
         ours = expert_output(*expert_weights(tensors, layer, expert), x, expert_activation(config.to_dict()))

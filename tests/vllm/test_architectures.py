@@ -20,7 +20,7 @@ import torch
 
 import transformers_models
 import vllm_models
-from architecture_table import BY_KEY, PLAN_PER_MODALITY
+from architecture_table import BY_KEY
 from e2e_common import (EAGER_TORCH_ROPE, EXPERTS_TOL, SWEEP_LOGPROB_TOL, CachedReference, TransformersReference,
                         assert_close_to_reference, assert_plan_reads_kv_cache, deviations, experts_float64,
                         layer_index, run_every_expert, run_llm)
@@ -121,8 +121,7 @@ def test_lk_on_matches_transformers(checkpoints, key):
                    for layer in worker["lk_layers"].values()), worker
     if arch.vision_experts:
         assert_image_experts_match_float64(model, arch, run.inspected)
-    if key not in PLAN_PER_MODALITY:
-        assert_plan_reads_kv_cache(model, run)
+    assert_plan_reads_kv_cache(model, run)
     reference = CachedReference(TransformersReference(transformers_models.for_transformers(model)))
     assert_close_to_reference(run, reference)
     if arch.own_path_wrong:

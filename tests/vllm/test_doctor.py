@@ -9,12 +9,13 @@ import io
 import json
 import os
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import vllm_models
-from architecture_table import BY_KEY, PLAN_PER_MODALITY, SWEPT, SWEPT_AGAINST_VLLM, VLLM_BY_KEY
+from architecture_table import BY_KEY, SWEPT, SWEPT_AGAINST_VLLM, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model
 
 CORRUPTED = "model.layers.2.mlp.experts"
@@ -23,6 +24,10 @@ CORRUPTED = "model.layers.2.mlp.experts"
 NOT_PLANNED = {
     "AriaForConditionalGeneration": (r"^(vision_tower|multi_modal_projector)\.",
                                      "the vision tower and its projector: plan counts the language model"),
+    "Ernie4_5_VLMoeForConditionalGeneration": (
+        r"^model\.(vision_model|resampler_model)\.|\.moe_statics\.e_score_correction_bias$",
+        "the vision tower and its resampler (plan counts the language model), and the routers' correction "
+        "biases, stacked [modalities, experts]"),
 }
 
 
@@ -40,6 +45,13 @@ def checkpoints(tmp_path_factory):
     uninstall()   # doctor installed lvllm in this process
     parallel_state.destroy_model_parallel()
     parallel_state.destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The sweeps' tiny checkpoints by key, each built once for this module."""
+    root = tmp_path_factory.mktemp("swept")
+    return lambda key: vllm_models.swept_checkpoint(root, key)
 
 
 def doctor(monkeypatch, model, weight: str = "TO_DTYPE", dense: str = "TO_DTYPE", dense_group: str = "",
@@ -160,7 +172,7 @@ def planned_tensor_bytes(tensors, layers, key: str) -> int:
     """The checkpoint's bytes that lvllm plan counts outside the routed experts: every tensor but
     the experts' (ExpertLayer.tensor_names), the vectors (at most one dimension above 1: norms,
     biases, routers' scales and correction biases, which plan leaves out) and NOT_PLANNED's."""
-    experts = {name for layer in layers.values() for name in layer.tensor_names(tensors)}
+    experts = {name for sets in layers.values() for layer in sets for name in layer.tensor_names(tensors)}
     unplanned = {name for name in tensors.file_of if key in NOT_PLANNED and re.search(NOT_PLANNED[key][0], name)}
     assert bool(unplanned) == (key in NOT_PLANNED), f"NOT_PLANNED[{key!r}] matches none of the checkpoint's tensors"
     return sum(tensors.get(name).nbytes for name in tensors.file_of
@@ -196,47 +208,53 @@ def test_layouts_plan_refuses_are_swept_families():
 
 
 @pytest.mark.parametrize("key", [*BY_KEY, *VLLM_BY_KEY])
-def test_plan_and_doctor_on_each_swept_architecture(checkpoints, tmp_path, monkeypatch, key):
+def test_plan_and_doctor_on_each_swept_architecture(checkpoints, swept, monkeypatch, key):
     """The sweeps' tiny checkpoints (test_architectures*.py), a tensor per expert or fused: lvllm
     plan's reading of the config names the MoE layers the sweep found and the checkpoint holds,
     the experts' count and top-k as vLLM reads them, their width as stored, and counts a layer's
     experts as the checkpoint stores them, and the weights outside them as the checkpoint's
-    tensors (planned_tensor_bytes); doctor passes. The vLLM-only ones carry their config
-    as remote code (--trust-remote-code). Both refuse experts counted per modality by name
-    (PLAN_PER_MODALITY)."""
+    tensors (planned_tensor_bytes); doctor passes. Experts counted per modality (ERNIE-4.5-VL) are
+    a set each, checked each against its MoE layer of vLLM's. Configs that come as remote code (the
+    vLLM-only ones', ERNIE-4.5-VL's as Baidu ships it) are read with --trust-remote-code."""
     from vllm.config import ModelConfig
 
-    from lvllm.model_shape import ConfigError, checkpoint_layer_bytes, dense_weight_bytes, model_shape
+    from lvllm.doctor import sample
+    from lvllm.model_shape import checkpoint_layer_bytes, checkpoint_set_bytes, dense_weight_bytes, model_shape
     from lvllm.reference import CheckpointTensors, expert_layers, expert_weights
+    from lvllm.vllm.single_layer import experts_per_token
 
     arch = BY_KEY.get(key) or VLLM_BY_KEY[key]
-    model = vllm_models.swept_checkpoint(tmp_path, key)
-    if key in PLAN_PER_MODALITY:
-        for refused in (lambda: model_shape(json.loads((model / "config.json").read_text())),
-                        lambda: doctor(monkeypatch, model, trust_remote_code=True)):
-            with pytest.raises(ConfigError, match="experts per modality"):
-                refused()
-        return
-    remote = key in VLLM_BY_KEY
+    model = swept(key)
     config = json.loads((model / "config.json").read_text())
+    remote = "auto_map" in config
     shape = model_shape(config)
     tensors = CheckpointTensors(model)
     layers = expert_layers(tensors)
     assert set(shape.moe_layers) == set(arch.moe_layers) == set(layers), shape
     assert dense_weight_bytes(shape) == planned_tensor_bytes(tensors, layers, key), shape.dense
     refused_layouts(config, str(model / "config.json"))
-    vllm_reading = ModelConfig(model=str(model), trust_remote_code=remote)
-    assert (shape.experts, shape.top_k) == (vllm_reading.get_num_experts(), vllm_reading.get_num_experts_per_tok())
-    for layer in layers.values():
-        stored = sum(tensors.get(name).nbytes for name in layer.tensor_names(tensors))
-        assert checkpoint_layer_bytes(shape) == stored, layer.prefix
-        assert layer.experts == shape.experts and expert_weights(tensors, layer, 0)[0].shape == (
-            shape.intermediate, shape.hidden), layer.prefix
+    # vLLM's reading: the text experts' count where the config counts them per modality (ERNIE-4.5-VL),
+    # top-k as its model builds the MoE layers (experts_per_token: ModelConfig's, or the moe_k it misses).
+    vllm_config = SimpleNamespace(model_config=ModelConfig(model=str(model), trust_remote_code=remote))
+    assert (shape.text_experts.count, shape.top_k) == (vllm_config.model_config.get_num_experts(),
+                                                       experts_per_token(vllm_config))
+    for sets in layers.values():
+        assert checkpoint_layer_bytes(shape) == sum(tensors.get(name).nbytes for layer in sets
+                                                    for name in layer.tensor_names(tensors)), sets
+        for expert_set, layer in zip(shape.expert_sets, sets, strict=True):
+            stored = sum(tensors.get(name).nbytes for name in layer.tensor_names(tensors))
+            assert checkpoint_set_bytes(shape, expert_set) == stored, layer.prefix
+            assert layer.experts == expert_set.count and expert_weights(tensors, layer, 0)[0].shape == (
+                expert_set.width, shape.hidden), layer.prefix
     status, report = doctor(monkeypatch, model, trust_remote_code=remote)
     assert status == 0 and "result: pass" in report, report
+    # Each of vLLM's MoE layers in the layers doctor samples, by vLLM's name (ERNIE-4.5-VL: mlp.text_experts
+    # and mlp.vision_experts).
+    checked = {line.split()[0] for line in report.splitlines() if line.startswith("  ") and "experts " in line}
+    assert checked == {layer.prefix for index in sample(sorted(layers)) for layer in layers[index]}, report
 
 
-def test_a_misread_fused_layout_fails(checkpoints, tmp_path, monkeypatch):
+def test_a_misread_fused_layout_fails(checkpoints, swept, monkeypatch):
     """doctor's reference slices a fused checkpoint's experts itself, lk gets them through vLLM's
     own fused loading: a reference that took up's half of Llama 4's gate_up_proj for gate's
     fails every layer."""
@@ -249,9 +267,28 @@ def test_a_misread_fused_layout_fails(checkpoints, tmp_path, monkeypatch):
         return up, gate, down
 
     monkeypatch.setattr(reference, "_fused_expert", gate_and_up_swapped)
-    status, report = doctor(monkeypatch, vllm_models.swept_checkpoint(tmp_path, "Llama4ForCausalLM"))
+    status, report = doctor(monkeypatch, swept("Llama4ForCausalLM"))
     assert status == 1, report
     assert "result: FAIL in model.layers.0.feed_forward.experts, model.layers.1.feed_forward.experts" in report
+
+
+def test_an_expert_set_built_wider_than_stored_fails(checkpoints, swept, monkeypatch):
+    """ERNIE-4.5-VL's vision experts built with its text experts' width: vLLM's loader fills the
+    wider layer's first rows from the checkpoint's without a word, and the outputs match, but lk
+    would hold twice the bytes of what the checkpoint stores; doctor fails that layer, saying so."""
+    from lvllm.vllm import single_layer
+
+    load_layer = single_layer.load_layer
+
+    def with_text_width(vllm_config, layer, tensors):
+        config = vllm_config.model_config.hf_text_config
+        monkeypatch.setattr(config, "moe_intermediate_size", [config.moe_intermediate_size[0]] * 2)
+        return load_layer(vllm_config, layer, tensors)
+
+    monkeypatch.setattr(single_layer, "load_layer", with_text_width)
+    status, report = doctor(monkeypatch, swept("Ernie4_5_VLMoeForConditionalGeneration"), trust_remote_code=True)
+    assert status == 1 and "result: FAIL in model.layers.1.mlp.vision_experts" in report, report
+    assert report.count("fail: lk holds experts 64 wide, the checkpoint's are 32") == 2, report
 
 
 def test_bad_input_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
@@ -290,7 +327,7 @@ def test_the_fused_moe_method_entry_computes_the_routed_experts(checkpoints):
     from lvllm.vllm.single_layer import load_layer, model_context
 
     tensors = CheckpointTensors(checkpoints["bf16"])
-    layer = expert_layers(tensors)[1]
+    (layer,) = expert_layers(tensors)[1]
     with model_context(str(checkpoints["bf16"]), "bfloat16", Settings.from_env()) as (vllm_config, _):
         method = load_layer(vllm_config, layer, tensors)
         generator = torch.Generator().manual_seed(0)

@@ -147,7 +147,7 @@ def test_lk_takes_the_checkpoints_values_exactly(monkeypatch, nvfp4_models, in_p
     monkeypatch.setattr(nvfp4_source.Nvfp4Source, "engine_inputs", engine_inputs)
     model = nvfp4_models("qwen3_moe")[0]
     tensors = CheckpointTensors(model)
-    layer = expert_layers(tensors)[1]
+    (layer,) = expert_layers(tensors)[1]
     with model_context(str(model), "bfloat16", Settings.from_env()) as (vllm_config, _):
         load_layer(vllm_config, layer, tensors)
     (codes13, scales13, rows13), (codes2, scales2, rows2) = handed["tensors"]
