@@ -5,6 +5,7 @@ the experts' stored format, the dense matrices. Read without vLLM, for ``lvllm p
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class ExpertStorage:
     block: tuple[int, int] | None = None   # FP8 block: (rows, inputs) per scale
     zero_point: bool = False
     per_channel: bool = False   # GPTQ group_size -1: one scale per output (group: lk's repeat)
+    float_projections: tuple[str, ...] = ()   # PROJECTIONS kinds the checkpoint leaves unquantized
 
     @property
     def bits(self) -> int:
@@ -126,6 +128,33 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
                       "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, ModelOpt NVFP4, gpt-oss MXFP4)")
 
 
+# A module of each PROJECTIONS kind by its checkpoint name after "model.layers.N.", probed against a
+# compressed-tensors config's targets and ignore list (Kimi K2.5's names its attention, dense MLPs and
+# shared experts in ignore, keeping them bf16; a "re:.*self_attn.*" pattern would name them as well).
+PROJECTION_PROBES = {"attention": ("self_attn.o_proj",), "dense MLP": ("mlp.down_proj",),
+                     "shared expert": ("mlp.shared_experts.down_proj", "mlp.shared_expert.down_proj")}
+
+
+def _names_module(entries: list[str], module: str) -> bool:
+    """Whether a compressed-tensors targets or ignore entry names the module as vLLM matches them
+    (config_utils.is_equal_or_regex_match): the name itself, or a "re:" pattern matched from its start;
+    targets' "Linear" names every projection."""
+    return any(entry in (module, "Linear") or (entry.startswith("re:") and re.match(entry[3:], module))
+               for entry in entries)
+
+
+def compressed_float_projections(quant: dict, num_layers: int) -> tuple[str, ...]:
+    """The PROJECTIONS kinds a compressed-tensors checkpoint stores unquantized: those no config
+    group targets, or its ignore list names on some layer (probed on each: the checkpoints seen
+    ignore a kind on every layer that has it, or on none)."""
+    targets = [t for group in (quant.get("config_groups") or {}).values() for t in group.get("targets") or ()]
+    ignore = [entry for entry in quant.get("ignore") or () if entry != "Linear"]
+    modules = {kind: [f"model.layers.{i}.{probe}" for i in range(num_layers) for probe in probes]
+               for kind, probes in PROJECTION_PROBES.items()}
+    return tuple(kind for kind, names in modules.items()
+                 if not any(_names_module(targets, m) for m in names) or any(_names_module(ignore, m) for m in names))
+
+
 def refuse_experts_per_modality(config: dict, where: str = "config.json") -> None:
     """ConfigError where the config counts its experts per modality (ERNIE-4.5-VL: [text, vision],
     which vLLM builds as two MoE layers per decoder layer, of different widths): plan and doctor
@@ -162,6 +191,10 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     refuse_experts_per_modality(config, where)
     text = config.get("text_config") or config
     experts = first_set(text, *EXPERT_COUNT_KEYS)
+    if not experts and isinstance(text.get("ffn_config"), dict):
+        raise ConfigError(f"{where}: DBRX's layout, its experts in ffn_config (moe_num_experts, moe_top_k, "
+                          "ffn_hidden_size) and its attention in attn_config (kv_n_heads), which lvllm plan "
+                          "does not read (vLLM 0.32 cannot load DBRX either: dbrx.py's load_weights)")
     if not experts:
         raise ConfigError(f"{where} describes no routed experts (no {', '.join(EXPERT_COUNT_KEYS)}): "
                           "lvllm plans only Mixture-of-Experts models")
@@ -179,13 +212,15 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     model_type = str(text.get("model_type", config.get("model_type", "")))
     typed = {**completed(text, model_type), "model_type": model_type}
     moe_layers = moe_layer_indices(text, layers)
+    quant = config.get("quantization_config") or text.get("quantization_config")
+    storage = expert_storage(quant, where, model_type, hidden, intermediate)
+    if storage.scheme == "compressed-tensors":
+        storage = replace(storage, float_projections=compressed_float_projections(quant, layers))
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
         num_layers=layers, moe_layers=moe_layers, hidden=hidden,
         intermediate=intermediate, experts=int(experts), top_k=int(first_set(text, *TOP_K_KEYS)),
-        dtype=dtype, storage=expert_storage(config.get("quantization_config")
-                                            or text.get("quantization_config"), where, model_type,
-                                            hidden, intermediate),
+        dtype=dtype, storage=storage,
         vocab=int(text["vocab_size"]), tied_embeddings=bool(first_set(text, "tie_word_embeddings", default=False)),
         dense=dense_matrices_of(typed, where, layers, moe_layers, int(experts), intermediate),
         cache=cache_layers(typed, where, layers),
@@ -251,10 +286,16 @@ PROJECTIONS = ("attention", "dense MLP", "shared expert")
 FLOAT_PROJECTIONS = ("float", "mxfp4", "nvfp4")
 
 
+def quantized_projection(shape: ModelShape, matrix: DenseMatrix) -> bool:
+    """Whether the checkpoint stores the matrix as it stores the experts."""
+    return (matrix.kind in PROJECTIONS and shape.storage.scheme not in FLOAT_PROJECTIONS
+            and matrix.kind not in shape.storage.float_projections)
+
+
 def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
-    """A matrix's bytes as the checkpoint loads it: projections take the experts' stored bytes
-    per weight (FP8 and 8-bit integers: 1, 4-bit integers: 0.5), the rest the model dtype."""
-    if matrix.kind in PROJECTIONS and shape.storage.scheme not in FLOAT_PROJECTIONS:
+    """A matrix's bytes as the checkpoint loads it: quantized projections take the experts' stored
+    bytes per weight (FP8 and 8-bit integers: 1, 4-bit integers: 0.5), the rest the model dtype."""
+    if quantized_projection(shape, matrix):
         eight_bits = shape.storage.scheme == "fp8-block" or shape.storage.format == "int8"
         return int(matrix.weights * (1 if eight_bits else 0.5))
     return matrix.weights * shape.dtype_bytes
@@ -262,7 +303,7 @@ def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
 
 def float_on_lk(shape: ModelShape, matrix: DenseMatrix) -> bool:
     """Whether LVLLM_DENSE_USE_WEIGHT's INT8 / INT4 quantize it: float in the checkpoint and lk takes it."""
-    return matrix.on_lk and (matrix.kind not in PROJECTIONS or shape.storage.scheme in FLOAT_PROJECTIONS)
+    return matrix.on_lk and not quantized_projection(shape, matrix)
 
 
 def tied_head(shape: ModelShape, matrix: DenseMatrix) -> bool:
