@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lvllm import formats
+from lvllm.checkpoint_storage import ExpertStorage, compressed_float_projections, expert_storage
 from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, MODALITIES, MODALITY_RANGE_KEYS,
                                TOP_K_KEYS, ConfigError, expert_activation, first_set, moe_layer_indices)
 from lvllm.dense_layout import DenseMatrix, dense_matrices_of
@@ -16,23 +17,6 @@ from lvllm.kv_layout import FULL, STATE, CacheLayer, cache_layers, sequence_byte
 from lvllm.placement import streams_in_gpu_prefill
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-@dataclass(frozen=True)
-class ExpertStorage:
-    """How the checkpoint stores the routed experts: lk's format name ("float" for the model
-    dtype) and the inputs per scale of a quantized one."""
-
-    format: str
-    group: int | None = None
-    scheme: str = "float"   # float, fp8-block, compressed-tensors, awq, gptq, mxfp4, nvfp4
-    block: tuple[int, int] | None = None   # FP8 block: (rows, inputs) per scale
-    zero_point: bool = False
-    per_channel: bool = False   # GPTQ group_size -1: one scale per output (group: lk's repeat)
-
-    @property
-    def bits(self) -> int:
-        return 8 if self.format == "int8" else 4
 
 
 @dataclass(frozen=True)
@@ -87,68 +71,6 @@ class ModelShape:
         return streams_in_gpu_prefill(self.expert_activation, self.expert_biases)
 
 
-def _gptq_storage(quant: dict, where: str, hidden: int, intermediate: int) -> ExpertStorage:
-    """GPTQ as vLLM 0.32 reads it (lvllm.vllm.gptq_source): 4 or 8 bits, sym, no desc_act
-    with groups; group_size -1 per channel."""
-    bits, group = quant.get("bits"), quant.get("group_size")
-    if bits not in (4, 8) or quant.get("sym") is not True:
-        raise ConfigError(f"{where}: GPTQ with bits {bits}, sym {quant.get('sym')} (vLLM 0.32 and "
-                          "lk take bits 4 or 8 with sym: true)")
-    if quant.get("desc_act") and group != -1:
-        raise ConfigError(f"{where}: GPTQ with desc_act: true and group_size {group} (vLLM 0.32 "
-                          "takes desc_act: false, or group_size -1)")
-    name = "int8" if bits == 8 else "int4"
-    if group == -1 and formats.per_channel_group(hidden, intermediate):
-        return ExpertStorage(name, formats.per_channel_group(hidden, intermediate), "gptq", per_channel=True)
-    if not isinstance(group, int) or group <= 0 or group % 16 or hidden % group or intermediate % group:
-        raise ConfigError(f"{where}: GPTQ group_size {group} with hidden size {hidden} and expert "
-                          f"intermediate size {intermediate} (lk takes a multiple of 16 dividing "
-                          "both, or -1 where a multiple of 16 divides both)")
-    return ExpertStorage(name, group, "gptq")
-
-
-def _modelopt_storage(quant: dict, where: str) -> ExpertStorage:
-    """NVIDIA ModelOpt as vLLM 0.32 reads it (lvllm.vllm.nvfp4_source): config.json's
-    quantization_config, or hf_quant_config.json's {"quantization": {...}}; NVFP4 only, in
-    groups of 16 (vLLM's default where the config names none)."""
-    inner = quant["quantization"] if isinstance(quant.get("quantization"), dict) else quant
-    algo, group = str(inner.get("quant_algo") or "").upper(), inner.get("group_size") or 16
-    if algo not in ("NVFP4", "W4A16_NVFP4"):
-        raise ConfigError(f"{where}: ModelOpt quant_algo {inner.get('quant_algo')!r} (lk takes NVFP4 and "
-                          "W4A16_NVFP4 experts)")
-    if group != 16:
-        raise ConfigError(f"{where}: ModelOpt NVFP4 with group_size {group} (lk takes 16)")
-    return ExpertStorage("nvfp4", 16, "nvfp4")
-
-
-def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden: int = 0,
-                   intermediate: int = 0) -> ExpertStorage:
-    """The experts' stored format from a quantization_config, refusing what lk cannot take."""
-    if not quant:
-        return ExpertStorage("float")
-    method = str(quant.get("quant_method", "")).lower()
-    if method == "gptq":
-        return _gptq_storage(quant, where, hidden, intermediate)
-    if method.startswith("modelopt") or (quant.get("producer") or {}).get("name") == "modelopt":
-        return _modelopt_storage(quant, where)
-    if method == "mxfp4" and model_type == "gpt_oss":   # the MXFP4 layout vLLM loads for lk
-        return ExpertStorage("mxfp4", 32, "mxfp4")
-    if method == "fp8" and quant.get("weight_block_size"):
-        rows, inputs = quant["weight_block_size"]
-        return ExpertStorage("fp8_e4m3", int(inputs), "fp8-block", (int(rows), int(inputs)))
-    if method == "compressed-tensors":
-        for group in (quant.get("config_groups") or {}).values():
-            weights = group.get("weights") or {}
-            if weights.get("num_bits") == 4 and weights.get("group_size"):
-                return ExpertStorage("int4", int(weights["group_size"]), "compressed-tensors")
-    if method == "awq" and quant.get("bits", 4) == 4 and quant.get("group_size"):
-        return ExpertStorage("int4", int(quant["group_size"]), "awq",
-                             zero_point=bool(quant.get("zero_point")))
-    raise ConfigError(f"{where}: quantization_config {json.dumps(quant)[:200]} is not a format lk "
-                      "takes (float, FP8 with weight_block_size, compressed-tensors pack-quantized "
-                      "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, ModelOpt NVFP4, gpt-oss MXFP4)")
-
-
 def expert_sets_of(text: dict, where: str, num_layers: int, moe_layers: tuple[int, ...]) -> tuple[ExpertSet, ...]:
     """The routed experts' count and width: one set, or one per modality where the config lists
     them so (ERNIE-4.5-VL, MODALITIES), each set in every MoE layer."""
@@ -190,6 +112,10 @@ def completed(text: dict, model_type: str) -> dict:
 def model_shape(config: dict, where: str = "config.json", dtype: str | None = None) -> ModelShape:
     """The shape of a MoE model from its Hugging Face config (``where`` names it in errors)."""
     text = config.get("text_config") or config
+    if not first_set(text, *EXPERT_COUNT_KEYS) and isinstance(text.get("ffn_config"), dict):
+        raise ConfigError(f"{where}: DBRX's layout, its experts in ffn_config (moe_num_experts, moe_top_k, "
+                          "ffn_hidden_size) and its attention in attn_config (kv_n_heads), which lvllm plan "
+                          "does not read (vLLM 0.32 cannot load DBRX either: dbrx.py's load_weights)")
     if not first_set(text, *EXPERT_COUNT_KEYS):
         raise ConfigError(f"{where} describes no routed experts (no {', '.join(EXPERT_COUNT_KEYS)}): "
                           "lvllm plans only Mixture-of-Experts models")
@@ -208,15 +134,18 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
     moe_layers = moe_layer_indices(text, layers)
     sets = expert_sets_of(text, where, layers, moe_layers)
     quant = config.get("quantization_config") or text.get("quantization_config")
-    storage = {expert_storage(quant, where, model_type, hidden, expert_set.width) for expert_set in sets}
-    if len(storage) > 1:
-        raise ConfigError(f"{where}: the expert sets' widths give them different formats ({storage}): lk "
+    formats_of_sets = {expert_storage(quant, where, model_type, hidden, expert_set.width) for expert_set in sets}
+    if len(formats_of_sets) > 1:
+        raise ConfigError(f"{where}: the expert sets' widths give them different formats ({formats_of_sets}): lk "
                           "takes one per model")
+    storage = formats_of_sets.pop()
+    if storage.scheme == "compressed-tensors":
+        storage = replace(storage, float_projections=compressed_float_projections(quant, layers))
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
         num_layers=layers, moe_layers=moe_layers, hidden=hidden,
         expert_sets=sets, top_k=int(first_set(text, *TOP_K_KEYS)),
-        dtype=dtype, storage=storage.pop(),
+        dtype=dtype, storage=storage,
         vocab=int(text["vocab_size"]), tied_embeddings=bool(first_set(text, "tie_word_embeddings", default=False)),
         dense=dense_matrices_of(typed, where, layers, moe_layers, tuple(expert_set.count for expert_set in sets),
                                 sets[0].width),
@@ -288,10 +217,16 @@ PROJECTIONS = ("attention", "dense MLP", "shared expert")
 FLOAT_PROJECTIONS = ("float", "mxfp4", "nvfp4")
 
 
+def quantized_projection(shape: ModelShape, matrix: DenseMatrix) -> bool:
+    """Whether the checkpoint stores the matrix as it stores the experts."""
+    return (matrix.kind in PROJECTIONS and shape.storage.scheme not in FLOAT_PROJECTIONS
+            and matrix.kind not in shape.storage.float_projections)
+
+
 def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
-    """A matrix's bytes as the checkpoint loads it: projections take the experts' stored bytes
-    per weight (FP8 and 8-bit integers: 1, 4-bit integers: 0.5), the rest the model dtype."""
-    if matrix.kind in PROJECTIONS and shape.storage.scheme not in FLOAT_PROJECTIONS:
+    """A matrix's bytes as the checkpoint loads it: quantized projections take the experts' stored
+    bytes per weight (FP8 and 8-bit integers: 1, 4-bit integers: 0.5), the rest the model dtype."""
+    if quantized_projection(shape, matrix):
         eight_bits = shape.storage.scheme == "fp8-block" or shape.storage.format == "int8"
         return int(matrix.weights * (1 if eight_bits else 0.5))
     return matrix.weights * shape.dtype_bytes
@@ -299,7 +234,7 @@ def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
 
 def float_on_lk(shape: ModelShape, matrix: DenseMatrix) -> bool:
     """Whether LVLLM_DENSE_USE_WEIGHT's INT8 / INT4 quantize it: float in the checkpoint and lk takes it."""
-    return matrix.on_lk and (matrix.kind not in PROJECTIONS or shape.storage.scheme in FLOAT_PROJECTIONS)
+    return matrix.on_lk and not quantized_projection(shape, matrix)
 
 
 def tied_head(shape: ModelShape, matrix: DenseMatrix) -> bool:

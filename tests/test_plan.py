@@ -200,6 +200,26 @@ def test_deepseek_like_dense_bytes():
     assert plan.dense_bytes(fp8, "INT4") == D_WEIGHTS - 2 * 129280 * 7168 + int4(129280, 7168)
 
 
+def test_compressed_tensors_projections_by_targets_and_ignore():
+    """A compressed-tensors checkpoint stores its attention, dense MLPs and shared experts in 4 bits
+    where a config group targets them ("Linear": every linear layer) and its ignore list (names, or
+    "re:" patterns matched from the name's start, as vLLM's compressed-tensors config matches them)
+    names none of them; else in the model dtype, as a float checkpoint's."""
+    def shape(targets, ignore):
+        group = {"targets": targets, "weights": {"num_bits": 4, "group_size": 32}}
+        quant = {"quant_method": "compressed-tensors", "config_groups": {"group_0": group}, "ignore": ignore}
+        return model_shape({**DEEPSEEK_V3, "quantization_config": quant})
+
+    every = ("attention", "dense MLP", "shared expert")
+    by_pattern = ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
+    assert shape(["Linear"], ["lm_head", "re:.*mlp.gate$"]).storage.float_projections == ()
+    assert shape(["Linear"], by_pattern).storage.float_projections == every
+    assert shape(["re:.*mlp.experts.*"], []).storage.float_projections == every
+    assert shape(["Linear"], ["model.layers.60.self_attn.o_proj"]).storage.float_projections == ("attention",)
+    float_checkpoint = plan.dense_weight_bytes(model_shape({**DEEPSEEK_V3, "quantization_config": None}))
+    assert plan.dense_weight_bytes(shape(["Linear"], by_pattern)) == float_checkpoint
+
+
 def test_the_users_dense_format_is_kept(monkeypatch):
     monkeypatch.delenv("LVLLM_DENSE_USE_WEIGHT", raising=False)
     monkeypatch.delenv("LVLLM_DENSE_ON_LK", raising=False)

@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -504,6 +505,24 @@ def experts_float64(tensors: dict, prefix: str, x, topk_ids, topk_weights):
             hidden = torch.nn.functional.silu(proj("gate_proj") @ x[token]) * (proj("up_proj") @ x[token])
             out[token] += weight * (proj("down_proj") @ hidden)
     return out
+
+
+def planned_tensor_bytes(tensors, layers, not_planned: str = "") -> int:
+    """The checkpoint's bytes that lvllm plan counts outside the routed experts: every tensor but
+    the experts' (ExpertLayer.tensor_names of each layer's sets), the vectors (is_matrix: norms,
+    biases, routers' scales and correction biases, which plan leaves out) and those whose name
+    ``not_planned`` (a pattern, which must match some) finds."""
+    experts = {name for sets in layers.values() for layer in sets for name in layer.tensor_names(tensors)}
+    unplanned = {name for name in tensors.file_of if not_planned and re.search(not_planned, name)}
+    assert bool(unplanned) == bool(not_planned), f"{not_planned!r} matches none of the checkpoint's tensors"
+    return sum(tensors.get(name).nbytes for name in tensors.file_of
+               if name not in experts | unplanned and is_matrix(name, tensors.shape(name)))
+
+
+def is_matrix(name: str, shape) -> bool:
+    """Two dimensions above 1, or a linear layer's [1, inputs] weight (Qwen's shared_expert_gate); not
+    ERNIE's [1, experts] correction bias."""
+    return sum(size > 1 for size in shape) >= 2 or (len(shape) == 2 and name.endswith(".weight"))
 
 
 # vLLM's KV cache spec classes, as lvllm.kv_layout names what a layer keeps.

@@ -16,7 +16,7 @@ import torch
 
 import vllm_models
 from architecture_table import BY_KEY, SWEPT, SWEPT_AGAINST_VLLM, VLLM_BY_KEY
-from e2e_common import CHECKPOINT_DIMS, build_model
+from e2e_common import CHECKPOINT_DIMS, build_model, planned_tensor_bytes
 
 CORRUPTED = "model.layers.2.mlp.experts"
 # Swept checkpoints' tensors outside the routed experts that lvllm plan does not count: a pattern
@@ -168,23 +168,6 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
     assert len(rows) == 7 and all(row.endswith("fail" if damaged in row else "pass") for row in rows), report
 
 
-def planned_tensor_bytes(tensors, layers, key: str) -> int:
-    """The checkpoint's bytes that lvllm plan counts outside the routed experts: every tensor but
-    the experts' (ExpertLayer.tensor_names), the vectors (at most one dimension above 1: norms,
-    biases, routers' scales and correction biases, which plan leaves out) and NOT_PLANNED's."""
-    experts = {name for sets in layers.values() for layer in sets for name in layer.tensor_names(tensors)}
-    unplanned = {name for name in tensors.file_of if key in NOT_PLANNED and re.search(NOT_PLANNED[key][0], name)}
-    assert bool(unplanned) == (key in NOT_PLANNED), f"NOT_PLANNED[{key!r}] matches none of the checkpoint's tensors"
-    return sum(tensors.get(name).nbytes for name in tensors.file_of
-               if name not in experts | unplanned and is_matrix(name, tensors.shape(name)))
-
-
-def is_matrix(name: str, shape) -> bool:
-    """Two dimensions above 1, or a linear layer's [1, inputs] weight (Qwen's shared_expert_gate); not
-    ERNIE's [1, experts] correction bias."""
-    return sum(size > 1 for size in shape) >= 2 or (len(shape) == 2 and name.endswith(".weight"))
-
-
 def refused_layouts(config: dict, where: str) -> None:
     """lvllm plan refuses the config with each setting its family's layout does not model (LAYOUTS'
     refused), naming the family and the setting."""
@@ -231,7 +214,8 @@ def test_plan_and_doctor_on_each_swept_architecture(checkpoints, swept, monkeypa
     tensors = CheckpointTensors(model)
     layers = expert_layers(tensors)
     assert set(shape.moe_layers) == set(arch.moe_layers) == set(layers), shape
-    assert dense_weight_bytes(shape) == planned_tensor_bytes(tensors, layers, key), shape.dense
+    unplanned = NOT_PLANNED.get(key, ("",))[0]
+    assert dense_weight_bytes(shape) == planned_tensor_bytes(tensors, layers, unplanned), shape.dense
     refused_layouts(config, str(model / "config.json"))
     # vLLM's reading: the text experts' count where the config counts them per modality (ERNIE-4.5-VL),
     # top-k as its model builds the MoE layers (experts_per_token: ModelConfig's, or the moe_k it misses).
