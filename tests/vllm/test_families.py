@@ -56,7 +56,7 @@ from architecture_table import (BY_KEY, CANNOT_IMPORT, CANNOT_RUN, DIFFERING, DR
                                 registered_moe_architectures, same_class_as)
 from e2e_common import (CachedReference, TransformersReference, assert_lk_ran, assert_plan_reads_kv_cache,
                         assert_matches_reference, assert_upstream, attention_backend, build_model,
-                        draft_lk_report, layer_index, run_llm)
+                        draft_lk_report, layer_index, planned_tensor_bytes, run_llm)
 
 # Measured (median / max prompt-logprob deviation): Kimi INT4 KEEP 0.017 / 0.15, Qwen3-Next
 # bf16 lk 0.016 / 0.061 (vLLM's own 0.017 / 0.058), gpt-oss MXFP4 KEEP 0.038 / 0.71 (gpt-oss
