@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from lvllm import formats
 from lvllm.config_keys import ConfigError
@@ -91,9 +92,9 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
                       "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, ModelOpt NVFP4, gpt-oss MXFP4)")
 
 
-# A module of each PROJECTIONS kind by its checkpoint name after "model.layers.N.", probed against a
-# compressed-tensors config's targets and ignore list (Kimi K2.5's names its attention, dense MLPs and
-# shared experts in ignore, keeping them bf16; a "re:.*self_attn.*" pattern would name them as well).
+# A module of each PROJECTIONS kind by its checkpoint name after "model.layers.N.", probed against the
+# quantization config's rules for the modules it leaves unquantized (Kimi K2.5's ignore list names its
+# attention, dense MLPs and shared experts, keeping them bf16).
 PROJECTION_PROBES = {"attention": ("self_attn.o_proj",), "dense MLP": ("mlp.down_proj",),
                      "shared expert": ("mlp.shared_experts.down_proj", "mlp.shared_expert.down_proj")}
 
@@ -106,13 +107,36 @@ def _names_module(entries: list[str], module: str) -> bool:
                for entry in entries)
 
 
-def compressed_float_projections(quant: dict, num_layers: int) -> tuple[str, ...]:
-    """The PROJECTIONS kinds a compressed-tensors checkpoint stores unquantized: those no config
-    group targets, or its ignore list names on some layer (probed on each: the checkpoints seen
-    ignore a kind on every layer that has it, or on none)."""
-    targets = [t for group in (quant.get("config_groups") or {}).values() for t in group.get("targets") or ()]
-    ignore = [entry for entry in quant.get("ignore") or () if entry != "Linear"]
-    modules = {kind: [f"model.layers.{i}.{probe}" for i in range(num_layers) for probe in probes]
-               for kind, probes in PROJECTION_PROBES.items()}
-    return tuple(kind for kind, names in modules.items()
-                 if not any(_names_module(targets, m) for m in names) or any(_names_module(ignore, m) for m in names))
+def _gptq_skips(dynamic: dict, module: str) -> bool:
+    """gptq_utils.get_dynamic_override: the first rule matching the module decides; "-:" ones skip it."""
+    for pattern in dynamic:
+        if re.match(pattern.removeprefix("-:").removeprefix("+:"), module):
+            return pattern.startswith("-:")
+    return False
+
+
+def _left_float(quant: dict, scheme: str) -> Callable[[str], bool]:
+    """Whether the scheme's vLLM config leaves a module unquantized, by its rules: compressed-tensors'
+    targets and ignore list, AWQ's modules_to_not_convert (substrings, auto_awq.py), FP8's
+    ignored_layers or modules_to_not_convert (whole names, fp8.py), GPTQ's dynamic "-:" rules."""
+    if scheme == "compressed-tensors":
+        targets = [t for group in (quant.get("config_groups") or {}).values() for t in group.get("targets") or ()]
+        ignore = [entry for entry in quant.get("ignore") or () if entry != "Linear"]
+        return lambda module: not _names_module(targets, module) or _names_module(ignore, module)
+    if scheme == "awq":
+        skipped = quant.get("modules_to_not_convert") or ()
+        return lambda module: any(name in module for name in skipped)
+    if scheme == "fp8-block":
+        skipped = quant.get("ignored_layers") or quant.get("modules_to_not_convert") or ()
+        return lambda module: module in skipped
+    if scheme == "gptq":
+        return lambda module: _gptq_skips(quant.get("dynamic") or {}, module)
+    return lambda module: True   # schemes that quantize the experts only (FLOAT_PROJECTIONS)
+
+
+def float_projections(quant: dict, scheme: str, num_layers: int) -> tuple[str, ...]:
+    """The PROJECTIONS kinds a quantized checkpoint stores unquantized, probed on each layer (the
+    checkpoints seen leave a kind float on every layer that has it, or on none)."""
+    left_float = _left_float(quant, scheme)
+    return tuple(kind for kind, probes in PROJECTION_PROBES.items()
+                 if any(left_float(f"model.layers.{i}.{probe}") for i in range(num_layers) for probe in probes))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lvllm import formats
-from lvllm.checkpoint_storage import ExpertStorage, compressed_float_projections, expert_storage
+from lvllm.checkpoint_storage import ExpertStorage, expert_storage, float_projections
 from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, MODALITIES, MODALITY_RANGE_KEYS,
                                TOP_K_KEYS, ConfigError, expert_activation, first_set, moe_layer_indices)
 from lvllm.dense_layout import DenseMatrix, dense_matrices_of
@@ -139,8 +139,8 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
         raise ConfigError(f"{where}: the expert sets' widths give them different formats ({formats_of_sets}): lk "
                           "takes one per model")
     storage = formats_of_sets.pop()
-    if storage.scheme == "compressed-tensors":
-        storage = replace(storage, float_projections=compressed_float_projections(quant, layers))
+    if quant:
+        storage = replace(storage, float_projections=float_projections(quant, storage.scheme, layers))
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
         num_layers=layers, moe_layers=moe_layers, hidden=hidden,

@@ -168,6 +168,19 @@ def test_a_corrupted_dense_matrix_fails_by_name(monkeypatch, checkpoints):
     assert len(rows) == 7 and all(row.endswith("fail" if damaged in row else "pass") for row in rows), report
 
 
+def test_plan_counts_the_projections_each_format_leaves_float(checkpoints):
+    """The tiny quantized checkpoints quantize the experts only, each format naming the rest by its
+    own rule (FP8's modules_to_not_convert, AWQ's, GPTQ's dynamic "-:" pattern, compressed-tensors'
+    and NVFP4's ignore lists): plan counts the weights outside the experts as stored."""
+    from lvllm.model_shape import dense_weight_bytes, model_shape
+    from lvllm.reference import CheckpointTensors, expert_layers
+
+    for name, model in checkpoints.items():
+        tensors = CheckpointTensors(model)
+        shape = model_shape(json.loads((model / "config.json").read_text()))
+        assert dense_weight_bytes(shape) == planned_tensor_bytes(tensors, expert_layers(tensors)), (name, shape.storage)
+
+
 def refused_layouts(config: dict, where: str) -> None:
     """lvllm plan refuses the config with each setting its family's layout does not model (LAYOUTS'
     refused), naming the family and the setting."""
