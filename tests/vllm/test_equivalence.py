@@ -19,7 +19,8 @@ import re
 import pytest
 
 from e2e_common import (BF16_LOGPROB_TOL, BF16_SAME_PREFIX, BF16_SLACK, CPUS, F32_LOGPROB_TOL, FAMILIES, PROMPTS,
-                        assert_lk_computed, assert_upstream, layer_index, max_logprob_diff, run_llm)
+                        assert_lk_computed, assert_plan_reads_kv_cache, assert_upstream, layer_index,
+                        max_logprob_diff, run_llm)
 
 from lvllm.envs import format_ranges as format_layers
 
@@ -41,11 +42,12 @@ def runs_on_openmp_team(summary: str, threads: int, cores: list[int]) -> bool:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_float32_same_answers(llm_runs, family):
+def test_float32_same_answers(llm_runs, tiny_model, family):
     spec = LK_RUN[family]
     off = llm_runs(family, lk=False)
     on = llm_runs(family, lk=True, resident=spec["resident"])
     assert_upstream(off.report)
+    assert_plan_reads_kv_cache(tiny_model(family), off)
     moe_layers = {0, 1, 2, 3} - ({0} if family == "deepseek_v2" else set())
     assert_lk_computed(on.report, spec["lk_layers"], moe_layers - spec["lk_layers"])
     assert on.tokens == off.tokens
