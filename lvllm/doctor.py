@@ -7,7 +7,8 @@ vision experts) are built and loaded as ``vllm serve`` would (lvllm.vllm.single_
 quantization config and loader, lvllm's checkpoint sources, resolve_format and
 LVLLM_MOE_USE_WEIGHT conversion, an lk engine). Every expert then runs on
 hidden states like the model's (RMS-normed random rows and, where the checkpoint has them,
-RMS-normed rows of its embedding, times the layer's post-attention norm), in one prefill batch
+RMS-normed rows of its embedding, times the layer's post-attention norm; gpt-oss's clamped SwiGLU:
+random rows scaled past its clamp too), in one prefill batch
 and in one-token decode calls, against a float64 reference computed from the checkpoint's own
 tensors (lvllm.reference). Each layer's worst relative error ||lk - ref|| / ||ref|| is judged
 against what its format should cost. Where lk takes the dense layers (lvllm.vllm.dense), each float
@@ -32,12 +33,14 @@ import torch
 from lvllm import formats
 from lvllm.envs import EnvError, format_ranges, layer_spec
 from lvllm.model_shape import ConfigError, read_config
-from lvllm.reference import CheckpointTensors, expert_layers, expert_output, expert_weights, layer_format
+from lvllm.reference import (CheckpointTensors, expert_layers, expert_output, expert_weights, layer_format,
+                             swiglu_constants)
 from lvllm.settings import Settings
 
 TOKENS = 8           # rows per input kind, run through every expert
 DECODE_CALLS = 4     # one-token calls, top-k experts each
 SAMPLED_LAYERS = 3   # first, middle and last MoE layer
+CLAMP_REACH = 3.0    # swigluoai layers: a row set whose largest gate or up output is 3x the clamp's limit
 
 # What a correct path's relative error stays under, in parts that add (per expert, over its rows):
 # lk's output rounded to the model dtype once (unit roundoff), plus what lk's format costs.
@@ -51,6 +54,9 @@ QUANTIZED = {"int8": 0.04, "int4": 0.35}
 # 1/254 of its group's largest, about 1% of a Gaussian row; inputs and hidden rows both: 3x that.
 # NVFP4 kept: the same (its activation_max is INT4's).
 INT4_ACTIVATIONS = 0.03
+# MXFP4 kept (gpt-oss): activations rounded to 85 steps each side per group of 32 (kernels.h,
+# activation_max), each by at most 1/170 of its group's largest: INT4_ACTIVATIONS scaled by 254 / 170.
+MXFP4_ACTIVATIONS = INT4_ACTIVATIONS * 254 / 170
 # INT8 kept (GPTQ 8-bit): activations rounded to int16 per group (activation_max 32767), each
 # by at most 1/65534 of its group's largest: INT4_ACTIVATIONS scaled by 254 / 65534.
 INT8_ACTIVATIONS = INT4_ACTIVATIONS * 254 / 65534
@@ -68,7 +74,8 @@ UNCHECKED = frozenset({"gate", "router", "kv_b_proj", "shared_expert_gate"})
 # A block's output projection takes the attention's or MLP's inner rows, not a layer norm's.
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "w2")
 WARN_FACTOR = 2.0    # between 1x and 2x the expected error: warn; beyond: fail
-FLOAT_FORMATS = ("float32", "float16", "bfloat16")
+# Fused experts doctor reads: floats, and gpt-oss's MXFP4 blocks.
+FUSED_FORMATS = ("float32", "float16", "bfloat16", "mxfp4")
 
 
 def expected_error(lk_format: str, source: str, model_dtype: torch.dtype) -> float:
@@ -78,6 +85,8 @@ def expected_error(lk_format: str, source: str, model_dtype: torch.dtype) -> flo
         return error + QUANTIZED[lk_format]
     if lk_format in ("int4", "nvfp4"):   # NVFP4's e2m1 codes multiply 8-bit activations as INT4's do
         return error + INT4_ACTIVATIONS
+    if lk_format == "mxfp4":
+        return error + MXFP4_ACTIVATIONS
     if lk_format == "int8":
         return error + INT8_ACTIVATIONS
     if lk_format != source and not formats.FORMATS[lk_format].quantized:   # weights rounded to it, 3 matrices
@@ -133,22 +142,34 @@ def input_sets(tensors: CheckpointTensors, layer, hidden: int, seed: int) -> dic
     return sets
 
 
+def past_the_clamp(expert, rows: torch.Tensor, limit: float) -> torch.Tensor:
+    """``rows`` scaled so that ``expert``'s gate and up outputs reach CLAMP_REACH x swigluoai's
+    ``limit``: gpt-oss's clamp, which the model-like rows leave untouched (seen on the tiny
+    checkpoints: an activation without it passed)."""
+    largest = torch.cat([rows @ expert.gate.T, rows @ expert.up.T], dim=1).abs().max()
+    return rows * (CLAMP_REACH * limit / largest)
+
+
 def check_layer(method, layer, tensors: CheckpointTensors, dtype: torch.dtype, top_k: int, seed: int) -> list[Check]:
     """lk's outputs of every expert of ``layer`` against the float64 reference."""
     experts, engine = method.experts, method.experts.engine
     expected = expected_error(engine.weight_format, layer_format(tensors, layer), dtype)
+    swiglu = swiglu_constants(tensors.config)
+    sets = input_sets(tensors, layer, engine.hidden_size, seed)
+    if engine.activation == "swigluoai":
+        sets["past the clamp"] = past_the_clamp(expert_weights(tensors, layer, 0), sets["rms-normed random"], swiglu[1])
     # What the model hands lk, in its dtype; the reference takes the same values.
-    inputs = {kind: x.to(dtype) for kind, x in input_sets(tensors, layer, engine.hidden_size, seed).items()}
+    inputs = {kind: x.to(dtype) for kind, x in sets.items()}
     refs = {kind: torch.empty(layer.experts, TOKENS, engine.hidden_size, dtype=torch.float64) for kind in inputs}
     mismatch = ""
     for e in range(layer.experts):   # one expert's float64 weights at a time: a layer's would not fit
-        weights = expert_weights(tensors, layer, e)
+        expert = expert_weights(tensors, layer, e)
         # vLLM's loader fills a wider MoE layer's first rows from narrower tensors without a word
         # (routed_experts.py _load_w13, _load_w2): the same outputs from a layer built too wide.
-        if weights[0].shape[0] != engine.intermediate_size:
-            mismatch = f"lk holds experts {engine.intermediate_size} wide, the checkpoint's are {weights[0].shape[0]}"
+        if expert.gate.shape[0] != engine.intermediate_size:
+            mismatch = f"lk holds experts {engine.intermediate_size} wide, the checkpoint's are {expert.gate.shape[0]}"
         for kind, x in inputs.items():
-            refs[kind][e] = expert_output(*weights, x.double(), engine.activation)
+            refs[kind][e] = expert_output(expert, x.double(), engine.activation, swiglu)
     checks = []
     generator = torch.Generator().manual_seed(seed)
     for kind, x in inputs.items():
@@ -296,11 +317,11 @@ def readable_layers(path: Path, tensors: CheckpointTensors) -> dict:
     if not layers:
         raise ConfigError(f"{path}: no expert tensors doctor reads in its safetensors files (one per expert: "
                           "layers.N....experts.E.gate_proj/w1...; fused as Llama 4, Gemma 4, Granite MoE, "
-                          "Step-3 or Aria store them)")
+                          "Step-3, Aria or gpt-oss store them)")
     fused = next((layer for sets in layers.values() for layer in sets if layer.fused), None)
-    if fused and layer_format(tensors, fused) not in FLOAT_FORMATS:
+    if fused and layer_format(tensors, fused) not in FUSED_FORMATS:
         raise ConfigError(f"{path}: fused experts stored as {layer_format(tensors, fused)} (doctor reads fused "
-                          f"experts in {', '.join(FLOAT_FORMATS)})")
+                          f"experts in {', '.join(FUSED_FORMATS)})")
     return layers
 
 

