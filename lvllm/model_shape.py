@@ -186,8 +186,13 @@ def checkpoint_layer_bytes(shape: ModelShape, tp: int = 1) -> int:
 
 def checkpoint_set_bytes(shape: ModelShape, expert_set: ExpertSet, tp: int = 1) -> int:
     """One expert set of a MoE layer as vLLM holds it before lk converts it: lvllm.vllm.checkpoint_sources'
-    params of its FusedMoE."""
+    params of its FusedMoE (gpt-oss's expert biases in float32, bias_params)."""
     e, h, i = expert_set.count, shape.hidden, expert_set.width // tp
+    biases = e * (2 * i + h) * 4 if shape.expert_biases else 0
+    return biases + _stored_experts_bytes(shape, e, h, i)
+
+
+def _stored_experts_bytes(shape: ModelShape, e: int, h: int, i: int) -> int:
     weights = 3 * h * i
     storage = shape.storage
     if storage.scheme == "float":
@@ -196,7 +201,7 @@ def checkpoint_set_bytes(shape: ModelShape, expert_set: ExpertSet, tp: int = 1) 
         (rows13, inputs13), (rows2, inputs2) = formats.fp8_block_scale_shapes(h, i, storage.block)
         return e * (weights + 4 * (rows13 * inputs13 + rows2 * inputs2))
     groups = weights // storage.group
-    if storage.scheme == "mxfp4":   # two e2m1 codes a byte, one e8m0 byte a group (biases left out)
+    if storage.scheme == "mxfp4":   # two e2m1 codes a byte, one e8m0 byte a group
         return e * (weights // 2 + groups)
     if storage.scheme == "nvfp4":   # one e4m3 byte a group; weight_scale_2 and input_scale: 3 float32 each
         return e * (weights // 2 + groups + 4 * 6)

@@ -364,7 +364,8 @@ def test_a_gpu_too_small_for_the_rest_of_the_model_is_no_plan():
 def test_the_checkpoint_layer_bytes_are_what_vllm_creates():
     """model_shape's byte count against the params lvllm.vllm.checkpoint_sources creates."""
     pytest.importorskip("vllm")
-    from lvllm.vllm.checkpoint_sources import AwqInt4Source, CompressedTensorsInt4Source, Fp8BlockSource, Mxfp4Source
+    from lvllm.vllm.checkpoint_sources import (AwqInt4Source, CompressedTensorsInt4Source, Fp8BlockSource, Mxfp4Source,
+                                               bias_params)
     from lvllm.vllm.expert_source_base import ExpertSource
     from lvllm.vllm.gptq_source import GptqSource
 
@@ -379,6 +380,8 @@ def test_the_checkpoint_layer_bytes_are_what_vllm_creates():
         model_type = "gpt_oss" if quant.get("quant_method") == "mxfp4" else "qwen3_moe"
         shape = model_shape({**QWEN3_30B, "model_type": model_type, "quantization_config": quant})
         params = source.params(128, 2048, 768, torch.bfloat16)
+        if model_type == "gpt_oss":   # a has_bias layer: LkMoEMethod.create_weights adds the biases
+            params = {**params, **bias_params(128, 2048, 768)}
         expected = sum(torch.Size(s).numel() * d.itemsize for s, d, _ in params.values())
         assert checkpoint_layer_bytes(shape) == expected, quant
 
@@ -424,11 +427,11 @@ GPT_OSS_120B = {
 
 def test_gpt_oss_mxfp4_keeps_its_experts_as_stored():
     """One expert: 3 x 2880 x 2880 = 24,883,200 weights, 12,441,600 code bytes + 777,600 e8m0
-    scales as the checkpoint holds them; KEEP holds the same values as TO_DTYPE in about a
-    quarter of the RAM, so the plan takes it."""
+    scales as the checkpoint holds them, and its biases, 2 x 2880 + 2880 float32 values (34,560
+    bytes); KEEP holds the same values as TO_DTYPE in about a quarter of the RAM, so the plan takes it."""
     shape = model_shape(GPT_OSS_120B)
     assert (shape.storage.format, shape.storage.group, shape.moe_layers) == ("mxfp4", 32, tuple(range(36)))
-    assert checkpoint_layer_bytes(shape) == 128 * (12_441_600 + 777_600)
+    assert checkpoint_layer_bytes(shape) == 128 * (12_441_600 + 777_600 + 34_560)
     result = plan.make_plan(shape, machine(ram=96, cores=2, bandwidth=35), 4096)
     assert result.choice.modes[0] == "KEEP" and result.choice.resolved.name == "mxfp4"
     # 4.25 bits a weight (4-bit codes, an 8-bit scale per 32) against bf16's 16.

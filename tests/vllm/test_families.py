@@ -592,9 +592,9 @@ def held_expert_bytes(tensors, names: list[str]) -> int:
     """A layer's stored expert tensors as lvllm.vllm.checkpoint_sources holds them (what
     checkpoint_layer_bytes counts): compressed-tensors' scales in float32 (lk's, so none is
     rounded on the way) and its weight_shape, one [2] per gate, up and down projection, as vLLM's
-    float32 [2] per expert for w13 and for w2; gpt-oss's expert biases (E x (2I + H) values a
-    layer) not at all, as plan leaves them out; every other tensor as stored."""
-    scales = sum(tensors.get(n).numel() * 4 for n in names if n.endswith(".weight_scale"))
+    float32 [2] per expert for w13 and for w2; gpt-oss's expert biases in float32 (bias_params);
+    every other tensor as stored."""
+    scales = sum(tensors.get(n).numel() * 4 for n in names if n.endswith((".weight_scale", "_bias")))
     shapes = sum(n.endswith(".weight_shape") for n in names) // 3 * 2 * 2 * 4
     return scales + shapes + sum(tensors.get(n).nbytes for n in names
                                  if not n.endswith((".weight_scale", ".weight_shape", "_bias")))
