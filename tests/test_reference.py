@@ -1,5 +1,5 @@
 """lvllm.reference: checkpoint tensors dequantized by hand-computed cases of each layout, and
-lvllm.doctor's verdicts and error budget (no vLLM needed)."""
+lvllm.error_bounds' verdicts and error budget (no vLLM needed)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lvllm import doctor
-from lvllm.reference import CheckpointTensors, dequantize, expert_layers, stored_format
+from lvllm import doctor, error_bounds
+from lvllm.dequantize import dequantize, stored_format
+from lvllm.reference import CheckpointTensors, expert_layers
 
 # One int32 word with nibbles 0..7 from the lowest bits up.
 WORD = 0x76543210
@@ -292,11 +293,11 @@ def test_fused_experts_other_than_float_are_refused_by_doctor(tmp_path):
     ("int8", "int8", torch.float16, 2**-11 + 0.03 * 254 / 65534),       # activations on 16 bits
 ])
 def test_expected_error_adds_its_parts(lk_format, source, dtype, expected):
-    assert doctor.expected_error(lk_format, source, dtype) == pytest.approx(expected)
+    assert error_bounds.expected_error(lk_format, source, dtype) == pytest.approx(expected)
 
 
 def test_verdicts():
-    assert [doctor.verdict(e, 0.01) for e in (0.005, 0.01, 0.015, 0.02, 0.021, float("nan"))] == [
+    assert [error_bounds.verdict(e, 0.01) for e in (0.005, 0.01, 0.015, 0.02, 0.021, float("nan"))] == [
         "pass", "pass", "warn", "warn", "fail", "fail"]
 
 

@@ -1,5 +1,5 @@
 """MXFP4 experts (OCP microscaling, as gpt-oss ships them) against a float64 reference
-computed from the raw blocks and e8m0 scales by lvllm.reference.dequantize_mxfp4, which
+computed from the raw blocks and e8m0 scales by lvllm.dequantize.dequantize_mxfp4, which
 shares no code with the engine or with lvllm.lk.mxfp4.
 
 Nibble order and scale: the low nibble of a byte is the even input, the high nibble the odd
@@ -16,7 +16,7 @@ import torch
 
 from lvllm import _lk
 from lvllm.lk import MoEEngine, QuantizedWeights, mxfp4, planned_bytes, quant
-from lvllm.reference import dequantize_mxfp4
+from lvllm.dequantize import dequantize_mxfp4
 
 from .helpers import (SUPPORTED_ISAS, TIGHT, activations_as_rounded, assert_converted_as_torch_does, assert_unpacks_to,
                       random_experts, random_routing, reference_moe)

@@ -413,11 +413,12 @@ _QUANTIZATION_TENSORS = ("qzeros", "scales", "g_idx", "weight_scale", "weight_sc
 
 def dequantized_twin(model: Path, out: Path) -> Path:
     """A float64 copy of a checkpoint whose projections are GPTQ or ModelOpt NVFP4: each one's
-    tensors turned into its `weight` (lvllm.reference.dequantize), the rest as stored, no
+    tensors turned into its `weight` (lvllm.dequantize.dequantize), the rest as stored, no
     quantization config (for TransformersReference)."""
     from safetensors.torch import save_file
 
-    from lvllm.reference import CheckpointTensors, dequantize
+    from lvllm.dequantize import dequantize
+    from lvllm.reference import CheckpointTensors
 
     if (out / "config.json").exists():
         return out

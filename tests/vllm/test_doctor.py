@@ -371,7 +371,7 @@ def test_keeps_vllm_log_level_of_the_process(monkeypatch, checkpoints):
 def test_the_fused_moe_method_entry_computes_the_routed_experts(checkpoints):
     """LkMoEMethod.apply (vLLM's entry for a runner without LkRunner) against float64 routed
     experts; shared experts it is asked to run inside the kernel are refused, not dropped."""
-    from lvllm.doctor import expected_error
+    from lvllm.error_bounds import expected_error
     from lvllm.reference import CheckpointTensors, expert_layers, expert_output, expert_weights
     from lvllm.settings import Settings
     from lvllm.vllm.single_layer import load_layer, model_context
