@@ -12,6 +12,14 @@ from lvllm import formats
 from lvllm.config_keys import ConfigError
 
 
+# Each kind of decoder-layer projection (a token mixer's, "attention", or an MLP's) by a module of it,
+# its checkpoint name after "model.layers.N.", probed against the quantization config's rules for the
+# modules it leaves unquantized (Kimi K2.5's ignore list names its attention, dense MLPs and shared
+# experts, keeping them bf16). lvllm.dense_layout's other kinds are float in every checkpoint.
+PROJECTION_KINDS = {"attention": ("self_attn.o_proj",), "dense MLP": ("mlp.down_proj",),
+                    "shared expert": ("mlp.shared_experts.down_proj", "mlp.shared_expert.down_proj")}
+
+
 @dataclass(frozen=True)
 class ExpertStorage:
     """How the checkpoint stores the routed experts: lk's format name ("float" for the model
@@ -23,7 +31,7 @@ class ExpertStorage:
     block: tuple[int, int] | None = None   # FP8 block: (rows, inputs) per scale
     zero_point: bool = False
     per_channel: bool = False   # GPTQ group_size -1: one scale per output (group: lk's repeat)
-    float_projections: tuple[str, ...] = ()   # PROJECTIONS kinds the checkpoint leaves unquantized
+    float_projections: tuple[str, ...] = tuple(PROJECTION_KINDS)   # projection kinds the checkpoint leaves unquantized
 
     @property
     def bits(self) -> int:
@@ -92,13 +100,6 @@ def expert_storage(quant: dict | None, where: str, model_type: str = "", hidden:
                       "4-bit groups, AWQ 4-bit, GPTQ 4/8-bit, ModelOpt NVFP4, gpt-oss MXFP4)")
 
 
-# A module of each PROJECTIONS kind by its checkpoint name after "model.layers.N.", probed against the
-# quantization config's rules for the modules it leaves unquantized (Kimi K2.5's ignore list names its
-# attention, dense MLPs and shared experts, keeping them bf16).
-PROJECTION_PROBES = {"attention": ("self_attn.o_proj",), "dense MLP": ("mlp.down_proj",),
-                     "shared expert": ("mlp.shared_experts.down_proj", "mlp.shared_expert.down_proj")}
-
-
 def _names_module(entries: list[str], module: str) -> bool:
     """Whether a compressed-tensors targets or ignore entry names the module as vLLM matches them
     (config_utils.is_equal_or_regex_match): the name itself, or a "re:" pattern matched from its start;
@@ -131,12 +132,14 @@ def _left_float(quant: dict, scheme: str) -> Callable[[str], bool]:
         return lambda module: module in skipped
     if scheme == "gptq":
         return lambda module: _gptq_skips(quant.get("dynamic") or {}, module)
-    return lambda module: True   # schemes that quantize the experts only (FLOAT_PROJECTIONS)
+    # Float checkpoints; MXFP4 ones quantize the experts only; NVFP4 ones as vLLM's CPU build needs them,
+    # their projections in exclude_modules (one that quantizes them is counted at the model dtype's bytes).
+    return lambda module: True
 
 
 def float_projections(quant: dict, scheme: str, num_layers: int) -> tuple[str, ...]:
-    """The PROJECTIONS kinds a quantized checkpoint stores unquantized, probed on each layer (the
-    checkpoints seen leave a kind float on every layer that has it, or on none)."""
+    """The PROJECTION_KINDS a checkpoint stores unquantized, probed on each layer (the checkpoints
+    seen leave a kind float on every layer that has it, or on none)."""
     left_float = _left_float(quant, scheme)
-    return tuple(kind for kind, probes in PROJECTION_PROBES.items()
+    return tuple(kind for kind, probes in PROJECTION_KINDS.items()
                  if any(left_float(f"model.layers.{i}.{probe}") for i in range(num_layers) for probe in probes))

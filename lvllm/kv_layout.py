@@ -155,16 +155,17 @@ def cache_layers(text: dict, where: str, num_layers: int) -> tuple[CacheLayer, .
     return tuple(replace(layer, count=count) for layer, count in counts.items())
 
 
+def layer_bytes(layer: CacheLayer, tokens: int, dtype_bytes: int, state_bytes: int, tp: int = 1) -> int:
+    """What one such layer keeps of a sequence of ``tokens`` on each of ``tp`` ranks: K and V in the
+    model dtype (a KV head split by fewer ranks is replicated), a state's recurrent part in
+    ``state_bytes`` a value."""
+    if layer.kind == STATE:
+        return (layer.conv_elements * dtype_bytes + layer.ssm_elements * state_bytes) // tp
+    kept = min(tokens, layer.window) if layer.window else tokens
+    return kept * -(-layer.kv_heads // tp) * layer.head_elements * dtype_bytes
+
+
 def sequence_bytes(layers: tuple[CacheLayer, ...], tokens: int, dtype_bytes: int, state_bytes: int,
                    tp: int = 1) -> int:
-    """What one sequence of ``tokens`` keeps on each of ``tp`` ranks: K and V in the model dtype (a KV
-    head split by fewer ranks is replicated), the recurrent states in ``state_bytes`` a value."""
-    total = 0
-    for layer in layers:
-        if layer.kind == STATE:
-            one = (layer.conv_elements * dtype_bytes + layer.ssm_elements * state_bytes) // tp
-        else:
-            kept = min(tokens, layer.window) if layer.window else tokens
-            one = kept * -(-layer.kv_heads // tp) * layer.head_elements * dtype_bytes
-        total += layer.count * one
-    return total
+    """What one sequence of ``tokens`` keeps in every layer, per rank (layer_bytes)."""
+    return sum(layer.count * layer_bytes(layer, tokens, dtype_bytes, state_bytes, tp) for layer in layers)

@@ -9,11 +9,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lvllm import formats
-from lvllm.checkpoint_storage import ExpertStorage, expert_storage, float_projections
+from lvllm.checkpoint_storage import PROJECTION_KINDS, ExpertStorage, expert_storage, float_projections
 from lvllm.config_keys import (EXPERT_COUNT_KEYS, EXPERT_WIDTH_KEYS, LAYER_KEYS, MODALITIES, MODALITY_RANGE_KEYS,
                                TOP_K_KEYS, ConfigError, expert_activation, first_set, moe_layer_indices)
 from lvllm.dense_layout import DenseMatrix, dense_matrices_of
-from lvllm.kv_layout import FULL, STATE, CacheLayer, cache_layers, sequence_bytes
+from lvllm.kv_layout import FULL, STATE, CacheLayer, cache_layers, layer_bytes, sequence_bytes
 from lvllm.placement import streams_in_gpu_prefill
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -139,8 +139,7 @@ def model_shape(config: dict, where: str = "config.json", dtype: str | None = No
         raise ConfigError(f"{where}: the expert sets' widths give them different formats ({formats_of_sets}): lk "
                           "takes one per model")
     storage = formats_of_sets.pop()
-    if quant:
-        storage = replace(storage, float_projections=float_projections(quant, storage.scheme, layers))
+    storage = replace(storage, float_projections=float_projections(quant or {}, storage.scheme, layers))
     return ModelShape(
         architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
         num_layers=layers, moe_layers=moe_layers, hidden=hidden,
@@ -213,19 +212,9 @@ def _stored_experts_bytes(shape: ModelShape, e: int, h: int, i: int) -> int:
     return e * (weights // 2 + 4 * groups + groups // 2)   # AWQ: + int32 qzeros, 8 per word
 
 
-# Decoder-layer projections (a token mixer's, "attention", or an MLP's): a quantized checkpoint
-# stores them as it stores the experts; lvllm.dense_layout's other kinds stay float.
-PROJECTIONS = ("attention", "dense MLP", "shared expert")
-# Checkpoint schemes whose projections stay float (MXFP4 checkpoints quantize the experts only;
-# NVFP4 ones as vLLM's CPU build needs them, their projections in exclude_modules: one that
-# quantizes them is counted here at the model dtype's bytes).
-FLOAT_PROJECTIONS = ("float", "mxfp4", "nvfp4")
-
-
 def quantized_projection(shape: ModelShape, matrix: DenseMatrix) -> bool:
     """Whether the checkpoint stores the matrix as it stores the experts."""
-    return (matrix.kind in PROJECTIONS and shape.storage.scheme not in FLOAT_PROJECTIONS
-            and matrix.kind not in shape.storage.float_projections)
+    return matrix.kind in PROJECTION_KINDS and matrix.kind not in shape.storage.float_projections
 
 
 def stored_bytes(shape: ModelShape, matrix: DenseMatrix) -> int:
@@ -266,8 +255,7 @@ def kv_cache_bytes(shape: ModelShape, tokens: int, gpus: int = 0) -> int:
 
 def kv_token_bytes(shape: ModelShape) -> int:
     """K and V a token adds in the layers that keep the whole sequence."""
-    return sum(layer.count * layer.kv_heads * layer.head_elements * shape.dtype_bytes
-               for layer in shape.cache if layer.kind == FULL)
+    return sequence_bytes(tuple(layer for layer in shape.cache if layer.kind == FULL), 1, shape.dtype_bytes, 0)
 
 
 def describe_cache(shape: ModelShape) -> str:
@@ -276,12 +264,11 @@ def describe_cache(shape: ModelShape) -> str:
     full = sum(layer.count for layer in shape.cache if layer.kind == FULL)
     parts = [f"KV cache {kv_token_bytes(shape) / 1024:.1f} KiB per token in {full} layer(s)"]
     for layer in shape.cache:
+        one = layer_bytes(layer, 1, shape.dtype_bytes, state_bytes(shape, gpus=0)) / 1024
         if layer.kind == STATE:
-            size = kv_cache_bytes(replace(shape, cache=(replace(layer, count=1),)), 0)
-            parts.append(f"{layer.count} state layer(s) of {size / 1024:.1f} KiB per sequence")
+            parts.append(f"{layer.count} state layer(s) of {one:.1f} KiB per sequence")
         elif layer.kind != FULL:
-            per_token = layer.kv_heads * layer.head_elements * shape.dtype_bytes
-            parts.append(f"{layer.count} {layer.kind} layer(s) of {per_token / 1024:.1f} KiB per token "
+            parts.append(f"{layer.count} {layer.kind} layer(s) of {one:.1f} KiB per token "
                          f"over the last {layer.window} tokens")
     return ", ".join(parts)
 

@@ -526,27 +526,26 @@ def is_matrix(name: str, shape) -> bool:
     return sum(size > 1 for size in shape) >= 2 or (len(shape) == 2 and name.endswith(".weight"))
 
 
-# vLLM's KV cache spec classes, as lvllm.kv_layout names what a layer keeps.
-SPEC_KINDS = {"FullAttentionSpec": "full attention", "MLAAttentionSpec": "full attention",
-              "SlidingWindowSpec": "sliding window", "ChunkedLocalAttentionSpec": "chunked local attention",
-              "MambaSpec": "state"}
-
-
 def assert_plan_reads_kv_cache(model: Path, run) -> None:
     """lvllm plan's reading of the checkpoint's config (lvllm.kv_layout) is, layer by layer, what
     the run's worker keeps in its KV cache (kv_cache_layers): the kind, K/V heads and their
-    elements a token, the window; a state's convolution and recurrent elements. Where vLLM's CPU platform keeps recurrent states in float32 (CPUs with AVX-512 BF16), plan counts
-    that; elsewhere plan's float32 is an upper bound."""
+    elements a token, the window; a state's convolution and recurrent elements. Where vLLM's CPU
+    platform keeps recurrent states in float32 (CPUs with AVX-512 BF16), plan counts that;
+    elsewhere plan's float32 is an upper bound."""
     from collections import Counter
     from dataclasses import replace
 
-    from lvllm.kv_layout import STATE, CacheLayer
+    from lvllm.kv_layout import CHUNKED, FULL, SLIDING, STATE, CacheLayer
     from lvllm.model_shape import model_shape, state_bytes
+
+    # vLLM's KV cache spec classes, as lvllm.kv_layout names what a layer keeps.
+    spec_kinds = {"FullAttentionSpec": FULL, "MLAAttentionSpec": FULL, "SlidingWindowSpec": SLIDING,
+                  "ChunkedLocalAttentionSpec": CHUNKED, "MambaSpec": STATE}
 
     shape = model_shape(json.loads((model / "config.json").read_text()))
     kept = Counter()
     for name, (spec, heads, elements, window, states) in run.kv_cache.items():
-        kind = SPEC_KINDS[spec]
+        kind = spec_kinds[spec]
         if kind == STATE:
             (conv, _), *recurrent = states
             kept[CacheLayer(STATE, conv_elements=conv, ssm_elements=sum(n for n, _ in recurrent))] += 1
