@@ -7,7 +7,9 @@ Static metadata lives in pyproject.toml. This file adds what has to be computed:
   (vllm==0.32.0). ``LVLLM_TARGET_DEVICE=cpu|cuda`` overrides the detection.
 * the C++ extension: CMakeLists.txt is configured once per build directory under build/
   and rebuilt incrementally with ninja; the resulting module is copied where setuptools
-  wants it (next to lvllm/__init__.py for editable installs).
+  wants it (next to lvllm/__init__.py for editable installs). For the CPU, where the building
+  Python imports torch (``make build``; not pip's isolated build), also lvllm/_vllm_cpu_ops.so,
+  vLLM's CPU attention ops against that torch.
 
 Environment knobs for the extension build:
 
@@ -121,10 +123,12 @@ def _tool(program: str, module: str, bin_dir_attr: str) -> str:
 
 
 class CMakeExtension(Extension):
-    """An extension whose sources CMake knows; setuptools only sees its name."""
+    """An extension whose sources CMake knows; setuptools only sees its name, and the build
+    copies the one file of CMake's output directory that ``built`` (a glob) matches."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, built: str) -> None:
         super().__init__(name, sources=[])
+        self.built = built
 
 
 class CMakeBuild(build_ext):
@@ -165,6 +169,9 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'ninja', 'BIN_DIR')}",
             f"-DLK_MODULE_OUTPUT_DIR={out_dir}",
         ]
+        torch_dir = _torch_cmake_dir()
+        if torch_dir is not None:
+            configure.append(f"-DTorch_DIR={torch_dir}")
         configure += shlex.split(os.environ.get("CMAKE_ARGS", ""))
 
         # Configure only when the arguments changed (a new venv, other CMAKE_ARGS): ninja
@@ -179,22 +186,34 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS") or str(len(os.sched_getaffinity(0)))
         self._run([cmake, "--build", str(build_dir), "--parallel", jobs])
 
-        built = sorted(out_dir.glob("_lk*.so"))
+        built = sorted(out_dir.glob(ext.built))
         if len(built) != 1:
-            raise SystemExit(f"expected one _lk*.so in {out_dir}, found {built}")
-        target = Path(self.get_ext_fullpath(ext.name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Copy to a temporary name, then rename: a running process that has the old module
-        # mapped keeps a valid file, and a half-written file is never importable.
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copy2(built[0], tmp)
-        os.replace(tmp, target)
+            raise SystemExit(f"expected one {ext.built} in {out_dir}, found {built}")
+        _install_file(built[0], Path(self.get_ext_fullpath(ext.name)))
 
     @staticmethod
     def _run(cmd: list[str]) -> None:
         print("lvllm build:", shlex.join(cmd), flush=True)
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit(f"lvllm build failed: {shlex.join(cmd)} (see the output above)")
+
+
+def _torch_cmake_dir() -> str | None:
+    """Torch's CMake package for a release build for the CPU by a Python that imports torch."""
+    if env("LVLLM_SANITIZE") or target_device() != "cpu" or importlib.util.find_spec("torch") is None:
+        return None
+    import torch.utils
+
+    return str(Path(torch.utils.cmake_prefix_path) / "Torch")
+
+
+def _install_file(built: Path, target: Path) -> None:
+    """Copy to a temporary name, then rename: a running process that has the old library
+    mapped keeps a valid file, and a half-written file is never loaded."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copy2(built, tmp)
+    os.replace(tmp, target)
 
 
 class BuildPy(build_py):
@@ -254,6 +273,7 @@ _DEVICE = target_device()
 setup(
     install_requires=read_requirements(f"{_DEVICE}.txt"),
     extras_require={"test": read_requirements("test.txt")},
-    ext_modules=[CMakeExtension("lvllm._lk")],
+    ext_modules=[CMakeExtension("lvllm._lk", "_lk*.so")]
+    + ([CMakeExtension("lvllm._vllm_cpu_ops", "_vllm_cpu_ops.so")] if _torch_cmake_dir() else []),
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy, "editable_wheel": EditableWheel},
 )

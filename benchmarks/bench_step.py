@@ -49,9 +49,12 @@ import harness  # noqa: E402
 
 REFERENCE = "vllm"
 MAX_MODEL_LEN = 512
-# bench_model's configurations, and lk-int4-all with inductor's Python wrapper (vLLM's own).
+# bench_model's configurations, and lk-int4-all with inductor's Python wrapper (vLLM's own)
+# and with vLLM's attention ops through their Python (vLLM's own).
 CONFIGS = {**bench_model.CONFIGS,
-           "lk-int4-all-python-wrapper": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_CPU_CPP_WRAPPER": "0"}}
+           "lk-int4-all-python-wrapper": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_CPU_CPP_WRAPPER": "0"},
+           "lk-int4-all-python-attention": {**bench_model.CONFIGS["lk-int4-all"],
+                                            "LVLLM_CPU_NATIVE_ATTENTION": "0"}}
 
 # (label, module, class, method): the phases timed, outermost first.
 PHASES = (

@@ -221,6 +221,14 @@ VARIABLES: dict[str, Variable] = {
             "kept, and then the C++ wrapper stays off). Costs compile time at the first start.",
         ),
         Variable(
+            "LVLLM_CPU_NATIVE_ATTENTION", "1", _bool, "0 or 1",
+            "CPU build only. 1: vLLM's two attention ops a layer (KV cache update, attention) run "
+            "from C++ tables of each layer's cache and the step's metadata, calling vLLM's own CPU "
+            "kernels, instead of through their Python, twice a layer every step; layers vLLM's CPU "
+            "attention does not serve plainly (KV sharing, sinks, ALiBi, quantized caches, encoders) "
+            "keep vLLM's Python. Needs vLLM's layer names as plain strings, as LVLLM_CPU_CPP_WRAPPER.",
+        ),
+        Variable(
             "LVLLM_DRAFT_MOE", "LK", _choice("LK", "DEVICE"), "LK or DEVICE",
             "Where the MoE layers of a speculative draft model run (MTP modules of DeepSeek, "
             "GLM, Qwen3-Next; a separate draft model), decided for the draft as a whole: "

@@ -45,6 +45,7 @@ class Settings:
     dense_group_size: int | None = None   # None: the format's default (lvllm.formats)
     draft_moe: str = "LK"
     cpp_wrapper: bool = True              # LVLLM_CPU_CPP_WRAPPER
+    native_attention: bool = True         # LVLLM_CPU_NATIVE_ATTENTION
     weight_mode: str = "TO_DTYPE"
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
     quant_on_gpu: bool = False
@@ -86,6 +87,7 @@ class Settings:
             dense_group_size=envs.get("LVLLM_DENSE_QUANT_GROUP_SIZE"),
             draft_moe=envs.get("LVLLM_DRAFT_MOE"),
             cpp_wrapper=envs.get("LVLLM_CPU_CPP_WRAPPER"),
+            native_attention=envs.get("LVLLM_CPU_NATIVE_ATTENTION"),
             weight_mode=envs.get("LVLLM_MOE_USE_WEIGHT"),
             quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
             quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"),

@@ -308,30 +308,50 @@ def test_plugin_disabled_leaves_vllm_alone(monkeypatch):
 @pytest.mark.parametrize("users_value", [None, "1"])
 def test_cpp_wrapper_only_where_layer_names_are_strings(monkeypatch, users_value):
     """lk on: the plugin sets VLLM_USE_LAYERNAME=0 for the processes started after it (keeping a
-    value the user set), and a compile in a process whose vLLM names layers with strings gets
-    inductor's C++ wrapper, one with opaque layer names vLLM's Python one; lk off, or
-    LVLLM_CPU_CPP_WRAPPER=0, touches neither."""
+    value the user set) where the C++ wrapper or the native attention ops want string names, and
+    a compile in a process whose vLLM names layers with strings gets inductor's C++ wrapper, one
+    with opaque layer names vLLM's Python one; lk off, or both settings 0, touch neither; the
+    native attention ops wrap the CPU model runner only when on."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
     from vllm.compilation.wrapper import TorchCompileWithNoGuardsWrapper
     from vllm.utils import torch_utils
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     from lvllm import plugin
     from lvllm.vllm import compile_options, hooks
 
     vllm_init = TorchCompileWithNoGuardsWrapper.__init__
+    vllm_runner = dict(vars(CPUModelRunner))
     monkeypatch.setenv("VLLM_USE_LAYERNAME", "placeholder")   # restored afterwards, set or not
     monkeypatch.delenv("VLLM_USE_LAYERNAME")
     if users_value is not None:
         monkeypatch.setenv("VLLM_USE_LAYERNAME", users_value)
-    for enabled, cpp_wrapper in [("0", "1"), ("1", "0")]:
+    for enabled, cpp_wrapper, native in [("0", "1", "1"), ("1", "0", "0")]:
         monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", enabled)
         monkeypatch.setenv("LVLLM_CPU_CPP_WRAPPER", cpp_wrapper)
+        monkeypatch.setenv("LVLLM_CPU_NATIVE_ATTENTION", native)
         hooks.uninstall()
         plugin.register()
         assert os.environ.get("VLLM_USE_LAYERNAME") == users_value
         assert TorchCompileWithNoGuardsWrapper.__init__ is vllm_init
+        assert dict(vars(CPUModelRunner)) == vllm_runner
+    monkeypatch.setenv("LVLLM_CPU_NATIVE_ATTENTION", "1")
+    try:
+        hooks.uninstall()
+        plugin.register()
+        assert os.environ.get("VLLM_USE_LAYERNAME") == (users_value or "0")
+        assert CPUModelRunner._model_forward.lvllm_wraps is vllm_runner.get("_model_forward",
+                                                                            CPUModelRunner.__mro__[1]._model_forward)
+        assert TorchCompileWithNoGuardsWrapper.__init__ is vllm_init
+    finally:
+        hooks.uninstall()
+    assert dict(vars(CPUModelRunner)) == vllm_runner
+    monkeypatch.delenv("VLLM_USE_LAYERNAME", raising=False)
+    if users_value is not None:
+        monkeypatch.setenv("VLLM_USE_LAYERNAME", users_value)
+    monkeypatch.setenv("LVLLM_CPU_NATIVE_ATTENTION", "0")
     monkeypatch.setenv("LVLLM_CPU_CPP_WRAPPER", "1")
     try:
         hooks.uninstall()

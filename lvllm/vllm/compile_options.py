@@ -29,7 +29,7 @@ def install(installation: Installation) -> None:
     vllm_init = uninstall()
     if not (current_platform.is_cpu() and installation.settings.cpp_wrapper):
         return
-    os.environ.setdefault(LAYER_NAME_VARIABLE, "0")
+    use_string_layer_names()
 
     def init(wrapper, *args, **kwargs):
         choose_wrapper(installation, get_current_vllm_config().compilation_config)
@@ -37,6 +37,11 @@ def install(installation: Installation) -> None:
 
     init.lvllm_wraps = vllm_init
     TorchCompileWithNoGuardsWrapper.__init__ = init
+
+
+def use_string_layer_names() -> None:
+    """Plain string layer names for the processes started from now on (a user's value kept)."""
+    os.environ.setdefault(LAYER_NAME_VARIABLE, "0")
 
 
 def uninstall():

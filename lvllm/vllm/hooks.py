@@ -19,7 +19,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from lvllm.placement import Placement
 from lvllm.settings import Settings
-from lvllm.vllm import compile_options, dense
+from lvllm.vllm import compile_options, dense, native_attention
 from lvllm.vllm.hot_updates import HotUpdater
 from lvllm.vllm.installation import Installation, num_model_layers
 from lvllm.vllm.moe_layer import LkExperts, LkMoEMethod, LkRunner
@@ -86,6 +86,7 @@ def install(settings: Settings) -> Installation:
     installation_.variants.register_new()
     dense.install(installation_)
     compile_options.install(installation_)
+    native_attention.install(installation_)
     installation_.refusal_hook = torch.nn.modules.module.register_module_module_registration_hook(
         watch_model_modules)
     return installation_
@@ -97,6 +98,7 @@ def uninstall() -> None:
         if isinstance(cls, type) and issubclass(cls, (LkExperts, LkRunner)):
             del op_registry_oot[name]
     compile_options.uninstall()
+    native_attention.uninstall()
     if Installation.current is not None and Installation.current.refusal_hook is not None:
         Installation.current.refusal_hook.remove()
     Installation.current = None
@@ -167,6 +169,7 @@ def lk_report(model: torch.nn.Module) -> dict:
             "hot_swaps": updater.swaps if updater is not None else None,
             "dense_layers": dense.dense_report(model),
             "compile_wrapper": current.compile_wrapper if current else None,
+            "attention_calls": native_attention.calls(),
             "summary": current.placement.summary if current else None,
             "draft": None if draft is None else {"lk_layers": dict(draft.lk_layers),
                                                  "device_layers": dict(draft.device_layers),

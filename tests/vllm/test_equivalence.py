@@ -41,6 +41,17 @@ def runs_on_openmp_team(summary: str, threads: int, cores: list[int]) -> bool:
                      summary) is not None
 
 
+def assert_native_attention(on_report, off_report, served_layers: int = 4):
+    """lk on: each step's attention ops on the layers vLLM's CPU attention serves ran from C++
+    (LVLLM_CPU_NATIVE_ATTENTION), two a layer, none through vLLM's Python (its warm-up runs
+    before the table exists); MLA layers call other ops. lk off: vLLM's own."""
+    calls = on_report[0]["attention_calls"]
+    if served_layers:
+        assert calls["native"] > 0 and calls["native"] % (2 * served_layers) == 0, calls
+    assert calls == {"native": calls["native"] if served_layers else 0, "vllm": 0}
+    assert [w["attention_calls"] for w in off_report] == [None]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_same_answers(llm_runs, tiny_model, family):
     spec = LK_RUN[family]
@@ -50,6 +61,7 @@ def test_float32_same_answers(llm_runs, tiny_model, family):
     assert_plan_reads_kv_cache(tiny_model(family), off)
     moe_layers = {0, 1, 2, 3} - ({0} if family == "deepseek_v2" else set())
     assert_lk_computed(on.report, spec["lk_layers"], moe_layers - spec["lk_layers"])
+    assert_native_attention(on.report, off.report, served_layers=0 if family == "deepseek_v2" else 4)
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
     # Random weights, but not degenerate: the greedy outputs are not one token repeated.
@@ -87,6 +99,7 @@ def test_compiled_same_answers(llm_runs):
         assert dense[name]["forward_calls"] > 0, name
     assert [w["compile_wrapper"] for w in on.report] == ["cpp"]
     assert [w["compile_wrapper"] for w in off.report] == [None]
+    assert_native_attention(on.report, off.report)
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
     # And compiled agrees with eager.
