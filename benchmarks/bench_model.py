@@ -111,6 +111,8 @@ CONFIGS = {
                           "LVLLM_DENSE_USE_WEIGHT": "INT4", "LVLLM_EXPERT_STATS_INTERVAL": "0"},
     "lk-nvfp4": {"LVLLM_MOE_NUMA_ENABLED": "1", "LVLLM_MOE_USE_WEIGHT": "KEEP"},
 }
+# lk-int4-all with vLLM's attention ops through their Python (what LVLLM_CPU_NATIVE_ATTENTION buys).
+CONFIGS["lk-int4-all-python-attention"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_NATIVE_ATTENTION": "0"}
 # Configurations that serve a checkpoint of their own: the builder's arguments that make it.
 CHECKPOINT_ARGS = {"lk-nvfp4": ("--quantize", "nvfp4-experts")}
 REFERENCE = "vllm"

@@ -22,10 +22,13 @@ medians over the steps of --runs generations.
 vLLM's part = the token's time less lk's calls. Reference in the same run: the same model
 with lk off (`vllm`: LVLLM_MOE_NUMA_ENABLED=0, vLLM's own MoE and dense kernels), whose
 token time stands beside each configuration's; `lk-int4-all-python-wrapper` is lk-int4-all
-compiled with inductor's Python wrapper (LVLLM_CPU_CPP_WRAPPER=0), what the C++ one saves.
+compiled with inductor's Python wrapper (LVLLM_CPU_CPP_WRAPPER=0), what the C++ one saves;
+`lk-int4-all-python-attention` is lk-int4-all with vLLM's attention ops through their Python
+(LVLLM_CPU_NATIVE_ATTENTION=0); with them from C++, the "attention" phase reads 0 and their
+kernels' time counts in the forward's other ops.
 Start-up: the LLM() call, compilation included (vLLM's and inductor's caches empty).
 
-    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its Python wrapper, vllm
+    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its two variants, vllm
     python benchmarks/bench_step.py --layers 48 --experts 16 --configs lk-int4-all
     python benchmarks/bench_step.py --eager --json step.json
 """
@@ -49,12 +52,9 @@ import harness  # noqa: E402
 
 REFERENCE = "vllm"
 MAX_MODEL_LEN = 512
-# bench_model's configurations, and lk-int4-all with inductor's Python wrapper (vLLM's own)
-# and with vLLM's attention ops through their Python (vLLM's own).
+# bench_model's configurations, and lk-int4-all with inductor's Python wrapper (vLLM's own).
 CONFIGS = {**bench_model.CONFIGS,
-           "lk-int4-all-python-wrapper": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_CPU_CPP_WRAPPER": "0"},
-           "lk-int4-all-python-attention": {**bench_model.CONFIGS["lk-int4-all"],
-                                            "LVLLM_CPU_NATIVE_ATTENTION": "0"}}
+           "lk-int4-all-python-wrapper": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_CPU_CPP_WRAPPER": "0"}}
 
 # (label, module, class, method): the phases timed, outermost first.
 PHASES = (
@@ -207,7 +207,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--configs", default=f"lk-int4-all,lk-int4-all-python-wrapper,{REFERENCE}")
+    parser.add_argument("--configs",
+                        default=f"lk-int4-all,lk-int4-all-python-attention,lk-int4-all-python-wrapper,{REFERENCE}")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens a generation")
     parser.add_argument("--runs", type=int, default=3, help="generations measured")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import weakref
 from pathlib import Path
 
 import torch
@@ -77,7 +78,13 @@ class AttentionTable:
     """One model runner's table: the layers it holds, one representative layer a group (whose
     metadata and slot mapping every layer of the group shares), and the C++ table."""
 
-    current: "AttentionTable | None" = None   # the table whose kernels are installed
+    # The table whose kernels are installed, weakly: the runner owns it, and with it the KV cache
+    # its views keep alive; when the runner goes, its kernels go and vLLM's Python is back.
+    _installed: weakref.ref | None = None
+
+    @classmethod
+    def installed(cls) -> "AttentionTable | None":
+        return None if cls._installed is None else cls._installed()
 
     def __init__(self, native, representatives: list[str]):
         self.native = native
@@ -86,7 +93,8 @@ class AttentionTable:
     @classmethod
     def for_runner(cls, runner, installation: Installation) -> "AttentionTable | None":
         """The table of the runner's attention layers vLLM's CPU attention serves plainly,
-        installed over vLLM's ops; None (vLLM's Python throughout) where it cannot be."""
+        installed over vLLM's ops; None (vLLM's Python throughout) where it cannot be or would
+        hold no layer."""
         reason = _unavailable()
         if reason:
             installation.log_once("native_attention", "lvllm: vLLM's attention ops keep their Python: %s",
@@ -102,15 +110,19 @@ class AttentionTable:
                     _add_layer(native, name, layers[name], len(representatives))
                 if names:
                     representatives.append(names[0])
-        if cls.current is not None:
-            cls.current.native.uninstall()
+        if not representatives:
+            return None
+        previous = cls.installed()
+        if previous is not None:
+            previous.native.uninstall()
         native.install(*(f"vllm::{op}" for op in _VLLM_OPS), *_fallbacks())
-        cls.current = cls(native, representatives)
+        table = cls(native, representatives)
+        cls._installed = weakref.ref(table)
         installation.log_once("native_attention", "lvllm: vLLM's attention ops from C++ on %d of %d "
                               "attention layers (LVLLM_CPU_NATIVE_ATTENTION=1)",
                               sum(_served(layer) for layer in layers.values()),
                               sum(isinstance(layer, vllm_attention.Attention) for layer in layers.values()))
-        return cls.current
+        return table
 
     def begin_step(self) -> None:
         """Each group's metadata of the forward context, where it is the plain metadata the
@@ -193,5 +205,5 @@ def _fallbacks() -> tuple[str, str]:
 def calls() -> dict[str, int] | None:
     """The installed table's calls so far (run from C++, handed to vLLM's Python); None
     without a table."""
-    table = AttentionTable.current
+    table = AttentionTable.installed()
     return None if table is None else table.calls()
