@@ -8,7 +8,7 @@ Static metadata lives in pyproject.toml. This file adds what has to be computed:
 * the C++ extension: CMakeLists.txt is configured once per build directory under build/
   and rebuilt incrementally with ninja; the resulting module is copied where setuptools
   wants it (next to lvllm/__init__.py for editable installs). For the CPU, where the building
-  Python imports torch (``make build``; not pip's isolated build), also lvllm/_vllm_cpu_ops.so,
+  Python imports torch (``make build``; not pip's isolated build), also lvllm/_vllm_cpu_ops*.so,
   vLLM's CPU attention ops against that torch.
 
 Environment knobs for the extension build:

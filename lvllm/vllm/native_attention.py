@@ -3,7 +3,7 @@
 A compiled decode step calls vLLM's KV cache update and attention ops twice a layer, and each
 call runs vLLM's Python: the forward context, the layer, its cache and its metadata looked up,
 the cache re-viewed, then vLLM's C++ kernel (#72: 51-62 us an op around 21 us of kernel).
-lvllm/_vllm_cpu_ops.so (csrc/vllm_cpu) keeps what those lookups find in a table, each layer's
+lvllm/_vllm_cpu_ops*.so (csrc/vllm_cpu) keeps what those lookups find in a table, each layer's
 cache views and constants after the cache is allocated, each attention group's metadata at the
 start of a step, and registers kernels over vLLM's ops that call vLLM's own C++ kernels from
 it. A layer the table does not hold, or a forward outside a step (vLLM's warm-up and dummy
