@@ -102,7 +102,7 @@ class AttentionTable:
             return None
         layers = runner.vllm_config.compilation_config.static_forward_context
         native = torch.classes.lvllm_cpu.AttentionTable()
-        representatives = []
+        representatives, served = [], 0
         for attention_groups in runner.attn_groups:
             for group in attention_groups:
                 names = [name for name in group.layer_names if _served(layers.get(name))]
@@ -110,6 +110,7 @@ class AttentionTable:
                     _add_layer(native, name, layers[name], len(representatives))
                 if names:
                     representatives.append(names[0])
+                served += len(names)
         if not representatives:
             return None
         previous = cls.installed()
@@ -119,8 +120,7 @@ class AttentionTable:
         table = cls(native, representatives)
         cls._installed = weakref.ref(table)
         installation.log_once("native_attention", "lvllm: vLLM's attention ops from C++ on %d of %d "
-                              "attention layers (LVLLM_CPU_NATIVE_ATTENTION=1)",
-                              sum(_served(layer) for layer in layers.values()),
+                              "attention layers (LVLLM_CPU_NATIVE_ATTENTION=1)", served,
                               sum(isinstance(layer, vllm_attention.Attention) for layer in layers.values()))
         return table
 
