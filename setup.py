@@ -8,8 +8,8 @@ Static metadata lives in pyproject.toml. This file adds what has to be computed:
 * the C++ extension: CMakeLists.txt is configured once per build directory under build/
   and rebuilt incrementally with ninja; the resulting module is copied where setuptools
   wants it (next to lvllm/__init__.py for editable installs). For the CPU, where the building
-  Python imports torch (``make build``; not pip's isolated build), also lvllm/_vllm_cpu_ops*.so,
-  vLLM's CPU attention ops against that torch.
+  Python imports torch (``make build``; not pip's isolated build), also lvllm/_torch_ops*.so,
+  lk's torch ops and vLLM's CPU attention ops in C++ against that torch.
 
 Environment knobs for the extension build:
 
@@ -274,6 +274,6 @@ setup(
     install_requires=read_requirements(f"{_DEVICE}.txt"),
     extras_require={"test": read_requirements("test.txt")},
     ext_modules=[CMakeExtension("lvllm._lk", "_lk*.so")]
-    + ([CMakeExtension("lvllm._vllm_cpu_ops", "_vllm_cpu_ops.so")] if _torch_cmake_dir() else []),
+    + ([CMakeExtension("lvllm._torch_ops", "_torch_ops.so")] if _torch_cmake_dir() else []),
     cmdclass={"build_ext": CMakeBuild, "build_py": BuildPy, "editable_wheel": EditableWheel},
 )

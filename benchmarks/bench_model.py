@@ -113,6 +113,8 @@ CONFIGS = {
 }
 # lk-int4-all with vLLM's attention ops through their Python (what LVLLM_CPU_NATIVE_ATTENTION buys).
 CONFIGS["lk-int4-all-python-attention"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_NATIVE_ATTENTION": "0"}
+# lk-int4-all with lk's ops through their Python kernels (what LVLLM_CPU_NATIVE_LK_OPS buys).
+CONFIGS["lk-int4-all-python-lk-ops"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_NATIVE_LK_OPS": "0"}
 # Configurations that serve a checkpoint of their own: the builder's arguments that make it.
 CHECKPOINT_ARGS = {"lk-nvfp4": ("--quantize", "nvfp4-experts")}
 REFERENCE = "vllm"

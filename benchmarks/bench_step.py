@@ -14,7 +14,8 @@ LLMEngine.step (one token as the user gets it), EngineCore.step, the scheduler's
 update_from_output, the model runner's phases (execute_model, _update_states, _prepare_inputs,
 _build_attention_metadata, _preprocess, _model_forward, sample_tokens, _sample,
 _bookkeeping_sync), vLLM's CPU attention, the logits processor, and lk's engines' forward
-(experts and dense layers). Each phase's time is its own, the phases it calls taken out, so
+(experts and dense layers; with lk's ops in C++, which no Python sees, the time their kernels
+total in the forward and the logits). Each phase's time is its own, the phases it calls taken out, so
 the parts add up to the token. The timers cost about 1 us each (about 30 a step at 8
 layers). A step: one of --tokens decode tokens of one stream after its prefill; figures are
 medians over the steps of --runs generations.
@@ -25,10 +26,11 @@ token time stands beside each configuration's; `lk-int4-all-python-wrapper` is l
 compiled with inductor's Python wrapper (LVLLM_CPU_CPP_WRAPPER=0), what the C++ one saves;
 `lk-int4-all-python-attention` is lk-int4-all with vLLM's attention ops through their Python
 (LVLLM_CPU_NATIVE_ATTENTION=0); with them from C++, the "attention" phase reads 0 and their
-kernels' time counts in the forward's other ops.
+kernels' time counts in the forward's other ops; `lk-int4-all-python-lk-ops` is lk-int4-all with
+lk's ops through their Python kernels (LVLLM_CPU_NATIVE_LK_OPS=0).
 Start-up: the LLM() call, compilation included (vLLM's and inductor's caches empty).
 
-    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its two variants, vllm
+    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its three variants, vllm
     python benchmarks/bench_step.py --layers 48 --experts 16 --configs lk-int4-all
     python benchmarks/bench_step.py --eager --json step.json
 """
@@ -78,6 +80,9 @@ PHASES = (
 )
 TOKEN = PHASES[0][0]
 LK_PARTS = ("lk experts", "lk dense")
+# The phases whose ops call lk: with lk's ops in C++ (LVLLM_CPU_NATIVE_LK_OPS) no Python sees
+# those calls, and their time, which the kernels total, moves from the phase to LK_PARTS.
+NATIVE_LK_PHASES = ("forward, other ops", "logits")
 # vLLM's part inside the model's forward: what grows with the layers.
 FORWARD_PARTS = ("forward, other ops", "attention")
 
@@ -90,10 +95,20 @@ class PhaseClock:
         self.own: dict[str, float] = {}
         self.stack: list[list] = []   # [label, start, time spent in callees]
         self.steps: list[dict[str, float]] = []
+        self.native_totals = None     # lvllm.lk.native_ops.totals(), as numpy
+
+    def native_seconds(self) -> tuple[float, float]:
+        """lk's experts' and dense layers' seconds in the C++ kernels so far."""
+        if self.native_totals is None:
+            return 0.0, 0.0
+        return self.native_totals[1] * 1e-9, self.native_totals[3] * 1e-9
 
     def wrap(self, label: str, method):
+        native = label in NATIVE_LK_PHASES
+
         @functools.wraps(method)
         def timed(*args, **kwargs):
+            native_start = self.native_seconds() if native else None
             frame = [label, self.now(), 0.0]
             self.stack.append(frame)
             try:
@@ -101,7 +116,12 @@ class PhaseClock:
             finally:
                 elapsed = self.now() - frame[1]
                 self.stack.pop()
-                self.own[label] = self.own.get(label, 0.0) + elapsed - frame[2]
+                own = elapsed - frame[2]
+                if native:
+                    for part, start, end in zip(LK_PARTS, native_start, self.native_seconds()):
+                        own -= end - start
+                        self.own[part] = self.own.get(part, 0.0) + end - start
+                self.own[label] = self.own.get(label, 0.0) + own
                 if self.stack:
                     self.stack[-1][2] += elapsed
                 else:   # a token's step ended
@@ -126,6 +146,10 @@ def child(model: str, tokens: int, runs: int, eager: bool) -> None:
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
               seed=0, enable_prefix_caching=False, disable_log_stats=True)
+    from lvllm.lk import native_ops
+
+    totals = native_ops.totals()
+    clock.native_totals = None if totals is None else totals.numpy()
     params = SamplingParams(temperature=0, max_tokens=1 + tokens, ignore_eos=True)
     prompt = {"prompt_token_ids": [5, 17, 29, 41]}
     start_s = time.perf_counter() - started
@@ -208,7 +232,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--configs",
-                        default=f"lk-int4-all,lk-int4-all-python-attention,lk-int4-all-python-wrapper,{REFERENCE}")
+                        default=f"lk-int4-all,lk-int4-all-python-lk-ops,lk-int4-all-python-attention,"
+                                f"lk-int4-all-python-wrapper,{REFERENCE}")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens a generation")
     parser.add_argument("--runs", type=int, default=3, help="generations measured")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile)")

@@ -229,6 +229,12 @@ VARIABLES: dict[str, Variable] = {
             "keep vLLM's Python. Needs vLLM's layer names as plain strings, as LVLLM_CPU_CPP_WRAPPER.",
         ),
         Variable(
+            "LVLLM_CPU_NATIVE_LK_OPS", "1", _bool, "0 or 1",
+            "CPU build only. 1: lk's torch ops (the MoE layers' routed experts, dense layers on lk) "
+            "run through C++ kernels that call the engine directly, instead of Python kernels "
+            "entered from the compiled step three times a layer every step.",
+        ),
+        Variable(
             "LVLLM_DRAFT_MOE", "LK", _choice("LK", "DEVICE"), "LK or DEVICE",
             "Where the MoE layers of a speculative draft model run (MTP modules of DeepSeek, "
             "GLM, Qwen3-Next; a separate draft model), decided for the draft as a whole: "

@@ -46,6 +46,7 @@ class Settings:
     draft_moe: str = "LK"
     cpp_wrapper: bool = True              # LVLLM_CPU_CPP_WRAPPER
     native_attention: bool = True         # LVLLM_CPU_NATIVE_ATTENTION
+    native_lk_ops: bool = True            # LVLLM_CPU_NATIVE_LK_OPS
     weight_mode: str = "TO_DTYPE"
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
     quant_on_gpu: bool = False
@@ -88,6 +89,7 @@ class Settings:
             draft_moe=envs.get("LVLLM_DRAFT_MOE"),
             cpp_wrapper=envs.get("LVLLM_CPU_CPP_WRAPPER"),
             native_attention=envs.get("LVLLM_CPU_NATIVE_ATTENTION"),
+            native_lk_ops=envs.get("LVLLM_CPU_NATIVE_LK_OPS"),
             weight_mode=envs.get("LVLLM_MOE_USE_WEIGHT"),
             quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
             quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"),

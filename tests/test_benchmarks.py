@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 
 import lvllm._lk
@@ -366,3 +367,18 @@ def test_the_step_clock_gives_each_phase_its_own_time_and_ends_a_step_at_the_out
     outer()
     assert clock.steps == [{"inner": 2, "middle": 3, "outer": 2}] * 2
     assert clock.stack == [] and clock.own == {}
+
+
+def test_the_step_clock_gives_lk_cpp_kernels_time_to_lk_not_to_the_phase_calling_them():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    ticks = iter([0.0, 10.0])
+    clock = bench_step.PhaseClock(now=lambda: next(ticks))
+    clock.native_totals = totals = numpy.zeros(4, dtype=numpy.int64)   # as lvllm.lk.native_ops's
+
+    def forward():
+        totals[:] = [3, 3 * 10**9, 2, 10**9]   # 3 s in lk's experts, 1 s in its dense layers
+
+    clock.wrap("forward, other ops", forward)()
+    assert clock.steps == [{"forward, other ops": 6.0, "lk experts": 3.0, "lk dense": 1.0}]

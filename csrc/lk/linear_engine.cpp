@@ -89,6 +89,7 @@ void LinearEngine::pack(const WeightSource& weight) {
 
 uint32_t LinearEngine::submit(const LinearArgs& args) {
   if (args.rows < 0) throw std::invalid_argument("row count must be >= 0");
+  forward_calls_.fetch_add(1, std::memory_order_relaxed);
   if (args.rows == 0) return runtime_->executor().launch({});
   if (!args.input || !args.output) throw std::invalid_argument("linear forward got a null pointer");
   std::lock_guard<std::mutex> lock(runtime_->submit_mutex());

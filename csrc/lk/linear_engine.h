@@ -5,6 +5,7 @@
 // of the output panels, so each node reads only its own memory and writes its own columns.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -41,6 +42,8 @@ class LinearEngine {
   // job and starts this one. Returns its ticket.
   uint32_t submit(const LinearArgs& args);
   void wait(uint32_t ticket) { runtime_->executor().wait(ticket); }
+  // Forwards submitted so far (tests read it to prove the engine computed a layer).
+  uint64_t forward_calls() const { return forward_calls_.load(std::memory_order_relaxed); }
 
   int outputs() const { return outputs_; }
   int inputs() const { return inputs_; }
@@ -86,6 +89,7 @@ class LinearEngine {
   std::size_t panel_bytes_;
   std::vector<NodePanels> nodes_;
   ForwardPlan plan_;
+  std::atomic<uint64_t> forward_calls_{0};
 };
 
 }  // namespace lk

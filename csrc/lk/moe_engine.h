@@ -4,6 +4,7 @@
 // its own memory; the nodes' partial outputs are summed at the end.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -73,6 +74,8 @@ class MoEEngine {
   // runtime's previous job, prepares routing and starts the job. Returns its ticket.
   uint32_t submit(const ForwardArgs& args);
   void wait(uint32_t ticket) { runtime_->executor().wait(ticket); }
+  // Forwards submitted so far (tests read it to prove the engine computed a layer).
+  uint64_t forward_calls() const { return forward_calls_.load(std::memory_order_relaxed); }
 
   const ExpertShape& shape() const { return shape_; }
   std::size_t weight_bytes() const;
@@ -153,6 +156,7 @@ class MoEEngine {
   QuantizedRows input_q_;               // the input's records for integer kernels
   std::vector<QuantizedRows> hidden_q_;  // per node: the hidden rows' records
   ForwardPlan plan_;
+  std::atomic<uint64_t> forward_calls_{0};
   std::vector<float> gate_up_bias_, down_bias_;  // ExpertBiases' copies; empty where none
 };
 

@@ -14,6 +14,7 @@ namespace lk {
 
 uint32_t MoEEngine::submit(const ForwardArgs& args) {
   if (args.tokens < 0) throw std::invalid_argument("token count must be >= 0");
+  forward_calls_.fetch_add(1, std::memory_order_relaxed);
   if (args.tokens == 0) return runtime_->executor().launch({});
   if (args.topk < 1) throw std::invalid_argument("top-k must be >= 1");
   if (!args.input || !args.topk_ids || !args.topk_weights || !args.output) {

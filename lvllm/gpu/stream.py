@@ -107,5 +107,4 @@ class StreamQueue:
             ids.data_ptr(), weights.data_ptr(), topk,
             padding.data_ptr() if padding is not None else 0, staging.native, capturing,
         )
-        engine.forward_calls += 1
         return QueuedForward(self, handle, output, (x, ids, weights, padding))

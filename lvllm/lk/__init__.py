@@ -148,10 +148,14 @@ class EngineRegistry:
         self._kind = kind
         self._live: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._ids = itertools.count()
+        # Told of each new engine while the ops' C++ kernels are installed (lvllm.lk.native_ops).
+        self.on_add = None
 
     def add(self, engine) -> int:
         engine_id = next(self._ids)
         self._live[engine_id] = engine
+        if self.on_add is not None:
+            self.on_add(engine_id, engine)
         return engine_id
 
     def get(self, engine_id: int):
@@ -160,9 +164,13 @@ class EngineRegistry:
             raise ValueError(f"no live {self._kind} with id {engine_id}")
         return engine
 
+    def items(self) -> list:
+        """(id, engine) of the live engines, oldest first."""
+        return sorted(self._live.items())
+
     def live(self) -> list:
         """The live engines, oldest first."""
-        return [engine for _, engine in sorted(self._live.items())]
+        return [engine for _, engine in self.items()]
 
 
 _engines = EngineRegistry("lk engine")
@@ -274,8 +282,11 @@ class MoEEngine:
             *(0 if b is None else b.data_ptr() for b in biases),
         )
         self.engine_id = _engines.add(self)
-        # Forwards submitted so far (tests read it to prove lk computed a layer).
-        self.forward_calls = 0
+
+    @property
+    def forward_calls(self) -> int:
+        """Forwards submitted so far, by any path (tests read it to prove lk computed a layer)."""
+        return self._native.forward_calls
 
     @property
     def nbytes(self) -> int:
@@ -310,7 +321,6 @@ class MoEEngine:
             _check_cpu_contiguous("out", out)
             if out.shape != x.shape:
                 raise ValueError(f"out must be {tuple(x.shape)}, got {tuple(out.shape)}")
-        self.forward_calls += 1
         ticket = self._native.submit(
             x.data_ptr(), _dtype_code("x", x), tokens,
             topk_ids.data_ptr(), topk_ids.dtype == torch.int64, topk_ids.shape[1],

@@ -16,7 +16,9 @@ from vllm.model_executor.custom_op import op_registry_oot
 from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import current_platform
 
+from lvllm.lk import native_ops
 from lvllm.placement import Placement
 from lvllm.settings import Settings
 from lvllm.vllm import compile_options, dense, native_attention
@@ -87,6 +89,10 @@ def install(settings: Settings) -> Installation:
     dense.install(installation_)
     compile_options.install(installation_)
     native_attention.install(installation_)
+    if current_platform.is_cpu() and settings.native_lk_ops:
+        reason = native_ops.install()
+        if reason:
+            installation_.log_once("native_lk_ops", "lvllm: lk's ops keep their Python kernels: %s", reason)
     installation_.refusal_hook = torch.nn.modules.module.register_module_module_registration_hook(
         watch_model_modules)
     return installation_
@@ -99,6 +105,7 @@ def uninstall() -> None:
             del op_registry_oot[name]
     compile_options.uninstall()
     native_attention.uninstall()
+    native_ops.uninstall()
     if Installation.current is not None and Installation.current.refusal_hook is not None:
         Installation.current.refusal_hook.remove()
     Installation.current = None
@@ -170,6 +177,7 @@ def lk_report(model: torch.nn.Module) -> dict:
             "dense_layers": dense.dense_report(model),
             "compile_wrapper": current.compile_wrapper if current else None,
             "attention_calls": native_attention.calls(),
+            "native_lk_op_calls": native_ops.calls(),
             "summary": current.placement.summary if current else None,
             "draft": None if draft is None else {"lk_layers": dict(draft.lk_layers),
                                                  "device_layers": dict(draft.device_layers),

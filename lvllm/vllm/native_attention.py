@@ -3,7 +3,7 @@
 A compiled decode step calls vLLM's KV cache update and attention ops twice a layer, and each
 call runs vLLM's Python: the forward context, the layer, its cache and its metadata looked up,
 the cache re-viewed, then vLLM's C++ kernel (#72: 51-62 us an op around 21 us of kernel).
-lvllm/_vllm_cpu_ops*.so (csrc/vllm_cpu) keeps what those lookups find in a table, each layer's
+lvllm/_torch_ops*.so (csrc/vllm_cpu) keeps what those lookups find in a table, each layer's
 cache views and constants after the cache is allocated, each attention group's metadata at the
 start of a step, and registers kernels over vLLM's ops that call vLLM's own C++ kernels from
 it. A layer the table does not hold, or a forward outside a step (vLLM's warm-up and dummy
@@ -13,9 +13,7 @@ runs, a draft model's), goes to vLLM's Python, registered again under lvllm_cpu'
 from __future__ import annotations
 
 import functools
-import importlib.util
 import weakref
-from pathlib import Path
 
 import torch
 from vllm.forward_context import get_forward_context
@@ -25,6 +23,7 @@ from vllm.v1.attention.backend import AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
+from lvllm import torch_library
 from lvllm.vllm import compile_options
 from lvllm.vllm.compile_options import LAYER_NAME_VARIABLE
 from lvllm.vllm.installation import Installation
@@ -116,7 +115,8 @@ class AttentionTable:
         previous = cls.installed()
         if previous is not None:
             previous.native.uninstall()
-        native.install(*(f"vllm::{op}" for op in _VLLM_OPS), *_fallbacks())
+        with torch_library.overriding_kernels():
+            native.install(*(f"vllm::{op}" for op in _VLLM_OPS), *_fallbacks())
         table = cls(native, representatives)
         cls._installed = weakref.ref(table)
         installation.log_once("native_attention", "lvllm: vLLM's attention ops from C++ on %d of %d "
@@ -172,19 +172,9 @@ def _unavailable() -> str | None:
         return (f"this process's vLLM names layers with opaque objects ({LAYER_NAME_VARIABLE} was read "
                 f"before lvllm loaded); set {LAYER_NAME_VARIABLE}=0 before the process starts, or "
                 "LVLLM_CPU_NATIVE_ATTENTION=0")
-    if not _library_loaded():
-        return ("lvllm/_vllm_cpu_ops*.so is not built (`make build` builds it with the venv's torch; "
-                "pip's isolated builds cannot)")
+    if not torch_library.loaded():
+        return torch_library.MISSING
     return None
-
-
-@functools.cache
-def _library_loaded() -> bool:
-    spec = importlib.util.find_spec("lvllm._vllm_cpu_ops")
-    if spec is None or spec.origin is None:
-        return False
-    torch.ops.load_library(Path(spec.origin))
-    return True
 
 
 @functools.cache

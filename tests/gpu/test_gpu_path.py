@@ -299,9 +299,9 @@ def test_mixed_batch_splits_decode_rows_to_lk_and_merges(queue):
     calls = layer.engine.forward_calls
     ring.start()
     _, routed = layer.forward(x, ids, weights, lambda: None, route=route)
-    assert layer.engine.forward_calls == calls + 1  # the decode rows went to lk
     expected = torch_experts(x, w13.cuda(), w2.cuda(), weights, ids)
-    torch.testing.assert_close(routed, expected, **BF16_TOL)
+    torch.testing.assert_close(routed, expected, **BF16_TOL)  # synchronizes: lk's submit has run
+    assert layer.engine.forward_calls == calls + 1  # the decode rows went to lk
     # The lk rows are lk's own result, bit for bit.
     lk_rows = torch.tensor(plan.lk_rows, device="cuda")
     alone = layer.engine.forward(x[lk_rows].cpu(), ids[lk_rows].cpu(), weights[lk_rows].cpu())

@@ -13,6 +13,7 @@
 
 #include "lk/bench/kernel_rate.h"
 #include "lk/bench/roofline.h"
+#include "lk/c_api.h"
 #include "lk/cpu_features.h"
 #include "lk/cuda/driver.h"
 #include "lk/cuda/stream_forward.h"
@@ -110,6 +111,8 @@ void bind_formats(py::module_& m) {
         py::arg("outputs"), py::arg("inputs"), py::arg("format"), py::arg("group_size"),
         "Bytes a linear engine of that shape holds, before it exists.");
 
+  m.def("c_api_address", [] { return reinterpret_cast<std::uintptr_t>(&lk::c_api()); },
+        "Address of lk's C entry points (lk/c_api.h), for lk's torch ops in another library.");
   m.def("best_isa", [] { return std::string(lk::isa_name(lk::detect_best_isa())); },
         "Highest kernel ISA this CPU and OS support.");
   m.def("isa_names", [] {
@@ -215,6 +218,9 @@ void bind_moe_engine(py::module_& m) {
           py::arg("output_dtype"))
       .def("wait", &lk::MoEEngine::wait, py::arg("ticket"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("weight_bytes", &lk::MoEEngine::weight_bytes)
+      .def_property_readonly("forward_calls", &lk::MoEEngine::forward_calls)
+      .def_property_readonly("address", [](lk::MoEEngine& engine) { return reinterpret_cast<std::uintptr_t>(&engine); },
+                             "The engine's address, for lk's C entry points (c_api_address).")
       .def_property_readonly("hidden_panels", &lk::MoEEngine::hidden_panels)
       .def(
           "packed_slices",
@@ -271,7 +277,10 @@ void bind_linear_engine(py::module_& m) {
           },
           "Runs the layer and waits for it.", py::arg("input"), py::arg("input_dtype"), py::arg("rows"),
           py::arg("bias"), py::arg("bias_dtype"), py::arg("output"), py::arg("output_dtype"))
-      .def_property_readonly("weight_bytes", &lk::LinearEngine::weight_bytes);
+      .def_property_readonly("weight_bytes", &lk::LinearEngine::weight_bytes)
+      .def_property_readonly("forward_calls", &lk::LinearEngine::forward_calls)
+      .def_property_readonly("address", [](lk::LinearEngine& engine) { return reinterpret_cast<std::uintptr_t>(&engine); },
+                             "The engine's address, for lk's C entry points (c_api_address).");
 }
 
 void bind_cuda(py::module_& m) {
