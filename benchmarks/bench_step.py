@@ -27,10 +27,11 @@ compiled with inductor's Python wrapper (LVLLM_CPU_CPP_WRAPPER=0), what the C++ 
 `lk-int4-all-python-attention` is lk-int4-all with vLLM's attention ops through their Python
 (LVLLM_CPU_NATIVE_ATTENTION=0); with them from C++, the "attention" phase reads 0 and their
 kernels' time counts in the forward's other ops; `lk-int4-all-python-lk-ops` is lk-int4-all with
-lk's ops through their Python kernels (LVLLM_CPU_NATIVE_LK_OPS=0).
+lk's ops through their Python kernels (LVLLM_CPU_NATIVE_LK_OPS=0); `lk-int4-all-no-shortcuts`
+without the step's shortcuts (LVLLM_CPU_STEP_SHORTCUTS=0).
 Start-up: the LLM() call, compilation included (vLLM's and inductor's caches empty).
 
-    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its three variants, vllm
+    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its four variants, vllm
     python benchmarks/bench_step.py --layers 48 --experts 16 --configs lk-int4-all
     python benchmarks/bench_step.py --eager --json step.json
 """
@@ -232,8 +233,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--configs",
-                        default=f"lk-int4-all,lk-int4-all-python-lk-ops,lk-int4-all-python-attention,"
-                                f"lk-int4-all-python-wrapper,{REFERENCE}")
+                        default=f"lk-int4-all,lk-int4-all-no-shortcuts,lk-int4-all-python-lk-ops,"
+                                f"lk-int4-all-python-attention,lk-int4-all-python-wrapper,{REFERENCE}")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens a generation")
     parser.add_argument("--runs", type=int, default=3, help="generations measured")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile)")

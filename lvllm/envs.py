@@ -235,6 +235,13 @@ VARIABLES: dict[str, Variable] = {
             "entered from the compiled step three times a layer every step.",
         ),
         Variable(
+            "LVLLM_CPU_STEP_SHORTCUTS", "1", _bool, "0 or 1",
+            "CPU build only. 1: three parts of vLLM's step outside the forward take exact shortcuts: "
+            "no copies of its CPU buffers onto themselves, the KV cache slots of the step's tokens "
+            "computed in numpy instead of by a kernel that wakes every core, greedy sampling by "
+            "numpy's argmax (rows with NaN keep vLLM's). Results are vLLM's, bit for bit.",
+        ),
+        Variable(
             "LVLLM_DRAFT_MOE", "LK", _choice("LK", "DEVICE"), "LK or DEVICE",
             "Where the MoE layers of a speculative draft model run (MTP modules of DeepSeek, "
             "GLM, Qwen3-Next; a separate draft model), decided for the draft as a whole: "

@@ -47,6 +47,7 @@ class Settings:
     cpp_wrapper: bool = True              # LVLLM_CPU_CPP_WRAPPER
     native_attention: bool = True         # LVLLM_CPU_NATIVE_ATTENTION
     native_lk_ops: bool = True            # LVLLM_CPU_NATIVE_LK_OPS
+    step_shortcuts: bool = True           # LVLLM_CPU_STEP_SHORTCUTS
     weight_mode: str = "TO_DTYPE"
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
     quant_on_gpu: bool = False
@@ -90,6 +91,7 @@ class Settings:
             cpp_wrapper=envs.get("LVLLM_CPU_CPP_WRAPPER"),
             native_attention=envs.get("LVLLM_CPU_NATIVE_ATTENTION"),
             native_lk_ops=envs.get("LVLLM_CPU_NATIVE_LK_OPS"),
+            step_shortcuts=envs.get("LVLLM_CPU_STEP_SHORTCUTS"),
             weight_mode=envs.get("LVLLM_MOE_USE_WEIGHT"),
             quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
             quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"),

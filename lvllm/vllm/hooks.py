@@ -21,7 +21,7 @@ from vllm.platforms import current_platform
 from lvllm.lk import native_ops
 from lvllm.placement import Placement
 from lvllm.settings import Settings
-from lvllm.vllm import compile_options, dense, native_attention
+from lvllm.vllm import compile_options, cpu_step, dense, native_attention
 from lvllm.vllm.hot_updates import HotUpdater
 from lvllm.vllm.installation import Installation, num_model_layers
 from lvllm.vllm.moe_layer import LkExperts, LkMoEMethod, LkRunner
@@ -89,6 +89,7 @@ def install(settings: Settings) -> Installation:
     dense.install(installation_)
     compile_options.install(installation_)
     native_attention.install(installation_)
+    cpu_step.install(installation_)
     if current_platform.is_cpu() and settings.native_lk_ops:
         reason = native_ops.install()
         if reason:
@@ -105,6 +106,7 @@ def uninstall() -> None:
             del op_registry_oot[name]
     compile_options.uninstall()
     native_attention.uninstall()
+    cpu_step.uninstall()
     native_ops.uninstall()
     if Installation.current is not None and Installation.current.refusal_hook is not None:
         Installation.current.refusal_hook.remove()
@@ -178,6 +180,7 @@ def lk_report(model: torch.nn.Module) -> dict:
             "compile_wrapper": current.compile_wrapper if current else None,
             "attention_calls": native_attention.calls(),
             "native_lk_op_calls": native_ops.calls(),
+            "step_shortcuts": cpu_step.counts(),
             "summary": current.placement.summary if current else None,
             "draft": None if draft is None else {"lk_layers": dict(draft.lk_layers),
                                                  "device_layers": dict(draft.device_layers),

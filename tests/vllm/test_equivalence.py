@@ -41,12 +41,12 @@ def runs_on_openmp_team(summary: str, threads: int, cores: list[int]) -> bool:
                      summary) is not None
 
 
-def assert_native_ops(on_report, off_report, served_layers: int = 4):
+def assert_step_levers(on_report, off_report, served_layers: int = 4):
     """lk on: each step's attention ops ran from C++ (LVLLM_CPU_NATIVE_ATTENTION), two a layer,
     none through vLLM's Python (its warm-up runs before the table exists); a model whose layers
     vLLM's CPU attention does not serve (MLA calls other ops) gets no table. Every lk forward,
-    experts and dense layers, went through lk's ops' C++ kernels (LVLLM_CPU_NATIVE_LK_OPS).
-    lk off: vLLM's own."""
+    experts and dense layers, went through lk's ops' C++ kernels (LVLLM_CPU_NATIVE_LK_OPS). The
+    step's shortcuts (LVLLM_CPU_STEP_SHORTCUTS) were taken. lk off: vLLM's own."""
     calls = on_report[0]["attention_calls"]
     if served_layers:
         assert calls["native"] > 0 and calls["native"] % (2 * served_layers) == 0, calls
@@ -57,8 +57,10 @@ def assert_native_ops(on_report, off_report, served_layers: int = 4):
         forwards = [layer["forward_calls"] for layer in worker["lk_layers"].values()]
         forwards += [layer["forward_calls"] for layer in worker["dense_layers"]["lk"].values()]
         assert worker["native_lk_op_calls"] == sum(forwards) > 0, (worker["native_lk_op_calls"], forwards)
+        assert min(worker["step_shortcuts"].values()) > 0, worker["step_shortcuts"]
     assert [w["attention_calls"] for w in off_report] == [None]
     assert [w["native_lk_op_calls"] for w in off_report] == [None]
+    assert [w["step_shortcuts"] for w in off_report] == [None]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -70,7 +72,7 @@ def test_float32_same_answers(llm_runs, tiny_model, family):
     assert_plan_reads_kv_cache(tiny_model(family), off)
     moe_layers = {0, 1, 2, 3} - ({0} if family == "deepseek_v2" else set())
     assert_lk_computed(on.report, spec["lk_layers"], moe_layers - spec["lk_layers"])
-    assert_native_ops(on.report, off.report, served_layers=0 if family == "deepseek_v2" else 4)
+    assert_step_levers(on.report, off.report, served_layers=0 if family == "deepseek_v2" else 4)
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
     # Random weights, but not degenerate: the greedy outputs are not one token repeated.
@@ -108,7 +110,7 @@ def test_compiled_same_answers(llm_runs):
         assert dense[name]["forward_calls"] > 0, name
     assert [w["compile_wrapper"] for w in on.report] == ["cpp"]
     assert [w["compile_wrapper"] for w in off.report] == [None]
-    assert_native_ops(on.report, off.report)
+    assert_step_levers(on.report, off.report)
     assert on.tokens == off.tokens
     assert max_logprob_diff(on, off) < F32_LOGPROB_TOL
     # And compiled agrees with eager.
