@@ -116,7 +116,7 @@ CONFIGS["lk-int4-all-python-attention"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_
 # lk-int4-all with lk's ops through their Python kernels (what LVLLM_CPU_NATIVE_LK_OPS buys).
 CONFIGS["lk-int4-all-python-lk-ops"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_NATIVE_LK_OPS": "0"}
 # lk-int4-all with vLLM's step as it is around the forward (what LVLLM_CPU_STEP_SHORTCUTS buys).
-CONFIGS["lk-int4-all-no-shortcuts"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_STEP_SHORTCUTS": "0"}
+CONFIGS["lk-int4-all-no-shortcuts"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_STEP_SHORTCUTS": "OFF"}
 # Configurations that serve a checkpoint of their own: the builder's arguments that make it.
 CHECKPOINT_ARGS = {"lk-nvfp4": ("--quantize", "nvfp4-experts")}
 REFERENCE = "vllm"

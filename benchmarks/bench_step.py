@@ -28,7 +28,7 @@ compiled with inductor's Python wrapper (LVLLM_CPU_CPP_WRAPPER=0), what the C++ 
 (LVLLM_CPU_NATIVE_ATTENTION=0); with them from C++, the "attention" phase reads 0 and their
 kernels' time counts in the forward's other ops; `lk-int4-all-python-lk-ops` is lk-int4-all with
 lk's ops through their Python kernels (LVLLM_CPU_NATIVE_LK_OPS=0); `lk-int4-all-no-shortcuts`
-without the step's shortcuts (LVLLM_CPU_STEP_SHORTCUTS=0).
+without the step's shortcuts (LVLLM_CPU_STEP_SHORTCUTS=OFF).
 Start-up: the LLM() call, compilation included (vLLM's and inductor's caches empty).
 
     python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its four variants, vllm

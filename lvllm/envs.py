@@ -235,11 +235,14 @@ VARIABLES: dict[str, Variable] = {
             "entered from the compiled step three times a layer every step.",
         ),
         Variable(
-            "LVLLM_CPU_STEP_SHORTCUTS", "1", _bool, "0 or 1",
-            "CPU build only. 1: three parts of vLLM's step outside the forward take exact shortcuts: "
-            "no copies of its CPU buffers onto themselves, the KV cache slots of the step's tokens "
-            "computed in numpy instead of by a kernel that wakes every core, greedy sampling by "
-            "numpy's argmax (rows with NaN keep vLLM's). Results are vLLM's, bit for bit.",
+            "LVLLM_CPU_STEP_SHORTCUTS", "ON", _choice("ON", "OFF", "CHECK"), "ON, OFF or CHECK",
+            "CPU build only. ON: parts of vLLM's step outside the forward take exact shortcuts: "
+            "the inputs of a step of one request and one token written directly, no copies of its "
+            "CPU buffers onto themselves, the KV cache slots of the step's tokens computed in numpy "
+            "instead of by a kernel that wakes every core, greedy sampling by numpy's argmax (rows "
+            "with NaN keep vLLM's). Results are vLLM's, bit for bit. CHECK: each shortcut also runs "
+            "vLLM's own code on the same state and stops the step on any difference (slower; for "
+            "tests and after changing vLLM).",
         ),
         Variable(
             "LVLLM_DRAFT_MOE", "LK", _choice("LK", "DEVICE"), "LK or DEVICE",

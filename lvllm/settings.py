@@ -47,7 +47,7 @@ class Settings:
     cpp_wrapper: bool = True              # LVLLM_CPU_CPP_WRAPPER
     native_attention: bool = True         # LVLLM_CPU_NATIVE_ATTENTION
     native_lk_ops: bool = True            # LVLLM_CPU_NATIVE_LK_OPS
-    step_shortcuts: bool = True           # LVLLM_CPU_STEP_SHORTCUTS
+    step_shortcuts: str = "ON"            # LVLLM_CPU_STEP_SHORTCUTS: ON, OFF, CHECK
     weight_mode: str = "TO_DTYPE"
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
     quant_on_gpu: bool = False

@@ -138,6 +138,8 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
         # plugins load once per process, so in this one only for its first instance.
         overrides["VLLM_USE_LAYERNAME"] = "0"
         overrides["LVLLM_CPU_CPP_WRAPPER"] = "1" if cpp_wrapper else "0"
+        # Each shortcut through the step, wherever taken, against vLLM's own code from the same state.
+        overrides["LVLLM_CPU_STEP_SHORTCUTS"] = "CHECK"
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
     if dense_weight is not None:

@@ -1,6 +1,7 @@
 """LVLLM_CPU_STEP_SHORTCUTS against vLLM's own kernels on the same inputs: the KV cache slots of a
-step's tokens and greedy sampling, bit for bit; vLLM's methods back after uninstall. (Whole
-models with the shortcuts against lk off: test_equivalence.)"""
+step's tokens and greedy sampling, bit for bit; vLLM's methods back after uninstall. (A whole
+model's steps with CHECK, each shortcut against vLLM's code from the same state, and its outputs
+against lk off: test_equivalence.)"""
 
 from __future__ import annotations
 
@@ -8,33 +9,37 @@ import numpy as np
 import pytest
 import torch
 import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+from e2e_common import F32_LOGPROB_TOL, MAX_TOKENS, PROMPTS, max_logprob_diff, run_llm
 from vllm.utils import cpu_triton_utils
 from vllm.v1.sample.sampler import Sampler
 from vllm.v1.utils import CpuGpuBuffer
 from vllm.v1.worker.block_table import BlockTable
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from lvllm.settings import Settings
 from lvllm.vllm import cpu_step
 from lvllm.vllm.installation import Installation
 
-BLOCK, BLOCKS_PER_REQ, MAX_TOKENS = 16, 8, 64
+BLOCK, BLOCKS_PER_REQ, MAX_BATCHED = 16, 8, 64
 
 
 @pytest.fixture
 def installed():
     vllm_methods = (CpuGpuBuffer.copy_to_gpu, BlockTable.compute_slot_mapping, Sampler.__dict__["greedy_sample"])
     cpu_step.install(Installation(Settings()))
+    assert "_prepare_inputs" in CPUModelRunner.__dict__
     yield
     cpu_step.uninstall()
     assert (CpuGpuBuffer.copy_to_gpu, BlockTable.compute_slot_mapping,
             Sampler.__dict__["greedy_sample"].__func__) == (*vllm_methods[:2], vllm_methods[2].__func__)
+    assert "_prepare_inputs" not in CPUModelRunner.__dict__   # vLLM's, inherited, shows through
     assert cpu_step.counts() is None
 
 
 def cpu_block_table() -> BlockTable:
     """A block table as the CPU runner holds it: each buffer's device tensor is its host tensor."""
     table = BlockTable(block_size=BLOCK, max_num_reqs=4, max_num_blocks_per_req=BLOCKS_PER_REQ,
-                       max_num_batched_tokens=MAX_TOKENS, pin_memory=False, device=torch.device("cpu"),
+                       max_num_batched_tokens=MAX_BATCHED, pin_memory=False, device=torch.device("cpu"),
                        cp_kv_cache_interleave_size=1)
     table.block_table.gpu = table.block_table.cpu
     table.slot_mapping.gpu = table.slot_mapping.cpu
@@ -51,7 +56,7 @@ def test_slot_mapping_is_vllms(installed, scheduled):
         [rng.integers(0, BLOCK * BLOCKS_PER_REQ - n) + np.arange(n) for n in scheduled]))
     table.slot_mapping.np[:] = -7   # what neither writes stays
     cpu_triton_utils._compute_slot_mapping_kernel_impl(
-        len(positions), MAX_TOKENS, query_start_loc, positions, table.block_table.cpu, BLOCKS_PER_REQ,
+        len(positions), MAX_BATCHED, query_start_loc, positions, table.block_table.cpu, BLOCKS_PER_REQ,
         table.slot_mapping.cpu, BLOCK)
     expected = table.slot_mapping.np.copy()
     table.slot_mapping.np[:] = -7
@@ -85,3 +90,28 @@ def test_copy_to_gpu_of_an_aliased_buffer_copies_nothing(installed):
     buffer.gpu = buffer.cpu
     assert torch.equal(buffer.copy_to_gpu(5), torch.arange(5, dtype=torch.int32))
     assert cpu_step.counts()["copy_to_gpu"] == 1
+
+
+def test_check_stops_at_a_shortcut_unlike_vllm(monkeypatch):
+    cpu_step.install(Installation(Settings(step_shortcuts="CHECK")))
+    try:
+        logits = torch.randn(2, 512, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(Sampler.greedy_sample(logits), logits.argmax(dim=-1))
+        monkeypatch.setattr(cpu_step, "_first_maxima", lambda rows: torch.zeros(2, dtype=torch.int64))
+        with pytest.raises(cpu_step.ShortcutMismatch, match="greedy_sample left the picks"):
+            Sampler.greedy_sample(logits)
+    finally:
+        cpu_step.uninstall()
+
+
+def test_one_request_at_a_time_takes_every_shortcut_with_vllms_results(llm_runs, tiny_model):
+    """max_num_seqs=1: every decode step is one request and one token, so the inputs shortcut
+    runs each step, under CHECK (e2e_common) against vLLM's _prepare_inputs from the same state;
+    the answers are lk off's."""
+    off = llm_runs("qwen3_moe", lk=False)
+    alone = run_llm(tiny_model("qwen3_moe"), lk=True, llm_kwargs={"max_num_seqs": 1})
+    shortcuts = alone.report[0]["step_shortcuts"]
+    assert shortcuts["prepare_inputs"] >= len(PROMPTS) * (MAX_TOKENS - 1), shortcuts
+    assert min(shortcuts.values()) > 0, shortcuts
+    assert alone.tokens == off.tokens
+    assert max_logprob_diff(alone, off) < F32_LOGPROB_TOL
