@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "lk/c_api.h"
+#include "lk_torch/boxed_method.h"
 
 namespace lk_torch {
 
@@ -109,10 +110,8 @@ class LkOps : public torch::CustomClassHolder {
     TORCH_CHECK(!library_, "lk's op kernels are already installed");
     library_ = std::make_unique<torch::Library>(torch::Library::IMPL, "lvllm", c10::DispatchKey::CPU,
                                                 __FILE__, __LINE__);
-    library_->impl("lk_moe_forward",
-                   torch::CppFunction::makeFromBoxedFunctor(std::make_unique<Kernel<&LkOps::moe_forward>>(this)));
-    library_->impl("lk_linear",
-                   torch::CppFunction::makeFromBoxedFunctor(std::make_unique<Kernel<&LkOps::linear>>(this)));
+    library_->impl("lk_moe_forward", boxed_method<&LkOps::moe_forward>(this));
+    library_->impl("lk_linear", boxed_method<&LkOps::linear>(this));
   }
   void uninstall() { library_.reset(); }
 
@@ -121,18 +120,6 @@ class LkOps : public torch::CustomClassHolder {
   at::Tensor totals() const { return totals_; }
 
  private:
-  template <void (LkOps::*Method)(torch::jit::Stack*)>
-  class Kernel : public c10::OperatorKernel {
-   public:
-    explicit Kernel(LkOps* ops) : ops_(ops) {}
-    void operator()(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
-      (ops_->*Method)(stack);
-    }
-
-   private:
-    LkOps* ops_;
-  };
-
   void moe_forward(torch::jit::Stack* stack) {
     auto args = torch::jit::last(*stack, kMoEArgs);
     const MoEEntry& entry = moe_.find(args[3].toInt(), "lk engine");

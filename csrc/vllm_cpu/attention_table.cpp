@@ -20,6 +20,8 @@
 #include <utility>
 #include <vector>
 
+#include "lk_torch/boxed_method.h"
+
 namespace lvllm_cpu {
 
 struct Layer {
@@ -84,10 +86,8 @@ class AttentionTable : public torch::CustomClassHolder {
                 update_op);
     library_ = std::make_unique<torch::Library>(torch::Library::IMPL, ns, c10::DispatchKey::CPU,
                                                 __FILE__, __LINE__);
-    library_->impl(attention_name.c_str(), torch::CppFunction::makeFromBoxedFunctor(
-                                               std::make_unique<Kernel<&AttentionTable::attention>>(this)));
-    library_->impl(update_name.c_str(), torch::CppFunction::makeFromBoxedFunctor(
-                                            std::make_unique<Kernel<&AttentionTable::update>>(this)));
+    library_->impl(attention_name.c_str(), lk_torch::boxed_method<&AttentionTable::attention>(this));
+    library_->impl(update_name.c_str(), lk_torch::boxed_method<&AttentionTable::update>(this));
   }
 
   void uninstall() { library_.reset(); }
@@ -96,18 +96,6 @@ class AttentionTable : public torch::CustomClassHolder {
   std::vector<int64_t> calls() const { return {handled_, fallen_back_}; }
 
  private:
-  template <void (AttentionTable::*Method)(torch::jit::Stack*)>
-  class Kernel : public c10::OperatorKernel {
-   public:
-    explicit Kernel(AttentionTable* table) : table_(table) {}
-    void operator()(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
-      (table_->*Method)(stack);
-    }
-
-   private:
-    AttentionTable* table_;
-  };
-
   static std::pair<std::string, std::string> split(const std::string& op) {
     const size_t at = op.find("::");
     TORCH_CHECK(at != std::string::npos, "op name without a namespace: ", op);
