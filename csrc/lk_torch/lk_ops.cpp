@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <unordered_map>
 #include <vector>
 
@@ -36,10 +37,23 @@ struct LinearEntry {
 // Live engines of one kind by the id their op carries, and the forwards run through them.
 template <class Entry>
 struct Engines {
+  // Engines come and go from Python (a finalizer may run on any thread) while kernels look up.
+  mutable std::mutex mutex;
   std::unordered_map<int64_t, Entry> live;
   int64_t* totals;  // {forwards, their ns}, in the table's totals tensor
 
-  const Entry& find(int64_t engine_id, const char* kind) const {
+  void add(int64_t engine_id, Entry entry) {
+    std::lock_guard<std::mutex> lock(mutex);
+    live[engine_id] = entry;
+  }
+
+  void remove(int64_t engine_id) {
+    std::lock_guard<std::mutex> lock(mutex);
+    live.erase(engine_id);
+  }
+
+  Entry find(int64_t engine_id, const char* kind) const {
+    std::lock_guard<std::mutex> lock(mutex);
     const auto found = live.find(engine_id);
     TORCH_CHECK_VALUE(found != live.end(), "no live ", kind, " with id ", engine_id);
     return found->second;
@@ -87,8 +101,8 @@ class LkOps : public torch::CustomClassHolder {
   explicit LkOps(int64_t api_address)
       : api_(reinterpret_cast<const lk::CApi*>(api_address)),
         totals_(at::zeros({4}, at::kLong)),
-        moe_{{}, totals_.data_ptr<int64_t>()},
-        linear_{{}, totals_.data_ptr<int64_t>() + 2} {
+        moe_{{}, {}, totals_.data_ptr<int64_t>()},
+        linear_{{}, {}, totals_.data_ptr<int64_t>() + 2} {
     TORCH_CHECK(api_ != nullptr && api_->version == lk::kCApiVersion && api_->size == sizeof(lk::CApi),
                 "lvllm._lk's C entry points are another version than lvllm/_torch_ops' (",
                 api_ == nullptr ? 0 : api_->version, " against ", lk::kCApiVersion,
@@ -96,13 +110,13 @@ class LkOps : public torch::CustomClassHolder {
   }
 
   void add_moe(int64_t engine_id, int64_t address, int64_t hidden) {
-    moe_.live[engine_id] = MoEEntry{reinterpret_cast<lk::MoEEngine*>(address), hidden};
+    moe_.add(engine_id, MoEEntry{reinterpret_cast<lk::MoEEngine*>(address), hidden});
   }
   void add_linear(int64_t engine_id, int64_t address, int64_t inputs, int64_t outputs) {
-    linear_.live[engine_id] = LinearEntry{reinterpret_cast<lk::LinearEngine*>(address), inputs, outputs};
+    linear_.add(engine_id, LinearEntry{reinterpret_cast<lk::LinearEngine*>(address), inputs, outputs});
   }
-  void remove_moe(int64_t engine_id) { moe_.live.erase(engine_id); }
-  void remove_linear(int64_t engine_id) { linear_.live.erase(engine_id); }
+  void remove_moe(int64_t engine_id) { moe_.remove(engine_id); }
+  void remove_linear(int64_t engine_id) { linear_.remove(engine_id); }
 
   // Puts these kernels in front of the Python ones for the CPU key; uninstall (or the table's
   // end) puts the Python ones back.
@@ -122,7 +136,7 @@ class LkOps : public torch::CustomClassHolder {
  private:
   void moe_forward(torch::jit::Stack* stack) {
     auto args = torch::jit::last(*stack, kMoEArgs);
-    const MoEEntry& entry = moe_.find(args[3].toInt(), "lk engine");
+    const MoEEntry entry = moe_.find(args[3].toInt(), "lk engine");
     const at::Tensor x = cpu_contiguous(args[0], "x");
     const at::Tensor ids = cpu_contiguous(args[1], "topk_ids");
     const at::Tensor weights = cpu_contiguous(args[2], "topk_weights");
@@ -155,7 +169,7 @@ class LkOps : public torch::CustomClassHolder {
   void linear(torch::jit::Stack* stack) {
     auto args = torch::jit::last(*stack, kLinearArgs);
     const int64_t engine_id = args[2].toInt();
-    const LinearEntry& entry = linear_.find(engine_id, "lk linear engine");
+    const LinearEntry entry = linear_.find(engine_id, "lk linear engine");
     TORCH_CHECK_VALUE(args[3].toInt() == entry.outputs, "lk linear engine ", engine_id, " has ", entry.outputs,
                       " outputs, the call says ", args[3].toInt());
     TORCH_CHECK_VALUE(args[0].isTensor(), "x must be a tensor");

@@ -92,8 +92,9 @@ def install(settings: Settings) -> Installation:
     cpu_step.install(installation_)
     if current_platform.is_cpu() and settings.native_lk_ops:
         reason = native_ops.install()
-        if reason:
-            installation_.log_once("native_lk_ops", "lvllm: lk's ops keep their Python kernels: %s", reason)
+        installation_.log_once("native_lk_ops", "lvllm: lk's ops %s",
+                               f"keep their Python kernels: {reason}" if reason
+                               else "run through C++ kernels (LVLLM_CPU_NATIVE_LK_OPS=1)")
     installation_.refusal_hook = torch.nn.modules.module.register_module_module_registration_hook(
         watch_model_modules)
     return installation_
