@@ -311,7 +311,7 @@ def test_cpp_wrapper_only_where_layer_names_are_strings(monkeypatch, users_value
     value the user set) where the C++ wrapper or the native attention ops want string names, and
     a compile in a process whose vLLM names layers with strings gets inductor's C++ wrapper, one
     with opaque layer names vLLM's Python one; lk off, or both settings 0, touch neither; the
-    native attention ops wrap the CPU model runner only when on."""
+    native attention ops and the step's shortcuts touch the CPU model runner only when on."""
     pytest.importorskip("vllm")
     from types import SimpleNamespace
 
@@ -328,10 +328,11 @@ def test_cpp_wrapper_only_where_layer_names_are_strings(monkeypatch, users_value
     monkeypatch.delenv("VLLM_USE_LAYERNAME")
     if users_value is not None:
         monkeypatch.setenv("VLLM_USE_LAYERNAME", users_value)
-    for enabled, cpp_wrapper, native in [("0", "1", "1"), ("1", "0", "0")]:
+    for enabled, cpp_wrapper, native, shortcuts in [("0", "1", "1", "ON"), ("1", "0", "0", "OFF")]:
         monkeypatch.setenv("LVLLM_MOE_NUMA_ENABLED", enabled)
         monkeypatch.setenv("LVLLM_CPU_CPP_WRAPPER", cpp_wrapper)
         monkeypatch.setenv("LVLLM_CPU_NATIVE_ATTENTION", native)
+        monkeypatch.setenv("LVLLM_CPU_STEP_SHORTCUTS", shortcuts)
         hooks.uninstall()
         plugin.register()
         assert os.environ.get("VLLM_USE_LAYERNAME") == users_value
