@@ -9,7 +9,8 @@ cached under --models-dir). vLLM's part depends on the layer count, not on the e
 so --experts 16 measures a 48-layer model in a few GB.
 
 Each configuration runs in a child process with the engine in it
-(VLLM_ENABLE_V1_MULTIPROCESSING=0), on --cores. perf_counter timers wrap, on their classes:
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), on --cores. perf_counter timers wrap, on their classes and
+once the plugin has put its own methods in (each timed as the phase it replaces):
 LLMEngine.step (one token as the user gets it), EngineCore.step, the scheduler's schedule and
 update_from_output, the model runner's phases (execute_model, _update_states, _prepare_inputs,
 _build_attention_metadata, _preprocess, _model_forward, sample_tokens, _sample,
@@ -65,17 +66,17 @@ PHASES = (
     ("engine core", "vllm.v1.engine.core", "EngineCore", "step"),
     ("schedule", "vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
     ("update from output", "vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
-    ("execute model", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"),
-    ("update states", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_update_states"),
-    ("prepare inputs", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs"),
-    ("attention metadata", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_build_attention_metadata"),
-    ("preprocess", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_preprocess"),
-    ("forward, other ops", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward"),
+    ("execute model", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "execute_model"),
+    ("update states", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_update_states"),
+    ("prepare inputs", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_prepare_inputs"),
+    ("attention metadata", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_build_attention_metadata"),
+    ("preprocess", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_preprocess"),
+    ("forward, other ops", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_model_forward"),
     ("attention", "vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward"),
     ("logits", "vllm.model_executor.layers.logits_processor", "LogitsProcessor", "forward"),
-    ("sample tokens", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens"),
-    ("sample", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_sample"),
-    ("bookkeeping", "vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync"),
+    ("sample tokens", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "sample_tokens"),
+    ("sample", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_sample"),
+    ("bookkeeping", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_bookkeeping_sync"),
     ("lk experts", "lvllm.lk", "MoEEngine", "forward"),
     ("lk dense", "lvllm.lk.linear", "LinearEngine", "forward"),
 )
@@ -141,12 +142,13 @@ class PhaseClock:
 def child(model: str, tokens: int, runs: int, eager: bool) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # engine and worker in this process
     clock = PhaseClock()
-    clock.install()
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
               seed=0, enable_prefix_caching=False, disable_log_stats=True)
+    # After the plugin: the timers wrap the methods in effect, lvllm's where it replaced vLLM's.
+    clock.install()
     from lvllm.lk import native_ops
 
     totals = native_ops.totals()
