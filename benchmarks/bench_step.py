@@ -9,8 +9,8 @@ cached under --models-dir). vLLM's part depends on the layer count, not on the e
 so --experts 16 measures a 48-layer model in a few GB.
 
 Each configuration runs in a child process with the engine in it
-(VLLM_ENABLE_V1_MULTIPROCESSING=0), on --cores. perf_counter timers wrap, on their classes and
-once the plugin has put its own methods in (each timed as the phase it replaces):
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), on --cores. perf_counter timers wrap, on their classes (the
+model runner's once the plugin has put its own methods in, each timed as the phase it replaces):
 LLMEngine.step (one token as the user gets it), EngineCore.step, the scheduler's schedule and
 update_from_output, the model runner's phases (execute_model, _update_states, _prepare_inputs,
 _build_attention_metadata, _preprocess, _model_forward, sample_tokens, _sample,
@@ -81,6 +81,7 @@ PHASES = (
     ("lk dense", "lvllm.lk.linear", "LinearEngine", "forward"),
 )
 TOKEN = PHASES[0][0]
+RUNNER = "CPUModelRunner"   # its phases' timers go on once lvllm's plugin has changed it
 LK_PARTS = ("lk experts", "lk dense")
 # The phases whose ops call lk: with lk's ops in C++ (LVLLM_CPU_NATIVE_LK_OPS) no Python sees
 # those calls, and their time, which the kernels total, moves from the phase to LK_PARTS.
@@ -131,24 +132,27 @@ class PhaseClock:
                     self.own = {}
         return timed
 
-    def install(self) -> None:
+    def install(self, runner: bool) -> None:
+        """The model runner's phases (runner) or the others."""
         import importlib
 
         for label, module, cls, method in PHASES:
-            owner = getattr(importlib.import_module(module), cls)
-            setattr(owner, method, self.wrap(label, getattr(owner, method)))
+            if (cls == RUNNER) == runner:
+                owner = getattr(importlib.import_module(module), cls)
+                setattr(owner, method, self.wrap(label, getattr(owner, method)))
 
 
 def child(model: str, tokens: int, runs: int, eager: bool) -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # engine and worker in this process
     clock = PhaseClock()
+    clock.install(runner=False)   # before the engine keeps bound methods of them
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN, max_num_seqs=1,
               seed=0, enable_prefix_caching=False, disable_log_stats=True)
-    # After the plugin: the timers wrap the methods in effect, lvllm's where it replaced vLLM's.
-    clock.install()
+    # After the plugin: the runner's timers wrap the methods in effect, lvllm's where it replaced vLLM's.
+    clock.install(runner=True)
     from lvllm.lk import native_ops
 
     totals = native_ops.totals()
