@@ -239,8 +239,8 @@ VARIABLES: dict[str, Variable] = {
             "CPU build only. ON: parts of vLLM's step outside the forward take exact shortcuts: "
             "the inputs of a step of one request and one token written directly, no copies of its "
             "CPU buffers onto themselves, the KV cache slots of the step's tokens computed in numpy "
-            "instead of by a kernel that wakes every core, greedy sampling by numpy's argmax (rows "
-            "with NaN keep vLLM's). Results are vLLM's, bit for bit. CHECK: each shortcut also runs "
+            "instead of by a kernel that wakes every core, greedy sampling over large vocabularies by "
+            "numpy's argmax (rows with NaN keep vLLM's). Results are vLLM's, bit for bit. CHECK: each shortcut also runs "
             "vLLM's own code on the same state and stops the step on any difference (slower; for "
             "tests and after changing vLLM).",
         ),

@@ -72,14 +72,14 @@ def test_greedy_sample_is_vllms(installed):
     rows[1] = float("-inf")
     rows[2, 7] = rows[2, 9] = float("inf")
     rows[3, :4] = rows[3].max() + 1
-    for logits in (rows, rows[:1], rows[:, :512]):
+    for logits in (rows, rows[:1], rows[:, :cpu_step.NUMPY_ARGMAX_FROM], rows[:, :512]):
         picks = Sampler.greedy_sample(logits)
         assert picks.dtype == torch.int64 and torch.equal(picks, vllm_greedy(logits))
-    assert cpu_step.counts()["greedy_sample"] == 3
+    assert cpu_step.counts()["greedy_sample"] == 3   # rows of 512: vLLM's kernel, the faster there
     with_nan = rows.clone()
     with_nan[4, 100] = float("nan")
     assert torch.equal(Sampler.greedy_sample(with_nan), vllm_greedy(with_nan))
-    assert cpu_step.counts()["greedy_sample"] == 3   # vLLM's kernel took the NaN
+    assert cpu_step.counts()["greedy_sample"] == 3   # vLLM's kernel took the NaN too
 
 
 def test_copy_to_gpu_of_an_aliased_buffer_copies_nothing(installed):
@@ -95,7 +95,7 @@ def test_copy_to_gpu_of_an_aliased_buffer_copies_nothing(installed):
 def test_check_stops_at_a_shortcut_unlike_vllm(monkeypatch):
     cpu_step.install(Installation(Settings(step_shortcuts="CHECK")))
     try:
-        logits = torch.randn(2, 512, generator=torch.Generator().manual_seed(1))
+        logits = torch.randn(2, cpu_step.NUMPY_ARGMAX_FROM, generator=torch.Generator().manual_seed(1))
         assert torch.equal(Sampler.greedy_sample(logits), logits.argmax(dim=-1))
         monkeypatch.setattr(cpu_step, "_first_maxima", lambda rows: torch.zeros(2, dtype=torch.int64))
         with pytest.raises(cpu_step.ShortcutMismatch, match="greedy_sample left the picks"):
@@ -112,6 +112,7 @@ def test_one_request_at_a_time_takes_every_shortcut_with_vllms_results(llm_runs,
     alone = run_llm(tiny_model("qwen3_moe"), lk=True, llm_kwargs={"max_num_seqs": 1})
     shortcuts = alone.report[0]["step_shortcuts"]
     assert shortcuts["prepare_inputs"] >= len(PROMPTS) * (MAX_TOKENS - 1), shortcuts
-    assert min(shortcuts.values()) > 0, shortcuts
+    assert shortcuts["copy_to_gpu"] > 0 and shortcuts["slot_mapping"] > 0, shortcuts
+    assert shortcuts["greedy_sample"] == 0, shortcuts   # 512-token vocabulary: vLLM's argmax is faster
     assert alone.tokens == off.tokens
     assert max_logprob_diff(alone, off) < F32_LOGPROB_TOL

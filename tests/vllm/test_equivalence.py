@@ -57,8 +57,10 @@ def assert_step_levers(on_report, off_report, served_layers: int = 4):
         forwards = [layer["forward_calls"] for layer in worker["lk_layers"].values()]
         forwards += [layer["forward_calls"] for layer in worker["dense_layers"]["lk"].values()]
         assert worker["native_lk_op_calls"] == sum(forwards) > 0, (worker["native_lk_op_calls"], forwards)
-        shortcuts = worker["step_shortcuts"]   # batches of several requests: not the one-token inputs
-        assert min(shortcuts[name] for name in ("copy_to_gpu", "slot_mapping", "greedy_sample")) > 0, shortcuts
+        # Batches of several requests take neither the one-token inputs nor, with 512 tokens in the
+        # tiny models' vocabulary, numpy's argmax (test_cpu_step holds it against vLLM's at 152k).
+        shortcuts = worker["step_shortcuts"]
+        assert shortcuts["copy_to_gpu"] > 0 and shortcuts["slot_mapping"] > 0, shortcuts
     assert [w["attention_calls"] for w in off_report] == [None]
     assert [w["native_lk_op_calls"] for w in off_report] == [None]
     assert [w["step_shortcuts"] for w in off_report] == [None]
