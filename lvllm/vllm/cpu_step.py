@@ -147,15 +147,26 @@ def _same(name: str, what: str, want, got) -> None:
 
 def _one_token_step(runner, scheduler_output) -> bool:
     """One request scheduled one token, without the features whose inputs _one_token_inputs does
-    not write (speculative decoding, M-RoPE, prompt embeddings, LoRA, async scheduling, pipeline
-    receives), on buffers whose device tensors are their host tensors."""
-    batch = runner.input_batch
+    not write (prompt embeddings, async scheduling, pipeline receives; the runner's own in
+    _one_token_runner)."""
+    batch = runner.input_batch   # remade when the KV cache is: its block tables are checked each step
     return (batch.num_reqs == 1 and scheduler_output.total_num_scheduled_tokens == 1
-            and runner.speculative_config is None and not runner.uses_mrope and not runner.enable_prompt_embeds
-            and not batch.req_prompt_embeds and not runner.lora_config and batch.prev_sampled_token_ids is None
-            and runner.num_accepted_tokens_event is None and runner._pp_recv_work is None
-            and all(getattr(runner, name).gpu is getattr(runner, name).cpu for name in _INPUT_BUFFERS)
+            and not batch.req_prompt_embeds and batch.prev_sampled_token_ids is None
+            and runner._pp_recv_work is None and _one_token_runner(runner)
             and all(t.block_table.gpu is t.block_table.cpu for t in batch.block_table.block_tables))
+
+
+def _one_token_runner(runner) -> bool:
+    """Whether the runner's configuration lets _one_token_inputs stand in for vLLM's (no
+    speculative decoding, M-RoPE, prompt embeddings or LoRA; its buffers' device tensors are
+    their host tensors): fixed when the runner is made, so decided once."""
+    ready = runner.__dict__.get("lvllm_one_token_inputs")
+    if ready is None:
+        ready = runner.lvllm_one_token_inputs = (
+            runner.speculative_config is None and not runner.uses_mrope and not runner.enable_prompt_embeds
+            and not runner.lora_config and runner.num_accepted_tokens_event is None
+            and all(getattr(runner, name).gpu is getattr(runner, name).cpu for name in _INPUT_BUFFERS))
+    return ready
 
 
 def _one_token_inputs(runner) -> tuple[torch.Tensor, None, int]:
