@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from lvllm import formats
-from lvllm.envs import EnvError, format_ranges, layer_spec
+from lvllm.envs import EnvError, layer_spec
+from lvllm.layer_ranges import format_ranges
 from lvllm.error_bounds import UNIT_ROUNDOFF, expected_dense_error, expected_error, verdict
 from lvllm.model_shape import ConfigError, read_config
 from lvllm.reference import (CheckpointTensors, expert_layers, expert_output, expert_weights, layer_format,

@@ -141,22 +141,6 @@ def layer_spec(raw: str) -> frozenset[int]:
     return frozenset(layers)
 
 
-def format_ranges(values) -> str:
-    """[0, 1, 2, 5, 8, 9] -> '0-2,5,8-9', the syntax layer_spec reads (also for CPU lists);
-    empty -> 'none'."""
-    ordered = sorted(set(values))
-    if not ordered:
-        return "none"
-    parts, start, prev = [], ordered[0], ordered[0]
-    for index in ordered[1:] + [None]:
-        if index is not None and index == prev + 1:
-            prev = index
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if index is not None:
-            start = prev = index
-    return ",".join(parts)
-
 ISA_NAMES = ("GENERIC", "AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX")
 
 VARIABLES: dict[str, Variable] = {

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lvllm import envs
-from lvllm.envs import format_ranges
+from lvllm.layer_ranges import format_ranges
 from lvllm.settings import Settings
 
 RESIDENT_VAR = "LVLLM_GPU_RESIDENT_MOE_LAYERS"

@@ -27,7 +27,8 @@ import torch
 
 from lvllm import envs, formats
 from lvllm.expert_stats import device_share
-from lvllm.envs import EnvError, format_ranges
+from lvllm.envs import EnvError
+from lvllm.layer_ranges import format_ranges
 from lvllm.machine import Machine
 from lvllm.memory import GIB
 from lvllm.model_shape import (ExpertSet, ModelShape, checkpoint_layer_bytes, checkpoint_set_bytes, dense_bytes,

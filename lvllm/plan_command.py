@@ -8,7 +8,8 @@ from pathlib import Path
 
 from lvllm import envs, expert_stats, formats
 from lvllm import plan as plan_module
-from lvllm.envs import DENSE_WEIGHT_MODES, EnvError, format_ranges
+from lvllm.envs import DENSE_WEIGHT_MODES, EnvError
+from lvllm.layer_ranges import format_ranges
 from lvllm.machine import probe_machine
 from lvllm.model_shape import (ConfigError, ModelShape, dense_bytes, dense_weight_bytes, describe_cache,
                                model_shape, read_config)

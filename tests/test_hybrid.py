@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lvllm import envs, formats
-from lvllm.envs import format_ranges as format_layers
+from lvllm.layer_ranges import format_ranges as format_layers
 from lvllm.placement import RESIDENT_VAR, LayerPath, Placement, check_resident_layers
 from lvllm.settings import Settings
 

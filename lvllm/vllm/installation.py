@@ -14,6 +14,7 @@ from vllm.logger import init_logger
 from vllm.platforms import current_platform
 
 from lvllm import envs
+from lvllm.layer_ranges import format_ranges
 from lvllm.lk.host_cpus import gpu_rank_cpus, openmp_team_cpus, thread_affinity, usable_numa_nodes
 from lvllm.memory import LayerMemory
 from lvllm.placement import RESIDENT_VAR, Placement
@@ -192,13 +193,13 @@ def auto_split(settings: Settings) -> tuple[frozenset[int], int]:
     shape, fit, tp = _gpu_fit(settings, _auto_names(resident_auto, hot_auto))
     if not hot_auto:
         logger.info("lvllm: %s=auto: MoE layers [%s] resident on cuda:%d, as `lvllm plan` fits them: %s",
-                    RESIDENT_VAR, envs.format_ranges(fit.resident), torch.cuda.current_device(), fit.describe())
+                    RESIDENT_VAR, format_ranges(fit.resident), torch.cuda.current_device(), fit.describe())
         return frozenset(fit.resident), hot
     data = expert_stats.read(Path(settings.expert_stats)) if settings.expert_stats else None
     counts = expert_stats.layer_totals(data) if data is not None else {}
     resident, hot, why = plan.auto_split(shape, fit, tp, counts, resident_auto, resident)
     logger.info("lvllm: %s: MoE layers [%s] resident, %d hot experts a layer on cuda:%d, as `lvllm plan "
-                "--stats` counts them: %s (%s)", _auto_names(resident_auto, hot_auto), envs.format_ranges(resident),
+                "--stats` counts them: %s (%s)", _auto_names(resident_auto, hot_auto), format_ranges(resident),
                 hot, torch.cuda.current_device(), why, fit.describe())
     return resident, hot
 

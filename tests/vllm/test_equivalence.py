@@ -22,7 +22,7 @@ from e2e_common import (BF16_LOGPROB_TOL, BF16_SAME_PREFIX, BF16_SLACK, CPUS, F3
                         assert_lk_computed, assert_plan_reads_kv_cache, assert_upstream, layer_index,
                         max_logprob_diff, run_llm)
 
-from lvllm.envs import format_ranges as format_layers
+from lvllm.layer_ranges import format_ranges as format_layers
 
 # Layers whose routed experts go to lk in the lk-on runs; deepseek_v2 also checks a resident
 # spec: layer 0 is dense, layer 1 stays on vLLM's path, 2-3 run on lk.

@@ -530,7 +530,7 @@ def lk_layers(model: ModelSpec, resident: str | None) -> list[int]:
 def expected_placement(model: ModelSpec, resident: str | None) -> tuple[str, str]:
     """Two parts of lvllm's load line for ``model`` with ``resident`` layers on the device:
     the lk layers (its start) and the device layers."""
-    from lvllm.envs import format_ranges
+    from lvllm.layer_ranges import format_ranges
 
     lk, device = lk_layers(model, resident), resident_layers(resident)
     return f"lvllm: {len(lk)} MoE layer(s) on lk [{format_ranges(lk)}]", \
