@@ -117,6 +117,8 @@ CONFIGS["lk-int4-all-python-attention"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_
 CONFIGS["lk-int4-all-python-lk-ops"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_NATIVE_LK_OPS": "0"}
 # lk-int4-all with vLLM's step as it is around the forward (what LVLLM_CPU_STEP_SHORTCUTS buys).
 CONFIGS["lk-int4-all-no-shortcuts"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_STEP_SHORTCUTS": "OFF"}
+# lk-int4-all with inductor's OpenMP regions as it writes them (what LVLLM_CPU_SERIAL_ONE_ITERATION buys).
+CONFIGS["lk-int4-all-parallel-one-iteration"] = {**CONFIGS["lk-int4-all"], "LVLLM_CPU_SERIAL_ONE_ITERATION": "0"}
 # Configurations that serve a checkpoint of their own: the builder's arguments that make it.
 CHECKPOINT_ARGS = {"lk-nvfp4": ("--quantize", "nvfp4-experts")}
 REFERENCE = "vllm"

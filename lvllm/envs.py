@@ -219,6 +219,13 @@ VARIABLES: dict[str, Variable] = {
             "entered from the compiled step three times a layer every step.",
         ),
         Variable(
+            "LVLLM_CPU_SERIAL_ONE_ITERATION", "1", _bool, "0 or 1",
+            "CPU build only. 1: each OpenMP region of inductor's kernels in the compiled forward "
+            "opens only when one of its shared loops has two iterations or more, and otherwise runs "
+            "on the calling thread, which is where the team ran that one iteration anyway: at one "
+            "token a step, most kernels no longer wake every core. Same code inside, same results.",
+        ),
+        Variable(
             "LVLLM_CPU_STEP_SHORTCUTS", "ON", _choice("ON", "OFF", "CHECK"), "ON, OFF or CHECK",
             "CPU build only. ON: parts of vLLM's step outside the forward take exact shortcuts: "
             "the inputs of a step of one request and one token written directly, no copies of its "

@@ -48,6 +48,7 @@ class Settings:
     native_attention: bool = True         # LVLLM_CPU_NATIVE_ATTENTION
     native_lk_ops: bool = True            # LVLLM_CPU_NATIVE_LK_OPS
     step_shortcuts: str = "ON"            # LVLLM_CPU_STEP_SHORTCUTS: ON, OFF, CHECK
+    serial_one_iteration: bool = True     # LVLLM_CPU_SERIAL_ONE_ITERATION
     weight_mode: str = "TO_DTYPE"
     quant_group_size: int | None = None   # None: the format's default (lvllm.formats)
     quant_on_gpu: bool = False
@@ -92,6 +93,7 @@ class Settings:
             native_attention=envs.get("LVLLM_CPU_NATIVE_ATTENTION"),
             native_lk_ops=envs.get("LVLLM_CPU_NATIVE_LK_OPS"),
             step_shortcuts=envs.get("LVLLM_CPU_STEP_SHORTCUTS"),
+            serial_one_iteration=envs.get("LVLLM_CPU_SERIAL_ONE_ITERATION"),
             weight_mode=envs.get("LVLLM_MOE_USE_WEIGHT"),
             quant_group_size=envs.get("LVLLM_MOE_QUANT_GROUP_SIZE"),
             quant_on_gpu=envs.get("LVLLM_MOE_QUANT_ON_GPU"),

@@ -21,7 +21,7 @@ from vllm.platforms import current_platform
 from lvllm.lk import native_ops
 from lvllm.placement import Placement
 from lvllm.settings import Settings
-from lvllm.vllm import compile_options, cpu_step, dense, native_attention
+from lvllm.vllm import compile_options, cpu_step, dense, inductor_openmp, native_attention
 from lvllm.vllm.hot_updates import HotUpdater
 from lvllm.vllm.installation import Installation, num_model_layers
 from lvllm.vllm.moe_layer import LkExperts, LkMoEMethod, LkRunner
@@ -90,6 +90,7 @@ def install(settings: Settings) -> Installation:
     compile_options.install(installation_)
     native_attention.install(installation_)
     cpu_step.install(installation_)
+    inductor_openmp.install(installation_)
     if current_platform.is_cpu() and settings.native_lk_ops:
         reason = native_ops.install()
         installation_.log_once("native_lk_ops", "lvllm: lk's ops %s",
@@ -108,6 +109,7 @@ def uninstall() -> None:
     compile_options.uninstall()
     native_attention.uninstall()
     cpu_step.uninstall()
+    inductor_openmp.uninstall()
     native_ops.uninstall()
     if Installation.current is not None and Installation.current.refusal_hook is not None:
         Installation.current.refusal_hook.remove()
