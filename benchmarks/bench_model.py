@@ -95,8 +95,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILDER = ROOT / "examples" / "tiny" / "build_tiny_model.py"
 
 K = 8
+EXPERTS = 128   # Qwen3-30B-A3B's experts a layer
 BUILDER_ARGS = ["--family", "qwen3_moe", "--dtype", "bfloat16", "--hidden-size", "2048",
-                "--moe-intermediate-size", "768", "--num-experts", "128", "--top-k", str(K),
+                "--moe-intermediate-size", "768", "--num-experts", str(EXPERTS), "--top-k", str(K),
                 "--num-heads", "32", "--num-kv-heads", "4", "--head-dim", "128"]
 CONFIGS = {
     "vllm": {"LVLLM_MOE_NUMA_ENABLED": "0"},
@@ -153,19 +154,25 @@ def model_env(config: str, cores: str, configs: dict[str, dict[str, str]] = CONF
     return env
 
 
-def build(models_dir: Path, layers: int, router_skew: float = 0.0, extra: tuple[str, ...] = ()) -> Path:
-    out = models_dir / (f"qwen3-30b-a3b-{layers}l" + (f"-skew{router_skew:g}" if router_skew else "")
+def build(models_dir: Path, layers: int, router_skew: float = 0.0, extra: tuple[str, ...] = (),
+          experts: int = EXPERTS) -> Path:
+    """The checkpoint, built unless it is there: Qwen3-30B-A3B's shapes with ``experts`` a layer."""
+    out = models_dir / (f"qwen3-30b-a3b-{layers}l" + (f"-{experts}e" if experts != EXPERTS else "")
+                        + (f"-skew{router_skew:g}" if router_skew else "")
                         + "".join(f"-{arg.lstrip('-')}" for arg in extra))
     if not (out / "config.json").exists():
         print(f"building the {layers}-layer model in {out} ...", flush=True)
+        builder_args = list(BUILDER_ARGS)
+        builder_args[builder_args.index("--num-experts") + 1] = str(experts)
         subprocess.run([sys.executable, str(BUILDER), "--out", str(out), "--num-layers",
-                        str(layers), "--router-skew", str(router_skew), *BUILDER_ARGS, *extra], check=True)
+                        str(layers), "--router-skew", str(router_skew), *builder_args, *extra], check=True)
     return out
 
 
-def models_of(models_dir: Path, layers: int, router_skew: float, configs: list[str]) -> dict[str, Path]:
+def models_of(models_dir: Path, layers: int, router_skew: float, configs: list[str],
+              experts: int = EXPERTS) -> dict[str, Path]:
     """Each configuration's checkpoint (and the reference's), built where missing."""
-    return {config: build(models_dir, layers, router_skew, CHECKPOINT_ARGS.get(config, ()))
+    return {config: build(models_dir, layers, router_skew, CHECKPOINT_ARGS.get(config, ()), experts)
             for config in [REFERENCE, *configs]}
 
 
@@ -782,6 +789,9 @@ def main(argv=None):
     parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: torch.compile, vLLM's default)")
     parser.add_argument("--no-offline", action="store_true")
     parser.add_argument("--no-serve", action="store_true")
+    parser.add_argument("--experts", type=int, default=EXPERTS,
+                        help="experts a layer (fewer make a deep model fit in RAM beside its GGUFs; each token "
+                             "still reads the top-8's)")
     parser.add_argument("--router-skew", type=float, default=0.0,
                         help="the builder's --router-skew: routing favours some experts, as real models' does "
                              "(lk-int4-all-stats then reports the share the hottest experts took)")
@@ -807,7 +817,7 @@ def main(argv=None):
     results: dict = {}
     args.models_dir.mkdir(parents=True, exist_ok=True)
     for layers in args.layers:
-        models = models_of(args.models_dir, layers, args.router_skew, configs)
+        models = models_of(args.models_dir, layers, args.router_skew, configs, args.experts)
         model = models[REFERENCE]
         dense = dense_bytes_per_token(model)
         entry = results[f"{layers} layers"] = {}

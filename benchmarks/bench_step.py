@@ -183,16 +183,6 @@ def child(model: str, tokens: int, runs: int, eager: bool) -> None:
     }), flush=True)
 
 
-def build(models_dir: Path, layers: int, experts: int) -> Path:
-    out = models_dir / f"qwen3-30b-a3b-shapes-{layers}l-{experts}e"
-    if not (out / "config.json").exists():
-        args = list(bench_model.BUILDER_ARGS)
-        args[args.index("--num-experts") + 1] = str(experts)
-        subprocess.run([sys.executable, str(bench_model.BUILDER), "--out", str(out), "--num-layers", str(layers),
-                        *args], check=True)
-    return out
-
-
 def measure(config: str, model: Path, args) -> dict:
     env = bench_model.model_env(config, args.cores, CONFIGS)
     if env.get("LVLLM_MOE_NUMA_ENABLED") == "1":
@@ -237,7 +227,7 @@ def report(results: dict, layers: int) -> list[str]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=bench_model.EXPERTS)
     parser.add_argument("--configs",
                         default=f"lk-int4-all,lk-int4-all-no-shortcuts,lk-int4-all-python-lk-ops,"
                                 f"lk-int4-all-python-attention,lk-int4-all-python-wrapper,{REFERENCE}")
@@ -253,7 +243,7 @@ def main(argv=None) -> None:
         child(args.child, args.tokens, args.runs, args.eager)
         return
     configs = harness.choices(parser, "--configs", args.configs, CONFIGS)
-    model = build(args.models_dir, args.layers, args.experts)
+    model = bench_model.build(args.models_dir, args.layers, experts=args.experts)
     print(harness.header("bench_step", harness.machine(harness.parse_cpus(args.cores))))
     results = {config: measure(config, model, args) for config in configs}
     print("\n".join(report(results, args.layers)))

@@ -213,6 +213,22 @@ def test_each_configuration_serves_its_own_checkpoint(tmp_path):
     assert bench_model.build(tmp_path, 8) == bf16
 
 
+def test_fewer_experts_build_a_model_of_their_own(tmp_path, monkeypatch):
+    """--experts reaches the builder and names the checkpoint, so a 16-expert model never stands
+    in for the 128-expert one (bench_model and bench_step share it)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+
+    calls = []
+    monkeypatch.setattr(bench_model.subprocess, "run", lambda command, check: calls.append(command))
+    out = bench_model.build(tmp_path, 48, experts=16)
+    assert out == tmp_path / "qwen3-30b-a3b-48l-16e"
+    (command,) = calls
+    assert command[command.index("--num-experts") + 1] == "16"
+    assert command[command.index("--num-layers") + 1] == "48" and command[command.index("--out") + 1] == str(out)
+    assert bench_model.BUILDER_ARGS[bench_model.BUILDER_ARGS.index("--num-experts") + 1] == "128"
+
+
 def test_the_panel_stream_probe_builds_clean_and_times_every_layout(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_panel_stream
