@@ -6,8 +6,9 @@ the tokens: one iteration, which one thread of the team runs while the region st
 others and waits for them (#72). Each kernel's `#pragma omp parallel` gets an OpenMP `if` clause:
 the region runs as before when any of its `omp for` loops has two iterations or more, and on the
 calling thread alone otherwise, which is what the team did with it. The code inside is the same,
-so results are the same bits. Regions whose loops cannot be read, or whose bounds are not the
-kernel's own integer arguments and literals, are left as inductor wrote them.
+so results are the same bits. Regions whose loops cannot be read, whose bounds are not the
+kernel's own integer arguments and literals, or whose code asks which thread runs it (beyond a
+parallel reduction's slot) are left as inductor wrote them.
 """
 
 from __future__ import annotations
