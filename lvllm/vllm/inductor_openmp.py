@@ -23,7 +23,7 @@ from lvllm.vllm.installation import Installation
 
 CACHE_TAG = "lvllm-serial-one-iteration"
 
-_PARALLEL = re.compile(r"^(\s*)#pragma omp parallel\b(.*)$")
+_PARALLEL = re.compile(r"^\s*#pragma omp parallel\b(.*)$")
 _FOR_PRAGMA = re.compile(r"^\s*#pragma omp for\b(.*)$")
 _COLLAPSE = re.compile(r"\bcollapse\((\d+)\)")
 _LOOP = re.compile(r"^\s*for\(int64_t (\w+)=(.+?); \1<(.+?); \1\+=(.+)\)\s*$")
@@ -69,7 +69,7 @@ def serial_one_iteration(source: str) -> str:
     lines = source.split("\n")
     for index, line in enumerate(lines):
         match = _PARALLEL.match(line)
-        if not match or re.search(r"\bif\s*\(", match.group(2)):
+        if not match or re.search(r"\bif\s*\(", match.group(1)):
             continue
         condition = _more_than_one_iteration(lines, index, arguments)
         if condition:
