@@ -25,6 +25,7 @@ BLOCK, BLOCKS_PER_REQ, MAX_BATCHED = 16, 8, 64
 
 @pytest.fixture
 def installed():
+    cpu_step.uninstall()   # an in-process LLM of an earlier test in this worker leaves them installed
     vllm_methods = (CpuGpuBuffer.copy_to_gpu, BlockTable.compute_slot_mapping, Sampler.__dict__["greedy_sample"])
     cpu_step.install(Installation(Settings()))
     assert "_prepare_inputs" in CPUModelRunner.__dict__
