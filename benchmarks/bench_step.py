@@ -29,10 +29,12 @@ compiled with inductor's Python wrapper (LVLLM_CPU_CPP_WRAPPER=0), what the C++ 
 (LVLLM_CPU_NATIVE_ATTENTION=0); with them from C++, the "attention" phase reads 0 and their
 kernels' time counts in the forward's other ops; `lk-int4-all-python-lk-ops` is lk-int4-all with
 lk's ops through their Python kernels (LVLLM_CPU_NATIVE_LK_OPS=0); `lk-int4-all-no-shortcuts`
-without the step's shortcuts (LVLLM_CPU_STEP_SHORTCUTS=OFF).
+without the step's shortcuts (LVLLM_CPU_STEP_SHORTCUTS=OFF); `lk-int4-all-vllm-routers` with
+vLLM's kernel for the MoE routers (LVLLM_ROUTERS_ON_LK=0), whose time then counts in the
+forward's other ops instead of lk's dense layers.
 Start-up: the LLM() call, compilation included (vLLM's and inductor's caches empty).
 
-    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its four variants, vllm
+    python benchmarks/bench_step.py                  # 8 layers: lk-int4-all, its five variants, vllm
     python benchmarks/bench_step.py --layers 48 --experts 16 --configs lk-int4-all
     python benchmarks/bench_step.py --eager --json step.json
 """
@@ -56,9 +58,11 @@ import harness  # noqa: E402
 
 REFERENCE = "vllm"
 MAX_MODEL_LEN = 512
-# bench_model's configurations, and lk-int4-all with inductor's Python wrapper (vLLM's own).
+# bench_model's configurations, and lk-int4-all with inductor's Python wrapper (vLLM's own) or
+# with vLLM's kernel for the routers.
 CONFIGS = {**bench_model.CONFIGS,
-           "lk-int4-all-python-wrapper": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_CPU_CPP_WRAPPER": "0"}}
+           "lk-int4-all-python-wrapper": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_CPU_CPP_WRAPPER": "0"},
+           "lk-int4-all-vllm-routers": {**bench_model.CONFIGS["lk-int4-all"], "LVLLM_ROUTERS_ON_LK": "0"}}
 
 # (label, module, class, method): the phases timed, outermost first.
 PHASES = (
@@ -230,7 +234,8 @@ def main(argv=None) -> None:
     parser.add_argument("--experts", type=int, default=bench_model.EXPERTS)
     parser.add_argument("--configs",
                         default=f"lk-int4-all,lk-int4-all-no-shortcuts,lk-int4-all-python-lk-ops,"
-                                f"lk-int4-all-python-attention,lk-int4-all-python-wrapper,{REFERENCE}")
+                                f"lk-int4-all-python-attention,lk-int4-all-python-wrapper,lk-int4-all-vllm-routers,"
+                                f"{REFERENCE}")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens a generation")
     parser.add_argument("--runs", type=int, default=3, help="generations measured")
     parser.add_argument("--eager", action="store_true", help="enforce_eager (default: torch.compile)")

@@ -42,6 +42,7 @@ class Settings:
     gpu_prefetch_window: int = 1
     dense_on_lk: str = "AUTO"
     dense_weight_mode: str = "TO_DTYPE"
+    routers_on_lk: bool = True            # LVLLM_ROUTERS_ON_LK
     dense_group_size: int | None = None   # None: the format's default (lvllm.formats)
     draft_moe: str = "LK"
     cpp_wrapper: bool = True              # LVLLM_CPU_CPP_WRAPPER
@@ -87,6 +88,7 @@ class Settings:
             gpu_prefetch_window=envs.get("LVLLM_GPU_PREFETCH_WINDOW"),
             dense_on_lk=envs.get("LVLLM_DENSE_ON_LK"),
             dense_weight_mode=envs.get("LVLLM_DENSE_USE_WEIGHT"),
+            routers_on_lk=envs.get("LVLLM_ROUTERS_ON_LK"),
             dense_group_size=envs.get("LVLLM_DENSE_QUANT_GROUP_SIZE"),
             draft_moe=envs.get("LVLLM_DRAFT_MOE"),
             cpp_wrapper=envs.get("LVLLM_CPU_CPP_WRAPPER"),

@@ -27,6 +27,13 @@ Job::Job(std::vector<Phase> phases, int nodes) : nodes_(nodes) {
   completed_ = std::make_unique<std::atomic<uint32_t>[]>(phases_.size());
 }
 
+bool Job::one_task_a_phase() const {
+  for (uint32_t total : totals_) {
+    if (total > 1) return false;
+  }
+  return true;
+}
+
 void Job::wait_for_phase(std::size_t phase) const {
   auto& completed = completed_[phase];
   uint32_t done = completed.load(std::memory_order_acquire);

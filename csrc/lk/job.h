@@ -26,6 +26,8 @@ class Job {
   Job(std::vector<Phase> phases, int nodes);
 
   bool empty() const { return phases_.empty(); }
+  // True when every phase has one task: one thread runs it as fast as a team would.
+  bool one_task_a_phase() const;
   // Runs tasks as thread `worker` (an index below the executor's thread count) whose home
   // is `home_node`, until no phase has a task left for it. True for the one call that
   // completed the job's last task.

@@ -50,7 +50,11 @@ void OpenMpTeam::run_member(void* data) {
 
 uint32_t OpenMpTeam::launch(std::vector<Phase> phases) {
   Job job(std::move(phases), num_nodes_);
-  if (!job.empty()) {
+  if (job.one_task_a_phase()) {
+    // A router's or a tiny layer's job: waking the team would cost more than the task.
+    const KernelFloatModes float_modes;
+    job.work(0, home_node());
+  } else {
     Entry entry{this, &job};
     parallel_(&OpenMpTeam::run_member, &entry, static_cast<unsigned>(threads_), 0);
   }

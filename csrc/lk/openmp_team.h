@@ -22,7 +22,8 @@ class OpenMpTeam final : public Executor {
   // Throws std::runtime_error when the process has no OpenMP runtime loaded.
   OpenMpTeam(const Topology& topology, int threads);
 
-  // Runs the job on the team before returning.
+  // Runs the job before returning: on the team, or on the calling thread alone where every
+  // phase has one task (Job::one_task_a_phase).
   uint32_t launch(std::vector<Phase> phases) override;
   void wait(uint32_t) override {}
   int num_threads() const override { return threads_; }

@@ -4,7 +4,9 @@ vLLM 0.32's CPU build multiplies a dense layer with oneDNN (or its small-GEMM ke
 can build one for the weight's dtype; where it cannot, as for bf16 on CPUs without AVX-512
 BF16, it keeps the weight and calls torch's ``F.linear``, which is several times slower than
 lk's kernels (BENCHMARKS.md, "Dense layers"). ``LVLLM_DENSE_ON_LK`` decides which layers lk
-takes: AUTO those vLLM left to ``F.linear``, ON every unquantized float layer, OFF none.
+takes: AUTO those vLLM left to ``F.linear``, ON every unquantized float layer, OFF none;
+``LVLLM_ROUTERS_ON_LK`` adds the MoE routers (``GateLinear``), kept in their dtype, unless OFF:
+vLLM's kernel wakes every core for a router of a few KB (docs/cpu-build.md).
 
 The hook wraps the ``process_weights_after_loading`` of ``UnquantizedLinearMethod`` and of
 ``UnquantizedEmbeddingMethod`` (LM heads): vLLM's decision
@@ -67,7 +69,11 @@ def _unwrapped(method):
 
 def _process(installation: Installation, vllm_process, method, layer: torch.nn.Module) -> None:
     settings = installation.settings
-    quantized = settings.dense_weight_mode != "TO_DTYPE" and not isinstance(layer, GateLinear)
+    router = isinstance(layer, GateLinear)
+    if router and settings.routers_on_lk and _lk_can_take(layer):
+        _move_to_lk(installation, layer, None, "LVLLM_ROUTERS_ON_LK=1: MoE routers")
+        return
+    quantized = settings.dense_weight_mode != "TO_DTYPE" and not router
     if quantized and _lk_can_take(layer):
         _move_to_lk(installation, layer, settings.dense_weight_mode.lower(),
                     f"LVLLM_DENSE_USE_WEIGHT={settings.dense_weight_mode}")

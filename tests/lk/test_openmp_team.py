@@ -107,3 +107,46 @@ def test_caller_float_modes_are_kept_and_not_used():
     finally:
         torch.set_flush_denormal(False)
     assert (tiny * 1.0).item() != 0.0
+
+
+_ONE_TASK_SCRIPT = """
+import os, torch
+from lvllm.lk import make_runtime
+from lvllm.lk.linear import LinearEngine
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.manual_seed(0)
+runtime = make_runtime(threads=2, workers="OPENMP")
+x = torch.randn(1, 256, dtype=torch.bfloat16)
+weights = {outputs: (torch.randn(outputs, 256) / 16).to(torch.bfloat16) for outputs in (16, 64)}
+before = threads()
+router = LinearEngine(weights[16], runtime=runtime)   # one panel of 16 outputs: one task a phase
+out_one = router.forward(x)
+after_one = threads()
+wide = LinearEngine(weights[64], runtime=runtime)     # four panels, split over the two threads
+out_wide = wide.forward(x)
+after_wide = threads()
+for out, outputs in ((out_one, 16), (out_wide, 64)):
+    reference = x.double() @ weights[outputs].double().T
+    error = (out.double() - reference).abs().max().item()
+    assert error <= 0.02 * reference.abs().max().item(), (outputs, error)
+print(before, after_one, after_wide)
+"""
+
+
+def test_one_task_jobs_run_on_the_calling_thread():
+    """A job with one task a phase (a small router at one token) runs on the calling thread:
+    in a fresh process it computes the layer without starting the OpenMP team, and a job of
+    two tasks does start it (so the check can fail); both against float64."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", _ONE_TASK_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after_one, after_wide = map(int, result.stdout.split()[-3:])
+    assert after_one == before
+    assert after_wide == before + 1

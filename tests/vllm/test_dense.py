@@ -42,11 +42,18 @@ def lk_dense(run) -> dict:
     return run.report[0]["dense_layers"]["lk"]
 
 
+def routers(run) -> set[str]:
+    """The routers of the MoE layers lk computed (``model.layers.N.mlp.gate``, Qwen's names)."""
+    return {name.split(".mlp.")[0] + ".mlp.gate" for name in run.report[0]["lk_layers"]}
+
+
 def test_auto_takes_what_vllm_leaves_to_torch_linear(llm_runs):
     off = llm_runs("qwen3_moe", lk=False, dtype="bfloat16")
     on = llm_runs("qwen3_moe", lk=True, dtype="bfloat16")
     left_to_torch = set(off.report[0]["dense_layers"]["torch_linear"])
-    assert set(lk_dense(on)) == left_to_torch
+    # ... and the routers (LVLLM_ROUTERS_ON_LK), in bf16 as they are.
+    assert routers(on) and set(lk_dense(on)) == left_to_torch | routers(on)
+    assert all(lk_dense(on)[name]["format"] == "bf16" for name in routers(on))
     assert on.report[0]["dense_layers"]["torch_linear"] == []
     assert off.report[0]["dense_layers"]["lk"] == {}
     # oneDNN builds no bf16 matmul on an AVX2-only CPU: there the attention projections and
@@ -58,9 +65,16 @@ def test_auto_takes_what_vllm_leaves_to_torch_linear(llm_runs):
         assert layer["nbytes"] > 0
 
 
-def test_float32_does_not_leave_vllm_in_auto(llm_runs):
+def test_float32_leaves_vllm_only_the_routers_in_auto(llm_runs, tiny_model):
+    """In float32 vLLM has a kernel for every dense layer: AUTO takes none but the routers, in
+    float32; with LVLLM_ROUTERS_ON_LK=0 it takes none at all."""
     on = llm_runs("qwen3_moe", lk=True)
-    assert lk_dense(on) == {} and on.report[0]["dense_layers"]["torch_linear"] == []
+    assert set(lk_dense(on)) == routers(on) and routers(on)
+    assert all(layer["format"] == "fp32" and layer["forward_calls"] > 0 for layer in lk_dense(on).values())
+    assert on.report[0]["dense_layers"]["torch_linear"] == []
+    without = run_llm(tiny_model("qwen3_moe"), lk=True, env={"LVLLM_ROUTERS_ON_LK": "0"})
+    assert lk_dense(without) == {} and without.report[0]["dense_layers"]["torch_linear"] == []
+    assert without.tokens == on.tokens
 
 
 def test_a_head_tied_to_the_embedding_leaves_lookups_intact(tmp_path_factory):
@@ -91,8 +105,8 @@ def qwen2_reference(tiny_model):
 @pytest.mark.parametrize("weight", ["INT8", "INT4"])
 def test_quantized_dense_layers_against_float64(llm_runs, qwen2_reference, weight):
     """Every float dense layer (attention with bias, the shared expert and its gate, the LM
-    head) on lk in the asked format, the router left to vLLM; answers within the format's
-    cost of float64."""
+    head) on lk in the asked format, the routers in bf16; answers within the format's cost
+    of float64."""
     everywhere = llm_runs("qwen2_moe", lk=True, dtype="bfloat16", weight=weight, dense_weight=weight)
     dense = lk_dense(everywhere)
     expected = f"{weight.lower()} g{256 if weight == 'INT8' else 128}"
@@ -100,8 +114,8 @@ def test_quantized_dense_layers_against_float64(llm_runs, qwen2_reference, weigh
                  "model.layers.0.mlp.shared_expert.gate_up_proj", "model.layers.0.mlp.shared_expert.down_proj",
                  "model.layers.0.mlp.shared_expert_gate"):
         assert dense[name]["format"] == expected and dense[name]["forward_calls"] > 0, (name, dense[name])
-    # Routers stay as they are: vLLM's, or lk's in bf16 where AUTO takes them (AVX2 CPUs).
-    assert all(layer["format"] == "bf16" for name, layer in dense.items() if name.endswith("mlp.gate")), dense
+    # Routers stay as they are, in bf16 (LVLLM_ROUTERS_ON_LK).
+    assert routers(everywhere) and all(dense[name]["format"] == "bf16" for name in routers(everywhere)), dense
     # Held bytes follow the format: INT4 a quarter of bf16's plus scales, INT8 a half.
     qkv = dense["model.layers.0.self_attn.qkv_proj"]
     assert qkv["nbytes"] < (0.3 if weight == "INT4" else 0.55) * 2 * qkv["weights"]
