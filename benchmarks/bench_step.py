@@ -14,7 +14,9 @@ model runner's once the plugin has put its own methods in, each timed as the pha
 LLMEngine.step (one token as the user gets it), EngineCore.step, the scheduler's schedule and
 update_from_output, the model runner's phases (execute_model, _update_states, _prepare_inputs,
 _build_attention_metadata, _preprocess, _model_forward, sample_tokens, _sample,
-_bookkeeping_sync), vLLM's CPU attention, the logits processor, and lk's engines' forward
+_bookkeeping_sync), inductor's compiled graph (CompiledFxGraph.__call__: its kernels from its
+wrapper, so that what the forward's other ops keep is the Python that enters it: vLLM's and
+dynamo's code passing every weight as an input), vLLM's CPU attention, the logits processor, and lk's engines' forward
 (experts and dense layers; with lk's ops in C++, which no Python sees, the time their kernels
 total in the forward and the logits). Each phase's time is its own, the phases it calls taken out, so
 the parts add up to the token. The timers cost about 1 us each (about 30 a step at 8
@@ -76,6 +78,7 @@ PHASES = (
     ("attention metadata", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_build_attention_metadata"),
     ("preprocess", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_preprocess"),
     ("forward, other ops", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "_model_forward"),
+    ("forward, compiled graph", "torch._inductor.output_code", "CompiledFxGraph", "__call__"),
     ("attention", "vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl", "forward"),
     ("logits", "vllm.model_executor.layers.logits_processor", "LogitsProcessor", "forward"),
     ("sample tokens", "vllm.v1.worker.cpu_model_runner", "CPUModelRunner", "sample_tokens"),
@@ -89,9 +92,9 @@ RUNNER = "CPUModelRunner"   # its phases' timers go on once lvllm's plugin has c
 LK_PARTS = ("lk experts", "lk dense")
 # The phases whose ops call lk: with lk's ops in C++ (LVLLM_CPU_NATIVE_LK_OPS) no Python sees
 # those calls, and their time, which the kernels total, moves from the phase to LK_PARTS.
-NATIVE_LK_PHASES = ("forward, other ops", "logits")
+NATIVE_LK_PHASES = ("forward, other ops", "forward, compiled graph", "logits")
 # vLLM's part inside the model's forward: what grows with the layers.
-FORWARD_PARTS = ("forward, other ops", "attention")
+FORWARD_PARTS = ("forward, other ops", "forward, compiled graph", "attention")
 
 
 class PhaseClock:
@@ -115,8 +118,9 @@ class PhaseClock:
 
         @functools.wraps(method)
         def timed(*args, **kwargs):
-            native_start = self.native_seconds() if native else None
-            frame = [label, self.now(), 0.0]
+            native_start = self.native_seconds()
+            # [label, start, time spent in callees, lk's kernel seconds inside those callees]
+            frame = [label, self.now(), 0.0, (0.0,) * len(LK_PARTS)]
             self.stack.append(frame)
             try:
                 return method(*args, **kwargs)
@@ -124,13 +128,16 @@ class PhaseClock:
                 elapsed = self.now() - frame[1]
                 self.stack.pop()
                 own = elapsed - frame[2]
-                if native:
-                    for part, start, end in zip(LK_PARTS, native_start, self.native_seconds()):
-                        own -= end - start
-                        self.own[part] = self.own.get(part, 0.0) + end - start
+                spent = [end - start for start, end in zip(native_start, self.native_seconds())]
+                if native:   # lk's kernels outside the callees, which took theirs out already
+                    for part, whole, inner in zip(LK_PARTS, spent, frame[3]):
+                        own -= whole - inner
+                        self.own[part] = self.own.get(part, 0.0) + whole - inner
                 self.own[label] = self.own.get(label, 0.0) + own
                 if self.stack:
-                    self.stack[-1][2] += elapsed
+                    parent = self.stack[-1]
+                    parent[2] += elapsed
+                    parent[3] = tuple(a + b for a, b in zip(parent[3], spent))
                 else:   # a token's step ended
                     self.steps.append(self.own)
                     self.own = {}

@@ -398,3 +398,21 @@ def test_the_step_clock_gives_lk_cpp_kernels_time_to_lk_not_to_the_phase_calling
 
     clock.wrap("forward, other ops", forward)()
     assert clock.steps == [{"forward, other ops": 6.0, "lk experts": 3.0, "lk dense": 1.0}]
+
+
+def test_the_step_clock_counts_lk_kernels_once_through_nested_phases():
+    """lk's kernels inside the compiled graph inside the forward: out of the graph's time, and
+    not taken out of the forward's a second time."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_step
+
+    ticks = iter([0.0, 1.0, 9.0, 10.0])   # forward 0-10, the graph 1-9
+    clock = bench_step.PhaseClock(now=lambda: next(ticks))
+    clock.native_totals = totals = numpy.zeros(4, dtype=numpy.int64)
+
+    def graph():
+        totals[:] = [1, 5 * 10**9, 1, 10**9]   # 5 s of experts, 1 s of dense layers
+
+    clock.wrap("forward, other ops", clock.wrap("forward, compiled graph", graph))()
+    assert clock.steps == [{"forward, other ops": 2.0, "forward, compiled graph": 2.0, "lk experts": 5.0,
+                            "lk dense": 1.0}]
