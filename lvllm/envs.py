@@ -187,8 +187,9 @@ VARIABLES: dict[str, Variable] = {
         Variable(
             "LVLLM_ROUTERS_ON_LK", "1", _bool, "0 or 1",
             "CPU build only. 1: lk multiplies the MoE routers, in their own dtype (never quantized), "
-            "unless LVLLM_DENSE_ON_LK=OFF: a router is a few KB to a few MB, which lk reads on the calling "
-            "thread or its team while vLLM's kernel wakes every core for it; 0: routers as LVLLM_DENSE_ON_LK "
+            "unless LVLLM_DENSE_ON_LK=OFF: a router is a few KB to a few MB, which lk multiplies on the calling "
+            "thread at one token, faster than vLLM's kernel in the decode steps measured (BENCHMARKS.md, Decode "
+            "step); 0: routers as LVLLM_DENSE_ON_LK "
             "decides for any dense layer.",
         ),
         Variable(

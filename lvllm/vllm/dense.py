@@ -6,7 +6,7 @@ BF16, it keeps the weight and calls torch's ``F.linear``, which is several times
 lk's kernels (BENCHMARKS.md, "Dense layers"). ``LVLLM_DENSE_ON_LK`` decides which layers lk
 takes: AUTO those vLLM left to ``F.linear``, ON every unquantized float layer, OFF none;
 ``LVLLM_ROUTERS_ON_LK`` adds the MoE routers (``GateLinear``), kept in their dtype, unless OFF:
-vLLM's kernel wakes every core for a router of a few KB (docs/cpu-build.md).
+at one token lk multiplies a router of a few KB faster than vLLM's kernel (docs/cpu-build.md).
 
 The hook wraps the ``process_weights_after_loading`` of ``UnquantizedLinearMethod`` and of
 ``UnquantizedEmbeddingMethod`` (LM heads): vLLM's decision
