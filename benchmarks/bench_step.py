@@ -16,7 +16,8 @@ update_from_output, the model runner's phases (execute_model, _update_states, _p
 _build_attention_metadata, _preprocess, _model_forward, sample_tokens, _sample,
 _bookkeeping_sync), inductor's compiled graph (CompiledFxGraph.__call__: its kernels from its
 wrapper, so that what the forward's other ops keep is the Python that enters it: vLLM's and
-dynamo's code passing every weight as an input), vLLM's CPU attention, the logits processor, and lk's engines' forward
+dynamo's code passing every weight as an input), vLLM's CPU attention, the logits processor,
+and lk's engines' forward
 (experts and dense layers; with lk's ops in C++, which no Python sees, the time their kernels
 total in the forward and the logits). Each phase's time is its own, the phases it calls taken out, so
 the parts add up to the token. The timers cost about 1 us each (about 30 a step at 8

@@ -189,14 +189,13 @@ VARIABLES: dict[str, Variable] = {
             "CPU build only. 1: lk multiplies the MoE routers, in their own dtype (never quantized), "
             "unless LVLLM_DENSE_ON_LK=OFF: a router is a few KB to a few MB, which lk multiplies on the calling "
             "thread at one token, faster than vLLM's kernel in the decode steps measured (BENCHMARKS.md, Decode "
-            "step); 0: routers as LVLLM_DENSE_ON_LK "
-            "decides for any dense layer.",
+            "step); 0: routers as LVLLM_DENSE_ON_LK decides for any dense layer.",
         ),
         Variable(
             "LVLLM_DENSE_USE_WEIGHT", "TO_DTYPE", _choice(*DENSE_WEIGHT_MODES), "TO_DTYPE, INT8 or INT4",
             "CPU build only. Format lk keeps vLLM's unquantized dense layers in (attention projections, dense "
-            "MLPs, shared experts, the LM head; the embedding stays with vLLM, MoE routers in their dtype). TO_DTYPE: the model "
-            "dtype, on the layers LVLLM_DENSE_ON_LK gives lk; INT8 / INT4: every such layer goes to lk, quantized "
+            "MLPs, shared experts, the LM head; the embedding stays with vLLM, MoE routers in their dtype). "
+            "TO_DTYPE: the model dtype, on the layers LVLLM_DENSE_ON_LK gives lk; INT8 / INT4: every such layer goes to lk, quantized "
             "at load in groups of LVLLM_DENSE_QUANT_GROUP_SIZE inputs (needs LVLLM_DENSE_ON_LK other than OFF).",
         ),
         Variable(
