@@ -4,6 +4,11 @@ import os
 
 import torch
 
+# vLLM reads it once, at import: this process's vLLM names layers with plain strings, as every
+# process lvllm's plugin starts does, so that one-rank instances run in it with lk's attention
+# table (tests/vllm/e2e_common.py run_llm).
+os.environ.setdefault("VLLM_USE_LAYERNAME", "0")
+
 # Modules taking llm_runs' cached vLLM instances (tests/vllm/conftest.py) run as one unit on
 # one worker, so that each instance starts once; every other module is a unit of its own (its
 # module-scoped instances start once), handed to whichever worker is free; engine tests

@@ -33,10 +33,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def install(installation: Installation) -> None:
     """Wrap vLLM's dense-layer and LM-head weight processing (CPU build only); the newest
     installation's settings decide, and OFF leaves vLLM's own in place."""
-    vllm_linear = _unwrapped(UnquantizedLinearMethod.process_weights_after_loading)
-    vllm_embedding = _unwrapped(UnquantizedEmbeddingMethod.process_weights_after_loading)
-    UnquantizedLinearMethod.process_weights_after_loading = vllm_linear
-    UnquantizedEmbeddingMethod.process_weights_after_loading = vllm_embedding
+    vllm_linear, vllm_embedding = uninstall()
     if not current_platform.is_cpu():
         if installation.settings.dense_weight_mode != "TO_DTYPE":
             raise EnvError(f"LVLLM_DENSE_USE_WEIGHT={installation.settings.dense_weight_mode} quantizes dense "
@@ -61,6 +58,15 @@ def install(installation: Installation) -> None:
     process_embedding.lvllm_wraps = vllm_embedding
     UnquantizedLinearMethod.process_weights_after_loading = process_linear
     UnquantizedEmbeddingMethod.process_weights_after_loading = process_embedding
+
+
+def uninstall():
+    """vLLM's own weight processing back in place; returns (linear's, embedding's)."""
+    vllm_linear = _unwrapped(UnquantizedLinearMethod.process_weights_after_loading)
+    vllm_embedding = _unwrapped(UnquantizedEmbeddingMethod.process_weights_after_loading)
+    UnquantizedLinearMethod.process_weights_after_loading = vllm_linear
+    UnquantizedEmbeddingMethod.process_weights_after_loading = vllm_embedding
+    return vllm_linear, vllm_embedding
 
 
 def _unwrapped(method):

@@ -21,7 +21,7 @@ from vllm.platforms import current_platform
 from lvllm.lk import native_ops
 from lvllm.placement import Placement
 from lvllm.settings import Settings
-from lvllm.vllm import compile_options, cpu_step, dense, inductor_openmp, native_attention
+from lvllm.vllm import compile_options, cpu_step, dense, inductor_openmp, native_attention, routing_stats
 from lvllm.vllm.hot_updates import HotUpdater
 from lvllm.vllm.installation import Installation, num_model_layers
 from lvllm.vllm.moe_layer import LkExperts, LkMoEMethod, LkRunner
@@ -106,6 +106,8 @@ def uninstall() -> None:
     for name, cls in list(op_registry_oot.items()):
         if isinstance(cls, type) and issubclass(cls, (LkExperts, LkRunner)):
             del op_registry_oot[name]
+    dense.uninstall()
+    routing_stats.remove_worker_hooks()
     compile_options.uninstall()
     native_attention.uninstall()
     cpu_step.uninstall()

@@ -154,12 +154,24 @@ def install_worker_hooks() -> None:
 def run_after_in_subclasses(base, name: str, hook, before: bool = False) -> None:
     """``hook(worker)`` after (or before) method ``name`` of ``base`` and of every subclass
     defining its own."""
-
-    def subclasses(cls):
-        return [cls] + [sub for direct in cls.__subclasses__() for sub in subclasses(direct)]
-
-    for cls in subclasses(base):
+    for cls in _subclasses(base):
         _run_after(cls, name, hook, before)
+
+
+def remove_worker_hooks() -> None:
+    """The workers' own methods back in place in this process (tests)."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    for cls in _subclasses(WorkerBase):
+        for name, method in list(vars(cls).items()):
+            if getattr(method, "_lvllm_hook", False):
+                setattr(cls, name, method.lvllm_wraps)
+    if "lvllm_write_expert_stats" in vars(WorkerBase):
+        del WorkerBase.lvllm_write_expert_stats
+
+
+def _subclasses(cls) -> list:
+    return [cls] + [sub for direct in cls.__subclasses__() for sub in _subclasses(direct)]
 
 
 def _run_after(cls, name: str, hook, before: bool = False) -> None:
@@ -177,6 +189,7 @@ def _run_after(cls, name: str, hook, before: bool = False) -> None:
         return result
 
     method._lvllm_hook = True  # type: ignore[attr-defined]
+    method.lvllm_wraps = original  # type: ignore[attr-defined]
     setattr(cls, name, method)
 
 

@@ -3,9 +3,10 @@ building the models and running them in vLLM, the bounds lk's answers are held t
 checks of lk's report, and float64 references of a checkpoint computed without vLLM.
 (Serving with `vllm serve`: server_common.py.)
 
-vLLM instances are expensive (30-40 s each eager, ~2 min compiled, on 2 cores), so every
-(model, settings) combination is started at most once per session, its outputs and an lk
-report are kept, and the instance is shut down before the next one starts.
+vLLM instances are expensive (on 2 cores: 5-10 s eager with the worker in this process, 15-30 s
+with worker processes of their own, ~2 min compiled), so every (model, settings) combination is
+started at most once per session, its outputs and an lk report are kept, and the instance is shut
+down before the next one starts.
 """
 
 from __future__ import annotations
@@ -65,12 +66,16 @@ LVLLM_VARS = ("LVLLM_MOE_NUMA_ENABLED", "LVLLM_GPU_RESIDENT_MOE_LAYERS", "LVLLM_
 
 @contextmanager
 def environment(**overrides):
-    """Set variables for the vLLM instance about to start; restore afterwards."""
+    """Set variables for the vLLM instance about to start (None: unset); restore afterwards."""
     saved = {k: os.environ.get(k) for k in (*BASE_ENV, *LVLLM_VARS, *overrides)}
     os.environ.update(BASE_ENV)
     for key in LVLLM_VARS:
         os.environ.pop(key, None)
-    os.environ.update({k: str(v) for k, v in overrides.items()})
+    for key, value in overrides.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = str(value)
     try:
         yield
     finally:
@@ -132,14 +137,23 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
     ``env``: further variables for the instance; ``cpp_wrapper``: a compiled lk run with
     inductor's C++ wrapper (LVLLM_CPU_CPP_WRAPPER), off unless asked: compiling it costs about
     20 s an instance on 2 cores, and its outputs are test_compiled_same_answers' subject."""
+    ranks = tp * (llm_kwargs or {}).get("pipeline_parallel_size", 1)
+    # One rank, eager, on this process's cores: the worker runs in this process (vLLM's "uni"
+    # executor), its plugins loaded afresh; spawning one costs ~7 s of imports. Compiled runs,
+    # several ranks and vLLM's Transformers backend (it decorates transformers' own model classes,
+    # which the float64 references build too) take processes of their own.
+    in_process = (ranks == 1 and eager and set(CPUS) <= os.sched_getaffinity(0)
+                  and (llm_kwargs or {}).get("model_impl", "auto") != "transformers")
     overrides = {"LVLLM_MOE_NUMA_ENABLED": "1" if lk else "0"}
     if lk:
         # What lvllm's plugin sets in the process that starts vLLM's workers (compile_options);
-        # plugins load once per process, so in this one only for its first instance.
+        # this process took it at import (tests/conftest.py).
         overrides["VLLM_USE_LAYERNAME"] = "0"
         overrides["LVLLM_CPU_CPP_WRAPPER"] = "1" if cpp_wrapper else "0"
         # Each shortcut through the step, wherever taken, against vLLM's own code from the same state.
         overrides["LVLLM_CPU_STEP_SHORTCUTS"] = "CHECK"
+    elif not in_process:
+        overrides["VLLM_USE_LAYERNAME"] = None   # vLLM's own default in its own processes
     if dense is not None:
         overrides["LVLLM_DENSE_ON_LK"] = dense
     if dense_weight is not None:
@@ -155,20 +169,19 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
     if resident is not None:
         overrides["LVLLM_GPU_RESIDENT_MOE_LAYERS"] = resident
     overrides.update(env or {})
-    ranks = tp * (llm_kwargs or {}).get("pipeline_parallel_size", 1)
     if ranks > 1:
         share = max(1, len(CPUS) // ranks)  # each rank its own cores when there are enough
         overrides["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             ",".join(str(CPUS[(r * share + i) % len(CPUS)]) for i in range(share))
             for r in range(ranks))
-    with environment(**overrides):
+    with environment(**overrides), instance_scope(in_process):
         from vllm import LLM, SamplingParams
 
         from lvllm.vllm.hooks import lk_report
 
         kwargs = dict(model=str(model), dtype=dtype, enforce_eager=eager, max_model_len=256,
-                      max_num_seqs=4, seed=0, enable_prefix_caching=False,
-                      tensor_parallel_size=tp, distributed_executor_backend="mp",
+                      max_num_seqs=4, seed=0, enable_prefix_caching=False, tensor_parallel_size=tp,
+                      distributed_executor_backend="uni" if in_process else "mp",
                       disable_log_stats=True, attention_backend=attention_backend(model, dtype))
         llm = LLM(**{**kwargs, **(llm_kwargs or {})})
         try:
@@ -189,12 +202,46 @@ def run_llm(model: Path, *, lk: bool, dtype: str = "float32", eager: bool = True
             report = llm.apply_model(lk_report)
             kv_cache = llm.collective_rpc(kv_cache_layers)[0]
             inspected = inspect(llm) if inspect is not None else None
-            llm.collective_rpc(exit_without_teardown)
+            if not in_process:
+                llm.collective_rpc(exit_without_teardown)
         finally:
             llm.llm_engine.engine_core.shutdown()
             del llm
-            gc.collect()
     return RunResult(tokens, logprobs, report, prompt_ids, inspected, kv_cache)
+
+
+@contextmanager
+def instance_scope(in_process: bool):
+    """Around a vLLM instance whose worker runs in this process: vLLM's plugins load afresh
+    (lvllm's reads this instance's settings, as a new worker would), and lvllm's installation,
+    vLLM's distributed state and its frozen objects are gone afterwards, the start failed or not."""
+    from lvllm.lk import runtime
+
+    # lk's runtime is made once a process (its workers chosen then): the worker makes its own,
+    # and this process's earlier one is back afterwards.
+    earlier_runtime = runtime._default
+    if in_process:
+        fresh_plugins()
+        runtime._default = None
+    try:
+        yield
+    finally:
+        if in_process:
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+            fresh_plugins()
+            runtime._default = earlier_runtime
+        gc.collect()
+
+
+def fresh_plugins() -> None:
+    import vllm.plugins
+
+    from lvllm.vllm.hooks import uninstall
+
+    uninstall()
+    vllm.plugins.plugins_loaded = False
 
 
 def kv_cache_layers(worker) -> dict:
@@ -362,11 +409,16 @@ def assert_lk_computed(report, lk_layers: set[int], device_layers: set[int] = fr
 
 
 def assert_upstream(report):
-    """lk took no layer: vLLM's own MoE path ran everything, and lvllm logged no start-up line."""
+    """lk took no layer: vLLM's own MoE, dense and attention paths ran everything, none of
+    lvllm's step or op hooks was in place, and lvllm logged no start-up line."""
     for worker in report:
         assert worker["lk_layers"] == {}
         assert worker["summary"] is None
         assert all(v["method"] != "LkMoEMethod" for v in worker["device_layers"].values())
+        assert worker["dense_layers"]["lk"] == {}, worker["dense_layers"]
+        hooks = {key: worker[key] for key in ("attention_calls", "native_lk_op_calls", "step_shortcuts",
+                                              "compile_wrapper")}
+        assert set(hooks.values()) == {None}, hooks
 
 
 def max_logprob_diff(a, b) -> float:

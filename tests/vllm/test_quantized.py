@@ -199,10 +199,11 @@ def test_checkpoint_missing_expert_tensors_is_refused(checkpoints, capfd):
     save_file({k: v for k, v in tensors.items()
                if not (k.startswith("model.layers.1.") and k.endswith("down_proj.qzeros"))},
               shard, metadata={"format": "pt"})
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as refused:
         run_llm(model, lk=True, dtype="bfloat16", weight="KEEP")
     captured = capfd.readouterr()
-    errors = captured.out + captured.err  # vLLM logs to stdout
+    # vLLM logs to stdout; a worker in this process raises the error itself.
+    errors = "\n".join((captured.out, captured.err, str(refused.value)))
     stated = [line for line in errors.splitlines() if "model.layers.1.mlp.experts" in line and "w2_qzeros" in line]
     assert stated, errors[-3000:]
     for fact in (str(model), "w2_qzeros (down_proj)", "8 of 8 experts", "AWQ INT4", "zero points"):
