@@ -46,6 +46,9 @@ Offline (`LLM.generate`, worker in the process), one round:
   bound      read bandwidth (lk's probe on the same cores, before and after the round) over
              the bytes one token reads: k experts per MoE layer in the format held plus
              the dense weights (attention, router, lm_head) in bf16, or as lk holds them
+  depth      with --depths: ms per token of the 64 decoded after a prompt of each length (and
+             of one token), the engine's steps after the first token's timed as they return
+             (attention reads the context's KV cache each token: decode slows as a context grows)
 
 llama.cpp (benchmarks/llama_cpp_anchor.py; --no-llama-cpp skips it): the same checkpoint
 converted to GGUF by llama.cpp's own converter (bf16, q8_0; q4_0 and q4_k_m by
@@ -56,6 +59,7 @@ runs offline is timed once right after each of that configuration's rounds ("pai
 meet the same host state, and the ratio is the median of the rounds' ratios); the others
 after the offline rounds (--rounds repetitions). Beside each format, lk's decode tok/s and
 prefill tok/s as 512 / TTFT 512 (one token more than llama-bench's prefill), ours / theirs.
+With --depths, llama-bench also decodes after each context length (-d) beside lk's depth figures.
 
 Served (`vllm serve`, measured by vLLM's own client: `vllm bench serve`'s code called in this
 process, random prompts, ignore_eos, greedy), one round per scenario and server: TTFT at 128
@@ -130,6 +134,7 @@ MOE_OPS = ("lvllm::lk_moe_forward", "_C::cpu_fused_moe")
 DENSE_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm", "lvllm::lk_linear")
 PROMPT_LENS = (128, 512)
 DECODE_TOKENS = 16
+DEPTH_DECODE_TOKENS = 64   # tokens decoded after a --depths prompt, timed step by step
 PROFILED_TOKENS = 9
 ALONE_CALLS = 64
 MAX_MODEL_LEN = 1024
@@ -198,21 +203,25 @@ def bandwidth_gbs() -> float:
 class OfflineModel:
     """The child's side: one LLM in this process, measured a round at a time."""
 
-    def __init__(self, model: str, eager: bool):
+    def __init__(self, model: str, eager: bool, depths: tuple[int, ...] = ()):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the worker in this process
         import torch
         from vllm import LLM, SamplingParams
 
         self.torch, self.SamplingParams = torch, SamplingParams
         start = time.perf_counter()
-        self.llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=MAX_MODEL_LEN,
+        max_model_len = max(MAX_MODEL_LEN, *(depth + 1 + DEPTH_DECODE_TOKENS for depth in depths))
+        self.llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=max_model_len,
                        max_num_seqs=8, seed=0, enable_prefix_caching=False, disable_log_stats=True)
         self.load_s = time.perf_counter() - start
         self.loaded_rss = {key: harness.proc_status(key) for key in ("VmRSS:", "RssAnon:")}
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.one_token = {"prompt_token_ids": [5]}
         self.prompts = {n: {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(n)]}
-                        for n in PROMPT_LENS}
+                        for n in (*PROMPT_LENS, *depths)}
+        # Depth 0 (a one-token prompt) timed the same way: the rows' common baseline.
+        self.prompts[0] = self.one_token
+        self.depths, self.requests = ((0, *depths) if depths else ()), 0
         from lvllm import lk
         from lvllm.lk.linear import _engines as linear_engines
         from lvllm.vllm.hooks import placement
@@ -264,7 +273,23 @@ class OfflineModel:
         result["moe_call_ms"] = moe * PROFILED_TOKENS / max(calls, 1)
         if self.engines:
             result["moe_alone_ms"] = self.moe_alone_ms()
+        result["decode_at_depth_ms"] = {depth: self.decode_at_depth_ms(depth) for depth in self.depths}
         return result
+
+    def decode_at_depth_ms(self, depth: int) -> float:
+        """Decode ms a token after a prompt of ``depth`` tokens: the engine's steps after the one
+        that gave the first token, timed as they return (the prompt's prefill left out)."""
+        engine = self.llm.llm_engine
+        self.requests += 1
+        engine.add_request(f"depth-{self.requests}", self.prompts[depth],
+                           self.SamplingParams(temperature=0, max_tokens=1 + DEPTH_DECODE_TOKENS, ignore_eos=True))
+        first = None
+        while engine.has_unfinished_requests():
+            outputs = engine.step()
+            now = time.perf_counter()
+            if first is None and any(out.outputs[0].token_ids for out in outputs):
+                first = now
+        return (now - first) / DEPTH_DECODE_TOKENS * 1e3
 
     def moe_alone_ms(self) -> float:
         """The custom op the model calls, back to back over the layers (each call reads
@@ -284,8 +309,8 @@ class OfflineModel:
         return statistics.median(harness.time_calls(call, ALONE_CALLS)) * 1e3
 
 
-def offline_child(model: str, eager: bool) -> None:
-    measured = OfflineModel(model, eager)
+def offline_child(model: str, eager: bool, depths: tuple[int, ...]) -> None:
+    measured = OfflineModel(model, eager, depths)
     print("READY " + json.dumps({"moe_bytes_per_token": measured.moe_bytes,
                                  "dense_bytes_saved": measured.dense_bytes_saved, "runtime": measured.runtime,
                                  "load_s": measured.load_s, "lk_convert_s": measured.convert_s,
@@ -325,7 +350,8 @@ class OfflineChild:
 
     def __init__(self, model: Path, config: str, args):
         self.config = config
-        command = [sys.executable, __file__, "--offline-child", str(model), *(["--eager"] if args.eager else [])]
+        command = [sys.executable, __file__, "--offline-child", str(model), *(["--eager"] if args.eager else []),
+                   *(["--depths", ",".join(map(str, args.depths))] if args.depths else [])]
         self.log = Path(tempfile.mkstemp(prefix=f"bench_model-{config}-", suffix=".log")[1])
         self.log_file = self.log.open("w")
         env = model_env(config, args.cores)
@@ -363,7 +389,10 @@ class OfflineChild:
     def round(self) -> dict:
         self.proc.stdin.write("round\n")
         self.proc.stdin.flush()
-        return self._read("RESULT ")
+        result = self._read("RESULT ")
+        # JSON's keys are strings: context lengths back to ints, as llama-bench's figures are keyed.
+        result["decode_at_depth_ms"] = {int(depth): ms for depth, ms in result["decode_at_depth_ms"].items()}
+        return result
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -556,7 +585,7 @@ def run_offline(models: dict[str, Path], configs: list[str], args, paired_ggufs:
     def measure(child: OfflineChild) -> dict:
         result = child.round()
         for fmt, gguf in (paired_ggufs or {}).get(child.config, []):
-            result.setdefault("llama.cpp", {})[fmt] = llama.bench(gguf, args.cores, 1)
+            result.setdefault("llama.cpp", {})[fmt] = llama.bench(gguf, args.cores, 1, args.depths)
         return result
 
     return run_pairs("offline", lambda config: OfflineChild(models[config], config, args), measure,
@@ -597,7 +626,7 @@ def run_llama_cpp(ggufs: dict, args) -> dict:
     results = {}
     for fmt, gguf in ggufs.items():
         print(f"  llama.cpp: {fmt} ...", flush=True)
-        results[fmt] = llama.bench(gguf, args.cores, args.rounds) if isinstance(gguf, Path) else gguf
+        results[fmt] = llama.bench(gguf, args.cores, args.rounds, args.depths) if isinstance(gguf, Path) else gguf
     return results
 
 
@@ -703,6 +732,12 @@ def paired_figures(rounds: list[dict], fmt: str) -> dict | None:
         theirs[f"{kind}_tok_s"], theirs[f"{kind}_stddev"] = harness.median(values), statistics.pstdev(values)
     theirs["decode_ratio"] = harness.median(1e3 / r["decode_ms"] / t["decode_tok_s"] for r, t in pairs)
     theirs["prefill_ratio"] = harness.median(lk_prefill_tok_s(r) / t["prefill_tok_s"] for r, t in pairs)
+    depths = theirs["decode_at_depth_tok_s"]
+    theirs["decode_at_depth_tok_s"] = {
+        d: harness.median(t["decode_at_depth_tok_s"][d] for _, t in pairs) for d in depths}
+    theirs["decode_at_depth_ratio"] = {
+        d: harness.median(1e3 / r["decode_at_depth_ms"][d] / t["decode_at_depth_tok_s"][d] for r, t in pairs)
+        for d in depths}
     return theirs
 
 
@@ -723,9 +758,15 @@ def equal_bits_rows(alone: dict, offline: dict | None, formats: list[str]) -> li
         if "error" not in theirs and rounds:
             decode = harness.median(1e3 / r["decode_ms"] for r in rounds)
             prefill = harness.median(map(lk_prefill_tok_s, rounds))
+            at_depth = {d: harness.median(1e3 / r["decode_at_depth_ms"][d] for r in rounds)
+                        for d in theirs.get("decode_at_depth_tok_s", {})}
             row["equal_bits"] = {"config": config, "decode_tok_s": decode, "prefill_tok_s": prefill,
                                  "decode_ratio": theirs.get("decode_ratio", decode / theirs["decode_tok_s"]),
                                  "prefill_ratio": theirs.get("prefill_ratio", prefill / theirs["prefill_tok_s"])}
+            if at_depth:
+                row["equal_bits"]["decode_at_depth_tok_s"] = at_depth
+                row["equal_bits"]["decode_at_depth_ratio"] = theirs.get("decode_at_depth_ratio", {
+                    d: at_depth[d] / theirs["decode_at_depth_tok_s"][d] for d in at_depth})
         rows.append(row)
     return rows
 
@@ -752,12 +793,31 @@ def llama_cpp_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def depth_table(rows: list[dict]) -> list[str]:
+    """Decode after a context of each --depths length, llama.cpp's beside lk's at equal bits."""
+    lines = harness.table_head(["llama.cpp", "context tokens", "decode tok/s", "lk, equal bits", "decode tok/s",
+                                "vs llama.cpp"])
+    for row in rows:
+        ours = row.get("equal_bits") or {}
+        for depth, theirs in row.get("decode_at_depth_tok_s", {}).items():
+            if depth in ours.get("decode_at_depth_tok_s", {}):
+                lines.append(harness.table_row([row["format"], str(depth), f"{theirs:.1f}", ours["config"],
+                                                f"{ours['decode_at_depth_tok_s'][depth]:.1f}",
+                                                harness.ratio_cell(ours["decode_at_depth_ratio"][depth])]))
+    return lines
+
+
 def print_llama_cpp(layers: int, rows: list[dict]) -> None:
     ran = next((row for row in rows if "error" not in row), None)
     how = f" (llama.cpp {ran['build']}, {ran['threads']} threads, {ran['repetitions']} repetitions)" if ran else ""
     print(f"\n## {layers} layers, llama.cpp, same model, same cores{how}; lk's figures offline, "
           f"prefill = {llama_cpp.PROMPT_TOKENS} / TTFT {llama_cpp.PROMPT_TOKENS}")
     print("\n".join(llama_cpp_table(rows)))
+    depths = depth_table(rows)
+    if len(depths) > 2:
+        print(f"\n## {layers} layers, decode after a context (llama-bench -d; lk: {DEPTH_DECODE_TOKENS} tokens "
+              "after the prompt, step by step)")
+        print("\n".join(depths))
 
 
 def print_offline(layers: int, results: dict, dense: int, mode: str) -> None:
@@ -776,6 +836,13 @@ def print_offline(layers: int, results: dict, dense: int, mode: str) -> None:
             print(f"  {config}: routing over {routing['picks']} picks: " + ", ".join(
                 f"the hottest {share} ({slots} of {routing['experts']} per layer) took {taken:.0%}"
                 for share, (slots, taken) in routing["hottest"].items()))
+
+
+def depth_list(text: str) -> tuple[int, ...]:
+    depths = tuple(int(part) for part in text.split(",") if part.strip())
+    if any(depth < 1 for depth in depths):
+        raise argparse.ArgumentTypeError(f"--depths: positive token counts, got {text!r}")
+    return depths
 
 
 def main(argv=None):
@@ -803,10 +870,13 @@ def main(argv=None):
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     parser.add_argument("--llama-cpp-dir", type=Path, default=llama_cpp.DEFAULT_DIR,
                         help="llama.cpp's sources, build, converter venv and GGUFs (made on first use)")
+    parser.add_argument("--depths", type=depth_list, default=(),
+                        help="comma-separated context lengths (tokens) to time decode after, offline, lk's "
+                             "and llama-bench's (-d), beside decode from an empty context")
     parser.add_argument("--offline-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.offline_child:
-        offline_child(args.offline_child, args.eager)
+        offline_child(args.offline_child, args.eager, args.depths)
         return
     configs = harness.choices(parser, "--configs", args.configs, CONFIGS)
     llama_formats = ([] if args.no_llama_cpp

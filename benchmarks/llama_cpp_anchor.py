@@ -197,19 +197,20 @@ class LlamaCpp:
     # llama-bench
     # ----------------------------------------------------------------------------------
 
-    def bench(self, gguf: Path, cores: str, repetitions: int) -> dict:
+    def bench(self, gguf: Path, cores: str, repetitions: int, depths: tuple[int, ...] = ()) -> dict:
         """llama-bench's prefill of PROMPT_TOKENS and decode of GENERATED_TOKENS, one thread
         per core of ``cores``, each pinned to its core (taskset for the process, the cpu
-        mask with --cpu-strict for ggml's threads)."""
+        mask with --cpu-strict for ggml's threads); with ``depths``, also after that many
+        tokens of context (-d), each beside depth 0."""
         cpus = harness.parse_cpus(cores)
         mask = hex(sum(1 << cpu for cpu in cpus))
         command = ["taskset", "-c", cores, self.bin / "llama-bench", "-m", gguf, "-t", len(cpus),
                    "-C", mask, "--cpu-strict", "1", "-p", PROMPT_TOKENS, "-n", GENERATED_TOKENS,
-                   "-r", repetitions, "-o", "json"]
+                   "-r", repetitions, "-o", "json", *(["-d", ",".join(map(str, (0, *depths)))] if depths else [])]
         done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"llama-bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        return {**parse_llama_bench(json.loads(done.stdout)), "gguf_bytes": gguf.stat().st_size}
+        return {**parse_llama_bench(json.loads(done.stdout), depths), "gguf_bytes": gguf.stat().st_size}
 
 
     def server(self, gguf: Path, cores: str, slots: int, context_per_slot: int, port: int, log: Path):
@@ -227,13 +228,16 @@ class LlamaCpp:
                                 start_new_session=True)
 
 
-def parse_llama_bench(records: list[dict]) -> dict:
-    """llama-bench's JSON (-o json) as tok/s of prefill and decode with their stddev, the
-    model's size and bits per weight, and the build llama-bench reports."""
-    def one(prompt: int, generated: int) -> dict:
-        found = [r for r in records if r["n_prompt"] == prompt and r["n_gen"] == generated]
+def parse_llama_bench(records: list[dict], depths: tuple[int, ...] = ()) -> dict:
+    """llama-bench's JSON (-o json) as tok/s of prefill and decode with their stddev (from an
+    empty context), decode's after each of ``depths`` tokens of context, the model's size and
+    bits per weight, and the build llama-bench reports."""
+    def one(prompt: int, generated: int, depth: int = 0) -> dict:
+        found = [r for r in records
+                 if r["n_prompt"] == prompt and r["n_gen"] == generated and r.get("n_depth", 0) == depth]
         if len(found) != 1:
-            raise ValueError(f"llama-bench: {len(found)} results of n_prompt={prompt}, n_gen={generated}")
+            raise ValueError(f"llama-bench: {len(found)} results of n_prompt={prompt}, n_gen={generated}, "
+                             f"n_depth={depth}")
         return found[0]
 
     prefill, decode = one(PROMPT_TOKENS, 0), one(0, GENERATED_TOKENS)
@@ -242,6 +246,8 @@ def parse_llama_bench(records: list[dict]) -> dict:
             "repetitions": len(decode["samples_ts"]), "threads": decode["n_threads"],
             "model_type": decode["model_type"], "model_bytes": decode["model_size"],
             "bits_per_weight": decode["model_size"] * 8 / decode["model_n_params"],
+            "decode_at_depth_tok_s": {depth: one(0, GENERATED_TOKENS, depth)["avg_ts"]
+                                      for depth in ((0, *depths) if depths else ())},
             "build": f"build {decode['build_number']}, commit {decode['build_commit']}"}
 
 

@@ -175,6 +175,38 @@ def test_llama_cpp_figures_sit_beside_lk_at_equal_bits():
     assert bench_model.llama_cpp_table(bench_model.equal_bits_rows({}, None, ["q8_0"]))[2].startswith("| q8_0 (not run) |")
 
 
+def test_decode_after_a_context_sits_beside_llama_cpps_at_the_same_depth():
+    """--depths: llama-bench's -d rows read by depth, lk's decode after the same context beside them,
+    paired round by round as decode from an empty context is."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+    import llama_cpp_anchor as llama_cpp
+
+    records = json.loads(LLAMA_BENCH_JSON)
+    at_1024 = [{**record, "n_depth": 1024, "avg_ts": record["avg_ts"] / 2} for record in records]
+    figures = llama_cpp.parse_llama_bench(records + at_1024, (1024,))
+    assert figures["decode_tok_s"] == 311.048107   # from an empty context, as without -d
+    assert figures["decode_at_depth_tok_s"] == {0: 311.048107, 1024: 311.048107 / 2}
+    with pytest.raises(ValueError, match="n_depth=2048"):
+        llama_cpp.parse_llama_bench(records, (2048,))
+
+    def paired_round(at_depth_ms, theirs_at_depth):
+        return {"decode_ms": 10.0, "ttft_512_s": 1.0, "decode_at_depth_ms": {1024: at_depth_ms},
+                "llama.cpp": {"q4_0": {**figures, "decode_at_depth_tok_s": {1024: theirs_at_depth},
+                                       "gguf_bytes": 704_315_360}}}
+
+    # ours 50, 100, 25 tok/s against 50, 50, 50: ratios 1, 2, 0.5
+    offline = {"lk-int4-all": {"rounds": [paired_round(20.0, 50.0), paired_round(10.0, 50.0),
+                                         paired_round(40.0, 50.0)]}}
+    row = bench_model.equal_bits_rows({}, offline, ["q4_0"])[0]
+    assert row["decode_at_depth_tok_s"] == {1024: 50.0}
+    assert row["equal_bits"]["decode_at_depth_tok_s"] == {1024: 50.0}
+    assert row["equal_bits"]["decode_at_depth_ratio"] == {1024: 1.0}
+    table = bench_model.depth_table([row])
+    assert table[2] == "| q4_0 | 1024 | 50.0 | lk-int4-all | 50.0 | 1.00x |"
+    assert bench_model.depth_table(bench_model.equal_bits_rows({"q4_0": figures}, {}, ["q4_0"]))[2:] == []
+
+
 def test_llama_server_sits_beside_the_served_lk_configuration_of_its_bits():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_model
