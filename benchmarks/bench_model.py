@@ -210,7 +210,7 @@ class OfflineModel:
 
         self.torch, self.SamplingParams = torch, SamplingParams
         start = time.perf_counter()
-        max_model_len = max(MAX_MODEL_LEN, *(depth + 1 + DEPTH_DECODE_TOKENS for depth in depths))
+        max_model_len = max((MAX_MODEL_LEN, *(depth + 1 + DEPTH_DECODE_TOKENS for depth in depths)))
         self.llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=max_model_len,
                        max_num_seqs=8, seed=0, enable_prefix_caching=False, disable_log_stats=True)
         self.load_s = time.perf_counter() - start
