@@ -217,11 +217,13 @@ class OfflineModel:
         self.loaded_rss = {key: harness.proc_status(key) for key in ("VmRSS:", "RssAnon:")}
         vocab = self.llm.llm_engine.model_config.get_vocab_size()
         self.one_token = {"prompt_token_ids": [5]}
-        self.prompts = {n: {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(n)]}
-                        for n in (*PROMPT_LENS, *depths)}
-        # Depth 0 (a one-token prompt) timed the same way: the rows' common baseline.
-        self.prompts[0] = self.one_token
-        self.depths, self.requests = ((0, *depths) if depths else ()), 0
+        def prompt(tokens: int) -> dict:
+            return {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(tokens)]}
+
+        self.prompts = {n: prompt(n) for n in PROMPT_LENS}   # TTFT's
+        # Depth 0 (a one-token prompt) timed as the others: the rows' common baseline.
+        self.depth_prompts = {0: self.one_token, **{d: prompt(d) for d in depths}} if depths else {}
+        self.requests = 0
         from lvllm import lk
         from lvllm.lk.linear import _engines as linear_engines
         from lvllm.vllm.hooks import placement
@@ -235,8 +237,8 @@ class OfflineModel:
         # What lk's dense engines hold below their bf16 weights (INT8/INT4 dense layers).
         self.dense_bytes_saved = sum(2 * e.outputs * e.inputs - e.nbytes for e in linear_engines.live())
         self.generate(self.one_token, 8)
-        for prompt in self.prompts.values():
-            self.generate(prompt, 1)
+        for warm_up in (*self.prompts.values(), *self.depth_prompts.values()):
+            self.generate(warm_up, 1)
 
     def generate(self, prompt, tokens: int) -> float:
         params = self.SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
@@ -273,7 +275,7 @@ class OfflineModel:
         result["moe_call_ms"] = moe * PROFILED_TOKENS / max(calls, 1)
         if self.engines:
             result["moe_alone_ms"] = self.moe_alone_ms()
-        result["decode_at_depth_ms"] = {depth: self.decode_at_depth_ms(depth) for depth in self.depths}
+        result["decode_at_depth_ms"] = {depth: self.decode_at_depth_ms(depth) for depth in self.depth_prompts}
         return result
 
     def decode_at_depth_ms(self, depth: int) -> float:
@@ -281,7 +283,7 @@ class OfflineModel:
         that gave the first token, timed as they return (the prompt's prefill left out)."""
         engine = self.llm.llm_engine
         self.requests += 1
-        engine.add_request(f"depth-{self.requests}", self.prompts[depth],
+        engine.add_request(f"depth-{self.requests}", self.depth_prompts[depth],
                            self.SamplingParams(temperature=0, max_tokens=1 + DEPTH_DECODE_TOKENS, ignore_eos=True))
         first = None
         while engine.has_unfinished_requests():
