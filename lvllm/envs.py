@@ -195,8 +195,9 @@ VARIABLES: dict[str, Variable] = {
             "LVLLM_DENSE_USE_WEIGHT", "TO_DTYPE", _choice(*DENSE_WEIGHT_MODES), "TO_DTYPE, INT8 or INT4",
             "CPU build only. Format lk keeps vLLM's unquantized dense layers in (attention projections, dense "
             "MLPs, shared experts, the LM head; the embedding stays with vLLM, MoE routers in their dtype). "
-            "TO_DTYPE: the model dtype, on the layers LVLLM_DENSE_ON_LK gives lk; INT8 / INT4: every such layer goes to lk, quantized "
-            "at load in groups of LVLLM_DENSE_QUANT_GROUP_SIZE inputs (needs LVLLM_DENSE_ON_LK other than OFF).",
+            "TO_DTYPE: the model dtype, on the layers LVLLM_DENSE_ON_LK gives lk; INT8 / INT4: every such "
+            "layer goes to lk, quantized at load in groups of LVLLM_DENSE_QUANT_GROUP_SIZE inputs (needs "
+            "LVLLM_DENSE_ON_LK other than OFF).",
         ),
         Variable(
             "LVLLM_DENSE_QUANT_GROUP_SIZE", "", _optional(_multiple_of(16, 8192)), "multiple of 16 from 16 to 8192, or empty",
