@@ -34,9 +34,10 @@ Where RAM cannot hold both (the 8-layer bf16 model served: about 13 GB each), th
 one after the other, the table says so, and each of lk's rounds is compared with the
 reference's round of the closest steady read bandwidth (within 15%; '-' where none is).
 
-Offline (`LLM.generate`, worker in the process), one round:
-  decode     ms per token of one stream: (17 tokens - 1 token) / 16, the 1-token time the
-             median of three runs
+Offline (`LLM.generate`, worker in the process), one round, after a 16-token warm-up generation:
+  decode     ms per token of one stream decoding llama-bench's 128 tokens after a one-token
+             prompt: the engine's steps after the one that gave the first token, timed as they
+             return (a steady decode, as llama-bench's tg128; the prompt's step left out)
   TTFT       first token of a 128- and a 512-token prompt
   split      per token, torch's profiler over a 9-token decode: the MoE op, the dense
              layers' kernels (vLLM's onednn_mm or torch's mm, or lk's lk_linear where lk took
@@ -46,9 +47,8 @@ Offline (`LLM.generate`, worker in the process), one round:
   bound      read bandwidth (lk's probe on the same cores, before and after the round) over
              the bytes one token reads: k experts per MoE layer in the format held plus
              the dense weights (attention, router, lm_head) in bf16, or as lk holds them
-  depth      with --depths: ms per token of the 64 decoded after a prompt of each length (and
-             of one token), the engine's steps after the first token's timed as they return
-             (attention reads the context's KV cache each token: decode slows as a context grows)
+  depth      with --depths: decode as above after a prompt of each length (attention reads the
+             context's KV cache each token: decode slows as a context grows)
 
 llama.cpp (benchmarks/llama_cpp_anchor.py; --no-llama-cpp skips it): the same checkpoint
 converted to GGUF by llama.cpp's own converter (bf16, q8_0; q4_0 and q4_k_m by
@@ -133,8 +133,8 @@ DEFAULT_CONFIGS = ("vllm", "lk-bf16", "lk-int8", "lk-int4")
 MOE_OPS = ("lvllm::lk_moe_forward", "_C::cpu_fused_moe")
 DENSE_OPS = ("_C::onednn_mm", "aten::mm", "aten::addmm", "lvllm::lk_linear")
 PROMPT_LENS = (128, 512)
-DECODE_TOKENS = 16
-DEPTH_DECODE_TOKENS = 64   # tokens decoded after a --depths prompt, timed step by step
+DECODE_TOKENS = llama_cpp.GENERATED_TOKENS   # decoded after the first token, timed step by step
+WARM_UP_TOKENS = 16
 PROFILED_TOKENS = 9
 ALONE_CALLS = 64
 MAX_MODEL_LEN = 1024
@@ -152,6 +152,10 @@ MAX_STREAMS = max(concurrency for _, _, concurrency, _ in SERVE_SCENARIOS.values
 def model_env(config: str, cores: str, configs: dict[str, dict[str, str]] = CONFIGS) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LVLLM_", "LK_"))}
     env.update(configs[config])
+    if env.get("LVLLM_MOE_NUMA_ENABLED") == "1":
+        # An offline child imports vLLM itself, before lvllm's plugin could set this for it as it
+        # does for the engine processes `vllm serve` and `LLM` start (lvllm.vllm.compile_options).
+        env.setdefault("VLLM_USE_LAYERNAME", "0")
     if "LVLLM_EXPERT_STATS_INTERVAL" in env:   # a file of its own: each model refuses another's
         env["LVLLM_EXPERT_STATS"] = str(Path(tempfile.mkdtemp(prefix="lvllm-bench-")) / "expert-stats.json")
     env.update({"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -210,7 +214,7 @@ class OfflineModel:
 
         self.torch, self.SamplingParams = torch, SamplingParams
         start = time.perf_counter()
-        max_model_len = max((MAX_MODEL_LEN, *(depth + 1 + DEPTH_DECODE_TOKENS for depth in depths)))
+        max_model_len = max((MAX_MODEL_LEN, *(depth + 1 + DECODE_TOKENS for depth in depths)))
         self.llm = LLM(model=model, dtype="bfloat16", enforce_eager=eager, max_model_len=max_model_len,
                        max_num_seqs=8, seed=0, enable_prefix_caching=False, disable_log_stats=True)
         self.load_s = time.perf_counter() - start
@@ -221,8 +225,8 @@ class OfflineModel:
             return {"prompt_token_ids": [(i * 7919 + 3) % (vocab - 8) + 5 for i in range(tokens)]}
 
         self.prompts = {n: prompt(n) for n in PROMPT_LENS}   # TTFT's
-        # Depth 0 (a one-token prompt) timed as the others: the rows' common baseline.
-        self.depth_prompts = {0: self.one_token, **{d: prompt(d) for d in depths}} if depths else {}
+        # Context 0 (a one-token prompt): the decode figure, and the depth rows' baseline.
+        self.depth_prompts = {0: self.one_token, **{d: prompt(d) for d in depths}}
         self.requests = 0
         from lvllm import lk
         from lvllm.lk.linear import _engines as linear_engines
@@ -236,7 +240,7 @@ class OfflineModel:
                           else layers * K * 3 * 2048 * 768 * 2)
         # What lk's dense engines hold below their bf16 weights (INT8/INT4 dense layers).
         self.dense_bytes_saved = sum(2 * e.outputs * e.inputs - e.nbytes for e in linear_engines.live())
-        self.generate(self.one_token, 8)
+        self.generate(self.one_token, WARM_UP_TOKENS)
         for warm_up in (*self.prompts.values(), *self.depth_prompts.values()):
             self.generate(warm_up, 1)
 
@@ -254,10 +258,11 @@ class OfflineModel:
     def measure(self) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
-        result = {}
-        # The median of three: one slow 1-token run made a round's decode look 3x as fast once.
-        first = statistics.median(self.generate(self.one_token, 1) for _ in range(3))
-        result["decode_ms"] = (self.generate(self.one_token, 1 + DECODE_TOKENS) - first) / DECODE_TOKENS * 1e3
+        # A round's first generation after the other processes' rounds ran ~40 ms slower in all (16
+        # tokens, Zen 4): warmed up first, as llama-bench warms up before it times.
+        self.generate(self.one_token, WARM_UP_TOKENS)
+        result = {"decode_at_depth_ms": {depth: self.decode_at_depth_ms(depth) for depth in self.depth_prompts}}
+        result["decode_ms"] = result["decode_at_depth_ms"][0]
         for n, prompt in self.prompts.items():
             result[f"ttft_{n}_s"] = self.generate(prompt, 1)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -275,7 +280,6 @@ class OfflineModel:
         result["moe_call_ms"] = moe * PROFILED_TOKENS / max(calls, 1)
         if self.engines:
             result["moe_alone_ms"] = self.moe_alone_ms()
-        result["decode_at_depth_ms"] = {depth: self.decode_at_depth_ms(depth) for depth in self.depth_prompts}
         return result
 
     def decode_at_depth_ms(self, depth: int) -> float:
@@ -284,14 +288,14 @@ class OfflineModel:
         engine = self.llm.llm_engine
         self.requests += 1
         engine.add_request(f"depth-{self.requests}", self.depth_prompts[depth],
-                           self.SamplingParams(temperature=0, max_tokens=1 + DEPTH_DECODE_TOKENS, ignore_eos=True))
+                           self.SamplingParams(temperature=0, max_tokens=1 + DECODE_TOKENS, ignore_eos=True))
         first = None
         while engine.has_unfinished_requests():
             outputs = engine.step()
             now = time.perf_counter()
             if first is None and any(out.outputs[0].token_ids for out in outputs):
                 first = now
-        return (now - first) / DEPTH_DECODE_TOKENS * 1e3
+        return (now - first) / DECODE_TOKENS * 1e3
 
     def moe_alone_ms(self) -> float:
         """The custom op the model calls, back to back over the layers (each call reads
@@ -817,7 +821,7 @@ def print_llama_cpp(layers: int, rows: list[dict]) -> None:
     print("\n".join(llama_cpp_table(rows)))
     depths = depth_table(rows)
     if len(depths) > 2:
-        print(f"\n## {layers} layers, decode after a context (llama-bench -d; lk: {DEPTH_DECODE_TOKENS} tokens "
+        print(f"\n## {layers} layers, decode after a context (llama-bench -d; lk: {DECODE_TOKENS} tokens "
               "after the prompt, step by step)")
         print("\n".join(depths))
 

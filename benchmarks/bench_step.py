@@ -197,10 +197,6 @@ def child(model: str, tokens: int, runs: int, eager: bool) -> None:
 
 def measure(config: str, model: Path, args) -> dict:
     env = bench_model.model_env(config, args.cores, CONFIGS)
-    if env.get("LVLLM_MOE_NUMA_ENABLED") == "1":
-        # The engine runs in the child's own process, which imports vLLM before lvllm's plugin
-        # sets this for the engine processes it starts (lvllm.vllm.compile_options).
-        env.setdefault("VLLM_USE_LAYERNAME", "0")
     command = [sys.executable, __file__, "--child", str(model), "--tokens", str(args.tokens), "--runs", str(args.runs)]
     # A first start: inductor's own cache of compiled kernels and wrappers, empty for each child.
     with tempfile.TemporaryDirectory(prefix="lvllm-bench-inductor-") as inductor_cache:

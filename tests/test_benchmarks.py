@@ -245,6 +245,21 @@ def test_each_configuration_serves_its_own_checkpoint(tmp_path):
     assert bench_model.build(tmp_path, 8) == bf16
 
 
+def test_lk_children_take_the_layer_names_lvllms_engine_processes_get(monkeypatch):
+    """An offline child imports vLLM itself, so lvllm's plugin cannot set VLLM_USE_LAYERNAME=0
+    for it as it does for `vllm serve`'s and `LLM`'s engine processes: the benchmark sets it for
+    lk's configurations (else they run without the C++ wrapper and native attention, which
+    users get), leaves the reference vLLM's own default, and keeps a value the user set."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+
+    monkeypatch.delenv("VLLM_USE_LAYERNAME", raising=False)
+    assert bench_model.model_env("lk-int4-all", "0")["VLLM_USE_LAYERNAME"] == "0"
+    assert "VLLM_USE_LAYERNAME" not in bench_model.model_env("vllm", "0")
+    monkeypatch.setenv("VLLM_USE_LAYERNAME", "1")
+    assert bench_model.model_env("lk-int4-all", "0")["VLLM_USE_LAYERNAME"] == "1"
+
+
 def test_fewer_experts_build_a_model_of_their_own(tmp_path, monkeypatch):
     """--experts reaches the builder and names the checkpoint, so a 16-expert model never stands
     in for the 128-expert one (bench_model and bench_step share it)."""
