@@ -895,6 +895,10 @@ def main(argv=None):
     for layers in args.layers:
         models = models_of(args.models_dir, layers, args.router_skew, configs, args.experts)
         model = models[REFERENCE]
+        positions = json.loads((model / "config.json").read_text())["max_position_embeddings"]
+        if args.depths and max(args.depths) + 1 + DECODE_TOKENS > positions:
+            parser.error(f"--depths {max(args.depths)}: the model holds {positions} positions, so a context "
+                         f"takes at most {positions - 1 - DECODE_TOKENS} tokens before the {DECODE_TOKENS} decoded")
         dense = dense_bytes_per_token(model)
         entry = results[f"{layers} layers"] = {}
         print(f"[{layers} layers]", flush=True)

@@ -260,6 +260,24 @@ def test_lk_children_take_the_layer_names_lvllms_engine_processes_get(monkeypatc
     assert bench_model.model_env("lk-int4-all", "0")["VLLM_USE_LAYERNAME"] == "1"
 
 
+def test_a_context_beyond_the_models_positions_is_refused_before_anything_runs(tmp_path, capsys):
+    """--depths d needs d + 1 + the decoded tokens within the model's positions: refused at
+    start-up, naming the most it takes, not by vLLM's validation inside a child half a run in."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_model
+
+    model = tmp_path / "qwen3-30b-a3b-2l"   # built already: nothing runs the builder
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    with pytest.raises(SystemExit) as refused:
+        bench_model.main(["--layers", "2", "--no-serve", "--no-llama-cpp", "--configs", "lk-int4-all",
+                          "--models-dir", str(tmp_path), "--depths", "1024,3968"])
+    assert refused.value.code == 2
+    most = 4096 - 1 - bench_model.DECODE_TOKENS
+    assert f"--depths 3968: the model holds 4096 positions, so a context takes at most {most} tokens" in (
+        capsys.readouterr().err)
+
+
 def test_fewer_experts_build_a_model_of_their_own(tmp_path, monkeypatch):
     """--experts reaches the builder and names the checkpoint, so a 16-expert model never stands
     in for the 128-expert one (bench_model and bench_step share it)."""
