@@ -260,9 +260,10 @@ def test_lk_children_take_the_layer_names_lvllms_engine_processes_get(monkeypatc
     assert bench_model.model_env("lk-int4-all", "0")["VLLM_USE_LAYERNAME"] == "1"
 
 
-def test_a_context_beyond_the_models_positions_is_refused_before_anything_runs(tmp_path, capsys):
+def test_a_context_beyond_the_models_positions_is_refused_before_any_child_or_gguf(tmp_path, capsys):
     """--depths d needs d + 1 + the decoded tokens within the model's positions: refused at
-    start-up, naming the most it takes, not by vLLM's validation inside a child half a run in."""
+    start-up (once the model is there), naming the most it takes, not by vLLM's validation inside a
+    child after the GGUFs were made."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_model
 
