@@ -200,17 +200,23 @@ class LlamaCpp:
     def bench(self, gguf: Path, cores: str, repetitions: int, depths: tuple[int, ...] = ()) -> dict:
         """llama-bench's prefill of PROMPT_TOKENS and decode of GENERATED_TOKENS, one thread
         per core of ``cores``, each pinned to its core (taskset for the process, the cpu
-        mask with --cpu-strict for ggml's threads); with ``depths``, also after that many
-        tokens of context (-d), each beside depth 0."""
+        mask with --cpu-strict for ggml's threads); with ``depths``, decode alone also after that
+        many tokens of context (-d; a prefill after a context is not compared)."""
+        records = self._llama_bench(gguf, cores, repetitions, "-p", PROMPT_TOKENS, "-n", GENERATED_TOKENS)
+        if depths:
+            records += self._llama_bench(gguf, cores, repetitions, "-p", 0, "-n", GENERATED_TOKENS,
+                                         "-d", ",".join(map(str, depths)))
+        return {**parse_llama_bench(records, depths), "gguf_bytes": gguf.stat().st_size}
+
+    def _llama_bench(self, gguf: Path, cores: str, repetitions: int, *tests) -> list[dict]:
         cpus = harness.parse_cpus(cores)
         mask = hex(sum(1 << cpu for cpu in cpus))
         command = ["taskset", "-c", cores, self.bin / "llama-bench", "-m", gguf, "-t", len(cpus),
-                   "-C", mask, "--cpu-strict", "1", "-p", PROMPT_TOKENS, "-n", GENERATED_TOKENS,
-                   "-r", repetitions, "-o", "json", *(["-d", ",".join(map(str, (0, *depths)))] if depths else [])]
+                   "-C", mask, "--cpu-strict", "1", *tests, "-r", repetitions, "-o", "json"]
         done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"llama-bench failed ({done.returncode}):\n{done.stderr[-3000:]}")
-        return {**parse_llama_bench(json.loads(done.stdout), depths), "gguf_bytes": gguf.stat().st_size}
+        return json.loads(done.stdout)
 
 
     def server(self, gguf: Path, cores: str, slots: int, context_per_slot: int, port: int, log: Path):
